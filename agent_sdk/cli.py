@@ -1,0 +1,266 @@
+"""The ``formicary`` command: the composition root for agents and relay operators.
+
+Shell-driven agents need no flags: ``FORMICARY_RELAY`` names the relay (default
+``ws://127.0.0.1:7700``) and ``FORMICARY_KEY`` the key file (default: created under the
+user's config directory on first use). Output is JSON so other tools can read it;
+diagnostics go to stderr. Exit codes: 0 success, 1 the operation failed (rejected
+event, bad log), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from agent_sdk.client import DEFAULT_RELAY, Delivery, Live, Published, RelayClient
+from agent_sdk.errors import ProtocolError
+from agent_sdk.identity import Identity, default_key_path, load_or_create
+from agent_sdk.wire import to_json_safe
+
+RELAY_ENV = "FORMICARY_RELAY"
+
+
+def receipt_json(published: Published) -> dict[str, Any]:
+    receipt = published.receipt
+    return {
+        "ns": receipt.ns,
+        "seq": receipt.seq,
+        "id": receipt.id.hex(),
+        "hlc": receipt.hlc,
+        "prev": receipt.prev.hex(),
+        "relay": receipt.relay.hex(),
+        "sealed": published.seal is not None,
+        "duplicate": published.duplicate,
+    }
+
+
+def delivery_json(delivery: Delivery) -> dict[str, Any]:
+    event = delivery.event.event
+    return {
+        "ns": event.ns,
+        "seq": delivery.receipt.seq,
+        "id": delivery.event.id.hex(),
+        "kind": event.kind,
+        "author": event.author.hex(),
+        "ts": event.ts,
+        "hlc": delivery.receipt.hlc,
+        "deps": [dep.hex() for dep in event.deps],
+        "body": to_json_safe(event.body),
+    }
+
+
+def _print(value: Any) -> None:
+    print(json.dumps(value, separators=(",", ":")), flush=True)
+
+
+def _relay_url(args: argparse.Namespace) -> str:
+    return str(args.relay or os.environ.get(RELAY_ENV) or DEFAULT_RELAY)
+
+
+def _identity(args: argparse.Namespace) -> Identity:
+    return load_or_create(Path(args.key) if args.key else default_key_path())
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    path = Path(args.out) if args.out else default_key_path()
+    identity = Identity.generate()
+    try:
+        identity.save(path)
+    except FileExistsError:
+        print(f"formicary: {path} exists; not replacing a key", file=sys.stderr)
+        return 1
+    _print({"key": str(path), "id": identity.id})
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from relay.app import run_relay
+    from relay.node import RelayConfig
+
+    config = RelayConfig(name=args.name, max_frame=args.max_frame)
+    data = Path(args.data)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            node, _server = await nursery.start(run_relay, data, config, args.host, args.port)
+            print(
+                f"formicary relay {config.name} ({node.identity.id}) listening on "
+                f"ws://{args.host}:{args.port}, data in {data}",
+                file=sys.stderr,
+                flush=True,
+            )
+            import signal
+
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for signum in signals:
+                    print(f"formicary relay: signal {signum}, stopping", file=sys.stderr)
+                    nursery.cancel_scope.cancel()
+                    break
+
+    trio.run(main)
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    try:
+        body = json.loads(args.body) if args.body is not None else None
+    except json.JSONDecodeError as exc:
+        print(f"formicary: --body is not JSON: {exc}", file=sys.stderr)
+        return 2
+    deps = [bytes.fromhex(dep) for dep in args.dep]
+    nonce = bytes.fromhex(args.nonce) if args.nonce else None
+
+    async def main() -> Published:
+        async with RelayClient.connect(
+            _relay_url(args), _identity(args), reconnect=False
+        ) as client:
+            return await client.publish(args.ns, args.kind, body, deps=deps, nonce=nonce)
+
+    try:
+        published = trio.run(main)
+    except ProtocolError as exc:
+        print(f"formicary: rejected: {exc}", file=sys.stderr)
+        return 1
+    _print(receipt_json(published))
+    return 0
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    async def main() -> None:
+        async with (
+            RelayClient.connect(_relay_url(args), _identity(args)) as client,
+            client.subscribe(args.ns, start=args.start, kinds=args.kind) as subscription,
+        ):
+            async for item in subscription:
+                if isinstance(item, Live):
+                    if not args.follow:
+                        return
+                else:
+                    _print(delivery_json(item))
+
+    try:
+        trio.run(main)
+    except ProtocolError as exc:
+        print(f"formicary: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from relay.app import STORE_FILE
+    from relay.store.sqlite import SQLiteStore
+    from relay.verify import verify_log
+
+    path = Path(args.data) / STORE_FILE
+    if not path.exists():
+        print(f"formicary: no store at {path}", file=sys.stderr)
+        return 2
+    store = SQLiteStore(path, synchronous="NORMAL")
+    try:
+        namespaces = store.namespaces() if args.ns == "all" else [args.ns]
+        failed = False
+        for ns in namespaces:
+
+            def locate(dep: bytes) -> Any:
+                return store.find([dep]).get(dep)
+
+            verdict = verify_log(ns, store.scan(ns), locate)
+            _print(
+                {
+                    "ns": ns,
+                    "ok": verdict.ok,
+                    "records": verdict.records,
+                    "sealed": verdict.sealed,
+                    "bad_seq": verdict.bad_seq,
+                    "reason": verdict.reason,
+                }
+            )
+            failed = failed or not verdict.ok
+    finally:
+        store.close()
+    return 1 if failed else 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from simulations.demo import run_demo
+
+    return trio.run(run_demo, args.agents, args.events, Path(args.data) if args.data else None)
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="formicary", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def agent_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--relay", help=f"relay URL (${RELAY_ENV}, default {DEFAULT_RELAY})")
+        p.add_argument("--key", help="key file ($FORMICARY_KEY, default in the config dir)")
+
+    p = sub.add_parser("keygen", help="create an agent key file")
+    p.add_argument("--out", help="where to write it (default: $FORMICARY_KEY or config dir)")
+    p.set_defaults(func=cmd_keygen)
+
+    relay = sub.add_parser("relay", help="run a relay").add_subparsers(dest="relay", required=True)
+    p = relay.add_parser("serve", help="serve a relay on embedded storage")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7700)
+    p.add_argument("--data", default="./formicary-data", help="data directory")
+    p.add_argument("--name", default="local", help="relay name: namespaces are NAME@this")
+    p.add_argument("--max-frame", type=int, default=1 << 20, help="frame size limit, bytes")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("publish", help="publish one event; prints its receipt")
+    p.add_argument("ns", help="namespace, name@relay")
+    p.add_argument("kind", help="event kind, dotted lowercase")
+    p.add_argument("--body", help="event body as JSON")
+    p.add_argument("--dep", action="append", default=[], help="id (hex) this event depends on")
+    p.add_argument("--nonce", help="hex nonce, to publish the same body again on purpose")
+    agent_options(p)
+    p.set_defaults(func=cmd_publish)
+
+    p = sub.add_parser("tail", help="print a namespace's events as JSON lines")
+    p.add_argument("ns")
+    p.add_argument("--from", dest="start", type=int, default=1, help="first seq (default 1)")
+    p.add_argument("--follow", action="store_true", help="keep streaming live events")
+    p.add_argument("--kind", action="append", default=[], help="only this kind (or family.*)")
+    agent_options(p)
+    p.set_defaults(func=cmd_tail)
+
+    log = sub.add_parser("log", help="work on a relay's stored logs").add_subparsers(
+        dest="log", required=True
+    )
+    p = log.add_parser("verify", help="verify a namespace log offline; exit 1 if bad")
+    p.add_argument("ns", help="namespace, or 'all'")
+    p.add_argument("--data", default="./formicary-data", help="the relay's data directory")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("demo", help="run a relay and a few agents on loopback")
+    p.add_argument("--agents", type=int, default=3)
+    p.add_argument("--events", type=int, default=5, help="events per agent")
+    p.add_argument("--data", help="data directory (default: a temporary one)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

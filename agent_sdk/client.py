@@ -1,0 +1,413 @@
+"""RelayClient: an agent's connection to its relay, with reconnect and exact resume.
+
+Theory of operation
+-------------------
+One background task owns the WebSocket. It connects, proves the agent's key (and
+checks the relay's), then replays the client's intent onto the fresh connection:
+every open subscription is re-sent with ``from`` = one past the last seq delivered
+for each namespace, and every publish not yet acknowledged is re-sent with the same
+bytes. Publishing is idempotent at the relay (same bytes, same id, same receipt), so a
+re-sent publish whose first ack was lost costs nothing; and a cursor resumes exactly
+after the last delivered event, so a subscriber sees every event once, in order,
+across any number of reconnects.
+
+Usage::
+
+    async with RelayClient.connect("ws://127.0.0.1:7700", identity) as client:
+        receipt = await client.publish("tasks@local", "app.note", {"text": "hi"})
+        async with client.subscribe("tasks@local", start=1) as sub:
+            async for item in sub:
+                ...
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import secrets
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.trio.client import ClientConnection, connect
+
+from agent_sdk import frames as f
+from agent_sdk.errors import ErrorCode, ProtocolError
+from agent_sdk.identity import Identity
+from agent_sdk.wire import (
+    Event,
+    Receipt,
+    SignedEvent,
+    decode_event,
+    decode_receipt,
+    sign_event,
+    verify_signature,
+)
+
+log = logging.getLogger("formicary.client")
+
+DEFAULT_RELAY = "ws://127.0.0.1:7700"
+
+
+class RelayMismatch(Exception):
+    """The relay's key is not the pinned one, or it failed to prove its key."""
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    """The answer to a publish: the receipt, its seal if any, and whether it was new."""
+
+    receipt: Receipt
+    seal: bytes | None
+    duplicate: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One event from a subscription, with its receipt."""
+
+    event: SignedEvent
+    receipt: Receipt
+    seal: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class Live:
+    """The subscription has replayed ``ns`` up to ``seq``; what follows is live."""
+
+    ns: str
+    seq: int
+
+
+class _Pending:
+    __slots__ = ("done", "error", "event", "result")
+
+    def __init__(self, event: SignedEvent) -> None:
+        self.event = event
+        self.done = trio.Event()
+        self.result: Published | None = None
+        self.error: ProtocolError | None = None
+
+
+class Subscription:
+    """Async iterator of :class:`Delivery` and :class:`Live` items for one subscribe."""
+
+    def __init__(self, client: RelayClient, request: f.Subscribe, buffer: int) -> None:
+        self.client = client
+        self.request = request
+        self.sub = request.sub
+        self.next: dict[str, int] = dict(request.start)  # ns -> first seq still wanted
+        self.live: set[str] = set()
+        self.error: ProtocolError | None = None
+        self._tx, self._rx = trio.open_memory_channel[Delivery | Live](buffer)
+
+    def resume_request(self) -> f.Subscribe:
+        return f.Subscribe(
+            sub=self.sub,
+            ns=self.request.ns,
+            start=dict(self.next),
+            kinds=self.request.kinds,
+            authors=self.request.authors,
+        )
+
+    async def _deliver(self, frame: f.EventFrame) -> None:
+        receipt = decode_receipt(frame.receipt)
+        if receipt.seq < self.next.get(receipt.ns, 0):
+            return  # already delivered before a reconnect
+        event = decode_event(frame.event, frame.sig)
+        if event.id != receipt.id:
+            raise ProtocolError(ErrorCode.MALFORMED, "receipt does not name the event it came with")
+        self.next[receipt.ns] = receipt.seq + 1
+        await self._tx.send(Delivery(event, receipt, frame.seal))
+
+    async def _mark_live(self, frame: f.Live) -> None:
+        self.next.setdefault(frame.ns, frame.seq + 1)
+        if frame.ns not in self.live:
+            self.live.add(frame.ns)
+            await self._tx.send(Live(frame.ns, frame.seq))
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> Delivery | Live:
+        try:
+            item = await self._rx.receive()
+        except trio.EndOfChannel:
+            if self.error is not None:
+                raise self.error from None
+            raise StopAsyncIteration from None
+        return item
+
+
+class RelayClient:
+    """A connection to one relay on behalf of one identity. Use :meth:`connect`."""
+
+    def __init__(
+        self,
+        url: str,
+        identity: Identity,
+        *,
+        relay_key: bytes | None = None,
+        reconnect: bool = True,
+        max_inflight: int = 1024,
+        max_frame: int = 1 << 20,
+    ) -> None:
+        self.url = url
+        self.identity = identity
+        self.relay_key = relay_key
+        self.reconnect = reconnect
+        self.max_frame = max_frame
+        self.relay_name: str | None = None
+        self.connections = 0
+        self._ws: ClientConnection | None = None
+        self._connected = trio.Event()
+        self._next_rid = 0
+        self._next_sub = 0
+        self._pending: dict[int, _Pending] = {}
+        self._inflight = trio.Semaphore(max_inflight)
+        self._subscriptions: dict[int, Subscription] = {}
+
+    @classmethod
+    @asynccontextmanager
+    async def connect(
+        cls, url: str, identity: Identity, **options: Any
+    ) -> AsyncIterator[RelayClient]:
+        """Connect and authenticate; raises if the first connection attempt fails."""
+        client = cls(url, identity, **options)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(client._run)
+            try:
+                yield client
+            finally:
+                nursery.cancel_scope.cancel()
+
+    # -- the connection ------------------------------------------------------------------
+
+    async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        delay = 0.05
+        started = False
+        while True:
+            try:
+                async with connect(
+                    self.url,
+                    compression=None,
+                    max_size=2 * self.max_frame,
+                    open_timeout=10,
+                    proxy=None,
+                ) as ws:
+                    await self._handshake(ws)
+                    self.connections += 1
+                    delay = 0.05
+                    if not started:
+                        started = True
+                        task_status.started()
+                    await self._serve(ws)
+            except (OSError, ConnectionClosed, InvalidHandshake, TimeoutError, InvalidURI) as exc:
+                if not started or not self.reconnect:
+                    self._fail_all(ProtocolError(ErrorCode.INTERNAL, f"connection lost: {exc}"))
+                    raise
+                log.info("relay connection lost (%s); reconnecting in %.2fs", exc, delay)
+            finally:
+                self._ws = None
+                self._connected = trio.Event()
+            await trio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 5.0)
+
+    async def _handshake(self, ws: ClientConnection) -> None:
+        hello = f.decode_frame(await _recv_bytes(ws))
+        if not isinstance(hello, f.Hello):
+            raise RelayMismatch(f"expected hello, got {hello.t}")
+        if self.relay_key is not None and hello.relay != self.relay_key:
+            raise RelayMismatch(f"relay key {hello.relay.hex()} is not the pinned key")
+        challenge = secrets.token_bytes(f.CHALLENGE_SIZE)
+        message = f.agent_auth_message(hello.relay, hello.challenge)
+        auth = f.Auth(
+            key=self.identity.public_key, sig=self.identity.sign(message), challenge=challenge
+        )
+        await ws.send(f.encode_frame(auth))
+        answer = f.decode_frame(await _recv_bytes(ws))
+        if isinstance(answer, f.Error):
+            raise ProtocolError(ErrorCode(answer.code), answer.reason)
+        if not isinstance(answer, f.Welcome):
+            raise RelayMismatch(f"expected welcome, got {answer.t}")
+        proof = f.relay_auth_message(self.identity.public_key, challenge)
+        if not verify_signature(hello.relay, answer.sig, proof):
+            raise RelayMismatch("relay failed to prove its key")
+        self.relay_key = hello.relay  # pin it for reconnects
+        self.relay_name = hello.name
+        self.max_frame = hello.max_frame
+
+    async def _serve(self, ws: ClientConnection) -> None:
+        """Replay intent onto a fresh connection, then dispatch what arrives."""
+        for subscription in list(self._subscriptions.values()):
+            await ws.send(f.encode_frame(subscription.resume_request()))
+        for rid, pending in sorted(self._pending.items()):
+            await ws.send(_publish_frame(rid, pending.event))
+        self._ws = ws
+        self._connected.set()
+        async for message in ws:
+            if isinstance(message, str):
+                message = message.encode()
+            await self._dispatch(f.decode_frame(message))
+
+    async def _dispatch(self, frame: f.Frame) -> None:
+        if isinstance(frame, f.Ack):
+            pending = self._pending.pop(frame.rid, None)
+            if pending is not None:
+                receipt = decode_receipt(frame.receipt)
+                if receipt.id != pending.event.id:
+                    raise ProtocolError(ErrorCode.MALFORMED, "ack names another event")
+                pending.result = Published(receipt, frame.seal, frame.duplicate)
+                pending.done.set()
+        elif isinstance(frame, f.EventFrame):
+            subscription = self._subscriptions.get(frame.sub)
+            if subscription is not None:
+                await subscription._deliver(frame)
+        elif isinstance(frame, f.Live):
+            subscription = self._subscriptions.get(frame.sub)
+            if subscription is not None:
+                await subscription._mark_live(frame)
+        elif isinstance(frame, f.Error):
+            self._on_error(frame)
+
+    def _on_error(self, frame: f.Error) -> None:
+        try:
+            code = ErrorCode(frame.code)
+        except ValueError:
+            code = ErrorCode.INTERNAL
+        error = ProtocolError(code, frame.reason)
+        if frame.rid is not None and frame.rid in self._pending:
+            pending = self._pending.pop(frame.rid)
+            pending.error = error
+            pending.done.set()
+        elif frame.sub is not None and frame.sub in self._subscriptions:
+            # The relay ended this subscription: its iterator raises the error. The
+            # buffer may be full, so the error goes in a slot kept for it.
+            subscription = self._subscriptions.pop(frame.sub)
+            subscription.error = error
+            subscription._tx.close()
+        else:
+            log.warning("relay error: %s", error)
+
+    def _fail_all(self, error: ProtocolError) -> None:
+        for pending in self._pending.values():
+            pending.error = error
+            pending.done.set()
+        self._pending.clear()
+
+    # -- publishing -------------------------------------------------------------------
+
+    async def publish(
+        self,
+        ns: str,
+        kind: str,
+        body: Any = None,
+        *,
+        deps: Sequence[bytes] = (),
+        nonce: bytes | None = None,
+        ts: int | None = None,
+    ) -> Published:
+        """Sign and publish an event; returns once the relay has durably sequenced it.
+
+        Raises :class:`ProtocolError` when the relay rejects the event. Survives
+        reconnects: an unacknowledged event is re-sent, and idempotence makes that exact.
+        """
+        event = Event(
+            ns=ns,
+            kind=kind,
+            author=self.identity.public_key,
+            body=body,
+            deps=tuple(deps),
+            ts=_now_ms() if ts is None else ts,
+            nonce=nonce,
+        )
+        return await self.publish_signed(sign_event(event, self.identity.sign))
+
+    async def publish_signed(self, event: SignedEvent) -> Published:
+        """Publish an already signed event (re-publishing the same bytes is safe)."""
+        async with self._inflight:
+            self._next_rid += 1
+            rid = self._next_rid
+            pending = self._pending[rid] = _Pending(event)
+            ws = self._ws
+            if ws is not None:
+                try:
+                    await ws.send(_publish_frame(rid, event))
+                except ConnectionClosed:
+                    pass  # re-sent by _serve after the reconnect
+            await pending.done.wait()
+        if pending.error is not None:
+            raise pending.error
+        assert pending.result is not None
+        return pending.result
+
+    # -- subscribing ------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def subscribe(
+        self,
+        ns: str | Sequence[str],
+        *,
+        start: int | dict[str, int] | None = None,
+        kinds: Sequence[str] = (),
+        authors: Sequence[bytes] = (),
+        buffer: int = 1024,
+    ) -> AsyncIterator[Subscription]:
+        """Subscribe to one or more namespaces.
+
+        ``start`` is the first seq wanted (1 replays the whole log), per namespace when
+        a dict; ``None`` streams from now on. Iterating yields a :class:`Live` per
+        namespace once its backlog is replayed, and :class:`Delivery` items.
+        """
+        namespaces = (ns,) if isinstance(ns, str) else tuple(ns)
+        if start is None:
+            starts: dict[str, int] = {}
+        elif isinstance(start, int):
+            starts = dict.fromkeys(namespaces, start)
+        else:
+            starts = dict(start)
+        self._next_sub += 1
+        request = f.Subscribe(
+            sub=self._next_sub,
+            ns=namespaces,
+            start=starts,
+            kinds=tuple(kinds),
+            authors=tuple(authors),
+        )
+        subscription = Subscription(self, request, buffer)
+        self._subscriptions[request.sub] = subscription
+        ws = self._ws
+        if ws is not None:
+            try:
+                await ws.send(f.encode_frame(request))
+            except ConnectionClosed:
+                pass  # re-sent by _serve after the reconnect
+        try:
+            yield subscription
+        finally:
+            if self._subscriptions.pop(request.sub, None) is not None and self._ws is not None:
+                with trio.move_on_after(1), trio.CancelScope(shield=True):
+                    try:
+                        await self._ws.send(f.encode_frame(f.Unsubscribe(sub=request.sub)))
+                    except ConnectionClosed:
+                        pass
+
+    async def wait_connected(self) -> None:
+        await self._connected.wait()
+
+
+def _publish_frame(rid: int, event: SignedEvent) -> bytes:
+    return f.encode_frame(f.Publish(rid=rid, event=event.raw, sig=event.sig))
+
+
+async def _recv_bytes(ws: ClientConnection) -> bytes:
+    message = await ws.recv()
+    return message.encode() if isinstance(message, str) else message
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000

@@ -1,0 +1,80 @@
+"""Error codes of the Formicary protocol and the exception that carries them.
+
+Two kinds of failure never mix (the h11 habit): :class:`ProtocolError` is *their*
+bad input — a peer sent something the protocol does not allow — and always carries a
+numeric :class:`ErrorCode` that goes back on the wire in an ``error`` frame. Anything
+else raised from our code is *our* bug.
+
+The numbers are part of the wire contract (docs/protocol.md, "Error codes"); never
+renumber one, only add.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ErrorCode(enum.IntEnum):
+    # 1xxx: the connection and its frames
+    MALFORMED = 1001
+    """The frame is not a msgpack map with a string ``t``, or a field has the wrong type."""
+    UNKNOWN_FRAME = 1002
+    """The frame type ``t`` is not one this relay speaks."""
+    FRAME_TOO_LARGE = 1003
+    """The frame is over the relay's ``max_frame`` limit; it was discarded unread."""
+    NOT_AUTHENTICATED = 1004
+    """The frame needs an authenticated connection and the ``auth`` frame has not come yet."""
+    AUTH_FAILED = 1005
+    """The ``auth`` signature does not verify against the challenge."""
+    ALREADY_AUTHENTICATED = 1006
+    """A second ``auth`` on a connection that already has one."""
+
+    # 2xxx: events
+    BAD_EVENT = 2001
+    """The event map has a missing, extra or ill-typed field."""
+    NON_CANONICAL = 2002
+    """The event bytes are not the canonical encoding of their own content."""
+    BAD_SIGNATURE = 2003
+    """The event signature does not verify against its author key."""
+    WRONG_AUTHOR = 2004
+    """The event's author is not the key this connection authenticated as."""
+    TOO_MANY_DEPS = 2005
+    """The event lists more ``deps`` than the relay's ``max_deps``."""
+    MISSING_DEPS = 2006
+    """A dependency was not sequenced within the parking timeout, or parking is full."""
+    NOT_HOME = 2007
+    """The namespace is homed on another relay, and this one does not route there."""
+    BAD_TIMESTAMP = 2008
+    """The event's ``ts`` is further from the relay's clock than ``max_clock_skew``."""
+
+    # 3xxx: subscriptions
+    BAD_CURSOR = 3001
+    """A subscription's ``from`` is past the namespace head (head + 1 is the most)."""
+    SLOW_CONSUMER = 3002
+    """The connection did not take frames fast enough; it is closed, not buffered."""
+    TOO_MANY_SUBSCRIPTIONS = 3003
+    """The connection has ``max_subscriptions`` open already."""
+    UNKNOWN_SUBSCRIPTION = 3004
+    """``unsubscribe`` names a subscription id this connection does not have."""
+    DUPLICATE_SUBSCRIPTION = 3005
+    """``subscribe`` reuses a subscription id that is still open on this connection."""
+
+    # 5xxx: the relay itself
+    INTERNAL = 5001
+    """The relay failed; the request may be retried (publishing is idempotent)."""
+    SHUTTING_DOWN = 5002
+    """The relay is stopping; reconnect later."""
+
+    @property
+    def slug(self) -> str:
+        """The lowercase name used in docs, logs and the ``name`` field of error frames."""
+        return self.name.lower()
+
+
+class ProtocolError(Exception):
+    """A peer's input broke the protocol. ``code`` goes back to the sender."""
+
+    def __init__(self, code: ErrorCode, reason: str) -> None:
+        super().__init__(f"{code.slug} ({int(code)}): {reason}")
+        self.code = code
+        self.reason = reason

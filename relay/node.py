@@ -1,0 +1,312 @@
+"""The relay node: the sequencer, the store and the namespace heads, driven by trio.
+
+Theory of operation
+-------------------
+Three loops run for the life of a node:
+
+* **sequencing** takes admitted events in batches, asks the store (one thread hop per
+  batch) about ids the sequencer does not know, then offers each event to the pure
+  :class:`~relay.sequencer.Sequencer`. Sequenced records join the pending batch.
+* **commit** takes everything pending, seals each namespace's new chain head (one
+  Ed25519 signature per namespace per batch, not per event), appends the batch to the
+  store in one transaction (group commit), and only then advances the *committed*
+  heads and wakes whoever waits on them: publishers awaiting acks and subscriptions.
+  Nothing uncommitted is ever visible to anyone, so after a crash the next seq can be
+  reused without anyone having seen the lost one.
+* **expiry** rejects parked events whose dependencies did not arrive in time.
+
+A publish is a :class:`Ticket`; :meth:`RelayNode.answer` waits for its outcome and the
+commit that makes it durable. Store failures are fatal: a relay that cannot commit
+stops rather than acknowledge what it may lose.
+
+Seams for later capabilities: :attr:`RelayNode.folds` receive every committed record
+in order (coordination state machines fold the log there), and :class:`Router`
+decides what happens to namespaces homed elsewhere (federation plugs in there).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+import trio
+
+from agent_sdk.errors import ErrorCode, ProtocolError
+from agent_sdk.identity import Identity
+from agent_sdk.wire import NS_RE, SignedEvent, decode_receipt, seal
+from relay.sequencer import Duplicate, Limits, Parked, Rejected, Sequenced, Sequencer
+from relay.store import Located, Record, Store
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    """Everything an operator can tune; defaults are documented in docs/operations.md."""
+
+    name: str = "local"
+    max_frame: int = 1 << 20
+    max_deps: int = 32
+    max_subscriptions: int = 64
+    max_inflight: int = 1024
+    send_queue: int = 256
+    slow_consumer_timeout: float = 30.0
+    commit_batch: int = 4096
+    replay_batch: int = 512
+    recent_per_ns: int = 4096
+    sequencer: Limits = field(default_factory=Limits)
+
+    def __post_init__(self) -> None:
+        if not NS_RE.match(f"x@{self.name}"):
+            raise ValueError(f"relay name {self.name!r}: lowercase letters, digits, . _ -")
+        if self.sequencer.known_capacity < 4 * self.commit_batch:
+            # An id evicted before its batch commits could be sequenced twice.
+            raise ValueError("sequencer.known_capacity must be at least 4 x commit_batch")
+
+
+class Router(Protocol):
+    """What to do with a namespace homed on another relay (federation's seam)."""
+
+    def refuse(self, ns: str) -> ProtocolError | None:
+        """An error for namespaces this relay cannot serve, or ``None`` to serve it."""
+
+
+class HomeOnly:
+    """The router of a relay without federation: it serves its own namespaces only."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def refuse(self, ns: str) -> ProtocolError | None:
+        home = ns.rpartition("@")[2]
+        if home == self.name:
+            return None
+        return ProtocolError(
+            ErrorCode.NOT_HOME, f"{ns} is homed on relay {home!r}; this relay is {self.name!r}"
+        )
+
+
+Fold = Callable[[Record], None]
+
+
+class Ticket:
+    """One publish on its way through the node.
+
+    ``decided`` is set as soon as the sequencer has looked at the event — possibly
+    only to park it — and ``done`` once the outcome is final.
+    """
+
+    __slots__ = ("decided", "done", "duplicate", "error", "event", "located")
+
+    def __init__(self, event: SignedEvent) -> None:
+        self.event = event
+        self.decided = trio.Event()
+        self.done = trio.Event()
+        self.duplicate = False
+        self.located: Located | None = None
+        self.error: ProtocolError | None = None
+
+    @property
+    def parked(self) -> bool:
+        return self.decided.is_set() and not self.done.is_set()
+
+    def _resolve(self, located: Located | None = None, error: ProtocolError | None = None) -> None:
+        self.located, self.error = located, error
+        self.decided.set()
+        self.done.set()
+
+
+class RelayNode:
+    def __init__(
+        self,
+        identity: Identity,
+        store: Store,
+        config: RelayConfig | None = None,
+        *,
+        router: Router | None = None,
+        wall_ms: Callable[[], int] | None = None,
+    ) -> None:
+        self.identity = identity
+        self.store = store
+        self.config = config or RelayConfig()
+        self.router = router or HomeOnly(self.config.name)
+        self.wall_ms = wall_ms or (lambda: time.time_ns() // 1_000_000)
+        self.folds: list[Fold] = []
+        heads = store.heads()
+        self.sequencer = Sequencer(identity.public_key, heads, limits=self.config.sequencer)
+        self._committed: dict[str, int] = {ns: head.seq for ns, head in heads.items()}
+        self._changed: dict[str, trio.Event] = {}
+        self._recent: dict[str, dict[int, Record]] = {}
+        self._pending: list[Record] = []
+        self._pending_ready = trio.Event()
+        self._waiting_tickets: dict[bytes, list[Ticket]] = {}
+        self._parked_signal = trio.Event()
+        self._admit_tx, self._admit_rx = trio.open_memory_channel[Ticket](self.config.max_inflight)
+        self._read_lock = trio.Lock()
+        self._write_lock = trio.Lock()
+        self.stats = {"published": 0, "duplicates": 0, "rejected": 0, "batches": 0}
+
+    # -- running -------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the node's loops until cancelled."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._sequencing_loop)
+            nursery.start_soon(self._commit_loop)
+            nursery.start_soon(self._expiry_loop)
+            task_status.started()
+
+    # -- publishing -------------------------------------------------------------------
+
+    async def admit(self, event: SignedEvent) -> Ticket:
+        """Queue a verified event for sequencing; waits only while the queue is full."""
+        ticket = Ticket(event)
+        refusal = self.router.refuse(event.event.ns)
+        if refusal is not None:
+            ticket._resolve(error=refusal)
+        else:
+            await self._admit_tx.send(ticket)
+        return ticket
+
+    async def answer(self, ticket: Ticket) -> Record:
+        """Wait until the ticket's event is committed and return its record.
+
+        Raises :class:`ProtocolError` when the event was rejected.
+        """
+        await ticket.done.wait()
+        if ticket.error is not None:
+            raise ticket.error
+        assert ticket.located is not None
+        return await self.committed_record(ticket.located.ns, ticket.located.seq)
+
+    async def publish(self, event: SignedEvent) -> Record:
+        """Admit and answer in one call (in-process publishers and tests)."""
+        return await self.answer(await self.admit(event))
+
+    async def _sequencing_loop(self) -> None:
+        async for first in self._admit_rx:
+            batch = [first]
+            while len(batch) < self.config.commit_batch:
+                try:
+                    batch.append(self._admit_rx.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            unknown = self.sequencer.unknown(t.event for t in batch)
+            if unknown:
+                async with self._read_lock:
+                    found = await trio.to_thread.run_sync(self.store.find, unknown)
+                self.sequencer.learn(found)
+            now = self.wall_ms()
+            for ticket in batch:
+                self._decide(ticket, now)
+            if self._pending:
+                self._pending_ready.set()
+
+    def _decide(self, ticket: Ticket, now: int) -> None:
+        outcome = self.sequencer.offer(ticket.event, now)
+        if isinstance(outcome, Sequenced):
+            self._waiting_tickets.setdefault(ticket.event.id, []).append(ticket)
+            for record in outcome.records:
+                self._pending.append(record)
+                located = Located(record.ns, record.seq, record.hlc)
+                for waiting in self._waiting_tickets.pop(record.id, ()):
+                    waiting._resolve(located)
+                self.stats["published"] += 1
+        elif isinstance(outcome, Duplicate):
+            ticket.duplicate = True
+            self.stats["duplicates"] += 1
+            ticket._resolve(outcome.located)
+        elif isinstance(outcome, Parked):
+            self._waiting_tickets.setdefault(ticket.event.id, []).append(ticket)
+            ticket.decided.set()
+            self._parked_signal.set()
+        else:
+            assert isinstance(outcome, Rejected)
+            self.stats["rejected"] += 1
+            ticket._resolve(error=ProtocolError(outcome.code, outcome.reason))
+
+    async def _expiry_loop(self) -> None:
+        while True:
+            deadline = self.sequencer.next_deadline_ms()
+            if deadline is None:
+                await self._parked_signal.wait()
+            else:
+                with trio.move_on_after(max(0, deadline - self.wall_ms()) / 1000):
+                    await self._parked_signal.wait()
+            self._parked_signal = trio.Event()
+            for event, rejected in self.sequencer.expire(self.wall_ms()):
+                error = ProtocolError(rejected.code, rejected.reason)
+                self.stats["rejected"] += 1
+                for ticket in self._waiting_tickets.pop(event.id, ()):
+                    ticket._resolve(error=error)
+
+    # -- committing -------------------------------------------------------------------
+
+    async def _commit_loop(self) -> None:
+        while True:
+            await self._pending_ready.wait()
+            self._pending_ready = trio.Event()
+            while self._pending:
+                batch = self._pending[: self.config.commit_batch]
+                del self._pending[: len(batch)]
+                batch = self._seal_heads(batch)
+                async with self._write_lock:
+                    await trio.to_thread.run_sync(self.store.append, batch)
+                self.stats["batches"] += 1
+                self._committed_batch(batch)
+
+    def _seal_heads(self, batch: Sequence[Record]) -> list[Record]:
+        """Seal the last record of each namespace in the batch: one signature each."""
+        last: dict[str, int] = {record.ns: i for i, record in enumerate(batch)}
+        sealed = list(batch)
+        for i in last.values():
+            receipt = decode_receipt(sealed[i].receipt)
+            sealed[i] = replace(sealed[i], seal=seal(receipt, self.identity.sign))
+        return sealed
+
+    def _committed_batch(self, batch: Sequence[Record]) -> None:
+        keep = self.config.recent_per_ns
+        for record in batch:
+            recent = self._recent.setdefault(record.ns, {})
+            recent[record.seq] = record
+            recent.pop(record.seq - keep, None)
+            self._committed[record.ns] = record.seq
+            for fold in self.folds:
+                fold(record)
+        for ns in {record.ns for record in batch}:
+            changed = self._changed.pop(ns, None)
+            if changed is not None:
+                changed.set()
+
+    # -- reading ----------------------------------------------------------------------
+
+    def head(self, ns: str) -> int:
+        """The last committed seq of ``ns`` (0 for an empty namespace)."""
+        return self._committed.get(ns, 0)
+
+    def namespaces(self) -> list[str]:
+        return sorted(self._committed)
+
+    async def wait_beyond(self, ns: str, seq: int) -> None:
+        """Return once the committed head of ``ns`` is past ``seq``."""
+        while self.head(ns) <= seq:
+            changed = self._changed.get(ns)
+            if changed is None:
+                changed = self._changed[ns] = trio.Event()
+            await changed.wait()
+
+    async def committed_record(self, ns: str, seq: int) -> Record:
+        await self.wait_beyond(ns, seq - 1)
+        records = await self.read(ns, seq, 1)
+        return records[0]
+
+    async def read(self, ns: str, start: int, limit: int) -> list[Record]:
+        """Committed records of ``ns`` from ``start``: from memory when recent."""
+        end = min(self.head(ns), start + limit - 1)
+        if end < start:
+            return []
+        recent = self._recent.get(ns, {})
+        if start in recent:
+            return [recent[seq] for seq in range(start, end + 1)]
+        async with self._read_lock:
+            return await trio.to_thread.run_sync(self.store.read, ns, start, end - start + 1)

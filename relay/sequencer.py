@@ -1,0 +1,229 @@
+"""The sequencer: decides each event's place in its namespace log (pure: no I/O).
+
+Theory of operation
+-------------------
+The relay hands the sequencer events whose shape and signature it already checked.
+For each one the sequencer answers, without waiting on anything:
+
+* :class:`Duplicate` — this id is sequenced already; the answer is its first receipt,
+  so a client that retries after a lost ack gets the same receipt (idempotence).
+* :class:`Parked` — a dependency is not sequenced yet. The event waits in a bounded
+  parking area; when its last missing dependency is sequenced it is sequenced too,
+  and if that does not happen within ``park_timeout_ms`` :meth:`Sequencer.expire`
+  rejects it with ``missing_deps``. So a namespace's order is always a linear
+  extension of causal order (DESIGN.md, "The event").
+* :class:`Sequenced` — the event (and any parked events it released, in the order
+  they became ready) got the next gapless ``seq`` of its namespace, a receipt chained
+  to the previous one, and a hybrid-logical-clock value larger than the relay's last
+  and larger than every dependency's, so ``hlc`` order also extends causal order
+  across namespaces.
+* :class:`Rejected` — with a protocol error code.
+
+The sequencer knows which ids are sequenced through a bounded cache. Ids it does not
+know may still be in the store from before a restart, so the caller first asks
+:meth:`Sequencer.unknown`, looks those ids up in the store and feeds what it found to
+:meth:`Sequencer.learn`, then offers — with no await in between, so the answer is
+consistent. Everything the sequencer itself sequenced since start-up stays known
+until evicted, and eviction only drops ids the store already has.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from agent_sdk.errors import ErrorCode
+from agent_sdk.wire import ZERO_HASH, SignedEvent, make_receipt
+from relay.store import Head, Located, Record
+
+HLC_SHIFT = 16
+"""An HLC value is ``(wall-clock ms << 16) | counter``: one int that sorts correctly."""
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_parked: int = 10_000
+    park_timeout_ms: int = 10_000
+    max_clock_skew_ms: int | None = 24 * 3600 * 1000
+    known_capacity: int = 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Sequenced:
+    records: tuple[Record, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Duplicate:
+    located: Located
+
+
+@dataclass(frozen=True, slots=True)
+class Parked:
+    missing: frozenset[bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    code: ErrorCode
+    reason: str
+
+
+Outcome = Sequenced | Duplicate | Parked | Rejected
+
+
+@dataclass(slots=True)
+class _Parking:
+    event: SignedEvent
+    deadline_ms: int
+    missing: set[bytes] = field(default_factory=set)
+
+
+class Sequencer:
+    """Sequences the events of the namespaces homed on one relay.
+
+    ``heads`` and ``hlc`` restore the state after a restart (from the store).
+    """
+
+    def __init__(
+        self,
+        relay_key: bytes,
+        heads: Mapping[str, Head] | None = None,
+        hlc: int = 0,
+        limits: Limits | None = None,
+    ) -> None:
+        self.relay_key = relay_key
+        self.limits = limits or Limits()
+        self.heads: dict[str, Head] = dict(heads or {})
+        self.hlc = max([hlc, *(head.hlc for head in self.heads.values())])
+        self._known: dict[bytes, Located] = {}
+        self._parked: dict[bytes, _Parking] = {}
+        self._waiting: dict[bytes, list[bytes]] = {}  # missing dep -> parked ids
+
+    # -- knowledge of what is sequenced -------------------------------------------
+
+    def unknown(self, events: Iterable[SignedEvent]) -> set[bytes]:
+        """Ids among these events and their deps that the store must be asked about."""
+        ids: set[bytes] = set()
+        for signed in events:
+            for event_id in (signed.id, *signed.event.deps):
+                if event_id not in self._known and event_id not in self._parked:
+                    ids.add(event_id)
+        return ids
+
+    def learn(self, found: Mapping[bytes, Located]) -> None:
+        """Record ids the store reported as committed."""
+        for event_id, located in found.items():
+            self._remember(event_id, located)
+
+    def locate(self, event_id: bytes) -> Located | None:
+        return self._known.get(event_id)
+
+    @property
+    def parked_count(self) -> int:
+        return len(self._parked)
+
+    def _remember(self, event_id: bytes, located: Located) -> None:
+        known = self._known
+        known.pop(event_id, None)
+        known[event_id] = located
+        if len(known) > self.limits.known_capacity:
+            # Oldest first (dicts keep insertion order). Only committed ids get this
+            # old, and the store answers for those.
+            del known[next(iter(known))]
+
+    # -- offering events -----------------------------------------------------------
+
+    def offer(self, signed: SignedEvent, now_ms: int) -> Outcome:
+        """Decide what happens to one verified event (see the module docstring)."""
+        located = self._known.get(signed.id)
+        if located is not None:
+            return Duplicate(located)
+        parking = self._parked.get(signed.id)
+        if parking is not None:
+            return Parked(frozenset(parking.missing))
+        skew = self.limits.max_clock_skew_ms
+        if skew is not None and abs(signed.event.ts - now_ms) > skew:
+            return Rejected(
+                ErrorCode.BAD_TIMESTAMP,
+                f"ts is {signed.event.ts - now_ms} ms from the relay clock; limit {skew}",
+            )
+        missing = {dep for dep in signed.event.deps if dep not in self._known}
+        if missing:
+            if len(self._parked) >= self.limits.max_parked:
+                return Rejected(ErrorCode.MISSING_DEPS, "deps not sequenced and parking is full")
+            self._parked[signed.id] = _Parking(
+                signed, now_ms + self.limits.park_timeout_ms, set(missing)
+            )
+            for dep in missing:
+                self._waiting.setdefault(dep, []).append(signed.id)
+            return Parked(frozenset(missing))
+        return Sequenced(self._sequence_with_released(signed, now_ms))
+
+    def expire(self, now_ms: int) -> list[tuple[SignedEvent, Rejected]]:
+        """Reject every parked event whose deadline has passed."""
+        expired = [p for p in self._parked.values() if p.deadline_ms <= now_ms]
+        out = []
+        for parking in expired:
+            event_id = parking.event.id
+            del self._parked[event_id]
+            for dep in parking.missing:
+                waiters = self._waiting.get(dep)
+                if waiters is not None:
+                    waiters.remove(event_id)
+                    if not waiters:
+                        del self._waiting[dep]
+            missing = ", ".join(sorted(dep.hex()[:16] for dep in parking.missing))
+            reason = f"deps not sequenced within {self.limits.park_timeout_ms} ms: {missing}"
+            out.append((parking.event, Rejected(ErrorCode.MISSING_DEPS, reason)))
+        return out
+
+    def next_deadline_ms(self) -> int | None:
+        """When :meth:`expire` next has work, for the caller's timer."""
+        return min((p.deadline_ms for p in self._parked.values()), default=None)
+
+    # -- sequencing ------------------------------------------------------------------
+
+    def _sequence_with_released(self, first: SignedEvent, now_ms: int) -> tuple[Record, ...]:
+        records = []
+        ready = [first]
+        while ready:
+            signed = ready.pop(0)
+            records.append(self._sequence(signed, now_ms))
+            for waiter_id in self._waiting.pop(signed.id, ()):
+                parking = self._parked[waiter_id]
+                parking.missing.discard(signed.id)
+                if not parking.missing:
+                    del self._parked[waiter_id]
+                    ready.append(parking.event)
+        return tuple(records)
+
+    def _sequence(self, signed: SignedEvent, now_ms: int) -> Record:
+        event = signed.event
+        hlc = max(self.hlc + 1, now_ms << HLC_SHIFT)
+        for dep in event.deps:
+            hlc = max(hlc, self._known[dep].hlc + 1)
+        self.hlc = hlc
+        head = self.heads.get(event.ns)
+        seq = 1 if head is None else head.seq + 1
+        receipt = make_receipt(
+            id=signed.id,
+            ns=event.ns,
+            seq=seq,
+            hlc=hlc,
+            prev=ZERO_HASH if head is None else head.hash,
+            relay=self.relay_key,
+        )
+        self.heads[event.ns] = Head(event.ns, seq, receipt.hash, hlc)
+        self._remember(signed.id, Located(event.ns, seq, hlc))
+        return Record(
+            ns=event.ns,
+            seq=seq,
+            id=signed.id,
+            kind=event.kind,
+            author=event.author,
+            hlc=hlc,
+            event=signed.raw,
+            sig=signed.sig,
+            receipt=receipt.raw,
+        )

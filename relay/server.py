@@ -1,0 +1,270 @@
+"""The relay's WebSocket server: a thin trio shell around the session and the node.
+
+Per connection there is one reader (receive, feed :class:`~relay.session.Session`,
+act), one writer draining a bounded queue of encoded frames to the socket, one
+acknowledger answering publishes in order, and one task per subscribed namespace
+following the log by cursor. Every producer waits at most
+``slow_consumer_timeout`` for room in the writer's queue; past that the consumer is
+too slow and the connection is closed with code 1008 and reason ``slow_consumer``
+rather than buffered without bound. One connection's trouble never blocks another's:
+the only shared things are the node's queues, which are bounded and never wait on a
+socket.
+
+``GET /health`` and ``GET /info`` are answered on the same port.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import asdict
+from http import HTTPStatus
+from typing import Any
+
+import trio
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+from websockets.trio.server import Server, ServerConnection, serve
+
+from agent_sdk import frames as f
+from agent_sdk.errors import ErrorCode, ProtocolError
+from agent_sdk.wire import PROTOCOL_VERSION
+from relay.node import RelayNode, Ticket
+from relay.session import Admit, Close, Open, Reply, Session
+from relay.store import Record
+from relay.subscriptions import Filter, check_cursor
+
+log = logging.getLogger("formicary.relay")
+
+SLOW_CONSUMER_CLOSE = 1008  # policy violation: the closest standard code
+
+
+class SlowConsumer(Exception):
+    """The writer queue stayed full for ``slow_consumer_timeout`` seconds."""
+
+
+class Connection:
+    """The I/O side of one agent connection."""
+
+    def __init__(self, node: RelayNode, ws: ServerConnection) -> None:
+        self.node = node
+        self.ws = ws
+        config = node.config
+        self.session = Session(
+            relay_key=node.identity.public_key,
+            relay_name=config.name,
+            signer=node.identity.sign,
+            challenge=secrets.token_bytes(f.CHALLENGE_SIZE),
+            max_frame=config.max_frame,
+            max_deps=config.max_deps,
+        )
+        self._out_tx, self._out_rx = trio.open_memory_channel[bytes](config.send_queue)
+        self._acks_tx, self._acks_rx = trio.open_memory_channel[tuple[int, Ticket]](
+            config.max_inflight
+        )
+        self._subscriptions: dict[int, trio.CancelScope] = {}
+
+    async def run(self) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._writer)
+                nursery.start_soon(self._acknowledger)
+                await self._send(self.session.hello)
+                await self._reader()
+                nursery.cancel_scope.cancel()
+        except* SlowConsumer:
+            await self.ws.aclose(
+                SLOW_CONSUMER_CLOSE, f"{int(ErrorCode.SLOW_CONSUMER)} slow_consumer"
+            )
+        except* ConnectionClosed:
+            pass
+
+    async def _send(self, frame: f.RelayFrame) -> None:
+        data = f.encode_frame(frame)
+        try:
+            self._out_tx.send_nowait(data)
+            return
+        except trio.WouldBlock:
+            pass
+        with trio.move_on_after(self.node.config.slow_consumer_timeout):
+            await self._out_tx.send(data)
+            return
+        raise SlowConsumer()
+
+    async def _writer(self) -> None:
+        async for data in self._out_rx:
+            await self.ws.send(data)
+
+    async def _reader(self) -> None:
+        async for message in self.ws:
+            if isinstance(message, str):
+                message = message.encode()  # a text frame is still bytes to msgpack
+            action = self.session.receive(message)
+            if isinstance(action, Admit):
+                ticket = await self.node.admit(action.event)
+                await self._acks_tx.send((action.rid, ticket))
+            elif isinstance(action, Reply):
+                await self._send(action.frame)
+            elif isinstance(action, Open):
+                await self._open(action.request)
+            else:
+                assert isinstance(action, Close)
+                await self._close(action.sub)
+
+    # -- publishing -------------------------------------------------------------------
+
+    async def _acknowledger(self) -> None:
+        async with trio.open_nursery() as parked:
+            async for rid, ticket in self._acks_rx:
+                await ticket.decided.wait()
+                if ticket.parked:
+                    # Answer it when its deps arrive, without holding up later acks.
+                    parked.start_soon(self._acknowledge, rid, ticket)
+                else:
+                    await self._acknowledge(rid, ticket)
+
+    async def _acknowledge(self, rid: int, ticket: Ticket) -> None:
+        try:
+            record = await self.node.answer(ticket)
+        except ProtocolError as exc:
+            await self._send(f.Error.of(exc, rid=rid))
+            return
+        ack = f.Ack(rid=rid, receipt=record.receipt, seal=record.seal, duplicate=ticket.duplicate)
+        await self._send(ack)
+
+    # -- subscriptions -----------------------------------------------------------------
+
+    async def _open(self, request: f.Subscribe) -> None:
+        try:
+            if request.sub in self._subscriptions:
+                raise ProtocolError(
+                    ErrorCode.DUPLICATE_SUBSCRIPTION, f"subscription {request.sub} is open"
+                )
+            if len(self._subscriptions) >= self.node.config.max_subscriptions:
+                limit = self.node.config.max_subscriptions
+                raise ProtocolError(ErrorCode.TOO_MANY_SUBSCRIPTIONS, f"limit is {limit}")
+            match = Filter.of(request)
+            starts = {}
+            for ns in request.ns:
+                refusal = self.node.router.refuse(ns)
+                if refusal is not None:
+                    raise refusal
+                head = self.node.head(ns)
+                starts[ns] = request.start.get(ns, head + 1)
+                check_cursor(ns, starts[ns], head)
+        except ProtocolError as exc:
+            await self._send(f.Error.of(exc, sub=request.sub))
+            return
+        scope = trio.CancelScope()
+        self._subscriptions[request.sub] = scope
+        self._nursery.start_soon(self._subscription, request.sub, scope, starts, match)
+
+    async def _close(self, sub: int) -> None:
+        scope = self._subscriptions.pop(sub, None)
+        if scope is None:
+            error = ProtocolError(ErrorCode.UNKNOWN_SUBSCRIPTION, f"no subscription {sub}")
+            await self._send(f.Error.of(error, sub=sub))
+            return
+        scope.cancel()
+        await self._send(f.Unsubscribed(sub=sub))
+
+    async def _subscription(
+        self, sub: int, scope: trio.CancelScope, starts: dict[str, int], match: Filter
+    ) -> None:
+        with scope:
+            async with trio.open_nursery() as nursery:
+                for ns, start in starts.items():
+                    nursery.start_soon(self._follow, sub, ns, start, match)
+
+    async def _follow(self, sub: int, ns: str, cursor: int, match: Filter) -> None:
+        """Replay ``ns`` from ``cursor``, mark live, then stream as the log grows."""
+        live = False
+        batch = self.node.config.replay_batch
+        while True:
+            records: list[Record] = await self.node.read(ns, cursor, batch)
+            for record in records:
+                if match.matches(record):
+                    event = f.EventFrame(
+                        sub=sub,
+                        event=record.event,
+                        sig=record.sig,
+                        receipt=record.receipt,
+                        seal=record.seal,
+                    )
+                    await self._send(event)
+            if records:
+                cursor = records[-1].seq + 1
+                continue
+            if not live:
+                live = True
+                await self._send(f.Live(sub=sub, ns=ns, seq=cursor - 1))
+            await self.node.wait_beyond(ns, cursor - 1)
+
+
+# --------------------------------------------------------------------------- HTTP
+
+
+def info_document(node: RelayNode) -> dict[str, Any]:
+    """The relay info document served at ``GET /info``."""
+    config = node.config
+    return {
+        "name": config.name,
+        "key": node.identity.id,
+        "protocol": PROTOCOL_VERSION,
+        "namespaces": node.namespaces(),
+        "limits": {
+            "max_frame": config.max_frame,
+            "max_deps": config.max_deps,
+            "max_subscriptions": config.max_subscriptions,
+            "max_inflight": config.max_inflight,
+            "slow_consumer_timeout": config.slow_consumer_timeout,
+            "sequencer": asdict(config.sequencer),
+        },
+        "stats": dict(node.stats),
+    }
+
+
+def http_handler(node: RelayNode) -> Callable[[ServerConnection, Request], Response | None]:
+    def process_request(connection: ServerConnection, request: Request) -> Response | None:
+        if "upgrade" in request.headers.get("Connection", "").lower():
+            return None  # a WebSocket handshake: let it through
+        if request.path == "/health":
+            return connection.respond(HTTPStatus.OK, "ok\n")
+        if request.path == "/info":
+            response = connection.respond(HTTPStatus.OK, json.dumps(info_document(node)) + "\n")
+            response.headers["Content-Type"] = "application/json"
+            return response
+        return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
+
+    return process_request
+
+
+async def serve_relay(
+    node: RelayNode,
+    host: str = "127.0.0.1",
+    port: int = 7700,
+    *,
+    task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``node`` on ``host:port`` until cancelled; reports the ``Server`` started.
+
+    The WebSocket layer accepts messages up to twice ``max_frame`` so that a frame
+    over the limit gets a ``frame_too_large`` error and the connection lives on;
+    beyond that the WebSocket layer itself closes with 1009 (message too big).
+    """
+
+    async def handler(ws: ServerConnection) -> None:
+        await Connection(node, ws).run()
+
+    await serve(
+        handler,
+        port,
+        host=host,
+        compression=None,  # events are small and signed: deflate costs more than it saves
+        max_size=2 * node.config.max_frame,
+        process_request=http_handler(node),
+        task_status=task_status,
+    )

@@ -1,0 +1,85 @@
+"""The append-only store of namespace logs: the interface every backend implements.
+
+A backend is synchronous and single-purpose; the relay calls it from worker threads
+(``trio.to_thread``) so that disk waits never stall the event loop. The contract:
+
+* :meth:`Store.append` writes a batch atomically and durably, in seq order, and
+  returns only after commit — the relay sends a receipt only after it returns.
+* Records are never updated or deleted: a namespace log is append-only, gapless from
+  seq 1, and a committed prefix always ends in a sealed receipt.
+* Reads may run concurrently with an append on another thread and see either the old
+  or the new committed state, never part of a batch.
+
+The embedded default is :mod:`relay.store.sqlite`. A PostgreSQL backend implements
+the same methods (docs/operations.md, "Storage").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One row of a namespace log: an event, its receipt and, on chain heads, a seal.
+
+    ``kind``, ``author`` and ``hlc`` repeat what the event and receipt bytes say, so a
+    subscription filter and the causal check need not decode them again.
+    """
+
+    ns: str
+    seq: int
+    id: bytes
+    kind: str
+    author: bytes
+    hlc: int
+    event: bytes
+    sig: bytes
+    receipt: bytes
+    seal: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    """The last committed receipt of a namespace: where the next one chains on."""
+
+    ns: str
+    seq: int
+    hash: bytes
+    hlc: int
+
+
+@dataclass(frozen=True, slots=True)
+class Located:
+    """Where a committed event sits: enough to answer a duplicate or a causal check."""
+
+    ns: str
+    seq: int
+    hlc: int
+
+
+class Store(Protocol):
+    def append(self, records: Sequence[Record]) -> None:
+        """Commit ``records`` (in seq order per namespace) atomically and durably."""
+
+    def read(self, ns: str, start: int, limit: int) -> list[Record]:
+        """Up to ``limit`` records of ``ns`` with ``seq >= start``, in seq order."""
+
+    def find(self, ids: Iterable[bytes]) -> dict[bytes, Located]:
+        """Where each of ``ids`` that is committed sits; absent ids are left out."""
+
+    def record(self, event_id: bytes) -> Record | None:
+        """The committed record of one event id, or ``None``."""
+
+    def heads(self) -> dict[str, Head]:
+        """The head of every namespace in the store."""
+
+    def namespaces(self) -> list[str]:
+        """Every namespace that has at least one record, sorted."""
+
+    def scan(self, ns: str) -> Iterator[Record]:
+        """Every record of ``ns`` in seq order (offline verification, export)."""
+
+    def close(self) -> None: ...

@@ -1,0 +1,80 @@
+"""Offline verification of a namespace log (pure: records in, a verdict out).
+
+Anyone holding a log can check it without trusting the relay that wrote it: every
+event's canonical bytes, id and author signature; every receipt's place in the hash
+chain (gapless seq from 1, ``prev`` = hash of the previous receipt, increasing hlc,
+one relay key); every seal; that the log ends on a seal; and causal order — each
+dependency is sequenced before the event (earlier seq in the same namespace, smaller
+hlc anywhere).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from agent_sdk.errors import ProtocolError
+from agent_sdk.wire import Receipt, check_chain, decode_event, decode_receipt, verify_seal
+from relay.store import Located, Record
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    ns: str
+    records: int
+    sealed: int
+    bad_seq: int | None = None
+    reason: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.bad_seq is None
+
+
+def verify_log(
+    ns: str, records: Iterable[Record], locate: Callable[[bytes], Located | None]
+) -> Verdict:
+    """Check the records of ``ns`` in seq order; stop at the first bad one.
+
+    ``locate`` answers where a dependency id was sequenced (any namespace), or ``None``.
+    """
+    previous: Receipt | None = None
+    last_seal: bytes | None = None
+    count = sealed = 0
+
+    def bad(seq: int, reason: str) -> Verdict:
+        return Verdict(ns, count, sealed, seq, reason)
+
+    for record in records:
+        seq = record.seq
+        try:
+            signed = decode_event(record.event, record.sig)
+            receipt = decode_receipt(record.receipt)
+        except ProtocolError as exc:
+            return bad(seq, exc.reason)
+        if signed.id != record.id or receipt.id != signed.id:
+            return bad(seq, "event id does not match its bytes or its receipt")
+        if signed.event.ns != ns or receipt.ns != ns or receipt.seq != seq:
+            return bad(seq, "record is filed under the wrong namespace or seq")
+        if not signed.verify():
+            return bad(seq, "author signature does not verify")
+        broken = check_chain([receipt], previous)
+        if broken is not None:
+            return bad(seq, "receipt breaks the hash chain (seq, prev, hlc or relay)")
+        if record.seal is not None:
+            if not verify_seal(receipt, record.seal):
+                return bad(seq, "seal does not verify")
+            sealed += 1
+        for dep in signed.event.deps:
+            located = locate(dep)
+            if located is None:
+                return bad(seq, f"dependency {dep.hex()} is not in the log")
+            if located.hlc >= receipt.hlc or (located.ns == ns and located.seq >= seq):
+                return bad(seq, f"dependency {dep.hex()} is sequenced after the event")
+        previous, last_seal = receipt, record.seal
+        count += 1
+    if previous is not None and last_seal is None:
+        # Every commit seals its last receipt per namespace, so an unsealed tail
+        # means records were added outside a commit, or the seal was stripped.
+        return bad(previous.seq, "the log does not end on a sealed receipt")
+    return Verdict(ns, count, sealed)
