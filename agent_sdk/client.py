@@ -178,12 +178,19 @@ class RelayClient:
     ) -> AsyncIterator[RelayClient]:
         """Connect and authenticate; raises if the first connection attempt fails."""
         client = cls(url, identity, **options)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(client._run)
-            try:
-                yield client
-            finally:
-                nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(client._run)
+                try:
+                    yield client
+                finally:
+                    nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # The nursery is ours, not the caller's: hand back a lone error unwrapped,
+            # as websockets' own connect() does.
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
 
     # -- the connection ------------------------------------------------------------------
 

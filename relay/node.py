@@ -29,7 +29,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 import trio
 
@@ -87,6 +87,7 @@ class HomeOnly:
 
 
 Fold = Callable[[Record], None]
+T = TypeVar("T")
 
 
 class Ticket:
@@ -194,7 +195,7 @@ class RelayNode:
             unknown = self.sequencer.unknown(t.event for t in batch)
             if unknown:
                 async with self._read_lock:
-                    found = await trio.to_thread.run_sync(self.store.find, unknown)
+                    found = await self._call(self.store.find, unknown)
                 self.sequencer.learn(found)
             now = self.wall_ms()
             for ticket in batch:
@@ -251,7 +252,7 @@ class RelayNode:
                 del self._pending[: len(batch)]
                 batch = self._seal_heads(batch)
                 async with self._write_lock:
-                    await trio.to_thread.run_sync(self.store.append, batch)
+                    await self._call(self.store.append, batch)
                 self.stats["batches"] += 1
                 self._committed_batch(batch)
 
@@ -309,4 +310,11 @@ class RelayNode:
         if start in recent:
             return [recent[seq] for seq in range(start, end + 1)]
         async with self._read_lock:
-            return await trio.to_thread.run_sync(self.store.read, ns, start, end - start + 1)
+            return await self._call(self.store.read, ns, start, end - start + 1)
+
+    async def _call(self, method: Callable[..., T], *args: Any) -> T:
+        """Run a store method: in a worker thread when it may block, inline if not."""
+        if self.store.blocking:
+            return await trio.to_thread.run_sync(method, *args)
+        await trio.lowlevel.checkpoint()
+        return method(*args)

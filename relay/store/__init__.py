@@ -10,7 +10,8 @@ A backend is synchronous and single-purpose; the relay calls it from worker thre
 * Reads may run concurrently with an append on another thread and see either the old
   or the new committed state, never part of a batch.
 
-The embedded default is :mod:`relay.store.sqlite`. A PostgreSQL backend implements
+The embedded default is :mod:`relay.store.sqlite`; :mod:`relay.store.memory` serves
+virtual-time simulations. A PostgreSQL backend implements
 the same methods (docs/operations.md, "Storage").
 """
 
@@ -61,6 +62,9 @@ class Located:
 
 
 class Store(Protocol):
+    blocking: bool
+    """True when calls may wait on disk or network: the relay then runs them in threads."""
+
     def append(self, records: Sequence[Record]) -> None:
         """Commit ``records`` (in seq order per namespace) atomically and durably."""
 

@@ -43,6 +43,8 @@ _FIND_CHUNK = 500  # stay under SQLite's bound-parameter limit
 class SQLiteStore:
     """:class:`relay.store.Store` on a SQLite file (created if absent)."""
 
+    blocking = True
+
     def __init__(self, path: Path, *, synchronous: str = "FULL") -> None:
         if synchronous not in ("FULL", "NORMAL", "EXTRA"):
             raise ValueError(f"synchronous must be FULL, NORMAL or EXTRA, not {synchronous!r}")

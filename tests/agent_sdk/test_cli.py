@@ -1,0 +1,116 @@
+"""The ``formicary`` CLI as a shell agent uses it: real processes, env vars, JSON out."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from agent_sdk.identity import Identity
+from tests.conftest import RunningRelay
+
+
+async def formicary(*args: str, env: dict[str, str] | None = None) -> trio.CompletedProcess[bytes]:
+    return await trio.run_process(
+        [sys.executable, "-m", "agent_sdk.cli", *args],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def lines(result: trio.CompletedProcess[bytes]) -> list[dict[str, object]]:
+    return [json.loads(line) for line in result.stdout.decode().splitlines()]
+
+
+async def test_keygen_writes_a_private_key_once(tmp_path: Path) -> None:
+    path = tmp_path / "keys" / "agent.key"
+    result = await formicary("keygen", "--out", str(path))
+    assert result.returncode == 0, result.stderr
+    [out] = lines(result)
+    assert out["id"] == Identity.load(path).id
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    again = await formicary("keygen", "--out", str(path))
+    assert again.returncode == 1 and b"not replacing" in again.stderr
+    assert Identity.load(path).id == out["id"]
+
+
+async def test_shell_agent_publishes_and_tails_with_env_only(
+    relay: RunningRelay, tmp_path: Path
+) -> None:
+    env = {"FORMICARY_RELAY": relay.url, "FORMICARY_KEY": str(tmp_path / "agent.key")}
+    first = await formicary("publish", "jobs@local", "app.note", "--body", '{"n": 1}', env=env)
+    assert first.returncode == 0, first.stderr
+    [receipt] = lines(first)
+    assert receipt["seq"] == 1 and receipt["ns"] == "jobs@local" and receipt["sealed"] is True
+    assert (tmp_path / "agent.key").exists()  # created on first use
+
+    second = await formicary(
+        "publish", "jobs@local", "app.done", "--dep", str(receipt["id"]), env=env
+    )
+    assert second.returncode == 0, second.stderr
+
+    tail = await formicary("tail", "jobs@local", env=env)
+    assert tail.returncode == 0, tail.stderr
+    events = lines(tail)
+    assert [e["seq"] for e in events] == [1, 2]
+    assert events[0]["body"] == {"n": 1}
+    assert events[1]["deps"] == [receipt["id"]]
+    assert events[0]["author"] == Identity.load(tmp_path / "agent.key").id
+
+    only_done = lines(await formicary("tail", "jobs@local", "--kind", "app.done", env=env))
+    assert [e["kind"] for e in only_done] == ["app.done"]
+
+
+async def test_cli_errors_are_clear(relay: RunningRelay, tmp_path: Path) -> None:
+    env = {"FORMICARY_RELAY": relay.url, "FORMICARY_KEY": str(tmp_path / "agent.key")}
+    foreign = await formicary("publish", "jobs@elsewhere", "app.note", env=env)
+    assert foreign.returncode == 1 and b"not_home" in foreign.stderr
+    bad_json = await formicary("publish", "jobs@local", "app.note", "--body", "{", env=env)
+    assert bad_json.returncode == 2 and b"not JSON" in bad_json.stderr
+    cursor = await formicary("tail", "jobs@local", "--from", "9", env=env)
+    assert cursor.returncode == 1 and b"bad_cursor" in cursor.stderr
+
+
+async def test_log_verify_passes_then_names_the_first_bad_seq(
+    relay: RunningRelay, tmp_path: Path
+) -> None:
+    env = {"FORMICARY_RELAY": relay.url, "FORMICARY_KEY": str(tmp_path / "agent.key")}
+    for n in range(4):
+        result = await formicary("publish", "jobs@local", "app.n", "--body", str(n), env=env)
+        assert result.returncode == 0, result.stderr
+    relay.scope.cancel()  # stop the relay: verification is offline
+    await trio.testing.wait_all_tasks_blocked()
+
+    ok = await formicary("log", "verify", "jobs@local", "--data", str(relay.data))
+    assert ok.returncode == 0, ok.stdout
+    assert lines(ok) == [
+        {"ns": "jobs@local", "ok": True, "records": 4, "sealed": 4, "bad_seq": None, "reason": None}
+    ]
+
+    with sqlite3.connect(relay.data / "events.sqlite3") as db:
+        (raw,) = db.execute("SELECT event FROM events WHERE seq = 3").fetchone()
+        tampered = raw[:-1] + bytes([raw[-1] ^ 1])
+        db.execute("UPDATE events SET event = ? WHERE seq = 3", (tampered,))
+    bad = await formicary("log", "verify", "all", "--data", str(relay.data))
+    assert bad.returncode == 1
+    [verdict] = lines(bad)
+    assert verdict["ok"] is False and verdict["bad_seq"] == 3
+
+
+async def test_log_verify_without_a_store_is_a_usage_error(tmp_path: Path) -> None:
+    result = await formicary("log", "verify", "all", "--data", str(tmp_path))
+    assert result.returncode == 2 and b"no store" in result.stderr
+
+
+@pytest.mark.parametrize("args", [["publish"], ["relay"], ["bogus"]])
+async def test_usage_errors_exit_2(args: list[str]) -> None:
+    assert (await formicary(*args)).returncode == 2

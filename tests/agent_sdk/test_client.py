@@ -1,0 +1,124 @@
+"""RelayClient over real sockets: reconnect, exact resume, safe re-publish."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import trio
+import trio.testing
+
+from agent_sdk.client import Delivery, Published, RelayClient, RelayMismatch
+from agent_sdk.errors import ErrorCode, ProtocolError
+from tests.conftest import RunningRelay, identity
+
+NS = "t@local"
+TOTAL = 300
+
+
+async def drop_every_connection(relay: RunningRelay) -> int:
+    """Cut every client's TCP connection at the relay, as a network failure would."""
+    connections = list(relay.server.connections)
+    for connection in connections:
+        await connection.stream.aclose()
+    return len(connections)
+
+
+async def test_subscriber_resumes_exactly_once_in_order_across_drops(relay: RunningRelay) -> None:
+    received: list[Delivery] = []
+    published: list[Published] = []
+    progress = trio.Event()
+    drop_at = {60, 150, 240}
+
+    async with (
+        RelayClient.connect(relay.url, identity(1)) as subscriber,
+        RelayClient.connect(relay.url, identity(2)) as publisher,
+        subscriber.subscribe(NS, start=1) as feed,
+        trio.open_nursery() as nursery,
+    ):
+
+        async def publish_all() -> None:
+            for n in range(TOTAL):
+                published.append(await publisher.publish(NS, "app.n", n))
+
+        async def dropper() -> None:
+            nonlocal progress
+            for _ in drop_at:
+                await progress.wait()
+                progress = trio.Event()
+                await drop_every_connection(relay)
+
+        nursery.start_soon(publish_all)
+        nursery.start_soon(dropper)
+        async for item in feed:
+            if isinstance(item, Delivery):
+                received.append(item)
+                if len(received) in drop_at:
+                    progress.set()
+                if len(received) == TOTAL:
+                    break
+        assert subscriber.connections >= 2
+        assert publisher.connections >= 2
+
+    assert [d.receipt.seq for d in received] == list(range(1, TOTAL + 1))
+    assert [d.event.event.body for d in received] == list(range(TOTAL))
+    assert sorted(p.receipt.seq for p in published) == list(range(1, TOTAL + 1))
+    assert relay.node.head(NS) == TOTAL  # re-sent publishes were not sequenced twice
+
+
+async def test_unacknowledged_publishes_are_resent_after_a_drop(relay: RunningRelay) -> None:
+    async with RelayClient.connect(relay.url, identity(1)) as client:
+        results: list[Published] = []
+        async with trio.open_nursery() as nursery:
+            for n in range(100):
+                nursery.start_soon(lambda n=n: _append(results, client.publish(NS, "app.n", n)))
+            await trio.testing.wait_all_tasks_blocked()
+            await drop_every_connection(relay)
+        assert sorted(r.receipt.seq for r in results) == list(range(1, 101))
+        assert relay.node.head(NS) == 100
+
+
+async def _append(results: list[Published], publish: object) -> None:
+    results.append(await publish)  # type: ignore[misc]
+
+
+async def test_republishing_the_same_event_returns_its_receipt(relay: RunningRelay) -> None:
+    ts = time.time_ns() // 1_000_000
+    async with RelayClient.connect(relay.url, identity(1)) as client:
+        first = await client.publish(NS, "app.n", 1, ts=ts)
+        # A second connection with the same key, as a second shell process would have.
+        async with RelayClient.connect(relay.url, identity(1)) as twin:
+            again = await twin.publish(NS, "app.n", 1, ts=ts)
+        assert again.duplicate and again.receipt == first.receipt
+        nonce = await client.publish(NS, "app.n", 1, ts=ts, nonce=b"\x01")
+        assert not nonce.duplicate and nonce.receipt.seq == 2
+
+
+async def test_rejections_raise_with_their_code(relay: RunningRelay) -> None:
+    async with RelayClient.connect(relay.url, identity(1)) as client:
+        with pytest.raises(ProtocolError) as info:
+            await client.publish("t@elsewhere", "app.n", 1)
+        assert info.value.code is ErrorCode.NOT_HOME
+        async with client.subscribe(NS, start=5) as feed:
+            with pytest.raises(ProtocolError) as info:
+                await feed.__anext__()
+        assert info.value.code is ErrorCode.BAD_CURSOR
+        assert (await client.publish(NS, "app.n", 1)).receipt.seq == 1  # still connected
+
+
+async def test_a_pinned_relay_key_is_checked(relay: RunningRelay) -> None:
+    with pytest.raises(RelayMismatch):
+        async with RelayClient.connect(relay.url, identity(1), relay_key=bytes(32)):
+            pass  # pragma: no cover
+    pinned = relay.node.identity.public_key
+    async with RelayClient.connect(relay.url, identity(1), relay_key=pinned) as client:
+        assert client.relay_name == "local"
+
+
+async def test_connecting_to_nothing_fails_clearly() -> None:
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    port = listener.socket.getsockname()[1]
+    await listener.aclose()
+    with pytest.raises(OSError):
+        async with RelayClient.connect(f"ws://127.0.0.1:{port}", identity(1)):
+            pass  # pragma: no cover

@@ -1,0 +1,63 @@
+"""Connection frames: exact round trips and refusals of malformed frames."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+
+from agent_sdk import frames as f
+from agent_sdk.errors import ErrorCode, ProtocolError
+
+EXAMPLES: list[f.Frame] = [
+    f.Auth(key=b"k" * 32, sig=b"s" * 64, challenge=b"c" * 32),
+    f.Publish(rid=7, event=b"\x80", sig=b"s" * 64),
+    f.Subscribe(sub=1, ns=("a@r",), start={"a@r": 3}, kinds=("wo.*",), authors=(b"a" * 32,)),
+    f.Subscribe(sub=2, ns=("a@r", "b@r")),
+    f.Unsubscribe(sub=1),
+    f.Hello(v=1, relay=b"r" * 32, name="local", challenge=b"c" * 32, max_frame=1, max_deps=2),
+    f.Welcome(agent=b"a" * 32, sig=b"s" * 64),
+    f.Ack(rid=7, receipt=b"\x80", seal=b"s" * 64, duplicate=True),
+    f.Ack(rid=8, receipt=b"\x80"),
+    f.Error(code=1001, name="malformed", reason="x", rid=3),
+    f.EventFrame(sub=1, event=b"\x80", sig=b"s" * 64, receipt=b"\x80"),
+    f.Live(sub=1, ns="a@r", seq=0),
+    f.Unsubscribed(sub=1),
+]
+
+
+@pytest.mark.parametrize("frame", EXAMPLES, ids=lambda frame: frame.t)
+def test_frames_round_trip(frame: f.Frame) -> None:
+    assert f.decode_frame(f.encode_frame(frame)) == frame
+
+
+def test_subscribe_cursor_is_called_from_on_the_wire() -> None:
+    wire = msgpack.unpackb(f.encode_frame(f.Subscribe(sub=1, ns=("a@r",), start={"a@r": 2})))
+    assert wire["from"] == {"a@r": 2} and "start" not in wire
+
+
+def test_optional_fields_are_left_out_and_unknown_fields_ignored() -> None:
+    wire = msgpack.unpackb(f.encode_frame(f.Ack(rid=1, receipt=b"r")))
+    assert "seal" not in wire
+    extra = msgpack.packb({"t": "unsubscribe", "sub": 4, "future": True})
+    assert f.decode_frame(extra) == f.Unsubscribe(sub=4)
+
+
+@pytest.mark.parametrize(
+    ("fields", "code"),
+    [
+        ([1, 2], ErrorCode.MALFORMED),
+        ({"sub": 1}, ErrorCode.MALFORMED),
+        ({"t": 5}, ErrorCode.MALFORMED),
+        ({"t": "teleport"}, ErrorCode.UNKNOWN_FRAME),
+        ({"t": "publish", "rid": "1", "event": b"", "sig": b""}, ErrorCode.MALFORMED),
+        ({"t": "publish", "rid": True, "event": b"", "sig": b""}, ErrorCode.MALFORMED),
+        ({"t": "publish", "rid": 1, "sig": b""}, ErrorCode.MALFORMED),
+        ({"t": "subscribe", "sub": 1, "ns": "a@r"}, ErrorCode.MALFORMED),
+        ({"t": "subscribe", "sub": 1, "ns": ["a@r"], "from": {"a@r": "1"}}, ErrorCode.MALFORMED),
+        ({"t": "subscribe", "sub": 1, "ns": ["a@r"], "authors": ["x"]}, ErrorCode.MALFORMED),
+    ],
+)
+def test_malformed_frames_are_refused_with_a_code(fields: object, code: ErrorCode) -> None:
+    with pytest.raises(ProtocolError) as info:
+        f.decode_frame(msgpack.packb(fields, use_bin_type=True))
+    assert info.value.code is code

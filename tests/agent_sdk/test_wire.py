@@ -1,0 +1,239 @@
+"""The canonical codec, events, receipts and seals: plain function calls, no sockets."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent_sdk.errors import ErrorCode, ProtocolError
+from agent_sdk.wire import (
+    EVENT_DOMAIN,
+    ZERO_HASH,
+    Event,
+    canonical,
+    check_chain,
+    decode,
+    decode_canonical,
+    decode_event,
+    decode_receipt,
+    digest,
+    make_receipt,
+    seal,
+    sign_event,
+    verify_seal,
+)
+from tests.conftest import identity
+
+AUTHOR = identity(1)
+RELAY = identity(2)
+
+
+def make_event(**changes: Any) -> Event:
+    fields: dict[str, Any] = {
+        "ns": "demo@local",
+        "kind": "app.note",
+        "author": AUTHOR.public_key,
+        "body": {"text": "hello", "n": 1},
+        "ts": 1_700_000_000_000,
+    }
+    fields.update(changes)
+    return Event(**fields)
+
+
+# Values any msgpack map may hold; keys are text, as the canonical form requires.
+values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=20)
+    | st.binary(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=8), children, max_size=5)
+    ),
+    max_leaves=20,
+)
+
+
+@given(values)
+def test_canonical_round_trips(value: Any) -> None:
+    data = canonical(value)
+    assert decode_canonical(data) == value
+    assert canonical(decode(data)) == data
+
+
+@given(
+    st.dictionaries(st.text(max_size=8), st.integers(-(2**63), 2**64 - 1), min_size=2, max_size=8)
+)
+def test_canonical_ignores_insertion_order(mapping: dict[str, int]) -> None:
+    reversed_mapping = dict(reversed(list(mapping.items())))
+    assert canonical(mapping) == canonical(reversed_mapping)
+
+
+def test_canonical_map_keys_sort_by_utf8_bytes() -> None:
+    data = canonical({"b": 1, "a": 2, "é": 3, "Z": 4})
+    assert list(msgpack.unpackb(data)) == ["Z", "a", "b", "é"]
+
+
+def test_canonical_bytes_are_exact() -> None:
+    # fixmap of 2: "a" -> positive fixint 1, "b" -> bin8 of 2 bytes
+    assert canonical({"b": b"\x00\xff", "a": 1}) == bytes.fromhex("82a16101a162c40200ff")
+    assert canonical(255) == b"\xcc\xff"  # uint8, the shortest form
+    assert canonical(-33) == b"\xd0\xdf"  # int8
+    assert canonical(1.5) == bytes.fromhex("cb3ff8000000000000")  # always float64
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        msgpack.packb({"b": 1, "a": 2}),  # keys out of order
+        b"\xcd\x00\x01",  # uint16 holding a value that fits a fixint
+        b"\xca\x3f\xc0\x00\x00",  # float32: only float64 is canonical
+        b"\x82\xa1a\x01\xa1a\x02",  # duplicate key
+        b"\xc7\x01\x05\x00",  # ext type
+        msgpack.packb({1: 2}),  # non-string key
+    ],
+)
+def test_non_canonical_bytes_are_refused(data: bytes) -> None:
+    with pytest.raises(ProtocolError) as info:
+        decode_canonical(data)
+    assert info.value.code in (ErrorCode.NON_CANONICAL, ErrorCode.MALFORMED)
+
+
+@pytest.mark.parametrize("data", [b"", b"\xc1", b"\x92\x01", msgpack.packb(1) + b"\x00"])
+def test_malformed_msgpack_is_a_protocol_error(data: bytes) -> None:
+    with pytest.raises(ProtocolError) as info:
+        decode(data)
+    assert info.value.code is ErrorCode.MALFORMED
+
+
+def test_canonical_refuses_values_without_a_form() -> None:
+    with pytest.raises(TypeError):
+        canonical({1: "non-string key"})
+    with pytest.raises(TypeError):
+        canonical({"set": {1, 2}})
+    with pytest.raises(OverflowError):
+        canonical(2**64)
+
+
+def test_event_id_is_stable_and_covers_every_field() -> None:
+    event = make_event()
+    first = sign_event(event, AUTHOR.sign)
+    again = sign_event(make_event(), AUTHOR.sign)
+    assert first.id == again.id == digest(first.raw)
+    assert first.sig == again.sig  # Ed25519 is deterministic
+    for change in (
+        {"ts": 1},
+        {"kind": "app.other"},
+        {"body": {"text": "hellO", "n": 1}},
+        {"deps": (bytes(32),)},
+        {"nonce": b"\x01"},
+        {"ns": "other@local"},
+    ):
+        assert sign_event(make_event(**change), AUTHOR.sign).id != first.id
+
+
+def test_decoded_event_verifies_over_the_received_bytes() -> None:
+    signed = sign_event(make_event(deps=(bytes(32),), nonce=b"n"), AUTHOR.sign)
+    received = decode_event(signed.raw, signed.sig)
+    assert received == signed
+    assert received.verify()
+
+
+def test_signature_failures() -> None:
+    signed = sign_event(make_event(), AUTHOR.sign)
+    flipped = bytes([signed.sig[0] ^ 1]) + signed.sig[1:]
+    assert not decode_event(signed.raw, flipped).verify()
+    other = identity(9).sign(EVENT_DOMAIN + signed.id)
+    assert not decode_event(signed.raw, other).verify()  # right bytes, wrong signer
+    with pytest.raises(ProtocolError) as info:
+        decode_event(signed.raw, signed.sig[:63])
+    assert info.value.code is ErrorCode.BAD_SIGNATURE
+
+
+def test_a_signature_does_not_carry_over_to_other_bytes() -> None:
+    signed = sign_event(make_event(), AUTHOR.sign)
+    tampered = sign_event(make_event(body="tampered"), identity(5).sign)
+    assert not decode_event(tampered.raw, signed.sig).verify()
+
+
+@pytest.mark.parametrize(
+    ("fields", "code"),
+    [
+        ({"v": 2}, ErrorCode.BAD_EVENT),
+        ({"ns": "no-home"}, ErrorCode.BAD_EVENT),
+        ({"ns": "Upper@local"}, ErrorCode.BAD_EVENT),
+        ({"kind": "Bad Kind"}, ErrorCode.BAD_EVENT),
+        ({"author": b"short"}, ErrorCode.BAD_EVENT),
+        ({"ts": -1}, ErrorCode.BAD_EVENT),
+        ({"ts": True}, ErrorCode.BAD_EVENT),
+        ({"deps": [b"x"]}, ErrorCode.BAD_EVENT),
+        ({"deps": [bytes(32), bytes(32)]}, ErrorCode.BAD_EVENT),
+        ({"deps": [bytes([i]) * 32 for i in range(40)]}, ErrorCode.TOO_MANY_DEPS),
+        ({"nonce": b"x" * 33}, ErrorCode.BAD_EVENT),
+        ({"extra": 1}, ErrorCode.BAD_EVENT),
+        ({"body": None, "kind": None}, ErrorCode.BAD_EVENT),
+    ],
+)
+def test_event_shape_errors(fields: dict[str, Any], code: ErrorCode) -> None:
+    mapping = make_event().to_map()
+    mapping.update(fields)
+    raw = canonical(mapping)
+    with pytest.raises(ProtocolError) as info:
+        decode_event(raw, bytes(64), max_deps=32)
+    assert info.value.code is code
+
+
+def test_missing_field_is_bad_event() -> None:
+    mapping = make_event().to_map()
+    del mapping["body"]
+    with pytest.raises(ProtocolError) as info:
+        decode_event(canonical(mapping), bytes(64))
+    assert info.value.code is ErrorCode.BAD_EVENT
+
+
+def test_receipts_chain_and_seal() -> None:
+    key = RELAY.public_key
+    first = make_receipt(id=bytes([1]) * 32, ns="t@local", seq=1, hlc=10, prev=ZERO_HASH, relay=key)
+    second = make_receipt(
+        id=bytes([2]) * 32, ns="t@local", seq=2, hlc=11, prev=first.hash, relay=key
+    )
+    assert decode_receipt(second.raw) == second
+    assert check_chain([first, second]) is None
+    signature = seal(second, RELAY.sign)
+    assert verify_seal(second, signature)
+    assert not verify_seal(first, signature)
+
+    forged = make_receipt(
+        id=bytes([3]) * 32, ns="t@local", seq=2, hlc=11, prev=bytes(32), relay=key
+    )
+    assert check_chain([first, forged]) == 2
+    gap = make_receipt(id=bytes([3]) * 32, ns="t@local", seq=3, hlc=12, prev=first.hash, relay=key)
+    assert check_chain([first, gap]) == 3
+    stale = make_receipt(
+        id=bytes([3]) * 32, ns="t@local", seq=2, hlc=10, prev=first.hash, relay=key
+    )
+    assert check_chain([first, stale]) == 2
+    assert check_chain([second]) == 2  # a log starts at seq 1
+
+
+@settings(max_examples=50)
+@given(st.binary(max_size=64))
+def test_decode_receipt_never_crashes(data: bytes) -> None:
+    try:
+        decode_receipt(data)
+    except ProtocolError as exc:
+        assert exc.code is ErrorCode.MALFORMED
+
+
+@settings(max_examples=200)
+@given(st.binary(max_size=200))
+def test_decode_event_only_raises_protocol_errors(data: bytes) -> None:
+    try:
+        decode_event(data, bytes(64))
+    except ProtocolError:
+        pass

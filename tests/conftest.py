@@ -1,0 +1,52 @@
+"""Shared fixtures: real relays on loopback sockets, with embedded storage in tmp_path."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trio
+from websockets.trio.server import Server
+
+from agent_sdk.identity import Identity
+from relay.app import run_relay
+from relay.node import RelayConfig, RelayNode
+
+
+@dataclass
+class RunningRelay:
+    node: RelayNode
+    server: Server
+    url: str
+    data: Path
+    scope: trio.CancelScope
+
+
+async def start_relay(
+    nursery: trio.Nursery, data: Path, config: RelayConfig | None = None
+) -> RunningRelay:
+    """Start a relay on a free loopback port inside ``nursery``; cancel ``scope`` to stop it."""
+    scope = trio.CancelScope()
+    config = config or RelayConfig(name="local")
+
+    async def run(task_status: trio.TaskStatus[tuple[RelayNode, Server]]) -> None:
+        with scope:
+            await run_relay(data, config, "127.0.0.1", 0, task_status=task_status)
+
+    node, server = await nursery.start(run)
+    port = server.listeners[0].socket.getsockname()[1]
+    return RunningRelay(node, server, f"ws://127.0.0.1:{port}", data, scope)
+
+
+@pytest.fixture
+async def relay(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[RunningRelay]:
+    running = await start_relay(nursery, tmp_path / "relay")
+    yield running
+    running.scope.cancel()
+
+
+def identity(n: int) -> Identity:
+    """A deterministic identity: tests name agents by number."""
+    return Identity.from_seed(bytes([n]) * 32)

@@ -1,0 +1,138 @@
+"""The node's loops in virtual time: group commit, parking timeouts, restarts, seams."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from agent_sdk.errors import ErrorCode, ProtocolError
+from agent_sdk.wire import decode_receipt, verify_seal
+from relay.node import RelayConfig, RelayNode
+from relay.sequencer import Limits
+from relay.store import Record
+from relay.store.memory import MemoryStore
+from relay.store.sqlite import SQLiteStore
+from tests.conftest import identity
+from tests.relay.test_sequencer import NOW, event
+
+RELAY = identity(2)
+
+
+def virtual_wall() -> Callable[[], int]:
+    """The relay's wall clock, driven by trio's (virtual) clock from NOW on."""
+    origin = trio.current_time()
+    return lambda: NOW + int((trio.current_time() - origin) * 1000)
+
+
+@pytest.fixture
+async def node(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> AsyncIterator[RelayNode]:
+    config = RelayConfig(sequencer=Limits(park_timeout_ms=5_000))
+    running = RelayNode(RELAY, MemoryStore(), config, wall_ms=virtual_wall())
+    await nursery.start(running.run)
+    yield running
+
+
+async def test_publish_is_acked_after_commit_with_a_seal(node: RelayNode) -> None:
+    record = await node.publish(event(1))
+    assert node.store.record(record.id) == record
+    assert record.seal is not None  # alone in its batch, so it is the sealed head
+    assert verify_seal(decode_receipt(record.receipt), record.seal)
+    assert node.head("t@local") == 1
+
+
+async def test_concurrent_publishes_share_batches_and_seals(node: RelayNode) -> None:
+    results: list[Record] = []
+
+    async def publish(n: int) -> None:
+        results.append(await node.publish(event(n)))
+
+    async with trio.open_nursery() as nursery:
+        for n in range(50):
+            nursery.start_soon(publish, n)
+    assert sorted(r.seq for r in results) == list(range(1, 51))
+    assert node.stats["batches"] < 50  # group commit: fewer commits than events
+    stored = list(node.store.scan("t@local"))
+    assert stored[-1].seal is not None
+    assert sum(r.seal is not None for r in stored) == node.stats["batches"]
+
+
+async def test_parked_event_is_answered_when_its_cause_arrives(node: RelayNode) -> None:
+    cause, effect = event(1), event(2, deps=(event(1).id,))
+    answers: dict[str, Record] = {}
+
+    async def publish(name: str, signed: object) -> None:
+        answers[name] = await node.publish(signed)  # type: ignore[arg-type]
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(publish, "effect", effect)
+        await trio.testing.wait_all_tasks_blocked()
+        assert node.sequencer.parked_count == 1
+        await trio.sleep(4)  # virtual time, inside the 5 s parking timeout
+        nursery.start_soon(publish, "cause", cause)
+    assert answers["cause"].seq == 1
+    assert answers["effect"].seq == 2
+
+
+async def test_parked_event_times_out_with_missing_deps(node: RelayNode) -> None:
+    effect = event(2, deps=(event(1).id,))
+    start = trio.current_time()
+    with pytest.raises(ProtocolError) as info:
+        await node.publish(effect)
+    assert info.value.code is ErrorCode.MISSING_DEPS
+    assert trio.current_time() - start == pytest.approx(5.0, abs=0.01)
+    assert node.head("t@local") == 0
+
+
+async def test_duplicate_publish_returns_the_original_receipt(node: RelayNode) -> None:
+    first = await node.publish(event(1))
+    ticket = await node.admit(event(1))
+    again = await node.answer(ticket)
+    assert ticket.duplicate
+    assert again.receipt == first.receipt
+    assert node.head("t@local") == 1
+
+
+async def test_namespaces_homed_elsewhere_are_refused(node: RelayNode) -> None:
+    with pytest.raises(ProtocolError) as info:
+        await node.publish(event(1, ns="t@elsewhere"))
+    assert info.value.code is ErrorCode.NOT_HOME
+
+
+async def test_folds_see_every_committed_record_in_order(node: RelayNode) -> None:
+    seen: list[tuple[str, int]] = []
+    node.folds.append(lambda record: seen.append((record.ns, record.seq)))
+    for n in range(3):
+        await node.publish(event(n))
+    await node.publish(event(9, ns="u@local"))
+    assert seen == [("t@local", 1), ("t@local", 2), ("t@local", 3), ("u@local", 1)]
+
+
+async def test_reads_come_from_memory_then_from_the_store(nursery: trio.Nursery) -> None:
+    config = RelayConfig(recent_per_ns=4, commit_batch=1, sequencer=Limits(known_capacity=10))
+    node = RelayNode(RELAY, MemoryStore(), config, wall_ms=lambda: NOW)
+    await nursery.start(node.run)
+    records = [await node.publish(event(n)) for n in range(10)]
+    assert await node.read("t@local", 1, 100) == records  # older ones from the store
+    assert await node.read("t@local", 8, 2) == records[7:9]  # recent ones from memory
+    assert await node.read("t@local", 11, 5) == []
+
+
+async def test_a_restarted_node_continues_each_log(tmp_path: Path) -> None:
+    path = tmp_path / "events.sqlite3"
+    for round_ in range(2):
+        store = SQLiteStore(path)
+        node = RelayNode(RELAY, store, RelayConfig(), wall_ms=lambda r=round_: NOW + r)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(node.run)
+            first = await node.publish(event(round_ * 10))
+            duplicate = await node.answer(await node.admit(event(0)))  # from the store
+            nursery.cancel_scope.cancel()
+        store.close()
+        assert first.seq == round_ + 1
+        assert duplicate.seq == 1

@@ -1,0 +1,121 @@
+"""The relay over real loopback sockets: publish, subscribe, replay, live, HTTP."""
+
+from __future__ import annotations
+
+import json
+
+import trio
+
+from agent_sdk.client import Delivery, Live, RelayClient
+from agent_sdk.wire import check_chain
+from tests.conftest import RunningRelay, identity
+
+NS = "t@local"
+
+
+async def test_two_agents_publish_and_subscribe(relay: RunningRelay) -> None:
+    async with (
+        RelayClient.connect(relay.url, identity(1)) as alice,
+        RelayClient.connect(relay.url, identity(2)) as bob,
+        bob.subscribe(NS, start=1) as feed,
+    ):
+        first = await alice.publish(NS, "app.note", {"from": "alice"})
+        second = await bob.publish(NS, "app.note", {"from": "bob"}, deps=[first.receipt.id])
+        assert (first.receipt.seq, second.receipt.seq) == (1, 2)
+        assert first.receipt.relay == relay.node.identity.public_key
+
+        items = [await feed.__anext__() for _ in range(3)]
+        live, *deliveries = items
+        assert live == Live(NS, 0)  # subscribed before anything was published
+        assert all(isinstance(d, Delivery) for d in deliveries)
+        bodies = [d.event.event.body for d in deliveries]  # type: ignore[union-attr]
+        assert bodies == [{"from": "alice"}, {"from": "bob"}]
+        receipts = [d.receipt for d in deliveries]  # type: ignore[union-attr]
+        assert receipts == [first.receipt, second.receipt]
+        assert check_chain(receipts) is None
+        assert all(d.event.verify() for d in deliveries)  # type: ignore[union-attr]
+
+
+async def test_replay_then_live_marker_then_live_events(relay: RunningRelay) -> None:
+    async with RelayClient.connect(relay.url, identity(1)) as client:
+        for n in range(5):
+            await client.publish(NS, "app.note", n)
+        async with client.subscribe(NS, start=3) as feed:
+            got = [await feed.__anext__() for _ in range(3)]
+            assert [d.receipt.seq for d in got] == [3, 4, 5]  # type: ignore[union-attr]
+            assert await feed.__anext__() == Live(NS, 5)
+            await client.publish(NS, "app.note", "live")
+            live = await feed.__anext__()
+            assert isinstance(live, Delivery) and live.receipt.seq == 6
+
+
+async def test_filters_by_kind_family_and_author(relay: RunningRelay) -> None:
+    async with (
+        RelayClient.connect(relay.url, identity(1)) as alice,
+        RelayClient.connect(relay.url, identity(2)) as bob,
+    ):
+        await alice.publish(NS, "wo.claim", 1)
+        await alice.publish(NS, "app.note", 2)
+        await bob.publish(NS, "wo.done", 3)
+        await bob.publish(NS, "app.note", 4)
+
+        async def bodies(**filters: object) -> list[object]:
+            async with alice.subscribe(NS, start=1, **filters) as feed:  # type: ignore[arg-type]
+                out = []
+                async for item in feed:
+                    if isinstance(item, Live):
+                        return out
+                    out.append(item.event.event.body)
+            raise AssertionError("no live marker")
+
+        assert await bodies(kinds=["wo.*"]) == [1, 3]
+        assert await bodies(kinds=["app.note"]) == [2, 4]
+        assert await bodies(authors=[bob.identity.public_key]) == [3, 4]
+        assert await bodies(kinds=["wo.*"], authors=[alice.identity.public_key]) == [1]
+
+
+async def test_one_subscription_over_several_namespaces(relay: RunningRelay) -> None:
+    async with RelayClient.connect(relay.url, identity(1)) as client:
+        await client.publish("a@local", "app.x", "a1")
+        await client.publish("b@local", "app.x", "b1")
+        async with client.subscribe(["a@local", "b@local"], start=1) as feed:
+            seen: dict[str, list[object]] = {"a@local": [], "b@local": []}
+            lives = set()
+            async for item in feed:
+                if isinstance(item, Live):
+                    lives.add(item.ns)
+                    if len(lives) == 2:
+                        break
+                else:
+                    seen[item.receipt.ns].append(item.event.event.body)
+        assert seen == {"a@local": ["a1"], "b@local": ["b1"]}
+
+
+async def test_health_and_info_on_the_same_port(relay: RunningRelay) -> None:
+    async with RelayClient.connect(relay.url, identity(1)) as client:
+        await client.publish(NS, "app.x")
+    port = int(relay.url.rsplit(":", 1)[1])
+
+    async def get(path: str) -> tuple[str, str]:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            data = b""
+            while b"\r\n\r\n" not in data or not data.endswith(b"\n"):
+                chunk = await stream.receive_some()
+                if not chunk:
+                    break
+                data += chunk
+        head, _, body = data.decode().partition("\r\n\r\n")
+        return head.split("\r\n")[0], body
+
+    status, body = await get("/health")
+    assert status == "HTTP/1.1 200 OK" and body == "ok\n"
+    status, body = await get("/info")
+    info = json.loads(body)
+    assert info["name"] == "local"
+    assert info["key"] == relay.node.identity.id
+    assert info["namespaces"] == [NS]
+    assert info["limits"]["max_frame"] == 1 << 20
+    status, _ = await get("/nope")
+    assert status == "HTTP/1.1 404 Not Found"

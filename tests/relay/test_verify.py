@@ -1,0 +1,139 @@
+"""Offline log verification, and the SQLite store that holds the log."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from agent_sdk.wire import decode_receipt, make_receipt, seal
+from relay.sequencer import Sequenced, Sequencer
+from relay.store import Located, Record
+from relay.store.sqlite import SQLiteStore
+from relay.verify import verify_log
+from tests.conftest import identity
+from tests.relay.test_sequencer import NOW, event
+
+RELAY = identity(2)
+
+
+def build_log(count: int = 6, seal_every: int = 2) -> list[Record]:
+    """A log of ``count`` events, each depending on the one before, sealed in batches."""
+    sequencer = Sequencer(RELAY.public_key)
+    records: list[Record] = []
+    previous: bytes | None = None
+    for i in range(count):
+        signed = event(i, deps=(previous,) if previous else ())
+        outcome = sequencer.offer(signed, NOW)
+        assert isinstance(outcome, Sequenced)
+        records.extend(outcome.records)
+        previous = signed.id
+    for i in range(seal_every - 1, count, seal_every):
+        records[i] = with_seal(records[i])
+    records[-1] = with_seal(records[-1])
+    return records
+
+
+def with_seal(record: Record) -> Record:
+    return replace(record, seal=seal(decode_receipt(record.receipt), RELAY.sign))
+
+
+def locator(records: list[Record]):  # type: ignore[no-untyped-def]
+    index = {r.id: Located(r.ns, r.seq, r.hlc) for r in records}
+    return index.get
+
+
+def check(records: list[Record]) -> tuple[int | None, str | None]:
+    verdict = verify_log("t@local", records, locator(records))
+    return verdict.bad_seq, verdict.reason
+
+
+def test_a_good_log_verifies() -> None:
+    records = build_log()
+    verdict = verify_log("t@local", records, locator(records))
+    assert verdict.ok and verdict.records == 6 and verdict.sealed == 3
+
+
+def test_tampered_event_bytes_are_found() -> None:
+    records = build_log()
+    raw = bytearray(records[2].event)
+    raw[-1] ^= 1  # the body's last byte
+    records[2] = replace(records[2], event=bytes(raw))
+    assert check(records)[0] == 3
+
+
+def test_a_forged_signature_is_found() -> None:
+    records = build_log()
+    records[3] = replace(records[3], sig=bytes(64))
+    assert check(records) == (4, "author signature does not verify")
+
+
+def test_a_gap_is_found() -> None:
+    records = build_log()
+    del records[2]
+    bad_seq, _ = check(records)
+    assert bad_seq == 4
+
+
+def test_a_rewritten_receipt_breaks_the_chain() -> None:
+    records = build_log()
+    original = decode_receipt(records[1].receipt)
+    forged = make_receipt(
+        id=original.id,
+        ns=original.ns,
+        seq=original.seq,
+        hlc=original.hlc,
+        prev=bytes(32),
+        relay=original.relay,
+    )
+    records[1] = replace(records[1], receipt=forged.raw)
+    assert check(records)[0] == 2
+
+
+def test_a_bad_seal_and_an_unsealed_tail_are_found() -> None:
+    records = build_log()
+    records[1] = replace(records[1], seal=bytes(64))
+    assert check(records) == (2, "seal does not verify")
+    records = build_log()
+    records[-1] = replace(records[-1], seal=None)
+    assert check(records) == (6, "the log does not end on a sealed receipt")
+
+
+def test_a_dependency_that_is_missing_is_found() -> None:
+    records = build_log()
+    assert check(records[:1] + records[2:3])[0] is not None
+
+
+# --------------------------------------------------------------------------- store
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> SQLiteStore:
+    return SQLiteStore(tmp_path / "events.sqlite3")
+
+
+def test_store_appends_reads_and_survives_reopening(store: SQLiteStore, tmp_path: Path) -> None:
+    records = build_log(10)
+    store.append(records[:4])
+    store.append(records[4:])
+    assert store.read("t@local", 3, 2) == records[2:4]
+    assert list(store.scan("t@local")) == records
+    assert store.record(records[5].id) == records[5]
+    assert store.find([records[0].id, bytes(32)]) == {
+        records[0].id: Located("t@local", 1, records[0].hlc)
+    }
+    store.close()
+    reopened = SQLiteStore(tmp_path / "events.sqlite3")
+    head = reopened.heads()["t@local"]
+    assert (head.seq, head.hash) == (10, decode_receipt(records[-1].receipt).hash)
+    assert reopened.namespaces() == ["t@local"]
+
+
+def test_store_batches_are_atomic(store: SQLiteStore) -> None:
+    records = build_log(4)
+    store.append(records[:2])
+    with pytest.raises(Exception, match="UNIQUE"):
+        store.append([records[2], records[1]])  # the second row collides
+    assert list(store.scan("t@local")) == records[:2]
+    assert store.heads()["t@local"].seq == 2
