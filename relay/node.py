@@ -87,6 +87,9 @@ class HomeOnly:
 
 
 Fold = Callable[[Record], None]
+
+STATS = ("published", "duplicates", "rejected", "batches", "connections", "slow_consumers")
+"""The node's counters, served in ``GET /info``."""
 T = TypeVar("T")
 
 
@@ -145,7 +148,20 @@ class RelayNode:
         self._admit_tx, self._admit_rx = trio.open_memory_channel[Ticket](self.config.max_inflight)
         self._read_lock = trio.Lock()
         self._write_lock = trio.Lock()
-        self.stats = {"published": 0, "duplicates": 0, "rejected": 0, "batches": 0}
+        self.stats = dict.fromkeys(STATS, 0)
+        self._stats_changed = trio.Event()
+
+    def count(self, stat: str) -> None:
+        """Add one to a counter of :attr:`stats` and wake :meth:`wait_stat` callers."""
+        self.stats[stat] += 1
+        if self._stats_changed.statistics().tasks_waiting:  # keep the hot path cheap
+            self._stats_changed.set()
+            self._stats_changed = trio.Event()
+
+    async def wait_stat(self, stat: str, at_least: int) -> None:
+        """Return once counter ``stat`` has reached ``at_least``."""
+        while self.stats[stat] < at_least:
+            await self._stats_changed.wait()
 
     # -- running -------------------------------------------------------------------------
 
@@ -212,10 +228,10 @@ class RelayNode:
                 located = Located(record.ns, record.seq, record.hlc)
                 for waiting in self._waiting_tickets.pop(record.id, ()):
                     waiting._resolve(located)
-                self.stats["published"] += 1
+                self.count("published")
         elif isinstance(outcome, Duplicate):
             ticket.duplicate = True
-            self.stats["duplicates"] += 1
+            self.count("duplicates")
             ticket._resolve(outcome.located)
         elif isinstance(outcome, Parked):
             self._waiting_tickets.setdefault(ticket.event.id, []).append(ticket)
@@ -223,7 +239,7 @@ class RelayNode:
             self._parked_signal.set()
         else:
             assert isinstance(outcome, Rejected)
-            self.stats["rejected"] += 1
+            self.count("rejected")
             ticket._resolve(error=ProtocolError(outcome.code, outcome.reason))
 
     async def _expiry_loop(self) -> None:
@@ -237,7 +253,7 @@ class RelayNode:
             self._parked_signal = trio.Event()
             for event, rejected in self.sequencer.expire(self.wall_ms()):
                 error = ProtocolError(rejected.code, rejected.reason)
-                self.stats["rejected"] += 1
+                self.count("rejected")
                 for ticket in self._waiting_tickets.pop(event.id, ()):
                     ticket._resolve(error=error)
 
@@ -253,7 +269,7 @@ class RelayNode:
                 batch = self._seal_heads(batch)
                 async with self._write_lock:
                     await self._call(self.store.append, batch)
-                self.stats["batches"] += 1
+                self.count("batches")
                 self._committed_batch(batch)
 
     def _seal_heads(self, batch: Sequence[Record]) -> list[Record]:

@@ -65,8 +65,10 @@ class Connection:
             config.max_inflight
         )
         self._subscriptions: dict[int, trio.CancelScope] = {}
+        self._closing = False
 
     async def run(self) -> None:
+        self.node.count("connections")
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -75,11 +77,7 @@ class Connection:
                 await self._send(self.session.hello)
                 await self._reader()
                 nursery.cancel_scope.cancel()
-        except* SlowConsumer:
-            await self.ws.aclose(
-                SLOW_CONSUMER_CLOSE, f"{int(ErrorCode.SLOW_CONSUMER)} slow_consumer"
-            )
-        except* ConnectionClosed:
+        except* (SlowConsumer, ConnectionClosed):
             pass
 
     async def _send(self, frame: f.RelayFrame) -> None:
@@ -92,6 +90,14 @@ class Connection:
         with trio.move_on_after(self.node.config.slow_consumer_timeout):
             await self._out_tx.send(data)
             return
+        if not self._closing:
+            self._closing = True
+            self.node.count("slow_consumers")
+            # Close while the writer is still blocked in its send: cancelling a send
+            # midway would break the stream, and the close frame with it. The close
+            # frame goes out after what is already written, if the peer ever reads.
+            reason = f"{int(ErrorCode.SLOW_CONSUMER)} slow_consumer"
+            await self.ws.aclose(SLOW_CONSUMER_CLOSE, reason)
         raise SlowConsumer()
 
     async def _writer(self) -> None:
