@@ -1,4 +1,8 @@
-"""The node's loops in virtual time: group commit, parking timeouts, restarts, seams."""
+"""The node's loops in virtual time: group commit, parking timeouts, restarts, seams.
+
+Tests that use the ``node`` fixture also take ``autojump_clock``: pytest-trio picks the
+clock from the test's own arguments, and the node reads its wall clock from trio's.
+"""
 
 from __future__ import annotations
 
@@ -29,16 +33,16 @@ def virtual_wall() -> Callable[[], int]:
 
 
 @pytest.fixture
-async def node(
-    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
-) -> AsyncIterator[RelayNode]:
+async def node(nursery: trio.Nursery) -> AsyncIterator[RelayNode]:
     config = RelayConfig(sequencer=Limits(park_timeout_ms=5_000))
     running = RelayNode(RELAY, MemoryStore(), config, wall_ms=virtual_wall())
     await nursery.start(running.run)
     yield running
 
 
-async def test_publish_is_acked_after_commit_with_a_seal(node: RelayNode) -> None:
+async def test_publish_is_acked_after_commit_with_a_seal(
+    node: RelayNode, autojump_clock: trio.testing.MockClock
+) -> None:
     record = await node.publish(event(1))
     assert node.store.record(record.id) == record
     assert record.seal is not None  # alone in its batch, so it is the sealed head
@@ -46,7 +50,9 @@ async def test_publish_is_acked_after_commit_with_a_seal(node: RelayNode) -> Non
     assert node.head("t@local") == 1
 
 
-async def test_concurrent_publishes_share_batches_and_seals(node: RelayNode) -> None:
+async def test_concurrent_publishes_share_batches_and_seals(
+    node: RelayNode, autojump_clock: trio.testing.MockClock
+) -> None:
     results: list[Record] = []
 
     async def publish(n: int) -> None:
@@ -62,7 +68,9 @@ async def test_concurrent_publishes_share_batches_and_seals(node: RelayNode) -> 
     assert sum(r.seal is not None for r in stored) == node.stats["batches"]
 
 
-async def test_parked_event_is_answered_when_its_cause_arrives(node: RelayNode) -> None:
+async def test_parked_event_is_answered_when_its_cause_arrives(
+    node: RelayNode, autojump_clock: trio.testing.MockClock
+) -> None:
     cause, effect = event(1), event(2, deps=(event(1).id,))
     answers: dict[str, Record] = {}
 
@@ -79,7 +87,9 @@ async def test_parked_event_is_answered_when_its_cause_arrives(node: RelayNode) 
     assert answers["effect"].seq == 2
 
 
-async def test_parked_event_times_out_with_missing_deps(node: RelayNode) -> None:
+async def test_parked_event_times_out_with_missing_deps(
+    node: RelayNode, autojump_clock: trio.testing.MockClock
+) -> None:
     effect = event(2, deps=(event(1).id,))
     start = trio.current_time()
     with pytest.raises(ProtocolError) as info:
@@ -89,7 +99,9 @@ async def test_parked_event_times_out_with_missing_deps(node: RelayNode) -> None
     assert node.head("t@local") == 0
 
 
-async def test_duplicate_publish_returns_the_original_receipt(node: RelayNode) -> None:
+async def test_duplicate_publish_returns_the_original_receipt(
+    node: RelayNode, autojump_clock: trio.testing.MockClock
+) -> None:
     first = await node.publish(event(1))
     ticket = await node.admit(event(1))
     again = await node.answer(ticket)
@@ -98,13 +110,17 @@ async def test_duplicate_publish_returns_the_original_receipt(node: RelayNode) -
     assert node.head("t@local") == 1
 
 
-async def test_namespaces_homed_elsewhere_are_refused(node: RelayNode) -> None:
+async def test_namespaces_homed_elsewhere_are_refused(
+    node: RelayNode, autojump_clock: trio.testing.MockClock
+) -> None:
     with pytest.raises(ProtocolError) as info:
         await node.publish(event(1, ns="t@elsewhere"))
     assert info.value.code is ErrorCode.NOT_HOME
 
 
-async def test_folds_see_every_committed_record_in_order(node: RelayNode) -> None:
+async def test_folds_see_every_committed_record_in_order(
+    node: RelayNode, autojump_clock: trio.testing.MockClock
+) -> None:
     seen: list[tuple[str, int]] = []
     node.folds.append(lambda record: seen.append((record.ns, record.seq)))
     for n in range(3):
