@@ -92,10 +92,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            node, _server = await nursery.start(run_relay, data, config, args.host, args.port)
+            node, server = await nursery.start(run_relay, data, config, args.host, args.port)
+            port = server.listeners[0].socket.getsockname()[1]  # the real one, for --port 0
             print(
                 f"formicary relay {config.name} ({node.identity.id}) listening on "
-                f"ws://{args.host}:{args.port}, data in {data}",
+                f"ws://{args.host}:{port}, data in {data}",
                 file=sys.stderr,
                 flush=True,
             )
@@ -217,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     relay = sub.add_parser("relay", help="run a relay").add_subparsers(dest="relay", required=True)
     p = relay.add_parser("serve", help="serve a relay on embedded storage")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=7700)
+    p.add_argument("--port", type=int, default=7700, help="0 picks a free port (printed)")
     p.add_argument("--data", default="./formicary-data", help="data directory")
     p.add_argument("--name", default="local", help="relay name: namespaces are NAME@this")
     p.add_argument("--max-frame", type=int, default=1 << 20, help="frame size limit, bytes")

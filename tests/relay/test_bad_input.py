@@ -1,0 +1,795 @@
+"""Bad input over real loopback sockets: every refusal is exact, and nobody else suffers.
+
+Each test speaks raw frames to a real relay (so it can send bytes no SDK would), and
+checks three things about every piece of bad input (STYLE.md, habit 5):
+
+* the answer is the exact ``error`` frame — its code, name and ``rid``/``sub``;
+* the misbehaving connection lives on: a valid publish on it still gets an ack;
+* another agent, connected the whole time through :class:`RelayClient`, keeps being
+  served: it publishes, gets receipts and receives its own events by subscription.
+
+Leaving :func:`scene` checks the last two and that the store holds exactly the
+events that were acknowledged, in order — nothing refused was ever sequenced.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import trio
+from websockets.exceptions import ConnectionClosed
+from websockets.trio.client import ClientConnection, connect
+
+from agent_sdk import frames as f
+from agent_sdk.client import Delivery, RelayClient, Subscription
+from agent_sdk.errors import ErrorCode
+from agent_sdk.identity import Identity
+from agent_sdk.wire import (
+    EVENT_DOMAIN,
+    Event,
+    SignedEvent,
+    canonical,
+    decode_receipt,
+    digest,
+    sign_event,
+    verify_signature,
+)
+from relay.node import RelayConfig
+from relay.sequencer import Limits
+from tests.conftest import RunningRelay, identity, start_relay
+
+NS = "bad@local"
+CALM_NS = "calm@local"
+TIMEOUT = 10  # seconds: generous bounds on real sockets, never a sleep
+DAY_MS = 24 * 3600 * 1000
+
+AGENT = identity(2)
+BYSTANDER = identity(7)
+STRANGER = identity(9)
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+_counter = 0
+
+
+def event_map(author: Identity = AGENT, **changes: Any) -> dict[str, Any]:
+    """A fresh, valid event map (unique body), with ``changes`` applied."""
+    global _counter
+    _counter += 1
+    event = Event(ns=NS, kind="app.note", author=author.public_key, body={"n": _counter})
+    fields = event.to_map()
+    fields["ts"] = now_ms()
+    fields.update(changes)
+    return fields
+
+
+def signed_raw(raw: bytes, signer: Identity = AGENT) -> SignedEvent:
+    """Sign arbitrary event bytes as an author would: over the id of exactly these bytes."""
+    event_id = digest(raw)
+    # ``event`` is only a label here; the relay sees ``raw`` and ``sig``.
+    label = Event(ns=NS, kind="app.note", author=signer.public_key)
+    return SignedEvent(raw=raw, sig=signer.sign(EVENT_DOMAIN + event_id), id=event_id, event=label)
+
+
+def valid_event(author: Identity = AGENT, **changes: Any) -> SignedEvent:
+    fields = event_map(author, **changes)
+    event = Event(**fields)
+    return sign_event(event, author.sign)
+
+
+def publish_bytes(rid: int, event: SignedEvent) -> bytes:
+    return f.encode_frame(f.Publish(rid=rid, event=event.raw, sig=event.sig))
+
+
+# --------------------------------------------------------------------------- raw agent
+
+
+class RawAgent:
+    """One agent speaking raw frames over a real WebSocket."""
+
+    def __init__(self, ws: ClientConnection, who: Identity, hello: f.Hello) -> None:
+        self.ws = ws
+        self.who = who
+        self.hello = hello
+        self.next_rid = 100
+        self.acked: list[bytes] = []  # ids of events acknowledged on NS, in order
+        self.refused: list[bytes] = []  # ids of events the relay refused
+
+    async def send(self, data: bytes | str | dict[str, Any]) -> None:
+        if isinstance(data, dict):
+            data = msgpack.packb(data, use_bin_type=True)
+        await self.ws.send(data)
+
+    async def recv(self) -> f.Frame:
+        with trio.fail_after(TIMEOUT):
+            message = await self.ws.recv()
+        assert isinstance(message, bytes), "the relay sends binary frames only"
+        return f.decode_frame(message)
+
+    async def expect_error(
+        self, code: ErrorCode, *, rid: int | None = None, sub: int | None = None
+    ) -> f.Error:
+        frame = await self.recv()
+        assert isinstance(frame, f.Error), frame
+        assert (ErrorCode(frame.code), frame.name) == (code, code.slug), frame
+        assert (frame.rid, frame.sub) == (rid, sub), frame
+        return frame
+
+    async def refused_publish(self, event: SignedEvent, code: ErrorCode) -> None:
+        """Publish ``event``; the relay must refuse it with ``code`` for this rid."""
+        rid = self.take_rid()
+        await self.send(publish_bytes(rid, event))
+        await self.expect_error(code, rid=rid)
+        self.refused.append(event.id)
+
+    def auth_frame(self, *, signer: Identity | None = None) -> f.Auth:
+        message = f.agent_auth_message(self.hello.relay, self.hello.challenge)
+        sig = (signer or self.who).sign(message)
+        return f.Auth(key=self.who.public_key, sig=sig, challenge=secrets.token_bytes(32))
+
+    async def auth(self) -> None:
+        auth = self.auth_frame()
+        await self.send(f.encode_frame(auth))
+        welcome = await self.recv()
+        assert isinstance(welcome, f.Welcome), welcome
+        assert welcome.agent == self.who.public_key
+        proof = f.relay_auth_message(self.who.public_key, auth.challenge)
+        assert verify_signature(self.hello.relay, welcome.sig, proof)
+
+    def take_rid(self) -> int:
+        self.next_rid += 1
+        return self.next_rid
+
+    async def publish_ok(self, event: SignedEvent | None = None) -> f.Ack:
+        """Publish a valid event on NS and require its ack (the connection works)."""
+        event = event or valid_event(self.who)
+        rid = self.take_rid()
+        await self.send(publish_bytes(rid, event))
+        ack = await self.recv()
+        assert isinstance(ack, f.Ack), ack
+        assert ack.rid == rid and not ack.duplicate
+        receipt = decode_receipt(ack.receipt)
+        assert (receipt.id, receipt.ns, receipt.seq) == (event.id, NS, len(self.acked) + 1)
+        self.acked.append(event.id)
+        return ack
+
+
+@asynccontextmanager
+async def raw_agent(
+    url: str, who: Identity = AGENT, *, authenticate: bool = True
+) -> AsyncIterator[RawAgent]:
+    async with connect(url, compression=None, max_size=1 << 22, proxy=None) as ws:
+        with trio.fail_after(TIMEOUT):
+            message = await ws.recv()
+        assert isinstance(message, bytes)
+        hello = f.decode_frame(message)
+        assert isinstance(hello, f.Hello)
+        agent = RawAgent(ws, who, hello)
+        if authenticate:
+            await agent.auth()
+        yield agent
+
+
+# --------------------------------------------------------------------------- bystander
+
+
+class Bystander:
+    """A well-behaved agent on the same relay: publishes and reads its own events back."""
+
+    def __init__(self, client: RelayClient, subscription: Subscription) -> None:
+        self.client = client
+        self.subscription = subscription
+        self.acked: list[bytes] = []
+
+    async def round_trip(self) -> None:
+        with trio.fail_after(TIMEOUT):
+            published = await self.client.publish(CALM_NS, "app.tick", {"n": len(self.acked)})
+            assert not published.duplicate
+            assert published.receipt.seq == len(self.acked) + 1
+            self.acked.append(published.receipt.id)
+            async for item in self.subscription:
+                if isinstance(item, Delivery):
+                    assert item.event.id == published.receipt.id
+                    assert item.receipt == published.receipt
+                    return
+        raise AssertionError("the bystander's subscription ended")
+
+
+@asynccontextmanager
+async def bystander(url: str) -> AsyncIterator[Bystander]:
+    async with (
+        RelayClient.connect(url, BYSTANDER, reconnect=False) as client,
+        client.subscribe(CALM_NS, start=1) as subscription,
+    ):
+        yield Bystander(client, subscription)
+
+
+# --------------------------------------------------------------------------- the scene
+
+
+async def assert_store_holds(relay: RunningRelay, expected: dict[str, list[bytes]]) -> None:
+    """The node and its store hold exactly ``expected`` (ids per namespace, in seq order)."""
+    expected = {ns: ids for ns, ids in expected.items() if ids}
+    node, store = relay.node, relay.node.store
+    assert node.namespaces() == sorted(expected)
+    assert store.namespaces() == sorted(expected)
+    for ns, ids in expected.items():
+        assert node.head(ns) == len(ids)
+        from_node = await node.read(ns, 1, len(ids) + 10)
+        from_store = store.read(ns, 1, len(ids) + 10)
+        assert [r.id for r in from_node] == ids
+        assert from_store == from_node
+        assert [r.seq for r in from_store] == list(range(1, len(ids) + 1))
+
+
+@asynccontextmanager
+async def scene(
+    relay: RunningRelay, *, authenticate: bool = True, agent_survives: bool = True
+) -> AsyncIterator[tuple[RawAgent, Bystander]]:
+    """A misbehaving raw agent and a calm bystander, connected at the same time.
+
+    On a normal exit: the raw agent's connection still gets an ack for a valid publish
+    (unless ``agent_survives`` is false: the test closed it on purpose), the bystander
+    still round-trips, and the store holds exactly the acknowledged events.
+    """
+    async with bystander(relay.url) as calm, raw_agent(relay.url, authenticate=authenticate) as bad:
+        await calm.round_trip()
+        yield bad, calm
+        if agent_survives:
+            await bad.publish_ok()
+        await calm.round_trip()
+    await assert_store_holds(relay, {NS: bad.acked, CALM_NS: calm.acked})
+    for event_id in bad.refused:
+        assert relay.node.store.record(event_id) is None
+
+
+@pytest.fixture
+async def small_relay(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[RunningRelay]:
+    """A relay with a 4 KiB frame limit (the WebSocket layer accepts up to 8 KiB)."""
+    running = await start_relay(nursery, tmp_path / "small", RelayConfig(max_frame=4096))
+    yield running
+    running.scope.cancel()
+
+
+@pytest.fixture
+async def impatient_relay(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[RunningRelay]:
+    """A relay that waits only 200 ms (real time) for missing dependencies."""
+    config = RelayConfig(sequencer=Limits(park_timeout_ms=200))
+    running = await start_relay(nursery, tmp_path / "impatient", config)
+    yield running
+    running.scope.cancel()
+
+
+# --------------------------------------------------------------------------- frames
+
+
+def _truncated_publish() -> bytes:
+    data = publish_bytes(1, valid_event())
+    return data[: len(data) // 2]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(b"\xc1", id="never-used-byte"),
+        pytest.param(_truncated_publish(), id="truncated-publish"),
+        pytest.param(b"\x81\xa1t", id="truncated-map"),
+        pytest.param(b"", id="empty"),
+        pytest.param(publish_bytes(1, valid_event()) + b"\x00", id="trailing-byte"),
+        pytest.param("\x81\xa1t\xa7publish", id="text-frame"),
+    ],
+)
+async def test_malformed_msgpack_is_refused(relay: RunningRelay, data: bytes | str) -> None:
+    async with scene(relay) as (bad, _):
+        await bad.send(data)
+        await bad.expect_error(ErrorCode.MALFORMED)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param([1, 2], id="array"),
+        pytest.param("publish", id="string"),
+        pytest.param(42, id="int"),
+        pytest.param(None, id="nil"),
+        pytest.param({}, id="empty-map"),
+        pytest.param({"rid": 1, "event": b"x", "sig": b"y"}, id="no-t"),
+        pytest.param({"t": 1}, id="int-t"),
+        pytest.param({"t": None}, id="nil-t"),
+        pytest.param({b"t": b"publish"}, id="bytes-t"),
+    ],
+)
+async def test_msgpack_that_is_not_a_frame_is_refused(relay: RunningRelay, value: Any) -> None:
+    async with scene(relay) as (bad, _):
+        await bad.send(msgpack.packb(value, use_bin_type=True))
+        await bad.expect_error(ErrorCode.MALFORMED)
+
+
+@pytest.mark.parametrize("frame_type", ["bogus", "", "PUBLISH", "publish ", "claim"])
+async def test_unknown_frame_type_is_refused(relay: RunningRelay, frame_type: str) -> None:
+    async with scene(relay) as (bad, _):
+        await bad.send({"t": frame_type, "rid": 5})
+        await bad.expect_error(ErrorCode.UNKNOWN_FRAME)
+
+
+RELAY_FRAMES: list[f.RelayFrame] = [
+    f.Hello(v=1, relay=bytes(32), name="x", challenge=bytes(32), max_frame=1, max_deps=1),
+    f.Welcome(agent=bytes(32), sig=bytes(64)),
+    f.Ack(rid=5, receipt=b"receipt"),
+    f.Error(code=1001, name="malformed", reason="no", rid=5),
+    f.EventFrame(sub=1, event=b"e", sig=b"s", receipt=b"r"),
+    f.Live(sub=1, ns=NS, seq=0),
+    f.Unsubscribed(sub=1),
+]
+
+
+@pytest.mark.parametrize("frame", RELAY_FRAMES, ids=[frame.t for frame in RELAY_FRAMES])
+async def test_relay_only_frame_from_an_agent_is_refused(
+    relay: RunningRelay, frame: f.RelayFrame
+) -> None:
+    async with scene(relay) as (bad, _):
+        await bad.send(f.encode_frame(frame))
+        # Only a publish's rid is echoed: these frames are not requests.
+        await bad.expect_error(ErrorCode.UNKNOWN_FRAME)
+
+
+def _publish_fields(**changes: Any) -> dict[str, Any]:
+    event = valid_event()
+    fields: dict[str, Any] = {"t": "publish", "rid": 5, "event": event.raw, "sig": event.sig}
+    fields.update(changes)
+    return {key: value for key, value in fields.items() if value is not _DROP}
+
+
+_DROP = object()
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        pytest.param(_publish_fields(rid="5"), id="publish-rid-str"),
+        pytest.param(_publish_fields(rid=True), id="publish-rid-bool"),
+        pytest.param(_publish_fields(rid=1.5), id="publish-rid-float"),
+        pytest.param(_publish_fields(rid=None), id="publish-rid-nil"),
+        pytest.param(_publish_fields(event="text"), id="publish-event-str"),
+        pytest.param(_publish_fields(sig=[1, 2]), id="publish-sig-array"),
+        pytest.param(_publish_fields(sig=_DROP), id="publish-sig-missing"),
+        pytest.param({"t": "subscribe", "sub": 1, "ns": NS}, id="subscribe-ns-str"),
+        pytest.param({"t": "subscribe", "sub": 1, "ns": [NS], "from": {NS: "1"}}, id="from-str"),
+        pytest.param({"t": "subscribe", "sub": 1, "ns": [NS], "from": [1]}, id="from-array"),
+        pytest.param({"t": "subscribe", "sub": 1, "ns": [NS], "authors": ["a"]}, id="authors"),
+        pytest.param({"t": "subscribe", "sub": False, "ns": [NS]}, id="subscribe-sub-bool"),
+        pytest.param({"t": "unsubscribe", "sub": 1.0}, id="unsubscribe-sub-float"),
+        pytest.param({"t": "auth", "key": "k", "sig": b"s", "challenge": b"c"}, id="auth-key-str"),
+    ],
+)
+async def test_frame_with_a_wrong_field_type_is_refused(
+    relay: RunningRelay, fields: dict[str, Any]
+) -> None:
+    async with scene(relay) as (bad, _):
+        await bad.send(fields)
+        # The frame did not decode, so there is no rid or sub to echo.
+        await bad.expect_error(ErrorCode.MALFORMED)
+
+
+# --------------------------------------------------------------------------- frame size
+
+
+def publish_of_size(size: int) -> tuple[bytes, SignedEvent]:
+    """A valid publish frame of exactly ``size`` bytes (for sizes of a few KiB)."""
+
+    def build(padding: int) -> tuple[bytes, SignedEvent]:
+        event = valid_event(body={"pad": b"x" * padding, "n": secrets.token_hex(4)})
+        return publish_bytes(1, event), event
+
+    base, _ = build(1000)
+    data, event = build(1000 + size - len(base))
+    assert len(data) == size
+    return data, event
+
+
+async def test_frame_at_the_limit_is_accepted(small_relay: RunningRelay) -> None:
+    async with scene(small_relay) as (bad, _):
+        data, event = publish_of_size(4096)
+        await bad.send(data)
+        ack = await bad.recv()
+        assert isinstance(ack, f.Ack) and ack.rid == 1
+        assert decode_receipt(ack.receipt).id == event.id
+        bad.acked.append(event.id)
+
+
+@pytest.mark.parametrize("size", [4097, 5000, 8192])
+async def test_oversized_frame_is_discarded_and_the_connection_lives(
+    small_relay: RunningRelay, size: int
+) -> None:
+    async with scene(small_relay) as (bad, _):
+        data, event = publish_of_size(size)
+        await bad.send(data)
+        # Discarded unread: not even the rid is looked at.
+        await bad.expect_error(ErrorCode.FRAME_TOO_LARGE)
+        bad.refused.append(event.id)
+
+
+async def test_frame_over_twice_the_limit_closes_only_that_connection(
+    small_relay: RunningRelay,
+) -> None:
+    async with scene(small_relay, agent_survives=False) as (bad, calm):
+        data, event = publish_of_size(8193)
+        await bad.send(data)
+        with pytest.raises(ConnectionClosed) as closed:
+            await bad.recv()
+        assert closed.value.rcvd is not None
+        assert closed.value.rcvd.code == 1009  # message too big
+        bad.refused.append(event.id)
+        await calm.round_trip()
+        # The same agent can come straight back on a new connection.
+        async with raw_agent(small_relay.url) as again:
+            again.acked = bad.acked
+            await again.publish_ok()
+
+
+# --------------------------------------------------------------------------- signatures
+
+
+def _flip_bit(index: int, mask: int) -> Callable[[SignedEvent], SignedEvent]:
+    def mutate(event: SignedEvent) -> SignedEvent:
+        sig = bytearray(event.sig)
+        sig[index] ^= mask
+        return SignedEvent(raw=event.raw, sig=bytes(sig), id=event.id, event=event.event)
+
+    return mutate
+
+
+def _other_events_sig(event: SignedEvent) -> SignedEvent:
+    other = valid_event()
+    return SignedEvent(raw=event.raw, sig=other.sig, id=event.id, event=event.event)
+
+
+def _tampered_body(event: SignedEvent) -> SignedEvent:
+    # Still canonical, still the right shape: only the signature can tell.
+    raw = event.raw.replace(b"\xa1n", b"\xa1m")
+    assert raw != event.raw and raw == canonical(msgpack.unpackb(raw))
+    return SignedEvent(raw=raw, sig=event.sig, id=digest(raw), event=event.event)
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        pytest.param(_flip_bit(0, 0x01), id="first-bit"),
+        pytest.param(_flip_bit(40, 0x10), id="middle-bit"),
+        pytest.param(_flip_bit(63, 0x80), id="last-bit"),
+        pytest.param(_other_events_sig, id="another-events-sig"),
+        pytest.param(_tampered_body, id="tampered-bytes"),
+    ],
+)
+async def test_bad_signature_is_refused(
+    relay: RunningRelay, mutate: Callable[[SignedEvent], SignedEvent]
+) -> None:
+    async with scene(relay) as (bad, _):
+        await bad.refused_publish(mutate(valid_event()), ErrorCode.BAD_SIGNATURE)
+
+
+@pytest.mark.parametrize("length", [0, 32, 63, 65, 128])
+async def test_signature_of_the_wrong_length_is_refused(relay: RunningRelay, length: int) -> None:
+    async with scene(relay) as (bad, _):
+        event = valid_event()
+        sig = (event.sig * 2)[:length]
+        odd = SignedEvent(raw=event.raw, sig=sig, id=event.id, event=event.event)
+        await bad.refused_publish(odd, ErrorCode.BAD_SIGNATURE)
+
+
+async def test_event_by_another_author_is_refused(relay: RunningRelay) -> None:
+    async with scene(relay) as (bad, _):
+        # Validly signed, by its own author; but this connection proved another key.
+        await bad.refused_publish(valid_event(STRANGER), ErrorCode.WRONG_AUTHOR)
+        # Claiming the stranger's key while signing with ours fails the same way.
+        raw = canonical(event_map(STRANGER))
+        await bad.refused_publish(signed_raw(raw, AGENT), ErrorCode.WRONG_AUTHOR)
+
+
+# --------------------------------------------------------------------------- event bytes
+
+
+def _unsorted_keys() -> bytes:
+    fields = event_map()
+    raw = msgpack.packb(fields, use_bin_type=True)  # insertion order: v, ns, kind, ...
+    assert list(fields) != sorted(fields) and raw != canonical(fields)
+    return bytes(raw)
+
+
+def _replace_once(old: bytes, new: bytes) -> Callable[[], bytes]:
+    def build() -> bytes:
+        raw = canonical(event_map())
+        assert raw.count(old) == 1
+        return raw.replace(old, new)
+
+    return build
+
+
+def _long_map_header() -> bytes:
+    raw = canonical(event_map())
+    assert raw[0] == 0x87  # fixmap of 7
+    return b"\xde\x00\x07" + raw[1:]
+
+
+def _float32_body() -> bytes:
+    fields = event_map(body=0.5)
+    raw = canonical(fields)
+    float64 = b"\xcb" + b"\x3f\xe0" + bytes(6)
+    assert raw.count(float64) == 1
+    return raw.replace(float64, b"\xca\x3f\x00\x00\x00")
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        pytest.param(_unsorted_keys, id="unsorted-keys"),
+        pytest.param(_replace_once(b"\xa1v\x01", b"\xa1v\xcc\x01"), id="uint8-for-fixint"),
+        pytest.param(_replace_once(b"\xa4body", b"\xd9\x04body"), id="str8-for-fixstr"),
+        pytest.param(_replace_once(b"\xa9bad@local", b"\xd9\x09bad@local"), id="str8-value"),
+        pytest.param(_long_map_header, id="map16-for-fixmap"),
+        pytest.param(_float32_body, id="float32"),
+    ],
+)
+async def test_non_canonical_event_bytes_are_refused(
+    relay: RunningRelay, build: Callable[[], bytes]
+) -> None:
+    raw = build()
+    assert msgpack.unpackb(raw) == msgpack.unpackb(canonical(msgpack.unpackb(raw)))
+    async with scene(relay) as (bad, _):
+        # Properly signed over these very bytes: only their encoding is wrong.
+        await bad.refused_publish(signed_raw(raw), ErrorCode.NON_CANONICAL)
+
+
+def _without(key: str) -> dict[str, Any]:
+    fields = event_map()
+    del fields[key]
+    return fields
+
+
+@pytest.mark.parametrize(
+    ("value", "code"),
+    [
+        pytest.param(_without("body"), ErrorCode.BAD_EVENT, id="missing-body"),
+        pytest.param(_without("ts"), ErrorCode.BAD_EVENT, id="missing-ts"),
+        pytest.param(_without("author"), ErrorCode.BAD_EVENT, id="missing-author"),
+        pytest.param(event_map(extra=1), ErrorCode.BAD_EVENT, id="extra-field"),
+        pytest.param(event_map(v=2), ErrorCode.BAD_EVENT, id="version-2"),
+        pytest.param(event_map(ns="no-home"), ErrorCode.BAD_EVENT, id="ns-without-home"),
+        pytest.param(event_map(kind="App.Note"), ErrorCode.BAD_EVENT, id="kind-uppercase"),
+        pytest.param(event_map(ts=-1), ErrorCode.BAD_EVENT, id="ts-negative"),
+        pytest.param(event_map(ts="now"), ErrorCode.BAD_EVENT, id="ts-str"),
+        pytest.param(event_map(deps=[b"x" * 31]), ErrorCode.BAD_EVENT, id="dep-31-bytes"),
+        pytest.param(event_map(deps=[b"d" * 32] * 2), ErrorCode.BAD_EVENT, id="dep-repeated"),
+        pytest.param(event_map(nonce=b"n" * 33), ErrorCode.BAD_EVENT, id="nonce-too-long"),
+        pytest.param([1, 2, 3], ErrorCode.BAD_EVENT, id="event-array"),
+    ],
+)
+async def test_event_with_a_bad_field_is_refused(
+    relay: RunningRelay, value: Any, code: ErrorCode
+) -> None:
+    raw = canonical(value)
+    async with scene(relay) as (bad, _):
+        await bad.refused_publish(signed_raw(raw), code)
+
+
+async def test_event_bytes_that_are_not_msgpack_are_refused(relay: RunningRelay) -> None:
+    async with scene(relay) as (bad, _):
+        raw = canonical(event_map())[:-3]
+        await bad.refused_publish(signed_raw(raw), ErrorCode.MALFORMED)
+
+
+async def test_too_many_deps_are_refused(relay: RunningRelay) -> None:
+    assert relay.node.config.max_deps == 32
+    async with scene(relay) as (bad, _):
+        deps = [secrets.token_bytes(32) for _ in range(33)]
+        await bad.refused_publish(valid_event(deps=deps), ErrorCode.TOO_MANY_DEPS)
+
+
+# --------------------------------------------------------------------------- connection state
+
+
+@pytest.mark.parametrize(
+    ("frame", "rid", "sub"),
+    [
+        pytest.param(f.Publish(rid=5, event=b"e", sig=b"s"), 5, None, id="publish"),
+        pytest.param(f.Subscribe(sub=3, ns=(NS,)), None, 3, id="subscribe"),
+        pytest.param(f.Unsubscribe(sub=4), None, 4, id="unsubscribe"),
+    ],
+)
+async def test_request_before_auth_is_refused(
+    relay: RunningRelay, frame: f.AgentFrame, rid: int | None, sub: int | None
+) -> None:
+    async with scene(relay, authenticate=False) as (bad, _):
+        await bad.send(f.encode_frame(frame))
+        await bad.expect_error(ErrorCode.NOT_AUTHENTICATED, rid=rid, sub=sub)
+        await bad.send(publish_bytes(6, valid_event()))
+        await bad.expect_error(ErrorCode.NOT_AUTHENTICATED, rid=6)
+        await bad.auth()
+
+
+async def test_second_auth_is_refused(relay: RunningRelay) -> None:
+    async with scene(relay) as (bad, _):
+        await bad.send(f.encode_frame(bad.auth_frame()))
+        await bad.expect_error(ErrorCode.ALREADY_AUTHENTICATED)
+
+
+def _auth_by_another_key(bad: RawAgent) -> f.Auth:
+    return bad.auth_frame(signer=STRANGER)
+
+
+def _auth_flipped(bad: RawAgent) -> f.Auth:
+    auth = bad.auth_frame()
+    return f.Auth(
+        key=auth.key, sig=bytes([auth.sig[0] ^ 1]) + auth.sig[1:], challenge=auth.challenge
+    )
+
+
+def _auth_other_challenge(bad: RawAgent) -> f.Auth:
+    sig = bad.who.sign(f.agent_auth_message(bad.hello.relay, secrets.token_bytes(32)))
+    return f.Auth(key=bad.who.public_key, sig=sig, challenge=secrets.token_bytes(32))
+
+
+def _auth_other_relay(bad: RawAgent) -> f.Auth:
+    sig = bad.who.sign(f.agent_auth_message(bytes(32), bad.hello.challenge))
+    return f.Auth(key=bad.who.public_key, sig=sig, challenge=secrets.token_bytes(32))
+
+
+def _auth_short_sig(bad: RawAgent) -> f.Auth:
+    auth = bad.auth_frame()
+    return f.Auth(key=auth.key, sig=auth.sig[:63], challenge=auth.challenge)
+
+
+def _auth_short_key(bad: RawAgent) -> f.Auth:
+    auth = bad.auth_frame()
+    return f.Auth(key=auth.key[:31], sig=auth.sig, challenge=auth.challenge)
+
+
+def _auth_short_challenge(bad: RawAgent) -> f.Auth:
+    auth = bad.auth_frame()
+    return f.Auth(key=auth.key, sig=auth.sig, challenge=auth.challenge[:16])
+
+
+@pytest.mark.parametrize(
+    ("build", "code"),
+    [
+        pytest.param(_auth_by_another_key, ErrorCode.AUTH_FAILED, id="another-key"),
+        pytest.param(_auth_flipped, ErrorCode.AUTH_FAILED, id="flipped-bit"),
+        pytest.param(_auth_other_challenge, ErrorCode.AUTH_FAILED, id="other-challenge"),
+        pytest.param(_auth_other_relay, ErrorCode.AUTH_FAILED, id="other-relay"),
+        pytest.param(_auth_short_sig, ErrorCode.AUTH_FAILED, id="short-sig"),
+        pytest.param(_auth_short_key, ErrorCode.AUTH_FAILED, id="short-key"),
+        pytest.param(_auth_short_challenge, ErrorCode.MALFORMED, id="short-challenge"),
+    ],
+)
+async def test_bad_auth_is_refused_and_a_good_one_still_works(
+    relay: RunningRelay, build: Callable[[RawAgent], f.Auth], code: ErrorCode
+) -> None:
+    async with scene(relay, authenticate=False) as (bad, _):
+        await bad.send(f.encode_frame(build(bad)))
+        await bad.expect_error(code)
+        # Still unauthenticated: nothing was granted by the failed attempt.
+        await bad.send(publish_bytes(6, valid_event()))
+        await bad.expect_error(ErrorCode.NOT_AUTHENTICATED, rid=6)
+        await bad.auth()
+
+
+# --------------------------------------------------------------------------- routing, cursors
+
+
+async def test_namespace_homed_elsewhere_is_refused(relay: RunningRelay) -> None:
+    async with scene(relay) as (bad, _):
+        await bad.refused_publish(valid_event(ns="x@other"), ErrorCode.NOT_HOME)
+        await bad.send(f.encode_frame(f.Subscribe(sub=8, ns=(CALM_NS, "x@other"))))
+        await bad.expect_error(ErrorCode.NOT_HOME, sub=8)
+
+
+@pytest.mark.parametrize("start", [0, 3, 1000])
+async def test_subscribe_past_the_head_is_refused(relay: RunningRelay, start: int) -> None:
+    async with scene(relay) as (bad, _):
+        await bad.publish_ok()  # head is 1: from may be 1 or 2
+        await bad.send(f.encode_frame(f.Subscribe(sub=4, ns=(NS,), start={NS: start})))
+        await bad.expect_error(ErrorCode.BAD_CURSOR, sub=4)
+        # head + 1 is allowed: live straight away. The refused sub id is free to reuse.
+        await bad.send(f.encode_frame(f.Subscribe(sub=4, ns=(NS,), start={NS: 2})))
+        assert await bad.recv() == f.Live(sub=4, ns=NS, seq=1)
+        await bad.send(f.encode_frame(f.Unsubscribe(sub=4)))
+        assert await bad.recv() == f.Unsubscribed(sub=4)
+
+
+async def test_unsubscribe_of_an_unknown_subscription_is_refused(relay: RunningRelay) -> None:
+    async with scene(relay) as (bad, _):
+        await bad.send(f.encode_frame(f.Unsubscribe(sub=77)))
+        await bad.expect_error(ErrorCode.UNKNOWN_SUBSCRIPTION, sub=77)
+        # Unsubscribing twice: the second time the subscription is unknown.
+        await bad.send(f.encode_frame(f.Subscribe(sub=78, ns=(CALM_NS,))))
+        assert await bad.recv() == f.Live(sub=78, ns=CALM_NS, seq=1)
+        await bad.send(f.encode_frame(f.Unsubscribe(sub=78)))
+        assert await bad.recv() == f.Unsubscribed(sub=78)
+        await bad.send(f.encode_frame(f.Unsubscribe(sub=78)))
+        await bad.expect_error(ErrorCode.UNKNOWN_SUBSCRIPTION, sub=78)
+
+
+# --------------------------------------------------------------------------- sequencing
+
+
+async def test_event_whose_deps_never_arrive_is_refused(impatient_relay: RunningRelay) -> None:
+    async with scene(impatient_relay) as (bad, _):
+        orphan = valid_event(deps=[secrets.token_bytes(32)])
+        await bad.send(publish_bytes(5, orphan))
+        # While it waits, the connection carries on: a later publish is acked, in
+        # whichever order the two answers come.
+        follower = valid_event()
+        await bad.send(publish_bytes(6, follower))
+        answers: dict[int, f.Frame] = {}
+        while len(answers) < 2:
+            frame = await bad.recv()
+            assert isinstance(frame, (f.Ack, f.Error)) and frame.rid is not None, frame
+            answers[frame.rid] = frame
+        error, ack = answers[5], answers[6]
+        assert isinstance(error, f.Error)
+        assert (ErrorCode(error.code), error.name) == (ErrorCode.MISSING_DEPS, "missing_deps")
+        assert isinstance(ack, f.Ack)
+        assert decode_receipt(ack.receipt).id == follower.id
+        bad.acked.append(follower.id)
+        bad.refused.append(orphan.id)
+        assert impatient_relay.node.sequencer.parked_count == 0
+
+
+@pytest.mark.parametrize(
+    "offset_ms",
+    [
+        pytest.param(-2 * DAY_MS, id="two-days-ago"),
+        pytest.param(2 * DAY_MS, id="in-two-days"),
+        pytest.param(None, id="epoch"),
+    ],
+)
+async def test_event_far_from_the_relay_clock_is_refused(
+    relay: RunningRelay, offset_ms: int | None
+) -> None:
+    async with scene(relay) as (bad, _):
+        ts = 0 if offset_ms is None else now_ms() + offset_ms
+        await bad.refused_publish(valid_event(ts=ts), ErrorCode.BAD_TIMESTAMP)
+
+
+# --------------------------------------------------------------------------- all at once
+
+
+async def test_one_connection_survives_a_stream_of_bad_input(relay: RunningRelay) -> None:
+    """Bad input of every kind in turn, valid publishes in between, on one connection."""
+    async with scene(relay) as (bad, calm):
+        for data, code in [
+            (b"\xc1", ErrorCode.MALFORMED),
+            (msgpack.packb([1]), ErrorCode.MALFORMED),
+            (msgpack.packb({"t": "bogus"}), ErrorCode.UNKNOWN_FRAME),
+            (f.encode_frame(RELAY_FRAMES[2]), ErrorCode.UNKNOWN_FRAME),
+            (msgpack.packb({"t": "publish", "rid": "1"}), ErrorCode.MALFORMED),
+            (f.encode_frame(bad.auth_frame()), ErrorCode.ALREADY_AUTHENTICATED),
+        ]:
+            await bad.send(data)
+            await bad.expect_error(code)
+            await bad.publish_ok()
+        for event, code in [
+            (_flip_bit(0, 1)(valid_event()), ErrorCode.BAD_SIGNATURE),
+            (signed_raw(_unsorted_keys()), ErrorCode.NON_CANONICAL),
+            (signed_raw(canonical(event_map(extra=1))), ErrorCode.BAD_EVENT),
+            (valid_event(STRANGER), ErrorCode.WRONG_AUTHOR),
+            (
+                valid_event(deps=[secrets.token_bytes(32) for _ in range(33)]),
+                ErrorCode.TOO_MANY_DEPS,
+            ),
+            (valid_event(ns="x@other"), ErrorCode.NOT_HOME),
+            (valid_event(ts=now_ms() - 2 * DAY_MS), ErrorCode.BAD_TIMESTAMP),
+        ]:
+            await bad.refused_publish(event, code)
+            await bad.publish_ok()
+            await calm.round_trip()
