@@ -250,11 +250,15 @@ class RelayClient:
 
     async def _serve(self, ws: ClientConnection) -> None:
         """Replay intent onto a fresh connection, then dispatch what arrives."""
-        for subscription in list(self._subscriptions.values()):
-            await ws.send(f.encode_frame(subscription.resume_request()))
-        for rid, pending in sorted(self._pending.items()):
-            await ws.send(_publish_frame(rid, pending.event))
+        # Publish the connection and snapshot the intent in one step (no await between):
+        # what registers later sends itself on ``ws``, what registered earlier is here.
         self._ws = ws
+        subscriptions = [s.resume_request() for s in self._subscriptions.values()]
+        publishes = sorted(self._pending.items())
+        for request in subscriptions:
+            await ws.send(f.encode_frame(request))
+        for rid, pending in publishes:
+            await ws.send(_publish_frame(rid, pending.event))
         self._connected.set()
         async for message in ws:
             if isinstance(message, str):
