@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -84,10 +85,14 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from relay.app import run_relay
+    from relay.app import DataDirError, run_relay
     from relay.node import RelayConfig
 
-    config = RelayConfig(name=args.name, max_frame=args.max_frame)
+    try:
+        config = RelayConfig(name=args.name, max_frame=args.max_frame)
+    except ValueError as exc:
+        print(f"formicary relay: {exc}", file=sys.stderr)
+        return 2
     data = Path(args.data)
 
     async def main() -> None:
@@ -100,15 +105,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 file=sys.stderr,
                 flush=True,
             )
-            import signal
-
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for signum in signals:
                     print(f"formicary relay: signal {signum}, stopping", file=sys.stderr)
                     nursery.cancel_scope.cancel()
                     break
 
-    trio.run(main)
+    failure: str | None = None
+    try:
+        trio.run(main)
+    except* DataDirError as group:
+        failure = str(group.exceptions[0])
+    except* OSError as group:  # e.g. the port is taken
+        failure = f"cannot serve: {group.exceptions[0]}"
+    if failure is not None:
+        print(f"formicary relay: {failure}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -160,7 +172,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from relay.app import STORE_FILE
+    from relay.app import KEY_FILE, STORE_FILE
     from relay.store.sqlite import SQLiteStore
     from relay.verify import verify_log
 
@@ -168,6 +180,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if not path.exists():
         print(f"formicary: no store at {path}", file=sys.stderr)
         return 2
+    key_path = Path(args.data) / KEY_FILE
+    relay_key = Identity.load(key_path).public_key if key_path.exists() else None
     store = SQLiteStore(path, synchronous="NORMAL")
     try:
         namespaces = store.namespaces() if args.ns == "all" else [args.ns]
@@ -177,7 +191,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             def locate(dep: bytes) -> Any:
                 return store.find([dep]).get(dep)
 
-            verdict = verify_log(ns, store.scan(ns), locate)
+            verdict = verify_log(ns, store.scan(ns), locate, relay_key)
             _print(
                 {
                     "ns": ns,

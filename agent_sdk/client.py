@@ -39,6 +39,7 @@ from agent_sdk import frames as f
 from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.identity import Identity
 from agent_sdk.wire import (
+    PROTOCOL_VERSION,
     Event,
     Receipt,
     SignedEvent,
@@ -120,7 +121,7 @@ class Subscription:
             return  # already delivered before a reconnect
         event = decode_event(frame.event, frame.sig)
         if event.id != receipt.id:
-            raise ProtocolError(ErrorCode.MALFORMED, "receipt does not name the event it came with")
+            raise RelayMismatch("relay sent an event with another event's receipt")
         self.next[receipt.ns] = receipt.seq + 1
         await self._tx.send(Delivery(event, receipt, frame.seal))
 
@@ -154,13 +155,13 @@ class RelayClient:
         relay_key: bytes | None = None,
         reconnect: bool = True,
         max_inflight: int = 1024,
-        max_frame: int = 1 << 20,
+        max_message: int = 64 << 20,
     ) -> None:
         self.url = url
         self.identity = identity
         self.relay_key = relay_key
         self.reconnect = reconnect
-        self.max_frame = max_frame
+        self.max_message = max_message
         self.relay_name: str | None = None
         self.connections = 0
         self._ws: ClientConnection | None = None
@@ -202,7 +203,7 @@ class RelayClient:
                 async with connect(
                     self.url,
                     compression=None,
-                    max_size=2 * self.max_frame,
+                    max_size=self.max_message,
                     open_timeout=10,
                     proxy=None,
                 ) as ws:
@@ -228,6 +229,10 @@ class RelayClient:
         hello = f.decode_frame(await _recv_bytes(ws))
         if not isinstance(hello, f.Hello):
             raise RelayMismatch(f"expected hello, got {hello.t}")
+        if hello.v != PROTOCOL_VERSION:
+            raise RelayMismatch(
+                f"relay speaks protocol {hello.v}; this client speaks {PROTOCOL_VERSION}"
+            )
         if self.relay_key is not None and hello.relay != self.relay_key:
             raise RelayMismatch(f"relay key {hello.relay.hex()} is not the pinned key")
         challenge = secrets.token_bytes(f.CHALLENGE_SIZE)
@@ -246,7 +251,6 @@ class RelayClient:
             raise RelayMismatch("relay failed to prove its key")
         self.relay_key = hello.relay  # pin it for reconnects
         self.relay_name = hello.name
-        self.max_frame = hello.max_frame
 
     async def _serve(self, ws: ClientConnection) -> None:
         """Replay intent onto a fresh connection, then dispatch what arrives."""
@@ -261,9 +265,13 @@ class RelayClient:
             await ws.send(_publish_frame(rid, pending.event))
         self._connected.set()
         async for message in ws:
-            if isinstance(message, str):
-                message = message.encode()
-            await self._dispatch(f.decode_frame(message))
+            try:
+                frame = f.decode_frame(message.encode() if isinstance(message, str) else message)
+            except ProtocolError as exc:
+                if exc.code is ErrorCode.UNKNOWN_FRAME:
+                    continue  # a newer relay's frame: ignoring it keeps us compatible
+                raise RelayMismatch(f"relay sent a bad frame: {exc}") from None
+            await self._dispatch(frame)
 
     async def _dispatch(self, frame: f.Frame) -> None:
         if isinstance(frame, f.Ack):
@@ -271,7 +279,7 @@ class RelayClient:
             if pending is not None:
                 receipt = decode_receipt(frame.receipt)
                 if receipt.id != pending.event.id:
-                    raise ProtocolError(ErrorCode.MALFORMED, "ack names another event")
+                    raise RelayMismatch("relay acked a publish with another event's receipt")
                 pending.result = Published(receipt, frame.seal, frame.duplicate)
                 pending.done.set()
         elif isinstance(frame, f.EventFrame):

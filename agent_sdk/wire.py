@@ -51,8 +51,9 @@ MAX_TS = 2**53 - 1
 MAX_NONCE = 32
 
 _NAME = r"[a-z0-9][a-z0-9._-]{0,62}"
-NS_RE = re.compile(rf"^(?P<name>{_NAME})@(?P<home>{_NAME})$")
-KIND_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}(\.[a-z0-9_-]{1,32}){0,7}$")
+# Always applied with ``fullmatch``: ``$`` would also match before a final newline.
+NS_RE = re.compile(rf"(?P<name>{_NAME})@(?P<home>{_NAME})")
+KIND_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}(\.[a-z0-9_-]{1,32}){0,7}")
 KIND_MAX = 64
 
 _EVENT_REQUIRED = frozenset({"v", "ns", "kind", "author", "deps", "ts", "body"})
@@ -213,18 +214,21 @@ def check_event_fields(fields: Any, *, max_deps: int | None = None) -> Event:
     v, ns, kind = fields["v"], fields["ns"], fields["kind"]
     author, deps, ts = fields["author"], fields["deps"], fields["ts"]
     nonce = fields.get("nonce")
-    if v != PROTOCOL_VERSION or isinstance(v, bool):
+    if type(v) is not int or v != PROTOCOL_VERSION:
         raise ProtocolError(ErrorCode.BAD_EVENT, f"unsupported event version {v!r}")
-    if not isinstance(ns, str) or not NS_RE.match(ns):
+    if not isinstance(ns, str) or not NS_RE.fullmatch(ns):
         raise ProtocolError(ErrorCode.BAD_EVENT, f"bad namespace {ns!r}: want name@relay")
-    if not isinstance(kind, str) or len(kind) > KIND_MAX or not KIND_RE.match(kind):
+    if not isinstance(kind, str) or len(kind) > KIND_MAX or not KIND_RE.fullmatch(kind):
         raise ProtocolError(ErrorCode.BAD_EVENT, f"bad kind {kind!r}: want dotted lowercase")
     if not isinstance(author, bytes) or len(author) != KEY_SIZE:
         raise ProtocolError(ErrorCode.BAD_EVENT, "author must be a 32-byte Ed25519 key")
     if not isinstance(ts, int) or isinstance(ts, bool) or not 0 <= ts <= MAX_TS:
         raise ProtocolError(ErrorCode.BAD_EVENT, "ts must be an integer of ms since the epoch")
-    if nonce is not None and (not isinstance(nonce, bytes) or len(nonce) > MAX_NONCE):
-        raise ProtocolError(ErrorCode.BAD_EVENT, f"nonce must be at most {MAX_NONCE} bytes")
+    # Absent is fine; present means 1 to 32 bytes, never nil (nil would be a second
+    # encoding, and so a second id, of the same event).
+    nonce_ok = isinstance(nonce, bytes) and 0 < len(nonce) <= MAX_NONCE
+    if "nonce" in fields and not nonce_ok:
+        raise ProtocolError(ErrorCode.BAD_EVENT, f"nonce must be 1 to {MAX_NONCE} bytes")
     if not isinstance(deps, list):
         raise ProtocolError(ErrorCode.BAD_EVENT, "deps must be a list of event ids")
     if max_deps is not None and len(deps) > max_deps:
@@ -241,7 +245,7 @@ def check_event_fields(fields: Any, *, max_deps: int | None = None) -> Event:
         body=fields["body"],
         deps=tuple(deps),
         ts=ts,
-        nonce=nonce,
+        nonce=nonce if "nonce" in fields else None,
         v=v,
     )
 
@@ -294,9 +298,10 @@ def decode_receipt(raw: bytes) -> Receipt:
         isinstance(rid, bytes)
         and len(rid) == ID_SIZE
         and isinstance(ns, str)
-        and isinstance(seq, int)
+        and NS_RE.fullmatch(ns)
+        and type(seq) is int
         and seq >= 1
-        and isinstance(hlc, int)
+        and type(hlc) is int
         and hlc >= 0
         and isinstance(prev, bytes)
         and len(prev) == ID_SIZE

@@ -11,17 +11,41 @@ from pathlib import Path
 import trio
 from websockets.trio.server import Server
 
-from agent_sdk.identity import load_or_create
+from agent_sdk.identity import Identity, load_or_create
+from agent_sdk.wire import decode_receipt
 from relay.node import RelayConfig, RelayNode
 from relay.server import serve_relay
+from relay.store import Store
 from relay.store.sqlite import SQLiteStore
 
 KEY_FILE = "relay.key"
 STORE_FILE = "events.sqlite3"
 
 
+class DataDirError(Exception):
+    """The data directory is inconsistent; starting would fork the relay's history."""
+
+
 def open_store(data: Path) -> SQLiteStore:
     return SQLiteStore(data / STORE_FILE)
+
+
+def load_identity(data: Path, store: Store) -> Identity:
+    """The relay's key: created with a new store, required to match an existing one.
+
+    A relay that lost its key must not quietly make a new one: its next receipts would
+    be signed by a stranger and break every chain (and every client's pinned key).
+    """
+    path = data / KEY_FILE
+    namespaces = store.namespaces()
+    if namespaces and not path.exists():
+        raise DataDirError(f"{data} holds logs but no {KEY_FILE}: restore the key file")
+    identity = load_or_create(path)
+    for ns in namespaces[:1]:
+        receipt = decode_receipt(store.read(ns, 1, 1)[0].receipt)
+        if receipt.relay != identity.public_key:
+            raise DataDirError(f"{path} is not the key that signed the logs in {data}")
+    return identity
 
 
 async def run_relay(
@@ -33,9 +57,9 @@ async def run_relay(
     task_status: trio.TaskStatus[tuple[RelayNode, Server]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a relay on ``data`` until cancelled; reports ``(node, server)`` once listening."""
-    identity = await trio.to_thread.run_sync(load_or_create, data / KEY_FILE)
     store = await trio.to_thread.run_sync(open_store, data)
     try:
+        identity = await trio.to_thread.run_sync(load_identity, data, store)
         node = RelayNode(identity, store, config)
         async with trio.open_nursery() as nursery:
             await nursery.start(node.run)

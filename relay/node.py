@@ -51,13 +51,14 @@ class RelayConfig:
     max_inflight: int = 1024
     send_queue: int = 256
     slow_consumer_timeout: float = 30.0
+    auth_timeout: float = 10.0
     commit_batch: int = 4096
     replay_batch: int = 512
     recent_per_ns: int = 4096
     sequencer: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
-        if not NS_RE.match(f"x@{self.name}"):
+        if not NS_RE.fullmatch(f"x@{self.name}"):
             raise ValueError(f"relay name {self.name!r}: lowercase letters, digits, . _ -")
         if self.sequencer.known_capacity < 4 * self.commit_batch:
             # An id evicted before its batch commits could be sequenced twice.

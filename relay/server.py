@@ -5,7 +5,7 @@ act), one writer draining a bounded queue of encoded frames to the socket, one
 acknowledger answering publishes in order, and one task per subscribed namespace
 following the log by cursor. Every producer waits at most
 ``slow_consumer_timeout`` for room in the writer's queue; past that the consumer is
-too slow and the connection is closed with code 1008 and reason ``slow_consumer``
+too slow and the connection is closed with code 1008 and reason ``3002 slow_consumer``
 rather than buffered without bound. One connection's trouble never blocks another's:
 the only shared things are the node's queues, which are bounded and never wait on a
 socket.
@@ -39,6 +39,7 @@ from relay.subscriptions import Filter, check_cursor
 log = logging.getLogger("formicary.relay")
 
 SLOW_CONSUMER_CLOSE = 1008  # policy violation: the closest standard code
+AUTH_TIMEOUT_CLOSE = 1008
 
 
 class SlowConsumer(Exception):
@@ -105,20 +106,33 @@ class Connection:
             await self.ws.send(data)
 
     async def _reader(self) -> None:
+        # An agent that connects and never authenticates holds resources for nothing.
+        with trio.move_on_after(self.node.config.auth_timeout) as waiting:
+            while self.session.agent is None:
+                await self._receive_one(await self.ws.recv())
+        if waiting.cancelled_caught:
+            reason = f"{int(ErrorCode.NOT_AUTHENTICATED)} not_authenticated: auth timeout"
+            await self.ws.aclose(AUTH_TIMEOUT_CLOSE, reason)
+            return
         async for message in self.ws:
-            if isinstance(message, str):
-                message = message.encode()  # a text frame is still bytes to msgpack
-            action = self.session.receive(message)
-            if isinstance(action, Admit):
-                ticket = await self.node.admit(action.event)
-                await self._acks_tx.send((action.rid, ticket))
-            elif isinstance(action, Reply):
-                await self._send(action.frame)
-            elif isinstance(action, Open):
-                await self._open(action.request)
-            else:
-                assert isinstance(action, Close)
-                await self._close(action.sub)
+            await self._receive_one(message)
+
+    async def _receive_one(self, message: str | bytes) -> None:
+        if isinstance(message, str):
+            error = ProtocolError(ErrorCode.MALFORMED, "frames are binary messages, not text")
+            await self._send(f.Error.of(error))
+            return
+        action = self.session.receive(message)
+        if isinstance(action, Admit):
+            ticket = await self.node.admit(action.event)
+            await self._acks_tx.send((action.rid, ticket))
+        elif isinstance(action, Reply):
+            await self._send(action.frame)
+        elif isinstance(action, Open):
+            await self._open(action.request)
+        else:
+            assert isinstance(action, Close)
+            await self._close(action.sub)
 
     # -- publishing -------------------------------------------------------------------
 
@@ -241,6 +255,7 @@ def http_handler(node: RelayNode) -> Callable[[ServerConnection, Request], Respo
             return connection.respond(HTTPStatus.OK, "ok\n")
         if request.path == "/info":
             response = connection.respond(HTTPStatus.OK, json.dumps(info_document(node)) + "\n")
+            del response.headers["Content-Type"]  # respond() set text/plain; replace it
             response.headers["Content-Type"] = "application/json"
             return response
         return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")

@@ -32,16 +32,16 @@ class Filter:
             if len(items) > MAX_FILTER_ITEMS:
                 raise ProtocolError(ErrorCode.MALFORMED, f"over {MAX_FILTER_ITEMS} filter items")
         for ns in request.ns:
-            if not NS_RE.match(ns):
+            if not NS_RE.fullmatch(ns):
                 raise ProtocolError(ErrorCode.MALFORMED, f"bad namespace {ns!r}")
         for ns in request.start:
             if ns not in request.ns:
                 raise ProtocolError(ErrorCode.MALFORMED, f"from names {ns!r}, not subscribed")
         kinds, families = set(), []
         for kind in request.kinds:
-            if kind.endswith(".*") and KIND_RE.match(kind[:-2]):
+            if kind.endswith(".*") and KIND_RE.fullmatch(kind[:-2]):
                 families.append(kind[:-1])  # keep the dot: "wo." matches "wo.claim"
-            elif KIND_RE.match(kind):
+            elif KIND_RE.fullmatch(kind):
                 kinds.add(kind)
             else:
                 raise ProtocolError(ErrorCode.MALFORMED, f"bad kind filter {kind!r}")

@@ -32,11 +32,16 @@ class Verdict:
 
 
 def verify_log(
-    ns: str, records: Iterable[Record], locate: Callable[[bytes], Located | None]
+    ns: str,
+    records: Iterable[Record],
+    locate: Callable[[bytes], Located | None],
+    relay_key: bytes | None = None,
 ) -> Verdict:
     """Check the records of ``ns`` in seq order; stop at the first bad one.
 
     ``locate`` answers where a dependency id was sequenced (any namespace), or ``None``.
+    With ``relay_key``, every receipt must be that relay's. An empty log is not ok:
+    there is nothing to vouch for.
     """
     previous: Receipt | None = None
     last_seal: bytes | None = None
@@ -56,6 +61,11 @@ def verify_log(
             return bad(seq, "event id does not match its bytes or its receipt")
         if signed.event.ns != ns or receipt.ns != ns or receipt.seq != seq:
             return bad(seq, "record is filed under the wrong namespace or seq")
+        event = signed.event
+        if (record.kind, record.author, record.hlc) != (event.kind, event.author, receipt.hlc):
+            return bad(seq, "stored kind, author or hlc differ from the signed bytes")
+        if relay_key is not None and receipt.relay != relay_key:
+            return bad(seq, "receipt is signed by another relay key")
         if not signed.verify():
             return bad(seq, "author signature does not verify")
         broken = check_chain([receipt], previous)
@@ -73,7 +83,9 @@ def verify_log(
                 return bad(seq, f"dependency {dep.hex()} is sequenced after the event")
         previous, last_seal = receipt, record.seal
         count += 1
-    if previous is not None and last_seal is None:
+    if previous is None:
+        return Verdict(ns, 0, 0, 0, "no records: the namespace is empty or unknown")
+    if last_seal is None:
         # Every commit seals its last receipt per namespace, so an unsealed tail
         # means records were added outside a commit, or the seal was stripped.
         return bad(previous.seq, "the log does not end on a sealed receipt")

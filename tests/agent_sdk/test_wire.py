@@ -237,3 +237,35 @@ def test_decode_event_only_raises_protocol_errors(data: bytes) -> None:
         decode_event(data, bytes(64))
     except ProtocolError:
         pass
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"kind": "app.note\n"},  # "$" would match before a final newline
+        {"ns": "demo@local\n"},
+        {"v": 1.0},
+        {"nonce": None},  # a second encoding of "no nonce"
+        {"nonce": b""},
+    ],
+)
+def test_near_misses_are_bad_events(fields: dict[str, Any]) -> None:
+    mapping = make_event().to_map()
+    mapping.update(fields)
+    with pytest.raises(ProtocolError) as info:
+        decode_event(canonical(mapping), bytes(64))
+    assert info.value.code is ErrorCode.BAD_EVENT
+
+
+def test_receipts_with_ill_typed_fields_are_refused() -> None:
+    fields = {
+        "id": bytes(32),
+        "ns": "t@local",
+        "seq": 1,
+        "hlc": 1,
+        "prev": bytes(32),
+        "relay": bytes(32),
+    }
+    for change in ({"seq": True}, {"hlc": False}, {"ns": "no-home"}, {"seq": 0}):
+        with pytest.raises(ProtocolError):
+            decode_receipt(canonical({**fields, **change}))

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import pytest
 import trio
+from websockets.exceptions import ConnectionClosed
+from websockets.trio.client import connect
 
+from agent_sdk import frames as f
 from agent_sdk.client import Delivery, Live, RelayClient
+from agent_sdk.errors import ErrorCode
 from agent_sdk.wire import check_chain
-from tests.conftest import RunningRelay, identity
+from relay.node import RelayConfig
+from tests.conftest import RunningRelay, identity, start_relay
 
 NS = "t@local"
 
@@ -107,15 +114,38 @@ async def test_health_and_info_on_the_same_port(relay: RunningRelay) -> None:
                     break
                 data += chunk
         head, _, body = data.decode().partition("\r\n\r\n")
+        headers[path] = head.lower()
         return head.split("\r\n")[0], body
 
+    headers: dict[str, str] = {}
     status, body = await get("/health")
     assert status == "HTTP/1.1 200 OK" and body == "ok\n"
     status, body = await get("/info")
     info = json.loads(body)
+    assert headers["/info"].count("content-type") == 1
+    assert "content-type: application/json" in headers["/info"]
     assert info["name"] == "local"
     assert info["key"] == relay.node.identity.id
     assert info["namespaces"] == [NS]
     assert info["limits"]["max_frame"] == 1 << 20
     status, _ = await get("/nope")
     assert status == "HTTP/1.1 404 Not Found"
+
+
+async def test_a_connection_that_never_authenticates_is_closed(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    config = RelayConfig(name="local", auth_timeout=0.2)
+    relay = await start_relay(nursery, tmp_path / "relay", config)
+    async with connect(relay.url, compression=None) as ws:
+        assert isinstance(f.decode_frame(await ws.recv()), f.Hello)
+        await ws.send("text is not a frame")
+        error = f.decode_frame(await ws.recv())
+        assert isinstance(error, f.Error) and error.code == ErrorCode.MALFORMED
+        with pytest.raises(ConnectionClosed) as info:
+            await ws.recv()  # nothing more is sent: the relay gives up waiting for auth
+    assert info.value.rcvd is not None
+    assert (info.value.rcvd.code, info.value.rcvd.reason) == (
+        1008,
+        "1004 not_authenticated: auth timeout",
+    )

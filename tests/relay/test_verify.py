@@ -137,3 +137,21 @@ def test_store_batches_are_atomic(store: SQLiteStore) -> None:
         store.append([records[2], records[1]])  # the second row collides
     assert list(store.scan("t@local")) == records[:2]
     assert store.heads()["t@local"].seq == 2
+
+
+def test_receipts_of_another_relay_are_found() -> None:
+    records = build_log()
+    verdict = verify_log("t@local", records, locator(records), relay_key=identity(7).public_key)
+    assert (verdict.bad_seq, verdict.reason) == (1, "receipt is signed by another relay key")
+    assert verify_log("t@local", records, locator(records), relay_key=RELAY.public_key).ok
+
+
+def test_stored_columns_must_match_the_signed_bytes() -> None:
+    records = build_log()
+    records[2] = replace(records[2], kind="app.forged")
+    assert check(records) == (3, "stored kind, author or hlc differ from the signed bytes")
+
+
+def test_an_empty_log_does_not_verify() -> None:
+    verdict = verify_log("t@local", [], lambda _: None)
+    assert not verdict.ok and verdict.records == 0

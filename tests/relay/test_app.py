@@ -1,0 +1,53 @@
+"""Assembling a relay from its data directory, and refusing an inconsistent one."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from agent_sdk.client import RelayClient
+from agent_sdk.identity import Identity
+from relay.app import KEY_FILE, DataDirError, load_identity, open_store
+from tests.conftest import identity, start_relay
+
+
+async def test_a_relay_keeps_its_identity_across_restarts(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    data = tmp_path / "relay"
+    first = await start_relay(nursery, data)
+    async with RelayClient.connect(first.url, identity(1)) as client:
+        await client.publish("t@local", "app.x")
+    key = first.node.identity.id
+    first.scope.cancel()
+    second = await start_relay(nursery, data)
+    assert second.node.identity.id == key
+    assert second.node.head("t@local") == 1
+    second.scope.cancel()
+
+
+async def test_logs_without_their_key_are_refused(nursery: trio.Nursery, tmp_path: Path) -> None:
+    data = tmp_path / "relay"
+    running = await start_relay(nursery, data)
+    async with RelayClient.connect(running.url, identity(1)) as client:
+        await client.publish("t@local", "app.x")
+    running.scope.cancel()
+    await trio.testing.wait_all_tasks_blocked()
+
+    shutil.move(data / KEY_FILE, tmp_path / "saved.key")
+    store = open_store(data)
+    try:
+        with pytest.raises(DataDirError, match=r"no relay\.key"):
+            load_identity(data, store)
+        Identity.generate().save(data / KEY_FILE)  # a stranger's key
+        with pytest.raises(DataDirError, match="not the key"):
+            load_identity(data, store)
+        (data / KEY_FILE).unlink()
+        shutil.move(tmp_path / "saved.key", data / KEY_FILE)
+        assert load_identity(data, store).id == running.node.identity.id
+    finally:
+        store.close()
