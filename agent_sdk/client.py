@@ -23,11 +23,12 @@ Usage::
 from __future__ import annotations
 
 import logging
+import math
 import random
 import secrets
 import time
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -165,6 +166,8 @@ class RelayClient:
         self.relay_name: str | None = None
         self.connections = 0
         self._ws: ClientConnection | None = None
+        self._outbox: trio.MemorySendChannel[bytes] | None = None
+        self.relay_max_frame = 1 << 20
         self._connected = trio.Event()
         self._next_rid = 0
         self._next_sub = 0
@@ -179,19 +182,13 @@ class RelayClient:
     ) -> AsyncIterator[RelayClient]:
         """Connect and authenticate; raises if the first connection attempt fails."""
         client = cls(url, identity, **options)
-        try:
+        with _unwrap_single():
             async with trio.open_nursery() as nursery:
                 await nursery.start(client._run)
                 try:
                     yield client
                 finally:
                     nursery.cancel_scope.cancel()
-        except BaseExceptionGroup as group:
-            # The nursery is ours, not the caller's: hand back a lone error unwrapped,
-            # as websockets' own connect() does.
-            if len(group.exceptions) == 1:
-                raise group.exceptions[0] from None
-            raise
 
     # -- the connection ------------------------------------------------------------------
 
@@ -220,7 +217,7 @@ class RelayClient:
                     raise
                 log.info("relay connection lost (%s); reconnecting in %.2fs", exc, delay)
             finally:
-                self._ws = None
+                self._ws = self._outbox = None
                 self._connected = trio.Event()
             await trio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 5.0)
@@ -251,27 +248,56 @@ class RelayClient:
             raise RelayMismatch("relay failed to prove its key")
         self.relay_key = hello.relay  # pin it for reconnects
         self.relay_name = hello.name
+        self.relay_max_frame = hello.max_frame
 
     async def _serve(self, ws: ClientConnection) -> None:
         """Replay intent onto a fresh connection, then dispatch what arrives."""
-        # Publish the connection and snapshot the intent in one step (no await between):
-        # what registers later sends itself on ``ws``, what registered earlier is here.
-        self._ws = ws
-        subscriptions = [s.resume_request() for s in self._subscriptions.values()]
-        publishes = sorted(self._pending.items())
-        for request in subscriptions:
-            await ws.send(f.encode_frame(request))
-        for rid, pending in publishes:
-            await ws.send(_publish_frame(rid, pending.event))
+        outbox, queued = trio.open_memory_channel[bytes](math.inf)
+        # Open the outbox and snapshot the intent in one step (no await between): what
+        # registers later queues itself, what registered earlier is in the snapshot.
+        self._ws, self._outbox = ws, outbox
+        for subscription in self._subscriptions.values():
+            outbox.send_nowait(f.encode_frame(subscription.resume_request()))
+        for rid, pending in sorted(self._pending.items()):
+            outbox.send_nowait(_publish_frame(rid, pending.event))
         self._connected.set()
-        async for message in ws:
-            try:
-                frame = f.decode_frame(message.encode() if isinstance(message, str) else message)
-            except ProtocolError as exc:
-                if exc.code is ErrorCode.UNKNOWN_FRAME:
-                    continue  # a newer relay's frame: ignoring it keeps us compatible
-                raise RelayMismatch(f"relay sent a bad frame: {exc}") from None
-            await self._dispatch(frame)
+        with _unwrap_single():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._writer, ws, queued)
+                async for message in ws:
+                    if isinstance(message, str):
+                        raise RelayMismatch("relay sent a text message")
+                    for frame in f.decode_message(message):
+                        if isinstance(frame, ProtocolError):
+                            if frame.code is ErrorCode.UNKNOWN_FRAME:
+                                continue  # a newer relay's frame: ignoring it keeps us compatible
+                            raise RelayMismatch(f"relay sent a bad frame: {frame}")
+                        await self._dispatch(frame)
+                nursery.cancel_scope.cancel()
+
+    async def _writer(self, ws: ClientConnection, queued: trio.MemoryReceiveChannel[bytes]) -> None:
+        """Send queued frames, bundling what has piled up into one message.
+
+        Pipelined publishes then cost the relay one WebSocket message per bundle, not
+        per event. A bundle stays within the relay's ``max_frame``.
+        """
+        limit = self.relay_max_frame - 5  # room for the bundle's array header
+        try:
+            async for data in queued:
+                frames, size = [data], len(data)
+                while len(frames) < 65_535:
+                    try:
+                        data = queued.receive_nowait()
+                    except trio.WouldBlock:
+                        break
+                    if size + len(data) > limit:
+                        await ws.send(f.bundle(frames))
+                        frames, size = [], 0
+                    frames.append(data)
+                    size += len(data)
+                await ws.send(f.bundle(frames))
+        except ConnectionClosed:
+            pass  # the reader sees it too, and the intent is replayed on reconnect
 
     async def _dispatch(self, frame: f.Frame) -> None:
         if isinstance(frame, f.Ack):
@@ -352,12 +378,7 @@ class RelayClient:
             self._next_rid += 1
             rid = self._next_rid
             pending = self._pending[rid] = _Pending(event)
-            ws = self._ws
-            if ws is not None:
-                try:
-                    await ws.send(_publish_frame(rid, event))
-                except ConnectionClosed:
-                    pass  # re-sent by _serve after the reconnect
+            self._queue(_publish_frame(rid, event))
             await pending.done.wait()
         if pending.error is not None:
             raise pending.error
@@ -399,24 +420,31 @@ class RelayClient:
         )
         subscription = Subscription(self, request, buffer)
         self._subscriptions[request.sub] = subscription
-        ws = self._ws
-        if ws is not None:
-            try:
-                await ws.send(f.encode_frame(request))
-            except ConnectionClosed:
-                pass  # re-sent by _serve after the reconnect
+        self._queue(f.encode_frame(request))
         try:
             yield subscription
         finally:
-            if self._subscriptions.pop(request.sub, None) is not None and self._ws is not None:
-                with trio.move_on_after(1), trio.CancelScope(shield=True):
-                    try:
-                        await self._ws.send(f.encode_frame(f.Unsubscribe(sub=request.sub)))
-                    except ConnectionClosed:
-                        pass
+            if self._subscriptions.pop(request.sub, None) is not None:
+                self._queue(f.encode_frame(f.Unsubscribe(sub=request.sub)))
+
+    def _queue(self, data: bytes) -> None:
+        """Queue a frame on the current connection; without one, _serve replays intent."""
+        if self._outbox is not None:
+            self._outbox.send_nowait(data)
 
     async def wait_connected(self) -> None:
         await self._connected.wait()
+
+
+@contextmanager
+def _unwrap_single() -> Iterator[None]:
+    """Our nurseries are private: hand a lone error out unwrapped, as websockets does."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
 
 
 def _publish_frame(rid: int, event: SignedEvent) -> bytes:

@@ -106,12 +106,49 @@ def decode(data: bytes) -> Any:
         raise ProtocolError(ErrorCode.MALFORMED, f"not msgpack: {exc}") from None
 
 
+class _UnsortedMap(Exception):
+    pass
+
+
+def _canonical_map(pairs: list[tuple[Any, Any]]) -> dict[str, Any]:
+    """msgpack's hook for each decoded map: keys must be str in strictly rising order."""
+    previous = ""
+    for i, (key, _) in enumerate(pairs):
+        if type(key) is not str or (i and key <= previous):
+            raise _UnsortedMap()
+        previous = key
+    return dict(pairs)
+
+
+def _no_ext(code: int, data: bytes) -> Any:
+    raise _UnsortedMap()  # not a map, but the same verdict: no canonical form
+
+
 def decode_canonical(data: bytes, code: ErrorCode = ErrorCode.NON_CANONICAL) -> Any:
-    """Decode ``data`` and require that it is the canonical encoding of its value."""
-    value = decode(data)
+    """Decode ``data`` and require that it is the canonical encoding of its value.
+
+    Equivalent to ``canonical(decode(data)) == data``, but on the hot path: map order
+    is checked as msgpack decodes each map, so the value can be re-packed as it is
+    (dicts keep their order) instead of being normalised; the byte comparison then
+    catches every other deviation (integer widths, float32, str/bin headers).
+    """
     try:
-        again = canonical(value)
-    except (TypeError, OverflowError) as exc:
+        value = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=False,
+            object_pairs_hook=_canonical_map,
+            ext_hook=_no_ext,
+            timestamp=3,  # ext -1 bypasses ext_hook; as a datetime it cannot be re-packed
+        )
+    except _UnsortedMap:
+        reason = "map keys are not text in canonical order, or an ext type"
+        raise ProtocolError(code, reason) from None
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise ProtocolError(ErrorCode.MALFORMED, f"not msgpack: {exc}") from None
+    try:
+        again: bytes = msgpack.packb(value, use_bin_type=True)
+    except (TypeError, OverflowError, ValueError) as exc:
         raise ProtocolError(code, f"no canonical form: {exc}") from None
     if again != data:
         raise ProtocolError(code, "bytes are not the canonical encoding of their value")
@@ -281,7 +318,11 @@ class Receipt:
 
 
 def make_receipt(*, id: bytes, ns: str, seq: int, hlc: int, prev: bytes, relay: bytes) -> Receipt:
-    raw = canonical({"id": id, "ns": ns, "seq": seq, "hlc": hlc, "prev": prev, "relay": relay})
+    # The keys are written in canonical order already (hlc, id, ns, prev, relay, seq)
+    # and every value is a plain scalar, so packing directly is canonical: this is on
+    # every event's path, and skipping the generic normalisation halves its cost.
+    fields = {"hlc": hlc, "id": id, "ns": ns, "prev": prev, "relay": relay, "seq": seq}
+    raw: bytes = msgpack.packb(fields, use_bin_type=True)
     return Receipt(
         id=id, ns=ns, seq=seq, hlc=hlc, prev=prev, relay=relay, raw=raw, hash=digest(raw)
     )
@@ -316,7 +357,12 @@ def decode_receipt(raw: bytes) -> Receipt:
 
 def seal(receipt: Receipt, signer: Signer) -> bytes:
     """The relay's signature over a chain head: vouches for it and every receipt before."""
-    return signer(SEAL_DOMAIN + receipt.hash)
+    return seal_digest(receipt.hash, signer)
+
+
+def seal_digest(receipt_hash: bytes, signer: Signer) -> bytes:
+    """:func:`seal` from the receipt's hash alone."""
+    return signer(SEAL_DOMAIN + receipt_hash)
 
 
 def verify_seal(receipt: Receipt, sig: bytes) -> bool:

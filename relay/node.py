@@ -35,7 +35,7 @@ import trio
 
 from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.identity import Identity
-from agent_sdk.wire import NS_RE, SignedEvent, decode_receipt, seal
+from agent_sdk.wire import NS_RE, SignedEvent, digest, seal_digest
 from relay.sequencer import Duplicate, Limits, Parked, Rejected, Sequenced, Sequencer
 from relay.store import Located, Record, Store
 
@@ -151,18 +151,24 @@ class RelayNode:
         self._write_lock = trio.Lock()
         self.stats = dict.fromkeys(STATS, 0)
         self._stats_changed = trio.Event()
+        self._stat_waiters = 0
 
     def count(self, stat: str) -> None:
         """Add one to a counter of :attr:`stats` and wake :meth:`wait_stat` callers."""
         self.stats[stat] += 1
-        if self._stats_changed.statistics().tasks_waiting:  # keep the hot path cheap
+        if self._stat_waiters:  # keep the hot path cheap
             self._stats_changed.set()
             self._stats_changed = trio.Event()
+        self._stat_waiters = 0
 
     async def wait_stat(self, stat: str, at_least: int) -> None:
         """Return once counter ``stat`` has reached ``at_least``."""
-        while self.stats[stat] < at_least:
-            await self._stats_changed.wait()
+        self._stat_waiters += 1
+        try:
+            while self.stats[stat] < at_least:
+                await self._stats_changed.wait()
+        finally:
+            self._stat_waiters -= 1
 
     # -- running -------------------------------------------------------------------------
 
@@ -182,9 +188,27 @@ class RelayNode:
         refusal = self.router.refuse(event.event.ns)
         if refusal is not None:
             ticket._resolve(error=refusal)
-        else:
+            return ticket
+        try:
+            self._admit_tx.send_nowait(ticket)
+        except trio.WouldBlock:
             await self._admit_tx.send(ticket)
         return ticket
+
+    def answer_nowait(self, ticket: Ticket) -> Record | None:
+        """:meth:`answer` when the outcome is already committed and in memory, else None.
+
+        Raises :class:`ProtocolError` when the event was rejected.
+        """
+        if not ticket.done.is_set():
+            return None
+        if ticket.error is not None:
+            raise ticket.error
+        located = ticket.located
+        assert located is not None
+        if self.head(located.ns) < located.seq:
+            return None
+        return self._recent.get(located.ns, {}).get(located.seq)
 
     async def answer(self, ticket: Ticket) -> Record:
         """Wait until the ticket's event is committed and return its record.
@@ -278,8 +302,8 @@ class RelayNode:
         last: dict[str, int] = {record.ns: i for i, record in enumerate(batch)}
         sealed = list(batch)
         for i in last.values():
-            receipt = decode_receipt(sealed[i].receipt)
-            sealed[i] = replace(sealed[i], seal=seal(receipt, self.identity.sign))
+            signature = seal_digest(digest(sealed[i].receipt), self.identity.sign)
+            sealed[i] = replace(sealed[i], seal=signature)
         return sealed
 
     def _committed_batch(self, batch: Sequence[Record]) -> None:

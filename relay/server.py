@@ -102,8 +102,19 @@ class Connection:
         raise SlowConsumer()
 
     async def _writer(self) -> None:
-        async for data in self._out_rx:
-            await self.ws.send(data)
+        """Send queued frames, bundling what has piled up into one message (protocol §1)."""
+        limit = self.node.config.max_frame
+        queued = self._out_rx
+        async for data in queued:
+            frames, size = [data], len(data)
+            while size < limit:
+                try:
+                    data = queued.receive_nowait()
+                except trio.WouldBlock:
+                    break
+                frames.append(data)
+                size += len(data)
+            await self.ws.send(f.bundle(frames))
 
     async def _reader(self) -> None:
         # An agent that connects and never authenticates holds resources for nothing.
@@ -122,24 +133,28 @@ class Connection:
             error = ProtocolError(ErrorCode.MALFORMED, "frames are binary messages, not text")
             await self._send(f.Error.of(error))
             return
-        action = self.session.receive(message)
-        if isinstance(action, Admit):
-            ticket = await self.node.admit(action.event)
-            await self._acks_tx.send((action.rid, ticket))
-        elif isinstance(action, Reply):
-            await self._send(action.frame)
-        elif isinstance(action, Open):
-            await self._open(action.request)
-        else:
-            assert isinstance(action, Close)
-            await self._close(action.sub)
+        for action in self.session.receive(message):
+            if isinstance(action, Admit):
+                ticket = await self.node.admit(action.event)
+                try:
+                    self._acks_tx.send_nowait((action.rid, ticket))
+                except trio.WouldBlock:
+                    await self._acks_tx.send((action.rid, ticket))
+            elif isinstance(action, Reply):
+                await self._send(action.frame)
+            elif isinstance(action, Open):
+                await self._open(action.request)
+            else:
+                assert isinstance(action, Close)
+                await self._close(action.sub)
 
     # -- publishing -------------------------------------------------------------------
 
     async def _acknowledger(self) -> None:
         async with trio.open_nursery() as parked:
             async for rid, ticket in self._acks_rx:
-                await ticket.decided.wait()
+                if not ticket.decided.is_set():
+                    await ticket.decided.wait()
                 if ticket.parked:
                     # Answer it when its deps arrive, without holding up later acks.
                     parked.start_soon(self._acknowledge, rid, ticket)
@@ -148,7 +163,8 @@ class Connection:
 
     async def _acknowledge(self, rid: int, ticket: Ticket) -> None:
         try:
-            record = await self.node.answer(ticket)
+            # Most answers are ready by the time we look: skip the awaits then.
+            record = self.node.answer_nowait(ticket) or await self.node.answer(ticket)
         except ProtocolError as exc:
             await self._send(f.Error.of(exc, rid=rid))
             return

@@ -99,19 +99,19 @@ class Session:
             max_deps=max_deps,
         )
 
-    def receive(self, data: bytes) -> Action:
-        """Decide what one received message means. Never raises for remote input."""
+    def receive(self, data: bytes) -> list[Action]:
+        """Decide what one received message (a frame or a bundle) means, frame by frame.
+
+        Never raises for remote input: each bad frame becomes an error reply.
+        """
         if len(data) > self.max_frame:
-            return _error(
-                ProtocolError(
-                    ErrorCode.FRAME_TOO_LARGE,
-                    f"frame of {len(data)} bytes; limit is {self.max_frame}",
-                )
-            )
-        try:
-            frame = f.decode_frame(data)
-        except ProtocolError as exc:
-            return _error(exc)
+            reason = f"message of {len(data)} bytes; limit is {self.max_frame}"
+            return [_error(ProtocolError(ErrorCode.FRAME_TOO_LARGE, reason))]
+        return [self._act(item) for item in f.decode_message(data)]
+
+    def _act(self, frame: f.Frame | ProtocolError) -> Action:
+        if isinstance(frame, ProtocolError):
+            return _error(frame)
         rid = frame.rid if isinstance(frame, f.Publish) else None
         sub = frame.sub if isinstance(frame, (f.Subscribe, f.Unsubscribe)) else None
         try:

@@ -94,7 +94,10 @@ def test_canonical_bytes_are_exact() -> None:
         b"\xcd\x00\x01",  # uint16 holding a value that fits a fixint
         b"\xca\x3f\xc0\x00\x00",  # float32: only float64 is canonical
         b"\x82\xa1a\x01\xa1a\x02",  # duplicate key
-        b"\xc7\x01\x05\x00",  # ext type
+        b"\xc7\x01\x05\x00",  # ext type in a longer form than needed
+        b"\xd4\x05\x00",  # ext type in its shortest form
+        b"\xd6\xff\x00\x00\x00\x01",  # the timestamp ext type
+        b"\x81\xc4\x01k\x01",  # a bin map key
         msgpack.packb({1: 2}),  # non-string key
     ],
 )

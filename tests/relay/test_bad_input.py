@@ -298,7 +298,7 @@ async def test_malformed_msgpack_is_refused(relay: RunningRelay, data: bytes | s
 @pytest.mark.parametrize(
     "value",
     [
-        pytest.param([1, 2], id="array"),
+        pytest.param([[1, 2]], id="bundle-of-array"),
         pytest.param("publish", id="string"),
         pytest.param(42, id="int"),
         pytest.param(None, id="nil"),

@@ -7,13 +7,18 @@ import pytest
 from agent_sdk import frames as f
 from agent_sdk.errors import ErrorCode
 from agent_sdk.wire import verify_signature
-from relay.session import Admit, Close, Open, Reply, Session, State
+from relay.session import Action, Admit, Close, Open, Reply, Session, State
 from tests.conftest import identity
 from tests.relay.test_sequencer import event
 
 AGENT = identity(1)
 RELAY = identity(2)
 CHALLENGE = bytes(range(32))
+
+
+def receive(session: Session, data: bytes) -> Action:
+    [action] = session.receive(data)
+    return action
 
 
 def new_session() -> Session:
@@ -39,7 +44,7 @@ def error_code(action: object) -> ErrorCode:
 
 def authenticated() -> Session:
     session = new_session()
-    action = session.receive(auth_frame())
+    action = receive(session, auth_frame())
     assert isinstance(action, Reply) and isinstance(action.frame, f.Welcome)
     return session
 
@@ -51,7 +56,7 @@ def publish(signed: object, rid: int = 1) -> bytes:
 def test_auth_proves_both_keys() -> None:
     session = new_session()
     assert session.hello.challenge == CHALLENGE and session.state is State.AWAITING_AUTH
-    action = session.receive(auth_frame())
+    action = receive(session, auth_frame())
     assert isinstance(action, Reply) and isinstance(action.frame, f.Welcome)
     proof = f.relay_auth_message(AGENT.public_key, b"a" * 32)
     assert verify_signature(RELAY.public_key, action.frame.sig, proof)
@@ -60,7 +65,7 @@ def test_auth_proves_both_keys() -> None:
 
 def test_auth_for_another_key_fails() -> None:
     session = new_session()
-    assert error_code(session.receive(auth_frame(who=identity(3)))) is ErrorCode.AUTH_FAILED
+    assert error_code(receive(session, auth_frame(who=identity(3)))) is ErrorCode.AUTH_FAILED
     assert session.state is State.AWAITING_AUTH
 
 
@@ -74,21 +79,21 @@ def test_auth_for_another_key_fails() -> None:
 )
 def test_nothing_before_auth(frame: f.AgentFrame) -> None:
     session = new_session()
-    assert error_code(session.receive(f.encode_frame(frame))) is ErrorCode.NOT_AUTHENTICATED
+    assert error_code(receive(session, f.encode_frame(frame))) is ErrorCode.NOT_AUTHENTICATED
 
 
 def test_second_auth_and_relay_frames_are_refused() -> None:
     session = authenticated()
-    assert error_code(session.receive(auth_frame())) is ErrorCode.ALREADY_AUTHENTICATED
+    assert error_code(receive(session, auth_frame())) is ErrorCode.ALREADY_AUTHENTICATED
     live = f.encode_frame(f.Live(sub=1, ns="t@local", seq=1))
-    assert error_code(session.receive(live)) is ErrorCode.UNKNOWN_FRAME
+    assert error_code(receive(session, live)) is ErrorCode.UNKNOWN_FRAME
     assert session.state is State.OPEN
 
 
 def test_verified_publish_is_admitted_with_its_rid() -> None:
     session = authenticated()
     signed = event(1)
-    assert session.receive(publish(signed, rid=9)) == Admit(9, signed)
+    assert receive(session, publish(signed, rid=9)) == Admit(9, signed)
 
 
 def test_publish_checks_author_then_signature() -> None:
@@ -97,24 +102,41 @@ def test_publish_checks_author_then_signature() -> None:
     from agent_sdk.wire import Event, sign_event
 
     foreign = sign_event(Event(ns="t@local", kind="app.x", author=other.public_key), other.sign)
-    action = session.receive(publish(foreign, rid=4))
+    action = receive(session, publish(foreign, rid=4))
     assert error_code(action) is ErrorCode.WRONG_AUTHOR
     assert isinstance(action, Reply) and action.frame.rid == 4  # type: ignore[union-attr]
     signed = event(1)
     forged = f.encode_frame(f.Publish(rid=5, event=signed.raw, sig=bytes(64)))
-    assert error_code(session.receive(forged)) is ErrorCode.BAD_SIGNATURE
+    assert error_code(receive(session, forged)) is ErrorCode.BAD_SIGNATURE
     too_many = event(2, deps=tuple(bytes([i]) * 32 for i in range(5)))
-    assert error_code(session.receive(publish(too_many))) is ErrorCode.TOO_MANY_DEPS
+    assert error_code(receive(session, publish(too_many))) is ErrorCode.TOO_MANY_DEPS
 
 
 def test_oversized_and_malformed_frames() -> None:
     session = authenticated()
-    assert error_code(session.receive(b"\x00" * 4097)) is ErrorCode.FRAME_TOO_LARGE
-    assert error_code(session.receive(b"\xc1")) is ErrorCode.MALFORMED
+    assert error_code(receive(session, b"\x00" * 4097)) is ErrorCode.FRAME_TOO_LARGE
+    assert error_code(receive(session, b"\xc1")) is ErrorCode.MALFORMED
 
 
 def test_subscribe_and_unsubscribe_are_passed_on() -> None:
     session = authenticated()
     request = f.Subscribe(sub=3, ns=("t@local",), start={"t@local": 1})
-    assert session.receive(f.encode_frame(request)) == Open(request)
-    assert session.receive(f.encode_frame(f.Unsubscribe(sub=3))) == Close(3)
+    assert receive(session, f.encode_frame(request)) == Open(request)
+    assert receive(session, f.encode_frame(f.Unsubscribe(sub=3))) == Close(3)
+
+
+def test_a_bundle_is_answered_frame_by_frame() -> None:
+    session = new_session()
+    signed = event(1)
+    frames = [
+        auth_frame(),
+        publish(signed, rid=1),
+        b"\x81\xa1t\xa4nope",  # {"t": "nope"}
+        publish(signed, rid=2),
+    ]
+    actions = session.receive(f.bundle(frames))
+    assert isinstance(actions[0], Reply) and isinstance(actions[0].frame, f.Welcome)
+    assert actions[1] == Admit(1, signed)
+    assert error_code(actions[2]) is ErrorCode.UNKNOWN_FRAME
+    assert actions[3] == Admit(2, signed)
+    assert error_code(receive(session, b"\x90")) is ErrorCode.MALFORMED  # empty bundle
