@@ -152,14 +152,24 @@ class Connection:
 
     async def _acknowledger(self) -> None:
         async with trio.open_nursery() as parked:
-            async for rid, ticket in self._acks_rx:
-                if not ticket.decided.is_set():
-                    await ticket.decided.wait()
-                if ticket.parked:
-                    # Answer it when its deps arrive, without holding up later acks.
-                    parked.start_soon(self._acknowledge, rid, ticket)
-                else:
-                    await self._acknowledge(rid, ticket)
+            async for first in self._acks_rx:
+                # Take everything queued before answering: a commit makes many answers
+                # ready at once, and answering them without yielding in between lets
+                # the writer send them as one bundle.
+                queued = [first]
+                while True:
+                    try:
+                        queued.append(self._acks_rx.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                for rid, ticket in queued:
+                    if not ticket.decided.is_set():
+                        await ticket.decided.wait()
+                    if ticket.parked:
+                        # Answer it when its deps arrive, without holding up later acks.
+                        parked.start_soon(self._acknowledge, rid, ticket)
+                    else:
+                        await self._acknowledge(rid, ticket)
 
     async def _acknowledge(self, rid: int, ticket: Ticket) -> None:
         try:
