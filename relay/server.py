@@ -267,6 +267,7 @@ def info_document(node: RelayNode) -> dict[str, Any]:
             "max_subscriptions": config.max_subscriptions,
             "max_inflight": config.max_inflight,
             "slow_consumer_timeout": config.slow_consumer_timeout,
+            "auth_timeout": config.auth_timeout,
             "sequencer": asdict(config.sequencer),
         },
         "stats": dict(node.stats),
