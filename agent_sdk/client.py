@@ -240,7 +240,7 @@ class RelayClient:
         await ws.send(f.encode_frame(auth))
         answer = f.decode_frame(await _recv_bytes(ws))
         if isinstance(answer, f.Error):
-            raise ProtocolError(ErrorCode(answer.code), answer.reason)
+            raise _error_of(answer)
         if not isinstance(answer, f.Welcome):
             raise RelayMismatch(f"expected welcome, got {answer.t}")
         proof = f.relay_auth_message(self.identity.public_key, challenge)
@@ -320,11 +320,7 @@ class RelayClient:
             self._on_error(frame)
 
     def _on_error(self, frame: f.Error) -> None:
-        try:
-            code = ErrorCode(frame.code)
-        except ValueError:
-            code = ErrorCode.INTERNAL
-        error = ProtocolError(code, frame.reason)
+        error = _error_of(frame)
         if frame.rid is not None and frame.rid in self._pending:
             pending = self._pending.pop(frame.rid)
             pending.error = error
@@ -434,6 +430,15 @@ class RelayClient:
 
     async def wait_connected(self) -> None:
         await self._connected.wait()
+
+
+def _error_of(frame: f.Error) -> ProtocolError:
+    """The exception for a relay's error frame (a code this client does not know is kept
+    in the reason, under ``internal``)."""
+    try:
+        return ProtocolError(ErrorCode(frame.code), frame.reason)
+    except ValueError:
+        return ProtocolError(ErrorCode.INTERNAL, f"{frame.code} {frame.name}: {frame.reason}")
 
 
 @contextmanager
