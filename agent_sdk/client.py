@@ -123,14 +123,21 @@ class Subscription:
         event = decode_event(frame.event, frame.sig)
         if event.id != receipt.id:
             raise RelayMismatch("relay sent an event with another event's receipt")
+        try:
+            await self._tx.send(Delivery(event, receipt, frame.seal))
+        except trio.BrokenResourceError:
+            return  # the subscriber has left; its unsubscribe is on the way
         self.next[receipt.ns] = receipt.seq + 1
-        await self._tx.send(Delivery(event, receipt, frame.seal))
 
     async def _mark_live(self, frame: f.Live) -> None:
-        self.next.setdefault(frame.ns, frame.seq + 1)
+        # With a filter the last delivered seq may lag the head: resume past both.
+        self.next[frame.ns] = max(self.next.get(frame.ns, 0), frame.seq + 1)
         if frame.ns not in self.live:
             self.live.add(frame.ns)
-            await self._tx.send(Live(frame.ns, frame.seq))
+            try:
+                await self._tx.send(Live(frame.ns, frame.seq))
+            except trio.BrokenResourceError:
+                pass
 
     def __aiter__(self) -> Subscription:
         return self
@@ -420,6 +427,7 @@ class RelayClient:
         try:
             yield subscription
         finally:
+            subscription._rx.close()  # a reader blocked on a full buffer goes on
             if self._subscriptions.pop(request.sub, None) is not None:
                 self._queue(f.encode_frame(f.Unsubscribe(sub=request.sub)))
 

@@ -48,6 +48,7 @@ class RelayConfig:
     max_frame: int = 1 << 20
     max_deps: int = 32
     max_subscriptions: int = 64
+    max_follows: int = 256
     max_inflight: int = 1024
     send_queue: int = 256
     slow_consumer_timeout: float = 30.0
@@ -60,9 +61,9 @@ class RelayConfig:
     def __post_init__(self) -> None:
         if not NS_RE.fullmatch(f"x@{self.name}"):
             raise ValueError(f"relay name {self.name!r}: lowercase letters, digits, . _ -")
-        if self.sequencer.known_capacity < 4 * self.commit_batch:
-            # An id evicted before its batch commits could be sequenced twice.
-            raise ValueError("sequencer.known_capacity must be at least 4 x commit_batch")
+        for name in ("commit_batch", "replay_batch", "recent_per_ns", "send_queue"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
 
 
 class Router(Protocol):
@@ -88,6 +89,9 @@ class HomeOnly:
 
 
 Fold = Callable[[Record], None]
+
+MAX_WAITING_PER_PARKED = 8
+"""Publishes of one parked event answered when it is: re-publishes beyond are refused."""
 
 STATS = ("published", "duplicates", "rejected", "batches", "connections", "slow_consumers")
 """The node's counters, served in ``GET /info``."""
@@ -144,11 +148,12 @@ class RelayNode:
         self._recent: dict[str, dict[int, Record]] = {}
         self._pending: list[Record] = []
         self._pending_ready = trio.Event()
+        self._drained = trio.Event()
         self._waiting_tickets: dict[bytes, list[Ticket]] = {}
         self._parked_signal = trio.Event()
         self._admit_tx, self._admit_rx = trio.open_memory_channel[Ticket](self.config.max_inflight)
         self._read_lock = trio.Lock()
-        self._write_lock = trio.Lock()
+        self._find_lock = trio.Lock()
         self.stats = dict.fromkeys(STATS, 0)
         self._stats_changed = trio.Event()
         self._stat_waiters = 0
@@ -159,16 +164,14 @@ class RelayNode:
         if self._stat_waiters:  # keep the hot path cheap
             self._stats_changed.set()
             self._stats_changed = trio.Event()
+            self._stat_waiters = 0
         self._stat_waiters = 0
 
     async def wait_stat(self, stat: str, at_least: int) -> None:
         """Return once counter ``stat`` has reached ``at_least``."""
-        self._stat_waiters += 1
-        try:
-            while self.stats[stat] < at_least:
-                await self._stats_changed.wait()
-        finally:
-            self._stat_waiters -= 1
+        while self.stats[stat] < at_least:
+            self._stat_waiters += 1  # reset by count() when it wakes us
+            await self._stats_changed.wait()
 
     # -- running -------------------------------------------------------------------------
 
@@ -227,6 +230,10 @@ class RelayNode:
 
     async def _sequencing_loop(self) -> None:
         async for first in self._admit_rx:
+            # Backpressure: sequence no further ahead of the disk than a few batches.
+            while len(self._pending) >= 4 * self.config.commit_batch:
+                self._drained = trio.Event()
+                await self._drained.wait()
             batch = [first]
             while len(batch) < self.config.commit_batch:
                 try:
@@ -235,7 +242,7 @@ class RelayNode:
                     break
             unknown = self.sequencer.unknown(t.event for t in batch)
             if unknown:
-                async with self._read_lock:
+                async with self._find_lock:  # not behind replays: publishing must not wait
                     found = await self._call(self.store.find, unknown)
                 self.sequencer.learn(found)
             now = self.wall_ms()
@@ -251,15 +258,22 @@ class RelayNode:
             for record in outcome.records:
                 self._pending.append(record)
                 located = Located(record.ns, record.seq, record.hlc)
-                for waiting in self._waiting_tickets.pop(record.id, ()):
-                    waiting._resolve(located)
+                for answered in self._waiting_tickets.pop(record.id, ()):
+                    answered._resolve(located)
                 self.count("published")
         elif isinstance(outcome, Duplicate):
             ticket.duplicate = True
             self.count("duplicates")
             ticket._resolve(outcome.located)
         elif isinstance(outcome, Parked):
-            self._waiting_tickets.setdefault(ticket.event.id, []).append(ticket)
+            waiting = self._waiting_tickets.setdefault(ticket.event.id, [])
+            if len(waiting) >= MAX_WAITING_PER_PARKED:
+                # Re-publishing a parked event must not buy memory: one answer suffices.
+                reason = "this event is parked already; retry once it is answered"
+                self.count("rejected")
+                ticket._resolve(error=ProtocolError(ErrorCode.MISSING_DEPS, reason))
+                return
+            waiting.append(ticket)
             ticket.decided.set()
             self._parked_signal.set()
         else:
@@ -291,9 +305,9 @@ class RelayNode:
             while self._pending:
                 batch = self._pending[: self.config.commit_batch]
                 del self._pending[: len(batch)]
+                self._drained.set()
                 batch = self._seal_heads(batch)
-                async with self._write_lock:
-                    await self._call(self.store.append, batch)
+                await self._call(self.store.append, batch)
                 self.count("batches")
                 self._committed_batch(batch)
 
@@ -308,6 +322,7 @@ class RelayNode:
 
     def _committed_batch(self, batch: Sequence[Record]) -> None:
         keep = self.config.recent_per_ns
+        self.sequencer.committed(record.id for record in batch)
         for record in batch:
             recent = self._recent.setdefault(record.ns, {})
             recent[record.seq] = record
@@ -335,7 +350,14 @@ class RelayNode:
             changed = self._changed.get(ns)
             if changed is None:
                 changed = self._changed[ns] = trio.Event()
-            await changed.wait()
+            try:
+                await changed.wait()
+            finally:
+                # The last waiter of a namespace that never changed takes its event
+                # along, so subscriptions to idle namespaces leave nothing behind.
+                idle = not changed.is_set() and not changed.statistics().tasks_waiting
+                if idle and self._changed.get(ns) is changed:
+                    del self._changed[ns]
 
     async def committed_record(self, ns: str, seq: int) -> Record:
         await self.wait_beyond(ns, seq - 1)

@@ -19,16 +19,19 @@ For each one the sequencer answers, without waiting on anything:
   across namespaces.
 * :class:`Rejected` — with a protocol error code.
 
-The sequencer knows which ids are sequenced through a bounded cache. Ids it does not
-know may still be in the store from before a restart, so the caller first asks
-:meth:`Sequencer.unknown`, looks those ids up in the store and feeds what it found to
-:meth:`Sequencer.learn`, then offers — with no await in between, so the answer is
-consistent. Everything the sequencer itself sequenced since start-up stays known
-until evicted, and eviction only drops ids the store already has.
+The sequencer knows which ids are sequenced through two maps: ids it sequenced that
+are not committed yet (never evicted: the store cannot answer for them), and a bounded
+cache of committed ids (the caller moves ids there with :meth:`Sequencer.committed`).
+Ids it does not know may still be in the store from before a restart, so the caller
+first asks :meth:`Sequencer.unknown`, looks those ids up in the store and feeds what it
+found to :meth:`Sequencer.learn`, then offers — with no await in between, so the answer
+is consistent. A parked event remembers its dependencies' largest hlc as they become
+known, so releasing it never depends on the cache still holding them.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -77,6 +80,7 @@ class _Parking:
     event: SignedEvent
     deadline_ms: int
     missing: set[bytes] = field(default_factory=set)
+    dep_hlc: int = 0  # the largest hlc among its deps known so far
 
 
 class Sequencer:
@@ -96,7 +100,8 @@ class Sequencer:
         self.limits = limits or Limits()
         self.heads: dict[str, Head] = dict(heads or {})
         self.hlc = max([hlc, *(head.hlc for head in self.heads.values())])
-        self._known: dict[bytes, Located] = {}
+        self._known: dict[bytes, Located] = {}  # committed: a bounded cache
+        self._uncommitted: dict[bytes, Located] = {}  # sequenced, not yet committed
         self._parked: dict[bytes, _Parking] = {}
         self._waiting: dict[bytes, list[bytes]] = {}  # missing dep -> parked ids
 
@@ -107,9 +112,16 @@ class Sequencer:
         ids: set[bytes] = set()
         for signed in events:
             for event_id in (signed.id, *signed.event.deps):
-                if event_id not in self._known and event_id not in self._parked:
+                if self._locate(event_id) is None and event_id not in self._parked:
                     ids.add(event_id)
         return ids
+
+    def committed(self, ids: Iterable[bytes]) -> None:
+        """These sequenced ids are committed: the store answers for them from now on."""
+        for event_id in ids:
+            located = self._uncommitted.pop(event_id, None)
+            if located is not None:
+                self._remember(event_id, located)
 
     def learn(self, found: Mapping[bytes, Located]) -> None:
         """Record ids the store reported as committed."""
@@ -117,7 +129,12 @@ class Sequencer:
             self._remember(event_id, located)
 
     def locate(self, event_id: bytes) -> Located | None:
-        return self._known.get(event_id)
+        """Where an id is sequenced, if the sequencer knows (committed or not)."""
+        return self._locate(event_id)
+
+    def _locate(self, event_id: bytes) -> Located | None:
+        located = self._uncommitted.get(event_id)
+        return located if located is not None else self._known.get(event_id)
 
     @property
     def parked_count(self) -> int:
@@ -128,15 +145,15 @@ class Sequencer:
         known.pop(event_id, None)
         known[event_id] = located
         if len(known) > self.limits.known_capacity:
-            # Oldest first (dicts keep insertion order). Only committed ids get this
-            # old, and the store answers for those.
+            # Oldest first (dicts keep insertion order); all committed, so the store
+            # answers for them.
             del known[next(iter(known))]
 
     # -- offering events -----------------------------------------------------------
 
     def offer(self, signed: SignedEvent, now_ms: int) -> Outcome:
         """Decide what happens to one verified event (see the module docstring)."""
-        located = self._known.get(signed.id)
+        located = self._locate(signed.id)
         if located is not None:
             return Duplicate(located)
         parking = self._parked.get(signed.id)
@@ -148,17 +165,23 @@ class Sequencer:
                 ErrorCode.BAD_TIMESTAMP,
                 f"ts is {signed.event.ts - now_ms} ms from the relay clock; limit {skew}",
             )
-        missing = {dep for dep in signed.event.deps if dep not in self._known}
+        dep_hlc, missing = 0, set()
+        for dep in signed.event.deps:
+            known = self._locate(dep)
+            if known is None:
+                missing.add(dep)
+            else:
+                dep_hlc = max(dep_hlc, known.hlc)
         if missing:
             if len(self._parked) >= self.limits.max_parked:
                 return Rejected(ErrorCode.MISSING_DEPS, "deps not sequenced and parking is full")
             self._parked[signed.id] = _Parking(
-                signed, now_ms + self.limits.park_timeout_ms, set(missing)
+                signed, now_ms + self.limits.park_timeout_ms, missing, dep_hlc
             )
             for dep in missing:
                 self._waiting.setdefault(dep, []).append(signed.id)
             return Parked(frozenset(missing))
-        return Sequenced(self._sequence_with_released(signed, now_ms))
+        return Sequenced(self._sequence_with_released(signed, dep_hlc, now_ms))
 
     def expire(self, now_ms: int) -> list[tuple[SignedEvent, Rejected]]:
         """Reject every parked event whose deadline has passed."""
@@ -184,25 +207,27 @@ class Sequencer:
 
     # -- sequencing ------------------------------------------------------------------
 
-    def _sequence_with_released(self, first: SignedEvent, now_ms: int) -> tuple[Record, ...]:
+    def _sequence_with_released(
+        self, first: SignedEvent, dep_hlc: int, now_ms: int
+    ) -> tuple[Record, ...]:
         records = []
-        ready = [first]
+        ready = deque([(first, dep_hlc)])
         while ready:
-            signed = ready.pop(0)
-            records.append(self._sequence(signed, now_ms))
+            signed, dep_hlc = ready.popleft()
+            record = self._sequence(signed, dep_hlc, now_ms)
+            records.append(record)
             for waiter_id in self._waiting.pop(signed.id, ()):
                 parking = self._parked[waiter_id]
                 parking.missing.discard(signed.id)
+                parking.dep_hlc = max(parking.dep_hlc, record.hlc)
                 if not parking.missing:
                     del self._parked[waiter_id]
-                    ready.append(parking.event)
+                    ready.append((parking.event, parking.dep_hlc))
         return tuple(records)
 
-    def _sequence(self, signed: SignedEvent, now_ms: int) -> Record:
+    def _sequence(self, signed: SignedEvent, dep_hlc: int, now_ms: int) -> Record:
         event = signed.event
-        hlc = max(self.hlc + 1, now_ms << HLC_SHIFT)
-        for dep in event.deps:
-            hlc = max(hlc, self._known[dep].hlc + 1)
+        hlc = max(self.hlc + 1, now_ms << HLC_SHIFT, dep_hlc + 1)
         self.hlc = hlc
         head = self.heads.get(event.ns)
         seq = 1 if head is None else head.seq + 1
@@ -215,7 +240,7 @@ class Sequencer:
             relay=self.relay_key,
         )
         self.heads[event.ns] = Head(event.ns, seq, receipt.hash, hlc)
-        self._remember(signed.id, Located(event.ns, seq, hlc))
+        self._uncommitted[signed.id] = Located(event.ns, seq, hlc)
         return Record(
             ns=event.ns,
             seq=seq,

@@ -19,7 +19,7 @@ import json
 import logging
 import secrets
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from http import HTTPStatus
 from typing import Any
 
@@ -46,6 +46,15 @@ class SlowConsumer(Exception):
     """The writer queue stayed full for ``slow_consumer_timeout`` seconds."""
 
 
+@dataclass(slots=True)
+class _Running:
+    """An open subscription: what cancels it, when it has stopped, what it follows."""
+
+    scope: trio.CancelScope
+    done: trio.Event
+    follows: int
+
+
 class Connection:
     """The I/O side of one agent connection."""
 
@@ -65,7 +74,8 @@ class Connection:
         self._acks_tx, self._acks_rx = trio.open_memory_channel[tuple[int, Ticket]](
             config.max_inflight
         )
-        self._subscriptions: dict[int, trio.CancelScope] = {}
+        self._subscriptions: dict[int, _Running] = {}
+        self._follows = 0  # namespaces followed, over all subscriptions
         self._closing = False
 
     async def run(self) -> None:
@@ -118,13 +128,16 @@ class Connection:
 
     async def _reader(self) -> None:
         # An agent that connects and never authenticates holds resources for nothing.
-        with trio.move_on_after(self.node.config.auth_timeout) as waiting:
-            while self.session.agent is None:
-                await self._receive_one(await self.ws.recv())
-        if waiting.cancelled_caught:
-            reason = f"{int(ErrorCode.NOT_AUTHENTICATED)} not_authenticated: auth timeout"
-            await self.ws.aclose(AUTH_TIMEOUT_CLOSE, reason)
-            return
+        # The deadline bounds the waits for messages, not the handling of one.
+        deadline = trio.current_time() + self.node.config.auth_timeout
+        while self.session.agent is None:
+            with trio.move_on_at(deadline):
+                message = await self.ws.recv()
+            if trio.current_time() >= deadline and self.session.agent is None:
+                reason = f"{int(ErrorCode.NOT_AUTHENTICATED)} not_authenticated: auth timeout"
+                await self.ws.aclose(AUTH_TIMEOUT_CLOSE, reason)
+                return
+            await self._receive_one(message)
         async for message in self.ws:
             await self._receive_one(message)
 
@@ -133,7 +146,9 @@ class Connection:
             error = ProtocolError(ErrorCode.MALFORMED, "frames are binary messages, not text")
             await self._send(f.Error.of(error))
             return
-        for action in self.session.receive(message):
+        for i, action in enumerate(self.session.receive(message), 1):
+            if i % 64 == 0:  # a big bundle must not hold the event loop for its whole length
+                await trio.lowlevel.checkpoint()
             if isinstance(action, Admit):
                 ticket = await self.node.admit(action.event)
                 try:
@@ -189,9 +204,13 @@ class Connection:
                 raise ProtocolError(
                     ErrorCode.DUPLICATE_SUBSCRIPTION, f"subscription {request.sub} is open"
                 )
-            if len(self._subscriptions) >= self.node.config.max_subscriptions:
-                limit = self.node.config.max_subscriptions
+            config = self.node.config
+            if len(self._subscriptions) >= config.max_subscriptions:
+                limit = config.max_subscriptions
                 raise ProtocolError(ErrorCode.TOO_MANY_SUBSCRIPTIONS, f"limit is {limit}")
+            if self._follows + len(request.ns) > config.max_follows:
+                reason = f"over {config.max_follows} namespaces followed on this connection"
+                raise ProtocolError(ErrorCode.TOO_MANY_SUBSCRIPTIONS, reason)
             match = Filter.of(request)
             starts = {}
             for ns in request.ns:
@@ -204,26 +223,32 @@ class Connection:
         except ProtocolError as exc:
             await self._send(f.Error.of(exc, sub=request.sub))
             return
-        scope = trio.CancelScope()
-        self._subscriptions[request.sub] = scope
-        self._nursery.start_soon(self._subscription, request.sub, scope, starts, match)
+        running = _Running(trio.CancelScope(), trio.Event(), len(starts))
+        self._subscriptions[request.sub] = running
+        self._follows += running.follows
+        self._nursery.start_soon(self._subscription, request.sub, running, starts, match)
 
     async def _close(self, sub: int) -> None:
-        scope = self._subscriptions.pop(sub, None)
-        if scope is None:
+        running = self._subscriptions.pop(sub, None)
+        if running is None:
             error = ProtocolError(ErrorCode.UNKNOWN_SUBSCRIPTION, f"no subscription {sub}")
             await self._send(f.Error.of(error, sub=sub))
             return
-        scope.cancel()
+        running.scope.cancel()
+        await running.done.wait()  # nothing of it may follow its `unsubscribed`
+        self._follows -= running.follows
         await self._send(f.Unsubscribed(sub=sub))
 
     async def _subscription(
-        self, sub: int, scope: trio.CancelScope, starts: dict[str, int], match: Filter
+        self, sub: int, running: _Running, starts: dict[str, int], match: Filter
     ) -> None:
-        with scope:
-            async with trio.open_nursery() as nursery:
-                for ns, start in starts.items():
-                    nursery.start_soon(self._follow, sub, ns, start, match)
+        try:
+            with running.scope:
+                async with trio.open_nursery() as nursery:
+                    for ns, start in starts.items():
+                        nursery.start_soon(self._follow, sub, ns, start, match)
+        finally:
+            running.done.set()
 
     async def _follow(self, sub: int, ns: str, cursor: int, match: Filter) -> None:
         """Replay ``ns`` from ``cursor``, mark live, then stream as the log grows."""
@@ -232,6 +257,8 @@ class Connection:
         while True:
             records: list[Record] = await self.node.read(ns, cursor, batch)
             for record in records:
+                # Sending may not block, so look for an unsubscribe before each frame.
+                await trio.lowlevel.checkpoint_if_cancelled()
                 if match.matches(record):
                     event = f.EventFrame(
                         sub=sub,
@@ -246,6 +273,7 @@ class Connection:
                 continue
             if not live:
                 live = True
+                await trio.lowlevel.checkpoint_if_cancelled()
                 await self._send(f.Live(sub=sub, ns=ns, seq=cursor - 1))
             await self.node.wait_beyond(ns, cursor - 1)
 

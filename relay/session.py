@@ -13,6 +13,7 @@ and last the Ed25519 signature — so bad input costs as little as it can.
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from agent_sdk import frames as f
@@ -99,15 +100,16 @@ class Session:
             max_deps=max_deps,
         )
 
-    def receive(self, data: bytes) -> list[Action]:
+    def receive(self, data: bytes) -> Iterator[Action]:
         """Decide what one received message (a frame or a bundle) means, frame by frame.
 
-        Never raises for remote input: each bad frame becomes an error reply.
+        Lazily: the caller may pause between frames of a big bundle. Never raises for
+        remote input: each bad frame becomes an error reply.
         """
         if len(data) > self.max_frame:
             reason = f"message of {len(data)} bytes; limit is {self.max_frame}"
-            return [_error(ProtocolError(ErrorCode.FRAME_TOO_LARGE, reason))]
-        return [self._act(item) for item in f.decode_message(data)]
+            return iter([_error(ProtocolError(ErrorCode.FRAME_TOO_LARGE, reason))])
+        return (self._act(item) for item in f.decode_message(data))
 
     def _act(self, frame: f.Frame | ProtocolError) -> Action:
         if isinstance(frame, ProtocolError):

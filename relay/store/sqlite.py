@@ -54,6 +54,9 @@ class SQLiteStore:
         self._writer.execute(f"PRAGMA synchronous={synchronous}")
         self._writer.executescript(SCHEMA)
         self._reader = self._connect(path)
+        # Duplicate and dependency look-ups get their own connection, so publishing
+        # never waits behind a subscriber's replay.
+        self._finder = self._connect(path)
 
     @staticmethod
     def _connect(path: Path) -> sqlite3.Connection:
@@ -81,10 +84,11 @@ class SQLiteStore:
                 "ON CONFLICT (ns) DO UPDATE SET receipt = excluded.receipt",
                 list(last.items()),
             )
+            conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             raise
-        conn.execute("COMMIT")
 
     def read(self, ns: str, start: int, limit: int) -> list[Record]:
         rows = self._reader.execute(
@@ -99,7 +103,7 @@ class SQLiteStore:
         for i in range(0, len(wanted), _FIND_CHUNK):
             chunk = wanted[i : i + _FIND_CHUNK]
             marks = ",".join("?" * len(chunk))
-            rows = self._reader.execute(
+            rows = self._finder.execute(
                 f"SELECT id, ns, seq, hlc FROM events WHERE id IN ({marks})", chunk
             )
             for event_id, ns, seq, hlc in rows:
@@ -135,3 +139,4 @@ class SQLiteStore:
     def close(self) -> None:
         self._writer.close()
         self._reader.close()
+        self._finder.close()

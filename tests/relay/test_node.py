@@ -15,7 +15,7 @@ import trio.testing
 
 from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.wire import decode_receipt, verify_seal
-from relay.node import RelayConfig, RelayNode
+from relay.node import MAX_WAITING_PER_PARKED, RelayConfig, RelayNode
 from relay.sequencer import Limits
 from relay.store import Record
 from relay.store.memory import MemoryStore
@@ -152,3 +152,36 @@ async def test_a_restarted_node_continues_each_log(tmp_path: Path) -> None:
         store.close()
         assert first.seq == round_ + 1
         assert duplicate.seq == 1
+
+
+async def test_republishing_a_parked_event_is_bounded(
+    node: RelayNode, autojump_clock: trio.testing.MockClock
+) -> None:
+    effect = event(2, deps=(event(1).id,))
+    tickets = [await node.admit(effect) for _ in range(20)]
+    await trio.testing.wait_all_tasks_blocked()
+    refused = [t for t in tickets if t.done.is_set()]
+    assert len(refused) == 20 - MAX_WAITING_PER_PARKED
+    assert all(t.error is not None and t.error.code is ErrorCode.MISSING_DEPS for t in refused)
+    await node.publish(event(1))
+    for ticket in tickets[:MAX_WAITING_PER_PARKED]:
+        assert (await node.answer(ticket)).seq == 2
+
+
+async def test_wait_stat_wakes_for_every_increment(
+    node: RelayNode, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(node.wait_stat, "published", 3)
+        nursery.start_soon(node.wait_stat, "published", 1)
+        await trio.testing.wait_all_tasks_blocked()
+        for n in range(3):
+            await node.publish(event(n))
+
+
+async def test_idle_namespace_waits_leave_nothing_behind(
+    node: RelayNode, autojump_clock: trio.testing.MockClock
+) -> None:
+    with trio.move_on_after(1):
+        await node.wait_beyond("idle@local", 0)
+    assert "idle@local" not in node._changed

@@ -122,13 +122,34 @@ def test_restart_continues_the_chain() -> None:
     assert check_chain([decode_receipt(nxt.receipt)], receipt) is None
 
 
-def test_known_cache_is_bounded() -> None:
+def test_only_committed_ids_leave_the_bounded_cache() -> None:
     sequencer = Sequencer(RELAY_KEY, limits=Limits(known_capacity=3))
     events = [event(i) for i in range(5)]
     for e in events:
         sequencer.offer(e, NOW)
+    # Not committed yet: the store could not answer for them, so all stay known.
+    assert all(sequencer.locate(e.id) is not None for e in events)
+    assert isinstance(sequencer.offer(events[0], NOW), Duplicate)
+    sequencer.committed(e.id for e in events)
     assert sequencer.locate(events[0].id) is None  # evicted: the store answers for it
     assert sequencer.locate(events[4].id) is not None
+
+
+def test_a_parked_event_keeps_its_deps_hlc_when_they_are_evicted() -> None:
+    sequencer = Sequencer(RELAY_KEY, limits=Limits(known_capacity=2))
+    early = sequenced(sequencer.offer(event(1), NOW + 10_000))[0]  # a high hlc
+    sequencer.committed([early.id])
+    missing = event(2)
+    effect = event(3, deps=(early.id, missing.id))
+    assert isinstance(sequencer.offer(effect, NOW), Parked)
+    others = [event(10 + i) for i in range(3)]
+    for other in others:  # push `early` out of the cache
+        sequencer.offer(other, NOW)
+    sequencer.committed(o.id for o in others)
+    assert sequencer.locate(early.id) is None
+    records = sequenced(sequencer.offer(missing, NOW))
+    assert [r.id for r in records] == [missing.id, effect.id]
+    assert records[1].hlc > early.hlc
 
 
 @st.composite

@@ -12,7 +12,7 @@ from websockets.trio.client import connect
 
 from agent_sdk import frames as f
 from agent_sdk.client import Delivery, Live, RelayClient
-from agent_sdk.errors import ErrorCode
+from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.wire import check_chain
 from relay.node import RelayConfig
 from tests.conftest import RunningRelay, identity, start_relay
@@ -149,3 +149,25 @@ async def test_a_connection_that_never_authenticates_is_closed(
         1008,
         "1004 not_authenticated: auth timeout",
     )
+
+
+async def test_nothing_of_a_subscription_follows_its_unsubscribed(relay: RunningRelay) -> None:
+    async with RelayClient.connect(relay.url, identity(1)) as client:
+        for n in range(20):
+            await client.publish(NS, "app.n", n)
+    agent = identity(2)
+    async with connect(relay.url, compression=None) as ws:
+        hello = f.decode_frame(await ws.recv())
+        assert isinstance(hello, f.Hello)
+        sig = agent.sign(f.agent_auth_message(hello.relay, hello.challenge))
+        auth = f.Auth(key=agent.public_key, sig=sig, challenge=bytes(32))
+        subscribe = f.Subscribe(sub=1, ns=(NS,), start={NS: 1})
+        frames = [auth, subscribe, f.Unsubscribe(sub=1), f.Subscribe(sub=2, ns=(NS,))]
+        await ws.send(f.bundle([f.encode_frame(frame) for frame in frames]))
+        seen: list[f.Frame] = []
+        while not any(isinstance(frame, f.Live) and frame.sub == 2 for frame in seen):
+            for frame in f.decode_message(await ws.recv()):
+                assert not isinstance(frame, ProtocolError)
+                seen.append(frame)
+    unsubscribed = next(i for i, frame in enumerate(seen) if isinstance(frame, f.Unsubscribed))
+    assert not [frame for frame in seen[unsubscribed + 1 :] if getattr(frame, "sub", None) == 1]

@@ -134,7 +134,7 @@ def test_a_bundle_is_answered_frame_by_frame() -> None:
         b"\x81\xa1t\xa4nope",  # {"t": "nope"}
         publish(signed, rid=2),
     ]
-    actions = session.receive(f.bundle(frames))
+    actions = list(session.receive(f.bundle(frames)))
     assert isinstance(actions[0], Reply) and isinstance(actions[0].frame, f.Welcome)
     assert actions[1] == Admit(1, signed)
     assert error_code(actions[2]) is ErrorCode.UNKNOWN_FRAME
