@@ -53,7 +53,7 @@ class ErrorCode(enum.IntEnum):
     SLOW_CONSUMER = 3002
     """The connection did not take frames fast enough; it is closed, not buffered."""
     TOO_MANY_SUBSCRIPTIONS = 3003
-    """The connection has ``max_subscriptions`` open already."""
+    """The connection has ``max_subscriptions`` open, or would follow over ``max_follows``."""
     UNKNOWN_SUBSCRIPTION = 3004
     """``unsubscribe`` names a subscription id this connection does not have."""
     DUPLICATE_SUBSCRIPTION = 3005
