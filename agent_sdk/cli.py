@@ -188,7 +188,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return 2
     key_path = Path(args.data) / KEY_FILE
     relay_key = Identity.load(key_path).public_key if key_path.exists() else None
-    store = SQLiteStore(path, synchronous="NORMAL")
+    store = SQLiteStore(path, readonly=True)
     try:
         namespaces = store.namespaces() if args.ns == "all" else [args.ns]
         failed = False

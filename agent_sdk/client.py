@@ -53,6 +53,7 @@ from agent_sdk.wire import (
 log = logging.getLogger("formicary.client")
 
 DEFAULT_RELAY = "ws://127.0.0.1:7700"
+HANDSHAKE_TIMEOUT = 10.0  # seconds for hello, auth and welcome
 
 
 class RelayMismatch(Exception):
@@ -211,14 +212,25 @@ class RelayClient:
                     open_timeout=10,
                     proxy=None,
                 ) as ws:
-                    await self._handshake(ws)
+                    with trio.fail_after(HANDSHAKE_TIMEOUT):
+                        await self._handshake(ws)
                     self.connections += 1
                     delay = 0.05
                     if not started:
                         started = True
                         task_status.started()
                     await self._serve(ws)
-            except (OSError, ConnectionClosed, InvalidHandshake, TimeoutError, InvalidURI) as exc:
+                if not self.reconnect:  # the relay closed cleanly; without reconnect, stop
+                    self._fail_all(ProtocolError(ErrorCode.INTERNAL, "the relay closed"))
+                    return
+            except (
+                OSError,
+                ConnectionClosed,
+                InvalidHandshake,
+                TimeoutError,
+                trio.TooSlowError,
+                InvalidURI,
+            ) as exc:
                 if not started or not self.reconnect:
                     self._fail_all(ProtocolError(ErrorCode.INTERNAL, f"connection lost: {exc}"))
                     raise

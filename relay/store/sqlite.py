@@ -45,22 +45,33 @@ class SQLiteStore:
 
     blocking = True
 
-    def __init__(self, path: Path, *, synchronous: str = "FULL") -> None:
+    def __init__(self, path: Path, *, synchronous: str = "FULL", readonly: bool = False) -> None:
+        """Open (and create, unless ``readonly``) the store at ``path``.
+
+        ``readonly`` opens an existing file for reading only — offline verification of
+        a live relay's data must not write to it.
+        """
         if synchronous not in ("FULL", "NORMAL", "EXTRA"):
             raise ValueError(f"synchronous must be FULL, NORMAL or EXTRA, not {synchronous!r}")
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._writer = self._connect(path)
-        self._writer.execute(f"PRAGMA synchronous={synchronous}")
-        self._writer.executescript(SCHEMA)
+        self.readonly = readonly
+        if not readonly:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._writer = self._connect(path)
+            self._writer.execute(f"PRAGMA synchronous={synchronous}")
+            self._writer.executescript(SCHEMA)
         self._reader = self._connect(path)
         # Duplicate and dependency look-ups get their own connection, so publishing
         # never waits behind a subscriber's replay.
         self._finder = self._connect(path)
 
-    @staticmethod
-    def _connect(path: Path) -> sqlite3.Connection:
+    def _connect(self, path: Path) -> sqlite3.Connection:
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, one per batch.
+        if self.readonly:
+            uri = f"{path.absolute().as_uri()}?mode=ro"
+            conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA busy_timeout=10000")
+            return conn
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA busy_timeout=10000")
@@ -137,6 +148,7 @@ class SQLiteStore:
             start = batch[-1].seq + 1
 
     def close(self) -> None:
-        self._writer.close()
+        if not self.readonly:
+            self._writer.close()
         self._reader.close()
         self._finder.close()
