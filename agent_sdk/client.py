@@ -173,7 +173,6 @@ class RelayClient:
         self.max_message = max_message
         self.relay_name: str | None = None
         self.connections = 0
-        self._ws: ClientConnection | None = None
         self._outbox: trio.MemorySendChannel[bytes] | None = None
         self.relay_max_frame = 1 << 20
         self._connected = trio.Event()
@@ -236,7 +235,7 @@ class RelayClient:
                     raise
                 log.info("relay connection lost (%s); reconnecting in %.2fs", exc, delay)
             finally:
-                self._ws = self._outbox = None
+                self._outbox = None
                 self._connected = trio.Event()
             await trio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 5.0)
@@ -274,7 +273,7 @@ class RelayClient:
         outbox, queued = trio.open_memory_channel[bytes](math.inf)
         # Open the outbox and snapshot the intent in one step (no await between): what
         # registers later queues itself, what registered earlier is in the snapshot.
-        self._ws, self._outbox = ws, outbox
+        self._outbox = outbox
         for subscription in self._subscriptions.values():
             outbox.send_nowait(f.encode_frame(subscription.resume_request()))
         for rid, pending in sorted(self._pending.items()):
@@ -449,6 +448,7 @@ class RelayClient:
             self._outbox.send_nowait(data)
 
     async def wait_connected(self) -> None:
+        """Return once the client is connected and its intent replayed."""
         await self._connected.wait()
 
 

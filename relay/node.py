@@ -80,7 +80,7 @@ class HomeOnly:
         self.name = name
 
     def refuse(self, ns: str) -> ProtocolError | None:
-        home = ns.rpartition("@")[2]
+        home = ns.rpartition("@")[2]  # the same rule as Event.home
         if home == self.name:
             return None
         return ProtocolError(
