@@ -27,6 +27,7 @@ decides what happens to namespaces homed elsewhere (federation plugs in there).
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeVar
@@ -55,13 +56,13 @@ class RelayConfig:
     auth_timeout: float = 10.0
     commit_batch: int = 4096
     replay_batch: int = 512
-    recent_per_ns: int = 4096
+    recent_bytes: int = 64 << 20
     sequencer: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
         if not NS_RE.fullmatch(f"x@{self.name}"):
             raise ValueError(f"relay name {self.name!r}: lowercase letters, digits, . _ -")
-        for name in ("commit_batch", "replay_batch", "recent_per_ns", "send_queue"):
+        for name in ("commit_batch", "replay_batch", "recent_bytes", "send_queue"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
 
@@ -89,6 +90,9 @@ class HomeOnly:
 
 
 Fold = Callable[[Record], None]
+
+RECORD_OVERHEAD = 400
+"""Bytes a cached record costs beyond its event and receipt bytes (objects, dicts)."""
 
 MAX_WAITING_PER_PARKED = 8
 """Publishes of one parked event answered when it is: re-publishes beyond are refused."""
@@ -146,6 +150,10 @@ class RelayNode:
         self._committed: dict[str, int] = {ns: head.seq for ns, head in heads.items()}
         self._changed: dict[str, trio.Event] = {}
         self._recent: dict[str, dict[int, Record]] = {}
+        # Every cached record in commit order, for the relay-wide byte budget. Evicting
+        # oldest first keeps each namespace's cached seqs a contiguous tail of its log.
+        self._recent_order: deque[tuple[str, int, int]] = deque()
+        self._recent_size = 0
         self._pending: list[Record] = []
         self._pending_ready = trio.Event()
         self._drained = trio.Event()
@@ -321,12 +329,9 @@ class RelayNode:
         return sealed
 
     def _committed_batch(self, batch: Sequence[Record]) -> None:
-        keep = self.config.recent_per_ns
         self.sequencer.committed(record.id for record in batch)
         for record in batch:
-            recent = self._recent.setdefault(record.ns, {})
-            recent[record.seq] = record
-            recent.pop(record.seq - keep, None)
+            self._cache(record)
             self._committed[record.ns] = record.seq
             for fold in self.folds:
                 fold(record)
@@ -334,6 +339,20 @@ class RelayNode:
             changed = self._changed.pop(ns, None)
             if changed is not None:
                 changed.set()
+
+    def _cache(self, record: Record) -> None:
+        """Keep a committed record in memory, within the relay-wide ``recent_bytes``."""
+        self._recent.setdefault(record.ns, {})[record.seq] = record
+        size = len(record.event) + len(record.receipt) + RECORD_OVERHEAD
+        self._recent_order.append((record.ns, record.seq, size))
+        self._recent_size += size
+        while self._recent_size > self.config.recent_bytes:
+            ns, seq, old_size = self._recent_order.popleft()
+            self._recent_size -= old_size
+            cached = self._recent[ns]
+            del cached[seq]
+            if not cached:
+                del self._recent[ns]
 
     # -- reading ----------------------------------------------------------------------
 

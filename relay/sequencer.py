@@ -31,6 +31,7 @@ known, so releasing it never depends on the cache still holding them.
 
 from __future__ import annotations
 
+import heapq
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -104,6 +105,7 @@ class Sequencer:
         self._uncommitted: dict[bytes, Located] = {}  # sequenced, not yet committed
         self._parked: dict[bytes, _Parking] = {}
         self._waiting: dict[bytes, list[bytes]] = {}  # missing dep -> parked ids
+        self._deadlines: list[tuple[int, bytes]] = []  # a heap; may hold stale entries
 
     # -- knowledge of what is sequenced -------------------------------------------
 
@@ -175,9 +177,9 @@ class Sequencer:
         if missing:
             if len(self._parked) >= self.limits.max_parked:
                 return Rejected(ErrorCode.MISSING_DEPS, "deps not sequenced and parking is full")
-            self._parked[signed.id] = _Parking(
-                signed, now_ms + self.limits.park_timeout_ms, missing, dep_hlc
-            )
+            deadline_ms = now_ms + self.limits.park_timeout_ms
+            self._parked[signed.id] = _Parking(signed, deadline_ms, missing, dep_hlc)
+            heapq.heappush(self._deadlines, (deadline_ms, signed.id))
             for dep in missing:
                 self._waiting.setdefault(dep, []).append(signed.id)
             return Parked(frozenset(missing))
@@ -185,10 +187,13 @@ class Sequencer:
 
     def expire(self, now_ms: int) -> list[tuple[SignedEvent, Rejected]]:
         """Reject every parked event whose deadline has passed."""
-        expired = [p for p in self._parked.values() if p.deadline_ms <= now_ms]
         out = []
-        for parking in expired:
-            event_id = parking.event.id
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now_ms:
+            deadline_ms, event_id = heapq.heappop(deadlines)
+            parking = self._parked.get(event_id)
+            if parking is None or parking.deadline_ms != deadline_ms:
+                continue  # released meanwhile (or parked again later): a stale entry
             del self._parked[event_id]
             for dep in parking.missing:
                 waiters = self._waiting.get(dep)
@@ -203,7 +208,14 @@ class Sequencer:
 
     def next_deadline_ms(self) -> int | None:
         """When :meth:`expire` next has work, for the caller's timer."""
-        return min((p.deadline_ms for p in self._parked.values()), default=None)
+        deadlines = self._deadlines
+        while deadlines:  # drop entries of events released since they parked
+            deadline_ms, event_id = deadlines[0]
+            parking = self._parked.get(event_id)
+            if parking is not None and parking.deadline_ms == deadline_ms:
+                return deadline_ms
+            heapq.heappop(deadlines)
+        return None
 
     # -- sequencing ------------------------------------------------------------------
 

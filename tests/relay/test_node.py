@@ -130,12 +130,16 @@ async def test_folds_see_every_committed_record_in_order(
 
 
 async def test_reads_come_from_memory_then_from_the_store(nursery: trio.Nursery) -> None:
-    config = RelayConfig(recent_per_ns=4, commit_batch=1, sequencer=Limits(known_capacity=10))
+    config = RelayConfig(recent_bytes=3000, commit_batch=1, sequencer=Limits(known_capacity=10))
     node = RelayNode(RELAY, MemoryStore(), config, wall_ms=lambda: NOW)
     await nursery.start(node.run)
     records = [await node.publish(event(n)) for n in range(10)]
+    await node.publish(event(0, ns="u@local"))
+    cached = sorted(node._recent["t@local"])
+    assert cached[0] > 1 and cached == list(range(cached[0], 11))  # a contiguous tail
+    assert node._recent_size <= 3000
     assert await node.read("t@local", 1, 100) == records  # older ones from the store
-    assert await node.read("t@local", 8, 2) == records[7:9]  # recent ones from memory
+    assert await node.read("t@local", 9, 2) == records[8:10]  # recent ones from memory
     assert await node.read("t@local", 11, 5) == []
 
 

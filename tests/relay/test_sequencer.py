@@ -189,3 +189,18 @@ def test_namespace_order_extends_causal_order(case: tuple[list[SignedEvent], lis
     for ns in {r.ns for r in records}:
         receipts = [decode_receipt(r.receipt) for r in records if r.ns == ns]
         assert check_chain(receipts) is None  # gapless from 1 and hash-chained
+
+
+def test_released_events_leave_the_expiry_schedule() -> None:
+    sequencer = Sequencer(RELAY_KEY, limits=Limits(park_timeout_ms=1000))
+    first_cause, second_cause = event(1), event(2)
+    first = event(3, deps=(first_cause.id,))
+    second = event(4, deps=(second_cause.id,))
+    assert isinstance(sequencer.offer(first, NOW), Parked)
+    assert isinstance(sequencer.offer(second, NOW + 10), Parked)
+    assert sequencer.next_deadline_ms() == NOW + 1000
+    sequencer.offer(first_cause, NOW + 20)  # releases `first`
+    assert sequencer.next_deadline_ms() == NOW + 1010
+    [(expired, _)] = sequencer.expire(NOW + 5000)
+    assert expired == second
+    assert sequencer.next_deadline_ms() is None
