@@ -97,7 +97,14 @@ class _Pending:
 
 
 class Subscription:
-    """Async iterator of :class:`Delivery` and :class:`Live` items for one subscribe."""
+    """Async iterator of :class:`Delivery` and :class:`Live` items for one subscribe.
+
+    Its buffer never blocks the connection: when it is full the subscription pauses
+    (the relay is told to unsubscribe, and frames already on the way are dropped),
+    and once the consumer has drained half of it, it resumes from its cursor under a
+    new subscription id. So a consumer that lags costs a re-read, not the acks of
+    every other request on the connection, and still sees every event once, in order.
+    """
 
     def __init__(self, client: RelayClient, request: f.Subscribe, buffer: int) -> None:
         self.client = client
@@ -106,6 +113,8 @@ class Subscription:
         self.next: dict[str, int] = dict(request.start)  # ns -> first seq still wanted
         self.live: set[str] = set()
         self.error: ProtocolError | None = None
+        self.paused = False
+        self.buffer = buffer
         self._tx, self._rx = trio.open_memory_channel[Delivery | Live](buffer)
 
     def resume_request(self) -> f.Subscribe:
@@ -117,28 +126,33 @@ class Subscription:
             authors=self.request.authors,
         )
 
-    async def _deliver(self, frame: f.EventFrame) -> None:
+    def _offer(self, item: Delivery | Live) -> bool:
+        """Hand an item to the consumer without waiting; pause when the buffer is full."""
+        try:
+            self._tx.send_nowait(item)
+        except trio.WouldBlock:
+            self.client._pause(self)
+            return False
+        except trio.BrokenResourceError:
+            return False  # the subscriber has left; its unsubscribe is on the way
+        return True
+
+    def _deliver(self, frame: f.EventFrame) -> None:
         receipt = decode_receipt(frame.receipt)
         if receipt.seq < self.next.get(receipt.ns, 0):
             return  # already delivered before a reconnect
         event = decode_event(frame.event, frame.sig)
         if event.id != receipt.id:
             raise RelayMismatch("relay sent an event with another event's receipt")
-        try:
-            await self._tx.send(Delivery(event, receipt, frame.seal))
-        except trio.BrokenResourceError:
-            return  # the subscriber has left; its unsubscribe is on the way
-        self.next[receipt.ns] = receipt.seq + 1
+        if self._offer(Delivery(event, receipt, frame.seal)):
+            self.next[receipt.ns] = receipt.seq + 1
 
-    async def _mark_live(self, frame: f.Live) -> None:
+    def _mark_live(self, frame: f.Live) -> None:
+        if frame.ns not in self.live and not self._offer(Live(frame.ns, frame.seq)):
+            return
+        self.live.add(frame.ns)
         # With a filter the last delivered seq may lag the head: resume past both.
         self.next[frame.ns] = max(self.next.get(frame.ns, 0), frame.seq + 1)
-        if frame.ns not in self.live:
-            self.live.add(frame.ns)
-            try:
-                await self._tx.send(Live(frame.ns, frame.seq))
-            except trio.BrokenResourceError:
-                pass
 
     def __aiter__(self) -> Subscription:
         return self
@@ -150,6 +164,8 @@ class Subscription:
             if self.error is not None:
                 raise self.error from None
             raise StopAsyncIteration from None
+        if self.paused and self._rx.statistics().current_buffer_used <= self.buffer // 2:
+            self.client._resume(self)
         return item
 
 
@@ -329,11 +345,11 @@ class RelayClient:
         elif isinstance(frame, f.EventFrame):
             subscription = self._subscriptions.get(frame.sub)
             if subscription is not None:
-                await subscription._deliver(frame)
+                subscription._deliver(frame)
         elif isinstance(frame, f.Live):
             subscription = self._subscriptions.get(frame.sub)
             if subscription is not None:
-                await subscription._mark_live(frame)
+                subscription._mark_live(frame)
         elif isinstance(frame, f.Error):
             self._on_error(frame)
 
@@ -438,9 +454,24 @@ class RelayClient:
         try:
             yield subscription
         finally:
-            subscription._rx.close()  # a reader blocked on a full buffer goes on
-            if self._subscriptions.pop(request.sub, None) is not None:
-                self._queue(f.encode_frame(f.Unsubscribe(sub=request.sub)))
+            subscription._rx.close()
+            if self._subscriptions.pop(subscription.sub, None) is not None:
+                self._queue(f.encode_frame(f.Unsubscribe(sub=subscription.sub)))
+
+    def _pause(self, subscription: Subscription) -> None:
+        """Stop a subscription whose consumer lags; frames still coming are dropped."""
+        if not subscription.paused:
+            subscription.paused = True
+            self._subscriptions.pop(subscription.sub, None)
+            self._queue(f.encode_frame(f.Unsubscribe(sub=subscription.sub)))
+
+    def _resume(self, subscription: Subscription) -> None:
+        """Subscribe again from the cursor, under a new id (the old one's frames are void)."""
+        subscription.paused = False
+        self._next_sub += 1
+        subscription.sub = self._next_sub
+        self._subscriptions[subscription.sub] = subscription
+        self._queue(f.encode_frame(subscription.resume_request()))
 
     def _queue(self, data: bytes) -> None:
         """Queue a frame on the current connection; without one, _serve replays intent."""
