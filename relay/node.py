@@ -281,6 +281,7 @@ class RelayNode:
                 self.count("rejected")
                 ticket._resolve(error=ProtocolError(ErrorCode.MISSING_DEPS, reason))
                 return
+            ticket.duplicate = bool(waiting)  # a re-publish of what is parked already
             waiting.append(ticket)
             ticket.decided.set()
             self._parked_signal.set()

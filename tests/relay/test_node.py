@@ -170,6 +170,7 @@ async def test_republishing_a_parked_event_is_bounded(
     await node.publish(event(1))
     for ticket in tickets[:MAX_WAITING_PER_PARKED]:
         assert (await node.answer(ticket)).seq == 2
+    assert [t.duplicate for t in tickets[:3]] == [False, True, True]
 
 
 async def test_wait_stat_wakes_for_every_increment(
