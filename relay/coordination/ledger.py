@@ -1,0 +1,270 @@
+"""Work orders: shared task contracts with exclusive, leased, fenced claims (pure).
+
+Theory of operation
+-------------------
+A namespace's ledger is a table of work orders. Each order carries its contract (the
+workledger model: title, description, acceptance criteria, scope, files, verification
+command, priority, labels, handover) and a status that moves only along
+:data:`TRANSITIONS`; anything else is refused with the current status named. Claims
+are leases from :class:`~relay.coordination.leases.LeaseEngine` on the order's id, so
+ownership is exclusive, expires, and is fenced by a token that only rises.
+
+Like the lease engine, every call takes ``now_ms`` from the log (the request's receipt
+HLC), so the ledger is a fold: the same requests in the same order give the same state
+anywhere. A claimed order whose lease has run out is open again at any ``now_ms`` past
+its expiry, before the relay's timer has said so, and keeps its notes and history.
+
+Ids are ``wo-<n>``, numbered per namespace in creation order: short enough for a shell.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from relay.coordination.leases import Granted, Lease, LeaseEngine, Refused
+
+
+class Status(enum.Enum):
+    OPEN = "open"
+    CLAIMED = "claimed"
+    BLOCKED = "blocked"
+    DONE = "done"
+
+
+class Op(enum.Enum):
+    CLAIM = "claim"
+    RELEASE = "release"
+    EXPIRE = "expire"
+    DONE = "done"
+    BLOCK = "block"
+    REOPEN = "reopen"
+
+
+TRANSITIONS: dict[tuple[Status, Op], Status] = {
+    (Status.OPEN, Op.CLAIM): Status.CLAIMED,
+    (Status.CLAIMED, Op.RELEASE): Status.OPEN,
+    (Status.CLAIMED, Op.EXPIRE): Status.OPEN,
+    (Status.CLAIMED, Op.DONE): Status.DONE,
+    (Status.CLAIMED, Op.BLOCK): Status.BLOCKED,
+    (Status.CLAIMED, Op.REOPEN): Status.OPEN,
+    (Status.BLOCKED, Op.REOPEN): Status.OPEN,
+}
+"""Every legal move of a work order; a move not listed is refused (``bad_transition``)."""
+
+
+class Problem(enum.Enum):
+    NOT_FOUND = "not_found"
+    HELD = "held"
+    NOT_HOLDER = "not_holder"
+    STALE_TOKEN = "stale_token"
+    BAD_TTL = "bad_ttl"
+    BAD_TRANSITION = "bad_transition"
+    NOTHING_OPEN = "nothing_open"
+
+
+@dataclass(frozen=True, slots=True)
+class Contract:
+    title: str
+    description: str = ""
+    acceptance: tuple[str, ...] = ()
+    scope: str = ""
+    files: tuple[str, ...] = ()
+    verify: str = ""
+    priority: int = 0
+    """Higher first."""
+    labels: tuple[str, ...] = ()
+    handover: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Note:
+    author: bytes
+    text: str
+    at_ms: int
+
+
+@dataclass
+class WorkOrder:
+    id: str
+    contract: Contract
+    created_ms: int
+    creator: bytes
+    status: Status = Status.OPEN
+    updated_ms: int = 0
+    reason: str = ""
+    notes: list[Note] = field(default_factory=list)
+    history: list[tuple[int, Status, str]] = field(default_factory=list)
+    """(at_ms, new status, why) for every move."""
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    """The request succeeded; ``lease`` is set for claims and renewals."""
+
+    order: str
+    status: Status
+    lease: Lease | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    problem: Problem
+    reason: str
+    holder: Lease | None = None
+
+
+Outcome = Done | Rejection
+
+
+@dataclass
+class Ledger:
+    leases: LeaseEngine = field(default_factory=LeaseEngine)
+    orders: dict[str, WorkOrder] = field(default_factory=dict)
+
+    def create(self, contract: Contract, creator: bytes, now_ms: int) -> Done:
+        order_id = f"wo-{len(self.orders) + 1}"
+        order = WorkOrder(order_id, contract, now_ms, creator, updated_ms=now_ms)
+        order.history.append((now_ms, Status.OPEN, "created"))
+        self.orders[order_id] = order
+        return Done(order_id, Status.OPEN)
+
+    def claim(self, order_id: str, agent: bytes, now_ms: int, ttl_ms: int | None = None) -> Outcome:
+        order = self._current(order_id, now_ms)
+        if isinstance(order, Rejection):
+            return order
+        if order.status is Status.CLAIMED:
+            lease = self.leases.holder(order_id, now_ms)
+            who = lease.holder.hex() if lease else "?"
+            until = lease.expires_ms if lease else "?"
+            return Rejection(Problem.HELD, f"{order_id} is held by {who} until {until}", lease)
+        refused = self._refuse_move(order, Op.CLAIM)
+        if refused is not None:
+            return refused
+        outcome = self.leases.acquire(order_id, agent, now_ms, ttl_ms)
+        if isinstance(outcome, Refused):
+            return _from_lease(outcome)
+        assert isinstance(outcome, Granted)
+        self._move(order, Op.CLAIM, now_ms, f"claimed by {agent.hex()}")
+        return Done(order_id, order.status, outcome.lease)
+
+    def next(self, agent: bytes, now_ms: int, ttl_ms: int | None = None) -> Outcome:
+        """Claim the open order of highest priority (oldest first among equals)."""
+        candidates = [o for o in self.orders.values() if self._status(o, now_ms) is Status.OPEN]
+        if not candidates:
+            return Rejection(Problem.NOTHING_OPEN, "no open work order")
+        best = max(candidates, key=lambda o: (o.contract.priority, -int(o.id[3:])))
+        return self.claim(best.id, agent, now_ms, ttl_ms)
+
+    def renew(
+        self, order_id: str, agent: bytes, token: int, now_ms: int, ttl_ms: int | None = None
+    ) -> Outcome:
+        order = self._current(order_id, now_ms)
+        if isinstance(order, Rejection):
+            return order
+        outcome = self.leases.renew(order_id, agent, token, now_ms, ttl_ms)
+        if isinstance(outcome, Refused):
+            return _from_lease(outcome)
+        assert isinstance(outcome, Granted)
+        return Done(order_id, order.status, outcome.lease)
+
+    def release(self, order_id: str, agent: bytes, token: int, now_ms: int) -> Outcome:
+        """The holder gives the order back: open again, notes and history kept."""
+        return self._end(order_id, agent, token, Op.RELEASE, now_ms, "released")
+
+    def update(
+        self,
+        order_id: str,
+        agent: bytes,
+        token: int | None,
+        status: Status,
+        now_ms: int,
+        reason: str = "",
+    ) -> Outcome:
+        """Move an order: the holder (with its token) ends a claim as done, blocked or
+        open; anyone may reopen a blocked order."""
+        op = {Status.DONE: Op.DONE, Status.BLOCKED: Op.BLOCK, Status.OPEN: Op.REOPEN}.get(status)
+        if op is None:
+            return Rejection(Problem.BAD_TRANSITION, f"cannot set status {status.value}")
+        return self._end(order_id, agent, token, op, now_ms, reason or status.value)
+
+    def note(
+        self, order_id: str, agent: bytes, text: str, now_ms: int, token: int | None = None
+    ) -> Outcome:
+        """Add a note anyone can read; with a token, only a valid holder may add it."""
+        order = self._current(order_id, now_ms)
+        if isinstance(order, Rejection):
+            return order
+        if token is not None:
+            fenced = self.leases.check(order_id, agent, token, now_ms)
+            if fenced is not None:
+                return _from_lease(fenced)
+        order.notes.append(Note(agent, text, now_ms))
+        order.updated_ms = now_ms
+        return Done(order_id, order.status)
+
+    def expire(self, now_ms: int) -> list[str]:
+        """The relay's timer: claimed orders whose lease ran out are open again."""
+        reopened = []
+        for lease in self.leases.expire(now_ms):
+            order = self.orders.get(lease.resource)
+            if order is not None and order.status is Status.CLAIMED:
+                self._move(order, Op.EXPIRE, now_ms, f"lease {lease.token} expired")
+                reopened.append(order.id)
+        return reopened
+
+    def status(self, order_id: str, now_ms: int) -> Status | None:
+        order = self.orders.get(order_id)
+        return None if order is None else self._status(order, now_ms)
+
+    # -- internals --------------------------------------------------------------------
+
+    def _status(self, order: WorkOrder, now_ms: int) -> Status:
+        if order.status is Status.CLAIMED and self.leases.holder(order.id, now_ms) is None:
+            return Status.OPEN  # its lease ran out; the timer has not said so yet
+        return order.status
+
+    def _current(self, order_id: str, now_ms: int) -> WorkOrder | Rejection:
+        """The order, with a lapsed claim turned back to open first (deterministically)."""
+        order = self.orders.get(order_id)
+        if order is None:
+            return Rejection(Problem.NOT_FOUND, f"no work order {order_id}")
+        if order.status is Status.CLAIMED and self._status(order, now_ms) is Status.OPEN:
+            lease = self.leases.leases.get(order_id)
+            expired_at = lease.expires_ms if lease else now_ms
+            self._move(order, Op.EXPIRE, expired_at, "lease expired")
+        return order
+
+    def _end(
+        self, order_id: str, agent: bytes, token: int | None, op: Op, now_ms: int, why: str
+    ) -> Outcome:
+        order = self._current(order_id, now_ms)
+        if isinstance(order, Rejection):
+            return order
+        refused = self._refuse_move(order, op)
+        if refused is not None:
+            return refused
+        if order.status is Status.CLAIMED:  # only the holder ends a claim, fenced
+            if token is None:
+                return Rejection(Problem.NOT_HOLDER, f"{order_id} is claimed: give its token")
+            released = self.leases.release(order_id, agent, token, now_ms)
+            if isinstance(released, Refused):
+                return _from_lease(released)
+        self._move(order, op, now_ms, why)
+        order.reason = why
+        return Done(order_id, order.status)
+
+    def _refuse_move(self, order: WorkOrder, op: Op) -> Rejection | None:
+        if (order.status, op) in TRANSITIONS:
+            return None
+        reason = f"{order.id} is {order.status.value}: cannot {op.value}"
+        return Rejection(Problem.BAD_TRANSITION, reason)
+
+    def _move(self, order: WorkOrder, op: Op, now_ms: int, why: str) -> None:
+        order.status = TRANSITIONS[(order.status, op)]  # a KeyError here is our bug
+        order.updated_ms = now_ms
+        order.history.append((now_ms, order.status, why))
+
+
+def _from_lease(refused: Refused) -> Rejection:
+    return Rejection(Problem(refused.refusal.value), refused.reason, refused.holder)

@@ -1,0 +1,163 @@
+"""The work-order machine: the workledger loop, refusals, expiry, and fold determinism."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from relay.coordination.ledger import (
+    TRANSITIONS,
+    Contract,
+    Done,
+    Ledger,
+    Problem,
+    Rejection,
+    Status,
+)
+
+A, B = b"a" * 32, b"b" * 32
+MIN = 60_000
+
+
+def created(ledger: Ledger, title: str = "fix", priority: int = 0, now: int = 0) -> str:
+    return ledger.create(Contract(title=title, priority=priority), A, now).order
+
+
+def claimed(outcome: Any) -> int:
+    assert isinstance(outcome, Done) and outcome.lease is not None, outcome
+    return outcome.lease.token
+
+
+def rejected(outcome: Any, problem: Problem) -> Rejection:
+    assert isinstance(outcome, Rejection) and outcome.problem is problem, outcome
+    return outcome
+
+
+def test_the_workledger_loop() -> None:
+    ledger = Ledger()
+    order = created(ledger)
+    assert order == "wo-1"
+    token = claimed(ledger.claim(order, A, now_ms=10, ttl_ms=MIN))
+    assert ledger.status(order, 11) is Status.CLAIMED
+    assert isinstance(ledger.renew(order, A, token, now_ms=20, ttl_ms=MIN), Done)
+    assert isinstance(ledger.note(order, A, "halfway", now_ms=30, token=token), Done)
+    assert isinstance(ledger.update(order, A, token, Status.DONE, now_ms=40), Done)
+    wo = ledger.orders[order]
+    assert wo.status is Status.DONE and [n.text for n in wo.notes] == ["halfway"]
+    assert [status for _, status, _ in wo.history] == [Status.OPEN, Status.CLAIMED, Status.DONE]
+
+
+def test_a_second_claim_names_the_holder_and_expiry() -> None:
+    ledger = Ledger()
+    order = created(ledger)
+    claimed(ledger.claim(order, A, now_ms=0, ttl_ms=MIN))
+    refusal = rejected(ledger.claim(order, B, now_ms=1, ttl_ms=MIN), Problem.HELD)
+    assert A.hex() in refusal.reason and str(MIN) in refusal.reason
+
+
+def test_a_dead_holders_order_is_open_again_with_its_notes() -> None:
+    ledger = Ledger()
+    order = created(ledger)
+    old = claimed(ledger.claim(order, A, now_ms=0, ttl_ms=MIN))
+    ledger.note(order, A, "found the bug in parser.py", now_ms=5, token=old)
+    assert ledger.status(order, MIN) is Status.OPEN  # before any timer ran
+    new = claimed(ledger.claim(order, B, now_ms=MIN, ttl_ms=MIN))
+    assert new > old
+    rejected(ledger.update(order, A, old, Status.DONE, now_ms=MIN + 1), Problem.NOT_HOLDER)
+    rejected(ledger.note(order, A, "late", now_ms=MIN + 2, token=old), Problem.NOT_HOLDER)
+    assert [n.text for n in ledger.orders[order].notes] == ["found the bug in parser.py"]
+    whys = [why for _, _, why in ledger.orders[order].history]
+    assert "lease expired" in whys
+
+
+def test_the_timer_reopens_lapsed_claims() -> None:
+    ledger = Ledger()
+    first, second = created(ledger), created(ledger)
+    claimed(ledger.claim(first, A, now_ms=0, ttl_ms=MIN))
+    claimed(ledger.claim(second, B, now_ms=0, ttl_ms=2 * MIN))
+    assert ledger.expire(MIN) == [first]
+    assert ledger.orders[first].status is Status.OPEN
+    assert ledger.orders[second].status is Status.CLAIMED
+
+
+def test_next_takes_the_highest_priority_then_the_oldest() -> None:
+    ledger = Ledger()
+    low = created(ledger, "low", priority=1)
+    high = created(ledger, "high", priority=5)
+    high_later = created(ledger, "high too", priority=5)
+    assert ledger.next(A, now_ms=0).order == high  # type: ignore[union-attr]
+    assert ledger.next(B, now_ms=0).order == high_later  # type: ignore[union-attr]
+    assert ledger.next(B, now_ms=0).order == low  # type: ignore[union-attr]
+    rejected(ledger.next(B, now_ms=0), Problem.NOTHING_OPEN)
+
+
+@pytest.mark.parametrize(
+    ("setup", "request_", "problem"),
+    [
+        ("none", ("claim", "wo-9"), Problem.NOT_FOUND),
+        ("done", ("claim", None), Problem.BAD_TRANSITION),  # done -> claimed makes no sense
+        ("done", ("reopen", None), Problem.BAD_TRANSITION),
+        ("open", ("done", None), Problem.BAD_TRANSITION),
+        ("claimed", ("done-without-token", None), Problem.NOT_HOLDER),
+        ("claimed", ("renew-by-other", None), Problem.NOT_HOLDER),
+        ("claimed", ("stale-token", None), Problem.STALE_TOKEN),
+        ("open", ("claim-ttl", 10), Problem.BAD_TTL),
+    ],
+)
+def test_refusals_leave_the_state_untouched(
+    setup: str, request_: tuple[str, Any], problem: Problem
+) -> None:
+    ledger = Ledger()
+    order = created(ledger)
+    token = 0
+    if setup in ("claimed", "done"):
+        token = claimed(ledger.claim(order, A, now_ms=0, ttl_ms=MIN))
+    if setup == "done":
+        ledger.update(order, A, token, Status.DONE, now_ms=1)
+    before = (ledger.orders[order].status, list(ledger.orders[order].history))
+    kind, arg = request_
+    outcome = {
+        "claim": lambda: ledger.claim(arg or order, B, now_ms=2, ttl_ms=MIN),
+        "reopen": lambda: ledger.update(order, A, None, Status.OPEN, now_ms=2),
+        "done": lambda: ledger.update(order, A, None, Status.DONE, now_ms=2),
+        "done-without-token": lambda: ledger.update(order, A, None, Status.DONE, now_ms=2),
+        "renew-by-other": lambda: ledger.renew(order, B, token, now_ms=2, ttl_ms=MIN),
+        "stale-token": lambda: ledger.renew(order, A, token + 1, now_ms=2, ttl_ms=MIN),
+        "claim-ttl": lambda: ledger.claim(order, B, now_ms=2, ttl_ms=arg),
+    }[kind]()
+    rejected(outcome, problem)
+    assert (ledger.orders[order].status, ledger.orders[order].history) == before
+
+
+def test_blocked_orders_are_reopened_by_anyone() -> None:
+    ledger = Ledger()
+    order = created(ledger)
+    token = claimed(ledger.claim(order, A, now_ms=0, ttl_ms=MIN))
+    assert isinstance(ledger.update(order, A, token, Status.BLOCKED, 1, "needs creds"), Done)
+    assert ledger.orders[order].reason == "needs creds"
+    rejected(ledger.claim(order, B, now_ms=2, ttl_ms=MIN), Problem.BAD_TRANSITION)
+    assert isinstance(ledger.update(order, B, None, Status.OPEN, now_ms=3), Done)
+    claimed(ledger.claim(order, B, now_ms=4, ttl_ms=MIN))
+
+
+def test_every_transition_in_the_table_is_reachable_and_nothing_else() -> None:
+    statuses = {new for new in TRANSITIONS.values()} | {old for old, _ in TRANSITIONS}
+    assert statuses == set(Status)
+    assert not [op for (old, op) in TRANSITIONS if old is Status.DONE]  # done is final
+
+
+def test_the_same_requests_fold_to_the_same_ledger() -> None:
+    def run() -> Ledger:
+        ledger = Ledger()
+        for n in range(5):
+            created(ledger, f"t{n}", priority=n % 2, now=n)
+        for now, agent in enumerate([A, B, A, B], start=10):
+            ledger.next(agent, now_ms=now, ttl_ms=MIN)
+        ledger.expire(10 + MIN)
+        ledger.next(A, now_ms=11 + MIN, ttl_ms=MIN)
+        return ledger
+
+    first, second = run(), run()
+    assert first.orders == second.orders
+    assert first.leases == second.leases
