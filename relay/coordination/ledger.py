@@ -203,15 +203,33 @@ class Ledger:
         order.updated_ms = now_ms
         return Done(order_id, order.status)
 
-    def expire(self, now_ms: int) -> list[str]:
-        """The relay's timer: claimed orders whose lease ran out are open again."""
-        reopened = []
-        for lease in self.leases.expire(now_ms):
-            order = self.orders.get(lease.resource)
-            if order is not None and order.status is Status.CLAIMED:
-                self._move(order, Op.EXPIRE, now_ms, f"lease {lease.token} expired")
-                reopened.append(order.id)
-        return reopened
+    def expire(self, now_ms: int) -> list[tuple[str, int]]:
+        """The relay's timer: claimed orders whose lease ran out by ``now_ms`` are open
+        again. Returns ``(order, token)`` for each, as :meth:`expire_leases` takes them."""
+        lapsed = [
+            (lease.resource, lease.token)
+            for lease in self.leases.leases.values()
+            if not lease.valid_at(now_ms)
+            and (order := self.orders.get(lease.resource)) is not None
+            and order.status is Status.CLAIMED
+        ]
+        self.expire_leases(lapsed)
+        return lapsed
+
+    def expire_leases(self, lapsed: list[tuple[str, int]]) -> None:
+        """Reopen exactly these ``(order, token)`` claims (a logged expiry, replayed).
+
+        Each move is stamped with the lease's own expiry, so the result does not depend
+        on when the timer ran.
+        """
+        for order_id, token in lapsed:
+            lease = self.leases.leases.get(order_id)
+            order = self.orders.get(order_id)
+            if lease is None or lease.token != token or order is None:
+                continue
+            del self.leases.leases[order_id]
+            if order.status is Status.CLAIMED:
+                self._move(order, Op.EXPIRE, lease.expires_ms, f"lease {token} expired")
 
     def status(self, order_id: str, now_ms: int) -> Status | None:
         order = self.orders.get(order_id)

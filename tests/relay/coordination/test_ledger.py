@@ -76,7 +76,7 @@ def test_the_timer_reopens_lapsed_claims() -> None:
     first, second = created(ledger), created(ledger)
     claimed(ledger.claim(first, A, now_ms=0, ttl_ms=MIN))
     claimed(ledger.claim(second, B, now_ms=0, ttl_ms=2 * MIN))
-    assert ledger.expire(MIN) == [first]
+    assert ledger.expire(MIN) == [(first, 1)]
     assert ledger.orders[first].status is Status.OPEN
     assert ledger.orders[second].status is Status.CLAIMED
 

@@ -1,0 +1,130 @@
+"""Ledger requests as log events: validation, outcomes, contention and replay."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from relay.coordination.requests import (
+    EXPIRED,
+    RELAY_KINDS,
+    REQUEST_KINDS,
+    Coordinator,
+    Outcome,
+)
+
+A, B = b"a" * 32, b"b" * 32
+MIN = 60_000
+
+
+class Log:
+    """Requests in log order, each with its id and time, as the relay would feed them."""
+
+    def __init__(self) -> None:
+        self.coordinator = Coordinator()
+        self.entries: list[tuple[str, Any, bytes, bytes, int]] = []
+        self.outcomes: list[Outcome | None] = []
+
+    def request(self, kind: str, body: Any, author: bytes = A, now: int = 0) -> Outcome:
+        request_id = len(self.entries).to_bytes(32, "big")
+        self.entries.append((kind, body, author, request_id, now))
+        outcome = self.coordinator.decide(kind, body, author, request_id, now)
+        self.outcomes.append(outcome)
+        assert outcome is not None
+        assert outcome.body["req"] == request_id
+        return outcome
+
+    def expire(self, now: int) -> Outcome | None:
+        outcome = self.coordinator.expire(now)
+        if outcome is not None:
+            self.entries.append((EXPIRED, outcome.body, b"", b"", now))
+            self.outcomes.append(outcome)
+        return outcome
+
+    def replay(self) -> tuple[Coordinator, list[Outcome | None]]:
+        fresh, outcomes = Coordinator(), []
+        for kind, body, author, request_id, now in self.entries:
+            if kind == EXPIRED:
+                fresh.replay_expired(body)
+                outcomes.append(Outcome(EXPIRED, body))
+            else:
+                outcomes.append(fresh.decide(kind, body, author, request_id, now))
+        return fresh, outcomes
+
+
+def test_the_loop_in_requests_and_outcomes() -> None:
+    log = Log()
+    created = log.request("wo.create", {"title": "fix the parser", "priority": 2})
+    assert created.kind == "wo.created" and created.body["wo"] == "wo-1"
+    claim = log.request("wo.claim", {"wo": "wo-1", "ttl_ms": MIN}, now=10)
+    assert claim.kind == "wo.claimed"
+    assert (claim.body["holder"], claim.body["token"], claim.body["expires_ms"]) == (A, 1, 10 + MIN)
+    token = claim.body["token"]
+    assert log.request("wo.note", {"wo": "wo-1", "text": "halfway", "token": token}).kind == (
+        "wo.noted"
+    )
+    done = log.request("wo.update", {"wo": "wo-1", "status": "done", "token": token}, now=20)
+    assert done.kind == "wo.updated" and done.body["status"] == "done"
+
+
+def test_one_of_a_hundred_simultaneous_claims_wins() -> None:
+    log = Log()
+    log.request("wo.create", {"title": "hot"})
+    agents = [bytes([n]) * 32 for n in range(1, 101)]
+    outcomes = [log.request("wo.claim", {"wo": "wo-1"}, author=agent, now=5) for agent in agents]
+    winners = [o for o in outcomes if o.kind == "wo.claimed"]
+    losers = [o for o in outcomes if o.kind == "wo.rejected"]
+    assert len(winners) == 1 and len(losers) == 99
+    holder = winners[0].body["holder"]
+    assert all(o.body["problem"] == "held" and o.body["holder"]["holder"] == holder for o in losers)
+    assert all(holder.hex() in o.body["reason"] for o in losers)
+
+
+@pytest.mark.parametrize(
+    ("kind", "body", "problem"),
+    [
+        ("wo.create", {"title": ""}, "bad_request"),
+        ("wo.create", {"title": "x", "owner": "me"}, "bad_request"),  # ownership is not a field
+        ("wo.create", {"title": "x", "files": "a.py"}, "bad_request"),
+        ("wo.create", "just a string", "bad_request"),
+        ("wo.claim", {"wo": 1}, "bad_request"),
+        ("wo.claim", {"wo": "wo-7"}, "not_found"),
+        ("wo.claim", {"wo": "wo-1", "ttl_ms": 10}, "bad_ttl"),
+        ("wo.renew", {"wo": "wo-1", "token": "1"}, "bad_request"),
+        ("wo.update", {"wo": "wo-1", "status": "flying"}, "bad_request"),
+        ("wo.update", {"wo": "wo-1", "status": "claimed"}, "bad_transition"),  # claim does that
+        ("wo.update", {"wo": "wo-1", "status": "done"}, "bad_transition"),
+        ("wo.note", {"wo": "wo-1", "text": "x" * 20_000}, "bad_request"),
+    ],
+)
+def test_bad_requests_are_rejected_with_a_problem(kind: str, body: Any, problem: str) -> None:
+    log = Log()
+    log.request("wo.create", {"title": "t"})
+    before = log.coordinator.ledger.orders["wo-1"].history[:]
+    outcome = log.request(kind, body)
+    assert outcome.kind == "wo.rejected" and outcome.body["problem"] == problem
+    assert outcome.body["reason"]
+    assert log.coordinator.ledger.orders["wo-1"].history == before
+
+
+def test_other_kinds_are_not_requests_and_outcomes_are_the_relays() -> None:
+    assert Coordinator().decide("app.note", {}, A, bytes(32), 0) is None
+    assert not REQUEST_KINDS & RELAY_KINDS
+    assert {"wo.claimed", "wo.rejected", "lease.expired"} <= RELAY_KINDS
+
+
+def test_replaying_the_log_rebuilds_the_same_ledger_and_outcomes() -> None:
+    log = Log()
+    for n in range(4):
+        log.request("wo.create", {"title": f"t{n}", "priority": n % 2}, now=n)
+    first = log.request("wo.next", {"ttl_ms": MIN}, author=A, now=10)
+    log.request("wo.next", {"ttl_ms": MIN}, author=B, now=11)
+    log.request("wo.note", {"wo": first.body["wo"], "text": "seen"}, author=B, now=12)
+    expired = log.expire(now=10 + MIN + 5)  # the timer, a little late
+    assert expired is not None and [first.body["wo"], 1] in expired.body["leases"]
+    log.request("wo.next", {"ttl_ms": MIN}, author=B, now=20 + MIN)
+    replayed, outcomes = log.replay()
+    assert outcomes == log.outcomes
+    assert replayed.ledger.orders == log.coordinator.ledger.orders
+    assert replayed.ledger.leases == log.coordinator.ledger.leases
