@@ -61,21 +61,26 @@ class RelayMismatch(Exception):
 
 
 @dataclass(frozen=True, slots=True)
-class Published:
-    """The answer to a publish: the receipt, its seal if any, and whether it was new."""
-
-    receipt: Receipt
-    seal: bytes | None
-    duplicate: bool
-
-
-@dataclass(frozen=True, slots=True)
 class Delivery:
     """One event from a subscription, with its receipt."""
 
     event: SignedEvent
     receipt: Receipt
     seal: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    """The answer to a publish: the receipt, its seal if any, and whether it was new.
+
+    ``outcome`` is the relay's verdict on a coordination request (``wo.claimed``,
+    ``wo.rejected``, ...), an event the relay signed and sequenced right behind it.
+    """
+
+    receipt: Receipt
+    seal: bytes | None
+    duplicate: bool
+    outcome: Delivery | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,7 +345,11 @@ class RelayClient:
                 receipt = decode_receipt(frame.receipt)
                 if receipt.id != pending.event.id:
                     raise RelayMismatch("relay acked a publish with another event's receipt")
-                pending.result = Published(receipt, frame.seal, frame.duplicate)
+                outcome = None
+                if frame.outcome and frame.outcome_sig and frame.outcome_receipt:
+                    event = decode_event(frame.outcome, frame.outcome_sig)
+                    outcome = Delivery(event, decode_receipt(frame.outcome_receipt), None)
+                pending.result = Published(receipt, frame.seal, frame.duplicate, outcome)
                 pending.done.set()
         elif isinstance(frame, f.EventFrame):
             subscription = self._subscriptions.get(frame.sub)

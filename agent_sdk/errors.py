@@ -46,6 +46,8 @@ class ErrorCode(enum.IntEnum):
     """The namespace is homed on another relay, and this one does not route there."""
     BAD_TIMESTAMP = 2008
     """The event's ``ts`` is further from the relay's clock than ``max_clock_skew``."""
+    RESERVED_KIND = 2009
+    """The kind is one only relays write (a coordination outcome such as ``wo.claimed``)."""
 
     # 3xxx: subscriptions
     BAD_CURSOR = 3001

@@ -114,7 +114,9 @@ class Ack:
     """The event of request ``rid`` is durably sequenced: here is its receipt.
 
     ``seal`` is set when the receipt is a chain head the relay signed. ``duplicate``
-    says the event had been sequenced before (the receipt is the original one).
+    says the event had been sequenced before (the receipt is the original one). For a
+    coordination request (``wo.claim``, ...) the relay's outcome event comes along:
+    ``outcome`` (its bytes), ``outcome_sig`` and ``outcome_receipt``.
     """
 
     t: ClassVar[str] = "ack"
@@ -122,6 +124,9 @@ class Ack:
     receipt: bytes
     seal: bytes | None = None
     duplicate: bool = False
+    outcome: bytes | None = None
+    outcome_sig: bytes | None = None
+    outcome_receipt: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,7 +36,9 @@ import trio
 
 from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.identity import Identity
-from agent_sdk.wire import NS_RE, SignedEvent, digest, seal_digest
+from agent_sdk.wire import NS_RE, Event, SignedEvent, digest, seal_digest, sign_event
+from relay.coordination.host import Host
+from relay.coordination.requests import RELAY_KINDS, Outcome
 from relay.sequencer import Duplicate, Limits, Parked, Rejected, Sequenced, Sequencer
 from relay.store import Located, Record, Store
 
@@ -147,6 +149,11 @@ class RelayNode:
         self.folds: list[Fold] = []
         heads = store.heads()
         self.sequencer = Sequencer(identity.public_key, heads, limits=self.config.sequencer)
+        # Coordination state is a fold of the logs: rebuild it before serving anyone.
+        self.coordination = Host(identity.public_key)
+        for ns in store.namespaces():
+            self.coordination.rebuild(store.scan(ns))
+        self._outcomes: dict[bytes, Located] = {}  # request id -> its outcome, recent ones
         self._committed: dict[str, int] = {ns: head.seq for ns, head in heads.items()}
         self._changed: dict[str, trio.Event] = {}
         self._recent: dict[str, dict[int, Record]] = {}
@@ -158,7 +165,7 @@ class RelayNode:
         self._pending_ready = trio.Event()
         self._drained = trio.Event()
         self._waiting_tickets: dict[bytes, list[Ticket]] = {}
-        self._parked_signal = trio.Event()
+        self._timers_changed = trio.Event()
         self._admit_tx, self._admit_rx = trio.open_memory_channel[Ticket](self.config.max_inflight)
         self._read_lock = trio.Lock()
         self._find_lock = trio.Lock()
@@ -197,6 +204,9 @@ class RelayNode:
         """Queue a verified event for sequencing; waits only while the queue is full."""
         ticket = Ticket(event)
         refusal = self.router.refuse(event.event.ns)
+        if refusal is None and event.event.kind in RELAY_KINDS:
+            reason = f"{event.event.kind} is written by relays only"
+            refusal = ProtocolError(ErrorCode.RESERVED_KIND, reason)
         if refusal is not None:
             ticket._resolve(error=refusal)
             return ticket
@@ -263,12 +273,7 @@ class RelayNode:
         outcome = self.sequencer.offer(ticket.event, now)
         if isinstance(outcome, Sequenced):
             self._waiting_tickets.setdefault(ticket.event.id, []).append(ticket)
-            for record in outcome.records:
-                self._pending.append(record)
-                located = Located(record.ns, record.seq, record.hlc)
-                for answered in self._waiting_tickets.pop(record.id, ()):
-                    answered._resolve(located)
-                self.count("published")
+            self._sequenced(outcome.records, now)
         elif isinstance(outcome, Duplicate):
             ticket.duplicate = True
             self.count("duplicates")
@@ -284,26 +289,70 @@ class RelayNode:
             ticket.duplicate = bool(waiting)  # a re-publish of what is parked already
             waiting.append(ticket)
             ticket.decided.set()
-            self._parked_signal.set()
+            self._timers_changed.set()
         else:
             assert isinstance(outcome, Rejected)
             self.count("rejected")
             ticket._resolve(error=ProtocolError(outcome.code, outcome.reason))
 
+    def _sequenced(self, records: Sequence[Record], now: int) -> None:
+        """Queue newly sequenced records for commit, answer their tickets, and append
+        the coordination outcome of each request right behind it (same batch)."""
+        for record in records:
+            self._pending.append(record)
+            self.count("published")
+            outcome = self.coordination.on_sequenced(record)
+            located = Located(record.ns, record.seq, record.hlc)
+            if outcome is not None:
+                decided = self._append_own(record.ns, outcome, (record.id,), now)
+                self._outcomes[record.id] = decided
+                self._timers_changed.set()  # a lease may have begun or moved
+                if len(self._outcomes) > self.config.sequencer.known_capacity:
+                    del self._outcomes[next(iter(self._outcomes))]
+            for answered in self._waiting_tickets.pop(record.id, ()):
+                answered._resolve(located)
+
+    def _append_own(self, ns: str, outcome: Outcome, deps: tuple[bytes, ...], now: int) -> Located:
+        """Sequence an event the relay itself authors (an outcome, a timer's verdict)."""
+        event = Event(
+            ns=ns,
+            kind=outcome.kind,
+            author=self.identity.public_key,
+            body=outcome.body,
+            deps=deps,
+            ts=now,
+        )
+        result = self.sequencer.offer(sign_event(event, self.identity.sign), now)
+        # Its deps were just sequenced and its id is new: anything else is our bug.
+        assert isinstance(result, Sequenced), result
+        self._sequenced(result.records, now)
+        record = result.records[0]
+        return Located(record.ns, record.seq, record.hlc)
+
+    def outcome_of(self, request_id: bytes) -> Located | None:
+        """Where the relay's outcome of a coordination request sits, if remembered."""
+        return self._outcomes.get(request_id)
+
     async def _expiry_loop(self) -> None:
         while True:
-            deadline = self.sequencer.next_deadline_ms()
+            times = [self.sequencer.next_deadline_ms(), self.coordination.next_expiry_ms()]
+            deadline = min((t for t in times if t is not None), default=None)
             if deadline is None:
-                await self._parked_signal.wait()
+                await self._timers_changed.wait()
             else:
                 with trio.move_on_after(max(0, deadline - self.wall_ms()) / 1000):
-                    await self._parked_signal.wait()
-            self._parked_signal = trio.Event()
-            for event, rejected in self.sequencer.expire(self.wall_ms()):
+                    await self._timers_changed.wait()
+            self._timers_changed = trio.Event()
+            now = self.wall_ms()
+            for event, rejected in self.sequencer.expire(now):
                 error = ProtocolError(rejected.code, rejected.reason)
                 self.count("rejected")
                 for ticket in self._waiting_tickets.pop(event.id, ()):
                     ticket._resolve(error=error)
+            for ns, outcome in self.coordination.due(now):
+                self._append_own(ns, outcome, (), now)
+            if self._pending:
+                self._pending_ready.set()
 
     # -- committing -------------------------------------------------------------------
 

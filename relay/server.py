@@ -19,7 +19,7 @@ import json
 import logging
 import secrets
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from http import HTTPStatus
 from typing import Any
 
@@ -194,6 +194,15 @@ class Connection:
             await self._send(f.Error.of(exc, rid=rid))
             return
         ack = f.Ack(rid=rid, receipt=record.receipt, seal=record.seal, duplicate=ticket.duplicate)
+        decided = self.node.outcome_of(ticket.event.id)
+        if decided is not None:
+            outcome = await self.node.committed_record(decided.ns, decided.seq)
+            ack = replace(
+                ack,
+                outcome=outcome.event,
+                outcome_sig=outcome.sig,
+                outcome_receipt=outcome.receipt,
+            )
         await self._send(ack)
 
     # -- subscriptions -----------------------------------------------------------------

@@ -61,9 +61,9 @@ async def test_filters_by_kind_family_and_author(relay: RunningRelay) -> None:
         RelayClient.connect(relay.url, identity(1)) as alice,
         RelayClient.connect(relay.url, identity(2)) as bob,
     ):
-        await alice.publish(NS, "wo.claim", 1)
+        await alice.publish(NS, "job.start", 1)
         await alice.publish(NS, "app.note", 2)
-        await bob.publish(NS, "wo.done", 3)
+        await bob.publish(NS, "job.done", 3)
         await bob.publish(NS, "app.note", 4)
 
         async def bodies(**filters: object) -> list[object]:
@@ -75,10 +75,10 @@ async def test_filters_by_kind_family_and_author(relay: RunningRelay) -> None:
                     out.append(item.event.event.body)
             raise AssertionError("no live marker")
 
-        assert await bodies(kinds=["wo.*"]) == [1, 3]
+        assert await bodies(kinds=["job.*"]) == [1, 3]
         assert await bodies(kinds=["app.note"]) == [2, 4]
         assert await bodies(authors=[bob.identity.public_key]) == [3, 4]
-        assert await bodies(kinds=["wo.*"], authors=[alice.identity.public_key]) == [1]
+        assert await bodies(kinds=["job.*"], authors=[alice.identity.public_key]) == [1]
 
 
 async def test_one_subscription_over_several_namespaces(relay: RunningRelay) -> None:

@@ -1,0 +1,122 @@
+"""Coordination through the relay: outcomes in the log, contention, expiry, restart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from agent_sdk.client import Published, RelayClient
+from agent_sdk.errors import ErrorCode, ProtocolError
+from agent_sdk.wire import Event, decode, sign_event
+from relay.node import RelayConfig, RelayNode
+from relay.store.memory import MemoryStore
+from relay.store.sqlite import SQLiteStore
+from tests.conftest import RunningRelay, identity
+from tests.relay.test_node import virtual_wall
+from tests.relay.test_sequencer import NOW
+
+NS = "work@local"
+RELAY = identity(2)
+
+
+def outcome(published: Published) -> tuple[str, dict[str, Any]]:
+    assert published.outcome is not None, "a request is answered with its outcome"
+    delivered = published.outcome
+    assert delivered.event.event.author == published.receipt.relay  # the relay wrote it
+    assert delivered.event.event.deps == (published.receipt.id,)
+    assert delivered.receipt.seq > published.receipt.seq
+    return delivered.event.event.kind, delivered.event.event.body
+
+
+async def test_a_hundred_agents_claim_one_order_and_one_wins(relay: RunningRelay) -> None:
+    async with RelayClient.connect(relay.url, identity(1)) as creator:
+        _, created = outcome(await creator.publish(NS, "wo.create", {"title": "hot"}))
+    order = created["wo"]
+    results: list[tuple[str, dict[str, Any]]] = []
+
+    async def agent(n: int) -> None:
+        async with RelayClient.connect(relay.url, identity(10 + n)) as client:
+            results.append(outcome(await client.publish(NS, "wo.claim", {"wo": order})))
+
+    async with trio.open_nursery() as nursery:
+        for n in range(100):
+            nursery.start_soon(agent, n)
+    winners = [body for kind, body in results if kind == "wo.claimed"]
+    losers = [body for kind, body in results if kind == "wo.rejected"]
+    assert len(winners) == 1 and len(losers) == 99
+    holder = winners[0]["holder"]
+    assert all(body["problem"] == "held" and holder.hex() in body["reason"] for body in losers)
+
+
+async def test_agents_cannot_write_the_relays_verdicts(relay: RunningRelay) -> None:
+    async with RelayClient.connect(relay.url, identity(1)) as client:
+        with pytest.raises(ProtocolError) as info:
+            await client.publish(NS, "wo.claimed", {"wo": "wo-1", "token": 99})
+        assert info.value.code is ErrorCode.RESERVED_KIND
+        plain = await client.publish(NS, "app.note", "not a request")
+        assert plain.outcome is None
+
+
+async def test_a_lapsed_claim_is_announced_and_reopened(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    node = RelayNode(RELAY, MemoryStore(), RelayConfig(), wall_ms=virtual_wall())
+    await nursery.start(node.run)
+    author = identity(1)
+
+    def request(kind: str, body: Any, n: int) -> Any:
+        wall = node.wall_ms() + n  # distinct events even within one virtual millisecond
+        return sign_event(
+            Event(ns=NS, kind=kind, author=author.public_key, body=body, ts=wall), author.sign
+        )
+
+    await node.publish(request("wo.create", {"title": "t"}, 1))
+    claim = await node.publish(request("wo.claim", {"wo": "wo-1", "ttl_ms": 5_000}, 2))
+    assert node.coordination.coordinators[NS].ledger.orders["wo-1"].status.value == "claimed"
+    await trio.sleep(6)  # virtual time: past the lease
+    await trio.testing.wait_all_tasks_blocked()
+    kinds = [record.kind for record in node.store.scan(NS)]
+    assert kinds[-1] == "lease.expired"
+    body = decode(list(node.store.scan(NS))[-1].event)["body"]
+    assert body == {"leases": [["wo-1", 1]]}
+    assert node.coordination.coordinators[NS].ledger.orders["wo-1"].status.value == "open"
+    assert claim.seq == 3
+
+
+async def test_a_restarted_relay_folds_the_same_ledger(tmp_path: Path) -> None:
+    path = tmp_path / "events.sqlite3"
+    author = identity(1)
+
+    def request(kind: str, body: Any, ts: int) -> Any:
+        return sign_event(
+            Event(ns=NS, kind=kind, author=author.public_key, body=body, ts=ts), author.sign
+        )
+
+    store = SQLiteStore(path)
+    first = RelayNode(RELAY, store, RelayConfig(), wall_ms=lambda: NOW)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(first.run)
+        await first.publish(request("wo.create", {"title": "a", "priority": 1}, NOW))
+        await first.publish(request("wo.create", {"title": "b"}, NOW + 1))
+        await first.publish(request("wo.next", {"ttl_ms": 600_000}, NOW + 2))
+        nursery.cancel_scope.cancel()
+    store.close()
+    before = first.coordination.coordinators[NS].ledger
+
+    store = SQLiteStore(path)
+    second = RelayNode(RELAY, store, RelayConfig(), wall_ms=lambda: NOW + 10)
+    after = second.coordination.coordinators[NS].ledger
+    assert after.orders == before.orders and after.leases == before.leases
+    async with trio.open_nursery() as nursery:
+        await nursery.start(second.run)
+        again = await second.publish(request("wo.claim", {"wo": "wo-1"}, NOW + 10))
+        nursery.cancel_scope.cancel()
+    store.close()
+    reopened = SQLiteStore(path, readonly=True)
+    verdict = next(r for r in reopened.scan(NS) if r.seq > again.seq)
+    reopened.close()
+    assert verdict.kind == "wo.rejected"  # still held by the first claim, across the restart
