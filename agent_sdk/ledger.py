@@ -1,0 +1,162 @@
+"""The work ledger from an agent's side: create, claim, renew, release, update, note, next.
+
+Each call publishes a ``wo.*`` request and returns the relay's outcome, which arrives
+with the ack (the relay decides requests as it sequences them). A refusal raises
+:class:`LedgerRefusal` carrying the relay's ``problem`` (``held``, ``not_holder``,
+``stale_token``, ``not_found``, ``bad_transition``, ...) and, for ``held``, who holds
+the order until when.
+
+``async with ledger.hold(order) as claim:`` claims, renews in the background at a
+third of the TTL, exposes ``claim.token`` for fencing the agent's own external writes,
+and releases on exit — also on cancellation. If a renewal is refused (the lease was
+lost), the body is cancelled and :class:`LeaseLost` is raised: work done past that
+point could collide with the next holder's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from agent_sdk.client import RelayClient
+
+
+class LedgerRefusal(Exception):
+    """The relay refused a ledger request."""
+
+    def __init__(self, problem: str, reason: str, holder: dict[str, Any] | None) -> None:
+        super().__init__(f"{problem}: {reason}")
+        self.problem = problem
+        self.reason = reason
+        self.holder = holder
+
+
+class LeaseLost(Exception):
+    """A held order's lease could not be renewed; its body was stopped."""
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A granted lease on a work order."""
+
+    order: str
+    token: int
+    expires_ms: int
+
+
+class Ledger:
+    """The work ledger of one namespace, through one client."""
+
+    def __init__(self, client: RelayClient, ns: str) -> None:
+        self.client = client
+        self.ns = ns
+
+    async def request(self, kind: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Publish one request; return the outcome body or raise :class:`LedgerRefusal`."""
+        published = await self.client.publish(self.ns, kind, body)
+        if published.outcome is None:
+            raise LedgerRefusal("no_outcome", "the relay sent no outcome for this request", None)
+        event = published.outcome.event.event
+        answer = event.body
+        if event.kind == "wo.rejected":
+            raise LedgerRefusal(answer["problem"], answer["reason"], answer.get("holder"))
+        return dict(answer)
+
+    async def create(
+        self,
+        title: str,
+        *,
+        description: str = "",
+        acceptance: Sequence[str] = (),
+        files: Sequence[str] = (),
+        verify: str = "",
+        priority: int = 0,
+        **contract: Any,
+    ) -> str:
+        body = {
+            "title": title,
+            "description": description,
+            "acceptance": list(acceptance),
+            "files": list(files),
+            "verify": verify,
+            "priority": priority,
+            **contract,
+        }
+        return str((await self.request("wo.create", body))["wo"])
+
+    async def claim(self, order: str, ttl_ms: int | None = None) -> Claim:
+        return _claim(await self.request("wo.claim", _ttl({"wo": order}, ttl_ms)))
+
+    async def next(self, ttl_ms: int | None = None) -> Claim:
+        """Find the open order of highest priority and claim it, in one step."""
+        return _claim(await self.request("wo.next", _ttl({}, ttl_ms)))
+
+    async def renew(self, claim: Claim, ttl_ms: int | None = None) -> Claim:
+        body = _ttl({"wo": claim.order, "token": claim.token}, ttl_ms)
+        return _claim(await self.request("wo.renew", body))
+
+    async def release(self, claim: Claim) -> None:
+        await self.request("wo.release", {"wo": claim.order, "token": claim.token})
+
+    async def update(self, claim: Claim | str, status: str, reason: str = "") -> None:
+        """Set ``done``, ``blocked`` or ``open``; a claim's token fences the move."""
+        body: dict[str, Any] = {"status": status, "reason": reason}
+        if isinstance(claim, Claim):
+            body.update(wo=claim.order, token=claim.token)
+        else:
+            body["wo"] = claim
+        await self.request("wo.update", body)
+
+    async def note(self, order: str | Claim, text: str) -> None:
+        body: dict[str, Any] = {"text": text}
+        if isinstance(order, Claim):
+            body.update(wo=order.order, token=order.token)
+        else:
+            body["wo"] = order
+        await self.request("wo.note", body)
+
+    @asynccontextmanager
+    async def hold(self, order: str, ttl_ms: int = 60_000) -> AsyncIterator[Claim]:
+        """Claim ``order`` for the body's duration, renewing in the background."""
+        claim = await self.claim(order, ttl_ms)
+        lost = False
+        try:
+            async with trio.open_nursery() as nursery:
+
+                async def renew_forever() -> None:
+                    nonlocal claim, lost
+                    while True:
+                        await trio.sleep(ttl_ms / 3000)  # a third of the TTL, in seconds
+                        try:
+                            claim = await self.renew(claim, ttl_ms)
+                        except LedgerRefusal:
+                            lost = True
+                            nursery.cancel_scope.cancel()
+                            return
+
+                nursery.start_soon(renew_forever)
+                yield claim
+                nursery.cancel_scope.cancel()
+        finally:
+            if not lost:
+                with trio.CancelScope(shield=True), trio.move_on_after(10):
+                    try:
+                        await self.release(claim)
+                    except LedgerRefusal:
+                        pass  # done or blocked by the body, or already lapsed: nothing held
+        if lost:
+            raise LeaseLost(f"{order}: the lease was lost; stopped")
+
+
+def _ttl(body: dict[str, Any], ttl_ms: int | None) -> dict[str, Any]:
+    if ttl_ms is not None:
+        body["ttl_ms"] = ttl_ms
+    return body
+
+
+def _claim(answer: dict[str, Any]) -> Claim:
+    return Claim(order=answer["wo"], token=answer["token"], expires_ms=answer["expires_ms"])
