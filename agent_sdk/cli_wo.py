@@ -1,0 +1,326 @@
+"""``formicary wo ...``: the work ledger for shell-driven agents (the workledger workflow).
+
+Writes go through :class:`agent_sdk.ledger.Ledger`. Reads (``list``, ``show``) fold the
+namespace's log on the spot with the relay's own coordination code, so they show
+exactly the state the relay decides on. The fencing token of each order this agent
+holds is kept in ``tokens.json`` next to its key file, so ``renew``, ``release``,
+``note`` and ``update`` need no ``--token`` (all accept one).
+
+Exit codes: 0 ok, 3 conflict (held by another, not the holder, stale token, a status
+move that makes no sense), 4 not found (or nothing open), 2 usage, 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from agent_sdk.client import Delivery, Live, RelayClient
+from agent_sdk.identity import Identity, default_key_path
+from agent_sdk.ledger import Claim, Ledger, LedgerRefusal
+
+NS_ENV = "FORMICARY_NS"
+DEFAULT_NS = "work@local"
+
+EXIT_OF_PROBLEM = {
+    "held": 3,
+    "not_holder": 3,
+    "stale_token": 3,
+    "bad_transition": 3,
+    "not_found": 4,
+    "nothing_open": 4,
+    "bad_request": 2,
+    "bad_ttl": 2,
+}
+
+Connect = Callable[[argparse.Namespace], tuple[str, Identity]]
+
+
+def add_parser(sub: Any, agent_options: Callable[[argparse.ArgumentParser], None]) -> None:
+    wo = sub.add_parser("wo", help="work orders: create, claim, renew, release, ...")
+    commands = wo.add_subparsers(dest="wo", required=True)
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = commands.add_parser(name, help=help)
+        p.add_argument("--ns", help=f"namespace (${NS_ENV}, default {DEFAULT_NS})")
+        p.add_argument("--json", action="store_true", help="print JSON")
+        agent_options(p)
+        return p
+
+    p = command("create", "create a work order; prints its id")
+    p.add_argument("--title", required=True)
+    p.add_argument("--description", default="")
+    p.add_argument("--acceptance", action="append", default=[])
+    p.add_argument("--verify", default="", help="verification command")
+    p.add_argument("--priority", type=int, default=0, help="higher first")
+    p.add_argument("--file", action="append", default=[], dest="files")
+    p = command("list", "list work orders")
+    p.add_argument("--status", choices=["open", "claimed", "blocked", "done"])
+    p = command("show", "show one work order")
+    p.add_argument("id")
+    for name in ("claim", "next"):
+        p = command(name, "claim an order" if name == "claim" else "claim the best open order")
+        if name == "claim":
+            p.add_argument("id")
+        p.add_argument("--ttl", default="30m", help="lease length: 90s, 30m, 2h")
+    p = command("renew", "renew your lease")
+    p.add_argument("id")
+    p.add_argument("--ttl", default="30m")
+    p.add_argument("--token", type=int)
+    p = command("release", "give the order back (open again)")
+    p.add_argument("id")
+    p.add_argument("--token", type=int)
+    p = command("note", "add a note everyone sees")
+    p.add_argument("id")
+    p.add_argument("text")
+    p.add_argument("--token", type=int)
+    p = command("update", "set the status: done, blocked or open")
+    p.add_argument("id")
+    p.add_argument("--status", required=True, choices=["done", "blocked", "open"])
+    p.add_argument("--reason", default="")
+    p.add_argument("--token", type=int)
+    wo.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from agent_sdk.cli import _identity, _relay_url
+
+    ns = args.ns or os.environ.get(NS_ENV) or DEFAULT_NS
+    identity = _identity(args)
+    tokens = Tokens(Path(args.key).parent if args.key else default_key_path().parent)
+
+    async def main() -> Any:
+        async with RelayClient.connect(_relay_url(args), identity, reconnect=False) as client:
+            return await action(Ledger(client, ns))
+
+    try:
+        action: Callable[[Ledger], Awaitable[Any]] = ACTIONS[args.wo](args, tokens, ns)
+        result = trio.run(main)
+    except LedgerRefusal as exc:
+        print(f"formicary wo {args.wo}: {exc.problem}: {exc.reason}", file=sys.stderr)
+        return EXIT_OF_PROBLEM.get(exc.problem, 1)
+    except UsageError as exc:
+        print(f"formicary wo {args.wo}: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        print(f"formicary wo {args.wo}: {exc}", file=sys.stderr)
+        return 1
+    if result is not None:
+        print(json.dumps(result, separators=(",", ":")) if args.json else _plain(result))
+    return 0
+
+
+class UsageError(Exception):
+    pass
+
+
+class Tokens:
+    """The fencing tokens this agent holds, by namespace and order, in a small file."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / "tokens.json"
+
+    def _load(self) -> dict[str, int]:
+        try:
+            data = json.loads(self.path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+        return {k: v for k, v in data.items() if isinstance(v, int)}
+
+    def kept(self, ns: str, order: str, given: int | None) -> int | None:
+        """The token to use: the one given, else the one kept, else none."""
+        return given if given is not None else self._load().get(f"{ns}/{order}")
+
+    def get(self, ns: str, order: str, given: int | None) -> int:
+        token = self.kept(ns, order, given)
+        if token is None:
+            raise UsageError(f"no token kept for {order}: claim it first or pass --token")
+        return token
+
+    def put(self, ns: str, order: str, token: int | None) -> None:
+        data = self._load()
+        if token is None:
+            data.pop(f"{ns}/{order}", None)
+        else:
+            data[f"{ns}/{order}"] = token
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        tmp.replace(self.path)  # atomic: a crash never leaves half a file
+
+
+def ttl_ms(text: str) -> int:
+    units = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000}
+    for unit in ("ms", "s", "m", "h"):
+        number = text.removesuffix(unit)
+        if number != text and number.isdigit():
+            return int(number) * units[unit]
+    raise UsageError(f"--ttl {text!r}: use a number with ms, s, m or h")
+
+
+def _claimed(claim: Claim) -> dict[str, Any]:
+    return {"id": claim.order, "fencing_token": claim.token, "expires_at": claim.expires_ms}
+
+
+def _plain(result: Any) -> str:
+    if isinstance(result, list):
+        return "\n".join(_plain(item) for item in result)
+    if isinstance(result, dict):
+        return "  ".join(f"{k}={v}" for k, v in result.items() if v not in ("", [], None))
+    return str(result)
+
+
+async def _fold(ledger: Ledger) -> Any:
+    """The namespace's ledger, folded from its log with the relay's own code."""
+    from relay.coordination.host import Host
+    from relay.store import Record
+
+    host = Host(ledger.client.relay_key or b"")
+    async with ledger.client.subscribe(ledger.ns, start=1) as feed:
+        async for item in feed:
+            if isinstance(item, Live):
+                break
+            assert isinstance(item, Delivery)
+            event, receipt = item.event.event, item.receipt
+            host.on_sequenced(
+                Record(
+                    ns=receipt.ns,
+                    seq=receipt.seq,
+                    id=receipt.id,
+                    kind=event.kind,
+                    author=event.author,
+                    hlc=receipt.hlc,
+                    event=item.event.raw,
+                    sig=item.event.sig,
+                    receipt=receipt.raw,
+                )
+            )
+    coordinator = host.coordinators.get(ledger.ns)
+    return coordinator.ledger if coordinator is not None else None
+
+
+def _order_json(order: Any, now_ms: int, ledger: Any) -> dict[str, Any]:
+    lease = ledger.leases.holder(order.id, now_ms)
+    return {
+        "id": order.id,
+        "title": order.contract.title,
+        "status": ledger.status(order.id, now_ms).value,
+        "priority": order.contract.priority,
+        "holder": lease.holder.hex() if lease else None,
+        "fencing_token": lease.token if lease else None,
+        "expires_at": lease.expires_ms if lease else None,
+        "description": order.contract.description,
+        "acceptance": list(order.contract.acceptance),
+        "verify": order.contract.verify,
+        "files": list(order.contract.files),
+        "notes": [{"author": n.author.hex(), "text": n.text, "at": n.at_ms} for n in order.notes],
+        "reason": order.reason,
+    }
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _create(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
+    async def act(ledger: Ledger) -> Any:
+        order = await ledger.create(
+            args.title,
+            description=args.description,
+            acceptance=args.acceptance,
+            files=args.files,
+            verify=args.verify,
+            priority=args.priority,
+        )
+        return {"id": order}
+
+    return act
+
+
+def _list(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
+    async def act(ledger: Ledger) -> Any:
+        state, now = await _fold(ledger), _now_ms()
+        orders = [] if state is None else list(state.orders.values())
+        shown = [_order_json(o, now, state) for o in orders]
+        return [o for o in shown if args.status in (None, o["status"])]
+
+    return act
+
+
+def _show(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
+    async def act(ledger: Ledger) -> Any:
+        state = await _fold(ledger)
+        if state is None or args.id not in state.orders:
+            raise LedgerRefusal("not_found", f"no work order {args.id}", None)
+        return _order_json(state.orders[args.id], _now_ms(), state)
+
+    return act
+
+
+def _claim_like(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
+    ttl = ttl_ms(args.ttl)
+
+    async def act(ledger: Ledger) -> Any:
+        if args.wo == "claim":
+            claim = await ledger.claim(args.id, ttl)
+        elif args.wo == "next":
+            claim = await ledger.next(ttl)
+        else:
+            held = Claim(args.id, tokens.get(ns, args.id, args.token), 0)
+            claim = await ledger.renew(held, ttl)
+        tokens.put(ns, claim.order, claim.token)
+        return _claimed(claim)
+
+    return act
+
+
+def _release(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
+    token = tokens.get(ns, args.id, args.token)
+
+    async def act(ledger: Ledger) -> Any:
+        await ledger.release(Claim(args.id, token, 0))
+        tokens.put(ns, args.id, None)
+        return {"id": args.id, "status": "open"}
+
+    return act
+
+
+def _note(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
+    async def act(ledger: Ledger) -> Any:
+        kept = tokens.kept(ns, args.id, args.token)
+        await ledger.note(Claim(args.id, kept, 0) if kept is not None else args.id, args.text)
+        return None
+
+    return act
+
+
+def _update(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
+    async def act(ledger: Ledger) -> Any:
+        kept = tokens.kept(ns, args.id, args.token)
+        target = Claim(args.id, kept, 0) if kept is not None else args.id
+        await ledger.update(target, args.status, args.reason)
+        tokens.put(ns, args.id, None)
+        return {"id": args.id, "status": args.status}
+
+    return act
+
+
+ACTIONS: dict[str, Callable[[argparse.Namespace, Tokens, str], Any]] = {
+    "create": _create,
+    "list": _list,
+    "show": _show,
+    "claim": _claim_like,
+    "next": _claim_like,
+    "renew": _claim_like,
+    "release": _release,
+    "note": _note,
+    "update": _update,
+}
