@@ -151,8 +151,9 @@ class RelayNode:
         self.sequencer = Sequencer(identity.public_key, heads, limits=self.config.sequencer)
         # Coordination state is a fold of the logs: rebuild it before serving anyone.
         self.coordination = Host(identity.public_key)
+        self._unanswered: list[tuple[str, bytes, Outcome]] = []
         for ns in store.namespaces():
-            self.coordination.rebuild(store.scan(ns))
+            self._unanswered += self.coordination.rebuild(store.scan(ns))
         self._outcomes: dict[bytes, Located] = {}  # request id -> its outcome, recent ones
         self._committed: dict[str, int] = {ns: head.seq for ns, head in heads.items()}
         self._changed: dict[str, trio.Event] = {}
@@ -192,6 +193,7 @@ class RelayNode:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the node's loops until cancelled."""
+        self._answer_unanswered()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._sequencing_loop)
             nursery.start_soon(self._commit_loop)
@@ -298,8 +300,10 @@ class RelayNode:
     def _sequenced(self, records: Sequence[Record], now: int) -> None:
         """Queue newly sequenced records for commit, answer their tickets, and append
         the coordination outcome of each request right behind it (same batch)."""
+        # Queue them all first: an outcome appended below gets a later seq than every
+        # one of these, so the pending list stays in seq order.
+        self._pending.extend(records)
         for record in records:
-            self._pending.append(record)
             self.count("published")
             outcome = self.coordination.on_sequenced(record)
             located = Located(record.ns, record.seq, record.hlc)
@@ -328,6 +332,17 @@ class RelayNode:
         self._sequenced(result.records, now)
         record = result.records[0]
         return Located(record.ns, record.seq, record.hlc)
+
+    def _answer_unanswered(self) -> None:
+        """Append the outcomes a crash kept out of the log (see Host.rebuild)."""
+        if not self._unanswered:
+            return
+        self.sequencer.learn(self.store.find(req for _, req, _ in self._unanswered))
+        now = self.wall_ms()
+        for ns, req, outcome in self._unanswered:
+            self._outcomes[req] = self._append_own(ns, outcome, (req,), now)
+        self._unanswered = []
+        self._pending_ready.set()
 
     def outcome_of(self, request_id: bytes) -> Located | None:
         """Where the relay's outcome of a coordination request sits, if remembered."""

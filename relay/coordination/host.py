@@ -15,9 +15,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent_sdk.wire import decode
-from relay.coordination.requests import EXPIRED, REQUEST_KINDS, Coordinator, Outcome
+from relay.coordination.requests import (
+    EXPIRED,
+    RELAY_KINDS,
+    REQUEST_KINDS,
+    Coordinator,
+    Outcome,
+)
 from relay.sequencer import HLC_SHIFT
 from relay.store import Record
+
+ANSWER_KINDS = RELAY_KINDS - {EXPIRED}
+"""The relay's answers to requests: each names its request in ``req``."""
 
 
 @dataclass
@@ -40,13 +49,24 @@ class Host:
             coordinator.replay_expired(_body(record))
         return None
 
-    def rebuild(self, records: Iterable[Record]) -> int:
-        """Fold stored records (each namespace in seq order); returns how many."""
-        count = 0
+    def rebuild(self, records: Iterable[Record]) -> list[tuple[str, bytes, Outcome]]:
+        """Fold stored records (one namespace, in seq order).
+
+        Returns ``(ns, request id, outcome)`` for each request the log holds without
+        its outcome: a crash can fall between the commit of a request and the commit
+        of its outcome, and the relay appends those outcomes before serving again.
+        """
+        decided: dict[bytes, tuple[str, Outcome]] = {}
+        answered: set[bytes] = set()
         for record in records:
-            self.on_sequenced(record)
-            count += 1
-        return count
+            outcome = self.on_sequenced(record)
+            if outcome is not None:
+                decided[record.id] = (record.ns, outcome)
+            elif record.kind in ANSWER_KINDS and record.author == self.relay_key:
+                body = _body(record)
+                if isinstance(body, dict) and isinstance(body.get("req"), bytes):
+                    answered.add(body["req"])
+        return [(ns, req, out) for req, (ns, out) in decided.items() if req not in answered]
 
     def due(self, now_ms: int) -> list[tuple[str, Outcome]]:
         """The timer's outcomes: ``lease.expired`` per namespace with lapsed claims."""

@@ -248,7 +248,7 @@ class Ledger:
         if order is None:
             return Rejection(Problem.NOT_FOUND, f"no work order {order_id}")
         if order.status is Status.CLAIMED and self._status(order, now_ms) is Status.OPEN:
-            lease = self.leases.leases.get(order_id)
+            lease = self.leases.leases.pop(order_id, None)  # the timer has nothing left to do
             expired_at = lease.expires_ms if lease else now_ms
             self._move(order, Op.EXPIRE, expired_at, "lease expired")
         return order

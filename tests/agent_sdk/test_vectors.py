@@ -1,4 +1,4 @@
-"""The test vectors of docs/protocol.md, section 10, recomputed with the real code.
+"""The test vectors of docs/protocol.md, section 11, recomputed with the real code.
 
 Every hex literal below is copied from the document. Each test checks that the code
 still produces it, and ``test_document_shows_every_vector`` checks that the document

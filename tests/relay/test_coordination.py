@@ -120,3 +120,51 @@ async def test_a_restarted_relay_folds_the_same_ledger(tmp_path: Path) -> None:
     verdict = next(r for r in reopened.scan(NS) if r.seq > again.seq)
     reopened.close()
     assert verdict.kind == "wo.rejected"  # still held by the first claim, across the restart
+
+
+def _request(kind: str, body: Any, ts: int, deps: tuple[bytes, ...] = ()) -> Any:
+    author = identity(1)
+    event = Event(ns=NS, kind=kind, author=author.public_key, body=body, ts=ts, deps=deps)
+    return sign_event(event, author.sign)
+
+
+async def test_an_outcome_follows_events_its_request_released(nursery: trio.Nursery) -> None:
+    node = RelayNode(RELAY, MemoryStore(), RelayConfig(), wall_ms=lambda: NOW)
+    await nursery.start(node.run)
+    create = _request("wo.create", {"title": "t"}, NOW)
+    follower = _request("app.after", "waits for the create", NOW, deps=(create.id,))
+    parked = await node.admit(follower)
+    await trio.testing.wait_all_tasks_blocked()
+    await node.publish(create)
+    await node.answer(parked)
+    kinds = [(r.seq, r.kind) for r in node.store.scan(NS)]
+    assert kinds == [(1, "wo.create"), (2, "app.after"), (3, "wo.created")]
+
+
+async def test_a_request_stored_without_its_outcome_is_answered_at_start(
+    tmp_path: Path,
+) -> None:
+    from dataclasses import replace
+
+    from agent_sdk.wire import decode_receipt, seal
+    from relay.sequencer import Sequenced, Sequencer
+
+    path = tmp_path / "events.sqlite3"
+    store = SQLiteStore(path)
+    # A crash after the request's commit and before its outcome's: only the request.
+    create = _request("wo.create", {"title": "t"}, NOW)
+    placed = Sequencer(RELAY.public_key).offer(create, NOW)
+    assert isinstance(placed, Sequenced)
+    [record] = placed.records
+    store.append([replace(record, seal=seal(decode_receipt(record.receipt), RELAY.sign))])
+
+    node = RelayNode(RELAY, store, RelayConfig(), wall_ms=lambda: NOW + 5)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(node.run)
+        await node.wait_beyond(NS, 1)
+        nursery.cancel_scope.cancel()
+    answer = list(store.scan(NS))[1]
+    assert answer.kind == "wo.created" and answer.author == RELAY.public_key
+    assert decode(answer.event)["body"]["req"] == create.id
+    assert node.outcome_of(create.id) is not None
+    store.close()

@@ -161,3 +161,12 @@ def test_the_same_requests_fold_to_the_same_ledger() -> None:
     first, second = run(), run()
     assert first.orders == second.orders
     assert first.leases == second.leases
+
+
+def test_a_lapse_noticed_by_a_request_leaves_no_timer_behind() -> None:
+    ledger = Ledger()
+    order = created(ledger)
+    claimed(ledger.claim(order, A, now_ms=0, ttl_ms=MIN))
+    ledger.note(order, B, "poke", now_ms=MIN + 1)  # the request sees the lapse first
+    assert ledger.orders[order].status is Status.OPEN
+    assert ledger.leases.next_expiry_ms() is None  # else the relay's timer would spin
