@@ -299,25 +299,41 @@ class RelayNode:
 
     def _sequenced(self, records: Sequence[Record], now: int) -> None:
         """Queue newly sequenced records for commit, answer their tickets, and append
-        the coordination outcome of each request right behind it (same batch)."""
-        # Queue them all first: an outcome appended below gets a later seq than every
-        # one of these, so the pending list stays in seq order.
-        self._pending.extend(records)
-        for record in records:
-            self.count("published")
-            outcome = self.coordination.on_sequenced(record)
-            located = Located(record.ns, record.seq, record.hlc)
-            if outcome is not None:
-                decided = self._append_own(record.ns, outcome, (record.id,), now)
-                self._outcomes[record.id] = decided
-                self._timers_changed.set()  # a lease may have begun or moved
-                if len(self._outcomes) > self.config.sequencer.known_capacity:
-                    del self._outcomes[next(iter(self._outcomes))]
-            for answered in self._waiting_tickets.pop(record.id, ()):
-                answered._resolve(located)
+        the coordination outcome of each request right behind it (same batch).
 
-    def _append_own(self, ns: str, outcome: Outcome, deps: tuple[bytes, ...], now: int) -> Located:
-        """Sequence an event the relay itself authors (an outcome, a timer's verdict)."""
+        Requests are decided strictly in seq order, as a replay of the log would: a
+        step's records are all decided before any outcome is sequenced, and what an
+        outcome releases from parking (it gets later seqs) waits for a later step.
+        """
+        steps: deque[Sequence[Record]] = deque([records])
+        while steps:
+            step = steps.popleft()
+            self._pending.extend(step)  # in seq order: outcomes come later still
+            decided = []
+            for record in step:
+                self.count("published")
+                outcome = self.coordination.on_sequenced(record)
+                if outcome is not None:
+                    decided.append((record, outcome))
+                located = Located(record.ns, record.seq, record.hlc)
+                for answered in self._waiting_tickets.pop(record.id, ()):
+                    answered._resolve(located)
+            for record, outcome in decided:
+                released = self._offer_own(record.ns, outcome, (record.id,), now)
+                head = released[0]
+                self._remember_outcome(record.id, Located(head.ns, head.seq, head.hlc))
+                steps.append(released)
+
+    def _remember_outcome(self, request_id: bytes, located: Located) -> None:
+        self._outcomes[request_id] = located
+        self._timers_changed.set()  # a lease may have begun or moved
+        if len(self._outcomes) > self.config.sequencer.known_capacity:
+            del self._outcomes[next(iter(self._outcomes))]
+
+    def _offer_own(
+        self, ns: str, outcome: Outcome, deps: tuple[bytes, ...], now: int
+    ) -> tuple[Record, ...]:
+        """Sequence an event the relay itself authors; returns it and what it released."""
         event = Event(
             ns=ns,
             kind=outcome.kind,
@@ -329,9 +345,13 @@ class RelayNode:
         result = self.sequencer.offer(sign_event(event, self.identity.sign), now)
         # Its deps were just sequenced and its id is new: anything else is our bug.
         assert isinstance(result, Sequenced), result
-        self._sequenced(result.records, now)
-        record = result.records[0]
-        return Located(record.ns, record.seq, record.hlc)
+        return result.records
+
+    def _append_own(self, ns: str, outcome: Outcome, deps: tuple[bytes, ...], now: int) -> Located:
+        """Sequence a relay-authored event and process it like any other record."""
+        records = self._offer_own(ns, outcome, deps, now)
+        self._sequenced(records, now)
+        return Located(records[0].ns, records[0].seq, records[0].hlc)
 
     def _answer_unanswered(self) -> None:
         """Append the outcomes a crash kept out of the log (see Host.rebuild)."""
@@ -340,7 +360,7 @@ class RelayNode:
         self.sequencer.learn(self.store.find(req for _, req, _ in self._unanswered))
         now = self.wall_ms()
         for ns, req, outcome in self._unanswered:
-            self._outcomes[req] = self._append_own(ns, outcome, (req,), now)
+            self._remember_outcome(req, self._append_own(ns, outcome, (req,), now))
         self._unanswered = []
         self._pending_ready.set()
 

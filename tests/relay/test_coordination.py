@@ -168,3 +168,48 @@ async def test_a_request_stored_without_its_outcome_is_answered_at_start(
     assert decode(answer.event)["body"]["req"] == create.id
     assert node.outcome_of(create.id) is not None
     store.close()
+
+
+async def test_requests_released_by_an_outcome_are_decided_in_log_order(
+    nursery: trio.Nursery,
+) -> None:
+    from relay.coordination.host import Host
+
+    node = RelayNode(RELAY, MemoryStore(), RelayConfig(), wall_ms=lambda: NOW)
+    await nursery.start(node.run)
+    create = _request("wo.create", {"title": "t"}, NOW)
+    # The relay's outcome of `create` is predictable (its clock is fixed here), so an
+    # agent can make a request wait on it: it is released by that outcome.
+    predicted = sign_event(
+        Event(
+            ns=NS,
+            kind="wo.created",
+            author=RELAY.public_key,
+            body={"req": create.id, "wo": "wo-1", "status": "open"},
+            deps=(create.id,),
+            ts=NOW,
+        ),
+        RELAY.sign,
+    )
+    first = _request("wo.claim", {"wo": "wo-1"}, NOW + 1, deps=(create.id,))
+    second = _request("wo.claim", {"wo": "wo-1"}, NOW + 2, deps=(predicted.id,))
+    tickets = [await node.admit(first), await node.admit(second)]
+    await trio.testing.wait_all_tasks_blocked()
+    await node.publish(create)
+    for ticket in tickets:
+        await node.answer(ticket)
+
+    records = list(node.store.scan(NS))
+    assert predicted.id in {r.id for r in records}
+    replayed = Host(RELAY.public_key)
+    replayed.rebuild(records)
+    live = node.coordination.coordinators[NS].ledger
+    assert replayed.coordinators[NS].ledger.leases == live.leases
+    verdicts = {
+        decode(r.event)["body"]["req"]: r.kind for r in records if r.author == RELAY.public_key
+    }
+    holder = live.leases.leases["wo-1"].holder
+    assert holder == identity(1).public_key
+    # The claim earlier in the log won, and the log's own outcomes say so.
+    claims = sorted((r.seq, r.id) for r in records if r.kind == "wo.claim")
+    assert [verdicts[request_id] for _, request_id in claims] == ["wo.claimed", "wo.rejected"]
