@@ -13,9 +13,11 @@ move that makes no sense), 4 not found (or nothing open), 2 usage, 1 anything el
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -146,15 +148,21 @@ class Tokens:
         return token
 
     def put(self, ns: str, order: str, token: int | None) -> None:
-        data = self._load()
-        if token is None:
-            data.pop(f"{ns}/{order}", None)
-        else:
-            data[f"{ns}/{order}"] = token
+        """Keep (or, with ``None``, forget) a token. Shell agents run commands in
+        parallel, so the read-modify-write holds a lock and writes a private temporary
+        file that replaces the old one atomically."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        tmp.replace(self.path)  # atomic: a crash never leaves half a file
+        with open(self.path.with_suffix(".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            data = self._load()
+            if token is None:
+                data.pop(f"{ns}/{order}", None)
+            else:
+                data[f"{ns}/{order}"] = token
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".tokens.")
+            with os.fdopen(fd, "w") as file:
+                file.write(json.dumps(data, indent=1))
+            os.replace(tmp, self.path)
 
 
 def ttl_ms(text: str) -> int:
@@ -286,7 +294,12 @@ def _release(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
     token = tokens.get(ns, args.id, args.token)
 
     async def act(ledger: Ledger) -> Any:
-        await ledger.release(Claim(args.id, token, 0))
+        try:
+            await ledger.release(Claim(args.id, token, 0))
+        except LedgerRefusal as exc:
+            if exc.problem in ("not_holder", "stale_token"):
+                tokens.put(ns, args.id, None)  # that claim is over: forget its token
+            raise
         tokens.put(ns, args.id, None)
         return {"id": args.id, "status": "open"}
 
@@ -295,8 +308,10 @@ def _release(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
 
 def _note(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
     async def act(ledger: Ledger) -> Any:
-        kept = tokens.kept(ns, args.id, args.token)
-        await ledger.note(Claim(args.id, kept, 0) if kept is not None else args.id, args.text)
+        # Anyone may note; only an explicit --token asks for the holder's fence (a kept
+        # token may be stale, and a stale one would refuse the note).
+        target = Claim(args.id, args.token, 0) if args.token is not None else args.id
+        await ledger.note(target, args.text)
         return None
 
     return act

@@ -210,7 +210,7 @@ class RelayClient:
     ) -> AsyncIterator[RelayClient]:
         """Connect and authenticate; raises if the first connection attempt fails."""
         client = cls(url, identity, **options)
-        with _unwrap_single():
+        with unwrap_single():
             async with trio.open_nursery() as nursery:
                 await nursery.start(client._run)
                 try:
@@ -300,7 +300,7 @@ class RelayClient:
         for rid, pending in sorted(self._pending.items()):
             outbox.send_nowait(_publish_frame(rid, pending.event))
         self._connected.set()
-        with _unwrap_single():
+        with unwrap_single():
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._writer, ws, queued)
                 async for message in ws:
@@ -502,7 +502,7 @@ def _error_of(frame: f.Error) -> ProtocolError:
 
 
 @contextmanager
-def _unwrap_single() -> Iterator[None]:
+def unwrap_single() -> Iterator[None]:
     """Our nurseries are private: hand a lone error out unwrapped, as websockets does."""
     try:
         yield

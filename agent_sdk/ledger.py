@@ -22,7 +22,9 @@ from typing import Any
 
 import trio
 
-from agent_sdk.client import RelayClient
+from agent_sdk.client import RelayClient, unwrap_single
+
+CLAIM_TIMEOUT = 30.0  # seconds to wait for the relay's answer to a claim or a release
 
 
 class LedgerRefusal(Exception):
@@ -54,6 +56,7 @@ class Ledger:
     def __init__(self, client: RelayClient, ns: str) -> None:
         self.client = client
         self.ns = ns
+        self._ended: set[tuple[str, int]] = set()  # claims this agent ended itself
 
     async def request(self, kind: str, body: dict[str, Any]) -> dict[str, Any]:
         """Publish one request; return the outcome body or raise :class:`LedgerRefusal`."""
@@ -101,6 +104,7 @@ class Ledger:
 
     async def release(self, claim: Claim) -> None:
         await self.request("wo.release", {"wo": claim.order, "token": claim.token})
+        self._ended.add((claim.order, claim.token))
 
     async def update(self, claim: Claim | str, status: str, reason: str = "") -> None:
         """Set ``done``, ``blocked`` or ``open``; a claim's token fences the move."""
@@ -110,6 +114,8 @@ class Ledger:
         else:
             body["wo"] = claim
         await self.request("wo.update", body)
+        if isinstance(claim, Claim):
+            self._ended.add((claim.order, claim.token))
 
     async def note(self, order: str | Claim, text: str) -> None:
         body: dict[str, Any] = {"text": text}
@@ -121,33 +127,56 @@ class Ledger:
 
     @asynccontextmanager
     async def hold(self, order: str, ttl_ms: int = 60_000) -> AsyncIterator[Claim]:
-        """Claim ``order`` for the body's duration, renewing in the background."""
-        claim = await self.claim(order, ttl_ms)
+        """Claim ``order`` for the body's duration, renewing in the background.
+
+        The body is cancelled and :class:`LeaseLost` raised when a renewal is refused
+        or is not confirmed in time to keep the lease (a partition, a stalled relay):
+        past that point another agent may hold the order. Ending the claim from the
+        body (``update(claim, "done")``, ``release``) simply ends the renewals.
+        """
+        ttl = ttl_ms / 1000
+        margin = ttl / 10  # give up this long before the relay would expire the lease
+        with trio.CancelScope(shield=True) as asking:
+            # Shielded: a claim the relay granted must reach us, so that it is released.
+            asking.deadline = trio.current_time() + CLAIM_TIMEOUT
+            sent = trio.current_time()
+            claim = await self.claim(order, ttl_ms)
+        if asking.cancelled_caught:
+            raise LeaseLost(f"{order}: no answer to the claim in {CLAIM_TIMEOUT} s")
         lost = False
         try:
-            async with trio.open_nursery() as nursery:
+            with unwrap_single():
+                async with trio.open_nursery() as nursery:
 
-                async def renew_forever() -> None:
-                    nonlocal claim, lost
-                    while True:
-                        await trio.sleep(ttl_ms / 3000)  # a third of the TTL, in seconds
-                        try:
-                            claim = await self.renew(claim, ttl_ms)
-                        except LedgerRefusal:
-                            lost = True
+                    async def renew_forever() -> None:
+                        nonlocal claim, lost, sent
+                        while True:
+                            await trio.sleep_until(sent + ttl / 3)
+                            if (claim.order, claim.token) in self._ended:
+                                return  # the body finished the order: nothing to keep
+                            asked = trio.current_time()
+                            with trio.move_on_at(sent + ttl - margin):
+                                try:
+                                    claim = await self.renew(claim, ttl_ms)
+                                    sent = asked
+                                    continue
+                                except LedgerRefusal:
+                                    if (claim.order, claim.token) in self._ended:
+                                        return
+                            lost = True  # refused, or not confirmed while still ours
                             nursery.cancel_scope.cancel()
                             return
 
-                nursery.start_soon(renew_forever)
-                yield claim
-                nursery.cancel_scope.cancel()
+                    nursery.start_soon(renew_forever)
+                    yield claim
+                    nursery.cancel_scope.cancel()
         finally:
-            if not lost:
-                with trio.CancelScope(shield=True), trio.move_on_after(10):
+            if not lost and (claim.order, claim.token) not in self._ended:
+                with trio.CancelScope(shield=True), trio.move_on_after(CLAIM_TIMEOUT):
                     try:
                         await self.release(claim)
                     except LedgerRefusal:
-                        pass  # done or blocked by the body, or already lapsed: nothing held
+                        pass  # already lapsed or ended: nothing held
         if lost:
             raise LeaseLost(f"{order}: the lease was lost; stopped")
 

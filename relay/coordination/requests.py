@@ -147,7 +147,10 @@ def _map(body: Any) -> dict[str, Any]:
 def _only(body: dict[str, Any], *allowed: str) -> None:
     extra = sorted(set(body) - set(allowed))
     if extra:
-        raise BadRequest(f"unknown fields {extra}")
+        # Name a few, shortened: an outcome must never be bigger than its request.
+        shown = ", ".join(repr(name[:32]) for name in extra[:5])
+        more = f" and {len(extra) - 5} more" if len(extra) > 5 else ""
+        raise BadRequest(f"unknown fields {shown}{more}")
 
 
 def _text(body: dict[str, Any], name: str, limit: int, default: str | None = None) -> str:

@@ -60,3 +60,22 @@ async def test_the_workledger_workflow_in_a_shell_script(
     codes = dict(line.split("=") for line in (tmp_path / "codes.txt").read_text().split())
     assert codes == {"other-claim": "3", "done-twice": "3", "missing": "4", "bad-ttl": "2"}
     assert "held by" in done.stderr.decode()
+
+
+def test_kept_tokens_survive_parallel_commands(tmp_path: Path) -> None:
+    import threading
+
+    from agent_sdk.cli_wo import Tokens
+
+    def agent(n: int) -> None:
+        tokens = Tokens(tmp_path)  # each command opens its own, like separate processes
+        for i in range(25):
+            tokens.put("work@local", f"wo-{n}-{i}", i + 1)
+
+    threads = [threading.Thread(target=agent, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    kept = json.loads((tmp_path / "tokens.json").read_text())
+    assert len(kept) == 200

@@ -55,7 +55,24 @@ async def test_hold_stops_the_body_when_the_lease_is_lost(relay: RunningRelay) -
         reached_end = False
         with pytest.raises(LeaseLost):
             async with ledger.hold(order, ttl_ms=1_000) as claim:
-                await ledger.release(claim)  # as if another holder took over
+                # Someone else ends our lease behind hold()'s back (here: with our key
+                # and token through another ledger object), as a takeover would.
+                await Ledger(client, NS).release(claim)
                 await trio.sleep_forever()  # the next renewal fails and stops us here
                 reached_end = True
         assert not reached_end
+
+
+async def test_hold_lets_the_body_finish_the_order_and_raises_its_errors(
+    relay: RunningRelay,
+) -> None:
+    async with RelayClient.connect(relay.url, identity(1)) as client:
+        ledger = Ledger(client, NS)
+        order = await ledger.create("finish me")
+        async with ledger.hold(order, ttl_ms=1_000) as claim:
+            await ledger.update(claim, "done")
+            with trio.fail_after(5):  # a bound; the renewals stop on their own
+                await ledger.note(order, "wrapping up after done")
+        with pytest.raises(ValueError, match="plain"):
+            async with ledger.hold(await ledger.create("raises"), ttl_ms=60_000):
+                raise ValueError("plain errors come out as themselves")

@@ -128,3 +128,10 @@ def test_replaying_the_log_rebuilds_the_same_ledger_and_outcomes() -> None:
     assert outcomes == log.outcomes
     assert replayed.ledger.orders == log.coordinator.ledger.orders
     assert replayed.ledger.leases == log.coordinator.ledger.leases
+
+
+def test_a_rejection_is_never_bigger_than_its_request() -> None:
+    body = {"title": "t", **{f"{'x' * 200}{n}": n for n in range(100)}}
+    outcome = Log().request("wo.create", body)
+    assert outcome.kind == "wo.rejected"
+    assert len(outcome.body["reason"]) < 300
