@@ -213,3 +213,65 @@ async def test_requests_released_by_an_outcome_are_decided_in_log_order(
     # The claim earlier in the log won, and the log's own outcomes say so.
     claims = sorted((r.seq, r.id) for r in records if r.kind == "wo.claim")
     assert [verdicts[request_id] for _, request_id in claims] == ["wo.claimed", "wo.rejected"]
+
+
+class ExternalStore:
+    """A resource outside the relay (a file, a database row) that agents write to.
+
+    With ``fenced``, it remembers the highest fencing token it has seen and refuses
+    writes that carry a lower one: the storage-side half of fencing.
+    """
+
+    def __init__(self, fenced: bool) -> None:
+        self.fenced = fenced
+        self.highest = 0
+        self.value: str | None = None
+
+    def write(self, value: str, token: int) -> bool:
+        if self.fenced and token < self.highest:
+            return False
+        self.highest = max(self.highest, token)
+        self.value = value
+        return True
+
+
+@pytest.mark.parametrize("fenced", [True, False], ids=["fenced", "control-without-fencing"])
+async def test_a_holder_paused_past_its_lease_cannot_clobber_the_next(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, fenced: bool
+) -> None:
+    node = RelayNode(RELAY, MemoryStore(), RelayConfig(), wall_ms=virtual_wall())
+    await nursery.start(node.run)
+    slow, fast = identity(1), identity(3)
+
+    async def ask(who: Any, kind: str, body: Any, nonce: int) -> dict[str, Any]:
+        event = Event(
+            ns=NS,
+            kind=kind,
+            author=who.public_key,
+            body=body,
+            ts=node.wall_ms(),
+            nonce=bytes([nonce]),
+        )
+        request = await node.publish(sign_event(event, who.sign))
+        located = node.outcome_of(request.id)
+        assert located is not None
+        answer = await node.committed_record(located.ns, located.seq)
+        fields: dict[str, Any] = decode(answer.event)
+        return {"kind": fields["kind"], **fields["body"]}
+
+    await ask(slow, "wo.create", {"title": "update the config"}, 1)
+    first = await ask(slow, "wo.claim", {"wo": "wo-1", "ttl_ms": 5_000}, 2)
+    store = ExternalStore(fenced)
+    await trio.sleep(6)  # the slow holder stalls (a GC pause, a laptop lid) past its TTL
+    second = await ask(fast, "wo.claim", {"wo": "wo-1", "ttl_ms": 5_000}, 3)
+    assert second["kind"] == "wo.claimed" and second["token"] > first["token"]
+    assert store.write("fast's config", second["token"])
+
+    # The slow holder wakes up and acts on its old claim.
+    late_note = await ask(slow, "wo.note", {"wo": "wo-1", "text": "done!", "token": 1}, 4)
+    assert late_note["kind"] == "wo.rejected" and late_note["problem"] == "not_holder"
+    accepted = store.write("slow's stale config", first["token"])
+    if fenced:
+        assert not accepted and store.value == "fast's config"
+    else:  # the control run: without fencing the stale holder's write wins
+        assert accepted and store.value == "slow's stale config"
