@@ -29,6 +29,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 import trio
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
@@ -313,3 +314,38 @@ async def test_acked_events_survive_sigkill_and_inflight_ones_commit_once(
         assert final[ns][seq - 1].receipt == published.receipt.raw
     verdicts = await verify_offline(data)
     assert sum(int(str(v["records"])) for v in verdicts) == len(everything)
+
+
+async def test_leases_survive_sigkill_with_their_expiry(tmp_path: Path) -> None:
+    from agent_sdk.ledger import Ledger, LedgerRefusal
+
+    data = tmp_path / "relay-data"
+    ns = "work@local"
+    async with relay_process(data) as first:
+        async with RelayClient.connect(first.url, identity(1), reconnect=False) as client:
+            ledger = Ledger(client, ns)
+            order = await ledger.create("survive the crash")
+            claim = await ledger.claim(order, ttl_ms=600_000)
+        first.kill()  # SIGKILL with the lease held
+        assert await first.process.wait() == -signal.SIGKILL  # type: ignore[union-attr]
+
+    async with relay_process(data) as second:
+        async with RelayClient.connect(second.url, identity(2), reconnect=False) as client:
+            with pytest.raises(LedgerRefusal) as info:
+                await Ledger(client, ns).claim(order)
+        assert info.value.problem == "held"
+        holder = info.value.holder
+        assert holder is not None
+        # The same lease, with the same absolute expiry: downtime counts against it.
+        assert (holder["holder"], holder["token"], holder["expires_ms"]) == (
+            identity(1).public_key,
+            claim.token,
+            claim.expires_ms,
+        )
+        async with RelayClient.connect(second.url, identity(1), reconnect=False) as client:
+            renewed = await Ledger(client, ns).renew(claim, ttl_ms=600_000)
+        assert renewed.token == claim.token
+    verified = await trio.run_process(
+        cli("log", "verify", "all", "--data", str(data)), capture_stdout=True, check=False
+    )
+    assert verified.returncode == 0, verified.stdout
