@@ -1,0 +1,140 @@
+"""Claims benchmark: claim+release round trips through a real relay, contended and not.
+
+Theory of operation
+-------------------
+The relay runs as its own process (the same set-up as ``bench/ingest.py``). This
+process runs ``--agents`` SDK clients, one WebSocket and one identity each, using
+:class:`agent_sdk.ledger.Ledger` exactly as an agent would (so each request is signed
+here, as it would be by a real agent).
+
+* **uncontended**: every agent owns a work order and loops claim -> release on it.
+* **contended**: every agent loops claim -> (if granted) release on one shared order.
+  Refused claims are counted too: under contention, most attempts lose.
+
+Each phase runs for ``--seconds``; a cycle is one claim and, when it was granted, one
+release, each awaited to its outcome. Prints one JSON object with cycles per second and
+claim latency (p50/p99) per phase.
+
+Usage::
+
+    .venv/bin/python bench/claims.py [--agents 200] [--seconds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import trio
+from ingest import BenchError, percentile, relay_process
+
+from agent_sdk.client import RelayClient
+from agent_sdk.identity import Identity
+from agent_sdk.ledger import Ledger, LedgerRefusal
+
+NS = "claims@local"
+
+
+def log(message: str) -> None:
+    print(f"[claims] {message}", file=sys.stderr, flush=True)
+
+
+async def phase(
+    url: str, identities: Sequence[Identity], orders: Sequence[str], seconds: float
+) -> dict[str, Any]:
+    """Every agent loops claim (+ release when granted) on its order until time is up."""
+    latencies: list[int] = []
+    granted = refused = 0
+
+    async def agent(identity: Identity, order: str, start: trio.Event) -> None:
+        nonlocal granted, refused
+        async with RelayClient.connect(url, identity) as client:
+            ledger = Ledger(client, NS)
+            ready.append(None)
+            if len(ready) == len(identities):
+                start.set()
+            await start.wait()
+            while trio.current_time() < deadline:
+                began = time.perf_counter_ns()
+                try:
+                    claim = await ledger.claim(order, ttl_ms=60_000)
+                except LedgerRefusal:
+                    refused += 1
+                    latencies.append(time.perf_counter_ns() - began)
+                    continue
+                latencies.append(time.perf_counter_ns() - began)
+                await ledger.release(claim)
+                granted += 1
+
+    ready: list[None] = []
+    start = trio.Event()
+    deadline = float("inf")
+    async with trio.open_nursery() as nursery:
+        for identity, order in zip(identities, orders, strict=True):
+            nursery.start_soon(agent, identity, order, start)
+        await start.wait()
+        began = trio.current_time()
+        deadline = began + seconds
+    elapsed = trio.current_time() - began
+    ordered = sorted(latencies)
+    return {
+        "seconds": round(elapsed, 3),
+        "granted_cycles": granted,
+        "refused_claims": refused,
+        "claim_release_round_trips_per_s": round(granted / elapsed, 1),
+        "claim_attempts_per_s": round((granted + refused) / elapsed, 1),
+        "claim_latency_ms": {"p50": percentile(ordered, 50), "p99": percentile(ordered, 99)},
+    }
+
+
+async def run(args: argparse.Namespace, url: str) -> dict[str, Any]:
+    identities = [Identity.from_seed(n.to_bytes(32, "big")) for n in range(1, args.agents + 1)]
+    async with RelayClient.connect(url, Identity.generate()) as setup:
+        ledger = Ledger(setup, NS)
+        log(f"creating {args.agents + 1} work orders")
+        own = [await ledger.create(f"order {n}") for n in range(args.agents)]
+        shared = await ledger.create("the hot order")
+    log(f"uncontended: {args.agents} agents, one order each, {args.seconds}s")
+    uncontended = await phase(url, identities, own, args.seconds)
+    log(f"contended: {args.agents} agents, one shared order, {args.seconds}s")
+    contended = await phase(url, identities, [shared] * args.agents, args.seconds)
+    return {"uncontended": uncontended, "contended": contended}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--agents", type=int, default=200)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="formicary-claims-") as tmp:
+        try:
+            with relay_process(Path(tmp), None) as relay:
+                relay.wait_ready(30)
+                result = trio.run(run, args, relay.url)
+        except (BenchError, OSError) as exc:
+            print(f"claims: {exc}", file=sys.stderr)
+            return 1
+    print(
+        json.dumps(
+            {
+                "bench": "claims",
+                "agents": args.agents,
+                **result,
+                "python": platform.python_version(),
+                "cpus": len(os.sched_getaffinity(0)),
+            }
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
