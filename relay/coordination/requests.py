@@ -18,12 +18,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from relay.coordination.leases import Lease
+from relay.coordination.leases import Granted, Lease, LeaseEngine, Refused, TtlBounds
 from relay.coordination.ledger import Contract, Done, Ledger, Rejection, Status
 
-REQUEST_KINDS = frozenset(
+WO_KINDS = frozenset(
     {"wo.create", "wo.claim", "wo.next", "wo.renew", "wo.release", "wo.update", "wo.note"}
 )
+LOCK_KINDS = frozenset({"lock.acquire", "lock.renew", "lock.release"})
+REQUEST_KINDS = WO_KINDS | LOCK_KINDS
 OUTCOME_OF = {
     "wo.create": "wo.created",
     "wo.claim": "wo.claimed",
@@ -32,10 +34,14 @@ OUTCOME_OF = {
     "wo.release": "wo.released",
     "wo.update": "wo.updated",
     "wo.note": "wo.noted",
+    "lock.acquire": "lock.acquired",
+    "lock.renew": "lock.renewed",
+    "lock.release": "lock.released",
 }
 REJECTED = "wo.rejected"
+LOCK_REJECTED = "lock.rejected"
 EXPIRED = "lease.expired"
-RELAY_KINDS = frozenset({*OUTCOME_OF.values(), REJECTED, EXPIRED})
+RELAY_KINDS = frozenset({*OUTCOME_OF.values(), REJECTED, LOCK_REJECTED, EXPIRED})
 """Kinds only the relay may author."""
 
 MAX_TEXT = 16 * 1024
@@ -54,14 +60,19 @@ class Outcome:
 
 @dataclass
 class Coordinator:
-    """The work ledger of one namespace, driven by its log."""
+    """The work ledger and the advisory locks of one namespace, driven by its log."""
 
     ledger: Ledger = field(default_factory=Ledger)
+    locks: LeaseEngine = field(
+        default_factory=lambda: LeaseEngine(bounds=TtlBounds(default_ms=5 * 60 * 1000))
+    )
 
     def decide(
         self, kind: str, body: Any, author: bytes, request_id: bytes, now_ms: int
     ) -> Outcome | None:
         """The outcome of one request event, or ``None`` for kinds that are not requests."""
+        if kind in LOCK_KINDS:
+            return self._decide_lock(kind, body, author, request_id, now_ms)
         if kind not in REQUEST_KINDS:
             return None
         try:
@@ -87,6 +98,46 @@ class Coordinator:
         if result.lease is not None:
             outcome.update(_lease(result.lease))
         return Outcome(OUTCOME_OF[kind], outcome)
+
+    def _decide_lock(
+        self, kind: str, body: Any, author: bytes, request_id: bytes, now_ms: int
+    ) -> Outcome:
+        """Advisory locks on named resources (paths, branches, anything): leases with
+        the same exclusivity and fencing as claims. They lapse silently at expiry."""
+        locks = self.locks
+        try:
+            fields = _map(body)
+            name = _text(fields, "name", 256)
+            if not name:
+                raise BadRequest("a lock needs a name")
+            if kind == "lock.acquire":
+                _only(fields, "name", "ttl_ms")
+                result = locks.acquire(name, author, now_ms, _opt_int(fields, "ttl_ms"))
+            elif kind == "lock.renew":
+                _only(fields, "name", "token", "ttl_ms")
+                token, ttl = _int(fields, "token"), _opt_int(fields, "ttl_ms")
+                result = locks.renew(name, author, token, now_ms, ttl)
+            else:
+                _only(fields, "name", "token")
+                result = locks.release(name, author, _int(fields, "token"), now_ms)
+        except BadRequest as exc:
+            reason = str(exc)
+            return Outcome(
+                LOCK_REJECTED, {"req": request_id, "problem": "bad_request", "reason": reason}
+            )
+        if isinstance(result, Refused):
+            rejected: dict[str, Any] = {
+                "req": request_id,
+                "problem": result.refusal.value,
+                "reason": result.reason,
+            }
+            if result.holder is not None:
+                rejected["holder"] = _lease(result.holder)
+            return Outcome(LOCK_REJECTED, rejected)
+        answer: dict[str, Any] = {"req": request_id, "lock": name}
+        if isinstance(result, Granted):
+            answer.update(_lease(result.lease))
+        return Outcome(OUTCOME_OF[kind], answer)
 
     def expire(self, now_ms: int) -> Outcome | None:
         """The timer: the ``lease.expired`` outcome for claims that ran out, if any."""

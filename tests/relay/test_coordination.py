@@ -275,3 +275,19 @@ async def test_a_holder_paused_past_its_lease_cannot_clobber_the_next(
         assert not accepted and store.value == "fast's config"
     else:  # the control run: without fencing the stale holder's write wins
         assert accepted and store.value == "slow's stale config"
+
+
+async def test_locks_through_the_relay(relay: RunningRelay) -> None:
+    async with (
+        RelayClient.connect(relay.url, identity(1)) as first,
+        RelayClient.connect(relay.url, identity(2)) as second,
+    ):
+        kind, body = outcome(await first.publish(NS, "lock.acquire", {"name": "path:src/"}))
+        assert kind == "lock.acquired"
+        kind, refused = outcome(await second.publish(NS, "lock.acquire", {"name": "path:src/"}))
+        assert kind == "lock.rejected" and refused["problem"] == "held"
+        release = {"name": "path:src/", "token": body["token"]}
+        assert outcome(await first.publish(NS, "lock.release", release))[0] == "lock.released"
+        assert outcome(await second.publish(NS, "lock.acquire", {"name": "path:src/"}))[0] == (
+            "lock.acquired"
+        )

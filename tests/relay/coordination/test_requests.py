@@ -135,3 +135,28 @@ def test_a_rejection_is_never_bigger_than_its_request() -> None:
     outcome = Log().request("wo.create", body)
     assert outcome.kind == "wo.rejected"
     assert len(outcome.body["reason"]) < 300
+
+
+def test_advisory_locks_are_exclusive_fenced_leases() -> None:
+    log = Log()
+    got = log.request("lock.acquire", {"name": "branch:main", "ttl_ms": MIN}, author=A, now=0)
+    assert (
+        got.kind == "lock.acquired" and got.body["token"] == 1 and got.body["lock"] == "branch:main"
+    )
+    held = log.request("lock.acquire", {"name": "branch:main"}, author=B, now=1)
+    assert held.kind == "lock.rejected" and held.body["problem"] == "held"
+    assert held.body["holder"]["holder"] == A
+    renewed = log.request("lock.renew", {"name": "branch:main", "token": 1}, author=A, now=2)
+    assert renewed.kind == "lock.renewed"
+    stale = log.request("lock.release", {"name": "branch:main", "token": 7}, author=A, now=3)
+    assert stale.kind == "lock.rejected" and stale.body["problem"] == "stale_token"
+    later = 3 + 5 * MIN  # the renewal's default TTL (5 min) has run out: it lapsed
+    taken = log.request("lock.acquire", {"name": "branch:main"}, author=B, now=later)
+    assert taken.kind == "lock.acquired" and taken.body["token"] == 2
+    released = log.request("lock.release", {"name": "branch:main", "token": 2}, author=B, now=later)
+    assert released.kind == "lock.released"
+    for body in ({"name": ""}, {"name": "x", "extra": 1}, {"name": "x", "ttl_ms": 10}):
+        refused = log.request("lock.acquire", body)
+        assert refused.kind == "lock.rejected"
+    replayed, outcomes = log.replay()
+    assert outcomes == log.outcomes and replayed.locks == log.coordinator.locks
