@@ -89,7 +89,22 @@ def add_parser(sub: Any, agent_options: Callable[[argparse.ArgumentParser], None
     p.add_argument("--status", required=True, choices=["done", "blocked", "open"])
     p.add_argument("--reason", default="")
     p.add_argument("--token", type=int)
-    wo.set_defaults(func=run)
+    wo.set_defaults(func=run, group="wo")
+
+    lock = sub.add_parser("lock", help="advisory locks on named resources")
+    commands = lock.add_subparsers(dest="lock", required=True)
+    p = command("acquire", "take a lock (a path, a branch, anything)")
+    p.add_argument("name")
+    p.add_argument("--ttl", default="5m")
+    p = command("renew", "renew your lock")
+    p.add_argument("name")
+    p.add_argument("--ttl", default="5m")
+    p.add_argument("--token", type=int)
+    p = command("release", "release your lock")
+    p.add_argument("name")
+    p.add_argument("--token", type=int)
+    command("list", "list the locks held now")
+    lock.set_defaults(func=run, group="lock")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -103,17 +118,20 @@ def run(args: argparse.Namespace) -> int:
         async with RelayClient.connect(_relay_url(args), identity, reconnect=False) as client:
             return await action(Ledger(client, ns))
 
+    name = getattr(args, args.group)
+    where = f"formicary {args.group} {name}"
     try:
-        action: Callable[[Ledger], Awaitable[Any]] = ACTIONS[args.wo](args, tokens, ns)
+        make = ACTIONS[name] if args.group == "wo" else LOCK_ACTIONS[name]
+        action: Callable[[Ledger], Awaitable[Any]] = make(args, tokens, ns)
         result = trio.run(main)
     except LedgerRefusal as exc:
-        print(f"formicary wo {args.wo}: {exc.problem}: {exc.reason}", file=sys.stderr)
+        print(f"{where}: {exc.problem}: {exc.reason}", file=sys.stderr)
         return EXIT_OF_PROBLEM.get(exc.problem, 1)
     except UsageError as exc:
-        print(f"formicary wo {args.wo}: {exc}", file=sys.stderr)
+        print(f"{where}: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
-        print(f"formicary wo {args.wo}: {exc}", file=sys.stderr)
+        print(f"{where}: {exc}", file=sys.stderr)
         return 1
     if result is not None:
         print(json.dumps(result, separators=(",", ":")) if args.json else _plain(result))
@@ -188,6 +206,12 @@ def _plain(result: Any) -> str:
 
 async def _fold(ledger: Ledger) -> Any:
     """The namespace's ledger, folded from its log with the relay's own code."""
+    coordinator = await _fold_coordinator(ledger)
+    return coordinator.ledger if coordinator is not None else None
+
+
+async def _fold_coordinator(ledger: Ledger) -> Any:
+    """The namespace's coordinator (ledger and locks), folded from its log."""
     from relay.coordination.host import Host
     from relay.store import Record
 
@@ -211,8 +235,7 @@ async def _fold(ledger: Ledger) -> Any:
                     receipt=receipt.raw,
                 )
             )
-    coordinator = host.coordinators.get(ledger.ns)
-    return coordinator.ledger if coordinator is not None else None
+    return host.coordinators.get(ledger.ns)
 
 
 def _order_json(order: Any, now_ms: int, ledger: Any) -> dict[str, Any]:
@@ -338,4 +361,64 @@ ACTIONS: dict[str, Callable[[argparse.Namespace, Tokens, str], Any]] = {
     "release": _release,
     "note": _note,
     "update": _update,
+}
+
+
+def _lock_key(name: str) -> str:
+    return f"lock:{name}"
+
+
+def _lock_take(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
+    ttl = ttl_ms(args.ttl)
+
+    async def act(ledger: Ledger) -> Any:
+        if args.lock == "acquire":
+            lock = await ledger.lock(args.name, ttl)
+        else:
+            held = Claim(args.name, tokens.get(ns, _lock_key(args.name), args.token), 0)
+            lock = await ledger.renew_lock(held, ttl)
+        tokens.put(ns, _lock_key(args.name), lock.token)
+        return {"lock": lock.order, "fencing_token": lock.token, "expires_at": lock.expires_ms}
+
+    return act
+
+
+def _lock_release(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
+    token = tokens.get(ns, _lock_key(args.name), args.token)
+
+    async def act(ledger: Ledger) -> Any:
+        try:
+            await ledger.unlock(Claim(args.name, token, 0))
+        finally:
+            tokens.put(ns, _lock_key(args.name), None)
+        return {"lock": args.name, "released": True}
+
+    return act
+
+
+def _lock_list(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
+    async def act(ledger: Ledger) -> Any:
+        coordinator, now = await _fold_coordinator(ledger), _now_ms()
+        if coordinator is None:
+            return []
+        held = [coordinator.locks.holder(name, now) for name in coordinator.locks.leases]
+        return [
+            {
+                "lock": lease.resource,
+                "holder": lease.holder.hex(),
+                "fencing_token": lease.token,
+                "expires_at": lease.expires_ms,
+            }
+            for lease in held
+            if lease is not None
+        ]
+
+    return act
+
+
+LOCK_ACTIONS: dict[str, Callable[[argparse.Namespace, Tokens, str], Any]] = {
+    "acquire": _lock_take,
+    "renew": _lock_take,
+    "release": _lock_release,
+    "list": _lock_list,
 }

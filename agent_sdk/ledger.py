@@ -65,7 +65,7 @@ class Ledger:
             raise LedgerRefusal("no_outcome", "the relay sent no outcome for this request", None)
         event = published.outcome.event.event
         answer = event.body
-        if event.kind == "wo.rejected":
+        if event.kind.endswith(".rejected"):
             raise LedgerRefusal(answer["problem"], answer["reason"], answer.get("holder"))
         return dict(answer)
 
@@ -124,6 +124,17 @@ class Ledger:
         else:
             body["wo"] = order
         await self.request("wo.note", body)
+
+    async def lock(self, name: str, ttl_ms: int | None = None) -> Claim:
+        """Take the advisory lock ``name`` (a path, a branch, ...); ``Claim.order`` is it."""
+        return _lock(await self.request("lock.acquire", _ttl({"name": name}, ttl_ms)))
+
+    async def renew_lock(self, lock: Claim, ttl_ms: int | None = None) -> Claim:
+        body = _ttl({"name": lock.order, "token": lock.token}, ttl_ms)
+        return _lock(await self.request("lock.renew", body))
+
+    async def unlock(self, lock: Claim) -> None:
+        await self.request("lock.release", {"name": lock.order, "token": lock.token})
 
     @asynccontextmanager
     async def hold(self, order: str, ttl_ms: int = 60_000) -> AsyncIterator[Claim]:
@@ -185,6 +196,10 @@ def _ttl(body: dict[str, Any], ttl_ms: int | None) -> dict[str, Any]:
     if ttl_ms is not None:
         body["ttl_ms"] = ttl_ms
     return body
+
+
+def _lock(answer: dict[str, Any]) -> Claim:
+    return Claim(order=answer["lock"], token=answer["token"], expires_ms=answer["expires_ms"])
 
 
 def _claim(answer: dict[str, Any]) -> Claim:

@@ -79,3 +79,37 @@ def test_kept_tokens_survive_parallel_commands(tmp_path: Path) -> None:
         thread.join()
     kept = json.loads((tmp_path / "tokens.json").read_text())
     assert len(kept) == 200
+
+
+LOCK_SCRIPT = r"""
+set -u
+lock() { "$PYTHON" -m agent_sdk.cli lock "$@"; }
+lock acquire branch:main --ttl 10m --json > mine.json || exit 10
+FORMICARY_KEY=$OTHER_KEY lock acquire branch:main; echo "other=$?" > codes.txt
+lock list --json > list.json || exit 11
+lock renew branch:main || exit 12
+lock release branch:main || exit 13
+FORMICARY_KEY=$OTHER_KEY lock acquire branch:main --json > theirs.json || exit 14
+lock release branch:main; echo "not-mine=$?" >> codes.txt
+exit 0
+"""
+
+
+async def test_locks_from_a_shell_script(relay: RunningRelay, tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "FORMICARY_RELAY": relay.url,
+        "FORMICARY_KEY": str(tmp_path / "me" / "agent.key"),
+        "OTHER_KEY": str(tmp_path / "other" / "agent.key"),
+    }
+    done = await trio.run_process(
+        ["bash", "-c", LOCK_SCRIPT], cwd=tmp_path, env=env, check=False, capture_stderr=True
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    mine = json.loads((tmp_path / "mine.json").read_text())
+    [listed] = json.loads((tmp_path / "list.json").read_text())
+    assert listed["lock"] == "branch:main" and listed["fencing_token"] == mine["fencing_token"]
+    assert json.loads((tmp_path / "theirs.json").read_text())["fencing_token"] == 2
+    codes = dict(line.split("=") for line in (tmp_path / "codes.txt").read_text().split())
+    assert codes == {"other": "3", "not-mine": "2"}  # no token kept for it: a usage error
