@@ -78,18 +78,10 @@ class Coordinator:
         try:
             result = self._apply(kind, _map(body), author, now_ms)
         except BadRequest as exc:
-            return Outcome(
-                REJECTED, {"req": request_id, "problem": "bad_request", "reason": str(exc)}
-            )
+            return _rejected(REJECTED, request_id, "bad_request", str(exc))
         if isinstance(result, Rejection):
-            rejected: dict[str, Any] = {
-                "req": request_id,
-                "problem": result.problem.value,
-                "reason": result.reason,
-            }
-            if result.holder is not None:
-                rejected["holder"] = _lease(result.holder)
-            return Outcome(REJECTED, rejected)
+            problem = result.problem.value
+            return _rejected(REJECTED, request_id, problem, result.reason, result.holder)
         outcome: dict[str, Any] = {
             "req": request_id,
             "wo": result.order,
@@ -121,19 +113,10 @@ class Coordinator:
                 _only(fields, "name", "token")
                 result = locks.release(name, author, _int(fields, "token"), now_ms)
         except BadRequest as exc:
-            reason = str(exc)
-            return Outcome(
-                LOCK_REJECTED, {"req": request_id, "problem": "bad_request", "reason": reason}
-            )
+            return _rejected(LOCK_REJECTED, request_id, "bad_request", str(exc))
         if isinstance(result, Refused):
-            rejected: dict[str, Any] = {
-                "req": request_id,
-                "problem": result.refusal.value,
-                "reason": result.reason,
-            }
-            if result.holder is not None:
-                rejected["holder"] = _lease(result.holder)
-            return Outcome(LOCK_REJECTED, rejected)
+            problem = result.refusal.value
+            return _rejected(LOCK_REJECTED, request_id, problem, result.reason, result.holder)
         answer: dict[str, Any] = {"req": request_id, "lock": name}
         if isinstance(result, Granted):
             answer.update(_lease(result.lease))
@@ -183,6 +166,16 @@ class Coordinator:
         _only(body, "wo", "token", "text")
         text = _text(body, "text", MAX_TEXT)
         return ledger.note(order, author, text, now, _opt_int(body, "token"))
+
+
+def _rejected(
+    kind: str, request_id: bytes, problem: str, reason: str, holder: Lease | None = None
+) -> Outcome:
+    """A refusal outcome; ``holder`` names the valid lease that stood in the way."""
+    body: dict[str, Any] = {"req": request_id, "problem": problem, "reason": reason}
+    if holder is not None:
+        body["holder"] = _lease(holder)
+    return Outcome(kind, body)
 
 
 def _lease(lease: Lease) -> dict[str, Any]:
