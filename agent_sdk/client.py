@@ -101,6 +101,19 @@ class _Pending:
         self.error: ProtocolError | None = None
 
 
+class _Asked:
+    """A query waiting for its result; re-sent as is after a reconnect (reads are safe
+    to repeat)."""
+
+    __slots__ = ("done", "error", "frame", "result")
+
+    def __init__(self, frame: bytes) -> None:
+        self.frame = frame
+        self.done = trio.Event()
+        self.result: Any = None
+        self.error: ProtocolError | None = None
+
+
 class Subscription:
     """Async iterator of :class:`Delivery` and :class:`Live` items for one subscribe.
 
@@ -200,6 +213,7 @@ class RelayClient:
         self._next_rid = 0
         self._next_sub = 0
         self._pending: dict[int, _Pending] = {}
+        self._asked: dict[int, _Asked] = {}
         self._inflight = trio.Semaphore(max_inflight)
         self._subscriptions: dict[int, Subscription] = {}
 
@@ -297,8 +311,10 @@ class RelayClient:
         self._outbox = outbox
         for subscription in self._subscriptions.values():
             outbox.send_nowait(f.encode_frame(subscription.resume_request()))
-        for rid, pending in sorted(self._pending.items()):
-            outbox.send_nowait(_publish_frame(rid, pending.event))
+        replay = [(rid, _publish_frame(rid, p.event)) for rid, p in self._pending.items()]
+        replay += [(rid, asked.frame) for rid, asked in self._asked.items()]
+        for _, data in sorted(replay):
+            outbox.send_nowait(data)
         self._connected.set()
         with unwrap_single():
             async with trio.open_nursery() as nursery:
@@ -359,6 +375,11 @@ class RelayClient:
             subscription = self._subscriptions.get(frame.sub)
             if subscription is not None:
                 subscription._mark_live(frame)
+        elif isinstance(frame, f.Result):
+            asked = self._asked.pop(frame.rid, None)
+            if asked is not None:
+                asked.result = frame.body
+                asked.done.set()
         elif isinstance(frame, f.Error):
             self._on_error(frame)
 
@@ -368,6 +389,10 @@ class RelayClient:
             pending = self._pending.pop(frame.rid)
             pending.error = error
             pending.done.set()
+        elif frame.rid is not None and frame.rid in self._asked:
+            asked = self._asked.pop(frame.rid)
+            asked.error = error
+            asked.done.set()
         elif frame.sub is not None and frame.sub in self._subscriptions:
             # The relay ended this subscription: its iterator raises the error. The
             # buffer may be full, so the error goes in a slot kept for it.
@@ -378,10 +403,12 @@ class RelayClient:
             log.warning("relay error: %s", error)
 
     def _fail_all(self, error: ProtocolError) -> None:
-        for pending in self._pending.values():
-            pending.error = error
-            pending.done.set()
+        waiting: list[_Pending | _Asked] = [*self._pending.values(), *self._asked.values()]
+        for request in waiting:
+            request.error = error
+            request.done.set()
         self._pending.clear()
+        self._asked.clear()
 
     # -- publishing -------------------------------------------------------------------
 
@@ -423,6 +450,26 @@ class RelayClient:
             raise pending.error
         assert pending.result is not None
         return pending.result
+
+    # -- querying ---------------------------------------------------------------------
+
+    async def query(self, ns: str, q: str, args: dict[str, Any] | None = None) -> Any:
+        """Ask the relay about the coordination state of ``ns`` (docs/protocol.md §8).
+
+        Answered after every publish sent before it is sequenced, so an agent reads
+        its own writes. Raises :class:`ProtocolError` (``unknown_query``,
+        ``bad_query``, ``not_found``, ...) when the relay refuses.
+        """
+        async with self._inflight:
+            self._next_rid += 1
+            rid = self._next_rid
+            frame = f.encode_frame(f.Query(rid=rid, ns=ns, q=q, args=args or {}))
+            asked = self._asked[rid] = _Asked(frame)
+            self._queue(frame)
+            await asked.done.wait()
+        if asked.error is not None:
+            raise asked.error
+        return asked.result
 
     # -- subscribing ------------------------------------------------------------------
 

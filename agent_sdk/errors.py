@@ -61,6 +61,14 @@ class ErrorCode(enum.IntEnum):
     DUPLICATE_SUBSCRIPTION = 3005
     """``subscribe`` reuses a subscription id that is still open on this connection."""
 
+    # 4xxx: queries
+    UNKNOWN_QUERY = 4001
+    """``query`` names a question this relay does not answer."""
+    BAD_QUERY = 4002
+    """A query's ``args`` are missing a field, or have an unknown or ill-typed one."""
+    NOT_FOUND = 4003
+    """The query names something that does not exist (a work order, a context version)."""
+
     # 5xxx: the relay itself
     INTERNAL = 5001
     """The relay failed; the request may be retried (publishing is idempotent)."""

@@ -84,6 +84,21 @@ class Unsubscribe:
     sub: int
 
 
+@dataclass(frozen=True, slots=True)
+class Query:
+    """Ask about a namespace's coordination state (``wo.list``, ``context.pull``, ...).
+
+    ``rid`` shares its numbering with publishes: the answer is a ``result`` or an
+    ``error`` with the same ``rid``.
+    """
+
+    t: ClassVar[str] = "query"
+    rid: int
+    ns: str
+    q: str
+    args: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
 # --------------------------------------------------------------------------- relay -> agent
 
 
@@ -173,8 +188,17 @@ class Unsubscribed:
     sub: int
 
 
-AgentFrame = Auth | Publish | Subscribe | Unsubscribe
-RelayFrame = Hello | Welcome | Ack | Error | EventFrame | Live | Unsubscribed
+@dataclass(frozen=True, slots=True)
+class Result:
+    """The answer to query ``rid``: a msgpack value whose shape the query defines."""
+
+    t: ClassVar[str] = "result"
+    rid: int
+    body: Any
+
+
+AgentFrame = Auth | Publish | Subscribe | Unsubscribe | Query
+RelayFrame = Hello | Welcome | Ack | Error | EventFrame | Live | Unsubscribed | Result
 Frame = AgentFrame | RelayFrame
 
 _TYPES: dict[str, type[Any]] = {
@@ -184,6 +208,7 @@ _TYPES: dict[str, type[Any]] = {
         Publish,
         Subscribe,
         Unsubscribe,
+        Query,
         Hello,
         Welcome,
         Ack,
@@ -191,6 +216,7 @@ _TYPES: dict[str, type[Any]] = {
         EventFrame,
         Live,
         Unsubscribed,
+        Result,
     )
 }
 
@@ -213,6 +239,8 @@ def _checker(annotation: str) -> Callable[[Any], bool]:
         "bool": lambda v: type(v) is bool,
         "tuple[str, ...]": lambda v: type(v) is list and all(type(i) is str for i in v),
         "tuple[bytes, ...]": lambda v: type(v) is list and all(type(i) is bytes for i in v),
+        "Any": lambda v: True,
+        "dict[str, Any]": lambda v: type(v) is dict and all(type(k) is str for k in v),
         "dict[str, int]": lambda v: (
             type(v) is dict and all(type(k) is str and _is_int(i) for k, i in v.items())
         ),

@@ -23,6 +23,10 @@ from typing import Any
 import trio
 
 from agent_sdk.client import RelayClient, unwrap_single
+from agent_sdk.errors import ErrorCode, ProtocolError
+
+Items = list[dict[str, Any]]
+"""A list query's items (``list`` is also a method name in :class:`Ledger`)."""
 
 CLAIM_TIMEOUT = 30.0  # seconds to wait for the relay's answer to a claim or a release
 
@@ -124,6 +128,109 @@ class Ledger:
         else:
             body["wo"] = order
         await self.request("wo.note", body)
+
+    async def list(self, status: str | None = None, **page: int) -> Items:
+        """Work orders (summaries), oldest first; every page when ``limit`` is not given."""
+        args: dict[str, Any] = {} if status is None else {"status": status}
+        return await self._pages("wo.list", "orders", args, page)
+
+    async def show(self, order: str) -> dict[str, Any]:
+        """One work order in full: contract, status, holder, notes and history."""
+        return dict(await self.client.query(self.ns, "wo.show", {"wo": order}))
+
+    async def locks(self) -> Items:
+        """The advisory locks held now."""
+        answer = await self.client.query(self.ns, "lock.list", {"limit": 1000})
+        return list(answer["locks"])
+
+    # -- context, bulletin, decisions, checkpoints -------------------------------------
+
+    async def put_context(self, body: Any, order: str | Claim | None = None) -> int:
+        """Store a new version of the namespace's context, or of an order's (a holder
+        passes its :class:`Claim` so the write is fenced); returns the version."""
+        request: dict[str, Any] = {"body": body}
+        if isinstance(order, Claim):
+            request.update(wo=order.order, token=order.token)
+        elif order is not None:
+            request["wo"] = order
+        return int((await self.request("context.put", request))["version"])
+
+    async def pull_context(
+        self, order: str | None = None, version: int | None = None
+    ) -> dict[str, Any] | None:
+        """The latest context (or ``version``), with ``author``, ``at_ms`` and
+        ``age_ms``; ``None`` when none was ever put."""
+        args: dict[str, Any] = {}
+        if order is not None:
+            args["wo"] = order
+        if version is not None:
+            args["version"] = version
+        try:
+            return dict(await self.client.query(self.ns, "context.pull", args))
+        except ProtocolError as exc:
+            if exc.code is ErrorCode.NOT_FOUND and version is None and "yet" in exc.reason:
+                return None
+            raise
+
+    async def post(self, text: str) -> int:
+        """Add to the bulletin what you did (not what you intend); returns its number."""
+        return int((await self.request("bulletin.post", {"text": text}))["n"])
+
+    async def bulletin(self, after: int | None = None, limit: int = 100) -> Items:
+        """Posts after number ``after``, or the latest ``limit`` ones."""
+        args: dict[str, Any] = {"limit": limit}
+        if after is not None:
+            args["after"] = after
+        return list((await self.client.query(self.ns, "bulletin.list", args))["posts"])
+
+    async def decide(
+        self,
+        title: str,
+        decision: str,
+        *,
+        context: str = "",
+        rationale: str = "",
+        supersedes: str | None = None,
+    ) -> str:
+        """Record a decision (an ADR); returns its id (``adr-<n>``)."""
+        body: dict[str, Any] = {
+            "title": title,
+            "decision": decision,
+            "context": context,
+            "rationale": rationale,
+        }
+        if supersedes is not None:
+            body["supersedes"] = supersedes
+        return str((await self.request("decision.add", body))["id"])
+
+    async def decisions(self, status: str | None = None) -> Items:
+        args: dict[str, Any] = {} if status is None else {"status": status}
+        return await self._pages("decision.list", "decisions", args, {})
+
+    async def checkpoint(self, name: str, seq: int, expect: int | None = None) -> None:
+        """Store cursor ``seq`` under ``name``; with ``expect``, only if it is still
+        at ``expect`` (else :class:`LedgerRefusal` ``changed``)."""
+        body: dict[str, Any] = {"name": name, "seq": seq}
+        if expect is not None:
+            body["expect"] = expect
+        await self.request("ckpt.set", body)
+
+    async def get_checkpoint(self, name: str) -> int:
+        """The stored cursor ``name`` (0 when never set)."""
+        return int((await self.client.query(self.ns, "ckpt.get", {"name": name}))["seq"])
+
+    async def _pages(self, q: str, key: str, args: dict[str, Any], page: dict[str, int]) -> Items:
+        """Every item of a paged list query (or the one page asked for)."""
+        items: Items = []
+        while True:
+            answer = await self.client.query(self.ns, q, {**args, **page})
+            items += answer[key]
+            if page or not answer["more"] or not answer[key]:
+                return items
+            last = answer[key][-1]["id"]  # wo-<n>, adr-<n>: pages continue after n
+            args = {**args, "after": int(last.rpartition("-")[2])}
+
+    # -- locks ---------------------------------------------------------------------------
 
     async def lock(self, name: str, ttl_ms: int | None = None) -> Claim:
         """Take the advisory lock ``name`` (a path, a branch, ...); ``Claim.order`` is it."""

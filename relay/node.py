@@ -37,8 +37,9 @@ import trio
 from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.identity import Identity
 from agent_sdk.wire import NS_RE, Event, SignedEvent, digest, seal_digest, sign_event
+from relay.coordination import queries
 from relay.coordination.host import Host
-from relay.coordination.requests import RELAY_KINDS, Outcome
+from relay.coordination.requests import RELAY_KINDS, Coordinator, Outcome
 from relay.sequencer import Duplicate, Limits, Parked, Rejected, Sequenced, Sequencer
 from relay.store import Located, Record, Store
 
@@ -99,7 +100,15 @@ RECORD_OVERHEAD = 400
 MAX_WAITING_PER_PARKED = 8
 """Publishes of one parked event answered when it is: re-publishes beyond are refused."""
 
-STATS = ("published", "duplicates", "rejected", "batches", "connections", "slow_consumers")
+STATS = (
+    "published",
+    "duplicates",
+    "rejected",
+    "batches",
+    "queries",
+    "connections",
+    "slow_consumers",
+)
 """The node's counters, served in ``GET /info``."""
 T = TypeVar("T")
 
@@ -388,6 +397,29 @@ class RelayNode:
                 self._append_own(ns, outcome, (), now)
             if self._pending:
                 self._pending_ready.set()
+
+    # -- querying ---------------------------------------------------------------------
+
+    async def query(self, ns: str, q: str, args: dict[str, Any]) -> Any:
+        """Answer a query about the coordination state of ``ns`` (see queries.py).
+
+        The state is read at once — it includes what is sequenced, so an agent reads
+        its own writes — and the answer is returned only once everything it reflects
+        is committed: a crash must not take back what an agent was told.
+        """
+        if not NS_RE.fullmatch(ns):
+            raise ProtocolError(ErrorCode.BAD_QUERY, f"{ns!r} is not a namespace")
+        refusal = self.router.refuse(ns)
+        if refusal is not None:
+            raise refusal
+        self.count("queries")
+        coordinator = self.coordination.coordinators.get(ns) or Coordinator()
+        budget = self.config.max_frame - 1024  # room for the frame around the answer
+        answer = queries.answer(coordinator, q, args, self.wall_ms(), budget)
+        head = self.sequencer.heads.get(ns)
+        if head is not None:
+            await self.wait_beyond(ns, head.seq - 1)
+        return answer
 
     # -- committing -------------------------------------------------------------------
 

@@ -32,7 +32,7 @@ from agent_sdk import frames as f
 from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.wire import PROTOCOL_VERSION
 from relay.node import RelayNode, Ticket
-from relay.session import Admit, Close, Open, Reply, Session
+from relay.session import Admit, Ask, Close, Open, Reply, Session
 from relay.store import Record
 from relay.subscriptions import Filter, check_cursor
 
@@ -71,7 +71,9 @@ class Connection:
             max_deps=config.max_deps,
         )
         self._out_tx, self._out_rx = trio.open_memory_channel[bytes](config.send_queue)
-        self._acks_tx, self._acks_rx = trio.open_memory_channel[tuple[int, Ticket]](
+        # Publishes and queries, answered in the order they came: a query waits for
+        # the publishes before it to be sequenced, so an agent reads its own writes.
+        self._acks_tx, self._acks_rx = trio.open_memory_channel[tuple[int, Ticket | f.Query]](
             config.max_inflight
         )
         self._subscriptions: dict[int, _Running] = {}
@@ -151,10 +153,9 @@ class Connection:
                 await trio.lowlevel.checkpoint()
             if isinstance(action, Admit):
                 ticket = await self.node.admit(action.event)
-                try:
-                    self._acks_tx.send_nowait((action.rid, ticket))
-                except trio.WouldBlock:
-                    await self._acks_tx.send((action.rid, ticket))
+                await self._answer_later(action.rid, ticket)
+            elif isinstance(action, Ask):
+                await self._answer_later(action.query.rid, action.query)
             elif isinstance(action, Reply):
                 await self._send(action.frame)
             elif isinstance(action, Open):
@@ -164,6 +165,12 @@ class Connection:
                 await self._close(action.sub)
 
     # -- publishing -------------------------------------------------------------------
+
+    async def _answer_later(self, rid: int, request: Ticket | f.Query) -> None:
+        try:
+            self._acks_tx.send_nowait((rid, request))
+        except trio.WouldBlock:
+            await self._acks_tx.send((rid, request))
 
     async def _acknowledger(self) -> None:
         async with trio.open_nursery() as parked:
@@ -178,6 +185,9 @@ class Connection:
                     except trio.WouldBlock:
                         break
                 for rid, ticket in queued:
+                    if isinstance(ticket, f.Query):
+                        await self._answer_query(ticket)
+                        continue
                     if not ticket.decided.is_set():
                         await ticket.decided.wait()
                     if ticket.parked:
@@ -204,6 +214,14 @@ class Connection:
                 outcome_receipt=outcome.receipt,
             )
         await self._send(ack)
+
+    async def _answer_query(self, query: f.Query) -> None:
+        try:
+            body = await self.node.query(query.ns, query.q, query.args)
+        except ProtocolError as exc:
+            await self._send(f.Error.of(exc, rid=query.rid))
+            return
+        await self._send(f.Result(rid=query.rid, body=body))
 
     # -- subscriptions -----------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """One agent connection as the relay sees it (pure: bytes in, actions out).
 
 The connection's life is the table :data:`TRANSITIONS`: a new connection awaits
-``auth``; once authenticated it may publish, subscribe and unsubscribe. A frame not
+``auth``; once authenticated it may publish, subscribe, unsubscribe and query. A frame not
 allowed in the current state is answered with an ``error`` frame and changes nothing
 — remote input never raises into the I/O loop (STYLE.md, habit 5).
 
@@ -31,6 +31,7 @@ TRANSITIONS: dict[tuple[State, type[f.AgentFrame]], State] = {
     (State.OPEN, f.Publish): State.OPEN,
     (State.OPEN, f.Subscribe): State.OPEN,
     (State.OPEN, f.Unsubscribe): State.OPEN,
+    (State.OPEN, f.Query): State.OPEN,
 }
 
 _REFUSALS: dict[State, tuple[ErrorCode, str]] = {
@@ -68,7 +69,14 @@ class Close:
     sub: int
 
 
-Action = Reply | Admit | Open | Close
+@dataclass(frozen=True, slots=True)
+class Ask:
+    """Answer a query."""
+
+    query: f.Query
+
+
+Action = Reply | Admit | Open | Close | Ask
 
 
 class Session:
@@ -114,7 +122,7 @@ class Session:
     def _act(self, frame: f.Frame | ProtocolError) -> Action:
         if isinstance(frame, ProtocolError):
             return _error(frame)
-        rid = frame.rid if isinstance(frame, f.Publish) else None
+        rid = frame.rid if isinstance(frame, (f.Publish, f.Query)) else None
         sub = frame.sub if isinstance(frame, (f.Subscribe, f.Unsubscribe)) else None
         try:
             return self._handle(frame)
@@ -134,6 +142,8 @@ class Session:
             action = Admit(frame.rid, self._verified(frame))
         elif isinstance(frame, f.Subscribe):
             action = Open(frame)
+        elif isinstance(frame, f.Query):
+            action = Ask(frame)
         else:
             assert isinstance(frame, f.Unsubscribe)
             action = Close(frame.sub)

@@ -203,6 +203,27 @@ class Ledger:
         order.updated_ms = now_ms
         return Done(order_id, order.status)
 
+    def fence(
+        self, order_id: str, agent: bytes, token: int | None, now_ms: int
+    ) -> Rejection | None:
+        """May ``agent`` write to the order's shared records (its context) now?
+
+        While the order is claimed only its holder may, with the current token; once
+        it is not, anyone may — except with a token, which says the writer believes
+        it holds the order: a paused holder whose lease ran out is refused, not let
+        through, even before anyone else claims the order.
+        """
+        order = self._current(order_id, now_ms)
+        if isinstance(order, Rejection):
+            return order
+        if token is None:
+            if order.status is not Status.CLAIMED:
+                return None
+            lease = self.leases.holder(order_id, now_ms)
+            return Rejection(Problem.NOT_HOLDER, f"{order_id} is claimed: give its token", lease)
+        refused = self.leases.check(order_id, agent, token, now_ms)
+        return None if refused is None else _from_lease(refused)
+
     def expire(self, now_ms: int) -> list[tuple[str, int]]:
         """The relay's timer: claimed orders whose lease ran out by ``now_ms`` are open
         again. Returns ``(order, token)`` for each, as :meth:`expire_leases` takes them."""

@@ -18,14 +18,33 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from relay.coordination.fields import (
+    MAX_TEXT,
+    BadRequest,
+    as_map,
+    document,
+    integer,
+    only,
+    opt_integer,
+    opt_text,
+    text,
+    texts,
+)
 from relay.coordination.leases import Granted, Lease, LeaseEngine, Refused, TtlBounds
 from relay.coordination.ledger import Contract, Done, Ledger, Rejection, Status
+from relay.coordination.records import NAMESPACE, Conflict, Records
+
+MAX_CONTEXT = 64 * 1024
+"""Bytes of a context document (its canonical msgpack encoding)."""
+MAX_POST = 4000
+"""Characters of a bulletin post."""
 
 WO_KINDS = frozenset(
     {"wo.create", "wo.claim", "wo.next", "wo.renew", "wo.release", "wo.update", "wo.note"}
 )
 LOCK_KINDS = frozenset({"lock.acquire", "lock.renew", "lock.release"})
-REQUEST_KINDS = WO_KINDS | LOCK_KINDS
+RECORD_KINDS = frozenset({"context.put", "bulletin.post", "decision.add", "ckpt.set"})
+REQUEST_KINDS = WO_KINDS | LOCK_KINDS | RECORD_KINDS
 OUTCOME_OF = {
     "wo.create": "wo.created",
     "wo.claim": "wo.claimed",
@@ -37,19 +56,18 @@ OUTCOME_OF = {
     "lock.acquire": "lock.acquired",
     "lock.renew": "lock.renewed",
     "lock.release": "lock.released",
+    "context.put": "context.stored",
+    "bulletin.post": "bulletin.posted",
+    "decision.add": "decision.added",
+    "ckpt.set": "ckpt.saved",
 }
-REJECTED = "wo.rejected"
-LOCK_REJECTED = "lock.rejected"
+REJECTED_OF = {kind: kind.partition(".")[0] + ".rejected" for kind in REQUEST_KINDS}
+"""One refusal kind per family: ``wo.rejected``, ``lock.rejected``, ``context.rejected``..."""
+REJECTED = REJECTED_OF["wo.claim"]
+LOCK_REJECTED = REJECTED_OF["lock.acquire"]
 EXPIRED = "lease.expired"
-RELAY_KINDS = frozenset({*OUTCOME_OF.values(), REJECTED, LOCK_REJECTED, EXPIRED})
+RELAY_KINDS = frozenset({*OUTCOME_OF.values(), *REJECTED_OF.values(), EXPIRED})
 """Kinds only the relay may author."""
-
-MAX_TEXT = 16 * 1024
-MAX_LIST = 256
-
-
-class BadRequest(Exception):
-    """A request body that does not say what its kind needs."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +84,7 @@ class Coordinator:
     locks: LeaseEngine = field(
         default_factory=lambda: LeaseEngine(bounds=TtlBounds(default_ms=5 * 60 * 1000))
     )
+    records: Records = field(default_factory=Records)
 
     def decide(
         self, kind: str, body: Any, author: bytes, request_id: bytes, now_ms: int
@@ -73,10 +92,12 @@ class Coordinator:
         """The outcome of one request event, or ``None`` for kinds that are not requests."""
         if kind in LOCK_KINDS:
             return self._decide_lock(kind, body, author, request_id, now_ms)
+        if kind in RECORD_KINDS:
+            return self._decide_record(kind, body, author, request_id, now_ms)
         if kind not in REQUEST_KINDS:
             return None
         try:
-            result = self._apply(kind, _map(body), author, now_ms)
+            result = self._apply(kind, as_map(body), author, now_ms)
         except BadRequest as exc:
             return _rejected(REJECTED, request_id, "bad_request", str(exc))
         if isinstance(result, Rejection):
@@ -98,20 +119,20 @@ class Coordinator:
         the same exclusivity and fencing as claims. They lapse silently at expiry."""
         locks = self.locks
         try:
-            fields = _map(body)
-            name = _text(fields, "name", 256)
+            fields = as_map(body)
+            name = text(fields, "name", 256)
             if not name:
                 raise BadRequest("a lock needs a name")
             if kind == "lock.acquire":
-                _only(fields, "name", "ttl_ms")
-                result = locks.acquire(name, author, now_ms, _opt_int(fields, "ttl_ms"))
+                only(fields, "name", "ttl_ms")
+                result = locks.acquire(name, author, now_ms, opt_integer(fields, "ttl_ms"))
             elif kind == "lock.renew":
-                _only(fields, "name", "token", "ttl_ms")
-                token, ttl = _int(fields, "token"), _opt_int(fields, "ttl_ms")
+                only(fields, "name", "token", "ttl_ms")
+                token, ttl = integer(fields, "token"), opt_integer(fields, "ttl_ms")
                 result = locks.renew(name, author, token, now_ms, ttl)
             else:
-                _only(fields, "name", "token")
-                result = locks.release(name, author, _int(fields, "token"), now_ms)
+                only(fields, "name", "token")
+                result = locks.release(name, author, integer(fields, "token"), now_ms)
         except BadRequest as exc:
             return _rejected(LOCK_REJECTED, request_id, "bad_request", str(exc))
         if isinstance(result, Refused):
@@ -121,6 +142,69 @@ class Coordinator:
         if isinstance(result, Granted):
             answer.update(_lease(result.lease))
         return Outcome(OUTCOME_OF[kind], answer)
+
+    def _decide_record(
+        self, kind: str, body: Any, author: bytes, request_id: bytes, now_ms: int
+    ) -> Outcome:
+        """Context, bulletin, decisions and checkpoints (see records.py)."""
+        try:
+            fields = as_map(body)
+            answer = self._record(kind, fields, author, now_ms)
+        except BadRequest as exc:
+            return _rejected(REJECTED_OF[kind], request_id, "bad_request", str(exc))
+        except Conflict as exc:
+            return _rejected(REJECTED_OF[kind], request_id, exc.problem, exc.reason)
+        if isinstance(answer, Rejection):
+            rejection = answer
+            problem = rejection.problem.value
+            return _rejected(
+                REJECTED_OF[kind], request_id, problem, rejection.reason, rejection.holder
+            )
+        return Outcome(OUTCOME_OF[kind], {"req": request_id, **answer})
+
+    def _record(
+        self, kind: str, body: dict[str, Any], author: bytes, now: int
+    ) -> dict[str, Any] | Rejection:
+        records = self.records
+        if kind == "context.put":
+            only(body, "wo", "token", "body")
+            document_ = document(body, "body", MAX_CONTEXT)
+            order = opt_text(body, "wo", 64)
+            if order is not None:
+                refused = self.ledger.fence(order, author, opt_integer(body, "token"), now)
+                if refused is not None:
+                    return refused
+            version = records.put_context(order or NAMESPACE, document_, author, now)
+            answer: dict[str, Any] = {"version": version.version}
+            if order is not None:
+                answer["wo"] = order
+            return answer
+        if kind == "bulletin.post":
+            only(body, "text")
+            return {"n": records.post(text(body, "text", MAX_POST), author, now).n}
+        if kind == "decision.add":
+            only(body, "title", "context", "decision", "rationale", "supersedes")
+            title = text(body, "title", 200)
+            if not title.strip():
+                raise BadRequest("a decision needs a title")
+            decision = records.decide(
+                title,
+                text(body, "decision", MAX_TEXT),
+                author,
+                now,
+                context=text(body, "context", MAX_TEXT, default=""),
+                rationale=text(body, "rationale", MAX_TEXT, default=""),
+                supersedes=opt_text(body, "supersedes", 64),
+            )
+            return {"id": decision.id}
+        assert kind == "ckpt.set"
+        only(body, "name", "seq", "expect")
+        name = text(body, "name", 256)
+        seq = integer(body, "seq")
+        if not name or seq < 0:
+            raise BadRequest("a checkpoint needs a name and a seq of 0 or more")
+        checkpoint = records.set_checkpoint(name, seq, author, now, opt_integer(body, "expect"))
+        return {"name": checkpoint.name, "seq": checkpoint.seq}
 
     def expire(self, now_ms: int) -> Outcome | None:
         """The timer: the ``lease.expired`` outcome for claims that ran out, if any."""
@@ -142,30 +226,32 @@ class Coordinator:
         if kind == "wo.create":
             return ledger.create(_contract(body), author, now)
         if kind == "wo.next":
-            _only(body, "ttl_ms")
-            return ledger.next(author, now, _opt_int(body, "ttl_ms"))
-        order = _text(body, "wo", 64)
+            only(body, "ttl_ms")
+            return ledger.next(author, now, opt_integer(body, "ttl_ms"))
+        order = text(body, "wo", 64)
         if kind == "wo.claim":
-            _only(body, "wo", "ttl_ms")
-            return ledger.claim(order, author, now, _opt_int(body, "ttl_ms"))
+            only(body, "wo", "ttl_ms")
+            return ledger.claim(order, author, now, opt_integer(body, "ttl_ms"))
         if kind == "wo.renew":
-            _only(body, "wo", "token", "ttl_ms")
-            return ledger.renew(order, author, _int(body, "token"), now, _opt_int(body, "ttl_ms"))
+            only(body, "wo", "token", "ttl_ms")
+            return ledger.renew(
+                order, author, integer(body, "token"), now, opt_integer(body, "ttl_ms")
+            )
         if kind == "wo.release":
-            _only(body, "wo", "token")
-            return ledger.release(order, author, _int(body, "token"), now)
+            only(body, "wo", "token")
+            return ledger.release(order, author, integer(body, "token"), now)
         if kind == "wo.update":
-            _only(body, "wo", "token", "status", "reason")
+            only(body, "wo", "token", "status", "reason")
             try:
-                status = Status(_text(body, "status", 16))
+                status = Status(text(body, "status", 16))
             except ValueError:
                 raise BadRequest("status must be open, blocked or done") from None
-            reason = _text(body, "reason", MAX_TEXT, default="")
-            return ledger.update(order, author, _opt_int(body, "token"), status, now, reason)
+            reason = text(body, "reason", MAX_TEXT, default="")
+            return ledger.update(order, author, opt_integer(body, "token"), status, now, reason)
         assert kind == "wo.note"
-        _only(body, "wo", "token", "text")
-        text = _text(body, "text", MAX_TEXT)
-        return ledger.note(order, author, text, now, _opt_int(body, "token"))
+        only(body, "wo", "token", "text")
+        note = text(body, "text", MAX_TEXT)
+        return ledger.note(order, author, note, now, opt_integer(body, "token"))
 
 
 def _rejected(
@@ -182,64 +268,20 @@ def _lease(lease: Lease) -> dict[str, Any]:
     return {"holder": lease.holder, "token": lease.token, "expires_ms": lease.expires_ms}
 
 
-def _map(body: Any) -> dict[str, Any]:
-    if not isinstance(body, dict):
-        raise BadRequest("the body of a request is a map")
-    return body
-
-
-def _only(body: dict[str, Any], *allowed: str) -> None:
-    extra = sorted(set(body) - set(allowed))
-    if extra:
-        # Name a few, shortened: an outcome must never be bigger than its request.
-        shown = ", ".join(repr(name[:32]) for name in extra[:5])
-        more = f" and {len(extra) - 5} more" if len(extra) > 5 else ""
-        raise BadRequest(f"unknown fields {shown}{more}")
-
-
-def _text(body: dict[str, Any], name: str, limit: int, default: str | None = None) -> str:
-    value = body.get(name, default)
-    if not isinstance(value, str):
-        raise BadRequest(f"{name} must be text")
-    if len(value) > limit:
-        raise BadRequest(f"{name} is over {limit} characters")
-    return value
-
-
-def _texts(body: dict[str, Any], name: str) -> tuple[str, ...]:
-    value = body.get(name, [])
-    if not isinstance(value, list) or len(value) > MAX_LIST:
-        raise BadRequest(f"{name} must be a list of at most {MAX_LIST} texts")
-    if not all(isinstance(item, str) and len(item) <= MAX_TEXT for item in value):
-        raise BadRequest(f"{name} must hold texts of at most {MAX_TEXT} characters")
-    return tuple(value)
-
-
-def _int(body: dict[str, Any], name: str) -> int:
-    value = body.get(name)
-    if type(value) is not int:
-        raise BadRequest(f"{name} must be an integer")
-    return value
-
-
-def _opt_int(body: dict[str, Any], name: str) -> int | None:
-    return None if body.get(name) is None else _int(body, name)
-
-
 def _contract(body: dict[str, Any]) -> Contract:
     fields = ("title", "description", "acceptance", "scope", "files", "verify")
-    _only(body, *fields, "priority", "labels", "handover")
-    title = _text(body, "title", 200)
+    only(body, *fields, "priority", "labels", "handover")
+    title = text(body, "title", 200)
     if not title.strip():
         raise BadRequest("a work order needs a title")
     return Contract(
         title=title,
-        description=_text(body, "description", MAX_TEXT, default=""),
-        acceptance=_texts(body, "acceptance"),
-        scope=_text(body, "scope", MAX_TEXT, default=""),
-        files=_texts(body, "files"),
-        verify=_text(body, "verify", MAX_TEXT, default=""),
-        priority=_opt_int(body, "priority") or 0,
-        labels=_texts(body, "labels"),
-        handover=_text(body, "handover", MAX_TEXT, default=""),
+        description=text(body, "description", MAX_TEXT, default=""),
+        acceptance=texts(body, "acceptance"),
+        scope=text(body, "scope", MAX_TEXT, default=""),
+        files=texts(body, "files"),
+        verify=text(body, "verify", MAX_TEXT, default=""),
+        priority=opt_integer(body, "priority") or 0,
+        labels=texts(body, "labels"),
+        handover=text(body, "handover", MAX_TEXT, default=""),
     )

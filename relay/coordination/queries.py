@@ -1,0 +1,231 @@
+"""Answers to queries about a namespace's coordination state (pure).
+
+Writes go through the log; reads need not. A ``query`` frame names a question from
+:data:`QUERIES` and its ``args``; the answer is built here from the namespace's
+:class:`~relay.coordination.requests.Coordinator` at the relay's clock, as plain
+msgpack values (keys are text, agent keys are bytes). The relay sends it only once
+everything the answer reflects is committed (see ``RelayNode.query``), so no agent
+can read a state a crash would take back.
+
+Lists are pages: at most ``limit`` items and at most ``budget`` encoded bytes, with
+``more`` set when the page stopped early; ``after`` continues from an item's number.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import msgpack
+
+from agent_sdk.errors import ErrorCode, ProtocolError
+from relay.coordination.fields import BadRequest, only, opt_integer, opt_text, text
+from relay.coordination.leases import Lease
+from relay.coordination.ledger import Status, WorkOrder
+from relay.coordination.records import NAMESPACE, Decision
+from relay.coordination.requests import Coordinator
+
+DEFAULT_LIMIT = 100
+MAX_LIMIT = 1000
+SHOWN = 100
+"""Notes and history entries ``wo.show`` includes (the latest ones)."""
+
+
+def answer(coordinator: Coordinator, q: str, args: dict[str, Any], now_ms: int, budget: int) -> Any:
+    """The answer to query ``q``; raises :class:`ProtocolError` for a bad one."""
+    handler = QUERIES.get(q)
+    if handler is None:
+        known = ", ".join(sorted(QUERIES))
+        raise ProtocolError(ErrorCode.UNKNOWN_QUERY, f"no query {q!r}; known: {known}")
+    try:
+        return handler(coordinator, args, now_ms, budget)
+    except BadRequest as exc:
+        raise ProtocolError(ErrorCode.BAD_QUERY, f"{q}: {exc}") from None
+
+
+def _not_found(reason: str) -> ProtocolError:
+    return ProtocolError(ErrorCode.NOT_FOUND, reason)
+
+
+def _page(items: Iterable[dict[str, Any]], limit: int, budget: int) -> tuple[list[Any], bool]:
+    page: list[Any] = []
+    size = 0
+    for item in items:
+        size += len(msgpack.packb(item, use_bin_type=True))
+        if len(page) >= limit or (page and size > budget):
+            return page, True
+        page.append(item)
+    return page, False
+
+
+def _limit(args: dict[str, Any]) -> int:
+    limit = opt_integer(args, "limit")
+    if limit is None:
+        return DEFAULT_LIMIT
+    if not 1 <= limit <= MAX_LIMIT:
+        raise BadRequest(f"limit must be 1 to {MAX_LIMIT}")
+    return limit
+
+
+def _lease(lease: Lease | None) -> dict[str, Any]:
+    if lease is None:
+        return {"holder": None, "token": None, "expires_ms": None}
+    return {"holder": lease.holder, "token": lease.token, "expires_ms": lease.expires_ms}
+
+
+def _summary(coordinator: Coordinator, order: WorkOrder, now_ms: int) -> dict[str, Any]:
+    ledger = coordinator.ledger
+    status = ledger.status(order.id, now_ms)
+    assert status is not None
+    lease = ledger.leases.holder(order.id, now_ms) if status is Status.CLAIMED else None
+    return {
+        "id": order.id,
+        "title": order.contract.title,
+        "status": status.value,
+        "priority": order.contract.priority,
+        "labels": list(order.contract.labels),
+        "updated_ms": order.updated_ms,
+        **_lease(lease),
+    }
+
+
+def wo_list(coordinator: Coordinator, args: dict[str, Any], now_ms: int, budget: int) -> Any:
+    only(args, "status", "after", "limit")
+    wanted = opt_text(args, "status", 16)
+    if wanted is not None and wanted not in {s.value for s in Status}:
+        raise BadRequest("status must be open, claimed, blocked or done")
+    after = opt_integer(args, "after") or 0
+    orders = (
+        _summary(coordinator, order, now_ms)
+        for order in coordinator.ledger.orders.values()
+        if int(order.id[3:]) > after
+    )
+    shown = (o for o in orders if wanted is None or o["status"] == wanted)
+    page, more = _page(shown, _limit(args), budget)
+    return {"orders": page, "more": more}
+
+
+def wo_show(coordinator: Coordinator, args: dict[str, Any], now_ms: int, budget: int) -> Any:
+    only(args, "wo")
+    order_id = text(args, "wo", 64)
+    order = coordinator.ledger.orders.get(order_id)
+    if order is None:
+        raise _not_found(f"no work order {order_id}")
+    contract = order.contract
+    notes = [{"author": n.author, "text": n.text, "at_ms": n.at_ms} for n in order.notes]
+    history = [{"at_ms": at, "status": s.value, "why": why} for at, s, why in order.history]
+    return {
+        **_summary(coordinator, order, now_ms),
+        "description": contract.description,
+        "acceptance": list(contract.acceptance),
+        "scope": contract.scope,
+        "files": list(contract.files),
+        "verify": contract.verify,
+        "handover": contract.handover,
+        "reason": order.reason,
+        "creator": order.creator,
+        "created_ms": order.created_ms,
+        "notes": notes[-SHOWN:],
+        "notes_total": len(notes),
+        "history": history[-SHOWN:],
+        "history_total": len(history),
+    }
+
+
+def lock_list(coordinator: Coordinator, args: dict[str, Any], now_ms: int, budget: int) -> Any:
+    only(args, "limit")
+    locks = coordinator.locks
+    held = (locks.holder(name, now_ms) for name in sorted(locks.leases))
+    items = ({"lock": lease.resource, **_lease(lease)} for lease in held if lease is not None)
+    page, more = _page(items, _limit(args), budget)
+    return {"locks": page, "more": more}
+
+
+def context_pull(coordinator: Coordinator, args: dict[str, Any], now_ms: int, budget: int) -> Any:
+    only(args, "wo", "version")
+    order = opt_text(args, "wo", 64)
+    if order is not None and order not in coordinator.ledger.orders:
+        raise _not_found(f"no work order {order}")
+    key = order or NAMESPACE
+    version = opt_integer(args, "version")
+    found = coordinator.records.context(key, version)
+    where = f"for {order}" if order else "for the namespace"
+    if found is None:
+        if version is None:
+            raise _not_found(f"no context {where} yet")
+        raise _not_found(f"no context version {version} {where}")
+    return {
+        "wo": order,
+        "version": found.version,
+        "versions": len(coordinator.records.contexts[key]),
+        "author": found.author,
+        "at_ms": found.at_ms,
+        "age_ms": max(0, now_ms - found.at_ms),
+        "body": found.body,
+    }
+
+
+def bulletin_list(coordinator: Coordinator, args: dict[str, Any], now_ms: int, budget: int) -> Any:
+    """Posts after ``after`` in order; without it, the latest ``limit`` posts."""
+    only(args, "after", "limit")
+    limit, after = _limit(args), opt_integer(args, "after")
+    posts = coordinator.records.bulletin
+    start = max(0, len(posts) - limit) if after is None else max(0, after)
+    items = (
+        {"n": p.n, "author": p.author, "at_ms": p.at_ms, "text": p.text} for p in posts[start:]
+    )
+    page, more = _page(items, limit, budget)
+    return {"posts": page, "more": more}
+
+
+def _decision(d: Decision) -> dict[str, Any]:
+    return {
+        "id": d.id,
+        "title": d.title,
+        "status": d.status.value,
+        "context": d.context,
+        "decision": d.decision,
+        "rationale": d.rationale,
+        "author": d.author,
+        "at_ms": d.at_ms,
+        "supersedes": d.supersedes,
+        "superseded_by": d.superseded_by,
+    }
+
+
+def decision_list(coordinator: Coordinator, args: dict[str, Any], now_ms: int, budget: int) -> Any:
+    only(args, "status", "after", "limit")
+    wanted = opt_text(args, "status", 16)
+    after = opt_integer(args, "after") or 0
+    decisions = coordinator.records.decisions.values()
+    items = (
+        _decision(d)
+        for d in decisions
+        if int(d.id[4:]) > after and wanted in (None, d.status.value)
+    )
+    page, more = _page(items, _limit(args), budget)
+    return {"decisions": page, "more": more}
+
+
+def ckpt_get(coordinator: Coordinator, args: dict[str, Any], now_ms: int, budget: int) -> Any:
+    """A checkpoint never set is at seq 0: a new consumer starts from the beginning."""
+    only(args, "name")
+    name = text(args, "name", 256)
+    checkpoint = coordinator.records.checkpoints.get(name)
+    if checkpoint is None:
+        return {"name": name, "seq": 0, "author": None, "at_ms": None}
+    author, at_ms = checkpoint.author, checkpoint.at_ms
+    return {"name": name, "seq": checkpoint.seq, "author": author, "at_ms": at_ms}
+
+
+Handler = Callable[[Coordinator, dict[str, Any], int, int], Any]
+
+QUERIES: dict[str, Handler] = {
+    "wo.list": wo_list,
+    "wo.show": wo_show,
+    "lock.list": lock_list,
+    "context.pull": context_pull,
+    "bulletin.list": bulletin_list,
+    "decision.list": decision_list,
+    "ckpt.get": ckpt_get,
+}
