@@ -1,8 +1,7 @@
 """``formicary wo ...``: the work ledger for shell-driven agents (the workledger workflow).
 
-Writes go through :class:`agent_sdk.ledger.Ledger`. Reads (``list``, ``show``) fold the
-namespace's log on the spot with the relay's own coordination code, so they show
-exactly the state the relay decides on. The fencing token of each order this agent
+Writes go through :class:`agent_sdk.ledger.Ledger`; reads (``list``, ``show``) are
+queries the relay answers from the state it decides on. The fencing token of each order this agent
 holds is kept in ``tokens.json`` next to its key file, so ``renew``, ``release``,
 ``note`` and ``update`` need no ``--token`` (all accept one).
 
@@ -18,16 +17,18 @@ import json
 import os
 import sys
 import tempfile
-import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from agent_sdk.client import Delivery, Live, RelayClient
+from agent_sdk.client import RelayClient
+from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.identity import Identity, default_key_path
 from agent_sdk.ledger import Claim, Ledger, LedgerRefusal
+from agent_sdk.wire import to_json_safe
 
 NS_ENV = "FORMICARY_NS"
 DEFAULT_NS = "work@local"
@@ -37,13 +38,28 @@ EXIT_OF_PROBLEM = {
     "not_holder": 3,
     "stale_token": 3,
     "bad_transition": 3,
+    "changed": 3,
+    "superseded": 3,
     "not_found": 4,
     "nothing_open": 4,
     "bad_request": 2,
     "bad_ttl": 2,
 }
 
+EXIT_OF_CODE = {ErrorCode.NOT_FOUND: 4, ErrorCode.BAD_QUERY: 2}
+
 Connect = Callable[[argparse.Namespace], tuple[str, Identity]]
+
+
+def subcommand(
+    commands: Any, name: str, help: str, agent_options: Callable[[argparse.ArgumentParser], None]
+) -> argparse.ArgumentParser:
+    """A command with the options every ledger command takes."""
+    p: argparse.ArgumentParser = commands.add_parser(name, help=help)
+    p.add_argument("--ns", help=f"namespace (${NS_ENV}, default {DEFAULT_NS})")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    agent_options(p)
+    return p
 
 
 def add_parser(sub: Any, agent_options: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -51,11 +67,7 @@ def add_parser(sub: Any, agent_options: Callable[[argparse.ArgumentParser], None
     commands = wo.add_subparsers(dest="wo", required=True)
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
-        p: argparse.ArgumentParser = commands.add_parser(name, help=help)
-        p.add_argument("--ns", help=f"namespace (${NS_ENV}, default {DEFAULT_NS})")
-        p.add_argument("--json", action="store_true", help="print JSON")
-        agent_options(p)
-        return p
+        return subcommand(commands, name, help, agent_options)
 
     p = command("create", "create a work order; prints its id")
     p.add_argument("--title", required=True)
@@ -89,7 +101,7 @@ def add_parser(sub: Any, agent_options: Callable[[argparse.ArgumentParser], None
     p.add_argument("--status", required=True, choices=["done", "blocked", "open"])
     p.add_argument("--reason", default="")
     p.add_argument("--token", type=int)
-    wo.set_defaults(func=run, group="wo")
+    wo.set_defaults(func=run, group="wo", actions=ACTIONS)
 
     lock = sub.add_parser("lock", help="advisory locks on named resources")
     commands = lock.add_subparsers(dest="lock", required=True)
@@ -104,7 +116,7 @@ def add_parser(sub: Any, agent_options: Callable[[argparse.ArgumentParser], None
     p.add_argument("name")
     p.add_argument("--token", type=int)
     command("list", "list the locks held now")
-    lock.set_defaults(func=run, group="lock")
+    lock.set_defaults(func=run, group="lock", actions=LOCK_ACTIONS)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -121,21 +133,35 @@ def run(args: argparse.Namespace) -> int:
     name = getattr(args, args.group)
     where = f"formicary {args.group} {name}"
     try:
-        make = ACTIONS[name] if args.group == "wo" else LOCK_ACTIONS[name]
-        action: Callable[[Ledger], Awaitable[Any]] = make(args, tokens, ns)
+        action: Callable[[Ledger], Awaitable[Any]] = args.actions[name](args, tokens, ns)
         result = trio.run(main)
     except LedgerRefusal as exc:
         print(f"{where}: {exc.problem}: {exc.reason}", file=sys.stderr)
         return EXIT_OF_PROBLEM.get(exc.problem, 1)
+    except ProtocolError as exc:
+        print(f"{where}: {exc.code.slug}: {exc.reason}", file=sys.stderr)
+        return EXIT_OF_CODE.get(exc.code, 1)
     except UsageError as exc:
         print(f"{where}: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
         print(f"{where}: {exc}", file=sys.stderr)
         return 1
-    if result is not None:
+    if isinstance(result, Text):
+        if result.header:
+            print(result.header, file=sys.stderr)
+        print(result.text)
+    elif result is not None:
         print(json.dumps(result, separators=(",", ":")) if args.json else _plain(result))
     return 0
+
+
+@dataclass(frozen=True, slots=True)
+class Text:
+    """A result printed as is (a context document), with a header line on stderr."""
+
+    text: str
+    header: str = ""
 
 
 class UsageError(Exception):
@@ -204,61 +230,11 @@ def _plain(result: Any) -> str:
     return str(result)
 
 
-async def _fold(ledger: Ledger) -> Any:
-    """The namespace's ledger, folded from its log with the relay's own code."""
-    coordinator = await _fold_coordinator(ledger)
-    return coordinator.ledger if coordinator is not None else None
-
-
-async def _fold_coordinator(ledger: Ledger) -> Any:
-    """The namespace's coordinator (ledger and locks), folded from its log."""
-    from relay.coordination.host import Host
-    from relay.store import Record
-
-    host = Host(ledger.client.relay_key or b"")
-    async with ledger.client.subscribe(ledger.ns, start=1) as feed:
-        async for item in feed:
-            if isinstance(item, Live):
-                break
-            assert isinstance(item, Delivery)
-            event, receipt = item.event.event, item.receipt
-            host.on_sequenced(
-                Record(
-                    ns=receipt.ns,
-                    seq=receipt.seq,
-                    id=receipt.id,
-                    kind=event.kind,
-                    author=event.author,
-                    hlc=receipt.hlc,
-                    event=item.event.raw,
-                    sig=item.event.sig,
-                    receipt=receipt.raw,
-                )
-            )
-    return host.coordinators.get(ledger.ns)
-
-
-def _order_json(order: Any, now_ms: int, ledger: Any) -> dict[str, Any]:
-    lease = ledger.leases.holder(order.id, now_ms)
-    return {
-        "id": order.id,
-        "title": order.contract.title,
-        "status": ledger.status(order.id, now_ms).value,
-        "priority": order.contract.priority,
-        "holder": lease.holder.hex() if lease else None,
-        "fencing_token": lease.token if lease else None,
-        "expires_at": lease.expires_ms if lease else None,
-        "description": order.contract.description,
-        "acceptance": list(order.contract.acceptance),
-        "verify": order.contract.verify,
-        "files": list(order.contract.files),
-        "notes": [{"author": n.author.hex(), "text": n.text, "at": n.at_ms} for n in order.notes],
-        "reason": order.reason,
-    }
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
+def _shown(item: dict[str, Any]) -> dict[str, Any]:
+    """A query's item for people and scripts: keys as hex, the CLI's names for the
+    lease fields (``fencing_token``, ``expires_at``, as ``wo claim`` prints them)."""
+    names = {"token": "fencing_token", "expires_ms": "expires_at"}
+    return {names.get(k, k): v for k, v in to_json_safe(item).items()}
 
 
 def _create(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
@@ -278,20 +254,14 @@ def _create(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
 
 def _list(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
     async def act(ledger: Ledger) -> Any:
-        state, now = await _fold(ledger), _now_ms()
-        orders = [] if state is None else list(state.orders.values())
-        shown = [_order_json(o, now, state) for o in orders]
-        return [o for o in shown if args.status in (None, o["status"])]
+        return [_shown(order) for order in await ledger.list(args.status)]
 
     return act
 
 
 def _show(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
     async def act(ledger: Ledger) -> Any:
-        state = await _fold(ledger)
-        if state is None or args.id not in state.orders:
-            raise LedgerRefusal("not_found", f"no work order {args.id}", None)
-        return _order_json(state.orders[args.id], _now_ms(), state)
+        return _shown(await ledger.show(args.id))
 
     return act
 
@@ -398,20 +368,7 @@ def _lock_release(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
 
 def _lock_list(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
     async def act(ledger: Ledger) -> Any:
-        coordinator, now = await _fold_coordinator(ledger), _now_ms()
-        if coordinator is None:
-            return []
-        held = [coordinator.locks.holder(name, now) for name in coordinator.locks.leases]
-        return [
-            {
-                "lock": lease.resource,
-                "holder": lease.holder.hex(),
-                "fencing_token": lease.token,
-                "expires_at": lease.expires_ms,
-            }
-            for lease in held
-            if lease is not None
-        ]
+        return [_shown(lock) for lock in await ledger.locks()]
 
     return act
 

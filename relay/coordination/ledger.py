@@ -43,6 +43,10 @@ class Op(enum.Enum):
 
 TRANSITIONS: dict[tuple[Status, Op], Status] = {
     (Status.OPEN, Op.CLAIM): Status.CLAIMED,
+    # The workledger way: release, then set the status. Anyone may close or block an
+    # open order; a claimed one only its holder can (with its token, see _end).
+    (Status.OPEN, Op.DONE): Status.DONE,
+    (Status.OPEN, Op.BLOCK): Status.BLOCKED,
     (Status.CLAIMED, Op.RELEASE): Status.OPEN,
     (Status.CLAIMED, Op.EXPIRE): Status.OPEN,
     (Status.CLAIMED, Op.DONE): Status.DONE,

@@ -13,21 +13,30 @@ from tests.conftest import RunningRelay
 
 SCRIPT = r"""
 set -u
-wo() { "$PYTHON" -m agent_sdk.cli wo "$@"; }
-id=$(wo create --title "fix the parser" --acceptance "tests pass" --priority 3 --json \
+f() { "$PYTHON" -m agent_sdk.cli "$@"; }
+other() { FORMICARY_KEY=$OTHER_KEY "$PYTHON" -m agent_sdk.cli "$@"; }
+id=$(f wo create --title "fix the parser" --acceptance "tests pass" --priority 3 --json \
      | "$PYTHON" -c 'import json,sys; print(json.load(sys.stdin)["id"])') || exit 10
-wo list --status open --json > open.json || exit 11
-wo claim "$id" --ttl 10m --json > claim.json || exit 12
-wo renew "$id" --ttl 20m > /dev/null || exit 13
-wo note "$id" "found it in lexer.py" || exit 14
-FORMICARY_KEY=$OTHER_KEY wo claim "$id"; echo "other-claim=$?" > codes.txt
-wo release "$id" || exit 15
-wo claim "$id" --json > again.json || exit 16
-wo update "$id" --status done || exit 17
-FORMICARY_KEY=$OTHER_KEY wo show "$id" --json > show.json || exit 18
-wo update "$id" --status done; echo "done-twice=$?" >> codes.txt
-wo show wo-99; echo "missing=$?" >> codes.txt
-wo claim "$id" --ttl forever; echo "bad-ttl=$?" >> codes.txt
+f wo list --status open --json > open.json || exit 11
+f wo claim "$id" --ttl 10m --json > claim.json || exit 12
+f wo renew "$id" --ttl 20m > /dev/null || exit 13
+f wo note "$id" "found it in lexer.py" || exit 14
+other wo claim "$id"; echo "other-claim=$?" > codes.txt
+echo "the bug is in lexer.py: tokens over 64 KiB" | other context put --wo "$id"
+echo "other-put=$?" >> codes.txt
+echo "the bug is in lexer.py: tokens over 64 KiB" | f context put --wo "$id" || exit 15
+f wo release "$id" || exit 16
+f wo update "$id" --status done || exit 17
+other context pull --wo "$id" > pulled.txt 2> header.txt || exit 18
+other wo show "$id" --json > show.json || exit 19
+f bulletin post "fixed the parser ($id)" || exit 20
+other bulletin list --json > bulletin.json || exit 21
+f decision add --title "lexer limits" --decision "cap tokens at 64 KiB" --json > adr.json || exit 22
+other decision list --json > decisions.json || exit 23
+f wo update "$id" --status done; echo "done-twice=$?" >> codes.txt
+f wo show wo-99; echo "missing=$?" >> codes.txt
+f context pull --wo wo-99; echo "missing-context=$?" >> codes.txt
+f wo claim "$id" --ttl forever; echo "bad-ttl=$?" >> codes.txt
 exit 0
 """
 
@@ -52,13 +61,27 @@ async def test_the_workledger_workflow_in_a_shell_script(
     assert listed["status"] == "open" and listed["title"] == "fix the parser"
     claim = json.loads((tmp_path / "claim.json").read_text())
     assert claim["id"] == listed["id"] and claim["fencing_token"] == 1 and claim["expires_at"]
-    again = json.loads((tmp_path / "again.json").read_text())
-    assert again["fencing_token"] == 2  # fencing tokens only rise
     shown = json.loads((tmp_path / "show.json").read_text())
-    assert shown["status"] == "done"
+    assert shown["status"] == "done" and shown["holder"] is None
     assert [note["text"] for note in shown["notes"]] == ["found it in lexer.py"]
+    assert [h["status"] for h in shown["history"]] == ["open", "claimed", "open", "done"]
+    # The other agent reads the holder's context; its own put was refused while held.
+    assert (tmp_path / "pulled.txt").read_text() == "the bug is in lexer.py: tokens over 64 KiB\n\n"
+    assert f"context {listed['id']} v1 of 1" in (tmp_path / "header.txt").read_text()
+    [post] = json.loads((tmp_path / "bulletin.json").read_text())
+    assert post["text"] == f"fixed the parser ({listed['id']})" and post["n"] == 1
+    adr = json.loads((tmp_path / "adr.json").read_text())
+    [decision] = json.loads((tmp_path / "decisions.json").read_text())
+    assert decision["id"] == adr["id"] and decision["status"] == "accepted"
     codes = dict(line.split("=") for line in (tmp_path / "codes.txt").read_text().split())
-    assert codes == {"other-claim": "3", "done-twice": "3", "missing": "4", "bad-ttl": "2"}
+    assert codes == {
+        "other-claim": "3",
+        "other-put": "3",
+        "done-twice": "3",
+        "missing": "4",
+        "missing-context": "4",
+        "bad-ttl": "2",
+    }
     assert "held by" in done.stderr.decode()
 
 

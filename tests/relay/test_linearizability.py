@@ -263,7 +263,7 @@ def test_the_model_agrees_with_the_pure_ledger() -> None:
 # -- the real thing -------------------------------------------------------------------
 
 AGENTS = 16
-STEPS = 24
+STEPS = 40
 ORDERS = 3
 SEED = 20240611
 OUTCOME_KINDS = {"claim": "wo.claimed", "renew": "wo.renewed", "release": "wo.released"}
@@ -276,8 +276,9 @@ def answer_of(request: Request, published: Published, agents: dict[bytes, int]) 
     assert event.deps == (published.receipt.id,)
     body: dict[str, Any] = event.body
     if event.kind == "wo.rejected":
-        holder = body.get("holder")
-        return Answer(body["problem"], holder and (agents[holder["holder"]], holder["token"]))
+        held = body.get("holder")
+        lease = None if held is None else (agents[held["holder"]], held["token"])
+        return Answer(body["problem"], lease)
     assert event.kind == OUTCOME_KINDS[request.kind], (request, event.kind, body)
     if request.kind == "release":
         return RELEASED
@@ -330,13 +331,14 @@ async def run_agent(
             call = trio.current_time()
             published = await client.publish(NS, f"wo.{kind}", body, nonce=nonce)
             ret = trio.current_time()
+            assert not published.duplicate
             answer = answer_of(request, published, agents)
             history.append(Operation(n, call, ret, request, answer))
             if answer.problem is None and kind == "claim":
                 assert answer.lease is not None
                 held[order] = last[order] = answer.lease[1]
             elif answer.problem is None and kind == "release":
-                del held[order]
+                held.pop(order, None)  # not del: the checker judges odd answers, not a KeyError
 
 
 async def test_concurrent_agents_on_a_real_relay_are_linearizable(relay: RunningRelay) -> None:
@@ -360,16 +362,19 @@ async def test_concurrent_agents_on_a_real_relay_are_linearizable(relay: Running
     verdict = check(LEASE, history)
     assert verdict.ok, verdict.explain()
 
-    # Not vacuous: contention happened and every path of the lease was taken.
+    # Not vacuous: there was contention, and grants, renewals and releases happened.
     seen = Counter((o.input.kind, o.output.problem) for o in history)
     for wanted in [("claim", None), ("claim", "held"), ("renew", None), ("release", None)]:
         assert seen[wanted] > 0, (wanted, seen)
     # And the verdict depends on the answers: two grants of one order that share a
     # token contradict the model whatever the interleaving.
-    grants = [i for i, o in enumerate(history) if o.input == Request("claim", "wo-1", o.client)]
-    grants = [i for i in grants if history[i].output.problem is None]
-    assert len(grants) >= 2
-    first, second = history[grants[0]], history[grants[1]]
-    forged = Answer(None, (second.client, first.output.lease[1]))
-    history[grants[1]] = replace(second, output=forged)
+    grants: dict[str, list[int]] = {}
+    for i, o in enumerate(history):
+        if o.input.kind == "claim" and o.output.problem is None:
+            grants.setdefault(o.input.order, []).append(i)
+    most = max(grants.values(), key=len)
+    assert len(most) >= 2, grants
+    first, second = most[:2]
+    forged = Answer(None, (history[second].client, history[first].output.lease[1]))
+    history[second] = replace(history[second], output=forged)
     assert not check(LEASE, history).ok

@@ -92,13 +92,26 @@ def test_next_takes_the_highest_priority_then_the_oldest() -> None:
     rejected(ledger.next(B, now_ms=0), Problem.NOTHING_OPEN)
 
 
+def test_a_released_order_can_be_marked_done_the_workledger_way() -> None:
+    """The seed workflow releases, then sets the status: an open order may be closed
+    (or blocked) by anyone; a claimed one only by its holder, with the token."""
+    ledger = Ledger()
+    order = created(ledger)
+    token = claimed(ledger.claim(order, A, now_ms=0, ttl_ms=MIN))
+    assert isinstance(ledger.release(order, A, token, now_ms=1), Done)
+    assert isinstance(ledger.update(order, A, None, Status.DONE, now_ms=2), Done)
+    assert ledger.orders[order].status is Status.DONE
+
+
 @pytest.mark.parametrize(
     ("setup", "request_", "problem"),
     [
         ("none", ("claim", "wo-9"), Problem.NOT_FOUND),
         ("done", ("claim", None), Problem.BAD_TRANSITION),  # done -> claimed makes no sense
         ("done", ("reopen", None), Problem.BAD_TRANSITION),
-        ("open", ("done", None), Problem.BAD_TRANSITION),
+        ("done", ("done", None), Problem.BAD_TRANSITION),
+        ("done", ("release", None), Problem.BAD_TRANSITION),
+        ("open", ("release", None), Problem.BAD_TRANSITION),
         ("claimed", ("done-without-token", None), Problem.NOT_HOLDER),
         ("claimed", ("renew-by-other", None), Problem.NOT_HOLDER),
         ("claimed", ("stale-token", None), Problem.STALE_TOKEN),
@@ -121,6 +134,7 @@ def test_refusals_leave_the_state_untouched(
         "claim": lambda: ledger.claim(arg or order, B, now_ms=2, ttl_ms=MIN),
         "reopen": lambda: ledger.update(order, A, None, Status.OPEN, now_ms=2),
         "done": lambda: ledger.update(order, A, None, Status.DONE, now_ms=2),
+        "release": lambda: ledger.release(order, A, token, now_ms=2),
         "done-without-token": lambda: ledger.update(order, A, None, Status.DONE, now_ms=2),
         "renew-by-other": lambda: ledger.renew(order, B, token, now_ms=2, ttl_ms=MIN),
         "stale-token": lambda: ledger.renew(order, A, token + 1, now_ms=2, ttl_ms=MIN),

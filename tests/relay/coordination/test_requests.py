@@ -94,7 +94,7 @@ def test_one_of_a_hundred_simultaneous_claims_wins() -> None:
         ("wo.renew", {"wo": "wo-1", "token": "1"}, "bad_request"),
         ("wo.update", {"wo": "wo-1", "status": "flying"}, "bad_request"),
         ("wo.update", {"wo": "wo-1", "status": "claimed"}, "bad_transition"),  # claim does that
-        ("wo.update", {"wo": "wo-1", "status": "done"}, "bad_transition"),
+        ("wo.release", {"wo": "wo-1", "token": 1}, "bad_transition"),  # it is open
         ("wo.note", {"wo": "wo-1", "text": "x" * 20_000}, "bad_request"),
     ],
 )
