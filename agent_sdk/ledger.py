@@ -15,6 +15,7 @@ point could collide with the next holder's.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -64,7 +65,11 @@ class Ledger:
 
     async def request(self, kind: str, body: dict[str, Any]) -> dict[str, Any]:
         """Publish one request; return the outcome body or raise :class:`LedgerRefusal`."""
-        published = await self.client.publish(self.ns, kind, body)
+        # A fresh nonce: the same request twice in one millisecond would otherwise be
+        # the same event, and the relay would answer the second with the first's
+        # outcome (idempotence). Retries of *this* request re-send the same bytes.
+        nonce = secrets.token_bytes(16)
+        published = await self.client.publish(self.ns, kind, body, nonce=nonce)
         if published.outcome is None:
             raise LedgerRefusal("no_outcome", "the relay sent no outcome for this request", None)
         event = published.outcome.event.event

@@ -51,7 +51,7 @@ def _page(items: Iterable[dict[str, Any]], limit: int, budget: int) -> tuple[lis
     page: list[Any] = []
     size = 0
     for item in items:
-        size += len(msgpack.packb(item, use_bin_type=True))
+        size += _size(item)
         if len(page) >= limit or (page and size > budget):
             return page, True
         page.append(item)
@@ -114,7 +114,7 @@ def wo_show(coordinator: Coordinator, args: dict[str, Any], now_ms: int, budget:
     contract = order.contract
     notes = [{"author": n.author, "text": n.text, "at_ms": n.at_ms} for n in order.notes]
     history = [{"at_ms": at, "status": s.value, "why": why} for at, s, why in order.history]
-    return {
+    shown: dict[str, Any] = {
         **_summary(coordinator, order, now_ms),
         "description": contract.description,
         "acceptance": list(contract.acceptance),
@@ -125,11 +125,29 @@ def wo_show(coordinator: Coordinator, args: dict[str, Any], now_ms: int, budget:
         "reason": order.reason,
         "creator": order.creator,
         "created_ms": order.created_ms,
-        "notes": notes[-SHOWN:],
         "notes_total": len(notes),
-        "history": history[-SHOWN:],
         "history_total": len(history),
     }
+    # The latest notes and moves, as many as fit: two thirds of the room left for notes.
+    room = budget - _size(shown)
+    shown["notes"] = _latest(notes, room * 2 // 3)
+    shown["history"] = _latest(history, room - _size(shown["notes"]))
+    return shown
+
+
+def _size(value: Any) -> int:
+    return len(msgpack.packb(value, use_bin_type=True))
+
+
+def _latest(items: list[dict[str, Any]], room: int) -> list[dict[str, Any]]:
+    """The last :data:`SHOWN` items, or fewer to stay within ``room`` bytes (oldest go)."""
+    kept: list[dict[str, Any]] = []
+    for item in reversed(items[-SHOWN:]):
+        room -= _size(item)
+        if room < 0:
+            break
+        kept.append(item)
+    return kept[::-1]
 
 
 def lock_list(coordinator: Coordinator, args: dict[str, Any], now_ms: int, budget: int) -> Any:

@@ -76,3 +76,27 @@ async def test_hold_lets_the_body_finish_the_order_and_raises_its_errors(
         with pytest.raises(ValueError, match="plain"):
             async with ledger.hold(await ledger.create("raises"), ttl_ms=60_000):
                 raise ValueError("plain errors come out as themselves")
+
+
+async def test_the_same_request_twice_in_one_millisecond_is_two_requests(
+    relay: RunningRelay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a nonce, claim, release, claim within one clock tick would re-send the
+    first claim's bytes, and the relay would answer with the first grant again."""
+    import agent_sdk.client
+
+    frozen = agent_sdk.client._now_ms()
+    monkeypatch.setattr(agent_sdk.client, "_now_ms", lambda: frozen)
+    async with (
+        RelayClient.connect(relay.url, identity(1)) as one,
+        RelayClient.connect(relay.url, identity(3)) as two,
+    ):
+        first, other = Ledger(one, NS), Ledger(two, NS)
+        order = await first.create("t")
+        claim = await first.claim(order)
+        await first.release(claim)
+        again = await first.claim(order)
+        assert again.token == claim.token + 1  # a new grant, not the old answer
+        with pytest.raises(LedgerRefusal) as info:
+            await other.claim(order)
+        assert info.value.problem == "held"
