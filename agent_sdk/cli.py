@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -87,12 +88,22 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from agent_sdk.cli_wo import UsageError, ttl_ms
     from relay.app import DataDirError, run_relay
+    from relay.coordination.leases import TtlBounds
     from relay.node import RelayConfig
 
     try:
-        config = RelayConfig(name=args.name, max_frame=args.max_frame)
-    except ValueError as exc:
+        claims = TtlBounds(
+            min_ms=ttl_ms(args.lease_min),
+            max_ms=ttl_ms(args.lease_max),
+            default_ms=ttl_ms(args.claim_ttl),
+        )
+        locks = replace(claims, default_ms=ttl_ms(args.lock_ttl))
+        config = RelayConfig(
+            name=args.name, max_frame=args.max_frame, claim_ttl=claims, lock_ttl=locks
+        )
+    except (ValueError, UsageError) as exc:
         print(f"formicary relay: {exc}", file=sys.stderr)
         return 2
     data = Path(args.data)
@@ -246,6 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="./formicary-data", help="data directory")
     p.add_argument("--name", default="local", help="relay name: namespaces are NAME@this")
     p.add_argument("--max-frame", type=int, default=1 << 20, help="frame size limit, bytes")
+    p.add_argument("--claim-ttl", default="30m", help="lease of a claim that names none")
+    p.add_argument("--lock-ttl", default="5m", help="lease of a lock that names none")
+    p.add_argument("--lease-min", default="1s", help="shortest lease an agent may ask for")
+    p.add_argument("--lease-max", default="24h", help="longest lease an agent may ask for")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("publish", help="publish one event; prints its receipt")

@@ -13,6 +13,7 @@ from websockets.trio.server import Server
 
 from agent_sdk.identity import Identity, load_or_create
 from agent_sdk.wire import decode_receipt
+from relay.coordination.host import Diverged
 from relay.node import RelayConfig, RelayNode
 from relay.server import serve_relay
 from relay.store import Store
@@ -60,7 +61,10 @@ async def run_relay(
     store = await trio.to_thread.run_sync(open_store, data)
     try:
         identity = await trio.to_thread.run_sync(load_identity, data, store)
-        node = RelayNode(identity, store, config)
+        try:
+            node = RelayNode(identity, store, config)
+        except Diverged as exc:
+            raise DataDirError(str(exc)) from None
         async with trio.open_nursery() as nursery:
             await nursery.start(node.run)
             server = await nursery.start(serve_relay, node, host, port)

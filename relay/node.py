@@ -39,7 +39,8 @@ from agent_sdk.identity import Identity
 from agent_sdk.wire import NS_RE, Event, SignedEvent, digest, seal_digest, sign_event
 from relay.coordination import queries
 from relay.coordination.host import Host
-from relay.coordination.requests import RELAY_KINDS, Coordinator, Outcome
+from relay.coordination.leases import TtlBounds
+from relay.coordination.requests import CLAIM_TTL, LOCK_TTL, RELAY_KINDS, Coordinator, Outcome
 from relay.sequencer import Duplicate, Limits, Parked, Rejected, Sequenced, Sequencer
 from relay.store import Located, Record, Store
 
@@ -61,6 +62,8 @@ class RelayConfig:
     replay_batch: int = 512
     recent_bytes: int = 64 << 20
     sequencer: Limits = field(default_factory=Limits)
+    claim_ttl: TtlBounds = CLAIM_TTL
+    lock_ttl: TtlBounds = LOCK_TTL
 
     def __post_init__(self) -> None:
         if not NS_RE.fullmatch(f"x@{self.name}"):
@@ -68,6 +71,10 @@ class RelayConfig:
         for name in ("commit_batch", "replay_batch", "recent_bytes", "send_queue"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        for name in ("claim_ttl", "lock_ttl"):
+            bounds: TtlBounds = getattr(self, name)
+            if not 0 < bounds.min_ms <= bounds.default_ms <= bounds.max_ms:
+                raise ValueError(f"{name}: need 0 < min <= default <= max")
 
 
 class Router(Protocol):
@@ -159,7 +166,7 @@ class RelayNode:
         heads = store.heads()
         self.sequencer = Sequencer(identity.public_key, heads, limits=self.config.sequencer)
         # Coordination state is a fold of the logs: rebuild it before serving anyone.
-        self.coordination = Host(identity.public_key)
+        self.coordination = Host(identity.public_key, self.config.claim_ttl, self.config.lock_ttl)
         self._unanswered: list[tuple[str, bytes, Outcome]] = []
         for ns in store.namespaces():
             self._unanswered += self.coordination.rebuild(store.scan(ns))
@@ -413,7 +420,7 @@ class RelayNode:
         if refusal is not None:
             raise refusal
         self.count("queries")
-        coordinator = self.coordination.coordinators.get(ns) or Coordinator()
+        coordinator = self.coordination.coordinators.get(ns) or Coordinator()  # nothing yet
         budget = self.config.max_frame - 1024  # room for the frame around the answer
         answer = queries.answer(coordinator, q, args, self.wall_ms(), budget)
         head = self.sequencer.heads.get(ns)

@@ -15,8 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent_sdk.wire import decode
+from relay.coordination.leases import TtlBounds
 from relay.coordination.requests import (
+    CLAIM_TTL,
     EXPIRED,
+    LOCK_TTL,
     RELAY_KINDS,
     REQUEST_KINDS,
     Coordinator,
@@ -29,10 +32,34 @@ ANSWER_KINDS = RELAY_KINDS - {EXPIRED}
 """The relay's answers to requests: each names its request in ``req``."""
 
 
+class Diverged(Exception):
+    """Folding a log decided a request differently from the outcome the log holds.
+
+    The lease bounds (or the code) differ from those the log was decided with:
+    serving on would give agents a state that contradicts what they were told.
+    """
+
+    def __init__(self, ns: str, seq: int, logged: str, decided: str) -> None:
+        super().__init__(
+            f"{ns} seq {seq}: the log says {logged}, this relay now decides {decided}; "
+            "start it with the lease bounds the log was written with"
+        )
+        self.ns, self.seq = ns, seq
+
+
 @dataclass
 class Host:
     relay_key: bytes
+    claim_ttl: TtlBounds = CLAIM_TTL
+    lock_ttl: TtlBounds = LOCK_TTL
     coordinators: dict[str, Coordinator] = field(default_factory=dict)
+
+    def coordinator(self, ns: str) -> Coordinator:
+        coordinator = self.coordinators.get(ns)
+        if coordinator is None:
+            coordinator = Coordinator.with_bounds(self.claim_ttl, self.lock_ttl)
+            self.coordinators[ns] = coordinator
+        return coordinator
 
     def on_sequenced(self, record: Record) -> Outcome | None:
         """The outcome to append after ``record``, if it is a coordination request.
@@ -41,11 +68,11 @@ class Host:
         """
         if record.kind in REQUEST_KINDS:
             body = _body(record)
-            coordinator = self.coordinators.setdefault(record.ns, Coordinator())
+            coordinator = self.coordinator(record.ns)
             now_ms = record.hlc >> HLC_SHIFT
             return coordinator.decide(record.kind, body, record.author, record.id, now_ms)
         if record.kind == EXPIRED and record.author == self.relay_key:
-            coordinator = self.coordinators.setdefault(record.ns, Coordinator())
+            coordinator = self.coordinator(record.ns)
             coordinator.replay_expired(_body(record))
         return None
 
@@ -55,18 +82,23 @@ class Host:
         Returns ``(ns, request id, outcome)`` for each request the log holds without
         its outcome: a crash can fall between the commit of a request and the commit
         of its outcome, and the relay appends those outcomes before serving again.
+        Raises :class:`Diverged` when a logged outcome is not the one decided now.
         """
         decided: dict[bytes, tuple[str, Outcome]] = {}
-        answered: set[bytes] = set()
         for record in records:
             outcome = self.on_sequenced(record)
             if outcome is not None:
                 decided[record.id] = (record.ns, outcome)
             elif record.kind in ANSWER_KINDS and record.author == self.relay_key:
                 body = _body(record)
-                if isinstance(body, dict) and isinstance(body.get("req"), bytes):
-                    answered.add(body["req"])
-        return [(ns, req, out) for req, (ns, out) in decided.items() if req not in answered]
+                request = body.get("req") if isinstance(body, dict) else None
+                if request in decided:
+                    _, mine = decided.pop(request)
+                    if (mine.kind, mine.body) != (record.kind, body):
+                        logged = f"{record.kind} {body.get('problem', '')}".strip()
+                        now = f"{mine.kind} {mine.body.get('problem', '')}".strip()
+                        raise Diverged(record.ns, record.seq, logged, now)
+        return [(ns, req, out) for req, (ns, out) in decided.items()]
 
     def due(self, now_ms: int) -> list[tuple[str, Outcome]]:
         """The timer's outcomes: ``lease.expired`` per namespace with lapsed claims."""

@@ -34,6 +34,11 @@ from relay.coordination.leases import Granted, Lease, LeaseEngine, Refused, TtlB
 from relay.coordination.ledger import Contract, Done, Ledger, Rejection, Status
 from relay.coordination.records import NAMESPACE, Conflict, Records
 
+CLAIM_TTL = TtlBounds()
+"""Claims: 30 minutes unless asked otherwise, from 1 second to 24 hours."""
+LOCK_TTL = TtlBounds(default_ms=5 * 60 * 1000)
+"""Locks: 5 minutes unless asked otherwise, same bounds as claims."""
+
 MAX_CONTEXT = 64 * 1024
 """Bytes of a context document (its canonical msgpack encoding)."""
 MAX_POST = 4000
@@ -81,10 +86,12 @@ class Coordinator:
     """The work ledger and the advisory locks of one namespace, driven by its log."""
 
     ledger: Ledger = field(default_factory=Ledger)
-    locks: LeaseEngine = field(
-        default_factory=lambda: LeaseEngine(bounds=TtlBounds(default_ms=5 * 60 * 1000))
-    )
+    locks: LeaseEngine = field(default_factory=lambda: LeaseEngine(bounds=LOCK_TTL))
     records: Records = field(default_factory=Records)
+
+    @classmethod
+    def with_bounds(cls, claims: TtlBounds, locks: TtlBounds) -> Coordinator:
+        return cls(ledger=Ledger(LeaseEngine(bounds=claims)), locks=LeaseEngine(bounds=locks))
 
     def decide(
         self, kind: str, body: Any, author: bytes, request_id: bytes, now_ms: int

@@ -51,3 +51,30 @@ async def test_logs_without_their_key_are_refused(nursery: trio.Nursery, tmp_pat
         assert load_identity(data, store).id == running.node.identity.id
     finally:
         store.close()
+
+
+async def test_a_log_decided_with_other_lease_bounds_is_refused(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    from relay.coordination.leases import TtlBounds
+    from relay.node import RelayConfig
+
+    data = tmp_path / "relay"
+    first = await start_relay(nursery, data)
+    async with RelayClient.connect(first.url, identity(1)) as client:
+        await client.publish("work@local", "wo.create", {"title": "t"})
+        granted = await client.publish(
+            "work@local", "wo.claim", {"wo": "wo-1", "ttl_ms": 7_200_000}
+        )
+        assert granted.outcome is not None and granted.outcome.event.event.kind == "wo.claimed"
+    first.scope.cancel()
+    await trio.testing.wait_all_tasks_blocked()
+
+    # An hour at most now: the logged two-hour grant would be refused on replay.
+    narrower = RelayConfig(claim_ttl=TtlBounds(max_ms=3_600_000, default_ms=1_800_000))
+    with pytest.raises(DataDirError, match=r"work@local seq 4: the log says wo\.claimed"):
+        await start_relay(nursery, data, narrower)
+    wider = RelayConfig(claim_ttl=TtlBounds(max_ms=48 * 3_600_000))  # decides the same
+    again = await start_relay(nursery, data, wider)
+    assert again.node.head("work@local") == 4
+    again.scope.cancel()
