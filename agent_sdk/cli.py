@@ -227,9 +227,25 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from simulations.demo import run_demo
+    from agent_sdk.cli_wo import UsageError, ttl_ms
+    from simulations.demo import Settings, main
 
-    return trio.run(run_demo, args.agents, args.events, Path(args.data) if args.data else None)
+    try:
+        settings = Settings(
+            agents=args.agents,
+            orders=args.orders,
+            kills=args.kill,
+            pauses=args.freeze,
+            ttl_ms=ttl_ms(args.ttl),
+            seed=args.seed,
+        )
+    except UsageError as exc:
+        print(f"formicary demo: {exc}", file=sys.stderr)
+        return 2
+    if settings.kills + settings.pauses > settings.agents:
+        print("formicary demo: more agents to kill or freeze than agents", file=sys.stderr)
+        return 2
+    return main(settings, Path(args.data) if args.data else None)
 
 
 # --------------------------------------------------------------------------- parser
@@ -288,9 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="./formicary-data", help="the relay's data directory")
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("demo", help="run a relay and a few agents on loopback")
-    p.add_argument("--agents", type=int, default=3)
-    p.add_argument("--events", type=int, default=5, help="events per agent")
+    p = sub.add_parser("demo", help="a relay and 20 agents sharing work orders on loopback")
+    p.add_argument("--agents", type=int, default=20)
+    p.add_argument("--orders", type=int, default=60, help="work orders to finish")
+    p.add_argument("--kill", type=int, default=3, help="agents killed mid-task")
+    p.add_argument("--freeze", type=int, default=1, help="agents frozen past their lease")
+    p.add_argument("--ttl", default="3s", help="lease of each claim")
+    p.add_argument("--seed", type=int, default=1)
     p.add_argument("--data", help="data directory (default: a temporary one)")
     p.set_defaults(func=cmd_demo)
     return parser

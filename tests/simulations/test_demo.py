@@ -1,0 +1,54 @@
+"""``formicary demo`` end to end: a real relay, real sockets, agents killed and frozen."""
+
+from __future__ import annotations
+
+import sys
+
+import trio
+
+from simulations.demo import Settings, Workbench, run_demo
+
+
+async def test_the_demo_finishes_every_order_once_despite_kills() -> None:
+    lines: list[str] = []
+    settings = Settings(agents=6, orders=12, kills=2, pauses=1, ttl_ms=1_000, seed=3)
+    summary = await run_demo(settings, say=lines.append)
+    assert summary.ok, "\n".join(lines)
+    assert (summary.done, summary.duplicate_work, summary.zombies) == (12, 0, 0)
+    assert summary.killed == 2 and summary.paused == 1
+    # Each killed or frozen agent held an order: each lease expired and was recovered.
+    assert summary.expiries_recovered >= 3
+    assert summary.late_writes_refused == 1  # the frozen agent's write after waking
+    assert summary.log_ok and summary.events > 12 * 6
+    assert lines[-1] == "ok"
+
+
+def test_the_workbench_refuses_a_lower_token() -> None:
+    bench = Workbench()
+    assert bench.write("wo-1", "a", 1)
+    assert bench.write("wo-1", "b", 2)
+    assert not bench.write("wo-1", "a", 1)  # the stale holder, after the new one
+    assert bench.accepted["wo-1"] == ["a", "b"]
+
+
+async def test_the_demo_command_exits_0_and_prints_a_summary() -> None:
+    args = ["--agents", "5", "--orders", "8", "--kill", "1", "--freeze", "0", "--ttl", "1s"]
+    done = await trio.run_process(
+        [sys.executable, "-m", "agent_sdk.cli", "demo", *args],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    out = done.stdout.decode()
+    assert done.returncode == 0, out + done.stderr.decode()
+    assert "orders done     8/8" in out and "duplicate work  0" in out
+    assert "zombie orders   0" in out and out.rstrip().endswith("ok")
+
+
+async def test_bad_demo_settings_are_a_usage_error() -> None:
+    done = await trio.run_process(
+        [sys.executable, "-m", "agent_sdk.cli", "demo", "--agents", "2", "--kill", "3"],
+        capture_stderr=True,
+        check=False,
+    )
+    assert done.returncode == 2 and b"more agents to kill" in done.stderr
