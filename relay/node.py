@@ -167,10 +167,16 @@ class RelayNode:
         self.sequencer = Sequencer(identity.public_key, heads, limits=self.config.sequencer)
         # Coordination state is a fold of the logs: rebuild it before serving anyone.
         self.coordination = Host(identity.public_key, self.config.claim_ttl, self.config.lock_ttl)
-        self._unanswered: list[tuple[str, bytes, Outcome]] = []
-        for ns in store.namespaces():
-            self._unanswered += self.coordination.rebuild(store.scan(ns))
         self._outcomes: dict[bytes, Located] = {}  # request id -> its outcome, recent ones
+        self._unanswered: list[tuple[str, bytes, Outcome]] = []
+
+        def answered(request_id: bytes, outcome: Record) -> None:
+            self._outcomes[request_id] = Located(outcome.ns, outcome.seq, outcome.hlc)
+            if len(self._outcomes) > self.config.sequencer.known_capacity:
+                del self._outcomes[next(iter(self._outcomes))]
+
+        for ns in store.namespaces():
+            self._unanswered += self.coordination.rebuild(store.scan(ns), answered)
         self._committed: dict[str, int] = {ns: head.seq for ns, head in heads.items()}
         self._changed: dict[str, trio.Event] = {}
         self._recent: dict[str, dict[int, Record]] = {}

@@ -10,7 +10,7 @@ the same state, and the outcomes it computes equal the ones in the log.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,13 +76,17 @@ class Host:
             coordinator.replay_expired(_body(record))
         return None
 
-    def rebuild(self, records: Iterable[Record]) -> list[tuple[str, bytes, Outcome]]:
+    def rebuild(
+        self, records: Iterable[Record], answered: Callable[[bytes, Record], None] | None = None
+    ) -> list[tuple[str, bytes, Outcome]]:
         """Fold stored records (one namespace, in seq order).
 
         Returns ``(ns, request id, outcome)`` for each request the log holds without
         its outcome: a crash can fall between the commit of a request and the commit
         of its outcome, and the relay appends those outcomes before serving again.
         Raises :class:`Diverged` when a logged outcome is not the one decided now.
+        ``answered(request id, outcome record)`` is told where each answer is, so a
+        request re-sent after the restart gets its outcome with its ack.
         """
         decided: dict[bytes, tuple[str, Outcome]] = {}
         for record in records:
@@ -93,6 +97,8 @@ class Host:
                 body = _body(record)
                 request = body.get("req") if isinstance(body, dict) else None
                 if request in decided:
+                    if answered is not None:
+                        answered(request, record)
                     _, mine = decided.pop(request)
                     if (mine.kind, mine.body) != (record.kind, body):
                         logged = f"{record.kind} {body.get('problem', '')}".strip()

@@ -291,3 +291,38 @@ async def test_locks_through_the_relay(relay: RunningRelay) -> None:
         assert outcome(await second.publish(NS, "lock.acquire", {"name": "path:src/"}))[0] == (
             "lock.acquired"
         )
+
+
+async def test_a_request_resent_after_a_restart_gets_its_outcome(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """The client re-sends what was not acked; if that was a claim the relay granted
+    before it went down, the agent must learn it holds the order, not get a bare ack."""
+    from tests.conftest import start_relay
+
+    data = tmp_path / "relay"
+    author = identity(1)
+    first = await start_relay(nursery, data)
+    async with RelayClient.connect(first.url, author) as client:
+        await client.publish(NS, "wo.create", {"title": "t"})
+        claim = sign_event(
+            Event(NS, "wo.claim", author.public_key, {"wo": "wo-1"}, ts=client_now()),
+            author.sign,
+        )
+        granted = await client.publish_signed(claim)
+    first.scope.cancel()
+    await trio.testing.wait_all_tasks_blocked()
+
+    second = await start_relay(nursery, data)
+    async with RelayClient.connect(second.url, author) as client:
+        again = await client.publish_signed(claim)
+    assert again.duplicate and again.outcome is not None and granted.outcome is not None
+    assert again.outcome.event.id == granted.outcome.event.id
+    assert again.outcome.event.event.kind == "wo.claimed"
+    second.scope.cancel()
+
+
+def client_now() -> int:
+    import time
+
+    return time.time_ns() // 1_000_000
