@@ -326,3 +326,40 @@ def client_now() -> int:
     import time
 
     return time.time_ns() // 1_000_000
+
+
+async def test_clock_jumps_never_make_two_valid_holders(nursery: trio.Nursery) -> None:
+    """The relay's wall clock steps back (NTP) and then leaps forward: the log's time
+    (the HLC) never goes back, so a step back cannot end a lease early, and after a
+    leap the old holder is fenced off rather than left holding alongside the new."""
+    wall = [NOW]
+    node = RelayNode(RELAY, MemoryStore(), RelayConfig(), wall_ms=lambda: wall[0])
+    await nursery.start(node.run)
+    a, b = identity(1), identity(3)
+    nonce = 0
+
+    async def ask(who: Any, kind: str, body: Any) -> tuple[str, dict[str, Any]]:
+        nonlocal nonce
+        nonce += 1
+        event = Event(NS, kind, who.public_key, body, ts=NOW, nonce=bytes([nonce]))
+        request = await node.publish(sign_event(event, who.sign))
+        located = node.outcome_of(request.id)
+        assert located is not None
+        fields = decode((await node.committed_record(located.ns, located.seq)).event)
+        return fields["kind"], fields["body"]
+
+    await ask(a, "wo.create", {"title": "t"})
+    kind, first = await ask(a, "wo.claim", {"wo": "wo-1", "ttl_ms": 60_000})
+    assert kind == "wo.claimed"
+    wall[0] = NOW - 3_600_000  # an hour back
+    kind, refused = await ask(b, "wo.claim", {"wo": "wo-1"})
+    assert kind == "wo.rejected" and refused["problem"] == "held"
+    wall[0] = NOW + 3_600_000  # and two hours forward: the lease is over by the log's time
+    kind, second = await ask(b, "wo.claim", {"wo": "wo-1", "ttl_ms": 60_000})
+    assert kind == "wo.claimed" and second["token"] > first["token"]
+    for request in ("wo.renew", "wo.release"):
+        kind, fenced = await ask(a, request, {"wo": "wo-1", "token": first["token"]})
+        assert kind == "wo.rejected" and fenced["problem"] == "not_holder"
+    leases = node.coordination.coordinators[NS].ledger.leases
+    holder = leases.holder("wo-1", wall[0])
+    assert holder is not None and holder.holder == b.public_key
