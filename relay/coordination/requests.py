@@ -1,11 +1,11 @@
 """Work-ledger requests as events: validate a request body, decide it, word the outcome.
 
-This is the layer between the log and :class:`~relay.coordination.ledger.Ledger`. An
-agent's request is an event of a ``wo.*`` request kind; :meth:`Coordinator.decide`
-checks its body, applies it to the namespace's ledger at the request's log time, and
-returns the outcome the relay appends to the same log as its own signed event, with
-the request in its ``deps`` (docs/protocol.md will carry the exact bodies once the
-relay appends them; the wiring is the rest of issue 3).
+This is the layer between the log and the namespace's state: the work ledger
+(:mod:`~relay.coordination.ledger`), the advisory locks and the shared records
+(:mod:`~relay.coordination.records`). An agent's request is an event of one of
+:data:`REQUEST_KINDS`; :meth:`Coordinator.decide` checks its body, applies it at the
+request's log time, and returns the outcome the relay appends to the same log as its
+own signed event, with the request in its ``deps`` (docs/protocol.md §8 has the bodies).
 
 Outcome kinds are the relay's alone: an agent may not publish them. Replaying every
 request and every ``lease.expired`` of a log through a fresh coordinator rebuilds the

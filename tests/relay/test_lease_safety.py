@@ -537,7 +537,7 @@ steps = st.one_of(
 
 @given(st.lists(steps, min_size=10, max_size=60))
 @settings(
-    max_examples=100,
+    max_examples=150,
     deadline=None,
     derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
