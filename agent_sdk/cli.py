@@ -95,11 +95,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         claims = TtlBounds(
-            min_ms=ttl_ms(args.lease_min),
-            max_ms=ttl_ms(args.lease_max),
-            default_ms=ttl_ms(args.claim_ttl),
+            min_ms=ttl_ms(args.lease_min, "--lease-min"),
+            max_ms=ttl_ms(args.lease_max, "--lease-max"),
+            default_ms=ttl_ms(args.claim_ttl, "--claim-ttl"),
         )
-        locks = replace(claims, default_ms=ttl_ms(args.lock_ttl))
+        locks = replace(claims, default_ms=ttl_ms(args.lock_ttl, "--lock-ttl"))
         config = RelayConfig(
             name=args.name, max_frame=args.max_frame, claim_ttl=claims, lock_ttl=locks
         )

@@ -209,13 +209,13 @@ class Tokens:
             os.replace(tmp, self.path)
 
 
-def ttl_ms(text: str) -> int:
+def ttl_ms(text: str, flag: str = "--ttl") -> int:
     units = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000}
     for unit in ("ms", "s", "m", "h"):
         number = text.removesuffix(unit)
         if number != text and number.isdigit():
             return int(number) * units[unit]
-    raise UsageError(f"--ttl {text!r}: use a number with ms, s, m or h")
+    raise UsageError(f"{flag} {text!r}: use a number with ms, s, m or h")
 
 
 def _claimed(claim: Claim) -> dict[str, Any]:

@@ -24,7 +24,6 @@ from typing import Any
 import trio
 
 from agent_sdk.client import RelayClient, unwrap_single
-from agent_sdk.errors import ErrorCode, ProtocolError
 
 Items = list[dict[str, Any]]
 """A list query's items (``list`` is also a method name in :class:`Ledger`)."""
@@ -170,12 +169,8 @@ class Ledger:
             args["wo"] = order
         if version is not None:
             args["version"] = version
-        try:
-            return dict(await self.client.query(self.ns, "context.pull", args))
-        except ProtocolError as exc:
-            if exc.code is ErrorCode.NOT_FOUND and version is None and "yet" in exc.reason:
-                return None
-            raise
+        answer = await self.client.query(self.ns, "context.pull", args)
+        return dict(answer) if answer["version"] else None
 
     async def post(self, text: str) -> int:
         """Add to the bulletin what you did (not what you intend); returns its number."""

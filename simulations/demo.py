@@ -37,11 +37,15 @@ import trio
 from agent_sdk.client import Delivery, RelayClient, Subscription
 from agent_sdk.identity import Identity
 from agent_sdk.ledger import Claim, Ledger, LedgerRefusal
-from relay.app import open_store, run_relay
+from relay.app import STORE_FILE, open_store, run_relay
 from relay.node import RelayConfig
 from relay.verify import verify_log
 
 NS = "work@local"
+
+
+class DemoError(Exception):
+    """The demo cannot run as asked."""
 
 
 @dataclass(frozen=True)
@@ -128,6 +132,9 @@ async def run_demo(
     settings = settings or Settings()
     say = say or (lambda text: print(text, flush=True))
     started = time.monotonic()
+    if data is not None and (data / STORE_FILE).exists():
+        # Its log would be replayed into the counts: a summary of two runs at once.
+        raise DemoError(f"{data} holds an earlier run; give an empty or new directory")
     with tempfile.TemporaryDirectory(prefix="formicary-demo-") as tmp:
         data = data or Path(tmp)
         config = RelayConfig(name="local")
@@ -321,7 +328,11 @@ def _report(summary: Summary, say: Callable[[str], None]) -> None:
 
 
 def main(settings: Settings | None = None, data: Path | None = None) -> int:
-    summary = trio.run(run_demo, settings, data)
+    try:
+        summary = trio.run(run_demo, settings, data)
+    except DemoError as exc:
+        print(f"formicary demo: {exc}", file=sys.stderr)
+        return 2
     return 0 if summary.ok else 1
 
 

@@ -101,9 +101,7 @@ class Host:
                         answered(request, record)
                     _, mine = decided.pop(request)
                     if (mine.kind, mine.body) != (record.kind, body):
-                        logged = f"{record.kind} {body.get('problem', '')}".strip()
-                        now = f"{mine.kind} {mine.body.get('problem', '')}".strip()
-                        raise Diverged(record.ns, record.seq, logged, now)
+                        raise Diverged(record.ns, record.seq, *_difference(record, body, mine))
         return [(ns, req, out) for req, (ns, out) in decided.items()]
 
     def due(self, now_ms: int) -> list[tuple[str, Outcome]]:
@@ -118,6 +116,21 @@ class Host:
     def next_expiry_ms(self) -> int | None:
         times = [c.next_expiry_ms() for c in self.coordinators.values()]
         return min((t for t in times if t is not None), default=None)
+
+
+def _difference(record: Record, logged: dict[str, Any], decided: Outcome) -> tuple[str, str]:
+    """The logged and the decided outcome, worded by what differs between them."""
+    if record.kind != decided.kind:
+        return (
+            f"{record.kind} {logged.get('problem', '')}".strip(),
+            f"{decided.kind} {decided.body.get('problem', '')}".strip(),
+        )
+    fields = sorted(k for k in {*logged, *decided.body} if logged.get(k) != decided.body.get(k))
+    shown = ", ".join(fields)
+    return (
+        f"{record.kind} with {shown} = {[logged.get(k) for k in fields]}",
+        f"{[decided.body.get(k) for k in fields]}",
+    )
 
 
 def _body(record: Record) -> Any:

@@ -167,10 +167,18 @@ def context_pull(coordinator: Coordinator, args: dict[str, Any], now_ms: int, bu
     key = order or NAMESPACE
     version = opt_integer(args, "version")
     found = coordinator.records.context(key, version)
-    where = f"for {order}" if order else "for the namespace"
+    if found is None and version is None:  # nothing put yet: an answer, not an error
+        return {
+            "wo": order,
+            "version": 0,
+            "versions": 0,
+            "author": None,
+            "at_ms": None,
+            "age_ms": None,
+            "body": None,
+        }
     if found is None:
-        if version is None:
-            raise _not_found(f"no context {where} yet")
+        where = f"for {order}" if order else "for the namespace"
         raise _not_found(f"no context version {version} {where}")
     return {
         "wo": order,

@@ -177,6 +177,8 @@ class Coordinator:
             only(body, "wo", "token", "body")
             document_ = document(body, "body", MAX_CONTEXT)
             order = opt_text(body, "wo", 64)
+            if order is None and "token" in body:
+                raise BadRequest("a token fences a work order's context: give wo too")
             if order is not None:
                 refused = self.ledger.fence(order, author, opt_integer(body, "token"), now)
                 if refused is not None:

@@ -76,5 +76,11 @@ async def test_a_log_decided_with_other_lease_bounds_is_refused(
         await start_relay(nursery, data, narrower)
     wider = RelayConfig(claim_ttl=TtlBounds(max_ms=48 * 3_600_000))  # decides the same
     again = await start_relay(nursery, data, wider)
-    assert again.node.head("work@local") == 4
+    async with RelayClient.connect(again.url, identity(1)) as client:
+        await client.publish("work@local", "wo.create", {"title": "u"})
+        await client.publish("work@local", "wo.claim", {"wo": "wo-2"})  # the default TTL
     again.scope.cancel()
+    await trio.testing.wait_all_tasks_blocked()
+    shorter = RelayConfig(claim_ttl=TtlBounds(default_ms=600_000))
+    with pytest.raises(DataDirError, match=r"seq 8: the log says wo\.claimed with expires_ms"):
+        await start_relay(nursery, data, shorter)

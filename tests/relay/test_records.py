@@ -230,6 +230,7 @@ async def test_queries_on_other_homes_or_non_namespaces_are_refused(relay: Runni
         ("context.put", {"body": b"bytes are not JSON"}, "bad_request"),
         ("context.put", {"body": {"1": [{"deep": None}] * 2}, "extra": 1}, "bad_request"),
         ("context.put", {"body": "x", "wo": "wo-404"}, "not_found"),
+        ("context.put", {"body": "x", "token": 1}, "bad_request"),  # a token needs its wo
         ("context.put", "not a map", "bad_request"),
         ("bulletin.post", {"text": "x" * 5000}, "bad_request"),
         ("bulletin.post", {"text": 5}, "bad_request"),

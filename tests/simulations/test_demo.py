@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
+import pytest
 import trio
 
-from simulations.demo import Settings, Workbench, run_demo
+from simulations.demo import DemoError, Settings, Workbench, run_demo
 
 
 async def test_the_demo_finishes_every_order_once_despite_kills() -> None:
@@ -52,3 +54,11 @@ async def test_bad_demo_settings_are_a_usage_error() -> None:
         check=False,
     )
     assert done.returncode == 2 and b"more agents to kill" in done.stderr
+
+
+async def test_the_demo_refuses_a_directory_with_an_earlier_run(tmp_path: Path) -> None:
+    settings = Settings(agents=2, orders=2, kills=0, pauses=0, ttl_ms=1_000)
+    first = await run_demo(settings, tmp_path, say=lambda _: None)
+    assert first.ok
+    with pytest.raises(DemoError, match="earlier run"):
+        await run_demo(settings, tmp_path, say=lambda _: None)
