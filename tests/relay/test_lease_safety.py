@@ -7,7 +7,8 @@ A driver plays a few agents against one in-process :class:`RelayNode` under trio
 one, crash (a crashed agent just stops: it never renews or releases again), let virtual
 time pass, and the relay restarts on the same store with some downtime. Like real
 clients, agents learn only what the relay's outcome events tell them and keep the token
-they were granted for their renewals and releases, stale or not.
+they were granted for their renewals and releases, stale or not; an old process of an
+agent may also wake and renew with a token the agent held before.
 
 The driver keeps a reference built from those outcomes alone, in log order: per order,
 token ``t`` is valid on ``[granted_ms, end_ms)``, where ``end_ms`` is the expiry of its
@@ -44,7 +45,7 @@ from agent_sdk.identity import Identity
 from agent_sdk.wire import Event, decode, sign_event
 from relay.coordination.host import Host
 from relay.coordination.ledger import Ledger, Status
-from relay.coordination.requests import EXPIRED
+from relay.coordination.requests import EXPIRED, Coordinator
 from relay.node import RelayConfig, RelayNode
 from relay.sequencer import HLC_SHIFT
 from relay.store.memory import MemoryStore
@@ -53,6 +54,7 @@ from tests.relay.test_node import virtual_wall
 from tests.relay.test_sequencer import NOW
 
 NS = "work@local"
+CONFIG = RelayConfig()
 RELAY = identity(2)
 CREATOR = identity(1)
 AGENTS = tuple(identity(10 + n) for n in range(4))
@@ -72,6 +74,18 @@ then finds nothing due and sleeps one more ms.
 RENEW_PROBLEMS = frozenset({"not_holder", "stale_token", "bad_transition"})
 """Refusals of a renewal, release or fenced note by someone not validly holding the
 order (``bad_transition``: the lease had lapsed, so the order is open, not claimed)."""
+
+
+def at(ms: int) -> str:
+    """A wall-clock ms as an offset from the start of the run, for failure messages."""
+    return f"+{ms - NOW}"
+
+
+def who(key: bytes) -> str:
+    """A short name for a key in failure messages."""
+    names = {CREATOR.public_key: "creator", RELAY.public_key: "relay"}
+    names.update({agent.public_key: f"agent {n}" for n, agent in enumerate(AGENTS)})
+    return names.get(key, key.hex()[:8])
 
 
 # -- the steps ---------------------------------------------------------------------------
@@ -107,6 +121,14 @@ class Release:
 
 
 @dataclass(frozen=True)
+class Zombie:
+    """An old process of a live agent wakes and renews with a token the agent held
+    before (one it released, or one superseded by a later grant): fencing must hold."""
+
+    pick: int
+
+
+@dataclass(frozen=True)
 class Note:
     """A note, fenced with the agent's token when it has one."""
 
@@ -131,7 +153,7 @@ class Restart:
     downtime_ms: int
 
 
-Step = Claim | Race | Renew | Release | Note | Crash | Advance | Restart
+Step = Claim | Race | Renew | Release | Zombie | Note | Crash | Advance | Restart
 
 
 # -- the reference -----------------------------------------------------------------------
@@ -146,6 +168,10 @@ class Answer:
     """The request's HLC in ms: the instant the relay decided it at."""
     kind: str
     body: dict[str, Any]
+
+    def __repr__(self) -> str:
+        body = {k: who(v) if isinstance(v, bytes) else v for k, v in self.body.items()}
+        return f"<seq {self.seq} at {at(self.at_ms)}: {self.kind} {body}>"
 
 
 @dataclass
@@ -163,6 +189,13 @@ class Hold:
     expired_seq: int | None = None
     """The seq of the ``lease.expired`` that named this lease, if one did."""
 
+    def __repr__(self) -> str:
+        ended = "released" if self.released else "expires"
+        return (
+            f"<{self.order} token {self.token} of {who(self.holder)}: granted at "
+            f"{at(self.granted_ms)} (seq {self.granted_seq}), {ended} at {at(self.end_ms)}>"
+        )
+
 
 class Reference:
     """Every grant of every order, built from outcomes in log order (no relay code)."""
@@ -172,7 +205,7 @@ class Reference:
 
     def valid_at(self, order: str, at_ms: int) -> Hold | None:
         valid = [h for h in self.holds[order] if h.granted_ms <= at_ms < h.end_ms]
-        assert len(valid) <= 1, f"two valid holders of {order} at {at_ms}: {valid}"
+        assert len(valid) <= 1, f"two valid holders of {order} at {at(at_ms)}: {valid}"
         return valid[0] if valid else None
 
     def hold(self, order: str, token: int) -> Hold:
@@ -184,7 +217,7 @@ class Reference:
         current = self.valid_at(order, answer.at_ms)
         body = answer.body
         if answer.kind == "wo.claimed":
-            assert current is None, f"{order} granted at {answer.at_ms} while {current} holds"
+            assert current is None, f"{order} granted at {at(answer.at_ms)} while {current} holds"
             previous = max((h.token for h in self.holds[order]), default=0)
             assert body["token"] > previous, f"token {body['token']} after {previous}"
             assert body["wo"] == order and body["holder"] == agent
@@ -193,7 +226,7 @@ class Reference:
             self.holds[order].append(hold)
             return hold.token
         assert answer.kind == "wo.rejected" and body["problem"] == "held", answer
-        assert current is not None, f"claim of free {order} refused at {answer.at_ms}: {body}"
+        assert current is not None, f"claim of free {order} refused: {answer}"
         assert body["holder"]["token"] == current.token
         assert body["holder"]["holder"] == current.holder
         return None
@@ -208,7 +241,7 @@ class Reference:
         if answer.kind != granted:
             assert answer.kind == "wo.rejected", answer
             assert answer.body["problem"] in RENEW_PROBLEMS, answer
-            assert not entitled, f"{agent.hex()[:8]} holds {order} with {token}: {answer}"
+            assert not entitled, f"{who(agent)} holds {order} with {token}: {answer}"
             return
         assert current is not None and entitled, f"{answer} for a lease not held: {current}"
         if ttl_ms is None:
@@ -233,9 +266,9 @@ class Reference:
         """Check one lease a ``lease.expired`` record names."""
         hold = self.hold(order, token)
         assert not hold.released and hold.expired_seq is None, hold
-        assert at_ms >= hold.end_ms, f"{hold} announced expired early, at {at_ms}"
+        assert at_ms >= hold.end_ms, f"{hold} announced expired early, at {at(at_ms)}"
         due = max(hold.end_ms, up_since_ms) + TIMER_TICK_MS
-        assert at_ms <= due, f"{hold} announced expired at {at_ms}, due by {due}"
+        assert at_ms <= due, f"{hold} announced expired at {at(at_ms)}, due by {at(due)}"
         later = [h for h in self.holds[order] if h.token > token]
         assert all(h.granted_seq > seq for h in later), "expired after it was superseded"
         hold.expired_seq = seq
@@ -261,6 +294,9 @@ class Harness:
         self.reference = Reference()
         self.alive = [True] * len(AGENTS)
         self.tokens: list[dict[str, int]] = [{} for _ in AGENTS]
+        """The token each agent would renew or release each order with."""
+        self.granted: list[list[tuple[str, int]]] = [[] for _ in AGENTS]
+        """Every (order, token) each agent was ever granted."""
         self.crashed: list[Hold] = []
         self.up_since: list[int] = []
         """The wall ms at which each node incarnation began serving."""
@@ -271,7 +307,7 @@ class Harness:
         self._stopped = trio.Event()
 
     def _build(self) -> RelayNode:
-        return RelayNode(RELAY, self.store, RelayConfig(), wall_ms=self.wall)
+        return RelayNode(RELAY, self.store, CONFIG, wall_ms=self.wall)
 
     async def _run(self, node: RelayNode) -> None:
         scope, stopped = trio.CancelScope(), trio.Event()
@@ -299,18 +335,18 @@ class Harness:
 
     # -- requests ------------------------------------------------------------------------
 
-    async def ask(self, who: Identity, kind: str, body: dict[str, Any]) -> Answer:
+    async def ask(self, author: Identity, kind: str, body: dict[str, Any]) -> Answer:
         """Publish one request and return it with its outcome, as a client sees them."""
         self.nonce += 1  # events must differ, or the relay takes them for duplicates
         event = Event(
             ns=NS,
             kind=kind,
-            author=who.public_key,
+            author=author.public_key,
             body=body,
             ts=self.node.wall_ms(),
             nonce=self.nonce.to_bytes(4, "big"),
         )
-        request = await self.node.publish(sign_event(event, who.sign))
+        request = await self.node.publish(sign_event(event, author.sign))
         located = self.node.outcome_of(request.id)
         assert located is not None, f"{kind} got no outcome"
         outcome = await self.node.committed_record(located.ns, located.seq)
@@ -328,6 +364,7 @@ class Harness:
         token = self.reference.on_claim(AGENTS[agent].public_key, order, ttl_ms, answer)
         if token is not None:
             self.tokens[agent][order] = token
+            self.granted[agent].append((order, token))
 
     async def race(self, order: str, ttl_ms: int) -> list[Answer]:
         live = [n for n, alive in enumerate(self.alive) if alive]
@@ -358,6 +395,12 @@ class Harness:
         self.reference.on_renew(AGENTS[agent].public_key, order, token, ttl_ms, answer)
         if answer.kind == "wo.released":
             del self.tokens[agent][order]
+        return answer
+
+    async def zombie(self, agent: int, order: str, token: int) -> Answer:
+        body = {"wo": order, "token": token, "ttl_ms": TTLS_MS[0]}
+        answer = await self.ask(AGENTS[agent], "wo.renew", body)
+        self.reference.on_renew(AGENTS[agent].public_key, order, token, TTLS_MS[0], answer)
         return answer
 
     async def note(self, agent: int, order: str) -> Answer:
@@ -398,6 +441,16 @@ class Harness:
             for order in sorted(tokens)
         ]
 
+    def zombies(self) -> list[tuple[int, str, int]]:
+        """(agent, order, token) for old tokens of live agents: released or superseded."""
+        return [
+            (agent, order, token)
+            for agent, granted in enumerate(self.granted)
+            if self.alive[agent]
+            for order, token in granted
+            if self.tokens[agent].get(order) != token
+        ]
+
     async def play(self, step: Step) -> None:
         held = self.held()
         match step:
@@ -409,6 +462,8 @@ class Harness:
                 await self.renew(*held[pick % len(held)], ttl_ms)
             case Release(pick) if held:
                 await self.renew(*held[pick % len(held)], None)
+            case Zombie(pick) if zombies := self.zombies():
+                await self.zombie(*zombies[pick % len(zombies)])
             case Note(agent, order) if self.alive[agent]:
                 await self.note(agent, order)
             case Crash(pick):
@@ -427,7 +482,7 @@ class Harness:
         await trio.sleep((max(TTLS_MS) + TIMER_TICK_MS) / 1000)
         await self.check()
         ledger = self.ledger()
-        assert not ledger.leases.leases
+        assert not ledger.leases.leases, "a lease outlived every TTL"
         assert all(o.status is Status.OPEN for o in ledger.orders.values())
         for order in ORDERS:
             answer = await self.ask(CREATOR, "wo.claim", {"wo": order, "ttl_ms": TTLS_MS[0]})
@@ -440,13 +495,14 @@ class Harness:
     def ledger(self) -> Ledger:
         return self.node.coordination.coordinators[NS].ledger
 
-    def check_fold(self, state: object) -> None:
+    def check_fold(self, state: dict[str, Coordinator]) -> None:
         """Folding the whole stored log gives ``state``, and leaves nothing unanswered."""
-        replayed = Host(RELAY.public_key)
+        replayed = Host(RELAY.public_key, CONFIG.claim_ttl, CONFIG.lock_ttl)
         assert replayed.rebuild(self.store.scan(NS)) == [], "a request without its outcome"
-        assert replayed.coordinators == state, "fold(log) differs from the relay's state"
+        assert replayed.coordinators == state, f"fold(log) differs: {_difference(state, replayed)}"
 
     async def check(self) -> None:
+        """Check the invariants (module docstring) once the relay is idle at ``now``."""
         await trio.testing.wait_all_tasks_blocked()  # the relay is idle: commits are done
         now = self.wall()
         self._check_expiry_records()
@@ -457,7 +513,7 @@ class Harness:
             assert ledger.leases.tokens.get(order, 0) == (holds[-1].token if holds else 0)
             valid = self.reference.valid_at(order, now)
             holder = ledger.leases.holder(order, now)
-            assert (holder and holder.token) == (valid and valid.token), (holder, valid)
+            assert (holder.token if holder else None) == (valid.token if valid else None)
             lease = ledger.leases.leases.get(order)
             status = ledger.orders[order].status
             if lease is None:
@@ -471,13 +527,15 @@ class Harness:
                 last.end_ms,
             )
             due = max(lease.expires_ms, self.up_since[-1]) + TIMER_TICK_MS
-            assert now < due, f"{order} still claimed at {now} by {lease}, open by {due}"
+            assert now < due, (
+                f"{order} still claimed at {at(now)} by {lease}, due open by {at(due)}"
+            )
         for hold in self.crashed:  # the issue's case: the holder died
             if now < max(hold.end_ms, self.up_since[-1]) + TIMER_TICK_MS:
                 continue
             lease = ledger.leases.leases.get(hold.order)
             assert lease is None or lease.token > hold.token, f"dead {hold} still holds"
-            history = [(at, status) for at, status, _ in ledger.orders[hold.order].history]
+            history = [(ms, moved) for ms, moved, _ in ledger.orders[hold.order].history]
             assert (hold.end_ms, Status.OPEN) in history, "reopened, stamped at its expiry"
 
     def _check_expiry_records(self) -> None:
@@ -493,6 +551,17 @@ class Harness:
                 self.reference.on_expired(record.seq, at_ms, order, token, up_since)
         if records:
             self.seen_seq = records[-1].seq
+
+
+def _difference(state: dict[str, Coordinator], replayed: Host) -> str:
+    """Where the fold of the log differs from the relay's state (ledger of NS)."""
+    live, folded = state[NS].ledger, replayed.coordinators[NS].ledger
+    for order in sorted({*live.orders, *folded.orders}):
+        if live.orders.get(order) != folded.orders.get(order):
+            return f"{order}: relay {live.orders.get(order)} != fold {folded.orders.get(order)}"
+    if live.leases != folded.leases:
+        return f"leases: relay {live.leases} != fold {folded.leases}"
+    return "outside the work ledger (locks or records)"
 
 
 def play(steps: list[Step]) -> None:
@@ -516,8 +585,9 @@ agents = st.integers(0, len(AGENTS) - 1)
 orders = st.sampled_from(ORDERS)
 ttls = st.sampled_from(TTLS_MS)
 picks = st.integers(0, 7)
-# Whole TTLs and one ms either side land requests right on an expiry instant.
-durations = st.one_of(st.sampled_from([1, 999, 1_000, 2_000, 3_000]), st.integers(0, 4_000))
+# Whole TTLs and one ms short of them land requests on, or just before, an expiry.
+edges = st.sampled_from([1, 999, 1_000, 1_999, 2_000, 2_999, 3_000])
+durations = st.one_of(edges, st.integers(0, 4_000))
 steps = st.one_of(
     # Repeated branches weigh the draw: mostly claims, renewals and time passing.
     st.builds(Claim, agents, orders, ttls),
@@ -525,6 +595,7 @@ steps = st.one_of(
     st.builds(Renew, picks, ttls),
     st.builds(Renew, picks, ttls),
     st.builds(Release, picks),
+    st.builds(Zombie, picks),
     st.builds(Note, agents, orders),
     st.builds(Race, orders, ttls),
     st.builds(Advance, durations),
@@ -546,7 +617,7 @@ def test_leases_stay_safe_through_crashes_and_restarts(steps: list[Step]) -> Non
     play(steps)
 
 
-def test_a_dead_holder_s_claim_survives_a_restart_and_then_lapses() -> None:
+def test_a_dead_holders_claim_survives_a_restart_and_then_lapses() -> None:
     """One interleaving spelled out: a restart while a lease is held, a crashed holder,
     and a lease that lapsed while the relay was down."""
 
