@@ -28,7 +28,7 @@ import random
 import secrets
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +37,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from websockets.trio.client import ClientConnection, connect
 
 from agent_sdk import frames as f
+from agent_sdk.docs import SharedDoc, open_doc
 from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.identity import Identity
 from agent_sdk.wire import (
@@ -214,6 +215,7 @@ class RelayClient:
         self._next_sub = 0
         self._pending: dict[int, _Pending] = {}
         self._asked: dict[int, _Asked] = {}
+        self._docs: dict[int, SharedDoc] = {}
         self._inflight = trio.Semaphore(max_inflight)
         self._subscriptions: dict[int, Subscription] = {}
 
@@ -311,6 +313,8 @@ class RelayClient:
         self._outbox = outbox
         for subscription in self._subscriptions.values():
             outbox.send_nowait(f.encode_frame(subscription.resume_request()))
+        for shared in self._docs.values():
+            outbox.send_nowait(f.encode_frame(shared.open_request()))
         replay = [(rid, _publish_frame(rid, p.event)) for rid, p in self._pending.items()]
         replay += [(rid, asked.frame) for rid, asked in self._asked.items()]
         for _, data in sorted(replay):
@@ -371,6 +375,14 @@ class RelayClient:
             subscription = self._subscriptions.get(frame.sub)
             if subscription is not None:
                 subscription._deliver(frame)
+            elif frame.sub in self._docs:
+                self._docs[frame.sub]._on_event(frame)
+        elif isinstance(frame, f.DocSync):
+            if frame.sub in self._docs:
+                self._docs[frame.sub]._on_sync(frame)
+        elif isinstance(frame, f.DocAwareness):
+            if frame.sub in self._docs:
+                self._docs[frame.sub]._on_awareness(frame)
         elif isinstance(frame, f.Live):
             subscription = self._subscriptions.get(frame.sub)
             if subscription is not None:
@@ -393,6 +405,10 @@ class RelayClient:
             asked = self._asked.pop(frame.rid)
             asked.error = error
             asked.done.set()
+        elif frame.sub is not None and frame.sub in self._docs:
+            shared = self._docs[frame.sub]
+            if shared._on_error(error):
+                self._queue(f.encode_frame(shared.open_request()))
         elif frame.sub is not None and frame.sub in self._subscriptions:
             # The relay ended this subscription: its iterator raises the error. The
             # buffer may be full, so the error goes in a slot kept for it.
@@ -470,6 +486,15 @@ class RelayClient:
         if asked.error is not None:
             raise asked.error
         return asked.result
+
+    # -- documents ----------------------------------------------------------------------
+
+    def doc(
+        self, ns: str, name: str, *, create: bool = True
+    ) -> AbstractAsyncContextManager[SharedDoc]:
+        """Open shared document ``name`` of ``ns`` as a live pycrdt document (see
+        agent_sdk/docs.py); it is created first when ``create`` and missing."""
+        return open_doc(self, ns, name, create=create)
 
     # -- subscribing ------------------------------------------------------------------
 

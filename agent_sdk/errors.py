@@ -48,6 +48,12 @@ class ErrorCode(enum.IntEnum):
     """The event's ``ts`` is further from the relay's clock than ``max_clock_skew``."""
     RESERVED_KIND = 2009
     """The kind is one only relays write (a coordination outcome such as ``wo.claimed``)."""
+    UNKNOWN_DOC = 2010
+    """A ``doc.update`` or ``doc.open`` names a document that was never created."""
+    BAD_UPDATE = 2011
+    """A document update or state vector is not one (garbage), or is over the size limit."""
+    DOC_EXISTS = 2012
+    """``doc.create`` names a document that exists already."""
 
     # 3xxx: subscriptions
     BAD_CURSOR = 3001
@@ -60,6 +66,11 @@ class ErrorCode(enum.IntEnum):
     """``unsubscribe`` names a subscription id this connection does not have."""
     DUPLICATE_SUBSCRIPTION = 3005
     """``subscribe`` reuses a subscription id that is still open on this connection."""
+    DOC_RESYNC = 3006
+    """A document subscription fell behind and was ended: open it again with your state
+    vector (nothing is lost; the relay sends what you miss)."""
+    AWARENESS_FLOOD = 3007
+    """Awareness updates came too fast or too big; this one was dropped."""
 
     # 4xxx: queries
     UNKNOWN_QUERY = 4001

@@ -85,6 +85,32 @@ class Unsubscribe:
 
 
 @dataclass(frozen=True, slots=True)
+class DocOpen:
+    """Open document ``doc`` of ``ns`` as subscription ``sub`` (y-sync step 1).
+
+    ``sv`` is the agent's state vector (empty for a new replica); ``epoch`` the
+    document incarnation the replica was built from, when it has one.
+    """
+
+    t: ClassVar[str] = "doc.open"
+    sub: int
+    ns: str
+    doc: str
+    sv: bytes = b""
+    epoch: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DocAwareness:
+    """An awareness update (y-protocols awareness encoding) for open document ``sub``;
+    the relay forwards it to the document's other replicas, never stores it."""
+
+    t: ClassVar[str] = "doc.awareness"
+    sub: int
+    update: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Query:
     """Ask about a namespace's coordination state (``wo.list``, ``context.pull``, ...).
 
@@ -189,6 +215,24 @@ class Unsubscribed:
 
 
 @dataclass(frozen=True, slots=True)
+class DocSync:
+    """The answer to ``doc.open`` (y-sync step 2): ``update`` holds what the replica's
+    state vector lacks, as of log position ``seq``; ``sv`` is the relay's state vector,
+    so the replica can send what the relay lacks. ``event`` frames of later
+    ``doc.update`` events follow, in log order. ``reset`` says the replica's epoch is
+    not the document's: drop the replica and rebuild it from ``update``.
+    """
+
+    t: ClassVar[str] = "doc.sync"
+    sub: int
+    update: bytes
+    sv: bytes
+    seq: int
+    epoch: int
+    reset: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Result:
     """The answer to query ``rid``: a msgpack value whose shape the query defines."""
 
@@ -197,8 +241,19 @@ class Result:
     body: Any
 
 
-AgentFrame = Auth | Publish | Subscribe | Unsubscribe | Query
-RelayFrame = Hello | Welcome | Ack | Error | EventFrame | Live | Unsubscribed | Result
+AgentFrame = Auth | Publish | Subscribe | Unsubscribe | Query | DocOpen | DocAwareness
+RelayFrame = (
+    Hello
+    | Welcome
+    | Ack
+    | Error
+    | EventFrame
+    | Live
+    | Unsubscribed
+    | Result
+    | DocSync
+    | DocAwareness
+)
 Frame = AgentFrame | RelayFrame
 
 _TYPES: dict[str, type[Any]] = {
@@ -209,6 +264,9 @@ _TYPES: dict[str, type[Any]] = {
         Subscribe,
         Unsubscribe,
         Query,
+        DocOpen,
+        DocAwareness,
+        DocSync,
         Hello,
         Welcome,
         Ack,

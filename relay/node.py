@@ -41,6 +41,7 @@ from relay.coordination import queries
 from relay.coordination.host import Host
 from relay.coordination.leases import TtlBounds
 from relay.coordination.requests import CLAIM_TTL, LOCK_TTL, RELAY_KINDS, Coordinator, Outcome
+from relay.documents import DOC_KINDS, DocHost, LiveDoc, check_event
 from relay.sequencer import Duplicate, Limits, Parked, Rejected, Sequenced, Sequencer
 from relay.store import Located, Record, Store
 
@@ -162,7 +163,7 @@ class RelayNode:
         self.config = config or RelayConfig()
         self.router = router or HomeOnly(self.config.name)
         self.wall_ms = wall_ms or (lambda: time.time_ns() // 1_000_000)
-        self.folds: list[Fold] = []
+        self.folds: list[Fold] = []  # the documents' fold is added below
         heads = store.heads()
         self.sequencer = Sequencer(identity.public_key, heads, limits=self.config.sequencer)
         # Coordination state is a fold of the logs: rebuild it before serving anyone.
@@ -175,8 +176,10 @@ class RelayNode:
             if len(self._outcomes) > self.config.sequencer.known_capacity:
                 del self._outcomes[next(iter(self._outcomes))]
 
+        self.docs = DocHost()
         for ns in store.namespaces():
-            self._unanswered += self.coordination.rebuild(store.scan(ns), answered)
+            records = self.docs.rebuild(store.scan(ns))
+            self._unanswered += self.coordination.rebuild(records, answered)
         self._committed: dict[str, int] = {ns: head.seq for ns, head in heads.items()}
         self._changed: dict[str, trio.Event] = {}
         self._recent: dict[str, dict[int, Record]] = {}
@@ -192,6 +195,7 @@ class RelayNode:
         self._admit_tx, self._admit_rx = trio.open_memory_channel[Ticket](self.config.max_inflight)
         self._read_lock = trio.Lock()
         self._find_lock = trio.Lock()
+        self.folds.append(self.docs.on_committed)
         self.stats = dict.fromkeys(STATS, 0)
         self._stats_changed = trio.Event()
         self._stat_waiters = 0
@@ -231,6 +235,11 @@ class RelayNode:
         if refusal is None and event.event.kind in RELAY_KINDS:
             reason = f"{event.event.kind} is written by relays only"
             refusal = ProtocolError(ErrorCode.RESERVED_KIND, reason)
+        if refusal is None and event.event.kind in DOC_KINDS:
+            try:
+                check_event(event.event)
+            except ProtocolError as exc:
+                refusal = exc
         if refusal is not None:
             ticket._resolve(error=refusal)
             return ticket
@@ -294,6 +303,13 @@ class RelayNode:
                 self._pending_ready.set()
 
     def _decide(self, ticket: Ticket, now: int) -> None:
+        event = ticket.event
+        if event.event.kind in DOC_KINDS and self.sequencer.locate(event.id) is None:
+            refusal = self.docs.refuse(event.event)  # here, in log order: does it exist?
+            if refusal is not None:
+                self.count("rejected")
+                ticket._resolve(error=refusal)
+                return
         outcome = self.sequencer.offer(ticket.event, now)
         if isinstance(outcome, Sequenced):
             self._waiting_tickets.setdefault(ticket.event.id, []).append(ticket)
@@ -334,6 +350,7 @@ class RelayNode:
             decided = []
             for record in step:
                 self.count("published")
+                self.docs.on_sequenced(record)
                 outcome = self.coordination.on_sequenced(record)
                 if outcome is not None:
                     decided.append((record, outcome))
@@ -433,6 +450,15 @@ class RelayNode:
         if head is not None:
             await self.wait_beyond(ns, head.seq - 1)
         return answer
+
+    # -- documents --------------------------------------------------------------------
+
+    async def open_doc(self, ns: str, name: str) -> LiveDoc:
+        """The live document ``name`` of ``ns`` (see relay/documents.py)."""
+        refusal = self.router.refuse(ns)
+        if refusal is not None:
+            raise refusal
+        return await self.docs.open(ns, name, self)
 
     # -- committing -------------------------------------------------------------------
 

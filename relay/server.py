@@ -31,8 +31,9 @@ from websockets.trio.server import Server, ServerConnection, serve
 from agent_sdk import frames as f
 from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.wire import PROTOCOL_VERSION
+from relay.documents import MAX_AWARENESS, LiveDoc, Overflow, Replica
 from relay.node import RelayNode, Ticket
-from relay.session import Admit, Ask, Close, Open, Reply, Session
+from relay.session import Admit, Ask, Aware, Close, Open, OpenDoc, Reply, Session
 from relay.store import Record
 from relay.subscriptions import Filter, check_cursor
 
@@ -77,6 +78,7 @@ class Connection:
             config.max_inflight
         )
         self._subscriptions: dict[int, _Running] = {}
+        self._docs: dict[int, tuple[LiveDoc, Replica]] = {}  # open documents, by sub
         self._follows = 0  # namespaces followed, over all subscriptions
         self._closing = False
 
@@ -160,6 +162,10 @@ class Connection:
                 await self._send(action.frame)
             elif isinstance(action, Open):
                 await self._open(action.request)
+            elif isinstance(action, OpenDoc):
+                await self._open_doc(action.request)
+            elif isinstance(action, Aware):
+                await self._aware(action.frame)
             else:
                 assert isinstance(action, Close)
                 await self._close(action.sub)
@@ -225,19 +231,20 @@ class Connection:
 
     # -- subscriptions -----------------------------------------------------------------
 
+    def _check_room(self, sub: int, follows: int) -> None:
+        if sub in self._subscriptions:
+            raise ProtocolError(ErrorCode.DUPLICATE_SUBSCRIPTION, f"subscription {sub} is open")
+        config = self.node.config
+        if len(self._subscriptions) >= config.max_subscriptions:
+            limit = config.max_subscriptions
+            raise ProtocolError(ErrorCode.TOO_MANY_SUBSCRIPTIONS, f"limit is {limit}")
+        if self._follows + follows > config.max_follows:
+            reason = f"over {config.max_follows} namespaces followed on this connection"
+            raise ProtocolError(ErrorCode.TOO_MANY_SUBSCRIPTIONS, reason)
+
     async def _open(self, request: f.Subscribe) -> None:
         try:
-            if request.sub in self._subscriptions:
-                raise ProtocolError(
-                    ErrorCode.DUPLICATE_SUBSCRIPTION, f"subscription {request.sub} is open"
-                )
-            config = self.node.config
-            if len(self._subscriptions) >= config.max_subscriptions:
-                limit = config.max_subscriptions
-                raise ProtocolError(ErrorCode.TOO_MANY_SUBSCRIPTIONS, f"limit is {limit}")
-            if self._follows + len(request.ns) > config.max_follows:
-                reason = f"over {config.max_follows} namespaces followed on this connection"
-                raise ProtocolError(ErrorCode.TOO_MANY_SUBSCRIPTIONS, reason)
+            self._check_room(request.sub, len(request.ns))
             match = Filter.of(request)
             starts = {}
             for ns in request.ns:
@@ -254,6 +261,87 @@ class Connection:
         self._subscriptions[request.sub] = running
         self._follows += running.follows
         self._nursery.start_soon(self._subscription, request.sub, running, starts, match)
+
+    # -- documents ---------------------------------------------------------------------
+
+    async def _open_doc(self, request: f.DocOpen) -> None:
+        try:
+            self._check_room(request.sub, 1)
+        except ProtocolError as exc:
+            await self._send(f.Error.of(exc, sub=request.sub))
+            return
+        running = _Running(trio.CancelScope(), trio.Event(), 1)
+        self._subscriptions[request.sub] = running
+        self._follows += 1
+        self._nursery.start_soon(self._doc_subscription, request, running)
+
+    async def _doc_subscription(self, request: f.DocOpen, running: _Running) -> None:
+        """Sync step 2, then every later update of the document, in log order."""
+        sub = request.sub
+        error: ProtocolError | None = None
+        try:
+            with running.scope:
+                live = await self.node.open_doc(request.ns, request.doc)
+                replica = Replica(capacity=4 * self.node.config.send_queue)
+                missing, sv, seq = live.sync(request.sv, replica)  # registers it
+                self._docs[sub] = (live, replica)
+                try:
+                    await self._doc_stream(request, live, replica, missing, sv, seq)
+                finally:
+                    del self._docs[sub]
+                    live.leave(replica)
+        except ProtocolError as exc:
+            error = exc
+        except Overflow:
+            reason = "this replica fell behind; open the document again with its state vector"
+            error = ProtocolError(ErrorCode.DOC_RESYNC, reason)
+        finally:
+            running.done.set()
+        if error is not None and self._subscriptions.pop(sub, None) is running:
+            self._follows -= running.follows
+            await self._send(f.Error.of(error, sub=sub))
+
+    async def _doc_stream(
+        self,
+        request: f.DocOpen,
+        live: LiveDoc,
+        replica: Replica,
+        missing: bytes,
+        sv: bytes,
+        seq: int,
+    ) -> None:
+        sub = request.sub
+        reset = request.epoch is not None and request.epoch != live.epoch
+        sync = f.DocSync(sub=sub, update=missing, sv=sv, seq=seq, epoch=live.epoch, reset=reset)
+        await self._send(sync)
+        states = live.awareness_states()
+        if states is not None:
+            await self._send(f.DocAwareness(sub=sub, update=states))
+        while True:
+            item = await replica.next()
+            if isinstance(item, bytes):
+                await self._send(f.DocAwareness(sub=sub, update=item))
+            else:
+                frame = f.EventFrame(
+                    sub=sub, event=item.event, sig=item.sig, receipt=item.receipt, seal=item.seal
+                )
+                await self._send(frame)
+
+    async def _aware(self, frame: f.DocAwareness) -> None:
+        try:
+            opened = self._docs.get(frame.sub)
+            if opened is None:
+                reason = f"no open document {frame.sub}"
+                raise ProtocolError(ErrorCode.UNKNOWN_SUBSCRIPTION, reason)
+            live, replica = opened
+            if len(frame.update) > MAX_AWARENESS:
+                reason = f"awareness update of {len(frame.update)} bytes; limit {MAX_AWARENESS}"
+                raise ProtocolError(ErrorCode.AWARENESS_FLOOD, reason)
+            if not replica.take_awareness_token(trio.current_time()):
+                raise ProtocolError(ErrorCode.AWARENESS_FLOOD, "too many awareness updates")
+            live.share_awareness(frame.update, replica)
+        except ProtocolError as exc:
+            await self._send(f.Error.of(exc, sub=frame.sub))
 
     async def _close(self, sub: int) -> None:
         running = self._subscriptions.pop(sub, None)

@@ -1,9 +1,9 @@
 """One agent connection as the relay sees it (pure: bytes in, actions out).
 
 The connection's life is the table :data:`TRANSITIONS`: a new connection awaits
-``auth``; once authenticated it may publish, subscribe, unsubscribe and query. A frame not
-allowed in the current state is answered with an ``error`` frame and changes nothing
-— remote input never raises into the I/O loop (STYLE.md, habit 5).
+``auth``; once authenticated it may publish, subscribe, unsubscribe, query and open
+documents. A frame not allowed in the current state is answered with an ``error``
+frame and changes nothing — remote input never raises into the I/O loop (STYLE.md, habit 5).
 
 Everything the relay can decide without its shared state happens here, cheapest
 first: frame size, msgpack, frame shape, event shape and canonical bytes, author,
@@ -32,6 +32,8 @@ TRANSITIONS: dict[tuple[State, type[f.AgentFrame]], State] = {
     (State.OPEN, f.Subscribe): State.OPEN,
     (State.OPEN, f.Unsubscribe): State.OPEN,
     (State.OPEN, f.Query): State.OPEN,
+    (State.OPEN, f.DocOpen): State.OPEN,
+    (State.OPEN, f.DocAwareness): State.OPEN,
 }
 
 _REFUSALS: dict[State, tuple[ErrorCode, str]] = {
@@ -76,7 +78,21 @@ class Ask:
     query: f.Query
 
 
-Action = Reply | Admit | Open | Close | Ask
+@dataclass(frozen=True, slots=True)
+class OpenDoc:
+    """Open a document subscription."""
+
+    request: f.DocOpen
+
+
+@dataclass(frozen=True, slots=True)
+class Aware:
+    """Share an awareness update on an open document."""
+
+    frame: f.DocAwareness
+
+
+Action = Reply | Admit | Open | Close | Ask | OpenDoc | Aware
 
 
 class Session:
@@ -123,7 +139,8 @@ class Session:
         if isinstance(frame, ProtocolError):
             return _error(frame)
         rid = frame.rid if isinstance(frame, (f.Publish, f.Query)) else None
-        sub = frame.sub if isinstance(frame, (f.Subscribe, f.Unsubscribe)) else None
+        subscribing = (f.Subscribe, f.Unsubscribe, f.DocOpen, f.DocAwareness)
+        sub = frame.sub if isinstance(frame, subscribing) else None
         try:
             return self._handle(frame)
         except ProtocolError as exc:
@@ -132,7 +149,7 @@ class Session:
     def _handle(self, frame: f.Frame) -> Action:
         new_state = TRANSITIONS.get((self.state, type(frame)))  # type: ignore[arg-type]
         if new_state is None:
-            if isinstance(frame, f.RelayFrame):
+            if not isinstance(frame, f.AgentFrame):
                 raise ProtocolError(ErrorCode.UNKNOWN_FRAME, f"{frame.t} is sent by relays")
             code, reason = _REFUSALS[self.state]
             raise ProtocolError(code, f"{frame.t} not allowed: {reason}")
@@ -144,6 +161,10 @@ class Session:
             action = Open(frame)
         elif isinstance(frame, f.Query):
             action = Ask(frame)
+        elif isinstance(frame, f.DocOpen):
+            action = OpenDoc(frame)
+        elif isinstance(frame, f.DocAwareness):
+            action = Aware(frame)
         else:
             assert isinstance(frame, f.Unsubscribe)
             action = Close(frame.sub)

@@ -1,0 +1,219 @@
+"""Shared CRDT documents from an agent's side: a live ``pycrdt.Doc`` kept in sync.
+
+``async with client.doc(ns, name) as shared:`` creates the document if needed, opens
+it (y-sync: our state vector out, what we lack back, then every later update in log
+order) and yields a :class:`SharedDoc`. Edit ``shared.doc`` — or the helpers
+``shared.map()``, ``shared.text()``, ``shared.array()`` — as any pycrdt document:
+local changes are merged while one is in flight and published as signed
+``doc.update`` events. Disconnected, edits pile up locally; on reconnect the document
+is opened again with our state vector, the relay sends what we missed, and we send
+what it lacks. Leaving the block waits until our edits are acknowledged (durable).
+
+The conventional roots, used by ``formicary doc``: ``fields`` (a Map), ``text`` (a
+Text) and ``log`` (an Array).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+import pycrdt
+import trio
+
+from agent_sdk import frames as f
+from agent_sdk.errors import ErrorCode, ProtocolError
+from agent_sdk.wire import decode
+
+if TYPE_CHECKING:
+    from agent_sdk.client import RelayClient
+
+EMPTY_UPDATE = b"\x00\x00"
+MAX_UPDATE = 256 * 1024
+FLUSH_TIMEOUT = 30.0
+
+
+class DocReset(Exception):
+    """The document was created again under this name: this replica is of an older one."""
+
+
+class SharedDoc:
+    """One open document: ``doc`` (a ``pycrdt.Doc``) and ``awareness``."""
+
+    def __init__(self, client: RelayClient, ns: str, name: str, sub: int) -> None:
+        self.client = client
+        self.ns = ns
+        self.name = name
+        self.sub = sub
+        self.doc: pycrdt.Doc[Any] = pycrdt.Doc()
+        self.awareness = pycrdt.Awareness(self.doc)
+        self.epoch: int | None = None
+        self.synced = trio.Event()
+        self.error: Exception | None = None
+        self._applying = False
+        self._outgoing: list[bytes] = []
+        self._changed = trio.Event()
+        self._in_flight = 0
+        self._progress = trio.Event()  # set (and replaced) after each publish
+        self._subscription = self.doc.observe(self._on_change)
+
+    # -- the conventional shapes ---------------------------------------------------------
+
+    def map(self, name: str = "fields") -> pycrdt.Map[Any]:
+        root: pycrdt.Map[Any] = self.doc.get(name, type=pycrdt.Map)
+        return root
+
+    def text(self, name: str = "text") -> pycrdt.Text:
+        root: pycrdt.Text = self.doc.get(name, type=pycrdt.Text)
+        return root
+
+    def array(self, name: str = "log") -> pycrdt.Array[Any]:
+        root: pycrdt.Array[Any] = self.doc.get(name, type=pycrdt.Array)
+        return root
+
+    def to_json(self) -> dict[str, Any]:
+        """The conventional roots as plain data."""
+        return {
+            "fields": self.map().to_py() or {},
+            "text": str(self.text()),
+            "log": self.array().to_py() or [],
+        }
+
+    # -- awareness -----------------------------------------------------------------------
+
+    def set_presence(self, state: dict[str, Any]) -> None:
+        """Tell the document's other replicas who we are and what we do (not stored)."""
+        self.awareness.set_local_state(state)
+        update = self.awareness.encode_awareness_update([self.doc.client_id])
+        self.client._queue(f.encode_frame(f.DocAwareness(sub=self.sub, update=update)))
+
+    def presence(self) -> dict[int, dict[str, Any]]:
+        """Every replica's announced state, by Yjs client id (ours included)."""
+        return dict(self.awareness.states)
+
+    # -- sending -------------------------------------------------------------------------
+
+    def _on_change(self, event: Any) -> None:
+        if self._applying:
+            return  # a remote update: it came from the relay
+        self._outgoing.append(event.update)
+        self._changed.set()
+
+    async def _send_forever(self) -> None:
+        """Publish local changes in order, merged while one publish is in flight."""
+        while True:
+            await self._changed.wait()
+            self._changed = trio.Event()
+            if not self._outgoing:
+                continue
+            pending, self._outgoing = self._outgoing, []
+            update = pycrdt.merge_updates(*pending) if len(pending) > 1 else pending[0]
+            self._in_flight += 1
+            try:
+                for part in _parts(update, pending):
+                    body = {"doc": self.name, "update": part}
+                    await self.client.publish(self.ns, "doc.update", body)
+            finally:
+                self._in_flight -= 1
+                self._progress.set()
+                self._progress = trio.Event()
+
+    async def flush(self) -> None:
+        """Return once every local change so far is durably in the relay's log."""
+        while (self._outgoing or self._in_flight) and self.error is None:
+            await self._progress.wait()
+
+    # -- receiving (called by the client) ------------------------------------------------
+
+    def open_request(self) -> f.DocOpen:
+        """What opens (or reopens) this replica: our state vector, our epoch."""
+        return f.DocOpen(
+            sub=self.sub, ns=self.ns, doc=self.name, sv=self.doc.get_state(), epoch=self.epoch
+        )
+
+    def _apply(self, update: bytes) -> None:
+        if update == EMPTY_UPDATE:
+            return
+        self._applying = True
+        try:
+            self.doc.apply_update(update)
+        finally:
+            self._applying = False
+
+    def _on_sync(self, frame: f.DocSync) -> None:
+        if frame.reset:
+            self._fail(DocReset(f"{self.name} in {self.ns} was created again; reopen it"))
+            return
+        self.epoch = frame.epoch
+        self._apply(frame.update)
+        lacking = self.doc.get_update(frame.sv)  # what we have and the relay lacks
+        if lacking != EMPTY_UPDATE:
+            self._outgoing.append(lacking)
+            self._changed.set()
+        self.synced.set()
+
+    def _on_event(self, frame: f.EventFrame) -> None:
+        body = decode(frame.event)["body"]
+        self._apply(body["update"])
+
+    def _on_awareness(self, frame: f.DocAwareness) -> None:
+        try:
+            self.awareness.apply_awareness_update(frame.update, "relay")
+        except Exception:  # a peer's bad awareness must not stop our document
+            return
+
+    def _on_error(self, error: ProtocolError) -> bool:
+        """The relay ended this subscription. Returns True to reopen it."""
+        if error.code is ErrorCode.DOC_RESYNC:
+            return True  # we fell behind: reopen with our state vector, lose nothing
+        self._fail(error)
+        return False
+
+    def _fail(self, error: Exception) -> None:
+        self.error = error
+        self.synced.set()
+        self._progress.set()
+        self._changed.set()
+
+
+def _parts(update: bytes, pending: list[bytes]) -> list[bytes]:
+    """Keep each published update within the relay's limit: a merged update that is
+    too big goes as the changes it was merged from (each one is a whole transaction)."""
+    if len(update) <= MAX_UPDATE:
+        return [update]
+    return pending
+
+
+@asynccontextmanager
+async def open_doc(
+    client: RelayClient, ns: str, name: str, *, create: bool = True
+) -> AsyncIterator[SharedDoc]:
+    if create:
+        try:
+            await client.publish(ns, "doc.create", {"doc": name})
+        except ProtocolError as exc:
+            if exc.code is not ErrorCode.DOC_EXISTS:
+                raise
+    client._next_sub += 1
+    shared = SharedDoc(client, ns, name, client._next_sub)
+    client._docs[shared.sub] = shared
+    client._queue(f.encode_frame(shared.open_request()))
+    try:
+        await shared.synced.wait()
+        if shared.error is not None:
+            raise shared.error
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(shared._send_forever)
+            try:
+                yield shared
+                with trio.move_on_after(FLUSH_TIMEOUT):
+                    await shared.flush()
+            finally:
+                nursery.cancel_scope.cancel()
+        if shared.error is not None:
+            raise shared.error
+    finally:
+        shared.doc.unobserve(shared._subscription)
+        if client._docs.pop(shared.sub, None) is not None:
+            client._queue(f.encode_frame(f.Unsubscribe(sub=shared.sub)))
