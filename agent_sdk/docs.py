@@ -24,7 +24,7 @@ import trio
 
 from agent_sdk import frames as f
 from agent_sdk.errors import ErrorCode, ProtocolError
-from agent_sdk.wire import decode
+from agent_sdk.wire import decode, decode_receipt
 
 if TYPE_CHECKING:
     from agent_sdk.client import RelayClient
@@ -49,6 +49,10 @@ class SharedDoc:
         self.doc: pycrdt.Doc[Any] = pycrdt.Doc()
         self.awareness = pycrdt.Awareness(self.doc)
         self.epoch: int | None = None
+        self.seq = 0
+        """The log position this replica has applied up to."""
+        self._advanced = trio.Event()
+        self._aware = trio.Event()
         self.synced = trio.Event()
         self.error: Exception | None = None
         self._applying = False
@@ -91,6 +95,10 @@ class SharedDoc:
     def presence(self) -> dict[int, dict[str, Any]]:
         """Every replica's announced state, by Yjs client id (ours included)."""
         return dict(self.awareness.states)
+
+    async def presence_changed(self) -> None:
+        """Return at the next awareness update from another replica."""
+        await self._aware.wait()
 
     # -- sending -------------------------------------------------------------------------
 
@@ -147,6 +155,7 @@ class SharedDoc:
             return
         self.epoch = frame.epoch
         self._apply(frame.update)
+        self._moved_to(frame.seq)
         lacking = self.doc.get_update(frame.sv)  # what we have and the relay lacks
         if lacking != EMPTY_UPDATE:
             self._outgoing.append(lacking)
@@ -156,17 +165,32 @@ class SharedDoc:
     def _on_event(self, frame: f.EventFrame) -> None:
         body = decode(frame.event)["body"]
         self._apply(body["update"])
+        self._moved_to(decode_receipt(frame.receipt).seq)
+
+    def _moved_to(self, seq: int) -> None:
+        self.seq = max(self.seq, seq)
+        self._advanced.set()
+        self._advanced = trio.Event()
+
+    async def wait_seq(self, seq: int) -> None:
+        """Return once this replica has applied the log up to ``seq`` (a receipt's)."""
+        while self.seq < seq and self.error is None:
+            await self._advanced.wait()
 
     def _on_awareness(self, frame: f.DocAwareness) -> None:
         try:
             self.awareness.apply_awareness_update(frame.update, "relay")
         except Exception:  # a peer's bad awareness must not stop our document
             return
+        self._aware.set()
+        self._aware = trio.Event()
 
     def _on_error(self, error: ProtocolError) -> bool:
-        """The relay ended this subscription. Returns True to reopen it."""
+        """The relay refused something of this subscription. True: reopen it."""
         if error.code is ErrorCode.DOC_RESYNC:
             return True  # we fell behind: reopen with our state vector, lose nothing
+        if error.code is ErrorCode.AWARENESS_REFUSED:
+            return False  # one presence update dropped; the document goes on
         self._fail(error)
         return False
 
@@ -174,7 +198,16 @@ class SharedDoc:
         self.error = error
         self.synced.set()
         self._progress.set()
+        self._advanced.set()
         self._changed.set()
+
+
+def state_vector(encoded: bytes) -> dict[int, int]:
+    """A Yjs state vector as ``{client id: clock}``. Its encoding lists clients in no
+    fixed order, so two equal states may encode differently: compare these instead."""
+    decoder = pycrdt.Decoder(encoded)
+    count = decoder.read_var_uint()
+    return dict((decoder.read_var_uint(), decoder.read_var_uint()) for _ in range(count))
 
 
 def _parts(update: bytes, pending: list[bytes]) -> list[bytes]:

@@ -69,8 +69,9 @@ class ErrorCode(enum.IntEnum):
     DOC_RESYNC = 3006
     """A document subscription fell behind and was ended: open it again with your state
     vector (nothing is lost; the relay sends what you miss)."""
-    AWARENESS_FLOOD = 3007
-    """Awareness updates came too fast or too big; this one was dropped."""
+    AWARENESS_REFUSED = 3007
+    """An awareness update came too fast, too big, or is not one; it was dropped (the
+    document subscription goes on)."""
 
     # 4xxx: queries
     UNKNOWN_QUERY = 4001

@@ -114,6 +114,7 @@ STATS = (
     "rejected",
     "batches",
     "queries",
+    "resyncs",
     "connections",
     "slow_consumers",
 )

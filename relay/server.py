@@ -293,6 +293,7 @@ class Connection:
         except ProtocolError as exc:
             error = exc
         except Overflow:
+            self.node.count("resyncs")
             reason = "this replica fell behind; open the document again with its state vector"
             error = ProtocolError(ErrorCode.DOC_RESYNC, reason)
         finally:
@@ -336,11 +337,13 @@ class Connection:
             live, replica = opened
             if len(frame.update) > MAX_AWARENESS:
                 reason = f"awareness update of {len(frame.update)} bytes; limit {MAX_AWARENESS}"
-                raise ProtocolError(ErrorCode.AWARENESS_FLOOD, reason)
+                raise ProtocolError(ErrorCode.AWARENESS_REFUSED, reason)
             if not replica.take_awareness_token(trio.current_time()):
-                raise ProtocolError(ErrorCode.AWARENESS_FLOOD, "too many awareness updates")
+                raise ProtocolError(ErrorCode.AWARENESS_REFUSED, "too many awareness updates")
             live.share_awareness(frame.update, replica)
         except ProtocolError as exc:
+            if exc.code is ErrorCode.BAD_UPDATE:  # not an awareness update: refused alike
+                exc = ProtocolError(ErrorCode.AWARENESS_REFUSED, exc.reason)
             await self._send(f.Error.of(exc, sub=frame.sub))
 
     async def _close(self, sub: int) -> None:

@@ -1,0 +1,351 @@
+"""Shared CRDT documents through real relays: convergence, offline edits, resync, restart."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import pycrdt
+import pytest
+import trio
+import trio.lowlevel
+import trio.testing
+
+from agent_sdk.client import RelayClient
+from agent_sdk.docs import SharedDoc, state_vector
+from agent_sdk.errors import ErrorCode, ProtocolError
+from relay.node import RelayConfig
+from tests.agent_sdk.test_client import drop_every_connection
+from tests.conftest import RunningRelay, identity, start_relay
+
+NS = "docs@local"
+AGENTS = 20
+
+
+def edit(shared: SharedDoc, rng: random.Random, me: int, n: int) -> None:
+    """One random edit of the three conventional shapes."""
+    choice = rng.randrange(3)
+    if choice == 0:
+        shared.map()[f"k{rng.randrange(8)}"] = f"{me}:{n}"
+    elif choice == 1:
+        text = shared.text()
+        at = rng.randrange(len(text) + 1)
+        text.insert(at, f"<{me}.{n}>")
+        if len(text) > 40 and rng.random() < 0.3:
+            start = rng.randrange(len(text) - 5)
+            del text[start : start + 3]
+    else:
+        shared.array().append(f"{me}:{n}")
+
+
+async def converged(relay: RunningRelay, replicas: list[SharedDoc]) -> dict[str, Any]:
+    """Wait until every replica has applied the relay's copy; return its JSON."""
+    for shared in replicas:
+        await shared.flush()
+    live = relay.node.docs.live[(NS, replicas[0].name)]
+    for shared in replicas:
+        await shared.wait_seq(live.seq)
+    expected = SharedDoc.to_json(_view(live.doc))
+    for shared in replicas:
+        # Encoded state vectors list clients in hash order: compare them decoded.
+        assert state_vector(shared.doc.get_state()) == state_vector(live.doc.get_state())
+        assert shared.to_json() == expected
+    return expected
+
+
+def _view(doc: pycrdt.Doc[Any]) -> Any:
+    """A SharedDoc-shaped view of the relay's own pycrdt document."""
+
+    class View:
+        def map(self) -> Any:
+            return doc.get("fields", type=pycrdt.Map)
+
+        def text(self) -> Any:
+            return doc.get("text", type=pycrdt.Text)
+
+        def array(self) -> Any:
+            return doc.get("log", type=pycrdt.Array)
+
+    return View()
+
+
+async def test_twenty_agents_editing_at_once_converge(relay: RunningRelay) -> None:
+    replicas: list[SharedDoc] = []
+    appended = 0
+
+    async def agent(me: int, ready: trio.Event, go: trio.Event, edited: trio.Event) -> None:
+        nonlocal appended
+        rng = random.Random(me)
+        async with (
+            RelayClient.connect(relay.url, identity(10 + me)) as client,
+            client.doc(NS, "plan") as shared,
+        ):
+            replicas.append(shared)
+            ready.set()
+            await go.wait()
+            for n in range(15):
+                before = len(shared.array())
+                edit(shared, rng, me, n)
+                appended += len(shared.array()) - before
+                await trio.lowlevel.checkpoint()  # let the others interleave
+            await shared.flush()
+            edited.set()
+            await finished.wait()
+
+    finished, go = trio.Event(), trio.Event()
+    async with trio.open_nursery() as nursery:
+        readies = [trio.Event() for _ in range(AGENTS)]
+        edits = [trio.Event() for _ in range(AGENTS)]
+        for me, (ready, edited) in enumerate(zip(readies, edits, strict=True)):
+            nursery.start_soon(agent, me, ready, go, edited)
+        for ready in readies:
+            await ready.wait()
+        go.set()
+        for edited in edits:
+            await edited.wait()
+        final = await converged(relay, replicas)
+        finished.set()
+    assert len(final["log"]) == appended > 0  # every append arrived, none twice
+    assert final["fields"] and final["text"]
+
+
+async def test_agents_that_go_offline_mid_edit_converge_on_reconnect(
+    relay: RunningRelay,
+) -> None:
+    replicas: list[SharedDoc] = []
+    finished, all_open = trio.Event(), trio.Event()
+    edits_done = 0
+
+    async def agent(me: int) -> None:
+        nonlocal edits_done
+        rng = random.Random(100 + me)
+        async with (
+            RelayClient.connect(relay.url, identity(10 + me)) as client,
+            client.doc(NS, "offline") as shared,
+        ):
+            replicas.append(shared)
+            if len(replicas) == 8:
+                all_open.set()
+            await all_open.wait()  # drops start once everyone is in: a first connect may fail
+            for n in range(30):
+                edit(shared, rng, me, n)
+                await trio.sleep(0.001)  # real time: the drops below land mid-edit
+            edits_done += 1
+            await shared.flush()
+            await finished.wait()
+
+    async with trio.open_nursery() as nursery:
+        for me in range(8):
+            nursery.start_soon(agent, me)
+        drops = 0
+        await all_open.wait()
+        while edits_done < 8:
+            drops += await drop_every_connection(relay)
+            await trio.sleep(0.01)
+        assert drops > 0
+        final = await converged(relay, replicas)
+        finished.set()
+    assert len(final["log"]) == sum(1 for _ in final["log"])  # plain list, no holes
+    assert len(set(final["log"])) == len(final["log"])  # nothing duplicated
+
+
+async def test_a_replica_that_missed_updates_resyncs_by_state_vector(
+    relay: RunningRelay,
+) -> None:
+    async with (
+        RelayClient.connect(relay.url, identity(1)) as writer,
+        writer.doc(NS, "resync") as source,
+    ):
+        source.text().insert(0, "one ")
+        await source.flush()
+        stale = source.doc.get_update()  # a replica as of "one "
+        source.text().insert(4, "two ")
+        source.array().append("three")
+        await source.flush()
+
+    async with RelayClient.connect(relay.url, identity(3)) as reader:
+        async with reader.doc(NS, "resync", create=False) as late:
+            pass  # opened empty: gets everything
+        assert late.to_json()["text"] == "one two "
+        # A replica that has only the first update gets just the rest, never a
+        # later update without the ones it depends on.
+        client_doc = SharedDoc(reader, NS, "resync", sub=99)
+        client_doc._apply(stale)
+        assert str(client_doc.text()) == "one "
+        reader._docs[99] = client_doc
+        reader._queue(_encode(client_doc.open_request()))
+        await client_doc.synced.wait()
+        del reader._docs[99]
+        assert client_doc.to_json() == {"fields": {}, "text": "one two ", "log": ["three"]}
+
+
+def _encode(frame: Any) -> bytes:
+    from agent_sdk.frames import encode_frame
+
+    return encode_frame(frame)
+
+
+async def test_a_replica_that_falls_behind_is_resynced_not_buffered(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    relay = await start_relay(nursery, tmp_path / "r", RelayConfig(send_queue=1))
+    async with (
+        RelayClient.connect(relay.url, identity(1)) as one,
+        RelayClient.connect(relay.url, identity(3)) as two,
+        one.doc(NS, "busy") as writer,
+        two.doc(NS, "busy") as reader,
+    ):
+        async with trio.open_nursery() as burst:
+            for n in range(40):  # 40 publishes at once: one commit batch, over 4 queued
+                burst.start_soon(
+                    one.publish, NS, "doc.update", {"doc": "busy", "update": _append(n)}
+                )
+        await relay.node.wait_stat("resyncs", 1)
+        live = relay.node.docs.live[(NS, "busy")]
+        await reader.wait_seq(live.seq)
+        assert sorted(reader.array().to_py() or []) == sorted(range(40))
+        assert writer.error is None and reader.error is None
+    relay.scope.cancel()
+
+
+def _append(n: int) -> bytes:
+    doc: pycrdt.Doc[Any] = pycrdt.Doc()
+    doc.get("log", type=pycrdt.Array).append(n)
+    return doc.get_update()
+
+
+async def test_documents_survive_a_restart(nursery: trio.Nursery, tmp_path: Path) -> None:
+    data = tmp_path / "relay"
+    first = await start_relay(nursery, data)
+    async with (
+        RelayClient.connect(first.url, identity(1)) as client,
+        client.doc(NS, "kept") as shared,
+    ):
+        shared.map()["owner"] = "agent-1"
+        shared.text().insert(0, "survives")
+        before = shared.to_json()
+        state = shared.doc.get_state()
+    first.scope.cancel()
+    await trio.testing.wait_all_tasks_blocked()
+
+    second = await start_relay(nursery, data)
+    async with (
+        RelayClient.connect(second.url, identity(3)) as client,
+        client.doc(NS, "kept", create=False) as reloaded,
+    ):
+        assert reloaded.to_json() == before
+        assert state_vector(reloaded.doc.get_state()) == state_vector(state)
+    second.scope.cancel()
+
+
+async def test_presence_reaches_the_other_replicas(relay: RunningRelay) -> None:
+    async with (
+        RelayClient.connect(relay.url, identity(1)) as one,
+        RelayClient.connect(relay.url, identity(3)) as two,
+        one.doc(NS, "aware") as first,
+        two.doc(NS, "aware") as second,
+    ):
+        first.set_presence({"name": "agent-1", "editing": "intro"})
+        while first.doc.client_id not in second.presence():
+            await second.presence_changed()
+        assert second.presence()[first.doc.client_id]["editing"] == "intro"
+
+
+# -- bad input -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "body", "code"),
+    [
+        ("doc.update", {"doc": "good", "update": b"garbage"}, ErrorCode.BAD_UPDATE),
+        ("doc.update", {"doc": "good", "update": b"\x01" * (300 * 1024)}, ErrorCode.BAD_UPDATE),
+        ("doc.update", {"doc": "good", "update": "text"}, ErrorCode.BAD_UPDATE),
+        ("doc.update", {"doc": "nowhere", "update": b"\x00\x00"}, ErrorCode.UNKNOWN_DOC),
+        ("doc.update", {"doc": "good"}, ErrorCode.BAD_EVENT),
+        ("doc.update", {"doc": "../etc", "update": b"\x00\x00"}, ErrorCode.BAD_EVENT),
+        ("doc.create", {"doc": "good"}, ErrorCode.DOC_EXISTS),
+        ("doc.create", {"doc": "x", "extra": 1}, ErrorCode.BAD_EVENT),
+        ("doc.create", "good", ErrorCode.BAD_EVENT),
+    ],
+)
+async def test_bad_document_events_are_refused_and_others_carry_on(
+    relay: RunningRelay, kind: str, body: Any, code: ErrorCode
+) -> None:
+    async with (
+        RelayClient.connect(relay.url, identity(1)) as one,
+        RelayClient.connect(relay.url, identity(3)) as two,
+        one.doc(NS, "good") as first,
+        two.doc(NS, "good") as second,
+    ):
+        first.text().insert(0, "before")
+        await first.flush()
+        with pytest.raises(ProtocolError) as info:
+            await two.publish(NS, kind, body)
+        assert info.value.code is code
+        second.text().insert(0, "after ")
+        await converged(relay, [first, second])
+        assert str(first.text()) == "after before"
+
+
+async def test_a_doc_event_with_deps_is_refused(relay: RunningRelay) -> None:
+    async with RelayClient.connect(relay.url, identity(1)) as client:
+        created = await client.publish(NS, "doc.create", {"doc": "d"})
+        with pytest.raises(ProtocolError) as info:
+            await client.publish(
+                NS, "doc.update", {"doc": "d", "update": b"\x00\x00"}, deps=[created.receipt.id]
+            )
+        assert info.value.code is ErrorCode.BAD_EVENT
+
+
+async def test_opening_a_missing_document_or_with_a_bad_state_vector_fails(
+    relay: RunningRelay,
+) -> None:
+    async with RelayClient.connect(relay.url, identity(1)) as client:
+        with pytest.raises(ProtocolError) as info:
+            async with client.doc(NS, "never-made", create=False):
+                pass
+        assert info.value.code is ErrorCode.UNKNOWN_DOC
+        await client.publish(NS, "doc.create", {"doc": "made"})
+        shared = SharedDoc(client, NS, "made", sub=77)
+        client._docs[77] = shared
+        request = shared.open_request()
+        from dataclasses import replace
+
+        client._queue(_encode(replace(request, sv=b"\xff\xff\xff")))
+        await shared.synced.wait()
+        assert isinstance(shared.error, ProtocolError)
+        assert shared.error.code is ErrorCode.BAD_UPDATE
+
+
+async def test_awareness_floods_and_garbage_are_refused(relay: RunningRelay) -> None:
+    from agent_sdk.frames import DocAwareness
+
+    async with (
+        RelayClient.connect(relay.url, identity(1)) as one,
+        RelayClient.connect(relay.url, identity(3)) as two,
+        one.doc(NS, "aware") as first,
+        two.doc(NS, "aware") as second,
+    ):
+        errors: list[ProtocolError] = []
+        three = trio.Event()
+        original = one._on_error
+
+        def record(frame: Any) -> None:
+            errors.append(ProtocolError(ErrorCode(frame.code), frame.reason))
+            if len(errors) >= 3:
+                three.set()
+            original(frame)
+
+        one._on_error = record  # type: ignore[method-assign]
+        one._queue(_encode(DocAwareness(sub=first.sub, update=b"\xff garbage")))
+        one._queue(_encode(DocAwareness(sub=first.sub, update=b"x" * (40 * 1024))))
+        for n in range(100):
+            first.set_presence({"n": n})
+        await three.wait()
+        codes = {error.code for error in errors}
+        assert codes == {ErrorCode.AWARENESS_REFUSED}
+        # The document itself is untouched, and still syncs both ways.
+        first.text().insert(0, "still here")
+        await converged(relay, [first, second])
+        assert first.error is None and second.error is None
