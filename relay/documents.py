@@ -60,12 +60,18 @@ class Log(Protocol):
     async def read(self, ns: str, start: int, limit: int) -> list[Record]: ...
 
 
-def check_event(event: Event) -> None:
-    """Refuse a malformed ``doc.*`` event before it is sequenced (pure)."""
+def check_event(event: Event, relay_key: bytes) -> None:
+    """Refuse a malformed ``doc.*`` event before it is sequenced (pure).
+
+    The relay itself writes the updates of plain Yjs clients, with the document token
+    that allowed them in ``token`` (agent_sdk/doctoken.py).
+    """
     body = event.body
     if event.deps:
         raise ProtocolError(ErrorCode.BAD_EVENT, f"{event.kind} takes no deps")
     expected = {"doc"} if event.kind == "doc.create" else {"doc", "update"}
+    if event.author == relay_key and isinstance(body, dict) and "token" in body:
+        expected = expected | {"token"}
     if not isinstance(body, dict) or set(body) != expected:
         raise ProtocolError(
             ErrorCode.BAD_EVENT, f"{event.kind} body is a map of {sorted(expected)}"

@@ -238,7 +238,7 @@ class RelayNode:
             refusal = ProtocolError(ErrorCode.RESERVED_KIND, reason)
         if refusal is None and event.event.kind in DOC_KINDS:
             try:
-                check_event(event.event)
+                check_event(event.event, self.identity.public_key)
             except ProtocolError as exc:
                 refusal = exc
         if refusal is not None:

@@ -450,8 +450,13 @@ async def serve_relay(
     beyond that the WebSocket layer itself closes with 1009 (message too big).
     """
 
+    from relay.yws import is_yjs, serve_yjs  # it imports this module's neighbours
+
     async def handler(ws: ServerConnection) -> None:
-        await Connection(node, ws).run()
+        if ws.request is not None and is_yjs(ws.request.path):
+            await serve_yjs(node, ws)  # a plain Yjs client (relay/yws.py)
+        else:
+            await Connection(node, ws).run()
 
     await serve(
         handler,

@@ -1,0 +1,178 @@
+"""The y-websocket endpoint: plain Yjs clients on ``/yjs/<ns>/<doc>``, same port.
+
+An unmodified y-websocket (or pycrdt) client speaks the standard messages here: sync
+(step 1 with a state vector, step 2 with the missing update, updates) and awareness,
+each a binary WebSocket message. The relay sends its step 1 on connect and answers
+the client's with step 2; from then on every committed update of the document
+reaches the client in log order, exactly as for SDK replicas (relay/documents.py).
+
+Without ``?token=`` the client reads: its updates close the connection (1008,
+``2004 read-only``). With a document token (agent_sdk/doctoken.py) its updates are
+checked like any other, written by the relay as ``doc.update`` events that carry the
+token, and acknowledged by the commit before the next message is read.
+"""
+
+from __future__ import annotations
+
+import time
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import trio
+from pycrdt import (
+    Decoder,
+    YMessageType,
+    YSyncMessageType,
+    create_awareness_message,
+    create_sync_message,
+    create_update_message,
+    write_message,
+)
+from websockets.exceptions import ConnectionClosed
+from websockets.trio.server import ServerConnection
+
+from agent_sdk import doctoken
+from agent_sdk.client import unwrap_single
+from agent_sdk.errors import ErrorCode, ProtocolError
+from agent_sdk.wire import Event, sign_event
+from relay.documents import EMPTY_UPDATE, MAX_AWARENESS, LiveDoc, Overflow, Replica
+from relay.node import RelayNode
+
+PREFIX = "/yjs/"
+POLICY_CLOSE = 1008
+TRY_AGAIN_CLOSE = 1013
+
+
+def is_yjs(path: str) -> bool:
+    return path.startswith(PREFIX)
+
+
+async def serve_yjs(node: RelayNode, ws: ServerConnection) -> None:
+    """Serve one y-websocket client until it leaves (or breaks the rules)."""
+    try:
+        ns, name, token = _route(ws.request.path if ws.request else "", node)
+        live = await node.open_doc(ns, name)
+    except ProtocolError as exc:
+        await ws.aclose(POLICY_CLOSE, _reason(exc))
+        return
+    replica = Replica(capacity=4 * node.config.send_queue)
+    live.sync(b"", replica)  # registers it: every later commit is queued for it
+    try:
+        with unwrap_single():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_send, ws, live, replica)
+                await _receive(node, ws, live, replica, ns, name, token)
+                nursery.cancel_scope.cancel()
+    except ProtocolError as exc:
+        await ws.aclose(POLICY_CLOSE, _reason(exc))
+    except Overflow:
+        await ws.aclose(TRY_AGAIN_CLOSE, f"{int(ErrorCode.DOC_RESYNC)} doc_resync")
+    except ConnectionClosed:
+        pass
+    finally:
+        live.leave(replica)
+
+
+def _route(path: str, node: RelayNode) -> tuple[str, str, doctoken.DocToken | None]:
+    parts = urlsplit(path)
+    segments = parts.path[len(PREFIX) :].split("/")
+    if len(segments) != 2:
+        raise ProtocolError(ErrorCode.MALFORMED, "the path is /yjs/<namespace>/<document>")
+    ns, name = (unquote(segment) for segment in segments)
+    tokens = parse_qs(parts.query).get("token", [])
+    token = None
+    if tokens:
+        token = doctoken.check(tokens[0], ns, name, time.time_ns() // 1_000_000)
+    return ns, name, token
+
+
+async def _send(ws: ServerConnection, live: LiveDoc, replica: Replica) -> None:
+    await ws.send(create_sync_message(live.doc))
+    states = live.awareness_states()
+    if states is not None:
+        await ws.send(create_awareness_message(states))
+    while True:
+        item = await replica.next()
+        if isinstance(item, bytes):
+            await ws.send(create_awareness_message(item))
+        else:
+            await ws.send(create_update_message(_update_of(item.event)))
+
+
+async def _receive(
+    node: RelayNode,
+    ws: ServerConnection,
+    live: LiveDoc,
+    replica: Replica,
+    ns: str,
+    name: str,
+    token: doctoken.DocToken | None,
+) -> None:
+    while True:
+        # recv(), not `async for`: an error raised out of the loop must not leave a
+        # half-finished async generator behind.
+        message = await ws.recv()
+        if isinstance(message, str) or not message:
+            raise ProtocolError(ErrorCode.MALFORMED, "y-websocket messages are binary")
+        kind, payload = message[0], message[1:]
+        if kind == YMessageType.SYNC and payload:
+            step, data = payload[0], _read(payload[1:])
+            if step == YSyncMessageType.SYNC_STEP1:
+                try:
+                    missing = live.doc.get_update(data)
+                except Exception as exc:
+                    raise ProtocolError(ErrorCode.BAD_UPDATE, f"bad state vector: {exc}") from None
+                step2 = bytes([YMessageType.SYNC, YSyncMessageType.SYNC_STEP2])
+                await ws.send(step2 + write_message(missing))
+            elif data != EMPTY_UPDATE:
+                if token is None:
+                    raise ProtocolError(ErrorCode.WRONG_AUTHOR, "read-only: connect with ?token=")
+                await _write(node, ns, name, data, token)
+        elif kind == YMessageType.AWARENESS:
+            update = _read(payload)
+            if len(update) <= MAX_AWARENESS and replica.take_awareness_token(trio.current_time()):
+                try:
+                    live.share_awareness(update, replica)
+                except ProtocolError:
+                    pass  # a bad presence update is dropped; y-websocket has no error reply
+        elif kind == 3:  # query awareness
+            states = live.awareness_states()
+            if states is not None:
+                await ws.send(create_awareness_message(states))
+
+
+async def _write(
+    node: RelayNode, ns: str, name: str, update: bytes, token: doctoken.DocToken
+) -> None:
+    """Write a plain client's update as the relay's event, carrying its token."""
+    body = {"doc": name, "update": update, "token": token.raw}
+    event = Event(
+        ns=ns,
+        kind="doc.update",
+        author=node.identity.public_key,
+        body=body,
+        ts=node.wall_ms(),
+    )
+    await node.publish(sign_event(event, node.identity.sign))
+
+
+def _read(data: bytes) -> bytes:
+    try:
+        message = Decoder(data).read_message()
+    except (RuntimeError, IndexError):
+        message = None
+    if message is None:
+        raise ProtocolError(ErrorCode.MALFORMED, "a y-websocket message ends early")
+    return message
+
+
+def _update_of(event: bytes) -> bytes:
+    from agent_sdk.wire import decode
+
+    update: bytes = decode(event)["body"]["update"]
+    return update
+
+
+def _reason(exc: ProtocolError) -> str:
+    """A close reason: the code, its name and the reason, within 123 bytes."""
+    text = f"{int(exc.code)} {exc.code.slug}: {exc.reason}"
+    return text.encode()[:123].decode(errors="ignore")

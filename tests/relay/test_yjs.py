@@ -1,0 +1,175 @@
+"""The y-websocket endpoint with a bare pycrdt peer: only the standard y-sync messages."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pycrdt
+import pytest
+import trio
+from pycrdt import YMessageType, create_sync_message, create_update_message, handle_sync_message
+from websockets.exceptions import ConnectionClosed
+from websockets.trio.client import ClientConnection, connect
+
+from agent_sdk import doctoken
+from agent_sdk.client import RelayClient
+from agent_sdk.wire import decode
+from tests.conftest import RunningRelay, identity
+
+NS = "docs@local"
+
+
+class Peer:
+    """A plain Yjs replica: a pycrdt document, a socket, and the y-sync messages."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.doc: pycrdt.Doc[Any] = pycrdt.Doc()
+        self.changed = trio.Event()
+        self._remote = False
+        self.doc.observe(self._on_change)
+        self.outbox: list[bytes] = []
+        self.closed: ConnectionClosed | None = None
+
+    def _on_change(self, event: Any) -> None:
+        if not self._remote:
+            self.outbox.append(create_update_message(event.update))
+        self.changed.set()
+        self.changed = trio.Event()
+
+    async def run(self) -> None:
+        try:
+            await self._run()
+        except ConnectionClosed as exc:
+            self.closed = exc
+            self.changed.set()
+
+    async def _run(self) -> None:
+        await self.ws.send(create_sync_message(self.doc))
+        while True:
+            message = await self.ws.recv()
+            assert isinstance(message, bytes)
+            if message[0] == YMessageType.SYNC:
+                self._remote = True
+                try:
+                    reply = handle_sync_message(message[1:], self.doc)
+                finally:
+                    self._remote = False
+                if reply is not None:
+                    await self.ws.send(reply)
+            await self.flush()
+
+    async def flush(self) -> None:
+        while self.outbox:
+            await self.ws.send(self.outbox.pop(0))
+
+    async def wait_for(self, done: Callable[[], bool]) -> None:
+        while not done():
+            await self.changed.wait()
+
+
+@asynccontextmanager
+async def peer(relay: RunningRelay, name: str, token: str | None) -> AsyncIterator[Peer]:
+    query = f"?token={token}" if token else ""
+    async with connect(f"{relay.url}/yjs/{NS}/{name}{query}") as ws:
+        plain = Peer(ws)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(plain.run)
+            yield plain
+            nursery.cancel_scope.cancel()
+
+
+def token_for(n: int, name: str = "shared") -> str:
+    return doctoken.mint(identity(n), NS, name, time.time_ns() // 1_000_000 + 60_000)
+
+
+async def test_an_sdk_agent_and_a_plain_yjs_peer_edit_one_document(relay: RunningRelay) -> None:
+    async with (
+        RelayClient.connect(relay.url, identity(1)) as client,
+        client.doc(NS, "shared") as shared,
+    ):
+        shared.text().insert(0, "from the sdk")
+        await shared.flush()
+        async with peer(relay, "shared", token_for(1)) as plain:
+            text = plain.doc.get("text", type=pycrdt.Text)
+            await plain.wait_for(lambda: str(text) == "from the sdk")
+            text.insert(len(text), ", and from yjs")
+            await plain.flush()
+            while str(shared.text()) != "from the sdk, and from yjs":
+                await shared._advanced.wait()
+            shared.map()["status"] = "reviewed"
+            fields = plain.doc.get("fields", type=pycrdt.Map)
+            await plain.wait_for(lambda: fields.get("status") == "reviewed")
+
+    # The log says who allowed the plain client's change: the token's agent.
+    written = [
+        decode(r.event)["body"]
+        for r in relay.node.store.scan(NS)
+        if r.kind == "doc.update" and r.author == relay.node.identity.public_key
+    ]
+    assert written, "the plain peer's edit is in the log"
+    token = doctoken.check(token_for(1), NS, "shared", 0)
+    assert all(decode(body["token"])["agent"] == token.agent for body in written)
+
+
+async def test_without_a_token_a_plain_peer_reads_but_cannot_write(relay: RunningRelay) -> None:
+    async with (
+        RelayClient.connect(relay.url, identity(1)) as client,
+        client.doc(NS, "shared") as shared,
+    ):
+        shared.array().append("visible")
+        await shared.flush()
+        async with peer(relay, "shared", None) as plain:
+            log = plain.doc.get("log", type=pycrdt.Array)
+            await plain.wait_for(lambda: list(log) == ["visible"])
+            log.append("refused")
+            await plain.flush()
+            await plain.wait_for(lambda: plain.closed is not None)
+            assert plain.closed is not None and plain.closed.rcvd is not None
+            assert plain.closed.rcvd.code == 1008 and "read-only" in plain.closed.rcvd.reason
+        assert shared.array().to_py() == ["visible"]
+
+
+@pytest.mark.parametrize(
+    ("name", "token", "reason"),
+    [
+        ("missing", None, "2010 unknown_doc"),
+        ("shared", "not-a-token", "1005 auth_failed"),
+        ("shared", token_for(1, "other"), "1005 auth_failed"),
+        (
+            "shared",
+            doctoken.mint(identity(1), NS, "shared", 1_000),  # expired long ago
+            "1005 auth_failed: the token has expired",
+        ),
+    ],
+)
+async def test_plain_peers_with_bad_routes_or_tokens_are_closed_with_a_reason(
+    relay: RunningRelay, name: str, token: str | None, reason: str
+) -> None:
+    async with RelayClient.connect(relay.url, identity(1)) as client:
+        await client.publish(NS, "doc.create", {"doc": "shared"})
+    query = f"?token={token}" if token else ""
+    async with connect(f"{relay.url}/yjs/{NS}/{name}{query}") as ws:
+        with pytest.raises(ConnectionClosed) as info:
+            await ws.recv()
+    assert info.value.rcvd is not None and info.value.rcvd.code == 1008
+    assert info.value.rcvd.reason.startswith(reason)
+
+
+async def test_garbage_from_a_plain_peer_closes_only_that_peer(relay: RunningRelay) -> None:
+    async with (
+        RelayClient.connect(relay.url, identity(1)) as client,
+        client.doc(NS, "shared") as shared,
+    ):
+        async with connect(f"{relay.url}/yjs/{NS}/shared?token={token_for(1)}") as ws:
+            await ws.send(bytes([YMessageType.SYNC, 2, 7]) + b"garbage")
+            with pytest.raises(ConnectionClosed) as info:
+                while True:
+                    await ws.recv()
+            assert info.value.rcvd is not None and info.value.rcvd.code == 1008
+        shared.text().insert(0, "unaffected")
+        await shared.flush()
+        assert str(shared.text()) == "unaffected"
