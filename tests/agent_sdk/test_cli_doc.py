@@ -1,0 +1,60 @@
+"""``formicary doc`` from a shell script: real processes against a real relay."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import trio
+
+from agent_sdk.client import RelayClient
+from tests.conftest import RunningRelay, identity
+
+SCRIPT = r"""
+set -u
+doc() { "$PYTHON" -m agent_sdk.cli doc "$@"; }
+doc get docs@local plan; echo "missing=$?" > codes.txt
+doc set docs@local plan owner agent-1 || exit 10
+doc set docs@local plan budget '{"hours": 3}' --parse-json || exit 11
+FORMICARY_KEY=$OTHER_KEY doc append docs@local plan "found the bug" || exit 12
+doc append docs@local plan "fixed it" || exit 13
+FORMICARY_KEY=$OTHER_KEY doc get docs@local plan --json > plan.json || exit 14
+doc get docs@local plan > plan.txt || exit 15
+doc set docs@local plan k '{not json' --parse-json; echo "bad-json=$?" >> codes.txt
+doc token docs@local plan --ttl 10m > token.txt || exit 16
+exit 0
+"""
+
+
+async def test_documents_from_a_shell_script(relay: RunningRelay, tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "FORMICARY_RELAY": relay.url,
+        "FORMICARY_KEY": str(tmp_path / "me" / "agent.key"),
+        "OTHER_KEY": str(tmp_path / "other" / "agent.key"),
+    }
+    done = await trio.run_process(
+        ["bash", "-c", SCRIPT], cwd=tmp_path, env=env, check=False, capture_stderr=True
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan == {
+        "fields": {"owner": "agent-1", "budget": {"hours": 3}},
+        "text": "",
+        "log": ["found the bug", "fixed it"],
+    }
+    text = (tmp_path / "plan.txt").read_text()
+    assert "owner=agent-1" in text and "- fixed it" in text
+    codes = dict(line.split("=") for line in (tmp_path / "codes.txt").read_text().split())
+    assert codes == {"missing": "4", "bad-json": "2"}
+    token = (tmp_path / "token.txt").read_text().strip()
+    assert len(token) > 100
+    # What the shell wrote, an SDK agent reads.
+    async with (
+        RelayClient.connect(relay.url, identity(5)) as client,
+        client.doc("docs@local", "plan", create=False) as shared,
+    ):
+        assert shared.to_json() == plan
