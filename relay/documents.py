@@ -39,6 +39,8 @@ from agent_sdk.wire import Event, decode
 from relay.store import Record
 
 DOC_KINDS = frozenset({"doc.create", "doc.update"})
+COMPACTED = "doc.compacted"
+"""The relay's snapshot of a document: written by relays only."""
 DOC_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 MAX_UPDATE = 256 * 1024
 """Bytes of one update; bigger edits are split by the SDK."""
@@ -158,7 +160,8 @@ class LiveDoc:
     """The last log position applied."""
     replicas: set[Replica] = field(default_factory=set)
     awareness: pycrdt.Awareness = field(init=False)
-    applied: int = 0
+    uncompacted: list[int] = field(default_factory=list)
+    """Seqs of the updates applied since the last snapshot: what compaction prunes."""
 
     def __post_init__(self) -> None:
         self.awareness = pycrdt.Awareness(self.doc)
@@ -166,7 +169,7 @@ class LiveDoc:
     def apply(self, record: Record, update: bytes) -> None:
         self.doc.apply_update(update)
         self.seq = record.seq
-        self.applied += 1
+        self.uncompacted.append(record.seq)
 
     def sync(self, sv: bytes, replica: Replica) -> tuple[bytes, bytes, int]:
         """Register ``replica`` and return (what ``sv`` lacks, our state vector, seq),
@@ -226,8 +229,15 @@ class DocHost:
     created: dict[Key, int] = field(default_factory=dict)
     """Document -> epoch (the seq of its ``doc.create``), as of the sequencer."""
     live: dict[Key, LiveDoc] = field(default_factory=dict)
-    _loading: dict[Key, trio.Event] = field(default_factory=dict)
+    snapshots: dict[Key, tuple[int, int]] = field(default_factory=dict)
+    """Document -> (seq of its latest ``doc.compacted``, the seq it covers up to)."""
     max_live: int = 1024
+    compact_every: int = 1000
+    """Updates after which a live document is compacted into a snapshot."""
+    due: set[Key] = field(default_factory=set)
+    """Documents to compact; ``due_changed`` is set when one is added."""
+    due_changed: trio.Event = field(default_factory=trio.Event)
+    _loading: dict[Key, trio.Event] = field(default_factory=dict)
 
     # -- in sequencing order ----------------------------------------------------------
 
@@ -245,11 +255,14 @@ class DocHost:
     def on_sequenced(self, record: Record) -> None:
         if record.kind == "doc.create":
             self.created[(record.ns, _body(record)["doc"])] = record.seq
+        elif record.kind == COMPACTED:
+            body = _body(record)
+            self.snapshots[(record.ns, body["doc"])] = (record.seq, body["upto"])
 
     def rebuild(self, records: Iterable[Record]) -> Iterator[Record]:
-        """Pass stored records through, noting the documents they create."""
+        """Pass stored records through, noting the documents and snapshots they hold."""
         for record in records:
-            if record.kind == "doc.create":
+            if record.kind in ("doc.create", COMPACTED):
                 self.on_sequenced(record)
             yield record
 
@@ -267,6 +280,12 @@ class DocHost:
         live.apply(record, body["update"])
         for replica in live.replicas:
             replica.push(record)
+        self._maybe_due(live)
+
+    def _maybe_due(self, live: LiveDoc) -> None:
+        if len(live.uncompacted) >= self.compact_every:
+            self.due.add((live.ns, live.name))
+            self.due_changed.set()
 
     # -- loading ----------------------------------------------------------------------
 
@@ -295,19 +314,28 @@ class DocHost:
         return live
 
     async def _load(self, ns: str, name: str, epoch: int, log: Log) -> LiveDoc:
+        """Fold the document: its latest snapshot, then the updates after it."""
         live = LiveDoc(ns, name, epoch)
         await log.wait_beyond(ns, epoch - 1)  # its doc.create may not be committed yet
         cursor = epoch  # nothing of this incarnation comes before its doc.create
+        snapshot = self.snapshots.get((ns, name))
+        if snapshot is not None and snapshot[0] > epoch:
+            at, upto = snapshot
+            await log.wait_beyond(ns, at - 1)
+            [record] = await log.read(ns, at, 1)
+            live.doc.apply_update(_body(record)["state"])
+            live.seq, cursor = upto, upto + 1
         while cursor <= log.head(ns):
             records = await log.read(ns, cursor, 512)
             for record in records:
-                if record.kind == "doc.update":
+                if record.kind == "doc.update" and record.event:  # b"": compacted away
                     body = _body(record)
                     if body["doc"] == name:
                         live.apply(record, body["update"])
             cursor = records[-1].seq + 1
         # No await between the last check and the caller registering the document:
         # every later commit reaches it through on_committed.
+        self._maybe_due(live)
         return live
 
     def _evict_idle(self) -> None:

@@ -26,6 +26,7 @@ decides what happens to namespaces homed elsewhere (federation plugs in there).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -41,7 +42,7 @@ from relay.coordination import queries
 from relay.coordination.host import Host
 from relay.coordination.leases import TtlBounds
 from relay.coordination.requests import CLAIM_TTL, LOCK_TTL, RELAY_KINDS, Coordinator, Outcome
-from relay.documents import DOC_KINDS, DocHost, LiveDoc, check_event
+from relay.documents import COMPACTED, DOC_KINDS, DocHost, LiveDoc, check_event
 from relay.sequencer import Duplicate, Limits, Parked, Rejected, Sequenced, Sequencer
 from relay.store import Located, Record, Store
 
@@ -65,11 +66,14 @@ class RelayConfig:
     sequencer: Limits = field(default_factory=Limits)
     claim_ttl: TtlBounds = CLAIM_TTL
     lock_ttl: TtlBounds = LOCK_TTL
+    doc_compact_every: int = 1000
+    max_live_docs: int = 1024
 
     def __post_init__(self) -> None:
         if not NS_RE.fullmatch(f"x@{self.name}"):
             raise ValueError(f"relay name {self.name!r}: lowercase letters, digits, . _ -")
-        for name in ("commit_batch", "replay_batch", "recent_bytes", "send_queue"):
+        names = ("commit_batch", "replay_batch", "recent_bytes", "send_queue")
+        for name in (*names, "doc_compact_every", "max_live_docs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         for name in ("claim_ttl", "lock_ttl"):
@@ -108,6 +112,11 @@ RECORD_OVERHEAD = 400
 MAX_WAITING_PER_PARKED = 8
 """Publishes of one parked event answered when it is: re-publishes beyond are refused."""
 
+log = logging.getLogger("formicary.relay")
+
+RESERVED = RELAY_KINDS | {COMPACTED}
+"""Kinds only relays write: coordination outcomes and document snapshots."""
+
 STATS = (
     "published",
     "duplicates",
@@ -115,6 +124,7 @@ STATS = (
     "batches",
     "queries",
     "resyncs",
+    "compactions",
     "connections",
     "slow_consumers",
 )
@@ -177,7 +187,9 @@ class RelayNode:
             if len(self._outcomes) > self.config.sequencer.known_capacity:
                 del self._outcomes[next(iter(self._outcomes))]
 
-        self.docs = DocHost()
+        self.docs = DocHost(
+            max_live=self.config.max_live_docs, compact_every=self.config.doc_compact_every
+        )
         for ns in store.namespaces():
             records = self.docs.rebuild(store.scan(ns))
             self._unanswered += self.coordination.rebuild(records, answered)
@@ -195,6 +207,7 @@ class RelayNode:
         self._timers_changed = trio.Event()
         self._admit_tx, self._admit_rx = trio.open_memory_channel[Ticket](self.config.max_inflight)
         self._read_lock = trio.Lock()
+        self._write_lock = trio.Lock()  # one writer connection: appends and prunes take turns
         self._find_lock = trio.Lock()
         self.folds.append(self.docs.on_committed)
         self.stats = dict.fromkeys(STATS, 0)
@@ -225,6 +238,7 @@ class RelayNode:
             nursery.start_soon(self._sequencing_loop)
             nursery.start_soon(self._commit_loop)
             nursery.start_soon(self._expiry_loop)
+            nursery.start_soon(self._compaction_loop)
             task_status.started()
 
     # -- publishing -------------------------------------------------------------------
@@ -233,7 +247,7 @@ class RelayNode:
         """Queue a verified event for sequencing; waits only while the queue is full."""
         ticket = Ticket(event)
         refusal = self.router.refuse(event.event.ns)
-        if refusal is None and event.event.kind in RELAY_KINDS:
+        if refusal is None and event.event.kind in RESERVED:
             reason = f"{event.event.kind} is written by relays only"
             refusal = ProtocolError(ErrorCode.RESERVED_KIND, reason)
         if refusal is None and event.event.kind in DOC_KINDS:
@@ -461,6 +475,45 @@ class RelayNode:
             raise refusal
         return await self.docs.open(ns, name, self)
 
+    async def _compaction_loop(self) -> None:
+        """Snapshot documents with many updates, then drop the bytes the snapshot covers.
+
+        The snapshot is a relay event in the same log (``doc.compacted``: the merged
+        update of everything up to ``upto``), so a restart, a mirror or an auditor
+        sees it; only once it is committed are the covered updates' bytes pruned.
+        """
+        docs = self.docs
+        while True:
+            await docs.due_changed.wait()
+            docs.due_changed = trio.Event()
+            while docs.due:
+                live = docs.live.get(docs.due.pop())
+                if live is not None:
+                    await self._compact(live)
+
+    async def _compact(self, live: LiveDoc) -> None:
+        upto, covered = live.seq, list(live.uncompacted)
+        state = live.doc.get_update()
+        if len(state) > self.config.max_frame - 4096:
+            # A snapshot must fit in a frame to be replayed; this document stays long.
+            log.warning(
+                "%s/%s: snapshot of %d bytes is over max_frame", live.ns, live.name, len(state)
+            )
+            live.uncompacted.clear()
+            return
+        body = {"doc": live.name, "upto": upto, "epoch": live.epoch, "state": state}
+        placed = self._append_own(live.ns, Outcome(COMPACTED, body), (), self.wall_ms())
+        self._pending_ready.set()
+        await self.wait_beyond(placed.ns, placed.seq - 1)
+        async with self._write_lock:
+            await self._call(self.store.prune, live.ns, covered)
+        live.uncompacted = [seq for seq in live.uncompacted if seq > upto]
+        cached = self._recent.get(live.ns, {})
+        for seq in covered:  # the cache must say what the store says
+            if seq in cached:
+                cached[seq] = replace(cached[seq], event=b"", sig=b"")
+        self.count("compactions")
+
     # -- committing -------------------------------------------------------------------
 
     async def _commit_loop(self) -> None:
@@ -472,7 +525,8 @@ class RelayNode:
                 del self._pending[: len(batch)]
                 self._drained.set()
                 batch = self._seal_heads(batch)
-                await self._call(self.store.append, batch)
+                async with self._write_lock:
+                    await self._call(self.store.append, batch)
                 self.count("batches")
                 self._committed_batch(batch)
 

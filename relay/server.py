@@ -377,7 +377,7 @@ class Connection:
             for record in records:
                 # Sending may not block, so look for an unsubscribe before each frame.
                 await trio.lowlevel.checkpoint_if_cancelled()
-                if match.matches(record):
+                if record.event and match.matches(record):  # b"": a compacted doc.update
                     event = f.EventFrame(
                         sub=sub,
                         event=record.event,

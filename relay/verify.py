@@ -6,6 +6,10 @@ chain (gapless seq from 1, ``prev`` = hash of the previous receipt, increasing h
 one relay key); every seal; that the log ends on a seal; and causal order — each
 dependency is sequenced before the event (earlier seq in the same namespace, smaller
 hlc anywhere).
+
+A compacted ``doc.update`` has no bytes left (its receipt stays in the chain): it is
+accepted when a later ``doc.compacted`` of the relay covers its seq (``upto``). Its
+signature cannot be checked any more; the snapshot's, by the relay, stands for it.
 """
 
 from __future__ import annotations
@@ -14,7 +18,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from agent_sdk.errors import ProtocolError
-from agent_sdk.wire import Receipt, check_chain, decode_event, decode_receipt, verify_seal
+from agent_sdk.wire import (
+    Receipt,
+    check_chain,
+    decode,
+    decode_event,
+    decode_receipt,
+    verify_seal,
+)
 from relay.store import Located, Record
 
 
@@ -50,8 +61,28 @@ def verify_log(
     def bad(seq: int, reason: str) -> Verdict:
         return Verdict(ns, count, sealed, seq, reason)
 
+    compacted: list[int] = []  # seqs of bytes-less doc.update records not yet covered
     for record in records:
         seq = record.seq
+        if not record.event:
+            if record.kind != "doc.update" or record.sig:
+                return bad(seq, "only a doc.update may have its bytes compacted away")
+            try:
+                receipt = decode_receipt(record.receipt)
+            except ProtocolError as exc:
+                return bad(seq, exc.reason)
+            if receipt.id != record.id or receipt.ns != ns or receipt.seq != seq:
+                return bad(seq, "record is filed under the wrong id, namespace or seq")
+            if check_chain([receipt], previous) is not None:
+                return bad(seq, "receipt breaks the hash chain (seq, prev, hlc or relay)")
+            if record.seal is not None:
+                if not verify_seal(receipt, record.seal):
+                    return bad(seq, "seal does not verify")
+                sealed += 1
+            compacted.append(seq)
+            previous, last_seal = receipt, record.seal
+            count += 1
+            continue
         try:
             signed = decode_event(record.event, record.sig)
             receipt = decode_receipt(record.receipt)
@@ -81,8 +112,13 @@ def verify_log(
                 return bad(seq, f"dependency {dep.hex()} is not in the log")
             if located.hlc >= receipt.hlc or (located.ns == ns and located.seq >= seq):
                 return bad(seq, f"dependency {dep.hex()} is sequenced after the event")
+        if event.kind == "doc.compacted" and event.author == receipt.relay:
+            upto = decode(record.event)["body"].get("upto", 0)
+            compacted = [pruned for pruned in compacted if pruned > upto]
         previous, last_seal = receipt, record.seal
         count += 1
+    if compacted:
+        return bad(compacted[0], "a compacted doc.update is covered by no doc.compacted")
     if previous is None:
         return Verdict(ns, 0, 0, 0, "no records: the namespace is empty or unknown")
     if last_seal is None:

@@ -5,8 +5,10 @@ A backend is synchronous and single-purpose; the relay calls it from worker thre
 
 * :meth:`Store.append` writes a batch atomically and durably, in seq order, and
   returns only after commit — the relay sends a receipt only after it returns.
-* Records are never updated or deleted: a namespace log is append-only, gapless from
-  seq 1, and a committed prefix always ends in a sealed receipt.
+* Records are never deleted: a namespace log is append-only, gapless from seq 1, and
+  a committed prefix always ends in a sealed receipt. The one update is
+  :meth:`Store.prune`: document compaction drops the bytes (event and signature) of
+  ``doc.update`` records that a later ``doc.compacted`` covers; their receipts stay.
 * Reads may run concurrently with an append on another thread and see either the old
   or the new committed state, never part of a batch.
 
@@ -82,6 +84,15 @@ class Store(Protocol):
 
     def namespaces(self) -> list[str]:
         """Every namespace that has at least one record, sorted."""
+
+    def prune(self, ns: str, seqs: Sequence[int]) -> int:
+        """Drop the event and signature bytes of these ``doc.update`` records (compacted
+        into a snapshot); returns the bytes freed."""
+        ...
+
+    def stored_bytes(self, ns: str) -> int:
+        """Bytes of event, signature and receipt data stored for ``ns``."""
+        ...
 
     def scan(self, ns: str) -> Iterator[Record]:
         """Every record of ``ns`` in seq order (offline verification, export)."""

@@ -9,6 +9,7 @@ is ever in flight while the clock jumps.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import replace
 
 from agent_sdk.wire import decode_receipt
 from relay.store import Head, Located, Record
@@ -36,6 +37,18 @@ class MemoryStore:
         for record in records:
             self._logs.setdefault(record.ns, []).append(record)
             self._by_id[record.id] = record
+
+    def prune(self, ns: str, seqs: Sequence[int]) -> int:
+        log, freed = self._logs.get(ns, []), 0
+        for seq in seqs:
+            record = log[seq - 1]
+            if record.kind == "doc.update":
+                freed += len(record.event) + len(record.sig)
+                log[seq - 1] = self._by_id[record.id] = replace(record, event=b"", sig=b"")
+        return freed
+
+    def stored_bytes(self, ns: str) -> int:
+        return sum(len(r.event) + len(r.sig) + len(r.receipt) for r in self._logs.get(ns, []))
 
     def read(self, ns: str, start: int, limit: int) -> list[Record]:
         return self._logs.get(ns, [])[max(start, 1) - 1 : max(start, 1) - 1 + limit]

@@ -59,6 +59,9 @@ class SQLiteStore:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._writer = self._connect(path)
             self._writer.execute(f"PRAGMA synchronous={synchronous}")
+            # Compaction frees pages; incremental vacuum gives them back to the disk.
+            # (Only a new file can switch modes: before its first table exists.)
+            self._writer.execute("PRAGMA auto_vacuum=INCREMENTAL")
             self._writer.executescript(SCHEMA)
         self._reader = self._connect(path)
         # Duplicate and dependency look-ups get their own connection, so publishing
@@ -100,6 +103,40 @@ class SQLiteStore:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+
+    def prune(self, ns: str, seqs: Sequence[int]) -> int:
+        conn = self._writer
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            freed = 0
+            for i in range(0, len(seqs), _FIND_CHUNK):
+                chunk = list(seqs[i : i + _FIND_CHUNK])
+                marks = ",".join("?" * len(chunk))
+                where = f"ns = ? AND seq IN ({marks}) AND kind = 'doc.update'"
+                (size,) = conn.execute(
+                    f"SELECT coalesce(sum(length(event) + length(sig)), 0) FROM events "
+                    f"WHERE {where}",
+                    [ns, *chunk],
+                ).fetchone()
+                conn.execute(
+                    f"UPDATE events SET event = x'', sig = x'' WHERE {where}", [ns, *chunk]
+                )
+                freed += size
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        conn.execute("PRAGMA incremental_vacuum")
+        return int(freed)
+
+    def stored_bytes(self, ns: str) -> int:
+        (size,) = self._reader.execute(
+            "SELECT coalesce(sum(length(event) + length(sig) + length(receipt)), 0) "
+            "FROM events WHERE ns = ?",
+            (ns,),
+        ).fetchone()
+        return int(size)
 
     def read(self, ns: str, start: int, limit: int) -> list[Record]:
         rows = self._reader.execute(
