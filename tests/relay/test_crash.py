@@ -349,3 +349,39 @@ async def test_leases_survive_sigkill_with_their_expiry(tmp_path: Path) -> None:
         cli("log", "verify", "all", "--data", str(data)), capture_stdout=True, check=False
     )
     assert verified.returncode == 0, verified.stdout
+
+
+async def test_documents_survive_sigkill_and_reconnecting_replicas_do_not_duplicate(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "relay-data"
+    ns = "docs@local"
+    async with relay_process(data) as first:
+        async with (
+            RelayClient.connect(first.url, identity(1), reconnect=False) as client,
+            client.doc(ns, "notes") as shared,
+        ):
+            for n in range(30):
+                shared.array().append(n)
+                shared.text().insert(len(shared.text()), f"<{n}>")
+            await shared.flush()  # acknowledged: committed
+            replica_state = shared.doc.get_update()
+            content = shared.to_json()
+        first.kill()
+        assert await first.process.wait() == -signal.SIGKILL  # type: ignore[union-attr]
+
+    async with relay_process(data) as second:
+        async with RelayClient.connect(second.url, identity(2), reconnect=False) as client:
+            async with client.doc(ns, "notes", create=False) as reloaded:
+                assert reloaded.to_json() == content
+            # The killed relay's old replica comes back with its whole history.
+            from agent_sdk.docs import SharedDoc
+            from agent_sdk.frames import encode_frame
+
+            old = SharedDoc(client, ns, "notes", sub=900)
+            old._apply(replica_state)
+            client._docs[old.sub] = old
+            client._queue(encode_frame(old.open_request()))
+            await old.synced.wait()
+            assert old.error is None and old.to_json() == content
+            assert old.array().to_py() == list(range(30))
