@@ -132,6 +132,15 @@ class Replica:
             self.overflowed = True
             self._tx.close()
 
+    def next_nowait(self) -> Record | bytes | None:
+        """The next queued item if one is there (raises :class:`Overflow` as next())."""
+        try:
+            return self._rx.receive_nowait()
+        except trio.WouldBlock:
+            return None
+        except trio.EndOfChannel:
+            raise Overflow() from None
+
     async def next(self) -> Record | bytes:
         try:
             return await self._rx.receive()

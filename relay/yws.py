@@ -8,12 +8,14 @@ reaches the client in log order, exactly as for SDK replicas (relay/documents.py
 
 Without ``?token=`` the client reads: its updates close the connection (1008,
 ``2004 read-only``). With a document token (agent_sdk/doctoken.py) its updates are
-checked like any other, written by the relay as ``doc.update`` events that carry the
-token, and acknowledged by the commit before the next message is read.
+checked like any other and written by the relay as ``doc.update`` events that carry
+the token; they are pipelined (the next message is read while one commits), and a
+refused one closes the connection.
 """
 
 from __future__ import annotations
 
+import secrets
 import time
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -25,6 +27,7 @@ from pycrdt import (
     create_awareness_message,
     create_sync_message,
     create_update_message,
+    merge_updates,
     write_message,
 )
 from websockets.exceptions import ConnectionClosed
@@ -35,7 +38,8 @@ from agent_sdk.client import unwrap_single
 from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.wire import Event, sign_event
 from relay.documents import EMPTY_UPDATE, MAX_AWARENESS, LiveDoc, Overflow, Replica
-from relay.node import RelayNode
+from relay.node import RelayNode, Ticket
+from relay.store import Record
 
 PREFIX = "/yjs/"
 POLICY_CLOSE = 1008
@@ -56,11 +60,13 @@ async def serve_yjs(node: RelayNode, ws: ServerConnection) -> None:
         return
     replica = Replica(capacity=4 * node.config.send_queue)
     live.sync(b"", replica)  # registers it: every later commit is queued for it
+    written_tx, written_rx = trio.open_memory_channel[Ticket](node.config.max_inflight)
     try:
         with unwrap_single():
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_send, ws, live, replica)
-                await _receive(node, ws, live, replica, ns, name, token)
+                nursery.start_soon(_confirm, node, written_rx)
+                await _receive(node, ws, live, replica, ns, name, token, written_tx)
                 nursery.cancel_scope.cancel()
     except ProtocolError as exc:
         await ws.aclose(POLICY_CLOSE, _reason(exc))
@@ -90,12 +96,23 @@ async def _send(ws: ServerConnection, live: LiveDoc, replica: Replica) -> None:
     states = live.awareness_states()
     if states is not None:
         await ws.send(create_awareness_message(states))
+    item: Record | bytes | None = await replica.next()
     while True:
-        item = await replica.next()
         if isinstance(item, bytes):
             await ws.send(create_awareness_message(item))
-        else:
-            await ws.send(create_update_message(_update_of(item.event)))
+            item = await replica.next()
+            continue
+        # Updates queued together go as one merged update: one message, not many.
+        assert item is not None
+        updates = [_update_of(item.event)]
+        item = replica.next_nowait()
+        while item is not None and not isinstance(item, bytes) and len(updates) < 256:
+            updates.append(_update_of(item.event))
+            item = replica.next_nowait()
+        merged = updates[0] if len(updates) == 1 else merge_updates(*updates)
+        await ws.send(create_update_message(merged))
+        if item is None:
+            item = await replica.next()
 
 
 async def _receive(
@@ -106,6 +123,7 @@ async def _receive(
     ns: str,
     name: str,
     token: doctoken.DocToken | None,
+    written: trio.MemorySendChannel[Ticket],
 ) -> None:
     while True:
         # recv(), not `async for`: an error raised out of the loop must not leave a
@@ -126,7 +144,7 @@ async def _receive(
             elif data != EMPTY_UPDATE:
                 if token is None:
                     raise ProtocolError(ErrorCode.WRONG_AUTHOR, "read-only: connect with ?token=")
-                await _write(node, ns, name, data, token)
+                await written.send(await _write(node, ns, name, data, token))
         elif kind == YMessageType.AWARENESS:
             update = _read(payload)
             if len(update) <= MAX_AWARENESS and replica.take_awareness_token(trio.current_time()):
@@ -142,8 +160,12 @@ async def _receive(
 
 async def _write(
     node: RelayNode, ns: str, name: str, update: bytes, token: doctoken.DocToken
-) -> None:
-    """Write a plain client's update as the relay's event, carrying its token."""
+) -> Ticket:
+    """Write a plain client's update as the relay's event, carrying its token.
+
+    Not awaited here: the client's next message is read while this one commits
+    (:func:`_confirm` follows the answers, in order).
+    """
     body = {"doc": name, "update": update, "token": token.raw}
     event = Event(
         ns=ns,
@@ -151,8 +173,15 @@ async def _write(
         author=node.identity.public_key,
         body=body,
         ts=node.wall_ms(),
+        nonce=secrets.token_bytes(8),  # the same update twice is two writes, not one
     )
-    await node.publish(sign_event(event, node.identity.sign))
+    return await node.admit(sign_event(event, node.identity.sign))
+
+
+async def _confirm(node: RelayNode, written: trio.MemoryReceiveChannel[Ticket]) -> None:
+    """Wait for each write's commit in order; a refused one ends the connection."""
+    async for ticket in written:
+        await node.answer(ticket)  # raises ProtocolError: the connection is closed with it
 
 
 def _read(data: bytes) -> bytes:
