@@ -370,18 +370,20 @@ async def test_documents_survive_sigkill_and_reconnecting_replicas_do_not_duplic
         first.kill()
         assert await first.process.wait() == -signal.SIGKILL  # type: ignore[union-attr]
 
-    async with relay_process(data) as second:
-        async with RelayClient.connect(second.url, identity(2), reconnect=False) as client:
-            async with client.doc(ns, "notes", create=False) as reloaded:
-                assert reloaded.to_json() == content
-            # The killed relay's old replica comes back with its whole history.
-            from agent_sdk.docs import SharedDoc
-            from agent_sdk.frames import encode_frame
+    from agent_sdk.docs import SharedDoc
+    from agent_sdk.frames import encode_frame
 
-            old = SharedDoc(client, ns, "notes", sub=900)
-            old._apply(replica_state)
-            client._docs[old.sub] = old
-            client._queue(encode_frame(old.open_request()))
-            await old.synced.wait()
-            assert old.error is None and old.to_json() == content
-            assert old.array().to_py() == list(range(30))
+    async with (
+        relay_process(data) as second,
+        RelayClient.connect(second.url, identity(2), reconnect=False) as client,
+    ):
+        async with client.doc(ns, "notes", create=False) as reloaded:
+            assert reloaded.to_json() == content
+        # The killed relay's old replica comes back with its whole history.
+        old = SharedDoc(client, ns, "notes", sub=900)
+        old._apply(replica_state)
+        client._docs[old.sub] = old
+        client._queue(encode_frame(old.open_request()))
+        await old.synced.wait()
+        assert old.error is None and old.to_json() == content
+        assert old.array().to_py() == list(range(30))
