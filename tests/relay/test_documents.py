@@ -125,7 +125,7 @@ async def test_agents_that_go_offline_mid_edit_converge_on_reconnect(
             client.doc(NS, "offline") as shared,
         ):
             replicas.append(shared)
-            if len(replicas) == 8:
+            if len(replicas) == AGENTS:
                 all_open.set()
             await all_open.wait()  # drops start once everyone is in: a first connect may fail
             for n in range(30):
@@ -136,11 +136,11 @@ async def test_agents_that_go_offline_mid_edit_converge_on_reconnect(
             await finished.wait()
 
     async with trio.open_nursery() as nursery:
-        for me in range(8):
+        for me in range(AGENTS):
             nursery.start_soon(agent, me)
         drops = 0
         await all_open.wait()
-        while edits_done < 8:
+        while edits_done < AGENTS:
             drops += await drop_every_connection(relay)
             await trio.sleep(0.01)
         assert drops > 0
