@@ -370,6 +370,11 @@ _DROP = object()
         pytest.param({"t": "subscribe", "sub": False, "ns": [NS]}, id="subscribe-sub-bool"),
         pytest.param({"t": "unsubscribe", "sub": 1.0}, id="unsubscribe-sub-float"),
         pytest.param({"t": "auth", "key": "k", "sig": b"s", "challenge": b"c"}, id="auth-key-str"),
+        pytest.param({"t": "doc.open", "sub": 1, "ns": NS, "doc": 5}, id="doc-open-doc-int"),
+        pytest.param({"t": "doc.open", "sub": 1, "ns": NS, "doc": "d", "sv": "x"}, id="sv-str"),
+        pytest.param({"t": "doc.open", "sub": 1, "ns": NS}, id="doc-open-doc-missing"),
+        pytest.param({"t": "doc.awareness", "sub": 1, "update": [1]}, id="awareness-array"),
+        pytest.param({"t": "query", "rid": 1, "ns": NS, "q": "wo.list", "args": [1]}, id="args"),
     ],
 )
 async def test_frame_with_a_wrong_field_type_is_refused(
@@ -604,6 +609,9 @@ async def test_too_many_deps_are_refused(relay: RunningRelay) -> None:
         pytest.param(f.Publish(rid=5, event=b"e", sig=b"s"), 5, None, id="publish"),
         pytest.param(f.Subscribe(sub=3, ns=(NS,)), None, 3, id="subscribe"),
         pytest.param(f.Unsubscribe(sub=4), None, 4, id="unsubscribe"),
+        pytest.param(f.DocOpen(sub=5, ns=NS, doc="d"), None, 5, id="doc-open"),
+        pytest.param(f.DocAwareness(sub=6, update=b"\x00"), None, 6, id="doc-awareness"),
+        pytest.param(f.Query(rid=7, ns=NS, q="wo.list"), 7, None, id="query"),
     ],
 )
 async def test_request_before_auth_is_refused(
@@ -717,6 +725,23 @@ async def test_unsubscribe_of_an_unknown_subscription_is_refused(relay: RunningR
         assert await bad.recv() == f.Unsubscribed(sub=78)
         await bad.send(f.encode_frame(f.Unsubscribe(sub=78)))
         await bad.expect_error(ErrorCode.UNKNOWN_SUBSCRIPTION, sub=78)
+
+
+async def test_document_subscription_misuse_is_refused(relay: RunningRelay) -> None:
+    async with scene(relay) as (bad, _):
+        await bad.send(f.encode_frame(f.DocOpen(sub=20, ns=NS, doc="nowhere")))
+        await bad.expect_error(ErrorCode.UNKNOWN_DOC, sub=20)
+        await bad.send(f.encode_frame(f.DocAwareness(sub=21, update=b"\x00")))
+        await bad.expect_error(ErrorCode.UNKNOWN_SUBSCRIPTION, sub=21)
+        await bad.send(f.encode_frame(f.DocOpen(sub=22, ns="doc@elsewhere", doc="d")))
+        await bad.expect_error(ErrorCode.NOT_HOME, sub=22)
+        # A subscription id in use is refused for a document too.
+        await bad.send(f.encode_frame(f.Subscribe(sub=23, ns=(CALM_NS,))))
+        assert await bad.recv() == f.Live(sub=23, ns=CALM_NS, seq=1)
+        await bad.send(f.encode_frame(f.DocOpen(sub=23, ns=NS, doc="d")))
+        await bad.expect_error(ErrorCode.DUPLICATE_SUBSCRIPTION, sub=23)
+        await bad.send(f.encode_frame(f.Unsubscribe(sub=23)))
+        assert await bad.recv() == f.Unsubscribed(sub=23)
 
 
 # --------------------------------------------------------------------------- sequencing
