@@ -27,6 +27,7 @@ from pycrdt import (
     create_awareness_message,
     create_sync_message,
     create_update_message,
+    get_state,
     merge_updates,
     write_message,
 )
@@ -35,6 +36,7 @@ from websockets.trio.server import ServerConnection
 
 from agent_sdk import doctoken
 from agent_sdk.client import unwrap_single
+from agent_sdk.docs import state_vector
 from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.wire import Event, sign_event
 from relay.documents import EMPTY_UPDATE, MAX_AWARENESS, LiveDoc, Overflow, Replica
@@ -143,6 +145,8 @@ async def _receive(
                 await ws.send(step2 + write_message(missing))
             elif data != EMPTY_UPDATE:
                 if token is None:
+                    if _adds_nothing(data, live):
+                        continue  # a reader's step 2: its delete set, nothing new
                     raise ProtocolError(ErrorCode.WRONG_AUTHOR, "read-only: connect with ?token=")
                 await written.send(await _write(node, ns, name, data, token))
         elif kind == YMessageType.AWARENESS:
@@ -182,6 +186,17 @@ async def _confirm(node: RelayNode, written: trio.MemoryReceiveChannel[Ticket]) 
     """Wait for each write's commit in order; a refused one ends the connection."""
     async for ticket in written:
         await node.answer(ticket)  # raises ProtocolError: the connection is closed with it
+
+
+def _adds_nothing(update: bytes, live: LiveDoc) -> bool:
+    """Whether ``update`` holds no item the document lacks (a Yjs step 2 always carries
+    the sender's whole delete set, so a reader's reply is rarely empty)."""
+    try:
+        theirs = state_vector(get_state(update))
+    except Exception:
+        return False
+    ours = state_vector(live.doc.get_state())
+    return all(clock <= ours.get(client, 0) for client, clock in theirs.items())
 
 
 def _read(data: bytes) -> bytes:

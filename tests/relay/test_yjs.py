@@ -122,9 +122,14 @@ async def test_without_a_token_a_plain_peer_reads_but_cannot_write(relay: Runnin
     ):
         shared.array().append("visible")
         await shared.flush()
+        shared.text().insert(0, "abc")
+        del shared.text()[0:1]  # a delete set, which every step 2 carries along
+        await shared.flush()
         async with peer(relay, "shared", None) as plain:
             log = plain.doc.get("log", type=pycrdt.Array)
             await plain.wait_for(lambda: list(log) == ["visible"])
+            assert str(plain.doc.get("text", type=pycrdt.Text)) == "bc"
+            assert plain.closed is None  # reading, and replying to step 1, is fine
             log.append("refused")
             await plain.flush()
             await plain.wait_for(lambda: plain.closed is not None)
@@ -173,3 +178,23 @@ async def test_garbage_from_a_plain_peer_closes_only_that_peer(relay: RunningRel
         shared.text().insert(0, "unaffected")
         await shared.flush()
         assert str(shared.text()) == "unaffected"
+
+
+def test_a_readers_step_2_with_only_known_items_is_not_an_edit() -> None:
+    """A Yjs client answers step 1 with its whole delete set: from a reader that has
+    nothing new, that is no edit (and must not close it); a new item is one."""
+    from relay.documents import LiveDoc
+    from relay.yws import _adds_nothing
+
+    live = LiveDoc(NS, "d", epoch=1)
+    text = live.doc.get("text", type=pycrdt.Text)
+    text += "abc"
+    del text[0:1]
+    reader: pycrdt.Doc[Any] = pycrdt.Doc()
+    reader.apply_update(live.doc.get_update())
+    reply = reader.get_update(live.doc.get_state())
+    assert reply != b"\x00\x00"  # the delete set rides along
+    assert _adds_nothing(reply, live)
+    reader.get("text", type=pycrdt.Text).insert(0, "new")
+    assert not _adds_nothing(reader.get_update(live.doc.get_state()), live)
+    assert not _adds_nothing(b"garbage", live)
