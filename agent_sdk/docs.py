@@ -156,6 +156,9 @@ class SharedDoc:
         self.epoch = frame.epoch
         self._apply(frame.update)
         self._moved_to(frame.seq)
+        if self.awareness.get_local_state():  # (re)announce ourselves on this connection
+            update = self.awareness.encode_awareness_update([self.doc.client_id])
+            self.client._queue(f.encode_frame(f.DocAwareness(sub=self.sub, update=update)))
         lacking = self.doc.get_update(frame.sv)  # what we have and the relay lacks
         if lacking != EMPTY_UPDATE:
             self._outgoing.append(lacking)
@@ -189,8 +192,10 @@ class SharedDoc:
         """The relay refused something of this subscription. True: reopen it."""
         if error.code is ErrorCode.DOC_RESYNC:
             return True  # we fell behind: reopen with our state vector, lose nothing
-        if error.code is ErrorCode.AWARENESS_REFUSED:
-            return False  # one presence update dropped; the document goes on
+        if error.code in (ErrorCode.AWARENESS_REFUSED, ErrorCode.UNKNOWN_SUBSCRIPTION):
+            # One presence update dropped (too fast, or sent before the relay had the
+            # document open again after a reconnect); the document goes on.
+            return False
         self._fail(error)
         return False
 
@@ -240,8 +245,10 @@ async def open_doc(
             nursery.start_soon(shared._send_forever)
             try:
                 yield shared
-                with trio.move_on_after(FLUSH_TIMEOUT):
+                with trio.move_on_after(FLUSH_TIMEOUT) as waiting:
                     await shared.flush()
+                if waiting.cancelled_caught:
+                    raise TimeoutError(f"{name}: edits not confirmed in {FLUSH_TIMEOUT} s")
             finally:
                 nursery.cancel_scope.cancel()
         if shared.error is not None:

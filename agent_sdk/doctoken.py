@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.identity import Identity
-from agent_sdk.wire import KEY_SIZE, SIG_SIZE, canonical, decode, verify_signature
+from agent_sdk.wire import KEY_SIZE, SIG_SIZE, canonical, decode_canonical, verify_signature
 
 DOC_TOKEN_DOMAIN = b"formicary/v1/doc-token\x00"
 MAX_TOKEN = 512
@@ -49,8 +49,9 @@ def check(token: str, ns: str, doc: str, now_ms: int) -> DocToken:
     if len(token) > MAX_TOKEN:
         raise refused
     try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        fields = decode(raw)
+        padded = (token + "=" * (-len(token) % 4)).encode()
+        raw = base64.b64decode(padded, altchars=b"-_", validate=True)
+        fields = decode_canonical(raw)
     except (binascii.Error, ValueError, ProtocolError):
         raise refused from None
     if not isinstance(fields, dict) or set(fields) != {"agent", "doc", "exp", "ns", "sig"}:
@@ -64,7 +65,8 @@ def check(token: str, ns: str, doc: str, now_ms: int) -> DocToken:
     if not verify_signature(agent, sig, DOC_TOKEN_DOMAIN + canonical(claims)):
         raise ProtocolError(ErrorCode.AUTH_FAILED, "the token's signature does not verify")
     if fields["ns"] != ns or fields["doc"] not in (doc, "*"):
-        raise ProtocolError(ErrorCode.AUTH_FAILED, f"the token is for {fields['doc']} of {ns}")
+        reason = f"the token is for {fields['doc']!r} of {fields['ns']!r}"
+        raise ProtocolError(ErrorCode.AUTH_FAILED, reason)
     if fields["exp"] <= now_ms:
         raise ProtocolError(ErrorCode.AUTH_FAILED, "the token has expired")
     return DocToken(agent, fields["ns"], fields["doc"], fields["exp"], canonical(fields))

@@ -220,7 +220,7 @@ class DocSync:
     state vector lacks, as of log position ``seq``; ``sv`` is the relay's state vector,
     so the replica can send what the relay lacks. ``event`` frames of later
     ``doc.update`` events follow, in log order. ``reset`` says the replica's epoch is
-    not the document's: drop the replica and rebuild it from ``update``.
+    not the document's: drop the replica and open the document again from nothing.
     """
 
     t: ClassVar[str] = "doc.sync"

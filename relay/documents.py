@@ -43,7 +43,7 @@ COMPACTED = "doc.compacted"
 """The relay's snapshot of a document: written by relays only."""
 DOC_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 MAX_UPDATE = 256 * 1024
-"""Bytes of one update; bigger edits are split by the SDK."""
+"""Bytes of one update (one transaction); a bigger one is refused (``bad_update``)."""
 MAX_AWARENESS = 32 * 1024
 AWARENESS_RATE = 20.0
 """Awareness updates per second per replica, on average (bursts of twice that)."""
@@ -241,6 +241,8 @@ class DocHost:
     snapshots: dict[Key, tuple[int, int]] = field(default_factory=dict)
     """Document -> (seq of its latest ``doc.compacted``, the seq it covers up to)."""
     max_live: int = 1024
+    """Documents kept in memory; past it, ones nobody has open are evicted (those
+    with replicas stay, so this is a target, not a hard bound)."""
     compact_every: int = 1000
     """Updates after which a live document is compacted into a snapshot."""
     due: set[Key] = field(default_factory=set)

@@ -6,8 +6,10 @@ each a binary WebSocket message. The relay sends its step 1 on connect and answe
 the client's with step 2; from then on every committed update of the document
 reaches the client in log order, exactly as for SDK replicas (relay/documents.py).
 
-Without ``?token=`` the client reads: its updates close the connection (1008,
-``2004 read-only``). With a document token (agent_sdk/doctoken.py) its updates are
+Without ``?token=`` the client reads: an update that adds an item closes the
+connection (1008, ``2004 wrong_author: read-only: ...``). (One that only deletes
+cannot be told from the delete set every step 2 carries, and is dropped.) A token's
+expiry ends the connection too. With a document token (agent_sdk/doctoken.py) its updates are
 checked like any other and written by the relay as ``doc.update`` events that carry
 the token; they are pipelined (the next message is read while one commits), and a
 refused one closes the connection.
@@ -68,6 +70,8 @@ async def serve_yjs(node: RelayNode, ws: ServerConnection) -> None:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_send, ws, live, replica)
                 nursery.start_soon(_confirm, node, written_rx)
+                if token is not None:
+                    nursery.start_soon(_expire, node, token)
                 await _receive(node, ws, live, replica, ns, name, token, written_tx)
                 nursery.cancel_scope.cancel()
     except ProtocolError as exc:
@@ -182,6 +186,12 @@ async def _write(
     return await node.admit(sign_event(event, node.identity.sign))
 
 
+async def _expire(node: RelayNode, token: doctoken.DocToken) -> None:
+    """End the connection when its token expires: a token allows until ``exp``."""
+    await trio.sleep(max(0, token.exp - node.wall_ms()) / 1000)
+    raise ProtocolError(ErrorCode.AUTH_FAILED, "the token has expired")
+
+
 async def _confirm(node: RelayNode, written: trio.MemoryReceiveChannel[Ticket]) -> None:
     """Wait for each write's commit in order; a refused one ends the connection."""
     async for ticket in written:
@@ -200,11 +210,14 @@ def _adds_nothing(update: bytes, live: LiveDoc) -> bool:
 
 
 def _read(data: bytes) -> bytes:
+    """The length-prefixed payload of a message; refused when it is cut short."""
+    decoder = Decoder(data)
     try:
-        message = Decoder(data).read_message()
+        length = decoder.read_var_uint()
     except (RuntimeError, IndexError):
-        message = None
-    if message is None:
+        length = -1
+    message = data[decoder.i0 : decoder.i0 + length] if length >= 0 else b""
+    if length < 0 or len(message) != length:
         raise ProtocolError(ErrorCode.MALFORMED, "a y-websocket message ends early")
     return message
 

@@ -59,9 +59,6 @@ class SQLiteStore:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._writer = self._connect(path)
             self._writer.execute(f"PRAGMA synchronous={synchronous}")
-            # Compaction frees pages; incremental vacuum gives them back to the disk.
-            # (Only a new file can switch modes: before its first table exists.)
-            self._writer.execute("PRAGMA auto_vacuum=INCREMENTAL")
             self._writer.executescript(SCHEMA)
         self._reader = self._connect(path)
         # Duplicate and dependency look-ups get their own connection, so publishing
@@ -76,6 +73,9 @@ class SQLiteStore:
             conn.execute("PRAGMA busy_timeout=10000")
             return conn
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        # Compaction frees pages; incremental vacuum gives them back to the disk. The
+        # mode sticks only on a new file, and only if set before WAL is.
+        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA busy_timeout=10000")
         return conn

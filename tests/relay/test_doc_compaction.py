@@ -158,3 +158,12 @@ async def test_agents_cannot_forge_a_snapshot(relay: RunningRelay) -> None:
         with pytest.raises(ProtocolError) as info:
             await client.publish(NS, "doc.compacted", body)
         assert info.value.code is ErrorCode.RESERVED_KIND
+
+
+def test_a_new_store_gives_freed_pages_back(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "events.sqlite3")
+    try:
+        (mode,) = store._reader.execute("PRAGMA auto_vacuum").fetchone()
+        assert mode == 2  # incremental: prune's pages go back to the file system
+    finally:
+        store.close()

@@ -198,3 +198,36 @@ def test_a_readers_step_2_with_only_known_items_is_not_an_edit() -> None:
     reader.get("text", type=pycrdt.Text).insert(0, "new")
     assert not _adds_nothing(reader.get_update(live.doc.get_state()), live)
     assert not _adds_nothing(b"garbage", live)
+
+
+async def test_a_plain_peer_is_closed_when_its_token_expires(relay: RunningRelay) -> None:
+    async with RelayClient.connect(relay.url, identity(1)) as client:
+        await client.publish(NS, "doc.create", {"doc": "shared"})
+    short = doctoken.mint(identity(1), NS, "shared", time.time_ns() // 1_000_000 + 300)
+    async with connect(f"{relay.url}/yjs/{NS}/shared?token={short}") as ws:
+        with pytest.raises(ConnectionClosed) as info, trio.fail_after(10):
+            while True:
+                await ws.recv()
+    assert info.value.rcvd is not None and info.value.rcvd.code == 1008
+    assert info.value.rcvd.reason == "1005 auth_failed: the token has expired"
+
+
+async def test_a_message_cut_short_closes_the_peer(relay: RunningRelay) -> None:
+    async with RelayClient.connect(relay.url, identity(1)) as client:
+        await client.publish(NS, "doc.create", {"doc": "shared"})
+    async with connect(f"{relay.url}/yjs/{NS}/shared?token={token_for(1)}") as ws:
+        await ws.send(bytes([YMessageType.SYNC, 0, 40]) + b"short")  # says 40, holds 5
+        with pytest.raises(ConnectionClosed) as info:
+            while True:
+                await ws.recv()
+    assert info.value.rcvd is not None and info.value.rcvd.reason.startswith("1001 malformed")
+
+
+def test_document_tokens_are_strict() -> None:
+    from agent_sdk.errors import ProtocolError
+
+    good = token_for(1)
+    assert doctoken.check(good, NS, "shared", 0).agent == identity(1).public_key
+    for bad in (good + "!", good[:-4], "A" * 600):
+        with pytest.raises(ProtocolError):
+            doctoken.check(bad, NS, "shared", 0)
