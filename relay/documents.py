@@ -6,8 +6,9 @@ A namespace hosts named documents. ``doc.create`` (body ``{"doc": name}``) start
 one; ``doc.update`` (body ``{"doc": name, "update": bin}``) carries one Yjs update,
 signed by the agent that made it, so the log says who changed what. Both are ordinary
 events: sequenced, committed, acknowledged after commit. The document's *epoch* is
-the seq of its ``doc.create``: it names the incarnation, so a replica built from
-another one (a document created again under the same name) is told to start over
+taken from the id of its ``doc.create`` (:func:`epoch_of`): it names the incarnation,
+so a replica built from another one — a document created again under the same name,
+say on a relay whose data was lost and started afresh — is told to start over
 instead of merging into it and duplicating content.
 
 The relay keeps a :class:`LiveDoc` (a ``pycrdt.Doc``) for each document in use,
@@ -50,6 +51,15 @@ AWARENESS_RATE = 20.0
 EMPTY_UPDATE = b"\x00\x00"
 
 Key = tuple[str, str]
+
+
+def epoch_of(create_id: bytes) -> int:
+    """A document's epoch: the first 63 bits of its ``doc.create`` event id.
+
+    Not its seq: a relay that lost its data and starts again would give the document
+    made anew the same seq, and an old replica would merge into it.
+    """
+    return int.from_bytes(create_id[:8], "big") >> 1
 
 
 class Log(Protocol):
@@ -235,8 +245,8 @@ def _disconnect_update(awareness: pycrdt.Awareness, clients: list[int]) -> bytes
 class DocHost:
     """Every document of the relay: which exist (as sequenced), and the live ones."""
 
-    created: dict[Key, int] = field(default_factory=dict)
-    """Document -> epoch (the seq of its ``doc.create``), as of the sequencer."""
+    created: dict[Key, tuple[int, int]] = field(default_factory=dict)
+    """Document -> (seq of its ``doc.create``, epoch), as of the sequencer."""
     live: dict[Key, LiveDoc] = field(default_factory=dict)
     snapshots: dict[Key, tuple[int, int]] = field(default_factory=dict)
     """Document -> (seq of its latest ``doc.compacted``, the seq it covers up to)."""
@@ -265,7 +275,8 @@ class DocHost:
 
     def on_sequenced(self, record: Record) -> None:
         if record.kind == "doc.create":
-            self.created[(record.ns, _body(record)["doc"])] = record.seq
+            key = (record.ns, _body(record)["doc"])
+            self.created[key] = (record.seq, epoch_of(record.id))
         elif record.kind == COMPACTED:
             body = _body(record)
             self.snapshots[(record.ns, body["doc"])] = (record.seq, body["upto"])
@@ -311,12 +322,12 @@ class DocHost:
             if loading is None:
                 break
             await loading.wait()
-        epoch = self.created.get(key)
-        if epoch is None:
+        created = self.created.get(key)
+        if created is None:
             raise ProtocolError(ErrorCode.UNKNOWN_DOC, f"no document {name} in {ns}")
         self._loading[key] = done = trio.Event()
         try:
-            live = await self._load(ns, name, epoch, log)
+            live = await self._load(ns, name, *created, log)
         finally:
             del self._loading[key]
             done.set()
@@ -324,13 +335,13 @@ class DocHost:
         self.live[key] = live
         return live
 
-    async def _load(self, ns: str, name: str, epoch: int, log: Log) -> LiveDoc:
+    async def _load(self, ns: str, name: str, created: int, epoch: int, log: Log) -> LiveDoc:
         """Fold the document: its latest snapshot, then the updates after it."""
         live = LiveDoc(ns, name, epoch)
-        await log.wait_beyond(ns, epoch - 1)  # its doc.create may not be committed yet
-        cursor = epoch  # nothing of this incarnation comes before its doc.create
+        await log.wait_beyond(ns, created - 1)  # its doc.create may not be committed yet
+        cursor = created  # nothing of this incarnation comes before its doc.create
         snapshot = self.snapshots.get((ns, name))
-        if snapshot is not None and snapshot[0] > epoch:
+        if snapshot is not None and snapshot[0] > created:
             at, upto = snapshot
             await log.wait_beyond(ns, at - 1)
             [record] = await log.read(ns, at, 1)

@@ -167,3 +167,40 @@ def test_a_new_store_gives_freed_pages_back(tmp_path: Path) -> None:
         assert mode == 2  # incremental: prune's pages go back to the file system
     finally:
         store.close()
+
+
+async def test_a_replica_of_a_lost_relays_document_is_not_merged_into_the_new_one(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """The relay lost its data and started afresh; the document was made again under
+    the same name (at the same seq, even). An old replica coming back must not pour
+    the old content into the new document."""
+    import shutil
+
+    data = tmp_path / "relay"
+    first = await start_relay(nursery, data)
+    async with (
+        RelayClient.connect(first.url, identity(1)) as client,
+        client.doc(NS, "plan") as old,
+    ):
+        old.text().insert(0, "the old plan")
+        old_state, old_epoch = old.doc.get_update(), old.epoch
+    first.scope.cancel()
+    await trio.testing.wait_all_tasks_blocked()
+    shutil.rmtree(data)
+
+    second = await start_relay(nursery, data)
+    async with RelayClient.connect(second.url, identity(2)) as client:
+        async with client.doc(NS, "plan") as new:
+            new.text().insert(0, "a new plan")
+        assert new.epoch != old_epoch
+        stale = SharedDoc(client, NS, "plan", sub=321)
+        stale._apply(old_state)
+        stale.epoch = old_epoch
+        client._docs[stale.sub] = stale
+        client._queue(encode_frame(stale.open_request()))
+        await stale.synced.wait()
+        assert isinstance(stale.error, DocReset)
+        async with client.doc(NS, "plan", create=False) as check:
+            assert str(check.text()) == "a new plan"  # nothing of the old one merged
+    second.scope.cancel()
