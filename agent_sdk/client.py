@@ -216,6 +216,7 @@ class RelayClient:
         self._pending: dict[int, _Pending] = {}
         self._asked: dict[int, _Asked] = {}
         self._docs: dict[int, SharedDoc] = {}
+        self.ws: ClientConnection | None = None
         self._inflight = trio.Semaphore(max_inflight)
         self._subscriptions: dict[int, Subscription] = {}
 
@@ -255,6 +256,7 @@ class RelayClient:
                     if not started:
                         started = True
                         task_status.started()
+                    self.ws = ws  # the current connection (tests cut it to simulate a crash)
                     await self._serve(ws)
                 if not self.reconnect:  # the relay closed cleanly; without reconnect, stop
                     self._fail_all(ProtocolError(ErrorCode.INTERNAL, "the relay closed"))

@@ -180,6 +180,7 @@ class RelayNode:
         # Coordination state is a fold of the logs: rebuild it before serving anyone.
         self.coordination = Host(identity.public_key, self.config.claim_ttl, self.config.lock_ttl)
         self._outcomes: dict[bytes, Located] = {}  # request id -> its outcome, recent ones
+        self._attached: dict[tuple[str, bytes], int] = {}  # open connections per member
         self._unanswered: list[tuple[str, bytes, Outcome]] = []
 
         def answered(request_id: bytes, outcome: Record) -> None:
@@ -408,7 +409,12 @@ class RelayNode:
         return Located(records[0].ns, records[0].seq, records[0].hlc)
 
     def _answer_unanswered(self) -> None:
-        """Append the outcomes a crash kept out of the log (see Host.rebuild)."""
+        """Append the outcomes a crash kept out of the log (see Host.rebuild), and the
+        leaves of members present by a connection: a starting relay has none."""
+        now = self.wall_ms()
+        for ns, outcome in self.coordination.restarted(now):
+            self._append_own(ns, outcome, (), now)
+        self._pending_ready.set()
         if not self._unanswered:
             return
         self.sequencer.learn(self.store.find(req for _, req, _ in self._unanswered))
@@ -465,6 +471,26 @@ class RelayNode:
         if head is not None:
             await self.wait_beyond(ns, head.seq - 1)
         return answer
+
+    # -- presence ---------------------------------------------------------------------
+
+    def attach(self, ns: str, agent: bytes) -> None:
+        """A connection of ``agent`` joined the directory of ``ns`` (connection presence)."""
+        self._attached[(ns, agent)] = self._attached.get((ns, agent), 0) + 1
+
+    def detach(self, ns: str, agent: bytes) -> None:
+        """That connection closed: with the agent's last one gone, it has left."""
+        left = self._attached.get((ns, agent), 0) - 1
+        if left > 0:
+            self._attached[(ns, agent)] = left
+            return
+        self._attached.pop((ns, agent), None)
+        coordinator = self.coordination.coordinators.get(ns)
+        now = self.wall_ms()
+        outcome = coordinator.disconnected(agent, now, "disconnected") if coordinator else None
+        if outcome is not None:
+            self._append_own(ns, outcome, (), now)
+            self._pending_ready.set()
 
     # -- documents --------------------------------------------------------------------
 

@@ -30,7 +30,7 @@ from websockets.trio.server import Server, ServerConnection, serve
 
 from agent_sdk import frames as f
 from agent_sdk.errors import ErrorCode, ProtocolError
-from agent_sdk.wire import PROTOCOL_VERSION
+from agent_sdk.wire import PROTOCOL_VERSION, decode
 from relay.documents import MAX_AWARENESS, LiveDoc, Overflow, Replica
 from relay.node import RelayNode, Ticket
 from relay.session import Admit, Ask, Aware, Close, Open, OpenDoc, Reply, Session
@@ -81,6 +81,7 @@ class Connection:
         self._docs: dict[int, tuple[LiveDoc, Replica]] = {}  # open documents, by sub
         self._follows = 0  # namespaces followed, over all subscriptions
         self._closing = False
+        self._present: set[str] = set()  # namespaces this connection is a member in
 
     async def run(self) -> None:
         self.node.count("connections")
@@ -94,6 +95,11 @@ class Connection:
                 nursery.cancel_scope.cancel()
         except* (SlowConsumer, ConnectionClosed):
             pass
+        finally:
+            agent = self.session.agent
+            for ns in self._present:  # presence by connection ends with it
+                assert agent is not None
+                self.node.detach(ns, agent)
 
     async def _send(self, frame: f.RelayFrame) -> None:
         data = f.encode_frame(frame)
@@ -213,6 +219,10 @@ class Connection:
         decided = self.node.outcome_of(ticket.event.id)
         if decided is not None:
             outcome = await self.node.committed_record(decided.ns, decided.seq)
+            joined = outcome.kind == "dir.joined" and decided.ns not in self._present
+            if joined and decode(outcome.event)["body"]["presence"] == "connection":
+                self._present.add(decided.ns)  # online while this connection is open
+                self.node.attach(decided.ns, ticket.event.event.author)
             ack = replace(
                 ack,
                 outcome=outcome.event,

@@ -19,6 +19,7 @@ from relay.coordination.leases import TtlBounds
 from relay.coordination.requests import (
     CLAIM_TTL,
     EXPIRED,
+    LEFT,
     LOCK_TTL,
     RELAY_KINDS,
     REQUEST_KINDS,
@@ -74,6 +75,10 @@ class Host:
         if record.kind == EXPIRED and record.author == self.relay_key:
             coordinator = self.coordinator(record.ns)
             coordinator.replay_expired(_body(record))
+        elif record.kind == LEFT and record.author == self.relay_key:
+            body = _body(record)
+            if "req" not in body:  # the relay's own: a disconnect, a timeout, a restart
+                self.coordinator(record.ns).replay_left(body)
         return None
 
     def rebuild(
@@ -105,13 +110,22 @@ class Host:
         return [(ns, req, out) for req, (ns, out) in decided.items()]
 
     def due(self, now_ms: int) -> list[tuple[str, Outcome]]:
-        """The timer's outcomes: ``lease.expired`` per namespace with lapsed claims."""
-        out = []
-        for ns, coordinator in self.coordinators.items():
-            expired = coordinator.expire(now_ms)
-            if expired is not None:
-                out.append((ns, expired))
-        return out
+        """The timer's outcomes: ``lease.expired`` and ``dir.left`` per namespace."""
+        return [
+            (ns, outcome)
+            for ns, coordinator in self.coordinators.items()
+            for outcome in coordinator.due(now_ms)
+        ]
+
+    def restarted(self, now_ms: int) -> list[tuple[str, Outcome]]:
+        """``dir.left`` for every member present by connection: a relay that starts
+        has no connections."""
+        return [
+            (ns, outcome)
+            for ns, coordinator in self.coordinators.items()
+            for member in coordinator.directory.on_connection()
+            if (outcome := coordinator.disconnected(member.agent, now_ms, "relay restarted"))
+        ]
 
     def next_expiry_ms(self) -> int | None:
         times = [c.next_expiry_ms() for c in self.coordinators.values()]

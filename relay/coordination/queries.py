@@ -19,6 +19,7 @@ from typing import Any
 import msgpack
 
 from agent_sdk.errors import ErrorCode, ProtocolError
+from relay.coordination.directory import Capability, Member
 from relay.coordination.fields import BadRequest, only, opt_integer, opt_text, text
 from relay.coordination.leases import Lease
 from relay.coordination.ledger import Status, WorkOrder
@@ -244,6 +245,79 @@ def ckpt_get(coordinator: Coordinator, args: dict[str, Any], now_ms: int, budget
     return {"name": name, "seq": checkpoint.seq, "author": author, "at_ms": at_ms}
 
 
+def _participant(member: Member, online: bool) -> dict[str, Any]:
+    return {
+        "agent": member.agent,
+        "name": member.name,
+        "capabilities": [str(c) for c in member.capabilities],
+        "role": member.role,
+        "endpoint": member.endpoint,
+        "meta": member.meta,
+        "presence": member.presence,
+        "online": online,
+        "joined_ms": member.joined_ms,
+        "expires_ms": member.expires_ms if online else None,
+        "left_ms": member.left_ms,
+        "reason": member.reason,
+    }
+
+
+def _members(coordinator: Coordinator, args: dict[str, Any], now_ms: int) -> list[Member]:
+    """Members in first-join order, online ones only unless ``online`` is false."""
+    directory = coordinator.directory
+    everyone = args.get("online") is False
+    if "online" in args and not isinstance(args["online"], bool):
+        raise BadRequest("online must be true or false")
+    members = sorted(directory.members.values(), key=lambda m: (m.first_ms, m.agent))
+    return [m for m in members if everyone or directory.is_online(m, now_ms)]
+
+
+def dir_list(coordinator: Coordinator, args: dict[str, Any], now_ms: int, budget: int) -> Any:
+    """Participants (online ones unless ``online`` is false), paged by ``after`` (a key)."""
+    only(args, "online", "after", "limit")
+    after = args.get("after")
+    if after is not None and not isinstance(after, bytes):
+        raise BadRequest("after must be an agent key")
+    members = _members(coordinator, args, now_ms)
+    if after is not None:
+        keys = [m.agent for m in members]
+        members = members[keys.index(after) + 1 :] if after in keys else []
+    directory = coordinator.directory
+    items = (_participant(m, directory.is_online(m, now_ms)) for m in members)
+    page, more = _page(items, _limit(args), budget)
+    return {"participants": page, "more": more}
+
+
+def dir_get(coordinator: Coordinator, args: dict[str, Any], now_ms: int, budget: int) -> Any:
+    only(args, "agent")
+    agent = args.get("agent")
+    if not isinstance(agent, bytes):
+        raise BadRequest("agent must be a key (bytes)")
+    member = coordinator.directory.members.get(agent)
+    if member is None:
+        raise _not_found(f"agent {agent.hex()[:16]} never joined")
+    return _participant(member, coordinator.directory.is_online(member, now_ms))
+
+
+def dir_find(coordinator: Coordinator, args: dict[str, Any], now_ms: int, budget: int) -> Any:
+    """Participants with a capability (``tag`` or ``tag@version``), and a role if given."""
+    only(args, "capability", "role", "online", "limit")
+    wanted = Capability.parse(text(args, "capability", 100))
+    role = opt_text(args, "role", 64)
+    members = [
+        m for m in _members(coordinator, args, now_ms) if m.can(wanted) and role in (None, m.role)
+    ]
+    directory = coordinator.directory
+    items = (_participant(m, directory.is_online(m, now_ms)) for m in members)
+    page, more = _page(items, _limit(args), budget)
+    return {"participants": page, "more": more}
+
+
+def dir_count(coordinator: Coordinator, args: dict[str, Any], now_ms: int, budget: int) -> Any:
+    only(args, "online")
+    return {"count": len(_members(coordinator, args, now_ms))}
+
+
 Handler = Callable[[Coordinator, dict[str, Any], int, int], Any]
 
 QUERIES: dict[str, Handler] = {
@@ -254,4 +328,8 @@ QUERIES: dict[str, Handler] = {
     "bulletin.list": bulletin_list,
     "decision.list": decision_list,
     "ckpt.get": ckpt_get,
+    "dir.list": dir_list,
+    "dir.get": dir_get,
+    "dir.find": dir_find,
+    "dir.count": dir_count,
 }

@@ -18,6 +18,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from relay.coordination.directory import (
+    CAPABILITY_RE,
+    MAX_CAPABILITIES,
+    Capability,
+    Directory,
+    Member,
+)
 from relay.coordination.fields import (
     MAX_TEXT,
     BadRequest,
@@ -49,7 +56,8 @@ WO_KINDS = frozenset(
 )
 LOCK_KINDS = frozenset({"lock.acquire", "lock.renew", "lock.release"})
 RECORD_KINDS = frozenset({"context.put", "bulletin.post", "decision.add", "ckpt.set"})
-REQUEST_KINDS = WO_KINDS | LOCK_KINDS | RECORD_KINDS
+DIR_KINDS = frozenset({"dir.join", "dir.leave", "dir.heartbeat"})
+REQUEST_KINDS = WO_KINDS | LOCK_KINDS | RECORD_KINDS | DIR_KINDS
 OUTCOME_OF = {
     "wo.create": "wo.created",
     "wo.claim": "wo.claimed",
@@ -65,12 +73,17 @@ OUTCOME_OF = {
     "bulletin.post": "bulletin.posted",
     "decision.add": "decision.added",
     "ckpt.set": "ckpt.saved",
+    "dir.join": "dir.joined",
+    "dir.leave": "dir.left",
+    "dir.heartbeat": "dir.alive",
 }
 REJECTED_OF = {kind: kind.partition(".")[0] + ".rejected" for kind in REQUEST_KINDS}
 """One refusal kind per family: ``wo.rejected``, ``lock.rejected``, ``context.rejected``..."""
 REJECTED = REJECTED_OF["wo.claim"]
 LOCK_REJECTED = REJECTED_OF["lock.acquire"]
 EXPIRED = "lease.expired"
+LEFT = "dir.left"
+"""Also written by the relay itself, without ``req``: a disconnect, a timeout, a restart."""
 RELAY_KINDS = frozenset({*OUTCOME_OF.values(), *REJECTED_OF.values(), EXPIRED})
 """Kinds only the relay may author."""
 
@@ -88,6 +101,7 @@ class Coordinator:
     ledger: Ledger = field(default_factory=Ledger)
     locks: LeaseEngine = field(default_factory=lambda: LeaseEngine(bounds=LOCK_TTL))
     records: Records = field(default_factory=Records)
+    directory: Directory = field(default_factory=Directory)
 
     @classmethod
     def with_bounds(cls, claims: TtlBounds, locks: TtlBounds) -> Coordinator:
@@ -101,6 +115,8 @@ class Coordinator:
             return self._decide_lock(kind, body, author, request_id, now_ms)
         if kind in RECORD_KINDS:
             return self._decide_record(kind, body, author, request_id, now_ms)
+        if kind in DIR_KINDS:
+            return self._decide_dir(kind, body, author, request_id, now_ms)
         if kind not in REQUEST_KINDS:
             return None
         try:
@@ -215,20 +231,67 @@ class Coordinator:
         checkpoint = records.set_checkpoint(name, seq, author, now, opt_integer(body, "expect"))
         return {"name": checkpoint.name, "seq": checkpoint.seq}
 
-    def expire(self, now_ms: int) -> Outcome | None:
-        """The timer: the ``lease.expired`` outcome for claims that ran out, if any."""
+    def _decide_dir(
+        self, kind: str, body: Any, author: bytes, request_id: bytes, now_ms: int
+    ) -> Outcome:
+        """Joining, leaving and heartbeats of the directory (see directory.py)."""
+        directory = self.directory
+        try:
+            fields = as_map(body)
+            if kind == "dir.join":
+                member = _member(fields, author, now_ms)
+                first = directory.join(member)
+                return Outcome(
+                    OUTCOME_OF[kind], {"req": request_id, "first": first, **_profile(member)}
+                )
+            only(fields)
+        except BadRequest as exc:
+            return _rejected(REJECTED_OF[kind], request_id, "bad_request", str(exc))
+        if kind == "dir.leave":
+            if not directory.leave(author, now_ms, "left"):
+                return _rejected(REJECTED_OF[kind], request_id, "not_joined", "not online here")
+            return Outcome(LEFT, {"req": request_id, "agent": author, "reason": "left"})
+        alive = directory.heartbeat(author, now_ms)
+        if alive is None:
+            reason = "no heartbeat presence here: join with heartbeat_ms first"
+            return _rejected(REJECTED_OF[kind], request_id, "not_joined", reason)
+        answer = {"req": request_id, "agent": author, "expires_ms": alive.expires_ms}
+        return Outcome(OUTCOME_OF[kind], answer)
+
+    def due(self, now_ms: int) -> list[Outcome]:
+        """The timer: ``lease.expired`` for claims that ran out, ``dir.left`` for
+        heartbeats that stopped. Each is applied here, as it will be on replay."""
+        out = []
         lapsed = self.ledger.expire(now_ms)
-        if not lapsed:
+        if lapsed:
+            out.append(Outcome(EXPIRED, {"leases": [[order, token] for order, token in lapsed]}))
+        for member in self.directory.timed_out(now_ms):
+            at = member.expires_ms or now_ms
+            self.directory.leave(member.agent, at, "timeout")
+            out.append(Outcome(LEFT, {"agent": member.agent, "reason": "timeout", "at_ms": at}))
+        return out
+
+    def disconnected(self, agent: bytes, now_ms: int, reason: str) -> Outcome | None:
+        """The last connection of a member by connection closed (or the relay restarted)."""
+        member = self.directory.members.get(agent)
+        if member is None or member.heartbeat_ms is not None:
             return None
-        return Outcome(EXPIRED, {"leases": [[order, token] for order, token in lapsed]})
+        if not self.directory.leave(agent, now_ms, reason):
+            return None
+        return Outcome(LEFT, {"agent": agent, "reason": reason, "at_ms": now_ms})
 
     def replay_expired(self, body: dict[str, Any]) -> None:
         """Apply a logged ``lease.expired`` again (restart, mirror, audit): exactly the
         claims it names, whatever the clock says now."""
         self.ledger.expire_leases([(order, token) for order, token in body["leases"]])
 
+    def replay_left(self, body: dict[str, Any]) -> None:
+        """Apply a ``dir.left`` the relay wrote on its own (disconnect, timeout)."""
+        self.directory.leave(body["agent"], body["at_ms"], body["reason"])
+
     def next_expiry_ms(self) -> int | None:
-        return self.ledger.leases.next_expiry_ms()
+        times = [self.ledger.leases.next_expiry_ms(), self.directory.next_expiry_ms()]
+        return min((t for t in times if t is not None), default=None)
 
     def _apply(self, kind: str, body: dict[str, Any], author: bytes, now: int) -> Done | Rejection:
         ledger = self.ledger
@@ -275,6 +338,49 @@ def _rejected(
 
 def _lease(lease: Lease) -> dict[str, Any]:
     return {"holder": lease.holder, "token": lease.token, "expires_ms": lease.expires_ms}
+
+
+MAX_HEARTBEAT_MS = 24 * 3600 * 1000
+
+
+def _member(body: dict[str, Any], agent: bytes, now_ms: int) -> Member:
+    only(body, "name", "capabilities", "role", "endpoint", "meta", "heartbeat_ms")
+    name = text(body, "name", 100)
+    if not name.strip():
+        raise BadRequest("a participant needs a name")
+    capabilities = texts(body, "capabilities")
+    if len(capabilities) > MAX_CAPABILITIES:
+        raise BadRequest(f"at most {MAX_CAPABILITIES} capabilities")
+    for capability in capabilities:
+        if not CAPABILITY_RE.fullmatch(capability):
+            raise BadRequest(f"capability {capability[:70]!r}: a tag, optionally @version")
+    heartbeat = opt_integer(body, "heartbeat_ms")
+    if heartbeat is not None and not 1_000 <= heartbeat <= MAX_HEARTBEAT_MS:
+        raise BadRequest(f"heartbeat_ms must be 1000 to {MAX_HEARTBEAT_MS}")
+    meta = document(body, "meta", 4096) if "meta" in body else None
+    return Member(
+        agent=agent,
+        name=name,
+        capabilities=tuple(Capability.parse(c) for c in capabilities),
+        role=text(body, "role", 64, default=""),
+        endpoint=text(body, "endpoint", 256, default=""),
+        meta=meta,
+        joined_ms=now_ms,
+        heartbeat_ms=heartbeat,
+    )
+
+
+def _profile(member: Member) -> dict[str, Any]:
+    return {
+        "agent": member.agent,
+        "name": member.name,
+        "capabilities": [str(c) for c in member.capabilities],
+        "role": member.role,
+        "endpoint": member.endpoint,
+        "meta": member.meta,
+        "presence": member.presence,
+        "expires_ms": member.expires_ms,
+    }
 
 
 def _contract(body: dict[str, Any]) -> Contract:

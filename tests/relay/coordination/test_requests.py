@@ -36,7 +36,8 @@ class Log:
         return outcome
 
     def expire(self, now: int) -> Outcome | None:
-        outcome = self.coordinator.expire(now)
+        due = self.coordinator.due(now)
+        outcome = due[0] if due else None
         if outcome is not None:
             self.entries.append((EXPIRED, outcome.body, b"", b"", now))
             self.outcomes.append(outcome)

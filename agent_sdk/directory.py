@@ -1,0 +1,83 @@
+"""The participant directory from an agent's side: join, leave, heartbeat, look up.
+
+``await directory.join("indexer", capabilities=["python@3.11", "search"])`` makes
+this agent a member of the namespace, online while this connection is open (the
+relay appends ``dir.left`` when it closes). With ``heartbeat_ms`` it is online until
+that long after its last :meth:`Directory.heartbeat` instead — for agents that come
+and go, like shell commands. Refusals raise :class:`~agent_sdk.ledger.LedgerRefusal`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from agent_sdk.client import RelayClient
+from agent_sdk.ledger import Ledger
+
+Participants = list[dict[str, Any]]
+
+
+class Directory:
+    """The directory of one namespace, through one client."""
+
+    def __init__(self, client: RelayClient, ns: str) -> None:
+        self.client = client
+        self.ns = ns
+        self._requests = Ledger(client, ns)
+
+    async def join(
+        self,
+        name: str,
+        *,
+        capabilities: Sequence[str] = (),
+        role: str = "",
+        endpoint: str = "",
+        meta: Any = None,
+        heartbeat_ms: int | None = None,
+    ) -> dict[str, Any]:
+        """Join (or update the profile); returns the profile as the relay recorded it."""
+        body: dict[str, Any] = {
+            "name": name,
+            "capabilities": list(capabilities),
+            "role": role,
+            "endpoint": endpoint,
+        }
+        if meta is not None:
+            body["meta"] = meta
+        if heartbeat_ms is not None:
+            body["heartbeat_ms"] = heartbeat_ms
+        return await self._requests.request("dir.join", body)
+
+    async def leave(self) -> None:
+        await self._requests.request("dir.leave", {})
+
+    async def heartbeat(self) -> int:
+        """Stay online (heartbeat presence); returns the new expiry (ms)."""
+        return int((await self._requests.request("dir.heartbeat", {}))["expires_ms"])
+
+    async def list(self, *, online: bool = True) -> Participants:
+        """Participants in join order: online ones, or everyone with ``online=False``."""
+        items: Participants = []
+        args: dict[str, Any] = {"online": online, "limit": 1000}
+        while True:
+            page = await self.client.query(self.ns, "dir.list", args)
+            items += page["participants"]
+            if not page["more"] or not page["participants"]:
+                return items
+            args = {**args, "after": page["participants"][-1]["agent"]}
+
+    async def get(self, agent: bytes) -> dict[str, Any]:
+        return dict(await self.client.query(self.ns, "dir.get", {"agent": agent}))
+
+    async def find(
+        self, capability: str, *, role: str | None = None, online: bool = True
+    ) -> Participants:
+        """Participants with ``capability`` (``tag`` or ``tag@version``), and ``role``."""
+        args: dict[str, Any] = {"capability": capability, "online": online, "limit": 1000}
+        if role is not None:
+            args["role"] = role
+        return list((await self.client.query(self.ns, "dir.find", args))["participants"])
+
+    async def count(self, *, online: bool = True) -> int:
+        return int((await self.client.query(self.ns, "dir.count", {"online": online}))["count"])

@@ -1,0 +1,124 @@
+"""The participant directory of a namespace: who is in, what they can do, who is online.
+
+Theory of operation
+-------------------
+An agent joins with a signed profile (``dir.join``: a display name, capabilities as
+tags with optional versions — ``"python@3.11"`` — a role, an endpoint for direct
+messages, free-form metadata). Joining again replaces the profile. Presence is
+ephemeral and comes in two kinds, chosen at join:
+
+* **connection**: online while a connection of the agent that joined is open. When
+  the last one closes — or the relay restarts — the relay appends ``dir.left``.
+* **heartbeat** (``heartbeat_ms`` given): online until ``heartbeat_ms`` after the
+  join or the latest ``dir.heartbeat``; past that the relay's timer appends
+  ``dir.left`` (reason ``timeout``), stamped with the expiry itself.
+
+Every change is an event in the log, so subscribers see joins and leaves live and
+the directory is a fold (pure: time comes from the log).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+CAPABILITY_RE = re.compile(r"[a-z0-9][a-z0-9._:/-]{0,63}(@[A-Za-z0-9._+-]{1,32})?")
+MAX_CAPABILITIES = 64
+
+
+@dataclass(frozen=True, slots=True)
+class Capability:
+    tag: str
+    version: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> Capability:
+        tag, _, version = text.partition("@")
+        return cls(tag, version)
+
+    def __str__(self) -> str:
+        return f"{self.tag}@{self.version}" if self.version else self.tag
+
+    def matches(self, wanted: Capability) -> bool:
+        """``python`` matches any version of python; ``python@3.11`` only that one."""
+        return self.tag == wanted.tag and (not wanted.version or self.version == wanted.version)
+
+
+@dataclass
+class Member:
+    agent: bytes
+    name: str
+    capabilities: tuple[Capability, ...]
+    role: str
+    endpoint: str
+    meta: Any
+    joined_ms: int
+    heartbeat_ms: int | None = None
+    """Heartbeat presence: online until ``expires_ms``; ``None``: connection presence."""
+    expires_ms: int | None = None
+    online: bool = True
+    left_ms: int | None = None
+    reason: str = ""
+    first_ms: int = 0
+    """When it first joined: the directory lists members in this order."""
+
+    @property
+    def presence(self) -> str:
+        return "connection" if self.heartbeat_ms is None else "heartbeat"
+
+    def can(self, wanted: Capability) -> bool:
+        return any(mine.matches(wanted) for mine in self.capabilities)
+
+
+@dataclass
+class Directory:
+    members: dict[bytes, Member] = field(default_factory=dict)
+
+    def join(self, member: Member) -> bool:
+        """Add or replace a profile, online from now. True the first time ever."""
+        previous = self.members.get(member.agent)
+        first = previous is None
+        member.first_ms = member.joined_ms if previous is None else previous.first_ms
+        if member.heartbeat_ms is not None:
+            member.expires_ms = member.joined_ms + member.heartbeat_ms
+        self.members[member.agent] = member
+        return first
+
+    def heartbeat(self, agent: bytes, now_ms: int) -> Member | None:
+        """Extend a heartbeat member's presence; ``None`` if that is not what it is."""
+        member = self.members.get(agent)
+        if member is None or member.heartbeat_ms is None or not self.is_online(member, now_ms):
+            return None
+        member.expires_ms = now_ms + member.heartbeat_ms
+        return member
+
+    def leave(self, agent: bytes, now_ms: int, reason: str) -> bool:
+        """Mark an agent offline; False if it was not online."""
+        member = self.members.get(agent)
+        if member is None or not member.online:
+            return False
+        member.online, member.left_ms, member.reason = False, now_ms, reason
+        return True
+
+    def is_online(self, member: Member, now_ms: int) -> bool:
+        if not member.online:
+            return False
+        return member.expires_ms is None or now_ms < member.expires_ms
+
+    def timed_out(self, now_ms: int) -> list[Member]:
+        """Heartbeat members whose presence ran out by ``now_ms`` (oldest first)."""
+        late = [
+            m
+            for m in self.members.values()
+            if m.online and m.expires_ms is not None and m.expires_ms <= now_ms
+        ]
+        return sorted(late, key=lambda m: (m.expires_ms or 0, m.agent))
+
+    def next_expiry_ms(self) -> int | None:
+        times = [m.expires_ms for m in self.members.values() if m.online and m.expires_ms]
+        return min(times, default=None)
+
+    def on_connection(self) -> list[Member]:
+        """Members online by connection (a restarted relay has no connections)."""
+        return [m for m in self.members.values() if m.online and m.heartbeat_ms is None]

@@ -1,0 +1,201 @@
+"""The participant directory through real relays: joins, presence, leaves, queries."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from agent_sdk.client import Delivery, Live, RelayClient
+from agent_sdk.directory import Directory
+from agent_sdk.identity import Identity
+from agent_sdk.ledger import LedgerRefusal
+from agent_sdk.wire import Event, decode, sign_event
+from relay.coordination.host import Host
+from relay.node import RelayConfig, RelayNode
+from relay.store.memory import MemoryStore
+from tests.conftest import RunningRelay, identity, start_relay
+from tests.relay.test_node import virtual_wall
+
+NS = "crew@local"
+RELAY = identity(2)
+
+
+def member(n: int) -> Identity:
+    """Identities for crowds (``identity`` covers 0 to 255)."""
+    return Identity.from_seed((10_000 + n).to_bytes(32, "big"))
+
+
+async def test_two_hundred_join_fifty_drop_and_a_hundred_fifty_stay_online(
+    relay: RunningRelay,
+) -> None:
+    total, dropped = 200, 50
+    joined_all, leaves_seen, release = trio.Event(), trio.Event(), trio.Event()
+    joined: list[bytes] = []
+    left: list[dict[str, Any]] = []
+    clients: dict[bytes, RelayClient] = {}
+
+    async def watch(task_status: trio.TaskStatus[None]) -> None:
+        async with (
+            RelayClient.connect(relay.url, identity(1)) as watcher,
+            watcher.subscribe(NS, kinds=["dir.*"]) as feed,
+        ):
+            task_status.started()
+            async for item in feed:
+                if isinstance(item, Live):
+                    continue
+                assert isinstance(item, Delivery)
+                if item.event.event.kind == "dir.left":
+                    left.append(item.event.event.body)
+                    if len(left) == dropped:
+                        leaves_seen.set()
+
+    async def agent(n: int) -> None:
+        me = member(n)
+        try:
+            async with RelayClient.connect(relay.url, me, reconnect=False) as client:
+                clients[me.public_key] = client
+                await Directory(client, NS).join(f"agent-{n}", capabilities=["worker"])
+                joined.append(me.public_key)
+                if len(joined) == total:
+                    joined_all.set()
+                await release.wait()
+        except Exception:
+            if n >= dropped:
+                raise  # only the dropped ones may lose their connection
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(watch)
+        for n in range(total):
+            nursery.start_soon(agent, n)
+        await joined_all.wait()
+        gone = {member(n).public_key for n in range(dropped)}
+        for key in gone:  # abruptly: the TCP stream, no WebSocket close
+            ws = clients[key].ws
+            assert ws is not None
+            await ws.stream.aclose()
+        await leaves_seen.wait()
+        async with RelayClient.connect(relay.url, identity(3)) as reader:
+            directory = Directory(reader, NS)
+            online = await directory.list()
+            assert len(online) == total - dropped == await directory.count()
+            assert not gone & {p["agent"] for p in online}
+            assert await directory.count(online=False) == total
+        assert {body["agent"] for body in left} == gone
+        assert {body["reason"] for body in left} == {"disconnected"}
+        release.set()
+        nursery.cancel_scope.cancel()  # the watcher follows the log for ever
+
+
+async def test_profiles_queries_and_a_leave(relay: RunningRelay) -> None:
+    async with (
+        RelayClient.connect(relay.url, identity(1)) as one,
+        RelayClient.connect(relay.url, identity(3)) as two,
+    ):
+        first, second = Directory(one, NS), Directory(two, NS)
+        profile = await first.join(
+            "indexer", capabilities=["python@3.11", "search"], role="worker", meta={"cpu": 4}
+        )
+        assert profile["first"] and profile["presence"] == "connection"
+        await second.join("planner", capabilities=["python@3.12"], role="coordinator")
+        assert [p["name"] for p in await first.find("python")] == ["indexer", "planner"]
+        assert [p["name"] for p in await first.find("python@3.11")] == ["indexer"]
+        assert [p["name"] for p in await first.find("python", role="coordinator")] == ["planner"]
+        got = await second.get(identity(1).public_key)
+        assert got["meta"] == {"cpu": 4} and got["online"]
+        again = await first.join("indexer-2", capabilities=["search"])
+        assert not again["first"]  # a new profile, the same member
+        await second.leave()
+        assert [p["name"] for p in await first.list()] == ["indexer-2"]
+        everyone = await first.list(online=False)
+        assert [(p["name"], p["online"], p["reason"]) for p in everyone] == [
+            ("indexer-2", True, ""),
+            ("planner", False, "left"),
+        ]
+        with pytest.raises(LedgerRefusal) as info:
+            await second.leave()
+        assert info.value.problem == "not_joined"
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        ({"name": ""}, "bad_request"),
+        ({"name": "x", "capabilities": ["Has Spaces"]}, "bad_request"),
+        ({"name": "x", "capabilities": "python"}, "bad_request"),
+        ({"name": "x", "heartbeat_ms": 10}, "bad_request"),
+        ({"name": "x", "meta": b"bytes"}, "bad_request"),
+        ({"name": "x", "unknown": 1}, "bad_request"),
+    ],
+)
+async def test_bad_joins_are_refused(
+    relay: RunningRelay, body: dict[str, Any], problem: str
+) -> None:
+    async with RelayClient.connect(relay.url, identity(1)) as client:
+        published = await client.publish(NS, "dir.join", body)
+        assert published.outcome is not None
+        verdict = published.outcome.event.event
+        assert verdict.kind == "dir.rejected" and verdict.body["problem"] == problem
+        assert await Directory(client, NS).count(online=False) == 0
+        with pytest.raises(LedgerRefusal) as info:
+            await Directory(client, NS).heartbeat()  # not a heartbeat member
+        assert info.value.problem == "not_joined"
+
+
+async def test_heartbeat_presence_times_out_at_its_expiry(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    node = RelayNode(RELAY, MemoryStore(), RelayConfig(), wall_ms=virtual_wall())
+    await nursery.start(node.run)
+    agent = identity(1)
+    nonce = 0
+
+    async def ask(kind: str, body: Any) -> dict[str, Any]:
+        nonlocal nonce
+        nonce += 1
+        event = Event(NS, kind, agent.public_key, body, ts=node.wall_ms(), nonce=bytes([nonce]))
+        request = await node.publish(sign_event(event, agent.sign))
+        located = node.outcome_of(request.id)
+        assert located is not None
+        return dict(decode((await node.committed_record(located.ns, located.seq)).event)["body"])
+
+    joined = await ask("dir.join", {"name": "cron-agent", "heartbeat_ms": 5_000})
+    assert joined["presence"] == "heartbeat"
+    await trio.sleep(3)
+    alive = await ask("dir.heartbeat", {})
+    assert (
+        alive["expires_ms"] == node.wall_ms() + 5_000 or alive["expires_ms"] > joined["expires_ms"]
+    )
+    await trio.sleep(4.9)
+    assert (await node.query(NS, "dir.count", {}))["count"] == 1
+    await trio.sleep(0.2)  # past the expiry: the timer writes the leave
+    await trio.testing.wait_all_tasks_blocked()
+    assert (await node.query(NS, "dir.count", {}))["count"] == 0
+    records = list(node.store.scan(NS))
+    last = decode(records[-1].event)
+    assert last["kind"] == "dir.left" and last["body"]["reason"] == "timeout"
+    assert last["body"]["at_ms"] == alive["expires_ms"]  # stamped with the expiry itself
+    replayed = Host(RELAY.public_key)
+    replayed.rebuild(records)
+    assert replayed.coordinators[NS].directory == node.coordination.coordinators[NS].directory
+
+
+async def test_a_restarted_relay_says_its_connection_members_left(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    data = tmp_path / "relay"
+    first = await start_relay(nursery, data)
+    async with RelayClient.connect(first.url, identity(1)) as client:
+        await Directory(client, NS).join("short-lived")
+    first.scope.cancel()
+    await trio.testing.wait_all_tasks_blocked()
+    second = await start_relay(nursery, data)
+    async with RelayClient.connect(second.url, identity(3)) as client:
+        directory = Directory(client, NS)
+        assert await directory.count() == 0
+        [member] = await directory.list(online=False)
+        assert member["reason"] in ("disconnected", "relay restarted")
+    second.scope.cancel()
