@@ -44,6 +44,7 @@ EXIT_OF_PROBLEM = {
     "nothing_open": 4,
     "bad_request": 2,
     "bad_ttl": 2,
+    "not_joined": 4,
 }
 
 EXIT_OF_CODE = {ErrorCode.NOT_FOUND: 4, ErrorCode.BAD_QUERY: 2}

@@ -136,3 +136,45 @@ async def test_locks_from_a_shell_script(relay: RunningRelay, tmp_path: Path) ->
     assert json.loads((tmp_path / "theirs.json").read_text())["fencing_token"] == 2
     codes = dict(line.split("=") for line in (tmp_path / "codes.txt").read_text().split())
     assert codes == {"other": "3", "not-mine": "2"}  # no token kept for it: a usage error
+
+
+DIR_SCRIPT = r"""
+set -u
+d() { "$PYTHON" -m agent_sdk.cli dir "$@"; }
+d join --name indexer --capability python@3.11 --capability search --role worker \
+  --json > me.json || exit 10
+FORMICARY_KEY=$OTHER_KEY d join --name planner --capability python@3.12 --heartbeat 1h || exit 11
+d list --json > online.json || exit 12
+d find python@3.11 --json > found.json || exit 13
+FORMICARY_KEY=$OTHER_KEY d leave || exit 14
+FORMICARY_KEY=$OTHER_KEY d leave; echo "leave-twice=$?" > codes.txt
+d list --all --json > all.json || exit 15
+d join --name x --capability "Not A Tag"; echo "bad-cap=$?" >> codes.txt
+exit 0
+"""
+
+
+async def test_the_directory_from_a_shell_script(relay: RunningRelay, tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "FORMICARY_RELAY": relay.url,
+        "FORMICARY_KEY": str(tmp_path / "me" / "agent.key"),
+        "OTHER_KEY": str(tmp_path / "other" / "agent.key"),
+        "FORMICARY_NS": "crew@local",
+    }
+    done = await trio.run_process(
+        ["bash", "-c", DIR_SCRIPT], cwd=tmp_path, env=env, check=False, capture_stderr=True
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    me = json.loads((tmp_path / "me.json").read_text())
+    assert me["presence"] == "heartbeat" and me["capabilities"] == ["python@3.11", "search"]
+    assert [p["name"] for p in json.loads((tmp_path / "online.json").read_text())] == [
+        "indexer",
+        "planner",
+    ]
+    assert [p["name"] for p in json.loads((tmp_path / "found.json").read_text())] == ["indexer"]
+    everyone = json.loads((tmp_path / "all.json").read_text())
+    assert [(p["name"], p["online"]) for p in everyone] == [("indexer", True), ("planner", False)]
+    codes = dict(line.split("=") for line in (tmp_path / "codes.txt").read_text().split())
+    assert codes == {"leave-twice": "4", "bad-cap": "2"}
