@@ -17,6 +17,7 @@ from typing import Any
 from agent_sdk.wire import decode
 from relay.coordination.leases import TtlBounds
 from relay.coordination.requests import (
+    AUCTION_EVENTS,
     CLAIM_TTL,
     EXPIRED,
     LEFT,
@@ -62,20 +63,28 @@ class Host:
             self.coordinators[ns] = coordinator
         return coordinator
 
-    def on_sequenced(self, record: Record) -> Outcome | None:
+    def on_sequenced(self, record: Record, *, replaying: bool = False) -> Outcome | None:
         """The outcome to append after ``record``, if it is a coordination request.
 
-        A ``lease.expired`` written by this relay is replayed, not decided again.
+        With ``replaying`` (a rebuild), the events the relay's timer wrote — a
+        ``lease.expired``, an auction closed or settled, a ``dir.left`` — are applied
+        again as they were, not decided again. Live, the timer applied them already.
         """
         if record.kind in REQUEST_KINDS:
             body = _body(record)
             coordinator = self.coordinator(record.ns)
             now_ms = record.hlc >> HLC_SHIFT
             return coordinator.decide(record.kind, body, record.author, record.id, now_ms)
-        if record.kind == EXPIRED and record.author == self.relay_key:
+        if not replaying or record.author != self.relay_key:
+            return None
+        if record.kind == EXPIRED:
             coordinator = self.coordinator(record.ns)
             coordinator.replay_expired(_body(record))
-        elif record.kind == LEFT and record.author == self.relay_key:
+        elif record.kind in AUCTION_EVENTS:
+            body = _body(record)
+            if "req" not in body:  # the timer's: a close, a completion, a failure
+                self.coordinator(record.ns).replay_auction(record.kind, body)
+        elif record.kind == LEFT:
             body = _body(record)
             if "req" not in body:  # the relay's own: a disconnect, a timeout, a restart
                 self.coordinator(record.ns).replay_left(body)
@@ -95,7 +104,7 @@ class Host:
         """
         decided: dict[bytes, tuple[str, Outcome]] = {}
         for record in records:
-            outcome = self.on_sequenced(record)
+            outcome = self.on_sequenced(record, replaying=True)
             if outcome is not None:
                 decided[record.id] = (record.ns, outcome)
             elif record.kind in ANSWER_KINDS and record.author == self.relay_key:

@@ -65,6 +65,7 @@ class Problem(enum.Enum):
     BAD_TTL = "bad_ttl"
     BAD_TRANSITION = "bad_transition"
     NOTHING_OPEN = "nothing_open"
+    RESERVED = "reserved"
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +126,8 @@ Outcome = Done | Rejection
 class Ledger:
     leases: LeaseEngine = field(default_factory=LeaseEngine)
     orders: dict[str, WorkOrder] = field(default_factory=dict)
+    reserved: dict[str, str] = field(default_factory=dict)
+    """Order -> the auction that alone may give it out (see auctions.py)."""
 
     def create(self, contract: Contract, creator: bytes, now_ms: int) -> Done:
         order_id = f"wo-{len(self.orders) + 1}"
@@ -133,10 +136,21 @@ class Ledger:
         self.orders[order_id] = order
         return Done(order_id, Status.OPEN)
 
-    def claim(self, order_id: str, agent: bytes, now_ms: int, ttl_ms: int | None = None) -> Outcome:
+    def claim(
+        self,
+        order_id: str,
+        agent: bytes,
+        now_ms: int,
+        ttl_ms: int | None = None,
+        *,
+        auction: str | None = None,
+    ) -> Outcome:
         order = self._current(order_id, now_ms)
         if isinstance(order, Rejection):
             return order
+        reserved = self.reserved.get(order_id)
+        if reserved is not None and reserved != auction:
+            return Rejection(Problem.RESERVED, f"{order_id} is given out by auction {reserved}")
         if order.status is Status.CLAIMED:
             lease = self.leases.holder(order_id, now_ms)
             who = lease.holder.hex() if lease else "?"
@@ -154,7 +168,11 @@ class Ledger:
 
     def next(self, agent: bytes, now_ms: int, ttl_ms: int | None = None) -> Outcome:
         """Claim the open order of highest priority (oldest first among equals)."""
-        candidates = [o for o in self.orders.values() if self._status(o, now_ms) is Status.OPEN]
+        candidates = [
+            o
+            for o in self.orders.values()
+            if self._status(o, now_ms) is Status.OPEN and o.id not in self.reserved
+        ]
         if not candidates:
             return Rejection(Problem.NOTHING_OPEN, "no open work order")
         best = max(candidates, key=lambda o: (o.contract.priority, -int(o.id[3:])))
@@ -284,6 +302,9 @@ class Ledger:
         order = self._current(order_id, now_ms)
         if isinstance(order, Rejection):
             return order
+        if order_id in self.reserved and order.status is not Status.CLAIMED:
+            reason = f"{order_id} belongs to auction {self.reserved[order_id]} until it ends"
+            return Rejection(Problem.RESERVED, reason)
         refused = self._refuse_move(order, op)
         if refused is not None:
             return refused

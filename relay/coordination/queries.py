@@ -19,6 +19,7 @@ from typing import Any
 import msgpack
 
 from agent_sdk.errors import ErrorCode, ProtocolError
+from relay.coordination.auctions import Auction
 from relay.coordination.directory import Capability, Member
 from relay.coordination.fields import BadRequest, only, opt_integer, opt_text, text
 from relay.coordination.leases import Lease
@@ -318,6 +319,69 @@ def dir_count(coordinator: Coordinator, args: dict[str, Any], now_ms: int, budge
     return {"count": len(_members(coordinator, args, now_ms))}
 
 
+def _auction_view(auction: Auction, coordinator: Coordinator, now_ms: int) -> dict[str, Any]:
+    bids = sorted(auction.bids.values(), key=lambda b: b.order)
+    return {
+        "auction": auction.id,
+        "requester": auction.requester,
+        "wo": auction.wo,
+        "phase": auction.phase.value,
+        "rule": auction.rule,
+        "deadline_ms": auction.deadline_ms,
+        "capabilities": [str(c) for c in auction.capabilities],
+        "min_reputation": auction.min_reputation,
+        "reserve": auction.reserve,
+        "slash_ppm": auction.slash_ppm,
+        "bids": [
+            {"bidder": b.bidder, "stake": b.stake, "price": b.price, "note": b.note} for b in bids
+        ],
+        "ranking": list(auction.ranking),
+        "awardee": auction.awardee,
+        "token": auction.token or None,
+        "confirm_by": auction.confirm_by or None,
+        "history": auction.history[-SHOWN:],
+    }
+
+
+def auction_show(coordinator: Coordinator, args: dict[str, Any], now_ms: int, budget: int) -> Any:
+    only(args, "auction")
+    auction_id = text(args, "auction", 64)
+    auction = coordinator.auctions.auctions.get(auction_id)
+    if auction is None:
+        raise _not_found(f"no auction {auction_id}")
+    return _auction_view(auction, coordinator, now_ms)
+
+
+def auction_list(coordinator: Coordinator, args: dict[str, Any], now_ms: int, budget: int) -> Any:
+    """Auctions in opening order, without their bids (``auction.show`` has those)."""
+    only(args, "phase", "limit")
+    wanted = opt_text(args, "phase", 16)
+    items = (
+        {k: v for k, v in _auction_view(a, coordinator, now_ms).items() if k != "bids"}
+        for a in coordinator.auctions.auctions.values()
+        if wanted in (None, a.phase.value)
+    )
+    page, more = _page(items, _limit(args), budget)
+    return {"auctions": page, "more": more}
+
+
+def stake_show(coordinator: Coordinator, args: dict[str, Any], now_ms: int, budget: int) -> Any:
+    """An agent's balance, locked stake and reputation, with the namespace's totals."""
+    only(args, "agent")
+    agent = args.get("agent")
+    if not isinstance(agent, bytes):
+        raise BadRequest("agent must be a key (bytes)")
+    stakes = coordinator.stakes
+    return {
+        "agent": agent,
+        "balance": stakes.available(agent),
+        "locked": stakes.locked_by(agent),
+        "reputation": coordinator.reputation.score(agent, now_ms),
+        "granted_total": stakes.granted,
+        "slashed_total": stakes.slashed,
+    }
+
+
 Handler = Callable[[Coordinator, dict[str, Any], int, int], Any]
 
 QUERIES: dict[str, Handler] = {
@@ -332,4 +396,7 @@ QUERIES: dict[str, Handler] = {
     "dir.get": dir_get,
     "dir.find": dir_find,
     "dir.count": dir_count,
+    "auction.show": auction_show,
+    "auction.list": auction_list,
+    "stake.show": stake_show,
 }

@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from relay.coordination.auctions import RULES, Auction, Auctions, Bid, Phase
+from relay.coordination.auctions import Refused as AuctionRefused
 from relay.coordination.directory import (
     CAPABILITY_RE,
     MAX_CAPABILITIES,
@@ -40,6 +42,7 @@ from relay.coordination.fields import (
 from relay.coordination.leases import Granted, Lease, LeaseEngine, Refused, TtlBounds
 from relay.coordination.ledger import Contract, Done, Ledger, Rejection, Status
 from relay.coordination.records import NAMESPACE, Conflict, Records
+from relay.coordination.stakes import PPM, Reputation, Stakes
 
 CLAIM_TTL = TtlBounds()
 """Claims: 30 minutes unless asked otherwise, from 1 second to 24 hours."""
@@ -57,7 +60,10 @@ WO_KINDS = frozenset(
 LOCK_KINDS = frozenset({"lock.acquire", "lock.renew", "lock.release"})
 RECORD_KINDS = frozenset({"context.put", "bulletin.post", "decision.add", "ckpt.set"})
 DIR_KINDS = frozenset({"dir.join", "dir.leave", "dir.heartbeat"})
-REQUEST_KINDS = WO_KINDS | LOCK_KINDS | RECORD_KINDS | DIR_KINDS
+AUCTION_KINDS = frozenset(
+    {"auction.open", "auction.bid", "auction.withdraw", "auction.confirm", "auction.reject"}
+)
+REQUEST_KINDS = WO_KINDS | LOCK_KINDS | RECORD_KINDS | DIR_KINDS | AUCTION_KINDS
 OUTCOME_OF = {
     "wo.create": "wo.created",
     "wo.claim": "wo.claimed",
@@ -76,7 +82,14 @@ OUTCOME_OF = {
     "dir.join": "dir.joined",
     "dir.leave": "dir.left",
     "dir.heartbeat": "dir.alive",
+    "auction.open": "auction.opened",
+    "auction.bid": "auction.bid_placed",
+    "auction.withdraw": "auction.withdrawn",
+    "auction.confirm": "auction.confirmed",
+    "auction.reject": "auction.failed",
 }
+AUCTION_EVENTS = frozenset({"auction.closed", "auction.completed", "auction.failed"})
+"""Written by the relay's timer (without ``req``) and re-applied on replay."""
 REJECTED_OF = {kind: kind.partition(".")[0] + ".rejected" for kind in REQUEST_KINDS}
 """One refusal kind per family: ``wo.rejected``, ``lock.rejected``, ``context.rejected``..."""
 REJECTED = REJECTED_OF["wo.claim"]
@@ -84,7 +97,7 @@ LOCK_REJECTED = REJECTED_OF["lock.acquire"]
 EXPIRED = "lease.expired"
 LEFT = "dir.left"
 """Also written by the relay itself, without ``req``: a disconnect, a timeout, a restart."""
-RELAY_KINDS = frozenset({*OUTCOME_OF.values(), *REJECTED_OF.values(), EXPIRED})
+RELAY_KINDS = frozenset({*OUTCOME_OF.values(), *REJECTED_OF.values(), EXPIRED, *AUCTION_EVENTS})
 """Kinds only the relay may author."""
 
 
@@ -102,6 +115,9 @@ class Coordinator:
     locks: LeaseEngine = field(default_factory=lambda: LeaseEngine(bounds=LOCK_TTL))
     records: Records = field(default_factory=Records)
     directory: Directory = field(default_factory=Directory)
+    stakes: Stakes = field(default_factory=Stakes)
+    reputation: Reputation = field(default_factory=Reputation)
+    auctions: Auctions = field(default_factory=Auctions)
 
     @classmethod
     def with_bounds(cls, claims: TtlBounds, locks: TtlBounds) -> Coordinator:
@@ -117,6 +133,8 @@ class Coordinator:
             return self._decide_record(kind, body, author, request_id, now_ms)
         if kind in DIR_KINDS:
             return self._decide_dir(kind, body, author, request_id, now_ms)
+        if kind in AUCTION_KINDS:
+            return self._decide_auction(kind, body, author, request_id, now_ms)
         if kind not in REQUEST_KINDS:
             return None
         try:
@@ -241,9 +259,9 @@ class Coordinator:
             if kind == "dir.join":
                 member = _member(fields, author, now_ms)
                 first = directory.join(member)
-                return Outcome(
-                    OUTCOME_OF[kind], {"req": request_id, "first": first, **_profile(member)}
-                )
+                granted = self.stakes.grant_once(author)  # a first join's stake
+                answer = {"req": request_id, "first": first, "granted": granted}
+                return Outcome(OUTCOME_OF[kind], {**answer, **_profile(member)})
             only(fields)
         except BadRequest as exc:
             return _rejected(REJECTED_OF[kind], request_id, "bad_request", str(exc))
@@ -258,9 +276,65 @@ class Coordinator:
         answer = {"req": request_id, "agent": author, "expires_ms": alive.expires_ms}
         return Outcome(OUTCOME_OF[kind], answer)
 
+    def _decide_auction(
+        self, kind: str, body: Any, author: bytes, request_id: bytes, now_ms: int
+    ) -> Outcome:
+        """Opening, bidding, withdrawing, confirming, rejecting (see auctions.py)."""
+        try:
+            fields = as_map(body)
+            answer = self._auction(kind, fields, author, now_ms)
+        except BadRequest as exc:
+            return _rejected(REJECTED_OF[kind], request_id, "bad_request", str(exc))
+        except AuctionRefused as exc:
+            return _rejected(REJECTED_OF[kind], request_id, exc.problem, exc.reason)
+        kind_out = answer.pop("kind", OUTCOME_OF[kind])
+        return Outcome(kind_out, {"req": request_id, **answer})
+
+    def _auction(self, kind: str, body: dict[str, Any], author: bytes, now: int) -> dict[str, Any]:
+        auctions, stakes = self.auctions, self.stakes
+        if kind == "auction.open":
+            only(body, *AUCTION_FIELDS)
+            auction = _auction_of(body, author, now, f"auc-{len(auctions.auctions) + 1}")
+            title = opt_text(body, "title", 200)
+            if title is None and "wo" not in body:
+                raise BadRequest("an auction needs a title (a new order) or a wo")
+            auctions.open(auction, self.ledger, title)
+            return {"auction": auction.id, "wo": auction.wo, "deadline_ms": auction.deadline_ms,
+                    "rule": auction.rule}  # fmt: skip
+        auction_id = text(body, "auction", 64)
+        if kind == "auction.bid":
+            only(body, "auction", "stake", "price", "note")
+            stake, price = integer(body, "stake"), integer(body, "price")
+            if stake < 1 or price < 0:
+                raise BadRequest("stake must be at least 1 and price at least 0")
+            note = text(body, "note", MAX_POST, default="")
+            bid = Bid(author, stake, price, note, now, 0)
+            auctions.bid(auction_id, bid, stakes, self.directory, self.reputation)
+            return {"auction": auction_id, "bidder": author, "stake": stake, "price": price}
+        if kind == "auction.withdraw":
+            only(body, "auction")
+            unlocked = auctions.withdraw(auction_id, author, now, stakes)
+            return {"auction": auction_id, "bidder": author, "unlocked": unlocked}
+        if kind == "auction.confirm":
+            only(body, "auction")
+            auctions.confirm(auction_id, author, now)
+            return {"auction": auction_id, "agent": author}
+        assert kind == "auction.reject"
+        only(body, "auction", "reason")
+        reason = text(body, "reason", MAX_POST, default="")
+        mine = auctions.auctions.get(auction_id)
+        if mine is None or mine.requester != author:
+            raise AuctionRefused("not_found", f"no auction {auction_id} of yours")
+        if mine.phase not in (Phase.AWARDED, Phase.CONFIRMED):
+            raise AuctionRefused("bad_transition", f"{auction_id} is {mine.phase.value}")
+        failed = auctions.fail(auction_id, "rejected", now, self.ledger, stakes, self.reputation)
+        failed["note"] = reason
+        return failed
+
     def due(self, now_ms: int) -> list[Outcome]:
         """The timer: ``lease.expired`` for claims that ran out, ``dir.left`` for
-        heartbeats that stopped. Each is applied here, as it will be on replay."""
+        heartbeats that stopped, auctions closed and awards settled. Each is applied
+        here, as it will be on replay."""
         out = []
         lapsed = self.ledger.expire(now_ms)
         if lapsed:
@@ -269,7 +343,20 @@ class Coordinator:
             at = member.expires_ms or now_ms
             self.directory.leave(member.agent, at, "timeout")
             out.append(Outcome(LEFT, {"agent": member.agent, "reason": "timeout", "at_ms": at}))
+        for event in self.auctions.due(now_ms, self.ledger, self.stakes, self.reputation):
+            kind = event.pop("kind")
+            out.append(Outcome(kind, event))
         return out
+
+    def replay_auction(self, kind: str, body: dict[str, Any]) -> None:
+        """Re-apply an auction event the relay's timer wrote: the same step, at its time."""
+        auctions, at = self.auctions, body["at_ms"]
+        if kind == "auction.closed":
+            auctions.close(body["auction"], at, self.ledger, self.stakes, self.reputation)
+        elif body.get("reason") == "rejected":  # pragma: no cover - rejections have a req
+            return
+        else:
+            auctions.settle(body["auction"], at, self.ledger, self.stakes, self.reputation)
 
     def disconnected(self, agent: bytes, now_ms: int, reason: str) -> Outcome | None:
         """The last connection of a member by connection closed (or the relay restarted)."""
@@ -290,7 +377,11 @@ class Coordinator:
         self.directory.leave(body["agent"], body["at_ms"], body["reason"])
 
     def next_expiry_ms(self) -> int | None:
-        times = [self.ledger.leases.next_expiry_ms(), self.directory.next_expiry_ms()]
+        times = [
+            self.ledger.leases.next_expiry_ms(),
+            self.directory.next_expiry_ms(),
+            self.auctions.next_deadline_ms(),
+        ]
         return min((t for t in times if t is not None), default=None)
 
     def _apply(self, kind: str, body: dict[str, Any], author: bytes, now: int) -> Done | Rejection:
@@ -341,6 +432,51 @@ def _lease(lease: Lease) -> dict[str, Any]:
 
 
 MAX_HEARTBEAT_MS = 24 * 3600 * 1000
+MAX_AUCTION_MS = 30 * 24 * 3600 * 1000
+AUCTION_FIELDS = (
+    "title", "wo", "deadline_ms", "duration_ms", "capabilities", "min_reputation",
+    "reserve", "rule", "confirm_ms", "lease_ms", "slash_ppm",
+)  # fmt: skip
+
+
+def _auction_of(body: dict[str, Any], requester: bytes, now: int, auction_id: str) -> Auction:
+    deadline, duration = opt_integer(body, "deadline_ms"), opt_integer(body, "duration_ms")
+    if (deadline is None) == (duration is None):
+        raise BadRequest("give deadline_ms or duration_ms, one of them")
+    deadline = deadline if deadline is not None else now + (duration or 0)
+    if not now < deadline <= now + MAX_AUCTION_MS:
+        raise BadRequest("the deadline must be in the future, within 30 days")
+    rule = text(body, "rule", 32, default="stake_x_reputation")
+    if rule not in RULES:
+        raise BadRequest(f"rule must be one of {', '.join(RULES)}")
+    minimum = body.get("min_reputation", 0)
+    if type(minimum) not in (int, float):
+        raise BadRequest("min_reputation must be a number")
+    capabilities = texts(body, "capabilities")
+    if not all(CAPABILITY_RE.fullmatch(c) for c in capabilities):
+        raise BadRequest("capabilities are tags, optionally @version")
+    reserve = opt_integer(body, "reserve")
+    confirm = opt_integer(body, "confirm_ms") or 60_000
+    lease = opt_integer(body, "lease_ms") or 30 * 60 * 1000
+    slash = opt_integer(body, "slash_ppm")
+    slash = 200_000 if slash is None else slash
+    if not 1_000 <= confirm <= MAX_HEARTBEAT_MS or not 1_000 <= lease <= MAX_HEARTBEAT_MS:
+        raise BadRequest("confirm_ms and lease_ms must be 1000 to 86400000")
+    if not 0 <= slash <= PPM or (reserve is not None and reserve < 0):
+        raise BadRequest("slash_ppm is 0 to 1000000; reserve is 0 or more")
+    return Auction(
+        id=auction_id,
+        requester=requester,
+        wo=text(body, "wo", 64, default=""),
+        deadline_ms=deadline,
+        rule=rule,
+        capabilities=tuple(Capability.parse(c) for c in capabilities),
+        min_reputation=float(minimum),
+        reserve=reserve,
+        confirm_ms=confirm,
+        lease_ms=lease,
+        slash_ppm=slash,
+    )
 
 
 def _member(body: dict[str, Any], agent: bytes, now_ms: int) -> Member:

@@ -1,0 +1,132 @@
+"""Task auctions from an agent's side: open, bid, withdraw, confirm, reject, wait.
+
+A requester opens an auction for a task (a new work order, or one of its open ones)
+with a deadline and an award rule; members bid a stake and a price. The relay closes
+the auction at the deadline and awards the order as a lease:
+``award = await auctions.wait_award(auction)`` says to whom, with the fencing token.
+The winner confirms (``confirm``) within the window, works, and marks the order done
+through the ledger with ``Claim(award["wo"], award["token"], award["expires_ms"])``.
+Refusals raise :class:`~agent_sdk.ledger.LedgerRefusal` (``closed``,
+``insufficient_stake``, ``ineligible``, ``own_auction``, ``over_reserve``, ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from agent_sdk.client import Delivery, Live, RelayClient
+from agent_sdk.ledger import Claim, Ledger
+
+
+class Auctions:
+    """The auctions of one namespace, through one client."""
+
+    def __init__(self, client: RelayClient, ns: str) -> None:
+        self.client = client
+        self.ns = ns
+        self._requests = Ledger(client, ns)
+
+    async def open(
+        self,
+        *,
+        title: str | None = None,
+        wo: str | None = None,
+        duration_ms: int | None = None,
+        deadline_ms: int | None = None,
+        rule: str = "stake_x_reputation",
+        capabilities: Sequence[str] = (),
+        min_reputation: float = 0,
+        reserve: int | None = None,
+        **terms: int,
+    ) -> dict[str, Any]:
+        """Open an auction; returns ``{auction, wo, deadline_ms, rule}``. ``terms``:
+        ``confirm_ms``, ``lease_ms``, ``slash_ppm``."""
+        body: dict[str, Any] = {
+            "rule": rule,
+            "capabilities": list(capabilities),
+            "min_reputation": min_reputation,
+            **terms,
+        }
+        for key, value in (
+            ("title", title),
+            ("wo", wo),
+            ("duration_ms", duration_ms),
+            ("deadline_ms", deadline_ms),
+            ("reserve", reserve),
+        ):
+            if value is not None:
+                body[key] = value
+        return await self._requests.request("auction.open", body)
+
+    async def bid(self, auction: str, stake: int, price: int, note: str = "") -> dict[str, Any]:
+        body = {"auction": auction, "stake": stake, "price": price, "note": note}
+        return await self._requests.request("auction.bid", body)
+
+    async def withdraw(self, auction: str) -> int:
+        """Withdraw our bid; returns the stake unlocked."""
+        answer = await self._requests.request("auction.withdraw", {"auction": auction})
+        return int(answer["unlocked"])
+
+    async def confirm(self, auction: str) -> None:
+        await self._requests.request("auction.confirm", {"auction": auction})
+
+    async def reject(self, auction: str, reason: str = "") -> dict[str, Any]:
+        """As the requester: the awardee's work is not acceptable (it is slashed)."""
+        return await self._requests.request(
+            "auction.reject", {"auction": auction, "reason": reason}
+        )
+
+    async def show(self, auction: str) -> dict[str, Any]:
+        return dict(await self.client.query(self.ns, "auction.show", {"auction": auction}))
+
+    async def list(self, phase: str | None = None) -> list[dict[str, Any]]:
+        args: dict[str, Any] = {"limit": 1000} if phase is None else {"phase": phase, "limit": 1000}
+        return [
+            dict(a) for a in (await self.client.query(self.ns, "auction.list", args))["auctions"]
+        ]
+
+    async def stake(self, agent: bytes | None = None) -> dict[str, Any]:
+        """Balance, locked stake and reputation of ``agent`` (default: this one)."""
+        key = agent or self.client.identity.public_key
+        return dict(await self.client.query(self.ns, "stake.show", {"agent": key}))
+
+    async def wait_award(
+        self, auction: str, *, after: bytes | None = None
+    ) -> dict[str, Any] | None:
+        """Wait until ``auction`` is awarded (to someone other than ``after``, to wait
+        past a failed award); returns the award, or ``None`` when nobody is left."""
+        async with self.client.subscribe(self.ns, kinds=["auction.*"]) as feed:
+            shown = await self.show(auction)  # after subscribing: nothing falls between
+            award = _current(shown)
+            if award is not None and award["agent"] != after:
+                return award
+            if shown["phase"] in ("unawarded", "completed"):
+                return None
+            async for item in feed:
+                if isinstance(item, Live):
+                    continue
+                assert isinstance(item, Delivery)
+                event = item.event.event
+                body = event.body
+                if event.author != item.receipt.relay or body.get("auction") != auction:
+                    continue
+                if event.kind in ("auction.closed", "auction.failed"):
+                    award = body.get("award")
+                    if award is None:
+                        return None
+                    if award["agent"] != after:
+                        return dict(award)
+        return None
+
+
+def as_claim(award: dict[str, Any]) -> Claim:
+    """The award as a ledger claim: renew, note and finish the order with it."""
+    return Claim(order=award["wo"], token=award["token"], expires_ms=award["expires_ms"])
+
+
+def _current(shown: dict[str, Any]) -> dict[str, Any] | None:
+    if shown["phase"] not in ("awarded", "confirmed") or shown["awardee"] is None:
+        return None
+    return {"agent": shown["awardee"], "wo": shown["wo"], "token": shown["token"],
+            "confirm_by": shown["confirm_by"], "expires_ms": None}  # fmt: skip

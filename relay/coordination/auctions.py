@@ -1,0 +1,361 @@
+"""Task auctions (contract-net with stakes and confirmation), decided from the log (pure).
+
+Theory of operation
+-------------------
+A requester opens an auction for a task: a new work order (or one of its open ones)
+that only the auction may give out (the ledger holds it *reserved*). Members bid
+before the deadline with a stake, locked from their balance, and a price. At the
+deadline the relay closes the auction itself: it ranks the eligible bids by the
+award rule, unlocks every stake but the winner's, and awards the order to the
+winner as a ledger lease. The winner confirms within ``confirm_ms`` or the award
+passes on (unslashed). An award that fails — the winner releases the order, lets the
+lease expire, or the requester rejects the work — slashes ``slash_ppm`` of the
+winner's stake and passes the order to the next bidder in the ranking, who stakes
+again. The order marked done by the awardee completes the auction and unlocks its
+stake. Each of these is a relay event in the log, re-applied on replay.
+
+Award rules, ties broken the same way everywhere (so a replay picks the same winner):
+
+* ``stake_x_reputation``: highest ``stake * (1 + max(0, reputation))``, then lower
+  price, then earlier bid (log order);
+* ``lowest_price``: lowest price, then higher stake, then earlier bid;
+* ``first_eligible``: earliest bid.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from relay.coordination.directory import Capability, Directory
+from relay.coordination.ledger import Contract, Done, Ledger, Status
+from relay.coordination.stakes import Reputation, Stakes
+
+RULES = ("stake_x_reputation", "lowest_price", "first_eligible")
+
+
+class Phase(enum.Enum):
+    OPEN = "open"
+    AWARDED = "awarded"
+    """Given to ``ranking[award]``, who has not confirmed yet."""
+    CONFIRMED = "confirmed"
+    COMPLETED = "completed"
+    UNAWARDED = "unawarded"
+    """Nobody (left) to give the task to."""
+
+
+class Op(enum.Enum):
+    AWARD = "award"
+    CONFIRM = "confirm"
+    PASS = "pass"
+    COMPLETE = "complete"
+    EXHAUST = "exhaust"
+
+
+TRANSITIONS: dict[tuple[Phase, Op], Phase] = {
+    (Phase.OPEN, Op.AWARD): Phase.AWARDED,
+    (Phase.OPEN, Op.EXHAUST): Phase.UNAWARDED,
+    (Phase.AWARDED, Op.CONFIRM): Phase.CONFIRMED,
+    (Phase.AWARDED, Op.AWARD): Phase.AWARDED,
+    (Phase.CONFIRMED, Op.AWARD): Phase.AWARDED,
+    (Phase.AWARDED, Op.EXHAUST): Phase.UNAWARDED,
+    (Phase.CONFIRMED, Op.EXHAUST): Phase.UNAWARDED,
+    (Phase.AWARDED, Op.COMPLETE): Phase.COMPLETED,
+    (Phase.CONFIRMED, Op.COMPLETE): Phase.COMPLETED,
+}
+"""Every legal move of an auction; anything else is a refusal or our bug."""
+
+
+class Refused(Exception):
+    def __init__(self, problem: str, reason: str) -> None:
+        super().__init__(reason)
+        self.problem, self.reason = problem, reason
+
+
+@dataclass
+class Bid:
+    bidder: bytes
+    stake: int
+    price: int
+    note: str
+    at_ms: int
+    order: int
+    """Log order among this auction's bids: the last tie-break."""
+
+
+@dataclass
+class Auction:
+    id: str
+    requester: bytes
+    wo: str
+    deadline_ms: int
+    rule: str
+    capabilities: tuple[Capability, ...] = ()
+    min_reputation: float = 0.0
+    reserve: int | None = None
+    confirm_ms: int = 60_000
+    lease_ms: int = 30 * 60 * 1000
+    slash_ppm: int = 200_000
+    phase: Phase = Phase.OPEN
+    bids: dict[bytes, Bid] = field(default_factory=dict)
+    ranking: list[bytes] = field(default_factory=list)
+    award: int = -1
+    """Index into ``ranking`` of the current awardee."""
+    token: int = 0
+    confirm_by: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    bid_count: int = 0
+
+    @property
+    def awardee(self) -> bytes | None:
+        return self.ranking[self.award] if 0 <= self.award < len(self.ranking) else None
+
+
+@dataclass
+class Auctions:
+    auctions: dict[str, Auction] = field(default_factory=dict)
+
+    # -- requests ---------------------------------------------------------------------
+
+    def open(self, auction: Auction, ledger: Ledger, title: str | None) -> Auction:
+        if auction.rule not in RULES:
+            raise Refused("bad_request", f"rule must be one of {', '.join(RULES)}")
+        if title is not None:
+            created = ledger.create(Contract(title=title), auction.requester, auction.deadline_ms)
+            auction.wo = created.order
+        elif ledger.status(auction.wo, auction.deadline_ms) is not Status.OPEN:
+            raise Refused("bad_transition", f"{auction.wo} is not an open work order")
+        if auction.wo in ledger.reserved:
+            raise Refused("held", f"{auction.wo} is under auction {ledger.reserved[auction.wo]}")
+        ledger.reserved[auction.wo] = auction.id
+        self.auctions[auction.id] = auction
+        return auction
+
+    def bid(
+        self,
+        auction_id: str,
+        bid: Bid,
+        stakes: Stakes,
+        directory: Directory,
+        reputation: Reputation,
+    ) -> Bid:
+        auction = self._get(auction_id)
+        if auction.phase is not Phase.OPEN or bid.at_ms >= auction.deadline_ms:
+            raise Refused("closed", f"{auction_id} closed at {auction.deadline_ms}")
+        if bid.bidder == auction.requester:
+            raise Refused("own_auction", "a requester does not bid on its own auction")
+        member = directory.members.get(bid.bidder)
+        if member is None or not directory.is_online(member, bid.at_ms):
+            raise Refused("ineligible", "only members online in the directory bid")
+        missing = [str(c) for c in auction.capabilities if not member.can(c)]
+        if missing:
+            raise Refused("ineligible", f"missing capabilities: {', '.join(missing)}")
+        score = reputation.score(bid.bidder, bid.at_ms)
+        if score < auction.min_reputation:
+            raise Refused("ineligible", f"reputation {score:.3f} < {auction.min_reputation}")
+        if auction.reserve is not None and bid.price > auction.reserve:
+            raise Refused("over_reserve", f"price {bid.price} over the reserve {auction.reserve}")
+        previous = auction.bids.get(bid.bidder)
+        held = previous.stake if previous else 0
+        if bid.stake > stakes.available(bid.bidder) + held:
+            balance = stakes.available(bid.bidder) + held
+            raise Refused("insufficient_stake", f"stake {bid.stake} over the balance {balance}")
+        stakes.unlock(bid.bidder, auction_id)  # a new bid replaces the old one
+        stakes.lock(bid.bidder, auction_id, bid.stake)
+        auction.bid_count += 1
+        bid.order = auction.bid_count
+        auction.bids[bid.bidder] = bid
+        return bid
+
+    def withdraw(self, auction_id: str, bidder: bytes, now_ms: int, stakes: Stakes) -> int:
+        auction = self._get(auction_id)
+        if auction.phase is not Phase.OPEN or now_ms >= auction.deadline_ms:
+            raise Refused("closed", f"{auction_id} is closed")
+        if bidder not in auction.bids:
+            raise Refused("not_found", f"no bid of yours on {auction_id}")
+        del auction.bids[bidder]
+        return stakes.unlock(bidder, auction_id)
+
+    def confirm(self, auction_id: str, agent: bytes, now_ms: int) -> Auction:
+        auction = self._get(auction_id)
+        if auction.phase is not Phase.AWARDED or auction.awardee != agent:
+            raise Refused("not_holder", f"{auction_id} is not awarded to you, or confirmed")
+        if now_ms >= auction.confirm_by:
+            raise Refused("closed", f"the confirmation window closed at {auction.confirm_by}")
+        self._move(auction, Op.CONFIRM, now_ms, "confirmed")
+        return auction
+
+    # -- the timer (and replay) ---------------------------------------------------------
+
+    def due(
+        self,
+        now_ms: int,
+        ledger: Ledger,
+        stakes: Stakes,
+        reputation: Reputation,
+    ) -> list[dict[str, Any]]:
+        """Close what reached its deadline; settle awards that ended. Each result is
+        the body of a relay event (``kind`` inside), applied already."""
+        out = []
+        for auction in self.auctions.values():
+            if auction.phase is Phase.OPEN and now_ms >= auction.deadline_ms:
+                out.append(self.close(auction.id, auction.deadline_ms, ledger, stakes, reputation))
+            elif auction.phase in (Phase.AWARDED, Phase.CONFIRMED):
+                settled = self.settle(auction.id, now_ms, ledger, stakes, reputation)
+                if settled is not None:
+                    out.append(settled)
+        return out
+
+    def close(
+        self, auction_id: str, at_ms: int, ledger: Ledger, stakes: Stakes, reputation: Reputation
+    ) -> dict[str, Any]:
+        auction = self._get(auction_id)
+        auction.ranking = _rank(auction, reputation, at_ms)
+        winner = auction.ranking[0] if auction.ranking else None
+        for bidder in auction.bids:
+            if bidder != winner:
+                stakes.unlock(bidder, auction_id)
+        body: dict[str, Any] = {
+            "kind": "auction.closed",
+            "auction": auction_id,
+            "at_ms": at_ms,
+            "ranking": list(auction.ranking),
+        }
+        body["award"] = self._award_next(auction, at_ms, ledger, stakes, first=True)
+        return body
+
+    def settle(
+        self, auction_id: str, now_ms: int, ledger: Ledger, stakes: Stakes, reputation: Reputation
+    ) -> dict[str, Any] | None:
+        """Completion, failure or a lapsed confirmation of the current award, if any."""
+        auction = self._get(auction_id)
+        agent = auction.awardee
+        assert agent is not None
+        order = ledger.orders[auction.wo]
+        base = {"auction": auction_id, "agent": agent, "at_ms": now_ms}
+        if order.status is Status.DONE:
+            stakes.unlock(agent, auction_id)
+            reputation.record(agent, now_ms, 1.0)
+            self._move(auction, Op.COMPLETE, now_ms, "completed")
+            del ledger.reserved[auction.wo]
+            return {"kind": "auction.completed", **base}
+        lease = ledger.leases.holder(auction.wo, now_ms)
+        held = order.status is Status.CLAIMED and lease is not None and lease.token == auction.token
+        if held and auction.phase is Phase.AWARDED and now_ms >= auction.confirm_by:
+            ledger.release(auction.wo, agent, auction.token, now_ms)
+            stakes.unlock(agent, auction_id)  # not confirming costs the award, not stake
+            award = self._award_next(auction, now_ms, ledger, stakes)
+            return {
+                "kind": "auction.failed",
+                **base,
+                "reason": "unconfirmed",
+                "slashed": 0,
+                "award": award,
+            }
+        if held:
+            return None
+        if order.status is Status.CLAIMED:  # lapsed, the ledger's timer not yet run
+            ledger.expire_leases([(auction.wo, auction.token)])
+        reason = "expired" if "expired" in order.history[-1][2] else "released"
+        return self.fail(auction_id, reason, now_ms, ledger, stakes, reputation)
+
+    def fail(
+        self,
+        auction_id: str,
+        reason: str,
+        now_ms: int,
+        ledger: Ledger,
+        stakes: Stakes,
+        reputation: Reputation,
+    ) -> dict[str, Any]:
+        """The awardee failed: slash its stake, give the order to the next bidder."""
+        auction = self._get(auction_id)
+        agent = auction.awardee
+        assert agent is not None
+        slashed = stakes.slash(agent, auction_id, auction.slash_ppm)
+        reputation.record(agent, now_ms, -1.0)
+        lease = ledger.leases.holder(auction.wo, now_ms)
+        if lease is not None and lease.token == auction.token:  # rejected while held
+            ledger.release(auction.wo, agent, auction.token, now_ms)
+        award = self._award_next(auction, now_ms, ledger, stakes)
+        return {
+            "kind": "auction.failed",
+            "auction": auction_id,
+            "agent": agent,
+            "at_ms": now_ms,
+            "reason": reason,
+            "slashed": slashed,
+            "award": award,
+        }
+
+    def next_deadline_ms(self) -> int | None:
+        times = []
+        for auction in self.auctions.values():
+            if auction.phase is Phase.OPEN:
+                times.append(auction.deadline_ms)
+            elif auction.phase is Phase.AWARDED:
+                times.append(auction.confirm_by)
+        return min(times, default=None)
+
+    def watching(self) -> bool:
+        """Whether an award is out (its end is noticed when the timer looks)."""
+        return any(a.phase in (Phase.AWARDED, Phase.CONFIRMED) for a in self.auctions.values())
+
+    # -- internals ------------------------------------------------------------------
+
+    def _award_next(
+        self, auction: Auction, now_ms: int, ledger: Ledger, stakes: Stakes, first: bool = False
+    ) -> dict[str, Any] | None:
+        """Give the order to the next bidder in the ranking who can still stake."""
+        while True:
+            auction.award += 1
+            agent = auction.awardee
+            if agent is None:
+                self._move(auction, Op.EXHAUST, now_ms, "nobody left")
+                del ledger.reserved[auction.wo]
+                return None
+            bid = auction.bids[agent]
+            if not first and not stakes.lock(agent, auction.id, bid.stake):
+                continue  # it spent its stake elsewhere since: the next one
+            first = False
+            granted = ledger.claim(auction.wo, agent, now_ms, auction.lease_ms, auction=auction.id)
+            lease = granted.lease if isinstance(granted, Done) else None
+            assert lease is not None, granted  # the order is reserved for this auction
+            auction.token = lease.token
+            auction.confirm_by = now_ms + auction.confirm_ms
+            self._move(auction, Op.AWARD, now_ms, f"awarded to {agent.hex()[:16]}")
+            return {
+                "agent": agent,
+                "wo": auction.wo,
+                "token": lease.token,
+                "expires_ms": lease.expires_ms,
+                "confirm_by": auction.confirm_by,
+                "stake": bid.stake,
+                "price": bid.price,
+            }
+
+    def _get(self, auction_id: str) -> Auction:
+        auction = self.auctions.get(auction_id)
+        if auction is None:
+            raise Refused("not_found", f"no auction {auction_id}")
+        return auction
+
+    def _move(self, auction: Auction, op: Op, at_ms: int, why: str) -> None:
+        auction.phase = TRANSITIONS[(auction.phase, op)]  # a KeyError here is our bug
+        auction.history.append({"at_ms": at_ms, "phase": auction.phase.value, "why": why})
+
+
+def _rank(auction: Auction, reputation: Reputation, at_ms: int) -> list[bytes]:
+    bids = list(auction.bids.values())
+    if auction.rule == "lowest_price":
+        bids.sort(key=lambda b: (b.price, -b.stake, b.order))
+    elif auction.rule == "first_eligible":
+        bids.sort(key=lambda b: b.order)
+    else:
+
+        def weight(b: Bid) -> float:
+            return b.stake * (1.0 + max(0.0, reputation.score(b.bidder, at_ms)))
+
+        bids.sort(key=lambda b: (-weight(b), b.price, b.order))
+    return [b.bidder for b in bids]

@@ -1,0 +1,84 @@
+"""Stake balances of a namespace, and the reputation that awards feed (pure).
+
+Stakes are integers. Every member gets ``initial`` once, at its first join; after
+that stake only moves: a bid locks it, closing or withdrawing unlocks it, a failure
+slashes a fraction of it (gone for good, into ``slashed``). So at every point of the
+log ``sum(balances) + sum(locked) + slashed == granted`` — :meth:`Stakes.conserved`.
+
+Reputation is a score per agent from the outcomes of its awards, decaying with a
+half-life: ``score(t) = sum(value_i * 2 ** (-(t - t_i) / half_life))`` over its
+outcomes, with ``value`` +1 for an award completed and -1 for one failed (released,
+expired or rejected). Times come from the log, so the score is reproducible from the
+log alone (IEEE doubles, evaluated in log order).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+PPM = 1_000_000
+"""Fractions are parts per million: integer arithmetic, the same everywhere."""
+
+
+@dataclass
+class Stakes:
+    initial: int = 100
+    balances: dict[bytes, int] = field(default_factory=dict)
+    locked: dict[tuple[bytes, str], int] = field(default_factory=dict)
+    slashed: int = 0
+    granted: int = 0
+
+    def grant_once(self, agent: bytes) -> int:
+        """The first-join grant; 0 for an agent that has had it."""
+        if agent in self.balances:
+            return 0
+        self.balances[agent] = self.initial
+        self.granted += self.initial
+        return self.initial
+
+    def available(self, agent: bytes) -> int:
+        return self.balances.get(agent, 0)
+
+    def lock(self, agent: bytes, key: str, amount: int) -> bool:
+        """Move ``amount`` from the balance into a lock named ``key``; False if short."""
+        if amount <= 0 or self.available(agent) < amount or (agent, key) in self.locked:
+            return False
+        self.balances[agent] -= amount
+        self.locked[(agent, key)] = amount
+        return True
+
+    def unlock(self, agent: bytes, key: str) -> int:
+        amount = self.locked.pop((agent, key), 0)
+        if amount:
+            self.balances[agent] += amount
+        return amount
+
+    def slash(self, agent: bytes, key: str, ppm: int) -> int:
+        """Take ``ppm`` of a lock for good, give the rest back; returns what was taken."""
+        amount = self.locked.pop((agent, key), 0)
+        cut = amount * ppm // PPM
+        self.slashed += cut
+        self.balances[agent] = self.balances.get(agent, 0) + amount - cut
+        return cut
+
+    def locked_by(self, agent: bytes) -> int:
+        return sum(amount for (who, _), amount in self.locked.items() if who == agent)
+
+    def conserved(self) -> bool:
+        held = sum(self.balances.values()) + sum(self.locked.values()) + self.slashed
+        return held == self.granted
+
+
+@dataclass
+class Reputation:
+    half_life_ms: int = 7 * 24 * 3600 * 1000
+    outcomes: dict[bytes, list[tuple[int, float]]] = field(default_factory=dict)
+
+    def record(self, agent: bytes, at_ms: int, value: float) -> None:
+        self.outcomes.setdefault(agent, []).append((at_ms, value))
+
+    def score(self, agent: bytes, now_ms: int) -> float:
+        total = 0.0
+        for at, value in self.outcomes.get(agent, ()):
+            total += value * 2.0 ** (-(now_ms - at) / self.half_life_ms)
+        return total

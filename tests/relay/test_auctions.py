@@ -1,0 +1,285 @@
+"""Task auctions: closing at the deadline, award rules, stakes, failure and replay."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from agent_sdk.auctions import Auctions
+from agent_sdk.client import RelayClient
+from agent_sdk.directory import Directory
+from agent_sdk.identity import Identity
+from agent_sdk.ledger import Ledger
+from agent_sdk.wire import Event, decode, sign_event
+from relay.coordination.host import Host
+from relay.node import RelayConfig, RelayNode
+from relay.store.memory import MemoryStore
+from tests.conftest import RunningRelay, identity
+from tests.relay.test_node import virtual_wall
+
+NS = "market@local"
+RELAY = identity(2)
+REQUESTER = identity(1)
+
+
+def bidder(n: int) -> Identity:
+    return Identity.from_seed((20_000 + n).to_bytes(32, "big"))
+
+
+class Scene:
+    """A relay node in virtual time, and agents that ask it things."""
+
+    def __init__(self, node: RelayNode) -> None:
+        self.node = node
+        self.nonce = 0
+
+    async def ask(self, who: Identity, kind: str, body: Any) -> tuple[str, dict[str, Any]]:
+        self.nonce += 1
+        event = Event(
+            NS, kind, who.public_key, body, ts=self.node.wall_ms(), nonce=self.nonce.to_bytes(4)
+        )
+        request = await self.node.publish(sign_event(event, who.sign))
+        located = self.node.outcome_of(request.id)
+        assert located is not None
+        fields = decode((await self.node.committed_record(located.ns, located.seq)).event)
+        return fields["kind"], dict(fields["body"])
+
+    def events(self, kind: str) -> list[tuple[int, dict[str, Any]]]:
+        """(hlc ms, body) of the relay's ``kind`` events, in log order."""
+        return [
+            (r.hlc >> 16, decode(r.event)["body"])
+            for r in self.node.store.scan(NS)
+            if r.kind == kind and r.author == RELAY.public_key
+        ]
+
+    def conserved(self) -> bool:
+        return self.node.coordination.coordinators[NS].stakes.conserved()
+
+
+@pytest.fixture
+async def scene(nursery: trio.Nursery) -> Scene:
+    node = RelayNode(RELAY, MemoryStore(), RelayConfig(), wall_ms=virtual_wall())
+    await nursery.start(node.run)
+    return Scene(node)
+
+
+async def join(scene: Scene, who: Identity, *capabilities: str) -> None:
+    kind, _ = await scene.ask(who, "dir.join", {"name": "a", "capabilities": list(capabilities)})
+    assert kind == "dir.joined"
+
+
+async def test_an_auction_closes_at_its_deadline_and_awards_by_its_rule(
+    scene: Scene, autojump_clock: trio.testing.MockClock
+) -> None:
+    await join(scene, REQUESTER)
+    for n in range(5):
+        await join(scene, bidder(n), "python")
+    kind, opened = await scene.ask(
+        REQUESTER,
+        "auction.open",
+        {"title": "port it", "duration_ms": 10_000, "rule": "lowest_price"},
+    )
+    assert kind == "auction.opened"
+    prices = [40, 25, 25, 60, 30]
+    for n, price in enumerate(prices):
+        kind, _ = await scene.ask(
+            bidder(n), "auction.bid", {"auction": opened["auction"], "stake": 10, "price": price}
+        )
+        assert kind == "auction.bid_placed"
+    await trio.sleep(11)
+    await trio.testing.wait_all_tasks_blocked()
+    [(at, closed)] = scene.events("auction.closed")
+    assert closed["at_ms"] == opened["deadline_ms"] and at >= opened["deadline_ms"]
+    # Lowest price wins; the tie at 25 goes to the higher stake, then the earlier bid.
+    assert closed["ranking"][:3] == [
+        bidder(1).public_key,
+        bidder(2).public_key,
+        bidder(4).public_key,
+    ]
+    award = closed["award"]
+    assert award["agent"] == bidder(1).public_key and award["price"] == 25
+    show = await scene.node.query(NS, "wo.show", {"wo": opened["wo"]})
+    assert show["status"] == "claimed" and show["holder"] == bidder(1).public_key
+    for n in range(5):  # losers' stakes are back; the winner's stays locked
+        stake = await scene.node.query(NS, "stake.show", {"agent": bidder(n).public_key})
+        assert (stake["balance"], stake["locked"]) == ((90, 10) if n == 1 else (100, 0))
+    assert scene.conserved()
+
+
+async def test_a_winner_that_dies_is_slashed_and_the_runner_up_finishes(
+    scene: Scene, autojump_clock: trio.testing.MockClock
+) -> None:
+    await join(scene, REQUESTER)
+    for n in range(3):
+        await join(scene, bidder(n), "python")
+    terms = {"title": "t", "duration_ms": 5_000, "lease_ms": 20_000, "slash_ppm": 500_000}
+    _, opened = await scene.ask(REQUESTER, "auction.open", terms)
+    auction = opened["auction"]
+    for n, stake in enumerate((30, 50, 20)):
+        await scene.ask(bidder(n), "auction.bid", {"auction": auction, "stake": stake, "price": 1})
+    await trio.sleep(6)  # closed: bidder 1 (the highest stake) wins
+    kind, _ = await scene.ask(bidder(1), "auction.confirm", {"auction": auction})
+    assert kind == "auction.confirmed"
+    await trio.sleep(21)  # the winner crashed: it never renews; its lease runs out
+    await trio.testing.wait_all_tasks_blocked()
+    [(_, failed)] = scene.events("auction.failed")
+    assert failed["agent"] == bidder(1).public_key and failed["reason"] == "expired"
+    assert failed["slashed"] == 25  # half of its 50
+    runner_up = failed["award"]
+    assert runner_up["agent"] == bidder(0).public_key
+    # The runner-up confirms, does the work, and marks the order done with its token.
+    await scene.ask(bidder(0), "auction.confirm", {"auction": auction})
+    body = {"wo": runner_up["wo"], "token": runner_up["token"], "status": "done"}
+    kind, _ = await scene.ask(bidder(0), "wo.update", body)
+    assert kind == "wo.updated"
+    await trio.testing.wait_all_tasks_blocked()
+    [(_, completed)] = scene.events("auction.completed")
+    assert completed["agent"] == bidder(0).public_key
+    stakes = {
+        n: await scene.node.query(NS, "stake.show", {"agent": bidder(n).public_key})
+        for n in range(3)
+    }
+    assert stakes[1]["balance"] == 75 and stakes[0]["balance"] == 100
+    assert stakes[0]["reputation"] > 0 > stakes[1]["reputation"]
+    assert stakes[0]["slashed_total"] == 25 and scene.conserved()
+    # Folding the log again gives the same auctions, stakes and reputations.
+    replayed = Host(RELAY.public_key)
+    replayed.rebuild(scene.node.store.scan(NS))
+    live, again = scene.node.coordination.coordinators[NS], replayed.coordinators[NS]
+    assert again.auctions == live.auctions and again.stakes == live.stakes
+    assert again.reputation == live.reputation and again.ledger.orders == live.ledger.orders
+
+
+async def test_an_unconfirmed_award_passes_on_without_a_slash(
+    scene: Scene, autojump_clock: trio.testing.MockClock
+) -> None:
+    await join(scene, REQUESTER)
+    for n in range(2):
+        await join(scene, bidder(n))
+    _, opened = await scene.ask(
+        REQUESTER, "auction.open", {"title": "t", "duration_ms": 1_000, "confirm_ms": 2_000}
+    )
+    for n, stake in enumerate((10, 20)):
+        await scene.ask(
+            bidder(n), "auction.bid", {"auction": opened["auction"], "stake": stake, "price": 0}
+        )
+    await trio.sleep(4)  # closed at 1 s, unconfirmed by 3 s
+    await trio.testing.wait_all_tasks_blocked()
+    [(_, failed)] = scene.events("auction.failed")
+    assert failed["reason"] == "unconfirmed" and failed["slashed"] == 0
+    assert failed["award"]["agent"] == bidder(0).public_key
+    assert scene.conserved()
+
+
+@pytest.mark.parametrize(
+    ("who", "body", "problem"),
+    [
+        ("late", {"stake": 10, "price": 1}, "closed"),
+        ("rich", {"stake": 101, "price": 1}, "insufficient_stake"),
+        ("stranger", {"stake": 10, "price": 1}, "ineligible"),
+        ("unskilled", {"stake": 10, "price": 1}, "ineligible"),
+        ("requester", {"stake": 10, "price": 1}, "own_auction"),
+        ("greedy", {"stake": 10, "price": 1_000}, "over_reserve"),
+        ("rich", {"stake": 0, "price": 1}, "bad_request"),
+        ("rich", {"stake": "10", "price": 1}, "bad_request"),
+    ],
+)
+async def test_bad_bids_are_refused_and_change_nothing(
+    scene: Scene,
+    autojump_clock: trio.testing.MockClock,
+    who: str,
+    body: dict[str, Any],
+    problem: str,
+) -> None:
+    await join(scene, REQUESTER, "rust")
+    agents = {
+        "late": bidder(1),
+        "rich": bidder(2),
+        "unskilled": bidder(3),
+        "greedy": bidder(4),
+        "stranger": bidder(5),
+        "requester": REQUESTER,
+    }
+    for name in ("late", "rich", "greedy"):
+        await join(scene, agents[name], "rust")
+    await join(scene, agents["unskilled"], "python")
+    terms = {"title": "t", "duration_ms": 5_000, "capabilities": ["rust"], "reserve": 100}
+    _, opened = await scene.ask(REQUESTER, "auction.open", terms)
+    if who == "late":
+        await trio.sleep(6)
+    before = await scene.node.query(NS, "stake.show", {"agent": agents[who].public_key})
+    kind, refused = await scene.ask(
+        agents[who], "auction.bid", {"auction": opened["auction"], **body}
+    )
+    assert kind == "auction.rejected" and refused["problem"] == problem, refused
+    after = await scene.node.query(NS, "stake.show", {"agent": agents[who].public_key})
+    assert (after["balance"], after["locked"]) == (before["balance"], before["locked"])
+    assert scene.conserved()
+
+
+@pytest.mark.parametrize(
+    "terms",
+    [
+        {"title": "t", "duration_ms": 1_000, "rule": "highest_bribe"},
+        {"title": "t"},
+        {"title": "t", "duration_ms": -5},
+        {"duration_ms": 1_000},
+        {"title": "t", "duration_ms": 1_000, "slash_ppm": 2_000_000},
+    ],
+)
+async def test_bad_auctions_are_refused(
+    scene: Scene, autojump_clock: trio.testing.MockClock, terms: dict[str, Any]
+) -> None:
+    kind, refused = await scene.ask(REQUESTER, "auction.open", terms)
+    assert kind == "auction.rejected" and refused["problem"] == "bad_request"
+    assert (await scene.node.query(NS, "auction.list", {}))["auctions"] == []
+
+
+async def test_fifty_bidders_over_real_sockets(relay: RunningRelay) -> None:
+    rng = random.Random(7)
+    stakes = {n: rng.randrange(1, 100) for n in range(50)}
+    async with RelayClient.connect(relay.url, REQUESTER) as requester_client:
+        await Directory(requester_client, NS).join("requester")
+        market = Auctions(requester_client, NS)
+        opened = await market.open(
+            title="index the repo", duration_ms=3_000, capabilities=["search"]
+        )
+        ready = trio.Event()
+        placed: list[int] = []
+
+        async def bid(n: int) -> None:
+            async with RelayClient.connect(relay.url, bidder(n)) as client:
+                await Directory(client, NS).join(f"bidder-{n}", capabilities=["search"])
+                await Auctions(client, NS).bid(
+                    opened["auction"], stakes[n], price=rng.randrange(100)
+                )
+                placed.append(n)
+                if len(placed) == 50:
+                    ready.set()
+                await finished.wait()  # stay online (connection presence) until the end
+
+        finished = trio.Event()
+        async with trio.open_nursery() as nursery:
+            for n in range(50):
+                nursery.start_soon(bid, n)
+            await ready.wait()
+            award = await market.wait_award(opened["auction"])
+            assert award is not None
+            best = max(range(50), key=lambda n: (stakes[n], -n))
+            assert award["agent"] in {
+                bidder(n).public_key for n in range(50) if stakes[n] == stakes[best]
+            }
+            shown = await Ledger(requester_client, NS).show(opened["wo"])
+            assert shown["status"] == "claimed" and shown["holder"] == award["agent"]
+            totals = [await market.stake(bidder(n).public_key) for n in range(50)]
+            held = sum(t["balance"] + t["locked"] for t in totals)
+            requester_stake = await market.stake()
+            assert (
+                held + requester_stake["balance"] + totals[0]["slashed_total"]
+                == totals[0]["granted_total"]
+            )
+            finished.set()
