@@ -101,7 +101,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
         locks = replace(claims, default_ms=ttl_ms(args.lock_ttl, "--lock-ttl"))
         config = RelayConfig(
-            name=args.name, max_frame=args.max_frame, claim_ttl=claims, lock_ttl=locks
+            name=args.name,
+            max_frame=args.max_frame,
+            claim_ttl=claims,
+            lock_ttl=locks,
+            initial_stake=args.initial_stake,
         )
     except (ValueError, UsageError) as exc:
         print(f"formicary relay: {exc}", file=sys.stderr)
@@ -279,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lock-ttl", default="5m", help="lease of a lock that names none")
     p.add_argument("--lease-min", default="1s", help="shortest lease an agent may ask for")
     p.add_argument("--lease-max", default="24h", help="longest lease an agent may ask for")
+    p.add_argument("--initial-stake", type=int, default=100, help="stake of a new member")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("publish", help="publish one event; prints its receipt")

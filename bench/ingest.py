@@ -231,11 +231,13 @@ class RelayProcess:
 
 
 @contextmanager
-def relay_process(data: Path, profile: Path | None) -> Iterator[RelayProcess]:
+def relay_process(
+    data: Path, profile: Path | None, extra: Sequence[str] = ()
+) -> Iterator[RelayProcess]:
     """Start ``formicary relay serve`` on a free port; always stop it on the way out."""
     port = free_port()
     argv = ["relay", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    argv += ["--data", str(data / "relay"), "--name", RELAY_NAME]
+    argv += ["--data", str(data / "relay"), "--name", RELAY_NAME, *extra]
     if profile is None:
         command = [sys.executable, "-m", "agent_sdk.cli", *argv]
     else:

@@ -68,6 +68,8 @@ class RelayConfig:
     lock_ttl: TtlBounds = LOCK_TTL
     doc_compact_every: int = 1000
     max_live_docs: int = 1024
+    initial_stake: int = 100
+    """Stake every member of a namespace gets at its first join (auctions)."""
 
     def __post_init__(self) -> None:
         if not NS_RE.fullmatch(f"x@{self.name}"):
@@ -178,7 +180,12 @@ class RelayNode:
         heads = store.heads()
         self.sequencer = Sequencer(identity.public_key, heads, limits=self.config.sequencer)
         # Coordination state is a fold of the logs: rebuild it before serving anyone.
-        self.coordination = Host(identity.public_key, self.config.claim_ttl, self.config.lock_ttl)
+        self.coordination = Host(
+            identity.public_key,
+            self.config.claim_ttl,
+            self.config.lock_ttl,
+            initial_stake=self.config.initial_stake,
+        )
         self._outcomes: dict[bytes, Located] = {}  # request id -> its outcome, recent ones
         self._attached: dict[tuple[str, bytes], int] = {}  # open connections per member
         self._unanswered: list[tuple[str, bytes, Outcome]] = []
@@ -412,13 +419,16 @@ class RelayNode:
         """Append the outcomes a crash kept out of the log (see Host.rebuild), and the
         leaves of members present by a connection: a starting relay has none."""
         now = self.wall_ms()
+        self._answer_requests(now)
+        # After the answers: a join answered now must read as joined, then left.
         for ns, outcome in self.coordination.restarted(now):
             self._append_own(ns, outcome, (), now)
         self._pending_ready.set()
+
+    def _answer_requests(self, now: int) -> None:
         if not self._unanswered:
             return
         self.sequencer.learn(self.store.find(req for _, req, _ in self._unanswered))
-        now = self.wall_ms()
         for ns, req, outcome in self._unanswered:
             self._remember_outcome(req, self._append_own(ns, outcome, (req,), now))
         self._unanswered = []

@@ -55,11 +55,13 @@ class Host:
     claim_ttl: TtlBounds = CLAIM_TTL
     lock_ttl: TtlBounds = LOCK_TTL
     coordinators: dict[str, Coordinator] = field(default_factory=dict)
+    initial_stake: int = 100
 
     def coordinator(self, ns: str) -> Coordinator:
         coordinator = self.coordinators.get(ns)
         if coordinator is None:
             coordinator = Coordinator.with_bounds(self.claim_ttl, self.lock_ttl)
+            coordinator.stakes.initial = self.initial_stake
             self.coordinators[ns] = coordinator
         return coordinator
 

@@ -265,12 +265,18 @@ def _participant(member: Member, online: bool) -> dict[str, Any]:
 
 def _members(coordinator: Coordinator, args: dict[str, Any], now_ms: int) -> list[Member]:
     """Members in first-join order, online ones only unless ``online`` is false."""
-    directory = coordinator.directory
-    everyone = args.get("online") is False
-    if "online" in args and not isinstance(args["online"], bool):
+    return [m for m in _ordered(coordinator) if _wanted(coordinator, args, m, now_ms)]
+
+
+def _ordered(coordinator: Coordinator) -> list[Member]:
+    return sorted(coordinator.directory.members.values(), key=lambda m: (m.first_ms, m.agent))
+
+
+def _wanted(coordinator: Coordinator, args: dict[str, Any], member: Member, now_ms: int) -> bool:
+    online = args.get("online")
+    if online is not None and not isinstance(online, bool):
         raise BadRequest("online must be true or false")
-    members = sorted(directory.members.values(), key=lambda m: (m.first_ms, m.agent))
-    return [m for m in members if everyone or directory.is_online(m, now_ms)]
+    return online is False or coordinator.directory.is_online(member, now_ms)
 
 
 def dir_list(coordinator: Coordinator, args: dict[str, Any], now_ms: int, budget: int) -> Any:
@@ -279,10 +285,11 @@ def dir_list(coordinator: Coordinator, args: dict[str, Any], now_ms: int, budget
     after = args.get("after")
     if after is not None and not isinstance(after, bytes):
         raise BadRequest("after must be an agent key")
-    members = _members(coordinator, args, now_ms)
-    if after is not None:
+    members = _ordered(coordinator)  # `after` is a place in the whole order: it may be
+    if after is not None:  # offline by now, and the page still goes on after it
         keys = [m.agent for m in members]
         members = members[keys.index(after) + 1 :] if after in keys else []
+    members = [m for m in members if _wanted(coordinator, args, m, now_ms)]
     directory = coordinator.directory
     items = (_participant(m, directory.is_online(m, now_ms)) for m in members)
     page, more = _page(items, _limit(args), budget)

@@ -266,7 +266,9 @@ class Coordinator:
         except BadRequest as exc:
             return _rejected(REJECTED_OF[kind], request_id, "bad_request", str(exc))
         if kind == "dir.leave":
-            if not directory.leave(author, now_ms, "left"):
+            leaving = directory.members.get(author)
+            online = leaving is not None and directory.is_online(leaving, now_ms)
+            if not online or not directory.leave(author, now_ms, "left"):
                 return _rejected(REJECTED_OF[kind], request_id, "not_joined", "not online here")
             return Outcome(LEFT, {"req": request_id, "agent": author, "reason": "left"})
         alive = directory.heartbeat(author, now_ms)

@@ -199,3 +199,18 @@ async def test_a_restarted_relay_says_its_connection_members_left(
         [member] = await directory.list(online=False)
         assert member["reason"] in ("disconnected", "relay restarted")
     second.scope.cancel()
+
+
+async def test_listing_pages_past_a_member_who_went_offline(relay: RunningRelay) -> None:
+    async with RelayClient.connect(relay.url, identity(1)) as reader:
+        for n in range(3):
+            async with RelayClient.connect(relay.url, member(n)) as client:
+                await Directory(client, NS).join(f"m{n}", heartbeat_ms=3_600_000)
+        first = await reader.query(NS, "dir.list", {"limit": 1})
+        [one] = first["participants"]
+        assert first["more"]
+        async with RelayClient.connect(relay.url, member(0)) as client:
+            await Directory(client, NS).leave()  # the page's last member goes away
+        rest = await reader.query(NS, "dir.list", {"limit": 10, "after": one["agent"]})
+        assert [p["name"] for p in rest["participants"]] == ["m1", "m2"]
+        assert (await reader.query(NS, "dir.count", {"online": None}))["count"] == 2
