@@ -22,7 +22,7 @@ from typing import Any
 
 import trio
 
-from agent_sdk import cli_dir, cli_doc, cli_records, cli_wo
+from agent_sdk import cli_auction, cli_dir, cli_doc, cli_records, cli_wo
 from agent_sdk.client import DEFAULT_RELAY, Delivery, Live, Published, RelayClient
 from agent_sdk.errors import ProtocolError
 from agent_sdk.identity import Identity, default_key_path, load_or_create
@@ -267,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_records.add_parser(sub, agent_options)
     cli_doc.add_parser(sub, agent_options)
     cli_dir.add_parser(sub, agent_options)
+    cli_auction.add_parser(sub, agent_options)
 
     p = sub.add_parser("keygen", help="create an agent key file")
     p.add_argument("--out", help="where to write it (default: $FORMICARY_KEY or config dir)")

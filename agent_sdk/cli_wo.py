@@ -45,6 +45,12 @@ EXIT_OF_PROBLEM = {
     "bad_request": 2,
     "bad_ttl": 2,
     "not_joined": 4,
+    "closed": 3,
+    "ineligible": 3,
+    "insufficient_stake": 3,
+    "own_auction": 3,
+    "over_reserve": 3,
+    "reserved": 3,
 }
 
 EXIT_OF_CODE = {ErrorCode.NOT_FOUND: 4, ErrorCode.BAD_QUERY: 2}

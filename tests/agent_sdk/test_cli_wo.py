@@ -178,3 +178,49 @@ async def test_the_directory_from_a_shell_script(relay: RunningRelay, tmp_path: 
     assert [(p["name"], p["online"]) for p in everyone] == [("indexer", True), ("planner", False)]
     codes = dict(line.split("=") for line in (tmp_path / "codes.txt").read_text().split())
     assert codes == {"leave-twice": "4", "bad-cap": "2"}
+
+
+AUCTION_SCRIPT = r"""
+set -u
+f() { "$PYTHON" -m agent_sdk.cli "$@"; }
+other() { FORMICARY_KEY=$OTHER_KEY "$PYTHON" -m agent_sdk.cli "$@"; }
+f dir join --name requester || exit 10
+other dir join --name bidder --capability rust || exit 11
+f auction open --title "port the lexer" --duration 1h --capability rust --json > open.json \
+  || exit 12
+id=$("$PYTHON" -c 'import json; print(json.load(open("open.json"))["auction"])')
+other auction bid "$id" --stake 30 --price 12 --json > bid.json || exit 13
+f auction bid "$id" --stake 1 --price 1; echo "own=$?" > codes.txt
+other auction bid "$id" --stake 500 --price 1; echo "short=$?" >> codes.txt
+f auction show "$id" --json > show.json || exit 14
+other auction withdraw "$id" --json > withdraw.json || exit 15
+f auction show auc-99; echo "missing=$?" >> codes.txt
+f auction list --json > list.json || exit 16
+exit 0
+"""
+
+
+async def test_auctions_from_a_shell_script(relay: RunningRelay, tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "FORMICARY_RELAY": relay.url,
+        "FORMICARY_KEY": str(tmp_path / "me" / "agent.key"),
+        "OTHER_KEY": str(tmp_path / "other" / "agent.key"),
+        "FORMICARY_NS": "market@local",
+    }
+    done = await trio.run_process(
+        ["bash", "-c", AUCTION_SCRIPT], cwd=tmp_path, env=env, check=False, capture_stderr=True
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    opened = json.loads((tmp_path / "open.json").read_text())
+    assert opened["auction"] == "auc-1" and opened["wo"] == "wo-1"
+    bid = json.loads((tmp_path / "bid.json").read_text())
+    assert (bid["stake"], bid["price"]) == (30, 12)
+    shown = json.loads((tmp_path / "show.json").read_text())
+    assert shown["phase"] == "open" and [b["stake"] for b in shown["bids"]] == [30]
+    assert json.loads((tmp_path / "withdraw.json").read_text())["unlocked"] == 30
+    [listed] = json.loads((tmp_path / "list.json").read_text())
+    assert listed["auction"] == "auc-1"
+    codes = dict(line.split("=") for line in (tmp_path / "codes.txt").read_text().split())
+    assert codes == {"own": "3", "short": "3", "missing": "4"}

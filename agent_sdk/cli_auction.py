@@ -1,0 +1,103 @@
+"""``formicary auction``: task auctions for shell-driven agents.
+
+``auction open`` prints the auction's id and its work order; ``auction bid`` locks a
+stake (bidders must be members: ``formicary dir join``); ``auction show`` prints the
+bids, the ranking once closed, and the current award. Exit codes as for
+``formicary wo`` (3: closed, ineligible, short of stake; 4: no such auction).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+from agent_sdk.auctions import Auctions
+from agent_sdk.cli_wo import Tokens, run, subcommand, ttl_ms
+from agent_sdk.ledger import Ledger
+from agent_sdk.wire import to_json_safe
+
+AgentOptions = Callable[[argparse.ArgumentParser], None]
+Make = Callable[[argparse.Namespace, Tokens, str], Any]
+
+
+def add_parser(sub: Any, agent_options: AgentOptions) -> None:
+    group = sub.add_parser("auction", help="task auctions: open, bid, withdraw, show, list")
+    commands = group.add_subparsers(dest="auction", required=True)
+    p = subcommand(commands, "open", "open an auction for a task; prints its id", agent_options)
+    p.add_argument("--title", help="the task (a new work order)")
+    p.add_argument("--wo", help="or one of your open work orders")
+    p.add_argument("--duration", default="5m", help="bidding time: 90s, 5m, 1h")
+    p.add_argument("--rule", default="stake_x_reputation",
+                   choices=["stake_x_reputation", "lowest_price", "first_eligible"])  # fmt: skip
+    p.add_argument("--capability", action="append", default=[], dest="capabilities")
+    p.add_argument("--min-reputation", type=float, default=0.0)
+    p.add_argument("--reserve", type=int, help="the highest price accepted")
+    p = subcommand(commands, "bid", "bid on an auction (locks the stake)", agent_options)
+    p.add_argument("id")
+    p.add_argument("--stake", type=int, required=True)
+    p.add_argument("--price", type=int, required=True)
+    p.add_argument("--note", default="")
+    p = subcommand(commands, "withdraw", "withdraw your bid before the deadline", agent_options)
+    p.add_argument("id")
+    p = subcommand(commands, "confirm", "confirm the award you won", agent_options)
+    p.add_argument("id")
+    p = subcommand(commands, "show", "an auction: bids, ranking, award", agent_options)
+    p.add_argument("id")
+    p = subcommand(commands, "list", "auctions", agent_options)
+    p.add_argument("--phase", choices=["open", "awarded", "confirmed", "completed", "unawarded"])
+    group.set_defaults(func=run, group="auction", actions=ACTIONS)
+
+
+def _open(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
+    duration = ttl_ms(args.duration, "--duration")
+
+    async def act(ledger: Ledger) -> Any:
+        opened = await Auctions(ledger.client, ns).open(
+            title=args.title,
+            wo=args.wo,
+            duration_ms=duration,
+            rule=args.rule,
+            capabilities=args.capabilities,
+            min_reputation=args.min_reputation,
+            reserve=args.reserve,
+        )
+        return {k: v for k, v in opened.items() if k != "req"}
+
+    return act
+
+
+def _bid(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
+    async def act(ledger: Ledger) -> Any:
+        placed = await Auctions(ledger.client, ns).bid(args.id, args.stake, args.price, args.note)
+        return to_json_safe({k: v for k, v in placed.items() if k != "req"})
+
+    return act
+
+
+def _simple(name: str) -> Make:
+    def make(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
+        async def act(ledger: Ledger) -> Any:
+            auctions = Auctions(ledger.client, ns)
+            if name == "withdraw":
+                return {"auction": args.id, "unlocked": await auctions.withdraw(args.id)}
+            if name == "confirm":
+                await auctions.confirm(args.id)
+                return {"auction": args.id, "confirmed": True}
+            if name == "show":
+                return to_json_safe(await auctions.show(args.id))
+            return to_json_safe(await auctions.list(args.phase))
+
+        return act
+
+    return make
+
+
+ACTIONS: dict[str, Make] = {
+    "open": _open,
+    "bid": _bid,
+    "withdraw": _simple("withdraw"),
+    "confirm": _simple("confirm"),
+    "show": _simple("show"),
+    "list": _simple("list"),
+}
