@@ -35,6 +35,11 @@ from relay.coordination.stakes import Reputation, Stakes
 RULES = ("stake_x_reputation", "lowest_price", "first_eligible")
 
 
+def vouch_key(vouchee: bytes) -> str:
+    """The name of the stake a vouch for ``vouchee`` locks."""
+    return f"vouch:{vouchee.hex()}"
+
+
 class Phase(enum.Enum):
     OPEN = "open"
     AWARDED = "awarded"
@@ -275,6 +280,8 @@ class Auctions:
         assert agent is not None
         slashed = stakes.slash(agent, auction_id, auction.slash_ppm)
         reputation.record(agent, now_ms, -1.0)
+        for vouch in reputation.vouchers_of(agent):  # vouching for it had a price
+            stakes.cut(vouch.voucher, vouch_key(agent), auction.slash_ppm)
         lease = ledger.leases.holder(auction.wo, now_ms)
         if lease is not None and lease.token == auction.token:  # rejected while held
             ledger.release(auction.wo, agent, auction.token, now_ms)

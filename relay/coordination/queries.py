@@ -389,6 +389,32 @@ def stake_show(coordinator: Coordinator, args: dict[str, Any], now_ms: int, budg
     }
 
 
+def rep_show(coordinator: Coordinator, args: dict[str, Any], now_ms: int, budget: int) -> Any:
+    """An agent's reputation: its score now, its award outcomes, vouches both ways."""
+    only(args, "agent")
+    agent = args.get("agent")
+    if not isinstance(agent, bytes):
+        raise BadRequest("agent must be a key (bytes)")
+    reputation = coordinator.reputation
+
+    def vouch(v: Any) -> dict[str, Any]:
+        return {"voucher": v.voucher, "for": v.vouchee, "weight": v.weight,
+                "value": v.value, "reason": v.reason, "at_ms": v.at_ms}  # fmt: skip
+
+    return {
+        "agent": agent,
+        "score": reputation.score(agent, now_ms),
+        "half_life_ms": reputation.half_life_ms,
+        "outcomes": [
+            {"at_ms": at, "value": value} for at, value in reputation.outcomes.get(agent, [])
+        ],
+        "vouched_by": [vouch(v) for v in reputation.vouchers_of(agent)],
+        "vouches_for": [
+            vouch(v) for (who, _), v in sorted(reputation.vouches.items()) if who == agent
+        ],
+    }
+
+
 Handler = Callable[[Coordinator, dict[str, Any], int, int], Any]
 
 QUERIES: dict[str, Handler] = {
@@ -406,4 +432,5 @@ QUERIES: dict[str, Handler] = {
     "auction.show": auction_show,
     "auction.list": auction_list,
     "stake.show": stake_show,
+    "rep.show": rep_show,
 }

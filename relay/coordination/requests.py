@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from relay.coordination.auctions import RULES, Auction, Auctions, Bid, Phase
+from relay.coordination.auctions import RULES, Auction, Auctions, Bid, Phase, vouch_key
 from relay.coordination.auctions import Refused as AuctionRefused
 from relay.coordination.directory import (
     CAPABILITY_RE,
@@ -63,7 +63,8 @@ DIR_KINDS = frozenset({"dir.join", "dir.leave", "dir.heartbeat"})
 AUCTION_KINDS = frozenset(
     {"auction.open", "auction.bid", "auction.withdraw", "auction.confirm", "auction.reject"}
 )
-REQUEST_KINDS = WO_KINDS | LOCK_KINDS | RECORD_KINDS | DIR_KINDS | AUCTION_KINDS
+REP_KINDS = frozenset({"rep.vouch", "rep.revoke"})
+REQUEST_KINDS = WO_KINDS | LOCK_KINDS | RECORD_KINDS | DIR_KINDS | AUCTION_KINDS | REP_KINDS
 OUTCOME_OF = {
     "wo.create": "wo.created",
     "wo.claim": "wo.claimed",
@@ -87,6 +88,8 @@ OUTCOME_OF = {
     "auction.withdraw": "auction.withdrawn",
     "auction.confirm": "auction.confirmed",
     "auction.reject": "auction.failed",
+    "rep.vouch": "rep.vouched",
+    "rep.revoke": "rep.revoked",
 }
 AUCTION_EVENTS = frozenset({"auction.closed", "auction.completed", "auction.failed"})
 """Written by the relay's timer (without ``req``) and re-applied on replay."""
@@ -134,6 +137,8 @@ class Coordinator:
         if kind in DIR_KINDS:
             return self._decide_dir(kind, body, author, request_id, now_ms)
         if kind in AUCTION_KINDS:
+            return self._decide_auction(kind, body, author, request_id, now_ms)
+        if kind in REP_KINDS:
             return self._decide_auction(kind, body, author, request_id, now_ms)
         if kind not in REQUEST_KINDS:
             return None
@@ -303,6 +308,8 @@ class Coordinator:
             auctions.open(auction, self.ledger, title)
             return {"auction": auction.id, "wo": auction.wo, "deadline_ms": auction.deadline_ms,
                     "rule": auction.rule}  # fmt: skip
+        if kind in REP_KINDS:
+            return self._vouching(kind, body, author, now)
         auction_id = text(body, "auction", 64)
         if kind == "auction.bid":
             only(body, "auction", "stake", "price", "note")
@@ -332,6 +339,39 @@ class Coordinator:
         failed = auctions.fail(auction_id, "rejected", now, self.ledger, stakes, self.reputation)
         failed["note"] = reason
         return failed
+
+    def _vouching(self, kind: str, body: dict[str, Any], author: bytes, now: int) -> dict[str, Any]:
+        """Staked vouches: a vouch locks ``weight`` stake until revoked, and loses the
+        vouchee's slash fraction of it whenever the vouchee is slashed."""
+        stakes, reputation = self.stakes, self.reputation
+        vouchee = body.get("for")
+        if not isinstance(vouchee, bytes) or len(vouchee) != 32:
+            raise BadRequest("for must be an agent key (32 bytes)")
+        key = vouch_key(vouchee)
+        if kind == "rep.revoke":
+            only(body, "for")
+            if reputation.vouches.pop((author, vouchee), None) is None:
+                raise AuctionRefused("not_found", "you do not vouch for that agent")
+            return {"for": vouchee, "unlocked": stakes.unlock(author, key)}
+        only(body, "for", "weight", "reason")
+        weight = integer(body, "weight")
+        reason = text(body, "reason", MAX_POST, default="")
+        if weight < 1:
+            raise BadRequest("weight (the stake locked) must be at least 1")
+        if vouchee == author:
+            raise AuctionRefused("self_vouch", "an agent does not vouch for itself")
+        if vouchee not in self.directory.members:
+            raise AuctionRefused("not_found", "vouch for members of this namespace")
+        held = stakes.locked.get((author, key), 0)
+        if weight > stakes.available(author) + held:
+            balance = stakes.available(author) + held
+            raise AuctionRefused(
+                "insufficient_stake", f"weight {weight} over the balance {balance}"
+            )
+        stakes.unlock(author, key)  # a new vouch replaces the old one
+        stakes.lock(author, key, weight)
+        made = reputation.vouch(author, vouchee, weight, reason, now)
+        return {"for": vouchee, "weight": weight, "value": made.value}
 
     def due(self, now_ms: int) -> list[Outcome]:
         """The timer: ``lease.expired`` for claims that ran out, ``dir.left`` for

@@ -5,11 +5,14 @@ that stake only moves: a bid locks it, closing or withdrawing unlocks it, a fail
 slashes a fraction of it (gone for good, into ``slashed``). So at every point of the
 log ``sum(balances) + sum(locked) + slashed == granted`` — :meth:`Stakes.conserved`.
 
-Reputation is a score per agent from the outcomes of its awards, decaying with a
-half-life: ``score(t) = sum(value_i * 2 ** (-(t - t_i) / half_life))`` over its
-outcomes, with ``value`` +1 for an award completed and -1 for one failed (released,
-expired or rejected). Times come from the log, so the score is reproducible from the
-log alone (IEEE doubles, evaluated in log order).
+Reputation is a score per agent from the outcomes of its awards and the vouches it
+received, each decaying with a half-life:
+``score(t) = sum(value_i * 2 ** (-(t - t_i) / half_life))``. An award completed is
+worth +1, one failed (released, expired or rejected) -1. A vouch of ``weight`` stake
+by an agent whose own score was ``s`` when it vouched is worth
+``min(weight / 100, max(0, s))``: bounded by the voucher's score, so agents nobody
+trusts add nothing. Times come from the log, so the score is reproducible from the
+log alone (IEEE doubles, evaluated in a fixed order).
 """
 
 from __future__ import annotations
@@ -61,6 +64,16 @@ class Stakes:
         self.balances[agent] = self.balances.get(agent, 0) + amount - cut
         return cut
 
+    def cut(self, agent: bytes, key: str, ppm: int) -> int:
+        """Take ``ppm`` of a lock for good and keep the rest locked (a vouch goes on,
+        smaller); returns what was taken."""
+        amount = self.locked.get((agent, key), 0)
+        taken = amount * ppm // PPM
+        if taken:
+            self.locked[(agent, key)] = amount - taken
+            self.slashed += taken
+        return taken
+
     def locked_by(self, agent: bytes) -> int:
         return sum(amount for (who, _), amount in self.locked.items() if who == agent)
 
@@ -69,16 +82,46 @@ class Stakes:
         return held == self.granted
 
 
+VOUCH_UNIT = 100
+"""Stake a vouch needs to be worth 1 (if its voucher's score allows)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Vouch:
+    voucher: bytes
+    vouchee: bytes
+    weight: int
+    reason: str
+    at_ms: int
+    value: float
+    """What it adds to the vouchee's score at ``at_ms`` (decaying from there)."""
+
+
 @dataclass
 class Reputation:
     half_life_ms: int = 7 * 24 * 3600 * 1000
     outcomes: dict[bytes, list[tuple[int, float]]] = field(default_factory=dict)
+    vouches: dict[tuple[bytes, bytes], Vouch] = field(default_factory=dict)
+    """(voucher, vouchee) -> the vouch in force."""
 
     def record(self, agent: bytes, at_ms: int, value: float) -> None:
         self.outcomes.setdefault(agent, []).append((at_ms, value))
+
+    def vouch(self, voucher: bytes, vouchee: bytes, weight: int, reason: str, at_ms: int) -> Vouch:
+        bound = max(0.0, self.score(voucher, at_ms))
+        made = Vouch(voucher, vouchee, weight, reason, at_ms, min(weight / VOUCH_UNIT, bound))
+        self.vouches[(voucher, vouchee)] = made
+        return made
+
+    def vouchers_of(self, vouchee: bytes) -> list[Vouch]:
+        return sorted(
+            (v for (_, to), v in self.vouches.items() if to == vouchee), key=lambda v: v.voucher
+        )
 
     def score(self, agent: bytes, now_ms: int) -> float:
         total = 0.0
         for at, value in self.outcomes.get(agent, ()):
             total += value * 2.0 ** (-(now_ms - at) / self.half_life_ms)
+        for vouch in self.vouchers_of(agent):
+            total += vouch.value * 2.0 ** (-(now_ms - vouch.at_ms) / self.half_life_ms)
         return total

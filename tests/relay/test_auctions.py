@@ -350,6 +350,14 @@ def test_folding_the_log_reproduces_auctions_stakes_and_reputation(plan: list[St
                     await scene.ask(agent, f"auction.{action}", {"auction": auction})
                 elif action == "reject":
                     await scene.ask(agent, "auction.reject", {"auction": auction, "reason": "no"})
+                elif action in ("vouch", "revoke"):
+                    other = agents[(who + 1 + which) % len(agents)].public_key
+                    body = (
+                        {"for": other, "weight": amount + 1}
+                        if action == "vouch"
+                        else {"for": other}
+                    )
+                    await scene.ask(agent, f"rep.{action}", body)
                 elif action == "done":
                     # The current awardee (if any) finishes the work.
                     state = node.coordination.coordinators[NS].auctions.auctions.get(auction)
@@ -374,3 +382,70 @@ def test_folding_the_log_reproduces_auctions_stakes_and_reputation(plan: list[St
             nursery.cancel_scope.cancel()
 
     trio.run(run, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+async def test_vouches_are_bounded_staked_and_slashed_with_the_vouchee(
+    scene: Scene, autojump_clock: trio.testing.MockClock
+) -> None:
+    trusted, newcomer, vouchee = bidder(0), bidder(1), bidder(2)
+    await join(scene, REQUESTER)
+    for agent in (trusted, newcomer, vouchee):
+        await join(scene, agent)
+    # `trusted` earns a reputation: it wins an auction and finishes the work.
+    _, opened = await scene.ask(REQUESTER, "auction.open", {"title": "t", "duration_ms": 1_000})
+    await scene.ask(trusted, "auction.bid", {"auction": opened["auction"], "stake": 10, "price": 1})
+    await trio.sleep(2)
+    won = scene.node.coordination.coordinators[NS].auctions.auctions[opened["auction"]]
+    await scene.ask(trusted, "wo.update", {"wo": won.wo, "token": won.token, "status": "done"})
+    await trio.testing.wait_all_tasks_blocked()
+    kind, vouched = await scene.ask(trusted, "rep.vouch", {"for": vouchee.public_key, "weight": 40})
+    assert kind == "rep.vouched" and 0 < vouched["value"] <= 0.4
+    kind, worthless = await scene.ask(
+        newcomer, "rep.vouch", {"for": vouchee.public_key, "weight": 40}
+    )
+    assert kind == "rep.vouched" and worthless["value"] == 0  # nobody trusts the voucher yet
+    rep = await scene.node.query(NS, "rep.show", {"agent": vouchee.public_key})
+    assert rep["score"] == pytest.approx(vouched["value"], rel=1e-3)
+    assert len(rep["vouched_by"]) == 2
+
+    # The vouchee wins, then lets its lease lapse: it and its vouchers are slashed.
+    terms = {"title": "t2", "duration_ms": 1_000, "lease_ms": 5_000, "slash_ppm": 250_000}
+    _, second = await scene.ask(REQUESTER, "auction.open", terms)
+    await scene.ask(vouchee, "auction.bid", {"auction": second["auction"], "stake": 20, "price": 1})
+    await trio.sleep(2)
+    await scene.ask(vouchee, "auction.confirm", {"auction": second["auction"]})
+    await trio.sleep(6)
+    await trio.testing.wait_all_tasks_blocked()
+    stake = await scene.node.query(NS, "stake.show", {"agent": trusted.public_key})
+    assert stake["locked"] == 30  # 40 vouched, a quarter slashed
+    assert scene.conserved()
+    kind, revoked = await scene.ask(trusted, "rep.revoke", {"for": vouchee.public_key})
+    assert kind == "rep.revoked" and revoked["unlocked"] == 30
+    replayed = Host(RELAY.public_key)
+    replayed.rebuild(scene.node.store.scan(NS))
+    live = scene.node.coordination.coordinators[NS]
+    assert replayed.coordinators[NS].reputation == live.reputation
+    assert replayed.coordinators[NS].stakes == live.stakes
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        ({"weight": 10, "for": "self"}, "self_vouch"),
+        ({"weight": 1_000}, "insufficient_stake"),
+        ({"weight": 0}, "bad_request"),
+        ({"weight": 5, "for": b"\x01" * 32}, "not_found"),
+        ({"weight": 5, "for": b"short"}, "bad_request"),
+    ],
+)
+async def test_bad_vouches_are_refused(
+    scene: Scene, autojump_clock: trio.testing.MockClock, body: dict[str, Any], problem: str
+) -> None:
+    await join(scene, bidder(0))
+    await join(scene, bidder(1))
+    request = {"for": bidder(1).public_key, **body}
+    if request["for"] == "self":
+        request["for"] = bidder(0).public_key
+    kind, refused = await scene.ask(bidder(0), "rep.vouch", request)
+    assert kind == "rep.rejected" and refused["problem"] == problem
+    assert scene.node.coordination.coordinators[NS].stakes.locked_by(bidder(0).public_key) == 0
