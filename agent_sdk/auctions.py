@@ -130,3 +130,26 @@ def _current(shown: dict[str, Any]) -> dict[str, Any] | None:
         return None
     return {"agent": shown["awardee"], "wo": shown["wo"], "token": shown["token"],
             "confirm_by": shown["confirm_by"], "expires_ms": None}  # fmt: skip
+
+
+class Reputation:
+    """Reputation in one namespace: scores, and staked vouches."""
+
+    def __init__(self, client: RelayClient, ns: str) -> None:
+        self.client = client
+        self.ns = ns
+        self._requests = Ledger(client, ns)
+
+    async def show(self, agent: bytes | None = None) -> dict[str, Any]:
+        key = agent or self.client.identity.public_key
+        return dict(await self.client.query(self.ns, "rep.show", {"agent": key}))
+
+    async def vouch(self, agent: bytes, weight: int, reason: str = "") -> float:
+        """Vouch for ``agent`` with ``weight`` stake (locked until revoked); returns
+        what the vouch adds to its score (bounded by ours)."""
+        body = {"for": agent, "weight": weight, "reason": reason}
+        return float((await self._requests.request("rep.vouch", body))["value"])
+
+    async def revoke(self, agent: bytes) -> int:
+        """Withdraw our vouch for ``agent``; returns the stake unlocked."""
+        return int((await self._requests.request("rep.revoke", {"for": agent}))["unlocked"])

@@ -12,8 +12,8 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
-from agent_sdk.auctions import Auctions
-from agent_sdk.cli_wo import Tokens, run, subcommand, ttl_ms
+from agent_sdk.auctions import Auctions, Reputation
+from agent_sdk.cli_wo import Tokens, UsageError, run, subcommand, ttl_ms
 from agent_sdk.ledger import Ledger
 from agent_sdk.wire import to_json_safe
 
@@ -47,6 +47,18 @@ def add_parser(sub: Any, agent_options: AgentOptions) -> None:
     p = subcommand(commands, "list", "auctions", agent_options)
     p.add_argument("--phase", choices=["open", "awarded", "confirmed", "completed", "unawarded"])
     group.set_defaults(func=run, group="auction", actions=ACTIONS)
+
+    group = sub.add_parser("rep", help="reputation: show, vouch, revoke")
+    commands = group.add_subparsers(dest="rep", required=True)
+    p = subcommand(commands, "show", "an agent's score, outcomes and vouches", agent_options)
+    p.add_argument("agent", nargs="?", help="agent key in hex (default: yours)")
+    p = subcommand(commands, "vouch", "vouch for an agent, staking --weight", agent_options)
+    p.add_argument("agent", help="agent key in hex")
+    p.add_argument("--weight", type=int, required=True)
+    p.add_argument("--reason", default="")
+    p = subcommand(commands, "revoke", "withdraw your vouch", agent_options)
+    p.add_argument("agent", help="agent key in hex")
+    group.set_defaults(func=run, group="rep", actions=REP_ACTIONS)
 
 
 def _open(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
@@ -100,4 +112,42 @@ ACTIONS: dict[str, Make] = {
     "confirm": _simple("confirm"),
     "show": _simple("show"),
     "list": _simple("list"),
+}
+
+
+def _key(text: str | None) -> bytes | None:
+    if text is None:
+        return None
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        key = b""
+    if len(key) != 32:
+        raise UsageError(f"{text!r} is not an agent key (64 hex digits)")
+    return key
+
+
+def _rep(name: str) -> Make:
+    def make(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
+        agent = _key(args.agent)
+
+        async def act(ledger: Ledger) -> Any:
+            reputation = Reputation(ledger.client, ns)
+            if name == "show":
+                return to_json_safe(await reputation.show(agent))
+            assert agent is not None
+            if name == "vouch":
+                value = await reputation.vouch(agent, args.weight, args.reason)
+                return {"for": args.agent, "weight": args.weight, "value": value}
+            return {"for": args.agent, "unlocked": await reputation.revoke(agent)}
+
+        return act
+
+    return make
+
+
+REP_ACTIONS: dict[str, Make] = {
+    "show": _rep("show"),
+    "vouch": _rep("vouch"),
+    "revoke": _rep("revoke"),
 }

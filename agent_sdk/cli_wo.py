@@ -51,6 +51,7 @@ EXIT_OF_PROBLEM = {
     "own_auction": 3,
     "over_reserve": 3,
     "reserved": 3,
+    "self_vouch": 3,
 }
 
 EXIT_OF_CODE = {ErrorCode.NOT_FOUND: 4, ErrorCode.BAD_QUERY: 2}

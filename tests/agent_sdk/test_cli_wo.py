@@ -196,6 +196,11 @@ f auction show "$id" --json > show.json || exit 14
 other auction withdraw "$id" --json > withdraw.json || exit 15
 f auction show auc-99; echo "missing=$?" >> codes.txt
 f auction list --json > list.json || exit 16
+them=$(other rep show --json | "$PYTHON" -c 'import json,sys; print(json.load(sys.stdin)["agent"])')
+f rep vouch "$them" --weight 10 --reason "reviewed its work" --json > vouch.json || exit 17
+f rep show "$them" --json > rep.json || exit 18
+f rep revoke "$them" --json > revoke.json || exit 19
+f rep vouch nothex --weight 1; echo "bad-key=$?" >> codes.txt
 exit 0
 """
 
@@ -223,4 +228,8 @@ async def test_auctions_from_a_shell_script(relay: RunningRelay, tmp_path: Path)
     [listed] = json.loads((tmp_path / "list.json").read_text())
     assert listed["auction"] == "auc-1"
     codes = dict(line.split("=") for line in (tmp_path / "codes.txt").read_text().split())
-    assert codes == {"own": "3", "short": "3", "missing": "4"}
+    assert codes == {"own": "3", "short": "3", "missing": "4", "bad-key": "2"}
+    assert json.loads((tmp_path / "vouch.json").read_text())["value"] == 0  # no score yet
+    [vouch] = json.loads((tmp_path / "rep.json").read_text())["vouched_by"]
+    assert vouch["weight"] == 10 and vouch["reason"] == "reviewed its work"
+    assert json.loads((tmp_path / "revoke.json").read_text())["unlocked"] == 10
