@@ -12,11 +12,19 @@ Refusals raise :class:`~agent_sdk.ledger.LedgerRefusal` (``closed``,
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence
 from typing import Any
 
 from agent_sdk.client import Delivery, Live, RelayClient
 from agent_sdk.ledger import Claim, Ledger
+from agent_sdk.wire import canonical, digest
+
+
+def commitment(auction: str, bidder: bytes, price: int, salt: bytes) -> bytes:
+    """What a sealed bid commits to (docs/protocol.md): BLAKE2b-256 of the canonical
+    map ``{auction, bidder, price, salt}``."""
+    return digest(canonical({"auction": auction, "bidder": bidder, "price": price, "salt": salt}))
 
 
 class Auctions:
@@ -38,12 +46,15 @@ class Auctions:
         capabilities: Sequence[str] = (),
         min_reputation: float = 0,
         reserve: int | None = None,
+        sealed: bool = False,
         **terms: int,
     ) -> dict[str, Any]:
-        """Open an auction; returns ``{auction, wo, deadline_ms, rule}``. ``terms``:
-        ``confirm_ms``, ``lease_ms``, ``slash_ppm``."""
+        """Open an auction; returns ``{auction, wo, deadline_ms, closes_ms, rule, sealed}``.
+        ``terms``: ``confirm_ms``, ``lease_ms``, ``slash_ppm``, ``reveal_ms``,
+        ``forfeit_ppm``."""
         body: dict[str, Any] = {
             "rule": rule,
+            "sealed": sealed,
             "capabilities": list(capabilities),
             "min_reputation": min_reputation,
             **terms,
@@ -62,6 +73,21 @@ class Auctions:
     async def bid(self, auction: str, stake: int, price: int, note: str = "") -> dict[str, Any]:
         body = {"auction": auction, "stake": stake, "price": price, "note": note}
         return await self._requests.request("auction.bid", body)
+
+    async def commit(self, auction: str, stake: int, price: int, note: str = "") -> bytes:
+        """Bid on a sealed auction: lock ``stake`` and commit to ``price`` without
+        showing it. Returns the salt; :meth:`reveal` it after the deadline."""
+        salt = secrets.token_bytes(32)
+        sealed = commitment(auction, self.client.identity.public_key, price, salt)
+        body = {"auction": auction, "stake": stake, "commitment": sealed, "note": note}
+        await self._requests.request("auction.commit", body)
+        return salt
+
+    async def reveal(self, auction: str, price: int, salt: bytes) -> None:
+        """Open a sealed bid, between the deadline and the end of the reveal window."""
+        await self._requests.request(
+            "auction.reveal", {"auction": auction, "price": price, "salt": salt}
+        )
 
     async def withdraw(self, auction: str) -> int:
         """Withdraw our bid; returns the stake unlocked."""

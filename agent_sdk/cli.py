@@ -106,6 +106,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             claim_ttl=claims,
             lock_ttl=locks,
             initial_stake=args.initial_stake,
+            reputation_half_life_ms=ttl_ms(args.half_life, "--half-life"),
         )
     except (ValueError, UsageError) as exc:
         print(f"formicary relay: {exc}", file=sys.stderr)
@@ -285,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lease-min", default="1s", help="shortest lease an agent may ask for")
     p.add_argument("--lease-max", default="24h", help="longest lease an agent may ask for")
     p.add_argument("--initial-stake", type=int, default=100, help="stake of a new member")
+    p.add_argument("--half-life", default="168h", help="reputation half-life")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("publish", help="publish one event; prints its receipt")

@@ -33,11 +33,20 @@ def add_parser(sub: Any, agent_options: AgentOptions) -> None:
     p.add_argument("--capability", action="append", default=[], dest="capabilities")
     p.add_argument("--min-reputation", type=float, default=0.0)
     p.add_argument("--reserve", type=int, help="the highest price accepted")
+    p.add_argument("--sealed", action="store_true", help="commit, then reveal, prices")
     p = subcommand(commands, "bid", "bid on an auction (locks the stake)", agent_options)
     p.add_argument("id")
     p.add_argument("--stake", type=int, required=True)
     p.add_argument("--price", type=int, required=True)
     p.add_argument("--note", default="")
+    p = subcommand(commands, "commit", "bid on a sealed auction; prints the salt", agent_options)
+    p.add_argument("id")
+    p.add_argument("--stake", type=int, required=True)
+    p.add_argument("--price", type=int, required=True)
+    p = subcommand(commands, "reveal", "open your sealed bid after the deadline", agent_options)
+    p.add_argument("id")
+    p.add_argument("--price", type=int, required=True)
+    p.add_argument("--salt", required=True, help="the salt `auction commit` printed (hex)")
     p = subcommand(commands, "withdraw", "withdraw your bid before the deadline", agent_options)
     p.add_argument("id")
     p = subcommand(commands, "confirm", "confirm the award you won", agent_options)
@@ -73,6 +82,7 @@ def _open(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
             capabilities=args.capabilities,
             min_reputation=args.min_reputation,
             reserve=args.reserve,
+            sealed=args.sealed,
         )
         return {k: v for k, v in opened.items() if k != "req"}
 
@@ -83,6 +93,27 @@ def _bid(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
     async def act(ledger: Ledger) -> Any:
         placed = await Auctions(ledger.client, ns).bid(args.id, args.stake, args.price, args.note)
         return to_json_safe({k: v for k, v in placed.items() if k != "req"})
+
+    return act
+
+
+def _commit(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
+    async def act(ledger: Ledger) -> Any:
+        salt = await Auctions(ledger.client, ns).commit(args.id, args.stake, args.price)
+        return {"auction": args.id, "stake": args.stake, "salt": salt.hex()}
+
+    return act
+
+
+def _reveal(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
+    try:
+        salt = bytes.fromhex(args.salt)
+    except ValueError:
+        raise UsageError("--salt is the hex `auction commit` printed") from None
+
+    async def act(ledger: Ledger) -> Any:
+        await Auctions(ledger.client, ns).reveal(args.id, args.price, salt)
+        return {"auction": args.id, "price": args.price}
 
     return act
 
@@ -108,6 +139,8 @@ def _simple(name: str) -> Make:
 ACTIONS: dict[str, Make] = {
     "open": _open,
     "bid": _bid,
+    "commit": _commit,
+    "reveal": _reveal,
     "withdraw": _simple("withdraw"),
     "confirm": _simple("confirm"),
     "show": _simple("show"),

@@ -70,12 +70,13 @@ class RelayConfig:
     max_live_docs: int = 1024
     initial_stake: int = 100
     """Stake every member of a namespace gets at its first join (auctions)."""
+    reputation_half_life_ms: int = 7 * 24 * 3600 * 1000
 
     def __post_init__(self) -> None:
         if not NS_RE.fullmatch(f"x@{self.name}"):
             raise ValueError(f"relay name {self.name!r}: lowercase letters, digits, . _ -")
         names = ("commit_batch", "replay_batch", "recent_bytes", "send_queue")
-        for name in (*names, "doc_compact_every", "max_live_docs"):
+        for name in (*names, "doc_compact_every", "max_live_docs", "reputation_half_life_ms"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         for name in ("claim_ttl", "lock_ttl"):
@@ -185,6 +186,7 @@ class RelayNode:
             self.config.claim_ttl,
             self.config.lock_ttl,
             initial_stake=self.config.initial_stake,
+            half_life_ms=self.config.reputation_half_life_ms,
         )
         self._outcomes: dict[bytes, Located] = {}  # request id -> its outcome, recent ones
         self._attached: dict[tuple[str, bytes], int] = {}  # open connections per member

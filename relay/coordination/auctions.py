@@ -28,11 +28,18 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent_sdk.wire import canonical, digest
 from relay.coordination.directory import Capability, Directory
 from relay.coordination.ledger import Contract, Done, Ledger, Status
 from relay.coordination.stakes import Reputation, Stakes
 
 RULES = ("stake_x_reputation", "lowest_price", "first_eligible")
+
+
+def commitment(auction_id: str, bidder: bytes, price: int, salt: bytes) -> bytes:
+    """What a sealed bid commits to: BLAKE2b-256 of the canonical map of these four."""
+    fields = {"auction": auction_id, "bidder": bidder, "price": price, "salt": salt}
+    return digest(canonical(fields))
 
 
 def vouch_key(vouchee: bytes) -> str:
@@ -87,6 +94,9 @@ class Bid:
     at_ms: int
     order: int
     """Log order among this auction's bids: the last tie-break."""
+    commitment: bytes | None = None
+    """Sealed auctions: the hash of the price, revealed after the deadline."""
+    revealed: bool = True
 
 
 @dataclass
@@ -102,6 +112,11 @@ class Auction:
     confirm_ms: int = 60_000
     lease_ms: int = 30 * 60 * 1000
     slash_ppm: int = 200_000
+    sealed: bool = False
+    reveal_ms: int = 0
+    """Sealed auctions: how long after the deadline bidders may reveal."""
+    forfeit_ppm: int = 100_000
+    """Sealed auctions: the part of an unrevealed commitment's stake that is lost."""
     phase: Phase = Phase.OPEN
     bids: dict[bytes, Bid] = field(default_factory=dict)
     ranking: list[bytes] = field(default_factory=list)
@@ -111,6 +126,11 @@ class Auction:
     confirm_by: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     bid_count: int = 0
+
+    @property
+    def closes_ms(self) -> int:
+        """When the relay closes it: the deadline, or the end of the reveal window."""
+        return self.deadline_ms + (self.reveal_ms if self.sealed else 0)
 
     @property
     def awardee(self) -> bytes | None:
@@ -148,6 +168,11 @@ class Auctions:
         auction = self._get(auction_id)
         if auction.phase is not Phase.OPEN or bid.at_ms >= auction.deadline_ms:
             raise Refused("closed", f"{auction_id} closed at {auction.deadline_ms}")
+        if auction.sealed != (bid.commitment is not None):
+            how = "commit a hash of your price" if auction.sealed else "bid a price"
+            raise Refused(
+                "bad_request", f"{auction_id} is {'' if auction.sealed else 'not '}sealed: {how}"
+            )
         if bid.bidder == auction.requester:
             raise Refused("own_auction", "a requester does not bid on its own auction")
         member = directory.members.get(bid.bidder)
@@ -171,6 +196,24 @@ class Auctions:
         auction.bid_count += 1
         bid.order = auction.bid_count
         auction.bids[bid.bidder] = bid
+        return bid
+
+    def reveal(self, auction_id: str, bidder: bytes, price: int, salt: bytes, now_ms: int) -> Bid:
+        """Open a sealed bid: the price and salt must hash to its commitment."""
+        auction = self._get(auction_id)
+        bid = auction.bids.get(bidder)
+        if not auction.sealed or bid is None:
+            raise Refused("not_found", f"no sealed bid of yours on {auction_id}")
+        if not auction.deadline_ms <= now_ms < auction.closes_ms or auction.phase is not Phase.OPEN:
+            window = f"{auction.deadline_ms} to {auction.closes_ms}"
+            raise Refused("closed", f"reveals are taken from {window}")
+        if bid.revealed:
+            raise Refused("bad_request", "revealed already")
+        if commitment(auction_id, bidder, price, salt) != bid.commitment:
+            raise Refused("bad_reveal", "price and salt do not hash to your commitment")
+        if auction.reserve is not None and price > auction.reserve:
+            raise Refused("over_reserve", f"price {price} over the reserve {auction.reserve}")
+        bid.price, bid.revealed = price, True
         return bid
 
     def withdraw(self, auction_id: str, bidder: bytes, now_ms: int, stakes: Stakes) -> int:
@@ -204,8 +247,8 @@ class Auctions:
         the body of a relay event (``kind`` inside), applied already."""
         out = []
         for auction in self.auctions.values():
-            if auction.phase is Phase.OPEN and now_ms >= auction.deadline_ms:
-                out.append(self.close(auction.id, auction.deadline_ms, ledger, stakes, reputation))
+            if auction.phase is Phase.OPEN and now_ms >= auction.closes_ms:
+                out.append(self.close(auction.id, auction.closes_ms, ledger, stakes, reputation))
             elif auction.phase in (Phase.AWARDED, Phase.CONFIRMED):
                 settled = self.settle(auction.id, now_ms, ledger, stakes, reputation)
                 if settled is not None:
@@ -216,6 +259,11 @@ class Auctions:
         self, auction_id: str, at_ms: int, ledger: Ledger, stakes: Stakes, reputation: Reputation
     ) -> dict[str, Any]:
         auction = self._get(auction_id)
+        forfeited = []
+        for bidder, bid in list(auction.bids.items()):
+            if not bid.revealed:  # a sealed bid never opened: part of its stake is lost
+                forfeited.append([bidder, stakes.slash(bidder, auction_id, auction.forfeit_ppm)])
+                del auction.bids[bidder]
         auction.ranking = _rank(auction, reputation, at_ms)
         winner = auction.ranking[0] if auction.ranking else None
         for bidder in auction.bids:
@@ -226,6 +274,7 @@ class Auctions:
             "auction": auction_id,
             "at_ms": at_ms,
             "ranking": list(auction.ranking),
+            "forfeited": forfeited,
         }
         body["award"] = self._award_next(auction, at_ms, ledger, stakes, first=True)
         return body
@@ -300,7 +349,7 @@ class Auctions:
         times = []
         for auction in self.auctions.values():
             if auction.phase is Phase.OPEN:
-                times.append(auction.deadline_ms)
+                times.append(auction.closes_ms)
             elif auction.phase is Phase.AWARDED:
                 times.append(auction.confirm_by)
         return min(times, default=None)

@@ -56,12 +56,14 @@ class Host:
     lock_ttl: TtlBounds = LOCK_TTL
     coordinators: dict[str, Coordinator] = field(default_factory=dict)
     initial_stake: int = 100
+    half_life_ms: int = 7 * 24 * 3600 * 1000
 
     def coordinator(self, ns: str) -> Coordinator:
         coordinator = self.coordinators.get(ns)
         if coordinator is None:
             coordinator = Coordinator.with_bounds(self.claim_ttl, self.lock_ttl)
             coordinator.stakes.initial = self.initial_stake
+            coordinator.reputation.half_life_ms = self.half_life_ms
             self.coordinators[ns] = coordinator
         return coordinator
 

@@ -339,8 +339,17 @@ def _auction_view(auction: Auction, coordinator: Coordinator, now_ms: int) -> di
         "min_reputation": auction.min_reputation,
         "reserve": auction.reserve,
         "slash_ppm": auction.slash_ppm,
+        "sealed": auction.sealed,
+        "closes_ms": auction.closes_ms,
         "bids": [
-            {"bidder": b.bidder, "stake": b.stake, "price": b.price, "note": b.note} for b in bids
+            {
+                "bidder": b.bidder,
+                "stake": b.stake,
+                "price": b.price if b.revealed else None,  # sealed: nobody sees it yet
+                "note": b.note,
+                "revealed": b.revealed,
+            }
+            for b in bids
         ],
         "ranking": list(auction.ranking),
         "awardee": auction.awardee,

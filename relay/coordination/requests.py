@@ -61,7 +61,15 @@ LOCK_KINDS = frozenset({"lock.acquire", "lock.renew", "lock.release"})
 RECORD_KINDS = frozenset({"context.put", "bulletin.post", "decision.add", "ckpt.set"})
 DIR_KINDS = frozenset({"dir.join", "dir.leave", "dir.heartbeat"})
 AUCTION_KINDS = frozenset(
-    {"auction.open", "auction.bid", "auction.withdraw", "auction.confirm", "auction.reject"}
+    {
+        "auction.open",
+        "auction.bid",
+        "auction.commit",
+        "auction.reveal",
+        "auction.withdraw",
+        "auction.confirm",
+        "auction.reject",
+    }
 )
 REP_KINDS = frozenset({"rep.vouch", "rep.revoke"})
 REQUEST_KINDS = WO_KINDS | LOCK_KINDS | RECORD_KINDS | DIR_KINDS | AUCTION_KINDS | REP_KINDS
@@ -85,6 +93,8 @@ OUTCOME_OF = {
     "dir.heartbeat": "dir.alive",
     "auction.open": "auction.opened",
     "auction.bid": "auction.bid_placed",
+    "auction.commit": "auction.committed",
+    "auction.reveal": "auction.revealed",
     "auction.withdraw": "auction.withdrawn",
     "auction.confirm": "auction.confirmed",
     "auction.reject": "auction.failed",
@@ -307,7 +317,8 @@ class Coordinator:
                 raise BadRequest("an auction needs a title (a new order) or a wo")
             auctions.open(auction, self.ledger, title)
             return {"auction": auction.id, "wo": auction.wo, "deadline_ms": auction.deadline_ms,
-                    "rule": auction.rule}  # fmt: skip
+                    "closes_ms": auction.closes_ms, "rule": auction.rule,
+                    "sealed": auction.sealed}  # fmt: skip
         if kind in REP_KINDS:
             return self._vouching(kind, body, author, now)
         auction_id = text(body, "auction", 64)
@@ -320,6 +331,23 @@ class Coordinator:
             bid = Bid(author, stake, price, note, now, 0)
             auctions.bid(auction_id, bid, stakes, self.directory, self.reputation)
             return {"auction": auction_id, "bidder": author, "stake": stake, "price": price}
+        if kind == "auction.commit":
+            only(body, "auction", "stake", "commitment", "note")
+            stake = integer(body, "stake")
+            sealed = body.get("commitment")
+            if stake < 1 or not isinstance(sealed, bytes) or len(sealed) != 32:
+                raise BadRequest("stake must be at least 1, commitment a 32-byte hash")
+            note = text(body, "note", MAX_POST, default="")
+            bid = Bid(author, stake, 0, note, now, 0, commitment=sealed, revealed=False)
+            auctions.bid(auction_id, bid, stakes, self.directory, self.reputation)
+            return {"auction": auction_id, "bidder": author, "stake": stake}
+        if kind == "auction.reveal":
+            only(body, "auction", "price", "salt")
+            price, salt = integer(body, "price"), body.get("salt")
+            if price < 0 or not isinstance(salt, bytes) or not 16 <= len(salt) <= 64:
+                raise BadRequest("price must be at least 0, salt 16 to 64 bytes")
+            auctions.reveal(auction_id, author, price, salt, now)
+            return {"auction": auction_id, "bidder": author, "price": price}
         if kind == "auction.withdraw":
             only(body, "auction")
             unlocked = auctions.withdraw(auction_id, author, now, stakes)
@@ -477,7 +505,8 @@ MAX_HEARTBEAT_MS = 24 * 3600 * 1000
 MAX_AUCTION_MS = 30 * 24 * 3600 * 1000
 AUCTION_FIELDS = (
     "title", "wo", "deadline_ms", "duration_ms", "capabilities", "min_reputation",
-    "reserve", "rule", "confirm_ms", "lease_ms", "slash_ppm",
+    "reserve", "rule", "confirm_ms", "lease_ms", "slash_ppm", "sealed", "reveal_ms",
+    "forfeit_ppm",
 )  # fmt: skip
 
 
@@ -506,7 +535,19 @@ def _auction_of(body: dict[str, Any], requester: bytes, now: int, auction_id: st
         raise BadRequest("confirm_ms and lease_ms must be 1000 to 86400000")
     if not 0 <= slash <= PPM or (reserve is not None and reserve < 0):
         raise BadRequest("slash_ppm is 0 to 1000000; reserve is 0 or more")
+    sealed = body.get("sealed", False)
+    if not isinstance(sealed, bool):
+        raise BadRequest("sealed must be true or false")
+    reveal = opt_integer(body, "reveal_ms")
+    reveal = 60_000 if reveal is None else reveal
+    forfeit = opt_integer(body, "forfeit_ppm")
+    forfeit = 100_000 if forfeit is None else forfeit
+    if not 1_000 <= reveal <= MAX_HEARTBEAT_MS or not 0 <= forfeit <= PPM:
+        raise BadRequest("reveal_ms is 1000 to 86400000, forfeit_ppm 0 to 1000000")
     return Auction(
+        sealed=sealed,
+        reveal_ms=reveal if sealed else 0,
+        forfeit_ppm=forfeit,
         id=auction_id,
         requester=requester,
         wo=text(body, "wo", 64, default=""),

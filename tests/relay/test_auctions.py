@@ -336,6 +336,8 @@ def test_folding_the_log_reproduces_auctions_stakes_and_reputation(plan: list[St
                             ],
                             "lease_ms": 5_000,
                             "confirm_ms": 3_000,
+                            "sealed": amount % 2 == 1,
+                            "reveal_ms": 2_000,
                         },
                     )
                     if kind == "auction.opened":
@@ -350,6 +352,16 @@ def test_folding_the_log_reproduces_auctions_stakes_and_reputation(plan: list[St
                     await scene.ask(agent, f"auction.{action}", {"auction": auction})
                 elif action == "reject":
                     await scene.ask(agent, "auction.reject", {"auction": auction, "reason": "no"})
+                elif action in ("commit", "reveal"):
+                    from agent_sdk.auctions import commitment
+
+                    salt, price = bytes([who + 1]) * 16, amount % 7
+                    if action == "commit":
+                        sealed = commitment(auction, agent.public_key, price, salt)
+                        body = {"auction": auction, "stake": amount + 1, "commitment": sealed}
+                    else:
+                        body = {"auction": auction, "price": price, "salt": salt}
+                    await scene.ask(agent, f"auction.{action}", body)
                 elif action in ("vouch", "revoke"):
                     other = agents[(who + 1 + which) % len(agents)].public_key
                     body = (
@@ -449,3 +461,56 @@ async def test_bad_vouches_are_refused(
     kind, refused = await scene.ask(bidder(0), "rep.vouch", request)
     assert kind == "rep.rejected" and refused["problem"] == problem
     assert scene.node.coordination.coordinators[NS].stakes.locked_by(bidder(0).public_key) == 0
+
+
+async def test_a_sealed_auction_hides_prices_until_the_reveal_and_forfeits_the_silent(
+    scene: Scene, autojump_clock: trio.testing.MockClock
+) -> None:
+    from agent_sdk.auctions import commitment
+
+    await join(scene, REQUESTER)
+    for n in range(3):
+        await join(scene, bidder(n))
+    terms = {
+        "title": "t",
+        "duration_ms": 5_000,
+        "sealed": True,
+        "reveal_ms": 5_000,
+        "rule": "lowest_price",
+    }
+    _, opened = await scene.ask(REQUESTER, "auction.open", terms)
+    auction = opened["auction"]
+    assert opened["closes_ms"] == opened["deadline_ms"] + 5_000
+    kind, refused = await scene.ask(
+        bidder(0), "auction.bid", {"auction": auction, "stake": 5, "price": 1}
+    )
+    assert kind == "auction.rejected" and refused["problem"] == "bad_request"  # sealed: commit
+    prices, salts = {0: 30, 1: 20, 2: 10}, {n: bytes([n]) * 16 for n in range(3)}
+    for n in range(3):
+        sealed = commitment(auction, bidder(n).public_key, prices[n], salts[n])
+        kind, _ = await scene.ask(
+            bidder(n), "auction.commit", {"auction": auction, "stake": 40, "commitment": sealed}
+        )
+        assert kind == "auction.committed"
+    shown = await scene.node.query(NS, "auction.show", {"auction": auction})
+    assert {b["price"] for b in shown["bids"]} == {None}  # nobody sees a price yet
+    early = {"auction": auction, "price": 30, "salt": salts[0]}
+    kind, refused = await scene.ask(bidder(0), "auction.reveal", early)
+    assert kind == "auction.rejected" and refused["problem"] == "closed"  # not before the deadline
+    await trio.sleep(5)
+    kind, refused = await scene.ask(
+        bidder(1), "auction.reveal", {"auction": auction, "price": 19, "salt": salts[1]}
+    )
+    assert kind == "auction.rejected" and refused["problem"] == "bad_reveal"
+    for n in (0, 1):  # bidder 2, the cheapest, never reveals
+        kind, _ = await scene.ask(
+            bidder(n), "auction.reveal", {"auction": auction, "price": prices[n], "salt": salts[n]}
+        )
+        assert kind == "auction.revealed"
+    await trio.sleep(6)
+    await trio.testing.wait_all_tasks_blocked()
+    [(_, closed)] = scene.events("auction.closed")
+    assert closed["forfeited"] == [[bidder(2).public_key, 4]]  # 10% of 40
+    assert closed["ranking"] == [bidder(1).public_key, bidder(0).public_key]
+    assert closed["award"]["agent"] == bidder(1).public_key
+    assert scene.conserved()
