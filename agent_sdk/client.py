@@ -27,7 +27,7 @@ import math
 import random
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -217,6 +217,8 @@ class RelayClient:
         self._asked: dict[int, _Asked] = {}
         self._docs: dict[int, SharedDoc] = {}
         self.ws: ClientConnection | None = None
+        self.on_reconnect: list[Callable[[], Awaitable[None]]] = []
+        """Run after each reconnect (the directory joins again: presence is per connection)."""
         self._inflight = trio.Semaphore(max_inflight)
         self._subscriptions: dict[int, Subscription] = {}
 
@@ -325,6 +327,9 @@ class RelayClient:
         with unwrap_single():
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._writer, ws, queued)
+                if self.connections > 1:  # a reconnect: what lives only as long as a
+                    for hook in self.on_reconnect:  # connection (presence) is redone
+                        nursery.start_soon(hook)
                 async for message in ws:
                     if isinstance(message, str):
                         raise RelayMismatch("relay sent a text message")

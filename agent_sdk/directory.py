@@ -2,18 +2,22 @@
 
 ``await directory.join("indexer", capabilities=["python@3.11", "search"])`` makes
 this agent a member of the namespace, online while this connection is open (the
-relay appends ``dir.left`` when it closes). With ``heartbeat_ms`` it is online until
-that long after its last :meth:`Directory.heartbeat` instead — for agents that come
+relay appends ``dir.left`` when it closes; after a reconnect the client joins
+again). With ``heartbeat_ms`` it is online until that long after its last
+:meth:`Directory.heartbeat` instead — for agents that come
 and go, like shell commands. Refusals raise :class:`~agent_sdk.ledger.LedgerRefusal`.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 from agent_sdk.client import RelayClient
-from agent_sdk.ledger import Ledger
+from agent_sdk.ledger import Ledger, LedgerRefusal
+
+log = logging.getLogger("formicary.sdk")
 
 Participants = list[dict[str, Any]]
 
@@ -25,6 +29,7 @@ class Directory:
         self.client = client
         self.ns = ns
         self._requests = Ledger(client, ns)
+        self._profile: dict[str, Any] | None = None
 
     async def join(
         self,
@@ -47,9 +52,22 @@ class Directory:
             body["meta"] = meta
         if heartbeat_ms is not None:
             body["heartbeat_ms"] = heartbeat_ms
-        return await self._requests.request("dir.join", body)
+        profile = await self._requests.request("dir.join", body)
+        if heartbeat_ms is None and self._rejoin not in self.client.on_reconnect:
+            # Presence by connection ends with the connection: join again on the next.
+            self.client.on_reconnect.append(self._rejoin)
+        self._profile = body
+        return profile
+
+    async def _rejoin(self) -> None:
+        if self._profile is not None and "heartbeat_ms" not in self._profile:
+            try:
+                await self._requests.request("dir.join", self._profile)
+            except LedgerRefusal as exc:  # the relay's rules changed under us: say so
+                log.warning("could not join %s again after a reconnect: %s", self.ns, exc)
 
     async def leave(self) -> None:
+        self._profile = None  # and do not join again on a reconnect
         await self._requests.request("dir.leave", {})
 
     async def heartbeat(self) -> int:

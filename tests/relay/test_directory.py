@@ -214,3 +214,22 @@ async def test_listing_pages_past_a_member_who_went_offline(relay: RunningRelay)
         rest = await reader.query(NS, "dir.list", {"limit": 10, "after": one["agent"]})
         assert [p["name"] for p in rest["participants"]] == ["m1", "m2"]
         assert (await reader.query(NS, "dir.count", {"online": None}))["count"] == 2
+
+
+async def test_a_member_by_connection_joins_again_after_a_reconnect(relay: RunningRelay) -> None:
+    from tests.agent_sdk.test_client import drop_every_connection
+
+    async with (
+        RelayClient.connect(relay.url, identity(1)) as watcher,
+        watcher.subscribe(NS, kinds=["dir.joined", "dir.left"]) as feed,
+        RelayClient.connect(relay.url, identity(3)) as client,
+    ):
+        await Directory(client, NS).join("steady")
+        await drop_every_connection(relay)  # the network blips; both clients reconnect
+        joins = 0
+        async for item in feed:
+            if isinstance(item, Delivery) and item.event.event.kind == "dir.joined":
+                joins += 1
+                if joins == 2:  # the first join, and the one after the reconnect
+                    break
+        assert await Directory(client, NS).count() == 1
