@@ -79,6 +79,8 @@ class RelayConfig:
         for name in (*names, "doc_compact_every", "max_live_docs", "reputation_half_life_ms"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.initial_stake < 0:
+            raise ValueError("initial_stake must be 0 or more")
         for name in ("claim_ttl", "lock_ttl"):
             bounds: TtlBounds = getattr(self, name)
             if not 0 < bounds.min_ms <= bounds.default_ms <= bounds.max_ms:

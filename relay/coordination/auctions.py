@@ -107,7 +107,8 @@ class Auction:
     deadline_ms: int
     rule: str
     capabilities: tuple[Capability, ...] = ()
-    min_reputation: float = 0.0
+    min_reputation: float | None = None
+    """No bar when ``None`` (a failure's score decays towards 0 but stays below it)."""
     reserve: int | None = None
     confirm_ms: int = 60_000
     lease_ms: int = 30 * 60 * 1000
@@ -143,14 +144,23 @@ class Auctions:
 
     # -- requests ---------------------------------------------------------------------
 
-    def open(self, auction: Auction, ledger: Ledger, title: str | None) -> Auction:
+    def open(self, auction: Auction, ledger: Ledger, title: str | None, now_ms: int) -> Auction:
         if auction.rule not in RULES:
             raise Refused("bad_request", f"rule must be one of {', '.join(RULES)}")
+        bounds = ledger.leases.bounds
+        if not bounds.min_ms <= auction.lease_ms <= bounds.max_ms:
+            limits = f"{bounds.min_ms} to {bounds.max_ms}"
+            raise Refused("bad_ttl", f"lease_ms {auction.lease_ms} is outside {limits}")
         if title is not None:
-            created = ledger.create(Contract(title=title), auction.requester, auction.deadline_ms)
-            auction.wo = created.order
-        elif ledger.status(auction.wo, auction.deadline_ms) is not Status.OPEN:
-            raise Refused("bad_transition", f"{auction.wo} is not an open work order")
+            auction.wo = ledger.create(Contract(title=title), auction.requester, now_ms).order
+        else:
+            order = ledger.orders.get(auction.wo)
+            if order is None:
+                raise Refused("not_found", f"no work order {auction.wo}")
+            if order.creator != auction.requester:
+                raise Refused("not_holder", f"{auction.wo} is not yours to auction")
+            if ledger.status(auction.wo, now_ms) is not Status.OPEN:
+                raise Refused("bad_transition", f"{auction.wo} is not open")
         if auction.wo in ledger.reserved:
             raise Refused("held", f"{auction.wo} is under auction {ledger.reserved[auction.wo]}")
         ledger.reserved[auction.wo] = auction.id
@@ -182,7 +192,7 @@ class Auctions:
         if missing:
             raise Refused("ineligible", f"missing capabilities: {', '.join(missing)}")
         score = reputation.score(bid.bidder, bid.at_ms)
-        if score < auction.min_reputation:
+        if auction.min_reputation is not None and score < auction.min_reputation:
             raise Refused("ineligible", f"reputation {score:.3f} < {auction.min_reputation}")
         if auction.reserve is not None and bid.price > auction.reserve:
             raise Refused("over_reserve", f"price {bid.price} over the reserve {auction.reserve}")
@@ -248,7 +258,9 @@ class Auctions:
         out = []
         for auction in self.auctions.values():
             if auction.phase is Phase.OPEN and now_ms >= auction.closes_ms:
-                out.append(self.close(auction.id, auction.closes_ms, ledger, stakes, reputation))
+                # Closed at the timer's time: after downtime the award's windows start
+                # now, not in the past (bids after the deadline are refused anyway).
+                out.append(self.close(auction.id, now_ms, ledger, stakes, reputation))
             elif auction.phase in (Phase.AWARDED, Phase.CONFIRMED):
                 settled = self.settle(auction.id, now_ms, ledger, stakes, reputation)
                 if settled is not None:
@@ -329,8 +341,11 @@ class Auctions:
         assert agent is not None
         slashed = stakes.slash(agent, auction_id, auction.slash_ppm)
         reputation.record(agent, now_ms, -1.0)
+        cuts = []
         for vouch in reputation.vouchers_of(agent):  # vouching for it had a price
-            stakes.cut(vouch.voucher, vouch_key(agent), auction.slash_ppm)
+            cut = stakes.cut(vouch.voucher, vouch_key(agent), auction.slash_ppm)
+            if cut:
+                cuts.append([vouch.voucher, cut])
         lease = ledger.leases.holder(auction.wo, now_ms)
         if lease is not None and lease.token == auction.token:  # rejected while held
             ledger.release(auction.wo, agent, auction.token, now_ms)
@@ -342,6 +357,7 @@ class Auctions:
             "at_ms": now_ms,
             "reason": reason,
             "slashed": slashed,
+            "vouches_cut": cuts,
             "award": award,
         }
 
@@ -369,15 +385,20 @@ class Auctions:
             agent = auction.awardee
             if agent is None:
                 self._move(auction, Op.EXHAUST, now_ms, "nobody left")
-                del ledger.reserved[auction.wo]
+                ledger.reserved.pop(auction.wo, None)
                 return None
             bid = auction.bids[agent]
             if not first and not stakes.lock(agent, auction.id, bid.stake):
                 continue  # it spent its stake elsewhere since: the next one
             first = False
+            ledger.reopen_blocked(auction.wo, now_ms, "reopened for the next bidder")
             granted = ledger.claim(auction.wo, agent, now_ms, auction.lease_ms, auction=auction.id)
             lease = granted.lease if isinstance(granted, Done) else None
-            assert lease is not None, granted  # the order is reserved for this auction
+            if lease is None:  # the order cannot be given out (done meanwhile, say)
+                stakes.unlock(agent, auction.id)
+                self._move(auction, Op.EXHAUST, now_ms, f"cannot award: {granted}")
+                ledger.reserved.pop(auction.wo, None)
+                return None
             auction.token = lease.token
             auction.confirm_by = now_ms + auction.confirm_ms
             self._move(auction, Op.AWARD, now_ms, f"awarded to {agent.hex()[:16]}")

@@ -44,7 +44,8 @@ class Diverged(Exception):
     def __init__(self, ns: str, seq: int, logged: str, decided: str) -> None:
         super().__init__(
             f"{ns} seq {seq}: the log says {logged}, this relay now decides {decided}; "
-            "start it with the lease bounds the log was written with"
+            "start it with the settings the log was written with (lease bounds, "
+            "initial stake)"
         )
         self.ns, self.seq = ns, seq
 

@@ -225,6 +225,12 @@ class Ledger:
         order.updated_ms = now_ms
         return Done(order_id, order.status)
 
+    def reopen_blocked(self, order_id: str, now_ms: int, why: str) -> None:
+        """The relay reopens a blocked order it gives out again (an auction's next bidder)."""
+        order = self.orders.get(order_id)
+        if order is not None and order.status is Status.BLOCKED:
+            self._move(order, Op.REOPEN, now_ms, why)
+
     def fence(
         self, order_id: str, agent: bytes, token: int | None, now_ms: int
     ) -> Rejection | None:

@@ -19,7 +19,7 @@ from typing import Any
 import msgpack
 
 from agent_sdk.errors import ErrorCode, ProtocolError
-from relay.coordination.auctions import Auction
+from relay.coordination.auctions import Auction, vouch_key
 from relay.coordination.directory import Capability, Member
 from relay.coordination.fields import BadRequest, only, opt_integer, opt_text, text
 from relay.coordination.leases import Lease
@@ -407,7 +407,8 @@ def rep_show(coordinator: Coordinator, args: dict[str, Any], now_ms: int, budget
     reputation = coordinator.reputation
 
     def vouch(v: Any) -> dict[str, Any]:
-        return {"voucher": v.voucher, "for": v.vouchee, "weight": v.weight,
+        staked = coordinator.stakes.locked.get((v.voucher, vouch_key(v.vouchee)), 0)
+        return {"voucher": v.voucher, "for": v.vouchee, "weight": v.weight, "staked": staked,
                 "value": v.value, "reason": v.reason, "at_ms": v.at_ms}  # fmt: skip
 
     return {

@@ -313,9 +313,9 @@ class Coordinator:
             only(body, *AUCTION_FIELDS)
             auction = _auction_of(body, author, now, f"auc-{len(auctions.auctions) + 1}")
             title = opt_text(body, "title", 200)
-            if title is None and "wo" not in body:
-                raise BadRequest("an auction needs a title (a new order) or a wo")
-            auctions.open(auction, self.ledger, title)
+            if (title is None) == ("wo" not in body) or (title is not None and not title.strip()):
+                raise BadRequest("an auction needs a title (a new order) or a wo, not both")
+            auctions.open(auction, self.ledger, title, now)
             return {"auction": auction.id, "wo": auction.wo, "deadline_ms": auction.deadline_ms,
                     "closes_ms": auction.closes_ms, "rule": auction.rule,
                     "sealed": auction.sealed}  # fmt: skip
@@ -364,6 +364,8 @@ class Coordinator:
             raise AuctionRefused("not_found", f"no auction {auction_id} of yours")
         if mine.phase not in (Phase.AWARDED, Phase.CONFIRMED):
             raise AuctionRefused("bad_transition", f"{auction_id} is {mine.phase.value}")
+        if self.ledger.status(mine.wo, now) is Status.DONE:
+            raise AuctionRefused("bad_transition", f"{mine.wo} is done: the auction completes")
         failed = auctions.fail(auction_id, "rejected", now, self.ledger, stakes, self.reputation)
         failed["note"] = reason
         return failed
@@ -520,19 +522,21 @@ def _auction_of(body: dict[str, Any], requester: bytes, now: int, auction_id: st
     rule = text(body, "rule", 32, default="stake_x_reputation")
     if rule not in RULES:
         raise BadRequest(f"rule must be one of {', '.join(RULES)}")
-    minimum = body.get("min_reputation", 0)
-    if type(minimum) not in (int, float):
+    minimum = body.get("min_reputation")
+    if minimum is not None and type(minimum) not in (int, float):
         raise BadRequest("min_reputation must be a number")
     capabilities = texts(body, "capabilities")
     if not all(CAPABILITY_RE.fullmatch(c) for c in capabilities):
         raise BadRequest("capabilities are tags, optionally @version")
     reserve = opt_integer(body, "reserve")
-    confirm = opt_integer(body, "confirm_ms") or 60_000
-    lease = opt_integer(body, "lease_ms") or 30 * 60 * 1000
+    confirm = opt_integer(body, "confirm_ms")
+    confirm = 60_000 if confirm is None else confirm
+    lease = opt_integer(body, "lease_ms")
+    lease = 30 * 60 * 1000 if lease is None else lease
     slash = opt_integer(body, "slash_ppm")
     slash = 200_000 if slash is None else slash
-    if not 1_000 <= confirm <= MAX_HEARTBEAT_MS or not 1_000 <= lease <= MAX_HEARTBEAT_MS:
-        raise BadRequest("confirm_ms and lease_ms must be 1000 to 86400000")
+    if not 1_000 <= confirm <= MAX_HEARTBEAT_MS:
+        raise BadRequest("confirm_ms must be 1000 to 86400000")
     if not 0 <= slash <= PPM or (reserve is not None and reserve < 0):
         raise BadRequest("slash_ppm is 0 to 1000000; reserve is 0 or more")
     sealed = body.get("sealed", False)
@@ -542,7 +546,7 @@ def _auction_of(body: dict[str, Any], requester: bytes, now: int, auction_id: st
     reveal = 60_000 if reveal is None else reveal
     forfeit = opt_integer(body, "forfeit_ppm")
     forfeit = 100_000 if forfeit is None else forfeit
-    if not 1_000 <= reveal <= MAX_HEARTBEAT_MS or not 0 <= forfeit <= PPM:
+    if (sealed and not 1_000 <= reveal <= MAX_HEARTBEAT_MS) or not 0 <= forfeit <= PPM:
         raise BadRequest("reveal_ms is 1000 to 86400000, forfeit_ppm 0 to 1000000")
     return Auction(
         sealed=sealed,
@@ -554,7 +558,7 @@ def _auction_of(body: dict[str, Any], requester: bytes, now: int, auction_id: st
         deadline_ms=deadline,
         rule=rule,
         capabilities=tuple(Capability.parse(c) for c in capabilities),
-        min_reputation=float(minimum),
+        min_reputation=None if minimum is None else float(minimum),
         reserve=reserve,
         confirm_ms=confirm,
         lease_ms=lease,

@@ -514,3 +514,51 @@ async def test_a_sealed_auction_hides_prices_until_the_reveal_and_forfeits_the_s
     assert closed["ranking"] == [bidder(1).public_key, bidder(0).public_key]
     assert closed["award"]["agent"] == bidder(1).public_key
     assert scene.conserved()
+
+
+async def test_an_awardee_that_blocks_the_order_fails_and_the_next_bidder_gets_it(
+    scene: Scene, autojump_clock: trio.testing.MockClock
+) -> None:
+    await join(scene, REQUESTER)
+    for n in range(2):
+        await join(scene, bidder(n))
+    _, opened = await scene.ask(REQUESTER, "auction.open", {"title": "t", "duration_ms": 1_000})
+    for n, stake in enumerate((10, 20)):
+        await scene.ask(
+            bidder(n), "auction.bid", {"auction": opened["auction"], "stake": stake, "price": 0}
+        )
+    await trio.sleep(2)
+    won = scene.node.coordination.coordinators[NS].auctions.auctions[opened["auction"]]
+    body = {"wo": won.wo, "token": won.token, "status": "blocked", "reason": "stuck"}
+    kind, _ = await scene.ask(bidder(1), "wo.update", body)
+    assert kind == "wo.updated"
+    await trio.testing.wait_all_tasks_blocked()
+    [(_, failed)] = scene.events("auction.failed")
+    assert failed["reason"] == "released" and failed["award"]["agent"] == bidder(0).public_key
+    shown = await scene.node.query(NS, "wo.show", {"wo": won.wo})
+    assert shown["status"] == "claimed" and shown["holder"] == bidder(0).public_key
+    # Done, then a late rejection: refused, and the auction completes.
+    await scene.ask(
+        bidder(0), "wo.update", {"wo": won.wo, "token": failed["award"]["token"], "status": "done"}
+    )
+    kind, refused = await scene.ask(REQUESTER, "auction.reject", {"auction": opened["auction"]})
+    assert (kind, refused["problem"]) == ("auction.rejected", "bad_transition")
+    await trio.testing.wait_all_tasks_blocked()
+    assert scene.events("auction.completed") and scene.conserved()
+
+
+async def test_auctions_of_orders_not_yours_or_with_bad_leases_are_refused(
+    scene: Scene, autojump_clock: trio.testing.MockClock
+) -> None:
+    _, created = await scene.ask(bidder(0), "wo.create", {"title": "theirs"})
+    kind, refused = await scene.ask(
+        REQUESTER, "auction.open", {"wo": created["wo"], "duration_ms": 1_000}
+    )
+    assert (kind, refused["problem"]) == ("auction.rejected", "not_holder")
+    kind, refused = await scene.ask(
+        REQUESTER, "auction.open", {"wo": "wo-99", "duration_ms": 1_000}
+    )
+    assert (kind, refused["problem"]) == ("auction.rejected", "not_found")
+    terms = {"title": "t", "duration_ms": 1_000, "lease_ms": 25 * 3600 * 1000}
+    kind, refused = await scene.ask(REQUESTER, "auction.open", terms)
+    assert (kind, refused["problem"]) == ("auction.rejected", "bad_ttl")  # the relay's bounds
