@@ -44,7 +44,7 @@ class Auctions:
         deadline_ms: int | None = None,
         rule: str = "stake_x_reputation",
         capabilities: Sequence[str] = (),
-        min_reputation: float = 0,
+        min_reputation: float | None = None,
         reserve: int | None = None,
         sealed: bool = False,
         **terms: int,
@@ -56,7 +56,6 @@ class Auctions:
             "rule": rule,
             "sealed": sealed,
             "capabilities": list(capabilities),
-            "min_reputation": min_reputation,
             **terms,
         }
         for key, value in (
@@ -65,6 +64,7 @@ class Auctions:
             ("duration_ms", duration_ms),
             ("deadline_ms", deadline_ms),
             ("reserve", reserve),
+            ("min_reputation", min_reputation),
         ):
             if value is not None:
                 body[key] = value

@@ -31,7 +31,7 @@ def add_parser(sub: Any, agent_options: AgentOptions) -> None:
     p.add_argument("--rule", default="stake_x_reputation",
                    choices=["stake_x_reputation", "lowest_price", "first_eligible"])  # fmt: skip
     p.add_argument("--capability", action="append", default=[], dest="capabilities")
-    p.add_argument("--min-reputation", type=float, default=0.0)
+    p.add_argument("--min-reputation", type=float, help="no bar unless given")
     p.add_argument("--reserve", type=int, help="the highest price accepted")
     p.add_argument("--sealed", action="store_true", help="commit, then reveal, prices")
     p = subcommand(commands, "bid", "bid on an auction (locks the stake)", agent_options)
