@@ -107,10 +107,15 @@ class Auctions:
         return dict(await self.client.query(self.ns, "auction.show", {"auction": auction}))
 
     async def list(self, phase: str | None = None) -> list[dict[str, Any]]:
+        """Every auction (in ``phase``), in opening order, page after page."""
         args: dict[str, Any] = {"limit": 1000} if phase is None else {"phase": phase, "limit": 1000}
-        return [
-            dict(a) for a in (await self.client.query(self.ns, "auction.list", args))["auctions"]
-        ]
+        items: list[dict[str, Any]] = []
+        while True:
+            page = await self.client.query(self.ns, "auction.list", args)
+            items += [dict(a) for a in page["auctions"]]
+            if not page["more"] or not page["auctions"]:
+                return items
+            args = {**args, "after": int(page["auctions"][-1]["auction"][4:])}
 
     async def stake(self, agent: bytes | None = None) -> dict[str, Any]:
         """Balance, locked stake and reputation of ``agent`` (default: this one)."""

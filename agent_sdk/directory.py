@@ -95,7 +95,13 @@ class Directory:
         args: dict[str, Any] = {"capability": capability, "online": online, "limit": 1000}
         if role is not None:
             args["role"] = role
-        return list((await self.client.query(self.ns, "dir.find", args))["participants"])
+        items: Participants = []
+        while True:
+            page = await self.client.query(self.ns, "dir.find", args)
+            items += page["participants"]
+            if not page["more"] or not page["participants"]:
+                return items
+            args = {**args, "after": page["participants"][-1]["agent"]}
 
     async def count(self, *, online: bool = True) -> int:
         return int((await self.client.query(self.ns, "dir.count", {"online": online}))["count"])

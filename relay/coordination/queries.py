@@ -20,7 +20,7 @@ import msgpack
 
 from agent_sdk.errors import ErrorCode, ProtocolError
 from relay.coordination.auctions import Auction, vouch_key
-from relay.coordination.directory import Capability, Member
+from relay.coordination.directory import CAPABILITY_RE, Capability, Member
 from relay.coordination.fields import BadRequest, only, opt_integer, opt_text, text
 from relay.coordination.leases import Lease
 from relay.coordination.ledger import Status, WorkOrder
@@ -279,17 +279,23 @@ def _wanted(coordinator: Coordinator, args: dict[str, Any], member: Member, now_
     return online is False or coordinator.directory.is_online(member, now_ms)
 
 
-def dir_list(coordinator: Coordinator, args: dict[str, Any], now_ms: int, budget: int) -> Any:
-    """Participants (online ones unless ``online`` is false), paged by ``after`` (a key)."""
-    only(args, "online", "after", "limit")
+def _after(coordinator: Coordinator, args: dict[str, Any]) -> list[Member]:
+    """Members in first-join order past ``after`` (an agent key): a place in the whole
+    order, so a page goes on even when that member has gone offline since."""
     after = args.get("after")
     if after is not None and not isinstance(after, bytes):
         raise BadRequest("after must be an agent key")
-    members = _ordered(coordinator)  # `after` is a place in the whole order: it may be
-    if after is not None:  # offline by now, and the page still goes on after it
+    members = _ordered(coordinator)
+    if after is not None:
         keys = [m.agent for m in members]
         members = members[keys.index(after) + 1 :] if after in keys else []
-    members = [m for m in members if _wanted(coordinator, args, m, now_ms)]
+    return members
+
+
+def dir_list(coordinator: Coordinator, args: dict[str, Any], now_ms: int, budget: int) -> Any:
+    """Participants (online ones unless ``online`` is false), paged by ``after`` (a key)."""
+    only(args, "online", "after", "limit")
+    members = [m for m in _after(coordinator, args) if _wanted(coordinator, args, m, now_ms)]
     directory = coordinator.directory
     items = (_participant(m, directory.is_online(m, now_ms)) for m in members)
     page, more = _page(items, _limit(args), budget)
@@ -309,11 +315,16 @@ def dir_get(coordinator: Coordinator, args: dict[str, Any], now_ms: int, budget:
 
 def dir_find(coordinator: Coordinator, args: dict[str, Any], now_ms: int, budget: int) -> Any:
     """Participants with a capability (``tag`` or ``tag@version``), and a role if given."""
-    only(args, "capability", "role", "online", "limit")
-    wanted = Capability.parse(text(args, "capability", 100))
+    only(args, "capability", "role", "online", "after", "limit")
+    capability = text(args, "capability", 100)
+    if not CAPABILITY_RE.fullmatch(capability):
+        raise BadRequest("capability is a tag, optionally @version")
+    wanted = Capability.parse(capability)
     role = opt_text(args, "role", 64)
     members = [
-        m for m in _members(coordinator, args, now_ms) if m.can(wanted) and role in (None, m.role)
+        m
+        for m in _after(coordinator, args)
+        if _wanted(coordinator, args, m, now_ms) and m.can(wanted) and role in (None, m.role)
     ]
     directory = coordinator.directory
     items = (_participant(m, directory.is_online(m, now_ms)) for m in members)
@@ -369,13 +380,15 @@ def auction_show(coordinator: Coordinator, args: dict[str, Any], now_ms: int, bu
 
 
 def auction_list(coordinator: Coordinator, args: dict[str, Any], now_ms: int, budget: int) -> Any:
-    """Auctions in opening order, without their bids (``auction.show`` has those)."""
-    only(args, "phase", "limit")
+    """Auctions in opening order, without their bids (``auction.show`` has those),
+    paged by ``after`` (the number of ``auc-<n>``)."""
+    only(args, "phase", "after", "limit")
     wanted = opt_text(args, "phase", 16)
+    after = opt_integer(args, "after") or 0
     items = (
         {k: v for k, v in _auction_view(a, coordinator, now_ms).items() if k != "bids"}
         for a in coordinator.auctions.auctions.values()
-        if wanted in (None, a.phase.value)
+        if wanted in (None, a.phase.value) and int(a.id[4:]) > after
     )
     page, more = _page(items, _limit(args), budget)
     return {"auctions": page, "more": more}

@@ -562,3 +562,14 @@ async def test_auctions_of_orders_not_yours_or_with_bad_leases_are_refused(
     terms = {"title": "t", "duration_ms": 1_000, "lease_ms": 25 * 3600 * 1000}
     kind, refused = await scene.ask(REQUESTER, "auction.open", terms)
     assert (kind, refused["problem"]) == ("auction.rejected", "bad_ttl")  # the relay's bounds
+
+
+async def test_auction_lists_come_in_pages(
+    scene: Scene, autojump_clock: trio.testing.MockClock
+) -> None:
+    for _ in range(3):
+        await scene.ask(REQUESTER, "auction.open", {"title": "t", "duration_ms": 60_000})
+    page = await scene.node.query(NS, "auction.list", {"limit": 2})
+    assert [a["auction"] for a in page["auctions"]] == ["auc-1", "auc-2"] and page["more"]
+    rest = await scene.node.query(NS, "auction.list", {"after": 2})
+    assert [a["auction"] for a in rest["auctions"]] == ["auc-3"] and not rest["more"]

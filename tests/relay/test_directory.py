@@ -233,3 +233,23 @@ async def test_a_member_by_connection_joins_again_after_a_reconnect(relay: Runni
                 if joins == 2:  # the first join, and the one after the reconnect
                     break
         assert await Directory(client, NS).count() == 1
+
+
+async def test_find_pages_and_refuses_a_malformed_capability(relay: RunningRelay) -> None:
+    async with RelayClient.connect(relay.url, identity(1)) as reader:
+        for n in range(3):
+            async with RelayClient.connect(relay.url, member(n)) as client:
+                await Directory(client, NS).join(
+                    f"m{n}", capabilities=["rust"], heartbeat_ms=60_000
+                )
+        page = await reader.query(NS, "dir.find", {"capability": "rust", "limit": 2})
+        assert [p["name"] for p in page["participants"]] == ["m0", "m1"] and page["more"]
+        last = page["participants"][-1]["agent"]
+        rest = await reader.query(NS, "dir.find", {"capability": "rust", "after": last})
+        assert [p["name"] for p in rest["participants"]] == ["m2"] and not rest["more"]
+        assert len(await Directory(reader, NS).find("rust")) == 3
+        from agent_sdk.errors import ErrorCode, ProtocolError
+
+        with pytest.raises(ProtocolError) as info:
+            await reader.query(NS, "dir.find", {"capability": "Not A Tag"})
+        assert info.value.code is ErrorCode.BAD_QUERY
