@@ -30,7 +30,7 @@ from websockets.trio.server import Server, ServerConnection, serve
 
 from agent_sdk import frames as f
 from agent_sdk.errors import ErrorCode, ProtocolError
-from agent_sdk.wire import PROTOCOL_VERSION, decode
+from agent_sdk.wire import PROTOCOL_VERSION, Event
 from relay.documents import MAX_AWARENESS, LiveDoc, Overflow, Replica
 from relay.node import RelayNode, Ticket
 from relay.session import Admit, Ask, Aware, Close, Open, OpenDoc, Reply, Session
@@ -40,6 +40,7 @@ from relay.subscriptions import Filter, check_cursor
 log = logging.getLogger("formicary.relay")
 
 SLOW_CONSUMER_CLOSE = 1008  # policy violation: the closest standard code
+JOIN_WAIT = 10.0  # seconds a closing connection waits for its joins to be decided
 AUTH_TIMEOUT_CLOSE = 1008
 
 
@@ -82,6 +83,7 @@ class Connection:
         self._follows = 0  # namespaces followed, over all subscriptions
         self._closing = False
         self._present: set[str] = set()  # namespaces this connection is a member in
+        self._joins: list[Ticket] = []  # its dir.join publishes (by connection)
 
     async def run(self) -> None:
         self.node.count("connections")
@@ -97,9 +99,15 @@ class Connection:
             pass
         finally:
             agent = self.session.agent
-            for ns in self._present:  # presence by connection ends with it
+            if self._present:
                 assert agent is not None
-                self.node.detach(ns, agent)
+                # Let joins still on their way be decided first: a join decided after
+                # the leave would leave a member online with no connection.
+                with trio.CancelScope(shield=True), trio.move_on_after(JOIN_WAIT):
+                    for ticket in self._joins:
+                        await ticket.done.wait()
+                for ns in self._present:  # presence by connection ends with it
+                    self.node.detach(ns, agent)
 
     async def _send(self, frame: f.RelayFrame) -> None:
         data = f.encode_frame(frame)
@@ -161,6 +169,7 @@ class Connection:
                 await trio.lowlevel.checkpoint()
             if isinstance(action, Admit):
                 ticket = await self.node.admit(action.event)
+                self._note_presence(action.event.event, ticket)
                 await self._answer_later(action.rid, ticket)
             elif isinstance(action, Ask):
                 await self._answer_later(action.query.rid, action.query)
@@ -177,6 +186,17 @@ class Connection:
                 await self._close(action.sub)
 
     # -- publishing -------------------------------------------------------------------
+
+    def _note_presence(self, event: Event, ticket: Ticket) -> None:
+        """A ``dir.join`` by connection makes this connection hold the membership from
+        the moment it is sent, so that closing before the answer still ends it."""
+        body = event.body
+        if event.kind != "dir.join" or not isinstance(body, dict) or "heartbeat_ms" in body:
+            return
+        self._joins.append(ticket)
+        if event.ns not in self._present:
+            self._present.add(event.ns)  # online while this connection is open
+            self.node.attach(event.ns, event.author)
 
     async def _answer_later(self, rid: int, request: Ticket | f.Query) -> None:
         try:
@@ -219,10 +239,6 @@ class Connection:
         decided = self.node.outcome_of(ticket.event.id)
         if decided is not None:
             outcome = await self.node.committed_record(decided.ns, decided.seq)
-            joined = outcome.kind == "dir.joined" and decided.ns not in self._present
-            if joined and decode(outcome.event)["body"]["presence"] == "connection":
-                self._present.add(decided.ns)  # online while this connection is open
-                self.node.attach(decided.ns, ticket.event.event.author)
             ack = replace(
                 ack,
                 outcome=outcome.event,

@@ -323,7 +323,7 @@ class Auctions:
             return None
         if order.status is Status.CLAIMED:  # lapsed, the ledger's timer not yet run
             ledger.expire_leases([(auction.wo, auction.token)])
-        reason = "expired" if "expired" in order.history[-1][2] else "released"
+        reason = "expired" if order.last_op == "expire" else "released"
         return self.fail(auction_id, reason, now_ms, ledger, stakes, reputation)
 
     def fail(

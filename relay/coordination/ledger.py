@@ -101,6 +101,8 @@ class WorkOrder:
     notes: list[Note] = field(default_factory=list)
     history: list[tuple[int, Status, str]] = field(default_factory=list)
     """(at_ms, new status, why) for every move."""
+    last_op: str = ""
+    """The latest move (``claim``, ``release``, ``expire``, ``done``...): why it is open."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -332,6 +334,7 @@ class Ledger:
 
     def _move(self, order: WorkOrder, op: Op, now_ms: int, why: str) -> None:
         order.status = TRANSITIONS[(order.status, op)]  # a KeyError here is our bug
+        order.last_op = op.value
         order.updated_ms = now_ms
         order.history.append((now_ms, order.status, why))
 

@@ -253,3 +253,38 @@ async def test_find_pages_and_refuses_a_malformed_capability(relay: RunningRelay
         with pytest.raises(ProtocolError) as info:
             await reader.query(NS, "dir.find", {"capability": "Not A Tag"})
         assert info.value.code is ErrorCode.BAD_QUERY
+
+
+async def test_a_connection_closed_before_its_join_is_answered_leaves_no_ghost(
+    relay: RunningRelay,
+) -> None:
+    import time
+
+    from agent_sdk.client import _publish_frame
+
+    ghost = identity(5)
+    async with (
+        RelayClient.connect(relay.url, identity(1)) as watcher,
+        watcher.subscribe(NS, kinds=["dir.joined", "dir.left"]) as feed,
+    ):
+        from websockets.exceptions import ConnectionClosed
+
+        with pytest.raises(ConnectionClosed):  # the client notices its connection is gone
+            async with RelayClient.connect(relay.url, ghost, reconnect=False) as client:
+                ts = time.time_ns() // 10**6
+                event = Event(NS, "dir.join", ghost.public_key, {"name": "ghost"}, ts=ts)
+                assert client.ws is not None
+                await client.ws.send(_publish_frame(1, sign_event(event, ghost.sign)))
+                await client.ws.stream.aclose()  # gone before the answer could come back
+                await trio.sleep_forever()
+        kinds: list[str] = []
+        with trio.fail_after(10):
+            async for item in feed:
+                if (
+                    isinstance(item, Delivery)
+                    and item.event.event.body["agent"] == ghost.public_key
+                ):
+                    kinds.append(item.event.event.kind)
+                    if kinds == ["dir.joined", "dir.left"]:
+                        break
+        assert await Directory(watcher, NS).count() == 0
