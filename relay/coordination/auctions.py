@@ -141,6 +141,8 @@ class Auction:
 @dataclass
 class Auctions:
     auctions: dict[str, Auction] = field(default_factory=dict)
+    active: dict[str, None] = field(default_factory=dict)
+    """Auctions not ended yet, in opening order: all the timer needs to look at."""
 
     # -- requests ---------------------------------------------------------------------
 
@@ -165,6 +167,7 @@ class Auctions:
             raise Refused("held", f"{auction.wo} is under auction {ledger.reserved[auction.wo]}")
         ledger.reserved[auction.wo] = auction.id
         self.auctions[auction.id] = auction
+        self.active[auction.id] = None
         return auction
 
     def bid(
@@ -256,7 +259,7 @@ class Auctions:
         """Close what reached its deadline; settle awards that ended. Each result is
         the body of a relay event (``kind`` inside), applied already."""
         out = []
-        for auction in self.auctions.values():
+        for auction in [self.auctions[a] for a in self.active]:
             if auction.phase is Phase.OPEN and now_ms >= auction.closes_ms:
                 # Closed at the timer's time: after downtime the award's windows start
                 # now, not in the past (bids after the deadline are refused anyway).
@@ -363,16 +366,12 @@ class Auctions:
 
     def next_deadline_ms(self) -> int | None:
         times = []
-        for auction in self.auctions.values():
+        for auction in (self.auctions[a] for a in self.active):
             if auction.phase is Phase.OPEN:
                 times.append(auction.closes_ms)
             elif auction.phase is Phase.AWARDED:
                 times.append(auction.confirm_by)
         return min(times, default=None)
-
-    def watching(self) -> bool:
-        """Whether an award is out (its end is noticed when the timer looks)."""
-        return any(a.phase in (Phase.AWARDED, Phase.CONFIRMED) for a in self.auctions.values())
 
     # -- internals ------------------------------------------------------------------
 
@@ -421,6 +420,8 @@ class Auctions:
     def _move(self, auction: Auction, op: Op, at_ms: int, why: str) -> None:
         auction.phase = TRANSITIONS[(auction.phase, op)]  # a KeyError here is our bug
         auction.history.append({"at_ms": at_ms, "phase": auction.phase.value, "why": why})
+        if auction.phase in (Phase.COMPLETED, Phase.UNAWARDED):
+            self.active.pop(auction.id, None)
 
 
 def _rank(auction: Auction, reputation: Reputation, at_ms: int) -> list[bytes]:

@@ -49,7 +49,7 @@ def _not_found(reason: str) -> ProtocolError:
     return ProtocolError(ErrorCode.NOT_FOUND, reason)
 
 
-def _page(items: Iterable[dict[str, Any]], limit: int, budget: int) -> tuple[list[Any], bool]:
+def _page(items: Iterable[Any], limit: int, budget: int) -> tuple[list[Any], bool]:
     page: list[Any] = []
     size = 0
     for item in items:
@@ -371,12 +371,19 @@ def _auction_view(auction: Auction, coordinator: Coordinator, now_ms: int) -> di
 
 
 def auction_show(coordinator: Coordinator, args: dict[str, Any], now_ms: int, budget: int) -> Any:
+    """An auction in full; its bids (the first ones, as many as fit) and ranking (idem)."""
     only(args, "auction")
     auction_id = text(args, "auction", 64)
     auction = coordinator.auctions.auctions.get(auction_id)
     if auction is None:
         raise _not_found(f"no auction {auction_id}")
-    return _auction_view(auction, coordinator, now_ms)
+    shown = _auction_view(auction, coordinator, now_ms)
+    bids, ranking = shown.pop("bids"), shown.pop("ranking")
+    shown["bids_total"], shown["ranking_total"] = len(bids), len(ranking)
+    room = budget - _size(shown)
+    shown["bids"], _ = _page(bids, MAX_LIMIT * 100, room * 3 // 4)
+    shown["ranking"], _ = _page(ranking, MAX_LIMIT * 100, room - _size(shown["bids"]))
+    return shown
 
 
 def auction_list(coordinator: Coordinator, args: dict[str, Any], now_ms: int, budget: int) -> Any:
@@ -428,13 +435,14 @@ def rep_show(coordinator: Coordinator, args: dict[str, Any], now_ms: int, budget
         "agent": agent,
         "score": reputation.score(agent, now_ms),
         "half_life_ms": reputation.half_life_ms,
-        "outcomes": [
-            {"at_ms": at, "value": value} for at, value in reputation.outcomes.get(agent, [])
+        "outcomes": [  # the latest ones; the score counts them all
+            {"at_ms": at, "value": value}
+            for at, value in reputation.outcomes.get(agent, [])[-MAX_LIMIT:]
         ],
-        "vouched_by": [vouch(v) for v in reputation.vouchers_of(agent)],
+        "vouched_by": [vouch(v) for v in reputation.vouchers_of(agent)][:MAX_LIMIT],
         "vouches_for": [
             vouch(v) for (who, _), v in sorted(reputation.vouches.items()) if who == agent
-        ],
+        ][:MAX_LIMIT],
     }
 
 

@@ -573,3 +573,24 @@ async def test_auction_lists_come_in_pages(
     assert [a["auction"] for a in page["auctions"]] == ["auc-1", "auc-2"] and page["more"]
     rest = await scene.node.query(NS, "auction.list", {"after": 2})
     assert [a["auction"] for a in rest["auctions"]] == ["auc-3"] and not rest["more"]
+
+
+async def test_a_crowded_auction_is_shown_within_a_frame(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    config = RelayConfig(max_frame=8192)
+    node = RelayNode(RELAY, MemoryStore(), config, wall_ms=virtual_wall())
+    await nursery.start(node.run)
+    scene = Scene(node)
+    await join(scene, REQUESTER)
+    _, opened = await scene.ask(REQUESTER, "auction.open", {"title": "t", "duration_ms": 60_000})
+    for n in range(60):
+        await join(scene, bidder(n))
+        body = {"auction": opened["auction"], "stake": 1, "price": n, "note": "n" * 100}
+        await scene.ask(bidder(n), "auction.bid", body)
+    shown = await node.query(NS, "auction.show", {"auction": opened["auction"]})
+    assert shown["bids_total"] == 60 and 1 <= len(shown["bids"]) < 60
+    assert [b["price"] for b in shown["bids"]] == list(range(len(shown["bids"])))  # the first
+    from agent_sdk.frames import Result, encode_frame
+
+    assert len(encode_frame(Result(rid=1, body=shown))) <= config.max_frame
