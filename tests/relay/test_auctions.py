@@ -594,3 +594,32 @@ async def test_a_crowded_auction_is_shown_within_a_frame(
     from agent_sdk.frames import Result, encode_frame
 
     assert len(encode_frame(Result(rid=1, body=shown))) <= config.max_frame
+
+
+async def test_an_auction_whose_deadline_passed_while_the_relay_was_down_closes_at_start(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store, wall = MemoryStore(), virtual_wall()
+    async with trio.open_nursery() as nursery:
+        first = RelayNode(RELAY, store, RelayConfig(), wall_ms=wall)
+        await nursery.start(first.run)
+        scene = Scene(first)
+        await join(scene, REQUESTER)
+        await join(scene, bidder(0))
+        _, opened = await scene.ask(REQUESTER, "auction.open", {"title": "t", "duration_ms": 2_000})
+        await scene.ask(
+            bidder(0), "auction.bid", {"auction": opened["auction"], "stake": 5, "price": 1}
+        )
+        nursery.cancel_scope.cancel()
+    await trio.sleep(60)  # the relay is down past the deadline
+    async with trio.open_nursery() as nursery:
+        second = RelayNode(RELAY, store, RelayConfig(), wall_ms=wall)
+        await nursery.start(second.run)
+        await trio.testing.wait_all_tasks_blocked()
+        [(_, closed)] = Scene(second).events("auction.closed")
+        assert closed["award"]["agent"] == bidder(0).public_key
+        # Dated when the relay came back (about a minute after the 2 s deadline), so
+        # the winner gets its whole confirmation window.
+        assert closed["at_ms"] >= opened["deadline_ms"] + 55_000
+        assert closed["award"]["confirm_by"] == closed["at_ms"] + 60_000
+        nursery.cancel_scope.cancel()
