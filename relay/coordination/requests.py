@@ -15,6 +15,7 @@ the state back.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -523,8 +524,8 @@ def _auction_of(body: dict[str, Any], requester: bytes, now: int, auction_id: st
     if rule not in RULES:
         raise BadRequest(f"rule must be one of {', '.join(RULES)}")
     minimum = body.get("min_reputation")
-    if minimum is not None and type(minimum) not in (int, float):
-        raise BadRequest("min_reputation must be a number")
+    if minimum is not None and (type(minimum) not in (int, float) or not math.isfinite(minimum)):
+        raise BadRequest("min_reputation must be a finite number")
     capabilities = texts(body, "capabilities")
     if not all(CAPABILITY_RE.fullmatch(c) for c in capabilities):
         raise BadRequest("capabilities are tags, optionally @version")

@@ -229,6 +229,7 @@ async def test_bad_bids_are_refused_and_change_nothing(
         {"title": "t", "duration_ms": -5},
         {"duration_ms": 1_000},
         {"title": "t", "duration_ms": 1_000, "slash_ppm": 2_000_000},
+        {"title": "t", "duration_ms": 1_000, "min_reputation": float("nan")},
     ],
 )
 async def test_bad_auctions_are_refused(
