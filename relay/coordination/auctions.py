@@ -30,6 +30,7 @@ from typing import Any
 
 from agent_sdk.wire import canonical, digest
 from relay.coordination.directory import Capability, Directory
+from relay.coordination.fields import Conflict
 from relay.coordination.ledger import Contract, Done, Ledger, Status
 from relay.coordination.stakes import Reputation, Stakes
 
@@ -77,12 +78,6 @@ TRANSITIONS: dict[tuple[Phase, Op], Phase] = {
     (Phase.CONFIRMED, Op.COMPLETE): Phase.COMPLETED,
 }
 """Every legal move of an auction; anything else is a refusal or our bug."""
-
-
-class Refused(Exception):
-    def __init__(self, problem: str, reason: str) -> None:
-        super().__init__(reason)
-        self.problem, self.reason = problem, reason
 
 
 @dataclass
@@ -148,23 +143,23 @@ class Auctions:
 
     def open(self, auction: Auction, ledger: Ledger, title: str | None, now_ms: int) -> Auction:
         if auction.rule not in RULES:
-            raise Refused("bad_request", f"rule must be one of {', '.join(RULES)}")
+            raise Conflict("bad_request", f"rule must be one of {', '.join(RULES)}")
         bounds = ledger.leases.bounds
         if not bounds.min_ms <= auction.lease_ms <= bounds.max_ms:
             limits = f"{bounds.min_ms} to {bounds.max_ms}"
-            raise Refused("bad_ttl", f"lease_ms {auction.lease_ms} is outside {limits}")
+            raise Conflict("bad_ttl", f"lease_ms {auction.lease_ms} is outside {limits}")
         if title is not None:
             auction.wo = ledger.create(Contract(title=title), auction.requester, now_ms).order
         else:
             order = ledger.orders.get(auction.wo)
             if order is None:
-                raise Refused("not_found", f"no work order {auction.wo}")
+                raise Conflict("not_found", f"no work order {auction.wo}")
             if order.creator != auction.requester:
-                raise Refused("not_holder", f"{auction.wo} is not yours to auction")
+                raise Conflict("not_holder", f"{auction.wo} is not yours to auction")
             if ledger.status(auction.wo, now_ms) is not Status.OPEN:
-                raise Refused("bad_transition", f"{auction.wo} is not open")
+                raise Conflict("bad_transition", f"{auction.wo} is not open")
         if auction.wo in ledger.reserved:
-            raise Refused("held", f"{auction.wo} is under auction {ledger.reserved[auction.wo]}")
+            raise Conflict("held", f"{auction.wo} is under auction {ledger.reserved[auction.wo]}")
         ledger.reserved[auction.wo] = auction.id
         self.auctions[auction.id] = auction
         self.active[auction.id] = None
@@ -180,30 +175,30 @@ class Auctions:
     ) -> Bid:
         auction = self._get(auction_id)
         if auction.phase is not Phase.OPEN or bid.at_ms >= auction.deadline_ms:
-            raise Refused("closed", f"{auction_id} closed at {auction.deadline_ms}")
+            raise Conflict("closed", f"{auction_id} closed at {auction.deadline_ms}")
         if auction.sealed != (bid.commitment is not None):
             how = "commit a hash of your price" if auction.sealed else "bid a price"
-            raise Refused(
+            raise Conflict(
                 "bad_request", f"{auction_id} is {'' if auction.sealed else 'not '}sealed: {how}"
             )
         if bid.bidder == auction.requester:
-            raise Refused("own_auction", "a requester does not bid on its own auction")
+            raise Conflict("own_auction", "a requester does not bid on its own auction")
         member = directory.members.get(bid.bidder)
         if member is None or not directory.is_online(member, bid.at_ms):
-            raise Refused("ineligible", "only members online in the directory bid")
+            raise Conflict("ineligible", "only members online in the directory bid")
         missing = [str(c) for c in auction.capabilities if not member.can(c)]
         if missing:
-            raise Refused("ineligible", f"missing capabilities: {', '.join(missing)}")
+            raise Conflict("ineligible", f"missing capabilities: {', '.join(missing)}")
         score = reputation.score(bid.bidder, bid.at_ms)
         if auction.min_reputation is not None and score < auction.min_reputation:
-            raise Refused("ineligible", f"reputation {score:.3f} < {auction.min_reputation}")
+            raise Conflict("ineligible", f"reputation {score:.3f} < {auction.min_reputation}")
         if auction.reserve is not None and bid.price > auction.reserve:
-            raise Refused("over_reserve", f"price {bid.price} over the reserve {auction.reserve}")
+            raise Conflict("over_reserve", f"price {bid.price} over the reserve {auction.reserve}")
         previous = auction.bids.get(bid.bidder)
         held = previous.stake if previous else 0
         if bid.stake > stakes.available(bid.bidder) + held:
             balance = stakes.available(bid.bidder) + held
-            raise Refused("insufficient_stake", f"stake {bid.stake} over the balance {balance}")
+            raise Conflict("insufficient_stake", f"stake {bid.stake} over the balance {balance}")
         stakes.unlock(bid.bidder, auction_id)  # a new bid replaces the old one
         stakes.lock(bid.bidder, auction_id, bid.stake)
         auction.bid_count += 1
@@ -216,34 +211,34 @@ class Auctions:
         auction = self._get(auction_id)
         bid = auction.bids.get(bidder)
         if not auction.sealed or bid is None:
-            raise Refused("not_found", f"no sealed bid of yours on {auction_id}")
+            raise Conflict("not_found", f"no sealed bid of yours on {auction_id}")
         if not auction.deadline_ms <= now_ms < auction.closes_ms or auction.phase is not Phase.OPEN:
             window = f"{auction.deadline_ms} to {auction.closes_ms}"
-            raise Refused("closed", f"reveals are taken from {window}")
+            raise Conflict("closed", f"reveals are taken from {window}")
         if bid.revealed:
-            raise Refused("bad_request", "revealed already")
+            raise Conflict("bad_request", "revealed already")
         if commitment(auction_id, bidder, price, salt) != bid.commitment:
-            raise Refused("bad_reveal", "price and salt do not hash to your commitment")
+            raise Conflict("bad_reveal", "price and salt do not hash to your commitment")
         if auction.reserve is not None and price > auction.reserve:
-            raise Refused("over_reserve", f"price {price} over the reserve {auction.reserve}")
+            raise Conflict("over_reserve", f"price {price} over the reserve {auction.reserve}")
         bid.price, bid.revealed = price, True
         return bid
 
     def withdraw(self, auction_id: str, bidder: bytes, now_ms: int, stakes: Stakes) -> int:
         auction = self._get(auction_id)
         if auction.phase is not Phase.OPEN or now_ms >= auction.deadline_ms:
-            raise Refused("closed", f"{auction_id} is closed")
+            raise Conflict("closed", f"{auction_id} is closed")
         if bidder not in auction.bids:
-            raise Refused("not_found", f"no bid of yours on {auction_id}")
+            raise Conflict("not_found", f"no bid of yours on {auction_id}")
         del auction.bids[bidder]
         return stakes.unlock(bidder, auction_id)
 
     def confirm(self, auction_id: str, agent: bytes, now_ms: int) -> Auction:
         auction = self._get(auction_id)
         if auction.phase is not Phase.AWARDED or auction.awardee != agent:
-            raise Refused("not_holder", f"{auction_id} is not awarded to you, or confirmed")
+            raise Conflict("not_holder", f"{auction_id} is not awarded to you, or confirmed")
         if now_ms >= auction.confirm_by:
-            raise Refused("closed", f"the confirmation window closed at {auction.confirm_by}")
+            raise Conflict("closed", f"the confirmation window closed at {auction.confirm_by}")
         self._move(auction, Op.CONFIRM, now_ms, "confirmed")
         return auction
 
@@ -414,7 +409,7 @@ class Auctions:
     def _get(self, auction_id: str) -> Auction:
         auction = self.auctions.get(auction_id)
         if auction is None:
-            raise Refused("not_found", f"no auction {auction_id}")
+            raise Conflict("not_found", f"no auction {auction_id}")
         return auction
 
     def _move(self, auction: Auction, op: Op, at_ms: int, why: str) -> None:

@@ -21,6 +21,16 @@ class BadRequest(Exception):
     """A request body that does not say what its kind needs."""
 
 
+class Conflict(Exception):
+    """A well-formed request that the namespace's state refuses; ``problem`` says why
+    (``not_found``, ``closed``, ``insufficient_stake``...)."""
+
+    def __init__(self, problem: str, reason: str) -> None:
+        super().__init__(reason)
+        self.problem = problem
+        self.reason = reason
+
+
 def as_map(body: Any) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise BadRequest("the body of a request is a map")

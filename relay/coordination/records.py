@@ -27,6 +27,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+from relay.coordination.fields import Conflict
+
 NAMESPACE = ""
 """The context key of the namespace itself (work orders use their id)."""
 
@@ -72,15 +74,6 @@ class Checkpoint:
     seq: int
     author: bytes
     at_ms: int
-
-
-class Conflict(Exception):
-    """The change is well-formed but the records' state refuses it; ``problem`` says why."""
-
-    def __init__(self, problem: str, reason: str) -> None:
-        super().__init__(reason)
-        self.problem = problem
-        self.reason = reason
 
 
 @dataclass

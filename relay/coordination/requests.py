@@ -16,11 +16,11 @@ the state back.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from relay.coordination.auctions import RULES, Auction, Auctions, Bid, Phase, vouch_key
-from relay.coordination.auctions import Refused as AuctionRefused
 from relay.coordination.directory import (
     CAPABILITY_RE,
     MAX_CAPABILITIES,
@@ -31,6 +31,7 @@ from relay.coordination.directory import (
 from relay.coordination.fields import (
     MAX_TEXT,
     BadRequest,
+    Conflict,
     as_map,
     document,
     integer,
@@ -42,7 +43,7 @@ from relay.coordination.fields import (
 )
 from relay.coordination.leases import Granted, Lease, LeaseEngine, Refused, TtlBounds
 from relay.coordination.ledger import Contract, Done, Ledger, Rejection, Status
-from relay.coordination.records import NAMESPACE, Conflict, Records
+from relay.coordination.records import NAMESPACE, Records
 from relay.coordination.stakes import PPM, Reputation, Stakes
 
 CLAIM_TTL = TtlBounds()
@@ -123,7 +124,8 @@ class Outcome:
 
 @dataclass
 class Coordinator:
-    """The work ledger and the advisory locks of one namespace, driven by its log."""
+    """The coordination state of one namespace (work ledger, locks, records, directory,
+    stakes, auctions, reputation), driven by its log."""
 
     ledger: Ledger = field(default_factory=Ledger)
     locks: LeaseEngine = field(default_factory=lambda: LeaseEngine(bounds=LOCK_TTL))
@@ -144,13 +146,13 @@ class Coordinator:
         if kind in LOCK_KINDS:
             return self._decide_lock(kind, body, author, request_id, now_ms)
         if kind in RECORD_KINDS:
-            return self._decide_record(kind, body, author, request_id, now_ms)
+            return self._decide_by(self._record, kind, body, author, request_id, now_ms)
         if kind in DIR_KINDS:
             return self._decide_dir(kind, body, author, request_id, now_ms)
         if kind in AUCTION_KINDS:
-            return self._decide_auction(kind, body, author, request_id, now_ms)
+            return self._decide_by(self._auction, kind, body, author, request_id, now_ms)
         if kind in REP_KINDS:
-            return self._decide_auction(kind, body, author, request_id, now_ms)
+            return self._decide_by(self._vouching, kind, body, author, request_id, now_ms)
         if kind not in REQUEST_KINDS:
             return None
         try:
@@ -200,24 +202,29 @@ class Coordinator:
             answer.update(_lease(result.lease))
         return Outcome(OUTCOME_OF[kind], answer)
 
-    def _decide_record(
-        self, kind: str, body: Any, author: bytes, request_id: bytes, now_ms: int
+    def _decide_by(
+        self,
+        handler: Callable[[str, dict[str, Any], bytes, int], dict[str, Any] | Rejection],
+        kind: str,
+        body: Any,
+        author: bytes,
+        request_id: bytes,
+        now_ms: int,
     ) -> Outcome:
-        """Context, bulletin, decisions and checkpoints (see records.py)."""
+        """Run ``handler`` on a request's body and word what it answers: its map, or a
+        refusal from a bad body, a :class:`Conflict` or the ledger. An answer may name
+        another outcome kind (``kind``): a rejected award is an ``auction.failed``."""
         try:
-            fields = as_map(body)
-            answer = self._record(kind, fields, author, now_ms)
+            answer = handler(kind, as_map(body), author, now_ms)
         except BadRequest as exc:
             return _rejected(REJECTED_OF[kind], request_id, "bad_request", str(exc))
         except Conflict as exc:
             return _rejected(REJECTED_OF[kind], request_id, exc.problem, exc.reason)
         if isinstance(answer, Rejection):
-            rejection = answer
-            problem = rejection.problem.value
-            return _rejected(
-                REJECTED_OF[kind], request_id, problem, rejection.reason, rejection.holder
-            )
-        return Outcome(OUTCOME_OF[kind], {"req": request_id, **answer})
+            problem, holder = answer.problem.value, answer.holder
+            return _rejected(REJECTED_OF[kind], request_id, problem, answer.reason, holder)
+        kind_out = answer.pop("kind", OUTCOME_OF[kind])
+        return Outcome(kind_out, {"req": request_id, **answer})
 
     def _record(
         self, kind: str, body: dict[str, Any], author: bytes, now: int
@@ -294,20 +301,6 @@ class Coordinator:
         answer = {"req": request_id, "agent": author, "expires_ms": alive.expires_ms}
         return Outcome(OUTCOME_OF[kind], answer)
 
-    def _decide_auction(
-        self, kind: str, body: Any, author: bytes, request_id: bytes, now_ms: int
-    ) -> Outcome:
-        """Opening, bidding, withdrawing, confirming, rejecting (see auctions.py)."""
-        try:
-            fields = as_map(body)
-            answer = self._auction(kind, fields, author, now_ms)
-        except BadRequest as exc:
-            return _rejected(REJECTED_OF[kind], request_id, "bad_request", str(exc))
-        except AuctionRefused as exc:
-            return _rejected(REJECTED_OF[kind], request_id, exc.problem, exc.reason)
-        kind_out = answer.pop("kind", OUTCOME_OF[kind])
-        return Outcome(kind_out, {"req": request_id, **answer})
-
     def _auction(self, kind: str, body: dict[str, Any], author: bytes, now: int) -> dict[str, Any]:
         auctions, stakes = self.auctions, self.stakes
         if kind == "auction.open":
@@ -320,8 +313,6 @@ class Coordinator:
             return {"auction": auction.id, "wo": auction.wo, "deadline_ms": auction.deadline_ms,
                     "closes_ms": auction.closes_ms, "rule": auction.rule,
                     "sealed": auction.sealed}  # fmt: skip
-        if kind in REP_KINDS:
-            return self._vouching(kind, body, author, now)
         auction_id = text(body, "auction", 64)
         if kind == "auction.bid":
             only(body, "auction", "stake", "price", "note")
@@ -362,11 +353,11 @@ class Coordinator:
         reason = text(body, "reason", MAX_POST, default="")
         mine = auctions.auctions.get(auction_id)
         if mine is None or mine.requester != author:
-            raise AuctionRefused("not_found", f"no auction {auction_id} of yours")
+            raise Conflict("not_found", f"no auction {auction_id} of yours")
         if mine.phase not in (Phase.AWARDED, Phase.CONFIRMED):
-            raise AuctionRefused("bad_transition", f"{auction_id} is {mine.phase.value}")
+            raise Conflict("bad_transition", f"{auction_id} is {mine.phase.value}")
         if self.ledger.status(mine.wo, now) is Status.DONE:
-            raise AuctionRefused("bad_transition", f"{mine.wo} is done: the auction completes")
+            raise Conflict("bad_transition", f"{mine.wo} is done: the auction completes")
         failed = auctions.fail(auction_id, "rejected", now, self.ledger, stakes, self.reputation)
         failed["note"] = reason
         return failed
@@ -382,7 +373,7 @@ class Coordinator:
         if kind == "rep.revoke":
             only(body, "for")
             if reputation.vouches.pop((author, vouchee), None) is None:
-                raise AuctionRefused("not_found", "you do not vouch for that agent")
+                raise Conflict("not_found", "you do not vouch for that agent")
             return {"for": vouchee, "unlocked": stakes.unlock(author, key)}
         only(body, "for", "weight", "reason")
         weight = integer(body, "weight")
@@ -390,15 +381,13 @@ class Coordinator:
         if weight < 1:
             raise BadRequest("weight (the stake locked) must be at least 1")
         if vouchee == author:
-            raise AuctionRefused("self_vouch", "an agent does not vouch for itself")
+            raise Conflict("self_vouch", "an agent does not vouch for itself")
         if vouchee not in self.directory.members:
-            raise AuctionRefused("not_found", "vouch for members of this namespace")
+            raise Conflict("not_found", "vouch for members of this namespace")
         held = stakes.locked.get((author, key), 0)
         if weight > stakes.available(author) + held:
             balance = stakes.available(author) + held
-            raise AuctionRefused(
-                "insufficient_stake", f"weight {weight} over the balance {balance}"
-            )
+            raise Conflict("insufficient_stake", f"weight {weight} over the balance {balance}")
         stakes.unlock(author, key)  # a new vouch replaces the old one
         stakes.lock(author, key, weight)
         made = reputation.vouch(author, vouchee, weight, reason, now)
