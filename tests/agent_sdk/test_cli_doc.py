@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 
-import trio
-
 from agent_sdk.client import RelayClient
+from tests.agent_sdk.shell import exit_codes, run_shell
 from tests.conftest import RunningRelay, identity
 
 SCRIPT = r"""
@@ -29,16 +26,7 @@ exit 0
 
 
 async def test_documents_from_a_shell_script(relay: RunningRelay, tmp_path: Path) -> None:
-    env = {
-        **os.environ,
-        "PYTHON": sys.executable,
-        "FORMICARY_RELAY": relay.url,
-        "FORMICARY_KEY": str(tmp_path / "me" / "agent.key"),
-        "OTHER_KEY": str(tmp_path / "other" / "agent.key"),
-    }
-    done = await trio.run_process(
-        ["bash", "-c", SCRIPT], cwd=tmp_path, env=env, check=False, capture_stderr=True
-    )
+    done = await run_shell(relay, tmp_path, SCRIPT)
     assert done.returncode == 0, done.stderr.decode()
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert plan == {
@@ -48,7 +36,7 @@ async def test_documents_from_a_shell_script(relay: RunningRelay, tmp_path: Path
     }
     text = (tmp_path / "plan.txt").read_text()
     assert "owner=agent-1" in text and "- fixed it" in text
-    codes = dict(line.split("=") for line in (tmp_path / "codes.txt").read_text().split())
+    codes = exit_codes(tmp_path)
     assert codes == {"missing": "4", "bad-json": "2"}
     token = (tmp_path / "token.txt").read_text().strip()
     assert len(token) > 100

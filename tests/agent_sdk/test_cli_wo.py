@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 
-import trio
-
+from tests.agent_sdk.shell import exit_codes, run_shell
 from tests.conftest import RunningRelay
 
 SCRIPT = r"""
@@ -44,17 +41,7 @@ exit 0
 async def test_the_workledger_workflow_in_a_shell_script(
     relay: RunningRelay, tmp_path: Path
 ) -> None:
-    env = {
-        **os.environ,
-        "PYTHON": sys.executable,
-        "FORMICARY_RELAY": relay.url,
-        "FORMICARY_KEY": str(tmp_path / "me" / "agent.key"),
-        "OTHER_KEY": str(tmp_path / "other" / "agent.key"),
-        "FORMICARY_NS": "work@local",
-    }
-    done = await trio.run_process(
-        ["bash", "-c", SCRIPT], cwd=tmp_path, env=env, check=False, capture_stderr=True
-    )
+    done = await run_shell(relay, tmp_path, SCRIPT, ns="work@local")
     assert done.returncode == 0, done.stderr.decode()
 
     [listed] = json.loads((tmp_path / "open.json").read_text())
@@ -73,7 +60,7 @@ async def test_the_workledger_workflow_in_a_shell_script(
     adr = json.loads((tmp_path / "adr.json").read_text())
     [decision] = json.loads((tmp_path / "decisions.json").read_text())
     assert decision["id"] == adr["id"] and decision["status"] == "accepted"
-    codes = dict(line.split("=") for line in (tmp_path / "codes.txt").read_text().split())
+    codes = exit_codes(tmp_path)
     assert codes == {
         "other-claim": "3",
         "other-put": "3",
@@ -119,22 +106,13 @@ exit 0
 
 
 async def test_locks_from_a_shell_script(relay: RunningRelay, tmp_path: Path) -> None:
-    env = {
-        **os.environ,
-        "PYTHON": sys.executable,
-        "FORMICARY_RELAY": relay.url,
-        "FORMICARY_KEY": str(tmp_path / "me" / "agent.key"),
-        "OTHER_KEY": str(tmp_path / "other" / "agent.key"),
-    }
-    done = await trio.run_process(
-        ["bash", "-c", LOCK_SCRIPT], cwd=tmp_path, env=env, check=False, capture_stderr=True
-    )
+    done = await run_shell(relay, tmp_path, LOCK_SCRIPT)
     assert done.returncode == 0, done.stderr.decode()
     mine = json.loads((tmp_path / "mine.json").read_text())
     [listed] = json.loads((tmp_path / "list.json").read_text())
     assert listed["lock"] == "branch:main" and listed["fencing_token"] == mine["fencing_token"]
     assert json.loads((tmp_path / "theirs.json").read_text())["fencing_token"] == 2
-    codes = dict(line.split("=") for line in (tmp_path / "codes.txt").read_text().split())
+    codes = exit_codes(tmp_path)
     assert codes == {"other": "3", "not-mine": "2"}  # no token kept for it: a usage error
 
 
@@ -155,17 +133,7 @@ exit 0
 
 
 async def test_the_directory_from_a_shell_script(relay: RunningRelay, tmp_path: Path) -> None:
-    env = {
-        **os.environ,
-        "PYTHON": sys.executable,
-        "FORMICARY_RELAY": relay.url,
-        "FORMICARY_KEY": str(tmp_path / "me" / "agent.key"),
-        "OTHER_KEY": str(tmp_path / "other" / "agent.key"),
-        "FORMICARY_NS": "crew@local",
-    }
-    done = await trio.run_process(
-        ["bash", "-c", DIR_SCRIPT], cwd=tmp_path, env=env, check=False, capture_stderr=True
-    )
+    done = await run_shell(relay, tmp_path, DIR_SCRIPT, ns="crew@local")
     assert done.returncode == 0, done.stderr.decode()
     me = json.loads((tmp_path / "me.json").read_text())
     assert me["presence"] == "heartbeat" and me["capabilities"] == ["python@3.11", "search"]
@@ -176,7 +144,7 @@ async def test_the_directory_from_a_shell_script(relay: RunningRelay, tmp_path: 
     assert [p["name"] for p in json.loads((tmp_path / "found.json").read_text())] == ["indexer"]
     everyone = json.loads((tmp_path / "all.json").read_text())
     assert [(p["name"], p["online"]) for p in everyone] == [("indexer", True), ("planner", False)]
-    codes = dict(line.split("=") for line in (tmp_path / "codes.txt").read_text().split())
+    codes = exit_codes(tmp_path)
     assert codes == {"leave-twice": "4", "bad-cap": "2"}
 
 
@@ -206,17 +174,7 @@ exit 0
 
 
 async def test_auctions_from_a_shell_script(relay: RunningRelay, tmp_path: Path) -> None:
-    env = {
-        **os.environ,
-        "PYTHON": sys.executable,
-        "FORMICARY_RELAY": relay.url,
-        "FORMICARY_KEY": str(tmp_path / "me" / "agent.key"),
-        "OTHER_KEY": str(tmp_path / "other" / "agent.key"),
-        "FORMICARY_NS": "market@local",
-    }
-    done = await trio.run_process(
-        ["bash", "-c", AUCTION_SCRIPT], cwd=tmp_path, env=env, check=False, capture_stderr=True
-    )
+    done = await run_shell(relay, tmp_path, AUCTION_SCRIPT, ns="market@local")
     assert done.returncode == 0, done.stderr.decode()
     opened = json.loads((tmp_path / "open.json").read_text())
     assert opened["auction"] == "auc-1" and opened["wo"] == "wo-1"
@@ -227,7 +185,7 @@ async def test_auctions_from_a_shell_script(relay: RunningRelay, tmp_path: Path)
     assert json.loads((tmp_path / "withdraw.json").read_text())["unlocked"] == 30
     [listed] = json.loads((tmp_path / "list.json").read_text())
     assert listed["auction"] == "auc-1"
-    codes = dict(line.split("=") for line in (tmp_path / "codes.txt").read_text().split())
+    codes = exit_codes(tmp_path)
     assert codes == {"own": "3", "short": "3", "missing": "4", "bad-key": "2"}
     assert json.loads((tmp_path / "vouch.json").read_text())["value"] == 0  # no score yet
     [vouch] = json.loads((tmp_path / "rep.json").read_text())["vouched_by"]
