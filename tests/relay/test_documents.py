@@ -114,11 +114,11 @@ async def test_agents_that_go_offline_mid_edit_converge_on_reconnect(
     relay: RunningRelay,
 ) -> None:
     replicas: list[SharedDoc] = []
-    finished, all_open = trio.Event(), trio.Event()
-    edits_done = 0
+    finished, all_open, halfway, dropped = trio.Event(), trio.Event(), trio.Event(), trio.Event()
+    at_halfway = 0
 
     async def agent(me: int) -> None:
-        nonlocal edits_done
+        nonlocal at_halfway
         rng = random.Random(100 + me)
         async with (
             RelayClient.connect(relay.url, identity(10 + me)) as client,
@@ -130,19 +130,22 @@ async def test_agents_that_go_offline_mid_edit_converge_on_reconnect(
             await all_open.wait()  # drops start once everyone is in: a first connect may fail
             for n in range(30):
                 edit(shared, rng, me, n)
-                await trio.sleep(0.001)  # real time: the drops below land mid-edit
-            edits_done += 1
+                await trio.lowlevel.checkpoint()
+                if n == 14:  # halfway: everyone's connection is cut here, mid-edit
+                    at_halfway += 1
+                    if at_halfway == AGENTS:
+                        halfway.set()
+                    await dropped.wait()
+            # The second half was edited while reconnecting, much of it offline.
             await shared.flush()
             await finished.wait()
 
     async with trio.open_nursery() as nursery:
         for me in range(AGENTS):
             nursery.start_soon(agent, me)
-        drops = 0
-        await all_open.wait()
-        while edits_done < AGENTS:
-            drops += await drop_every_connection(relay)
-            await trio.sleep(0.01)
+        await halfway.wait()
+        drops = await drop_every_connection(relay)
+        dropped.set()
         assert drops > 0
         final = await converged(relay, replicas)
         finished.set()
