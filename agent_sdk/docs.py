@@ -30,7 +30,9 @@ if TYPE_CHECKING:
     from agent_sdk.client import RelayClient
 
 EMPTY_UPDATE = b"\x00\x00"
+"""The update that holds nothing."""
 MAX_UPDATE = 256 * 1024
+"""Bytes of one update (one transaction): the relay refuses bigger (``bad_update``)."""
 FLUSH_TIMEOUT = 30.0
 
 

@@ -35,6 +35,7 @@ from typing import Any, Protocol
 import pycrdt
 import trio
 
+from agent_sdk.docs import MAX_UPDATE
 from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.wire import Event, decode
 from relay.store import Record
@@ -43,12 +44,9 @@ DOC_KINDS = frozenset({"doc.create", "doc.update"})
 COMPACTED = "doc.compacted"
 """The relay's snapshot of a document: written by relays only."""
 DOC_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-MAX_UPDATE = 256 * 1024
-"""Bytes of one update (one transaction); a bigger one is refused (``bad_update``)."""
 MAX_AWARENESS = 32 * 1024
 AWARENESS_RATE = 20.0
 """Awareness updates per second per replica, on average (bursts of twice that)."""
-EMPTY_UPDATE = b"\x00\x00"
 
 Key = tuple[str, str]
 

@@ -28,19 +28,13 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent_sdk.wire import canonical, digest
+from agent_sdk.auctions import commitment
 from relay.coordination.directory import Capability, Directory
 from relay.coordination.fields import Conflict
 from relay.coordination.ledger import Contract, Done, Ledger, Status
 from relay.coordination.stakes import Reputation, Stakes
 
 RULES = ("stake_x_reputation", "lowest_price", "first_eligible")
-
-
-def commitment(auction_id: str, bidder: bytes, price: int, salt: bytes) -> bytes:
-    """What a sealed bid commits to: BLAKE2b-256 of the canonical map of these four."""
-    fields = {"auction": auction_id, "bidder": bidder, "price": price, "salt": salt}
-    return digest(canonical(fields))
 
 
 def vouch_key(vouchee: bytes) -> str:
