@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from agent_sdk.client import Delivery, Live, RelayClient
-from agent_sdk.ledger import Claim, Ledger
+from agent_sdk.ledger import Claim, Ledger, number_of
 from agent_sdk.wire import canonical, digest
 
 
@@ -109,13 +109,7 @@ class Auctions:
     async def list(self, phase: str | None = None) -> list[dict[str, Any]]:
         """Every auction (in ``phase``), in opening order, page after page."""
         args: dict[str, Any] = {"limit": 1000} if phase is None else {"phase": phase, "limit": 1000}
-        items: list[dict[str, Any]] = []
-        while True:
-            page = await self.client.query(self.ns, "auction.list", args)
-            items += [dict(a) for a in page["auctions"]]
-            if not page["more"] or not page["auctions"]:
-                return items
-            args = {**args, "after": int(page["auctions"][-1]["auction"][4:])}
+        return await self.client.query_all(self.ns, "auction.list", "auctions", args, number_of)
 
     async def stake(self, agent: bytes | None = None) -> dict[str, Any]:
         """Balance, locked stake and reputation of ``agent`` (default: this one)."""

@@ -494,6 +494,24 @@ class RelayClient:
             raise asked.error
         return asked.result
 
+    async def query_all(
+        self,
+        ns: str,
+        q: str,
+        key: str,
+        args: dict[str, Any],
+        after_of: Callable[[dict[str, Any]], Any],
+    ) -> list[dict[str, Any]]:
+        """Every item of a paged list query: the items under ``key`` of each page, the
+        next page asked ``after`` what ``after_of`` says of the last item."""
+        items: list[dict[str, Any]] = []
+        while True:
+            page = await self.query(ns, q, args)
+            items += [dict(item) for item in page[key]]
+            if not page["more"] or not page[key]:
+                return items
+            args = {**args, "after": after_of(page[key][-1])}
+
     # -- documents ----------------------------------------------------------------------
 
     def doc(

@@ -76,14 +76,8 @@ class Directory:
 
     async def list(self, *, online: bool = True) -> Participants:
         """Participants in join order: online ones, or everyone with ``online=False``."""
-        items: Participants = []
         args: dict[str, Any] = {"online": online, "limit": 1000}
-        while True:
-            page = await self.client.query(self.ns, "dir.list", args)
-            items += page["participants"]
-            if not page["more"] or not page["participants"]:
-                return items
-            args = {**args, "after": page["participants"][-1]["agent"]}
+        return await self.client.query_all(self.ns, "dir.list", "participants", args, _key)
 
     async def get(self, agent: bytes) -> dict[str, Any]:
         return dict(await self.client.query(self.ns, "dir.get", {"agent": agent}))
@@ -95,13 +89,13 @@ class Directory:
         args: dict[str, Any] = {"capability": capability, "online": online, "limit": 1000}
         if role is not None:
             args["role"] = role
-        items: Participants = []
-        while True:
-            page = await self.client.query(self.ns, "dir.find", args)
-            items += page["participants"]
-            if not page["more"] or not page["participants"]:
-                return items
-            args = {**args, "after": page["participants"][-1]["agent"]}
+        return await self.client.query_all(self.ns, "dir.find", "participants", args, _key)
 
     async def count(self, *, online: bool = True) -> int:
         return int((await self.client.query(self.ns, "dir.count", {"online": online}))["count"])
+
+
+def _key(participant: dict[str, Any]) -> bytes:
+    """Where a page of participants continues: after this agent."""
+    key: bytes = participant["agent"]
+    return key

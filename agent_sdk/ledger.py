@@ -221,14 +221,9 @@ class Ledger:
 
     async def _pages(self, q: str, key: str, args: dict[str, Any], page: dict[str, int]) -> Items:
         """Every item of a paged list query (or the one page asked for)."""
-        items: Items = []
-        while True:
-            answer = await self.client.query(self.ns, q, {**args, **page})
-            items += answer[key]
-            if page or not answer["more"] or not answer[key]:
-                return items
-            last = answer[key][-1]["id"]  # wo-<n>, adr-<n>: pages continue after n
-            args = {**args, "after": int(last.rpartition("-")[2])}
+        if page:
+            return list((await self.client.query(self.ns, q, {**args, **page}))[key])
+        return await self.client.query_all(self.ns, q, key, args, number_of)
 
     # -- locks ---------------------------------------------------------------------------
 
@@ -297,6 +292,11 @@ class Ledger:
                         pass  # already lapsed or ended: nothing held
         if lost:
             raise LeaseLost(f"{order}: the lease was lost; stopped")
+
+
+def number_of(item: dict[str, Any]) -> int:
+    """Where a page of ``wo-<n>``, ``adr-<n>``, ``auc-<n>`` items continues: after n."""
+    return int(str(item.get("id") or item["auction"]).rpartition("-")[2])
 
 
 def _ttl(body: dict[str, Any], ttl_ms: int | None) -> dict[str, Any]:
