@@ -83,7 +83,7 @@ class Connection:
         self._follows = 0  # namespaces followed, over all subscriptions
         self._closing = False
         self._present: set[str] = set()  # namespaces this connection is a member in
-        self._joins: list[Ticket] = []  # its dir.join publishes (by connection)
+        self._joins: list[Ticket] = []  # its dir.join publishes not decided yet
 
     async def run(self) -> None:
         self.node.count("connections")
@@ -193,6 +193,7 @@ class Connection:
         body = event.body
         if event.kind != "dir.join" or not isinstance(body, dict) or "heartbeat_ms" in body:
             return
+        self._joins = [t for t in self._joins if not t.done.is_set()]  # decided: done with
         self._joins.append(ticket)
         if event.ns not in self._present:
             self._present.add(event.ns)  # online while this connection is open
