@@ -17,6 +17,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,8 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from agent_sdk.cli_wo import UsageError, ttl_ms
+    from federation.network import FederationConfig
+    from federation.peers import parse_peer
     from relay.app import DataDirError, run_relay
     from relay.coordination.leases import TtlBounds
     from relay.node import RelayConfig
@@ -108,6 +111,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             initial_stake=args.initial_stake,
             reputation_half_life_ms=ttl_ms(args.half_life, "--half-life"),
         )
+        peers = tuple(parse_peer(spec) for spec in args.peer)
+        federation = (
+            FederationConfig(peers, outbox_deadline_ms=ttl_ms(args.outbox_deadline))
+            if peers
+            else None
+        )
     except (ValueError, UsageError) as exc:
         print(f"formicary relay: {exc}", file=sys.stderr)
         return 2
@@ -115,7 +124,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            node, server = await nursery.start(run_relay, data, config, args.host, args.port)
+            node, server = await nursery.start(
+                partial(run_relay, federation=federation), data, config, args.host, args.port
+            )
             port = server.listeners[0].socket.getsockname()[1]  # the real one, for --port 0
             print(
                 f"formicary relay {config.name} ({node.identity.id}) listening on "
@@ -191,6 +202,14 @@ def cmd_tail(args: argparse.Namespace) -> int:
         return 1
     except KeyboardInterrupt:
         return 0
+    return 0
+
+
+def cmd_relay_key(args: argparse.Namespace) -> int:
+    from relay.app import KEY_FILE
+
+    identity = load_or_create(Path(args.data) / KEY_FILE)
+    print(identity.id)
     return 0
 
 
@@ -287,7 +306,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lease-max", default="24h", help="longest lease an agent may ask for")
     p.add_argument("--initial-stake", type=int, default=100, help="stake of a new member")
     p.add_argument("--half-life", default="168h", help="reputation half-life")
+    p.add_argument(
+        "--peer",
+        action="append",
+        default=[],
+        metavar="NAME=URL#KEY",
+        help="a relay to federate with (repeatable; NAME#KEY: it dials us; "
+        "NAME=via:OTHER#KEY: reached through peer OTHER)",
+    )
+    p.add_argument(
+        "--outbox-deadline", default="10m", help="how long a write waits for its home relay"
+    )
     p.set_defaults(func=cmd_serve)
+
+    p = relay.add_parser("key", help="print the relay's key (created if absent), for --peer")
+    p.add_argument("--data", default="./formicary-data", help="data directory")
+    p.set_defaults(func=cmd_relay_key)
 
     p = sub.add_parser("publish", help="publish one event; prints its receipt")
     p.add_argument("ns", help="namespace, name@relay")

@@ -93,13 +93,26 @@ class Live:
 
 
 class _Pending:
-    __slots__ = ("done", "error", "event", "result")
+    __slots__ = ("done", "error", "event", "on_queued", "result")
 
-    def __init__(self, event: SignedEvent) -> None:
+    def __init__(self, event: SignedEvent, on_queued: Callable[[], None] | None = None) -> None:
         self.event = event
         self.done = trio.Event()
         self.result: Published | None = None
         self.error: ProtocolError | None = None
+        self.on_queued = on_queued
+
+    async def wait(self) -> Published:
+        """The relay's answer: its :class:`Published`, or the error it sent."""
+        await self.done.wait()
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
+
+
+PendingPublish = _Pending
+"""A publish sent with :meth:`RelayClient.publish_later`; await ``.wait()``."""
 
 
 class _Asked:
@@ -221,6 +234,9 @@ class RelayClient:
         """Run after each reconnect (the directory joins again: presence is per connection)."""
         self._inflight = trio.Semaphore(max_inflight)
         self._subscriptions: dict[int, Subscription] = {}
+        self._taps: dict[int, Callable[[f.Frame], None]] = {}
+        self.stopped = trio.Event()
+        """Set when the client has given up its connection (``reconnect=False``)."""
 
     @classmethod
     @asynccontextmanager
@@ -240,6 +256,12 @@ class RelayClient:
     # -- the connection ------------------------------------------------------------------
 
     async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await self._connect_loop(task_status)
+        finally:
+            self.stopped.set()
+
+    async def _connect_loop(self, task_status: trio.TaskStatus[None]) -> None:
         delay = 0.05
         started = False
         while True:
@@ -366,7 +388,15 @@ class RelayClient:
             pass  # the reader sees it too, and the intent is replayed on reconnect
 
     async def _dispatch(self, frame: f.Frame) -> None:
-        if isinstance(frame, f.Ack):
+        sub = getattr(frame, "sub", None)
+        if sub is not None and sub in self._taps:
+            self._taps[sub](frame)
+            return
+        if isinstance(frame, f.Queued):
+            queued = self._pending.get(frame.rid)
+            if queued is not None and queued.on_queued is not None:
+                queued.on_queued()
+        elif isinstance(frame, f.Ack):
             pending = self._pending.pop(frame.rid, None)
             if pending is not None:
                 receipt = decode_receipt(frame.receipt)
@@ -444,6 +474,7 @@ class RelayClient:
         deps: Sequence[bytes] = (),
         nonce: bytes | None = None,
         ts: int | None = None,
+        on_queued: Callable[[], None] | None = None,
     ) -> Published:
         """Sign and publish an event; returns once the relay has durably sequenced it.
 
@@ -459,20 +490,34 @@ class RelayClient:
             ts=_now_ms() if ts is None else ts,
             nonce=nonce,
         )
-        return await self.publish_signed(sign_event(event, self.identity.sign))
+        signed = sign_event(event, self.identity.sign)
+        return await self.publish_signed(signed, on_queued=on_queued)
 
-    async def publish_signed(self, event: SignedEvent) -> Published:
-        """Publish an already signed event (re-publishing the same bytes is safe)."""
+    async def publish_signed(
+        self, event: SignedEvent, *, on_queued: Callable[[], None] | None = None
+    ) -> Published:
+        """Publish an already signed event (re-publishing the same bytes is safe).
+
+        ``on_queued`` is called if the relay answers ``queued``: the namespace's home
+        relay is unreachable and the event waits in the relay's outbox (the call
+        still returns only with the home relay's receipt).
+        """
         async with self._inflight:
-            self._next_rid += 1
-            rid = self._next_rid
-            pending = self._pending[rid] = _Pending(event)
-            self._queue(_publish_frame(rid, event))
+            pending = self.publish_later(event, on_queued=on_queued)
             await pending.done.wait()
-        if pending.error is not None:
-            raise pending.error
-        assert pending.result is not None
-        return pending.result
+        return await pending.wait()
+
+    def publish_later(
+        self, event: SignedEvent, *, on_queued: Callable[[], None] | None = None
+    ) -> PendingPublish:
+        """Send a publish now, without waiting for room or for its answer: publishes
+        leave in the order of these calls. The caller bounds how many are in flight
+        and awaits ``.wait()`` on the handle (a relay forwarding writes does)."""
+        self._next_rid += 1
+        rid = self._next_rid
+        pending = self._pending[rid] = _Pending(event, on_queued)
+        self._queue(_publish_frame(rid, event))
+        return pending
 
     # -- querying ---------------------------------------------------------------------
 
@@ -563,6 +608,29 @@ class RelayClient:
             subscription._rx.close()
             if self._subscriptions.pop(subscription.sub, None) is not None:
                 self._queue(f.encode_frame(f.Unsubscribe(sub=subscription.sub)))
+
+    def tap(
+        self, frame: Callable[[int], f.Subscribe | f.DocOpen], on_frame: Callable[[f.Frame], None]
+    ) -> int:
+        """Open a raw subscription: every frame the relay sends under its id (``event``,
+        ``live``, ``doc.sync``, ``error``, ...) goes to ``on_frame`` undecoded, on the
+        current connection only (a relay following another relay's log uses this: it
+        checks and stores the bytes as they are). ``frame`` builds the request from
+        the sub id; ``on_frame`` must not block. Returns the sub id."""
+        self._next_sub += 1
+        sub = self._next_sub
+        self._taps[sub] = on_frame
+        self._queue(f.encode_frame(frame(sub)))
+        return sub
+
+    def untap(self, sub: int) -> None:
+        """Stop a raw subscription; frames of it still on the way are dropped."""
+        if self._taps.pop(sub, None) is not None:
+            self._queue(f.encode_frame(f.Unsubscribe(sub=sub)))
+
+    def send_frame(self, frame: f.AgentFrame) -> None:
+        """Queue one frame as is (``doc.awareness`` on a tapped document)."""
+        self._queue(f.encode_frame(frame))
 
     def _pause(self, subscription: Subscription) -> None:
         """Stop a subscription whose consumer lags; frames still coming are dropped."""

@@ -86,6 +86,9 @@ class ErrorCode(enum.IntEnum):
     """The relay failed; the request may be retried (publishing is idempotent)."""
     SHUTTING_DOWN = 5002
     """The relay is stopping; reconnect later."""
+    HOME_UNREACHABLE = 5003
+    """The namespace's home relay could not be reached: no link to it, or the write
+    waited in the outbox past its deadline. Publishing the same bytes again is safe."""
 
     @property
     def slug(self) -> str:

@@ -171,6 +171,16 @@ class Ack:
 
 
 @dataclass(frozen=True, slots=True)
+class Queued:
+    """The publish ``rid`` is for a namespace homed on another relay that this relay
+    cannot reach now: it is stored in this relay's outbox and will be forwarded in
+    order. Its ``ack`` (or error) follows once the home relay has answered."""
+
+    t: ClassVar[str] = "queued"
+    rid: int
+
+
+@dataclass(frozen=True, slots=True)
 class Error:
     """A request failed (``rid``), a subscription ended (``sub``), or the connection did."""
 
@@ -246,6 +256,7 @@ RelayFrame = (
     Hello
     | Welcome
     | Ack
+    | Queued
     | Error
     | EventFrame
     | Live
@@ -270,6 +281,7 @@ _TYPES: dict[str, type[Any]] = {
         Hello,
         Welcome,
         Ack,
+        Queued,
         Error,
         EventFrame,
         Live,

@@ -1,7 +1,8 @@
 """Assemble a relay from a data directory: key, store, node and server.
 
 The data directory holds ``relay.key`` (the relay's Ed25519 identity, created on first
-start, mode 0600) and ``events.sqlite3`` (the embedded store, WAL mode).
+start, mode 0600) and ``events.sqlite3`` (the embedded store, WAL mode); a federated
+relay adds ``mirrors.sqlite3`` (other relays' logs it follows) and ``outbox.sqlite3``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ from websockets.trio.server import Server
 
 from agent_sdk.identity import Identity, load_or_create
 from agent_sdk.wire import decode_receipt
+from federation.network import Federation, FederationConfig
+from federation.outbox import SQLiteOutboxStore
+from federation.peers import PeerSpecError
 from relay.coordination.host import Diverged
 from relay.node import RelayConfig, RelayNode
 from relay.server import serve_relay
@@ -21,6 +25,8 @@ from relay.store.sqlite import SQLiteStore
 
 KEY_FILE = "relay.key"
 STORE_FILE = "events.sqlite3"
+MIRROR_FILE = "mirrors.sqlite3"
+OUTBOX_FILE = "outbox.sqlite3"
 
 
 class DataDirError(Exception):
@@ -55,19 +61,40 @@ async def run_relay(
     host: str = "127.0.0.1",
     port: int = 7700,
     *,
+    federation: FederationConfig | None = None,
     task_status: trio.TaskStatus[tuple[RelayNode, Server]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run a relay on ``data`` until cancelled; reports ``(node, server)`` once listening."""
+    """Run a relay on ``data`` until cancelled; reports ``(node, server)`` once listening.
+
+    With ``federation`` (peers), mirrors of other relays' namespaces are kept in
+    ``mirrors.sqlite3`` and writes waiting for an unreachable home in ``outbox.sqlite3``.
+    """
     store = await trio.to_thread.run_sync(open_store, data)
+    mirrors: SQLiteStore | None = None
+    outbox: SQLiteOutboxStore | None = None
     try:
         identity = await trio.to_thread.run_sync(load_identity, data, store)
+        if federation is not None:
+            mirrors = await trio.to_thread.run_sync(SQLiteStore, data / MIRROR_FILE)
+            outbox = await trio.to_thread.run_sync(SQLiteOutboxStore, data / OUTBOX_FILE)
         try:
-            node = RelayNode(identity, store, config)
+            node = RelayNode(identity, store, config, mirror_store=mirrors)
         except Diverged as exc:
             raise DataDirError(str(exc)) from None
         async with trio.open_nursery() as nursery:
             await nursery.start(node.run)
+            if federation is not None:
+                assert outbox is not None
+                try:
+                    network = Federation(node, federation, outbox)
+                except PeerSpecError as exc:
+                    raise DataDirError(str(exc)) from None
+                await nursery.start(network.run)
             server = await nursery.start(serve_relay, node, host, port)
             task_status.started((node, server))
     finally:
         store.close()
+        if mirrors is not None:
+            mirrors.close()
+        if outbox is not None:
+            outbox.close()

@@ -31,7 +31,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import trio
 
@@ -44,7 +44,10 @@ from relay.coordination.leases import TtlBounds
 from relay.coordination.requests import CLAIM_TTL, LOCK_TTL, RELAY_KINDS, Coordinator, Outcome
 from relay.documents import COMPACTED, DOC_KINDS, DocHost, LiveDoc, check_event
 from relay.sequencer import Duplicate, Limits, Parked, Rejected, Sequenced, Sequencer
-from relay.store import Located, Record, Store
+from relay.store import Head, Located, Record, Store
+
+if TYPE_CHECKING:
+    from federation.network import Federation
 
 
 @dataclass(frozen=True)
@@ -173,9 +176,16 @@ class RelayNode:
         *,
         router: Router | None = None,
         wall_ms: Callable[[], int] | None = None,
+        mirror_store: Store | None = None,
     ) -> None:
         self.identity = identity
         self.store = store
+        self.mirror_store = mirror_store
+        """Logs of other relays' namespaces, followed and checked by federation."""
+        self.federation: Federation | None = None
+        """Set by a :class:`~federation.network.Federation` built on this node."""
+        self.on_parked: Callable[[frozenset[bytes]], None] | None = None
+        """Told the ids an event waits for when it parks (federation fetches them)."""
         self.config = config or RelayConfig()
         self.router = router or HomeOnly(self.config.name)
         self.wall_ms = wall_ms or (lambda: time.time_ns() // 1_000_000)
@@ -206,6 +216,9 @@ class RelayNode:
             records = self.docs.rebuild(store.scan(ns))
             self._unanswered += self.coordination.rebuild(records, answered)
         self._committed: dict[str, int] = {ns: head.seq for ns, head in heads.items()}
+        self.mirror_heads: dict[str, Head] = mirror_store.heads() if mirror_store else {}
+        for ns, head in self.mirror_heads.items():
+            self._committed[ns] = head.seq
         self._changed: dict[str, trio.Event] = {}
         self._recent: dict[str, dict[int, Record]] = {}
         # Every cached record in commit order, for the relay-wide byte budget. Evicting
@@ -221,6 +234,7 @@ class RelayNode:
         self._read_lock = trio.Lock()
         self._write_lock = trio.Lock()  # one writer connection: appends and prunes take turns
         self._find_lock = trio.Lock()
+        self._mirror_lock = trio.Lock()
         self.folds.append(self.docs.on_committed)
         self.stats = dict.fromkeys(STATS, 0)
         self._stats_changed = trio.Event()
@@ -322,6 +336,9 @@ class RelayNode:
             if unknown:
                 async with self._find_lock:  # not behind replays: publishing must not wait
                     found = await self._call(self.store.find, unknown)
+                    if self.mirror_store is not None and len(found) < len(unknown):
+                        rest = unknown - found.keys()
+                        found.update(await self._call(self.mirror_store.find, rest))
                 self.sequencer.learn(found)
             now = self.wall_ms()
             for ticket in batch:
@@ -354,6 +371,8 @@ class RelayNode:
                 ticket._resolve(error=ProtocolError(ErrorCode.MISSING_DEPS, reason))
                 return
             ticket.duplicate = bool(waiting)  # a re-publish of what is parked already
+            if not waiting and self.on_parked is not None:
+                self.on_parked(outcome.missing)
             waiting.append(ticket)
             ticket.decided.set()
             self._timers_changed.set()
@@ -579,13 +598,15 @@ class RelayNode:
             sealed[i] = replace(sealed[i], seal=signature)
         return sealed
 
-    def _committed_batch(self, batch: Sequence[Record]) -> None:
-        self.sequencer.committed(record.id for record in batch)
+    def _committed_batch(self, batch: Sequence[Record], *, sequenced: bool = True) -> None:
+        if sequenced:
+            self.sequencer.committed(record.id for record in batch)
         for record in batch:
             self._cache(record)
             self._committed[record.ns] = record.seq
-            for fold in self.folds:
-                fold(record)
+            if sequenced:  # the folds are of this relay's own logs
+                for fold in self.folds:
+                    fold(record)
         for ns in {record.ns for record in batch}:
             changed = self._changed.pop(ns, None)
             if changed is not None:
@@ -605,6 +626,30 @@ class RelayNode:
             if not cached:
                 del self._recent[ns]
 
+    # -- mirrors ----------------------------------------------------------------------
+
+    def is_home(self, ns: str) -> bool:
+        """True when this relay sequences ``ns`` (it is ``name@<this relay>``)."""
+        return ns.rpartition("@")[2] == self.config.name
+
+    async def append_mirrored(self, records: Sequence[Record]) -> None:
+        """Store records of a foreign namespace, checked by the caller against their
+        home's key, exactly as the home sequenced them; then serve them like local
+        records and release events parked on them (cross-relay causality)."""
+        mirror = self.mirror_store
+        assert mirror is not None and records and not self.is_home(records[0].ns)
+        async with self._mirror_lock:
+            await self._call(mirror.append, records, store=mirror)
+        last = records[-1]
+        self.mirror_heads[last.ns] = Head(last.ns, last.seq, digest(last.receipt), last.hlc)
+        now = self.wall_ms()
+        found = {record.id: Located(record.ns, record.seq, record.hlc) for record in records}
+        released = self.sequencer.arrived(found, now)
+        self._committed_batch(records, sequenced=False)
+        if released:
+            self._sequenced(released, now)
+            self._pending_ready.set()
+
     # -- reading ----------------------------------------------------------------------
 
     def head(self, ns: str) -> int:
@@ -612,7 +657,8 @@ class RelayNode:
         return self._committed.get(ns, 0)
 
     def namespaces(self) -> list[str]:
-        return sorted(self._committed)
+        """The namespaces this relay homes and has records of."""
+        return sorted(ns for ns in self._committed if self.is_home(ns))
 
     async def wait_beyond(self, ns: str, seq: int) -> None:
         """Return once the committed head of ``ns`` is past ``seq``."""
@@ -642,12 +688,13 @@ class RelayNode:
         recent = self._recent.get(ns, {})
         if start in recent:
             return [recent[seq] for seq in range(start, end + 1)]
+        store = self.store if self.is_home(ns) or self.mirror_store is None else self.mirror_store
         async with self._read_lock:
-            return await self._call(self.store.read, ns, start, end - start + 1)
+            return await self._call(store.read, ns, start, end - start + 1, store=store)
 
-    async def _call(self, method: Callable[..., T], *args: Any) -> T:
+    async def _call(self, method: Callable[..., T], *args: Any, store: Store | None = None) -> T:
         """Run a store method: in a worker thread when it may block, inline if not."""
-        if self.store.blocking:
+        if (store or self.store).blocking:
             return await trio.to_thread.run_sync(method, *args)
         await trio.lowlevel.checkpoint()
         return method(*args)

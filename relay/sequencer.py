@@ -185,6 +185,22 @@ class Sequencer:
             return Parked(frozenset(missing))
         return Sequenced(self._sequence_with_released(signed, dep_hlc, now_ms))
 
+    def arrived(self, found: Mapping[bytes, Located], now_ms: int) -> tuple[Record, ...]:
+        """Events of other relays' namespaces, now stored in a mirror: remember them,
+        and sequence the parked events that waited for them (federation)."""
+        records: list[Record] = []
+        for event_id, located in found.items():
+            self._remember(event_id, located)
+            for waiter_id in self._waiting.pop(event_id, ()):
+                parking = self._parked[waiter_id]
+                parking.missing.discard(event_id)
+                parking.dep_hlc = max(parking.dep_hlc, located.hlc)
+                if not parking.missing:
+                    del self._parked[waiter_id]
+                    event, dep_hlc = parking.event, parking.dep_hlc
+                    records += self._sequence_with_released(event, dep_hlc, now_ms)
+        return tuple(records)
+
     def expire(self, now_ms: int) -> list[tuple[SignedEvent, Rejected]]:
         """Reject every parked event whose deadline has passed."""
         out = []

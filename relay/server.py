@@ -30,7 +30,10 @@ from websockets.trio.server import Server, ServerConnection, serve
 
 from agent_sdk import frames as f
 from agent_sdk.errors import ErrorCode, ProtocolError
-from agent_sdk.wire import PROTOCOL_VERSION, Event
+from agent_sdk.wire import PROTOCOL_VERSION, Event, SignedEvent
+from federation.network import ProxiedDoc
+from federation.outbox import Entry
+from federation.peers import Peer
 from relay.documents import MAX_AWARENESS, LiveDoc, Overflow, Replica
 from relay.node import RelayNode, Ticket
 from relay.session import Admit, Ask, Aware, Close, Open, OpenDoc, Reply, Session
@@ -42,6 +45,11 @@ log = logging.getLogger("formicary.relay")
 SLOW_CONSUMER_CLOSE = 1008  # policy violation: the closest standard code
 JOIN_WAIT = 10.0  # seconds a closing connection waits for its joins to be decided
 AUTH_TIMEOUT_CLOSE = 1008
+
+
+Answerable = Ticket | f.Query | Entry
+"""What a connection answers in the order it came: local publishes, queries, and
+publishes forwarded to another relay."""
 
 
 class SlowConsumer(Exception):
@@ -71,13 +79,16 @@ class Connection:
             challenge=secrets.token_bytes(f.CHALLENGE_SIZE),
             max_frame=config.max_frame,
             max_deps=config.max_deps,
+            forwarders=frozenset(node.federation.peer_keys) if node.federation else frozenset(),
         )
+        self.fed = node.federation
         self._out_tx, self._out_rx = trio.open_memory_channel[bytes](config.send_queue)
         # Publishes and queries, answered in the order they came: a query waits for
         # the publishes before it to be sequenced, so an agent reads its own writes.
-        self._acks_tx, self._acks_rx = trio.open_memory_channel[tuple[int, Ticket | f.Query]](
+        self._acks_tx, self._acks_rx = trio.open_memory_channel[tuple[int, Answerable]](
             config.max_inflight
         )
+        self._proxied: dict[int, ProxiedDoc] = {}  # documents of foreign namespaces, by sub
         self._subscriptions: dict[int, _Running] = {}
         self._docs: dict[int, tuple[LiveDoc, Replica]] = {}  # open documents, by sub
         self._follows = 0  # namespaces followed, over all subscriptions
@@ -168,6 +179,9 @@ class Connection:
             if i % 64 == 0:  # a big bundle must not hold the event loop for its whole length
                 await trio.lowlevel.checkpoint()
             if isinstance(action, Admit):
+                if self._foreign(action.event.event.ns):
+                    await self._forward(action.rid, action.event)
+                    continue
                 ticket = await self.node.admit(action.event)
                 self._note_presence(action.event.event, ticket)
                 await self._answer_later(action.rid, ticket)
@@ -185,6 +199,45 @@ class Connection:
                 assert isinstance(action, Close)
                 await self._close(action.sub)
 
+    # -- federation -------------------------------------------------------------------
+
+    @property
+    def peer(self) -> Peer | None:
+        """The peer relay this connection is a link from, if it is one."""
+        return self.fed.peer_of(self.session.agent) if self.fed else None
+
+    def _foreign(self, ns: str) -> bool:
+        """True for a namespace homed elsewhere that federation may route to."""
+        return self.fed is not None and not self.node.is_home(ns)
+
+    async def _forward(self, rid: int, event: SignedEvent) -> None:
+        assert self.fed is not None
+        try:
+            entry = await self.fed.forward(event, self.peer)
+        except ProtocolError as exc:
+            await self._send(f.Error.of(exc, rid=rid))
+            return
+        await self._answer_later(rid, entry)
+
+    async def _acknowledge_forwarded(self, rid: int, entry: Entry) -> None:
+        await entry.done.wait()
+        if entry.error is not None:
+            await self._send(f.Error.of(entry.error, rid=rid))
+            return
+        published = entry.result
+        assert published is not None
+        outcome = published.outcome
+        ack = f.Ack(
+            rid=rid,
+            receipt=published.receipt.raw,
+            seal=published.seal,
+            duplicate=published.duplicate,
+            outcome=outcome.event.raw if outcome else None,
+            outcome_sig=outcome.event.sig if outcome else None,
+            outcome_receipt=outcome.receipt.raw if outcome else None,
+        )
+        await self._send(ack)
+
     # -- publishing -------------------------------------------------------------------
 
     def _note_presence(self, event: Event, ticket: Ticket) -> None:
@@ -193,13 +246,15 @@ class Connection:
         body = event.body
         if event.kind != "dir.join" or not isinstance(body, dict) or "heartbeat_ms" in body:
             return
+        if self.peer is not None:
+            return  # a peer's link carries many agents: it holds no one's presence
         self._joins = [t for t in self._joins if not t.done.is_set()]  # decided: done with
         self._joins.append(ticket)
         if event.ns not in self._present:
             self._present.add(event.ns)  # online while this connection is open
             self.node.attach(event.ns, event.author)
 
-    async def _answer_later(self, rid: int, request: Ticket | f.Query) -> None:
+    async def _answer_later(self, rid: int, request: Answerable) -> None:
         try:
             self._acks_tx.send_nowait((rid, request))
         except trio.WouldBlock:
@@ -220,6 +275,12 @@ class Connection:
                 for rid, ticket in queued:
                     if isinstance(ticket, f.Query):
                         await self._answer_query(ticket)
+                        continue
+                    if isinstance(ticket, Entry):
+                        await ticket.decided.wait()
+                        if not ticket.done.is_set():  # the home is unreachable: say so
+                            await self._send(f.Queued(rid=rid))
+                        parked.start_soon(self._acknowledge_forwarded, rid, ticket)
                         continue
                     if not ticket.decided.is_set():
                         await ticket.decided.wait()
@@ -250,7 +311,11 @@ class Connection:
 
     async def _answer_query(self, query: f.Query) -> None:
         try:
-            body = await self.node.query(query.ns, query.q, query.args)
+            if self._foreign(query.ns):
+                assert self.fed is not None
+                body = await self.fed.ask(query, self.peer)
+            else:
+                body = await self.node.query(query.ns, query.q, query.args)
         except ProtocolError as exc:
             await self._send(f.Error.of(exc, rid=query.rid))
             return
@@ -275,10 +340,18 @@ class Connection:
             match = Filter.of(request)
             starts = {}
             for ns in request.ns:
+                head = self.node.head(ns)
+                if self._foreign(ns):
+                    assert self.fed is not None
+                    self.fed.route(ns, self.peer)  # raises not_home without a route
+                    # The mirror may be behind its home: a cursor past it waits.
+                    starts[ns] = request.start.get(ns, -1)  # -1: the home's head, once known
+                    if starts[ns] < 1 and ns in request.start:
+                        check_cursor(ns, starts[ns], head)
+                    continue
                 refusal = self.node.router.refuse(ns)
                 if refusal is not None:
                     raise refusal
-                head = self.node.head(ns)
                 starts[ns] = request.start.get(ns, head + 1)
                 check_cursor(ns, starts[ns], head)
         except ProtocolError as exc:
@@ -294,13 +367,50 @@ class Connection:
     async def _open_doc(self, request: f.DocOpen) -> None:
         try:
             self._check_room(request.sub, 1)
+            if self._foreign(request.ns):
+                assert self.fed is not None
+                self.fed.route(request.ns, self.peer)
         except ProtocolError as exc:
             await self._send(f.Error.of(exc, sub=request.sub))
             return
         running = _Running(trio.CancelScope(), trio.Event(), 1)
         self._subscriptions[request.sub] = running
         self._follows += 1
-        self._nursery.start_soon(self._doc_subscription, request, running)
+        if self._foreign(request.ns):
+            self._nursery.start_soon(self._doc_proxy, request, running)
+        else:
+            self._nursery.start_soon(self._doc_subscription, request, running)
+
+    async def _doc_proxy(self, request: f.DocOpen, running: _Running) -> None:
+        """A document of a foreign namespace: its home serves it, through the link."""
+        assert self.fed is not None
+        sub = request.sub
+
+        def opened(proxied: ProxiedDoc | None) -> None:
+            if proxied is None:
+                self._proxied.pop(sub, None)
+            else:
+                self._proxied[sub] = proxied
+
+        ended = False
+
+        async def send(frame: f.RelayFrame) -> None:
+            nonlocal ended
+            if isinstance(frame, f.Error):
+                ended = True  # the subscription is over: free its place first
+                if self._subscriptions.get(sub) is running:
+                    del self._subscriptions[sub]
+                    self._follows -= running.follows
+            await self._send(frame)
+
+        try:
+            with running.scope:
+                await self.fed.proxy_doc(request, self.peer, send, opened)
+        except ProtocolError as exc:
+            if not ended:
+                await send(f.Error.of(exc, sub=sub))
+        finally:
+            running.done.set()
 
     async def _doc_subscription(self, request: f.DocOpen, running: _Running) -> None:
         """Sync step 2, then every later update of the document, in log order."""
@@ -356,6 +466,10 @@ class Connection:
                 await self._send(frame)
 
     async def _aware(self, frame: f.DocAwareness) -> None:
+        proxied = self._proxied.get(frame.sub)
+        if proxied is not None:
+            proxied.awareness(frame.update)  # the home checks it and answers errors
+            return
         try:
             opened = self._docs.get(frame.sub)
             if opened is None:
@@ -396,15 +510,33 @@ class Connection:
             running.done.set()
 
     async def _follow(self, sub: int, ns: str, cursor: int, match: Filter) -> None:
-        """Replay ``ns`` from ``cursor``, mark live, then stream as the log grows."""
+        if self._foreign(ns):
+            assert self.fed is not None
+            try:
+                async with self.fed.hold(ns, self.peer) as mirror:
+                    await mirror.settled.wait()
+                    if cursor < 0:  # "from now": the home's head, as far as we know it
+                        cursor = max(mirror.home_head, self.node.head(ns)) + 1
+                    await self._follow_log(sub, ns, cursor, match)
+            except ProtocolError:
+                return  # the route went away; the subscription follows nothing more
+        else:
+            await self._follow_log(sub, ns, cursor, match)
+
+    async def _follow_log(self, sub: int, ns: str, cursor: int, match: Filter) -> None:
+        """Replay ``ns`` from ``cursor``, mark live, then stream as the log grows.
+
+        A peer relay's mirror is sent the receipts of compacted ``doc.update``
+        records too (with empty event bytes): it needs every link of the chain."""
         live = False
+        chain_too = self.peer is not None
         batch = self.node.config.replay_batch
         while True:
             records: list[Record] = await self.node.read(ns, cursor, batch)
             for record in records:
                 # Sending may not block, so look for an unsubscribe before each frame.
                 await trio.lowlevel.checkpoint_if_cancelled()
-                if record.event and match.matches(record):  # b"": a compacted doc.update
+                if (record.event or chain_too) and match.matches(record):  # b"": compacted
                     event = f.EventFrame(
                         sub=sub,
                         event=record.event,
@@ -444,6 +576,7 @@ def info_document(node: RelayNode) -> dict[str, Any]:
             "sequencer": asdict(config.sequencer),
         },
         "stats": dict(node.stats),
+        "federation": node.federation.info() if node.federation else None,
     }
 
 

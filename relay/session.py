@@ -107,8 +107,11 @@ class Session:
         challenge: bytes,
         max_frame: int,
         max_deps: int,
+        forwarders: frozenset[bytes] = frozenset(),
     ) -> None:
         self.relay_key = relay_key
+        self.forwarders = forwarders
+        """Keys of peer relays: their connections carry other authors' events."""
         self.signer = signer
         self.challenge = challenge
         self.max_frame = max_frame
@@ -183,7 +186,7 @@ class Session:
 
     def _verified(self, frame: f.Publish) -> SignedEvent:
         signed = decode_event(frame.event, frame.sig, max_deps=self.max_deps)
-        if signed.event.author != self.agent:
+        if signed.event.author != self.agent and self.agent not in self.forwarders:
             raise ProtocolError(
                 ErrorCode.WRONG_AUTHOR, "event author is not the key this connection proved"
             )

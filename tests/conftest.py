@@ -11,6 +11,7 @@ import trio
 from websockets.trio.server import Server
 
 from agent_sdk.identity import Identity
+from federation.network import FederationConfig
 from relay.app import run_relay
 from relay.node import RelayConfig, RelayNode
 
@@ -25,15 +26,23 @@ class RunningRelay:
 
 
 async def start_relay(
-    nursery: trio.Nursery, data: Path, config: RelayConfig | None = None
+    nursery: trio.Nursery,
+    data: Path,
+    config: RelayConfig | None = None,
+    *,
+    port: int = 0,
+    federation: FederationConfig | None = None,
 ) -> RunningRelay:
-    """Start a relay on a free loopback port inside ``nursery``; cancel ``scope`` to stop it."""
+    """Start a relay on a loopback port (free by default) inside ``nursery``; cancel
+    ``scope`` to stop it."""
     scope = trio.CancelScope()
     config = config or RelayConfig(name="local")
 
     async def run(task_status: trio.TaskStatus[tuple[RelayNode, Server]]) -> None:
         with scope:
-            await run_relay(data, config, "127.0.0.1", 0, task_status=task_status)
+            await run_relay(
+                data, config, "127.0.0.1", port, federation=federation, task_status=task_status
+            )
 
     node, server = await nursery.start(run)
     port = server.listeners[0].socket.getsockname()[1]

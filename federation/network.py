@@ -1,0 +1,456 @@
+"""Federation: many relays acting as one network, each namespace sequenced at its home.
+
+Theory of operation
+-------------------
+A namespace ``name@home`` has exactly one sequencer, the relay called ``home``. Every
+other relay only *routes*: a write (a publish, a coordination request, a query, a
+document update) is forwarded over a :class:`~federation.link.Link` to the home and
+the home's answer — its receipt, its outcome — comes back to the agent unchanged; a
+read of the log (a subscription) is served from a local :class:`Mirror` that follows
+the home's log by cursor and stores it verbatim after checking it
+(:mod:`federation.chain`). Nothing foreign is ever re-sequenced, so a receipt means
+the same thing wherever it is read, and a lying relay is caught by anyone holding
+the home's key.
+
+Routes are at most two links long and cannot loop, by construction: an agent's own
+relay forwards to the home directly, or to a direct peer configured as the way
+there (``c=via:b``); a relay that receives a write *from a peer* forwards it only
+over its own direct link to the home, never to a third relay and never back to the
+sender. No relay forwards what it got from a peer to a relay that is not the home,
+so a write crosses at most one intermediate relay.
+
+Cross-relay causality: an event may depend on events of any namespace. Its home
+sequences it only once every dependency is in its store — its own log or a mirror
+— so a dependency on a foreign event parks the event (§6.3) until the mirror of
+that event's namespace has stored it. The frontier is per foreign namespace the
+mirrored head seq; a dependency ``d`` of namespace ``n`` is satisfied once
+``head(n) >= seq(d)``. To know ``n`` and ``seq(d)`` the relay uses what it saw:
+the receipts of writes it forwarded (and the outcomes they carried) are kept as
+hints, and a parked event with a hinted dependency starts (or extends) the mirror
+of its namespace up to that seq. A dependency the relay never saw — neither
+forwarded nor mirrored — is not looked for: it parks until ``park_timeout``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from typing import Any
+
+import trio
+
+from agent_sdk import frames as f
+from agent_sdk.client import RelayClient
+from agent_sdk.errors import ErrorCode, ProtocolError
+from agent_sdk.wire import SignedEvent
+from federation.chain import MAX_UNSEALED, Forged, MirrorChain
+from federation.link import Link
+from federation.outbox import Entry, Outbox, OutboxStore
+from federation.peers import Peer, check_peers, home_of
+from relay.node import RelayNode
+
+log = logging.getLogger("formicary.federation")
+
+MIRROR_LINGER = 30.0
+"""Seconds a mirror nobody holds keeps following, in case a subscriber comes back."""
+TAP_BUFFER = 8192
+"""Frames a mirror or a proxied document takes before it must catch up from a cursor."""
+MAX_HINTS = 100_000
+"""Forwarded events whose namespace and seq are remembered for causal look-ups."""
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    peers: tuple[Peer, ...] = ()
+    outbox_deadline_ms: int = 10 * 60 * 1000
+    """How long a write waits in the outbox for its home before the agent gets 5003."""
+
+
+class Federation:
+    """The federation side of one relay: its links, outboxes and mirrors."""
+
+    def __init__(self, node: RelayNode, config: FederationConfig, store: OutboxStore) -> None:
+        self.node = node
+        self.config = config
+        self.peers = check_peers(list(config.peers), node.config.name)
+        self.peer_keys = {peer.key: peer for peer in config.peers}
+        max_message = 4 * node.config.max_frame + 4096  # a peer's bundles: twice a frame, and some
+        self.links = {
+            peer.name: Link(peer, node.identity, max_message=max_message)
+            for peer in config.peers
+            if peer.url is not None
+        }
+        self.outboxes = {
+            name: Outbox(
+                name,
+                store,
+                deadline_ms=config.outbox_deadline_ms,
+                wall_ms=node.wall_ms,
+                on_answer=self.remember,
+            )
+            for name in self.links
+        }
+        for link, n, raw, sig, since in store.load():
+            if link in self.outboxes:
+                self.outboxes[link].restore(n, raw, sig, since)
+            else:
+                log.warning("outbox entry %d for %r: no such peer now; kept", n, link)
+        self.mirrors: dict[str, Mirror] = {}
+        self.hints: OrderedDict[bytes, tuple[str, int]] = OrderedDict()
+        self.forgeries = 0
+        self._nursery: trio.Nursery | None = None
+        node.on_parked = self._on_parked
+        node.federation = self
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for name, link in self.links.items():
+                nursery.start_soon(link.run)
+                nursery.start_soon(self._deliver, link, self.outboxes[name])
+            nursery.start_soon(self._expire_loop)
+            task_status.started()
+
+    # -- routing ----------------------------------------------------------------------
+
+    def peer_of(self, key: bytes | None) -> Peer | None:
+        """The peer relay authenticated as ``key``, if it is one."""
+        return None if key is None else self.peer_keys.get(key)
+
+    def route(self, ns: str, from_peer: Peer | None) -> Link:
+        """The link toward the home of ``ns``; raises ``not_home`` when there is none."""
+        home = home_of(ns)
+        peer = self.peers.get(home)
+        if peer is None:
+            raise ProtocolError(ErrorCode.NOT_HOME, f"{ns}: no route to relay {home!r}")
+        if peer.url is not None:
+            hop = peer.name
+        elif peer.via is not None and from_peer is None:
+            hop = peer.via
+        else:
+            why = "it dials us" if peer.via is None else "a peer's write is not forwarded twice"
+            raise ProtocolError(ErrorCode.NOT_HOME, f"{ns}: no link to relay {home!r} ({why})")
+        if from_peer is not None and hop == from_peer.name:
+            raise ProtocolError(ErrorCode.NOT_HOME, f"{ns}: would route back to {hop!r}")
+        return self.links[hop]
+
+    # -- writes -----------------------------------------------------------------------
+
+    async def forward(self, event: SignedEvent, from_peer: Peer | None) -> Entry:
+        """Hand a verified event to the outbox of the link toward its home."""
+        link = self.route(event.event.ns, from_peer)
+        return await self.outboxes[link.peer.name].submit(event)
+
+    async def _deliver(self, link: Link, outbox: Outbox) -> None:
+        while True:
+            client = await link.wait_up()
+            await outbox.send(client)
+
+    def remember(self, entry: Entry) -> None:
+        """Keep where a forwarded event (and its outcome) landed, for causal look-ups."""
+        if entry.result is None:
+            return
+        receipts = [entry.result.receipt]
+        if entry.result.outcome is not None:
+            receipts.append(entry.result.outcome.receipt)
+        for receipt in receipts:
+            self.hints[receipt.id] = (receipt.ns, receipt.seq)
+            if len(self.hints) > MAX_HINTS:
+                self.hints.popitem(last=False)
+
+    async def _expire_loop(self) -> None:
+        while True:
+            await trio.sleep(1.0)
+            now = self.node.wall_ms()
+            for outbox in self.outboxes.values():
+                deadline = outbox.next_deadline_ms()
+                if deadline is not None and deadline <= now:
+                    await outbox.expire(now)
+
+    async def ask(self, query: f.Query, from_peer: Peer | None) -> Any:
+        """Forward a query to the home of its namespace and return the home's answer."""
+        link = self.route(query.ns, from_peer)
+        client = link.client
+        if client is None:
+            raise ProtocolError(ErrorCode.HOME_UNREACHABLE, f"no link to {link.peer.name} now")
+        try:
+            return await client.query(query.ns, query.q, query.args)
+        except ProtocolError:
+            if client.stopped.is_set():
+                reason = f"the link to {link.peer.name} dropped; ask again"
+                raise ProtocolError(ErrorCode.HOME_UNREACHABLE, reason) from None
+            raise
+
+    # -- mirrors ----------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def hold(self, ns: str, from_peer: Peer | None) -> AsyncIterator[Mirror]:
+        """Keep the mirror of foreign ``ns`` following while the caller needs it."""
+        mirror = self._mirror(ns, from_peer)
+        mirror.holders += 1
+        try:
+            yield mirror
+        finally:
+            mirror.holders -= 1
+            mirror.changed()
+
+    def _mirror(self, ns: str, from_peer: Peer | None) -> Mirror:
+        mirror = self.mirrors.get(ns)
+        if mirror is None:
+            link = self.route(ns, from_peer)
+            key = self.peers[home_of(ns)].key
+            mirror = self.mirrors[ns] = Mirror(self, ns, link, key)
+            assert self._nursery is not None
+            self._nursery.start_soon(mirror.run)
+        return mirror
+
+    def _on_parked(self, missing: frozenset[bytes]) -> None:
+        for event_id in missing:
+            hint = self.hints.get(event_id)
+            if hint is not None:
+                ns, seq = hint
+                try:
+                    self._mirror(ns, None).want(seq)
+                except ProtocolError:
+                    pass  # no route now: the event parks until its timeout
+
+    # -- documents --------------------------------------------------------------------
+
+    async def proxy_doc(
+        self,
+        request: f.DocOpen,
+        from_peer: Peer | None,
+        send: Callable[[f.RelayFrame], Awaitable[None]],
+        opened: Callable[[ProxiedDoc | None], None],
+    ) -> None:
+        """Serve a document subscription of a foreign namespace from its home: the
+        home's frames are passed through under the agent's sub id. When the link
+        drops the agent is told ``doc_resync`` and reopens with its state vector."""
+        link = self.route(request.ns, from_peer)
+        client = await link.wait_up()
+        frames, incoming = trio.open_memory_channel[f.Frame](TAP_BUFFER)
+        overflow = False
+
+        def on_frame(frame: f.Frame) -> None:
+            nonlocal overflow
+            try:
+                frames.send_nowait(frame)
+            except trio.WouldBlock:
+                overflow = True
+
+        sub = client.tap(lambda sub: replace(request, sub=sub), on_frame)
+        proxied = ProxiedDoc(client, sub)
+        opened(proxied)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_cancel_when_stopped, client, nursery.cancel_scope)
+                async for frame in incoming:
+                    if overflow:
+                        break
+                    if isinstance(frame, f.Unsubscribed):
+                        continue
+                    await send(_resubbed(frame, request.sub))
+                    if isinstance(frame, f.Error):
+                        return  # the home ended the subscription
+                nursery.cancel_scope.cancel()
+        finally:
+            opened(None)
+            client.untap(sub)
+        reason = "the document's home link dropped or fell behind; open it again"
+        await send(f.Error.of(ProtocolError(ErrorCode.DOC_RESYNC, reason), sub=request.sub))
+
+    # -- reporting --------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        """The federation part of ``GET /info``."""
+        peers = []
+        for name, peer in sorted(self.peers.items()):
+            link = self.links.get(name)
+            outbox = self.outboxes.get(name)
+            peers.append(
+                {
+                    "name": name,
+                    "key": peer.key.hex(),
+                    "url": peer.url,
+                    "via": peer.via,
+                    "up": bool(link and link.up),
+                    "connections": link.connections if link else 0,
+                    "last_error": link.last_error if link else None,
+                    "outbox": len(outbox.entries) if outbox else 0,
+                    "outbox_stored": outbox.stored if outbox else 0,
+                    "delivered": outbox.delivered if outbox else 0,
+                    "expired": outbox.expired if outbox else 0,
+                }
+            )
+        mirrors = {
+            ns: {
+                "head": self.node.head(ns),
+                "home_head": mirror.home_head,
+                "lag": max(0, mirror.home_head - self.node.head(ns)),
+                "holders": mirror.holders,
+                "following": mirror.following,
+            }
+            for ns, mirror in sorted(self.mirrors.items())
+        }
+        return {"peers": peers, "mirrors": mirrors, "forgeries": self.forgeries}
+
+
+@dataclass(slots=True)
+class ProxiedDoc:
+    """A document subscription held open at the home on an agent's behalf."""
+
+    client: RelayClient
+    sub: int
+
+    def awareness(self, update: bytes) -> None:
+        self.client.send_frame(f.DocAwareness(sub=self.sub, update=update))
+
+
+class Mirror:
+    """The checked local copy of one foreign namespace's log (see the module docstring).
+
+    It follows while someone holds it (a subscription) or wants a seq it does not
+    have yet (a parked event's dependency), lingers a while after that, then stops;
+    what it stored stays, and the next follower resumes from the stored head.
+    """
+
+    def __init__(self, federation: Federation, ns: str, link: Link, home_key: bytes) -> None:
+        self.federation = federation
+        self.node = federation.node
+        self.ns = ns
+        self.link = link
+        self.chain = MirrorChain(ns, home_key, self.node.mirror_heads.get(ns), MAX_UNSEALED)
+        self.holders = 0
+        self.wanted = 0
+        self.home_head = self.node.head(ns)
+        self.following = False
+        self.settled = trio.Event()
+        """Set once the mirror has caught up with its home, or found it unreachable:
+        what it holds then is the best there is to serve."""
+        self._changed = trio.Event()
+
+    @property
+    def needed(self) -> bool:
+        return self.holders > 0 or self.node.head(self.ns) < self.wanted
+
+    def want(self, seq: int) -> None:
+        """Follow at least until ``seq`` is stored (a parked event depends on it)."""
+        self.wanted = max(self.wanted, seq)
+        self.changed()
+
+    def changed(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def run(self) -> None:
+        try:
+            while True:
+                with trio.move_on_after(MIRROR_LINGER) as idle:
+                    while not self.needed:
+                        await self._changed.wait()
+                if idle.cancelled_caught:
+                    return
+                client = self.link.client
+                if client is None:
+                    self.settled.set()  # serve what is stored; follow once the link is up
+                    with trio.move_on_after(1.0):
+                        client = await self.link.wait_up()
+                    continue
+                await self._follow(client)
+        finally:
+            self.following = False
+            if self.federation.mirrors.get(self.ns) is self:
+                del self.federation.mirrors[self.ns]
+
+    async def _follow(self, client: RelayClient) -> None:
+        """Follow the home's log over one link connection, until it ends or the
+        mirror is no longer needed."""
+        frames, incoming = trio.open_memory_channel[f.Frame](TAP_BUFFER)
+        overflow = False
+
+        def on_frame(frame: f.Frame) -> None:
+            nonlocal overflow
+            if overflow:
+                return
+            try:
+                frames.send_nowait(frame)
+            except trio.WouldBlock:
+                overflow = True  # drain, then resume from the stored head
+
+        start = self.chain.head + 1
+        sub = client.tap(
+            lambda sub: f.Subscribe(sub=sub, ns=(self.ns,), start={self.ns: start}), on_frame
+        )
+        self.following = True
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_cancel_when_stopped, client, nursery.cancel_scope)
+                nursery.start_soon(self._stop_when_unneeded, nursery.cancel_scope)
+                await self._consume(incoming, lambda: overflow)
+                nursery.cancel_scope.cancel()
+        except Forged as exc:
+            self.federation.forgeries += 1
+            log.error("mirror %s: refused what %s sent: %s", self.ns, self.link.peer.name, exc)
+            await self.link.drop(f"forged log: {exc}")
+        finally:
+            self.following = False
+            client.untap(sub)
+            self.chain.reset()  # an unsealed run is sent again from the stored head
+
+    async def _stop_when_unneeded(self, scope: trio.CancelScope) -> None:
+        while self.needed:
+            await self._changed.wait()
+        with trio.move_on_after(MIRROR_LINGER):
+            while not self.needed:
+                await self._changed.wait()
+            return
+        scope.cancel()
+
+    async def _consume(
+        self, incoming: trio.MemoryReceiveChannel[f.Frame], overflowed: Callable[[], bool]
+    ) -> None:
+        while True:
+            frame = await incoming.receive()
+            checked = []
+            while True:
+                if isinstance(frame, f.EventFrame):
+                    checked += self.chain.offer(frame.event, frame.sig, frame.receipt, frame.seal)
+                    self.home_head = max(self.home_head, self.chain.head)
+                elif isinstance(frame, f.Live):
+                    self.home_head = max(self.home_head, frame.seq)
+                elif isinstance(frame, f.Error):
+                    log.warning(
+                        "mirror %s: %s refused: %s", self.ns, self.link.peer.name, frame.reason
+                    )
+                    await trio.sleep(1.0)
+                    return
+                if len(checked) >= 4096:
+                    break
+                try:
+                    frame = incoming.receive_nowait()
+                except trio.WouldBlock:
+                    break
+            if checked:
+                await self.node.append_mirrored(checked)
+                self.changed()
+            if self.node.head(self.ns) >= self.home_head:
+                self.settled.set()  # caught up with what the home said its head was
+            if overflowed() and incoming.statistics().current_buffer_used == 0:
+                return  # resume from the stored head on a fresh subscription
+
+
+def _resubbed(frame: f.Frame, sub: int) -> f.RelayFrame:
+    """A home's frame of a tapped document, under the agent's own sub id."""
+    assert isinstance(frame, (f.DocSync, f.EventFrame, f.DocAwareness, f.Error, f.Live))
+    return replace(frame, sub=sub)
+
+
+async def _cancel_when_stopped(client: RelayClient, scope: trio.CancelScope) -> None:
+    await client.stopped.wait()
+    scope.cancel()
+
+
+__all__ = ["Federation", "FederationConfig", "Mirror", "ProxiedDoc"]

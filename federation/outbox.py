@@ -1,0 +1,282 @@
+"""Writes on their way to another relay: in order, durable once promised, never twice.
+
+Theory of operation
+-------------------
+Every event an agent publishes to a namespace homed elsewhere becomes an
+:class:`Entry` of the outbox of the link it travels on. Entries leave in the order
+they arrived, one link connection at a time. While the link is up an entry goes out
+at once and lives only in memory: the agent's connection is still waiting for its
+ack, and if this relay died the agent would re-publish the same bytes. When an entry
+cannot go now — the link is down as it arrives, or the link drops before the home
+answered — it is written to the outbox store *before* the agent is told ``queued``:
+from that answer on, the relay has promised delivery, and a restart keeps it.
+
+When the link comes back every unanswered entry is sent again, oldest first. Events
+are idempotent by id at their home (same bytes, same receipt), so an entry that was
+sequenced before the link dropped is answered ``duplicate`` with its original
+receipt: resending never duplicates. A re-publish of an entry still waiting (an agent
+that reconnected) joins the same entry. An entry older than the deadline is dropped
+with ``home_unreachable``: the agent may publish the same bytes again later.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import trio
+
+from agent_sdk.client import PendingPublish, Published, RelayClient
+from agent_sdk.errors import ErrorCode, ProtocolError
+from agent_sdk.wire import SignedEvent, decode_event
+
+log = logging.getLogger("formicary.federation")
+
+MAX_IN_FLIGHT = 1024
+"""Entries sent on a link and not yet answered: the link's window."""
+
+
+class Entry:
+    """One forwarded event. ``decided`` is set once it is queued or answered."""
+
+    __slots__ = ("decided", "done", "error", "event", "n", "queued", "result", "since_ms", "stored")
+
+    def __init__(self, n: int, event: SignedEvent, since_ms: int, *, stored: bool = False) -> None:
+        self.n = n
+        self.event = event
+        self.since_ms = since_ms
+        self.stored = stored
+        self.queued = stored
+        self.decided = trio.Event()
+        self.done = trio.Event()
+        self.result: Published | None = None
+        self.error: ProtocolError | None = None
+        if stored:
+            self.decided.set()
+
+    def _queue(self) -> None:
+        self.queued = True
+        self.decided.set()
+
+    def _resolve(self, result: Published | None, error: ProtocolError | None) -> None:
+        self.result, self.error = result, error
+        self.decided.set()
+        self.done.set()
+
+
+class OutboxStore(Protocol):
+    """Where promised entries wait: loaded at start, removed once answered."""
+
+    blocking: bool
+
+    def load(self) -> list[tuple[str, int, bytes, bytes, int]]:
+        """Every stored entry as ``(link, n, event, sig, since_ms)``, by ``n``."""
+        ...
+
+    def put(self, link: str, entries: Sequence[tuple[int, bytes, bytes, int]]) -> None: ...
+
+    def drop(self, link: str, ns: Iterable[int]) -> None: ...
+
+
+class MemoryOutboxStore:
+    """For tests and virtual-time simulations: the same contract, without the disk."""
+
+    blocking = False
+
+    def __init__(self) -> None:
+        self.rows: dict[tuple[str, int], tuple[bytes, bytes, int]] = {}
+
+    def load(self) -> list[tuple[str, int, bytes, bytes, int]]:
+        return [(link, n, *row) for (link, n), row in sorted(self.rows.items())]
+
+    def put(self, link: str, entries: Sequence[tuple[int, bytes, bytes, int]]) -> None:
+        for n, event, sig, since in entries:
+            self.rows[(link, n)] = (event, sig, since)
+
+    def drop(self, link: str, ns: Iterable[int]) -> None:
+        for n in ns:
+            self.rows.pop((link, n), None)
+
+
+class SQLiteOutboxStore:
+    """The embedded outbox: one small SQLite file next to the relay's logs."""
+
+    blocking = True
+
+    def __init__(self, path: Path) -> None:
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS outbox (link TEXT NOT NULL, n INTEGER NOT NULL,"
+            " event BLOB NOT NULL, sig BLOB NOT NULL, since_ms INTEGER NOT NULL,"
+            " PRIMARY KEY (link, n)) WITHOUT ROWID"
+        )
+
+    def load(self) -> list[tuple[str, int, bytes, bytes, int]]:
+        cursor = self._db.execute("SELECT link, n, event, sig, since_ms FROM outbox ORDER BY n")
+        return list(cursor)
+
+    def put(self, link: str, entries: Sequence[tuple[int, bytes, bytes, int]]) -> None:
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                "INSERT OR REPLACE INTO outbox VALUES (?, ?, ?, ?, ?)",
+                [(link, *entry) for entry in entries],
+            )
+
+    def drop(self, link: str, ns: Iterable[int]) -> None:
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                "DELETE FROM outbox WHERE link = ? AND n = ?", [(link, n) for n in ns]
+            )
+
+    def close(self) -> None:
+        self._db.close()
+
+
+class Outbox:
+    """The ordered entries of one link (see the module docstring)."""
+
+    def __init__(
+        self,
+        link: str,
+        store: OutboxStore,
+        *,
+        deadline_ms: int,
+        wall_ms: Callable[[], int],
+        on_answer: Callable[[Entry], None] = lambda entry: None,
+        first_n: int = 1,
+    ) -> None:
+        self.link = link
+        self.store = store
+        self.deadline_ms = deadline_ms
+        self.wall_ms = wall_ms
+        self.on_answer = on_answer
+        self.entries: dict[bytes, Entry] = {}  # by event id, in arrival order
+        self._next_n = first_n
+        self._unsent: list[Entry] = []  # of the current link connection, in order
+        self._more = trio.Event()
+        self.up = False
+        self.delivered = 0
+        self.expired = 0
+
+    def restore(self, n: int, raw: bytes, sig: bytes, since_ms: int) -> None:
+        """An entry the store kept across a restart (a promise still to keep)."""
+        event = decode_event(raw, sig)
+        self.entries[event.id] = Entry(n, event, since_ms, stored=True)
+        self._next_n = max(self._next_n, n + 1)
+
+    @property
+    def stored(self) -> int:
+        return sum(1 for entry in self.entries.values() if entry.stored)
+
+    async def submit(self, event: SignedEvent) -> Entry:
+        """Take an event for the link's far side; store it first if it cannot go now."""
+        entry = self.entries.get(event.id)
+        if entry is not None:
+            return entry  # a re-publish: it waits for the same answer
+        entry = Entry(self._next_n, event, self.wall_ms())
+        self._next_n += 1
+        self.entries[event.id] = entry
+        if self.up:
+            self._unsent.append(entry)
+            self._more.set()
+        else:
+            await self._store([entry])
+        return entry
+
+    async def _store(self, entries: list[Entry]) -> None:
+        fresh = [entry for entry in entries if not entry.stored and not entry.done.is_set()]
+        if fresh:
+            rows = [(e.n, e.event.raw, e.event.sig, e.since_ms) for e in fresh]
+            await _call(self.store, self.store.put, self.link, rows)
+        for entry in fresh:
+            entry.stored = True
+            entry._queue()
+
+    async def send(self, client: RelayClient) -> None:
+        """Deliver entries over one link connection until it ends."""
+        self.up = True
+        self._unsent = sorted(
+            (entry for entry in self.entries.values() if not entry.done.is_set()),
+            key=lambda entry: entry.n,
+        )
+        self._more.set()
+        window = trio.Semaphore(MAX_IN_FLIGHT)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_stop_with, client, nursery.cancel_scope)
+                while True:
+                    await self._more.wait()
+                    self._more = trio.Event()
+                    while self._unsent:
+                        entry = self._unsent.pop(0)
+                        if entry.done.is_set():
+                            continue  # expired meanwhile
+                        await window.acquire()
+                        pending = client.publish_later(entry.event)
+                        nursery.start_soon(self._await_answer, client, entry, pending, window)
+        finally:
+            self.up = False
+            with trio.CancelScope(shield=True):
+                # Whatever the home has not answered becomes a stored promise.
+                await self._store(list(self.entries.values()))
+
+    async def _await_answer(
+        self, client: RelayClient, entry: Entry, pending: PendingPublish, window: trio.Semaphore
+    ) -> None:
+        try:
+            result = await pending.wait()
+            error = None
+        except ProtocolError as exc:
+            if client.stopped.is_set():
+                return  # the link dropped, not the home's answer: it goes again
+            result, error = None, exc
+        finally:
+            window.release()
+        if entry.done.is_set():
+            return  # expired while in flight: the agent was told already
+        self.entries.pop(entry.event.id, None)
+        entry._resolve(result, error)
+        self.on_answer(entry)
+        self.delivered += 1
+        if entry.stored:
+            await _call(self.store, self.store.drop, self.link, [entry.n])
+
+    def next_deadline_ms(self) -> int | None:
+        oldest = next(iter(self.entries.values()), None)
+        return None if oldest is None else oldest.since_ms + self.deadline_ms
+
+    async def expire(self, now_ms: int) -> int:
+        """Fail entries that waited past the deadline; returns how many."""
+        late = [e for e in self.entries.values() if e.since_ms + self.deadline_ms <= now_ms]
+        for entry in late:
+            del self.entries[entry.event.id]
+            waited = (now_ms - entry.since_ms) / 1000
+            reason = f"home relay not reached in {waited:.0f} s; publishing again is safe"
+            entry._resolve(None, ProtocolError(ErrorCode.HOME_UNREACHABLE, reason))
+        stored = [entry.n for entry in late if entry.stored]
+        if stored:
+            await _call(self.store, self.store.drop, self.link, stored)
+        if late:
+            self.expired += len(late)
+            log.warning("outbox %s: %d entries dropped past the deadline", self.link, len(late))
+        return len(late)
+
+
+async def _stop_with(client: RelayClient, scope: trio.CancelScope) -> None:
+    await client.stopped.wait()
+    scope.cancel()
+
+
+async def _call(store: OutboxStore, method: Callable[..., object], *args: object) -> None:
+    if store.blocking:
+        await trio.to_thread.run_sync(method, *args)
+    else:
+        await trio.lowlevel.checkpoint()
+        method(*args)
