@@ -21,11 +21,8 @@ from __future__ import annotations
 import itertools
 import json
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,82 +38,12 @@ from relay.app import STORE_FILE
 from relay.store import Record
 from relay.store.sqlite import SQLiteStore
 from tests.conftest import identity
+from tests.processes import PHASE_TIMEOUT, cli, relay_process
 
 NAMESPACES = ("crash-a@local", "crash-b@local")
 PUBLISHERS = 4
 WORKERS = 8  # concurrent publishes per publisher, so many are in flight at the kill
 KILL_AFTER = 300  # acks booked before the SIGKILL
-STARTUP_TIMEOUT = 20  # seconds; a cold interpreter on a slow machine
-PHASE_TIMEOUT = 30
-
-
-def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "agent_sdk.cli", *args]
-
-
-class RelayProcess:
-    """``formicary relay serve`` in a child process; its stderr goes to ``log``."""
-
-    def __init__(self, data: Path) -> None:
-        self.data = data
-        self.url = ""
-        self.process: trio.Process | None = None
-        self._stderr = b""
-
-    async def start(self) -> None:
-        command = cli(
-            "relay", "serve", "--host", "127.0.0.1", "--port", "0",
-            "--data", str(self.data), "--name", "local",
-        )  # fmt: skip
-        self.process = await trio.lowlevel.open_process(
-            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
-        await self._wait_ready()
-
-    async def _wait_ready(self) -> None:
-        """Read stderr until the relay says where it listens (it picks a free port).
-
-        The relay writes one line when it is serving and little else, so the pipe is
-        not drained afterwards.
-        """
-        assert self.process is not None and self.process.stderr is not None
-        with trio.fail_after(STARTUP_TIMEOUT):
-            while b" listening on " not in self._stderr:
-                chunk = await self.process.stderr.receive_some()
-                if not chunk:
-                    code = await self.process.wait()
-                    raise AssertionError(f"relay exited {code}: {self.output()}")
-                self._stderr += chunk
-        line = next(x for x in self._stderr.decode().splitlines() if " listening on " in x)
-        self.url = line.split(" listening on ", 1)[1].split(",", 1)[0]
-
-    def output(self) -> str:
-        return self._stderr.decode(errors="replace")
-
-    def kill(self) -> None:
-        """SIGKILL: the process gets no chance to flush, close or clean up."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-
-    async def stop(self) -> int:
-        """SIGTERM, the operator's way to stop a relay; returns the exit status."""
-        assert self.process is not None
-        self.process.send_signal(signal.SIGTERM)
-        with trio.fail_after(PHASE_TIMEOUT):
-            return await self.process.wait()
-
-
-@asynccontextmanager
-async def relay_process(data: Path) -> AsyncIterator[RelayProcess]:
-    relay = RelayProcess(data)
-    try:
-        await relay.start()
-        yield relay
-    finally:
-        relay.kill()
-        if relay.process is not None:
-            with trio.CancelScope(shield=True):
-                await relay.process.wait()
 
 
 async def verify_offline(data: Path) -> list[dict[str, object]]:

@@ -1,0 +1,124 @@
+"""Several relay processes on loopback that federate with each other.
+
+Each relay gets a data directory with its key made up front, and a port picked up
+front, so that every relay can be started with ``--peer`` entries naming the others
+(name, URL and pinned key) before any of them runs.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator, Iterable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from agent_sdk.client import RelayClient
+from agent_sdk.identity import Identity, load_or_create
+from relay.app import KEY_FILE
+from tests.processes import RelayProcess
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@dataclass
+class Member:
+    name: str
+    data: Path
+    port: int
+    key: bytes
+    peers: tuple[str, ...]
+    process: RelayProcess | None = None
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def spec(self, url: str | None = None) -> str:
+        return f"{self.name}={url or self.url}#{self.key.hex()}"
+
+
+class Cluster:
+    """Relays named ``names``, each peering with ``links[name]`` (default: all)."""
+
+    def __init__(
+        self,
+        root: Path,
+        names: Iterable[str],
+        links: dict[str, tuple[str, ...]] | None = None,
+        args: tuple[str, ...] = (),
+    ) -> None:
+        names = list(names)
+        self.args = args
+        self.urls: dict[tuple[str, str], str] = {}  # (from, to) -> URL override (a proxy)
+        self.members = {
+            name: Member(
+                name,
+                root / name,
+                free_port(),
+                load_or_create(root / name / KEY_FILE).public_key,
+                (links or {}).get(name, tuple(n for n in names if n != name)),
+            )
+            for name in names
+        }
+
+    def __getitem__(self, name: str) -> Member:
+        return self.members[name]
+
+    def peer_args(self, name: str) -> list[str]:
+        args = []
+        for peer in self.members[name].peers:
+            url = self.urls.get((name, peer))
+            args += ["--peer", self.members[peer].spec(url)]
+        return args
+
+    async def start(self, name: str, *extra: str) -> RelayProcess:
+        member = self.members[name]
+        process = RelayProcess(
+            member.data, *self.peer_args(name), *self.args, *extra, name=name, port=member.port
+        )
+        await process.start()
+        member.process = process
+        return process
+
+    async def kill(self, name: str) -> None:
+        process = self.members[name].process
+        assert process is not None
+        await process.kill_and_wait()
+
+
+@asynccontextmanager
+async def cluster(
+    root: Path,
+    names: Iterable[str],
+    links: dict[str, tuple[str, ...]] | None = None,
+    args: tuple[str, ...] = (),
+) -> AsyncIterator[Cluster]:
+    """Start every relay; kill them all on the way out."""
+    running = Cluster(root, names, links, args)
+    try:
+        async with trio.open_nursery() as nursery:
+            for name in running.members:
+                nursery.start_soon(running.start, name)
+        yield running
+    finally:
+        for member in running.members.values():
+            if member.process is not None:
+                member.process.kill()
+                with trio.CancelScope(shield=True):
+                    assert member.process.process is not None
+                    await member.process.process.wait()
+
+
+@asynccontextmanager
+async def clients(pairs: Iterable[tuple[str, Identity]]) -> AsyncIterator[list[RelayClient]]:
+    """Connect one client per ``(url, identity)``."""
+    async with AsyncExitStack() as stack:
+        yield [await stack.enter_async_context(RelayClient.connect(u, i)) for u, i in pairs]

@@ -1,0 +1,95 @@
+"""Relays as child processes (``formicary relay serve``), for tests that kill them."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import trio
+
+STARTUP_TIMEOUT = 20  # seconds; a cold interpreter on a slow machine
+PHASE_TIMEOUT = 30
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "agent_sdk.cli", *args]
+
+
+class RelayProcess:
+    """``formicary relay serve`` in a child process; its stderr goes to ``log``."""
+
+    def __init__(self, data: Path, *args: str, name: str = "local", port: int = 0) -> None:
+        self.data = data
+        self.args = args
+        self.name = name
+        self.port = port
+        self.url = ""
+        self.process: trio.Process | None = None
+        self._stderr = b""
+
+    async def start(self) -> None:
+        command = cli(
+            "relay", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+            "--data", str(self.data), "--name", self.name, *self.args,
+        )  # fmt: skip
+        self._stderr = b""
+        self.process = await trio.lowlevel.open_process(
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        await self._wait_ready()
+
+    async def _wait_ready(self) -> None:
+        """Read stderr until the relay says where it listens (it picks a free port).
+
+        The relay writes one line when it is serving and little else, so the pipe is
+        not drained afterwards.
+        """
+        assert self.process is not None and self.process.stderr is not None
+        with trio.fail_after(STARTUP_TIMEOUT):
+            while b" listening on " not in self._stderr:
+                chunk = await self.process.stderr.receive_some()
+                if not chunk:
+                    code = await self.process.wait()
+                    raise AssertionError(f"relay exited {code}: {self.output()}")
+                self._stderr += chunk
+        line = next(x for x in self._stderr.decode().splitlines() if " listening on " in x)
+        self.url = line.split(" listening on ", 1)[1].split(",", 1)[0]
+
+    def output(self) -> str:
+        return self._stderr.decode(errors="replace")
+
+    def kill(self) -> None:
+        """SIGKILL: the process gets no chance to flush, close or clean up."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+
+    async def kill_and_wait(self) -> None:
+        self.kill()
+        assert self.process is not None
+        with trio.fail_after(PHASE_TIMEOUT):
+            await self.process.wait()
+
+    async def stop(self) -> int:
+        """SIGTERM, the operator's way to stop a relay; returns the exit status."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        with trio.fail_after(PHASE_TIMEOUT):
+            return await self.process.wait()
+
+
+@asynccontextmanager
+async def relay_process(data: Path, *args: str, **options: Any) -> AsyncIterator[RelayProcess]:
+    relay = RelayProcess(data, *args, **options)
+    try:
+        await relay.start()
+        yield relay
+    finally:
+        relay.kill()
+        if relay.process is not None:
+            with trio.CancelScope(shield=True):
+                await relay.process.wait()
