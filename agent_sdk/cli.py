@@ -214,40 +214,72 @@ def cmd_relay_key(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from relay.app import KEY_FILE, STORE_FILE
+    from relay.app import KEY_FILE, MIRROR_FILE, STORE_FILE
     from relay.store.sqlite import SQLiteStore
     from relay.verify import verify_log
 
-    path = Path(args.data) / STORE_FILE
+    data = Path(args.data)
+    path = data / STORE_FILE
     if not path.exists():
         print(f"formicary: no store at {path}", file=sys.stderr)
         return 2
-    key_path = Path(args.data) / KEY_FILE
-    relay_key = Identity.load(key_path).public_key if key_path.exists() else None
-    store = SQLiteStore(path, readonly=True)
     try:
-        namespaces = store.namespaces() if args.ns == "all" else [args.ns]
+        pinned = dict(_home_key(spec) for spec in args.home_key)
+    except ValueError as exc:
+        print(f"formicary log verify: {exc}", file=sys.stderr)
+        return 2
+    key_path = data / KEY_FILE
+    own_key = Identity.load(key_path).public_key if key_path.exists() else None
+    stores = [(SQLiteStore(path, readonly=True), False)]
+    if (data / MIRROR_FILE).exists():  # other relays' logs this one follows
+        stores.append((SQLiteStore(data / MIRROR_FILE, readonly=True), True))
+
+    def locate(dep: bytes) -> Any:
+        for store, _ in stores:
+            found = store.find([dep]).get(dep)
+            if found is not None:
+                return found
+        return None
+
+    try:
         failed = False
-        for ns in namespaces:
-
-            def locate(dep: bytes) -> Any:
-                return store.find([dep]).get(dep)
-
-            verdict = verify_log(ns, store.scan(ns), locate, relay_key)
-            _print(
-                {
-                    "ns": ns,
-                    "ok": verdict.ok,
-                    "records": verdict.records,
-                    "sealed": verdict.sealed,
-                    "bad_seq": verdict.bad_seq,
-                    "reason": verdict.reason,
-                }
-            )
-            failed = failed or not verdict.ok
+        chosen = [(store, mirrored, store.namespaces()) for store, mirrored in stores]
+        if args.ns != "all":  # the store that holds it, or the relay's own (empty: a failure)
+            holding = [(s, m, [args.ns]) for s, m, names in chosen if args.ns in names]
+            chosen = holding or [(stores[0][0], False, [args.ns])]
+        for store, mirrored, namespaces in chosen:
+            for ns in namespaces:
+                home = ns.rpartition("@")[2]
+                relay_key = pinned.get(home, None if mirrored else own_key)
+                verdict = verify_log(ns, store.scan(ns), locate, relay_key)
+                _print(
+                    {
+                        "ns": ns,
+                        "ok": verdict.ok,
+                        "records": verdict.records,
+                        "sealed": verdict.sealed,
+                        "bad_seq": verdict.bad_seq,
+                        "reason": verdict.reason,
+                        "mirror": mirrored,
+                        "home_key": relay_key.hex() if relay_key else None,
+                    }
+                )
+                failed = failed or not verdict.ok
     finally:
-        store.close()
+        for store, _ in stores:
+            store.close()
     return 1 if failed else 0
+
+
+def _home_key(spec: str) -> tuple[str, bytes]:
+    name, _, key = spec.partition("=")
+    try:
+        raw = bytes.fromhex(key)
+    except ValueError:
+        raw = b""
+    if not name or len(raw) != 32:
+        raise ValueError(f"--home-key {spec!r}: write NAME=KEY, the key as 64 hex digits")
+    return name, raw
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -344,8 +376,16 @@ def build_parser() -> argparse.ArgumentParser:
         dest="log", required=True
     )
     p = log.add_parser("verify", help="verify a namespace log offline; exit 1 if bad")
-    p.add_argument("ns", help="namespace, or 'all'")
+    p.add_argument("ns", help="namespace, or 'all' (mirrored ones included)")
     p.add_argument("--data", default="./formicary-data", help="the relay's data directory")
+    p.add_argument(
+        "--home-key",
+        action="append",
+        default=[],
+        metavar="NAME=KEY",
+        help="the key relay NAME must have signed its namespaces with (repeatable); "
+        "default: this relay's own key for its logs, any one key for a mirror",
+    )
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("demo", help="a relay and 20 agents sharing work orders on loopback")

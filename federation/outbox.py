@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -102,12 +103,14 @@ class MemoryOutboxStore:
 
 
 class SQLiteOutboxStore:
-    """The embedded outbox: one small SQLite file next to the relay's logs."""
+    """The embedded outbox: one small SQLite file next to the relay's logs. Calls come
+    from worker threads and may overlap; one lock makes each a whole transaction."""
 
     blocking = True
 
     def __init__(self, path: Path) -> None:
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._lock = threading.Lock()
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute(
@@ -117,26 +120,31 @@ class SQLiteOutboxStore:
         )
 
     def load(self) -> list[tuple[str, int, bytes, bytes, int]]:
-        cursor = self._db.execute("SELECT link, n, event, sig, since_ms FROM outbox ORDER BY n")
-        return list(cursor)
+        with self._lock:
+            query = "SELECT link, n, event, sig, since_ms FROM outbox ORDER BY n"
+            return list(self._db.execute(query))
 
     def put(self, link: str, entries: Sequence[tuple[int, bytes, bytes, int]]) -> None:
-        with self._db:
-            self._db.execute("BEGIN")
-            self._db.executemany(
-                "INSERT OR REPLACE INTO outbox VALUES (?, ?, ?, ?, ?)",
-                [(link, *entry) for entry in entries],
-            )
+        rows = [(link, *entry) for entry in entries]
+        self._write("INSERT OR REPLACE INTO outbox VALUES (?, ?, ?, ?, ?)", rows)
 
     def drop(self, link: str, ns: Iterable[int]) -> None:
-        with self._db:
+        rows = [(link, n) for n in ns]
+        self._write("DELETE FROM outbox WHERE link = ? AND n = ?", rows)
+
+    def _write(self, statement: str, rows: list[tuple[object, ...]]) -> None:
+        with self._lock:
             self._db.execute("BEGIN")
-            self._db.executemany(
-                "DELETE FROM outbox WHERE link = ? AND n = ?", [(link, n) for n in ns]
-            )
+            try:
+                self._db.executemany(statement, rows)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     def close(self) -> None:
-        self._db.close()
+        with self._lock:
+            self._db.close()
 
 
 class Outbox:

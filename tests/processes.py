@@ -21,7 +21,8 @@ def cli(*args: str) -> list[str]:
 
 
 class RelayProcess:
-    """``formicary relay serve`` in a child process; its stderr goes to ``log``."""
+    """``formicary relay serve`` in a child process. Its stderr is read all along (a
+    pipe nobody drains would stall the relay once its logs fill it); ``output()``."""
 
     def __init__(self, data: Path, *args: str, name: str = "local", port: int = 0) -> None:
         self.data = data
@@ -31,6 +32,7 @@ class RelayProcess:
         self.url = ""
         self.process: trio.Process | None = None
         self._stderr = b""
+        self._grew = trio.Event()
 
     async def start(self) -> None:
         command = cli(
@@ -41,23 +43,30 @@ class RelayProcess:
         self.process = await trio.lowlevel.open_process(
             command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
+        trio.lowlevel.spawn_system_task(self._drain, self.process)
         await self._wait_ready()
 
-    async def _wait_ready(self) -> None:
-        """Read stderr until the relay says where it listens (it picks a free port).
+    async def _drain(self, process: trio.Process) -> None:
+        assert process.stderr is not None
+        try:
+            while chunk := await process.stderr.receive_some():
+                self._stderr += chunk
+                self._grew.set()
+                self._grew = trio.Event()
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+        self._grew.set()  # end of output: the process is gone
 
-        The relay writes one line when it is serving and little else, so the pipe is
-        not drained afterwards.
-        """
-        assert self.process is not None and self.process.stderr is not None
+    async def _wait_ready(self) -> None:
+        """Wait until the relay says where it listens (it may pick a free port)."""
+        assert self.process is not None
         with trio.fail_after(STARTUP_TIMEOUT):
             while b" listening on " not in self._stderr:
-                chunk = await self.process.stderr.receive_some()
-                if not chunk:
-                    code = await self.process.wait()
-                    raise AssertionError(f"relay exited {code}: {self.output()}")
-                self._stderr += chunk
-        line = next(x for x in self._stderr.decode().splitlines() if " listening on " in x)
+                if self.process.poll() is not None:
+                    raise AssertionError(f"relay exited {self.process.returncode}: {self.output()}")
+                with trio.move_on_after(1):  # also look at poll() now and then
+                    await self._grew.wait()
+        line = next(x for x in self.output().splitlines() if " listening on " in x)
         self.url = line.split(" listening on ", 1)[1].split(",", 1)[0]
 
     def output(self) -> str:

@@ -58,6 +58,7 @@ class Cluster:
         names = list(names)
         self.args = args
         self.urls: dict[tuple[str, str], str] = {}  # (from, to) -> URL override (a proxy)
+        self.proxies: dict[tuple[str, str], Cuttable] = {}
         self.members = {
             name: Member(
                 name,
@@ -88,6 +89,15 @@ class Cluster:
         member.process = process
         return process
 
+    def partition(self, x: str, y: str) -> None:
+        """Cut the links between ``x`` and ``y`` both ways (both relays stay up)."""
+        self.proxies[(x, y)].cut()
+        self.proxies[(y, x)].cut()
+
+    def heal(self, x: str, y: str) -> None:
+        self.proxies[(x, y)].heal()
+        self.proxies[(y, x)].heal()
+
     async def kill(self, name: str) -> None:
         process = self.members[name].process
         assert process is not None
@@ -100,14 +110,24 @@ async def cluster(
     names: Iterable[str],
     links: dict[str, tuple[str, ...]] | None = None,
     args: tuple[str, ...] = (),
+    *,
+    cuttable: Iterable[tuple[str, str]] = (),
 ) -> AsyncIterator[Cluster]:
-    """Start every relay; kill them all on the way out."""
+    """Start every relay; kill them all on the way out. Links ``(from, to)`` listed in
+    ``cuttable`` go through a :class:`Cuttable` forwarder: ``net.partition(x, y)``."""
     running = Cluster(root, names, links, args)
     try:
         async with trio.open_nursery() as nursery:
-            for name in running.members:
-                nursery.start_soon(running.start, name)
-        yield running
+            for source, target in cuttable:
+                proxy = Cuttable(running[target].port)
+                await nursery.start(proxy.run)
+                running.proxies[(source, target)] = proxy
+                running.urls[(source, target)] = proxy.url
+            async with trio.open_nursery() as starting:
+                for name in running.members:
+                    starting.start_soon(running.start, name)
+            yield running
+            nursery.cancel_scope.cancel()
     finally:
         for member in running.members.values():
             if member.process is not None:
@@ -122,3 +142,59 @@ async def clients(pairs: Iterable[tuple[str, Identity]]) -> AsyncIterator[list[R
     """Connect one client per ``(url, identity)``."""
     async with AsyncExitStack() as stack:
         yield [await stack.enter_async_context(RelayClient.connect(u, i)) for u, i in pairs]
+
+
+class Cuttable:
+    """A TCP forwarder to ``port`` on loopback whose connections can be cut (a network
+    partition: both relays stay up, the link between them does not) and healed."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self.cut_off = False
+        self._scopes: set[trio.CancelScope] = set()
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(self.port, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started()
+        await trio.serve_listeners(self._handle, listeners)
+
+    async def _handle(self, inbound: trio.SocketStream) -> None:
+        async with inbound:
+            if self.cut_off:
+                return
+            try:
+                outbound = await trio.open_tcp_stream("127.0.0.1", self.target_port)
+            except OSError:
+                return
+            async with outbound:
+                with trio.CancelScope() as scope:
+                    self._scopes.add(scope)
+                    try:
+                        async with trio.open_nursery() as nursery:
+                            nursery.start_soon(_pump, inbound, outbound, nursery.cancel_scope)
+                            nursery.start_soon(_pump, outbound, inbound, nursery.cancel_scope)
+                    finally:
+                        self._scopes.discard(scope)
+
+    def cut(self) -> None:
+        self.cut_off = True
+        for scope in self._scopes:
+            scope.cancel()
+
+    def heal(self) -> None:
+        self.cut_off = False
+
+
+async def _pump(source: trio.SocketStream, sink: trio.SocketStream, done: trio.CancelScope) -> None:
+    try:
+        while data := await source.receive_some(65536):
+            await sink.send_all(data)
+    except trio.BrokenResourceError:
+        pass
+    done.cancel()

@@ -20,7 +20,7 @@ from agent_sdk.directory import Directory
 from agent_sdk.docs import SharedDoc, state_vector
 from agent_sdk.ledger import Ledger, LedgerRefusal
 from tests.conftest import identity
-from tests.federation.cluster import cluster, clients
+from tests.federation.cluster import clients, cluster
 
 NS = "work@b"
 RELAYS = ("a", "b", "c")
@@ -150,4 +150,3 @@ async def receipts_are_the_homes(agents: list[RelayClient], home_key: bytes) -> 
         logs.append(seen)
     assert logs[0] == logs[1] == logs[2]
     assert len(logs[0]) > 60
-
