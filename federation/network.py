@@ -100,6 +100,8 @@ class Federation:
                 log.warning("outbox entry %d for %r: no such peer now; kept", n, link)
         self.mirrors: dict[str, Mirror] = {}
         self.hints: OrderedDict[bytes, tuple[str, int]] = OrderedDict()
+        self.acked: dict[str, int] = {}
+        """Per foreign namespace, the highest seq of a receipt this relay passed on."""
         self.forgeries = 0
         self._nursery: trio.Nursery | None = None
         node.on_parked = self._on_parked
@@ -158,6 +160,8 @@ class Federation:
             receipts.append(entry.result.outcome.receipt)
         for receipt in receipts:
             self.hints[receipt.id] = (receipt.ns, receipt.seq)
+            if receipt.seq > self.acked.get(receipt.ns, 0):
+                self.acked[receipt.ns] = receipt.seq
             if len(self.hints) > MAX_HINTS:
                 self.hints.popitem(last=False)
 
@@ -336,6 +340,20 @@ class Mirror:
     def needed(self) -> bool:
         return self.holders > 0 or self.node.head(self.ns) < self.wanted
 
+    async def caught_up(self) -> None:
+        """Wait until the mirror holds everything this relay has told anyone about —
+        every receipt it passed on for a forwarded write, and the home's head as last
+        heard — so a reader here sees its own writes. Without a link, what is stored
+        is all there is: return at once."""
+        await self.settled.wait()
+        target = max(self.home_head, self.federation.acked.get(self.ns, 0))
+        while self.node.head(self.ns) < target and self.link.up:
+            self.want(target)
+            await self._wait_changed()
+
+    async def _wait_changed(self) -> None:
+        await self._changed.wait()
+
     def want(self, seq: int) -> None:
         """Follow at least until ``seq`` is stored (a parked event depends on it)."""
         self.wanted = max(self.wanted, seq)
@@ -399,6 +417,7 @@ class Mirror:
             self.following = False
             client.untap(sub)
             self.chain.reset()  # an unsealed run is sent again from the stored head
+            self.changed()  # whoever waits for it to catch up: the link is gone
 
     async def _stop_when_unneeded(self, scope: trio.CancelScope) -> None:
         while self.needed:

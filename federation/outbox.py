@@ -132,7 +132,7 @@ class SQLiteOutboxStore:
         rows = [(link, n) for n in ns]
         self._write("DELETE FROM outbox WHERE link = ? AND n = ?", rows)
 
-    def _write(self, statement: str, rows: list[tuple[object, ...]]) -> None:
+    def _write(self, statement: str, rows: Sequence[tuple[object, ...]]) -> None:
         with self._lock:
             self._db.execute("BEGIN")
             try:

@@ -514,7 +514,7 @@ class Connection:
             assert self.fed is not None
             try:
                 async with self.fed.hold(ns, self.peer) as mirror:
-                    await mirror.settled.wait()
+                    await mirror.caught_up()
                     if cursor < 0:  # "from now": the home's head, as far as we know it
                         cursor = max(mirror.home_head, self.node.head(ns)) + 1
                     await self._follow_log(sub, ns, cursor, match)
