@@ -33,7 +33,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import trio
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.exceptions import (
+    ConnectionClosed,
+    ConnectionClosedOK,
+    InvalidHandshake,
+    InvalidURI,
+)
 from websockets.trio.client import ClientConnection, connect
 
 from agent_sdk import frames as f
@@ -352,7 +357,11 @@ class RelayClient:
                 if self.connections > 1:  # a reconnect: what lives only as long as a
                     for hook in self.on_reconnect:  # connection (presence) is redone
                         nursery.start_soon(hook)
-                async for message in ws:
+                while True:  # recv(), not `async for`: cancelling leaves no generator
+                    try:
+                        message = await ws.recv()
+                    except ConnectionClosedOK:
+                        break
                     if isinstance(message, str):
                         raise RelayMismatch("relay sent a text message")
                     for frame in f.decode_message(message):

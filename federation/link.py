@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
 
 import trio
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
@@ -48,6 +49,12 @@ class Link:
     @property
     def up(self) -> bool:
         return self.client is not None
+
+    async def wait_for(self, condition: Callable[[], bool]) -> None:
+        """Return once ``condition()`` holds; it is looked at whenever the link changes
+        (up, down, refused)."""
+        while not condition():
+            await self._changed.wait()
 
     async def wait_up(self) -> RelayClient:
         """The current connection's client, once there is one."""
@@ -95,6 +102,7 @@ class Link:
                 self.refusals += 1
                 self.last_error = str(exc)
                 log.warning("link %s: refused: %s", self.peer.name, exc)
+                self._set(None)
             except (
                 OSError,
                 ConnectionClosed,

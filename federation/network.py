@@ -51,6 +51,7 @@ from federation.link import Link
 from federation.outbox import Entry, Outbox, OutboxStore
 from federation.peers import Peer, check_peers, home_of
 from relay.node import RelayNode
+from relay.store import Record
 
 log = logging.getLogger("formicary.federation")
 
@@ -347,12 +348,14 @@ class Mirror:
         is all there is: return at once."""
         await self.settled.wait()
         target = max(self.home_head, self.federation.acked.get(self.ns, 0))
-        while self.node.head(self.ns) < target and self.link.up:
+        connection = self.link.connections
+        # Only while this link connection lasts: the head a peer claims is not checked
+        # until its records arrive, and a peer that never sends them is dropped.
+        while self.node.head(self.ns) < target and self.link.connections == connection:
+            if not self.link.up:
+                return
             self.want(target)
-            await self._wait_changed()
-
-    async def _wait_changed(self) -> None:
-        await self._changed.wait()
+            await self._changed.wait()
 
     def want(self, seq: int) -> None:
         """Follow at least until ``seq`` is stored (a parked event depends on it)."""
@@ -403,21 +406,25 @@ class Mirror:
             lambda sub: f.Subscribe(sub=sub, ns=(self.ns,), start={self.ns: start}), on_frame
         )
         self.following = True
+        forged: Forged | None = None
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_cancel_when_stopped, client, nursery.cancel_scope)
                 nursery.start_soon(self._stop_when_unneeded, nursery.cancel_scope)
                 await self._consume(incoming, lambda: overflow)
                 nursery.cancel_scope.cancel()
-        except Forged as exc:
-            self.federation.forgeries += 1
-            log.error("mirror %s: refused what %s sent: %s", self.ns, self.link.peer.name, exc)
-            await self.link.drop(f"forged log: {exc}")
+        except* Forged as group:
+            forged = group.exceptions[0]  # type: ignore[assignment]
         finally:
             self.following = False
             client.untap(sub)
             self.chain.reset()  # an unsealed run is sent again from the stored head
             self.changed()  # whoever waits for it to catch up: the link is gone
+        if forged is not None:
+            self.federation.forgeries += 1
+            peer = self.link.peer.name
+            log.error("mirror %s: refused what %s sent: %s", self.ns, peer, forged)
+            await self.link.drop(f"forged log: {forged}")
 
     async def _stop_when_unneeded(self, scope: trio.CancelScope) -> None:
         while self.needed:
@@ -433,10 +440,17 @@ class Mirror:
     ) -> None:
         while True:
             frame = await incoming.receive()
-            checked = []
+            checked: list[Record] = []
             while True:
                 if isinstance(frame, f.EventFrame):
-                    checked += self.chain.offer(frame.event, frame.sig, frame.receipt, frame.seal)
+                    try:
+                        checked += self.chain.offer(
+                            frame.event, frame.sig, frame.receipt, frame.seal
+                        )
+                    except Forged:
+                        if checked:  # what checked out before the lie is the home's log
+                            await self.node.append_mirrored(checked)
+                        raise
                     self.home_head = max(self.home_head, self.chain.head)
                 elif isinstance(frame, f.Live):
                     self.home_head = max(self.home_head, frame.seq)

@@ -24,7 +24,7 @@ from http import HTTPStatus
 from typing import Any
 
 import trio
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 from websockets.http11 import Request, Response
 from websockets.trio.server import Server, ServerConnection, serve
 
@@ -167,7 +167,11 @@ class Connection:
                 await self.ws.aclose(AUTH_TIMEOUT_CLOSE, reason)
                 return
             await self._receive_one(message)
-        async for message in self.ws:
+        while True:  # recv(), not `async for`: a cancelled loop leaves no generator behind
+            try:
+                message = await self.ws.recv()
+            except ConnectionClosedOK:
+                return
             await self._receive_one(message)
 
     async def _receive_one(self, message: str | bytes) -> None:

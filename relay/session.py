@@ -188,7 +188,9 @@ class Session:
         signed = decode_event(frame.event, frame.sig, max_deps=self.max_deps)
         if signed.event.author != self.agent and self.agent not in self.forwarders:
             raise ProtocolError(
-                ErrorCode.WRONG_AUTHOR, "event author is not the key this connection proved"
+                ErrorCode.WRONG_AUTHOR,
+                "event author is not the key this connection proved"
+                " (a relay forwarding others' events must be a listed peer here)",
             )
         if not signed.verify():
             raise ProtocolError(ErrorCode.BAD_SIGNATURE, "signature does not verify for author")

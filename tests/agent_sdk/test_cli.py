@@ -92,9 +92,17 @@ async def test_log_verify_passes_then_names_the_first_bad_seq(
 
     ok = await formicary("log", "verify", "jobs@local", "--data", str(relay.data))
     assert ok.returncode == 0, ok.stdout
-    assert lines(ok) == [
-        {"ns": "jobs@local", "ok": True, "records": 4, "sealed": 4, "bad_seq": None, "reason": None}
-    ]
+    [verdict] = lines(ok)
+    assert verdict == {
+        "ns": "jobs@local",
+        "ok": True,
+        "records": 4,
+        "sealed": 4,
+        "bad_seq": None,
+        "reason": None,
+        "mirror": False,
+        "home_key": relay.node.identity.public_key.hex(),
+    }
 
     with sqlite3.connect(relay.data / "events.sqlite3") as db:
         (raw,) = db.execute("SELECT event FROM events WHERE seq = 3").fetchone()

@@ -1,0 +1,323 @@
+"""Peers that do not belong, or lie, are refused with a reason and write nothing.
+
+* a relay that presents another key than the one pinned for its name: the link is
+  refused (and retried with backoff), writes wait in the outbox;
+* a relay that is not a listed peer: it is only an agent, so the events of others it
+  tries to forward are refused (``wrong_author``);
+* a peer forwarding a write back to its own home, or to a relay nobody knows;
+* a peer whose log does not check out — a skipped seq, receipts re-signed with
+  another key, a tampered receipt, a swapped event, another namespace's receipt —
+  is caught by the mirror: the link is dropped, the forgery logged, nothing of the
+  bad run stored or served;
+* an oversized bundle from a peer, and a peer that floods without reading.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from functools import partial
+from pathlib import Path
+
+import pytest
+import trio
+from websockets.exceptions import ConnectionClosed
+from websockets.trio.client import connect
+
+from agent_sdk import frames as f
+from agent_sdk.client import Delivery, Live, RelayClient
+from agent_sdk.errors import ErrorCode, ProtocolError
+from agent_sdk.identity import Identity
+from agent_sdk.wire import Event, decode_receipt, make_receipt, seal, sign_event
+from relay.node import RelayConfig
+from tests.conftest import identity
+from tests.federation.fixtures import LyingRelay, Tamper, federation_of, plan, start
+
+NS = "x@b"
+TIMEOUT = 30
+
+
+async def test_a_peer_with_another_key_is_refused_and_writes_wait(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    relays = plan(tmp_path, "a", "b")
+    impostor = Identity.generate().public_key
+    b = await start(nursery, relays["b"], (relays["a"].peer(),))
+    a = await start(nursery, relays["a"], (relays["b"].peer(key=impostor),))
+    link = federation_of(a).links["b"]
+    with trio.fail_after(TIMEOUT):
+        await link.wait_for(lambda: link.refusals > 0)
+        assert link.last_error is not None and "pinned" in link.last_error
+        async with RelayClient.connect(a.url, identity(1)) as agent:
+            queued = trio.Event()
+            async with trio.open_nursery() as waiting:
+                waiting.start_soon(partial(agent.publish, on_queued=queued.set), NS, "app.note", 1)
+                await queued.wait()  # promised, not delivered: the link is not trusted
+                waiting.cancel_scope.cancel()
+    assert b.node.head(NS) == 0 and not link.up
+
+
+async def test_an_unlisted_relay_cannot_forward_others_events(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    relays = plan(tmp_path, "a", "b")
+    b = await start(nursery, relays["b"], ())  # federated, but a is not its peer
+    a = await start(nursery, relays["a"], (relays["b"].peer(),))
+    with trio.fail_after(TIMEOUT):
+        await federation_of(a).links["b"].wait_up()
+        async with RelayClient.connect(a.url, identity(1)) as agent:
+            with pytest.raises(ProtocolError) as refused:
+                await agent.publish(NS, "app.note", {"n": 1})
+    assert refused.value.code is ErrorCode.WRONG_AUTHOR and "peer" in refused.value.reason
+    assert b.node.head(NS) == 0
+
+
+async def test_a_peer_cannot_route_a_write_back_or_nowhere(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    relays = plan(tmp_path, "a", "b")
+    b = await start(nursery, relays["b"], (relays["a"].peer(),))
+    peer_a = relays["a"].identity
+    assert peer_a is not None
+    author = identity(7)
+    with trio.fail_after(TIMEOUT):
+        # Relay a's own key, dialling b as its link would, sends writes b must not
+        # forward: one for a's own namespace (back where it came from), one for a
+        # relay b has no route to.
+        async with RelayClient.connect(b.url, peer_a) as link:
+            for ns, why in (("y@a", "back"), ("z@c", "no route")):
+                event = Event(
+                    ns=ns, kind="app.note", author=author.public_key, body=1, deps=(), ts=now_ms()
+                )
+                with pytest.raises(ProtocolError) as refused:
+                    await link.publish_signed(sign_event(event, author.sign))
+                assert refused.value.code is ErrorCode.NOT_HOME and why in refused.value.reason
+            # The same link may carry another author's event for b's own namespace.
+            event = Event(
+                ns=NS, kind="app.note", author=author.public_key, body=2, deps=(), ts=now_ms()
+            )
+            published = await link.publish_signed(sign_event(event, author.sign))
+            assert published.receipt.seq == 1
+    assert b.node.namespaces() == [NS]
+
+
+def now_ms() -> int:
+    import time
+
+    return time.time_ns() // 1_000_000
+
+
+# --------------------------------------------------------------------------- lying peers
+
+LIAR = Identity.from_seed(b"L" * 32)
+
+
+def skip_seq_2(frame: f.EventFrame) -> f.EventFrame | None:
+    return None if decode_receipt(frame.receipt).seq == 2 else frame
+
+
+def resign(frame: f.EventFrame) -> f.EventFrame:
+    """The same events, sequenced again under the liar's key: a valid chain and valid
+    seals, of the wrong relay."""
+    receipt = decode_receipt(frame.receipt)
+    prev = RESIGNED.get(receipt.seq - 1, bytes(32))
+    forged = make_receipt(
+        id=receipt.id,
+        ns=receipt.ns,
+        seq=receipt.seq,
+        hlc=receipt.hlc,
+        prev=prev,
+        relay=LIAR.public_key,
+    )
+    RESIGNED[receipt.seq] = forged.hash
+    return replace(frame, receipt=forged.raw, seal=seal(forged, LIAR.sign))
+
+
+RESIGNED: dict[int, bytes] = {}
+
+
+def bump_hlc_of_3(frame: f.EventFrame) -> f.EventFrame:
+    receipt = decode_receipt(frame.receipt)
+    if receipt.seq != 3:
+        return frame
+    forged = make_receipt(
+        id=receipt.id,
+        ns=receipt.ns,
+        seq=3,
+        hlc=receipt.hlc + 1,
+        prev=receipt.prev,
+        relay=receipt.relay,
+    )
+    return replace(frame, receipt=forged.raw)
+
+
+def swap_event_of_3(frame: f.EventFrame) -> f.EventFrame:
+    """Another event (validly signed by its author) under seq 3's receipt."""
+    if decode_receipt(frame.receipt).seq != 3:
+        return frame
+    other = identity(9)
+    event = Event(ns=NS, kind="app.note", author=other.public_key, body="forged", deps=(), ts=1)
+    signed = sign_event(event, other.sign)
+    return replace(frame, event=signed.raw, sig=signed.sig)
+
+
+def other_namespace_at_3(frame: f.EventFrame) -> f.EventFrame:
+    receipt = decode_receipt(frame.receipt)
+    if receipt.seq != 3:
+        return frame
+    forged = make_receipt(
+        id=receipt.id, ns="other@b", seq=3, hlc=receipt.hlc, prev=receipt.prev, relay=receipt.relay
+    )
+    return replace(frame, receipt=forged.raw)
+
+
+@pytest.mark.parametrize(
+    ("tamper", "first_bad", "reason"),
+    [
+        (skip_seq_2, 2, "does not follow"),
+        (resign, 1, "another relay"),
+        (bump_hlc_of_3, 3, "seal does not verify"),
+        (swap_event_of_3, 3, "not the one its receipt names"),
+        (other_namespace_at_3, 3, "a receipt of other@b"),
+    ],
+)
+async def test_a_lying_peer_is_caught_by_the_mirror(
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    tamper: Tamper,
+    first_bad: int,
+    reason: str,
+) -> None:
+    RESIGNED.clear()
+    relays = plan(tmp_path, "a", "b")
+    b = await start(nursery, relays["b"], (relays["a"].peer(),))
+    liar = LyingRelay(b.url, tamper)
+    await nursery.start(liar.run)
+    a = await start(nursery, relays["a"], (relays["b"].peer(url=liar.url),))
+    with trio.fail_after(TIMEOUT):
+        async with RelayClient.connect(b.url, identity(1)) as writer:
+            genuine = []
+            for n in range(5):  # one commit each: every receipt is sealed
+                genuine.append((await writer.publish(NS, "app.note", {"n": n})).receipt.raw)
+        fed = federation_of(a)
+        async with RelayClient.connect(a.url, identity(2)) as reader:
+            async with reader.subscribe(NS, start=1):  # makes a follow b's log
+                await fed.links["b"].wait_for(lambda: fed.forgeries > 0)
+            seen = await read_until_live(reader)  # what a serves of it now
+    assert seen == genuine[: first_bad - 1]  # the good prefix; nothing forged served
+    assert a.node.head(NS) == first_bad - 1  # ...and nothing forged stored
+    refused = [r for r in caplog.records if r.levelno >= logging.ERROR and "refused" in r.message]
+    assert refused and reason in refused[0].message
+
+
+async def read_until_live(reader: RelayClient) -> list[bytes]:
+    seen = []
+    async with reader.subscribe(NS, start=1) as feed:
+        async for item in feed:
+            if isinstance(item, Live):
+                return seen
+            assert isinstance(item, Delivery)
+            seen.append(item.receipt.raw)
+    raise AssertionError("the subscription ended")
+
+
+# --------------------------------------------------------------------------- floods
+
+
+async def test_an_oversized_bundle_from_a_peer_is_refused_whole(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    relays = plan(tmp_path, "a", "b")
+    config = RelayConfig(name="b", max_frame=64 * 1024)
+    b = await start(nursery, relays["b"], (relays["a"].peer(),), config)
+    peer_a = relays["a"].identity
+    assert peer_a is not None
+    author = identity(3)
+    publishes = [
+        f.encode_frame(f.Publish(rid=n, event=s.raw, sig=s.sig))
+        for n in range(250)
+        for s in [
+            sign_event(
+                Event(
+                    ns=NS,
+                    kind="app.note",
+                    author=author.public_key,
+                    body="y" * 200,
+                    deps=(),
+                    ts=now_ms(),
+                    nonce=bytes([n % 256, n // 256 + 1]),
+                ),
+                author.sign,
+            )
+        ]
+    ]
+    with trio.fail_after(TIMEOUT):
+        async with connect(b.url, compression=None, max_size=None) as ws:
+            hello = f.decode_frame(await ws.recv())
+            assert isinstance(hello, f.Hello)
+            sig = peer_a.sign(f.agent_auth_message(hello.relay, hello.challenge))
+            await ws.send(
+                f.encode_frame(f.Auth(key=peer_a.public_key, sig=sig, challenge=bytes(32)))
+            )
+            assert isinstance(f.decode_frame(await ws.recv()), f.Welcome)
+            await ws.send(f.bundle(publishes))  # ~100 KB: over max_frame, under twice it
+            error = f.decode_frame(await ws.recv())
+            assert isinstance(error, f.Error) and error.code == ErrorCode.FRAME_TOO_LARGE
+    assert b.node.head(NS) == 0
+
+
+async def test_a_peer_flooding_without_reading_does_not_stall_others(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    relays = plan(tmp_path, "a", "b")
+    config = RelayConfig(name="b", max_inflight=64, send_queue=8, slow_consumer_timeout=1.0)
+    b = await start(nursery, relays["b"], (relays["a"].peer(),), config)
+    peer_a = relays["a"].identity
+    assert peer_a is not None
+    author = identity(4)
+    with trio.fail_after(TIMEOUT):
+        async with connect(b.url, compression=None, max_size=None, close_timeout=1) as flood:
+            hello = f.decode_frame(await flood.recv())
+            assert isinstance(hello, f.Hello)
+            sig = peer_a.sign(f.agent_auth_message(hello.relay, hello.challenge))
+            await flood.send(
+                f.encode_frame(f.Auth(key=peer_a.public_key, sig=sig, challenge=bytes(32)))
+            )
+            assert isinstance(f.decode_frame(await flood.recv()), f.Welcome)
+            sent = 0
+
+            async def pour() -> None:
+                nonlocal sent
+                while True:  # as fast as the relay lets us; we never read an answer
+                    event = Event(
+                        ns=NS,
+                        kind="app.note",
+                        author=author.public_key,
+                        body=sent,
+                        deps=(),
+                        ts=now_ms(),
+                    )
+                    signed = sign_event(event, author.sign)
+                    await flood.send(
+                        f.encode_frame(f.Publish(rid=sent, event=signed.raw, sig=signed.sig))
+                    )
+                    sent += 1
+
+            async with trio.open_nursery() as pouring:
+                pouring.start_soon(pour)
+                async with RelayClient.connect(b.url, identity(5)) as other:
+                    for n in range(20):  # another agent is served all along
+                        published = await other.publish("calm@b", "app.note", n)
+                        assert published.receipt.seq == n + 1
+                    # The flooder never reads its acks: it is cut off as a slow consumer.
+                    await b.node.wait_stat("slow_consumers", 1)
+                    published = await other.publish("calm@b", "app.note", 20)
+                    assert published.receipt.seq == 21
+                pouring.cancel_scope.cancel()
+            with pytest.raises(ConnectionClosed) as closed:  # read what it left unread
+                while True:
+                    await flood.recv()
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+            assert closed.value.rcvd.reason == "3002 slow_consumer"
+    assert sent > 20 and b.node.head(NS) >= 1
