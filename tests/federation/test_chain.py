@@ -1,0 +1,158 @@
+"""The mirror's check of a foreign log, and peer specs (pure: no sockets)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+import pytest
+
+from agent_sdk.identity import Identity
+from agent_sdk.wire import ZERO_HASH, Event, decode_receipt, make_receipt, seal, sign_event
+from federation.chain import Forged, MirrorChain
+from federation.peers import Peer, PeerSpecError, check_peers, parse_peer
+from relay.store import Record
+
+HOME = Identity.from_seed(b"H" * 32)
+AUTHOR = Identity.from_seed(b"A" * 32)
+NS = "x@b"
+
+
+def log(count: int, sealed: set[int], ns: str = NS) -> list[Record]:
+    """A home's log of ``count`` events, with seals on the seqs in ``sealed``."""
+    records, prev, hlc = [], ZERO_HASH, 1000
+    for seq in range(1, count + 1):
+        event = Event(ns=ns, kind="app.note", author=AUTHOR.public_key, body=seq, deps=(), ts=1)
+        signed = sign_event(event, AUTHOR.sign)
+        hlc += 7
+        receipt = make_receipt(
+            id=signed.id, ns=ns, seq=seq, hlc=hlc, prev=prev, relay=HOME.public_key
+        )
+        prev = receipt.hash
+        records.append(
+            Record(
+                ns=ns,
+                seq=seq,
+                id=signed.id,
+                kind="app.note",
+                author=AUTHOR.public_key,
+                hlc=hlc,
+                event=signed.raw,
+                sig=signed.sig,
+                receipt=receipt.raw,
+                seal=seal(receipt, HOME.sign) if seq in sealed else None,
+            )
+        )
+    return records
+
+
+def offer_all(chain: MirrorChain, records: list[Record]) -> list[list[Record]]:
+    runs = []
+    for r in records:
+        run = chain.offer(r.event, r.sig, r.receipt, r.seal)
+        if run:
+            runs.append(run)
+    return runs
+
+
+def test_records_are_released_in_sealed_runs_exactly_as_the_home_wrote_them() -> None:
+    records = log(6, sealed={2, 5})
+    chain = MirrorChain(NS, HOME.public_key)
+    runs = offer_all(chain, records)
+    assert runs == [records[:2], records[2:5]]  # seq 6 waits for its seal
+    assert chain.tail is not None and chain.tail.seq == 5 and chain.head == 6
+    chain.reset()  # the link dropped: the unsealed run is forgotten...
+    assert chain.head == 5
+    resent = log(6, sealed={6})[5]  # sent again, now sealed: the home committed it
+    assert offer_all(chain, [resent]) == [[resent]]
+
+
+def test_a_mirror_resumes_on_its_stored_tail() -> None:
+    records = log(4, sealed={2, 4})
+    first = MirrorChain(NS, HOME.public_key)
+    offer_all(first, records[:2])
+    resumed = MirrorChain(NS, HOME.public_key, first.tail)
+    assert offer_all(resumed, records[2:]) == [records[2:]]
+
+
+def forged_seal(records: list[Record]) -> list[Record]:
+    other = Identity.from_seed(b"O" * 32)
+    return [replace(records[0], seal=seal(decode_receipt(records[0].receipt), other.sign))]
+
+
+@pytest.mark.parametrize(
+    ("forge", "reason"),
+    [
+        (lambda rs: rs[1:], "does not follow"),  # skips seq 1
+        (lambda rs: [replace(rs[0], receipt=rs[0].receipt + b"\x00")], "does not decode"),
+        (lambda rs: [replace(rs[0], sig=bytes(64))], "signature"),
+        (lambda rs: [replace(rs[0], event=rs[1].event, sig=rs[1].sig)], "not the one"),
+        (lambda rs: [replace(rs[0], sig=b"")], "does not decode"),
+        (lambda rs: [replace(rs[0], event=b"")], "signature without its event"),
+        (forged_seal, "seal does not verify"),
+        (lambda rs: log(1, {1}, ns="y@b"), "a receipt of y@b"),
+    ],
+)
+def test_every_kind_of_forgery_is_refused_and_nothing_released(
+    forge: Callable[[list[Record]], list[Record]], reason: str
+) -> None:
+    chain = MirrorChain(NS, HOME.public_key)
+    with pytest.raises(Forged) as forged:
+        offer_all(chain, forge(log(2, sealed={1, 2})))
+    assert reason in forged.value.reason
+    assert chain.tail is None  # nothing was released
+
+
+def test_a_consistent_log_signed_by_another_relay_is_refused() -> None:
+    pinned = MirrorChain(NS, Identity.from_seed(b"P" * 32).public_key)
+    with pytest.raises(Forged, match="another relay"):
+        offer_all(pinned, log(2, {1, 2}))  # a valid chain, valid seals: of the wrong key
+
+
+def test_an_endless_unsealed_run_is_refused() -> None:
+    chain = MirrorChain(NS, HOME.public_key, max_unsealed=3)
+    with pytest.raises(Forged, match="without a seal"):
+        offer_all(chain, log(5, sealed=set()))
+
+
+def test_a_compacted_update_arrives_as_its_receipt_alone() -> None:
+    records = log(2, sealed={2})
+    pruned = replace(records[0], event=b"", sig=b"")
+    chain = MirrorChain(NS, HOME.public_key)
+    [run] = offer_all(chain, [pruned, records[1]])
+    assert run[0].event == b"" and run[0].kind == "doc.update" and run[1] == records[1]
+
+
+KEY = "ab" * 32
+
+
+@pytest.mark.parametrize(
+    ("spec", "peer"),
+    [
+        (f"b=ws://h:1#{KEY}", Peer("b", bytes.fromhex(KEY), url="ws://h:1")),
+        (f"b#{KEY}", Peer("b", bytes.fromhex(KEY))),
+        (f"c=via:b#{KEY}", Peer("c", bytes.fromhex(KEY), via="b")),
+    ],
+)
+def test_peer_specs_parse(spec: str, peer: Peer) -> None:
+    assert parse_peer(spec) == peer
+    assert parse_peer(peer.spec) == peer
+
+
+@pytest.mark.parametrize(
+    "spec",
+    ["b=ws://h:1", f"b=ws://h:1#{KEY[:-2]}", f"B#{KEY}", f"b=http://h#{KEY}", f"b=via:b#{KEY}"],
+)
+def test_bad_peer_specs_say_what_is_wrong(spec: str) -> None:
+    with pytest.raises(PeerSpecError):
+        parse_peer(spec)
+
+
+def test_peer_lists_refuse_ourselves_twice_and_chained_vias() -> None:
+    key = bytes.fromhex(KEY)
+    with pytest.raises(PeerSpecError, match="own name"):
+        check_peers([Peer("a", key, url="ws://x")], "a")
+    with pytest.raises(PeerSpecError, match="twice"):
+        check_peers([Peer("b", key, url="ws://x"), Peer("b", key)], "a")
+    with pytest.raises(PeerSpecError, match="dialled peer"):
+        check_peers([Peer("b", key, via="c"), Peer("c", key, via="d")], "a")
