@@ -1,0 +1,153 @@
+"""Routing across relays: causal dependencies on foreign events, forwarded queries and
+directory look-ups, two-hop routes, and what ``GET /info`` says about it all.
+
+Real relays on loopback sockets, in one process (the process tests in this folder
+cover kills and partitions).
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from pathlib import Path
+
+import pytest
+import trio
+
+from agent_sdk.client import Delivery, Live, RelayClient
+from agent_sdk.directory import Directory
+from agent_sdk.errors import ErrorCode, ProtocolError
+from agent_sdk.ledger import Ledger
+from federation.peers import Peer
+from relay.node import RelayConfig
+from relay.sequencer import Limits
+from tests.conftest import RunningRelay, identity
+from tests.federation.fixtures import federation_of, plan, start
+
+TIMEOUT = 30
+
+
+async def pair(
+    nursery: trio.Nursery, tmp_path: Path, park_timeout_ms: int = 10_000
+) -> tuple[RunningRelay, RunningRelay]:
+    relays = plan(tmp_path, "a", "b")
+    limits = Limits(park_timeout_ms=park_timeout_ms)
+    a = await start(
+        nursery, relays["a"], (relays["b"].peer(),), RelayConfig(name="a", sequencer=limits)
+    )
+    b = await start(nursery, relays["b"], (relays["a"].peer(),))
+    await federation_of(a).links["b"].wait_up()
+    await federation_of(b).links["a"].wait_up()
+    return a, b
+
+
+async def test_an_event_depending_on_a_foreign_one_waits_for_it_in_a_mirror(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    a, b = await pair(nursery, tmp_path)
+    with trio.fail_after(TIMEOUT):
+        async with RelayClient.connect(a.url, identity(1)) as agent:
+            first = await agent.publish("x@b", "app.note", "on b")  # forwarded
+            second = await agent.publish("y@a", "app.note", "on a", deps=[first.receipt.id])
+    # a sequenced it only once it held the dependency: its mirror of x@b has it...
+    assert a.node.head("x@b") >= first.receipt.seq
+    assert a.node.sequencer.locate(first.receipt.id) is not None
+    # ...and the receipt's hlc is past the dependency's, across relays (protocol §4.3).
+    assert second.receipt.hlc > first.receipt.hlc
+    assert second.receipt.relay == a.node.identity.public_key
+    assert first.receipt.relay == b.node.identity.public_key
+
+
+async def test_a_dependency_this_relay_never_saw_parks_until_mirrored(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    a, b = await pair(nursery, tmp_path, park_timeout_ms=300)
+    with trio.fail_after(TIMEOUT):
+        async with (
+            RelayClient.connect(b.url, identity(2)) as on_b,
+            RelayClient.connect(a.url, identity(3)) as on_a,
+        ):
+            unseen = await on_b.publish("x@b", "app.note", "published on b directly")
+            with pytest.raises(ProtocolError) as parked_out:
+                await on_a.publish("y@a", "app.note", "needs it", deps=[unseen.receipt.id])
+            assert parked_out.value.code is ErrorCode.MISSING_DEPS
+            async with on_a.subscribe("x@b", start=1) as feed:  # a mirrors x@b now
+                async for item in feed:
+                    if isinstance(item, Live):
+                        break
+                after = await on_a.publish("y@a", "app.note", "needs it", deps=[unseen.receipt.id])
+    assert after.receipt.hlc > unseen.receipt.hlc
+
+
+async def test_queries_and_directory_lookups_are_answered_by_the_home(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    a, b = await pair(nursery, tmp_path)
+    with trio.fail_after(TIMEOUT):
+        async with (
+            RelayClient.connect(b.url, identity(4)) as on_b,
+            RelayClient.connect(a.url, identity(5)) as on_a,
+        ):
+            await Directory(on_b, "team@b").join("builder", capabilities=["rust@1.80"])
+            found = await Directory(on_a, "team@b").find("rust")
+            assert [p["agent"] for p in found] == [on_b.identity.public_key]
+            member = await Directory(on_a, "team@b").get(on_b.identity.public_key)
+            assert member["name"] == "builder" and member["online"]
+            order = await Ledger(on_a, "team@b").create("ported")
+            assert (await Ledger(on_b, "team@b").show(order))["title"] == "ported"
+            with pytest.raises(ProtocolError) as missing:
+                await Ledger(on_a, "team@b").show("no-such-order")
+            assert missing.value.code is ErrorCode.NOT_FOUND  # the home's own answer
+            with pytest.raises(ProtocolError) as nowhere:
+                await on_a.query("team@z", "wo.list", {})
+            assert nowhere.value.code is ErrorCode.NOT_HOME
+
+
+async def test_a_relay_reaches_another_through_a_peer_and_checks_its_key(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    relays = plan(tmp_path, "a", "b", "c")
+    a_, b_, c_ = relays["a"], relays["b"], relays["c"]
+    via_b = Peer("c", c_.key, via="b")
+    a = await start(nursery, a_, (b_.peer(), via_b))
+    b = await start(nursery, b_, (a_.peer(), c_.peer()))
+    c = await start(nursery, c_, (b_.peer(),))
+    with trio.fail_after(TIMEOUT):
+        await federation_of(a).links["b"].wait_up()
+        await federation_of(b).links["c"].wait_up()
+        async with RelayClient.connect(a.url, identity(6)) as agent:
+            sent = [await agent.publish("z@c", "app.note", n) for n in range(3)]
+            assert {p.receipt.relay for p in sent} == {c.node.identity.public_key}
+            seen = []
+            async with agent.subscribe("z@c", start=1) as feed:  # a's mirror, fed by b's
+                async for item in feed:
+                    if isinstance(item, Live):
+                        break
+                    assert isinstance(item, Delivery)
+                    seen.append(item.receipt.raw)
+    assert seen == [p.receipt.raw for p in sent]
+    assert a.node.head("z@c") == b.node.head("z@c") == 3  # both mirror it
+    assert "z@c" not in a.node.namespaces()  # mirrored, not homed
+
+
+async def test_info_reports_links_outboxes_and_mirrors(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    a, b = await pair(nursery, tmp_path)
+    with trio.fail_after(TIMEOUT):
+        async with RelayClient.connect(a.url, identity(7)) as agent:
+            await agent.publish("x@b", "app.note", 1)
+            async with agent.subscribe("x@b", start=1) as feed:
+                async for item in feed:
+                    if isinstance(item, Live):
+                        break
+                url = a.url.replace("ws://", "http://") + "/info"
+                info = json.loads(
+                    await trio.to_thread.run_sync(lambda: urllib.request.urlopen(url).read())
+                )
+    fed = info["federation"]
+    [peer] = fed["peers"]
+    assert peer["name"] == "b" and peer["up"] and peer["delivered"] == 1 and peer["outbox"] == 0
+    assert peer["key"] == b.node.identity.public_key.hex()
+    assert fed["mirrors"]["x@b"]["head"] == 1 and fed["mirrors"]["x@b"]["lag"] == 0
+    assert fed["forgeries"] == 0 and info["namespaces"] == []
