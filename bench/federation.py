@@ -1,0 +1,236 @@
+"""Federation benchmark: publishing across relays against publishing at home, and how
+fast a mirror catches up.
+
+Theory of operation
+-------------------
+Two relay processes, ``a`` and ``b``, peer with each other on loopback (each pins the
+other's key). Namespaces ``*@b`` are homed on ``b``. In one run, alternating:
+
+* **same relay**: ``--agents`` SDK clients connected to ``b`` publish to ``same@b``;
+* **cross relay**: the same number of clients connected to ``a`` publish to
+  ``cross@b``: each event is verified by ``a``, forwarded over the link, sequenced
+  and committed by ``b``, and ``b``'s receipt travels back through ``a``.
+
+Each client keeps ``--window`` publishes in flight for ``--seconds`` per phase;
+latency is publish-to-receipt as the agent sees it. The ratio cross/same is the
+price of the extra hop (two more verifications, two more socket hops). Each path
+runs ``--rounds`` times, alternating, and the round with the median throughput is
+reported, so a noisy neighbour on this shared machine skews both paths alike.
+
+Then **mirror catch-up**: a reader connected to ``a`` subscribes from seq 1 to
+``same@b``, which ``a`` has never followed. ``a`` fetches ``b``'s log over the
+link, checks every signature, receipt and seal, stores it, and serves it: events
+per second until the reader has all of them.
+
+Usage::
+
+    .venv/bin/python bench/federation.py [--agents 20] [--window 8] [--seconds 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+# This script is named like the `federation` package: import the package while this
+# folder is off the path (or the relay's `import federation` would find this file),
+# then put the folder back for `ingest`.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+import federation.network  # noqa: E402, F401
+import relay.app  # noqa: E402, F401
+
+sys.path.append(str(_HERE))
+
+import trio  # noqa: E402
+from ingest import BenchError, RelayProcess, free_port, percentile  # noqa: E402
+
+from agent_sdk.client import Delivery, Live, RelayClient  # noqa: E402
+from agent_sdk.identity import Identity, load_or_create  # noqa: E402
+from relay.app import KEY_FILE  # noqa: E402
+
+READY_TIMEOUT = 30.0
+
+
+def log(message: str) -> None:
+    print(f"[federation] {message}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def two_relays(tmp: Path) -> Iterator[dict[str, RelayProcess]]:
+    """Relays ``a`` and ``b``, each listing the other as a peer."""
+    names = ("a", "b")
+    ports = {name: free_port() for name in names}
+    keys = {name: load_or_create(tmp / name / KEY_FILE).public_key.hex() for name in names}
+    relays: dict[str, RelayProcess] = {}
+    try:
+        for name in names:
+            (other,) = (n for n in names if n != name)
+            peer = f"{other}=ws://127.0.0.1:{ports[other]}#{keys[other]}"
+            argv = ["relay", "serve", "--host", "127.0.0.1", "--port", str(ports[name])]
+            argv += ["--data", str(tmp / name), "--name", name, "--peer", peer]
+            log_path = tmp / f"{name}.log"
+            with log_path.open("wb") as relay_log:
+                process = subprocess.Popen(
+                    [sys.executable, "-m", "agent_sdk.cli", *argv],
+                    stdin=subprocess.DEVNULL,
+                    stdout=relay_log,
+                    stderr=subprocess.STDOUT,
+                    cwd=tmp,  # not this folder: its federation.py would shadow the package
+                )
+            relays[name] = RelayProcess(process, ports[name], log_path)
+        for relay in relays.values():
+            relay.wait_ready(READY_TIMEOUT)
+        wait_linked(relays)
+        yield relays
+    finally:
+        for relay in relays.values():
+            relay.stop()
+
+
+def wait_linked(relays: dict[str, RelayProcess]) -> None:
+    """Poll ``/info`` until both links are up (a bench set-up step, bounded)."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    while True:
+        states = [peer["up"] for r in relays.values() for peer in r.info()["federation"]["peers"]]
+        if all(states):
+            return
+        if time.monotonic() > deadline:
+            raise BenchError("the relays did not link up")
+        time.sleep(0.05)
+
+
+async def publish_phase(
+    url: str, ns: str, identities: list[Identity], window: int, seconds: float
+) -> dict[str, Any]:
+    latencies: list[int] = []
+    connected: list[RelayClient] = []
+    start = trio.Event()
+    deadline = float("inf")
+
+    async def agent(identity: Identity) -> None:
+        async with RelayClient.connect(url, identity) as client:
+            connected.append(client)
+            if len(connected) == len(identities):
+                start.set()
+            await start.wait()
+            async with trio.open_nursery() as lanes:
+                for lane in range(window):
+                    lanes.start_soon(publish_lane, client, lane)
+
+    async def publish_lane(client: RelayClient, lane: int) -> None:
+        n = 0
+        while trio.current_time() < deadline:
+            began = time.perf_counter_ns()
+            await client.publish(ns, "app.note", {"lane": lane, "n": n, "pad": "x" * 64})
+            latencies.append(time.perf_counter_ns() - began)
+            n += 1
+
+    async with trio.open_nursery() as nursery:
+        for identity in identities:
+            nursery.start_soon(agent, identity)
+        await start.wait()
+        began = trio.current_time()
+        deadline = began + seconds
+    elapsed = trio.current_time() - began
+    ordered = sorted(latencies)
+    return {
+        "events": len(ordered),
+        "events_per_s": round(len(ordered) / elapsed, 1),
+        "latency_ms": {"p50": percentile(ordered, 50), "p99": percentile(ordered, 99)},
+    }
+
+
+async def catch_up(url: str, ns: str, expected: int) -> dict[str, Any]:
+    """A reader on ``a`` reads ``ns@b`` from seq 1: ``a`` mirrors it as it goes."""
+    async with RelayClient.connect(url, Identity.generate()) as reader:
+        began = time.perf_counter()
+        received = 0
+        async with reader.subscribe(ns, start=1, buffer=8192) as feed:
+            async for item in feed:
+                if isinstance(item, Delivery):
+                    received += 1
+                elif isinstance(item, Live) and received >= expected:
+                    break
+        elapsed = time.perf_counter() - began
+    return {
+        "events": received,
+        "seconds": round(elapsed, 3),
+        "events_per_s": round(received / elapsed, 1),
+    }
+
+
+async def run(args: argparse.Namespace, relays: dict[str, RelayProcess]) -> dict[str, Any]:
+    identities = [Identity.from_seed(n.to_bytes(32, "big")) for n in range(1, args.agents + 1)]
+    rounds: dict[str, list[dict[str, Any]]] = {"same_relay": [], "cross_relay": []}
+    for n in range(args.rounds):
+        log(f"round {n + 1}: same relay ({args.agents} agents on b, ns on b)")
+        rounds["same_relay"].append(
+            await publish_phase(relays["b"].url, "same@b", identities, args.window, args.seconds)
+        )
+        log(f"round {n + 1}: cross relay ({args.agents} agents on a, ns on b)")
+        rounds["cross_relay"].append(
+            await publish_phase(relays["a"].url, "cross@b", identities, args.window, args.seconds)
+        )
+    result = {path: median_round(runs) for path, runs in rounds.items()}
+    published = sum(r["events"] for r in rounds["same_relay"])
+    log(f"mirror catch-up: a reads same@b ({published} events) from seq 1")
+    result["mirror_catch_up"] = await catch_up(relays["a"].url, "same@b", published)
+    same, cross = result["same_relay"], result["cross_relay"]
+    result["cross_over_same"] = {
+        "throughput": round(cross["events_per_s"] / same["events_per_s"], 3),
+        "p50_latency": round(cross["latency_ms"]["p50"] / same["latency_ms"]["p50"], 3),
+        "p99_latency": round(cross["latency_ms"]["p99"] / same["latency_ms"]["p99"], 3),
+    }
+    return result
+
+
+def median_round(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    middle = statistics.median_low(r["events_per_s"] for r in runs)
+    chosen = next(r for r in runs if r["events_per_s"] == middle)
+    return {**chosen, "rounds_events_per_s": [r["events_per_s"] for r in runs]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--agents", type=int, default=20)
+    parser.add_argument("--window", type=int, default=8, help="publishes in flight per agent")
+    parser.add_argument("--seconds", type=float, default=4.0, help="per phase")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per path")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="formicary-federation-") as tmp:
+        try:
+            with two_relays(Path(tmp)) as relays:
+                result = trio.run(run, args, relays)
+        except (BenchError, OSError) as exc:
+            print(f"federation: {exc}", file=sys.stderr)
+            return 1
+    print(
+        json.dumps(
+            {
+                "bench": "federation",
+                "agents": args.agents,
+                "window": args.window,
+                "seconds_per_phase": args.seconds,
+                **result,
+                "python": platform.python_version(),
+                "cpus": len(os.sched_getaffinity(0)),
+            }
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
