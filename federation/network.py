@@ -125,19 +125,27 @@ class Federation:
 
     def route(self, ns: str, from_peer: Peer | None) -> Link:
         """The link toward the home of ``ns``; raises ``not_home`` when there is none."""
-        home = home_of(ns)
-        peer = self.peers.get(home)
+        try:
+            return self.link_to(home_of(ns), from_peer)
+        except ProtocolError as exc:
+            raise ProtocolError(exc.code, f"{ns}: {exc.reason}") from None
+
+    def link_to(self, relay: str, from_peer: Peer | None) -> Link:
+        """The link toward relay ``relay``: its own, or the one of the peer configured
+        as the way there. This is the one routing rule — namespaces (``name@relay``)
+        and, for messaging, agents (``agent@relay``) are routed by it."""
+        peer = self.peers.get(relay)
         if peer is None:
-            raise ProtocolError(ErrorCode.NOT_HOME, f"{ns}: no route to relay {home!r}")
+            raise ProtocolError(ErrorCode.NOT_HOME, f"no route to relay {relay!r}")
         if peer.url is not None:
             hop = peer.name
         elif peer.via is not None and from_peer is None:
             hop = peer.via
         else:
             why = "it dials us" if peer.via is None else "a peer's write is not forwarded twice"
-            raise ProtocolError(ErrorCode.NOT_HOME, f"{ns}: no link to relay {home!r} ({why})")
+            raise ProtocolError(ErrorCode.NOT_HOME, f"no link to relay {relay!r} ({why})")
         if from_peer is not None and hop == from_peer.name:
-            raise ProtocolError(ErrorCode.NOT_HOME, f"{ns}: would route back to {hop!r}")
+            raise ProtocolError(ErrorCode.NOT_HOME, f"would route back to {hop!r}")
         return self.links[hop]
 
     # -- writes -----------------------------------------------------------------------
