@@ -91,7 +91,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from agent_sdk.cli_wo import UsageError, ttl_ms
     from federation.network import FederationConfig
-    from federation.peers import parse_peer
+    from federation.peers import check_peers, parse_peer
     from relay.app import DataDirError, run_relay
     from relay.coordination.leases import TtlBounds
     from relay.node import RelayConfig
@@ -112,11 +112,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             reputation_half_life_ms=ttl_ms(args.half_life, "--half-life"),
         )
         peers = tuple(parse_peer(spec) for spec in args.peer)
-        federation = (
-            FederationConfig(peers, outbox_deadline_ms=ttl_ms(args.outbox_deadline))
-            if peers
-            else None
-        )
+        check_peers(list(peers), args.name)
+        deadline = ttl_ms(args.outbox_deadline, "--outbox-deadline")
+        federation = FederationConfig(peers, outbox_deadline_ms=deadline) if peers else None
     except (ValueError, UsageError) as exc:
         print(f"formicary relay: {exc}", file=sys.stderr)
         return 2
@@ -206,9 +204,15 @@ def cmd_tail(args: argparse.Namespace) -> int:
 
 
 def cmd_relay_key(args: argparse.Namespace) -> int:
-    from relay.app import KEY_FILE
+    from relay.app import KEY_FILE, STORE_FILE
 
-    identity = load_or_create(Path(args.data) / KEY_FILE)
+    data = Path(args.data)
+    if (data / STORE_FILE).exists() and not (data / KEY_FILE).exists():
+        print(
+            f"formicary: {data} holds logs but no {KEY_FILE}: restore the key file", file=sys.stderr
+        )
+        return 1
+    identity = load_or_create(data / KEY_FILE)
     print(identity.id)
     return 0
 

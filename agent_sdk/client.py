@@ -264,6 +264,8 @@ class RelayClient:
         try:
             await self._connect_loop(task_status)
         finally:
+            # However it ended, nothing is answered any more: no request waits forever.
+            self._fail_all(ProtocolError(ErrorCode.INTERNAL, "the client stopped"))
             self.stopped.set()
 
     async def _connect_loop(self, task_status: trio.TaskStatus[None]) -> None:

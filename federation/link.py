@@ -94,6 +94,7 @@ class Link:
                             f"peer at {url} is named {client.relay_name!r}, not {self.peer.name!r}"
                         )
                     self.connections += 1
+                    self.last_error = None
                     delay = BACKOFF_FIRST
                     log.info("link %s: up (%s)", self.peer.name, url)
                     self._set(client)

@@ -45,7 +45,7 @@ import trio
 from agent_sdk import frames as f
 from agent_sdk.client import RelayClient
 from agent_sdk.errors import ErrorCode, ProtocolError
-from agent_sdk.wire import SignedEvent
+from agent_sdk.wire import NS_RE, SignedEvent, verify_seal
 from federation.chain import MAX_UNSEALED, Forged, MirrorChain
 from federation.link import Link
 from federation.outbox import Entry, Outbox, OutboxStore
@@ -59,6 +59,15 @@ MIRROR_LINGER = 30.0
 """Seconds a mirror nobody holds keeps following, in case a subscriber comes back."""
 TAP_BUFFER = 8192
 """Frames a mirror or a proxied document takes before it must catch up from a cursor."""
+LOCATE = "fed.locate"
+"""The query one relay asks a peer: where are these event ids? (``args``: ``ids``, a
+list of ids; answer: a list of ``[id, ns, seq]`` for those it knows.) Only a peer
+connection may ask it; ``ns`` names any namespace homed on the asked relay."""
+CATCH_UP_WAIT = 5.0
+"""Seconds a new subscriber waits for a mirror to catch up before it is served what
+the mirror holds (its ``live`` then marks the mirror's head, not the home's)."""
+LOCATE_WAIT = 10.0
+"""Seconds to wait for a peer's answer to :data:`LOCATE`."""
 MAX_HINTS = 100_000
 """Forwarded events whose namespace and seq are remembered for causal look-ups."""
 
@@ -91,6 +100,7 @@ class Federation:
                 deadline_ms=config.outbox_deadline_ms,
                 wall_ms=node.wall_ms,
                 on_answer=self.remember,
+                check=self.check_answer,
             )
             for name in self.links
         }
@@ -153,12 +163,40 @@ class Federation:
     async def forward(self, event: SignedEvent, from_peer: Peer | None) -> Entry:
         """Hand a verified event to the outbox of the link toward its home."""
         link = self.route(event.event.ns, from_peer)
+        body = event.event.body
+        if event.event.kind == "dir.join" and isinstance(body, dict) and "heartbeat_ms" not in body:
+            # The home sees the link, not the agent's connection: it could never tell
+            # when this agent leaves. Across relays, presence is by heartbeat.
+            reason = "join a namespace of another relay with heartbeat_ms (presence by heartbeat)"
+            raise ProtocolError(ErrorCode.BAD_EVENT, reason)
         return await self.outboxes[link.peer.name].submit(event)
 
     async def _deliver(self, link: Link, outbox: Outbox) -> None:
         while True:
             client = await link.wait_up()
             await outbox.send(client)
+
+    def check_answer(self, entry: Entry) -> str | None:
+        """Why the answer to a forwarded event is not its home's, or ``None`` when it
+        is: its receipt (and its outcome's) of the event's namespace, signed by the
+        home's pinned key, with a seal that verifies. A relay in the middle (``via``)
+        must not be able to make one up."""
+        result = entry.result
+        if result is None:
+            return None
+        ns = entry.event.event.ns
+        key = self.peers[home_of(ns)].key
+        receipts = [result.receipt] + ([result.outcome.receipt] if result.outcome else [])
+        for receipt in receipts:
+            if receipt.ns != ns or receipt.relay != key:
+                return f"a receipt of {receipt.ns} by another relay than {ns}'s home"
+        if result.seal is not None and not verify_seal(result.receipt, result.seal):
+            return "the receipt's seal does not verify"
+        if result.outcome is not None:
+            outcome = result.outcome.event
+            if outcome.event.author != key or not outcome.verify():
+                return "the outcome is not signed by the home"
+        return None
 
     def remember(self, entry: Entry) -> None:
         """Keep where a forwarded event (and its outcome) landed, for causal look-ups."""
@@ -221,14 +259,62 @@ class Federation:
         return mirror
 
     def _on_parked(self, missing: frozenset[bytes]) -> None:
+        unknown = []
         for event_id in missing:
             hint = self.hints.get(event_id)
-            if hint is not None:
-                ns, seq = hint
-                try:
-                    self._mirror(ns, None).want(seq)
-                except ProtocolError:
-                    pass  # no route now: the event parks until its timeout
+            if hint is None:
+                unknown.append(event_id)
+            else:
+                self._fetch(*hint)
+        if unknown and self._nursery is not None:
+            for link in self.links.values():
+                if link.client is not None:
+                    self._nursery.start_soon(self._ask_where, link, link.client, unknown)
+
+    def _fetch(self, ns: str, seq: int) -> None:
+        """Mirror ``ns`` at least up to ``seq`` (a parked event depends on it)."""
+        if self.node.is_home(ns):
+            return  # ours: it parks only until our own sequencer gets there
+        try:
+            self._mirror(ns, None).want(seq)
+        except ProtocolError:
+            pass  # no route now: the event parks until its timeout
+
+    async def _ask_where(self, link: Link, client: RelayClient, ids: list[bytes]) -> None:
+        """Ask a peer where events we never saw are; mirror what it names. A peer's
+        answer is only a pointer: the mirror checks whatever it then fetches."""
+        try:
+            with trio.fail_after(LOCATE_WAIT):
+                found = await client.query(f"fed@{link.peer.name}", LOCATE, {"ids": ids})
+        except (ProtocolError, trio.TooSlowError):
+            return
+        wanted = set(ids)
+        for item in found if isinstance(found, list) else ():
+            if isinstance(item, list) and len(item) == 3 and item[0] in wanted:
+                _, ns, seq = item
+                if isinstance(ns, str) and NS_RE.fullmatch(ns) and isinstance(seq, int):
+                    self.hints[item[0]] = (ns, seq)
+                    self._fetch(ns, seq)
+
+    async def locate(self, args: dict[str, Any]) -> list[list[Any]]:
+        """Answer a peer's :data:`LOCATE`: where this relay knows the ids to be."""
+        ids = args.get("ids")
+        if not isinstance(ids, list) or len(ids) > 256:
+            raise ProtocolError(ErrorCode.BAD_QUERY, "ids: a list of at most 256 event ids")
+        ids = [i for i in ids if isinstance(i, bytes) and len(i) == 32]
+        found = []
+        for event_id in ids:
+            located = self.node.sequencer.locate(event_id)
+            hint = self.hints.get(event_id)
+            if located is not None:
+                found.append([event_id, located.ns, located.seq])
+            elif hint is not None:
+                found.append([event_id, *hint])
+        missing = [i for i in ids if i not in {item[0] for item in found}]
+        if missing:
+            for event_id, located in (await self.node.find(missing)).items():
+                found.append([event_id, located.ns, located.seq])
+        return found
 
     # -- documents --------------------------------------------------------------------
 
@@ -257,23 +343,28 @@ class Federation:
         sub = client.tap(lambda sub: replace(request, sub=sub), on_frame)
         proxied = ProxiedDoc(client, sub)
         opened(proxied)
+        ended = False
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_cancel_when_stopped, client, nursery.cancel_scope)
                 async for frame in incoming:
                     if overflow:
                         break
-                    if isinstance(frame, f.Unsubscribed):
-                        continue
-                    await send(_resubbed(frame, request.sub))
-                    if isinstance(frame, f.Error):
-                        return  # the home ended the subscription
+                    passed = _resubbed(frame, request.sub)
+                    if passed is None:
+                        continue  # not a document frame: nothing for the agent
+                    await send(passed)
+                    if isinstance(frame, f.Error) and frame.code not in GOES_ON:
+                        ended = True  # the home ended the subscription
+                        break
                 nursery.cancel_scope.cancel()
         finally:
             opened(None)
             client.untap(sub)
-        reason = "the document's home link dropped or fell behind; open it again"
-        await send(f.Error.of(ProtocolError(ErrorCode.DOC_RESYNC, reason), sub=request.sub))
+        if not ended:
+            reason = "the document's home link dropped or fell behind; open it again"
+            error = ProtocolError(ErrorCode.DOC_RESYNC, reason)
+            await send(f.Error.of(error, sub=request.sub))
 
     # -- reporting --------------------------------------------------------------------
 
@@ -354,16 +445,17 @@ class Mirror:
         every receipt it passed on for a forwarded write, and the home's head as last
         heard — so a reader here sees its own writes. Without a link, what is stored
         is all there is: return at once."""
-        await self.settled.wait()
-        target = max(self.home_head, self.federation.acked.get(self.ns, 0))
-        connection = self.link.connections
-        # Only while this link connection lasts: the head a peer claims is not checked
-        # until its records arrive, and a peer that never sends them is dropped.
-        while self.node.head(self.ns) < target and self.link.connections == connection:
-            if not self.link.up:
-                return
-            self.want(target)
-            await self._changed.wait()
+        with trio.move_on_after(CATCH_UP_WAIT):
+            await self.settled.wait()
+            target = max(self.home_head, self.federation.acked.get(self.ns, 0))
+            connection = self.link.connections
+            # Only while this link connection lasts, and at most CATCH_UP_WAIT: the
+            # head a peer claims is not checked until its records arrive.
+            while self.node.head(self.ns) < target and self.link.connections == connection:
+                if not self.link.up:
+                    return
+                self.want(target)
+                await self._changed.wait()
 
     def want(self, seq: int) -> None:
         """Follow at least until ``seq`` is stored (a parked event depends on it)."""
@@ -380,11 +472,12 @@ class Mirror:
                 with trio.move_on_after(MIRROR_LINGER) as idle:
                     while not self.needed:
                         await self._changed.wait()
-                if idle.cancelled_caught:
+                if idle.cancelled_caught and not self.needed:
                     return
                 client = self.link.client
                 if client is None:
                     self.settled.set()  # serve what is stored; follow once the link is up
+                    self.changed()  # and wake readers waiting for a catch-up: none comes
                     with trio.move_on_after(1.0):
                         client = await self.link.wait_up()
                     continue
@@ -409,6 +502,9 @@ class Mirror:
             except trio.WouldBlock:
                 overflow = True  # drain, then resume from the stored head
 
+        # Start from what is stored: a batch whose append was cancelled is fetched again.
+        stored = self.node.mirror_heads.get(self.ns)
+        self.chain = MirrorChain(self.ns, self.chain.home_key, stored, MAX_UNSEALED)
         start = self.chain.head + 1
         sub = client.tap(
             lambda sub: f.Subscribe(sub=sub, ns=(self.ns,), start={self.ns: start}), on_frame
@@ -463,9 +559,9 @@ class Mirror:
                 elif isinstance(frame, f.Live):
                     self.home_head = max(self.home_head, frame.seq)
                 elif isinstance(frame, f.Error):
-                    log.warning(
-                        "mirror %s: %s refused: %s", self.ns, self.link.peer.name, frame.reason
-                    )
+                    peer = self.link.peer.name
+                    log.warning("mirror %s: %s refused: %s", self.ns, peer, frame.reason)
+                    self.settled.set()  # serve what is stored rather than nothing
                     await trio.sleep(1.0)
                     return
                 if len(checked) >= 4096:
@@ -483,10 +579,16 @@ class Mirror:
                 return  # resume from the stored head on a fresh subscription
 
 
-def _resubbed(frame: f.Frame, sub: int) -> f.RelayFrame:
-    """A home's frame of a tapped document, under the agent's own sub id."""
-    assert isinstance(frame, (f.DocSync, f.EventFrame, f.DocAwareness, f.Error, f.Live))
-    return replace(frame, sub=sub)
+GOES_ON = frozenset({ErrorCode.AWARENESS_REFUSED, ErrorCode.UNKNOWN_SUBSCRIPTION})
+"""Errors about one frame of a document subscription, after which it goes on."""
+
+
+def _resubbed(frame: f.Frame, sub: int) -> f.RelayFrame | None:
+    """A home's frame of a tapped document under the agent's own sub id; ``None`` for
+    frames that are not a document subscription's (a peer's mistake: dropped)."""
+    if isinstance(frame, (f.DocSync, f.EventFrame, f.DocAwareness, f.Error)):
+        return replace(frame, sub=sub)
+    return None
 
 
 async def _cancel_when_stopped(client: RelayClient, scope: trio.CancelScope) -> None:

@@ -37,13 +37,27 @@ from agent_sdk.wire import SignedEvent, decode_event
 log = logging.getLogger("formicary.federation")
 
 MAX_IN_FLIGHT = 1024
+FRAME_SLACK = 256
+"""Bytes a publish frame adds to its event (signature, rid, keys)."""
 """Entries sent on a link and not yet answered: the link's window."""
 
 
 class Entry:
-    """One forwarded event. ``decided`` is set once it is queued or answered."""
+    """One forwarded event. ``decided`` is set once it is sent, queued or answered;
+    ``queued_now`` when it waits in an outbox (ours, or a relay's on the way)."""
 
-    __slots__ = ("decided", "done", "error", "event", "n", "queued", "result", "since_ms", "stored")
+    __slots__ = (
+        "decided",
+        "done",
+        "error",
+        "event",
+        "n",
+        "queued",
+        "queued_now",
+        "result",
+        "since_ms",
+        "stored",
+    )
 
     def __init__(self, n: int, event: SignedEvent, since_ms: int, *, stored: bool = False) -> None:
         self.n = n
@@ -52,6 +66,7 @@ class Entry:
         self.stored = stored
         self.queued = stored
         self.decided = trio.Event()
+        self.queued_now = trio.Event()
         self.done = trio.Event()
         self.result: Published | None = None
         self.error: ProtocolError | None = None
@@ -61,6 +76,7 @@ class Entry:
     def _queue(self) -> None:
         self.queued = True
         self.decided.set()
+        self.queued_now.set()
 
     def _resolve(self, result: Published | None, error: ProtocolError | None) -> None:
         self.result, self.error = result, error
@@ -158,6 +174,7 @@ class Outbox:
         deadline_ms: int,
         wall_ms: Callable[[], int],
         on_answer: Callable[[Entry], None] = lambda entry: None,
+        check: Callable[[Entry], str | None] = lambda entry: None,
         first_n: int = 1,
     ) -> None:
         self.link = link
@@ -165,6 +182,7 @@ class Outbox:
         self.deadline_ms = deadline_ms
         self.wall_ms = wall_ms
         self.on_answer = on_answer
+        self.check = check
         self.entries: dict[bytes, Entry] = {}  # by event id, in arrival order
         self._next_n = first_n
         self._unsent: list[Entry] = []  # of the current link connection, in order
@@ -206,6 +224,9 @@ class Outbox:
         for entry in fresh:
             entry.stored = True
             entry._queue()
+        finished = [entry.n for entry in fresh if entry.done.is_set()]
+        if finished:  # answered or expired while being written: no promise left to keep
+            await _call(self.store, self.store.drop, self.link, finished)
 
     async def send(self, client: RelayClient) -> None:
         """Deliver entries over one link connection until it ends."""
@@ -226,8 +247,12 @@ class Outbox:
                         entry = self._unsent.pop(0)
                         if entry.done.is_set():
                             continue  # expired meanwhile
+                        if len(entry.event.raw) + FRAME_SLACK > client.relay_max_frame:
+                            self._refuse_too_large(entry, client.relay_max_frame)
+                            continue
                         await window.acquire()
-                        pending = client.publish_later(entry.event)
+                        pending = client.publish_later(entry.event, on_queued=entry._queue)
+                        entry.decided.set()  # on its way: later answers need not wait
                         nursery.start_soon(self._await_answer, client, entry, pending, window)
         finally:
             self.up = False
@@ -249,12 +274,27 @@ class Outbox:
             window.release()
         if entry.done.is_set():
             return  # expired while in flight: the agent was told already
+        entry.result = result
+        lie = self.check(entry)
+        if lie is not None:  # not the home's answer: keep the entry, drop the link
+            entry.result = None
+            log.error("outbox %s: refused an answer: %s", self.link, lie)
+            if client.ws is not None:
+                await client.ws.aclose(1008, f"forged answer: {lie}"[:120])
+            return
         self.entries.pop(entry.event.id, None)
         entry._resolve(result, error)
         self.on_answer(entry)
         self.delivered += 1
         if entry.stored:
             await _call(self.store, self.store.drop, self.link, [entry.n])
+
+    def _refuse_too_large(self, entry: Entry, limit: int) -> None:
+        # The home would answer 1003 without a rid: nothing would ever answer this.
+        self.entries.pop(entry.event.id, None)
+        reason = f"event of {len(entry.event.raw)} bytes; the home relay's max_frame is {limit}"
+        entry._resolve(None, ProtocolError(ErrorCode.FRAME_TOO_LARGE, reason))
+        self.on_answer(entry)
 
     def next_deadline_ms(self) -> int | None:
         oldest = next(iter(self.entries.values()), None)

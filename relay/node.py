@@ -338,7 +338,8 @@ class RelayNode:
                     found = await self._call(self.store.find, unknown)
                     if self.mirror_store is not None and len(found) < len(unknown):
                         rest = unknown - found.keys()
-                        found.update(await self._call(self.mirror_store.find, rest))
+                        mirror = self.mirror_store
+                        found.update(await self._call(mirror.find, rest, store=mirror))
                 self.sequencer.learn(found)
             now = self.wall_ms()
             for ticket in batch:
@@ -649,6 +650,17 @@ class RelayNode:
         if released:
             self._sequenced(released, now)
             self._pending_ready.set()
+
+    async def find(self, ids: list[bytes]) -> dict[bytes, Located]:
+        """Where committed events are, in this relay's logs or its mirrors."""
+        async with self._find_lock:
+            found = await self._call(self.store.find, ids)
+            if self.mirror_store is not None and len(found) < len(ids):
+                rest = [i for i in ids if i not in found]
+                found.update(
+                    await self._call(self.mirror_store.find, rest, store=self.mirror_store)
+                )
+        return found
 
     # -- reading ----------------------------------------------------------------------
 

@@ -30,8 +30,8 @@ from websockets.trio.server import Server, ServerConnection, serve
 
 from agent_sdk import frames as f
 from agent_sdk.errors import ErrorCode, ProtocolError
-from agent_sdk.wire import PROTOCOL_VERSION, Event, SignedEvent
-from federation.network import ProxiedDoc
+from agent_sdk.wire import NS_RE, PROTOCOL_VERSION, Event, SignedEvent
+from federation.network import LOCATE, ProxiedDoc
 from federation.outbox import Entry
 from federation.peers import Peer
 from relay.documents import MAX_AWARENESS, LiveDoc, Overflow, Replica
@@ -211,8 +211,11 @@ class Connection:
         return self.fed.peer_of(self.session.agent) if self.fed else None
 
     def _foreign(self, ns: str) -> bool:
-        """True for a namespace homed elsewhere that federation may route to."""
-        return self.fed is not None and not self.node.is_home(ns)
+        """True for a namespace homed elsewhere that federation may route to (an
+        invalid one is not: the relay's own checks refuse it with their code)."""
+        return (
+            self.fed is not None and NS_RE.fullmatch(ns) is not None and not self.node.is_home(ns)
+        )
 
     async def _forward(self, rid: int, event: SignedEvent) -> None:
         assert self.fed is not None
@@ -224,7 +227,10 @@ class Connection:
         await self._answer_later(rid, entry)
 
     async def _acknowledge_forwarded(self, rid: int, entry: Entry) -> None:
-        await entry.done.wait()
+        async with trio.open_nursery() as waiting:
+            waiting.start_soon(self._tell_queued, rid, entry)
+            await entry.done.wait()
+            waiting.cancel_scope.cancel()
         if entry.error is not None:
             await self._send(f.Error.of(entry.error, rid=rid))
             return
@@ -241,6 +247,12 @@ class Connection:
             outcome_receipt=outcome.receipt.raw if outcome else None,
         )
         await self._send(ack)
+
+    async def _tell_queued(self, rid: int, entry: Entry) -> None:
+        """Say ``queued`` once, if the entry waits in an outbox before its answer."""
+        await entry.queued_now.wait()
+        if not entry.done.is_set():
+            await self._send(f.Queued(rid=rid))
 
     # -- publishing -------------------------------------------------------------------
 
@@ -281,9 +293,9 @@ class Connection:
                         await self._answer_query(ticket)
                         continue
                     if isinstance(ticket, Entry):
+                        # Sent on (or queued): answered when its home answers, without
+                        # holding up later answers, like a parked publish.
                         await ticket.decided.wait()
-                        if not ticket.done.is_set():  # the home is unreachable: say so
-                            await self._send(f.Queued(rid=rid))
                         parked.start_soon(self._acknowledge_forwarded, rid, ticket)
                         continue
                     if not ticket.decided.is_set():
@@ -315,6 +327,9 @@ class Connection:
 
     async def _answer_query(self, query: f.Query) -> None:
         try:
+            if query.q == LOCATE and self.fed is not None and self.peer is not None:
+                await self._send(f.Result(rid=query.rid, body=await self.fed.locate(query.args)))
+                return
             if self._foreign(query.ns):
                 assert self.fed is not None
                 body = await self.fed.ask(query, self.peer)
@@ -331,6 +346,8 @@ class Connection:
         if sub in self._subscriptions:
             raise ProtocolError(ErrorCode.DUPLICATE_SUBSCRIPTION, f"subscription {sub} is open")
         config = self.node.config
+        if self.peer is not None:
+            return  # a link carries every mirror and document of a relay: no caps here
         if len(self._subscriptions) >= config.max_subscriptions:
             limit = config.max_subscriptions
             raise ProtocolError(ErrorCode.TOO_MANY_SUBSCRIPTIONS, f"limit is {limit}")
@@ -390,11 +407,14 @@ class Connection:
         assert self.fed is not None
         sub = request.sub
 
+        mine: list[ProxiedDoc] = []
+
         def opened(proxied: ProxiedDoc | None) -> None:
-            if proxied is None:
-                self._proxied.pop(sub, None)
-            else:
+            if proxied is not None:
+                mine.append(proxied)
                 self._proxied[sub] = proxied
+            elif mine and self._proxied.get(sub) is mine[-1]:
+                del self._proxied[sub]  # not a newer document that reused the sub id
 
         ended = False
 

@@ -87,9 +87,12 @@ class LyingRelay:
     through untouched (so the target's key proves itself), then event frames from
     the target are rewritten by ``tamper`` on their way to whoever dialled."""
 
-    def __init__(self, target: str, tamper: Tamper) -> None:
+    def __init__(
+        self, target: str, tamper: Tamper, tamper_ack: Callable[[f.Ack], f.Ack] | None = None
+    ) -> None:
         self.target = target
         self.tamper = tamper
+        self.tamper_ack = tamper_ack
         self.port = free_port()
 
     @property
@@ -126,6 +129,8 @@ class LyingRelay:
         out = []
         for frame in f.decode_message(message):
             assert not isinstance(frame, Exception)
+            if isinstance(frame, f.Ack) and self.tamper_ack is not None:
+                frame = self.tamper_ack(frame)
             if isinstance(frame, f.EventFrame):
                 tampered = self.tamper(frame)
                 if tampered is None:

@@ -211,6 +211,41 @@ async def test_a_lying_peer_is_caught_by_the_mirror(
     assert refused and reason in refused[0].message
 
 
+def resign_ack(ack: f.Ack) -> f.Ack:
+    """A receipt for the forwarded event, made up and sealed by the liar."""
+    receipt = decode_receipt(ack.receipt)
+    forged = make_receipt(
+        id=receipt.id, ns=receipt.ns, seq=receipt.seq, hlc=receipt.hlc, prev=receipt.prev,
+        relay=LIAR.public_key,
+    )  # fmt: skip
+    return replace(ack, receipt=forged.raw, seal=seal(forged, LIAR.sign))
+
+
+async def test_an_answer_to_a_forwarded_write_that_is_not_the_homes_is_refused(
+    nursery: trio.Nursery, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    relays = plan(tmp_path, "a", "b")
+    b = await start(nursery, relays["b"], (relays["a"].peer(),))
+    liar = LyingRelay(b.url, lambda frame: frame, tamper_ack=resign_ack)
+    await nursery.start(liar.run)
+    a = await start(nursery, relays["a"], (relays["b"].peer(url=liar.url),))
+    link = federation_of(a).links["b"]
+    answered: list[object] = []
+    with trio.fail_after(TIMEOUT):
+        await link.wait_up()
+        async with RelayClient.connect(a.url, identity(6)) as agent, trio.open_nursery() as waiting:
+
+            async def publish() -> None:
+                answered.append(await agent.publish(NS, "app.note", "to b"))
+
+            waiting.start_soon(publish)
+            await link.wait_for(lambda: link.connections >= 2)  # dropped after the lie
+            waiting.cancel_scope.cancel()
+    assert answered == []  # the agent never got the made-up receipt
+    assert b.node.head(NS) == 1  # b did sequence it (its real receipt will do)
+    assert any("refused an answer" in r.message for r in caplog.records)
+
+
 async def read_until_live(reader: RelayClient) -> list[bytes]:
     seen = []
     async with reader.subscribe(NS, start=1) as feed:

@@ -58,25 +58,22 @@ async def test_an_event_depending_on_a_foreign_one_waits_for_it_in_a_mirror(
     assert first.receipt.relay == b.node.identity.public_key
 
 
-async def test_a_dependency_this_relay_never_saw_parks_until_mirrored(
+async def test_a_dependency_this_relay_never_saw_is_located_at_a_peer(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
-    a, b = await pair(nursery, tmp_path, park_timeout_ms=300)
+    a, b = await pair(nursery, tmp_path, park_timeout_ms=2_000)
     with trio.fail_after(TIMEOUT):
         async with (
             RelayClient.connect(b.url, identity(2)) as on_b,
             RelayClient.connect(a.url, identity(3)) as on_a,
         ):
             unseen = await on_b.publish("x@b", "app.note", "published on b directly")
-            with pytest.raises(ProtocolError) as parked_out:
-                await on_a.publish("y@a", "app.note", "needs it", deps=[unseen.receipt.id])
-            assert parked_out.value.code is ErrorCode.MISSING_DEPS
-            async with on_a.subscribe("x@b", start=1) as feed:  # a mirrors x@b now
-                async for item in feed:
-                    if isinstance(item, Live):
-                        break
-                after = await on_a.publish("y@a", "app.note", "needs it", deps=[unseen.receipt.id])
-    assert after.receipt.hlc > unseen.receipt.hlc
+            after = await on_a.publish("y@a", "app.note", "needs it", deps=[unseen.receipt.id])
+            assert after.receipt.hlc > unseen.receipt.hlc
+            assert a.node.head("x@b") >= unseen.receipt.seq  # a asked b, then mirrored
+            with pytest.raises(ProtocolError) as nowhere:  # an id nobody knows
+                await on_a.publish("y@a", "app.note", "needs a ghost", deps=[bytes(32)])
+            assert nowhere.value.code is ErrorCode.MISSING_DEPS
 
 
 async def test_queries_and_directory_lookups_are_answered_by_the_home(
@@ -151,3 +148,38 @@ async def test_info_reports_links_outboxes_and_mirrors(
     assert peer["key"] == b.node.identity.public_key.hex()
     assert fed["mirrors"]["x@b"]["head"] == 1 and fed["mirrors"]["x@b"]["lag"] == 0
     assert fed["forgeries"] == 0 and info["namespaces"] == []
+
+
+async def test_a_home_finds_a_dependency_on_the_forwarding_relays_own_log(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    a, b = await pair(nursery, tmp_path)
+    with trio.fail_after(TIMEOUT):
+        async with RelayClient.connect(a.url, identity(8)) as agent:
+            local = await agent.publish("x@a", "app.note", "on a")
+            # b has never seen x@a: it asks its peers where the dependency is, then
+            # mirrors x@a up to it before it sequences the event.
+            remote = await agent.publish("y@b", "app.note", "on b", deps=[local.receipt.id])
+    assert remote.receipt.hlc > local.receipt.hlc
+    assert b.node.head("x@a") >= local.receipt.seq
+
+
+async def test_bad_requests_for_other_relays_get_clear_errors(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    relays = plan(tmp_path, "a", "b")
+    a = await start(nursery, relays["a"], (relays["b"].peer(),))
+    await start(nursery, relays["b"], (relays["a"].peer(),), RelayConfig(name="b", max_frame=4096))
+    await federation_of(a).links["b"].wait_up()
+    with trio.fail_after(TIMEOUT):
+        async with RelayClient.connect(a.url, identity(9)) as agent:
+            with pytest.raises(ProtocolError) as join:  # presence by connection cannot cross
+                await Directory(agent, "team@b").join("me")
+            assert join.value.code is ErrorCode.BAD_EVENT and "heartbeat" in join.value.reason
+            with pytest.raises(ProtocolError) as big:  # fits a's max_frame, not b's
+                await agent.publish("x@b", "app.note", "y" * 8000)
+            assert big.value.code is ErrorCode.FRAME_TOO_LARGE
+            with pytest.raises(ProtocolError) as bad:  # not a namespace: a's own checks
+                await agent.query("Not A Namespace", "wo.list", {})
+            assert bad.value.code is ErrorCode.BAD_QUERY
+            await agent.publish("x@b", "app.note", "and the connection goes on")
