@@ -392,6 +392,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_verify)
 
+    from agent_sdk.cli_wo import ttl_ms
+    from simulations import cli as sim_cli
+
+    sim_cli.add_parser(sub, ttl_ms)
+
     p = sub.add_parser("demo", help="a relay and 20 agents sharing work orders on loopback")
     p.add_argument("--agents", type=int, default=20)
     p.add_argument("--orders", type=int, default=60, help="work orders to finish")

@@ -218,8 +218,18 @@ class RelayClient:
         reconnect: bool = True,
         max_inflight: int = 1024,
         max_message: int = 64 << 20,
+        dial: Callable[[], Awaitable[trio.abc.Stream]] | None = None,
+        clock_ms: Callable[[], int] | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self.url = url
+        self.dial = dial
+        """Opens the byte stream under the WebSocket instead of TCP to ``url`` (the
+        in-memory network of virtual-time simulations)."""
+        self.clock_ms = clock_ms or _now_ms
+        """The ``ts`` of events this client signs (virtual time in simulations)."""
+        self.rng = rng
+        """Where nonces come from when given (seeded runs repeat byte for byte)."""
         self.identity = identity
         self.relay_key = relay_key
         self.reconnect = reconnect
@@ -273,12 +283,16 @@ class RelayClient:
         started = False
         while True:
             try:
+                stream = None if self.dial is None else await self.dial()
                 async with connect(
                     self.url,
+                    stream=stream,
                     compression=None,
                     max_size=self.max_message,
                     open_timeout=10,
                     proxy=None,
+                    # Over an in-memory stream there is no peer to lose: no keepalive.
+                    ping_interval=None if stream is not None else 20,
                 ) as ws:
                     with trio.fail_after(HANDSHAKE_TIMEOUT):
                         await self._handshake(ws)
@@ -498,7 +512,7 @@ class RelayClient:
             author=self.identity.public_key,
             body=body,
             deps=tuple(deps),
-            ts=_now_ms() if ts is None else ts,
+            ts=self.clock_ms() if ts is None else ts,
             nonce=nonce,
         )
         signed = sign_event(event, self.identity.sign)
@@ -662,6 +676,12 @@ class RelayClient:
         """Queue a frame on the current connection; without one, _serve replays intent."""
         if self._outbox is not None:
             self._outbox.send_nowait(data)
+
+    def nonce(self, size: int = 16) -> bytes:
+        """Fresh random bytes for a nonce: from ``rng`` when the client has one."""
+        if self.rng is None:
+            return secrets.token_bytes(size)
+        return self.rng.randbytes(size)
 
     async def wait_connected(self) -> None:
         """Return once the client is connected and its intent replayed."""

@@ -15,7 +15,6 @@ point could collide with the next holder's.
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -67,7 +66,7 @@ class Ledger:
         # A fresh nonce: the same request twice in one millisecond would otherwise be
         # the same event, and the relay would answer the second with the first's
         # outcome (idempotence). Retries of *this* request re-send the same bytes.
-        nonce = secrets.token_bytes(16)
+        nonce = self.client.nonce()
         published = await self.client.publish(self.ns, kind, body, nonce=nonce)
         if published.outcome is None:
             raise LedgerRefusal("no_outcome", "the relay sent no outcome for this request", None)

@@ -625,6 +625,7 @@ async def serve_relay(
     host: str = "127.0.0.1",
     port: int = 7700,
     *,
+    listeners: list[trio.abc.Listener[trio.abc.Stream]] | None = None,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``node`` on ``host:port`` until cancelled; reports the ``Server`` started.
@@ -642,12 +643,14 @@ async def serve_relay(
         else:
             await Connection(node, ws).run()
 
+    where: dict[str, Any] = {"port": port, "host": host}
+    if listeners is not None:  # an in-memory network (virtual-time simulations)
+        where = {"listeners": listeners, "ping_interval": None}
     await serve(
         handler,
-        port,
-        host=host,
         compression=None,  # events are small and signed: deflate costs more than it saves
         max_size=2 * node.config.max_frame,
         process_request=http_handler(node),
         task_status=task_status,
+        **where,
     )

@@ -1,0 +1,177 @@
+"""``formicary sim run|sweep``: simulations from the command line.
+
+Every setting is checked before anything starts; a bad one is a usage error (exit 2)
+that names the valid choices. Results go to ``--out``: ``summary.json`` for a run,
+``sweep.json`` and ``scaling.svg`` for a sweep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from simulations.model import POLICIES, Settings, Summary, UsageError
+from simulations.plot import line_chart
+from simulations.scenarios import SCENARIOS
+
+PLANNED = ("auction_market", "shared_doc", "federated")
+"""Scenarios the issue lists that are not built yet: named in errors, refused."""
+
+
+def add_parser(sub: Any, duration: Callable[[str, str], int]) -> None:
+    sim = sub.add_parser("sim", help="N-agent simulations (docs/simulations.md)")
+    verbs = sim.add_subparsers(dest="sim", required=True)
+    run = verbs.add_parser("run", help="run one scenario; writes OUT/summary.json")
+    run.add_argument("--agents", type=int, default=100)
+    run.add_argument("--seed", type=int, default=1)
+    _common(run)
+    run.set_defaults(func=lambda args: cmd_run(args, duration))
+    sweep = verbs.add_parser("sweep", help="run a grid of sizes and seeds; JSON and a plot")
+    sweep.add_argument("--agents", default="10,100", help="comma-separated agent counts")
+    sweep.add_argument("--seeds", default="1-3", help="a range A-B or a list A,B,C")
+    _common(sweep)
+    sweep.set_defaults(func=lambda args: cmd_sweep(args, duration))
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("scenario", help=f"one of {', '.join(sorted(SCENARIOS))}")
+    p.add_argument("--orders", type=int, default=500, help="work orders in the backlog")
+    p.add_argument("--crash-rate", type=float, default=0.0, help="chance of a crash per task")
+    p.add_argument("--policy", default="uniform", help=f"one of {', '.join(POLICIES)}")
+    p.add_argument("--work", default="1s-5s", help="task duration range, e.g. 1s-5s")
+    p.add_argument("--ttl", default="30s", help="claim lease")
+    p.add_argument("--restart", default="5s", help="how long a crashed agent stays down")
+    p.add_argument("--snapshot", default="10s", help="staleness of no_coordination's view")
+    p.add_argument("--duration", default="24h", help="stop after this much virtual time")
+    p.add_argument("--relays", type=int, default=1, help="relays (1 until `federated`)")
+    p.add_argument("--virtual-time", action="store_true", help="in-process, MockClock")
+    p.add_argument("--out", required=True, help="directory for the results")
+
+
+def settings_of(
+    args: argparse.Namespace, agents: int, seed: int, duration: Callable[[str, str], int]
+) -> Settings:
+    """The settings of one run; raises :class:`UsageError` for anything that cannot run."""
+    try:
+        return _settings_of(args, agents, seed, duration)
+    except UsageError:
+        raise
+    except Exception as exc:  # the duration parser's own usage error, a bad int, ...
+        raise UsageError(str(exc)) from None
+
+
+def _settings_of(
+    args: argparse.Namespace, agents: int, seed: int, duration: Callable[[str, str], int]
+) -> Settings:
+    low, dash, high = args.work.partition("-")
+    if not dash:
+        raise UsageError(f"--work {args.work!r}: a range like 1s-5s")
+    if args.scenario in PLANNED:
+        raise UsageError(
+            f"scenario {args.scenario!r} is not built yet; choose from "
+            f"{', '.join(sorted(SCENARIOS))}"
+        )
+    if not args.virtual_time:
+        raise UsageError(
+            "real mode (relay processes, real sockets) is not built yet: add --virtual-time"
+        )
+    if args.relays != 1:
+        raise UsageError("--relays: only 1 so far (the `federated` scenario is not built yet)")
+    settings = Settings(
+        scenario=args.scenario,
+        agents=agents,
+        orders=args.orders,
+        seed=seed,
+        crash_rate=args.crash_rate,
+        policy=args.policy,
+        work_ms=(duration(low, "--work"), duration(high, "--work")),
+        ttl_ms=duration(args.ttl, "--ttl"),
+        restart_ms=duration(args.restart, "--restart"),
+        snapshot_ms=duration(args.snapshot, "--snapshot"),
+        duration_s=duration(args.duration, "--duration") / 1000,
+    )
+    settings.check(sorted(SCENARIOS))
+    return settings
+
+
+def cmd_run(args: argparse.Namespace, duration: Callable[[str, str], int]) -> int:
+    from simulations.run import run_virtual
+
+    try:
+        settings = settings_of(args, args.agents, args.seed, duration)
+    except (UsageError, ValueError) as exc:
+        print(f"formicary sim: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _progress(
+        f"{settings.scenario}: {settings.agents} agents, {settings.orders} orders, "
+        f"seed {settings.seed}, virtual time"
+    )
+    summary = run_virtual(settings)
+    (out / "summary.json").write_text(json.dumps(summary.to_json(), indent=2) + "\n")
+    print(json.dumps(summary.to_json()))
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace, duration: Callable[[str, str], int]) -> int:
+    from simulations.run import run_virtual
+
+    try:
+        sizes = [int(n) for n in args.agents.split(",")]
+        seeds = _seeds(args.seeds)
+        grid = [settings_of(args, n, seed, duration) for n in sizes for seed in seeds]
+    except (UsageError, ValueError) as exc:
+        print(f"formicary sim: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs: list[Summary] = []
+    for i, settings in enumerate(grid, 1):
+        _progress(
+            f"[{i}/{len(grid)}] {settings.scenario}: {settings.agents} agents, seed {settings.seed}"
+        )
+        runs.append(run_virtual(settings))
+    points = []
+    for n in sizes:
+        mine = [r for r in runs if r.agents == n]
+        points.append(
+            {
+                "agents": n,
+                "orders_per_virtual_s": statistics.mean(r.orders_per_virtual_s for r in mine),
+                "duplicate_work": statistics.mean(r.duplicate_work for r in mine),
+                "zombies": statistics.mean(r.zombies for r in mine),
+                "wall_seconds": statistics.mean(r.wall_seconds for r in mine),
+            }
+        )
+    document = {"scenario": args.scenario, "points": points, "runs": [r.to_json() for r in runs]}
+    (out / "sweep.json").write_text(json.dumps(document, indent=2) + "\n")
+    chart = line_chart(
+        f"{args.scenario}: throughput by agent count (mean of {len(seeds)} seeds)",
+        "agents",
+        "orders done per virtual second",
+        [(p["agents"], p["orders_per_virtual_s"]) for p in points],
+    )
+    (out / "scaling.svg").write_text(chart)
+    print(json.dumps({"scenario": args.scenario, "points": points}))
+    return 0
+
+
+def _seeds(spec: str) -> list[int]:
+    if "-" in spec:
+        first, _, last = spec.partition("-")
+        seeds = list(range(int(first), int(last) + 1))
+    else:
+        seeds = [int(s) for s in spec.split(",")]
+    if not seeds:
+        raise UsageError(f"--seeds {spec!r}: no seed in it")
+    return seeds
+
+
+def _progress(message: str) -> None:
+    print(f"[sim] {message}", file=sys.stderr, flush=True)

@@ -1,0 +1,128 @@
+"""What a simulation is asked to do (:class:`Settings`), how its agents behave
+(:class:`Policy`), and what it measured (:class:`Summary`)."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+class UsageError(ValueError):
+    """Settings that cannot run; the message names what is wrong and what would do."""
+
+
+class Policy:
+    """How one agent works: how long a task takes, and whether it crashes during it.
+
+    Subclass and register in :data:`POLICIES` to study another behaviour; a policy
+    draws only from the ``rng`` it is given, so runs stay reproducible.
+    """
+
+    name = "uniform"
+
+    def __init__(self, work_ms: tuple[int, int], crash_rate: float) -> None:
+        self.work_ms = work_ms
+        self.crash_rate = crash_rate
+
+    def task_ms(self, rng: random.Random) -> int:
+        """How long the next task takes to do."""
+        low, high = self.work_ms
+        return rng.randint(low, high)
+
+    def crashes(self, rng: random.Random) -> bool:
+        """Whether the agent dies in the middle of its next task."""
+        return rng.random() < self.crash_rate
+
+
+class HeavyTail(Policy):
+    """Most tasks are quick, a few take very long (lognormal around the range's
+    geometric middle): the stragglers that make leases expire."""
+
+    name = "heavy_tail"
+
+    def task_ms(self, rng: random.Random) -> int:
+        low, high = self.work_ms
+        middle = math.sqrt(max(low, 1) * high)
+        return max(low, int(rng.lognormvariate(math.log(middle), 0.8)))
+
+
+POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (Policy, HeavyTail)}
+
+
+@dataclass(frozen=True)
+class Settings:
+    scenario: str = "work_queue"
+    agents: int = 100
+    orders: int = 500
+    seed: int = 1
+    crash_rate: float = 0.0
+    """Chance that an agent dies in the middle of a task (then restarts)."""
+    policy: str = "uniform"
+    work_ms: tuple[int, int] = (1_000, 5_000)
+    ttl_ms: int = 30_000
+    """Lease of a claim: how long a crashed agent's order stays stuck."""
+    restart_ms: int = 5_000
+    """How long a crashed agent stays down before it comes back."""
+    snapshot_ms: int = 10_000
+    """How stale the backlog an uncoordinated agent picks from is (no_coordination)."""
+    duration_s: float = 24 * 3600.0
+    """Virtual seconds after which a run stops, finished or not."""
+
+    def check(self, scenarios: list[str]) -> None:
+        """Refuse what cannot run, before anything starts."""
+        if self.scenario not in scenarios:
+            raise UsageError(
+                f"unknown scenario {self.scenario!r}; choose from {', '.join(scenarios)}"
+            )
+        if self.policy not in POLICIES:
+            raise UsageError(f"unknown policy {self.policy!r}; choose from {', '.join(POLICIES)}")
+        if self.agents < 1 or self.orders < 1:
+            raise UsageError("--agents and --orders must be at least 1")
+        if not 0 <= self.crash_rate < 1:
+            raise UsageError("--crash-rate is a probability per task: 0 <= p < 1")
+        low, high = self.work_ms
+        if not 0 < low <= high:
+            raise UsageError("work time: 0 < low <= high (ms)")
+        if self.ttl_ms <= high:
+            raise UsageError(f"--ttl ({self.ttl_ms} ms) must outlast the longest task ({high} ms)")
+        if self.duration_s <= 0:
+            raise UsageError("--duration must be positive")
+
+    def make_policy(self) -> Policy:
+        return POLICIES[self.policy](self.work_ms, self.crash_rate)
+
+
+@dataclass
+class Summary:
+    """What a run measured; docs/simulations.md explains each field."""
+
+    scenario: str
+    agents: int
+    orders: int
+    seed: int
+    done: int = 0
+    duplicate_work: int = 0
+    """Orders whose work more than one agent finished and reported."""
+    conflicting_results: int = 0
+    """Orders with two reported results that differ."""
+    zombies: int = 0
+    """Orders not finished when the run ended."""
+    crashes: int = 0
+    expiries: int = 0
+    """Leases the relay ended because their holder stopped renewing (crashes)."""
+    wasted_work: int = 0
+    """Tasks finished whose result was refused (the lease had moved on)."""
+    events: int = 0
+    virtual_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    log_hash: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def orders_per_virtual_s(self) -> float:
+        return round(self.done / self.virtual_seconds, 3) if self.virtual_seconds else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "orders_per_virtual_s": self.orders_per_virtual_s}

@@ -1,0 +1,61 @@
+"""What the work-queue scenarios share: the backlog, the planner, and the tally of
+what the log says happened."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+
+import trio
+
+from agent_sdk.ledger import Ledger
+from relay.coordination.leases import TtlBounds
+from relay.node import RelayConfig
+from simulations.model import Settings, Summary
+from simulations.world import VirtualRelay, VirtualWorld, identity_of
+
+NS = "work@sim"
+RELAY = "sim"
+PLANNER_LANES = 32
+"""Orders created concurrently by the planner (one connection, pipelined)."""
+
+
+def relay_config(settings: Settings) -> RelayConfig:
+    claims = TtlBounds(min_ms=1_000, max_ms=24 * 3600 * 1000, default_ms=settings.ttl_ms)
+    return RelayConfig(name=RELAY, claim_ttl=claims, lock_ttl=claims)
+
+
+async def plan(world: VirtualWorld, settings: Settings) -> list[str]:
+    """Create the backlog: ``settings.orders`` work orders, random priorities."""
+    rng = world.rng("planner")
+    priorities = [rng.randint(0, 4) for _ in range(settings.orders)]
+    orders: list[str | None] = [None] * settings.orders
+    async with world.client(RELAY, identity_of(settings.seed, "planner", 0), "planner") as c:
+        ledger = Ledger(c, NS)
+
+        async def lane(first: int) -> None:
+            for n in range(first, settings.orders, PLANNER_LANES):
+                orders[n] = await ledger.create(f"task {n}", priority=priorities[n])
+
+        async with trio.open_nursery() as nursery:
+            for first in range(min(PLANNER_LANES, settings.orders)):
+                nursery.start_soon(lane, first)
+    return [order for order in orders if order is not None]
+
+
+def tally(relay: VirtualRelay, summary: Summary) -> None:
+    """Read the outcome off the log: results per order, expiries, events."""
+    results: dict[str, list[str]] = defaultdict(list)
+    kinds: Counter[str] = Counter()
+    for record in relay.store.scan(NS):
+        kinds[record.kind] += 1
+        if record.kind == "app.result":
+            from agent_sdk.wire import decode
+
+            body = decode(record.event)["body"]
+            results[body["wo"]].append(body["value"])
+    summary.events = sum(kinds.values())
+    summary.expiries = kinds["lease.expired"]
+    summary.done = len(results)
+    summary.duplicate_work = sum(1 for values in results.values() if len(values) > 1)
+    summary.conflicting_results = sum(1 for values in results.values() if len(set(values)) > 1)
+    summary.zombies = summary.orders - summary.done

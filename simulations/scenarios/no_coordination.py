@@ -1,0 +1,71 @@
+"""``no_coordination``: the same backlog, the same agents, no claims.
+
+The baseline that shows what the ledger prevents. Each agent picks a random order
+from a *snapshot* of what is still undone — refreshed every ``snapshot_ms``, as a
+dashboard or a cached list would be — does the work and reports a result. Nothing
+stops two agents from picking the same order between snapshots: that is duplicate
+work, and when their results differ, a conflicting decision.
+"""
+
+from __future__ import annotations
+
+import trio
+
+from simulations.model import Policy, Settings, Summary
+from simulations.scenarios.common import NS, RELAY, plan, relay_config, tally
+from simulations.world import VirtualWorld, identity_of
+
+
+class Board:
+    """The shared view of what is done, as fresh as the last snapshot each agent took."""
+
+    def __init__(self, orders: list[str]) -> None:
+        self.undone = set(orders)
+        self.finished = trio.Event()
+
+    def report(self, order: str) -> None:
+        self.undone.discard(order)
+        if not self.undone:
+            self.finished.set()
+
+
+async def run(world: VirtualWorld, settings: Settings) -> Summary:
+    summary = Summary(settings.scenario, settings.agents, settings.orders, settings.seed)
+    policy = settings.make_policy()
+    async with trio.open_nursery() as nursery:
+        relay = await world.start_relay(nursery, relay_config(settings))
+        board = Board(await plan(world, settings))
+        began = trio.current_time()
+        with trio.move_on_after(settings.duration_s):
+            async with trio.open_nursery() as agents:
+                for n in range(settings.agents):
+                    agents.start_soon(agent, world, settings, policy, n, board)
+                await board.finished.wait()
+                agents.cancel_scope.cancel()
+        summary.virtual_seconds = round(trio.current_time() - began, 3)
+        nursery.cancel_scope.cancel()
+    tally(relay, summary)
+    return summary
+
+
+async def agent(
+    world: VirtualWorld, settings: Settings, policy: Policy, n: int, board: Board
+) -> None:
+    rng = world.rng(f"agent/{n}")
+    identity = identity_of(settings.seed, "agent", n)
+    async with world.client(RELAY, identity, f"agent/{n}") as client:
+        snapshot: list[str] = []
+        taken_at = -float("inf")
+        while not board.finished.is_set():
+            if trio.current_time() - taken_at >= settings.snapshot_ms / 1000:
+                snapshot, taken_at = sorted(board.undone), trio.current_time()
+            if not snapshot:
+                await trio.sleep(settings.snapshot_ms / 1000)
+                continue
+            order = snapshot.pop(rng.randrange(len(snapshot)))
+            await trio.sleep(policy.task_ms(rng) / 1000)
+            value = rng.choice(("approve", "reject"))
+            await client.publish(
+                NS, "app.result", {"wo": order, "value": value}, nonce=client.nonce()
+            )
+            board.report(order)

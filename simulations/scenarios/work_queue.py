@@ -1,0 +1,102 @@
+"""``work_queue``: agents share a backlog through the work ledger.
+
+Each agent loops: claim the best open order (``wo.next``, leased), do the work,
+mark it done (fenced by the claim's token) and, once the relay accepted that,
+report the result (an ``app.result`` event). An agent may crash in the middle of a
+task (the policy's crash rate): it drops its connection without a word and comes
+back ``restart_ms`` later; its lease runs out and another agent takes the order.
+The run ends when every order has a result, or at ``duration_s``.
+"""
+
+from __future__ import annotations
+
+import trio
+
+from agent_sdk.ledger import Ledger, LedgerRefusal
+from simulations.model import Policy, Settings, Summary
+from simulations.scenarios.common import NS, RELAY, plan, relay_config, tally
+from simulations.world import VirtualWorld, identity_of
+
+IDLE_MS = (500, 3_000)
+"""How long an agent that found nothing open waits before it asks again."""
+
+
+class Progress:
+    def __init__(self, orders: int) -> None:
+        self.left = orders
+        self.finished = trio.Event()
+        self.crashes = 0
+        self.wasted = 0
+
+    def finish_one(self) -> None:
+        self.left -= 1
+        if self.left == 0:
+            self.finished.set()
+
+
+async def run(world: VirtualWorld, settings: Settings) -> Summary:
+    summary = Summary(settings.scenario, settings.agents, settings.orders, settings.seed)
+    policy = settings.make_policy()
+    async with trio.open_nursery() as nursery:
+        relay = await world.start_relay(nursery, relay_config(settings))
+        await plan(world, settings)
+        progress = Progress(settings.orders)
+        began = trio.current_time()
+        with trio.move_on_after(settings.duration_s):
+            async with trio.open_nursery() as agents:
+                for n in range(settings.agents):
+                    agents.start_soon(agent, world, settings, policy, n, progress)
+                await progress.finished.wait()
+                agents.cancel_scope.cancel()
+        summary.virtual_seconds = round(trio.current_time() - began, 3)
+        nursery.cancel_scope.cancel()
+    tally(relay, summary)
+    summary.crashes = progress.crashes
+    summary.wasted_work = progress.wasted
+    return summary
+
+
+async def agent(
+    world: VirtualWorld, settings: Settings, policy: Policy, n: int, progress: Progress
+) -> None:
+    """One agent's life: it works until the backlog is done, crashing and coming back."""
+    rng = world.rng(f"agent/{n}")
+    identity = identity_of(settings.seed, "agent", n)
+    life = 0
+    while not progress.finished.is_set():
+        life += 1
+        async with world.client(RELAY, identity, f"agent/{n}/{life}") as client:
+            ledger = Ledger(client, NS)
+            crashed = await work(ledger, rng, policy, progress)
+        if not crashed:
+            return
+        progress.crashes += 1
+        await trio.sleep(settings.restart_ms / 1000)
+
+
+async def work(ledger: Ledger, rng, policy: Policy, progress: Progress) -> bool:  # type: ignore[no-untyped-def]
+    """Work until the backlog is done (False) or until this life crashes (True)."""
+    while not progress.finished.is_set():
+        try:
+            claim = await ledger.next()
+        except LedgerRefusal as refusal:
+            if refusal.problem != "nothing_open":
+                raise
+            await trio.sleep(rng.randint(*IDLE_MS) / 1000)
+            continue
+        task_ms = policy.task_ms(rng)
+        if policy.crashes(rng):
+            await trio.sleep(rng.randint(0, task_ms) / 1000)
+            return True  # gone mid-task: no release, no goodbye
+        await trio.sleep(task_ms / 1000)
+        value = rng.choice(("approve", "reject"))
+        try:
+            await ledger.update(claim, "done")
+        except LedgerRefusal:
+            progress.wasted += 1  # the lease moved on: this result must not count
+            continue
+        await ledger.client.publish(
+            NS, "app.result", {"wo": claim.order, "value": value}, nonce=ledger.client.nonce()
+        )
+        progress.finish_one()
+    return False

@@ -1,0 +1,84 @@
+"""Simulations in virtual time: reproducible, and telling coordination from none.
+
+Small sizes (seconds): CI runs every scenario that exists this way.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from agent_sdk.cli import main
+from simulations.model import Settings
+from simulations.run import run_virtual
+
+SMALL = {"agents": 12, "orders": 60, "crash_rate": 0.1}
+
+
+def test_the_same_seed_makes_the_same_log_and_another_seed_another() -> None:
+    first = run_virtual(Settings(scenario="work_queue", seed=7, **SMALL))  # type: ignore[arg-type]
+    again = run_virtual(Settings(scenario="work_queue", seed=7, **SMALL))  # type: ignore[arg-type]
+    other = run_virtual(Settings(scenario="work_queue", seed=8, **SMALL))  # type: ignore[arg-type]
+    assert first.log_hash == again.log_hash and first.to_json() | {"wall_seconds": 0} == (
+        again.to_json() | {"wall_seconds": 0}
+    )
+    assert other.log_hash != first.log_hash
+    assert first.crashes > 0 and first.events > SMALL["orders"]
+
+
+def test_coordination_prevents_the_duplicate_work_the_baseline_shows() -> None:
+    coordinated = run_virtual(Settings(scenario="work_queue", seed=3, **SMALL))  # type: ignore[arg-type]
+    baseline = run_virtual(Settings(scenario="no_coordination", seed=3, **SMALL))  # type: ignore[arg-type]
+    assert coordinated.done == baseline.done == SMALL["orders"]
+    assert coordinated.duplicate_work == 0 and coordinated.zombies == 0
+    assert coordinated.conflicting_results == 0
+    assert coordinated.crashes > 0  # crashed holders' orders were recovered, not lost
+    assert baseline.duplicate_work > 0 and baseline.conflicting_results > 0
+
+
+def test_sim_run_writes_its_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(
+        ["sim", "run", "no_coordination", "--agents", "5", "--orders", "20", "--virtual-time",
+         "--out", str(tmp_path)]
+    )  # fmt: skip
+    assert code == 0
+    written = json.loads((tmp_path / "summary.json").read_text())
+    printed = json.loads(capsys.readouterr().out)
+    assert written == printed and written["done"] == 20
+
+
+def test_sim_sweep_writes_json_and_a_plot(tmp_path: Path) -> None:
+    code = main(
+        ["sim", "sweep", "work_queue", "--agents", "4,8", "--seeds", "1-2", "--orders", "24",
+         "--virtual-time", "--out", str(tmp_path)]
+    )  # fmt: skip
+    assert code == 0
+    sweep = json.loads((tmp_path / "sweep.json").read_text())
+    assert [p["agents"] for p in sweep["points"]] == [4, 8] and len(sweep["runs"]) == 4
+    svg = (tmp_path / "scaling.svg").read_text()
+    assert svg.startswith("<svg") and "<polyline" in svg
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["run", "bogus", "--virtual-time"], "choose from no_coordination, work_queue"),
+        (["run", "shared_doc", "--virtual-time"], "not built yet"),
+        (["run", "work_queue"], "add --virtual-time"),
+        (["run", "work_queue", "--virtual-time", "--crash-rate", "1.5"], "probability"),
+        (["run", "work_queue", "--virtual-time", "--policy", "lazy"], "choose from uniform"),
+        (["run", "work_queue", "--virtual-time", "--work", "9"], "a range like"),
+        (["run", "work_queue", "--virtual-time", "--ttl", "1s"], "must outlast"),
+        (["run", "work_queue", "--virtual-time", "--agents", "0"], "at least 1"),
+        (["sweep", "work_queue", "--virtual-time", "--seeds", "x"], "invalid literal"),
+    ],
+)
+def test_bad_settings_are_usage_errors_before_anything_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], says: str
+) -> None:
+    out = tmp_path / "out"
+    assert main(["sim", *args, "--out", str(out)]) == 2
+    assert says in capsys.readouterr().err
+    assert not out.exists()
