@@ -20,6 +20,7 @@ Ids are ``wo-<n>``, numbered per namespace in creation order: short enough for a
 from __future__ import annotations
 
 import enum
+import heapq
 from dataclasses import dataclass, field
 
 from relay.coordination.leases import Granted, Lease, LeaseEngine, Refused
@@ -130,12 +131,20 @@ class Ledger:
     orders: dict[str, WorkOrder] = field(default_factory=dict)
     reserved: dict[str, str] = field(default_factory=dict)
     """Order -> the auction that alone may give it out (see auctions.py)."""
+    _open: list[tuple[int, int, str]] = field(default_factory=list, compare=False, repr=False)
+    """A heap of (-priority, number, id) of orders that were open when pushed: the
+    index :meth:`next` reads instead of scanning every order. Entries of orders that
+    moved on are dropped when met (an order reopened is pushed again)."""
+    _claimed: list[tuple[int, str]] = field(default_factory=list, compare=False, repr=False)
+    """A heap of (lease expiry, id) per claim and renewal: where :meth:`next` finds
+    claims that lapsed before the timer reopened them."""
 
     def create(self, contract: Contract, creator: bytes, now_ms: int) -> Done:
         order_id = f"wo-{len(self.orders) + 1}"
         order = WorkOrder(order_id, contract, now_ms, creator, updated_ms=now_ms)
         order.history.append((now_ms, Status.OPEN, "created"))
         self.orders[order_id] = order
+        heapq.heappush(self._open, _rank(order))
         return Done(order_id, Status.OPEN)
 
     def claim(
@@ -166,19 +175,56 @@ class Ledger:
             return _from_lease(outcome)
         assert isinstance(outcome, Granted)
         self._move(order, Op.CLAIM, now_ms, f"claimed by {agent.hex()}")
+        heapq.heappush(self._claimed, (outcome.lease.expires_ms, order_id))
         return Done(order_id, order.status, outcome.lease)
 
     def next(self, agent: bytes, now_ms: int, ttl_ms: int | None = None) -> Outcome:
-        """Claim the open order of highest priority (oldest first among equals)."""
-        candidates = [
-            o
-            for o in self.orders.values()
-            if self._status(o, now_ms) is Status.OPEN and o.id not in self.reserved
-        ]
+        """Claim the open order of highest priority (oldest first among equals).
+
+        Open means what :meth:`_status` says, so a claim whose lease lapsed counts
+        even before the timer reopened it; reserved orders do not count. The indexes
+        make this cost the orders that moved since, not the whole ledger.
+        """
+        candidates = [order for order in (self._best_open(), *self._lapsed(now_ms)) if order]
         if not candidates:
             return Rejection(Problem.NOTHING_OPEN, "no open work order")
-        best = max(candidates, key=lambda o: (o.contract.priority, -int(o.id[3:])))
+        best = min(candidates, key=_rank)
         return self.claim(best.id, agent, now_ms, ttl_ms)
+
+    def _best_open(self) -> WorkOrder | None:
+        """The first order of the open index that is open and not reserved."""
+        heap, reserved, best = self._open, [], None
+        while heap:
+            order = self.orders[heap[0][2]]
+            if order.status is not Status.OPEN:
+                heapq.heappop(heap)  # moved on: its entry is stale
+            elif order.id in self.reserved:
+                reserved.append(heapq.heappop(heap))  # open, but not ours to give
+            else:
+                best = order
+                break
+        for entry in reserved:
+            heapq.heappush(heap, entry)
+        return best
+
+    def _lapsed(self, now_ms: int, *, reserved_too: bool = False) -> list[WorkOrder]:
+        """Claimed orders whose current lease ran out by ``now_ms`` (oldest expiry
+        first), reserved ones only with ``reserved_too``."""
+        heap, lapsed = self._claimed, []
+        while heap and heap[0][0] <= now_ms:
+            expires_ms, order_id = heapq.heappop(heap)
+            order = self.orders[order_id]
+            lease = self.leases.leases.get(order_id)
+            current = lease is None or lease.expires_ms == expires_ms
+            if order.status is Status.CLAIMED and current and (expires_ms, order_id) not in lapsed:
+                lapsed.append((expires_ms, order_id))  # (a renewal to the same ms: once)
+        for entry in lapsed:  # still lapsed until something moves them: keep them
+            heapq.heappush(heap, entry)
+        return [
+            self.orders[order_id]
+            for _, order_id in sorted(lapsed)
+            if reserved_too or order_id not in self.reserved
+        ]
 
     def renew(
         self, order_id: str, agent: bytes, token: int, now_ms: int, ttl_ms: int | None = None
@@ -190,6 +236,7 @@ class Ledger:
         if isinstance(outcome, Refused):
             return _from_lease(outcome)
         assert isinstance(outcome, Granted)
+        heapq.heappush(self._claimed, (outcome.lease.expires_ms, order_id))
         return Done(order_id, order.status, outcome.lease)
 
     def release(self, order_id: str, agent: bytes, token: int, now_ms: int) -> Outcome:
@@ -256,16 +303,31 @@ class Ledger:
 
     def expire(self, now_ms: int) -> list[tuple[str, int]]:
         """The relay's timer: claimed orders whose lease ran out by ``now_ms`` are open
-        again. Returns ``(order, token)`` for each, as :meth:`expire_leases` takes them."""
+        again. Returns ``(order, token)`` for each, oldest expiry first, as
+        :meth:`expire_leases` takes them."""
         lapsed = [
-            (lease.resource, lease.token)
-            for lease in self.leases.leases.values()
-            if not lease.valid_at(now_ms)
-            and (order := self.orders.get(lease.resource)) is not None
-            and order.status is Status.CLAIMED
+            (order.id, lease.token)
+            for order in self._lapsed(now_ms, reserved_too=True)
+            if (lease := self.leases.leases.get(order.id)) is not None
         ]
         self.expire_leases(lapsed)
         return lapsed
+
+    def next_expiry_ms(self) -> int | None:
+        """When the earliest current claim lapses (the timer's next work), if any."""
+        heap = self._claimed
+        while heap:
+            expires_ms, order_id = heap[0]
+            order = self.orders[order_id]
+            lease = self.leases.leases.get(order_id)
+            if (
+                order.status is Status.CLAIMED
+                and lease is not None
+                and lease.expires_ms == expires_ms
+            ):
+                return expires_ms
+            heapq.heappop(heap)  # renewed, ended or moved: a stale entry
+        return None
 
     def expire_leases(self, lapsed: list[tuple[str, int]]) -> None:
         """Reopen exactly these ``(order, token)`` claims (a logged expiry, replayed).
@@ -337,6 +399,13 @@ class Ledger:
         order.last_op = op.value
         order.updated_ms = now_ms
         order.history.append((now_ms, order.status, why))
+        if order.status is Status.OPEN:
+            heapq.heappush(self._open, _rank(order))
+
+
+def _rank(order: WorkOrder) -> tuple[int, int, str]:
+    """Order of :meth:`Ledger.next`: highest priority first, then the oldest."""
+    return (-order.contract.priority, int(order.id[3:]), order.id)
 
 
 def _from_lease(refused: Refused) -> Rejection:

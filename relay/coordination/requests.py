@@ -440,7 +440,7 @@ class Coordinator:
 
     def next_expiry_ms(self) -> int | None:
         times = [
-            self.ledger.leases.next_expiry_ms(),
+            self.ledger.next_expiry_ms(),
             self.directory.next_expiry_ms(),
             self.auctions.next_deadline_ms(),
         ]

@@ -1,0 +1,84 @@
+"""``wo.next`` reads an index, not every order: it must pick exactly what a scan would.
+
+A relay decides requests again when it replays its log, so the pick is part of the
+protocol: the property below drives a ledger through random claims, renewals,
+releases, completions, blocks, reservations, timer runs and clock jumps, and at
+every ``next`` compares its choice with the scan of the definition (the open order
+of highest priority, oldest first, counting lapsed claims as open and skipping
+reserved orders).
+"""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from relay.coordination.ledger import Contract, Done, Ledger, Rejection, Status, WorkOrder
+
+AGENTS = [bytes([n]) * 32 for n in range(1, 4)]
+
+step = st.one_of(
+    st.tuples(st.just("create"), st.integers(0, 3)),
+    st.tuples(st.just("next"), st.integers(0, 2)),
+    st.tuples(st.just("renew"), st.integers(0, 2)),
+    st.tuples(st.just("release"), st.integers(0, 2)),
+    st.tuples(st.just("done"), st.integers(0, 2)),
+    st.tuples(st.just("block"), st.integers(0, 2)),
+    st.tuples(st.just("reopen"), st.integers(0, 30)),
+    st.tuples(st.just("reserve"), st.integers(0, 30)),
+    st.tuples(st.just("unreserve"), st.integers(0, 30)),
+    st.tuples(st.just("timer"), st.just(0)),
+    st.tuples(st.just("wait"), st.integers(0, 40_000)),
+)
+
+
+def scan(ledger: Ledger, now: int) -> str | None:
+    """The definition of ``next``'s pick, by brute force."""
+    candidates: list[WorkOrder] = [
+        order
+        for order in ledger.orders.values()
+        if ledger.status(order.id, now) is Status.OPEN and order.id not in ledger.reserved
+    ]
+    if not candidates:
+        return None
+    return max(candidates, key=lambda o: (o.contract.priority, -int(o.id[3:]))).id
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(step, max_size=60))
+def test_next_picks_what_a_scan_of_every_order_would(steps: list[tuple[str, int]]) -> None:
+    ledger = Ledger()
+    now = 0
+    held: dict[bytes, tuple[str, int]] = {}
+    for op, arg in steps:
+        if op == "create":
+            ledger.create(Contract(title="t", priority=arg), AGENTS[0], now)
+        elif op == "next":
+            expected = scan(ledger, now)
+            outcome = ledger.next(AGENTS[arg], now, ttl_ms=10_000)
+            if expected is None:
+                assert isinstance(outcome, Rejection)
+            else:
+                assert isinstance(outcome, Done) and outcome.order == expected
+                assert outcome.lease is not None
+                held[AGENTS[arg]] = (outcome.order, outcome.lease.token)
+        elif op in ("renew", "release", "done", "block") and AGENTS[arg] in held:
+            order, token = held[AGENTS[arg]]
+            if op == "renew":
+                ledger.renew(order, AGENTS[arg], token, now, ttl_ms=10_000)
+            elif op == "release":
+                ledger.release(order, AGENTS[arg], token, now)
+            else:
+                status = Status.DONE if op == "done" else Status.BLOCKED
+                ledger.update(order, AGENTS[arg], token, status, now)
+        elif op == "reopen" and f"wo-{arg}" in ledger.orders:
+            ledger.update(f"wo-{arg}", AGENTS[0], None, Status.OPEN, now)  # blocked: anyone
+        elif op == "reserve" and f"wo-{arg}" in ledger.orders:
+            ledger.reserved[f"wo-{arg}"] = "auction-1"
+        elif op == "unreserve":
+            ledger.reserved.pop(f"wo-{arg}", None)
+        elif op == "timer":
+            ledger.expire(now)
+        elif op == "wait":
+            now += arg
+    assert (scan(ledger, now) is None) == isinstance(ledger.next(AGENTS[0], now), Rejection)
