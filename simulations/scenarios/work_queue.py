@@ -18,7 +18,10 @@ from simulations.scenarios.common import NS, RELAY, plan, relay_config, tally
 from simulations.world import VirtualWorld, identity_of
 
 IDLE_MS = (500, 3_000)
-"""How long an agent that found nothing open waits before it asks again."""
+"""How long an agent that found nothing open first waits before it asks again; each
+further miss doubles the wait, up to :data:`IDLE_MAX_MS` (agents back off, as real
+ones do, instead of hammering the relay while every order is taken)."""
+IDLE_MAX_MS = 30_000
 
 
 class Progress:
@@ -76,14 +79,18 @@ async def agent(
 
 async def work(ledger: Ledger, rng, policy: Policy, progress: Progress) -> bool:  # type: ignore[no-untyped-def]
     """Work until the backlog is done (False) or until this life crashes (True)."""
+    misses = 0
     while not progress.finished.is_set():
         try:
             claim = await ledger.next()
         except LedgerRefusal as refusal:
             if refusal.problem != "nothing_open":
                 raise
-            await trio.sleep(rng.randint(*IDLE_MS) / 1000)
+            wait_ms = min(IDLE_MAX_MS, rng.randint(*IDLE_MS) << min(misses, 8))
+            misses += 1
+            await trio.sleep(wait_ms / 1000)
             continue
+        misses = 0
         task_ms = policy.task_ms(rng)
         if policy.crashes(rng):
             await trio.sleep(rng.randint(0, task_ms) / 1000)
