@@ -48,7 +48,9 @@ class SharedDoc:
         self.ns = ns
         self.name = name
         self.sub = sub
-        self.doc: pycrdt.Doc[Any] = pycrdt.Doc()
+        # A seeded client draws its Yjs client id too, so a simulated run repeats.
+        client_id = None if client.rng is None else client.rng.getrandbits(32)
+        self.doc: pycrdt.Doc[Any] = pycrdt.Doc(client_id=client_id)
         self.awareness = pycrdt.Awareness(self.doc)
         self.epoch: int | None = None
         self.seq = 0

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 from simulations.model import Settings, Summary
-from simulations.scenarios import no_coordination, work_queue
+from simulations.scenarios import no_coordination, shared_doc, work_queue
 from simulations.world import VirtualWorld
 
 Scenario = Callable[[VirtualWorld, Settings], Awaitable[Summary]]
@@ -15,4 +15,5 @@ Scenario = Callable[[VirtualWorld, Settings], Awaitable[Summary]]
 SCENARIOS: dict[str, Scenario] = {
     "work_queue": work_queue.run,
     "no_coordination": no_coordination.run,
+    "shared_doc": shared_doc.run,
 }

@@ -38,6 +38,14 @@ def test_coordination_prevents_the_duplicate_work_the_baseline_shows() -> None:
     assert baseline.duplicate_work > 0 and baseline.conflicting_results > 0
 
 
+def test_replicas_editing_through_crashes_converge_and_repeat() -> None:
+    settings = Settings(scenario="shared_doc", agents=12, orders=6, seed=4, crash_rate=0.1)
+    first, again = run_virtual(settings), run_virtual(settings)
+    assert first.extra["converged"] and first.done == 12 * 6 and first.zombies == 0
+    assert first.crashes > 0  # replicas died and came back, synced by state vector
+    assert first.log_hash == again.log_hash
+
+
 def test_sim_run_writes_its_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = main(
         ["sim", "run", "no_coordination", "--agents", "5", "--orders", "20", "--virtual-time",
@@ -64,8 +72,8 @@ def test_sim_sweep_writes_json_and_a_plot(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "says"),
     [
-        (["run", "bogus", "--virtual-time"], "choose from no_coordination, work_queue"),
-        (["run", "shared_doc", "--virtual-time"], "not built yet"),
+        (["run", "bogus", "--virtual-time"], "choose from no_coordination, shared_doc, work_queue"),
+        (["run", "federated", "--virtual-time"], "not built yet"),
         (["run", "work_queue"], "add --virtual-time"),
         (["run", "work_queue", "--virtual-time", "--crash-rate", "1.5"], "probability"),
         (["run", "work_queue", "--virtual-time", "--policy", "lazy"], "choose from uniform"),
