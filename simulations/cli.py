@@ -19,7 +19,7 @@ from simulations.model import POLICIES, Settings, Summary, UsageError
 from simulations.plot import line_chart
 from simulations.scenarios import SCENARIOS
 
-PLANNED = ("auction_market", "federated")
+PLANNED = ("federated",)
 """Scenarios the issue lists that are not built yet: named in errors, refused."""
 
 

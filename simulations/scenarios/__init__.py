@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 from simulations.model import Settings, Summary
-from simulations.scenarios import no_coordination, shared_doc, work_queue
+from simulations.scenarios import auction_market, no_coordination, shared_doc, work_queue
 from simulations.world import VirtualWorld
 
 Scenario = Callable[[VirtualWorld, Settings], Awaitable[Summary]]
@@ -16,4 +16,5 @@ SCENARIOS: dict[str, Scenario] = {
     "work_queue": work_queue.run,
     "no_coordination": no_coordination.run,
     "shared_doc": shared_doc.run,
+    "auction_market": auction_market.run,
 }

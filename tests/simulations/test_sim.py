@@ -72,7 +72,10 @@ def test_sim_sweep_writes_json_and_a_plot(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "says"),
     [
-        (["run", "bogus", "--virtual-time"], "choose from no_coordination, shared_doc, work_queue"),
+        (
+            ["run", "bogus", "--virtual-time"],
+            "choose from auction_market, no_coordination, shared_doc",
+        ),
         (["run", "federated", "--virtual-time"], "not built yet"),
         (["run", "work_queue"], "add --virtual-time"),
         (["run", "work_queue", "--virtual-time", "--crash-rate", "1.5"], "probability"),
@@ -90,3 +93,16 @@ def test_bad_settings_are_usage_errors_before_anything_runs(
     assert main(["sim", *args, "--out", str(out)]) == 2
     assert says in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_an_auction_market_slashes_every_failure_and_conserves_stake() -> None:
+    settings = Settings(scenario="auction_market", agents=10, orders=30, seed=3, crash_rate=0.05)
+    first, again = run_virtual(settings), run_virtual(settings)
+    assert first.log_hash == again.log_hash
+    extra = first.extra
+    assert first.done + extra["unawarded"] == 30 and first.zombies == 0
+    failures = extra["failed"]["reliable"] + extra["failed"]["flaky"]
+    assert failures > 0
+    assert extra["slashed_total"] == 2 * failures  # 20% of a 10 stake, each time
+    assert extra["stake_held"] + extra["slashed_total"] == extra["granted_total"]
+    assert extra["reliable_mean_reputation"] > extra["flaky_mean_reputation"]
