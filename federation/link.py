@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
@@ -35,9 +35,17 @@ BACKOFF_FIRST, BACKOFF_MAX = 0.1, 5.0
 class Link:
     """The dialled connection to one peer; :meth:`wait_up` hands out its client."""
 
-    def __init__(self, peer: Peer, identity: Identity, *, max_message: int) -> None:
+    def __init__(
+        self,
+        peer: Peer,
+        identity: Identity,
+        *,
+        max_message: int,
+        dial: Callable[[], Awaitable[trio.abc.Stream]] | None = None,
+    ) -> None:
         assert peer.url is not None
         self.peer = peer
+        self.dial = dial  # the in-memory network of virtual-time simulations
         self.identity = identity
         self.max_message = max_message
         self.client: RelayClient | None = None
@@ -88,6 +96,7 @@ class Link:
                     relay_key=self.peer.key,
                     reconnect=False,
                     max_message=self.max_message,
+                    dial=self.dial,
                 ) as client:
                     if client.relay_name != self.peer.name:
                         raise RelayMismatch(

@@ -82,14 +82,26 @@ class FederationConfig:
 class Federation:
     """The federation side of one relay: its links, outboxes and mirrors."""
 
-    def __init__(self, node: RelayNode, config: FederationConfig, store: OutboxStore) -> None:
+    def __init__(
+        self,
+        node: RelayNode,
+        config: FederationConfig,
+        store: OutboxStore,
+        *,
+        dialer: Callable[[Peer], Callable[[], Awaitable[trio.abc.Stream]]] | None = None,
+    ) -> None:
         self.node = node
         self.config = config
         self.peers = check_peers(list(config.peers), node.config.name)
         self.peer_keys = {peer.key: peer for peer in config.peers}
         max_message = 4 * node.config.max_frame + 4096  # a peer's bundles: twice a frame, and some
         self.links = {
-            peer.name: Link(peer, node.identity, max_message=max_message)
+            peer.name: Link(
+                peer,
+                node.identity,
+                max_message=max_message,
+                dial=None if dialer is None else dialer(peer),
+            )
             for peer in config.peers
             if peer.url is not None
         }

@@ -67,6 +67,8 @@ class Settings:
     """How long a crashed agent stays down before it comes back."""
     snapshot_ms: int = 10_000
     """How stale the backlog an uncoordinated agent picks from is (no_coordination)."""
+    relays: int = 1
+    """Relays of a ``federated`` run (1 for every other scenario)."""
     duration_s: float = 24 * 3600.0
     """Virtual seconds after which a run stops, finished or not."""
 
@@ -87,6 +89,11 @@ class Settings:
             raise UsageError("work time: 0 < low <= high (ms)")
         if self.ttl_ms <= high:
             raise UsageError(f"--ttl ({self.ttl_ms} ms) must outlast the longest task ({high} ms)")
+        federated = self.scenario == "federated"
+        if federated and not 2 <= self.relays <= 16:
+            raise UsageError("federated: --relays from 2 to 16")
+        if not federated and self.relays != 1:
+            raise UsageError(f"{self.scenario}: one relay (--relays is for `federated`)")
         if self.duration_s <= 0:
             raise UsageError("--duration must be positive")
 

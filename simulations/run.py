@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import time
 
 import trio
@@ -17,6 +18,7 @@ def run_virtual(settings: Settings) -> Summary:
     """Run ``settings`` under trio's autojump ``MockClock``; returns its summary."""
     settings.check(sorted(SCENARIOS))
     seed_scheduler(settings.seed)
+    random.seed(settings.seed)  # reconnect backoff jitter (links, clients) draws from it
     world = VirtualWorld(settings.seed)
     began = time.perf_counter()
     clock = trio.testing.MockClock(autojump_threshold=0)

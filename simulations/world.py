@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -20,6 +20,9 @@ import trio
 
 from agent_sdk.client import RelayClient
 from agent_sdk.identity import Identity
+from federation.network import Federation, FederationConfig
+from federation.outbox import MemoryOutboxStore
+from federation.peers import Peer
 from relay.node import RelayConfig, RelayNode
 from relay.server import serve_relay
 from relay.store.memory import MemoryStore
@@ -48,6 +51,7 @@ class VirtualWorld:
 
     seed: int
     relays: dict[str, VirtualRelay] = field(default_factory=dict)
+    listeners: dict[str, MemoryListener] = field(default_factory=dict)
 
     def now_ms(self) -> int:
         return EPOCH_MS + int(trio.current_time() * 1000)
@@ -55,24 +59,54 @@ class VirtualWorld:
     def rng(self, purpose: str) -> random.Random:
         return random.Random(f"{self.seed}/{purpose}")
 
-    async def start_relay(self, nursery: trio.Nursery, config: RelayConfig) -> VirtualRelay:
+    def relay_identity(self, name: str) -> Identity:
+        return identity_of(self.seed, "relay", int.from_bytes(name.encode(), "big"))
+
+    async def start_relay(
+        self, nursery: trio.Nursery, config: RelayConfig, peers: tuple[str, ...] = ()
+    ) -> VirtualRelay:
+        """Start relay ``config.name``; with ``peers``, federated with those relays
+        (each listed as a direct peer: links dial over the in-memory network)."""
         store = MemoryStore()
-        identity = identity_of(self.seed, "relay", len(self.relays))
-        node = RelayNode(identity, store, config, wall_ms=self.now_ms)
-        listener = MemoryListener()
+        identity = self.relay_identity(config.name)
+        mirrors = MemoryStore() if peers else None
+        node = RelayNode(identity, store, config, wall_ms=self.now_ms, mirror_store=mirrors)
+        listener = self.listener(config.name)
+        self.relays[config.name] = VirtualRelay(node, listener, store)
         await nursery.start(node.run)
+        if peers:
+            listed = tuple(
+                Peer(name, self.relay_identity(name).public_key, url=f"ws://{name}.sim/")
+                for name in peers
+            )
+            network = Federation(
+                node,
+                FederationConfig(listed),
+                MemoryOutboxStore(),
+                dialer=lambda peer: self._dial(peer.name),
+            )
+            await nursery.start(network.run)
         await nursery.start(
             lambda task_status: serve_relay(node, listeners=[listener], task_status=task_status)
         )
-        relay = self.relays[config.name] = VirtualRelay(node, listener, store)
-        return relay
+        return self.relays[config.name]
+
+    def listener(self, name: str) -> MemoryListener:
+        """Where relay ``name`` listens (made on first use: a peer may dial a relay
+        that has not started yet; the stream waits to be accepted)."""
+        if name not in self.listeners:
+            self.listeners[name] = MemoryListener(name)
+        return self.listeners[name]
+
+    def _dial(self, name: str) -> Callable[[], Awaitable[trio.abc.Stream]]:
+        return self.listener(name).dial
 
     @asynccontextmanager
     async def client(
         self, relay: str, identity: Identity, purpose: str
     ) -> AsyncIterator[RelayClient]:
         """An agent's connection: its own nonce stream, the shared virtual clock."""
-        listener = self.relays[relay].listener
+        listener = self.listener(relay)
         async with RelayClient.connect(
             f"ws://{relay}.sim/",
             identity,
@@ -88,7 +122,7 @@ class VirtualWorld:
         runs made the same log exactly when these are equal."""
         digest = hashlib.blake2b(digest_size=32)
         for name in sorted(self.relays):
-            store = self.relays[name].store
+            store = self.relays[name].store  # homed logs only: mirrors are copies
             for ns in store.namespaces():
                 for record in store.scan(ns):
                     digest.update(record.receipt)

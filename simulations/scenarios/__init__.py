@@ -7,7 +7,13 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 from simulations.model import Settings, Summary
-from simulations.scenarios import auction_market, no_coordination, shared_doc, work_queue
+from simulations.scenarios import (
+    auction_market,
+    federated,
+    no_coordination,
+    shared_doc,
+    work_queue,
+)
 from simulations.world import VirtualWorld
 
 Scenario = Callable[[VirtualWorld, Settings], Awaitable[Summary]]
@@ -17,4 +23,5 @@ SCENARIOS: dict[str, Scenario] = {
     "no_coordination": no_coordination.run,
     "shared_doc": shared_doc.run,
     "auction_market": auction_market.run,
+    "federated": federated.run,
 }

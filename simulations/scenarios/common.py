@@ -8,6 +8,7 @@ from collections import Counter, defaultdict
 import trio
 
 from agent_sdk.ledger import Ledger
+from agent_sdk.wire import decode
 from relay.coordination.leases import TtlBounds
 from relay.node import RelayConfig
 from simulations.model import Settings, Summary
@@ -19,40 +20,52 @@ PLANNER_LANES = 32
 """Orders created concurrently by the planner (one connection, pipelined)."""
 
 
-def relay_config(settings: Settings) -> RelayConfig:
+def relay_config(settings: Settings, name: str = RELAY) -> RelayConfig:
     claims = TtlBounds(min_ms=1_000, max_ms=24 * 3600 * 1000, default_ms=settings.ttl_ms)
-    return RelayConfig(name=RELAY, claim_ttl=claims, lock_ttl=claims)
+    return RelayConfig(name=name, claim_ttl=claims, lock_ttl=claims)
 
 
-async def plan(world: VirtualWorld, settings: Settings) -> list[str]:
-    """Create the backlog: ``settings.orders`` work orders, random priorities."""
-    rng = world.rng("planner")
-    priorities = [rng.randint(0, 4) for _ in range(settings.orders)]
-    orders: list[str | None] = [None] * settings.orders
-    async with world.client(RELAY, identity_of(settings.seed, "planner", 0), "planner") as c:
-        ledger = Ledger(c, NS)
+async def plan(
+    world: VirtualWorld,
+    settings: Settings,
+    relay: str = RELAY,
+    ns: str = NS,
+    count: int | None = None,
+) -> list[str]:
+    """Create a backlog in ``ns`` (``count`` orders, default all): random priorities."""
+    count = settings.orders if count is None else count
+    rng = world.rng(f"planner/{ns}")
+    priorities = [rng.randint(0, 4) for _ in range(count)]
+    orders: list[str | None] = [None] * count
+    planner = identity_of(settings.seed, "planner", 0)
+    async with world.client(relay, planner, f"planner/{ns}") as c:
+        ledger = Ledger(c, ns)
 
         async def lane(first: int) -> None:
-            for n in range(first, settings.orders, PLANNER_LANES):
+            for n in range(first, count, PLANNER_LANES):
                 orders[n] = await ledger.create(f"task {n}", priority=priorities[n])
 
         async with trio.open_nursery() as nursery:
-            for first in range(min(PLANNER_LANES, settings.orders)):
+            for first in range(min(PLANNER_LANES, count)):
                 nursery.start_soon(lane, first)
     return [order for order in orders if order is not None]
 
 
-def tally(relay: VirtualRelay, summary: Summary) -> None:
+def tally(relay: VirtualRelay, summary: Summary, namespaces: tuple[str, ...] = (NS,)) -> None:
     """Read the outcome off the log: results per order, expiries, events."""
-    results: dict[str, list[str]] = defaultdict(list)
-    kinds: Counter[str] = Counter()
-    for record in relay.store.scan(NS):
-        kinds[record.kind] += 1
-        if record.kind == "app.result":
-            from agent_sdk.wire import decode
+    tally_logs([(relay, ns) for ns in namespaces], summary)
 
-            body = decode(record.event)["body"]
-            results[body["wo"]].append(body["value"])
+
+def tally_logs(logs: list[tuple[VirtualRelay, str]], summary: Summary) -> None:
+    """:func:`tally` over namespaces homed on several relays."""
+    results: dict[tuple[str, str], list[str]] = defaultdict(list)
+    kinds: Counter[str] = Counter()
+    for relay, ns in logs:
+        for record in relay.store.scan(ns):
+            kinds[record.kind] += 1
+            if record.kind == "app.result":
+                body = decode(record.event)["body"]
+                results[(ns, body["wo"])].append(body["value"])
     summary.events = sum(kinds.values())
     summary.expiries = kinds["lease.expired"]
     summary.done = len(results)

@@ -60,16 +60,23 @@ async def run(world: VirtualWorld, settings: Settings) -> Summary:
 
 
 async def agent(
-    world: VirtualWorld, settings: Settings, policy: Policy, n: int, progress: Progress
+    world: VirtualWorld,
+    settings: Settings,
+    policy: Policy,
+    n: int,
+    progress: Progress,
+    relay: str = RELAY,
+    ns: str = NS,
 ) -> None:
-    """One agent's life: it works until the backlog is done, crashing and coming back."""
+    """One agent's life: it works until the backlog is done, crashing and coming back.
+    It connects to ``relay`` and works on ``ns`` (homed there, or elsewhere)."""
     rng = world.rng(f"agent/{n}")
     identity = identity_of(settings.seed, "agent", n)
     life = 0
     while not progress.finished.is_set():
         life += 1
-        async with world.client(RELAY, identity, f"agent/{n}/{life}") as client:
-            ledger = Ledger(client, NS)
+        async with world.client(relay, identity, f"agent/{n}/{life}") as client:
+            ledger = Ledger(client, ns)
             crashed = await work(ledger, rng, policy, progress)
         if not crashed:
             return
@@ -103,7 +110,10 @@ async def work(ledger: Ledger, rng, policy: Policy, progress: Progress) -> bool:
             progress.wasted += 1  # the lease moved on: this result must not count
             continue
         await ledger.client.publish(
-            NS, "app.result", {"wo": claim.order, "value": value}, nonce=ledger.client.nonce()
+            ledger.ns,
+            "app.result",
+            {"wo": claim.order, "value": value},
+            nonce=ledger.client.nonce(),
         )
         progress.finish_one()
     return False

@@ -72,11 +72,9 @@ def test_sim_sweep_writes_json_and_a_plot(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "says"),
     [
-        (
-            ["run", "bogus", "--virtual-time"],
-            "choose from auction_market, no_coordination, shared_doc",
-        ),
-        (["run", "federated", "--virtual-time"], "not built yet"),
+        (["run", "bogus", "--virtual-time"], "choose from auction_market, federated, no_coord"),
+        (["run", "federated", "--virtual-time"], "--relays from 2 to 16"),
+        (["run", "work_queue", "--virtual-time", "--relays", "3"], "one relay"),
         (["run", "work_queue"], "add --virtual-time"),
         (["run", "work_queue", "--virtual-time", "--crash-rate", "1.5"], "probability"),
         (["run", "work_queue", "--virtual-time", "--policy", "lazy"], "choose from uniform"),
@@ -106,3 +104,14 @@ def test_an_auction_market_slashes_every_failure_and_conserves_stake() -> None:
     assert extra["slashed_total"] == 2 * failures  # 20% of a 10 stake, each time
     assert extra["stake_held"] + extra["slashed_total"] == extra["granted_total"]
     assert extra["reliable_mean_reputation"] > extra["flaky_mean_reputation"]
+
+
+def test_work_sharded_over_three_relays_is_done_once_across_links() -> None:
+    settings = Settings(
+        scenario="federated", relays=3, agents=15, orders=60, seed=5, crash_rate=0.1
+    )
+    first, again = run_virtual(settings), run_virtual(settings)
+    assert first.log_hash == again.log_hash
+    assert first.done == 60 and first.duplicate_work == 0 and first.zombies == 0
+    assert first.crashes > 0
+    assert all(n > 0 for n in first.extra["forwarded"].values())  # every relay forwarded

@@ -1,0 +1,84 @@
+"""``federated``: the work queue sharded over ``--relays`` relays, worked across them.
+
+Relay ``r<i>`` homes the namespace ``work-<i>@r<i>`` and gets an equal share of the
+backlog. The relays peer with each other (full mesh, each pinning the others' keys)
+over the in-memory network. Agent ``n`` connects to relay ``r<n mod R>`` but works
+the namespace of the *next* relay, ``r<(n+1) mod R>``: every claim, renewal,
+completion and result crosses a link, is sequenced at the namespace's home, and
+comes back with the home's receipt. Crashes and lease expiry work as in
+``work_queue``; the tally reads each namespace at its home.
+"""
+
+from __future__ import annotations
+
+import trio
+
+from simulations.model import Settings, Summary
+from simulations.scenarios.common import plan, relay_config, tally_logs
+from simulations.scenarios.work_queue import Progress, agent
+from simulations.world import VirtualWorld
+
+
+def forwarded(world: VirtualWorld, name: str) -> int:
+    """Writes relay ``name`` delivered to other relays."""
+    federation = world.relays[name].node.federation
+    assert federation is not None
+    return sum(outbox.delivered for outbox in federation.outboxes.values())
+
+
+def namespace(i: int) -> str:
+    return f"work-{i}@r{i}"
+
+
+async def run(world: VirtualWorld, settings: Settings) -> Summary:
+    summary = Summary(settings.scenario, settings.agents, settings.orders, settings.seed)
+    policy = settings.make_policy()
+    names = [f"r{i}" for i in range(settings.relays)]
+    async with trio.open_nursery() as nursery:
+        for name in names:
+            peers = tuple(other for other in names if other != name)
+            await world.start_relay(nursery, relay_config(settings, name), peers)
+        for name in names:  # every link up before the clock starts
+            federation = world.relays[name].node.federation
+            assert federation is not None
+            for link in federation.links.values():
+                await link.wait_up()
+        shares = [settings.orders // len(names)] * len(names)
+        shares[0] += settings.orders - sum(shares)
+        async with trio.open_nursery() as planners:
+            for i, name in enumerate(names):
+                planners.start_soon(plan, world, settings, name, namespace(i), shares[i])
+        progress = Progress(settings.orders)
+        began = trio.current_time()
+        with trio.move_on_after(settings.duration_s):
+            async with trio.open_nursery() as agents:
+                for n in range(settings.agents):
+                    home = n % len(names)
+                    works_on = (home + 1) % len(names)
+                    agents.start_soon(
+                        agent,
+                        world,
+                        settings,
+                        policy,
+                        n,
+                        progress,
+                        names[home],
+                        namespace(works_on),
+                    )
+                await progress.finished.wait()
+                agents.cancel_scope.cancel()
+        summary.virtual_seconds = round(trio.current_time() - began, 3)
+        nursery.cancel_scope.cancel()
+    logs = [(world.relays[name], namespace(i)) for i, name in enumerate(names)]
+    tally_logs(logs, summary)
+    summary.crashes = progress.crashes
+    summary.wasted_work = progress.wasted
+    summary.extra = {
+        "relays": len(names),
+        "events_per_relay": {
+            name: sum(1 for _ in world.relays[name].store.scan(namespace(i)))
+            for i, name in enumerate(names)
+        },
+        "forwarded": {name: forwarded(world, name) for name in names},
+    }
+    return summary
