@@ -17,7 +17,7 @@ from typing import Any
 
 from simulations.model import POLICIES, Settings, Summary, UsageError
 from simulations.plot import line_chart
-from simulations.scenarios import SCENARIOS
+from simulations.scenarios import REAL, SCENARIOS
 
 PLANNED: tuple[str, ...] = ()
 """Scenarios the issue lists that are not built yet: named in errors, refused."""
@@ -49,7 +49,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--snapshot", default="10s", help="staleness of no_coordination's view")
     p.add_argument("--duration", default="24h", help="stop after this much virtual time")
     p.add_argument("--relays", type=int, default=1, help="relays of a `federated` run")
-    p.add_argument("--virtual-time", action="store_true", help="in-process, MockClock")
+    p.add_argument(
+        "--virtual-time", action="store_true", help="in-process, MockClock (else: real time)"
+    )
     p.add_argument("--out", required=True, help="directory for the results")
 
 
@@ -76,10 +78,8 @@ def _settings_of(
             f"scenario {args.scenario!r} is not built yet; choose from "
             f"{', '.join(sorted(SCENARIOS))}"
         )
-    if not args.virtual_time:
-        raise UsageError(
-            "real mode (relay processes, real sockets) is not built yet: add --virtual-time"
-        )
+    if not args.virtual_time and args.scenario not in REAL:
+        raise UsageError(f"real mode runs {', '.join(REAL)} so far: add --virtual-time")
     settings = Settings(
         scenario=args.scenario,
         agents=agents,
@@ -99,7 +99,7 @@ def _settings_of(
 
 
 def cmd_run(args: argparse.Namespace, duration: Callable[[str, str], int]) -> int:
-    from simulations.run import run_virtual
+    from simulations.run import run_real, run_virtual
 
     try:
         settings = settings_of(args, args.agents, args.seed, duration)
@@ -108,19 +108,21 @@ def cmd_run(args: argparse.Namespace, duration: Callable[[str, str], int]) -> in
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    mode = "virtual time" if args.virtual_time else "real time, a relay process on loopback"
     _progress(
         f"{settings.scenario}: {settings.agents} agents, {settings.orders} orders, "
-        f"seed {settings.seed}, virtual time"
+        f"seed {settings.seed}, {mode}"
     )
-    summary = run_virtual(settings)
+    summary = (run_virtual if args.virtual_time else run_real)(settings)
     (out / "summary.json").write_text(json.dumps(summary.to_json(), indent=2) + "\n")
     print(json.dumps(summary.to_json()))
     return 0
 
 
 def cmd_sweep(args: argparse.Namespace, duration: Callable[[str, str], int]) -> int:
-    from simulations.run import run_virtual
+    from simulations.run import run_real, run_virtual
 
+    run = run_virtual if args.virtual_time else run_real
     try:
         sizes = [int(n) for n in args.agents.split(",")]
         seeds = _seeds(args.seeds)
@@ -135,7 +137,7 @@ def cmd_sweep(args: argparse.Namespace, duration: Callable[[str, str], int]) -> 
         _progress(
             f"[{i}/{len(grid)}] {settings.scenario}: {settings.agents} agents, seed {settings.seed}"
         )
-        runs.append(run_virtual(settings))
+        runs.append(run(settings))
     points = []
     for n in sizes:
         mine = [r for r in runs if r.agents == n]

@@ -3,15 +3,34 @@
 from __future__ import annotations
 
 import random
+import tempfile
 import time
+from pathlib import Path
 
 import trio
 import trio.testing
 
 from simulations.memnet import seed_scheduler
 from simulations.model import Settings, Summary
+from simulations.realworld import RealWorld
 from simulations.scenarios import SCENARIOS
 from simulations.world import VirtualWorld
+
+
+def run_real(settings: Settings) -> Summary:
+    """Run ``settings`` against a relay process on loopback, in real time."""
+    settings.check(sorted(SCENARIOS))
+    began = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="formicary-sim-") as tmp:
+        world = RealWorld(settings.seed, Path(tmp))
+        summary = trio.run(SCENARIOS[settings.scenario], world, settings)
+        summary.log_hash = world.log_hash()
+        for relay in world.relays.values():
+            if relay._store is not None:
+                relay._store.close()
+    summary.wall_seconds = round(time.perf_counter() - began, 3)
+    summary.extra["mode"] = "real"
+    return summary
 
 
 def run_virtual(settings: Settings) -> Summary:

@@ -15,6 +15,7 @@ import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol, TypeAlias
 
 import trio
 
@@ -25,8 +26,12 @@ from federation.outbox import MemoryOutboxStore
 from federation.peers import Peer
 from relay.node import RelayConfig, RelayNode
 from relay.server import serve_relay
+from relay.store import Store
 from relay.store.memory import MemoryStore
 from simulations.memnet import MemoryListener
+
+if TYPE_CHECKING:
+    from simulations.realworld import RealWorld
 
 EPOCH_MS = 1_800_000_000_000
 """Virtual time 0 as wall-clock ms (a fixed date: timestamps repeat across runs)."""
@@ -36,6 +41,13 @@ def identity_of(seed: int, role: str, n: int) -> Identity:
     """A deterministic key per (run seed, role, number)."""
     material = hashlib.blake2b(f"{seed}/{role}/{n}".encode(), digest_size=32).digest()
     return Identity.from_seed(material)
+
+
+class HostsLogs(Protocol):
+    """A relay as a scenario's tally reads it: its store of homed logs."""
+
+    @property
+    def store(self) -> Store: ...
 
 
 @dataclass
@@ -129,3 +141,7 @@ class VirtualWorld:
                     digest.update(record.event)
                     digest.update(record.sig)
         return digest.hexdigest()
+
+
+World: TypeAlias = "VirtualWorld | RealWorld"
+"""Where a scenario runs: in virtual time, or for real (:mod:`simulations.realworld`)."""

@@ -14,9 +14,9 @@ from simulations.scenarios import (
     shared_doc,
     work_queue,
 )
-from simulations.world import VirtualWorld
+from simulations.world import World
 
-Scenario = Callable[[VirtualWorld, Settings], Awaitable[Summary]]
+Scenario = Callable[[World, Settings], Awaitable[Summary]]
 
 SCENARIOS: dict[str, Scenario] = {
     "work_queue": work_queue.run,
@@ -25,3 +25,6 @@ SCENARIOS: dict[str, Scenario] = {
     "auction_market": auction_market.run,
     "federated": federated.run,
 }
+
+REAL = ("auction_market", "no_coordination", "work_queue")
+"""Scenarios that also run for real (a relay process, real sockets)."""

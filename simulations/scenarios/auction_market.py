@@ -28,7 +28,7 @@ from agent_sdk.directory import Directory
 from agent_sdk.ledger import Ledger, LedgerRefusal
 from simulations.model import Policy, Settings, Summary
 from simulations.scenarios.common import RELAY, relay_config
-from simulations.world import VirtualWorld, identity_of
+from simulations.world import World, identity_of
 
 NS = "market@sim"
 STAKE = 10
@@ -48,7 +48,7 @@ class Market:
         self.unawarded = 0
 
 
-async def run(world: VirtualWorld, settings: Settings) -> Summary:
+async def run(world: World, settings: Settings) -> Summary:
     summary = Summary(settings.scenario, settings.agents, settings.orders, settings.seed)
     policy = settings.make_policy()
     market = Market()
@@ -79,7 +79,7 @@ async def run(world: VirtualWorld, settings: Settings) -> Summary:
     return summary
 
 
-async def requester(world: VirtualWorld, settings: Settings, market: Market) -> None:
+async def requester(world: World, settings: Settings, market: Market) -> None:
     identity = identity_of(settings.seed, "requester", 0)
     async with world.client(RELAY, identity, "requester") as client:
         auctions = Auctions(client, NS)
@@ -109,7 +109,7 @@ async def requester(world: VirtualWorld, settings: Settings, market: Market) -> 
 
 
 async def bidder(
-    world: VirtualWorld,
+    world: World,
     settings: Settings,
     policy: Policy,
     n: int,
@@ -173,7 +173,7 @@ async def trade(client, rng: random.Random, policy: Policy, kind: str, market: M
     return False
 
 
-async def standings(world: VirtualWorld, settings: Settings, kinds: list[str]) -> dict[str, object]:
+async def standings(world: World, settings: Settings, kinds: list[str]) -> dict[str, object]:
     """Mean balance and reputation per kind of agent at the end."""
     async with world.client(RELAY, identity_of(settings.seed, "observer", 0), "observer") as c:
         auctions = Auctions(c, NS)

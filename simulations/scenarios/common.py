@@ -4,6 +4,7 @@ what the log says happened."""
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 
 import trio
 
@@ -12,7 +13,7 @@ from agent_sdk.wire import decode
 from relay.coordination.leases import TtlBounds
 from relay.node import RelayConfig
 from simulations.model import Settings, Summary
-from simulations.world import VirtualRelay, VirtualWorld, identity_of
+from simulations.world import HostsLogs, World, identity_of
 
 NS = "work@sim"
 RELAY = "sim"
@@ -26,7 +27,7 @@ def relay_config(settings: Settings, name: str = RELAY) -> RelayConfig:
 
 
 async def plan(
-    world: VirtualWorld,
+    world: World,
     settings: Settings,
     relay: str = RELAY,
     ns: str = NS,
@@ -51,12 +52,12 @@ async def plan(
     return [order for order in orders if order is not None]
 
 
-def tally(relay: VirtualRelay, summary: Summary, namespaces: tuple[str, ...] = (NS,)) -> None:
+def tally(relay: HostsLogs, summary: Summary, namespaces: tuple[str, ...] = (NS,)) -> None:
     """Read the outcome off the log: results per order, expiries, events."""
     tally_logs([(relay, ns) for ns in namespaces], summary)
 
 
-def tally_logs(logs: list[tuple[VirtualRelay, str]], summary: Summary) -> None:
+def tally_logs(logs: Sequence[tuple[HostsLogs, str]], summary: Summary) -> None:
     """:func:`tally` over namespaces homed on several relays."""
     results: dict[tuple[str, str], list[str]] = defaultdict(list)
     kinds: Counter[str] = Counter()

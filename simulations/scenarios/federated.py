@@ -16,7 +16,7 @@ import trio
 from simulations.model import Settings, Summary
 from simulations.scenarios.common import plan, relay_config, tally_logs
 from simulations.scenarios.work_queue import Progress, agent
-from simulations.world import VirtualWorld
+from simulations.world import VirtualWorld, World
 
 
 def forwarded(world: VirtualWorld, name: str) -> int:
@@ -30,7 +30,8 @@ def namespace(i: int) -> str:
     return f"work-{i}@r{i}"
 
 
-async def run(world: VirtualWorld, settings: Settings) -> Summary:
+async def run(world: World, settings: Settings) -> Summary:
+    assert isinstance(world, VirtualWorld), "virtual time only (settings are checked before)"
     summary = Summary(settings.scenario, settings.agents, settings.orders, settings.seed)
     policy = settings.make_policy()
     names = [f"r{i}" for i in range(settings.relays)]

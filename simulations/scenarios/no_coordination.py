@@ -13,7 +13,7 @@ import trio
 
 from simulations.model import Policy, Settings, Summary
 from simulations.scenarios.common import NS, RELAY, plan, relay_config, tally
-from simulations.world import VirtualWorld, identity_of
+from simulations.world import World, identity_of
 
 
 class Board:
@@ -29,7 +29,7 @@ class Board:
             self.finished.set()
 
 
-async def run(world: VirtualWorld, settings: Settings) -> Summary:
+async def run(world: World, settings: Settings) -> Summary:
     summary = Summary(settings.scenario, settings.agents, settings.orders, settings.seed)
     policy = settings.make_policy()
     async with trio.open_nursery() as nursery:
@@ -48,9 +48,7 @@ async def run(world: VirtualWorld, settings: Settings) -> Summary:
     return summary
 
 
-async def agent(
-    world: VirtualWorld, settings: Settings, policy: Policy, n: int, board: Board
-) -> None:
+async def agent(world: World, settings: Settings, policy: Policy, n: int, board: Board) -> None:
     rng = world.rng(f"agent/{n}")
     identity = identity_of(settings.seed, "agent", n)
     async with world.client(RELAY, identity, f"agent/{n}") as client:

@@ -21,7 +21,7 @@ from agent_sdk.docs import SharedDoc, state_vector
 from relay.documents import LiveDoc
 from simulations.model import Policy, Settings, Summary
 from simulations.scenarios.common import RELAY, relay_config
-from simulations.world import VirtualWorld, identity_of
+from simulations.world import VirtualWorld, World, identity_of
 
 NS = "docs@sim"
 
@@ -43,7 +43,8 @@ class Room:
             self.all_edited.set()
 
 
-async def run(world: VirtualWorld, settings: Settings) -> Summary:
+async def run(world: World, settings: Settings) -> Summary:
+    assert isinstance(world, VirtualWorld), "virtual time only (settings are checked before)"
     summary = Summary(settings.scenario, settings.agents, settings.orders, settings.seed)
     policy = settings.make_policy()
     docs = max(1, settings.agents // 10)

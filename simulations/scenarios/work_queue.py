@@ -15,7 +15,7 @@ import trio
 from agent_sdk.ledger import Ledger, LedgerRefusal
 from simulations.model import Policy, Settings, Summary
 from simulations.scenarios.common import NS, RELAY, plan, relay_config, tally
-from simulations.world import VirtualWorld, identity_of
+from simulations.world import World, identity_of
 
 IDLE_MS = (500, 3_000)
 """How long an agent that found nothing open first waits before it asks again; each
@@ -37,7 +37,7 @@ class Progress:
             self.finished.set()
 
 
-async def run(world: VirtualWorld, settings: Settings) -> Summary:
+async def run(world: World, settings: Settings) -> Summary:
     summary = Summary(settings.scenario, settings.agents, settings.orders, settings.seed)
     policy = settings.make_policy()
     async with trio.open_nursery() as nursery:
@@ -60,7 +60,7 @@ async def run(world: VirtualWorld, settings: Settings) -> Summary:
 
 
 async def agent(
-    world: VirtualWorld,
+    world: World,
     settings: Settings,
     policy: Policy,
     n: int,

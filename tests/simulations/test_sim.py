@@ -75,7 +75,7 @@ def test_sim_sweep_writes_json_and_a_plot(tmp_path: Path) -> None:
         (["run", "bogus", "--virtual-time"], "choose from auction_market, federated, no_coord"),
         (["run", "federated", "--virtual-time"], "--relays from 2 to 16"),
         (["run", "work_queue", "--virtual-time", "--relays", "3"], "one relay"),
-        (["run", "work_queue"], "add --virtual-time"),
+        (["run", "shared_doc"], "add --virtual-time"),
         (["run", "work_queue", "--virtual-time", "--crash-rate", "1.5"], "probability"),
         (["run", "work_queue", "--virtual-time", "--policy", "lazy"], "choose from uniform"),
         (["run", "work_queue", "--virtual-time", "--work", "9"], "a range like"),
@@ -115,3 +115,22 @@ def test_work_sharded_over_three_relays_is_done_once_across_links() -> None:
     assert first.done == 60 and first.duplicate_work == 0 and first.zombies == 0
     assert first.crashes > 0
     assert all(n > 0 for n in first.extra["forwarded"].values())  # every relay forwarded
+
+
+def test_real_mode_runs_the_same_scenario_against_a_relay_process() -> None:
+    from simulations.run import run_real
+
+    settings = Settings(
+        scenario="work_queue",
+        agents=20,
+        orders=60,
+        seed=1,
+        crash_rate=0.1,
+        work_ms=(10, 40),
+        ttl_ms=1_000,
+        restart_ms=100,
+    )
+    summary = run_real(settings)
+    assert summary.extra["mode"] == "real"
+    assert summary.done == 60 and summary.duplicate_work == 0 and summary.zombies == 0
+    assert summary.crashes > 0 and summary.events > 60

@@ -1,0 +1,136 @@
+"""Real mode: a relay process on loopback, agents over real WebSockets.
+
+The same scenario code as virtual time (:mod:`simulations.world`), with the relay as
+``formicary relay serve`` in a child process on embedded SQLite storage and real
+time: what a run measures includes the real costs — sockets, the kernel, fsync.
+Agents run as trio tasks in this process. Not deterministic: the same seed gives
+the same workload, not the same interleaving.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from agent_sdk.client import RelayClient
+from agent_sdk.identity import Identity
+from relay.app import STORE_FILE
+from relay.node import RelayConfig
+from relay.store import Store
+from relay.store.sqlite import SQLiteStore
+
+STARTUP_TIMEOUT = 30.0
+
+
+@dataclass
+class RealRelay:
+    """A relay process; its store is read (read-only) once the run is over."""
+
+    process: trio.Process
+    url: str
+    data: Path
+    _store: SQLiteStore | None = None
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            self._store = SQLiteStore(self.data / STORE_FILE, readonly=True)
+        return self._store
+
+    async def stop(self) -> None:
+        if self.process.returncode is None:
+            self.process.terminate()
+            with trio.move_on_after(10):
+                await self.process.wait()
+            if self.process.returncode is None:
+                self.process.kill()
+                await self.process.wait()
+
+
+@dataclass
+class RealWorld:
+    """Relay processes under ``root``; agents connect over loopback TCP."""
+
+    seed: int
+    root: Path
+    relays: dict[str, RealRelay] = field(default_factory=dict)
+
+    def now_ms(self) -> int:
+        return time.time_ns() // 1_000_000
+
+    def rng(self, purpose: str) -> random.Random:
+        return random.Random(f"{self.seed}/{purpose}")
+
+    async def start_relay(
+        self, nursery: trio.Nursery, config: RelayConfig, peers: tuple[str, ...] = ()
+    ) -> RealRelay:
+        if peers:
+            raise ValueError("real mode runs one relay so far")
+        data = self.root / config.name
+        claim = config.claim_ttl
+        command = [
+            sys.executable, "-m", "agent_sdk.cli", "relay", "serve",
+            "--host", "127.0.0.1", "--port", "0", "--data", str(data), "--name", config.name,
+            "--claim-ttl", f"{claim.default_ms}ms", "--lease-min", f"{claim.min_ms}ms",
+            "--lease-max", f"{claim.max_ms}ms",
+        ]  # fmt: skip
+        log = (self.root / f"{config.name}.log").open("wb")
+        process = await trio.lowlevel.open_process(
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log
+        )
+        log.close()
+        url = await _listening(self.root / f"{config.name}.log", process)
+        relay = self.relays[config.name] = RealRelay(process, url, data)
+        nursery.start_soon(_stop_on_cancel, relay)
+        return relay
+
+    @asynccontextmanager
+    async def client(
+        self, relay: str, identity: Identity, purpose: str
+    ) -> AsyncIterator[RelayClient]:
+        async with RelayClient.connect(
+            self.relays[relay].url,
+            identity,
+            rng=self.rng(f"nonce/{purpose}"),
+            reconnect=False,
+        ) as client:
+            yield client
+
+    def log_hash(self) -> str:
+        digest = hashlib.blake2b(digest_size=32)
+        for name in sorted(self.relays):
+            store = self.relays[name].store
+            for ns in store.namespaces():
+                for record in store.scan(ns):
+                    digest.update(record.receipt)
+        return digest.hexdigest()
+
+
+async def _listening(log: Path, process: trio.Process) -> str:
+    """Wait for the relay's "listening on" line (it picked a free port)."""
+    with trio.fail_after(STARTUP_TIMEOUT):
+        while True:
+            text = await trio.Path(log).read_text(errors="replace")
+            if " listening on " in text:
+                line = next(x for x in text.splitlines() if " listening on " in x)
+                return line.split(" listening on ", 1)[1].split(",", 1)[0]
+            if process.poll() is not None:
+                raise RuntimeError(f"relay exited {process.returncode}: {text[-2000:]}")
+            await trio.sleep(0.05)  # a child's log file: polling is how to read it
+
+
+async def _stop_on_cancel(relay: RealRelay) -> None:
+    try:
+        await trio.sleep_forever()
+    finally:
+        with trio.CancelScope(shield=True):
+            await relay.stop()
