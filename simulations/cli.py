@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from simulations.model import POLICIES, Settings, Summary, UsageError
+from simulations.model import FAULTS, POLICIES, Settings, Summary, UsageError, parse_faults
 from simulations.plot import line_chart
 from simulations.scenarios import REAL, SCENARIOS
 
@@ -50,6 +50,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration", default="24h", help="stop after this much virtual time")
     p.add_argument("--relays", type=int, default=1, help="relays of a `federated` run")
     p.add_argument(
+        "--faults", default="", help=f"comma-separated: {', '.join(FAULTS)} (docs/simulations.md)"
+    )
+    p.add_argument(
         "--virtual-time", action="store_true", help="in-process, MockClock (else: real time)"
     )
     p.add_argument("--out", required=True, help="directory for the results")
@@ -78,6 +81,8 @@ def _settings_of(
             f"scenario {args.scenario!r} is not built yet; choose from "
             f"{', '.join(sorted(SCENARIOS))}"
         )
+    if not args.virtual_time and args.faults:
+        raise UsageError("--faults act on the in-memory network: add --virtual-time")
     if not args.virtual_time and args.scenario not in REAL:
         raise UsageError(f"real mode runs {', '.join(REAL)} so far: add --virtual-time")
     settings = Settings(
@@ -92,6 +97,7 @@ def _settings_of(
         restart_ms=duration(args.restart, "--restart"),
         snapshot_ms=duration(args.snapshot, "--snapshot"),
         relays=args.relays,
+        faults=parse_faults(args.faults, duration),
         duration_s=duration(args.duration, "--duration") / 1000,
     )
     settings.check(sorted(SCENARIOS))

@@ -42,11 +42,52 @@ class MemoryListener(trio.abc.Listener[trio.abc.Stream]):
     async def aclose(self) -> None:
         await self._rx.aclose()
 
-    async def dial(self) -> trio.abc.Stream:
+    async def dial(self, delay_ms: int = 0) -> trio.abc.Stream:
+        """A new connection; with ``delay_ms``, every message takes that long each way."""
+        ours: trio.abc.Stream
+        theirs: trio.abc.Stream
         ours, theirs = trio.testing.memory_stream_pair()
+        if delay_ms:
+            ours, theirs = Delayed(ours, delay_ms), Delayed(theirs, delay_ms)
         self._tx.send_nowait(theirs)
         await trio.lowlevel.checkpoint()
         return ours
+
+
+class Delayed(trio.abc.Stream):
+    """A stream whose bytes arrive ``delay_ms`` after they are sent, in order: latency
+    without loss (each direction has its own queue and its own carrier task)."""
+
+    def __init__(self, inner: trio.abc.Stream, delay_ms: int) -> None:
+        self.inner = inner
+        self.delay = delay_ms / 1000
+        self._tx, self._rx = trio.open_memory_channel[tuple[float, bytes]](math.inf)
+        self._carrier: trio.lowlevel.Task | None = None
+        self._closed = False
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._carrier is None:
+            self._carrier = trio.lowlevel.spawn_system_task(self._carry)
+        self._tx.send_nowait((trio.current_time() + self.delay, bytes(data)))
+        await trio.lowlevel.checkpoint()
+
+    async def _carry(self) -> None:
+        try:
+            async for due, data in self._rx:
+                await trio.sleep_until(due)
+                await self.inner.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        self._tx.close()
+        await self.inner.aclose()
 
 
 def seed_scheduler(seed: int) -> None:

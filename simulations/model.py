@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 
@@ -52,6 +53,52 @@ POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (Policy, HeavyTail
 
 
 @dataclass(frozen=True)
+class Faults:
+    """What goes wrong besides crashes (``--faults``, docs/simulations.md)."""
+
+    slow: float = 0.0
+    """Share of agents that are slow: their tasks take five times as long."""
+    delay_ms: int = 0
+    """Latency of every message on the in-memory network, each way (virtual time)."""
+    partition: tuple[int, int] | None = None
+    """From when to when (ms after the start) relays ``r0`` and ``r1`` cannot reach
+    each other (``federated``)."""
+
+
+FAULTS = ("slow=SHARE", "delay=DURATION", "partition=FROM-TO")
+
+
+def parse_faults(spec: str, duration: Callable[[str, str], int]) -> Faults:
+    """``slow=0.2,delay=50ms,partition=10s-30s``; raises :class:`UsageError`."""
+    faults = Faults()
+    for item in filter(None, spec.split(",")):
+        name, equals, value = item.partition("=")
+        if not equals:
+            raise UsageError(f"--faults {item!r}: write NAME=VALUE, one of {', '.join(FAULTS)}")
+        if name == "slow":
+            try:
+                share = float(value)
+            except ValueError:
+                share = -1.0
+            if not 0 <= share <= 1:
+                raise UsageError(f"--faults slow={value}: a share of agents from 0 to 1")
+            faults = replace(faults, slow=share)
+        elif name == "delay":
+            faults = replace(faults, delay_ms=duration(value, "--faults delay"))
+        elif name == "partition":
+            start, dash, end = value.partition("-")
+            if not dash:
+                raise UsageError(f"--faults partition={value}: write FROM-TO, e.g. 10s-30s")
+            window = (duration(start, "--faults partition"), duration(end, "--faults partition"))
+            if not window[0] < window[1]:
+                raise UsageError(f"--faults partition={value}: FROM must come before TO")
+            faults = replace(faults, partition=window)
+        else:
+            raise UsageError(f"--faults: unknown fault {name!r}; choose from {', '.join(FAULTS)}")
+    return faults
+
+
+@dataclass(frozen=True)
 class Settings:
     scenario: str = "work_queue"
     agents: int = 100
@@ -69,6 +116,7 @@ class Settings:
     """How stale the backlog an uncoordinated agent picks from is (no_coordination)."""
     relays: int = 1
     """Relays of a ``federated`` run (1 for every other scenario)."""
+    faults: Faults = field(default_factory=Faults)
     duration_s: float = 24 * 3600.0
     """Virtual seconds after which a run stops, finished or not."""
 
@@ -94,11 +142,21 @@ class Settings:
             raise UsageError("federated: --relays from 2 to 16")
         if not federated and self.relays != 1:
             raise UsageError(f"{self.scenario}: one relay (--relays is for `federated`)")
+        if self.faults.partition is not None and not federated:
+            raise UsageError("--faults partition: cuts links between relays (`federated` only)")
         if self.duration_s <= 0:
             raise UsageError("--duration must be positive")
 
     def make_policy(self) -> Policy:
         return POLICIES[self.policy](self.work_ms, self.crash_rate)
+
+    def policy_of(self, n: int) -> Policy:
+        """Agent ``n``'s policy: the run's, five times slower for the slow share."""
+        slow = n < round(self.faults.slow * self.agents)
+        if not slow:
+            return self.make_policy()
+        low, high = self.work_ms
+        return POLICIES[self.policy]((low * 5, high * 5), self.crash_rate)
 
 
 @dataclass

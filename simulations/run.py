@@ -38,7 +38,7 @@ def run_virtual(settings: Settings) -> Summary:
     settings.check(sorted(SCENARIOS))
     seed_scheduler(settings.seed)
     random.seed(settings.seed)  # reconnect backoff jitter (links, clients) draws from it
-    world = VirtualWorld(settings.seed)
+    world = VirtualWorld(settings.seed, delay_ms=settings.faults.delay_ms)
     began = time.perf_counter()
     clock = trio.testing.MockClock(autojump_threshold=0)
     summary = trio.run(SCENARIOS[settings.scenario], world, settings, clock=clock)

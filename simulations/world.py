@@ -15,6 +15,7 @@ import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Protocol, TypeAlias
 
 import trio
@@ -64,6 +65,10 @@ class VirtualWorld:
     seed: int
     relays: dict[str, VirtualRelay] = field(default_factory=dict)
     listeners: dict[str, MemoryListener] = field(default_factory=dict)
+    delay_ms: int = 0
+    """Latency of every message on the network, each way (``--faults delay``)."""
+    cut: set[frozenset[str]] = field(default_factory=set)
+    links: dict[frozenset[str], list[trio.abc.Stream]] = field(default_factory=dict)
 
     def now_ms(self) -> int:
         return EPOCH_MS + int(trio.current_time() * 1000)
@@ -95,7 +100,7 @@ class VirtualWorld:
                 node,
                 FederationConfig(listed),
                 MemoryOutboxStore(),
-                dialer=lambda peer: self._dial(peer.name),
+                dialer=partial(self._dialer_of, config.name),
             )
             await nursery.start(network.run)
         await nursery.start(
@@ -110,19 +115,46 @@ class VirtualWorld:
             self.listeners[name] = MemoryListener(name)
         return self.listeners[name]
 
-    def _dial(self, name: str) -> Callable[[], Awaitable[trio.abc.Stream]]:
-        return self.listener(name).dial
+    def _dialer_of(self, me: str, peer: Peer) -> Callable[[], Awaitable[trio.abc.Stream]]:
+        return self._dial_link(me, peer.name)
+
+    def _dial_link(self, me: str, peer: str) -> Callable[[], Awaitable[trio.abc.Stream]]:
+        """How relay ``me`` dials ``peer``: refused while they are partitioned."""
+        pair = frozenset((me, peer))
+
+        async def dial() -> trio.abc.Stream:
+            if pair in self.cut:
+                await trio.lowlevel.checkpoint()
+                raise OSError(f"{me} cannot reach {peer}: partitioned")
+            stream = await self._dial_delayed(peer)
+            self.links.setdefault(pair, []).append(stream)
+            return stream
+
+        return dial
+
+    async def _dial_delayed(self, name: str) -> trio.abc.Stream:
+        stream = await self.listener(name).dial(self.delay_ms)
+        return stream
+
+    async def partition(self, a: str, b: str) -> None:
+        """Cut every link between relays ``a`` and ``b`` and refuse new ones."""
+        pair = frozenset((a, b))
+        self.cut.add(pair)
+        for stream in self.links.pop(pair, []):
+            await stream.aclose()
+
+    def heal(self, a: str, b: str) -> None:
+        self.cut.discard(frozenset((a, b)))
 
     @asynccontextmanager
     async def client(
         self, relay: str, identity: Identity, purpose: str
     ) -> AsyncIterator[RelayClient]:
         """An agent's connection: its own nonce stream, the shared virtual clock."""
-        listener = self.listener(relay)
         async with RelayClient.connect(
             f"ws://{relay}.sim/",
             identity,
-            dial=listener.dial,
+            dial=lambda: self._dial_delayed(relay),
             clock_ms=self.now_ms,
             rng=self.rng(f"nonce/{purpose}"),
             reconnect=False,

@@ -50,7 +50,6 @@ class Market:
 
 async def run(world: World, settings: Settings) -> Summary:
     summary = Summary(settings.scenario, settings.agents, settings.orders, settings.seed)
-    policy = settings.make_policy()
     market = Market()
     kinds = ["flaky" if n % 5 == 4 else "reliable" for n in range(settings.agents)]  # one in five
     async with trio.open_nursery() as nursery:
@@ -59,7 +58,9 @@ async def run(world: World, settings: Settings) -> Summary:
         with trio.move_on_after(settings.duration_s):
             async with trio.open_nursery() as everyone:
                 for n in range(settings.agents):
-                    everyone.start_soon(bidder, world, settings, policy, n, kinds[n], market)
+                    everyone.start_soon(
+                        bidder, world, settings, settings.policy_of(n), n, kinds[n], market
+                    )
                 everyone.start_soon(requester, world, settings, market)
                 await market.finished.wait()
                 everyone.cancel_scope.cancel()

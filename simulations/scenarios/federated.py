@@ -19,6 +19,15 @@ from simulations.scenarios.work_queue import Progress, agent
 from simulations.world import VirtualWorld, World
 
 
+async def partition(world: VirtualWorld, window: tuple[int, int]) -> None:
+    """Cut the links between ``r0`` and ``r1`` for ``window`` (ms from the start)."""
+    start_ms, end_ms = window
+    await trio.sleep(start_ms / 1000)
+    await world.partition("r0", "r1")
+    await trio.sleep((end_ms - start_ms) / 1000)
+    world.heal("r0", "r1")
+
+
 def forwarded(world: VirtualWorld, name: str) -> int:
     """Writes relay ``name`` delivered to other relays."""
     federation = world.relays[name].node.federation
@@ -33,7 +42,6 @@ def namespace(i: int) -> str:
 async def run(world: World, settings: Settings) -> Summary:
     assert isinstance(world, VirtualWorld), "virtual time only (settings are checked before)"
     summary = Summary(settings.scenario, settings.agents, settings.orders, settings.seed)
-    policy = settings.make_policy()
     names = [f"r{i}" for i in range(settings.relays)]
     async with trio.open_nursery() as nursery:
         for name in names:
@@ -51,6 +59,8 @@ async def run(world: World, settings: Settings) -> Summary:
                 planners.start_soon(plan, world, settings, name, namespace(i), shares[i])
         progress = Progress(settings.orders)
         began = trio.current_time()
+        if settings.faults.partition is not None:
+            nursery.start_soon(partition, world, settings.faults.partition)
         with trio.move_on_after(settings.duration_s):
             async with trio.open_nursery() as agents:
                 for n in range(settings.agents):
@@ -60,7 +70,7 @@ async def run(world: World, settings: Settings) -> Summary:
                         agent,
                         world,
                         settings,
-                        policy,
+                        settings.policy_of(n),
                         n,
                         progress,
                         names[home],

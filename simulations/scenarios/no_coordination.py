@@ -31,7 +31,6 @@ class Board:
 
 async def run(world: World, settings: Settings) -> Summary:
     summary = Summary(settings.scenario, settings.agents, settings.orders, settings.seed)
-    policy = settings.make_policy()
     async with trio.open_nursery() as nursery:
         relay = await world.start_relay(nursery, relay_config(settings))
         board = Board(await plan(world, settings))
@@ -39,7 +38,7 @@ async def run(world: World, settings: Settings) -> Summary:
         with trio.move_on_after(settings.duration_s):
             async with trio.open_nursery() as agents:
                 for n in range(settings.agents):
-                    agents.start_soon(agent, world, settings, policy, n, board)
+                    agents.start_soon(agent, world, settings, settings.policy_of(n), n, board)
                 await board.finished.wait()
                 agents.cancel_scope.cancel()
         summary.virtual_seconds = round(trio.current_time() - began, 3)

@@ -46,7 +46,6 @@ class Room:
 async def run(world: World, settings: Settings) -> Summary:
     assert isinstance(world, VirtualWorld), "virtual time only (settings are checked before)"
     summary = Summary(settings.scenario, settings.agents, settings.orders, settings.seed)
-    policy = settings.make_policy()
     docs = max(1, settings.agents // 10)
     room = Room(settings.agents)
     async with trio.open_nursery() as nursery:
@@ -56,7 +55,7 @@ async def run(world: World, settings: Settings) -> Summary:
         with trio.move_on_after(settings.duration_s):
             async with trio.open_nursery() as agents:
                 for n in range(settings.agents):
-                    agents.start_soon(agent, world, settings, policy, n, docs, room)
+                    agents.start_soon(agent, world, settings, settings.policy_of(n), n, docs, room)
                 await room.all_edited.wait()
                 edited_at = trio.current_time()
                 await converge(relay.node.docs.live, room)

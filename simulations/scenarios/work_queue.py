@@ -39,7 +39,6 @@ class Progress:
 
 async def run(world: World, settings: Settings) -> Summary:
     summary = Summary(settings.scenario, settings.agents, settings.orders, settings.seed)
-    policy = settings.make_policy()
     async with trio.open_nursery() as nursery:
         relay = await world.start_relay(nursery, relay_config(settings))
         await plan(world, settings)
@@ -48,7 +47,7 @@ async def run(world: World, settings: Settings) -> Summary:
         with trio.move_on_after(settings.duration_s):
             async with trio.open_nursery() as agents:
                 for n in range(settings.agents):
-                    agents.start_soon(agent, world, settings, policy, n, progress)
+                    agents.start_soon(agent, world, settings, settings.policy_of(n), n, progress)
                 await progress.finished.wait()
                 agents.cancel_scope.cancel()
         summary.virtual_seconds = round(trio.current_time() - began, 3)

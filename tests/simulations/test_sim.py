@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from agent_sdk.cli import main
-from simulations.model import Settings
+from simulations.model import Faults, Settings
 from simulations.run import run_virtual
 
 SMALL = {"agents": 12, "orders": 60, "crash_rate": 0.1}
@@ -81,6 +81,15 @@ def test_sim_sweep_writes_json_and_a_plot(tmp_path: Path) -> None:
         (["run", "work_queue", "--virtual-time", "--work", "9"], "a range like"),
         (["run", "work_queue", "--virtual-time", "--ttl", "1s"], "must outlast"),
         (["run", "work_queue", "--virtual-time", "--agents", "0"], "at least 1"),
+        (["run", "work_queue", "--virtual-time", "--faults", "fire=1"], "unknown fault 'fire'"),
+        (["run", "work_queue", "--virtual-time", "--faults", "slow=2"], "a share of agents"),
+        (["run", "work_queue", "--virtual-time", "--faults", "delay=5"], "--faults delay"),
+        (["run", "work_queue", "--virtual-time", "--faults", "partition=1s-2s"], "federated"),
+        (
+            ["run", "federated", "--relays", "2", "--virtual-time", "--faults", "partition=9s-3s"],
+            "FROM must come before TO",
+        ),
+        (["run", "work_queue", "--faults", "slow=0.5"], "add --virtual-time"),
         (["sweep", "work_queue", "--virtual-time", "--seeds", "x"], "invalid literal"),
     ],
 )
@@ -134,3 +143,28 @@ def test_real_mode_runs_the_same_scenario_against_a_relay_process() -> None:
     assert summary.extra["mode"] == "real"
     assert summary.done == 60 and summary.duplicate_work == 0 and summary.zombies == 0
     assert summary.crashes > 0 and summary.events > 60
+
+
+def test_a_partition_between_relays_heals_without_losing_or_repeating_work() -> None:
+    cut = Faults(partition=(5_000, 40_000))
+    settings = Settings(
+        scenario="federated", relays=3, agents=15, orders=60, seed=1, crash_rate=0.05, faults=cut
+    )
+    whole = Settings(scenario="federated", relays=3, agents=15, orders=60, seed=1, crash_rate=0.05)
+    partitioned, again, linked = run_virtual(settings), run_virtual(settings), run_virtual(whole)
+    assert partitioned.log_hash == again.log_hash
+    assert partitioned.done == 60 and partitioned.duplicate_work == 0 and partitioned.zombies == 0
+    assert partitioned.virtual_seconds > linked.virtual_seconds  # what the cut cost
+
+
+def test_message_delay_shows_in_convergence_time_and_slow_agents_in_duration() -> None:
+    delayed = Settings(
+        scenario="shared_doc", agents=20, orders=10, seed=1, faults=Faults(delay_ms=50)
+    )
+    summary = run_virtual(delayed)
+    assert summary.extra["converged"] and summary.extra["convergence_ms"] >= 100  # a round trip
+    quick = run_virtual(Settings(scenario="work_queue", agents=20, orders=100, seed=1))
+    slow = run_virtual(
+        Settings(scenario="work_queue", agents=20, orders=100, seed=1, faults=Faults(slow=0.5))
+    )
+    assert slow.done == quick.done == 100 and slow.virtual_seconds > quick.virtual_seconds
