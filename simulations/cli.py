@@ -49,6 +49,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--snapshot", default="10s", help="staleness of no_coordination's view")
     p.add_argument("--duration", default="24h", help="stop after this much virtual time")
     p.add_argument("--relays", type=int, default=1, help="relays of a `federated` run")
+    p.add_argument("--variant", default="flat", help="work_queue: flat, fanout or pipeline")
+    p.add_argument(
+        "--no-handoff",
+        action="store_true",
+        help="work_queue: no half-way checkpoint in the order's context",
+    )
     p.add_argument(
         "--faults", default="", help=f"comma-separated: {', '.join(FAULTS)} (docs/simulations.md)"
     )
@@ -97,6 +103,8 @@ def _settings_of(
         restart_ms=duration(args.restart, "--restart"),
         snapshot_ms=duration(args.snapshot, "--snapshot"),
         relays=args.relays,
+        variant=args.variant,
+        handoff=not args.no_handoff,
         faults=parse_faults(args.faults, duration),
         duration_s=duration(args.duration, "--duration") / 1000,
     )

@@ -66,6 +66,11 @@ class Faults:
 
 
 FAULTS = ("slow=SHARE", "delay=DURATION", "partition=FROM-TO")
+VARIANTS = ("flat", "fanout", "pipeline")
+FANOUT = 3
+"""Sub-orders each order of the ``fanout`` variant spawns."""
+STAGES = ("observe", "diagnose", "fix")
+"""The ``pipeline`` variant's stages, in order."""
 
 
 def parse_faults(spec: str, duration: Callable[[str, str], int]) -> Faults:
@@ -116,6 +121,13 @@ class Settings:
     """How stale the backlog an uncoordinated agent picks from is (no_coordination)."""
     relays: int = 1
     """Relays of a ``federated`` run (1 for every other scenario)."""
+    variant: str = "flat"
+    """``work_queue``: ``flat`` orders, ``fanout`` (each order spawns 3 sub-orders when
+    done) or ``pipeline`` (observe -> diagnose -> fix: each stage's completion
+    creates the next stage's order, handing its finding over as context)."""
+    handoff: bool = True
+    """``work_queue``: agents checkpoint half-done work in the order's context, and a
+    successor resumes from it; without, a crashed task restarts from scratch."""
     faults: Faults = field(default_factory=Faults)
     duration_s: float = 24 * 3600.0
     """Virtual seconds after which a run stops, finished or not."""
@@ -144,6 +156,10 @@ class Settings:
             raise UsageError(f"{self.scenario}: one relay (--relays is for `federated`)")
         if self.faults.partition is not None and not federated:
             raise UsageError("--faults partition: cuts links between relays (`federated` only)")
+        if self.variant not in VARIANTS:
+            raise UsageError(f"unknown variant {self.variant!r}; choose from {', '.join(VARIANTS)}")
+        if self.variant != "flat" and self.scenario not in ("work_queue", "federated"):
+            raise UsageError("--variant is for work_queue (and federated)")
         if self.duration_s <= 0:
             raise UsageError("--duration must be positive")
 

@@ -13,10 +13,16 @@ from __future__ import annotations
 
 import trio
 
-from simulations.model import Settings, Summary
+from simulations.model import STAGES, Settings, Summary
 from simulations.scenarios.common import plan, relay_config, tally_logs
-from simulations.scenarios.work_queue import Progress, agent
+from simulations.scenarios.work_queue import Progress, agent, extra_of
 from simulations.world import VirtualWorld, World
+
+
+async def plan_into(
+    world: VirtualWorld, settings: Settings, name: str, i: int, count: int, roots: list[str]
+) -> None:
+    roots += [f"{namespace(i)}/{o}" for o in await plan(world, settings, name, namespace(i), count)]
 
 
 async def partition(world: VirtualWorld, window: tuple[int, int]) -> None:
@@ -52,12 +58,16 @@ async def run(world: World, settings: Settings) -> Summary:
             assert federation is not None
             for link in federation.links.values():
                 await link.wait_up()
+        roots: list[str] = []
         shares = [settings.orders // len(names)] * len(names)
         shares[0] += settings.orders - sum(shares)
         async with trio.open_nursery() as planners:
             for i, name in enumerate(names):
-                planners.start_soon(plan, world, settings, name, namespace(i), shares[i])
-        progress = Progress(settings.orders)
+                planners.start_soon(plan_into, world, settings, name, i, shares[i], roots)
+        progress = Progress(settings)
+        root = {"flat": "task", "fanout": "parent", "pipeline": STAGES[0]}[settings.variant]
+        for order in roots:
+            progress.stage[order] = root
         began = trio.current_time()
         if settings.faults.partition is not None:
             nursery.start_soon(partition, world, settings.faults.partition)
@@ -82,9 +92,11 @@ async def run(world: World, settings: Settings) -> Summary:
         nursery.cancel_scope.cancel()
     logs = [(world.relays[name], namespace(i)) for i, name in enumerate(names)]
     tally_logs(logs, summary)
+    summary.zombies = progress.left
     summary.crashes = progress.crashes
     summary.wasted_work = progress.wasted
     summary.extra = {
+        **extra_of(progress),
         "relays": len(names),
         "events_per_relay": {
             name: sum(1 for _ in world.relays[name].store.scan(namespace(i)))

@@ -90,6 +90,8 @@ def test_sim_sweep_writes_json_and_a_plot(tmp_path: Path) -> None:
             "FROM must come before TO",
         ),
         (["run", "work_queue", "--faults", "slow=0.5"], "add --virtual-time"),
+        (["run", "work_queue", "--virtual-time", "--variant", "tree"], "choose from flat"),
+        (["run", "shared_doc", "--virtual-time", "--variant", "pipeline"], "for work_queue"),
         (["sweep", "work_queue", "--virtual-time", "--seeds", "x"], "invalid literal"),
     ],
 )
@@ -168,3 +170,26 @@ def test_message_delay_shows_in_convergence_time_and_slow_agents_in_duration() -
         Settings(scenario="work_queue", agents=20, orders=100, seed=1, faults=Faults(slow=0.5))
     )
     assert slow.done == quick.done == 100 and slow.virtual_seconds > quick.virtual_seconds
+
+
+@pytest.mark.parametrize(
+    ("variant", "per_root", "handoffs"), [("pipeline", 3, 2), ("fanout", 4, 3)]
+)
+def test_pipeline_and_fanout_finish_every_stage_once(
+    variant: str, per_root: int, handoffs: int
+) -> None:
+    settings = Settings(
+        scenario="work_queue", agents=12, orders=15, seed=2, crash_rate=0.1, variant=variant
+    )
+    summary = run_virtual(settings)
+    assert summary.done == 15 * per_root and summary.extra["orders_total"] == 15 * per_root
+    assert summary.duplicate_work == 0 and summary.zombies == 0
+    assert summary.extra["handoffs"] == 15 * handoffs  # each follow-up got its context
+
+
+def test_a_successor_resumes_a_crashed_task_from_its_checkpoint_unless_handoff_is_off() -> None:
+    base = {"scenario": "work_queue", "agents": 12, "orders": 60, "seed": 6, "crash_rate": 0.2}
+    with_context = run_virtual(Settings(**base))  # type: ignore[arg-type]
+    without = run_virtual(Settings(**base, handoff=False))  # type: ignore[arg-type]
+    assert with_context.extra["resumed"] > 0 and without.extra["resumed"] == 0
+    assert with_context.zombies == without.zombies == 0
