@@ -12,10 +12,19 @@ import json
 import statistics
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from simulations.model import FAULTS, POLICIES, Settings, Summary, UsageError, parse_faults
+from simulations.model import (
+    FAULTS,
+    POLICIES,
+    Faults,
+    Settings,
+    Summary,
+    UsageError,
+    parse_faults,
+)
 from simulations.plot import line_chart
 from simulations.scenarios import REAL, SCENARIOS
 
@@ -87,8 +96,11 @@ def _settings_of(
             f"scenario {args.scenario!r} is not built yet; choose from "
             f"{', '.join(sorted(SCENARIOS))}"
         )
-    if not args.virtual_time and args.faults:
-        raise UsageError("--faults act on the in-memory network: add --virtual-time")
+    faults = parse_faults(args.faults, duration)
+    if args.virtual_time and faults.relay_kill is not None:
+        raise UsageError("--faults relay_kill kills a relay process: drop --virtual-time")
+    if not args.virtual_time and faults != replace(Faults(), relay_kill=faults.relay_kill):
+        raise UsageError("--faults slow, delay, partition: add --virtual-time")
     if not args.virtual_time and args.scenario not in REAL:
         raise UsageError(f"real mode runs {', '.join(REAL)} so far: add --virtual-time")
     settings = Settings(
@@ -105,7 +117,7 @@ def _settings_of(
         relays=args.relays,
         variant=args.variant,
         handoff=not args.no_handoff,
-        faults=parse_faults(args.faults, duration),
+        faults=faults,
         duration_s=duration(args.duration, "--duration") / 1000,
     )
     settings.check(sorted(SCENARIOS))

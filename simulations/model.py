@@ -60,12 +60,15 @@ class Faults:
     """Share of agents that are slow: their tasks take five times as long."""
     delay_ms: int = 0
     """Latency of every message on the in-memory network, each way (virtual time)."""
+    relay_kill: int | None = None
+    """When (ms after the start) the relay process gets SIGKILL and is restarted on
+    the same data (real mode)."""
     partition: tuple[int, int] | None = None
     """From when to when (ms after the start) relays ``r0`` and ``r1`` cannot reach
     each other (``federated``)."""
 
 
-FAULTS = ("slow=SHARE", "delay=DURATION", "partition=FROM-TO")
+FAULTS = ("slow=SHARE", "delay=DURATION", "partition=FROM-TO", "relay_kill=AT")
 VARIANTS = ("flat", "fanout", "pipeline")
 FANOUT = 3
 """Sub-orders each order of the ``fanout`` variant spawns."""
@@ -90,6 +93,8 @@ def parse_faults(spec: str, duration: Callable[[str, str], int]) -> Faults:
             faults = replace(faults, slow=share)
         elif name == "delay":
             faults = replace(faults, delay_ms=duration(value, "--faults delay"))
+        elif name == "relay_kill":
+            faults = replace(faults, relay_kill=duration(value, "--faults relay_kill"))
         elif name == "partition":
             start, dash, end = value.partition("-")
             if not dash:
@@ -154,6 +159,10 @@ class Settings:
             raise UsageError("federated: --relays from 2 to 16")
         if not federated and self.relays != 1:
             raise UsageError(f"{self.scenario}: one relay (--relays is for `federated`)")
+        if self.faults.relay_kill is not None and (
+            self.scenario != "work_queue" or self.variant != "flat"
+        ):
+            raise UsageError("--faults relay_kill: work_queue with --variant flat only, so far")
         if self.faults.partition is not None and not federated:
             raise UsageError("--faults partition: cuts links between relays (`federated` only)")
         if self.variant not in VARIANTS:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import socket
 import subprocess
 import sys
 import time
@@ -38,7 +39,10 @@ class RealRelay:
     process: trio.Process
     url: str
     data: Path
+    command: list[str]
+    log: Path
     _store: SQLiteStore | None = None
+    kills: int = 0
 
     @property
     def store(self) -> Store:
@@ -77,21 +81,29 @@ class RealWorld:
             raise ValueError("real mode runs one relay so far")
         data = self.root / config.name
         claim = config.claim_ttl
+        with socket.socket() as probe:  # a fixed port: a restarted relay comes back on it
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
         command = [
             sys.executable, "-m", "agent_sdk.cli", "relay", "serve",
-            "--host", "127.0.0.1", "--port", "0", "--data", str(data), "--name", config.name,
+            "--host", "127.0.0.1", "--port", str(port), "--data", str(data), "--name", config.name,
             "--claim-ttl", f"{claim.default_ms}ms", "--lease-min", f"{claim.min_ms}ms",
             "--lease-max", f"{claim.max_ms}ms",
         ]  # fmt: skip
-        log = (self.root / f"{config.name}.log").open("wb")
-        process = await trio.lowlevel.open_process(
-            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log
-        )
-        log.close()
-        url = await _listening(self.root / f"{config.name}.log", process)
-        relay = self.relays[config.name] = RealRelay(process, url, data)
+        log = self.root / f"{config.name}.log"
+        process, url = await _spawn(command, log)
+        relay = self.relays[config.name] = RealRelay(process, url, data, command, log)
         nursery.start_soon(_stop_on_cancel, relay)
         return relay
+
+    async def kill_and_restart(self, name: str) -> None:
+        """SIGKILL the relay (no chance to flush or say goodbye), then start it again on
+        the same data and port: what it acknowledged must all be there."""
+        relay = self.relays[name]
+        relay.process.kill()
+        await relay.process.wait()
+        relay.kills += 1
+        relay.process, _ = await _spawn(relay.command, relay.log)
 
     @asynccontextmanager
     async def client(
@@ -115,11 +127,21 @@ class RealWorld:
         return digest.hexdigest()
 
 
-async def _listening(log: Path, process: trio.Process) -> str:
-    """Wait for the relay's "listening on" line (it picked a free port)."""
+async def _spawn(command: list[str], log: Path) -> tuple[trio.Process, str]:
+    path = trio.Path(log)
+    start = (await path.stat()).st_size if await path.exists() else 0
+    with log.open("ab") as out:
+        process = await trio.lowlevel.open_process(
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=out
+        )
+    return process, await _listening(log, process, start)
+
+
+async def _listening(log: Path, process: trio.Process, start: int = 0) -> str:
+    """Wait for this run's "listening on" line in the relay's log."""
     with trio.fail_after(STARTUP_TIMEOUT):
         while True:
-            text = await trio.Path(log).read_text(errors="replace")
+            text = (await trio.Path(log).read_bytes())[start:].decode(errors="replace")
             if " listening on " in text:
                 line = next(x for x in text.splitlines() if " listening on " in x)
                 return line.split(" listening on ", 1)[1].split(",", 1)[0]

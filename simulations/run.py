@@ -25,6 +25,7 @@ def run_real(settings: Settings) -> Summary:
         world = RealWorld(settings.seed, Path(tmp))
         summary = trio.run(SCENARIOS[settings.scenario], world, settings)
         summary.log_hash = world.log_hash()
+        summary.extra["relay_kills"] = sum(relay.kills for relay in world.relays.values())
         for relay in world.relays.values():
             if relay._store is not None:
                 relay._store.close()

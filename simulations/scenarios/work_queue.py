@@ -10,8 +10,12 @@ The run ends when every order has a result, or at ``duration_s``.
 
 from __future__ import annotations
 
-import trio
+from dataclasses import dataclass
 
+import trio
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
+
+from agent_sdk.errors import ProtocolError
 from agent_sdk.ledger import Ledger, LedgerRefusal
 from simulations.model import FANOUT, STAGES, Policy, Settings, Summary
 from simulations.scenarios.common import NS, RELAY, plan, relay_config, tally
@@ -22,6 +26,8 @@ IDLE_MS = (500, 3_000)
 further miss doubles the wait, up to :data:`IDLE_MAX_MS` (agents back off, as real
 ones do, instead of hammering the relay while every order is taken)."""
 IDLE_MAX_MS = 30_000
+LOST = (ProtocolError, OSError, ConnectionClosed, InvalidHandshake, trio.TooSlowError)
+"""How an agent notices its relay went away (a killed relay, real mode)."""
 
 
 class Progress:
@@ -36,6 +42,7 @@ class Progress:
         self.crashes = 0
         self.wasted = 0
         self.resumed = 0
+        self.disconnected = 0
         self.handoffs = 0
         self.stage: dict[str, str] = {}
         """Order id -> its stage (``pipeline``) or ``parent``/``child`` (``fanout``)."""
@@ -56,6 +63,8 @@ async def run(world: World, settings: Settings) -> Summary:
         for order in orders:
             progress.stage[f"{NS}/{order}"] = root
         began = trio.current_time()
+        if settings.faults.relay_kill is not None:
+            nursery.start_soon(kill_relay, world, settings.faults.relay_kill)
         with trio.move_on_after(settings.duration_s):
             async with trio.open_nursery() as agents:
                 for n in range(settings.agents):
@@ -72,12 +81,22 @@ async def run(world: World, settings: Settings) -> Summary:
     return summary
 
 
+async def kill_relay(world: World, at_ms: int) -> None:
+    """The ``relay_kill`` fault: SIGKILL the relay process, then restart it."""
+    from simulations.realworld import RealWorld
+
+    assert isinstance(world, RealWorld), "relay_kill is checked to be real mode"
+    await trio.sleep(at_ms / 1000)
+    await world.kill_and_restart(RELAY)
+
+
 def extra_of(progress: Progress) -> dict[str, object]:
     return {
         "variant": progress.settings.variant,
         "handoff": progress.settings.handoff,
         "orders_total": progress.total,
         "resumed": progress.resumed,
+        "disconnected": progress.disconnected,
         "handoffs": progress.handoffs,
     }
 
@@ -96,11 +115,18 @@ async def agent(
     rng = world.rng(f"agent/{n}")
     identity = identity_of(settings.seed, "agent", n)
     life = 0
+    reporting: list[Report] = []  # a result being reported when the relay went away
     while not progress.finished.is_set():
         life += 1
-        async with world.client(relay, identity, f"agent/{n}/{life}") as client:
-            ledger = Ledger(client, ns)
-            crashed = await work(ledger, rng, policy, progress)
+        try:
+            async with world.client(relay, identity, f"agent/{n}/{life}") as client:
+                ledger = Ledger(client, ns)
+                if reporting:
+                    await report(ledger, reporting, progress)
+                crashed = await work(ledger, rng, policy, progress, reporting)
+        except* LOST:  # (the client's own task may fail alongside: a group)
+            crashed = True  # the relay went away under it (killed): start a new life
+            progress.disconnected += 1
         if not crashed:
             return
         progress.crashes += 1
@@ -124,7 +150,36 @@ async def follow_up(ledger: Ledger, order: str, value: str, progress: Progress) 
         progress.handoffs += 1
 
 
-async def work(ledger: Ledger, rng, policy: Policy, progress: Progress) -> bool:  # type: ignore[no-untyped-def]
+@dataclass(frozen=True)
+class Report:
+    """A finished order's result, with the exact bytes to publish: sent again after a
+    lost connection, it is the same event (idempotent), never a second result."""
+
+    order: str
+    value: str
+    ts: int
+    nonce: bytes
+
+
+async def report(ledger: Ledger, reporting: list[Report], progress: Progress) -> None:
+    """Publish the result of an order the relay marked done (again, if the first try's
+    answer was lost with the connection); an order not done has no result to give."""
+    result = reporting[0]
+    if (await ledger.show(result.order))["status"] == "done":
+        await ledger.client.publish(
+            ledger.ns,
+            "app.result",
+            {"wo": result.order, "value": result.value},
+            nonce=result.nonce,
+            ts=result.ts,
+        )
+        progress.finish_one()
+    reporting.clear()
+
+
+async def work(  # type: ignore[no-untyped-def]
+    ledger: Ledger, rng, policy: Policy, progress: Progress, reporting: list[Report]
+) -> bool:
     """Work until the backlog is done (False) or until this life crashes (True)."""
     misses = 0
     while not progress.finished.is_set():
@@ -158,16 +213,13 @@ async def work(ledger: Ledger, rng, policy: Policy, progress: Progress) -> bool:
                 if half == 0 and handoff:
                     await ledger.put_context({"progress": done_part + (1 - done_part) / 2}, claim)
             value = rng.choice(("approve", "reject"))
+            clock = ledger.client.clock_ms()
+            reporting.append(Report(claim.order, value, clock, ledger.client.nonce()))
             await ledger.update(claim, "done")
         except LedgerRefusal:
+            reporting.clear()
             progress.wasted += 1  # the lease moved on: this result must not count
             continue
         await follow_up(ledger, claim.order, value, progress)
-        await ledger.client.publish(
-            ledger.ns,
-            "app.result",
-            {"wo": claim.order, "value": value},
-            nonce=ledger.client.nonce(),
-        )
-        progress.finish_one()
+        await report(ledger, reporting, progress)
     return False

@@ -90,6 +90,8 @@ def test_sim_sweep_writes_json_and_a_plot(tmp_path: Path) -> None:
             "FROM must come before TO",
         ),
         (["run", "work_queue", "--faults", "slow=0.5"], "add --virtual-time"),
+        (["run", "work_queue", "--virtual-time", "--faults", "relay_kill=1s"], "drop --virtual"),
+        (["run", "no_coordination", "--faults", "relay_kill=1s"], "work_queue with --variant"),
         (["run", "work_queue", "--virtual-time", "--variant", "tree"], "choose from flat"),
         (["run", "shared_doc", "--virtual-time", "--variant", "pipeline"], "for work_queue"),
         (["sweep", "work_queue", "--virtual-time", "--seeds", "x"], "invalid literal"),
@@ -193,3 +195,21 @@ def test_a_successor_resumes_a_crashed_task_from_its_checkpoint_unless_handoff_i
     without = run_virtual(Settings(**base, handoff=False))  # type: ignore[arg-type]
     assert with_context.extra["resumed"] > 0 and without.extra["resumed"] == 0
     assert with_context.zombies == without.zombies == 0
+
+
+def test_a_relay_killed_mid_run_comes_back_and_no_work_is_lost_or_repeated() -> None:
+    from simulations.run import run_real
+
+    settings = Settings(
+        scenario="work_queue",
+        agents=20,
+        orders=400,
+        seed=1,
+        work_ms=(20, 60),
+        ttl_ms=1_000,
+        restart_ms=100,
+        faults=Faults(relay_kill=300),  # the backlog takes about a second: mid-run
+    )
+    summary = run_real(settings)
+    assert summary.extra["relay_kills"] == 1 and summary.extra["disconnected"] > 0
+    assert summary.done == 400 and summary.duplicate_work == 0 and summary.zombies == 0
