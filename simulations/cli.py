@@ -59,6 +59,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration", default="24h", help="stop after this much virtual time")
     p.add_argument("--relays", type=int, default=1, help="relays of a `federated` run")
     p.add_argument("--variant", default="flat", help="work_queue: flat, fanout or pipeline")
+    p.add_argument("--workers", type=int, default=1, help="real mode, work_queue: agent processes")
     p.add_argument(
         "--no-handoff",
         action="store_true",
@@ -101,6 +102,12 @@ def _settings_of(
         raise UsageError("--faults relay_kill kills a relay process: drop --virtual-time")
     if not args.virtual_time and faults != replace(Faults(), relay_kill=faults.relay_kill):
         raise UsageError("--faults slow, delay, partition: add --virtual-time")
+    if args.workers < 1:
+        raise UsageError("--workers must be at least 1")
+    if args.workers > 1 and (args.virtual_time or args.scenario != "work_queue"):
+        raise UsageError("--workers: real mode, work_queue, so far")
+    if args.workers > 1 and args.variant != "flat":
+        raise UsageError("--workers: with --variant flat, so far")
     if not args.virtual_time and args.scenario not in REAL:
         raise UsageError(f"real mode runs {', '.join(REAL)} so far: add --virtual-time")
     settings = Settings(
@@ -139,7 +146,10 @@ def cmd_run(args: argparse.Namespace, duration: Callable[[str, str], int]) -> in
         f"{settings.scenario}: {settings.agents} agents, {settings.orders} orders, "
         f"seed {settings.seed}, {mode}"
     )
-    summary = (run_virtual if args.virtual_time else run_real)(settings)
+    if args.virtual_time:
+        summary = run_virtual(settings)
+    else:
+        summary = run_real(settings, workers=args.workers)
     (out / "summary.json").write_text(json.dumps(summary.to_json(), indent=2) + "\n")
     print(json.dumps(summary.to_json()))
     return 0

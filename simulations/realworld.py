@@ -10,6 +10,7 @@ the same workload, not the same interleaving.
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import socket
 import subprocess
@@ -19,15 +20,20 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
-from agent_sdk.client import RelayClient
+from agent_sdk.client import Delivery, RelayClient
 from agent_sdk.identity import Identity
 from relay.app import STORE_FILE
 from relay.node import RelayConfig
 from relay.store import Store
 from relay.store.sqlite import SQLiteStore
+from simulations.model import Settings
+
+if TYPE_CHECKING:
+    from simulations.scenarios.work_queue import Progress
 
 STARTUP_TIMEOUT = 30.0
 
@@ -67,6 +73,10 @@ class RealWorld:
     seed: int
     root: Path
     relays: dict[str, RealRelay] = field(default_factory=dict)
+    urls: dict[str, str] = field(default_factory=dict)
+    """Relays this process did not start (a worker's view of its parent's relay)."""
+    workers: int = 1
+    """Processes the agents are spread over (``--workers``); 1 runs them here."""
 
     def now_ms(self) -> int:
         return time.time_ns() // 1_000_000
@@ -109,8 +119,9 @@ class RealWorld:
     async def client(
         self, relay: str, identity: Identity, purpose: str
     ) -> AsyncIterator[RelayClient]:
+        url = self.relays[relay].url if relay in self.relays else self.urls[relay]
         async with RelayClient.connect(
-            self.relays[relay].url,
+            url,
             identity,
             rng=self.rng(f"nonce/{purpose}"),
             reconnect=False,
@@ -125,6 +136,62 @@ class RealWorld:
                 for record in store.scan(ns):
                     digest.update(record.receipt)
         return digest.hexdigest()
+
+
+async def run_agents(world: RealWorld, settings: Settings, progress: Progress) -> None:
+    """Run ``work_queue``'s agents in ``world.workers`` processes; return once the
+    relay's log holds a result for every order, the workers stopped and their counts
+    are added to ``progress``."""
+    from simulations.scenarios.common import NS, RELAY
+    from simulations.worker import settings_to_json
+
+    url = world.relays[RELAY].url
+    share, extra = divmod(settings.agents, world.workers)
+    slices, first = [], 0
+    for w in range(world.workers):
+        count = share + (1 if w < extra else 0)
+        slices.append((first, count))
+        first += count
+    processes = []
+    for first, count in slices:
+        command = [
+            sys.executable, "-m", "simulations.worker", "--url", url, "--first", str(first),
+            "--count", str(count), "--settings", settings_to_json(settings),
+        ]  # fmt: skip
+        processes.append(
+            await trio.lowlevel.open_process(
+                command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE
+            )
+        )
+    try:
+        watcher = Identity.generate()
+        async with (
+            RelayClient.connect(url, watcher) as client,
+            client.subscribe(NS, start=1, kinds=["app.result"]) as feed,
+        ):
+            seen: set[str] = set()
+            async for item in feed:
+                if isinstance(item, Delivery) and item.event.event.body["wo"] not in seen:
+                    seen.add(item.event.event.body["wo"])
+                    progress.finish_one()
+                    if progress.finished.is_set():
+                        break
+    finally:
+        with trio.CancelScope(shield=True):
+            for process in processes:
+                process.terminate()
+            for process in processes:
+                assert process.stdout is not None
+                output = b""
+                while chunk := await process.stdout.receive_some():
+                    output += chunk
+                await process.wait()
+                if output.strip():
+                    counts = json.loads(output.decode().strip().splitlines()[-1])
+                    progress.crashes += counts["crashes"]
+                    progress.wasted += counts["wasted"]
+                    progress.resumed += counts["resumed"]
+                    progress.disconnected += counts["disconnected"]
 
 
 async def _spawn(command: list[str], log: Path) -> tuple[trio.Process, str]:

@@ -17,15 +17,17 @@ from simulations.scenarios import SCENARIOS
 from simulations.world import VirtualWorld
 
 
-def run_real(settings: Settings) -> Summary:
-    """Run ``settings`` against a relay process on loopback, in real time."""
+def run_real(settings: Settings, workers: int = 1) -> Summary:
+    """Run ``settings`` against a relay process on loopback, in real time; with
+    ``workers`` > 1 the agents are spread over that many processes (work_queue)."""
     settings.check(sorted(SCENARIOS))
     began = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="formicary-sim-") as tmp:
-        world = RealWorld(settings.seed, Path(tmp))
+        world = RealWorld(settings.seed, Path(tmp), workers=workers)
         summary = trio.run(SCENARIOS[settings.scenario], world, settings)
         summary.log_hash = world.log_hash()
         summary.extra["relay_kills"] = sum(relay.kills for relay in world.relays.values())
+        summary.extra["workers"] = workers
         for relay in world.relays.values():
             if relay._store is not None:
                 relay._store.close()

@@ -66,11 +66,19 @@ async def run(world: World, settings: Settings) -> Summary:
         if settings.faults.relay_kill is not None:
             nursery.start_soon(kill_relay, world, settings.faults.relay_kill)
         with trio.move_on_after(settings.duration_s):
-            async with trio.open_nursery() as agents:
-                for n in range(settings.agents):
-                    agents.start_soon(agent, world, settings, settings.policy_of(n), n, progress)
-                await progress.finished.wait()
-                agents.cancel_scope.cancel()
+            if getattr(world, "workers", 1) > 1:  # real mode, agents in worker processes
+                from simulations.realworld import RealWorld, run_agents
+
+                assert isinstance(world, RealWorld)
+                await run_agents(world, settings, progress)
+            else:
+                async with trio.open_nursery() as agents:
+                    for n in range(settings.agents):
+                        agents.start_soon(
+                            agent, world, settings, settings.policy_of(n), n, progress
+                        )
+                    await progress.finished.wait()
+                    agents.cancel_scope.cancel()
         summary.virtual_seconds = round(trio.current_time() - began, 3)
         nursery.cancel_scope.cancel()
     tally(relay, summary)

@@ -93,6 +93,8 @@ def test_sim_sweep_writes_json_and_a_plot(tmp_path: Path) -> None:
         (["run", "work_queue", "--virtual-time", "--faults", "relay_kill=1s"], "drop --virtual"),
         (["run", "no_coordination", "--faults", "relay_kill=1s"], "work_queue with --variant"),
         (["run", "work_queue", "--virtual-time", "--variant", "tree"], "choose from flat"),
+        (["run", "work_queue", "--virtual-time", "--workers", "2"], "real mode, work_queue"),
+        (["run", "work_queue", "--workers", "0"], "at least 1"),
         (["run", "shared_doc", "--virtual-time", "--variant", "pipeline"], "for work_queue"),
         (["sweep", "work_queue", "--virtual-time", "--seeds", "x"], "invalid literal"),
     ],
@@ -213,3 +215,22 @@ def test_a_relay_killed_mid_run_comes_back_and_no_work_is_lost_or_repeated() -> 
     summary = run_real(settings)
     assert summary.extra["relay_kills"] == 1 and summary.extra["disconnected"] > 0
     assert summary.done == 400 and summary.duplicate_work == 0 and summary.zombies == 0
+
+
+def test_real_mode_spreads_agents_over_worker_processes() -> None:
+    from simulations.run import run_real
+
+    settings = Settings(
+        scenario="work_queue",
+        agents=20,
+        orders=100,
+        seed=1,
+        crash_rate=0.1,
+        work_ms=(10, 40),
+        ttl_ms=1_000,
+        restart_ms=100,
+    )
+    summary = run_real(settings, workers=2)
+    assert summary.extra["workers"] == 2
+    assert summary.done == 100 and summary.duplicate_work == 0 and summary.zombies == 0
+    assert summary.crashes > 0  # counted in the workers, reported to the parent
