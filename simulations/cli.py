@@ -1,8 +1,9 @@
 """``formicary sim run|sweep``: simulations from the command line.
 
 Every setting is checked before anything starts; a bad one is a usage error (exit 2)
-that names the valid choices. Results go to ``--out``: ``summary.json`` for a run,
-``sweep.json`` and ``scaling.svg`` for a sweep.
+that names the valid choices. Results go to ``--out``: ``results.json``,
+``timeseries.csv``, plots and ``report.md`` for a run; ``sweep.json`` and
+``scaling.png`` for a sweep.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from simulations import report
 from simulations.model import (
     FAULTS,
     POLICIES,
@@ -25,7 +27,6 @@ from simulations.model import (
     UsageError,
     parse_faults,
 )
-from simulations.plot import line_chart
 from simulations.scenarios import REAL, SCENARIOS
 
 PLANNED: tuple[str, ...] = ()
@@ -35,7 +36,7 @@ PLANNED: tuple[str, ...] = ()
 def add_parser(sub: Any, duration: Callable[[str, str], int]) -> None:
     sim = sub.add_parser("sim", help="N-agent simulations (docs/simulations.md)")
     verbs = sim.add_subparsers(dest="sim", required=True)
-    run = verbs.add_parser("run", help="run one scenario; writes OUT/summary.json")
+    run = verbs.add_parser("run", help="run one scenario; writes OUT/results.json and a report")
     run.add_argument("--agents", type=int, default=100)
     run.add_argument("--seed", type=int, default=1)
     _common(run)
@@ -150,8 +151,7 @@ def cmd_run(args: argparse.Namespace, duration: Callable[[str, str], int]) -> in
         summary = run_virtual(settings)
     else:
         summary = run_real(settings, workers=args.workers)
-    (out / "summary.json").write_text(json.dumps(summary.to_json(), indent=2) + "\n")
-    print(json.dumps(summary.to_json()))
+    print(json.dumps(report.write(out, summary, summary.series)))
     return 0
 
 
@@ -188,13 +188,11 @@ def cmd_sweep(args: argparse.Namespace, duration: Callable[[str, str], int]) -> 
         )
     document = {"scenario": args.scenario, "points": points, "runs": [r.to_json() for r in runs]}
     (out / "sweep.json").write_text(json.dumps(document, indent=2) + "\n")
-    chart = line_chart(
+    report.scaling_plot(
+        out,
         f"{args.scenario}: throughput by agent count (mean of {len(seeds)} seeds)",
-        "agents",
-        "orders done per virtual second",
         [(p["agents"], p["orders_per_virtual_s"]) for p in points],
     )
-    (out / "scaling.svg").write_text(chart)
     print(json.dumps({"scenario": args.scenario, "points": points}))
     return 0
 

@@ -209,10 +209,15 @@ class Summary:
     wall_seconds: float = 0.0
     log_hash: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    series: list[dict[str, int]] = field(default_factory=list, repr=False)
+    """Per second of the run: results, orders done so far, claims, expiries."""
 
     @property
     def orders_per_virtual_s(self) -> float:
         return round(self.done / self.virtual_seconds, 3) if self.virtual_seconds else 0.0
 
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "orders_per_virtual_s": self.orders_per_virtual_s}
+        document = asdict(self)
+        del document["series"]
+        document["extra"] = {k: v for k, v in self.extra.items() if not k.startswith("_")}
+        return {**document, "orders_per_virtual_s": self.orders_per_virtual_s}

@@ -5,16 +5,19 @@ from __future__ import annotations
 import random
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import trio
 import trio.testing
 
+from relay.store import Store
 from simulations.memnet import seed_scheduler
 from simulations.model import Settings, Summary
 from simulations.realworld import RealWorld
+from simulations.report import measure
 from simulations.scenarios import SCENARIOS
-from simulations.world import VirtualWorld
+from simulations.world import HostsLogs, VirtualWorld
 
 
 def run_real(settings: Settings, workers: int = 1) -> Summary:
@@ -26,6 +29,7 @@ def run_real(settings: Settings, workers: int = 1) -> Summary:
         world = RealWorld(settings.seed, Path(tmp), workers=workers)
         summary = trio.run(SCENARIOS[settings.scenario], world, settings)
         summary.log_hash = world.log_hash()
+        summary.series = measure(_homed(world.relays), summary)
         summary.extra["relay_kills"] = sum(relay.kills for relay in world.relays.values())
         summary.extra["workers"] = workers
         for relay in world.relays.values():
@@ -47,4 +51,10 @@ def run_virtual(settings: Settings) -> Summary:
     summary = trio.run(SCENARIOS[settings.scenario], world, settings, clock=clock)
     summary.wall_seconds = round(time.perf_counter() - began, 3)
     summary.log_hash = world.log_hash()
+    summary.series = measure(_homed(world.relays), summary)
     return summary
+
+
+def _homed(relays: Mapping[str, HostsLogs]) -> list[tuple[Store, str]]:
+    """Every relay's homed logs (mirrors are copies), for :func:`measure`."""
+    return [(relay.store, ns) for relay in relays.values() for ns in relay.store.namespaces()]

@@ -52,9 +52,16 @@ def test_sim_run_writes_its_summary(tmp_path: Path, capsys: pytest.CaptureFixtur
          "--out", str(tmp_path)]
     )  # fmt: skip
     assert code == 0
-    written = json.loads((tmp_path / "summary.json").read_text())
+    written = json.loads((tmp_path / "results.json").read_text())
     printed = json.loads(capsys.readouterr().out)
-    assert written == printed and written["done"] == 20
+    assert written == printed and written["orders_done"] == 20 and written["mode"] == "virtual"
+    for field in ("scenario", "agents", "seed", "duplicate_work", "zombie_orders", "log_hash"):
+        assert field in written
+    series = (tmp_path / "timeseries.csv").read_text().splitlines()
+    assert series[0] == "second,results,orders_done,claims,expiries"
+    assert series[-1].split(",")[2] == "20"  # every result is in the series
+    report = (tmp_path / "report.md").read_text()
+    assert "![" in report and (tmp_path / "throughput.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_sim_sweep_writes_json_and_a_plot(tmp_path: Path) -> None:
@@ -65,8 +72,7 @@ def test_sim_sweep_writes_json_and_a_plot(tmp_path: Path) -> None:
     assert code == 0
     sweep = json.loads((tmp_path / "sweep.json").read_text())
     assert [p["agents"] for p in sweep["points"]] == [4, 8] and len(sweep["runs"]) == 4
-    svg = (tmp_path / "scaling.svg").read_text()
-    assert svg.startswith("<svg") and "<polyline" in svg
+    assert (tmp_path / "scaling.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.parametrize(
