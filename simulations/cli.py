@@ -41,6 +41,9 @@ def add_parser(sub: Any, duration: Callable[[str, str], int]) -> None:
     run.add_argument("--seed", type=int, default=1)
     _common(run)
     run.set_defaults(func=lambda args: cmd_run(args, duration))
+    replay = verbs.add_parser("replay", help="re-fold a run's log offline; list anomalies")
+    replay.add_argument("logdir", help="a run's --out directory (or its log/ folder)")
+    replay.set_defaults(func=cmd_replay)
     sweep = verbs.add_parser("sweep", help="run a grid of sizes and seeds; JSON and a plot")
     sweep.add_argument("--agents", default="10,100", help="comma-separated agent counts")
     sweep.add_argument("--seeds", default="1-3", help="a range A-B or a list A,B,C")
@@ -147,10 +150,10 @@ def cmd_run(args: argparse.Namespace, duration: Callable[[str, str], int]) -> in
         f"{settings.scenario}: {settings.agents} agents, {settings.orders} orders, "
         f"seed {settings.seed}, {mode}"
     )
-    if args.virtual_time:
-        summary = run_virtual(settings)
+    if args.virtual_time:  # the log is kept in OUT/log for `formicary sim replay`
+        summary = run_virtual(settings, save=out)
     else:
-        summary = run_real(settings, workers=args.workers)
+        summary = run_real(settings, workers=args.workers, save=out)
     print(json.dumps(report.write(out, summary, summary.series)))
     return 0
 
@@ -195,6 +198,20 @@ def cmd_sweep(args: argparse.Namespace, duration: Callable[[str, str], int]) -> 
     )
     print(json.dumps({"scenario": args.scenario, "points": points}))
     return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from simulations.replay import replay
+
+    if (
+        not (Path(args.logdir) / "log" / "events.sqlite3").exists()
+        and not (Path(args.logdir) / "events.sqlite3").exists()
+    ):
+        print(f"formicary sim: no run log in {args.logdir}", file=sys.stderr)
+        return 2
+    report = replay(Path(args.logdir))
+    print(json.dumps(report))
+    return 0 if report["ok"] else 1
 
 
 def _seeds(spec: str) -> list[int]:

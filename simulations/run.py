@@ -15,12 +15,13 @@ from relay.store import Store
 from simulations.memnet import seed_scheduler
 from simulations.model import Settings, Summary
 from simulations.realworld import RealWorld
+from simulations.replay import save_log
 from simulations.report import measure
 from simulations.scenarios import SCENARIOS
 from simulations.world import HostsLogs, VirtualWorld
 
 
-def run_real(settings: Settings, workers: int = 1) -> Summary:
+def run_real(settings: Settings, workers: int = 1, save: Path | None = None) -> Summary:
     """Run ``settings`` against a relay process on loopback, in real time; with
     ``workers`` > 1 the agents are spread over that many processes (work_queue)."""
     settings.check(sorted(SCENARIOS))
@@ -30,6 +31,8 @@ def run_real(settings: Settings, workers: int = 1) -> Summary:
         summary = trio.run(SCENARIOS[settings.scenario], world, settings)
         summary.log_hash = world.log_hash()
         summary.series = measure(_homed(world.relays), summary)
+        if save is not None:
+            save_log(_homed(world.relays), save)
         summary.extra["relay_kills"] = sum(relay.kills for relay in world.relays.values())
         summary.extra["workers"] = workers
         for relay in world.relays.values():
@@ -40,7 +43,7 @@ def run_real(settings: Settings, workers: int = 1) -> Summary:
     return summary
 
 
-def run_virtual(settings: Settings) -> Summary:
+def run_virtual(settings: Settings, save: Path | None = None) -> Summary:
     """Run ``settings`` under trio's autojump ``MockClock``; returns its summary."""
     settings.check(sorted(SCENARIOS))
     seed_scheduler(settings.seed)
@@ -52,6 +55,8 @@ def run_virtual(settings: Settings) -> Summary:
     summary.wall_seconds = round(time.perf_counter() - began, 3)
     summary.log_hash = world.log_hash()
     summary.series = measure(_homed(world.relays), summary)
+    if save is not None:
+        save_log(_homed(world.relays), save)
     return summary
 
 

@@ -6,13 +6,19 @@ Small sizes (seconds): CI runs every scenario that exists this way.
 from __future__ import annotations
 
 import json
+import sqlite3
 from pathlib import Path
 
 import pytest
 
 from agent_sdk.cli import main
+from agent_sdk.identity import Identity
+from agent_sdk.wire import Event, sign_event
+from relay.store import Record
 from simulations.model import Faults, Settings
+from simulations.replay import lease_anomalies
 from simulations.run import run_virtual
+from tests.conftest import identity
 
 SMALL = {"agents": 12, "orders": 60, "crash_rate": 0.1}
 
@@ -240,3 +246,43 @@ def test_real_mode_spreads_agents_over_worker_processes() -> None:
     assert summary.extra["workers"] == 2
     assert summary.done == 100 and summary.duplicate_work == 0 and summary.zombies == 0
     assert summary.crashes > 0  # counted in the workers, reported to the parent
+
+
+def test_replay_refolds_a_runs_log_and_names_what_is_wrong(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    args = ["sim", "run", "work_queue", "--agents", "6", "--orders", "20", "--crash-rate", "0.2"]
+    assert main([*args, "--virtual-time", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["sim", "replay", str(out)]) == 0
+    clean = json.loads(capsys.readouterr().out)
+    assert clean["ok"] and clean["anomalies"] == [] and clean["records"] > 20
+    with sqlite3.connect(out / "log" / "events.sqlite3") as db:
+        db.execute("DELETE FROM events WHERE seq = 5")
+    assert main(["sim", "replay", str(out)]) == 1
+    broken = json.loads(capsys.readouterr().out)
+    assert any("seq 6" in anomaly for anomaly in broken["anomalies"])  # the gap
+
+
+def test_replay_finds_a_double_holder_and_a_token_going_back() -> None:
+    relay, first, second = identity(1), identity(2), identity(3)
+
+    def outcome(seq: int, ts: int, holder: Identity, token: int) -> Record:
+        body = {"wo": "wo-1", "status": "claimed", "holder": holder.public_key,
+                "token": token, "expires_ms": ts + 10_000, "req": bytes(32)}  # fmt: skip
+        event = Event(
+            ns="w@x", kind="wo.claimed", author=relay.public_key, body=body, deps=(), ts=ts
+        )
+        signed = sign_event(event, relay.sign)
+        return Record("w@x", seq, signed.id, "wo.claimed", relay.public_key, seq, signed.raw,
+                      signed.sig, b"")  # fmt: skip
+
+    ok = [outcome(1, 0, first, 1), outcome(2, 20_000, second, 2)]  # the first lease lapsed
+    assert lease_anomalies("w@x", ok) == []
+    overlapping = [outcome(1, 0, first, 1), outcome(2, 5_000, second, 2)]
+    [double] = lease_anomalies("w@x", overlapping)
+    assert "while" in double and "held it" in double
+    backwards = [outcome(1, 0, first, 3), outcome(2, 20_000, second, 2)]
+    [token] = lease_anomalies("w@x", backwards)
+    assert "does not rise" in token
