@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import socket
 import subprocess
@@ -49,6 +50,9 @@ class RealRelay:
     log: Path
     _store: SQLiteStore | None = None
     kills: int = 0
+    cpu_seconds: float | None = None
+    """User + system CPU the relay process used (Linux), read as it stops."""
+    peak_rss_mb: float | None = None
 
     @property
     def store(self) -> Store:
@@ -56,8 +60,22 @@ class RealRelay:
             self._store = SQLiteStore(self.data / STORE_FILE, readonly=True)
         return self._store
 
+    def _read_usage(self) -> None:
+        try:
+            with open(f"/proc/{self.process.pid}/stat") as stat:
+                fields = stat.read().rpartition(")")[2].split()
+            ticks = os.sysconf("SC_CLK_TCK")
+            self.cpu_seconds = round((int(fields[11]) + int(fields[12])) / ticks, 3)
+            with open(f"/proc/{self.process.pid}/status") as status:
+                for line in status:
+                    if line.startswith("VmHWM:"):
+                        self.peak_rss_mb = round(int(line.split()[1]) / 1024, 1)
+        except (OSError, ValueError, IndexError):
+            pass  # not Linux, or already gone: the figures stay unknown
+
     async def stop(self) -> None:
         if self.process.returncode is None:
+            self._read_usage()
             self.process.terminate()
             with trio.move_on_after(10):
                 await self.process.wait()

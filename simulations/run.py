@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import resource
 import tempfile
 import time
 from collections.abc import Mapping
@@ -35,6 +36,10 @@ def run_real(settings: Settings, workers: int = 1, save: Path | None = None) -> 
             save_log(_homed(world.relays), save)
         summary.extra["relay_kills"] = sum(relay.kills for relay in world.relays.values())
         summary.extra["workers"] = workers
+        cpu = [relay.cpu_seconds for relay in world.relays.values() if relay.cpu_seconds]
+        rss = [relay.peak_rss_mb for relay in world.relays.values() if relay.peak_rss_mb]
+        summary.extra["relay_cpu_seconds"] = round(sum(cpu), 3) if cpu else None
+        summary.extra["relay_peak_rss_mb"] = max(rss) if rss else None
         for relay in world.relays.values():
             if relay._store is not None:
                 relay._store.close()
@@ -51,13 +56,24 @@ def run_virtual(settings: Settings, save: Path | None = None) -> Summary:
     world = VirtualWorld(settings.seed, delay_ms=settings.faults.delay_ms)
     began = time.perf_counter()
     clock = trio.testing.MockClock(autojump_threshold=0)
+    cpu_before = _cpu_seconds()
     summary = trio.run(SCENARIOS[settings.scenario], world, settings, clock=clock)
+    # The relays and the agents share this process: these figures are for both.
+    summary.extra["process_cpu_seconds"] = round(_cpu_seconds() - cpu_before, 3)
+    summary.extra["process_peak_rss_mb"] = round(
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1
+    )
     summary.wall_seconds = round(time.perf_counter() - began, 3)
     summary.log_hash = world.log_hash()
     summary.series = measure(_homed(world.relays), summary)
     if save is not None:
         save_log(_homed(world.relays), save)
     return summary
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _homed(relays: Mapping[str, HostsLogs]) -> list[tuple[Store, str]]:
