@@ -211,6 +211,8 @@ class Summary:
     extra: dict[str, Any] = field(default_factory=dict)
     series: list[dict[str, int]] = field(default_factory=list, repr=False)
     """Per second of the run: results, orders done so far, claims, expiries."""
+    latencies: list[int] = field(default_factory=list, repr=False)
+    """Claim to result per order, ms, sorted (the latency CDF's points)."""
 
     @property
     def orders_per_virtual_s(self) -> float:
@@ -218,6 +220,5 @@ class Summary:
 
     def to_json(self) -> dict[str, Any]:
         document = asdict(self)
-        del document["series"]
-        document["extra"] = {k: v for k, v in self.extra.items() if not k.startswith("_")}
+        del document["series"], document["latencies"]
         return {**document, "orders_per_virtual_s": self.orders_per_virtual_s}

@@ -77,7 +77,7 @@ def measure(logs: Iterable[tuple[Store, str]], summary: Summary) -> list[dict[st
                 "expiries": counts["lease.expired"],
             }
         )
-    summary.extra["_latencies"] = sorted(latencies)
+    summary.latencies = sorted(latencies)
     return rows
 
 
@@ -95,7 +95,7 @@ def distribution(values: Sequence[int]) -> dict[str, float] | None:
 def results(summary: Summary) -> dict[str, Any]:
     """``results.json``: the fields every run has, then the scenario's own."""
     document = summary.to_json()
-    extra = {k: v for k, v in document.pop("extra").items() if not k.startswith("_")}
+    extra = document.pop("extra")
     return {
         "scenario": summary.scenario,
         "agents": summary.agents,
@@ -162,7 +162,7 @@ def _plots(out: Path, summary: Summary, series: list[dict[str, int]]) -> list[tu
         figure.savefig(out / "throughput.png", dpi=100)
         plt.close(figure)
         made.append(("throughput.png", "throughput over time"))
-    latencies = summary.extra.get("_latencies") or []
+    latencies = summary.latencies
     if latencies:
         figure, axis = plt.subplots(figsize=(7, 3.5))
         axis.plot(latencies, [(i + 1) / len(latencies) for i in range(len(latencies))])
