@@ -12,7 +12,8 @@ import argparse
 import json
 import statistics
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from simulations.model import (
     FAULTS,
     POLICIES,
     Faults,
+    Meter,
     Settings,
     Summary,
     UsageError,
@@ -105,7 +107,7 @@ def _settings_of(
     if args.virtual_time and faults.relay_kill is not None:
         raise UsageError("--faults relay_kill kills a relay process: drop --virtual-time")
     if not args.virtual_time and faults != replace(Faults(), relay_kill=faults.relay_kill):
-        raise UsageError("--faults slow, delay, partition: add --virtual-time")
+        raise UsageError("--faults slow, delay, loss, partition: add --virtual-time")
     if args.workers < 1:
         raise UsageError("--workers must be at least 1")
     if args.workers > 1 and (args.virtual_time or args.scenario != "work_queue"):
@@ -150,10 +152,11 @@ def cmd_run(args: argparse.Namespace, duration: Callable[[str, str], int]) -> in
         f"{settings.scenario}: {settings.agents} agents, {settings.orders} orders, "
         f"seed {settings.seed}, {mode}"
     )
-    if args.virtual_time:  # the log is kept in OUT/log for `formicary sim replay`
-        summary = run_virtual(settings, save=out)
-    else:
-        summary = run_real(settings, workers=args.workers, save=out)
+    with progress_bar(settings.scenario) as meter:
+        if args.virtual_time:  # the log is kept in OUT/log for `formicary sim replay`
+            summary = run_virtual(settings, save=out, meter=meter)
+        else:
+            summary = run_real(settings, workers=args.workers, save=out, meter=meter)
     print(json.dumps(report.write(out, summary, summary.series)))
     return 0
 
@@ -173,10 +176,9 @@ def cmd_sweep(args: argparse.Namespace, duration: Callable[[str, str], int]) -> 
     out.mkdir(parents=True, exist_ok=True)
     runs: list[Summary] = []
     for i, settings in enumerate(grid, 1):
-        _progress(
-            f"[{i}/{len(grid)}] {settings.scenario}: {settings.agents} agents, seed {settings.seed}"
-        )
-        runs.append(run(settings))
+        label = f"[{i}/{len(grid)}] {settings.agents} agents, seed {settings.seed}"
+        with progress_bar(label) as meter:
+            runs.append(run(settings, meter=meter))
     points = []
     for n in sizes:
         mine = [r for r in runs if r.agents == n]
@@ -223,6 +225,38 @@ def _seeds(spec: str) -> list[int]:
     if not seeds:
         raise UsageError(f"--seeds {spec!r}: no seed in it")
     return seeds
+
+
+@contextmanager
+def progress_bar(label: str) -> Iterator[Meter]:
+    """A live bar on stderr (rich) for the run measuring into the yielded meter:
+    units done of the total, elapsed time and an estimate of what is left. Off a
+    terminal it prints the final state once."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[unit]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=Console(stderr=True), refresh_per_second=4) as bar:
+        task = bar.add_task(label, total=None, unit="")
+
+        def draw(meter: Meter) -> None:
+            bar.update(task, total=meter.total, completed=meter.done, unit=meter.unit)
+
+        yield Meter(draw)
 
 
 def _progress(message: str) -> None:

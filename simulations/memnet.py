@@ -42,30 +42,62 @@ class MemoryListener(trio.abc.Listener[trio.abc.Stream]):
     async def aclose(self) -> None:
         await self._rx.aclose()
 
-    async def dial(self, delay_ms: int = 0) -> trio.abc.Stream:
-        """A new connection; with ``delay_ms``, every message takes that long each way."""
+    async def dial(
+        self, delay_ms: int = 0, loss: float = 0.0, rng: random.Random | None = None
+    ) -> trio.abc.Stream:
+        """A new connection; with ``delay_ms``, every message takes that long each way;
+        with ``loss``, each message is lost with that chance, and the connection with it
+        (see :class:`Wire`), drawn from ``rng``."""
         ours: trio.abc.Stream
         theirs: trio.abc.Stream
         ours, theirs = trio.testing.memory_stream_pair()
-        if delay_ms:
-            ours, theirs = Delayed(ours, delay_ms), Delayed(theirs, delay_ms)
+        if delay_ms or loss:
+            line = Line(loss, rng or random.Random(0))
+            ours, theirs = Wire(ours, delay_ms, line), Wire(theirs, delay_ms, line)
         self._tx.send_nowait(theirs)
         await trio.lowlevel.checkpoint()
         return ours
 
 
-class Delayed(trio.abc.Stream):
-    """A stream whose bytes arrive ``delay_ms`` after they are sent, in order: latency
-    without loss (each direction has its own queue and its own carrier task)."""
+class Line:
+    """What both ends of one connection share: its loss rate and whether a loss cut it."""
 
-    def __init__(self, inner: trio.abc.Stream, delay_ms: int) -> None:
+    def __init__(self, loss: float, rng: random.Random) -> None:
+        self.loss = loss
+        self.rng = rng
+        self.cut = False
+
+
+class Wire(trio.abc.Stream):
+    """One end of a connection with latency and loss.
+
+    Bytes arrive ``delay_ms`` after they are sent, in order (each direction has its
+    own queue and carrier task). A message (one ``send_all``: the WebSocket writes a
+    frame at a time) is lost with the line's ``loss`` chance. The stream is reliable
+    like TCP, so a loss is not a gap the reader could skip: the connection breaks, as
+    a TCP connection does when retransmission gives up. Both ends then read end of
+    file and cannot send; the sender is not told about the message it lost.
+    """
+
+    def __init__(self, inner: trio.abc.Stream, delay_ms: int, line: Line) -> None:
         self.inner = inner
         self.delay = delay_ms / 1000
+        self.line = line
         self._tx, self._rx = trio.open_memory_channel[tuple[float, bytes]](math.inf)
         self._carrier: trio.lowlevel.Task | None = None
-        self._closed = False
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self.line.cut:
+            await trio.lowlevel.checkpoint()
+            raise trio.BrokenResourceError("connection lost (--faults loss)")
+        if self.line.loss and self.line.rng.random() < self.line.loss:
+            self.line.cut = True
+            self._tx.close()  # nothing more leaves this end: the peer reads end of file
+            await self.inner.aclose()
+            return
+        if not self.delay:
+            await self.inner.send_all(data)
+            return
         if self._carrier is None:
             self._carrier = trio.lowlevel.spawn_system_task(self._carry)
         self._tx.send_nowait((trio.current_time() + self.delay, bytes(data)))
@@ -83,7 +115,12 @@ class Delayed(trio.abc.Stream):
         await trio.lowlevel.checkpoint()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        return await self.inner.receive_some(max_bytes)
+        try:
+            return await self.inner.receive_some(max_bytes)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            if self.line.cut:
+                return b""  # the loss closed our own end under this read
+            raise
 
     async def aclose(self) -> None:
         self._tx.close()

@@ -60,6 +60,9 @@ class Faults:
     """Share of agents that are slow: their tasks take five times as long."""
     delay_ms: int = 0
     """Latency of every message on the in-memory network, each way (virtual time)."""
+    loss: float = 0.0
+    """Chance that a message is lost on an agent's connection or a relay link; the
+    connection breaks with it, as TCP's does, and is dialled again (virtual time)."""
     relay_kill: int | None = None
     """When (ms after the start) the relay process gets SIGKILL and is restarted on
     the same data (real mode)."""
@@ -68,7 +71,7 @@ class Faults:
     each other (``federated``)."""
 
 
-FAULTS = ("slow=SHARE", "delay=DURATION", "partition=FROM-TO", "relay_kill=AT")
+FAULTS = ("slow=SHARE", "delay=DURATION", "loss=CHANCE", "partition=FROM-TO", "relay_kill=AT")
 VARIANTS = ("flat", "fanout", "pipeline")
 FANOUT = 3
 """Sub-orders each order of the ``fanout`` variant spawns."""
@@ -91,6 +94,14 @@ def parse_faults(spec: str, duration: Callable[[str, str], int]) -> Faults:
             if not 0 <= share <= 1:
                 raise UsageError(f"--faults slow={value}: a share of agents from 0 to 1")
             faults = replace(faults, slow=share)
+        elif name == "loss":
+            try:
+                chance = float(value)
+            except ValueError:
+                chance = -1.0
+            if not 0 <= chance < 1:
+                raise UsageError(f"--faults loss={value}: a chance per message, 0 <= p < 1")
+            faults = replace(faults, loss=chance)
         elif name == "delay":
             faults = replace(faults, delay_ms=duration(value, "--faults delay"))
         elif name == "relay_kill":
@@ -163,6 +174,8 @@ class Settings:
             self.scenario != "work_queue" or self.variant != "flat"
         ):
             raise UsageError("--faults relay_kill: work_queue with --variant flat only, so far")
+        if self.faults.loss and self.scenario not in ("work_queue", "federated"):
+            raise UsageError("--faults loss: work_queue and federated (agents that reconnect)")
         if self.faults.partition is not None and not federated:
             raise UsageError("--faults partition: cuts links between relays (`federated` only)")
         if self.variant not in VARIANTS:
@@ -182,6 +195,52 @@ class Settings:
             return self.make_policy()
         low, high = self.work_ms
         return POLICIES[self.policy]((low * 5, high * 5), self.crash_rate)
+
+
+AGENT_STATES = ("idle", "working", "down")
+
+
+class AgentStates:
+    """How many agents are idle, working or down over a run, for the agent-states
+    plot: the counts after the last change in each second of the run's clock."""
+
+    def __init__(self) -> None:
+        self.of: dict[int, str] = {}
+        self.counts = dict.fromkeys(AGENT_STATES, 0)
+        self.samples: dict[int, dict[str, int]] = {}
+        """Second (of the run's ms clock) -> counts at its end; quiet seconds missing."""
+
+    def set(self, agent: int, state: str, now_ms: int) -> None:
+        old = self.of.get(agent)
+        if old == state:
+            return
+        if old is not None:
+            self.counts[old] -= 1
+        self.counts[state] += 1
+        self.of[agent] = state
+        self.samples[now_ms // 1000] = dict(self.counts)
+
+
+class Meter:
+    """How far a run is, for the live progress bar: ``done`` of ``total`` units
+    (orders, edits, auctions). ``on_change`` is called on every step; it must be
+    cheap and must not touch the run (the CLI draws a bar from it)."""
+
+    def __init__(self, on_change: Callable[[Meter], None] | None = None) -> None:
+        self.on_change = on_change
+        self.total = 0
+        self.done = 0
+        self.unit = "orders"
+
+    def start(self, total: int, unit: str) -> None:
+        self.total, self.done, self.unit = total, 0, unit
+        if self.on_change is not None:
+            self.on_change(self)
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        if self.on_change is not None:
+            self.on_change(self)
 
 
 @dataclass
@@ -213,6 +272,8 @@ class Summary:
     """Per second of the run: results, orders done so far, claims, expiries."""
     latencies: list[int] = field(default_factory=list, repr=False)
     """Claim to result per order, ms, sorted (the latency CDF's points)."""
+    states: dict[int, dict[str, int]] = field(default_factory=dict, repr=False)
+    """:attr:`AgentStates.samples` of the run (the agent-states plot's points)."""
 
     @property
     def orders_per_virtual_s(self) -> float:
@@ -220,5 +281,5 @@ class Summary:
 
     def to_json(self) -> dict[str, Any]:
         document = asdict(self)
-        del document["series"], document["latencies"]
+        del document["series"], document["latencies"], document["states"]
         return {**document, "orders_per_virtual_s": self.orders_per_virtual_s}

@@ -31,7 +31,7 @@ from relay.app import STORE_FILE
 from relay.node import RelayConfig
 from relay.store import Store
 from relay.store.sqlite import SQLiteStore
-from simulations.model import Settings
+from simulations.model import Meter, Settings
 
 if TYPE_CHECKING:
     from simulations.scenarios.work_queue import Progress
@@ -95,6 +95,8 @@ class RealWorld:
     """Relays this process did not start (a worker's view of its parent's relay)."""
     workers: int = 1
     """Processes the agents are spread over (``--workers``); 1 runs them here."""
+    meter: Meter = field(default_factory=Meter)
+    """How far the run is (the CLI's progress bar)."""
 
     def now_ms(self) -> int:
         return time.time_ns() // 1_000_000
@@ -135,8 +137,10 @@ class RealWorld:
 
     @asynccontextmanager
     async def client(
-        self, relay: str, identity: Identity, purpose: str
+        self, relay: str, identity: Identity, purpose: str, lossy: bool = False
     ) -> AsyncIterator[RelayClient]:
+        """An agent's connection over loopback TCP (``lossy`` is for the in-memory
+        network's ``--faults loss``; real sockets lose what they lose)."""
         url = self.relays[relay].url if relay in self.relays else self.urls[relay]
         async with RelayClient.connect(
             url,

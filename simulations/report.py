@@ -19,10 +19,18 @@ from typing import Any
 
 from agent_sdk.wire import decode
 from relay.store import Store
-from simulations.model import Summary
+from simulations.model import AGENT_STATES, Summary
 
 WORK_KINDS = {"app.result", "wo.claimed", "lease.expired"}
 FIRST = "first_result"  # a per-second count: orders whose first result came then
+COLUMNS = [
+    "second",
+    "results",
+    "orders_done",
+    "claims",
+    "expiries",
+    *[f"agents_{state}" for state in AGENT_STATES],
+]
 
 
 def measure(logs: Iterable[tuple[Store, str]], summary: Summary) -> list[dict[str, int]]:
@@ -61,13 +69,17 @@ def measure(logs: Iterable[tuple[Store, str]], summary: Summary) -> list[dict[st
             per_second[ts // 1000][record.kind] += 1
     summary.extra["latency_ms"] = distribution(latencies)
     summary.extra["recovery_ms"] = distribution(recoveries)
-    if start is None:
+    summary.latencies = sorted(latencies)
+    seconds = [*per_second, *summary.states]
+    if not seconds:
         return []
-    first, last = start // 1000, max(per_second)
+    first, last = min(seconds), max(seconds)
     rows, done = [], 0
+    states = dict.fromkeys(AGENT_STATES, 0)  # carried over seconds nobody changed state
     for second in range(first, last + 1):
         counts = per_second.get(second, dict.fromkeys([*WORK_KINDS, FIRST], 0))
         done += counts[FIRST]
+        states = summary.states.get(second, states)
         rows.append(
             {
                 "second": second - first,
@@ -75,9 +87,9 @@ def measure(logs: Iterable[tuple[Store, str]], summary: Summary) -> list[dict[st
                 "orders_done": done,
                 "claims": counts["wo.claimed"],
                 "expiries": counts["lease.expired"],
+                **{f"agents_{state}": states[state] for state in AGENT_STATES},
             }
         )
-    summary.latencies = sorted(latencies)
     return rows
 
 
@@ -117,9 +129,7 @@ def write(out: Path, summary: Summary, series: list[dict[str, int]]) -> dict[str
     document = results(summary)
     (out / "results.json").write_text(json.dumps(document, indent=2) + "\n")
     with (out / "timeseries.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(
-            handle, fieldnames=["second", "results", "orders_done", "claims", "expiries"]
-        )
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(series)
     plots = _plots(out, summary, series)
@@ -154,7 +164,7 @@ def _plots(out: Path, summary: Summary, series: list[dict[str, int]]) -> list[tu
         figure, axis = plt.subplots(figsize=(7, 3.5))
         axis.plot([r["second"] for r in series], [r["results"] for r in series], label="results/s")
         axis.plot([r["second"] for r in series], [r["claims"] for r in series], label="claims/s")
-        axis.set_xlabel("seconds since the first event")
+        axis.set_xlabel("seconds since the run began")
         axis.set_ylabel("per second")
         axis.legend()
         axis.set_title(f"{summary.scenario}: throughput over time")
@@ -162,6 +172,22 @@ def _plots(out: Path, summary: Summary, series: list[dict[str, int]]) -> list[tu
         figure.savefig(out / "throughput.png", dpi=100)
         plt.close(figure)
         made.append(("throughput.png", "throughput over time"))
+    if summary.states:
+        figure, axis = plt.subplots(figsize=(7, 3.5))
+        axis.stackplot(
+            [r["second"] for r in series],
+            *[[r[f"agents_{state}"] for r in series] for state in AGENT_STATES],
+            labels=AGENT_STATES,
+            colors=("#c8d6e5", "#10ac84", "#ee5253"),
+        )
+        axis.set_xlabel("seconds since the run began")
+        axis.set_ylabel("agents")
+        axis.legend(loc="upper right")
+        axis.set_title(f"{summary.scenario}: agent states")
+        figure.tight_layout()
+        figure.savefig(out / "agent_states.png", dpi=100)
+        plt.close(figure)
+        made.append(("agent_states.png", "agents idle, working and down over time"))
     latencies = summary.latencies
     if latencies:
         figure, axis = plt.subplots(figsize=(7, 3.5))

@@ -14,7 +14,7 @@ import trio.testing
 
 from relay.store import Store
 from simulations.memnet import seed_scheduler
-from simulations.model import Settings, Summary
+from simulations.model import Meter, Settings, Summary
 from simulations.realworld import RealWorld
 from simulations.replay import save_log
 from simulations.report import measure
@@ -22,13 +22,16 @@ from simulations.scenarios import SCENARIOS
 from simulations.world import HostsLogs, VirtualWorld
 
 
-def run_real(settings: Settings, workers: int = 1, save: Path | None = None) -> Summary:
+def run_real(
+    settings: Settings, workers: int = 1, save: Path | None = None, meter: Meter | None = None
+) -> Summary:
     """Run ``settings`` against a relay process on loopback, in real time; with
-    ``workers`` > 1 the agents are spread over that many processes (work_queue)."""
+    ``workers`` > 1 the agents are spread over that many processes (work_queue).
+    ``meter`` follows the run's progress (the CLI's live bar)."""
     settings.check(sorted(SCENARIOS))
     began = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="formicary-sim-") as tmp:
-        world = RealWorld(settings.seed, Path(tmp), workers=workers)
+        world = RealWorld(settings.seed, Path(tmp), workers=workers, meter=meter or Meter())
         summary = trio.run(SCENARIOS[settings.scenario], world, settings)
         summary.log_hash = world.log_hash()
         summary.series = measure(_homed(world.relays), summary)
@@ -48,12 +51,20 @@ def run_real(settings: Settings, workers: int = 1, save: Path | None = None) -> 
     return summary
 
 
-def run_virtual(settings: Settings, save: Path | None = None) -> Summary:
-    """Run ``settings`` under trio's autojump ``MockClock``; returns its summary."""
+def run_virtual(
+    settings: Settings, save: Path | None = None, meter: Meter | None = None
+) -> Summary:
+    """Run ``settings`` under trio's autojump ``MockClock``; returns its summary.
+    ``meter`` follows the run's progress (the CLI's live bar)."""
     settings.check(sorted(SCENARIOS))
     seed_scheduler(settings.seed)
     random.seed(settings.seed)  # reconnect backoff jitter (links, clients) draws from it
-    world = VirtualWorld(settings.seed, delay_ms=settings.faults.delay_ms)
+    world = VirtualWorld(
+        settings.seed,
+        delay_ms=settings.faults.delay_ms,
+        loss=settings.faults.loss,
+        meter=meter or Meter(),
+    )
     began = time.perf_counter()
     clock = trio.testing.MockClock(autojump_threshold=0)
     cpu_before = _cpu_seconds()

@@ -30,6 +30,7 @@ from relay.server import serve_relay
 from relay.store import Store
 from relay.store.memory import MemoryStore
 from simulations.memnet import MemoryListener
+from simulations.model import Meter
 
 if TYPE_CHECKING:
     from simulations.realworld import RealWorld
@@ -67,8 +68,14 @@ class VirtualWorld:
     listeners: dict[str, MemoryListener] = field(default_factory=dict)
     delay_ms: int = 0
     """Latency of every message on the network, each way (``--faults delay``)."""
+    loss: float = 0.0
+    """Chance that a message on an agent's connection or a relay link is lost, and
+    the connection with it (``--faults loss``; :class:`~simulations.memnet.Wire`)."""
     cut: set[frozenset[str]] = field(default_factory=set)
     links: dict[frozenset[str], list[trio.abc.Stream]] = field(default_factory=dict)
+    meter: Meter = field(default_factory=Meter)
+    """How far the run is (the CLI's progress bar)."""
+    _losses: random.Random | None = None
 
     def now_ms(self) -> int:
         return EPOCH_MS + int(trio.current_time() * 1000)
@@ -126,15 +133,17 @@ class VirtualWorld:
             if pair in self.cut:
                 await trio.lowlevel.checkpoint()
                 raise OSError(f"{me} cannot reach {peer}: partitioned")
-            stream = await self._dial_delayed(peer)
+            stream = await self._dial_wire(peer, lossy=True)
             self.links.setdefault(pair, []).append(stream)
             return stream
 
         return dial
 
-    async def _dial_delayed(self, name: str) -> trio.abc.Stream:
-        stream = await self.listener(name).dial(self.delay_ms)
-        return stream
+    async def _dial_wire(self, name: str, lossy: bool) -> trio.abc.Stream:
+        if self._losses is None:  # one stream of draws: dial order is deterministic
+            self._losses = self.rng("loss")
+        loss = self.loss if lossy else 0.0
+        return await self.listener(name).dial(self.delay_ms, loss, self._losses)
 
     async def partition(self, a: str, b: str) -> None:
         """Cut every link between relays ``a`` and ``b`` and refuse new ones."""
@@ -148,13 +157,15 @@ class VirtualWorld:
 
     @asynccontextmanager
     async def client(
-        self, relay: str, identity: Identity, purpose: str
+        self, relay: str, identity: Identity, purpose: str, lossy: bool = False
     ) -> AsyncIterator[RelayClient]:
-        """An agent's connection: its own nonce stream, the shared virtual clock."""
+        """An agent's connection: its own nonce stream, the shared virtual clock.
+        ``lossy`` connections suffer ``--faults loss``: agents that reconnect; the
+        harness's own (planners, observers) do not."""
         async with RelayClient.connect(
             f"ws://{relay}.sim/",
             identity,
-            dial=lambda: self._dial_delayed(relay),
+            dial=lambda: self._dial_wire(relay, lossy),
             clock_ms=self.now_ms,
             rng=self.rng(f"nonce/{purpose}"),
             reconnect=False,

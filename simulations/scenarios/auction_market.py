@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import random
 import statistics
+from collections.abc import Callable
 
 import trio
 
 from agent_sdk.auctions import Auctions, as_claim
 from agent_sdk.directory import Directory
 from agent_sdk.ledger import Ledger, LedgerRefusal
-from simulations.model import Policy, Settings, Summary
+from simulations.model import AgentStates, Policy, Settings, Summary
 from simulations.scenarios.common import RELAY, relay_config
 from simulations.world import World, identity_of
 
@@ -46,6 +47,7 @@ class Market:
         self.failed: dict[str, int] = {"reliable": 0, "flaky": 0}
         self.crashes = 0
         self.unawarded = 0
+        self.states = AgentStates()
 
 
 async def run(world: World, settings: Settings) -> Summary:
@@ -55,6 +57,7 @@ async def run(world: World, settings: Settings) -> Summary:
     async with trio.open_nursery() as nursery:
         relay = await world.start_relay(nursery, relay_config(settings))
         began = trio.current_time()
+        world.meter.start(settings.orders, "auctions")
         with trio.move_on_after(settings.duration_s):
             async with trio.open_nursery() as everyone:
                 for n in range(settings.agents):
@@ -71,6 +74,7 @@ async def run(world: World, settings: Settings) -> Summary:
     summary.zombies = settings.orders - summary.done - market.unawarded
     summary.crashes = market.crashes
     summary.events = sum(1 for _ in relay.store.scan(NS))
+    summary.states = market.states.samples
     summary.extra = {
         "completed": market.completed,
         "failed": market.failed,
@@ -96,10 +100,9 @@ async def requester(world: World, settings: Settings, market: Market) -> None:
                 )
                 while True:  # follow it to its end: completed, or nobody left
                     shown = await auctions.show(opened["auction"])
-                    if shown["phase"] == "completed":
-                        return
-                    if shown["phase"] == "unawarded":
-                        market.unawarded += 1
+                    if shown["phase"] in ("completed", "unawarded"):
+                        market.unawarded += shown["phase"] == "unawarded"
+                        world.meter.advance()
                         return
                     await trio.sleep(2)
 
@@ -120,19 +123,33 @@ async def bidder(
     rng = world.rng(f"agent/{n}")
     identity = identity_of(settings.seed, "agent", n)
     life = 0
+
+    def mark(state: str) -> None:
+        market.states.set(n, state, world.now_ms())
+
     while True:
         life += 1
+        mark("idle")
         async with world.client(RELAY, identity, f"agent/{n}/{life}") as client:
             if life == 1:
                 await Directory(client, NS).join(f"agent-{n}", heartbeat_ms=24 * 3600 * 1000)
-            crashed = await trade(client, rng, policy, kind, market)
+            crashed = await trade(client, rng, policy, kind, market, mark)
         if not crashed:
             return
+        mark("down")
         market.crashes += 1
         await trio.sleep(settings.restart_ms / 1000)
 
 
-async def trade(client, rng: random.Random, policy: Policy, kind: str, market: Market) -> bool:  # type: ignore[no-untyped-def]
+async def trade(  # type: ignore[no-untyped-def]
+    client,
+    rng: random.Random,
+    policy: Policy,
+    kind: str,
+    market: Market,
+    mark: Callable[[str], None],
+) -> bool:
+    """Bid and work until the market closes (False) or this life crashes (True)."""
     auctions, ledger = Auctions(client, NS), Ledger(client, NS)
     me = client.identity.public_key
     bid_on: set[str] = set()
@@ -152,6 +169,7 @@ async def trade(client, rng: random.Random, policy: Policy, kind: str, market: M
                     await auctions.confirm(auction)
                 except LedgerRefusal:
                     continue  # too late: it passed on
+                mark("working")
                 if policy.crashes(rng):
                     await trio.sleep(rng.randint(0, policy.task_ms(rng)) / 1000)
                     market.failed[kind] += 1
@@ -170,6 +188,7 @@ async def trade(client, rng: random.Random, policy: Policy, kind: str, market: M
                         market.completed[kind] += 1
                     except LedgerRefusal:
                         market.failed[kind] += 1
+                mark("idle")
         await trio.sleep(rng.randint(*LOOK_MS) / 1000)
     return False
 

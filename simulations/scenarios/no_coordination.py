@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import trio
 
-from simulations.model import Policy, Settings, Summary
+from simulations.model import AgentStates, Meter, Policy, Settings, Summary
 from simulations.scenarios.common import NS, RELAY, plan, relay_config, tally
 from simulations.world import World, identity_of
 
@@ -19,12 +19,17 @@ from simulations.world import World, identity_of
 class Board:
     """The shared view of what is done, as fresh as the last snapshot each agent took."""
 
-    def __init__(self, orders: list[str]) -> None:
+    def __init__(self, orders: list[str], meter: Meter) -> None:
         self.undone = set(orders)
         self.finished = trio.Event()
+        self.meter = meter
+        meter.start(len(orders), "orders")
+        self.states = AgentStates()
 
     def report(self, order: str) -> None:
-        self.undone.discard(order)
+        if order in self.undone:
+            self.undone.discard(order)
+            self.meter.advance()
         if not self.undone:
             self.finished.set()
 
@@ -33,7 +38,7 @@ async def run(world: World, settings: Settings) -> Summary:
     summary = Summary(settings.scenario, settings.agents, settings.orders, settings.seed)
     async with trio.open_nursery() as nursery:
         relay = await world.start_relay(nursery, relay_config(settings))
-        board = Board(await plan(world, settings))
+        board = Board(await plan(world, settings), world.meter)
         began = trio.current_time()
         with trio.move_on_after(settings.duration_s):
             async with trio.open_nursery() as agents:
@@ -44,12 +49,14 @@ async def run(world: World, settings: Settings) -> Summary:
         summary.virtual_seconds = round(trio.current_time() - began, 3)
         nursery.cancel_scope.cancel()
     tally(relay, summary)
+    summary.states = board.states.samples
     return summary
 
 
 async def agent(world: World, settings: Settings, policy: Policy, n: int, board: Board) -> None:
     rng = world.rng(f"agent/{n}")
     identity = identity_of(settings.seed, "agent", n)
+    board.states.set(n, "idle", world.now_ms())
     async with world.client(RELAY, identity, f"agent/{n}") as client:
         snapshot: list[str] = []
         taken_at = -float("inf")
@@ -60,9 +67,11 @@ async def agent(world: World, settings: Settings, policy: Policy, n: int, board:
                 await trio.sleep(settings.snapshot_ms / 1000)
                 continue
             order = snapshot.pop(rng.randrange(len(snapshot)))
+            board.states.set(n, "working", world.now_ms())
             await trio.sleep(policy.task_ms(rng) / 1000)
             value = rng.choice(("approve", "reject"))
             await client.publish(
                 NS, "app.result", {"wo": order, "value": value}, nonce=client.nonce()
             )
             board.report(order)
+            board.states.set(n, "idle", world.now_ms())

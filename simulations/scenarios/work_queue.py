@@ -10,6 +10,7 @@ The run ends when every order has a result, or at ``duration_s``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
@@ -17,7 +18,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from agent_sdk.errors import ProtocolError
 from agent_sdk.ledger import Ledger, LedgerRefusal
-from simulations.model import FANOUT, STAGES, Policy, Settings, Summary
+from simulations.model import FANOUT, STAGES, AgentStates, Meter, Policy, Settings, Summary
 from simulations.scenarios.common import NS, RELAY, plan, relay_config, tally
 from simulations.world import World, identity_of
 
@@ -34,9 +35,12 @@ class Progress:
     """What the agents share about the run (the scenario's bookkeeping, not state the
     agents coordinate through: that is the relay's)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, meter: Meter | None = None) -> None:
         per_root = {"flat": 1, "fanout": 1 + FANOUT, "pipeline": len(STAGES)}
         self.left = self.total = settings.orders * per_root[settings.variant]
+        self.meter = meter or Meter()
+        self.meter.start(self.total, "orders")
+        self.states = AgentStates()
         self.settings = settings
         self.finished = trio.Event()
         self.crashes = 0
@@ -49,6 +53,7 @@ class Progress:
 
     def finish_one(self) -> None:
         self.left -= 1
+        self.meter.advance()
         if self.left == 0:
             self.finished.set()
 
@@ -58,7 +63,7 @@ async def run(world: World, settings: Settings) -> Summary:
     async with trio.open_nursery() as nursery:
         relay = await world.start_relay(nursery, relay_config(settings))
         orders = await plan(world, settings)
-        progress = Progress(settings)
+        progress = Progress(settings, world.meter)
         root = {"flat": "task", "fanout": "parent", "pipeline": STAGES[0]}[settings.variant]
         for order in orders:
             progress.stage[f"{NS}/{order}"] = root
@@ -86,6 +91,7 @@ async def run(world: World, settings: Settings) -> Summary:
     summary.wasted_work = progress.wasted
     summary.zombies = progress.left  # orders (sub-orders and stages too) never finished
     summary.extra = extra_of(progress)
+    summary.states = progress.states.samples
     return summary
 
 
@@ -124,19 +130,26 @@ async def agent(
     identity = identity_of(settings.seed, "agent", n)
     life = 0
     reporting: list[Report] = []  # a result being reported when the relay went away
+
+    def mark(state: str) -> None:
+        progress.states.set(n, state, world.now_ms())
+
     while not progress.finished.is_set():
         life += 1
+        mark("idle")
         try:
-            async with world.client(relay, identity, f"agent/{n}/{life}") as client:
+            async with world.client(relay, identity, f"agent/{n}/{life}", lossy=True) as client:
                 ledger = Ledger(client, ns)
                 if reporting:
                     await report(ledger, reporting, progress)
-                crashed = await work(ledger, rng, policy, progress, reporting)
+                crashed = await work(ledger, rng, policy, progress, reporting, mark)
         except* LOST:  # (the client's own task may fail alongside: a group)
-            crashed = True  # the relay went away under it (killed): start a new life
+            crashed = True  # the relay went away (killed, or a lost message): a new life
             progress.disconnected += 1
         if not crashed:
+            mark("idle")
             return
+        mark("down")
         progress.crashes += 1
         await trio.sleep(settings.restart_ms / 1000)
 
@@ -186,9 +199,15 @@ async def report(ledger: Ledger, reporting: list[Report], progress: Progress) ->
 
 
 async def work(  # type: ignore[no-untyped-def]
-    ledger: Ledger, rng, policy: Policy, progress: Progress, reporting: list[Report]
+    ledger: Ledger,
+    rng,
+    policy: Policy,
+    progress: Progress,
+    reporting: list[Report],
+    mark: Callable[[str], None],
 ) -> bool:
-    """Work until the backlog is done (False) or until this life crashes (True)."""
+    """Work until the backlog is done (False) or until this life crashes (True);
+    ``mark`` records the agent's state (idle or working) as it changes."""
     misses = 0
     while not progress.finished.is_set():
         try:
@@ -201,6 +220,7 @@ async def work(  # type: ignore[no-untyped-def]
             await trio.sleep(wait_ms / 1000)
             continue
         misses = 0
+        mark("working")
         task_ms = policy.task_ms(rng)
         crash_at = rng.randint(0, task_ms) if policy.crashes(rng) else None
         handoff = progress.settings.handoff
@@ -227,7 +247,9 @@ async def work(  # type: ignore[no-untyped-def]
         except LedgerRefusal:
             reporting.clear()
             progress.wasted += 1  # the lease moved on: this result must not count
+            mark("idle")
             continue
         await follow_up(ledger, claim.order, value, progress)
         await report(ledger, reporting, progress)
+        mark("idle")
     return False

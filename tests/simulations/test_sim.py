@@ -6,16 +6,20 @@ Small sizes (seconds): CI runs every scenario that exists this way.
 from __future__ import annotations
 
 import json
+import random
 import sqlite3
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import trio
 
 from agent_sdk.cli import main
 from agent_sdk.identity import Identity
 from agent_sdk.wire import Event, sign_event
 from relay.store import Record
-from simulations.model import Faults, Settings, Summary
+from simulations.memnet import MemoryListener, Wire
+from simulations.model import Faults, Meter, Settings, Summary
 from simulations.replay import lease_anomalies
 from simulations.run import run_virtual
 from tests.conftest import identity
@@ -64,15 +68,23 @@ def test_sim_run_writes_its_summary(tmp_path: Path, capsys: pytest.CaptureFixtur
     )  # fmt: skip
     assert code == 0
     written = json.loads((tmp_path / "results.json").read_text())
-    printed = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    printed = json.loads(captured.out)
+    assert "20/20 orders" in captured.err  # the progress bar, in its final state
     assert written == printed and written["orders_done"] == 20 and written["mode"] == "virtual"
     for field in ("scenario", "agents", "seed", "duplicate_work", "zombie_orders", "log_hash"):
         assert field in written
     series = (tmp_path / "timeseries.csv").read_text().splitlines()
-    assert series[0] == "second,results,orders_done,claims,expiries"
+    assert series[0] == (
+        "second,results,orders_done,claims,expiries,agents_idle,agents_working,agents_down"
+    )
     assert series[-1].split(",")[2] == "20"  # every result is in the series
+    rows = [[int(x) for x in line.split(",")] for line in series[1:]]
+    assert all(sum(row[5:]) == 5 for row in rows)  # every agent is in one state each second
+    assert any(row[6] > 0 for row in rows)  # and some were seen working
     report = (tmp_path / "report.md").read_text()
-    assert "![" in report and (tmp_path / "throughput.png").read_bytes()[:4] == b"\x89PNG"
+    for plot in ("throughput.png", "agent_states.png"):  # no claims: no latency CDF
+        assert f"]({plot})" in report and (tmp_path / plot).read_bytes()[:4] == b"\x89PNG"
 
 
 def test_sim_sweep_writes_json_and_a_plot(tmp_path: Path) -> None:
@@ -101,6 +113,9 @@ def test_sim_sweep_writes_json_and_a_plot(tmp_path: Path) -> None:
         (["run", "work_queue", "--virtual-time", "--faults", "fire=1"], "unknown fault 'fire'"),
         (["run", "work_queue", "--virtual-time", "--faults", "slow=2"], "a share of agents"),
         (["run", "work_queue", "--virtual-time", "--faults", "delay=5"], "--faults delay"),
+        (["run", "work_queue", "--virtual-time", "--faults", "loss=1"], "a chance per message"),
+        (["run", "auction_market", "--virtual-time", "--faults", "loss=0.1"], "reconnect"),
+        (["run", "work_queue", "--faults", "loss=0.01"], "add --virtual-time"),
         (["run", "work_queue", "--virtual-time", "--faults", "partition=1s-2s"], "federated"),
         (
             ["run", "federated", "--relays", "2", "--virtual-time", "--faults", "partition=9s-3s"],
@@ -291,3 +306,41 @@ def test_replay_finds_a_double_holder_and_a_token_going_back() -> None:
     backwards = [outcome(1, 0, first, 3), outcome(2, 20_000, second, 2)]
     [token] = lease_anomalies("w@x", backwards)
     assert "does not rise" in token
+
+
+def test_lost_messages_break_connections_yet_no_work_is_lost_or_repeated() -> None:
+    lossy = Settings(scenario="work_queue", seed=2, faults=Faults(loss=0.002), **SMALL)  # type: ignore[arg-type]
+    first, again = run_virtual(lossy), run_virtual(lossy)
+    assert first.log_hash == again.log_hash
+    assert first.extra["disconnected"] > 0  # losses cut agents off mid-conversation
+    assert first.done == SMALL["orders"] and first.duplicate_work == 0 and first.zombies == 0
+    federated = replace(lossy, scenario="federated", relays=2)  # relay links lose too
+    across = run_virtual(federated)
+    assert across.extra["disconnected"] > 0
+    assert across.done == SMALL["orders"] and across.duplicate_work == 0 and across.zombies == 0
+
+
+async def test_a_lost_message_cuts_the_connection_for_both_ends() -> None:
+    listener = MemoryListener()
+    ours = await listener.dial(loss=0.5, rng=random.Random(1))
+    theirs = await listener.accept()
+    sent = 0
+    while not isinstance(ours, Wire) or not ours.line.cut:
+        await ours.send_all(b"x")  # the lost one returns as if it were sent
+        sent += 1
+    received = b""
+    while chunk := await theirs.receive_some():
+        received += chunk
+    assert received == b"x" * (sent - 1)  # all but the lost one, then end of file
+    assert await ours.receive_some() == b""
+    for end in (ours, theirs):
+        with pytest.raises(trio.BrokenResourceError):
+            await end.send_all(b"y")
+
+
+def test_a_meter_follows_the_run_to_its_total() -> None:
+    seen: list[tuple[int, int]] = []
+    meter = Meter(lambda m: seen.append((m.done, m.total)))
+    run_virtual(Settings(scenario="auction_market", agents=6, orders=4, seed=1), meter=meter)
+    assert seen[0] == (0, 4) and seen[-1] == (4, 4)
+    assert [done for done, _ in seen] == sorted(done for done, _ in seen)
