@@ -221,6 +221,18 @@ class AgentStates:
         self.samples[now_ms // 1000] = dict(self.counts)
 
 
+def merge_states(parts: list[dict[int, dict[str, int]]]) -> dict[int, dict[str, int]]:
+    """The samples of agents counted apart (worker processes) as one set: each part's
+    counts carried over the seconds it did not change, then added up."""
+    merged: dict[int, dict[str, int]] = {}
+    current = [dict.fromkeys(AGENT_STATES, 0) for _ in parts]
+    for second in sorted({second for part in parts for second in part}):
+        for i, part in enumerate(parts):
+            current[i] = part.get(second, current[i])
+        merged[second] = {state: sum(c[state] for c in current) for state in AGENT_STATES}
+    return merged
+
+
 class Meter:
     """How far a run is, for the live progress bar: ``done`` of ``total`` units
     (orders, edits, auctions). ``on_change`` is called on every step; it must be

@@ -31,7 +31,7 @@ from relay.app import STORE_FILE
 from relay.node import RelayConfig
 from relay.store import Store
 from relay.store.sqlite import SQLiteStore
-from simulations.model import Meter, Settings
+from simulations.model import Meter, Settings, merge_states
 
 if TYPE_CHECKING:
     from simulations.scenarios.work_queue import Progress
@@ -175,6 +175,7 @@ async def run_agents(world: RealWorld, settings: Settings, progress: Progress) -
         slices.append((first, count))
         first += count
     processes = []
+    states: list[dict[int, dict[str, int]]] = []
     for first, count in slices:
         command = [
             sys.executable, "-m", "simulations.worker", "--url", url, "--first", str(first),
@@ -214,6 +215,8 @@ async def run_agents(world: RealWorld, settings: Settings, progress: Progress) -
                     progress.wasted += counts["wasted"]
                     progress.resumed += counts["resumed"]
                     progress.disconnected += counts["disconnected"]
+                    states.append({int(k): v for k, v in counts["states"].items()})
+            progress.states.samples = merge_states(states)
 
 
 async def _spawn(command: list[str], log: Path) -> tuple[trio.Process, str]:

@@ -36,7 +36,7 @@ def settings_from_json(text: str) -> Settings:
     return Settings(**fields, faults=Faults(**faults))
 
 
-async def run_slice(url: str, settings: Settings, first: int, count: int) -> dict[str, int]:
+async def run_slice(url: str, settings: Settings, first: int, count: int) -> dict[str, Any]:
     from simulations.realworld import RealWorld
     from simulations.scenarios.common import RELAY
     from simulations.scenarios.work_queue import Progress, agent
@@ -56,6 +56,7 @@ async def run_slice(url: str, settings: Settings, first: int, count: int) -> dic
         "wasted": progress.wasted,
         "resumed": progress.resumed,
         "disconnected": progress.disconnected,
+        "states": progress.states.samples,
     }
 
 

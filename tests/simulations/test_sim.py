@@ -19,7 +19,7 @@ from agent_sdk.identity import Identity
 from agent_sdk.wire import Event, sign_event
 from relay.store import Record
 from simulations.memnet import MemoryListener, Wire
-from simulations.model import Faults, Meter, Settings, Summary
+from simulations.model import Faults, Meter, Settings, Summary, merge_states
 from simulations.replay import lease_anomalies
 from simulations.run import run_virtual
 from tests.conftest import identity
@@ -266,6 +266,9 @@ def test_real_mode_spreads_agents_over_worker_processes() -> None:
     assert summary.extra["workers"] == 2
     assert summary.done == 100 and summary.duplicate_work == 0 and summary.zombies == 0
     assert summary.crashes > 0  # counted in the workers, reported to the parent
+    totals = [sum(counts.values()) for counts in summary.states.values()]
+    assert max(totals) == 20 and min(totals) >= 1  # both workers' agents, added up
+    assert any(counts["working"] for counts in summary.states.values())
 
 
 def test_replay_refolds_a_runs_log_and_names_what_is_wrong(
@@ -336,6 +339,16 @@ async def test_a_lost_message_cuts_the_connection_for_both_ends() -> None:
     for end in (ours, theirs):
         with pytest.raises(trio.BrokenResourceError):
             await end.send_all(b"y")
+
+
+def test_agent_states_counted_apart_add_up_second_by_second() -> None:
+    a = {10: {"idle": 2, "working": 0, "down": 0}, 12: {"idle": 0, "working": 2, "down": 0}}
+    b = {11: {"idle": 0, "working": 1, "down": 1}}
+    assert merge_states([a, b]) == {
+        10: {"idle": 2, "working": 0, "down": 0},
+        11: {"idle": 2, "working": 1, "down": 1},  # a's second 10 carried over
+        12: {"idle": 0, "working": 3, "down": 1},
+    }
 
 
 def test_a_meter_follows_the_run_to_its_total() -> None:
