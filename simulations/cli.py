@@ -29,7 +29,7 @@ from simulations.model import (
     UsageError,
     parse_faults,
 )
-from simulations.scenarios import REAL, SCENARIOS
+from simulations.scenarios import SCENARIOS
 
 PLANNED: tuple[str, ...] = ()
 """Scenarios the issue lists that are not built yet: named in errors, refused."""
@@ -114,8 +114,6 @@ def _settings_of(
         raise UsageError("--workers: real mode, work_queue, so far")
     if args.workers > 1 and args.variant != "flat":
         raise UsageError("--workers: with --variant flat, so far")
-    if not args.virtual_time and args.scenario not in REAL:
-        raise UsageError(f"real mode runs {', '.join(REAL)} so far: add --virtual-time")
     settings = Settings(
         scenario=args.scenario,
         agents=agents,
@@ -147,7 +145,8 @@ def cmd_run(args: argparse.Namespace, duration: Callable[[str, str], int]) -> in
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    mode = "virtual time" if args.virtual_time else "real time, a relay process on loopback"
+    relays = "relay processes" if settings.relays > 1 else "a relay process"
+    mode = "virtual time" if args.virtual_time else f"real time, {relays} on loopback"
     _progress(
         f"{settings.scenario}: {settings.agents} agents, {settings.orders} orders, "
         f"seed {settings.seed}, {mode}"

@@ -3,8 +3,10 @@
 The same scenario code as virtual time (:mod:`simulations.world`), with the relay as
 ``formicary relay serve`` in a child process on embedded SQLite storage and real
 time: what a run measures includes the real costs — sockets, the kernel, fsync.
-Agents run as trio tasks in this process. Not deterministic: the same seed gives
-the same workload, not the same interleaving.
+Agents run as trio tasks in this process. A federated run starts one such process
+per relay, each given the others as ``--peer``s (port and key fixed before any of
+them starts). Not deterministic: the same seed gives the same workload, not the
+same interleaving.
 """
 
 from __future__ import annotations
@@ -17,17 +19,18 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from agent_sdk.client import Delivery, RelayClient
-from agent_sdk.identity import Identity
-from relay.app import STORE_FILE
+from agent_sdk.identity import Identity, load_or_create
+from relay.app import KEY_FILE, STORE_FILE
 from relay.node import RelayConfig
 from relay.store import Store
 from relay.store.sqlite import SQLiteStore
@@ -97,6 +100,8 @@ class RealWorld:
     """Processes the agents are spread over (``--workers``); 1 runs them here."""
     meter: Meter = field(default_factory=Meter)
     """How far the run is (the CLI's progress bar)."""
+    ports: dict[str, int] = field(default_factory=dict)
+    """Relay name -> its loopback port (:meth:`port_of`)."""
 
     def now_ms(self) -> int:
         return time.time_ns() // 1_000_000
@@ -107,24 +112,55 @@ class RealWorld:
     async def start_relay(
         self, nursery: trio.Nursery, config: RelayConfig, peers: tuple[str, ...] = ()
     ) -> RealRelay:
-        if peers:
-            raise ValueError("real mode runs one relay so far")
+        """Start relay ``config.name``; with ``peers``, federated with those relays
+        (each listed as a direct peer at its port, its key pinned)."""
         data = self.root / config.name
         claim = config.claim_ttl
-        with socket.socket() as probe:  # a fixed port: a restarted relay comes back on it
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
         command = [
             sys.executable, "-m", "agent_sdk.cli", "relay", "serve",
-            "--host", "127.0.0.1", "--port", str(port), "--data", str(data), "--name", config.name,
-            "--claim-ttl", f"{claim.default_ms}ms", "--lease-min", f"{claim.min_ms}ms",
-            "--lease-max", f"{claim.max_ms}ms",
+            "--host", "127.0.0.1", "--port", str(self.port_of(config.name)), "--data", str(data),
+            "--name", config.name, "--claim-ttl", f"{claim.default_ms}ms",
+            "--lease-min", f"{claim.min_ms}ms", "--lease-max", f"{claim.max_ms}ms",
         ]  # fmt: skip
+        for peer in peers:
+            url = f"ws://127.0.0.1:{self.port_of(peer)}"
+            command += ["--peer", f"{peer}={url}#{self.relay_key(peer)}"]
         log = self.root / f"{config.name}.log"
         process, url = await _spawn(command, log)
         relay = self.relays[config.name] = RealRelay(process, url, data, command, log)
         nursery.start_soon(_stop_on_cancel, relay)
         return relay
+
+    def port_of(self, name: str) -> int:
+        """Relay ``name``'s port, fixed on first use: its peers are told it before it
+        starts, and a restarted relay comes back on it."""
+        if name not in self.ports:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                self.ports[name] = probe.getsockname()[1]
+        return self.ports[name]
+
+    def relay_key(self, name: str) -> str:
+        """Relay ``name``'s public key (hex), made in its data directory on first use
+        (as ``formicary relay key`` does): its peers pin it before it starts."""
+        return load_or_create(self.root / name / KEY_FILE).public_key.hex()
+
+    async def info(self, name: str) -> dict[str, Any]:
+        """What relay ``name`` serves at ``GET /info``."""
+        url = f"http://127.0.0.1:{self.port_of(name)}/info"
+        body = await trio.to_thread.run_sync(_http_get, url)
+        document: dict[str, Any] = json.loads(body)
+        return document
+
+    async def federation_up(self, names: list[str]) -> None:
+        """Return once every link of relays ``names`` to their peers is up."""
+        with trio.fail_after(STARTUP_TIMEOUT):
+            for name in names:
+                while True:
+                    peers = (await self.info(name))["federation"]["peers"]
+                    if all(peer["up"] for peer in peers):
+                        break
+                    await trio.sleep(0.05)  # a child's state: polling is how to read it
 
     async def kill_and_restart(self, name: str) -> None:
         """SIGKILL the relay (no chance to flush or say goodbye), then start it again on
@@ -240,6 +276,14 @@ async def _listening(log: Path, process: trio.Process, start: int = 0) -> str:
             if process.poll() is not None:
                 raise RuntimeError(f"relay exited {process.returncode}: {text[-2000:]}")
             await trio.sleep(0.05)  # a child's log file: polling is how to read it
+
+
+def _http_get(url: str) -> bytes:
+    # No proxies: an http_proxy in the environment must not see loopback traffic.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(url, timeout=5) as response:
+        body: bytes = response.read()
+        return body
 
 
 async def _stop_on_cancel(relay: RealRelay) -> None:

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Protocol, TypeAlias
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 import trio
 
@@ -26,7 +26,7 @@ from federation.network import Federation, FederationConfig
 from federation.outbox import MemoryOutboxStore
 from federation.peers import Peer
 from relay.node import RelayConfig, RelayNode
-from relay.server import serve_relay
+from relay.server import info_document, serve_relay
 from relay.store import Store
 from relay.store.memory import MemoryStore
 from simulations.memnet import MemoryListener
@@ -154,6 +154,19 @@ class VirtualWorld:
 
     def heal(self, a: str, b: str) -> None:
         self.cut.discard(frozenset((a, b)))
+
+    async def federation_up(self, names: list[str]) -> None:
+        """Return once every link of relays ``names`` to their peers is up."""
+        for name in names:
+            federation = self.relays[name].node.federation
+            assert federation is not None
+            for link in federation.links.values():
+                await link.wait_up()
+
+    async def info(self, name: str) -> dict[str, Any]:
+        """What relay ``name`` would serve at ``GET /info``."""
+        await trio.lowlevel.checkpoint()
+        return info_document(self.relays[name].node)
 
     @asynccontextmanager
     async def client(

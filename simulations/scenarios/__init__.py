@@ -25,6 +25,3 @@ SCENARIOS: dict[str, Scenario] = {
     "auction_market": auction_market.run,
     "federated": federated.run,
 }
-
-REAL = ("auction_market", "no_coordination", "work_queue")
-"""Scenarios that also run for real (a relay process, real sockets)."""

@@ -2,14 +2,17 @@
 
 Relay ``r<i>`` homes the namespace ``work-<i>@r<i>`` and gets an equal share of the
 backlog. The relays peer with each other (full mesh, each pinning the others' keys)
-over the in-memory network. Agent ``n`` connects to relay ``r<n mod R>`` but works
-the namespace of the *next* relay, ``r<(n+1) mod R>``: every claim, renewal,
-completion and result crosses a link, is sequenced at the namespace's home, and
-comes back with the home's receipt. Crashes and lease expiry work as in
-``work_queue``; the tally reads each namespace at its home.
+over the in-memory network, or loopback TCP in real mode. Agent ``n`` connects to
+relay ``r<n mod R>`` but works the namespace of the *next* relay,
+``r<(n+1) mod R>``: every claim, renewal, completion and result crosses a link, is
+sequenced at the namespace's home, and comes back with the home's receipt. Crashes
+and lease expiry work as in ``work_queue``; the tally reads each namespace at its
+home, and ``forwarded`` (writes each relay delivered over its links) its ``GET /info``.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import trio
 
@@ -20,7 +23,7 @@ from simulations.world import VirtualWorld, World
 
 
 async def plan_into(
-    world: VirtualWorld, settings: Settings, name: str, i: int, count: int, roots: list[str]
+    world: World, settings: Settings, name: str, i: int, count: int, roots: list[str]
 ) -> None:
     roots += [f"{namespace(i)}/{o}" for o in await plan(world, settings, name, namespace(i), count)]
 
@@ -34,11 +37,9 @@ async def partition(world: VirtualWorld, window: tuple[int, int]) -> None:
     world.heal("r0", "r1")
 
 
-def forwarded(world: VirtualWorld, name: str) -> int:
-    """Writes relay ``name`` delivered to other relays."""
-    federation = world.relays[name].node.federation
-    assert federation is not None
-    return sum(outbox.delivered for outbox in federation.outboxes.values())
+def forwarded(info: dict[str, Any]) -> int:
+    """Writes a relay delivered to other relays (from its ``GET /info``)."""
+    return sum(peer["delivered"] for peer in info["federation"]["peers"])
 
 
 def namespace(i: int) -> str:
@@ -46,30 +47,26 @@ def namespace(i: int) -> str:
 
 
 async def run(world: World, settings: Settings) -> Summary:
-    assert isinstance(world, VirtualWorld), "virtual time only (settings are checked before)"
     summary = Summary(settings.scenario, settings.agents, settings.orders, settings.seed)
     names = [f"r{i}" for i in range(settings.relays)]
     async with trio.open_nursery() as nursery:
         for name in names:
             peers = tuple(other for other in names if other != name)
             await world.start_relay(nursery, relay_config(settings, name), peers)
-        for name in names:  # every link up before the clock starts
-            federation = world.relays[name].node.federation
-            assert federation is not None
-            for link in federation.links.values():
-                await link.wait_up()
+        await world.federation_up(names)  # before the clock starts
         roots: list[str] = []
         shares = [settings.orders // len(names)] * len(names)
         shares[0] += settings.orders - sum(shares)
         async with trio.open_nursery() as planners:
             for i, name in enumerate(names):
                 planners.start_soon(plan_into, world, settings, name, i, shares[i], roots)
-        progress = Progress(settings)
+        progress = Progress(settings, world.meter)
         root = {"flat": "task", "fanout": "parent", "pipeline": STAGES[0]}[settings.variant]
         for order in roots:
             progress.stage[order] = root
         began = trio.current_time()
         if settings.faults.partition is not None:
+            assert isinstance(world, VirtualWorld), "partition: virtual time (checked before)"
             nursery.start_soon(partition, world, settings.faults.partition)
         with trio.move_on_after(settings.duration_s):
             async with trio.open_nursery() as agents:
@@ -89,12 +86,14 @@ async def run(world: World, settings: Settings) -> Summary:
                 await progress.finished.wait()
                 agents.cancel_scope.cancel()
         summary.virtual_seconds = round(trio.current_time() - began, 3)
+        infos = {name: await world.info(name) for name in names}  # while they run
         nursery.cancel_scope.cancel()
     logs = [(world.relays[name], namespace(i)) for i, name in enumerate(names)]
     tally_logs(logs, summary)
     summary.zombies = progress.left
     summary.crashes = progress.crashes
     summary.wasted_work = progress.wasted
+    summary.states = progress.states.samples
     summary.extra = {
         **extra_of(progress),
         "relays": len(names),
@@ -102,6 +101,6 @@ async def run(world: World, settings: Settings) -> Summary:
             name: sum(1 for _ in world.relays[name].store.scan(namespace(i)))
             for i, name in enumerate(names)
         },
-        "forwarded": {name: forwarded(world, name) for name in names},
+        "forwarded": {name: forwarded(infos[name]) for name in names},
     }
     return summary

@@ -104,7 +104,7 @@ def test_sim_sweep_writes_json_and_a_plot(tmp_path: Path) -> None:
         (["run", "bogus", "--virtual-time"], "choose from auction_market, federated, no_coord"),
         (["run", "federated", "--virtual-time"], "--relays from 2 to 16"),
         (["run", "work_queue", "--virtual-time", "--relays", "3"], "one relay"),
-        (["run", "shared_doc"], "add --virtual-time"),
+        (["run", "federated", "--relays", "2", "--faults", "partition=1s-2s"], "add --virtual"),
         (["run", "work_queue", "--virtual-time", "--crash-rate", "1.5"], "probability"),
         (["run", "work_queue", "--virtual-time", "--policy", "lazy"], "choose from uniform"),
         (["run", "work_queue", "--virtual-time", "--work", "9"], "a range like"),
@@ -268,7 +268,6 @@ def test_real_mode_spreads_agents_over_worker_processes() -> None:
     assert summary.crashes > 0  # counted in the workers, reported to the parent
     totals = [sum(counts.values()) for counts in summary.states.values()]
     assert max(totals) == 20 and min(totals) >= 1  # both workers' agents, added up
-    assert any(counts["working"] for counts in summary.states.values())
 
 
 def test_replay_refolds_a_runs_log_and_names_what_is_wrong(
