@@ -42,9 +42,11 @@ from websockets.exceptions import (
 from websockets.trio.client import ClientConnection, connect
 
 from agent_sdk import frames as f
+from agent_sdk.direct import listening
 from agent_sdk.docs import SharedDoc, open_doc
 from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.identity import Identity
+from agent_sdk.messaging import AGENT_ID, PATHS, Address, Mailbox, Message, Sent
 from agent_sdk.wire import (
     PROTOCOL_VERSION,
     Event,
@@ -120,9 +122,10 @@ PendingPublish = _Pending
 """A publish sent with :meth:`RelayClient.publish_later`; await ``.wait()``."""
 
 
-class _Asked:
-    """A query waiting for its result; re-sent as is after a reconnect (reads are safe
-    to repeat)."""
+class Asked:
+    """A request waiting for its result; re-sent as is after a reconnect (only requests
+    safe to repeat are asked: queries, and messages deduplicated by id). ``done`` is set
+    with ``result`` (the body) or ``error``."""
 
     __slots__ = ("done", "error", "frame", "result")
 
@@ -242,7 +245,7 @@ class RelayClient:
         self._next_rid = 0
         self._next_sub = 0
         self._pending: dict[int, _Pending] = {}
-        self._asked: dict[int, _Asked] = {}
+        self._asked: dict[int, Asked] = {}
         self._docs: dict[int, SharedDoc] = {}
         self.ws: ClientConnection | None = None
         self.on_reconnect: list[Callable[[], Awaitable[None]]] = []
@@ -252,6 +255,9 @@ class RelayClient:
         self._taps: dict[int, Callable[[f.Frame], None]] = {}
         self.stopped = trio.Event()
         """Set when the client has given up its connection (``reconnect=False``)."""
+        self._mailbox: Mailbox | None = None
+        self.nursery: trio.Nursery
+        """Where the client's own tasks run (set by :meth:`connect`): direct links."""
 
     @classmethod
     @asynccontextmanager
@@ -262,6 +268,7 @@ class RelayClient:
         client = cls(url, identity, **options)
         with unwrap_single():
             async with trio.open_nursery() as nursery:
+                client.nursery = nursery
                 await nursery.start(client._run)
                 try:
                     yield client
@@ -481,7 +488,7 @@ class RelayClient:
             log.warning("relay error: %s", error)
 
     def _fail_all(self, error: ProtocolError) -> None:
-        waiting: list[_Pending | _Asked] = [*self._pending.values(), *self._asked.values()]
+        waiting: list[_Pending | Asked] = [*self._pending.values(), *self._asked.values()]
         for request in waiting:
             request.error = error
             request.done.set()
@@ -553,16 +560,28 @@ class RelayClient:
         its own writes. Raises :class:`ProtocolError` (``unknown_query``,
         ``bad_query``, ``not_found``, ...) when the relay refuses.
         """
+        return await self.ask(lambda rid: f.Query(rid=rid, ns=ns, q=q, args=args or {}))
+
+    async def ask(self, frame: Callable[[int], f.AgentFrame]) -> Any:
+        """Send the request ``frame(rid)`` and return its ``result`` body; raises the
+        relay's error. Re-sent as is after a reconnect: only for requests that are
+        safe to repeat (queries; ``msg.send``, deduplicated by message id)."""
         async with self._inflight:
-            self._next_rid += 1
-            rid = self._next_rid
-            frame = f.encode_frame(f.Query(rid=rid, ns=ns, q=q, args=args or {}))
-            asked = self._asked[rid] = _Asked(frame)
-            self._queue(frame)
+            asked = self.ask_later(frame)
             await asked.done.wait()
         if asked.error is not None:
             raise asked.error
         return asked.result
+
+    def ask_later(self, frame: Callable[[int], f.AgentFrame]) -> Asked:
+        """Queue the request ``frame(rid)`` now, in call order, and return the handle
+        its answer will set (the caller bounds how many are on their way)."""
+        self._next_rid += 1
+        rid = self._next_rid
+        data = f.encode_frame(frame(rid))
+        asked = self._asked[rid] = Asked(data)
+        self._queue(data)
+        return asked
 
     async def query_all(
         self,
@@ -590,6 +609,75 @@ class RelayClient:
         """Open shared document ``name`` of ``ns`` as a live pycrdt document (see
         agent_sdk/docs.py); it is created first when ``create`` and missing."""
         return open_doc(self, ns, name, create=create)
+
+    # -- messages -------------------------------------------------------------------------
+
+    @property
+    def mailbox(self) -> Mailbox:
+        """This client's messages (agent_sdk/messaging.py)."""
+        if self._mailbox is None:
+            self._mailbox = Mailbox(self)
+        return self._mailbox
+
+    async def send(
+        self,
+        to: str | bytes,
+        payload: Any,
+        *,
+        via: str = "auto",
+        ns: str | None = None,
+        endpoint: str | None = None,
+    ) -> Sent:
+        """Send ``payload`` (any msgpack value: text, bytes, maps) to agent ``to``,
+        sealed end to end. ``to`` is an agent id, ``AGENT_ID@relay`` for an agent of
+        another relay, or the name an agent joined directory ``ns`` under. Returns
+        once the relay has stored it or the recipient has it; await ``.delivered()``
+        on the result for the recipient's signed receipt.
+
+        ``via``: ``relay`` sends through the relay; ``direct`` to the recipient's
+        endpoint (``endpoint``, or the one its profile in directory ``ns``
+        advertises); ``auto`` tries direct when there is an endpoint and falls back
+        to the relay (docs/protocol.md §15)."""
+        if via not in PATHS:
+            raise ValueError(f"via={via!r}: one of {', '.join(PATHS)}")
+        address, advertised = await self._resolve(to, ns)
+        where = endpoint if endpoint is not None else advertised
+        return await self.mailbox.send(address, payload, via, where)
+
+    async def _resolve(self, to: str | bytes, ns: str | None) -> tuple[Address, str]:
+        """The recipient's address and the endpoint it advertises in ``ns`` ("")."""
+        from agent_sdk.directory import Directory  # it is built on this module
+
+        if isinstance(to, str) and "@" not in to and not AGENT_ID.fullmatch(to):
+            if ns is None:
+                raise ValueError(f"{to!r} is not an agent id: name a directory (ns=...)")
+            profiles = await Directory(self, ns).list(online=False)
+            found = [p for p in profiles if p.get("name") == to]
+            if not found:
+                raise ProtocolError(ErrorCode.UNKNOWN_RECIPIENT, f"no {to!r} in {ns}'s directory")
+            profile = found[-1]
+            return Address(profile["agent"], _relay_of(ns, self.relay_name)), profile["endpoint"]
+        address = Address.parse(to, self.relay_name)
+        if ns is None:
+            return address, ""
+        try:
+            profile = await Directory(self, ns).get(address.agent)
+        except ProtocolError as exc:
+            if exc.code is not ErrorCode.NOT_FOUND:
+                raise
+            return address, ""
+        return address, str(profile.get("endpoint") or "")
+
+    def listen(self, host: str = "127.0.0.1", port: int = 0) -> AbstractAsyncContextManager[str]:
+        """Accept direct messages on a WebSocket endpoint at ``host:port`` (0: any free
+        port); yields its URL, to advertise as ``endpoint`` in a directory profile."""
+        return listening(self.mailbox, host, port)
+
+    async def messages(self) -> AsyncIterator[Message]:
+        """Messages sent to this agent, as they come: those waiting in its inbox first.
+        Each is acknowledged, with a signed receipt to its sender, as it is handed out."""
+        while True:
+            yield await self.mailbox.next()
 
     # -- subscribing ------------------------------------------------------------------
 
@@ -635,7 +723,9 @@ class RelayClient:
                 self._queue(f.encode_frame(f.Unsubscribe(sub=subscription.sub)))
 
     def tap(
-        self, frame: Callable[[int], f.Subscribe | f.DocOpen], on_frame: Callable[[f.Frame], None]
+        self,
+        frame: Callable[[int], f.Subscribe | f.DocOpen | f.MsgInbox],
+        on_frame: Callable[[f.Frame], None],
     ) -> int:
         """Open a raw subscription: every frame the relay sends under its id (``event``,
         ``live``, ``doc.sync``, ``error``, ...) goes to ``on_frame`` undecoded, on the
@@ -719,3 +809,10 @@ async def _recv_bytes(ws: ClientConnection) -> bytes:
 
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def _relay_of(ns: str, own: str | None) -> str:
+    """The relay an agent found in ``ns``'s directory is reached at: the namespace's
+    home ("" when that is the relay this client is connected to)."""
+    home = ns.rpartition("@")[2]
+    return "" if home == own else home

@@ -90,6 +90,17 @@ class ErrorCode(enum.IntEnum):
     """The namespace's home relay could not be reached: no link to it, or the write
     waited in the outbox past its deadline. Publishing the same bytes again is safe."""
 
+    # 6xxx: messages between agents
+    UNKNOWN_RECIPIENT = 6001
+    """No agent with that id has ever connected to the recipient's relay."""
+    INBOX_FULL = 6002
+    """The recipient's inbox is at its limit; sending the same message later is safe."""
+    MESSAGE_TOO_LARGE = 6003
+    """A sealed message is over the relay's limit (``max_message``)."""
+    BAD_MESSAGE = 6004
+    """A sealed message that does not parse, or whose sender is not the connection's
+    agent, or whose signature does not check."""
+
     @property
     def slug(self) -> str:
         """The lowercase name used in docs, logs and the ``name`` field of error frames."""

@@ -125,6 +125,54 @@ class Query:
     args: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class MsgSend:
+    """Deliver sealed message ``msg`` (agent_sdk/sealing.py) to its recipient, an agent
+    of relay ``relay`` ("" for this one). Answered with a ``result`` whose body is
+    ``{"id": message id, "status": "stored" | "delivered"}``, or an ``error``."""
+
+    t: ClassVar[str] = "msg.send"
+    rid: int
+    msg: bytes
+    relay: str = ""
+    origin: str = ""
+    """Set by a relay passing the message on: the sender's relay, where the receipt
+    goes back to. Ignored from agents."""
+
+
+@dataclass(frozen=True, slots=True)
+class MsgReceipt:
+    """Between relays only: put ``receipt`` (a recipient's signed receipt) in the
+    inbox of the message's sender, an agent of relay ``relay``. Answered with an
+    empty ``result``."""
+
+    t: ClassVar[str] = "msg.receipt"
+    rid: int
+    receipt: bytes
+    relay: str
+
+
+@dataclass(frozen=True, slots=True)
+class MsgInbox:
+    """Open this agent's inbox as subscription ``sub``: every item not acknowledged,
+    oldest first, then new ones as they come (``msg`` frames). One stream per agent:
+    opening it again elsewhere ends the older one."""
+
+    t: ClassVar[str] = "msg.inbox"
+    sub: int
+
+
+@dataclass(frozen=True, slots=True)
+class MsgAck:
+    """Inbox item ``seq`` of stream ``sub`` has reached the agent: delete it. For a
+    message, ``receipt`` is the agent's signed receipt, passed on to the sender."""
+
+    t: ClassVar[str] = "msg.ack"
+    sub: int
+    seq: int
+    receipt: bytes | None = None
+
+
 # --------------------------------------------------------------------------- relay -> agent
 
 
@@ -251,7 +299,33 @@ class Result:
     body: Any
 
 
-AgentFrame = Auth | Publish | Subscribe | Unsubscribe | Query | DocOpen | DocAwareness
+@dataclass(frozen=True, slots=True)
+class MsgItem:
+    """An inbox item of stream ``sub``: ``kind`` ``message`` (``data``: the sealed
+    message), ``receipt`` (``data``: the recipient's signed receipt for a message this
+    agent sent) or ``expired`` (``data``: the id of a message of this agent's that
+    expired undelivered)."""
+
+    t: ClassVar[str] = "msg"
+    sub: int
+    seq: int
+    kind: str
+    data: bytes
+
+
+AgentFrame = (
+    Auth
+    | Publish
+    | Subscribe
+    | Unsubscribe
+    | Query
+    | DocOpen
+    | DocAwareness
+    | MsgSend
+    | MsgReceipt
+    | MsgInbox
+    | MsgAck
+)
 RelayFrame = (
     Hello
     | Welcome
@@ -264,6 +338,7 @@ RelayFrame = (
     | Result
     | DocSync
     | DocAwareness
+    | MsgItem
 )
 Frame = AgentFrame | RelayFrame
 
@@ -287,6 +362,11 @@ _TYPES: dict[str, type[Any]] = {
         Live,
         Unsubscribed,
         Result,
+        MsgSend,
+        MsgReceipt,
+        MsgInbox,
+        MsgAck,
+        MsgItem,
     )
 }
 

@@ -43,7 +43,7 @@ from typing import Any
 import trio
 
 from agent_sdk import frames as f
-from agent_sdk.client import RelayClient
+from agent_sdk.client import Asked, RelayClient
 from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.wire import NS_RE, SignedEvent, verify_seal
 from federation.chain import MAX_UNSEALED, Forged, MirrorChain
@@ -246,6 +246,49 @@ class Federation:
                 reason = f"the link to {link.peer.name} dropped; ask again"
                 raise ProtocolError(ErrorCode.HOME_UNREACHABLE, reason) from None
             raise
+
+    # -- messages ---------------------------------------------------------------------
+
+    def send_message(self, relay: str, msg: bytes, origin: str, from_peer: Peer | None) -> Asked:
+        """Pass a sealed message on towards relay ``relay``, now, in call order; the
+        handle gets that relay's answer (``stored`` or ``delivered``). A link that is
+        down is ``home_unreachable`` at once: the sender keeps the message and sends
+        it again (it is deduplicated by id)."""
+        client = self._link_client(relay, from_peer)
+        return client.ask_later(lambda rid: f.MsgSend(rid=rid, msg=msg, relay=relay, origin=origin))
+
+    async def pass_receipt(self, relay: str, receipt: bytes, from_peer: Peer | None) -> None:
+        """Hand a recipient's receipt towards relay ``relay``, its sender's."""
+        client = self._link_client(relay, from_peer)
+        await client.ask(lambda rid: f.MsgReceipt(rid=rid, receipt=receipt, relay=relay))
+
+    def receipt_soon(self, relay: str, receipt: bytes) -> None:
+        """Send a receipt to relay ``relay`` in the background, trying again while the
+        link is down (for as long as this relay runs: receipts are kept in memory)."""
+        assert self._nursery is not None
+        self._nursery.start_soon(self._send_receipt, relay, receipt)
+
+    async def _send_receipt(self, relay: str, receipt: bytes) -> None:
+        delay = 0.1
+        while True:
+            try:
+                await self.pass_receipt(relay, receipt, None)
+                return
+            except ProtocolError as exc:
+                if exc.code not in (ErrorCode.HOME_UNREACHABLE, ErrorCode.INTERNAL):
+                    log.warning("receipt for relay %s refused: %s", relay, exc)
+                    return
+            await trio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    def _link_client(self, relay: str, from_peer: Peer | None) -> RelayClient:
+        try:
+            link = self.link_to(relay, from_peer)
+        except ProtocolError as exc:
+            raise ProtocolError(ErrorCode.UNKNOWN_RECIPIENT, exc.reason) from None
+        if link.client is None:
+            raise ProtocolError(ErrorCode.HOME_UNREACHABLE, f"no link to {link.peer.name} now")
+        return link.client
 
     # -- mirrors ----------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from federation.network import Federation, FederationConfig
 from federation.outbox import SQLiteOutboxStore
 from federation.peers import PeerSpecError
 from relay.coordination.host import Diverged
+from relay.inbox import SQLiteInboxStore
 from relay.node import RelayConfig, RelayNode
 from relay.server import serve_relay
 from relay.store import Store
@@ -27,6 +28,7 @@ KEY_FILE = "relay.key"
 STORE_FILE = "events.sqlite3"
 MIRROR_FILE = "mirrors.sqlite3"
 OUTBOX_FILE = "outbox.sqlite3"
+INBOX_FILE = "inbox.sqlite3"
 
 
 class DataDirError(Exception):
@@ -72,13 +74,14 @@ async def run_relay(
     store = await trio.to_thread.run_sync(open_store, data)
     mirrors: SQLiteStore | None = None
     outbox: SQLiteOutboxStore | None = None
+    inbox = await trio.to_thread.run_sync(SQLiteInboxStore, data / INBOX_FILE)
     try:
         identity = await trio.to_thread.run_sync(load_identity, data, store)
         if federation is not None:
             mirrors = await trio.to_thread.run_sync(SQLiteStore, data / MIRROR_FILE)
             outbox = await trio.to_thread.run_sync(SQLiteOutboxStore, data / OUTBOX_FILE)
         try:
-            node = RelayNode(identity, store, config, mirror_store=mirrors)
+            node = RelayNode(identity, store, config, mirror_store=mirrors, inbox_store=inbox)
         except Diverged as exc:
             raise DataDirError(str(exc)) from None
         async with trio.open_nursery() as nursery:
@@ -94,6 +97,7 @@ async def run_relay(
             task_status.started((node, server))
     finally:
         store.close()
+        inbox.close()
         if mirrors is not None:
             mirrors.close()
         if outbox is not None:

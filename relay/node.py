@@ -43,6 +43,7 @@ from relay.coordination.host import Host
 from relay.coordination.leases import TtlBounds
 from relay.coordination.requests import CLAIM_TTL, LOCK_TTL, RELAY_KINDS, Coordinator, Outcome
 from relay.documents import COMPACTED, DOC_KINDS, DocHost, LiveDoc, check_event
+from relay.inbox import Inboxes, InboxStore, MemoryInboxStore
 from relay.sequencer import Duplicate, Limits, Parked, Rejected, Sequenced, Sequencer
 from relay.store import Head, Located, Record, Store
 
@@ -74,12 +75,21 @@ class RelayConfig:
     initial_stake: int = 100
     """Stake every member of a namespace gets at its first join (auctions)."""
     reputation_half_life_ms: int = 7 * 24 * 3600 * 1000
+    max_message: int = 256 << 10
+    """Largest sealed message an agent may send (bytes)."""
+    inbox_max_items: int = 1000
+    """Items an agent's inbox holds before senders get ``inbox_full``."""
+    inbox_ttl_ms: int = 7 * 24 * 3600 * 1000
+    """How long an undelivered message waits before it expires."""
 
     def __post_init__(self) -> None:
         if not NS_RE.fullmatch(f"x@{self.name}"):
             raise ValueError(f"relay name {self.name!r}: lowercase letters, digits, . _ -")
         names = ("commit_batch", "replay_batch", "recent_bytes", "send_queue")
-        for name in (*names, "doc_compact_every", "max_live_docs", "reputation_half_life_ms"):
+        for name in (
+            *names, "doc_compact_every", "max_live_docs", "reputation_half_life_ms",
+            "max_message", "inbox_max_items", "inbox_ttl_ms",
+        ):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if self.initial_stake < 0:
@@ -177,6 +187,7 @@ class RelayNode:
         router: Router | None = None,
         wall_ms: Callable[[], int] | None = None,
         mirror_store: Store | None = None,
+        inbox_store: InboxStore | None = None,
     ) -> None:
         self.identity = identity
         self.store = store
@@ -189,6 +200,13 @@ class RelayNode:
         self.config = config or RelayConfig()
         self.router = router or HomeOnly(self.config.name)
         self.wall_ms = wall_ms or (lambda: time.time_ns() // 1_000_000)
+        self.inboxes = Inboxes(
+            inbox_store or MemoryInboxStore(),
+            max_items=self.config.inbox_max_items,
+            ttl_ms=self.config.inbox_ttl_ms,
+            wall_ms=self.wall_ms,
+        )
+        """Sealed messages waiting for their recipients (relay/inbox.py)."""
         self.folds: list[Fold] = []  # the documents' fold is added below
         heads = store.heads()
         self.sequencer = Sequencer(identity.public_key, heads, limits=self.config.sequencer)
@@ -265,7 +283,15 @@ class RelayNode:
             nursery.start_soon(self._commit_loop)
             nursery.start_soon(self._expiry_loop)
             nursery.start_soon(self._compaction_loop)
+            nursery.start_soon(self._inbox_expiry_loop)
             task_status.started()
+
+    async def _inbox_expiry_loop(self) -> None:
+        """Expire undelivered messages; a minute late at most (or a tenth of the TTL)."""
+        every = min(60.0, self.config.inbox_ttl_ms / 10_000)
+        while True:
+            await trio.sleep(every)
+            await self.inboxes.expire()
 
     # -- publishing -------------------------------------------------------------------
 

@@ -35,8 +35,22 @@ from federation.network import LOCATE, ProxiedDoc
 from federation.outbox import Entry
 from federation.peers import Peer
 from relay.documents import MAX_AWARENESS, LiveDoc, Overflow, Replica
+from relay.messaging import Messaging
 from relay.node import RelayNode, Ticket
-from relay.session import Admit, Ask, Aware, Close, Open, OpenDoc, Reply, Session
+from relay.session import (
+    AckItem,
+    Admit,
+    Ask,
+    Aware,
+    Close,
+    Mail,
+    Open,
+    OpenDoc,
+    OpenInbox,
+    PassReceipt,
+    Reply,
+    Session,
+)
 from relay.store import Record
 from relay.subscriptions import Filter, check_cursor
 
@@ -79,6 +93,7 @@ class Connection:
             challenge=secrets.token_bytes(f.CHALLENGE_SIZE),
             max_frame=config.max_frame,
             max_deps=config.max_deps,
+            max_message=config.max_message,
             forwarders=frozenset(node.federation.peer_keys) if node.federation else frozenset(),
         )
         self.fed = node.federation
@@ -95,6 +110,7 @@ class Connection:
         self._closing = False
         self._present: set[str] = set()  # namespaces this connection is a member in
         self._joins: list[Ticket] = []  # its dir.join publishes not decided yet
+        self._messaging: Messaging | None = None  # once authenticated
 
     async def run(self) -> None:
         self.node.count("connections")
@@ -110,6 +126,8 @@ class Connection:
             pass
         finally:
             agent = self.session.agent
+            if self._messaging is not None:
+                self._messaging.close()
             if self._present:
                 assert agent is not None
                 # Let joins still on their way be decided first: a join decided after
@@ -167,6 +185,11 @@ class Connection:
                 await self.ws.aclose(AUTH_TIMEOUT_CLOSE, reason)
                 return
             await self._receive_one(message)
+        agent = self.session.agent
+        self._messaging = Messaging(self.node, agent, self._send)
+        self._nursery.start_soon(self._messaging.run, self.peer)
+        if self.peer is None:  # an agent: from now on it can be sent messages
+            await self.node.inboxes.remember(agent)
         while True:  # recv(), not `async for`: a cancelled loop leaves no generator behind
             try:
                 message = await self.ws.recv()
@@ -199,6 +222,18 @@ class Connection:
                 await self._open_doc(action.request)
             elif isinstance(action, Aware):
                 await self._aware(action.frame)
+            elif isinstance(action, Mail):
+                assert self._messaging is not None  # only after auth (the session's table)
+                await self._messaging.mail(action)
+            elif isinstance(action, PassReceipt):
+                assert self._messaging is not None
+                await self._messaging.pass_receipt(action, self.peer)
+            elif isinstance(action, OpenInbox):
+                assert self._messaging is not None
+                await self._messaging.open_inbox(action.sub, self._nursery)
+            elif isinstance(action, AckItem):
+                assert self._messaging is not None
+                await self._messaging.acknowledge(action)
             else:
                 assert isinstance(action, Close)
                 await self._close(action.sub)
@@ -512,6 +547,10 @@ class Connection:
             await self._send(f.Error.of(exc, sub=frame.sub))
 
     async def _close(self, sub: int) -> None:
+        if self._messaging is not None and self._messaging.sub == sub:
+            self._messaging.stop()
+            await self._send(f.Unsubscribed(sub=sub))
+            return
         running = self._subscriptions.pop(sub, None)
         if running is None:
             error = ProtocolError(ErrorCode.UNKNOWN_SUBSCRIPTION, f"no subscription {sub}")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from agent_sdk import frames as f
 from agent_sdk.errors import ErrorCode, ProtocolError
+from agent_sdk.sealing import Receipt, Sealed, Unsealable
 from agent_sdk.wire import PROTOCOL_VERSION, SignedEvent, Signer, decode_event, verify_signature
 
 
@@ -34,6 +35,10 @@ TRANSITIONS: dict[tuple[State, type[f.AgentFrame]], State] = {
     (State.OPEN, f.Query): State.OPEN,
     (State.OPEN, f.DocOpen): State.OPEN,
     (State.OPEN, f.DocAwareness): State.OPEN,
+    (State.OPEN, f.MsgSend): State.OPEN,
+    (State.OPEN, f.MsgReceipt): State.OPEN,
+    (State.OPEN, f.MsgInbox): State.OPEN,
+    (State.OPEN, f.MsgAck): State.OPEN,
 }
 
 _REFUSALS: dict[State, tuple[ErrorCode, str]] = {
@@ -92,7 +97,46 @@ class Aware:
     frame: f.DocAwareness
 
 
-Action = Reply | Admit | Open | Close | Ask | OpenDoc | Aware
+@dataclass(frozen=True, slots=True)
+class Mail:
+    """A sealed message whose sender is this connection's agent (or, from a peer
+    relay, anyone) and whose signature checks: deliver it."""
+
+    rid: int
+    sealed: Sealed
+    relay: str
+    """The recipient's relay ("" for this one)."""
+    origin: str
+    """The sender's relay when a peer relay passed the message on, else ""."""
+    msg: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PassReceipt:
+    """From a peer relay: a checked receipt for the sender, an agent of ``relay``."""
+
+    rid: int
+    receipt: Receipt
+    relay: str
+
+
+@dataclass(frozen=True, slots=True)
+class OpenInbox:
+    sub: int
+
+
+@dataclass(frozen=True, slots=True)
+class AckItem:
+    """Inbox item ``seq`` arrived; ``receipt`` is the agent's own, checked."""
+
+    sub: int
+    seq: int
+    receipt: Receipt | None
+
+
+Action = (
+    Reply | Admit | Open | Close | Ask | OpenDoc | Aware | Mail | PassReceipt | OpenInbox | AckItem
+)
 
 
 class Session:
@@ -107,9 +151,11 @@ class Session:
         challenge: bytes,
         max_frame: int,
         max_deps: int,
+        max_message: int = 256 << 10,
         forwarders: frozenset[bytes] = frozenset(),
     ) -> None:
         self.relay_key = relay_key
+        self.max_message = max_message
         self.forwarders = forwarders
         """Keys of peer relays: their connections carry other authors' events."""
         self.signer = signer
@@ -141,8 +187,11 @@ class Session:
     def _act(self, frame: f.Frame | ProtocolError) -> Action:
         if isinstance(frame, ProtocolError):
             return _error(frame)
-        rid = frame.rid if isinstance(frame, (f.Publish, f.Query)) else None
-        subscribing = (f.Subscribe, f.Unsubscribe, f.DocOpen, f.DocAwareness)
+        requests = (f.Publish, f.Query, f.MsgSend, f.MsgReceipt)
+        rid = frame.rid if isinstance(frame, requests) else None
+        subscribing = (
+            f.Subscribe, f.Unsubscribe, f.DocOpen, f.DocAwareness, f.MsgInbox, f.MsgAck,
+        )  # fmt: skip
         sub = frame.sub if isinstance(frame, subscribing) else None
         try:
             return self._handle(frame)
@@ -168,6 +217,16 @@ class Session:
             action = OpenDoc(frame)
         elif isinstance(frame, f.DocAwareness):
             action = Aware(frame)
+        elif isinstance(frame, f.MsgSend):
+            from_relay = self.agent in self.forwarders
+            origin = frame.origin if from_relay else ""
+            action = Mail(frame.rid, self._sealed(frame), frame.relay, origin, frame.msg)
+        elif isinstance(frame, f.MsgReceipt):
+            action = PassReceipt(frame.rid, self._passed_receipt(frame), frame.relay)
+        elif isinstance(frame, f.MsgInbox):
+            action = OpenInbox(frame.sub)
+        elif isinstance(frame, f.MsgAck):
+            action = AckItem(frame.sub, frame.seq, self._receipt(frame))
         else:
             assert isinstance(frame, f.Unsubscribe)
             action = Close(frame.sub)
@@ -195,6 +254,41 @@ class Session:
         if not signed.verify():
             raise ProtocolError(ErrorCode.BAD_SIGNATURE, "signature does not verify for author")
         return signed
+
+    def _sealed(self, frame: f.MsgSend) -> Sealed:
+        if len(frame.msg) > self.max_message:
+            reason = f"sealed message of {len(frame.msg)} bytes; limit is {self.max_message}"
+            raise ProtocolError(ErrorCode.MESSAGE_TOO_LARGE, reason)
+        try:
+            sealed = Sealed.decode(frame.msg)
+            if sealed.header.sender != self.agent and self.agent not in self.forwarders:
+                raise Unsealable("the message's sender is not the key this connection proved")
+            sealed.verify()
+        except Unsealable as exc:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, str(exc)) from None
+        return sealed
+
+    def _receipt(self, frame: f.MsgAck) -> Receipt | None:
+        if frame.receipt is None:
+            return None
+        try:
+            receipt = Receipt.decode(frame.receipt)
+            if receipt.recipient != self.agent:
+                raise Unsealable("a receipt is signed by the recipient: this connection's agent")
+            receipt.verify()
+        except Unsealable as exc:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, str(exc)) from None
+        return receipt
+
+    def _passed_receipt(self, frame: f.MsgReceipt) -> Receipt:
+        if self.agent not in self.forwarders:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "msg.receipt is sent by peer relays only")
+        try:
+            receipt = Receipt.decode(frame.receipt)
+            receipt.verify()
+        except Unsealable as exc:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, str(exc)) from None
+        return receipt
 
 
 def _error(exc: ProtocolError, *, rid: int | None = None, sub: int | None = None) -> Reply:

@@ -1,0 +1,410 @@
+"""Messages between agents: ``client.send(to, payload)`` and ``client.messages()``.
+
+Every message is sealed end to end (agent_sdk/sealing.py): the relay stores and
+routes bytes it cannot read. A message travels one of three paths —
+
+- **relayed**: through the recipient's relay, which keeps it in the recipient's
+  inbox until the recipient acknowledges it (it may be offline meanwhile);
+- **federated**: ``agent@relay``, passed across relay links to the recipient's relay,
+  then as relayed;
+- **direct**: to an endpoint the recipient listens on (agent_sdk/direct.py).
+
+Ordering and exactly-once: each client sends on its own *stream* (random id) and
+numbers its messages to each recipient 1, 2, 3, ... in the order ``send`` is called.
+A recipient hands a message to the application only if its number is above the last
+one handed out from that stream; anything else is a copy (a resend after a lost
+answer, or the same message over another path) and is only acknowledged again.
+Messages that arrive are therefore handed out in order and at most once; a message
+the relay refused (``inbox_full``) leaves a gap the stream moves past.
+
+The recipient acknowledges a message when the application takes it from
+``messages()``, with a signed receipt that reaches the sender (``Sent.delivered``).
+A message taken but not yet acknowledged when the recipient's process dies comes
+again to its next process (the relay still holds it): across a crash of the
+recipient, delivery is at least once — by the same id, for an application that
+keeps what it has seen.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from agent_sdk import frames as f
+from agent_sdk.direct import Direct, DirectUnreachable
+from agent_sdk.errors import ErrorCode, ProtocolError
+from agent_sdk.sealing import (
+    ID_SIZE,
+    STREAM_SIZE,
+    Header,
+    Receipt,
+    Sealed,
+    Unsealable,
+    seal,
+    unseal,
+)
+
+if TYPE_CHECKING:
+    from agent_sdk.client import Asked, RelayClient
+
+log = logging.getLogger("formicary.messaging")
+
+AGENT_ID = re.compile(r"[0-9a-f]{64}")
+REMEMBERED = 65_536
+"""Message ids a recipient remembers handing out, and sends awaiting a receipt."""
+PATHS = ("auto", "direct", "relay")
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A message as the application gets it."""
+
+    id: bytes
+    sender: bytes
+    body: Any
+    ts: int
+    """The sender's clock when it sent the message (ms)."""
+    path: str
+    """How it came: ``relay`` (relayed or federated) or ``direct``."""
+    stream: bytes
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """Where a message goes: an agent, and its relay ("" for the sender's own)."""
+
+    agent: bytes
+    relay: str = ""
+
+    @classmethod
+    def parse(cls, to: str | bytes, own_relay: str | None) -> Address:
+        """``AGENT_ID`` or ``AGENT_ID@relay`` (64 hex digits), or 32 raw bytes."""
+        if isinstance(to, bytes):
+            if len(to) != 32:
+                raise ValueError("an agent id is 32 bytes")
+            return cls(to)
+        agent, _, relay = to.partition("@")
+        if not AGENT_ID.fullmatch(agent):
+            raise ValueError(f"{to!r}: an agent id is 64 lowercase hex digits")
+        return cls(bytes.fromhex(agent), "" if relay == own_relay else relay)
+
+
+class Sent:
+    """A message the relay (or the recipient, directly) has taken. ``status`` is
+    ``stored`` (waiting in the recipient's inbox) or ``delivered``."""
+
+    def __init__(self, id: bytes, recipient: bytes, path: str) -> None:
+        self.id = id
+        self.recipient = recipient
+        self.path = path
+        self.status = "sending"
+        self.receipt: Receipt | None = None
+        self.expired = False
+        self.on_settle: Callable[[], None] | None = None
+        self._settled = trio.Event()
+
+    async def delivered(self) -> Receipt:
+        """Wait for the recipient's signed receipt; raises ``ProtocolError`` when the
+        message expired in the recipient's inbox instead."""
+        await self._settled.wait()
+        if self.receipt is None:
+            raise ProtocolError(ErrorCode.NOT_FOUND, "the message expired undelivered")
+        return self.receipt
+
+    def _settle(self, receipt: Receipt | None) -> None:
+        if self._settled.is_set():
+            return
+        if self.on_settle is not None:
+            self.on_settle()
+        if receipt is not None:
+            self.receipt, self.status = receipt, "delivered"
+        else:
+            self.expired = True
+        self._settled.set()
+
+
+class Inflow:
+    """What a recipient has handed out, per sender stream (pure: see the module
+    docstring for the rule)."""
+
+    def __init__(self, memory: int = REMEMBERED) -> None:
+        self.memory = memory
+        self.last: OrderedDict[tuple[bytes, bytes], int] = OrderedDict()
+        self.pending: set[bytes] = set()
+        """Ids handed to the application's queue and not taken yet."""
+
+    def admit(self, header: Header) -> str:
+        """``new`` (hand it out), ``pending`` (a copy of one still queued) or ``old``."""
+        key = (header.sender, header.stream)
+        if header.id in self.pending:
+            return "pending"
+        if header.seq <= self.last.get(key, 0):
+            return "old"
+        self.last[key] = header.seq
+        self.last.move_to_end(key)
+        if len(self.last) > self.memory:
+            self.last.popitem(last=False)
+        self.pending.add(header.id)
+        return "new"
+
+    def taken(self, mid: bytes) -> None:
+        self.pending.discard(mid)
+
+
+@dataclass(frozen=True, slots=True)
+class _Arrived:
+    message: Message
+    seq: int  # the relay's inbox item (0 for direct)
+    header: Header
+
+
+class Mailbox:
+    """One client's messages (``client.mailbox``). The inbox stream opens on first
+    use of :meth:`send` or :meth:`messages` and again after every reconnect."""
+
+    def __init__(self, client: RelayClient) -> None:
+        self.client = client
+        self.stream = client.nonce(STREAM_SIZE)
+        self._next_seq: dict[bytes, int] = {}
+        self._turns: dict[bytes, trio.Lock] = {}  # per recipient: see send()
+        self._relayed_pending: dict[bytes, int] = {}  # relayed, no receipt yet
+        self._inflow = Inflow()
+        self._sent: OrderedDict[bytes, Sent] = OrderedDict()
+        self._queue_tx, self._queue_rx = trio.open_memory_channel[_Arrived](math.inf)
+        self.sub: int | None = None
+        self.live = trio.Event()
+        """Set once the relay has sent the inbox's backlog (``live``)."""
+        self.error: ProtocolError | None = None
+        """Why the inbox stream ended (opened by another connection of this agent)."""
+        self.refusal: ProtocolError | None = None
+        self.refused = trio.Event()
+        """Set (then replaced) each time the relay refuses an acknowledgement."""
+        self.direct: Direct | None = None
+        """The direct path's dialer and listener (agent_sdk/direct.py), once used."""
+
+    # -- sending ------------------------------------------------------------------------
+
+    def seal_next(self, to: Address, body: Any) -> Sealed:
+        """Seal ``body`` for ``to`` as this stream's next message to it (call right
+        before it is queued: the numbering is the order of sending)."""
+        seq = self._next_seq.get(to.agent, 0) + 1
+        self._next_seq[to.agent] = seq
+        client = self.client
+        header = Header(
+            client.nonce(ID_SIZE),
+            client.identity.public_key,
+            to.agent,
+            self.stream,
+            seq,
+            client.clock_ms(),
+        )
+        return seal(client.identity, header, body)
+
+    async def send(self, to: Address, body: Any, via: str, endpoint: str = "") -> Sent:
+        """Send ``body`` to ``to`` by path ``via`` (``auto`` tries ``endpoint``
+        directly, then the relay). Messages to one agent leave in call order: each
+        takes the recipient's turn to be numbered and queued, and a direct send holds
+        it until the recipient has the message. A message that went through the relay
+        and has no receipt yet keeps later ones on the relay too: were one to go direct
+        it could overtake it, and the recipient would take the earlier one for a copy."""
+        turn = self._turns.setdefault(to.agent, trio.Lock())
+        async with turn:
+            if via == "relay" or not endpoint or to.relay:
+                if via == "direct":
+                    raise DirectUnreachable("the recipient advertises no direct endpoint")
+                sealed = self.seal_next(to, body)
+            elif self._relayed_pending.get(to.agent):
+                if via == "direct":
+                    raise ValueError(
+                        "messages to this agent through the relay are not delivered yet: "
+                        "send via 'auto' or 'relay' to keep them in order"
+                    )
+                sealed = self.seal_next(to, body)
+            else:
+                sealed = self.seal_next(to, body)
+                try:
+                    return await self._direct(to, sealed, endpoint)
+                except DirectUnreachable as exc:
+                    if via == "direct":
+                        raise
+                    log.info("direct path failed (%s): through the relay instead", exc)
+                # The same id and number: if it did arrive directly, this is a copy.
+            # Queued under the turn; answered outside it, so that the next message
+            # to this agent is numbered and queued meanwhile: relayed ones pipeline.
+            sent, asked = self._queue_relayed(to, sealed)
+            self._relayed_pending[to.agent] = self._relayed_pending.get(to.agent, 0) + 1
+            sent.on_settle = lambda: self._relayed_done(to.agent)
+        return await self._answered(sent, asked)
+
+    def _relayed_done(self, agent: bytes) -> None:
+        self._relayed_pending[agent] -= 1
+        if not self._relayed_pending[agent]:
+            del self._relayed_pending[agent]
+
+    async def _direct(self, to: Address, sealed: Sealed, endpoint: str) -> Sent:
+        dialed = await self.direct_path().connection(to.agent, endpoint)
+        sent = self._track(Sent(sealed.header.id, to.agent, "direct"))
+        await dialed.send(sealed)
+        sent.status = "received"
+        return sent
+
+    def direct_path(self) -> Direct:
+        """The direct path's listener and connections (agent_sdk/direct.py)."""
+        if self.direct is None:
+            self.direct = Direct(self)
+        return self.direct
+
+    async def send_sealed(self, to: Address, sealed: Sealed) -> Sent:
+        """Send sealed bytes through the relay (again, for a resend: same handle)."""
+        return await self._answered(*self._queue_relayed(to, sealed))
+
+    def _queue_relayed(self, to: Address, sealed: Sealed) -> tuple[Sent, Asked]:
+        self.open()  # receipts come through our own inbox
+        data = sealed.encode()
+        sent = self._track(Sent(sealed.header.id, to.agent, "relay"))
+        asked = self.client.ask_later(lambda rid: f.MsgSend(rid=rid, msg=data, relay=to.relay))
+        return sent, asked
+
+    @staticmethod
+    async def _answered(sent: Sent, asked: Asked) -> Sent:
+        await asked.done.wait()
+        if asked.error is not None:
+            sent._settle(None)  # refused: no receipt will come
+            raise asked.error
+        sent.status = str(asked.result["status"])
+        return sent
+
+    def _track(self, sent: Sent) -> Sent:
+        """Wait for ``sent``'s receipt (a message sent again shares one handle)."""
+        if sent.id in self._sent:
+            return self._sent[sent.id]
+        self._sent[sent.id] = sent
+        if len(self._sent) > REMEMBERED:  # receipts that never came: forget the oldest
+            self._sent.popitem(last=False)
+        return sent
+
+    # -- receiving ----------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Open the inbox stream (once; again after each reconnect)."""
+        if self.sub is not None:
+            return
+        self.sub = self.client.tap(lambda sub: f.MsgInbox(sub=sub), self._on_frame)
+        if self._reopen not in self.client.on_reconnect:
+            self.client.on_reconnect.append(self._reopen)
+
+    async def _reopen(self) -> None:
+        if self.sub is not None:
+            self.client.untap(self.sub)
+            self.sub = None
+        self.open()
+
+    async def next(self) -> Message:
+        """The next message, in order per sender; acknowledged (with a receipt) as it
+        is handed out. Raises the relay's error if the inbox stream ended."""
+        self.open()
+        while True:
+            if self.error is not None and self._queue_rx.statistics().current_buffer_used == 0:
+                raise self.error
+            arrived = await self._queue_rx.receive()
+            if arrived.message.id not in self._inflow.pending:
+                continue  # a wake-up, or handed out already by another path
+            self._inflow.taken(arrived.message.id)
+            self.acknowledge(arrived)
+            return arrived.message
+
+    def acknowledge(self, arrived: _Arrived) -> None:
+        if arrived.seq and self.sub is not None:
+            receipt = Receipt.make(self.client.identity, arrived.header).encode()
+            self.client.send_frame(f.MsgAck(sub=self.sub, seq=arrived.seq, receipt=receipt))
+        elif self.direct is not None and not arrived.seq:
+            self.direct.acknowledge(arrived.header)
+
+    def arrive(self, sealed: Sealed, path: str, seq: int = 0) -> bool:
+        """A sealed message came (relay item ``seq``, or directly): check, decrypt,
+        deduplicate, queue. Returns whether it was taken (not refused as bad)."""
+        try:
+            body = unseal(self.client.identity, sealed)
+        except Unsealable as exc:
+            log.warning("dropped a message that does not unseal: %s", exc)
+            return False
+        h = sealed.header
+        verdict = self._inflow.admit(h)
+        arrived = _Arrived(Message(h.id, h.sender, body, h.ts, path, h.stream, h.seq), seq, h)
+        if verdict == "new":
+            self._queue_tx.send_nowait(arrived)
+        elif verdict == "old":
+            self.acknowledge(arrived)  # a copy: its receipt again, and off the relay
+        return True
+
+    def _on_frame(self, frame: f.Frame) -> None:
+        if isinstance(frame, f.MsgItem):
+            self._on_item(frame)
+        elif isinstance(frame, f.Live):
+            self.live.set()
+        elif isinstance(frame, f.Error):
+            error = ProtocolError(_code(frame.code), frame.reason)
+            if error.code is not ErrorCode.DUPLICATE_SUBSCRIPTION:
+                # An acknowledgement the relay refused: the stream goes on.
+                log.warning("the relay refused an inbox acknowledgement: %s", error)
+                self.refusal = error
+                self.refused.set()
+                self.refused = trio.Event()
+                return
+            self.error = error  # the inbox was opened by another connection of ours
+            self.sub = None
+            self.live.set()
+            self._queue_tx.send_nowait(_Arrived(_WAKE, 0, _WAKE_HEADER))  # wake a reader
+
+    def _on_item(self, item: f.MsgItem) -> None:
+        ack = f.MsgAck(sub=item.sub, seq=item.seq)
+        if item.kind == "message":
+            try:
+                sealed = Sealed.decode(item.data)
+            except Unsealable as exc:
+                log.warning("dropped an inbox item that is not a message: %s", exc)
+                self.client.send_frame(ack)
+                return
+            if not self.arrive(sealed, "relay", item.seq):
+                self.client.send_frame(ack)  # undecryptable: dropped, off the relay
+            return
+        if item.kind == "receipt":
+            try:
+                receipt = Receipt.decode(item.data)
+                receipt.verify()
+            except Unsealable as exc:
+                log.warning("dropped a receipt that does not check: %s", exc)
+            else:
+                sent = self._sent.pop(receipt.id, None)
+                if sent is not None and receipt.recipient == sent.recipient:
+                    sent._settle(receipt)
+        elif item.kind == "expired":
+            sent = self._sent.pop(item.data, None)
+            if sent is not None:
+                sent._settle(None)
+        self.client.send_frame(ack)
+
+    def settle_direct(self, receipt: Receipt) -> None:
+        """A receipt that came back over a direct connection."""
+        sent = self._sent.pop(receipt.id, None)
+        if sent is not None and receipt.recipient == sent.recipient:
+            sent._settle(receipt)
+
+
+_WAKE = Message(b"", b"", None, 0, "", b"", 0)
+_WAKE_HEADER = Header(b"", b"", b"", b"", 0, 0)
+
+
+def _code(code: int) -> ErrorCode:
+    try:
+        return ErrorCode(code)
+    except ValueError:
+        return ErrorCode.INTERNAL

@@ -1,0 +1,209 @@
+"""The relay's side of messages between agents, for one connection (protocol.md §15).
+
+:class:`relay.session.Session` has already checked what it can alone: the sealed
+message's size, shape, sender and signature, a receipt's signer. This module does
+what needs the relay's state: store a message in its recipient's inbox (or send it
+on towards the recipient's relay), stream an agent's inbox to it, and turn an
+acknowledgement into a deleted item and a receipt in the sender's inbox.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+import trio
+
+from agent_sdk import frames as f
+from agent_sdk.client import Asked
+from agent_sdk.errors import ErrorCode, ProtocolError
+from relay.inbox import Arriving
+from relay.session import AckItem, Mail, PassReceipt
+
+_Answer = tuple[Mail, "str | ProtocolError | Asked"]
+
+if TYPE_CHECKING:
+    from federation.network import Federation
+    from federation.peers import Peer
+    from relay.node import RelayNode
+
+MAIL_QUEUE = 256
+"""Messages of one connection on their way (stored or sent on) before it waits."""
+STREAM_BATCH = 256
+"""Inbox items read per pass of a stream (sent as fast as the connection takes them)."""
+
+
+class Messaging:
+    """One connection's messages: its sends, its agent's inbox stream and acks."""
+
+    def __init__(
+        self, node: RelayNode, agent: bytes, send: Callable[[f.RelayFrame], Awaitable[None]]
+    ) -> None:
+        self.node = node
+        self.agent = agent
+        self.send = send
+        self.sub: int | None = None
+        """The sub id of this connection's open inbox stream."""
+        self._mail_tx, self._mail_rx = trio.open_memory_channel[Mail](MAIL_QUEUE)
+        self.scope: trio.CancelScope | None = None
+
+    async def mail(self, action: Mail) -> None:
+        """Take a sealed message to store or pass on; answered in order by
+        :meth:`run` (waits only while this connection has too many on their way)."""
+        await self._mail_tx.send(action)
+
+    async def run(self, from_peer: Peer | None) -> None:
+        """Store this connection's messages as they come, a whole batch per write (one
+        fsync for everything that arrived meanwhile), and pass on those for other
+        relays; answers go back in the order the messages came."""
+        async with trio.open_nursery() as nursery:
+            answers_tx, answers_rx = trio.open_memory_channel[_Answer](MAIL_QUEUE)
+            nursery.start_soon(self._answer_loop, answers_rx)
+            async for first in self._mail_rx:
+                batch = [first]
+                while len(batch) < MAIL_QUEUE:
+                    try:
+                        batch.append(self._mail_rx.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                ours = [a for a in batch if not a.relay or a.relay == self.node.config.name]
+                answers: dict[int, _Answer] = {}
+                arriving = [
+                    Arriving(h.recipient, h.sender, h.id, a.msg, a.origin)
+                    for a in ours
+                    for h in (a.sealed.header,)
+                ]
+                for action, answer in zip(
+                    ours, await self.node.inboxes.put_messages(arriving), strict=True
+                ):
+                    answers[action.rid] = (action, answer)
+                for action in batch:
+                    if action.rid not in answers:  # for another relay: sent on in order
+                        answers[action.rid] = (action, self._pass_on(action, from_peer))
+                    await answers_tx.send(answers[action.rid])
+
+    def _pass_on(self, action: Mail, from_peer: Peer | None) -> Asked | ProtocolError:
+        try:
+            federation = self._federation(action.relay)
+            origin = action.origin or self.node.config.name
+            return federation.send_message(action.relay, action.msg, origin, from_peer)
+        except ProtocolError as exc:
+            return exc
+
+    async def _answer_loop(self, answers: trio.MemoryReceiveChannel[_Answer]) -> None:
+        async for action, answer in answers:
+            if isinstance(answer, Asked):
+                await answer.done.wait()
+                answer = _status_of(answer)
+            if isinstance(answer, ProtocolError):
+                await self.send(f.Error.of(answer, rid=action.rid))
+            else:
+                body = {"id": action.sealed.header.id, "status": answer}
+                await self.send(f.Result(rid=action.rid, body=body))
+
+    async def pass_receipt(self, action: PassReceipt, from_peer: Peer | None) -> None:
+        """A peer relay's receipt for one of our agents (or one further on)."""
+        receipt = action.receipt
+        try:
+            if action.relay and action.relay != self.node.config.name:
+                federation = self._federation(action.relay)
+                await federation.pass_receipt(action.relay, receipt.encode(), from_peer)
+            else:
+                await self.node.inboxes.put_receipt(
+                    receipt.sender, receipt.recipient, receipt.id, receipt.encode()
+                )
+        except ProtocolError as exc:
+            await self.send(f.Error.of(exc, rid=action.rid))
+            return
+        await self.send(f.Result(rid=action.rid, body={}))
+
+    def _federation(self, relay: str) -> Federation:
+        if self.node.federation is None:
+            reason = f"this relay has no peer relays: no way to relay {relay!r}"
+            raise ProtocolError(ErrorCode.UNKNOWN_RECIPIENT, reason)
+        return self.node.federation
+
+    async def open_inbox(self, sub: int, nursery: trio.Nursery) -> None:
+        """Start streaming this agent's inbox as ``sub``; an older stream of the same
+        agent (another connection) ends: one reader, so nothing is handed out twice."""
+        streams = self.node.inboxes.streams
+        if self.sub is not None:
+            error = ProtocolError(
+                ErrorCode.DUPLICATE_SUBSCRIPTION, f"the inbox is open as subscription {self.sub}"
+            )
+            await self.send(f.Error.of(error, sub=sub))
+            return
+        older = streams.pop(self.agent, None)
+        if older is not None:
+            older.cancel()
+        self.sub, self.scope = sub, trio.CancelScope()
+        streams[self.agent] = self.scope
+        nursery.start_soon(self._stream, sub, self.scope)
+
+    async def _stream(self, sub: int, scope: trio.CancelScope) -> None:
+        inboxes = self.node.inboxes
+        cursor = 0
+        live = False
+        with scope:
+            while True:
+                items = inboxes.after(self.agent, cursor, STREAM_BATCH)
+                if not items:
+                    if not live:  # the backlog is out: say so (an inbox reader may stop)
+                        live = True
+                        await self.send(f.Live(sub=sub, ns="", seq=cursor))
+                    await inboxes.wait_after(self.agent, cursor)
+                    continue
+                for item in items:
+                    await self.send(
+                        f.MsgItem(sub=sub, seq=item.seq, kind=item.kind, data=item.data)
+                    )
+                    cursor = item.seq
+        displaced = self.node.inboxes.streams.get(self.agent) is not scope
+        if scope.cancelled_caught and self.sub == sub and displaced:
+            reason = "this agent's inbox was opened by another connection"
+            error = ProtocolError(ErrorCode.DUPLICATE_SUBSCRIPTION, reason)
+            self.sub = None
+            await self.send(f.Error.of(error, sub=sub))
+
+    async def acknowledge(self, action: AckItem) -> None:
+        """Delete an item this agent has; pass a message's receipt on to its sender."""
+        try:
+            if action.sub != self.sub:
+                raise ProtocolError(
+                    ErrorCode.UNKNOWN_SUBSCRIPTION, f"no inbox stream {action.sub} here"
+                )
+            item = await self.node.inboxes.acknowledge(self.agent, action.seq)
+        except ProtocolError as exc:
+            await self.send(f.Error.of(exc, sub=action.sub))
+            return
+        receipt = action.receipt
+        if item.kind != "message" or receipt is None:
+            return
+        if receipt.id != item.mid or receipt.sender != item.sender:
+            return  # a receipt for another message: the sender would not believe it
+        if item.origin and self.node.federation is not None:
+            self.node.federation.receipt_soon(item.origin, receipt.encode())
+        else:
+            await self.node.inboxes.put_receipt(item.sender, self.agent, item.mid, receipt.encode())
+
+    def stop(self) -> None:
+        """The agent closed its inbox stream (``unsubscribe``)."""
+        self.close()
+        if self.scope is not None:
+            self.scope.cancel()
+        self.sub = self.scope = None
+
+    def close(self) -> None:
+        """The connection ended: its stream no longer holds the agent's inbox."""
+        if self.scope is not None and self.node.inboxes.streams.get(self.agent) is self.scope:
+            del self.node.inboxes.streams[self.agent]
+
+
+def _status_of(asked: Asked) -> str | ProtocolError:
+    """The next relay's answer to a message passed on; a link that dropped before it
+    answered is ``home_unreachable`` (sending the same message again is safe)."""
+    if asked.error is None:
+        return str(asked.result["status"])
+    if asked.error.code is ErrorCode.INTERNAL:  # the link's client stopped under it
+        return ProtocolError(ErrorCode.HOME_UNREACHABLE, "the link dropped; send again")
+    return asked.error

@@ -1,0 +1,250 @@
+"""Messages between agents over a real relay on loopback: relayed, online and offline,
+in order and exactly once, sealed end to end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+
+from agent_sdk.client import RelayClient
+from agent_sdk.direct import DirectUnreachable
+from agent_sdk.directory import Directory
+from agent_sdk.errors import ErrorCode, ProtocolError
+from agent_sdk.messaging import Address
+from agent_sdk.sealing import Header, Receipt, Sealed, seal
+from relay.node import RelayConfig
+from tests.conftest import RunningRelay, identity, start_relay
+
+ALICE, BOB, CAROL = identity(1), identity(2), identity(3)
+
+
+async def test_a_message_to_an_online_agent_arrives_sealed_with_a_receipt(
+    relay: RunningRelay,
+) -> None:
+    async with (
+        RelayClient.connect(relay.url, ALICE) as alice,
+        RelayClient.connect(relay.url, BOB) as bob,
+    ):
+        bob.mailbox.open()
+        await bob.mailbox.live.wait()
+        sent = await alice.send(BOB.id, {"text": "hello", "n": 1})
+        assert sent.status == "stored"
+        message = await bob.mailbox.next()
+        assert message.body == {"text": "hello", "n": 1} and message.sender == ALICE.public_key
+        assert message.id == sent.id and message.path == "relay"
+        receipt = await sent.delivered()
+        receipt.verify()  # signed by Bob: no relay could have made it up
+        assert receipt.recipient == BOB.public_key and sent.status == "delivered"
+
+
+async def test_an_offline_agent_gets_its_messages_once_in_order_when_it_comes_back(
+    relay: RunningRelay,
+) -> None:
+    async with RelayClient.connect(relay.url, BOB):
+        pass  # Bob has been here once: he can be sent messages
+    async with RelayClient.connect(relay.url, ALICE) as alice:
+        sent = [await alice.send(BOB.id, f"note {n}") for n in range(20)]
+        assert {s.status for s in sent} == {"stored"}
+        async with RelayClient.connect(relay.url, BOB) as bob:
+            got = [(await bob.mailbox.next()).body for _ in range(20)]
+            assert got == [f"note {n}" for n in range(20)]
+            for s in sent:
+                await s.delivered()
+        async with RelayClient.connect(relay.url, BOB) as bob:  # nothing comes twice
+            bob.mailbox.open()
+            await bob.mailbox.live.wait()
+            assert bob.mailbox._queue_rx.statistics().current_buffer_used == 0
+    assert relay.node.inboxes.size(BOB.public_key) == 0
+
+
+async def test_messages_survive_a_relay_restart(nursery: trio.Nursery, tmp_path: Path) -> None:
+    data = tmp_path / "relay"
+    first = await start_relay(nursery, data)
+    async with RelayClient.connect(first.url, BOB):
+        pass
+    async with RelayClient.connect(first.url, ALICE) as alice:
+        await alice.send(BOB.id, "kept on disk")
+    first.scope.cancel()
+    second = await start_relay(nursery, data)
+    async with RelayClient.connect(second.url, BOB) as bob:
+        assert (await bob.mailbox.next()).body == "kept on disk"
+    second.scope.cancel()
+
+
+async def test_a_resent_message_is_stored_and_handed_out_once(relay: RunningRelay) -> None:
+    async with (
+        RelayClient.connect(relay.url, ALICE) as alice,
+        RelayClient.connect(relay.url, BOB) as bob,
+    ):
+        bob.mailbox.open()
+        await bob.mailbox.live.wait()
+        sealed = alice.mailbox.seal_next(Address(BOB.public_key), "once")
+        first = await alice.mailbox.send_sealed(Address(BOB.public_key), sealed)
+        again = await alice.mailbox.send_sealed(Address(BOB.public_key), sealed)
+        assert first.status == "stored" and again.status in ("stored", "delivered")
+        assert (await bob.mailbox.next()).body == "once"
+        await first.delivered()
+        late = await alice.mailbox.send_sealed(Address(BOB.public_key), sealed)
+        assert late.status == "delivered"  # the relay remembers it was delivered
+        after = await alice.send(BOB.id, "next")
+        assert (await bob.mailbox.next()).body == "next"  # not "once" again
+        await after.delivered()
+
+
+async def test_the_relay_store_never_holds_a_message_in_plaintext(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    data = tmp_path / "relay"
+    running = await start_relay(nursery, data)
+    secret = "the launch code is 7-4-1-9-plaintext-canary"
+    async with RelayClient.connect(running.url, BOB):
+        pass
+    async with RelayClient.connect(running.url, ALICE) as alice:
+        await alice.send(BOB.id, secret)
+        await alice.send(BOB.id, secret.encode())
+    stored = b"".join(path.read_bytes() for path in data.iterdir() if path.is_file())
+    assert running.node.inboxes.size(BOB.public_key) == 2  # stored, yet unreadable:
+    assert secret.encode() not in stored and b"launch code" not in stored
+    running.scope.cancel()
+
+
+async def test_a_tampered_or_forged_message_is_refused(relay: RunningRelay) -> None:
+    header = Header(b"\x01" * 16, ALICE.public_key, BOB.public_key, b"s" * 8, 1, 0)
+    sealed = seal(ALICE, header, "real")
+    flipped = bytearray(sealed.ciphertext)
+    flipped[0] ^= 1
+    tampered = Sealed(sealed.header, sealed.ephemeral, bytes(flipped), sealed.sig)
+    forged = seal(CAROL, Header(b"\x02" * 16, CAROL.public_key, BOB.public_key, b"s" * 8, 2, 0), 1)
+    as_alice = Sealed(  # Carol's message, claiming to be Alice's
+        Header(b"\x02" * 16, ALICE.public_key, BOB.public_key, b"s" * 8, 2, 0),
+        forged.ephemeral,
+        forged.ciphertext,
+        forged.sig,
+    )
+    async with RelayClient.connect(relay.url, BOB) as bob:
+        for bad in (tampered, as_alice):
+            assert not bob.mailbox.arrive(bad, "direct")  # the recipient refuses it
+        assert bob.mailbox.arrive(sealed, "direct")
+        assert (await bob.mailbox.next()).body == "real"
+    async with RelayClient.connect(relay.url, ALICE) as alice:  # and the relay does too
+        for bad in (tampered, as_alice):
+            with pytest.raises(ProtocolError) as refused:
+                await alice.mailbox.send_sealed(Address(BOB.public_key), bad)
+            assert refused.value.code is ErrorCode.BAD_MESSAGE
+
+
+async def test_bad_sends_get_clear_errors(nursery: trio.Nursery, tmp_path: Path) -> None:
+    config = RelayConfig(name="local", inbox_max_items=3, max_message=4096)
+    running = await start_relay(nursery, tmp_path / "relay", config)
+    async with RelayClient.connect(running.url, ALICE) as alice:
+        with pytest.raises(ProtocolError) as unknown:
+            await alice.send(CAROL.id, "nobody home")
+        assert unknown.value.code is ErrorCode.UNKNOWN_RECIPIENT
+        async with RelayClient.connect(running.url, BOB):
+            pass
+        with pytest.raises(ProtocolError) as large:
+            await alice.send(BOB.id, b"x" * 5000)
+        assert large.value.code is ErrorCode.MESSAGE_TOO_LARGE
+        for n in range(3):
+            await alice.send(BOB.id, n)
+        with pytest.raises(ProtocolError) as full:
+            await alice.send(BOB.id, "one too many")
+        assert full.value.code is ErrorCode.INBOX_FULL
+        with pytest.raises(ValueError, match="name a directory"):
+            await alice.send("bob", "who?")
+        assert (await alice.query("x@local", "dir.count", {"online": True}))["count"] == 0
+    async with RelayClient.connect(running.url, BOB) as bob:  # what was stored arrives
+        assert [(await bob.mailbox.next()).body for _ in range(3)] == [0, 1, 2]
+    running.scope.cancel()
+
+
+async def test_a_receipt_for_another_message_or_signed_by_another_is_refused(
+    relay: RunningRelay,
+) -> None:
+    async with RelayClient.connect(relay.url, ALICE) as alice:
+        header = Header(b"\x03" * 16, ALICE.public_key, BOB.public_key, b"s" * 8, 1, 0)
+        by_carol = Receipt.make(CAROL, header)  # Carol acknowledging for Bob
+        alice.mailbox.open()
+        await alice.mailbox.live.wait()
+        refused = alice.mailbox.refused
+        alice.send_frame(_ack(alice.mailbox.sub, by_carol.encode()))
+        await refused.wait()
+        assert alice.mailbox.refusal is not None
+        assert alice.mailbox.refusal.code is ErrorCode.BAD_MESSAGE
+        assert alice.mailbox.error is None  # the inbox stream goes on
+
+
+def _ack(sub: int | None, receipt: bytes):  # type: ignore[no-untyped-def]
+    from agent_sdk import frames as f
+
+    assert sub is not None
+    return f.MsgAck(sub=sub, seq=1, receipt=receipt)
+
+
+async def test_a_direct_message_skips_the_relay_and_its_receipt_comes_back_directly(
+    relay: RunningRelay,
+) -> None:
+    async with (
+        RelayClient.connect(relay.url, ALICE) as alice,
+        RelayClient.connect(relay.url, BOB) as bob,
+        bob.listen() as endpoint,
+    ):
+        sent = await alice.send(BOB.id, "psst", via="direct", endpoint=endpoint)
+        assert sent.path == "direct" and sent.status == "received"
+        message = await bob.mailbox.next()
+        assert message.body == "psst" and message.path == "direct"
+        (await sent.delivered()).verify()
+        assert relay.node.inboxes.counts["stored"] == 0  # the relay never had it
+
+
+async def test_auto_finds_the_endpoint_in_the_directory_and_falls_back_when_it_is_dead(
+    relay: RunningRelay,
+) -> None:
+    team = "team@local"
+    async with (
+        RelayClient.connect(relay.url, ALICE) as alice,
+        RelayClient.connect(relay.url, BOB) as bob,
+    ):
+        async with bob.listen() as endpoint:
+            await Directory(bob, team).join("bob", endpoint=endpoint)
+            first = await alice.send("bob", "by name, directly", ns=team)
+            assert first.path == "direct"
+            assert (await bob.mailbox.next()).path == "direct"
+        # Bob stopped listening; his profile still names the endpoint.
+        second = await alice.send("bob", "then through the relay", ns=team)
+        assert second.path == "relay" and second.status == "stored"
+        message = await bob.mailbox.next()
+        assert message.body == "then through the relay" and message.path == "relay"
+        await second.delivered()
+
+
+async def test_a_message_that_went_direct_and_then_through_the_relay_is_handed_out_once(
+    relay: RunningRelay,
+) -> None:
+    async with (
+        RelayClient.connect(relay.url, ALICE) as alice,
+        RelayClient.connect(relay.url, BOB) as bob,
+        bob.listen() as endpoint,
+    ):
+        to = Address(BOB.public_key)
+        sealed = alice.mailbox.seal_next(to, "both ways")
+        await alice.mailbox._direct(to, sealed, endpoint)
+        await alice.mailbox.send_sealed(to, sealed)  # as if its answer had been lost
+        after = await alice.send(BOB.id, "after", via="relay")
+        assert [(await bob.mailbox.next()).body for _ in range(2)] == ["both ways", "after"]
+        await after.delivered()
+        assert relay.node.inboxes.size(BOB.public_key) == 0  # the copy was acknowledged
+
+
+async def test_a_direct_endpoint_must_prove_it_is_the_recipient(relay: RunningRelay) -> None:
+    async with (
+        RelayClient.connect(relay.url, ALICE) as alice,
+        RelayClient.connect(relay.url, CAROL) as carol,
+        carol.listen() as carols,
+    ):
+        with pytest.raises(DirectUnreachable, match="another agent's"):
+            await alice.send(BOB.id, "for Bob", via="direct", endpoint=carols)
+        with pytest.raises(DirectUnreachable):
+            await alice.send(BOB.id, "nobody there", via="direct", endpoint="ws://127.0.0.1:9")
