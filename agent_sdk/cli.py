@@ -23,7 +23,7 @@ from typing import Any
 
 import trio
 
-from agent_sdk import cli_auction, cli_dir, cli_doc, cli_records, cli_wo
+from agent_sdk import cli_auction, cli_dir, cli_doc, cli_msg, cli_records, cli_wo
 from agent_sdk.client import DEFAULT_RELAY, Delivery, Live, Published, RelayClient
 from agent_sdk.errors import ProtocolError
 from agent_sdk.identity import Identity, default_key_path, load_or_create
@@ -110,6 +110,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             lock_ttl=locks,
             initial_stake=args.initial_stake,
             reputation_half_life_ms=ttl_ms(args.half_life, "--half-life"),
+            max_message=args.max_message,
+            inbox_max_items=args.inbox_size,
+            inbox_ttl_ms=ttl_ms(args.inbox_ttl, "--inbox-ttl"),
         )
         peers = tuple(parse_peer(spec) for spec in args.peer)
         check_peers(list(peers), args.name)
@@ -324,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_doc.add_parser(sub, agent_options)
     cli_dir.add_parser(sub, agent_options)
     cli_auction.add_parser(sub, agent_options)
+    cli_msg.add_parser(sub, agent_options, lambda args: (_relay_url(args), _identity(args)))
 
     p = sub.add_parser("keygen", help="create an agent key file")
     p.add_argument("--out", help="where to write it (default: $FORMICARY_KEY or config dir)")
@@ -342,6 +346,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lease-max", default="24h", help="longest lease an agent may ask for")
     p.add_argument("--initial-stake", type=int, default=100, help="stake of a new member")
     p.add_argument("--half-life", default="168h", help="reputation half-life")
+    p.add_argument(
+        "--max-message", type=int, default=256 << 10, help="largest sealed message, bytes"
+    )
+    p.add_argument("--inbox-size", type=int, default=1000, help="messages an inbox holds")
+    p.add_argument("--inbox-ttl", default="168h", help="how long a message waits for its reader")
     p.add_argument(
         "--peer",
         action="append",

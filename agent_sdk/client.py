@@ -46,7 +46,7 @@ from agent_sdk.direct import listening
 from agent_sdk.docs import SharedDoc, open_doc
 from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.identity import Identity
-from agent_sdk.messaging import AGENT_ID, PATHS, Address, Mailbox, Message, Sent
+from agent_sdk.messaging import AGENT_ID, PATHS, Address, Mailbox, Messages, Sent
 from agent_sdk.wire import (
     PROTOCOL_VERSION,
     Event,
@@ -62,6 +62,7 @@ log = logging.getLogger("formicary.client")
 
 DEFAULT_RELAY = "ws://127.0.0.1:7700"
 HANDSHAKE_TIMEOUT = 10.0  # seconds for hello, auth and welcome
+FLUSH_TIMEOUT = 5.0  # seconds a closing client waits for its queued frames to go out
 
 
 class RelayMismatch(Exception):
@@ -256,6 +257,8 @@ class RelayClient:
         self.stopped = trio.Event()
         """Set when the client has given up its connection (``reconnect=False``)."""
         self._mailbox: Mailbox | None = None
+        self._flushed = trio.Event()
+        self._flushed.set()
         self.nursery: trio.Nursery
         """Where the client's own tasks run (set by :meth:`connect`): direct links."""
 
@@ -272,6 +275,10 @@ class RelayClient:
                 await nursery.start(client._run)
                 try:
                     yield client
+                    # Frames that need no answer (inbox acknowledgements) are still
+                    # queued perhaps: let them out before the connection goes.
+                    with trio.move_on_after(FLUSH_TIMEOUT):
+                        await client.flush()
                 finally:
                     nursery.cancel_scope.cancel()
 
@@ -327,6 +334,7 @@ class RelayClient:
                 log.info("relay connection lost (%s); reconnecting in %.2fs", exc, delay)
             finally:
                 self._outbox = None
+                self._flushed.set()  # nothing more goes out on that connection
                 self._connected = trio.Event()
             await trio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 5.0)
@@ -416,6 +424,8 @@ class RelayClient:
                     frames.append(data)
                     size += len(data)
                 await ws.send(f.bundle(frames))
+                if queued.statistics().current_buffer_used == 0:
+                    self._flushed.set()
         except ConnectionClosed:
             pass  # the reader sees it too, and the intent is replayed on reconnect
 
@@ -673,11 +683,11 @@ class RelayClient:
         port); yields its URL, to advertise as ``endpoint`` in a directory profile."""
         return listening(self.mailbox, host, port)
 
-    async def messages(self) -> AsyncIterator[Message]:
-        """Messages sent to this agent, as they come: those waiting in its inbox first.
-        Each is acknowledged, with a signed receipt to its sender, as it is handed out."""
-        while True:
-            yield await self.mailbox.next()
+    def messages(self) -> Messages:
+        """Messages sent to this agent, as they come: those waiting in its inbox first
+        (``async for message in client.messages()``). Each is acknowledged, with a
+        signed receipt to its sender, as it is handed out."""
+        return Messages(self.mailbox)
 
     # -- subscribing ------------------------------------------------------------------
 
@@ -766,6 +776,14 @@ class RelayClient:
         """Queue a frame on the current connection; without one, _serve replays intent."""
         if self._outbox is not None:
             self._outbox.send_nowait(data)
+            if self._flushed.is_set():
+                self._flushed = trio.Event()
+
+    async def flush(self) -> None:
+        """Return once every frame queued so far is written to the connection (or the
+        connection is gone: what it replays on a reconnect is sent then)."""
+        while self._outbox is not None and not self._flushed.is_set():
+            await self._flushed.wait()
 
     def nonce(self, size: int = 16) -> bytes:
         """Fresh random bytes for a nonce: from ``rng`` when the client has one."""

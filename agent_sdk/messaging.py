@@ -175,6 +175,9 @@ class Mailbox:
         self.stream = client.nonce(STREAM_SIZE)
         self._next_seq: dict[bytes, int] = {}
         self._turns: dict[bytes, trio.Lock] = {}  # per recipient: see send()
+        self.patience = 60.0
+        """Seconds a message to another relay's agent is sent again while the way
+        there is down (``home_unreachable``) before ``send`` gives up."""
         self._relayed_pending: dict[bytes, int] = {}  # relayed, no receipt yet
         self._inflow = Inflow()
         self._sent: OrderedDict[bytes, Sent] = OrderedDict()
@@ -237,12 +240,31 @@ class Mailbox:
                         raise
                     log.info("direct path failed (%s): through the relay instead", exc)
                 # The same id and number: if it did arrive directly, this is a copy.
-            # Queued under the turn; answered outside it, so that the next message
-            # to this agent is numbered and queued meanwhile: relayed ones pipeline.
             sent, asked = self._queue_relayed(to, sealed)
             self._relayed_pending[to.agent] = self._relayed_pending.get(to.agent, 0) + 1
             sent.on_settle = lambda: self._relayed_done(to.agent)
+            if to.relay:
+                # Across relays a link may be down (home_unreachable): the message is
+                # sent again until its relay has it, and the turn is held meanwhile —
+                # a later message must not get there first.
+                return await self._until_taken(to, sealed, sent, asked)
+        # Queued under the turn; answered outside it, so that the next message to
+        # this agent is numbered and queued meanwhile: relayed ones pipeline.
         return await self._answered(sent, asked)
+
+    async def _until_taken(self, to: Address, sealed: Sealed, sent: Sent, asked: Asked) -> Sent:
+        delay, waited = 0.1, 0.0
+        while True:
+            try:
+                return await self._answered(sent, asked, settle=False)
+            except ProtocolError as exc:
+                if exc.code is not ErrorCode.HOME_UNREACHABLE or waited >= self.patience:
+                    sent._settle(None)
+                    raise
+            await trio.sleep(delay)
+            waited += delay
+            delay = min(delay * 2, 5.0)
+            asked = self._queue_relayed(to, sealed)[1]
 
     def _relayed_done(self, agent: bytes) -> None:
         self._relayed_pending[agent] -= 1
@@ -274,10 +296,11 @@ class Mailbox:
         return sent, asked
 
     @staticmethod
-    async def _answered(sent: Sent, asked: Asked) -> Sent:
+    async def _answered(sent: Sent, asked: Asked, settle: bool = True) -> Sent:
         await asked.done.wait()
         if asked.error is not None:
-            sent._settle(None)  # refused: no receipt will come
+            if settle:
+                sent._settle(None)  # refused: no receipt will come
             raise asked.error
         sent.status = str(asked.result["status"])
         return sent
@@ -306,6 +329,11 @@ class Mailbox:
             self.client.untap(self.sub)
             self.sub = None
         self.open()
+
+    @property
+    def waiting(self) -> int:
+        """Messages that arrived and wait to be taken (:meth:`next` returns at once)."""
+        return len(self._inflow.pending)
 
     async def next(self) -> Message:
         """The next message, in order per sender; acknowledged (with a receipt) as it
@@ -397,6 +425,20 @@ class Mailbox:
         sent = self._sent.pop(receipt.id, None)
         if sent is not None and receipt.recipient == sent.recipient:
             sent._settle(receipt)
+
+
+class Messages:
+    """``client.messages()``: an endless async iterator over :meth:`Mailbox.next` (a
+    plain iterator, not a generator: breaking out of the loop leaves nothing open)."""
+
+    def __init__(self, mailbox: Mailbox) -> None:
+        self.mailbox = mailbox
+
+    def __aiter__(self) -> Messages:
+        return self
+
+    async def __anext__(self) -> Message:
+        return await self.mailbox.next()
 
 
 _WAKE = Message(b"", b"", None, 0, "", b"", 0)

@@ -34,12 +34,9 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -54,61 +51,14 @@ import relay.app  # noqa: E402, F401
 sys.path.append(str(_HERE))
 
 import trio  # noqa: E402
-from ingest import BenchError, RelayProcess, free_port, percentile  # noqa: E402
+from ingest import BenchError, RelayProcess, percentile, two_relays  # noqa: E402
 
 from agent_sdk.client import Delivery, Live, RelayClient  # noqa: E402
-from agent_sdk.identity import Identity, load_or_create  # noqa: E402
-from relay.app import KEY_FILE  # noqa: E402
-
-READY_TIMEOUT = 30.0
+from agent_sdk.identity import Identity  # noqa: E402
 
 
 def log(message: str) -> None:
     print(f"[federation] {message}", file=sys.stderr, flush=True)
-
-
-@contextmanager
-def two_relays(tmp: Path) -> Iterator[dict[str, RelayProcess]]:
-    """Relays ``a`` and ``b``, each listing the other as a peer."""
-    names = ("a", "b")
-    ports = {name: free_port() for name in names}
-    keys = {name: load_or_create(tmp / name / KEY_FILE).public_key.hex() for name in names}
-    relays: dict[str, RelayProcess] = {}
-    try:
-        for name in names:
-            (other,) = (n for n in names if n != name)
-            peer = f"{other}=ws://127.0.0.1:{ports[other]}#{keys[other]}"
-            argv = ["relay", "serve", "--host", "127.0.0.1", "--port", str(ports[name])]
-            argv += ["--data", str(tmp / name), "--name", name, "--peer", peer]
-            log_path = tmp / f"{name}.log"
-            with log_path.open("wb") as relay_log:
-                process = subprocess.Popen(
-                    [sys.executable, "-m", "agent_sdk.cli", *argv],
-                    stdin=subprocess.DEVNULL,
-                    stdout=relay_log,
-                    stderr=subprocess.STDOUT,
-                    cwd=tmp,  # not this folder: its federation.py would shadow the package
-                )
-            relays[name] = RelayProcess(process, ports[name], log_path)
-        for relay in relays.values():
-            relay.wait_ready(READY_TIMEOUT)
-        wait_linked(relays)
-        yield relays
-    finally:
-        for relay in relays.values():
-            relay.stop()
-
-
-def wait_linked(relays: dict[str, RelayProcess]) -> None:
-    """Poll ``/info`` until both links are up (a bench set-up step, bounded)."""
-    deadline = time.monotonic() + READY_TIMEOUT
-    while True:
-        states = [peer["up"] for r in relays.values() for peer in r.info()["federation"]["peers"]]
-        if all(states):
-            return
-        if time.monotonic() > deadline:
-            raise BenchError("the relays did not link up")
-        time.sleep(0.05)
 
 
 async def publish_phase(

@@ -590,3 +590,56 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+@contextmanager
+def two_relays(tmp: Path) -> Iterator[dict[str, RelayProcess]]:
+    """Relays ``a`` and ``b``, each listing the other as a peer."""
+    names = ("a", "b")
+    ports = {name: free_port() for name in names}
+    keys = {name: relay_key(tmp / name) for name in names}
+    relays: dict[str, RelayProcess] = {}
+    try:
+        for name in names:
+            (other,) = (n for n in names if n != name)
+            peer = f"{other}=ws://127.0.0.1:{ports[other]}#{keys[other]}"
+            argv = ["relay", "serve", "--host", "127.0.0.1", "--port", str(ports[name])]
+            argv += ["--data", str(tmp / name), "--name", name, "--peer", peer]
+            log_path = tmp / f"{name}.log"
+            with log_path.open("wb") as relay_log:
+                process = subprocess.Popen(
+                    [sys.executable, "-m", "agent_sdk.cli", *argv],
+                    stdin=subprocess.DEVNULL,
+                    stdout=relay_log,
+                    stderr=subprocess.STDOUT,
+                    cwd=tmp,  # not this folder: its federation.py would shadow the package
+                )
+            relays[name] = RelayProcess(process, ports[name], log_path)
+        for relay in relays.values():
+            relay.wait_ready(READY_TIMEOUT)
+        wait_linked(relays)
+        yield relays
+    finally:
+        for relay in relays.values():
+            relay.stop()
+
+
+def wait_linked(relays: dict[str, RelayProcess]) -> None:
+    """Poll ``/info`` until both links are up (a bench set-up step, bounded)."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    while True:
+        states = [peer["up"] for r in relays.values() for peer in r.info()["federation"]["peers"]]
+        if all(states):
+            return
+        if time.monotonic() > deadline:
+            raise BenchError("the relays did not link up")
+        time.sleep(0.05)
+
+
+def relay_key(data: Path) -> str:
+    """The key of the relay with data directory ``data`` (made now if it has none), as
+    an operator gets it for ``--peer``: ``formicary relay key``."""
+    command = [sys.executable, "-m", "agent_sdk.cli", "relay", "key", "--data", str(data)]
+    # Run from the data's parent, not this folder: its federation.py would shadow the package.
+    done = subprocess.run(command, check=True, capture_output=True, text=True, cwd=data.parent)
+    return done.stdout.strip()

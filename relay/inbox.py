@@ -284,7 +284,7 @@ class Inboxes:
                     item.sender in self.known
                     and len(self.boxes.get(item.sender, ())) < self.max_items
                 ):
-                    await self._put(item.sender, "expired", item.mid, item.recipient, b"")
+                    await self._put(item.sender, "expired", item.mid, item.recipient, item.mid)
         return gone
 
     # -- what reads them --------------------------------------------------------------

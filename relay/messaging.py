@@ -37,19 +37,31 @@ class Messaging:
     """One connection's messages: its sends, its agent's inbox stream and acks."""
 
     def __init__(
-        self, node: RelayNode, agent: bytes, send: Callable[[f.RelayFrame], Awaitable[None]]
+        self,
+        node: RelayNode,
+        agent: bytes,
+        send: Callable[[f.RelayFrame], Awaitable[None]],
+        nursery: trio.Nursery,
+        from_peer: Peer | None,
     ) -> None:
         self.node = node
         self.agent = agent
         self.send = send
+        self.nursery = nursery
+        self.from_peer = from_peer
+        self._running = False  # the mail task starts with the first message (most
+        # connections never send one: no task, no channel to keep for them)
         self.sub: int | None = None
         """The sub id of this connection's open inbox stream."""
-        self._mail_tx, self._mail_rx = trio.open_memory_channel[Mail](MAIL_QUEUE)
         self.scope: trio.CancelScope | None = None
 
     async def mail(self, action: Mail) -> None:
         """Take a sealed message to store or pass on; answered in order by
         :meth:`run` (waits only while this connection has too many on their way)."""
+        if not self._running:
+            self._running = True
+            self._mail_tx, self._mail_rx = trio.open_memory_channel[Mail](MAIL_QUEUE)
+            self.nursery.start_soon(self.run, self.from_peer)
         await self._mail_tx.send(action)
 
     async def run(self, from_peer: Peer | None) -> None:

@@ -186,8 +186,7 @@ class Connection:
                 return
             await self._receive_one(message)
         agent = self.session.agent
-        self._messaging = Messaging(self.node, agent, self._send)
-        self._nursery.start_soon(self._messaging.run, self.peer)
+        self._messaging = Messaging(self.node, agent, self._send, self._nursery, self.peer)
         if self.peer is None:  # an agent: from now on it can be sent messages
             await self.node.inboxes.remember(agent)
         while True:  # recv(), not `async for`: a cancelled loop leaves no generator behind
@@ -637,6 +636,15 @@ def info_document(node: RelayNode) -> dict[str, Any]:
             "slow_consumer_timeout": config.slow_consumer_timeout,
             "auth_timeout": config.auth_timeout,
             "sequencer": asdict(config.sequencer),
+            "max_message": config.max_message,
+            "inbox_max_items": config.inbox_max_items,
+            "inbox_ttl_ms": config.inbox_ttl_ms,
+        },
+        "messages": {
+            **node.inboxes.counts,
+            "waiting": sum(len(box) for box in node.inboxes.boxes.values()),
+            "inboxes": len(node.inboxes.boxes),
+            "streams": len(node.inboxes.streams),
         },
         "stats": dict(node.stats),
         "federation": node.federation.info() if node.federation else None,

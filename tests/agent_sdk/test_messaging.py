@@ -3,6 +3,7 @@ in order and exactly once, sealed end to end."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -248,3 +249,58 @@ async def test_a_direct_endpoint_must_prove_it_is_the_recipient(relay: RunningRe
             await alice.send(BOB.id, "for Bob", via="direct", endpoint=carols)
         with pytest.raises(DirectUnreachable):
             await alice.send(BOB.id, "nobody there", via="direct", endpoint="ws://127.0.0.1:9")
+
+
+async def test_an_undelivered_message_expires_and_its_sender_is_told(relay: RunningRelay) -> None:
+    async with RelayClient.connect(relay.url, BOB):
+        pass
+    async with RelayClient.connect(relay.url, ALICE) as alice:
+        sent = await alice.send(BOB.id, "too late")
+        inboxes = relay.node.inboxes
+        now = inboxes.wall_ms()
+        inboxes.wall_ms = lambda: now + relay.node.config.inbox_ttl_ms  # a week on
+        gone = await inboxes.expire()
+        assert [item.kind for item in gone] == ["message"]
+        with pytest.raises(ProtocolError, match="expired"):
+            await sent.delivered()  # Alice's inbox got an `expired` item for it
+        assert sent.expired
+    async with RelayClient.connect(relay.url, BOB) as bob:
+        bob.mailbox.open()
+        await bob.mailbox.live.wait()
+        assert bob.mailbox.waiting == 0  # nothing left for Bob
+
+
+async def test_messages_iterates_and_an_unsealable_item_is_dropped_off_the_relay(
+    relay: RunningRelay, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    secret = "plaintext-canary-42"
+    async with RelayClient.connect(relay.url, BOB):
+        pass
+    async with RelayClient.connect(relay.url, ALICE) as alice:
+        # For Bob by its header, but sealed to Carol's key: Bob cannot open it.
+        header = Header(b"\x05" * 16, ALICE.public_key, CAROL.public_key, b"s" * 8, 1, 0)
+        wrong = seal(ALICE, header, "for Carol")
+        misaddressed = Sealed(
+            Header(b"\x05" * 16, ALICE.public_key, BOB.public_key, b"s" * 8, 1, 0),
+            wrong.ephemeral,
+            wrong.ciphertext,
+            ALICE.sign(
+                Sealed(
+                    Header(b"\x05" * 16, ALICE.public_key, BOB.public_key, b"s" * 8, 1, 0),
+                    wrong.ephemeral,
+                    wrong.ciphertext,
+                    b"",
+                ).signed_part()
+            ),
+        )
+        await alice.mailbox.send_sealed(Address(BOB.public_key), misaddressed)
+        await alice.send(BOB.id, secret)
+    async with RelayClient.connect(relay.url, BOB) as bob:
+        async for message in bob.messages():
+            assert message.body == secret  # the unsealable one never reaches the app
+            break
+        await bob.flush()  # the acknowledgements are out; a query answered after them:
+        await bob.query("x@local", "dir.count", {"online": True})
+    assert relay.node.inboxes.size(BOB.public_key) == 0  # both acknowledged
+    assert secret not in caplog.text  # nor is the plaintext in anyone's log lines

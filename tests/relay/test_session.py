@@ -140,3 +140,44 @@ def test_a_bundle_is_answered_frame_by_frame() -> None:
     assert error_code(actions[2]) is ErrorCode.UNKNOWN_FRAME
     assert actions[3] == Admit(2, signed)
     assert error_code(receive(session, b"\x90")) is ErrorCode.MALFORMED  # empty bundle
+
+
+def test_message_frames_are_checked_before_anything_is_stored() -> None:
+    from agent_sdk.sealing import Header, Receipt, seal
+    from relay.session import AckItem, Mail
+
+    other = identity(3)
+    header = Header(b"\x01" * 16, AGENT.public_key, other.public_key, b"s" * 8, 1, 0)
+    good = seal(AGENT, header, "hi").encode()
+    unauthenticated = new_session()
+    action = receive(unauthenticated, f.encode_frame(f.MsgSend(rid=1, msg=good)))
+    assert error_code(action) is ErrorCode.NOT_AUTHENTICATED
+    session = authenticated()
+    mail = receive(session, f.encode_frame(f.MsgSend(rid=2, msg=good, origin="forged")))
+    assert isinstance(mail, Mail) and mail.origin == ""  # only relays set an origin
+    theirs = seal(
+        other, Header(b"\x02" * 16, other.public_key, AGENT.public_key, b"s" * 8, 1, 0), 1
+    )
+    bad = {
+        "garbage": b"\x93not a message",
+        "another sender": theirs.encode(),  # well signed, but not by this connection
+        "forged signature": good[:-1] + bytes([good[-1] ^ 1]),
+    }
+    for name, data in bad.items():
+        action = receive(session, f.encode_frame(f.MsgSend(rid=3, msg=data)))
+        assert error_code(action) is ErrorCode.BAD_MESSAGE, name
+        assert action.frame.rid == 3  # type: ignore[union-attr]
+    session.max_message = 1000  # under max_frame: the message limit is what refuses
+    too_big = seal(AGENT, header, "x" * 1500).encode()
+    action = receive(session, f.encode_frame(f.MsgSend(rid=4, msg=too_big)))
+    assert error_code(action) is ErrorCode.MESSAGE_TOO_LARGE
+    by_other = Receipt.make(other, header).encode()
+    action = receive(session, f.encode_frame(f.MsgAck(sub=5, seq=1, receipt=by_other)))
+    assert error_code(action) is ErrorCode.BAD_MESSAGE and action.frame.sub == 5  # type: ignore[union-attr]
+    mine = Receipt.make(
+        AGENT, Header(b"\x03" * 16, other.public_key, AGENT.public_key, b"s" * 8, 1, 0)
+    )
+    ack = receive(session, f.encode_frame(f.MsgAck(sub=5, seq=1, receipt=mine.encode())))
+    assert isinstance(ack, AckItem) and ack.receipt == mine
+    passed = f.MsgReceipt(rid=6, receipt=mine.encode(), relay="b")
+    assert error_code(receive(session, f.encode_frame(passed))) is ErrorCode.BAD_MESSAGE

@@ -1,0 +1,118 @@
+"""``formicary msg``: messages between agents for shell-driven agents.
+
+``msg send TO TEXT`` (or ``--file F``) seals the message for agent ``TO`` and sends
+it; it prints ``{"id", "path", "status"}``, and with ``--wait`` waits for the
+recipient's receipt (``status: delivered``). ``msg inbox`` prints the messages
+waiting for this agent as JSON lines and exits; ``--follow`` keeps printing them as
+they come. Printing a message takes it: it is acknowledged, and its sender gets a
+receipt. Exit codes: 1 when the relay refuses (unknown recipient, inbox full,
+message too large), 2 for usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from agent_sdk.client import RelayClient
+from agent_sdk.direct import DirectUnreachable
+from agent_sdk.errors import ProtocolError
+from agent_sdk.identity import Identity
+from agent_sdk.messaging import Message
+from agent_sdk.wire import to_json_safe
+
+AgentOptions = Callable[[argparse.ArgumentParser], None]
+
+
+def add_parser(
+    sub: Any,
+    agent_options: AgentOptions,
+    connect: Callable[[argparse.Namespace], tuple[str, Identity]],
+) -> None:
+    group = sub.add_parser("msg", help="messages to other agents: send, inbox")
+    commands = group.add_subparsers(dest="msg", required=True)
+    p = commands.add_parser("send", help="send a sealed message to an agent")
+    p.add_argument("to", help="agent id (hex), AGENT_ID@relay, or a name in --ns's directory")
+    p.add_argument("text", nargs="?", help="the message (or --file)")
+    p.add_argument("--file", help="send this file's bytes instead")
+    p.add_argument("--via", default="auto", choices=["auto", "direct", "relay"])
+    p.add_argument("--ns", help="the directory to find the recipient (and its endpoint) in")
+    p.add_argument("--endpoint", help="the recipient's direct endpoint, ws://HOST:PORT")
+    p.add_argument("--wait", action="store_true", help="wait for the recipient's receipt")
+    agent_options(p)
+    p.set_defaults(func=lambda args: cmd_send(args, *connect(args)))
+    p = commands.add_parser("inbox", help="print (and take) the messages waiting for you")
+    p.add_argument("--follow", action="store_true", help="keep printing messages as they come")
+    agent_options(p)
+    p.set_defaults(func=lambda args: cmd_inbox(args, *connect(args)))
+
+
+def cmd_send(args: argparse.Namespace, url: str, identity: Identity) -> int:
+    if (args.text is None) == (args.file is None):
+        print("formicary msg: give the message as TEXT or --file, one of them", file=sys.stderr)
+        return 2
+    if args.file is not None:
+        try:
+            body: Any = {"file": Path(args.file).name, "data": Path(args.file).read_bytes()}
+        except OSError as exc:
+            print(f"formicary msg: {exc}", file=sys.stderr)
+            return 2
+    else:
+        body = args.text
+
+    async def main() -> dict[str, Any]:
+        async with RelayClient.connect(url, identity, reconnect=False) as client:
+            sent = await client.send(
+                args.to, body, via=args.via, ns=args.ns, endpoint=args.endpoint
+            )
+            if args.wait:
+                await sent.delivered()
+            return {"id": sent.id.hex(), "path": sent.path, "status": sent.status}
+
+    try:
+        result = trio.run(main)
+    except ValueError as exc:
+        print(f"formicary msg: {exc}", file=sys.stderr)
+        return 2
+    except (ProtocolError, DirectUnreachable) as exc:
+        print(f"formicary msg: not sent: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+def message_json(message: Message) -> dict[str, Any]:
+    return {
+        "id": message.id.hex(),
+        "from": message.sender.hex(),
+        "ts": message.ts,
+        "path": message.path,
+        "body": to_json_safe(message.body),
+    }
+
+
+def cmd_inbox(args: argparse.Namespace, url: str, identity: Identity) -> int:
+    async def main() -> None:
+        async with RelayClient.connect(url, identity, reconnect=args.follow) as client:
+            mailbox = client.mailbox
+            mailbox.open()
+            if not args.follow:
+                await mailbox.live.wait()  # what waits is on its way to us: take it all
+                for _ in range(mailbox.waiting):
+                    print(json.dumps(message_json(await mailbox.next())), flush=True)
+                return
+            async for message in client.messages():
+                print(json.dumps(message_json(message)), flush=True)
+
+    try:
+        trio.run(main)
+    except ProtocolError as exc:
+        print(f"formicary msg: {exc}", file=sys.stderr)
+        return 1
+    return 0
