@@ -28,7 +28,12 @@ import random
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
+from contextlib import (
+    AbstractAsyncContextManager,
+    asynccontextmanager,
+    contextmanager,
+    suppress,
+)
 from dataclasses import dataclass
 from typing import Any
 
@@ -279,6 +284,9 @@ class RelayClient:
                     # queued perhaps: let them out before the connection goes.
                     with trio.move_on_after(FLUSH_TIMEOUT):
                         await client.flush()
+                        if client._mailbox is not None:
+                            with suppress(ProtocolError):  # gone: the relay sends again
+                                await client._mailbox.confirm()  # what it did not apply
                 finally:
                     nursery.cancel_scope.cancel()
 

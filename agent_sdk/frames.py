@@ -313,6 +313,16 @@ class MsgItem:
     data: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class MsgConfirm:
+    """Answer ``result`` (an empty body) once every ``msg.ack`` sent before this frame
+    on this connection is applied: what a client waits for before it closes, so that
+    a reader it starts next is not sent those items again."""
+
+    t: ClassVar[str] = "msg.confirm"
+    rid: int
+
+
 AgentFrame = (
     Auth
     | Publish
@@ -325,6 +335,7 @@ AgentFrame = (
     | MsgReceipt
     | MsgInbox
     | MsgAck
+    | MsgConfirm
 )
 RelayFrame = (
     Hello
@@ -366,6 +377,7 @@ _TYPES: dict[str, type[Any]] = {
         MsgReceipt,
         MsgInbox,
         MsgAck,
+        MsgConfirm,
         MsgItem,
     )
 }

@@ -101,7 +101,8 @@ class Sent:
     """A message the relay (or the recipient, directly) has taken. ``status`` is
     ``stored`` (waiting in the recipient's inbox) or ``delivered``."""
 
-    def __init__(self, id: bytes, recipient: bytes, path: str) -> None:
+    def __init__(self, id: bytes, recipient: bytes, path: str, mailbox: Mailbox) -> None:
+        self.mailbox = mailbox
         self.id = id
         self.recipient = recipient
         self.path = path
@@ -113,7 +114,10 @@ class Sent:
 
     async def delivered(self) -> Receipt:
         """Wait for the recipient's signed receipt; raises ``ProtocolError`` when the
-        message expired in the recipient's inbox instead."""
+        message expired in the recipient's inbox instead. Receipts of relayed
+        messages come through this agent's own inbox: waiting opens its stream (and
+        ends a stream the same agent has open elsewhere, 15.3)."""
+        self.mailbox.open()
         await self._settled.wait()
         if self.receipt is None:
             raise ProtocolError(ErrorCode.NOT_FOUND, "the message expired undelivered")
@@ -180,6 +184,7 @@ class Mailbox:
         there is down (``home_unreachable``) before ``send`` gives up."""
         self._relayed_pending: dict[bytes, int] = {}  # relayed, no receipt yet
         self._inflow = Inflow()
+        self._copies: dict[bytes, list[_Arrived]] = {}  # of messages not taken yet
         self._sent: OrderedDict[bytes, Sent] = OrderedDict()
         self._queue_tx, self._queue_rx = trio.open_memory_channel[_Arrived](math.inf)
         self.sub: int | None = None
@@ -187,6 +192,8 @@ class Mailbox:
         """Set once the relay has sent the inbox's backlog (``live``)."""
         self.error: ProtocolError | None = None
         """Why the inbox stream ended (opened by another connection of this agent)."""
+        self.unconfirmed = False
+        """Acknowledgements were sent that the relay has not confirmed applying."""
         self.refusal: ProtocolError | None = None
         self.refused = trio.Event()
         """Set (then replaced) each time the relay refuses an acknowledgement."""
@@ -273,7 +280,7 @@ class Mailbox:
 
     async def _direct(self, to: Address, sealed: Sealed, endpoint: str) -> Sent:
         dialed = await self.direct_path().connection(to.agent, endpoint)
-        sent = self._track(Sent(sealed.header.id, to.agent, "direct"))
+        sent = self._track(Sent(sealed.header.id, to.agent, "direct", self))
         await dialed.send(sealed)
         sent.status = "received"
         return sent
@@ -289,9 +296,8 @@ class Mailbox:
         return await self._answered(*self._queue_relayed(to, sealed))
 
     def _queue_relayed(self, to: Address, sealed: Sealed) -> tuple[Sent, Asked]:
-        self.open()  # receipts come through our own inbox
         data = sealed.encode()
-        sent = self._track(Sent(sealed.header.id, to.agent, "relay"))
+        sent = self._track(Sent(sealed.header.id, to.agent, "relay", self))
         asked = self.client.ask_later(lambda rid: f.MsgSend(rid=rid, msg=data, relay=to.relay))
         return sent, asked
 
@@ -347,12 +353,18 @@ class Mailbox:
                 continue  # a wake-up, or handed out already by another path
             self._inflow.taken(arrived.message.id)
             self.acknowledge(arrived)
+            acknowledged = {arrived.seq}
+            for copy in self._copies.pop(arrived.message.id, ()):
+                if copy.seq not in acknowledged:  # the same item sent again is acked once
+                    acknowledged.add(copy.seq)
+                    self.acknowledge(copy)  # the same message by another way: off the relay
             return arrived.message
 
     def acknowledge(self, arrived: _Arrived) -> None:
         if arrived.seq and self.sub is not None:
             receipt = Receipt.make(self.client.identity, arrived.header).encode()
             self.client.send_frame(f.MsgAck(sub=self.sub, seq=arrived.seq, receipt=receipt))
+            self.unconfirmed = True
         elif self.direct is not None and not arrived.seq:
             self.direct.acknowledge(arrived.header)
 
@@ -371,6 +383,8 @@ class Mailbox:
             self._queue_tx.send_nowait(arrived)
         elif verdict == "old":
             self.acknowledge(arrived)  # a copy: its receipt again, and off the relay
+        else:  # a copy of one not taken yet: acknowledged when that one is
+            self._copies.setdefault(h.id, []).append(arrived)
         return True
 
     def _on_frame(self, frame: f.Frame) -> None:
@@ -392,8 +406,16 @@ class Mailbox:
             self.live.set()
             self._queue_tx.send_nowait(_Arrived(_WAKE, 0, _WAKE_HEADER))  # wake a reader
 
+    async def confirm(self) -> None:
+        """Return once the relay has applied every acknowledgement sent so far (the
+        client does this as it closes: a reader started next is not sent them again)."""
+        if self.unconfirmed:
+            self.unconfirmed = False
+            await self.client.ask(lambda rid: f.MsgConfirm(rid=rid))
+
     def _on_item(self, item: f.MsgItem) -> None:
         ack = f.MsgAck(sub=item.sub, seq=item.seq)
+        self.unconfirmed = True
         if item.kind == "message":
             try:
                 sealed = Sealed.decode(item.data)

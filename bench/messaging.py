@@ -22,7 +22,11 @@ ends run in this process, on one clock). Paths, alternating for ``--rounds``:
   comes back across the link. A sender holds its turn until ``b`` has the message
   (a later one must not overtake it if the link drops), so a pair's window is one.
 
-The round with the median throughput is reported for each path.
+The round with the median throughput is reported for each path. Under load, latency
+is mostly the window's queue (Little's law: a pair's messages in flight over its
+throughput); each round therefore also runs one pair sending one message at a time,
+and ``unloaded_latency_ms`` is the median of those rounds' percentiles: what one
+message costs on each path.
 
 Usage::
 
@@ -142,15 +146,24 @@ async def phase(
 
 async def run(args: argparse.Namespace, relays: dict[str, RelayProcess]) -> dict[str, Any]:
     rounds: dict[str, list[dict[str, Any]]] = {"direct": [], "relayed": [], "federated": []}
+    alone: dict[str, list[dict[str, Any]]] = {path: [] for path in rounds}
     for n in range(args.rounds):
         for path in rounds:
             log(f"round {n + 1}: {path}, {args.pairs} pairs, window {args.window}")
             rounds[path].append(await phase(path, relays, args.pairs, args.window, args.seconds))
+            log(f"round {n + 1}: {path}, one pair, one message at a time")
+            alone[path].append(await phase(path, relays, 1, 1, min(1.0, args.seconds)))
     result: dict[str, Any] = {}
     for path, runs in rounds.items():
         middle = statistics.median_low(r["messages_per_s"] for r in runs)
         chosen = next(r for r in runs if r["messages_per_s"] == middle)
         result[path] = {**chosen, "rounds_messages_per_s": [r["messages_per_s"] for r in runs]}
+        p50s = sorted(r["latency_ms"]["p50"] for r in alone[path])
+        p99s = sorted(r["latency_ms"]["p99"] for r in alone[path])
+        result[path]["unloaded_latency_ms"] = {
+            "p50": statistics.median_low(p50s),
+            "p99": statistics.median_low(p99s),
+        }
     relayed = result["relayed"]["messages_per_s"]
     result["ratios_to_relayed"] = {
         path: round(result[path]["messages_per_s"] / relayed, 3) if relayed else None

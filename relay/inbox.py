@@ -78,7 +78,7 @@ class InboxStore(Protocol):
     def load(self) -> tuple[list[Item], list[bytes]]: ...
     def put(self, items: Sequence[Item]) -> None: ...
     def drop(self, items: Sequence[Item]) -> None: ...
-    def know(self, agent: bytes) -> None: ...
+    def know(self, agents: Sequence[bytes]) -> None: ...
     def close(self) -> None: ...
 
 
@@ -100,8 +100,8 @@ class MemoryInboxStore:
         for item in items:
             self.items.pop((item.recipient, item.seq), None)
 
-    def know(self, agent: bytes) -> None:
-        self.agents.add(agent)
+    def know(self, agents: Sequence[bytes]) -> None:
+        self.agents.update(agents)
 
     def close(self) -> None:
         pass
@@ -147,8 +147,8 @@ class SQLiteInboxStore:
         rows = [(i.recipient, i.seq) for i in items]
         self._write("DELETE FROM inbox WHERE recipient = ? AND seq = ?", rows)
 
-    def know(self, agent: bytes) -> None:
-        self._write("INSERT OR IGNORE INTO agents VALUES (?)", [(agent,)])
+    def know(self, agents: Sequence[bytes]) -> None:
+        self._write("INSERT OR IGNORE INTO agents VALUES (?)", [(a,) for a in agents])
 
     def _write(self, statement: str, rows: Sequence[tuple[object, ...]]) -> None:
         with self._lock:
@@ -187,6 +187,10 @@ class Inboxes:
         self._delivered: OrderedDict[tuple[bytes, bytes], None] = OrderedDict()
         self._changed: dict[bytes, trio.Event] = {}
         self._adding: dict[bytes, int] = {}  # items being written, per recipient
+        self._change = trio.Event()
+        self._kinds: dict[tuple[bytes, str], int] = {}  # see _held
+        self._unsaved: list[bytes] = []  # agents known, not written yet (remember)
+        self._saving = False
         self.streams: dict[bytes, trio.CancelScope] = {}
         """The open inbox stream of each agent (one at a time: relay/messaging.py)."""
         self.counts = {"stored": 0, "delivered": 0, "expired": 0, "refused": 0}
@@ -198,10 +202,23 @@ class Inboxes:
     # -- what changes them ------------------------------------------------------------
 
     async def remember(self, agent: bytes) -> None:
-        """``agent`` authenticated here: from now on it can be sent messages."""
-        if agent not in self.known:
-            self.known.add(agent)
-            await self._call(self.store.know, agent)
+        """``agent`` authenticated here: from now on it can be sent messages. Agents
+        new here are written in batches: the first caller writes, and keeps writing
+        what others added meanwhile, while they go on (an agent whose write a crash
+        lost is written again when it next connects)."""
+        if agent in self.known:
+            return
+        self.known.add(agent)
+        self._unsaved.append(agent)
+        if self._saving:
+            return
+        self._saving = True
+        try:
+            while self._unsaved:
+                batch, self._unsaved = self._unsaved, []
+                await self._call(self.store.know, batch)
+        finally:
+            self._saving = False
 
     async def put_messages(self, messages: Sequence[Arriving]) -> list[str | ProtocolError]:
         """Store sealed messages, in one write: each answer is ``stored``, ``delivered``
@@ -219,7 +236,7 @@ class Inboxes:
                 answers.append("delivered")
             elif key in self._stored:
                 answers.append("stored")
-            elif len(self.boxes.get(m.recipient, ())) + self._adding.get(m.recipient, 0) >= (
+            elif self._held(m.recipient, "message") + self._adding.get(m.recipient, 0) >= (
                 self.max_items
             ):
                 self.counts["refused"] += 1
@@ -245,26 +262,40 @@ class Inboxes:
         self.counts["stored"] += len(new)
         return answers
 
-    async def acknowledge(self, recipient: bytes, seq: int) -> Item:
-        """The recipient has item ``seq``: delete it. Raises ``not_found``."""
-        box = self.boxes.get(recipient)
-        item = None if box is None else box.get(seq)
-        if item is None:
-            raise ProtocolError(ErrorCode.NOT_FOUND, f"no item {seq} in this inbox")
-        await self._call(self.store.drop, [item])
-        self._unindex(item)
-        if item.kind == "message":
-            self._delivered[(recipient, item.mid)] = None
-            if len(self._delivered) > REMEMBERED_DELIVERIES:
-                self._delivered.popitem(last=False)
-            self.counts["delivered"] += 1
-        return item
+    async def acknowledge(self, recipient: bytes, seqs: Sequence[int]) -> list[Item | None]:
+        """The recipient has items ``seqs``: delete them, in one write. Each answer is
+        the item, or ``None`` for one not there (acknowledged before, or never)."""
+        box: OrderedDict[int, Item] = self.boxes.get(recipient, OrderedDict())
+        found: list[Item | None] = []
+        seen: set[int] = set()
+        for seq in seqs:
+            found.append(box.get(seq) if seq not in seen else None)
+            seen.add(seq)
+        items = [item for item in found if item is not None]
+        if items:
+            await self._call(self.store.drop, items)
+        for item in items:
+            self._unindex(item)
+            if item.kind == "message":
+                self._delivered[(recipient, item.mid)] = None
+                if len(self._delivered) > REMEMBERED_DELIVERIES:
+                    self._delivered.popitem(last=False)
+                self.counts["delivered"] += 1
+        self._note_change()
+        return found
 
-    async def put_receipt(self, sender: bytes, recipient: bytes, mid: bytes, data: bytes) -> None:
-        """Hand ``recipient``'s signed receipt for message ``mid`` to its ``sender``
-        (dropped when the sender's inbox is full: the message itself was delivered)."""
-        if len(self.boxes.get(sender, ())) < self.max_items and sender in self.known:
-            await self._put(sender, "receipt", mid, recipient, data)
+    async def put_receipts(self, receipts: Sequence[Arriving]) -> None:
+        """Hand recipients' signed receipts to the messages' senders, in one write
+        (each ``Arriving`` names the message's sender as ``recipient``, the receipt's
+        signer as ``sender``). A receipt for a sender whose inbox is full, or who is
+        not an agent of this relay, is dropped: the message itself was delivered."""
+        room = {r.recipient: self.max_items - self._held(r.recipient, "receipt") for r in receipts}
+        new = []
+        for r in receipts:
+            if r.recipient in self.known and room[r.recipient] > 0:
+                room[r.recipient] -= 1
+                new.append(self._item(r.recipient, "receipt", r.mid, r.sender, r.data))
+        await self._store_new(new)
 
     async def expire(self) -> list[Item]:
         """Drop items past their time; a sender is told of its expired messages."""
@@ -277,13 +308,11 @@ class Inboxes:
         await self._call(self.store.drop, gone)
         for item in gone:
             self._unindex(item)
+        self._note_change()
         for item in gone:
             if item.kind == "message":
                 self.counts["expired"] += 1
-                if (
-                    item.sender in self.known
-                    and len(self.boxes.get(item.sender, ())) < self.max_items
-                ):
+                if item.sender in self.known and self._held(item.sender, "notice") < self.max_items:
                     await self._put(item.sender, "expired", item.mid, item.recipient, item.mid)
         return gone
 
@@ -299,11 +328,25 @@ class Inboxes:
                     break
         return items
 
+    async def wait_change(self) -> None:
+        """Return at the next change of any inbox (an item stored or deleted)."""
+        await self._change.wait()
+
+    def _note_change(self) -> None:
+        self._change.set()
+        self._change = trio.Event()
+
     async def wait_after(self, recipient: bytes, seq: int) -> None:
         """Return once ``recipient`` has an item after ``seq``."""
         while not self.after(recipient, seq, 1):
             event = self._changed.setdefault(recipient, trio.Event())
             await event.wait()
+
+    def _held(self, recipient: bytes, kind: str) -> int:
+        """Items of ``kind`` (``notice``: receipts and expiries) waiting for
+        ``recipient``: messages and notices are bounded apart, so that receipts
+        piling up for an agent that never reads them do not close it to messages."""
+        return self._kinds.get((recipient, "notice" if kind != "message" else kind), 0)
 
     def size(self, recipient: bytes) -> int:
         return len(self.boxes.get(recipient, ()))
@@ -333,8 +376,11 @@ class Inboxes:
             event = self._changed.pop(item.recipient, None)
             if event is not None:
                 event.set()
+        self._note_change()
 
     def _index(self, item: Item) -> None:
+        key = (item.recipient, "message" if item.kind == "message" else "notice")
+        self._kinds[key] = self._kinds.get(key, 0) + 1
         box = self.boxes.setdefault(item.recipient, OrderedDict())
         box[item.seq] = item
         if len(box) > 1 and next(reversed(box)) != item.seq:  # loaded out of order
@@ -345,8 +391,11 @@ class Inboxes:
 
     def _unindex(self, item: Item) -> None:
         box = self.boxes.get(item.recipient)
-        if box is not None:
-            box.pop(item.seq, None)
+        if box is not None and box.pop(item.seq, None) is not None:
+            key = (item.recipient, "message" if item.kind == "message" else "notice")
+            self._kinds[key] -= 1
+            if not self._kinds[key]:
+                del self._kinds[key]
             if not box:
                 del self.boxes[item.recipient]
         if item.kind == "message":

@@ -18,7 +18,7 @@ from agent_sdk import frames as f
 from agent_sdk.client import Asked
 from agent_sdk.errors import ErrorCode, ProtocolError
 from relay.inbox import Arriving
-from relay.session import AckItem, Mail, PassReceipt
+from relay.session import AckItem, Confirm, Mail, PassReceipt
 
 _Answer = tuple[Mail, "str | ProtocolError | Asked"]
 
@@ -51,6 +51,8 @@ class Messaging:
         self.from_peer = from_peer
         self._running = False  # the mail task starts with the first message (most
         # connections never send one: no task, no channel to keep for them)
+        self._acks: trio.MemorySendChannel[AckItem | Confirm] | None = None  # so for acks
+        self._acks_done = trio.Event()
         self.sub: int | None = None
         """The sub id of this connection's open inbox stream."""
         self.scope: trio.CancelScope | None = None
@@ -121,9 +123,8 @@ class Messaging:
                 federation = self._federation(action.relay)
                 await federation.pass_receipt(action.relay, receipt.encode(), from_peer)
             else:
-                await self.node.inboxes.put_receipt(
-                    receipt.sender, receipt.recipient, receipt.id, receipt.encode()
-                )
+                arriving = Arriving(receipt.sender, receipt.recipient, receipt.id, receipt.encode())
+                await self.node.inboxes.put_receipts([arriving])
         except ProtocolError as exc:
             await self.send(f.Error.of(exc, rid=action.rid))
             return
@@ -177,26 +178,66 @@ class Messaging:
             self.sub = None
             await self.send(f.Error.of(error, sub=sub))
 
-    async def acknowledge(self, action: AckItem) -> None:
-        """Delete an item this agent has; pass a message's receipt on to its sender."""
+    async def acknowledge(self, action: AckItem | Confirm) -> None:
+        """Take an acknowledgement (or a confirm, answered once those before it are
+        applied); applied with the others that arrive meanwhile (one write deletes
+        them all, one more stores their receipts)."""
+        if self._acks is None:
+            self._acks, acks = trio.open_memory_channel[AckItem | Confirm](MAIL_QUEUE)
+            self.nursery.start_soon(self._ack_loop, acks)
+        await self._acks.send(action)
+
+    async def finish(self) -> None:
+        """The connection is closing: apply the acknowledgements it sent."""
+        if self._acks is not None:
+            self._acks.close()
+            await self._acks_done.wait()
+
+    async def _ack_loop(self, acks: trio.MemoryReceiveChannel[AckItem | Confirm]) -> None:
         try:
-            if action.sub != self.sub:
-                raise ProtocolError(
-                    ErrorCode.UNKNOWN_SUBSCRIPTION, f"no inbox stream {action.sub} here"
-                )
-            item = await self.node.inboxes.acknowledge(self.agent, action.seq)
-        except ProtocolError as exc:
-            await self.send(f.Error.of(exc, sub=action.sub))
-            return
-        receipt = action.receipt
-        if item.kind != "message" or receipt is None:
-            return
-        if receipt.id != item.mid or receipt.sender != item.sender:
-            return  # a receipt for another message: the sender would not believe it
-        if item.origin and self.node.federation is not None:
-            self.node.federation.receipt_soon(item.origin, receipt.encode())
-        else:
-            await self.node.inboxes.put_receipt(item.sender, self.agent, item.mid, receipt.encode())
+            await self._apply_acks(acks)
+        finally:
+            self._acks_done.set()
+
+    async def _apply_acks(self, acks: trio.MemoryReceiveChannel[AckItem | Confirm]) -> None:
+        inboxes = self.node.inboxes
+        async for first in acks:
+            batch = [first]
+            while len(batch) < MAIL_QUEUE:
+                try:
+                    batch.append(acks.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            ours = []
+            confirms = [a for a in batch if isinstance(a, Confirm)]
+            for action in batch:
+                if isinstance(action, Confirm):
+                    continue
+                if action.sub == self.sub:
+                    ours.append(action)
+                    continue
+                reason = f"no inbox stream {action.sub} here"
+                error = ProtocolError(ErrorCode.UNKNOWN_SUBSCRIPTION, reason)
+                await self.send(f.Error.of(error, sub=action.sub))
+            items = await inboxes.acknowledge(self.agent, [a.seq for a in ours])
+            receipts = []
+            for action, item in zip(ours, items, strict=True):
+                if item is None:
+                    error = ProtocolError(ErrorCode.NOT_FOUND, f"no item {action.seq} here")
+                    await self.send(f.Error.of(error, sub=action.sub))
+                    continue
+                receipt = action.receipt
+                if item.kind != "message" or receipt is None:
+                    continue
+                if receipt.id != item.mid or receipt.sender != item.sender:
+                    continue  # a receipt for another message: the sender would not believe it
+                if item.origin and self.node.federation is not None:
+                    self.node.federation.receipt_soon(item.origin, receipt.encode())
+                else:
+                    receipts.append(Arriving(item.sender, self.agent, item.mid, receipt.encode()))
+            await inboxes.put_receipts(receipts)
+            for confirm in confirms:  # everything before it in the batch is applied
+                await self.send(f.Result(rid=confirm.rid, body={}))
 
     def stop(self) -> None:
         """The agent closed its inbox stream (``unsubscribe``)."""

@@ -43,6 +43,7 @@ from relay.session import (
     Ask,
     Aware,
     Close,
+    Confirm,
     Mail,
     Open,
     OpenDoc,
@@ -55,6 +56,8 @@ from relay.store import Record
 from relay.subscriptions import Filter, check_cursor
 
 log = logging.getLogger("formicary.relay")
+ACK_DRAIN = 10.0
+"""Seconds a closing connection may take to apply the inbox acknowledgements it sent."""
 
 SLOW_CONSUMER_CLOSE = 1008  # policy violation: the closest standard code
 JOIN_WAIT = 10.0  # seconds a closing connection waits for its joins to be decided
@@ -120,7 +123,12 @@ class Connection:
                 nursery.start_soon(self._writer)
                 nursery.start_soon(self._acknowledger)
                 await self._send(self.session.hello)
-                await self._reader()
+                try:
+                    await self._reader()
+                finally:
+                    if self._messaging is not None:  # acks it sent are applied, not lost
+                        with trio.CancelScope(shield=True), trio.move_on_after(ACK_DRAIN):
+                            await self._messaging.finish()
                 nursery.cancel_scope.cancel()
         except* (SlowConsumer, ConnectionClosed):
             pass
@@ -230,7 +238,7 @@ class Connection:
             elif isinstance(action, OpenInbox):
                 assert self._messaging is not None
                 await self._messaging.open_inbox(action.sub, self._nursery)
-            elif isinstance(action, AckItem):
+            elif isinstance(action, (AckItem, Confirm)):
                 assert self._messaging is not None
                 await self._messaging.acknowledge(action)
             else:

@@ -39,6 +39,7 @@ TRANSITIONS: dict[tuple[State, type[f.AgentFrame]], State] = {
     (State.OPEN, f.MsgReceipt): State.OPEN,
     (State.OPEN, f.MsgInbox): State.OPEN,
     (State.OPEN, f.MsgAck): State.OPEN,
+    (State.OPEN, f.MsgConfirm): State.OPEN,
 }
 
 _REFUSALS: dict[State, tuple[ErrorCode, str]] = {
@@ -134,8 +135,26 @@ class AckItem:
     receipt: Receipt | None
 
 
+@dataclass(frozen=True, slots=True)
+class Confirm:
+    """Answer ``rid`` once the acknowledgements before it are applied."""
+
+    rid: int
+
+
 Action = (
-    Reply | Admit | Open | Close | Ask | OpenDoc | Aware | Mail | PassReceipt | OpenInbox | AckItem
+    Reply
+    | Admit
+    | Open
+    | Close
+    | Ask
+    | OpenDoc
+    | Aware
+    | Mail
+    | PassReceipt
+    | OpenInbox
+    | AckItem
+    | Confirm
 )
 
 
@@ -187,7 +206,7 @@ class Session:
     def _act(self, frame: f.Frame | ProtocolError) -> Action:
         if isinstance(frame, ProtocolError):
             return _error(frame)
-        requests = (f.Publish, f.Query, f.MsgSend, f.MsgReceipt)
+        requests = (f.Publish, f.Query, f.MsgSend, f.MsgReceipt, f.MsgConfirm)
         rid = frame.rid if isinstance(frame, requests) else None
         subscribing = (
             f.Subscribe, f.Unsubscribe, f.DocOpen, f.DocAwareness, f.MsgInbox, f.MsgAck,
@@ -227,6 +246,8 @@ class Session:
             action = OpenInbox(frame.sub)
         elif isinstance(frame, f.MsgAck):
             action = AckItem(frame.sub, frame.seq, self._receipt(frame))
+        elif isinstance(frame, f.MsgConfirm):
+            action = Confirm(frame.rid)
         else:
             assert isinstance(frame, f.Unsubscribe)
             action = Close(frame.sub)
