@@ -597,7 +597,12 @@ class RelayClient:
         self._next_rid += 1
         rid = self._next_rid
         data = f.encode_frame(frame(rid))
-        asked = self._asked[rid] = Asked(data)
+        asked = Asked(data)
+        if self.stopped.is_set():  # nothing would ever answer it
+            asked.error = ProtocolError(ErrorCode.INTERNAL, "the client stopped")
+            asked.done.set()
+            return asked
+        self._asked[rid] = asked
         self._queue(data)
         return asked
 
@@ -671,9 +676,12 @@ class RelayClient:
                 raise ValueError(f"{to!r} is not an agent id: name a directory (ns=...)")
             profiles = await Directory(self, ns).list(online=False)
             found = [p for p in profiles if p.get("name") == to]
-            if not found:
-                raise ProtocolError(ErrorCode.UNKNOWN_RECIPIENT, f"no {to!r} in {ns}'s directory")
-            profile = found[-1]
+            if len(found) != 1:
+                # Names are not unique: rather refuse than seal for whoever joined last.
+                why = "no" if not found else f"{len(found)} agents named"
+                reason = f"{why} {to!r} in {ns}'s directory; send to an agent id"
+                raise ProtocolError(ErrorCode.UNKNOWN_RECIPIENT, reason)
+            profile = found[0]
             return Address(profile["agent"], _relay_of(ns, self.relay_name)), profile["endpoint"]
         address = Address.parse(to, self.relay_name)
         if ns is None:

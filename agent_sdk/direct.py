@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("formicary.direct")
 
 DIRECT_DOMAIN = b"formicary/v1/direct-auth\x00"
+GOT_DOMAIN = b"formicary/v1/direct-got\x00"
 HANDSHAKE_TIMEOUT = 10.0
 MAX_DIRECT_MESSAGE = 1 << 20
 
@@ -119,11 +120,14 @@ class Listener:
             except Unsealable as exc:
                 await ws.send(_pack({"t": "refused", "reason": str(exc)}))
                 continue
-            self._by_message[sealed.header.id] = ws
+            mid = sealed.header.id
+            self._by_message[mid] = ws
             if self.mailbox.arrive(sealed, "direct"):
-                await ws.send(_pack({"t": "got", "id": sealed.header.id}))
+                # Signed: on a plain ws:// path, nobody else can say we have it.
+                sig = self.identity.sign(GOT_DOMAIN + mid + peer)
+                await ws.send(_pack({"t": "got", "id": mid, "sig": sig}))
             else:
-                await ws.send(_pack({"t": "refused", "id": sealed.header.id}))
+                await ws.send(_pack({"t": "refused", "id": mid, "reason": "does not unseal"}))
 
     def acknowledge(self, header: Header) -> None:
         """The application took a message that came directly: send its receipt back on
@@ -150,33 +154,49 @@ class Dialed:
         self.ws = ws
         self.agent = agent
         self.mailbox = mailbox
-        self._got: dict[bytes, trio.Event] = {}
+        self._answers: dict[bytes, trio.Event] = {}
+        self._got: set[bytes] = set()
         self.closed = trio.Event()
 
     async def send(self, sealed: Sealed) -> None:
-        """Send and wait for ``got``; raises :class:`DirectUnreachable` if the
-        connection drops first (the message may or may not have arrived)."""
-        got = self._got[sealed.header.id] = trio.Event()
+        """Send and wait for the recipient's signed ``got``; raises
+        :class:`DirectUnreachable` if it refuses the message, or if the connection
+        drops or goes quiet first (the message may or may not have arrived)."""
+        mid = sealed.header.id
+        answered = self._answers[mid] = trio.Event()
         try:
             await self.ws.send(_pack({"t": "msg", "msg": sealed.encode()}))
         except ConnectionClosed as exc:
             raise DirectUnreachable(f"the direct connection dropped: {exc}") from None
         with trio.move_on_after(HANDSHAKE_TIMEOUT):
             async with trio.open_nursery() as racing:
-                racing.start_soon(_set_when, self.closed, got)
-                await got.wait()
+                racing.start_soon(_set_when, self.closed, answered)
+                await answered.wait()
                 racing.cancel_scope.cancel()
-        self._got.pop(sealed.header.id, None)
-        if self.closed.is_set() or not got.is_set():
+        self._answers.pop(mid, None)
+        if mid in self._got:
+            self._got.discard(mid)
+            return
+        if self.closed.is_set() or not answered.is_set():
             raise DirectUnreachable("no answer from the direct endpoint")
+        raise DirectUnreachable("the recipient refused the message")
 
     async def read(self) -> None:
         """Answers from the listener: ``got`` and ``receipt``."""
         try:
             while True:
                 frame = _unpack(await self.ws.recv())
-                if frame["t"] == "got" and frame["id"] in self._got:
-                    self._got[frame["id"]].set()
+                answered = self._answers.get(frame.get("id", b""))
+                if frame["t"] == "got" and answered is not None:
+                    me = self.mailbox.client.identity.public_key
+                    proof = GOT_DOMAIN + frame["id"] + me
+                    if verify_signature(self.agent, frame.get("sig", b""), proof):
+                        self._got.add(frame["id"])
+                        answered.set()
+                    else:
+                        log.warning("a direct `got` not signed by the recipient: ignored")
+                elif frame["t"] == "refused" and answered is not None:
+                    answered.set()  # not in _got: send() raises
                 elif frame["t"] == "receipt":
                     try:
                         receipt = Receipt.decode(frame["receipt"])
@@ -185,8 +205,6 @@ class Dialed:
                         log.warning("a direct receipt that does not check: %s", exc)
                         continue
                     self.mailbox.settle_direct(receipt)
-                elif frame["t"] == "refused":
-                    log.warning("direct endpoint refused a message: %s", frame)
         except (ConnectionClosed, ValueError, KeyError, TypeError):
             pass
         finally:

@@ -60,6 +60,9 @@ AGENT_ID = re.compile(r"[0-9a-f]{64}")
 REMEMBERED = 65_536
 """Message ids a recipient remembers handing out, and sends awaiting a receipt."""
 PATHS = ("auto", "direct", "relay")
+AMBIGUOUS = (ErrorCode.HOME_UNREACHABLE, ErrorCode.INTERNAL)
+"""Failures after which a message may be stored all the same: its receipt may still
+come, so later messages to that agent stay on the relay path until it does."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,7 +269,8 @@ class Mailbox:
                 return await self._answered(sent, asked, settle=False)
             except ProtocolError as exc:
                 if exc.code is not ErrorCode.HOME_UNREACHABLE or waited >= self.patience:
-                    sent._settle(None)
+                    if exc.code not in AMBIGUOUS:
+                        sent._settle(None)
                     raise
             await trio.sleep(delay)
             waited += delay
@@ -305,7 +309,7 @@ class Mailbox:
     async def _answered(sent: Sent, asked: Asked, settle: bool = True) -> Sent:
         await asked.done.wait()
         if asked.error is not None:
-            if settle:
+            if settle and asked.error.code not in AMBIGUOUS:
                 sent._settle(None)  # refused: no receipt will come
             raise asked.error
         sent.status = str(asked.result["status"])
@@ -323,14 +327,21 @@ class Mailbox:
     # -- receiving ----------------------------------------------------------------------
 
     def open(self) -> None:
-        """Open the inbox stream (once; again after each reconnect)."""
+        """Open the inbox stream (once; again after each reconnect). After the relay
+        ended it (3005: this agent opened its inbox elsewhere), calling this takes it
+        back; :meth:`next` does not, it raises that error."""
         if self.sub is not None:
             return
+        if self.error is not None:
+            self.error = None
+            self.live = trio.Event()
         self.sub = self.client.tap(lambda sub: f.MsgInbox(sub=sub), self._on_frame)
         if self._reopen not in self.client.on_reconnect:
             self.client.on_reconnect.append(self._reopen)
 
     async def _reopen(self) -> None:
+        if self.error is not None:
+            return  # the stream was given up to another connection: not taken back
         if self.sub is not None:
             self.client.untap(self.sub)
             self.sub = None
@@ -344,7 +355,8 @@ class Mailbox:
     async def next(self) -> Message:
         """The next message, in order per sender; acknowledged (with a receipt) as it
         is handed out. Raises the relay's error if the inbox stream ended."""
-        self.open()
+        if self.error is None:
+            self.open()
         while True:
             if self.error is not None and self._queue_rx.statistics().current_buffer_used == 0:
                 raise self.error
@@ -433,19 +445,24 @@ class Mailbox:
             except Unsealable as exc:
                 log.warning("dropped a receipt that does not check: %s", exc)
             else:
-                sent = self._sent.pop(receipt.id, None)
-                if sent is not None and receipt.recipient == sent.recipient:
+                sent = self._sent.get(receipt.id)
+                if sent is None:
+                    return  # another instance's (same agent, other stream): left for it
+                if receipt.recipient == sent.recipient:
+                    del self._sent[receipt.id]
                     sent._settle(receipt)
         elif item.kind == "expired":
             sent = self._sent.pop(item.data, None)
-            if sent is not None:
-                sent._settle(None)
+            if sent is None:
+                return  # another instance's notice: left for it (it expires in time)
+            sent._settle(None)
         self.client.send_frame(ack)
 
     def settle_direct(self, receipt: Receipt) -> None:
         """A receipt that came back over a direct connection."""
-        sent = self._sent.pop(receipt.id, None)
+        sent = self._sent.get(receipt.id)
         if sent is not None and receipt.recipient == sent.recipient:
+            del self._sent[receipt.id]
             sent._settle(receipt)
 
 

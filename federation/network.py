@@ -69,6 +69,8 @@ the mirror holds (its ``live`` then marks the mirror's head, not the home's)."""
 LOCATE_WAIT = 10.0
 """Seconds to wait for a peer's answer to :data:`LOCATE`."""
 MAX_HINTS = 100_000
+MAX_RECEIPTS_QUEUED = 100_000
+"""Message receipts waiting for a link to one relay; more are dropped (and logged)."""
 """Forwarded events whose namespace and seq are remembered for causal look-ups."""
 
 
@@ -122,6 +124,7 @@ class Federation:
             else:
                 log.warning("outbox entry %d for %r: no such peer now; kept", n, link)
         self.mirrors: dict[str, Mirror] = {}
+        self._receipts: dict[str, list[bytes]] = {}  # per relay, on their way (in order)
         self.hints: OrderedDict[bytes, tuple[str, int]] = OrderedDict()
         self.acked: dict[str, int] = {}
         """Per foreign namespace, the highest seq of a receipt this relay passed on."""
@@ -263,21 +266,32 @@ class Federation:
         await client.ask(lambda rid: f.MsgReceipt(rid=rid, receipt=receipt, relay=relay))
 
     def receipt_soon(self, relay: str, receipt: bytes) -> None:
-        """Send a receipt to relay ``relay`` in the background, trying again while the
-        link is down (for as long as this relay runs: receipts are kept in memory)."""
-        assert self._nursery is not None
-        self._nursery.start_soon(self._send_receipt, relay, receipt)
+        """Send a receipt to relay ``relay`` in the background, in order, trying again
+        while the link is down (for as long as this relay runs: receipts on their way
+        are kept in memory, at most :data:`MAX_RECEIPTS_QUEUED` per relay)."""
+        queue = self._receipts.setdefault(relay, [])
+        if len(queue) >= MAX_RECEIPTS_QUEUED:
+            log.warning("dropped a receipt for relay %s: %d already wait", relay, len(queue))
+            return
+        queue.append(receipt)
+        if len(queue) == 1:  # nobody is sending this relay's receipts: start
+            assert self._nursery is not None
+            self._nursery.start_soon(self._send_receipts, relay)
 
-    async def _send_receipt(self, relay: str, receipt: bytes) -> None:
+    async def _send_receipts(self, relay: str) -> None:
+        queue = self._receipts[relay]
         delay = 0.1
-        while True:
+        while queue:
             try:
-                await self.pass_receipt(relay, receipt, None)
-                return
+                await self.pass_receipt(relay, queue[0], None)
+                queue.pop(0)
+                delay = 0.1
+                continue
             except ProtocolError as exc:
                 if exc.code not in (ErrorCode.HOME_UNREACHABLE, ErrorCode.INTERNAL):
                     log.warning("receipt for relay %s refused: %s", relay, exc)
-                    return
+                    queue.pop(0)
+                    continue
             await trio.sleep(delay)
             delay = min(delay * 2, 5.0)
 
@@ -286,7 +300,7 @@ class Federation:
             link = self.link_to(relay, from_peer)
         except ProtocolError as exc:
             raise ProtocolError(ErrorCode.UNKNOWN_RECIPIENT, exc.reason) from None
-        if link.client is None:
+        if link.client is None or link.client.stopped.is_set():
             raise ProtocolError(ErrorCode.HOME_UNREACHABLE, f"no link to {link.peer.name} now")
         return link.client
 

@@ -3,38 +3,41 @@
 Theory of operation
 -------------------
 A message to an agent of this relay is stored in the recipient's inbox *before* the
-sender hears ``accepted``: from that answer on the relay has promised delivery, and
-a restart keeps it. Items get a per-recipient ``seq`` in arrival order and leave in
-that order. The recipient's open inbox stream is sent every item it has not
-acknowledged, oldest first; an acknowledgement deletes the item, and the recipient's
-signed receipt goes into the *sender's* inbox as an item of its own, so a sender
-that was offline still learns its message arrived.
+sender hears ``stored``: from that answer on the relay has promised delivery, and a
+restart keeps it. Items get a per-recipient ``seq`` in the order they are written
+and leave in that order. The recipient's open inbox stream is sent every item it has
+not acknowledged, oldest first; an acknowledgement deletes the item, and the
+recipient's signed receipt goes into the *sender's* inbox as an item of its own, in
+the same transaction, so a sender that was offline still learns its message arrived.
 
 The relay never sees a message's content: an item is the sealed bytes as they came
 (agent_sdk/sealing.py). What it reads is the header: sender, recipient, message id.
 
-Bounds: an inbox holds at most ``max_items`` items (a sender gets ``inbox_full``
-beyond), and an item lives ``ttl_ms``; an expired message becomes an ``expired``
-item in its sender's inbox. A message sent again with the same id while the first is
-still stored is not stored twice; one sent again after its receipt is answered
-``delivered`` from a bounded memory of recent deliveries.
+Bounds: an inbox holds at most ``max_items`` messages (a sender gets
+``inbox_full`` beyond) and, counted apart, as many receipts and expiry notices;
+all inboxes together hold at most ``max_bytes``. An item lives ``ttl_ms``; an
+expired message becomes an ``expired`` item in its sender's inbox. A message sent
+again (same recipient, sender and id) while the first is stored, or being written,
+is not stored twice; one sent again after its receipt is answered ``delivered``
+from a bounded memory of recent deliveries.
 """
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Protocol
 
 import trio
 
 from agent_sdk.errors import ErrorCode, ProtocolError
 
-A = TypeVar("A")
+log = logging.getLogger("formicary.relay")
 KINDS = ("message", "receipt", "expired")
 REMEMBERED_DELIVERIES = 65_536
 """Message ids of recent deliveries kept to answer a late resend ``delivered``."""
@@ -76,8 +79,9 @@ class InboxStore(Protocol):
     """Whether calls touch a disk (and so run in a worker thread)."""
 
     def load(self) -> tuple[list[Item], list[bytes]]: ...
-    def put(self, items: Sequence[Item]) -> None: ...
-    def drop(self, items: Sequence[Item]) -> None: ...
+    def apply(self, put: Sequence[Item], drop: Sequence[Item]) -> None:
+        """Store ``put`` and delete ``drop``, all or nothing."""
+
     def know(self, agents: Sequence[bytes]) -> None: ...
     def close(self) -> None: ...
 
@@ -92,13 +96,11 @@ class MemoryInboxStore:
     def load(self) -> tuple[list[Item], list[bytes]]:
         return sorted(self.items.values(), key=lambda i: (i.recipient, i.seq)), list(self.agents)
 
-    def put(self, items: Sequence[Item]) -> None:
-        for item in items:
-            self.items[(item.recipient, item.seq)] = item
-
-    def drop(self, items: Sequence[Item]) -> None:
-        for item in items:
+    def apply(self, put: Sequence[Item], drop: Sequence[Item]) -> None:
+        for item in drop:
             self.items.pop((item.recipient, item.seq), None)
+        for item in put:
+            self.items[(item.recipient, item.seq)] = item
 
     def know(self, agents: Sequence[bytes]) -> None:
         self.agents.update(agents)
@@ -136,16 +138,21 @@ class SQLiteInboxStore:
             agents = [row[0] for row in self._db.execute("SELECT agent FROM agents")]
         return items, agents
 
-    def put(self, items: Sequence[Item]) -> None:
-        rows = [
-            (i.recipient, i.seq, i.kind, i.mid, i.sender, i.data, i.expires_ms, i.origin)
-            for i in items
-        ]
-        self._write("INSERT OR REPLACE INTO inbox VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
-
-    def drop(self, items: Sequence[Item]) -> None:
-        rows = [(i.recipient, i.seq) for i in items]
-        self._write("DELETE FROM inbox WHERE recipient = ? AND seq = ?", rows)
+    def apply(self, put: Sequence[Item], drop: Sequence[Item]) -> None:
+        rows = [(i.recipient, i.seq, i.kind, i.mid, i.sender, i.data, i.expires_ms, i.origin)
+                for i in put]  # fmt: skip
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                self._db.executemany(
+                    "DELETE FROM inbox WHERE recipient = ? AND seq = ?",
+                    [(i.recipient, i.seq) for i in drop],
+                )
+                self._db.executemany("INSERT INTO inbox VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     def know(self, agents: Sequence[bytes]) -> None:
         self._write("INSERT OR IGNORE INTO agents VALUES (?)", [(a,) for a in agents])
@@ -165,8 +172,40 @@ class SQLiteInboxStore:
             self._db.close()
 
 
+@dataclass(frozen=True, slots=True)
+class _Draft:
+    """An item to number and write."""
+
+    recipient: bytes
+    kind: str
+    mid: bytes
+    sender: bytes
+    data: bytes
+    origin: str = ""
+
+
+class _Job:
+    """A write of the one writer: items to store and items to delete, together."""
+
+    __slots__ = ("done", "drafts", "drops", "error")
+
+    def __init__(self, drafts: Sequence[_Draft], drops: Sequence[Item]) -> None:
+        self.drafts = drafts
+        self.drops = drops
+        self.done = trio.Event()
+        self.error: BaseException | None = None
+
+
 class Inboxes:
-    """Every recipient's inbox on this relay (see the module docstring)."""
+    """Every recipient's inbox on this relay (see the module docstring).
+
+    One writer: whoever has something to write while no write runs becomes the
+    writer, and writes everything queued meanwhile in one transaction (one fsync for
+    all connections), until the queue is empty; the others wait for their part. An
+    item is numbered when its transaction is built and shown (to streams, to
+    :meth:`after`) once it is durable, so items appear in ``seq`` order and a stream
+    that has sent ``seq`` never misses a lower one.
+    """
 
     def __init__(
         self,
@@ -175,146 +214,248 @@ class Inboxes:
         max_items: int,
         ttl_ms: int,
         wall_ms: Callable[[], int],
+        max_bytes: int = 256 << 20,
     ) -> None:
         self.store = store
         self.max_items = max_items
         self.ttl_ms = ttl_ms
         self.wall_ms = wall_ms
+        self.max_bytes = max_bytes
         self.boxes: dict[bytes, OrderedDict[int, Item]] = {}
         self.known: set[bytes] = set()
-        self._next: dict[bytes, int] = {}
-        self._stored: dict[tuple[bytes, bytes], int] = {}  # (recipient, mid) -> seq
-        self._delivered: OrderedDict[tuple[bytes, bytes], None] = OrderedDict()
-        self._changed: dict[bytes, trio.Event] = {}
-        self._adding: dict[bytes, int] = {}  # items being written, per recipient
-        self._change = trio.Event()
-        self._kinds: dict[tuple[bytes, str], int] = {}  # see _held
-        self._unsaved: list[bytes] = []  # agents known, not written yet (remember)
-        self._saving = False
+        self.bytes = 0
+        """Bytes of every item held (all inboxes): bounded by ``max_bytes``."""
         self.streams: dict[bytes, trio.CancelScope] = {}
         """The open inbox stream of each agent (one at a time: relay/messaging.py)."""
         self.counts = {"stored": 0, "delivered": 0, "expired": 0, "refused": 0}
+        self._next: dict[bytes, int] = {}
+        self._stored: set[tuple[bytes, bytes, bytes]] = set()  # (to, from, id), durable
+        self._writing: dict[tuple[bytes, bytes, bytes], _Job] = {}  # ... being written
+        self._delivered: OrderedDict[tuple[bytes, bytes, bytes], None] = OrderedDict()
+        self._kinds: dict[tuple[bytes, str], int] = {}  # see _held
+        self._reserved: dict[bytes, int] = {}  # messages being written, per recipient
+        self._reserved_bytes = 0
+        self._leaving: set[tuple[bytes, int]] = set()  # taken, their delete not written
+        self._jobs: list[_Job] = []
+        self._writer_busy = False
+        self._unsaved: list[bytes] = []  # agents known, not written yet (remember)
+        self._saving = False
+        self._saved = trio.Event()  # set once the batch being gathered is written
+        self._changed: dict[bytes, trio.Event] = {}
+        self._change = trio.Event()
         items, agents = store.load()
         self.known.update(agents)
         for item in items:
             self._index(item)
+            self._next[item.recipient] = max(self._next.get(item.recipient, 1), item.seq + 1)
 
     # -- what changes them ------------------------------------------------------------
 
     async def remember(self, agent: bytes) -> None:
-        """``agent`` authenticated here: from now on it can be sent messages. Agents
-        new here are written in batches: the first caller writes, and keeps writing
-        what others added meanwhile, while they go on (an agent whose write a crash
-        lost is written again when it next connects)."""
+        """``agent`` authenticated here: from now on it can be sent messages. Returns
+        once that is on disk. Agents new here are written in batches: the first caller
+        writes, and goes on writing what others added meanwhile, while they wait."""
         if agent in self.known:
             return
         self.known.add(agent)
         self._unsaved.append(agent)
-        if self._saving:
-            return
-        self._saving = True
-        try:
-            while self._unsaved:
-                batch, self._unsaved = self._unsaved, []
-                await self._call(self.store.know, batch)
-        finally:
-            self._saving = False
+        saved = self._saved
+        if not self._saving:
+            self._saving = True
+            try:
+                with trio.CancelScope(shield=True):  # the batch holds others' agents too
+                    while self._unsaved:
+                        batch, self._unsaved = self._unsaved, []
+                        done, self._saved = self._saved, trio.Event()
+                        try:
+                            await self._call(self.store.know, batch)
+                        finally:
+                            done.set()
+            finally:
+                self._saving = False
+        await saved.wait()
 
     async def put_messages(self, messages: Sequence[Arriving]) -> list[str | ProtocolError]:
-        """Store sealed messages, in one write: each answer is ``stored``, ``delivered``
-        (a resend of one delivered before) or the error that refused it
-        (``unknown_recipient``, ``inbox_full``)."""
-        answers: list[str | ProtocolError] = []
-        new: list[Item] = []
-        for m in messages:
-            key = (m.recipient, m.mid)
+        """Store sealed messages: each answer is ``stored`` (durable: a resend waits
+        for the first copy's write), ``delivered`` (a resend of one delivered
+        before) or the error that refused it (``unknown_recipient``,
+        ``inbox_full``; ``internal`` if the store failed)."""
+        answers: list[str | ProtocolError | None] = [None] * len(messages)
+        drafts: list[_Draft] = []
+        job = _Job(drafts, ())
+        mine: list[int] = []
+        others: list[tuple[int, _Job]] = []
+        for i, m in enumerate(messages):
+            key = (m.recipient, m.sender, m.mid)
             if m.recipient not in self.known:
                 self.counts["refused"] += 1
                 reason = f"no agent {m.recipient.hex()[:16]}... has ever connected to this relay"
-                answers.append(ProtocolError(ErrorCode.UNKNOWN_RECIPIENT, reason))
+                answers[i] = ProtocolError(ErrorCode.UNKNOWN_RECIPIENT, reason)
             elif key in self._delivered:
-                answers.append("delivered")
+                answers[i] = "delivered"
             elif key in self._stored:
-                answers.append("stored")
-            elif self._held(m.recipient, "message") + self._adding.get(m.recipient, 0) >= (
+                answers[i] = "stored"
+            elif key in self._writing:
+                others.append((i, self._writing[key]))
+            elif self._held(m.recipient, "message") + self._reserved.get(m.recipient, 0) >= (
                 self.max_items
             ):
                 self.counts["refused"] += 1
-                reason = f"the recipient's inbox holds {self.max_items} items, the limit"
-                answers.append(ProtocolError(ErrorCode.INBOX_FULL, reason))
+                reason = f"the recipient's inbox holds {self.max_items} messages, the limit"
+                answers[i] = ProtocolError(ErrorCode.INBOX_FULL, reason)
+            elif self.bytes + self._reserved_bytes + len(m.data) > self.max_bytes:
+                self.counts["refused"] += 1
+                reason = f"this relay's inboxes hold {self.max_bytes} bytes, the limit"
+                answers[i] = ProtocolError(ErrorCode.INBOX_FULL, reason)
             else:
-                item = self._item(m.recipient, "message", m.mid, m.sender, m.data, m.origin)
-                self._stored[key] = item.seq  # a resend while we write is not stored twice
-                self._adding[m.recipient] = self._adding.get(m.recipient, 0) + 1
-                new.append(item)
-                answers.append("stored")
+                drafts.append(_Draft(m.recipient, "message", m.mid, m.sender, m.data, m.origin))
+                self._writing[key] = job  # a copy (in this batch or another) waits for it
+                mine.append(i)
+                self._reserved[m.recipient] = self._reserved.get(m.recipient, 0) + 1
+                self._reserved_bytes += len(m.data)
         try:
-            await self._store_new(new)
-        except BaseException:
-            for item in new:
-                self._stored.pop((item.recipient, item.mid), None)
-            raise
+            if drafts:
+                await self._write(job)
         finally:
-            for item in new:
-                self._adding[item.recipient] -= 1
-                if not self._adding[item.recipient]:
-                    del self._adding[item.recipient]
-        self.counts["stored"] += len(new)
-        return answers
+            for draft in drafts:
+                del self._writing[(draft.recipient, draft.sender, draft.mid)]
+                self._reserved[draft.recipient] -= 1
+                if not self._reserved[draft.recipient]:
+                    del self._reserved[draft.recipient]
+                self._reserved_bytes -= len(draft.data)
+        for i in mine:
+            answers[i] = _outcome(job)
+        self.counts["stored"] += len(mine) if job.error is None else 0
+        for i, other in others:
+            await other.done.wait()
+            answers[i] = _outcome(other)
+        return [a for a in answers if a is not None]
 
-    async def acknowledge(self, recipient: bytes, seqs: Sequence[int]) -> list[Item | None]:
-        """The recipient has items ``seqs``: delete them, in one write. Each answer is
-        the item, or ``None`` for one not there (acknowledged before, or never)."""
+    def take(self, recipient: bytes, seqs: Sequence[int]) -> list[Item | None]:
+        """The items ``seqs`` of ``recipient``, claimed for :meth:`acknowledge`: each
+        is the item, or ``None`` for one not there (or already being acknowledged)."""
         box: OrderedDict[int, Item] = self.boxes.get(recipient, OrderedDict())
-        found: list[Item | None] = []
-        seen: set[int] = set()
+        taken: list[Item | None] = []
         for seq in seqs:
-            found.append(box.get(seq) if seq not in seen else None)
-            seen.add(seq)
-        items = [item for item in found if item is not None]
-        if items:
-            await self._call(self.store.drop, items)
+            item = box.get(seq)
+            if item is None or (recipient, seq) in self._leaving:
+                taken.append(None)
+                continue
+            self._leaving.add((recipient, seq))
+            taken.append(item)
+        return taken
+
+    async def acknowledge(self, items: Sequence[Item], receipts: Sequence[Arriving]) -> None:
+        """Delete ``items`` (from :meth:`take`) and store ``receipts`` for the messages'
+        senders, in one transaction: a receipt is never lost between the two.
+        ``receipts`` name the message's sender as ``recipient`` and the signer as
+        ``sender``; one for a sender whose notices are at the limit, or who is not an
+        agent of this relay, is dropped (the message itself was delivered)."""
+        job = _Job(self._notices(receipts, "receipt"), items)
+        try:
+            await self._write(job)
+        finally:
+            for item in items:
+                self._leaving.discard((item.recipient, item.seq))
+        if job.error is not None:
+            raise ProtocolError(ErrorCode.INTERNAL, "the inbox could not be written")
         for item in items:
-            self._unindex(item)
             if item.kind == "message":
-                self._delivered[(recipient, item.mid)] = None
-                if len(self._delivered) > REMEMBERED_DELIVERIES:
-                    self._delivered.popitem(last=False)
-                self.counts["delivered"] += 1
-        self._note_change()
-        return found
+                self.delivered(item)
 
     async def put_receipts(self, receipts: Sequence[Arriving]) -> None:
-        """Hand recipients' signed receipts to the messages' senders, in one write
-        (each ``Arriving`` names the message's sender as ``recipient``, the receipt's
-        signer as ``sender``). A receipt for a sender whose inbox is full, or who is
-        not an agent of this relay, is dropped: the message itself was delivered."""
-        room = {r.recipient: self.max_items - self._held(r.recipient, "receipt") for r in receipts}
-        new = []
-        for r in receipts:
-            if r.recipient in self.known and room[r.recipient] > 0:
-                room[r.recipient] -= 1
-                new.append(self._item(r.recipient, "receipt", r.mid, r.sender, r.data))
-        await self._store_new(new)
+        """Store receipts for the messages' senders (as :meth:`acknowledge` does)."""
+        await self.acknowledge((), receipts)
 
     async def expire(self) -> list[Item]:
         """Drop items past their time; a sender is told of its expired messages."""
         now = self.wall_ms()
         gone = [
-            item for box in self.boxes.values() for item in box.values() if item.expires_ms <= now
+            item
+            for box in self.boxes.values()
+            for item in box.values()
+            if item.expires_ms <= now and (item.recipient, item.seq) not in self._leaving
         ]
         if not gone:
             return []
-        await self._call(self.store.drop, gone)
         for item in gone:
-            self._unindex(item)
-        self._note_change()
-        for item in gone:
-            if item.kind == "message":
-                self.counts["expired"] += 1
-                if item.sender in self.known and self._held(item.sender, "notice") < self.max_items:
-                    await self._put(item.sender, "expired", item.mid, item.recipient, item.mid)
+            self._leaving.add((item.recipient, item.seq))
+        told = [Arriving(i.sender, i.recipient, i.mid, i.mid) for i in gone if i.kind == "message"]
+        job = _Job(self._notices(told, "expired"), gone)
+        try:
+            await self._write(job)
+        finally:
+            for item in gone:
+                self._leaving.discard((item.recipient, item.seq))
+        self.counts["expired"] += sum(1 for i in gone if i.kind == "message")
         return gone
+
+    def _notices(self, notices: Sequence[Arriving], kind: str) -> list[_Draft]:
+        room = {n.recipient: self.max_items - self._held(n.recipient, kind) for n in notices}
+        drafts = []
+        for n in notices:
+            if n.recipient in self.known and room[n.recipient] > 0:
+                room[n.recipient] -= 1
+                drafts.append(_Draft(n.recipient, kind, n.mid, n.sender, n.data))
+        return drafts
+
+    # -- the writer -------------------------------------------------------------------
+
+    async def _write(self, job: _Job) -> None:
+        """Have ``job`` written (by this task, if no write runs now); sets its error
+        rather than raise it, so that every job of a failed transaction hears."""
+        self._jobs.append(job)
+        if not self._writer_busy:
+            self._writer_busy = True
+            try:
+                # Shielded: the jobs of other tasks are in this transaction too.
+                with trio.CancelScope(shield=True):
+                    while self._jobs:
+                        jobs, self._jobs = self._jobs, []
+                        await self._commit(jobs)
+            finally:
+                self._writer_busy = False
+        await job.done.wait()
+
+    async def _commit(self, jobs: list[_Job]) -> None:
+        expires_ms = self.wall_ms() + self.ttl_ms
+        put = [self._number(d, expires_ms) for job in jobs for d in job.drafts]
+        drop = [item for job in jobs for item in job.drops]
+        try:
+            await self._call(self.store.apply, put, drop)
+        except Exception as exc:  # a disk failure: every job in it hears, none is applied
+            log.exception("inbox write failed")
+            for job in jobs:
+                job.error = exc
+                job.done.set()
+            return
+        for item in drop:
+            self._unindex(item)
+            if item.kind == "message":
+                self._stored.discard((item.recipient, item.sender, item.mid))
+        for item in put:
+            self._index(item)
+            event = self._changed.pop(item.recipient, None)
+            if event is not None:
+                event.set()
+        self._change.set()
+        self._change = trio.Event()
+        for job in jobs:
+            job.done.set()
+
+    def _number(self, draft: _Draft, expires_ms: int) -> Item:
+        seq = self._next.get(draft.recipient, 1)
+        self._next[draft.recipient] = seq + 1
+        d = draft
+        return Item(d.recipient, seq, d.kind, d.mid, d.sender, d.data, expires_ms, d.origin)
+
+    def delivered(self, item: Item) -> None:
+        """Remember ``item`` (a message) was acknowledged: a late resend of it is
+        answered ``delivered``."""
+        self._delivered[(item.recipient, item.sender, item.mid)] = None
+        if len(self._delivered) > REMEMBERED_DELIVERIES:
+            self._delivered.popitem(last=False)
+        self.counts["delivered"] += 1
 
     # -- what reads them --------------------------------------------------------------
 
@@ -328,19 +469,20 @@ class Inboxes:
                     break
         return items
 
-    async def wait_change(self) -> None:
-        """Return at the next change of any inbox (an item stored or deleted)."""
-        await self._change.wait()
-
-    def _note_change(self) -> None:
-        self._change.set()
-        self._change = trio.Event()
-
     async def wait_after(self, recipient: bytes, seq: int) -> None:
         """Return once ``recipient`` has an item after ``seq``."""
         while not self.after(recipient, seq, 1):
             event = self._changed.setdefault(recipient, trio.Event())
             await event.wait()
+
+    async def wait_change(self) -> None:
+        """Return at the next change of any inbox (an item stored or deleted)."""
+        await self._change.wait()
+
+    def size(self, recipient: bytes) -> int:
+        return len(self.boxes.get(recipient, ()))
+
+    # -- inside -----------------------------------------------------------------------
 
     def _held(self, recipient: bytes, kind: str) -> int:
         """Items of ``kind`` (``notice``: receipts and expiries) waiting for
@@ -348,61 +490,34 @@ class Inboxes:
         piling up for an agent that never reads them do not close it to messages."""
         return self._kinds.get((recipient, "notice" if kind != "message" else kind), 0)
 
-    def size(self, recipient: bytes) -> int:
-        return len(self.boxes.get(recipient, ()))
-
-    # -- inside -----------------------------------------------------------------------
-
-    async def _put(
-        self, recipient: bytes, kind: str, mid: bytes, sender: bytes, data: bytes
-    ) -> None:
-        await self._store_new([self._item(recipient, kind, mid, sender, data)])
-
-    def _item(
-        self, recipient: bytes, kind: str, mid: bytes, sender: bytes, data: bytes, origin: str = ""
-    ) -> Item:
-        """A new item with the recipient's next seq (taken now: concurrent puts differ)."""
-        seq = self._next.get(recipient, 1)
-        self._next[recipient] = seq + 1
-        expires_ms = self.wall_ms() + self.ttl_ms
-        return Item(recipient, seq, kind, mid, sender, data, expires_ms, origin)
-
-    async def _store_new(self, items: list[Item]) -> None:
-        if not items:
-            return
-        await self._call(self.store.put, items)
-        for item in items:
-            self._index(item)
-            event = self._changed.pop(item.recipient, None)
-            if event is not None:
-                event.set()
-        self._note_change()
-
     def _index(self, item: Item) -> None:
+        self.boxes.setdefault(item.recipient, OrderedDict())[item.seq] = item
         key = (item.recipient, "message" if item.kind == "message" else "notice")
         self._kinds[key] = self._kinds.get(key, 0) + 1
-        box = self.boxes.setdefault(item.recipient, OrderedDict())
-        box[item.seq] = item
-        if len(box) > 1 and next(reversed(box)) != item.seq:  # loaded out of order
-            self.boxes[item.recipient] = OrderedDict(sorted(box.items()))
-        self._next[item.recipient] = max(self._next.get(item.recipient, 1), item.seq + 1)
+        self.bytes += len(item.data)
         if item.kind == "message":
-            self._stored[(item.recipient, item.mid)] = item.seq
+            self._stored.add((item.recipient, item.sender, item.mid))
 
     def _unindex(self, item: Item) -> None:
         box = self.boxes.get(item.recipient)
-        if box is not None and box.pop(item.seq, None) is not None:
-            key = (item.recipient, "message" if item.kind == "message" else "notice")
-            self._kinds[key] -= 1
-            if not self._kinds[key]:
-                del self._kinds[key]
-            if not box:
-                del self.boxes[item.recipient]
-        if item.kind == "message":
-            self._stored.pop((item.recipient, item.mid), None)
+        if box is None or box.pop(item.seq, None) is None:
+            return
+        key = (item.recipient, "message" if item.kind == "message" else "notice")
+        self._kinds[key] -= 1
+        if not self._kinds[key]:
+            del self._kinds[key]
+        self.bytes -= len(item.data)
+        if not box:
+            del self.boxes[item.recipient]
 
-    async def _call(self, fn: Callable[[A], None], arg: A) -> None:
+    async def _call(self, fn: Callable[..., None], *args: object) -> None:
         if self.store.blocking:
-            await trio.to_thread.run_sync(fn, arg)
+            await trio.to_thread.run_sync(fn, *args)
         else:
-            fn(arg)
+            fn(*args)
+
+
+def _outcome(job: _Job) -> str | ProtocolError:
+    if job.error is None:
+        return "stored"
+    return ProtocolError(ErrorCode.INTERNAL, "the inbox could not be written; send again")

@@ -120,8 +120,9 @@ class Messaging:
         receipt = action.receipt
         try:
             if action.relay and action.relay != self.node.config.name:
-                federation = self._federation(action.relay)
-                await federation.pass_receipt(action.relay, receipt.encode(), from_peer)
+                # Passed on in the background: a link on the way must not hold up
+                # this peer connection's reader.
+                self._federation(action.relay).receipt_soon(action.relay, receipt.encode())
             else:
                 arriving = Arriving(receipt.sender, receipt.recipient, receipt.id, receipt.encode())
                 await self.node.inboxes.put_receipts([arriving])
@@ -180,8 +181,14 @@ class Messaging:
 
     async def acknowledge(self, action: AckItem | Confirm) -> None:
         """Take an acknowledgement (or a confirm, answered once those before it are
-        applied); applied with the others that arrive meanwhile (one write deletes
-        them all, one more stores their receipts)."""
+        applied). Acknowledgements that arrive meanwhile are applied together: one
+        transaction deletes their items and stores their receipts."""
+        if isinstance(action, AckItem) and action.sub != self.sub:
+            # Checked as it arrives: a stream displaced later does not void it.
+            reason = f"no inbox stream {action.sub} here"
+            error = ProtocolError(ErrorCode.UNKNOWN_SUBSCRIPTION, reason)
+            await self.send(f.Error.of(error, sub=action.sub))
+            return
         if self._acks is None:
             self._acks, acks = trio.open_memory_channel[AckItem | Confirm](MAIL_QUEUE)
             self.nursery.start_soon(self._ack_loop, acks)
@@ -208,18 +215,8 @@ class Messaging:
                     batch.append(acks.receive_nowait())
                 except trio.WouldBlock:
                     break
-            ours = []
-            confirms = [a for a in batch if isinstance(a, Confirm)]
-            for action in batch:
-                if isinstance(action, Confirm):
-                    continue
-                if action.sub == self.sub:
-                    ours.append(action)
-                    continue
-                reason = f"no inbox stream {action.sub} here"
-                error = ProtocolError(ErrorCode.UNKNOWN_SUBSCRIPTION, reason)
-                await self.send(f.Error.of(error, sub=action.sub))
-            items = await inboxes.acknowledge(self.agent, [a.seq for a in ours])
+            ours = [a for a in batch if isinstance(a, AckItem)]
+            items = inboxes.take(self.agent, [a.seq for a in ours])
             receipts = []
             for action, item in zip(ours, items, strict=True):
                 if item is None:
@@ -235,9 +232,17 @@ class Messaging:
                     self.node.federation.receipt_soon(item.origin, receipt.encode())
                 else:
                     receipts.append(Arriving(item.sender, self.agent, item.mid, receipt.encode()))
-            await inboxes.put_receipts(receipts)
-            for confirm in confirms:  # everything before it in the batch is applied
-                await self.send(f.Result(rid=confirm.rid, body={}))
+            taken = [item for item in items if item is not None]
+            try:
+                # Shielded: a connection closing mid-write must not leave it half done.
+                with trio.CancelScope(shield=True):
+                    await inboxes.acknowledge(taken, receipts)
+            except ProtocolError as exc:  # the store failed: the items stay, sent again
+                for action in ours:
+                    await self.send(f.Error.of(exc, sub=action.sub))
+            for confirm in batch:
+                if isinstance(confirm, Confirm):  # everything before it is applied
+                    await self.send(f.Result(rid=confirm.rid, body={}))
 
     def stop(self) -> None:
         """The agent closed its inbox stream (``unsubscribe``)."""
@@ -256,7 +261,10 @@ def _status_of(asked: Asked) -> str | ProtocolError:
     """The next relay's answer to a message passed on; a link that dropped before it
     answered is ``home_unreachable`` (sending the same message again is safe)."""
     if asked.error is None:
-        return str(asked.result["status"])
+        status = asked.result.get("status") if isinstance(asked.result, dict) else None
+        if status not in ("stored", "delivered"):
+            return ProtocolError(ErrorCode.INTERNAL, "the next relay gave a bad answer")
+        return str(status)
     if asked.error.code is ErrorCode.INTERNAL:  # the link's client stopped under it
         return ProtocolError(ErrorCode.HOME_UNREACHABLE, "the link dropped; send again")
     return asked.error

@@ -195,8 +195,6 @@ class Connection:
             await self._receive_one(message)
         agent = self.session.agent
         self._messaging = Messaging(self.node, agent, self._send, self._nursery, self.peer)
-        if self.peer is None:  # an agent: from now on it can be sent messages
-            await self.node.inboxes.remember(agent)
         while True:  # recv(), not `async for`: a cancelled loop leaves no generator behind
             try:
                 message = await self.ws.recv()
@@ -222,6 +220,11 @@ class Connection:
             elif isinstance(action, Ask):
                 await self._answer_later(action.query.rid, action.query)
             elif isinstance(action, Reply):
+                if isinstance(action.frame, f.Welcome) and self.peer is None:
+                    # An agent: from now on it can be sent messages. Written before it
+                    # hears welcome, so that a relay crash cannot forget an agent that
+                    # saw itself connected.
+                    await self.node.inboxes.remember(action.frame.agent)
                 await self._send(action.frame)
             elif isinstance(action, Open):
                 await self._open(action.request)

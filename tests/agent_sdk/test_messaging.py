@@ -3,7 +3,6 @@ in order and exactly once, sealed end to end."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import pytest
@@ -280,9 +279,8 @@ async def test_an_undelivered_message_expires_and_its_sender_is_told(relay: Runn
 
 
 async def test_messages_iterates_and_an_unsealable_item_is_dropped_off_the_relay(
-    relay: RunningRelay, caplog: pytest.LogCaptureFixture
+    relay: RunningRelay,
 ) -> None:
-    caplog.set_level(logging.DEBUG)
     secret = "plaintext-canary-42"
     async with RelayClient.connect(relay.url, BOB):
         pass
@@ -310,4 +308,76 @@ async def test_messages_iterates_and_an_unsealable_item_is_dropped_off_the_relay
             assert message.body == secret  # the unsealable one never reaches the app
             break
     await drained(relay, BOB)  # both acknowledged (the unsealable one without a receipt)
-    assert secret not in caplog.text  # nor is the plaintext in anyone's log lines
+
+
+async def test_a_second_reader_of_the_same_agent_ends_the_first_until_it_takes_it_back(
+    relay: RunningRelay,
+) -> None:
+    async with (
+        RelayClient.connect(relay.url, ALICE) as alice,
+        RelayClient.connect(relay.url, BOB) as first,
+        RelayClient.connect(relay.url, BOB) as second,
+    ):
+        first.mailbox.open()
+        await first.mailbox.live.wait()
+        second.mailbox.open()
+        await second.mailbox.live.wait()
+        with pytest.raises(ProtocolError) as ended:
+            await first.mailbox.next()
+        assert ended.value.code is ErrorCode.DUPLICATE_SUBSCRIPTION
+        with pytest.raises(ProtocolError):
+            await first.mailbox.next()  # still ended: next() does not take it back
+        await alice.send(BOB.id, "to whoever reads")
+        assert (await second.mailbox.next()).body == "to whoever reads"
+        await second.mailbox.confirm()  # its acknowledgement is applied: not sent again
+        first.mailbox.open()  # taken back, on purpose
+        await first.mailbox.live.wait()
+        await alice.send(BOB.id, "now the first")
+        assert (await first.mailbox.next()).body == "now the first"
+
+
+async def test_after_a_relayed_message_auto_stays_on_the_relay_until_its_receipt(
+    relay: RunningRelay,
+) -> None:
+    async with (
+        RelayClient.connect(relay.url, ALICE) as alice,
+        RelayClient.connect(relay.url, BOB) as bob,
+        bob.listen() as endpoint,
+    ):
+        first = await alice.send(BOB.id, 1, via="relay")
+        second = await alice.send(BOB.id, 2, endpoint=endpoint)  # auto, but 1 is pending
+        assert second.path == "relay"
+        assert [(await bob.mailbox.next()).body for _ in range(2)] == [1, 2]
+        await first.delivered()
+        await second.delivered()
+        third = await alice.send(BOB.id, 3, endpoint=endpoint)
+        assert third.path == "direct"  # nothing on the relay left to overtake
+        assert (await bob.mailbox.next()).body == 3
+        with pytest.raises(ValueError, match="not delivered yet"):
+            await alice.send(BOB.id, 4, via="relay")
+            await alice.send(BOB.id, 5, via="direct", endpoint=endpoint)
+
+
+async def test_a_receipt_for_another_message_is_not_passed_on(relay: RunningRelay) -> None:
+    async with RelayClient.connect(relay.url, ALICE) as alice:
+        async with RelayClient.connect(relay.url, BOB) as bob:
+            bob.mailbox.open()
+            await bob.mailbox.live.wait()
+            sent = await alice.send(BOB.id, "real")
+            other = Header(b"\x09" * 16, ALICE.public_key, BOB.public_key, b"s" * 8, 9, 0)
+            wrong = Receipt.make(BOB, other)  # Bob's signature, another message's id
+            await drained_after(bob, relay, wrong.encode())
+        assert relay.node.inboxes.size(ALICE.public_key) == 0  # no receipt for Alice
+        assert sent.status == "stored" and sent.receipt is None
+
+
+async def drained_after(bob: RelayClient, relay: RunningRelay, receipt: bytes) -> None:
+    """Acknowledge Bob's one waiting item with ``receipt`` (raw), and wait until the
+    relay has applied it."""
+    from agent_sdk import frames as f
+
+    while not relay.node.inboxes.size(BOB.public_key):
+        await relay.node.inboxes.wait_change()
+    [item] = relay.node.inboxes.after(BOB.public_key, 0, 1)
+    bob.send_frame(f.MsgAck(sub=bob.mailbox.sub or 0, seq=item.seq, receipt=receipt))
+    await drained(relay, BOB)

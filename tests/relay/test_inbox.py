@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Sequence
 from pathlib import Path
 
+import trio
+import trio.testing
+
 from agent_sdk.errors import ErrorCode, ProtocolError
-from relay.inbox import Arriving, Inboxes, InboxStore, MemoryInboxStore, SQLiteInboxStore
+from relay.inbox import (
+    Arriving,
+    Inboxes,
+    InboxStore,
+    Item,
+    MemoryInboxStore,
+    SQLiteInboxStore,
+)
 
 BOB, ALICE, CAROL = b"b" * 32, b"a" * 32, b"c" * 32
 
@@ -41,8 +53,9 @@ async def test_messages_are_bounded_and_resends_are_not_stored_twice() -> None:
     assert isinstance(unknown, ProtocolError) and unknown.code is ErrorCode.UNKNOWN_RECIPIENT
     items = boxes.after(BOB, 0, 10)
     assert [i.data for i in items] == [b"sealed 1", b"sealed 2"] and items[0].seq == 1
-    taken = await boxes.acknowledge(BOB, [1, 1, 9])
+    taken = boxes.take(BOB, [1, 1, 9])
     assert taken[0] is not None and taken[1] is None and taken[2] is None  # twice, never
+    await boxes.acknowledge([taken[0]], [])
     assert await boxes.put_messages([message(b"1")]) == ["delivered"]  # a late resend
     assert boxes.counts["delivered"] == 1 and boxes.size(BOB) == 1
 
@@ -79,11 +92,92 @@ async def test_a_restart_finds_every_item_and_agent_on_disk(tmp_path: Path) -> N
     for agent in (ALICE, BOB):
         await boxes.remember(agent)
     await boxes.put_messages([message(b"1"), message(b"2")])
-    await boxes.acknowledge(BOB, [1])
+    [first, _] = boxes.take(BOB, [1, 2])
+    assert first is not None
+    await boxes.acknowledge([first], [Arriving(ALICE, BOB, first.mid, b"receipt")])
     store.close()
     again = inboxes(SQLiteInboxStore(path))
     assert again.known == {ALICE, BOB}
     assert [(i.seq, i.data) for i in again.after(BOB, 0, 10)] == [(2, b"sealed 2")]
+    assert [i.kind for i in again.after(ALICE, 0, 10)] == ["receipt"]  # one transaction
     assert await again.put_messages([message(b"2")]) == ["stored"]  # still known as stored
     assert await again.put_messages([message(b"3")]) == ["stored"]
     assert again.after(BOB, 2, 10)[0].seq == 3  # numbering goes on where it was
+
+
+async def test_concurrent_writers_show_items_in_seq_order_and_a_reader_misses_none(
+    tmp_path: Path,
+) -> None:
+    store = SQLiteInboxStore(tmp_path / "inbox.sqlite3")
+    boxes = Inboxes(store, max_items=1000, ttl_ms=10_000, wall_ms=Clock())
+    senders = [bytes([n]) * 32 for n in range(1, 11)]
+    for agent in (BOB, *senders):
+        await boxes.remember(agent)
+    seen: list[int] = []
+
+    async def reader() -> None:  # as a stream does: a cursor, then what comes after it
+        cursor = 0
+        while len(seen) < 100:
+            items = boxes.after(BOB, cursor, 256)
+            if not items:
+                await boxes.wait_after(BOB, cursor)
+                continue
+            seen.extend(item.seq for item in items)
+            cursor = items[-1].seq
+
+    async def sender(who: bytes) -> None:  # one write at a time, as a connection's
+        for n in range(10):
+            mid = who[:8] + n.to_bytes(8, "big")
+            assert await boxes.put_messages([Arriving(BOB, who, mid, b"x")]) == ["stored"]
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader)
+        for who in senders:
+            nursery.start_soon(sender, who)
+    assert seen == list(range(1, 101))  # every item, each once, in seq order
+    assert list(boxes.boxes[BOB]) == seen
+    store.close()
+
+
+class Stalling(MemoryInboxStore):
+    """A store whose next write waits for the test, then fails."""
+
+    blocking = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.go = threading.Event()
+        self.fail = True
+
+    def apply(self, put: Sequence[Item], drop: Sequence[Item]) -> None:
+        if self.fail:
+            self.fail = False
+            self.entered.set()
+            self.go.wait(10)
+            raise OSError("disk full")
+        super().apply(put, drop)
+
+
+async def test_a_resend_during_a_write_waits_for_it_and_a_failed_write_is_no_promise() -> None:
+    store = Stalling()
+    boxes = inboxes(store)
+    for agent in (ALICE, BOB):
+        await boxes.remember(agent)
+    answers: dict[str, list[object]] = {}
+
+    async def put(name: str) -> None:
+        answers[name] = list(await boxes.put_messages([message(b"1")]))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(put, "first")
+        await trio.to_thread.run_sync(store.entered.wait)  # the first write is on disk's way
+        nursery.start_soon(put, "resend")
+        await trio.testing.wait_all_tasks_blocked()
+        assert "resend" not in answers  # not "stored" before the first write is
+        store.go.set()
+    for name in ("first", "resend"):
+        [answer] = answers[name]
+        assert isinstance(answer, ProtocolError) and answer.code is ErrorCode.INTERNAL, name
+    assert boxes.size(BOB) == 0
+    assert await boxes.put_messages([message(b"1")]) == ["stored"]  # sending again works
