@@ -81,6 +81,8 @@ class RelayConfig:
     """Items an agent's inbox holds before senders get ``inbox_full``."""
     inbox_ttl_ms: int = 7 * 24 * 3600 * 1000
     """How long an undelivered message waits before it expires."""
+    inbox_max_bytes: int = 256 << 20
+    """Bytes all inboxes together hold (they are kept in memory too)."""
 
     def __post_init__(self) -> None:
         if not NS_RE.fullmatch(f"x@{self.name}"):
@@ -88,7 +90,7 @@ class RelayConfig:
         names = ("commit_batch", "replay_batch", "recent_bytes", "send_queue")
         for name in (
             *names, "doc_compact_every", "max_live_docs", "reputation_half_life_ms",
-            "max_message", "inbox_max_items", "inbox_ttl_ms",
+            "max_message", "inbox_max_items", "inbox_ttl_ms", "inbox_max_bytes",
         ):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
@@ -205,6 +207,7 @@ class RelayNode:
             max_items=self.config.inbox_max_items,
             ttl_ms=self.config.inbox_ttl_ms,
             wall_ms=self.wall_ms,
+            max_bytes=self.config.inbox_max_bytes,
         )
         """Sealed messages waiting for their recipients (relay/inbox.py)."""
         self.folds: list[Fold] = []  # the documents' fold is added below
