@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import logging
 import os
 import signal
 import sys
@@ -94,6 +95,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from federation.peers import check_peers, parse_peer
     from relay.app import DataDirError, run_relay
     from relay.coordination.leases import TtlBounds
+    from relay.logs import configure as configure_logs
     from relay.node import RelayConfig
 
     try:
@@ -122,6 +124,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"formicary relay: {exc}", file=sys.stderr)
         return 2
     data = Path(args.data)
+    configure_logs(args.log_level)
+    log = logging.getLogger("formicary.relay")
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -129,11 +133,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 partial(run_relay, federation=federation), data, config, args.host, args.port
             )
             port = server.listeners[0].socket.getsockname()[1]  # the real one, for --port 0
-            print(
-                f"formicary relay {config.name} ({node.identity.id}) listening on "
-                f"ws://{args.host}:{port}, data in {data}",
-                file=sys.stderr,
-                flush=True,
+            log.info(
+                "formicary relay %s (%s) listening on ws://%s:%d, data in %s",
+                config.name,
+                node.identity.id,
+                args.host,
+                port,
+                data,
             )
             # Everything built so far lives as long as the relay: keep the collector off
             # it, and collect the young generation less often (each event allocates a
@@ -142,7 +148,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             gc.set_threshold(20_000, 20, 20)
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for signum in signals:
-                    print(f"formicary relay: signal {signum}, stopping", file=sys.stderr)
+                    log.info("signal %d: stopping", signum)
                     nursery.cancel_scope.cancel()
                     break
 
@@ -351,6 +357,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--inbox-size", type=int, default=1000, help="messages an inbox holds")
     p.add_argument("--inbox-ttl", default="168h", help="how long a message waits for its reader")
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="JSON log lines on stderr from this level up",
+    )
     p.add_argument(
         "--peer",
         action="append",

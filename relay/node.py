@@ -44,6 +44,7 @@ from relay.coordination.leases import TtlBounds
 from relay.coordination.requests import CLAIM_TTL, LOCK_TTL, RELAY_KINDS, Coordinator, Outcome
 from relay.documents import COMPACTED, DOC_KINDS, DocHost, LiveDoc, check_event
 from relay.inbox import Inboxes, InboxStore, MemoryInboxStore
+from relay.metrics import Metrics
 from relay.sequencer import Duplicate, Limits, Parked, Rejected, Sequenced, Sequencer
 from relay.store import Head, Located, Record, Store
 
@@ -159,10 +160,11 @@ class Ticket:
     only to park it — and ``done`` once the outcome is final.
     """
 
-    __slots__ = ("decided", "done", "duplicate", "error", "event", "located")
+    __slots__ = ("began", "decided", "done", "duplicate", "error", "event", "located")
 
     def __init__(self, event: SignedEvent) -> None:
         self.event = event
+        self.began = time.perf_counter()  # for the publish latency metric
         self.decided = trio.Event()
         self.done = trio.Event()
         self.duplicate = False
@@ -258,6 +260,8 @@ class RelayNode:
         self._mirror_lock = trio.Lock()
         self.folds.append(self.docs.on_committed)
         self.stats = dict.fromkeys(STATS, 0)
+        self.metrics = Metrics(self)
+        """What ``GET /metrics`` serves (relay/metrics.py)."""
         self._stats_changed = trio.Event()
         self._stat_waiters = 0
 
@@ -615,7 +619,9 @@ class RelayNode:
                 self._drained.set()
                 batch = self._seal_heads(batch)
                 async with self._write_lock:
+                    began = time.perf_counter()
                     await self._call(self.store.append, batch)
+                    self.metrics.commit_seconds.observe(time.perf_counter() - began)
                 self.count("batches")
                 self._committed_batch(batch)
 
@@ -631,10 +637,12 @@ class RelayNode:
     def _committed_batch(self, batch: Sequence[Record], *, sequenced: bool = True) -> None:
         if sequenced:
             self.sequencer.committed(record.id for record in batch)
+        events_in = self.metrics.events_in
         for record in batch:
             self._cache(record)
             self._committed[record.ns] = record.seq
             if sequenced:  # the folds are of this relay's own logs
+                events_in[record.kind] += 1
                 for fold in self.folds:
                     fold(record)
         for ns in {record.ns for record in batch}:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from http import HTTPStatus
@@ -35,7 +36,9 @@ from federation.network import LOCATE, ProxiedDoc
 from federation.outbox import Entry
 from federation.peers import Peer
 from relay.documents import MAX_AWARENESS, LiveDoc, Overflow, Replica
+from relay.logs import CONNECTION, about
 from relay.messaging import Messaging
+from relay.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from relay.node import RelayNode, Ticket
 from relay.session import (
     AckItem,
@@ -117,6 +120,10 @@ class Connection:
 
     async def run(self) -> None:
         self.node.count("connections")
+        self.node.metrics.open_connections += 1
+        # The correlation id of this connection's log lines (its tasks inherit it).
+        CONNECTION.set(secrets.token_hex(6))
+        log.debug("connection opened", extra={"remote": _remote(self.ws)})
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -133,7 +140,9 @@ class Connection:
         except* (SlowConsumer, ConnectionClosed):
             pass
         finally:
+            self.node.metrics.open_connections -= 1
             agent = self.session.agent
+            log.debug("connection closed", extra={"agent": agent.hex() if agent else ""})
             if self._messaging is not None:
                 self._messaging.close()
             if self._present:
@@ -159,6 +168,7 @@ class Connection:
         if not self._closing:
             self._closing = True
             self.node.count("slow_consumers")
+            log.warning("closing a slow consumer: its send queue stayed full")
             # Close while the writer is still blocked in its send: cancelling a send
             # midway would break the stream, and the close frame with it. The close
             # frame goes out after what is already written, if the peer ever reads.
@@ -356,6 +366,7 @@ class Connection:
             # Most answers are ready by the time we look: skip the awaits then.
             record = self.node.answer_nowait(ticket) or await self.node.answer(ticket)
         except ProtocolError as exc:
+            log.info("publish refused: %s", exc, extra=about(ticket.event.id))
             await self._send(f.Error.of(exc, rid=rid))
             return
         ack = f.Ack(rid=rid, receipt=record.receipt, seal=record.seal, duplicate=ticket.duplicate)
@@ -369,6 +380,7 @@ class Connection:
                 outcome_receipt=outcome.receipt,
             )
         await self._send(ack)
+        self.node.metrics.publish_seconds.observe(time.perf_counter() - ticket.began)
 
     async def _answer_query(self, query: f.Query) -> None:
         try:
@@ -617,6 +629,7 @@ class Connection:
                         receipt=record.receipt,
                         seal=record.seal,
                     )
+                    self.node.metrics.events_out[record.kind] += 1
                     await self._send(event)
             if records:
                 cursor = records[-1].seq + 1
@@ -626,6 +639,13 @@ class Connection:
                 await trio.lowlevel.checkpoint_if_cancelled()
                 await self._send(f.Live(sub=sub, ns=ns, seq=cursor - 1))
             await self.node.wait_beyond(ns, cursor - 1)
+
+
+def _remote(ws: ServerConnection) -> str:
+    try:
+        return str(ws.remote_address)
+    except (OSError, AttributeError):
+        return ""  # an in-memory stream (simulations) has no address
 
 
 # --------------------------------------------------------------------------- HTTP
@@ -668,6 +688,11 @@ def http_handler(node: RelayNode) -> Callable[[ServerConnection, Request], Respo
             return None  # a WebSocket handshake: let it through
         if request.path == "/health":
             return connection.respond(HTTPStatus.OK, "ok\n")
+        if request.path == "/metrics":
+            response = connection.respond(HTTPStatus.OK, node.metrics.render().decode())
+            del response.headers["Content-Type"]
+            response.headers["Content-Type"] = METRICS_CONTENT_TYPE
+            return response
         if request.path == "/info":
             response = connection.respond(HTTPStatus.OK, json.dumps(info_document(node)) + "\n")
             del response.headers["Content-Type"]  # respond() set text/plain; replace it
