@@ -17,7 +17,6 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -89,56 +88,41 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from agent_sdk.cli_wo import UsageError, ttl_ms
-    from federation.network import FederationConfig
-    from federation.peers import check_peers, parse_peer
-    from relay.app import DataDirError, run_relay
-    from relay.coordination.leases import TtlBounds
-    from relay.logs import configure as configure_logs
-    from relay.node import RelayConfig
+def _dest(flag: str) -> str:
+    """argparse's attribute for ``--a-flag``."""
+    return flag.lstrip("-").replace("-", "_")
 
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from relay.app import DataDirError, run_relay
+    from relay.config import OPTIONS, ConfigError, load
+    from relay.logs import configure as configure_logs
+
+    flags = {o.name: getattr(args, _dest(o.flag)) for o in OPTIONS if o.flag is not None}
     try:
-        claims = TtlBounds(
-            min_ms=ttl_ms(args.lease_min, "--lease-min"),
-            max_ms=ttl_ms(args.lease_max, "--lease-max"),
-            default_ms=ttl_ms(args.claim_ttl, "--claim-ttl"),
-        )
-        locks = replace(claims, default_ms=ttl_ms(args.lock_ttl, "--lock-ttl"))
-        config = RelayConfig(
-            name=args.name,
-            max_frame=args.max_frame,
-            claim_ttl=claims,
-            lock_ttl=locks,
-            initial_stake=args.initial_stake,
-            reputation_half_life_ms=ttl_ms(args.half_life, "--half-life"),
-            max_message=args.max_message,
-            inbox_max_items=args.inbox_size,
-            inbox_ttl_ms=ttl_ms(args.inbox_ttl, "--inbox-ttl"),
-        )
-        peers = tuple(parse_peer(spec) for spec in args.peer)
-        check_peers(list(peers), args.name)
-        deadline = ttl_ms(args.outbox_deadline, "--outbox-deadline")
-        federation = FederationConfig(peers, outbox_deadline_ms=deadline) if peers else None
-    except (ValueError, UsageError) as exc:
+        settings = load(Path(args.config) if args.config else None, flags)
+        config = settings.relay_config()
+        federation = settings.federation_config()
+    except ConfigError as exc:
         print(f"formicary relay: {exc}", file=sys.stderr)
         return 2
-    data = Path(args.data)
-    configure_logs(args.log_level)
+    host, port = settings["relay.host"], settings["relay.port"]
+    data = Path(settings["relay.data"])
+    configure_logs(settings["relay.log_level"])
     log = logging.getLogger("formicary.relay")
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             node, server = await nursery.start(
-                partial(run_relay, federation=federation), data, config, args.host, args.port
+                partial(run_relay, federation=federation), data, config, host, port
             )
-            port = server.listeners[0].socket.getsockname()[1]  # the real one, for --port 0
+            bound = server.listeners[0].socket.getsockname()[1]  # the real one, for --port 0
             log.info(
                 "formicary relay %s (%s) listening on ws://%s:%d, data in %s",
                 config.name,
                 node.identity.id,
-                args.host,
-                port,
+                host,
+                bound,
                 data,
             )
             # Everything built so far lives as long as the relay: keep the collector off
@@ -341,39 +325,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     relay = sub.add_parser("relay", help="run a relay").add_subparsers(dest="relay", required=True)
     p = relay.add_parser("serve", help="serve a relay on embedded storage")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=7700, help="0 picks a free port (printed)")
-    p.add_argument("--data", default="./formicary-data", help="data directory")
-    p.add_argument("--name", default="local", help="relay name: namespaces are NAME@this")
-    p.add_argument("--max-frame", type=int, default=1 << 20, help="frame size limit, bytes")
-    p.add_argument("--claim-ttl", default="30m", help="lease of a claim that names none")
-    p.add_argument("--lock-ttl", default="5m", help="lease of a lock that names none")
-    p.add_argument("--lease-min", default="1s", help="shortest lease an agent may ask for")
-    p.add_argument("--lease-max", default="24h", help="longest lease an agent may ask for")
-    p.add_argument("--initial-stake", type=int, default=100, help="stake of a new member")
-    p.add_argument("--half-life", default="168h", help="reputation half-life")
-    p.add_argument(
-        "--max-message", type=int, default=256 << 10, help="largest sealed message, bytes"
-    )
-    p.add_argument("--inbox-size", type=int, default=1000, help="messages an inbox holds")
-    p.add_argument("--inbox-ttl", default="168h", help="how long a message waits for its reader")
-    p.add_argument(
-        "--log-level",
-        default="info",
-        choices=["debug", "info", "warning", "error"],
-        help="JSON log lines on stderr from this level up",
-    )
-    p.add_argument(
-        "--peer",
-        action="append",
-        default=[],
-        metavar="NAME=URL#KEY",
-        help="a relay to federate with (repeatable; NAME#KEY: it dials us; "
-        "NAME=via:OTHER#KEY: reached through peer OTHER)",
-    )
-    p.add_argument(
-        "--outbox-deadline", default="10m", help="how long a write waits for its home relay"
-    )
+    p.add_argument("--config", help="a TOML file of settings (operations.md); flags win")
+    from relay.config import OPTIONS
+    from relay.logs import LEVELS
+
+    for option in OPTIONS:
+        if option.flag is None:
+            continue
+        shown = f"{option.help} (default {option.default!r}; [{option.section}] {option.key})"
+        if option.kind == "peers":
+            p.add_argument(
+                option.flag,
+                action="append",
+                default=None,
+                metavar="NAME=URL#KEY",
+                help="a relay to federate with (repeatable; NAME#KEY: it dials us; "
+                "NAME=via:OTHER#KEY: reached through peer OTHER)",
+            )
+        elif option.kind == "level":
+            p.add_argument(option.flag, default=None, choices=LEVELS, help=shown)
+        else:
+            p.add_argument(option.flag, default=None, type=int if option.kind == "int" else str,
+                           help=shown)  # fmt: skip
     p.set_defaults(func=cmd_serve)
 
     p = relay.add_parser("key", help="print the relay's key (created if absent), for --peer")

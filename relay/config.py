@@ -1,0 +1,209 @@
+"""A relay's settings: defaults, a TOML file (``--config``), then command-line flags.
+
+Every option is one row of :data:`OPTIONS`: where it lives in the TOML file
+(``[section] key``), what it is, its default, and the flag that sets it, if any.
+The parser's flags, the file's checks and the operator docs (operations.md,
+"Configuration") all come from this table, so they cannot drift apart. Durations
+are written as on the command line (``"30s"``, ``"5m"``, ``"168h"``).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from agent_sdk.cli_wo import UsageError, ttl_ms
+from federation.network import FederationConfig
+from federation.peers import check_peers, parse_peer
+from relay.coordination.leases import TtlBounds
+from relay.logs import LEVELS
+from relay.node import RelayConfig
+from relay.sequencer import Limits
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message names the option and what would do."""
+
+
+@dataclass(frozen=True)
+class Option:
+    section: str
+    key: str
+    kind: str
+    """``int``, ``duration``, ``str``, ``level`` or ``peers``."""
+    default: Any
+    help: str
+    flag: str | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.section}.{self.key}"
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("relay", "name", "str", "local", "relay name: namespaces NAME@this", "--name"),
+    Option("relay", "host", "str", "127.0.0.1", "address to listen on", "--host"),
+    Option("relay", "port", "int", 7700, "port for WebSocket and HTTP; 0 picks one", "--port"),
+    Option("relay", "data", "str", "./formicary-data", "data directory", "--data"),
+    Option("relay", "log_level", "level", "info", "JSON log lines from this level", "--log-level"),
+    Option("limits", "max_frame", "int", 1 << 20, "largest message, bytes", "--max-frame"),
+    Option("limits", "max_deps", "int", 32, "most deps per event"),
+    Option("limits", "max_subscriptions", "int", 64, "open subscriptions per connection"),
+    Option("limits", "max_follows", "int", 256, "namespaces followed per connection"),
+    Option("limits", "max_inflight", "int", 1024, "unanswered requests per connection"),
+    Option("limits", "send_queue", "int", 256, "outgoing frames queued per connection"),
+    Option("limits", "slow_consumer_timeout", "duration", "30s", "wait for send_queue room"),
+    Option("limits", "auth_timeout", "duration", "10s", "time to authenticate"),
+    Option("limits", "max_parked", "int", 10_000, "events waiting for deps, relay-wide"),
+    Option("limits", "park_timeout", "duration", "10s", "how long an event waits for deps"),
+    Option("limits", "max_clock_skew", "duration", "24h", "event ts vs relay clock"),
+    Option("leases", "claim_ttl", "duration", "30m", "lease of a claim naming none", "--claim-ttl"),
+    Option("leases", "lock_ttl", "duration", "5m", "lease of a lock naming none", "--lock-ttl"),
+    Option("leases", "min", "duration", "1s", "shortest lease asked for", "--lease-min"),
+    Option("leases", "max", "duration", "24h", "longest lease asked for", "--lease-max"),
+    Option("auctions", "initial_stake", "int", 100, "stake of a new member", "--initial-stake"),
+    Option("auctions", "half_life", "duration", "168h", "reputation half-life", "--half-life"),
+    Option("documents", "compact_every", "int", 1000, "updates between snapshots"),
+    Option("documents", "max_live", "int", 1024, "documents kept loaded"),
+    Option("messages", "max_message", "int", 256 << 10, "largest sealed message", "--max-message"),
+    Option("messages", "inbox_size", "int", 1000, "messages an inbox holds", "--inbox-size"),
+    Option("messages", "inbox_ttl", "duration", "168h", "undelivered lifetime", "--inbox-ttl"),
+    Option("messages", "inbox_max_bytes", "int", 256 << 20, "bytes of all inboxes"),
+    Option("federation", "peers", "peers", [], "relays to federate with", "--peer"),
+    Option(
+        "federation",
+        "outbox_deadline",
+        "duration",
+        "10m",
+        "how long a write waits for its home",
+        "--outbox-deadline",
+    ),
+)
+BY_NAME = {option.name: option for option in OPTIONS}
+
+
+def duration_ms(text: str, where: str) -> int:
+    """``1500ms``, ``90s``, ``30m``, ``2h``: a whole number and a unit."""
+    try:
+        return ttl_ms(text, where)
+    except UsageError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every option's value, by ``section.key``; durations in ms."""
+
+    values: dict[str, Any]
+
+    def __getitem__(self, name: str) -> Any:
+        return self.values[name]
+
+    def relay_config(self) -> RelayConfig:
+        v = self.values
+        claims = TtlBounds(
+            min_ms=v["leases.min"], max_ms=v["leases.max"], default_ms=v["leases.claim_ttl"]
+        )
+        try:
+            return RelayConfig(
+                name=v["relay.name"],
+                max_frame=v["limits.max_frame"],
+                max_deps=v["limits.max_deps"],
+                max_subscriptions=v["limits.max_subscriptions"],
+                max_follows=v["limits.max_follows"],
+                max_inflight=v["limits.max_inflight"],
+                send_queue=v["limits.send_queue"],
+                slow_consumer_timeout=v["limits.slow_consumer_timeout"] / 1000,
+                auth_timeout=v["limits.auth_timeout"] / 1000,
+                sequencer=Limits(
+                    max_parked=v["limits.max_parked"],
+                    park_timeout_ms=v["limits.park_timeout"],
+                    max_clock_skew_ms=v["limits.max_clock_skew"],
+                ),
+                claim_ttl=claims,
+                lock_ttl=replace(claims, default_ms=v["leases.lock_ttl"]),
+                initial_stake=v["auctions.initial_stake"],
+                reputation_half_life_ms=v["auctions.half_life"],
+                doc_compact_every=v["documents.compact_every"],
+                max_live_docs=v["documents.max_live"],
+                max_message=v["messages.max_message"],
+                inbox_max_items=v["messages.inbox_size"],
+                inbox_ttl_ms=v["messages.inbox_ttl"],
+                inbox_max_bytes=v["messages.inbox_max_bytes"],
+            )
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def federation_config(self) -> FederationConfig | None:
+        try:
+            peers = tuple(parse_peer(spec) for spec in self.values["federation.peers"])
+            check_peers(list(peers), self.values["relay.name"])
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if not peers:
+            return None
+        return FederationConfig(peers, outbox_deadline_ms=self.values["federation.outbox_deadline"])
+
+
+def load(path: Path | None, flags: dict[str, Any]) -> Settings:
+    """Defaults, then the TOML file at ``path``, then ``flags`` (option name ->
+    value as typed on the command line; ``None`` for a flag not given)."""
+    raw: dict[str, Any] = {o.name: o.default for o in OPTIONS}
+    where: dict[str, str] = {o.name: "default" for o in OPTIONS}
+    if path is not None:
+        for name, value in _read(path).items():
+            raw[name], where[name] = value, f"{path}: {name}"
+    for name, value in flags.items():
+        if value is not None and value != []:
+            option = BY_NAME[name]
+            raw[name], where[name] = value, option.flag or name
+    return Settings(
+        {name: _typed(BY_NAME[name], value, where[name]) for name, value in raw.items()}
+    )
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        document = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"--config {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"--config {path}: not TOML: {exc}") from None
+    found: dict[str, Any] = {}
+    for section, table in document.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: {section!r} is not a [section]; see operations.md")
+        for key, value in table.items():
+            name = f"{section}.{key}"
+            if name not in BY_NAME:
+                known = ", ".join(o.key for o in OPTIONS if o.section == section)
+                hint = f" ([{section}] has {known})" if known else ""
+                raise ConfigError(f"{path}: unknown option {name}{hint}")
+            found[name] = value
+    return found
+
+
+def _typed(option: Option, value: Any, where: str) -> Any:
+    kind = option.kind
+    if kind == "int":
+        if type(value) is not int or value < 0:
+            raise ConfigError(f"{where}: {value!r} is not a whole number")
+        return value
+    if kind == "duration":
+        if not isinstance(value, str):
+            raise ConfigError(f'{where}: {value!r}: a duration is a string like "30s"')
+        return duration_ms(value, where)
+    if kind == "str":
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: {value!r} is not a string")
+        return value
+    if kind == "level":
+        if value not in LEVELS:
+            raise ConfigError(f"{where}: {value!r}: one of {', '.join(LEVELS)}")
+        return value
+    assert kind == "peers"
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f'{where}: a list of "NAME=URL#KEY" strings')
+    return list(value)
