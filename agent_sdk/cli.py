@@ -94,7 +94,7 @@ def _dest(flag: str) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from relay.app import DataDirError, run_relay
+    from relay.app import SHUTDOWN_GRACE, DataDirError, run_relay, stop_gracefully
     from relay.config import OPTIONS, ConfigError, load
     from relay.logs import configure as configure_logs
 
@@ -133,6 +133,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for signum in signals:
                     log.info("signal %d: stopping", signum)
+                    with trio.move_on_after(SHUTDOWN_GRACE) as grace:
+                        await stop_gracefully(node, server)
+                    if grace.cancelled_caught:
+                        log.warning("stopping took over %.0f s: exiting now", SHUTDOWN_GRACE)
+                    log.info("stopped")
                     nursery.cancel_scope.cancel()
                     break
 

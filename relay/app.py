@@ -102,3 +102,17 @@ async def run_relay(
             mirrors.close()
         if outbox is not None:
             outbox.close()
+
+
+SHUTDOWN_GRACE = 10.0
+"""Seconds a clean stop (SIGTERM, SIGINT) may take before the relay just exits."""
+
+
+async def stop_gracefully(node: RelayNode, server: Server) -> None:
+    """A clean stop: refuse new publishes (5002 ``shutting_down``), let every publish
+    already admitted be sequenced, committed and answered, then close every
+    connection with code 1001 and reason ``5002 shutting_down`` (clients reconnect and
+    re-send anything still unanswered: publishing is idempotent)."""
+    node.stop_admitting()
+    await node.settle()
+    await server.aclose(code=1001, reason="5002 shutting_down")

@@ -260,6 +260,11 @@ class RelayNode:
         self._mirror_lock = trio.Lock()
         self.folds.append(self.docs.on_committed)
         self.stats = dict.fromkeys(STATS, 0)
+        self.stopping = False
+        """Set by :meth:`stop_admitting`: a clean stop is under way."""
+        self._deciding = False
+        self._committing = False
+        self._progress = trio.Event()  # set (and replaced) as batches are decided, committed
         self.metrics = Metrics(self)
         """What ``GET /metrics`` serves (relay/metrics.py)."""
         self._stats_changed = trio.Event()
@@ -306,6 +311,9 @@ class RelayNode:
         """Queue a verified event for sequencing; waits only while the queue is full."""
         ticket = Ticket(event)
         refusal = self.router.refuse(event.event.ns)
+        if self.stopping:
+            reason = "the relay is stopping; publish again once it is back"
+            refusal = ProtocolError(ErrorCode.SHUTTING_DOWN, reason)
         if refusal is None and event.event.kind in RESERVED:
             reason = f"{event.event.kind} is written by relays only"
             refusal = ProtocolError(ErrorCode.RESERVED_KIND, reason)
@@ -353,8 +361,28 @@ class RelayNode:
         """Admit and answer in one call (in-process publishers and tests)."""
         return await self.answer(await self.admit(event))
 
+    def stop_admitting(self) -> None:
+        """From now on publishes are answered 5002 ``shutting_down`` (a clean stop)."""
+        self.stopping = True
+
+    async def settle(self) -> None:
+        """Return once every publish admitted so far is sequenced and committed (or
+        parked, waiting for dependencies): what a clean stop waits for."""
+        while (
+            self._admit_rx.statistics().current_buffer_used
+            or self._deciding
+            or self._committing
+            or self._pending
+        ):
+            await self._progress.wait()
+
+    def _note_progress(self) -> None:
+        self._progress.set()
+        self._progress = trio.Event()
+
     async def _sequencing_loop(self) -> None:
         async for first in self._admit_rx:
+            self._deciding = True  # (settle waits for it)
             # Backpressure: sequence no further ahead of the disk than a few batches.
             while len(self._pending) >= 4 * self.config.commit_batch:
                 self._drained = trio.Event()
@@ -379,6 +407,8 @@ class RelayNode:
                 self._decide(ticket, now)
             if self._pending:
                 self._pending_ready.set()
+            self._deciding = False
+            self._note_progress()
 
     def _decide(self, ticket: Ticket, now: int) -> None:
         event = ticket.event
@@ -618,12 +648,15 @@ class RelayNode:
                 del self._pending[: len(batch)]
                 self._drained.set()
                 batch = self._seal_heads(batch)
+                self._committing = True
                 async with self._write_lock:
                     began = time.perf_counter()
                     await self._call(self.store.append, batch)
                     self.metrics.commit_seconds.observe(time.perf_counter() - began)
-                self.count("batches")
                 self._committed_batch(batch)
+                self._committing = False
+                self._note_progress()
+                self.count("batches")
 
     def _seal_heads(self, batch: Sequence[Record]) -> list[Record]:
         """Seal the last record of each namespace in the batch: one signature each."""
