@@ -89,6 +89,12 @@ class ErrorCode(enum.IntEnum):
     HOME_UNREACHABLE = 5003
     """The namespace's home relay could not be reached: no link to it, or the write
     waited in the outbox past its deadline. Publishing the same bytes again is safe."""
+    RATE_LIMITED = 5004
+    """This key sent publishes (or requests) faster than the relay's rate limit; the
+    reason says when to try again. Nothing was done: sending the same again is safe."""
+    TOO_MANY_CONNECTIONS = 5005
+    """This key, or this address, has the most connections the relay allows; a close
+    reason only (the connection is closed as soon as it authenticates)."""
 
     # 6xxx: messages between agents
     UNKNOWN_RECIPIENT = 6001

@@ -18,6 +18,7 @@ from agent_sdk.cli_wo import UsageError, ttl_ms
 from federation.network import FederationConfig
 from federation.peers import check_peers, parse_peer
 from relay.coordination.leases import TtlBounds
+from relay.limits import RateLimits
 from relay.logs import LEVELS
 from relay.node import RelayConfig
 from relay.sequencer import Limits
@@ -59,6 +60,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("limits", "max_parked", "int", 10_000, "events waiting for deps, relay-wide"),
     Option("limits", "park_timeout", "duration", "10s", "how long an event waits for deps"),
     Option("limits", "max_clock_skew", "duration", "24h", "event ts vs relay clock"),
+    Option("limits", "publish_rate", "int", 1000, "publishes per second per key"),
+    Option("limits", "publish_burst", "int", 2000, "publishes a key may send at once"),
+    Option("limits", "request_rate", "int", 1000, "queries and messages per second per key"),
+    Option("limits", "request_burst", "int", 2000, "requests a key may send at once"),
+    Option("limits", "connections_per_key", "int", 64, "connections of one key"),
+    Option("limits", "connections_per_address", "int", 4096, "connections from one address"),
     Option("leases", "claim_ttl", "duration", "30m", "lease of a claim naming none", "--claim-ttl"),
     Option("leases", "lock_ttl", "duration", "5m", "lease of a lock naming none", "--lock-ttl"),
     Option("leases", "min", "duration", "1s", "shortest lease asked for", "--lease-min"),
@@ -132,6 +139,14 @@ class Settings:
                 inbox_max_items=v["messages.inbox_size"],
                 inbox_ttl_ms=v["messages.inbox_ttl"],
                 inbox_max_bytes=v["messages.inbox_max_bytes"],
+                rate_limits=RateLimits(
+                    publish_rate=v["limits.publish_rate"],
+                    publish_burst=v["limits.publish_burst"],
+                    request_rate=v["limits.request_rate"],
+                    request_burst=v["limits.request_burst"],
+                    connections_per_key=v["limits.connections_per_key"],
+                    connections_per_address=v["limits.connections_per_address"],
+                ),
             )
         except ValueError as exc:
             raise ConfigError(str(exc)) from None

@@ -44,6 +44,7 @@ from relay.coordination.leases import TtlBounds
 from relay.coordination.requests import CLAIM_TTL, LOCK_TTL, RELAY_KINDS, Coordinator, Outcome
 from relay.documents import COMPACTED, DOC_KINDS, DocHost, LiveDoc, check_event
 from relay.inbox import Inboxes, InboxStore, MemoryInboxStore
+from relay.limits import Limiter, RateLimits
 from relay.metrics import Metrics
 from relay.sequencer import Duplicate, Limits, Parked, Rejected, Sequenced, Sequencer
 from relay.store import Head, Located, Record, Store
@@ -84,6 +85,8 @@ class RelayConfig:
     """How long an undelivered message waits before it expires."""
     inbox_max_bytes: int = 256 << 20
     """Bytes all inboxes together hold (they are kept in memory too)."""
+    rate_limits: RateLimits = field(default_factory=RateLimits)
+    """Per-key publish and request rates, connections per key and per address."""
 
     def __post_init__(self) -> None:
         if not NS_RE.fullmatch(f"x@{self.name}"):
@@ -266,6 +269,8 @@ class RelayNode:
         self._committing = False
         self._progress = trio.Event()  # set (and replaced) as batches are decided, committed
         self.metrics = Metrics(self)
+        self.limiter = Limiter(self.config.rate_limits)
+        """Rate limits and connection caps (relay/limits.py)."""
         """What ``GET /metrics`` serves (relay/metrics.py)."""
         self._stats_changed = trio.Event()
         self._stat_waiters = 0

@@ -65,6 +65,7 @@ ACK_DRAIN = 10.0
 SLOW_CONSUMER_CLOSE = 1008  # policy violation: the closest standard code
 JOIN_WAIT = 10.0  # seconds a closing connection waits for its joins to be decided
 AUTH_TIMEOUT_CLOSE = 1008
+TOO_MANY_CLOSE = 1008  # a connection over the per-key or per-address cap
 
 
 Answerable = Ticket | f.Query | Entry
@@ -117,13 +118,15 @@ class Connection:
         self._present: set[str] = set()  # namespaces this connection is a member in
         self._joins: list[Ticket] = []  # its dir.join publishes not decided yet
         self._messaging: Messaging | None = None  # once authenticated
+        self._counted = False  # in the limiter's connections per key and address
+        self._address = _host(ws)
 
     async def run(self) -> None:
         self.node.count("connections")
         self.node.metrics.open_connections += 1
         # The correlation id of this connection's log lines (its tasks inherit it).
         CONNECTION.set(secrets.token_hex(6))
-        log.debug("connection opened", extra={"remote": _remote(self.ws)})
+        log.debug("connection opened", extra={"remote": self._address})
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -142,6 +145,8 @@ class Connection:
         finally:
             self.node.metrics.open_connections -= 1
             agent = self.session.agent
+            if self._counted and agent is not None:
+                self.node.limiter.disconnect(agent, self._address)
             log.debug("connection closed", extra={"agent": agent.hex() if agent else ""})
             if self._messaging is not None:
                 self._messaging.close()
@@ -220,6 +225,8 @@ class Connection:
         for i, action in enumerate(self.session.receive(message), 1):
             if i % 64 == 0:  # a big bundle must not hold the event loop for its whole length
                 await trio.lowlevel.checkpoint()
+            if isinstance(action, (Admit, Ask, Mail)) and not await self._within_rate(action):
+                continue
             if isinstance(action, Admit):
                 if self._foreign(action.event.event.ns):
                     await self._forward(action.rid, action.event)
@@ -231,6 +238,13 @@ class Connection:
                 await self._answer_later(action.query.rid, action.query)
             elif isinstance(action, Reply):
                 if isinstance(action.frame, f.Welcome) and self.peer is None:
+                    refusal = self.node.limiter.connect(action.frame.agent, self._address)
+                    if refusal is not None:
+                        reason = f"{int(refusal.code)} {refusal.code.slug}: {refusal.reason}"
+                        log.info("connection refused: %s", refusal.reason)
+                        await self.ws.aclose(TOO_MANY_CLOSE, reason[:120])
+                        return
+                    self._counted = True
                     # An agent: from now on it can be sent messages. Written before it
                     # hears welcome, so that a relay crash cannot forget an agent that
                     # saw itself connected.
@@ -257,6 +271,22 @@ class Connection:
             else:
                 assert isinstance(action, Close)
                 await self._close(action.sub)
+
+    async def _within_rate(self, action: Admit | Ask | Mail) -> bool:
+        """Charge a publish or a request to this agent's bucket; refuse it if empty."""
+        if self.peer is not None:
+            return True  # a link carries many agents, each limited at its own relay
+        agent = self.session.agent
+        assert agent is not None  # the session's table: only after auth
+        what = "publish" if isinstance(action, Admit) else "request"
+        try:
+            self.node.limiter.check(agent, what, trio.current_time())
+        except ProtocolError as exc:
+            self.node.metrics.rate_limited[what] += 1
+            rid = action.rid if not isinstance(action, Ask) else action.query.rid
+            await self._send(f.Error.of(exc, rid=rid))
+            return False
+        return True
 
     # -- federation -------------------------------------------------------------------
 
@@ -641,11 +671,13 @@ class Connection:
             await self.node.wait_beyond(ns, cursor - 1)
 
 
-def _remote(ws: ServerConnection) -> str:
+def _host(ws: ServerConnection) -> str:
+    """The address a connection comes from, without its port ("" in memory)."""
     try:
-        return str(ws.remote_address)
-    except (OSError, AttributeError):
-        return ""  # an in-memory stream (simulations) has no address
+        remote = ws.remote_address
+    except (OSError, AttributeError, NotImplementedError):  # in memory: no address
+        return ""
+    return str(remote[0]) if isinstance(remote, tuple) else ""
 
 
 # --------------------------------------------------------------------------- HTTP

@@ -125,6 +125,14 @@ class RealWorld:
         for peer in peers:
             url = f"ws://127.0.0.1:{self.port_of(peer)}"
             command += ["--peer", f"{peer}={url}#{self.relay_key(peer)}"]
+        settings = self.root / f"{config.name}.toml"  # what flags do not set
+        settings.write_text(
+            "[limits]\n"
+            f"publish_rate = {int(config.rate_limits.publish_rate)}\n"
+            f"request_rate = {int(config.rate_limits.request_rate)}\n"
+            f"connections_per_address = {config.rate_limits.connections_per_address}\n"
+        )
+        command += ["--config", str(settings)]
         log = self.root / f"{config.name}.log"
         process, url = await _spawn(command, log)
         relay = self.relays[config.name] = RealRelay(process, url, data, command, log)

@@ -1,0 +1,113 @@
+"""Rate limits and connection caps (pure: the caller passes the clock).
+
+Each agent key has two token buckets, one for publishes and one for requests
+(queries and messages): a bucket holds up to ``burst`` tokens and refills at
+``rate`` per second; each frame takes one, and a frame that finds none is refused
+with 5004 ``rate_limited`` saying when one will be there. A rate or a cap of 0 is
+no limit. The buckets are per key,
+not per connection, so opening more connections buys nothing; connections per key
+and per address are capped too. Peer relays' links are not limited here: they carry
+many agents, each limited at its own relay.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import TypeVar
+
+from agent_sdk.errors import ErrorCode, ProtocolError
+
+T = TypeVar("T")
+MAX_TRACKED_KEYS = 100_000
+"""Keys whose buckets are kept; the least recently seen beyond are forgotten (a key
+forgotten starts again with a full bucket, which costs at most one burst)."""
+
+
+@dataclass(frozen=True)
+class RateLimits:
+    publish_rate: float = 1000.0
+    publish_burst: int = 2000
+    request_rate: float = 1000.0
+    request_burst: int = 2000
+    connections_per_key: int = 64
+    connections_per_address: int = 4096
+
+
+@dataclass
+class TokenBucket:
+    rate: float
+    burst: float
+    tokens: float
+    stamp: float
+
+    def take(self, now: float) -> float:
+        """Take one token: 0.0 when there was one, else the seconds until there is."""
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return 0.0
+        return (1.0 - self.tokens) / self.rate if self.rate > 0 else float("inf")
+
+
+class Limiter:
+    """One relay's buckets and connection counts."""
+
+    def __init__(self, limits: RateLimits) -> None:
+        self.limits = limits
+        self._buckets: OrderedDict[tuple[bytes, str], TokenBucket] = OrderedDict()
+        self.per_key: dict[bytes, int] = {}
+        self.per_address: dict[str, int] = {}
+
+    def check(self, key: bytes, what: str, now: float) -> None:
+        """Charge one ``publish`` or ``request`` to ``key``; raises ``rate_limited``."""
+        limits = self.limits
+        rate, burst = (
+            (limits.publish_rate, limits.publish_burst)
+            if what == "publish"
+            else (limits.request_rate, limits.request_burst)
+        )
+        if rate <= 0:
+            return  # 0: no limit
+        bucket = self._buckets.get((key, what))
+        if bucket is None:
+            bucket = self._buckets[(key, what)] = TokenBucket(rate, burst, burst, now)
+            if len(self._buckets) > MAX_TRACKED_KEYS:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end((key, what))
+        wait = bucket.take(now)
+        if wait:
+            raise ProtocolError(
+                ErrorCode.RATE_LIMITED,
+                f"over {rate:g} {what}es per second (burst {burst}); "
+                f"try again in {int(wait * 1000) + 1} ms",
+            )
+
+    def connect(self, key: bytes, address: str) -> ProtocolError | None:
+        """Count a new connection of ``key`` from ``address``, or say why not."""
+        limits = self.limits
+        if limits.connections_per_key and self.per_key.get(key, 0) >= limits.connections_per_key:
+            reason = f"this key has {limits.connections_per_key} connections, the limit"
+            return ProtocolError(ErrorCode.TOO_MANY_CONNECTIONS, reason)
+        cap = limits.connections_per_address
+        if cap and address and self.per_address.get(address, 0) >= cap:
+            reason = f"this address has {limits.connections_per_address} connections, the limit"
+            return ProtocolError(ErrorCode.TOO_MANY_CONNECTIONS, reason)
+        self.per_key[key] = self.per_key.get(key, 0) + 1
+        if address:
+            self.per_address[address] = self.per_address.get(address, 0) + 1
+        return None
+
+    def disconnect(self, key: bytes, address: str) -> None:
+        _decrement(self.per_key, key)
+        if address:
+            _decrement(self.per_address, address)
+
+
+def _decrement(table: dict[T, int], name: T) -> None:
+    if name in table:
+        table[name] -= 1
+        if not table[name]:
+            del table[name]
