@@ -215,6 +215,24 @@ def cmd_relay_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_relay_store(args: argparse.Namespace) -> int:
+    from relay.backup import BackupError, backup, compact, restore
+
+    data = Path(args.data)
+    try:
+        if args.action == "backup":
+            result = backup(data, Path(args.out))
+        elif args.action == "restore":
+            result = restore(Path(args.source), data)
+        else:
+            result = compact(data)
+    except BackupError as exc:
+        print(f"formicary relay {args.action}: {exc}", file=sys.stderr)
+        return 1
+    _print(result)
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from relay.app import KEY_FILE, MIRROR_FILE, STORE_FILE
     from relay.store.sqlite import SQLiteStore
@@ -354,6 +372,17 @@ def build_parser() -> argparse.ArgumentParser:
                            help=shown)  # fmt: skip
     p.set_defaults(func=cmd_serve)
 
+    p = relay.add_parser("backup", help="copy a data directory, safely while the relay runs")
+    p.add_argument("--data", default="./formicary-data", help="the relay's data directory")
+    p.add_argument("--out", required=True, help="a new directory for the backup")
+    p.set_defaults(func=cmd_relay_store, action="backup")
+    p = relay.add_parser("restore", help="check a backup, then copy it into an empty directory")
+    p.add_argument("--from", dest="source", required=True, help="the backup's directory")
+    p.add_argument("--data", required=True, help="the data directory to create")
+    p.set_defaults(func=cmd_relay_store, action="restore")
+    p = relay.add_parser("compact", help="VACUUM the data directory's databases (relay stopped)")
+    p.add_argument("--data", default="./formicary-data", help="the relay's data directory")
+    p.set_defaults(func=cmd_relay_store, action="compact")
     p = relay.add_parser("key", help="print the relay's key (created if absent), for --peer")
     p.add_argument("--data", default="./formicary-data", help="data directory")
     p.set_defaults(func=cmd_relay_key)

@@ -7,6 +7,9 @@ relay adds ``mirrors.sqlite3`` (other relays' logs it follows) and ``outbox.sqli
 
 from __future__ import annotations
 
+import fcntl
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import trio
@@ -29,6 +32,7 @@ STORE_FILE = "events.sqlite3"
 MIRROR_FILE = "mirrors.sqlite3"
 OUTBOX_FILE = "outbox.sqlite3"
 INBOX_FILE = "inbox.sqlite3"
+LOCK_FILE = "relay.lock"
 
 
 class DataDirError(Exception):
@@ -71,6 +75,53 @@ async def run_relay(
     With ``federation`` (peers), mirrors of other relays' namespaces are kept in
     ``mirrors.sqlite3`` and writes waiting for an unreachable home in ``outbox.sqlite3``.
     """
+    async with _held(data):
+        await _run_relay(data, config, host, port, federation=federation, task_status=task_status)
+
+
+LOCK_WAIT = 2.0
+"""Seconds a starting relay waits for the data directory's lock (a relay that was
+just stopped in this process may still be letting go of it)."""
+
+
+@asynccontextmanager
+async def _held(data: Path) -> AsyncIterator[None]:
+    with trio.move_on_after(LOCK_WAIT):
+        while True:
+            try:
+                with hold_data(data):
+                    break
+            except DataDirError:
+                await trio.sleep(0.05)  # polling is how one waits for an flock
+    with hold_data(data):
+        yield
+
+
+@contextmanager
+def hold_data(data: Path) -> Iterator[None]:
+    """Hold ``data``'s lock file for as long as the block runs: a second relay (or a
+    ``compact``) on the same directory is refused instead of corrupting it."""
+    data.mkdir(parents=True, exist_ok=True)
+    with (data / LOCK_FILE).open("a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DataDirError(f"{data} is in use by a running relay") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+async def _run_relay(
+    data: Path,
+    config: RelayConfig,
+    host: str,
+    port: int,
+    *,
+    federation: FederationConfig | None,
+    task_status: trio.TaskStatus[tuple[RelayNode, Server]],
+) -> None:
     store = await trio.to_thread.run_sync(open_store, data)
     mirrors: SQLiteStore | None = None
     outbox: SQLiteOutboxStore | None = None

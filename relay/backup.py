@@ -1,0 +1,165 @@
+"""``formicary relay backup|restore|compact``: the embedded store, kept safe.
+
+A data directory is a key file and a few SQLite files (operations.md, "Data
+directory"). **Backup** copies each database with SQLite's online backup API, a
+consistent snapshot even while the relay runs and commits, and the key file, into a
+new directory with a ``manifest.json`` (what was copied, the relay's key, each
+namespace's head). **Restore** copies a backup into an empty data directory and
+checks it first: every namespace log must verify against the backed-up key, and its
+head must be the manifest's. **Compact** rewrites each database without the pages
+that deletions left (VACUUM) and folds the write-ahead log back in; the relay must
+be stopped: a running relay holds the data directory's lock file, and compact
+takes it too.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+from agent_sdk.identity import Identity
+from relay.app import (
+    INBOX_FILE,
+    KEY_FILE,
+    MIRROR_FILE,
+    OUTBOX_FILE,
+    STORE_FILE,
+    DataDirError,
+    hold_data,
+)
+from relay.store import Located
+from relay.store.sqlite import SQLiteStore
+from relay.verify import verify_log
+
+DATABASES = (STORE_FILE, MIRROR_FILE, OUTBOX_FILE, INBOX_FILE)
+MANIFEST = "manifest.json"
+
+
+class BackupError(Exception):
+    """What makes a backup, restore or compaction impossible; the message says why."""
+
+
+def backup(data: Path, out: Path) -> dict[str, Any]:
+    """Copy ``data`` into the new directory ``out``; returns the manifest."""
+    if not (data / KEY_FILE).exists():
+        raise BackupError(f"{data} has no {KEY_FILE}: not a relay's data directory")
+    if out.exists():
+        raise BackupError(f"{out} exists: a backup goes into a new directory")
+    out.mkdir(parents=True)
+    shutil.copy2(data / KEY_FILE, out / KEY_FILE)
+    copied = []
+    for name in DATABASES:
+        if (data / name).exists():
+            _copy_database(data / name, out / name)
+            copied.append(name)
+    manifest = {
+        "key": Identity.load(out / KEY_FILE).id,
+        "taken_ms": time.time_ns() // 1_000_000,
+        "files": [KEY_FILE, *copied],
+        "heads": _heads(out / STORE_FILE) if STORE_FILE in copied else {},
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def restore(backup_dir: Path, data: Path) -> dict[str, Any]:
+    """Check the backup in ``backup_dir``, then copy it into ``data`` (which must not
+    hold a relay yet); returns what was checked."""
+    try:
+        manifest = json.loads((backup_dir / MANIFEST).read_text())
+    except (OSError, ValueError) as exc:
+        raise BackupError(f"{backup_dir}: no readable {MANIFEST}: {exc}") from None
+    if (data / KEY_FILE).exists() or (data / STORE_FILE).exists():
+        raise BackupError(f"{data} holds a relay already: restore into an empty directory")
+    key = Identity.load(backup_dir / KEY_FILE)
+    if key.id != manifest["key"]:
+        raise BackupError(f"{backup_dir}/{KEY_FILE} is not the key the manifest names")
+    heads = _heads(backup_dir / STORE_FILE) if STORE_FILE in manifest["files"] else {}
+    if heads != manifest["heads"]:
+        raise BackupError(f"{backup_dir}: the logs' heads are not the manifest's")
+    if heads:
+        _verify(backup_dir, manifest["files"], list(heads), key.public_key)
+    data.mkdir(parents=True, exist_ok=True)
+    for name in manifest["files"]:
+        shutil.copy2(backup_dir / name, data / name)
+    return {"restored": manifest["files"], "namespaces": len(heads), "key": key.id}
+
+
+def compact(data: Path) -> dict[str, Any]:
+    """VACUUM every database of ``data``; returns the bytes before and after."""
+    try:
+        with hold_data(data):
+            return _compact(data)
+    except DataDirError as exc:
+        raise BackupError(f"{exc}: stop it first") from None
+
+
+def _compact(data: Path) -> dict[str, Any]:
+    sizes: dict[str, Any] = {}
+    for name in DATABASES:
+        path = data / name
+        if not path.exists():
+            continue
+        before = _size(path)
+        db = sqlite3.connect(path, isolation_level=None)
+        try:
+            db.execute("VACUUM")
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            raise BackupError(f"{path}: {exc}") from None
+        finally:
+            db.close()
+        sizes[name] = {"before": before, "after": _size(path)}
+    return sizes
+
+
+def _verify(where: Path, files: list[str], namespaces: list[str], key: bytes) -> None:
+    """Every namespace log of the backup verifies against the relay's key (its
+    dependencies looked up in the backup's logs and mirrors)."""
+    stores = [SQLiteStore(where / name, readonly=True)
+              for name in (STORE_FILE, MIRROR_FILE) if name in files]  # fmt: skip
+
+    def locate(dep: bytes) -> Located | None:
+        for store in stores:
+            found = store.find([dep]).get(dep)
+            if found is not None:
+                return found
+        return None
+
+    try:
+        for ns in namespaces:
+            verdict = verify_log(ns, stores[0].scan(ns), locate, key)
+            if not verdict.ok:
+                problem = f"seq {verdict.bad_seq}: {verdict.reason}"
+                raise BackupError(f"{where}: {ns} does not verify: {problem}")
+    finally:
+        for store in stores:
+            store.close()
+
+
+def _copy_database(source: Path, target: Path) -> None:
+    src = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
+    dst = sqlite3.connect(target)
+    try:
+        src.backup(dst)  # page by page, a consistent snapshot while others write
+    finally:
+        dst.close()
+        src.close()
+
+
+def _heads(path: Path) -> dict[str, int]:
+    store = SQLiteStore(path, readonly=True)
+    try:
+        return {ns: head.seq for ns, head in store.heads().items()}
+    finally:
+        store.close()
+
+
+def _size(path: Path) -> int:
+    """A database's bytes with its write-ahead log."""
+    wal = path.with_name(path.name + "-wal")
+    return path.stat().st_size + (wal.stat().st_size if wal.exists() else 0)

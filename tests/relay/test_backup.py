@@ -1,0 +1,93 @@
+"""``formicary relay backup|restore|compact`` against a relay process: a backup taken
+while agents publish restores into a relay that verifies and serves on; a tampered
+backup is refused; compact will not touch a running relay's files."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import trio
+
+from agent_sdk.client import RelayClient
+from agent_sdk.identity import Identity
+from relay.app import STORE_FILE
+from tests.conftest import identity
+from tests.processes import PHASE_TIMEOUT, cli, relay_process
+
+NAMESPACES = ("keep-a@local", "keep-b@local")
+
+
+async def formicary(*args: str) -> tuple[int, dict[str, object] | None, str]:
+    with trio.fail_after(PHASE_TIMEOUT):
+        done = await trio.run_process(
+            cli(*args), capture_stdout=True, capture_stderr=True, check=False
+        )
+    out = done.stdout.decode().strip()
+    last = out.splitlines()[-1] if out else ""  # (log verify prints a line per namespace)
+    return done.returncode, json.loads(last) if last else None, done.stderr.decode()
+
+
+async def test_a_backup_taken_under_load_restores_into_a_relay_that_serves_on(
+    tmp_path: Path,
+) -> None:
+    data, copy, restored = tmp_path / "data", tmp_path / "backup", tmp_path / "restored"
+    async with relay_process(data) as relay:
+        async with RelayClient.connect(relay.url, identity(1)) as agent:
+            for n in range(50):
+                await agent.publish(NAMESPACES[n % 2], "app.note", n)
+            async with trio.open_nursery() as nursery:  # and go on publishing meanwhile
+
+                async def more() -> None:
+                    for n in range(200):
+                        await agent.publish(NAMESPACES[0], "app.note", f"during {n}")
+
+                nursery.start_soon(more)
+                code, manifest, err = await formicary("relay", "backup", "--data", str(data),
+                                                      "--out", str(copy))  # fmt: skip
+                assert code == 0, err
+        # A running relay's files are not compacted under it.
+        code, _, err = await formicary("relay", "compact", "--data", str(data))
+        assert code == 1 and "in use by a running relay" in err
+    assert manifest is not None and set(manifest["heads"]) == set(NAMESPACES)  # type: ignore[arg-type]
+    code, result, err = await formicary("relay", "restore", "--from", str(copy),
+                                        "--data", str(restored))  # fmt: skip
+    assert code == 0, err
+    assert result is not None and result["namespaces"] == 2
+    code, _, err = await formicary("log", "verify", "all", "--data", str(restored))
+    assert code == 0, err
+    heads: dict[str, int] = manifest["heads"]  # type: ignore[assignment]
+    async with relay_process(restored) as again:
+        async with RelayClient.connect(again.url, identity(2)) as agent:
+            after = await agent.publish(NAMESPACES[1], "app.note", "after the restore")
+        assert after.receipt.seq == heads[NAMESPACES[1]] + 1
+        assert after.receipt.relay == relay_key(data)  # the same relay, restored
+    code, _, err = await formicary("relay", "restore", "--from", str(copy),
+                                   "--data", str(restored))  # fmt: skip
+    assert code == 1 and "holds a relay already" in err
+    code, sizes, err = await formicary("relay", "compact", "--data", str(restored))
+    assert code == 0, err
+    assert sizes is not None and sizes[STORE_FILE]["after"] <= sizes[STORE_FILE]["before"]  # type: ignore[index]
+
+
+async def test_a_tampered_backup_is_refused(tmp_path: Path) -> None:
+    data, copy = tmp_path / "data", tmp_path / "backup"
+    async with relay_process(data) as relay, RelayClient.connect(relay.url, identity(1)) as agent:
+        for n in range(5):
+            await agent.publish(NAMESPACES[0], "app.note", n)
+    code, _, err = await formicary("relay", "backup", "--data", str(data), "--out", str(copy))
+    assert code == 0, err
+    db = sqlite3.connect(copy / STORE_FILE)
+    db.execute("UPDATE events SET event = CAST(? AS BLOB) WHERE seq = 3", (b"forged",))
+    db.commit()
+    db.close()
+    code, _, err = await formicary("relay", "restore", "--from", str(copy),
+                                   "--data", str(tmp_path / "new"))  # fmt: skip
+    assert code == 1 and "does not verify" in err and not (tmp_path / "new" / STORE_FILE).exists()
+    code, _, err = await formicary("relay", "backup", "--data", str(data), "--out", str(copy))
+    assert code == 1 and "new directory" in err
+
+
+def relay_key(data: Path) -> bytes:
+    return Identity.load(data / "relay.key").public_key
