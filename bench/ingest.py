@@ -238,6 +238,8 @@ def relay_process(
     port = free_port()
     argv = ["relay", "serve", "--host", "127.0.0.1", "--port", str(port)]
     argv += ["--data", str(data / "relay"), "--name", RELAY_NAME, *extra]
+    if "--config" not in extra:
+        argv += unlimited(data)
     if profile is None:
         command = [sys.executable, "-m", "agent_sdk.cli", *argv]
     else:
@@ -604,7 +606,7 @@ def two_relays(tmp: Path) -> Iterator[dict[str, RelayProcess]]:
             (other,) = (n for n in names if n != name)
             peer = f"{other}=ws://127.0.0.1:{ports[other]}#{keys[other]}"
             argv = ["relay", "serve", "--host", "127.0.0.1", "--port", str(ports[name])]
-            argv += ["--data", str(tmp / name), "--name", name, "--peer", peer]
+            argv += ["--data", str(tmp / name), "--name", name, "--peer", peer, *unlimited(tmp)]
             log_path = tmp / f"{name}.log"
             with log_path.open("wb") as relay_log:
                 process = subprocess.Popen(
@@ -643,3 +645,15 @@ def relay_key(data: Path) -> str:
     # Run from the data's parent, not this folder: its federation.py would shadow the package.
     done = subprocess.run(command, check=True, capture_output=True, text=True, cwd=data.parent)
     return done.stdout.strip()
+
+
+def unlimited(where: Path) -> list[str]:
+    """Flags for a relay without rate limits or connection caps: a benchmark measures
+    what the relay can do, and its load generator is one key per agent at full speed
+    (bench/flood.py measures the limits themselves)."""
+    settings = where / "unlimited.toml"
+    settings.write_text(
+        "[limits]\npublish_rate = 0\nrequest_rate = 0\n"
+        "connections_per_key = 0\nconnections_per_address = 0\n"
+    )
+    return ["--config", str(settings)]

@@ -26,10 +26,10 @@ forgotten starts again with a full bucket, which costs at most one burst)."""
 
 @dataclass(frozen=True)
 class RateLimits:
-    publish_rate: float = 1000.0
-    publish_burst: int = 2000
-    request_rate: float = 1000.0
-    request_burst: int = 2000
+    publish_rate: float = 100.0
+    publish_burst: int = 200
+    request_rate: float = 200.0
+    request_burst: int = 400
     connections_per_key: int = 64
     connections_per_address: int = 4096
 

@@ -66,6 +66,10 @@ SLOW_CONSUMER_CLOSE = 1008  # policy violation: the closest standard code
 JOIN_WAIT = 10.0  # seconds a closing connection waits for its joins to be decided
 AUTH_TIMEOUT_CLOSE = 1008
 TOO_MANY_CLOSE = 1008  # a connection over the per-key or per-address cap
+FLOOD_CLOSE = 1008
+REFUSALS_BEFORE_CLOSE = 256
+"""Rate-limited frames in a row after which a connection is closed: an agent that
+honours ``try again in`` never gets near it."""
 
 
 Answerable = Ticket | f.Query | Entry
@@ -102,6 +106,7 @@ class Connection:
             max_deps=config.max_deps,
             max_message=config.max_message,
             forwarders=frozenset(node.federation.peer_keys) if node.federation else frozenset(),
+            charge=self._charge,
         )
         self.fed = node.federation
         self._out_tx, self._out_rx = trio.open_memory_channel[bytes](config.send_queue)
@@ -119,6 +124,7 @@ class Connection:
         self._joins: list[Ticket] = []  # its dir.join publishes not decided yet
         self._messaging: Messaging | None = None  # once authenticated
         self._counted = False  # in the limiter's connections per key and address
+        self._refused_in_a_row = 0  # rate-limited frames since the last one let through
         self._address = _host(ws)
 
     async def run(self) -> None:
@@ -225,8 +231,12 @@ class Connection:
         for i, action in enumerate(self.session.receive(message), 1):
             if i % 64 == 0:  # a big bundle must not hold the event loop for its whole length
                 await trio.lowlevel.checkpoint()
-            if isinstance(action, (Admit, Ask, Mail)) and not await self._within_rate(action):
-                continue
+            if self._refused_in_a_row > REFUSALS_BEFORE_CLOSE:
+                # An agent that does not back off is flooding: stop reading it at all.
+                log.warning("closing a connection that ignored rate limiting")
+                reason = f"{int(ErrorCode.RATE_LIMITED)} rate_limited: too many refusals in a row"
+                await self.ws.aclose(FLOOD_CLOSE, reason)
+                return
             if isinstance(action, Admit):
                 if self._foreign(action.event.event.ns):
                     await self._forward(action.rid, action.event)
@@ -272,21 +282,19 @@ class Connection:
                 assert isinstance(action, Close)
                 await self._close(action.sub)
 
-    async def _within_rate(self, action: Admit | Ask | Mail) -> bool:
-        """Charge a publish or a request to this agent's bucket; refuse it if empty."""
-        if self.peer is not None:
-            return True  # a link carries many agents, each limited at its own relay
+    def _charge(self, what: str) -> None:
+        """The session's rate check: this agent's bucket for ``what`` (peer relays'
+        links are not limited: they carry many agents, each limited at its own relay)."""
         agent = self.session.agent
-        assert agent is not None  # the session's table: only after auth
-        what = "publish" if isinstance(action, Admit) else "request"
+        if agent is None or self.peer is not None:
+            return
         try:
             self.node.limiter.check(agent, what, trio.current_time())
-        except ProtocolError as exc:
+        except ProtocolError:
             self.node.metrics.rate_limited[what] += 1
-            rid = action.rid if not isinstance(action, Ask) else action.query.rid
-            await self._send(f.Error.of(exc, rid=rid))
-            return False
-        return True
+            self._refused_in_a_row += 1
+            raise
+        self._refused_in_a_row = 0
 
     # -- federation -------------------------------------------------------------------
 

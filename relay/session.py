@@ -13,7 +13,7 @@ and last the Ed25519 signature — so bad input costs as little as it can.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from agent_sdk import frames as f
@@ -172,9 +172,13 @@ class Session:
         max_deps: int,
         max_message: int = 256 << 10,
         forwarders: frozenset[bytes] = frozenset(),
+        charge: Callable[[str], None] = lambda what: None,
     ) -> None:
         self.relay_key = relay_key
         self.max_message = max_message
+        self.charge = charge
+        """Charges a ``publish`` or a ``request`` to this agent; raises ``rate_limited``
+        (relay/limits.py; the caller knows the agent and the clock)."""
         self.forwarders = forwarders
         """Keys of peer relays: their connections carry other authors' events."""
         self.signer = signer
@@ -224,6 +228,9 @@ class Session:
                 raise ProtocolError(ErrorCode.UNKNOWN_FRAME, f"{frame.t} is sent by relays")
             code, reason = _REFUSALS[self.state]
             raise ProtocolError(code, f"{frame.t} not allowed: {reason}")
+        if isinstance(frame, (f.Publish, f.Query, f.MsgSend)):
+            # Charged before anything costly (a signature check): a flood costs little.
+            self.charge("publish" if isinstance(frame, f.Publish) else "request")
         if isinstance(frame, f.Auth):
             action: Action = self._auth(frame)
         elif isinstance(frame, f.Publish):

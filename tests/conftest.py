@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -13,7 +13,21 @@ from websockets.trio.server import Server
 from agent_sdk.identity import Identity
 from federation.network import FederationConfig
 from relay.app import run_relay
+from relay.limits import RateLimits
 from relay.node import RelayConfig, RelayNode
+
+UNLIMITED = RateLimits(
+    publish_rate=0, request_rate=0, connections_per_key=0, connections_per_address=0
+)
+"""Tests of other things publish as fast as they can from one key: no rate limits
+(tests/relay/test_limits.py sets its own)."""
+
+
+def unlimited(config: RelayConfig) -> RelayConfig:
+    """``config`` without rate limits, unless it sets limits of its own."""
+    if config.rate_limits != RateLimits():
+        return config
+    return replace(config, rate_limits=UNLIMITED)
 
 
 @dataclass
@@ -36,7 +50,7 @@ async def start_relay(
     """Start a relay on a loopback port (free by default) inside ``nursery``; cancel
     ``scope`` to stop it."""
     scope = trio.CancelScope()
-    config = config or RelayConfig(name="local")
+    config = unlimited(config or RelayConfig(name="local"))
 
     async def run(task_status: trio.TaskStatus[tuple[RelayNode, Server]]) -> None:
         with scope:

@@ -39,6 +39,14 @@ class RelayProcess:
             "relay", "serve", "--host", "127.0.0.1", "--port", str(self.port),
             "--data", str(self.data), "--name", self.name, *self.args,
         )  # fmt: skip
+        if "--config" not in self.args:  # tests of other things publish at full speed
+            settings = self.data.parent / f"{self.data.name}.unlimited.toml"
+            settings.parent.mkdir(parents=True, exist_ok=True)
+            settings.write_text(
+                "[limits]\npublish_rate = 0\nrequest_rate = 0\n"
+                "connections_per_key = 0\nconnections_per_address = 0\n"
+            )
+            command += ["--config", str(settings)]
         self._stderr = b""
         self.process = await trio.lowlevel.open_process(
             command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE

@@ -181,3 +181,26 @@ def test_message_frames_are_checked_before_anything_is_stored() -> None:
     assert isinstance(ack, AckItem) and ack.receipt == mine
     passed = f.MsgReceipt(rid=6, receipt=mine.encode(), relay="b")
     assert error_code(receive(session, f.encode_frame(passed))) is ErrorCode.BAD_MESSAGE
+
+
+def test_a_publish_is_charged_before_its_signature_is_checked() -> None:
+    from agent_sdk.errors import ProtocolError
+
+    charged: list[str] = []
+
+    def charge(what: str) -> None:
+        charged.append(what)
+        if len(charged) > 1:
+            raise ProtocolError(ErrorCode.RATE_LIMITED, "try again in 100 ms")
+
+    session = new_session()
+    session.charge = charge
+    assert isinstance(receive(session, auth_frame()).frame, f.Welcome)  # type: ignore[union-attr]
+    bogus = f.encode_frame(f.Publish(rid=1, event=b"\x80", sig=b"s" * 64))
+    first = receive(session, bogus)
+    assert error_code(first) is ErrorCode.BAD_EVENT  # charged, then checked
+    second = receive(session, bogus)
+    assert error_code(second) is ErrorCode.RATE_LIMITED  # refused before any check
+    query = f.encode_frame(f.Query(rid=2, ns="x@local", q="wo.list"))
+    assert error_code(receive(session, query)) is ErrorCode.RATE_LIMITED
+    assert charged == ["publish", "publish", "request"]
