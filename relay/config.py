@@ -78,6 +78,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("messages", "inbox_size", "int", 1000, "messages an inbox holds", "--inbox-size"),
     Option("messages", "inbox_ttl", "duration", "168h", "undelivered lifetime", "--inbox-ttl"),
     Option("messages", "inbox_max_bytes", "int", 256 << 20, "bytes of all inboxes"),
+    Option("messages", "inbox_per_sender", "int", 250, "one sender's messages in an inbox"),
     Option("federation", "peers", "peers", [], "relays to federate with", "--peer"),
     Option(
         "federation",
@@ -139,6 +140,7 @@ class Settings:
                 inbox_max_items=v["messages.inbox_size"],
                 inbox_ttl_ms=v["messages.inbox_ttl"],
                 inbox_max_bytes=v["messages.inbox_max_bytes"],
+                inbox_per_sender=v["messages.inbox_per_sender"],
                 rate_limits=RateLimits(
                     publish_rate=v["limits.publish_rate"],
                     publish_burst=v["limits.publish_burst"],

@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -215,12 +215,15 @@ class Inboxes:
         ttl_ms: int,
         wall_ms: Callable[[], int],
         max_bytes: int = 256 << 20,
+        per_sender: int = 0,
     ) -> None:
         self.store = store
         self.max_items = max_items
         self.ttl_ms = ttl_ms
         self.wall_ms = wall_ms
         self.max_bytes = max_bytes
+        self.per_sender = per_sender
+        """Messages one sender may have waiting in one inbox (0: no cap of its own)."""
         self.boxes: dict[bytes, OrderedDict[int, Item]] = {}
         self.known: set[bytes] = set()
         self.bytes = 0
@@ -234,6 +237,7 @@ class Inboxes:
         self._delivered: OrderedDict[tuple[bytes, bytes, bytes], None] = OrderedDict()
         self._kinds: dict[tuple[bytes, str], int] = {}  # see _held
         self._reserved: dict[bytes, int] = {}  # messages being written, per recipient
+        self._from: dict[tuple[bytes, bytes], int] = {}  # (to, from) -> messages held
         self._reserved_bytes = 0
         self._leaving: set[tuple[bytes, int]] = set()  # taken, their delete not written
         self._jobs: list[_Job] = []
@@ -282,6 +286,7 @@ class Inboxes:
         ``inbox_full``; ``internal`` if the store failed)."""
         answers: list[str | ProtocolError | None] = [None] * len(messages)
         drafts: list[_Draft] = []
+        batch_from: Counter[tuple[bytes, bytes]] = Counter()  # drafts per (to, from)
         job = _Job(drafts, ())
         mine: list[int] = []
         others: list[tuple[int, _Job]] = []
@@ -303,12 +308,22 @@ class Inboxes:
                 self.counts["refused"] += 1
                 reason = f"the recipient's inbox holds {self.max_items} messages, the limit"
                 answers[i] = ProtocolError(ErrorCode.INBOX_FULL, reason)
+            elif (
+                self.per_sender
+                and self._from.get((m.recipient, m.sender), 0)
+                + sum(1 for d in drafts if d.recipient == m.recipient and d.sender == m.sender)
+                >= self.per_sender
+            ):
+                self.counts["refused"] += 1
+                reason = f"you have {self.per_sender} messages waiting in this inbox, the limit"
+                answers[i] = ProtocolError(ErrorCode.INBOX_FULL, reason)
             elif self.bytes + self._reserved_bytes + len(m.data) > self.max_bytes:
                 self.counts["refused"] += 1
                 reason = f"this relay's inboxes hold {self.max_bytes} bytes, the limit"
                 answers[i] = ProtocolError(ErrorCode.INBOX_FULL, reason)
             else:
                 drafts.append(_Draft(m.recipient, "message", m.mid, m.sender, m.data, m.origin))
+                batch_from[(m.recipient, m.sender)] += 1
                 self._writing[key] = job  # a copy (in this batch or another) waits for it
                 mine.append(i)
                 self._reserved[m.recipient] = self._reserved.get(m.recipient, 0) + 1
@@ -497,6 +512,8 @@ class Inboxes:
         self.bytes += len(item.data)
         if item.kind == "message":
             self._stored.add((item.recipient, item.sender, item.mid))
+            pair = (item.recipient, item.sender)
+            self._from[pair] = self._from.get(pair, 0) + 1
 
     def _unindex(self, item: Item) -> None:
         box = self.boxes.get(item.recipient)
@@ -507,6 +524,11 @@ class Inboxes:
         if not self._kinds[key]:
             del self._kinds[key]
         self.bytes -= len(item.data)
+        if item.kind == "message":
+            pair = (item.recipient, item.sender)
+            self._from[pair] -= 1
+            if not self._from[pair]:
+                del self._from[pair]
         if not box:
             del self.boxes[item.recipient]
 

@@ -85,6 +85,8 @@ class RelayConfig:
     """How long an undelivered message waits before it expires."""
     inbox_max_bytes: int = 256 << 20
     """Bytes all inboxes together hold (they are kept in memory too)."""
+    inbox_per_sender: int = 250
+    """Messages one sender may have waiting in one inbox (0: no cap of its own)."""
     rate_limits: RateLimits = field(default_factory=RateLimits)
     """Per-key publish and request rates, connections per key and per address."""
 
@@ -213,6 +215,7 @@ class RelayNode:
             ttl_ms=self.config.inbox_ttl_ms,
             wall_ms=self.wall_ms,
             max_bytes=self.config.inbox_max_bytes,
+            per_sender=self.config.inbox_per_sender,
         )
         """Sealed messages waiting for their recipients (relay/inbox.py)."""
         self.folds: list[Fold] = []  # the documents' fold is added below

@@ -181,3 +181,15 @@ async def test_a_resend_during_a_write_waits_for_it_and_a_failed_write_is_no_pro
         assert isinstance(answer, ProtocolError) and answer.code is ErrorCode.INTERNAL, name
     assert boxes.size(BOB) == 0
     assert await boxes.put_messages([message(b"1")]) == ["stored"]  # sending again works
+
+
+async def test_one_sender_cannot_fill_an_inbox_for_everyone() -> None:
+    boxes = Inboxes(MemoryInboxStore(), max_items=10, ttl_ms=10_000, wall_ms=Clock(), per_sender=2)
+    for agent in (ALICE, BOB, CAROL):
+        await boxes.remember(agent)
+    answers = await boxes.put_messages([message(bytes([48 + n])) for n in range(3)])
+    assert answers[:2] == ["stored", "stored"]
+    refused = answers[2]
+    assert isinstance(refused, ProtocolError) and refused.code is ErrorCode.INBOX_FULL
+    assert "you have 2 messages waiting" in refused.reason
+    assert await boxes.put_messages([message(b"z", sender=CAROL)]) == ["stored"]  # others can
