@@ -15,6 +15,7 @@ takes it too.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sqlite3
 import time
@@ -84,8 +85,26 @@ def restore(backup_dir: Path, data: Path) -> dict[str, Any]:
     if heads:
         _verify(backup_dir, manifest["files"], list(heads), key.public_key)
     data.mkdir(parents=True, exist_ok=True)
-    for name in manifest["files"]:
-        shutil.copy2(backup_dir / name, data / name)
+    with hold_data(data):
+        leftovers = [
+            p.name for p in data.iterdir() if p.name.endswith(("-wal", "-shm", ".sqlite3"))
+        ]
+        if leftovers:
+            raise BackupError(
+                f"{data} holds {', '.join(sorted(leftovers))}: restore into an empty directory"
+            )
+        # Copied beside, made durable, then moved in, the key last: an interrupted
+        # restore leaves no key over a partial store (a relay would sign a new history).
+        staging = data / ".restoring"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        for name in manifest["files"]:
+            shutil.copy2(backup_dir / name, staging / name)
+            _fsync(staging / name)
+        for name in sorted(manifest["files"], key=lambda n: n == KEY_FILE):
+            os.replace(staging / name, data / name)
+        _fsync(data)
+        staging.rmdir()
     return {"restored": manifest["files"], "namespaces": len(heads), "key": key.id}
 
 
@@ -142,13 +161,24 @@ def _verify(where: Path, files: list[str], namespaces: list[str], key: bytes) ->
 
 
 def _copy_database(source: Path, target: Path) -> None:
-    src = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
-    dst = sqlite3.connect(target)
     try:
-        src.backup(dst)  # page by page, a consistent snapshot while others write
+        src = sqlite3.connect(source.absolute().as_uri() + "?mode=ro", uri=True, timeout=10)
+        dst = sqlite3.connect(target)
+        try:
+            src.backup(dst)  # page by page, a consistent snapshot while others write
+        finally:
+            dst.close()
+            src.close()
+    except sqlite3.Error as exc:
+        raise BackupError(f"{source}: {exc}") from None
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
     finally:
-        dst.close()
-        src.close()
+        os.close(fd)
 
 
 def _heads(path: Path) -> dict[str, int]:

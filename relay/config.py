@@ -37,6 +37,8 @@ class Option:
     default: Any
     help: str
     flag: str | None = None
+    minimum: int = 0
+    """The least value that makes sense (ints; durations in ms)."""
 
     @property
     def name(self) -> str:
@@ -49,16 +51,24 @@ OPTIONS: tuple[Option, ...] = (
     Option("relay", "port", "int", 7700, "port for WebSocket and HTTP; 0 picks one", "--port"),
     Option("relay", "data", "str", "./formicary-data", "data directory", "--data"),
     Option("relay", "log_level", "level", "info", "JSON log lines from this level", "--log-level"),
-    Option("limits", "max_frame", "int", 1 << 20, "largest message, bytes", "--max-frame"),
-    Option("limits", "max_deps", "int", 32, "most deps per event"),
-    Option("limits", "max_subscriptions", "int", 64, "open subscriptions per connection"),
-    Option("limits", "max_follows", "int", 256, "namespaces followed per connection"),
-    Option("limits", "max_inflight", "int", 1024, "unanswered requests per connection"),
-    Option("limits", "send_queue", "int", 256, "outgoing frames queued per connection"),
-    Option("limits", "slow_consumer_timeout", "duration", "30s", "wait for send_queue room"),
-    Option("limits", "auth_timeout", "duration", "10s", "time to authenticate"),
+    Option(
+        "limits", "max_frame", "int", 1 << 20, "largest message, bytes", "--max-frame", minimum=1
+    ),
+    Option("limits", "max_deps", "int", 32, "most deps per event", minimum=1),
+    Option(
+        "limits", "max_subscriptions", "int", 64, "open subscriptions per connection", minimum=1
+    ),
+    Option("limits", "max_follows", "int", 256, "namespaces followed per connection", minimum=1),
+    Option("limits", "max_inflight", "int", 1024, "unanswered requests per connection", minimum=1),
+    Option("limits", "send_queue", "int", 256, "outgoing frames queued per connection", minimum=1),
+    Option(
+        "limits", "slow_consumer_timeout", "duration", "30s", "wait for send_queue room", minimum=1
+    ),
+    Option("limits", "auth_timeout", "duration", "10s", "time to authenticate", minimum=1),
     Option("limits", "max_parked", "int", 10_000, "events waiting for deps, relay-wide"),
-    Option("limits", "park_timeout", "duration", "10s", "how long an event waits for deps"),
+    Option(
+        "limits", "park_timeout", "duration", "10s", "how long an event waits for deps", minimum=1
+    ),
     Option("limits", "max_clock_skew", "duration", "24h", "event ts vs relay clock"),
     Option("limits", "publish_rate", "int", 100, "publishes per second per key"),
     Option("limits", "publish_burst", "int", 200, "publishes a key may send at once"),
@@ -111,6 +121,12 @@ class Settings:
 
     def relay_config(self) -> RelayConfig:
         v = self.values
+        for what in ("publish", "request"):
+            if v[f"limits.{what}_rate"] > 0 and v[f"limits.{what}_burst"] < 1:
+                raise ConfigError(
+                    f"limits.{what}_burst must be at least 1 while limits.{what}_rate is "
+                    "set (0 for both turns the limit off)"
+                )
         claims = TtlBounds(
             min_ms=v["leases.min"], max_ms=v["leases.max"], default_ms=v["leases.claim_ttl"]
         )
@@ -207,11 +223,16 @@ def _typed(option: Option, value: Any, where: str) -> Any:
     if kind == "int":
         if type(value) is not int or value < 0:
             raise ConfigError(f"{where}: {value!r} is not a whole number")
+        if value < option.minimum:
+            raise ConfigError(f"{where}: {value} is below {option.minimum}, the least that works")
         return value
     if kind == "duration":
         if not isinstance(value, str):
             raise ConfigError(f'{where}: {value!r}: a duration is a string like "30s"')
-        return duration_ms(value, where)
+        ms = duration_ms(value, where)
+        if ms < option.minimum:
+            raise ConfigError(f"{where}: {value!r} is too short: at least {option.minimum} ms")
+        return ms
     if kind == "str":
         if not isinstance(value, str):
             raise ConfigError(f"{where}: {value!r} is not a string")

@@ -81,7 +81,8 @@ class Limiter:
         if wait:
             raise ProtocolError(
                 ErrorCode.RATE_LIMITED,
-                f"over {rate:g} {what}es per second (burst {burst}); "
+                f"over {rate:g} {what}{'es' if what == 'publish' else 's'} per second "
+                f"(burst {burst}); "
                 f"try again in {int(wait * 1000) + 1} ms",
             )
 

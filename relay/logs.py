@@ -53,10 +53,12 @@ def configure(level: str = "info", stream: IO[str] | None = None) -> None:
         raise ValueError(f"--log-level {level!r}: one of {', '.join(LEVELS)}")
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter())
-    root = logging.getLogger("formicary")
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    root.propagate = False
+    # websockets logs a failed connection handler with its traceback: as JSON too.
+    for name, at in (("formicary", level.upper()), ("websockets", "WARNING")):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler]
+        logger.setLevel(at)
+        logger.propagate = False
 
 
 def about(event_id: bytes) -> dict[str, str]:

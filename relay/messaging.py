@@ -17,6 +17,7 @@ import trio
 from agent_sdk import frames as f
 from agent_sdk.client import Asked
 from agent_sdk.errors import ErrorCode, ProtocolError
+from agent_sdk.sealing import Unsealable
 from relay.inbox import Arriving
 from relay.session import AckItem, Confirm, Mail, PassReceipt
 
@@ -228,6 +229,12 @@ class Messaging:
                     continue
                 if receipt.id != item.mid or receipt.sender != item.sender:
                     continue  # a receipt for another message: the sender would not believe it
+                try:
+                    receipt.verify()
+                except Unsealable as exc:  # the item is delivered all the same
+                    error = ProtocolError(ErrorCode.BAD_MESSAGE, str(exc))
+                    await self.send(f.Error.of(error, sub=action.sub))
+                    continue
                 if item.origin and self.node.federation is not None:
                     self.node.federation.receipt_soon(item.origin, receipt.encode())
                 else:

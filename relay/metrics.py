@@ -148,6 +148,15 @@ def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily
     return CounterMetricFamily(name, documentation, value=value)
 
 
+MAX_KINDS = 64
+"""Event kinds given a label of their own; the rest are counted as ``other`` (agents
+choose kinds: a label per kind would let one agent grow the scrape without bound)."""
+
+
+def count_kind(counts: Counter[str], kind: str) -> None:
+    counts[kind if kind in counts or len(counts) < MAX_KINDS else "other"] += 1
+
+
 def _by_kind(name: str, documentation: str, counts: Counter[str]) -> CounterMetricFamily:
     family = CounterMetricFamily(name, documentation, labels=["kind"])
     for kind, count in sorted(counts.items()):

@@ -45,7 +45,7 @@ from relay.coordination.requests import CLAIM_TTL, LOCK_TTL, RELAY_KINDS, Coordi
 from relay.documents import COMPACTED, DOC_KINDS, DocHost, LiveDoc, check_event
 from relay.inbox import Inboxes, InboxStore, MemoryInboxStore
 from relay.limits import Limiter, RateLimits
-from relay.metrics import Metrics
+from relay.metrics import Metrics, count_kind
 from relay.sequencer import Duplicate, Limits, Parked, Rejected, Sequenced, Sequencer
 from relay.store import Head, Located, Record, Store
 
@@ -683,7 +683,7 @@ class RelayNode:
             self._cache(record)
             self._committed[record.ns] = record.seq
             if sequenced:  # the folds are of this relay's own logs
-                events_in[record.kind] += 1
+                count_kind(events_in, record.kind)
                 for fold in self.folds:
                     fold(record)
         for ns in {record.ns for record in batch}:

@@ -39,6 +39,7 @@ from relay.documents import MAX_AWARENESS, LiveDoc, Overflow, Replica
 from relay.logs import CONNECTION, about
 from relay.messaging import Messaging
 from relay.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from relay.metrics import count_kind
 from relay.node import RelayNode, Ticket
 from relay.session import (
     AckItem,
@@ -67,6 +68,8 @@ JOIN_WAIT = 10.0  # seconds a closing connection waits for its joins to be decid
 AUTH_TIMEOUT_CLOSE = 1008
 TOO_MANY_CLOSE = 1008  # a connection over the per-key or per-address cap
 FLOOD_CLOSE = 1008
+MAX_AUTH_FAILURES = 3
+"""Failed ``auth`` attempts after which a connection is closed (each costs a check)."""
 REFUSALS_BEFORE_CLOSE = 256
 """Rate-limited frames in a row after which a connection is closed: an agent that
 honours ``try again in`` never gets near it."""
@@ -125,6 +128,7 @@ class Connection:
         self._messaging: Messaging | None = None  # once authenticated
         self._counted = False  # in the limiter's connections per key and address
         self._refused_in_a_row = 0  # rate-limited frames since the last one let through
+        self._auth_failures = 0
         self._address = _host(ws)
 
     async def run(self) -> None:
@@ -214,8 +218,6 @@ class Connection:
                 await self.ws.aclose(AUTH_TIMEOUT_CLOSE, reason)
                 return
             await self._receive_one(message)
-        agent = self.session.agent
-        self._messaging = Messaging(self.node, agent, self._send, self._nursery, self.peer)
         while True:  # recv(), not `async for`: a cancelled loop leaves no generator behind
             try:
                 message = await self.ws.recv()
@@ -259,6 +261,20 @@ class Connection:
                     # hears welcome, so that a relay crash cannot forget an agent that
                     # saw itself connected.
                     await self.node.inboxes.remember(action.frame.agent)
+                if isinstance(action.frame, f.Welcome):  # the frames after it may be msg.*
+                    agent = action.frame.agent
+                    self._messaging = Messaging(
+                        self.node, agent, self._send, self._nursery, self.peer
+                    )
+                elif isinstance(action.frame, f.Error) and action.frame.code == int(
+                    ErrorCode.AUTH_FAILED
+                ):
+                    self._auth_failures += 1
+                    if self._auth_failures >= MAX_AUTH_FAILURES:
+                        await self._send(action.frame)
+                        reason = f"{int(ErrorCode.AUTH_FAILED)} auth_failed: too many attempts"
+                        await self.ws.aclose(AUTH_TIMEOUT_CLOSE, reason)
+                        return
                 await self._send(action.frame)
             elif isinstance(action, Open):
                 await self._open(action.request)
@@ -667,7 +683,7 @@ class Connection:
                         receipt=record.receipt,
                         seal=record.seal,
                     )
-                    self.node.metrics.events_out[record.kind] += 1
+                    count_kind(self.node.metrics.events_out, record.kind)
                     await self._send(event)
             if records:
                 cursor = records[-1].seq + 1

@@ -21,6 +21,11 @@ from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.sealing import Receipt, Sealed, Unsealable
 from agent_sdk.wire import PROTOCOL_VERSION, SignedEvent, Signer, decode_event, verify_signature
 
+CHARGED = (f.Publish, f.Query, f.MsgSend, f.MsgConfirm, f.Subscribe, f.DocOpen)
+"""Frames charged to the agent's rate limits: a publish, or a request (all the others:
+each costs the relay a check, a replay or a write). ``msg.ack`` is not: acks follow
+from messages received, and a receipt is only checked for an item that exists."""
+
 
 class State(enum.Enum):
     AWAITING_AUTH = "awaiting_auth"
@@ -228,8 +233,9 @@ class Session:
                 raise ProtocolError(ErrorCode.UNKNOWN_FRAME, f"{frame.t} is sent by relays")
             code, reason = _REFUSALS[self.state]
             raise ProtocolError(code, f"{frame.t} not allowed: {reason}")
-        if isinstance(frame, (f.Publish, f.Query, f.MsgSend)):
-            # Charged before anything costly (a signature check): a flood costs little.
+        if isinstance(frame, CHARGED):
+            # Charged before anything costly (a signature check, a replay): a flood
+            # costs little.
             self.charge("publish" if isinstance(frame, f.Publish) else "request")
         if isinstance(frame, f.Auth):
             action: Action = self._auth(frame)
@@ -303,7 +309,8 @@ class Session:
             receipt = Receipt.decode(frame.receipt)
             if receipt.recipient != self.agent:
                 raise Unsealable("a receipt is signed by the recipient: this connection's agent")
-            receipt.verify()
+            # Its signature is checked with the item it acknowledges (relay/messaging.py):
+            # an ack of nothing costs no check.
         except Unsealable as exc:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, str(exc)) from None
         return receipt

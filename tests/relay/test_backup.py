@@ -91,3 +91,19 @@ async def test_a_tampered_backup_is_refused(tmp_path: Path) -> None:
 
 def relay_key(data: Path) -> bytes:
     return Identity.load(data / "relay.key").public_key
+
+
+async def test_restore_refuses_a_directory_with_databases_and_backup_takes_odd_paths(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "odd #1 ?%"  # characters a file: URI must escape
+    async with relay_process(data) as relay, RelayClient.connect(relay.url, identity(1)) as agent:
+        await agent.publish(NAMESPACES[0], "app.note", "odd")
+    copy = tmp_path / "backup"
+    code, _, err = await formicary("relay", "backup", "--data", str(data), "--out", str(copy))
+    assert code == 0, err
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "inbox.sqlite3-wal").write_bytes(b"stale")  # a leftover SQLite would replay
+    code, _, err = await formicary("relay", "restore", "--from", str(copy), "--data", str(target))
+    assert code == 1 and "inbox.sqlite3-wal" in err and not (target / "relay.key").exists()

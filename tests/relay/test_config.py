@@ -63,6 +63,9 @@ peers = ["south=ws://127.0.0.1:7800#" ]
         ("[relay\n", "not TOML"),
         ('[leases]\nmin = "1h"\nmax = "1m"\n', "min <= default <= max"),
         ('[federation]\npeers = ["nokey=ws://x"]\n', "peer"),
+        ("[limits]\nmax_frame = 0\n", "below 1, the least that works"),
+        ('[limits]\nauth_timeout = "0s"\n', "too short"),
+        ("[limits]\npublish_burst = 0\n", "publish_burst must be at least 1"),
     ],
 )
 def test_a_bad_file_is_a_clear_error(tmp_path: Path, text: str, says: str) -> None:

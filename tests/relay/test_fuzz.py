@@ -15,9 +15,11 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
+import pytest
 import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from websockets.exceptions import ConnectionClosed
 from websockets.trio.client import ClientConnection, connect
 
 from agent_sdk import frames as f
@@ -245,3 +247,36 @@ def _operation(who: Identity, op: str, arg: int, rid: int) -> f.AgentFrame:
     if op == "subscribe":
         return f.Subscribe(sub=arg, ns=(ns,), start={ns: 1})
     return f.Unsubscribe(sub=arg)
+
+
+async def test_frames_bundled_with_auth_and_repeated_bad_auth_are_handled(tmp_path: Path) -> None:
+    """``auth`` and ``msg.*`` frames in one message are served in order; a connection
+    that fails ``auth`` three times is closed (each attempt costs a check)."""
+    async with trio.open_nursery() as nursery, AsyncExitStack() as stack:
+        relay = await start_relay(nursery, tmp_path / "relay")
+        ws = await stack.enter_async_context(
+            connect(relay.url, compression=None, max_size=None, proxy=None)
+        )
+        hello = f.decode_frame(await ws.recv())  # type: ignore[arg-type]
+        assert isinstance(hello, f.Hello)
+        sig = FUZZER.sign(f.agent_auth_message(hello.relay, hello.challenge))
+        auth = f.Auth(key=FUZZER.public_key, sig=sig, challenge=b"c" * 32)
+        await ws.send(f.bundle([f.encode_frame(auth), f.encode_frame(f.MsgInbox(sub=1))]))
+        seen: list[object] = []
+        while not any(isinstance(x, f.Live) for x in seen):
+            seen += f.decode_message(await ws.recv())  # type: ignore[arg-type]
+        assert isinstance(seen[0], f.Welcome)  # then the inbox stream went live
+        bad = f.Auth(key=WITNESS.public_key, sig=b"s" * 64, challenge=b"c" * 32)
+        other = await stack.enter_async_context(
+            connect(relay.url, compression=None, max_size=None, proxy=None)
+        )
+        await other.recv()  # hello
+        await other.send(f.bundle([f.encode_frame(bad)] * 5))
+        codes = []
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                for frame in f.decode_message(await other.recv()):  # type: ignore[arg-type]
+                    codes.append(getattr(frame, "code", None))
+        assert set(codes) <= {1005} and len(codes) <= 3  # (errors may not beat the close)
+        assert closed.value.rcvd is not None and "too many attempts" in closed.value.rcvd.reason
+        nursery.cancel_scope.cancel()
