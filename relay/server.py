@@ -65,6 +65,7 @@ ACK_DRAIN = 10.0
 
 SLOW_CONSUMER_CLOSE = 1008  # policy violation: the closest standard code
 JOIN_WAIT = 10.0  # seconds a closing connection waits for its joins to be decided
+STOPPING_WAIT = 1.0  # ... either of those, once the relay is stopping
 AUTH_TIMEOUT_CLOSE = 1008
 TOO_MANY_CLOSE = 1008  # a connection over the per-key or per-address cap
 FLOOD_CLOSE = 1008
@@ -147,7 +148,10 @@ class Connection:
                     await self._reader()
                 finally:
                     if self._messaging is not None:  # acks it sent are applied, not lost
-                        with trio.CancelScope(shield=True), trio.move_on_after(ACK_DRAIN):
+                        with (
+                            trio.CancelScope(shield=True),
+                            trio.move_on_after(self._wait(ACK_DRAIN)),
+                        ):
                             await self._messaging.finish()
                 nursery.cancel_scope.cancel()
         except* (SlowConsumer, ConnectionClosed):
@@ -164,7 +168,7 @@ class Connection:
                 assert agent is not None
                 # Let joins still on their way be decided first: a join decided after
                 # the leave would leave a member online with no connection.
-                with trio.CancelScope(shield=True), trio.move_on_after(JOIN_WAIT):
+                with trio.CancelScope(shield=True), trio.move_on_after(self._wait(JOIN_WAIT)):
                     for ticket in self._joins:
                         await ticket.done.wait()
                 for ns in self._present:  # presence by connection ends with it
@@ -297,6 +301,11 @@ class Connection:
             else:
                 assert isinstance(action, Close)
                 await self._close(action.sub)
+
+    def _wait(self, seconds: float) -> float:
+        """How long a closing connection may wait for its own work: less once the relay
+        is stopping, so that a clean stop stays within its bound."""
+        return min(seconds, STOPPING_WAIT) if self.node.stopping else seconds
 
     def _charge(self, what: str) -> None:
         """The session's rate check: this agent's bucket for ``what`` (peer relays'
