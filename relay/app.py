@@ -166,4 +166,7 @@ async def stop_gracefully(node: RelayNode, server: Server) -> None:
     re-send anything still unanswered: publishing is idempotent)."""
     node.stop_admitting()
     await node.settle()
+    async with trio.open_nursery() as answering:  # every decided answer goes out
+        for connection in list(node.connections):
+            answering.start_soon(connection.quiet)
     await server.aclose(code=1001, reason="5002 shutting_down")

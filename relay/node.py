@@ -268,6 +268,9 @@ class RelayNode:
         self.stats = dict.fromkeys(STATS, 0)
         self.stopping = False
         """Set by :meth:`stop_admitting`: a clean stop is under way."""
+        self.connections: set[Any] = set()
+        """The connections open now (relay/server.py): a clean stop lets each finish
+        sending its answers."""
         self._deciding = False
         self._committing = False
         self._progress = trio.Event()  # set (and replaced) as batches are decided, committed

@@ -130,11 +130,15 @@ class Connection:
         self._counted = False  # in the limiter's connections per key and address
         self._refused_in_a_row = 0  # rate-limited frames since the last one let through
         self._auth_failures = 0
+        self._answering = False  # the acknowledger is answering a batch
+        self._writing = False  # the writer is in a send
+        self._quiet = trio.Event()  # set (and replaced) as either finishes
         self._address = _host(ws)
 
     async def run(self) -> None:
         self.node.count("connections")
         self.node.metrics.open_connections += 1
+        self.node.connections.add(self)
         # The correlation id of this connection's log lines (its tasks inherit it).
         CONNECTION.set(secrets.token_hex(6))
         log.debug("connection opened", extra={"remote": self._address})
@@ -158,6 +162,7 @@ class Connection:
             pass
         finally:
             self.node.metrics.open_connections -= 1
+            self.node.connections.discard(self)
             agent = self.session.agent
             if self._counted and agent is not None:
                 self.node.limiter.disconnect(agent, self._address)
@@ -208,7 +213,25 @@ class Connection:
                     break
                 frames.append(data)
                 size += len(data)
+            self._writing = True
             await self.ws.send(f.bundle(frames))
+            self._writing = False
+            self._note_quiet()
+
+    def _note_quiet(self) -> None:
+        self._quiet.set()
+        self._quiet = trio.Event()
+
+    async def quiet(self) -> None:
+        """Return once every answer decided so far has been written to the socket (a
+        clean stop waits for this before it closes the connection)."""
+        while (
+            self._acks_rx.statistics().current_buffer_used
+            or self._answering
+            or self._out_rx.statistics().current_buffer_used
+            or self._writing
+        ):
+            await self._quiet.wait()
 
     async def _reader(self) -> None:
         # An agent that connects and never authenticates holds resources for nothing.
@@ -406,6 +429,7 @@ class Connection:
                         queued.append(self._acks_rx.receive_nowait())
                     except trio.WouldBlock:
                         break
+                self._answering = True
                 for rid, ticket in queued:
                     if isinstance(ticket, f.Query):
                         await self._answer_query(ticket)
@@ -423,6 +447,8 @@ class Connection:
                         parked.start_soon(self._acknowledge, rid, ticket)
                     else:
                         await self._acknowledge(rid, ticket)
+                self._answering = False
+                self._note_quiet()
 
     async def _acknowledge(self, rid: int, ticket: Ticket) -> None:
         try:
