@@ -141,27 +141,22 @@ class SQLiteInboxStore:
     def apply(self, put: Sequence[Item], drop: Sequence[Item]) -> None:
         rows = [(i.recipient, i.seq, i.kind, i.mid, i.sender, i.data, i.expires_ms, i.origin)
                 for i in put]  # fmt: skip
-        with self._lock:
-            self._db.execute("BEGIN")
-            try:
-                self._db.executemany(
-                    "DELETE FROM inbox WHERE recipient = ? AND seq = ?",
-                    [(i.recipient, i.seq) for i in drop],
-                )
-                self._db.executemany("INSERT INTO inbox VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+        gone = [(i.recipient, i.seq) for i in drop]
+        self._write(
+            ("DELETE FROM inbox WHERE recipient = ? AND seq = ?", gone),
+            ("INSERT INTO inbox VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows),
+        )
 
     def know(self, agents: Sequence[bytes]) -> None:
-        self._write("INSERT OR IGNORE INTO agents VALUES (?)", [(a,) for a in agents])
+        self._write(("INSERT OR IGNORE INTO agents VALUES (?)", [(a,) for a in agents]))
 
-    def _write(self, statement: str, rows: Sequence[tuple[object, ...]]) -> None:
+    def _write(self, *statements: tuple[str, Sequence[tuple[object, ...]]]) -> None:
+        """Run ``statements`` (each over its rows) as one transaction."""
         with self._lock:
             self._db.execute("BEGIN")
             try:
-                self._db.executemany(statement, rows)
+                for statement, rows in statements:
+                    self._db.executemany(statement, rows)
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
