@@ -67,6 +67,7 @@ from websockets.trio.client import ClientConnection, connect
 from agent_sdk import frames as f
 from agent_sdk.identity import Identity
 from agent_sdk.wire import EVENT_DOMAIN, Event, SignedEvent, sign_event, verify_signature
+from relay.limits import UNLIMITED, as_toml
 
 RELAY_NAME = "local"
 TARGET_MIN = 0.5
@@ -590,10 +591,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 @contextmanager
 def two_relays(tmp: Path) -> Iterator[dict[str, RelayProcess]]:
     """Relays ``a`` and ``b``, each listing the other as a peer."""
@@ -652,8 +649,9 @@ def unlimited(where: Path) -> list[str]:
     what the relay can do, and its load generator is one key per agent at full speed
     (bench/flood.py measures the limits themselves)."""
     settings = where / "unlimited.toml"
-    settings.write_text(
-        "[limits]\npublish_rate = 0\nrequest_rate = 0\n"
-        "connections_per_key = 0\nconnections_per_address = 0\n"
-    )
+    settings.write_text(as_toml(UNLIMITED))
     return ["--config", str(settings)]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

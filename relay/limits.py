@@ -34,6 +34,23 @@ class RateLimits:
     connections_per_address: int = 4096
 
 
+UNLIMITED = RateLimits(
+    publish_rate=0, request_rate=0, connections_per_key=0, connections_per_address=0
+)
+"""No rate limits and no connection caps (simulations, capacity benchmarks)."""
+
+
+def as_toml(limits: RateLimits) -> str:
+    """The ``[limits]`` table of a ``relay.toml`` that sets ``limits``."""
+    return (
+        "[limits]\n"
+        f"publish_rate = {int(limits.publish_rate)}\npublish_burst = {limits.publish_burst}\n"
+        f"request_rate = {int(limits.request_rate)}\nrequest_burst = {limits.request_burst}\n"
+        f"connections_per_key = {limits.connections_per_key}\n"
+        f"connections_per_address = {limits.connections_per_address}\n"
+    )
+
+
 @dataclass
 class TokenBucket:
     rate: float

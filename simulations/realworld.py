@@ -31,6 +31,7 @@ import trio
 from agent_sdk.client import Delivery, RelayClient
 from agent_sdk.identity import Identity, load_or_create
 from relay.app import KEY_FILE, STORE_FILE
+from relay.limits import as_toml
 from relay.node import RelayConfig
 from relay.store import Store
 from relay.store.sqlite import SQLiteStore
@@ -126,12 +127,7 @@ class RealWorld:
             url = f"ws://127.0.0.1:{self.port_of(peer)}"
             command += ["--peer", f"{peer}={url}#{self.relay_key(peer)}"]
         settings = self.root / f"{config.name}.toml"  # what flags do not set
-        settings.write_text(
-            "[limits]\n"
-            f"publish_rate = {int(config.rate_limits.publish_rate)}\n"
-            f"request_rate = {int(config.rate_limits.request_rate)}\n"
-            f"connections_per_address = {config.rate_limits.connections_per_address}\n"
-        )
+        settings.write_text(as_toml(config.rate_limits))
         command += ["--config", str(settings)]
         log = self.root / f"{config.name}.log"
         process, url = await _spawn(command, log)

@@ -13,18 +13,14 @@ from websockets.trio.server import Server
 from agent_sdk.identity import Identity
 from federation.network import FederationConfig
 from relay.app import run_relay
-from relay.limits import RateLimits
+from relay.limits import UNLIMITED, RateLimits
 from relay.node import RelayConfig, RelayNode
-
-UNLIMITED = RateLimits(
-    publish_rate=0, request_rate=0, connections_per_key=0, connections_per_address=0
-)
-"""Tests of other things publish as fast as they can from one key: no rate limits
-(tests/relay/test_limits.py sets its own)."""
 
 
 def unlimited(config: RelayConfig) -> RelayConfig:
-    """``config`` without rate limits, unless it sets limits of its own."""
+    """``config`` without rate limits, unless it sets limits of its own: tests of other
+    things publish as fast as they can from one key (tests/relay/test_limits.py sets
+    its own)."""
     if config.rate_limits != RateLimits():
         return config
     return replace(config, rate_limits=UNLIMITED)

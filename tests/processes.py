@@ -12,6 +12,8 @@ from typing import Any
 
 import trio
 
+from relay.limits import UNLIMITED, as_toml
+
 STARTUP_TIMEOUT = 20  # seconds; a cold interpreter on a slow machine
 PHASE_TIMEOUT = 30
 
@@ -42,10 +44,7 @@ class RelayProcess:
         if "--config" not in self.args:  # tests of other things publish at full speed
             settings = self.data.parent / f"{self.data.name}.unlimited.toml"
             settings.parent.mkdir(parents=True, exist_ok=True)
-            settings.write_text(
-                "[limits]\npublish_rate = 0\nrequest_rate = 0\n"
-                "connections_per_key = 0\nconnections_per_address = 0\n"
-            )
+            settings.write_text(as_toml(UNLIMITED))
             command += ["--config", str(settings)]
         self._stderr = b""
         self.process = await trio.lowlevel.open_process(

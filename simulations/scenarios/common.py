@@ -11,7 +11,7 @@ import trio
 from agent_sdk.ledger import Ledger
 from agent_sdk.wire import decode
 from relay.coordination.leases import TtlBounds
-from relay.limits import RateLimits
+from relay.limits import UNLIMITED
 from relay.node import RelayConfig
 from simulations.model import Settings, Summary
 from simulations.world import HostsLogs, World, identity_of
@@ -22,14 +22,11 @@ PLANNER_LANES = 32
 """Orders created concurrently by the planner (one connection, pipelined)."""
 
 
-NO_RATE_LIMITS = RateLimits(publish_rate=0, request_rate=0, connections_per_address=0)
-"""A simulation measures coordination, not the relay's defence against floods: its
-planner creates a whole backlog at one instant of virtual time."""
-
-
 def relay_config(settings: Settings, name: str = RELAY) -> RelayConfig:
     claims = TtlBounds(min_ms=1_000, max_ms=24 * 3600 * 1000, default_ms=settings.ttl_ms)
-    return RelayConfig(name=name, claim_ttl=claims, lock_ttl=claims, rate_limits=NO_RATE_LIMITS)
+    # A simulation measures coordination, not the relay's defence against floods: its
+    # planner creates a whole backlog at one instant of virtual time.
+    return RelayConfig(name=name, claim_ttl=claims, lock_ttl=claims, rate_limits=UNLIMITED)
 
 
 async def plan(
