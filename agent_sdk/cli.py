@@ -23,7 +23,7 @@ from typing import Any
 
 import trio
 
-from agent_sdk import cli_auction, cli_dir, cli_doc, cli_msg, cli_records, cli_wo
+from agent_sdk import cli_auction, cli_dir, cli_doc, cli_msg, cli_ns, cli_records, cli_wo
 from agent_sdk.client import DEFAULT_RELAY, Delivery, Live, Published, RelayClient
 from agent_sdk.errors import ProtocolError
 from agent_sdk.identity import Identity, default_key_path, load_or_create
@@ -215,6 +215,32 @@ def cmd_relay_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_relay_invite(args: argparse.Namespace) -> int:
+    """An invite token for one namespace, signed with the relay's key (access.md)."""
+    import time
+
+    from agent_sdk.cli_wo import UsageError, ttl_ms
+    from agent_sdk.wire import NS_RE
+    from relay.access import mint_invite
+    from relay.app import KEY_FILE
+
+    path = Path(args.data) / KEY_FILE
+    try:
+        ttl = ttl_ms(args.ttl, "--ttl")
+    except UsageError as exc:
+        print(f"formicary relay invite: {exc}", file=sys.stderr)
+        return 2
+    if not NS_RE.fullmatch(args.ns):
+        print(f"formicary relay invite: {args.ns!r} is not a namespace", file=sys.stderr)
+        return 2
+    if not path.exists():
+        print(f"formicary relay invite: no {KEY_FILE} in {args.data}", file=sys.stderr)
+        return 1
+    token = mint_invite(load_or_create(path), args.ns, time.time_ns() // 1_000_000 + ttl)
+    print(token.hex())
+    return 0
+
+
 def cmd_relay_store(args: argparse.Namespace) -> int:
     from relay.backup import BackupError, backup, compact, restore
 
@@ -340,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_doc.add_parser(sub, agent_options)
     cli_dir.add_parser(sub, agent_options)
     cli_auction.add_parser(sub, agent_options)
+    cli_ns.add_parser(sub, agent_options)
     cli_msg.add_parser(sub, agent_options, lambda args: (_relay_url(args), _identity(args)))
 
     p = sub.add_parser("keygen", help="create an agent key file")
@@ -383,6 +410,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = relay.add_parser("compact", help="VACUUM the data directory's databases (relay stopped)")
     p.add_argument("--data", default="./formicary-data", help="the relay's data directory")
     p.set_defaults(func=cmd_relay_store, action="compact")
+    p = relay.add_parser("invite", help="print a token that lets an agent create a namespace")
+    p.add_argument("ns", help="the namespace it creates, name@this-relay")
+    p.add_argument("--ttl", default="168h", help="how long the invite is good for")
+    p.add_argument("--data", default="./formicary-data", help="the relay's data directory")
+    p.set_defaults(func=cmd_relay_invite)
     p = relay.add_parser("key", help="print the relay's key (created if absent), for --peer")
     p.add_argument("--data", default="./formicary-data", help="data directory")
     p.set_defaults(func=cmd_relay_key)

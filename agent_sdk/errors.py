@@ -54,6 +54,9 @@ class ErrorCode(enum.IntEnum):
     """A document update or state vector is not one (garbage), or is over the size limit."""
     DOC_EXISTS = 2012
     """``doc.create`` names a document that exists already."""
+    FORBIDDEN = 2013
+    """The namespace's policy (or the relay's creation rule) does not let this key
+    do that: write, read, change the policy, or create the namespace."""
 
     # 3xxx: subscriptions
     BAD_CURSOR = 3001

@@ -57,6 +57,8 @@ log = logging.getLogger("formicary.federation")
 
 MIRROR_LINGER = 30.0
 """Seconds a mirror nobody holds keeps following, in case a subscriber comes back."""
+FORBIDDEN_RETRY = 10.0
+"""Seconds a mirror waits before asking again a home that refused it (forbidden)."""
 TAP_BUFFER = 8192
 """Frames a mirror or a proxied document takes before it must catch up from a cursor."""
 LOCATE = "fed.locate"
@@ -503,6 +505,9 @@ class Mirror:
         self.settled = trio.Event()
         """Set once the mirror has caught up with its home, or found it unreachable:
         what it holds then is the best there is to serve."""
+        self.refused: ProtocolError | None = None
+        """Set while the home refuses this relay its namespace (``forbidden``: the
+        namespace is private and its owner does not list this relay's key)."""
         self._changed = trio.Event()
 
     @property
@@ -616,6 +621,7 @@ class Mirror:
             checked: list[Record] = []
             while True:
                 if isinstance(frame, f.EventFrame):
+                    self.refused = None
                     try:
                         checked += self.chain.offer(
                             frame.event, frame.sig, frame.receipt, frame.seal
@@ -630,8 +636,13 @@ class Mirror:
                 elif isinstance(frame, f.Error):
                     peer = self.link.peer.name
                     log.warning("mirror %s: %s refused: %s", self.ns, peer, frame.reason)
+                    forbidden = frame.code == ErrorCode.FORBIDDEN
+                    if forbidden:
+                        reason = f"{peer} does not let this relay read {self.ns}"
+                        self.refused = ProtocolError(ErrorCode.FORBIDDEN, reason)
                     self.settled.set()  # serve what is stored rather than nothing
-                    await trio.sleep(1.0)
+                    self.changed()
+                    await trio.sleep(FORBIDDEN_RETRY if forbidden else 1.0)
                     return
                 if len(checked) >= 4096:
                     break

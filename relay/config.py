@@ -17,6 +17,7 @@ from typing import Any
 from agent_sdk.cli_wo import UsageError, ttl_ms
 from federation.network import FederationConfig
 from federation.peers import check_peers, parse_peer
+from relay.access import Creation
 from relay.coordination.leases import TtlBounds
 from relay.limits import RateLimits
 from relay.logs import LEVELS
@@ -33,7 +34,7 @@ class Option:
     section: str
     key: str
     kind: str
-    """``int``, ``duration``, ``str``, ``level`` or ``peers``."""
+    """``int``, ``duration``, ``str``, ``level``, ``peers``, ``creation`` or ``keys``."""
     default: Any
     help: str
     flag: str | None = None
@@ -89,6 +90,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("messages", "inbox_ttl", "duration", "168h", "undelivered lifetime", "--inbox-ttl"),
     Option("messages", "inbox_max_bytes", "int", 256 << 20, "bytes of all inboxes"),
     Option("messages", "inbox_per_sender", "int", 250, "one sender's messages in an inbox"),
+    Option("store", "dsn", "str", "", "PostgreSQL DSN; empty: embedded SQLite", "--store"),
+    Option("access", "create", "creation", "open", "who creates namespaces: open, allow, invite"),
+    Option("access", "creators", "keys", [], "keys (hex) that may create namespaces"),
     Option("federation", "peers", "peers", [], "relays to federate with", "--peer"),
     Option(
         "federation",
@@ -165,6 +169,9 @@ class Settings:
                     connections_per_key=v["limits.connections_per_key"],
                     connections_per_address=v["limits.connections_per_address"],
                 ),
+                store=v["store.dsn"],
+                create=Creation(v["access.create"]),
+                creators=frozenset(v["access.creators"]),
             )
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
@@ -241,6 +248,21 @@ def _typed(option: Option, value: Any, where: str) -> Any:
         if value not in LEVELS:
             raise ConfigError(f"{where}: {value!r}: one of {', '.join(LEVELS)}")
         return value
+    if kind == "creation":
+        if value not in set(Creation):
+            raise ConfigError(f"{where}: {value!r}: one of {', '.join(Creation)}")
+        return value
+    if kind == "keys":
+        wrong = ConfigError(f"{where}: a list of keys, each 64 hex digits")
+        if not isinstance(value, list) or not all(isinstance(k, str) for k in value):
+            raise wrong
+        try:
+            parsed = [bytes.fromhex(k) for k in value]
+        except ValueError:
+            raise wrong from None
+        if any(len(k) != 32 for k in parsed):
+            raise wrong
+        return parsed
     assert kind == "peers"
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ConfigError(f'{where}: a list of "NAME=URL#KEY" strings')

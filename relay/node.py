@@ -38,6 +38,7 @@ import trio
 from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.identity import Identity
 from agent_sdk.wire import NS_RE, Event, SignedEvent, digest, seal_digest, sign_event
+from relay.access import POLICY, Access, Creation
 from relay.coordination import queries
 from relay.coordination.host import Host
 from relay.coordination.leases import TtlBounds
@@ -89,6 +90,13 @@ class RelayConfig:
     """Messages one sender may have waiting in one inbox (0: no cap of its own)."""
     rate_limits: RateLimits = field(default_factory=RateLimits)
     """Per-key publish and request rates, connections per key and per address."""
+    create: Creation = Creation.OPEN
+    """Who may create namespaces (relay/access.py): open, allow or invite."""
+    creators: frozenset[bytes] = frozenset()
+    """Keys that may create namespaces under ``allow`` and ``invite``."""
+    store: str = ""
+    """A PostgreSQL DSN for the logs, mirrors and inboxes; "" for the embedded
+    SQLite files in the data directory (relay/app.py)."""
 
     def __post_init__(self) -> None:
         if not NS_RE.fullmatch(f"x@{self.name}"):
@@ -219,6 +227,8 @@ class RelayNode:
         )
         """Sealed messages waiting for their recipients (relay/inbox.py)."""
         self.folds: list[Fold] = []  # the documents' fold is added below
+        self.access = Access(identity.public_key, self.config.create, self.config.creators)
+        """Owners and policies of namespaces (relay/access.py), folded from the logs."""
         heads = store.heads()
         self.sequencer = Sequencer(identity.public_key, heads, limits=self.config.sequencer)
         # Coordination state is a fold of the logs: rebuild it before serving anyone.
@@ -242,12 +252,14 @@ class RelayNode:
             max_live=self.config.max_live_docs, compact_every=self.config.doc_compact_every
         )
         for ns in store.namespaces():
-            records = self.docs.rebuild(store.scan(ns))
+            records = self.docs.rebuild(self.access.folding(store.scan(ns)))
             self._unanswered += self.coordination.rebuild(records, answered)
         self._committed: dict[str, int] = {ns: head.seq for ns, head in heads.items()}
         self.mirror_heads: dict[str, Head] = mirror_store.heads() if mirror_store else {}
         for ns, head in self.mirror_heads.items():
             self._committed[ns] = head.seq
+            assert mirror_store is not None
+            self.access.fold(mirror_store.scan(ns))  # a mirror enforces its home's policy
         self._changed: dict[str, trio.Event] = {}
         self._recent: dict[str, dict[int, Record]] = {}
         # Every cached record in commit order, for the relay-wide byte budget. Evicting
@@ -423,8 +435,11 @@ class RelayNode:
 
     def _decide(self, ticket: Ticket, now: int) -> None:
         event = ticket.event
-        if event.event.kind in DOC_KINDS and self.sequencer.locate(event.id) is None:
-            refusal = self.docs.refuse(event.event)  # here, in log order: does it exist?
+        if self.sequencer.locate(event.id) is None:  # (a duplicate gets its receipt)
+            # Here, in log order: may its author write? does its document exist?
+            refusal = self.access.refuse(event.event, now)
+            if refusal is None and event.event.kind in DOC_KINDS:
+                refusal = self.docs.refuse(event.event)
             if refusal is not None:
                 self.count("rejected")
                 ticket._resolve(error=refusal)
@@ -471,6 +486,7 @@ class RelayNode:
             decided = []
             for record in step:
                 self.count("published")
+                self.access.on_sequenced(record)
                 self.docs.on_sequenced(record)
                 outcome = self.coordination.on_sequenced(record)
                 if outcome is not None:
@@ -572,6 +588,8 @@ class RelayNode:
         if refusal is not None:
             raise refusal
         self.count("queries")
+        if q == POLICY:
+            return self._policy_answer(ns, args)
         coordinator = self.coordination.coordinators.get(ns) or Coordinator()  # nothing yet
         budget = self.config.max_frame - 1024  # room for the frame around the answer
         answer = queries.answer(coordinator, q, args, self.wall_ms(), budget)
@@ -579,6 +597,14 @@ class RelayNode:
         if head is not None:
             await self.wait_beyond(ns, head.seq - 1)
         return answer
+
+    def _policy_answer(self, ns: str, args: dict[str, Any]) -> dict[str, Any]:
+        if args:
+            raise ProtocolError(ErrorCode.BAD_QUERY, f"{POLICY} takes no arguments")
+        policy = self.access.policies.get(ns)
+        if policy is None:
+            raise ProtocolError(ErrorCode.NOT_FOUND, f"{ns} has no events yet")
+        return policy.as_body()
 
     # -- presence ---------------------------------------------------------------------
 
@@ -722,6 +748,7 @@ class RelayNode:
         assert mirror is not None and records and not self.is_home(records[0].ns)
         async with self._mirror_lock:
             await self._call(mirror.append, records, store=mirror)
+        self.access.fold(records)
         last = records[-1]
         self.mirror_heads[last.ns] = Head(last.ns, last.seq, digest(last.receipt), last.hlc)
         now = self.wall_ms()

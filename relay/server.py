@@ -30,6 +30,7 @@ from websockets.http11 import Request, Response
 from websockets.trio.server import Server, ServerConnection, serve
 
 from agent_sdk import frames as f
+from agent_sdk.client import unwrap_single
 from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.wire import NS_RE, PROTOCOL_VERSION, Event, SignedEvent
 from federation.network import LOCATE, ProxiedDoc
@@ -476,6 +477,7 @@ class Connection:
             if query.q == LOCATE and self.fed is not None and self.peer is not None:
                 await self._send(f.Result(rid=query.rid, body=await self.fed.locate(query.args)))
                 return
+            self.node.access.check_read(query.ns, self.session.agent)
             if self._foreign(query.ns):
                 assert self.fed is not None
                 body = await self.fed.ask(query, self.peer)
@@ -507,6 +509,7 @@ class Connection:
             match = Filter.of(request)
             starts = {}
             for ns in request.ns:
+                self.node.access.check_read(ns, self.session.agent)
                 head = self.node.head(ns)
                 if self._foreign(ns):
                     assert self.fed is not None
@@ -534,6 +537,7 @@ class Connection:
     async def _open_doc(self, request: f.DocOpen) -> None:
         try:
             self._check_room(request.sub, 1)
+            self.node.access.check_read(request.ns, self.session.agent)
             if self._foreign(request.ns):
                 assert self.fed is not None
                 self.fed.route(request.ns, self.peer)
@@ -627,6 +631,7 @@ class Connection:
             await self._send(f.DocAwareness(sub=sub, update=states))
         while True:
             item = await replica.next()
+            self.node.access.check_read(request.ns, self.session.agent)  # policy may change
             if isinstance(item, bytes):
                 await self._send(f.DocAwareness(sub=sub, update=item))
             else:
@@ -675,13 +680,19 @@ class Connection:
     async def _subscription(
         self, sub: int, running: _Running, starts: dict[str, int], match: Filter
     ) -> None:
+        error: ProtocolError | None = None
         try:
-            with running.scope:
+            with running.scope, unwrap_single():
                 async with trio.open_nursery() as nursery:
                     for ns, start in starts.items():
                         nursery.start_soon(self._follow, sub, ns, start, match)
+        except ProtocolError as exc:  # forbidden: a policy change took the agent's access
+            error = exc
         finally:
             running.done.set()
+        if error is not None and self._subscriptions.pop(sub, None) is running:
+            self._follows -= running.follows
+            await self._send(f.Error.of(error, sub=sub))
 
     async def _follow(self, sub: int, ns: str, cursor: int, match: Filter) -> None:
         if self._foreign(ns):
@@ -689,10 +700,14 @@ class Connection:
             try:
                 async with self.fed.hold(ns, self.peer) as mirror:
                     await mirror.caught_up()
+                    if mirror.refused is not None:
+                        raise mirror.refused
                     if cursor < 0:  # "from now": the home's head, as far as we know it
                         cursor = max(mirror.home_head, self.node.head(ns)) + 1
                     await self._follow_log(sub, ns, cursor, match)
-            except ProtocolError:
+            except ProtocolError as exc:
+                if exc.code is ErrorCode.FORBIDDEN:
+                    raise
                 return  # the route went away; the subscription follows nothing more
         else:
             await self._follow_log(sub, ns, cursor, match)
@@ -706,6 +721,8 @@ class Connection:
         chain_too = self.peer is not None
         batch = self.node.config.replay_batch
         while True:
+            # Checked as it goes, not only at subscribe: a policy can change under it.
+            self.node.access.check_read(ns, self.session.agent)
             records: list[Record] = await self.node.read(ns, cursor, batch)
             for record in records:
                 # Sending may not block, so look for an unsubscribe before each frame.
@@ -767,6 +784,10 @@ def info_document(node: RelayNode) -> dict[str, Any]:
             "waiting": sum(len(box) for box in node.inboxes.boxes.values()),
             "inboxes": len(node.inboxes.boxes),
             "streams": len(node.inboxes.streams),
+        },
+        "access": {
+            "create": str(config.create),
+            "creators": sorted(key.hex() for key in config.creators),
         },
         "stats": dict(node.stats),
         "federation": node.federation.info() if node.federation else None,

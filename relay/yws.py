@@ -58,6 +58,7 @@ async def serve_yjs(node: RelayNode, ws: ServerConnection) -> None:
     """Serve one y-websocket client until it leaves (or breaks the rules)."""
     try:
         ns, name, token = _route(ws.request.path if ws.request else "", node)
+        node.access.check_read(ns, token.agent if token else None)
         live = await node.open_doc(ns, name)
     except ProtocolError as exc:
         await ws.aclose(POLICY_CLOSE, _reason(exc))

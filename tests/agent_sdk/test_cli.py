@@ -122,3 +122,40 @@ async def test_log_verify_without_a_store_is_a_usage_error(tmp_path: Path) -> No
 @pytest.mark.parametrize("args", [["publish"], ["relay"], ["bogus"]])
 async def test_usage_errors_exit_2(args: list[str]) -> None:
     assert (await formicary(*args)).returncode == 2
+
+
+async def test_ns_policy_show_and_relay_invite(nursery: trio.Nursery, tmp_path: Path) -> None:
+    from relay.access import Creation
+    from relay.node import RelayConfig
+    from tests.conftest import start_relay
+
+    relay = await start_relay(nursery, tmp_path / "relay", RelayConfig(create=Creation.INVITE))
+    me = {"FORMICARY_RELAY": relay.url, "FORMICARY_KEY": str(tmp_path / "me.key")}
+    other = {**me, "FORMICARY_KEY": str(tmp_path / "other.key")}
+    other_id = json.loads((await formicary("keygen", "--out", other["FORMICARY_KEY"])).stdout)["id"]
+
+    refused = await formicary("ns", "policy", "private", "--ns", "team@local", env=me)
+    assert refused.returncode == 1 and b"forbidden" in refused.stderr
+    invite = await formicary("relay", "invite", "team@local", "--data", str(relay.data))
+    assert invite.returncode == 0, invite.stderr
+    token = invite.stdout.decode().strip()
+    created = await formicary(
+        "ns", "policy", "listed", "--ns", "team@local", "--writer", other_id,
+        "--invite", token, "--json", env=me,
+    )  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    assert json.loads(created.stdout)["seq"] == 1
+    shown = json.loads(
+        (await formicary("ns", "show", "--ns", "team@local", "--json", env=me)).stdout
+    )
+    assert shown["mode"] == "listed" and shown["writers"] == [other_id]
+    assert shown["owner"] == Identity.load(tmp_path / "me.key").id
+    not_owner = await formicary("ns", "policy", "public", "--ns", "team@local", env=other)
+    assert not_owner.returncode == 1 and b"forbidden: only the owner" in not_owner.stderr
+    bad_key = await formicary(
+        "ns", "policy", "listed", "--ns", "team@local", "--writer", "ab", env=me
+    )
+    assert bad_key.returncode == 2 and b"64 hex digits" in bad_key.stderr
+    bad_ns = await formicary("relay", "invite", "Team", "--data", str(relay.data))
+    assert bad_ns.returncode == 2 and b"not a namespace" in bad_ns.stderr
+    relay.scope.cancel()

@@ -1,0 +1,275 @@
+"""Namespace access control over real loopback sockets: owners, policies, creation rules.
+
+Each refusal is checked for its exact code, and for leaving everyone else's state as
+it was: the log's head does not move, and an allowed agent goes on being served.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import trio
+from websockets.exceptions import ConnectionClosed
+from websockets.trio.client import connect
+
+from agent_sdk import doctoken
+from agent_sdk.access import get_policy, set_policy
+from agent_sdk.client import Delivery, Live, RelayClient
+from agent_sdk.directory import Directory
+from agent_sdk.errors import ErrorCode, ProtocolError
+from agent_sdk.ledger import Ledger
+from federation import network
+from relay.access import Creation, mint_invite
+from relay.node import RelayConfig
+from tests.conftest import RunningRelay, identity, start_relay
+from tests.federation.fixtures import federation_of, plan, start
+
+NS = "team@local"
+TIMEOUT = 30
+OWNER, WRITER, READER, STRANGER = identity(1), identity(2), identity(3), identity(4)
+
+
+async def refused(code: ErrorCode, call: object) -> ProtocolError:
+    """Await ``call`` and return the ProtocolError it must raise."""
+    with pytest.raises(ProtocolError) as info:
+        await call  # type: ignore[misc]
+    assert info.value.code is code, info.value
+    return info.value
+
+
+async def test_a_listed_namespace_takes_writes_from_its_writers_only(relay: RunningRelay) -> None:
+    async with (
+        RelayClient.connect(relay.url, OWNER) as owner,
+        RelayClient.connect(relay.url, WRITER) as writer,
+        RelayClient.connect(relay.url, STRANGER) as stranger,
+    ):
+        await owner.publish(NS, "app.note", "created")  # the first event: owner is its author
+        await set_policy(owner, NS, "listed", writers=[WRITER.public_key])
+        head = relay.node.head(NS)
+        error = await refused(ErrorCode.FORBIDDEN, stranger.publish(NS, "app.note", "mine"))
+        assert "may not write" in error.reason
+        # Coordination requests and documents are writes like any other.
+        await refused(ErrorCode.FORBIDDEN, Ledger(stranger, NS).create("take over"))
+        await refused(ErrorCode.FORBIDDEN, stranger.publish(NS, "doc.create", {"doc": "d"}))
+        assert relay.node.head(NS) == head  # nothing of the refused was sequenced
+        await writer.publish(NS, "app.note", "allowed")
+        await Ledger(writer, NS).create("a listed writer's order")
+        await owner.publish(NS, "app.note", "the owner always writes")
+        # Anyone may still read a listed namespace.
+        assert len(await Ledger(stranger, NS).list()) == 1
+        async with stranger.subscribe(NS, start=1) as feed:
+            first = await feed.__anext__()
+            assert isinstance(first, Delivery) and first.event.event.body == "created"
+        # The stranger's connection is fine: it writes where it may.
+        await stranger.publish("open@local", "app.note", "elsewhere")
+
+
+async def test_only_the_owner_changes_the_policy_and_can_hand_it_over(
+    relay: RunningRelay,
+) -> None:
+    async with (
+        RelayClient.connect(relay.url, OWNER) as owner,
+        RelayClient.connect(relay.url, WRITER) as heir,
+        RelayClient.connect(relay.url, STRANGER) as stranger,
+    ):
+        await owner.publish(NS, "app.note", "created")
+        head = relay.node.head(NS)
+        error = await refused(ErrorCode.FORBIDDEN, set_policy(stranger, NS, "public"))
+        assert "only the owner" in error.reason
+        # A bad body is bad_event, named; state untouched.
+        bad = owner.publish(NS, "ns.policy", {"mode": "secret"})
+        assert "mode" in (await refused(ErrorCode.BAD_EVENT, bad)).reason
+        bad = owner.publish(NS, "ns.policy", {"mode": "listed", "writers": [b"short"]})
+        assert "writers" in (await refused(ErrorCode.BAD_EVENT, bad)).reason
+        assert relay.node.head(NS) == head
+        assert (await get_policy(stranger, NS)).mode == "public"
+
+        await set_policy(owner, NS, "listed", owner=heir.identity.public_key)
+        policy = await get_policy(stranger, NS)
+        assert policy.owner == heir.identity.public_key and policy.mode == "listed"
+        await refused(ErrorCode.FORBIDDEN, set_policy(owner, NS, "public"))  # not any more
+        await refused(ErrorCode.FORBIDDEN, owner.publish(NS, "app.note", "no longer mine"))
+        await set_policy(heir, NS, "public")
+        await owner.publish(NS, "app.note", "public again")
+        await refused(ErrorCode.NOT_FOUND, get_policy(owner, "nothing-yet@local"))
+
+
+async def test_a_private_namespace_is_closed_to_non_readers(relay: RunningRelay) -> None:
+    async with (
+        RelayClient.connect(relay.url, OWNER) as owner,
+        RelayClient.connect(relay.url, READER) as reader,
+        RelayClient.connect(relay.url, STRANGER) as stranger,
+    ):
+        await owner.publish(NS, "doc.create", {"doc": "plan"})
+        await Ledger(owner, NS).create("secret order")
+        await Directory(owner, NS).join("owner")
+        await set_policy(owner, NS, "private", readers=[READER.public_key])
+
+        async with stranger.subscribe(NS, start=1) as feed:
+            await refused(ErrorCode.FORBIDDEN, feed.__anext__())
+        await refused(ErrorCode.FORBIDDEN, Ledger(stranger, NS).list())
+        await refused(ErrorCode.FORBIDDEN, Directory(stranger, NS).list())
+        await refused(ErrorCode.FORBIDDEN, get_policy(stranger, NS))
+        with pytest.raises(ProtocolError) as info:
+            async with stranger.doc(NS, "plan", create=False):
+                pass
+        assert info.value.code is ErrorCode.FORBIDDEN
+        await refused(ErrorCode.FORBIDDEN, stranger.publish(NS, "app.note", "in"))
+
+        # A listed reader reads all of it, and may not write.
+        assert [o["title"] for o in await Ledger(reader, NS).list()] == ["secret order"]
+        async with reader.subscribe(NS, start=1) as feed:
+            first = await feed.__anext__()
+            assert isinstance(first, Delivery) and first.event.event.kind == "doc.create"
+        async with reader.doc(NS, "plan", create=False) as shared:
+            assert shared.to_json()["text"] == ""
+        await refused(ErrorCode.FORBIDDEN, reader.publish(NS, "app.note", "in"))
+
+
+async def test_a_plain_yjs_client_needs_a_readers_token_for_a_private_document(
+    relay: RunningRelay,
+) -> None:
+    async with RelayClient.connect(relay.url, OWNER) as owner:
+        await owner.publish(NS, "doc.create", {"doc": "plan"})
+        await set_policy(owner, NS, "private", readers=[READER.public_key])
+    exp = time.time_ns() // 1_000_000 + 60_000
+    for token in ("", f"?token={doctoken.mint(STRANGER, NS, 'plan', exp)}"):
+        async with connect(f"{relay.url}/yjs/{NS}/plan{token}") as ws:
+            with pytest.raises(ConnectionClosed) as info, trio.fail_after(TIMEOUT):
+                await ws.recv()
+        assert info.value.rcvd is not None and info.value.rcvd.code == 1008
+        assert info.value.rcvd.reason.startswith("2013 forbidden:")
+    async with connect(
+        f"{relay.url}/yjs/{NS}/plan?token={doctoken.mint(READER, NS, 'plan', exp)}"
+    ) as ws:
+        with trio.fail_after(TIMEOUT):
+            assert isinstance(await ws.recv(), bytes)  # sync step 1: it is served
+
+
+async def test_a_reader_taken_off_the_list_loses_its_open_subscription(
+    relay: RunningRelay,
+) -> None:
+    async with (
+        RelayClient.connect(relay.url, OWNER) as owner,
+        RelayClient.connect(relay.url, READER) as reader,
+    ):
+        await set_policy(owner, NS, "private", readers=[READER.public_key])
+        with trio.fail_after(TIMEOUT):
+            async with reader.subscribe(NS, start=1) as feed:
+                async for item in feed:
+                    if isinstance(item, Live):
+                        break
+                await owner.publish(NS, "app.note", "still readable")
+                await set_policy(owner, NS, "private")  # the reader is gone
+                seen = []
+                with pytest.raises(ProtocolError) as info:
+                    async for item in feed:
+                        assert isinstance(item, Delivery)
+                        seen.append(item.event.event.kind)
+                assert info.value.code is ErrorCode.FORBIDDEN
+                assert seen[:1] == ["app.note"]
+
+
+async def test_policies_survive_a_restart(nursery: trio.Nursery, tmp_path: Path) -> None:
+    data = tmp_path / "relay"
+    running = await start_relay(nursery, data)
+    async with RelayClient.connect(running.url, OWNER) as owner:
+        await owner.publish(NS, "app.note", "created")
+        await set_policy(owner, NS, "listed", writers=[WRITER.public_key])
+    running.scope.cancel()
+    running = await start_relay(nursery, data)
+    async with RelayClient.connect(running.url, STRANGER) as stranger:
+        await refused(ErrorCode.FORBIDDEN, stranger.publish(NS, "app.note", "after restart"))
+        policy = await get_policy(stranger, NS)
+        assert policy.owner == OWNER.public_key and policy.writers == (WRITER.public_key,)
+    running.scope.cancel()
+
+
+async def test_an_allow_list_relay_creates_namespaces_for_its_creators_only(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    config = RelayConfig(create=Creation.ALLOW, creators=frozenset({OWNER.public_key}))
+    relay = await start_relay(nursery, tmp_path / "relay", config)
+    async with (
+        RelayClient.connect(relay.url, OWNER) as creator,
+        RelayClient.connect(relay.url, STRANGER) as stranger,
+    ):
+        await refused(ErrorCode.FORBIDDEN, stranger.publish(NS, "app.note", "mine now"))
+        await refused(ErrorCode.FORBIDDEN, set_policy(stranger, NS, "public"))
+        # A creator creates by ns.policy: the namespace never exists without a policy.
+        error = await refused(ErrorCode.FORBIDDEN, creator.publish(NS, "app.note", "first"))
+        assert "by ns.policy only" in error.reason
+        assert relay.node.head(NS) == 0
+        await set_policy(creator, NS, "public")
+        await stranger.publish(NS, "app.note", "a public namespace takes anyone's writes")
+    relay.scope.cancel()
+
+
+async def test_an_invite_relay_takes_a_token_for_that_namespace_only(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    relay = await start_relay(nursery, tmp_path / "relay", RelayConfig(create=Creation.INVITE))
+    key = relay.node.identity
+    now = time.time_ns() // 1_000_000
+    async with RelayClient.connect(relay.url, STRANGER) as agent:
+        await refused(ErrorCode.FORBIDDEN, set_policy(agent, NS, "private"))
+        for invite, why in (
+            (mint_invite(key, "other@local", now + 60_000), "is for 'other@local'"),
+            (mint_invite(key, NS, now - 1), "expired"),
+            (mint_invite(identity(9), NS, now + 60_000), "not signed by this relay"),
+            (b"\x80", "not an invite token"),
+        ):
+            error = await refused(
+                ErrorCode.FORBIDDEN, set_policy(agent, NS, "private", invite=invite)
+            )
+            assert why in error.reason
+        assert relay.node.head(NS) == 0
+        good = mint_invite(key, NS, now + 60_000)
+        await set_policy(agent, NS, "private", invite=good)
+        assert (await get_policy(agent, NS)).owner == STRANGER.public_key
+        # An invite only creates: a later policy carrying one is refused.
+        await refused(ErrorCode.BAD_EVENT, set_policy(agent, NS, "public", invite=good))
+    relay.scope.cancel()
+
+
+async def test_a_relay_the_owner_does_not_list_cannot_mirror_a_private_namespace(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Relay a follows b's ``x@b`` for its agents. Private and not listing a's key:
+    a gets nothing, so its agents cannot read it there. Listing a's key lets a mirror
+    it, and a then enforces the policy for its own agents."""
+    monkeypatch.setattr(network, "FORBIDDEN_RETRY", 0.05)  # ask again soon after a refusal
+    relays = plan(tmp_path, "a", "b")
+    a = await start(nursery, relays["a"], (relays["b"].peer(),))
+    b = await start(nursery, relays["b"], (relays["a"].peer(),))
+    await federation_of(a).links["b"].wait_up()
+    ns = "x@b"
+    with trio.fail_after(TIMEOUT):
+        async with (
+            RelayClient.connect(b.url, OWNER) as owner,
+            RelayClient.connect(a.url, READER) as reader,
+            RelayClient.connect(a.url, STRANGER) as stranger,
+        ):
+            await owner.publish(ns, "app.note", "private from the start")
+            await set_policy(owner, ns, "private", readers=[READER.public_key])
+            async with reader.subscribe(ns, start=1) as feed:
+                await refused(ErrorCode.FORBIDDEN, feed.__anext__())
+            await refused(ErrorCode.FORBIDDEN, Ledger(reader, ns).list())  # b asks a's key
+            assert a.node.head(ns) == 0  # nothing of it was mirrored
+
+            async with federation_of(a).hold(ns, None):  # keep a's mirror asking
+                await set_policy(owner, ns, "private", readers=[READER.public_key, relays["a"].key])
+                await a.node.wait_beyond(ns, 2)  # both policies are in a's mirror now
+            async with reader.subscribe(ns, start=1) as feed:
+                item = await feed.__anext__()
+                assert (
+                    isinstance(item, Delivery) and item.event.event.body == "private from the start"
+                )
+            assert await Ledger(reader, ns).list() == []
+            # a folded the same policy from its mirror: a stranger on a is refused by a.
+            assert not a.node.access.may_read(ns, STRANGER.public_key)
+            async with stranger.subscribe(ns, start=1) as feed:
+                await refused(ErrorCode.FORBIDDEN, feed.__anext__())
+            await refused(ErrorCode.FORBIDDEN, Ledger(stranger, ns).list())
