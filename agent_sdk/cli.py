@@ -261,12 +261,13 @@ def cmd_relay_store(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from relay.app import KEY_FILE, MIRROR_FILE, STORE_FILE
+    from relay.store import Store
     from relay.store.sqlite import SQLiteStore
     from relay.verify import verify_log
 
     data = Path(args.data)
     path = data / STORE_FILE
-    if not path.exists():
+    if not args.store and not path.exists():
         print(f"formicary: no store at {path}", file=sys.stderr)
         return 2
     try:
@@ -276,9 +277,21 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return 2
     key_path = data / KEY_FILE
     own_key = Identity.load(key_path).public_key if key_path.exists() else None
-    stores = [(SQLiteStore(path, readonly=True), False)]
-    if (data / MIRROR_FILE).exists():  # other relays' logs this one follows
-        stores.append((SQLiteStore(data / MIRROR_FILE, readonly=True), True))
+    stores: list[tuple[Store, bool]] = []
+    if args.store:
+        from relay.store.postgres import PostgresStore, StoreUnavailable
+
+        try:
+            stores.append((PostgresStore(args.store, readonly=True), False))
+            stores.append((PostgresStore(args.store, prefix="mirror_", readonly=True), True))
+        except StoreUnavailable as exc:
+            if not stores:
+                print(f"formicary log verify: {exc}", file=sys.stderr)
+                return 2
+    else:
+        stores.append((SQLiteStore(path, readonly=True), False))
+        if (data / MIRROR_FILE).exists():  # other relays' logs this one follows
+            stores.append((SQLiteStore(data / MIRROR_FILE, readonly=True), True))
 
     def locate(dep: bytes) -> Any:
         for store, _ in stores:
@@ -442,6 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = log.add_parser("verify", help="verify a namespace log offline; exit 1 if bad")
     p.add_argument("ns", help="namespace, or 'all' (mirrored ones included)")
     p.add_argument("--data", default="./formicary-data", help="the relay's data directory")
+    p.add_argument("--store", default="", help="the relay's PostgreSQL DSN, if its logs are there")
     p.add_argument(
         "--home-key",
         action="append",

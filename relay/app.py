@@ -3,6 +3,8 @@
 The data directory holds ``relay.key`` (the relay's Ed25519 identity, created on first
 start, mode 0600) and ``events.sqlite3`` (the embedded store, WAL mode); a federated
 relay adds ``mirrors.sqlite3`` (other relays' logs it follows) and ``outbox.sqlite3``.
+With ``[store] dsn`` set, the logs, mirrors and inboxes are on PostgreSQL instead
+(relay/store/postgres.py); the key, the lock and the outbox stay here.
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ from federation.network import Federation, FederationConfig
 from federation.outbox import SQLiteOutboxStore
 from federation.peers import PeerSpecError
 from relay.coordination.host import Diverged
-from relay.inbox import SQLiteInboxStore
+from relay.inbox import InboxStore, SQLiteInboxStore
 from relay.node import RelayConfig, RelayNode
 from relay.server import serve_relay
 from relay.store import Store
+from relay.store.postgres import PostgresInboxStore, PostgresStore, StoreInUse, StoreUnavailable
 from relay.store.sqlite import SQLiteStore
 
 KEY_FILE = "relay.key"
@@ -39,8 +42,24 @@ class DataDirError(Exception):
     """The data directory is inconsistent; starting would fork the relay's history."""
 
 
-def open_store(data: Path) -> SQLiteStore:
+def open_store(data: Path, dsn: str = "") -> Store:
+    """The relay's logs: in ``data`` (embedded SQLite), or on PostgreSQL at ``dsn``."""
+    if dsn:
+        return PostgresStore(dsn)
     return SQLiteStore(data / STORE_FILE)
+
+
+def open_mirrors(data: Path, dsn: str = "") -> Store:
+    """The logs of other relays' namespaces this relay follows."""
+    if dsn:
+        return PostgresStore(dsn, prefix="mirror_")
+    return SQLiteStore(data / MIRROR_FILE)
+
+
+def open_inbox(data: Path, dsn: str = "") -> InboxStore:
+    if dsn:
+        return PostgresInboxStore(dsn)
+    return SQLiteInboxStore(data / INBOX_FILE)
 
 
 def load_identity(data: Path, store: Store) -> Identity:
@@ -122,14 +141,18 @@ async def _run_relay(
     federation: FederationConfig | None,
     task_status: trio.TaskStatus[tuple[RelayNode, Server]],
 ) -> None:
-    store = await trio.to_thread.run_sync(open_store, data)
-    mirrors: SQLiteStore | None = None
-    outbox: SQLiteOutboxStore | None = None
-    inbox = await trio.to_thread.run_sync(SQLiteInboxStore, data / INBOX_FILE)
     try:
+        store = await trio.to_thread.run_sync(open_store, data, config.store)
+    except (StoreInUse, StoreUnavailable) as exc:
+        raise DataDirError(str(exc)) from None
+    mirrors: Store | None = None
+    outbox: SQLiteOutboxStore | None = None
+    inbox: InboxStore | None = None
+    try:
+        inbox = await trio.to_thread.run_sync(open_inbox, data, config.store)
         identity = await trio.to_thread.run_sync(load_identity, data, store)
         if federation is not None:
-            mirrors = await trio.to_thread.run_sync(SQLiteStore, data / MIRROR_FILE)
+            mirrors = await trio.to_thread.run_sync(open_mirrors, data, config.store)
             outbox = await trio.to_thread.run_sync(SQLiteOutboxStore, data / OUTBOX_FILE)
         try:
             node = RelayNode(identity, store, config, mirror_store=mirrors, inbox_store=inbox)
@@ -146,9 +169,12 @@ async def _run_relay(
                 await nursery.start(network.run)
             server = await nursery.start(serve_relay, node, host, port)
             task_status.started((node, server))
+    except (StoreInUse, StoreUnavailable) as exc:
+        raise DataDirError(str(exc)) from None
     finally:
         store.close()
-        inbox.close()
+        if inbox is not None:
+            inbox.close()
         if mirrors is not None:
             mirrors.close()
         if outbox is not None:

@@ -15,6 +15,36 @@ from federation.network import FederationConfig
 from relay.app import run_relay
 from relay.limits import UNLIMITED, RateLimits
 from relay.node import RelayConfig, RelayNode
+from tests import backends
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--store",
+        choices=backends.BACKENDS,
+        default="sqlite",
+        help="the relays' store backend (postgresql: start tests/postgres.sh first)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    backends.backend = config.getoption("--store")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if backends.backend == "sqlite":
+        skip = pytest.mark.skip(reason="a PostgreSQL store test: run with --store postgresql")
+        marker = "postgresql_only"
+    else:
+        skip = pytest.mark.skip(reason="tests the embedded SQLite store's own tools")
+        marker = "sqlite_only"
+    for item in items:
+        if item.get_closest_marker(marker):
+            item.add_marker(skip)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"formicary store backend: {backends.backend}"
 
 
 def unlimited(config: RelayConfig) -> RelayConfig:
@@ -47,6 +77,8 @@ async def start_relay(
     ``scope`` to stop it."""
     scope = trio.CancelScope()
     config = unlimited(config or RelayConfig(name="local"))
+    if not config.store:
+        config = replace(config, store=backends.store_dsn(data))
 
     async def run(task_status: trio.TaskStatus[tuple[RelayNode, Server]]) -> None:
         with scope:

@@ -13,6 +13,7 @@ from typing import Any
 import trio
 
 from relay.limits import UNLIMITED, as_toml
+from tests import backends
 
 STARTUP_TIMEOUT = 20  # seconds; a cold interpreter on a slow machine
 PHASE_TIMEOUT = 30
@@ -46,6 +47,9 @@ class RelayProcess:
             settings.parent.mkdir(parents=True, exist_ok=True)
             settings.write_text(as_toml(UNLIMITED))
             command += ["--config", str(settings)]
+        dsn = backends.store_dsn(self.data)
+        if dsn and "--store" not in self.args:
+            command += ["--store", dsn]
         self._stderr = b""
         self.process = await trio.lowlevel.open_process(
             command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE

@@ -13,8 +13,8 @@ A backend is synchronous and single-purpose; the relay calls it from worker thre
   or the new committed state, never part of a batch.
 
 The embedded default is :mod:`relay.store.sqlite`; :mod:`relay.store.memory` serves
-virtual-time simulations. A PostgreSQL backend implements
-the same methods (docs/operations.md, "Storage").
+virtual-time simulations, and :mod:`relay.store.postgres` keeps the logs on a
+PostgreSQL server (docs/operations.md, "PostgreSQL").
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ import trio.testing
 from agent_sdk.client import RelayClient
 from agent_sdk.identity import Identity
 from relay.app import KEY_FILE, DataDirError, load_identity, open_store
+from tests.backends import store_dsn
 from tests.conftest import identity, start_relay
 
 
@@ -39,7 +40,7 @@ async def test_logs_without_their_key_are_refused(nursery: trio.Nursery, tmp_pat
     await trio.testing.wait_all_tasks_blocked()
 
     shutil.move(data / KEY_FILE, tmp_path / "saved.key")
-    store = open_store(data)
+    store = open_store(data, store_dsn(data))
     try:
         with pytest.raises(DataDirError, match=r"no relay\.key"):
             load_identity(data, store)

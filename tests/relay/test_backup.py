@@ -13,8 +13,11 @@ import trio
 from agent_sdk.client import RelayClient
 from agent_sdk.identity import Identity
 from relay.app import STORE_FILE
+from tests.backends import sqlite_only
 from tests.conftest import identity
 from tests.processes import PHASE_TIMEOUT, cli, relay_process
+
+pytestmark = sqlite_only  # PostgreSQL is backed up with its own tools (operations.md)
 
 NAMESPACES = ("keep-a@local", "keep-b@local")
 

@@ -14,7 +14,7 @@ from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.wire import Event, decode, sign_event
 from relay.node import RelayConfig, RelayNode
 from relay.store.memory import MemoryStore
-from relay.store.sqlite import SQLiteStore
+from tests.backends import open_test_store
 from tests.conftest import RunningRelay, identity
 from tests.relay.test_node import virtual_wall
 from tests.relay.test_sequencer import NOW
@@ -96,7 +96,7 @@ async def test_a_restarted_relay_folds_the_same_ledger(tmp_path: Path) -> None:
             Event(ns=NS, kind=kind, author=author.public_key, body=body, ts=ts), author.sign
         )
 
-    store = SQLiteStore(path)
+    store = open_test_store(path)
     first = RelayNode(RELAY, store, RelayConfig(), wall_ms=lambda: NOW)
     async with trio.open_nursery() as nursery:
         await nursery.start(first.run)
@@ -107,7 +107,7 @@ async def test_a_restarted_relay_folds_the_same_ledger(tmp_path: Path) -> None:
     store.close()
     before = first.coordination.coordinators[NS].ledger
 
-    store = SQLiteStore(path)
+    store = open_test_store(path)
     second = RelayNode(RELAY, store, RelayConfig(), wall_ms=lambda: NOW + 10)
     after = second.coordination.coordinators[NS].ledger
     assert after.orders == before.orders and after.leases == before.leases
@@ -116,7 +116,7 @@ async def test_a_restarted_relay_folds_the_same_ledger(tmp_path: Path) -> None:
         again = await second.publish(request("wo.claim", {"wo": "wo-1"}, NOW + 10))
         nursery.cancel_scope.cancel()
     store.close()
-    reopened = SQLiteStore(path, readonly=True)
+    reopened = open_test_store(path, readonly=True)
     verdict = next(r for r in reopened.scan(NS) if r.seq > again.seq)
     reopened.close()
     assert verdict.kind == "wo.rejected"  # still held by the first claim, across the restart
@@ -150,7 +150,7 @@ async def test_a_request_stored_without_its_outcome_is_answered_at_start(
     from relay.sequencer import Sequenced, Sequencer
 
     path = tmp_path / "events.sqlite3"
-    store = SQLiteStore(path)
+    store = open_test_store(path)
     # A crash after the request's commit and before its outcome's: only the request.
     create = _request("wo.create", {"title": "t"}, NOW)
     placed = Sequencer(RELAY.public_key).offer(create, NOW)

@@ -34,9 +34,8 @@ from agent_sdk.client import Delivery, Live, Published, RelayClient
 from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.identity import Identity
 from agent_sdk.wire import Event, Receipt, SignedEvent, check_chain, decode_receipt, sign_event
-from relay.app import STORE_FILE
 from relay.store import Record
-from relay.store.sqlite import SQLiteStore
+from tests.backends import relay_store, store_args
 from tests.conftest import identity
 from tests.processes import PHASE_TIMEOUT, cli, relay_process
 
@@ -50,7 +49,7 @@ async def verify_offline(data: Path) -> list[dict[str, object]]:
     """Run ``formicary log verify all``; require exit 0 and return its verdicts."""
     with trio.fail_after(PHASE_TIMEOUT):
         done = await trio.run_process(
-            cli("log", "verify", "all", "--data", str(data)),
+            cli("log", "verify", "all", "--data", str(data), *store_args(data)),
             capture_stdout=True,
             capture_stderr=True,
             check=False,
@@ -64,7 +63,7 @@ async def verify_offline(data: Path) -> list[dict[str, object]]:
 
 def read_store(data: Path) -> dict[str, list[Record]]:
     """Every record of the store file, per namespace (the relay must not be running)."""
-    store = SQLiteStore(data / STORE_FILE, synchronous="NORMAL")
+    store = relay_store(data, synchronous="NORMAL")
     try:
         assert sorted(store.namespaces()) == sorted(NAMESPACES)
         return {ns: list(store.scan(ns)) for ns in NAMESPACES}
@@ -273,7 +272,9 @@ async def test_leases_survive_sigkill_with_their_expiry(tmp_path: Path) -> None:
             renewed = await Ledger(client, ns).renew(claim, ttl_ms=600_000)
         assert renewed.token == claim.token
     verified = await trio.run_process(
-        cli("log", "verify", "all", "--data", str(data)), capture_stdout=True, check=False
+        cli("log", "verify", "all", "--data", str(data), *store_args(data)),
+        capture_stdout=True,
+        check=False,
     )
     assert verified.returncode == 0, verified.stdout
 

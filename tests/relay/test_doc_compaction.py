@@ -22,6 +22,7 @@ from agent_sdk.frames import encode_frame
 from relay.node import RelayConfig
 from relay.store.sqlite import SQLiteStore
 from relay.verify import verify_log
+from tests.backends import forget, relay_store, sqlite_only
 from tests.conftest import RunningRelay, identity, start_relay
 
 NS = "docs@local"
@@ -107,7 +108,7 @@ async def test_compaction_keeps_content_shrinks_bytes_and_old_replicas_merge_cle
         assert stale.to_json() == content
     again.scope.cancel()
     await trio.testing.wait_all_tasks_blocked()
-    store = SQLiteStore(tmp_path / "compacting" / "events.sqlite3", readonly=True)
+    store = relay_store(tmp_path / "compacting", readonly=True)
     try:
         records = list(store.scan(NS))
         assert sum(not r.event for r in records) >= 40  # pruned, receipts kept
@@ -160,6 +161,7 @@ async def test_agents_cannot_forge_a_snapshot(relay: RunningRelay) -> None:
         assert info.value.code is ErrorCode.RESERVED_KIND
 
 
+@sqlite_only
 def test_a_new_store_gives_freed_pages_back(tmp_path: Path) -> None:
     store = SQLiteStore(tmp_path / "events.sqlite3")
     try:
@@ -188,6 +190,7 @@ async def test_a_replica_of_a_lost_relays_document_is_not_merged_into_the_new_on
     first.scope.cancel()
     await trio.testing.wait_all_tasks_blocked()
     shutil.rmtree(data)
+    forget(data)  # and its logs, wherever they are
 
     second = await start_relay(nursery, data)
     async with RelayClient.connect(second.url, identity(2)) as client:

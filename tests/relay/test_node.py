@@ -19,7 +19,7 @@ from relay.node import MAX_WAITING_PER_PARKED, RelayConfig, RelayNode
 from relay.sequencer import Limits
 from relay.store import Record
 from relay.store.memory import MemoryStore
-from relay.store.sqlite import SQLiteStore
+from tests.backends import open_test_store
 from tests.conftest import identity
 from tests.relay.test_sequencer import NOW, event
 
@@ -146,7 +146,7 @@ async def test_reads_come_from_memory_then_from_the_store(nursery: trio.Nursery)
 async def test_a_restarted_node_continues_each_log(tmp_path: Path) -> None:
     path = tmp_path / "events.sqlite3"
     for round_ in range(2):
-        store = SQLiteStore(path)
+        store = open_test_store(path)
         node = RelayNode(RELAY, store, RelayConfig(), wall_ms=lambda r=round_: NOW + r)
         async with trio.open_nursery() as nursery:
             await nursery.start(node.run)

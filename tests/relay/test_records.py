@@ -16,7 +16,7 @@ from agent_sdk.wire import Event, sign_event
 from relay.coordination.requests import MAX_CONTEXT
 from relay.node import RelayConfig, RelayNode
 from relay.store.memory import MemoryStore
-from relay.store.sqlite import SQLiteStore
+from tests.backends import open_test_store
 from tests.conftest import RunningRelay, identity
 from tests.relay.test_node import virtual_wall
 from tests.relay.test_sequencer import NOW
@@ -268,7 +268,7 @@ async def test_records_survive_a_restart(tmp_path: Path) -> None:
     def request(kind: str, body: Any, ts: int) -> Any:
         return sign_event(Event(NS, kind, author.public_key, body, ts=ts), author.sign)
 
-    store = SQLiteStore(path)
+    store = open_test_store(path)
     first = RelayNode(RELAY, store, RelayConfig(), wall_ms=lambda: NOW)
     async with trio.open_nursery() as nursery:
         await nursery.start(first.run)
@@ -280,7 +280,7 @@ async def test_records_survive_a_restart(tmp_path: Path) -> None:
         nursery.cancel_scope.cancel()
     store.close()
 
-    store = SQLiteStore(path)
+    store = open_test_store(path)
     second = RelayNode(RELAY, store, RelayConfig(), wall_ms=lambda: NOW)
     async with trio.open_nursery() as nursery:
         await nursery.start(second.run)

@@ -12,8 +12,7 @@ from websockets.exceptions import ConnectionClosed
 
 from agent_sdk.client import Published, RelayClient
 from agent_sdk.errors import ErrorCode, ProtocolError
-from relay.app import STORE_FILE
-from relay.store.sqlite import SQLiteStore
+from tests.backends import relay_store
 from tests.conftest import identity
 from tests.processes import PHASE_TIMEOUT, relay_process
 
@@ -61,7 +60,7 @@ async def test_sigterm_under_load_keeps_every_acknowledged_event(tmp_path: Path)
         assert stopping, relay.output()[-2000:]
     assert len(acked) >= STOP_AFTER
     assert set(refused) <= {ErrorCode.SHUTTING_DOWN, ErrorCode.INTERNAL}  # never a bad answer
-    store = SQLiteStore(data / STORE_FILE)
+    store = relay_store(data)
     try:
         stored = {record.seq: record.receipt for record in store.scan(NS)}
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -9,9 +10,9 @@ import pytest
 
 from agent_sdk.wire import decode_receipt, make_receipt, seal
 from relay.sequencer import Sequenced, Sequencer
-from relay.store import Located, Record
-from relay.store.sqlite import SQLiteStore
+from relay.store import Located, Record, Store
 from relay.verify import verify_log
+from tests.backends import open_test_store
 from tests.conftest import identity
 from tests.relay.test_sequencer import NOW, event
 
@@ -109,11 +110,13 @@ def test_a_dependency_that_is_missing_is_found() -> None:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> SQLiteStore:
-    return SQLiteStore(tmp_path / "events.sqlite3")
+def store(tmp_path: Path) -> Iterator[Store]:
+    opened = open_test_store(tmp_path / "events.sqlite3")
+    yield opened
+    opened.close()
 
 
-def test_store_appends_reads_and_survives_reopening(store: SQLiteStore, tmp_path: Path) -> None:
+def test_store_appends_reads_and_survives_reopening(store: Store, tmp_path: Path) -> None:
     records = build_log(10)
     store.append(records[:4])
     store.append(records[4:])
@@ -124,16 +127,17 @@ def test_store_appends_reads_and_survives_reopening(store: SQLiteStore, tmp_path
         records[0].id: Located("t@local", 1, records[0].hlc)
     }
     store.close()
-    reopened = SQLiteStore(tmp_path / "events.sqlite3")
+    reopened = open_test_store(tmp_path / "events.sqlite3")
     head = reopened.heads()["t@local"]
     assert (head.seq, head.hash) == (10, decode_receipt(records[-1].receipt).hash)
     assert reopened.namespaces() == ["t@local"]
+    reopened.close()
 
 
-def test_store_batches_are_atomic(store: SQLiteStore) -> None:
+def test_store_batches_are_atomic(store: Store) -> None:
     records = build_log(4)
     store.append(records[:2])
-    with pytest.raises(Exception, match="UNIQUE"):
+    with pytest.raises(Exception, match=r"(?i)unique"):  # SQLite and PostgreSQL alike
         store.append([records[2], records[1]])  # the second row collides
     assert list(store.scan("t@local")) == records[:2]
     assert store.heads()["t@local"].seq == 2

@@ -1,0 +1,39 @@
+"""What only the PostgreSQL store does: one relay per schema, and clear start-up errors.
+(Everything else about it is the whole relay suite, run again with ``--store
+postgresql``.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+
+from agent_sdk.client import RelayClient
+from relay.app import DataDirError, run_relay
+from relay.node import RelayConfig
+from tests import backends
+from tests.conftest import identity, start_relay
+
+pytestmark = pytest.mark.postgresql_only
+
+
+async def test_a_second_relay_on_a_schema_in_use_is_refused(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    first = await start_relay(nursery, tmp_path / "first")
+    async with RelayClient.connect(first.url, identity(1)) as client:
+        await client.publish("t@local", "app.note", "kept")
+    dsn = backends.store_dsn(tmp_path / "first")  # the same schema, another data directory
+    with pytest.raises(DataDirError, match="is in use by a running relay"):
+        await run_relay(tmp_path / "second", RelayConfig(store=dsn), port=0)
+    assert first.node.head("t@local") == 1  # the first one serves on, untouched
+    async with RelayClient.connect(first.url, identity(1)) as client:
+        assert (await client.publish("t@local", "app.note", "still")).receipt.seq == 2
+    first.scope.cancel()
+
+
+async def test_an_unreachable_server_stops_the_start_with_its_reason(tmp_path: Path) -> None:
+    dsn = "postgresql://formicary@127.0.0.1:1/postgres?connect_timeout=2"
+    with pytest.raises(DataDirError, match="PostgreSQL store: .*127.0.0.1"):
+        await run_relay(tmp_path / "relay", RelayConfig(store=dsn), port=0)
