@@ -9,6 +9,7 @@ are written as on the command line (``"30s"``, ``"5m"``, ``"168h"``).
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -34,7 +35,8 @@ class Option:
     section: str
     key: str
     kind: str
-    """``int``, ``duration``, ``str``, ``level``, ``peers``, ``creation`` or ``keys``."""
+    """``int``, ``duration``, ``str``, ``level``, ``peers``, ``creation``, ``keys`` or
+    ``addresses``."""
     default: Any
     help: str
     flag: str | None = None
@@ -77,6 +79,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("limits", "request_burst", "int", 400, "requests a key may send at once"),
     Option("limits", "connections_per_key", "int", 64, "connections of one key"),
     Option("limits", "connections_per_address", "int", 4096, "connections from one address"),
+    Option("limits", "trusted_proxies", "addresses", [], "proxies whose X-Forwarded-For counts"),
     Option("leases", "claim_ttl", "duration", "30m", "lease of a claim naming none", "--claim-ttl"),
     Option("leases", "lock_ttl", "duration", "5m", "lease of a lock naming none", "--lock-ttl"),
     Option("leases", "min", "duration", "1s", "shortest lease asked for", "--lease-min"),
@@ -168,6 +171,7 @@ class Settings:
                     request_burst=v["limits.request_burst"],
                     connections_per_key=v["limits.connections_per_key"],
                     connections_per_address=v["limits.connections_per_address"],
+                    trusted_proxies=frozenset(v["limits.trusted_proxies"]),
                 ),
                 store=v["store.dsn"],
                 create=Creation(v["access.create"]),
@@ -252,6 +256,15 @@ def _typed(option: Option, value: Any, where: str) -> Any:
         if value not in set(Creation):
             raise ConfigError(f"{where}: {value!r}: one of {', '.join(Creation)}")
         return value
+    if kind == "addresses":
+        if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
+            raise ConfigError(f'{where}: a list of IP addresses, such as ["10.0.0.2"]')
+        for address in value:
+            try:
+                ipaddress.ip_address(address)
+            except ValueError:
+                raise ConfigError(f"{where}: {address!r} is not an IP address") from None
+        return list(value)
     if kind == "keys":
         wrong = ConfigError(f"{where}: a list of keys, each 64 hex digits")
         if not isinstance(value, list) or not all(isinstance(k, str) for k in value):

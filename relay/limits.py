@@ -32,6 +32,8 @@ class RateLimits:
     request_burst: int = 400
     connections_per_key: int = 64
     connections_per_address: int = 4096
+    trusted_proxies: frozenset[str] = frozenset()
+    """Addresses of reverse proxies whose ``X-Forwarded-For`` names the client."""
 
 
 UNLIMITED = RateLimits(
@@ -103,25 +105,45 @@ class Limiter:
                 f"try again in {int(wait * 1000) + 1} ms",
             )
 
-    def connect(self, key: bytes, address: str) -> ProtocolError | None:
-        """Count a new connection of ``key`` from ``address``, or say why not."""
-        limits = self.limits
-        if limits.connections_per_key and self.per_key.get(key, 0) >= limits.connections_per_key:
-            reason = f"this key has {limits.connections_per_key} connections, the limit"
-            return ProtocolError(ErrorCode.TOO_MANY_CONNECTIONS, reason)
-        cap = limits.connections_per_address
+    def open(self, address: str) -> ProtocolError | None:
+        """Count a new WebSocket connection from ``address`` as it is accepted (before
+        it authenticates, and plain Yjs clients too), or say why not."""
+        cap = self.limits.connections_per_address
         if cap and address and self.per_address.get(address, 0) >= cap:
-            reason = f"this address has {limits.connections_per_address} connections, the limit"
+            reason = f"this address has {cap} connections, the limit"
             return ProtocolError(ErrorCode.TOO_MANY_CONNECTIONS, reason)
-        self.per_key[key] = self.per_key.get(key, 0) + 1
         if address:
             self.per_address[address] = self.per_address.get(address, 0) + 1
         return None
 
-    def disconnect(self, key: bytes, address: str) -> None:
-        _decrement(self.per_key, key)
+    def close(self, address: str) -> None:
         if address:
             _decrement(self.per_address, address)
+
+    def connect(self, key: bytes) -> ProtocolError | None:
+        """Count a connection of ``key`` as it authenticates, or say why not."""
+        cap = self.limits.connections_per_key
+        if cap and self.per_key.get(key, 0) >= cap:
+            reason = f"this key has {cap} connections, the limit"
+            return ProtocolError(ErrorCode.TOO_MANY_CONNECTIONS, reason)
+        self.per_key[key] = self.per_key.get(key, 0) + 1
+        return None
+
+    def disconnect(self, key: bytes) -> None:
+        _decrement(self.per_key, key)
+
+    def client_address(self, peer: str, forwarded_for: list[str]) -> str:
+        """Who a connection is from: its peer address, unless that is a trusted proxy;
+        then the right-most address of ``X-Forwarded-For`` that is not one (what
+        the client wrote further left is its own claim, not to be believed)."""
+        trusted = self.limits.trusted_proxies
+        if peer not in trusted:
+            return peer
+        hops = [hop.strip() for header in forwarded_for for hop in header.split(",")]
+        for hop in reversed(hops):
+            if hop and hop not in trusted:
+                return hop
+        return peer
 
 
 def _decrement(table: dict[T, int], name: T) -> None:

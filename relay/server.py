@@ -128,13 +128,13 @@ class Connection:
         self._present: set[str] = set()  # namespaces this connection is a member in
         self._joins: list[Ticket] = []  # its dir.join publishes not decided yet
         self._messaging: Messaging | None = None  # once authenticated
-        self._counted = False  # in the limiter's connections per key and address
+        self._counted = False  # in the limiter's connections per key
         self._refused_in_a_row = 0  # rate-limited frames since the last one let through
         self._auth_failures = 0
         self._answering = False  # the acknowledger is answering a batch
         self._writing = False  # the writer is in a send
         self._quiet = trio.Event()  # set (and replaced) as either finishes
-        self._address = _host(ws)
+        self._address = client_address(node, ws)
 
     async def run(self) -> None:
         self.node.count("connections")
@@ -166,7 +166,7 @@ class Connection:
             self.node.connections.discard(self)
             agent = self.session.agent
             if self._counted and agent is not None:
-                self.node.limiter.disconnect(agent, self._address)
+                self.node.limiter.disconnect(agent)
             log.debug("connection closed", extra={"agent": agent.hex() if agent else ""})
             if self._messaging is not None:
                 self._messaging.close()
@@ -278,7 +278,7 @@ class Connection:
                 await self._answer_later(action.query.rid, action.query)
             elif isinstance(action, Reply):
                 if isinstance(action.frame, f.Welcome) and self.peer is None:
-                    refusal = self.node.limiter.connect(action.frame.agent, self._address)
+                    refusal = self.node.limiter.connect(action.frame.agent)
                     if refusal is not None:
                         reason = f"{int(refusal.code)} {refusal.code.slug}: {refusal.reason}"
                         log.info("connection refused: %s", refusal.reason)
@@ -747,13 +747,16 @@ class Connection:
             await self.node.wait_beyond(ns, cursor - 1)
 
 
-def _host(ws: ServerConnection) -> str:
-    """The address a connection comes from, without its port ("" in memory)."""
+def client_address(node: RelayNode, ws: ServerConnection) -> str:
+    """The address a connection comes from, without its port ("" in memory); behind
+    a trusted proxy, the client's, from ``X-Forwarded-For``."""
     try:
         remote = ws.remote_address
     except (OSError, AttributeError, NotImplementedError):  # in memory: no address
         return ""
-    return str(remote[0]) if isinstance(remote, tuple) else ""
+    peer = str(remote[0]) if isinstance(remote, tuple) else ""
+    forwarded = ws.request.headers.get_all("X-Forwarded-For") if ws.request else []
+    return node.limiter.client_address(peer, forwarded)
 
 
 # --------------------------------------------------------------------------- HTTP
@@ -833,10 +836,23 @@ async def serve_relay(
     from relay.yws import is_yjs, serve_yjs  # it imports this module's neighbours
 
     async def handler(ws: ServerConnection) -> None:
-        if ws.request is not None and is_yjs(ws.request.path):
-            await serve_yjs(node, ws)  # a plain Yjs client (relay/yws.py)
-        else:
-            await Connection(node, ws).run()
+        # Counted from the start: unauthenticated connections and plain Yjs clients
+        # hold sockets too, and one address must not take them all.
+        address = client_address(node, ws)
+        refusal = node.limiter.open(address)
+        if refusal is not None:
+            node.metrics.rate_limited["connections"] += 1
+            log.info("connection refused: %s", refusal.reason)
+            reason = f"{int(refusal.code)} {refusal.code.slug}: {refusal.reason}"
+            await ws.aclose(TOO_MANY_CLOSE, reason[:120])
+            return
+        try:
+            if ws.request is not None and is_yjs(ws.request.path):
+                await serve_yjs(node, ws)  # a plain Yjs client (relay/yws.py)
+            else:
+                await Connection(node, ws).run()
+        finally:
+            node.limiter.close(address)
 
     where: dict[str, Any] = {"port": port, "host": host}
     if listeners is not None:  # an in-memory network (virtual-time simulations)

@@ -56,11 +56,19 @@ def is_yjs(path: str) -> bool:
 
 async def serve_yjs(node: RelayNode, ws: ServerConnection) -> None:
     """Serve one y-websocket client until it leaves (or breaks the rules)."""
+    counted: bytes | None = None  # the token's agent, counted in its key's connections
     try:
         ns, name, token = _route(ws.request.path if ws.request else "", node)
         node.access.check_read(ns, token.agent if token else None)
+        if token is not None:  # a writer: counted, like an agent, against its key's cap
+            refusal = node.limiter.connect(token.agent)
+            if refusal is not None:
+                raise refusal
+            counted = token.agent
         live = await node.open_doc(ns, name)
     except ProtocolError as exc:
+        if counted is not None:
+            node.limiter.disconnect(counted)
         await ws.aclose(POLICY_CLOSE, _reason(exc))
         return
     replica = Replica(capacity=4 * node.config.send_queue)
@@ -83,6 +91,8 @@ async def serve_yjs(node: RelayNode, ws: ServerConnection) -> None:
         pass
     finally:
         live.leave(replica)
+        if counted is not None:
+            node.limiter.disconnect(counted)
 
 
 def _route(path: str, node: RelayNode) -> tuple[str, str, doctoken.DocToken | None]:
@@ -153,6 +163,8 @@ async def _receive(
                     if _adds_nothing(data, live):
                         continue  # a reader's step 2: its delete set, nothing new
                     raise ProtocolError(ErrorCode.WRONG_AUTHOR, "read-only: connect with ?token=")
+                # Charged to the token's agent, as its own publishes are.
+                node.limiter.check(token.agent, "publish", trio.current_time())
                 await written.send(await _write(node, ns, name, data, token))
         elif kind == YMessageType.AWARENESS:
             update = _read(payload)

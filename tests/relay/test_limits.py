@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
 
 import pytest
 import trio
 from websockets.exceptions import ConnectionClosed
+from websockets.trio.client import connect as connect_ws
 
 from agent_sdk.client import RelayClient
 from agent_sdk.errors import ErrorCode, ProtocolError
@@ -18,7 +20,7 @@ from relay.node import RelayConfig, RelayNode
 from relay.server import serve_relay
 from relay.store.memory import MemoryStore
 from simulations.memnet import MemoryListener
-from tests.conftest import identity
+from tests.conftest import identity, start_relay
 
 FLOODER, CALM = identity(1), identity(2)
 
@@ -33,15 +35,29 @@ def test_a_bucket_spends_its_burst_then_refills_at_its_rate() -> None:
 
 def test_connections_are_capped_per_key_and_per_address() -> None:
     limiter = Limiter(RateLimits(connections_per_key=2, connections_per_address=3))
-    a, b = b"a" * 32, b"b" * 32
-    assert limiter.connect(a, "10.0.0.1") is None and limiter.connect(a, "10.0.0.1") is None
-    refused = limiter.connect(a, "10.0.0.2")
+    a = b"a" * 32
+    assert limiter.connect(a) is None and limiter.connect(a) is None
+    refused = limiter.connect(a)
     assert refused is not None and refused.code is ErrorCode.TOO_MANY_CONNECTIONS
-    assert limiter.connect(b, "10.0.0.1") is None
-    over = limiter.connect(b, "10.0.0.1")  # b has one; the address has three
+    assert "key" in refused.reason
+    limiter.disconnect(a)
+    assert limiter.connect(a) is None  # room again
+    assert all(limiter.open("10.0.0.1") is None for _ in range(3))
+    over = limiter.open("10.0.0.1")
     assert over is not None and "address" in over.reason
-    limiter.disconnect(a, "10.0.0.1")
-    assert limiter.connect(b, "10.0.0.1") is None  # room again
+    assert limiter.open("10.0.0.2") is None  # another address has its own count
+    limiter.close("10.0.0.1")
+    assert limiter.open("10.0.0.1") is None
+
+
+def test_behind_a_trusted_proxy_the_client_is_the_last_untrusted_hop() -> None:
+    limiter = Limiter(RateLimits(trusted_proxies=frozenset({"10.9.0.1", "10.9.0.2"})))
+    assert limiter.client_address("203.0.113.5", ["6.6.6.6"]) == "203.0.113.5"  # not a proxy
+    assert limiter.client_address("10.9.0.1", ["198.51.100.7"]) == "198.51.100.7"
+    # A client's own claim sits further left: the proxies' view of it is right-most.
+    spoofed = ["1.2.3.4, 198.51.100.7, 10.9.0.2"]
+    assert limiter.client_address("10.9.0.1", spoofed) == "198.51.100.7"
+    assert limiter.client_address("10.9.0.1", []) == "10.9.0.1"  # says nothing: the proxy
 
 
 @asynccontextmanager
@@ -108,3 +124,49 @@ async def test_a_connection_over_the_per_key_cap_is_closed_with_its_reason(
             assert closed.value.rcvd.reason.startswith("5005 too_many_connections")
         async with connect(listener, FLOODER) as third:  # the first two are gone: room
             await third.publish("x@local", "app.note", "fits now")
+
+
+async def test_unauthenticated_connections_count_against_their_address(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """Sockets that never authenticate (or a plain Yjs client) hold a slot of their
+    address: a fourth is closed at once, and a slot freed is usable again."""
+    relay = await start_relay(
+        nursery, tmp_path / "relay", RelayConfig(rate_limits=RateLimits(connections_per_address=3))
+    )
+    async with RelayClient.connect(relay.url, CALM) as client:
+        await client.publish("docs@local", "doc.create", {"doc": "d"})
+    await trio.testing.wait_all_tasks_blocked()  # its slot is given back
+    async with AsyncExitStack() as held:
+        for _ in range(2):
+            await held.enter_async_context(connect_ws(relay.url))  # hello, no auth
+        plain = await held.enter_async_context(connect_ws(f"{relay.url}/yjs/docs@local/d"))
+        assert isinstance(await plain.recv(), bytes)  # served: sync step 1
+        with trio.fail_after(10):
+            async with connect_ws(relay.url) as fourth:
+                with pytest.raises(ConnectionClosed) as closed:
+                    await fourth.recv()
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+        assert closed.value.rcvd.reason.startswith("5005 too_many_connections: this address")
+    with trio.fail_after(10):
+        async with RelayClient.connect(relay.url, CALM) as client:  # all three gone: room
+            await client.publish("x@local", "app.note", "in")
+    relay.scope.cancel()
+
+
+async def test_behind_a_trusted_proxy_each_forwarded_client_has_its_own_cap(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    limits = RateLimits(connections_per_address=1, trusted_proxies=frozenset({"127.0.0.1"}))
+    relay = await start_relay(nursery, tmp_path / "relay", RelayConfig(rate_limits=limits))
+    one = {"X-Forwarded-For": "198.51.100.7"}
+    with trio.fail_after(10):
+        async with connect_ws(relay.url, additional_headers=one):
+            async with connect_ws(relay.url, additional_headers=one) as again:
+                with pytest.raises(ConnectionClosed) as closed:
+                    await again.recv()
+            assert closed.value.rcvd is not None and "5005" in closed.value.rcvd.reason
+            other = {"X-Forwarded-For": "198.51.100.8"}
+            async with connect_ws(relay.url, additional_headers=other) as fine:
+                assert isinstance(await fine.recv(), bytes)  # its hello
+    relay.scope.cancel()

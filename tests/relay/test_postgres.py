@@ -35,5 +35,5 @@ async def test_a_second_relay_on_a_schema_in_use_is_refused(
 
 async def test_an_unreachable_server_stops_the_start_with_its_reason(tmp_path: Path) -> None:
     dsn = "postgresql://formicary@127.0.0.1:1/postgres?connect_timeout=2"
-    with pytest.raises(DataDirError, match="PostgreSQL store: .*127.0.0.1"):
+    with pytest.raises(DataDirError, match=r"PostgreSQL store: .*127\.0\.0\.1"):
         await run_relay(tmp_path / "relay", RelayConfig(store=dsn), port=0)

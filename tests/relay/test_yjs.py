@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import pycrdt
@@ -17,7 +18,9 @@ from websockets.trio.client import ClientConnection, connect
 from agent_sdk import doctoken
 from agent_sdk.client import RelayClient
 from agent_sdk.wire import decode
-from tests.conftest import RunningRelay, identity
+from relay.limits import RateLimits
+from relay.node import RelayConfig
+from tests.conftest import RunningRelay, identity, start_relay
 
 NS = "docs@local"
 
@@ -231,3 +234,30 @@ def test_document_tokens_are_strict() -> None:
     for bad in (good + "!", good[:-4], "A" * 600):
         with pytest.raises(ProtocolError):
             doctoken.check(bad, NS, "shared", 0)
+
+
+async def test_a_plain_peer_writing_too_fast_is_closed_with_rate_limited(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """Its updates are charged to its token's agent, like the agent's own publishes."""
+    limits = RateLimits(publish_rate=0.01, publish_burst=3)  # no token comes back in time
+    relay = await start_relay(nursery, tmp_path / "relay", RelayConfig(rate_limits=limits))
+    async with RelayClient.connect(relay.url, identity(2)) as client:
+        await client.publish(NS, "doc.create", {"doc": "shared"})
+    async with connect(f"{relay.url}/yjs/{NS}/shared?token={token_for(1)}") as ws:
+        doc: pycrdt.Doc[Any] = pycrdt.Doc()
+        text = doc.get("text", type=pycrdt.Text)
+        with pytest.raises(ConnectionClosed) as info, trio.fail_after(10):
+            for n in range(10):  # far over a burst of 3, at once
+                before = doc.get_state()
+                text += f"<{n}>"
+                await ws.send(create_update_message(doc.get_update(before)))
+            while True:
+                await ws.recv()
+    assert info.value.rcvd is not None and info.value.rcvd.code == 1008
+    assert info.value.rcvd.reason.startswith("5004 rate_limited")
+    with trio.fail_after(10):
+        await relay.node.wait_beyond(NS, 3)  # the burst was admitted: it commits
+    await trio.testing.wait_all_tasks_blocked()
+    assert relay.node.head(NS) == 1 + 3  # doc.create, the burst, and nothing past it
+    relay.scope.cancel()
