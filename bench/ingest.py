@@ -420,7 +420,8 @@ def measure(args: argparse.Namespace) -> Measurement:
     with tempfile.TemporaryDirectory(prefix="formicary-bench-") as tmp:
         data = Path(tmp)
         profile = Path(args.relay_profile).resolve() if args.relay_profile else None
-        with relay_process(data, profile) as relay:
+        extra = ["--store", args.store] if args.store else []
+        with relay_process(data, profile, extra) as relay:
             log(f"relay pid {relay.process.pid} on {relay.url}; pre-signing {args.events} events")
             began = time.perf_counter()
             workload = build_workload(
@@ -572,6 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--check", action="store_true", help=f"exit 1 when the ratio is below {TARGET_MIN}"
     )
+    parser.add_argument("--store", default="", help="a PostgreSQL DSN for the relay's logs")
     return parser
 
 
