@@ -98,6 +98,9 @@ class DocOpen:
     doc: str
     sv: bytes = b""
     epoch: int | None = None
+    agent: bytes | None = None
+    """Set only by a relay passing the request on: the agent it asks for (the home
+    checks that agent's read access too; from an agent connection it is ignored)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +126,8 @@ class Query:
     ns: str
     q: str
     args: dict[str, Any] = dataclasses.field(default_factory=dict)
+    agent: bytes | None = None
+    """Set only by a relay passing the query on: the agent it asks for."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -245,7 +245,7 @@ class Federation:
         if client is None:
             raise ProtocolError(ErrorCode.HOME_UNREACHABLE, f"no link to {link.peer.name} now")
         try:
-            return await client.query(query.ns, query.q, query.args)
+            return await client.ask(lambda rid: replace(query, rid=rid))
         except ProtocolError:
             if client.stopped.is_set():
                 reason = f"the link to {link.peer.name} dropped; ask again"
@@ -634,6 +634,9 @@ class Mirror:
                 elif isinstance(frame, f.Live):
                     self.home_head = max(self.home_head, frame.seq)
                 elif isinstance(frame, f.Error):
+                    if checked:  # what came before the refusal (the change that made it)
+                        await self.node.append_mirrored(checked)
+                        self.changed()
                     peer = self.link.peer.name
                     log.warning("mirror %s: %s refused: %s", self.ns, peer, frame.reason)
                     forbidden = frame.code == ErrorCode.FORBIDDEN

@@ -126,9 +126,10 @@ def parse_change(body: Any) -> Change:
     extra = set(body) - FIELDS
     if extra:
         raise bad(f"unknown fields {sorted(extra)[:5]}")
-    if body.get("mode") not in set(Mode):
+    mode_name = body.get("mode")
+    if not isinstance(mode_name, str) or mode_name not in Mode.__members__.values():
         raise bad("mode is one of public, listed, private")
-    mode = Mode(body["mode"])
+    mode = Mode(mode_name)
     lists = {}
     for name in ("writers", "readers"):
         keys = body.get(name, [])
@@ -184,9 +185,14 @@ class Access:
     """Owners and policies of every namespace this relay homes or mirrors."""
 
     relay_key: bytes
+    home: str = "local"
+    """This relay's name: it sequences ``*@home``; other namespaces are mirrored."""
     creation: Creation = Creation.OPEN
     creators: frozenset[bytes] = frozenset()
     policies: dict[str, Policy] = field(default_factory=dict)
+    changed_at: dict[str, int] = field(default_factory=dict)
+    """The seq of each namespace's latest ``ns.policy``: reads end there when it
+    takes a reader's access (the reader sees the change that shut it out)."""
 
     # folding: the log says who owns what
 
@@ -213,18 +219,24 @@ class Access:
         except (ProtocolError, ValueError, KeyError, TypeError):
             return  # the home checked it; a mirror never takes a bad one over its word
         self.policies[record.ns] = change.applied(policy)
+        self.changed_at[record.ns] = record.seq
 
     # checks
 
     def refuse(self, event: Event, now_ms: int) -> ProtocolError | None:
         """Why ``event`` may not be sequenced now, or ``None``; ``forbidden`` (2013)
         for a key the policy leaves out, ``bad_event`` for a bad ``ns.policy``."""
-        writer = self.writer_of(event)
-        policy = self.policies.get(event.ns)
         try:
-            change = parse_change(event.body) if event.kind == POLICY else None
+            return self._refuse(event, now_ms)
         except ProtocolError as exc:
             return exc
+        except Exception as exc:  # remote input must never stop the sequencer
+            return ProtocolError(ErrorCode.BAD_EVENT, f"{event.kind}: {exc.__class__.__name__}")
+
+    def _refuse(self, event: Event, now_ms: int) -> ProtocolError | None:
+        writer = self.writer_of(event)
+        policy = self.policies.get(event.ns)
+        change = parse_change(event.body) if event.kind == POLICY else None
         if policy is None:
             return self._refuse_creation(event, change, now_ms)
         if change is not None:
@@ -268,8 +280,14 @@ class Access:
         return event.author
 
     def may_read(self, ns: str, key: bytes | None) -> bool:
+        """May ``key`` read ``ns`` here? For a mirrored namespace, only while the
+        policy this relay folded lets this relay's own key read it too."""
         policy = self.policies.get(ns)
-        return policy is None or key == self.relay_key or policy.may_read(key)
+        if policy is None or key == self.relay_key:
+            return True
+        if ns.rpartition("@")[2] != self.home and not policy.may_read(self.relay_key):
+            return False  # its owner took this relay off the list: its copy is stale
+        return policy.may_read(key)
 
     def check_read(self, ns: str, key: bytes | None) -> None:
         if not self.may_read(ns, key):

@@ -12,6 +12,7 @@ many agents, each limited at its own relay.
 
 from __future__ import annotations
 
+import ipaddress
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TypeVar
@@ -136,14 +137,26 @@ class Limiter:
         """Who a connection is from: its peer address, unless that is a trusted proxy;
         then the right-most address of ``X-Forwarded-For`` that is not one (what
         the client wrote further left is its own claim, not to be believed)."""
-        trusted = self.limits.trusted_proxies
-        if peer not in trusted:
+        trusted = {_normal(proxy) for proxy in self.limits.trusted_proxies}
+        if not trusted or _normal(peer) not in trusted:
             return peer
-        hops = [hop.strip() for header in forwarded_for for hop in header.split(",")]
+        hops = [_normal(hop) for header in forwarded_for for hop in header.split(",")]
         for hop in reversed(hops):
             if hop and hop not in trusted:
                 return hop
         return peer
+
+
+def _normal(address: str) -> str:
+    """One spelling per address: ``::ffff:10.0.0.2`` is ``10.0.0.2``; IPv6 compressed.
+    Text that is not an address stays as written (it is still one client's name)."""
+    try:
+        ip = ipaddress.ip_address(address.strip())
+    except ValueError:
+        return address.strip()
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
 
 
 def _decrement(table: dict[T, int], name: T) -> None:

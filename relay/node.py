@@ -194,6 +194,23 @@ class Ticket:
         self.done.set()
 
 
+class _AccessGate:
+    """The sequencer's second look at a parked event as it is released: its author
+    must still be allowed to write (a policy may have changed while it waited).
+    Folding each record as it is sequenced keeps a released run judged in order;
+    :meth:`Access.on_sequenced` is idempotent, so the node's own fold later is too."""
+
+    def __init__(self, node: RelayNode) -> None:
+        self.node = node
+
+    def refuse(self, signed: SignedEvent, now_ms: int) -> Rejected | None:
+        refusal = self.node.access.refuse(signed.event, now_ms)
+        return None if refusal is None else Rejected(refusal.code, refusal.reason)
+
+    def sequenced(self, record: Record) -> None:
+        self.node.access.on_sequenced(record)
+
+
 class RelayNode:
     def __init__(
         self,
@@ -227,10 +244,14 @@ class RelayNode:
         )
         """Sealed messages waiting for their recipients (relay/inbox.py)."""
         self.folds: list[Fold] = []  # the documents' fold is added below
-        self.access = Access(identity.public_key, self.config.create, self.config.creators)
+        self.access = Access(
+            identity.public_key, self.config.name, self.config.create, self.config.creators
+        )
         """Owners and policies of namespaces (relay/access.py), folded from the logs."""
         heads = store.heads()
-        self.sequencer = Sequencer(identity.public_key, heads, limits=self.config.sequencer)
+        self.sequencer = Sequencer(
+            identity.public_key, heads, limits=self.config.sequencer, gate=_AccessGate(self)
+        )
         # Coordination state is a fold of the logs: rebuild it before serving anyone.
         self.coordination = Host(
             identity.public_key,
@@ -481,6 +502,7 @@ class RelayNode:
         """
         steps: deque[Sequence[Record]] = deque([records])
         while steps:
+            self._answer_refused()
             step = steps.popleft()
             self._pending.extend(step)  # in seq order: outcomes come later still
             decided = []
@@ -499,6 +521,14 @@ class RelayNode:
                 head = released[0]
                 self._remember_outcome(record.id, Located(head.ns, head.seq, head.hlc))
                 steps.append(released)
+
+    def _answer_refused(self) -> None:
+        """Answer the released events the access gate refused (see _AccessGate)."""
+        refused, self.sequencer.refused = self.sequencer.refused, []
+        for signed, rejected in refused:
+            self.count("rejected")
+            for ticket in self._waiting_tickets.pop(signed.id, ()):
+                ticket._resolve(error=ProtocolError(rejected.code, rejected.reason))
 
     def _remember_outcome(self, request_id: bytes, located: Located) -> None:
         self._outcomes[request_id] = located
@@ -755,6 +785,7 @@ class RelayNode:
         found = {record.id: Located(record.ns, record.seq, record.hlc) for record in records}
         released = self.sequencer.arrived(found, now)
         self._committed_batch(records, sequenced=False)
+        self._answer_refused()
         if released:
             self._sequenced(released, now)
             self._pending_ready.set()

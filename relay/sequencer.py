@@ -35,6 +35,7 @@ import heapq
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from agent_sdk.errors import ErrorCode
 from agent_sdk.wire import ZERO_HASH, SignedEvent, make_receipt
@@ -84,6 +85,16 @@ class _Parking:
     dep_hlc: int = 0  # the largest hlc among its deps known so far
 
 
+class Gate(Protocol):
+    """Checks an event parked earlier again as it is released: the state its check
+    read may have changed while it waited (a namespace's policy, relay/access.py)."""
+
+    def refuse(self, signed: SignedEvent, now_ms: int) -> Rejected | None: ...
+
+    def sequenced(self, record: Record) -> None:
+        """Told each record as it is sequenced, before the next one is checked."""
+
+
 class Sequencer:
     """Sequences the events of the namespaces homed on one relay.
 
@@ -96,8 +107,13 @@ class Sequencer:
         heads: Mapping[str, Head] | None = None,
         hlc: int = 0,
         limits: Limits | None = None,
+        gate: Gate | None = None,
     ) -> None:
         self.relay_key = relay_key
+        self.gate = gate
+        self.refused: list[tuple[SignedEvent, Rejected]] = []
+        """Released events the gate refused: the caller answers them and clears it.
+        (What waits on one stays parked until its deadline: its dep never came.)"""
         self.limits = limits or Limits()
         self.heads: dict[str, Head] = dict(heads or {})
         self.hlc = max([hlc, *(head.hlc for head in self.heads.values())])
@@ -198,7 +214,9 @@ class Sequencer:
                 if not parking.missing:
                     del self._parked[waiter_id]
                     event, dep_hlc = parking.event, parking.dep_hlc
-                    records += self._sequence_with_released(event, dep_hlc, now_ms)
+                    records += self._sequence_with_released(
+                        event, dep_hlc, now_ms, first_checked=False
+                    )
         return tuple(records)
 
     def expire(self, now_ms: int) -> list[tuple[SignedEvent, Rejected]]:
@@ -236,13 +254,22 @@ class Sequencer:
     # -- sequencing ------------------------------------------------------------------
 
     def _sequence_with_released(
-        self, first: SignedEvent, dep_hlc: int, now_ms: int
+        self, first: SignedEvent, dep_hlc: int, now_ms: int, *, first_checked: bool = True
     ) -> tuple[Record, ...]:
         records = []
         ready = deque([(first, dep_hlc)])
+        checked = first_checked  # the caller checked an event offered now; not a released one
         while ready:
             signed, dep_hlc = ready.popleft()
+            if self.gate is not None and not checked:
+                rejected = self.gate.refuse(signed, now_ms)
+                if rejected is not None:
+                    self.refused.append((signed, rejected))
+                    continue
+            checked = False
             record = self._sequence(signed, dep_hlc, now_ms)
+            if self.gate is not None:
+                self.gate.sequenced(record)
             records.append(record)
             for waiter_id in self._waiting.pop(signed.id, ()):
                 parking = self._parked[waiter_id]

@@ -30,7 +30,6 @@ from websockets.http11 import Request, Response
 from websockets.trio.server import Server, ServerConnection, serve
 
 from agent_sdk import frames as f
-from agent_sdk.client import unwrap_single
 from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.wire import NS_RE, PROTOCOL_VERSION, Event, SignedEvent
 from federation.network import LOCATE, ProxiedDoc
@@ -352,6 +351,20 @@ class Connection:
         """The peer relay this connection is a link from, if it is one."""
         return self.fed.peer_of(self.session.agent) if self.fed else None
 
+    def _check_read(self, ns: str, asker: bytes | None) -> None:
+        """``asker`` may read ``ns``, and so may the peer relay passing its request."""
+        self.node.access.check_read(ns, asker)
+        if self.peer is not None:
+            self.node.access.check_read(ns, self.session.agent)
+
+    def _asker(self, on_behalf_of: bytes | None) -> bytes | None:
+        """Whose read access a request is checked against: the agent's own, or for a
+        request a peer relay passes on, the agent it names (the peer is trusted to
+        say: the owner lists it as a reader only if it enforces the policy)."""
+        if self.peer is not None and on_behalf_of is not None:
+            return on_behalf_of
+        return self.session.agent
+
     def _foreign(self, ns: str) -> bool:
         """True for a namespace homed elsewhere that federation may route to (an
         invalid one is not: the relay's own checks refuse it with their code)."""
@@ -477,10 +490,11 @@ class Connection:
             if query.q == LOCATE and self.fed is not None and self.peer is not None:
                 await self._send(f.Result(rid=query.rid, body=await self.fed.locate(query.args)))
                 return
-            self.node.access.check_read(query.ns, self.session.agent)
+            asker = self._asker(query.agent)
+            self._check_read(query.ns, asker)
             if self._foreign(query.ns):
                 assert self.fed is not None
-                body = await self.fed.ask(query, self.peer)
+                body = await self.fed.ask(replace(query, agent=asker), self.peer)
             else:
                 body = await self.node.query(query.ns, query.q, query.args)
         except ProtocolError as exc:
@@ -537,7 +551,8 @@ class Connection:
     async def _open_doc(self, request: f.DocOpen) -> None:
         try:
             self._check_room(request.sub, 1)
-            self.node.access.check_read(request.ns, self.session.agent)
+            request = replace(request, agent=self._asker(request.agent))
+            self._check_read(request.ns, request.agent)
             if self._foreign(request.ns):
                 assert self.fed is not None
                 self.fed.route(request.ns, self.peer)
@@ -631,7 +646,7 @@ class Connection:
             await self._send(f.DocAwareness(sub=sub, update=states))
         while True:
             item = await replica.next()
-            self.node.access.check_read(request.ns, self.session.agent)  # policy may change
+            self.node.access.check_read(request.ns, request.agent)  # the policy may change
             if isinstance(item, bytes):
                 await self._send(f.DocAwareness(sub=sub, update=item))
             else:
@@ -682,12 +697,14 @@ class Connection:
     ) -> None:
         error: ProtocolError | None = None
         try:
-            with running.scope, unwrap_single():
+            with running.scope:
                 async with trio.open_nursery() as nursery:
                     for ns, start in starts.items():
                         nursery.start_soon(self._follow, sub, ns, start, match)
-        except ProtocolError as exc:  # forbidden: a policy change took the agent's access
-            error = exc
+        except* ProtocolError as group:  # forbidden: a policy change took the agent's access
+            first = group.exceptions[0]  # (several namespaces may end at once: one error)
+            assert isinstance(first, ProtocolError)
+            error = first
         finally:
             running.done.set()
         if error is not None and self._subscriptions.pop(sub, None) is running:
@@ -720,10 +737,20 @@ class Connection:
         live = False
         chain_too = self.peer is not None
         batch = self.node.config.replay_batch
+        access = self.node.access
         while True:
-            # Checked as it goes, not only at subscribe: a policy can change under it.
-            self.node.access.check_read(ns, self.session.agent)
             records: list[Record] = await self.node.read(ns, cursor, batch)
+            # Checked as it goes, not only at subscribe: a policy can change under it.
+            # A reader shut out still gets the log up to the change that did it (a
+            # mirroring relay must fold it), then the error.
+            if not access.may_read(ns, self.session.agent):
+                until = access.changed_at.get(ns, 0)
+                if cursor > until:
+                    access.check_read(ns, self.session.agent)  # raises forbidden
+                records = [r for r in records if r.seq <= until]
+                if not records:  # the change is sequenced, not committed yet: wait
+                    await self.node.wait_beyond(ns, cursor - 1)
+                    continue
             for record in records:
                 # Sending may not block, so look for an unsubscribe before each frame.
                 await trio.lowlevel.checkpoint_if_cancelled()
@@ -790,7 +817,7 @@ def info_document(node: RelayNode) -> dict[str, Any]:
         },
         "access": {
             "create": str(config.create),
-            "creators": sorted(key.hex() for key in config.creators),
+            "creators": len(config.creators),  # how many; who they are is not public
         },
         "stats": dict(node.stats),
         "federation": node.federation.info() if node.federation else None,

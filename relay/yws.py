@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Callable
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import trio
@@ -46,6 +47,9 @@ from relay.node import RelayNode, Ticket
 from relay.store import Record
 
 PREFIX = "/yjs/"
+YJS_KEY = b"yjs:"
+"""Prefixes a token's agent key in the per-key connection count: its plain Yjs
+clients are capped apart from the agent's own connections."""
 POLICY_CLOSE = 1008
 TRY_AGAIN_CLOSE = 1013
 
@@ -56,28 +60,40 @@ def is_yjs(path: str) -> bool:
 
 async def serve_yjs(node: RelayNode, ws: ServerConnection) -> None:
     """Serve one y-websocket client until it leaves (or breaks the rules)."""
-    counted: bytes | None = None  # the token's agent, counted in its key's connections
+    counted: bytes | None = None  # the token's key, counted in the per-key cap
     try:
         ns, name, token = _route(ws.request.path if ws.request else "", node)
         node.access.check_read(ns, token.agent if token else None)
-        if token is not None:  # a writer: counted, like an agent, against its key's cap
-            refusal = node.limiter.connect(token.agent)
+        if token is not None:
+            # A writer: capped per key like an agent, but apart from the agent's own
+            # connections, so whoever holds a token cannot lock the agent out.
+            counted = YJS_KEY + token.agent
+            refusal = node.limiter.connect(counted)
             if refusal is not None:
+                counted = None
                 raise refusal
-            counted = token.agent
         live = await node.open_doc(ns, name)
-    except ProtocolError as exc:
+    except BaseException as exc:
         if counted is not None:
             node.limiter.disconnect(counted)
+        if not isinstance(exc, ProtocolError):
+            raise
         await ws.aclose(POLICY_CLOSE, _reason(exc))
         return
+    reader = token.agent if token else None
+
+    def may_read() -> None:
+        node.access.check_read(ns, reader)
+
     replica = Replica(capacity=4 * node.config.send_queue)
     live.sync(b"", replica)  # registers it: every later commit is queued for it
     written_tx, written_rx = trio.open_memory_channel[Ticket](node.config.max_inflight)
     try:
         with unwrap_single():
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_send, ws, live, replica)
+                nursery.start_soon(
+                    _send, ws, live, replica, lambda: node.access.check_read(ns, reader)
+                )
                 nursery.start_soon(_confirm, node, written_rx)
                 if token is not None:
                     nursery.start_soon(_expire, node, token)
@@ -108,13 +124,17 @@ def _route(path: str, node: RelayNode) -> tuple[str, str, doctoken.DocToken | No
     return ns, name, token
 
 
-async def _send(ws: ServerConnection, live: LiveDoc, replica: Replica) -> None:
+async def _send(
+    ws: ServerConnection, live: LiveDoc, replica: Replica, may_read: Callable[[], None]
+) -> None:
+    """The document to the client; ``may_read`` raises once it may read no more."""
     await ws.send(create_sync_message(live.doc))
     states = live.awareness_states()
     if states is not None:
         await ws.send(create_awareness_message(states))
     item: Record | bytes | None = await replica.next()
     while True:
+        may_read()  # a policy may have taken the reader off the list meanwhile
         if isinstance(item, bytes):
             await ws.send(create_awareness_message(item))
             item = await replica.next()
@@ -164,7 +184,11 @@ async def _receive(
                         continue  # a reader's step 2: its delete set, nothing new
                     raise ProtocolError(ErrorCode.WRONG_AUTHOR, "read-only: connect with ?token=")
                 # Charged to the token's agent, as its own publishes are.
-                node.limiter.check(token.agent, "publish", trio.current_time())
+                try:
+                    node.limiter.check(token.agent, "publish", trio.current_time())
+                except ProtocolError:
+                    node.metrics.rate_limited["publish"] += 1
+                    raise
                 await written.send(await _write(node, ns, name, data, token))
         elif kind == YMessageType.AWARENESS:
             update = _read(payload)

@@ -24,6 +24,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from agent_sdk.wire import decode_receipt
 from relay.inbox import Item
@@ -40,9 +41,17 @@ class StoreUnavailable(Exception):
     """The server cannot be reached or refused the DSN; the message says which."""
 
 
+KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10,
+              "keepalives_count": 3}  # fmt: skip
+"""TCP keepalives on every connection: a dead server (or a relay host that died,
+from the server's side) is noticed in about a minute, not the OS's two hours, so a
+crashed relay's schema lock is freed soon. (A DSN that sets them wins.)"""
+
+
 def connect(dsn: str, *, autocommit: bool) -> psycopg.Connection[Any]:
     try:
-        return psycopg.connect(dsn, autocommit=autocommit, connect_timeout=10)
+        settings = {"connect_timeout": 10, **KEEPALIVES, **conninfo_to_dict(dsn)}
+        return psycopg.connect(make_conninfo("", **settings), autocommit=autocommit)
     except psycopg.Error as exc:
         raise StoreUnavailable(f"PostgreSQL store: {exc}".strip()) from None
 
@@ -87,19 +96,29 @@ class PostgresStore:
         self.heads_table = f"{prefix}heads"
         self.readonly = readonly
         self._writer: psycopg.Connection[Any] | None = None
-        if not readonly:
-            self._writer = connect(dsn, autocommit=True)
-            try:
+        opened: list[psycopg.Connection[Any]] = []
+        try:
+            if not readonly:
+                self._writer = connect(dsn, autocommit=True)
+                opened.append(self._writer)
+                # A receipt goes out once COMMIT returns: it must mean flushed to disk,
+                # whatever the server's default says.
+                self._writer.execute("SET synchronous_commit = on")
                 hold_schema(self._writer, self.events)
                 self._create()
-            except BaseException:
-                self._writer.close()
-                raise
-        self._reader = connect(dsn, autocommit=True)
-        self._finder = connect(dsn, autocommit=True)
-        if readonly and not self._exists():
-            self.close()
-            raise StoreUnavailable(f"PostgreSQL store: no table {self.events} in that schema")
+            self._reader = connect(dsn, autocommit=True)
+            opened.append(self._reader)
+            self._finder = connect(dsn, autocommit=True)
+            opened.append(self._finder)
+            if readonly:
+                for conn in (self._reader, self._finder):
+                    conn.execute("SET default_transaction_read_only = on")
+                if not self._exists():
+                    raise StoreUnavailable(f"PostgreSQL store: no table {self.events} there")
+        except BaseException:
+            for conn in opened:
+                conn.close()
+            raise
 
     def _exists(self) -> bool:
         row = self._reader.execute("SELECT to_regclass(%s)", (self.events,)).fetchone()

@@ -20,6 +20,7 @@ from agent_sdk.client import Delivery, Live, RelayClient
 from agent_sdk.directory import Directory
 from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.ledger import Ledger
+from agent_sdk.wire import Event, sign_event
 from federation import network
 from relay.access import Creation, mint_invite
 from relay.node import RelayConfig
@@ -273,3 +274,129 @@ async def test_a_relay_the_owner_does_not_list_cannot_mirror_a_private_namespace
             async with stranger.subscribe(ns, start=1) as feed:
                 await refused(ErrorCode.FORBIDDEN, feed.__anext__())
             await refused(ErrorCode.FORBIDDEN, Ledger(stranger, ns).list())
+
+            # The owner takes a off the list: a still gets the change that does it,
+            # and from then on refuses even the reader its copy.
+            async with federation_of(a).hold(ns, None):
+                removed = await set_policy(owner, ns, "private", readers=[READER.public_key])
+                await a.node.wait_beyond(ns, removed.receipt.seq - 1)
+            assert not a.node.access.may_read(ns, READER.public_key)
+            async with reader.subscribe(ns, start=1) as feed:
+                await refused(ErrorCode.FORBIDDEN, feed.__anext__())
+
+
+async def test_a_policy_body_of_any_shape_is_refused_and_the_relay_lives_on(
+    relay: RunningRelay,
+) -> None:
+    async with RelayClient.connect(relay.url, OWNER) as owner:
+        await owner.publish(NS, "app.note", "created")
+        for body in ({"mode": []}, {"mode": {}}, {"mode": 1}, [], "private", None,
+                     {"mode": "listed", "writers": {}}, {"mode": "listed", "owner": []},
+                     {"mode": "listed", "invite": 5}, {"mode": "listed", "x": 1}):  # fmt: skip
+            await refused(ErrorCode.BAD_EVENT, owner.publish(NS, "ns.policy", body))
+        assert relay.node.head(NS) == 1
+        await owner.publish(NS, "app.note", "the relay is still here")
+
+
+async def test_a_parked_write_is_checked_again_when_it_is_released(relay: RunningRelay) -> None:
+    """A stranger parks a write on a dep it holds back, the namespace closes, then
+    it sends the dep: the parked write is refused, not slipped in."""
+    async with (
+        RelayClient.connect(relay.url, OWNER) as owner,
+        RelayClient.connect(relay.url, STRANGER) as stranger,
+    ):
+        await owner.publish(NS, "app.note", "created")
+        held_back = sign_event(
+            Event("open@local", "app.note", STRANGER.public_key, "the dep", ts=stranger.clock_ms()),
+            STRANGER.sign,
+        )
+        parked = sign_event(
+            Event(NS, "app.note", STRANGER.public_key, "sneaky", deps=(held_back.id,),
+                  ts=stranger.clock_ms()),
+            STRANGER.sign,
+        )  # fmt: skip
+        waiting = trio.Event()
+        relay.node.on_parked = lambda missing: waiting.set()
+        pending = stranger.publish_later(parked)
+        with trio.fail_after(TIMEOUT):
+            await waiting.wait()  # it waits for its dep
+            await set_policy(owner, NS, "listed")
+            await stranger.publish_signed(held_back)
+            await refused(ErrorCode.FORBIDDEN, pending.wait())
+        assert [r.kind for r in await relay.node.read(NS, 1, 10)] == ["app.note", "ns.policy"]
+
+
+async def test_a_subscription_losing_two_namespaces_at_once_ends_once(
+    relay: RunningRelay,
+) -> None:
+    ns2 = "team2@local"
+    async with (
+        RelayClient.connect(relay.url, OWNER) as owner,
+        RelayClient.connect(relay.url, READER) as reader,
+    ):
+        for ns in (NS, ns2):
+            await owner.publish(ns, "app.note", "created")
+        with trio.fail_after(TIMEOUT):
+            async with reader.subscribe([NS, ns2], start={NS: 1, ns2: 1}) as feed:
+                lives = 0
+                async for item in feed:
+                    lives += isinstance(item, Live)
+                    if lives == 2:
+                        break
+                async with trio.open_nursery() as both:  # two policies, one batch if it may
+                    for ns in (NS, ns2):
+                        both.start_soon(set_policy, owner, ns, "private")
+                with pytest.raises(ProtocolError) as info:
+                    async for _ in feed:
+                        pass
+                assert info.value.code is ErrorCode.FORBIDDEN
+            await reader.publish("open@local", "app.note", "the connection lives on")
+
+
+async def test_a_plain_yjs_reader_taken_off_the_list_is_closed(relay: RunningRelay) -> None:
+    exp = time.time_ns() // 1_000_000 + 60_000
+    async with RelayClient.connect(relay.url, OWNER) as owner:
+        await owner.publish(NS, "doc.create", {"doc": "plan"})
+        await set_policy(owner, NS, "private", readers=[READER.public_key])
+        token = doctoken.mint(READER, NS, "plan", exp)
+        async with connect(f"{relay.url}/yjs/{NS}/plan?token={token}") as ws:
+            with trio.fail_after(TIMEOUT):
+                assert isinstance(await ws.recv(), bytes)  # served
+                await set_policy(owner, NS, "private")  # the reader is gone
+                async with owner.doc(NS, "plan", create=False) as shared:
+                    shared.text().insert(0, "after the change")
+                with pytest.raises(ConnectionClosed) as info:
+                    while True:
+                        await ws.recv()
+        assert info.value.rcvd is not None and info.value.rcvd.code == 1008
+        assert info.value.rcvd.reason.startswith("2013 forbidden")
+
+
+async def test_a_forwarded_query_is_checked_for_the_agent_who_asked(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """Relay a is a listed reader of private ``y@b`` but holds no mirror of it: b
+    checks both a's key and the agent's a names, so a stranger on a is refused."""
+    relays = plan(tmp_path, "a", "b")
+    a = await start(nursery, relays["a"], (relays["b"].peer(),))
+    b = await start(nursery, relays["b"], (relays["a"].peer(),))
+    await federation_of(a).links["b"].wait_up()
+    ns = "y@b"
+    with trio.fail_after(TIMEOUT):
+        async with (
+            RelayClient.connect(b.url, OWNER) as owner,
+            RelayClient.connect(a.url, READER) as reader,
+            RelayClient.connect(a.url, STRANGER) as stranger,
+        ):
+            await owner.publish(ns, "doc.create", {"doc": "plan"})
+            await Ledger(owner, ns).create("private work")
+            await set_policy(owner, ns, "private", readers=[READER.public_key, relays["a"].key])
+            assert a.node.head(ns) == 0  # no mirror: a cannot judge by itself
+            await refused(ErrorCode.FORBIDDEN, Ledger(stranger, ns).list())
+            with pytest.raises(ProtocolError) as info:
+                async with stranger.doc(ns, "plan", create=False):
+                    pass
+            assert info.value.code is ErrorCode.FORBIDDEN
+            assert [o["title"] for o in await Ledger(reader, ns).list()] == ["private work"]
+            async with reader.doc(ns, "plan", create=False) as shared:
+                assert shared.to_json()["text"] == ""
