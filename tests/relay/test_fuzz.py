@@ -180,7 +180,7 @@ def test_mutated_frames_get_errors_and_hurt_nobody(seed: int, count: int) -> Non
 OPERATIONS = st.lists(
     st.tuples(
         st.integers(min_value=0, max_value=2),  # which key
-        st.sampled_from(["publish", "dep", "query", "subscribe", "unsubscribe", "claim"]),
+        st.sampled_from(["publish", "dep", "query", "subscribe", "unsubscribe", "claim", "policy"]),
         st.integers(min_value=0, max_value=3),  # a small argument
     ),
     min_size=1,
@@ -240,6 +240,14 @@ def _operation(who: Identity, op: str, arg: int, rid: int) -> f.AgentFrame:
             nonce=rid.to_bytes(16, "big"), body={"wo": "wo-1"},
         )  # fmt: skip
         signed = sign_event(event, who.sign)  # someone else's order: refused, not taken
+        return f.Publish(rid=rid, event=signed.raw, sig=signed.sig)
+    if op == "policy":  # the owner's closes the namespace to the others; the rest refused
+        body = [{"mode": "private"}, {"mode": "public"}, {"mode": []}, {"mode": "listed"}][arg]
+        event = Event(
+            ns=ns, kind="ns.policy", author=who.public_key, ts=1,
+            nonce=rid.to_bytes(16, "big"), body=body,
+        )  # fmt: skip
+        signed = sign_event(event, who.sign)
         return f.Publish(rid=rid, event=signed.raw, sig=signed.sig)
     if op == "query":
         q = ["wo.list", "dir.count", "no.such", "wo.show"][arg]
