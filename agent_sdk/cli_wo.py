@@ -42,6 +42,8 @@ EXIT_OF_PROBLEM = {
     "superseded": 3,
     "not_found": 4,
     "nothing_open": 4,
+    "needs_approval": 3,
+    "not_approver": 3,
     "bad_request": 2,
     "bad_ttl": 2,
     "not_joined": 4,
@@ -84,8 +86,13 @@ def add_parser(sub: Any, agent_options: Callable[[argparse.ArgumentParser], None
     p.add_argument("--verify", default="", help="verification command")
     p.add_argument("--priority", type=int, default=0, help="higher first")
     p.add_argument("--file", action="append", default=[], dest="files")
+    p.add_argument("--requires-approval", metavar="REASON",
+                   help="a person must approve it before it is done: why")  # fmt: skip
+    p.add_argument("--approver", action="append", default=[], metavar="KEY",
+                   help="a key (hex) that may approve (repeat)")  # fmt: skip
+    p.add_argument("--approver-role", default="", help="members of this directory role approve")
     p = command("list", "list work orders")
-    p.add_argument("--status", choices=["open", "claimed", "blocked", "done"])
+    p.add_argument("--status", choices=[s for s in STATUSES])
     p = command("show", "show one work order")
     p.add_argument("id")
     for name in ("claim", "next"):
@@ -104,11 +111,19 @@ def add_parser(sub: Any, agent_options: Callable[[argparse.ArgumentParser], None
     p.add_argument("id")
     p.add_argument("text")
     p.add_argument("--token", type=int)
-    p = command("update", "set the status: done, blocked or open")
+    p = command("update", "set the status: done, blocked, open or awaiting_approval")
     p.add_argument("id")
-    p.add_argument("--status", required=True, choices=["done", "blocked", "open"])
+    p.add_argument(
+        "--status", required=True, choices=["done", "blocked", "open", "awaiting_approval"]
+    )
     p.add_argument("--reason", default="")
     p.add_argument("--token", type=int)
+    for name in ("approve", "reject"):
+        p = command(name, f"as an approver: {name} an order awaiting approval")
+        p.add_argument("id")
+        p.add_argument("--comment", default="", required=name == "reject")
+    p = command("wait", "wait until an order awaiting approval is decided; prints it")
+    p.add_argument("id")
     wo.set_defaults(func=run, group="wo", actions=ACTIONS)
 
     lock = sub.add_parser("lock", help="advisory locks on named resources")
@@ -246,6 +261,24 @@ def _shown(item: dict[str, Any]) -> dict[str, Any]:
 
 
 def _create(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
+    gate: dict[str, Any] = {}
+    if args.requires_approval is not None:
+        try:
+            approvers = [bytes.fromhex(key) for key in args.approver]
+        except ValueError:
+            raise UsageError("--approver: a key is 64 hex digits") from None
+        if any(len(key) != 32 for key in approvers):
+            raise UsageError("--approver: a key is 64 hex digits")
+        if not approvers and not args.approver_role:
+            raise UsageError("--requires-approval needs --approver or --approver-role")
+        gate = {"requires_approval": True, "approval_reason": args.requires_approval}
+        if approvers:
+            gate["approvers"] = approvers
+        if args.approver_role:
+            gate["approver_role"] = args.approver_role
+    elif args.approver or args.approver_role:
+        raise UsageError("--approver and --approver-role go with --requires-approval")
+
     async def act(ledger: Ledger) -> Any:
         order = await ledger.create(
             args.title,
@@ -254,8 +287,27 @@ def _create(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
             files=args.files,
             verify=args.verify,
             priority=args.priority,
+            **gate,
         )
         return {"id": order}
+
+    return act
+
+
+def _decide(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
+    async def act(ledger: Ledger) -> Any:
+        if args.wo == "approve":
+            await ledger.approve(args.id, args.comment)
+        else:
+            await ledger.reject(args.id, args.comment)
+        return {"id": args.id, "decision": args.wo}
+
+    return act
+
+
+def _wait(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
+    async def act(ledger: Ledger) -> Any:
+        return _shown({"id": args.id, **await ledger.wait_decision(args.id)})
 
     return act
 
@@ -339,7 +391,11 @@ ACTIONS: dict[str, Callable[[argparse.Namespace, Tokens, str], Any]] = {
     "release": _release,
     "note": _note,
     "update": _update,
+    "approve": _decide,
+    "reject": _decide,
+    "wait": _wait,
 }
+STATUSES = ("open", "claimed", "blocked", "done", "awaiting_approval")
 
 
 def _lock_key(name: str) -> str:

@@ -22,7 +22,7 @@ from typing import Any
 
 import trio
 
-from agent_sdk.client import RelayClient, unwrap_single
+from agent_sdk.client import Delivery, RelayClient, unwrap_single
 
 Items = list[dict[str, Any]]
 """A list query's items (``list`` is also a method name in :class:`Ledger`)."""
@@ -123,6 +123,39 @@ class Ledger:
         await self.request("wo.update", body)
         if isinstance(claim, Claim):
             self._ended.add((claim.order, claim.token))
+
+    # -- approval gates ------------------------------------------------------------
+
+    async def ask_approval(self, claim: Claim, reason: str = "") -> None:
+        """Hand a gated order to its approvers (``awaiting_approval``). The claim ends
+        here: once approved, the order is open again, to be claimed and done."""
+        await self.update(claim, "awaiting_approval", reason)
+
+    async def approve(self, order: str, comment: str = "") -> None:
+        """As an approver (a listed key, or a member of the gate's role)."""
+        await self.request("wo.approve", {"wo": order, "comment": comment})
+
+    async def reject(self, order: str, comment: str) -> None:
+        """As an approver: the order is blocked, with ``comment`` as its reason."""
+        await self.request("wo.reject", {"wo": order, "comment": comment})
+
+    async def wait_decision(self, order: str) -> dict[str, Any]:
+        """Wait until ``order`` is no longer awaiting approval; returns the decision
+        (``approved``, ``by``, ``comment``, ``at_ms``). Follows the namespace live, so
+        a person's click reaches the agent at once."""
+        decided = ("wo.approved", "wo.declined")
+        async with self.client.subscribe(self.ns, kinds=decided) as feed:
+            while True:
+                shown = await self.show(order)  # (after subscribing: no decision is missed)
+                approval = shown.get("approval")
+                if approval is None:
+                    raise ValueError(f"{order} needs no approval")
+                if shown["status"] != "awaiting_approval" and approval["decisions"]:
+                    decision: dict[str, Any] = approval["decisions"][-1]
+                    return decision
+                async for item in feed:
+                    if isinstance(item, Delivery) and item.event.event.body.get("wo") == order:
+                        break
 
     async def note(self, order: str | Claim, text: str) -> None:
         body: dict[str, Any] = {"text": text}

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import enum
 import heapq
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from relay.coordination.leases import Granted, Lease, LeaseEngine, Refused
@@ -31,6 +32,7 @@ class Status(enum.Enum):
     CLAIMED = "claimed"
     BLOCKED = "blocked"
     DONE = "done"
+    AWAITING_APPROVAL = "awaiting_approval"
 
 
 class Op(enum.Enum):
@@ -40,6 +42,9 @@ class Op(enum.Enum):
     DONE = "done"
     BLOCK = "block"
     REOPEN = "reopen"
+    ASK_APPROVAL = "ask_approval"
+    APPROVE = "approve"
+    REJECT = "reject"
 
 
 TRANSITIONS: dict[tuple[Status, Op], Status] = {
@@ -54,6 +59,12 @@ TRANSITIONS: dict[tuple[Status, Op], Status] = {
     (Status.CLAIMED, Op.BLOCK): Status.BLOCKED,
     (Status.CLAIMED, Op.REOPEN): Status.OPEN,
     (Status.BLOCKED, Op.REOPEN): Status.OPEN,
+    # Approval gates: the holder hands the decision to a person and lets go of the
+    # claim (a person may take hours; no lease should run meanwhile). Approved, the
+    # order is open again, and may now be done; rejected, it is blocked with why.
+    (Status.CLAIMED, Op.ASK_APPROVAL): Status.AWAITING_APPROVAL,
+    (Status.AWAITING_APPROVAL, Op.APPROVE): Status.OPEN,
+    (Status.AWAITING_APPROVAL, Op.REJECT): Status.BLOCKED,
 }
 """Every legal move of a work order; a move not listed is refused (``bad_transition``)."""
 
@@ -67,6 +78,8 @@ class Problem(enum.Enum):
     BAD_TRANSITION = "bad_transition"
     NOTHING_OPEN = "nothing_open"
     RESERVED = "reserved"
+    NEEDS_APPROVAL = "needs_approval"
+    NOT_APPROVER = "not_approver"
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +94,28 @@ class Contract:
     """Higher first."""
     labels: tuple[str, ...] = ()
     handover: str = ""
+    approval: Gate | None = None
+    """Set when the order may only be done after a person approved it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Gate:
+    """Who must approve an order, and why: listed keys, or members of a role in the
+    namespace's directory (``human``, say), or both."""
+
+    reason: str
+    approvers: tuple[bytes, ...] = ()
+    role: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """An approver's verdict on an order awaiting approval."""
+
+    approved: bool
+    by: bytes
+    comment: str
+    at_ms: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +139,12 @@ class WorkOrder:
     """(at_ms, new status, why) for every move."""
     last_op: str = ""
     """The latest move (``claim``, ``release``, ``expire``, ``done``...): why it is open."""
+    decisions: list[Decision] = field(default_factory=list)
+    """Every approval or rejection, in order; the last one counts."""
+
+    @property
+    def approved(self) -> bool:
+        return bool(self.decisions) and self.decisions[-1].approved
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,6 +300,47 @@ class Ledger:
             return Rejection(Problem.BAD_TRANSITION, f"cannot set status {status.value}")
         return self._end(order_id, agent, token, op, now_ms, reason or status.value)
 
+    def ask_approval(
+        self, order_id: str, agent: bytes, token: int | None, now_ms: int, reason: str
+    ) -> Outcome:
+        """The holder hands the order to its approvers: the claim ends (fenced, like a
+        release) and the order waits for a decision."""
+        order = self.orders.get(order_id)
+        if order is not None and order.contract.approval is None:
+            return Rejection(Problem.BAD_TRANSITION, f"{order_id} needs no approval")
+        return self._end(order_id, agent, token, Op.ASK_APPROVAL, now_ms, reason or "asks")
+
+    def decide(
+        self,
+        order_id: str,
+        agent: bytes,
+        approved: bool,
+        comment: str,
+        now_ms: int,
+        is_approver: Callable[[Gate, bytes], bool],
+    ) -> Outcome:
+        """An approver's ``wo.approve`` or ``wo.reject``; ``is_approver`` says whether
+        a key may decide for a gate (the role's members live in the directory)."""
+        order = self._current(order_id, now_ms)
+        if isinstance(order, Rejection):
+            return order
+        gate = order.contract.approval
+        if gate is None:
+            return Rejection(Problem.BAD_TRANSITION, f"{order_id} needs no approval")
+        if not is_approver(gate, agent):
+            who = f"role {gate.role!r}" if gate.role else "its listed approvers"
+            return Rejection(Problem.NOT_APPROVER, f"only {who} decide {order_id}")
+        op = Op.APPROVE if approved else Op.REJECT
+        refused = self._refuse_move(order, op)
+        if refused is not None:
+            return refused
+        order.decisions.append(Decision(approved, agent, comment, now_ms))
+        verdict = "approved" if approved else "rejected"
+        why = f"{verdict} by {agent.hex()}" + (f": {comment}" if comment else "")
+        self._move(order, op, now_ms, why)
+        order.reason = comment if not approved else order.reason
+        return Done(order_id, order.status)
+
     def note(
         self, order_id: str, agent: bytes, text: str, now_ms: int, token: int | None = None
     ) -> Outcome:
@@ -378,6 +460,9 @@ class Ledger:
         refused = self._refuse_move(order, op)
         if refused is not None:
             return refused
+        if op is Op.DONE and order.contract.approval is not None and not order.approved:
+            reason = f"{order_id} needs approval first: {order.contract.approval.reason}"
+            return Rejection(Problem.NEEDS_APPROVAL, reason)
         if order.status is Status.CLAIMED:  # only the holder ends a claim, fenced
             if token is None:
                 return Rejection(Problem.NOT_HOLDER, f"{order_id} is claimed: give its token")

@@ -88,12 +88,33 @@ def _summary(coordinator: Coordinator, order: WorkOrder, now_ms: int) -> dict[st
         "labels": list(order.contract.labels),
         "updated_ms": order.updated_ms,
         **_lease(lease),
+        **_approval(order),
+    }
+
+
+def _approval(order: WorkOrder) -> dict[str, Any]:
+    """An order's approval gate and decisions, for gated orders only."""
+    gate = order.contract.approval
+    if gate is None:
+        return {}
+    decisions = [
+        {"approved": d.approved, "by": d.by, "comment": d.comment, "at_ms": d.at_ms}
+        for d in order.decisions[-8:]  # the latest few: an answer has a size budget
+    ]
+    return {
+        "approval": {
+            "reason": gate.reason,
+            "approvers": list(gate.approvers),
+            "role": gate.role,
+            "approved": order.approved,
+            "decisions": decisions,
+        }
     }
 
 
 def wo_list(coordinator: Coordinator, args: dict[str, Any], now_ms: int, budget: int) -> Any:
     only(args, "status", "after", "limit")
-    wanted = opt_text(args, "status", 16)
+    wanted = opt_text(args, "status", 24)
     if wanted is not None and wanted not in {s.value for s in Status}:
         raise BadRequest("status must be open, claimed, blocked or done")
     after = opt_integer(args, "after") or 0
@@ -223,7 +244,7 @@ def _decision(d: Decision) -> dict[str, Any]:
 
 def decision_list(coordinator: Coordinator, args: dict[str, Any], now_ms: int, budget: int) -> Any:
     only(args, "status", "after", "limit")
-    wanted = opt_text(args, "status", 16)
+    wanted = opt_text(args, "status", 24)
     after = opt_integer(args, "after") or 0
     decisions = coordinator.records.decisions.values()
     items = (

@@ -29,6 +29,7 @@ from relay.coordination.directory import (
     Member,
 )
 from relay.coordination.fields import (
+    MAX_LIST,
     MAX_TEXT,
     BadRequest,
     Conflict,
@@ -42,7 +43,7 @@ from relay.coordination.fields import (
     texts,
 )
 from relay.coordination.leases import Granted, Lease, LeaseEngine, Refused, TtlBounds
-from relay.coordination.ledger import Contract, Done, Ledger, Rejection, Status
+from relay.coordination.ledger import Contract, Done, Gate, Ledger, Rejection, Status
 from relay.coordination.records import NAMESPACE, Records
 from relay.coordination.stakes import PPM, Reputation, Stakes
 
@@ -57,8 +58,11 @@ MAX_POST = 4000
 """Characters of a bulletin post."""
 
 WO_KINDS = frozenset(
-    {"wo.create", "wo.claim", "wo.next", "wo.renew", "wo.release", "wo.update", "wo.note"}
-)
+    {
+        "wo.create", "wo.claim", "wo.next", "wo.renew", "wo.release", "wo.update",
+        "wo.note", "wo.approve", "wo.reject",
+    }
+)  # fmt: skip
 LOCK_KINDS = frozenset({"lock.acquire", "lock.renew", "lock.release"})
 RECORD_KINDS = frozenset({"context.put", "bulletin.post", "decision.add", "ckpt.set"})
 DIR_KINDS = frozenset({"dir.join", "dir.leave", "dir.heartbeat"})
@@ -83,6 +87,8 @@ OUTCOME_OF = {
     "wo.release": "wo.released",
     "wo.update": "wo.updated",
     "wo.note": "wo.noted",
+    "wo.approve": "wo.approved",
+    "wo.reject": "wo.declined",  # (wo.rejected is the relay refusing a wo.* request)
     "lock.acquire": "lock.acquired",
     "lock.renew": "lock.renewed",
     "lock.release": "lock.released",
@@ -446,6 +452,14 @@ class Coordinator:
         ]
         return min((t for t in times if t is not None), default=None)
 
+    def _is_approver(self, gate: Gate, key: bytes) -> bool:
+        """A listed approver, or a member of the gate's role in this namespace's
+        directory (a role is what a member says at dir.join: see operations.md)."""
+        if key in gate.approvers:
+            return True
+        member = self.directory.members.get(key)
+        return bool(gate.role) and member is not None and member.role == gate.role
+
     def _apply(self, kind: str, body: dict[str, Any], author: bytes, now: int) -> Done | Rejection:
         ledger = self.ledger
         if kind == "wo.create":
@@ -468,11 +482,20 @@ class Coordinator:
         if kind == "wo.update":
             only(body, "wo", "token", "status", "reason")
             try:
-                status = Status(text(body, "status", 16))
+                status = Status(text(body, "status", 24))
             except ValueError:
-                raise BadRequest("status must be open, blocked or done") from None
+                statuses = "open, blocked, done or awaiting_approval"
+                raise BadRequest(f"status must be {statuses}") from None
             reason = text(body, "reason", MAX_TEXT, default="")
-            return ledger.update(order, author, opt_integer(body, "token"), status, now, reason)
+            token = opt_integer(body, "token")
+            if status is Status.AWAITING_APPROVAL:
+                return ledger.ask_approval(order, author, token, now, reason)
+            return ledger.update(order, author, token, status, now, reason)
+        if kind in ("wo.approve", "wo.reject"):
+            only(body, "wo", "comment")
+            comment = text(body, "comment", MAX_TEXT, default="")
+            approved = kind == "wo.approve"
+            return ledger.decide(order, author, approved, comment, now, self._is_approver)
         assert kind == "wo.note"
         only(body, "wo", "token", "text")
         note = text(body, "text", MAX_TEXT)
@@ -596,9 +619,33 @@ def _profile(member: Member) -> dict[str, Any]:
     }
 
 
+def _gate(body: dict[str, Any]) -> Gate | None:
+    """The approval gate of a ``wo.create``: ``requires_approval`` true, with
+    ``approval_reason`` and ``approvers`` (keys) or ``approver_role`` (or both)."""
+    required = body.get("requires_approval", False)
+    if type(required) is not bool:
+        raise BadRequest("requires_approval must be true or false")
+    rest = ("approval_reason", "approvers", "approver_role")
+    if not required:
+        if any(name in body for name in rest):
+            raise BadRequest(f"{', '.join(rest)} go with requires_approval: true")
+        return None
+    approvers = body.get("approvers", [])
+    if not isinstance(approvers, list) or len(approvers) > MAX_LIST:
+        raise BadRequest(f"approvers must be a list of at most {MAX_LIST} keys")
+    if not all(isinstance(key, bytes) and len(key) == 32 for key in approvers):
+        raise BadRequest("approvers must be 32-byte keys")
+    role = text(body, "approver_role", 64, default="")
+    if not approvers and not role:
+        raise BadRequest("an order that requires approval names approvers or an approver_role")
+    reason = text(body, "approval_reason", MAX_TEXT, default="")
+    return Gate(reason=reason, approvers=tuple(approvers), role=role)
+
+
 def _contract(body: dict[str, Any]) -> Contract:
     fields = ("title", "description", "acceptance", "scope", "files", "verify")
-    only(body, *fields, "priority", "labels", "handover")
+    gate = ("requires_approval", "approval_reason", "approvers", "approver_role")
+    only(body, *fields, "priority", "labels", "handover", *gate)
     title = text(body, "title", 200)
     if not title.strip():
         raise BadRequest("a work order needs a title")
@@ -612,4 +659,5 @@ def _contract(body: dict[str, Any]) -> Contract:
         priority=opt_integer(body, "priority") or 0,
         labels=texts(body, "labels"),
         handover=text(body, "handover", MAX_TEXT, default=""),
+        approval=_gate(body),
     )

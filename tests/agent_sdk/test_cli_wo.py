@@ -191,3 +191,39 @@ async def test_auctions_from_a_shell_script(relay: RunningRelay, tmp_path: Path)
     [vouch] = json.loads((tmp_path / "rep.json").read_text())["vouched_by"]
     assert vouch["weight"] == 10 and vouch["reason"] == "reviewed its work"
     assert json.loads((tmp_path / "revoke.json").read_text())["unlocked"] == 10
+
+
+APPROVAL = r"""
+set -u
+f() { "$PYTHON" -m agent_sdk.cli "$@"; }
+human() { FORMICARY_KEY=$OTHER_KEY "$PYTHON" -m agent_sdk.cli "$@"; }
+human keygen --out "$OTHER_KEY" > human.json || exit 10
+key=$("$PYTHON" -c 'import json; print(json.load(open("human.json"))["id"])')
+id=$(f wo create --title "rotate the prod key" --requires-approval "touches credentials" \
+     --approver "$key" --json | "$PYTHON" -c 'import json,sys; print(json.load(sys.stdin)["id"])') \
+     || exit 11
+f wo claim "$id" > /dev/null || exit 12
+f wo update "$id" --status done; echo "done-early=$?" > codes.txt
+f wo update "$id" --status awaiting_approval --reason "ready" || exit 13
+f wo list --status awaiting_approval --json > waiting.json || exit 14
+f wo approve "$id"; echo "self-approve=$?" >> codes.txt
+f wo wait "$id" --json > decision.json &
+waiter=$!
+human wo approve "$id" --comment "rotated keys are backed up" || exit 15
+wait $waiter || exit 16
+f wo claim "$id" > /dev/null || exit 17
+f wo update "$id" --status done || exit 18
+f wo create --title x --requires-approval why; echo "no-approver=$?" >> codes.txt
+exit 0
+"""
+
+
+async def test_approvals_from_a_shell(relay: RunningRelay, tmp_path: Path) -> None:
+    done = await run_shell(relay, tmp_path, APPROVAL, ns="ops@local")
+    assert done.returncode == 0, done.stderr.decode()
+    assert exit_codes(tmp_path) == {"done-early": "3", "self-approve": "3", "no-approver": "2"}
+    [waiting] = json.loads((tmp_path / "waiting.json").read_text())
+    assert waiting["status"] == "awaiting_approval"
+    assert waiting["approval"]["reason"] == "touches credentials"
+    decision = json.loads((tmp_path / "decision.json").read_text())
+    assert decision["approved"] is True and decision["comment"] == "rotated keys are backed up"

@@ -1,0 +1,137 @@
+"""Approval gates over real sockets: an order that needs a person, the agent that
+waits for one, approvers by key and by directory role, and every bad request."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+
+from agent_sdk.client import RelayClient
+from agent_sdk.directory import Directory
+from agent_sdk.ledger import Ledger, LedgerRefusal
+from tests.conftest import RunningRelay, identity, start_relay
+
+NS = "ops@local"
+AGENT, HUMAN, OTHER = identity(1), identity(2), identity(3)
+TIMEOUT = 30
+
+
+async def refused(problem: str, call: object) -> LedgerRefusal:
+    with pytest.raises(LedgerRefusal) as info:
+        await call  # type: ignore[misc]
+    assert info.value.problem == problem, info.value
+    return info.value
+
+
+async def test_a_gated_order_is_done_only_after_a_person_approves(relay: RunningRelay) -> None:
+    async with (
+        RelayClient.connect(relay.url, AGENT) as agent_client,
+        RelayClient.connect(relay.url, HUMAN) as human_client,
+    ):
+        agent, human = Ledger(agent_client, NS), Ledger(human_client, NS)
+        await Directory(human_client, NS).join("alice", role="human")
+        order = await agent.create(
+            "deploy to production", requires_approval=True,
+            approval_reason="a production deploy", approver_role="human",
+        )  # fmt: skip
+        claim = await agent.claim(order)
+        error = await refused("needs_approval", agent.update(claim, "done"))
+        assert "a production deploy" in error.reason
+        await agent.ask_approval(claim, "the canary is green")
+        shown = await agent.show(order)
+        assert shown["status"] == "awaiting_approval" and shown.get("holder") is None
+        assert shown["approval"]["role"] == "human" and not shown["approval"]["approved"]
+        await refused("bad_transition", agent.claim(order))  # nobody holds it meanwhile
+        await refused("not_approver", agent.approve(order))  # not in the role
+
+        with trio.fail_after(TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                decided: list[dict[str, object]] = []
+
+                async def wait() -> None:
+                    decided.append(await agent.wait_decision(order))
+
+                nursery.start_soon(wait)
+                await trio.testing.wait_all_tasks_blocked()
+                await human.approve(order, "go ahead")
+        [decision] = decided
+        assert decision["approved"] is True and decision["comment"] == "go ahead"
+        assert decision["by"] == HUMAN.public_key
+        claim = await agent.claim(order)  # open again: claimed, and now it may be done
+        await agent.update(claim, "done")
+        shown = await agent.show(order)
+        assert shown["status"] == "done" and shown["approval"]["approved"]
+        assert [h["status"] for h in shown["history"]] == [
+            "open", "claimed", "awaiting_approval", "open", "claimed", "done",
+        ]  # fmt: skip
+
+
+async def test_a_rejection_blocks_the_order_with_its_comment(relay: RunningRelay) -> None:
+    async with (
+        RelayClient.connect(relay.url, AGENT) as agent_client,
+        RelayClient.connect(relay.url, HUMAN) as human_client,
+    ):
+        agent, human = Ledger(agent_client, NS), Ledger(human_client, NS)
+        order = await agent.create(
+            "pay the invoice", requires_approval=True, approval_reason="money",
+            approvers=[HUMAN.public_key],
+        )  # fmt: skip
+        await agent.ask_approval(await agent.claim(order))
+        await refused("not_approver", Ledger(agent_client, NS).reject(order, "no"))
+        await human.reject(order, "wrong amount")
+        decision = await agent.wait_decision(order)  # decided already: at once
+        assert decision["approved"] is False and decision["comment"] == "wrong amount"
+        shown = await agent.show(order)
+        assert shown["status"] == "blocked" and shown["reason"] == "wrong amount"
+        await refused("bad_transition", human.approve(order))  # not awaiting any more
+        # Reopened and asked again, it may be approved this time.
+        await agent.update(order, "open")
+        await agent.ask_approval(await agent.claim(order), "fixed the amount")
+        await human.approve(order)
+        await agent.update(await agent.claim(order), "done")
+
+
+async def test_bad_approval_requests_are_refused_and_change_nothing(relay: RunningRelay) -> None:
+    async with RelayClient.connect(relay.url, AGENT) as client:
+        ledger = Ledger(client, NS)
+        for contract, why in (
+            ({"requires_approval": True}, "names approvers or an approver_role"),
+            ({"requires_approval": "yes", "approver_role": "h"}, "true or false"),
+            ({"requires_approval": True, "approvers": [b"short"]}, "32-byte keys"),
+            ({"requires_approval": True, "approvers": "k"}, "a list"),
+            ({"approver_role": "human"}, "go with requires_approval"),
+        ):
+            error = await refused("bad_request", ledger.create("t", **contract))
+            assert why in error.reason
+        assert await ledger.list() == []
+        plain = await ledger.create("no gate")
+        await refused("bad_transition", ledger.ask_approval(await ledger.claim(plain)))
+        await refused("bad_transition", ledger.approve(plain))
+        await refused("not_found", ledger.approve("wo-99"))
+        gated = await ledger.create("gated", requires_approval=True, approvers=[HUMAN.public_key])
+        # Only its holder asks: an open order cannot be sent for approval.
+        await refused("bad_transition", ledger.update(gated, "awaiting_approval"))
+        await refused("bad_request", ledger.request("wo.approve", {"wo": gated, "extra": 1}))
+
+
+async def test_decisions_survive_a_restart(nursery: trio.Nursery, tmp_path: Path) -> None:
+    data = tmp_path / "relay"
+    running = await start_relay(nursery, data)
+    async with (
+        RelayClient.connect(running.url, AGENT) as agent_client,
+        RelayClient.connect(running.url, HUMAN) as human_client,
+    ):
+        agent = Ledger(agent_client, NS)
+        order = await agent.create("gated", requires_approval=True, approvers=[HUMAN.public_key])
+        await agent.ask_approval(await agent.claim(order))
+        await Ledger(human_client, NS).approve(order, "ok")
+    running.scope.cancel()
+    running = await start_relay(nursery, data)
+    async with RelayClient.connect(running.url, OTHER) as client:
+        ledger = Ledger(client, NS)
+        shown = await ledger.show(order)
+        assert shown["status"] == "open" and shown["approval"]["approved"]
+        await ledger.update(await ledger.claim(order), "done")  # approved before the restart
+    running.scope.cancel()
