@@ -161,9 +161,34 @@ def digest(data: bytes) -> bytes:
     return hashlib.blake2b(data, digest_size=ID_SIZE).digest()
 
 
+_P = 2**255 - 19
+_SMALL_ORDER_Y = frozenset(
+    {
+        0,  # order 4
+        1,  # the identity
+        _P - 1,  # order 2
+        # the order-8 points
+        0x7A03AC9277FDC74EC6CC392CFA53202A0F67100D760B3CBA4FD84D3D706A17C7,
+        0x05FC536D880238B13933C6D305ACDFD5F098EFF289F4C345B027B2C28F95E826,
+    }
+)
+
+
+def weak_key(key: bytes) -> bool:
+    """Is ``key`` a point of small order, or not the canonical encoding of a point?
+
+    For such keys "signatures" can be made without any private key (the identity
+    point verifies an all-zero-scalar signature of every message), so they are
+    nobody's identity: refused everywhere a key signs (libsodium refuses them too).
+    """
+    y = int.from_bytes(key, "little") & ((1 << 255) - 1)
+    return y >= _P or y in _SMALL_ORDER_Y
+
+
 def verify_signature(key: bytes, sig: bytes, message: bytes) -> bool:
-    """True when ``sig`` is ``key``'s Ed25519 signature of ``message``."""
-    if len(key) != KEY_SIZE or len(sig) != SIG_SIZE:
+    """True when ``sig`` is ``key``'s Ed25519 signature of ``message`` (never for a
+    :func:`weak_key`)."""
+    if len(key) != KEY_SIZE or len(sig) != SIG_SIZE or weak_key(key):
         return False
     try:
         _public_key(key).verify(sig, message)

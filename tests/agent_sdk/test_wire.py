@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent_sdk.errors import ErrorCode, ProtocolError
+from agent_sdk.identity import Identity
 from agent_sdk.wire import (
     EVENT_DOMAIN,
     ZERO_HASH,
@@ -25,6 +26,8 @@ from agent_sdk.wire import (
     seal,
     sign_event,
     verify_seal,
+    verify_signature,
+    weak_key,
 )
 from tests.conftest import identity
 
@@ -272,3 +275,32 @@ def test_receipts_with_ill_typed_fields_are_refused() -> None:
     for change in ({"seq": True}, {"hlc": False}, {"ns": "no-home"}, {"seq": 0}):
         with pytest.raises(ProtocolError):
             decode_receipt(canonical({**fields, **change}))
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "0100000000000000000000000000000000000000000000000000000000000000",  # identity
+        "0000000000000000000000000000000000000000000000000000000000000000",  # order 4
+        "0000000000000000000000000000000000000000000000000000000000000080",
+        "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",  # order 2
+        "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",  # order 8
+        "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc85",
+        "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",  # y = p
+        "eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff",  # y = p + 1
+    ],
+)
+def test_small_order_and_non_canonical_keys_never_verify(key: str) -> None:
+    """With these keys "signatures" need no private key: the identity point verifies
+    R = identity, S = 0 for every message (OpenSSL accepts it). Nobody owns them."""
+    weak = bytes.fromhex(key)
+    assert weak_key(weak)
+    forged = bytes([1]) + bytes(63)  # R = the identity point, S = 0
+    for n in range(64):
+        message = EVENT_DOMAIN + bytes([n]) * 32
+        assert not verify_signature(weak, forged, message)
+        assert not verify_signature(weak, bytes(64), message)
+
+
+def test_real_keys_are_not_weak() -> None:
+    assert not any(weak_key(Identity.from_seed(bytes([n]) * 32).public_key) for n in range(256))
