@@ -35,6 +35,7 @@ from agent_sdk.wire import NS_RE, PROTOCOL_VERSION, Event, SignedEvent
 from federation.network import LOCATE, ProxiedDoc
 from federation.outbox import Entry
 from federation.peers import Peer
+from relay.board import static_file
 from relay.documents import MAX_AWARENESS, LiveDoc, Overflow, Replica
 from relay.logs import CONNECTION, about
 from relay.messaging import Messaging
@@ -835,6 +836,17 @@ def http_handler(node: RelayNode) -> Callable[[ServerConnection, Request], Respo
             del response.headers["Content-Type"]
             response.headers["Content-Type"] = METRICS_CONTENT_TYPE
             return response
+        page = static_file(request.path)
+        if page is not None:  # the oversight board (relay/board.py)
+            body, content_type = page
+            response = connection.respond(HTTPStatus.OK, "")
+            response.body = body
+            del response.headers["Content-Type"]
+            del response.headers["Content-Length"]
+            response.headers["Content-Type"] = content_type
+            response.headers["Content-Length"] = str(len(body))
+            response.headers["Cache-Control"] = "no-cache"
+            return response
         if request.path == "/info":
             response = connection.respond(HTTPStatus.OK, json.dumps(info_document(node)) + "\n")
             del response.headers["Content-Type"]  # respond() set text/plain; replace it
@@ -860,6 +872,8 @@ async def serve_relay(
     beyond that the WebSocket layer itself closes with 1009 (message too big).
     """
 
+    from relay.board import SOCKET as BOARD_SOCKET
+    from relay.board import serve_board
     from relay.yws import is_yjs, serve_yjs  # it imports this module's neighbours
 
     async def handler(ws: ServerConnection) -> None:
@@ -876,6 +890,8 @@ async def serve_relay(
         try:
             if ws.request is not None and is_yjs(ws.request.path):
                 await serve_yjs(node, ws)  # a plain Yjs client (relay/yws.py)
+            elif ws.request is not None and ws.request.path == BOARD_SOCKET:
+                await serve_board(node, ws)  # the oversight board's page (relay/board.py)
             else:
                 await Connection(node, ws).run()
         finally:

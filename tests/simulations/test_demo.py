@@ -20,7 +20,10 @@ async def test_the_demo_finishes_every_order_once_despite_kills() -> None:
     assert summary.killed == 2 and summary.paused == 1
     # Each killed or frozen agent held an order: each lease expired and was recovered.
     assert summary.expiries_recovered >= 3
-    assert summary.late_writes_refused == 1  # the frozen agent's write after waking
+    # The frozen agent's write after waking is always refused. On a loaded machine a
+    # live agent's renewal can also miss its 1 s lease; its late write is refused the
+    # same way (fencing at work), so more than one is no failure. Duplicates would be.
+    assert summary.late_writes_refused >= 1
     assert summary.log_ok and summary.events > 12 * 6
     assert lines[-1] == "ok"
 
