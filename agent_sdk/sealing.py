@@ -31,14 +31,14 @@ from functools import lru_cache
 from typing import Any
 
 import msgpack
-from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from agent_sdk.identity import Identity
+from agent_sdk.wire import verify_signature
 
 MESSAGE_DOMAIN = b"formicary/v1/msg\x00"
 KEY_DOMAIN = b"formicary/v1/msg-key\x00"
@@ -129,12 +129,8 @@ class Sealed:
 
     def verify(self) -> None:
         """Check the sender's signature; raises :class:`Unsealable`."""
-        try:
-            Ed25519PublicKey.from_public_bytes(self.header.sender).verify(
-                self.sig, self.signed_part()
-            )
-        except (InvalidSignature, ValueError):
-            raise Unsealable("the sender's signature does not check") from None
+        if not verify_signature(self.header.sender, self.sig, self.signed_part()):
+            raise Unsealable("the sender's signature does not check")
 
 
 def _key(shared: bytes, ephemeral: bytes, recipient_x: bytes) -> bytes:
@@ -208,12 +204,9 @@ class Receipt:
         return cls(header.id, header.sender, recipient.public_key, sig)
 
     def verify(self) -> None:
-        try:
-            Ed25519PublicKey.from_public_bytes(self.recipient).verify(
-                self.sig, self.signed_part(self.id, self.sender, self.recipient)
-            )
-        except (InvalidSignature, ValueError):
-            raise Unsealable("the receipt's signature does not check") from None
+        signed = self.signed_part(self.id, self.sender, self.recipient)
+        if not verify_signature(self.recipient, self.sig, signed):
+            raise Unsealable("the receipt's signature does not check")
 
     def encode(self) -> bytes:
         return _pack([self.id, self.sender, self.recipient, self.sig])

@@ -28,6 +28,8 @@ import base64
 import json
 import logging
 import secrets
+import weakref
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +60,8 @@ WATCH_INTERVAL = 0.2
 RECENT = 30
 """Events shown in the recent list."""
 MAX_MESSAGE = 64 << 10
+PUBLISHING = 8
+"""Publishes of one board waiting for their answers; the next waits for room."""
 PAGE = 100
 """Orders per status column and page."""
 COLUMNS = ("open", "claimed", "awaiting_approval", "blocked", "done")
@@ -82,6 +86,8 @@ class Board:
         self.challenge = secrets.token_bytes(32)
         self._watch: trio.CancelScope | None = None
         self._send_lock = trio.Lock()
+        self._publishing = trio.Semaphore(PUBLISHING)
+        self._refused_in_a_row = 0
 
     async def run(self) -> None:
         hello = {
@@ -110,7 +116,7 @@ class Board:
                 raise ProtocolError(ErrorCode.MALFORMED, "board messages are JSON text")
             try:
                 request = json.loads(message)
-            except ValueError:
+            except (ValueError, RecursionError):  # (deep nesting is not JSON we take)
                 raise ProtocolError(ErrorCode.MALFORMED, "not JSON") from None
             if not isinstance(request, dict) or not isinstance(request.get("t"), str):
                 raise ProtocolError(ErrorCode.MALFORMED, "a message is an object with a t")
@@ -122,6 +128,7 @@ class Board:
             elif kind == "watch":
                 self._start_watch(request)
             elif kind == "publish":
+                await self._publishing.acquire()  # (reading waits: no pile of tasks)
                 self._nursery.start_soon(self._publish, request)
             else:
                 raise ProtocolError(ErrorCode.UNKNOWN_FRAME, f"no message {kind!r}")
@@ -185,9 +192,24 @@ class Board:
                 await self.node.wait_beyond(ns, seen)
 
     async def snapshot(self, ns: str, pages: dict[str, int]) -> dict[str, Any]:
-        """What the board shows of ``ns`` now (every part bounded)."""
+        """What the board shows of ``ns`` now (every part bounded). Boards watching
+        the same page of a namespace share one snapshot per head and second: many
+        boards on a big ledger cost the relay one build, not one each."""
         node = self.node
         now = node.wall_ms()
+        shared = _SNAPSHOTS.setdefault(node, OrderedDict())
+        key = (ns, node.head(ns), tuple(sorted(pages.items())), now // 1000)
+        cached = shared.get(key)
+        if cached is not None:
+            return cached
+        state = await self._build(ns, pages, now)
+        shared[key] = state
+        while len(shared) > SHARED_SNAPSHOTS:
+            shared.popitem(last=False)
+        return state
+
+    async def _build(self, ns: str, pages: dict[str, int], now: int) -> dict[str, Any]:
+        node = self.node
         coordinator = node.coordination.coordinators.get(ns) or Coordinator()
         budget = 256 << 10
 
@@ -251,15 +273,34 @@ class Board:
     # -- acting -----------------------------------------------------------------------
 
     async def _publish(self, request: dict[str, Any]) -> None:
+        try:
+            await self._publish_one(request)
+        finally:
+            self._publishing.release()
+
+    async def _publish_one(self, request: dict[str, Any]) -> None:
         rid = request.get("rid")
         try:
             if not isinstance(rid, int) or isinstance(rid, bool):
                 raise ProtocolError(ErrorCode.MALFORMED, "publish needs an integer rid")
+            if self.key is None:
+                raise ProtocolError(ErrorCode.NOT_AUTHENTICATED, "sign in to act")
+            # Charged first, as agent connections are: a refusal costs no decoding.
+            try:
+                self.node.limiter.check(self.key, "publish", trio.current_time())
+            except ProtocolError:
+                self.node.metrics.rate_limited["publish"] += 1
+                raise
             raw, sig = _b64(request, "event"), _b64(request, "sig")
             signed = decode_event(raw, sig, max_deps=self.node.config.max_deps)
+            if signed.event.author != self.key:
+                # Else anyone could replay others' events here, against their budget.
+                raise ProtocolError(ErrorCode.WRONG_AUTHOR, "the author is not the signed-in key")
             if not signed.verify():
                 raise ProtocolError(ErrorCode.BAD_SIGNATURE, "the signature does not verify")
-            self.node.limiter.check(signed.event.author, "publish", trio.current_time())
+            if not self.node.is_home(signed.event.ns):
+                reason = "the board acts on namespaces this relay homes; use that relay's board"
+                raise ProtocolError(ErrorCode.NOT_HOME, reason)
             ticket = await self.node.admit(signed)
             record = await self.node.answer(ticket)
             ack: dict[str, Any] = {"t": "ack", "rid": rid, "seq": record.seq}
@@ -273,6 +314,12 @@ class Board:
             await self._send(ack)
         except ProtocolError as exc:
             await self._send(_error(exc, rid=rid if isinstance(rid, int) else None))
+
+
+SHARED_SNAPSHOTS = 32
+_SNAPSHOTS: weakref.WeakKeyDictionary[RelayNode, OrderedDict[tuple[Any, ...], dict[str, Any]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _error(exc: ProtocolError, *, rid: int | None = None) -> dict[str, Any]:

@@ -131,7 +131,34 @@ function watch(ns) {
 
 // -- rendering --------------------------------------------------------------------------
 
+// What a person is typing survives the next state: cards are rebuilt on each one.
+function inputKey(input) {
+  const card = input.closest("[data-wo]");
+  const place = input.closest("section")?.id || "";
+  return card ? `${place}/${card.dataset.wo}/${input.placeholder}` : null;
+}
+
+function keepInputs() {
+  const kept = new Map();
+  for (const input of document.querySelectorAll("main input")) {
+    const key = inputKey(input);
+    if (key && input.value) kept.set(key, input.value);
+  }
+  const focused = document.activeElement;
+  const focus = focused && focused.tagName === "INPUT" ? inputKey(focused) : null;
+  return { kept, focus };
+}
+
+function restoreInputs({ kept, focus }) {
+  for (const input of document.querySelectorAll("main input")) {
+    const key = inputKey(input);
+    if (key && kept.has(key)) input.value = kept.get(key);
+    if (key && key === focus) input.focus();
+  }
+}
+
 function render() {
+  const typing = keepInputs();
   renderCounters();
   renderApprovals();
   renderColumns();
@@ -151,6 +178,7 @@ function render() {
   $("federation").replaceChildren(
     ...(lines.length ? lines.map((line) => el("li", line)) : [el("li", "no peers", "muted")]),
   );
+  restoreInputs(typing);
   tick();
 }
 
@@ -280,7 +308,11 @@ async function checkSignature(event, mark) {
     if (!event.event) {
       verified.set(key, null); // compacted: its bytes are gone, its receipt stays
     } else {
-      const ok = await wire.checkEvent(wire.fromB64(event.event), wire.fromB64(event.sig), wire.fromHex(event.author));
+      // Checked against the signed bytes themselves: what the row shows (namespace,
+      // kind, author) must be what the author signed, not only what the relay says.
+      const signed = await wire.checkEvent(wire.fromB64(event.event), wire.fromB64(event.sig));
+      const ok = signed !== null && signed.ns === state.ns && signed.kind === event.kind
+        && wire.hex(signed.author) === event.author;
       verified.set(key, ok);
       if (verified.size > 2000) verified.delete(verified.keys().next().value);
     }

@@ -116,6 +116,64 @@ function write(value, out) {
   }
 }
 
+// Decoding, enough to read an event's own fields (the page checks what it shows
+// against the signed bytes, not against what the relay says about them).
+export function decode(bytes) {
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  let at = 0;
+  const uint = (size) => {
+    let n = 0n;
+    for (let i = 0; i < size; i++) n = (n << 8n) | BigInt(bytes[at++]);
+    return n;
+  };
+  const num = (n) => (n <= BigInt(Number.MAX_SAFE_INTEGER) && n >= -BigInt(Number.MAX_SAFE_INTEGER) ? Number(n) : n);
+  const take = (n) => bytes.subarray(at, (at += n));
+  const text = (n) => new TextDecoder("utf-8", { fatal: true }).decode(take(n));
+  const array = (n) => Array.from({ length: n }, () => read());
+  const map = (n) => {
+    const out = {};
+    for (let i = 0; i < n; i++) out[read()] = read();
+    return out;
+  };
+  function read() {
+    if (at >= bytes.length) throw new Error("truncated");
+    const tag = bytes[at++];
+    if (tag <= 0x7f) return tag;
+    if (tag >= 0xe0) return tag - 0x100;
+    if ((tag & 0xf0) === 0x80) return map(tag & 0x0f);
+    if ((tag & 0xf0) === 0x90) return array(tag & 0x0f);
+    if ((tag & 0xe0) === 0xa0) return text(tag & 0x1f);
+    switch (tag) {
+      case 0xc0: return null;
+      case 0xc2: return false;
+      case 0xc3: return true;
+      case 0xc4: return take(Number(uint(1)));
+      case 0xc5: return take(Number(uint(2)));
+      case 0xc6: return take(Number(uint(4)));
+      case 0xcb: { const v = view.getFloat64(at); at += 8; return v; }
+      case 0xcc: return Number(uint(1));
+      case 0xcd: return Number(uint(2));
+      case 0xce: return Number(uint(4));
+      case 0xcf: return num(uint(8));
+      case 0xd0: return num(BigInt.asIntN(8, uint(1)));
+      case 0xd1: return num(BigInt.asIntN(16, uint(2)));
+      case 0xd2: return num(BigInt.asIntN(32, uint(4)));
+      case 0xd3: return num(BigInt.asIntN(64, uint(8)));
+      case 0xd9: return text(Number(uint(1)));
+      case 0xda: return text(Number(uint(2)));
+      case 0xdb: return text(Number(uint(4)));
+      case 0xdc: return array(Number(uint(2)));
+      case 0xdd: return array(Number(uint(4)));
+      case 0xde: return map(Number(uint(2)));
+      case 0xdf: return map(Number(uint(4)));
+    }
+    throw new Error(`no msgpack type 0x${tag.toString(16)} here`);
+  }
+  const value = read();
+  if (at !== bytes.length) throw new Error("trailing bytes");
+  return value;
+}
+
 function compareBytes(a, b) {
   for (let i = 0; i < Math.min(a.length, b.length); i++) {
     if (a[i] !== b[i]) return a[i] - b[i];
@@ -271,7 +329,16 @@ export async function signedEvent(signer, ns, kind, body) {
   return { raw, sig };
 }
 
-// Does `sig` sign these event bytes, for `author`?
-export async function checkEvent(raw, sig, author) {
-  return verify(author, sig, concat(EVENT_DOMAIN, blake2b(raw)));
+// The event these bytes are, if `sig` is its author's signature of them (the author
+// read from the bytes themselves), else null.
+export async function checkEvent(raw, sig) {
+  let event;
+  try {
+    event = decode(raw);
+  } catch {
+    return null;
+  }
+  if (!(event.author instanceof Uint8Array) || event.author.length !== 32) return null;
+  const ok = await verify(event.author, sig, concat(EVENT_DOMAIN, blake2b(raw)));
+  return ok ? event : null;
 }

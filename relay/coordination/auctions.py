@@ -152,6 +152,10 @@ class Auctions:
                 raise Conflict("not_holder", f"{auction.wo} is not yours to auction")
             if ledger.status(auction.wo, now_ms) is not Status.OPEN:
                 raise Conflict("bad_transition", f"{auction.wo} is not open")
+            if order.contract.approval is not None:
+                # An award is a lease the winner must finish; a gate stops that for a
+                # person's decision, which the auction's timer would take for a drop.
+                raise Conflict("bad_request", f"{auction.wo} needs approval: not auctioned")
         if auction.wo in ledger.reserved:
             raise Conflict("held", f"{auction.wo} is under auction {ledger.reserved[auction.wo]}")
         ledger.reserved[auction.wo] = auction.id

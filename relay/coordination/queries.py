@@ -116,7 +116,7 @@ def wo_list(coordinator: Coordinator, args: dict[str, Any], now_ms: int, budget:
     only(args, "status", "after", "limit")
     wanted = opt_text(args, "status", 24)
     if wanted is not None and wanted not in {s.value for s in Status}:
-        raise BadRequest("status must be open, claimed, blocked or done")
+        raise BadRequest("status must be open, claimed, blocked, done or awaiting_approval")
     after = opt_integer(args, "after") or 0
     orders = (
         _summary(coordinator, order, now_ms)

@@ -21,6 +21,7 @@ from agent_sdk.client import RelayClient
 from agent_sdk.identity import Identity
 from agent_sdk.ledger import Ledger
 from agent_sdk.wire import Event, sign_event
+from relay.board import BOARD_AUTH_DOMAIN
 from tests.board.browser import board_page, screenshot
 from tests.conftest import RunningRelay, identity
 
@@ -37,7 +38,12 @@ FORGE = """async () => {
     const body = {wo: "wo-1"};
     const {raw} = await wire.signedEvent(key, "ops@local", "wo.approve", body);
     const socket = new WebSocket(`ws://${location.host}/board/ws`);
-    await new Promise((ok) => (socket.onopen = ok));
+    const hello = await new Promise((ok) => (socket.onmessage = (m) => ok(JSON.parse(m.data))));
+    const proof = wire.concat(wire.BOARD_AUTH_DOMAIN, wire.fromHex(hello.challenge));
+    const sig = wire.hex(await wire.sign(key.key, proof));
+    const authed = new Promise((ok) => (socket.onmessage = ok));
+    socket.send(JSON.stringify({t: "auth", key: wire.hex(key.publicKey), sig}));
+    await authed;
     const answer = new Promise((ok) => (socket.onmessage = (m) => {
         const msg = JSON.parse(m.data);
         if (msg.t === "error") ok(msg);
@@ -179,6 +185,14 @@ async def test_board_socket_bad_input_is_answered_and_refused(relay: RunningRela
     async with connect(relay.url + "/board/ws") as ws:
         hello = json.loads(await ws.recv())
         assert hello["t"] == "hello" and len(bytes.fromhex(hello["challenge"])) == 32
+        await ws.send(json.dumps({"t": "namespaces"}))
+        anonymous = json.loads(await ws.recv())
+        assert [item["ns"] for item in anonymous["items"]] == [NS]  # not the private one
+        await ws.send(json.dumps(publish_of(good, 9)))  # not signed in: read-only
+        assert json.loads(await ws.recv())["name"] == "not_authenticated"
+        proof = AGENT.sign(BOARD_AUTH_DOMAIN + bytes.fromhex(hello["challenge"]))
+        signed_in = {"t": "auth", "key": AGENT.public_key.hex(), "sig": proof.hex()}
+        other = sign_event(Event(NS, "app.note", HUMAN.public_key, "x", ts=now), HUMAN.sign)
         cases: list[tuple[Any, str]] = [
             (b"\x00binary", "malformed"),
             ("not json", "malformed"),
@@ -188,26 +202,28 @@ async def test_board_socket_bad_input_is_answered_and_refused(relay: RunningRela
             (json.dumps({"t": "auth", "key": "00" * 32, "sig": "00" * 64}), "auth_failed"),
             (json.dumps({"t": "watch", "ns": "secret@local"}), "forbidden"),
             (json.dumps({"t": "watch"}), "malformed"),
-            (json.dumps({"t": "publish", "rid": 1, "event": "!!", "sig": ""}), "malformed"),
-            (
-                json.dumps(
-                    {
-                        "t": "publish",
-                        "rid": 2,
-                        "event": base64.b64encode(good.raw).decode(),
-                        "sig": base64.b64encode(bytes(64)).decode(),
-                    }
-                ),
-                "bad_signature",
-            ),
         ]
         for message, name in cases:
             await ws.send(message)
             answer = json.loads(await ws.recv())
             assert answer["t"] == "error" and answer["name"] == name, (message, answer)
+        await ws.send(json.dumps(signed_in))
+        assert json.loads(await ws.recv()) == {"t": "authed", "key": AGENT.public_key.hex()}
+        for message, name in [
+            (json.dumps({"t": "publish", "rid": 1, "event": "!!", "sig": ""}), "malformed"),
+            (json.dumps(publish_of(other, 4)), "wrong_author"),  # someone else's event
+            (json.dumps({**publish_of(good, 2), "sig": base64.b64encode(bytes(64)).decode()}),
+             "bad_signature"),
+        ]:  # fmt: skip
+            await ws.send(message)
+            answer = json.loads(await ws.recv())
+            assert answer["t"] == "error" and answer["name"] == name, (message, answer)
+        deep = "[" * 100_000 + "]" * 100_000  # under the size cap, too deep to parse
+        await ws.send(deep[: 60 << 10])
+        assert json.loads(await ws.recv())["name"] == "malformed"
         await ws.send(json.dumps({"t": "namespaces"}))
         listed = json.loads(await ws.recv())
-        assert [item["ns"] for item in listed["items"]] == [NS]  # not the private one
+        assert [item["ns"] for item in listed["items"]] == [NS, "secret@local"]  # its owner
         await ws.send(json.dumps(publish_of(good, 3)))
         ack = json.loads(await ws.recv())
         assert ack == {"t": "ack", "rid": 3, "seq": 2}  # a signed event like any other

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from agent_sdk.auctions import Auctions
 from agent_sdk.client import RelayClient
 from agent_sdk.directory import Directory
 from agent_sdk.ledger import Ledger, LedgerRefusal
@@ -135,3 +136,17 @@ async def test_decisions_survive_a_restart(nursery: trio.Nursery, tmp_path: Path
         assert shown["status"] == "open" and shown["approval"]["approved"]
         await ledger.update(await ledger.claim(order), "done")  # approved before the restart
     running.scope.cancel()
+
+
+async def test_a_gated_order_is_not_auctioned(relay: RunningRelay) -> None:
+    """An award is a lease its winner must finish; a person's decision would stop it
+    midway and the auction would take that for a drop (and slash the winner)."""
+    async with RelayClient.connect(relay.url, AGENT) as client:
+        order = await Ledger(client, NS).create(
+            "gated", requires_approval=True, approver_role="human"
+        )
+        error = await refused(
+            "bad_request", Auctions(client, NS).open(wo=order, duration_ms=60_000)
+        )
+        assert "needs approval" in error.reason
+        assert (await Ledger(client, NS).show(order))["status"] == "open"  # untouched
