@@ -484,7 +484,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    # `lock run` and `once` take a command after `--`: everything past it is the
+    # command's, options that look like ours included.
+    command: list[str] = []
+    if "--" in words and (words[:1] == ["once"] or words[:2] == ["lock", "run"]):
+        at = words.index("--")
+        words, command = words[:at], words[at + 1 :]
+    args = build_parser().parse_args(words)
+    if hasattr(args, "cmd"):
+        args.cmd = command
     result: int = args.func(args)
     return result
 

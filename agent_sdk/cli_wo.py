@@ -140,6 +140,10 @@ def add_parser(sub: Any, agent_options: Callable[[argparse.ArgumentParser], None
     p.add_argument("--token", type=int)
     command("list", "list the locks held now")
     lock.set_defaults(func=run, group="lock", actions=LOCK_ACTIONS)
+    from agent_sdk import cli_run
+
+    cli_run.add_parsers(sub, commands, agent_options)
+    LOCK_ACTIONS["run"] = cli_run.lock_run
 
 
 def run(args: argparse.Namespace) -> int:
@@ -170,6 +174,10 @@ def run(args: argparse.Namespace) -> int:
     except Exception as exc:
         print(f"{where}: {exc}", file=sys.stderr)
         return 1
+    from agent_sdk.cli_run import Exit
+
+    if isinstance(result, Exit):
+        return result.code
     if isinstance(result, Text):
         if result.header:
             print(result.header, file=sys.stderr)

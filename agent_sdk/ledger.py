@@ -16,7 +16,7 @@ point could collide with the next holder's.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -269,6 +269,14 @@ class Ledger:
 
     async def unlock(self, lock: Claim) -> None:
         await self.request("lock.release", {"name": lock.order, "token": lock.token})
+
+    def elect(self, name: str, ttl_ms: int = 15_000) -> AbstractAsyncContextManager[Claim]:
+        """Lead ``name`` while the body runs: ``async with ledger.elect("scheduler") as
+        lead:`` waits as a follower, then holds ``leader:<name>`` with a fencing token
+        (``lead.token``), renewed until the body ends (agent_sdk/election.py)."""
+        from agent_sdk.election import elect
+
+        return elect(self, name, ttl_ms)
 
     @asynccontextmanager
     async def hold(self, order: str, ttl_ms: int = 60_000) -> AsyncIterator[Claim]:

@@ -1,0 +1,116 @@
+"""``formicary lock run`` and ``formicary once``: shell commands under the relay's
+leases, for agents that work through commands.
+
+``lock run NAME -- CMD...`` runs CMD while holding lock NAME: it waits for the lock
+(``--no-wait``: exit 3 at once if held), renews it at a third of ``--ttl`` while CMD
+runs, releases it after, and exits with CMD's status. CMD finds the fencing token in
+``FORMICARY_FENCE``. If the lease is lost (a renewal refused, or not confirmed in
+time), CMD is stopped (SIGTERM, then SIGKILL) and the exit status is 75.
+
+``once KEY -- CMD...`` runs CMD only if no agent completed KEY before: under the lock
+``once:KEY`` it reads the checkpoint ``once:KEY``; if set, it exits 0 without running
+CMD; else it runs CMD and, on status 0, sets the checkpoint (compare-and-set, so a
+second completion is refused) and posts the outcome to the bulletin. A failed CMD
+leaves KEY open for the next try. Exactly once holds for agents that run CMD through
+``once``; a CMD whose side effect must also survive a paused holder should check
+``FORMICARY_FENCE`` where it writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from agent_sdk.cli_wo import Tokens, UsageError, run, subcommand, ttl_ms
+from agent_sdk.election import hold_lock
+from agent_sdk.ledger import LeaseLost, Ledger
+
+AgentOptions = Callable[[argparse.ArgumentParser], None]
+LEASE_LOST = 75  # EX_TEMPFAIL: the command was stopped; running it again is the fix
+MAX_ONCE_KEY = 200
+
+
+@dataclass(frozen=True, slots=True)
+class Exit:
+    """An action's result that is the command's own exit status (cli_wo.run)."""
+
+    code: int
+
+
+def add_parsers(sub: Any, lock_commands: Any, agent_options: AgentOptions) -> None:
+    """``lock run`` and ``once``; the command after ``--`` is split off by cli.main
+    (every word past it is the command's, options that look like ours included)."""
+    p = subcommand(lock_commands, "run", "run a command while holding a lock", agent_options)
+    p.add_argument("name")
+    p.add_argument("--ttl", default="5m", help="lease length, renewed at a third of it")
+    p.add_argument("--no-wait", action="store_true", help="exit 3 at once if the lock is held")
+    p.set_defaults(cmd=[])
+    p = subcommand(sub, "once", "run a command unless an agent completed KEY before",
+                   agent_options)  # fmt: skip
+    p.add_argument("key")
+    p.add_argument("--ttl", default="5m", help="lease of the once:KEY lock while it runs")
+    p.set_defaults(
+        cmd=[], func=run, group="once_command", once_command="once", actions={"once": _once}
+    )
+
+
+def _command(args: argparse.Namespace) -> list[str]:
+    cmd = list(args.cmd)
+    if not cmd:
+        raise UsageError("give the command after --: formicary once KEY -- CMD ARGS...")
+    return cmd
+
+
+async def _run(cmd: list[str], token: int) -> int:
+    env = {**os.environ, "FORMICARY_FENCE": str(token)}
+    try:
+        done = await trio.run_process(cmd, check=False, env=env)
+    except OSError as exc:  # no such program, not executable
+        print(f"formicary: cannot run {cmd[0]}: {exc.strerror or exc}", file=sys.stderr)
+        return 127
+    code = done.returncode
+    return 128 - code if code < 0 else code  # killed by a signal: as a shell says it
+
+
+def lock_run(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
+    cmd, ttl = _command(args), ttl_ms(args.ttl, "--ttl")
+
+    async def act(ledger: Ledger) -> Exit:
+        try:
+            async with hold_lock(ledger, args.name, ttl, wait=not args.no_wait) as lock:
+                return Exit(await _run(cmd, lock.token))
+        except LeaseLost as exc:
+            print(f"formicary lock run: {exc}", file=sys.stderr)
+            return Exit(LEASE_LOST)
+
+    return act
+
+
+def _once(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
+    cmd, ttl = _command(args), ttl_ms(args.ttl, "--ttl")
+    if not args.key or len(args.key) > MAX_ONCE_KEY:
+        raise UsageError(f"a once key is 1 to {MAX_ONCE_KEY} characters")
+    name = f"once:{args.key}"
+
+    async def act(ledger: Ledger) -> Exit:
+        try:
+            async with hold_lock(ledger, name, ttl) as lock:
+                if await ledger.get_checkpoint(name):
+                    print(f"formicary once: {args.key} was done before; not run", file=sys.stderr)
+                    return Exit(0)
+                code = await _run(cmd, lock.token)
+                if code == 0:
+                    await ledger.checkpoint(name, 1, expect=0)
+                    await ledger.post(f"once {args.key}: done (fence {lock.token})")
+                return Exit(code)
+        except LeaseLost as exc:
+            print(f"formicary once: {exc}", file=sys.stderr)
+            return Exit(LEASE_LOST)
+
+    return act

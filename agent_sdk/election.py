@@ -1,0 +1,121 @@
+"""Leader election on the relay's leases: one hot loop per line of work.
+
+``async with Ledger(client, ns).elect("scheduler") as lead:`` waits until this agent
+holds the lock ``leader:scheduler`` (a follower: it tries again when the leader's
+lease can have run out), then renews it at a third of its TTL while the body runs,
+and releases it after. ``lead.token`` is the fencing token: it rises with every new
+leader, so whatever the leader writes elsewhere can carry it, and a store that keeps
+the largest token seen refuses a deposed leader's late write. If a renewal is
+refused or not confirmed in time, the body is cancelled and :class:`LeaseLost`
+raised: past that point another agent may lead.
+
+A leader that dies (kill -9, a lost host) stops renewing; its lease lapses after at
+most its TTL and the next follower's retry takes over with a larger token. The TTL
+is the bound on failover: a shorter one fails over sooner and renews more often.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+
+import trio
+
+from agent_sdk.client import Delivery, unwrap_single
+from agent_sdk.ledger import Claim, LeaseLost, Ledger, LedgerRefusal
+
+CONFIRM_TIMEOUT = 30.0
+"""Seconds to wait for the relay's answer to an acquire or a release."""
+
+
+@asynccontextmanager
+async def hold_lock(
+    ledger: Ledger, name: str, ttl_ms: int = 15_000, *, wait: bool = True
+) -> AsyncIterator[Claim]:
+    """Hold lock ``name`` for the body's duration (see the module docstring).
+
+    With ``wait`` false, a lock held by another agent raises the ledger's refusal
+    (``held``) at once instead of waiting for it.
+    """
+    ttl = ttl_ms / 1000
+    margin = ttl / 10  # give up this long before the relay would let the lease lapse
+    following = AsyncExitStack()  # a follower's subscription to releases
+    try:
+        lock, sent = await _acquire(ledger, name, ttl_ms, wait, following)
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(CONFIRM_TIMEOUT):
+            await following.aclose()  # (shielded: a granted lock must reach the try below)
+    lost = False
+    try:
+        with unwrap_single():
+            async with trio.open_nursery() as nursery:
+
+                async def renew_forever() -> None:
+                    nonlocal lock, lost, sent
+                    while True:
+                        await trio.sleep_until(sent + ttl / 3)
+                        asked = trio.current_time()
+                        with trio.move_on_at(sent + ttl - margin):
+                            try:
+                                lock = await ledger.renew_lock(lock, ttl_ms)
+                                sent = asked
+                                continue
+                            except LedgerRefusal:
+                                pass
+                        lost = True  # refused, or not confirmed while still ours
+                        nursery.cancel_scope.cancel()
+                        return
+
+                nursery.start_soon(renew_forever)
+                yield lock
+                nursery.cancel_scope.cancel()
+    finally:
+        if not lost:
+            with trio.CancelScope(shield=True), trio.move_on_after(CONFIRM_TIMEOUT):
+                try:
+                    await ledger.unlock(lock)
+                except LedgerRefusal:
+                    pass  # lapsed already: nothing held
+    if lost:
+        raise LeaseLost(f"{name}: the lease was lost; stopped")
+
+
+async def _acquire(
+    ledger: Ledger, name: str, ttl_ms: int, wait: bool, following: AsyncExitStack
+) -> tuple[Claim, float]:
+    """Take lock ``name``, waiting as a follower while another agent holds it: until
+    its lease can have lapsed, or at once when the relay says it was released."""
+    ttl = ttl_ms / 1000
+    feed = None
+    while True:
+        with trio.CancelScope(shield=True) as asking:
+            # Shielded: a lock the relay granted must reach us, so that it is released.
+            asking.deadline = trio.current_time() + CONFIRM_TIMEOUT
+            sent = trio.current_time()
+            try:
+                return await ledger.lock(name, ttl_ms), sent
+            except LedgerRefusal as refusal:
+                if refusal.problem != "held" or not wait:
+                    raise
+                holder = refusal.holder or {}
+        if asking.cancelled_caught:
+            raise LeaseLost(f"{name}: no answer to the acquire in {CONFIRM_TIMEOUT} s")
+        if feed is None:  # follow releases from now on, then ask again (none is missed)
+            feed = await following.enter_async_context(
+                ledger.client.subscribe(ledger.ns, kinds=["lock.released"])
+            )
+            continue
+        # The lease ends at a time: wait for it (the holder may renew meanwhile; then
+        # wait again), or for its release. Never longer than a third of our TTL.
+        expires = holder.get("expires_ms")
+        left = (expires - ledger.client.clock_ms()) / 1000 if isinstance(expires, int) else ttl
+        with trio.move_on_after(min(max(left, 0.0) + 0.01, ttl / 3)):
+            async for item in feed:
+                if isinstance(item, Delivery) and item.event.event.body.get("lock") == name:
+                    break
+
+
+def elect(ledger: Ledger, name: str, ttl_ms: int = 15_000) -> AbstractAsyncContextManager[Claim]:
+    """Lead ``name`` (the lock ``leader:<name>``) while the body runs, following
+    until then. See the module docstring."""
+    return hold_lock(ledger, f"leader:{name}", ttl_ms)

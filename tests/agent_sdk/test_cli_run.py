@@ -1,0 +1,205 @@
+"""``formicary lock run`` and ``formicary once`` as shell agents use them: real
+processes, 20 at a time, against a real relay; and leader election's failover."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+from agent_sdk.client import RelayClient
+from agent_sdk.ledger import Ledger, LedgerRefusal
+from tests.conftest import RunningRelay, identity
+
+NS = "shell@local"
+AGENTS = 20
+TIMEOUT = 120
+
+
+def env_for(relay: RunningRelay, tmp_path: Path, n: int) -> dict[str, str]:
+    return {
+        **os.environ,
+        "FORMICARY_RELAY": relay.url,
+        "FORMICARY_KEY": str(tmp_path / f"agent{n}.key"),
+        "FORMICARY_NS": NS,
+    }
+
+
+def formicary(*args: str) -> list[str]:
+    return [sys.executable, "-m", "agent_sdk.cli", *args]
+
+
+async def test_lock_run_serialises_twenty_shell_commands_on_one_file(
+    relay: RunningRelay, tmp_path: Path
+) -> None:
+    """Each command writes a start line, waits, writes an end line: under the lock no
+    two overlap, so the file is start/end pairs of one writer each, and every holder
+    saw a larger fencing token than the one before it."""
+    shared = tmp_path / "shared.log"
+    step = (
+        f'echo "start $$ $FORMICARY_FENCE" >> {shared}; sleep 0.05; '
+        f'echo "end $$ $FORMICARY_FENCE" >> {shared}'
+    )
+    codes: list[int] = []
+
+    async def agent(n: int) -> None:
+        done = await trio.run_process(
+            formicary("lock", "run", "the-file", "--ttl", "30s", "--", "sh", "-c", step),
+            env=env_for(relay, tmp_path, n), check=False, capture_stderr=True,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr.decode()
+        codes.append(done.returncode)
+
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            for n in range(AGENTS):
+                nursery.start_soon(agent, n)
+    lines = [line.split() for line in shared.read_text().splitlines()]
+    assert len(lines) == 2 * AGENTS
+    fences = []
+    for start, end in zip(lines[::2], lines[1::2], strict=True):
+        assert start[0] == "start" and end[0] == "end" and start[1:] == end[1:]  # no interleaving
+        fences.append(int(start[2]))
+    assert fences == sorted(fences) and len(set(fences)) == AGENTS  # each holder: a new token
+    assert codes == [0] * AGENTS
+
+
+async def test_lock_run_passes_the_exit_status_through_and_no_wait_refuses(
+    relay: RunningRelay, tmp_path: Path
+) -> None:
+    env = env_for(relay, tmp_path, 1)
+    seven = await trio.run_process(
+        formicary("lock", "run", "x", "--", "sh", "-c", "exit 7"), env=env, check=False
+    )
+    assert seven.returncode == 7
+    missing = await trio.run_process(
+        formicary("lock", "run", "x", "--", "no-such-program-here"), env=env, check=False,
+        capture_stderr=True,
+    )  # fmt: skip
+    assert missing.returncode == 127 and b"cannot run" in missing.stderr
+    no_command = await trio.run_process(
+        formicary("lock", "run", "x"), env=env, check=False, capture_stderr=True
+    )
+    assert no_command.returncode == 2 and b"after --" in no_command.stderr
+    async with RelayClient.connect(relay.url, identity(9)) as client:
+        held = await Ledger(client, NS).lock("x", 60_000)
+        busy = await trio.run_process(
+            formicary("lock", "run", "x", "--no-wait", "--", "true"), env=env, check=False,
+            capture_stderr=True,
+        )  # fmt: skip
+        assert busy.returncode == 3 and b"held" in busy.stderr
+        await Ledger(client, NS).unlock(held)
+
+
+async def test_once_runs_a_command_once_across_twenty_agents(
+    relay: RunningRelay, tmp_path: Path
+) -> None:
+    ran = tmp_path / "ran.log"
+    codes: list[int] = []
+
+    async def agent(n: int) -> None:
+        done = await trio.run_process(
+            formicary("once", "deploy-42", "--", "sh", "-c", f"echo {n} >> {ran}"),
+            env=env_for(relay, tmp_path, n), check=False, capture_stderr=True,
+        )  # fmt: skip
+        codes.append(done.returncode)
+
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            for n in range(AGENTS):
+                nursery.start_soon(agent, n)
+    assert len(ran.read_text().splitlines()) == 1  # exactly one agent ran it
+    assert codes == [0] * AGENTS
+    async with RelayClient.connect(relay.url, identity(9)) as client:
+        posts = await Ledger(client, NS).bulletin()
+        assert [p["text"].split(" (")[0] for p in posts] == ["once deploy-42: done"]
+    env = env_for(relay, tmp_path, 0)
+    failing = await trio.run_process(
+        formicary("once", "flaky", "--", "sh", "-c", "exit 4"), env=env, check=False
+    )
+    again = await trio.run_process(
+        formicary("once", "flaky", "--", "sh", "-c", f"echo retried >> {ran}"), env=env,
+        check=False,
+    )  # fmt: skip
+    assert (failing.returncode, again.returncode) == (4, 0)  # a failure leaves it open
+    assert ran.read_text().splitlines()[-1] == "retried"
+    too_long = await trio.run_process(
+        formicary("once", "k" * 201, "--", "true"), env=env, check=False, capture_stderr=True
+    )
+    assert too_long.returncode == 2 and b"1 to 200 characters" in too_long.stderr
+
+
+async def test_a_killed_leader_is_followed_by_one_with_a_larger_token(
+    relay: RunningRelay, tmp_path: Path
+) -> None:
+    """The leader runs as its own process and is killed with SIGKILL: it releases
+    nothing. A follower takes over once the lease has lapsed, with a larger token."""
+    ttl = 2_000
+    leader = await trio.lowlevel.open_process(
+        formicary("lock", "run", "leader:sched", "--ttl", "2s", "--", "sh", "-c",
+                  f"echo $FORMICARY_FENCE > {tmp_path / 'first'}; exec sleep 60"),
+        env=env_for(relay, tmp_path, 1),
+    )  # fmt: skip
+    try:
+        async with RelayClient.connect(relay.url, identity(2)) as client:
+            ledger = Ledger(client, NS)
+            with trio.fail_after(TIMEOUT):
+                while True:  # until the leader holds it
+                    try:
+                        probe = await ledger.lock("leader:sched", ttl)
+                        await ledger.unlock(probe)
+                        await trio.sleep(0.05)
+                    except LedgerRefusal as refusal:
+                        assert refusal.problem == "held" and refusal.holder is not None
+                        expires = refusal.holder["expires_ms"]
+                        first = refusal.holder["token"]
+                        break
+                leader.send_signal(signal.SIGKILL)
+                await leader.wait()
+                async with ledger.elect("sched", ttl) as lead:
+                    took_over = client.clock_ms()
+                    assert lead.token > first
+        assert took_over >= expires  # it waited for the lapse: never two leaders
+        assert int((tmp_path / "first").read_text()) == first
+    finally:
+        if leader.poll() is None:
+            leader.kill()
+            await leader.wait()
+
+
+async def test_a_leader_that_stops_hands_over_at_once(relay: RunningRelay) -> None:
+    async with (
+        RelayClient.connect(relay.url, identity(1)) as a,
+        RelayClient.connect(relay.url, identity(2)) as b,
+    ):
+        tokens: list[int] = []
+        first_done = trio.Event()
+
+        async def follower() -> None:
+            async with Ledger(b, NS).elect("loop", 30_000) as lead:
+                tokens.append(lead.token)
+
+        with trio.fail_after(TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                async with Ledger(a, NS).elect("loop", 30_000) as lead:
+                    tokens.append(lead.token)
+                    nursery.start_soon(follower)
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert len(tokens) == 1  # the follower waits meanwhile
+                first_done.set()  # released: the follower leads on its next try
+        assert tokens[1] > tokens[0]
+
+
+@pytest.mark.parametrize("ttl", ["0s", "forever"])
+async def test_bad_lock_run_ttls_are_usage_errors(
+    relay: RunningRelay, tmp_path: Path, ttl: str
+) -> None:
+    done = await trio.run_process(
+        formicary("lock", "run", "x", "--ttl", ttl, "--", "true"),
+        env=env_for(relay, tmp_path, 1), check=False, capture_stderr=True,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
