@@ -469,6 +469,37 @@ def rep_show(coordinator: Coordinator, args: dict[str, Any], now_ms: int, budget
 
 Handler = Callable[[Coordinator, dict[str, Any], int, int], Any]
 
+
+def constraint_show(
+    coordinator: Coordinator, args: dict[str, Any], now_ms: int, budget: int
+) -> Any:
+    """A shared constraint's limit, use and open reservations (the first 100)."""
+    only(args, "name")
+    name = text(args, "name", 256)
+    constraint = coordinator.constraints.by_name.get(name)
+    if constraint is None:
+        raise _not_found(f"no constraint {name}")
+    open_ = [r for r in constraint.reservations.values() if r.expires_ms > now_ms]
+    reserved = sum(r.amount for r in open_)
+    return {
+        "name": name,
+        "owner": constraint.owner,
+        "limit": constraint.limit,
+        "used": constraint.used,
+        "reserved": reserved,
+        "available": constraint.limit - constraint.used - reserved,
+        "reservations": [
+            {
+                "reservation": r.id,
+                "holder": r.holder,
+                "amount": r.amount,
+                "expires_ms": r.expires_ms,
+            }
+            for r in open_[:100]
+        ],
+    }
+
+
 QUERIES: dict[str, Handler] = {
     "wo.list": wo_list,
     "wo.show": wo_show,
@@ -485,4 +516,5 @@ QUERIES: dict[str, Handler] = {
     "auction.list": auction_list,
     "stake.show": stake_show,
     "rep.show": rep_show,
+    "constraint.show": constraint_show,
 }

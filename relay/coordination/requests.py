@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from relay.coordination.auctions import RULES, Auction, Auctions, Bid, Phase, vouch_key
+from relay.coordination.constraints import Constraints
 from relay.coordination.directory import (
     CAPABILITY_RE,
     MAX_CAPABILITIES,
@@ -78,7 +79,12 @@ AUCTION_KINDS = frozenset(
     }
 )
 REP_KINDS = frozenset({"rep.vouch", "rep.revoke"})
-REQUEST_KINDS = WO_KINDS | LOCK_KINDS | RECORD_KINDS | DIR_KINDS | AUCTION_KINDS | REP_KINDS
+CONSTRAINT_KINDS = frozenset(
+    {"constraint.define", "constraint.reserve", "constraint.commit", "constraint.release"}
+)
+REQUEST_KINDS = (
+    WO_KINDS | LOCK_KINDS | RECORD_KINDS | DIR_KINDS | AUCTION_KINDS | REP_KINDS | CONSTRAINT_KINDS
+)
 OUTCOME_OF = {
     "wo.create": "wo.created",
     "wo.claim": "wo.claimed",
@@ -108,6 +114,10 @@ OUTCOME_OF = {
     "auction.reject": "auction.failed",
     "rep.vouch": "rep.vouched",
     "rep.revoke": "rep.revoked",
+    "constraint.define": "constraint.defined",
+    "constraint.reserve": "constraint.reserved",
+    "constraint.commit": "constraint.committed",
+    "constraint.release": "constraint.released",
 }
 AUCTION_EVENTS = frozenset({"auction.closed", "auction.completed", "auction.failed"})
 """Written by the relay's timer (without ``req``) and re-applied on replay."""
@@ -140,6 +150,7 @@ class Coordinator:
     stakes: Stakes = field(default_factory=Stakes)
     reputation: Reputation = field(default_factory=Reputation)
     auctions: Auctions = field(default_factory=Auctions)
+    constraints: Constraints = field(default_factory=Constraints)
 
     @classmethod
     def with_bounds(cls, claims: TtlBounds, locks: TtlBounds) -> Coordinator:
@@ -159,6 +170,8 @@ class Coordinator:
             return self._decide_by(self._auction, kind, body, author, request_id, now_ms)
         if kind in REP_KINDS:
             return self._decide_by(self._vouching, kind, body, author, request_id, now_ms)
+        if kind in CONSTRAINT_KINDS:
+            return self._decide_by(self._constraint, kind, body, author, request_id, now_ms)
         if kind not in REQUEST_KINDS:
             return None
         try:
@@ -231,6 +244,44 @@ class Coordinator:
             return _rejected(REJECTED_OF[kind], request_id, problem, answer.reason, holder)
         kind_out = answer.pop("kind", OUTCOME_OF[kind])
         return Outcome(kind_out, {"req": request_id, **answer})
+
+    def _constraint(
+        self, kind: str, body: dict[str, Any], author: bytes, now: int
+    ) -> dict[str, Any]:
+        """Shared constraints (constraints.py): the answer states the budget after."""
+        constraints = self.constraints
+        name = text(body, "name", 256)
+        if not name:
+            raise BadRequest("a constraint needs a name")
+        if kind == "constraint.define":
+            only(body, "name", "limit")
+            constraint = constraints.define(name, body.get("limit"), author, now)
+            answer: dict[str, Any] = {}
+        elif kind == "constraint.reserve":
+            only(body, "name", "amount", "ttl_ms")
+            bounds = self.locks.bounds
+            ttl = opt_integer(body, "ttl_ms") or bounds.default_ms
+            if not bounds.min_ms <= ttl <= bounds.max_ms:
+                raise Conflict(
+                    "bad_ttl", f"ttl_ms {ttl} is outside {bounds.min_ms} to {bounds.max_ms}"
+                )
+            reservation = constraints.reserve(name, body.get("amount"), author, now, ttl)
+            constraint = constraints.by_name[name]
+            answer = {"reservation": reservation.id, "amount": reservation.amount,
+                      "expires_ms": reservation.expires_ms}  # fmt: skip
+        elif kind == "constraint.commit":
+            only(body, "name", "reservation", "amount")
+            rid = text(body, "reservation", 64)
+            constraint = constraints.commit(name, rid, author, now, opt_integer(body, "amount"))
+            answer = {"reservation": rid}
+        else:
+            only(body, "name", "reservation")
+            rid = text(body, "reservation", 64)
+            constraint = constraints.release(name, rid, author, now)
+            answer = {"reservation": rid}
+        reserved = constraint.reserved(now)
+        return {**answer, "name": name, "limit": constraint.limit, "used": constraint.used,
+                "reserved": reserved}  # fmt: skip
 
     def _record(
         self, kind: str, body: dict[str, Any], author: bytes, now: int

@@ -1,0 +1,127 @@
+"""Shared constraints: the budget invariant as a property of the pure fold, then 100
+agents drawing on one budget over real sockets, then every bad request."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent_sdk.client import RelayClient
+from agent_sdk.constraints import Constraints
+from agent_sdk.ledger import LedgerRefusal
+from relay.coordination.constraints import Constraints as Fold
+from relay.coordination.fields import Conflict
+from tests.conftest import RunningRelay, identity
+
+NS = "shop@local"
+AGENTS = [bytes([n]) * 32 for n in range(5)]
+
+OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["reserve", "commit", "release", "wait", "define"]),
+        st.integers(min_value=0, max_value=4),  # which agent
+        st.integers(min_value=0, max_value=60),  # an amount, or ms to wait
+    ),
+    max_size=80,
+)
+
+
+@settings(max_examples=300, derandomize=True, deadline=None)
+@given(OPS)
+def test_used_and_reserved_never_exceed_the_limit(ops: list[tuple[str, int, int]]) -> None:
+    fold, now, taken = Fold(), 0, []
+    fold.define("budget", 100, AGENTS[0], now)
+    for op, who, n in ops:
+        agent = AGENTS[who]
+        try:
+            if op == "reserve":
+                taken.append(fold.reserve("budget", n, agent, now, ttl_ms=50).id)
+            elif op in ("commit", "release") and taken:
+                rid = taken[n % len(taken)]  # often someone else's: not_holder
+                if op == "commit":
+                    fold.commit("budget", rid, agent, now, n % 3 or None)
+                else:
+                    fold.release("budget", rid, agent, now)
+            elif op == "wait":
+                now += n  # reservations lapse as the log's time passes
+            elif op == "define":
+                fold.define("budget", 50 + n, agent, now)
+        except Conflict:
+            pass  # refused: nothing changed
+        budget = fold.by_name["budget"]
+        assert budget.used + budget.reserved(now) <= budget.limit
+
+
+async def test_a_hundred_agents_never_overdraw_one_budget(relay: RunningRelay) -> None:
+    rng = random.Random(7)
+    limit = 1_000
+    async with RelayClient.connect(relay.url, identity(200)) as owner:
+        await Constraints(owner, NS).define("discounts", limit)
+    outcomes = {"reserved": 0, "exceeded": 0, "committed": 0}
+    committed_total = [0]
+
+    async def agent(n: int, amounts: list[int]) -> None:
+        async with RelayClient.connect(relay.url, identity(n)) as client:
+            budget = Constraints(client, NS)
+            for amount in amounts:
+                try:
+                    held = await budget.reserve("discounts", amount, ttl_ms=60_000)
+                except LedgerRefusal as refusal:
+                    assert refusal.problem == "exceeded", refusal
+                    outcomes["exceeded"] += 1
+                    continue
+                outcomes["reserved"] += 1
+                assert held["used"] + held["reserved"] <= limit
+                if amount % 2:
+                    await budget.commit("discounts", held["reservation"], amount - 1)
+                    committed_total[0] += amount - 1
+                    outcomes["committed"] += 1
+                else:
+                    await budget.release("discounts", held["reservation"])
+
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            for n in range(100):
+                nursery.start_soon(agent, n, [rng.randint(1, 40) for _ in range(5)])
+    async with RelayClient.connect(relay.url, identity(200)) as owner:
+        shown = await Constraints(owner, NS).show("discounts")
+    assert shown["used"] == committed_total[0] <= limit
+    assert shown["reserved"] == 0 and shown["available"] == limit - shown["used"]
+    assert outcomes["exceeded"] > 0 and outcomes["committed"] > 0  # the limit was reached
+
+
+async def test_bad_constraint_requests_are_refused_and_change_nothing(
+    relay: RunningRelay,
+) -> None:
+    async with (
+        RelayClient.connect(relay.url, identity(1)) as owner_client,
+        RelayClient.connect(relay.url, identity(2)) as other_client,
+    ):
+        owner, other = Constraints(owner_client, NS), Constraints(other_client, NS)
+        await owner.define("slots", 10)
+        held = await owner.reserve("slots", 6)
+        for call, problem in (
+            (owner.define("slots", 5), "below_use"),  # 6 reserved: a limit of 5 breaks
+            (other.define("slots", 20), "not_owner"),
+            (owner.define("slots", -1), "bad_request"),
+            (owner.reserve("slots", 5), "exceeded"),
+            (owner.reserve("slots", 0), "bad_request"),
+            (owner.reserve("nothing", 1), "not_found"),
+            (owner.reserve("slots", 1, ttl_ms=1), "bad_ttl"),
+            (other.commit("slots", held["reservation"]), "not_holder"),
+            (owner.commit("slots", held["reservation"], 7), "exceeded"),
+            (owner.commit("slots", "res-99"), "expired"),
+            (owner._requests.request("constraint.define", {"name": ""}), "bad_request"),
+        ):
+            with pytest.raises(LedgerRefusal) as info:
+                await call
+            assert info.value.problem == problem, info.value
+        shown = await owner.show("slots")
+        assert (shown["limit"], shown["used"], shown["reserved"]) == (10, 0, 6)
+        await owner.commit("slots", held["reservation"], 4)
+        await owner.define("slots", 4)  # down to what is used: allowed
+        assert (await owner.show("slots"))["available"] == 0
