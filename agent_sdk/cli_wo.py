@@ -91,6 +91,7 @@ def add_parser(sub: Any, agent_options: Callable[[argparse.ArgumentParser], None
     p.add_argument("--approver", action="append", default=[], metavar="KEY",
                    help="a key (hex) that may approve (repeat)")  # fmt: skip
     p.add_argument("--approver-role", default="", help="members of this directory role approve")
+    p.add_argument("--parent", help="make it a sub-order of this order")
     p = command("list", "list work orders")
     p.add_argument("--status", choices=[s for s in STATUSES])
     p = command("show", "show one work order")
@@ -111,10 +112,12 @@ def add_parser(sub: Any, agent_options: Callable[[argparse.ArgumentParser], None
     p.add_argument("id")
     p.add_argument("text")
     p.add_argument("--token", type=int)
-    p = command("update", "set the status: done, blocked, open or awaiting_approval")
+    p = command("update", "set the status: done, blocked, open, dropped or awaiting_approval")
     p.add_argument("id")
     p.add_argument(
-        "--status", required=True, choices=["done", "blocked", "open", "awaiting_approval"]
+        "--status",
+        required=True,
+        choices=["done", "blocked", "open", "dropped", "awaiting_approval"],
     )
     p.add_argument("--reason", default="")
     p.add_argument("--token", type=int)
@@ -124,6 +127,11 @@ def add_parser(sub: Any, agent_options: Callable[[argparse.ArgumentParser], None
         p.add_argument("--comment", default="", required=name == "reject")
     p = command("wait", "wait until an order awaiting approval is decided; prints it")
     p.add_argument("id")
+    p = command("progress", "report progress on an order you hold")
+    p.add_argument("id")
+    p.add_argument("percent", type=int)
+    p.add_argument("message", nargs="?", default="")
+    p.add_argument("--token", type=int)
     wo.set_defaults(func=run, group="wo", actions=ACTIONS)
 
     lock = sub.add_parser("lock", help="advisory locks on named resources")
@@ -296,6 +304,7 @@ def _create(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
             verify=args.verify,
             priority=args.priority,
             **gate,
+            **({"parent": args.parent} if args.parent else {}),
         )
         return {"id": order}
 
@@ -309,6 +318,15 @@ def _decide(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
         else:
             await ledger.reject(args.id, args.comment)
         return {"id": args.id, "decision": args.wo}
+
+    return act
+
+
+def _progress(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
+    async def act(ledger: Ledger) -> Any:
+        token = tokens.get(ns, args.id, args.token)
+        await ledger.progress(Claim(args.id, token, 0), args.percent, args.message)
+        return {"id": args.id, "percent": args.percent}
 
     return act
 
@@ -402,8 +420,9 @@ ACTIONS: dict[str, Callable[[argparse.Namespace, Tokens, str], Any]] = {
     "approve": _decide,
     "reject": _decide,
     "wait": _wait,
+    "progress": _progress,
 }
-STATUSES = ("open", "claimed", "blocked", "done", "awaiting_approval")
+STATUSES = ("open", "claimed", "blocked", "done", "dropped", "awaiting_approval")
 
 
 def _lock_key(name: str) -> str:

@@ -124,6 +124,11 @@ class Ledger:
         if isinstance(claim, Claim):
             self._ended.add((claim.order, claim.token))
 
+    async def progress(self, claim: Claim, percent: int, message: str = "") -> None:
+        """Report progress on a held order (0 to 100); its parent's holder sees it."""
+        body = {"wo": claim.order, "token": claim.token, "percent": percent, "message": message}
+        await self.request("wo.progress", body)
+
     # -- approval gates ------------------------------------------------------------
 
     async def ask_approval(self, claim: Claim, reason: str = "") -> None:

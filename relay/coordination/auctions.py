@@ -143,7 +143,9 @@ class Auctions:
             limits = f"{bounds.min_ms} to {bounds.max_ms}"
             raise Conflict("bad_ttl", f"lease_ms {auction.lease_ms} is outside {limits}")
         if title is not None:
-            auction.wo = ledger.create(Contract(title=title), auction.requester, now_ms).order
+            created = ledger.create(Contract(title=title), auction.requester, now_ms)
+            assert isinstance(created, Done)  # (no parent: creating cannot be refused)
+            auction.wo = created.order
         else:
             order = ledger.orders.get(auction.wo)
             if order is None:

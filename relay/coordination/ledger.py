@@ -33,6 +33,8 @@ class Status(enum.Enum):
     BLOCKED = "blocked"
     DONE = "done"
     AWAITING_APPROVAL = "awaiting_approval"
+    DROPPED = "dropped"
+    """Given up on (a sub-order its parent no longer needs); final, like done."""
 
 
 class Op(enum.Enum):
@@ -43,6 +45,7 @@ class Op(enum.Enum):
     BLOCK = "block"
     REOPEN = "reopen"
     ASK_APPROVAL = "ask_approval"
+    DROP = "drop"
     APPROVE = "approve"
     REJECT = "reject"
 
@@ -62,6 +65,9 @@ TRANSITIONS: dict[tuple[Status, Op], Status] = {
     # Approval gates: the holder hands the decision to a person and lets go of the
     # claim (a person may take hours; no lease should run meanwhile). Approved, the
     # order is open again, and may now be done; rejected, it is blocked with why.
+    (Status.OPEN, Op.DROP): Status.DROPPED,
+    (Status.BLOCKED, Op.DROP): Status.DROPPED,
+    (Status.CLAIMED, Op.DROP): Status.DROPPED,
     (Status.CLAIMED, Op.ASK_APPROVAL): Status.AWAITING_APPROVAL,
     (Status.AWAITING_APPROVAL, Op.APPROVE): Status.OPEN,
     (Status.AWAITING_APPROVAL, Op.REJECT): Status.BLOCKED,
@@ -80,6 +86,7 @@ class Problem(enum.Enum):
     RESERVED = "reserved"
     NEEDS_APPROVAL = "needs_approval"
     NOT_APPROVER = "not_approver"
+    OPEN_CHILDREN = "open_children"
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +148,11 @@ class WorkOrder:
     """The latest move (``claim``, ``release``, ``expire``, ``done``...): why it is open."""
     decisions: list[Decision] = field(default_factory=list)
     """Every approval or rejection, in order; the last one counts."""
+    parent: str | None = None
+    """The order this one is a part of (a sub-order), if any."""
+    children: list[str] = field(default_factory=list)
+    progress: tuple[int, str, int] | None = None
+    """The holder's latest ``(percent, message, at_ms)``."""
 
     @property
     def approved(self) -> bool:
@@ -180,13 +192,39 @@ class Ledger:
     """A heap of (lease expiry, id) per claim and renewal: where :meth:`next` finds
     claims that lapsed before the timer reopened them."""
 
-    def create(self, contract: Contract, creator: bytes, now_ms: int) -> Done:
+    def create(
+        self, contract: Contract, creator: bytes, now_ms: int, parent: str | None = None
+    ) -> Outcome:
+        """A new open order; with ``parent``, a sub-order of that (unfinished) one. A
+        sub-order's parent exists before it, so the tree can have no cycle."""
+        if parent is not None:
+            above = self._current(parent, now_ms)
+            if isinstance(above, Rejection):
+                return above
+            if above.status in FINAL:
+                return Rejection(Problem.BAD_TRANSITION, f"{parent} is {above.status.value}")
         order_id = f"wo-{len(self.orders) + 1}"
-        order = WorkOrder(order_id, contract, now_ms, creator, updated_ms=now_ms)
+        order = WorkOrder(order_id, contract, now_ms, creator, updated_ms=now_ms, parent=parent)
         order.history.append((now_ms, Status.OPEN, "created"))
         self.orders[order_id] = order
+        if parent is not None:
+            self.orders[parent].children.append(order_id)
         heapq.heappush(self._open, _rank(order))
         return Done(order_id, Status.OPEN)
+
+    def report(
+        self, order_id: str, agent: bytes, token: int, percent: int, message: str, now_ms: int
+    ) -> Outcome:
+        """The holder's progress on a held order (fenced like a renewal)."""
+        order = self._current(order_id, now_ms)
+        if isinstance(order, Rejection):
+            return order
+        fenced = self.leases.check(order_id, agent, token, now_ms)
+        if fenced is not None:
+            return _from_lease(fenced)
+        order.progress = (percent, message, now_ms)
+        order.updated_ms = now_ms
+        return Done(order_id, order.status)
 
     def claim(
         self,
@@ -295,7 +333,11 @@ class Ledger:
     ) -> Outcome:
         """Move an order: the holder (with its token) ends a claim as done, blocked or
         open; anyone may reopen a blocked order."""
-        op = {Status.DONE: Op.DONE, Status.BLOCKED: Op.BLOCK, Status.OPEN: Op.REOPEN}.get(status)
+        ops = {
+            Status.DONE: Op.DONE, Status.BLOCKED: Op.BLOCK, Status.OPEN: Op.REOPEN,
+            Status.DROPPED: Op.DROP,
+        }  # fmt: skip
+        op = ops.get(status)
         if op is None:
             return Rejection(Problem.BAD_TRANSITION, f"cannot set status {status.value}")
         return self._end(order_id, agent, token, op, now_ms, reason or status.value)
@@ -463,6 +505,12 @@ class Ledger:
         if op is Op.DONE and order.contract.approval is not None and not order.approved:
             reason = f"{order_id} needs approval first: {order.contract.approval.reason}"
             return Rejection(Problem.NEEDS_APPROVAL, reason)
+        if op is Op.DONE:
+            unfinished = [c for c in order.children if self.orders[c].status not in FINAL]
+            if unfinished:
+                shown = ", ".join(unfinished[:10]) + (" ..." if len(unfinished) > 10 else "")
+                reason = f"{order_id} has sub-orders not done or dropped: {shown}"
+                return Rejection(Problem.OPEN_CHILDREN, reason)
         if order.status is Status.CLAIMED:  # only the holder ends a claim, fenced
             if token is None:
                 return Rejection(Problem.NOT_HOLDER, f"{order_id} is claimed: give its token")
@@ -484,8 +532,17 @@ class Ledger:
         order.last_op = op.value
         order.updated_ms = now_ms
         order.history.append((now_ms, order.status, why))
+        if order.status is Status.BLOCKED and order.parent is not None:
+            # Escalated: the parent's holder sees it in the parent's notes.
+            parent = self.orders[order.parent]
+            text = f"sub-order {order.id} is blocked: {why}"
+            parent.notes.append(Note(order.creator, text, now_ms))
+            parent.updated_ms = now_ms
         if order.status is Status.OPEN:
             heapq.heappush(self._open, _rank(order))
+
+
+FINAL = frozenset({Status.DONE, Status.DROPPED})
 
 
 def _rank(order: WorkOrder) -> tuple[int, int, str]:

@@ -89,7 +89,25 @@ def _summary(coordinator: Coordinator, order: WorkOrder, now_ms: int) -> dict[st
         "updated_ms": order.updated_ms,
         **_lease(lease),
         **_approval(order),
+        **_family(ledger, order),
     }
+
+
+def _family(ledger: Any, order: WorkOrder) -> dict[str, Any]:
+    """A sub-order's parent, a parent's children (id and status: their progress at a
+    glance), and the holder's latest progress report; only what an order has."""
+    shown: dict[str, Any] = {}
+    if order.parent is not None:
+        shown["parent"] = order.parent
+    if order.children:
+        shown["children"] = [
+            {"id": c, "status": ledger.orders[c].status.value} for c in order.children[:100]
+        ]
+        shown["children_total"] = len(order.children)
+    if order.progress is not None:
+        percent, message, at_ms = order.progress
+        shown["progress"] = {"percent": percent, "message": message, "at_ms": at_ms}
+    return shown
 
 
 def _approval(order: WorkOrder) -> dict[str, Any]:
@@ -116,7 +134,9 @@ def wo_list(coordinator: Coordinator, args: dict[str, Any], now_ms: int, budget:
     only(args, "status", "after", "limit")
     wanted = opt_text(args, "status", 24)
     if wanted is not None and wanted not in {s.value for s in Status}:
-        raise BadRequest("status must be open, claimed, blocked, done or awaiting_approval")
+        raise BadRequest(
+            "status must be open, claimed, blocked, done, dropped or awaiting_approval"
+        )
     after = opt_integer(args, "after") or 0
     orders = (
         _summary(coordinator, order, now_ms)

@@ -61,7 +61,7 @@ MAX_POST = 4000
 WO_KINDS = frozenset(
     {
         "wo.create", "wo.claim", "wo.next", "wo.renew", "wo.release", "wo.update",
-        "wo.note", "wo.approve", "wo.reject",
+        "wo.note", "wo.approve", "wo.reject", "wo.progress",
     }
 )  # fmt: skip
 LOCK_KINDS = frozenset({"lock.acquire", "lock.renew", "lock.release"})
@@ -95,6 +95,7 @@ OUTCOME_OF = {
     "wo.note": "wo.noted",
     "wo.approve": "wo.approved",
     "wo.reject": "wo.declined",  # (wo.rejected is the relay refusing a wo.* request)
+    "wo.progress": "wo.progressed",
     "lock.acquire": "lock.acquired",
     "lock.renew": "lock.renewed",
     "lock.release": "lock.released",
@@ -514,7 +515,16 @@ class Coordinator:
     def _apply(self, kind: str, body: dict[str, Any], author: bytes, now: int) -> Done | Rejection:
         ledger = self.ledger
         if kind == "wo.create":
-            return ledger.create(_contract(body), author, now)
+            parent = opt_text(body, "parent", 64)
+            return ledger.create(_contract(body), author, now, parent)
+        if kind == "wo.progress":
+            only(body, "wo", "token", "percent", "message")
+            percent = integer(body, "percent")
+            if not 0 <= percent <= 100:
+                raise BadRequest("percent is 0 to 100")
+            message = text(body, "message", MAX_TEXT, default="")
+            order = text(body, "wo", 64)
+            return ledger.report(order, author, integer(body, "token"), percent, message, now)
         if kind == "wo.next":
             only(body, "ttl_ms")
             return ledger.next(author, now, opt_integer(body, "ttl_ms"))
@@ -535,7 +545,7 @@ class Coordinator:
             try:
                 status = Status(text(body, "status", 24))
             except ValueError:
-                statuses = "open, blocked, done or awaiting_approval"
+                statuses = "open, blocked, done, dropped or awaiting_approval"
                 raise BadRequest(f"status must be {statuses}") from None
             reason = text(body, "reason", MAX_TEXT, default="")
             token = opt_integer(body, "token")
@@ -696,7 +706,7 @@ def _gate(body: dict[str, Any]) -> Gate | None:
 def _contract(body: dict[str, Any]) -> Contract:
     fields = ("title", "description", "acceptance", "scope", "files", "verify")
     gate = ("requires_approval", "approval_reason", "approvers", "approver_role")
-    only(body, *fields, "priority", "labels", "handover", *gate)
+    only(body, *fields, "priority", "labels", "handover", *gate, "parent")
     title = text(body, "title", 200)
     if not title.strip():
         raise BadRequest("a work order needs a title")
