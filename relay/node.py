@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -44,6 +44,7 @@ from relay.coordination.host import Host
 from relay.coordination.leases import TtlBounds
 from relay.coordination.requests import CLAIM_TTL, LOCK_TTL, RELAY_KINDS, Coordinator, Outcome
 from relay.documents import COMPACTED, DOC_KINDS, DocHost, LiveDoc, check_event
+from relay.entities import Entities
 from relay.inbox import Inboxes, InboxStore, MemoryInboxStore
 from relay.limits import Limiter, RateLimits
 from relay.metrics import Metrics, count_kind
@@ -204,11 +205,12 @@ class _AccessGate:
         self.node = node
 
     def refuse(self, signed: SignedEvent, now_ms: int) -> Rejected | None:
-        refusal = self.node.access.refuse(signed.event, now_ms)
+        refusal = self.node.refuse_write(signed.event, now_ms)
         return None if refusal is None else Rejected(refusal.code, refusal.reason)
 
     def sequenced(self, record: Record) -> None:
         self.node.access.on_sequenced(record)
+        self.node.entities.on_sequenced(record)
 
 
 class RelayNode:
@@ -248,6 +250,8 @@ class RelayNode:
             identity.public_key, self.config.name, self.config.create, self.config.creators
         )
         """Owners and policies of namespaces (relay/access.py), folded from the logs."""
+        self.entities = Entities()
+        """Single-writer entities (relay/entities.py), folded from the logs."""
         heads = store.heads()
         self.sequencer = Sequencer(
             identity.public_key, heads, limits=self.config.sequencer, gate=_AccessGate(self)
@@ -273,14 +277,15 @@ class RelayNode:
             max_live=self.config.max_live_docs, compact_every=self.config.doc_compact_every
         )
         for ns in store.namespaces():
-            records = self.docs.rebuild(self.access.folding(store.scan(ns)))
+            records = self.docs.rebuild(self._folding(store.scan(ns)))
             self._unanswered += self.coordination.rebuild(records, answered)
         self._committed: dict[str, int] = {ns: head.seq for ns, head in heads.items()}
         self.mirror_heads: dict[str, Head] = mirror_store.heads() if mirror_store else {}
         for ns, head in self.mirror_heads.items():
             self._committed[ns] = head.seq
             assert mirror_store is not None
-            self.access.fold(mirror_store.scan(ns))  # a mirror enforces its home's policy
+            for _ in self._folding(mirror_store.scan(ns)):  # a mirror enforces its home's rules
+                pass
         self._changed: dict[str, trio.Event] = {}
         self._recent: dict[str, dict[int, Record]] = {}
         # Every cached record in commit order, for the relay-wide byte budget. Evicting
@@ -458,7 +463,7 @@ class RelayNode:
         event = ticket.event
         if self.sequencer.locate(event.id) is None:  # (a duplicate gets its receipt)
             # Here, in log order: may its author write? does its document exist?
-            refusal = self.access.refuse(event.event, now)
+            refusal = self.refuse_write(event.event, now)
             if refusal is None and event.event.kind in DOC_KINDS:
                 refusal = self.docs.refuse(event.event)
             if refusal is not None:
@@ -509,6 +514,7 @@ class RelayNode:
             for record in step:
                 self.count("published")
                 self.access.on_sequenced(record)
+                self.entities.on_sequenced(record)
                 self.docs.on_sequenced(record)
                 outcome = self.coordination.on_sequenced(record)
                 if outcome is not None:
@@ -521,6 +527,20 @@ class RelayNode:
                 head = released[0]
                 self._remember_outcome(record.id, Located(head.ns, head.seq, head.hlc))
                 steps.append(released)
+
+    def refuse_write(self, event: Event, now_ms: int) -> ProtocolError | None:
+        """Why an event may not be sequenced now by the rules folded from the logs
+        (access control, single-writer entities), or ``None``."""
+        refusal = self.access.refuse(event, now_ms)
+        if refusal is None and event.author != self.identity.public_key:
+            refusal = self.entities.refuse(event, event.author)
+        return refusal
+
+    def _folding(self, records: Iterable[Record]) -> Iterator[Record]:
+        """Pass stored records through the rule folds (a restart's rebuild)."""
+        for record in self.access.folding(records):
+            self.entities.on_sequenced(record)
+            yield record
 
     def _answer_refused(self) -> None:
         """Answer the released events the access gate refused (see _AccessGate)."""
@@ -779,6 +799,7 @@ class RelayNode:
         async with self._mirror_lock:
             await self._call(mirror.append, records, store=mirror)
         self.access.fold(records)
+        self.entities.fold(records)
         last = records[-1]
         self.mirror_heads[last.ns] = Head(last.ns, last.seq, digest(last.receipt), last.hlc)
         now = self.wall_ms()

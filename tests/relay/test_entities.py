@@ -1,0 +1,85 @@
+"""Single-writer entities over real sockets: one key writes an entity; others are
+refused with the writer named; only the writer hands it over; restarts keep it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+
+from agent_sdk.client import RelayClient
+from agent_sdk.errors import ErrorCode, ProtocolError
+from tests.conftest import RunningRelay, identity, start_relay
+
+NS = "crm@local"
+ALICE, BOB = identity(1), identity(2)
+
+
+async def refused(code: ErrorCode, call: object) -> ProtocolError:
+    with pytest.raises(ProtocolError) as info:
+        await call  # type: ignore[misc]
+    assert info.value.code is code, info.value
+    return info.value
+
+
+async def test_only_the_writer_writes_and_hands_over(relay: RunningRelay) -> None:
+    async with (
+        RelayClient.connect(relay.url, ALICE) as alice,
+        RelayClient.connect(relay.url, BOB) as bob,
+    ):
+        await alice.publish(NS, "entity.declare", {"entity": "customer-42"})
+        await alice.publish(NS, "crm.update", {"entity": "customer-42", "tier": "gold"})
+        head = relay.node.head(NS)
+        error = await refused(
+            ErrorCode.FORBIDDEN,
+            bob.publish(NS, "crm.update", {"entity": "customer-42", "tier": "basic"}),
+        )
+        assert ALICE.public_key.hex() in error.reason  # the writer is named
+        await refused(
+            ErrorCode.FORBIDDEN,
+            bob.publish(NS, "entity.handover", {"entity": "customer-42", "to": BOB.public_key}),
+        )
+        await refused(
+            ErrorCode.FORBIDDEN, bob.publish(NS, "entity.declare", {"entity": "customer-42"})
+        )
+        assert relay.node.head(NS) == head  # nothing refused was sequenced
+        await bob.publish(NS, "crm.update", {"entity": "customer-7"})  # undeclared: anyone
+        await bob.publish(NS, "crm.note", {"about": "customer-42"})  # not a write to it
+
+        await alice.publish(NS, "entity.handover", {"entity": "customer-42", "to": BOB.public_key})
+        await bob.publish(NS, "crm.update", {"entity": "customer-42", "tier": "silver"})
+        await refused(
+            ErrorCode.FORBIDDEN, alice.publish(NS, "crm.update", {"entity": "customer-42"})
+        )
+
+
+async def test_bad_entity_events_are_refused(relay: RunningRelay) -> None:
+    async with RelayClient.connect(relay.url, ALICE) as alice:
+        for kind, body in (
+            ("entity.declare", {"entity": ""}),
+            ("entity.declare", {"entity": "x" * 257}),
+            ("entity.declare", {"entity": "e", "writer": b"short"}),
+            ("entity.declare", {"entity": "e", "extra": 1}),
+            ("entity.declare", ["e"]),
+            ("entity.handover", {"entity": "e"}),
+            ("entity.handover", {"entity": "nobody-declared", "to": BOB.public_key}),
+        ):
+            await refused(ErrorCode.BAD_EVENT, alice.publish(NS, kind, body))
+        assert relay.node.head(NS) == 0
+
+
+async def test_writers_survive_a_restart(nursery: trio.Nursery, tmp_path: Path) -> None:
+    data = tmp_path / "relay"
+    running = await start_relay(nursery, data)
+    async with RelayClient.connect(running.url, ALICE) as alice:
+        await alice.publish(NS, "entity.declare", {"entity": "ledger", "writer": BOB.public_key})
+    running.scope.cancel()
+    running = await start_relay(nursery, data)
+    async with (
+        RelayClient.connect(running.url, ALICE) as alice,
+        RelayClient.connect(running.url, BOB) as bob,
+    ):
+        await refused(ErrorCode.FORBIDDEN, alice.publish(NS, "app.write", {"entity": "ledger"}))
+        await bob.publish(NS, "app.write", {"entity": "ledger"})
+    running.scope.cancel()
