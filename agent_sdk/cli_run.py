@@ -53,7 +53,8 @@ def add_parsers(sub: Any, lock_commands: Any, agent_options: AgentOptions) -> No
     p.set_defaults(cmd=[])
     p = subcommand(sub, "once", "run a command unless an agent completed KEY before",
                    agent_options)  # fmt: skip
-    p.add_argument("key")
+    # (not "key": --key is the agent's key file, which every command takes)
+    p.add_argument("once_key", metavar="KEY", help="what, once done, is never run again")
     p.add_argument("--ttl", default="5m", help="lease of the once:KEY lock while it runs")
     p.set_defaults(
         cmd=[], func=run, group="once_command", once_command="once", actions={"once": _once}
@@ -63,7 +64,7 @@ def add_parsers(sub: Any, lock_commands: Any, agent_options: AgentOptions) -> No
 def _command(args: argparse.Namespace) -> list[str]:
     cmd = list(args.cmd)
     if not cmd:
-        raise UsageError("give the command after --: formicary once KEY -- CMD ARGS...")
+        raise UsageError("give the command after --, as in: -- CMD ARGS...")
     return cmd
 
 
@@ -94,20 +95,21 @@ def lock_run(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
 
 def _once(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
     cmd, ttl = _command(args), ttl_ms(args.ttl, "--ttl")
-    if not args.key or len(args.key) > MAX_ONCE_KEY:
+    key = args.once_key
+    if not key or len(key) > MAX_ONCE_KEY:
         raise UsageError(f"a once key is 1 to {MAX_ONCE_KEY} characters")
-    name = f"once:{args.key}"
+    name = f"once:{key}"
 
     async def act(ledger: Ledger) -> Exit:
         try:
             async with hold_lock(ledger, name, ttl) as lock:
                 if await ledger.get_checkpoint(name):
-                    print(f"formicary once: {args.key} was done before; not run", file=sys.stderr)
+                    print(f"formicary once: {key} was done before; not run", file=sys.stderr)
                     return Exit(0)
                 code = await _run(cmd, lock.token)
                 if code == 0:
                     await ledger.checkpoint(name, 1, expect=0)
-                    await ledger.post(f"once {args.key}: done (fence {lock.token})")
+                    await ledger.post(f"once {key}: done (fence {lock.token})")
                 return Exit(code)
         except LeaseLost as exc:
             print(f"formicary once: {exc}", file=sys.stderr)

@@ -60,7 +60,7 @@ async def hold_lock(
                                 lock = await ledger.renew_lock(lock, ttl_ms)
                                 sent = asked
                                 continue
-                            except LedgerRefusal:
+                            except Exception:  # refused, or the connection is gone
                                 pass
                         lost = True  # refused, or not confirmed while still ours
                         nursery.cancel_scope.cancel()
@@ -70,12 +70,12 @@ async def hold_lock(
                 yield lock
                 nursery.cancel_scope.cancel()
     finally:
-        if not lost:
+        if not lost and not ledger.client.stopped.is_set():
             with trio.CancelScope(shield=True), trio.move_on_after(CONFIRM_TIMEOUT):
                 try:
                     await ledger.unlock(lock)
-                except LedgerRefusal:
-                    pass  # lapsed already: nothing held
+                except Exception:
+                    pass  # lapsed already, or no connection: it lapses at its expiry
     if lost:
         raise LeaseLost(f"{name}: the lease was lost; stopped")
 
@@ -109,7 +109,9 @@ async def _acquire(
         # wait again), or for its release. Never longer than a third of our TTL.
         expires = holder.get("expires_ms")
         left = (expires - ledger.client.clock_ms()) / 1000 if isinstance(expires, int) else ttl
-        with trio.move_on_after(min(max(left, 0.0) + 0.01, ttl / 3)):
+        # (at least a twentieth of the TTL: a clock ahead of the relay's must not
+        # turn the wait into a busy loop of refused acquires)
+        with trio.move_on_after(min(max(left + 0.01, ttl / 20), ttl / 3)):
             async for item in feed:
                 if isinstance(item, Delivery) and item.event.event.body.get("lock") == name:
                     break

@@ -261,7 +261,8 @@ class Coordinator:
         elif kind == "constraint.reserve":
             only(body, "name", "amount", "ttl_ms")
             bounds = self.locks.bounds
-            ttl = opt_integer(body, "ttl_ms") or bounds.default_ms
+            asked = opt_integer(body, "ttl_ms")
+            ttl = bounds.default_ms if asked is None else asked
             if not bounds.min_ms <= ttl <= bounds.max_ms:
                 raise Conflict(
                     "bad_ttl", f"ttl_ms {ttl} is outside {bounds.min_ms} to {bounds.max_ms}"

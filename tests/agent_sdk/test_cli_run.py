@@ -104,7 +104,7 @@ async def test_once_runs_a_command_once_across_twenty_agents(
     async def agent(n: int) -> None:
         done = await trio.run_process(
             formicary("once", "deploy-42", "--", "sh", "-c", f"echo {n} >> {ran}"),
-            env=env_for(relay, tmp_path, n), check=False, capture_stderr=True,
+            env=env_for(relay, tmp_path, n), check=False, capture_stderr=True, cwd=tmp_path,
         )  # fmt: skip
         codes.append(done.returncode)
 
@@ -112,7 +112,8 @@ async def test_once_runs_a_command_once_across_twenty_agents(
         async with trio.open_nursery() as nursery:
             for n in range(AGENTS):
                 nursery.start_soon(agent, n)
-    assert len(ran.read_text().splitlines()) == 1  # exactly one agent ran it
+    assert len(ran.read_text().splitlines()) == 1  # exactly one of 20 agents (20 keys) ran it
+    assert not (tmp_path / "deploy-42").exists()  # the once key is not read as a key file
     assert codes == [0] * AGENTS
     async with RelayClient.connect(relay.url, identity(9)) as client:
         posts = await Ledger(client, NS).bulletin()
