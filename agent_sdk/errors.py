@@ -57,6 +57,9 @@ class ErrorCode(enum.IntEnum):
     FORBIDDEN = 2013
     """The namespace's policy (or the relay's creation rule) does not let this key
     do that: write, read, change the policy, or create the namespace."""
+    SCHEMA_MISMATCH = 2014
+    """The body breaks the registered schema of its kind (the reason gives the paths),
+    or names a schema version that is not registered."""
 
     # 3xxx: subscriptions
     BAD_CURSOR = 3001

@@ -39,6 +39,7 @@ from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.identity import Identity
 from agent_sdk.wire import NS_RE, Event, SignedEvent, digest, seal_digest, sign_event
 from relay.access import POLICY, Access, Creation
+from relay.contracts import Contracts
 from relay.coordination import queries
 from relay.coordination.host import Host
 from relay.coordination.leases import TtlBounds
@@ -211,6 +212,7 @@ class _AccessGate:
     def sequenced(self, record: Record) -> None:
         self.node.access.on_sequenced(record)
         self.node.entities.on_sequenced(record)
+        self.node.contracts.on_sequenced(record)
 
 
 class RelayNode:
@@ -252,6 +254,8 @@ class RelayNode:
         """Owners and policies of namespaces (relay/access.py), folded from the logs."""
         self.entities = Entities()
         """Single-writer entities (relay/entities.py), folded from the logs."""
+        self.contracts = Contracts()
+        """Registered event kinds and their schemas (relay/contracts.py)."""
         heads = store.heads()
         self.sequencer = Sequencer(
             identity.public_key, heads, limits=self.config.sequencer, gate=_AccessGate(self)
@@ -515,6 +519,7 @@ class RelayNode:
                 self.count("published")
                 self.access.on_sequenced(record)
                 self.entities.on_sequenced(record)
+                self.contracts.on_sequenced(record)
                 self.docs.on_sequenced(record)
                 outcome = self.coordination.on_sequenced(record)
                 if outcome is not None:
@@ -534,12 +539,15 @@ class RelayNode:
         refusal = self.access.refuse(event, now_ms)
         if refusal is None and event.author != self.identity.public_key:
             refusal = self.entities.refuse(event, event.author)
+        if refusal is None and event.author != self.identity.public_key:
+            refusal = self.contracts.refuse(event)
         return refusal
 
     def _folding(self, records: Iterable[Record]) -> Iterator[Record]:
         """Pass stored records through the rule folds (a restart's rebuild)."""
         for record in self.access.folding(records):
             self.entities.on_sequenced(record)
+            self.contracts.on_sequenced(record)
             yield record
 
     def _answer_refused(self) -> None:
@@ -640,6 +648,8 @@ class RelayNode:
         self.count("queries")
         if q == POLICY:
             return self._policy_answer(ns, args)
+        if q in ("schema.get", "schema.list"):
+            return self._schema_answer(ns, q, args)
         coordinator = self.coordination.coordinators.get(ns) or Coordinator()  # nothing yet
         budget = self.config.max_frame - 1024  # room for the frame around the answer
         answer = queries.answer(coordinator, q, args, self.wall_ms(), budget)
@@ -647,6 +657,28 @@ class RelayNode:
         if head is not None:
             await self.wait_beyond(ns, head.seq - 1)
         return answer
+
+    def _schema_answer(self, ns: str, q: str, args: dict[str, Any]) -> dict[str, Any]:
+        """The registry of event kinds (relay/contracts.py): ``schema.list`` names
+        the kinds; ``schema.get {kind}`` gives every version of one."""
+        mine = {kind: c for (n, kind), c in self.contracts.kinds.items() if n == ns}
+        if q == "schema.list":
+            if args:
+                raise ProtocolError(ErrorCode.BAD_QUERY, "schema.list takes no arguments")
+            return {
+                "kinds": [{"kind": k, "versions": len(c.versions)} for k, c in sorted(mine.items())]
+            }
+        kind = args.get("kind")
+        if set(args) != {"kind"} or not isinstance(kind, str):
+            raise ProtocolError(ErrorCode.BAD_QUERY, "schema.get takes {kind}")
+        contract = mine.get(kind)
+        if contract is None:
+            raise ProtocolError(ErrorCode.NOT_FOUND, f"no schema registered for {kind}")
+        versions = [
+            {"version": n, "schema": schema, "compatible": compatible}
+            for n, (schema, compatible) in enumerate(contract.versions, start=1)
+        ]
+        return {"kind": kind, "owner": contract.owner, "versions": versions}
 
     def _policy_answer(self, ns: str, args: dict[str, Any]) -> dict[str, Any]:
         if args:
@@ -800,6 +832,7 @@ class RelayNode:
             await self._call(mirror.append, records, store=mirror)
         self.access.fold(records)
         self.entities.fold(records)
+        self.contracts.fold(records)
         last = records[-1]
         self.mirror_heads[last.ns] = Head(last.ns, last.seq, digest(last.receipt), last.hlc)
         now = self.wall_ms()
