@@ -5,7 +5,9 @@ leases, for agents that work through commands.
 (``--no-wait``: exit 3 at once if held), renews it at a third of ``--ttl`` while CMD
 runs, releases it after, and exits with CMD's status. CMD finds the fencing token in
 ``FORMICARY_FENCE``. If the lease is lost (a renewal refused, or not confirmed in
-time), CMD is stopped (SIGTERM, then SIGKILL) and the exit status is 75.
+time), CMD is stopped (SIGTERM, then SIGKILL) and the exit status is 75. A SIGTERM
+or SIGINT to us stops CMD the same way first, then releases the lock; the status is
+128 + the signal.
 
 ``once KEY -- CMD...`` runs CMD only if no agent completed KEY before: under the lock
 ``once:KEY`` it reads the checkpoint ``once:KEY``; if set, it exits 0 without running
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -68,13 +71,34 @@ def _command(args: argparse.Namespace) -> list[str]:
     return cmd
 
 
+STOPPED_BY = {signal.SIGTERM: 128 + signal.SIGTERM, signal.SIGINT: 128 + signal.SIGINT}
+
+
 async def _run(cmd: list[str], token: int) -> int:
+    """Run ``cmd`` with the fence in its environment; its exit status. A SIGTERM or
+    SIGINT to us stops it too (SIGTERM, then SIGKILL), so the lock is released only
+    once nothing runs under it; we then exit 128 + the signal, as a shell would."""
     env = {**os.environ, "FORMICARY_FENCE": str(token)}
-    try:
-        done = await trio.run_process(cmd, check=False, env=env)
-    except OSError as exc:  # no such program, not executable
-        print(f"formicary: cannot run {cmd[0]}: {exc.strerror or exc}", file=sys.stderr)
-        return 127
+    stopped: list[int] = []
+    async with trio.open_nursery() as nursery:
+
+        async def on_signal() -> None:
+            with trio.open_signal_receiver(*STOPPED_BY) as signals:
+                async for signum in signals:
+                    stopped.append(STOPPED_BY[signal.Signals(signum)])
+                    nursery.cancel_scope.cancel()
+                    return
+
+        nursery.start_soon(on_signal)
+        try:
+            done = await trio.run_process(cmd, check=False, env=env)
+        except OSError as exc:  # no such program, not executable
+            print(f"formicary: cannot run {cmd[0]}: {exc.strerror or exc}", file=sys.stderr)
+            nursery.cancel_scope.cancel()
+            return 127
+        nursery.cancel_scope.cancel()
+    if stopped:
+        return stopped[0]
     code = done.returncode
     return 128 - code if code < 0 else code  # killed by a signal: as a shell says it
 

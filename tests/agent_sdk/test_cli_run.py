@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -204,3 +205,34 @@ async def test_bad_lock_run_ttls_are_usage_errors(
         env=env_for(relay, tmp_path, 1), check=False, capture_stderr=True,
     )  # fmt: skip
     assert done.returncode == 2, done.stderr
+
+
+async def test_sigterm_stops_the_command_then_releases_the_lock(
+    relay: RunningRelay, tmp_path: Path
+) -> None:
+    """A supervisor stopping `lock run` must not leave the command running under a
+    lock that is gone: the command is stopped first, then the lock is released
+    (the next holder need not wait out the TTL), and the status is 128 + 15."""
+    runner = await trio.lowlevel.open_process(
+        formicary("lock", "run", "the-db", "--ttl", "60s", "--", "sh", "-c",
+                  "echo $$; exec sleep 60"),
+        env=env_for(relay, tmp_path, 1), stdout=subprocess.PIPE,
+    )  # fmt: skip
+    assert runner.stdout is not None
+    try:
+        with trio.fail_after(TIMEOUT):
+            said = b""
+            while not said.endswith(b"\n"):  # the command runs: it told us its pid
+                said += await runner.stdout.receive_some()
+            child = int(said)
+            runner.send_signal(signal.SIGTERM)
+            assert await runner.wait() == 128 + signal.SIGTERM
+            with pytest.raises(ProcessLookupError):
+                os.kill(child, 0)  # the command is gone too
+            async with RelayClient.connect(relay.url, identity(2)) as client:
+                ledger = Ledger(client, NS)
+                await ledger.unlock(await ledger.lock("the-db", 60_000))  # free at once
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+            await runner.wait()
