@@ -22,7 +22,7 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontext
 import trio
 
 from agent_sdk.client import Delivery, unwrap_single
-from agent_sdk.ledger import Claim, LeaseLost, Ledger, LedgerRefusal
+from agent_sdk.ledger import Claim, LeaseLost, Ledger, LedgerRefusal, keep_renewed
 
 CONFIRM_TIMEOUT = 30.0
 """Seconds to wait for the relay's answer to an acquire or a release."""
@@ -38,7 +38,6 @@ async def hold_lock(
     (``held``) at once instead of waiting for it.
     """
     ttl = ttl_ms / 1000
-    margin = ttl / 10  # give up this long before the relay would let the lease lapse
     following = AsyncExitStack()  # a follower's subscription to releases
     try:
         lock, sent = await _acquire(ledger, name, ttl_ms, wait, following)
@@ -50,21 +49,16 @@ async def hold_lock(
         with unwrap_single():
             async with trio.open_nursery() as nursery:
 
+                async def renew() -> None:
+                    nonlocal lock
+                    lock = await ledger.renew_lock(lock, ttl_ms)
+
                 async def renew_forever() -> None:
-                    nonlocal lock, lost, sent
-                    while True:
-                        await trio.sleep_until(sent + ttl / 3)
-                        asked = trio.current_time()
-                        with trio.move_on_at(sent + ttl - margin):
-                            try:
-                                lock = await ledger.renew_lock(lock, ttl_ms)
-                                sent = asked
-                                continue
-                            except Exception:  # refused, or the connection is gone
-                                pass
-                        lost = True  # refused, or not confirmed while still ours
+                    nonlocal lost
+                    # Any failure is a lost lease: refused, or the connection is gone.
+                    if await keep_renewed(renew, ttl, sent, (Exception,)):
+                        lost = True
                         nursery.cancel_scope.cancel()
-                        return
 
                 nursery.start_soon(renew_forever)
                 yield lock

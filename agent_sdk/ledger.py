@@ -15,7 +15,7 @@ point could collide with the next holder's.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -293,7 +293,6 @@ class Ledger:
         body (``update(claim, "done")``, ``release``) simply ends the renewals.
         """
         ttl = ttl_ms / 1000
-        margin = ttl / 10  # give up this long before the relay would expire the lease
         with trio.CancelScope(shield=True) as asking:
             # Shielded: a claim the relay granted must reach us, so that it is released.
             asking.deadline = trio.current_time() + CLAIM_TIMEOUT
@@ -306,24 +305,18 @@ class Ledger:
             with unwrap_single():
                 async with trio.open_nursery() as nursery:
 
+                    async def renew() -> None:
+                        nonlocal claim
+                        claim = await self.renew(claim, ttl_ms)
+
+                    def ended() -> bool:  # the body finished the order: nothing to keep
+                        return (claim.order, claim.token) in self._ended
+
                     async def renew_forever() -> None:
-                        nonlocal claim, lost, sent
-                        while True:
-                            await trio.sleep_until(sent + ttl / 3)
-                            if (claim.order, claim.token) in self._ended:
-                                return  # the body finished the order: nothing to keep
-                            asked = trio.current_time()
-                            with trio.move_on_at(sent + ttl - margin):
-                                try:
-                                    claim = await self.renew(claim, ttl_ms)
-                                    sent = asked
-                                    continue
-                                except LedgerRefusal:
-                                    if (claim.order, claim.token) in self._ended:
-                                        return
+                        nonlocal lost
+                        if await keep_renewed(renew, ttl, sent, (LedgerRefusal,), ended):
                             lost = True  # refused, or not confirmed while still ours
                             nursery.cancel_scope.cancel()
-                            return
 
                     nursery.start_soon(renew_forever)
                     yield claim
@@ -337,6 +330,33 @@ class Ledger:
                         pass  # already lapsed or ended: nothing held
         if lost:
             raise LeaseLost(f"{order}: the lease was lost; stopped")
+
+
+async def keep_renewed(
+    renew: Callable[[], Awaitable[None]],
+    ttl: float,
+    sent: float,
+    failures: tuple[type[Exception], ...],
+    ended: Callable[[], bool] = lambda: False,
+) -> bool:
+    """Renew a lease of ``ttl`` seconds (last asked for at ``sent``) at a third of its
+    TTL until ``ended()``; True when it is lost: a renewal failed with one of
+    ``failures``, or was not confirmed while the lease was still surely ours."""
+    margin = ttl / 10  # give up this long before the relay would let the lease lapse
+    while True:
+        await trio.sleep_until(sent + ttl / 3)
+        if ended():
+            return False
+        asked = trio.current_time()
+        with trio.move_on_at(sent + ttl - margin):
+            try:
+                await renew()
+                sent = asked
+                continue
+            except failures:
+                if ended():
+                    return False
+        return True
 
 
 def number_of(item: dict[str, Any]) -> int:

@@ -28,7 +28,6 @@ write and a policy change that race are judged in the order the log gives them.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -195,16 +194,6 @@ class Access:
     takes a reader's access (the reader sees the change that shut it out)."""
 
     # folding: the log says who owns what
-
-    def fold(self, records: Iterable[Record]) -> None:
-        for record in records:
-            self.on_sequenced(record)
-
-    def folding(self, records: Iterable[Record]) -> Iterator[Record]:
-        """Pass stored records through, folding each (a restart's rebuild)."""
-        for record in records:
-            self.on_sequenced(record)
-            yield record
 
     def on_sequenced(self, record: Record) -> None:
         policy = self.policies.get(record.ns)

@@ -11,7 +11,6 @@ reason listing the paths that failed. The schema language is agent_sdk/schemas.p
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,10 +65,6 @@ def parse(body: Any) -> tuple[str, int, dict[str, Any], bool | None]:
 class Contracts:
     kinds: dict[tuple[str, str], Contract] = field(default_factory=dict)
     """(namespace, kind) -> its contract."""
-
-    def fold(self, records: Iterable[Record]) -> None:
-        for record in records:
-            self.on_sequenced(record)
 
     def on_sequenced(self, record: Record) -> None:
         if record.kind != REGISTER or not record.event:

@@ -11,7 +11,6 @@ the relay decides events in log order (relay/node.py), like the namespace policy
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,10 +67,6 @@ def check(event: Event) -> tuple[str, bytes] | None:
 class Entities:
     writers: dict[tuple[str, str], bytes] = field(default_factory=dict)
     """(namespace, entity) -> its one writer."""
-
-    def fold(self, records: Iterable[Record]) -> None:
-        for record in records:
-            self.on_sequenced(record)
 
     def on_sequenced(self, record: Record) -> None:
         if record.kind not in KINDS or not record.event:

@@ -199,8 +199,9 @@ class Ticket:
 class _AccessGate:
     """The sequencer's second look at a parked event as it is released: its author
     must still be allowed to write (a policy may have changed while it waited).
-    Folding each record as it is sequenced keeps a released run judged in order;
-    :meth:`Access.on_sequenced` is idempotent, so the node's own fold later is too."""
+    It also folds every record the sequencer makes into the rules as it makes it
+    (the one place they are folded while serving), so a released run is judged in
+    order."""
 
     def __init__(self, node: RelayNode) -> None:
         self.node = node
@@ -210,9 +211,7 @@ class _AccessGate:
         return None if refusal is None else Rejected(refusal.code, refusal.reason)
 
     def sequenced(self, record: Record) -> None:
-        self.node.access.on_sequenced(record)
-        self.node.entities.on_sequenced(record)
-        self.node.contracts.on_sequenced(record)
+        self.node.fold_rules(record)
 
 
 class RelayNode:
@@ -517,9 +516,7 @@ class RelayNode:
             decided = []
             for record in step:
                 self.count("published")
-                self.access.on_sequenced(record)
-                self.entities.on_sequenced(record)
-                self.contracts.on_sequenced(record)
+                # (access, entities, contracts: folded by the gate as it was sequenced)
                 self.docs.on_sequenced(record)
                 outcome = self.coordination.on_sequenced(record)
                 if outcome is not None:
@@ -543,11 +540,16 @@ class RelayNode:
             refusal = self.contracts.refuse(event)
         return refusal
 
+    def fold_rules(self, record: Record) -> None:
+        """Fold a record into the rules kept from the logs: access, entities, contracts."""
+        self.access.on_sequenced(record)
+        self.entities.on_sequenced(record)
+        self.contracts.on_sequenced(record)
+
     def _folding(self, records: Iterable[Record]) -> Iterator[Record]:
         """Pass stored records through the rule folds (a restart's rebuild)."""
-        for record in self.access.folding(records):
-            self.entities.on_sequenced(record)
-            self.contracts.on_sequenced(record)
+        for record in records:
+            self.fold_rules(record)
             yield record
 
     def _answer_refused(self) -> None:
@@ -830,9 +832,8 @@ class RelayNode:
         assert mirror is not None and records and not self.is_home(records[0].ns)
         async with self._mirror_lock:
             await self._call(mirror.append, records, store=mirror)
-        self.access.fold(records)
-        self.entities.fold(records)
-        self.contracts.fold(records)
+        for record in records:
+            self.fold_rules(record)
         last = records[-1]
         self.mirror_heads[last.ns] = Head(last.ns, last.seq, digest(last.receipt), last.hlc)
         now = self.wall_ms()

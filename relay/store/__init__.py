@@ -98,3 +98,17 @@ class Store(Protocol):
         """Every record of ``ns`` in seq order (offline verification, export)."""
 
     def close(self) -> None: ...
+
+
+SCAN_BATCH = 1000
+
+
+def scan_by_reading(store: Store, ns: str) -> Iterator[Record]:
+    """:meth:`Store.scan` for a backend that reads in pages: ``read`` until short."""
+    start = 1
+    while True:
+        batch = store.read(ns, start, SCAN_BATCH)
+        yield from batch
+        if len(batch) < SCAN_BATCH:
+            return
+        start = batch[-1].seq + 1

@@ -28,7 +28,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from agent_sdk.wire import decode_receipt
 from relay.inbox import Item
-from relay.store import Head, Located, Record
+from relay.store import Head, Located, Record, scan_by_reading
 
 _COLUMNS = "ns, seq, id, kind, author, hlc, event, sig, receipt, seal"
 
@@ -217,13 +217,7 @@ class PostgresStore:
         return [ns for (ns,) in rows]
 
     def scan(self, ns: str) -> Iterator[Record]:
-        start = 1
-        while True:
-            batch = self.read(ns, start, 1000)
-            yield from batch
-            if len(batch) < 1000:
-                return
-            start = batch[-1].seq + 1
+        return scan_by_reading(self, ns)
 
     def close(self) -> None:
         for conn in (self._writer, self._reader, self._finder):

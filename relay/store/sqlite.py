@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from agent_sdk.wire import decode_receipt
-from relay.store import Head, Located, Record
+from relay.store import Head, Located, Record, scan_by_reading
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -176,13 +176,7 @@ class SQLiteStore:
         return [ns for (ns,) in self._reader.execute("SELECT ns FROM heads ORDER BY ns")]
 
     def scan(self, ns: str) -> Iterator[Record]:
-        start = 1
-        while True:
-            batch = self.read(ns, start, 1000)
-            yield from batch
-            if len(batch) < 1000:
-                return
-            start = batch[-1].seq + 1
+        return scan_by_reading(self, ns)
 
     def close(self) -> None:
         if not self.readonly:
