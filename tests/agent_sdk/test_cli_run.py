@@ -143,23 +143,23 @@ async def test_a_killed_leader_is_followed_by_one_with_a_larger_token(
     ttl = 2_000
     leader = await trio.lowlevel.open_process(
         formicary("lock", "run", "leader:sched", "--ttl", "2s", "--", "sh", "-c",
-                  f"echo $FORMICARY_FENCE > {tmp_path / 'first'}; exec sleep 60"),
-        env=env_for(relay, tmp_path, 1),
+                  f"echo $FORMICARY_FENCE > {tmp_path / 'first'}; echo leading; exec sleep 60"),
+        env=env_for(relay, tmp_path, 1), stdout=subprocess.PIPE,
     )  # fmt: skip
+    assert leader.stdout is not None
     try:
         async with RelayClient.connect(relay.url, identity(2)) as client:
             ledger = Ledger(client, NS)
             with trio.fail_after(TIMEOUT):
-                while True:  # until the leader holds it
-                    try:
-                        probe = await ledger.lock("leader:sched", ttl)
-                        await ledger.unlock(probe)
-                        await trio.sleep(0.05)
-                    except LedgerRefusal as refusal:
-                        assert refusal.problem == "held" and refusal.holder is not None
-                        expires = refusal.holder["expires_ms"]
-                        first = refusal.holder["token"]
-                        break
+                said = b""
+                while not said.endswith(b"\n"):  # the command runs: the leader holds it
+                    said += await leader.stdout.receive_some()
+                with pytest.raises(LedgerRefusal) as info:
+                    await ledger.lock("leader:sched", ttl)
+                refusal = info.value
+                assert refusal.problem == "held" and refusal.holder is not None
+                expires = refusal.holder["expires_ms"]
+                first = refusal.holder["token"]
                 leader.send_signal(signal.SIGKILL)
                 await leader.wait()
                 async with ledger.elect("sched", ttl) as lead:

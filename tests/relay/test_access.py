@@ -26,18 +26,11 @@ from relay.access import Creation, mint_invite
 from relay.node import RelayConfig
 from tests.conftest import RunningRelay, identity, start_relay
 from tests.federation.fixtures import federation_of, plan, start
+from tests.refusals import refused
 
 NS = "team@local"
 TIMEOUT = 30
 OWNER, WRITER, READER, STRANGER = identity(1), identity(2), identity(3), identity(4)
-
-
-async def refused(code: ErrorCode, call: object) -> ProtocolError:
-    """Await ``call`` and return the ProtocolError it must raise."""
-    with pytest.raises(ProtocolError) as info:
-        await call  # type: ignore[misc]
-    assert info.value.code is code, info.value
-    return info.value
 
 
 async def test_a_listed_namespace_takes_writes_from_its_writers_only(relay: RunningRelay) -> None:

@@ -5,25 +5,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import trio
 
 from agent_sdk.auctions import Auctions
 from agent_sdk.client import RelayClient
 from agent_sdk.directory import Directory
-from agent_sdk.ledger import Ledger, LedgerRefusal
+from agent_sdk.ledger import Ledger
 from tests.conftest import RunningRelay, identity, start_relay
+from tests.refusals import declined
 
 NS = "ops@local"
 AGENT, HUMAN, OTHER = identity(1), identity(2), identity(3)
 TIMEOUT = 30
-
-
-async def refused(problem: str, call: object) -> LedgerRefusal:
-    with pytest.raises(LedgerRefusal) as info:
-        await call  # type: ignore[misc]
-    assert info.value.problem == problem, info.value
-    return info.value
 
 
 async def test_a_gated_order_is_done_only_after_a_person_approves(relay: RunningRelay) -> None:
@@ -38,14 +31,14 @@ async def test_a_gated_order_is_done_only_after_a_person_approves(relay: Running
             approval_reason="a production deploy", approver_role="human",
         )  # fmt: skip
         claim = await agent.claim(order)
-        error = await refused("needs_approval", agent.update(claim, "done"))
+        error = await declined("needs_approval", agent.update(claim, "done"))
         assert "a production deploy" in error.reason
         await agent.ask_approval(claim, "the canary is green")
         shown = await agent.show(order)
         assert shown["status"] == "awaiting_approval" and shown.get("holder") is None
         assert shown["approval"]["role"] == "human" and not shown["approval"]["approved"]
-        await refused("bad_transition", agent.claim(order))  # nobody holds it meanwhile
-        await refused("not_approver", agent.approve(order))  # not in the role
+        await declined("bad_transition", agent.claim(order))  # nobody holds it meanwhile
+        await declined("not_approver", agent.approve(order))  # not in the role
 
         with trio.fail_after(TIMEOUT):
             async with trio.open_nursery() as nursery:
@@ -80,13 +73,13 @@ async def test_a_rejection_blocks_the_order_with_its_comment(relay: RunningRelay
             approvers=[HUMAN.public_key],
         )  # fmt: skip
         await agent.ask_approval(await agent.claim(order))
-        await refused("not_approver", Ledger(agent_client, NS).reject(order, "no"))
+        await declined("not_approver", Ledger(agent_client, NS).reject(order, "no"))
         await human.reject(order, "wrong amount")
         decision = await agent.wait_decision(order)  # decided already: at once
         assert decision["approved"] is False and decision["comment"] == "wrong amount"
         shown = await agent.show(order)
         assert shown["status"] == "blocked" and shown["reason"] == "wrong amount"
-        await refused("bad_transition", human.approve(order))  # not awaiting any more
+        await declined("bad_transition", human.approve(order))  # not awaiting any more
         # Reopened and asked again, it may be approved this time.
         await agent.update(order, "open")
         await agent.ask_approval(await agent.claim(order), "fixed the amount")
@@ -104,17 +97,17 @@ async def test_bad_approval_requests_are_refused_and_change_nothing(relay: Runni
             ({"requires_approval": True, "approvers": "k"}, "a list"),
             ({"approver_role": "human"}, "go with requires_approval"),
         ):
-            error = await refused("bad_request", ledger.create("t", **contract))
+            error = await declined("bad_request", ledger.create("t", **contract))
             assert why in error.reason
         assert await ledger.list() == []
         plain = await ledger.create("no gate")
-        await refused("bad_transition", ledger.ask_approval(await ledger.claim(plain)))
-        await refused("bad_transition", ledger.approve(plain))
-        await refused("not_found", ledger.approve("wo-99"))
+        await declined("bad_transition", ledger.ask_approval(await ledger.claim(plain)))
+        await declined("bad_transition", ledger.approve(plain))
+        await declined("not_found", ledger.approve("wo-99"))
         gated = await ledger.create("gated", requires_approval=True, approvers=[HUMAN.public_key])
         # Only its holder asks: an open order cannot be sent for approval.
-        await refused("bad_transition", ledger.update(gated, "awaiting_approval"))
-        await refused("bad_request", ledger.request("wo.approve", {"wo": gated, "extra": 1}))
+        await declined("bad_transition", ledger.update(gated, "awaiting_approval"))
+        await declined("bad_request", ledger.request("wo.approve", {"wo": gated, "extra": 1}))
 
 
 async def test_decisions_survive_a_restart(nursery: trio.Nursery, tmp_path: Path) -> None:
@@ -145,7 +138,7 @@ async def test_a_gated_order_is_not_auctioned(relay: RunningRelay) -> None:
         order = await Ledger(client, NS).create(
             "gated", requires_approval=True, approver_role="human"
         )
-        error = await refused(
+        error = await declined(
             "bad_request", Auctions(client, NS).open(wo=order, duration_ms=60_000)
         )
         assert "needs approval" in error.reason

@@ -11,9 +11,10 @@ import trio
 
 from agent_sdk.client import RelayClient
 from agent_sdk.contracts import Contracts
-from agent_sdk.errors import ErrorCode, ProtocolError
+from agent_sdk.errors import ErrorCode
 from agent_sdk.schemas import SchemaError, check_schema, errors
 from tests.conftest import RunningRelay, identity, start_relay
+from tests.refusals import refused
 
 NS = "shop@local"
 ORDER_V1 = {
@@ -27,13 +28,6 @@ ORDER_V1 = {
                   "properties": {"price": {"type": "integer"}}}},
     },
 }  # fmt: skip
-
-
-async def refused(code: ErrorCode, call: object) -> ProtocolError:
-    with pytest.raises(ProtocolError) as info:
-        await call  # type: ignore[misc]
-    assert info.value.code is code, info.value
-    return info.value
 
 
 async def test_bodies_of_a_registered_kind_are_checked_with_paths(relay: RunningRelay) -> None:

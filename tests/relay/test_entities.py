@@ -5,22 +5,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import trio
 
 from agent_sdk.client import RelayClient
-from agent_sdk.errors import ErrorCode, ProtocolError
+from agent_sdk.errors import ErrorCode
 from tests.conftest import RunningRelay, identity, start_relay
+from tests.refusals import refused
 
 NS = "crm@local"
 ALICE, BOB = identity(1), identity(2)
-
-
-async def refused(code: ErrorCode, call: object) -> ProtocolError:
-    with pytest.raises(ProtocolError) as info:
-        await call  # type: ignore[misc]
-    assert info.value.code is code, info.value
-    return info.value
 
 
 async def test_only_the_writer_writes_and_hands_over(relay: RunningRelay) -> None:

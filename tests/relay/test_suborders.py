@@ -3,20 +3,12 @@ dropped, a blocked child escalates to the parent, progress reports, bad trees.""
 
 from __future__ import annotations
 
-import pytest
-
 from agent_sdk.client import RelayClient
-from agent_sdk.ledger import Ledger, LedgerRefusal
+from agent_sdk.ledger import Ledger
 from tests.conftest import RunningRelay, identity
+from tests.refusals import declined
 
 NS = "build@local"
-
-
-async def refused(problem: str, call: object) -> LedgerRefusal:
-    with pytest.raises(LedgerRefusal) as info:
-        await call  # type: ignore[misc]
-    assert info.value.problem == problem, info.value
-    return info.value
 
 
 async def test_a_parent_is_done_only_when_its_children_are(relay: RunningRelay) -> None:
@@ -29,7 +21,7 @@ async def test_a_parent_is_done_only_when_its_children_are(relay: RunningRelay) 
         first = await lead.create("write the changelog", parent=parent)
         second = await lead.create("tag the build", parent=parent)
         held = await lead.claim(parent)
-        error = await refused("open_children", lead.update(held, "done"))
+        error = await declined("open_children", lead.update(held, "done"))
         assert first in error.reason and second in error.reason
 
         child = await worker.claim(first)
@@ -45,7 +37,7 @@ async def test_a_parent_is_done_only_when_its_children_are(relay: RunningRelay) 
         ]  # fmt: skip
         assert any(f"sub-order {second} is blocked" in n["text"] for n in shown["notes"])
         await lead.progress(held, 90, "one child left")
-        await refused("open_children", lead.update(held, "done"))
+        await declined("open_children", lead.update(held, "done"))
         await lead.update(second, "dropped", "not needed after all")  # explicitly dropped
         await lead.update(held, "done")
         assert (await lead.show(parent))["status"] == "done"
@@ -57,14 +49,14 @@ async def test_bad_sub_orders_and_progress_reports_are_refused(relay: RunningRel
         RelayClient.connect(relay.url, identity(2)) as other_client,
     ):
         ledger, other = Ledger(client, NS), Ledger(other_client, NS)
-        await refused("not_found", ledger.create("orphan", parent="wo-99"))
+        await declined("not_found", ledger.create("orphan", parent="wo-99"))
         finished = await ledger.create("finished")
         await ledger.update(finished, "done")
-        await refused("bad_transition", ledger.create("late child", parent=finished))
-        await refused("bad_request", ledger.create("odd", parent=7))
+        await declined("bad_transition", ledger.create("late child", parent=finished))
+        await declined("bad_request", ledger.create("odd", parent=7))
         order = await ledger.create("work")
         held = await ledger.claim(order)
-        await refused("bad_request", ledger.progress(held, 101))
-        await refused("not_holder", other.progress(held, 10))
-        await refused("bad_transition", ledger.update(finished, "dropped"))  # final already
+        await declined("bad_request", ledger.progress(held, 101))
+        await declined("not_holder", other.progress(held, 10))
+        await declined("bad_transition", ledger.update(finished, "dropped"))  # final already
         assert [o["id"] for o in await ledger.list()] == [finished, order]  # nothing else
