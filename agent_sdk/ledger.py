@@ -228,8 +228,10 @@ class Ledger:
         context: str = "",
         rationale: str = "",
         supersedes: str | None = None,
+        entity: str | None = None,
     ) -> str:
-        """Record a decision (an ADR); returns its id (``adr-<n>``)."""
+        """Record a decision (an ADR); returns its id (``adr-<n>``). ``entity`` names
+        what it touches, for routing and conflicts (agent_sdk/decisions.py)."""
         body: dict[str, Any] = {
             "title": title,
             "decision": decision,
@@ -238,6 +240,8 @@ class Ledger:
         }
         if supersedes is not None:
             body["supersedes"] = supersedes
+        if entity is not None:
+            body["entity"] = entity
         return str((await self.request("decision.add", body))["id"])
 
     async def decisions(self, status: str | None = None) -> Items:

@@ -46,6 +46,8 @@ from relay.store import Record
 
 POLICY = "ns.policy"
 """The one kind that changes a namespace's policy or owner."""
+OWNER_KINDS = frozenset({POLICY, "decision.policy"})
+"""Kinds only a namespace's owner may publish (decision routing: decisions.py)."""
 MAX_KEYS = 1024
 """Keys in a policy's ``readers`` or ``writers``."""
 INVITE_DOMAIN = b"formicary/v1/ns-invite\x00"
@@ -234,6 +236,8 @@ class Access:
             if change.invite is not None:
                 return ProtocolError(ErrorCode.BAD_EVENT, "ns.policy: invite only creates")
             return None
+        if event.kind in OWNER_KINDS and writer != policy.owner:
+            return forbidden(f"only the owner of {event.ns} sets its {event.kind}")
         if not policy.may_write(writer):
             return forbidden(f"this key may not write to {event.ns} ({policy.mode})")
         return None

@@ -23,7 +23,7 @@ REGISTER = "schema.register"
 VERSION_FIELD = "$schema"
 RESERVED = frozenset(
     {"wo", "lease", "lock", "context", "bulletin", "decision", "ckpt", "ctx", "auction", "dir",
-     "rep", "doc", "dm", "ns", "constraint", "entity", "schema"}
+     "rep", "doc", "dm", "ns", "constraint", "entity", "schema", "conflict", "route"}
 )  # fmt: skip
 """Families whose kinds the relay defines itself: not registrable."""
 

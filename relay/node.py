@@ -519,6 +519,9 @@ class RelayNode:
                 # (access, entities, contracts: folded by the gate as it was sequenced)
                 self.docs.on_sequenced(record)
                 outcome = self.coordination.on_sequenced(record)
+                if self.coordination.routed:  # a notice is due: wake the timer
+                    self.coordination.routed = False
+                    self._timers_changed.set()
                 if outcome is not None:
                     decided.append((record, outcome))
                 located = Located(record.ns, record.seq, record.hlc)

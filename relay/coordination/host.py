@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent_sdk.wire import decode
+from relay.coordination.decisions import TIMER_KINDS as DECISION_EVENTS
 from relay.coordination.leases import TtlBounds
 from relay.coordination.requests import (
     AUCTION_EVENTS,
@@ -58,6 +59,8 @@ class Host:
     coordinators: dict[str, Coordinator] = field(default_factory=dict)
     initial_stake: int = 100
     half_life_ms: int = 7 * 24 * 3600 * 1000
+    routed: bool = False
+    """Set when a record was queued for routing: the node's timer has work now."""
 
     def coordinator(self, ns: str) -> Coordinator:
         coordinator = self.coordinators.get(ns)
@@ -75,6 +78,10 @@ class Host:
         ``lease.expired``, an auction closed or settled, a ``dir.left`` — are applied
         again as they were, not decided again. Live, the timer applied them already.
         """
+        coordinator = self.coordinators.get(record.ns)
+        if coordinator and record.event and coordinator.decisions.routes_of(record.kind):
+            now_ms = record.hlc >> HLC_SHIFT
+            self.routed |= coordinator.route(record.id, record.kind, _body(record), now_ms)
         if record.kind in REQUEST_KINDS:
             body = _body(record)
             coordinator = self.coordinator(record.ns)
@@ -89,6 +96,10 @@ class Host:
             body = _body(record)
             if "req" not in body:  # the timer's: a close, a completion, a failure
                 self.coordinator(record.ns).replay_auction(record.kind, body)
+        elif record.kind in DECISION_EVENTS:
+            body = _body(record)
+            if "req" not in body:  # the timer's: a notice, a digest, a conflict's step
+                self.coordinator(record.ns).replay_decisions(record.kind, body)
         elif record.kind == LEFT:
             body = _body(record)
             if "req" not in body:  # the relay's own: a disconnect, a timeout, a restart

@@ -20,6 +20,7 @@ import msgpack
 
 from agent_sdk.errors import ErrorCode, ProtocolError
 from relay.coordination.auctions import Auction, vouch_key
+from relay.coordination.decisions import ConflictCase
 from relay.coordination.directory import CAPABILITY_RE, Capability, Member
 from relay.coordination.fields import BadRequest, only, opt_integer, opt_text, text
 from relay.coordination.leases import Lease
@@ -259,14 +260,22 @@ def _decision(d: Decision) -> dict[str, Any]:
         "at_ms": d.at_ms,
         "supersedes": d.supersedes,
         "superseded_by": d.superseded_by,
+        "entity": d.entity,
+        "conflict": d.conflict,
     }
 
 
 def decision_list(coordinator: Coordinator, args: dict[str, Any], now_ms: int, budget: int) -> Any:
-    only(args, "status", "after", "limit")
+    only(args, "status", "after", "limit", "entity")
     wanted = opt_text(args, "status", 24)
+    entity = opt_text(args, "entity", 256)
     after = opt_integer(args, "after") or 0
-    decisions = coordinator.records.decisions.values()
+    records = coordinator.records
+    decisions = (
+        records.decisions.values()
+        if entity is None
+        else [records.decisions[d] for d in records.on_entity.get(entity, ())]
+    )
     items = (
         _decision(d)
         for d in decisions
@@ -520,6 +529,76 @@ def constraint_show(
     }
 
 
+def _conflict(case: ConflictCase) -> dict[str, Any]:
+    return {
+        "conflict": case.id,
+        "entity": case.entity,
+        "decisions": case.decisions,
+        "agents": case.agents,
+        "raised_ms": case.raised_ms,
+        "step": case.step.value,
+        "until_ms": case.until_ms,
+        "status": "open" if case.open else "resolved",
+        "kept": case.kept,
+        "by": case.by or None,
+        "proposals": [{"agent": a, "keep": k} for a, k in case.proposals.items()],
+    }
+
+
+def conflict_list(coordinator: Coordinator, args: dict[str, Any], now_ms: int, budget: int) -> Any:
+    """Conflicts oldest first; ``status`` open or resolved, ``step`` (the human step's
+    are the approval queue's), ``after`` a conflict number."""
+    only(args, "status", "step", "after", "limit")
+    status, step = opt_text(args, "status", 16), opt_text(args, "step", 16)
+    after = opt_integer(args, "after") or 0
+    items = (
+        _conflict(case)
+        for case in coordinator.decisions.conflicts.values()
+        if int(case.id[3:]) > after
+        and status in (None, "open" if case.open else "resolved")
+        and step in (None, case.step.value)
+    )
+    page, more = _page(items, _limit(args), budget)
+    return {"conflicts": page, "more": more}
+
+
+def conflict_show(coordinator: Coordinator, args: dict[str, Any], now_ms: int, budget: int) -> Any:
+    only(args, "conflict")
+    case = coordinator.decisions.conflicts.get(text(args, "conflict", 64))
+    if case is None:
+        raise _not_found(f"no conflict {args['conflict']}")
+    shown = _conflict(case)
+    shown["records"] = [_decision(coordinator.records.decisions[d]) for d in case.decisions[:32]]
+    return shown
+
+
+def decision_policy(
+    coordinator: Coordinator, args: dict[str, Any], now_ms: int, budget: int
+) -> Any:
+    """The routing policy and conflict ladder in force, and what waits to be routed."""
+    only(args)
+    policy = coordinator.decisions.policy
+    ladder = policy.ladder
+    return {
+        "routes": [
+            {"kinds": sorted(r.kinds), "role": r.role, "latency": r.latency.value}
+            for r in policy.routes
+        ],
+        "digest_ms": policy.digest_ms,
+        "conflicts": None
+        if ladder is None
+        else {
+            "window_ms": ladder.window_ms,
+            "rule": ladder.rule.value,
+            "step_ms": ladder.step_ms,
+            "arbiter": ladder.arbiter,
+            "approvers": list(ladder.approvers),
+            "approver_role": ladder.approver_role,
+        },
+        "waiting": len(coordinator.decisions.waiting),
+    }
+
+
 QUERIES: dict[str, Handler] = {
     "wo.list": wo_list,
     "wo.show": wo_show,
@@ -537,4 +616,7 @@ QUERIES: dict[str, Handler] = {
     "stake.show": stake_show,
     "rep.show": rep_show,
     "constraint.show": constraint_show,
+    "conflict.list": conflict_list,
+    "conflict.show": conflict_show,
+    "decision.policy": decision_policy,
 }

@@ -12,7 +12,9 @@ starting, put it back before leaving).
 * The **bulletin** is an append-only list of posts: what agents *did*, not what they
   intend (intentions are claims and locks).
 * **Decisions** are ADR records. A new decision may supersede an accepted one; the
-  old one stays, marked ``superseded`` and pointing at its successor.
+  old one stays, marked ``superseded`` and pointing at its successor. A decision may
+  name the ``entity`` it touches; decisions.py routes them and settles conflicts
+  between them (a decision a resolution did not keep is ``overruled``).
 * **Checkpoints** are named cursors (a seq) that a consumer stores at the relay, so a
   consumer group resumes where it stopped. ``expect`` makes a set conditional on the
   current value (compare-and-set): of two members racing to advance, one wins and the
@@ -52,6 +54,7 @@ class Post:
 class DecisionStatus(enum.Enum):
     ACCEPTED = "accepted"
     SUPERSEDED = "superseded"
+    OVERRULED = "overruled"
 
 
 @dataclass
@@ -66,6 +69,8 @@ class Decision:
     status: DecisionStatus = DecisionStatus.ACCEPTED
     supersedes: str | None = None
     superseded_by: str | None = None
+    entity: str | None = None
+    conflict: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +87,8 @@ class Records:
     bulletin: list[Post] = field(default_factory=list)
     decisions: dict[str, Decision] = field(default_factory=dict)
     checkpoints: dict[str, Checkpoint] = field(default_factory=dict)
+    on_entity: dict[str, list[str]] = field(default_factory=dict)
+    """entity -> the ids of the decisions that name it, oldest first."""
 
     def put_context(self, key: str, body: Any, author: bytes, now_ms: int) -> ContextVersion:
         versions = self.contexts.setdefault(key, [])
@@ -110,13 +117,15 @@ class Records:
         context: str = "",
         rationale: str = "",
         supersedes: str | None = None,
+        entity: str | None = None,
     ) -> Decision:
         if supersedes is not None:
             old = self.decisions.get(supersedes)
             if old is None:
                 raise Conflict("not_found", f"no decision {supersedes}")
-            if old.status is DecisionStatus.SUPERSEDED:
-                raise Conflict("superseded", f"{supersedes} is superseded by {old.superseded_by}")
+            if old.status is not DecisionStatus.ACCEPTED:
+                reason = f"{supersedes} is {old.status.value} by {old.superseded_by}"
+                raise Conflict(old.status.value, reason)
         record = Decision(
             id=f"adr-{len(self.decisions) + 1}",
             title=title,
@@ -126,11 +135,14 @@ class Records:
             context=context,
             rationale=rationale,
             supersedes=supersedes,
+            entity=entity,
         )
         if supersedes is not None:
             old = self.decisions[supersedes]
             old.status, old.superseded_by = DecisionStatus.SUPERSEDED, record.id
         self.decisions[record.id] = record
+        if entity is not None:
+            self.on_entity.setdefault(entity, []).append(record.id)
         return record
 
     def set_checkpoint(

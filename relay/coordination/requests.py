@@ -22,6 +22,8 @@ from typing import Any
 
 from relay.coordination.auctions import RULES, Auction, Auctions, Bid, Phase, vouch_key
 from relay.coordination.constraints import Constraints
+from relay.coordination.decisions import TIMER_KINDS as DECISION_EVENTS
+from relay.coordination.decisions import Decisions, parse_policy
 from relay.coordination.directory import (
     CAPABILITY_RE,
     MAX_CAPABILITIES,
@@ -82,8 +84,16 @@ REP_KINDS = frozenset({"rep.vouch", "rep.revoke"})
 CONSTRAINT_KINDS = frozenset(
     {"constraint.define", "constraint.reserve", "constraint.commit", "constraint.release"}
 )
+ROUTING_KINDS = frozenset({"decision.policy", "conflict.resolve"})
 REQUEST_KINDS = (
-    WO_KINDS | LOCK_KINDS | RECORD_KINDS | DIR_KINDS | AUCTION_KINDS | REP_KINDS | CONSTRAINT_KINDS
+    WO_KINDS
+    | LOCK_KINDS
+    | RECORD_KINDS
+    | DIR_KINDS
+    | AUCTION_KINDS
+    | REP_KINDS
+    | CONSTRAINT_KINDS
+    | ROUTING_KINDS
 )
 OUTCOME_OF = {
     "wo.create": "wo.created",
@@ -119,6 +129,8 @@ OUTCOME_OF = {
     "constraint.reserve": "constraint.reserved",
     "constraint.commit": "constraint.committed",
     "constraint.release": "constraint.released",
+    "decision.policy": "decision.policy_set",
+    "conflict.resolve": "conflict.resolved",  # or conflict.proposed, awaiting agreement
 }
 AUCTION_EVENTS = frozenset({"auction.closed", "auction.completed", "auction.failed"})
 """Written by the relay's timer (without ``req``) and re-applied on replay."""
@@ -129,7 +141,10 @@ LOCK_REJECTED = REJECTED_OF["lock.acquire"]
 EXPIRED = "lease.expired"
 LEFT = "dir.left"
 """Also written by the relay itself, without ``req``: a disconnect, a timeout, a restart."""
-RELAY_KINDS = frozenset({*OUTCOME_OF.values(), *REJECTED_OF.values(), EXPIRED, *AUCTION_EVENTS})
+RELAY_KINDS = frozenset(
+    {*OUTCOME_OF.values(), *REJECTED_OF.values(), EXPIRED, *AUCTION_EVENTS, *DECISION_EVENTS,
+     "conflict.proposed"}
+)  # fmt: skip
 """Kinds only the relay may author."""
 
 
@@ -152,6 +167,7 @@ class Coordinator:
     reputation: Reputation = field(default_factory=Reputation)
     auctions: Auctions = field(default_factory=Auctions)
     constraints: Constraints = field(default_factory=Constraints)
+    decisions: Decisions = field(default_factory=Decisions)
 
     @classmethod
     def with_bounds(cls, claims: TtlBounds, locks: TtlBounds) -> Coordinator:
@@ -173,6 +189,8 @@ class Coordinator:
             return self._decide_by(self._vouching, kind, body, author, request_id, now_ms)
         if kind in CONSTRAINT_KINDS:
             return self._decide_by(self._constraint, kind, body, author, request_id, now_ms)
+        if kind in ROUTING_KINDS:
+            return self._decide_by(self._routing, kind, body, author, request_id, now_ms)
         if kind not in REQUEST_KINDS:
             return None
         try:
@@ -285,6 +303,19 @@ class Coordinator:
         return {**answer, "name": name, "limit": constraint.limit, "used": constraint.used,
                 "reserved": reserved}  # fmt: skip
 
+    def _routing(self, kind: str, body: dict[str, Any], author: bytes, now: int) -> dict[str, Any]:
+        """Decision routing and conflicts (decisions.py). Only the namespace's owner
+        may publish a ``decision.policy``: the relay checks that before sequencing."""
+        if kind == "decision.policy":
+            policy = parse_policy(body)
+            self.decisions.policy = policy
+            return {"routes": len(policy.routes), "conflicts": policy.ladder is not None}
+        return self.decisions.resolve(body, author, self.records, self.directory, now)
+
+    def route(self, event: bytes, kind: str, body: Any, now_ms: int) -> bool:
+        """Queue a sequenced event for the roles its kind is routed to (decisions.py)."""
+        return self.decisions.route(event, kind, body, self.directory, now_ms)
+
     def _record(
         self, kind: str, body: dict[str, Any], author: bytes, now: int
     ) -> dict[str, Any] | Rejection:
@@ -308,10 +339,13 @@ class Coordinator:
             only(body, "text")
             return {"n": records.post(text(body, "text", MAX_POST), author, now).n}
         if kind == "decision.add":
-            only(body, "title", "context", "decision", "rationale", "supersedes")
+            only(body, "title", "context", "decision", "rationale", "supersedes", "entity")
             title = text(body, "title", 200)
             if not title.strip():
                 raise BadRequest("a decision needs a title")
+            entity = opt_text(body, "entity", 256)
+            if entity is not None and not entity:
+                raise BadRequest("entity names what the decision touches")
             decision = records.decide(
                 title,
                 text(body, "decision", MAX_TEXT),
@@ -320,8 +354,13 @@ class Coordinator:
                 context=text(body, "context", MAX_TEXT, default=""),
                 rationale=text(body, "rationale", MAX_TEXT, default=""),
                 supersedes=opt_text(body, "supersedes", 64),
+                entity=entity,
             )
-            return {"id": decision.id}
+            answer = {"id": decision.id}
+            conflict = self.decisions.on_decision(decision, records, now)
+            if conflict is not None:
+                decision.conflict = answer["conflict"] = conflict
+            return answer
         assert kind == "ckpt.set"
         only(body, "name", "seq", "expect")
         name = text(body, "name", 256)
@@ -467,7 +506,13 @@ class Coordinator:
         for event in self.auctions.due(now_ms, self.ledger, self.stakes, self.reputation):
             kind = event.pop("kind")
             out.append(Outcome(kind, event))
+        for kind, body in self.decisions.due(self.directory, self.records, now_ms):
+            out.append(Outcome(kind, body))
         return out
+
+    def replay_decisions(self, kind: str, body: dict[str, Any]) -> None:
+        """Re-apply a notice, digest or conflict step the relay's timer wrote."""
+        self.decisions.replay(kind, body, self.records)
 
     def replay_auction(self, kind: str, body: dict[str, Any]) -> None:
         """Re-apply an auction event the relay's timer wrote: the same step, at its time."""
@@ -502,6 +547,7 @@ class Coordinator:
             self.ledger.next_expiry_ms(),
             self.directory.next_expiry_ms(),
             self.auctions.next_deadline_ms(),
+            self.decisions.next_due_ms(),
         ]
         return min((t for t in times if t is not None), default=None)
 
