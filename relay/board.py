@@ -229,6 +229,12 @@ class Board:
         auctions = []
         for item in ask("auction.list", {"phase": "open", "limit": 20})["auctions"]:
             auctions.append(ask("auction.show", {"auction": item["auction"]}))
+        conflicts = [  # at the human step: the approval queue's, with their decisions
+            ask("conflict.show", {"conflict": item["conflict"]})
+            for item in ask("conflict.list", {"status": "open", "step": "human", "limit": 50})[
+                "conflicts"
+            ]
+        ]
         head = node.head(ns)
         recent = await node.read(ns, max(1, head - RECENT + 1), RECENT) if head else []
         federation = node.federation.info() if node.federation else None
@@ -243,6 +249,7 @@ class Board:
                 "approvals": ask("wo.list", {"status": "awaiting_approval", "limit": 200})[
                     "orders"
                 ],
+                "conflicts": conflicts,
                 "agents": ask("dir.list", {"online": True, "limit": 200})["participants"],
                 "auctions": auctions,
                 "documents": sorted(name for (n, name) in node.docs.created if n == ns),

@@ -195,13 +195,38 @@ function renderCounters() {
   $("counters").replaceChildren(...rows.flatMap(([k, v]) => [el("dt", k), el("dd", v)]));
 }
 
+function renderConflict(conflict) {
+  // A conflict the ladder brought to a person: keep one decision, the rest are overruled.
+  const card = el("div", null, "card approval conflict");
+  card.dataset.conflict = conflict.conflict;
+  card.append(el("div", `${conflict.conflict} conflict on ${conflict.entity}`, "title"));
+  const note = el("input");
+  note.placeholder = "note";
+  note.className = "comment";
+  card.append(note);
+  for (const d of conflict.records) {
+    const line = el("div", null, "meta");
+    line.append(el("span", `${d.id} by ${short(d.author)}: ${d.title}: ${d.decision} `));
+    const keep = el("button", "Keep");
+    keep.className = "keep";
+    keep.dataset.keep = d.id;
+    keep.disabled = !signer;
+    keep.onclick = () => act("conflict.resolve", { conflict: conflict.conflict, keep: d.id, note: note.value }, `keep ${d.id}`);
+    line.append(keep);
+    card.append(line);
+  }
+  return card;
+}
+
 function renderApprovals() {
   const box = $("approvals");
-  if (!state.approvals.length) {
+  const conflicts = state.conflicts || [];
+  if (!state.approvals.length && !conflicts.length) {
     box.replaceChildren(el("p", "nothing waiting", "muted"));
     return;
   }
   box.replaceChildren(
+    ...conflicts.map(renderConflict),
     ...state.approvals.map((order) => {
       const card = el("div", null, "card approval");
       card.dataset.wo = order.id;

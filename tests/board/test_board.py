@@ -17,7 +17,8 @@ import trio.testing
 from websockets.trio.client import connect
 
 from agent_sdk.access import set_policy
-from agent_sdk.client import RelayClient
+from agent_sdk.client import Delivery, RelayClient
+from agent_sdk.decisions import Decisions
 from agent_sdk.identity import Identity
 from agent_sdk.ledger import Ledger
 from agent_sdk.wire import Event, sign_event
@@ -141,6 +142,45 @@ async def test_an_approval_clicked_in_the_page_unblocks_the_waiting_agent(
             "at_ms": decision["at_ms"],
         }  # fmt: skip
         await ledger.update(await ledger.claim(order), "done")  # unblocked: it finishes
+
+
+async def test_a_conflict_that_reached_a_human_is_settled_in_the_page(
+    relay: RunningRelay, tmp_path: Path
+) -> None:
+    key_file = tmp_path / "human.key"
+    HUMAN.save(key_file)
+    rival = identity(3)
+    ladder = {"step_ms": 1_000, "approvers": [HUMAN.public_key]}
+    async with (
+        RelayClient.connect(relay.url, AGENT) as client,
+        RelayClient.connect(relay.url, rival) as other,
+        client.subscribe(NS, start=1, kinds=["conflict.escalated"]) as steps,
+    ):
+        await Decisions(client, NS).set_policy(conflicts=ladder)
+        await Decisions(client, NS).decide("warehouse-2", "restock", "order 500 units")
+        second = await Decisions(other, NS).decide("warehouse-2", "restock", "order none")
+        async for item in steps:  # nobody settles it: wait for the human rung
+            if isinstance(item, Delivery) and item.event.event.body["step"] == "human":
+                break
+
+        def browse() -> None:
+            with board_page(relay.url) as page:
+                card = page.wait_for_selector('#approvals .card[data-conflict="cf-1"]')
+                assert card is not None and "warehouse-2" in card.inner_text()
+                assert "order none" in card.inner_text()
+                page.set_input_files("#keyfile", str(key_file))
+                keep = f'#approvals .card[data-conflict="cf-1"] .keep[data-keep="{second["id"]}"]'
+                page.wait_for_selector(f"{keep}:enabled")
+                screenshot(page, "board-conflict")
+                page.fill('#approvals .card[data-conflict="cf-1"] .comment', "stock is fine")
+                page.click(keep)
+                page.wait_for_selector("#message.ok:has-text('keep')")
+                page.wait_for_selector('#approvals .card[data-conflict="cf-1"]', state="detached")
+
+        with trio.fail_after(TIMEOUT):
+            await trio.to_thread.run_sync(browse)
+        shown = await Decisions(client, NS).conflict("cf-1")
+        assert (shown["kept"], shown["by"]) == (second["id"], "human")
 
 
 async def test_a_non_approver_or_a_forged_action_is_refused_with_a_visible_message(
