@@ -1,4 +1,5 @@
-"""``formicary context|bulletin|decision|ckpt``: the ledger's shared records from a shell.
+"""``formicary context|bulletin|decision|conflict|ckpt``: the ledger's shared records
+from a shell.
 
 ``context put`` reads the document from stdin (or ``--file``); with ``--wo`` it is the
 order's context, fenced with the token this agent keeps for the order if it holds one
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from agent_sdk.cli_wo import Text, Tokens, UsageError, run, subcommand
+from agent_sdk.decisions import Decisions
 from agent_sdk.ledger import Claim, Ledger, LedgerRefusal
 from agent_sdk.wire import to_json_safe
 
@@ -55,9 +57,24 @@ def add_parser(sub: Any, agent_options: AgentOptions) -> None:
     p.add_argument("--context", default="", help="what forced the decision")
     p.add_argument("--rationale", default="")
     p.add_argument("--supersedes", help="the id of the decision this one replaces")
+    p.add_argument("--entity", help="what it touches: routed, and checked for conflicts")
     p = subcommand(commands, "list", "list decisions", agent_options)
-    p.add_argument("--status", choices=["accepted", "superseded"])
+    p.add_argument("--status", choices=["accepted", "superseded", "overruled"])
+    p.add_argument("--entity", help="only the decisions on this entity")
     group.set_defaults(func=run, group="decision", actions=DECISION)
+
+    group = sub.add_parser("conflict", help="conflicting decisions and their ladder")
+    commands = group.add_subparsers(dest="conflict", required=True)
+    p = subcommand(commands, "list", "list conflicts", agent_options)
+    p.add_argument("--status", choices=["open", "resolved"])
+    p.add_argument("--step", choices=["rule", "agents", "arbiter", "human"])
+    p = subcommand(commands, "show", "one conflict with its decisions", agent_options)
+    p.add_argument("id")
+    p = subcommand(commands, "resolve", "keep one decision (or propose it)", agent_options)
+    p.add_argument("id")
+    p.add_argument("keep", help="the id of the decision to keep")
+    p.add_argument("--note", default="")
+    group.set_defaults(func=run, group="conflict", actions=CONFLICT)
 
     group = sub.add_parser("ckpt", help="named consumer cursors kept at the relay")
     commands = group.add_subparsers(dest="ckpt", required=True)
@@ -140,27 +157,56 @@ BULLETIN: dict[str, Make] = {"post": _post, "list": _posts}
 
 
 def _decide(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
+    body = {"title": args.title, "decision": args.decided, "context": args.context,
+            "rationale": args.rationale}  # fmt: skip
+    for name in ("supersedes", "entity"):
+        if getattr(args, name) is not None:
+            body[name] = getattr(args, name)
+
     async def act(ledger: Ledger) -> Any:
-        decision = await ledger.decide(
-            args.title,
-            args.decided,
-            context=args.context,
-            rationale=args.rationale,
-            supersedes=args.supersedes,
-        )
-        return {"id": decision}
+        answer = await ledger.request("decision.add", body)
+        return {"id": answer["id"], "conflict": answer.get("conflict")}
 
     return act
 
 
 def _decisions(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
     async def act(ledger: Ledger) -> Any:
+        if args.entity is not None:
+            found = await Decisions(ledger.client, ns).on(args.entity)
+            return to_json_safe([d for d in found if args.status in (None, d["status"])])
         return to_json_safe(await ledger.decisions(args.status))
 
     return act
 
 
 DECISION: dict[str, Make] = {"add": _decide, "list": _decisions}
+
+
+def _conflicts(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
+    async def act(ledger: Ledger) -> Any:
+        return to_json_safe(await Decisions(ledger.client, ns).conflicts(args.status, args.step))
+
+    return act
+
+
+def _conflict(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
+    async def act(ledger: Ledger) -> Any:
+        return to_json_safe(await Decisions(ledger.client, ns).conflict(args.id))
+
+    return act
+
+
+def _resolve(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
+    async def act(ledger: Ledger) -> Any:
+        answer = await Decisions(ledger.client, ns).resolve(args.id, args.keep, args.note)
+        return {"conflict": args.id, "keep": args.keep, "resolved": "by" in answer,
+                "by": answer.get("by")}  # fmt: skip
+
+    return act
+
+
+CONFLICT: dict[str, Make] = {"list": _conflicts, "show": _conflict, "resolve": _resolve}
 
 
 def _ckpt_set(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:

@@ -54,6 +54,8 @@ EXIT_OF_PROBLEM = {
     "over_reserve": 3,
     "reserved": 3,
     "self_vouch": 3,
+    "not_resolver": 3,
+    "overruled": 3,
 }
 
 EXIT_OF_CODE = {ErrorCode.NOT_FOUND: 4, ErrorCode.BAD_QUERY: 2}

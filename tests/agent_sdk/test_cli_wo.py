@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from agent_sdk.client import RelayClient
+from agent_sdk.decisions import Decisions
+from agent_sdk.identity import Identity
 from tests.agent_sdk.shell import exit_codes, run_shell
 from tests.conftest import RunningRelay
 
@@ -227,3 +230,43 @@ async def test_approvals_from_a_shell(relay: RunningRelay, tmp_path: Path) -> No
     assert waiting["approval"]["reason"] == "touches credentials"
     decision = json.loads((tmp_path / "decision.json").read_text())
     assert decision["approved"] is True and decision["comment"] == "rotated keys are backed up"
+
+
+CONFLICTS = r"""
+set -u
+f() { "$PYTHON" -m agent_sdk.cli "$@"; }
+human() { FORMICARY_KEY=$OTHER_KEY "$PYTHON" -m agent_sdk.cli "$@"; }
+rival() { FORMICARY_KEY=rival.key "$PYTHON" -m agent_sdk.cli "$@"; }
+rival keygen --out rival.key > /dev/null || exit 10
+f decision add --title price --decision "10 EUR" --entity sku-1 --json > a.json || exit 11
+rival decision add --title price --decision "12 EUR" --entity sku-1 --json > b.json || exit 12
+f conflict list --status open --json > open.json || exit 13
+f conflict resolve cf-1 adr-1 --json > proposal.json || exit 14
+human conflict resolve cf-1 adr-2 --note "list price" --json > resolved.json || exit 15
+f decision list --entity sku-1 --json > on.json || exit 16
+f conflict resolve cf-1 adr-1; echo "closed=$?" > codes.txt
+f conflict resolve cf-9 adr-1; echo "missing=$?" >> codes.txt
+f decision add --title t --decision d --entity ""; echo "empty-entity=$?" >> codes.txt
+exit 0
+"""
+
+
+async def test_conflicting_decisions_from_a_shell(relay: RunningRelay, tmp_path: Path) -> None:
+    me, human = Identity.generate(), Identity.generate()
+    for who, path in ((me, "me"), (human, "other")):
+        (tmp_path / path).mkdir()
+        who.save(tmp_path / path / "agent.key")
+    async with RelayClient.connect(relay.url, me) as owner:  # the namespace's owner
+        ladder = {"approvers": [human.public_key]}
+        await Decisions(owner, "shop@local").set_policy(conflicts=ladder)
+    done = await run_shell(relay, tmp_path, CONFLICTS, ns="shop@local")
+    assert done.returncode == 0, done.stderr.decode()
+    assert exit_codes(tmp_path) == {"closed": "3", "missing": "4", "empty-entity": "2"}
+    read = lambda name: json.loads((tmp_path / name).read_text())  # noqa: E731
+    assert read("a.json")["conflict"] is None and read("b.json")["conflict"] == "cf-1"
+    [listed] = read("open.json")
+    assert listed["decisions"] == ["adr-1", "adr-2"]
+    assert read("proposal.json")["resolved"] is False  # keeping one's own: a proposal
+    assert read("resolved.json") == {"conflict": "cf-1", "keep": "adr-2", "resolved": True,
+                                     "by": "human"}  # fmt: skip
+    assert [d["status"] for d in read("on.json")] == ["overruled", "accepted"]
