@@ -68,6 +68,21 @@ class Decisions:
         answer = await self.client.query(self.ns, "conflict.show", {"conflict": conflict})
         return dict(answer)
 
+    async def wait_resolved(self, conflict: str) -> dict[str, Any]:
+        """Wait until ``conflict`` is resolved; returns it (``kept``, ``by``). Follows
+        the namespace live, so a rule, an arbiter or a person's click wakes it at once."""
+        async with self.client.subscribe(self.ns, kinds=("conflict.resolved",)) as feed:
+            while True:
+                shown = await self.conflict(conflict)  # (after subscribing: none is missed)
+                if shown["status"] == "resolved":
+                    return shown
+                async for item in feed:
+                    if (
+                        isinstance(item, Delivery)
+                        and item.event.event.body.get("conflict") == conflict
+                    ):
+                        break
+
     async def conflicts(self, status: str | None = None, step: str | None = None) -> Items:
         args: dict[str, Any] = {"limit": 1000}
         if status is not None:

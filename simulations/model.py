@@ -182,6 +182,8 @@ class Settings:
             raise UsageError(f"unknown variant {self.variant!r}; choose from {', '.join(VARIANTS)}")
         if self.variant != "flat" and self.scenario not in ("work_queue", "federated"):
             raise UsageError("--variant is for work_queue (and federated)")
+        if self.scenario == "logistics" and self.crash_rate:
+            raise UsageError("logistics: no crashes (--crash-rate) so far; it measures limits")
         if self.duration_s <= 0:
             raise UsageError("--duration must be positive")
 

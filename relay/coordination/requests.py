@@ -314,6 +314,10 @@ class Coordinator:
 
     def route(self, event: bytes, kind: str, body: Any, now_ms: int) -> bool:
         """Queue a sequenced event for the roles its kind is routed to (decisions.py)."""
+        if kind == "decision.added" and isinstance(body, dict):  # the entity is the record's
+            decision = self.records.decisions.get(body.get("id", ""))
+            if decision is not None and decision.entity is not None:
+                body = {**body, "entity": decision.entity}
         return self.decisions.route(event, kind, body, self.directory, now_ms)
 
     def _record(

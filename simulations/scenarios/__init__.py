@@ -10,6 +10,7 @@ from simulations.model import Settings, Summary
 from simulations.scenarios import (
     auction_market,
     federated,
+    logistics,
     no_coordination,
     shared_doc,
     work_queue,
@@ -24,4 +25,5 @@ SCENARIOS: dict[str, Scenario] = {
     "shared_doc": shared_doc.run,
     "auction_market": auction_market.run,
     "federated": federated.run,
+    "logistics": logistics.run,
 }

@@ -19,7 +19,7 @@ from agent_sdk.identity import Identity
 from agent_sdk.wire import Event, sign_event
 from relay.store import Record
 from simulations.memnet import MemoryListener, Wire
-from simulations.model import Faults, Meter, Settings, Summary, merge_states
+from simulations.model import Faults, Meter, Settings, Summary, UsageError, merge_states
 from simulations.replay import lease_anomalies
 from simulations.run import run_virtual
 from tests.conftest import identity
@@ -101,7 +101,7 @@ def test_sim_sweep_writes_json_and_a_plot(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "says"),
     [
-        (["run", "bogus", "--virtual-time"], "choose from auction_market, federated, no_coord"),
+        (["run", "bogus", "--virtual-time"], "choose from auction_market, federated, logistics, no_coord"),
         (["run", "federated", "--virtual-time"], "--relays from 2 to 16"),
         (["run", "work_queue", "--virtual-time", "--relays", "3"], "one relay"),
         (["run", "federated", "--relays", "2", "--faults", "partition=1s-2s"], "add --virtual"),
@@ -356,3 +356,19 @@ def test_a_meter_follows_the_run_to_its_total() -> None:
     run_virtual(Settings(scenario="auction_market", agents=6, orders=4, seed=1), meter=meter)
     assert seen[0] == (0, 4) and seen[-1] == (4, 4)
     assert [done for done, _ in seen] == sorted(done for done, _ in seen)
+
+
+def test_logistics_breaks_limits_and_plans_without_the_primitives_and_never_with_them() -> None:
+    settings = Settings(scenario="logistics", agents=12, orders=60, seed=1)
+    first, again = run_virtual(settings), run_virtual(settings)
+    assert first.log_hash == again.log_hash
+    without, with_ = first.extra["without"], first.extra["with"]
+    assert without["violations"] > 0 and without["oversold_units"] > 0
+    assert without["overdrawn"] > 0 and without["incoherent_decisions"] > 0
+    assert with_["violations"] == with_["oversold_units"] == with_["overdrawn"] == 0
+    assert with_["incoherent_decisions"] == 0
+    assert with_["aligned"] > 0  # routing told planners of each other's plans
+    assert with_["handled"] == without["handled"] == 60 and first.zombies == 0
+    assert with_["backordered"] > 0 and with_["refused"] > 0  # the limits did bind
+    with pytest.raises(UsageError, match="logistics"):
+        replace(settings, crash_rate=0.1).check(["logistics"])
