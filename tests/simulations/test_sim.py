@@ -101,7 +101,10 @@ def test_sim_sweep_writes_json_and_a_plot(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "says"),
     [
-        (["run", "bogus", "--virtual-time"], "choose from auction_market, federated, logistics, no_coord"),
+        (
+            ["run", "bogus", "--virtual-time"],
+            "choose from auction_market, federated, logistics, no_coord",
+        ),
         (["run", "federated", "--virtual-time"], "--relays from 2 to 16"),
         (["run", "work_queue", "--virtual-time", "--relays", "3"], "one relay"),
         (["run", "federated", "--relays", "2", "--faults", "partition=1s-2s"], "add --virtual"),
