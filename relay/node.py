@@ -538,10 +538,16 @@ class RelayNode:
         (access control, single-writer entities), or ``None``."""
         refusal = self.access.refuse(event, now_ms)
         if refusal is None and event.author != self.identity.public_key:
-            refusal = self.entities.refuse(event, event.author)
+            refusal = self.entities.refuse(event, event.author, self.role_of)
         if refusal is None and event.author != self.identity.public_key:
             refusal = self.contracts.refuse(event)
         return refusal
+
+    def role_of(self, ns: str, key: bytes) -> str:
+        """The directory role ``key`` holds in ``ns`` (kept after it leaves), or ""."""
+        coordinator = self.coordination.coordinators.get(ns)
+        member = coordinator.directory.members.get(key) if coordinator else None
+        return member.role if member is not None else ""
 
     def fold_rules(self, record: Record) -> None:
         """Fold a record into the rules kept from the logs: access, entities, contracts."""

@@ -57,6 +57,11 @@ async def test_bad_entity_events_are_refused(relay: RunningRelay) -> None:
             ("entity.declare", ["e"]),
             ("entity.handover", {"entity": "e"}),
             ("entity.handover", {"entity": "nobody-declared", "to": BOB.public_key}),
+            ("entity.declare", {"entity": "*"}),
+            ("entity.declare", {"entity": "e", "writer": BOB.public_key, "role": "r"}),
+            ("entity.declare", {"entity": "e", "role": ""}),
+            ("entity.declare", {"entity": "e", "role": "r" * 65}),
+            ("entity.handover", {"entity": "e", "to_role": 7}),
         ):
             await refused(ErrorCode.BAD_EVENT, alice.publish(NS, kind, body))
         assert relay.node.head(NS) == 0
@@ -76,3 +81,41 @@ async def test_writers_survive_a_restart(nursery: trio.Nursery, tmp_path: Path) 
         await refused(ErrorCode.FORBIDDEN, alice.publish(NS, "app.write", {"entity": "ledger"}))
         await bob.publish(NS, "app.write", {"entity": "ledger"})
     running.scope.cancel()
+
+
+async def test_a_role_or_a_kind_of_entities_has_one_writer(relay: RunningRelay) -> None:
+    carol = identity(3)
+    async with (
+        RelayClient.connect(relay.url, ALICE) as alice,
+        RelayClient.connect(relay.url, BOB) as bob,
+        RelayClient.connect(relay.url, carol) as carol_,
+    ):
+        await bob.publish(NS, "dir.join", {"name": "bob", "role": "pricing"})
+        await alice.publish(NS, "entity.declare", {"entity": "price:*", "role": "pricing"})
+        await bob.publish(NS, "app.price", {"entity": "price:sku-1", "eur": 10})  # the role
+        error = await refused(
+            ErrorCode.FORBIDDEN, carol_.publish(NS, "app.price", {"entity": "price:sku-1"})
+        )
+        assert "role pricing" in error.reason
+        await refused(ErrorCode.FORBIDDEN, alice.publish(NS, "app.price", {"entity": "price:x"}))
+        await carol_.publish(NS, "dir.join", {"name": "carol", "role": "pricing"})
+        await carol_.publish(NS, "app.price", {"entity": "price:sku-2"})  # joined the role
+
+        # Declaring cannot take an entity from its writer: overlaps are refused.
+        for name in ("price:sku-1", "price:*", "pri*", "price:eu:*"):
+            await refused(
+                ErrorCode.FORBIDDEN, carol_.publish(NS, "entity.declare", {"entity": name})
+            )
+        await carol_.publish(NS, "entity.declare", {"entity": "stock:*"})
+        await alice.publish(NS, "app.note", {"entity": "unrelated"})
+
+        # A member of the role hands the kind to one key; the rest of the role is out.
+        await refused(
+            ErrorCode.FORBIDDEN,
+            alice.publish(NS, "entity.handover", {"entity": "price:*", "to": ALICE.public_key}),
+        )
+        await bob.publish(NS, "entity.handover", {"entity": "price:*", "to": BOB.public_key})
+        await refused(ErrorCode.FORBIDDEN, carol_.publish(NS, "app.price", {"entity": "price:a"}))
+        await bob.publish(NS, "app.price", {"entity": "price:a"})
+        await bob.publish(NS, "entity.handover", {"entity": "price:*", "to_role": "pricing"})
+        await carol_.publish(NS, "app.price", {"entity": "price:a"})
