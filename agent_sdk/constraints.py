@@ -3,7 +3,7 @@
 ``define`` a constraint with a limit; ``reserve`` an amount before acting (refused
 with ``exceeded`` when the rest of the limit is not enough), then ``commit`` what
 was used (the rest goes back) or ``release`` it. A reservation lapses at its
-expiry, like a lease. protocol.md 8.13.
+expiry, like a lease, unless its holder ``renew``s it first. protocol.md 8.13.
 """
 
 from __future__ import annotations
@@ -31,6 +31,14 @@ class Constraints:
         if ttl_ms is not None:
             body["ttl_ms"] = ttl_ms
         return await self._requests.request("constraint.reserve", body)
+
+    async def renew(self, name: str, reservation: str, ttl_ms: int | None = None) -> dict[str, Any]:
+        """Extend an open reservation of yours to now + ``ttl_ms``: ``{reservation,
+        amount, expires_ms, ...}``; refused ``expired`` once it lapsed."""
+        body: dict[str, Any] = {"name": name, "reservation": reservation}
+        if ttl_ms is not None:
+            body["ttl_ms"] = ttl_ms
+        return await self._requests.request("constraint.renew", body)
 
     async def commit(self, name: str, reservation: str, amount: int | None = None) -> None:
         body: dict[str, Any] = {"name": name, "reservation": reservation}

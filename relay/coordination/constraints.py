@@ -9,7 +9,8 @@ is decided against every other one, in log order.
 A reservation is a lease: it has a holder, an expiry and an id that is never reused
 (``res-<n>``, numbered per namespace). One not committed or released by its expiry
 stops counting at any later ``now`` (the log's time), and its holder can no longer
-commit it: work done past that point must reserve again. Like the ledger, every call
+commit it: work done past that point must reserve again. Its holder may ``renew`` it
+before then. Like the ledger, every call
 takes ``now_ms`` from the log, so the state is a fold: the same requests give the
 same budgets anywhere.
 """
@@ -105,6 +106,14 @@ class Constraints:
         del constraint.reservations[rid]
         constraint.used += used
         return constraint
+
+    def renew(self, name: str, rid: str, author: bytes, now_ms: int, ttl_ms: int) -> Reservation:
+        """Extend an open reservation to ``now + ttl_ms``: an action that takes longer
+        than it thought keeps its share, as a lease holder renews. Only its holder,
+        before its expiry: a lapsed one must be reserved again."""
+        reservation = self._held(self._get(name), rid, author, now_ms)
+        reservation.expires_ms = now_ms + ttl_ms
+        return reservation
 
     def release(self, name: str, rid: str, author: bytes, now_ms: int) -> Constraint:
         constraint = self._get(name)

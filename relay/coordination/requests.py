@@ -82,8 +82,9 @@ AUCTION_KINDS = frozenset(
 )
 REP_KINDS = frozenset({"rep.vouch", "rep.revoke"})
 CONSTRAINT_KINDS = frozenset(
-    {"constraint.define", "constraint.reserve", "constraint.commit", "constraint.release"}
-)
+    {"constraint.define", "constraint.reserve", "constraint.renew", "constraint.commit",
+     "constraint.release"}
+)  # fmt: skip
 ROUTING_KINDS = frozenset({"decision.policy", "conflict.resolve"})
 REQUEST_KINDS = (
     WO_KINDS
@@ -127,6 +128,7 @@ OUTCOME_OF = {
     "rep.revoke": "rep.revoked",
     "constraint.define": "constraint.defined",
     "constraint.reserve": "constraint.reserved",
+    "constraint.renew": "constraint.renewed",
     "constraint.commit": "constraint.committed",
     "constraint.release": "constraint.released",
     "decision.policy": "decision.policy_set",
@@ -276,16 +278,15 @@ class Coordinator:
             only(body, "name", "limit")
             constraint = constraints.define(name, body.get("limit"), author, now)
             answer: dict[str, Any] = {}
-        elif kind == "constraint.reserve":
-            only(body, "name", "amount", "ttl_ms")
-            bounds = self.locks.bounds
-            asked = opt_integer(body, "ttl_ms")
-            ttl = bounds.default_ms if asked is None else asked
-            if not bounds.min_ms <= ttl <= bounds.max_ms:
-                raise Conflict(
-                    "bad_ttl", f"ttl_ms {ttl} is outside {bounds.min_ms} to {bounds.max_ms}"
-                )
-            reservation = constraints.reserve(name, body.get("amount"), author, now, ttl)
+        elif kind in ("constraint.reserve", "constraint.renew"):
+            renewing = kind == "constraint.renew"
+            only(body, "name", "reservation" if renewing else "amount", "ttl_ms")
+            ttl = self._constraint_ttl(opt_integer(body, "ttl_ms"))
+            if renewing:
+                rid = text(body, "reservation", 64)
+                reservation = constraints.renew(name, rid, author, now, ttl)
+            else:
+                reservation = constraints.reserve(name, body.get("amount"), author, now, ttl)
             constraint = constraints.by_name[name]
             answer = {"reservation": reservation.id, "amount": reservation.amount,
                       "expires_ms": reservation.expires_ms}  # fmt: skip
@@ -319,6 +320,14 @@ class Coordinator:
             if decision is not None and decision.entity is not None:
                 body = {**body, "entity": decision.entity}
         return self.decisions.route(event, kind, body, self.directory, now_ms)
+
+    def _constraint_ttl(self, asked: int | None) -> int:
+        """A reservation's lease: the lock bounds apply (default: the lock lease)."""
+        bounds = self.locks.bounds
+        ttl = bounds.default_ms if asked is None else asked
+        if not bounds.min_ms <= ttl <= bounds.max_ms:
+            raise Conflict("bad_ttl", f"ttl_ms {ttl} is outside {bounds.min_ms} to {bounds.max_ms}")
+        return ttl
 
     def _record(
         self, kind: str, body: dict[str, Any], author: bytes, now: int

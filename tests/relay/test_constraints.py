@@ -22,7 +22,7 @@ AGENTS = [bytes([n]) * 32 for n in range(5)]
 
 OPS = st.lists(
     st.tuples(
-        st.sampled_from(["reserve", "commit", "release", "wait", "define"]),
+        st.sampled_from(["reserve", "commit", "release", "renew", "wait", "define"]),
         st.integers(min_value=0, max_value=4),  # which agent
         st.integers(min_value=0, max_value=60),  # an amount, or ms to wait
     ),
@@ -40,10 +40,12 @@ def test_used_and_reserved_never_exceed_the_limit(ops: list[tuple[str, int, int]
         try:
             if op == "reserve":
                 taken.append(fold.reserve("budget", n, agent, now, ttl_ms=50).id)
-            elif op in ("commit", "release") and taken:
+            elif op in ("commit", "release", "renew") and taken:
                 rid = taken[n % len(taken)]  # often someone else's: not_holder
                 if op == "commit":
                     fold.commit("budget", rid, agent, now, n % 3 or None)
+                elif op == "renew":
+                    fold.renew("budget", rid, agent, now, ttl_ms=n + 1)  # even shorter
                 else:
                     fold.release("budget", rid, agent, now)
             elif op == "wait":
@@ -115,6 +117,9 @@ async def test_bad_constraint_requests_are_refused_and_change_nothing(
             (other.commit("slots", held["reservation"]), "not_holder"),
             (owner.commit("slots", held["reservation"], 7), "exceeded"),
             (owner.commit("slots", "res-99"), "expired"),
+            (other.renew("slots", held["reservation"]), "not_holder"),
+            (owner.renew("slots", "res-99"), "expired"),
+            (owner.renew("slots", held["reservation"], ttl_ms=1), "bad_ttl"),
             (owner._requests.request("constraint.define", {"name": ""}), "bad_request"),
         ):
             with pytest.raises(LedgerRefusal) as info:
@@ -122,6 +127,24 @@ async def test_bad_constraint_requests_are_refused_and_change_nothing(
             assert info.value.problem == problem, info.value
         shown = await owner.show("slots")
         assert (shown["limit"], shown["used"], shown["reserved"]) == (10, 0, 6)
+        renewed = await owner.renew("slots", held["reservation"], ttl_ms=3_600_000)
+        assert renewed["expires_ms"] > held["expires_ms"] and renewed["amount"] == 6
         await owner.commit("slots", held["reservation"], 4)
         await owner.define("slots", 4)  # down to what is used: allowed
         assert (await owner.show("slots"))["available"] == 0
+
+
+def test_a_renewed_reservation_outlives_its_first_expiry_and_a_lapsed_one_cannot_renew() -> None:
+    fold, holder = Fold(), AGENTS[0]
+    fold.define("budget", 10, holder, 0)
+    held = fold.reserve("budget", 6, holder, 0, ttl_ms=100)
+    fold.renew("budget", held.id, holder, 90, ttl_ms=100)
+    assert fold.by_name["budget"].reserved(150) == 6  # past the first expiry, still held
+    with pytest.raises(Conflict) as info:
+        fold.reserve("budget", 5, AGENTS[1], 150, ttl_ms=100)
+    assert info.value.problem == "exceeded"
+    fold.commit("budget", held.id, holder, 180, 6)
+    late = fold.reserve("budget", 4, holder, 200, ttl_ms=100)
+    with pytest.raises(Conflict) as info:
+        fold.renew("budget", late.id, holder, 300, ttl_ms=100)  # lapsed at 300
+    assert info.value.problem == "expired"
