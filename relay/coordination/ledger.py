@@ -195,14 +195,19 @@ class Ledger:
     def create(
         self, contract: Contract, creator: bytes, now_ms: int, parent: str | None = None
     ) -> Outcome:
-        """A new open order; with ``parent``, a sub-order of that (unfinished) one. A
-        sub-order's parent exists before it, so the tree can have no cycle."""
+        """A new open order; with ``parent``, a sub-order of that (unfinished) one, split
+        off by the parent's creator or its holder: nobody else adds work that the
+        parent's owner must finish. A sub-order's parent exists before it, so the tree
+        can have no cycle."""
         if parent is not None:
             above = self._current(parent, now_ms)
             if isinstance(above, Rejection):
                 return above
             if above.status in FINAL:
                 return Rejection(Problem.BAD_TRANSITION, f"{parent} is {above.status.value}")
+            if not self._owns(above, creator, now_ms):
+                reason = f"only the creator or the holder of {parent} splits it"
+                return Rejection(Problem.NOT_HOLDER, reason)
         order_id = f"wo-{len(self.orders) + 1}"
         order = WorkOrder(order_id, contract, now_ms, creator, updated_ms=now_ms, parent=parent)
         order.history.append((now_ms, Status.OPEN, "created"))
@@ -379,7 +384,7 @@ class Ledger:
         order.decisions.append(Decision(approved, agent, comment, now_ms))
         verdict = "approved" if approved else "rejected"
         why = f"{verdict} by {agent.hex()}" + (f": {comment}" if comment else "")
-        self._move(order, op, now_ms, why)
+        self._move(order, op, now_ms, why, by=agent)
         order.reason = comment if not approved else order.reason
         return Done(order_id, order.status)
 
@@ -505,6 +510,11 @@ class Ledger:
         if op is Op.DONE and order.contract.approval is not None and not order.approved:
             reason = f"{order_id} needs approval first: {order.contract.approval.reason}"
             return Rejection(Problem.NEEDS_APPROVAL, reason)
+        if op is Op.DROP and order.status is not Status.CLAIMED and not self._may_drop(
+            order, agent, now_ms
+        ):
+            reason = f"only the creator of {order_id} or the owner of its parent drops it"
+            return Rejection(Problem.NOT_HOLDER, reason)
         if op is Op.DONE:
             unfinished = [c for c in order.children if self.orders[c].status not in FINAL]
             if unfinished:
@@ -517,9 +527,22 @@ class Ledger:
             released = self.leases.release(order_id, agent, token, now_ms)
             if isinstance(released, Refused):
                 return _from_lease(released)
-        self._move(order, op, now_ms, why)
+        self._move(order, op, now_ms, why, by=agent)
         order.reason = why
         return Done(order_id, order.status)
+
+    def _owns(self, order: WorkOrder, agent: bytes, now_ms: int) -> bool:
+        """``agent`` created ``order`` or validly holds it now."""
+        lease = self.leases.holder(order.id, now_ms)
+        return agent == order.creator or (lease is not None and lease.holder == agent)
+
+    def _may_drop(self, order: WorkOrder, agent: bytes, now_ms: int) -> bool:
+        """An unclaimed order is given up on by its creator, or by whoever owns its
+        parent (the one the parent's completion waits for)."""
+        if agent == order.creator:
+            return True
+        parent = self.orders.get(order.parent) if order.parent is not None else None
+        return parent is not None and self._owns(parent, agent, now_ms)
 
     def _refuse_move(self, order: WorkOrder, op: Op) -> Rejection | None:
         if (order.status, op) in TRANSITIONS:
@@ -527,7 +550,10 @@ class Ledger:
         reason = f"{order.id} is {order.status.value}: cannot {op.value}"
         return Rejection(Problem.BAD_TRANSITION, reason)
 
-    def _move(self, order: WorkOrder, op: Op, now_ms: int, why: str) -> None:
+    def _move(
+        self, order: WorkOrder, op: Op, now_ms: int, why: str, by: bytes | None = None
+    ) -> None:
+        """Apply a transition; ``by`` is the agent that made it, when one did."""
         order.status = TRANSITIONS[(order.status, op)]  # a KeyError here is our bug
         order.last_op = op.value
         order.updated_ms = now_ms
@@ -536,7 +562,7 @@ class Ledger:
             # Escalated: the parent's holder sees it in the parent's notes.
             parent = self.orders[order.parent]
             text = f"sub-order {order.id} is blocked: {why}"
-            parent.notes.append(Note(order.creator, text, now_ms))
+            parent.notes.append(Note(by or order.creator, text, now_ms))
             parent.updated_ms = now_ms
         if order.status is Status.OPEN:
             heapq.heappush(self._open, _rank(order))

@@ -35,7 +35,8 @@ async def test_a_parent_is_done_only_when_its_children_are(relay: RunningRelay) 
         assert [(c["id"], c["status"]) for c in shown["children"]] == [
             (first, "done"), (second, "blocked"),
         ]  # fmt: skip
-        assert any(f"sub-order {second} is blocked" in n["text"] for n in shown["notes"])
+        [escalation] = [n for n in shown["notes"] if f"sub-order {second} is blocked" in n["text"]]
+        assert escalation["author"] == identity(2).public_key  # the worker that blocked it
         await lead.progress(held, 90, "one child left")
         await declined("open_children", lead.update(held, "done"))
         await lead.update(second, "dropped", "not needed after all")  # explicitly dropped
@@ -60,3 +61,26 @@ async def test_bad_sub_orders_and_progress_reports_are_refused(relay: RunningRel
         await declined("not_holder", other.progress(held, 10))
         await declined("bad_transition", ledger.update(finished, "dropped"))  # final already
         assert [o["id"] for o in await ledger.list()] == [finished, order]  # nothing else
+
+
+async def test_only_the_parents_owner_splits_it_and_drops_its_children(
+    relay: RunningRelay,
+) -> None:
+    async with (
+        RelayClient.connect(relay.url, identity(1)) as lead_client,
+        RelayClient.connect(relay.url, identity(2)) as holder_client,
+        RelayClient.connect(relay.url, identity(3)) as stranger_client,
+    ):
+        lead = Ledger(lead_client, NS)
+        holder, stranger = Ledger(holder_client, NS), Ledger(stranger_client, NS)
+        parent = await lead.create("migrate the database")
+        await declined("not_holder", stranger.create("my extra work", parent=parent))
+        first = await lead.create("dump the tables", parent=parent)  # its creator
+        await holder.claim(parent)
+        second = await holder.create("check the dump", parent=parent)  # its holder
+        await declined("not_holder", stranger.update(first, "dropped"))
+        await holder.update(first, "dropped", "the dump is not needed")  # the parent's holder
+        await stranger.update(await stranger.claim(second), "dropped")  # a holder, fenced
+        statuses = [c["status"] for c in (await lead.show(parent))["children"]]
+        assert statuses == ["dropped", "dropped"]
+        assert len(await lead.list()) == 3  # the stranger's order was never made
