@@ -2,7 +2,8 @@
 leases, for agents that work through commands.
 
 ``lock run NAME -- CMD...`` runs CMD while holding lock NAME: it waits for the lock
-(``--no-wait``: exit 3 at once if held), renews it at a third of ``--ttl`` while CMD
+(``--no-wait``: exit 3 at once if held, or ``--conflict-exit N``, as ``flock -E``:
+so a caller can tell "held" from CMD's own status 3), renews it at a third of ``--ttl`` while CMD
 runs, releases it after, and exits with CMD's status. CMD finds the fencing token in
 ``FORMICARY_FENCE``. If the lease is lost (a renewal refused, or not confirmed in
 time), CMD is stopped (SIGTERM, then SIGKILL) and the exit status is 75. A SIGTERM
@@ -32,7 +33,7 @@ import trio
 
 from agent_sdk.cli_wo import Tokens, UsageError, run, subcommand, ttl_ms
 from agent_sdk.election import hold_lock
-from agent_sdk.ledger import LeaseLost, Ledger
+from agent_sdk.ledger import LeaseLost, Ledger, LedgerRefusal
 
 AgentOptions = Callable[[argparse.ArgumentParser], None]
 LEASE_LOST = 75  # EX_TEMPFAIL: the command was stopped; running it again is the fix
@@ -53,6 +54,8 @@ def add_parsers(sub: Any, lock_commands: Any, agent_options: AgentOptions) -> No
     p.add_argument("name")
     p.add_argument("--ttl", default="5m", help="lease length, renewed at a third of it")
     p.add_argument("--no-wait", action="store_true", help="exit 3 at once if the lock is held")
+    p.add_argument("--conflict-exit", type=int, default=3, metavar="N",
+                   help="with --no-wait, the status when the lock is held (default 3)")  # fmt: skip
     p.set_defaults(cmd=[])
     p = subcommand(sub, "once", "run a command unless an agent completed KEY before",
                    agent_options)  # fmt: skip
@@ -113,6 +116,11 @@ def lock_run(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
         except LeaseLost as exc:
             print(f"formicary lock run: {exc}", file=sys.stderr)
             return Exit(LEASE_LOST)
+        except LedgerRefusal as refusal:
+            if refusal.problem != "held":
+                raise
+            print(f"formicary lock run: {args.name} is held: {refusal.reason}", file=sys.stderr)
+            return Exit(args.conflict_exit)
 
     return act
 

@@ -510,8 +510,10 @@ class Ledger:
         if op is Op.DONE and order.contract.approval is not None and not order.approved:
             reason = f"{order_id} needs approval first: {order.contract.approval.reason}"
             return Rejection(Problem.NEEDS_APPROVAL, reason)
-        if op is Op.DROP and order.status is not Status.CLAIMED and not self._may_drop(
-            order, agent, now_ms
+        if (
+            op is Op.DROP
+            and order.status is not Status.CLAIMED
+            and not self._may_drop(order, agent, now_ms)
         ):
             reason = f"only the creator of {order_id} or the owner of its parent drops it"
             return Rejection(Problem.NOT_HOLDER, reason)

@@ -93,6 +93,11 @@ async def test_lock_run_passes_the_exit_status_through_and_no_wait_refuses(
             capture_stderr=True,
         )  # fmt: skip
         assert busy.returncode == 3 and b"held" in busy.stderr
+        told = await trio.run_process(
+            formicary("lock", "run", "x", "--no-wait", "--conflict-exit", "99", "--", "true"),
+            env=env, check=False, capture_stderr=True,
+        )  # fmt: skip
+        assert told.returncode == 99 and b"held" in told.stderr
         await Ledger(client, NS).unlock(held)
 
 
