@@ -106,28 +106,33 @@ class Decisions:
         return dict(await self.client.query(self.ns, "decision.policy", {}))
 
     @asynccontextmanager
-    async def notices(self, start: int = 1) -> AsyncIterator[Notices]:
+    async def notices(self, start: int = 1, roles: Sequence[str] = ()) -> AsyncIterator[Notices]:
         """``async with decisions.notices() as told:`` then ``async for notice in told``:
         what was routed to this agent (a ``route.notice`` or ``route.digest`` body, with
         ``notice`` its kind and ``seq``), from log position ``start``, so an agent that
-        was away catches up, then live."""
+        was away catches up, then live. With ``roles``, also what was routed to those
+        roles: a notice names at most 256 keys, so a member of a bigger role says which
+        roles it holds."""
         async with self.client.subscribe(self.ns, kinds=TOLD, start=start) as feed:
-            yield Notices(feed, self.client.identity.public_key)
+            yield Notices(feed, self.client.identity.public_key, frozenset(roles))
 
 
 class Notices:
     """The notices and digests of a subscription that name one agent in ``to``."""
 
-    def __init__(self, feed: Subscription, me: bytes) -> None:
+    def __init__(self, feed: Subscription, me: bytes, roles: frozenset[str]) -> None:
         self.feed = feed
         self.me = me
+        self.roles = roles
 
     def __aiter__(self) -> Notices:
         return self
 
     async def __anext__(self) -> dict[str, Any]:
         async for item in self.feed:
-            if isinstance(item, Delivery) and self.me in item.event.event.body.get("to", ()):
-                event = item.event.event
+            if not isinstance(item, Delivery):
+                continue
+            event = item.event.event
+            if self.me in event.body.get("to", ()) or event.body.get("role") in self.roles:
                 return {"notice": event.kind, "seq": item.receipt.seq, **event.body}
         raise StopAsyncIteration

@@ -60,7 +60,9 @@ MAX_ROUTES = 32
 MAX_TO = 256
 """Keys named in one notice: a role of more members is told by its subscription."""
 MAX_DIGEST = 256
-"""Events in one digest; more wait for the next."""
+"""Events in one digest: a role that gathered this many gets its digest at once."""
+MAX_JOINED = 64
+"""Decisions in one conflict: a further one on its entity is refused (``crowded``)."""
 DAY_MS = 24 * 3600 * 1000
 
 NOTICE, DIGEST = "route.notice", "route.digest"
@@ -70,6 +72,8 @@ RAISED, ESCALATED, RESOLVED, PROPOSED = (
     "conflict.resolved",
     "conflict.proposed",
 )
+UNROUTED = frozenset({"route", "doc"})
+"""Families no route may list: the notices themselves, and CRDT document traffic."""
 TIMER_KINDS = frozenset({NOTICE, DIGEST, RAISED, ESCALATED, RESOLVED})
 """Written by the relay's timer (without ``req``) and re-applied on replay."""
 
@@ -118,7 +122,7 @@ class Policy:
 
 @dataclass(frozen=True, slots=True)
 class Routed:
-    """An event waiting for its notice or digest."""
+    """An event waiting for its notice or digest (one per role it is routed to)."""
 
     event: bytes
     kind: str
@@ -126,6 +130,8 @@ class Routed:
     role: str
     to: tuple[bytes, ...]
     at_ms: int
+    latency: Latency
+    """Fixed when queued: ``now`` if any route of the kind to the role says so."""
 
 
 @dataclass
@@ -136,9 +142,11 @@ class ConflictCase:
     agents: list[bytes]
     """The author of each decision, in the same order."""
     raised_ms: int
+    ladder: Ladder
+    """The ladder it was raised under: a later policy does not change its rungs."""
     step: Step = Step.RULE
     until_ms: int | None = None
-    """When the current step passes to the next; ``None`` at the human step."""
+    """When the current step passes to the next; ``None`` at the rule and human steps."""
     proposals: dict[bytes, str] = field(default_factory=dict)
     kept: str | None = None
     by: str = ""
@@ -146,6 +154,16 @@ class ConflictCase:
     @property
     def open(self) -> bool:
         return self.kept is None
+
+    def wanted(self, agent: bytes) -> str:
+        """What ``agent`` wants kept: what it said, or its own latest decision."""
+        if agent in self.proposals:
+            return self.proposals[agent]
+        return next(
+            d
+            for d, a in zip(reversed(self.decisions), reversed(self.agents), strict=True)
+            if a == agent
+        )
 
 
 def parse_policy(body: dict[str, Any]) -> Policy:
@@ -160,9 +178,9 @@ def parse_policy(body: dict[str, Any]) -> Policy:
             raise BadRequest(f"routes[{n}] is a map {{kinds, role, latency}}")
         only(route, "kinds", "role", "latency")
         kinds = texts(route, "kinds")
-        bad = [k for k in kinds if not KIND_RE.fullmatch(k) or k.startswith("route.")]
+        bad = [k for k in kinds if not KIND_RE.fullmatch(k) or k.split(".")[0] in UNROUTED]
         if not kinds or bad:
-            raise BadRequest(f"routes[{n}].kinds: event kinds, not route.* ({bad[:1]})")
+            raise BadRequest(f"routes[{n}].kinds: event kinds, not route.* or doc.* ({bad[:1]})")
         role = text(route, "role", 64)
         if not role:
             raise BadRequest(f"routes[{n}].role names a directory role")
@@ -221,6 +239,17 @@ class Decisions:
     """entity -> the id of its open conflict."""
     fresh: list[str] = field(default_factory=list)
     """Conflicts not yet announced by a ``conflict.raised``."""
+    ruling: list[str] = field(default_factory=list)
+    """Conflicts announced whose rule step is not written yet (a restart between the
+    two events: the rule runs again on the next tick)."""
+    timed: dict[str, int] = field(default_factory=dict)
+    """Open conflicts at the agents' or the arbiter's step -> when it runs out."""
+    _next_due: int | None = field(default=None, compare=False, repr=False)
+    _dirty: bool = field(default=True, compare=False, repr=False)
+
+    def set_policy(self, policy: Policy) -> None:
+        self.policy = policy
+        self._dirty = True
 
     # -- routing ----------------------------------------------------------------------
 
@@ -228,58 +257,73 @@ class Decisions:
         return [route for route in self.policy.routes if kind in route.kinds]
 
     def route(self, event: bytes, kind: str, body: Any, directory: Directory, now_ms: int) -> bool:
-        """Queue ``event`` for the roles its kind is routed to; True when queued."""
-        routes = self.routes_of(kind)
+        """Queue ``event`` once for each role its kind is routed to; True when queued."""
+        latencies: dict[str, Latency] = {}
+        for route in self.routes_of(kind):
+            if latencies.get(route.role) is not Latency.NOW:
+                latencies[route.role] = route.latency
         entity = body.get("entity") if isinstance(body, dict) else None
         entity = entity if isinstance(entity, str) and len(entity) <= 256 else None
-        for route in routes:
-            to = tuple(sorted(m.agent for m in directory.members.values() if m.role == route.role))
-            self.waiting.append(Routed(event, kind, entity, route.role, to[:MAX_TO], now_ms))
-        return bool(routes)
-
-    def _latency(self, role: str) -> Latency:
-        for route in self.policy.routes:
-            if route.role == role:
-                return route.latency
-        return Latency.NOW  # a route since removed: tell at once, nothing waits forever
+        for role, latency in latencies.items():
+            to = tuple(_holding(directory, role)[:MAX_TO])
+            self.waiting.append(Routed(event, kind, entity, role, to, now_ms, latency))
+        self._dirty |= bool(latencies)
+        return bool(latencies)
 
     def _routing_due(self, now_ms: int) -> list[tuple[str, dict[str, Any]]]:
+        """Notices for every ``now`` item; a digest per role whose oldest item waited
+        ``digest_ms``, or that gathered ``MAX_DIGEST`` (a full digest goes at once)."""
         out: list[tuple[str, dict[str, Any]]] = []
         digests: dict[str, list[Routed]] = {}
         for item in self.waiting:
-            if self._latency(item.role) is Latency.NOW:
+            if item.latency is Latency.NOW:
                 out.append((NOTICE, {**_routed(item), "role": item.role, "to": list(item.to)}))
             else:
                 digests.setdefault(item.role, []).append(item)
         for role, items in digests.items():
-            if items[0].at_ms + self.policy.digest_ms > now_ms:
-                continue
-            items = items[:MAX_DIGEST]
-            to = sorted({key for item in items for key in item.to})[:MAX_TO]
-            events = [_routed(item) for item in items]
-            out.append((DIGEST, {"role": role, "to": to, "events": events}))
-        for kind, body in out:
-            self._told(kind, body)
+            while len(items) >= MAX_DIGEST or (
+                items and items[0].at_ms + self.policy.digest_ms <= now_ms
+            ):
+                told, items = items[:MAX_DIGEST], items[MAX_DIGEST:]
+                to = sorted({key for item in told for key in item.to})[:MAX_TO]
+                out.append((DIGEST, {"role": role, "to": to, "events": [_routed(i) for i in told]}))
+        self._told(out)
         return out
 
-    def _told(self, kind: str, body: dict[str, Any]) -> None:
-        """Drop what a notice or digest told from the waiting list."""
-        events = [body["event"]] if kind == NOTICE else [e["event"] for e in body["events"]]
-        told = {(event, body["role"]) for event in events}
-        self.waiting = [w for w in self.waiting if (w.event, w.role) not in told]
+    def _told(self, told: list[tuple[str, dict[str, Any]]]) -> None:
+        """Drop what notices and digests told from the waiting list (one pass)."""
+        gone = {
+            (event, body["role"])
+            for kind, body in told
+            for event in (
+                [body["event"]] if kind == NOTICE else [e["event"] for e in body["events"]]
+            )
+        }
+        if gone:
+            self.waiting = [w for w in self.waiting if (w.event, w.role) not in gone]
+            self._dirty = True
 
     # -- conflicts --------------------------------------------------------------------
+
+    def check_room(self, entity: str | None) -> None:
+        """Refuse a decision that would join a conflict already at its size limit."""
+        case = self.conflicts.get(self.open_on.get(entity or "", ""))
+        if case is not None and len(case.decisions) >= MAX_JOINED:
+            reason = f"{case.id} on {entity} has {MAX_JOINED} decisions: settle it first"
+            raise Conflict("crowded", reason)
 
     def on_decision(self, decision: Decision, records: Records, now_ms: int) -> str | None:
         """Raise or join a conflict for a new decision; the conflict's id, if any."""
         ladder, entity = self.policy.ladder, decision.entity
-        if ladder is None or entity is None:
+        if entity is None:
             return None
         case = self.conflicts.get(self.open_on.get(entity, ""))
-        if case is not None:
+        if case is not None:  # one conflict per entity: it joins, under that ladder
             case.decisions.append(decision.id)
             case.agents.append(decision.author)
             return case.id
+        if ladder is None:
+            return None
         rivals = [
             other
             for other in (records.decisions[d] for d in records.on_entity.get(entity, ()))
@@ -298,10 +342,12 @@ class Decisions:
             decisions=[rival.id, decision.id],
             agents=[rival.author, decision.author],
             raised_ms=now_ms,
+            ladder=ladder,
         )
         self.conflicts[case.id] = case
         self.open_on[entity] = case.id
         self.fresh.append(case.id)
+        self._dirty = True
         return case.id
 
     def resolve(
@@ -323,8 +369,12 @@ class Decisions:
         if not case.open:
             raise Conflict("closed", f"{case.id} is resolved: {case.kept} was kept")
         if keep not in case.decisions:
-            raise Conflict("not_found", f"{keep} is not one of {', '.join(case.decisions)}")
-        ladder = self.policy.ladder or Ladder()
+            raise Conflict("not_found", f"{keep} is not one of {', '.join(case.decisions[:8])}")
+        kept = records.decisions[keep]
+        if kept.status is not DecisionStatus.ACCEPTED:
+            reason = f"{keep} is {kept.status.value} by {kept.superseded_by}: keep an accepted one"
+            raise Conflict(kept.status.value, reason)
+        ladder = case.ladder
         member = directory.members.get(author)
         role = member.role if member is not None else ""
         if author in ladder.approvers or (ladder.approver_role and role == ladder.approver_role):
@@ -333,8 +383,7 @@ class Decisions:
             by = Step.ARBITER
         elif author in case.agents:
             case.proposals[author] = keep
-            wanted = {self._proposal(case, agent) for agent in case.agents}
-            if len(wanted) > 1:
+            if len({case.wanted(agent) for agent in set(case.agents)}) > 1:
                 return {"kind": PROPOSED, "conflict": case.id, "keep": keep, "agent": author}
             by = Step.AGENTS
         else:
@@ -343,17 +392,12 @@ class Decisions:
         return {"kind": RESOLVED, "conflict": case.id, "keep": keep, "by": by.value,
                 "note": note, "at_ms": now_ms}  # fmt: skip
 
-    @staticmethod
-    def _proposal(case: ConflictCase, agent: bytes) -> str:
-        """What ``agent`` wants kept: what it said, or its own latest decision."""
-        if agent in case.proposals:
-            return case.proposals[agent]
-        return [d for d, a in zip(case.decisions, case.agents, strict=True) if a == agent][-1]
-
     def _settle(self, case: ConflictCase, keep: str, by: Step | str, records: Records) -> None:
         case.kept, case.by = keep, str(by)
         case.until_ms = None
         self.open_on.pop(case.entity, None)
+        self.timed.pop(case.id, None)
+        self._dirty = True
         for other in case.decisions:
             record = records.decisions[other]
             if other != keep and record.status is DecisionStatus.ACCEPTED:
@@ -363,60 +407,69 @@ class Decisions:
         self, directory: Directory, records: Records, now_ms: int
     ) -> list[tuple[str, dict[str, Any]]]:
         out: list[tuple[str, dict[str, Any]]] = []
-        ladder = self.policy.ladder or Ladder()
         fresh, self.fresh = self.fresh, []
         for case in (self.conflicts[c] for c in fresh):
-            out += self._raise(case, ladder, records, now_ms)
-        for case in [self.conflicts[c] for c in self.open_on.values()]:
-            while case.open and case.until_ms is not None and case.until_ms <= now_ms:
-                out.append(self._next_step(case, ladder, directory, now_ms))
+            raised = {"conflict": case.id, "entity": case.entity,
+                      "decisions": list(case.decisions), "agents": list(case.agents),
+                      "at_ms": now_ms}  # fmt: skip
+            out.append((RAISED, raised))
+            out += self._rule(case, records, now_ms)
+        ruling, self.ruling = self.ruling, []
+        for case in (self.conflicts[c] for c in ruling):
+            out += self._rule(case, records, now_ms)
+        for cid, until in list(self.timed.items()):
+            case = self.conflicts[cid]
+            while case.open and until <= now_ms:
+                out.append(self._next_step(case, directory, now_ms))
+                until = self.timed.get(cid, now_ms + 1)
         return out
 
-    def _raise(
-        self, case: ConflictCase, ladder: Ladder, records: Records, now_ms: int
+    def _rule(
+        self, case: ConflictCase, records: Records, now_ms: int
     ) -> list[tuple[str, dict[str, Any]]]:
-        """``conflict.raised``, then the rule step: resolved by it, or passed on."""
-        raised = {"conflict": case.id, "entity": case.entity, "decisions": list(case.decisions),
-                  "agents": list(case.agents), "at_ms": now_ms}  # fmt: skip
+        """The rule step: resolved by it, or passed on to the agents."""
+        ladder = case.ladder
         if not case.open:  # (the agents settled it before the timer ran)
-            return [(RAISED, raised)]
+            return []
         if ladder.rule is Rule.NONE:
-            step = self._escalate(case, Step.AGENTS, list(case.agents), "rule none", ladder, now_ms)
-            return [(RAISED, raised), step]
+            agents = list(dict.fromkeys(case.agents))
+            return [self._escalate(case, Step.AGENTS, agents, "rule none", now_ms)]
         keep = case.decisions[0 if ladder.rule is Rule.FIRST else -1]
         self._settle(case, keep, Step.RULE, records)
         note = f"rule {ladder.rule}"
         resolved = {"conflict": case.id, "keep": keep, "by": "rule", "note": note, "at_ms": now_ms}
-        return [(RAISED, raised), (RESOLVED, resolved)]
+        return [(RESOLVED, resolved)]
 
     def _next_step(
-        self, case: ConflictCase, ladder: Ladder, directory: Directory, now_ms: int
+        self, case: ConflictCase, directory: Directory, now_ms: int
     ) -> tuple[str, dict[str, Any]]:
         """The agents' or the arbiter's time ran out: up one rung (past a rung nobody
         can take, saying why)."""
-        why = ""
+        ladder, why = case.ladder, ""
         if case.step is Step.AGENTS:
             arbiters = _holding(directory, ladder.arbiter)
             if arbiters:
-                return self._escalate(case, Step.ARBITER, arbiters, "", ladder, now_ms)
+                return self._escalate(case, Step.ARBITER, arbiters, "", now_ms)
             why = f"no member holds {ladder.arbiter}" if ladder.arbiter else "no arbiter role"
         humans = sorted({*ladder.approvers, *_holding(directory, ladder.approver_role)})
-        return self._escalate(case, Step.HUMAN, humans, why, ladder, now_ms)
+        return self._escalate(case, Step.HUMAN, humans, why, now_ms)
 
     def _escalate(
-        self,
-        case: ConflictCase,
-        step: Step,
-        to: list[bytes],
-        note: str,
-        ladder: Ladder,
-        now_ms: int,
+        self, case: ConflictCase, step: Step, to: list[bytes], note: str, now_ms: int
     ) -> tuple[str, dict[str, Any]]:
-        case.step = step
-        case.until_ms = None if step is Step.HUMAN else now_ms + ladder.step_ms
+        until = None if step is Step.HUMAN else now_ms + case.ladder.step_ms
         body = {"conflict": case.id, "step": step.value, "to": to[:MAX_TO],
-                "until_ms": case.until_ms, "note": note, "at_ms": now_ms}  # fmt: skip
+                "until_ms": until, "note": note, "at_ms": now_ms}  # fmt: skip
+        self._stepped(case, step, until)
         return ESCALATED, body
+
+    def _stepped(self, case: ConflictCase, step: Step, until: int | None) -> None:
+        case.step, case.until_ms = step, until
+        if until is None:
+            self.timed.pop(case.id, None)
+        else:
+            self.timed[case.id] = until
+        self._dirty = True
 
     # -- the timer --------------------------------------------------------------------
 
@@ -424,36 +477,56 @@ class Decisions:
         self, directory: Directory, records: Records, now_ms: int
     ) -> list[tuple[str, dict[str, Any]]]:
         """The events due at ``now_ms``, applied here as replay will apply them."""
+        if self.next_due_ms() is None or now_ms < (self.next_due_ms() or 0):
+            return []
+        self._dirty = True
         return self._conflicts_due(directory, records, now_ms) + self._routing_due(now_ms)
 
     def replay(self, kind: str, body: dict[str, Any], records: Records) -> None:
         """Re-apply an event the timer wrote, as written."""
+        self._dirty = True
         if kind in (NOTICE, DIGEST):
-            self._told(kind, body)
+            self._told([(kind, body)])
             return
         case = self.conflicts.get(body.get("conflict", ""))
         if case is None:  # pragma: no cover - the timer writes only cases it knows
             return
         if kind == RAISED:
             self.fresh.remove(case.id)
+            if case.open:
+                self.ruling.append(case.id)
         elif kind == ESCALATED:
-            case.step, case.until_ms = Step(body["step"]), body["until_ms"]
+            if case.id in self.ruling:
+                self.ruling.remove(case.id)
+            self._stepped(case, Step(body["step"]), body["until_ms"])
         elif kind == RESOLVED:
+            if case.id in self.ruling:
+                self.ruling.remove(case.id)
             self._settle(case, body["keep"], body["by"], records)
 
     def next_due_ms(self) -> int | None:
-        times = [self.conflicts[c].raised_ms for c in self.fresh]
-        for c in self.open_on.values():
-            until = self.conflicts[c].until_ms
-            if until is not None:
-                times.append(until)
+        if self._dirty:
+            self._next_due, self._dirty = self._compute_next_due(), False
+        return self._next_due
+
+    def _compute_next_due(self) -> int | None:
+        times = [self.conflicts[c].raised_ms for c in (*self.fresh, *self.ruling)]
+        times += self.timed.values()
+        gathered: dict[str, list[int]] = {}
         for item in self.waiting:
-            latency = self._latency(item.role)
-            times.append(item.at_ms + (self.policy.digest_ms if latency is Latency.DIGEST else 0))
+            if item.latency is Latency.NOW:
+                times.append(item.at_ms)
+            else:
+                gathered.setdefault(item.role, []).append(item.at_ms)
+        for at in gathered.values():
+            times.append(
+                at[MAX_DIGEST - 1] if len(at) >= MAX_DIGEST else at[0] + self.policy.digest_ms
+            )
         return min(times, default=None)
 
 
 def _holding(directory: Directory, role: str) -> list[bytes]:
+    """The keys of the members that hold ``role`` (sorted; kept after they leave)."""
     if not role:
         return []
     return sorted(m.agent for m in directory.members.values() if m.role == role)

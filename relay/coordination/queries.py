@@ -13,6 +13,7 @@ Lists are pages: at most ``limit`` items and at most ``budget`` encoded bytes, w
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -551,12 +552,11 @@ def conflict_list(coordinator: Coordinator, args: dict[str, Any], now_ms: int, b
     only(args, "status", "step", "after", "limit")
     status, step = opt_text(args, "status", 16), opt_text(args, "step", 16)
     after = opt_integer(args, "after") or 0
+    cases = itertools.islice(coordinator.decisions.conflicts.values(), max(0, after), None)
     items = (
         _conflict(case)
-        for case in coordinator.decisions.conflicts.values()
-        if int(case.id[3:]) > after
-        and status in (None, "open" if case.open else "resolved")
-        and step in (None, case.step.value)
+        for case in cases  # (numbered cf-1, cf-2... in order: skip to ``after``)
+        if status in (None, "open" if case.open else "resolved") and step in (None, case.step.value)
     )
     page, more = _page(items, _limit(args), budget)
     return {"conflicts": page, "more": more}
@@ -568,7 +568,8 @@ def conflict_show(coordinator: Coordinator, args: dict[str, Any], now_ms: int, b
     if case is None:
         raise _not_found(f"no conflict {args['conflict']}")
     shown = _conflict(case)
-    shown["records"] = [_decision(coordinator.records.decisions[d]) for d in case.decisions[:32]]
+    records = (_decision(coordinator.records.decisions[d]) for d in case.decisions)
+    shown["records"], shown["more"] = _page(records, 64, budget - _size(shown))
     return shown
 
 

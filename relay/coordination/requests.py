@@ -309,9 +309,24 @@ class Coordinator:
         may publish a ``decision.policy``: the relay checks that before sequencing."""
         if kind == "decision.policy":
             policy = parse_policy(body)
-            self.decisions.policy = policy
+            self.decisions.set_policy(policy)
             return {"routes": len(policy.routes), "conflicts": policy.ladder is not None}
         return self.decisions.resolve(body, author, self.records, self.directory, now)
+
+    def _check_decision(self, entity: str | None, supersedes: str | None, author: bytes) -> None:
+        """Refused before a decision is recorded: one joining a conflict that is full,
+        or one replacing another author's decision on an entity under a conflict
+        ladder (to overturn it, decide otherwise: the ladder settles it)."""
+        self.decisions.check_room(entity)
+        old = self.records.decisions.get(supersedes or "")
+        if (
+            old is not None
+            and old.author != author
+            and old.entity is not None
+            and self.decisions.policy.ladder is not None
+        ):
+            reason = f"{old.id} is another agent's decision on {old.entity}: decide otherwise"
+            raise Conflict("not_author", reason)
 
     def route(self, event: bytes, kind: str, body: Any, now_ms: int) -> bool:
         """Queue a sequenced event for the roles its kind is routed to (decisions.py)."""
@@ -359,6 +374,7 @@ class Coordinator:
             entity = opt_text(body, "entity", 256)
             if entity is not None and not entity:
                 raise BadRequest("entity names what the decision touches")
+            self._check_decision(entity, opt_text(body, "supersedes", 64), author)
             decision = records.decide(
                 title,
                 text(body, "decision", MAX_TEXT),
