@@ -184,6 +184,8 @@ class Settings:
             raise UsageError("--variant is for work_queue (and federated)")
         if self.scenario == "logistics" and self.crash_rate:
             raise UsageError("logistics: no crashes (--crash-rate) so far; it measures limits")
+        if self.scenario == "logistics" and self.agents < 3:
+            raise UsageError("logistics: --agents at least 3 (fulfilment, pricing, inventory)")
         if self.duration_s <= 0:
             raise UsageError("--duration must be positive")
 

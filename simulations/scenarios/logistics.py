@@ -13,9 +13,11 @@ fulfilment agent (``n mod 3 == 0``), a pricing agent (1) or an inventory agent (
   ``discontinue``) and act on them: two agents acting on different plans for one
   SKU within ``WINDOW_MS`` is an *incoherent decision*.
 
-**Without** (namespace ``logistics-free@sim``): each agent checks a snapshot of the
-stock and the budget, fresh every ``--snapshot`` (a dashboard, a cache), then ships
-or grants, and acts on its plan at once; it hears of nobody's plans.
+**Without** (namespace ``logistics-free@sim``): each agent works from a snapshot of
+the stock, the budget and the latest plan per SKU, fresh every ``--snapshot`` (a
+dashboard, a cache), plus what it did itself since: it ships or grants when its view
+says there is enough, and follows another agent's recent plan when its view shows
+one. The same agents, the same information policy, only stale and unenforced.
 
 **With** (namespace ``logistics@sim``): stock per SKU and the budget are shared
 constraints (``constraint.reserve`` then ``commit``: refused with ``exceeded`` when
@@ -27,8 +29,9 @@ acts only on a plan that was kept.
 
 Read off the log per arm: ``violations`` (shipments beyond a SKU's stock plus grants
 beyond the budget), ``oversold_units``, ``overdrawn``, ``incoherent_decisions``
-(pairs of actions on different plans), and for the guarded arm ``conflicts``,
-``aligned`` (plans that followed a routed one), ``backordered`` and ``refused``.
+(pairs of actions on different plans), ``contradictions`` (actions contradicting an
+earlier one), ``aligned`` (plans that followed another agent's), ``backordered``
+and ``refused``, and for the guarded arm ``conflicts`` and ``overruled``.
 """
 
 from __future__ import annotations
@@ -92,18 +95,57 @@ def workload(world: World, settings: Settings) -> Workload:
 
 @dataclass
 class Shelf:
-    """What the unguarded agents look at: the true counts, and snapshots of them."""
+    """The true state the unguarded agents change, and what their snapshots copy."""
 
     stock: dict[str, int]
     budget: int
     spent: int = 0
     shipped: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    plans: dict[str, tuple[int, int, str]] = field(default_factory=dict)
+    """SKU -> (when, which agent, plan) of the latest action on it."""
+
+    def copy(self) -> Shelf:
+        return Shelf(dict(self.stock), self.budget, self.spent, defaultdict(int, self.shipped),
+                     dict(self.plans))  # fmt: skip
+
+
+class View:
+    """One unguarded agent's view: a snapshot taken every ``snapshot_ms`` (each agent
+    on its own schedule), with the agent's own writes since added to it."""
+
+    def __init__(self, shelf: Shelf, snapshot_ms: int) -> None:
+        self.shelf = shelf
+        self.every_s = snapshot_ms / 1000
+        self.taken_at = -float("inf")
+        self.seen = shelf.copy()
+
+    def now(self) -> Shelf:
+        if trio.current_time() - self.taken_at >= self.every_s:
+            self.seen, self.taken_at = self.shelf.copy(), trio.current_time()
+        return self.seen
+
+    # Its own writes go to the truth and to what it sees.
+
+    def ship(self, sku: str, qty: int) -> None:
+        for shelf in (self.shelf, self.seen):
+            shelf.shipped[sku] += qty
+
+    def spend(self, amount: int) -> None:
+        for shelf in (self.shelf, self.seen):
+            shelf.spent += amount
+
+    def plan(self, sku: str, entry: tuple[int, int, str]) -> None:
+        for shelf in (self.shelf, self.seen):
+            shelf.plans[sku] = entry
 
 
 @dataclass
 class Tally:
     backordered: int = 0
     refused: int = 0
+    lapsed: int = 0
+    """Reservations that ran out before their commit: the action was not taken (also
+    counted as back-ordered or refused)."""
     aligned: int = 0
     overruled: int = 0
 
@@ -120,7 +162,7 @@ async def run(world: World, settings: Settings) -> Summary:
             tally = Tally()
             if guarded:
                 await setup(world, settings, work)
-            with trio.move_on_after(settings.duration_s):
+            with trio.move_on_after(settings.duration_s):  # (each arm gets --duration)
                 async with trio.open_nursery() as agents:
                     shelf = Shelf(dict(work.stock), work.budget)
                     for n in range(settings.agents):
@@ -172,119 +214,95 @@ async def agent(
 ) -> None:
     role = ROLES[n % 3]
     peers = [m for m in range(settings.agents) if ROLES[m % 3] == role]
-    mine = peers.index(n)
-    rng = world.rng(f"logistics/{ns}/{n}")
+    rng = world.rng(f"logistics/{n}")  # (not by arm: both arms draw the same task times)
     policy = settings.policy_of(n)
     identity = identity_of(settings.seed, f"logistics-{role}", n)
     view = View(shelf, settings.snapshot_ms)
-    async with world.client(RELAY, identity, f"{ns}/{n}") as client:
+    ttl_ms = settings.ttl_ms
+    async with world.client(RELAY, identity, f"{ns}/{n}") as client, trio.open_nursery() as tasks:
+        heard: set[str] = set()
         if guarded:
             await client.publish(ns, "dir.join", {"name": f"{role}-{n}", "role": role})
-        if role in ("fulfilment", "pricing"):
-            for order in work.orders[mine :: len(peers)]:
+            if role != "fulfilment":
+                tasks.start_soon(listen, client, ns, heard)
+        if role != "inventory":
+            for order in work.orders[peers.index(n) :: len(peers)]:
                 await trio.sleep(policy.task_ms(rng) / 1000)
                 if role == "fulfilment":
-                    await ship(client, ns, order, guarded, view, tally)
+                    take = Draw(f"stock:{order.sku}", order.qty, "app.shipped",
+                                {"order": order.n, "sku": order.sku, "qty": order.qty})  # fmt: skip
                 else:
-                    await grant(client, ns, order, guarded, view, tally)
+                    take = Draw("discounts", order.discount, "app.discount",
+                                {"order": order.n, "amount": order.discount})  # fmt: skip
+                if take.amount:
+                    await draw(client, ns, take, guarded, view, tally, ttl_ms)
                 world.meter.advance()
-        if role == "fulfilment":
-            return
-        planners = [m for m in range(settings.agents) if ROLES[m % 3] != "fulfilment"]
-        heard: dict[str, int] = {}
-        async with trio.open_nursery() as nursery:
-            if guarded:
-                nursery.start_soon(listen, client, ns, heard, world)
+        if role != "fulfilment":
+            planners = [m for m in range(settings.agents) if ROLES[m % 3] != "fulfilment"]
             for sku, wanted in work.plans[planners.index(n) :: len(planners)]:
                 await trio.sleep(policy.task_ms(rng) / 1000)
-                await plan(client, ns, sku, wanted, guarded, heard, tally, world)
+                if guarded:
+                    await plan(client, ns, sku, wanted, heard, tally, world)
+                else:
+                    await plan_unguarded(client, ns, sku, wanted, n, view, tally, world)
                 world.meter.advance()
-            nursery.cancel_scope.cancel()
+        tasks.cancel_scope.cancel()
 
 
-async def ship(
-    client: RelayClient,
-    ns: str,
-    order: CustomerOrder,
-    guarded: bool,
-    view: View,
-    tally: Tally,
+@dataclass(frozen=True)
+class Draw:
+    """Taking ``amount`` from a limit (a SKU's stock, the discount budget), then
+    publishing what was done."""
+
+    limit: str
+    amount: int
+    kind: str
+    body: dict[str, Any]
+
+
+async def draw(
+    client: RelayClient, ns: str, take: Draw, guarded: bool, view: View, tally: Tally, ttl_ms: int
 ) -> None:
-    shipment = {"order": order.n, "sku": order.sku, "qty": order.qty}
     if not guarded:
         seen = view.now()
-        if seen.stock[order.sku] - seen.shipped[order.sku] < order.qty:
-            tally.backordered += 1
-            return
-        view.shelf.shipped[order.sku] += order.qty
-        await client.publish(ns, "app.shipped", shipment, nonce=client.nonce())
-        return
+        if take.limit == "discounts":
+            if seen.budget - seen.spent < take.amount:
+                return short(take, tally)
+            view.spend(take.amount)
+        else:
+            sku = take.body["sku"]
+            if seen.stock[sku] - seen.shipped[sku] < take.amount:
+                return short(take, tally)
+            view.ship(sku, take.amount)
+        await client.publish(ns, take.kind, take.body, nonce=client.nonce())
+        return None
     constraints = Constraints(client, ns)
-    try:
-        held = await constraints.reserve(f"stock:{order.sku}", order.qty)
+    try:  # reserve, commit, and only then act: what is published was within the limit
+        held = await constraints.reserve(take.limit, take.amount, ttl_ms)
+        await constraints.commit(take.limit, held["reservation"])
     except LedgerRefusal as refusal:
-        assert refusal.problem == "exceeded", refusal
-        tally.backordered += 1
-        return
-    await client.publish(ns, "app.shipped", shipment, nonce=client.nonce())
-    await constraints.commit(f"stock:{order.sku}", held["reservation"])
+        if refusal.problem not in ("exceeded", "expired"):
+            raise
+        tally.lapsed += refusal.problem == "expired"  # the commit came after the lease
+        return short(take, tally)
+    await client.publish(ns, take.kind, take.body, nonce=client.nonce())
+    return None
 
 
-async def grant(
-    client: RelayClient,
-    ns: str,
-    order: CustomerOrder,
-    guarded: bool,
-    view: View,
-    tally: Tally,
-) -> None:
-    if order.discount == 0:
-        return
-    discount = {"order": order.n, "amount": order.discount}
-    if not guarded:
-        seen = view.now()
-        if seen.budget - seen.spent < order.discount:
-            tally.refused += 1
-            return
-        view.shelf.spent += order.discount
-        await client.publish(ns, "app.discount", discount, nonce=client.nonce())
-        return
-    constraints = Constraints(client, ns)
-    try:
-        held = await constraints.reserve("discounts", order.discount)
-    except LedgerRefusal as refusal:
-        assert refusal.problem == "exceeded", refusal
+def short(take: Draw, tally: Tally) -> None:
+    """The limit had not enough left: a back-order, or a refused discount."""
+    if take.limit == "discounts":
         tally.refused += 1
-        return
-    await client.publish(ns, "app.discount", discount, nonce=client.nonce())
-    await constraints.commit("discounts", held["reservation"])
+    else:
+        tally.backordered += 1
 
 
-class View:
-    """One unguarded agent's view of the shelf: a snapshot, refreshed every
-    ``snapshot_ms`` (each agent on its own schedule)."""
-
-    def __init__(self, shelf: Shelf, snapshot_ms: int) -> None:
-        self.shelf = shelf
-        self.every_s = snapshot_ms / 1000
-        self.taken_at = -float("inf")
-        self.seen = shelf
-
-    def now(self) -> Shelf:
-        if trio.current_time() - self.taken_at >= self.every_s:
-            shelf = self.shelf
-            self.seen = Shelf(dict(shelf.stock), shelf.budget, shelf.spent,
-                              defaultdict(int, shelf.shipped))  # fmt: skip
-            self.taken_at = trio.current_time()
-        return self.seen
-
-
-async def listen(client: RelayClient, ns: str, heard: dict[str, int], world: World) -> None:
-    """Routed plans: remember which SKUs others decided on, and when."""
+async def listen(client: RelayClient, ns: str, heard: set[str]) -> None:
+    """Routed decisions: which SKUs someone decided on (from the start of the log)."""
     async with Decisions(client, ns).notices() as notices:
         async for notice in notices:
             if "entity" in notice:
-                heard[notice["entity"]] = world.now_ms()
+                heard.add(notice["entity"])
 
 
 async def plan(
@@ -292,20 +310,23 @@ async def plan(
     ns: str,
     sku: str,
     wanted: str,
-    guarded: bool,
-    heard: dict[str, int],
+    heard: set[str],
     tally: Tally,
     world: World,
 ) -> None:
-    if not guarded:
-        await client.publish(ns, "app.plan", {"entity": sku, "plan": wanted}, nonce=client.nonce())
-        await act(client, ns, sku, wanted)
-        return
-    decisions = Decisions(client, ns)
-    if world.now_ms() - heard.get(sku, -WINDOW_MS) < WINDOW_MS:
-        standing = [d for d in await decisions.on(sku) if d["status"] == "accepted"]
-        if standing and standing[-1]["decision"] != wanted:
-            wanted = standing[-1]["decision"]  # follow the plan that was routed here
+    """Guarded: follow a recent plan of another agent that routing told of; decide;
+    act only on a decision the conflict rule kept."""
+    decisions, me = Decisions(client, ns), client.identity.public_key
+    if sku in heard:
+        recent = [
+            d
+            for d in await decisions.on(sku)
+            if d["status"] == "accepted"
+            and d["author"] != me
+            and world.now_ms() - d["at_ms"] < WINDOW_MS
+        ]
+        if recent and recent[-1]["decision"] != wanted:
+            wanted = recent[-1]["decision"]
             tally.aligned += 1
     made = await decisions.decide(sku, "plan", wanted)
     if "conflict" in made:
@@ -313,6 +334,26 @@ async def plan(
         if settled["kept"] != made["id"]:
             tally.overruled += 1
             return
+    await act(client, ns, sku, wanted)
+
+
+async def plan_unguarded(
+    client: RelayClient,
+    ns: str,
+    sku: str,
+    wanted: str,
+    n: int,
+    view: View,
+    tally: Tally,
+    world: World,
+) -> None:
+    """Unguarded: follow a recent plan of another agent that the snapshot shows; act."""
+    seen = view.now().plans.get(sku)
+    recent = seen is not None and seen[1] != n and world.now_ms() - seen[0] < WINDOW_MS
+    if recent and seen is not None and seen[2] != wanted:
+        wanted = seen[2]
+        tally.aligned += 1
+    view.plan(sku, (world.now_ms(), n, wanted))
     await act(client, ns, sku, wanted)
 
 
@@ -346,24 +387,29 @@ def read(relay: HostsLogs, ns: str, work: Workload, tally: Tally, guarded: bool)
                 overdrawn += min(spent - work.budget, body["amount"])
         elif record.kind == "app.act":
             acts[body["entity"]].append((record.hlc >> 16, record.author, body["plan"]))
-    incoherent = sum(
-        1
+    clashes = [
+        (i, j)
         for actions in acts.values()
         for i, (at, who, what) in enumerate(actions)
-        for at2, who2, what2 in actions[i + 1 :]
+        for j, (at2, who2, what2) in enumerate(actions[i + 1 :], i + 1)
         if who2 != who and what2 != what and at2 - at < WINDOW_MS
-    )
+    ]
+    contradicting = {(sku, j) for sku, actions in acts.items() for j, (at, who, what) in
+                     enumerate(actions) if any(w != who and p != what and at - a < WINDOW_MS
+                                               for a, w, p in actions[:j])}  # fmt: skip
     found: dict[str, Any] = {
         "violations": violations,
         "oversold_units": oversold_units,
         "overdrawn": overdrawn,
-        "incoherent_decisions": incoherent,
+        "incoherent_decisions": len(clashes),
+        "contradictions": len(contradicting),
         "shipments": shipments,
         "discounts": grants,
         "backordered": tally.backordered,
         "refused": tally.refused,
         "handled": shipments + tally.backordered,
+        "aligned": tally.aligned,
     }
     if guarded:
-        found.update(conflicts=conflicts, aligned=tally.aligned, overruled=tally.overruled)
+        found.update(conflicts=conflicts, overruled=tally.overruled, lapsed=tally.lapsed)
     return found
