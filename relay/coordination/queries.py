@@ -96,15 +96,19 @@ def _summary(coordinator: Coordinator, order: WorkOrder, now_ms: int) -> dict[st
 
 
 def _family(ledger: Any, order: WorkOrder) -> dict[str, Any]:
-    """A sub-order's parent, a parent's children (id and status: their progress at a
-    glance), and the holder's latest progress report; only what an order has."""
+    """A sub-order's parent, a parent's children (id, status and the percent its holder
+    last reported: their progress at a glance), and the holder's latest progress
+    report; only what an order has."""
     shown: dict[str, Any] = {}
     if order.parent is not None:
         shown["parent"] = order.parent
     if order.children:
+        children = (ledger.orders[c] for c in order.children[:100])
         shown["children"] = [
-            {"id": c, "status": ledger.orders[c].status.value} for c in order.children[:100]
-        ]
+            {"id": child.id, "status": child.status.value,
+             "percent": child.progress[0] if child.progress is not None else None}
+            for child in children
+        ]  # fmt: skip
         shown["children_total"] = len(order.children)
     if order.progress is not None:
         percent, message, at_ms = order.progress

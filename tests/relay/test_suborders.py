@@ -32,8 +32,8 @@ async def test_a_parent_is_done_only_when_its_children_are(relay: RunningRelay) 
 
         await worker.update(await worker.claim(second), "blocked", "the CI is down")
         shown = await lead.show(parent)
-        assert [(c["id"], c["status"]) for c in shown["children"]] == [
-            (first, "done"), (second, "blocked"),
+        assert [(c["id"], c["status"], c["percent"]) for c in shown["children"]] == [
+            (first, "done", 60), (second, "blocked", None),
         ]  # fmt: skip
         [escalation] = [n for n in shown["notes"] if f"sub-order {second} is blocked" in n["text"]]
         assert escalation["author"] == identity(2).public_key  # the worker that blocked it
