@@ -8,10 +8,12 @@ a kind: ``customer:*`` covers ``customer:42``. From then on an event whose body 
 map with ``"entity": E`` is a write to E, and the relay takes it only from E's
 writer: anyone else's is refused with ``forbidden``, the reason naming the writer.
 ``entity.handover {entity, to? | to_role?}``, signed by the current writer, is the
-only way to move the pen. A declaration that overlaps one of another writer (the
-same name, a kind that covers it, or one it covers) is refused: declaring cannot
-take an entity from its writer. Checked where the relay decides events in log order
-(relay/node.py), like the namespace policy.
+only way to move the pen; ``entity.release {entity}``, signed by the writer too,
+ends the declaration (anyone may write the entity again, or declare it). A
+declaration that overlaps one of another writer (the same name, a kind that covers
+it, or one it covers) is refused: declaring cannot take an entity from its writer.
+Checked where the relay decides events in log order (relay/node.py), like the
+namespace policy.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.wire import KEY_SIZE, Event, decode
 from relay.store import Record
 
-DECLARE, HANDOVER = "entity.declare", "entity.handover"
-KINDS = frozenset({DECLARE, HANDOVER})
+DECLARE, HANDOVER, RELEASE = "entity.declare", "entity.handover", "entity.release"
+KINDS = frozenset({DECLARE, HANDOVER, RELEASE})
 MAX_NAME = 256
 MAX_ROLE = 64
 KIND_WIDE = "*"
@@ -77,19 +79,21 @@ def _writer(body: dict[str, Any], key_field: str, role_field: str) -> Writer | N
     return None
 
 
-def check(event: Event) -> tuple[str, Writer] | None:
-    """The entity and writer an ``entity.*`` event sets, or ``bad_event``; ``None``
-    for other kinds."""
+def check(event: Event) -> tuple[str, Writer | None] | None:
+    """The entity and writer an ``entity.*`` event sets (no writer: a release), or
+    ``bad_event``; ``None`` for other kinds."""
     if event.kind not in KINDS:
         return None
     body = event.body
     if not isinstance(body, dict):
         raise _bad(f"{event.kind}: the body is a map")
-    fields = ("writer", "role") if event.kind == DECLARE else ("to", "to_role")
+    fields = {DECLARE: ("writer", "role"), HANDOVER: ("to", "to_role"), RELEASE: ()}[event.kind]
     allowed = {"entity", *fields}
     if set(body) - allowed:
         raise _bad(f"{event.kind}: only {', '.join(sorted(allowed))}")
     name = _name(body)
+    if event.kind == RELEASE:
+        return name, None
     writer = _writer(body, *fields)
     if event.kind == DECLARE:
         return name, writer or Writer(key=event.author)
@@ -156,13 +160,20 @@ class Entities:
             applies = self._overlapping(record.ns, name) is None
         else:
             applies = (record.ns, name) in self.writers
-        if applies:
+        if applies and writer is None:
+            self._drop(record.ns, name)
+        elif applies and writer is not None:
             self._set(record.ns, name, writer)
 
     def _set(self, ns: str, name: str, writer: Writer) -> None:
         if (ns, name) not in self.writers and name.endswith(KIND_WIDE):
             self.kinds.setdefault(ns, []).append(name)
         self.writers[(ns, name)] = writer
+
+    def _drop(self, ns: str, name: str) -> None:
+        del self.writers[(ns, name)]
+        if name.endswith(KIND_WIDE):
+            self.kinds[ns].remove(name)
 
     def refuse(self, event: Event, writer: bytes, role_of: RoleOf) -> ProtocolError | None:
         """Why ``event`` (written by ``writer``) may not be taken, or ``None``."""
@@ -191,7 +202,8 @@ class Entities:
         if current is None:
             return _bad(f"entity {name} is not declared")
         if not current.may(event.ns, event.author, role_of):
-            return _forbidden(name, current, "hands over only by its writer")
+            done = "handed over" if event.kind == HANDOVER else "released"
+            return _forbidden(name, current, f"is {done} only by its writer")
         return None
 
 

@@ -62,6 +62,8 @@ async def test_bad_entity_events_are_refused(relay: RunningRelay) -> None:
             ("entity.declare", {"entity": "e", "role": ""}),
             ("entity.declare", {"entity": "e", "role": "r" * 65}),
             ("entity.handover", {"entity": "e", "to_role": 7}),
+            ("entity.release", {"entity": "e", "to": BOB.public_key}),
+            ("entity.release", {"entity": "never-declared"}),
         ):
             await refused(ErrorCode.BAD_EVENT, alice.publish(NS, kind, body))
         assert relay.node.head(NS) == 0
@@ -119,3 +121,9 @@ async def test_a_role_or_a_kind_of_entities_has_one_writer(relay: RunningRelay) 
         await bob.publish(NS, "app.price", {"entity": "price:a"})
         await bob.publish(NS, "entity.handover", {"entity": "price:*", "to_role": "pricing"})
         await carol_.publish(NS, "app.price", {"entity": "price:a"})
+        await refused(
+            ErrorCode.FORBIDDEN, alice.publish(NS, "entity.release", {"entity": "price:*"})
+        )
+        await carol_.publish(NS, "entity.release", {"entity": "price:*"})  # a role member
+        await alice.publish(NS, "app.price", {"entity": "price:a"})  # anyone writes again
+        await alice.publish(NS, "entity.declare", {"entity": "price:a"})  # or declares
