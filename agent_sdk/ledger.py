@@ -61,13 +61,20 @@ class Ledger:
         self.ns = ns
         self._ended: set[tuple[str, int]] = set()  # claims this agent ended itself
 
-    async def request(self, kind: str, body: dict[str, Any]) -> dict[str, Any]:
-        """Publish one request; return the outcome body or raise :class:`LedgerRefusal`."""
-        # A fresh nonce: the same request twice in one millisecond would otherwise be
-        # the same event, and the relay would answer the second with the first's
-        # outcome (idempotence). Retries of *this* request re-send the same bytes.
-        nonce = self.client.nonce()
-        published = await self.client.publish(self.ns, kind, body, nonce=nonce)
+    async def request(
+        self, kind: str, body: dict[str, Any], *, nonce: bytes | None = None, ts: int | None = None
+    ) -> dict[str, Any]:
+        """Publish one request; return the outcome body or raise :class:`LedgerRefusal`.
+
+        A caller that must survive losing the answer (the relay or the connection went
+        away mid-request) passes the same ``nonce`` and ``ts`` when it asks again: the
+        request is then the same event, and the relay answers it with the outcome it
+        decided the first time, if it got that far, instead of deciding it twice."""
+        # A fresh nonce by default: the same request twice in one millisecond would
+        # otherwise be the same event, and the relay would answer the second with the
+        # first's outcome (idempotence).
+        nonce = self.client.nonce() if nonce is None else nonce
+        published = await self.client.publish(self.ns, kind, body, nonce=nonce, ts=ts)
         if published.outcome is None:
             raise LedgerRefusal("no_outcome", "the relay sent no outcome for this request", None)
         event = published.outcome.event.event

@@ -17,7 +17,7 @@ import trio
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from agent_sdk.errors import ProtocolError
-from agent_sdk.ledger import Ledger, LedgerRefusal
+from agent_sdk.ledger import Claim, Ledger, LedgerRefusal
 from simulations.model import FANOUT, STAGES, AgentStates, Meter, Policy, Settings, Summary
 from simulations.scenarios.common import NS, RELAY, plan, relay_config, tally
 from simulations.world import World, identity_of
@@ -173,29 +173,55 @@ async def follow_up(ledger: Ledger, order: str, value: str, progress: Progress) 
 
 @dataclass(frozen=True)
 class Report:
-    """A finished order's result, with the exact bytes to publish: sent again after a
-    lost connection, it is the same event (idempotent), never a second result."""
+    """A finished order's completion and result, with the exact bytes to publish: sent
+    again after a lost connection, each is the same event (idempotent), never a second
+    completion or a second result."""
 
-    order: str
+    claim: Claim
     value: str
     ts: int
     nonce: bytes
+    """Of the result; the completion's is ``done_nonce``."""
+    done_nonce: bytes
+
+    @property
+    def order(self) -> str:
+        return self.claim.order
+
+
+async def complete(ledger: Ledger, result: Report) -> None:
+    """Mark the order done under the claim, with the same bytes on every try: the relay
+    answers a repeat with the first decision (done, or refused because the lease had
+    moved on), so only the agent whose completion the relay took reports a result. (A
+    fresh request after a lost answer could not tell: the order may show done by the
+    agent that took it over.)"""
+    claim = result.claim
+    body = {"status": "done", "reason": "", "wo": claim.order, "token": claim.token}
+    await ledger.request("wo.update", body, nonce=result.done_nonce, ts=result.ts)
 
 
 async def report(ledger: Ledger, reporting: list[Report], progress: Progress) -> None:
-    """Publish the result of an order the relay marked done (again, if the first try's
-    answer was lost with the connection); an order not done has no result to give."""
+    """Finish reporting an order whose completion's answer was lost with the
+    connection: complete it again (the same request), then publish its result."""
     result = reporting[0]
-    if (await ledger.show(result.order))["status"] == "done":
-        await ledger.client.publish(
-            ledger.ns,
-            "app.result",
-            {"wo": result.order, "value": result.value},
-            nonce=result.nonce,
-            ts=result.ts,
-        )
-        progress.finish_one()
+    try:
+        await complete(ledger, result)
+    except LedgerRefusal:
+        progress.wasted += 1  # the lease had moved on: this result must not count
+    else:
+        await publish_result(ledger, result, progress)
     reporting.clear()
+
+
+async def publish_result(ledger: Ledger, result: Report, progress: Progress) -> None:
+    await ledger.client.publish(
+        ledger.ns,
+        "app.result",
+        {"wo": result.order, "value": result.value},
+        nonce=result.nonce,
+        ts=result.ts,
+    )
+    progress.finish_one()
 
 
 async def work(  # type: ignore[no-untyped-def]
@@ -241,15 +267,16 @@ async def work(  # type: ignore[no-untyped-def]
                 if half == 0 and handoff:
                     await ledger.put_context({"progress": done_part + (1 - done_part) / 2}, claim)
             value = rng.choice(("approve", "reject"))
-            clock = ledger.client.clock_ms()
-            reporting.append(Report(claim.order, value, clock, ledger.client.nonce()))
-            await ledger.update(claim, "done")
+            clock, client = ledger.client.clock_ms(), ledger.client
+            reporting.append(Report(claim, value, clock, client.nonce(), client.nonce()))
+            await complete(ledger, reporting[0])
         except LedgerRefusal:
             reporting.clear()
             progress.wasted += 1  # the lease moved on: this result must not count
             mark("idle")
             continue
         await follow_up(ledger, claim.order, value, progress)
-        await report(ledger, reporting, progress)
+        await publish_result(ledger, reporting[0], progress)
+        reporting.clear()
         mark("idle")
     return False
