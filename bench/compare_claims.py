@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from ingest import BenchError, percentile, relay_process
+from ingest import percentile, relay_process
 
 from agent_sdk.client import RelayClient
 from agent_sdk.identity import Identity
@@ -69,7 +69,9 @@ from agent_sdk.ledger import Claim, Ledger, LedgerRefusal
 NS = "queue-{}@local"
 """A namespace per run: each starts with an empty ledger."""
 RUNS = iter(range(1, 1_000_000))
-PG_DSN = os.environ.get("FORMICARY_BENCH_PG", "host=127.0.0.1 port=54339 user=formicary dbname=postgres")
+PG_DSN = os.environ.get(
+    "FORMICARY_BENCH_PG", "host=127.0.0.1 port=54339 user=formicary dbname=postgres"
+)
 REDIS_URL = os.environ.get("FORMICARY_BENCH_REDIS", "redis://127.0.0.1:63799/0")
 PAUSE_LEASES = 3
 

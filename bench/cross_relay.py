@@ -24,7 +24,7 @@ per second until the reader has all of them.
 
 Usage::
 
-    .venv/bin/python bench/federation.py [--agents 20] [--window 8] [--seconds 4]
+    .venv/bin/python bench/cross_relay.py [--agents 20] [--window 8] [--seconds 4]
 """
 
 from __future__ import annotations
@@ -40,21 +40,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-# This script is named like the `federation` package: import the package while this
-# folder is off the path (or the relay's `import federation` would find this file),
-# then put the folder back for `ingest`.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-import federation.network  # noqa: E402, F401
-import relay.app  # noqa: E402, F401
+import trio
+from ingest import BenchError, RelayProcess, percentile, two_relays
 
-sys.path.append(str(_HERE))
-
-import trio  # noqa: E402
-from ingest import BenchError, RelayProcess, percentile, two_relays  # noqa: E402
-
-from agent_sdk.client import Delivery, Live, RelayClient  # noqa: E402
-from agent_sdk.identity import Identity  # noqa: E402
+from agent_sdk.client import Delivery, Live, RelayClient
+from agent_sdk.identity import Identity
 
 
 def log(message: str) -> None:
