@@ -1,13 +1,15 @@
 #!/bin/sh
 # What the test suite needs from Debian, besides Python: PostgreSQL (the second store
-# backend) and Chromium (the oversight board's browser tests, driven by Playwright
-# through its executable path; Playwright's own browser download is not used).
-# Installs what is missing with apt-get (root, or sudo), then starts the throwaway
-# PostgreSQL server (tests/postgres.sh). Idempotent.
+# backend), Chromium (the oversight board's browser tests, driven by Playwright
+# through its executable path; Playwright's own browser download is not used), and
+# Redis (the smoke run of the benchmark against Redis locks). Installs what is missing
+# with apt-get (root, or sudo), then starts the throwaway PostgreSQL server
+# (tests/postgres.sh) and the benchmarks' peers (bench/peers.sh). Idempotent.
 set -eu
 missing=""
 ls -d /usr/lib/postgresql/*/bin >/dev/null 2>&1 || missing="$missing postgresql"
 command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
+command -v redis-server >/dev/null 2>&1 || missing="$missing redis-server"
 if [ -n "$missing" ]; then
     SUDO=""
     [ "$(id -u)" -eq 0 ] || SUDO=sudo
@@ -17,4 +19,5 @@ if [ -n "$missing" ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends $missing \
         >/dev/null
 fi
-exec sh "$(dirname "$0")/postgres.sh"
+sh "$(dirname "$0")/postgres.sh"
+exec sh "$(dirname "$0")/../bench/peers.sh"

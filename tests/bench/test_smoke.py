@@ -1,0 +1,50 @@
+"""Every benchmark script, run once with tiny sizes: it starts, drives what it
+measures (a relay process, the peers on loopback) and prints one JSON object without
+an error. No figure is checked here: timings belong to the benchmarks themselves, on
+a quiet machine, never to a test."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+TINY = {
+    "auctions.py": ["--auctions", "3", "--bidders", "3", "--window", "1000"],
+    "claims.py": ["--agents", "4", "--seconds", "0.5"],
+    "compare_claims.py": ["--agents", "4", "--items", "40", "--pause-agents", "4",
+                          "--pause-items", "20", "--pausers", "1"],
+    "cross_relay.py": ["--agents", "2", "--seconds", "0.3", "--rounds", "1"],
+    "docs.py": ["--clients", "2", "--edits", "3"],
+    "flood.py": ["--seconds", "0.3", "--rounds", "1", "--calm-rate", "20",
+                 "--flood-connections", "2"],
+    "floor.py": ["--events", "50", "--seconds", "0.05", "--rounds", "1"],
+    "idle.py": ["--connections", "20", "--concurrency", "10"],
+    "ingest.py": ["--agents", "2", "--events", "400", "--warmup", "50",
+                  "--verify-seconds", "0.2"],
+    "messaging.py": ["--pairs", "2", "--seconds", "0.3", "--rounds", "1"],
+    "stores.py": ["--events", "200", "--agents", "2", "--rounds", "1"],
+}  # fmt: skip
+
+
+def test_every_benchmark_has_a_smoke_run() -> None:
+    scripts = {p.name for p in BENCH.glob("*.py")} - {"profile_relay.py"}  # (a wrapper)
+    assert scripts == set(TINY)
+
+
+@pytest.mark.parametrize("script", sorted(TINY))
+def test_a_benchmark_prints_one_json_object(script: str) -> None:
+    done = subprocess.run(
+        [sys.executable, str(BENCH / script), *TINY[script]],
+        capture_output=True, timeout=300, check=False, cwd=BENCH.parent,
+    )  # fmt: skip
+    lines = done.stdout.decode().strip().splitlines()
+    assert done.returncode == 0 and len(lines) == 1, done.stderr.decode()[-2000:]
+    result = json.loads(lines[0])
+    assert isinstance(result, dict) and "error" not in result, result
+    if script == "compare_claims.py":  # fencing is a property, not a figure
+        assert result["pauses"]["formicary"]["double_processed"] == 0
