@@ -169,6 +169,25 @@ def raw_verify_rate(samples: Sequence[SignedEvent], seconds: float) -> float:
 # --------------------------------------------------------------------------- relay process
 
 
+def sodium_verify_rate(samples: Sequence[SignedEvent], seconds: float) -> float | None:
+    """The same checks through libsodium (PyNaCl), key objects built beforehand: the
+    floor the issue sets ingest against (bench/floor.py compares the two libraries)."""
+    try:
+        from nacl.signing import VerifyKey
+    except ImportError:
+        return None
+    prepared = [(VerifyKey(s.event.author), s.sig, EVENT_DOMAIN + s.id) for s in samples]
+    count = 0
+    start = time.perf_counter()
+    while True:
+        for key, sig, message in prepared:
+            key.verify(message, sig)
+        count += len(prepared)
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return count / elapsed
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -410,6 +429,8 @@ class Measurement:
     verify_before: float
     verify_after: float
     verify_raw: float
+    verify_sodium: float | None
+    """libsodium's rate on the same samples (None without PyNaCl)."""
     start: Snapshot
     end: Snapshot
     info: dict[str, Any]
@@ -454,9 +475,12 @@ def measure(args: argparse.Namespace) -> Measurement:
             log(f"ingest: {args.events} events in {seconds:.2f}s = {args.events / seconds:,.0f}/s")
             verify_after = verify_rate(samples, args.verify_seconds)
             verify_raw = raw_verify_rate(samples, args.verify_seconds / 2)
+            sodium = sodium_verify_rate(samples, args.verify_seconds / 2)
             log(f"verify after: {verify_after:,.0f}/s")
             info = relay.info()
-    return Measurement(workload, presign, verify_before, verify_after, verify_raw, start, end, info)
+    return Measurement(
+        workload, presign, verify_before, verify_after, verify_raw, sodium, start, end, info
+    )
 
 
 def _delta(before: float | None, after: float | None) -> float | None:
@@ -507,6 +531,10 @@ def report(args: argparse.Namespace, m: Measurement) -> dict[str, Any]:
         "verify_per_s_after": round(m.verify_after, 1),
         "verify_raw_per_s": round(m.verify_raw, 1),
         "ingest_over_verify": round(ratio, 3),
+        "libsodium_verify_per_s": _round(m.verify_sodium, 1),
+        "ingest_over_libsodium_verify": _round(
+            None if not m.verify_sodium else rate / m.verify_sodium, 3
+        ),
         "target_min": TARGET_MIN,
         "goal": GOAL,
         "meets_target": ratio >= TARGET_MIN,
