@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -35,8 +36,10 @@ class Identity:
         """Deterministic identity from 32 seed bytes (tests and simulations)."""
         return cls(Ed25519PrivateKey.from_private_bytes(seed))
 
-    @property
+    @cached_property
     def public_key(self) -> bytes:
+        # Derived once: every event an identity signs names its author (a profile of
+        # the relay showed the derivation on each of them).
         return self.private_key.public_key().public_bytes_raw()
 
     @property
