@@ -10,29 +10,33 @@ the same loopback machine as the servers:
 
     claim the next open item (leased for ``--ttl-ms``) -> process it -> mark it done
 
-* **Formicary**: a relay process (SQLite store, ``synchronous=FULL``); ``wo.next``
-  with a lease, ``wo.update done`` with the claim's fencing token (the SDK's
-  ``Ledger``, as an agent uses it).
-* **PostgreSQL**: ``UPDATE jobs SET owner, lease_until = now() + ttl WHERE id =
-  (SELECT id FROM jobs WHERE NOT done AND (lease_until IS NULL OR lease_until <
-  now()) ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING id``, then ``UPDATE
-  jobs SET done WHERE id AND owner`` (autocommit; the server's default durability).
-* **Redis**: ``SRANDMEMBER open`` for a candidate, ``SET lock:<id> <me> NX PX ttl``
-  to take it, ``SISMEMBER open`` to see it was not finished in between, then
-  ``SREM open``, ``DEL lock`` (one transaction) to finish.
+* **Formicary**: a fresh relay process per run (SQLite store, ``synchronous=FULL``);
+  ``wo.next`` with a lease, ``wo.update done`` with the claim's fencing token (the
+  SDK's ``Ledger``, as an agent uses it).
+* **PostgreSQL** (fsync on): ``UPDATE jobs SET owner, attempt = attempt + 1,
+  lease_until = now() + ttl WHERE id = (SELECT id FROM jobs WHERE NOT done AND
+  (lease_until IS NULL OR lease_until < now()) ORDER BY id LIMIT 1 FOR UPDATE SKIP
+  LOCKED) RETURNING id, attempt`` over a partial index on the open rows, then
+  ``UPDATE jobs SET done WHERE id AND owner`` (autocommit).
+* **Redis** (no persistence: ``bench/peers.sh``): ``SRANDMEMBER`` for a candidate,
+  ``SET lock NX PX ttl`` to take it, ``SISMEMBER`` to see it was not finished in
+  between, ``INCR`` for an attempt number, then one script that removes the item
+  and deletes the lock if it is still the worker's.
 
 **Throughput** (``claims_per_s``): ``--items`` items, worked off as fast as the
-workers go with no work per item; claim+finish cycles per second, and the claim
-latency (from asking to holding) p50/p99. The systems alternate within the run.
+workers go with no work per item; the clock runs from the first claim to the last
+finish. Claim latency is from asking to holding, retries included. The systems
+alternate, ``--rounds`` times; each figure is the median round.
 
 **Pauses** (``double_processed``): ``--pause-items`` items, ``--pausers`` of the
 workers each stall after claiming their first item for three leases (a GC pause, a
 suspended VM), then write their result to the sink, as the worker loop does after
-processing. The sink counts the items written more than once. Formicary's workers
-pass their fencing token and the sink keeps the largest per item and refuses a
-smaller one (the demo's Workbench); the peers have no token to pass, so their sink
-takes every write. That is the difference measured: whether a stale holder can still
-act, not how fast anyone is.
+processing. The sink counts the items written more than once. A *fenced* worker
+passes a token that rises with each grant of the item, and a fenced sink refuses a
+token below the largest it has seen (the demo's Workbench). Formicary's token comes
+with every claim; the peers are run both as usually built (no token) and fenced by
+hand (PostgreSQL's ``attempt`` column, Redis' ``INCR``), to show the difference is
+the token, and who has to remember to build it.
 
 Usage::
 
@@ -40,6 +44,7 @@ Usage::
     .venv/bin/pip install -e '.[bench]'    # their Python clients
     .venv/bin/python bench/compare_claims.py [--agents 20,200] [--items 4000]
 
+It uses the table ``formicary_bench_jobs`` and Redis keys under ``formicary-bench:``.
 Progress on stderr; one JSON object on stdout (exit 0), or one with ``error`` (exit 1).
 """
 
@@ -66,14 +71,21 @@ from agent_sdk.client import RelayClient
 from agent_sdk.identity import Identity
 from agent_sdk.ledger import Claim, Ledger, LedgerRefusal
 
-NS = "queue-{}@local"
-"""A namespace per run: each starts with an empty ledger."""
-RUNS = iter(range(1, 1_000_000))
+NS = "queue@local"
 PG_DSN = os.environ.get(
     "FORMICARY_BENCH_PG", "host=127.0.0.1 port=54339 user=formicary dbname=postgres"
 )
 REDIS_URL = os.environ.get("FORMICARY_BENCH_REDIS", "redis://127.0.0.1:63799/0")
+TABLE = "formicary_bench_jobs"
+PREFIX = "formicary-bench:"
 PAUSE_LEASES = 3
+IDLE_S = 0.05
+"""How long a worker that found nothing waits before asking again (only while a
+stalled holder's lease runs out)."""
+RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return redis.call('SREM', KEYS[2], ARGV[2])
+"""
 
 
 def log(message: str) -> None:
@@ -90,9 +102,8 @@ class Sink:
     highest: dict[int, int] = field(default_factory=dict)
     refused: int = 0
 
-    def write(self, item: int, token: int | None) -> None:
+    def write(self, item: int, token: int) -> None:
         if self.fenced:
-            assert token is not None
             if token < self.highest.get(item, 0):
                 self.refused += 1
                 return
@@ -106,19 +117,31 @@ class Sink:
 
 @dataclass
 class Run:
-    """What one system's workers did: cycles, claim latencies (ns), the sink."""
+    """What one system's workers did: items finished, claim latencies (ns), the sink."""
 
+    items: int
     sink: Sink
     latencies: list[int] = field(default_factory=list)
     done: int = 0
-    seconds: float = 0.0
+    began: float = 0.0
+    ended: float = 0.0
+
+    def finished(self, count: int) -> None:
+        self.done += count
+        if self.done >= self.items and not self.ended:
+            self.ended = time.perf_counter()  # the last finish stops the clock
+
+    @property
+    def over(self) -> bool:
+        return self.done >= self.items
 
     def figures(self) -> dict[str, Any]:
         ordered = sorted(self.latencies)
+        seconds = (self.ended or time.perf_counter()) - self.began
         return {
             "items_done": self.done,
-            "seconds": round(self.seconds, 3),
-            "claims_per_s": round(self.done / self.seconds, 1) if self.seconds else 0.0,
+            "seconds": round(seconds, 3),
+            "claims_per_s": round(self.done / seconds, 1) if seconds > 0 else 0.0,
             "claim_latency_ms": {"p50": percentile(ordered, 50), "p99": percentile(ordered, 99)},
         }
 
@@ -131,86 +154,94 @@ def pauses_of(agents: int, pausers: int) -> set[int]:
 # ----------------------------------------------------------------------- Formicary
 
 
-async def formicary(url: str, agents: int, items: int, ttl_ms: int, pausers: int) -> Run:
-    run = Run(Sink(fenced=True))
-    ns = NS.format(next(RUNS))
+def formicary(agents: int, items: int, ttl_ms: int, pausers: int, fenced: bool) -> Run:
+    """A run on a relay of its own (started and stopped outside the clock)."""
+    with (
+        tempfile.TemporaryDirectory(prefix="formicary-compare-") as tmp,
+        relay_process(Path(tmp), None) as relay,
+    ):
+        relay.wait_ready(30)
+        return trio.run(formicary_run, relay.url, agents, items, ttl_ms, pausers)
+
+
+async def formicary_run(url: str, agents: int, items: int, ttl_ms: int, pausers: int) -> Run:
+    run = Run(items, Sink(fenced=True))
     async with RelayClient.connect(url, Identity.generate()) as setup:
-        ledger = Ledger(setup, ns)
+        ledger = Ledger(setup, NS)
 
         async def create(first: int) -> None:
             for n in range(first, items, 32):
-                await ledger.create(f"item {n}", labels=[str(n)])
+                await ledger.create(f"item {n}")
 
         async with trio.open_nursery() as nursery:
             for first in range(min(32, items)):
                 nursery.start_soon(create, first)
-    ids = {}  # wo id -> item number, read back from the ledger
-    async with RelayClient.connect(url, Identity.generate()) as reader:
-        for order in await Ledger(reader, ns).list("open"):
-            ids[order["id"]] = int(order["id"][3:])
     stalled = pauses_of(agents, pausers)
     ready, go = [0], trio.Event()
 
     async def worker(n: int) -> None:
         async with RelayClient.connect(url, Identity.from_seed(os.urandom(32))) as client:
-            ledger = Ledger(client, ns)
+            ledger = Ledger(client, NS)
             ready[0] += 1
             if ready[0] == agents:
+                run.began = time.perf_counter()
                 go.set()
             await go.wait()
             first = True
-            while True:
+            while not run.over:
                 began = time.perf_counter_ns()
                 try:
                     claim: Claim = await ledger.next(ttl_ms=ttl_ms)
                 except LedgerRefusal as refusal:
-                    if refusal.problem == "nothing_open":
-                        if not await ledger.list("claimed"):
-                            return  # all done
-                        await trio.sleep(ttl_ms / 4000)  # a stalled claim lapses: wait a bit
-                        continue
-                    raise
+                    if refusal.problem != "nothing_open":
+                        raise
+                    await trio.sleep(IDLE_S)  # a stalled claim is still running out
+                    continue
                 run.latencies.append(time.perf_counter_ns() - began)
                 if first and n in stalled:
                     await trio.sleep(PAUSE_LEASES * ttl_ms / 1000)
                 first = False
-                run.sink.write(ids[claim.order], claim.token)
+                run.sink.write(int(claim.order[3:]), claim.token)
                 try:
                     await ledger.update(claim, "done")
-                    run.done += 1
+                    run.finished(1)
                 except LedgerRefusal:
                     pass  # the lease moved on while it stalled: the relay refuses it too
 
     async with trio.open_nursery() as nursery:
         for n in range(agents):
             nursery.start_soon(worker, n)
-        await go.wait()
-        began = trio.current_time()
-    run.seconds = trio.current_time() - began
     return run
 
 
 # ----------------------------------------------------------------------- PostgreSQL
 
 
-async def postgres(agents: int, items: int, ttl_ms: int, pausers: int) -> Run:
+def postgres(agents: int, items: int, ttl_ms: int, pausers: int, fenced: bool) -> Run:
+    return asyncio.run(postgres_run(agents, items, ttl_ms, pausers, fenced))
+
+
+async def postgres_run(agents: int, items: int, ttl_ms: int, pausers: int, fenced: bool) -> Run:
     import psycopg
 
-    run = Run(Sink(fenced=False))
+    run = Run(items, Sink(fenced=fenced))
     async with await psycopg.AsyncConnection.connect(PG_DSN, autocommit=True) as setup:
-        await setup.execute("DROP TABLE IF EXISTS jobs")
+        await setup.execute(f"DROP TABLE IF EXISTS {TABLE}")
         await setup.execute(
-            "CREATE TABLE jobs (id int PRIMARY KEY, done bool NOT NULL DEFAULT false,"
-            " owner int, lease_until timestamptz)"
+            f"CREATE TABLE {TABLE} (id int PRIMARY KEY, done bool NOT NULL DEFAULT false,"
+            " owner int, attempt int NOT NULL DEFAULT 0, lease_until timestamptz)"
         )
-        await setup.execute("INSERT INTO jobs (id) SELECT generate_series(1, %s)", (items,))
+        # What people build: finding open work must not walk past the finished rows.
+        await setup.execute(f"CREATE INDEX ON {TABLE} (id) WHERE NOT done")
+        await setup.execute(f"INSERT INTO {TABLE} (id) SELECT generate_series(1, %s)", (items,))
     claim_sql = (
-        "UPDATE jobs SET owner = %(me)s, lease_until = now() + %(ttl)s * interval '1 ms'"
-        " WHERE id = (SELECT id FROM jobs WHERE NOT done AND (lease_until IS NULL OR"
-        " lease_until < now()) ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING id"
+        f"UPDATE {TABLE} SET owner = %(me)s, attempt = attempt + 1,"
+        " lease_until = now() + %(ttl)s * interval '1 ms'"
+        f" WHERE id = (SELECT id FROM {TABLE} WHERE NOT done AND (lease_until IS NULL OR"
+        " lease_until < now()) ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED)"
+        " RETURNING id, attempt"
     )
-    done_sql = "UPDATE jobs SET done = true WHERE id = %s AND owner = %s AND NOT done"
-    left_sql = "SELECT count(*) FROM jobs WHERE NOT done"
+    done_sql = f"UPDATE {TABLE} SET done = true WHERE id = %s AND owner = %s AND NOT done"
     stalled = pauses_of(agents, pausers)
     connections = [
         await psycopg.AsyncConnection.connect(PG_DSN, autocommit=True) for _ in range(agents)
@@ -218,125 +249,148 @@ async def postgres(agents: int, items: int, ttl_ms: int, pausers: int) -> Run:
 
     async def worker(n: int, conn: Any) -> None:
         first = True
-        while True:
+        while not run.over:
             began = time.perf_counter_ns()
             row = await (await conn.execute(claim_sql, {"me": n, "ttl": ttl_ms})).fetchone()
             if row is None:
-                left = (await (await conn.execute(left_sql)).fetchone())[0]
-                if left == 0:
-                    return
-                await asyncio.sleep(ttl_ms / 4000)
+                await asyncio.sleep(IDLE_S)  # a stalled lease is still running out
                 continue
             run.latencies.append(time.perf_counter_ns() - began)
             if first and n in stalled:
                 await asyncio.sleep(PAUSE_LEASES * ttl_ms / 1000)
             first = False
-            run.sink.write(row[0], None)
-            finished = await conn.execute(done_sql, (row[0], n))
-            run.done += finished.rowcount
+            run.sink.write(row[0], row[1])
+            run.finished((await conn.execute(done_sql, (row[0], n))).rowcount)
 
-    began = time.perf_counter()
+    run.began = time.perf_counter()
     try:
         await asyncio.gather(*(worker(n, c) for n, c in enumerate(connections)))
     finally:
         for conn in connections:
             await conn.close()
-    run.seconds = time.perf_counter() - began
     return run
 
 
 # ----------------------------------------------------------------------- Redis
 
 
-async def redis_locks(agents: int, items: int, ttl_ms: int, pausers: int) -> Run:
+def redis_locks(agents: int, items: int, ttl_ms: int, pausers: int, fenced: bool) -> Run:
+    return asyncio.run(redis_run(agents, items, ttl_ms, pausers, fenced))
+
+
+async def redis_run(agents: int, items: int, ttl_ms: int, pausers: int, fenced: bool) -> Run:
     import redis.asyncio as aioredis
 
-    run = Run(Sink(fenced=False))
-    setup = aioredis.from_url(REDIS_URL)
-    await setup.flushdb()
-    await setup.sadd("open", *range(1, items + 1))
-    await setup.aclose()
-    stalled = pauses_of(agents, pausers)
+    run = Run(items, Sink(fenced=fenced))
+    base = f"{PREFIX}{os.getpid()}:{time.monotonic_ns()}:"  # this run's keys alone
+    open_key = base + "open"
     clients = [aioredis.from_url(REDIS_URL, single_connection_client=True) for _ in range(agents)]
+    await clients[0].sadd(open_key, *range(1, items + 1))
+    for client in clients:
+        await client.ping()  # connected before the clock starts
+    release = clients[0].register_script(RELEASE)
+    stalled = pauses_of(agents, pausers)
 
     async def worker(n: int, r: Any) -> None:
         first = True
-        while True:
-            began = time.perf_counter_ns()
-            candidate = await r.srandmember("open")
+        while not run.over:
+            began = time.perf_counter_ns()  # once per claim: retries are its latency
+            while True:
+                candidate = await r.srandmember(open_key)
+                if candidate is None:
+                    break
+                item = int(candidate)
+                if not await r.set(f"{base}lock:{item}", n, nx=True, px=ttl_ms):
+                    continue  # another worker holds it: pick again
+                if await r.sismember(open_key, item):
+                    break
+                await r.delete(f"{base}lock:{item}")  # finished between pick and lock
             if candidate is None:
-                return
-            item = int(candidate)
-            if not await r.set(f"lock:{item}", n, nx=True, px=ttl_ms):
-                continue  # another worker holds it: pick again
-            if not await r.sismember("open", item):  # finished between the pick and the lock
-                await r.delete(f"lock:{item}")
+                await asyncio.sleep(IDLE_S)  # a stalled holder's lock is still running out
                 continue
+            token = await r.incr(f"{base}attempt:{item}")
             run.latencies.append(time.perf_counter_ns() - began)
             if first and n in stalled:
                 await asyncio.sleep(PAUSE_LEASES * ttl_ms / 1000)
             first = False
-            run.sink.write(item, None)
-            removed, _ = (
-                await r.pipeline(transaction=True)
-                .srem("open", item)
-                .delete(f"lock:{item}")
-                .execute()
-            )
-            run.done += removed
+            run.sink.write(item, token)
+            removed = await release(keys=[f"{base}lock:{item}", open_key], args=[n, item], client=r)
+            run.finished(int(removed))
 
-    began = time.perf_counter()
+    run.began = time.perf_counter()
     try:
         await asyncio.gather(*(worker(n, c) for n, c in enumerate(clients)))
     finally:
+        await clients[0].delete(open_key)
         for client in clients:
             await client.aclose()
-    run.seconds = time.perf_counter() - began
     return run
 
 
 # ----------------------------------------------------------------------- the run
 
 
-def compare(args: argparse.Namespace, url: str) -> dict[str, Any]:
-    systems: dict[str, Callable[[int, int, int, int], Any]] = {
-        "formicary": lambda a, i, t, p: trio.run(formicary, url, a, i, t, p),
-        "postgresql": lambda a, i, t, p: asyncio.run(postgres(a, i, t, p)),
-        "redis": lambda a, i, t, p: asyncio.run(redis_locks(a, i, t, p)),
-    }
+System = Callable[[int, int, int, int, bool], Run]
+SYSTEMS: dict[str, System] = {"formicary": formicary, "postgresql": postgres, "redis": redis_locks}
+
+
+def compare(args: argparse.Namespace) -> dict[str, Any]:
     throughput: dict[str, Any] = {}
     for agents in args.agents:
-        rates: dict[str, list[Run]] = {name: [] for name in systems}
+        runs: dict[str, list[Run]] = {name: [] for name in SYSTEMS}
         for round_ in range(args.rounds):
-            for name, system in systems.items():  # alternating, within one run
+            for name, system in SYSTEMS.items():  # alternating, within one run
                 log(f"{agents} agents, {name}, round {round_ + 1}: {args.items} items")
-                rates[name].append(system(agents, args.items, args.ttl_ms, 0))
-        best = {name: _median_run(runs) for name, runs in rates.items()}
-        ours = best["formicary"].figures()["claims_per_s"]
+                runs[name].append(system(agents, args.items, args.ttl_ms, 0, False))
+        median = {name: _median_run(found) for name, found in runs.items()}
+        ours = median["formicary"]["claims_per_s"]
         throughput[str(agents)] = {
-            **{name: run.figures() for name, run in best.items()},
-            "formicary_over_postgresql": _ratio(ours, best["postgresql"]),
-            "formicary_over_redis": _ratio(ours, best["redis"]),
+            **median,
+            "formicary_over_postgresql": _ratio(ours, median["postgresql"]),
+            "formicary_over_redis": _ratio(ours, median["redis"]),
         }
     pauses: dict[str, Any] = {}
-    for name, system in systems.items():
-        log(f"pauses, {name}: {args.pause_items} items, {args.pausers} stall past the lease")
-        run = system(args.pause_agents, args.pause_items, args.ttl_ms, args.pausers)
-        pauses[name] = {
-            "double_processed": run.sink.double_processed,
-            "stale_writes_refused": run.sink.refused,
-            "items_done": run.done,
-        }
-    return {"throughput": throughput, "pauses": pauses}
+    for name, system in SYSTEMS.items():
+        for fenced in (False, True) if name != "formicary" else (True,):
+            label = name if name == "formicary" else f"{name}_{'fenced' if fenced else 'plain'}"
+            log(f"pauses, {label}: {args.pause_items} items, {args.pausers} stall")
+            run = system(args.pause_agents, args.pause_items, args.ttl_ms, args.pausers, fenced)
+            pauses[label] = {
+                "double_processed": run.sink.double_processed,
+                "stale_writes_refused": run.sink.refused,
+                "items_done": run.done,
+            }
+    return {"throughput": throughput, "pauses": pauses, "versions": versions()}
 
 
-def _median_run(runs: Sequence[Run]) -> Run:
-    return sorted(runs, key=lambda r: r.figures()["claims_per_s"])[len(runs) // 2]
+def _median_run(runs: Sequence[Run]) -> dict[str, Any]:
+    figures = sorted((run.figures() for run in runs), key=lambda f: f["claims_per_s"])
+    return {
+        **figures[len(figures) // 2],
+        "rounds_claims_per_s": [f["claims_per_s"] for f in figures],
+    }
 
 
-def _ratio(ours: float, theirs: Run) -> float | None:
-    rate = theirs.figures()["claims_per_s"]
-    return round(ours / rate, 3) if rate else None
+def _ratio(ours: float, theirs: dict[str, Any]) -> float | None:
+    return round(ours / theirs["claims_per_s"], 3) if theirs["claims_per_s"] else None
+
+
+def versions() -> dict[str, Any]:
+    """The servers' and clients' versions, asked of the servers themselves."""
+
+    async def ask() -> dict[str, Any]:
+        import psycopg
+        import redis.asyncio as aioredis
+
+        async with await psycopg.AsyncConnection.connect(PG_DSN) as conn:
+            row = await (await conn.execute("SHOW server_version")).fetchone()
+        r = aioredis.from_url(REDIS_URL)
+        info = await r.info("server")
+        await r.aclose()
+        return {"postgresql": row[0] if row else None, "redis": info.get("redis_version"),
+                "psycopg": psycopg.__version__, "python": platform.python_version()}  # fmt: skip
+
+    return asyncio.run(ask())
 
 
 def counts(text: str) -> list[int]:
@@ -350,7 +404,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--agents", type=counts, default=[20, 200])
     parser.add_argument("--items", type=int, default=4000)
-    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--ttl-ms", type=int, default=1000)
     parser.add_argument("--pause-agents", type=int, default=20)
     parser.add_argument("--pause-items", type=int, default=400)
@@ -358,23 +412,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.ttl_ms < 1000:
         parser.error("--ttl-ms is at least 1000 (the relay's shortest lease)")
-    with tempfile.TemporaryDirectory(prefix="formicary-compare-") as tmp:
-        try:
-            with relay_process(Path(tmp), None) as relay:
-                relay.wait_ready(30)
-                result = compare(args, relay.url)
-        except Exception as exc:  # one JSON object either way, saying what went wrong
-            print(json.dumps({"bench": "compare_claims", "error": f"{type(exc).__name__}: {exc}"}))
-            return 1
+    if max([*args.agents, args.pause_agents]) > 450:
+        parser.error("at most 450 agents: bench/peers.sh gives PostgreSQL 500 connections")
+    try:
+        found = versions()  # fails fast when a peer is not running (sh bench/peers.sh)
+        log(f"peers: {found}")
+        result = compare(args)
+    except Exception as exc:  # one JSON object either way, saying what went wrong
+        error = f"{type(exc).__name__}: {exc}"
+        print(json.dumps({"bench": "compare_claims", "error": error}))
+        return 1
     print(
         json.dumps(
             {
                 "bench": "compare_claims",
                 "agents": args.agents,
                 "items": args.items,
+                "rounds": args.rounds,
                 "ttl_ms": args.ttl_ms,
+                "pause_agents": args.pause_agents,
+                "pause_items": args.pause_items,
+                "pausers": args.pausers,
                 **result,
-                "python": platform.python_version(),
                 "cpus": len(os.sched_getaffinity(0)),
             }
         )

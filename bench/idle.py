@@ -71,7 +71,25 @@ async def settle(port: int, wanted: int) -> None:
             await trio.sleep(0.2)
 
 
+async def steady_rss(pid: int) -> int:
+    """The relay's RSS once it stops moving (two reads 0.5 s apart within 1 %, at most
+    10 s): right after a burst of handshakes, their buffers are still being freed."""
+    last = rss_bytes(pid)
+    for _ in range(20):
+        await trio.sleep(0.5)
+        now = rss_bytes(pid)
+        if abs(now - last) <= last / 100:
+            return now
+        last = now
+    return last
+
+
 async def measure(args: argparse.Namespace, url: str, port: int, pid: int) -> dict[str, Any]:
+    with trio.fail_after(args.timeout):
+        return await _measure(args, url, port, pid)
+
+
+async def _measure(args: argparse.Namespace, url: str, port: int, pid: int) -> dict[str, Any]:
     sockets: list[ClientConnection] = []
     identities = [Identity.from_seed(n.to_bytes(32, "big")) for n in range(1, args.connections + 1)]
     limit = trio.Semaphore(args.concurrency)
@@ -90,7 +108,7 @@ async def measure(args: argparse.Namespace, url: str, port: int, pid: int) -> di
     async with trio.open_nursery() as opened:
         await opened.start(hold, identities[0])
         await settle(port, 1)
-        baseline = rss_bytes(pid)
+        baseline = await steady_rss(pid)
         log(f"baseline RSS {baseline / 2**20:.1f} MiB with 1 connection")
         began = time.perf_counter()
         async with trio.open_nursery() as connecting:
@@ -100,7 +118,7 @@ async def measure(args: argparse.Namespace, url: str, port: int, pid: int) -> di
                     log(f"{n} connections asked for")
         await settle(port, args.connections)
         connect_s = time.perf_counter() - began
-        connected = rss_bytes(pid)
+        connected = await steady_rss(pid)
         log(f"{args.connections} connected in {connect_s:.1f}s; RSS {connected / 2**20:.1f} MiB")
 
         async def subscribe(ws: ClientConnection, sub: int) -> None:
@@ -112,7 +130,7 @@ async def measure(args: argparse.Namespace, url: str, port: int, pid: int) -> di
         async with trio.open_nursery() as subscribing:
             for n, ws in enumerate(sockets, 1):
                 subscribing.start_soon(subscribe, ws, n)
-        subscribed = rss_bytes(pid)
+        subscribed = await steady_rss(pid)
         log(f"{len(sockets)} subscribed; RSS {subscribed / 2**20:.1f} MiB")
         opened.cancel_scope.cancel()
     others = args.connections - 1
@@ -130,6 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--connections", type=int, default=10_000)
     parser.add_argument("--concurrency", type=int, default=200)
+    parser.add_argument("--timeout", type=float, default=600.0, help="the whole run, s")
     args = parser.parse_args(argv)
     if args.connections < 2:
         parser.error("--connections is at least 2")
@@ -145,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             with relay_process(Path(tmp), None) as relay:
                 relay.wait_ready(30)
                 result = trio.run(measure, args, relay.url, relay.port, relay.process.pid)
-        except (BenchError, OSError, trio.TooSlowError) as exc:
+        except Exception as exc:  # (trio groups a nursery's errors) one JSON object anyway
             print(json.dumps({"bench": "idle", "error": f"{type(exc).__name__}: {exc}"}))
             return 1
     print(

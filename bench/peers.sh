@@ -1,7 +1,7 @@
 #!/bin/sh
 # The peers the comparison benchmarks measure Formicary against, on loopback: Debian's
-# PostgreSQL and Redis servers (installed when missing) and their Python clients from
-# PyPI (the bench extra). Idempotent: running servers are reused.
+# PostgreSQL and Redis servers, installed when missing (their Python clients come with
+# the bench extra: pip install -e '.[bench]'). Idempotent: running servers are reused.
 #
 #   sh bench/peers.sh && .venv/bin/python bench/compare_claims.py
 #
@@ -42,5 +42,11 @@ fi
 if ! redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; then
     redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --daemonize yes \
         --save "" --logfile /tmp/formicary-bench-redis.log >/dev/null
+    tries=0  # --daemonize returns before it listens
+    until redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; do
+        tries=$((tries + 1))
+        [ "$tries" -lt 100 ] || { echo "peers.sh: redis did not start" >&2; exit 1; }
+        sleep 0.1
+    done
 fi
 echo "peers.sh: postgresql on 127.0.0.1:$PG_PORT, redis on 127.0.0.1:$REDIS_PORT" >&2

@@ -16,8 +16,8 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 TINY = {
     "auctions.py": ["--auctions", "3", "--bidders", "3", "--window", "1000"],
     "claims.py": ["--agents", "4", "--seconds", "0.5"],
-    "compare_claims.py": ["--agents", "4", "--items", "40", "--pause-agents", "4",
-                          "--pause-items", "20", "--pausers", "1"],
+    "compare_claims.py": ["--agents", "4", "--items", "40", "--rounds", "1",
+                          "--pause-agents", "4", "--pause-items", "20", "--pausers", "1"],
     "cross_relay.py": ["--agents", "2", "--seconds", "0.3", "--rounds", "1"],
     "docs.py": ["--clients", "2", "--edits", "3"],
     "flood.py": ["--seconds", "0.3", "--rounds", "1", "--calm-rate", "20",
@@ -47,4 +47,5 @@ def test_a_benchmark_prints_one_json_object(script: str) -> None:
     result = json.loads(lines[0])
     assert isinstance(result, dict) and "error" not in result, result
     if script == "compare_claims.py":  # fencing is a property, not a figure
-        assert result["pauses"]["formicary"]["double_processed"] == 0
+        fenced = ("formicary", "postgresql_fenced", "redis_fenced")
+        assert [result["pauses"][name]["double_processed"] for name in fenced] == [0, 0, 0]
