@@ -14,11 +14,12 @@ from agent_sdk.client import RelayClient
 from agent_sdk.directory import Directory
 from agent_sdk.identity import Identity
 from agent_sdk.ledger import Ledger
-from agent_sdk.wire import Event, decode, sign_event
+from agent_sdk.wire import decode
 from relay.coordination.host import Host
 from relay.node import RelayConfig, RelayNode
 from relay.store.memory import MemoryStore
 from tests.conftest import RunningRelay, identity
+from tests.relay import scene
 from tests.relay.test_node import virtual_wall
 
 NS = "market@local"
@@ -30,23 +31,11 @@ def bidder(n: int) -> Identity:
     return Identity.from_seed((20_000 + n).to_bytes(32, "big"))
 
 
-class Scene:
-    """A relay node in virtual time, and agents that ask it things."""
+class Scene(scene.Scene):
+    """The auction tests' scene: their namespace, the relay's events, conservation."""
 
     def __init__(self, node: RelayNode) -> None:
-        self.node = node
-        self.nonce = 0
-
-    async def ask(self, who: Identity, kind: str, body: Any) -> tuple[str, dict[str, Any]]:
-        self.nonce += 1
-        event = Event(
-            NS, kind, who.public_key, body, ts=self.node.wall_ms(), nonce=self.nonce.to_bytes(4)
-        )
-        request = await self.node.publish(sign_event(event, who.sign))
-        located = self.node.outcome_of(request.id)
-        assert located is not None
-        fields = decode((await self.node.committed_record(located.ns, located.seq)).event)
-        return fields["kind"], dict(fields["body"])
+        super().__init__(node, NS)
 
     def events(self, kind: str) -> list[tuple[int, dict[str, Any]]]:
         """(hlc ms, body) of the relay's ``kind`` events, in log order."""

@@ -14,12 +14,13 @@ from agent_sdk.client import Delivery, RelayClient
 from agent_sdk.decisions import Decisions, route
 from agent_sdk.errors import ErrorCode
 from agent_sdk.identity import Identity
-from agent_sdk.wire import Event, decode, sign_event
+from agent_sdk.wire import decode
 from relay.coordination.host import Host
 from relay.node import RelayConfig, RelayNode
 from relay.store.memory import MemoryStore
 from tests.conftest import RunningRelay, identity
 from tests.refusals import declined, refused
+from tests.relay import scene
 from tests.relay.test_node import virtual_wall
 
 NS = "shop@local"
@@ -109,22 +110,9 @@ async def test_a_conflicting_pair_walks_the_ladder_to_a_human(relay: RunningRela
 # -- in virtual time -------------------------------------------------------------------
 
 
-class Scene:
+class Scene(scene.Scene):
     def __init__(self, node: RelayNode) -> None:
-        self.node = node
-        self.nonce = 0
-
-    async def ask(self, who: Identity, kind: str, body: Any) -> tuple[str, dict[str, Any]]:
-        self.nonce += 1
-        event = Event(
-            NS, kind, who.public_key, body, ts=self.node.wall_ms(), nonce=self.nonce.to_bytes(4)
-        )
-        request = await self.node.publish(sign_event(event, who.sign))
-        located = self.node.outcome_of(request.id)
-        if located is None:
-            return "", {}  # not a request: no outcome
-        fields = decode((await self.node.committed_record(located.ns, located.seq)).event)
-        return fields["kind"], dict(fields["body"])
+        super().__init__(node, NS)
 
     async def decide(self, who: Identity, entity: str, text: str, **more: Any) -> dict[str, Any]:
         kind, body = await self.ask(
