@@ -304,3 +304,30 @@ def test_small_order_and_non_canonical_keys_never_verify(key: str) -> None:
 
 def test_real_keys_are_not_weak() -> None:
     assert not any(weak_key(Identity.from_seed(bytes([n]) * 32).public_key) for n in range(256))
+
+
+def test_a_signature_with_a_small_order_r_is_refused() -> None:
+    """The one rule where libsodium is stricter than OpenSSL (protocol.md 3.3): with
+    R = the identity point and S = k*a, a real key's owner can make a "signature"
+    that satisfies the signing equation for any message but is no RFC 8032 signature
+    (R is not r*B). OpenSSL accepts it; Formicary refuses it everywhere."""
+    import hashlib
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    order = 2**252 + 27742317777372353535851937790883648493
+    seed = bytes(range(32))
+    owner = Identity.from_seed(seed)
+    h = bytearray(hashlib.sha512(seed).digest()[:32])
+    h[0] &= 248
+    h[31] &= 127
+    h[31] |= 64
+    scalar = int.from_bytes(h, "little")
+    r = bytes([1]) + bytes(31)  # the identity point
+    message = EVENT_DOMAIN + bytes(32)
+    k = int.from_bytes(hashlib.sha512(r + owner.public_key + message).digest(), "little")
+    crafted = r + ((k * scalar) % order).to_bytes(32, "little")
+
+    Ed25519PublicKey.from_public_bytes(owner.public_key).verify(crafted, message)  # OpenSSL: ok
+    assert not verify_signature(owner.public_key, crafted, message)
+    assert verify_signature(owner.public_key, owner.sign(message), message)
