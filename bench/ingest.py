@@ -683,12 +683,20 @@ def relay_key(data: Path) -> str:
     return done.stdout.strip()
 
 
+VERIFY_WORKERS = os.environ.get("FORMICARY_BENCH_VERIFY_WORKERS", "")
+"""``limits.verify_workers`` for every benchmark's relay when set (bench/ingest.py's
+``--verify-workers`` sets it): one knob to compare checking on and off the loop."""
+
+
 def unlimited(where: Path) -> list[str]:
     """Flags for a relay without rate limits or connection caps: a benchmark measures
     what the relay can do, and its load generator is one key per agent at full speed
     (bench/flood.py measures the limits themselves)."""
     settings = where / "unlimited.toml"
-    settings.write_text(as_toml(UNLIMITED))
+    text = as_toml(UNLIMITED)
+    if VERIFY_WORKERS:
+        text += f"verify_workers = {int(VERIFY_WORKERS)}\n"
+    settings.write_text(text)
     return ["--config", str(settings)]
 
 

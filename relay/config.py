@@ -73,6 +73,7 @@ OPTIONS: tuple[Option, ...] = (
         "limits", "park_timeout", "duration", "10s", "how long an event waits for deps", minimum=1
     ),
     Option("limits", "max_clock_skew", "duration", "24h", "event ts vs relay clock"),
+    Option("limits", "verify_workers", "int", 0, "signature-checking threads (0: on the loop)"),
     Option("limits", "publish_rate", "int", 100, "publishes per second per key"),
     Option("limits", "publish_burst", "int", 200, "publishes a key may send at once"),
     Option("limits", "request_rate", "int", 200, "queries and messages per second per key"),
@@ -148,6 +149,7 @@ class Settings:
                 send_queue=v["limits.send_queue"],
                 slow_consumer_timeout=v["limits.slow_consumer_timeout"] / 1000,
                 auth_timeout=v["limits.auth_timeout"] / 1000,
+                verify_workers=v["limits.verify_workers"],
                 sequencer=Limits(
                     max_parked=v["limits.max_parked"],
                     park_timeout_ms=v["limits.park_timeout"],

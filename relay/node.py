@@ -50,6 +50,7 @@ from relay.inbox import Inboxes, InboxStore, MemoryInboxStore
 from relay.limits import Limiter, RateLimits
 from relay.metrics import Metrics, count_kind
 from relay.sequencer import Duplicate, Limits, Parked, Rejected, Sequenced, Sequencer
+from relay.signatures import SignatureChecker
 from relay.store import Head, Located, Record, Store
 
 if TYPE_CHECKING:
@@ -96,6 +97,9 @@ class RelayConfig:
     """Who may create namespaces (relay/access.py): open, allow or invite."""
     creators: frozenset[bytes] = frozenset()
     """Keys that may create namespaces under ``allow`` and ``invite``."""
+    verify_workers: int = 0
+    """Threads that check event signatures off the event loop (relay/signatures.py);
+    0 (the default, by measurement: docs/performance.md) checks them on the loop."""
     store: str = ""
     """A PostgreSQL DSN for the logs, mirrors and inboxes; "" for the embedded
     SQLite files in the data directory (relay/app.py)."""
@@ -317,6 +321,7 @@ class RelayNode:
         self._progress = trio.Event()  # set (and replaced) as batches are decided, committed
         self.metrics = Metrics(self)
         self.limiter = Limiter(self.config.rate_limits)
+        self.signatures = SignatureChecker(self.config.verify_workers)
         """Rate limits and connection caps (relay/limits.py)."""
         """What ``GET /metrics`` serves (relay/metrics.py)."""
         self._stats_changed = trio.Event()

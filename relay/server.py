@@ -44,6 +44,7 @@ from relay.metrics import count_kind
 from relay.node import RelayNode, Ticket
 from relay.session import (
     AckItem,
+    Action,
     Admit,
     Ask,
     Aware,
@@ -56,6 +57,7 @@ from relay.session import (
     PassReceipt,
     Reply,
     Session,
+    bad_signature,
 )
 from relay.store import Record
 from relay.subscriptions import Filter, check_cursor
@@ -73,6 +75,7 @@ FLOOD_CLOSE = 1008
 MAX_AUTH_FAILURES = 3
 """Failed ``auth`` attempts after which a connection is closed (each costs a check)."""
 REFUSALS_BEFORE_CLOSE = 256
+ADMIT_RUN = 64  # publishes of one message whose signatures are checked in one go
 """Rate-limited frames in a row after which a connection is closed: an agent that
 honours ``try again in`` never gets near it."""
 
@@ -112,6 +115,9 @@ class Connection:
             max_message=config.max_message,
             forwarders=frozenset(node.federation.peer_keys) if node.federation else frozenset(),
             charge=self._charge,
+            # Signatures are checked here, a run of publishes at a time, off the event
+            # loop (relay/signatures.py).
+            verify_events=False,
         )
         self.fed = node.federation
         self._out_tx, self._out_rx = trio.open_memory_channel[bytes](config.send_queue)
@@ -258,73 +264,103 @@ class Connection:
             error = ProtocolError(ErrorCode.MALFORMED, "frames are binary messages, not text")
             await self._send(f.Error.of(error))
             return
+        admits: list[Admit] = []  # a run of publishes, their signatures checked together
         for i, action in enumerate(self.session.receive(message), 1):
             if i % 64 == 0:  # a big bundle must not hold the event loop for its whole length
                 await trio.lowlevel.checkpoint()
-            if self._refused_in_a_row > REFUSALS_BEFORE_CLOSE:
-                # An agent that does not back off is flooding: stop reading it at all.
-                log.warning("closing a connection that ignored rate limiting")
-                reason = f"{int(ErrorCode.RATE_LIMITED)} rate_limited: too many refusals in a row"
-                await self.ws.aclose(FLOOD_CLOSE, reason)
+            if isinstance(action, Admit) and not action.verified:
+                admits.append(action)
+                if len(admits) >= ADMIT_RUN:
+                    if not await self._admit_checked(admits):
+                        return
+                    admits = []
+                continue
+            if admits:  # the frames before this one go first
+                if not await self._admit_checked(admits):
+                    return
+                admits = []
+            if not await self._act(action):
                 return
-            if isinstance(action, Admit):
-                if self._foreign(action.event.event.ns):
-                    await self._forward(action.rid, action.event)
-                    continue
-                ticket = await self.node.admit(action.event)
-                self._note_presence(action.event.event, ticket)
-                await self._answer_later(action.rid, ticket)
-            elif isinstance(action, Ask):
-                await self._answer_later(action.query.rid, action.query)
-            elif isinstance(action, Reply):
-                if isinstance(action.frame, f.Welcome) and self.peer is None:
-                    refusal = self.node.limiter.connect(action.frame.agent)
-                    if refusal is not None:
-                        reason = f"{int(refusal.code)} {refusal.code.slug}: {refusal.reason}"
-                        log.info("connection refused: %s", refusal.reason)
-                        await self.ws.aclose(TOO_MANY_CLOSE, reason[:120])
-                        return
-                    self._counted = True
-                    # An agent: from now on it can be sent messages. Written before it
-                    # hears welcome, so that a relay crash cannot forget an agent that
-                    # saw itself connected.
-                    await self.node.inboxes.remember(action.frame.agent)
-                if isinstance(action.frame, f.Welcome):  # the frames after it may be msg.*
-                    agent = action.frame.agent
-                    self._messaging = Messaging(
-                        self.node, agent, self._send, self._nursery, self.peer
-                    )
-                elif isinstance(action.frame, f.Error) and action.frame.code == int(
-                    ErrorCode.AUTH_FAILED
-                ):
-                    self._auth_failures += 1
-                    if self._auth_failures >= MAX_AUTH_FAILURES:
-                        await self._send(action.frame)
-                        reason = f"{int(ErrorCode.AUTH_FAILED)} auth_failed: too many attempts"
-                        await self.ws.aclose(AUTH_TIMEOUT_CLOSE, reason)
-                        return
-                await self._send(action.frame)
-            elif isinstance(action, Open):
-                await self._open(action.request)
-            elif isinstance(action, OpenDoc):
-                await self._open_doc(action.request)
-            elif isinstance(action, Aware):
-                await self._aware(action.frame)
-            elif isinstance(action, Mail):
-                assert self._messaging is not None  # only after auth (the session's table)
-                await self._messaging.mail(action)
-            elif isinstance(action, PassReceipt):
-                assert self._messaging is not None
-                await self._messaging.pass_receipt(action, self.peer)
-            elif isinstance(action, OpenInbox):
-                assert self._messaging is not None
-                await self._messaging.open_inbox(action.sub, self._nursery)
-            elif isinstance(action, (AckItem, Confirm)):
-                assert self._messaging is not None
-                await self._messaging.acknowledge(action)
-            else:
-                assert isinstance(action, Close)
-                await self._close(action.sub)
+        if admits:
+            await self._admit_checked(admits)
+
+    async def _admit_checked(self, admits: list[Admit]) -> bool:
+        """Check a run of publishes' signatures (off the loop when it pays), then admit
+        each in order; False once the connection is being closed."""
+        verdicts = await self.node.signatures.check([admit.event for admit in admits])
+        for admit, good in zip(admits, verdicts, strict=True):
+            if not good:
+                await self._send(f.Error.of(bad_signature(), rid=admit.rid))
+            elif not await self._act(admit):
+                return False
+        return True
+
+    async def _act(self, action: Action) -> bool:
+        """Carry out one of the session's decisions; False once the connection is being
+        closed (nothing more of this message is acted on)."""
+        if self._refused_in_a_row > REFUSALS_BEFORE_CLOSE:
+            # An agent that does not back off is flooding: stop reading it at all.
+            log.warning("closing a connection that ignored rate limiting")
+            reason = f"{int(ErrorCode.RATE_LIMITED)} rate_limited: too many refusals in a row"
+            await self.ws.aclose(FLOOD_CLOSE, reason)
+            return False
+        if isinstance(action, Admit):
+            if self._foreign(action.event.event.ns):
+                await self._forward(action.rid, action.event)
+                return True
+            ticket = await self.node.admit(action.event)
+            self._note_presence(action.event.event, ticket)
+            await self._answer_later(action.rid, ticket)
+        elif isinstance(action, Ask):
+            await self._answer_later(action.query.rid, action.query)
+        elif isinstance(action, Reply):
+            if isinstance(action.frame, f.Welcome) and self.peer is None:
+                refusal = self.node.limiter.connect(action.frame.agent)
+                if refusal is not None:
+                    reason = f"{int(refusal.code)} {refusal.code.slug}: {refusal.reason}"
+                    log.info("connection refused: %s", refusal.reason)
+                    await self.ws.aclose(TOO_MANY_CLOSE, reason[:120])
+                    return False
+                self._counted = True
+                # An agent: from now on it can be sent messages. Written before it
+                # hears welcome, so that a relay crash cannot forget an agent that
+                # saw itself connected.
+                await self.node.inboxes.remember(action.frame.agent)
+            if isinstance(action.frame, f.Welcome):  # the frames after it may be msg.*
+                agent = action.frame.agent
+                self._messaging = Messaging(self.node, agent, self._send, self._nursery, self.peer)
+            elif isinstance(action.frame, f.Error) and action.frame.code == int(
+                ErrorCode.AUTH_FAILED
+            ):
+                self._auth_failures += 1
+                if self._auth_failures >= MAX_AUTH_FAILURES:
+                    await self._send(action.frame)
+                    reason = f"{int(ErrorCode.AUTH_FAILED)} auth_failed: too many attempts"
+                    await self.ws.aclose(AUTH_TIMEOUT_CLOSE, reason)
+                    return False
+            await self._send(action.frame)
+        elif isinstance(action, Open):
+            await self._open(action.request)
+        elif isinstance(action, OpenDoc):
+            await self._open_doc(action.request)
+        elif isinstance(action, Aware):
+            await self._aware(action.frame)
+        elif isinstance(action, Mail):
+            assert self._messaging is not None  # only after auth (the session's table)
+            await self._messaging.mail(action)
+        elif isinstance(action, PassReceipt):
+            assert self._messaging is not None
+            await self._messaging.pass_receipt(action, self.peer)
+        elif isinstance(action, OpenInbox):
+            assert self._messaging is not None
+            await self._messaging.open_inbox(action.sub, self._nursery)
+        elif isinstance(action, (AckItem, Confirm)):
+            assert self._messaging is not None
+            await self._messaging.acknowledge(action)
+        else:
+            assert isinstance(action, Close)
+            await self._close(action.sub)
+        return True
 
     def _wait(self, seconds: float) -> float:
         """How long a closing connection may wait for its own work: less once the relay

@@ -62,10 +62,16 @@ class Reply:
 
 @dataclass(frozen=True, slots=True)
 class Admit:
-    """A verified event to sequence; answer request ``rid`` with its outcome."""
+    """An event to sequence; answer request ``rid`` with its outcome.
+
+    ``verified`` is false only from a session made with ``verify_events=False``: the
+    caller must check the signature before it acts (relay/signatures.py), and answer
+    a bad one with ``bad_signature``.
+    """
 
     rid: int
     event: SignedEvent
+    verified: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,8 +184,12 @@ class Session:
         max_message: int = 256 << 10,
         forwarders: frozenset[bytes] = frozenset(),
         charge: Callable[[str], None] = lambda what: None,
+        verify_events: bool = True,
     ) -> None:
         self.relay_key = relay_key
+        self.verify_events = verify_events
+        """False: publishes come out unverified (``Admit.verified``), for the caller to
+        check off the event loop in batches."""
         self.max_message = max_message
         self.charge = charge
         """Charges a ``publish`` or a ``request`` to this agent; raises ``rate_limited``
@@ -240,7 +250,7 @@ class Session:
         if isinstance(frame, f.Auth):
             action: Action = self._auth(frame)
         elif isinstance(frame, f.Publish):
-            action = Admit(frame.rid, self._verified(frame))
+            action = Admit(frame.rid, self._verified(frame), self.verify_events)
         elif isinstance(frame, f.Subscribe):
             action = Open(frame)
         elif isinstance(frame, f.Query):
@@ -285,8 +295,8 @@ class Session:
                 "event author is not the key this connection proved"
                 " (a relay forwarding others' events must be a listed peer here)",
             )
-        if not signed.verify():
-            raise ProtocolError(ErrorCode.BAD_SIGNATURE, "signature does not verify for author")
+        if self.verify_events and not signed.verify():
+            raise bad_signature()
         return signed
 
     def _sealed(self, frame: f.MsgSend) -> Sealed:
@@ -324,6 +334,10 @@ class Session:
         except Unsealable as exc:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, str(exc)) from None
         return receipt
+
+
+def bad_signature() -> ProtocolError:
+    return ProtocolError(ErrorCode.BAD_SIGNATURE, "signature does not verify for author")
 
 
 def _error(exc: ProtocolError, *, rid: int | None = None, sub: int | None = None) -> Reply:

@@ -18,10 +18,13 @@ TINY = {
     "claims.py": ["--agents", "4", "--seconds", "0.5"],
     "compare_claims.py": ["--agents", "4", "--items", "40", "--rounds", "1",
                           "--pause-agents", "4", "--pause-items", "20", "--pausers", "1"],
+    "compare_nostr.py": ["--publishers", "2", "--events", "40", "--subscribers", "2",
+                         "--fanout-events", "10", "--idle", "3", "--rounds", "1"],
     "cross_relay.py": ["--agents", "2", "--seconds", "0.3", "--rounds", "1"],
     "docs.py": ["--clients", "2", "--edits", "3"],
     "flood.py": ["--seconds", "0.3", "--rounds", "1", "--calm-rate", "20",
                  "--flood-connections", "2"],
+    "scale.py": ["--steps", "2,4", "--seconds", "0.5", "--rate", "4"],
     "floor.py": ["--events", "50", "--seconds", "0.05", "--rounds", "1"],
     "idle.py": ["--connections", "20", "--concurrency", "10"],
     "ingest.py": ["--agents", "2", "--events", "400", "--warmup", "50",
@@ -49,3 +52,7 @@ def test_a_benchmark_prints_one_json_object(script: str) -> None:
     if script == "compare_claims.py":  # fencing is a property, not a figure
         fenced = ("formicary", "postgresql_fenced", "redis_fenced")
         assert [result["pauses"][name]["double_processed"] for name in fenced] == [0, 0, 0]
+    if script == "compare_nostr.py":  # each relay took and delivered every event
+        relays = ("formicary", "nostr_sdk", "nostr_relay")
+        assert [result["ingest"][name]["accepted"] for name in relays] == [40, 40, 40]
+        assert [result["fanout"][name]["missed"] for name in relays] == [0, 0, 0]

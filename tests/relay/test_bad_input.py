@@ -29,7 +29,7 @@ from websockets.trio.client import ClientConnection, connect
 
 from agent_sdk import frames as f
 from agent_sdk.client import Delivery, RelayClient, Subscription
-from agent_sdk.errors import ErrorCode
+from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.identity import Identity
 from agent_sdk.wire import (
     EVENT_DOMAIN,
@@ -481,6 +481,47 @@ async def test_bad_signature_is_refused(
 ) -> None:
     async with scene(relay) as (bad, _):
         await bad.refused_publish(mutate(valid_event()), ErrorCode.BAD_SIGNATURE)
+
+
+@pytest.mark.parametrize("workers", [0, 1], ids=["on-the-loop", "worker-thread"])
+async def test_bad_signatures_inside_a_bundle_are_refused_one_by_one(
+    nursery: trio.Nursery, tmp_path: Path, workers: int
+) -> None:
+    """Signatures of one message are checked together (relay/signatures.py), in runs
+    of up to 64: each bad one still gets its own error, every good one its ack, in
+    the order sent, and a query in the middle sees the publishes before it."""
+    relay = await start_relay(nursery, tmp_path / "r", RelayConfig(verify_workers=workers))
+    bad_at = {0, 5, 63, 64, 100, 149}
+    async with scene(relay) as (bad, _):
+        events = [valid_event(body={"n": n}) for n in range(150)]
+        frames = []
+        for n, event in enumerate(events):
+            frames.append(
+                publish_bytes(1000 + n, _flip_bit(7, 0x04)(event) if n in bad_at else event)
+            )
+        await bad.send(f.bundle(frames))
+        answers: list[f.Frame] = []
+        while len(answers) < 150:  # the relay bundles its answers too
+            with trio.fail_after(TIMEOUT):
+                message = await bad.ws.recv()
+            assert isinstance(message, bytes)
+            for item in f.decode_message(message):
+                assert not isinstance(item, ProtocolError), item
+                answers.append(item)
+        refused = [a.rid for a in answers if isinstance(a, f.Error)]
+        acked = [a.rid for a in answers if isinstance(a, f.Ack)]
+        assert refused == [1000 + n for n in sorted(bad_at)]
+        assert all(
+            a.code == int(ErrorCode.BAD_SIGNATURE) for a in answers if isinstance(a, f.Error)
+        )
+        good = [n for n in range(150) if n not in bad_at]
+        assert acked == [1000 + n for n in good]
+        seqs = [decode_receipt(a.receipt).seq for a in answers if isinstance(a, f.Ack)]
+        assert seqs == list(range(1, len(good) + 1))
+        bad.acked += [events[n].id for n in good]
+        bad.refused += [events[n].id for n in sorted(bad_at)]
+    assert relay.node.signatures.offloaded == (0 if workers == 0 else 150)
+    relay.scope.cancel()
 
 
 @pytest.mark.parametrize("length", [0, 32, 63, 65, 128])
