@@ -113,6 +113,7 @@ async def step(url: str, agents: list[Agent], args: argparse.Namespace, pid: int
                 nursery.start_soon(one, agent, phase)
             await connected.wait()
             cpu0 = cpu_seconds(pid) or 0.0
+            own0 = _own_cpu()
     seconds = max(last[0] - start[0], 1e-9)
     ordered = sorted(latencies)
     if not ordered:
@@ -126,7 +127,14 @@ async def step(url: str, agents: list[Agent], args: argparse.Namespace, pid: int
         "p99_ms": percentile(ordered, 99),
         "max_ms": percentile(ordered, 100),
         "relay_cpu_share": round(((cpu_seconds(pid) or 0.0) - cpu0) / seconds, 3),
+        # The generator shares the 2 cores: its share says how much was left.
+        "generator_cpu_share": round((_own_cpu() - own0) / seconds, 3),
     }
+
+
+def _own_cpu() -> float:
+    times = os.times()
+    return times.user + times.system
 
 
 def plot(steps: list[dict[str, Any]], limit_ms: float, path: Path) -> None:
