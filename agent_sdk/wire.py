@@ -195,12 +195,14 @@ def verify_signature(key: bytes, sig: bytes, message: bytes) -> bool:
     ``cryptography`` (:class:`agent_sdk.identity.Identity`): Ed25519 signatures are
     deterministic, so both libraries make the same bytes.
     """
+    if not isinstance(key, bytes) or not isinstance(sig, bytes):  # e.g. unchecked msgpack
+        return False
     if len(key) != KEY_SIZE or len(sig) != SIG_SIZE or weak_key(key):
         return False
     try:
         # libsodium's combined form (signature, then message): PyNaCl has no detached
         # verify; joining 64 + 51 bytes costs far less than the check.
-        crypto_sign_open(sig + message, key)
+        crypto_sign_open(sig + bytes(message), key)
     except (CryptoError, ValueError):
         return False
     return True

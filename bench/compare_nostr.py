@@ -55,11 +55,11 @@ usage error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -85,9 +85,11 @@ from ingest import (  # noqa: E402
     BenchError,
     authenticate,
     build_workload,
+    describe,
     free_port,
     relay_process,
 )
+from websockets.exceptions import ConnectionClosed, InvalidHandshake  # noqa: E402
 from websockets.trio.client import ClientConnection, connect  # noqa: E402
 
 from agent_sdk import frames as f  # noqa: E402
@@ -112,29 +114,39 @@ class Running:
     pid: int
 
 
-def wait_port(port: int, process: subprocess.Popen[bytes], what: str) -> None:
+def wait_ready(port: int, process: subprocess.Popen[bytes], what: str) -> None:
+    """Until a Nostr round trip (REQ -> EOSE) works: gunicorn binds the port before its
+    worker has opened the store, and that start-up must not count as ingest time."""
+    from websockets.sync.client import connect as sync_connect
+
     deadline = time.monotonic() + READY_TIMEOUT
     while True:
         if process.poll() is not None:
             raise BenchError(f"{what} exited with {process.returncode}")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1.0):
+            with sync_connect(f"ws://127.0.0.1:{port}", open_timeout=2, proxy=None) as ws:
+                ws.send(json.dumps(["REQ", "ready", {"limit": 0}]))
+                while not str(ws.recv(timeout=2)).startswith('["EOSE"'):
+                    pass
                 return
-        except OSError:
+        except (OSError, TimeoutError, ConnectionError, InvalidHandshake, ConnectionClosed):
             pass
         if time.monotonic() > deadline:
-            raise BenchError(f"{what} not listening after {READY_TIMEOUT}s")
+            raise BenchError(f"{what} not answering after {READY_TIMEOUT}s")
         time.sleep(0.05)  # between polls, bounded by the deadline above
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
+    """Stop the peer's whole process group (gunicorn's worker with its master)."""
     if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
+        os.killpg(process.pid, signal.SIGTERM)
         try:
             process.wait(10)
         except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
 
 
 @contextmanager
@@ -154,10 +166,15 @@ def started(name: str, tmp: Path) -> Iterator[Running]:
         command = [str(Path(sys.executable).with_name("nostr-relay")), "-c", str(config), "serve"]
     with (tmp / f"{name}.log").open("wb") as out:
         process = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=tmp
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=tmp,
+            start_new_session=True,  # its own process group: stopped as one
         )
     try:
-        wait_port(port, process, name)
+        wait_ready(port, process, name)
         yield Running(name, f"ws://127.0.0.1:{port}", process.pid)
     finally:
         stop(process)
@@ -247,11 +264,13 @@ class Publisher:
     identity: Any = None  # a Formicary Identity, or None for Nostr
 
 
-def formicary_publishers(count: int, events: int, body: int, namespaces: int) -> list[Publisher]:
+def formicary_publishers(
+    count: int, events: int, body: int, namespaces: int, seed: int
+) -> list[Publisher]:
     """Publishers in ``bench{k}@local``: one namespace each for ingest (the relay's unit
     of order), all in ``bench0@local`` for fan-out (what the subscribers follow)."""
     agents = build_workload(
-        agents=count, events=events, warmup=0, namespaces=namespaces, body_size=body, seed=7
+        agents=count, events=events, warmup=0, namespaces=namespaces, body_size=body, seed=seed
     )
     return [Publisher(list(agent.frames), agent.identity) for agent in agents]
 
@@ -430,10 +449,13 @@ async def fanout(
         async def one(p: Publisher) -> None:
             acks.append(await publish(run.url, p, args.window, args.reconnect_every))
 
-        with trio.move_on_after(args.timeout):
+        with trio.move_on_after(args.timeout) as publishing:
             async with trio.open_nursery() as pubs:
                 for p in publishers:
                     pubs.start_soon(one, p)
+        if publishing.cancelled_caught:
+            raise BenchError(f"{run.name}: fan-out publishes not answered in {args.timeout}s")
+        with trio.move_on_after(args.timeout):
             # Every delivery, or quiet for --quiet seconds (a peer that drops events).
             while not everyone.is_set():
                 seen = delivered[0]
@@ -510,8 +532,9 @@ def one_run(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """Ingest, then fan-out, on one fresh relay process of ``name``."""
     with tempfile.TemporaryDirectory(prefix="compare-nostr-") as tmp:
         if name == "formicary":
-            pubs = formicary_publishers(args.publishers, args.events, args.body, args.publishers)
-            fans = formicary_publishers(args.publishers, args.fanout_events, args.body, 1)
+            pubs = formicary_publishers(args.publishers, args.events, args.body, args.publishers, 7)
+            # Another seed: other keys, so no fan-out event is a duplicate of an ingest one.
+            fans = formicary_publishers(args.publishers, args.fanout_events, args.body, 1, 8)
         else:
             pubs = nostr_publishers(args.publishers, args.events, args.body)
             fans = nostr_publishers(args.publishers, args.fanout_events, args.body)
@@ -616,8 +639,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     try:
         result = measure(args)
-    except (BenchError, OSError, trio.TooSlowError) as exc:
-        print(json.dumps({"bench": "compare_nostr", "error": f"{type(exc).__name__}: {exc}"}))
+    except Exception as exc:  # any failure, in an exception group too: say why, exit 1
+        print(json.dumps({"bench": "compare_nostr", "error": describe(exc)}))
         return 1
     print(json.dumps(result), flush=True)
     return 0

@@ -321,8 +321,9 @@ class RelayNode:
         self._progress = trio.Event()  # set (and replaced) as batches are decided, committed
         self.metrics = Metrics(self)
         self.limiter = Limiter(self.config.rate_limits)
-        self.signatures = SignatureChecker(self.config.verify_workers)
         """Rate limits and connection caps (relay/limits.py)."""
+        self.signatures = SignatureChecker(self.config.verify_workers)
+        """Checks publishes' signatures, on the loop or on threads (relay/signatures.py)."""
         """What ``GET /metrics`` serves (relay/metrics.py)."""
         self._stats_changed = trio.Event()
         self._stat_waiters = 0

@@ -75,9 +75,9 @@ FLOOD_CLOSE = 1008
 MAX_AUTH_FAILURES = 3
 """Failed ``auth`` attempts after which a connection is closed (each costs a check)."""
 REFUSALS_BEFORE_CLOSE = 256
-ADMIT_RUN = 64  # publishes of one message whose signatures are checked in one go
 """Rate-limited frames in a row after which a connection is closed: an agent that
 honours ``try again in`` never gets near it."""
+ADMIT_RUN = 64  # publishes of one message whose signatures are checked in one go
 
 
 Answerable = Ticket | f.Query | Entry

@@ -331,3 +331,13 @@ def test_a_signature_with_a_small_order_r_is_refused() -> None:
     Ed25519PublicKey.from_public_bytes(owner.public_key).verify(crafted, message)  # OpenSSL: ok
     assert not verify_signature(owner.public_key, crafted, message)
     assert verify_signature(owner.public_key, owner.sign(message), message)
+
+
+@pytest.mark.parametrize("odd", [None, "sig", 7, ["a"]])
+def test_a_signature_or_key_that_is_not_bytes_never_verifies(odd: Any) -> None:
+    owner = Identity.from_seed(bytes(32))
+    message = EVENT_DOMAIN + bytes(32)
+    sig = owner.sign(message)
+    assert not verify_signature(owner.public_key, odd, message)
+    assert not verify_signature(odd, sig, message)
+    assert verify_signature(owner.public_key, sig, bytearray(message))
