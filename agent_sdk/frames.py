@@ -15,6 +15,7 @@ Connection shape (docs/protocol.md, "Connection")::
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -452,6 +453,35 @@ def encode_frame(frame: Frame) -> bytes:
             fields[spec.wire] = value
     packed: bytes = msgpack.packb(fields, use_bin_type=True)
     return packed
+
+
+def encode_event_frame(
+    sub: int, event: bytes, sig: bytes, receipt: bytes, seal: bytes | None = None
+) -> bytes:
+    """The bytes of ``encode_frame(EventFrame(sub, event, sig, receipt, seal))``.
+
+    A relay fans one record out to many subscribers: everything after ``sub`` (its
+    field order is ``t``, ``sub``, then the rest) is encoded once and cached, and only
+    the subscription id is encoded per subscriber.
+    """
+    header = b"\x86" if seal is not None else b"\x85"  # a map of 6 (5) fields
+    sub_bytes: bytes = msgpack.packb(sub)
+    return header + _EVENT_T_SUB + sub_bytes + _event_frame_rest(event, sig, receipt, seal)
+
+
+@functools.lru_cache(maxsize=4096)
+def _event_frame_rest(event: bytes, sig: bytes, receipt: bytes, seal: bytes | None) -> bytes:
+    # Keyed by the bytes themselves: a bytes object keeps its hash, so the second and
+    # later subscribers of a record pay a dict lookup.
+    pack = msgpack.Packer(use_bin_type=True).pack
+    rest: bytes = pack("event") + pack(event) + pack("sig") + pack(sig)
+    rest += pack("receipt") + pack(receipt)
+    if seal is not None:
+        rest += pack("seal") + pack(seal)
+    return rest
+
+
+_EVENT_T_SUB: bytes = msgpack.packb("t") + msgpack.packb("event") + msgpack.packb("sub")
 
 
 def frame_from_map(fields: Any) -> Frame:

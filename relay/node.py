@@ -152,6 +152,8 @@ RECORD_OVERHEAD = 400
 MAX_WAITING_PER_PARKED = 8
 """Publishes of one parked event answered when it is: re-publishes beyond are refused."""
 
+QUICK_FIND = 16
+"""Ids a quick store looks up on the event loop rather than on a thread."""
 log = logging.getLogger("formicary.relay")
 
 RESERVED = RELAY_KINDS | {COMPACTED}
@@ -454,7 +456,12 @@ class RelayNode:
             unknown = self.sequencer.unknown(t.event for t in batch)
             if unknown:
                 async with self._find_lock:  # not behind replays: publishing must not wait
-                    found = await self._call(self.store.find, unknown)
+                    if self.store.quick_finds and len(unknown) <= QUICK_FIND:
+                        # At low load every batch is an event or two: the thread hop
+                        # would cost several times the lookup (bench/scale.py).
+                        found = self.store.find(unknown)
+                    else:
+                        found = await self._call(self.store.find, unknown)
                     if self.mirror_store is not None and len(found) < len(unknown):
                         rest = unknown - found.keys()
                         mirror = self.mirror_store

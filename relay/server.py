@@ -187,7 +187,10 @@ class Connection:
                     self.node.detach(ns, agent)
 
     async def _send(self, frame: f.RelayFrame) -> None:
-        data = f.encode_frame(frame)
+        await self._send_encoded(f.encode_frame(frame))
+
+    async def _send_encoded(self, data: bytes) -> None:
+        """Queue an encoded frame for the writer (see :meth:`_send`)."""
         try:
             self._out_tx.send_nowait(data)
             return
@@ -792,15 +795,12 @@ class Connection:
                 # Sending may not block, so look for an unsubscribe before each frame.
                 await trio.lowlevel.checkpoint_if_cancelled()
                 if (record.event or chain_too) and match.matches(record):  # b"": compacted
-                    event = f.EventFrame(
-                        sub=sub,
-                        event=record.event,
-                        sig=record.sig,
-                        receipt=record.receipt,
-                        seal=record.seal,
+                    # Encoded once for all subscribers but the sub id (frames.py).
+                    event = f.encode_event_frame(
+                        sub, record.event, record.sig, record.receipt, record.seal
                     )
                     count_kind(self.node.metrics.events_out, record.kind)
-                    await self._send(event)
+                    await self._send_encoded(event)
             if records:
                 cursor = records[-1].seq + 1
                 continue

@@ -66,6 +66,9 @@ class Located:
 class Store(Protocol):
     blocking: bool
     """True when calls may wait on disk or network: the relay then runs them in threads."""
+    quick_finds: bool
+    """True when :meth:`find` of a few ids is a local index lookup of microseconds:
+    the relay then runs it on the event loop, where a thread hop would cost more."""
 
     def append(self, records: Sequence[Record]) -> None:
         """Commit ``records`` (in seq order per namespace) atomically and durably."""

@@ -17,6 +17,7 @@ from relay.store import Head, Located, Record
 
 class MemoryStore:
     blocking = False
+    quick_finds = True
 
     def __init__(self) -> None:
         self._logs: dict[str, list[Record]] = {}

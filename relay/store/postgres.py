@@ -88,6 +88,7 @@ class PostgresStore:
     tables in the same schema (``mirror_`` for the logs a federated relay follows)."""
 
     blocking = True
+    quick_finds = False  # a round trip to the server
 
     def __init__(self, dsn: str, *, prefix: str = "", readonly: bool = False) -> None:
         if not prefix.replace("_", "").isalnum() and prefix:

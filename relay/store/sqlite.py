@@ -44,6 +44,7 @@ class SQLiteStore:
     """:class:`relay.store.Store` on a SQLite file (created if absent)."""
 
     blocking = True
+    quick_finds = True  # a primary-key lookup in a local file, usually in the page cache
 
     def __init__(self, path: Path, *, synchronous: str = "FULL", readonly: bool = False) -> None:
         """Open (and create, unless ``readonly``) the store at ``path``.

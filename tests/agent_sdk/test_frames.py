@@ -61,3 +61,15 @@ def test_malformed_frames_are_refused_with_a_code(fields: object, code: ErrorCod
     with pytest.raises(ProtocolError) as info:
         f.decode_frame(msgpack.packb(fields, use_bin_type=True))
     assert info.value.code is code
+
+
+@pytest.mark.parametrize("sub", [0, 1, 127, 128, 255, 65_536, 2**40])
+@pytest.mark.parametrize("seal", [None, b"", bytes(range(64))])
+def test_a_pre_encoded_event_frame_is_the_frame_encode_frame_makes(
+    sub: int, seal: bytes | None
+) -> None:
+    """Fan-out encodes the part after ``sub`` once per record (relay/server.py)."""
+    event, sig, receipt = bytes(range(200)), bytes(64), b"\x81\xa1r\x01"
+    frame = f.EventFrame(sub=sub, event=event, sig=sig, receipt=receipt, seal=seal)
+    assert f.encode_event_frame(sub, event, sig, receipt, seal) == f.encode_frame(frame)
+    assert f.decode_frame(f.encode_event_frame(sub, event, sig, receipt, seal)) == frame
