@@ -81,10 +81,12 @@ sys.path.append(str(_HERE))
 
 import msgpack  # noqa: E402
 import trio  # noqa: E402
+from idle import rss_bytes, steady_rss  # noqa: E402
 from ingest import (  # noqa: E402
     BenchError,
     authenticate,
     build_workload,
+    cpu_seconds,
     describe,
     free_port,
     relay_process,
@@ -220,37 +222,32 @@ def serve_nostr_sdk(port: int) -> None:
     asyncio.run(main())
 
 
-def tree_rss(pid: int) -> int:
-    """Resident bytes of ``pid`` and its descendants (gunicorn's worker is a child)."""
-    total = 0
-    todo = [pid]
+def tree(pid: int) -> list[int]:
+    """``pid`` and its living descendants (gunicorn's worker is a child)."""
+    found, todo = [], [pid]
     while todo:
         p = todo.pop()
         try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
             for task in Path(f"/proc/{p}/task").iterdir():
                 todo += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
+        except OSError:  # gone meanwhile
             continue
+        found.append(p)
+    return found
+
+
+def tree_rss(pid: int) -> int:
+    """Resident bytes of ``pid`` and its descendants."""
+    total = 0
+    for p in tree(pid):
+        with contextlib.suppress(OSError):  # gone meanwhile
+            total += rss_bytes(p)
     return total
 
 
 def tree_cpu(pid: int) -> float:
     """CPU seconds of ``pid`` and its descendants."""
-    total = 0.0
-    todo = [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-            for task in Path(f"/proc/{p}/task").iterdir():
-                todo += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            continue
-    return total
+    return sum(cpu_seconds(p) or 0.0 for p in tree(pid))
 
 
 # --------------------------------------------------------------------------- workloads
@@ -496,11 +493,11 @@ async def idle(run: Running, args: argparse.Namespace) -> dict[str, Any]:
     async with trio.open_nursery() as nursery:
         with trio.fail_after(args.timeout):
             await nursery.start(hold, 0)
-            one = await steady(run.pid)
+            one = await steady_rss(run.pid, tree_rss)
             async with trio.open_nursery() as opening:
                 for n in range(1, args.idle):
                     opening.start_soon(nursery.start, hold, n)
-            full = await steady(run.pid)
+            full = await steady_rss(run.pid, tree_rss)
         nursery.cancel_scope.cancel()
     return {
         "connections": opened[0],
@@ -508,18 +505,6 @@ async def idle(run: Running, args: argparse.Namespace) -> dict[str, Any]:
         "rss_one_mb": round(one / 2**20, 1),
         "rss_all_mb": round(full / 2**20, 1),
     }
-
-
-async def steady(pid: int) -> int:
-    """The relay tree's RSS once it stops moving (two reads 0.5 s apart within 1 %)."""
-    last = tree_rss(pid)
-    for _ in range(20):
-        await trio.sleep(0.5)
-        now = tree_rss(pid)
-        if abs(now - last) <= last / 100:
-            return now
-        last = now
-    return last
 
 
 # --------------------------------------------------------------------------- driver

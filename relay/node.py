@@ -154,6 +154,7 @@ MAX_WAITING_PER_PARKED = 8
 
 QUICK_FIND = 16
 """Ids a quick store looks up on the event loop rather than on a thread."""
+
 log = logging.getLogger("formicary.relay")
 
 RESERVED = RELAY_KINDS | {COMPACTED}
@@ -322,11 +323,11 @@ class RelayNode:
         self._committing = False
         self._progress = trio.Event()  # set (and replaced) as batches are decided, committed
         self.metrics = Metrics(self)
+        """What ``GET /metrics`` serves (relay/metrics.py)."""
         self.limiter = Limiter(self.config.rate_limits)
         """Rate limits and connection caps (relay/limits.py)."""
         self.signatures = SignatureChecker(self.config.verify_workers)
         """Checks publishes' signatures, on the loop or on threads (relay/signatures.py)."""
-        """What ``GET /metrics`` serves (relay/metrics.py)."""
         self._stats_changed = trio.Event()
         self._stat_waiters = 0
 
