@@ -17,6 +17,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from nacl.bindings import crypto_sign, crypto_sign_seed_keypair
 
 KEY_ENV = "FORMICARY_KEY"
 
@@ -47,8 +48,19 @@ class Identity:
         """The printable agent or relay id: the public key in hex."""
         return self.public_key.hex()
 
+    @cached_property
+    def _sodium_key(self) -> bytes:
+        # libsodium's secret key (seed, then public key), derived once.
+        return crypto_sign_seed_keypair(self.private_key.private_bytes_raw())[1]
+
     def sign(self, message: bytes) -> bytes:
-        return self.private_key.sign(message)
+        """The Ed25519 signature of ``message``: 64 bytes.
+
+        Made by libsodium, not OpenSSL, as the checks are: 22 against 32 µs here, and
+        the relay signs every receipt seal and coordination outcome. Ed25519 signing
+        is deterministic, so the bytes are the same either would make (tested).
+        """
+        return crypto_sign(message, self._sodium_key)[:64]
 
     def to_pem(self) -> bytes:
         return self.private_key.private_bytes(

@@ -66,3 +66,16 @@ def test_default_key_path_follows_the_environment(
 def test_seeded_identities_are_deterministic() -> None:
     assert Identity.from_seed(b"\x01" * 32).id == Identity.from_seed(b"\x01" * 32).id
     assert Identity.from_seed(b"\x01" * 32).id != Identity.from_seed(b"\x02" * 32).id
+
+
+@pytest.mark.parametrize("size", [0, 1, 200, 70_000])
+def test_libsodium_signs_the_bytes_openssl_would(size: int) -> None:
+    # Identity.sign uses libsodium; keys and key files are cryptography's (OpenSSL).
+    # Ed25519 is deterministic: the two must agree byte for byte, or receipts signed
+    # before and after the change would differ.
+    identity = Identity.from_seed(bytes(range(32)))
+    message = bytes(i % 251 for i in range(size))
+    signature = identity.sign(message)
+    assert signature == identity.private_key.sign(message)
+    assert verify_signature(identity.public_key, signature, message)
+    assert not verify_signature(identity.public_key, signature, message + b"x")
