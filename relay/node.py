@@ -178,8 +178,11 @@ T = TypeVar("T")
 class Ticket:
     """One publish on its way through the node.
 
-    ``decided`` is set as soon as the sequencer has looked at the event — possibly
-    only to park it — and ``done`` once the outcome is final.
+    ``done`` is set once the answer is final: the event's record is committed (or was
+    already: a duplicate), or it was refused. ``decided`` is set with ``done``, or
+    earlier when the event parks to wait for its dependencies, so that an
+    acknowledger answers later publishes without waiting for it. A sequenced event is
+    decided at its commit, not before: its acknowledger then wakes once, not twice.
     """
 
     __slots__ = ("began", "decided", "done", "duplicate", "error", "event", "located")
@@ -303,6 +306,11 @@ class RelayNode:
         self._recent_order: deque[tuple[str, int, int]] = deque()
         self._recent_size = 0
         self._pending: list[Record] = []
+        self._queued = 0  # records ever put in _pending
+        self._flushed = 0  # ... and ever committed from it
+        # Tickets of sequenced events, each with the _queued count its record makes:
+        # answered once _flushed reaches it (FIFO, as _pending is).
+        self._answer_at: deque[tuple[int, Ticket]] = deque()
         self._pending_ready = trio.Event()
         self._drained = trio.Event()
         self._waiting_tickets: dict[bytes, list[Ticket]] = {}
@@ -527,8 +535,11 @@ class RelayNode:
             self._answer_refused()
             step = steps.popleft()
             self._pending.extend(step)  # in seq order: outcomes come later still
+            self._queued += len(step)
+            position = self._queued - len(step)
             decided = []
             for record in step:
+                position += 1
                 self.count("published")
                 # (access, entities, contracts: folded by the gate as it was sequenced)
                 self.docs.on_sequenced(record)
@@ -540,7 +551,8 @@ class RelayNode:
                     decided.append((record, outcome))
                 located = Located(record.ns, record.seq, record.hlc)
                 for answered in self._waiting_tickets.pop(record.id, ()):
-                    answered._resolve(located)
+                    answered.located = located  # answered at its commit
+                    self._answer_at.append((position, answered))
             for record, outcome in decided:
                 released = self._offer_own(record.ns, outcome, (record.id,), now)
                 head = released[0]
@@ -798,6 +810,11 @@ class RelayNode:
                     await self._call(self.store.append, batch)
                     self.metrics.commit_seconds.observe(time.perf_counter() - began)
                 self._committed_batch(batch)
+                self._flushed += len(batch)
+                answer_at = self._answer_at
+                while answer_at and answer_at[0][0] <= self._flushed:
+                    ticket = answer_at.popleft()[1]
+                    ticket._resolve(ticket.located)
                 self._committing = False
                 self._note_progress()
                 self.count("batches")
