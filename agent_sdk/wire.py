@@ -191,9 +191,8 @@ def verify_signature(key: bytes, sig: bytes, message: bytes) -> bool:
     libsodium checks, not OpenSSL: it verifies twice as fast (bench/floor.py), and
     verifying is the relay's largest cost per event. It is also the stricter of the
     two: it refuses a signature whose ``R`` has small order, which only a signer
-    crafting it on purpose produces (docs/protocol.md, 3.3). Signing stays with
-    ``cryptography`` (:class:`agent_sdk.identity.Identity`): Ed25519 signatures are
-    deterministic, so both libraries make the same bytes.
+    crafting it on purpose produces (docs/protocol.md, 3.3). Signing is libsodium's
+    too (:class:`agent_sdk.identity.Identity`).
     """
     if not isinstance(key, bytes) or not isinstance(sig, bytes):  # e.g. unchecked msgpack
         return False

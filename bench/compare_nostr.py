@@ -86,10 +86,11 @@ from ingest import (  # noqa: E402
     BenchError,
     authenticate,
     build_workload,
-    cpu_seconds,
     describe,
     free_port,
     relay_process,
+    tree,
+    tree_cpu,
 )
 from websockets.exceptions import ConnectionClosed, InvalidHandshake  # noqa: E402
 from websockets.trio.client import ClientConnection, connect  # noqa: E402
@@ -222,20 +223,6 @@ def serve_nostr_sdk(port: int) -> None:
     asyncio.run(main())
 
 
-def tree(pid: int) -> list[int]:
-    """``pid`` and its living descendants (gunicorn's worker is a child)."""
-    found, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            for task in Path(f"/proc/{p}/task").iterdir():
-                todo += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:  # gone meanwhile
-            continue
-        found.append(p)
-    return found
-
-
 def tree_rss(pid: int) -> int:
     """Resident bytes of ``pid`` and its descendants."""
     total = 0
@@ -243,11 +230,6 @@ def tree_rss(pid: int) -> int:
         with contextlib.suppress(OSError):  # gone meanwhile
             total += rss_bytes(p)
     return total
-
-
-def tree_cpu(pid: int) -> float:
-    """CPU seconds of ``pid`` and its descendants."""
-    return sum(cpu_seconds(p) or 0.0 for p in tree(pid))
 
 
 # --------------------------------------------------------------------------- workloads

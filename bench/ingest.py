@@ -291,6 +291,25 @@ def cpu_seconds(pid: int, tid: int | None = None) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def tree(pid: int) -> list[int]:
+    """``pid`` and its living descendants (gunicorn's worker is a child)."""
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:  # gone meanwhile
+            continue
+        found.append(p)
+    return found
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of ``pid`` and its descendants."""
+    return sum(cpu_seconds(p) or 0.0 for p in tree(pid))
+
+
 # --------------------------------------------------------------------------- load
 
 
@@ -378,7 +397,7 @@ class Snapshot:
     def take(cls, relay_pid: int) -> Snapshot:
         return cls(
             ns=time.perf_counter_ns(),
-            relay_cpu=cpu_seconds(relay_pid),
+            relay_cpu=tree_cpu(relay_pid),  # its signature-checking process too
             relay_main_cpu=cpu_seconds(relay_pid, relay_pid),
             own_cpu=time.process_time(),
         )

@@ -73,7 +73,7 @@ OPTIONS: tuple[Option, ...] = (
         "limits", "park_timeout", "duration", "10s", "how long an event waits for deps", minimum=1
     ),
     Option("limits", "max_clock_skew", "duration", "24h", "event ts vs relay clock"),
-    Option("limits", "verify_workers", "int", 0, "signature-checking threads (0: on the loop)"),
+    Option("limits", "verify_workers", "int", 1, "signature-checking processes (0: on the loop)"),
     Option("limits", "publish_rate", "int", 100, "publishes per second per key"),
     Option("limits", "publish_burst", "int", 200, "publishes a key may send at once"),
     Option("limits", "request_rate", "int", 200, "queries and messages per second per key"),

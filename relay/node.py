@@ -97,9 +97,9 @@ class RelayConfig:
     """Who may create namespaces (relay/access.py): open, allow or invite."""
     creators: frozenset[bytes] = frozenset()
     """Keys that may create namespaces under ``allow`` and ``invite``."""
-    verify_workers: int = 0
-    """Threads that check event signatures off the event loop (relay/signatures.py);
-    0 (the default, by measurement: docs/performance.md) checks them on the loop."""
+    verify_workers: int = 1
+    """Processes that check event signatures of bundled publishes off the event loop
+    (relay/signatures.py), started at the first bundle; 0 checks them on the loop."""
     store: str = ""
     """A PostgreSQL DSN for the logs, mirrors and inboxes; "" for the embedded
     SQLite files in the data directory (relay/app.py)."""
@@ -335,7 +335,7 @@ class RelayNode:
         self.limiter = Limiter(self.config.rate_limits)
         """Rate limits and connection caps (relay/limits.py)."""
         self.signatures = SignatureChecker(self.config.verify_workers)
-        """Checks publishes' signatures, on the loop or on threads (relay/signatures.py)."""
+        """Checks publishes' signatures, on the loop or in processes (relay/signatures.py)."""
         self._stats_changed = trio.Event()
         self._stat_waiters = 0
 
@@ -365,6 +365,7 @@ class RelayNode:
             nursery.start_soon(self._expiry_loop)
             nursery.start_soon(self._compaction_loop)
             nursery.start_soon(self._inbox_expiry_loop)
+            nursery.start_soon(self.signatures.run)
             task_status.started()
 
     async def _inbox_expiry_loop(self) -> None:

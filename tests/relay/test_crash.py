@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import signal
 import time
 from collections.abc import Sequence
@@ -315,3 +316,42 @@ async def test_documents_survive_sigkill_and_reconnecting_replicas_do_not_duplic
         await old.synced.wait()
         assert old.error is None and old.to_json() == content
         assert old.array().to_py() == list(range(30))
+
+
+def children_of(pid: int) -> set[int]:
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found |= {int(child) for child in (task / "children").read_text().split()}
+    return found
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGKILL], ids=["stop", "kill"])
+async def test_the_signature_checking_process_ends_with_its_relay(
+    tmp_path: Path, signal_number: int
+) -> None:
+    """The relay starts a checking process at its first bundle of publishes
+    (relay/signatures.py); stopped or killed -9, the relay leaves none behind (the
+    process exits when its pipe closes)."""
+    who = identity(1)
+    async with relay_process(tmp_path / "data") as relay:
+        assert relay.process is not None
+        async with RelayClient.connect(relay.url, who) as client:
+            n = 0
+            with trio.fail_after(PHASE_TIMEOUT):
+                while not children_of(relay.process.pid):  # it starts as the first is checked
+                    bundle = []
+                    for _ in range(8):  # queued together: sent as one message
+                        n += 1
+                        event = Event(ns="v@local", kind="app.x", author=who.public_key,
+                                      body={"n": n}, ts=now_ms())  # fmt: skip
+                        bundle.append(client.publish_later(sign_event(event, who.sign)))
+                    for pending in bundle:
+                        await pending.wait()
+        (checker,) = children_of(relay.process.pid)
+        pidfd = os.pidfd_open(checker)
+        try:
+            relay.process.send_signal(signal_number)
+            with trio.fail_after(PHASE_TIMEOUT):
+                await trio.lowlevel.wait_readable(pidfd)  # readable once it has exited
+        finally:
+            os.close(pidfd)
