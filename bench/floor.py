@@ -1,5 +1,6 @@
-"""The physical floor of ingest: Ed25519 verifications per second, ``cryptography``
-(OpenSSL) against libsodium (PyNaCl), on one core and on several threads.
+"""The physical floor of ingest: Ed25519 verifications (and signatures) per second,
+``cryptography`` (OpenSSL) against libsodium (PyNaCl), on one core and on several
+threads.
 
 Theory of operation
 -------------------
@@ -9,10 +10,15 @@ This script measures that floor both ways on the same signed events, the way the
 relay's message is built (``EVENT_DOMAIN + id``), with key objects built beforehand
 so only the verification is timed:
 
-* ``cryptography``: ``Ed25519PublicKey.verify`` (OpenSSL), what the relay uses;
+* ``cryptography``: ``Ed25519PublicKey.verify`` (OpenSSL);
 * ``pynacl``: ``nacl.signing.VerifyKey.verify(message, signature)`` (libsodium's
   ``crypto_sign_open``: PyNaCl exposes no detached verify, so the signature and the
-  message are joined first, a copy of a few hundred bytes).
+  message are joined first, a copy of a few hundred bytes), what the relay uses
+  (agent_sdk/wire.py).
+
+Signing is measured the same way (``*_sign_per_s``), one signature per message:
+a relay signs each coordination outcome and each batch's chain heads, with
+libsodium (agent_sdk/identity.py).
 
 The machine is shared and noisy, so the two alternate, ``--rounds`` times each for
 ``--seconds``, and each figure is the median of its rounds; the ratio is taken
@@ -47,7 +53,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from agent_sdk.identity import Identity
 from agent_sdk.wire import EVENT_DOMAIN, Event, sign_event
 
-Check = Callable[[Sequence[tuple[Any, bytes, bytes]]], None]
+Check = Callable[[Sequence[Any]], None]
 
 
 def log(message: str) -> None:
@@ -86,8 +92,29 @@ def check_sodium(prepared: Sequence[tuple[Any, bytes, bytes]]) -> None:
         key.verify(message, sig)  # raises BadSignatureError
 
 
-def rate(check: Check, prepared: Sequence[tuple[Any, bytes, bytes]], seconds: float) -> float:
-    """Verifications per second on this thread for about ``seconds``."""
+def signers(samples: Sequence[tuple[bytes, bytes, bytes]]) -> list[tuple[Any, Any, bytes]]:
+    """(OpenSSL key, libsodium key, message): 64 keys, as signed_samples' authors."""
+    from nacl.signing import SigningKey
+
+    keys = [n.to_bytes(32, "big") for n in range(1, 65)]
+    return [
+        (Identity.from_seed(keys[n % 64]).private_key, SigningKey(keys[n % 64]), message)
+        for n, (_, _, message) in enumerate(samples)
+    ]
+
+
+def sign_openssl(prepared: Sequence[tuple[Any, Any, bytes]]) -> None:
+    for key, _, message in prepared:
+        key.sign(message)
+
+
+def sign_sodium(prepared: Sequence[tuple[Any, Any, bytes]]) -> None:
+    for _, key, message in prepared:
+        key.sign(message)
+
+
+def rate(check: Check, prepared: Sequence[Any], seconds: float) -> float:
+    """Checks (or signatures) per second on this thread for about ``seconds``."""
     count, start = 0, time.perf_counter()
     while True:
         check(prepared)
@@ -97,9 +124,7 @@ def rate(check: Check, prepared: Sequence[tuple[Any, bytes, bytes]], seconds: fl
             return count / elapsed
 
 
-def threaded_rate(
-    check: Check, prepared: Sequence[tuple[Any, bytes, bytes]], seconds: float, threads: int
-) -> float:
+def threaded_rate(check: Check, prepared: Sequence[Any], seconds: float, threads: int) -> float:
     """Verifications per second over ``threads`` threads working at once."""
     counts = [0] * threads
     start = time.perf_counter()
@@ -126,8 +151,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     sodium = with_sodium(samples)
     check_openssl(openssl)
     check_sodium(sodium)  # both accept every signature before anything is timed
+    signing = signers(samples)
+    same = [(k.sign(m), s.sign(m).signature) for k, s, m in signing[:64]]
+    if any(a != b for a, b in same):
+        raise RuntimeError("OpenSSL and libsodium made different signatures")
     figures: dict[str, list[float]] = {
-        k: [] for k in ("openssl", "sodium", "openssl_t", "sodium_t")
+        k: [] for k in ("openssl", "sodium", "openssl_t", "sodium_t", "openssl_s", "sodium_s")
     }
     for n in range(args.rounds):
         log(f"round {n + 1} of {args.rounds}")
@@ -137,6 +166,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             threaded_rate(check_openssl, openssl, args.seconds, args.threads)
         )
         figures["sodium_t"].append(threaded_rate(check_sodium, sodium, args.seconds, args.threads))
+        figures["openssl_s"].append(rate(sign_openssl, signing, args.seconds))
+        figures["sodium_s"].append(rate(sign_sodium, signing, args.seconds))
     med = {k: statistics.median(v) for k, v in figures.items()}
     import nacl
 
@@ -151,6 +182,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "pynacl_over_cryptography": round(med["sodium"] / med["openssl"], 3),
         "cryptography_threads_speedup": round(med["openssl_t"] / med["openssl"], 3),
         "pynacl_threads_speedup": round(med["sodium_t"] / med["sodium"], 3),
+        "cryptography_sign_per_s": round(med["openssl_s"]),
+        "pynacl_sign_per_s": round(med["sodium_s"]),
         "cryptography_rounds": [round(x) for x in figures["openssl"]],
         "pynacl_rounds": [round(x) for x in figures["sodium"]],
         "versions": {
