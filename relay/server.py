@@ -6,9 +6,16 @@ acknowledger answering publishes in order, and one task per subscribed namespace
 following the log by cursor. Every producer waits at most
 ``slow_consumer_timeout`` for room in the writer's queue; past that the consumer is
 too slow and the connection is closed with code 1008 and reason ``3002 slow_consumer``
-rather than buffered without bound. One connection's trouble never blocks another's:
-the only shared things are the node's queues, which are bounded and never wait on a
-socket.
+rather than buffered without bound. A send the peer leaves blocked that long counts
+the same, queue or no queue (:func:`watch_writers`); one still blocked
+``slow_consumer_timeout`` and ``ABORT_GRACE`` later has the connection cut without a
+close frame, which could only have gone out behind the data the peer is not
+reading. While a slow consumer's close handshake runs, the reader
+drains (and ignores) what the peer still sends, so that it sees the peer's answering
+close frame and the connection ends as soon as the peer has read everything up to
+ours; every other task of the connection stops sending and waits to be cancelled.
+One connection's trouble never blocks another's: the only shared things are the
+node's queues, which are bounded and never wait on a socket.
 
 ``GET /health`` and ``GET /info`` are answered on the same port.
 """
@@ -22,7 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from http import HTTPStatus
-from typing import Any
+from typing import Any, NoReturn
 
 import trio
 from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
@@ -74,6 +81,9 @@ TOO_MANY_CLOSE = 1008  # a connection over the per-key or per-address cap
 FLOOD_CLOSE = 1008
 MAX_AUTH_FAILURES = 3
 """Failed ``auth`` attempts after which a connection is closed (each costs a check)."""
+ABORT_GRACE = 10.0
+"""Seconds a slow consumer's close handshake may wait, beyond ``slow_consumer_timeout``,
+for a peer that reads nothing before the connection is cut."""
 REFUSALS_BEFORE_CLOSE = 256
 """Rate-limited frames in a row after which a connection is closed: an agent that
 honours ``try again in`` never gets near it."""
@@ -130,7 +140,9 @@ class Connection:
         self._subscriptions: dict[int, _Running] = {}
         self._docs: dict[int, tuple[LiveDoc, Replica]] = {}  # open documents, by sub
         self._follows = 0  # namespaces followed, over all subscriptions
-        self._closing = False
+        self._closing = False  # closing a slow consumer: nothing more is sent
+        self._waits: set[trio.CancelScope] = set()  # tasks waiting for room in a queue
+        self._reading_task: trio.lowlevel.Task | None = None
         self._present: set[str] = set()  # namespaces this connection is a member in
         self._joins: list[Ticket] = []  # its dir.join publishes not decided yet
         self._messaging: Messaging | None = None  # once authenticated
@@ -139,6 +151,8 @@ class Connection:
         self._auth_failures = 0
         self._answering = False  # the acknowledger is answering a batch
         self._writing = False  # the writer is in a send
+        self._send_began: float | None = None  # ... since then (trio.current_time())
+        self._close_began: float | None = None  # a slow consumer's close, since then
         self._quiet = trio.Event()  # set (and replaced) as either finishes
         self._address = client_address(node, ws)
 
@@ -191,24 +205,65 @@ class Connection:
 
     async def _send_encoded(self, data: bytes) -> None:
         """Queue an encoded frame for the writer (see :meth:`_send`)."""
+        if self._closing:
+            await self._stop_sending()
         try:
             self._out_tx.send_nowait(data)
             return
         except trio.WouldBlock:
             pass
-        with trio.move_on_after(self.node.config.slow_consumer_timeout):
-            await self._out_tx.send(data)
+        with trio.move_on_after(self.node.config.slow_consumer_timeout) as waiting:
+            self._waits.add(waiting)
+            try:
+                await self._out_tx.send(data)
+                return
+            finally:
+                self._waits.discard(waiting)
+        if not self._closing:  # (else another task began the close while we waited)
+            self._begin_slow_close("its send queue stayed full")
+            if trio.lowlevel.current_task() is self._reading_task:
+                self._nursery.start_soon(self._close_slow_consumer)  # we go on reading
+            else:
+                await self._close_slow_consumer()
+        await self._stop_sending()
+
+    def _begin_slow_close(self, why: str) -> None:
+        self._closing = True
+        self._close_began = trio.current_time()
+        self.node.count("slow_consumers")
+        log.warning("closing a slow consumer: %s", why)
+        for other in self._waits:  # they stop waiting: nothing more is sent
+            other.cancel()
+
+    def check_writer(self, now: float) -> None:
+        """Close the connection if its writer has been stuck in one send too long
+        (see :func:`watch_writers`); cut it if the close is stuck too."""
+        timeout = self.node.config.slow_consumer_timeout
+        began = self._send_began
+        if began is None or now - began < timeout:
             return
         if not self._closing:
-            self._closing = True
-            self.node.count("slow_consumers")
-            log.warning("closing a slow consumer: its send queue stayed full")
-            # Close while the writer is still blocked in its send: cancelling a send
-            # midway would break the stream, and the close frame with it. The close
-            # frame goes out after what is already written, if the peer ever reads.
-            reason = f"{int(ErrorCode.SLOW_CONSUMER)} slow_consumer"
-            await self.ws.aclose(SLOW_CONSUMER_CLOSE, reason)
-        raise SlowConsumer()
+            self._begin_slow_close("a send to it stayed blocked")
+            self._nursery.start_soon(self._close_slow_consumer)
+        elif self._close_began is not None and now - self._close_began >= timeout + ABORT_GRACE:
+            self._close_began = None  # once
+            log.warning("cutting a slow consumer that read nothing of its close")
+            self._nursery.start_soon(trio.aclose_forcefully, self.ws.stream)
+
+    async def _close_slow_consumer(self) -> None:
+        # Close while the writer is still blocked in its send: cancelling a send midway
+        # would break the stream, and the close frame with it. The close frame goes out
+        # after what is already written, if the peer ever reads.
+        reason = f"{int(ErrorCode.SLOW_CONSUMER)} slow_consumer"
+        await self.ws.aclose(SLOW_CONSUMER_CLOSE, reason)
+
+    async def _stop_sending(self) -> NoReturn:
+        """What a task that would send on a connection being closed does: the reader
+        stops acting on messages and drains them (see :meth:`_reader`); any other
+        task waits to be cancelled as the connection ends."""
+        if trio.lowlevel.current_task() is self._reading_task:
+            raise SlowConsumer()
+        await trio.sleep_forever()
 
     async def _writer(self) -> None:
         """Send queued frames, bundling what has piled up into one message (protocol §1)."""
@@ -224,7 +279,9 @@ class Connection:
                 frames.append(data)
                 size += len(data)
             self._writing = True
+            self._send_began = trio.current_time()
             await self.ws.send(f.bundle(frames))
+            self._send_began = None
             self._writing = False
             self._note_quiet()
 
@@ -244,6 +301,20 @@ class Connection:
             await self._quiet.wait()
 
     async def _reader(self) -> None:
+        self._reading_task = trio.lowlevel.current_task()
+        try:
+            await self._read_and_act()
+        except SlowConsumer:
+            # The connection is being closed as a slow consumer. Its close handshake
+            # needs the peer's answering close frame, which comes after whatever the
+            # peer still sends: read and drop it all until the connection is closed.
+            while True:
+                try:
+                    await self.ws.recv()
+                except ConnectionClosedOK:
+                    return
+
+    async def _read_and_act(self) -> None:
         # An agent that connects and never authenticates holds resources for nothing.
         # The deadline bounds the waits for messages, not the handling of one.
         deadline = trio.current_time() + self.node.config.auth_timeout
@@ -468,8 +539,19 @@ class Connection:
     async def _answer_later(self, rid: int, request: Answerable) -> None:
         try:
             self._acks_tx.send_nowait((rid, request))
+            return
         except trio.WouldBlock:
-            await self._acks_tx.send((rid, request))
+            pass
+        if self._closing:
+            await self._stop_sending()
+        with trio.CancelScope() as waiting:  # cancelled if the connection begins closing
+            self._waits.add(waiting)
+            try:
+                await self._acks_tx.send((rid, request))
+                return
+            finally:
+                self._waits.discard(waiting)
+        await self._stop_sending()
 
     async def _acknowledger(self) -> None:
         async with trio.open_nursery() as parked:
@@ -811,6 +893,19 @@ class Connection:
             await self.node.wait_beyond(ns, cursor - 1)
 
 
+async def watch_writers(node: RelayNode) -> None:
+    """Look at every connection's writer twice per ``slow_consumer_timeout``: a peer
+    that stops reading blocks the send in progress, and while websockets waits to
+    write it also stops reading that peer (its reading takes turns with sends), so a
+    connection with nothing more queued would otherwise wait forever."""
+    every = node.config.slow_consumer_timeout / 2
+    while True:
+        await trio.sleep(every)
+        now = trio.current_time()
+        for connection in list(node.connections):
+            connection.check_writer(now)
+
+
 def client_address(node: RelayNode, ws: ServerConnection) -> str:
     """The address a connection comes from, without its port ("" in memory); behind
     a trusted proxy, the client's, from ``X-Forwarded-For``."""
@@ -936,11 +1031,13 @@ async def serve_relay(
     where: dict[str, Any] = {"port": port, "host": host}
     if listeners is not None:  # an in-memory network (virtual-time simulations)
         where = {"listeners": listeners, "ping_interval": None}
-    await serve(
-        handler,
-        compression=None,  # events are small and signed: deflate costs more than it saves
-        max_size=2 * node.config.max_frame,
-        process_request=http_handler(node),
-        task_status=task_status,
-        **where,
-    )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch_writers, node)
+        await serve(
+            handler,
+            compression=None,  # events are small and signed: deflate costs more than it saves
+            max_size=2 * node.config.max_frame,
+            process_request=http_handler(node),
+            task_status=task_status,
+            **where,
+        )
