@@ -61,7 +61,8 @@ class Identity:
         outcome. Ed25519 signing is deterministic, so the bytes are the same either
         would make (tested).
         """
-        return crypto_sign(message, self._sodium_key)[:64]
+        # (libsodium takes bytes only; bytes(b"...") is the same object, not a copy)
+        return crypto_sign(bytes(message), self._sodium_key)[:64]
 
     def to_pem(self) -> bytes:
         return self.private_key.private_bytes(

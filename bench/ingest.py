@@ -297,12 +297,14 @@ def tree(pid: int) -> list[int]:
     found, todo = [], [pid]
     while todo:
         p = todo.pop()
+        if not Path(f"/proc/{p}").exists():
+            continue  # gone meanwhile
+        found.append(p)
         try:
             for task in Path(f"/proc/{p}/task").iterdir():
                 todo += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:  # gone meanwhile
+        except OSError:  # gone meanwhile, or a kernel without the children files
             continue
-        found.append(p)
     return found
 
 

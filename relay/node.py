@@ -178,8 +178,9 @@ T = TypeVar("T")
 class Ticket:
     """One publish on its way through the node.
 
-    ``done`` is set once the answer is final: the event's record is committed (or was
-    already: a duplicate), or it was refused. ``decided`` is set with ``done``, or
+    ``done`` is set once the answer is final: the event's record is committed, or it
+    is a duplicate (of a record that may still be on its way to the disk: answering
+    waits for that commit too), or it was refused. ``decided`` is set with ``done``, or
     earlier when the event parks to wait for its dependencies, so that an
     acknowledger answers later publishes without waiting for it. A sequenced event is
     decided at its commit, not before: its acknowledger then wakes once, not twice.

@@ -11,8 +11,8 @@ the same, queue or no queue (:func:`watch_writers`); one still blocked
 ``slow_consumer_timeout`` and ``ABORT_GRACE`` later has the connection cut without a
 close frame, which could only have gone out behind the data the peer is not
 reading. While a slow consumer's close handshake runs, the reader
-drains (and ignores) what the peer still sends, so that it sees the peer's answering
-close frame and the connection ends as soon as the peer has read everything up to
+keeps reading what the peer still sends (answering nothing), so that it sees the
+peer's answering close frame and the connection ends as soon as the peer has read everything up to
 ours; every other task of the connection stops sending and waits to be cancelled.
 One connection's trouble never blocks another's: the only shared things are the
 node's queues, which are bounded and never wait on a socket.
@@ -234,6 +234,7 @@ class Connection:
         log.warning("closing a slow consumer: %s", why)
         for other in self._waits:  # they stop waiting: nothing more is sent
             other.cancel()
+        self._note_quiet()  # (a clean stop waits for nothing more here)
 
     def check_writer(self, now: float) -> None:
         """Close the connection if its writer has been stuck in one send too long
@@ -242,13 +243,15 @@ class Connection:
         began = self._send_began
         if began is None or now - began < timeout:
             return
-        if not self._closing:
-            self._begin_slow_close("a send to it stayed blocked")
-            self._nursery.start_soon(self._close_slow_consumer)
-        elif self._close_began is not None and now - self._close_began >= timeout + ABORT_GRACE:
-            self._close_began = None  # once
-            log.warning("cutting a slow consumer that read nothing of its close")
-            self._nursery.start_soon(trio.aclose_forcefully, self.ws.stream)
+        try:
+            if not self._closing:
+                self._begin_slow_close("a send to it stayed blocked")
+                self._nursery.start_soon(self._close_slow_consumer)
+            elif self._close_began is not None and now - self._close_began >= timeout + ABORT_GRACE:
+                self._close_began = None  # once
+                self._nursery.start_soon(self._cut)
+        except RuntimeError:  # its tasks have all ended; it is leaving node.connections
+            pass
 
     async def _close_slow_consumer(self) -> None:
         # Close while the writer is still blocked in its send: cancelling a send midway
@@ -256,6 +259,14 @@ class Connection:
         # after what is already written, if the peer ever reads.
         reason = f"{int(ErrorCode.SLOW_CONSUMER)} slow_consumer"
         await self.ws.aclose(SLOW_CONSUMER_CLOSE, reason)
+        # Closed: end every task of the connection, those parked in _stop_sending and
+        # any waiting on a queue that one of them would have drained.
+        self._nursery.cancel_scope.cancel()
+
+    async def _cut(self) -> None:
+        log.warning("cutting a slow consumer that read nothing of its close")
+        await trio.aclose_forcefully(self.ws.stream)
+        self._nursery.cancel_scope.cancel()
 
     async def _stop_sending(self) -> NoReturn:
         """What a task that would send on a connection being closed does: the reader
@@ -280,9 +291,11 @@ class Connection:
                 size += len(data)
             self._writing = True
             self._send_began = trio.current_time()
-            await self.ws.send(f.bundle(frames))
-            self._send_began = None
-            self._writing = False
+            try:
+                await self.ws.send(f.bundle(frames))
+            finally:
+                self._send_began = None
+                self._writing = False
             self._note_quiet()
 
     def _note_quiet(self) -> None:
@@ -291,8 +304,9 @@ class Connection:
 
     async def quiet(self) -> None:
         """Return once every answer decided so far has been written to the socket (a
-        clean stop waits for this before it closes the connection)."""
-        while (
+        clean stop waits for this before it closes the connection), or the connection
+        is being closed as a slow consumer (its answers will not be written)."""
+        while not self._closing and (
             self._acks_rx.statistics().current_buffer_used
             or self._answering
             or self._out_rx.statistics().current_buffer_used

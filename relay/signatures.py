@@ -116,11 +116,16 @@ class SignatureChecker:
 
     async def _keep_one(self) -> None:
         while True:
-            process = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "relay.verifier"],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-            )
+            try:
+                process = await trio.lowlevel.open_process(
+                    [sys.executable, "-m", "relay.verifier"],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                )
+            except OSError as exc:  # out of file descriptors, memory, processes...
+                log.warning("cannot start a signature-checking process: %s", exc)
+                await trio.sleep(max(self.restart_delay, 0.1))  # the loop checks meanwhile
+                continue
             worker = _Worker(process)
             self.running.append(worker)
             self._note_change()
