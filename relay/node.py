@@ -537,11 +537,10 @@ class RelayNode:
             self._answer_refused()
             step = steps.popleft()
             self._pending.extend(step)  # in seq order: outcomes come later still
+            first = self._queued + 1  # the _queued count its first record makes
             self._queued += len(step)
-            position = self._queued - len(step)
             decided = []
-            for record in step:
-                position += 1
+            for position, record in enumerate(step, start=first):
                 self.count("published")
                 # (access, entities, contracts: folded by the gate as it was sequenced)
                 self.docs.on_sequenced(record)

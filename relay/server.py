@@ -10,10 +10,10 @@ rather than buffered without bound. A send the peer leaves blocked that long cou
 the same, queue or no queue (:func:`watch_writers`); one still blocked
 ``slow_consumer_timeout`` and ``ABORT_GRACE`` later has the connection cut without a
 close frame, which could only have gone out behind the data the peer is not
-reading. While a slow consumer's close handshake runs, the reader
-keeps reading what the peer still sends (answering nothing), so that it sees the
-peer's answering close frame and the connection ends as soon as the peer has read everything up to
-ours; every other task of the connection stops sending and waits to be cancelled.
+reading. While a slow consumer's close handshake runs, the reader keeps reading what
+the peer still sends (answering nothing), so that it sees the peer's answering close
+frame and the connection ends as soon as the peer has read everything up to ours;
+every other task of the connection stops sending and waits to be cancelled.
 One connection's trouble never blocks another's: the only shared things are the
 node's queues, which are bounded and never wait on a socket.
 
@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import secrets
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from http import HTTPStatus
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import trio
 from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
@@ -88,6 +89,7 @@ REFUSALS_BEFORE_CLOSE = 256
 """Rate-limited frames in a row after which a connection is closed: an agent that
 honours ``try again in`` never gets near it."""
 ADMIT_RUN = 64  # publishes of one message whose signatures are checked in one go
+T = TypeVar("T")
 
 
 Answerable = Ticket | f.Query | Entry
@@ -212,13 +214,8 @@ class Connection:
             return
         except trio.WouldBlock:
             pass
-        with trio.move_on_after(self.node.config.slow_consumer_timeout) as waiting:
-            self._waits.add(waiting)
-            try:
-                await self._out_tx.send(data)
-                return
-            finally:
-                self._waits.discard(waiting)
+        if await self._wait_for_room(self._out_tx, data, self.node.config.slow_consumer_timeout):
+            return
         if not self._closing:  # (else another task began the close while we waited)
             self._begin_slow_close("its send queue stayed full")
             if trio.lowlevel.current_task() is self._reading_task:
@@ -226,6 +223,20 @@ class Connection:
             else:
                 await self._close_slow_consumer()
         await self._stop_sending()
+
+    async def _wait_for_room(
+        self, queue: trio.MemorySendChannel[T], item: T, seconds: float = math.inf
+    ) -> bool:
+        """Put ``item`` in a full ``queue`` once it has room: False if ``seconds`` ran
+        out first, or a slow consumer's close began (it cancels every such wait)."""
+        with trio.move_on_after(seconds) as waiting:
+            self._waits.add(waiting)
+            try:
+                await queue.send(item)
+                return True
+            finally:
+                self._waits.discard(waiting)
+        return False
 
     def _begin_slow_close(self, why: str) -> None:
         self._closing = True
@@ -556,16 +567,8 @@ class Connection:
             return
         except trio.WouldBlock:
             pass
-        if self._closing:
+        if self._closing or not await self._wait_for_room(self._acks_tx, (rid, request)):
             await self._stop_sending()
-        with trio.CancelScope() as waiting:  # cancelled if the connection begins closing
-            self._waits.add(waiting)
-            try:
-                await self._acks_tx.send((rid, request))
-                return
-            finally:
-                self._waits.discard(waiting)
-        await self._stop_sending()
 
     async def _acknowledger(self) -> None:
         async with trio.open_nursery() as parked:

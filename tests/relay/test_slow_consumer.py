@@ -21,19 +21,27 @@ BODY = "x" * 60_000
 EVENTS = 300  # 18 MB: far more than the loopback socket buffers hold
 
 
+async def subscribe_lazily(relay: RunningRelay, lazy: ClientConnection) -> Connection:
+    """Authenticate ``lazy`` and subscribe it to ``NS``; returns its connection at the
+    relay. The caller decides what it reads from then on."""
+    agent = identity(1)
+    hello = f.decode_frame(await lazy.recv())
+    assert isinstance(hello, f.Hello)
+    sig = agent.sign(f.agent_auth_message(hello.relay, hello.challenge))
+    await lazy.send(f.encode_frame(f.Auth(key=agent.public_key, sig=sig, challenge=bytes(32))))
+    assert isinstance(f.decode_frame(await lazy.recv()), f.Welcome)
+    await lazy.send(f.encode_frame(f.Subscribe(sub=1, ns=(NS,))))
+    (cut,) = [c for c in relay.node.connections if c.session.agent == agent.public_key]
+    return cut
+
+
 async def test_a_reader_that_stops_reading_is_closed_with_slow_consumer(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
     config = RelayConfig(name="local", send_queue=4, slow_consumer_timeout=0.5)
     relay = await start_relay(nursery, tmp_path / "relay", config)
-    agent = identity(1)
     async with connect(relay.url, compression=None, max_size=None) as lazy:
-        hello = f.decode_frame(await lazy.recv())
-        assert isinstance(hello, f.Hello)
-        sig = agent.sign(f.agent_auth_message(hello.relay, hello.challenge))
-        await lazy.send(f.encode_frame(f.Auth(key=agent.public_key, sig=sig, challenge=bytes(32))))
-        assert isinstance(f.decode_frame(await lazy.recv()), f.Welcome)
-        await lazy.send(f.encode_frame(f.Subscribe(sub=1, ns=(NS,))))
+        await subscribe_lazily(relay, lazy)
         # ...and from here on this client reads nothing while the log grows.
 
         async with RelayClient.connect(relay.url, identity(2)) as publisher:
@@ -65,15 +73,8 @@ async def test_a_slow_consumer_blocking_the_reader_still_completes_the_close_han
     there (rather than after websockets' close timeout, with no answer seen)."""
     config = RelayConfig(name="local", send_queue=4, max_inflight=4, slow_consumer_timeout=5)
     relay = await start_relay(nursery, tmp_path / "relay", config)
-    agent = identity(1)
     async with connect(relay.url, compression=None, max_size=None) as lazy:
-        hello = f.decode_frame(await lazy.recv())
-        assert isinstance(hello, f.Hello)
-        sig = agent.sign(f.agent_auth_message(hello.relay, hello.challenge))
-        await lazy.send(f.encode_frame(f.Auth(key=agent.public_key, sig=sig, challenge=bytes(32))))
-        assert isinstance(f.decode_frame(await lazy.recv()), f.Welcome)
-        await lazy.send(f.encode_frame(f.Subscribe(sub=1, ns=(NS,))))
-        (cut,) = [c for c in relay.node.connections if c.session.agent == agent.public_key]
+        cut = await subscribe_lazily(relay, lazy)
 
         async with RelayClient.connect(relay.url, identity(2)) as publisher:
             # Far more than the loopback socket buffers hold: the relay's writer is
@@ -98,17 +99,10 @@ async def test_a_slow_consumer_blocking_the_reader_still_completes_the_close_han
 
 
 async def stuck_subscriber(relay: RunningRelay, lazy: ClientConnection) -> Connection:
-    """Authenticate ``lazy``, subscribe it, and publish far more than the socket
-    buffers hold while it reads nothing: the relay's writer ends up blocked in a send
-    with the rest of the log still queued, so no queue ever stays full."""
-    agent = identity(1)
-    hello = f.decode_frame(await lazy.recv())
-    assert isinstance(hello, f.Hello)
-    sig = agent.sign(f.agent_auth_message(hello.relay, hello.challenge))
-    await lazy.send(f.encode_frame(f.Auth(key=agent.public_key, sig=sig, challenge=bytes(32))))
-    assert isinstance(f.decode_frame(await lazy.recv()), f.Welcome)
-    await lazy.send(f.encode_frame(f.Subscribe(sub=1, ns=(NS,))))
-    (cut,) = [c for c in relay.node.connections if c.session.agent == agent.public_key]
+    """Subscribe ``lazy`` and publish far more than the socket buffers hold while it
+    reads nothing: the relay's writer ends up blocked in a send with the rest of the
+    log still queued, so no queue ever stays full."""
+    cut = await subscribe_lazily(relay, lazy)
     async with RelayClient.connect(relay.url, identity(2)) as publisher:
         for n in range(EVENTS):
             await publisher.publish(NS, "app.big", {"n": n, "pad": BODY})
