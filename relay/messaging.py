@@ -217,12 +217,16 @@ class Messaging:
                 except trio.WouldBlock:
                     break
             ours = [a for a in batch if isinstance(a, AckItem)]
+            # Nothing may wait between taking the items and writing their delete: a
+            # connection cancelled there would leave them taken (acks of them refused,
+            # expiry skipping them) until the relay restarts. Errors go out after.
+            errors: list[f.Error] = []
             items = inboxes.take(self.agent, [a.seq for a in ours])
             receipts = []
             for action, item in zip(ours, items, strict=True):
                 if item is None:
                     error = ProtocolError(ErrorCode.NOT_FOUND, f"no item {action.seq} here")
-                    await self.send(f.Error.of(error, sub=action.sub))
+                    errors.append(f.Error.of(error, sub=action.sub))
                     continue
                 receipt = action.receipt
                 if item.kind != "message" or receipt is None:
@@ -233,7 +237,7 @@ class Messaging:
                     receipt.verify()
                 except Unsealable as exc:  # the item is delivered all the same
                     error = ProtocolError(ErrorCode.BAD_MESSAGE, str(exc))
-                    await self.send(f.Error.of(error, sub=action.sub))
+                    errors.append(f.Error.of(error, sub=action.sub))
                     continue
                 if item.origin and self.node.federation is not None:
                     self.node.federation.receipt_soon(item.origin, receipt.encode())
@@ -245,8 +249,9 @@ class Messaging:
                 with trio.CancelScope(shield=True):
                     await inboxes.acknowledge(taken, receipts)
             except ProtocolError as exc:  # the store failed: the items stay, sent again
-                for action in ours:
-                    await self.send(f.Error.of(exc, sub=action.sub))
+                errors.extend(f.Error.of(exc, sub=action.sub) for action in ours)
+            for error_frame in errors:
+                await self.send(error_frame)
             for confirm in batch:
                 if isinstance(confirm, Confirm):  # everything before it is applied
                     await self.send(f.Result(rid=confirm.rid, body={}))

@@ -193,3 +193,50 @@ async def test_one_sender_cannot_fill_an_inbox_for_everyone() -> None:
     assert isinstance(refused, ProtocolError) and refused.code is ErrorCode.INBOX_FULL
     assert "you have 2 messages waiting" in refused.reason
     assert await boxes.put_messages([message(b"z", sender=CAROL)]) == ["stored"]  # others can
+
+
+async def test_acks_of_a_connection_cancelled_while_answering_are_still_applied() -> None:
+    """A connection can end while its acks are being answered (its writer is stuck, it
+    is closed as slow): the items it acknowledged are deleted all the same, and none
+    stays taken, which would refuse a later ack of it and hide it from expiry."""
+    from types import SimpleNamespace
+    from typing import cast
+
+    from agent_sdk import frames as f
+    from relay.messaging import Messaging
+    from relay.node import RelayNode
+    from relay.session import AckItem
+
+    boxes = inboxes()
+    for agent in (ALICE, BOB):
+        await boxes.remember(agent)
+    assert await boxes.put_messages([message(b"1"), message(b"2")]) == ["stored", "stored"]
+    node = cast(RelayNode, SimpleNamespace(inboxes=boxes, federation=None))
+    sent: list[f.RelayFrame] = []
+    first_out, second_out = trio.Event(), trio.Event()
+    release = trio.Event()
+
+    async def stuck_writer(frame: f.RelayFrame) -> None:
+        sent.append(frame)
+        if len(sent) == 1:
+            first_out.set()
+            await release.wait()  # holds the ack loop while more acks queue up
+        else:
+            second_out.set()
+            await trio.sleep_forever()  # the peer stopped reading
+
+    async with trio.open_nursery() as nursery:
+        messaging = Messaging(node, BOB, stuck_writer, nursery, None)
+        messaging.sub = 7
+        await messaging.acknowledge(AckItem(sub=7, seq=9, receipt=None))  # not there
+        await first_out.wait()
+        # One batch: an item to delete, then another that is not there (an error).
+        await messaging.acknowledge(AckItem(sub=7, seq=1, receipt=None))
+        await messaging.acknowledge(AckItem(sub=7, seq=8, receipt=None))
+        release.set()
+        await second_out.wait()
+        nursery.cancel_scope.cancel()  # the connection ends mid-answer
+    assert [item.seq for item in boxes.after(BOB, 0, 10)] == [2]  # 1 was deleted
+    assert all(isinstance(frame, f.Error) for frame in sent) and len(sent) == 2
+    [again] = boxes.take(BOB, [2])
+    assert again is not None  # the other item is still there to be acknowledged
