@@ -50,7 +50,11 @@ def serve(requests: BinaryIO, answers: BinaryIO) -> None:
 
 
 if __name__ == "__main__":
-    # The relay decides when this ends (it closes the pipe): a Ctrl-C at the relay's
-    # terminal reaches this process too, and must not print a traceback here.
+    # The relay decides when this ends (it closes the pipe, or kills it). A Ctrl-C at
+    # the relay's terminal reaches this process too, and so does a stop sent to the
+    # relay's whole process group or cgroup (systemd's default): ended by it, this
+    # process would only be replaced while the relay stops (and a Ctrl-C would print
+    # a traceback here).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     serve(sys.stdin.buffer, sys.stdout.buffer)

@@ -27,8 +27,11 @@ class RelayProcess:
     """``formicary relay serve`` in a child process. Its stderr is read all along (a
     pipe nobody drains would stall the relay once its logs fill it); ``output()``."""
 
-    def __init__(self, data: Path, *args: str, name: str = "local", port: int = 0) -> None:
+    def __init__(
+        self, data: Path, *args: str, name: str = "local", port: int = 0, own_group: bool = False
+    ) -> None:
         self.data = data
+        self.own_group = own_group  # a process group of its own, to signal as a whole
         self.args = args
         self.name = name
         self.port = port
@@ -52,7 +55,11 @@ class RelayProcess:
             command += ["--store", dsn]
         self._stderr = b""
         self.process = await trio.lowlevel.open_process(
-            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=self.own_group,
         )
         trio.lowlevel.spawn_system_task(self._drain, self.process)
         await self._wait_ready()

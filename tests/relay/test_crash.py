@@ -38,7 +38,7 @@ from agent_sdk.wire import Event, Receipt, SignedEvent, check_chain, decode_rece
 from relay.store import Record
 from tests.backends import relay_store, store_args
 from tests.conftest import identity
-from tests.processes import PHASE_TIMEOUT, cli, relay_process
+from tests.processes import PHASE_TIMEOUT, RelayProcess, cli, relay_process
 
 NAMESPACES = ("crash-a@local", "crash-b@local")
 PUBLISHERS = 4
@@ -325,6 +325,29 @@ def children_of(pid: int) -> set[int]:
     return found
 
 
+async def bundle_until_checker(relay: RelayProcess, client: RelayClient, who: Identity) -> int:
+    """Publish bundles until the relay's checking process is up; its pid."""
+    assert relay.process is not None
+    n = 0
+    with trio.fail_after(PHASE_TIMEOUT):
+        while not children_of(relay.process.pid):  # it starts as the first is checked
+            await publish_bundle(client, who, n)
+            n += 8
+        await publish_bundle(client, who, n)  # checked there: it is past its start-up
+    (checker,) = children_of(relay.process.pid)
+    return checker
+
+
+async def publish_bundle(client: RelayClient, who: Identity, first: int) -> None:
+    bundle = []
+    for n in range(first, first + 8):  # queued together: sent as one message
+        event = Event(ns="v@local", kind="app.x", author=who.public_key,
+                      body={"n": n}, ts=now_ms())  # fmt: skip
+        bundle.append(client.publish_later(sign_event(event, who.sign)))
+    for pending in bundle:
+        await pending.wait()
+
+
 @pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGKILL], ids=["stop", "kill"])
 async def test_the_signature_checking_process_ends_with_its_relay(
     tmp_path: Path, signal_number: int
@@ -336,18 +359,7 @@ async def test_the_signature_checking_process_ends_with_its_relay(
     async with relay_process(tmp_path / "data") as relay:
         assert relay.process is not None
         async with RelayClient.connect(relay.url, who) as client:
-            n = 0
-            with trio.fail_after(PHASE_TIMEOUT):
-                while not children_of(relay.process.pid):  # it starts as the first is checked
-                    bundle = []
-                    for _ in range(8):  # queued together: sent as one message
-                        n += 1
-                        event = Event(ns="v@local", kind="app.x", author=who.public_key,
-                                      body={"n": n}, ts=now_ms())  # fmt: skip
-                        bundle.append(client.publish_later(sign_event(event, who.sign)))
-                    for pending in bundle:
-                        await pending.wait()
-        (checker,) = children_of(relay.process.pid)
+            checker = await bundle_until_checker(relay, client, who)
         pidfd = os.pidfd_open(checker)
         try:
             relay.process.send_signal(signal_number)
@@ -355,3 +367,28 @@ async def test_the_signature_checking_process_ends_with_its_relay(
                 await trio.lowlevel.wait_readable(pidfd)  # readable once it has exited
         finally:
             os.close(pidfd)
+
+
+async def test_a_stop_sent_to_the_relays_whole_group_is_the_relays_to_act_on(
+    tmp_path: Path,
+) -> None:
+    """systemd stops a service by signalling every process in it. The checking process
+    leaves a stop to its relay: a SIGTERM of its own does not end it (the relay would
+    start another while it stops), and the relay's clean stop ends it."""
+    who = identity(1)
+    async with relay_process(tmp_path / "data", own_group=True) as relay:
+        assert relay.process is not None
+        async with RelayClient.connect(relay.url, who) as client:
+            checker = await bundle_until_checker(relay, client, who)
+            os.kill(checker, signal.SIGTERM)
+            await publish_bundle(client, who, 10_000)  # checked there, after the signal
+            assert children_of(relay.process.pid) == {checker}
+        pidfd = os.pidfd_open(checker)
+        try:
+            os.killpg(relay.process.pid, signal.SIGTERM)
+            with trio.fail_after(PHASE_TIMEOUT):
+                assert await relay.process.wait() == 0
+                await trio.lowlevel.wait_readable(pidfd)
+        finally:
+            os.close(pidfd)
+        assert "signature-checking process ended" not in relay.output()
