@@ -452,7 +452,13 @@ class Connection:
             await self._messaging.pass_receipt(action, self.peer)
         elif isinstance(action, OpenInbox):
             assert self._messaging is not None
-            await self._messaging.open_inbox(action.sub, self._nursery)
+            if action.sub in self._subscriptions:  # one space of ids (protocol §1)
+                error = ProtocolError(
+                    ErrorCode.DUPLICATE_SUBSCRIPTION, f"subscription {action.sub} is open"
+                )
+                await self._send(f.Error.of(error, sub=action.sub))
+            else:
+                await self._messaging.open_inbox(action.sub, self._nursery)
         elif isinstance(action, (AckItem, Confirm)):
             assert self._messaging is not None
             await self._messaging.acknowledge(action)
@@ -644,7 +650,8 @@ class Connection:
     # -- subscriptions -----------------------------------------------------------------
 
     def _check_room(self, sub: int, follows: int) -> None:
-        if sub in self._subscriptions:
+        inbox = self._messaging.sub if self._messaging is not None else None
+        if sub in self._subscriptions or sub == inbox:
             raise ProtocolError(ErrorCode.DUPLICATE_SUBSCRIPTION, f"subscription {sub} is open")
         config = self.node.config
         if self.peer is not None:

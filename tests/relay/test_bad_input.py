@@ -788,6 +788,25 @@ async def test_document_subscription_misuse_is_refused(relay: RunningRelay) -> N
         assert await bad.recv() == f.Unsubscribed(sub=23)
 
 
+async def test_an_inbox_stream_and_a_subscription_cannot_share_an_id(
+    relay: RunningRelay,
+) -> None:
+    """``msg.inbox`` takes its id from the same space as ``subscribe`` (protocol §1)."""
+    async with scene(relay) as (bad, _):
+        await bad.send(f.encode_frame(f.MsgInbox(sub=30)))
+        assert await bad.recv() == f.Live(sub=30, ns="", seq=0)  # an empty inbox
+        await bad.send(f.encode_frame(f.Subscribe(sub=30, ns=(CALM_NS,))))
+        await bad.expect_error(ErrorCode.DUPLICATE_SUBSCRIPTION, sub=30)
+        await bad.send(f.encode_frame(f.Unsubscribe(sub=30)))
+        assert await bad.recv() == f.Unsubscribed(sub=30)
+        await bad.send(f.encode_frame(f.Subscribe(sub=31, ns=(CALM_NS,))))
+        assert await bad.recv() == f.Live(sub=31, ns=CALM_NS, seq=1)
+        await bad.send(f.encode_frame(f.MsgInbox(sub=31)))
+        await bad.expect_error(ErrorCode.DUPLICATE_SUBSCRIPTION, sub=31)
+        await bad.send(f.encode_frame(f.Unsubscribe(sub=31)))
+        assert await bad.recv() == f.Unsubscribed(sub=31)  # the subscription, still open
+
+
 # --------------------------------------------------------------------------- sequencing
 
 
