@@ -186,11 +186,15 @@ def cmd_sweep(args: argparse.Namespace, duration: Callable[[str, str], int]) -> 
                 "agents": n,
                 "orders_per_virtual_s": statistics.mean(r.orders_per_virtual_s for r in mine),
                 "duplicate_work": statistics.mean(r.duplicate_work for r in mine),
-                "zombies": statistics.mean(r.zombies for r in mine),
+                "zombie_orders": statistics.mean(r.zombies for r in mine),
                 "wall_seconds": statistics.mean(r.wall_seconds for r in mine),
             }
         )
-    document = {"scenario": args.scenario, "points": points, "runs": [r.to_json() for r in runs]}
+    document = {
+        "scenario": args.scenario,
+        "points": points,
+        "runs": [report.results(r) for r in runs],
+    }
     (out / "sweep.json").write_text(json.dumps(document, indent=2) + "\n")
     report.scaling_plot(
         out,

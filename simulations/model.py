@@ -9,6 +9,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+LONGEST_TTL_MS = 24 * 3600 * 1000
+"""The longest claim lease a simulated relay grants (its ``TtlBounds.max_ms``)."""
+
 
 class UsageError(ValueError):
     """Settings that cannot run; the message names what is wrong and what would do."""
@@ -165,6 +168,8 @@ class Settings:
             raise UsageError("work time: 0 < low <= high (ms)")
         if self.ttl_ms <= high:
             raise UsageError(f"--ttl ({self.ttl_ms} ms) must outlast the longest task ({high} ms)")
+        if self.ttl_ms > LONGEST_TTL_MS:
+            raise UsageError("--ttl: at most 24h (the relay's longest lease)")
         federated = self.scenario == "federated"
         if federated and not 2 <= self.relays <= 16:
             raise UsageError("federated: --relays from 2 to 16")

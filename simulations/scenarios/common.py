@@ -13,7 +13,7 @@ from agent_sdk.wire import decode
 from relay.coordination.leases import TtlBounds
 from relay.limits import UNLIMITED
 from relay.node import RelayConfig
-from simulations.model import Settings, Summary
+from simulations.model import LONGEST_TTL_MS, Settings, Summary
 from simulations.world import HostsLogs, World, identity_of
 
 NS = "work@sim"
@@ -23,7 +23,9 @@ PLANNER_LANES = 32
 
 
 def relay_config(settings: Settings, name: str = RELAY) -> RelayConfig:
-    claims = TtlBounds(min_ms=1_000, max_ms=24 * 3600 * 1000, default_ms=settings.ttl_ms)
+    # The relay's shortest lease is 1 s; a run may ask for a shorter --ttl.
+    shortest = min(1_000, settings.ttl_ms)
+    claims = TtlBounds(min_ms=shortest, max_ms=LONGEST_TTL_MS, default_ms=settings.ttl_ms)
     # A simulation measures coordination, not the relay's defence against floods: its
     # planner creates a whole backlog at one instant of virtual time.
     return RelayConfig(name=name, claim_ttl=claims, lock_ttl=claims, rate_limits=UNLIMITED)

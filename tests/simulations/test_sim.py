@@ -87,6 +87,17 @@ def test_sim_run_writes_its_summary(tmp_path: Path, capsys: pytest.CaptureFixtur
         assert f"]({plot})" in report and (tmp_path / plot).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_lease_shorter_than_the_relays_default_floor_runs(tmp_path: Path) -> None:
+    """The relay's shortest lease is 1 s; a run with short tasks may lease for less."""
+    code = main(
+        ["sim", "run", "work_queue", "--virtual-time", "--agents", "4", "--orders", "10",
+         "--work", "10ms-50ms", "--ttl", "500ms", "--out", str(tmp_path)]
+    )  # fmt: skip
+    assert code == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["orders_done"] == 10 and results["duplicate_work"] == 0
+
+
 def test_sim_sweep_writes_json_and_a_plot(tmp_path: Path) -> None:
     code = main(
         ["sim", "sweep", "work_queue", "--agents", "4,8", "--seeds", "1-2", "--orders", "24",
@@ -95,6 +106,9 @@ def test_sim_sweep_writes_json_and_a_plot(tmp_path: Path) -> None:
     assert code == 0
     sweep = json.loads((tmp_path / "sweep.json").read_text())
     assert [p["agents"] for p in sweep["points"]] == [4, 8] and len(sweep["runs"]) == 4
+    # Each run is its results.json, and the points use the same names.
+    assert {"orders_done", "zombie_orders", "mode", "latency_ms"} <= sweep["runs"][0].keys()
+    assert {"duplicate_work", "zombie_orders"} <= sweep["points"][0].keys()
     assert (tmp_path / "scaling.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -112,6 +126,7 @@ def test_sim_sweep_writes_json_and_a_plot(tmp_path: Path) -> None:
         (["run", "work_queue", "--virtual-time", "--policy", "lazy"], "choose from uniform"),
         (["run", "work_queue", "--virtual-time", "--work", "9"], "a range like"),
         (["run", "work_queue", "--virtual-time", "--ttl", "1s"], "must outlast"),
+        (["run", "work_queue", "--virtual-time", "--ttl", "25h"], "at most 24h"),
         (["run", "work_queue", "--virtual-time", "--agents", "0"], "at least 1"),
         (["run", "work_queue", "--virtual-time", "--faults", "fire=1"], "unknown fault 'fire'"),
         (["run", "work_queue", "--virtual-time", "--faults", "slow=2"], "a share of agents"),
