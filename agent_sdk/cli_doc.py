@@ -40,7 +40,8 @@ def add_parser(sub: Any, agent_options: AgentOptions) -> None:
     p = command("get", "print the document's fields, text and log")
     p.add_argument("--json", action="store_true", help="print JSON")
     p = command("set", "set a field (creates the document if needed)")
-    p.add_argument("key")
+    # Not "key": that is the key file of every agent command (--key).
+    p.add_argument("field", help="the field of `fields` to set")
     p.add_argument("value")
     p.add_argument("--parse-json", action="store_true", help="store VALUE as JSON, not text")
     p = command("append", "append an entry to the log (creates the document if needed)")
@@ -103,6 +104,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _edit(shared: SharedDoc, args: argparse.Namespace, value: Any) -> None:
     if args.doc_command == "set":
-        shared.map()[args.key] = value
+        shared.map()[args.field] = value
     elif args.doc_command == "append":
         shared.array().append(args.text)

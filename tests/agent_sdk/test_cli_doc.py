@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from agent_sdk.client import RelayClient
+from agent_sdk.client import Live, RelayClient
+from agent_sdk.identity import Identity
 from tests.agent_sdk.shell import exit_codes, run_shell
 from tests.conftest import RunningRelay, identity
 
@@ -36,6 +37,20 @@ async def test_documents_from_a_shell_script(relay: RunningRelay, tmp_path: Path
     }
     text = (tmp_path / "plan.txt").read_text()
     assert "owner=agent-1" in text and "- fixed it" in text
+    # Every edit is signed by the script's keys: a field name is not a key file.
+    assert not (tmp_path / "owner").exists() and not (tmp_path / "budget").exists()
+    authors = set()
+    async with (
+        RelayClient.connect(relay.url, identity(6)) as reader,
+        reader.subscribe("docs@local", start=1) as feed,
+    ):
+        async for item in feed:
+            if isinstance(item, Live):
+                break
+            if item.event.event.kind == "doc.update":
+                authors.add(item.event.event.author)
+    keys = {Identity.load(tmp_path / who / "agent.key").public_key for who in ("me", "other")}
+    assert authors == keys
     codes = exit_codes(tmp_path)
     assert codes == {"missing": "4", "bad-json": "2"}
     token = (tmp_path / "token.txt").read_text().strip()
