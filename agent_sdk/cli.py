@@ -10,6 +10,7 @@ event, bad log), 2 usage error.
 from __future__ import annotations
 
 import argparse
+import errno
 import gc
 import json
 import logging
@@ -145,13 +146,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         trio.run(main)
     except* DataDirError as group:
-        failure = str(group.exceptions[0])
+        failure = str(_leaf(group))
     except* OSError as group:  # e.g. the port is taken
-        failure = f"cannot serve: {group.exceptions[0]}"
+        error = _leaf(group)
+        if isinstance(error, OSError) and error.errno == errno.EADDRINUSE:
+            failure = f"port {port} on {host} is in use: stop what holds it, or pick another"
+            failure += " --port (0 picks a free one)"
+        else:
+            failure = f"cannot serve: {error}"
     if failure is not None:
         print(f"formicary relay: {failure}", file=sys.stderr)
         return 1
     return 0
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("formicary")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "(not installed)"
+
+
+def _leaf(error: BaseException) -> BaseException:
+    """The first exception inside nested exception groups (trio nurseries nest them)."""
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
@@ -367,7 +389,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="formicary", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="formicary",
+        description="Formicary: coordination for software agents. Agent commands reach the"
+        f" relay at ${RELAY_ENV} (default {DEFAULT_RELAY}) as the key in $FORMICARY_KEY;"
+        " operators run `formicary relay serve`.",
+    )
+    parser.add_argument("--version", action="version", version=f"formicary {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def agent_options(p: argparse.ArgumentParser) -> None:
@@ -383,11 +411,16 @@ def build_parser() -> argparse.ArgumentParser:
     cli_msg.add_parser(sub, agent_options, lambda args: (_relay_url(args), _identity(args)))
 
     p = sub.add_parser("keygen", help="create an agent key file")
-    p.add_argument("--out", help="where to write it (default: $FORMICARY_KEY or config dir)")
+    p.add_argument(  # --key, as every agent command names its key file; --out, as before
+        "--key",
+        "--out",
+        dest="out",
+        help="the key file to write (default: $FORMICARY_KEY or the config dir)",
+    )
     p.set_defaults(func=cmd_keygen)
 
     relay = sub.add_parser("relay", help="run a relay").add_subparsers(dest="relay", required=True)
-    p = relay.add_parser("serve", help="serve a relay on embedded storage")
+    p = relay.add_parser("serve", help="serve a relay (SQLite in --data, or PostgreSQL: --store)")
     p.add_argument("--config", help="a TOML file of settings (operations.md); flags win")
     from relay.config import OPTIONS
     from relay.logs import LEVELS
@@ -494,7 +527,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(words)
     if hasattr(args, "cmd"):
         args.cmd = command
-    result: int = args.func(args)
+    try:
+        result: int = args.func(args)
+    except (OSError, BaseExceptionGroup) as exc:
+        # An agent command that found no relay: one line, not a traceback. (An error
+        # about a file, such as the key file, names it, and is not this.)
+        error = _leaf(exc)
+        if not isinstance(error, OSError) or error.filename or not hasattr(args, "key"):
+            raise
+        print(
+            f"formicary: cannot reach the relay at {_relay_url(args)}: {error}"
+            f" (is it running? --relay or ${RELAY_ENV} says where)",
+            file=sys.stderr,
+        )
+        return 1
     return result
 
 

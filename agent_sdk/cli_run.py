@@ -56,12 +56,14 @@ def add_parsers(sub: Any, lock_commands: Any, agent_options: AgentOptions) -> No
     p.add_argument("--no-wait", action="store_true", help="exit 3 at once if the lock is held")
     p.add_argument("--conflict-exit", type=int, default=3, metavar="N",
                    help="with --no-wait, the status when the lock is held (default 3)")  # fmt: skip
+    p.usage = "%(prog)s NAME [options] -- CMD [ARGS...]"
     p.set_defaults(cmd=[])
     p = subcommand(sub, "once", "run a command unless an agent completed KEY before",
                    agent_options)  # fmt: skip
     # (not "key": --key is the agent's key file, which every command takes)
     p.add_argument("once_key", metavar="KEY", help="what, once done, is never run again")
     p.add_argument("--ttl", default="5m", help="lease of the once:KEY lock while it runs")
+    p.usage = "%(prog)s KEY [options] -- CMD [ARGS...]"
     p.set_defaults(
         cmd=[], func=run, group="once_command", once_command="once", actions={"once": _once}
     )

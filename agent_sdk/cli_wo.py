@@ -168,7 +168,10 @@ def run(args: argparse.Namespace) -> int:
             return await action(Ledger(client, ns))
 
     name = getattr(args, args.group)
-    where = f"formicary {args.group} {name}"
+    # The group's dest is the command's name, "_command" added where the bare name
+    # would clash with an option (ns, once); `once` is a command of its own.
+    command = args.group.removesuffix("_command")
+    where = f"formicary {command}" if name == command else f"formicary {command} {name}"
     try:
         action: Callable[[Ledger], Awaitable[Any]] = args.actions[name](args, tokens, ns)
         result = trio.run(main)
@@ -267,8 +270,16 @@ def _plain(result: Any) -> str:
     if isinstance(result, list):
         return "\n".join(_plain(item) for item in result)
     if isinstance(result, dict):
-        return "  ".join(f"{k}={v}" for k, v in result.items() if v not in ("", [], None))
+        return "  ".join(f"{k}={_value(v)}" for k, v in result.items() if v not in ("", [], None))
     return str(result)
+
+
+def _value(value: Any) -> str:
+    """A field for people: nested lists and maps (an order's notes) as compact JSON,
+    not Python's repr."""
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, separators=(",", ":"), default=str)
+    return str(value)
 
 
 def _shown(item: dict[str, Any]) -> dict[str, Any]:

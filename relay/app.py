@@ -120,6 +120,8 @@ async def _held(data: Path) -> AsyncIterator[None]:
 def hold_data(data: Path) -> Iterator[None]:
     """Hold ``data``'s lock file for as long as the block runs: a second relay (or a
     ``compact``) on the same directory is refused instead of corrupting it."""
+    if data.exists() and not data.is_dir():
+        raise DataDirError(f"{data} is a file, not a data directory: give --data a directory")
     data.mkdir(parents=True, exist_ok=True)
     with (data / LOCK_FILE).open("a") as lock:
         try:

@@ -44,7 +44,8 @@ class Filter:
             elif KIND_RE.fullmatch(kind):
                 kinds.add(kind)
             else:
-                raise ProtocolError(ErrorCode.MALFORMED, f"bad kind filter {kind!r}")
+                reason = f"bad kind filter {kind!r}: a kind (app.note) or a family (app.*)"
+                raise ProtocolError(ErrorCode.MALFORMED, reason)
         if any(len(author) != KEY_SIZE for author in request.authors):
             raise ProtocolError(ErrorCode.MALFORMED, "author filters are 32-byte keys")
         return cls(frozenset(kinds), tuple(families), frozenset(request.authors))

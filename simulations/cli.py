@@ -35,18 +35,35 @@ PLANNED: tuple[str, ...] = ()
 """Scenarios the issue lists that are not built yet: named in errors, refused."""
 
 
+class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in --help (a researcher reads them off before a run),
+    except the empty ones: a flag's False, no faults, no --out."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False, ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def add_parser(sub: Any, duration: Callable[[str, str], int]) -> None:
     sim = sub.add_parser("sim", help="N-agent simulations (docs/simulations.md)")
     verbs = sim.add_subparsers(dest="sim", required=True)
-    run = verbs.add_parser("run", help="run one scenario; writes OUT/results.json and a report")
-    run.add_argument("--agents", type=int, default=100)
-    run.add_argument("--seed", type=int, default=1)
+    defaults = _ShowDefaults
+    run = verbs.add_parser(
+        "run",
+        help="run one scenario; writes OUT/results.json and a report",
+        formatter_class=defaults,
+    )
+    run.add_argument("--agents", type=int, default=100, help="agents, one connection each")
+    run.add_argument("--seed", type=int, default=1, help="seeds every random choice of the run")
     _common(run)
     run.set_defaults(func=lambda args: cmd_run(args, duration))
     replay = verbs.add_parser("replay", help="re-fold a run's log offline; list anomalies")
     replay.add_argument("logdir", help="a run's --out directory (or its log/ folder)")
     replay.set_defaults(func=cmd_replay)
-    sweep = verbs.add_parser("sweep", help="run a grid of sizes and seeds; JSON and a plot")
+    sweep = verbs.add_parser(
+        "sweep", help="run a grid of sizes and seeds; JSON and a plot", formatter_class=defaults
+    )
     sweep.add_argument("--agents", default="10,100", help="comma-separated agent counts")
     sweep.add_argument("--seeds", default="1-3", help="a range A-B or a list A,B,C")
     _common(sweep)

@@ -5,7 +5,27 @@
 # Redis (the smoke run of the benchmark against Redis locks). Installs what is missing
 # with apt-get (root, or sudo), then starts the throwaway PostgreSQL server
 # (tests/postgres.sh) and the benchmarks' peers (bench/peers.sh). Idempotent.
+# `sh tests/system.sh stop` stops those three servers again (their files stay).
 set -eu
+if [ "${1:-}" = stop ]; then
+    as_owner() {
+        if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+    }
+    BIN=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
+    for dir in "${FORMICARY_PG_DIR:-/tmp/formicary-pg-${FORMICARY_PG_PORT:-54329}}" \
+        "${FORMICARY_BENCH_PG_DIR:-/tmp/formicary-bench-pg}"; do
+        if [ -n "$BIN" ] && [ -f "$dir/postmaster.pid" ]; then
+            as_owner "$BIN/pg_ctl" -D "$dir" -m fast -w stop >/dev/null
+            echo "system.sh: stopped postgresql in $dir" >&2
+        fi
+    done
+    port=${FORMICARY_BENCH_REDIS_PORT:-63799}
+    if redis-cli -p "$port" ping >/dev/null 2>&1; then
+        redis-cli -p "$port" shutdown nosave >/dev/null 2>&1 || true
+        echo "system.sh: stopped redis on 127.0.0.1:$port" >&2
+    fi
+    exit 0
+fi
 missing=""
 ls -d /usr/lib/postgresql/*/bin >/dev/null 2>&1 || missing="$missing postgresql"
 command -v chromium >/dev/null 2>&1 || missing="$missing chromium"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sqlite3
 import stat
 import sys
@@ -38,7 +39,7 @@ async def test_keygen_writes_a_private_key_once(tmp_path: Path) -> None:
     [out] = lines(result)
     assert out["id"] == Identity.load(path).id
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    again = await formicary("keygen", "--out", str(path))
+    again = await formicary("keygen", "--key", str(path))  # as agent commands name it
     assert again.returncode == 1 and b"not replacing" in again.stderr
     assert Identity.load(path).id == out["id"]
 
@@ -78,6 +79,35 @@ async def test_cli_errors_are_clear(relay: RunningRelay, tmp_path: Path) -> None
     assert bad_json.returncode == 2 and b"not JSON" in bad_json.stderr
     cursor = await formicary("tail", "jobs@local", "--from", "9", env=env)
     assert cursor.returncode == 1 and b"bad_cursor" in cursor.stderr
+
+
+async def test_without_a_relay_or_a_place_to_serve_the_cli_says_what_to_do(
+    tmp_path: Path,
+) -> None:
+    closed = socket.socket()  # bound, not listening: connecting to it is refused
+    taken = socket.socket()  # listening: serving on it finds the port in use
+    with closed, taken:
+        closed.bind(("127.0.0.1", 0))
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        url = f"ws://127.0.0.1:{closed.getsockname()[1]}"
+        env = {"FORMICARY_RELAY": url, "FORMICARY_KEY": str(tmp_path / "agent.key")}
+        for command in (["publish", "jobs@local", "app.note"], ["tail", "jobs@local"],
+                        ["msg", "inbox"]):  # fmt: skip
+            result = await formicary(*command, env=env)
+            err = result.stderr.decode()
+            assert result.returncode == 1 and f"cannot reach the relay at {url}" in err, err
+            assert "Traceback" not in err and "FORMICARY_RELAY" in err
+        port = str(taken.getsockname()[1])
+        serve = ["relay", "serve", "--host", "127.0.0.1", "--port", port]
+        busy = await formicary(*serve, "--data", str(tmp_path / "data"))
+        assert (
+            busy.returncode == 1 and f"port {port} on 127.0.0.1 is in use" in busy.stderr.decode()
+        )
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    on_a_file = await formicary("relay", "serve", "--port", "0", "--data", str(a_file))
+    assert on_a_file.returncode == 1 and b"is a file, not a data directory" in on_a_file.stderr
 
 
 async def test_log_verify_passes_then_names_the_first_bad_seq(
