@@ -160,6 +160,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """A command's parser that refuses what it does not know itself, with its own
+    usage line (argparse leaves unknown options to the top level, whose usage is the
+    list of every command). Subcommands' parsers are of this class too."""
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extra = super().parse_known_args(args, namespace)
+        if extra and self.prog != "formicary":
+            self.error(f"unrecognized arguments: {' '.join(extra)}")
+        return parsed, extra
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -389,7 +403,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="formicary",
         description="Formicary: coordination for software agents. Agent commands reach the"
         f" relay at ${RELAY_ENV} (default {DEFAULT_RELAY}) as the key in $FORMICARY_KEY;"

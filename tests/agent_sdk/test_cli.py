@@ -154,6 +154,14 @@ async def test_usage_errors_exit_2(args: list[str]) -> None:
     assert (await formicary(*args)).returncode == 2
 
 
+async def test_an_unknown_option_is_refused_by_its_own_command() -> None:
+    result = await formicary("relay", "serve", "--prot", "1")
+    err = result.stderr.decode()
+    assert result.returncode == 2
+    assert "formicary relay serve: error: unrecognized arguments: --prot 1" in err
+    assert "usage: formicary relay serve" in err  # its own options, not every command
+
+
 async def test_ns_policy_show_and_relay_invite(nursery: trio.Nursery, tmp_path: Path) -> None:
     from relay.access import Creation
     from relay.node import RelayConfig
