@@ -183,6 +183,13 @@ def _version() -> str:
         return "(not installed)"
 
 
+def _leaves(error: BaseException) -> list[BaseException]:
+    """Every exception inside nested exception groups, or ``error`` itself."""
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
+    return [error]
+
+
 def _leaf(error: BaseException) -> BaseException:
     """The first exception inside nested exception groups (trio nurseries nest them)."""
     while isinstance(error, BaseExceptionGroup):
@@ -544,13 +551,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result: int = args.func(args)
     except (OSError, BaseExceptionGroup) as exc:
+        errors = _leaves(exc)
+        if any(isinstance(error, BrokenPipeError) for error in errors):
+            # Whoever read our output stopped (`formicary tail NS | head -1`): stop
+            # quietly, with the status a shell gives a command killed by SIGPIPE.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 128 + signal.SIGPIPE
         # An agent command that found no relay: one line, not a traceback. (An error
         # about a file, such as the key file, names it, and is not this.)
-        error = _leaf(exc)
-        if not isinstance(error, OSError) or error.filename or not hasattr(args, "key"):
+        if not hasattr(args, "key") or not all(
+            isinstance(error, OSError) and not error.filename for error in errors
+        ):
             raise
         print(
-            f"formicary: cannot reach the relay at {_relay_url(args)}: {error}"
+            f"formicary: cannot reach the relay at {_relay_url(args)}: {errors[0]}"
             f" (is it running? --relay or ${RELAY_ENV} says where)",
             file=sys.stderr,
         )

@@ -42,6 +42,10 @@ class DataDirError(Exception):
     """The data directory is inconsistent; starting would fork the relay's history."""
 
 
+class DataDirInUse(DataDirError):
+    """Another relay (or a ``compact``) holds the data directory's lock."""
+
+
 def open_store(data: Path, dsn: str = "") -> Store:
     """The relay's logs: in ``data`` (embedded SQLite), or on PostgreSQL at ``dsn``."""
     if dsn:
@@ -110,7 +114,7 @@ async def _held(data: Path) -> AsyncIterator[None]:
             try:
                 with hold_data(data):
                     break
-            except DataDirError:
+            except DataDirInUse:
                 await trio.sleep(0.05)  # polling is how one waits for an flock
     with hold_data(data):
         yield
@@ -127,7 +131,7 @@ def hold_data(data: Path) -> Iterator[None]:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise DataDirError(f"{data} is in use by a running relay") from None
+            raise DataDirInUse(f"{data} is in use by a running relay") from None
         try:
             yield
         finally:

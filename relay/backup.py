@@ -30,6 +30,7 @@ from relay.app import (
     OUTBOX_FILE,
     STORE_FILE,
     DataDirError,
+    DataDirInUse,
     hold_data,
 )
 from relay.store import Located
@@ -113,8 +114,10 @@ def compact(data: Path) -> dict[str, Any]:
     try:
         with hold_data(data):
             return _compact(data)
-    except DataDirError as exc:
+    except DataDirInUse as exc:
         raise BackupError(f"{exc}: stop it first") from None
+    except DataDirError as exc:
+        raise BackupError(str(exc)) from None
 
 
 def _compact(data: Path) -> dict[str, Any]:

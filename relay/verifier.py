@@ -19,8 +19,6 @@ import signal
 import sys
 from typing import BinaryIO
 
-from agent_sdk.wire import EVENT_DOMAIN, verify_signature
-
 ITEM = 128
 HEADER = 4
 
@@ -32,6 +30,10 @@ def _read_exactly(stream: BinaryIO, size: int) -> bytes | None:
 
 def serve(requests: BinaryIO, answers: BinaryIO) -> None:
     """Answer requests until ``requests`` ends."""
+    # Imported here, not above: `python -m relay.verifier` ignores the relay's stop
+    # signals (below) before it spends time importing libsodium and msgpack.
+    from agent_sdk.wire import EVENT_DOMAIN, verify_signature
+
     while True:
         header = _read_exactly(requests, HEADER)
         if header is None:

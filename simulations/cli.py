@@ -40,7 +40,7 @@ class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
     except the empty ones: a flag's False, no faults, no --out."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default in (None, False, ""):
+        if action.default is None or action.default is False or action.default == "":
             return action.help
         return super()._get_help_string(action)
 

@@ -14,9 +14,13 @@ if [ "${1:-}" = stop ]; then
     BIN=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
     for dir in "${FORMICARY_PG_DIR:-/tmp/formicary-pg-${FORMICARY_PG_PORT:-54329}}" \
         "${FORMICARY_BENCH_PG_DIR:-/tmp/formicary-bench-pg}"; do
-        if [ -n "$BIN" ] && [ -f "$dir/postmaster.pid" ]; then
-            as_owner "$BIN/pg_ctl" -D "$dir" -m fast -w stop >/dev/null
+        [ -n "$BIN" ] && [ -d "$dir" ] || continue
+        # (status, as postgres.sh asks it: a stale pid file is no running server)
+        as_owner "$BIN/pg_ctl" -D "$dir" status >/dev/null 2>&1 || continue
+        if as_owner "$BIN/pg_ctl" -D "$dir" -m fast -w stop >/dev/null; then
             echo "system.sh: stopped postgresql in $dir" >&2
+        else
+            echo "system.sh: could not stop postgresql in $dir" >&2
         fi
     done
     port=${FORMICARY_BENCH_REDIS_PORT:-63799}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import sqlite3
 import stat
@@ -108,6 +109,29 @@ async def test_without_a_relay_or_a_place_to_serve_the_cli_says_what_to_do(
     a_file.write_text("")
     on_a_file = await formicary("relay", "serve", "--port", "0", "--data", str(a_file))
     assert on_a_file.returncode == 1 and b"is a file, not a data directory" in on_a_file.stderr
+
+
+async def test_a_reader_that_stops_reading_is_not_a_relay_failure(
+    relay: RunningRelay, tmp_path: Path
+) -> None:
+    env = {"FORMICARY_RELAY": relay.url, "FORMICARY_KEY": str(tmp_path / "agent.key")}
+    for _ in range(3):
+        assert (await formicary("publish", "pipe@local", "app.note", env=env)).returncode == 0
+    read, write = os.pipe()
+    os.close(read)  # as `| head -1` once it has its line
+    try:
+        done = await trio.run_process(
+            [sys.executable, "-m", "agent_sdk.cli", "tail", "pipe@local", "--from", "1"],
+            stdout=write,
+            capture_stderr=True,
+            check=False,
+            env={**os.environ, **env},
+        )
+    finally:
+        os.close(write)
+    err = done.stderr.decode()
+    assert done.returncode == 128 + signal.SIGPIPE, err
+    assert "cannot reach" not in err and "Traceback" not in err and "Exception" not in err
 
 
 async def test_log_verify_passes_then_names_the_first_bad_seq(
