@@ -16,7 +16,13 @@ if [ "${1:-}" = stop ]; then
         "${FORMICARY_BENCH_PG_DIR:-/tmp/formicary-bench-pg}"; do
         [ -n "$BIN" ] && [ -d "$dir" ] || continue
         # (status, as postgres.sh asks it: a stale pid file is no running server)
-        as_owner "$BIN/pg_ctl" -D "$dir" status >/dev/null 2>&1 || continue
+        status=0
+        as_owner "$BIN/pg_ctl" -D "$dir" status >/dev/null 2>&1 || status=$?
+        if [ "$status" -ne 0 ] && [ "$status" -ne 3 ]; then  # 3: none runs; else unreadable
+            echo "system.sh: cannot tell whether postgresql runs in $dir: run this as" \
+                "its owner (or root)" >&2
+        fi
+        [ "$status" -eq 0 ] || continue
         if as_owner "$BIN/pg_ctl" -D "$dir" -m fast -w stop >/dev/null; then
             echo "system.sh: stopped postgresql in $dir" >&2
         else
