@@ -109,7 +109,10 @@ class Ledger:
         return _claim(await self.request("wo.claim", _ttl({"wo": order}, ttl_ms)))
 
     async def next(self, ttl_ms: int | None = None) -> Claim:
-        """Find the open order of highest priority and claim it, in one step."""
+        """Find the open order of highest priority and claim it, in one step.
+
+        Raises :class:`LedgerRefusal` ``nothing_open`` when no order is open: a worker
+        waits (or subscribes to the namespace) and asks again."""
         return _claim(await self.request("wo.next", _ttl({}, ttl_ms)))
 
     async def renew(self, claim: Claim, ttl_ms: int | None = None) -> Claim:
@@ -121,7 +124,9 @@ class Ledger:
         self._ended.add((claim.order, claim.token))
 
     async def update(self, claim: Claim | str, status: str, reason: str = "") -> None:
-        """Set ``done``, ``blocked`` or ``open``; a claim's token fences the move."""
+        """Set ``done``, ``blocked``, ``open`` or ``dropped`` (or ``awaiting_approval``,
+        protocol §8); a claim's token fences the move, and a claimed order refuses a
+        move without one (``not_holder``)."""
         body: dict[str, Any] = {"status": status, "reason": reason}
         if isinstance(claim, Claim):
             body.update(wo=claim.order, token=claim.token)

@@ -290,7 +290,11 @@ def check_event_fields(fields: Any, *, max_deps: int | None = None) -> Event:
     if type(v) is not int or v != PROTOCOL_VERSION:
         raise ProtocolError(ErrorCode.BAD_EVENT, f"unsupported event version {v!r}")
     if not isinstance(ns, str) or not NS_RE.fullmatch(ns):
-        raise ProtocolError(ErrorCode.BAD_EVENT, f"bad namespace {ns!r}: want name@relay")
+        reason = (
+            f"bad namespace {ns!r}: want name@relay, each part 1 to 63 of a-z, 0-9, '.', '_',"
+            " '-', starting with a letter or digit"
+        )
+        raise ProtocolError(ErrorCode.BAD_EVENT, reason)
     if not isinstance(kind, str) or len(kind) > KIND_MAX or not KIND_RE.fullmatch(kind):
         raise ProtocolError(ErrorCode.BAD_EVENT, f"bad kind {kind!r}: want dotted lowercase")
     if not isinstance(author, bytes) or len(author) != KEY_SIZE:
