@@ -115,6 +115,12 @@ class Sent:
         self.on_settle: Callable[[], None] | None = None
         self._settled = trio.Event()
 
+    def __repr__(self) -> str:
+        return (
+            f"Sent(id={self.id.hex()}, to={self.recipient.hex()[:16]}..., path={self.path!r},"
+            f" status={self.status!r}{', expired' if self.expired else ''})"
+        )
+
     async def delivered(self) -> Receipt:
         """Wait for the recipient's signed receipt; raises ``ProtocolError`` when the
         message expired in the recipient's inbox instead. Receipts of relayed
