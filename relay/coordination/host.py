@@ -130,7 +130,7 @@ class Host:
                     if answered is not None:
                         answered(request, record)
                     _, mine = decided.pop(request)
-                    if (mine.kind, mine.body) != (record.kind, body):
+                    if _decision(mine.kind, mine.body) != _decision(record.kind, body):
                         raise Diverged(record.ns, record.seq, *_difference(record, body, mine))
         return [(ns, req, out) for req, (ns, out) in decided.items()]
 
@@ -155,6 +155,15 @@ class Host:
     def next_expiry_ms(self) -> int | None:
         times = [c.next_expiry_ms() for c in self.coordinators.values()]
         return min((t for t in times if t is not None), default=None)
+
+
+def _decision(kind: str, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """What a replay must decide alike: the outcome, less a refusal's ``reason``. The
+    reason is prose for people; a relay may word it differently (or name other lease
+    bounds in it) and still have decided the same."""
+    if kind.endswith(".rejected"):
+        body = {k: v for k, v in body.items() if k != "reason"}
+    return kind, body
 
 
 def _difference(record: Record, logged: dict[str, Any], decided: Outcome) -> tuple[str, str]:

@@ -149,7 +149,9 @@ class LeaseEngine:
         if current is None or current.holder != holder:
             return Refused(Refusal.NOT_HOLDER, f"no valid lease on {resource}", current)
         if current.token != token:
-            reason = f"token {token} is stale; the current lease has token {current.token}"
+            # (reworded freely: a replay does not compare a refusal's reason)
+            said = "is stale" if token < current.token else "was never granted"
+            reason = f"token {token} {said}; the current lease has token {current.token}"
             return Refused(Refusal.STALE_TOKEN, reason, current)
         return None
 

@@ -85,3 +85,29 @@ async def test_a_log_decided_with_other_lease_bounds_is_refused(
     shorter = RelayConfig(claim_ttl=TtlBounds(default_ms=600_000))
     with pytest.raises(DataDirError, match=r"seq 8: the log says wo\.claimed with expires_ms"):
         await start_relay(nursery, data, shorter)
+
+
+async def test_a_refusal_decided_alike_but_worded_otherwise_does_not_stop_a_restart(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """A replay compares decisions, not a refusal's prose: a `bad_ttl` that names the
+    bounds of its day is still `bad_ttl` under other bounds that refuse it too."""
+    from relay.coordination.leases import TtlBounds
+    from relay.node import RelayConfig
+
+    data = tmp_path / "relay"
+    first = await start_relay(nursery, data)
+    async with RelayClient.connect(first.url, identity(1)) as client:
+        await client.publish("work@local", "wo.create", {"title": "t"})
+        refused = await client.publish("work@local", "wo.claim", {"wo": "wo-1", "ttl_ms": 10})
+        assert refused.outcome is not None
+        assert refused.outcome.event.event.body["problem"] == "bad_ttl"
+    first.scope.cancel()
+    await trio.testing.wait_all_tasks_blocked()
+    # Other bounds: the reason would now name them, and 10 ms is refused all the same.
+    other = RelayConfig(claim_ttl=TtlBounds(min_ms=2_000, max_ms=7_200_000, default_ms=60_000))
+    again = await start_relay(nursery, data, other)
+    async with RelayClient.connect(again.url, identity(1)) as client:
+        claimed = await client.publish("work@local", "wo.claim", {"wo": "wo-1"})
+        assert claimed.outcome is not None
+        assert claimed.outcome.event.event.kind == "wo.claimed"
