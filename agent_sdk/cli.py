@@ -146,9 +146,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         trio.run(main)
     except* DataDirError as group:
-        failure = str(_leaf(group))
+        failure = str(_leaves(group)[0])
     except* OSError as group:  # e.g. the port is taken
-        error = _leaf(group)
+        error = _leaves(group)[0]
         if isinstance(error, OSError) and error.errno == errno.EADDRINUSE:
             failure = f"port {port} on {host} is in use: stop what holds it, or pick another"
             failure += " --port (0 picks a free one)"
@@ -184,17 +184,11 @@ def _version() -> str:
 
 
 def _leaves(error: BaseException) -> list[BaseException]:
-    """Every exception inside nested exception groups, or ``error`` itself."""
+    """Every exception inside nested exception groups (trio nurseries nest them), or
+    ``error`` itself."""
     if isinstance(error, BaseExceptionGroup):
         return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
     return [error]
-
-
-def _leaf(error: BaseException) -> BaseException:
-    """The first exception inside nested exception groups (trio nurseries nest them)."""
-    while isinstance(error, BaseExceptionGroup):
-        error = error.exceptions[0]
-    return error
 
 
 def cmd_publish(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import trio
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Close
 from websockets.trio.client import ClientConnection, connect
 
 from agent_sdk import frames as f
@@ -35,6 +36,15 @@ async def subscribe_lazily(relay: RunningRelay, lazy: ClientConnection) -> Conne
     return cut
 
 
+async def read_to_the_close(lazy: ClientConnection) -> Close:
+    """Read what ``lazy`` left unread, up to the relay's close frame: that frame."""
+    with pytest.raises(ConnectionClosed) as info:
+        while True:
+            await lazy.recv()
+    assert info.value.rcvd is not None
+    return info.value.rcvd
+
+
 async def test_a_reader_that_stops_reading_is_closed_with_slow_consumer(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
@@ -55,12 +65,9 @@ async def test_a_reader_that_stops_reading_is_closed_with_slow_consumer(
             assert (await publisher.publish(NS, "app.small", 1)).receipt.seq > 1
 
         # Draining now reaches the close frame and its reason.
-        with pytest.raises(ConnectionClosed) as info:
-            while True:
-                await lazy.recv()
-        assert info.value.rcvd is not None
-        assert info.value.rcvd.code == 1008
-        assert info.value.rcvd.reason == "3002 slow_consumer"
+        closing = await read_to_the_close(lazy)
+        assert closing.code == 1008
+        assert closing.reason == "3002 slow_consumer"
 
 
 async def test_a_slow_consumer_blocking_the_reader_still_completes_the_close_handshake(
@@ -88,11 +95,7 @@ async def test_a_slow_consumer_blocking_the_reader_still_completes_the_close_han
             with trio.fail_after(60):  # a bound, not a timing: the condition must come
                 await relay.node.wait_stat("slow_consumers", 1)
 
-        with pytest.raises(ConnectionClosed) as info:
-            while True:
-                await lazy.recv()
-        assert info.value.rcvd is not None
-        assert info.value.rcvd.reason == "3002 slow_consumer"
+        assert (await read_to_the_close(lazy)).reason == "3002 slow_consumer"
         with trio.fail_after(60):
             await cut.ws.wait_closed()
         assert cut.ws.protocol.close_rcvd is not None  # the client's answer was read
@@ -124,11 +127,8 @@ async def test_a_send_blocked_too_long_closes_the_connection_with_no_queue_full(
         cut = await stuck_subscriber(relay, lazy)
         with trio.fail_after(60):  # a bound: the condition must come
             await relay.node.wait_stat("slow_consumers", 1)
-        with pytest.raises(ConnectionClosed) as info:  # reading again, it gets the close
-            while True:
-                await lazy.recv()
-        assert info.value.rcvd is not None
-        assert info.value.rcvd.reason == "3002 slow_consumer"
+        # Reading again, it gets the close.
+        assert (await read_to_the_close(lazy)).reason == "3002 slow_consumer"
         with trio.fail_after(60):
             await cut.ws.wait_closed()
 
