@@ -15,6 +15,7 @@ Text) and ``log`` (an Array).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -25,6 +26,8 @@ import trio
 from agent_sdk import frames as f
 from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.wire import decode, decode_receipt
+
+log = logging.getLogger("formicary.sdk")
 
 if TYPE_CHECKING:
     from agent_sdk.client import RelayClient
@@ -52,6 +55,7 @@ class SharedDoc:
         client_id = None if client.rng is None else client.rng.getrandbits(32)
         self.doc: pycrdt.Doc[Any] = pycrdt.Doc(client_id=client_id)
         self.awareness = pycrdt.Awareness(self.doc)
+        self.awareness.set_local_state(None)  # present once set_presence says so
         self.epoch: int | None = None
         self.seq = 0
         """The log position this replica has applied up to."""
@@ -150,6 +154,11 @@ class SharedDoc:
         self._applying = True
         try:
             self.doc.apply_update(update)
+        except Exception as exc:
+            # An update that conflicts with the document (a crafted one: the relay
+            # checks only that it decodes). pycrdt keeps what it had integrated, as
+            # the relay does (protocol 13.2), so the replicas still agree.
+            log.warning("%s in %s: an update does not apply: %s", self.name, self.ns, exc)
         finally:
             self._applying = False
 

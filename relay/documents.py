@@ -27,6 +27,8 @@ Checks happen before an update enters the log: its shape and size, that it decod
 
 from __future__ import annotations
 
+import json
+import logging
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -45,10 +47,14 @@ COMPACTED = "doc.compacted"
 """The relay's snapshot of a document: written by relays only."""
 DOC_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 MAX_AWARENESS = 32 * 1024
+MAX_AWARENESS_CLIENTS = 16
+"""Awareness client ids one replica may announce (a y-websocket client announces one)."""
 AWARENESS_RATE = 20.0
 """Awareness updates per second per replica, on average (bursts of twice that)."""
 
 Key = tuple[str, str]
+
+log = logging.getLogger("formicary.relay")
 
 
 def epoch_of(create_id: bytes) -> int:
@@ -180,21 +186,57 @@ class LiveDoc:
     uncompacted: list[int] = field(default_factory=list)
     """Seqs of the updates applied since the last snapshot: what compaction prunes."""
 
+    waiting: dict[int, bytes] = field(default_factory=dict)
+    """Updates (by seq) whose items wait for ones not yet applied: pycrdt holds them
+    back, and its ``get_update`` leaves them out, so snapshots and syncs add them."""
+
     def __post_init__(self) -> None:
         self.awareness = pycrdt.Awareness(self.doc)
+        self.awareness.set_local_state(None)  # the relay itself is not present
 
     def apply(self, record: Record, update: bytes) -> None:
-        self.doc.apply_update(update)
         self.seq = record.seq
         self.uncompacted.append(record.seq)
+        self.merge(record.seq, update)
 
-    def sync(self, sv: bytes, replica: Replica) -> tuple[bytes, bytes, int]:
-        """Register ``replica`` and return (what ``sv`` lacks, our state vector, seq),
-        all as of one log position: everything after it reaches the replica's queue."""
+    def merge(self, seq: int, update: bytes) -> None:
+        """Apply an update (or a snapshot) of log position ``seq``."""
+        try:
+            self.doc.apply_update(update)
+        except Exception as exc:
+            # It decoded alone (check_update) but conflicts with this document: a crafted
+            # update treating an item of one type as another. pycrdt keeps what it had
+            # integrated; every fold of the log does the same, so replicas still agree.
+            log.warning("%s/%s: update at seq %d does not apply: %s", self.ns, self.name, seq, exc)
+            return
+        state = self.doc.get_state()
+        have = _clocks(state)
+        for other, held in list(self.waiting.items()):
+            if _waiting_part(held, state, have) is None:
+                del self.waiting[other]
+        waits = _waiting_part(update, state, have)
+        if waits is not None:
+            self.waiting[seq] = waits
+
+    def state(self) -> bytes:
+        """Everything applied, with the updates still waiting: what a snapshot holds."""
+        update = self.doc.get_update()
+        return pycrdt.merge_updates(update, *self.waiting.values()) if self.waiting else update
+
+    def missing(self, sv: bytes) -> bytes:
+        """What a replica with state vector ``sv`` (b"": nothing) lacks."""
         try:
             missing = self.doc.get_update(sv) if sv else self.doc.get_update()
         except Exception as exc:
             raise ProtocolError(ErrorCode.BAD_UPDATE, f"not a state vector: {exc}") from None
+        if self.waiting:  # the replica holds them back too, until what they need comes
+            missing = pycrdt.merge_updates(missing, *self.waiting.values())
+        return missing
+
+    def sync(self, sv: bytes, replica: Replica) -> tuple[bytes, bytes, int]:
+        """Register ``replica`` and return (what ``sv`` lacks, our state vector, seq),
+        all as of one log position: everything after it reaches the replica's queue."""
+        missing = self.missing(sv)
         self.replicas.add(replica)
         return missing, self.doc.get_state(), self.seq
 
@@ -203,13 +245,23 @@ class LiveDoc:
         return self.awareness.encode_awareness_update(clients) if clients else None
 
     def share_awareness(self, update: bytes, source: Replica) -> None:
-        """Apply an awareness update and forward it to the other replicas."""
+        """Apply an awareness update and forward it to the other replicas.
+
+        The whole update is decoded first: applied entry by entry, a bad entry late in
+        it would leave the earlier ones applied but owned by no replica, present for as
+        long as the document is loaded."""
         try:
-            before = set(self.awareness.states)
-            self.awareness.apply_awareness_update(update, source)
-        except Exception as exc:
+            entries = _awareness_entries(update)
+        except (ValueError, IndexError, RecursionError) as exc:
             raise ProtocolError(ErrorCode.BAD_UPDATE, f"not an awareness update: {exc}") from None
+        announced = {client for client, state in entries if state is not None}
+        if len(source.clients | announced) > MAX_AWARENESS_CLIENTS:
+            reason = f"a replica may announce at most {MAX_AWARENESS_CLIENTS} client ids"
+            raise ProtocolError(ErrorCode.BAD_UPDATE, reason)
+        before = set(self.awareness.states)
+        self.awareness.apply_awareness_update(update, source)
         source.clients |= set(self.awareness.states) - before
+        self._forget_absent(client for client, state in entries if state is None)
         for replica in self.replicas:
             if replica is not source:
                 replica.push(update)
@@ -223,6 +275,81 @@ class LiveDoc:
             self.awareness.remove_awareness_states(gone, "relay")
             for other in self.replicas:
                 other.push(farewell)
+        self._forget_absent(replica.clients)
+
+    def _forget_absent(self, clients: Iterable[int]) -> None:
+        """Drop the clocks of clients with no state: a replica could name any number
+        of them, and keeping each one's clock would grow without bound."""
+        meta, states = self.awareness.meta, self.awareness.states
+        for client in clients:
+            if client not in states:
+                meta.pop(client, None)
+
+
+def _varuint(data: bytes, at: int) -> tuple[int, int]:
+    """A lib0 varuint at ``at``: (value, where the next field starts)."""
+    value = shift = 0
+    while True:
+        byte = data[at]  # IndexError past the end
+        at += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, at
+        shift += 7
+        if shift > 63:
+            raise ValueError("varuint longer than 64 bits")
+
+
+def _clocks(state_vector: bytes) -> dict[int, int]:
+    """A state vector (13.1), decoded: client id -> clock."""
+    count, at = _varuint(state_vector, 0)
+    clocks = {}
+    for _ in range(count):
+        client, at = _varuint(state_vector, at)
+        clocks[client], at = _varuint(state_vector, at)
+    return clocks
+
+
+def _waiting_part(update: bytes, state: bytes, have: dict[int, int]) -> bytes | None:
+    """The part of an applied update that pycrdt holds back (None: all of it is in).
+
+    What the document's state vector does not cover is its items that wait; an update
+    without such items still waits if it deletes items the document does not have."""
+    part = pycrdt.get_update(update, state)  # its items past `state`, and its deletions
+    clients, at = _varuint(part, 0)
+    if clients:
+        return part
+    count, at = _varuint(part, at)  # the delete set: per client, ranges (clock, length)
+    for _ in range(count):
+        client, at = _varuint(part, at)
+        ranges, at = _varuint(part, at)
+        for _ in range(ranges):
+            clock, at = _varuint(part, at)
+            length, at = _varuint(part, at)
+            if have.get(client, 0) < clock + length:
+                return part
+    return None
+
+
+def _awareness_entries(update: bytes) -> list[tuple[int, Any]]:
+    """An awareness update (13.1), decoded: (client id, state or None) per entry."""
+    count, at = _varuint(update, 0)
+    entries = []
+    for _ in range(count):
+        client, at = _varuint(update, at)
+        _clock, at = _varuint(update, at)
+        size, at = _varuint(update, at)
+        if at + size > len(update):
+            raise ValueError("state runs past the end")
+        text = update[at : at + size].decode()  # UnicodeDecodeError is a ValueError
+        at += size
+        state = json.loads(text) if text else None
+        if state is not None and not isinstance(state, dict):
+            raise ValueError("a state is a JSON object or null")
+        entries.append((client, state))
+    if at != len(update):
+        raise ValueError("bytes after the last entry")
+    return entries
 
 
 def _disconnect_update(awareness: pycrdt.Awareness, clients: list[int]) -> bytes:
@@ -343,7 +470,7 @@ class DocHost:
             at, upto = snapshot
             await log.wait_beyond(ns, at - 1)
             [record] = await log.read(ns, at, 1)
-            live.doc.apply_update(_body(record)["state"])
+            live.merge(upto, _body(record)["state"])
             live.seq, cursor = upto, upto + 1
         while cursor <= log.head(ns):
             records = await log.read(ns, cursor, 512)

@@ -773,7 +773,7 @@ class RelayNode:
 
     async def _compact(self, live: LiveDoc) -> None:
         upto, covered = live.seq, list(live.uncompacted)
-        state = live.doc.get_update()
+        state = live.state()
         if len(state) > self.config.max_frame - 4096:
             # A snapshot must fit in a frame to be replayed; this document stays long.
             log.warning(

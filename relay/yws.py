@@ -172,10 +172,7 @@ async def _receive(
         if kind == YMessageType.SYNC and payload:
             step, data = payload[0], _read(payload[1:])
             if step == YSyncMessageType.SYNC_STEP1:
-                try:
-                    missing = live.doc.get_update(data)
-                except Exception as exc:
-                    raise ProtocolError(ErrorCode.BAD_UPDATE, f"bad state vector: {exc}") from None
+                missing = live.missing(data)
                 step2 = bytes([YMessageType.SYNC, YSyncMessageType.SYNC_STEP2])
                 await ws.send(step2 + write_message(missing))
             elif data != EMPTY_UPDATE:

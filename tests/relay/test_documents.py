@@ -352,3 +352,143 @@ async def test_awareness_floods_and_garbage_are_refused(relay: RunningRelay) -> 
         first.text().insert(0, "still here")
         await converged(relay, [first, second])
         assert first.error is None and second.error is None
+
+
+def _conflicting_updates() -> tuple[bytes, bytes]:
+    """A plain edit, and an update that decodes alone but not on top of it: it treats
+    the edit's first item (text) as a map (check_update tries it on an empty doc)."""
+    shaped: pycrdt.Doc[Any] = pycrdt.Doc(client_id=1)
+    shaped.get("log", type=pycrdt.Array).append(pycrdt.Map())
+    crafted: pycrdt.Doc[Any] = pycrdt.Doc(client_id=2)
+    crafted.apply_update(shaped.get_update())
+    seen = crafted.get_state()
+    crafted.get("text", type=pycrdt.Text).insert(0, "ZZ")
+    crafted.get("log", type=pycrdt.Array)[0]["k"] = "v"
+    honest: pycrdt.Doc[Any] = pycrdt.Doc(client_id=1)
+    honest.get("text", type=pycrdt.Text).insert(0, "abc")
+    return honest.get_update(), crafted.get_update(seen)
+
+
+async def test_an_update_that_conflicts_with_the_document_stops_nothing(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    honest, crafted = _conflicting_updates()
+    first = await start_relay(nursery, tmp_path / "relay")
+    async with RelayClient.connect(first.url, identity(1)) as client:
+        await client.publish(NS, "doc.create", {"doc": "d"})
+        async with client.doc(NS, "d", create=False) as shared:
+            await client.publish(NS, "doc.update", {"doc": "d", "update": honest})
+            await client.publish(NS, "doc.update", {"doc": "d", "update": crafted})
+            shared.text().insert(0, ">")  # the document, and the relay, go on
+            await converged(first, [shared])
+            before = shared.to_json()
+    first.scope.cancel()
+    await trio.testing.wait_all_tasks_blocked()
+
+    second = await start_relay(nursery, tmp_path / "relay")  # the log replays alike
+    async with (
+        RelayClient.connect(second.url, identity(3)) as client,
+        client.doc(NS, "d", create=False) as reloaded,
+    ):
+        assert reloaded.to_json() == before
+        assert before["text"].startswith(">abc")
+    second.scope.cancel()
+
+
+def _held_back() -> tuple[bytes, bytes]:
+    """Two updates of one client, the second needing the first ('hello ', 'world')."""
+    writer: pycrdt.Doc[Any] = pycrdt.Doc(client_id=7)
+    updates: list[bytes] = []
+    writer.observe(lambda event: updates.append(event.update))
+    text = writer.get("text", type=pycrdt.Text)
+    text.insert(0, "hello ")
+    text.insert(6, "world")
+    return updates[0], updates[1]
+
+
+async def test_an_update_waiting_for_an_earlier_one_is_not_lost(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    first_part, second_part = _held_back()
+    config = RelayConfig(name="local", doc_compact_every=3)
+    relay = await start_relay(nursery, tmp_path / "relay", config)
+    async with RelayClient.connect(relay.url, identity(1)) as client:
+        await client.publish(NS, "doc.create", {"doc": "d"})
+        async with client.doc(NS, "d", create=False) as early:
+            await client.publish(NS, "doc.update", {"doc": "d", "update": second_part})
+            for n in range(3):  # a snapshot is taken while the second part waits
+                early.array().append(n)
+                await early.flush()
+            async with client.doc(NS, "d", create=False) as late:  # opens while it waits
+                await client.publish(NS, "doc.update", {"doc": "d", "update": first_part})
+                await converged(relay, [early, late])
+                assert str(late.text()) == "hello world"
+    relay.scope.cancel()
+    await trio.testing.wait_all_tasks_blocked()
+
+    again = await start_relay(nursery, tmp_path / "relay", config)
+    assert again.node.docs.snapshots, "no snapshot was taken"
+    async with (
+        RelayClient.connect(again.url, identity(3)) as client,
+        client.doc(NS, "d", create=False) as reloaded,
+    ):
+        assert str(reloaded.text()) == "hello world"
+        assert reloaded.array().to_py() == [0, 1, 2]
+    again.scope.cancel()
+
+
+def _awareness(*entries: tuple[int, str]) -> bytes:
+    """A y-protocols awareness update of (client id, state as JSON text) entries."""
+    encoder = pycrdt.Encoder()
+    encoder.write_var_uint(len(entries))
+    for client, state in entries:
+        encoder.write_var_uint(client)
+        encoder.write_var_uint(1)
+        encoder.write_var_string(state)
+    return encoder.to_bytes()
+
+
+async def test_a_bad_awareness_update_changes_nothing(relay: RunningRelay) -> None:
+    from agent_sdk.frames import DocAwareness
+
+    async with (
+        RelayClient.connect(relay.url, identity(1)) as one,
+        one.doc(NS, "aware") as first,
+    ):
+        assert first.presence() == {}  # nobody announced: not even the relay
+        refused: list[str] = []
+        answered = trio.Event()
+        original = one._on_error
+
+        def record(frame: Any) -> None:
+            refused.append(frame.reason)
+            answered.set()
+            original(frame)
+
+        one._on_error = record  # type: ignore[method-assign]
+        live = relay.node.docs.live[(NS, "aware")]
+        sends = [
+            _awareness((1000, '{"ghost": 1}'), (1001, "{not json")),  # good, then bad
+            _awareness(*((2000 + n, "{}") for n in range(17))),  # too many client ids
+        ]
+        for update in sends:
+            answered = trio.Event()
+            one._queue(_encode(DocAwareness(sub=first.sub, update=update)))
+            await answered.wait()
+            assert live.awareness.states == {}
+        assert "not an awareness update" in refused[0]
+        assert "at most 16 client ids" in refused[1]
+
+        # Announcing and leaving leaves nothing behind, clocks included.
+        answered = trio.Event()
+        one._queue(_encode(DocAwareness(sub=first.sub, update=_awareness((3000, "null")))))
+        first.set_presence({"name": "agent-1"})
+        await one.flush()
+        while first.doc.client_id not in live.awareness.states:
+            await trio.lowlevel.checkpoint()
+        relay_itself = live.awareness.client_id
+        assert set(live.awareness.meta) - {relay_itself} == {first.doc.client_id}
+    while live.replicas:
+        await trio.lowlevel.checkpoint()
+    assert live.awareness.states == {}
+    assert set(live.awareness.meta) - {relay_itself} == set()
