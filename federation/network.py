@@ -313,6 +313,7 @@ class Federation:
         """Keep the mirror of foreign ``ns`` following while the caller needs it."""
         mirror = self._mirror(ns, from_peer)
         mirror.holders += 1
+        mirror.changed()  # one lingering after its last holder follows again at once
         try:
             yield mirror
         finally:
@@ -361,11 +362,14 @@ class Federation:
             return
         wanted = set(ids)
         for item in found if isinstance(found, list) else ():
-            if isinstance(item, list) and len(item) == 3 and item[0] in wanted:
-                _, ns, seq = item
-                if isinstance(ns, str) and NS_RE.fullmatch(ns) and isinstance(seq, int):
-                    self.hints[item[0]] = (ns, seq)
-                    self._fetch(ns, seq)
+            if not isinstance(item, list) or len(item) != 3:
+                continue  # a peer's answer is checked before use, like any input
+            id_, ns, seq = item
+            if not isinstance(id_, bytes) or id_ not in wanted:
+                continue  # (a list would not even hash: that took the relay down)
+            if isinstance(ns, str) and NS_RE.fullmatch(ns) and type(seq) is int and seq > 0:
+                self.hints[id_] = (ns, seq)
+                self._fetch(ns, seq)
 
     async def locate(self, args: dict[str, Any]) -> list[list[Any]]:
         """Answer a peer's :data:`LOCATE`: where this relay knows the ids to be."""

@@ -39,6 +39,11 @@ log = logging.getLogger("formicary.federation")
 MAX_IN_FLIGHT = 1024
 FRAME_SLACK = 256
 """Bytes a publish frame adds to its event (signature, rid, keys)."""
+RETRY_CODES = frozenset({ErrorCode.INTERNAL, ErrorCode.SHUTTING_DOWN, ErrorCode.RATE_LIMITED})
+"""Answers that say "not now" (the home is stopping, failed inside, or wants us
+slower): the entry is kept, stored, and sent again, not answered with them."""
+RETRY_DELAY = 1.0
+"""Seconds before an entry answered with one of :data:`RETRY_CODES` goes again."""
 """Entries sent on a link and not yet answered: the link's window."""
 
 
@@ -70,8 +75,9 @@ class Entry:
         self.done = trio.Event()
         self.result: Published | None = None
         self.error: ProtocolError | None = None
-        if stored:
+        if stored:  # restored at start: a re-publish is told it is queued
             self.decided.set()
+            self.queued_now.set()
 
     def _queue(self) -> None:
         self.queued = True
@@ -248,7 +254,7 @@ class Outbox:
                         if entry.done.is_set():
                             continue  # expired meanwhile
                         if len(entry.event.raw) + FRAME_SLACK > client.relay_max_frame:
-                            self._refuse_too_large(entry, client.relay_max_frame)
+                            await self._refuse_too_large(entry, client.relay_max_frame)
                             continue
                         await window.acquire()
                         pending = client.publish_later(entry.event, on_queued=entry._queue)
@@ -274,6 +280,9 @@ class Outbox:
             window.release()
         if entry.done.is_set():
             return  # expired while in flight: the agent was told already
+        if error is not None and error.code in RETRY_CODES:
+            await self._retry(entry, error)
+            return
         entry.result = result
         lie = self.check(entry)
         if lie is not None:  # not the home's answer: keep the entry, drop the link
@@ -289,12 +298,23 @@ class Outbox:
         if entry.stored:
             await _call(self.store, self.store.drop, self.link, [entry.n])
 
-    def _refuse_too_large(self, entry: Entry, limit: int) -> None:
+    async def _retry(self, entry: Entry, error: ProtocolError) -> None:
+        """Keep an entry the home answered "not now": it is a promise until answered."""
+        log.info("outbox %s: the home said %s; sending again", self.link, error)
+        await self._store([entry])
+        await trio.sleep(RETRY_DELAY)  # cancelled with the connection: the next one sends it
+        if not entry.done.is_set():
+            self._unsent.append(entry)
+            self._more.set()
+
+    async def _refuse_too_large(self, entry: Entry, limit: int) -> None:
         # The home would answer 1003 without a rid: nothing would ever answer this.
         self.entries.pop(entry.event.id, None)
         reason = f"event of {len(entry.event.raw)} bytes; the home relay's max_frame is {limit}"
         entry._resolve(None, ProtocolError(ErrorCode.FRAME_TOO_LARGE, reason))
         self.on_answer(entry)
+        if entry.stored:  # nothing will answer it: no promise is left to keep
+            await _call(self.store, self.store.drop, self.link, [entry.n])
 
     def next_deadline_ms(self) -> int | None:
         oldest = next(iter(self.entries.values()), None)

@@ -30,6 +30,7 @@ from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.identity import Identity
 from agent_sdk.wire import Event, decode_receipt, make_receipt, seal, sign_event
 from relay.node import RelayConfig
+from relay.sequencer import Limits
 from tests.conftest import identity
 from tests.federation.fixtures import LyingRelay, Tamper, federation_of, plan, start
 
@@ -362,3 +363,44 @@ async def test_a_peer_flooding_without_reading_does_not_stall_others(
             assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
             assert closed.value.rcvd.reason == "3002 slow_consumer"
     assert sent > 20 and b.node.head(NS) >= 1
+
+
+class _GarbledLocate(LyingRelay):
+    """Answers every ``fed.locate`` with items of the wrong shapes (an id that is a
+    list does not even hash) and sets ``lied`` once it has."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__(target, lambda frame: frame)
+        self.lied = trio.Event()
+
+    def _rewrite(self, message: bytes) -> bytes | None:
+        out = []
+        for frame in f.decode_message(message):
+            assert not isinstance(frame, Exception)
+            if isinstance(frame, f.Result) and isinstance(frame.body, list):
+                garbage = [[[1], NS, 1], [b"x" * 32, 7, 1], [bytes(32), NS, -1], "x", [1]]
+                frame = replace(frame, body=garbage)
+                self.lied.set()
+            out.append(f.encode_frame(frame))
+        return f.bundle(out) if out else None
+
+
+async def test_a_garbled_answer_to_where_an_event_is_changes_nothing(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    relays = plan(tmp_path, "a", "b")
+    b = await start(nursery, relays["b"], (relays["a"].peer(),))
+    liar = _GarbledLocate(b.url)
+    await nursery.start(liar.run)
+    config = RelayConfig(name="a", sequencer=Limits(park_timeout_ms=1_000))
+    a = await start(nursery, relays["a"], (relays["b"].peer(url=liar.url),), config)
+    network = federation_of(a)
+    with trio.fail_after(TIMEOUT):
+        await network.links["b"].wait_up()
+        async with RelayClient.connect(a.url, identity(1)) as agent:
+            with pytest.raises(ProtocolError) as ghost:  # a asks b where its dep is
+                await agent.publish("y@a", "app.note", "needs a ghost", deps=[bytes(32)])
+            assert ghost.value.code is ErrorCode.MISSING_DEPS
+            assert liar.lied.is_set() and not network.hints
+            after = await agent.publish("y@a", "app.note", "a carries on")
+    assert after.receipt.seq == 1

@@ -183,3 +183,25 @@ async def test_bad_requests_for_other_relays_get_clear_errors(
                 await agent.query("Not A Namespace", "wo.list", {})
             assert bad.value.code is ErrorCode.BAD_QUERY
             await agent.publish("x@b", "app.note", "and the connection goes on")
+
+
+async def test_a_mirror_lingering_after_its_last_reader_follows_again_at_once(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import federation.network
+
+    monkeypatch.setattr(federation.network, "MIRROR_LINGER", 0.2)
+    a, b = await pair(nursery, tmp_path)
+    network = federation_of(a)
+    with trio.fail_after(TIMEOUT):
+        async with RelayClient.connect(b.url, identity(2)) as on_b:
+            await on_b.publish("x@b", "app.note", "first")
+        async with network.hold("x@b", None) as mirror:
+            await mirror.caught_up()
+        while mirror.following:  # no holder: it stops following, then lingers
+            await mirror._changed.wait()
+        lingering = mirror._changed
+        async with network.hold("x@b", None) as again:
+            assert again is mirror
+            # Its linger wakes now; it used to sleep it out while readers waited.
+            assert lingering.is_set()

@@ -1,0 +1,90 @@
+"""The outbox keeps every promise: "not now" answers are retried, and entries nothing
+will answer leave no row behind.
+
+* a home in its clean-stop window answers 5002 ``shutting_down``: that is not the
+  home's answer to the write, so the entry is stored, ``queued`` is told, and it is
+  delivered once the home admits again;
+* an entry restored at start-up is ``queued`` for whoever publishes it again;
+* a stored entry too large for the home's frames is refused, and its row dropped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import trio
+
+from agent_sdk.client import RelayClient
+from agent_sdk.errors import ErrorCode, ProtocolError
+from agent_sdk.wire import Event, sign_event
+from federation.outbox import MemoryOutboxStore, Outbox
+from tests.conftest import identity
+from tests.federation.fixtures import federation_of, plan, start
+
+NS = "x@b"
+TIMEOUT = 30
+
+
+async def test_a_home_that_is_stopping_does_not_end_a_forwarded_write(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    relays = plan(tmp_path, "a", "b")
+    b = await start(nursery, relays["b"], (relays["a"].peer(),))
+    a = await start(nursery, relays["a"], (relays["b"].peer(),))
+    outbox = federation_of(a).outboxes["b"]
+    with trio.fail_after(TIMEOUT):
+        await federation_of(a).links["b"].wait_up()
+        b.node.stop_admitting()  # b is in its clean-stop window: every publish gets 5002
+        async with RelayClient.connect(a.url, identity(1)) as agent:
+            queued = trio.Event()
+            published = []
+
+            async def publish() -> None:
+                result = await agent.publish(NS, "app.note", "kept", on_queued=queued.set)
+                published.append(result)
+
+            async with trio.open_nursery() as waiting:
+                waiting.start_soon(publish)
+                await queued.wait()  # 5002 is "not now": stored, promised
+                assert len(outbox.store.load()) == 1
+                b.node.stopping = False  # b admits again (a restart would do the same)
+            [result] = published
+    assert result.receipt.seq == 1 and b.node.head(NS) == 1
+    assert outbox.store.load() == [] and outbox.delivered == 1
+
+
+class _Unsent:
+    """A link client that must not be asked to send anything."""
+
+    relay_max_frame = 1000
+    ws = None
+
+    def __init__(self) -> None:
+        self.stopped = trio.Event()
+
+    def publish_later(self, *args: object, **kwargs: object) -> None:
+        raise AssertionError("an entry too large for the home was sent")
+
+
+async def test_a_restored_entry_is_queued_and_one_too_large_leaves_no_row() -> None:
+    me = identity(1)
+    store = MemoryOutboxStore()
+    first = Outbox("b", store, deadline_ms=600_000, wall_ms=lambda: 0)
+    large = sign_event(Event(NS, "app.note", me.public_key, "y" * 5000, (), 1), me.sign)
+    entry = await first.submit(large)  # the link is down: stored, `queued`
+    assert entry.queued_now.is_set() and len(store.load()) == 1
+
+    again = Outbox("b", store, deadline_ms=600_000, wall_ms=lambda: 0)  # a restart
+    for _, n, raw, sig, since in store.load():
+        again.restore(n, raw, sig, since)
+    restored = again.entries[large.id]
+    assert restored.queued_now.is_set()  # a re-publish is told `queued` at once
+
+    client = _Unsent()  # its welcome said 1000 bytes at most
+    async with trio.open_nursery() as running:
+        running.start_soon(again.send, client)  # type: ignore[arg-type]
+        await restored.done.wait()
+        client.stopped.set()
+    assert isinstance(restored.error, ProtocolError)
+    assert restored.error.code is ErrorCode.FRAME_TOO_LARGE
+    assert store.load() == []  # nothing will ever answer it: no promise left
