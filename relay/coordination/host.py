@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent_sdk.wire import decode
+from agent_sdk.wire import canonical, decode
 from relay.coordination.decisions import TIMER_KINDS as DECISION_EVENTS
 from relay.coordination.leases import TtlBounds
 from relay.coordination.requests import (
@@ -157,13 +157,14 @@ class Host:
         return min((t for t in times if t is not None), default=None)
 
 
-def _decision(kind: str, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+def _decision(kind: str, body: dict[str, Any]) -> tuple[str, bytes]:
     """What a replay must decide alike: the outcome, less a refusal's ``reason``. The
     reason is prose for people; a relay may word it differently (or name other lease
-    bounds in it) and still have decided the same."""
+    bounds in it) and still have decided the same. Compared as canonical bytes: an
+    agent's NaN echoed in an outcome (a member's ``meta``) is not equal to itself."""
     if kind.endswith(".rejected"):
         body = {k: v for k, v in body.items() if k != "reason"}
-    return kind, body
+    return kind, canonical(body)
 
 
 def _difference(record: Record, logged: dict[str, Any], decided: Outcome) -> tuple[str, str]:

@@ -416,9 +416,8 @@ class Coordinator:
         except BadRequest as exc:
             return _rejected(REJECTED_OF[kind], request_id, "bad_request", str(exc))
         if kind == "dir.leave":
-            leaving = directory.members.get(author)
-            online = leaving is not None and directory.is_online(leaving, now_ms)
-            if not online or not directory.leave(author, now_ms, "left"):
+            # Past its expires_ms but not yet timed out, a member may still leave (8.11).
+            if not directory.leave(author, now_ms, "left"):
                 return _rejected(REJECTED_OF[kind], request_id, "not_joined", "not online here")
             return Outcome(LEFT, {"req": request_id, "agent": author, "reason": "left"})
         alive = directory.heartbeat(author, now_ms)
@@ -483,6 +482,11 @@ class Coordinator:
             raise Conflict("not_found", f"no auction {auction_id} of yours")
         if mine.phase not in (Phase.AWARDED, Phase.CONFIRMED):
             raise Conflict("bad_transition", f"{auction_id} is {mine.phase.value}")
+        if mine.phase is Phase.AWARDED and now >= mine.confirm_by:
+            # Unconfirmed in time, the award lapses and passes on without a slash; a
+            # rejection decided before the timer writes that must not slash it instead.
+            reason = f"the confirmation window closed at {mine.confirm_by}: the award lapses"
+            raise Conflict("closed", reason)
         if self.ledger.status(mine.wo, now) is Status.DONE:
             raise Conflict("bad_transition", f"{mine.wo} is done: the auction completes")
         failed = auctions.fail(auction_id, "rejected", now, self.ledger, stakes, self.reputation)

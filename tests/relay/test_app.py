@@ -111,3 +111,21 @@ async def test_a_refusal_decided_alike_but_worded_otherwise_does_not_stop_a_rest
         claimed = await client.publish("work@local", "wo.claim", {"wo": "wo-1"})
         assert claimed.outcome is not None
         assert claimed.outcome.event.event.kind == "wo.claimed"
+
+
+async def test_a_nan_an_agent_wrote_into_an_outcome_does_not_stop_a_restart(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """NaN is a canonical value (protocol 2), and `dir.joined` echoes the member's
+    `meta`; NaN is not equal to itself, so a replay compares outcomes as bytes."""
+    data = tmp_path / "relay"
+    first = await start_relay(nursery, data)
+    async with RelayClient.connect(first.url, identity(1)) as client:
+        body = {"name": "odd", "meta": {"score": float("nan")}, "heartbeat_ms": 60_000}
+        joined = await client.publish("team@local", "dir.join", body)
+        assert joined.outcome is not None and joined.outcome.event.event.kind == "dir.joined"
+    first.scope.cancel()
+    await trio.testing.wait_all_tasks_blocked()
+    again = await start_relay(nursery, data)
+    assert again.node.head("team@local") == 2
+    again.scope.cancel()

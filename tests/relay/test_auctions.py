@@ -613,3 +613,32 @@ async def test_an_auction_whose_deadline_passed_while_the_relay_was_down_closes_
         assert closed["at_ms"] >= opened["deadline_ms"] + 55_000
         assert closed["award"]["confirm_by"] == closed["at_ms"] + 60_000
         nursery.cancel_scope.cancel()
+
+
+def test_a_rejection_after_the_confirmation_window_does_not_slash_a_lapsed_award() -> None:
+    """At ``confirm_by`` an unconfirmed award lapses unslashed (the timer's outcome);
+    a rejection decided in that same millisecond, before the timer, must not turn it
+    into a slash."""
+    from relay.coordination.requests import Coordinator
+
+    requester, awardee = b"R" * 32, b"B" * 32
+    coordinator = Coordinator()
+    for agent in (requester, awardee):
+        coordinator.decide("dir.join", {"name": "n"}, agent, b"j", 1_000)
+    body = {"title": "t", "duration_ms": 1_000, "confirm_ms": 1_000}
+    coordinator.decide("auction.open", body, requester, b"o", 1_000)
+    bid = {"auction": "auc-1", "stake": 50, "price": 1}
+    assert coordinator.decide("auction.bid", bid, awardee, b"b", 1_500).kind == "auction.bid_placed"
+    assert [o.kind for o in coordinator.due(2_000)] == ["auction.closed"]
+    balance = coordinator.stakes.available(awardee)
+
+    late = coordinator.decide("auction.reject", {"auction": "auc-1"}, requester, b"x", 3_000)
+    assert (late.kind, late.body["problem"]) == ("auction.rejected", "closed")
+    [lapsed] = coordinator.due(3_000)
+    assert (lapsed.kind, lapsed.body["reason"], lapsed.body["slashed"]) == (
+        "auction.failed",
+        "unconfirmed",
+        0,
+    )
+    assert coordinator.stakes.available(awardee) == balance + 50
+    assert coordinator.reputation.score(awardee, 3_000) == 0.0

@@ -288,3 +288,18 @@ async def test_a_connection_closed_before_its_join_is_answered_leaves_no_ghost(
                     if kinds == ["dir.joined", "dir.left"]:
                         break
         assert await Directory(watcher, NS).count() == 0
+
+
+def test_a_member_past_its_heartbeat_may_leave_until_it_is_timed_out() -> None:
+    """protocol 8.11: a heartbeat member past ``expires_ms`` whose ``timeout`` is not
+    written yet may still leave (and then the timer writes nothing for it)."""
+    from relay.coordination.requests import Coordinator
+
+    agent = b"A" * 32
+    coordinator = Coordinator()
+    coordinator.decide("dir.join", {"name": "a", "heartbeat_ms": 1_000}, agent, b"j", 1_000)
+    left = coordinator.decide("dir.leave", {}, agent, b"l", 2_500)
+    assert (left.kind, left.body["reason"]) == ("dir.left", "left")
+    assert coordinator.due(3_000) == []
+    again = coordinator.decide("dir.leave", {}, agent, b"m", 3_000)
+    assert (again.kind, again.body["problem"]) == ("dir.rejected", "not_joined")
