@@ -195,9 +195,9 @@ class Federation:
 
     def check_answer(self, entry: Entry) -> str | None:
         """Why the answer to a forwarded event is not its home's, or ``None`` when it
-        is: its receipt (and its outcome's) of the event's namespace, signed by the
-        home's pinned key, with a seal that verifies. A relay in the middle (``via``)
-        must not be able to make one up."""
+        is: its receipt (and its outcome's) of the event's namespace by the home's
+        pinned key, sealed by it (a home seals every ack to a relay), and the outcome
+        signed by it. A relay in the middle (``via``) must not be able to make one up."""
         result = entry.result
         if result is None:
             return None
@@ -207,12 +207,18 @@ class Federation:
         for receipt in receipts:
             if receipt.ns != ns or receipt.relay != key:
                 return f"a receipt of {receipt.ns} by another relay than {ns}'s home"
-        if result.seal is not None and not verify_seal(result.receipt, result.seal):
+        if result.receipt.id != entry.event.id:
+            return "the receipt of another event"
+        if result.seal is None:  # a home seals every answer to a relay
+            return "the receipt is not sealed"
+        if not verify_seal(result.receipt, result.seal):
             return "the receipt's seal does not verify"
         if result.outcome is not None:
             outcome = result.outcome.event
             if outcome.event.author != key or not outcome.verify():
                 return "the outcome is not signed by the home"
+            if result.outcome.receipt.id != outcome.id:
+                return "the outcome's receipt is of another event"
         return None
 
     def remember(self, entry: Entry) -> None:

@@ -39,7 +39,7 @@ from websockets.trio.server import Server, ServerConnection, serve
 
 from agent_sdk import frames as f
 from agent_sdk.errors import ErrorCode, ProtocolError
-from agent_sdk.wire import NS_RE, PROTOCOL_VERSION, Event, SignedEvent
+from agent_sdk.wire import NS_RE, PROTOCOL_VERSION, Event, SignedEvent, digest, seal_digest
 from federation.network import LOCATE, ProxiedDoc
 from federation.outbox import Entry
 from federation.peers import Peer
@@ -617,7 +617,12 @@ class Connection:
             log.info("publish refused: %s", exc, extra=about(ticket.event.id))
             await self._send(f.Error.of(exc, rid=rid))
             return
-        ack = f.Ack(rid=rid, receipt=record.receipt, seal=record.seal, duplicate=ticket.duplicate)
+        seal = record.seal
+        if seal is None and self.peer is not None:
+            # A relay forwards this answer to an agent, maybe through others: sealed,
+            # no relay on the way can make one up (14.4). The log keeps its own seals.
+            seal = seal_digest(digest(record.receipt), self.node.identity.sign)
+        ack = f.Ack(rid=rid, receipt=record.receipt, seal=seal, duplicate=ticket.duplicate)
         decided = self.node.outcome_of(ticket.event.id)
         if decided is not None:
             outcome = await self.node.committed_record(decided.ns, decided.seq)

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -222,12 +223,27 @@ def resign_ack(ack: f.Ack) -> f.Ack:
     return replace(ack, receipt=forged.raw, seal=seal(forged, LIAR.sign))
 
 
+def unsealed_ack(ack: f.Ack) -> f.Ack:
+    """The home's receipt, given another seq: receipts are not signed, so only the
+    seal a home puts on every answer to a relay shows this one is made up."""
+    receipt = decode_receipt(ack.receipt)
+    forged = make_receipt(
+        id=receipt.id, ns=receipt.ns, seq=receipt.seq + 998, hlc=receipt.hlc,
+        prev=receipt.prev, relay=receipt.relay,
+    )  # fmt: skip
+    return replace(ack, receipt=forged.raw, seal=None)
+
+
+@pytest.mark.parametrize("lie", [resign_ack, unsealed_ack])
 async def test_an_answer_to_a_forwarded_write_that_is_not_the_homes_is_refused(
-    nursery: trio.Nursery, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    lie: Callable[[f.Ack], f.Ack],
 ) -> None:
     relays = plan(tmp_path, "a", "b")
     b = await start(nursery, relays["b"], (relays["a"].peer(),))
-    liar = LyingRelay(b.url, lambda frame: frame, tamper_ack=resign_ack)
+    liar = LyingRelay(b.url, lambda frame: frame, tamper_ack=lie)
     await nursery.start(liar.run)
     a = await start(nursery, relays["a"], (relays["b"].peer(url=liar.url),))
     link = federation_of(a).links["b"]
