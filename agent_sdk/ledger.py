@@ -60,6 +60,7 @@ class Ledger:
         self.client = client
         self.ns = ns
         self._ended: set[tuple[str, int]] = set()  # claims this agent ended itself
+        self._ending: dict[tuple[str, int], trio.Event] = {}  # asked to end, not answered
 
     async def request(
         self, kind: str, body: dict[str, Any], *, nonce: bytes | None = None, ts: int | None = None
@@ -120,21 +121,43 @@ class Ledger:
         return _claim(await self.request("wo.renew", body))
 
     async def release(self, claim: Claim) -> None:
-        await self.request("wo.release", {"wo": claim.order, "token": claim.token})
-        self._ended.add((claim.order, claim.token))
+        async with self._ending_claim(claim):
+            await self.request("wo.release", {"wo": claim.order, "token": claim.token})
 
     async def update(self, claim: Claim | str, status: str, reason: str = "") -> None:
         """Set ``done``, ``blocked``, ``open`` or ``dropped`` (or ``awaiting_approval``,
         protocol §8); a claim's token fences the move, and a claimed order refuses a
         move without one (``not_holder``)."""
         body: dict[str, Any] = {"status": status, "reason": reason}
-        if isinstance(claim, Claim):
-            body.update(wo=claim.order, token=claim.token)
-        else:
+        if not isinstance(claim, Claim):
             body["wo"] = claim
-        await self.request("wo.update", body)
-        if isinstance(claim, Claim):
-            self._ended.add((claim.order, claim.token))
+            await self.request("wo.update", body)
+            return
+        body.update(wo=claim.order, token=claim.token)
+        async with self._ending_claim(claim):
+            await self.request("wo.update", body)
+
+    @asynccontextmanager
+    async def _ending_claim(self, claim: Claim) -> AsyncIterator[None]:
+        """Mark ``claim`` ended once the block's request is answered. Meanwhile a
+        renewal of :meth:`hold` refused (the end came first) waits for that answer
+        before it calls the lease lost; a refused end leaves the claim as it was."""
+        key = (claim.order, claim.token)
+        self._ending[key] = answered = trio.Event()
+        try:
+            yield
+            self._ended.add(key)
+        finally:
+            del self._ending[key]
+            answered.set()
+
+    async def _has_ended(self, claim: Claim) -> bool:
+        """Whether this agent ended ``claim``, once an end it asked for is answered."""
+        key = (claim.order, claim.token)
+        answered = self._ending.get(key)
+        if answered is not None:
+            await answered.wait()
+        return key in self._ended
 
     async def progress(self, claim: Claim, percent: int, message: str = "") -> None:
         """Report progress on a held order (0 to 100); its parent's holder sees it."""
@@ -309,12 +332,23 @@ class Ledger:
         body (``update(claim, "done")``, ``release``) simply ends the renewals.
         """
         ttl = ttl_ms / 1000
+        # One request, however often asked: the same nonce and ts make the same event,
+        # which the relay answers with the outcome it decided the first time.
+        body, nonce, ts = _ttl({"wo": order}, ttl_ms), self.client.nonce(), self.client.clock_ms()
         with trio.CancelScope(shield=True) as asking:
             # Shielded: a claim the relay granted must reach us, so that it is released.
             asking.deadline = trio.current_time() + CLAIM_TIMEOUT
             sent = trio.current_time()
-            claim = await self.claim(order, ttl_ms)
+            claim = _claim(await self.request("wo.claim", body, nonce=nonce, ts=ts))
         if asking.cancelled_caught:
+            with trio.CancelScope(shield=True), trio.move_on_after(CLAIM_TIMEOUT):
+                # Granted late, it would be held by nobody until its TTL: ask once more
+                # for the answer, and give back what was granted.
+                try:
+                    late = _claim(await self.request("wo.claim", body, nonce=nonce, ts=ts))
+                    await self.release(late)
+                except LedgerRefusal:
+                    pass  # refused, or already lapsed: nothing held
             raise LeaseLost(f"{order}: no answer to the claim in {CLAIM_TIMEOUT} s")
         lost = False
         try:
@@ -325,8 +359,8 @@ class Ledger:
                         nonlocal claim
                         claim = await self.renew(claim, ttl_ms)
 
-                    def ended() -> bool:  # the body finished the order: nothing to keep
-                        return (claim.order, claim.token) in self._ended
+                    async def ended() -> bool:  # the body ended the claim: nothing to keep
+                        return await self._has_ended(claim)
 
                     async def renew_forever() -> None:
                         nonlocal lost
@@ -353,7 +387,7 @@ async def keep_renewed(
     ttl: float,
     sent: float,
     failures: tuple[type[Exception], ...],
-    ended: Callable[[], bool] = lambda: False,
+    ended: Callable[[], Awaitable[bool]] | None = None,
 ) -> bool:
     """Renew a lease of ``ttl`` seconds (last asked for at ``sent``) at a third of its
     TTL until ``ended()``; True when it is lost: a renewal failed with one of
@@ -361,7 +395,7 @@ async def keep_renewed(
     margin = ttl / 10  # give up this long before the relay would let the lease lapse
     while True:
         await trio.sleep_until(sent + ttl / 3)
-        if ended():
+        if ended is not None and await ended():
             return False
         asked = trio.current_time()
         with trio.move_on_at(sent + ttl - margin):
@@ -370,8 +404,8 @@ async def keep_renewed(
                 sent = asked
                 continue
             except failures:
-                if ended():
-                    return False
+                if ended is not None and await ended():
+                    return False  # refused because the body's end came first
         return True
 
 

@@ -355,7 +355,8 @@ class Ledger:
         order = self.orders.get(order_id)
         if order is not None and order.contract.approval is None:
             return Rejection(Problem.BAD_TRANSITION, f"{order_id} needs no approval")
-        return self._end(order_id, agent, token, Op.ASK_APPROVAL, now_ms, reason or "asks")
+        reason = reason or Status.AWAITING_APPROVAL.value  # as any update: the status
+        return self._end(order_id, agent, token, Op.ASK_APPROVAL, now_ms, reason)
 
     def decide(
         self,

@@ -91,11 +91,11 @@ def _summary(coordinator: Coordinator, order: WorkOrder, now_ms: int) -> dict[st
         "updated_ms": order.updated_ms,
         **_lease(lease),
         **_approval(order),
-        **_family(ledger, order),
+        **_family(ledger, order, now_ms),
     }
 
 
-def _family(ledger: Any, order: WorkOrder) -> dict[str, Any]:
+def _family(ledger: Any, order: WorkOrder, now_ms: int) -> dict[str, Any]:
     """A sub-order's parent, a parent's children (id, status and the percent its holder
     last reported: their progress at a glance), and the holder's latest progress
     report; only what an order has."""
@@ -105,7 +105,7 @@ def _family(ledger: Any, order: WorkOrder) -> dict[str, Any]:
     if order.children:
         children = (ledger.orders[c] for c in order.children[:100])
         shown["children"] = [
-            {"id": child.id, "status": child.status.value,
+            {"id": child.id, "status": ledger.status(child.id, now_ms).value,
              "percent": child.progress[0] if child.progress is not None else None}
             for child in children
         ]  # fmt: skip
@@ -272,7 +272,7 @@ def _decision(d: Decision) -> dict[str, Any]:
 
 def decision_list(coordinator: Coordinator, args: dict[str, Any], now_ms: int, budget: int) -> Any:
     only(args, "status", "after", "limit", "entity")
-    wanted = opt_text(args, "status", 24)
+    wanted = opt_text(args, "status", 16)
     entity = opt_text(args, "entity", 256)
     after = opt_integer(args, "after") or 0
     records = coordinator.records

@@ -352,7 +352,7 @@ class Coordinator:
             only(body, "wo", "token", "body")
             document_ = document(body, "body", MAX_CONTEXT)
             order = opt_text(body, "wo", 64)
-            if order is None and "token" in body:
+            if order is None and body.get("token") is not None:  # nil is absent (8.3)
                 raise BadRequest("a token fences a work order's context: give wo too")
             if order is not None:
                 refused = self.ledger.fence(order, author, opt_integer(body, "token"), now)
@@ -374,15 +374,19 @@ class Coordinator:
             entity = opt_text(body, "entity", 256)
             if entity is not None and not entity:
                 raise BadRequest("entity names what the decision touches")
-            self._check_decision(entity, opt_text(body, "supersedes", 64), author)
+            made = text(body, "decision", MAX_TEXT)  # the whole body first: bad_request
+            context = text(body, "context", MAX_TEXT, default="")  # comes before state
+            rationale = text(body, "rationale", MAX_TEXT, default="")
+            supersedes = opt_text(body, "supersedes", 64)
+            self._check_decision(entity, supersedes, author)
             decision = records.decide(
                 title,
-                text(body, "decision", MAX_TEXT),
+                made,
                 author,
                 now,
-                context=text(body, "context", MAX_TEXT, default=""),
-                rationale=text(body, "rationale", MAX_TEXT, default=""),
-                supersedes=opt_text(body, "supersedes", 64),
+                context=context,
+                rationale=rationale,
+                supersedes=supersedes,
                 entity=entity,
             )
             answer = {"id": decision.id}

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+from typing import Any
+
 import pytest
 import trio
+import trio.testing
 
 from agent_sdk.client import RelayClient
 from agent_sdk.ledger import Claim, LeaseLost, Ledger, LedgerRefusal
@@ -100,3 +104,92 @@ async def test_the_same_request_twice_in_one_millisecond_is_two_requests(
         with pytest.raises(LedgerRefusal) as info:
             await other.claim(order)
         assert info.value.problem == "held"
+
+
+class _BundlingLink:
+    """A relay link that decides with the real coordination core and answers in
+    bundles (several acks in one message, as a busy relay sends them), optionally
+    holding its first ``late`` answers back for ``delay`` seconds. The same request
+    asked again (the same nonce and ts) gets the outcome it was given the first time,
+    as from a relay (idempotence)."""
+
+    def __init__(self, late: int = 0, delay: float = 0.0) -> None:
+        from relay.coordination.requests import Coordinator
+
+        self.core = Coordinator()
+        self.identity = identity(1)
+        self.late, self.delay = late, delay
+        self.asked = 0
+        self.decided: dict[tuple[str, bytes | None, int | None], Any] = {}
+        self.waiting: list[trio.Event] = []
+
+    def nonce(self) -> bytes:
+        self.asked += 1
+        return self.asked.to_bytes(16, "big")
+
+    def clock_ms(self) -> int:
+        return 1_000_000 + int(trio.current_time() * 1000)
+
+    async def publish(
+        self, ns: str, kind: str, body: Any, *, nonce: bytes | None = None, ts: int | None = None
+    ) -> Any:
+        key = (kind, nonce, ts)
+        if key not in self.decided:
+            request = len(self.decided).to_bytes(32, "big")
+            author = self.identity.public_key
+            self.decided[key] = self.core.decide(kind, body, author, request, self.clock_ms())
+        outcome = self.decided[key]
+        answered = trio.Event()
+        self.waiting.append(answered)
+        if self.late > 0:
+            self.late -= 1
+            await trio.sleep(self.delay)
+        await answered.wait()
+        event = SimpleNamespace(kind=outcome.kind, body=outcome.body)
+        return SimpleNamespace(outcome=SimpleNamespace(event=SimpleNamespace(event=event)))
+
+    async def answer_in_bundles(self) -> None:
+        while True:
+            await trio.sleep(0.3)
+            bundle, self.waiting = self.waiting, []
+            for answered in bundle:
+                answered.set()  # one message: no checkpoint between its acks
+
+
+@pytest.mark.parametrize("seed", range(12))
+async def test_a_renewal_refused_because_the_body_finished_is_no_lost_lease(
+    seed: int, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The body's `done` and a renewal sent meanwhile are answered in one bundle; the
+    renewal is refused (the order is done). Whichever task trio wakes first, the body
+    finished the order: hold must not cancel it and raise LeaseLost."""
+    trio._core._run._r.seed(seed)  # trio shuffles wake-ups: each seed is one order
+    link = _BundlingLink()
+    ledger = Ledger(link, NS)  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(link.answer_in_bundles)
+        order = await ledger.create("t")
+        async with ledger.hold(order, ttl_ms=3_000) as claim:
+            await trio.sleep(1.65)  # the renewal is due at 1 s after the claim was asked
+            await ledger.update(claim, "done")
+            await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert link.core.ledger.orders[order].status.value == "done"
+
+
+async def test_a_claim_answered_too_late_is_given_back(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    from agent_sdk.ledger import CLAIM_TIMEOUT
+
+    link = _BundlingLink()
+    ledger = Ledger(link, NS)  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(link.answer_in_bundles)
+        order = await ledger.create("t")
+        link.late, link.delay = 1, CLAIM_TIMEOUT + 1  # the relay grants it, then stalls
+        with pytest.raises(LeaseLost, match="no answer to the claim"):
+            async with ledger.hold(order, ttl_ms=3_600_000):
+                raise AssertionError("the body ran without a claim")
+        nursery.cancel_scope.cancel()
+    assert link.core.ledger.orders[order].status.value == "open"  # released, not held

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from agent_sdk.errors import ErrorCode, ProtocolError
 from relay.coordination.requests import (
     EXPIRED,
     RELAY_KINDS,
@@ -161,3 +162,41 @@ def test_advisory_locks_are_exclusive_fenced_leases() -> None:
         assert refused.kind == "lock.rejected"
     replayed, outcomes = log.replay()
     assert outcomes == log.outcomes and replayed.locks == log.coordinator.locks
+
+
+def test_a_sub_orders_lapsed_claim_reads_open_in_its_parent_too() -> None:
+    from relay.coordination import queries
+
+    log = Log()
+    log.request("wo.create", {"title": "parent"})
+    log.request("wo.create", {"title": "child", "parent": "wo-1"})
+    log.request("wo.claim", {"wo": "wo-2", "ttl_ms": MIN}, author=B, now=10)
+    later = 10 + MIN  # the child's lease ran out; no timer has written it yet
+    parent = queries.answer(log.coordinator, "wo.show", {"wo": "wo-1"}, later, 1 << 20)
+    child = queries.answer(log.coordinator, "wo.show", {"wo": "wo-2"}, later, 1 << 20)
+    assert child["status"] == "open"
+    assert [c["status"] for c in parent["children"]] == ["open"]
+
+
+def test_what_the_protocol_says_of_nil_tokens_checks_order_and_defaults() -> None:
+    from relay.coordination import queries
+
+    log = Log()
+    # A nil optional field is an absent one (8.3): no wo, no token to fence.
+    assert log.request("context.put", {"body": 1, "token": None}).kind == "context.stored"
+    # decision.add: the body is checked whole before the state (8.9).
+    log.request("decision.add", {"title": "a", "decision": "d", "entity": "E"})
+    bad = log.request("decision.add", {"title": "b", "supersedes": "adr-1", "context": 5}, B)
+    assert bad.body["problem"] == "bad_request"
+    # decision.list refuses a status over 16 characters.
+    with pytest.raises(ProtocolError, match="over 16 characters") as too_long:
+        queries.answer(log.coordinator, "decision.list", {"status": "x" * 20}, 0, 1 << 20)
+    assert too_long.value.code is ErrorCode.BAD_QUERY
+    # Asking for approval without a reason leaves the status as the reason (8.4.1).
+    gate = {"title": "ship", "requires_approval": True, "approvers": [A]}
+    log.request("wo.create", gate)
+    token = log.request("wo.claim", {"wo": "wo-1"}, author=B).body["token"]
+    asked = {"wo": "wo-1", "token": token, "status": "awaiting_approval"}
+    assert log.request("wo.update", asked, author=B).kind == "wo.updated"
+    shown = queries.answer(log.coordinator, "wo.show", {"wo": "wo-1"}, 0, 1 << 20)
+    assert shown["reason"] == "awaiting_approval"
