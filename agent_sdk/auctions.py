@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from agent_sdk.client import Delivery, Live, RelayClient
+from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.ledger import Claim, Ledger, number_of
 from agent_sdk.wire import canonical, digest
 
@@ -122,27 +123,37 @@ class Auctions:
         """Wait until ``auction`` is awarded (to someone other than ``after``, to wait
         past a failed award); returns the award, or ``None`` when nobody is left."""
         async with self.client.subscribe(self.ns, kinds=["auction.*"]) as feed:
-            shown = await self.show(auction)  # after subscribing: nothing falls between
-            award = _current(shown)
-            if award is not None and award["agent"] != after:
-                return award
-            if shown["phase"] in ("unawarded", "completed"):
-                return None
-            async for item in feed:
-                if isinstance(item, Live):
-                    continue
-                assert isinstance(item, Delivery)
-                event = item.event.event
-                body = event.body
-                if event.author != item.receipt.relay or body.get("auction") != auction:
-                    continue
-                if event.kind in ("auction.closed", "auction.failed"):
-                    award = body.get("award")
-                    if award is None:
-                        return None
-                    if award["agent"] != after:
-                        return dict(award)
-        return None
+            # The feed only wakes us; the answer is read from the auction's state. An
+            # event sequenced between the subscribe and a show comes after it on the
+            # feed, and may name an award that has failed since.
+            seen: dict[str, Any] | None = None
+            while True:
+                shown = await self.show(auction)  # after subscribing: nothing is missed
+                award = _current(shown)
+                if award is not None and award["agent"] != after:
+                    now_held = (award["agent"], award["token"])
+                    if seen is not None and (seen.get("agent"), seen.get("token")) == now_held:
+                        return seen  # the event's award: with its lease's expires_ms
+                    return award
+                if award is None and shown["phase"] in ("unawarded", "completed"):
+                    return None
+                seen = await _next_award_event(feed, auction)
+
+
+async def _next_award_event(feed: Any, auction: str) -> dict[str, Any] | None:
+    """Wait for the relay's next award event of ``auction``; its award, if any."""
+    async for item in feed:
+        if isinstance(item, Live):
+            continue
+        assert isinstance(item, Delivery)
+        event = item.event.event
+        body = event.body
+        if event.author != item.receipt.relay or body.get("auction") != auction:
+            continue
+        if event.kind in ("auction.closed", "auction.failed", "auction.completed"):
+            award = body.get("award")
+            return dict(award) if isinstance(award, dict) else None
+    raise ProtocolError(ErrorCode.UNKNOWN_SUBSCRIPTION, "the auction feed ended")
 
 
 def as_claim(award: dict[str, Any]) -> Claim:

@@ -642,3 +642,44 @@ def test_a_rejection_after_the_confirmation_window_does_not_slash_a_lapsed_award
     )
     assert coordinator.stakes.available(awardee) == balance + 50
     assert coordinator.reputation.score(awardee, 3_000) == 0.0
+
+
+async def test_waiting_past_an_award_never_returns_one_that_failed_meanwhile(
+    relay: RunningRelay,
+) -> None:
+    """wait_award(after=B) subscribes, then reads the auction. When the award to A,
+    its failure and the pass-on to B are sequenced in between, the feed still brings
+    `auction.closed` (to A) afterwards: A must not be returned, as B's award ends too."""
+    async with (
+        RelayClient.connect(relay.url, REQUESTER) as requester_client,
+        RelayClient.connect(relay.url, bidder(0)) as a_client,
+        RelayClient.connect(relay.url, bidder(1)) as b_client,
+    ):
+        market = Auctions(requester_client, NS)
+        await Directory(requester_client, NS).join("requester")
+        opened = await market.open(title="t", duration_ms=500, confirm_ms=60_000)
+        for client, stake in ((a_client, 20), (b_client, 10)):
+            await Directory(client, NS).join("bidder")
+            await Auctions(client, NS).bid(opened["auction"], stake, price=1)
+        b_waits = Auctions(b_client, NS)
+        read = b_waits.show
+        moved_on = trio.Event()
+
+        async def show_after_a_passed_on(auction: str) -> dict[str, Any]:
+            if not moved_on.is_set():  # between the subscribe and the first read
+                first = await market.wait_award(auction)
+                assert first is not None and first["agent"] == bidder(0).public_key
+                await market.reject(auction, "not A")  # A fails, B gets it
+                moved_on.set()
+            return await read(auction)
+
+        b_waits.show = show_after_a_passed_on  # type: ignore[method-assign]
+        async with trio.open_nursery() as nursery:
+
+            async def end_bs_award_too() -> None:
+                await moved_on.wait()
+                await market.reject(opened["auction"], "not B either")
+
+            nursery.start_soon(end_bs_award_too)
+            award = await b_waits.wait_award(opened["auction"], after=bidder(1).public_key)
+        assert award is None  # nobody is left; A's award failed before B waited past
