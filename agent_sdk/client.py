@@ -421,7 +421,7 @@ class RelayClient:
         try:
             async for data in queued:
                 frames, size = [data], len(data)
-                while len(frames) < 65_535:
+                while len(frames) < f.MAX_BUNDLE:
                     try:
                         data = queued.receive_nowait()
                     except trio.WouldBlock:

@@ -512,12 +512,17 @@ def decode_frame(data: bytes) -> Frame:
     return frame_from_map(decode(data))
 
 
+MAX_BUNDLE = 4096
+"""Frames in one bundle, at most (protocol 1): each bad one costs its receiver an
+error, so a bundle of a million nils must not cost a million."""
+
+
 def decode_message(data: bytes) -> list[Frame | ProtocolError]:
     """Decode one WebSocket message: a frame, or a bundle (an array) of frames.
 
     Each frame of a bundle stands alone: a bad one yields its :class:`ProtocolError`
     in its place and the others are still decoded. A message that is not msgpack at
-    all yields one error.
+    all, or a bundle of more than :data:`MAX_BUNDLE` frames, yields one error.
     """
     try:
         value = decode(data)
@@ -526,6 +531,9 @@ def decode_message(data: bytes) -> list[Frame | ProtocolError]:
     items = value if type(value) is list else [value]
     if not items:
         return [ProtocolError(ErrorCode.MALFORMED, "an empty bundle holds no frame")]
+    if len(items) > MAX_BUNDLE:
+        reason = f"a bundle of {len(items)} frames; at most {MAX_BUNDLE}"
+        return [ProtocolError(ErrorCode.MALFORMED, reason)]
     out: list[Frame | ProtocolError] = []
     for item in items:
         try:

@@ -58,6 +58,9 @@ BOARD_AUTH_DOMAIN = b"formicary/v1/board-auth\x00"
 WATCH_INTERVAL = 0.2
 """Seconds between two snapshots of a busy namespace: a board need not see each event."""
 RECENT = 30
+EVENT_SHOWN = 16 * 1024
+"""Bytes of an event the board sends with it, at most: 30 events near max_frame would
+make every snapshot tens of megabytes."""
 """Events shown in the recent list."""
 MAX_MESSAGE = 64 << 10
 PUBLISHING = 8
@@ -166,6 +169,8 @@ class Board:
             isinstance(v, int) and not isinstance(v, bool) for v in pages.values()
         ):
             raise ProtocolError(ErrorCode.MALFORMED, "after maps a status to an order number")
+        # Only the columns' pages: other keys would only make snapshots no board shares.
+        pages = {status: n for status, n in pages.items() if status in COLUMNS}
         if self._watch is not None:
             self._watch.cancel()
         self._watch = trio.CancelScope()
@@ -260,9 +265,17 @@ class Board:
                         "author": r.author,
                         "hlc": r.hlc,
                         "sealed": r.seal is not None,
-                        # The page checks each signature itself (WebCrypto).
-                        "event": base64.b64encode(r.event).decode(),
-                        "sig": base64.b64encode(r.sig).decode(),
+                        "size": len(r.event),
+                        # The page checks each signature itself (WebCrypto); a large
+                        # event's bytes are left out, as a compacted one's are gone.
+                        **(
+                            {
+                                "event": base64.b64encode(r.event).decode(),
+                                "sig": base64.b64encode(r.sig).decode(),
+                            }
+                            if len(r.event) <= EVENT_SHOWN
+                            else {"event": "", "sig": ""}
+                        ),
                     }
                     for r in reversed(recent)
                 ],
@@ -308,6 +321,12 @@ class Board:
             if not self.node.is_home(signed.event.ns):
                 reason = "the board acts on namespaces this relay homes; use that relay's board"
                 raise ProtocolError(ErrorCode.NOT_HOME, reason)
+            event = signed.event
+            if event.kind == "dir.join" and not _has_heartbeat(event.body):
+                # Presence by connection belongs to an agent connection, which ends it
+                # when it closes; a board has none to hold it (protocol 8.11).
+                reason = "from the board, join with heartbeat_ms (no agent connection holds it)"
+                raise ProtocolError(ErrorCode.BAD_EVENT, reason)
             ticket = await self.node.admit(signed)
             record = await self.node.answer(ticket)
             ack: dict[str, Any] = {"t": "ack", "rid": rid, "seq": record.seq}
@@ -357,3 +376,7 @@ def _b64(request: dict[str, Any], name: str) -> bytes:
 
 async def serve_board(node: RelayNode, ws: ServerConnection) -> None:
     await Board(node, ws).run()
+
+
+def _has_heartbeat(body: Any) -> bool:
+    return isinstance(body, dict) and body.get("heartbeat_ms") is not None

@@ -81,21 +81,22 @@ class Messaging:
                         batch.append(self._mail_rx.receive_nowait())
                     except trio.WouldBlock:
                         break
-                ours = [a for a in batch if not a.relay or a.relay == self.node.config.name]
-                answers: dict[int, _Answer] = {}
+                here = self.node.config.name
+                ours = [i for i, a in enumerate(batch) if not a.relay or a.relay == here]
                 arriving = [
                     Arriving(h.recipient, h.sender, h.id, a.msg, a.origin)
-                    for a in ours
+                    for a in (batch[i] for i in ours)
                     for h in (a.sealed.header,)
                 ]
-                for action, answer in zip(
-                    ours, await self.node.inboxes.put_messages(arriving), strict=True
-                ):
-                    answers[action.rid] = (action, answer)
-                for action in batch:
-                    if action.rid not in answers:  # for another relay: sent on in order
-                        answers[action.rid] = (action, self._pass_on(action, from_peer))
-                    await answers_tx.send(answers[action.rid])
+                # By place in the batch, not by rid: nothing makes an agent's rids unique.
+                stored = await self.node.inboxes.put_messages(arriving)
+                answers: dict[int, ProtocolError | Asked | str] = dict(
+                    zip(ours, stored, strict=True)
+                )
+                for i, action in enumerate(batch):
+                    if i not in answers:  # for another relay: sent on in order
+                        answers[i] = self._pass_on(action, from_peer)
+                    await answers_tx.send((action, answers[i]))
 
     def _pass_on(self, action: Mail, from_peer: Peer | None) -> Asked | ProtocolError:
         try:

@@ -293,7 +293,7 @@ class Connection:
         queued = self._out_rx
         async for data in queued:
             frames, size = [data], len(data)
-            while size < limit:
+            while size < limit and len(frames) < f.MAX_BUNDLE:
                 try:
                     data = queued.receive_nowait()
                 except trio.WouldBlock:
@@ -957,7 +957,8 @@ def info_document(node: RelayNode) -> dict[str, Any]:
         "name": config.name,
         "key": node.identity.id,
         "protocol": PROTOCOL_VERSION,
-        "namespaces": node.namespaces(),
+        # As the anonymous board: a private namespace's name is not public either.
+        "namespaces": [ns for ns in node.namespaces() if node.access.may_read(ns, None)],
         "limits": {
             "max_frame": config.max_frame,
             "max_deps": config.max_deps,
@@ -987,7 +988,9 @@ def info_document(node: RelayNode) -> dict[str, Any]:
 
 def http_handler(node: RelayNode) -> Callable[[ServerConnection, Request], Response | None]:
     def process_request(connection: ServerConnection, request: Request) -> Response | None:
-        if "upgrade" in request.headers.get("Connection", "").lower():
+        # A header may come on several lines (HTTP/1.1): all of them, as tokens.
+        tokens = ",".join(request.headers.get_all("Connection")).lower().split(",")
+        if "upgrade" in (token.strip() for token in tokens):
             return None  # a WebSocket handshake: let it through
         if request.path == "/health":
             return connection.respond(HTTPStatus.OK, "ok\n")

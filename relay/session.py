@@ -278,11 +278,13 @@ class Session:
         return action
 
     def _auth(self, frame: f.Auth) -> Reply:
+        # The free check first: a bad challenge must not buy a signature check, which
+        # refusals that are not auth_failed would let a client repeat without end.
+        if len(frame.challenge) != f.CHALLENGE_SIZE:
+            raise ProtocolError(ErrorCode.MALFORMED, f"challenge must be {f.CHALLENGE_SIZE} bytes")
         message = f.agent_auth_message(self.relay_key, self.challenge)
         if not verify_signature(frame.key, frame.sig, message):
             raise ProtocolError(ErrorCode.AUTH_FAILED, "signature does not verify for this key")
-        if len(frame.challenge) != f.CHALLENGE_SIZE:
-            raise ProtocolError(ErrorCode.MALFORMED, f"challenge must be {f.CHALLENGE_SIZE} bytes")
         self.agent = frame.key
         sig = self.signer(f.relay_auth_message(frame.key, frame.challenge))
         return Reply(f.Welcome(agent=frame.key, sig=sig))

@@ -233,6 +233,9 @@ async def test_board_socket_bad_input_is_answered_and_refused(relay: RunningRela
         proof = AGENT.sign(BOARD_AUTH_DOMAIN + bytes.fromhex(hello["challenge"]))
         signed_in = {"t": "auth", "key": AGENT.public_key.hex(), "sig": proof.hex()}
         other = sign_event(Event(NS, "app.note", HUMAN.public_key, "x", ts=now), HUMAN.sign)
+        # Presence by connection needs an agent connection to hold (and end) it.
+        join = {"name": "ghost"}
+        ghost = sign_event(Event(NS, "dir.join", AGENT.public_key, join, ts=now), AGENT.sign)
         cases: list[tuple[Any, str]] = [
             (b"\x00binary", "malformed"),
             ("not json", "malformed"),
@@ -252,6 +255,7 @@ async def test_board_socket_bad_input_is_answered_and_refused(relay: RunningRela
         for message, name in [
             (json.dumps({"t": "publish", "rid": 1, "event": "!!", "sig": ""}), "malformed"),
             (json.dumps(publish_of(other, 4)), "wrong_author"),  # someone else's event
+            (json.dumps(publish_of(ghost, 5)), "bad_event"),
             (json.dumps({**publish_of(good, 2), "sig": base64.b64encode(bytes(64)).decode()}),
              "bad_signature"),
         ]:  # fmt: skip
@@ -313,3 +317,17 @@ async def test_thousands_of_orders_are_paged(relay: RunningRelay) -> None:
 
         with trio.fail_after(TIMEOUT):
             await trio.to_thread.run_sync(browse)
+
+
+async def test_a_large_event_is_shown_without_its_bytes(relay: RunningRelay) -> None:
+    """Thirty events near max_frame would make every snapshot tens of megabytes."""
+    async with RelayClient.connect(relay.url, AGENT) as client:
+        await client.publish(NS, "app.note", "x" * 20_000)
+        await client.publish(NS, "app.note", "small")
+    async with connect(relay.url + "/board/ws", max_size=None) as ws:
+        assert json.loads(await ws.recv())["t"] == "hello"
+        await ws.send(json.dumps({"t": "watch", "ns": NS, "after": {"x": 1, "open": 0}}))
+        state = json.loads(await ws.recv())
+    small, large = state["events"]
+    assert small["event"] and small["sig"] and small["size"] < 1_000
+    assert (large["event"], large["sig"]) == ("", "") and large["size"] > 20_000

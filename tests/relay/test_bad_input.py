@@ -881,3 +881,88 @@ async def test_one_connection_survives_a_stream_of_bad_input(relay: RunningRelay
             await bad.refused_publish(event, code)
             await bad.publish_ok()
             await calm.round_trip()
+
+
+# --------------------------------------------------------------------------- found by review
+
+
+async def test_a_bundle_of_too_many_frames_is_refused_whole(relay: RunningRelay) -> None:
+    """A million nils would cost a million errors; past 4096 frames it costs one."""
+    async with scene(relay, authenticate=False) as (bad, _):
+        await bad.send(
+            b"\xdd" + (f.MAX_BUNDLE + 1).to_bytes(4, "big") + b"\xc0" * (f.MAX_BUNDLE + 1)
+        )
+        error = await bad.expect_error(ErrorCode.MALFORMED)
+        assert f"at most {f.MAX_BUNDLE}" in error.reason
+        await bad.auth()  # nothing of it was acted on, one error said so
+
+
+async def test_a_bad_challenge_is_refused_before_any_signature_check(
+    relay: RunningRelay,
+) -> None:
+    """A 1001 does not count toward the 3 failed auths: it must not cost a check."""
+    async with scene(relay, authenticate=False) as (bad, _):
+        for _ in range(5):  # a wrong signature and a short challenge: 1001, not 1005
+            auth = bad.auth_frame(signer=STRANGER)
+            await bad.send(f.encode_frame(f.Auth(key=auth.key, sig=auth.sig, challenge=b"x")))
+            await bad.expect_error(ErrorCode.MALFORMED)
+        await bad.auth()
+
+
+async def test_two_messages_with_one_rid_get_their_own_answers(relay: RunningRelay) -> None:
+    """Nothing makes rids unique (6.4): answers follow the frames, not the rid."""
+    from agent_sdk.sealing import Header, seal
+
+    def message(n: int) -> bytes:
+        header = Header(
+            id=secrets.token_bytes(16),
+            sender=AGENT.public_key,
+            recipient=BYSTANDER.public_key,
+            stream=b"s" * 8,
+            seq=n,
+            ts=now_ms(),
+        )
+        return seal(AGENT, header, {"n": n}).encode()
+
+    async with scene(relay) as (bad, _):
+        here, elsewhere = message(1), message(2)
+        frames = [
+            f.encode_frame(f.MsgSend(rid=5, msg=here)),
+            f.encode_frame(f.MsgSend(rid=5, msg=elsewhere, relay="elsewhere")),
+            f.encode_frame(f.MsgSend(rid=5, msg=message(3))),
+        ]
+        await bad.send(f.bundle(frames))
+        answers: list[f.Frame | ProtocolError] = []
+        while len(answers) < 3:
+            with trio.fail_after(TIMEOUT):
+                message = await bad.ws.recv()
+            assert isinstance(message, bytes)
+            answers += f.decode_message(message)
+        stored, nowhere, third = answers
+        assert isinstance(stored, f.Result) and stored.rid == 5
+        assert stored.body["status"] == "stored"
+        assert isinstance(nowhere, f.Error) and nowhere.rid == 5  # no such relay
+        assert ErrorCode(nowhere.code) is ErrorCode.UNKNOWN_RECIPIENT, nowhere
+        assert isinstance(third, f.Result) and third.body["id"] != stored.body["id"]
+
+
+async def test_http_with_a_header_on_two_lines_and_info_of_private_namespaces(
+    relay: RunningRelay,
+) -> None:
+    import json
+
+    async with RelayClient.connect(relay.url, AGENT) as client:
+        policy = {"mode": "private", "owner": AGENT.public_key}
+        await client.publish("secret@local", "ns.policy", policy)
+        await client.publish(CALM_NS, "app.note", "public")
+    host, port = relay.url.removeprefix("ws://").rsplit(":", 1)
+    request = "GET /info HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\nConnection: close\r\n\r\n"
+    answer = b""
+    async with await trio.open_tcp_stream(host, int(port)) as stream:
+        await stream.send_all(request.encode())
+        with trio.fail_after(TIMEOUT):
+            while chunk := await stream.receive_some():
+                answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head  # was 500: two Connection lines
+    assert json.loads(body)["namespaces"] == [CALM_NS]  # the private one is not listed
