@@ -141,6 +141,9 @@ REJECTED_OF = {kind: kind.partition(".")[0] + ".rejected" for kind in REQUEST_KI
 REJECTED = REJECTED_OF["wo.claim"]
 LOCK_REJECTED = REJECTED_OF["lock.acquire"]
 EXPIRED = "lease.expired"
+EXPIRED_PER_EVENT = 1024
+"""Claims one ``lease.expired`` lists at most (about 80 bytes each): a mass expiry is
+several events, never one over ``max_frame``."""
 LEFT = "dir.left"
 """Also written by the relay itself, without ``req``: a disconnect, a timeout, a restart."""
 RELAY_KINDS = frozenset(
@@ -533,9 +536,9 @@ class Coordinator:
         heartbeats that stopped, auctions closed and awards settled. Each is applied
         here, as it will be on replay."""
         out = []
-        lapsed = self.ledger.expire(now_ms)
-        if lapsed:
-            out.append(Outcome(EXPIRED, {"leases": [[order, token] for order, token in lapsed]}))
+        lapsed = [[order, token] for order, token in self.ledger.expire(now_ms)]
+        for i in range(0, len(lapsed), EXPIRED_PER_EVENT):  # each event well within a frame
+            out.append(Outcome(EXPIRED, {"leases": lapsed[i : i + EXPIRED_PER_EVENT]}))
         for member in self.directory.timed_out(now_ms):
             at = member.expires_ms or now_ms
             self.directory.leave(member.agent, at, "timeout")

@@ -200,3 +200,21 @@ def test_what_the_protocol_says_of_nil_tokens_checks_order_and_defaults() -> Non
     assert log.request("wo.update", asked, author=B).kind == "wo.updated"
     shown = queries.answer(log.coordinator, "wo.show", {"wo": "wo-1"}, 0, 1 << 20)
     assert shown["reason"] == "awaiting_approval"
+
+
+def test_a_mass_expiry_is_several_events_each_within_a_frame() -> None:
+    from relay.coordination.requests import EXPIRED_PER_EVENT
+
+    log = Log()
+    claims = EXPIRED_PER_EVENT * 2 + 5
+    for n in range(claims):
+        log.request("wo.create", {"title": f"t{n}"})
+        log.request("wo.claim", {"wo": f"wo-{n + 1}", "ttl_ms": MIN})
+    expired = log.coordinator.due(MIN)
+    assert [len(o.body["leases"]) for o in expired] == [EXPIRED_PER_EVENT] * 2 + [5]
+    fresh = Coordinator()  # replayed one by one, they reopen every order
+    for kind, body, author, request_id, now in log.entries:
+        fresh.decide(kind, body, author, request_id, now)
+    for outcome in expired:
+        fresh.replay_expired(outcome.body)
+    assert all(order.status.value == "open" for order in fresh.ledger.orders.values())
