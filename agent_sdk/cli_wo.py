@@ -461,10 +461,15 @@ def _lock_release(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
     token = tokens.get(ns, _lock_key(args.name), args.token)
 
     async def act(ledger: Ledger) -> Any:
+        # As `wo release`: a token is forgotten once the relay says its lock is over,
+        # not when the relay could not be reached (the lock is still held then).
         try:
             await ledger.unlock(Claim(args.name, token, 0))
-        finally:
-            tokens.put(ns, _lock_key(args.name), None)
+        except LedgerRefusal as exc:
+            if exc.problem in ("not_holder", "stale_token"):
+                tokens.put(ns, _lock_key(args.name), None)
+            raise
+        tokens.put(ns, _lock_key(args.name), None)
         return {"lock": args.name, "released": True}
 
     return act

@@ -100,6 +100,7 @@ lock() { "$PYTHON" -m agent_sdk.cli lock "$@"; }
 lock acquire branch:main --ttl 10m --json > mine.json || exit 10
 FORMICARY_KEY=$OTHER_KEY lock acquire branch:main; echo "other=$?" > codes.txt
 lock list --json > list.json || exit 11
+FORMICARY_RELAY=ws://127.0.0.1:9 lock release branch:main; echo "unreachable=$?" >> codes.txt
 lock renew branch:main || exit 12
 lock release branch:main || exit 13
 FORMICARY_KEY=$OTHER_KEY lock acquire branch:main --json > theirs.json || exit 14
@@ -116,7 +117,8 @@ async def test_locks_from_a_shell_script(relay: RunningRelay, tmp_path: Path) ->
     assert listed["lock"] == "branch:main" and listed["fencing_token"] == mine["fencing_token"]
     assert json.loads((tmp_path / "theirs.json").read_text())["fencing_token"] == 2
     codes = exit_codes(tmp_path)
-    assert codes == {"other": "3", "not-mine": "2"}  # no token kept for it: a usage error
+    # Not reached, the lock is still held: its token is kept for the renew after it.
+    assert codes == {"other": "3", "unreachable": "1", "not-mine": "2"}
 
 
 DIR_SCRIPT = r"""
