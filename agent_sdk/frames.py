@@ -517,12 +517,13 @@ MAX_BUNDLE = 4096
 error, so a bundle of a million nils must not cost a million."""
 
 
-def decode_message(data: bytes) -> list[Frame | ProtocolError]:
+def decode_message(data: bytes, max_frames: int | None = None) -> list[Frame | ProtocolError]:
     """Decode one WebSocket message: a frame, or a bundle (an array) of frames.
 
     Each frame of a bundle stands alone: a bad one yields its :class:`ProtocolError`
     in its place and the others are still decoded. A message that is not msgpack at
-    all, or a bundle of more than :data:`MAX_BUNDLE` frames, yields one error.
+    all, or a bundle of more than ``max_frames`` (a relay: :data:`MAX_BUNDLE`), yields
+    one error.
     """
     try:
         value = decode(data)
@@ -531,8 +532,8 @@ def decode_message(data: bytes) -> list[Frame | ProtocolError]:
     items = value if type(value) is list else [value]
     if not items:
         return [ProtocolError(ErrorCode.MALFORMED, "an empty bundle holds no frame")]
-    if len(items) > MAX_BUNDLE:
-        reason = f"a bundle of {len(items)} frames; at most {MAX_BUNDLE}"
+    if max_frames is not None and len(items) > max_frames:
+        reason = f"a bundle of {len(items)} frames; at most {max_frames}"
         return [ProtocolError(ErrorCode.MALFORMED, reason)]
     out: list[Frame | ProtocolError] = []
     for item in items:

@@ -148,7 +148,8 @@ class Ledger:
             yield
             self._ended.add(key)
         finally:
-            del self._ending[key]
+            if self._ending.get(key) is answered:  # (two ends at once: the last one's)
+                del self._ending[key]
             answered.set()
 
     async def _has_ended(self, claim: Claim) -> bool:

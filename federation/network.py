@@ -181,7 +181,8 @@ class Federation:
         """Hand a verified event to the outbox of the link toward its home."""
         link = self.route(event.event.ns, from_peer)
         body = event.event.body
-        if event.event.kind == "dir.join" and isinstance(body, dict) and "heartbeat_ms" not in body:
+        by_heartbeat = isinstance(body, dict) and body.get("heartbeat_ms") is not None
+        if event.event.kind == "dir.join" and not by_heartbeat:
             # The home sees the link, not the agent's connection: it could never tell
             # when this agent leaves. Across relays, presence is by heartbeat.
             reason = "join a namespace of another relay with heartbeat_ms (presence by heartbeat)"

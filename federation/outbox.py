@@ -37,14 +37,13 @@ from agent_sdk.wire import SignedEvent, decode_event
 log = logging.getLogger("formicary.federation")
 
 MAX_IN_FLIGHT = 1024
+"""Entries sent on a link and not yet answered: the link's window."""
 FRAME_SLACK = 256
 """Bytes a publish frame adds to its event (signature, rid, keys)."""
-RETRY_CODES = frozenset({ErrorCode.INTERNAL, ErrorCode.SHUTTING_DOWN, ErrorCode.RATE_LIMITED})
-"""Answers that say "not now" (the home is stopping, failed inside, or wants us
-slower): the entry is kept, stored, and sent again, not answered with them."""
-RETRY_DELAY = 1.0
-"""Seconds before an entry answered with one of :data:`RETRY_CODES` goes again."""
-"""Entries sent on a link and not yet answered: the link's window."""
+RETRY_CODES = frozenset({ErrorCode.SHUTTING_DOWN, ErrorCode.RATE_LIMITED})
+"""Answers that say "not now" (the home is stopping, or wants the link slower): the
+entry is kept, stored, and sent again, not answered with them. (Not 5001: the client
+files codes it does not know under it, and a newer home's refusal is an answer.)"""
 
 
 class Entry:
@@ -281,7 +280,12 @@ class Outbox:
         if entry.done.is_set():
             return  # expired while in flight: the agent was told already
         if error is not None and error.code in RETRY_CODES:
-            await self._retry(entry, error)
+            # Not an answer. Sent again on the next connection, oldest first (14.5):
+            # resent on this one, it would land behind the entries sent after it.
+            log.info("outbox %s: the home said %s; reconnecting to send again", self.link, error)
+            await self._store([entry])
+            if client.ws is not None:
+                await client.ws.aclose(1013, f"{int(error.code)} {error.code.slug}: try again")
             return
         entry.result = result
         lie = self.check(entry)
@@ -297,15 +301,6 @@ class Outbox:
         self.delivered += 1
         if entry.stored:
             await _call(self.store, self.store.drop, self.link, [entry.n])
-
-    async def _retry(self, entry: Entry, error: ProtocolError) -> None:
-        """Keep an entry the home answered "not now": it is a promise until answered."""
-        log.info("outbox %s: the home said %s; sending again", self.link, error)
-        await self._store([entry])
-        await trio.sleep(RETRY_DELAY)  # cancelled with the connection: the next one sends it
-        if not entry.done.is_set():
-            self._unsent.append(entry)
-            self._more.set()
 
     async def _refuse_too_large(self, entry: Entry, limit: int) -> None:
         # The home would answer 1003 without a rid: nothing would ever answer this.

@@ -58,10 +58,10 @@ BOARD_AUTH_DOMAIN = b"formicary/v1/board-auth\x00"
 WATCH_INTERVAL = 0.2
 """Seconds between two snapshots of a busy namespace: a board need not see each event."""
 RECENT = 30
+"""Events shown in the recent list."""
 EVENT_SHOWN = 16 * 1024
 """Bytes of an event the board sends with it, at most: 30 events near max_frame would
 make every snapshot tens of megabytes."""
-"""Events shown in the recent list."""
 MAX_MESSAGE = 64 << 10
 PUBLISHING = 8
 """Publishes of one board waiting for their answers; the next waits for room."""

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -49,6 +50,10 @@ DOC_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 MAX_AWARENESS = 32 * 1024
 MAX_AWARENESS_CLIENTS = 16
 """Awareness client ids one replica may announce (a y-websocket client announces one)."""
+ABSENT_CLOCKS = 1024
+"""Clocks of departed awareness clients a document keeps (against stale echoes)."""
+MAX_WAITING = 4 * MAX_UPDATE
+"""Bytes of held-back updates a document keeps for its snapshots and syncs."""
 AWARENESS_RATE = 20.0
 """Awareness updates per second per replica, on average (bursts of twice that)."""
 
@@ -186,9 +191,13 @@ class LiveDoc:
     uncompacted: list[int] = field(default_factory=list)
     """Seqs of the updates applied since the last snapshot: what compaction prunes."""
 
-    waiting: dict[int, bytes] = field(default_factory=dict)
-    """Updates (by seq) whose items wait for ones not yet applied: pycrdt holds them
-    back, and its ``get_update`` leaves them out, so snapshots and syncs add them."""
+    waiting: bytes = b""
+    """What pycrdt holds back of the updates applied (their items wait for ones not
+    yet applied), merged into one update; its ``get_update`` leaves it out, so
+    snapshots and syncs add it. Empty when nothing waits."""
+    absent: OrderedDict[int, None] = field(default_factory=OrderedDict)
+    """Clients whose state is gone, oldest first: their clocks are kept (an echo of an
+    old state must not bring them back) up to :data:`ABSENT_CLOCKS` of them."""
 
     def __post_init__(self) -> None:
         self.awareness = pycrdt.Awareness(self.doc)
@@ -209,19 +218,25 @@ class LiveDoc:
             # integrated; every fold of the log does the same, so replicas still agree.
             log.warning("%s/%s: update at seq %d does not apply: %s", self.ns, self.name, seq, exc)
             return
+        if not self.waiting and _integrated(update, self.doc):
+            return  # the usual case: nothing waits, and this update is all in
         state = self.doc.get_state()
         have = _clocks(state)
-        for other, held in list(self.waiting.items()):
-            if _waiting_part(held, state, have) is None:
-                del self.waiting[other]
-        waits = _waiting_part(update, state, have)
-        if waits is not None:
-            self.waiting[seq] = waits
+        held = pycrdt.merge_updates(self.waiting, update) if self.waiting else update
+        waits = _waiting_part(held, state, have) or b""
+        if len(waits) > MAX_WAITING:
+            # Only updates whose items never come (crafted) get here; past the bound
+            # the newest is not kept for snapshots and syncs (it is still in the log).
+            log.warning("%s/%s: held-back updates over %d bytes; seq %d is not kept",
+                        self.ns, self.name, MAX_WAITING, seq)  # fmt: skip
+            kept = _waiting_part(self.waiting, state, have) if self.waiting else None
+            waits = kept or b""
+        self.waiting = waits
 
     def state(self) -> bytes:
         """Everything applied, with the updates still waiting: what a snapshot holds."""
         update = self.doc.get_update()
-        return pycrdt.merge_updates(update, *self.waiting.values()) if self.waiting else update
+        return pycrdt.merge_updates(update, self.waiting) if self.waiting else update
 
     def missing(self, sv: bytes) -> bytes:
         """What a replica with state vector ``sv`` (b"": nothing) lacks."""
@@ -230,7 +245,7 @@ class LiveDoc:
         except Exception as exc:
             raise ProtocolError(ErrorCode.BAD_UPDATE, f"not a state vector: {exc}") from None
         if self.waiting:  # the replica holds them back too, until what they need comes
-            missing = pycrdt.merge_updates(missing, *self.waiting.values())
+            missing = pycrdt.merge_updates(missing, self.waiting)
         return missing
 
     def sync(self, sv: bytes, replica: Replica) -> tuple[bytes, bytes, int]:
@@ -278,10 +293,15 @@ class LiveDoc:
         self._forget_absent(replica.clients)
 
     def _forget_absent(self, clients: Iterable[int]) -> None:
-        """Drop the clocks of clients with no state: a replica could name any number
-        of them, and keeping each one's clock would grow without bound."""
-        meta, states = self.awareness.meta, self.awareness.states
+        """Keep the clocks of the latest :data:`ABSENT_CLOCKS` clients with no state,
+        and forget older ones: a replica could name any number of them."""
+        meta, states, absent = self.awareness.meta, self.awareness.states, self.absent
         for client in clients:
+            if client not in states:
+                absent[client] = None
+                absent.move_to_end(client)
+        while len(absent) > ABSENT_CLOCKS:
+            client, _ = absent.popitem(last=False)
             if client not in states:
                 meta.pop(client, None)
 
@@ -329,6 +349,12 @@ def _waiting_part(update: bytes, state: bytes, have: dict[int, int]) -> bytes | 
             if have.get(client, 0) < clock + length:
                 return part
     return None
+
+
+def _integrated(update: bytes, doc: pycrdt.Doc[Any]) -> bool:
+    """Whether nothing of ``update`` waits in ``doc`` (which has just applied it)."""
+    state = doc.get_state()
+    return _waiting_part(update, state, _clocks(state)) is None
 
 
 def _awareness_entries(update: bytes) -> list[tuple[int, Any]]:

@@ -557,7 +557,9 @@ class Connection:
         """A ``dir.join`` by connection makes this connection hold the membership from
         the moment it is sent, so that closing before the answer still ends it."""
         body = event.body
-        if event.kind != "dir.join" or not isinstance(body, dict) or "heartbeat_ms" in body:
+        if event.kind != "dir.join" or not isinstance(body, dict):
+            return
+        if body.get("heartbeat_ms") is not None:  # (nil is absent, as for the directory)
             return
         if self.peer is not None:
             return  # a peer's link carries many agents: it holds no one's presence

@@ -220,7 +220,7 @@ class Session:
         if len(data) > self.max_frame:
             reason = f"message of {len(data)} bytes; limit is {self.max_frame}"
             return iter([_error(ProtocolError(ErrorCode.FRAME_TOO_LARGE, reason))])
-        return (self._act(item) for item in f.decode_message(data))
+        return (self._act(item) for item in f.decode_message(data, f.MAX_BUNDLE))
 
     def _act(self, frame: f.Frame | ProtocolError) -> Action:
         if isinstance(frame, ProtocolError):

@@ -10,6 +10,7 @@ will answer leave no row behind.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import trio
@@ -32,6 +33,14 @@ async def test_a_home_that_is_stopping_does_not_end_a_forwarded_write(
     b = await start(nursery, relays["b"], (relays["a"].peer(),))
     a = await start(nursery, relays["a"], (relays["b"].peer(),))
     outbox = federation_of(a).outboxes["b"]
+    dropped, loop = trio.Event(), trio.lowlevel.current_trio_token()
+    drop = outbox.store.drop
+
+    def drop_and_tell(link: str, ns: Iterable[int]) -> None:  # (in a worker thread)
+        drop(link, ns)
+        loop.run_sync_soon(dropped.set)
+
+    outbox.store.drop = drop_and_tell  # type: ignore[method-assign]
     with trio.fail_after(TIMEOUT):
         await federation_of(a).links["b"].wait_up()
         b.node.stop_admitting()  # b is in its clean-stop window: every publish gets 5002
@@ -49,7 +58,8 @@ async def test_a_home_that_is_stopping_does_not_end_a_forwarded_write(
                 assert len(outbox.store.load()) == 1
                 b.node.stopping = False  # b admits again (a restart would do the same)
             [result] = published
-    assert result.receipt.seq == 1 and b.node.head(NS) == 1
+        assert result.receipt.seq == 1 and b.node.head(NS) == 1
+        await dropped.wait()  # answered: its row goes (written after the answer)
     assert outbox.store.load() == [] and outbox.delivered == 1
 
 

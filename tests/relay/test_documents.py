@@ -479,16 +479,28 @@ async def test_a_bad_awareness_update_changes_nothing(relay: RunningRelay) -> No
         assert "not an awareness update" in refused[0]
         assert "at most 16 client ids" in refused[1]
 
-        # Announcing and leaving leaves nothing behind, clocks included.
-        answered = trio.Event()
-        one._queue(_encode(DocAwareness(sub=first.sub, update=_awareness((3000, "null")))))
+        # Clients that left keep their clocks (a stale echo must not bring them
+        # back), but only the latest ABSENT_CLOCKS of them: naming many costs little.
+        from relay.documents import ABSENT_CLOCKS
+
+        many = _awareness(*((10_000 + n, "null") for n in range(ABSENT_CLOCKS + 100)))
+        one._queue(_encode(DocAwareness(sub=first.sub, update=many)))
         first.set_presence({"name": "agent-1"})
         await one.flush()
         while first.doc.client_id not in live.awareness.states:
             await trio.lowlevel.checkpoint()
         relay_itself = live.awareness.client_id
-        assert set(live.awareness.meta) - {relay_itself} == {first.doc.client_id}
+        kept = set(live.awareness.meta) - {relay_itself, first.doc.client_id}
+        assert len(kept) == ABSENT_CLOCKS and 10_000 + ABSENT_CLOCKS + 99 in kept
+        echo = live.awareness.encode_awareness_update([first.doc.client_id])
     while live.replicas:
         await trio.lowlevel.checkpoint()
     assert live.awareness.states == {}
-    assert set(live.awareness.meta) - {relay_itself} == set()
+    async with (
+        RelayClient.connect(relay.url, identity(3)) as two,
+        two.doc(NS, "aware") as second,
+    ):  # a replica echoing the departed one's last state: it stays gone
+        two._queue(_encode(DocAwareness(sub=second.sub, update=echo)))
+        await two.flush()
+        await trio.testing.wait_all_tasks_blocked()
+        assert live.awareness.states == {}
