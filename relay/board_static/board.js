@@ -331,7 +331,8 @@ async function checkSignature(event, mark) {
   const key = `${state.ns}/${event.seq}`;
   if (!verified.has(key)) {
     if (!event.event) {
-      verified.set(key, null); // compacted: its bytes are gone, its receipt stays
+      // Compacted (its bytes are gone, its receipt stays), or too large to send here.
+      verified.set(key, event.size > 0 ? "large" : null);
     } else {
       // Checked against the signed bytes themselves: what the row shows (namespace,
       // kind, author) must be what the author signed, not only what the relay says.
@@ -343,7 +344,9 @@ async function checkSignature(event, mark) {
     }
   }
   const ok = verified.get(key);
-  mark.textContent = ok === null ? "compacted" : ok ? "✓ verified" : "✗ bad signature";
+  if (ok === "large") mark.textContent = "not checked: too large to show";
+  else if (ok === null) mark.textContent = "compacted";
+  else mark.textContent = ok ? "✓ verified" : "✗ bad signature";
   mark.className = ok === false ? "bad" : "ok";
 }
 
