@@ -50,6 +50,7 @@ from federation.chain import MAX_UNSEALED, Forged, MirrorChain
 from federation.link import Link
 from federation.outbox import Entry, Outbox, OutboxStore
 from federation.peers import Peer, check_peers, home_of
+from relay.coordination.directory import joins_by_connection
 from relay.node import RelayNode
 from relay.store import Record
 
@@ -180,9 +181,7 @@ class Federation:
     async def forward(self, event: SignedEvent, from_peer: Peer | None) -> Entry:
         """Hand a verified event to the outbox of the link toward its home."""
         link = self.route(event.event.ns, from_peer)
-        body = event.event.body
-        by_heartbeat = isinstance(body, dict) and body.get("heartbeat_ms") is not None
-        if event.event.kind == "dir.join" and not by_heartbeat:
+        if joins_by_connection(event.event.kind, event.event.body):
             # The home sees the link, not the agent's connection: it could never tell
             # when this agent leaves. Across relays, presence is by heartbeat.
             reason = "join a namespace of another relay with heartbeat_ms (presence by heartbeat)"

@@ -40,8 +40,10 @@ from websockets.trio.server import ServerConnection
 from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.wire import decode_event, to_json_safe, verify_signature
 from relay.coordination import queries
+from relay.coordination.directory import joins_by_connection
 from relay.coordination.requests import Coordinator
 from relay.node import RelayNode
+from relay.store import Record
 
 log = logging.getLogger("formicary.board")
 
@@ -258,27 +260,7 @@ class Board:
                 "agents": ask("dir.list", {"online": True, "limit": 200})["participants"],
                 "auctions": auctions,
                 "documents": sorted(name for (n, name) in node.docs.created if n == ns),
-                "events": [
-                    {
-                        "seq": r.seq,
-                        "kind": r.kind,
-                        "author": r.author,
-                        "hlc": r.hlc,
-                        "sealed": r.seal is not None,
-                        "size": len(r.event),
-                        # The page checks each signature itself (WebCrypto); a large
-                        # event's bytes are left out, as a compacted one's are gone.
-                        **(
-                            {
-                                "event": base64.b64encode(r.event).decode(),
-                                "sig": base64.b64encode(r.sig).decode(),
-                            }
-                            if len(r.event) <= EVENT_SHOWN
-                            else {"event": "", "sig": ""}
-                        ),
-                    }
-                    for r in reversed(recent)
-                ],
+                "events": [_recent(r) for r in reversed(recent)],
                 "federation": federation,
                 "counters": {
                     "connections": node.metrics.open_connections,
@@ -321,8 +303,7 @@ class Board:
             if not self.node.is_home(signed.event.ns):
                 reason = "the board acts on namespaces this relay homes; use that relay's board"
                 raise ProtocolError(ErrorCode.NOT_HOME, reason)
-            event = signed.event
-            if event.kind == "dir.join" and not _has_heartbeat(event.body):
+            if joins_by_connection(signed.event.kind, signed.event.body):
                 # Presence by connection belongs to an agent connection, which ends it
                 # when it closes; a board has none to hold it (protocol 8.11).
                 reason = "from the board, join with heartbeat_ms (no agent connection holds it)"
@@ -378,5 +359,17 @@ async def serve_board(node: RelayNode, ws: ServerConnection) -> None:
     await Board(node, ws).run()
 
 
-def _has_heartbeat(body: Any) -> bool:
-    return isinstance(body, dict) and body.get("heartbeat_ms") is not None
+def _recent(r: Record) -> dict[str, Any]:
+    """A row of the recent events. The page checks each signature itself (WebCrypto);
+    a large event's bytes are left out, as a compacted one's are gone."""
+    shown = len(r.event) <= EVENT_SHOWN
+    return {
+        "seq": r.seq,
+        "kind": r.kind,
+        "author": r.author,
+        "hlc": r.hlc,
+        "sealed": r.seal is not None,
+        "size": len(r.event),
+        "event": base64.b64encode(r.event).decode() if shown else "",
+        "sig": base64.b64encode(r.sig).decode() if shown else "",
+    }

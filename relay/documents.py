@@ -218,8 +218,6 @@ class LiveDoc:
             # integrated; every fold of the log does the same, so replicas still agree.
             log.warning("%s/%s: update at seq %d does not apply: %s", self.ns, self.name, seq, exc)
             return
-        if not self.waiting and _integrated(update, self.doc):
-            return  # the usual case: nothing waits, and this update is all in
         state = self.doc.get_state()
         have = _clocks(state)
         held = pycrdt.merge_updates(self.waiting, update) if self.waiting else update
@@ -349,12 +347,6 @@ def _waiting_part(update: bytes, state: bytes, have: dict[int, int]) -> bytes | 
             if have.get(client, 0) < clock + length:
                 return part
     return None
-
-
-def _integrated(update: bytes, doc: pycrdt.Doc[Any]) -> bool:
-    """Whether nothing of ``update`` waits in ``doc`` (which has just applied it)."""
-    state = doc.get_state()
-    return _waiting_part(update, state, _clocks(state)) is None
 
 
 def _awareness_entries(update: bytes) -> list[tuple[int, Any]]:

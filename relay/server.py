@@ -44,6 +44,7 @@ from federation.network import LOCATE, ProxiedDoc
 from federation.outbox import Entry
 from federation.peers import Peer
 from relay.board import static_file
+from relay.coordination.directory import joins_by_connection
 from relay.documents import MAX_AWARENESS, LiveDoc, Overflow, Replica
 from relay.logs import CONNECTION, about
 from relay.messaging import Messaging
@@ -556,10 +557,7 @@ class Connection:
     def _note_presence(self, event: Event, ticket: Ticket) -> None:
         """A ``dir.join`` by connection makes this connection hold the membership from
         the moment it is sent, so that closing before the answer still ends it."""
-        body = event.body
-        if event.kind != "dir.join" or not isinstance(body, dict):
-            return
-        if body.get("heartbeat_ms") is not None:  # (nil is absent, as for the directory)
+        if not joins_by_connection(event.kind, event.body):
             return
         if self.peer is not None:
             return  # a peer's link carries many agents: it holds no one's presence

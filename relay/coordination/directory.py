@@ -23,6 +23,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+
+def joins_by_connection(kind: str, body: Any) -> bool:
+    """Whether an event is a ``dir.join`` whose presence a connection holds: one
+    without ``heartbeat_ms`` (nil is absent, protocol 8.3)."""
+    return kind == "dir.join" and isinstance(body, dict) and body.get("heartbeat_ms") is None
+
+
 CAPABILITY_RE = re.compile(r"[a-z0-9][a-z0-9._:/-]{0,63}(@[A-Za-z0-9._+-]{1,32})?")
 MAX_CAPABILITIES = 64
 
