@@ -94,7 +94,8 @@ class MirrorChain:
             kind, author = signed.event.kind, signed.event.author
         elif sig:
             raise Forged(self.ns, seq, "a signature without its event")
-        else:  # a compacted doc.update: its receipt stays in the chain (§13.7)
+        else:  # pruned by compaction, its receipt stays in the chain (§13.7): an
+            # update or a superseded snapshot, stored as an update (the kind is gone)
             kind, author = "doc.update", b""
         record = Record(
             ns=self.ns,

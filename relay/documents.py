@@ -393,6 +393,9 @@ class DocHost:
     live: dict[Key, LiveDoc] = field(default_factory=dict)
     snapshots: dict[Key, tuple[int, int]] = field(default_factory=dict)
     """Document -> (seq of its latest ``doc.compacted``, the seq it covers up to)."""
+    stored_snapshots: dict[Key, list[int]] = field(default_factory=dict)
+    """Document -> seqs of its ``doc.compacted`` records that still hold their bytes,
+    oldest first: each later snapshot supersedes them (see :meth:`superseded`)."""
     max_live: int = 1024
     """Documents kept in memory; past it, ones nobody has open are evicted (those
     with replicas stay, so this is a target, not a hard bound)."""
@@ -421,15 +424,33 @@ class DocHost:
             key = (record.ns, _body(record)["doc"])
             self.created[key] = (record.seq, epoch_of(record.id))
         elif record.kind == COMPACTED:
-            body = _body(record)
-            self.snapshots[(record.ns, body["doc"])] = (record.seq, body["upto"])
+            key = (record.ns, _body(record)["doc"])
+            self.snapshots[key] = (record.seq, _body(record)["upto"])
+            self.stored_snapshots.setdefault(key, []).append(record.seq)
 
     def rebuild(self, records: Iterable[Record]) -> Iterator[Record]:
-        """Pass stored records through, noting the documents and snapshots they hold."""
+        """Pass stored records through, noting the documents and snapshots they hold
+        (a pruned snapshot, bytes gone, was superseded by a later one)."""
         for record in records:
-            if record.kind in ("doc.create", COMPACTED):
+            if record.kind in ("doc.create", COMPACTED) and record.event:
                 self.on_sequenced(record)
             yield record
+
+    def superseded(self, ns: str, name: str, upto: int) -> list[int]:
+        """Forget and return the seqs of the document's snapshots that its latest one,
+        covering up to ``upto``, makes redundant: every earlier one at a seq <= ``upto``.
+
+        Each snapshot is the whole document, so without this the log would grow by
+        one full copy per ``compact_every`` updates. The bound on the seq keeps the
+        rule of offline checking (a pruned record is covered by a later snapshot
+        whose ``upto`` reaches it, protocol 10.2); a snapshot it leaves is pruned
+        by a later one."""
+        key = (ns, name)
+        stored = self.stored_snapshots.get(key, [])
+        latest = stored[-1:]
+        gone = [seq for seq in stored[:-1] if seq <= upto]
+        self.stored_snapshots[key] = [seq for seq in stored[:-1] if seq > upto] + latest
+        return gone
 
     # -- in commit order --------------------------------------------------------------
 

@@ -756,7 +756,8 @@ class RelayNode:
         return await self.docs.open(ns, name, self)
 
     async def _compaction_loop(self) -> None:
-        """Snapshot documents with many updates, then drop the bytes the snapshot covers.
+        """Snapshot documents with many updates, then drop the bytes the snapshot covers
+        (the updates folded into it, and the earlier snapshots it supersedes).
 
         The snapshot is a relay event in the same log (``doc.compacted``: the merged
         update of everything up to ``upto``), so a restart, a mirror or an auditor
@@ -772,24 +773,25 @@ class RelayNode:
                     await self._compact(live)
 
     async def _compact(self, live: LiveDoc) -> None:
-        upto, covered = live.seq, list(live.uncompacted)
+        # Taken at once: updates committed while this snapshot commits must not make
+        # the document due again, or a busy one gets a second snapshot right after.
+        upto, covered, live.uncompacted = live.seq, live.uncompacted, []
         state = live.state()
         if len(state) > self.config.max_frame - 4096:
             # A snapshot must fit in a frame to be replayed; this document stays long.
             log.warning(
                 "%s/%s: snapshot of %d bytes is over max_frame", live.ns, live.name, len(state)
             )
-            live.uncompacted.clear()
             return
         body = {"doc": live.name, "upto": upto, "epoch": live.epoch, "state": state}
         placed = self._append_own(live.ns, Outcome(COMPACTED, body), (), self.wall_ms())
         self._pending_ready.set()
         await self.wait_beyond(placed.ns, placed.seq - 1)
+        pruned = covered + self.docs.superseded(live.ns, live.name, upto)
         async with self._write_lock:
-            await self._call(self.store.prune, live.ns, covered)
-        live.uncompacted = [seq for seq in live.uncompacted if seq > upto]
+            await self._call(self.store.prune, live.ns, pruned)
         cached = self._recent.get(live.ns, {})
-        for seq in covered:  # the cache must say what the store says
+        for seq in pruned:  # the cache must say what the store says
             if seq in cached:
                 cached[seq] = replace(cached[seq], event=b"", sig=b"")
         self.count("compactions")

@@ -7,9 +7,10 @@ one relay key); every seal; that the log ends on a seal; and causal order — ea
 dependency is sequenced before the event (earlier seq in the same namespace, smaller
 hlc anywhere).
 
-A compacted ``doc.update`` has no bytes left (its receipt stays in the chain): it is
-accepted when a later ``doc.compacted`` of the relay covers its seq (``upto``). Its
-signature cannot be checked any more; the snapshot's, by the relay, stands for it.
+A compacted ``doc.update`` (or a snapshot a later one superseded) has no bytes left
+(its receipt stays in the chain): it is accepted when a later ``doc.compacted`` of the
+relay covers its seq (``upto``). Its signature cannot be checked any more; the
+snapshot's, by the relay, stands for it.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from agent_sdk.wire import (
     decode_receipt,
     verify_seal,
 )
-from relay.store import Located, Record
+from relay.store import PRUNABLE, Located, Record
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,12 +62,12 @@ def verify_log(
     def bad(seq: int, reason: str) -> Verdict:
         return Verdict(ns, count, sealed, seq, reason)
 
-    compacted: list[int] = []  # seqs of bytes-less doc.update records not yet covered
+    compacted: list[int] = []  # seqs of pruned records not yet covered
     for record in records:
         seq = record.seq
         if not record.event:
-            if record.kind != "doc.update" or record.sig:
-                return bad(seq, "only a doc.update may have its bytes compacted away")
+            if record.kind not in PRUNABLE or record.sig:
+                return bad(seq, "only a doc.update or doc.compacted may have its bytes pruned")
             try:
                 receipt = decode_receipt(record.receipt)
             except ProtocolError as exc:
@@ -118,7 +119,7 @@ def verify_log(
         previous, last_seal = receipt, record.seal
         count += 1
     if compacted:
-        return bad(compacted[0], "a compacted doc.update is covered by no doc.compacted")
+        return bad(compacted[0], "a pruned record is covered by no doc.compacted")
     if previous is None:
         return Verdict(ns, 0, 0, 0, "no records: the namespace is empty or unknown")
     if last_seal is None:

@@ -8,7 +8,8 @@ A backend is synchronous and single-purpose; the relay calls it from worker thre
 * Records are never deleted: a namespace log is append-only, gapless from seq 1, and
   a committed prefix always ends in a sealed receipt. The one update is
   :meth:`Store.prune`: document compaction drops the bytes (event and signature) of
-  ``doc.update`` records that a later ``doc.compacted`` covers; their receipts stay.
+  ``doc.update`` records that a later ``doc.compacted`` covers, and of the earlier
+  ``doc.compacted`` records it supersedes; their receipts stay.
 * Reads may run concurrently with an append on another thread and see either the old
   or the new committed state, never part of a batch.
 
@@ -22,6 +23,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+PRUNABLE = ("doc.update", "doc.compacted")
+"""The kinds whose bytes compaction may drop (protocol 13.7)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,8 +93,9 @@ class Store(Protocol):
         """Every namespace that has at least one record, sorted."""
 
     def prune(self, ns: str, seqs: Sequence[int]) -> int:
-        """Drop the event and signature bytes of these ``doc.update`` records (compacted
-        into a snapshot); returns the bytes freed."""
+        """Drop the event and signature bytes of these records, when they are of a kind
+        in ``PRUNABLE`` (updates compacted into a snapshot, snapshots a later one
+        supersedes); returns the bytes freed."""
         ...
 
     def stored_bytes(self, ns: str) -> int:

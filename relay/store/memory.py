@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 
 from agent_sdk.wire import decode_receipt
-from relay.store import Head, Located, Record
+from relay.store import PRUNABLE, Head, Located, Record
 
 
 class MemoryStore:
@@ -43,7 +43,7 @@ class MemoryStore:
         log, freed = self._logs.get(ns, []), 0
         for seq in seqs:
             record = log[seq - 1]
-            if record.kind == "doc.update":
+            if record.kind in PRUNABLE:
                 freed += len(record.event) + len(record.sig)
                 log[seq - 1] = self._by_id[record.id] = replace(record, event=b"", sig=b"")
         return freed

@@ -163,7 +163,7 @@ class PostgresStore:
     def prune(self, ns: str, seqs: Sequence[int]) -> int:
         assert self._writer is not None, "a read-only store"
         conn = self._writer
-        where = "ns = %s AND seq = ANY(%s) AND kind = 'doc.update'"
+        where = "ns = %s AND seq = ANY(%s) AND kind IN ('doc.update', 'doc.compacted')"
         with conn.transaction():
             row = conn.execute(
                 "SELECT coalesce(sum(length(event) + length(sig)), 0) "

@@ -113,7 +113,7 @@ class SQLiteStore:
             for i in range(0, len(seqs), _FIND_CHUNK):
                 chunk = list(seqs[i : i + _FIND_CHUNK])
                 marks = ",".join("?" * len(chunk))
-                where = f"ns = ? AND seq IN ({marks}) AND kind = 'doc.update'"
+                where = f"ns = ? AND seq IN ({marks}) AND kind IN ('doc.update', 'doc.compacted')"
                 (size,) = conn.execute(
                     f"SELECT coalesce(sum(length(event) + length(sig)), 0) FROM events "
                     f"WHERE {where}",

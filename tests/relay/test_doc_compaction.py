@@ -19,6 +19,7 @@ import trio.testing
 from agent_sdk.client import Delivery, Live, RelayClient
 from agent_sdk.docs import DocReset, SharedDoc
 from agent_sdk.frames import encode_frame
+from agent_sdk.wire import decode
 from relay.node import RelayConfig
 from relay.store.sqlite import SQLiteStore
 from relay.verify import verify_log
@@ -116,6 +117,64 @@ async def test_compaction_keeps_content_shrinks_bytes_and_old_replicas_merge_cle
         assert verdict.ok, verdict.reason
     finally:
         store.close()
+
+
+def stored_snapshots(data: Path) -> tuple[dict[str, int], int]:
+    """Per document, its ``doc.compacted`` records that hold bytes; and how many
+    records of the log have none (pruned)."""
+    store = relay_store(data, readonly=True)
+    try:
+        records = list(store.scan(NS))
+        verdict = verify_log(NS, records, lambda dep: store.find([dep]).get(dep))
+        assert verdict.ok, verdict.reason
+    finally:
+        store.close()
+    held: dict[str, int] = {}
+    for record in records:
+        if record.kind == "doc.compacted" and record.event:
+            name = decode(record.event)["body"]["doc"]
+            held[name] = held.get(name, 0) + 1
+    return held, sum(not record.event for record in records)
+
+
+async def test_a_snapshot_supersedes_the_earlier_ones_and_they_are_pruned(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """Each snapshot is the whole document: kept, the log would grow by a full copy
+    per compact_every updates. Two documents interleave, so a pruning must take only
+    the earlier snapshots of its own document; a restart reads the pruned ones."""
+    data = tmp_path / "relay"
+    relay = await start_relay(nursery, data, RelayConfig(doc_compact_every=10))
+    async with (
+        RelayClient.connect(relay.url, identity(1)) as client,
+        client.doc(NS, "a") as a,
+        client.doc(NS, "b") as b,
+    ):
+        for n in range(4):  # each snapshot waited for: it covers exactly 10 updates
+            await write_history(a, 10, start=10 * n)
+            await relay.node.wait_stat("compactions", 2 * n + 1)
+            await write_history(b, 10, start=10 * n)
+            await relay.node.wait_stat("compactions", 2 * n + 2)
+        content = {"a": a.to_json(), "b": b.to_json()}
+    relay.scope.cancel()
+    await trio.testing.wait_all_tasks_blocked()
+    held, pruned = stored_snapshots(data)
+    assert held == {"a": 1, "b": 1}
+    assert pruned == 80 + 6  # every update, and three snapshots of each document
+
+    again = await start_relay(nursery, data, RelayConfig(doc_compact_every=10))
+    async with RelayClient.connect(again.url, identity(2)) as client:
+        for name in ("a", "b"):
+            async with client.doc(NS, name, create=False) as shared:
+                assert shared.to_json() == content[name]
+        async with client.doc(NS, "a", create=False) as a:
+            await write_history(a, 10, start=40)
+        await again.node.wait_stat("compactions", 1)
+    again.scope.cancel()
+    await trio.testing.wait_all_tasks_blocked()
+    held, pruned = stored_snapshots(data)
+    assert held == {"a": 1, "b": 1}
+    assert pruned == 90 + 7
 
 
 async def test_an_evicted_document_reloads_without_duplicating_an_old_replica(
