@@ -98,6 +98,9 @@ async def run_relay(
     With ``federation`` (peers), mirrors of other relays' namespaces are kept in
     ``mirrors.sqlite3`` and writes waiting for an unreachable home in ``outbox.sqlite3``.
     """
+    if port:  # a port in use is found before the data directory is made or locked
+        for listener in await trio.open_tcp_listeners(port, host=host):
+            await listener.aclose()
     async with _held(data):
         await _run_relay(data, config, host, port, federation=federation, task_status=task_status)
 

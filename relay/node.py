@@ -823,10 +823,15 @@ class RelayNode:
                 self.count("batches")
 
     def _seal_heads(self, batch: Sequence[Record]) -> list[Record]:
-        """Seal the last record of each namespace in the batch: one signature each."""
+        """Seal the last record of each namespace in the batch: one signature each.
+
+        An ``ns.policy`` is sealed too: a reader it shuts out is sent the log up to it
+        and no further, and a mirroring relay stores nothing that no seal covers, so
+        without one there it would fetch that run again and again and never get it."""
         last: dict[str, int] = {record.ns: i for i, record in enumerate(batch)}
+        cuts = (i for i, record in enumerate(batch) if record.kind == POLICY)
         sealed = list(batch)
-        for i in last.values():
+        for i in {*last.values(), *cuts}:
             signature = seal_digest(digest(sealed[i].receipt), self.identity.sign)
             sealed[i] = replace(sealed[i], seal=signature)
         return sealed

@@ -105,6 +105,7 @@ async def test_without_a_relay_or_a_place_to_serve_the_cli_says_what_to_do(
         assert (
             busy.returncode == 1 and f"port {port} on 127.0.0.1 is in use" in busy.stderr.decode()
         )
+        assert not (tmp_path / "data").exists()  # found before anything was made
     a_file = tmp_path / "a-file"
     a_file.write_text("")
     on_a_file = await formicary("relay", "serve", "--port", "0", "--data", str(a_file))

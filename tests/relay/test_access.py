@@ -7,6 +7,7 @@ it was: the log's head does not move, and an allowed agent goes on being served.
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from agent_sdk.wire import Event, sign_event
 from federation import network
 from relay.access import Creation, mint_invite
 from relay.node import RelayConfig
+from relay.verify import verify_log
 from tests.conftest import RunningRelay, identity, start_relay
 from tests.federation.fixtures import federation_of, plan, start
 from tests.refusals import refused
@@ -164,6 +166,27 @@ async def test_a_reader_taken_off_the_list_loses_its_open_subscription(
                         seen.append(item.event.event.kind)
                 assert info.value.code is ErrorCode.FORBIDDEN
                 assert seen[:1] == ["app.note"]
+
+
+async def test_a_policy_change_is_sealed_even_in_the_middle_of_a_commit(
+    relay: RunningRelay,
+) -> None:
+    """A reader shut out by a policy gets the log up to it and no further (16.3); a
+    mirroring relay stores only what a seal covers, so the cut must be sealed."""
+    async with RelayClient.connect(relay.url, OWNER) as owner:
+        await owner.publish(NS, "app.note", "created")
+        change = Event(
+            NS, "ns.policy", OWNER.public_key, {"mode": "private"}, ts=time.time_ns() // 1_000_000
+        )
+        policy = sign_event(change, OWNER.sign)
+        async with trio.open_nursery() as nursery:  # one bundle, one step: one commit
+            nursery.start_soon(owner.publish_signed, policy)
+            nursery.start_soon(partial(owner.publish, deps=[policy.id]), NS, "app.note", "next")
+    records = list(relay.node.store.scan(NS))
+    assert [r.kind for r in records] == ["app.note", "ns.policy", "app.note"]
+    assert records[1].seal is not None and records[2].seal is not None
+    store = relay.node.store
+    assert verify_log(NS, records, lambda dep: store.find([dep]).get(dep)).ok
 
 
 async def test_policies_survive_a_restart(nursery: trio.Nursery, tmp_path: Path) -> None:
