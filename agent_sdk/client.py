@@ -455,7 +455,8 @@ class RelayClient:
                 outcome = None
                 if frame.outcome and frame.outcome_sig and frame.outcome_receipt:
                     event = decode_event(frame.outcome, frame.outcome_sig)
-                    outcome = Delivery(event, decode_receipt(frame.outcome_receipt), None)
+                    outcome_receipt = decode_receipt(frame.outcome_receipt)
+                    outcome = Delivery(event, outcome_receipt, frame.outcome_seal)
                 pending.result = Published(receipt, frame.seal, frame.duplicate, outcome)
                 pending.done.set()
         elif isinstance(frame, f.EventFrame):

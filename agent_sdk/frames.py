@@ -211,7 +211,8 @@ class Ack:
     ``seal`` is set when the receipt is a chain head the relay signed. ``duplicate``
     says the event had been sequenced before (the receipt is the original one). For a
     coordination request (``wo.claim``, ...) the relay's outcome event comes along:
-    ``outcome`` (its bytes), ``outcome_sig`` and ``outcome_receipt``.
+    ``outcome`` (its bytes), ``outcome_sig`` and ``outcome_receipt``; on a peer
+    connection also ``outcome_seal``, the home's seal of that receipt (14.4).
     """
 
     t: ClassVar[str] = "ack"
@@ -222,6 +223,7 @@ class Ack:
     outcome: bytes | None = None
     outcome_sig: bytes | None = None
     outcome_receipt: bytes | None = None
+    outcome_seal: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -196,8 +196,9 @@ class Federation:
     def check_answer(self, entry: Entry) -> str | None:
         """Why the answer to a forwarded event is not its home's, or ``None`` when it
         is: its receipt (and its outcome's) of the event's namespace by the home's
-        pinned key, sealed by it (a home seals every ack to a relay), and the outcome
-        signed by it. A relay in the middle (``via``) must not be able to make one up."""
+        pinned key, sealed by it (a home seals every ack to a relay, and the outcome's
+        receipt in it), and the outcome signed by it. A relay in the middle (``via``)
+        must not be able to make one up."""
         result = entry.result
         if result is None:
             return None
@@ -219,6 +220,10 @@ class Federation:
                 return "the outcome is not signed by the home"
             if result.outcome.receipt.id != outcome.id:
                 return "the outcome's receipt is of another event"
+            if result.outcome.seal is None:
+                return "the outcome's receipt is not sealed"
+            if not verify_seal(result.outcome.receipt, result.outcome.seal):
+                return "the outcome's seal does not verify"
         return None
 
     def remember(self, entry: Entry) -> None:

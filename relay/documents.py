@@ -205,11 +205,14 @@ class LiveDoc:
 
     def apply(self, record: Record, update: bytes) -> None:
         self.seq = record.seq
-        self.uncompacted.append(record.seq)
-        self.merge(record.seq, update)
+        if self.merge(record.seq, update):
+            # Compaction prunes only what a snapshot holds: an update that did not
+            # wholly apply keeps its bytes in the log for good.
+            self.uncompacted.append(record.seq)
 
-    def merge(self, seq: int, update: bytes) -> None:
-        """Apply an update (or a snapshot) of log position ``seq``."""
+    def merge(self, seq: int, update: bytes) -> bool:
+        """Apply an update (or a snapshot) of log position ``seq``; whether all of it
+        is held (integrated, or kept waiting for what it needs)."""
         try:
             self.doc.apply_update(update)
         except Exception as exc:
@@ -217,7 +220,7 @@ class LiveDoc:
             # update treating an item of one type as another. pycrdt keeps what it had
             # integrated; every fold of the log does the same, so replicas still agree.
             log.warning("%s/%s: update at seq %d does not apply: %s", self.ns, self.name, seq, exc)
-            return
+            return False
         state = self.doc.get_state()
         have = _clocks(state)
         held = pycrdt.merge_updates(self.waiting, update) if self.waiting else update
@@ -228,8 +231,10 @@ class LiveDoc:
             log.warning("%s/%s: held-back updates over %d bytes; seq %d is not kept",
                         self.ns, self.name, MAX_WAITING, seq)  # fmt: skip
             kept = _waiting_part(self.waiting, state, have) if self.waiting else None
-            waits = kept or b""
+            self.waiting = kept or b""
+            return False
         self.waiting = waits
+        return True
 
     def state(self) -> bytes:
         """Everything applied, with the updates still waiting: what a snapshot holds."""
@@ -424,8 +429,9 @@ class DocHost:
             key = (record.ns, _body(record)["doc"])
             self.created[key] = (record.seq, epoch_of(record.id))
         elif record.kind == COMPACTED:
-            key = (record.ns, _body(record)["doc"])
-            self.snapshots[key] = (record.seq, _body(record)["upto"])
+            body = _body(record)
+            key = (record.ns, body["doc"])
+            self.snapshots[key] = (record.seq, body["upto"])
             self.stored_snapshots.setdefault(key, []).append(record.seq)
 
     def rebuild(self, records: Iterable[Record]) -> Iterator[Record]:

@@ -543,6 +543,7 @@ class Connection:
             outcome=outcome.event.raw if outcome else None,
             outcome_sig=outcome.event.sig if outcome else None,
             outcome_receipt=outcome.receipt.raw if outcome else None,
+            outcome_seal=outcome.seal if outcome else None,
         )
         await self._send(ack)
 
@@ -617,11 +618,7 @@ class Connection:
             log.info("publish refused: %s", exc, extra=about(ticket.event.id))
             await self._send(f.Error.of(exc, rid=rid))
             return
-        seal = record.seal
-        if seal is None and self.peer is not None:
-            # A relay forwards this answer to an agent, maybe through others: sealed,
-            # no relay on the way can make one up (14.4). The log keeps its own seals.
-            seal = seal_digest(digest(record.receipt), self.node.identity.sign)
+        seal = self._answer_seal(record)
         ack = f.Ack(rid=rid, receipt=record.receipt, seal=seal, duplicate=ticket.duplicate)
         decided = self.node.outcome_of(ticket.event.id)
         if decided is not None:
@@ -631,9 +628,19 @@ class Connection:
                 outcome=outcome.event,
                 outcome_sig=outcome.sig,
                 outcome_receipt=outcome.receipt,
+                outcome_seal=self._answer_seal(outcome) if self.peer is not None else None,
             )
         await self._send(ack)
         self.node.metrics.publish_seconds.observe(time.perf_counter() - ticket.began)
+
+    def _answer_seal(self, record: Record) -> bytes | None:
+        """The seal an answer carries: the record's own when the log has one; on a peer
+        connection always one. A relay forwards the answer to an agent, maybe through
+        others, and a receipt is not signed by itself: sealed, no relay on the way can
+        give it another seq (14.4). The log keeps its own seals."""
+        if record.seal is None and self.peer is not None:
+            return seal_digest(digest(record.receipt), self.node.identity.sign)
+        return record.seal
 
     async def _answer_query(self, query: f.Query) -> None:
         try:
