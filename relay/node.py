@@ -422,11 +422,23 @@ class RelayNode:
 
         Raises :class:`ProtocolError` when the event was rejected.
         """
-        await ticket.done.wait()
+        try:
+            await ticket.done.wait()
+        except trio.Cancelled:
+            self._forget_waiter(ticket)
+            raise
         if ticket.error is not None:
             raise ticket.error
         assert ticket.located is not None
         return await self.committed_record(ticket.located.ns, ticket.located.seq)
+
+    def _forget_waiter(self, ticket: Ticket) -> None:
+        """A parked publish that nobody waits for any more (its connection closed)
+        stops counting against MAX_WAITING_PER_PARKED: a peer link that drops and
+        sends its writes again must not use up the places and be refused for it."""
+        waiting = self._waiting_tickets.get(ticket.event.id)
+        if waiting is not None and ticket in waiting:
+            waiting.remove(ticket)
 
     async def publish(self, event: SignedEvent) -> Record:
         """Admit and answer in one call (in-process publishers and tests)."""
