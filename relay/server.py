@@ -87,8 +87,10 @@ ABORT_GRACE = 10.0
 """Seconds a slow consumer's close handshake may wait, beyond ``slow_consumer_timeout``,
 for a peer that reads nothing before the connection is cut."""
 REFUSALS_BEFORE_CLOSE = 256
-"""Rate-limited frames in a row after which a connection is closed: an agent that
-honours ``try again in`` never gets near it."""
+"""Rate-limited frames after which a connection is closed, counting each frame let
+through as working off half of them: an agent that honours ``try again in`` never
+gets near it, and one that floods cannot dodge it by slipping in a frame the rate
+allows now and then."""
 ADMIT_RUN = 64  # publishes of one message whose signatures are checked in one go
 T = TypeVar("T")
 
@@ -150,7 +152,7 @@ class Connection:
         self._joins: list[Ticket] = []  # its dir.join publishes not decided yet
         self._messaging: Messaging | None = None  # once authenticated
         self._counted = False  # in the limiter's connections per key
-        self._refused_in_a_row = 0  # rate-limited frames since the last one let through
+        self._refusals = 0  # rate-limited frames not worked off (REFUSALS_BEFORE_CLOSE)
         self._auth_failures = 0
         self._answering = False  # the acknowledger is answering a batch
         self._writing = False  # the writer is in a send
@@ -398,10 +400,10 @@ class Connection:
     async def _act(self, action: Action) -> bool:
         """Carry out one of the session's decisions; False once the connection is being
         closed (nothing more of this message is acted on)."""
-        if self._refused_in_a_row > REFUSALS_BEFORE_CLOSE:
+        if self._refusals > REFUSALS_BEFORE_CLOSE:
             # An agent that does not back off is flooding: stop reading it at all.
             log.warning("closing a connection that ignored rate limiting")
-            reason = f"{int(ErrorCode.RATE_LIMITED)} rate_limited: too many refusals in a row"
+            reason = f"{int(ErrorCode.RATE_LIMITED)} rate_limited: too many refusals"
             await self.ws.aclose(FLOOD_CLOSE, reason)
             return False
         if isinstance(action, Admit):
@@ -483,9 +485,9 @@ class Connection:
             self.node.limiter.check(agent, what, trio.current_time())
         except ProtocolError:
             self.node.metrics.rate_limited[what] += 1
-            self._refused_in_a_row += 1
+            self._refusals += 1
             raise
-        self._refused_in_a_row = 0
+        self._refusals //= 2
 
     # -- federation -------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -110,6 +111,33 @@ async def test_a_flood_is_refused_while_another_key_goes_on_and_it_recovers(
             assert again.value.code is ErrorCode.RATE_LIMITED
             count = await calm.query("x@local", "dir.count", {"online": False})
             assert count == {"count": 0}  # queries have their own bucket
+
+
+async def test_a_flood_that_slips_in_a_frame_now_and_then_is_still_closed(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    limits = RateLimits(publish_rate=10.0, publish_burst=1)
+    refused = 0
+    async with virtual_relay(limits) as listener:
+        with pytest.raises(ConnectionClosed) as closed:
+            async with connect(listener, FLOODER) as flooder:
+
+                async def one(n: int) -> None:
+                    nonlocal refused
+                    with contextlib.suppress(ProtocolError):
+                        await flooder.publish("x@local", "app.note", n)
+                        return
+                    refused += 1
+
+                for cycle in range(8):
+                    await trio.sleep(0.1)  # virtual: a token comes back...
+                    await flooder.publish("x@local", "app.note", f"let through {cycle}")
+                    async with trio.open_nursery() as nursery:
+                        for n in range(199):  # ...and then 199 are refused
+                            nursery.start_soon(one, 200 * cycle + n)
+        assert closed.value.rcvd is not None
+        assert closed.value.rcvd.reason.startswith("5004 rate_limited: too many refusals")
+        assert 256 < refused < 3 * 199  # closed within a few cycles, not never
 
 
 async def test_a_connection_over_the_per_key_cap_is_closed_with_its_reason(
