@@ -140,6 +140,28 @@ async def test_a_flood_that_slips_in_a_frame_now_and_then_is_still_closed(
         assert 256 < refused < 3 * 199  # closed within a few cycles, not never
 
 
+async def test_opening_the_inbox_is_charged_and_the_reader_opens_it_again_later(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """An inbox replay costs the relay what a subscribe does: it is a request. The
+    SDK's reader gets the 5004, and its next call opens the inbox again."""
+    limits = RateLimits(request_rate=1.0, request_burst=1)
+    async with (
+        virtual_relay(limits) as listener,
+        connect(listener, FLOODER) as reader,
+        connect(listener, CALM) as sender,
+    ):
+        await reader.query("x@local", "dir.count", {})  # the one request of the burst
+        await sender.send(reader.identity.id, "waits in the inbox", via="relay")
+        with pytest.raises(ProtocolError) as refused:
+            await reader.mailbox.next()
+        assert refused.value.code is ErrorCode.RATE_LIMITED
+        await trio.sleep(1.0)  # virtual: the token comes back
+        with trio.fail_after(5):
+            message = await reader.mailbox.next()
+        assert message.body == "waits in the inbox"
+
+
 async def test_a_connection_over_the_per_key_cap_is_closed_with_its_reason(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
