@@ -27,11 +27,10 @@ import math
 import random
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import (
     AbstractAsyncContextManager,
     asynccontextmanager,
-    contextmanager,
     suppress,
 )
 from dataclasses import dataclass
@@ -49,7 +48,7 @@ from websockets.trio.client import ClientConnection, connect
 from agent_sdk import frames as f
 from agent_sdk.direct import listening
 from agent_sdk.docs import SharedDoc, open_doc
-from agent_sdk.errors import ErrorCode, ProtocolError
+from agent_sdk.errors import ErrorCode, ProtocolError, unwrap_single
 from agent_sdk.identity import Identity
 from agent_sdk.messaging import AGENT_ID, PATHS, Address, Mailbox, Messages, Sent
 from agent_sdk.wire import (
@@ -820,17 +819,6 @@ def _error_of(frame: f.Error) -> ProtocolError:
         return ProtocolError(ErrorCode(frame.code), frame.reason)
     except ValueError:
         return ProtocolError(ErrorCode.INTERNAL, f"{frame.code} {frame.name}: {frame.reason}")
-
-
-@contextmanager
-def unwrap_single() -> Iterator[None]:
-    """Our nurseries are private: hand a lone error out unwrapped, as websockets does."""
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        if len(group.exceptions) == 1:
-            raise group.exceptions[0] from None
-        raise
 
 
 def _publish_frame(rid: int, event: SignedEvent) -> bytes:

@@ -32,6 +32,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from websockets.trio.client import ClientConnection, connect
 from websockets.trio.server import ServerConnection, serve
 
+from agent_sdk.errors import unwrap_single
 from agent_sdk.identity import Identity
 from agent_sdk.sealing import Header, Receipt, Sealed, Unsealable
 from agent_sdk.wire import verify_signature
@@ -293,21 +294,22 @@ async def listening(mailbox: Mailbox, host: str, port: int) -> AsyncIterator[str
     """Serve ``mailbox``'s direct endpoint on ``host:port``; yields its URL."""
     direct = mailbox.direct_path()
     listener = direct.listener = Listener(mailbox)
-    async with trio.open_nursery() as nursery:
-        server = await nursery.start(
-            lambda task_status: serve(
-                listener.handle,
-                port,
-                host=host,
-                compression=None,
-                max_size=MAX_DIRECT_MESSAGE,
-                task_status=task_status,
+    with unwrap_single():  # the block's own error comes out as is
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(
+                lambda task_status: serve(
+                    listener.handle,
+                    port,
+                    host=host,
+                    compression=None,
+                    max_size=MAX_DIRECT_MESSAGE,
+                    task_status=task_status,
+                )
             )
-        )
-        bound = server.listeners[0].socket.getsockname()
-        try:
-            yield f"ws://{bound[0]}:{bound[1]}"
-        finally:
-            direct.listener = None
-            await server.aclose()
-            nursery.cancel_scope.cancel()
+            bound = server.listeners[0].socket.getsockname()
+            try:
+                yield f"ws://{bound[0]}:{bound[1]}"
+            finally:
+                direct.listener = None
+                await server.aclose()
+                nursery.cancel_scope.cancel()

@@ -24,7 +24,7 @@ import pycrdt
 import trio
 
 from agent_sdk import frames as f
-from agent_sdk.errors import ErrorCode, ProtocolError
+from agent_sdk.errors import ErrorCode, ProtocolError, unwrap_single
 from agent_sdk.wire import decode, decode_receipt
 
 log = logging.getLogger("formicary.sdk")
@@ -254,16 +254,17 @@ async def open_doc(
         await shared.synced.wait()
         if shared.error is not None:
             raise shared.error
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(shared._send_forever)
-            try:
-                yield shared
-                with trio.move_on_after(FLUSH_TIMEOUT) as waiting:
-                    await shared.flush()
-                if waiting.cancelled_caught:
-                    raise TimeoutError(f"{name}: edits not confirmed in {FLUSH_TIMEOUT} s")
-            finally:
-                nursery.cancel_scope.cancel()
+        with unwrap_single():  # the block's own error, or the relay's, comes out as is
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(shared._send_forever)
+                try:
+                    yield shared
+                    with trio.move_on_after(FLUSH_TIMEOUT) as waiting:
+                        await shared.flush()
+                    if waiting.cancelled_caught:
+                        raise TimeoutError(f"{name}: edits not confirmed in {FLUSH_TIMEOUT} s")
+                finally:
+                    nursery.cancel_scope.cancel()
         if shared.error is not None:
             raise shared.error
     finally:

@@ -21,7 +21,8 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontext
 
 import trio
 
-from agent_sdk.client import Delivery, unwrap_single
+from agent_sdk.client import Delivery
+from agent_sdk.errors import unwrap_single
 from agent_sdk.ledger import Claim, LeaseLost, Ledger, LedgerRefusal, keep_renewed
 
 CONFIRM_TIMEOUT = 30.0

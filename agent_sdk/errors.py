@@ -12,6 +12,8 @@ renumber one, only add.
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 class ErrorCode(enum.IntEnum):
@@ -126,3 +128,14 @@ class ProtocolError(Exception):
         super().__init__(f"{code.slug} ({int(code)}): {reason}")
         self.code = code
         self.reason = reason
+
+
+@contextmanager
+def unwrap_single() -> Iterator[None]:
+    """Our nurseries are private: hand a lone error out unwrapped, as websockets does."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise

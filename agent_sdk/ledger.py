@@ -22,7 +22,8 @@ from typing import Any
 
 import trio
 
-from agent_sdk.client import Delivery, RelayClient, unwrap_single
+from agent_sdk.client import Delivery, RelayClient
+from agent_sdk.errors import unwrap_single
 
 Items = list[dict[str, Any]]
 """A list query's items (``list`` is also a method name in :class:`Ledger`)."""

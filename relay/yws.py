@@ -38,9 +38,8 @@ from websockets.exceptions import ConnectionClosed
 from websockets.trio.server import ServerConnection
 
 from agent_sdk import doctoken
-from agent_sdk.client import unwrap_single
 from agent_sdk.docs import EMPTY_UPDATE, state_vector
-from agent_sdk.errors import ErrorCode, ProtocolError
+from agent_sdk.errors import ErrorCode, ProtocolError, unwrap_single
 from agent_sdk.wire import Event, sign_event
 from relay.documents import MAX_AWARENESS, LiveDoc, Overflow, Replica
 from relay.node import RelayNode, Ticket

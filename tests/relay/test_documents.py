@@ -291,6 +291,20 @@ async def test_bad_document_events_are_refused_and_others_carry_on(
         assert str(first.text()) == "after before"
 
 
+async def test_a_doc_blocks_errors_come_out_as_themselves(relay: RunningRelay) -> None:
+    """The block runs in the SDK's nursery: its own error, and the relay's refusal of
+    an edit, come out as they are, not in an ExceptionGroup."""
+    async with RelayClient.connect(relay.url, identity(1)) as client:
+        with pytest.raises(ValueError, match="the agent's own"):
+            async with client.doc(NS, "errors"):
+                raise ValueError("the agent's own")
+        with pytest.raises(ProtocolError) as refused:
+            async with client.doc(NS, "errors", create=False) as shared:
+                shared.text().insert(0, "x" * (300 * 1024))  # one edit: over the limit
+        assert refused.value.code is ErrorCode.BAD_UPDATE
+        assert "the limit is 262144" in refused.value.reason
+
+
 async def test_a_doc_event_with_deps_is_refused(relay: RunningRelay) -> None:
     async with RelayClient.connect(relay.url, identity(1)) as client:
         created = await client.publish(NS, "doc.create", {"doc": "d"})
