@@ -346,7 +346,7 @@ class Mailbox:
             self.client.on_reconnect.append(self._reopen)
 
     async def _reopen(self) -> None:
-        if self.error is not None and self.error.code is not ErrorCode.RATE_LIMITED:
+        if self.error is not None:
             return  # the stream was given up to another connection: not taken back
         if self.sub is not None:
             self.client.untap(self.sub)
@@ -360,9 +360,8 @@ class Mailbox:
 
     async def next(self) -> Message:
         """The next message, in order per sender; acknowledged (with a receipt) as it
-        is handed out. Raises the relay's error if the inbox stream ended; after a
-        5004 ``rate_limited`` (opening it is a request) the next call opens it again."""
-        if self.error is None or self.error.code is ErrorCode.RATE_LIMITED:
+        is handed out. Raises the relay's error if the inbox stream ended."""
+        if self.error is None:
             self.open()
         while True:
             if self.error is not None and self._queue_rx.statistics().current_buffer_used == 0:
@@ -413,16 +412,14 @@ class Mailbox:
             self.live.set()
         elif isinstance(frame, f.Error):
             error = ProtocolError(_code(frame.code), frame.reason)
-            if error.code not in (ErrorCode.DUPLICATE_SUBSCRIPTION, ErrorCode.RATE_LIMITED):
+            if error.code is not ErrorCode.DUPLICATE_SUBSCRIPTION:
                 # An acknowledgement the relay refused: the stream goes on.
                 log.warning("the relay refused an inbox acknowledgement: %s", error)
                 self.refusal = error
                 self.refused.set()
                 self.refused = trio.Event()
                 return
-            # The inbox was opened by another connection of ours, or opening it was
-            # refused for now (its replay is charged to the key's requests).
-            self.error = error
+            self.error = error  # the inbox was opened by another connection of ours
             self.sub = None
             self.live.set()
             self._queue_tx.send_nowait(_Arrived(_WAKE, 0, _WAKE_HEADER))  # wake a reader

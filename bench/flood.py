@@ -12,8 +12,8 @@ alternating for ``--rounds``:
   answers, ``--window`` in flight per connection, ignoring every refusal. Its key's
   bucket (``limits.publish_rate``, ``publish_burst``) empties at once; from then on
   it is refused with 5004 ``rate_limited`` before its signatures are checked, and a
-  connection refused over 256 times (each frame let through halves the count) is
-  closed (the client reconnects).
+  connection refused over 256 times (each frame let through takes one off the
+  count) is closed (the client reconnects).
 
 The figure is the calm agent's p99 latency under flood over its p99 when quiet (the
 issue asks for at most 2x), with the flooder's accepted and refused counts. The

@@ -82,14 +82,22 @@ class Limiter:
 
     def check(self, key: bytes, what: str, now: float) -> None:
         """Charge one ``publish`` or ``request`` to ``key``; raises ``rate_limited``."""
-        limits = self.limits
-        rate, burst = (
-            (limits.publish_rate, limits.publish_burst)
-            if what == "publish"
-            else (limits.request_rate, limits.request_burst)
-        )
+        wait = self.take(key, what, now)
+        if wait:
+            rate, burst = self._rate(what)
+            raise ProtocolError(
+                ErrorCode.RATE_LIMITED,
+                f"over {rate:g} {what}{'es' if what == 'publish' else 's'} per second "
+                f"(burst {burst}); "
+                f"try again in {int(wait * 1000) + 1} ms",
+            )
+
+    def take(self, key: bytes, what: str, now: float) -> float:
+        """Charge one ``publish`` or ``request`` to ``key``: 0.0 when charged, else the
+        seconds until it can be (nothing is charged then)."""
+        rate, burst = self._rate(what)
         if rate <= 0:
-            return  # 0: no limit
+            return 0.0  # 0: no limit
         bucket = self._buckets.get((key, what))
         if bucket is None:
             bucket = self._buckets[(key, what)] = TokenBucket(rate, burst, burst, now)
@@ -97,14 +105,13 @@ class Limiter:
                 self._buckets.popitem(last=False)
         else:
             self._buckets.move_to_end((key, what))
-        wait = bucket.take(now)
-        if wait:
-            raise ProtocolError(
-                ErrorCode.RATE_LIMITED,
-                f"over {rate:g} {what}{'es' if what == 'publish' else 's'} per second "
-                f"(burst {burst}); "
-                f"try again in {int(wait * 1000) + 1} ms",
-            )
+        return bucket.take(now)
+
+    def _rate(self, what: str) -> tuple[float, int]:
+        limits = self.limits
+        if what == "publish":
+            return limits.publish_rate, limits.publish_burst
+        return limits.request_rate, limits.request_burst
 
     def open(self, address: str) -> ProtocolError | None:
         """Count a new WebSocket connection from ``address`` as it is accepted (before

@@ -161,6 +161,14 @@ class Messaging:
         cursor = 0
         live = False
         with scope:
+            # Each opening replays the whole inbox: it costs a request, and waits for
+            # one rather than being refused (a refusal would read as an open stream
+            # to a client that knows only 3005 here).
+            limiter, now = self.node.limiter, trio.current_time
+            wait = limiter.take(self.agent, "request", now())
+            while wait:
+                await trio.sleep(wait)
+                wait = limiter.take(self.agent, "request", now())
             while True:
                 items = inboxes.after(self.agent, cursor, STREAM_BATCH)
                 if not items:

@@ -186,7 +186,7 @@ class Ticket:
     decided at its commit, not before: its acknowledger then wakes once, not twice.
     """
 
-    __slots__ = ("began", "decided", "done", "duplicate", "error", "event", "located")
+    __slots__ = ("abandoned", "began", "decided", "done", "duplicate", "error", "event", "located")
 
     def __init__(self, event: SignedEvent) -> None:
         self.event = event
@@ -196,6 +196,7 @@ class Ticket:
         self.duplicate = False
         self.located: Located | None = None
         self.error: ProtocolError | None = None
+        self.abandoned = False  # its waiter was cancelled (see RelayNode.answer)
 
     @property
     def parked(self) -> bool:
@@ -422,23 +423,20 @@ class RelayNode:
 
         Raises :class:`ProtocolError` when the event was rejected.
         """
+        ticket.abandoned = False
         try:
             await ticket.done.wait()
         except trio.Cancelled:
-            self._forget_waiter(ticket)
+            # Its connection closed, say. It is still answered (a join's teardown may
+            # wait for it), but no longer holds one of its event's MAX_WAITING_PER_PARKED
+            # places: a peer link that drops and sends its writes again must not use
+            # them up and be refused for it.
+            ticket.abandoned = True
             raise
         if ticket.error is not None:
             raise ticket.error
         assert ticket.located is not None
         return await self.committed_record(ticket.located.ns, ticket.located.seq)
-
-    def _forget_waiter(self, ticket: Ticket) -> None:
-        """A parked publish that nobody waits for any more (its connection closed)
-        stops counting against MAX_WAITING_PER_PARKED: a peer link that drops and
-        sends its writes again must not use up the places and be refused for it."""
-        waiting = self._waiting_tickets.get(ticket.event.id)
-        if waiting is not None and ticket in waiting:
-            waiting.remove(ticket)
 
     async def publish(self, event: SignedEvent) -> Record:
         """Admit and answer in one call (in-process publishers and tests)."""
@@ -519,7 +517,9 @@ class RelayNode:
             ticket._resolve(outcome.located)
         elif isinstance(outcome, Parked):
             waiting = self._waiting_tickets.setdefault(ticket.event.id, [])
-            if len(waiting) >= MAX_WAITING_PER_PARKED:
+            # Abandoned ones are few: each needs a connection closed, and all are
+            # answered (or refused) within park_timeout_ms.
+            if sum(not t.abandoned for t in waiting) >= MAX_WAITING_PER_PARKED:
                 # Re-publishing a parked event must not buy memory: one answer suffices.
                 reason = "this event is parked already; retry once it is answered"
                 self.count("rejected")

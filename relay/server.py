@@ -87,10 +87,10 @@ ABORT_GRACE = 10.0
 """Seconds a slow consumer's close handshake may wait, beyond ``slow_consumer_timeout``,
 for a peer that reads nothing before the connection is cut."""
 REFUSALS_BEFORE_CLOSE = 256
-"""Rate-limited frames after which a connection is closed, counting each frame let
-through as working off half of them: an agent that honours ``try again in`` never
-gets near it, and one that floods cannot dodge it by slipping in a frame the rate
-allows now and then."""
+"""Rate-limited frames after which a connection is closed, each frame let through
+working one off: an agent that honours ``try again in`` (its retries get through)
+never gets near it, and one refused more often than let through reaches it, however
+it mixes the two."""
 ADMIT_RUN = 64  # publishes of one message whose signatures are checked in one go
 T = TypeVar("T")
 
@@ -487,7 +487,7 @@ class Connection:
             self.node.metrics.rate_limited[what] += 1
             self._refusals += 1
             raise
-        self._refusals //= 2
+        self._refusals = max(0, self._refusals - 1)
 
     # -- federation -------------------------------------------------------------------
 

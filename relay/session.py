@@ -21,9 +21,10 @@ from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.sealing import Receipt, Sealed, Unsealable
 from agent_sdk.wire import PROTOCOL_VERSION, SignedEvent, Signer, decode_event, verify_signature
 
-CHARGED = (f.Publish, f.Query, f.MsgSend, f.MsgConfirm, f.MsgInbox, f.Subscribe, f.DocOpen)
+CHARGED = (f.Publish, f.Query, f.MsgSend, f.MsgConfirm, f.Subscribe, f.DocOpen)
 """Frames charged to the agent's rate limits: a publish, or a request (all the others:
-each costs the relay a check, a replay or a write; ``msg.inbox`` replays the inbox).
+each costs the relay a check, a replay or a write). ``msg.inbox`` is charged as its
+stream starts, which waits for a token rather than refusing (relay/messaging.py).
 ``msg.ack`` is not: acks follow from messages received, and a receipt is only checked
 for an item that exists."""
 

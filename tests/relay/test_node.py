@@ -179,14 +179,17 @@ async def test_a_parked_event_is_bounded_by_its_waiting_publishers_only(
     """A link that drops while a write is parked at the home sends it again on the
     next connection; the waits of closed connections must not use up the places."""
     effect = event(2, deps=(event(1).id,))
+    abandoned = []
     for _ in range(2 * MAX_WAITING_PER_PARKED):  # each publish's connection closes
         ticket = await node.admit(effect)
         with trio.move_on_after(0.1):  # well within park_timeout_ms in all
             await node.answer(ticket)
         assert not ticket.done.is_set()  # parked, not refused
+        abandoned.append(ticket)
     last = await node.admit(effect)
     await node.publish(event(1))
     assert (await node.answer(last)).seq == 2
+    assert all(t.done.is_set() and t.error is None for t in abandoned)  # still answered
 
 
 async def test_wait_stat_wakes_for_every_increment(

@@ -203,6 +203,4 @@ def test_a_publish_is_charged_before_its_signature_is_checked() -> None:
     assert error_code(second) is ErrorCode.RATE_LIMITED  # refused before any check
     query = f.encode_frame(f.Query(rid=2, ns="x@local", q="wo.list"))
     assert error_code(receive(session, query)) is ErrorCode.RATE_LIMITED
-    inbox = receive(session, f.encode_frame(f.MsgInbox(sub=3)))  # a replay: charged too
-    assert error_code(inbox) is ErrorCode.RATE_LIMITED
-    assert charged == ["publish", "publish", "request", "request"]
+    assert charged == ["publish", "publish", "request"]
