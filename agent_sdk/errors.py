@@ -47,7 +47,8 @@ class ErrorCode(enum.IntEnum):
     NOT_HOME = 2007
     """The namespace is homed on another relay, and this one does not route there."""
     BAD_TIMESTAMP = 2008
-    """The event's ``ts`` is further from the relay's clock than ``max_clock_skew``."""
+    """The event's ``ts`` is further from the relay's clock than ``max_clock_skew``, or
+    a dependency's hlc (another relay's clock) is over ``max_dep_ahead`` ahead of it."""
     RESERVED_KIND = 2009
     """The kind is one only relays write (a coordination outcome such as ``wo.claimed``)."""
     UNKNOWN_DOC = 2010

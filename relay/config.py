@@ -73,6 +73,13 @@ OPTIONS: tuple[Option, ...] = (
         "limits", "park_timeout", "duration", "10s", "how long an event waits for deps", minimum=1
     ),
     Option("limits", "max_clock_skew", "duration", "24h", "event ts vs relay clock"),
+    Option(
+        "limits",
+        "max_dep_ahead",
+        "duration",
+        "1m",
+        "a dependency's hlc vs relay clock",
+    ),
     Option("limits", "verify_workers", "int", 1, "signature-checking processes (0: on the loop)"),
     Option("limits", "publish_rate", "int", 100, "publishes per second per key"),
     Option("limits", "publish_burst", "int", 200, "publishes a key may send at once"),
@@ -154,6 +161,7 @@ class Settings:
                     max_parked=v["limits.max_parked"],
                     park_timeout_ms=v["limits.park_timeout"],
                     max_clock_skew_ms=v["limits.max_clock_skew"],
+                    max_dep_ahead_ms=v["limits.max_dep_ahead"],
                 ),
                 claim_ttl=claims,
                 lock_ttl=replace(claims, default_ms=v["leases.lock_ttl"]),

@@ -50,6 +50,11 @@ class Limits:
     max_parked: int = 10_000
     park_timeout_ms: int = 10_000
     max_clock_skew_ms: int | None = 24 * 3600 * 1000
+    max_dep_ahead_ms: int | None = 60_000
+    """How far a dependency's hlc may be past both the relay's clock and its own last
+    hlc: only another relay's event can be, and every hlc after it would follow it
+    ahead of the wall clock, so that leases and auctions, timed by the wall clock,
+    would run late by as much (protocol 4.3)."""
     known_capacity: int = 1_000_000
 
 
@@ -112,7 +117,8 @@ class Sequencer:
         self.relay_key = relay_key
         self.gate = gate
         self.refused: list[tuple[SignedEvent, Rejected]] = []
-        """Released events the gate refused: the caller answers them and clears it.
+        """Released events refused (by the gate, or for a dependency too far ahead,
+        Limits.max_dep_ahead_ms): the caller answers them and clears it.
         (What waits on one stays parked until its deadline: its dep never came.)"""
         self.limits = limits or Limits()
         self.heads: dict[str, Head] = dict(heads or {})
@@ -199,7 +205,24 @@ class Sequencer:
             for dep in missing:
                 self._waiting.setdefault(dep, []).append(signed.id)
             return Parked(frozenset(missing))
+        ahead = self._ahead(dep_hlc, now_ms)
+        if ahead is not None:
+            return ahead
         return Sequenced(self._sequence_with_released(signed, dep_hlc, now_ms))
+
+    def _ahead(self, dep_hlc: int, now_ms: int) -> Rejected | None:
+        """Refuse an event whose dependency's hlc is too far ahead (Limits)."""
+        bound = self.limits.max_dep_ahead_ms
+        if bound is None:
+            return None
+        ahead_ms = (dep_hlc >> HLC_SHIFT) - max(now_ms, self.hlc >> HLC_SHIFT)
+        if ahead_ms <= bound:
+            return None
+        return Rejected(
+            ErrorCode.BAD_TIMESTAMP,
+            f"a dependency's hlc is {ahead_ms} ms ahead of this relay's clock; limit "
+            f"{bound}: the clock of the relay that sequenced it is off",
+        )
 
     def arrived(self, found: Mapping[bytes, Located], now_ms: int) -> tuple[Record, ...]:
         """Events of other relays' namespaces, now stored in a mirror: remember them,
@@ -261,8 +284,10 @@ class Sequencer:
         checked = first_checked  # the caller checked an event offered now; not a released one
         while ready:
             signed, dep_hlc = ready.popleft()
-            if self.gate is not None and not checked:
-                rejected = self.gate.refuse(signed, now_ms)
+            if not checked:
+                rejected = self._ahead(dep_hlc, now_ms)
+                if rejected is None and self.gate is not None:
+                    rejected = self.gate.refuse(signed, now_ms)
                 if rejected is not None:
                     self.refused.append((signed, rejected))
                     continue

@@ -112,6 +112,32 @@ def test_unknown_ids_are_resolved_through_learn() -> None:
     assert record.hlc > future_hlc  # hlc extends causal order even past the wall clock
 
 
+def test_a_dependency_far_ahead_of_the_clock_is_refused_not_followed() -> None:
+    """Another relay's event with an hlc well past this relay's clock would drag every
+    later hlc ahead of the wall clock, and with it the clock leases and auctions are
+    decided by. Refused, whether offered now or released by its dependency's arrival."""
+    sequencer = Sequencer(RELAY_KEY, limits=Limits(max_dep_ahead_ms=60_000))
+    near, far = event(1, ns="x@b"), event(2, ns="x@b")
+    sequencer.learn({near.id: Located("x@b", 1, (NOW + 60_000) << HLC_SHIFT)})
+    sequenced(sequencer.offer(event(3, deps=(near.id,)), NOW))  # within the bound
+    sequencer.learn({far.id: Located("x@b", 2, (NOW + 3_600_000) << HLC_SHIFT)})
+    refused = sequencer.offer(event(4, deps=(far.id,)), NOW)
+    assert isinstance(refused, Rejected) and refused.code is ErrorCode.BAD_TIMESTAMP
+    assert "ahead of this relay's clock" in refused.reason
+    later = event(5, ns="x@b")
+    waiting = event(6, deps=(later.id,))
+    assert isinstance(sequencer.offer(waiting, NOW), Parked)
+    assert (
+        sequencer.arrived({later.id: Located("x@b", 3, (NOW + 3_600_000) << HLC_SHIFT)}, NOW) == ()
+    )
+    [(signed, rejected)] = sequencer.refused
+    assert signed.id == waiting.id and rejected.code is ErrorCode.BAD_TIMESTAMP
+    # Its own hlc ahead of a clock that went back is not "ahead": nothing new is dragged.
+    behind = Sequencer(RELAY_KEY, hlc=(NOW + 3_600_000) << HLC_SHIFT)
+    mine = sequenced(behind.offer(event(7), NOW))[0]
+    sequenced(behind.offer(event(8, deps=(mine.id,)), NOW))
+
+
 def test_restart_continues_the_chain() -> None:
     sequencer = Sequencer(RELAY_KEY)
     last = sequenced(sequencer.offer(event(1), NOW))[0]
