@@ -14,7 +14,9 @@ The relay never sees a message's content: an item is the sealed bytes as they ca
 (agent_sdk/sealing.py). What it reads is the header: sender, recipient, message id.
 
 Bounds: an inbox holds at most ``max_items`` messages (a sender gets
-``inbox_full`` beyond) and, counted apart, as many receipts and expiry notices;
+``inbox_full`` beyond) and, counted apart, as many receipts and expiry notices (a
+new one takes the place of the oldest: one nobody reads must not keep the next
+from its sender, who waits for it);
 all inboxes together hold at most ``max_bytes``. An item lives ``ttl_ms``; an
 expired message becomes an ``expired`` item in its sender's inbox. A message sent
 again (same recipient, sender and id) while the first is stored, or being written,
@@ -355,17 +357,23 @@ class Inboxes:
             taken.append(item)
         return taken
 
+    def untake(self, items: Sequence[Item]) -> None:
+        """Give back items from :meth:`take` that are not acknowledged after all."""
+        for item in items:
+            self._leaving.discard((item.recipient, item.seq))
+
     async def acknowledge(self, items: Sequence[Item], receipts: Sequence[Arriving]) -> None:
         """Delete ``items`` (from :meth:`take`) and store ``receipts`` for the messages'
         senders, in one transaction: a receipt is never lost between the two.
         ``receipts`` name the message's sender as ``recipient`` and the signer as
-        ``sender``; one for a sender whose notices are at the limit, or who is not an
-        agent of this relay, is dropped (the message itself was delivered)."""
-        job = _Job(self._notices(receipts, "receipt"), items)
+        ``sender``; one for a sender who is not an agent of this relay is dropped (the
+        message itself was delivered)."""
+        drafts, evicted = self._notices(receipts, "receipt")
+        job = _Job(drafts, [*items, *evicted])
         try:
             await self._write(job)
         finally:
-            for item in items:
+            for item in [*items, *evicted]:
                 self._leaving.discard((item.recipient, item.seq))
         if job.error is not None:
             raise ProtocolError(ErrorCode.INTERNAL, "the inbox could not be written")
@@ -391,23 +399,41 @@ class Inboxes:
         for item in gone:
             self._leaving.add((item.recipient, item.seq))
         told = [Arriving(i.sender, i.recipient, i.mid, i.mid) for i in gone if i.kind == "message"]
-        job = _Job(self._notices(told, "expired"), gone)
+        drafts, evicted = self._notices(told, "expired")
+        job = _Job(drafts, [*gone, *evicted])
         try:
             await self._write(job)
         finally:
-            for item in gone:
+            for item in [*gone, *evicted]:
                 self._leaving.discard((item.recipient, item.seq))
         self.counts["expired"] += sum(1 for i in gone if i.kind == "message")
         return gone
 
-    def _notices(self, notices: Sequence[Arriving], kind: str) -> list[_Draft]:
+    def _notices(self, notices: Sequence[Arriving], kind: str) -> tuple[list[_Draft], list[Item]]:
+        """The notices to store, and the oldest ones to delete to make room for them
+        (claimed for the write like taken items)."""
         room = {n.recipient: self.max_items - self._held(n.recipient, kind) for n in notices}
-        drafts = []
+        drafts: list[_Draft] = []
+        evicted: list[Item] = []
         for n in notices:
-            if n.recipient in self.known and room[n.recipient] > 0:
+            if n.recipient not in self.known:
+                continue
+            if room[n.recipient] <= 0:
+                oldest = self._oldest_notice(n.recipient)
+                if oldest is None:
+                    continue  # every one is being written or deleted now
+                self._leaving.add((oldest.recipient, oldest.seq))
+                evicted.append(oldest)
+            else:
                 room[n.recipient] -= 1
-                drafts.append(_Draft(n.recipient, kind, n.mid, n.sender, n.data))
-        return drafts
+            drafts.append(_Draft(n.recipient, kind, n.mid, n.sender, n.data))
+        return drafts, evicted
+
+    def _oldest_notice(self, recipient: bytes) -> Item | None:
+        for item in self.boxes.get(recipient, {}).values():  # in seq order
+            if item.kind != "message" and (recipient, item.seq) not in self._leaving:
+                return item
+        return None
 
     # -- the writer -------------------------------------------------------------------
 

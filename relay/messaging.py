@@ -18,7 +18,7 @@ from agent_sdk import frames as f
 from agent_sdk.client import Asked
 from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.sealing import Unsealable
-from relay.inbox import Arriving
+from relay.inbox import Arriving, Item
 from relay.session import AckItem, Confirm, Mail, PassReceipt
 
 _Answer = tuple[Mail, "str | ProtocolError | Asked"]
@@ -232,6 +232,7 @@ class Messaging:
             errors: list[f.Error] = []
             items = inboxes.take(self.agent, [a.seq for a in ours])
             receipts = []
+            kept: list[Item] = []
             for action, item in zip(ours, items, strict=True):
                 if item is None:
                     error = ProtocolError(ErrorCode.NOT_FOUND, f"no item {action.seq} here")
@@ -241,7 +242,13 @@ class Messaging:
                 if item.kind != "message" or receipt is None:
                     continue
                 if receipt.id != item.mid or receipt.sender != item.sender:
-                    continue  # a receipt for another message: the sender would not believe it
+                    # The agent took this seq for another message (its numbering is
+                    # stale): this one may never have reached it, so it stays.
+                    reason = f"the receipt is for another message than item {action.seq}"
+                    error = ProtocolError(ErrorCode.BAD_MESSAGE, f"{reason}: it stays")
+                    errors.append(f.Error.of(error, sub=action.sub))
+                    kept.append(item)
+                    continue
                 try:
                     receipt.verify()
                 except Unsealable as exc:  # the item is delivered all the same
@@ -252,7 +259,8 @@ class Messaging:
                     self.node.federation.receipt_soon(item.origin, receipt.encode())
                 else:
                     receipts.append(Arriving(item.sender, self.agent, item.mid, receipt.encode()))
-            taken = [item for item in items if item is not None]
+            inboxes.untake(kept)
+            taken = [item for item in items if item is not None and item not in kept]
             try:
                 # Shielded: a connection closing mid-write must not leave it half done.
                 with trio.CancelScope(shield=True):

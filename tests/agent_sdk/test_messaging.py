@@ -358,26 +358,33 @@ async def test_after_a_relayed_message_auto_stays_on_the_relay_until_its_receipt
             await alice.send(BOB.id, 5, via="direct", endpoint=endpoint)
 
 
-async def test_a_receipt_for_another_message_is_not_passed_on(relay: RunningRelay) -> None:
-    async with RelayClient.connect(relay.url, ALICE) as alice:
-        async with RelayClient.connect(relay.url, BOB) as bob:
+async def test_a_receipt_for_another_message_is_not_passed_on_and_the_item_stays(
+    relay: RunningRelay,
+) -> None:
+    """An ack whose receipt is for another message comes from an agent that took the
+    item's seq for another one: the message may never have reached it."""
+    from agent_sdk import frames as f
+
+    async with (
+        RelayClient.connect(relay.url, ALICE) as alice,
+        RelayClient.connect(relay.url, BOB) as bob,
+    ):
+        with trio.fail_after(10):
             bob.mailbox.open()
             await bob.mailbox.live.wait()
             sent = await alice.send(BOB.id, "real")
             other = Header(b"\x09" * 16, ALICE.public_key, BOB.public_key, b"s" * 8, 9, 0)
             wrong = Receipt.make(BOB, other)  # Bob's signature, another message's id
-            await drained_after(bob, relay, wrong.encode())
-        assert relay.node.inboxes.size(ALICE.public_key) == 0  # no receipt for Alice
-        assert sent.status == "stored" and sent.receipt is None
-
-
-async def drained_after(bob: RelayClient, relay: RunningRelay, receipt: bytes) -> None:
-    """Acknowledge Bob's one waiting item with ``receipt`` (raw), and wait until the
-    relay has applied it."""
-    from agent_sdk import frames as f
-
-    while not relay.node.inboxes.size(BOB.public_key):
-        await relay.node.inboxes.wait_change()
-    [item] = relay.node.inboxes.after(BOB.public_key, 0, 1)
-    bob.send_frame(f.MsgAck(sub=bob.mailbox.sub or 0, seq=item.seq, receipt=receipt))
-    await drained(relay, BOB)
+            while not relay.node.inboxes.size(BOB.public_key):
+                await relay.node.inboxes.wait_change()
+            [item] = relay.node.inboxes.after(BOB.public_key, 0, 1)
+            refused = bob.mailbox.refused
+            bob.send_frame(f.MsgAck(sub=bob.mailbox.sub or 0, seq=item.seq, receipt=wrong.encode()))
+            await refused.wait()
+            assert bob.mailbox.refusal is not None
+            assert bob.mailbox.refusal.code is ErrorCode.BAD_MESSAGE
+            assert relay.node.inboxes.size(BOB.public_key) == 1  # it stays
+            assert relay.node.inboxes.size(ALICE.public_key) == 0  # no receipt for Alice
+            assert sent.status == "stored" and sent.receipt is None
+            assert (await bob.mailbox.next()).body == "real"  # ...and is delivered
+            await sent.delivered()
