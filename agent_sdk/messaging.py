@@ -128,9 +128,20 @@ class Sent:
         ends a stream the same agent has open elsewhere, 15.3)."""
         self.mailbox.open()
         await self._settled.wait()
+        if self.receipt is None and not self.expired:
+            reason = f"no longer waited for: over {REMEMBERED} later sends wait for receipts"
+            raise ProtocolError(ErrorCode.NOT_FOUND, reason)
         if self.receipt is None:
             raise ProtocolError(ErrorCode.NOT_FOUND, "the message expired undelivered")
         return self.receipt
+
+    def _forget(self) -> None:
+        """Stop waiting for the receipt (too many sends wait): ``delivered()`` raises."""
+        if self._settled.is_set():
+            return
+        if self.on_settle is not None:
+            self.on_settle()
+        self._settled.set()
 
     def _settle(self, receipt: Receipt | None) -> None:
         if self._settled.is_set():
@@ -327,7 +338,7 @@ class Mailbox:
             return self._sent[sent.id]
         self._sent[sent.id] = sent
         if len(self._sent) > REMEMBERED:  # receipts that never came: forget the oldest
-            self._sent.popitem(last=False)
+            self._sent.popitem(last=False)[1]._forget()
         return sent
 
     # -- receiving ----------------------------------------------------------------------

@@ -388,3 +388,22 @@ async def test_a_receipt_for_another_message_is_not_passed_on_and_the_item_stays
             assert sent.status == "stored" and sent.receipt is None
             assert (await bob.mailbox.next()).body == "real"  # ...and is delivered
             await sent.delivered()
+
+
+async def test_a_send_forgotten_for_too_many_later_ones_says_so(
+    relay: RunningRelay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The receipts waited for are bounded: the oldest send is given up on, and its
+    delivered() says so instead of waiting for ever."""
+    import agent_sdk.messaging
+
+    monkeypatch.setattr(agent_sdk.messaging, "REMEMBERED", 2)
+    async with RelayClient.connect(relay.url, BOB):
+        pass  # Bob is known to the relay, and reads nothing
+    async with RelayClient.connect(relay.url, ALICE) as alice:
+        sent = [await alice.send(BOB.id, n, via="relay") for n in range(3)]
+        with trio.fail_after(10), pytest.raises(ProtocolError) as forgotten:
+            await sent[0].delivered()
+        assert forgotten.value.code is ErrorCode.NOT_FOUND
+        assert "no longer waited for" in forgotten.value.reason
+        assert not sent[1]._settled.is_set()  # the later ones are still waited for
