@@ -45,6 +45,10 @@ log = logging.getLogger("formicary.direct")
 DIRECT_DOMAIN = b"formicary/v1/direct-auth\x00"
 GOT_DOMAIN = b"formicary/v1/direct-got\x00"
 HANDSHAKE_TIMEOUT = 10.0
+MAX_UNTAKEN = 1024
+"""Messages the application has not taken yet beyond which the endpoint refuses new
+ones: any key may dial it, and a sender refused here goes through the relay, whose
+inbox is bounded."""
 MAX_DIRECT_MESSAGE = 1 << 20
 
 
@@ -122,6 +126,10 @@ class Listener:
                 await ws.send(_pack({"t": "refused", "reason": str(exc)}))
                 continue
             mid = sealed.header.id
+            if self.mailbox.waiting >= MAX_UNTAKEN:
+                reason = f"{self.mailbox.waiting} messages not taken yet: send through the relay"
+                await ws.send(_pack({"t": "refused", "id": mid, "reason": reason}))
+                continue
             self._by_message[mid] = ws
             if self.mailbox.arrive(sealed, "direct"):
                 # Signed: on a plain ws:// path, nobody else can say we have it.
@@ -157,6 +165,7 @@ class Dialed:
         self.mailbox = mailbox
         self._answers: dict[bytes, trio.Event] = {}
         self._got: set[bytes] = set()
+        self._refused: dict[bytes, str] = {}  # why the listener refused a message
         self.closed = trio.Event()
 
     async def send(self, sealed: Sealed) -> None:
@@ -175,9 +184,12 @@ class Dialed:
                 await answered.wait()
                 racing.cancel_scope.cancel()
         self._answers.pop(mid, None)
+        refusal = self._refused.pop(mid, None)
         if mid in self._got:
             self._got.discard(mid)
             return
+        if refusal is not None:
+            raise DirectUnreachable(f"the recipient refused the message: {refusal}")
         if self.closed.is_set() or not answered.is_set():
             raise DirectUnreachable("no answer from the direct endpoint")
         raise DirectUnreachable("the recipient refused the message")
@@ -197,6 +209,7 @@ class Dialed:
                     else:
                         log.warning("a direct `got` not signed by the recipient: ignored")
                 elif frame["t"] == "refused" and answered is not None:
+                    self._refused[frame["id"]] = str(frame.get("reason", ""))[:200]
                     answered.set()  # not in _got: send() raises
                 elif frame["t"] == "receipt":
                     try:

@@ -301,8 +301,14 @@ class Mailbox:
 
     async def _direct(self, to: Address, sealed: Sealed, endpoint: str) -> Sent:
         dialed = await self.direct_path().connection(to.agent, endpoint)
+        # Tracked before sending: its receipt can come right behind the `got`.
         sent = self._track(Sent(sealed.header.id, to.agent, "direct", self))
-        await dialed.send(sealed)
+        try:
+            await dialed.send(sealed)
+        except DirectUnreachable:
+            if sent.path == "direct" and self._sent.get(sent.id) is sent:
+                del self._sent[sent.id]  # what goes through the relay is tracked anew
+            raise
         sent.status = "received"
         return sent
 
@@ -413,7 +419,9 @@ class Mailbox:
         elif verdict == "old":
             self.acknowledge(arrived)  # a copy: its receipt again, and off the relay
         else:  # a copy of one not taken yet: acknowledged when that one is
-            self._copies.setdefault(h.id, []).append(arrived)
+            copies = self._copies.setdefault(h.id, [])
+            if all(copy.seq != seq for copy in copies):  # one per relay item, one direct
+                copies.append(arrived)
         return True
 
     def _on_frame(self, frame: f.Frame) -> None:

@@ -229,6 +229,30 @@ async def test_auto_finds_the_endpoint_in_the_directory_and_falls_back_when_it_i
         await second.delivered()
 
 
+async def test_an_endpoint_holding_too_many_untaken_messages_sends_senders_to_the_relay(
+    relay: RunningRelay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Any key may dial an endpoint: what it holds for the application is bounded, and
+    past the bound a sender goes through the relay, whose inbox is bounded too."""
+    import agent_sdk.direct
+
+    monkeypatch.setattr(agent_sdk.direct, "MAX_UNTAKEN", 2)
+    async with (
+        RelayClient.connect(relay.url, ALICE) as alice,
+        RelayClient.connect(relay.url, BOB) as bob,
+        bob.listen() as endpoint,
+    ):
+        paths = [(await alice.send(BOB.id, n, endpoint=endpoint)).path for n in range(2)]
+        assert paths == ["direct", "direct"]
+        with pytest.raises(DirectUnreachable, match="not taken yet"):
+            await alice.send(BOB.id, "refused", via="direct", endpoint=endpoint)
+        third = await alice.send(BOB.id, 2, endpoint=endpoint)  # auto: on to the relay
+        assert third.path == "relay" and third.status == "stored"
+        assert bob.mailbox.waiting == 2  # the bound held
+        assert [(await bob.mailbox.next()).body for _ in range(3)] == [0, 1, 2]
+        await third.delivered()
+
+
 async def test_a_message_that_went_direct_and_then_through_the_relay_is_handed_out_once(
     relay: RunningRelay,
 ) -> None:
