@@ -544,8 +544,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.cmd = command
     try:
         result: int = args.func(args)
-    except (OSError, BaseExceptionGroup) as exc:
+    except (OSError, BaseExceptionGroup, KeyboardInterrupt) as exc:
         errors = _leaves(exc)
+        if all(isinstance(error, KeyboardInterrupt) for error in errors):
+            # Ctrl-C: one line, and the status a shell gives a command killed by SIGINT.
+            print("formicary: interrupted", file=sys.stderr)
+            return 128 + signal.SIGINT
         if any(isinstance(error, BrokenPipeError) for error in errors):
             # Whoever read our output stopped (`formicary tail NS | head -1`): stop
             # quietly, with the status a shell gives a command killed by SIGPIPE.

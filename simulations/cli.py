@@ -157,10 +157,15 @@ def cmd_run(args: argparse.Namespace, duration: Callable[[str, str], int]) -> in
 
     try:
         settings = settings_of(args, args.agents, args.seed, duration)
+        out = _out_dir(args.out)
+        if (out / "log" / "events.sqlite3").exists():
+            raise UsageError(
+                f"--out {out} holds a run already (log/events.sqlite3): give another "
+                "directory, or remove it"
+            )
     except (UsageError, ValueError) as exc:
         print(f"formicary sim: {exc}", file=sys.stderr)
         return 2
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     relays = "relay processes" if settings.relays > 1 else "a relay process"
     mode = "virtual time" if args.virtual_time else f"real time, {relays} on loopback"
@@ -180,21 +185,25 @@ def cmd_run(args: argparse.Namespace, duration: Callable[[str, str], int]) -> in
 def cmd_sweep(args: argparse.Namespace, duration: Callable[[str, str], int]) -> int:
     from simulations.run import run_real, run_virtual
 
-    run = run_virtual if args.virtual_time else run_real
     try:
-        sizes = [int(n) for n in args.agents.split(",")]
+        sizes = _numbers(args.agents, "--agents")
         seeds = _seeds(args.seeds)
         grid = [settings_of(args, n, seed, duration) for n in sizes for seed in seeds]
+        out = _out_dir(args.out)
     except (UsageError, ValueError) as exc:
         print(f"formicary sim: {exc}", file=sys.stderr)
         return 2
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs: list[Summary] = []
     for i, settings in enumerate(grid, 1):
         label = f"[{i}/{len(grid)}] {settings.agents} agents, seed {settings.seed}"
         with progress_bar(label) as meter:
-            runs.append(run(settings, meter=meter))
+            if args.virtual_time:
+                runs.append(run_virtual(settings, meter=meter))
+                # The runs share this process: its peak is not any one run's.
+                runs[-1].extra["process_peak_rss_mb"] = None
+            else:
+                runs.append(run_real(settings, workers=args.workers, meter=meter))
     points = []
     for n in sizes:
         mine = [r for r in runs if r.agents == n]
@@ -237,14 +246,33 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def _seeds(spec: str) -> list[int]:
-    if "-" in spec:
-        first, _, last = spec.partition("-")
-        seeds = list(range(int(first), int(last) + 1))
-    else:
-        seeds = [int(s) for s in spec.split(",")]
+    try:
+        if "-" in spec:
+            first, _, last = spec.partition("-")
+            seeds = list(range(int(first), int(last) + 1))
+        else:
+            seeds = [int(s) for s in spec.split(",")]
+    except ValueError:
+        raise UsageError(
+            f"--seeds {spec!r}: seeds as FIRST-LAST or a comma-separated list (0 and up)"
+        ) from None
     if not seeds:
         raise UsageError(f"--seeds {spec!r}: no seed in it")
     return seeds
+
+
+def _numbers(spec: str, flag: str) -> list[int]:
+    try:
+        return [int(n) for n in spec.split(",")]
+    except ValueError:
+        raise UsageError(f"{flag} {spec!r}: whole numbers, comma-separated") from None
+
+
+def _out_dir(spec: str) -> Path:
+    out = Path(spec)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file: give a directory")
+    return out
 
 
 @contextmanager

@@ -60,7 +60,7 @@ class Faults:
     """What goes wrong besides crashes (``--faults``, docs/simulations.md)."""
 
     slow: float = 0.0
-    """Share of agents that are slow: their tasks take five times as long."""
+    """Share of agents that are slow: their tasks take ``SLOWER`` times as long."""
     delay_ms: int = 0
     """Latency of every message on the in-memory network, each way (virtual time)."""
     loss: float = 0.0
@@ -73,6 +73,9 @@ class Faults:
     """From when to when (ms after the start) relays ``r0`` and ``r1`` cannot reach
     each other (``federated``)."""
 
+
+SLOWER = 5
+"""How many times as long a slow agent's tasks take (``--faults slow``)."""
 
 FAULTS = ("slow=SHARE", "delay=DURATION", "loss=CHANCE", "partition=FROM-TO", "relay_kill=AT")
 VARIANTS = ("flat", "fanout", "pipeline")
@@ -166,6 +169,8 @@ class Settings:
         low, high = self.work_ms
         if not 0 < low <= high:
             raise UsageError("work time: 0 < low <= high (ms)")
+        if round(self.faults.slow * self.agents):  # some agents are slow (policy_of)
+            high *= SLOWER
         if self.ttl_ms <= high:
             raise UsageError(f"--ttl ({self.ttl_ms} ms) must outlast the longest task ({high} ms)")
         if self.ttl_ms > LONGEST_TTL_MS:
@@ -173,6 +178,8 @@ class Settings:
         federated = self.scenario == "federated"
         if federated and not 2 <= self.relays <= 16:
             raise UsageError("federated: --relays from 2 to 16")
+        if federated and self.agents < self.relays:
+            raise UsageError("federated: at least one agent per relay (--agents >= --relays)")
         if not federated and self.relays != 1:
             raise UsageError(f"{self.scenario}: one relay (--relays is for `federated`)")
         if self.faults.relay_kill is not None and (
@@ -198,12 +205,12 @@ class Settings:
         return POLICIES[self.policy](self.work_ms, self.crash_rate)
 
     def policy_of(self, n: int) -> Policy:
-        """Agent ``n``'s policy: the run's, five times slower for the slow share."""
+        """Agent ``n``'s policy: the run's, ``SLOWER`` times slower for the slow share."""
         slow = n < round(self.faults.slow * self.agents)
         if not slow:
             return self.make_policy()
         low, high = self.work_ms
-        return POLICIES[self.policy]((low * 5, high * 5), self.crash_rate)
+        return POLICIES[self.policy]((low * SLOWER, high * SLOWER), self.crash_rate)
 
 
 AGENT_STATES = ("idle", "working", "down")

@@ -195,8 +195,10 @@ class RealWorld:
         for name in sorted(self.relays):
             store = self.relays[name].store
             for ns in store.namespaces():
-                for record in store.scan(ns):
+                for record in store.scan(ns):  # as the virtual world's (world.py)
                     digest.update(record.receipt)
+                    digest.update(record.event)
+                    digest.update(record.sig)
         return digest.hexdigest()
 
 

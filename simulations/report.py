@@ -59,6 +59,8 @@ def measure(logs: Iterable[tuple[Store, str]], summary: Summary) -> list[dict[st
             elif record.kind == "lease.expired":
                 for order, _token in body["leases"]:
                     expired_at[(ns, order)] = ts
+                # Counted per lease, below: one event may end many.
+                per_second[ts // 1000][record.kind] += len(body["leases"]) - 1
             else:
                 key = (ns, body["wo"])
                 if key not in finished:

@@ -27,6 +27,7 @@ import trio
 from agent_sdk.auctions import Auctions, as_claim
 from agent_sdk.directory import Directory
 from agent_sdk.ledger import Ledger, LedgerRefusal
+from agent_sdk.wire import decode
 from simulations.model import AgentStates, Policy, Settings, Summary
 from simulations.scenarios.common import RELAY, relay_config
 from simulations.world import World, identity_of
@@ -47,6 +48,7 @@ class Market:
         self.failed: dict[str, int] = {"reliable": 0, "flaky": 0}
         self.crashes = 0
         self.unawarded = 0
+        self.wasted = 0
         self.states = AgentStates()
 
 
@@ -73,7 +75,12 @@ async def run(world: World, settings: Settings) -> Summary:
     summary.done = sum(market.completed.values())
     summary.zombies = settings.orders - summary.done - market.unawarded
     summary.crashes = market.crashes
-    summary.events = sum(1 for _ in relay.store.scan(NS))
+    summary.wasted_work = market.wasted
+    records = list(relay.store.scan(NS))
+    summary.events = len(records)
+    summary.expiries = sum(  # per lease: one lease.expired may end several
+        len(decode(r.event)["body"]["leases"]) for r in records if r.kind == "lease.expired"
+    )
     summary.states = market.states.samples
     summary.extra = {
         "completed": market.completed,
@@ -188,6 +195,7 @@ async def trade(  # type: ignore[no-untyped-def]
                         market.completed[kind] += 1
                     except LedgerRefusal:
                         market.failed[kind] += 1
+                        market.wasted += 1  # done, but the lease had moved on
                 mark("idle")
         await trio.sleep(rng.randint(*LOOK_MS) / 1000)
     return False

@@ -66,14 +66,17 @@ def tally_logs(logs: Sequence[tuple[HostsLogs, str]], summary: Summary) -> None:
     """:func:`tally` over namespaces homed on several relays."""
     results: dict[tuple[str, str], list[str]] = defaultdict(list)
     kinds: Counter[str] = Counter()
+    expiries = 0
     for relay, ns in logs:
         for record in relay.store.scan(ns):
             kinds[record.kind] += 1
             if record.kind == "app.result":
                 body = decode(record.event)["body"]
                 results[(ns, body["wo"])].append(body["value"])
+            elif record.kind == "lease.expired":  # one event may end many leases
+                expiries += len(decode(record.event)["body"]["leases"])
     summary.events = sum(kinds.values())
-    summary.expiries = kinds["lease.expired"]
+    summary.expiries = expiries
     summary.done = len(results)
     summary.duplicate_work = sum(1 for values in results.values() if len(values) > 1)
     summary.conflicting_results = sum(1 for values in results.values() if len(set(values)) > 1)

@@ -25,6 +25,7 @@ class Board:
         self.meter = meter
         meter.start(len(orders), "orders")
         self.states = AgentStates()
+        self.crashes = 0
 
     def report(self, order: str) -> None:
         if order in self.undone:
@@ -49,6 +50,7 @@ async def run(world: World, settings: Settings) -> Summary:
         summary.virtual_seconds = round(trio.current_time() - began, 3)
         nursery.cancel_scope.cancel()
     tally(relay, summary)
+    summary.crashes = board.crashes
     summary.states = board.states.samples
     return summary
 
@@ -68,7 +70,16 @@ async def agent(world: World, settings: Settings, policy: Policy, n: int, board:
                 continue
             order = snapshot.pop(rng.randrange(len(snapshot)))
             board.states.set(n, "working", world.now_ms())
-            await trio.sleep(policy.task_ms(rng) / 1000)
+            task_ms = policy.task_ms(rng)
+            if settings.crash_rate and policy.crashes(rng):  # (no draw at 0: runs as before)
+                await trio.sleep(rng.randint(0, task_ms) / 1000)  # dies mid-task: no result
+                board.crashes += 1
+                board.states.set(n, "down", world.now_ms())
+                await trio.sleep(settings.restart_ms / 1000)
+                board.states.set(n, "idle", world.now_ms())
+                snapshot, taken_at = [], -float("inf")  # a new life: a fresh snapshot
+                continue
+            await trio.sleep(task_ms / 1000)
             value = rng.choice(("approve", "reject"))
             await client.publish(
                 NS, "app.result", {"wo": order, "value": value}, nonce=client.nonce()

@@ -144,13 +144,13 @@ async def agent(
                     await report(ledger, reporting, progress)
                 crashed = await work(ledger, rng, policy, progress, reporting, mark)
         except* LOST:  # (the client's own task may fail alongside: a group)
-            crashed = True  # the relay went away (killed, or a lost message): a new life
-            progress.disconnected += 1
-        if not crashed:
-            mark("idle")
-            return
+            progress.disconnected += 1  # the relay went away (killed, or a lost message)
+        else:
+            if not crashed:
+                mark("idle")
+                return
+            progress.crashes += 1  # died mid-task (a disconnect is counted apart)
         mark("down")
-        progress.crashes += 1
         await trio.sleep(settings.restart_ms / 1000)
 
 

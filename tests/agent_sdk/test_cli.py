@@ -8,6 +8,7 @@ import signal
 import socket
 import sqlite3
 import stat
+import subprocess
 import sys
 from pathlib import Path
 
@@ -110,6 +111,29 @@ async def test_without_a_relay_or_a_place_to_serve_the_cli_says_what_to_do(
     a_file.write_text("")
     on_a_file = await formicary("relay", "serve", "--port", "0", "--data", str(a_file))
     assert on_a_file.returncode == 1 and b"is a file, not a data directory" in on_a_file.stderr
+
+
+async def test_ctrl_c_stops_a_long_command_with_one_line_and_the_sigint_status(
+    tmp_path: Path,
+) -> None:
+    """A simulation stopped with Ctrl-C (`tail --follow` takes it as its normal stop)."""
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "agent_sdk.cli", "sim", "run", "work_queue", "--virtual-time",
+         "--agents", "200", "--orders", "100000", "--out", str(tmp_path / "sim")],
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stderr is not None
+    err = b""
+    with trio.fail_after(60):
+        while b"work_queue: 200 agents" not in err:  # it says what it runs, then runs it
+            err += await process.stderr.receive_some()
+        process.send_signal(signal.SIGINT)
+        async for chunk in process.stderr:
+            err += chunk
+        await process.wait()
+    text = err.decode()
+    assert process.returncode == 128 + signal.SIGINT, text
+    assert "interrupted" in text and "Traceback" not in text
 
 
 async def test_a_reader_that_stops_reading_is_not_a_relay_failure(

@@ -51,6 +51,7 @@ def test_coordination_prevents_the_duplicate_work_the_baseline_shows() -> None:
     assert coordinated.conflicting_results == 0
     assert coordinated.crashes > 0  # crashed holders' orders were recovered, not lost
     assert baseline.duplicate_work > 0 and baseline.conflicting_results > 0
+    assert baseline.crashes > 0  # the baseline's agents crash alike (--crash-rate)
 
 
 def test_replicas_editing_through_crashes_converge_and_repeat() -> None:
@@ -85,6 +86,33 @@ def test_sim_run_writes_its_summary(tmp_path: Path, capsys: pytest.CaptureFixtur
     report = (tmp_path / "report.md").read_text()
     for plot in ("throughput.png", "agent_states.png"):  # no claims: no latency CDF
         assert f"]({plot})" in report and (tmp_path / plot).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_run_into_a_directory_holding_one_is_refused_before_it_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = ["sim", "run", "work_queue", "--agents", "3", "--orders", "6", "--virtual-time"]
+    assert main([*run, "--out", str(tmp_path)]) == 0
+    first = (tmp_path / "results.json").read_text()
+    capsys.readouterr()
+    assert main([*run, "--seed", "2", "--out", str(tmp_path)]) == 2
+    assert "holds a run already" in capsys.readouterr().err
+    assert (tmp_path / "results.json").read_text() == first  # untouched
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    assert main([*run, "--out", str(a_file)]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_lost_connections_are_not_crashes_and_expiries_count_leases() -> None:
+    settings = Settings(
+        scenario="work_queue", agents=8, orders=40, seed=2, faults=Faults(loss=0.002)
+    )
+    summary = run_virtual(settings)
+    assert summary.extra["disconnected"] > 0 and summary.crashes == 0
+    assert summary.done == 40 and summary.duplicate_work == 0
+    leases = sum(row["expiries"] for row in summary.series)
+    assert summary.expiries == leases  # the series counts leases too
 
 
 def test_a_lease_shorter_than_the_relays_default_floor_runs(tmp_path: Path) -> None:
@@ -146,7 +174,27 @@ def test_sim_sweep_writes_json_and_a_plot(tmp_path: Path) -> None:
         (["run", "work_queue", "--virtual-time", "--workers", "2"], "real mode, work_queue"),
         (["run", "work_queue", "--workers", "0"], "at least 1"),
         (["run", "shared_doc", "--virtual-time", "--variant", "pipeline"], "for work_queue"),
-        (["sweep", "work_queue", "--virtual-time", "--seeds", "x"], "invalid literal"),
+        (["sweep", "work_queue", "--virtual-time", "--seeds", "x"], "--seeds 'x': seeds as"),
+        (["sweep", "work_queue", "--virtual-time", "--seeds=-1-2"], "FIRST-LAST"),
+        (["sweep", "work_queue", "--virtual-time", "--agents", "2,x"], "whole numbers"),
+        (
+            ["run", "federated", "--virtual-time", "--relays", "3", "--agents", "2"],
+            "at least one agent per relay",
+        ),
+        (
+            [
+                "run",
+                "work_queue",
+                "--virtual-time",
+                "--work",
+                "1s-2s",
+                "--ttl",
+                "6s",
+                "--faults",
+                "slow=0.5",
+            ],
+            "longest task (10000 ms)",
+        ),
     ],
 )
 def test_bad_settings_are_usage_errors_before_anything_runs(
