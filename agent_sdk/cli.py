@@ -23,11 +23,18 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from websockets.exceptions import InvalidHandshake, InvalidURI
 
 from agent_sdk import cli_auction, cli_dir, cli_doc, cli_msg, cli_ns, cli_records, cli_wo
 from agent_sdk.client import DEFAULT_RELAY, Delivery, Live, Published, RelayClient
 from agent_sdk.errors import ProtocolError
-from agent_sdk.identity import Identity, default_key_path, load_or_create
+from agent_sdk.identity import (
+    KEY_ENV,
+    Identity,
+    KeyFileError,
+    default_key_path,
+    load_or_create,
+)
 from agent_sdk.wire import to_json_safe
 
 RELAY_ENV = "FORMICARY_RELAY"
@@ -71,7 +78,14 @@ def _relay_url(args: argparse.Namespace) -> str:
 
 
 def _identity(args: argparse.Namespace) -> Identity:
-    return load_or_create(Path(args.key) if args.key else default_key_path())
+    path = Path(args.key) if args.key else default_key_path()
+    try:
+        return load_or_create(path)
+    except (OSError, ValueError, TypeError) as exc:  # a directory, not PEM, not Ed25519
+        reason: object = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        if isinstance(exc, ValueError):
+            reason = "it does not hold an Ed25519 private key in PEM"
+        raise KeyFileError(f"the key file {path}: {reason} (--key or ${KEY_ENV})") from None
 
 
 # --------------------------------------------------------------------------- commands
@@ -191,14 +205,38 @@ def _leaves(error: BaseException) -> list[BaseException]:
     return [error]
 
 
-def cmd_publish(args: argparse.Namespace) -> int:
+def _encodable(value: Any, flag: str) -> None:
+    """Refuse what an event cannot carry (an int over 64 bits, a lone surrogate) before
+    connecting, as a usage error."""
+    from agent_sdk.cli_wo import UsageError
+    from agent_sdk.wire import canonical
+
     try:
-        body = json.loads(args.body) if args.body is not None else None
-    except json.JSONDecodeError as exc:
-        print(f"formicary: --body is not JSON: {exc}", file=sys.stderr)
+        canonical(value)
+    except (OverflowError, UnicodeEncodeError, TypeError, ValueError) as exc:
+        raise UsageError(f"{flag} cannot go in an event: {exc}") from None
+
+
+def _hex(text: str, flag: str) -> bytes:
+    from agent_sdk.cli_wo import UsageError
+
+    try:
+        return bytes.fromhex(text)
+    except ValueError:
+        raise UsageError(f"{flag} {text!r} is not hex") from None
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from agent_sdk.cli_wo import UsageError, json_value
+
+    try:
+        body = json_value(args.body, "--body") if args.body is not None else None
+        _encodable(body, "--body")
+        deps = [_hex(dep, "--dep") for dep in args.dep]
+        nonce = _hex(args.nonce, "--nonce") if args.nonce else None
+    except UsageError as exc:
+        print(f"formicary: {exc}", file=sys.stderr)
         return 2
-    deps = [bytes.fromhex(dep) for dep in args.dep]
-    nonce = bytes.fromhex(args.nonce) if args.nonce else None
 
     async def main() -> Published:
         async with RelayClient.connect(
@@ -544,8 +582,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.cmd = command
     try:
         result: int = args.func(args)
-    except (OSError, BaseExceptionGroup, KeyboardInterrupt) as exc:
+    except (
+        OSError,
+        BaseExceptionGroup,
+        KeyboardInterrupt,
+        InvalidURI,
+        InvalidHandshake,
+        KeyFileError,
+    ) as exc:
         errors = _leaves(exc)
+        if any(isinstance(error, KeyFileError) for error in errors):
+            key_error = next(error for error in errors if isinstance(error, KeyFileError))
+            print(f"formicary: {key_error}", file=sys.stderr)
+            return 1
         if all(isinstance(error, KeyboardInterrupt) for error in errors):
             # Ctrl-C: one line, and the status a shell gives a command killed by SIGINT.
             print("formicary: interrupted", file=sys.stderr)
@@ -557,8 +606,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 128 + signal.SIGPIPE
         # An agent command that found no relay: one line, not a traceback. (An error
         # about a file, such as the key file, names it, and is not this.)
+        # (Nor is a URL that is no WebSocket URL, or a server there that is no relay.)
+        unreachable = (InvalidURI, InvalidHandshake)
         if not hasattr(args, "key") or not all(
-            isinstance(error, OSError) and not error.filename for error in errors
+            isinstance(error, unreachable) or (isinstance(error, OSError) and not error.filename)
+            for error in errors
         ):
             raise
         print(

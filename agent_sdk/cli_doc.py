@@ -53,7 +53,7 @@ def add_parser(sub: Any, agent_options: AgentOptions) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from agent_sdk.cli import _identity, _relay_url
-    from agent_sdk.cli_wo import UsageError, ttl_ms
+    from agent_sdk.cli_wo import UsageError, json_value, ttl_ms
 
     where = f"formicary doc {args.doc_command}"
     identity = _identity(args)
@@ -66,10 +66,7 @@ def run(args: argparse.Namespace) -> int:
             return 0
         value: Any = args.value if args.doc_command == "set" else None
         if args.doc_command == "set" and args.parse_json:
-            try:
-                value = json.loads(args.value)
-            except json.JSONDecodeError as exc:
-                raise UsageError(f"VALUE is not JSON: {exc}") from None
+            value = json_value(args.value, "VALUE")
 
         async def main() -> dict[str, Any]:
             async with (

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent_sdk.cli_wo import Text, Tokens, UsageError, run, subcommand
+from agent_sdk.cli_wo import Text, Tokens, json_value, run, subcommand
 from agent_sdk.decisions import Decisions
 from agent_sdk.ledger import Claim, Ledger, LedgerRefusal
 from agent_sdk.wire import to_json_safe
@@ -93,10 +93,7 @@ Make = Callable[[argparse.Namespace, Tokens, str], Any]
 def _put(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
     raw = Path(args.file).read_text() if args.file else sys.stdin.read()
     if args.parse_json:
-        try:
-            document: Any = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"the document is not JSON: {exc}") from None
+        document: Any = json_value(raw, "the document")
     else:
         document = raw
     token = tokens.kept(ns, args.wo, args.token) if args.wo else None

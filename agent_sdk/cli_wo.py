@@ -161,7 +161,8 @@ def run(args: argparse.Namespace) -> int:
 
     ns = args.ns or os.environ.get(NS_ENV) or DEFAULT_NS
     identity = _identity(args)
-    tokens = Tokens(Path(args.key).parent if args.key else default_key_path().parent)
+    folder = Path(args.key).parent if args.key else default_key_path().parent
+    tokens = Tokens(folder, identity.id)
 
     async def main() -> Any:
         async with RelayClient.connect(_relay_url(args), identity, reconnect=False) as client:
@@ -173,6 +174,7 @@ def run(args: argparse.Namespace) -> int:
     command = args.group.removesuffix("_command")
     where = f"formicary {command}" if name == command else f"formicary {command} {name}"
     try:
+        tokens.check()  # a bad file must not cost a claim whose token cannot be kept
         action: Callable[[Ledger], Awaitable[Any]] = args.actions[name](args, tokens, ns)
         result = trio.run(main)
     except LedgerRefusal as exc:
@@ -212,22 +214,50 @@ class UsageError(Exception):
     pass
 
 
-class Tokens:
-    """The fencing tokens this agent holds, by namespace and order, in a small file."""
+def json_value(text: str, what: str) -> Any:
+    """``text`` parsed as JSON, strictly: Python's parser takes ``NaN`` and
+    ``Infinity``, which no JSON reader of the log could read back."""
 
-    def __init__(self, folder: Path) -> None:
+    def refuse(constant: str) -> Any:
+        raise ValueError(f"{constant} is not JSON")
+
+    try:
+        return json.loads(text, parse_constant=refuse)
+    except ValueError as exc:  # json.JSONDecodeError is one
+        raise UsageError(f"{what} is not JSON: {exc}") from None
+
+
+class Tokens:
+    """The fencing tokens an agent holds, by namespace and order, in a small file next
+    to its key. Several keys may share the folder: each entry names its agent."""
+
+    def __init__(self, folder: Path, agent: str) -> None:
         self.path = folder / "tokens.json"
+        self.agent = agent
 
     def _load(self) -> dict[str, int]:
         try:
             data = json.loads(self.path.read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             return {}
+        if not isinstance(data, dict):
+            raise UsageError(f"{self.path} is not a token file (a JSON object): move it away")
         return {k: v for k, v in data.items() if isinstance(v, int)}
 
+    def check(self) -> None:
+        """Raise :class:`UsageError` now if the file cannot be kept in."""
+        self._load()
+
+    def _key(self, ns: str, order: str) -> str:
+        return f"{self.agent}/{ns}/{order}"
+
     def kept(self, ns: str, order: str, given: int | None) -> int | None:
-        """The token to use: the one given, else the one kept, else none."""
-        return given if given is not None else self._load().get(f"{ns}/{order}")
+        """The token to use: the one given, else the one kept, else none. (A file
+        written before entries named their agent is read as this agent's.)"""
+        if given is not None:
+            return given
+        data = self._load()
+        return data.get(self._key(ns, order), data.get(f"{ns}/{order}"))
 
     def get(self, ns: str, order: str, given: int | None) -> int:
         token = self.kept(ns, order, given)
@@ -243,10 +273,11 @@ class Tokens:
         with open(self.path.with_suffix(".lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             data = self._load()
+            data.pop(f"{ns}/{order}", None)  # an entry from before they named an agent
             if token is None:
-                data.pop(f"{ns}/{order}", None)
+                data.pop(self._key(ns, order), None)
             else:
-                data[f"{ns}/{order}"] = token
+                data[self._key(ns, order)] = token
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".tokens.")
             with os.fdopen(fd, "w") as file:
                 file.write(json.dumps(data, indent=1))

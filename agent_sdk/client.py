@@ -565,8 +565,12 @@ class RelayClient:
         and awaits ``.wait()`` on the handle (a relay forwarding writes does)."""
         self._next_rid += 1
         rid = self._next_rid
-        pending = self._pending[rid] = _Pending(event, on_queued)
-        self._queue(_publish_frame(rid, event))
+        data = _publish_frame(rid, event)
+        pending = _Pending(event, on_queued)
+        if self._too_large(data, "publish", pending):
+            return pending
+        self._pending[rid] = pending
+        self._queue(data)
         return pending
 
     # -- querying ---------------------------------------------------------------------
@@ -579,6 +583,17 @@ class RelayClient:
         ``bad_query``, ``not_found``, ...) when the relay refuses.
         """
         return await self.ask(lambda rid: f.Query(rid=rid, ns=ns, q=q, args=args or {}))
+
+    def _too_large(self, data: bytes, what: str, request: _Pending | Asked) -> bool:
+        """Answer a frame over the relay's ``max_frame`` here, with the error the relay
+        would send: the relay's comes without a ``rid`` (it discards the message
+        unread), so nothing would ever answer the request."""
+        if len(data) <= self.relay_max_frame:
+            return False
+        reason = f"a {what} of {len(data)} bytes; the relay's max_frame is {self.relay_max_frame}"
+        request.error = ProtocolError(ErrorCode.FRAME_TOO_LARGE, reason)
+        request.done.set()
+        return True
 
     async def ask(self, frame: Callable[[int], f.AgentFrame]) -> Any:
         """Send the request ``frame(rid)`` and return its ``result`` body; raises the
@@ -601,6 +616,8 @@ class RelayClient:
         if self.stopped.is_set():  # nothing would ever answer it
             asked.error = ProtocolError(ErrorCode.INTERNAL, "the client stopped")
             asked.done.set()
+            return asked
+        if self._too_large(data, "request", asked):
             return asked
         self._asked[rid] = asked
         self._queue(data)

@@ -111,6 +111,12 @@ def default_key_path() -> Path:
     return Path(config_home) / "formicary" / "agent.key"
 
 
+class KeyFileError(Exception):
+    """An agent's key file cannot be read or made (the CLI says so in one line). Kept
+    here, not in the CLI's module: run as ``python -m agent_sdk.cli`` that module is
+    ``__main__``, and its classes are not the ones other modules import."""
+
+
 def load_or_create(path: Path) -> Identity:
     """Load the key at ``path``, creating it first if there is none.
 

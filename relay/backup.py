@@ -111,6 +111,8 @@ def restore(backup_dir: Path, data: Path) -> dict[str, Any]:
 
 def compact(data: Path) -> dict[str, Any]:
     """VACUUM every database of ``data``; returns the bytes before and after."""
+    if not data.is_dir():
+        raise BackupError(f"{data} is not a data directory")
     try:
         with hold_data(data):
             return _compact(data)

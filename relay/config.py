@@ -42,6 +42,8 @@ class Option:
     flag: str | None = None
     minimum: int = 0
     """The least value that makes sense (ints; durations in ms)."""
+    maximum: int | None = None
+    """The most (ints), when there is one."""
 
     @property
     def name(self) -> str:
@@ -51,7 +53,15 @@ class Option:
 OPTIONS: tuple[Option, ...] = (
     Option("relay", "name", "str", "local", "relay name: namespaces NAME@this", "--name"),
     Option("relay", "host", "str", "127.0.0.1", "address to listen on", "--host"),
-    Option("relay", "port", "int", 7700, "port for WebSocket and HTTP; 0 picks one", "--port"),
+    Option(
+        "relay",
+        "port",
+        "int",
+        7700,
+        "port for WebSocket and HTTP; 0 picks one",
+        "--port",
+        maximum=65535,
+    ),
     Option("relay", "data", "str", "./formicary-data", "data directory", "--data"),
     Option("relay", "log_level", "level", "info", "JSON log lines from this level", "--log-level"),
     Option(
@@ -246,6 +256,8 @@ def _typed(option: Option, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: {value!r} is not a whole number")
         if value < option.minimum:
             raise ConfigError(f"{where}: {value} is below {option.minimum}, the least that works")
+        if option.maximum is not None and value > option.maximum:
+            raise ConfigError(f"{where}: {value} is over {option.maximum}, the most that works")
         return value
     if kind == "duration":
         if not isinstance(value, str):

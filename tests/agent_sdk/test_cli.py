@@ -246,3 +246,27 @@ async def test_ns_policy_show_and_relay_invite(nursery: trio.Nursery, tmp_path: 
     bad_ns = await formicary("relay", "invite", "Team", "--data", str(relay.data))
     assert bad_ns.returncode == 2 and b"not a namespace" in bad_ns.stderr
     relay.scope.cancel()
+
+
+async def test_bad_input_from_a_shell_gets_one_line_and_a_status_never_a_traceback(
+    tmp_path: Path,
+) -> None:
+    bad_key = tmp_path / "bad.key"
+    bad_key.write_text("not a key")
+    env = {"FORMICARY_RELAY": "ws://127.0.0.1:9", "FORMICARY_KEY": str(tmp_path / "a.key")}
+    cases: list[tuple[list[str], dict[str, str], int, str]] = [
+        (["publish", "x@local", "app.x"], {"FORMICARY_KEY": str(bad_key)}, 1, "the key file"),
+        (["wo", "list"], {"FORMICARY_KEY": str(tmp_path)}, 1, "Is a directory"),
+        (["publish", "x@local", "app.x", "--body", "NaN"], {}, 2, "NaN is not JSON"),
+        (["publish", "x@local", "app.x", "--body", "1" * 30], {}, 2, "cannot go in an event"),
+        (["publish", "x@local", "app.x", "--dep", "zz"], {}, 2, "--dep 'zz' is not hex"),
+        (["publish", "x@local", "app.x"], {"FORMICARY_RELAY": "notaurl"}, 1, "cannot reach"),
+        (["relay", "serve", "--port", "99999", "--data", str(tmp_path / "d")], {}, 2, "65535"),
+        (["relay", "compact", "--data", str(tmp_path / "none")], {}, 1, "not a data directory"),
+    ]
+    for args, more, status, says in cases:
+        result = await formicary(*args, env={**env, **more})
+        err = result.stderr.decode()
+        assert result.returncode == status and says in err, (args, result.returncode, err)
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "d").exists() and not (tmp_path / "none").exists()

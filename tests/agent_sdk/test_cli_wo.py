@@ -81,7 +81,7 @@ def test_kept_tokens_survive_parallel_commands(tmp_path: Path) -> None:
     from agent_sdk.cli_wo import Tokens
 
     def agent(n: int) -> None:
-        tokens = Tokens(tmp_path)  # each command opens its own, like separate processes
+        tokens = Tokens(tmp_path, f"agent-{n % 2}")  # its own, as a separate process
         for i in range(25):
             tokens.put("work@local", f"wo-{n}-{i}", i + 1)
 
@@ -119,6 +119,32 @@ async def test_locks_from_a_shell_script(relay: RunningRelay, tmp_path: Path) ->
     codes = exit_codes(tmp_path)
     # Not reached, the lock is still held: its token is kept for the renew after it.
     assert codes == {"other": "3", "unreachable": "1", "not-mine": "2"}
+
+
+SHARED_FOLDER_SCRIPT = r"""
+set -u
+lock() { "$PYTHON" -m agent_sdk.cli lock "$@"; }
+neighbour() { FORMICARY_KEY=me/neighbour.key "$PYTHON" -m agent_sdk.cli lock "$@"; }
+lock acquire branch:dev --ttl 10m > /dev/null || exit 10
+neighbour release branch:dev; echo "neighbour=$?" > codes.txt
+lock release branch:dev; echo "mine=$?" >> codes.txt
+echo '[]' > me/tokens.json
+lock acquire branch:other; echo "bad-file=$?" >> codes.txt
+FORMICARY_KEY=$OTHER_KEY lock acquire branch:other > /dev/null || exit 11
+exit 0
+"""
+
+
+async def test_keys_sharing_a_folder_keep_their_own_tokens(
+    relay: RunningRelay, tmp_path: Path
+) -> None:
+    """Tokens are kept next to the key; two keys in one folder must not lose each
+    other's (a refused release forgets the token it used: it was its own)."""
+    done = await run_shell(relay, tmp_path, SHARED_FOLDER_SCRIPT)
+    assert done.returncode == 0, done.stderr.decode()
+    # A token file that is not one is refused before anything is taken: the lock
+    # stayed free for the other agent.
+    assert exit_codes(tmp_path) == {"neighbour": "2", "mine": "0", "bad-file": "2"}
 
 
 DIR_SCRIPT = r"""

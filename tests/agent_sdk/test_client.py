@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 import trio
@@ -142,3 +143,23 @@ async def test_a_lagging_subscription_pauses_instead_of_blocking_acks(
                     break
         assert seqs == list(range(1, 51))  # every event once, in order, across pauses
         assert feed.sub > 1  # it paused and resumed under new ids
+
+
+async def test_a_request_over_the_relays_max_frame_fails_at_once(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """The relay discards such a message unread and its error names no request: the
+    client answers it itself, instead of waiting for ever."""
+    from relay.node import RelayConfig
+    from tests.conftest import start_relay
+
+    relay = await start_relay(nursery, tmp_path / "relay", RelayConfig(max_frame=64 * 1024))
+    async with RelayClient.connect(relay.url, identity(1)) as client:
+        with trio.fail_after(10):
+            with pytest.raises(ProtocolError) as publish:
+                await client.publish("big@local", "app.note", "x" * 100_000)
+            assert publish.value.code is ErrorCode.FRAME_TOO_LARGE
+            with pytest.raises(ProtocolError) as message:
+                await client.send(identity(2).id, b"y" * 100_000, via="relay")
+            assert message.value.code is ErrorCode.FRAME_TOO_LARGE
+            await client.publish("big@local", "app.note", "and the client goes on")
