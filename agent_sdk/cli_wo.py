@@ -2,8 +2,9 @@
 
 Writes go through :class:`agent_sdk.ledger.Ledger`; reads (``list``, ``show``) are
 queries the relay answers from the state it decides on. The fencing token of each order this agent
-holds is kept in ``tokens.json`` next to its key file, so ``renew``, ``release``,
-``note`` and ``update`` need no ``--token`` (all accept one).
+holds is kept in ``tokens.json`` next to its key file, under the agent's id (keys may
+share a folder), so ``renew``, ``release``, ``note`` and ``update`` need no
+``--token`` (all accept one).
 
 Exit codes: 0 ok, 3 conflict (held by another, not the holder, stale token, a status
 move that makes no sense), 4 not found (or nothing open), 2 usage, 1 anything else.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
+import math
 import os
 import sys
 import tempfile
@@ -221,8 +223,14 @@ def json_value(text: str, what: str) -> Any:
     def refuse(constant: str) -> Any:
         raise ValueError(f"{constant} is not JSON")
 
+    def finite(number: str) -> float:
+        value = float(number)
+        if math.isinf(value):
+            raise ValueError(f"{number} is too large for a double")
+        return value
+
     try:
-        return json.loads(text, parse_constant=refuse)
+        return json.loads(text, parse_constant=refuse, parse_float=finite)
     except ValueError as exc:  # json.JSONDecodeError is one
         raise UsageError(f"{what} is not JSON: {exc}") from None
 
@@ -252,12 +260,12 @@ class Tokens:
         return f"{self.agent}/{ns}/{order}"
 
     def kept(self, ns: str, order: str, given: int | None) -> int | None:
-        """The token to use: the one given, else the one kept, else none. (A file
-        written before entries named their agent is read as this agent's.)"""
+        """The token to use: the one given, else the one kept, else none. (Entries of
+        versions before they named their agent are not read: whose they are is not
+        known; pass such a token with --token.)"""
         if given is not None:
             return given
-        data = self._load()
-        return data.get(self._key(ns, order), data.get(f"{ns}/{order}"))
+        return self._load().get(self._key(ns, order))
 
     def get(self, ns: str, order: str, given: int | None) -> int:
         token = self.kept(ns, order, given)
@@ -273,7 +281,6 @@ class Tokens:
         with open(self.path.with_suffix(".lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             data = self._load()
-            data.pop(f"{ns}/{order}", None)  # an entry from before they named an agent
             if token is None:
                 data.pop(self._key(ns, order), None)
             else:

@@ -384,9 +384,16 @@ class RelayClient:
             outbox.send_nowait(f.encode_frame(subscription.resume_request()))
         for shared in self._docs.values():
             outbox.send_nowait(f.encode_frame(shared.open_request()))
-        replay = [(rid, _publish_frame(rid, p.event)) for rid, p in self._pending.items()]
-        replay += [(rid, asked.frame) for rid, asked in self._asked.items()]
-        for _, data in sorted(replay):
+        replay: list[tuple[int, bytes, _Pending | Asked]] = [
+            (rid, _publish_frame(rid, p.event), p) for rid, p in self._pending.items()
+        ]
+        replay += [(rid, asked.frame, asked) for rid, asked in self._asked.items()]
+        for rid, data, request in sorted(replay, key=lambda r: r[0]):
+            # The relay may have come back with a smaller max_frame.
+            if self._too_large(data, "publish" if rid in self._pending else "request", request):
+                self._pending.pop(rid, None)
+                self._asked.pop(rid, None)
+                continue
             outbox.send_nowait(data)
         self._connected.set()
         with unwrap_single():

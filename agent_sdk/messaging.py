@@ -136,11 +136,10 @@ class Sent:
         return self.receipt
 
     def _forget(self) -> None:
-        """Stop waiting for the receipt (too many sends wait): ``delivered()`` raises."""
-        if self._settled.is_set():
-            return
-        if self.on_settle is not None:
-            self.on_settle()
+        """Stop waiting for the receipt (too many sends wait): ``delivered()`` raises.
+        It still counts as relayed and not delivered (``on_settle`` is not called):
+        a later message sent directly could overtake it, and the recipient would take
+        it for a copy."""
         self._settled.set()
 
     def _settle(self, receipt: Receipt | None) -> None:

@@ -30,7 +30,7 @@ import logging
 import sqlite3
 import threading
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -412,7 +412,12 @@ class Inboxes:
     def _notices(self, notices: Sequence[Arriving], kind: str) -> tuple[list[_Draft], list[Item]]:
         """The notices to store, and the oldest ones to delete to make room for them
         (claimed for the write like taken items)."""
-        room = {n.recipient: self.max_items - self._held(n.recipient, kind) for n in notices}
+        room = {
+            n.recipient: self.max_items
+            - self._held(n.recipient, kind)
+            + self._notices_leaving(n.recipient)  # deleted anyway: they make room
+            for n in notices
+        }
         drafts: list[_Draft] = []
         evicted: list[Item] = []
         for n in notices:
@@ -428,6 +433,14 @@ class Inboxes:
                 room[n.recipient] -= 1
             drafts.append(_Draft(n.recipient, kind, n.mid, n.sender, n.data))
         return drafts, evicted
+
+    def _notices_leaving(self, recipient: bytes) -> int:
+        box: Mapping[int, Item] = self.boxes.get(recipient, {})
+        return sum(
+            1
+            for who, seq in self._leaving
+            if who == recipient and seq in box and box[seq].kind != "message"
+        )
 
     def _oldest_notice(self, recipient: bytes) -> Item | None:
         for item in self.boxes.get(recipient, {}).values():  # in seq order

@@ -51,10 +51,10 @@ class Limits:
     park_timeout_ms: int = 10_000
     max_clock_skew_ms: int | None = 24 * 3600 * 1000
     max_dep_ahead_ms: int | None = 60_000
-    """How far a dependency's hlc may be past both the relay's clock and its own last
-    hlc: only another relay's event can be, and every hlc after it would follow it
-    ahead of the wall clock, so that leases and auctions, timed by the wall clock,
-    would run late by as much (protocol 4.3)."""
+    """How far past the relay's clock a dependency's hlc may be, when it is past the
+    relay's own last hlc too: only another relay's event can be, and every hlc after
+    it would follow it ahead of the wall clock, so that leases and auctions, timed by
+    the wall clock, would run late by as much (protocol 4.3)."""
     known_capacity: int = 1_000_000
 
 
@@ -213,9 +213,9 @@ class Sequencer:
     def _ahead(self, dep_hlc: int, now_ms: int) -> Rejected | None:
         """Refuse an event whose dependency's hlc is too far ahead (Limits)."""
         bound = self.limits.max_dep_ahead_ms
-        if bound is None:
+        if bound is None or dep_hlc <= self.hlc:  # its own records never are past it
             return None
-        ahead_ms = (dep_hlc >> HLC_SHIFT) - max(now_ms, self.hlc >> HLC_SHIFT)
+        ahead_ms = (dep_hlc >> HLC_SHIFT) - now_ms  # from the clock: step by step, too
         if ahead_ms <= bound:
             return None
         return Rejected(

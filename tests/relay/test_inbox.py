@@ -75,6 +75,23 @@ async def test_receipts_are_bounded_apart_from_messages() -> None:
     assert answers == ["stored"]  # receipts piling up do not close Alice to messages
 
 
+async def test_notices_expiring_with_a_message_make_room_for_its_notice() -> None:
+    """The notices deleted in the same write free their places: a newer one, which a
+    sender may still wait for, is not evicted for the expiry notice."""
+    clock = Clock()
+    boxes = inboxes(clock=clock)
+    for agent in (ALICE, BOB):
+        await boxes.remember(agent)
+    await boxes.put_receipts([Arriving(ALICE, BOB, b"r" * 16, b"receipt")])  # expires first
+    await boxes.put_messages([message(b"1")])
+    clock.ms += 5_000
+    await boxes.put_receipts([Arriving(ALICE, BOB, b"s" * 16, b"receipt")])  # newer
+    clock.ms += 5_000  # the first receipt and the message expire; the newer one not
+    await boxes.expire()
+    held = boxes.after(ALICE, 0, 10)
+    assert [(i.kind, i.mid) for i in held] == [("receipt", b"s" * 16), ("expired", b"1" * 16)]
+
+
 async def test_an_expired_message_becomes_a_notice_for_its_sender() -> None:
     clock = Clock()
     boxes = inboxes(clock=clock)

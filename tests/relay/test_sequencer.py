@@ -120,6 +120,11 @@ def test_a_dependency_far_ahead_of_the_clock_is_refused_not_followed() -> None:
     near, far = event(1, ns="x@b"), event(2, ns="x@b")
     sequencer.learn({near.id: Located("x@b", 1, (NOW + 60_000) << HLC_SHIFT)})
     sequenced(sequencer.offer(event(3, deps=(near.id,)), NOW))  # within the bound
+    # ...which does not move the bound: a peer cannot drag the clock a step at a time.
+    step = event(9, ns="x@b")
+    sequencer.learn({step.id: Located("x@b", 9, (NOW + 120_000) << HLC_SHIFT)})
+    stepped = sequencer.offer(event(10, deps=(step.id,)), NOW)
+    assert isinstance(stepped, Rejected) and stepped.code is ErrorCode.BAD_TIMESTAMP
     sequencer.learn({far.id: Located("x@b", 2, (NOW + 3_600_000) << HLC_SHIFT)})
     refused = sequencer.offer(event(4, deps=(far.id,)), NOW)
     assert isinstance(refused, Rejected) and refused.code is ErrorCode.BAD_TIMESTAMP
