@@ -80,7 +80,11 @@ def _relay_url(args: argparse.Namespace) -> str:
 def _identity(args: argparse.Namespace) -> Identity:
     path = Path(args.key) if args.key else default_key_path()
     try:
-        return load_or_create(path)
+        made = not path.exists()
+        identity = load_or_create(path)
+        if made:  # a mistyped --key must not pass silently for another agent
+            print(f"formicary: no key at {path}: made one, agent {identity.id}", file=sys.stderr)
+        return identity
     except (OSError, ValueError, TypeError) as exc:  # a directory, not PEM, not Ed25519
         reason: object = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
         if isinstance(exc, ValueError):

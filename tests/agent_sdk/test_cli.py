@@ -254,6 +254,8 @@ async def test_bad_input_from_a_shell_gets_one_line_and_a_status_never_a_traceba
     bad_key = tmp_path / "bad.key"
     bad_key.write_text("not a key")
     env = {"FORMICARY_RELAY": "ws://127.0.0.1:9", "FORMICARY_KEY": str(tmp_path / "a.key")}
+    made = await formicary("publish", "x@local", "app.x", env=env)  # a new key: says so
+    assert f"no key at {tmp_path / 'a.key'}: made one, agent" in made.stderr.decode()
     cases: list[tuple[list[str], dict[str, str], int, str]] = [
         (["publish", "x@local", "app.x"], {"FORMICARY_KEY": str(bad_key)}, 1, "the key file"),
         (["wo", "list"], {"FORMICARY_KEY": str(tmp_path)}, 1, "Is a directory"),
