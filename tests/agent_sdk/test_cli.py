@@ -260,6 +260,7 @@ async def test_bad_input_from_a_shell_gets_one_line_and_a_status_never_a_traceba
         (["publish", "x@local", "app.x"], {"FORMICARY_KEY": str(bad_key)}, 1, "the key file"),
         (["wo", "list"], {"FORMICARY_KEY": str(tmp_path)}, 1, "Is a directory"),
         (["publish", "x@local", "app.x", "--body", "NaN"], {}, 2, "NaN is not JSON"),
+        (["publish", "x@local", "app.x", "--body", "[1e400]"], {}, 2, "too large for a double"),
         (["publish", "x@local", "app.x", "--body", "1" * 30], {}, 2, "cannot go in an event"),
         (["publish", "x@local", "app.x", "--dep", "zz"], {}, 2, "--dep 'zz' is not hex"),
         (["publish", "x@local", "app.x"], {"FORMICARY_RELAY": "notaurl"}, 1, "cannot reach"),
