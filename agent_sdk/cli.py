@@ -595,9 +595,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         KeyFileError,
     ) as exc:
         errors = _leaves(exc)
-        if any(isinstance(error, KeyFileError) for error in errors):
-            key_error = next(error for error in errors if isinstance(error, KeyFileError))
-            print(f"formicary: {key_error}", file=sys.stderr)
+        key_errors = [error for error in errors if isinstance(error, KeyFileError)]
+        if key_errors:
+            print(f"formicary: {key_errors[0]}", file=sys.stderr)
             return 1
         if all(isinstance(error, KeyboardInterrupt) for error in errors):
             # Ctrl-C: one line, and the status a shell gives a command killed by SIGINT.

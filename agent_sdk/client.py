@@ -390,7 +390,8 @@ class RelayClient:
         replay += [(rid, asked.frame, asked) for rid, asked in self._asked.items()]
         for rid, data, request in sorted(replay, key=lambda r: r[0]):
             # The relay may have come back with a smaller max_frame.
-            if self._too_large(data, "publish" if rid in self._pending else "request", request):
+            what = "publish" if isinstance(request, _Pending) else "request"
+            if self._too_large(data, what, request):
                 self._pending.pop(rid, None)
                 self._asked.pop(rid, None)
                 continue

@@ -413,10 +413,10 @@ class Inboxes:
         """The notices to store, and the oldest ones to delete to make room for them
         (claimed for the write like taken items)."""
         room = {
-            n.recipient: self.max_items
-            - self._held(n.recipient, kind)
-            + self._notices_leaving(n.recipient)  # deleted anyway: they make room
-            for n in notices
+            recipient: self.max_items
+            - self._held(recipient, kind)
+            + self._notices_leaving(recipient)  # deleted anyway: they make room
+            for recipient in {n.recipient for n in notices}
         }
         drafts: list[_Draft] = []
         evicted: list[Item] = []

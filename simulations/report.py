@@ -59,8 +59,6 @@ def measure(logs: Iterable[tuple[Store, str]], summary: Summary) -> list[dict[st
             elif record.kind == "lease.expired":
                 for order, _token in body["leases"]:
                     expired_at[(ns, order)] = ts
-                # Counted per lease, below: one event may end many.
-                per_second[ts // 1000][record.kind] += len(body["leases"]) - 1
             else:
                 key = (ns, body["wo"])
                 if key not in finished:
@@ -68,7 +66,10 @@ def measure(logs: Iterable[tuple[Store, str]], summary: Summary) -> list[dict[st
                     per_second[ts // 1000][FIRST] += 1
                     if key in claimed:
                         latencies.append(ts - claimed[key])
-            per_second[ts // 1000][record.kind] += 1
+            # Expiries per lease: one lease.expired may end many.
+            per_second[ts // 1000][record.kind] += (
+                len(body["leases"]) if record.kind == "lease.expired" else 1
+            )
     summary.extra["latency_ms"] = distribution(latencies)
     summary.extra["recovery_ms"] = distribution(recoveries)
     summary.latencies = sorted(latencies)

@@ -27,9 +27,8 @@ import trio
 from agent_sdk.auctions import Auctions, as_claim
 from agent_sdk.directory import Directory
 from agent_sdk.ledger import Ledger, LedgerRefusal
-from agent_sdk.wire import decode
 from simulations.model import AgentStates, Policy, Settings, Summary
-from simulations.scenarios.common import RELAY, relay_config
+from simulations.scenarios.common import RELAY, expired_leases, relay_config
 from simulations.world import World, identity_of
 
 NS = "market@sim"
@@ -78,9 +77,7 @@ async def run(world: World, settings: Settings) -> Summary:
     summary.wasted_work = market.wasted
     records = list(relay.store.scan(NS))
     summary.events = len(records)
-    summary.expiries = sum(  # per lease: one lease.expired may end several
-        len(decode(r.event)["body"]["leases"]) for r in records if r.kind == "lease.expired"
-    )
+    summary.expiries = sum(expired_leases(r) for r in records if r.kind == "lease.expired")
     summary.states = market.states.samples
     summary.extra = {
         "completed": market.completed,

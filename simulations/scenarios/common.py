@@ -13,6 +13,7 @@ from agent_sdk.wire import decode
 from relay.coordination.leases import TtlBounds
 from relay.limits import UNLIMITED
 from relay.node import RelayConfig
+from relay.store import Record
 from simulations.model import LONGEST_TTL_MS, Settings, Summary
 from simulations.world import HostsLogs, World, identity_of
 
@@ -57,6 +58,11 @@ async def plan(
     return [order for order in orders if order is not None]
 
 
+def expired_leases(record: Record) -> int:
+    """Leases a ``lease.expired`` record ends (one event may end many)."""
+    return len(decode(record.event)["body"]["leases"])
+
+
 def tally(relay: HostsLogs, summary: Summary, namespaces: tuple[str, ...] = (NS,)) -> None:
     """Read the outcome off the log: results per order, expiries, events."""
     tally_logs([(relay, ns) for ns in namespaces], summary)
@@ -73,8 +79,8 @@ def tally_logs(logs: Sequence[tuple[HostsLogs, str]], summary: Summary) -> None:
             if record.kind == "app.result":
                 body = decode(record.event)["body"]
                 results[(ns, body["wo"])].append(body["value"])
-            elif record.kind == "lease.expired":  # one event may end many leases
-                expiries += len(decode(record.event)["body"]["leases"])
+            elif record.kind == "lease.expired":
+                expiries += expired_leases(record)
     summary.events = sum(kinds.values())
     summary.expiries = expiries
     summary.done = len(results)

@@ -223,27 +223,26 @@ def resign_ack(ack: f.Ack) -> f.Ack:
     return replace(ack, receipt=forged.raw, seal=seal(forged, LIAR.sign))
 
 
+def another_seq(raw: bytes) -> bytes:
+    """The home's receipt ``raw``, at another seq (a receipt is not signed by itself)."""
+    receipt = decode_receipt(raw)
+    return make_receipt(
+        id=receipt.id, ns=receipt.ns, seq=receipt.seq + 998, hlc=receipt.hlc,
+        prev=receipt.prev, relay=receipt.relay,
+    ).raw  # fmt: skip
+
+
 def unsealed_ack(ack: f.Ack) -> f.Ack:
     """The home's receipt, given another seq: receipts are not signed, so only the
     seal a home puts on every answer to a relay shows this one is made up."""
-    receipt = decode_receipt(ack.receipt)
-    forged = make_receipt(
-        id=receipt.id, ns=receipt.ns, seq=receipt.seq + 998, hlc=receipt.hlc,
-        prev=receipt.prev, relay=receipt.relay,
-    )  # fmt: skip
-    return replace(ack, receipt=forged.raw, seal=None)
+    return replace(ack, receipt=another_seq(ack.receipt), seal=None)
 
 
 def moved_outcome(ack: f.Ack) -> f.Ack:
     """The ack of a request, its outcome's receipt given another seq: the outcome is
     signed by the home, its receipt is not; the home seals it on answers to relays."""
     assert ack.outcome_receipt is not None, "the write is a request: it has an outcome"
-    receipt = decode_receipt(ack.outcome_receipt)
-    forged = make_receipt(
-        id=receipt.id, ns=receipt.ns, seq=receipt.seq + 998, hlc=receipt.hlc,
-        prev=receipt.prev, relay=receipt.relay,
-    )  # fmt: skip
-    return replace(ack, outcome_receipt=forged.raw, outcome_seal=None)
+    return replace(ack, outcome_receipt=another_seq(ack.outcome_receipt), outcome_seal=None)
 
 
 def resealed_outcome(ack: f.Ack) -> f.Ack:
