@@ -27,10 +27,11 @@ import math
 import random
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import (
     AbstractAsyncContextManager,
     asynccontextmanager,
+    contextmanager,
     suppress,
 )
 from dataclasses import dataclass
@@ -397,7 +398,7 @@ class RelayClient:
                 continue
             outbox.send_nowait(data)
         self._connected.set()
-        with unwrap_single():
+        with connection_ends():
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._writer, ws, queued)
                 if self.connections > 1:  # a reconnect: what lives only as long as a
@@ -844,6 +845,27 @@ def _error_of(frame: f.Error) -> ProtocolError:
         return ProtocolError(ErrorCode(frame.code), frame.reason)
     except ValueError:
         return ProtocolError(ErrorCode.INTERNAL, f"{frame.code} {frame.name}: {frame.reason}")
+
+
+LOST = (ConnectionClosed, OSError)
+"""What a connection ends with when it is lost: the connect loop reconnects on them."""
+
+
+@contextmanager
+def connection_ends() -> Iterator[None]:
+    """One way out of a connection's nursery. Its tasks can end together: the reader
+    with the relay's close while the client is being cancelled, say. Then the
+    cancellation is what goes on (the loss does not matter any more; in a group it
+    would escape the cancel scope as an error); otherwise as :func:`unwrap_single`."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        cancelled, rest = group.split(trio.Cancelled)
+        if cancelled is not None and (rest is None or rest.split(LOST)[1] is None):
+            raise cancelled.exceptions[0] from None
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
 
 
 def _publish_frame(rid: int, event: SignedEvent) -> bytes:

@@ -163,3 +163,25 @@ async def test_a_request_over_the_relays_max_frame_fails_at_once(
                 await client.send(identity(2).id, b"y" * 100_000, via="relay")
             assert message.value.code is ErrorCode.FRAME_TOO_LARGE
             await client.publish("big@local", "app.note", "and the client goes on")
+
+
+async def test_a_connection_lost_while_the_client_is_cancelled_ends_as_the_cancellation() -> None:
+    """The relay closes (a flood close, say) just as the client leaves its block: the
+    reader's loss and a task's cancellation end the connection's nursery together.
+    The loss must not escape the cancelled scope as an error."""
+    from websockets.exceptions import ConnectionClosedError
+    from websockets.frames import Close
+
+    from agent_sdk.client import connection_ends
+
+    with trio.CancelScope() as leaving, connection_ends():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.sleep_forever)  # the writer, say
+            await trio.lowlevel.checkpoint()
+            leaving.cancel()
+            raise ConnectionClosedError(Close(1008, "5004 rate_limited: too many refusals"), None)
+    assert leaving.cancelled_caught
+    # Without a cancellation: the loss, bare, for the connect loop to reconnect on.
+    with pytest.raises(ConnectionClosedError), connection_ends():
+        async with trio.open_nursery():
+            raise ConnectionClosedError(Close(1011, "gone"), None)
