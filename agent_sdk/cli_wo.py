@@ -45,6 +45,7 @@ EXIT_OF_PROBLEM = {
     "not_found": 4,
     "nothing_open": 4,
     "needs_approval": 3,
+    "open_children": 3,
     "not_approver": 3,
     "bad_request": 2,
     "bad_ttl": 2,

@@ -37,6 +37,10 @@ f wo update "$id" --status done; echo "done-twice=$?" >> codes.txt
 f wo show wo-99; echo "missing=$?" >> codes.txt
 f context pull --wo wo-99; echo "missing-context=$?" >> codes.txt
 f wo claim "$id" --ttl forever; echo "bad-ttl=$?" >> codes.txt
+parent=$(f wo create --title "release 2" --json \
+     | "$PYTHON" -c 'import json,sys; print(json.load(sys.stdin)["id"])') || exit 25
+f wo create --title "changelog" --parent "$parent" > /dev/null || exit 26
+f wo update "$parent" --status done; echo "open-children=$?" >> codes.txt
 exit 0
 """
 
@@ -71,6 +75,7 @@ async def test_the_workledger_workflow_in_a_shell_script(
         "missing": "4",
         "missing-context": "4",
         "bad-ttl": "2",
+        "open-children": "3",
     }
     assert "held by" in done.stderr.decode()
 

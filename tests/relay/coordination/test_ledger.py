@@ -71,6 +71,18 @@ def test_a_dead_holders_order_is_open_again_with_its_notes() -> None:
     assert "lease expired" in whys
 
 
+@pytest.mark.parametrize("status", [Status.DONE, Status.BLOCKED])
+def test_a_holder_paused_past_its_lease_cannot_end_the_order(status: Status) -> None:
+    """Before anyone claims it again too: its token says it believes it holds the
+    order, and it does not (8.4). Without a token anyone may close an open order."""
+    ledger = Ledger()
+    order = created(ledger)
+    token = claimed(ledger.claim(order, A, now_ms=0, ttl_ms=MIN))
+    rejected(ledger.update(order, A, token, status, now_ms=MIN + 1), Problem.NOT_HOLDER)
+    assert ledger.orders[order].status is Status.OPEN
+    assert isinstance(ledger.update(order, A, None, Status.DONE, now_ms=MIN + 2), Done)
+
+
 def test_the_timer_reopens_lapsed_claims() -> None:
     ledger = Ledger()
     first, second = created(ledger), created(ledger)
