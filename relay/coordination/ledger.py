@@ -502,7 +502,9 @@ class Ledger:
         order = self._current(order_id, now_ms)
         if isinstance(order, Rejection):
             return order
-        if order_id in self.reserved and order.status is not Status.CLAIMED:
+        if order_id in self.reserved and (order.status is not Status.CLAIMED or op is Op.DROP):
+            # Its awardee may finish, block or release it, but not drop it: a dropped
+            # order is final, and the auction's next bidder would never get it.
             reason = f"{order_id} belongs to auction {self.reserved[order_id]} until it ends"
             return Rejection(Problem.RESERVED, reason)
         refused = self._refuse_move(order, op)

@@ -537,6 +537,32 @@ async def test_an_awardee_that_blocks_the_order_fails_and_the_next_bidder_gets_i
     assert scene.events("auction.completed") and scene.conserved()
 
 
+async def test_an_awardee_cannot_drop_the_order_from_under_the_auction(
+    scene: Scene, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Dropped is final: the next bidder would never get the order, nor the requester."""
+    await join(scene, REQUESTER)
+    for n in range(2):
+        await join(scene, bidder(n))
+    _, opened = await scene.ask(REQUESTER, "auction.open", {"title": "t", "duration_ms": 1_000})
+    for n, stake in enumerate((10, 20)):
+        await scene.ask(
+            bidder(n), "auction.bid", {"auction": opened["auction"], "stake": stake, "price": 0}
+        )
+    await trio.sleep(2)
+    won = scene.node.coordination.coordinators[NS].auctions.auctions[opened["auction"]]
+    body = {"wo": won.wo, "token": won.token, "status": "dropped"}
+    kind, refused = await scene.ask(bidder(1), "wo.update", body)
+    assert (kind, refused["problem"]) == ("wo.rejected", "reserved")
+    shown = await scene.node.query(NS, "wo.show", {"wo": won.wo})
+    assert shown["status"] == "claimed" and shown["holder"] == bidder(1).public_key
+    await scene.ask(bidder(1), "wo.release", {"wo": won.wo, "token": won.token})
+    await trio.testing.wait_all_tasks_blocked()
+    shown = await scene.node.query(NS, "wo.show", {"wo": won.wo})
+    assert shown["status"] == "claimed" and shown["holder"] == bidder(0).public_key
+    assert scene.conserved()
+
+
 async def test_auctions_of_orders_not_yours_or_with_bad_leases_are_refused(
     scene: Scene, autojump_clock: trio.testing.MockClock
 ) -> None:
