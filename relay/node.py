@@ -361,6 +361,9 @@ class RelayNode:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the node's loops until cancelled."""
         self._answer_unanswered()
+        # One timer pass at start: what the crash kept the timer from writing (an
+        # auction's award whose order was done meanwhile) has no deadline left to wake it.
+        self._timers_changed.set()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._sequencing_loop)
             nursery.start_soon(self._commit_loop)

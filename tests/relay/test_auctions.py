@@ -641,6 +641,42 @@ async def test_an_auction_whose_deadline_passed_while_the_relay_was_down_closes_
         nursery.cancel_scope.cancel()
 
 
+async def test_an_award_whose_order_was_done_before_a_crash_completes_at_start(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The crash came after the awardee's wo.update was committed and before the timer
+    wrote auction.completed: no deadline is left to wake the timer, and the stake stays
+    locked until some unrelated request comes, unless the start runs a timer pass."""
+    store, wall = MemoryStore(), virtual_wall()
+    async with trio.open_nursery() as nursery:
+        first = RelayNode(RELAY, store, RelayConfig(), wall_ms=wall)
+        await nursery.start(first.run)
+        scene = Scene(first)
+        await join(scene, REQUESTER)
+        await join(scene, bidder(0))
+        _, opened = await scene.ask(REQUESTER, "auction.open", {"title": "t", "duration_ms": 1_000})
+        auction = opened["auction"]
+        await scene.ask(bidder(0), "auction.bid", {"auction": auction, "stake": 5, "price": 1})
+        await trio.sleep(2)
+        await scene.ask(bidder(0), "auction.confirm", {"auction": auction})
+        won = first.coordination.coordinators[NS].auctions.auctions[auction]
+        body = {"wo": won.wo, "token": won.token, "status": "done"}
+        assert (await scene.ask(bidder(0), "wo.update", body))[0] == "wo.updated"
+        nursery.cancel_scope.cancel()
+    log = list(store.scan(NS))
+    updated = max(r.seq for r in log if decode(r.event)["kind"] == "wo.updated")
+    crashed = MemoryStore()  # what was durable at the crash
+    crashed.append([r for r in log if r.seq <= updated])
+    await trio.sleep(60)
+    async with trio.open_nursery() as nursery:
+        second = RelayNode(RELAY, crashed, RelayConfig(), wall_ms=wall)
+        await nursery.start(second.run)
+        await trio.testing.wait_all_tasks_blocked()
+        assert Scene(second).events("auction.completed")
+        assert Scene(second).conserved()
+        nursery.cancel_scope.cancel()
+
+
 def test_a_rejection_after_the_confirmation_window_does_not_slash_a_lapsed_award() -> None:
     """At ``confirm_by`` an unconfirmed award lapses unslashed (the timer's outcome);
     a rejection decided in that same millisecond, before the timer, must not turn it
