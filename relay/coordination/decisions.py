@@ -434,7 +434,14 @@ class Decisions:
         if ladder.rule is Rule.NONE:
             agents = list(dict.fromkeys(case.agents))
             return [self._escalate(case, Step.AGENTS, agents, "rule none", now_ms)]
-        keep = case.decisions[0 if ladder.rule is Rule.FIRST else -1]
+        # Of those still accepted: one superseded since the conflict was raised (in
+        # the same batch, before this step) would overrule every live one.
+        live = [d for d in case.decisions if records.decisions[d].status is DecisionStatus.ACCEPTED]
+        if not live:
+            agents = list(dict.fromkeys(case.agents))
+            note = f"rule {ladder.rule}: no decision of it is still accepted"
+            return [self._escalate(case, Step.AGENTS, agents, note, now_ms)]
+        keep = live[0 if ladder.rule is Rule.FIRST else -1]
         self._settle(case, keep, Step.RULE, records)
         note = f"rule {ladder.rule}"
         resolved = {"conflict": case.id, "keep": keep, "by": "rule", "note": note, "at_ms": now_ms}

@@ -217,6 +217,55 @@ async def test_an_automatic_rule_settles_at_once(
     assert scene.replayed_matches()
 
 
+@pytest.mark.parametrize("rule", ["first", "last"])
+async def test_the_rule_keeps_a_decision_still_accepted(
+    scene: Scene, autojump_clock: trio.testing.MockClock, rule: str
+) -> None:
+    """Between the conflict and its rule step (one batch), the decision the rule would
+    keep was superseded: keeping it would overrule every live one."""
+    await policy(scene, conflicts=ladder(rule=rule))
+    a = await scene.decide(ALICE, "sku-2", "stock 5")
+    body = {"title": "t", "entity": "sku-2"}
+    rival = scene.signed(BOB, "decision.add", {**body, "decision": "stock 7"})
+    change = {**body, "decision": "stock 6", "supersedes": a["id"]}
+    if rule == "last":  # the last one superseded, by one about another entity
+        change = {"title": "t", "decision": "stock 6", "supersedes": "adr-2"}
+        tickets = [await scene.node.admit(rival)]
+        tickets.append(await scene.node.admit(scene.signed(BOB, "decision.add", change)))
+    else:
+        tickets = [await scene.node.admit(rival)]
+        tickets.append(await scene.node.admit(scene.signed(ALICE, "decision.add", change)))
+    for ticket in tickets:
+        await scene.node.answer(ticket)
+    await trio.testing.wait_all_tasks_blocked()
+    listed = (await scene.node.query(NS, "decision.list", {"entity": "sku-2"}))["decisions"]
+    statuses = {d["id"]: d["status"] for d in listed}
+    assert "accepted" in statuses.values(), statuses
+    for _, resolved in scene.relay_events("conflict.resolved"):
+        assert statuses[resolved["keep"]] == "accepted", (resolved, statuses)
+    assert scene.replayed_matches()
+
+
+async def test_a_rule_with_no_decision_still_accepted_passes_to_the_agents(
+    scene: Scene, autojump_clock: trio.testing.MockClock
+) -> None:
+    await policy(scene, conflicts=ladder(rule="first"))
+    await scene.decide(ALICE, "sku-2", "stock 5")
+    admit = scene.node.admit
+    rival = {"title": "t", "entity": "sku-2", "decision": "stock 7"}
+    tickets = [await admit(scene.signed(BOB, "decision.add", rival))]
+    for who, old in ((ALICE, "adr-1"), (BOB, "adr-2")):  # both withdrawn, elsewhere
+        change = {"title": "t", "decision": "none", "supersedes": old}
+        tickets.append(await admit(scene.signed(who, "decision.add", change)))
+    for ticket in tickets:
+        await scene.node.answer(ticket)
+    await trio.testing.wait_all_tasks_blocked()
+    assert scene.relay_events("conflict.resolved") == []
+    [(_, escalated)] = scene.relay_events("conflict.escalated")
+    assert escalated["step"] == "agents" and "still accepted" in escalated["note"]
+    assert scene.replayed_matches()
+
+
 async def test_what_is_not_a_conflict(scene: Scene, autojump_clock: trio.testing.MockClock) -> None:
     await policy(scene, conflicts=ladder(window_ms=5_000))
     await scene.decide(ALICE, "e1", "x")
