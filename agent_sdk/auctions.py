@@ -98,11 +98,18 @@ class Auctions:
     async def confirm(self, auction: str) -> None:
         await self._requests.request("auction.confirm", {"auction": auction})
 
-    async def reject(self, auction: str, reason: str = "") -> dict[str, Any]:
-        """As the requester: the awardee's work is not acceptable (it is slashed)."""
-        return await self._requests.request(
-            "auction.reject", {"auction": auction, "reason": reason}
-        )
+    async def reject(
+        self, auction: str, reason: str = "", agent: bytes | None = None
+    ) -> dict[str, Any]:
+        """As the requester: the awardee's work is not acceptable (it is slashed).
+
+        ``agent``, the awardee whose work was judged, makes the rejection refused
+        (``changed``) if the award passed to another meanwhile; without it the
+        current awardee is rejected, whoever it is by then."""
+        body: dict[str, Any] = {"auction": auction, "reason": reason}
+        if agent is not None:
+            body["agent"] = agent
+        return await self._requests.request("auction.reject", body)
 
     async def show(self, auction: str) -> dict[str, Any]:
         return dict(await self.client.query(self.ns, "auction.show", {"auction": auction}))

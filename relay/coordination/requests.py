@@ -482,13 +482,21 @@ class Coordinator:
             auctions.confirm(auction_id, author, now)
             return {"auction": auction_id, "agent": author}
         assert kind == "auction.reject"
-        only(body, "auction", "reason")
+        only(body, "auction", "reason", "agent")
         reason = text(body, "reason", MAX_POST, default="")
+        judged = body.get("agent")
+        if judged is not None and (not isinstance(judged, bytes) or len(judged) != 32):
+            raise BadRequest("agent must be an agent key (32 bytes)")
         mine = auctions.auctions.get(auction_id)
         if mine is None or mine.requester != author:
             raise Conflict("not_found", f"no auction {auction_id} of yours")
         if mine.phase not in (Phase.AWARDED, Phase.CONFIRMED):
             raise Conflict("bad_transition", f"{auction_id} is {mine.phase.value}")
+        if judged is not None and judged != mine.awardee:
+            # The award passed on since the requester judged the work: the next
+            # awardee did nothing yet, and must not be slashed for the last one's.
+            now_to = mine.awardee.hex()[:16] if mine.awardee else "nobody"
+            raise Conflict("changed", f"{auction_id} is awarded to {now_to} now")
         if mine.phase is Phase.AWARDED and now >= mine.confirm_by:
             # Unconfirmed in time, the award lapses and passes on without a slash; a
             # rejection decided before the timer writes that must not slash it instead.

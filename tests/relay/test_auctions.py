@@ -19,6 +19,7 @@ from relay.coordination.host import Host
 from relay.node import RelayConfig, RelayNode
 from relay.store.memory import MemoryStore
 from tests.conftest import RunningRelay, identity
+from tests.refusals import declined
 from tests.relay import scene
 from tests.relay.test_node import virtual_wall
 
@@ -706,6 +707,38 @@ def test_a_rejection_after_the_confirmation_window_does_not_slash_a_lapsed_award
     assert coordinator.reputation.score(awardee, 3_000) == 0.0
 
 
+def test_a_rejection_naming_an_awardee_no_longer_awarded_is_refused() -> None:
+    """A rejection sent again, or decided after the award passed on, must not slash
+    the next awardee, which did nothing yet: naming the judged awardee refuses it."""
+    from relay.coordination.requests import Coordinator
+
+    requester, first, second = b"R" * 32, b"A" * 32, b"B" * 32
+    coordinator = Coordinator()
+    for agent in (requester, first, second):
+        coordinator.decide("dir.join", {"name": "n"}, agent, b"j" + agent, 1_000)
+    body = {"title": "t", "duration_ms": 1_000}
+    coordinator.decide("auction.open", body, requester, b"o", 1_000)
+    for agent, stake in ((first, 20), (second, 10)):
+        bid = {"auction": "auc-1", "stake": stake, "price": 1}
+        placed = coordinator.decide("auction.bid", bid, agent, b"b" + agent, 1_500)
+        assert placed.kind == "auction.bid_placed"
+    coordinator.due(2_000)
+    auction = coordinator.auctions.auctions["auc-1"]
+    assert auction.awardee == first
+    reject = {"auction": "auc-1", "agent": first}
+    failed = coordinator.decide("auction.reject", reject, requester, b"x", 2_100)
+    assert (failed.kind, failed.body["agent"]) == ("auction.failed", first)
+    assert auction.awardee == second
+    balance = coordinator.stakes.available(second)
+    again = coordinator.decide("auction.reject", reject, requester, b"y", 2_200)
+    assert (again.kind, again.body["problem"]) == ("auction.rejected", "changed")
+    assert auction.awardee == second and coordinator.stakes.available(second) == balance
+    bad = coordinator.decide(
+        "auction.reject", {**reject, "agent": b"short"}, requester, b"z", 2_300
+    )
+    assert (bad.kind, bad.body["problem"]) == ("auction.rejected", "bad_request")
+
+
 async def test_waiting_past_an_award_never_returns_one_that_failed_meanwhile(
     relay: RunningRelay,
 ) -> None:
@@ -731,7 +764,8 @@ async def test_waiting_past_an_award_never_returns_one_that_failed_meanwhile(
             if not moved_on.is_set():  # between the subscribe and the first read
                 first = await market.wait_award(auction)
                 assert first is not None and first["agent"] == bidder(0).public_key
-                await market.reject(auction, "not A")  # A fails, B gets it
+                await market.reject(auction, "not A", agent=first["agent"])  # B gets it
+                await declined("changed", market.reject(auction, "not A", first["agent"]))
                 moved_on.set()
             return await read(auction)
 
