@@ -535,9 +535,9 @@ class Ledger:
         elif token is not None:
             # A token says its sender believes it holds the order: a holder paused past
             # its lease is refused, as by fence(), even before anyone claims it again.
-            refused = self.leases.check(order_id, agent, token, now_ms)
-            if refused is not None:
-                return _from_lease(refused)
+            fenced = self.leases.check(order_id, agent, token, now_ms)
+            if fenced is not None:
+                return _from_lease(fenced)
         self._move(order, op, now_ms, why, by=agent)
         order.reason = why
         return Done(order_id, order.status)
