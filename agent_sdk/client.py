@@ -521,6 +521,17 @@ class RelayClient:
             request.done.set()
         self._pending.clear()
         self._asked.clear()
+        # Called only as the client stops. Nothing more will come: a subscriber
+        # (Ledger.wait_decision, say) would wait for ever. Its iterator raises the
+        # error once it has what came before.
+        for subscription in self._subscriptions.values():
+            subscription.error = error
+            subscription._tx.close()
+        self._subscriptions.clear()
+        for shared in self._docs.values():
+            shared._fail(error)
+        if self._mailbox is not None and self._mailbox.sub is not None:
+            self._mailbox.end(error)
 
     # -- publishing -------------------------------------------------------------------
 
@@ -576,6 +587,10 @@ class RelayClient:
         rid = self._next_rid
         data = _publish_frame(rid, event)
         pending = _Pending(event, on_queued)
+        if self.stopped.is_set():  # nothing would ever answer it
+            pending.error = ProtocolError(ErrorCode.INTERNAL, "the client stopped")
+            pending.done.set()
+            return pending
         if self._too_large(data, "publish", pending):
             return pending
         self._pending[rid] = pending
@@ -765,8 +780,12 @@ class RelayClient:
             authors=tuple(authors),
         )
         subscription = Subscription(self, request, buffer)
-        self._subscriptions[request.sub] = subscription
-        self._queue(f.encode_frame(request))
+        if self.stopped.is_set():  # nothing would ever come: its iterator raises
+            subscription.error = ProtocolError(ErrorCode.INTERNAL, "the client stopped")
+            subscription._tx.close()
+        else:
+            self._subscriptions[request.sub] = subscription
+            self._queue(f.encode_frame(request))
         try:
             yield subscription
         finally:

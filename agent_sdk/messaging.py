@@ -354,6 +354,9 @@ class Mailbox:
         back; :meth:`next` does not, it raises that error."""
         if self.sub is not None:
             return
+        if self.client.stopped.is_set():  # nothing would ever come
+            self.end(ProtocolError(ErrorCode.INTERNAL, "the client stopped"))
+            return
         if self.error is not None:
             self.error = None
             self.live = trio.Event()
@@ -437,10 +440,14 @@ class Mailbox:
                 self.refused.set()
                 self.refused = trio.Event()
                 return
-            self.error = error  # the inbox was opened by another connection of ours
-            self.sub = None
-            self.live.set()
-            self._queue_tx.send_nowait(_Arrived(_WAKE, 0, _WAKE_HEADER))  # wake a reader
+            self.end(error)  # the inbox was opened by another connection of ours
+
+    def end(self, error: ProtocolError) -> None:
+        """The inbox stream ended: a reader gets what came, then ``error``."""
+        self.error = error
+        self.sub = None
+        self.live.set()
+        self._queue_tx.send_nowait(_Arrived(_WAKE, 0, _WAKE_HEADER))  # wake a reader
 
     async def confirm(self) -> None:
         """Return once the relay has applied every acknowledgement sent so far (the

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -163,6 +164,41 @@ async def test_a_request_over_the_relays_max_frame_fails_at_once(
                 await client.send(identity(2).id, b"y" * 100_000, via="relay")
             assert message.value.code is ErrorCode.FRAME_TOO_LARGE
             await client.publish("big@local", "app.note", "and the client goes on")
+
+
+async def test_a_client_that_stops_ends_everything_waiting_on_it(relay: RunningRelay) -> None:
+    """Without reconnect, a relay closing cleanly (a restart, 1001) stops the client:
+    its subscriptions, inbox and later publishes end with an error instead of
+    waiting for ever (`formicary wo wait` hung through a routine relay restart)."""
+    from agent_sdk.ledger import Ledger
+
+    async with RelayClient.connect(relay.url, identity(1), reconnect=False) as client:
+        ledger = Ledger(client, NS)
+        order = await ledger.create("t")
+        messages = client.messages()
+        async with client.subscribe(NS, start=1) as events:
+            with trio.fail_after(10):
+                seen = [item async for item in _until_live(events)]
+                assert seen  # the order's events, then live
+                for connection in list(relay.server.connections):
+                    await connection.aclose(1001, "going away")
+                await client.stopped.wait()
+                with pytest.raises(ProtocolError, match=r"stopped|closed"):
+                    await events.__anext__()
+                with pytest.raises(ProtocolError, match=r"stopped|closed"):
+                    await messages.__anext__()
+                with pytest.raises(ProtocolError, match=r"stopped"):
+                    await ledger.claim(order)
+                async with client.subscribe(NS) as later:  # opened once stopped
+                    with pytest.raises(ProtocolError, match=r"stopped"):
+                        await later.__anext__()
+
+
+async def _until_live(events: Any) -> Any:
+    async for item in events:
+        yield item
+        if not isinstance(item, Delivery):
+            return
 
 
 async def test_a_connection_lost_while_the_client_is_cancelled_ends_as_the_cancellation() -> None:
