@@ -5,12 +5,19 @@ start, mode 0600) and ``events.sqlite3`` (the embedded store, WAL mode); a feder
 relay adds ``mirrors.sqlite3`` (other relays' logs it follows) and ``outbox.sqlite3``.
 With ``[store] dsn`` set, the logs, mirrors and inboxes are on PostgreSQL instead
 (relay/store/postgres.py); the key, the lock and the outbox stay here.
+
+``logs.json`` names the first receipt this key signed into its store. A key is one
+history: started on a store that lacks that receipt (the embedded one after a run on
+PostgreSQL, say, or a lost ``events.sqlite3``), the relay would sign a second seq 1
+under the same key, and both chains would verify. So it refuses to start instead.
 """
 
 from __future__ import annotations
 
 import fcntl
-from collections.abc import AsyncIterator, Iterator
+import json
+import os
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
@@ -18,7 +25,7 @@ import trio
 from websockets.trio.server import Server
 
 from agent_sdk.identity import Identity, load_or_create
-from agent_sdk.wire import decode_receipt
+from agent_sdk.wire import decode_receipt, digest
 from federation.network import Federation, FederationConfig
 from federation.outbox import SQLiteOutboxStore
 from federation.peers import PeerSpecError
@@ -26,7 +33,7 @@ from relay.coordination.host import Diverged
 from relay.inbox import InboxStore, SQLiteInboxStore
 from relay.node import RelayConfig, RelayNode
 from relay.server import serve_relay
-from relay.store import Store
+from relay.store import Record, Store
 from relay.store.postgres import PostgresInboxStore, PostgresStore, StoreInUse, StoreUnavailable
 from relay.store.sqlite import SQLiteStore
 
@@ -36,6 +43,7 @@ MIRROR_FILE = "mirrors.sqlite3"
 OUTBOX_FILE = "outbox.sqlite3"
 INBOX_FILE = "inbox.sqlite3"
 LOCK_FILE = "relay.lock"
+LOGS_FILE = "logs.json"
 
 
 class DataDirError(Exception):
@@ -81,7 +89,52 @@ def load_identity(data: Path, store: Store) -> Identity:
         receipt = decode_receipt(store.read(ns, 1, 1)[0].receipt)
         if receipt.relay != identity.public_key:
             raise DataDirError(f"{path} is not the key that signed the logs in {data}")
+    first = _first_receipt(data)
+    if first is not None:
+        ns, wanted = first
+        found = store.read(ns, 1, 1)
+        if not found or digest(found[0].receipt).hex() != wanted:
+            raise DataDirError(
+                f"{path} signed logs that are not in this store ({ns} seq 1 is "
+                f"{'missing' if not found else 'another event'}): start it on the store "
+                f"that holds them (the [store] dsn it ran with, or its {STORE_FILE}); "
+                "a new store needs a new data directory"
+            )
+    elif namespaces:  # a data directory from before logs.json
+        note_first_receipt(data, store.read(namespaces[0], 1, 1)[0])
     return identity
+
+
+def _first_receipt(data: Path) -> tuple[str, str] | None:
+    """``(ns, receipt hash hex)`` from ``logs.json``, if this key signed anything yet."""
+    try:
+        noted = json.loads((data / LOGS_FILE).read_text())
+        return str(noted["ns"]), str(noted["first_receipt"])
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+        raise DataDirError(f"{data / LOGS_FILE} is unreadable ({exc}): restore it") from None
+
+
+def note_first_receipt(data: Path, record: Record) -> None:
+    """Write ``logs.json`` for the first record this key signed (atomically)."""
+    noted = {"ns": record.ns, "first_receipt": digest(record.receipt).hex()}
+    staged = data / (LOGS_FILE + ".new")
+    staged.write_text(json.dumps(noted) + "\n")
+    os.replace(staged, data / LOGS_FILE)
+
+
+def _noting_first_receipt(data: Path) -> Callable[[Record], None]:
+    """A fold that writes ``logs.json`` when a relay's first record is committed."""
+    noted = (data / LOGS_FILE).exists()
+
+    def fold(record: Record) -> None:
+        nonlocal noted
+        if not noted and record.seq == 1:
+            note_first_receipt(data, record)
+            noted = True
+
+    return fold
 
 
 async def run_relay(
@@ -167,6 +220,7 @@ async def _run_relay(
             node = RelayNode(identity, store, config, mirror_store=mirrors, inbox_store=inbox)
         except Diverged as exc:
             raise DataDirError(str(exc)) from None
+        node.folds.append(_noting_first_receipt(data))
         async with trio.open_nursery() as nursery:
             await nursery.start(node.run)
             if federation is not None:

@@ -26,6 +26,7 @@ from agent_sdk.identity import Identity
 from relay.app import (
     INBOX_FILE,
     KEY_FILE,
+    LOGS_FILE,
     MIRROR_FILE,
     OUTBOX_FILE,
     STORE_FILE,
@@ -51,6 +52,12 @@ def backup(data: Path, out: Path) -> dict[str, Any]:
         raise BackupError(f"{data} has no {KEY_FILE}: not a relay's data directory")
     if out.exists():
         raise BackupError(f"{out} exists: a backup goes into a new directory")
+    if not (data / STORE_FILE).exists():
+        # A key without its logs is no backup: restored, it would sign a new history.
+        raise BackupError(
+            f"{data} has no {STORE_FILE}: its logs are on PostgreSQL ([store] dsn); back"
+            " up that database with its own tools (pg_dump), and this directory's key"
+        )
     out.mkdir(parents=True)
     shutil.copy2(data / KEY_FILE, out / KEY_FILE)
     copied = []
@@ -58,6 +65,9 @@ def backup(data: Path, out: Path) -> dict[str, Any]:
         if (data / name).exists():
             _copy_database(data / name, out / name)
             copied.append(name)
+    if (data / LOGS_FILE).exists():  # (after the logs: it names their first receipt)
+        shutil.copy2(data / LOGS_FILE, out / LOGS_FILE)
+        copied.append(LOGS_FILE)
     manifest = {
         "key": Identity.load(out / KEY_FILE).id,
         "taken_ms": time.time_ns() // 1_000_000,

@@ -11,7 +11,7 @@ import trio.testing
 
 from agent_sdk.client import RelayClient
 from agent_sdk.identity import Identity
-from relay.app import KEY_FILE, DataDirError, load_identity, open_store
+from relay.app import KEY_FILE, LOGS_FILE, DataDirError, load_identity, open_store
 from tests.backends import store_dsn
 from tests.conftest import identity, start_relay
 
@@ -50,6 +50,40 @@ async def test_logs_without_their_key_are_refused(nursery: trio.Nursery, tmp_pat
         (data / KEY_FILE).unlink()
         shutil.move(tmp_path / "saved.key", data / KEY_FILE)
         assert load_identity(data, store).id == running.node.identity.id
+    finally:
+        store.close()
+
+
+async def test_a_key_is_refused_on_a_store_without_the_logs_it_signed(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """Started on another store (the embedded one after a run on PostgreSQL, or with
+    events.sqlite3 lost), the relay would sign a second seq 1 under the same key."""
+    data = tmp_path / "relay"
+    running = await start_relay(nursery, data)
+    async with RelayClient.connect(running.url, identity(1)) as client:
+        await client.publish("t@local", "app.x")
+    running.scope.cancel()
+    await trio.testing.wait_all_tasks_blocked()
+    assert (data / LOGS_FILE).exists()  # written at the first commit
+
+    elsewhere = tmp_path / "elsewhere"  # an empty store
+    elsewhere.mkdir()
+    empty = open_store(elsewhere, store_dsn(elsewhere))
+    try:
+        with pytest.raises(DataDirError, match=r"t@local seq 1 is missing"):
+            load_identity(data, empty)
+    finally:
+        empty.close()
+    store = open_store(data, store_dsn(data))
+    try:
+        assert load_identity(data, store).id == running.node.identity.id
+        (data / LOGS_FILE).write_text("{")
+        with pytest.raises(DataDirError, match=r"logs\.json is unreadable"):
+            load_identity(data, store)
+        (data / LOGS_FILE).unlink()  # a directory from before logs.json: written now
+        assert load_identity(data, store).id == running.node.identity.id
+        assert (data / LOGS_FILE).exists()
     finally:
         store.close()
 

@@ -58,6 +58,7 @@ async def test_a_backup_taken_under_load_restores_into_a_relay_that_serves_on(
                                         "--data", str(restored))  # fmt: skip
     assert code == 0, err
     assert result is not None and result["namespaces"] == 2
+    assert (restored / "logs.json").read_text() == (data / "logs.json").read_text()
     code, _, err = await formicary("log", "verify", "all", "--data", str(restored))
     assert code == 0, err
     heads: dict[str, int] = manifest["heads"]  # type: ignore[assignment]
@@ -110,3 +111,14 @@ async def test_restore_refuses_a_directory_with_databases_and_backup_takes_odd_p
     (target / "inbox.sqlite3-wal").write_bytes(b"stale")  # a leftover SQLite would replay
     code, _, err = await formicary("relay", "restore", "--from", str(copy), "--data", str(target))
     assert code == 1 and "inbox.sqlite3-wal" in err and not (target / "relay.key").exists()
+
+
+async def test_a_directory_whose_logs_are_elsewhere_is_not_backed_up(tmp_path: Path) -> None:
+    """A relay on PostgreSQL keeps only its key here: a "backup" of it alone would
+    restore into a relay that signs a new history under the same key."""
+    data = tmp_path / "on-postgresql"
+    data.mkdir()
+    Identity.generate().save(data / "relay.key")
+    out = tmp_path / "backup"
+    code, _, err = await formicary("relay", "backup", "--data", str(data), "--out", str(out))
+    assert code == 1 and "pg_dump" in err and not out.exists()
