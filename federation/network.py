@@ -455,7 +455,9 @@ class Federation:
     # -- reporting --------------------------------------------------------------------
 
     def info(self) -> dict[str, Any]:
-        """The federation part of ``GET /info``."""
+        """The federation part of ``GET /info`` (and of the board, for any viewer):
+        mirrors of namespaces an anonymous reader may not read are left out, as
+        ``/info`` leaves out such namespaces of this relay."""
         peers = []
         for name, peer in sorted(self.peers.items()):
             link = self.links.get(name)
@@ -484,6 +486,7 @@ class Federation:
                 "following": mirror.following,
             }
             for ns, mirror in sorted(self.mirrors.items())
+            if self.node.access.may_read(ns, None)
         }
         return {"peers": peers, "mirrors": mirrors, "forgeries": self.forgeries}
 

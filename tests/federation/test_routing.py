@@ -150,6 +150,33 @@ async def test_info_reports_links_outboxes_and_mirrors(
     assert fed["forgeries"] == 0 and info["namespaces"] == []
 
 
+async def test_info_leaves_out_the_mirrors_of_private_namespaces(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """/info is anonymous, and lists no private namespace of this relay: nor of the
+    ones it mirrors (their names and heads)."""
+    from agent_sdk.access import set_policy
+
+    a, b = await pair(nursery, tmp_path)
+    reader = identity(7)
+    with trio.fail_after(TIMEOUT):
+        async with RelayClient.connect(b.url, reader) as owner:
+            await owner.publish("team@b", "app.note", 1)
+            readers = [reader.public_key, a.node.identity.public_key]
+            await set_policy(owner, "team@b", "private", readers=readers)
+        async with RelayClient.connect(a.url, reader) as agent:
+            await agent.publish("x@b", "app.note", 1)  # a public one, mirrored too
+            for ns in ("team@b", "x@b"):
+                async with agent.subscribe(ns, start=1) as feed:
+                    async for item in feed:
+                        if isinstance(item, Live):
+                            break
+        url = a.url.replace("ws://", "http://") + "/info"
+        info = json.loads(await trio.to_thread.run_sync(lambda: urllib.request.urlopen(url).read()))
+    assert a.node.head("team@b") == 2  # mirrored here
+    assert set(info["federation"]["mirrors"]) == {"x@b"}
+
+
 async def test_a_home_finds_a_dependency_on_the_forwarding_relays_own_log(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
