@@ -33,7 +33,7 @@ from agent_sdk.identity import (
     Identity,
     KeyFileError,
     default_key_path,
-    load_or_create,
+    open_key_file,
 )
 from agent_sdk.wire import to_json_safe
 
@@ -79,17 +79,14 @@ def _relay_url(args: argparse.Namespace) -> str:
 
 def _identity(args: argparse.Namespace) -> Identity:
     path = Path(args.key) if args.key else default_key_path()
+    made = not path.exists()
     try:
-        made = not path.exists()
-        identity = load_or_create(path)
-        if made:  # a mistyped --key must not pass silently for another agent
-            print(f"formicary: no key at {path}: made one, agent {identity.id}", file=sys.stderr)
-        return identity
-    except (OSError, ValueError, TypeError) as exc:  # a directory, not PEM, not Ed25519
-        reason: object = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-        if isinstance(exc, ValueError):
-            reason = "it does not hold an Ed25519 private key in PEM"
-        raise KeyFileError(f"the key file {path}: {reason} (--key or ${KEY_ENV})") from None
+        identity = open_key_file(path)
+    except KeyFileError as exc:
+        raise KeyFileError(f"{exc} (--key or ${KEY_ENV})") from None
+    if made:  # a mistyped --key must not pass silently for another agent
+        print(f"formicary: no key at {path}: made one, agent {identity.id}", file=sys.stderr)
+    return identity
 
 
 # --------------------------------------------------------------------------- commands
@@ -289,7 +286,7 @@ def cmd_relay_key(args: argparse.Namespace) -> int:
             f"formicary: {data} holds logs but no {KEY_FILE}: restore the key file", file=sys.stderr
         )
         return 1
-    identity = load_or_create(data / KEY_FILE)
+    identity = open_key_file(data / KEY_FILE)
     print(identity.id)
     return 0
 
@@ -315,7 +312,7 @@ def cmd_relay_invite(args: argparse.Namespace) -> int:
     if not path.exists():
         print(f"formicary relay invite: no {KEY_FILE} in {args.data}", file=sys.stderr)
         return 1
-    token = mint_invite(load_or_create(path), args.ns, time.time_ns() // 1_000_000 + ttl)
+    token = mint_invite(open_key_file(path), args.ns, time.time_ns() // 1_000_000 + ttl)
     print(token.hex())
     return 0
 
@@ -355,7 +352,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"formicary log verify: {exc}", file=sys.stderr)
         return 2
     key_path = data / KEY_FILE
-    own_key = Identity.load(key_path).public_key if key_path.exists() else None
+    own_key = open_key_file(key_path).public_key if key_path.exists() else None
     stores: list[tuple[Store, bool]] = []
     if args.store:
         from relay.store.postgres import PostgresStore, StoreUnavailable

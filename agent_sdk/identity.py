@@ -133,3 +133,15 @@ def load_or_create(path: Path) -> Identity:
     except FileExistsError:
         return Identity.load(path)
     return identity
+
+
+def open_key_file(path: Path) -> Identity:
+    """:func:`load_or_create`, with a :class:`KeyFileError` that names the file and
+    says what is wrong when it cannot be read or is not a key."""
+    try:
+        return load_or_create(path)
+    except (OSError, ValueError, TypeError) as exc:  # a directory, not PEM, not Ed25519
+        reason: object = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        if not isinstance(exc, OSError):
+            reason = "it does not hold an unencrypted Ed25519 private key in PEM"
+        raise KeyFileError(f"the key file {path}: {reason}") from None

@@ -24,7 +24,7 @@ from pathlib import Path
 import trio
 from websockets.trio.server import Server
 
-from agent_sdk.identity import Identity, load_or_create
+from agent_sdk.identity import Identity, KeyFileError, open_key_file
 from agent_sdk.wire import decode_receipt, digest
 from federation.network import Federation, FederationConfig
 from federation.outbox import SQLiteOutboxStore
@@ -84,7 +84,10 @@ def load_identity(data: Path, store: Store) -> Identity:
     namespaces = store.namespaces()
     if namespaces and not path.exists():
         raise DataDirError(f"{data} holds logs but no {KEY_FILE}: restore the key file")
-    identity = load_or_create(path)
+    try:
+        identity = open_key_file(path)
+    except KeyFileError as exc:
+        raise DataDirError(f"{exc}: restore it from a backup") from None
     for ns in namespaces[:1]:
         receipt = decode_receipt(store.read(ns, 1, 1)[0].receipt)
         if receipt.relay != identity.public_key:

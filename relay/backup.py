@@ -50,6 +50,7 @@ def backup(data: Path, out: Path) -> dict[str, Any]:
     """Copy ``data`` into the new directory ``out``; returns the manifest."""
     if not (data / KEY_FILE).exists():
         raise BackupError(f"{data} has no {KEY_FILE}: not a relay's data directory")
+    key = _key(data / KEY_FILE)
     if out.exists():
         raise BackupError(f"{out} exists: a backup goes into a new directory")
     if not (data / STORE_FILE).exists():
@@ -69,7 +70,7 @@ def backup(data: Path, out: Path) -> dict[str, Any]:
         shutil.copy2(data / LOGS_FILE, out / LOGS_FILE)
         copied.append(LOGS_FILE)
     manifest = {
-        "key": Identity.load(out / KEY_FILE).id,
+        "key": key.id,
         "taken_ms": time.time_ns() // 1_000_000,
         "files": [KEY_FILE, *copied],
         "heads": _heads(out / STORE_FILE) if STORE_FILE in copied else {},
@@ -87,7 +88,7 @@ def restore(backup_dir: Path, data: Path) -> dict[str, Any]:
         raise BackupError(f"{backup_dir}: no readable {MANIFEST}: {exc}") from None
     if (data / KEY_FILE).exists() or (data / STORE_FILE).exists():
         raise BackupError(f"{data} holds a relay already: restore into an empty directory")
-    key = Identity.load(backup_dir / KEY_FILE)
+    key = _key(backup_dir / KEY_FILE)
     if key.id != manifest["key"]:
         raise BackupError(f"{backup_dir}/{KEY_FILE} is not the key the manifest names")
     heads = _heads(backup_dir / STORE_FILE) if STORE_FILE in manifest["files"] else {}
@@ -117,6 +118,13 @@ def restore(backup_dir: Path, data: Path) -> dict[str, Any]:
         _fsync(data)
         staging.rmdir()
     return {"restored": manifest["files"], "namespaces": len(heads), "key": key.id}
+
+
+def _key(path: Path) -> Identity:
+    try:
+        return Identity.load(path)
+    except (OSError, ValueError, TypeError) as exc:
+        raise BackupError(f"{path} is not a readable Ed25519 key file: {exc}") from None
 
 
 def compact(data: Path) -> dict[str, Any]:

@@ -271,11 +271,11 @@ def _typed(option: Option, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: {value!r} is not a string")
         return value
     if kind == "level":
-        if value not in LEVELS:
+        if not isinstance(value, str) or value not in LEVELS:
             raise ConfigError(f"{where}: {value!r}: one of {', '.join(LEVELS)}")
         return value
     if kind == "creation":
-        if value not in set(Creation):
+        if not isinstance(value, str) or value not in set(Creation):
             raise ConfigError(f"{where}: {value!r}: one of {', '.join(Creation)}")
         return value
     if kind == "addresses":

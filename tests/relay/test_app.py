@@ -163,3 +163,24 @@ async def test_a_nan_an_agent_wrote_into_an_outcome_does_not_stop_a_restart(
     again = await start_relay(nursery, data)
     assert again.node.head("team@local") == 2
     again.scope.cancel()
+
+
+async def test_a_key_file_that_is_not_a_key_is_one_line(tmp_path: Path) -> None:
+    """Not a traceback: the relay and its commands name the file and what is wrong."""
+    from tests.processes import cli
+
+    data = tmp_path / "relay"
+    data.mkdir()
+    (data / KEY_FILE).write_text("not a key\n")
+    store = open_store(data, store_dsn(data))
+    try:
+        with pytest.raises(DataDirError, match=r"relay\.key: it does not hold .* Ed25519"):
+            load_identity(data, store)
+    finally:
+        store.close()
+    for command in (["relay", "key"], ["relay", "invite", "a@local"]):
+        done = await trio.run_process(
+            cli(*command, "--data", str(data)), capture_stderr=True, check=False
+        )
+        err = done.stderr.decode()
+        assert done.returncode == 1 and "Traceback" not in err and "Ed25519" in err, err

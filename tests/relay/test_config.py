@@ -59,6 +59,8 @@ peers = ["south=ws://127.0.0.1:7800#" ]
         ("[limits]\npark_timeout = 10\n", "a duration is a string"),
         ('[leases]\nclaim_ttl = "30 minutes"\n', "use a number with ms, s, m or h"),
         ('[relay]\nlog_level = "loud"\n', "one of debug, info"),
+        ("[relay]\nlog_level = { a = 1 }\n", "one of debug, info"),
+        ('[access]\ncreate = ["x"]\n', "one of "),
         ('name = "x"\n', "is not a [section]"),
         ("[relay\n", "not TOML"),
         ('[leases]\nmin = "1h"\nmax = "1m"\n', "min <= default <= max"),
