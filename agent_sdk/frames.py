@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import msgpack
 
 from agent_sdk.errors import ErrorCode, ProtocolError
-from agent_sdk.wire import decode
+from agent_sdk.wire import decode, too_deep
 
 AGENT_AUTH_DOMAIN = b"formicary/v1/agent-auth\x00"
 RELAY_AUTH_DOMAIN = b"formicary/v1/relay-auth\x00"
@@ -519,19 +519,26 @@ MAX_BUNDLE = 4096
 error, so a bundle of a million nils must not cost a million."""
 
 
-def decode_message(data: bytes, max_frames: int | None = None) -> list[Frame | ProtocolError]:
+def decode_message(
+    data: bytes, max_frames: int | None = None, max_depth: int | None = None
+) -> list[Frame | ProtocolError]:
     """Decode one WebSocket message: a frame, or a bundle (an array) of frames.
 
     Each frame of a bundle stands alone: a bad one yields its :class:`ProtocolError`
     in its place and the others are still decoded. A message that is not msgpack at
     all, or a bundle of more than ``max_frames`` (a relay: :data:`MAX_BUNDLE`), yields
-    one error.
+    one error. A frame whose values nest over ``max_depth`` deep (a relay:
+    :data:`~agent_sdk.wire.MAX_DEPTH`) yields its error too.
     """
     try:
         value = decode(data)
     except ProtocolError as exc:
         return [exc]
     items = value if type(value) is list else [value]
+    if max_depth is not None and too_deep(value, data, max_depth + (items is value)):
+        deep = ProtocolError(ErrorCode.MALFORMED, f"values nest over {max_depth} levels deep")
+        # (a rare message: each frame is walked alone, and only the deep ones refused)
+        items = [deep if too_deep(item, data, max_depth) else item for item in items]
     if not items:
         return [ProtocolError(ErrorCode.MALFORMED, "an empty bundle holds no frame")]
     if max_frames is not None and len(items) > max_frames:
@@ -539,6 +546,9 @@ def decode_message(data: bytes, max_frames: int | None = None) -> list[Frame | P
         return [ProtocolError(ErrorCode.MALFORMED, reason)]
     out: list[Frame | ProtocolError] = []
     for item in items:
+        if isinstance(item, ProtocolError):
+            out.append(item)
+            continue
         try:
             out.append(frame_from_map(item))
         except ProtocolError as exc:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import reprlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -104,6 +105,32 @@ def decode(data: bytes) -> Any:
         return msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
     except Exception as exc:  # msgpack raises several unrelated types for bad input
         raise ProtocolError(ErrorCode.MALFORMED, f"not msgpack: {exc}") from None
+
+
+MAX_DEPTH = 64
+"""How deep containers may nest in a value a relay receives: an event (its map is
+level 1) or a frame (protocol 3.1). Code that walks a value recursively (a reason
+quoting it, a schema check, JSON output) must not run out of stack on a crafted one."""
+
+_CONTAINER_HEADS = frozenset([*range(0x80, 0xA0), 0xDC, 0xDD, 0xDE, 0xDF])
+_NOT_A_CONTAINER_HEAD = bytes(b for b in range(256) if b not in _CONTAINER_HEADS)
+
+
+def too_deep(value: Any, data: bytes, limit: int = MAX_DEPTH) -> bool:
+    """Whether ``value`` (decoded from ``data``) nests containers over ``limit`` deep.
+
+    Every container starts with one of a few head bytes, so when ``data`` holds no
+    more of them than ``limit`` (nearly always) no walk is needed."""
+    if len(data.translate(None, _NOT_A_CONTAINER_HEAD)) <= limit:
+        return False
+    stack = [(value, 1)] if isinstance(value, (dict, list)) else []
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
 
 
 class _UnsortedMap(Exception):
@@ -275,6 +302,11 @@ def sign_event(event: Event, signer: Signer) -> SignedEvent:
     return signed
 
 
+def _shown(value: Any) -> str:
+    """A received value in a reason: short, and safe however deep it nests."""
+    return reprlib.repr(value)
+
+
 def check_event_fields(fields: Any, *, max_deps: int | None = None) -> Event:
     """Validate a decoded event map and build the :class:`Event` it describes."""
     if not isinstance(fields, dict):
@@ -288,15 +320,15 @@ def check_event_fields(fields: Any, *, max_deps: int | None = None) -> Event:
     author, deps, ts = fields["author"], fields["deps"], fields["ts"]
     nonce = fields.get("nonce")
     if type(v) is not int or v != PROTOCOL_VERSION:
-        raise ProtocolError(ErrorCode.BAD_EVENT, f"unsupported event version {v!r}")
+        raise ProtocolError(ErrorCode.BAD_EVENT, f"unsupported event version {_shown(v)}")
     if not isinstance(ns, str) or not NS_RE.fullmatch(ns):
         reason = (
-            f"bad namespace {ns!r}: want name@relay, each part 1 to 63 of a-z, 0-9, '.', '_',"
+            f"bad namespace {_shown(ns)}: want name@relay, each part 1 to 63 of a-z, 0-9, '.', '_',"
             " '-', starting with a letter or digit"
         )
         raise ProtocolError(ErrorCode.BAD_EVENT, reason)
     if not isinstance(kind, str) or len(kind) > KIND_MAX or not KIND_RE.fullmatch(kind):
-        raise ProtocolError(ErrorCode.BAD_EVENT, f"bad kind {kind!r}: want dotted lowercase")
+        raise ProtocolError(ErrorCode.BAD_EVENT, f"bad kind {_shown(kind)}: want dotted lowercase")
     if not isinstance(author, bytes) or len(author) != KEY_SIZE:
         raise ProtocolError(ErrorCode.BAD_EVENT, "author must be a 32-byte Ed25519 key")
     if not isinstance(ts, int) or isinstance(ts, bool) or not 0 <= ts <= MAX_TS:
@@ -327,16 +359,22 @@ def check_event_fields(fields: Any, *, max_deps: int | None = None) -> Event:
     )
 
 
-def decode_event(raw: bytes, sig: bytes, *, max_deps: int | None = None) -> SignedEvent:
+def decode_event(
+    raw: bytes, sig: bytes, *, max_deps: int | None = None, max_depth: int | None = None
+) -> SignedEvent:
     """Parse received event bytes; the signature is *not* checked here (see ``verify``).
 
     Raises :class:`ProtocolError` with ``MALFORMED``, ``NON_CANONICAL``, ``BAD_EVENT``
     or ``TOO_MANY_DEPS``. Splitting the cheap checks from the signature lets a relay
-    refuse bad shapes before paying for Ed25519.
+    refuse bad shapes before paying for Ed25519. ``max_deps`` and ``max_depth`` are
+    for new events only: a stored one is read as it was accepted.
     """
     if not isinstance(sig, bytes) or len(sig) != SIG_SIZE:
         raise ProtocolError(ErrorCode.BAD_SIGNATURE, "a signature is 64 bytes")
-    event = check_event_fields(decode_canonical(raw), max_deps=max_deps)
+    fields = decode_canonical(raw)
+    if max_depth is not None and too_deep(fields, raw, max_depth):
+        raise ProtocolError(ErrorCode.BAD_EVENT, f"values nest over {max_depth} levels deep")
+    event = check_event_fields(fields, max_deps=max_deps)
     return SignedEvent(raw=raw, sig=sig, id=digest(raw), event=event)
 
 

@@ -38,7 +38,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.trio.server import ServerConnection
 
 from agent_sdk.errors import ErrorCode, ProtocolError
-from agent_sdk.wire import decode_event, to_json_safe, verify_signature
+from agent_sdk.wire import MAX_DEPTH, decode_event, to_json_safe, verify_signature
 from relay.coordination import queries
 from relay.coordination.directory import joins_by_connection
 from relay.coordination.requests import Coordinator
@@ -294,7 +294,7 @@ class Board:
                 self.node.metrics.rate_limited["publish"] += 1
                 raise
             raw, sig = _b64(request, "event"), _b64(request, "sig")
-            signed = decode_event(raw, sig, max_deps=self.node.config.max_deps)
+            signed = decode_event(raw, sig, max_deps=self.node.config.max_deps, max_depth=MAX_DEPTH)
             if signed.event.author != self.key:
                 # Else anyone could replay others' events here, against their budget.
                 raise ProtocolError(ErrorCode.WRONG_AUTHOR, "the author is not the signed-in key")

@@ -48,6 +48,7 @@ from relay.documents import COMPACTED, DOC_KINDS, DocHost, LiveDoc, check_event
 from relay.entities import Entities
 from relay.inbox import Inboxes, InboxStore, MemoryInboxStore
 from relay.limits import Limiter, RateLimits
+from relay.logs import about
 from relay.metrics import Metrics, count_kind
 from relay.sequencer import Duplicate, Limits, Parked, Rejected, Sequenced, Sequencer
 from relay.signatures import SignatureChecker
@@ -503,9 +504,13 @@ class RelayNode:
         event = ticket.event
         if self.sequencer.locate(event.id) is None:  # (a duplicate gets its receipt)
             # Here, in log order: may its author write? does its document exist?
-            refusal = self.refuse_write(event.event, now)
-            if refusal is None and event.event.kind in DOC_KINDS:
-                refusal = self.docs.refuse(event.event)
+            try:
+                refusal = self.refuse_write(event.event, now)
+                if refusal is None and event.event.kind in DOC_KINDS:
+                    refusal = self.docs.refuse(event.event)
+            except Exception:  # our bug on a crafted event: refuse it, not stop the relay
+                log.exception("checking an event failed", extra=about(event.id))
+                refusal = ProtocolError(ErrorCode.BAD_EVENT, "the relay could not check it")
             if refusal is not None:
                 self.count("rejected")
                 ticket._resolve(error=refusal)

@@ -659,6 +659,11 @@ class Connection:
         except ProtocolError as exc:
             await self._send(f.Error.of(exc, rid=query.rid))
             return
+        except Exception:  # our bug on crafted args: answer it, keep the connection
+            log.exception("query %s failed", query.q)
+            failed = ProtocolError(ErrorCode.INTERNAL, f"the relay could not answer {query.q}")
+            await self._send(f.Error.of(failed, rid=query.rid))
+            return
         await self._send(f.Result(rid=query.rid, body=body))
 
     # -- subscriptions -----------------------------------------------------------------

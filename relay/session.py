@@ -13,13 +13,23 @@ and last the Ed25519 signature — so bad input costs as little as it can.
 from __future__ import annotations
 
 import enum
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from agent_sdk import frames as f
 from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.sealing import Receipt, Sealed, Unsealable
-from agent_sdk.wire import PROTOCOL_VERSION, SignedEvent, Signer, decode_event, verify_signature
+from agent_sdk.wire import (
+    MAX_DEPTH,
+    PROTOCOL_VERSION,
+    SignedEvent,
+    Signer,
+    decode_event,
+    verify_signature,
+)
+
+log = logging.getLogger("formicary.relay")
 
 CHARGED = (f.Publish, f.Query, f.MsgSend, f.MsgConfirm, f.Subscribe, f.DocOpen)
 """Frames charged to the agent's rate limits: a publish, or a request (all the others:
@@ -222,7 +232,8 @@ class Session:
         if len(data) > self.max_frame:
             reason = f"message of {len(data)} bytes; limit is {self.max_frame}"
             return iter([_error(ProtocolError(ErrorCode.FRAME_TOO_LARGE, reason))])
-        return (self._act(item) for item in f.decode_message(data, f.MAX_BUNDLE))
+        frames = f.decode_message(data, f.MAX_BUNDLE, MAX_DEPTH)
+        return (self._act(item) for item in frames)
 
     def _act(self, frame: f.Frame | ProtocolError) -> Action:
         if isinstance(frame, ProtocolError):
@@ -237,6 +248,10 @@ class Session:
             return self._handle(frame)
         except ProtocolError as exc:
             return _error(exc, rid=rid, sub=sub)
+        except Exception:  # our bug on a crafted frame: answer it, keep the connection
+            log.exception("a %s frame could not be handled", frame.t)
+            failed = ProtocolError(ErrorCode.INTERNAL, f"the relay could not handle this {frame.t}")
+            return _error(failed, rid=rid, sub=sub)
 
     def _handle(self, frame: f.Frame) -> Action:
         new_state = TRANSITIONS.get((self.state, type(frame)))  # type: ignore[arg-type]
@@ -292,7 +307,7 @@ class Session:
         return Reply(f.Welcome(agent=frame.key, sig=sig))
 
     def _verified(self, frame: f.Publish) -> SignedEvent:
-        signed = decode_event(frame.event, frame.sig, max_deps=self.max_deps)
+        signed = decode_event(frame.event, frame.sig, max_deps=self.max_deps, max_depth=MAX_DEPTH)
         if signed.event.author != self.agent and self.agent not in self.forwarders:
             raise ProtocolError(
                 ErrorCode.WRONG_AUTHOR,

@@ -556,7 +556,8 @@ def conflict_list(coordinator: Coordinator, args: dict[str, Any], now_ms: int, b
     only(args, "status", "step", "after", "limit")
     status, step = opt_text(args, "status", 16), opt_text(args, "step", 16)
     after = opt_integer(args, "after") or 0
-    cases = itertools.islice(coordinator.decisions.conflicts.values(), max(0, after), None)
+    conflicts = coordinator.decisions.conflicts
+    cases = itertools.islice(conflicts.values(), min(max(0, after), len(conflicts)), None)
     items = (
         _conflict(case)
         for case in cases  # (numbered cf-1, cf-2... in order: skip to ``after``)

@@ -25,6 +25,7 @@ from agent_sdk.wire import (
     make_receipt,
     seal,
     sign_event,
+    too_deep,
     verify_seal,
     verify_signature,
     weak_key,
@@ -341,3 +342,19 @@ def test_a_signature_or_key_that_is_not_bytes_never_verifies(odd: Any) -> None:
     assert not verify_signature(owner.public_key, odd, message)
     assert not verify_signature(odd, sig, message)
     assert verify_signature(owner.public_key, sig, bytearray(message))
+
+
+@pytest.mark.parametrize("container", ["list", "map"])
+def test_too_deep_counts_levels_exactly(container: str) -> None:
+    def nested(depth: int) -> Any:
+        value: Any = 0
+        for _ in range(depth):
+            value = [value] if container == "list" else {"k": value}
+        return value
+
+    for depth in (1, 63, 64, 65, 200):
+        value = nested(depth)
+        data = canonical(value)
+        assert too_deep(value, data, 64) == (depth > 64), depth
+    assert not too_deep([[0], [[0]]], canonical([[0], [[0]]]), 3)
+    assert too_deep([[0], [[[0]]]], canonical([[0], [[[0]]]]), 3)

@@ -33,6 +33,7 @@ from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.identity import Identity
 from agent_sdk.wire import (
     EVENT_DOMAIN,
+    MAX_DEPTH,
     Event,
     SignedEvent,
     canonical,
@@ -966,3 +967,62 @@ async def test_http_with_a_header_on_two_lines_and_info_of_private_namespaces(
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200"), head  # was 500: two Connection lines
     assert json.loads(body)["namespaces"] == [CALM_NS]  # the private one is not listed
+
+
+def nested(depth: int) -> Any:
+    """``depth`` lists, one inside the other, around a 0."""
+    value: Any = 0
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+async def test_values_nested_too_deep_are_refused_and_the_relay_lives_on(
+    relay: RunningRelay,
+) -> None:
+    """Code that walks a value recursively (a reason quoting it, a schema check, JSON
+    output) ran out of stack on a 1000-deep one: in a schema check that stopped the
+    whole relay, in a reason the sender's connection, in `formicary tail` every reader."""
+    deep = b"\x91" * 1000 + b"\x00"
+    async with scene(relay) as (bad, calm):
+        register = {"kind": "app.x", "version": 1, "schema": {"type": "object"}}
+        await bad.publish_ok(valid_event(kind="schema.register", body=register))
+        # The event's map is level 1: a body of MAX_DEPTH - 1 more levels is within.
+        await bad.publish_ok(valid_event(kind="app.x", body={"a": nested(MAX_DEPTH - 2)}))
+        too_deep = valid_event(kind="app.x", body={"$schema": nested(MAX_DEPTH)})
+        await bad.refused_publish(too_deep, ErrorCode.BAD_EVENT)
+        for key, value in ((b"\xa1v", b"\x01"), (b"\xa4kind", b"\xa8app.note")):  # quoted
+            raw = canonical(event_map())
+            assert raw.count(key + value) == 1
+            raw = raw.replace(key + value, key + deep)
+            await bad.refused_publish(signed_raw(raw), ErrorCode.BAD_EVENT)
+            await calm.round_trip()
+        # A frame, too: only that one is refused, the others of its bundle are answered.
+        rid = bad.take_rid()
+        deep_query = msgpack.packb(
+            {"t": "query", "rid": rid + 1, "ns": NS, "q": "wo.list", "args": {"x": nested(200)}}
+        )
+        event = valid_event()
+        await bad.send(f.bundle([publish_bytes(rid, event), deep_query]))
+        answers = [await bad.recv(), await bad.recv()]  # the error comes before the commit
+        [ack] = [a for a in answers if isinstance(a, f.Ack)]
+        [error] = [a for a in answers if isinstance(a, f.Error)]
+        assert ack.rid == rid and (error.code, error.rid) == (ErrorCode.MALFORMED, None)
+        assert f"over {MAX_DEPTH} levels" in error.reason
+        bad.acked.append(event.id)
+        await bad.publish_ok()
+        await calm.round_trip()
+
+
+async def test_a_query_past_every_conflict_is_answered(relay: RunningRelay) -> None:
+    """An ``after`` past what islice takes raised a ValueError that closed the
+    connection (1011), its queued answers lost."""
+    async with scene(relay) as (bad, calm):
+        for after in (2**63, 2**64 - 1):
+            await bad.send({"t": "query", "rid": 7, "ns": NS, "q": "conflict.list",
+                            "args": {"after": after}})  # fmt: skip
+            answer = await bad.recv()
+            assert isinstance(answer, f.Result) and answer.rid == 7, answer
+            assert answer.body["conflicts"] == []
+        await bad.publish_ok()
+        await calm.round_trip()
