@@ -468,7 +468,13 @@ def encode_event_frame(
     """
     header = b"\x86" if seal is not None else b"\x85"  # a map of 6 (5) fields
     sub_bytes: bytes = msgpack.packb(sub)
-    return header + _EVENT_T_SUB + sub_bytes + _event_frame_rest(event, sig, receipt, seal)
+    # Large events are not cached: the cache holds each twice (key and value), and
+    # 4096 of max_frame bytes would be gigabytes kept after their subscribers left.
+    rest = _event_frame_rest if len(event) <= CACHED_EVENT_MAX else _event_frame_rest.__wrapped__
+    return header + _EVENT_T_SUB + sub_bytes + rest(event, sig, receipt, seal)
+
+
+CACHED_EVENT_MAX = 16 << 10
 
 
 @functools.lru_cache(maxsize=4096)

@@ -71,6 +71,13 @@ from relay.session import (
 from relay.store import Record
 from relay.subscriptions import Filter, check_cursor
 
+SEND_QUEUE_FRAMES_OF_MAX = 4
+"""A connection's send queue holds at most this many ``max_frame``s of bytes (and at
+most ``send_queue`` frames); past it, senders wait as for a full queue."""
+
+FIRST_REPLAY_BATCH = 16
+"""Records a replay reads first: a batch holds records, and records can be large."""
+
 log = logging.getLogger("formicary.relay")
 ACK_DRAIN = 10.0
 """Seconds a closing connection may take to apply the inbox acknowledgements it sent."""
@@ -136,6 +143,11 @@ class Connection:
         )
         self.fed = node.federation
         self._out_tx, self._out_rx = trio.open_memory_channel[bytes](config.send_queue)
+        # The queue is bounded in bytes too: send_queue frames of max_frame bytes each
+        # would be 256 MiB for one subscriber that reads nothing.
+        self._queued_bytes = 0
+        self._byte_budget = SEND_QUEUE_FRAMES_OF_MAX * config.max_frame
+        self._taken = trio.Event()  # set (and replaced) as the writer takes frames
         # Publishes and queries, answered in the order they came: a query waits for
         # the publishes before it to be sequenced, so an agent reads its own writes.
         self._acks_tx, self._acks_rx = trio.open_memory_channel[tuple[int, Answerable]](
@@ -212,12 +224,16 @@ class Connection:
         """Queue an encoded frame for the writer (see :meth:`_send`)."""
         if self._closing:
             await self._stop_sending()
-        try:
-            self._out_tx.send_nowait(data)
-            return
-        except trio.WouldBlock:
-            pass
-        if await self._wait_for_room(self._out_tx, data, self.node.config.slow_consumer_timeout):
+        size = len(data)
+        if not self._queued_bytes or self._queued_bytes + size <= self._byte_budget:
+            try:
+                self._out_tx.send_nowait(data)
+                self._queued_bytes += size
+                return
+            except trio.WouldBlock:
+                pass
+        timeout = self.node.config.slow_consumer_timeout
+        if await self._wait_for_room(self._out_tx, data, timeout, size=size):
             return
         if not self._closing:  # (else another task began the close while we waited)
             self._begin_slow_close("its send queue stayed full")
@@ -228,14 +244,18 @@ class Connection:
         await self._stop_sending()
 
     async def _wait_for_room(
-        self, queue: trio.MemorySendChannel[T], item: T, seconds: float = math.inf
+        self, queue: trio.MemorySendChannel[T], item: T, seconds: float = math.inf, size: int = 0
     ) -> bool:
-        """Put ``item`` in a full ``queue`` once it has room: False if ``seconds`` ran
-        out first, or a slow consumer's close began (it cancels every such wait)."""
+        """Put ``item`` in a full ``queue`` once it has room (for ``size`` more bytes,
+        the send queue): False if ``seconds`` ran out first, or a slow consumer's close
+        began (it cancels every such wait)."""
         with trio.move_on_after(seconds) as waiting:
             self._waits.add(waiting)
             try:
+                while size and self._queued_bytes and self._queued_bytes + size > self._byte_budget:
+                    await self._taken.wait()
                 await queue.send(item)
+                self._queued_bytes += size
                 return True
             finally:
                 self._waits.discard(waiting)
@@ -303,6 +323,9 @@ class Connection:
                     break
                 frames.append(data)
                 size += len(data)
+            self._queued_bytes -= size
+            self._taken.set()
+            self._taken = trio.Event()
             self._writing = True
             self._send_began = trio.current_time()
             try:
@@ -901,10 +924,14 @@ class Connection:
         records too (with empty event bytes): it needs every link of the chain."""
         live = False
         chain_too = self.peer is not None
-        batch = self.node.config.replay_batch
+        most = self.node.config.replay_batch
+        budget = SEND_QUEUE_FRAMES_OF_MAX * self.node.config.max_frame
+        batch = min(most, FIRST_REPLAY_BATCH)  # then sized to hold about `budget` bytes
         access = self.node.access
         while True:
             records: list[Record] = await self.node.read(ns, cursor, batch)
+            held = sum(len(r.event) for r in records)
+            batch = max(1, batch * budget // held) if held > budget else min(most, 2 * batch)
             # Checked as it goes, not only at subscribe: a policy can change under it.
             # A reader shut out still gets the log up to the change that did it (a
             # mirroring relay must fold it), then the error.

@@ -73,3 +73,16 @@ def test_a_pre_encoded_event_frame_is_the_frame_encode_frame_makes(
     frame = f.EventFrame(sub=sub, event=event, sig=sig, receipt=receipt, seal=seal)
     assert f.encode_event_frame(sub, event, sig, receipt, seal) == f.encode_frame(frame)
     assert f.decode_frame(f.encode_event_frame(sub, event, sig, receipt, seal)) == frame
+
+
+def test_large_events_are_not_kept_in_the_fan_out_cache() -> None:
+    """4096 cached frames of max_frame bytes each would be gigabytes, kept after
+    their subscribers left; a large event is encoded per subscriber instead."""
+    sig, receipt = bytes(64), b"\x81\xa1r\x01"
+    large = b"x" * (f.CACHED_EVENT_MAX + 1)
+    frame = f.EventFrame(sub=3, event=large, sig=sig, receipt=receipt, seal=None)
+    before = f._event_frame_rest.cache_info().currsize
+    assert f.encode_event_frame(3, large, sig, receipt, None) == f.encode_frame(frame)
+    assert f._event_frame_rest.cache_info().currsize == before
+    f.encode_event_frame(3, large[: f.CACHED_EVENT_MAX], sig, receipt, None)
+    assert f._event_frame_rest.cache_info().currsize == before + 1

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Close
 from websockets.trio.client import ClientConnection, connect
@@ -22,7 +23,9 @@ BODY = "x" * 60_000
 EVENTS = 300  # 18 MB: far more than the loopback socket buffers hold
 
 
-async def subscribe_lazily(relay: RunningRelay, lazy: ClientConnection) -> Connection:
+async def subscribe_lazily(
+    relay: RunningRelay, lazy: ClientConnection, start: int | None = None
+) -> Connection:
     """Authenticate ``lazy`` and subscribe it to ``NS``; returns its connection at the
     relay. The caller decides what it reads from then on."""
     agent = identity(1)
@@ -31,7 +34,8 @@ async def subscribe_lazily(relay: RunningRelay, lazy: ClientConnection) -> Conne
     sig = agent.sign(f.agent_auth_message(hello.relay, hello.challenge))
     await lazy.send(f.encode_frame(f.Auth(key=agent.public_key, sig=sig, challenge=bytes(32))))
     assert isinstance(f.decode_frame(await lazy.recv()), f.Welcome)
-    await lazy.send(f.encode_frame(f.Subscribe(sub=1, ns=(NS,))))
+    starts = {} if start is None else {NS: start}
+    await lazy.send(f.encode_frame(f.Subscribe(sub=1, ns=(NS,), start=starts)))
     (cut,) = [c for c in relay.node.connections if c.session.agent == agent.public_key]
     return cut
 
@@ -151,3 +155,25 @@ async def test_a_peer_that_never_reads_its_close_is_cut(
             while True:
                 await lazy.recv()
         assert info.value.rcvd is None
+
+
+async def test_a_reader_that_stops_reading_holds_a_bounded_number_of_bytes(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """The send queue was bounded in frames only: 256 of them, each up to max_frame,
+    is 256 MiB for one subscriber that reads nothing (and each of its subscriptions
+    held a replay batch of 512 records besides)."""
+    config = RelayConfig(name="local", max_frame=64 << 10, slow_consumer_timeout=600)
+    relay = await start_relay(nursery, tmp_path / "relay", config)
+    async with RelayClient.connect(relay.url, identity(2)) as publisher:
+        for n in range(EVENTS):
+            await publisher.publish(NS, "app.big", {"n": n, "pad": BODY})
+    async with connect(relay.url, compression=None, max_size=None, max_queue=4) as lazy:
+        cut = await subscribe_lazily(relay, lazy, start=1)  # a replay it never reads
+        await trio.testing.wait_all_tasks_blocked(cushion=0.2)  # the writer is stuck
+        assert cut._writing and cut._out_rx.statistics().current_buffer_used < 256
+        assert 0 < cut._queued_bytes <= server.SEND_QUEUE_FRAMES_OF_MAX * config.max_frame
+        await cut._cut()  # and read what came, up to the cut (websockets' client waits
+        with pytest.raises(ConnectionClosed):  # for ever to close with reading paused)
+            while True:
+                await lazy.recv()
