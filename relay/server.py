@@ -99,6 +99,10 @@ working one off: an agent that honours ``try again in`` (its retries get through
 never gets near it, and one refused more often than let through reaches it, however
 it mixes the two."""
 ADMIT_RUN = 64  # publishes of one message whose signatures are checked in one go
+MAX_REFUSED_IN_MESSAGE = 64
+"""Frames of one message the session refuses (malformed, not allowed yet, ...; not
+rate-limited ones, which have their own count) after which the rest of the message
+is not read: a bundle of 4096 nils must not buy 4096 error frames (protocol 1)."""
 T = TypeVar("T")
 
 
@@ -390,9 +394,19 @@ class Connection:
             await self._send(f.Error.of(error))
             return
         admits: list[Admit] = []  # a run of publishes, their signatures checked together
+        refused = 0
         for i, action in enumerate(self.session.receive(message), 1):
             if i % 64 == 0:  # a big bundle must not hold the event loop for its whole length
                 await trio.lowlevel.checkpoint()
+            if _refusal(action):
+                refused += 1
+                if refused > MAX_REFUSED_IN_MESSAGE:
+                    if admits and not await self._admit_checked(admits):
+                        return
+                    reason = f"the rest of this message is not read: {refused - 1} of its frames"
+                    reason += " were refused"
+                    await self._send(f.Error.of(ProtocolError(ErrorCode.MALFORMED, reason)))
+                    return
             if isinstance(action, Admit) and not action.verified:
                 admits.append(action)
                 if len(admits) >= ADMIT_RUN:
@@ -961,6 +975,15 @@ class Connection:
                 await trio.lowlevel.checkpoint_if_cancelled()
                 await self._send(f.Live(sub=sub, ns=ns, seq=cursor - 1))
             await self.node.wait_beyond(ns, cursor - 1)
+
+
+def _refusal(action: Action) -> bool:
+    """An error the session answers a frame with, other than a rate limit's."""
+    return (
+        isinstance(action, Reply)
+        and isinstance(action.frame, f.Error)
+        and action.frame.code != int(ErrorCode.RATE_LIMITED)
+    )
 
 
 async def watch_writers(node: RelayNode) -> None:

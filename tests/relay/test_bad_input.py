@@ -42,6 +42,7 @@ from agent_sdk.wire import (
     sign_event,
     verify_signature,
 )
+from relay import server
 from relay.node import RelayConfig
 from relay.sequencer import Limits
 from tests.conftest import RunningRelay, identity, start_relay
@@ -1024,5 +1025,25 @@ async def test_a_query_past_every_conflict_is_answered(relay: RunningRelay) -> N
             answer = await bad.recv()
             assert isinstance(answer, f.Result) and answer.rid == 7, answer
             assert answer.body["conflicts"] == []
+        await bad.publish_ok()
+        await calm.round_trip()
+
+
+async def test_a_bundle_of_bad_frames_buys_a_bounded_number_of_errors(
+    relay: RunningRelay,
+) -> None:
+    """4 KB of nils bought 4096 error frames (80x as many bytes back), before auth
+    too, where nothing is charged; past 64 refused frames the rest is not read."""
+    async with scene(relay, authenticate=False) as (bad, calm):
+        await bad.send(b"\xdc" + f.MAX_BUNDLE.to_bytes(2, "big") + b"\xc0" * f.MAX_BUNDLE)
+        errors: list[f.Frame | ProtocolError] = []
+        while len(errors) < server.MAX_REFUSED_IN_MESSAGE + 1:  # (they come in bundles)
+            with trio.fail_after(TIMEOUT):
+                errors += f.decode_message(await bad.ws.recv())  # type: ignore[arg-type]
+        assert all(isinstance(e, f.Error) and e.code == ErrorCode.MALFORMED for e in errors)
+        *each, last = errors
+        assert not any("the rest" in e.reason for e in each)  # type: ignore[union-attr]
+        assert isinstance(last, f.Error) and "the rest of this message is not read" in last.reason
+        await bad.auth()  # the next message is read as ever
         await bad.publish_ok()
         await calm.round_trip()
