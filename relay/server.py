@@ -969,6 +969,10 @@ class Connection:
                     await self._send_encoded(event)
             if records:
                 cursor = records[-1].seq + 1
+                # A filter may match nothing in a long log read from memory: without a
+                # turn here, the whole replay would hold the event loop (a review saw
+                # other agents wait 90 ms).
+                await trio.lowlevel.checkpoint()
                 continue
             if not live:
                 live = True
