@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import msgpack
 
 from agent_sdk.errors import ErrorCode, ProtocolError
-from agent_sdk.wire import decode, too_deep
+from agent_sdk.wire import too_deep
 
 AGENT_AUTH_DOMAIN = b"formicary/v1/agent-auth\x00"
 RELAY_AUTH_DOMAIN = b"formicary/v1/relay-auth\x00"
@@ -517,7 +517,16 @@ def frame_from_map(fields: Any) -> Frame:
 
 def decode_frame(data: bytes) -> Frame:
     """Decode one frame; raise :class:`ProtocolError` (``MALFORMED``, ``UNKNOWN_FRAME``)."""
-    return frame_from_map(decode(data))
+    return frame_from_map(_decode_message(data))
+
+
+def _decode_message(data: bytes) -> Any:
+    """msgpack, with map keys of any type: a key that is not text fails the field or
+    frame it is in (an unknown field is ignored), not every frame of the message."""
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True)
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise ProtocolError(ErrorCode.MALFORMED, f"not msgpack: {exc}") from None
 
 
 MAX_BUNDLE = 4096
@@ -537,7 +546,7 @@ def decode_message(
     :data:`~agent_sdk.wire.MAX_DEPTH`) yields its error too.
     """
     try:
-        value = decode(data)
+        value = _decode_message(data)
     except ProtocolError as exc:
         return [exc]
     items = value if type(value) is list else [value]

@@ -1047,3 +1047,31 @@ async def test_a_bundle_of_bad_frames_buys_a_bounded_number_of_errors(
         await bad.auth()  # the next message is read as ever
         await bad.publish_ok()
         await calm.round_trip()
+
+
+async def test_a_map_key_that_is_not_text_fails_only_its_frame(relay: RunningRelay) -> None:
+    """Decoded strictly, one integer key anywhere failed the whole message with one
+    error and no rid: the other frames of its bundle were never answered."""
+    async with scene(relay) as (bad, calm):
+        rid = bad.take_rid()
+        event = valid_event()
+        await bad.send(f.bundle([publish_bytes(rid, event), msgpack.packb({1: 2})]))
+        answers = [await bad.recv(), await bad.recv()]  # (the error comes first)
+        [ack] = [a for a in answers if isinstance(a, f.Ack)]
+        [error] = [a for a in answers if isinstance(a, f.Error)]
+        assert ack.rid == rid and (error.code, error.rid) == (ErrorCode.MALFORMED, None)
+        bad.acked.append(event.id)
+        # An unknown field is ignored, whatever its key.
+        event = valid_event()
+        publish = {"t": "publish", "rid": bad.take_rid(), "event": event.raw, "sig": event.sig}
+        await bad.send(msgpack.packb({**publish, 5: 1}))
+        ack = await bad.recv()
+        assert isinstance(ack, f.Ack) and ack.rid == publish["rid"]
+        bad.acked.append(event.id)
+        # In a field, it fails that frame, answered by its rid.
+        query = {"t": "query", "rid": 9, "ns": NS, "q": "wo.list", "args": {"status": {1: "x"}}}
+        await bad.send(msgpack.packb(query))
+        answer = await bad.recv()
+        assert isinstance(answer, f.Error) and answer.rid == 9, answer
+        await bad.publish_ok()
+        await calm.round_trip()
