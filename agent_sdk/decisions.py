@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from agent_sdk.client import Delivery, RelayClient, Subscription
-from agent_sdk.ledger import Items, Ledger
+from agent_sdk.ledger import Items, Ledger, number_of
 
 TOLD = ("route.notice", "route.digest")
 STEPS = ("conflict.raised", "conflict.escalated", "conflict.resolved")
@@ -99,8 +99,8 @@ class Decisions:
 
     async def on(self, entity: str) -> Items:
         """The decisions that name ``entity``, oldest first."""
-        answer = await self.client.query(self.ns, "decision.list", {"entity": entity})
-        return list(answer["decisions"])
+        args = {"entity": entity}
+        return await self.client.query_all(self.ns, "decision.list", "decisions", args, number_of)
 
     async def policy(self) -> dict[str, Any]:
         return dict(await self.client.query(self.ns, "decision.policy", {}))

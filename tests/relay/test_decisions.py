@@ -521,3 +521,13 @@ async def test_a_conflict_holds_at_most_64_decisions(
     assert (kind, refusal["problem"]) == ("decision.rejected", "crowded")
     shown = await scene.node.query(NS, "conflict.show", {"conflict": "cf-1"})
     assert len(shown["decisions"]) == 64 and not shown["more"]
+
+
+async def test_the_decisions_on_an_entity_come_in_every_page(relay: RunningRelay) -> None:
+    """``Decisions.on`` asked once and ignored ``more``: past the first page of 100,
+    the entity's latest (accepted) decision was missing."""
+    async with RelayClient.connect(relay.url, ALICE) as alice:
+        decisions = Decisions(alice, NS)
+        ids = [(await decisions.decide("sku-9", "price", f"{n} EUR"))["id"] for n in range(150)]
+        on = await decisions.on("sku-9")
+    assert [d["id"] for d in on] == ids
