@@ -18,7 +18,7 @@ from typing import Any
 
 from agent_sdk.client import Delivery, Live, RelayClient
 from agent_sdk.errors import ErrorCode, ProtocolError
-from agent_sdk.ledger import Claim, Ledger, number_of
+from agent_sdk.ledger import Claim, Ledger, LedgerRefusal, number_of
 from agent_sdk.wire import canonical, digest
 
 
@@ -77,7 +77,13 @@ class Auctions:
 
     async def commit(self, auction: str, stake: int, price: int, note: str = "") -> bytes:
         """Bid on a sealed auction: lock ``stake`` and commit to ``price`` without
-        showing it. Returns the salt; :meth:`reveal` it after the deadline."""
+        showing it. Returns the salt; :meth:`reveal` it after the deadline.
+
+        A negative price is refused here (``bad_request``): its reveal would be, and
+        a bid never revealed loses part of its stake at the close."""
+        if not isinstance(price, int) or price < 0:
+            reason = f"price {price!r}: a price is a whole number, 0 or more"
+            raise LedgerRefusal("bad_request", reason, None)
         salt = secrets.token_bytes(32)
         sealed = commitment(auction, self.client.identity.public_key, price, salt)
         body = {"auction": auction, "stake": stake, "commitment": sealed, "note": note}

@@ -37,15 +37,15 @@ def add_parser(sub: Any, agent_options: AgentOptions) -> None:
     p = subcommand(commands, "bid", "bid on an auction (locks the stake)", agent_options)
     p.add_argument("id")
     p.add_argument("--stake", type=int, required=True)
-    p.add_argument("--price", type=int, required=True)
+    p.add_argument("--price", type=price, required=True)
     p.add_argument("--note", default="")
     p = subcommand(commands, "commit", "bid on a sealed auction; prints the salt", agent_options)
     p.add_argument("id")
     p.add_argument("--stake", type=int, required=True)
-    p.add_argument("--price", type=int, required=True)
+    p.add_argument("--price", type=price, required=True)
     p = subcommand(commands, "reveal", "open your sealed bid after the deadline", agent_options)
     p.add_argument("id")
-    p.add_argument("--price", type=int, required=True)
+    p.add_argument("--price", type=price, required=True)
     p.add_argument("--salt", required=True, help="the salt `auction commit` printed (hex)")
     p = subcommand(commands, "withdraw", "withdraw your bid before the deadline", agent_options)
     p.add_argument("id")
@@ -87,6 +87,18 @@ def _open(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
         return {k: v for k, v in opened.items() if k != "req"}
 
     return act
+
+
+def price(text: str) -> int:
+    """A price is a whole number, 0 or more: a sealed bid's commitment to another
+    could never be revealed, and its stake would be forfeited at the close."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a price is a whole number, 0 or more")
+    return value
 
 
 def _bid(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:

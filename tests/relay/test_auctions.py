@@ -779,3 +779,23 @@ async def test_waiting_past_an_award_never_returns_one_that_failed_meanwhile(
             nursery.start_soon(end_bs_award_too)
             award = await b_waits.wait_award(opened["auction"], after=bidder(1).public_key)
         assert award is None  # nobody is left; A's award failed before B waited past
+
+
+async def test_a_sealed_bid_at_a_price_no_reveal_could_open_is_refused_at_once(
+    relay: RunningRelay,
+) -> None:
+    """The relay refuses a negative price only at the reveal: the commitment went
+    through, and at the close part of its stake was forfeited."""
+    from agent_sdk.ledger import LedgerRefusal
+    from tests.processes import cli
+
+    async with RelayClient.connect(relay.url, bidder(0)) as client:
+        with pytest.raises(LedgerRefusal) as refused:
+            await Auctions(client, NS).commit("auc-1", stake=5, price=-1)
+        assert refused.value.problem == "bad_request"
+    done = await trio.run_process(
+        cli("auction", "commit", "auc-1", "--stake", "5", "--price", "-1", "--relay", relay.url),
+        capture_stderr=True,
+        check=False,
+    )
+    assert done.returncode == 2 and b"a price is a whole number, 0 or more" in done.stderr
