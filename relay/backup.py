@@ -84,18 +84,20 @@ def restore(backup_dir: Path, data: Path) -> dict[str, Any]:
     hold a relay yet); returns what was checked."""
     try:
         manifest = json.loads((backup_dir / MANIFEST).read_text())
-    except (OSError, ValueError) as exc:
+        files = [str(name) for name in manifest["files"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise BackupError(f"{backup_dir}: no readable {MANIFEST}: {exc}") from None
+    strange = [name for name in files if name not in (KEY_FILE, LOGS_FILE, *DATABASES)]
+    if strange or KEY_FILE not in files:  # (names only: "../x" would land elsewhere)
+        raise BackupError(f"{backup_dir}: {MANIFEST} lists {strange or 'no key'}: not a backup")
+    missing = [name for name in files if not (backup_dir / name).is_file()]
+    if missing:  # checked before anything is copied
+        raise BackupError(f"{backup_dir}: incomplete, without {', '.join(missing)}")
     if (data / KEY_FILE).exists() or (data / STORE_FILE).exists():
         raise BackupError(f"{data} holds a relay already: restore into an empty directory")
     key = _key(backup_dir / KEY_FILE)
     if key.id != manifest["key"]:
         raise BackupError(f"{backup_dir}/{KEY_FILE} is not the key the manifest names")
-    heads = _heads(backup_dir / STORE_FILE) if STORE_FILE in manifest["files"] else {}
-    if heads != manifest["heads"]:
-        raise BackupError(f"{backup_dir}: the logs' heads are not the manifest's")
-    if heads:
-        _verify(backup_dir, manifest["files"], list(heads), key.public_key)
     data.mkdir(parents=True, exist_ok=True)
     with hold_data(data):
         leftovers = [
@@ -105,19 +107,33 @@ def restore(backup_dir: Path, data: Path) -> dict[str, Any]:
             raise BackupError(
                 f"{data} holds {', '.join(sorted(leftovers))}: restore into an empty directory"
             )
-        # Copied beside, made durable, then moved in, the key last: an interrupted
-        # restore leaves no key over a partial store (a relay would sign a new history).
+        # Copied beside, checked there (a backup on a read-only mount cannot be opened
+        # in place if SQLite wants to write beside it), made durable, then moved in,
+        # the key last: an interrupted restore leaves no key over a partial store (a
+        # relay would sign a new history).
         staging = data / ".restoring"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
-        for name in manifest["files"]:
-            shutil.copy2(backup_dir / name, staging / name)
-            _fsync(staging / name)
-        for name in sorted(manifest["files"], key=lambda n: n == KEY_FILE):
+        try:
+            for name in files:
+                shutil.copy2(backup_dir / name, staging / name)
+                _fsync(staging / name)
+            heads = _heads(staging / STORE_FILE) if STORE_FILE in files else {}
+            if heads != manifest["heads"]:
+                raise BackupError(f"{backup_dir}: the logs' heads are not the manifest's")
+            if heads:
+                _verify(staging, files, list(heads), key.public_key)
+        except (OSError, sqlite3.Error) as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise BackupError(f"{backup_dir}: {exc}") from None
+        except BackupError as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise BackupError(str(exc).replace(str(staging), str(backup_dir))) from None
+        for name in sorted(files, key=lambda n: n == KEY_FILE):
             os.replace(staging / name, data / name)
         _fsync(data)
         staging.rmdir()
-    return {"restored": manifest["files"], "namespaces": len(heads), "key": key.id}
+    return {"restored": files, "namespaces": len(heads), "key": key.id}
 
 
 def _key(path: Path) -> Identity:
@@ -189,6 +205,9 @@ def _copy_database(source: Path, target: Path) -> None:
         dst = sqlite3.connect(target)
         try:
             src.backup(dst)  # page by page, a consistent snapshot while others write
+            # The copy has the source's WAL mode, in which even a read-only open must
+            # make a -shm file: a backup on a read-only mount could not be read.
+            dst.execute("PRAGMA journal_mode=DELETE")
         finally:
             dst.close()
             src.close()

@@ -5,6 +5,7 @@ backup is refused; compact will not touch a running relay's files."""
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -122,3 +123,44 @@ async def test_a_directory_whose_logs_are_elsewhere_is_not_backed_up(tmp_path: P
     out = tmp_path / "backup"
     code, _, err = await formicary("relay", "backup", "--data", str(data), "--out", str(out))
     assert code == 1 and "pg_dump" in err and not out.exists()
+
+
+async def test_a_backup_restores_from_a_read_only_place_and_an_incomplete_one_is_refused(
+    tmp_path: Path,
+) -> None:
+    """Backups were WAL-mode files, which SQLite cannot open read-only without writing
+    a -shm beside them (a read-only mount failed with a traceback); a backup missing a
+    listed file failed midway, leaving its staging copy behind; a manifest naming a
+    path copied it there."""
+    data, copy = tmp_path / "data", tmp_path / "backup"
+    async with relay_process(data) as relay, RelayClient.connect(relay.url, identity(1)) as agent:
+        await agent.publish(NAMESPACES[0], "app.note", "kept")
+    code, manifest, err = await formicary(
+        "relay", "backup", "--data", str(data), "--out", str(copy)
+    )
+    assert code == 0 and manifest is not None, err
+    for name in manifest["files"]:  # type: ignore[union-attr]
+        if name.endswith(".sqlite3"):
+            header = (copy / name).read_bytes()[:20]
+            assert header[18:20] == b"\x01\x01", name  # rollback journal, not WAL
+
+    broken = tmp_path / "broken"
+    shutil.copytree(copy, broken)
+    (broken / STORE_FILE).unlink()
+    target = tmp_path / "target"
+    code, _, err = await formicary("relay", "restore", "--from", str(broken), "--data", str(target))
+    assert code == 1 and f"incomplete, without {STORE_FILE}" in err, err
+    assert not target.exists() or not any(target.iterdir())
+
+    strange = json.loads((copy / "manifest.json").read_text())
+    strange["files"].append("../elsewhere")
+    (broken / STORE_FILE).write_bytes((copy / STORE_FILE).read_bytes())
+    (broken / "manifest.json").write_text(json.dumps(strange))
+    code, _, err = await formicary("relay", "restore", "--from", str(broken), "--data", str(target))
+    assert code == 1 and "not a backup" in err, err
+
+    code, result, err = await formicary(
+        "relay", "restore", "--from", str(copy), "--data", str(target)
+    )
+    assert code == 0 and result is not None and result["namespaces"] == 1, err
+    assert not (target / ".restoring").exists()
