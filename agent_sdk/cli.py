@@ -114,6 +114,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from relay.config import OPTIONS, ConfigError, load
     from relay.logs import configure as configure_logs
 
+    # Until trio listens for it, a SIGTERM stops like a Ctrl-C (no traceback, exit 0).
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     flags = {o.name: getattr(args, _dest(o.flag)) for o in OPTIONS if o.flag is not None}
     try:
         settings = load(Path(args.config) if args.config else None, flags)
@@ -127,32 +129,42 @@ def cmd_serve(args: argparse.Namespace) -> int:
     configure_logs(settings["relay.log_level"])
     log = logging.getLogger("formicary.relay")
 
+    running: list[Any] = []  # (node, server), once listening
+
+    async def start(nursery: trio.Nursery) -> None:
+        node, server = await nursery.start(
+            partial(run_relay, federation=federation), data, config, host, port
+        )
+        bound = server.listeners[0].socket.getsockname()[1]  # the real one, for --port 0
+        log.info(
+            "formicary relay %s (%s) listening on ws://%s:%d, data in %s",
+            config.name,
+            node.identity.id,
+            host,
+            bound,
+            data,
+        )
+        # Everything built so far lives as long as the relay: keep the collector off
+        # it, and collect the young generation less often (each event allocates a
+        # few dozen containers; the default threshold of 700 runs it constantly).
+        gc.freeze()
+        gc.set_threshold(20_000, 20, 20)
+        running.append((node, server))
+
     async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            node, server = await nursery.start(
-                partial(run_relay, federation=federation), data, config, host, port
-            )
-            bound = server.listeners[0].socket.getsockname()[1]  # the real one, for --port 0
-            log.info(
-                "formicary relay %s (%s) listening on ws://%s:%d, data in %s",
-                config.name,
-                node.identity.id,
-                host,
-                bound,
-                data,
-            )
-            # Everything built so far lives as long as the relay: keep the collector off
-            # it, and collect the young generation less often (each event allocates a
-            # few dozen containers; the default threshold of 700 runs it constantly).
-            gc.freeze()
-            gc.set_threshold(20_000, 20, 20)
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        # Listening for signals before the start (a big log takes a while to fold): a
+        # stop asked for meanwhile is a clean one too, with nothing admitted yet.
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            log.info("starting: data in %s", data)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(start, nursery)
                 async for signum in signals:
                     log.info("signal %d: stopping", signum)
-                    with trio.move_on_after(SHUTDOWN_GRACE) as grace:
-                        await stop_gracefully(node, server)
-                    if grace.cancelled_caught:
-                        log.warning("stopping took over %.0f s: exiting now", SHUTDOWN_GRACE)
+                    if running:
+                        with trio.move_on_after(SHUTDOWN_GRACE) as grace:
+                            await stop_gracefully(*running[0])
+                        if grace.cancelled_caught:
+                            log.warning("stopping took over %.0f s: exiting now", SHUTDOWN_GRACE)
                     log.info("stopped")
                     nursery.cancel_scope.cancel()
                     break
@@ -160,6 +172,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     failure: str | None = None
     try:
         trio.run(main)
+    except* KeyboardInterrupt:  # a signal before trio listened for it (see the top)
+        log.info("stopped")
     except* DataDirError as group:
         failure = str(_leaves(group)[0])
     except* OSError as group:  # e.g. the port is taken

@@ -5,6 +5,7 @@ in the log with the receipt it was acked with."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import trio
@@ -88,3 +89,31 @@ def test_publishing_to_a_stopping_node_is_refused_with_shutting_down() -> None:
         assert ticket.error is not None and ticket.error.code is ErrorCode.SHUTTING_DOWN
 
     trio.run(main)
+
+
+async def test_sigterm_while_the_relay_starts_is_a_clean_stop(tmp_path: Path) -> None:
+    """The signal handler came only once the relay listened: a SIGTERM during a long
+    start-up (a big log to fold; here, a data directory another holds) killed it
+    (143, no "stopped") where operations.md promises a clean stop."""
+    import signal
+
+    from relay.app import hold_data
+    from tests.processes import cli
+
+    data = tmp_path / "relay"
+    with hold_data(data):  # the start waits for the directory's lock meanwhile
+        process = await trio.lowlevel.open_process(
+            cli("relay", "serve", "--data", str(data), "--port", "0"),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        assert process.stderr is not None
+        said = b""
+        with trio.fail_after(PHASE_TIMEOUT):
+            while b"starting" not in said:
+                said += await process.stderr.receive_some()
+            process.send_signal(signal.SIGTERM)
+            async for more in process.stderr:
+                said += more
+            assert await process.wait() == 0, said.decode()
+    assert b'"stopped"' in said and b"Traceback" not in said, said.decode()
