@@ -217,9 +217,9 @@ class Ledger:
         return dict(await self.client.query(self.ns, "wo.show", {"wo": order}))
 
     async def locks(self) -> Items:
-        """The advisory locks held now."""
-        answer = await self.client.query(self.ns, "lock.list", {"limit": 1000})
-        return list(answer["locks"])
+        """The advisory locks held now, every page."""
+        args = {"limit": 1000}
+        return await self.client.query_all(self.ns, "lock.list", "locks", args, _lock_name)
 
     # -- context, bulletin, decisions, checkpoints -------------------------------------
 
@@ -409,6 +409,10 @@ async def keep_renewed(
                 if ended is not None and await ended():
                     return False  # refused because the body's end came first
         return True
+
+
+def _lock_name(item: dict[str, Any]) -> str:
+    return str(item["lock"])
 
 
 def number_of(item: dict[str, Any]) -> int:

@@ -13,6 +13,7 @@ Lists are pages: at most ``limit`` items and at most ``budget`` encoded bytes, w
 
 from __future__ import annotations
 
+import bisect
 import itertools
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -200,9 +201,13 @@ def _latest(items: list[dict[str, Any]], room: int) -> list[dict[str, Any]]:
 
 
 def lock_list(coordinator: Coordinator, args: dict[str, Any], now_ms: int, budget: int) -> Any:
-    only(args, "limit")
+    only(args, "limit", "after")
+    after = opt_text(args, "after", 256)
     locks = coordinator.locks
-    held = (locks.holder(name, now_ms) for name in sorted(locks.leases))
+    names = sorted(locks.leases)
+    if after is not None:  # the names past it, for the next page
+        names = names[bisect.bisect_right(names, after) :]
+    held = (locks.holder(name, now_ms) for name in names)
     items = ({"lock": lease.resource, **_lease(lease)} for lease in held if lease is not None)
     page, more = _page(items, _limit(args), budget)
     return {"locks": page, "more": more}

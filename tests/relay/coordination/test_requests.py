@@ -218,3 +218,24 @@ def test_a_mass_expiry_is_several_events_each_within_a_frame() -> None:
     for outcome in expired:
         fresh.replay_expired(outcome.body)
     assert all(order.status.value == "open" for order in fresh.ledger.orders.values())
+
+
+def test_the_lock_list_comes_in_pages_by_name() -> None:
+    """It had no ``after``: past one page (at most 1000), Ledger.locks() stopped."""
+    from relay.coordination.queries import answer
+    from relay.coordination.requests import Coordinator
+
+    coordinator = Coordinator()
+    names = sorted(f"path:{n:04}" for n in range(25))
+    for n, name in enumerate(names):
+        acquired = coordinator.decide("lock.acquire", {"name": name}, b"A" * 32, b"%d" % n, 1_000)
+        assert acquired.kind == "lock.acquired"
+    seen: list[str] = []
+    args: dict[str, object] = {"limit": 10}
+    while True:
+        page = answer(coordinator, "lock.list", args, 2_000, 1 << 20)
+        seen += [lock["lock"] for lock in page["locks"]]
+        if not page["more"]:
+            break
+        args = {"limit": 10, "after": seen[-1]}
+    assert seen == names
