@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import msgpack
 
 from agent_sdk.errors import ErrorCode, ProtocolError
-from agent_sdk.wire import too_deep
+from agent_sdk.wire import container_heads, nests_over
 
 AGENT_AUTH_DOMAIN = b"formicary/v1/agent-auth\x00"
 RELAY_AUTH_DOMAIN = b"formicary/v1/relay-auth\x00"
@@ -550,15 +550,15 @@ def decode_message(
     except ProtocolError as exc:
         return [exc]
     items = value if type(value) is list else [value]
-    if max_depth is not None and too_deep(value, data, max_depth + (items is value)):
-        deep = ProtocolError(ErrorCode.MALFORMED, f"values nest over {max_depth} levels deep")
-        # (a rare message: each frame is walked alone, and only the deep ones refused)
-        items = [deep if too_deep(item, data, max_depth) else item for item in items]
     if not items:
         return [ProtocolError(ErrorCode.MALFORMED, "an empty bundle holds no frame")]
     if max_frames is not None and len(items) > max_frames:
         reason = f"a bundle of {len(items)} frames; at most {max_frames}"
         return [ProtocolError(ErrorCode.MALFORMED, reason)]
+    if max_depth is not None and container_heads(data) > max_depth:
+        # (a rare message: each frame is walked, once, and only the deep ones refused)
+        deep = ProtocolError(ErrorCode.MALFORMED, f"values nest over {max_depth} levels deep")
+        items = [deep if nests_over(item, max_depth) else item for item in items]
     out: list[Frame | ProtocolError] = []
     for item in items:
         if isinstance(item, ProtocolError):

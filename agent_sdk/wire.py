@@ -121,8 +121,16 @@ def too_deep(value: Any, data: bytes, limit: int = MAX_DEPTH) -> bool:
 
     Every container starts with one of a few head bytes, so when ``data`` holds no
     more of them than ``limit`` (nearly always) no walk is needed."""
-    if len(data.translate(None, _NOT_A_CONTAINER_HEAD)) <= limit:
-        return False
+    return container_heads(data) > limit and nests_over(value, limit)
+
+
+def container_heads(data: bytes) -> int:
+    """How many bytes of ``data`` could start a container: at least its depth."""
+    return len(data.translate(None, _NOT_A_CONTAINER_HEAD))
+
+
+def nests_over(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests containers over ``limit`` deep (a walk of them all)."""
     stack = [(value, 1)] if isinstance(value, (dict, list)) else []
     while stack:
         item, depth = stack.pop()

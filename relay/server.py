@@ -100,9 +100,11 @@ never gets near it, and one refused more often than let through reaches it, howe
 it mixes the two."""
 ADMIT_RUN = 64  # publishes of one message whose signatures are checked in one go
 MAX_REFUSED_IN_MESSAGE = 64
-"""Frames of one message the session refuses (malformed, not allowed yet, ...; not
-rate-limited ones, which have their own count) after which the rest of the message
-is not read: a bundle of 4096 nils must not buy 4096 error frames (protocol 1)."""
+"""Frames of one message refused with an error naming no request or subscription
+(or any, before authentication) after which the rest of the message is not read: a
+bundle of 4096 nils must not buy 4096 error frames (protocol 1). An error with a
+``rid`` or ``sub`` is not counted: its client waits for it, and the frames after it
+for theirs."""
 T = TypeVar("T")
 
 
@@ -398,7 +400,7 @@ class Connection:
         for i, action in enumerate(self.session.receive(message), 1):
             if i % 64 == 0:  # a big bundle must not hold the event loop for its whole length
                 await trio.lowlevel.checkpoint()
-            if _refusal(action):
+            if _refusal(action, self.session.agent is None):
                 refused += 1
                 if refused > MAX_REFUSED_IN_MESSAGE:
                     if admits and not await self._admit_checked(admits):
@@ -981,13 +983,16 @@ class Connection:
             await self.node.wait_beyond(ns, cursor - 1)
 
 
-def _refusal(action: Action) -> bool:
-    """An error the session answers a frame with, other than a rate limit's."""
-    return (
-        isinstance(action, Reply)
-        and isinstance(action.frame, f.Error)
-        and action.frame.code != int(ErrorCode.RATE_LIMITED)
-    )
+def _refusal(action: Action, anonymous: bool) -> bool:
+    """An error the session answers a frame with that counts toward the message's
+    cap: one that names no request or subscription (nobody waits for it), or any
+    before authentication, where nothing is charged; never a rate limit's."""
+    if not isinstance(action, Reply) or not isinstance(action.frame, f.Error):
+        return False
+    error = action.frame
+    if error.code == int(ErrorCode.RATE_LIMITED):
+        return False
+    return anonymous or (error.rid is None and error.sub is None)
 
 
 async def watch_writers(node: RelayNode) -> None:

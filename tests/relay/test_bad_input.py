@@ -1075,3 +1075,26 @@ async def test_a_map_key_that_is_not_text_fails_only_its_frame(relay: RunningRel
         assert isinstance(answer, f.Error) and answer.rid == 9, answer
         await bad.publish_ok()
         await calm.round_trip()
+
+
+async def test_requests_refused_in_one_bundle_are_each_answered(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """The cap on refusals per message must not count errors a client waits for: an
+    SDK client's 200 pipelined publishes, all refused, were answered 64 times and the
+    other 136 waited for ever."""
+    relay = await start_relay(nursery, tmp_path / "relay", RelayConfig(name="local", max_deps=1))
+    async with RelayClient.connect(relay.url, AGENT) as client:
+        refused: list[ErrorCode] = []
+
+        async def publish(n: int) -> None:
+            deps = [secrets.token_bytes(32) for _ in range(2)]
+            with pytest.raises(ProtocolError) as info:
+                await client.publish(NS, "app.note", n, deps=deps)
+            refused.append(info.value.code)
+
+        with trio.fail_after(TIMEOUT):
+            async with trio.open_nursery() as publishing:
+                for n in range(200):
+                    publishing.start_soon(publish, n)
+    assert refused == [ErrorCode.TOO_MANY_DEPS] * 200
