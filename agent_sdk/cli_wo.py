@@ -421,6 +421,9 @@ def _claim_like(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
     return act
 
 
+STALE = ("not_holder", "stale_token")  # refusals that say a kept token's claim is over
+
+
 def _release(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
     token = tokens.get(ns, args.id, args.token)
 
@@ -428,7 +431,7 @@ def _release(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
         try:
             await ledger.release(Claim(args.id, token, 0))
         except LedgerRefusal as exc:
-            if exc.problem in ("not_holder", "stale_token"):
+            if exc.problem in STALE:
                 tokens.put(ns, args.id, None)  # that claim is over: forget its token
             raise
         tokens.put(ns, args.id, None)
@@ -452,7 +455,17 @@ def _update(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
     async def act(ledger: Ledger) -> Any:
         kept = tokens.kept(ns, args.id, args.token)
         target = Claim(args.id, kept, 0) if kept is not None else args.id
-        await ledger.update(target, args.status, args.reason)
+        try:
+            await ledger.update(target, args.status, args.reason)
+        except LedgerRefusal as exc:
+            if args.token is None and kept is not None and exc.problem in STALE:
+                # That claim is over: its token would refuse every later update too.
+                tokens.put(ns, args.id, None)
+                print(
+                    f"formicary wo update: the kept token of {args.id} is forgotten",
+                    file=sys.stderr,
+                )
+            raise
         tokens.put(ns, args.id, None)
         return {"id": args.id, "status": args.status}
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from agent_sdk.cli_wo import Tokens
 from agent_sdk.client import RelayClient
 from agent_sdk.decisions import Decisions
 from agent_sdk.identity import Identity
+from agent_sdk.ledger import Ledger
 from tests.agent_sdk.shell import exit_codes, run_shell
 from tests.conftest import RunningRelay
 
@@ -303,3 +305,28 @@ async def test_conflicting_decisions_from_a_shell(relay: RunningRelay, tmp_path:
     assert read("resolved.json") == {"conflict": "cf-1", "keep": "adr-2", "resolved": True,
                                      "by": "human"}  # fmt: skip
     assert [d["status"] for d in read("on.json")] == ["overruled", "accepted"]
+
+
+STALE_SCRIPT = r"""
+set -u
+f() { "$PYTHON" -m agent_sdk.cli wo "$@"; }
+f update "$ID" --status done; echo "stale=$?" > codes.txt
+f update "$ID" --status done; echo "again=$?" >> codes.txt
+"""
+
+
+async def test_a_kept_token_the_relay_refuses_is_forgotten(
+    relay: RunningRelay, tmp_path: Path
+) -> None:
+    """A kept token whose lease ran out refuses every update of the order (the relay
+    checks a token it is given): the first refusal forgets it, and says so."""
+    key = Identity.generate()
+    (tmp_path / "me").mkdir()
+    key.save(tmp_path / "me" / "agent.key")
+    async with RelayClient.connect(relay.url, key) as client:
+        order = await Ledger(client, "work@local").create("t")
+    Tokens(tmp_path / "me", key.id).put("work@local", order, 7)  # a lease long gone
+    done = await run_shell(relay, tmp_path, STALE_SCRIPT.replace("$ID", order), ns="work@local")
+    assert done.returncode == 0, done.stderr.decode()
+    assert exit_codes(tmp_path) == {"stale": "3", "again": "0"}
+    assert f"the kept token of {order} is forgotten" in done.stderr.decode()
