@@ -828,6 +828,10 @@ class RelayClient:
     def _resume(self, subscription: Subscription) -> None:
         """Subscribe again from the cursor, under a new id (the old one's frames are void)."""
         subscription.paused = False
+        if self.stopped.is_set():  # paused as the client stopped: it ends here instead
+            subscription.error = ProtocolError(ErrorCode.INTERNAL, "the client stopped")
+            subscription._tx.close()
+            return
         self._next_sub += 1
         subscription.sub = self._next_sub
         self._subscriptions[subscription.sub] = subscription

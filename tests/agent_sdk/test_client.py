@@ -221,3 +221,23 @@ async def test_a_connection_lost_while_the_client_is_cancelled_ends_as_the_cance
     with pytest.raises(ConnectionClosedError), connection_ends():
         async with trio.open_nursery():
             raise ConnectionClosedError(Close(1011, "gone"), None)
+
+
+async def test_a_subscription_paused_as_the_client_stops_ends_too(relay: RunningRelay) -> None:
+    """A lagging subscription is paused (out of the client's table): the stop did not
+    end it, and once drained it subscribed again on a client that had stopped."""
+    async with RelayClient.connect(relay.url, identity(1), reconnect=False) as client:
+        for n in range(40):
+            await client.publish(NS, "app.note", n)
+        async with client.subscribe(NS, start=1, buffer=8) as events:
+            with trio.fail_after(10):
+                while not events.paused:  # the relay sends 40; 8 fit
+                    await trio.testing.wait_all_tasks_blocked()
+                for connection in list(relay.server.connections):
+                    await connection.aclose(1001, "going away")
+                await client.stopped.wait()
+                seen = 0
+                with pytest.raises(ProtocolError, match="stopped"):
+                    async for _ in events:
+                        seen += 1
+                assert 0 < seen <= 8
