@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -44,6 +45,9 @@ OUTBOX_FILE = "outbox.sqlite3"
 INBOX_FILE = "inbox.sqlite3"
 LOCK_FILE = "relay.lock"
 LOGS_FILE = "logs.json"
+
+
+log = logging.getLogger("formicary.relay")
 
 
 class DataDirError(Exception):
@@ -92,20 +96,29 @@ def load_identity(data: Path, store: Store) -> Identity:
         receipt = decode_receipt(store.read(ns, 1, 1)[0].receipt)
         if receipt.relay != identity.public_key:
             raise DataDirError(f"{path} is not the key that signed the logs in {data}")
-    first = _first_receipt(data)
-    if first is not None:
-        ns, wanted = first
-        found = store.read(ns, 1, 1)
-        if not found or digest(found[0].receipt).hex() != wanted:
-            raise DataDirError(
-                f"{path} signed logs that are not in this store ({ns} seq 1 is "
-                f"{'missing' if not found else 'another event'}): start it on the store "
-                f"that holds them (the [store] dsn it ran with, or its {STORE_FILE}); "
-                "a new store needs a new data directory"
-            )
-    elif namespaces:  # a data directory from before logs.json
+    missing = first_receipt_missing(data, store)
+    if missing:
+        raise DataDirError(
+            f"{path} signed logs that are not in this store ({missing}): start it on the "
+            f"store that holds them (the [store] dsn it ran with, or its {STORE_FILE}); "
+            "a new store needs a new data directory"
+        )
+    if not (data / LOGS_FILE).exists() and namespaces:  # a directory from before it
         note_first_receipt(data, store.read(namespaces[0], 1, 1)[0])
     return identity
+
+
+def first_receipt_missing(data: Path, store: Store) -> str:
+    """Why ``store`` lacks the first receipt ``logs.json`` names ("" when it holds it,
+    or when there is no ``logs.json`` yet)."""
+    first = _first_receipt(data)
+    if first is None:
+        return ""
+    ns, wanted = first
+    found = store.read(ns, 1, 1)
+    if not found:
+        return f"{ns} seq 1 is missing"
+    return "" if digest(found[0].receipt).hex() == wanted else f"{ns} seq 1 is another event"
 
 
 def _first_receipt(data: Path) -> tuple[str, str] | None:
@@ -134,8 +147,11 @@ def _noting_first_receipt(data: Path) -> Callable[[Record], None]:
     def fold(record: Record) -> None:
         nonlocal noted
         if not noted and record.seq == 1:
-            note_first_receipt(data, record)
             noted = True
+            try:
+                note_first_receipt(data, record)
+            except OSError as exc:  # (a full disk, say) the next start writes it
+                log.warning("could not write %s: %s", LOGS_FILE, exc)
 
     return fold
 

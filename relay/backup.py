@@ -32,6 +32,7 @@ from relay.app import (
     STORE_FILE,
     DataDirError,
     DataDirInUse,
+    first_receipt_missing,
     hold_data,
 )
 from relay.store import Located
@@ -123,6 +124,11 @@ def restore(backup_dir: Path, data: Path) -> dict[str, Any]:
                 raise BackupError(f"{backup_dir}: the logs' heads are not the manifest's")
             if heads:
                 _verify(staging, files, list(heads), key.public_key)
+            if LOGS_FILE in files and _names_another_first_receipt(staging):
+                # Copied after the logs: the relay's first commit came in between.
+                # The first start writes it again, from the logs restored.
+                (staging / LOGS_FILE).unlink()
+                files.remove(LOGS_FILE)
         except (OSError, sqlite3.Error) as exc:
             shutil.rmtree(staging, ignore_errors=True)
             raise BackupError(f"{backup_dir}: {exc}") from None
@@ -134,6 +140,16 @@ def restore(backup_dir: Path, data: Path) -> dict[str, Any]:
         _fsync(data)
         staging.rmdir()
     return {"restored": files, "namespaces": len(heads), "key": key.id}
+
+
+def _names_another_first_receipt(staging: Path) -> bool:
+    store = SQLiteStore(staging / STORE_FILE, readonly=True)
+    try:
+        return bool(first_receipt_missing(staging, store))
+    except DataDirError:  # unreadable: not restored either
+        return True
+    finally:
+        store.close()
 
 
 def _key(path: Path) -> Identity:

@@ -75,8 +75,8 @@ SEND_QUEUE_FRAMES_OF_MAX = 4
 """A connection's send queue holds at most this many ``max_frame``s of bytes (and at
 most ``send_queue`` frames); past it, senders wait as for a full queue."""
 
-FIRST_REPLAY_BATCH = 16
-"""Records a replay reads first: a batch holds records, and records can be large."""
+FIRST_REPLAY_BATCH = SEND_QUEUE_FRAMES_OF_MAX
+"""Records a replay reads first: within its byte budget however large they are."""
 
 log = logging.getLogger("formicary.relay")
 ACK_DRAIN = 10.0

@@ -159,8 +159,15 @@ async def test_a_backup_restores_from_a_read_only_place_and_an_incomplete_one_is
     code, _, err = await formicary("relay", "restore", "--from", str(broken), "--data", str(target))
     assert code == 1 and "not a backup" in err, err
 
+    # A relay's first commit between the copy of its logs and of logs.json: the
+    # restore keeps the logs, not a logs.json they do not hold (the relay would not
+    # start); the first start writes it again.
+    (copy / "logs.json").write_text('{"ns": "keep-a@local", "first_receipt": "00"}')
     code, result, err = await formicary(
         "relay", "restore", "--from", str(copy), "--data", str(target)
     )
     assert code == 0 and result is not None and result["namespaces"] == 1, err
-    assert not (target / ".restoring").exists()
+    assert not (target / ".restoring").exists() and not (target / "logs.json").exists()
+    async with relay_process(target):
+        pass
+    assert (target / "logs.json").exists()
