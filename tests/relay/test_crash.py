@@ -326,16 +326,31 @@ def children_of(pid: int) -> set[int]:
 
 
 async def bundle_until_checker(relay: RelayProcess, client: RelayClient, who: Identity) -> int:
-    """Publish bundles until the relay's checking process is up; its pid."""
+    """Publish bundles until the relay's checking process is up, past its start-up
+    (it ignores the relay's stop signals from then on); its pid."""
     assert relay.process is not None
     n = 0
     with trio.fail_after(PHASE_TIMEOUT):
-        while not children_of(relay.process.pid):  # it starts as the first is checked
+        # It starts as the first is checked; a bundle published as it starts may be
+        # checked on the loop, so its answer does not say the process got that far.
+        while not (children := children_of(relay.process.pid)) or not ignores_stops(children):
             await publish_bundle(client, who, n)
             n += 8
-        await publish_bundle(client, who, n)  # checked there: it is past its start-up
-    (checker,) = children_of(relay.process.pid)
+    (checker,) = children
     return checker
+
+
+def ignores_stops(pids: set[int]) -> bool:
+    """Whether every one of ``pids`` ignores SIGTERM (Linux: /proc/PID/status)."""
+    for pid in pids:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            return False
+        ignored = next(line for line in status.splitlines() if line.startswith("SigIgn:"))
+        if not int(ignored.split()[1], 16) & (1 << (signal.SIGTERM - 1)):
+            return False
+    return True
 
 
 async def publish_bundle(client: RelayClient, who: Identity, first: int) -> None:
