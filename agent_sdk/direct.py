@@ -209,7 +209,8 @@ class Dialed:
                     else:
                         log.warning("a direct `got` not signed by the recipient: ignored")
                 elif frame["t"] == "refused" and answered is not None:
-                    self._refused[frame["id"]] = str(frame.get("reason", ""))[:200]
+                    reason = frame.get("reason")  # (a peer's: text only, and short)
+                    self._refused[frame["id"]] = reason[:200] if isinstance(reason, str) else ""
                     answered.set()  # not in _got: send() raises
                 elif frame["t"] == "receipt":
                     try:
@@ -219,8 +220,10 @@ class Dialed:
                         log.warning("a direct receipt that does not check: %s", exc)
                         continue
                     self.mailbox.settle_direct(receipt)
-        except (ConnectionClosed, ValueError, KeyError, TypeError):
+        except ConnectionClosed:
             pass
+        except Exception as exc:  # whatever a peer sends ends this connection, not the client
+            log.info("a direct connection sent what cannot be read: %s", type(exc).__name__)
         finally:
             self.closed.set()
 
@@ -264,6 +267,10 @@ async def run_dialed(
         if not started:
             raise DirectUnreachable(f"{endpoint}: {exc}") from None
         log.info("direct connection to %s ended: %s", endpoint, exc)  # read() saw it
+    except Exception as exc:  # an endpoint a peer chose: "ws://x:99999" is a ValueError
+        if started:
+            raise
+        raise DirectUnreachable(f"{endpoint}: {type(exc).__name__}: {exc}") from None
 
 
 async def _prove(ws: ClientConnection, identity: Identity, agent: bytes) -> None:

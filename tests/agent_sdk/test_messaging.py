@@ -431,3 +431,43 @@ async def test_a_send_forgotten_for_too_many_later_ones_says_so(
         assert forgotten.value.code is ErrorCode.NOT_FOUND
         assert "no longer waited for" in forgotten.value.reason
         assert not sent[1]._settled.is_set()  # the later ones are still waited for
+
+
+async def test_a_direct_peer_sending_garbage_ends_its_connection_not_the_client(
+    nursery: trio.Nursery, relay: RunningRelay
+) -> None:
+    """A refusal whose reason nests 1,000 deep decoded fine, and str() of it raised a
+    RecursionError that killed the sender's whole client; an endpoint a peer chose,
+    such as ws://peer:99999, raised a ValueError instead of falling back."""
+    import secrets
+    from functools import partial
+
+    import msgpack
+    from websockets.trio.server import ServerConnection, serve
+
+    from agent_sdk.direct import _pack, _proof, _unpack
+
+    async def hostile(ws: ServerConnection) -> None:  # proves BOB's key, then lies
+        hello = _unpack(await ws.recv())
+        sig = BOB.sign(_proof(b"listener", hello["challenge"], hello["key"]))
+        mine = secrets.token_bytes(32)
+        await ws.send(_pack({"t": "hello", "key": BOB.public_key, "challenge": mine, "sig": sig}))
+        await ws.recv()  # auth
+        mid = Sealed.decode(_unpack(await ws.recv())["msg"]).header.id
+        pack = msgpack.packb
+        deep = b"\x91" * 1000 + b"\xc0"  # decodes; str() of it runs out of stack
+        await ws.send(b"\x83" + pack("t") + pack("refused") + pack("id") + pack(mid)
+                      + pack("reason") + deep)  # fmt: skip
+        await trio.sleep_forever()
+
+    server = await nursery.start(partial(serve, hostile, 0, host="127.0.0.1"))
+    port = server.listeners[0].socket.getsockname()[1]
+    async with RelayClient.connect(relay.url, BOB):
+        pass  # the relay knows Bob: it keeps his messages
+    async with RelayClient.connect(relay.url, ALICE) as alice:
+        sent = await alice.send(BOB.id, "hi", endpoint=f"ws://127.0.0.1:{port}")
+        assert sent.path == "relay"  # refused directly, then relayed
+    async with RelayClient.connect(relay.url, CAROL) as carol:
+        with pytest.raises(DirectUnreachable):
+            await carol.send(BOB.id, "hi", via="direct", endpoint="ws://127.0.0.1:99999")
+        assert (await carol.send(BOB.id, "on", endpoint="ws://127.0.0.1:99999")).path == "relay"
