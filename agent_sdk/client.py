@@ -142,6 +142,14 @@ class Asked:
         self.error: ProtocolError | None = None
 
 
+async def _run_hook(hook: Callable[[], Awaitable[None]]) -> None:
+    """A reconnect hook's failure is its own: the connection goes on."""
+    try:
+        await hook()
+    except Exception:
+        log.exception("a reconnect hook failed")
+
+
 class Subscription:
     """Async iterator of :class:`Delivery` and :class:`Live` items for one subscribe.
 
@@ -403,7 +411,7 @@ class RelayClient:
                 nursery.start_soon(self._writer, ws, queued)
                 if self.connections > 1:  # a reconnect: what lives only as long as a
                     for hook in self.on_reconnect:  # connection (presence) is redone
-                        nursery.start_soon(hook)
+                        nursery.start_soon(_run_hook, hook)
                 while True:  # recv(), not `async for`: cancelling leaves no generator
                     try:
                         message = await ws.recv()

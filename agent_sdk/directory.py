@@ -11,15 +11,40 @@ and go, like shell commands. Refusals raise :class:`~agent_sdk.ledger.LedgerRefu
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 from agent_sdk.client import RelayClient
+from agent_sdk.errors import ProtocolError
 from agent_sdk.ledger import Ledger, LedgerRefusal
 
 log = logging.getLogger("formicary.sdk")
 
 Participants = list[dict[str, Any]]
+
+
+_PRESENCE: weakref.WeakKeyDictionary[RelayClient, dict[str, dict[str, Any]]] = (
+    weakref.WeakKeyDictionary()
+)
+"""Per client: the profile of each namespace it joined by connection."""
+
+
+def _presence(client: RelayClient) -> dict[str, dict[str, Any]]:
+    profiles = _PRESENCE.get(client)
+    if profiles is None:
+        profiles = _PRESENCE[client] = {}
+        client.on_reconnect.append(partial(_join_again, client, profiles))
+    return profiles
+
+
+async def _join_again(client: RelayClient, profiles: dict[str, dict[str, Any]]) -> None:
+    for ns, profile in list(profiles.items()):
+        try:
+            await Ledger(client, ns).request("dir.join", profile)
+        except (LedgerRefusal, ProtocolError) as exc:  # rules changed, rate limited...
+            log.warning("could not join %s again after a reconnect: %s", ns, exc)
 
 
 class Directory:
@@ -29,7 +54,6 @@ class Directory:
         self.client = client
         self.ns = ns
         self._requests = Ledger(client, ns)
-        self._profile: dict[str, Any] | None = None
 
     async def join(
         self,
@@ -53,21 +77,18 @@ class Directory:
         if heartbeat_ms is not None:
             body["heartbeat_ms"] = heartbeat_ms
         profile = await self._requests.request("dir.join", body)
-        if heartbeat_ms is None and self._rejoin not in self.client.on_reconnect:
-            # Presence by connection ends with the connection: join again on the next.
-            self.client.on_reconnect.append(self._rejoin)
-        self._profile = body
+        # Presence by connection ends with the connection: join again on the next.
+        # Kept per client and namespace, not per Directory object: a leave through
+        # another object must stop it, and joining again must not add a second one.
+        presence = _presence(self.client)
+        if heartbeat_ms is None:
+            presence[self.ns] = body
+        else:
+            presence.pop(self.ns, None)
         return profile
 
-    async def _rejoin(self) -> None:
-        if self._profile is not None and "heartbeat_ms" not in self._profile:
-            try:
-                await self._requests.request("dir.join", self._profile)
-            except LedgerRefusal as exc:  # the relay's rules changed under us: say so
-                log.warning("could not join %s again after a reconnect: %s", self.ns, exc)
-
     async def leave(self) -> None:
-        self._profile = None  # and do not join again on a reconnect
+        _presence(self.client).pop(self.ns, None)  # and do not join again on a reconnect
         await self._requests.request("dir.leave", {})
 
     async def heartbeat(self) -> int:

@@ -303,3 +303,39 @@ def test_a_member_past_its_heartbeat_may_leave_until_it_is_timed_out() -> None:
     assert coordinator.due(3_000) == []
     again = coordinator.decide("dir.leave", {}, agent, b"m", 3_000)
     assert (again.kind, again.body["problem"]) == ("dir.rejected", "not_joined")
+
+
+async def test_joining_again_after_a_reconnect_is_once_per_namespace(
+    relay: RunningRelay,
+) -> None:
+    """Each Directory object added a reconnect hook of its own, which a leave through
+    another object did not stop: the agent was online again after a drop."""
+    async with RelayClient.connect(relay.url, identity(1)) as client:
+        for n in range(3):
+            await Directory(client, NS).join("worker", meta={"n": n})
+        [rejoin] = client.on_reconnect
+        await Directory(client, NS).leave()
+        head = relay.node.head(NS)
+        await rejoin()  # left, through another object: nothing is joined again
+        assert relay.node.head(NS) == head
+
+
+async def test_a_refused_rejoin_does_not_stop_the_client(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """A rejoin refused with anything but a ledger refusal (rate_limited, say) escaped
+    into the connection and stopped the whole client."""
+    from agent_sdk.client import _run_hook
+    from relay.limits import RateLimits
+
+    limits = RateLimits(publish_rate=0.01, publish_burst=1)
+    relay = await start_relay(nursery, tmp_path / "relay", RelayConfig(rate_limits=limits))
+    async with RelayClient.connect(relay.url, identity(1)) as client:
+        await Directory(client, NS).join("worker")  # the only token
+        [rejoin] = client.on_reconnect
+        await rejoin()  # rate_limited: logged, not raised
+
+    async def failing() -> None:
+        raise ValueError("a hook's own bug")
+
+    await _run_hook(failing)  # the connection it runs in goes on
