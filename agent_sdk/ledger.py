@@ -23,7 +23,7 @@ from typing import Any
 import trio
 
 from agent_sdk.client import Delivery, RelayClient
-from agent_sdk.errors import unwrap_single
+from agent_sdk.errors import ProtocolError, unwrap_single
 
 Items = list[dict[str, Any]]
 """A list query's items (``list`` is also a method name in :class:`Ledger`)."""
@@ -378,8 +378,8 @@ class Ledger:
                 with trio.CancelScope(shield=True), trio.move_on_after(CLAIM_TIMEOUT):
                     try:
                         await self.release(claim)
-                    except LedgerRefusal:
-                        pass  # already lapsed or ended: nothing held
+                    except (LedgerRefusal, ProtocolError):  # (ProtocolError: gone)
+                        pass  # already lapsed or ended, or the client stopped
         if lost:
             raise LeaseLost(f"{order}: the lease was lost; stopped")
 

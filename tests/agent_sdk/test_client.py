@@ -241,3 +241,39 @@ async def test_a_subscription_paused_as_the_client_stops_ends_too(relay: Running
                     async for _ in events:
                         seen += 1
                 assert 0 < seen <= 8
+
+
+async def test_publishes_over_a_clean_relay_restart_all_succeed(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """The relay answers what it has not admitted with 5002 shutting_down as it stops
+    cleanly: that is not an answer, the SDK sends it again to the next relay process
+    (operations.md). The error reached the application instead."""
+    from relay.app import stop_gracefully
+    from tests.conftest import start_relay
+
+    data = tmp_path / "relay"
+    relay = await start_relay(nursery, data)
+    port = int(relay.url.rsplit(":", 1)[1])
+    acked, enough = [0], trio.Event()
+    async with RelayClient.connect(relay.url, identity(1)) as client:
+
+        async def publisher(k: int) -> None:
+            for i in range(50):
+                await client.publish(NS, "app.n", [k, i])
+                acked[0] += 1
+                if acked[0] >= 100:
+                    enough.set()
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as publishers:
+                for k in range(8):
+                    publishers.start_soon(publisher, k)
+                await enough.wait()
+                relay.node.stop_admitting()  # each publisher's next publish: 5002
+                await trio.testing.wait_all_tasks_blocked(cushion=0.1)
+                await stop_gracefully(relay.node, relay.server)
+                relay.scope.cancel()
+                relay = await start_relay(nursery, data, port=port)
+    assert acked[0] == 400 and relay.node.head(NS) == 400  # each once
+    relay.scope.cancel()
