@@ -545,8 +545,8 @@ class RelayClient:
         self._subscriptions.clear()
         for shared in self._docs.values():
             shared._fail(error)
-        if self._mailbox is not None and self._mailbox.sub is not None:
-            self._mailbox.end(error)
+        if self._mailbox is not None:
+            self._mailbox.stop(error)
 
     # -- publishing -------------------------------------------------------------------
 

@@ -240,6 +240,8 @@ def _parts(update: bytes, pending: list[bytes]) -> list[bytes]:
 async def open_doc(
     client: RelayClient, ns: str, name: str, *, create: bool = True
 ) -> AsyncIterator[SharedDoc]:
+    if client.stopped.is_set():  # nothing would ever answer its opening
+        raise ProtocolError(ErrorCode.INTERNAL, "the client stopped")
     if create:
         try:
             await client.publish(ns, "doc.create", {"doc": name})

@@ -113,6 +113,7 @@ class Sent:
         self.receipt: Receipt | None = None
         self.expired = False
         self.on_settle: Callable[[], None] | None = None
+        self.error: ProtocolError | None = None  # why no receipt can come any more
         self._settled = trio.Event()
 
     def __repr__(self) -> str:
@@ -128,6 +129,8 @@ class Sent:
         ends a stream the same agent has open elsewhere, 15.3)."""
         self.mailbox.open()
         await self._settled.wait()
+        if self.receipt is None and self.error is not None:
+            raise self.error
         if self.receipt is None and not self.expired:
             reason = f"no longer waited for: over {REMEMBERED} later sends wait for receipts"
             raise ProtocolError(ErrorCode.NOT_FOUND, reason)
@@ -441,6 +444,15 @@ class Mailbox:
                 self.refused = trio.Event()
                 return
             self.end(error)  # the inbox was opened by another connection of ours
+
+    def stop(self, error: ProtocolError) -> None:
+        """The client stopped: no receipt, message or answer will come any more."""
+        for sent in self._sent.values():
+            if not sent._settled.is_set():
+                sent.error = error
+                sent._settled.set()
+        if self.sub is not None:
+            self.end(error)
 
     def end(self, error: ProtocolError) -> None:
         """The inbox stream ended: a reader gets what came, then ``error``."""

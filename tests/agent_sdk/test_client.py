@@ -172,9 +172,12 @@ async def test_a_client_that_stops_ends_everything_waiting_on_it(relay: RunningR
     waiting for ever (`formicary wo wait` hung through a routine relay restart)."""
     from agent_sdk.ledger import Ledger
 
+    async with RelayClient.connect(relay.url, identity(2)):
+        pass  # a recipient the relay knows
     async with RelayClient.connect(relay.url, identity(1), reconnect=False) as client:
         ledger = Ledger(client, NS)
         order = await ledger.create("t")
+        sent = await client.send(identity(2).id, "no receipt before the stop", via="relay")
         messages = client.messages()
         async with client.subscribe(NS, start=1) as events:
             with trio.fail_after(10):
@@ -192,6 +195,11 @@ async def test_a_client_that_stops_ends_everything_waiting_on_it(relay: RunningR
                 async with client.subscribe(NS) as later:  # opened once stopped
                     with pytest.raises(ProtocolError, match=r"stopped"):
                         await later.__anext__()
+                with pytest.raises(ProtocolError, match=r"stopped|closed"):
+                    await sent.delivered()
+                with pytest.raises(ProtocolError, match=r"stopped"):
+                    async with client.doc(NS, "notes", create=False):
+                        pass
 
 
 async def _until_live(events: Any) -> Any:
