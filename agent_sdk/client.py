@@ -202,11 +202,14 @@ class Subscription:
             self.next[receipt.ns] = receipt.seq + 1
 
     def _mark_live(self, frame: f.Live) -> None:
-        if frame.ns not in self.live and not self._offer(Live(frame.ns, frame.seq)):
-            return
-        self.live.add(frame.ns)
-        # With a filter the last delivered seq may lag the head: resume past both.
+        # Everything of ``ns`` up to ``seq`` was offered (a frame that does not fit
+        # pauses the subscription, and nothing after it arrives), and with a filter
+        # the last delivered seq may lag the head: resume past both. Even when this
+        # marker does not fit: a namespace subscribed from now would be subscribed
+        # from now again, and what came in between never delivered.
         self.next[frame.ns] = max(self.next.get(frame.ns, 0), frame.seq + 1)
+        if frame.ns not in self.live and self._offer(Live(frame.ns, frame.seq)):
+            self.live.add(frame.ns)  # (else offered after the resume: live comes again)
 
     def __aiter__(self) -> Subscription:
         return self
@@ -779,6 +782,8 @@ class RelayClient:
         a dict; ``None`` streams from now on. Iterating yields a :class:`Live` per
         namespace once its backlog is replayed, and :class:`Delivery` items.
         """
+        if buffer < 1:  # a full buffer pauses it: one of 0 would never be read
+            raise ValueError(f"buffer={buffer}: a subscription buffers at least 1 item")
         namespaces = (ns,) if isinstance(ns, str) else tuple(ns)
         if start is None:
             starts: dict[str, int] = {}

@@ -285,3 +285,23 @@ async def test_publishes_over_a_clean_relay_restart_all_succeed(
                 relay = await start_relay(nursery, data, port=port)
     assert acked[0] == 400 and relay.node.head(NS) == 400  # each once
     relay.scope.cancel()
+
+
+async def test_a_pause_on_a_live_marker_resumes_past_it(relay: RunningRelay) -> None:
+    """A namespace subscribed from now whose ``live`` did not fit the buffer kept no
+    cursor: after the pause it was subscribed from now again, and what was published
+    in between never came. And a buffer of 0 paused at once, for ever."""
+    async with RelayClient.connect(relay.url, identity(1)) as client:
+        with pytest.raises(ValueError, match="at least 1"):
+            async with client.subscribe(NS, buffer=0):
+                pass
+        await client.publish("c@local", "app.n", "old")
+        async with client.subscribe(["b@local", "c@local"], buffer=1) as sub:
+            with trio.fail_after(10):
+                while not sub.paused:  # b's live fits, c's does not
+                    await trio.testing.wait_all_tasks_blocked()
+                await client.publish("c@local", "app.n", "meanwhile")
+                async for item in sub:
+                    if isinstance(item, Delivery):
+                        assert item.event.event.body == "meanwhile"
+                        break
