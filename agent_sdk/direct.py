@@ -136,6 +136,7 @@ class Listener:
                 sig = self.identity.sign(GOT_DOMAIN + mid + peer)
                 await ws.send(_pack({"t": "got", "id": mid, "sig": sig}))
             else:
+                self._by_message.pop(mid, None)  # no receipt will be sent for it
                 await ws.send(_pack({"t": "refused", "id": mid, "reason": "does not unseal"}))
 
     def acknowledge(self, header: Header) -> None:

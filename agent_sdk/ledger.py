@@ -15,6 +15,7 @@ point could collide with the next holder's.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
@@ -29,6 +30,9 @@ Items = list[dict[str, Any]]
 """A list query's items (``list`` is also a method name in :class:`Ledger`)."""
 
 CLAIM_TIMEOUT = 30.0  # seconds to wait for the relay's answer to a claim or a release
+
+
+ENDED_KEPT = 4096
 
 
 class LedgerRefusal(Exception):
@@ -60,7 +64,9 @@ class Ledger:
     def __init__(self, client: RelayClient, ns: str) -> None:
         self.client = client
         self.ns = ns
-        self._ended: set[tuple[str, int]] = set()  # claims this agent ended itself
+        # Claims this agent ended itself, the latest ENDED_KEPT (a hold asks about its
+        # own while it runs; a long-lived agent must not keep every claim it ended).
+        self._ended: OrderedDict[tuple[str, int], None] = OrderedDict()
         self._ending: dict[tuple[str, int], trio.Event] = {}  # asked to end, not answered
 
     async def request(
@@ -147,7 +153,9 @@ class Ledger:
         self._ending[key] = answered = trio.Event()
         try:
             yield
-            self._ended.add(key)
+            self._ended[key] = None
+            if len(self._ended) > ENDED_KEPT:
+                self._ended.popitem(last=False)
         finally:
             if self._ending.get(key) is answered:  # (two ends at once: the last one's)
                 del self._ending[key]
@@ -374,7 +382,10 @@ class Ledger:
                     yield claim
                     nursery.cancel_scope.cancel()
         finally:
-            if not lost and (claim.order, claim.token) not in self._ended:
+            key = (claim.order, claim.token)
+            ended_here = key in self._ended
+            self._ended.pop(key, None)  # (asked about no more)
+            if not lost and not ended_here:
                 with trio.CancelScope(shield=True), trio.move_on_after(CLAIM_TIMEOUT):
                     try:
                         await self.release(claim)

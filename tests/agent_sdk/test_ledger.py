@@ -77,6 +77,7 @@ async def test_hold_lets_the_body_finish_the_order_and_raises_its_errors(
             await ledger.update(claim, "done")
             with trio.fail_after(5):  # a bound; the renewals stop on their own
                 await ledger.note(order, "wrapping up after done")
+        assert not ledger._ended  # kept while its hold ran, not for the agent's life
         with pytest.raises(ValueError, match="plain"):
             async with ledger.hold(await ledger.create("raises"), ttl_ms=60_000):
                 raise ValueError("plain errors come out as themselves")
