@@ -193,8 +193,13 @@ class _Arrived:
 
 
 class Mailbox:
-    """One client's messages (``client.mailbox``). The inbox stream opens on first
-    use of :meth:`send` or :meth:`messages` and again after every reconnect."""
+    """One client's messages (``client.mailbox``). The inbox stream opens when
+    messages are read (:meth:`next`, ``client.messages()``) or a receipt is waited for
+    (``Sent.delivered()``), and again after every reconnect; sending alone does not
+    open it, since that would take the stream from another reader of the same agent.
+    Receipts of relayed messages come through it, so an agent that only sends, and
+    never waits for a receipt, keeps sending to a recipient through the relay once
+    one of its messages went that way (``auto`` keeps them in order)."""
 
     def __init__(self, client: RelayClient) -> None:
         self.client = client
