@@ -504,12 +504,15 @@ class RelayClient:
 
     def _on_error(self, frame: f.Error) -> None:
         error = _error_of(frame)
-        if error.code is ErrorCode.SHUTTING_DOWN and (
-            frame.rid in self._pending or frame.rid in self._asked
+        if (
+            error.code is ErrorCode.SHUTTING_DOWN
+            and self.reconnect
+            and (frame.rid in self._pending or frame.rid in self._asked)
         ):
             # Not an answer: the relay is stopping, and closes this connection once it
             # has answered what it admitted. The request is sent again on the next
-            # connection (or fails when the client stops).
+            # connection. (Without reconnect it is one: the caller retries, as a
+            # relay's outbox does, or gives up.)
             return
         if frame.rid is not None and frame.rid in self._pending:
             pending = self._pending.pop(frame.rid)
