@@ -13,7 +13,7 @@ from agent_sdk.client import RelayClient
 from agent_sdk.identity import Identity
 from relay.app import KEY_FILE, LOGS_FILE, DataDirError, load_identity, open_store
 from tests.backends import store_dsn
-from tests.conftest import identity, start_relay
+from tests.conftest import RunningRelay, identity, start_relay
 
 
 async def test_a_relay_keeps_its_identity_across_restarts(
@@ -31,13 +31,18 @@ async def test_a_relay_keeps_its_identity_across_restarts(
     second.scope.cancel()
 
 
-async def test_logs_without_their_key_are_refused(nursery: trio.Nursery, tmp_path: Path) -> None:
-    data = tmp_path / "relay"
+async def a_stopped_relay_with_one_event(nursery: trio.Nursery, data: Path) -> RunningRelay:
     running = await start_relay(nursery, data)
     async with RelayClient.connect(running.url, identity(1)) as client:
         await client.publish("t@local", "app.x")
     running.scope.cancel()
     await trio.testing.wait_all_tasks_blocked()
+    return running
+
+
+async def test_logs_without_their_key_are_refused(nursery: trio.Nursery, tmp_path: Path) -> None:
+    data = tmp_path / "relay"
+    running = await a_stopped_relay_with_one_event(nursery, data)
 
     shutil.move(data / KEY_FILE, tmp_path / "saved.key")
     store = open_store(data, store_dsn(data))
@@ -60,11 +65,7 @@ async def test_a_key_is_refused_on_a_store_without_the_logs_it_signed(
     """Started on another store (the embedded one after a run on PostgreSQL, or with
     events.sqlite3 lost), the relay would sign a second seq 1 under the same key."""
     data = tmp_path / "relay"
-    running = await start_relay(nursery, data)
-    async with RelayClient.connect(running.url, identity(1)) as client:
-        await client.publish("t@local", "app.x")
-    running.scope.cancel()
-    await trio.testing.wait_all_tasks_blocked()
+    running = await a_stopped_relay_with_one_event(nursery, data)
     assert (data / LOGS_FILE).exists()  # written at the first commit
 
     elsewhere = tmp_path / "elsewhere"  # an empty store

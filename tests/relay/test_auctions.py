@@ -507,9 +507,9 @@ async def test_a_sealed_auction_hides_prices_until_the_reveal_and_forfeits_the_s
     assert scene.conserved()
 
 
-async def test_an_awardee_that_blocks_the_order_fails_and_the_next_bidder_gets_it(
-    scene: Scene, autojump_clock: trio.testing.MockClock
-) -> None:
+async def awarded_to_the_second_of_two(scene: Scene) -> tuple[dict[str, Any], Any]:
+    """Two bidders (stakes 10 and 20) on an auction that closed: the answer to its
+    opening, and the auction, awarded to bidder(1)."""
     await join(scene, REQUESTER)
     for n in range(2):
         await join(scene, bidder(n))
@@ -519,7 +519,13 @@ async def test_an_awardee_that_blocks_the_order_fails_and_the_next_bidder_gets_i
             bidder(n), "auction.bid", {"auction": opened["auction"], "stake": stake, "price": 0}
         )
     await trio.sleep(2)
-    won = scene.node.coordination.coordinators[NS].auctions.auctions[opened["auction"]]
+    return opened, scene.node.coordination.coordinators[NS].auctions.auctions[opened["auction"]]
+
+
+async def test_an_awardee_that_blocks_the_order_fails_and_the_next_bidder_gets_it(
+    scene: Scene, autojump_clock: trio.testing.MockClock
+) -> None:
+    opened, won = await awarded_to_the_second_of_two(scene)
     body = {"wo": won.wo, "token": won.token, "status": "blocked", "reason": "stuck"}
     kind, _ = await scene.ask(bidder(1), "wo.update", body)
     assert kind == "wo.updated"
@@ -542,16 +548,7 @@ async def test_an_awardee_cannot_drop_the_order_from_under_the_auction(
     scene: Scene, autojump_clock: trio.testing.MockClock
 ) -> None:
     """Dropped is final: the next bidder would never get the order, nor the requester."""
-    await join(scene, REQUESTER)
-    for n in range(2):
-        await join(scene, bidder(n))
-    _, opened = await scene.ask(REQUESTER, "auction.open", {"title": "t", "duration_ms": 1_000})
-    for n, stake in enumerate((10, 20)):
-        await scene.ask(
-            bidder(n), "auction.bid", {"auction": opened["auction"], "stake": stake, "price": 0}
-        )
-    await trio.sleep(2)
-    won = scene.node.coordination.coordinators[NS].auctions.auctions[opened["auction"]]
+    _, won = await awarded_to_the_second_of_two(scene)
     body = {"wo": won.wo, "token": won.token, "status": "dropped"}
     kind, refused = await scene.ask(bidder(1), "wo.update", body)
     assert (kind, refused["problem"]) == ("wo.rejected", "reserved")
