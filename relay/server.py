@@ -748,7 +748,13 @@ class Connection:
         running = _Running(trio.CancelScope(), trio.Event(), len(starts))
         self._subscriptions[request.sub] = running
         self._follows += running.follows
-        self._nursery.start_soon(self._subscription, request.sub, running, starts, match)
+        # Namespaces of this relay followed from now are live at once: say so before
+        # any frame of the others' replays, so that a client whose buffer those fill
+        # knows where each from-now namespace starts when it resumes (protocol 7.3).
+        now = {ns for ns in starts if ns not in request.start and not self._foreign(ns)}
+        for ns in sorted(now):
+            await self._send(f.Live(sub=request.sub, ns=ns, seq=starts[ns] - 1))
+        self._nursery.start_soon(self._subscription, request.sub, running, starts, match, now)
 
     # -- documents ---------------------------------------------------------------------
 
@@ -897,14 +903,19 @@ class Connection:
         await self._send(f.Unsubscribed(sub=sub))
 
     async def _subscription(
-        self, sub: int, running: _Running, starts: dict[str, int], match: Filter
+        self,
+        sub: int,
+        running: _Running,
+        starts: dict[str, int],
+        match: Filter,
+        live: set[str],
     ) -> None:
         error: ProtocolError | None = None
         try:
             with running.scope:
                 async with trio.open_nursery() as nursery:
                     for ns, start in starts.items():
-                        nursery.start_soon(self._follow, sub, ns, start, match)
+                        nursery.start_soon(self._follow, sub, ns, start, match, ns in live)
         except* ProtocolError as group:  # forbidden: a policy change took the agent's access
             first = group.exceptions[0]  # (several namespaces may end at once: one error)
             assert isinstance(first, ProtocolError)
@@ -915,7 +926,7 @@ class Connection:
             self._follows -= running.follows
             await self._send(f.Error.of(error, sub=sub))
 
-    async def _follow(self, sub: int, ns: str, cursor: int, match: Filter) -> None:
+    async def _follow(self, sub: int, ns: str, cursor: int, match: Filter, live: bool) -> None:
         if self._foreign(ns):
             assert self.fed is not None
             try:
@@ -931,14 +942,16 @@ class Connection:
                     raise
                 return  # the route went away; the subscription follows nothing more
         else:
-            await self._follow_log(sub, ns, cursor, match)
+            await self._follow_log(sub, ns, cursor, match, live)
 
-    async def _follow_log(self, sub: int, ns: str, cursor: int, match: Filter) -> None:
+    async def _follow_log(
+        self, sub: int, ns: str, cursor: int, match: Filter, live: bool = False
+    ) -> None:
         """Replay ``ns`` from ``cursor``, mark live, then stream as the log grows.
 
         A peer relay's mirror is sent the receipts of compacted ``doc.update``
-        records too (with empty event bytes): it needs every link of the chain."""
-        live = False
+        records too (with empty event bytes): it needs every link of the chain.
+        ``live``: its ``live`` frame was sent already (a namespace followed from now)."""
         chain_too = self.peer is not None
         most = self.node.config.replay_batch
         budget = SEND_QUEUE_FRAMES_OF_MAX * self.node.config.max_frame
