@@ -40,7 +40,10 @@ def _presence(client: RelayClient) -> dict[str, dict[str, Any]]:
 
 
 async def _join_again(client: RelayClient, profiles: dict[str, dict[str, Any]]) -> None:
-    for ns, profile in list(profiles.items()):
+    for ns in list(profiles):
+        profile = profiles.get(ns)  # as it is now: a leave meanwhile takes it out
+        if profile is None:
+            continue
         try:
             await Ledger(client, ns).request("dir.join", profile)
         except (LedgerRefusal, ProtocolError) as exc:  # rules changed, rate limited...

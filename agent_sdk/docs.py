@@ -248,6 +248,8 @@ async def open_doc(
         except ProtocolError as exc:
             if exc.code is not ErrorCode.DOC_EXISTS:
                 raise
+    if client.stopped.is_set():  # (again: it may have stopped while creating it)
+        raise ProtocolError(ErrorCode.INTERNAL, "the client stopped")
     client._next_sub += 1
     shared = SharedDoc(client, ns, name, client._next_sub)
     client._docs[shared.sub] = shared

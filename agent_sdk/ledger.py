@@ -15,6 +15,7 @@ point could collide with the next holder's.
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -31,6 +32,8 @@ Items = list[dict[str, Any]]
 
 CLAIM_TIMEOUT = 30.0  # seconds to wait for the relay's answer to a claim or a release
 
+
+log = logging.getLogger("formicary.sdk")
 
 ENDED_KEPT = 4096
 
@@ -389,8 +392,10 @@ class Ledger:
                 with trio.CancelScope(shield=True), trio.move_on_after(CLAIM_TIMEOUT):
                     try:
                         await self.release(claim)
-                    except (LedgerRefusal, ProtocolError):  # (ProtocolError: gone)
-                        pass  # already lapsed or ended, or the client stopped
+                    except LedgerRefusal:
+                        pass  # already lapsed or ended: nothing held
+                    except ProtocolError as exc:  # stopped, rate limited: held until its TTL
+                        log.warning("could not release %s: %s", claim.order, exc)
         if lost:
             raise LeaseLost(f"{order}: the lease was lost; stopped")
 

@@ -451,9 +451,10 @@ class Mailbox:
             self.end(error)  # the inbox was opened by another connection of ours
 
     def stop(self, error: ProtocolError) -> None:
-        """The client stopped: no receipt, message or answer will come any more."""
+        """The client's relay connection is gone for good: no receipt of a relayed
+        message can come any more (a direct one's comes on its own connection)."""
         for sent in self._sent.values():
-            if not sent._settled.is_set():
+            if sent.path == "relay" and not sent._settled.is_set():
                 sent.error = error
                 sent._settled.set()
         if self.sub is not None:

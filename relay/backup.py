@@ -124,9 +124,11 @@ def restore(backup_dir: Path, data: Path) -> dict[str, Any]:
                 raise BackupError(f"{backup_dir}: the logs' heads are not the manifest's")
             if heads:
                 _verify(staging, files, list(heads), key.public_key)
-            if LOGS_FILE in files and _names_another_first_receipt(staging):
-                # Copied after the logs: the relay's first commit came in between.
-                # The first start writes it again, from the logs restored.
+            if LOGS_FILE in files and not heads and _names_another_first_receipt(staging):
+                # Copied after the logs: the relay's first commit came in between
+                # (commits are whole, so that leaves no logs at all). The first start
+                # writes it again. With logs, a mismatch is what logs.json is for: a
+                # relay started on them refuses to start, as it should.
                 (staging / LOGS_FILE).unlink()
                 files.remove(LOGS_FILE)
         except (OSError, sqlite3.Error) as exc:

@@ -471,3 +471,25 @@ async def test_a_direct_peer_sending_garbage_ends_its_connection_not_the_client(
         with pytest.raises(DirectUnreachable):
             await carol.send(BOB.id, "hi", via="direct", endpoint="ws://127.0.0.1:99999")
         assert (await carol.send(BOB.id, "on", endpoint="ws://127.0.0.1:99999")).path == "relay"
+
+
+async def test_a_direct_receipt_still_comes_after_the_senders_relay_connection_stops(
+    relay: RunningRelay,
+) -> None:
+    """A stopping client ends the waits for relayed receipts, not for direct ones:
+    those come on the direct connection, which outlives the relay's."""
+    async with (
+        RelayClient.connect(relay.url, BOB) as bob,
+        bob.listen() as endpoint,
+        RelayClient.connect(relay.url, ALICE, reconnect=False) as alice,
+    ):
+        sent = await alice.send(BOB.id, "hi", via="direct", endpoint=endpoint)
+        assert sent.path == "direct"
+        for connection in list(relay.node.connections):  # a relay restart, for Alice
+            if connection.session.agent == ALICE.public_key:
+                await connection.ws.aclose(1001, "going away")
+        with trio.fail_after(10):
+            await alice.stopped.wait()
+            assert (await bob.mailbox.next()).body == "hi"  # its receipt goes directly
+            receipt = await sent.delivered()
+        assert receipt.id == sent.id

@@ -159,15 +159,25 @@ async def test_a_backup_restores_from_a_read_only_place_and_an_incomplete_one_is
     code, _, err = await formicary("relay", "restore", "--from", str(broken), "--data", str(target))
     assert code == 1 and "not a backup" in err, err
 
-    # A relay's first commit between the copy of its logs and of logs.json: the
-    # restore keeps the logs, not a logs.json they do not hold (the relay would not
-    # start); the first start writes it again.
-    (copy / "logs.json").write_text('{"ns": "keep-a@local", "first_receipt": "00"}')
     code, result, err = await formicary(
         "relay", "restore", "--from", str(copy), "--data", str(target)
     )
     assert code == 0 and result is not None and result["namespaces"] == 1, err
-    assert not (target / ".restoring").exists() and not (target / "logs.json").exists()
-    async with relay_process(target):
+    assert not (target / ".restoring").exists()
+    assert (target / "logs.json").read_text() == (data / "logs.json").read_text()
+
+    # A relay's first commit between the copy of its (then empty) logs and of its
+    # logs.json: the restore leaves out the logs.json its logs do not hold (the relay
+    # would not start), and the first start writes it again.
+    empty, early = tmp_path / "empty", tmp_path / "early"
+    async with relay_process(empty):
         pass
-    assert (target / "logs.json").exists()
+    code, _, err = await formicary("relay", "backup", "--data", str(empty), "--out", str(early))
+    assert code == 0, err
+    (early / "logs.json").write_text('{"ns": "keep-a@local", "first_receipt": "00"}')
+    manifest = json.loads((early / "manifest.json").read_text())
+    manifest["files"].append("logs.json")
+    (early / "manifest.json").write_text(json.dumps(manifest))
+    fresh = tmp_path / "fresh"
+    code, _, err = await formicary("relay", "restore", "--from", str(early), "--data", str(fresh))
+    assert code == 0 and not (fresh / "logs.json").exists(), err
