@@ -49,7 +49,7 @@ from websockets.trio.client import ClientConnection, connect
 from agent_sdk import frames as f
 from agent_sdk.direct import listening
 from agent_sdk.docs import SharedDoc, open_doc
-from agent_sdk.errors import ErrorCode, ProtocolError, unwrap_single
+from agent_sdk.errors import ErrorCode, ProtocolError, client_stopped, unwrap_single
 from agent_sdk.identity import Identity
 from agent_sdk.messaging import AGENT_ID, PATHS, Address, Mailbox, Messages, Sent
 from agent_sdk.wire import (
@@ -308,7 +308,7 @@ class RelayClient:
             await self._connect_loop(task_status)
         finally:
             # However it ended, nothing is answered any more: no request waits forever.
-            self._fail_all(ProtocolError(ErrorCode.INTERNAL, "the client stopped"))
+            self._fail_all(client_stopped())
             self.stopped.set()
 
     async def _connect_loop(self, task_status: trio.TaskStatus[None]) -> None:
@@ -403,7 +403,7 @@ class RelayClient:
         for rid, data, request in sorted(replay, key=lambda r: r[0]):
             # The relay may have come back with a smaller max_frame.
             what = "publish" if isinstance(request, _Pending) else "request"
-            if self._too_large(data, what, request):
+            if self._answered_here(data, what, request):
                 self._pending.pop(rid, None)
                 self._asked.pop(rid, None)
                 continue
@@ -608,11 +608,7 @@ class RelayClient:
         rid = self._next_rid
         data = _publish_frame(rid, event)
         pending = _Pending(event, on_queued)
-        if self.stopped.is_set():  # nothing would ever answer it
-            pending.error = ProtocolError(ErrorCode.INTERNAL, "the client stopped")
-            pending.done.set()
-            return pending
-        if self._too_large(data, "publish", pending):
+        if self._answered_here(data, "publish", pending):
             return pending
         self._pending[rid] = pending
         self._queue(data)
@@ -629,14 +625,18 @@ class RelayClient:
         """
         return await self.ask(lambda rid: f.Query(rid=rid, ns=ns, q=q, args=args or {}))
 
-    def _too_large(self, data: bytes, what: str, request: _Pending | Asked) -> bool:
-        """Answer a frame over the relay's ``max_frame`` here, with the error the relay
-        would send: the relay's comes without a ``rid`` (it discards the message
-        unread), so nothing would ever answer the request."""
-        if len(data) <= self.relay_max_frame:
+    def _answered_here(self, data: bytes, what: str, request: _Pending | Asked) -> bool:
+        """Answer here a request nothing would ever answer: on a stopped client, or
+        over the relay's ``max_frame`` (with the error the relay would send: the
+        relay's comes without a ``rid``, as it discards the message unread)."""
+        if self.stopped.is_set():
+            request.error = client_stopped()
+        elif len(data) > self.relay_max_frame:
+            limit = self.relay_max_frame
+            reason = f"a {what} of {len(data)} bytes; the relay's max_frame is {limit}"
+            request.error = ProtocolError(ErrorCode.FRAME_TOO_LARGE, reason)
+        else:
             return False
-        reason = f"a {what} of {len(data)} bytes; the relay's max_frame is {self.relay_max_frame}"
-        request.error = ProtocolError(ErrorCode.FRAME_TOO_LARGE, reason)
         request.done.set()
         return True
 
@@ -658,11 +658,7 @@ class RelayClient:
         rid = self._next_rid
         data = f.encode_frame(frame(rid))
         asked = Asked(data)
-        if self.stopped.is_set():  # nothing would ever answer it
-            asked.error = ProtocolError(ErrorCode.INTERNAL, "the client stopped")
-            asked.done.set()
-            return asked
-        if self._too_large(data, "request", asked):
+        if self._answered_here(data, "request", asked):
             return asked
         self._asked[rid] = asked
         self._queue(data)
@@ -804,7 +800,7 @@ class RelayClient:
         )
         subscription = Subscription(self, request, buffer)
         if self.stopped.is_set():  # nothing would ever come: its iterator raises
-            subscription.error = ProtocolError(ErrorCode.INTERNAL, "the client stopped")
+            subscription.error = client_stopped()
             subscription._tx.close()
         else:
             self._subscriptions[request.sub] = subscription
@@ -852,7 +848,7 @@ class RelayClient:
         """Subscribe again from the cursor, under a new id (the old one's frames are void)."""
         subscription.paused = False
         if self.stopped.is_set():  # paused as the client stopped: it ends here instead
-            subscription.error = ProtocolError(ErrorCode.INTERNAL, "the client stopped")
+            subscription.error = client_stopped()
             subscription._tx.close()
             return
         self._next_sub += 1

@@ -24,7 +24,7 @@ import pycrdt
 import trio
 
 from agent_sdk import frames as f
-from agent_sdk.errors import ErrorCode, ProtocolError, unwrap_single
+from agent_sdk.errors import ErrorCode, ProtocolError, client_stopped, unwrap_single
 from agent_sdk.wire import decode, decode_receipt
 
 log = logging.getLogger("formicary.sdk")
@@ -240,16 +240,14 @@ def _parts(update: bytes, pending: list[bytes]) -> list[bytes]:
 async def open_doc(
     client: RelayClient, ns: str, name: str, *, create: bool = True
 ) -> AsyncIterator[SharedDoc]:
-    if client.stopped.is_set():  # nothing would ever answer its opening
-        raise ProtocolError(ErrorCode.INTERNAL, "the client stopped")
-    if create:
+    if create:  # (on a stopped client the publish raises the stop)
         try:
             await client.publish(ns, "doc.create", {"doc": name})
         except ProtocolError as exc:
             if exc.code is not ErrorCode.DOC_EXISTS:
                 raise
-    if client.stopped.is_set():  # (again: it may have stopped while creating it)
-        raise ProtocolError(ErrorCode.INTERNAL, "the client stopped")
+    if client.stopped.is_set():  # (maybe while creating it): nothing would answer
+        raise client_stopped()
     client._next_sub += 1
     shared = SharedDoc(client, ns, name, client._next_sub)
     client._docs[shared.sub] = shared

@@ -131,6 +131,12 @@ class ProtocolError(Exception):
         self.reason = reason
 
 
+def client_stopped() -> ProtocolError:
+    """What a request, subscription or wait of a client that has stopped gets: nothing
+    would ever answer it."""
+    return ProtocolError(ErrorCode.INTERNAL, "the client stopped")
+
+
 @contextmanager
 def unwrap_single() -> Iterator[None]:
     """Our nurseries are private: hand a lone error out unwrapped, as websockets does."""

@@ -39,7 +39,7 @@ import trio
 
 from agent_sdk import frames as f
 from agent_sdk.direct import Direct, DirectUnreachable
-from agent_sdk.errors import ErrorCode, ProtocolError
+from agent_sdk.errors import ErrorCode, ProtocolError, client_stopped
 from agent_sdk.sealing import (
     ID_SIZE,
     STREAM_SIZE,
@@ -363,7 +363,7 @@ class Mailbox:
         if self.sub is not None:
             return
         if self.client.stopped.is_set():  # nothing would ever come
-            self.end(ProtocolError(ErrorCode.INTERNAL, "the client stopped"))
+            self.end(client_stopped())
             return
         if self.error is not None:
             self.error = None

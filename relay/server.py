@@ -954,7 +954,7 @@ class Connection:
         ``live``: its ``live`` frame was sent already (a namespace followed from now)."""
         chain_too = self.peer is not None
         most = self.node.config.replay_batch
-        budget = SEND_QUEUE_FRAMES_OF_MAX * self.node.config.max_frame
+        budget = self._byte_budget
         batch = min(most, FIRST_REPLAY_BATCH)  # then sized to hold about `budget` bytes
         access = self.node.access
         while True:
