@@ -41,6 +41,7 @@ PROTOCOL_VERSION = 1
 # Signature domains: a signature made for one purpose can never be replayed as another.
 EVENT_DOMAIN = b"formicary/v1/event\x00"
 SEAL_DOMAIN = b"formicary/v1/seal\x00"
+PRUNED_DOMAIN = b"formicary/v1/pruned\x00"
 
 KEY_SIZE = 32
 SIG_SIZE = 64
@@ -453,6 +454,17 @@ def seal_digest(receipt_hash: bytes, signer: Signer) -> bytes:
 
 def verify_seal(receipt: Receipt, sig: bytes) -> bool:
     return verify_signature(receipt.relay, sig, SEAL_DOMAIN + receipt.hash)
+
+
+def pruned_mark(event_id: bytes, signer: Signer) -> bytes:
+    """The home relay's word that it pruned this event's bytes (compaction, protocol
+    13.7): sent in place of the author's signature with a record that has no bytes,
+    so that nobody between the home and a mirror can empty a record of its own."""
+    return signer(PRUNED_DOMAIN + event_id)
+
+
+def verify_pruned_mark(receipt: Receipt, sig: bytes) -> bool:
+    return verify_signature(receipt.relay, sig, PRUNED_DOMAIN + receipt.id)
 
 
 def check_chain(receipts: Sequence[Receipt], previous: Receipt | None = None) -> int | None:

@@ -6,8 +6,9 @@ the home's key as if they came from the home itself. It never re-sequences them.
 before anything is stored it must be true of every record that:
 
 * the event bytes are canonical, their id is the receipt's id, and the author's
-  signature verifies (or the record is a compacted ``doc.update``, section 13.7,
-  which arrives as its receipt alone);
+  signature verifies (or the record's bytes were pruned by compaction, section 13.7:
+  it arrives as its receipt and, in place of the signature, the home's mark that
+  the home pruned it, so that a via peer cannot withhold an event's bytes);
 * the receipt is of this namespace, signed by the home's pinned key, and chains on
   the last stored one: seq one more, ``prev`` its hash, hlc strictly larger;
 * a seal by the home's key covers it: records are held back until a sealed receipt
@@ -24,7 +25,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from agent_sdk.errors import ProtocolError
-from agent_sdk.wire import ZERO_HASH, decode_event, decode_receipt, verify_seal
+from agent_sdk.wire import (
+    ZERO_HASH,
+    decode_event,
+    decode_receipt,
+    verify_pruned_mark,
+    verify_seal,
+)
 from relay.store import Head, Record
 
 MAX_UNSEALED = 16_384
@@ -92,10 +99,12 @@ class MirrorChain:
             if not signed.verify():
                 raise Forged(self.ns, seq, "author signature does not verify")
             kind, author = signed.event.kind, signed.event.author
-        elif sig:
-            raise Forged(self.ns, seq, "a signature without its event")
-        else:  # pruned by compaction, its receipt stays in the chain (§13.7): an
-            # update or a superseded snapshot, stored as an update (the kind is gone)
+        elif not sig:
+            raise Forged(self.ns, seq, "a record without its bytes carries no pruned mark")
+        elif not verify_pruned_mark(receipt, sig):
+            raise Forged(self.ns, seq, "the pruned mark does not verify with the home's key")
+        else:  # pruned by compaction, its receipt stays in the chain (13.7): an update
+            # or a superseded snapshot, stored as an update (the kind is gone)
             kind, author = "doc.update", b""
         record = Record(
             ns=self.ns,

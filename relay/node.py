@@ -37,7 +37,15 @@ import trio
 
 from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.identity import Identity
-from agent_sdk.wire import NS_RE, Event, SignedEvent, digest, seal_digest, sign_event
+from agent_sdk.wire import (
+    NS_RE,
+    Event,
+    SignedEvent,
+    digest,
+    pruned_mark,
+    seal_digest,
+    sign_event,
+)
 from relay.access import POLICY, Access, Creation
 from relay.contracts import Contracts
 from relay.coordination import queries
@@ -891,6 +899,17 @@ class RelayNode:
     def is_home(self, ns: str) -> bool:
         """True when this relay sequences ``ns`` (it is ``name@<this relay>``)."""
         return ns.rpartition("@")[2] == self.config.name
+
+    def vouch_pruned(self, record: Record) -> bytes:
+        """The pruned mark a record without bytes is sent to a peer with (14.8).
+
+        Made as it is sent, not stored: the home's own store needs none (a later
+        snapshot covers each pruned record, 10.2), and pruning stays one UPDATE. A
+        mirror's record already carries its home's mark; one that does not, taken
+        before marks existed, is sent without, and the peer refuses it."""
+        if record.event or not self.is_home(record.ns):
+            return record.sig
+        return pruned_mark(record.id, self.identity.sign)
 
     async def append_mirrored(self, records: Sequence[Record]) -> None:
         """Store records of a foreign namespace, checked by the caller against their

@@ -950,7 +950,8 @@ class Connection:
         """Replay ``ns`` from ``cursor``, mark live, then stream as the log grows.
 
         A peer relay's mirror is sent the receipts of compacted ``doc.update``
-        records too (with empty event bytes): it needs every link of the chain.
+        records too (with empty event bytes and the home's pruned mark): it needs
+        every link of the chain.
         ``live``: its ``live`` frame was sent already (a namespace followed from now)."""
         chain_too = self.peer is not None
         most = self.node.config.replay_batch
@@ -976,9 +977,10 @@ class Connection:
                 # Sending may not block, so look for an unsubscribe before each frame.
                 await trio.lowlevel.checkpoint_if_cancelled()
                 if (record.event or chain_too) and match.matches(record):  # b"": compacted
+                    sig = record.sig or self.node.vouch_pruned(record)
                     # Encoded once for all subscribers but the sub id (frames.py).
                     event = f.encode_event_frame(
-                        sub, record.event, record.sig, record.receipt, record.seal
+                        sub, record.event, sig, record.receipt, record.seal
                     )
                     count_kind(self.node.metrics.events_out, record.kind)
                     await self._send_encoded(event)

@@ -8,9 +8,11 @@ dependency is sequenced before the event (earlier seq in the same namespace, sma
 hlc anywhere).
 
 A compacted ``doc.update`` (or a snapshot a later one superseded) has no bytes left
-(its receipt stays in the chain): it is accepted when a later ``doc.compacted`` of the
-relay covers its seq (``upto``). Its signature cannot be checked any more; the
-snapshot's, by the relay, stands for it.
+(its receipt stays in the chain). In a mirror it carries its home's pruned mark, a
+signature over its id that must verify; in the home's own store it carries nothing,
+and is accepted when a later ``doc.compacted`` of the relay covers its seq
+(``upto``). Its author's signature cannot be checked any more; the relay's stands
+for it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from agent_sdk.wire import (
     decode,
     decode_event,
     decode_receipt,
+    verify_pruned_mark,
     verify_seal,
 )
 from relay.store import PRUNABLE, Located, Record
@@ -66,7 +69,7 @@ def verify_log(
     for record in records:
         seq = record.seq
         if not record.event:
-            if record.kind not in PRUNABLE or record.sig:
+            if record.kind not in PRUNABLE:
                 return bad(seq, "only a doc.update or doc.compacted may have its bytes pruned")
             try:
                 receipt = decode_receipt(record.receipt)
@@ -74,13 +77,19 @@ def verify_log(
                 return bad(seq, exc.reason)
             if receipt.id != record.id or receipt.ns != ns or receipt.seq != seq:
                 return bad(seq, "record is filed under the wrong id, namespace or seq")
+            if relay_key is not None and receipt.relay != relay_key:
+                return bad(seq, "receipt is signed by another relay key")
             if check_chain([receipt], previous) is not None:
                 return bad(seq, "receipt breaks the hash chain (seq, prev, hlc or relay)")
             if record.seal is not None:
                 if not verify_seal(receipt, record.seal):
                     return bad(seq, "seal does not verify")
                 sealed += 1
-            compacted.append(seq)
+            if record.sig:  # a mirror's: the home's mark that it pruned the record
+                if not verify_pruned_mark(receipt, record.sig):
+                    return bad(seq, "the pruned mark does not verify")
+            else:  # the home's own store keeps no mark: a later snapshot must cover it
+                compacted.append(seq)
             previous, last_seal = receipt, record.seal
             count += 1
             continue

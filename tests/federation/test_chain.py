@@ -8,7 +8,15 @@ from dataclasses import replace
 import pytest
 
 from agent_sdk.identity import Identity
-from agent_sdk.wire import ZERO_HASH, Event, decode_receipt, make_receipt, seal, sign_event
+from agent_sdk.wire import (
+    ZERO_HASH,
+    Event,
+    decode_receipt,
+    make_receipt,
+    pruned_mark,
+    seal,
+    sign_event,
+)
 from federation.chain import Forged, MirrorChain
 from federation.peers import Peer, PeerSpecError, check_peers, parse_peer
 from relay.store import Record
@@ -75,9 +83,15 @@ def test_a_mirror_resumes_on_its_stored_tail() -> None:
     assert offer_all(resumed, records[2:]) == [records[2:]]
 
 
+OTHER = Identity.from_seed(b"O" * 32)
+
+
 def forged_seal(records: list[Record]) -> list[Record]:
-    other = Identity.from_seed(b"O" * 32)
-    return [replace(records[0], seal=seal(decode_receipt(records[0].receipt), other.sign))]
+    return [replace(records[0], seal=seal(decode_receipt(records[0].receipt), OTHER.sign))]
+
+
+def mark(record: Record, relay: Identity = HOME) -> bytes:
+    return pruned_mark(record.id, relay.sign)
 
 
 @pytest.mark.parametrize(
@@ -88,7 +102,12 @@ def forged_seal(records: list[Record]) -> list[Record]:
         (lambda rs: [replace(rs[0], sig=bytes(64))], "signature"),
         (lambda rs: [replace(rs[0], event=rs[1].event, sig=rs[1].sig)], "not the one"),
         (lambda rs: [replace(rs[0], sig=b"")], "does not decode"),
-        (lambda rs: [replace(rs[0], event=b"")], "signature without its event"),
+        # A record emptied on the way (a via peer withholding it) is told apart from
+        # one its home pruned by the home's pruned mark, over that record's id.
+        (lambda rs: [replace(rs[0], event=b"", sig=b"")], "no pruned mark"),
+        (lambda rs: [replace(rs[0], event=b"")], "pruned mark does not verify"),
+        (lambda rs: [replace(rs[0], event=b"", sig=mark(rs[1]))], "pruned mark does not"),
+        (lambda rs: [replace(rs[0], event=b"", sig=mark(rs[0], OTHER))], "pruned mark does"),
         (forged_seal, "seal does not verify"),
         (lambda rs: log(1, {1}, ns="y@b"), "a receipt of y@b"),
     ],
@@ -115,12 +134,13 @@ def test_an_endless_unsealed_run_is_refused() -> None:
         offer_all(chain, log(5, sealed=set()))
 
 
-def test_a_compacted_update_arrives_as_its_receipt_alone() -> None:
+def test_a_compacted_update_arrives_as_its_receipt_and_the_homes_mark() -> None:
     records = log(2, sealed={2})
-    pruned = replace(records[0], event=b"", sig=b"")
+    pruned = replace(records[0], event=b"", sig=mark(records[0]))
     chain = MirrorChain(NS, HOME.public_key)
     [run] = offer_all(chain, [pruned, records[1]])
     assert run[0].event == b"" and run[0].kind == "doc.update" and run[1] == records[1]
+    assert run[0].sig == pruned.sig  # kept: the mirror's own log verify checks it
 
 
 KEY = "ab" * 32

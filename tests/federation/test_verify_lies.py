@@ -14,7 +14,7 @@ from pathlib import Path
 
 import trio
 
-from agent_sdk.client import Live, RelayClient
+from agent_sdk.client import Delivery, Live, RelayClient
 from relay.app import MIRROR_FILE
 from relay.node import RelayConfig
 from tests.conftest import identity, start_relay
@@ -82,3 +82,42 @@ async def test_a_mirror_with_a_skipped_seq_fails_verification(
         db.execute("DELETE FROM events WHERE ns = 'x@b' AND seq = 2")
     code, [verdict] = await verify(a.data, pin)
     assert code == 1 and verdict["bad_seq"] == 3 and "chain" in str(verdict["reason"])
+
+
+async def test_a_mirror_of_a_compacted_document_holds_the_homes_marks(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """The home sends a pruned record with its mark; the mirror keeps it, and log
+    verify checks it there (a via peer could otherwise empty any record, 14.8)."""
+    relays = plan(tmp_path, "a", "b")
+    a = await start(nursery, relays["a"], (relays["b"].peer(),))
+    home = RelayConfig(name="b", doc_compact_every=5)
+    b = await start(nursery, relays["b"], (relays["a"].peer(),), home)
+    with trio.fail_after(TIMEOUT):
+        async with (
+            RelayClient.connect(b.url, identity(2)) as writer,
+            writer.doc("x@b", "notes") as shared,
+        ):
+            for n in range(12):
+                shared.text().insert(len(shared.text()), f"[{n}]")
+                await shared.flush()
+        await b.node.wait_stat("compactions", 2)
+        head = b.node.head("x@b")
+        await federation_of(a).links["b"].wait_up()
+        async with (
+            RelayClient.connect(a.url, identity(3)) as reader,
+            reader.subscribe("x@b", start=1) as feed,
+        ):
+            async for item in feed:  # (`live` may come before the mirror has it all)
+                if isinstance(item, Delivery) and item.receipt.seq == head:
+                    break
+    a.scope.cancel()
+    b.scope.cancel()
+    with sqlite3.connect(a.data / MIRROR_FILE) as db:
+        marks = db.execute(
+            "SELECT count(*) FROM events WHERE ns = 'x@b' AND event = x'' AND length(sig) = 64"
+        ).fetchone()[0]
+    assert marks >= 8  # the updates two snapshots covered, and the first snapshot
+    pin = f"b={relays['b'].key.hex()}"
+    code, [verdict] = await verify(a.data, pin)
+    assert code == 0 and verdict["ok"] and verdict["mirror"], verdict

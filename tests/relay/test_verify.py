@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agent_sdk.wire import decode_receipt, make_receipt, seal
+from agent_sdk.wire import decode_receipt, make_receipt, pruned_mark, seal
 from relay.sequencer import Sequenced, Sequencer
 from relay.store import Located, Record, Store
 from relay.verify import verify_log
@@ -159,3 +159,44 @@ def test_stored_columns_must_match_the_signed_bytes() -> None:
 def test_an_empty_log_does_not_verify() -> None:
     verdict = verify_log("t@local", [], lambda _: None)
     assert not verdict.ok and verdict.records == 0
+
+
+def pruned(record: Record, sig: bytes = b"") -> Record:
+    """``record`` as compaction leaves it: kind ``doc.update``, no bytes, its receipt."""
+    return replace(record, kind="doc.update", event=b"", sig=sig)
+
+
+def test_a_pruned_record_in_a_mirror_verifies_by_its_homes_mark() -> None:
+    records = build_log()
+    records[1] = pruned(records[1], pruned_mark(records[1].id, RELAY.sign))
+    # No snapshot covers it: a mirror takes the home's word, signed over its id.
+    verdict = verify_log("t@local", records, locator(records), relay_key=RELAY.public_key)
+    assert verdict.ok, verdict.reason
+
+
+@pytest.mark.parametrize(
+    "sig",
+    [
+        pruned_mark(b"\x07" * 32, RELAY.sign),  # the home's mark, for another event
+        bytes(64),
+    ],
+)
+def test_a_pruned_mark_that_does_not_verify_is_found(sig: bytes) -> None:
+    records = build_log()
+    records[1] = pruned(records[1], sig)
+    assert check(records) == (2, "the pruned mark does not verify")
+    records[1] = pruned(records[1], pruned_mark(records[1].id, identity(7).sign))
+    assert check(records) == (2, "the pruned mark does not verify")  # another key's
+
+
+def test_a_pruned_record_without_a_mark_needs_a_snapshot() -> None:
+    records = build_log()
+    records[1] = pruned(records[1])  # any record emptied and relabelled, in a store
+    assert check(records) == (2, "a pruned record is covered by no doc.compacted")
+
+
+def test_a_pruned_record_of_another_relay_is_found() -> None:
+    records = build_log()
+    records[0] = pruned(records[0])
+    verdict = verify_log("t@local", records, locator(records), relay_key=identity(7).public_key)
+    assert (verdict.bad_seq, verdict.reason) == (1, "receipt is signed by another relay key")
