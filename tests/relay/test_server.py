@@ -15,6 +15,7 @@ from agent_sdk.client import Delivery, Live, RelayClient
 from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.wire import check_chain
 from relay.node import RelayConfig
+from relay.store import Record
 from tests.conftest import RunningRelay, identity, start_relay
 
 NS = "t@local"
@@ -171,3 +172,42 @@ async def test_nothing_of_a_subscription_follows_its_unsubscribed(relay: Running
                 seen.append(frame)
     unsubscribed = next(i for i, frame in enumerate(seen) if isinstance(frame, f.Unsubscribed))
     assert not [frame for frame in seen[unsubscribed + 1 :] if getattr(frame, "sub", None) == 1]
+
+
+async def test_a_replay_that_matches_nothing_gives_the_loop_up_after_each_batch(
+    relay: RunningRelay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Read from memory, a replay whose filter matches nothing never sends, so never
+    waits: without a turn after each batch it would hold the relay's loop for the
+    whole log, and every other agent with it."""
+    async with RelayClient.connect(relay.url, identity(1)) as client:
+        for n in range(300):
+            await client.publish(NS, "app.note", n)
+    timeline: list[str] = []
+    read = relay.node.read
+
+    async def recorded(ns: str, start: int, limit: int) -> list[Record]:
+        records = await read(ns, start, limit)
+        timeline.append("read")
+        return records
+
+    async def other_work() -> None:  # stands for every other connection's task
+        while True:
+            timeline.append("other")
+            await trio.lowlevel.checkpoint()
+
+    monkeypatch.setattr(relay.node, "read", recorded)
+    async with (
+        trio.open_nursery() as nursery,
+        RelayClient.connect(relay.url, identity(2)) as reader,
+        reader.subscribe(NS, start=1, kinds=("app.other",)) as feed,
+    ):
+        nursery.start_soon(other_work)
+        assert await feed.__anext__() == Live(NS, 300)
+        nursery.cancel_scope.cancel()
+    reads = [i for i, what in enumerate(timeline) if what == "read"]
+    assert len(reads) >= 5  # batches of 4, 8, 16, ... over 300 records in memory
+    # Each scheduler pass runs every ready task once, in an order trio varies: the
+    # other task runs about once per batch, and never if the replay holds the loop.
+    between = timeline[reads[0] : reads[-1]].count("other")
+    assert between >= len(reads) // 2, " ".join(timeline[reads[0] : reads[-1] + 1])
