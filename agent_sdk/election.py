@@ -72,6 +72,9 @@ async def hold_lock(
                 except Exception:
                     pass  # lapsed already, or no connection: it lapses at its expiry
     if lost:
+        # As in Ledger.hold: a renewal given up on may still land, and without this
+        # the lock would stay with a leader that stopped leading for a whole TTL.
+        ledger.request_later("lock.release", {"name": lock.order, "token": lock.token})
         raise LeaseLost(f"{name}: the lease was lost; stopped")
 
 

@@ -26,6 +26,7 @@ import trio
 
 from agent_sdk.client import Delivery, RelayClient
 from agent_sdk.errors import ProtocolError, unwrap_single
+from agent_sdk.wire import Event, sign_event
 
 Items = list[dict[str, Any]]
 """A list query's items (``list`` is also a method name in :class:`Ledger`)."""
@@ -93,6 +94,20 @@ class Ledger:
         if event.kind.endswith(".rejected"):
             raise LedgerRefusal(answer["problem"], answer["reason"], answer.get("holder"))
         return dict(answer)
+
+    def request_later(self, kind: str, body: dict[str, Any]) -> None:
+        """Publish one request without waiting for its answer: it leaves after every
+        request already sent on this client, so it is decided after them."""
+        client = self.client
+        event = Event(
+            ns=self.ns,
+            kind=kind,
+            author=client.identity.public_key,
+            body=body,
+            ts=client.clock_ms(),
+            nonce=client.nonce(),
+        )
+        client.publish_later(sign_event(event, client.identity.sign))
 
     async def create(
         self,
@@ -397,6 +412,10 @@ class Ledger:
                     except ProtocolError as exc:  # stopped, rate limited: held until its TTL
                         log.warning("could not release %s: %s", claim.order, exc)
         if lost:
+            # The renewal given up on may still land (the client sends it again after
+            # a reconnect) and keep the order for a TTL, held by an agent no longer on
+            # it: this goes after it. A lapsed or passed-on lease refuses it.
+            self.request_later("wo.release", {"wo": claim.order, "token": claim.token})
             raise LeaseLost(f"{order}: the lease was lost; stopped")
 
 

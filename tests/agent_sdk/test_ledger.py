@@ -11,6 +11,7 @@ import trio.testing
 
 from agent_sdk.client import RelayClient
 from agent_sdk.ledger import Claim, LeaseLost, Ledger, LedgerRefusal
+from agent_sdk.wire import SignedEvent
 from tests.conftest import RunningRelay, identity
 
 NS = "work@local"
@@ -149,6 +150,11 @@ class _BundlingLink:
         event = SimpleNamespace(kind=outcome.kind, body=outcome.body)
         return SimpleNamespace(outcome=SimpleNamespace(event=SimpleNamespace(event=event)))
 
+    def publish_later(self, signed: SignedEvent) -> None:
+        """Sent, its answer not waited for: decided now, in the order of the calls."""
+        event = signed.event
+        self.core.decide(event.kind, event.body, event.author, signed.id, self.clock_ms())
+
     async def answer_in_bundles(self) -> None:
         while True:
             await trio.sleep(0.3)
@@ -194,3 +200,39 @@ async def test_a_claim_answered_too_late_is_given_back(
                 raise AssertionError("the body ran without a claim")
         nursery.cancel_scope.cancel()
     assert link.core.ledger.orders[order].status.value == "open"  # released, not held
+
+
+async def test_a_renewal_given_up_on_is_followed_by_a_release(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The relay renews the lease but its answer comes too late: hold gives up (the
+    lease might have lapsed), and must not leave the order held, for a whole TTL, by
+    an agent that stopped working on it."""
+    link = _BundlingLink()
+    ledger = Ledger(link, NS)  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(link.answer_in_bundles)
+        order = await ledger.create("t")
+        with pytest.raises(LeaseLost, match="lease was lost"):
+            async with ledger.hold(order, ttl_ms=3_000):
+                link.late, link.delay = 1, 10.0  # the renewal: decided, answered late
+                await trio.sleep_forever()
+        assert link.core.ledger.orders[order].status.value == "open"  # given back
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_lock_renewal_given_up_on_is_followed_by_a_release(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    from agent_sdk.election import hold_lock
+
+    link = _BundlingLink()
+    ledger = Ledger(link, NS)  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(link.answer_in_bundles)
+        with pytest.raises(LeaseLost, match="lease was lost"):
+            async with hold_lock(ledger, "leader:sched", 3_000, wait=False):
+                link.late, link.delay = 1, 10.0  # the renewal: decided, answered late
+                await trio.sleep_forever()
+        assert "leader:sched" not in link.core.locks.leases  # given back to the others
+        nursery.cancel_scope.cancel()
