@@ -68,6 +68,10 @@ log = logging.getLogger("formicary.client")
 DEFAULT_RELAY = "ws://127.0.0.1:7700"
 HANDSHAKE_TIMEOUT = 10.0  # seconds for hello, auth and welcome
 FLUSH_TIMEOUT = 5.0  # seconds a closing client waits for its queued frames to go out
+STOPPING_GRACE = 30.0
+"""Seconds a reconnecting client waits, after a 5002 ``shutting_down``, for the relay to
+close the connection (the reference relay does within 10 s) before closing it itself,
+to send what was refused again on a new one."""
 
 
 class RelayMismatch(Exception):
@@ -265,6 +269,7 @@ class RelayClient:
         self._asked: dict[int, Asked] = {}
         self._docs: dict[int, SharedDoc] = {}
         self.ws: ClientConnection | None = None
+        self._reading = trio.CancelScope()  # the current connection's reads
         self.on_reconnect: list[Callable[[], Awaitable[None]]] = []
         """Run after each reconnect (the directory joins again: presence is per connection)."""
         self._inflight = trio.Semaphore(max_inflight)
@@ -409,7 +414,7 @@ class RelayClient:
                 continue
             outbox.send_nowait(data)
         self._connected.set()
-        with connection_ends():
+        with connection_ends(), trio.CancelScope() as self._reading:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._writer, ws, queued)
                 if self.connections > 1:  # a reconnect: what lives only as long as a
@@ -429,6 +434,8 @@ class RelayClient:
                             raise RelayMismatch(f"relay sent a bad frame: {frame}")
                         await self._dispatch(frame)
                 nursery.cancel_scope.cancel()
+        if self._reading.cancelled_caught:
+            raise trio.TooSlowError(f"the relay did not close {STOPPING_GRACE:.0f} s after 5002")
 
     async def _writer(self, ws: ClientConnection, queued: trio.MemoryReceiveChannel[bytes]) -> None:
         """Send queued frames, bundling what has piled up into one message.
@@ -512,7 +519,10 @@ class RelayClient:
             # Not an answer: the relay is stopping, and closes this connection once it
             # has answered what it admitted. The request is sent again on the next
             # connection. (Without reconnect it is one: the caller retries, as a
-            # relay's outbox does, or gives up.)
+            # relay's outbox does, or gives up.) A relay that never closes it would
+            # leave the request waiting for good: after a grace, we close it.
+            if self._reading.deadline == math.inf:
+                self._reading.deadline = trio.current_time() + STOPPING_GRACE
             return
         if frame.rid is not None and frame.rid in self._pending:
             pending = self._pending.pop(frame.rid)

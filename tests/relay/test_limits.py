@@ -215,3 +215,37 @@ async def test_behind_a_trusted_proxy_each_forwarded_client_has_its_own_cap(
             async with connect_ws(relay.url, additional_headers=other) as fine:
                 assert isinstance(await fine.recv(), bytes)  # its hello
     relay.scope.cancel()
+
+
+async def test_a_relay_that_says_it_stops_but_never_closes_is_left(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """After a 5002 a reconnecting client waits for the relay to close the connection,
+    then sends the request again on a new one. An embedder's relay that stops
+    admitting and never closes must not leave the request waiting for good."""
+    from agent_sdk.client import STOPPING_GRACE
+
+    node = RelayNode(identity(9), MemoryStore(), RelayConfig())
+    listener = MemoryListener("stopping")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(node.run)
+        await nursery.start(
+            lambda task_status: serve_relay(node, listeners=[listener], task_status=task_status)
+        )
+        async with RelayClient.connect("ws://stopping.sim/", CALM, dial=listener.dial) as client:
+            node.stop_admitting()
+            published: list[int] = []
+            done = trio.Event()
+
+            async def publish() -> None:
+                published.append((await client.publish("x@local", "app.note", 1)).receipt.seq)
+                done.set()
+
+            nursery.start_soon(publish)
+            await trio.testing.wait_all_tasks_blocked()  # 5002 came, and was set aside
+            assert not published and client.connections == 1
+            node.stopping = False  # admitting again, on this connection too
+            with trio.fail_after(STOPPING_GRACE + 10):
+                await done.wait()  # sent again, on a new connection
+            assert published == [1] and client.connections == 2
+        nursery.cancel_scope.cancel()
