@@ -16,7 +16,6 @@ point could collide with the next holder's.
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
@@ -35,8 +34,6 @@ CLAIM_TIMEOUT = 30.0  # seconds to wait for the relay's answer to a claim or a r
 
 
 log = logging.getLogger("formicary.sdk")
-
-ENDED_KEPT = 4096
 
 
 class LedgerRefusal(Exception):
@@ -68,9 +65,11 @@ class Ledger:
     def __init__(self, client: RelayClient, ns: str) -> None:
         self.client = client
         self.ns = ns
-        # Claims this agent ended itself, the latest ENDED_KEPT (a hold asks about its
-        # own while it runs; a long-lived agent must not keep every claim it ended).
-        self._ended: OrderedDict[tuple[str, int], None] = OrderedDict()
+        # The claims a hold runs on now, and those of them the agent ended itself (a
+        # hold asks about its own claim; nobody asks about the others, and a
+        # long-lived agent must not keep every claim it ended).
+        self._held: set[tuple[str, int]] = set()
+        self._ended: set[tuple[str, int]] = set()
         self._ending: dict[tuple[str, int], trio.Event] = {}  # asked to end, not answered
 
     async def request(
@@ -171,9 +170,8 @@ class Ledger:
         self._ending[key] = answered = trio.Event()
         try:
             yield
-            self._ended[key] = None
-            if len(self._ended) > ENDED_KEPT:
-                self._ended.popitem(last=False)
+            if key in self._held:
+                self._ended.add(key)
         finally:
             if self._ending.get(key) is answered:  # (two ends at once: the last one's)
                 del self._ending[key]
@@ -378,6 +376,8 @@ class Ledger:
                 except LedgerRefusal:
                     pass  # refused, or already lapsed: nothing held
             raise LeaseLost(f"{order}: no answer to the claim in {CLAIM_TIMEOUT} s")
+        key = (claim.order, claim.token)  # (a renewal keeps the token)
+        self._held.add(key)
         lost = False
         try:
             with unwrap_single():
@@ -400,9 +400,9 @@ class Ledger:
                     yield claim
                     nursery.cancel_scope.cancel()
         finally:
-            key = (claim.order, claim.token)
+            self._held.discard(key)  # (asked about no more)
             ended_here = key in self._ended
-            self._ended.pop(key, None)  # (asked about no more)
+            self._ended.discard(key)
             if not lost and not ended_here:
                 with trio.CancelScope(shield=True), trio.move_on_after(CLAIM_TIMEOUT):
                     try:

@@ -236,3 +236,28 @@ async def test_a_lock_renewal_given_up_on_is_followed_by_a_release(
                 await trio.sleep_forever()
         assert "leader:sched" not in link.core.locks.leases  # given back to the others
         nursery.cancel_scope.cancel()
+
+
+async def test_many_claims_ended_during_a_hold_leave_its_own_end_known(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The body finishes its order, then other claims of the same Ledger end. When the
+    renewal is then refused (the order is done), hold must still know its body ended
+    it: not a lost lease. (An earlier Ledger kept the latest 4,096 ends: more than
+    that during one hold evicted its own.)"""
+    import agent_sdk.ledger
+
+    monkeypatch.setattr(agent_sdk.ledger, "ENDED_KEPT", 4, raising=False)  # (the old bound)
+    link = _BundlingLink()
+    ledger = Ledger(link, NS)  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(link.answer_in_bundles)
+        order = await ledger.create("t")
+        others = [await ledger.create(f"other {n}") for n in range(6)]
+        async with ledger.hold(order, ttl_ms=30_000) as claim:
+            await ledger.update(claim, "done")
+            for other in others:
+                await ledger.update(await ledger.claim(other), "done")
+            await trio.sleep(12)  # the renewal, due at 10 s, is refused: the order is done
+        assert not ledger._ended  # nothing kept past the hold
+        nursery.cancel_scope.cancel()
