@@ -274,18 +274,30 @@ class Tokens:
             raise UsageError(f"no token kept for {order}: claim it first or pass --token")
         return token
 
-    def put(self, ns: str, order: str, token: int | None) -> None:
-        """Keep (or, with ``None``, forget) a token. Shell agents run commands in
-        parallel, so the read-modify-write holds a lock and writes a private temporary
-        file that replaces the old one atomically."""
+    def put(self, ns: str, order: str, token: int) -> None:
+        """Keep a token. Shell agents run commands in parallel, so the
+        read-modify-write holds a lock and writes a private temporary file that
+        replaces the old one atomically."""
+        self._change(ns, order, token, None)
+
+    def forget(self, ns: str, order: str, token: int | None) -> None:
+        """Forget the token kept for ``order`` if it is ``token``: a claim made in
+        parallel meanwhile keeps the newer one it stored."""
+        if token is not None:
+            self._change(ns, order, None, token)
+
+    def _change(self, ns: str, order: str, token: int | None, was: int | None) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path.with_suffix(".lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             data = self._load()
-            if token is None:
-                data.pop(self._key(ns, order), None)
+            key = self._key(ns, order)
+            if token is not None:
+                data[key] = token
+            elif data.get(key) == was:
+                del data[key]
             else:
-                data[self._key(ns, order)] = token
+                return
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".tokens.")
             with os.fdopen(fd, "w") as file:
                 file.write(json.dumps(data, indent=1))
@@ -432,9 +444,9 @@ def _release(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
             await ledger.release(Claim(args.id, token, 0))
         except LedgerRefusal as exc:
             if exc.problem in STALE:
-                tokens.put(ns, args.id, None)  # that claim is over: forget its token
+                tokens.forget(ns, args.id, token)  # that claim is over
             raise
-        tokens.put(ns, args.id, None)
+        tokens.forget(ns, args.id, token)
         return {"id": args.id, "status": "open"}
 
     return act
@@ -460,13 +472,13 @@ def _update(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
         except LedgerRefusal as exc:
             if args.token is None and kept is not None and exc.problem in STALE:
                 # That claim is over: its token would refuse every later update too.
-                tokens.put(ns, args.id, None)
+                tokens.forget(ns, args.id, kept)
                 print(
                     f"formicary wo update: the kept token of {args.id} is forgotten",
                     file=sys.stderr,
                 )
             raise
-        tokens.put(ns, args.id, None)
+        tokens.forget(ns, args.id, kept)
         return {"id": args.id, "status": args.status}
 
     return act
@@ -518,10 +530,10 @@ def _lock_release(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
         try:
             await ledger.unlock(Claim(args.name, token, 0))
         except LedgerRefusal as exc:
-            if exc.problem in ("not_holder", "stale_token"):
-                tokens.put(ns, _lock_key(args.name), None)
+            if exc.problem in STALE:
+                tokens.forget(ns, _lock_key(args.name), token)
             raise
-        tokens.put(ns, _lock_key(args.name), None)
+        tokens.forget(ns, _lock_key(args.name), token)
         return {"lock": args.name, "released": True}
 
     return act
