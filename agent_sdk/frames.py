@@ -262,6 +262,8 @@ class EventFrame:
     sig: bytes
     receipt: bytes
     seal: bytes | None = None
+    mark: bytes | None = None
+    """To a peer relay, with a record compaction pruned: the home's pruned mark."""
 
 
 @dataclass(frozen=True, slots=True)

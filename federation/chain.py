@@ -7,8 +7,8 @@ before anything is stored it must be true of every record that:
 
 * the event bytes are canonical, their id is the receipt's id, and the author's
   signature verifies (or the record's bytes were pruned by compaction, section 13.7:
-  it arrives as its receipt and, in place of the signature, the home's mark that
-  the home pruned it, so that a via peer cannot withhold an event's bytes);
+  it arrives as its receipt and the home's mark that the home pruned it, so that a
+  via peer cannot withhold an event's bytes; the mark is kept as its ``sig``);
 * the receipt is of this namespace, signed by the home's pinned key, and chains on
   the last stored one: seq one more, ``prev`` its hash, hlc strictly larger;
 * a seal by the home's key covers it: records are held back until a sealed receipt
@@ -71,7 +71,12 @@ class MirrorChain:
         self._at = self.tail
 
     def offer(
-        self, event: bytes, sig: bytes, receipt_bytes: bytes, seal: bytes | None
+        self,
+        event: bytes,
+        sig: bytes,
+        receipt_bytes: bytes,
+        seal: bytes | None,
+        mark: bytes | None = None,
     ) -> list[Record]:
         """Check one record; return the run it completes once sealed, else ``[]``."""
         try:
@@ -99,13 +104,16 @@ class MirrorChain:
             if not signed.verify():
                 raise Forged(self.ns, seq, "author signature does not verify")
             kind, author = signed.event.kind, signed.event.author
-        elif not sig:
+        elif sig:
+            raise Forged(self.ns, seq, "a signature without its event")
+        elif not mark:
             raise Forged(self.ns, seq, "a record without its bytes carries no pruned mark")
-        elif not verify_pruned_mark(receipt, sig):
+        elif not verify_pruned_mark(receipt, mark):
             raise Forged(self.ns, seq, "the pruned mark does not verify with the home's key")
         else:  # pruned by compaction, its receipt stays in the chain (13.7): an update
-            # or a superseded snapshot, stored as an update (the kind is gone)
-            kind, author = "doc.update", b""
+            # or a superseded snapshot, stored as an update (the kind is gone), and
+            # the mark in place of the signature (log verify checks it there, 10.2)
+            kind, author, sig = "doc.update", b"", mark
         record = Record(
             ns=self.ns,
             seq=seq,

@@ -642,7 +642,7 @@ class Mirror:
                     self.refused = None
                     try:
                         checked += self.chain.offer(
-                            frame.event, frame.sig, frame.receipt, frame.seal
+                            frame.event, frame.sig, frame.receipt, frame.seal, frame.mark
                         )
                     except Forged:
                         if checked:  # what checked out before the lie is the home's log

@@ -362,7 +362,7 @@ async def serve_board(node: RelayNode, ws: ServerConnection) -> None:
 def _recent(r: Record) -> dict[str, Any]:
     """A row of the recent events. The page checks each signature itself (WebCrypto);
     a large event's bytes are left out, as a compacted one's are gone."""
-    shown = len(r.event) <= EVENT_SHOWN
+    shown = 0 < len(r.event) <= EVENT_SHOWN  # (a mirror keeps a mark as a pruned sig)
     return {
         "seq": r.seq,
         "kind": r.kind,

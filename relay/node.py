@@ -60,7 +60,7 @@ from relay.logs import about
 from relay.metrics import Metrics, count_kind
 from relay.sequencer import Duplicate, Limits, Parked, Rejected, Sequenced, Sequencer
 from relay.signatures import SignatureChecker
-from relay.store import Head, Located, Record, Store
+from relay.store import PRUNABLE, Head, Located, Record, Store
 
 if TYPE_CHECKING:
     from federation.network import Federation
@@ -156,6 +156,7 @@ class HomeOnly:
 Fold = Callable[[Record], None]
 
 RECORD_OVERHEAD = 400
+MARKS_KEPT = 4096  # pruned marks made for peers, the latest (a dict in insertion order)
 """Bytes a cached record costs beyond its event and receipt bytes (objects, dicts)."""
 
 MAX_WAITING_PER_PARKED = 8
@@ -316,6 +317,7 @@ class RelayNode:
         # oldest first keeps each namespace's cached seqs a contiguous tail of its log.
         self._recent_order: deque[tuple[str, int, int]] = deque()
         self._recent_size = 0
+        self._marks: dict[bytes, bytes] = {}
         self._pending: list[Record] = []
         self._queued = 0  # records ever put in _pending
         self._flushed = 0  # ... and ever committed from it
@@ -900,16 +902,24 @@ class RelayNode:
         """True when this relay sequences ``ns`` (it is ``name@<this relay>``)."""
         return ns.rpartition("@")[2] == self.config.name
 
-    def vouch_pruned(self, record: Record) -> bytes:
-        """The pruned mark a record without bytes is sent to a peer with (14.8).
+    def pruned_mark_of(self, record: Record) -> bytes | None:
+        """The pruned mark a record without bytes is sent to a peer with (4.5, 14.8),
+        or ``None`` when this relay has none to give.
 
-        Made as it is sent, not stored: the home's own store needs none (a later
-        snapshot covers each pruned record, 10.2), and pruning stays one UPDATE. A
-        mirror's record already carries its home's mark; one that does not, taken
-        before marks existed, is sent without, and the peer refuses it."""
-        if record.event or not self.is_home(record.ns):
-            return record.sig
-        return pruned_mark(record.id, self.identity.sign)
+        The home makes it as it sends (the latest few kept: a peer catching up reads
+        many): its own store needs none (a later snapshot covers each pruned record,
+        10.2), and pruning stays one UPDATE. A mirror's record holds its home's mark
+        as its ``sig``; one taken before marks existed holds none."""
+        if not self.is_home(record.ns):
+            return record.sig or None
+        if record.kind not in PRUNABLE:  # not emptied by compaction: vouch for nothing
+            return None
+        mark = self._marks.get(record.id)
+        if mark is None:
+            mark = self._marks[record.id] = pruned_mark(record.id, self.identity.sign)
+            if len(self._marks) > MARKS_KEPT:
+                del self._marks[next(iter(self._marks))]
+        return mark
 
     async def append_mirrored(self, records: Sequence[Record]) -> None:
         """Store records of a foreign namespace, checked by the caller against their

@@ -937,12 +937,26 @@ class Connection:
                     if cursor < 0:  # "from now": the home's head, as far as we know it
                         cursor = max(mirror.home_head, self.node.head(ns)) + 1
                     await self._follow_log(sub, ns, cursor, match)
+            except CannotPassOn:
+                raise  # ours, not the route's: the subscriber is told
             except ProtocolError as exc:
                 if exc.code is ErrorCode.FORBIDDEN:
                     raise
                 return  # the route went away; the subscription follows nothing more
         else:
             await self._follow_log(sub, ns, cursor, match, live)
+
+    def _pruned_frame(self, sub: int, record: Record) -> bytes:
+        """A pruned record for a peer: its receipt and the home's pruned mark (4.5)."""
+        mark = self.node.pruned_mark_of(record)
+        if mark is None:  # a peer would take it for a forgery and drop the whole link
+            raise CannotPassOn(
+                ErrorCode.INTERNAL,
+                f"{record.ns} seq {record.seq} has no bytes and no pruned mark here: this "
+                "relay cannot pass it on (docs/operations.md, Mirrors)",
+            )
+        frame = f.EventFrame(sub, b"", b"", record.receipt, record.seal, mark=mark)
+        return f.encode_frame(frame)
 
     async def _follow_log(
         self, sub: int, ns: str, cursor: int, match: Filter, live: bool = False
@@ -976,14 +990,19 @@ class Connection:
             for record in records:
                 # Sending may not block, so look for an unsubscribe before each frame.
                 await trio.lowlevel.checkpoint_if_cancelled()
-                if (record.event or chain_too) and match.matches(record):  # b"": compacted
-                    sig = record.sig or self.node.vouch_pruned(record)
+                if not match.matches(record):
+                    continue
+                if record.event:
                     # Encoded once for all subscribers but the sub id (frames.py).
                     event = f.encode_event_frame(
-                        sub, record.event, sig, record.receipt, record.seal
+                        sub, record.event, record.sig, record.receipt, record.seal
                     )
-                    count_kind(self.node.metrics.events_out, record.kind)
-                    await self._send_encoded(event)
+                elif chain_too:  # pruned by compaction (13.7): still a link of the chain
+                    event = self._pruned_frame(sub, record)
+                else:
+                    continue  # (agents are not sent it)
+                count_kind(self.node.metrics.events_out, record.kind)
+                await self._send_encoded(event)
             if records:
                 cursor = records[-1].seq + 1
                 # A filter may match nothing in a long log read from memory: without a
@@ -996,6 +1015,11 @@ class Connection:
                 await trio.lowlevel.checkpoint_if_cancelled()
                 await self._send(f.Live(sub=sub, ns=ns, seq=cursor - 1))
             await self.node.wait_beyond(ns, cursor - 1)
+
+
+class CannotPassOn(ProtocolError):
+    """A record this relay holds without what a peer needs to check it (a pruned one
+    without its mark): the subscription ends with this error, the link stays up."""
 
 
 def _refusal(action: Action, anonymous: bool) -> bool:

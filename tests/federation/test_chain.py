@@ -102,12 +102,7 @@ def mark(record: Record, relay: Identity = HOME) -> bytes:
         (lambda rs: [replace(rs[0], sig=bytes(64))], "signature"),
         (lambda rs: [replace(rs[0], event=rs[1].event, sig=rs[1].sig)], "not the one"),
         (lambda rs: [replace(rs[0], sig=b"")], "does not decode"),
-        # A record emptied on the way (a via peer withholding it) is told apart from
-        # one its home pruned by the home's pruned mark, over that record's id.
-        (lambda rs: [replace(rs[0], event=b"", sig=b"")], "no pruned mark"),
-        (lambda rs: [replace(rs[0], event=b"")], "pruned mark does not verify"),
-        (lambda rs: [replace(rs[0], event=b"", sig=mark(rs[1]))], "pruned mark does not"),
-        (lambda rs: [replace(rs[0], event=b"", sig=mark(rs[0], OTHER))], "pruned mark does"),
+        (lambda rs: [replace(rs[0], event=b"")], "signature without its event"),
         (forged_seal, "seal does not verify"),
         (lambda rs: log(1, {1}, ns="y@b"), "a receipt of y@b"),
     ],
@@ -136,11 +131,31 @@ def test_an_endless_unsealed_run_is_refused() -> None:
 
 def test_a_compacted_update_arrives_as_its_receipt_and_the_homes_mark() -> None:
     records = log(2, sealed={2})
-    pruned = replace(records[0], event=b"", sig=mark(records[0]))
     chain = MirrorChain(NS, HOME.public_key)
-    [run] = offer_all(chain, [pruned, records[1]])
+    home_mark = mark(records[0])
+    assert chain.offer(b"", b"", records[0].receipt, None, home_mark) == []
+    [run] = offer_all(chain, [records[1]])
     assert run[0].event == b"" and run[0].kind == "doc.update" and run[1] == records[1]
-    assert run[0].sig == pruned.sig  # kept: the mirror's own log verify checks it
+    assert run[0].sig == home_mark  # kept: the mirror's own log verify checks it
+
+
+@pytest.mark.parametrize(
+    ("which", "signer", "reason"),
+    [
+        (None, None, "no pruned mark"),  # emptied on the way: a via peer withholding it
+        (1, HOME, "pruned mark does not verify"),  # the home's mark of another record
+        (0, OTHER, "pruned mark does not verify"),  # of this record, by another key
+    ],
+)
+def test_a_record_without_bytes_needs_its_homes_mark(
+    which: int | None, signer: Identity | None, reason: str
+) -> None:
+    records = log(2, sealed={1, 2})
+    given = None if which is None or signer is None else mark(records[which], signer)
+    chain = MirrorChain(NS, HOME.public_key)
+    with pytest.raises(Forged, match=reason):
+        chain.offer(b"", b"", records[0].receipt, records[0].seal, given)
+    assert chain.tail is None
 
 
 KEY = "ab" * 32

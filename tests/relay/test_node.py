@@ -7,6 +7,7 @@ clock from the test's own arguments, and the node reads its wall clock from trio
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ import trio
 import trio.testing
 
 from agent_sdk.errors import ErrorCode, ProtocolError
-from agent_sdk.wire import decode_receipt, verify_seal
+from agent_sdk.wire import decode_receipt, pruned_mark, verify_seal
 from relay.node import MAX_WAITING_PER_PARKED, RelayConfig, RelayNode
 from relay.sequencer import Limits
 from relay.store import Record
@@ -209,3 +210,17 @@ async def test_idle_namespace_waits_leave_nothing_behind(
     with trio.move_on_after(1):
         await node.wait_beyond("idle@local", 0)
     assert "idle@local" not in node._changed
+
+
+def test_only_a_record_compaction_pruned_is_vouched_for() -> None:
+    """A home's pruned mark (protocol 4.5) says its compaction emptied the record: it
+    is made for a doc.update or doc.compacted without bytes, never for another kind
+    (a damaged store must not become a signed word); a mirror gives what it holds."""
+    relay = identity(9)
+    node = RelayNode(relay, MemoryStore(), RelayConfig(name="local"))
+    pruned = Record("t@local", 2, b"\x01" * 32, "doc.update", b"", 5, b"", b"", b"")
+    assert node.pruned_mark_of(pruned) == pruned_mark(pruned.id, relay.sign)
+    assert node.pruned_mark_of(replace(pruned, kind="wo.claim")) is None
+    foreign = replace(pruned, ns="t@other")
+    assert node.pruned_mark_of(foreign) is None  # taken before marks existed
+    assert node.pruned_mark_of(replace(foreign, sig=b"m" * 64)) == b"m" * 64
