@@ -15,6 +15,7 @@ from agent_sdk import frames
 from agent_sdk.identity import Identity
 from agent_sdk.wire import (
     EVENT_DOMAIN,
+    PRUNED_DOMAIN,
     SEAL_DOMAIN,
     ZERO_HASH,
     Event,
@@ -24,8 +25,10 @@ from agent_sdk.wire import (
     decode_event,
     decode_receipt,
     make_receipt,
+    pruned_mark,
     seal,
     sign_event,
+    verify_pruned_mark,
     verify_seal,
 )
 
@@ -90,6 +93,15 @@ SEAL_SIGNED_HEX = (
 SEAL_HEX = (
     "c16e7621f79d8ab84c194cd41b36e114c0e5364e9497137e3f16d6e55e55d775"
     "2cba4aab83692b705b0a0fdffe7e6ac3928cac7c408b86d69678eb36e427cf0e"
+)
+
+PRUNED_MESSAGE_HEX = (
+    "666f726d69636172792f76312f7072756e656400"
+    "e8b88c2f3654d9d163d0aaf32771b4e51e781d05a33bd8f1fd1bc8c540af8bb0"
+)
+PRUNED_MARK_HEX = (
+    "83c2c43db9bba6d10225922078f80bd255f0970d9b64804c39ac3ef352591f8a"
+    "dea25709976be5e3aac3d3185f47a9703c9c06917f719cf8a51afbad6f11300d"
 )
 
 # -- 10.4 a second event, chained
@@ -262,6 +274,14 @@ def test_receipt_bytes_hash_and_seal() -> None:
     assert seal(receipt, RELAY.sign).hex() == SEAL_HEX
 
 
+def test_pruned_mark_vector() -> None:
+    receipt = decode_receipt(bytes.fromhex(RECEIPT_HEX))
+    assert (PRUNED_DOMAIN + receipt.id).hex() == PRUNED_MESSAGE_HEX
+    assert pruned_mark(receipt.id, RELAY.sign).hex() == PRUNED_MARK_HEX
+    assert verify_pruned_mark(receipt, bytes.fromhex(PRUNED_MARK_HEX))
+    assert not verify_pruned_mark(receipt, bytes.fromhex(SEAL_HEX))  # another domain
+
+
 def test_receipt_vector_decodes_and_verifies() -> None:
     receipt = decode_receipt(bytes.fromhex(RECEIPT_HEX))
     assert receipt.hash.hex() == RECEIPT_HASH_HEX
@@ -330,6 +350,8 @@ DOCUMENTED = [
     RECEIPT_HASH_HEX,
     SEAL_SIGNED_HEX,
     SEAL_HEX,
+    PRUNED_MESSAGE_HEX,
+    PRUNED_MARK_HEX,
     EVENT2_HEX,
     EVENT2_ID_HEX,
     EVENT2_SIG_HEX,
