@@ -274,34 +274,38 @@ class Tokens:
             raise UsageError(f"no token kept for {order}: claim it first or pass --token")
         return token
 
-    def put(self, ns: str, order: str, token: int) -> None:
-        """Keep a token. Shell agents run commands in parallel, so the
+    def put(self, ns: str, order: str, token: int, *, was: int | None = None) -> bool:
+        """Keep a token: a new grant's, or, with ``was``, a renewal's in place of the
+        token it renewed if that is still the one kept (a claim run in parallel may
+        have kept a newer one). Shell agents run commands in parallel, so the
         read-modify-write holds a lock and writes a private temporary file that
-        replaces the old one atomically."""
-        self._change(ns, order, token, None)
+        replaces the old one atomically. True when it was kept."""
+        return self._change(ns, order, token, was, check=was is not None)
 
-    def forget(self, ns: str, order: str, token: int | None) -> None:
+    def forget(self, ns: str, order: str, token: int | None) -> bool:
         """Forget the token kept for ``order`` if it is ``token``: a claim made in
-        parallel meanwhile keeps the newer one it stored."""
-        if token is not None:
-            self._change(ns, order, None, token)
+        parallel meanwhile keeps the newer one it stored. True when it was."""
+        return token is not None and self._change(ns, order, None, token, check=True)
 
-    def _change(self, ns: str, order: str, token: int | None, was: int | None) -> None:
+    def _change(
+        self, ns: str, order: str, token: int | None, was: int | None, *, check: bool
+    ) -> bool:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path.with_suffix(".lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             data = self._load()
             key = self._key(ns, order)
+            if check and data.get(key) != was:
+                return False
             if token is not None:
                 data[key] = token
-            elif data.get(key) == was:
-                del data[key]
             else:
-                return
+                del data[key]
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".tokens.")
             with os.fdopen(fd, "w") as file:
                 file.write(json.dumps(data, indent=1))
             os.replace(tmp, self.path)
+        return True
 
 
 def ttl_ms(text: str, flag: str = "--ttl") -> int:
@@ -420,14 +424,15 @@ def _claim_like(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
     ttl = ttl_ms(args.ttl)
 
     async def act(ledger: Ledger) -> Any:
+        renewed = None  # a renewal's token replaces only itself (a new grant: any)
         if args.wo == "claim":
             claim = await ledger.claim(args.id, ttl)
         elif args.wo == "next":
             claim = await ledger.next(ttl)
         else:
-            held = Claim(args.id, tokens.get(ns, args.id, args.token), 0)
-            claim = await ledger.renew(held, ttl)
-        tokens.put(ns, claim.order, claim.token)
+            renewed = tokens.get(ns, args.id, args.token)
+            claim = await ledger.renew(Claim(args.id, renewed, 0), ttl)
+        tokens.put(ns, claim.order, claim.token, was=renewed)
         return _claimed(claim)
 
     return act
@@ -470,9 +475,8 @@ def _update(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
         try:
             await ledger.update(target, args.status, args.reason)
         except LedgerRefusal as exc:
-            if args.token is None and kept is not None and exc.problem in STALE:
-                # That claim is over: its token would refuse every later update too.
-                tokens.forget(ns, args.id, kept)
+            # That claim is over: its token would refuse every later update too.
+            if args.token is None and exc.problem in STALE and tokens.forget(ns, args.id, kept):
                 print(
                     f"formicary wo update: the kept token of {args.id} is forgotten",
                     file=sys.stderr,
@@ -510,12 +514,13 @@ def _lock_take(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
     ttl = ttl_ms(args.ttl)
 
     async def act(ledger: Ledger) -> Any:
+        renewed = None  # as for orders
         if args.lock == "acquire":
             lock = await ledger.lock(args.name, ttl)
         else:
-            held = Claim(args.name, tokens.get(ns, _lock_key(args.name), args.token), 0)
-            lock = await ledger.renew_lock(held, ttl)
-        tokens.put(ns, _lock_key(args.name), lock.token)
+            renewed = tokens.get(ns, _lock_key(args.name), args.token)
+            lock = await ledger.renew_lock(Claim(args.name, renewed, 0), ttl)
+        tokens.put(ns, _lock_key(args.name), lock.token, was=renewed)
         return {"lock": lock.order, "fencing_token": lock.token, "expires_at": lock.expires_ms}
 
     return act

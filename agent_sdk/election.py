@@ -65,16 +65,17 @@ async def hold_lock(
                 yield lock
                 nursery.cancel_scope.cancel()
     finally:
-        if not lost and not ledger.client.stopped.is_set():
+        if lost:
+            # As in Ledger.hold: a renewal given up on may still land, and without this
+            # the lock would stay with a leader that stopped leading for a whole TTL.
+            ledger.request_later("lock.release", {"name": lock.order, "token": lock.token})
+        elif not ledger.client.stopped.is_set():
             with trio.CancelScope(shield=True), trio.move_on_after(CONFIRM_TIMEOUT):
                 try:
                     await ledger.unlock(lock)
                 except Exception:
                     pass  # lapsed already, or no connection: it lapses at its expiry
     if lost:
-        # As in Ledger.hold: a renewal given up on may still land, and without this
-        # the lock would stay with a leader that stopped leading for a whole TTL.
-        ledger.request_later("lock.release", {"name": lock.order, "token": lock.token})
         raise LeaseLost(f"{name}: the lease was lost; stopped")
 
 

@@ -98,6 +98,9 @@ class Ledger:
         """Publish one request without waiting for its answer: it leaves after every
         request already sent on this client, so it is decided after them."""
         client = self.client
+        if client.stopped.is_set():
+            log.warning("not sent, the client is stopped: %s %s", kind, body)
+            return
         event = Event(
             ns=self.ns,
             kind=kind,
@@ -403,7 +406,13 @@ class Ledger:
             self._held.discard(key)  # (asked about no more)
             ended_here = key in self._ended
             self._ended.discard(key)
-            if not lost and not ended_here:
+            if lost:
+                # The renewal given up on may still land (the client sends it again
+                # after a reconnect) and keep the order for a TTL, held by an agent no
+                # longer on it: this goes after it. A lapsed or passed-on lease refuses
+                # it. Here, not after: the body may end with its own error.
+                self.request_later("wo.release", {"wo": claim.order, "token": claim.token})
+            elif not ended_here:
                 with trio.CancelScope(shield=True), trio.move_on_after(CLAIM_TIMEOUT):
                     try:
                         await self.release(claim)
@@ -412,10 +421,6 @@ class Ledger:
                     except ProtocolError as exc:  # stopped, rate limited: held until its TTL
                         log.warning("could not release %s: %s", claim.order, exc)
         if lost:
-            # The renewal given up on may still land (the client sends it again after
-            # a reconnect) and keep the order for a TTL, held by an agent no longer on
-            # it: this goes after it. A lapsed or passed-on lease refuses it.
-            self.request_later("wo.release", {"wo": claim.order, "token": claim.token})
             raise LeaseLost(f"{order}: the lease was lost; stopped")
 
 

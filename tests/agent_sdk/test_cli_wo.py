@@ -101,19 +101,26 @@ def test_kept_tokens_survive_parallel_commands(tmp_path: Path) -> None:
     assert len(kept) == 200
 
 
-def test_a_token_is_forgotten_only_while_it_is_the_one_kept(tmp_path: Path) -> None:
-    """`wo update` or `wo release` refused for a kept token forgets it; a `wo claim`
-    run in parallel may have kept a newer one meanwhile, which must stay."""
+def test_a_token_is_forgotten_or_renewed_only_while_it_is_the_one_kept(
+    tmp_path: Path,
+) -> None:
+    """`wo update` or `wo release` refused for a kept token forgets it, and `wo renew`
+    keeps the renewed token; a `wo claim` run in parallel may have kept a newer one
+    meanwhile, which must stay."""
     from agent_sdk.cli_wo import Tokens
 
     tokens = Tokens(tmp_path, "agent")
     tokens.put("work@local", "wo-1", 2)
     tokens.put("work@local", "wo-1", 3)  # the parallel claim's
-    tokens.forget("work@local", "wo-1", 2)  # the refused command's
+    assert not tokens.forget("work@local", "wo-1", 2)  # the refused command's
     assert tokens.kept("work@local", "wo-1", None) == 3
     tokens.forget("work@local", "wo-1", None)  # (a command that used no kept token)
     assert tokens.kept("work@local", "wo-1", None) == 3
-    tokens.forget("work@local", "wo-1", 3)
+    # A renewal of token 2 answered after the parallel claim kept 3: 3 stays.
+    assert not tokens.put("work@local", "wo-1", 2, was=2)
+    assert tokens.put("work@local", "wo-1", 3, was=3)  # its own renewal: kept
+    assert tokens.kept("work@local", "wo-1", None) == 3
+    assert tokens.forget("work@local", "wo-1", 3)
     assert tokens.kept("work@local", "wo-1", None) is None
 
 

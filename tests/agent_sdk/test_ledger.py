@@ -124,6 +124,7 @@ class _BundlingLink:
         self.asked = 0
         self.decided: dict[tuple[str, bytes | None, int | None], Any] = {}
         self.waiting: list[trio.Event] = []
+        self.stopped = trio.Event()
 
     def nonce(self) -> bytes:
         self.asked += 1
@@ -218,6 +219,25 @@ async def test_a_renewal_given_up_on_is_followed_by_a_release(
                 link.late, link.delay = 1, 10.0  # the renewal: decided, answered late
                 await trio.sleep_forever()
         assert link.core.ledger.orders[order].status.value == "open"  # given back
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_release_follows_also_when_the_body_ends_with_its_own_error(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    link = _BundlingLink()
+    ledger = Ledger(link, NS)  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(link.answer_in_bundles)
+        order = await ledger.create("t")
+        with pytest.raises(RuntimeError, match="clean-up"):
+            async with ledger.hold(order, ttl_ms=3_000):
+                link.late, link.delay = 1, 10.0
+                try:
+                    await trio.sleep_forever()
+                finally:  # cancelled by the lost lease, the body's clean-up fails
+                    raise RuntimeError("clean-up failed")
+        assert link.core.ledger.orders[order].status.value == "open"
         nursery.cancel_scope.cancel()
 
 
