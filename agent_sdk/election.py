@@ -87,17 +87,27 @@ async def _acquire(
     ttl = ttl_ms / 1000
     feed = None
     while True:
+        # One request, however often asked (the same nonce and ts): see Ledger.hold.
+        nonce, ts = ledger.client.nonce(), ledger.client.clock_ms()
         with trio.CancelScope(shield=True) as asking:
             # Shielded: a lock the relay granted must reach us, so that it is released.
             asking.deadline = trio.current_time() + CONFIRM_TIMEOUT
             sent = trio.current_time()
             try:
-                return await ledger.lock(name, ttl_ms), sent
+                return await ledger.lock(name, ttl_ms, nonce=nonce, ts=ts), sent
             except LedgerRefusal as refusal:
                 if refusal.problem != "held" or not wait:
                     raise
                 holder = refusal.holder or {}
         if asking.cancelled_caught:
+            with trio.CancelScope(shield=True), trio.move_on_after(CONFIRM_TIMEOUT):
+                # Granted late (the client sends the request again after a reconnect),
+                # it would be held by nobody for a TTL: ask for the answer once more,
+                # and give back what was granted.
+                try:
+                    await ledger.unlock(await ledger.lock(name, ttl_ms, nonce=nonce, ts=ts))
+                except LedgerRefusal:
+                    pass  # refused, or lapsed already: nothing held
             raise LeaseLost(f"{name}: no answer to the acquire in {CONFIRM_TIMEOUT} s")
         if feed is None:  # follow releases from now on, then ask again (none is missed)
             feed = await following.enter_async_context(

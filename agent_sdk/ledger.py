@@ -332,9 +332,19 @@ class Ledger:
 
     # -- locks ---------------------------------------------------------------------------
 
-    async def lock(self, name: str, ttl_ms: int | None = None) -> Claim:
-        """Take the advisory lock ``name`` (a path, a branch, ...); ``Claim.order`` is it."""
-        return _lock(await self.request("lock.acquire", _ttl({"name": name}, ttl_ms)))
+    async def lock(
+        self,
+        name: str,
+        ttl_ms: int | None = None,
+        *,
+        nonce: bytes | None = None,
+        ts: int | None = None,
+    ) -> Claim:
+        """Take the advisory lock ``name`` (a path, a branch, ...); ``Claim.order`` is it.
+        ``nonce`` and ``ts`` ask again for the answer to an earlier request (see
+        :meth:`request`)."""
+        body = _ttl({"name": name}, ttl_ms)
+        return _lock(await self.request("lock.acquire", body, nonce=nonce, ts=ts))
 
     async def renew_lock(self, lock: Claim, ttl_ms: int | None = None) -> Claim:
         body = _ttl({"name": lock.order, "token": lock.token}, ttl_ms)

@@ -281,3 +281,20 @@ async def test_many_claims_ended_during_a_hold_leave_its_own_end_known(
             await trio.sleep(12)  # the renewal, due at 10 s, is refused: the order is done
         assert not ledger._ended  # nothing kept past the hold
         nursery.cancel_scope.cancel()
+
+
+async def test_a_lock_granted_too_late_is_given_back(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    from agent_sdk.election import CONFIRM_TIMEOUT, hold_lock
+
+    link = _BundlingLink()
+    ledger = Ledger(link, NS)  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(link.answer_in_bundles)
+        link.late, link.delay = 1, CONFIRM_TIMEOUT + 1  # the relay grants it, then stalls
+        with pytest.raises(LeaseLost, match="no answer to the acquire"):
+            async with hold_lock(ledger, "leader:sched", 60_000, wait=False):
+                raise AssertionError("the body ran without the lock")
+        assert "leader:sched" not in link.core.locks.leases  # released, not held
+        nursery.cancel_scope.cancel()
