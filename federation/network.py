@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import Any
@@ -48,7 +48,7 @@ from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.wire import NS_RE, SignedEvent, verify_seal
 from federation.chain import MAX_UNSEALED, Forged, MirrorChain
 from federation.link import Link
-from federation.outbox import Entry, Outbox, OutboxStore
+from federation.outbox import Entry, Outbox, OutboxStore, store_call
 from federation.peers import Peer, check_peers, home_of
 from relay.coordination.directory import joins_by_connection
 from relay.node import RelayNode
@@ -127,7 +127,14 @@ class Federation:
             else:
                 log.warning("outbox entry %d for %r: no such peer now; kept", n, link)
         self.mirrors: dict[str, Mirror] = {}
-        self._receipts: dict[str, list[bytes]] = {}  # per relay, on their way (in order)
+        self.store = store
+        # Per relay, the message receipts on their way (in order), as (n, receipt):
+        # stored until passed on, so that a restart does not lose them.
+        self._receipts: dict[str, list[tuple[int, bytes]]] = {}
+        self._last_receipt = 0
+        for relay, n, receipt in store.load_receipts():
+            self._receipts.setdefault(relay, []).append((n, receipt))
+            self._last_receipt = max(self._last_receipt, n)
         self.hints: OrderedDict[bytes, tuple[str, int]] = OrderedDict()
         self.acked: dict[str, int] = {}
         """Per foreign namespace, the highest seq of a receipt this relay passed on."""
@@ -143,6 +150,8 @@ class Federation:
                 nursery.start_soon(link.run)
                 nursery.start_soon(self._deliver, link, self.outboxes[name])
             nursery.start_soon(self._expire_loop)
+            for relay in self._receipts:  # stored before a restart
+                nursery.start_soon(self._send_receipts, relay)
             task_status.started()
 
     # -- routing ----------------------------------------------------------------------
@@ -278,35 +287,49 @@ class Federation:
         client = self._link_client(relay, from_peer)
         await client.ask(lambda rid: f.MsgReceipt(rid=rid, receipt=receipt, relay=relay))
 
-    def receipt_soon(self, relay: str, receipt: bytes) -> None:
-        """Send a receipt to relay ``relay`` in the background, in order, trying again
-        while the link is down (for as long as this relay runs: receipts on their way
-        are kept in memory, at most :data:`MAX_RECEIPTS_QUEUED` per relay)."""
-        queue = self._receipts.setdefault(relay, [])
-        if len(queue) >= MAX_RECEIPTS_QUEUED:
-            log.warning("dropped a receipt for relay %s: %d already wait", relay, len(queue))
-            return
-        queue.append(receipt)
-        if len(queue) == 1:  # nobody is sending this relay's receipts: start
-            assert self._nursery is not None
-            self._nursery.start_soon(self._send_receipts, relay)
+    async def keep_receipts(self, receipts: Sequence[tuple[str, bytes]]) -> None:
+        """Send each ``(relay, receipt)`` to its relay in the background, in order,
+        trying again while the link is down. They are stored first (in the outbox
+        store), so a restart of this relay sends them still; at most
+        :data:`MAX_RECEIPTS_QUEUED` wait per relay."""
+        rows = []
+        for relay, receipt in receipts:
+            waiting = len(self._receipts.get(relay, ()))
+            if waiting >= MAX_RECEIPTS_QUEUED:
+                log.warning("dropped a receipt for relay %s: %d already wait", relay, waiting)
+                continue
+            self._last_receipt += 1
+            rows.append((relay, self._last_receipt, receipt))
+        try:
+            await store_call(self.store, self.store.put_receipts, rows)
+        except Exception:  # a full disk: they are sent all the same while this relay runs
+            log.exception("could not store %d message receipts", len(rows))
+        for relay, n, receipt in rows:
+            queue = self._receipts.setdefault(relay, [])
+            queue.append((n, receipt))
+            if len(queue) == 1:  # nobody is sending this relay's receipts: start
+                assert self._nursery is not None
+                self._nursery.start_soon(self._send_receipts, relay)
 
     async def _send_receipts(self, relay: str) -> None:
         queue = self._receipts[relay]
         delay = 0.1
         while queue:
+            n, receipt = queue[0]
             try:
-                await self.pass_receipt(relay, queue[0], None)
-                queue.pop(0)
-                delay = 0.1
-                continue
+                await self.pass_receipt(relay, receipt, None)
             except ProtocolError as exc:
-                if exc.code not in (ErrorCode.HOME_UNREACHABLE, ErrorCode.INTERNAL):
-                    log.warning("receipt for relay %s refused: %s", relay, exc)
-                    queue.pop(0)
+                if exc.code in (ErrorCode.HOME_UNREACHABLE, ErrorCode.INTERNAL):
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
                     continue
-            await trio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+                log.warning("receipt for relay %s refused: %s", relay, exc)
+            queue.pop(0)
+            delay = 0.1
+            try:
+                await store_call(self.store, self.store.drop_receipt, relay, n)
+            except Exception:  # sent again after a restart: the sender takes it once
+                log.exception("could not drop a sent message receipt")
 
     def _link_client(self, relay: str, from_peer: Peer | None) -> RelayClient:
         try:

@@ -102,6 +102,14 @@ class OutboxStore(Protocol):
 
     def drop(self, link: str, ns: Iterable[int]) -> None: ...
 
+    def load_receipts(self) -> list[tuple[str, int, bytes]]:
+        """Every stored message receipt on its way, as ``(relay, n, receipt)``, by ``n``."""
+        ...
+
+    def put_receipts(self, rows: Sequence[tuple[str, int, bytes]]) -> None: ...
+
+    def drop_receipt(self, relay: str, n: int) -> None: ...
+
 
 class MemoryOutboxStore:
     """For tests and virtual-time simulations: the same contract, without the disk."""
@@ -110,6 +118,7 @@ class MemoryOutboxStore:
 
     def __init__(self) -> None:
         self.rows: dict[tuple[str, int], tuple[bytes, bytes, int]] = {}
+        self.receipts: dict[tuple[str, int], bytes] = {}
 
     def load(self) -> list[tuple[str, int, bytes, bytes, int]]:
         return [(link, n, *row) for (link, n), row in sorted(self.rows.items())]
@@ -121,6 +130,20 @@ class MemoryOutboxStore:
     def drop(self, link: str, ns: Iterable[int]) -> None:
         for n in ns:
             self.rows.pop((link, n), None)
+
+    def load_receipts(self) -> list[tuple[str, int, bytes]]:
+        return sorted(((relay, n, r) for (relay, n), r in self.receipts.items()), key=_by_n)
+
+    def put_receipts(self, rows: Sequence[tuple[str, int, bytes]]) -> None:
+        for relay, n, receipt in rows:
+            self.receipts[(relay, n)] = receipt
+
+    def drop_receipt(self, relay: str, n: int) -> None:
+        self.receipts.pop((relay, n), None)
+
+
+def _by_n(row: tuple[str, int, bytes]) -> int:
+    return row[1]
 
 
 class SQLiteOutboxStore:
@@ -139,6 +162,10 @@ class SQLiteOutboxStore:
             " event BLOB NOT NULL, sig BLOB NOT NULL, since_ms INTEGER NOT NULL,"
             " PRIMARY KEY (link, n)) WITHOUT ROWID"
         )
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS receipts (relay TEXT NOT NULL, n INTEGER NOT NULL,"
+            " receipt BLOB NOT NULL, PRIMARY KEY (relay, n)) WITHOUT ROWID"
+        )
 
     def load(self) -> list[tuple[str, int, bytes, bytes, int]]:
         with self._lock:
@@ -152,6 +179,16 @@ class SQLiteOutboxStore:
     def drop(self, link: str, ns: Iterable[int]) -> None:
         rows = [(link, n) for n in ns]
         self._write("DELETE FROM outbox WHERE link = ? AND n = ?", rows)
+
+    def load_receipts(self) -> list[tuple[str, int, bytes]]:
+        with self._lock:
+            return list(self._db.execute("SELECT relay, n, receipt FROM receipts ORDER BY n"))
+
+    def put_receipts(self, rows: Sequence[tuple[str, int, bytes]]) -> None:
+        self._write("INSERT OR REPLACE INTO receipts VALUES (?, ?, ?)", rows)
+
+    def drop_receipt(self, relay: str, n: int) -> None:
+        self._write("DELETE FROM receipts WHERE relay = ? AND n = ?", [(relay, n)])
 
     def _write(self, statement: str, rows: Sequence[tuple[object, ...]]) -> None:
         with self._lock:
@@ -225,13 +262,13 @@ class Outbox:
         fresh = [entry for entry in entries if not entry.stored and not entry.done.is_set()]
         if fresh:
             rows = [(e.n, e.event.raw, e.event.sig, e.since_ms) for e in fresh]
-            await _call(self.store, self.store.put, self.link, rows)
+            await store_call(self.store, self.store.put, self.link, rows)
         for entry in fresh:
             entry.stored = True
             entry._queue()
         finished = [entry.n for entry in fresh if entry.done.is_set()]
         if finished:  # answered or expired while being written: no promise left to keep
-            await _call(self.store, self.store.drop, self.link, finished)
+            await store_call(self.store, self.store.drop, self.link, finished)
 
     async def send(self, client: RelayClient) -> None:
         """Deliver entries over one link connection until it ends."""
@@ -300,7 +337,7 @@ class Outbox:
         self.on_answer(entry)
         self.delivered += 1
         if entry.stored:
-            await _call(self.store, self.store.drop, self.link, [entry.n])
+            await store_call(self.store, self.store.drop, self.link, [entry.n])
 
     async def _refuse_too_large(self, entry: Entry, limit: int) -> None:
         # The home would answer 1003 without a rid: nothing would ever answer this.
@@ -309,7 +346,7 @@ class Outbox:
         entry._resolve(None, ProtocolError(ErrorCode.FRAME_TOO_LARGE, reason))
         self.on_answer(entry)
         if entry.stored:  # nothing will answer it: no promise is left to keep
-            await _call(self.store, self.store.drop, self.link, [entry.n])
+            await store_call(self.store, self.store.drop, self.link, [entry.n])
 
     def next_deadline_ms(self) -> int | None:
         oldest = next(iter(self.entries.values()), None)
@@ -325,7 +362,7 @@ class Outbox:
             entry._resolve(None, ProtocolError(ErrorCode.HOME_UNREACHABLE, reason))
         stored = [entry.n for entry in late if entry.stored]
         if stored:
-            await _call(self.store, self.store.drop, self.link, stored)
+            await store_call(self.store, self.store.drop, self.link, stored)
         if late:
             self.expired += len(late)
             log.warning("outbox %s: %d entries dropped past the deadline", self.link, len(late))
@@ -337,7 +374,8 @@ async def _stop_with(client: RelayClient, scope: trio.CancelScope) -> None:
     scope.cancel()
 
 
-async def _call(store: OutboxStore, method: Callable[..., object], *args: object) -> None:
+async def store_call(store: OutboxStore, method: Callable[..., object], *args: object) -> None:
+    """Run a store method: in a worker thread when it may block on the disk."""
     if store.blocking:
         await trio.to_thread.run_sync(method, *args)
     else:

@@ -124,7 +124,8 @@ class Messaging:
             if action.relay and action.relay != self.node.config.name:
                 # Passed on in the background: a link on the way must not hold up
                 # this peer connection's reader.
-                self._federation(action.relay).receipt_soon(action.relay, receipt.encode())
+                federation = self._federation(action.relay)
+                await federation.keep_receipts([(action.relay, receipt.encode())])
             else:
                 arriving = Arriving(receipt.sender, receipt.recipient, receipt.id, receipt.encode())
                 await self.node.inboxes.put_receipts([arriving])
@@ -232,6 +233,7 @@ class Messaging:
             errors: list[f.Error] = []
             items = inboxes.take(self.agent, [a.seq for a in ours])
             receipts = []
+            passing: list[tuple[str, bytes]] = []  # receipts for senders on other relays
             kept: list[Item] = []
             for action, item in zip(ours, items, strict=True):
                 if item is None:
@@ -256,7 +258,7 @@ class Messaging:
                     errors.append(f.Error.of(error, sub=action.sub))
                     continue
                 if item.origin and self.node.federation is not None:
-                    self.node.federation.receipt_soon(item.origin, receipt.encode())
+                    passing.append((item.origin, receipt.encode()))
                 else:
                     receipts.append(Arriving(item.sender, self.agent, item.mid, receipt.encode()))
             inboxes.untake(kept)
@@ -264,6 +266,9 @@ class Messaging:
             try:
                 # Shielded: a connection closing mid-write must not leave it half done.
                 with trio.CancelScope(shield=True):
+                    if passing:  # stored before the items go: a crash loses neither
+                        assert self.node.federation is not None
+                        await self.node.federation.keep_receipts(passing)
                     await inboxes.acknowledge(taken, receipts)
             except ProtocolError as exc:  # the store failed: the items stay, sent again
                 errors.extend(f.Error.of(exc, sub=action.sub) for action in ours)

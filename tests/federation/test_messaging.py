@@ -68,3 +68,26 @@ async def test_a_message_waits_while_the_recipients_relay_is_down_and_outlives_a
             await net.start("b")
             async with RelayClient.connect(net["b"].url, BOB) as bob:
                 assert (await bob.mailbox.next()).body == "later"
+
+
+async def test_a_receipt_on_its_way_back_outlives_a_kill_of_the_recipients_relay(
+    tmp_path: Path,
+) -> None:
+    """Bob takes Alice's message while her relay is down: his relay keeps the receipt
+    for her relay, on disk, through a SIGKILL of its own, and sends it once the link
+    is back."""
+    with trio.fail_after(TIMEOUT):
+        async with cluster(tmp_path, ["a", "b"]) as net:
+            async with RelayClient.connect(net["b"].url, BOB):
+                pass
+            async with RelayClient.connect(net["a"].url, ALICE) as alice:
+                sent = await alice.send(f"{BOB.id}@b", "read me")
+                assert sent.status == "stored"
+                await net.kill("a")  # the receipt has no way back for now
+                async with RelayClient.connect(net["b"].url, BOB) as bob:
+                    assert (await bob.mailbox.next()).body == "read me"
+                    await bob.mailbox.confirm()  # taken: its receipt waits at b for a
+                await net.kill("b")
+                await net.start("b")
+                await net.start("a")  # alice's client reconnects to it
+                (await sent.delivered()).verify()
