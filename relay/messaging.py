@@ -122,9 +122,11 @@ class Messaging:
         receipt = action.receipt
         try:
             if action.relay and action.relay != self.node.config.name:
-                # Passed on in the background: a link on the way must not hold up
+                # Stored before it is answered (the peer then forgets it), and
+                # passed on in the background: a link on the way must not hold up
                 # this peer connection's reader.
                 federation = self._federation(action.relay)
+                federation.check_route(action.relay, from_peer)
                 await federation.keep_receipts([(action.relay, receipt.encode())])
             else:
                 arriving = Arriving(receipt.sender, receipt.recipient, receipt.id, receipt.encode())
@@ -268,7 +270,11 @@ class Messaging:
                 with trio.CancelScope(shield=True):
                     if passing:  # stored before the items go: a crash loses neither
                         assert self.node.federation is not None
-                        await self.node.federation.keep_receipts(passing)
+                        try:
+                            await self.node.federation.keep_receipts(passing)
+                        except BaseException:
+                            inboxes.untake(taken)  # (acknowledge would have)
+                            raise
                     await inboxes.acknowledge(taken, receipts)
             except ProtocolError as exc:  # the store failed: the items stay, sent again
                 errors.extend(f.Error.of(exc, sub=action.sub) for action in ours)

@@ -91,3 +91,93 @@ async def test_a_receipt_on_its_way_back_outlives_a_kill_of_the_recipients_relay
                 await net.start("b")
                 await net.start("a")  # alice's client reconnects to it
                 (await sent.delivered()).verify()
+
+
+async def test_a_receipt_kept_while_the_last_one_is_dropped_starts_no_second_sender(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """b passes Bob's receipts on to a one at a time, and drops each row once a has it.
+    A receipt kept while that drop is on the disk joins the running sender: two
+    senders would both send the next one and both take it off (an IndexError that
+    stopped the relay, in a review)."""
+    import threading
+
+    from tests.federation.fixtures import federation_of, plan, start
+
+    relays = plan(tmp_path, "a", "b")
+    a = await start(nursery, relays["a"], (relays["b"].peer(),))
+    b = await start(nursery, relays["b"], (relays["a"].peer(),))
+    fed = federation_of(b)
+    store, send_receipts, senders = fed.store, fed._send_receipts, []
+
+    async def counted(relay: str) -> None:
+        senders.append(relay)
+        await send_receipts(relay)
+
+    fed._send_receipts = counted  # type: ignore[method-assign]
+    dropping, release, both_dropped = trio.Event(), threading.Event(), trio.Event()
+    token, drop = trio.lowlevel.current_trio_token(), store.drop_receipt
+    dropped: list[int] = []
+
+    def held_drop(relay: str, n: int) -> None:  # (in a worker thread)
+        token.run_sync_soon(dropping.set)
+        release.wait(TIMEOUT)
+        drop(relay, n)
+        dropped.append(n)
+        if len(dropped) == 2:
+            token.run_sync_soon(both_dropped.set)
+
+    with trio.fail_after(TIMEOUT):
+        async with RelayClient.connect(b.url, BOB):
+            pass
+        await federation_of(a).links["b"].wait_up()
+        await federation_of(b).links["a"].wait_up()
+        async with RelayClient.connect(a.url, ALICE) as alice:
+            sent = [await alice.send(f"{BOB.id}@b", n) for n in range(2)]
+            store.drop_receipt = held_drop  # type: ignore[method-assign]
+            async with RelayClient.connect(b.url, BOB) as bob:
+                assert (await bob.mailbox.next()).body == 0
+                await bob.mailbox.confirm()
+                await dropping.wait()  # the first receipt is at a; its row is going
+                assert (await bob.mailbox.next()).body == 1
+                await bob.mailbox.confirm()  # kept meanwhile
+                release.set()
+                for s in sent:
+                    (await s.delivered()).verify()
+        await both_dropped.wait()
+    assert senders == ["a"]  # one sender took both
+    assert store.load_receipts() == [] and len(dropped) == 2  # each sent and dropped once
+
+
+async def test_a_receipt_that_cannot_be_stored_leaves_its_message_in_the_inbox(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """When b cannot store the receipt for a (a full disk), Bob's acknowledgement is
+    not applied: the message stays in his inbox and comes again, so its receipt is
+    not lost with the item."""
+    from tests.federation.fixtures import federation_of, plan, start
+
+    relays = plan(tmp_path, "a", "b")
+    a = await start(nursery, relays["a"], (relays["b"].peer(),))
+    b = await start(nursery, relays["b"], (relays["a"].peer(),))
+    store = federation_of(b).store
+    put = store.put_receipts
+
+    def full_disk(rows: object) -> None:
+        raise OSError("No space left on device")
+
+    with trio.fail_after(TIMEOUT):
+        async with RelayClient.connect(b.url, BOB):
+            pass
+        await federation_of(a).links["b"].wait_up()
+        async with RelayClient.connect(a.url, ALICE) as alice:
+            sent = await alice.send(f"{BOB.id}@b", "once more")
+            store.put_receipts = full_disk  # type: ignore[assignment]
+            async with RelayClient.connect(b.url, BOB) as bob:
+                assert (await bob.mailbox.next()).body == "once more"
+                await bob.mailbox.confirm()  # answered: the acknowledgement failed
+            store.put_receipts = put  # type: ignore[method-assign]
+            async with RelayClient.connect(b.url, BOB) as bob:
+                again = await bob.mailbox.next()  # not taken: it came again
+                assert again.body == "once more"
+            (await sent.delivered()).verify()
