@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from types import SimpleNamespace
 from typing import Any
 
@@ -164,6 +166,16 @@ class _BundlingLink:
                 answered.set()  # one message: no checkpoint between its acks
 
 
+@asynccontextmanager
+async def bundled() -> AsyncIterator[tuple[_BundlingLink, Ledger]]:
+    """A Ledger on a :class:`_BundlingLink` that answers while the block runs."""
+    link = _BundlingLink()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(link.answer_in_bundles)
+        yield link, Ledger(link, NS)  # type: ignore[arg-type]
+        nursery.cancel_scope.cancel()
+
+
 @pytest.mark.parametrize("seed", range(12))
 async def test_a_renewal_refused_because_the_body_finished_is_no_lost_lease(
     seed: int, autojump_clock: trio.testing.MockClock
@@ -172,16 +184,12 @@ async def test_a_renewal_refused_because_the_body_finished_is_no_lost_lease(
     renewal is refused (the order is done). Whichever task trio wakes first, the body
     finished the order: hold must not cancel it and raise LeaseLost."""
     trio._core._run._r.seed(seed)  # trio shuffles wake-ups: each seed is one order
-    link = _BundlingLink()
-    ledger = Ledger(link, NS)  # type: ignore[arg-type]
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(link.answer_in_bundles)
+    async with bundled() as (link, ledger):
         order = await ledger.create("t")
         async with ledger.hold(order, ttl_ms=3_000) as claim:
             await trio.sleep(1.65)  # the renewal is due at 1 s after the claim was asked
             await ledger.update(claim, "done")
             await trio.sleep(0.01)
-        nursery.cancel_scope.cancel()
     assert link.core.ledger.orders[order].status.value == "done"
 
 
@@ -190,16 +198,12 @@ async def test_a_claim_answered_too_late_is_given_back(
 ) -> None:
     from agent_sdk.ledger import CLAIM_TIMEOUT
 
-    link = _BundlingLink()
-    ledger = Ledger(link, NS)  # type: ignore[arg-type]
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(link.answer_in_bundles)
+    async with bundled() as (link, ledger):
         order = await ledger.create("t")
         link.late, link.delay = 1, CLAIM_TIMEOUT + 1  # the relay grants it, then stalls
         with pytest.raises(LeaseLost, match="no answer to the claim"):
             async with ledger.hold(order, ttl_ms=3_600_000):
                 raise AssertionError("the body ran without a claim")
-        nursery.cancel_scope.cancel()
     assert link.core.ledger.orders[order].status.value == "open"  # released, not held
 
 
@@ -209,26 +213,19 @@ async def test_a_renewal_given_up_on_is_followed_by_a_release(
     """The relay renews the lease but its answer comes too late: hold gives up (the
     lease might have lapsed), and must not leave the order held, for a whole TTL, by
     an agent that stopped working on it."""
-    link = _BundlingLink()
-    ledger = Ledger(link, NS)  # type: ignore[arg-type]
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(link.answer_in_bundles)
+    async with bundled() as (link, ledger):
         order = await ledger.create("t")
         with pytest.raises(LeaseLost, match="lease was lost"):
             async with ledger.hold(order, ttl_ms=3_000):
                 link.late, link.delay = 1, 10.0  # the renewal: decided, answered late
                 await trio.sleep_forever()
         assert link.core.ledger.orders[order].status.value == "open"  # given back
-        nursery.cancel_scope.cancel()
 
 
 async def test_the_release_follows_also_when_the_body_ends_with_its_own_error(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    link = _BundlingLink()
-    ledger = Ledger(link, NS)  # type: ignore[arg-type]
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(link.answer_in_bundles)
+    async with bundled() as (link, ledger):
         order = await ledger.create("t")
         with pytest.raises(RuntimeError, match="clean-up"):
             async with ledger.hold(order, ttl_ms=3_000):
@@ -238,7 +235,6 @@ async def test_the_release_follows_also_when_the_body_ends_with_its_own_error(
                 finally:  # cancelled by the lost lease, the body's clean-up fails
                     raise RuntimeError("clean-up failed")
         assert link.core.ledger.orders[order].status.value == "open"
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_lock_renewal_given_up_on_is_followed_by_a_release(
@@ -246,16 +242,12 @@ async def test_a_lock_renewal_given_up_on_is_followed_by_a_release(
 ) -> None:
     from agent_sdk.election import hold_lock
 
-    link = _BundlingLink()
-    ledger = Ledger(link, NS)  # type: ignore[arg-type]
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(link.answer_in_bundles)
+    async with bundled() as (link, ledger):
         with pytest.raises(LeaseLost, match="lease was lost"):
             async with hold_lock(ledger, "leader:sched", 3_000, wait=False):
                 link.late, link.delay = 1, 10.0  # the renewal: decided, answered late
                 await trio.sleep_forever()
         assert "leader:sched" not in link.core.locks.leases  # given back to the others
-        nursery.cancel_scope.cancel()
 
 
 async def test_many_claims_ended_during_a_hold_leave_its_own_end_known(
@@ -268,10 +260,7 @@ async def test_many_claims_ended_during_a_hold_leave_its_own_end_known(
     import agent_sdk.ledger
 
     monkeypatch.setattr(agent_sdk.ledger, "ENDED_KEPT", 4, raising=False)  # (the old bound)
-    link = _BundlingLink()
-    ledger = Ledger(link, NS)  # type: ignore[arg-type]
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(link.answer_in_bundles)
+    async with bundled() as (_, ledger):
         order = await ledger.create("t")
         others = [await ledger.create(f"other {n}") for n in range(6)]
         async with ledger.hold(order, ttl_ms=30_000) as claim:
@@ -280,7 +269,6 @@ async def test_many_claims_ended_during_a_hold_leave_its_own_end_known(
                 await ledger.update(await ledger.claim(other), "done")
             await trio.sleep(12)  # the renewal, due at 10 s, is refused: the order is done
         assert not ledger._ended  # nothing kept past the hold
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_lock_granted_too_late_is_given_back(
@@ -288,13 +276,9 @@ async def test_a_lock_granted_too_late_is_given_back(
 ) -> None:
     from agent_sdk.election import CONFIRM_TIMEOUT, hold_lock
 
-    link = _BundlingLink()
-    ledger = Ledger(link, NS)  # type: ignore[arg-type]
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(link.answer_in_bundles)
+    async with bundled() as (link, ledger):
         link.late, link.delay = 1, CONFIRM_TIMEOUT + 1  # the relay grants it, then stalls
         with pytest.raises(LeaseLost, match="no answer to the acquire"):
             async with hold_lock(ledger, "leader:sched", 60_000, wait=False):
                 raise AssertionError("the body ran without the lock")
         assert "leader:sched" not in link.core.locks.leases  # released, not held
-        nursery.cancel_scope.cancel()
