@@ -28,6 +28,7 @@ write and a policy change that race are judged in the order the log gives them.
 from __future__ import annotations
 
 import enum
+from bisect import bisect_left
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -191,9 +192,9 @@ class Access:
     creation: Creation = Creation.OPEN
     creators: frozenset[bytes] = frozenset()
     policies: dict[str, Policy] = field(default_factory=dict)
-    changed_at: dict[str, int] = field(default_factory=dict)
-    """The seq of each namespace's latest ``ns.policy``: reads end there when it
-    takes a reader's access (the reader sees the change that shut it out)."""
+    changes: dict[str, list[tuple[int, Policy]]] = field(default_factory=dict)
+    """Each namespace's policy changes in log order, as (seq of its ``ns.policy``, the
+    policy from then on): a record is read under the policy before it (16.3)."""
 
     # folding: the log says who owns what
 
@@ -209,8 +210,8 @@ class Access:
             change = parse_change(decode(record.event)["body"])
         except (ProtocolError, ValueError, KeyError, TypeError):
             return  # the home checked it; a mirror never takes a bad one over its word
-        self.policies[record.ns] = change.applied(policy)
-        self.changed_at[record.ns] = record.seq
+        self.policies[record.ns] = policy = change.applied(policy)
+        self.changes.setdefault(record.ns, []).append((record.seq, policy))
 
     # checks
 
@@ -282,6 +283,37 @@ class Access:
             return False  # its owner took this relay off the list: its copy is stale
         return policy.may_read(key)
 
+    def readable(self, ns: str, key: bytes | None, seq: int) -> bool:
+        """May ``key`` read the record at ``seq`` of ``ns``: did the policy in force
+        just before it let it read? A reader shut out by a change sees that change,
+        and nothing written while it was out, even once it is let back in (by a
+        change it sees)."""
+        changes = self.changes.get(ns)
+        if not changes or key == self.relay_key:
+            return True
+        i = bisect_left(changes, seq, key=_seq_of)  # the changes before this record
+        if i == 0 or self._lets_read(ns, changes[i - 1][1], key):
+            return True
+        at, policy = changes[i] if i < len(changes) else (0, None)
+        return at == seq and policy is not None and self._lets_read(ns, policy, key)
+
+    def readable_through(self, ns: str, key: bytes | None) -> int | None:
+        """The last seq ``key`` may read of ``ns`` while the policy now in force shuts
+        it out: the change that did it. ``None`` while it may read."""
+        if self.may_read(ns, key):
+            return None
+        changes = self.changes.get(ns, [])
+        last = 0
+        for seq, policy in changes:  # (a few changes per namespace)
+            if not self._lets_read(ns, policy, key) and self.readable(ns, key, seq):
+                last = seq
+        return last
+
+    def _lets_read(self, ns: str, policy: Policy, key: bytes | None) -> bool:
+        if ns.rpartition("@")[2] != self.home and not policy.may_read(self.relay_key):
+            return False
+        return policy.may_read(key)
+
     def check_read(self, ns: str, key: bytes | None) -> None:
         if not self.may_read(ns, key):
             raise forbidden(f"this key may not read {ns}")
@@ -290,6 +322,10 @@ class Access:
         policy = self.policies.get(ns)
         if policy is not None and not policy.may_write(key):
             raise forbidden(f"this key may not write to {ns} ({policy.mode})")
+
+
+def _seq_of(change: tuple[int, Policy]) -> int:
+    return change[0]
 
 
 def forbidden(reason: str) -> ProtocolError:

@@ -856,7 +856,7 @@ class Connection:
             await self._send(f.DocAwareness(sub=sub, update=states))
         while True:
             item = await replica.next()
-            self.node.access.check_read(request.ns, request.agent)  # the policy may change
+            self._check_read(request.ns, request.agent)  # the policy may change
             if isinstance(item, bytes):
                 await self._send(f.DocAwareness(sub=sub, update=item))
             else:
@@ -973,20 +973,22 @@ class Connection:
         batch = min(most, FIRST_REPLAY_BATCH)  # then sized to hold about `budget` bytes
         access = self.node.access
         while True:
-            records: list[Record] = await self.node.read(ns, cursor, batch)
-            held = sum(len(r.event) for r in records)
+            read: list[Record] = await self.node.read(ns, cursor, batch)
+            held = sum(len(r.event) for r in read)
             batch = max(1, batch * budget // held) if held > budget else min(most, 2 * batch)
             # Checked as it goes, not only at subscribe: a policy can change under it.
             # A reader shut out still gets the log up to the change that did it (a
-            # mirroring relay must fold it), then the error.
-            if not access.may_read(ns, self.session.agent):
-                until = access.changed_at.get(ns, 0)
-                if cursor > until:
-                    access.check_read(ns, self.session.agent)  # raises forbidden
-                records = [r for r in records if r.seq <= until]
-                if not records:  # the change is sequenced, not committed yet: wait
-                    await self.node.wait_beyond(ns, cursor - 1)
-                    continue
+            # mirroring relay must fold it), then the error; and an agent reads each
+            # record under the policy in force before it, so one let back in does not
+            # get what was written while it was out (a mirror takes every record: the
+            # chain has no gaps, and it applies this rule to its own agents).
+            agent = self.session.agent
+            through = access.readable_through(ns, agent)
+            if through is not None and cursor > through:
+                access.check_read(ns, agent)  # raises forbidden
+            records = read
+            if ns in access.changes and not chain_too:
+                records = [r for r in read if access.readable(ns, agent, r.seq)]
             for record in records:
                 # Sending may not block, so look for an unsubscribe before each frame.
                 await trio.lowlevel.checkpoint_if_cancelled()
@@ -1003,8 +1005,8 @@ class Connection:
                     continue  # (agents are not sent it)
                 count_kind(self.node.metrics.events_out, record.kind)
                 await self._send_encoded(event)
-            if records:
-                cursor = records[-1].seq + 1
+            if read:
+                cursor = read[-1].seq + 1
                 # A filter may match nothing in a long log read from memory: without a
                 # turn here, the whole replay would hold the event loop (a review saw
                 # other agents wait 90 ms).

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -416,3 +417,96 @@ async def test_a_forwarded_query_is_checked_for_the_agent_who_asked(
             assert [o["title"] for o in await Ledger(reader, ns).list()] == ["private work"]
             async with reader.doc(ns, "plan", create=False) as shared:
                 assert shared.to_json()["text"] == ""
+
+
+def owners(kind: str, body: object, n: int) -> Any:
+    event = Event(
+        NS, kind, OWNER.public_key, body, ts=time.time_ns() // 1_000_000, nonce=bytes([n]) * 8
+    )
+    return sign_event(event, OWNER.sign)
+
+
+async def test_a_reader_shut_out_gets_nothing_past_the_change_that_did_it(
+    relay: RunningRelay,
+) -> None:
+    """The change that shuts a reader out, the writes after it and a later change that
+    leaves it out commit together: the reader gets the first change, then forbidden;
+    the later change must not open the writes in between to it (a review)."""
+    async with (
+        RelayClient.connect(relay.url, OWNER) as owner,
+        RelayClient.connect(relay.url, READER) as reader,
+    ):
+        await set_policy(owner, NS, "private", readers=[READER.public_key])
+        with trio.fail_after(TIMEOUT):
+            async with reader.subscribe(NS, start=1) as feed:
+                async for item in feed:
+                    if isinstance(item, Live):
+                        break
+                events = [  # admitted at once: one commit
+                    owners("ns.policy", {"mode": "private"}, 1),
+                    owners("app.note", "secret 1", 2),
+                    owners("app.note", "secret 2", 3),
+                    owners("ns.policy", {"mode": "private", "readers": [WRITER.public_key]}, 4),
+                ]
+                tickets = [await relay.node.admit(event) for event in events]
+                for ticket in tickets:
+                    await relay.node.answer(ticket)
+                seen = []
+                with pytest.raises(ProtocolError) as shut:
+                    async for item in feed:
+                        if isinstance(item, Delivery):
+                            seen.append(item.event.event.body)
+                assert shut.value.code is ErrorCode.FORBIDDEN
+                assert seen == [{"mode": "private"}]  # the change that shut it out, alone
+
+
+async def test_a_reader_let_back_in_does_not_get_what_was_written_while_it_was_out(
+    relay: RunningRelay,
+) -> None:
+    async with (
+        RelayClient.connect(relay.url, OWNER) as owner,
+        RelayClient.connect(relay.url, READER) as reader,
+    ):
+        await set_policy(owner, NS, "private", readers=[READER.public_key])
+        await owner.publish(NS, "app.note", "before")
+        await set_policy(owner, NS, "private")
+        await owner.publish(NS, "app.note", "while it was out")
+        await set_policy(owner, NS, "private", readers=[READER.public_key])
+        await owner.publish(NS, "app.note", "after")
+        seen = []
+        with trio.fail_after(TIMEOUT):
+            async with reader.subscribe(NS, start=1, kinds=["app.note"]) as feed:
+                async for item in feed:
+                    if isinstance(item, Live):
+                        break
+                    assert isinstance(item, Delivery)
+                    seen.append(item.event.event.body)
+        assert seen == ["before", "after"]
+
+
+async def test_a_relay_taken_off_the_list_gets_no_more_of_a_document_it_passes_on(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """b streams y@b's document to relay a for its reader; once the owner takes a off
+    the readers, b ends that stream (it checked only the reader a named)."""
+    relays = plan(tmp_path, "a", "b")
+    a = await start(nursery, relays["a"], (relays["b"].peer(),))
+    b = await start(nursery, relays["b"], (relays["a"].peer(),))
+    await federation_of(a).links["b"].wait_up()
+    ns = "y@b"
+    with trio.fail_after(TIMEOUT):
+        async with (
+            RelayClient.connect(b.url, OWNER) as owner,
+            RelayClient.connect(a.url, READER) as reader,
+        ):
+            await owner.publish(ns, "doc.create", {"doc": "plan"})
+            await set_policy(owner, ns, "private", readers=[READER.public_key, relays["a"].key])
+            with pytest.raises(ProtocolError) as ended:
+                async with reader.doc(ns, "plan", create=False) as shared:
+                    await set_policy(owner, ns, "private", readers=[READER.public_key])
+                    async with owner.doc(ns, "plan", create=False) as mine:
+                        mine.text().insert(0, "after a was taken off")
+                        await mine.flush()
+                    await shared.wait_seq(b.node.head(ns))  # (or its subscription ends)
+                    assert str(shared.text()) == ""
+            assert ended.value.code is ErrorCode.FORBIDDEN
