@@ -818,6 +818,7 @@ class Connection:
         try:
             with running.scope:
                 live = await self.node.open_doc(request.ns, request.doc)
+                self._check_read(request.ns, request.agent)  # (a change while it loaded)
                 replica = Replica(capacity=4 * self.node.config.send_queue)
                 missing, sv, seq = live.sync(request.sv, replica)  # registers it
                 self._docs[sub] = (live, replica)

@@ -72,6 +72,7 @@ async def serve_yjs(node: RelayNode, ws: ServerConnection) -> None:
                 counted = None
                 raise refusal
         live = await node.open_doc(ns, name)
+        node.access.check_read(ns, token.agent if token else None)  # (changed meanwhile?)
     except BaseException as exc:
         if counted is not None:
             node.limiter.disconnect(counted)
@@ -90,13 +91,11 @@ async def serve_yjs(node: RelayNode, ws: ServerConnection) -> None:
     try:
         with unwrap_single():
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(
-                    _send, ws, live, replica, lambda: node.access.check_read(ns, reader)
-                )
+                nursery.start_soon(_send, ws, live, replica, may_read)
                 nursery.start_soon(_confirm, node, written_rx)
                 if token is not None:
                     nursery.start_soon(_expire, node, token)
-                await _receive(node, ws, live, replica, ns, name, token, written_tx)
+                await _receive(node, ws, live, replica, ns, name, token, written_tx, may_read)
                 nursery.cancel_scope.cancel()
     except ProtocolError as exc:
         await ws.aclose(POLICY_CLOSE, _reason(exc))
@@ -160,7 +159,11 @@ async def _receive(
     name: str,
     token: doctoken.DocToken | None,
     written: trio.MemorySendChannel[Ticket],
+    may_read: Callable[[], None],
 ) -> None:
+    """The client's messages. What it asks for (its missing updates, awareness) is
+    answered only while it may still read: a policy may have taken it off the list
+    since :func:`_send` last looked."""
     while True:
         # recv(), not `async for`: an error raised out of the loop must not leave a
         # half-finished async generator behind.
@@ -171,6 +174,7 @@ async def _receive(
         if kind == YMessageType.SYNC and payload:
             step, data = payload[0], _read(payload[1:])
             if step == YSyncMessageType.SYNC_STEP1:
+                may_read()
                 missing = live.missing(data)
                 step2 = bytes([YMessageType.SYNC, YSyncMessageType.SYNC_STEP2])
                 await ws.send(step2 + write_message(missing))
@@ -188,12 +192,14 @@ async def _receive(
                 await written.send(await _write(node, ns, name, data, token))
         elif kind == YMessageType.AWARENESS:
             update = _read(payload)
+            may_read()
             if len(update) <= MAX_AWARENESS and replica.take_awareness_token(trio.current_time()):
                 try:
                     live.share_awareness(update, replica)
                 except ProtocolError:
                     pass  # a bad presence update is dropped; y-websocket has no error reply
         elif kind == 3:  # query awareness
+            may_read()
             states = live.awareness_states()
             if states is not None:
                 await ws.send(create_awareness_message(states))

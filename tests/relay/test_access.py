@@ -510,3 +510,29 @@ async def test_a_relay_taken_off_the_list_gets_no_more_of_a_document_it_passes_o
                     await shared.wait_seq(b.node.head(ns))  # (or its subscription ends)
                     assert str(shared.text()) == ""
             assert ended.value.code is ErrorCode.FORBIDDEN
+
+
+async def test_a_yjs_reader_shut_out_is_not_answered_its_sync_request(
+    relay: RunningRelay,
+) -> None:
+    """A plain Yjs reader asks for what it lacks (sync step 1) after the owner took it
+    off the list: the relay closes the connection instead of answering, even with no
+    update in between to make it look (it answered with the document)."""
+    from pycrdt import YMessageType, YSyncMessageType, write_message
+
+    step1 = bytes([YMessageType.SYNC, YSyncMessageType.SYNC_STEP1]) + write_message(b"\x00")
+    expires = time.time_ns() // 1_000_000 + 60_000
+    with trio.fail_after(TIMEOUT):
+        async with RelayClient.connect(relay.url, OWNER) as owner:
+            await owner.publish(NS, "doc.create", {"doc": "plan"})
+            await set_policy(owner, NS, "private", readers=[READER.public_key])
+            token = doctoken.mint(READER, NS, "plan", expires)
+            async with connect(f"{relay.url}/yjs/{NS}/plan?token={token}") as ws:
+                await ws.recv()  # the relay's own step 1
+                await set_policy(owner, NS, "private")  # committed: the reader is out
+                await ws.send(step1)
+                with pytest.raises(ConnectionClosed) as closed:
+                    while True:
+                        message = await ws.recv()
+                        assert message[:2] != bytes([0, 1]), "answered with sync step 2"
+                assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
