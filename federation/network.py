@@ -526,7 +526,9 @@ class Federation:
                 "following": mirror.following,
             }
             for ns, mirror in sorted(self.mirrors.items())
-            if self.node.access.may_read(ns, None)
+            # Named only once its log says anyone may read it: a mirror the home
+            # refused, or has sent nothing yet, may be of a private namespace.
+            if ns in self.node.access.policies and self.node.access.may_read(ns, None)
         }
         return {"peers": peers, "mirrors": mirrors, "forgeries": self.forgeries}
 

@@ -536,3 +536,25 @@ async def test_a_yjs_reader_shut_out_is_not_answered_its_sync_request(
                         message = await ws.recv()
                         assert message[:2] != bytes([0, 1]), "answered with sync step 2"
                 assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+
+
+async def test_info_does_not_name_a_private_namespace_the_home_refused_to_mirror(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    from relay.server import info_document
+
+    relays = plan(tmp_path, "a", "b")
+    a = await start(nursery, relays["a"], (relays["b"].peer(),))
+    b = await start(nursery, relays["b"], (relays["a"].peer(),))
+    await federation_of(a).links["b"].wait_up()
+    ns = "secret-merger@b"
+    with trio.fail_after(TIMEOUT):
+        async with (
+            RelayClient.connect(b.url, OWNER) as owner,
+            RelayClient.connect(a.url, READER) as reader,
+        ):
+            await set_policy(owner, ns, "private", readers=[READER.public_key])
+            async with reader.subscribe(ns, start=1) as feed:
+                await refused(ErrorCode.FORBIDDEN, feed.__anext__())
+            assert ns in federation_of(a).mirrors  # asked for, refused, lingering
+            assert ns not in info_document(a.node)["federation"]["mirrors"]
