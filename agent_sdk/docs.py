@@ -16,9 +16,9 @@ Text) and ``log`` (an Array).
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pycrdt
 import trio
@@ -37,6 +37,37 @@ EMPTY_UPDATE = b"\x00\x00"
 MAX_UPDATE = 256 * 1024
 """Bytes of one update (one transaction): the relay refuses bigger (``bad_update``)."""
 FLUSH_TIMEOUT = 30.0
+
+
+T = TypeVar("T")
+
+
+def yjs(call: Callable[..., T], *args: Any) -> T:
+    """Run a pycrdt call on bytes from elsewhere. A crafted update can make its Rust
+    core panic, which reaches Python as pyo3's PanicException: a BaseException, which
+    ``except Exception`` lets through to stop the program. Here it is a ValueError.
+    A count that claims more entries than the bytes could hold is refused first: yrs
+    reserves room for it up front (a 5-byte count asked for a gigabyte)."""
+    for data in args:
+        if isinstance(data, bytes) and data and _first_count(data) > len(data):
+            raise ValueError(f"a count of {_first_count(data)} in {len(data)} bytes")
+    try:
+        return call(*args)
+    except BaseException as exc:
+        if type(exc).__name__ != "PanicException":
+            raise
+        raise ValueError(f"pycrdt could not take it ({exc})") from None
+
+
+def _first_count(data: bytes) -> int:
+    """The varuint a Yjs update or state vector starts with (its number of entries)."""
+    value = shift = 0
+    for byte in data[:10]:
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value
+        shift += 7
+    return value
 
 
 class DocReset(Exception):
@@ -153,7 +184,7 @@ class SharedDoc:
             return
         self._applying = True
         try:
-            self.doc.apply_update(update)
+            yjs(self.doc.apply_update, update)
         except Exception as exc:
             # An update that conflicts with the document (a crafted one: the relay
             # checks only that it decodes). pycrdt keeps what it had integrated, as
@@ -172,7 +203,11 @@ class SharedDoc:
         if self.awareness.get_local_state():  # (re)announce ourselves on this connection
             update = self.awareness.encode_awareness_update([self.doc.client_id])
             self.client._queue(f.encode_frame(f.DocAwareness(sub=self.sub, update=update)))
-        lacking = self.doc.get_update(frame.sv)  # what we have and the relay lacks
+        try:
+            lacking = yjs(self.doc.get_update, frame.sv)  # what we have, the relay lacks
+        except Exception as exc:  # (a relay's bad state vector: send nothing of it)
+            log.warning("%s in %s: the relay's state vector: %s", self.name, self.ns, exc)
+            lacking = EMPTY_UPDATE
         if lacking != EMPTY_UPDATE:
             self._outgoing.append(lacking)
             self._changed.set()

@@ -38,7 +38,7 @@ from typing import Any, Protocol
 import pycrdt
 import trio
 
-from agent_sdk.docs import MAX_UPDATE
+from agent_sdk.docs import MAX_UPDATE, yjs
 from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.wire import Event, decode
 from relay.store import Record
@@ -112,7 +112,7 @@ def check_update(update: Any) -> None:
         reason = f"update of {len(update)} bytes; the limit is {MAX_UPDATE}"
         raise ProtocolError(ErrorCode.BAD_UPDATE, reason)
     try:
-        pycrdt.Doc().apply_update(update)  # decodes it fully; a scratch doc, thrown away
+        yjs(pycrdt.Doc().apply_update, update)  # decodes it fully; a scratch doc
     except Exception as exc:  # pycrdt raises ValueError, or worse, on garbage
         raise ProtocolError(ErrorCode.BAD_UPDATE, f"not a Yjs update: {exc}") from None
 
@@ -214,7 +214,7 @@ class LiveDoc:
         """Apply an update (or a snapshot) of log position ``seq``; whether all of it
         is held (integrated, or kept waiting for what it needs)."""
         try:
-            self.doc.apply_update(update)
+            yjs(self.doc.apply_update, update)
         except Exception as exc:
             # It decoded alone (check_update) but conflicts with this document: a crafted
             # update treating an item of one type as another. pycrdt keeps what it had
@@ -223,8 +223,12 @@ class LiveDoc:
             return False
         state = self.doc.get_state()
         have = _clocks(state)
-        held = pycrdt.merge_updates(self.waiting, update) if self.waiting else update
-        waits = _waiting_part(held, state, have) or b""
+        try:
+            held = yjs(pycrdt.merge_updates, self.waiting, update) if self.waiting else update
+            waits = _waiting_part(held, state, have) or b""
+        except Exception as exc:  # applied, but its parts do not read back: not kept
+            log.warning("%s/%s: update at seq %d: %s", self.ns, self.name, seq, exc)
+            return False
         if len(waits) > MAX_WAITING:
             # Only updates whose items never come (crafted) get here; past the bound
             # the newest is not kept for snapshots and syncs (it is still in the log).
@@ -239,16 +243,16 @@ class LiveDoc:
     def state(self) -> bytes:
         """Everything applied, with the updates still waiting: what a snapshot holds."""
         update = self.doc.get_update()
-        return pycrdt.merge_updates(update, self.waiting) if self.waiting else update
+        return yjs(pycrdt.merge_updates, update, self.waiting) if self.waiting else update
 
     def missing(self, sv: bytes) -> bytes:
         """What a replica with state vector ``sv`` (b"": nothing) lacks."""
         try:
-            missing = self.doc.get_update(sv) if sv else self.doc.get_update()
+            missing = yjs(self.doc.get_update, sv) if sv else self.doc.get_update()
         except Exception as exc:
             raise ProtocolError(ErrorCode.BAD_UPDATE, f"not a state vector: {exc}") from None
         if self.waiting:  # the replica holds them back too, until what they need comes
-            missing = pycrdt.merge_updates(missing, self.waiting)
+            missing = yjs(pycrdt.merge_updates, missing, self.waiting)
         return missing
 
     def sync(self, sv: bytes, replica: Replica) -> tuple[bytes, bytes, int]:
@@ -338,7 +342,7 @@ def _waiting_part(update: bytes, state: bytes, have: dict[int, int]) -> bytes | 
 
     What the document's state vector does not cover is its items that wait; an update
     without such items still waits if it deletes items the document does not have."""
-    part = pycrdt.get_update(update, state)  # its items past `state`, and its deletions
+    part = yjs(pycrdt.get_update, update, state)  # its items past `state`, its deletions
     clients, at = _varuint(part, 0)
     if clients:
         return part

@@ -38,7 +38,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.trio.server import ServerConnection
 
 from agent_sdk import doctoken
-from agent_sdk.docs import EMPTY_UPDATE, state_vector
+from agent_sdk.docs import EMPTY_UPDATE, state_vector, yjs
 from agent_sdk.errors import ErrorCode, ProtocolError, unwrap_single
 from agent_sdk.wire import Event, sign_event
 from relay.documents import MAX_AWARENESS, LiveDoc, Overflow, Replica
@@ -241,7 +241,7 @@ def _adds_nothing(update: bytes, live: LiveDoc) -> bool:
     """Whether ``update`` holds no item the document lacks (a Yjs step 2 always carries
     the sender's whole delete set, so a reader's reply is rarely empty)."""
     try:
-        theirs = state_vector(get_state(update))
+        theirs = state_vector(yjs(get_state, update))
     except Exception:
         return False
     ours = state_vector(live.doc.get_state())

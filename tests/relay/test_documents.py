@@ -20,6 +20,7 @@ from tests.agent_sdk.test_client import drop_every_connection
 from tests.conftest import RunningRelay, identity, start_relay
 
 NS = "docs@local"
+TIMEOUT = 30
 AGENTS = 20
 
 
@@ -527,3 +528,47 @@ async def test_a_bad_awareness_update_changes_nothing(relay: RunningRelay) -> No
         await two.flush()
         await trio.testing.wait_all_tasks_blocked()
         assert live.awareness.states == {}
+
+
+CRAFTED = bytes.fromhex("0100010000")  # one block of client 1 with no structs; no deletes
+"""Decodes, and applies to an empty document, but made pycrdt's core panic (a
+BaseException through every `except Exception`) on a document with client 1's items."""
+
+
+async def test_an_update_that_makes_pycrdt_panic_does_not_stop_the_relay(
+    relay: RunningRelay,
+) -> None:
+    honest = pycrdt.Doc(client_id=1)
+    honest.get("text", type=pycrdt.Text).insert(0, "abc")
+    with trio.fail_after(TIMEOUT):
+        async with RelayClient.connect(relay.url, identity(1)) as client:
+            await client.publish(NS, "doc.create", {"doc": "d"})
+            async with client.doc(NS, "d", create=False) as shared:  # live: folded at once
+                await client.publish(NS, "doc.update", {"doc": "d", "update": honest.get_update()})
+                await client.publish(NS, "doc.update", {"doc": "d", "update": CRAFTED})
+                shared.text().insert(0, "x")
+                await shared.flush()
+        relay.node.docs.live.clear()  # not loaded: the next open folds the log again
+        async with (
+            RelayClient.connect(relay.url, identity(2)) as other,
+            other.doc(NS, "d", create=False) as again,
+        ):
+            assert str(again.text()) == "xabc"
+
+
+async def test_a_count_past_the_message_is_refused_before_pycrdt_sees_it(
+    relay: RunningRelay,
+) -> None:
+    """A state vector claiming 2^29 entries in 5 bytes made pycrdt reserve a gigabyte
+    and hold the relay's loop for half a second."""
+    from agent_sdk.docs import yjs
+
+    huge = bytes([0x80, 0x80, 0x80, 0x80, 0x02])  # 2^29, then nothing
+    with pytest.raises(ValueError, match="a count of 536870912 in 5 bytes"):
+        yjs(pycrdt.Doc().get_update, huge)
+    with trio.fail_after(TIMEOUT):
+        async with RelayClient.connect(relay.url, identity(1)) as client:
+            await client.publish(NS, "doc.create", {"doc": "d"})
+            with pytest.raises(ProtocolError) as refused:
+                await client.publish(NS, "doc.update", {"doc": "d", "update": huge})
+            assert refused.value.code is ErrorCode.BAD_UPDATE
