@@ -38,7 +38,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.trio.server import ServerConnection
 
 from agent_sdk import doctoken
-from agent_sdk.docs import EMPTY_UPDATE, state_vector, yjs
+from agent_sdk.docs import EMPTY_UPDATE, MAX_UPDATE, state_vector, yjs
 from agent_sdk.errors import ErrorCode, ProtocolError, unwrap_single
 from agent_sdk.wire import Event, sign_event
 from relay.documents import MAX_AWARENESS, LiveDoc, Overflow, Replica
@@ -137,12 +137,20 @@ async def _send(
             await ws.send(create_awareness_message(item))
             item = await replica.next()
             continue
-        # Updates queued together go as one merged update: one message, not many.
+        # Updates queued together go as one merged update: one message, not many,
+        # and not past about one update's bound (256 of them could make 64 MiB).
         assert item is not None
         updates = [_update_of(item.event)]
+        size = len(updates[0])
         item = replica.next_nowait()
-        while item is not None and not isinstance(item, bytes) and len(updates) < 256:
+        while (
+            item is not None
+            and not isinstance(item, bytes)
+            and size < MAX_UPDATE
+            and len(updates) < 256
+        ):
             updates.append(_update_of(item.event))
+            size += len(updates[-1])
             item = replica.next_nowait()
         merged = updates[0] if len(updates) == 1 else merge_updates(*updates)
         await ws.send(create_update_message(merged))
