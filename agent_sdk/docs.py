@@ -49,8 +49,8 @@ def yjs(call: Callable[..., T], *args: Any) -> T:
     A count that claims more entries than the bytes could hold is refused first: yrs
     reserves room for it up front (a 5-byte count asked for a gigabyte)."""
     for data in args:
-        if isinstance(data, bytes) and data and _first_count(data) > len(data):
-            raise ValueError(f"a count of {_first_count(data)} in {len(data)} bytes")
+        if isinstance(data, bytes) and (count := _first_count(data)) > len(data):
+            raise ValueError(f"a count of {count} in {len(data)} bytes")
     try:
         return call(*args)
     except BaseException as exc:
@@ -60,14 +60,26 @@ def yjs(call: Callable[..., T], *args: Any) -> T:
 
 
 def _first_count(data: bytes) -> int:
-    """The varuint a Yjs update or state vector starts with (its number of entries)."""
+    """The varuint a Yjs update or state vector starts with (its number of entries);
+    0 when it is cut short (pycrdt refuses such bytes itself)."""
+    try:
+        return varuint(data, 0)[0]
+    except (IndexError, ValueError):
+        return 0
+
+
+def varuint(data: bytes, at: int) -> tuple[int, int]:
+    """A lib0 varuint at ``at``: (value, where the next field starts)."""
     value = shift = 0
-    for byte in data[:10]:
+    while True:
+        byte = data[at]  # IndexError past the end
+        at += 1
         value |= (byte & 0x7F) << shift
         if byte < 0x80:
-            return value
+            return value, at
         shift += 7
-    return value
+        if shift > 63:
+            raise ValueError("varuint longer than 64 bits")
 
 
 class DocReset(Exception):

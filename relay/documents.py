@@ -38,7 +38,7 @@ from typing import Any, Protocol
 import pycrdt
 import trio
 
-from agent_sdk.docs import MAX_UPDATE, yjs
+from agent_sdk.docs import MAX_UPDATE, varuint, yjs
 from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.wire import Event, decode
 from relay.store import Record
@@ -313,27 +313,13 @@ class LiveDoc:
                 meta.pop(client, None)
 
 
-def _varuint(data: bytes, at: int) -> tuple[int, int]:
-    """A lib0 varuint at ``at``: (value, where the next field starts)."""
-    value = shift = 0
-    while True:
-        byte = data[at]  # IndexError past the end
-        at += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, at
-        shift += 7
-        if shift > 63:
-            raise ValueError("varuint longer than 64 bits")
-
-
 def _clocks(state_vector: bytes) -> dict[int, int]:
     """A state vector (13.1), decoded: client id -> clock."""
-    count, at = _varuint(state_vector, 0)
+    count, at = varuint(state_vector, 0)
     clocks = {}
     for _ in range(count):
-        client, at = _varuint(state_vector, at)
-        clocks[client], at = _varuint(state_vector, at)
+        client, at = varuint(state_vector, at)
+        clocks[client], at = varuint(state_vector, at)
     return clocks
 
 
@@ -343,16 +329,16 @@ def _waiting_part(update: bytes, state: bytes, have: dict[int, int]) -> bytes | 
     What the document's state vector does not cover is its items that wait; an update
     without such items still waits if it deletes items the document does not have."""
     part = yjs(pycrdt.get_update, update, state)  # its items past `state`, its deletions
-    clients, at = _varuint(part, 0)
+    clients, at = varuint(part, 0)
     if clients:
         return part
-    count, at = _varuint(part, at)  # the delete set: per client, ranges (clock, length)
+    count, at = varuint(part, at)  # the delete set: per client, ranges (clock, length)
     for _ in range(count):
-        client, at = _varuint(part, at)
-        ranges, at = _varuint(part, at)
+        client, at = varuint(part, at)
+        ranges, at = varuint(part, at)
         for _ in range(ranges):
-            clock, at = _varuint(part, at)
-            length, at = _varuint(part, at)
+            clock, at = varuint(part, at)
+            length, at = varuint(part, at)
             if have.get(client, 0) < clock + length:
                 return part
     return None
@@ -360,12 +346,12 @@ def _waiting_part(update: bytes, state: bytes, have: dict[int, int]) -> bytes | 
 
 def _awareness_entries(update: bytes) -> list[tuple[int, Any]]:
     """An awareness update (13.1), decoded: (client id, state or None) per entry."""
-    count, at = _varuint(update, 0)
+    count, at = varuint(update, 0)
     entries = []
     for _ in range(count):
-        client, at = _varuint(update, at)
-        _clock, at = _varuint(update, at)
-        size, at = _varuint(update, at)
+        client, at = varuint(update, at)
+        _clock, at = varuint(update, at)
+        size, at = varuint(update, at)
         if at + size > len(update):
             raise ValueError("state runs past the end")
         text = update[at : at + size].decode()  # UnicodeDecodeError is a ValueError
