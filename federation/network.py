@@ -283,10 +283,11 @@ class Federation:
         client = self._link_client(relay, from_peer)
         return client.ask_later(lambda rid: f.MsgSend(rid=rid, msg=msg, relay=relay, origin=origin))
 
-    def check_route(self, relay: str, from_peer: Peer | None) -> None:
-        """Raise ``unknown_recipient`` when there is no way to relay ``relay``."""
+    def check_route(self, relay: str, from_peer: Peer | None) -> Link:
+        """The link toward relay ``relay`` for a message or receipt; ``unknown_recipient``
+        when there is no way there."""
         try:
-            self.link_to(relay, from_peer)
+            return self.link_to(relay, from_peer)
         except ProtocolError as exc:
             raise ProtocolError(ErrorCode.UNKNOWN_RECIPIENT, exc.reason) from None
 
@@ -349,10 +350,7 @@ class Federation:
             queue.pop(0)
 
     def _link_client(self, relay: str, from_peer: Peer | None) -> RelayClient:
-        try:
-            link = self.link_to(relay, from_peer)
-        except ProtocolError as exc:
-            raise ProtocolError(ErrorCode.UNKNOWN_RECIPIENT, exc.reason) from None
+        link = self.check_route(relay, from_peer)
         if link.client is None or link.client.stopped.is_set():
             raise ProtocolError(ErrorCode.HOME_UNREACHABLE, f"no link to {link.peer.name} now")
         return link.client
