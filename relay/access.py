@@ -277,11 +277,7 @@ class Access:
         """May ``key`` read ``ns`` here? For a mirrored namespace, only while the
         policy this relay folded lets this relay's own key read it too."""
         policy = self.policies.get(ns)
-        if policy is None or key == self.relay_key:
-            return True
-        if ns.rpartition("@")[2] != self.home and not policy.may_read(self.relay_key):
-            return False  # its owner took this relay off the list: its copy is stale
-        return policy.may_read(key)
+        return policy is None or key == self.relay_key or self._lets_read(ns, policy, key)
 
     def readable(self, ns: str, key: bytes | None, seq: int) -> bool:
         """May ``key`` read the record at ``seq`` of ``ns``: did the policy in force
@@ -311,7 +307,7 @@ class Access:
 
     def _lets_read(self, ns: str, policy: Policy, key: bytes | None) -> bool:
         if ns.rpartition("@")[2] != self.home and not policy.may_read(self.relay_key):
-            return False
+            return False  # its owner took this relay off the list: its copy is stale
         return policy.may_read(key)
 
     def check_read(self, ns: str, key: bytes | None) -> None:
