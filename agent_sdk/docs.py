@@ -212,9 +212,12 @@ class SharedDoc:
         self.epoch = frame.epoch
         self._apply(frame.update)
         self._moved_to(frame.seq)
-        if self.awareness.get_local_state():  # (re)announce ourselves on this connection
-            update = self.awareness.encode_awareness_update([self.doc.client_id])
-            self.client._queue(f.encode_frame(f.DocAwareness(sub=self.sub, update=update)))
+        state = self.awareness.get_local_state()
+        if state:  # (re)announce ourselves on this subscription
+            # The relay told the others we left when our last subscription closed,
+            # at our clock + 1; an announce at that clock would be ignored as stale.
+            self.awareness.meta[self.doc.client_id]["clock"] += 1
+            self.set_presence(state)  # (one more)
         try:
             lacking = yjs(self.doc.get_update, frame.sv)  # what we have, the relay lacks
         except Exception as exc:  # (a relay's bad state vector: send nothing of it)

@@ -195,6 +195,8 @@ class LiveDoc:
     """What pycrdt holds back of the updates applied (their items wait for ones not
     yet applied), merged into one update; its ``get_update`` leaves it out, so
     snapshots and syncs add it. Empty when nothing waits."""
+    owners: dict[int, Replica] = field(default_factory=dict)
+    """The replica that announced each present client last (its ``clients`` hold it)."""
     absent: OrderedDict[int, None] = field(default_factory=OrderedDict)
     """Clients whose state is gone, oldest first: their clocks are kept (an echo of an
     old state must not bring them back) up to :data:`ABSENT_CLOCKS` of them."""
@@ -280,9 +282,19 @@ class LiveDoc:
         if len(source.clients | announced) > MAX_AWARENESS_CLIENTS:
             reason = f"a replica may announce at most {MAX_AWARENESS_CLIENTS} client ids"
             raise ProtocolError(ErrorCode.BAD_UPDATE, reason)
-        before = set(self.awareness.states)
+        meta = self.awareness.meta
+        clocks = {client: meta.get(client, {}).get("clock") for client in announced}
         self.awareness.apply_awareness_update(update, source)
-        source.clients |= set(self.awareness.states) - before
+        for client in announced:
+            if client in self.awareness.states and meta[client]["clock"] != clocks[client]:
+                # The latest replica to announce a client owns it: an agent that
+                # reconnected announces again on its new subscription, and the old
+                # one's close (maybe noticed only later) must not erase that.
+                owner = self.owners.get(client)
+                if owner is not None and owner is not source:
+                    owner.clients.discard(client)
+                self.owners[client] = source
+                source.clients.add(client)
         self._forget_absent(client for client, state in entries if state is None)
         for replica in self.replicas:
             if replica is not source:
@@ -291,6 +303,8 @@ class LiveDoc:
     def leave(self, replica: Replica) -> None:
         """A replica closed: forget it, and tell the others its awareness is gone."""
         self.replicas.discard(replica)
+        for client in replica.clients:
+            del self.owners[client]
         gone = [c for c in replica.clients if c in self.awareness.states]
         if gone:
             farewell = _disconnect_update(self.awareness, gone)

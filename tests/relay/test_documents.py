@@ -256,6 +256,60 @@ async def test_presence_reaches_the_other_replicas(relay: RunningRelay) -> None:
         assert second.presence()[first.doc.client_id]["editing"] == "intro"
 
 
+async def test_presence_comes_back_after_a_reconnect(relay: RunningRelay) -> None:
+    """The relay tells the others an agent left when its connection drops; the agent's
+    announce on its new connection must come above that farewell's clock."""
+    async with (
+        RelayClient.connect(relay.url, identity(1)) as one,
+        RelayClient.connect(relay.url, identity(3)) as two,
+        one.doc(NS, "back") as first,
+        two.doc(NS, "back") as second,
+    ):
+        me = first.doc.client_id
+        first.set_presence({"name": "agent-1"})
+        while me not in second.presence():
+            await second.presence_changed()
+        (cut,) = [c for c in relay.node.connections if c.session.agent == identity(1).public_key]
+        await cut.ws.stream.aclose()
+        with trio.fail_after(TIMEOUT):
+            while me in second.presence():  # the relay's farewell
+                await second.presence_changed()
+            while me not in second.presence():  # the agent's announce on its new connection
+                await second.presence_changed()
+        assert second.presence()[me] == {"name": "agent-1"}
+        live = relay.node.docs.live[(NS, "back")]
+        assert live.awareness.states[me] == {"name": "agent-1"}
+
+
+def test_an_old_subscriptions_close_does_not_erase_a_newer_announce() -> None:
+    """An agent reconnects and announces again before the relay notices its old
+    connection is gone: the old subscription's close must not say it left."""
+    from relay.documents import LiveDoc, Replica
+
+    live = LiveDoc(NS, "d", epoch=1)
+    old, new, other = Replica(capacity=8), Replica(capacity=8), Replica(capacity=8)
+    for replica in (old, new, other):
+        live.replicas.add(replica)
+    agent = pycrdt.Awareness(pycrdt.Doc(client_id=7))
+    agent.set_local_state({"name": "seven"})
+    live.share_awareness(agent.encode_awareness_update([7]), old)
+    agent.set_local_state({"name": "seven"})
+    live.share_awareness(agent.encode_awareness_update([7]), new)
+    while other.next_nowait() is not None:  # the two announces
+        pass
+    live.leave(old)
+    assert live.awareness.states[7] == {"name": "seven"}
+    assert other.next_nowait() is None  # no farewell
+    live.leave(new)
+    assert 7 not in live.awareness.states
+    farewell = other.next_nowait()
+    assert isinstance(farewell, bytes)
+    watcher = pycrdt.Awareness(pycrdt.Doc())
+    watcher.apply_awareness_update(agent.encode_awareness_update([7]), "relay")
+    watcher.apply_awareness_update(farewell, "relay")
+    assert 7 not in watcher.states
+
+
 # -- bad input -------------------------------------------------------------------------
 
 
