@@ -110,6 +110,8 @@ class SharedDoc:
         self._outgoing: list[bytes] = []
         self._changed = trio.Event()
         self._in_flight = 0
+        self._confirmed = 0
+        """Our own clock that the relay has confirmed every edit below (13.1)."""
         self._progress = trio.Event()  # set (and replaced) after each publish
         self._subscription = self.doc.observe(self._on_change)
 
@@ -167,12 +169,14 @@ class SharedDoc:
             if not self._outgoing:
                 continue
             pending, self._outgoing = self._outgoing, []
+            upto = state_vector(self.doc.get_state()).get(self.doc.client_id, 0)
             update = pycrdt.merge_updates(*pending) if len(pending) > 1 else pending[0]
             self._in_flight += 1
             try:
                 for part in _parts(update, pending):
                     body = {"doc": self.name, "update": part}
                     await self.client.publish(self.ns, "doc.update", body)
+                self._confirmed = max(self._confirmed, upto)
             finally:
                 self._in_flight -= 1
                 self._progress.set()
@@ -224,9 +228,27 @@ class SharedDoc:
             log.warning("%s in %s: the relay's state vector: %s", self.name, self.ns, exc)
             lacking = EMPTY_UPDATE
         if lacking != EMPTY_UPDATE:
-            self._outgoing.append(lacking)
+            self._outgoing.extend(self._lacking_parts(lacking, frame.sv))
             self._changed.set()
         self.synced.set()
+
+    def _lacking_parts(self, lacking: bytes, relay_sv: bytes) -> list[bytes]:
+        """What the relay lacks, as updates it takes: one if it fits (MAX_UPDATE), else
+        one per client. Our own edits it lacks need nothing here when every one it ever
+        confirmed is in its state: the rest are in flight (the client sends them again)
+        or queued, and go as they were made, each within the limit."""
+        if len(lacking) <= MAX_UPDATE:
+            return [lacking]
+        relay, ours = state_vector(relay_sv), state_vector(self.doc.get_state())
+        parts = []
+        for client, clock in ours.items():
+            theirs = relay.get(client, 0)
+            if clock <= theirs or (client == self.doc.client_id and theirs >= self._confirmed):
+                continue
+            # Everything of this client past the relay's clock, of no other client
+            # (an update from a state vector; each carries the whole delete set).
+            parts.append(yjs(self.doc.get_update, _encode_state_vector({**ours, client: theirs})))
+        return parts
 
     def _on_event(self, frame: f.EventFrame) -> None:
         body = decode(frame.event)["body"]
@@ -276,6 +298,15 @@ def state_vector(encoded: bytes) -> dict[int, int]:
     decoder = pycrdt.Decoder(encoded)
     count = decoder.read_var_uint()
     return dict((decoder.read_var_uint(), decoder.read_var_uint()) for _ in range(count))
+
+
+def _encode_state_vector(clocks: dict[int, int]) -> bytes:
+    encoder = pycrdt.Encoder()
+    encoder.write_var_uint(len(clocks))
+    for client, clock in clocks.items():
+        encoder.write_var_uint(client)
+        encoder.write_var_uint(clock)
+    return encoder.to_bytes()
 
 
 def _parts(update: bytes, pending: list[bytes]) -> list[bytes]:

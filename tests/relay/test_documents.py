@@ -154,6 +154,57 @@ async def test_agents_that_go_offline_mid_edit_converge_on_reconnect(
     assert len(set(final["log"])) == len(final["log"])  # nothing duplicated
 
 
+async def test_more_offline_edits_than_one_update_holds_arrive_after_a_reconnect(
+    relay: RunningRelay,
+) -> None:
+    """Edits made while the connection is down, more of them than one update may
+    carry (256 KiB), each small: the replica's reopen must not send what the relay
+    lacks of them as one update, which the relay refuses."""
+    async with (
+        RelayClient.connect(relay.url, identity(1)) as one,
+        RelayClient.connect(relay.url, identity(3)) as two,
+        one.doc(NS, "big") as first,
+        two.doc(NS, "big") as second,
+    ):
+        first.text().insert(0, "start")
+        await first.flush()
+        await drop_every_connection(relay)
+        for n in range(700):  # no await: all of it before the SDK can reconnect
+            first.array().append(f"{n:04}" + "x" * 500)
+        with trio.fail_after(TIMEOUT):
+            await converged(relay, [first, second])
+        assert len(second.array()) == 700
+        assert first.error is None and second.error is None
+
+
+async def test_a_replica_holding_much_the_relay_lacks_sends_it_client_by_client(
+    relay: RunningRelay,
+) -> None:
+    """A replica holds other clients' edits the relay lacks (it was restored from an
+    older backup), more than one update may carry: it sends them as one update per
+    client, each within the limit."""
+    from agent_sdk.frames import encode_frame
+
+    async with RelayClient.connect(relay.url, identity(1)) as client:
+        await client.publish(NS, "doc.create", {"doc": "restored"})
+        held = SharedDoc(client, NS, "restored", sub=500)
+        for writer in (11, 12):
+            scratch: pycrdt.Doc[Any] = pycrdt.Doc(client_id=writer)
+            scratch.get("log", type=pycrdt.Array).extend([f"{writer}" + "y" * 500] * 400)
+            held._apply(scratch.get_update())
+        client._docs[held.sub] = held
+        client._queue(encode_frame(held.open_request()))
+        with trio.fail_after(TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(held._send_forever)
+                await held.synced.wait()
+                await held.flush()
+                nursery.cancel_scope.cancel()
+        assert held.error is None
+        live = relay.node.docs.live[(NS, "restored")]
+        assert state_vector(live.doc.get_state()) == {11: 400, 12: 400}
+
+
 async def test_a_replica_that_missed_updates_resyncs_by_state_vector(
     relay: RunningRelay,
 ) -> None:
