@@ -211,7 +211,9 @@ class Ledger:
     async def wait_decision(self, order: str) -> dict[str, Any]:
         """Wait until ``order`` is no longer awaiting approval; returns the decision
         (``approved``, ``by``, ``comment``, ``at_ms``). Follows the namespace live, so
-        a person's click reaches the agent at once."""
+        a person's click reaches the agent at once. Call it after asking: an order
+        that is not awaiting approval answers at once with its latest decision, which
+        is an earlier round's if this round was not asked for yet."""
         decided = ("wo.approved", "wo.declined")
         async with self.client.subscribe(self.ns, kinds=decided) as feed:
             while True:
