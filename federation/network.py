@@ -420,8 +420,10 @@ class Federation:
                 self.hints[id_] = (ns, seq)
                 self._fetch(ns, seq)
 
-    async def locate(self, args: dict[str, Any]) -> list[list[Any]]:
-        """Answer a peer's :data:`LOCATE`: where this relay knows the ids to be."""
+    async def locate(self, args: dict[str, Any], asker: bytes) -> list[list[Any]]:
+        """Answer a peer's :data:`LOCATE`: where this relay knows the ids to be, of the
+        namespaces the peer (``asker``) may read; of others, nothing, not even that
+        they exist."""
         ids = args.get("ids")
         if not isinstance(ids, list) or len(ids) > 256:
             raise ProtocolError(ErrorCode.BAD_QUERY, "ids: a list of at most 256 event ids")
@@ -438,7 +440,12 @@ class Federation:
         if missing:
             for event_id, located in (await self.node.find(missing)).items():
                 found.append([event_id, located.ns, located.seq])
-        return found
+        access = self.node.access
+        return [
+            item
+            for item in found
+            if access.may_read(item[1], asker) and access.readable(item[1], asker, item[2])
+        ]
 
     # -- documents --------------------------------------------------------------------
 

@@ -686,7 +686,9 @@ class Connection:
     async def _answer_query(self, query: f.Query) -> None:
         try:
             if query.q == LOCATE and self.fed is not None and self.peer is not None:
-                await self._send(f.Result(rid=query.rid, body=await self.fed.locate(query.args)))
+                assert self.session.agent is not None  # (a peer: authenticated)
+                located = await self.fed.locate(query.args, self.session.agent)
+                await self._send(f.Result(rid=query.rid, body=located))
                 return
             asker = self._asker(query.agent)
             self._check_read(query.ns, asker)

@@ -177,6 +177,29 @@ async def test_info_leaves_out_the_mirrors_of_private_namespaces(
     assert set(info["federation"]["mirrors"]) == {"x@b"}
 
 
+async def test_a_peer_is_not_told_where_events_of_namespaces_it_may_not_read_are(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    from agent_sdk.access import set_policy
+    from federation.network import LOCATE
+
+    a, b = await pair(nursery, tmp_path, park_timeout_ms=2_000)
+    with trio.fail_after(TIMEOUT):
+        async with RelayClient.connect(b.url, identity(2)) as owner:
+            await owner.publish("secret@b", "app.note", "created")
+            await set_policy(owner, "secret@b", "private")  # a is not a reader
+            hidden = await owner.publish("secret@b", "app.note", "hidden")
+            shown = await owner.publish("open@b", "app.note", "shown")
+        link = await federation_of(a).links["b"].wait_up()
+        ids = [hidden.receipt.id, shown.receipt.id]
+        found = await link.query("fed@b", LOCATE, {"ids": ids})
+        assert found == [[shown.receipt.id, "open@b", 1]]
+        async with RelayClient.connect(a.url, identity(3)) as on_a:
+            with pytest.raises(ProtocolError) as refused:
+                await on_a.publish("y@a", "app.note", "x", deps=[hidden.receipt.id])
+            assert refused.value.code is ErrorCode.MISSING_DEPS
+
+
 async def test_a_home_finds_a_dependency_on_the_forwarding_relays_own_log(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
