@@ -879,6 +879,10 @@ class Connection:
                 reason = f"no open document {frame.sub}"
                 raise ProtocolError(ErrorCode.UNKNOWN_SUBSCRIPTION, reason)
             live, replica = opened
+            if self.peer is None:  # (a peer's: checked by the relay its agent is on)
+                # The policy may have changed since the last item this replica got
+                # (which is when its subscription would have ended).
+                self.node.access.check_read(live.ns, self.session.agent)
             if len(frame.update) > MAX_AWARENESS:
                 reason = f"awareness update of {len(frame.update)} bytes; limit {MAX_AWARENESS}"
                 raise ProtocolError(ErrorCode.AWARENESS_REFUSED, reason)

@@ -169,6 +169,34 @@ async def test_a_reader_taken_off_the_list_loses_its_open_subscription(
                 assert seen[:1] == ["app.note"]
 
 
+async def test_a_reader_taken_off_the_list_cannot_announce_presence_in_a_document(
+    relay: RunningRelay,
+) -> None:
+    """Its document subscription ends at the next item it would get; until then, its
+    awareness updates are refused, not applied nor shared with the readers."""
+    async with (
+        RelayClient.connect(relay.url, OWNER) as owner,
+        RelayClient.connect(relay.url, READER) as reader,
+    ):
+        await set_policy(owner, NS, "private", readers=[READER.public_key])
+        await owner.publish(NS, "doc.create", {"doc": "plan"})
+        with trio.fail_after(TIMEOUT), pytest.raises(ProtocolError) as info:
+            async with (
+                owner.doc(NS, "plan", create=False) as mine,
+                reader.doc(NS, "plan", create=False) as theirs,
+            ):
+                await set_policy(owner, NS, "private")  # the reader is gone
+                theirs.set_presence({"name": "shut out"})
+                # Frames of a connection are acted on in order: once this is
+                # answered, the relay has shared or refused the presence.
+                await reader.publish("elsewhere@local", "app.note", "after")
+                live = relay.node.docs.live[(NS, "plan")]
+                assert theirs.doc.client_id not in live.awareness.states  # nor shared
+                assert isinstance(theirs.error, ProtocolError)  # (answered before)
+                assert mine.error is None
+        assert info.value.code is ErrorCode.FORBIDDEN
+
+
 async def test_a_policy_change_is_sealed_even_in_the_middle_of_a_commit(
     relay: RunningRelay,
 ) -> None:
