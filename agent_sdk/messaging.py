@@ -213,6 +213,7 @@ class Mailbox:
         self._inflow = Inflow()
         self._copies: dict[bytes, list[_Arrived]] = {}  # of messages not taken yet
         self._sent: OrderedDict[bytes, Sent] = OrderedDict()
+        self._receipted: OrderedDict[bytes, None] = OrderedDict()  # ids whose receipt came
         self._queue_tx, self._queue_rx = trio.open_memory_channel[_Arrived](math.inf)
         self.sub: int | None = None
         self.live = trio.Event()
@@ -495,11 +496,11 @@ class Mailbox:
                 log.warning("dropped a receipt that does not check: %s", exc)
             else:
                 sent = self._sent.get(receipt.id)
-                if sent is None:
+                if sent is None and receipt.id not in self._receipted:
                     return  # another instance's (same agent, other stream): left for it
-                if receipt.recipient == sent.recipient:
-                    del self._sent[receipt.id]
-                    sent._settle(receipt)
+                if sent is not None and receipt.recipient == sent.recipient:
+                    self._settle(sent, receipt)
+                # (else a copy of one that came: a relay may store a receipt twice)
         elif item.kind == "expired":
             sent = self._sent.pop(item.data, None)
             if sent is None:
@@ -511,8 +512,14 @@ class Mailbox:
         """A receipt that came back over a direct connection."""
         sent = self._sent.get(receipt.id)
         if sent is not None and receipt.recipient == sent.recipient:
-            del self._sent[receipt.id]
-            sent._settle(receipt)
+            self._settle(sent, receipt)
+
+    def _settle(self, sent: Sent, receipt: Receipt) -> None:
+        del self._sent[receipt.id]
+        self._receipted[receipt.id] = None
+        if len(self._receipted) > REMEMBERED:
+            self._receipted.popitem(last=False)
+        sent._settle(receipt)
 
 
 class Messages:

@@ -177,6 +177,28 @@ async def test_a_receipt_for_another_message_or_signed_by_another_is_refused(
         assert alice.mailbox.error is None  # the inbox stream goes on
 
 
+async def test_a_receipt_that_comes_twice_is_taken_off_the_relay_both_times(
+    relay: RunningRelay,
+) -> None:
+    """A recipient's relay may store a receipt twice (its acknowledgement failed after
+    the receipt was kept): the sender takes the copy off its inbox too, not leaving it
+    there until the TTL as another instance's."""
+    from relay.inbox import Arriving
+
+    async with (
+        RelayClient.connect(relay.url, ALICE) as alice,
+        RelayClient.connect(relay.url, BOB) as bob,
+    ):
+        bob.mailbox.open()
+        await bob.mailbox.live.wait()
+        sent = await alice.send(BOB.id, "once")
+        await bob.mailbox.next()
+        receipt = await sent.delivered()
+        copy = Arriving(ALICE.public_key, BOB.public_key, sent.id, receipt.encode())
+        await relay.node.inboxes.put_receipts([copy])
+        await drained(relay, ALICE)
+
+
 async def drained(relay: RunningRelay, agent: Identity) -> None:
     """Wait until ``agent``'s inbox on ``relay`` is empty (acks are applied in batches)."""
     inboxes = relay.node.inboxes
