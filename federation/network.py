@@ -73,9 +73,11 @@ the mirror holds (its ``live`` then marks the mirror's head, not the home's)."""
 LOCATE_WAIT = 10.0
 """Seconds to wait for a peer's answer to :data:`LOCATE`."""
 MAX_HINTS = 100_000
+"""Forwarded events whose namespace and seq are remembered for causal look-ups."""
 MAX_RECEIPTS_QUEUED = 100_000
 """Message receipts waiting for a link to one relay; more are dropped (and logged)."""
-"""Forwarded events whose namespace and seq are remembered for causal look-ups."""
+RECEIPT_RUN = 64
+"""Message receipts for one relay sent at once, and dropped from the store together."""
 
 
 @dataclass(frozen=True)
@@ -319,35 +321,52 @@ class Federation:
                 self._nursery.start_soon(self._send_receipts, relay)
 
     async def _send_receipts(self, relay: str) -> None:
-        """Send the receipts waiting for ``relay``, oldest first, until none is left.
-        One runs per relay with receipts waiting: the head is taken off the queue only
-        after its row is dropped, with nothing awaited after, so a receipt added
+        """Send the receipts waiting for ``relay``, oldest first, until none is left: a
+        run of up to :data:`RECEIPT_RUN` at a time (one message each way, one commit).
+        One runs per relay with receipts waiting: a run is taken off the queue only
+        after its rows are dropped, with nothing awaited after, so a receipt added
         meanwhile finds the queue not empty and starts no second sender."""
         queue = self._receipts[relay]
         delay = 0.1
         while queue:
-            n, receipt = queue[0]
+            run = queue[:RECEIPT_RUN]
             try:
                 client = self.link_to(relay, None).client
             except ProtocolError:  # not a peer now (a slip in --peer?): kept for later
                 log.warning("%d message receipts for relay %s kept: no route", len(queue), relay)
                 return
-            try:
-                if client is None:
-                    raise ProtocolError(ErrorCode.HOME_UNREACHABLE, "the link is down")
-                await client.ask(partial(_receipt_frame, receipt, relay))
-            except ProtocolError as exc:
-                if client is None or client.stopped.is_set():
-                    await trio.sleep(delay)  # the link is down, or dropped under it
-                    delay = min(delay * 2, 5.0)
-                    continue
-                log.warning("receipt for relay %s refused: %s", relay, exc)
+            if client is None or not await self._pass_receipts(client, relay, run):
+                await trio.sleep(delay)  # the link is down, or dropped under it
+                delay = min(delay * 2, 5.0)
+                continue
             delay = 0.1
             try:
-                await store_call(self.store, self.store.drop_receipt, relay, n)
-            except Exception:  # sent again after a restart: the sender takes it once
-                log.exception("could not drop a sent message receipt")
-            queue.pop(0)
+                await store_call(self.store, self.store.drop_receipts, relay, [n for n, _ in run])
+            except Exception:  # sent again after a restart: the sender takes them once
+                log.exception("could not drop %d sent message receipts", len(run))
+            del queue[: len(run)]
+
+    async def _pass_receipts(
+        self, client: RelayClient, relay: str, run: list[tuple[int, bytes]]
+    ) -> bool:
+        """Send a run of receipts at once; False if the link went down under it (then
+        all of them are sent again: the sender's SDK takes a copy off and ignores it)."""
+        down = False
+
+        async def one(receipt: bytes) -> None:
+            nonlocal down
+            try:
+                await client.ask(partial(_receipt_frame, receipt, relay))
+            except ProtocolError as exc:
+                if client.stopped.is_set():
+                    down = True
+                else:
+                    log.warning("receipt for relay %s refused: %s", relay, exc)
+
+        async with trio.open_nursery() as nursery:
+            for _, receipt in run:
+                nursery.start_soon(one, receipt)
+        return not down
 
     def _link_client(self, relay: str, from_peer: Peer | None) -> RelayClient:
         link = self.check_route(relay, from_peer)

@@ -108,7 +108,7 @@ class OutboxStore(Protocol):
 
     def put_receipts(self, rows: Sequence[tuple[str, int, bytes]]) -> None: ...
 
-    def drop_receipt(self, relay: str, n: int) -> None: ...
+    def drop_receipts(self, relay: str, ns: Sequence[int]) -> None: ...
 
 
 class MemoryOutboxStore:
@@ -138,8 +138,9 @@ class MemoryOutboxStore:
         for relay, n, receipt in rows:
             self.receipts[(relay, n)] = receipt
 
-    def drop_receipt(self, relay: str, n: int) -> None:
-        self.receipts.pop((relay, n), None)
+    def drop_receipts(self, relay: str, ns: Sequence[int]) -> None:
+        for n in ns:
+            self.receipts.pop((relay, n), None)
 
 
 def _by_n(row: tuple[str, int, bytes]) -> int:
@@ -187,8 +188,8 @@ class SQLiteOutboxStore:
     def put_receipts(self, rows: Sequence[tuple[str, int, bytes]]) -> None:
         self._write("INSERT OR REPLACE INTO receipts VALUES (?, ?, ?)", rows)
 
-    def drop_receipt(self, relay: str, n: int) -> None:
-        self._write("DELETE FROM receipts WHERE relay = ? AND n = ?", [(relay, n)])
+    def drop_receipts(self, relay: str, ns: Sequence[int]) -> None:
+        self._write("DELETE FROM receipts WHERE relay = ? AND n = ?", [(relay, n) for n in ns])
 
     def _write(self, statement: str, rows: Sequence[tuple[object, ...]]) -> None:
         with self._lock:

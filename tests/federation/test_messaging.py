@@ -96,10 +96,10 @@ async def test_a_receipt_on_its_way_back_outlives_a_kill_of_the_recipients_relay
 async def test_a_receipt_kept_while_the_last_one_is_dropped_starts_no_second_sender(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
-    """b passes Bob's receipts on to a one at a time, and drops each row once a has it.
-    A receipt kept while that drop is on the disk joins the running sender: two
-    senders would both send the next one and both take it off (an IndexError that
-    stopped the relay, in a review)."""
+    """b passes Bob's receipts on to a, and drops their rows once a has them. A
+    receipt kept while that drop is on the disk joins the running sender: two senders
+    would both send the next one and both take it off (an IndexError that stopped the
+    relay, in a review)."""
     import threading
 
     from tests.federation.fixtures import federation_of, plan, start
@@ -116,14 +116,14 @@ async def test_a_receipt_kept_while_the_last_one_is_dropped_starts_no_second_sen
 
     fed._send_receipts = counted  # type: ignore[method-assign]
     dropping, release, both_dropped = trio.Event(), threading.Event(), trio.Event()
-    token, drop = trio.lowlevel.current_trio_token(), store.drop_receipt
+    token, drop = trio.lowlevel.current_trio_token(), store.drop_receipts
     dropped: list[int] = []
 
-    def held_drop(relay: str, n: int) -> None:  # (in a worker thread)
+    def held_drop(relay: str, ns: list[int]) -> None:  # (in a worker thread)
         token.run_sync_soon(dropping.set)
         release.wait(TIMEOUT)
-        drop(relay, n)
-        dropped.append(n)
+        drop(relay, ns)
+        dropped.extend(ns)
         if len(dropped) == 2:
             token.run_sync_soon(both_dropped.set)
 
@@ -134,7 +134,7 @@ async def test_a_receipt_kept_while_the_last_one_is_dropped_starts_no_second_sen
         await federation_of(b).links["a"].wait_up()
         async with RelayClient.connect(a.url, ALICE) as alice:
             sent = [await alice.send(f"{BOB.id}@b", n) for n in range(2)]
-            store.drop_receipt = held_drop  # type: ignore[method-assign]
+            store.drop_receipts = held_drop  # type: ignore[method-assign]
             async with RelayClient.connect(b.url, BOB) as bob:
                 assert (await bob.mailbox.next()).body == 0
                 await bob.mailbox.confirm()
@@ -147,6 +147,48 @@ async def test_a_receipt_kept_while_the_last_one_is_dropped_starts_no_second_sen
         await both_dropped.wait()
     assert senders == ["a"]  # one sender took both
     assert store.load_receipts() == [] and len(dropped) == 2  # each sent and dropped once
+
+
+async def test_a_backlog_of_receipts_goes_in_runs_once_the_link_is_back(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """Bob takes 100 of Alice's messages while her relay is down: once it is back, b
+    sends the receipts in runs (one message each way and one commit per run), not one
+    round trip and one commit each."""
+    from federation.network import RECEIPT_RUN
+    from tests.federation.fixtures import federation_of, plan, start
+
+    relays = plan(tmp_path, "a", "b")
+    a = await start(nursery, relays["a"], (relays["b"].peer(),))
+    b = await start(nursery, relays["b"], (relays["a"].peer(),))
+    store = federation_of(b).store
+    drop, drops, all_dropped = store.drop_receipts, [], trio.Event()
+    token = trio.lowlevel.current_trio_token()
+
+    def counted(relay: str, ns: list[int]) -> None:  # (in a worker thread)
+        drop(relay, ns)
+        drops.append(len(ns))
+        if sum(drops) == 100:
+            token.run_sync_soon(all_dropped.set)
+
+    store.drop_receipts = counted  # type: ignore[method-assign]
+    with trio.fail_after(TIMEOUT):
+        async with RelayClient.connect(b.url, BOB):
+            pass
+        await federation_of(a).links["b"].wait_up()
+        async with RelayClient.connect(a.url, ALICE) as alice:
+            sent = [await alice.send(f"{BOB.id}@b", n) for n in range(100)]
+            a.scope.cancel()  # the receipts have no way back for now
+            async with RelayClient.connect(b.url, BOB) as bob:
+                assert [(await bob.mailbox.next()).body for _ in range(100)] == list(range(100))
+                await bob.mailbox.confirm()  # all taken: 100 receipts wait at b
+            assert len(store.load_receipts()) == 100
+            await start(nursery, relays["a"], (relays["b"].peer(),))  # alice reconnects
+            for s in sent:
+                (await s.delivered()).verify()
+        await all_dropped.wait()  # (the last run's rows go just after a has it)
+    assert drops == [RECEIPT_RUN, 100 - RECEIPT_RUN]
+    assert store.load_receipts() == []
 
 
 async def test_a_receipt_that_cannot_be_stored_leaves_its_message_in_the_inbox(
