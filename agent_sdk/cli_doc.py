@@ -46,7 +46,11 @@ def add_parser(sub: Any, agent_options: AgentOptions) -> None:
     p.add_argument("--parse-json", action="store_true", help="store VALUE as JSON, not text")
     p = command("append", "append an entry to the log (creates the document if needed)")
     p.add_argument("text")
-    p = command("token", "mint a token for a plain Yjs client to edit this document")
+    p = command(
+        "token",
+        "mint a token for a plain Yjs client to edit this document; prints the query "
+        "string that presents it with its secret (token=...&secret=...)",
+    )
     p.add_argument("--ttl", default="1h", help="how long it is valid: 30m, 8h")
     group.set_defaults(func=run)
 
@@ -62,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
             from agent_sdk import doctoken
 
             expires = time.time_ns() // 1_000_000 + ttl_ms(args.ttl)
-            print(doctoken.mint(identity, args.ns, args.name, expires))
+            print(doctoken.query(*doctoken.mint_bound(identity, args.ns, args.name, expires)))
             return 0
         value: Any = args.value if args.doc_command == "set" else None
         if args.doc_command == "set" and args.parse_json:

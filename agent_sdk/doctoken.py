@@ -8,14 +8,22 @@ body, so the log still says which agent allowed each change, and anyone can chec
 the token's signature offline.
 
 A token is the base64url (no padding) of the canonical msgpack map
-``{"agent", "doc", "exp", "ns", "sig"}``; ``sig`` is Ed25519 by ``agent`` over
-``DOC_TOKEN_DOMAIN`` + the canonical map without ``sig``.
+``{"agent", "doc", "exp", "ns", "sig"}``, and ``secret_hash`` when it is bound; ``sig``
+is Ed25519 by ``agent`` over ``DOC_TOKEN_DOMAIN`` + the canonical map without ``sig``.
+
+The log shows the token to everyone who may read the namespace, so a token alone must
+not let anyone write. A *bound* token (the default of :func:`mint_bound` and of
+``formicary doc token``) names the SHA-256 of a secret that the client presents with
+it (``?token=...&secret=...``) and the log never holds.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import hmac
+import secrets
 from dataclasses import dataclass
 
 from agent_sdk.errors import ErrorCode, ProtocolError
@@ -24,6 +32,8 @@ from agent_sdk.wire import KEY_SIZE, SIG_SIZE, canonical, decode_canonical, veri
 
 DOC_TOKEN_DOMAIN = b"formicary/v1/doc-token\x00"
 MAX_TOKEN = 512
+SECRET_SIZE = 32
+FIELDS = {"agent", "doc", "exp", "ns", "sig"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,30 +46,48 @@ class DocToken:
     """The token's canonical bytes, as the log keeps them."""
 
 
-def mint(identity: Identity, ns: str, doc: str, exp_ms: int) -> str:
-    claims = {"agent": identity.public_key, "doc": doc, "exp": exp_ms, "ns": ns}
+def mint(identity: Identity, ns: str, doc: str, exp_ms: int, secret: bytes | None = None) -> str:
+    """A token for ``doc`` of ``ns`` (``"*"``: every document) until ``exp_ms``; bound
+    to ``secret`` when one is given. Without one it is a bearer token: whoever reads
+    the log can use it until it expires (protocol 13.8)."""
+    claims: dict[str, object] = {"agent": identity.public_key, "doc": doc, "exp": exp_ms}
+    claims["ns"] = ns
+    if secret is not None:
+        claims["secret_hash"] = hashlib.sha256(secret).digest()
     sig = identity.sign(DOC_TOKEN_DOMAIN + canonical(claims))
-    raw = canonical({**claims, "sig": sig})
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+    return _text(canonical({**claims, "sig": sig}))
 
 
-def check(token: str, ns: str, doc: str, now_ms: int) -> DocToken:
-    """The token's claims, if it is valid for ``doc`` of ``ns`` now."""
+def mint_bound(identity: Identity, ns: str, doc: str, exp_ms: int) -> tuple[str, str]:
+    """A token bound to a fresh secret: ``(token, secret)``, both as the y-websocket
+    endpoint takes them (``?token=...&secret=...``, :func:`query`)."""
+    secret = secrets.token_bytes(SECRET_SIZE)
+    return mint(identity, ns, doc, exp_ms, secret), _text(secret)
+
+
+def query(token: str, secret: str | None = None) -> str:
+    """The query string that presents them (without the ``?``)."""
+    return f"token={token}" if secret is None else f"token={token}&secret={secret}"
+
+
+def check(token: str, ns: str, doc: str, now_ms: int, secret: str | None = None) -> DocToken:
+    """The token's claims, if it is valid for ``doc`` of ``ns`` now (with ``secret``,
+    as the client gave it, when the token is bound)."""
     refused = ProtocolError(ErrorCode.AUTH_FAILED, "not a document token")
     if len(token) > MAX_TOKEN:
         raise refused
     try:
-        padded = (token + "=" * (-len(token) % 4)).encode()
-        raw = base64.b64decode(padded, altchars=b"-_", validate=True)
-        fields = decode_canonical(raw)
+        fields = decode_canonical(_bytes(token))
     except (binascii.Error, ValueError, ProtocolError):
         raise refused from None
-    if not isinstance(fields, dict) or set(fields) != {"agent", "doc", "exp", "ns", "sig"}:
+    if not isinstance(fields, dict) or set(fields) - {"secret_hash"} != FIELDS:
         raise refused
-    agent, sig = fields["agent"], fields["sig"]
+    agent, sig, bound = fields["agent"], fields["sig"], fields.get("secret_hash")
     if not (isinstance(agent, bytes) and len(agent) == KEY_SIZE):
         raise refused
     if not (isinstance(sig, bytes) and len(sig) == SIG_SIZE) or type(fields["exp"]) is not int:
+        raise refused
+    if "secret_hash" in fields and not (isinstance(bound, bytes) and len(bound) == 32):
         raise refused
     claims = {k: v for k, v in fields.items() if k != "sig"}
     if not verify_signature(agent, sig, DOC_TOKEN_DOMAIN + canonical(claims)):
@@ -69,4 +97,23 @@ def check(token: str, ns: str, doc: str, now_ms: int) -> DocToken:
         raise ProtocolError(ErrorCode.AUTH_FAILED, reason)
     if fields["exp"] <= now_ms:
         raise ProtocolError(ErrorCode.AUTH_FAILED, "the token has expired")
+    if isinstance(bound, bytes):
+        if secret is None:
+            raise ProtocolError(ErrorCode.AUTH_FAILED, "the token is bound: give its secret too")
+        try:
+            given = hashlib.sha256(_bytes(secret)).digest() if len(secret) <= 64 else b""
+        except (binascii.Error, ValueError):
+            given = b""
+        if not hmac.compare_digest(given, bound):
+            raise ProtocolError(ErrorCode.AUTH_FAILED, "the secret is not the token's")
     return DocToken(agent, fields["ns"], fields["doc"], fields["exp"], canonical(fields))
+
+
+def _text(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def _bytes(text: str) -> bytes:
+    """base64url, padding optional, no other characters."""
+    padded = (text + "=" * (-len(text) % 4)).encode()
+    return base64.b64decode(padded, altchars=b"-_", validate=True)

@@ -275,8 +275,9 @@ async def _relay_yjs(relay: RelayProcess, clients: int, edits: int) -> float:
     writer = Identity.generate()
     async with RelayClient.connect(relay.url, writer) as client:
         await client.publish(NS, "doc.create", {"doc": "plain"})
-    token = doctoken.mint(writer, NS, "plain", time.time_ns() // 1_000_000 + 3_600_000)
-    url = f"{relay.url}/yjs/{NS}/plain?token={token}"
+    exp = time.time_ns() // 1_000_000 + 3_600_000
+    token, secret = doctoken.mint_bound(writer, NS, "plain", exp)
+    url = f"{relay.url}/yjs/{NS}/plain?{doctoken.query(token, secret)}"
     return await measure(plain_client, lambda n: url, clients, edits)
 
 

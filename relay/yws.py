@@ -9,10 +9,11 @@ reaches the client in log order, exactly as for SDK replicas (relay/documents.py
 Without ``?token=`` the client reads: an update that adds an item closes the
 connection (1008, ``2004 wrong_author: read-only: ...``). (One that only deletes
 cannot be told from the delete set every step 2 carries, and is dropped.) A token's
-expiry ends the connection too. With a document token (agent_sdk/doctoken.py) its updates are
-checked like any other and written by the relay as ``doc.update`` events that carry
-the token; they are pipelined (the next message is read while one commits), and a
-refused one closes the connection.
+expiry ends the connection too. With a document token (agent_sdk/doctoken.py; a bound
+one with its ``&secret=``) its updates are checked like any other and written by the
+relay as ``doc.update`` events that carry the token, never the secret; they are
+pipelined (the next message is read while one commits), and a refused one closes the
+connection.
 """
 
 from __future__ import annotations
@@ -115,10 +116,11 @@ def _route(path: str, node: RelayNode) -> tuple[str, str, doctoken.DocToken | No
     if len(segments) != 2:
         raise ProtocolError(ErrorCode.MALFORMED, "the path is /yjs/<namespace>/<document>")
     ns, name = (unquote(segment) for segment in segments)
-    tokens = parse_qs(parts.query).get("token", [])
+    params = parse_qs(parts.query)
+    tokens, secret = params.get("token", []), params.get("secret", [None])[0]
     token = None
     if tokens:
-        token = doctoken.check(tokens[0], ns, name, time.time_ns() // 1_000_000)
+        token = doctoken.check(tokens[0], ns, name, time.time_ns() // 1_000_000, secret)
     return ns, name, token
 
 

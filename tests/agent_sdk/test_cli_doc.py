@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from agent_sdk.client import Live, RelayClient
+from agent_sdk.errors import ProtocolError
 from agent_sdk.identity import Identity
 from tests.agent_sdk.shell import exit_codes, run_shell
 from tests.conftest import RunningRelay, identity
@@ -53,8 +56,16 @@ async def test_documents_from_a_shell_script(relay: RunningRelay, tmp_path: Path
     assert authors == keys
     codes = exit_codes(tmp_path)
     assert codes == {"missing": "4", "bad-json": "2"}
-    token = (tmp_path / "token.txt").read_text().strip()
-    assert len(token) > 100
+    from urllib.parse import parse_qs
+
+    from agent_sdk import doctoken
+
+    printed = parse_qs((tmp_path / "token.txt").read_text().strip())  # token=...&secret=...
+    (token,), (secret,) = printed["token"], printed["secret"]
+    checked = doctoken.check(token, "docs@local", "plan", 0, secret)
+    assert checked.agent == Identity.load(tmp_path / "me" / "agent.key").public_key
+    with pytest.raises(ProtocolError):  # bound: the token alone (as the log shows it) fails
+        doctoken.check(token, "docs@local", "plan", 0)
     # What the shell wrote, an SDK agent reads.
     async with (
         RelayClient.connect(relay.url, identity(5)) as client,

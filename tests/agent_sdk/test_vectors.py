@@ -332,7 +332,62 @@ def test_handshake_signatures() -> None:
 # --------------------------------------------------------------------------- the document
 
 
+# --------------------------------------------------------------------------- 13.8
+
+DOC_TOKEN_CLAIMS_HEX = (
+    "84a56167656e74c4208a88e3dd7409f195fd52db2d3cba5d72ca6709bf1d94121bf3748801b40f6f5ca3"
+    "646f63a56e6f746573a3657870cf0000018bd01c5680a26e73aa64656d6f406c6f63616c"
+)
+DOC_TOKEN = (
+    "haVhZ2VudMQgiojj3XQJ8ZX9UtstPLpdcspnCb8dlBIb83SIAbQPb1yjZG9jpW5vdGVzo2V4cM8AAAGL0BxW"
+    "gKJuc6pkZW1vQGxvY2Fso3NpZ8RADYkfi0jUaiS00WdenZGW3CFlzT0GBVI-yzJMZINaZ7CBe1xgRzB1yjWN"
+    "nDrFDczJcZDFI3pTdEKdqCmGzIziBg"
+)
+TOKEN_SECRET = "AwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwM"
+SECRET_HASH_HEX = "648aa5c579fb30f38af744d97d6ec840c7a91277a499a0d780f3e7314eca090b"
+BOUND_CLAIMS_HEX = (
+    "85a56167656e74c4208a88e3dd7409f195fd52db2d3cba5d72ca6709bf1d94121bf3748801b40f6f5ca3"
+    "646f63a56e6f746573a3657870cf0000018bd01c5680a26e73aa64656d6f406c6f63616cab7365637265"
+    "745f68617368c420648aa5c579fb30f38af744d97d6ec840c7a91277a499a0d780f3e7314eca090b"
+)
+BOUND_SIG_HEX = (
+    "393a4857fd36f77140a8685a8b1ce32b5e96f91da32fef94f485f58ca9ee229c929f432910d646ed9763"
+    "c4e87112d035d303b14138cff88bfb341780a9e05509"
+)
+BOUND_TOKEN = (
+    "hqVhZ2VudMQgiojj3XQJ8ZX9UtstPLpdcspnCb8dlBIb83SIAbQPb1yjZG9jpW5vdGVzo2V4cM8AAAGL0BxW"
+    "gKJuc6pkZW1vQGxvY2Fsq3NlY3JldF9oYXNoxCBkiqXFefsw84r3RNl9bshAx6kSd6SZoNeA8-cxTsoJC6Nz"
+    "aWfEQDk6SFf9NvdxQKhoWosc4ytelvkdoy_vlPSF9Yyp7iKckp9DKRDWRu2XY8TocRLQNdMDsUE4z_iL-zQX"
+    "gKngVQk"
+)
+
+
+def test_document_tokens() -> None:
+    import hashlib
+
+    from agent_sdk import doctoken
+
+    exp, secret = 1700003600000, bytes([3]) * 32
+    assert doctoken.mint(AUTHOR, "demo@local", "notes", exp) == DOC_TOKEN
+    assert doctoken.mint(AUTHOR, "demo@local", "notes", exp, secret) == BOUND_TOKEN
+    assert hashlib.sha256(secret).hexdigest() == SECRET_HASH_HEX
+    claims = {"agent": AUTHOR.public_key, "doc": "notes", "exp": exp, "ns": "demo@local"}
+    assert canonical(claims).hex() == DOC_TOKEN_CLAIMS_HEX
+    bound = canonical({**claims, "secret_hash": bytes.fromhex(SECRET_HASH_HEX)})
+    assert bound.hex() == BOUND_CLAIMS_HEX
+    assert AUTHOR.sign(doctoken.DOC_TOKEN_DOMAIN + bound).hex() == BOUND_SIG_HEX
+    checked = doctoken.check(BOUND_TOKEN, "demo@local", "notes", exp - 1, TOKEN_SECRET)
+    assert checked.agent == AUTHOR.public_key
+
+
 DOCUMENTED = [
+    DOC_TOKEN_CLAIMS_HEX,
+    DOC_TOKEN,
+    TOKEN_SECRET,
+    SECRET_HASH_HEX,
+    BOUND_CLAIMS_HEX,
+    BOUND_SIG_HEX,
+    BOUND_TOKEN,
     KEY_ORDER_HEX,
     WORKED_EXAMPLE_HEX,
     EVENT_DOMAIN_HEX,

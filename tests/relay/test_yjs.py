@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -75,8 +76,10 @@ class Peer:
 
 
 @asynccontextmanager
-async def peer(relay: RunningRelay, name: str, token: str | None) -> AsyncIterator[Peer]:
-    query = f"?token={token}" if token else ""
+async def peer(
+    relay: RunningRelay, name: str, token: str | None, secret: str | None = None
+) -> AsyncIterator[Peer]:
+    query = f"?{doctoken.query(token, secret)}" if token else ""
     async with connect(f"{relay.url}/yjs/{NS}/{name}{query}") as ws:
         plain = Peer(ws)
         async with trio.open_nursery() as nursery:
@@ -165,6 +168,41 @@ async def test_plain_peers_with_bad_routes_or_tokens_are_closed_with_a_reason(
             await ws.recv()
     assert info.value.rcvd is not None and info.value.rcvd.code == 1008
     assert info.value.rcvd.reason.startswith(reason)
+
+
+async def test_a_bound_token_writes_only_with_its_secret_which_the_log_does_not_hold(
+    relay: RunningRelay,
+) -> None:
+    async with (
+        RelayClient.connect(relay.url, identity(1)) as client,
+        client.doc(NS, "shared") as shared,
+    ):
+        exp = time.time_ns() // 1_000_000 + 60_000
+        token, secret = doctoken.mint_bound(identity(1), NS, "shared", exp)
+        async with peer(relay, "shared", token, secret) as plain:
+            plain.doc.get("text", type=pycrdt.Text).insert(0, "bound")
+            await plain.flush()
+            while str(shared.text()) != "bound":
+                await shared._advanced.wait()
+    logged = {
+        decode(r.event)["body"]["token"]
+        for r in relay.node.store.scan(NS)
+        if r.kind == "doc.update" and r.author == relay.node.identity.public_key
+    }
+    assert len(logged) == 1
+    from_the_log = base64.urlsafe_b64encode(logged.pop()).rstrip(b"=").decode()
+    assert from_the_log == token  # what a reader of the log has: the token, no secret
+    other = doctoken.mint_bound(identity(1), NS, "shared", exp)[1]
+    for query, reason in [
+        (doctoken.query(from_the_log), "1005 auth_failed: the token is bound"),
+        (doctoken.query(from_the_log, other), "1005 auth_failed: the secret is not the token's"),
+        (doctoken.query(from_the_log, "!" * 43), "1005 auth_failed: the secret is not the token's"),
+    ]:
+        async with connect(f"{relay.url}/yjs/{NS}/shared?{query}") as ws:
+            with pytest.raises(ConnectionClosed) as info:
+                await ws.recv()
+        assert info.value.rcvd is not None and info.value.rcvd.code == 1008
+        assert info.value.rcvd.reason.startswith(reason)
 
 
 async def test_garbage_from_a_plain_peer_closes_only_that_peer(relay: RunningRelay) -> None:
