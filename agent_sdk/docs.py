@@ -217,7 +217,7 @@ class SharedDoc:
         self._apply(frame.update)
         self._moved_to(frame.seq)
         state = self.awareness.get_local_state()
-        if state:  # (re)announce ourselves on this subscription
+        if state is not None:  # (re)announce ourselves on this subscription
             # The relay told the others we left when our last subscription closed,
             # at our clock + 1; an announce at that clock would be ignored as stale.
             self.awareness.meta[self.doc.client_id]["clock"] += 1

@@ -23,6 +23,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import re
 import secrets
 from dataclasses import dataclass
 
@@ -33,6 +34,9 @@ from agent_sdk.wire import KEY_SIZE, SIG_SIZE, canonical, decode_canonical, veri
 DOC_TOKEN_DOMAIN = b"formicary/v1/doc-token\x00"
 MAX_TOKEN = 512
 SECRET_SIZE = 32
+MAX_SECRET = 44
+"""Characters of a secret as given: 32 bytes in base64url, with its padding."""
+BASE64URL = re.compile(r"[A-Za-z0-9_-]*={0,2}")
 FIELDS = {"agent", "doc", "exp", "ns", "sig"}
 
 
@@ -53,6 +57,8 @@ def mint(identity: Identity, ns: str, doc: str, exp_ms: int, secret: bytes | Non
     claims: dict[str, object] = {"agent": identity.public_key, "doc": doc, "exp": exp_ms}
     claims["ns"] = ns
     if secret is not None:
+        if len(secret) != SECRET_SIZE:
+            raise ValueError(f"a token's secret is {SECRET_SIZE} bytes")
         claims["secret_hash"] = hashlib.sha256(secret).digest()
     sig = identity.sign(DOC_TOKEN_DOMAIN + canonical(claims))
     return _text(canonical({**claims, "sig": sig}))
@@ -101,10 +107,12 @@ def check(token: str, ns: str, doc: str, now_ms: int, secret: str | None = None)
         if secret is None:
             raise ProtocolError(ErrorCode.AUTH_FAILED, "the token is bound: give its secret too")
         try:
-            given = hashlib.sha256(_bytes(secret)).digest() if len(secret) <= 64 else b""
+            given = _bytes(secret) if len(secret) <= MAX_SECRET else b""
         except (binascii.Error, ValueError):
             given = b""
-        if not hmac.compare_digest(given, bound):
+        if len(given) != SECRET_SIZE or not hmac.compare_digest(
+            hashlib.sha256(given).digest(), bound
+        ):
             raise ProtocolError(ErrorCode.AUTH_FAILED, "the secret is not the token's")
     return DocToken(agent, fields["ns"], fields["doc"], fields["exp"], canonical(fields))
 
@@ -114,6 +122,8 @@ def _text(raw: bytes) -> str:
 
 
 def _bytes(text: str) -> bytes:
-    """base64url, padding optional, no other characters."""
+    """base64url, padding optional, no other characters (not even ``+`` or ``/``)."""
+    if not BASE64URL.fullmatch(text):
+        raise ValueError("not base64url")
     padded = (text + "=" * (-len(text) % 4)).encode()
     return base64.b64decode(padded, altchars=b"-_", validate=True)

@@ -49,7 +49,7 @@ from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.wire import NS_RE, SignedEvent, verify_seal
 from federation.chain import MAX_UNSEALED, Forged, MirrorChain
 from federation.link import Link
-from federation.outbox import Entry, Outbox, OutboxStore, store_call
+from federation.outbox import RETRY_CODES, Entry, Outbox, OutboxStore, store_call
 from federation.peers import Peer, check_peers, home_of
 from relay.coordination.directory import joins_by_connection
 from relay.node import RelayNode
@@ -78,6 +78,12 @@ MAX_RECEIPTS_QUEUED = 100_000
 """Message receipts waiting for a link to one relay; more are dropped (and logged)."""
 RECEIPT_RUN = 64
 """Message receipts for one relay sent at once, and dropped from the store together."""
+RECEIPT_RETRY = RETRY_CODES | {ErrorCode.INTERNAL}
+"""Answers to a receipt that say "not now": the relay is stopping, wants the link
+slower, or could not store it (a full disk). The receipt is sent again later."""
+RECEIPT_TRIES = 30
+"""Times one receipt is sent and answered "not now" before it is given up (logged):
+with the back-off between runs capped at 5 s, about two minutes."""
 
 
 @dataclass(frozen=True)
@@ -323,11 +329,13 @@ class Federation:
     async def _send_receipts(self, relay: str) -> None:
         """Send the receipts waiting for ``relay``, oldest first, until none is left: a
         run of up to :data:`RECEIPT_RUN` at a time (one message each way, one commit).
-        One runs per relay with receipts waiting: a run is taken off the queue only
-        after its rows are dropped, with nothing awaited after, so a receipt added
-        meanwhile finds the queue not empty and starts no second sender."""
+        One runs per relay with receipts waiting: receipts are taken off the queue only
+        after their rows are dropped, with nothing awaited after while the queue could
+        be empty, so a receipt added meanwhile finds it not empty and starts no second
+        sender."""
         queue = self._receipts[relay]
         delay = 0.1
+        tries: dict[int, int] = {}  # "not now" answers so far, by receipt
         while queue:
             run = queue[:RECEIPT_RUN]
             try:
@@ -335,38 +343,45 @@ class Federation:
             except ProtocolError:  # not a peer now (a slip in --peer?): kept for later
                 log.warning("%d message receipts for relay %s kept: no route", len(queue), relay)
                 return
-            if client is None or not await self._pass_receipts(client, relay, run):
-                await trio.sleep(delay)  # the link is down, or dropped under it
+            done = [] if client is None else await self._pass_receipts(client, relay, run, tries)
+            if done:
+                try:
+                    await store_call(self.store, self.store.drop_receipts, relay, done)
+                except Exception:  # sent again after a restart: the sender takes them once
+                    log.exception("could not drop %d sent message receipts", len(done))
+            finished = set(done)
+            kept = [item for item in run if item[0] not in finished]
+            queue[: len(run)] = kept
+            if kept:  # the link is down, or dropped under the run, or "not now"
+                await trio.sleep(delay)
                 delay = min(delay * 2, 5.0)
-                continue
-            delay = 0.1
-            try:
-                await store_call(self.store, self.store.drop_receipts, relay, [n for n, _ in run])
-            except Exception:  # sent again after a restart: the sender takes them once
-                log.exception("could not drop %d sent message receipts", len(run))
-            del queue[: len(run)]
+            else:
+                delay = 0.1
 
     async def _pass_receipts(
-        self, client: RelayClient, relay: str, run: list[tuple[int, bytes]]
-    ) -> bool:
-        """Send a run of receipts at once; False if the link went down under it (then
-        all of them are sent again: the sender's SDK takes a copy off and ignores it)."""
-        down = False
-
-        async def one(receipt: bytes) -> None:
-            nonlocal down
-            try:
-                await client.ask(partial(_receipt_frame, receipt, relay))
-            except ProtocolError as exc:
-                if client.stopped.is_set():
-                    down = True
-                else:
-                    log.warning("receipt for relay %s refused: %s", relay, exc)
-
-        async with trio.open_nursery() as nursery:
-            for _, receipt in run:
-                nursery.start_soon(one, receipt)
-        return not down
+        self, client: RelayClient, relay: str, run: list[tuple[int, bytes]], tries: dict[int, int]
+    ) -> list[int]:
+        """Send a run of receipts at once, in order; the ``n`` of those done with: taken
+        by the relay, or refused for good. The others are sent again: the link went
+        down under them, or the relay said "not now" (:data:`RECEIPT_RETRY`), up to
+        :data:`RECEIPT_TRIES` times (5001 is also how the client files a code it does
+        not know: a newer relay's refusal must not be asked again for ever)."""
+        asks = [(n, client.ask_later(partial(_receipt_frame, r, relay))) for n, r in run]
+        done = []
+        for n, asked in asks:
+            await asked.done.wait()
+            error = asked.error
+            if error is not None and client.stopped.is_set():
+                continue
+            if error is not None and error.code in RECEIPT_RETRY:
+                tries[n] = tries.get(n, 0) + 1
+                if tries[n] < RECEIPT_TRIES:
+                    continue
+            tries.pop(n, None)
+            if error is not None:
+                log.warning("receipt for relay %s refused: %s", relay, error)
+            done.append(n)
+        return done
 
     def _link_client(self, relay: str, from_peer: Peer | None) -> RelayClient:
         link = self.check_route(relay, from_peer)
@@ -459,12 +474,17 @@ class Federation:
         if missing:
             for event_id, located in (await self.node.find(missing)).items():
                 found.append([event_id, located.ns, located.seq])
+        return [item for item in found if self._may_locate(item[1], item[2], asker)]
+
+    def _may_locate(self, ns: str, seq: int, asker: bytes) -> bool:
+        """May a peer be told where an event of ``ns`` sits? Only where this relay
+        knows the namespace's policy: it homes it, or holds it in a mirror (the policy
+        is in its records) up to ``seq``. A hint alone says nothing of whether ``ns``
+        is private, so it is not passed on: the asker can ask the home."""
+        if not self.node.is_home(ns) and self.node.head(ns) < seq:
+            return False
         access = self.node.access
-        return [
-            item
-            for item in found
-            if access.may_read(item[1], asker) and access.readable(item[1], asker, item[2])
-        ]
+        return access.may_read(ns, asker) and access.readable(ns, asker, seq)
 
     # -- documents --------------------------------------------------------------------
 

@@ -309,6 +309,8 @@ class LiveDoc:
         if gone:
             farewell = _disconnect_update(self.awareness, gone)
             self.awareness.remove_awareness_states(gone, "relay")
+            for client in gone:  # the clock the farewell told the others
+                self.awareness.meta[client]["clock"] += 1
             for other in self.replicas:
                 other.push(farewell)
         self._forget_absent(replica.clients)

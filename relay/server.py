@@ -161,7 +161,8 @@ class Connection:
         )
         self._proxied: dict[int, ProxiedDoc] = {}  # documents of foreign namespaces, by sub
         self._subscriptions: dict[int, _Running] = {}
-        self._docs: dict[int, tuple[LiveDoc, Replica]] = {}  # open documents, by sub
+        # Open documents by sub, with whose read access each is checked against.
+        self._docs: dict[int, tuple[LiveDoc, Replica, bytes | None]] = {}
         self._follows = 0  # namespaces followed, over all subscriptions
         self._closing = False  # closing a slow consumer: nothing more is sent
         self._waits: set[trio.CancelScope] = set()  # tasks waiting for room in a queue
@@ -823,7 +824,7 @@ class Connection:
                 self._check_read(request.ns, request.agent)  # (a change while it loaded)
                 replica = Replica(capacity=4 * self.node.config.send_queue)
                 missing, sv, seq = live.sync(request.sv, replica)  # registers it
-                self._docs[sub] = (live, replica)
+                self._docs[sub] = (live, replica, request.agent)
                 try:
                     await self._doc_stream(request, live, replica, missing, sv, seq)
                 finally:
@@ -878,11 +879,11 @@ class Connection:
             if opened is None:
                 reason = f"no open document {frame.sub}"
                 raise ProtocolError(ErrorCode.UNKNOWN_SUBSCRIPTION, reason)
-            live, replica = opened
-            if self.peer is None:  # (a peer's: checked by the relay its agent is on)
-                # The policy may have changed since the last item this replica got
-                # (which is when its subscription would have ended).
-                self.node.access.check_read(live.ns, self.session.agent)
+            live, replica, asker = opened
+            # The policy may have changed since the last item this replica got (which
+            # is when its subscription would have ended): the agent, and a peer relay
+            # passing it on, must still be readers.
+            self._check_read(live.ns, asker)
             if len(frame.update) > MAX_AWARENESS:
                 reason = f"awareness update of {len(frame.update)} bytes; limit {MAX_AWARENESS}"
                 raise ProtocolError(ErrorCode.AWARENESS_REFUSED, reason)

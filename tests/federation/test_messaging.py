@@ -191,6 +191,40 @@ async def test_a_backlog_of_receipts_goes_in_runs_once_the_link_is_back(
     assert store.load_receipts() == []
 
 
+async def test_a_receipt_the_senders_relay_could_not_store_is_sent_again(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """a answers b's receipt with 1500 internal (its disk was full for a moment): that
+    means "not now", and b sends the receipt again rather than drop it."""
+    from tests.federation.fixtures import federation_of, plan, start
+
+    relays = plan(tmp_path, "a", "b")
+    a = await start(nursery, relays["a"], (relays["b"].peer(),))
+    b = await start(nursery, relays["b"], (relays["a"].peer(),))
+    store = a.node.inboxes.store
+    apply, failed = store.apply, []
+
+    def full_once(put: object, drop: object) -> None:
+        if not failed:
+            failed.append(put)
+            raise OSError("No space left on device")
+        apply(put, drop)  # type: ignore[arg-type]
+
+    with trio.fail_after(TIMEOUT):
+        async with RelayClient.connect(b.url, BOB):
+            pass
+        await federation_of(a).links["b"].wait_up()
+        await federation_of(b).links["a"].wait_up()
+        async with RelayClient.connect(a.url, ALICE) as alice:
+            sent = await alice.send(f"{BOB.id}@b", "once")
+            store.apply = full_once  # type: ignore[method-assign]
+            async with RelayClient.connect(b.url, BOB) as bob:
+                assert (await bob.mailbox.next()).body == "once"
+                await bob.mailbox.confirm()
+            (await sent.delivered()).verify()
+    assert failed  # the first try did fail
+
+
 async def test_a_receipt_that_cannot_be_stored_leaves_its_message_in_the_inbox(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:

@@ -200,6 +200,65 @@ async def test_a_peer_is_not_told_where_events_of_namespaces_it_may_not_read_are
             assert refused.value.code is ErrorCode.MISSING_DEPS
 
 
+async def test_a_relay_does_not_pass_on_a_hint_of_a_namespace_whose_policy_it_lacks(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """a forwarded a write to b's private namespace and keeps where it landed (a
+    hint), but cannot know the namespace is private: it tells c nothing of it."""
+    from agent_sdk.access import set_policy
+    from federation.network import LOCATE
+
+    relays = plan(tmp_path, "a", "b", "c")
+    peers = {name: tuple(r.peer() for n, r in relays.items() if n != name) for name in relays}
+    running = {name: await start(nursery, relays[name], peers[name]) for name in relays}
+    a, c = running["a"], running["c"]
+    owner = identity(2)
+    with trio.fail_after(TIMEOUT):
+        await federation_of(a).links["b"].wait_up()
+        async with RelayClient.connect(running["b"].url, owner) as on_b:
+            await on_b.publish("secret@b", "app.note", "created")
+            await set_policy(on_b, "secret@b", "private")  # neither a nor c reads it
+        async with RelayClient.connect(a.url, owner) as on_a:
+            hidden = await on_a.publish("secret@b", "app.note", "hidden")  # forwarded
+            shown = await on_a.publish("open@b", "app.note", "shown")
+        assert hidden.receipt.id in federation_of(a).hints
+        link = await federation_of(c).links["a"].wait_up()
+        ids = [hidden.receipt.id, shown.receipt.id]
+        assert await link.query("fed@a", LOCATE, {"ids": ids}) == []  # a mirrors neither
+
+
+async def test_a_reader_shut_out_cannot_announce_presence_through_a_peer(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """The home checks a proxied document's awareness for the agent the peer names."""
+    from agent_sdk.access import set_policy
+
+    a, b = await pair(nursery, tmp_path)
+    owner_id, reader_id, ns = identity(2), identity(7), "team@b"
+    with trio.fail_after(TIMEOUT):
+        async with (
+            RelayClient.connect(b.url, owner_id) as owner,
+            RelayClient.connect(a.url, reader_id) as reader,
+        ):
+            await owner.publish(ns, "app.note", 1)
+            readers = [reader_id.public_key, a.node.identity.public_key]
+            await set_policy(owner, ns, "private", readers=readers)
+            await owner.publish(ns, "doc.create", {"doc": "plan"})
+            with pytest.raises(ProtocolError) as info:
+                async with (
+                    owner.doc(ns, "plan", create=False),
+                    reader.doc(ns, "plan", create=False) as theirs,
+                ):
+                    await set_policy(owner, ns, "private", readers=readers[1:])  # reader gone
+                    theirs.set_presence({"name": "shut out"})
+                    while theirs.error is None:  # the home's answer to it
+                        await theirs._advanced.wait()
+                    assert (
+                        theirs.doc.client_id not in b.node.docs.live[(ns, "plan")].awareness.states
+                    )
+            assert info.value.code is ErrorCode.FORBIDDEN
+
+
 async def test_a_home_finds_a_dependency_on_the_forwarding_relays_own_log(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:

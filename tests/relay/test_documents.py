@@ -154,6 +154,38 @@ async def test_agents_that_go_offline_mid_edit_converge_on_reconnect(
     assert len(set(final["log"])) == len(final["log"])  # nothing duplicated
 
 
+def test_the_relay_keeps_the_clock_its_farewell_told_the_others() -> None:
+    """After a farewell at clock + 1, an announce at that same clock is stale for
+    every replica that got it: the relay must not take it either, or replicas that
+    open later would see the client present and the others not."""
+    from relay.documents import LiveDoc, Replica
+
+    live = LiveDoc(NS, "d", epoch=1)
+    first, second, other = Replica(capacity=8), Replica(capacity=8), Replica(capacity=8)
+    for replica in (first, second, other):
+        live.replicas.add(replica)
+    agent = pycrdt.Awareness(pycrdt.Doc(client_id=7))
+    watcher = pycrdt.Awareness(pycrdt.Doc())
+
+    def watch() -> None:
+        while (item := other.next_nowait()) is not None:
+            assert isinstance(item, bytes)
+            watcher.apply_awareness_update(item, "relay")
+
+    agent.set_local_state({"n": 1})
+    live.share_awareness(agent.encode_awareness_update([7]), first)
+    live.leave(first)
+    watch()
+    agent.set_local_state({"n": 2})  # the farewell's clock
+    live.share_awareness(agent.encode_awareness_update([7]), second)
+    watch()
+    assert 7 not in watcher.states and 7 not in live.awareness.states
+    agent.set_local_state({"n": 3})  # above it: everyone takes it
+    live.share_awareness(agent.encode_awareness_update([7]), second)
+    watch()
+    assert watcher.states[7] == live.awareness.states[7] == {"n": 3}
+
+
 async def test_more_offline_edits_than_one_update_holds_arrive_after_a_reconnect(
     relay: RunningRelay,
 ) -> None:

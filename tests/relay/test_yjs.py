@@ -269,9 +269,19 @@ def test_document_tokens_are_strict() -> None:
 
     good = token_for(1)
     assert doctoken.check(good, NS, "shared", 0).agent == identity(1).public_key
-    for bad in (good + "!", good[:-4], "A" * 600):
+    standard = good.replace("-", "+").replace("_", "/")  # base64, not base64url
+    assert standard != good
+    for bad in (good + "!", good[:-4], "A" * 600, standard):
         with pytest.raises(ProtocolError):
             doctoken.check(bad, NS, "shared", 0)
+    bound, secret = doctoken.mint_bound(identity(1), NS, "shared", 2**50)
+    assert doctoken.check(bound, NS, "shared", 0, secret + "=").doc == "shared"  # padded
+    other = doctoken.mint_bound(identity(1), NS, "shared", 2**50)[1]
+    for bad_secret in (None, "", other, secret[:-1], secret + "A", "+" + secret[1:], "A" * 999):
+        with pytest.raises(ProtocolError):
+            doctoken.check(bound, NS, "shared", 0, bad_secret)
+    with pytest.raises(ValueError):
+        doctoken.mint(identity(1), NS, "shared", 2**50, b"short")
 
 
 async def test_a_plain_peer_writing_too_fast_is_closed_with_rate_limited(
