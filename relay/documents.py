@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
+from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -348,16 +350,55 @@ def _waiting_part(update: bytes, state: bytes, have: dict[int, int]) -> bytes | 
     clients, at = varuint(part, 0)
     if clients:
         return part
-    count, at = varuint(part, at)  # the delete set: per client, ranges (clock, length)
-    for _ in range(count):
-        client, at = varuint(part, at)
-        ranges, at = varuint(part, at)
-        for _ in range(ranges):
-            clock, at = varuint(part, at)
-            length, at = varuint(part, at)
-            if have.get(client, 0) < clock + length:
-                return part
+    for client, clock, length in _delete_set(part, at):
+        if have.get(client, 0) < clock + length:
+            return part
     return None
+
+
+def changes_nothing(update: bytes, live: LiveDoc) -> bool:
+    """Whether applying ``update`` would change nothing: every item it holds is in the
+    document, and everything it deletes is deleted there. (A Yjs client's sync step 2
+    carries its whole delete set, so a client that reconnects with no edit sends one.)"""
+    state = live.doc.get_state()
+    try:
+        part = yjs(pycrdt.get_update, update, state)
+        clients, at = varuint(part, 0)
+        if clients:
+            return False
+        theirs = _delete_set(part, at)
+    except (ValueError, IndexError):
+        return False
+    if not theirs:
+        return True
+    ours = live.doc.get_update(state)  # no items: the document's own delete set
+    deleted: dict[int, list[tuple[int, int]]] = {}
+    for client, clock, length in sorted(_delete_set(ours, varuint(ours, 0)[1])):
+        spans = deleted.setdefault(client, [])
+        if spans and clock <= spans[-1][1]:  # touching or overlapping: one span
+            spans[-1] = (spans[-1][0], max(spans[-1][1], clock + length))
+        else:
+            spans.append((clock, clock + length))
+    for client, clock, length in theirs:
+        spans = deleted.get(client, [])
+        i = bisect_right(spans, (clock, math.inf)) - 1  # the last span starting at or before
+        if i < 0 or spans[i][1] < clock + length:
+            return False
+    return True
+
+
+def _delete_set(data: bytes, at: int) -> list[tuple[int, int, int]]:
+    """A delete set (13.1) from ``at``: (client, clock, length) per deleted range."""
+    found = []
+    count, at = varuint(data, at)
+    for _ in range(count):
+        client, at = varuint(data, at)
+        ranges, at = varuint(data, at)
+        for _ in range(ranges):
+            clock, at = varuint(data, at)
+            length, at = varuint(data, at)
+            found.append((client, clock, length))
+    return found
 
 
 def _awareness_entries(update: bytes) -> list[tuple[int, Any]]:

@@ -42,7 +42,7 @@ from agent_sdk import doctoken
 from agent_sdk.docs import EMPTY_UPDATE, MAX_UPDATE, state_vector, yjs
 from agent_sdk.errors import ErrorCode, ProtocolError, unwrap_single
 from agent_sdk.wire import Event, sign_event
-from relay.documents import MAX_AWARENESS, LiveDoc, Overflow, Replica
+from relay.documents import MAX_AWARENESS, LiveDoc, Overflow, Replica, changes_nothing
 from relay.node import RelayNode, Ticket
 from relay.store import Record
 
@@ -193,6 +193,8 @@ async def _receive(
                     if _adds_nothing(data, live):
                         continue  # a reader's step 2: its delete set, nothing new
                     raise ProtocolError(ErrorCode.WRONG_AUTHOR, "read-only: connect with ?token=")
+                if step == YSyncMessageType.SYNC_STEP2 and changes_nothing(data, live):
+                    continue  # a writer's step 2 with no edit: not written
                 # Charged to the token's agent, as its own publishes are.
                 try:
                     node.limiter.check(token.agent, "publish", trio.current_time())

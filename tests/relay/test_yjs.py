@@ -29,14 +29,18 @@ NS = "docs@local"
 class Peer:
     """A plain Yjs replica: a pycrdt document, a socket, and the y-sync messages."""
 
-    def __init__(self, ws: ClientConnection) -> None:
+    def __init__(self, ws: ClientConnection, state: bytes = b"") -> None:
         self.ws = ws
         self.doc: pycrdt.Doc[Any] = pycrdt.Doc()
+        if state:  # a client that reconnects with what it had
+            self.doc.apply_update(state)
         self.changed = trio.Event()
         self._remote = False
         self.doc.observe(self._on_change)
         self.outbox: list[bytes] = []
         self.closed: ConnectionClosed | None = None
+        self.answered = trio.Event()
+        """Set once it has answered the relay's sync step 1 (with its step 2)."""
 
     def _on_change(self, event: Any) -> None:
         if not self._remote:
@@ -64,6 +68,7 @@ class Peer:
                     self._remote = False
                 if reply is not None:
                     await self.ws.send(reply)
+                    self.answered.set()
             await self.flush()
 
     async def flush(self) -> None:
@@ -77,11 +82,11 @@ class Peer:
 
 @asynccontextmanager
 async def peer(
-    relay: RunningRelay, name: str, token: str | None, secret: str | None = None
+    relay: RunningRelay, name: str, token: str | None, secret: str | None = None, state: bytes = b""
 ) -> AsyncIterator[Peer]:
     query = f"?{doctoken.query(token, secret)}" if token else ""
     async with connect(f"{relay.url}/yjs/{NS}/{name}{query}") as ws:
-        plain = Peer(ws)
+        plain = Peer(ws, state)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(plain.run)
             yield plain
@@ -205,6 +210,43 @@ async def test_a_bound_token_writes_only_with_its_secret_which_the_log_does_not_
         assert info.value.rcvd.reason.startswith(reason)
 
 
+async def test_a_writers_reconnect_writes_nothing_when_it_brings_nothing_new(
+    relay: RunningRelay,
+) -> None:
+    """A Yjs client answers the relay's step 1 with its whole delete set: from a writer
+    that reconnects with nothing new, that is no edit. Written, it would grow the log
+    on every reconnect, and a delete set over 256 KiB would be refused each time."""
+
+    def written() -> int:
+        me = relay.node.identity.public_key
+        return sum(r.kind == "doc.update" and r.author == me for r in relay.node.store.scan(NS))
+
+    async with (
+        RelayClient.connect(relay.url, identity(1)) as client,
+        client.doc(NS, "shared") as shared,
+    ):
+
+        async def seen(text: str) -> None:
+            while str(shared.text()) != text:
+                await shared._advanced.wait()
+
+        async with peer(relay, "shared", token_for(1)) as first:
+            await first.answered.wait()
+            text = first.doc.get("text", type=pycrdt.Text)
+            text.insert(0, "abcdef")
+            del text[0:2]  # a delete set to carry
+            await first.flush()
+            await seen("cdef")
+            state = first.doc.get_update()
+        before = written()
+        async with peer(relay, "shared", token_for(1), state=state) as again:
+            await again.answered.wait()  # its step 2 first, then an edit
+            again.doc.get("text", type=pycrdt.Text).insert(4, "!")
+            await again.flush()
+            await seen("cdef!")
+        assert written() == before + 1  # the edit, not the step 2 before it
+
+
 async def test_garbage_from_a_plain_peer_closes_only_that_peer(relay: RunningRelay) -> None:
     async with (
         RelayClient.connect(relay.url, identity(1)) as client,
@@ -241,6 +283,27 @@ def test_a_readers_step_2_with_only_known_items_is_not_an_edit() -> None:
     assert not _adds_nothing(b"garbage", live)
 
 
+def test_an_update_changes_nothing_only_when_its_items_and_deletions_are_all_there() -> None:
+    from relay.documents import LiveDoc, changes_nothing
+
+    live = LiveDoc(NS, "d", epoch=1)
+    writer: pycrdt.Doc[Any] = pycrdt.Doc()
+    text = writer.get("text", type=pycrdt.Text)
+    text.insert(0, "abcdef")
+    del text[1:2]
+    text.insert(0, "xyz")
+    del text[6:8]
+    live.doc.apply_update(writer.get_update())
+    step2 = writer.get_update(live.doc.get_state())
+    assert step2 != b"\x00\x00" and changes_nothing(step2, live)  # its delete set only
+    assert changes_nothing(writer.get_update(), live)  # everything, all of it there
+    del text[0:1]  # a deletion the relay has not seen
+    assert not changes_nothing(writer.get_update(live.doc.get_state()), live)
+    text.insert(0, "new")  # and an item
+    assert not changes_nothing(writer.get_update(live.doc.get_state()), live)
+    assert not changes_nothing(b"garbage", live)
+
+
 async def test_a_plain_peer_is_closed_when_its_token_expires(relay: RunningRelay) -> None:
     async with RelayClient.connect(relay.url, identity(1)) as client:
         await client.publish(NS, "doc.create", {"doc": "shared"})
@@ -267,7 +330,7 @@ async def test_a_message_cut_short_closes_the_peer(relay: RunningRelay) -> None:
 def test_document_tokens_are_strict() -> None:
     from agent_sdk.errors import ProtocolError
 
-    good = token_for(1)
+    good = doctoken.mint(identity(1), NS, "shared", 2**50)  # (the same bytes every run)
     assert doctoken.check(good, NS, "shared", 0).agent == identity(1).public_key
     standard = good.replace("-", "+").replace("_", "/")  # base64, not base64url
     assert standard != good
