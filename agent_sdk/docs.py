@@ -26,6 +26,7 @@ import trio
 from agent_sdk import frames as f
 from agent_sdk.errors import ErrorCode, ProtocolError, client_stopped, unwrap_single
 from agent_sdk.wire import decode, decode_receipt
+from agent_sdk.yupdate import split, varuint
 
 log = logging.getLogger("formicary.sdk")
 
@@ -66,20 +67,6 @@ def _first_count(data: bytes) -> int:
         return varuint(data, 0)[0]
     except (IndexError, ValueError):
         return 0
-
-
-def varuint(data: bytes, at: int) -> tuple[int, int]:
-    """A lib0 varuint at ``at``: (value, where the next field starts)."""
-    value = shift = 0
-    while True:
-        byte = data[at]  # IndexError past the end
-        at += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, at
-        shift += 7
-        if shift > 63:
-            raise ValueError("varuint longer than 64 bits")
 
 
 class DocReset(Exception):
@@ -247,7 +234,8 @@ class SharedDoc:
                 continue
             # Everything of this client past the relay's clock, of no other client
             # (an update from a state vector; each carries the whole delete set).
-            parts.append(yjs(self.doc.get_update, _encode_state_vector({**ours, client: theirs})))
+            part = yjs(self.doc.get_update, _encode_state_vector({**ours, client: theirs}))
+            parts.extend(_within_limit(part))
         return parts
 
     def _on_event(self, frame: f.EventFrame) -> None:
@@ -311,10 +299,21 @@ def _encode_state_vector(clocks: dict[int, int]) -> bytes:
 
 def _parts(update: bytes, pending: list[bytes]) -> list[bytes]:
     """Keep each published update within the relay's limit: a merged update that is
-    too big goes as the changes it was merged from (each one is a whole transaction)."""
+    too big goes as the changes it was merged from, and one of those that is still
+    too big (a transaction that made many items) as runs of its items."""
     if len(update) <= MAX_UPDATE:
         return [update]
-    return pending
+    return [part for change in pending for part in _within_limit(change)]
+
+
+def _within_limit(update: bytes) -> list[bytes]:
+    """``update`` cut into parts the relay takes (agent_sdk/yupdate.py), or as it is
+    when it cannot be cut: then the relay refuses it, and the document says why."""
+    try:
+        return split(update, MAX_UPDATE)
+    except ValueError as exc:
+        log.warning("an update of %d bytes could not be cut to size: %s", len(update), exc)
+        return [update]
 
 
 @asynccontextmanager

@@ -40,9 +40,10 @@ from typing import Any, Protocol
 import pycrdt
 import trio
 
-from agent_sdk.docs import MAX_UPDATE, varuint, yjs
+from agent_sdk.docs import MAX_UPDATE, yjs
 from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.wire import Event, decode
+from agent_sdk.yupdate import varuint
 from relay.store import Record
 
 DOC_KINDS = frozenset({"doc.create", "doc.update"})

@@ -15,6 +15,7 @@ import trio.testing
 from agent_sdk.client import RelayClient
 from agent_sdk.docs import SharedDoc, state_vector
 from agent_sdk.errors import ErrorCode, ProtocolError
+from agent_sdk.wire import decode
 from relay.node import RelayConfig
 from tests.agent_sdk.test_client import drop_every_connection
 from tests.conftest import RunningRelay, identity, start_relay
@@ -214,15 +215,15 @@ async def test_a_replica_holding_much_the_relay_lacks_sends_it_client_by_client(
 ) -> None:
     """A replica holds other clients' edits the relay lacks (it was restored from an
     older backup), more than one update may carry: it sends them as one update per
-    client, each within the limit."""
+    client, and one client's that is still too big as runs of its items."""
     from agent_sdk.frames import encode_frame
 
     async with RelayClient.connect(relay.url, identity(1)) as client:
         await client.publish(NS, "doc.create", {"doc": "restored"})
         held = SharedDoc(client, NS, "restored", sub=500)
-        for writer in (11, 12):
+        for writer, count in ((11, 400), (12, 400), (13, 1000)):  # 13: over the limit alone
             scratch: pycrdt.Doc[Any] = pycrdt.Doc(client_id=writer)
-            scratch.get("log", type=pycrdt.Array).extend([f"{writer}" + "y" * 500] * 400)
+            scratch.get("log", type=pycrdt.Array).extend([f"{writer}" + "y" * 500] * count)
             held._apply(scratch.get_update())
         client._docs[held.sub] = held
         client._queue(encode_frame(held.open_request()))
@@ -234,7 +235,31 @@ async def test_a_replica_holding_much_the_relay_lacks_sends_it_client_by_client(
                 nursery.cancel_scope.cancel()
         assert held.error is None
         live = relay.node.docs.live[(NS, "restored")]
-        assert state_vector(live.doc.get_state()) == {11: 400, 12: 400}
+        assert state_vector(live.doc.get_state()) == {11: 400, 12: 400, 13: 1000}
+
+
+async def test_one_edit_of_many_items_over_the_limit_goes_in_parts(relay: RunningRelay) -> None:
+    """One transaction that makes 2,000 items (a bulk import, about 1 MB), and one long
+    paste, are more than one update may carry: the SDK sends them cut into runs of
+    their items, which converge."""
+    async with (
+        RelayClient.connect(relay.url, identity(1)) as one,
+        RelayClient.connect(relay.url, identity(3)) as two,
+        one.doc(NS, "bulk") as first,
+        two.doc(NS, "bulk") as second,
+    ):
+        first.array().extend([f"{n:04}" + "z" * 500 for n in range(2000)])
+        first.text().insert(0, "é" * 200_000)  # one paste of 400 KB
+        with trio.fail_after(TIMEOUT):
+            await converged(relay, [first, second])
+        assert second.array().to_py() == [f"{n:04}" + "z" * 500 for n in range(2000)]
+        assert str(second.text()) == "é" * 200_000
+        sizes = [
+            len(decode(r.event)["body"]["update"])
+            for r in relay.node.store.scan(NS)
+            if r.kind == "doc.update"
+        ]
+        assert len(sizes) > 1 and max(sizes) <= 256 * 1024
 
 
 async def test_a_replica_that_missed_updates_resyncs_by_state_vector(
@@ -438,7 +463,7 @@ async def test_a_doc_blocks_errors_come_out_as_themselves(relay: RunningRelay) -
                 raise ValueError("the agent's own")
         with pytest.raises(ProtocolError) as refused:
             async with client.doc(NS, "errors", create=False) as shared:
-                shared.text().insert(0, "x" * (300 * 1024))  # one edit: over the limit
+                shared.map()["big"] = "x" * (300 * 1024)  # one value over the limit: not cut
         assert refused.value.code is ErrorCode.BAD_UPDATE
         assert "the limit is 262144" in refused.value.reason
 

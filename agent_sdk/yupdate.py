@@ -1,0 +1,300 @@
+"""Yjs v1 updates read as bytes: lib0 varuints, and cutting an update to size.
+
+The relay takes updates of at most 256 KiB (``docs.MAX_UPDATE``). One transaction
+can make a bigger one (a bulk import, a long paste), and so can what a replica holds
+that a relay restored from an older backup lacks; pycrdt has no way to cut an update.
+This module does it on the encoding (y-protocols' update format v1, as Yjs's
+``readStructs`` and ``readItemContent`` read it)::
+
+    update  = varuint clients, per client { varuint structs, varuint client,
+              varuint clock, struct * structs }, delete set
+    struct  = info byte; GC and Skip: varuint length; an item: its origin, its right
+              origin, its parent when it has neither, and its content by info & 0x1f
+
+A part holds a run of structs of one client, starting at a clock; only the last part
+carries the delete set. An item too big for a part is cut the way Yjs splits one:
+the first piece keeps its origins and parent, each later one has the end of the piece
+before as its origin and the same right origin. Only contents that are runs can be
+cut (values, JSON, text); an item of another content over the limit stays whole and
+the relay refuses it. Applied in order, the parts make the same document: an item's
+origins were made before it, so they are in an earlier part or already known.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pycrdt
+
+GC, SKIP = 0, 10
+DELETED, JSON, BINARY, STRING, EMBED, FORMAT, TYPE, ANY, DOC = range(1, 10)
+NAMED_TYPES = {3, 5}
+"""Type refs whose content carries a name: YXmlElement, YXmlHook."""
+MAX_ANY_DEPTH = 64
+PART_SLACK = 32
+"""Bytes a part adds to its structs: its header, and the empty delete set."""
+PIECE_SLACK = 64
+"""Bytes a piece of a cut item adds to its content: its info byte, origins, count."""
+
+
+def varuint(data: bytes, at: int) -> tuple[int, int]:
+    """A lib0 varuint at ``at``: (value, where the next field starts)."""
+    value = shift = 0
+    while True:
+        byte = data[at]  # IndexError past the end
+        at += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, at
+        shift += 7
+        if shift > 63:
+            raise ValueError("varuint longer than 64 bits")
+
+
+def encode_varuint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(0x80 | (value & 0x7F))
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def split(update: bytes, limit: int) -> list[bytes]:
+    """``update`` as updates of at most ``limit`` bytes each where it can be cut
+    (see the module); ``[update]`` when it fits. ValueError if it does not read as
+    a v1 update, or the parts would not make it again."""
+    if len(update) <= limit:
+        return [update]
+    budget = limit - PART_SLACK
+    try:
+        clients, delete_set = _read(update)
+        parts = []
+        for client, items in clients:
+            pieces = [piece for item in items for piece in item.pieces(update, budget)]
+            for clock, run in _runs(pieces, budget):
+                header = encode_varuint(1) + encode_varuint(len(run))
+                header += encode_varuint(client) + encode_varuint(clock)
+                parts.append(header + b"".join(run) + b"\x00")  # (no delete set)
+    except IndexError:
+        raise ValueError("the update ends early") from None
+    if parts and len(parts[-1]) - 1 + len(delete_set) <= limit:
+        parts[-1] = parts[-1][:-1] + delete_set
+    else:
+        parts.append(b"\x00" + delete_set)
+    # Together the parts must reach the update's state: a content this reader got
+    # wrong (from a Yjs it does not know) is caught here, not sent. (Their merge is
+    # not the same bytes: Yjs does not join the pieces of a cut item again.)
+    merged = pycrdt.merge_updates(*parts)
+    if _clocks(pycrdt.get_state(merged)) != _clocks(pycrdt.get_state(update)):
+        raise ValueError("the parts do not make the update again")
+    return parts
+
+
+def _clocks(state_vector: bytes) -> dict[int, int]:
+    count, at = varuint(state_vector, 0)
+    clocks = {}
+    for _ in range(count):
+        client, at = varuint(state_vector, at)
+        clocks[client], at = varuint(state_vector, at)
+    return clocks
+
+
+def _runs(pieces: list[tuple[int, bytes]], budget: int) -> Iterator[tuple[int, list[bytes]]]:
+    """Consecutive structs, ``(clock, bytes)`` each, in runs within ``budget`` bytes:
+    ``(first clock, their bytes)``. A struct over it alone is a run of its own."""
+    run: list[bytes] = []
+    start = size = 0
+    for clock, data in pieces:
+        if run and size + len(data) > budget:
+            yield start, run
+            run, size = [], 0
+        if not run:
+            start = clock
+        run.append(data)
+        size += len(data)
+    if run:
+        yield start, run
+
+
+@dataclass
+class _Struct:
+    """Where one struct is in the update: enough to copy it, or cut it."""
+
+    client: int
+    clock: int
+    start: int  # its info byte
+    info: int
+    right: bytes  # its right origin's bytes, when it has one
+    content: int  # where its content starts
+    length: int  # in clock units
+    end: int
+
+    @property
+    def kind(self) -> int:
+        return self.info & 0x1F
+
+    def pieces(self, data: bytes, budget: int) -> list[tuple[int, bytes]]:
+        """This struct as ``(clock, bytes)``: whole when it fits ``budget`` or cannot
+        be cut, else as items of at most about ``budget`` bytes each."""
+        whole = [(self.clock, data[self.start : self.end])]
+        if self.end - self.start <= budget or self.kind not in (ANY, JSON, STRING):
+            return whole
+        pieces, offset = [], 0
+        values = _values(data, self.content, self.kind)
+        for count, body in _chunks(data, self.kind, values, budget - PIECE_SLACK):
+            if offset == 0:  # as it was: its origins, its parent
+                head = data[self.start : self.content]
+            else:  # origin: the piece before; the same right origin; no parent
+                origin = encode_varuint(self.client) + encode_varuint(self.clock + offset - 1)
+                head = bytes([self.kind | 0x80 | (self.info & 0x60)]) + origin + self.right
+            pieces.append((self.clock + offset, head + body))
+            offset += count
+        return pieces
+
+
+def _read(update: bytes) -> tuple[list[tuple[int, list[_Struct]]], bytes]:
+    """Each client's structs, and the delete set's bytes."""
+    count, at = varuint(update, 0)
+    clients = []
+    for _ in range(count):
+        structs_count, at = varuint(update, at)
+        client, at = varuint(update, at)
+        clock, at = varuint(update, at)
+        structs = []
+        for _ in range(structs_count):
+            struct = _struct(update, at, client, clock)
+            structs.append(struct)
+            clock += struct.length
+            at = struct.end
+        clients.append((client, structs))
+    return clients, update[at:]
+
+
+def _struct(data: bytes, at: int, client: int, clock: int) -> _Struct:
+    start, info = at, data[at]
+    at += 1
+    kind, right = info & 0x1F, b""
+    if kind in (GC, SKIP):
+        length, end = varuint(data, at)
+        return _Struct(client, clock, start, info, right, at, length, end)
+    if info & 0x80:  # origin: an id
+        at = _skip_id(data, at)
+    if info & 0x40:  # right origin: an id
+        begin, at = at, _skip_id(data, at)
+        right = data[begin:at]
+    if not info & 0xC0:  # neither: its parent is named
+        named, at = varuint(data, at)
+        at = _skip_string(data, at) if named == 1 else _skip_id(data, at)
+        if info & 0x20:  # and its key within the parent
+            at = _skip_string(data, at)
+    length, end = _content(data, at, kind)
+    return _Struct(client, clock, start, info, right, at, length, end)
+
+
+def _content(data: bytes, at: int, kind: int) -> tuple[int, int]:
+    """Skip an item's content: (its length in clock units, where it ends)."""
+    if kind == DELETED:
+        return varuint(data, at)
+    if kind == STRING:  # its length is JavaScript's: UTF-16 code units
+        end = _skip_string(data, at)
+        text = data[varuint(data, at)[1] : end].decode("utf-8")
+        return len(text.encode("utf-16-le")) // 2, end
+    if kind in (JSON, ANY):
+        count, at = varuint(data, at)
+        for _ in range(count):
+            at = _skip_string(data, at) if kind == JSON else _skip_any(data, at, 0)
+        return count, at
+    if kind in (BINARY, EMBED):
+        return 1, _skip_string(data, at)
+    if kind == FORMAT:
+        return 1, _skip_string(data, _skip_string(data, at))
+    if kind == TYPE:
+        ref, at = varuint(data, at)
+        return 1, _skip_string(data, at) if ref in NAMED_TYPES else at
+    if kind == DOC:
+        return 1, _skip_any(data, _skip_string(data, at), 0)
+    raise ValueError(f"unknown content {kind}")
+
+
+def _values(data: bytes, at: int, kind: int) -> list[tuple[int, int, int]]:
+    """A run content's values, ``(clock units, start, end)`` each: for text, each
+    character (2 units for one beyond U+FFFF, as JavaScript counts)."""
+    count, at = varuint(data, at)
+    found = []
+    if kind == STRING:
+        for char in data[at : at + count].decode("utf-8"):
+            size = len(char.encode("utf-8"))
+            found.append((2 if ord(char) > 0xFFFF else 1, at, at + size))
+            at += size
+        return found
+    for _ in range(count):
+        begin = at
+        at = _skip_string(data, at) if kind == JSON else _skip_any(data, at, 0)
+        found.append((1, begin, at))
+    return found
+
+
+def _chunks(
+    data: bytes, kind: int, values: list[tuple[int, int, int]], budget: int
+) -> Iterator[tuple[int, bytes]]:
+    """Consecutive values in contents of about ``budget`` bytes: (clock units, the
+    content's bytes) each. The values of a run lie end to end in the update."""
+    first = units = 0
+    for i, (count, _, end) in enumerate(values):
+        if i > first and end - values[first][1] > budget:
+            yield units, _run_content(data, kind, values[first:i])
+            first, units = i, 0
+        units += count
+    if values:
+        yield units, _run_content(data, kind, values[first:])
+
+
+def _run_content(data: bytes, kind: int, values: list[tuple[int, int, int]]) -> bytes:
+    raw = data[values[0][1] : values[-1][2]]
+    return encode_varuint(len(raw) if kind == STRING else len(values)) + raw
+
+
+def _skip_id(data: bytes, at: int) -> int:
+    return varuint(data, varuint(data, at)[1])[1]
+
+
+def _skip_string(data: bytes, at: int) -> int:
+    """A varuint byte count and that many bytes (a lib0 string or buffer)."""
+    size, at = varuint(data, at)
+    if at + size > len(data):
+        raise IndexError("past the end")
+    return at + size
+
+
+def _skip_any(data: bytes, at: int, depth: int) -> int:
+    """A lib0 ``any`` value."""
+    if depth > MAX_ANY_DEPTH:
+        raise ValueError("an any value nested too deep")
+    kind = data[at]
+    at += 1
+    if kind in (127, 126, 121, 120):  # undefined, null, false, true
+        return at
+    if kind == 125:  # a signed varint: bytes until one without the continuation bit
+        while data[at] & 0x80:
+            at += 1
+        return at + 1
+    if kind in (124, 123, 122):  # float32, float64, bigint64
+        end = at + (4 if kind == 124 else 8)
+        if end > len(data):
+            raise IndexError("past the end")
+        return end
+    if kind in (119, 116):  # string, bytes
+        return _skip_string(data, at)
+    if kind == 118:  # object: key, value pairs
+        count, at = varuint(data, at)
+        for _ in range(count):
+            at = _skip_any(data, _skip_string(data, at), depth + 1)
+        return at
+    if kind == 117:  # array
+        count, at = varuint(data, at)
+        for _ in range(count):
+            at = _skip_any(data, at, depth + 1)
+        return at
+    raise ValueError(f"unknown any type {kind}")
