@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from agent_sdk.errors import ProtocolError
 from agent_sdk.wire import (
+    MAX_DEPTH,
     ZERO_HASH,
     decode_event,
     decode_receipt,
@@ -36,6 +37,11 @@ from relay.store import Head, Record
 
 MAX_UNSEALED = 16_384
 """Receipts a mirror holds waiting for a seal: four of the home's default commit batches."""
+MAX_MIRRORED_DEPTH = 4 * MAX_DEPTH
+"""How deep an event a mirror takes may nest. A home takes none over MAX_DEPTH from
+its agents, and its own outcomes wrap theirs a few levels deeper at most; far deeper
+(msgpack decodes about 1,000) would reach Python's recursion limit in code that walks
+values, so it is a forgery."""
 
 
 class Forged(Exception):
@@ -96,7 +102,7 @@ class MirrorChain:
             raise Forged(self.ns, seq, "receipt breaks the hash chain (prev or hlc)")
         if event:
             try:
-                signed = decode_event(event, sig)
+                signed = decode_event(event, sig, max_depth=MAX_MIRRORED_DEPTH)
             except ProtocolError as exc:
                 raise Forged(self.ns, seq, f"event does not decode: {exc.reason}") from None
             if signed.id != receipt.id or signed.event.ns != self.ns:

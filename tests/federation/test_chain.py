@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -26,11 +27,15 @@ AUTHOR = Identity.from_seed(b"A" * 32)
 NS = "x@b"
 
 
-def log(count: int, sealed: set[int], ns: str = NS) -> list[Record]:
-    """A home's log of ``count`` events, with seals on the seqs in ``sealed``."""
+def log(count: int, sealed: set[int], ns: str = NS, depth: int = 0) -> list[Record]:
+    """A home's log of ``count`` events, with seals on the seqs in ``sealed`` (their
+    bodies nested ``depth`` lists deep)."""
     records, prev, hlc = [], ZERO_HASH, 1000
     for seq in range(1, count + 1):
-        event = Event(ns=ns, kind="app.note", author=AUTHOR.public_key, body=seq, deps=(), ts=1)
+        body: Any = seq
+        for _ in range(depth):
+            body = [body]
+        event = Event(ns=ns, kind="app.note", author=AUTHOR.public_key, body=body, deps=(), ts=1)
         signed = sign_event(event, AUTHOR.sign)
         hlc += 7
         receipt = make_receipt(
@@ -115,6 +120,15 @@ def test_every_kind_of_forgery_is_refused_and_nothing_released(
         offer_all(chain, forge(log(2, sealed={1, 2})))
     assert reason in forged.value.reason
     assert chain.tail is None  # nothing was released
+
+
+def test_an_event_nested_far_deeper_than_any_home_takes_is_a_forgery() -> None:
+    """A home takes events nested at most 64 deep from its agents, and wraps them a
+    few levels more at most; 300 deep would walk Python's stack near its limit."""
+    deep = MirrorChain(NS, HOME.public_key)
+    assert offer_all(deep, log(1, {1}, depth=100)) != []  # deeper than 64: taken
+    with pytest.raises(Forged, match="nest"):
+        offer_all(MirrorChain(NS, HOME.public_key), log(1, {1}, depth=300))
 
 
 def test_a_consistent_log_signed_by_another_relay_is_refused() -> None:
