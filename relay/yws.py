@@ -19,7 +19,6 @@ connection.
 from __future__ import annotations
 
 import secrets
-import time
 from collections.abc import Callable
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -120,7 +119,7 @@ def _route(path: str, node: RelayNode) -> tuple[str, str, doctoken.DocToken | No
     tokens, secret = params.get("token", []), params.get("secret", [None])[0]
     token = None
     if tokens:
-        token = doctoken.check(tokens[0], ns, name, time.time_ns() // 1_000_000, secret)
+        token = doctoken.check(tokens[0], ns, name, node.wall_ms(), secret)  # its clock
     return ns, name, token
 
 
