@@ -308,12 +308,23 @@ def _parts(update: bytes, pending: list[bytes]) -> list[bytes]:
 
 def _within_limit(update: bytes) -> list[bytes]:
     """``update`` cut into parts the relay takes (agent_sdk/yupdate.py), or as it is
-    when it cannot be cut: then the relay refuses it, and the document says why."""
+    when it cannot all be: then the relay refuses it whole, and the document says
+    why. (Some parts taken and one refused would leave half a transaction, without
+    its deletions, in the log for good.)"""
     try:
-        return split(update, MAX_UPDATE)
+        parts = split(update, MAX_UPDATE)
+        if len(parts) == 1 or any(len(part) > MAX_UPDATE for part in parts):
+            return [update]
+        # A wrong cut that changed a struct's length is caught here, not sent.
+        merged = yjs(pycrdt.merge_updates, *parts)
+        if state_vector(yjs(pycrdt.get_state, merged)) != state_vector(
+            yjs(pycrdt.get_state, update)
+        ):
+            raise ValueError("the parts do not reach the update's state")
     except ValueError as exc:
         log.warning("an update of %d bytes could not be cut to size: %s", len(update), exc)
         return [update]
+    return parts
 
 
 @asynccontextmanager

@@ -12,20 +12,24 @@ This module does it on the encoding (y-protocols' update format v1, as Yjs's
               origin, its parent when it has neither, and its content by info & 0x1f
 
 A part holds a run of structs of one client, starting at a clock; only the last part
-carries the delete set. An item too big for a part is cut the way Yjs splits one:
-the first piece keeps its origins and parent, each later one has the end of the piece
-before as its origin and the same right origin. Only contents that are runs can be
-cut (values, JSON, text); an item of another content over the limit stays whole and
-the relay refuses it. Applied in order, the parts make the same document: an item's
-origins were made before it, so they are in an earlier part or already known.
+carries the delete set. An item too big for a part is cut the way Yjs splits one (as
+``Item.write`` with an offset writes it): the first piece keeps its origins and
+parent, each later one has the end of the piece before as its origin and the same
+right origin. Only contents that are runs can be cut (values, JSON, text, text at a
+character's first byte); an item of another content, or one value, over the limit
+stays whole. Applied in order, one client's parts make the same document: an item's
+origins were made before it, so they are in an earlier part or already known (another
+client's items may wait at the receiver until that client's parts come).
+
+This is bytes only. The SDK (``docs._within_limit``) checks the parts' state against
+the update's with pycrdt before it sends any, and sends a change that cannot all be
+cut whole, for the relay to refuse whole.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-
-import pycrdt
 
 GC, SKIP = 0, 10
 DELETED, JSON, BINARY, STRING, EMBED, FORMAT, TYPE, ANY, DOC = range(1, 10)
@@ -34,8 +38,6 @@ NAMED_TYPES = {3, 5}
 MAX_ANY_DEPTH = 64
 PART_SLACK = 32
 """Bytes a part adds to its structs: its header, and the empty delete set."""
-PIECE_SLACK = 64
-"""Bytes a piece of a cut item adds to its content: its info byte, origins, count."""
 
 
 def varuint(data: bytes, at: int) -> tuple[int, int]:
@@ -63,8 +65,8 @@ def encode_varuint(value: int) -> bytes:
 
 def split(update: bytes, limit: int) -> list[bytes]:
     """``update`` as updates of at most ``limit`` bytes each where it can be cut
-    (see the module); ``[update]`` when it fits. ValueError if it does not read as
-    a v1 update, or the parts would not make it again."""
+    (see the module; a part over ``limit`` is a struct that cannot be); ``[update]``
+    when it fits. ValueError if it does not read as a v1 update."""
     if len(update) <= limit:
         return [update]
     budget = limit - PART_SLACK
@@ -83,22 +85,7 @@ def split(update: bytes, limit: int) -> list[bytes]:
         parts[-1] = parts[-1][:-1] + delete_set
     else:
         parts.append(b"\x00" + delete_set)
-    # Together the parts must reach the update's state: a content this reader got
-    # wrong (from a Yjs it does not know) is caught here, not sent. (Their merge is
-    # not the same bytes: Yjs does not join the pieces of a cut item again.)
-    merged = pycrdt.merge_updates(*parts)
-    if _clocks(pycrdt.get_state(merged)) != _clocks(pycrdt.get_state(update)):
-        raise ValueError("the parts do not make the update again")
     return parts
-
-
-def _clocks(state_vector: bytes) -> dict[int, int]:
-    count, at = varuint(state_vector, 0)
-    clocks = {}
-    for _ in range(count):
-        client, at = varuint(state_vector, at)
-        clocks[client], at = varuint(state_vector, at)
-    return clocks
 
 
 def _runs(pieces: list[tuple[int, bytes]], budget: int) -> Iterator[tuple[int, list[bytes]]]:
@@ -141,12 +128,15 @@ class _Struct:
         whole = [(self.clock, data[self.start : self.end])]
         if self.end - self.start <= budget or self.kind not in (ANY, JSON, STRING):
             return whole
+        first = data[self.start : self.content]  # its info, origins and parent, as they were
+        # Later pieces: the piece before as origin, the same right origin, no parent.
+        later = 1 + 2 * 10 + len(self.right)  # (an info byte, an id of two varuints)
+        room = budget - max(len(first), later) - 10  # (and the content's count)
         pieces, offset = [], 0
-        values = _values(data, self.content, self.kind)
-        for count, body in _chunks(data, self.kind, values, budget - PIECE_SLACK):
-            if offset == 0:  # as it was: its origins, its parent
-                head = data[self.start : self.content]
-            else:  # origin: the piece before; the same right origin; no parent
+        for count, body in _chunks(data, self.content, self.kind, room):
+            if offset == 0:
+                head = first
+            else:
                 origin = encode_varuint(self.client) + encode_varuint(self.clock + offset - 1)
                 head = bytes([self.kind | 0x80 | (self.info & 0x60)]) + origin + self.right
             pieces.append((self.clock + offset, head + body))
@@ -218,42 +208,30 @@ def _content(data: bytes, at: int, kind: int) -> tuple[int, int]:
     raise ValueError(f"unknown content {kind}")
 
 
-def _values(data: bytes, at: int, kind: int) -> list[tuple[int, int, int]]:
-    """A run content's values, ``(clock units, start, end)`` each: for text, each
-    character (2 units for one beyond U+FFFF, as JavaScript counts)."""
+def _chunks(data: bytes, at: int, kind: int, room: int) -> Iterator[tuple[int, bytes]]:
+    """A run content's values in contents of at most about ``room`` bytes (one value
+    over it alone): (clock units, the content's bytes) each. Values lie end to end."""
     count, at = varuint(data, at)
-    found = []
-    if kind == STRING:
-        for char in data[at : at + count].decode("utf-8"):
-            size = len(char.encode("utf-8"))
-            found.append((2 if ord(char) > 0xFFFF else 1, at, at + size))
-            at += size
-        return found
+    if kind == STRING:  # cut by bytes, back to the start of a character
+        end = at + count
+        while at < end:
+            cut = min(end, at + max(room, 4))
+            while cut < end and data[cut] & 0xC0 == 0x80:  # a UTF-8 continuation byte
+                cut -= 1
+            raw = data[at:cut]
+            yield len(raw.decode("utf-8").encode("utf-16-le")) // 2, encode_varuint(len(raw)) + raw
+            at = cut
+        return
+    first, values = at, 0
     for _ in range(count):
-        begin = at
-        at = _skip_string(data, at) if kind == JSON else _skip_any(data, at, 0)
-        found.append((1, begin, at))
-    return found
-
-
-def _chunks(
-    data: bytes, kind: int, values: list[tuple[int, int, int]], budget: int
-) -> Iterator[tuple[int, bytes]]:
-    """Consecutive values in contents of about ``budget`` bytes: (clock units, the
-    content's bytes) each. The values of a run lie end to end in the update."""
-    first = units = 0
-    for i, (count, _, end) in enumerate(values):
-        if i > first and end - values[first][1] > budget:
-            yield units, _run_content(data, kind, values[first:i])
-            first, units = i, 0
-        units += count
+        end = _skip_string(data, at) if kind == JSON else _skip_any(data, at, 0)
+        if values and end - first > room:
+            yield values, encode_varuint(values) + data[first:at]
+            first, values = at, 0
+        values += 1
+        at = end
     if values:
-        yield units, _run_content(data, kind, values[first:])
-
-
-def _run_content(data: bytes, kind: int, values: list[tuple[int, int, int]]) -> bytes:
-    raw = data[values[0][1] : values[-1][2]]
-    return encode_varuint(len(raw) if kind == STRING else len(values)) + raw
+        yield values, encode_varuint(values) + data[first:at]
 
 
 def _skip_id(data: bytes, at: int) -> int:

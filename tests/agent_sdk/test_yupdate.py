@@ -121,3 +121,39 @@ def test_varuints_round_trip() -> None:
     for value in (0, 1, 127, 128, 300, 2**32, 2**63 - 1):
         encoded = encode_varuint(value)
         assert varuint(encoded, 0) == (value, len(encoded))
+
+
+def test_a_long_root_name_still_leaves_every_part_within_the_limit() -> None:
+    doc: pycrdt.Doc[Any] = pycrdt.Doc(client_id=9)
+    named = doc.get("r" * 1000, type=pycrdt.Array)  # the first piece keeps this name
+    named.extend([f"{n:05}" + "v" * 100 for n in range(3000)])
+    doc.get("t" * 1000, type=pycrdt.Text).insert(0, "é" * 100_000)
+    parts = split(doc.get_update(), 4096)
+    assert all(len(part) <= 4096 for part in parts)
+    rebuilt: pycrdt.Doc[Any] = pycrdt.Doc()
+    for part in parts:
+        rebuilt.apply_update(part)
+    assert rebuilt.get("r" * 1000, type=pycrdt.Array).to_py() == named.to_py()
+    assert str(rebuilt.get("t" * 1000, type=pycrdt.Text)) == "é" * 100_000
+
+
+def test_a_change_that_cannot_all_be_cut_goes_whole() -> None:
+    """One part over the limit and the others taken would leave half a transaction
+    (without its deletions, which travel last) in the log for good: the SDK sends it
+    whole, for the relay to refuse whole."""
+    from agent_sdk.docs import MAX_UPDATE, _within_limit
+
+    doc: pycrdt.Doc[Any] = pycrdt.Doc(client_id=9)
+    text = doc.get("text", type=pycrdt.Text)
+    text.insert(0, "old text")
+    base = doc.get_state()
+    with doc.transaction():
+        del text[0:8]
+        text.insert(0, "n" * 400_000)  # can be cut
+        doc.get("fields", type=pycrdt.Map)["big"] = "B" * 300_000  # one value: cannot
+    change = doc.get_update(base)
+    assert any(len(part) > MAX_UPDATE for part in split(change, MAX_UPDATE))
+    assert _within_limit(change) == [change]
+    after = doc.get_state()
+    text.insert(0, "m" * 400_000)  # this one can all be cut
+    assert len(_within_limit(doc.get_update(after))) > 1
