@@ -156,14 +156,16 @@ class SharedDoc:
             if not self._outgoing:
                 continue
             pending, self._outgoing = self._outgoing, []
-            upto = state_vector(self.doc.get_state()).get(self.doc.client_id, 0)
             update = pycrdt.merge_updates(*pending) if len(pending) > 1 else pending[0]
             self._in_flight += 1
             try:
                 for part in _parts(update, pending):
                     body = {"doc": self.name, "update": part}
                     await self.client.publish(self.ns, "doc.update", body)
-                self._confirmed = max(self._confirmed, upto)
+                    # The relay has taken our edits up to this part's end (what
+                    # _lacking_parts compares with the relay's state vector).
+                    reached = state_vector(pycrdt.get_state(part)).get(self.doc.client_id, 0)
+                    self._confirmed = max(self._confirmed, reached)
             finally:
                 self._in_flight -= 1
                 self._progress.set()

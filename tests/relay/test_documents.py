@@ -13,7 +13,7 @@ import trio.lowlevel
 import trio.testing
 
 from agent_sdk.client import RelayClient
-from agent_sdk.docs import SharedDoc, state_vector
+from agent_sdk.docs import SharedDoc, state_vector, yjs
 from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.wire import decode
 from relay.node import RelayConfig
@@ -260,6 +260,39 @@ async def test_one_edit_of_many_items_over_the_limit_goes_in_parts(relay: Runnin
             if r.kind == "doc.update"
         ]
         assert len(sizes) > 1 and max(sizes) <= 256 * 1024
+
+
+async def test_a_replica_counts_its_edits_confirmed_part_by_part() -> None:
+    """A change too big for one update goes in parts; when a later part fails, the ones
+    taken count as confirmed (and the rest not), so a reopen after the relay lost the
+    taken ones (a restore) sends them again rather than leave them out."""
+
+    class Refusing:
+        """Takes the first publish, refuses the second: all SharedDoc asks of a client."""
+
+        rng = None
+
+        def __init__(self) -> None:
+            self.taken: list[bytes] = []
+
+        async def publish(self, ns: str, kind: str, body: dict[str, Any]) -> None:
+            if self.taken:
+                raise ProtocolError(ErrorCode.INTERNAL, "gone")
+            self.taken.append(body["update"])
+
+    client = Refusing()
+    shared = SharedDoc(client, NS, "parts", sub=1)  # type: ignore[arg-type]
+    for _ in range(3):  # three changes of 150 KB: 450 KB merged, sent one by one
+        shared.array().append("x" * 150_000)
+    with pytest.raises(ProtocolError):
+        await shared._send_forever()
+    (first,) = client.taken
+    assert shared._confirmed == state_vector(pycrdt.get_state(first))[shared.doc.client_id] == 1
+    # The relay comes back from a backup without that first part: its state vector
+    # is empty. What it lacks of ours is sent again, not left to the re-sends.
+    parts = shared._lacking_parts(shared.doc.get_update(), b"\x00")
+    sent = yjs(pycrdt.get_state, yjs(pycrdt.merge_updates, *parts))
+    assert state_vector(sent) == state_vector(shared.doc.get_state())
 
 
 async def test_a_replica_that_missed_updates_resyncs_by_state_vector(
