@@ -98,7 +98,8 @@ class SharedDoc:
         self._changed = trio.Event()
         self._in_flight = 0
         self._confirmed = 0
-        """Our own clock that the relay has confirmed every edit below (13.1)."""
+        """Our own clock (13.1) at the end of the latest part of our edits the relay
+        took: a relay whose state vector is below it has lost some of them."""
         self._progress = trio.Event()  # set (and replaced) after each publish
         self._subscription = self.doc.observe(self._on_change)
 
