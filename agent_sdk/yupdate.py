@@ -63,6 +63,20 @@ def encode_varuint(value: int) -> bytes:
     return bytes(out)
 
 
+def delete_set(data: bytes, at: int) -> list[tuple[int, int, int]]:
+    """A delete set (13.1) from ``at``: (client, clock, length) per deleted range."""
+    found = []
+    count, at = varuint(data, at)
+    for _ in range(count):
+        client, at = varuint(data, at)
+        ranges, at = varuint(data, at)
+        for _ in range(ranges):
+            clock, at = varuint(data, at)
+            length, at = varuint(data, at)
+            found.append((client, clock, length))
+    return found
+
+
 def split(update: bytes, limit: int) -> list[bytes]:
     """``update`` as updates of at most ``limit`` bytes each where it can be cut
     (see the module; a part over ``limit`` is a struct that cannot be); ``[update]``

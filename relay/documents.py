@@ -43,7 +43,7 @@ import trio
 from agent_sdk.docs import MAX_UPDATE, yjs
 from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.wire import Event, decode
-from agent_sdk.yupdate import varuint
+from agent_sdk.yupdate import delete_set, varuint
 from relay.store import Record
 
 DOC_KINDS = frozenset({"doc.create", "doc.update"})
@@ -351,7 +351,7 @@ def _waiting_part(update: bytes, state: bytes, have: dict[int, int]) -> bytes | 
     clients, at = varuint(part, 0)
     if clients:
         return part
-    for client, clock, length in _delete_set(part, at):
+    for client, clock, length in delete_set(part, at):
         if have.get(client, 0) < clock + length:
             return part
     return None
@@ -367,14 +367,14 @@ def changes_nothing(update: bytes, live: LiveDoc) -> bool:
         clients, at = varuint(part, 0)
         if clients:
             return False
-        theirs = _delete_set(part, at)
+        theirs = delete_set(part, at)
     except (ValueError, IndexError):
         return False
     if not theirs:
         return True
     ours = live.doc.get_update(state)  # no items: the document's own delete set
     deleted: dict[int, list[tuple[int, int]]] = {}
-    for client, clock, length in sorted(_delete_set(ours, varuint(ours, 0)[1])):
+    for client, clock, length in sorted(delete_set(ours, varuint(ours, 0)[1])):
         spans = deleted.setdefault(client, [])
         if spans and clock <= spans[-1][1]:  # touching or overlapping: one span
             spans[-1] = (spans[-1][0], max(spans[-1][1], clock + length))
@@ -386,20 +386,6 @@ def changes_nothing(update: bytes, live: LiveDoc) -> bool:
         if i < 0 or spans[i][1] < clock + length:
             return False
     return True
-
-
-def _delete_set(data: bytes, at: int) -> list[tuple[int, int, int]]:
-    """A delete set (13.1) from ``at``: (client, clock, length) per deleted range."""
-    found = []
-    count, at = varuint(data, at)
-    for _ in range(count):
-        client, at = varuint(data, at)
-        ranges, at = varuint(data, at)
-        for _ in range(ranges):
-            clock, at = varuint(data, at)
-            length, at = varuint(data, at)
-            found.append((client, clock, length))
-    return found
 
 
 def _awareness_entries(update: bytes) -> list[tuple[int, Any]]:
