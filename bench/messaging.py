@@ -58,6 +58,7 @@ import trio  # noqa: E402
 from ingest import BenchError, RelayProcess, percentile, two_relays  # noqa: E402
 
 from agent_sdk.client import RelayClient  # noqa: E402
+from agent_sdk.errors import ErrorCode, ProtocolError  # noqa: E402
 from agent_sdk.identity import Identity  # noqa: E402
 
 PAYLOAD = "x" * 100
@@ -74,6 +75,7 @@ async def phase(
     recipients = [Identity.generate() for _ in range(pairs)]
     sender_url = relays["a" if path == "federated" else "b"].url
     latencies: list[int] = []
+    full = 0  # sends refused with inbox_full, and tried again
     ready = trio.Event()
     deadline = float("inf")
 
@@ -95,14 +97,23 @@ async def phase(
             caught_up = trio.Event()
 
             async def lane() -> None:
-                nonlocal sent
+                nonlocal sent, full
                 while trio.current_time() < deadline:
-                    await outbox.send(
-                        to,
-                        {"t": time.perf_counter_ns(), "pad": PAYLOAD},
-                        via=via,
-                        endpoint=endpoint if via == "direct" else None,
-                    )
+                    try:
+                        await outbox.send(
+                            to,
+                            {"t": time.perf_counter_ns(), "pad": PAYLOAD},
+                            via=via,
+                            endpoint=endpoint if via == "direct" else None,
+                        )
+                    except ProtocolError as exc:
+                        # The reader is behind by the per-sender cap (a busy machine):
+                        # the sender backs off, as a real one would, and counts it.
+                        if exc.code is not ErrorCode.INBOX_FULL:
+                            raise
+                        full += 1
+                        await trio.sleep(0.01)
+                        continue
                     sent += 1
 
             async def read() -> None:
@@ -137,6 +148,7 @@ async def phase(
     return {
         "messages": len(ordered),
         "messages_per_s": round(len(ordered) / elapsed, 1),
+        "inbox_full_retries": full,
         "latency_ms": {
             "p50": percentile(ordered, 50) if ordered else None,
             "p99": percentile(ordered, 99) if ordered else None,
