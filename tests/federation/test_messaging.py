@@ -10,8 +10,9 @@ import trio
 
 from agent_sdk.client import RelayClient
 from agent_sdk.errors import ErrorCode, ProtocolError
-from tests.conftest import identity
+from tests.conftest import RunningRelay, identity
 from tests.federation.cluster import cluster
+from tests.federation.fixtures import Planned, federation_of, plan, start
 
 ALICE, BOB = identity(1), identity(2)
 TIMEOUT = 60
@@ -93,6 +94,22 @@ async def test_a_receipt_on_its_way_back_outlives_a_kill_of_the_recipients_relay
                 (await sent.delivered()).verify()
 
 
+async def linked(
+    nursery: trio.Nursery, tmp_path: Path
+) -> tuple[dict[str, Planned], RunningRelay, RunningRelay]:
+    """Relays a and b in this process, linked both ways, with Bob known at b (he can
+    be sent messages)."""
+    relays = plan(tmp_path, "a", "b")
+    a = await start(nursery, relays["a"], (relays["b"].peer(),))
+    b = await start(nursery, relays["b"], (relays["a"].peer(),))
+    with trio.fail_after(TIMEOUT):
+        async with RelayClient.connect(b.url, BOB):
+            pass
+        await federation_of(a).links["b"].wait_up()
+        await federation_of(b).links["a"].wait_up()
+    return relays, a, b
+
+
 async def test_a_receipt_kept_while_the_last_one_is_dropped_starts_no_second_sender(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
@@ -102,11 +119,7 @@ async def test_a_receipt_kept_while_the_last_one_is_dropped_starts_no_second_sen
     relay, in a review)."""
     import threading
 
-    from tests.federation.fixtures import federation_of, plan, start
-
-    relays = plan(tmp_path, "a", "b")
-    a = await start(nursery, relays["a"], (relays["b"].peer(),))
-    b = await start(nursery, relays["b"], (relays["a"].peer(),))
+    _, a, b = await linked(nursery, tmp_path)
     fed = federation_of(b)
     store, send_receipts, senders = fed.store, fed._send_receipts, []
 
@@ -128,10 +141,6 @@ async def test_a_receipt_kept_while_the_last_one_is_dropped_starts_no_second_sen
             token.run_sync_soon(both_dropped.set)
 
     with trio.fail_after(TIMEOUT):
-        async with RelayClient.connect(b.url, BOB):
-            pass
-        await federation_of(a).links["b"].wait_up()
-        await federation_of(b).links["a"].wait_up()
         async with RelayClient.connect(a.url, ALICE) as alice:
             sent = [await alice.send(f"{BOB.id}@b", n) for n in range(2)]
             store.drop_receipts = held_drop  # type: ignore[method-assign]
@@ -156,11 +165,8 @@ async def test_a_backlog_of_receipts_goes_in_runs_once_the_link_is_back(
     sends the receipts in runs (one message each way and one commit per run), not one
     round trip and one commit each."""
     from federation.network import RECEIPT_RUN
-    from tests.federation.fixtures import federation_of, plan, start
 
-    relays = plan(tmp_path, "a", "b")
-    a = await start(nursery, relays["a"], (relays["b"].peer(),))
-    b = await start(nursery, relays["b"], (relays["a"].peer(),))
+    relays, a, b = await linked(nursery, tmp_path)
     store = federation_of(b).store
     drop, drops, all_dropped = store.drop_receipts, [], trio.Event()
     token = trio.lowlevel.current_trio_token()
@@ -173,9 +179,6 @@ async def test_a_backlog_of_receipts_goes_in_runs_once_the_link_is_back(
 
     store.drop_receipts = counted  # type: ignore[method-assign]
     with trio.fail_after(TIMEOUT):
-        async with RelayClient.connect(b.url, BOB):
-            pass
-        await federation_of(a).links["b"].wait_up()
         async with RelayClient.connect(a.url, ALICE) as alice:
             sent = [await alice.send(f"{BOB.id}@b", n) for n in range(100)]
             a.scope.cancel()  # the receipts have no way back for now
@@ -194,13 +197,9 @@ async def test_a_backlog_of_receipts_goes_in_runs_once_the_link_is_back(
 async def test_a_receipt_the_senders_relay_could_not_store_is_sent_again(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
-    """a answers b's receipt with 1500 internal (its disk was full for a moment): that
+    """a answers b's receipt with 5001 internal (its disk was full for a moment): that
     means "not now", and b sends the receipt again rather than drop it."""
-    from tests.federation.fixtures import federation_of, plan, start
-
-    relays = plan(tmp_path, "a", "b")
-    a = await start(nursery, relays["a"], (relays["b"].peer(),))
-    b = await start(nursery, relays["b"], (relays["a"].peer(),))
+    _, a, b = await linked(nursery, tmp_path)
     store = a.node.inboxes.store
     apply, failed = store.apply, []
 
@@ -211,10 +210,6 @@ async def test_a_receipt_the_senders_relay_could_not_store_is_sent_again(
         apply(put, drop)  # type: ignore[arg-type]
 
     with trio.fail_after(TIMEOUT):
-        async with RelayClient.connect(b.url, BOB):
-            pass
-        await federation_of(a).links["b"].wait_up()
-        await federation_of(b).links["a"].wait_up()
         async with RelayClient.connect(a.url, ALICE) as alice:
             sent = await alice.send(f"{BOB.id}@b", "once")
             store.apply = full_once  # type: ignore[method-assign]
@@ -231,11 +226,7 @@ async def test_a_receipt_that_cannot_be_stored_leaves_its_message_in_the_inbox(
     """When b cannot store the receipt for a (a full disk), Bob's acknowledgement is
     not applied: the message stays in his inbox and comes again, so its receipt is
     not lost with the item."""
-    from tests.federation.fixtures import federation_of, plan, start
-
-    relays = plan(tmp_path, "a", "b")
-    a = await start(nursery, relays["a"], (relays["b"].peer(),))
-    b = await start(nursery, relays["b"], (relays["a"].peer(),))
+    _, a, b = await linked(nursery, tmp_path)
     store = federation_of(b).store
     put = store.put_receipts
 
@@ -243,9 +234,6 @@ async def test_a_receipt_that_cannot_be_stored_leaves_its_message_in_the_inbox(
         raise OSError("No space left on device")
 
     with trio.fail_after(TIMEOUT):
-        async with RelayClient.connect(b.url, BOB):
-            pass
-        await federation_of(a).links["b"].wait_up()
         async with RelayClient.connect(a.url, ALICE) as alice:
             sent = await alice.send(f"{BOB.id}@b", "once more")
             store.put_receipts = full_disk  # type: ignore[assignment]
