@@ -46,7 +46,6 @@ import os
 import platform
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -69,6 +68,7 @@ from agent_sdk import frames as f
 from agent_sdk.identity import Identity
 from agent_sdk.wire import EVENT_DOMAIN, Event, SignedEvent, sign_event, verify_signature
 from relay.limits import UNLIMITED, as_toml
+from simulations.ports import free_port
 
 RELAY_NAME = "local"
 TARGET_MIN = 0.5
@@ -189,13 +189,6 @@ def sodium_verify_rate(samples: Sequence[SignedEvent], seconds: float) -> float 
 
 
 # --------------------------------------------------------------------------- relay process
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _http_get(port: int, path: str, timeout: float) -> bytes:

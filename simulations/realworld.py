@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -36,6 +35,7 @@ from relay.node import RelayConfig
 from relay.store import Store
 from relay.store.sqlite import SQLiteStore
 from simulations.model import Meter, Settings, merge_states
+from simulations.ports import free_port
 
 if TYPE_CHECKING:
     from simulations.scenarios.work_queue import Progress
@@ -139,9 +139,7 @@ class RealWorld:
         """Relay ``name``'s port, fixed on first use: its peers are told it before it
         starts, and a restarted relay comes back on it."""
         if name not in self.ports:
-            with socket.socket() as probe:
-                probe.bind(("127.0.0.1", 0))
-                self.ports[name] = probe.getsockname()[1]
+            self.ports[name] = free_port()
         return self.ports[name]
 
     def relay_key(self, name: str) -> str:

@@ -7,8 +7,6 @@ front, so that every relay can be started with ``--peer`` entries naming the oth
 
 from __future__ import annotations
 
-import os
-import socket
 from collections.abc import AsyncIterator, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -19,42 +17,8 @@ import trio
 from agent_sdk.client import RelayClient
 from agent_sdk.identity import Identity, load_or_create
 from relay.app import KEY_FILE
+from simulations.ports import free_port
 from tests.processes import RelayProcess
-
-PORTS_BELOW = 32768
-"""Where the kernel's ephemeral ports start (Linux's default ``ip_local_port_range``)."""
-_handed_out: set[int] = set()
-
-
-def free_port() -> int:
-    """A loopback port to listen on later, picked now (the relays' peers name it).
-
-    Not one the kernel gave out for port 0: that range is also where outgoing
-    connections get their ports, so a relay's link to a peer could take it before the
-    relay planned on it starts (EADDRINUSE, seen in CI). Below that range the kernel
-    hands out nothing; each port is handed out once per process, and processes start
-    at different places (their pid)."""
-    floor = _ephemeral_start() - 12_000
-    for step in range(12_000):
-        port = floor + (os.getpid() * 97 + len(_handed_out) + step) % 12_000
-        if port in _handed_out:
-            continue
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        _handed_out.add(port)
-        return port
-    raise OSError("no free loopback port below the ephemeral range")
-
-
-def _ephemeral_start() -> int:
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as ports:
-            return max(int(ports.read().split()[0]), 13_000)
-    except (OSError, ValueError, IndexError):
-        return PORTS_BELOW
 
 
 @dataclass
