@@ -48,6 +48,8 @@ class DocToken:
     exp: int
     raw: bytes
     """The token's canonical bytes, as the log keeps them."""
+    bound: bool
+    """Whether it names ``secret_hash`` (so it was presented with its secret)."""
 
 
 def mint(identity: Identity, ns: str, doc: str, exp_ms: int, secret: bytes | None = None) -> str:
@@ -114,7 +116,15 @@ def check(token: str, ns: str, doc: str, now_ms: int, secret: str | None = None)
             hashlib.sha256(given).digest(), bound
         ):
             raise ProtocolError(ErrorCode.AUTH_FAILED, "the secret is not the token's")
-    return DocToken(agent, fields["ns"], fields["doc"], fields["exp"], canonical(fields))
+    doc_token = DocToken(
+        agent,
+        fields["ns"],
+        fields["doc"],
+        fields["exp"],
+        canonical(fields),
+        bound=bound is not None,
+    )
+    return doc_token
 
 
 def _text(raw: bytes) -> str:

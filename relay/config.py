@@ -35,8 +35,8 @@ class Option:
     section: str
     key: str
     kind: str
-    """``int``, ``duration``, ``str``, ``level``, ``peers``, ``creation``, ``keys`` or
-    ``addresses``."""
+    """``int``, ``bool``, ``duration``, ``str``, ``level``, ``peers``, ``creation``,
+    ``keys`` or ``addresses``."""
     default: Any
     help: str
     flag: str | None = None
@@ -106,6 +106,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("auctions", "half_life", "duration", "168h", "reputation half-life", "--half-life"),
     Option("documents", "compact_every", "int", 1000, "updates between snapshots"),
     Option("documents", "max_live", "int", 1024, "documents kept loaded"),
+    Option(
+        "documents",
+        "bearer_tokens",
+        "bool",
+        False,
+        "take document tokens without a secret (any reader of the log can use them)",
+    ),
     Option("messages", "max_message", "int", 256 << 10, "largest sealed message", "--max-message"),
     Option("messages", "inbox_size", "int", 1000, "messages an inbox holds", "--inbox-size"),
     Option("messages", "inbox_ttl", "duration", "168h", "undelivered lifetime", "--inbox-ttl"),
@@ -179,6 +186,7 @@ class Settings:
                 reputation_half_life_ms=v["auctions.half_life"],
                 doc_compact_every=v["documents.compact_every"],
                 max_live_docs=v["documents.max_live"],
+                doc_bearer_tokens=v["documents.bearer_tokens"],
                 max_message=v["messages.max_message"],
                 inbox_max_items=v["messages.inbox_size"],
                 inbox_ttl_ms=v["messages.inbox_ttl"],
@@ -258,6 +266,10 @@ def _typed(option: Option, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: {value} is below {option.minimum}, the least that works")
         if option.maximum is not None and value > option.maximum:
             raise ConfigError(f"{where}: {value} is over {option.maximum}, the most that works")
+        return value
+    if kind == "bool":
+        if type(value) is not bool:
+            raise ConfigError(f"{where}: {value!r}: true or false")
         return value
     if kind == "duration":
         if not isinstance(value, str):

@@ -87,6 +87,10 @@ class RelayConfig:
     lock_ttl: TtlBounds = LOCK_TTL
     doc_compact_every: int = 1000
     max_live_docs: int = 1024
+    doc_bearer_tokens: bool = False
+    """Whether the y-websocket endpoint takes document tokens without a secret
+    (minted before bound tokens). The log shows every token, so a bearer token lets
+    any reader of the namespace write with it: off unless old tokens must work."""
     initial_stake: int = 100
     """Stake every member of a namespace gets at its first join (auctions)."""
     reputation_half_life_ms: int = 7 * 24 * 3600 * 1000

@@ -120,6 +120,12 @@ def _route(path: str, node: RelayNode) -> tuple[str, str, doctoken.DocToken | No
     token = None
     if tokens:
         token = doctoken.check(tokens[0], ns, name, node.wall_ms(), secret)  # its clock
+        if not token.bound and not node.config.doc_bearer_tokens:
+            reason = (
+                "bearer document tokens are refused here (the log shows them to every"
+                " reader): mint a bound one with formicary doc token"
+            )
+            raise ProtocolError(ErrorCode.AUTH_FAILED, reason)
     return ns, name, token
 
 

@@ -132,14 +132,14 @@ async def test_a_plain_yjs_client_needs_a_readers_token_for_a_private_document(
         await owner.publish(NS, "doc.create", {"doc": "plan"})
         await set_policy(owner, NS, "private", readers=[READER.public_key])
     exp = time.time_ns() // 1_000_000 + 60_000
-    for token in ("", f"?token={doctoken.mint(STRANGER, NS, 'plan', exp)}"):
+    for token in ("", f"?{doctoken.query(*doctoken.mint_bound(STRANGER, NS, 'plan', exp))}"):
         async with connect(f"{relay.url}/yjs/{NS}/plan{token}") as ws:
             with pytest.raises(ConnectionClosed) as info, trio.fail_after(TIMEOUT):
                 await ws.recv()
         assert info.value.rcvd is not None and info.value.rcvd.code == 1008
         assert info.value.rcvd.reason.startswith("2013 forbidden:")
     async with connect(
-        f"{relay.url}/yjs/{NS}/plan?token={doctoken.mint(READER, NS, 'plan', exp)}"
+        f"{relay.url}/yjs/{NS}/plan?{doctoken.query(*doctoken.mint_bound(READER, NS, 'plan', exp))}"
     ) as ws:
         with trio.fail_after(TIMEOUT):
             assert isinstance(await ws.recv(), bytes)  # sync step 1: it is served
@@ -403,8 +403,8 @@ async def test_a_plain_yjs_reader_taken_off_the_list_is_closed(relay: RunningRel
     async with RelayClient.connect(relay.url, OWNER) as owner:
         await owner.publish(NS, "doc.create", {"doc": "plan"})
         await set_policy(owner, NS, "private", readers=[READER.public_key])
-        token = doctoken.mint(READER, NS, "plan", exp)
-        async with connect(f"{relay.url}/yjs/{NS}/plan?token={token}") as ws:
+        query = doctoken.query(*doctoken.mint_bound(READER, NS, "plan", exp))
+        async with connect(f"{relay.url}/yjs/{NS}/plan?{query}") as ws:
             with trio.fail_after(TIMEOUT):
                 assert isinstance(await ws.recv(), bytes)  # served
                 await set_policy(owner, NS, "private")  # the reader is gone
@@ -554,8 +554,8 @@ async def test_a_yjs_reader_shut_out_is_not_answered_its_sync_request(
         async with RelayClient.connect(relay.url, OWNER) as owner:
             await owner.publish(NS, "doc.create", {"doc": "plan"})
             await set_policy(owner, NS, "private", readers=[READER.public_key])
-            token = doctoken.mint(READER, NS, "plan", expires)
-            async with connect(f"{relay.url}/yjs/{NS}/plan?token={token}") as ws:
+            query = doctoken.query(*doctoken.mint_bound(READER, NS, "plan", expires))
+            async with connect(f"{relay.url}/yjs/{NS}/plan?{query}") as ws:
                 await ws.recv()  # the relay's own step 1
                 await set_policy(owner, NS, "private")  # committed: the reader is out
                 await ws.send(step1)

@@ -36,6 +36,8 @@ park_timeout = "2s"
 claim_ttl = "10m"
 [messages]
 inbox_size = 5
+[documents]
+bearer_tokens = true
 [federation]
 peers = ["south=ws://127.0.0.1:7800#" ]
 """.replace('#" ]', "#" + "ab" * 32 + '"]'),
@@ -45,6 +47,7 @@ peers = ["south=ws://127.0.0.1:7800#" ]
     assert config.name == "north" and config.max_frame == 8192  # the flag over the file
     assert config.sequencer.park_timeout_ms == 2000 and config.claim_ttl.default_ms == 600_000
     assert config.inbox_max_items == 5 and config.max_deps == 32  # the default
+    assert config.doc_bearer_tokens and not load(None, {}).relay_config().doc_bearer_tokens
     federation = settings.federation_config()
     assert federation is not None and [p.name for p in federation.peers] == ["south"]
     assert load(None, {}).federation_config() is None
@@ -61,6 +64,8 @@ peers = ["south=ws://127.0.0.1:7800#" ]
         ('[relay]\nlog_level = "loud"\n', "one of debug, info"),
         ("[relay]\nlog_level = { a = 1 }\n", "one of debug, info"),
         ('[access]\ncreate = ["x"]\n', "one of "),
+        ('[documents]\nbearer_tokens = "yes"\n', "true or false"),
+        ("[documents]\nbearer_tokens = 1\n", "true or false"),
         ('name = "x"\n', "is not a [section]"),
         ("[relay\n", "not TOML"),
         ('[leases]\nmin = "1h"\nmax = "1m"\n', "min <= default <= max"),

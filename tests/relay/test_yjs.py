@@ -82,10 +82,10 @@ class Peer:
 
 @asynccontextmanager
 async def peer(
-    relay: RunningRelay, name: str, token: str | None, secret: str | None = None, state: bytes = b""
+    relay: RunningRelay, name: str, query: str | None, state: bytes = b""
 ) -> AsyncIterator[Peer]:
-    query = f"?{doctoken.query(token, secret)}" if token else ""
-    async with connect(f"{relay.url}/yjs/{NS}/{name}{query}") as ws:
+    """A plain Yjs client on ``name``, with ``query`` (``token=...&secret=...``) or none."""
+    async with connect(f"{relay.url}/yjs/{NS}/{name}{f'?{query}' if query else ''}") as ws:
         plain = Peer(ws, state)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(plain.run)
@@ -93,8 +93,10 @@ async def peer(
             nursery.cancel_scope.cancel()
 
 
-def token_for(n: int, name: str = "shared") -> str:
-    return doctoken.mint(identity(n), NS, name, time.time_ns() // 1_000_000 + 60_000)
+def token_for(n: int, name: str = "shared", ttl_ms: int = 60_000) -> str:
+    """A bound token of agent ``n`` for ``name`` and its secret, as a query string."""
+    exp = time.time_ns() // 1_000_000 + ttl_ms
+    return doctoken.query(*doctoken.mint_bound(identity(n), NS, name, exp))
 
 
 async def test_an_sdk_agent_and_a_plain_yjs_peer_edit_one_document(relay: RunningRelay) -> None:
@@ -122,8 +124,7 @@ async def test_an_sdk_agent_and_a_plain_yjs_peer_edit_one_document(relay: Runnin
         if r.kind == "doc.update" and r.author == relay.node.identity.public_key
     ]
     assert written, "the plain peer's edit is in the log"
-    token = doctoken.check(token_for(1), NS, "shared", 0)
-    assert all(decode(body["token"])["agent"] == token.agent for body in written)
+    assert all(decode(body["token"])["agent"] == identity(1).public_key for body in written)
 
 
 async def test_without_a_token_a_plain_peer_reads_but_cannot_write(relay: RunningRelay) -> None:
@@ -150,25 +151,42 @@ async def test_without_a_token_a_plain_peer_reads_but_cannot_write(relay: Runnin
 
 
 @pytest.mark.parametrize(
-    ("name", "token", "reason"),
+    ("name", "query", "reason"),
     [
         ("missing", None, "2010 unknown_doc"),
-        ("shared", "not-a-token", "1005 auth_failed"),
+        ("shared", "token=not-a-token", "1005 auth_failed"),
         ("shared", token_for(1, "other"), "1005 auth_failed"),
+        ("shared", token_for(1, ttl_ms=-1_000), "1005 auth_failed: the token has expired"),
         (
             "shared",
-            doctoken.mint(identity(1), NS, "shared", 1_000),  # expired long ago
-            "1005 auth_failed: the token has expired",
+            doctoken.query(doctoken.mint(identity(1), NS, "shared", 2**50)),  # no secret
+            "1005 auth_failed: bearer document tokens are refused here",
         ),
     ],
 )
 async def test_plain_peers_with_bad_routes_or_tokens_are_closed_with_a_reason(
-    relay: RunningRelay, name: str, token: str | None, reason: str
+    relay: RunningRelay, name: str, query: str | None, reason: str
 ) -> None:
     async with RelayClient.connect(relay.url, identity(1)) as client:
         await client.publish(NS, "doc.create", {"doc": "shared"})
-    query = f"?token={token}" if token else ""
-    assert (await close_reason(f"{relay.url}/yjs/{NS}/{name}{query}")).startswith(reason)
+    url = f"{relay.url}/yjs/{NS}/{name}{f'?{query}' if query else ''}"
+    assert (await close_reason(url)).startswith(reason)
+
+
+async def test_a_relay_told_to_takes_bearer_tokens(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """``documents.bearer_tokens``: tokens minted before bound ones keep working."""
+    config = RelayConfig(doc_bearer_tokens=True)
+    relay = await start_relay(nursery, tmp_path / "relay", config)
+    bearer = doctoken.mint(identity(1), NS, "shared", time.time_ns() // 1_000_000 + 60_000)
+    async with (
+        RelayClient.connect(relay.url, identity(1)) as client,
+        client.doc(NS, "shared") as shared,
+        peer(relay, "shared", doctoken.query(bearer)) as plain,
+    ):
+        plain.doc.get("text", type=pycrdt.Text).insert(0, "old token")
+        await plain.flush()
+        while str(shared.text()) != "old token":
+            await shared._advanced.wait()
 
 
 async def close_reason(url: str) -> str:
@@ -189,7 +207,7 @@ async def test_a_bound_token_writes_only_with_its_secret_which_the_log_does_not_
     ):
         exp = time.time_ns() // 1_000_000 + 60_000
         token, secret = doctoken.mint_bound(identity(1), NS, "shared", exp)
-        async with peer(relay, "shared", token, secret) as plain:
+        async with peer(relay, "shared", doctoken.query(token, secret)) as plain:
             plain.doc.get("text", type=pycrdt.Text).insert(0, "bound")
             await plain.flush()
             while str(shared.text()) != "bound":
@@ -253,7 +271,7 @@ async def test_garbage_from_a_plain_peer_closes_only_that_peer(relay: RunningRel
         RelayClient.connect(relay.url, identity(1)) as client,
         client.doc(NS, "shared") as shared,
     ):
-        async with connect(f"{relay.url}/yjs/{NS}/shared?token={token_for(1)}") as ws:
+        async with connect(f"{relay.url}/yjs/{NS}/shared?{token_for(1)}") as ws:
             await ws.send(bytes([YMessageType.SYNC, 2, 7]) + b"garbage")
             with pytest.raises(ConnectionClosed) as info:
                 while True:
@@ -308,8 +326,7 @@ def test_an_update_changes_nothing_only_when_its_items_and_deletions_are_all_the
 async def test_a_plain_peer_is_closed_when_its_token_expires(relay: RunningRelay) -> None:
     async with RelayClient.connect(relay.url, identity(1)) as client:
         await client.publish(NS, "doc.create", {"doc": "shared"})
-    short = doctoken.mint(identity(1), NS, "shared", time.time_ns() // 1_000_000 + 300)
-    async with connect(f"{relay.url}/yjs/{NS}/shared?token={short}") as ws:
+    async with connect(f"{relay.url}/yjs/{NS}/shared?{token_for(1, ttl_ms=300)}") as ws:
         with pytest.raises(ConnectionClosed) as info, trio.fail_after(10):
             while True:
                 await ws.recv()
@@ -320,7 +337,7 @@ async def test_a_plain_peer_is_closed_when_its_token_expires(relay: RunningRelay
 async def test_a_message_cut_short_closes_the_peer(relay: RunningRelay) -> None:
     async with RelayClient.connect(relay.url, identity(1)) as client:
         await client.publish(NS, "doc.create", {"doc": "shared"})
-    async with connect(f"{relay.url}/yjs/{NS}/shared?token={token_for(1)}") as ws:
+    async with connect(f"{relay.url}/yjs/{NS}/shared?{token_for(1)}") as ws:
         await ws.send(bytes([YMessageType.SYNC, 0, 40]) + b"short")  # says 40, holds 5
         with pytest.raises(ConnectionClosed) as info:
             while True:
@@ -356,7 +373,7 @@ async def test_a_plain_peer_writing_too_fast_is_closed_with_rate_limited(
     relay = await start_relay(nursery, tmp_path / "relay", RelayConfig(rate_limits=limits))
     async with RelayClient.connect(relay.url, identity(2)) as client:
         await client.publish(NS, "doc.create", {"doc": "shared"})
-    async with connect(f"{relay.url}/yjs/{NS}/shared?token={token_for(1)}") as ws:
+    async with connect(f"{relay.url}/yjs/{NS}/shared?{token_for(1)}") as ws:
         doc: pycrdt.Doc[Any] = pycrdt.Doc()
         text = doc.get("text", type=pycrdt.Text)
         with pytest.raises(ConnectionClosed) as info, trio.fail_after(10):
