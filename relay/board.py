@@ -6,7 +6,9 @@ WebSocket, ``/board/ws``, in JSON text messages:
 
 * relay -> page, first: ``{"t": "hello", "relay", "key", "challenge"}``.
 * ``{"t": "auth", "key", "sig"}``: sign in; ``sig`` is Ed25519 by ``key`` over
-  ``BOARD_AUTH_DOMAIN + challenge`` (hex fields). Without it the board is
+  ``BOARD_AUTH_DOMAIN + relay key + challenge`` (hex fields; the relay's key, as in
+  an agent's ``auth``, so that a page of another relay cannot pass on a sign-in it
+  asked for as one here). Without it the board is
   read-only and anonymous: it shows only namespaces that are not private.
 * ``{"t": "namespaces"}`` -> ``{"t": "namespaces", "items": [{ns, head, mode}]}``.
 * ``{"t": "watch", "ns", "status"?, "after"?}`` -> a ``state`` message now and again
@@ -57,6 +59,13 @@ FILES = {
 """Every file the board serves: nothing else under its paths is readable."""
 SOCKET = "/board/ws"
 BOARD_AUTH_DOMAIN = b"formicary/v1/board-auth\x00"
+
+
+def board_auth_message(relay_key: bytes, challenge: bytes) -> bytes:
+    """What a person's key signs to sign in to the board of the relay ``relay_key``."""
+    return BOARD_AUTH_DOMAIN + relay_key + challenge
+
+
 WATCH_INTERVAL = 0.2
 """Seconds between two snapshots of a busy namespace: a board need not see each event."""
 RECENT = 30
@@ -144,7 +153,8 @@ class Board:
 
     async def _auth(self, request: dict[str, Any]) -> None:
         key, sig = _hex(request, "key", 32), _hex(request, "sig", 64)
-        if not verify_signature(key, sig, BOARD_AUTH_DOMAIN + self.challenge):
+        proof = board_auth_message(self.node.identity.public_key, self.challenge)
+        if not verify_signature(key, sig, proof):
             raise ProtocolError(ErrorCode.AUTH_FAILED, "the signature does not verify")
         self.key = key
         await self._send({"t": "authed", "key": key.hex()})

@@ -87,7 +87,9 @@ async function receive(message) {
 // -- signing in -------------------------------------------------------------------------
 
 async function authenticate() {
-  const sig = await wire.sign(signer.key, wire.concat(wire.BOARD_AUTH_DOMAIN, wire.fromHex(hello.challenge)));
+  // The relay's key is signed too: a sign-in asked for by another relay's page is no use here.
+  const proof = wire.concat(wire.BOARD_AUTH_DOMAIN, wire.fromHex(hello.key), wire.fromHex(hello.challenge));
+  const sig = await wire.sign(signer.key, proof);
   send({ t: "auth", key: wire.hex(signer.publicKey), sig: wire.hex(sig) });
 }
 

@@ -22,7 +22,7 @@ from agent_sdk.decisions import Decisions
 from agent_sdk.identity import Identity
 from agent_sdk.ledger import Ledger
 from agent_sdk.wire import Event, sign_event
-from relay.board import BOARD_AUTH_DOMAIN
+from relay.board import BOARD_AUTH_DOMAIN, board_auth_message
 from tests.board.browser import board_page, screenshot
 from tests.conftest import RunningRelay, identity
 
@@ -40,7 +40,8 @@ FORGE = """async () => {
     const {raw} = await wire.signedEvent(key, "ops@local", "wo.approve", body);
     const socket = new WebSocket(`ws://${location.host}/board/ws`);
     const hello = await new Promise((ok) => (socket.onmessage = (m) => ok(JSON.parse(m.data))));
-    const proof = wire.concat(wire.BOARD_AUTH_DOMAIN, wire.fromHex(hello.challenge));
+    const [relayKey, challenge] = [wire.fromHex(hello.key), wire.fromHex(hello.challenge)];
+    const proof = wire.concat(wire.BOARD_AUTH_DOMAIN, relayKey, challenge);
     const sig = wire.hex(await wire.sign(key.key, proof));
     const authed = new Promise((ok) => (socket.onmessage = ok));
     socket.send(JSON.stringify({t: "auth", key: wire.hex(key.publicKey), sig}));
@@ -230,8 +231,13 @@ async def test_board_socket_bad_input_is_answered_and_refused(relay: RunningRela
         assert [item["ns"] for item in anonymous["items"]] == [NS]  # not the private one
         await ws.send(json.dumps(publish_of(good, 9)))  # not signed in: read-only
         assert json.loads(await ws.recv())["name"] == "not_authenticated"
-        proof = AGENT.sign(BOARD_AUTH_DOMAIN + bytes.fromhex(hello["challenge"]))
+        challenge = bytes.fromhex(hello["challenge"])
+        assert bytes.fromhex(hello["key"]) == relay.node.identity.public_key
+        proof = AGENT.sign(board_auth_message(relay.node.identity.public_key, challenge))
         signed_in = {"t": "auth", "key": AGENT.public_key.hex(), "sig": proof.hex()}
+        # A sign-in a page of another relay asked for (its key, this challenge) is no use.
+        elsewhere = AGENT.sign(BOARD_AUTH_DOMAIN + bytes(32) + challenge).hex()
+        unbound = AGENT.sign(BOARD_AUTH_DOMAIN + challenge).hex()
         other = sign_event(Event(NS, "app.note", HUMAN.public_key, "x", ts=now), HUMAN.sign)
         # Presence by connection needs an agent connection to hold (and end) it.
         join = {"name": "ghost"}
@@ -243,6 +249,8 @@ async def test_board_socket_bad_input_is_answered_and_refused(relay: RunningRela
             (json.dumps({"t": "launch"}), "unknown_frame"),
             (json.dumps({"t": "auth", "key": "00", "sig": "00"}), "malformed"),
             (json.dumps({"t": "auth", "key": "00" * 32, "sig": "00" * 64}), "auth_failed"),
+            (json.dumps({**signed_in, "sig": elsewhere}), "auth_failed"),
+            (json.dumps({**signed_in, "sig": unbound}), "auth_failed"),
             (json.dumps({"t": "watch", "ns": "secret@local"}), "forbidden"),
             (json.dumps({"t": "watch"}), "malformed"),
         ]
