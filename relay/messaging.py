@@ -57,6 +57,8 @@ class Messaging:
         self.sub: int | None = None
         """The sub id of this connection's open inbox stream."""
         self.scope: trio.CancelScope | None = None
+        self._stream_done = trio.Event()
+        self._stream_done.set()  # no stream yet
 
     async def mail(self, action: Mail) -> None:
         """Take a sealed message to store or pass on; answered in order by
@@ -157,13 +159,21 @@ class Messaging:
             older.cancel()
         self.sub, self.scope = sub, trio.CancelScope()
         streams[self.agent] = self.scope
-        nursery.start_soon(self._stream, sub, self.scope)
+        self._stream_done = trio.Event()
+        nursery.start_soon(self._stream, sub, self.scope, self._stream_done)
 
-    async def _stream(self, sub: int, scope: trio.CancelScope) -> None:
+    async def _stream(self, sub: int, scope: trio.CancelScope, done: trio.Event) -> None:
+        try:
+            await self._stream_items(sub, scope)
+        finally:
+            done.set()
+
+    async def _stream_items(self, sub: int, scope: trio.CancelScope) -> None:
         inboxes = self.node.inboxes
         cursor = 0
         live = False
         with scope:
+            await trio.lowlevel.checkpoint()  # closed at once (msg.inbox, unsubscribe)
             # Each opening replays the whole inbox: it costs a request, and waits for
             # one rather than being refused (a refusal would read as an open stream
             # to a client that knows only 3005 here).
@@ -185,11 +195,14 @@ class Messaging:
                         f.MsgItem(sub=sub, seq=item.seq, kind=item.kind, data=item.data)
                     )
                     cursor = item.seq
+        # Ended by another connection's opening, not by this one's unsubscribe (which
+        # forgets the scope first): only then is the agent told. A stream of the same
+        # sub id opened again on this connection is another scope.
         displaced = self.node.inboxes.streams.get(self.agent) is not scope
-        if scope.cancelled_caught and self.sub == sub and displaced:
+        if scope.cancelled_caught and self.scope is scope and displaced:
             reason = "this agent's inbox was opened by another connection"
             error = ProtocolError(ErrorCode.DUPLICATE_SUBSCRIPTION, reason)
-            self.sub = None
+            self.sub = self.scope = None
             await self.send(f.Error.of(error, sub=sub))
 
     async def acknowledge(self, action: AckItem | Confirm) -> None:
@@ -284,12 +297,14 @@ class Messaging:
                 if isinstance(confirm, Confirm):  # everything before it is applied
                     await self.send(f.Result(rid=confirm.rid, body={}))
 
-    def stop(self) -> None:
-        """The agent closed its inbox stream (``unsubscribe``)."""
+    async def stop(self) -> None:
+        """The agent closed its inbox stream (``unsubscribe``); returns once the stream
+        has ended, so nothing of it follows the ``unsubscribed``."""
         self.close()
         if self.scope is not None:
             self.scope.cancel()
         self.sub = self.scope = None
+        await self._stream_done.wait()
 
     def close(self) -> None:
         """The connection ended: its stream no longer holds the agent's inbox."""

@@ -897,7 +897,7 @@ class Connection:
 
     async def _close(self, sub: int) -> None:
         if self._messaging is not None and self._messaging.sub == sub:
-            self._messaging.stop()
+            await self._messaging.stop()
             await self._send(f.Unsubscribed(sub=sub))
             return
         running = self._subscriptions.pop(sub, None)

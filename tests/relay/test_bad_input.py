@@ -809,6 +809,46 @@ async def test_an_inbox_stream_and_a_subscription_cannot_share_an_id(
         assert await bad.recv() == f.Unsubscribed(sub=31)  # the subscription, still open
 
 
+async def test_an_inbox_closed_and_opened_again_in_one_bundle_is_one_stream(
+    relay: RunningRelay,
+) -> None:
+    """The old stream ends before its ``unsubscribed``, and its end is not taken for
+    another connection's opening (which would orphan the new stream: acks refused)."""
+    from agent_sdk.sealing import Header, seal
+
+    async def frames_until(done: Callable[[list[f.Frame]], bool]) -> list[f.Frame]:
+        got: list[f.Frame] = []
+        while not got or not done(got):
+            with trio.fail_after(TIMEOUT):
+                message = await bad.ws.recv()
+            assert isinstance(message, bytes)
+            got += f.decode_message(message)
+        return got
+
+    async with scene(relay) as (bad, _):
+        again = [f.MsgInbox(sub=30), f.Unsubscribe(sub=30), f.MsgInbox(sub=30)]
+        await bad.send(f.bundle([f.encode_frame(frame) for frame in again]))
+        closed, live = f.Unsubscribed(sub=30), f.Live(sub=30, ns="", seq=0)
+        got = await frames_until(lambda got: closed in got and got[-1] == live)
+        assert got == [closed, live]  # the new stream's live; nothing of the old one
+        header = Header(
+            id=secrets.token_bytes(16), sender=STRANGER.public_key,
+            recipient=AGENT.public_key, stream=b"s" * 8, seq=1, ts=now_ms(),
+        )  # fmt: skip
+        async with raw_agent(relay.url, STRANGER) as sender:
+            sealed = seal(STRANGER, header, {"n": 1}).encode()
+            await sender.send(f.encode_frame(f.MsgSend(rid=1, msg=sealed)))
+            assert isinstance(await sender.recv(), f.Result)
+        [item] = await frames_until(lambda got: True)
+        assert isinstance(item, f.MsgItem) and item.sub == 30
+        await bad.send(f.encode_frame(f.MsgAck(sub=30, seq=item.seq)))
+        await bad.send(f.encode_frame(f.MsgConfirm(rid=7)))
+        assert await frames_until(lambda got: True) == [f.Result(rid=7, body={})]
+        assert relay.node.inboxes.size(AGENT.public_key) == 0  # the ack was taken
+        await bad.send(f.encode_frame(f.Unsubscribe(sub=30)))
+        assert await frames_until(lambda got: True) == [f.Unsubscribed(sub=30)]
+
+
 # --------------------------------------------------------------------------- sequencing
 
 
