@@ -31,7 +31,7 @@ from typing import Any
 from agent_sdk.auctions import commitment
 from relay.coordination.directory import Capability, Directory
 from relay.coordination.fields import Conflict
-from relay.coordination.ledger import Contract, Done, Ledger, Status
+from relay.coordination.ledger import Contract, Done, Ledger, Status, WorkOrder
 from relay.coordination.stakes import Reputation, Stakes
 
 RULES = ("stake_x_reputation", "lowest_price", "first_eligible")
@@ -306,8 +306,16 @@ class Auctions:
             return {"kind": "auction.completed", **base}
         lease = ledger.leases.holder(auction.wo, now_ms)
         held = order.status is Status.CLAIMED and lease is not None and lease.token == auction.token
-        if held and auction.phase is Phase.AWARDED and now_ms >= auction.confirm_by:
-            ledger.release(auction.wo, agent, auction.token, now_ms)
+        if not held and order.status is Status.CLAIMED:  # lapsed, the ledger's timer not yet run
+            ledger.expire_leases([(auction.wo, auction.token)])
+        # Unconfirmed when the award's claim outlived the confirmation window, decided by
+        # when the claim ended (an expiry is stamped with the lease's own end), not by
+        # when this timer runs: a late timer must not turn it into a slashed expiry.
+        ended_ms = None if held else _claim_ended_ms(order)
+        outlived = held or (order.status is Status.OPEN and (ended_ms or 0) > auction.confirm_by)
+        if outlived and auction.phase is Phase.AWARDED and now_ms >= auction.confirm_by:
+            if held:
+                ledger.release(auction.wo, agent, auction.token, now_ms)
             stakes.unlock(agent, auction_id)  # not confirming costs the award, not stake
             award = self._award_next(auction, now_ms, ledger, stakes)
             return {
@@ -319,8 +327,6 @@ class Auctions:
             }
         if held:
             return None
-        if order.status is Status.CLAIMED:  # lapsed, the ledger's timer not yet run
-            ledger.expire_leases([(auction.wo, auction.token)])
         reason = "expired" if order.last_op == "expire" else "released"
         return self.fail(auction_id, reason, now_ms, ledger, stakes, reputation)
 
@@ -432,3 +438,12 @@ def _rank(auction: Auction, reputation: Reputation, at_ms: int) -> list[bytes]:
 
         bids.sort(key=lambda b: (-weight(b), b.price, b.order))
     return [b.bidder for b in bids]
+
+
+def _claim_ended_ms(order: WorkOrder) -> int | None:
+    """When the latest claim of ``order`` ended (the move after it), if one did."""
+    history = order.history
+    for i in range(len(history) - 1, -1, -1):
+        if history[i][1] is Status.CLAIMED:
+            return history[i + 1][0] if i + 1 < len(history) else None
+    return None

@@ -294,14 +294,17 @@ class Ledger:
     def _lapsed(self, now_ms: int, *, reserved_too: bool = False) -> list[WorkOrder]:
         """Claimed orders whose current lease ran out by ``now_ms`` (oldest expiry
         first), reserved ones only with ``reserved_too``."""
-        heap, lapsed = self._claimed, []
+        heap, lapsed, seen = self._claimed, [], set()
         while heap and heap[0][0] <= now_ms:
-            expires_ms, order_id = heapq.heappop(heap)
+            entry = heapq.heappop(heap)
+            expires_ms, order_id = entry
             order = self.orders[order_id]
             lease = self.leases.leases.get(order_id)
             current = lease is None or lease.expires_ms == expires_ms
-            if order.status is Status.CLAIMED and current and (expires_ms, order_id) not in lapsed:
-                lapsed.append((expires_ms, order_id))  # (a renewal to the same ms: once)
+            # (A set: a relay back from downtime may find tens of thousands lapsed.)
+            if order.status is Status.CLAIMED and current and entry not in seen:
+                seen.add(entry)  # (a renewal to the same ms: once)
+                lapsed.append(entry)
         for entry in lapsed:  # still lapsed until something moves them: keep them
             heapq.heappush(heap, entry)
         return [

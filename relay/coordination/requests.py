@@ -43,6 +43,7 @@ from relay.coordination.fields import (
     opt_integer,
     opt_text,
     text,
+    text_if_given,
     texts,
 )
 from relay.coordination.leases import Granted, Lease, LeaseEngine, Refused, TtlBounds
@@ -374,7 +375,7 @@ class Coordinator:
             title = text(body, "title", 200)
             if not title.strip():
                 raise BadRequest("a decision needs a title")
-            entity = opt_text(body, "entity", 256)
+            entity = text_if_given(body, "entity", 256)
             if entity is not None and not entity:
                 raise BadRequest("entity names what the decision touches")
             made = text(body, "decision", MAX_TEXT)  # the whole body first: bad_request
@@ -485,7 +486,7 @@ class Coordinator:
         only(body, "auction", "reason", "agent")
         reason = text(body, "reason", MAX_POST, default="")
         judged = body.get("agent")
-        if judged is not None and (not isinstance(judged, bytes) or len(judged) != 32):
+        if "agent" in body and (not isinstance(judged, bytes) or len(judged) != 32):
             raise BadRequest("agent must be an agent key (32 bytes)")
         mine = auctions.auctions.get(auction_id)
         if mine is None or mine.requester != author:
@@ -610,7 +611,7 @@ class Coordinator:
     def _apply(self, kind: str, body: dict[str, Any], author: bytes, now: int) -> Done | Rejection:
         ledger = self.ledger
         if kind == "wo.create":
-            parent = opt_text(body, "parent", 64)
+            parent = text_if_given(body, "parent", 64)
             return ledger.create(_contract(body), author, now, parent)
         if kind == "wo.progress":
             only(body, "wo", "token", "percent", "message")

@@ -704,6 +704,29 @@ def test_a_rejection_after_the_confirmation_window_does_not_slash_a_lapsed_award
     assert coordinator.reputation.score(awardee, 3_000) == 0.0
 
 
+@pytest.mark.parametrize("timer_ms", [3_000, 3_500, 4_000, 9_000])
+def test_an_unconfirmed_award_is_not_slashed_because_the_timer_ran_late(timer_ms: int) -> None:
+    """Closed at 2 s: confirm by 3 s, the award's lease to 4 s. Whenever the timer
+    runs (on time, late past the lease's end, after downtime) the same log decides the
+    same thing: the award outlived its confirmation window, so it passes on unslashed."""
+    from relay.coordination.requests import Coordinator
+
+    requester, awardee = b"R" * 32, b"B" * 32
+    coordinator = Coordinator()
+    for agent in (requester, awardee):
+        coordinator.decide("dir.join", {"name": "n"}, agent, b"j", 1_000)
+    body = {"title": "t", "duration_ms": 1_000, "confirm_ms": 1_000, "lease_ms": 2_000}
+    coordinator.decide("auction.open", body, requester, b"o", 1_000)
+    bid = {"auction": "auc-1", "stake": 50, "price": 1}
+    assert coordinator.decide("auction.bid", bid, awardee, b"b", 1_500).kind == "auction.bid_placed"
+    assert [o.kind for o in coordinator.due(2_000)] == ["auction.closed"]
+    balance = coordinator.stakes.available(awardee)
+    failed = [o for o in coordinator.due(timer_ms) if o.kind == "auction.failed"]
+    assert [(o.body["reason"], o.body["slashed"]) for o in failed] == [("unconfirmed", 0)]
+    assert coordinator.stakes.available(awardee) == balance + 50
+    assert coordinator.reputation.score(awardee, timer_ms) == 0.0
+
+
 def test_a_rejection_naming_an_awardee_no_longer_awarded_is_refused() -> None:
     """A rejection sent again, or decided after the award passed on, must not slash
     the next awardee, which did nothing yet: naming the judged awardee refuses it."""
@@ -734,6 +757,10 @@ def test_a_rejection_naming_an_awardee_no_longer_awarded_is_refused() -> None:
         "auction.reject", {**reject, "agent": b"short"}, requester, b"z", 2_300
     )
     assert (bad.kind, bad.body["problem"]) == ("auction.rejected", "bad_request")
+    # nil is not absent (8.12): it must not turn the check that guards the next awardee off
+    nil = coordinator.decide("auction.reject", {**reject, "agent": None}, requester, b"n", 2_300)
+    assert (nil.kind, nil.body["problem"]) == ("auction.rejected", "bad_request")
+    assert auction.awardee == second and coordinator.stakes.available(second) == balance
 
 
 async def test_waiting_past_an_award_never_returns_one_that_failed_meanwhile(

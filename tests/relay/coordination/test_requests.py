@@ -90,6 +90,7 @@ def test_one_of_a_hundred_simultaneous_claims_wins() -> None:
         ("wo.create", {"title": "x", "owner": "me"}, "bad_request"),  # ownership is not a field
         ("wo.create", {"title": "x", "files": "a.py"}, "bad_request"),
         ("wo.create", "just a string", "bad_request"),
+        ("wo.create", {"title": "x", "parent": None}, "bad_request"),  # nil is not absent (8.3)
         ("wo.claim", {"wo": 1}, "bad_request"),
         ("wo.claim", {"wo": "wo-7"}, "not_found"),
         ("wo.claim", {"wo": "wo-1", "ttl_ms": 10}, "bad_ttl"),
@@ -108,6 +109,18 @@ def test_bad_requests_are_rejected_with_a_problem(kind: str, body: Any, problem:
     assert outcome.kind == "wo.rejected" and outcome.body["problem"] == problem
     assert outcome.body["reason"]
     assert log.coordinator.ledger.orders["wo-1"].history == before
+
+
+def test_nil_is_refused_where_8_3_does_not_let_it_mean_absent() -> None:
+    coordinator = Coordinator()
+    body = {"title": "t", "decision": "d"}
+    nil = coordinator.decide("decision.add", {**body, "entity": None}, A, b"1" * 32, 0)
+    assert nil is not None and (nil.kind, nil.body["problem"]) == (
+        "decision.rejected",
+        "bad_request",
+    )
+    absent = coordinator.decide("decision.add", {**body, "supersedes": None}, A, b"2" * 32, 0)
+    assert absent is not None and absent.kind == "decision.added"  # one of the two that may
 
 
 def test_other_kinds_are_not_requests_and_outcomes_are_the_relays() -> None:
