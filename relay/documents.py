@@ -44,6 +44,7 @@ from agent_sdk.docs import MAX_UPDATE, yjs
 from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.wire import Event, decode
 from agent_sdk.yupdate import delete_set, varuint
+from relay.limits import TokenBucket
 from relay.store import Record
 
 DOC_KINDS = frozenset({"doc.create", "doc.update"})
@@ -137,10 +138,14 @@ class Replica:
     _tx: trio.MemorySendChannel[Record | bytes] = field(init=False)
     _rx: trio.MemoryReceiveChannel[Record | bytes] = field(init=False)
     overflowed: bool = False
+    agent: bytes | None = None
+    """The agent it is open for (an agent connection's, or the one a peer relay
+    names); ``None`` for a plain Yjs client."""
     clients: set[int] = field(default_factory=set)
     """Awareness client ids this replica announced (removed when it closes)."""
-    allowance: float = 2 * AWARENESS_RATE
-    checked: float = 0.0
+    awareness: TokenBucket = field(default_factory=lambda: _awareness_bucket())
+    """Its awareness allowance; the replicas of one agent on a document share one
+    (:meth:`LiveDoc.sync`), so opening it many times does not multiply the rate."""
 
     def __post_init__(self) -> None:
         self._tx, self._rx = trio.open_memory_channel(self.capacity)
@@ -170,15 +175,13 @@ class Replica:
             raise Overflow() from None
 
     def take_awareness_token(self, now: float) -> bool:
-        """A token bucket: ``AWARENESS_RATE`` per second, bursts of twice that."""
-        self.allowance = min(
-            2 * AWARENESS_RATE, self.allowance + (now - self.checked) * AWARENESS_RATE
-        )
-        self.checked = now
-        if self.allowance < 1:
-            return False
-        self.allowance -= 1
-        return True
+        """``AWARENESS_RATE`` per second, bursts of twice that."""
+        return self.awareness.take(now) == 0.0
+
+
+def _awareness_bucket() -> TokenBucket:
+    burst = 2 * AWARENESS_RATE
+    return TokenBucket(rate=AWARENESS_RATE, burst=burst, tokens=burst, stamp=0.0)
 
 
 @dataclass(eq=False)
@@ -200,6 +203,8 @@ class LiveDoc:
     snapshots and syncs add it. Empty when nothing waits."""
     owners: dict[int, Replica] = field(default_factory=dict)
     """The replica that announced each present client last (its ``clients`` hold it)."""
+    awareness_buckets: dict[bytes, TokenBucket] = field(default_factory=dict)
+    """The awareness allowance of each agent with a replica open here."""
     absent: OrderedDict[int, None] = field(default_factory=OrderedDict)
     """Clients whose state is gone, oldest first: their clocks are kept (an echo of an
     old state must not bring them back) up to :data:`ABSENT_CLOCKS` of them."""
@@ -264,6 +269,12 @@ class LiveDoc:
         """Register ``replica`` and return (what ``sv`` lacks, our state vector, seq),
         all as of one log position: everything after it reaches the replica's queue."""
         missing = self.missing(sv)
+        if replica.agent is not None:
+            shared = self.awareness_buckets.get(replica.agent)
+            if shared is None:
+                self.awareness_buckets[replica.agent] = replica.awareness
+            else:
+                replica.awareness = shared
         self.replicas.add(replica)
         return missing, self.doc.get_state(), self.seq
 
@@ -306,6 +317,9 @@ class LiveDoc:
     def leave(self, replica: Replica) -> None:
         """A replica closed: forget it, and tell the others its awareness is gone."""
         self.replicas.discard(replica)
+        agent = replica.agent
+        if agent is not None and not any(r.agent == agent for r in self.replicas):
+            self.awareness_buckets.pop(agent, None)
         for client in replica.clients:
             del self.owners[client]
         gone = [c for c in replica.clients if c in self.awareness.states]

@@ -822,7 +822,8 @@ class Connection:
             with running.scope:
                 live = await self.node.open_doc(request.ns, request.doc)
                 self._check_read(request.ns, request.agent)  # (a change while it loaded)
-                replica = Replica(capacity=4 * self.node.config.send_queue)
+                capacity = 4 * self.node.config.send_queue
+                replica = Replica(capacity=capacity, agent=request.agent)
                 missing, sv, seq = live.sync(request.sv, replica)  # registers it
                 self._docs[sub] = (live, replica, request.agent)
                 try:

@@ -42,6 +42,7 @@ from agent_sdk.docs import EMPTY_UPDATE, MAX_UPDATE, state_vector, yjs
 from agent_sdk.errors import ErrorCode, ProtocolError, unwrap_single
 from agent_sdk.wire import Event, sign_event
 from relay.documents import MAX_AWARENESS, LiveDoc, Overflow, Replica, changes_nothing
+from relay.limits import TokenBucket
 from relay.node import RelayNode, Ticket
 from relay.store import Record
 
@@ -51,6 +52,12 @@ YJS_KEY = b"yjs:"
 clients are capped apart from the agent's own connections."""
 POLICY_CLOSE = 1008
 TRY_AGAIN_CLOSE = 1013
+SYNC_RATE = 10.0
+"""Sync messages per second a client may send that are not written (step 1s, a
+reader's replies, a writer's step 2 with no edit): each costs the relay a decode
+of the document or of the message, so they are bounded per connection. A client
+sends one or two of them per (re)connect."""
+SYNC_BURST = 40.0
 
 
 def is_yjs(path: str) -> bool:
@@ -179,6 +186,13 @@ async def _receive(
     """The client's messages. What it asks for (its missing updates, awareness) is
     answered only while it may still read: a policy may have taken it off the list
     since :func:`_send` last looked."""
+    syncs = TokenBucket(rate=SYNC_RATE, burst=SYNC_BURST, tokens=SYNC_BURST, stamp=0.0)
+
+    def charge_sync() -> None:
+        if syncs.take(trio.current_time()):
+            reason = f"over {SYNC_RATE:g} sync messages a second that write nothing"
+            raise ProtocolError(ErrorCode.RATE_LIMITED, reason)
+
     while True:
         # recv(), not `async for`: an error raised out of the loop must not leave a
         # half-finished async generator behind.
@@ -189,16 +203,20 @@ async def _receive(
         if kind == YMessageType.SYNC and payload:
             step, data = payload[0], _read(payload[1:])
             if step == YSyncMessageType.SYNC_STEP1:
+                charge_sync()
                 may_read()
                 missing = live.missing(data)
                 step2 = bytes([YMessageType.SYNC, YSyncMessageType.SYNC_STEP2])
                 await ws.send(step2 + write_message(missing))
             elif data != EMPTY_UPDATE:
                 if token is None:
-                    if _adds_nothing(data, live):
+                    charge_sync()
+                    # Over MAX_UPDATE it could not be written anyway: not decoded.
+                    if len(data) > MAX_UPDATE or _adds_nothing(data, live):
                         continue  # a reader's step 2: its delete set, nothing new
                     raise ProtocolError(ErrorCode.WRONG_AUTHOR, "read-only: connect with ?token=")
                 if step == YSyncMessageType.SYNC_STEP2 and changes_nothing(data, live):
+                    charge_sync()
                     continue  # a writer's step 2 with no edit: not written
                 # Charged to the token's agent, as its own publishes are.
                 try:

@@ -767,3 +767,23 @@ async def test_a_count_past_the_message_is_refused_before_pycrdt_sees_it(
             with pytest.raises(ProtocolError) as refused:
                 await client.publish(NS, "doc.update", {"doc": "d", "update": huge})
             assert refused.value.code is ErrorCode.BAD_UPDATE
+
+
+def test_an_agents_replicas_of_a_document_share_one_awareness_allowance() -> None:
+    """Opening a document many times (64 subscriptions on one connection, or several
+    connections) must not multiply the awareness rate its other readers receive."""
+    from relay.documents import AWARENESS_RATE, LiveDoc, Replica
+
+    live = LiveDoc(NS, "d", epoch=1)
+    mine = [Replica(capacity=8, agent=b"a" * 32) for _ in range(4)]
+    theirs, plain = Replica(capacity=8, agent=b"b" * 32), Replica(capacity=8)
+    for replica in (*mine, theirs, plain):
+        live.sync(b"", replica)
+    burst = int(2 * AWARENESS_RATE)
+    taken = sum(replica.take_awareness_token(0.0) for _ in range(burst) for replica in mine)
+    assert taken == burst  # one allowance over all four
+    assert theirs.take_awareness_token(0.0) and plain.take_awareness_token(0.0)  # their own
+    assert mine[0].take_awareness_token(1.0)  # and it refills
+    for replica in mine:
+        live.leave(replica)
+    assert live.awareness_buckets == {b"b" * 32: theirs.awareness}  # forgotten with the last

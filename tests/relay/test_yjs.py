@@ -12,7 +12,14 @@ from typing import Any
 import pycrdt
 import pytest
 import trio
-from pycrdt import YMessageType, create_sync_message, create_update_message, handle_sync_message
+from pycrdt import (
+    YMessageType,
+    YSyncMessageType,
+    create_sync_message,
+    create_update_message,
+    handle_sync_message,
+    write_message,
+)
 from websockets.exceptions import ConnectionClosed
 from websockets.trio.client import ClientConnection, connect
 
@@ -390,3 +397,35 @@ async def test_a_plain_peer_writing_too_fast_is_closed_with_rate_limited(
     await trio.testing.wait_all_tasks_blocked()
     assert relay.node.head(NS) == 1 + 3  # doc.create, the burst, and nothing past it
     relay.scope.cancel()
+
+
+async def test_a_reader_is_bounded_in_sync_messages_that_write_nothing(
+    relay: RunningRelay,
+) -> None:
+    """Each step 1 costs a diff of the document and each reply a decode, and a reader
+    has no key to charge: past a burst it is closed. A reply too big to be written
+    is not decoded at all (it could hold anything, and a reader writes nothing)."""
+    from agent_sdk.docs import MAX_UPDATE
+    from relay.yws import SYNC_BURST
+
+    async with RelayClient.connect(relay.url, identity(1)) as client:
+        await client.publish(NS, "doc.create", {"doc": "shared"})
+    offline = pycrdt.Doc()
+    offline.get("text", type=pycrdt.Text).insert(0, "x" * (MAX_UPDATE + 1000))
+    big = offline.get_update()  # items the relay lacks: decoded, it would be read-only
+    step1 = bytes([YMessageType.SYNC, YSyncMessageType.SYNC_STEP1]) + write_message(b"\x00")
+    async with connect(f"{relay.url}/yjs/{NS}/shared", max_size=None) as ws:
+        with trio.fail_after(30):
+            assert (await ws.recv())[:2] == step1[:2]  # the relay's step 1
+            await ws.send(
+                bytes([YMessageType.SYNC, YSyncMessageType.SYNC_STEP2]) + write_message(big)
+            )
+            await ws.send(step1)
+            answer = await ws.recv()  # still open: answered with its step 2
+            assert answer[:2] == bytes([YMessageType.SYNC, YSyncMessageType.SYNC_STEP2])
+            with pytest.raises(ConnectionClosed) as info:
+                for _ in range(int(SYNC_BURST) * 10):  # one at a time: none left unread
+                    await ws.send(step1)
+                    await ws.recv()
+    assert info.value.rcvd is not None and info.value.rcvd.code == 1008
+    assert info.value.rcvd.reason.startswith("5004 rate_limited: over 10 sync messages a second")
