@@ -527,6 +527,9 @@ def _decode_message(data: bytes) -> Any:
     frame it is in (an unknown field is ignored), not every frame of the message."""
     try:
         return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True)
+    except msgpack.StackError:  # (says nothing itself)
+        reason = "values nest over 1024 levels deep: the whole message is refused"
+        raise ProtocolError(ErrorCode.MALFORMED, reason) from None
     except Exception as exc:  # msgpack raises several unrelated types for bad input
         raise ProtocolError(ErrorCode.MALFORMED, f"not msgpack: {exc}") from None
 

@@ -160,6 +160,10 @@ def _no_ext(code: int, data: bytes) -> Any:
     raise _UnsortedMap()  # not a map, but the same verdict: no canonical form
 
 
+class NestsTooDeep(ProtocolError):
+    """msgpack's reader stops at 1024 levels: deeper bytes cannot even be decoded."""
+
+
 def decode_canonical(data: bytes, code: ErrorCode = ErrorCode.NON_CANONICAL) -> Any:
     """Decode ``data`` and require that it is the canonical encoding of its value.
 
@@ -180,6 +184,8 @@ def decode_canonical(data: bytes, code: ErrorCode = ErrorCode.NON_CANONICAL) -> 
     except _UnsortedMap:
         reason = "map keys are not text in canonical order, or an ext type"
         raise ProtocolError(code, reason) from None
+    except msgpack.StackError:
+        raise NestsTooDeep(ErrorCode.MALFORMED, "values nest over 1024 levels deep") from None
     except Exception as exc:  # msgpack raises several unrelated types for bad input
         raise ProtocolError(ErrorCode.MALFORMED, f"not msgpack: {exc}") from None
     try:
@@ -380,8 +386,13 @@ def decode_event(
     """
     if not isinstance(sig, bytes) or len(sig) != SIG_SIZE:
         raise ProtocolError(ErrorCode.BAD_SIGNATURE, "a signature is 64 bytes")
-    fields = decode_canonical(raw)
-    if max_depth is not None and too_deep(fields, raw, max_depth):
+    try:
+        fields = decode_canonical(raw)
+    except NestsTooDeep:
+        if max_depth is None:
+            raise
+        fields = None  # deeper than any limit a relay sets: refused as too deep
+    if max_depth is not None and (fields is None or too_deep(fields, raw, max_depth)):
         raise ProtocolError(ErrorCode.BAD_EVENT, f"values nest over {max_depth} levels deep")
     event = check_event_fields(fields, max_deps=max_deps)
     return SignedEvent(raw=raw, sig=sig, id=digest(raw), event=event)

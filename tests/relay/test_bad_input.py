@@ -1032,10 +1032,15 @@ async def test_values_nested_too_deep_are_refused_and_the_relay_lives_on(
         await bad.publish_ok(valid_event(kind="app.x", body={"a": nested(MAX_DEPTH - 2)}))
         too_deep = valid_event(kind="app.x", body={"$schema": nested(MAX_DEPTH)})
         await bad.refused_publish(too_deep, ErrorCode.BAD_EVENT)
-        for key, value in ((b"\xa1v", b"\x01"), (b"\xa4kind", b"\xa8app.note")):  # quoted
-            raw = canonical(event_map())
+        deeper = b"\x91" * 1100 + b"\x00"  # past msgpack's own limit (1024): not decodable
+        for key, value, levels in (
+            (b"\xa1v", b"\x01", deep),
+            (b"\xa4kind", b"\xa8app.note", deep),
+            (b"\xa4body", canonical({}), deeper),
+        ):  # quoted, or not decodable at all: the event is too deep either way
+            raw = canonical(event_map(body={}))
             assert raw.count(key + value) == 1
-            raw = raw.replace(key + value, key + deep)
+            raw = raw.replace(key + value, key + levels)
             await bad.refused_publish(signed_raw(raw), ErrorCode.BAD_EVENT)
             await calm.round_trip()
         # A frame, too: only that one is refused, the others of its bundle are answered.
@@ -1051,6 +1056,14 @@ async def test_values_nested_too_deep_are_refused_and_the_relay_lives_on(
         assert ack.rid == rid and (error.code, error.rid) == (ErrorCode.MALFORMED, None)
         assert f"over {MAX_DEPTH} levels" in error.reason
         bad.acked.append(event.id)
+        # Past 1024 levels msgpack cannot tell where the frame ends: the whole message
+        # is refused, once, saying why (none of it acted on).
+        deeper_query = deep_query.replace(b"\x91\x91", b"\x91" * 1100, 1)
+        refused = valid_event()
+        await bad.send(f.bundle([publish_bytes(rid + 2, refused), deeper_query]))
+        error = await bad.expect_error(ErrorCode.MALFORMED)
+        assert error.reason == "values nest over 1024 levels deep: the whole message is refused"
+        bad.refused.append(refused.id)
         await bad.publish_ok()
         await calm.round_trip()
 
