@@ -24,7 +24,13 @@ import pycrdt
 import trio
 
 from agent_sdk import frames as f
-from agent_sdk.errors import ErrorCode, ProtocolError, client_stopped, unwrap_single
+from agent_sdk.errors import (
+    ErrorCode,
+    ProtocolError,
+    client_stopped,
+    retry_after,
+    unwrap_single,
+)
 from agent_sdk.wire import decode, decode_receipt
 from agent_sdk.yupdate import split, varuint
 
@@ -161,8 +167,7 @@ class SharedDoc:
             self._in_flight += 1
             try:
                 for part in _parts(update, pending):
-                    body = {"doc": self.name, "update": part}
-                    await self.client.publish(self.ns, "doc.update", body)
+                    await self._publish({"doc": self.name, "update": part})
                     # The relay has taken our edits up to this part's end (what
                     # _lacking_parts compares with the relay's state vector).
                     reached = state_vector(pycrdt.get_state(part)).get(self.doc.client_id, 0)
@@ -171,6 +176,19 @@ class SharedDoc:
                 self._in_flight -= 1
                 self._progress.set()
                 self._progress = trio.Event()
+
+    async def _publish(self, body: dict[str, Any]) -> None:
+        """Publish one update, waiting as told while the key is over its rate: a large
+        change (cut in parts, each charged by its size) may take longer than a burst."""
+        while True:
+            try:
+                await self.client.publish(self.ns, "doc.update", body)
+                return
+            except ProtocolError as exc:
+                wait = retry_after(exc)
+                if wait is None:
+                    raise
+                await trio.sleep(wait)  # nothing was done: the same again is safe
 
     async def flush(self) -> None:
         """Return once every local change so far is durably in the relay's log."""

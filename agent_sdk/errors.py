@@ -12,6 +12,7 @@ renumber one, only add.
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -129,6 +130,18 @@ class ProtocolError(Exception):
         super().__init__(f"{code.slug} ({int(code)}): {reason}")
         self.code = code
         self.reason = reason
+
+
+_TRY_AGAIN = re.compile(r"try again in (\d+) ms")
+
+
+def retry_after(error: ProtocolError) -> float | None:
+    """Seconds a ``rate_limited`` refusal says to wait (its reason ends ``try again in
+    N ms``); ``None`` for any other error."""
+    if error.code is not ErrorCode.RATE_LIMITED:
+        return None
+    found = _TRY_AGAIN.search(error.reason)
+    return int(found.group(1)) / 1000 if found else 0.1
 
 
 def client_stopped() -> ProtocolError:

@@ -44,6 +44,7 @@ from agent_sdk.wire import MAX_DEPTH, decode_event, to_json_safe, verify_signatu
 from relay.coordination import queries
 from relay.coordination.directory import joins_by_connection
 from relay.coordination.requests import Coordinator
+from relay.limits import publish_cost
 from relay.node import RelayNode
 from relay.store import Record
 
@@ -299,7 +300,9 @@ class Board:
                 raise ProtocolError(ErrorCode.NOT_AUTHENTICATED, "sign in to act")
             # Charged first, as agent connections are: a refusal costs no decoding.
             try:
-                self.node.limiter.check(self.key, "publish", trio.current_time())
+                size = len(str(request.get("event", ""))) * 3 // 4  # (base64)
+                cost = publish_cost(size)
+                self.node.limiter.check(self.key, "publish", trio.current_time(), cost)
             except ProtocolError:
                 self.node.metrics.rate_limited["publish"] += 1
                 raise

@@ -54,6 +54,17 @@ def as_toml(limits: RateLimits) -> str:
     )
 
 
+PUBLISH_UNIT = 16 * 1024
+"""Event bytes one publish token pays for: a publish costs one token per started
+unit, so a large event (a document update that pycrdt must decode, at up to several
+milliseconds for 256 KiB) costs its sender in proportion, not like a small one."""
+
+
+def publish_cost(size: int) -> int:
+    """Publish tokens an event of ``size`` bytes costs (capped at a burst when taken)."""
+    return 1 + max(0, size - 1) // PUBLISH_UNIT
+
+
 @dataclass
 class TokenBucket:
     rate: float
@@ -61,14 +72,15 @@ class TokenBucket:
     tokens: float
     stamp: float
 
-    def take(self, now: float) -> float:
-        """Take one token: 0.0 when there was one, else the seconds until there is."""
+    def take(self, now: float, cost: float = 1.0) -> float:
+        """Take ``cost`` tokens: 0.0 when there were that many, else the seconds until
+        there are (nothing is taken then)."""
         self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
+        if self.tokens >= cost:
+            self.tokens -= cost
             return 0.0
-        return (1.0 - self.tokens) / self.rate if self.rate > 0 else float("inf")
+        return (cost - self.tokens) / self.rate if self.rate > 0 else float("inf")
 
 
 class Limiter:
@@ -80,9 +92,10 @@ class Limiter:
         self.per_key: dict[bytes, int] = {}
         self.per_address: dict[str, int] = {}
 
-    def check(self, key: bytes, what: str, now: float) -> None:
-        """Charge one ``publish`` or ``request`` to ``key``; raises ``rate_limited``."""
-        wait = self.take(key, what, now)
+    def check(self, key: bytes, what: str, now: float, cost: int = 1) -> None:
+        """Charge ``cost`` ``publish`` or ``request`` tokens to ``key``; raises
+        ``rate_limited``."""
+        wait = self.take(key, what, now, cost)
         if wait:
             rate, burst = self._rate(what)
             raise ProtocolError(
@@ -92,9 +105,10 @@ class Limiter:
                 f"try again in {int(wait * 1000) + 1} ms",
             )
 
-    def take(self, key: bytes, what: str, now: float) -> float:
-        """Charge one ``publish`` or ``request`` to ``key``: 0.0 when charged, else the
-        seconds until it can be (nothing is charged then)."""
+    def take(self, key: bytes, what: str, now: float, cost: int = 1) -> float:
+        """Charge ``cost`` ``publish`` or ``request`` tokens to ``key`` (at most a
+        burst): 0.0 when charged, else the seconds until it can be (nothing is charged
+        then)."""
         rate, burst = self._rate(what)
         if rate <= 0:
             return 0.0  # 0: no limit
@@ -105,7 +119,7 @@ class Limiter:
                 self._buckets.popitem(last=False)
         else:
             self._buckets.move_to_end((key, what))
-        return bucket.take(now)
+        return bucket.take(now, min(cost, burst))
 
     def _rate(self, what: str) -> tuple[float, int]:
         limits = self.limits

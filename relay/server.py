@@ -515,14 +515,14 @@ class Connection:
         is stopping, so that a clean stop stays within its bound."""
         return min(seconds, STOPPING_WAIT) if self.node.stopping else seconds
 
-    def _charge(self, what: str) -> None:
+    def _charge(self, what: str, cost: int) -> None:
         """The session's rate check: this agent's bucket for ``what`` (peer relays'
         links are not limited: they carry many agents, each limited at its own relay)."""
         agent = self.session.agent
         if agent is None or self.peer is not None:
             return
         try:
-            self.node.limiter.check(agent, what, trio.current_time())
+            self.node.limiter.check(agent, what, trio.current_time(), cost)
         except ProtocolError:
             self.node.metrics.rate_limited[what] += 1
             self._refusals += 1

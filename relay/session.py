@@ -28,6 +28,7 @@ from agent_sdk.wire import (
     decode_event,
     verify_signature,
 )
+from relay.limits import publish_cost
 
 log = logging.getLogger("formicary.relay")
 
@@ -195,7 +196,7 @@ class Session:
         max_deps: int,
         max_message: int = 256 << 10,
         forwarders: frozenset[bytes] = frozenset(),
-        charge: Callable[[str], None] = lambda what: None,
+        charge: Callable[[str, int], None] = lambda what, cost: None,
         verify_events: bool = True,
     ) -> None:
         self.relay_key = relay_key
@@ -263,7 +264,10 @@ class Session:
         if isinstance(frame, CHARGED):
             # Charged before anything costly (a signature check, a replay): a flood
             # costs little.
-            self.charge("publish" if isinstance(frame, f.Publish) else "request")
+            if isinstance(frame, f.Publish):
+                self.charge("publish", publish_cost(len(frame.event)))
+            else:
+                self.charge("request", 1)
         if isinstance(frame, f.Auth):
             action: Action = self._auth(frame)
         elif isinstance(frame, f.Publish):

@@ -42,7 +42,7 @@ from agent_sdk.docs import EMPTY_UPDATE, MAX_UPDATE, state_vector, yjs
 from agent_sdk.errors import ErrorCode, ProtocolError, unwrap_single
 from agent_sdk.wire import Event, sign_event
 from relay.documents import MAX_AWARENESS, LiveDoc, Overflow, Replica, changes_nothing
-from relay.limits import TokenBucket
+from relay.limits import TokenBucket, publish_cost
 from relay.node import RelayNode, Ticket
 from relay.store import Record
 
@@ -220,7 +220,8 @@ async def _receive(
                     continue  # a writer's step 2 with no edit: not written
                 # Charged to the token's agent, as its own publishes are.
                 try:
-                    node.limiter.check(token.agent, "publish", trio.current_time())
+                    cost = publish_cost(len(data) + 256)  # (the event around it)
+                    node.limiter.check(token.agent, "publish", trio.current_time(), cost)
                 except ProtocolError:
                     node.metrics.rate_limited["publish"] += 1
                     raise

@@ -16,6 +16,7 @@ from agent_sdk.client import RelayClient
 from agent_sdk.docs import SharedDoc, state_vector, yjs
 from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.wire import decode
+from relay.limits import RateLimits
 from relay.node import RelayConfig
 from tests.agent_sdk.test_client import drop_every_connection
 from tests.conftest import RunningRelay, identity, start_relay
@@ -260,6 +261,26 @@ async def test_one_edit_of_many_items_over_the_limit_goes_in_parts(relay: Runnin
             if r.kind == "doc.update"
         ]
         assert len(sizes) > 1 and max(sizes) <= 256 * 1024
+
+
+async def test_a_large_change_over_the_publish_burst_waits_for_its_tokens(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """Each part of a cut change costs a token per 16 KiB: a bulk import can cost more
+    than a burst, and the SDK then waits as the relay tells it, rather than fail."""
+    limits = RateLimits(publish_rate=400, publish_burst=20)  # a 256 KiB part costs 16
+    relay = await start_relay(nursery, tmp_path / "relay", RelayConfig(rate_limits=limits))
+    async with (
+        RelayClient.connect(relay.url, identity(1)) as one,
+        RelayClient.connect(relay.url, identity(3)) as two,
+        one.doc(NS, "bulk") as first,
+        two.doc(NS, "bulk") as second,
+    ):
+        first.array().extend([f"{n:04}" + "z" * 500 for n in range(2000)])  # about 1 MB
+        with trio.fail_after(TIMEOUT):
+            await converged(relay, [first, second])
+        assert first.error is None and len(second.array()) == 2000
+    assert relay.node.metrics.rate_limited["publish"] > 0  # it was over, and waited
 
 
 async def test_a_replica_counts_its_edits_confirmed_part_by_part() -> None:

@@ -16,7 +16,7 @@ from websockets.trio.client import connect as connect_ws
 from agent_sdk.client import RelayClient
 from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.identity import Identity
-from relay.limits import Limiter, RateLimits, TokenBucket
+from relay.limits import Limiter, RateLimits, TokenBucket, publish_cost
 from relay.node import RelayConfig, RelayNode
 from relay.server import serve_relay
 from relay.store.memory import MemoryStore
@@ -78,6 +78,18 @@ def connect(listener: MemoryListener, who: Identity) -> RelayClient:
     return RelayClient.connect(  # type: ignore[return-value]
         "ws://limits.sim/", who, dial=listener.dial, reconnect=False
     )
+
+
+def test_a_large_event_costs_a_token_per_started_16_kib() -> None:
+    """A document update pycrdt must decode costs milliseconds per 256 KiB: a large
+    publish must not cost what a small one does."""
+    assert [publish_cost(n) for n in (0, 1, 16384, 16385, 262144)] == [1, 1, 1, 2, 16]
+    bucket = TokenBucket(rate=10.0, burst=20.0, tokens=20.0, stamp=0.0)
+    assert bucket.take(0.0, 16) == 0.0 and bucket.take(0.0, 16) == pytest.approx(1.2)
+    assert bucket.tokens == pytest.approx(4.0)  # refused: nothing taken
+    limiter = Limiter(RateLimits(publish_rate=10.0, publish_burst=5))
+    assert limiter.take(b"k" * 32, "publish", 0.0, 16) == 0.0  # capped at a burst: never stuck
+    assert limiter.take(b"k" * 32, "publish", 0.0, 1) > 0
 
 
 async def test_a_flood_is_refused_while_another_key_goes_on_and_it_recovers(

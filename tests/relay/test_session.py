@@ -21,13 +21,13 @@ def receive(session: Session, data: bytes) -> Action:
     return action
 
 
-def new_session() -> Session:
+def new_session(max_frame: int = 4096) -> Session:
     return Session(
         relay_key=RELAY.public_key,
         relay_name="local",
         signer=RELAY.sign,
         challenge=CHALLENGE,
-        max_frame=4096,
+        max_frame=max_frame,
         max_deps=4,
     )
 
@@ -186,21 +186,23 @@ def test_message_frames_are_checked_before_anything_is_stored() -> None:
 def test_a_publish_is_charged_before_its_signature_is_checked() -> None:
     from agent_sdk.errors import ProtocolError
 
-    charged: list[str] = []
+    charged: list[tuple[str, int]] = []
 
-    def charge(what: str) -> None:
-        charged.append(what)
-        if len(charged) > 1:
+    def charge(what: str, cost: int) -> None:
+        charged.append((what, cost))
+        if len(charged) > 2:
             raise ProtocolError(ErrorCode.RATE_LIMITED, "try again in 100 ms")
 
-    session = new_session()
+    session = new_session(max_frame=1 << 20)
     session.charge = charge
     assert isinstance(receive(session, auth_frame()).frame, f.Welcome)  # type: ignore[union-attr]
     bogus = f.encode_frame(f.Publish(rid=1, event=b"\x80", sig=b"s" * 64))
     first = receive(session, bogus)
     assert error_code(first) is ErrorCode.BAD_EVENT  # charged, then checked
+    big = f.encode_frame(f.Publish(rid=1, event=b"\x80" * 40_000, sig=b"s" * 64))
+    assert error_code(receive(session, big)) is ErrorCode.MALFORMED  # charged by its size
     second = receive(session, bogus)
     assert error_code(second) is ErrorCode.RATE_LIMITED  # refused before any check
     query = f.encode_frame(f.Query(rid=2, ns="x@local", q="wo.list"))
     assert error_code(receive(session, query)) is ErrorCode.RATE_LIMITED
-    assert charged == ["publish", "publish", "request"]
+    assert charged == [("publish", 1), ("publish", 3), ("publish", 1), ("request", 1)]
