@@ -290,9 +290,19 @@ class Auctions:
         return body
 
     def settle(
-        self, auction_id: str, now_ms: int, ledger: Ledger, stakes: Stakes, reputation: Reputation
+        self,
+        auction_id: str,
+        now_ms: int,
+        ledger: Ledger,
+        stakes: Stakes,
+        reputation: Reputation,
+        logged: str | None = None,
     ) -> dict[str, Any] | None:
-        """Completion, failure or a lapsed confirmation of the current award, if any."""
+        """Completion, failure or a lapsed confirmation of the current award, if any.
+
+        ``logged`` is the ``reason`` of the ``auction.failed`` being replayed: the log
+        says whether the award lapsed unconfirmed, so a log written under an older rule
+        folds to what it says."""
         auction = self._get(auction_id)
         agent = auction.awardee
         assert agent is not None
@@ -312,8 +322,11 @@ class Auctions:
         # when the claim ended (an expiry is stamped with the lease's own end), not by
         # when this timer runs: a late timer must not turn it into a slashed expiry.
         ended_ms = None if held else _claim_ended_ms(order)
-        outlived = held or (order.status is Status.OPEN and (ended_ms or 0) > auction.confirm_by)
-        if outlived and auction.phase is Phase.AWARDED and now_ms >= auction.confirm_by:
+        outlived = held or (ended_ms or 0) > auction.confirm_by  # (blocked after it, too)
+        lapsed = auction.phase is Phase.AWARDED and now_ms >= auction.confirm_by and outlived
+        if logged is not None:
+            lapsed = logged == "unconfirmed"
+        if lapsed:
             if held:
                 ledger.release(auction.wo, agent, auction.token, now_ms)
             stakes.unlock(agent, auction_id)  # not confirming costs the award, not stake

@@ -56,13 +56,8 @@ def text(body: dict[str, Any], name: str, limit: int, default: str | None = None
 
 
 def opt_text(body: dict[str, Any], name: str, limit: int) -> str | None:
-    """An optional text field that may also be nil, meaning absent (the few 8.3 names)."""
+    """An optional text field that may also be nil, meaning absent (the ones 8.3 names)."""
     return None if body.get(name) is None else text(body, name, limit)
-
-
-def text_if_given(body: dict[str, Any], name: str, limit: int) -> str | None:
-    """An optional text field: absent is ``None``, nil is refused like any non-text."""
-    return text(body, name, limit) if name in body else None
 
 
 def texts(body: dict[str, Any], name: str) -> tuple[str, ...]:

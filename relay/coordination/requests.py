@@ -43,7 +43,6 @@ from relay.coordination.fields import (
     opt_integer,
     opt_text,
     text,
-    text_if_given,
     texts,
 )
 from relay.coordination.leases import Granted, Lease, LeaseEngine, Refused, TtlBounds
@@ -375,7 +374,7 @@ class Coordinator:
             title = text(body, "title", 200)
             if not title.strip():
                 raise BadRequest("a decision needs a title")
-            entity = text_if_given(body, "entity", 256)
+            entity = opt_text(body, "entity", 256)
             if entity is not None and not entity:
                 raise BadRequest("entity names what the decision touches")
             made = text(body, "decision", MAX_TEXT)  # the whole body first: bad_request
@@ -485,8 +484,8 @@ class Coordinator:
         assert kind == "auction.reject"
         only(body, "auction", "reason", "agent")
         reason = text(body, "reason", MAX_POST, default="")
-        judged = body.get("agent")
-        if "agent" in body and (not isinstance(judged, bytes) or len(judged) != 32):
+        judged = body.get("agent")  # nil: absent (8.12), as logs before 8.3 said so hold it
+        if judged is not None and (not isinstance(judged, bytes) or len(judged) != 32):
             raise BadRequest("agent must be an agent key (32 bytes)")
         mine = auctions.auctions.get(auction_id)
         if mine is None or mine.requester != author:
@@ -571,7 +570,8 @@ class Coordinator:
         elif body.get("reason") == "rejected":  # pragma: no cover - rejections have a req
             return
         else:
-            auctions.settle(body["auction"], at, self.ledger, self.stakes, self.reputation)
+            logged = body.get("reason") if kind == "auction.failed" else None
+            auctions.settle(body["auction"], at, self.ledger, self.stakes, self.reputation, logged)
 
     def disconnected(self, agent: bytes, now_ms: int, reason: str) -> Outcome | None:
         """The last connection of a member by connection closed (or the relay restarted)."""
@@ -611,7 +611,7 @@ class Coordinator:
     def _apply(self, kind: str, body: dict[str, Any], author: bytes, now: int) -> Done | Rejection:
         ledger = self.ledger
         if kind == "wo.create":
-            parent = text_if_given(body, "parent", 64)
+            parent = opt_text(body, "parent", 64)
             return ledger.create(_contract(body), author, now, parent)
         if kind == "wo.progress":
             only(body, "wo", "token", "percent", "message")

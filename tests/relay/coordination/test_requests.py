@@ -90,7 +90,6 @@ def test_one_of_a_hundred_simultaneous_claims_wins() -> None:
         ("wo.create", {"title": "x", "owner": "me"}, "bad_request"),  # ownership is not a field
         ("wo.create", {"title": "x", "files": "a.py"}, "bad_request"),
         ("wo.create", "just a string", "bad_request"),
-        ("wo.create", {"title": "x", "parent": None}, "bad_request"),  # nil is not absent (8.3)
         ("wo.claim", {"wo": 1}, "bad_request"),
         ("wo.claim", {"wo": "wo-7"}, "not_found"),
         ("wo.claim", {"wo": "wo-1", "ttl_ms": 10}, "bad_ttl"),
@@ -111,16 +110,21 @@ def test_bad_requests_are_rejected_with_a_problem(kind: str, body: Any, problem:
     assert log.coordinator.ledger.orders["wo-1"].history == before
 
 
-def test_nil_is_refused_where_8_3_does_not_let_it_mean_absent() -> None:
+def test_nil_means_absent_only_where_8_3_says() -> None:
+    """Logs hold requests with these nils, answered as absent: a relay that refused
+    them now would not rebuild from its own log."""
     coordinator = Coordinator()
     body = {"title": "t", "decision": "d"}
-    nil = coordinator.decide("decision.add", {**body, "entity": None}, A, b"1" * 32, 0)
-    assert nil is not None and (nil.kind, nil.body["problem"]) == (
-        "decision.rejected",
-        "bad_request",
-    )
-    absent = coordinator.decide("decision.add", {**body, "supersedes": None}, A, b"2" * 32, 0)
-    assert absent is not None and absent.kind == "decision.added"  # one of the two that may
+    for n, (kind, nil) in enumerate(
+        [
+            ("decision.add", {**body, "entity": None, "supersedes": None}),
+            ("wo.create", {"title": "t", "parent": None}),
+        ]
+    ):
+        outcome = coordinator.decide(kind, nil, A, bytes([n]) * 32, 0)
+        assert outcome is not None and outcome.kind in ("decision.added", "wo.created"), outcome
+    refused = coordinator.decide("decision.add", {**body, "rationale": None}, A, b"r" * 32, 0)
+    assert refused is not None and refused.body["problem"] == "bad_request"
 
 
 def test_other_kinds_are_not_requests_and_outcomes_are_the_relays() -> None:
