@@ -44,6 +44,9 @@ EMPTY_UPDATE = b"\x00\x00"
 MAX_UPDATE = 256 * 1024
 """Bytes of one update (one transaction): the relay refuses bigger (``bad_update``)."""
 FLUSH_TIMEOUT = 30.0
+RATE_LIMITED_TRIES = 100
+"""Publishes of one update a document tries while its key is over its rate limit
+(each after the wait the relay names) before the refusal fails the document."""
 
 
 T = TypeVar("T")
@@ -180,7 +183,7 @@ class SharedDoc:
     async def _publish(self, body: dict[str, Any]) -> None:
         """Publish one update, waiting as told while the key is over its rate: a large
         change (cut in parts, each charged by its size) may take longer than a burst."""
-        while True:
+        for _ in range(RATE_LIMITED_TRIES - 1):
             try:
                 await self.client.publish(self.ns, "doc.update", body)
                 return
@@ -189,6 +192,7 @@ class SharedDoc:
                 if wait is None:
                     raise
                 await trio.sleep(wait)  # nothing was done: the same again is safe
+        await self.client.publish(self.ns, "doc.update", body)  # its refusal fails the doc
 
     async def flush(self) -> None:
         """Return once every local change so far is durably in the relay's log."""

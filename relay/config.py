@@ -92,7 +92,7 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("limits", "verify_workers", "int", 1, "signature-checking processes (0: on the loop)"),
     Option("limits", "publish_rate", "int", 100, "publish tokens per second per key"),
-    Option("limits", "publish_burst", "int", 200, "publishes a key may send at once"),
+    Option("limits", "publish_burst", "int", 200, "publish tokens a key may spend at once"),
     Option("limits", "request_rate", "int", 200, "queries and messages per second per key"),
     Option("limits", "request_burst", "int", 400, "requests a key may send at once"),
     Option("limits", "connections_per_key", "int", 64, "connections of one key"),

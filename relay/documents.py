@@ -59,6 +59,8 @@ ABSENT_CLOCKS = 1024
 MAX_WAITING = 4 * MAX_UPDATE
 """Bytes of held-back updates a document keeps for its snapshots and syncs."""
 AWARENESS_RATE = 20.0
+MAX_AWARENESS_BUCKETS = 4096
+"""Agents' awareness allowances a loaded document keeps (most recently opened)."""
 """Awareness updates per second per replica, on average (bursts of twice that)."""
 
 Key = tuple[str, str]
@@ -203,8 +205,10 @@ class LiveDoc:
     snapshots and syncs add it. Empty when nothing waits."""
     owners: dict[int, Replica] = field(default_factory=dict)
     """The replica that announced each present client last (its ``clients`` hold it)."""
-    awareness_buckets: dict[bytes, TokenBucket] = field(default_factory=dict)
-    """The awareness allowance of each agent with a replica open here."""
+    awareness_buckets: OrderedDict[bytes, TokenBucket] = field(default_factory=OrderedDict)
+    """The awareness allowance of each agent that opened the document, kept after it
+    leaves (closing and opening again must not refill it), the latest
+    :data:`MAX_AWARENESS_BUCKETS` of them."""
     absent: OrderedDict[int, None] = field(default_factory=OrderedDict)
     """Clients whose state is gone, oldest first: their clocks are kept (an echo of an
     old state must not bring them back) up to :data:`ABSENT_CLOCKS` of them."""
@@ -269,12 +273,16 @@ class LiveDoc:
         """Register ``replica`` and return (what ``sv`` lacks, our state vector, seq),
         all as of one log position: everything after it reaches the replica's queue."""
         missing = self.missing(sv)
-        if replica.agent is not None:
-            shared = self.awareness_buckets.get(replica.agent)
-            if shared is None:
-                self.awareness_buckets[replica.agent] = replica.awareness
+        agent = replica.agent
+        if agent is not None:
+            buckets = self.awareness_buckets
+            if agent in buckets:
+                replica.awareness = buckets[agent]
+                buckets.move_to_end(agent)
             else:
-                replica.awareness = shared
+                buckets[agent] = replica.awareness
+                if len(buckets) > MAX_AWARENESS_BUCKETS:
+                    buckets.popitem(last=False)
         self.replicas.add(replica)
         return missing, self.doc.get_state(), self.seq
 
@@ -317,9 +325,6 @@ class LiveDoc:
     def leave(self, replica: Replica) -> None:
         """A replica closed: forget it, and tell the others its awareness is gone."""
         self.replicas.discard(replica)
-        agent = replica.agent
-        if agent is not None and not any(r.agent == agent for r in self.replicas):
-            self.awareness_buckets.pop(agent, None)
         for client in replica.clients:
             del self.owners[client]
         gone = [c for c in replica.clients if c in self.awareness.states]

@@ -73,14 +73,16 @@ class TokenBucket:
     stamp: float
 
     def take(self, now: float, cost: float = 1.0) -> float:
-        """Take ``cost`` tokens: 0.0 when there were that many, else the seconds until
-        there are (nothing is taken then)."""
+        """Take ``cost`` tokens when there is at least one, going into debt for the
+        rest (so a costly frame is not starved by cheap ones that keep the bucket
+        from filling; the debt delays what follows, keeping the average rate): 0.0
+        when taken, else the seconds until there is one (nothing is taken then)."""
         self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
-        if self.tokens >= cost:
+        if self.tokens >= 1.0:
             self.tokens -= cost
             return 0.0
-        return (cost - self.tokens) / self.rate if self.rate > 0 else float("inf")
+        return (1.0 - self.tokens) / self.rate if self.rate > 0 else float("inf")
 
 
 class Limiter:

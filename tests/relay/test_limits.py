@@ -85,11 +85,16 @@ def test_a_large_event_costs_a_token_per_started_16_kib() -> None:
     publish must not cost what a small one does."""
     assert [publish_cost(n) for n in (0, 1, 16384, 16385, 262144)] == [1, 1, 1, 2, 16]
     bucket = TokenBucket(rate=10.0, burst=20.0, tokens=20.0, stamp=0.0)
-    assert bucket.take(0.0, 16) == 0.0 and bucket.take(0.0, 16) == pytest.approx(1.2)
-    assert bucket.tokens == pytest.approx(4.0)  # refused: nothing taken
+    assert bucket.take(0.0, 16) == 0.0 and bucket.take(0.0, 16) == 0.0  # 4 left: one is enough
+    assert bucket.tokens == pytest.approx(-12.0)  # in debt: what follows waits for it
+    assert bucket.take(0.0) == pytest.approx(1.3) and bucket.tokens == pytest.approx(-12.0)
+    assert bucket.take(1.3) == 0.0  # the average rate is kept
+    # A costly publish is not starved by cheap ones keeping the bucket from filling.
+    cheap = TokenBucket(rate=10.0, burst=20.0, tokens=0.0, stamp=0.0)
+    assert cheap.take(0.1) == 0.0 and cheap.take(0.2, 16) == 0.0
     limiter = Limiter(RateLimits(publish_rate=10.0, publish_burst=5))
-    assert limiter.take(b"k" * 32, "publish", 0.0, 16) == 0.0  # capped at a burst: never stuck
-    assert limiter.take(b"k" * 32, "publish", 0.0, 1) > 0
+    assert limiter.take(b"k" * 32, "publish", 0.0, 16) == 0.0  # at most a burst in debt
+    assert limiter.take(b"k" * 32, "publish", 0.0, 1) == pytest.approx(0.1)
 
 
 async def test_a_flood_is_refused_while_another_key_goes_on_and_it_recovers(
