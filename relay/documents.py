@@ -31,9 +31,10 @@ import json
 import logging
 import math
 import re
-from bisect import bisect_right
+from array import array
+from bisect import bisect_left, bisect_right
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -459,6 +460,11 @@ class DocHost:
     with replicas stay, so this is a target, not a hard bound)."""
     compact_every: int = 1000
     """Updates after which a live document is compacted into a snapshot."""
+    updates: dict[Key, array[int]] = field(default_factory=dict)
+    """Document -> seqs of its committed ``doc.update`` records since its
+    ``doc.create`` (those before the snapshot it was last loaded from are dropped),
+    in order: loading reads those, not every record of the namespace since (many
+    documents share a log)."""
     due: set[Key] = field(default_factory=set)
     """Documents to compact; ``due_changed`` is set when one is added."""
     due_changed: trio.Event = field(default_factory=trio.Event)
@@ -493,6 +499,8 @@ class DocHost:
         for record in records:
             if record.kind in ("doc.create", COMPACTED) and record.event:
                 self.on_sequenced(record)
+            if record.kind in ("doc.create", "doc.update") and record.event:
+                self._index(record, _body(record)["doc"])
             yield record
 
     def superseded(self, ns: str, name: str, upto: int) -> list[int]:
@@ -516,9 +524,12 @@ class DocHost:
     def on_committed(self, record: Record) -> None:
         """The node fold: apply a committed update to its live document, if loaded,
         and queue it for that document's replicas."""
+        if record.kind == "doc.create":
+            self._index(record, _body(record)["doc"])
         if record.kind != "doc.update":
             return
         body = _body(record)
+        self._index(record, body["doc"])
         live = self.live.get((record.ns, body["doc"]))
         if live is None:
             return  # not loaded: it is in the log, and loading folds it
@@ -526,6 +537,15 @@ class DocHost:
         for replica in live.replicas:
             replica.push(record)
         self._maybe_due(live)
+
+    def _index(self, record: Record, name: str) -> None:
+        """Note a committed ``doc.update`` under its document (a ``doc.create`` starts a
+        new incarnation: the old one's updates are never read again)."""
+        key = (record.ns, name)
+        if record.kind == "doc.create":
+            self.updates[key] = array("q")
+        else:
+            self.updates.setdefault(key, array("q")).append(record.seq)
 
     def _maybe_due(self, live: LiveDoc) -> None:
         if len(live.uncompacted) >= self.compact_every:
@@ -570,14 +590,23 @@ class DocHost:
             [record] = await log.read(ns, at, 1)
             live.merge(upto, _body(record)["state"])
             live.seq, cursor = upto, upto + 1
-        while cursor <= log.head(ns):
-            records = await log.read(ns, cursor, 512)
-            for record in records:
-                if record.kind == "doc.update" and record.event:  # b"": compacted away
-                    body = _body(record)
-                    if body["doc"] == name:
-                        live.apply(record, body["update"])
-            cursor = records[-1].seq + 1
+        # Its updates, as the index has them: read in runs (ones close together share a
+        # read), until no update committed meanwhile is left; each later commit reaches
+        # the document through on_committed once it is registered.
+        seqs = self.updates.get((ns, name), array("q"))
+        del seqs[: bisect_left(seqs, cursor)]  # folded into the snapshot: never read again
+        while (wanted := seqs[bisect_left(seqs, cursor) :]) and wanted[0] <= log.head(ns):
+            for start, end in _runs(wanted):
+                while start <= end:
+                    records = await log.read(ns, start, min(512, end - start + 1))
+                    for record in records:
+                        # (b"": compacted away; other documents' in a run's gaps)
+                        if record.kind == "doc.update" and record.event:
+                            body = _body(record)
+                            if body["doc"] == name:
+                                live.apply(record, body["update"])
+                    start = records[-1].seq + 1
+            cursor = wanted[-1] + 1
         # No await between the last check and the caller registering the document:
         # every later commit reaches it through on_committed.
         self._maybe_due(live)
@@ -592,6 +621,23 @@ class DocHost:
                 del self.live[key]
                 if len(self.live) < self.max_live:
                     return
+
+
+RUN_GAP = 64
+"""Records between two of a document's updates that loading reads through rather
+than start another read."""
+
+
+def _runs(seqs: Sequence[int]) -> Iterator[tuple[int, int]]:
+    """``(first, last)`` ranges covering ``seqs`` (sorted), joining ones closer than
+    :data:`RUN_GAP`."""
+    start = end = seqs[0]
+    for seq in seqs[1:]:
+        if seq - end > RUN_GAP:
+            yield start, end
+            start = seq
+        end = seq
+    yield start, end
 
 
 def _body(record: Record) -> Any:

@@ -810,3 +810,48 @@ def test_an_agents_replicas_of_a_document_share_one_awareness_allowance() -> Non
     again = Replica(capacity=8, agent=b"a" * 32)
     live.sync(b"", again)
     assert again.awareness is mine[0].awareness  # closing and opening does not refill it
+
+
+def reads_of(relay: RunningRelay) -> list[int]:
+    """The seqs of the committed records the relay reads from now on (filled as it reads)."""
+    read: list[int] = []
+    reading = relay.node.read
+
+    async def counting(ns: str, start: int, limit: int) -> list[Any]:
+        records = await reading(ns, start, limit)
+        read.extend(record.seq for record in records)
+        return records
+
+    relay.node.read = counting  # type: ignore[method-assign]
+    return read
+
+
+async def test_loading_a_document_reads_its_updates_not_the_whole_log(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """Many documents and events share a namespace's log: a document is loaded from
+    its own updates (an index kept as they commit, rebuilt at start), so each load does
+    not read everything logged since it was created. A restart rebuilds the index."""
+    config = RelayConfig(max_live_docs=1)  # every open of the other document evicts it
+    relay = await start_relay(nursery, tmp_path / "relay", config)
+    async with RelayClient.connect(relay.url, identity(1)) as client:
+        async with client.doc(NS, "one") as one:
+            for n in range(5):
+                one.text().insert(0, f"<{n}>")
+                await one.flush()
+                for m in range(100):  # other writing between its updates
+                    await client.publish(NS, "app.note", {"n": n, "m": m})
+        async with client.doc(NS, "two") as two:  # evicts "one"
+            two.text().insert(0, "two")
+            await two.flush()
+    for _ in range(2):  # as it runs, then after a restart
+        read = reads_of(relay)
+        async with (
+            RelayClient.connect(relay.url, identity(1)) as client,
+            client.doc(NS, "one") as one,
+        ):
+            assert str(one.text()) == "<4><3><2><1><0>"
+        assert 0 < len(read) <= 10, read  # its own five updates, not 500 notes
+        relay.scope.cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        relay = await start_relay(nursery, tmp_path / "relay", config)
