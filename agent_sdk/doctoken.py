@@ -116,15 +116,8 @@ def check(token: str, ns: str, doc: str, now_ms: int, secret: str | None = None)
             hashlib.sha256(given).digest(), bound
         ):
             raise ProtocolError(ErrorCode.AUTH_FAILED, "the secret is not the token's")
-    doc_token = DocToken(
-        agent,
-        fields["ns"],
-        fields["doc"],
-        fields["exp"],
-        canonical(fields),
-        bound=bound is not None,
-    )
-    return doc_token
+    raw = canonical(fields)
+    return DocToken(agent, fields["ns"], fields["doc"], fields["exp"], raw, bound=bound is not None)
 
 
 def _text(raw: bytes) -> str:

@@ -60,9 +60,11 @@ ABSENT_CLOCKS = 1024
 MAX_WAITING = 4 * MAX_UPDATE
 """Bytes of held-back updates a document keeps for its snapshots and syncs."""
 AWARENESS_RATE = 20.0
+"""Awareness updates per second per agent and document, on average (bursts of twice
+that)."""
 MAX_AWARENESS_BUCKETS = 4096
-"""Agents' awareness allowances a loaded document keeps (most recently opened)."""
-"""Awareness updates per second per replica, on average (bursts of twice that)."""
+"""Awareness allowances a loaded document keeps of agents with no replica open (the
+most recently opened); those of agents with one open are always kept."""
 
 Key = tuple[str, str]
 
@@ -283,9 +285,19 @@ class LiveDoc:
             else:
                 buckets[agent] = replica.awareness
                 if len(buckets) > MAX_AWARENESS_BUCKETS:
-                    buckets.popitem(last=False)
+                    self._forget_buckets()
         self.replicas.add(replica)
         return missing, self.doc.get_state(), self.seq
+
+    def _forget_buckets(self) -> None:
+        """Drop the oldest allowances of agents with no replica open, down to the cap
+        (an agent with one open must keep its own: opening again shares it)."""
+        open_ = {replica.agent for replica in self.replicas}
+        buckets = self.awareness_buckets
+        for agent in [a for a in buckets if a not in open_]:
+            if len(buckets) <= MAX_AWARENESS_BUCKETS:
+                break
+            del buckets[agent]
 
     def awareness_states(self) -> bytes | None:
         clients = list(self.awareness.states)
@@ -546,6 +558,14 @@ class DocHost:
             self.updates[key] = array("q")
         else:
             self.updates.setdefault(key, array("q")).append(record.seq)
+
+    def folded(self, ns: str, name: str, upto: int) -> None:
+        """A snapshot up to ``upto`` is committed: loading never reads the updates it
+        holds, so the index forgets them (a document that stays loaded is compacted
+        again and again without being loaded)."""
+        seqs = self.updates.get((ns, name))
+        if seqs is not None:
+            del seqs[: bisect_right(seqs, upto)]
 
     def _maybe_due(self, live: LiveDoc) -> None:
         if len(live.uncompacted) >= self.compact_every:

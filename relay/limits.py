@@ -100,10 +100,12 @@ class Limiter:
         wait = self.take(key, what, now, cost)
         if wait:
             rate, burst = self._rate(what)
+            what_per = "publish tokens (one per started 16 KiB of an event)"
+            if what != "publish":
+                what_per = "requests"
             raise ProtocolError(
                 ErrorCode.RATE_LIMITED,
-                f"over {rate:g} {what}{'es' if what == 'publish' else 's'} per second "
-                f"(burst {burst}); "
+                f"over {rate:g} {what_per} per second (burst {burst}); "
                 f"try again in {int(wait * 1000) + 1} ms",
             )
 

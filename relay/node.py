@@ -821,6 +821,7 @@ class RelayNode:
         placed = self._append_own(live.ns, Outcome(COMPACTED, body), (), self.wall_ms())
         self._pending_ready.set()
         await self.wait_beyond(placed.ns, placed.seq - 1)
+        self.docs.folded(live.ns, live.name, upto)
         pruned = covered + self.docs.superseded(live.ns, live.name, upto)
         async with self._write_lock:
             await self._call(self.store.prune, live.ns, pruned)

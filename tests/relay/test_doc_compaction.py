@@ -266,3 +266,20 @@ async def test_a_replica_of_a_lost_relays_document_is_not_merged_into_the_new_on
         async with client.doc(NS, "plan", create=False) as check:
             assert str(check.text()) == "a new plan"  # nothing of the old one merged
     second.scope.cancel()
+
+
+async def test_a_document_that_stays_loaded_forgets_the_updates_its_snapshots_hold(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """The index of a document's updates (what loading reads) is trimmed at each
+    compaction, not only when the document is loaded again: it stays bounded."""
+    relay = await start_relay(nursery, tmp_path / "relay", RelayConfig(doc_compact_every=20))
+    async with (
+        RelayClient.connect(relay.url, identity(1)) as client,
+        client.doc(NS, "busy") as doc,
+    ):
+        for _ in range(300):
+            doc.text().insert(0, "x")
+            await doc.flush()
+        await relay.node.wait_stat("compactions", 10)
+        assert len(relay.node.docs.updates[(NS, "busy")]) < 40  # not 300

@@ -855,3 +855,22 @@ async def test_loading_a_document_reads_its_updates_not_the_whole_log(
         relay.scope.cancel()
         await trio.testing.wait_all_tasks_blocked()
         relay = await start_relay(nursery, tmp_path / "relay", config)
+
+
+def test_an_open_agents_awareness_allowance_is_never_forgotten() -> None:
+    """Past the cap, only allowances of agents with no replica open are dropped: one
+    open again while the first is still open must share it, not get a second."""
+    from relay.documents import MAX_AWARENESS_BUCKETS, LiveDoc, Replica
+
+    live = LiveDoc(NS, "d", epoch=1)
+    mine = Replica(capacity=8, agent=b"a" * 32)
+    live.sync(b"", mine)  # and kept open
+    gone = Replica(capacity=8, agent=b"g" * 32)
+    live.sync(b"", gone)
+    live.leave(gone)
+    for n in range(MAX_AWARENESS_BUCKETS):
+        live.sync(b"", Replica(capacity=8, agent=n.to_bytes(32, "big")))
+    again = Replica(capacity=8, agent=b"a" * 32)
+    live.sync(b"", again)
+    assert again.awareness is mine.awareness
+    assert b"g" * 32 not in live.awareness_buckets  # the closed one went first
