@@ -34,7 +34,7 @@ forwarded nor mirrored — is not looked for: it parks until ``park_timeout``.
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
@@ -140,6 +140,8 @@ class Federation:
         # Per relay, the message receipts on their way (in order), as (n, receipt):
         # stored until passed on, so that a restart does not lose them.
         self._receipts: dict[str, list[tuple[int, bytes]]] = {}
+        self.receipts_dropped: Counter[str] = Counter()
+        """Per relay, the receipts dropped since start-up: no way to it (keep_receipts)."""
         self._last_receipt = 0
         for relay, n, receipt in store.load_receipts():
             self._receipts.setdefault(relay, []).append((n, receipt))
@@ -304,15 +306,29 @@ class Federation:
         trying again while the link is down. They are stored first (in the outbox
         store), so that a restart of this relay sends them still; when they cannot be
         (the disk, or :data:`MAX_RECEIPTS_QUEUED` waiting for one relay), nothing is
-        kept and ``internal`` is raised: the caller keeps what they answer."""
+        kept and ``internal`` is raised: the caller keeps what they answer.
+
+        A receipt for a relay this one has no way to (a peer that only dials us, or
+        one not listed) is dropped and counted: kept, it could never leave, and once
+        :data:`MAX_RECEIPTS_QUEUED` of them waited every acknowledgement of a message
+        from that relay would be refused."""
         rows: list[tuple[str, int, bytes]] = []
         for relay, receipt in receipts:
+            try:
+                self.link_to(relay, None)
+            except ProtocolError as exc:
+                if not self.receipts_dropped[relay]:
+                    log.warning("message receipts for relay %s are dropped: %s", relay, exc.reason)
+                self.receipts_dropped[relay] += 1
+                continue
             waiting = len(self._receipts.get(relay, ())) + sum(r[0] == relay for r in rows)
             if waiting >= MAX_RECEIPTS_QUEUED:
                 reason = f"{waiting} message receipts already wait for relay {relay}"
                 raise ProtocolError(ErrorCode.INTERNAL, reason)
             self._last_receipt += 1
             rows.append((relay, self._last_receipt, receipt))
+        if not rows:
+            return
         try:
             await store_call(self.store, self.store.put_receipts, rows)
         except Exception as exc:
@@ -559,6 +575,8 @@ class Federation:
                     "outbox_stored": outbox.stored if outbox else 0,
                     "delivered": outbox.delivered if outbox else 0,
                     "expired": outbox.expired if outbox else 0,
+                    "receipts": len(self._receipts.get(name, ())),
+                    "receipts_dropped": self.receipts_dropped[name],
                 }
             )
         mirrors = {

@@ -10,6 +10,7 @@ import trio
 
 from agent_sdk.client import RelayClient
 from agent_sdk.errors import ErrorCode, ProtocolError
+from federation.peers import Peer
 from tests.conftest import RunningRelay, identity
 from tests.federation.cluster import cluster
 from tests.federation.fixtures import Planned, federation_of, plan, start
@@ -245,3 +246,31 @@ async def test_a_receipt_that_cannot_be_stored_leaves_its_message_in_the_inbox(
                 again = await bob.mailbox.next()  # not taken: it came again
                 assert again.body == "once more"
             (await sent.delivered()).verify()
+
+
+async def test_a_receipt_for_a_relay_that_only_dials_us_is_dropped_not_kept(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """b has no way to a (a dials b; b lists a without an address): Bob's receipts for
+    Alice can never leave. Kept, they piled up (and past MAX_RECEIPTS_QUEUED every
+    acknowledgement of a message from a would be refused); they are dropped, counted."""
+    relays = plan(tmp_path, "a", "b")
+    a = await start(nursery, relays["a"], (relays["b"].peer(),))
+    b = await start(nursery, relays["b"], (Peer("a", relays["a"].key),))  # it dials us
+    fed = federation_of(b)
+    with trio.fail_after(TIMEOUT):
+        async with RelayClient.connect(b.url, BOB):
+            pass
+        await federation_of(a).links["b"].wait_up()
+        async with RelayClient.connect(a.url, ALICE) as alice:
+            for n in range(3):
+                await alice.send(f"{BOB.id}@b", n)
+        async with RelayClient.connect(b.url, BOB) as bob:
+            for n in range(3):
+                assert (await bob.mailbox.next()).body == n
+            await bob.mailbox.confirm()  # applied: the acknowledgements are not refused
+    assert fed.receipts_dropped["a"] == 3
+    assert fed.store.load_receipts() == [] and not fed._receipts.get("a")
+    [peer] = fed.info()["peers"]
+    assert (peer["receipts"], peer["receipts_dropped"]) == (0, 3)
+    assert b.node.inboxes.size(BOB.public_key) == 0
