@@ -26,7 +26,14 @@ import trio
 from websockets.exceptions import InvalidHandshake, InvalidURI
 
 from agent_sdk import cli_auction, cli_dir, cli_doc, cli_msg, cli_ns, cli_records, cli_wo
-from agent_sdk.client import DEFAULT_RELAY, Delivery, Live, Published, RelayClient
+from agent_sdk.client import (
+    DEFAULT_RELAY,
+    Delivery,
+    Live,
+    Published,
+    RelayClient,
+    RelayMismatch,
+)
 from agent_sdk.errors import ProtocolError
 from agent_sdk.identity import (
     KEY_ENV,
@@ -603,6 +610,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         KeyboardInterrupt,
         InvalidURI,
         InvalidHandshake,
+        RelayMismatch,
+        trio.TooSlowError,
         KeyFileError,
     ) as exc:
         errors = _leaves(exc)
@@ -621,8 +630,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 128 + signal.SIGPIPE
         # An agent command that found no relay: one line, not a traceback. (An error
         # about a file, such as the key file, names it, and is not this.)
-        # (Nor is a URL that is no WebSocket URL, or a server there that is no relay.)
-        unreachable = (InvalidURI, InvalidHandshake)
+        # (Nor is a URL that is no WebSocket URL, or a server there that is no relay,
+        # or one that does not finish the handshake in time.)
+        unreachable = (InvalidURI, InvalidHandshake, RelayMismatch, trio.TooSlowError)
         if not hasattr(args, "key") or not all(
             isinstance(error, unreachable) or (isinstance(error, OSError) and not error.filename)
             for error in errors

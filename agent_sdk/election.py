@@ -23,7 +23,7 @@ import trio
 
 from agent_sdk.client import Delivery
 from agent_sdk.errors import unwrap_single
-from agent_sdk.ledger import Claim, LeaseLost, Ledger, LedgerRefusal, keep_renewed
+from agent_sdk.ledger import Claim, LeaseLost, Ledger, LedgerRefusal, as_told, keep_renewed
 
 CONFIRM_TIMEOUT = 30.0
 """Seconds to wait for the relay's answer to an acquire or a release."""
@@ -72,7 +72,7 @@ async def hold_lock(
         elif not ledger.client.stopped.is_set():
             with trio.CancelScope(shield=True), trio.move_on_after(CONFIRM_TIMEOUT):
                 try:
-                    await ledger.unlock(lock)
+                    await as_told(lambda: ledger.unlock(lock))
                 except Exception:
                     pass  # lapsed already, or no connection: it lapses at its expiry
     if lost:

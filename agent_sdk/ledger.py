@@ -19,12 +19,12 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
 from agent_sdk.client import Delivery, RelayClient
-from agent_sdk.errors import ProtocolError, unwrap_single
+from agent_sdk.errors import ProtocolError, retry_after, unwrap_single
 from agent_sdk.wire import Event, sign_event
 
 Items = list[dict[str, Any]]
@@ -34,6 +34,7 @@ CLAIM_TIMEOUT = 30.0  # seconds to wait for the relay's answer to a claim or a r
 
 
 log = logging.getLogger("formicary.sdk")
+T = TypeVar("T")
 
 
 class LedgerRefusal(Exception):
@@ -427,13 +428,28 @@ class Ledger:
             elif not ended_here:
                 with trio.CancelScope(shield=True), trio.move_on_after(CLAIM_TIMEOUT):
                     try:
-                        await self.release(claim)
+                        await as_told(lambda: self.release(claim))
                     except LedgerRefusal:
                         pass  # already lapsed or ended: nothing held
-                    except ProtocolError as exc:  # stopped, rate limited: held until its TTL
+                    except ProtocolError as exc:  # stopped: held until its TTL
                         log.warning("could not release %s: %s", claim.order, exc)
         if lost:
             raise LeaseLost(f"{order}: the lease was lost; stopped")
+
+
+async def as_told(send: Callable[[], Awaitable[T]]) -> T:
+    """``send()``, again after the wait a ``rate_limited`` refusal names, until it is
+    not rate limited (the relay did nothing: the same again is safe). A release at the
+    end of a hold must not give up on the first refusal and leave the order held, by
+    nobody, until its lease runs out."""
+    while True:
+        try:
+            return await send()
+        except ProtocolError as exc:
+            wait = retry_after(exc)
+            if wait is None:
+                raise
+            await trio.sleep(wait)
 
 
 async def keep_renewed(

@@ -10,12 +10,16 @@ import sqlite3
 import stat
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 import trio.testing
+from websockets.trio.server import serve as serve_ws
 
+from agent_sdk import frames as f
 from agent_sdk.identity import Identity
 from tests.conftest import RunningRelay
 
@@ -107,6 +111,24 @@ async def test_without_a_relay_or_a_place_to_serve_the_cli_says_what_to_do(
             busy.returncode == 1 and f"port {port} on 127.0.0.1 is in use" in busy.stderr.decode()
         )
         assert not (tmp_path / "data").exists()  # found before anything was made
+
+    # A WebSocket server that is not a relay (its first frame is not hello): one line.
+    async def not_a_relay(ws: Any) -> None:
+        await ws.send(f.encode_frame(f.Live(sub=1, ns="x@local", seq=1)))
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        serving = partial(serve_ws, not_a_relay, 0, host="127.0.0.1")
+        server = await nursery.start(serving)
+        url = f"ws://127.0.0.1:{server.listeners[0].socket.getsockname()[1]}"
+        env = {"FORMICARY_RELAY": url, "FORMICARY_KEY": str(tmp_path / "agent.key")}
+        for command in (["publish", "jobs@local", "app.note"], ["tail", "jobs@local"],
+                        ["msg", "inbox"]):  # fmt: skip
+            result = await formicary(*command, env=env)
+            err = result.stderr.decode()
+            assert result.returncode == 1 and f"cannot reach the relay at {url}" in err, err
+            assert "Traceback" not in err and "expected hello" in err
+        nursery.cancel_scope.cancel()
     a_file = tmp_path / "a-file"
     a_file.write_text("")
     on_a_file = await formicary("relay", "serve", "--port", "0", "--data", str(a_file))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -12,9 +13,12 @@ import trio
 import trio.testing
 
 from agent_sdk.client import RelayClient
+from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.ledger import Claim, LeaseLost, Ledger, LedgerRefusal
 from agent_sdk.wire import SignedEvent
-from tests.conftest import RunningRelay, identity
+from relay.limits import RateLimits
+from relay.node import RelayConfig
+from tests.conftest import RunningRelay, identity, start_relay
 
 NS = "work@local"
 
@@ -53,6 +57,25 @@ async def test_hold_renews_exposes_the_token_and_releases(relay: RunningRelay) -
                 await Ledger(client, NS).claim(order)  # held, even by the same agent
         again = await ledger.claim(order)  # released on exit
         assert again.token == 2
+
+
+async def test_hold_releases_on_exit_even_when_rate_limited(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """The key spent its publishes in the body: the release is refused rate_limited,
+    and is sent again after the wait the relay names, not given up on (which left
+    the order held by nobody until its lease ran out)."""
+    limits = RateLimits(publish_rate=5.0, publish_burst=3)
+    relay = await start_relay(nursery, tmp_path / "relay", RelayConfig(rate_limits=limits))
+    async with RelayClient.connect(relay.url, identity(1)) as client:
+        ledger = Ledger(client, NS)
+        order = await ledger.create("held work")
+        async with ledger.hold(order, ttl_ms=600_000):
+            with pytest.raises(ProtocolError) as spent:
+                while True:
+                    await client.publish(NS, "app.note", "busy")
+            assert spent.value.code is ErrorCode.RATE_LIMITED  # the release will be too
+        assert (await ledger.show(order))["status"] == "open"  # released on exit
 
 
 async def test_hold_stops_the_body_when_the_lease_is_lost(relay: RunningRelay) -> None:
