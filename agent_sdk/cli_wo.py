@@ -4,7 +4,8 @@ Writes go through :class:`agent_sdk.ledger.Ledger`; reads (``list``, ``show``) a
 queries the relay answers from the state it decides on. The fencing token of each order this agent
 holds is kept in ``tokens.json`` next to its key file, under the agent's id (keys may
 share a folder), so ``renew``, ``release``, ``note`` and ``update`` need no
-``--token`` (all accept one).
+``--token`` (all accept one). A kept token the relay says is over (its lease lapsed
+or moved on: a refused ``renew``, ``release`` or ``update``) is forgotten.
 
 Exit codes: 0 ok, 3 conflict (held by another, not the holder, stale token, a status
 move that makes no sense), 4 not found (or nothing open), 2 usage, 1 anything else.
@@ -431,7 +432,12 @@ def _claim_like(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
             claim = await ledger.next(ttl)
         else:
             renewed = tokens.get(ns, args.id, args.token)
-            claim = await ledger.renew(Claim(args.id, renewed, 0), ttl)
+            try:
+                claim = await ledger.renew(Claim(args.id, renewed, 0), ttl)
+            except LedgerRefusal as exc:
+                if exc.problem in STALE:
+                    tokens.forget(ns, args.id, renewed)  # the lease lapsed or moved on
+                raise
         tokens.put(ns, claim.order, claim.token, was=renewed)
         return _claimed(claim)
 
@@ -439,6 +445,7 @@ def _claim_like(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
 
 
 STALE = ("not_holder", "stale_token")  # refusals that say a kept token's claim is over
+ENDED = (*STALE, "bad_transition")  # a release's: the order is not claimed at all
 
 
 def _release(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
@@ -448,7 +455,7 @@ def _release(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
         try:
             await ledger.release(Claim(args.id, token, 0))
         except LedgerRefusal as exc:
-            if exc.problem in STALE:
+            if exc.problem in ENDED:
                 tokens.forget(ns, args.id, token)  # that claim is over
             raise
         tokens.forget(ns, args.id, token)

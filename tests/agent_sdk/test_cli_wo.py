@@ -353,3 +353,18 @@ async def test_a_kept_token_the_relay_refuses_is_forgotten(
     assert done.returncode == 0, done.stderr.decode()
     assert exit_codes(tmp_path) == {"stale": "3", "again": "0"}
     assert f"the kept token of {order} is forgotten" in done.stderr.decode()
+    # A renewal or a release refused for a lapsed lease forgets it too.
+    async with RelayClient.connect(relay.url, key) as client:
+        renewed, released = [await Ledger(client, "work@local").create(t) for t in "rs"]
+    tokens = Tokens(tmp_path / "me", key.id)
+    for lapsed in (renewed, released):
+        tokens.put("work@local", lapsed, 7)
+    script = f"""
+f() {{ "$PYTHON" -m agent_sdk.cli wo "$@"; }}
+f renew {renewed} --ttl 1m; echo "renew=$?" > codes.txt
+f release {released}; echo "release=$?" >> codes.txt
+"""
+    done = await run_shell(relay, tmp_path, script, ns="work@local")
+    assert exit_codes(tmp_path) == {"renew": "3", "release": "3"}, done.stderr.decode()
+    assert tokens.kept("work@local", renewed, None) is None
+    assert tokens.kept("work@local", released, None) is None
