@@ -6,7 +6,8 @@ leases, for agents that work through commands.
 so a caller can tell "held" from CMD's own status 3), renews it at a third of ``--ttl`` while CMD
 runs, releases it after, and exits with CMD's status. CMD finds the fencing token in
 ``FORMICARY_FENCE``. If the lease is lost (a renewal refused, or not confirmed in
-time), CMD is stopped (SIGTERM, then SIGKILL) and the exit status is 75. A SIGTERM
+time, or the connection to the relay lost), CMD is stopped (SIGTERM, then SIGKILL)
+and the exit status is 75. A SIGTERM
 or SIGINT to us stops CMD the same way first, then releases the lock; the status is
 128 + the signal.
 
@@ -108,13 +109,23 @@ async def _run(cmd: list[str], token: int) -> int:
     return 128 - code if code < 0 else code  # killed by a signal: as a shell says it
 
 
+async def _running(args: argparse.Namespace, cmd: list[str], token: int) -> int:
+    """:func:`_run`, noting on ``args`` while CMD runs: a connection to the relay lost
+    meanwhile stops CMD (the lease can no longer be kept), and ``cli_wo.run`` then
+    exits with :data:`LEASE_LOST`, as for a lease lost any other way."""
+    args.command_running = True
+    code = await _run(cmd, token)
+    args.command_running = False  # (not reached when the connection's end cancels it)
+    return code
+
+
 def lock_run(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
     cmd, ttl = _command(args), ttl_ms(args.ttl, "--ttl")
 
     async def act(ledger: Ledger) -> Exit:
         try:
             async with hold_lock(ledger, args.name, ttl, wait=not args.no_wait) as lock:
-                return Exit(await _run(cmd, lock.token))
+                return Exit(await _running(args, cmd, lock.token))
         except LeaseLost as exc:
             print(f"formicary lock run: {exc}", file=sys.stderr)
             return Exit(LEASE_LOST)
@@ -140,7 +151,7 @@ def _once(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
                 if await ledger.get_checkpoint(name):
                     print(f"formicary once: {key} was done before; not run", file=sys.stderr)
                     return Exit(0)
-                code = await _run(cmd, lock.token)
+                code = await _running(args, cmd, lock.token)
                 if code == 0:
                     await ledger.checkpoint(name, 1, expect=0)
                     await ledger.post(f"once {key}: done (fence {lock.token})")

@@ -180,7 +180,17 @@ def run(args: argparse.Namespace) -> int:
     try:
         tokens.check()  # a bad file must not cost a claim whose token cannot be kept
         action: Callable[[Ledger], Awaitable[Any]] = args.actions[name](args, tokens, ns)
-        result = trio.run(main)
+        try:
+            result = trio.run(main)
+        except Exception as exc:
+            if not getattr(args, "command_running", False):
+                raise
+            from agent_sdk.cli_run import LEASE_LOST
+
+            # The connection ended under a command run under a lease: it was stopped.
+            reason = f"the connection to the relay was lost ({exc}); the command was stopped"
+            print(f"{where}: {reason}", file=sys.stderr)
+            return LEASE_LOST
     except LedgerRefusal as exc:
         print(f"{where}: {exc.problem}: {exc.reason}", file=sys.stderr)
         return EXIT_OF_PROBLEM.get(exc.problem, 1)

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import trio
 
+from agent_sdk.cli_run import LEASE_LOST
 from agent_sdk.client import RelayClient
 from agent_sdk.ledger import Ledger, LedgerRefusal
-from tests.conftest import RunningRelay, identity
+from tests.conftest import RunningRelay, identity, start_relay
 
 NS = "shell@local"
 AGENTS = 20
@@ -237,6 +238,36 @@ async def test_sigterm_stops_the_command_then_releases_the_lock(
             async with RelayClient.connect(relay.url, identity(2)) as client:
                 ledger = Ledger(client, NS)
                 await ledger.unlock(await ledger.lock("the-db", 60_000))  # free at once
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+            await runner.wait()
+
+
+async def test_a_relay_that_goes_away_stops_the_command_with_status_75(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """The lease can no longer be renewed: the command is stopped, and the status is
+    LEASE_LOST, not 1 (which a shell cannot tell from the command's own failure)."""
+    relay = await start_relay(nursery, tmp_path / "relay")
+    runner = await trio.lowlevel.open_process(
+        formicary("lock", "run", "the-db", "--ttl", "60s", "--", "sh", "-c",
+                  "echo $$; exec sleep 60"),
+        env=env_for(relay, tmp_path, 1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert runner.stdout is not None and runner.stderr is not None
+    try:
+        with trio.fail_after(TIMEOUT):
+            said = b""
+            while not said.endswith(b"\n"):  # the command runs: it told us its pid
+                said += await runner.stdout.receive_some()
+            child = int(said)
+            relay.scope.cancel()  # the relay goes away under it
+            assert await runner.wait() == LEASE_LOST
+            with pytest.raises(ProcessLookupError):
+                os.kill(child, 0)  # the command is gone too
+            err = await runner.stderr.receive_some()
+            assert b"the connection to the relay was lost" in err, err
     finally:
         if runner.poll() is None:
             runner.kill()
