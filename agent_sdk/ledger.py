@@ -214,7 +214,8 @@ class Ledger:
         (``approved``, ``by``, ``comment``, ``at_ms``). Follows the namespace live, so
         a person's click reaches the agent at once. Call it after asking: an order
         that is not awaiting approval answers at once with its latest decision, which
-        is an earlier round's if this round was not asked for yet."""
+        is an earlier round's if this round was not asked for yet (one never decided
+        waits for its first decision)."""
         decided = ("wo.approved", "wo.declined")
         async with self.client.subscribe(self.ns, kinds=decided) as feed:
             while True:
