@@ -638,6 +638,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             for error in errors
         ):
             raise
+        broke = [error for error in errors if isinstance(error, RelayMismatch)]
+        if broke:  # it answered, but not as a relay does (or not as the relay pinned)
+            print(
+                f"formicary: the server at {_relay_url(args)} broke the relay protocol: {broke[0]}",
+                file=sys.stderr,
+            )
+            return 1
         print(
             f"formicary: cannot reach the relay at {_relay_url(args)}: {errors[0]}"
             f" (is it running? --relay or ${RELAY_ENV} says where)",

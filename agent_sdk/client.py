@@ -332,8 +332,11 @@ class RelayClient:
                     # Over an in-memory stream there is no peer to lose: no keepalive.
                     ping_interval=None if stream is not None else 20,
                 ) as ws:
-                    with trio.fail_after(HANDSHAKE_TIMEOUT):
+                    with trio.move_on_after(HANDSHAKE_TIMEOUT) as handshake:
                         await self._handshake(ws)
+                    if handshake.cancelled_caught:
+                        seconds = f"{HANDSHAKE_TIMEOUT:g} s"
+                        raise trio.TooSlowError(f"no handshake from the relay in {seconds}")
                     self.connections += 1
                     delay = 0.05
                     if not started:

@@ -440,7 +440,8 @@ class Ledger:
 
 async def as_told(send: Callable[[], Awaitable[T]]) -> T:
     """``send()``, again after the wait a ``rate_limited`` refusal names, until it is
-    not rate limited (the relay did nothing: the same again is safe). A release at the
+    not rate limited (the relay did nothing: the same again is safe), or the wait
+    would pass the caller's deadline (then the refusal is raised). A release at the
     end of a hold must not give up on the first refusal and leave the order held, by
     nobody, until its lease runs out."""
     while True:
@@ -448,7 +449,8 @@ async def as_told(send: Callable[[], Awaitable[T]]) -> T:
             return await send()
         except ProtocolError as exc:
             wait = retry_after(exc)
-            if wait is None:
+            # A wait past the caller's deadline is no use: say so now, not at it.
+            if wait is None or trio.current_time() + wait > trio.current_effective_deadline():
                 raise
             await trio.sleep(wait)
 

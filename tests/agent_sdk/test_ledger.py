@@ -14,7 +14,7 @@ import trio.testing
 
 from agent_sdk.client import RelayClient
 from agent_sdk.errors import ErrorCode, ProtocolError
-from agent_sdk.ledger import Claim, LeaseLost, Ledger, LedgerRefusal
+from agent_sdk.ledger import Claim, LeaseLost, Ledger, LedgerRefusal, as_told
 from agent_sdk.wire import SignedEvent
 from relay.limits import RateLimits
 from relay.node import RelayConfig
@@ -76,6 +76,31 @@ async def test_hold_releases_on_exit_even_when_rate_limited(
                     await client.publish(NS, "app.note", "busy")
             assert spent.value.code is ErrorCode.RATE_LIMITED  # the release will be too
         assert (await ledger.show(order))["status"] == "open"  # released on exit
+
+
+async def test_a_rate_limited_send_waits_as_told_but_never_past_its_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    sent: list[float] = []
+
+    async def refused_once() -> str:
+        sent.append(trio.current_time())
+        if len(sent) == 1:
+            raise ProtocolError(ErrorCode.RATE_LIMITED, "over 1 ...; try again in 500 ms")
+        return "released"
+
+    with trio.move_on_after(30):
+        assert await as_told(refused_once) == "released"
+    assert sent[1] - sent[0] >= 0.5  # after the wait named
+
+    async def refused_for_a_minute() -> str:
+        sent.append(trio.current_time())
+        raise ProtocolError(ErrorCode.RATE_LIMITED, "over 1 ...; try again in 60000 ms")
+
+    sent.clear()
+    with trio.move_on_after(30), pytest.raises(ProtocolError):
+        await as_told(refused_for_a_minute)  # no use waiting past the deadline: at once
+    assert len(sent) == 1 and trio.current_time() == sent[0]
 
 
 async def test_hold_stops_the_body_when_the_lease_is_lost(relay: RunningRelay) -> None:
