@@ -87,6 +87,20 @@ async def test_cli_errors_are_clear(relay: RunningRelay, tmp_path: Path) -> None
     assert cursor.returncode == 1 and b"bad_cursor" in cursor.stderr
 
 
+async def one_line_errors(url: str, tmp_path: Path) -> list[str]:
+    """What agent commands that talk to ``url`` say on stderr, each exiting 1 without a
+    traceback."""
+    env = {"FORMICARY_RELAY": url, "FORMICARY_KEY": str(tmp_path / "agent.key")}
+    said = []
+    for command in (["publish", "jobs@local", "app.note"], ["tail", "jobs@local"],
+                    ["msg", "inbox"]):  # fmt: skip
+        result = await formicary(*command, env=env)
+        err = result.stderr.decode()
+        assert result.returncode == 1 and "Traceback" not in err, err
+        said.append(err)
+    return said
+
+
 async def test_without_a_relay_or_a_place_to_serve_the_cli_says_what_to_do(
     tmp_path: Path,
 ) -> None:
@@ -97,13 +111,8 @@ async def test_without_a_relay_or_a_place_to_serve_the_cli_says_what_to_do(
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         url = f"ws://127.0.0.1:{closed.getsockname()[1]}"
-        env = {"FORMICARY_RELAY": url, "FORMICARY_KEY": str(tmp_path / "agent.key")}
-        for command in (["publish", "jobs@local", "app.note"], ["tail", "jobs@local"],
-                        ["msg", "inbox"]):  # fmt: skip
-            result = await formicary(*command, env=env)
-            err = result.stderr.decode()
-            assert result.returncode == 1 and f"cannot reach the relay at {url}" in err, err
-            assert "Traceback" not in err and "FORMICARY_RELAY" in err
+        for err in await one_line_errors(url, tmp_path):
+            assert f"cannot reach the relay at {url}" in err and "FORMICARY_RELAY" in err
         port = str(taken.getsockname()[1])
         serve = ["relay", "serve", "--host", "127.0.0.1", "--port", port]
         busy = await formicary(*serve, "--data", str(tmp_path / "data"))
@@ -121,13 +130,8 @@ async def test_without_a_relay_or_a_place_to_serve_the_cli_says_what_to_do(
         serving = partial(serve_ws, not_a_relay, 0, host="127.0.0.1")
         server = await nursery.start(serving)
         url = f"ws://127.0.0.1:{server.listeners[0].socket.getsockname()[1]}"
-        env = {"FORMICARY_RELAY": url, "FORMICARY_KEY": str(tmp_path / "agent.key")}
-        for command in (["publish", "jobs@local", "app.note"], ["tail", "jobs@local"],
-                        ["msg", "inbox"]):  # fmt: skip
-            result = await formicary(*command, env=env)
-            err = result.stderr.decode()
-            assert result.returncode == 1 and f"the server at {url} broke the relay" in err, err
-            assert "Traceback" not in err and "expected hello" in err
+        for err in await one_line_errors(url, tmp_path):
+            assert f"the server at {url} broke the relay" in err and "expected hello" in err
         nursery.cancel_scope.cancel()
     a_file = tmp_path / "a-file"
     a_file.write_text("")

@@ -7,6 +7,8 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -219,10 +221,26 @@ async def test_sigterm_stops_the_command_then_releases_the_lock(
     """A supervisor stopping `lock run` must not leave the command running under a
     lock that is gone: the command is stopped first, then the lock is released
     (the next holder need not wait out the TTL), and the status is 128 + 15."""
+    async with sleeping_under_lock(relay, tmp_path) as (runner, child):
+        runner.send_signal(signal.SIGTERM)
+        assert await runner.wait() == 128 + signal.SIGTERM
+        with pytest.raises(ProcessLookupError):
+            os.kill(child, 0)  # the command is gone too
+        async with RelayClient.connect(relay.url, identity(2)) as client:
+            ledger = Ledger(client, NS)
+            await ledger.unlock(await ledger.lock("the-db", 60_000))  # free at once
+
+
+@asynccontextmanager
+async def sleeping_under_lock(
+    relay: RunningRelay, tmp_path: Path
+) -> AsyncIterator[tuple[trio.Process, int]]:
+    """``lock run`` of a long sleep, once the sleep runs: the runner and the sleep's
+    pid (killed on the way out if still running; within TIMEOUT)."""
     runner = await trio.lowlevel.open_process(
         formicary("lock", "run", "the-db", "--ttl", "60s", "--", "sh", "-c",
                   "echo $$; exec sleep 60"),
-        env=env_for(relay, tmp_path, 1), stdout=subprocess.PIPE,
+        env=env_for(relay, tmp_path, 1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
     assert runner.stdout is not None
     try:
@@ -230,14 +248,7 @@ async def test_sigterm_stops_the_command_then_releases_the_lock(
             said = b""
             while not said.endswith(b"\n"):  # the command runs: it told us its pid
                 said += await runner.stdout.receive_some()
-            child = int(said)
-            runner.send_signal(signal.SIGTERM)
-            assert await runner.wait() == 128 + signal.SIGTERM
-            with pytest.raises(ProcessLookupError):
-                os.kill(child, 0)  # the command is gone too
-            async with RelayClient.connect(relay.url, identity(2)) as client:
-                ledger = Ledger(client, NS)
-                await ledger.unlock(await ledger.lock("the-db", 60_000))  # free at once
+            yield runner, int(said)
     finally:
         if runner.poll() is None:
             runner.kill()
@@ -250,25 +261,11 @@ async def test_a_relay_that_goes_away_stops_the_command_with_status_75(
     """The lease can no longer be renewed: the command is stopped, and the status is
     LEASE_LOST, not 1 (which a shell cannot tell from the command's own failure)."""
     relay = await start_relay(nursery, tmp_path / "relay")
-    runner = await trio.lowlevel.open_process(
-        formicary("lock", "run", "the-db", "--ttl", "60s", "--", "sh", "-c",
-                  "echo $$; exec sleep 60"),
-        env=env_for(relay, tmp_path, 1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
-    assert runner.stdout is not None and runner.stderr is not None
-    try:
-        with trio.fail_after(TIMEOUT):
-            said = b""
-            while not said.endswith(b"\n"):  # the command runs: it told us its pid
-                said += await runner.stdout.receive_some()
-            child = int(said)
-            relay.scope.cancel()  # the relay goes away under it
-            assert await runner.wait() == LEASE_LOST
-            with pytest.raises(ProcessLookupError):
-                os.kill(child, 0)  # the command is gone too
-            err = await runner.stderr.receive_some()
-            assert b"the connection to the relay was lost" in err, err
-    finally:
-        if runner.poll() is None:
-            runner.kill()
-            await runner.wait()
+    async with sleeping_under_lock(relay, tmp_path) as (runner, child):
+        relay.scope.cancel()  # the relay goes away under it
+        assert await runner.wait() == LEASE_LOST
+        with pytest.raises(ProcessLookupError):
+            os.kill(child, 0)  # the command is gone too
+        assert runner.stderr is not None
+        err = await runner.stderr.receive_some()
+        assert b"the connection to the relay was lost" in err, err
