@@ -24,13 +24,7 @@ import pycrdt
 import trio
 
 from agent_sdk import frames as f
-from agent_sdk.errors import (
-    ErrorCode,
-    ProtocolError,
-    client_stopped,
-    retry_after,
-    unwrap_single,
-)
+from agent_sdk.errors import ErrorCode, ProtocolError, as_told, client_stopped, unwrap_single
 from agent_sdk.wire import decode, decode_receipt
 from agent_sdk.yupdate import split, varuint
 
@@ -183,16 +177,7 @@ class SharedDoc:
     async def _publish(self, body: dict[str, Any]) -> None:
         """Publish one update, waiting as told while the key is over its rate: a large
         change (cut in parts, each charged by its size) may take longer than a burst."""
-        for _ in range(RATE_LIMITED_TRIES - 1):
-            try:
-                await self.client.publish(self.ns, "doc.update", body)
-                return
-            except ProtocolError as exc:
-                wait = retry_after(exc)
-                if wait is None:
-                    raise
-                await trio.sleep(wait)  # nothing was done: the same again is safe
-        await self.client.publish(self.ns, "doc.update", body)  # its refusal fails the doc
+        await as_told(lambda: self.client.publish(self.ns, "doc.update", body), RATE_LIMITED_TRIES)
 
     async def flush(self) -> None:
         """Return once every local change so far is durably in the relay's log."""

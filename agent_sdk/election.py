@@ -22,8 +22,8 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontext
 import trio
 
 from agent_sdk.client import Delivery
-from agent_sdk.errors import unwrap_single
-from agent_sdk.ledger import Claim, LeaseLost, Ledger, LedgerRefusal, as_told, keep_renewed
+from agent_sdk.errors import as_told, unwrap_single
+from agent_sdk.ledger import Claim, LeaseLost, Ledger, LedgerRefusal, keep_renewed
 
 CONFIRM_TIMEOUT = 30.0
 """Seconds to wait for the relay's answer to an acquire or a release."""

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
+
+import trio
 
 
 class ErrorCode(enum.IntEnum):
@@ -132,6 +135,7 @@ class ProtocolError(Exception):
         self.reason = reason
 
 
+T = TypeVar("T")
 _TRY_AGAIN = re.compile(r"try again in (\d+) ms")
 
 
@@ -142,6 +146,27 @@ def retry_after(error: ProtocolError) -> float | None:
         return None
     found = _TRY_AGAIN.search(error.reason)
     return int(found.group(1)) / 1000 if found else 0.1
+
+
+async def as_told(send: Callable[[], Awaitable[T]], tries: int | None = None) -> T:
+    """``send()``, again after the wait a ``rate_limited`` refusal names, until it is
+    not rate limited (the relay did nothing: the same again is safe), the wait would
+    pass the caller's deadline, or ``tries`` sends were refused (then the refusal is
+    raised). A release at the end of a hold must not give up on the first refusal and
+    leave the order held, by nobody, until its lease runs out."""
+    sent = 0
+    while True:
+        try:
+            return await send()
+        except ProtocolError as exc:
+            sent += 1
+            wait = retry_after(exc)
+            # A wait past the caller's deadline is no use: say so now, not at it.
+            if wait is None or trio.current_time() + wait > trio.current_effective_deadline():
+                raise
+            if tries is not None and sent >= tries:
+                raise
+            await trio.sleep(wait)
 
 
 def client_stopped() -> ProtocolError:

@@ -19,12 +19,12 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import trio
 
 from agent_sdk.client import Delivery, RelayClient
-from agent_sdk.errors import ProtocolError, retry_after, unwrap_single
+from agent_sdk.errors import ProtocolError, as_told, unwrap_single
 from agent_sdk.wire import Event, sign_event
 
 Items = list[dict[str, Any]]
@@ -34,7 +34,6 @@ CLAIM_TIMEOUT = 30.0  # seconds to wait for the relay's answer to a claim or a r
 
 
 log = logging.getLogger("formicary.sdk")
-T = TypeVar("T")
 
 
 class LedgerRefusal(Exception):
@@ -436,23 +435,6 @@ class Ledger:
                         log.warning("could not release %s: %s", claim.order, exc)
         if lost:
             raise LeaseLost(f"{order}: the lease was lost; stopped")
-
-
-async def as_told(send: Callable[[], Awaitable[T]]) -> T:
-    """``send()``, again after the wait a ``rate_limited`` refusal names, until it is
-    not rate limited (the relay did nothing: the same again is safe), or the wait
-    would pass the caller's deadline (then the refusal is raised). A release at the
-    end of a hold must not give up on the first refusal and leave the order held, by
-    nobody, until its lease runs out."""
-    while True:
-        try:
-            return await send()
-        except ProtocolError as exc:
-            wait = retry_after(exc)
-            # A wait past the caller's deadline is no use: say so now, not at it.
-            if wait is None or trio.current_time() + wait > trio.current_effective_deadline():
-                raise
-            await trio.sleep(wait)
 
 
 async def keep_renewed(

@@ -13,8 +13,8 @@ import trio
 import trio.testing
 
 from agent_sdk.client import RelayClient
-from agent_sdk.errors import ErrorCode, ProtocolError
-from agent_sdk.ledger import Claim, LeaseLost, Ledger, LedgerRefusal, as_told
+from agent_sdk.errors import ErrorCode, ProtocolError, as_told
+from agent_sdk.ledger import Claim, LeaseLost, Ledger, LedgerRefusal
 from agent_sdk.wire import SignedEvent
 from relay.limits import RateLimits
 from relay.node import RelayConfig
