@@ -148,7 +148,9 @@ class Replica:
     names); ``None`` for a plain Yjs client."""
     clients: set[int] = field(default_factory=set)
     """Awareness client ids this replica announced (removed when it closes)."""
-    awareness: TokenBucket = field(default_factory=lambda: _awareness_bucket())
+    awareness: TokenBucket = field(
+        default_factory=lambda: TokenBucket.full(AWARENESS_RATE, 2 * AWARENESS_RATE)
+    )
     """Its awareness allowance; the replicas of one agent on a document share one
     (:meth:`LiveDoc.sync`), so opening it many times does not multiply the rate."""
 
@@ -182,11 +184,6 @@ class Replica:
     def take_awareness_token(self, now: float) -> bool:
         """``AWARENESS_RATE`` per second, bursts of twice that."""
         return self.awareness.take(now) == 0.0
-
-
-def _awareness_bucket() -> TokenBucket:
-    burst = 2 * AWARENESS_RATE
-    return TokenBucket(rate=AWARENESS_RATE, burst=burst, tokens=burst, stamp=0.0)
 
 
 @dataclass(eq=False)

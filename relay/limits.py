@@ -72,6 +72,11 @@ class TokenBucket:
     tokens: float
     stamp: float
 
+    @classmethod
+    def full(cls, rate: float, burst: float, now: float = 0.0) -> TokenBucket:
+        """A bucket holding its whole burst (at ``now``; 0.0: full whenever first used)."""
+        return cls(rate=rate, burst=burst, tokens=burst, stamp=now)
+
     def take(self, now: float, cost: float = 1.0) -> float:
         """Take ``cost`` tokens when there is at least one, going into debt for the
         rest (so a costly frame is not starved by cheap ones that keep the bucket
@@ -118,7 +123,7 @@ class Limiter:
             return 0.0  # 0: no limit
         bucket = self._buckets.get((key, what))
         if bucket is None:
-            bucket = self._buckets[(key, what)] = TokenBucket(rate, burst, burst, now)
+            bucket = self._buckets[(key, what)] = TokenBucket.full(rate, burst, now)
             if len(self._buckets) > MAX_TRACKED_KEYS:
                 self._buckets.popitem(last=False)
         else:

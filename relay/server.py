@@ -161,8 +161,8 @@ class Connection:
         )
         self._proxied: dict[int, ProxiedDoc] = {}  # documents of foreign namespaces, by sub
         self._subscriptions: dict[int, _Running] = {}
-        # Open documents by sub, with whose read access each is checked against.
-        self._docs: dict[int, tuple[LiveDoc, Replica, bytes | None]] = {}
+        # Open documents by sub (each replica names whose read access it is open for).
+        self._docs: dict[int, tuple[LiveDoc, Replica]] = {}
         self._follows = 0  # namespaces followed, over all subscriptions
         self._closing = False  # closing a slow consumer: nothing more is sent
         self._waits: set[trio.CancelScope] = set()  # tasks waiting for room in a queue
@@ -825,7 +825,7 @@ class Connection:
                 capacity = 4 * self.node.config.send_queue
                 replica = Replica(capacity=capacity, agent=request.agent)
                 missing, sv, seq = live.sync(request.sv, replica)  # registers it
-                self._docs[sub] = (live, replica, request.agent)
+                self._docs[sub] = (live, replica)
                 try:
                     await self._doc_stream(request, live, replica, missing, sv, seq)
                 finally:
@@ -880,11 +880,11 @@ class Connection:
             if opened is None:
                 reason = f"no open document {frame.sub}"
                 raise ProtocolError(ErrorCode.UNKNOWN_SUBSCRIPTION, reason)
-            live, replica, asker = opened
+            live, replica = opened
             # The policy may have changed since the last item this replica got (which
             # is when its subscription would have ended): the agent, and a peer relay
             # passing it on, must still be readers.
-            self._check_read(live.ns, asker)
+            self._check_read(live.ns, replica.agent)
             if len(frame.update) > MAX_AWARENESS:
                 reason = f"awareness update of {len(frame.update)} bytes; limit {MAX_AWARENESS}"
                 raise ProtocolError(ErrorCode.AWARENESS_REFUSED, reason)

@@ -186,7 +186,7 @@ async def _receive(
     """The client's messages. What it asks for (its missing updates, awareness) is
     answered only while it may still read: a policy may have taken it off the list
     since :func:`_send` last looked."""
-    syncs = TokenBucket(rate=SYNC_RATE, burst=SYNC_BURST, tokens=SYNC_BURST, stamp=0.0)
+    syncs = TokenBucket.full(SYNC_RATE, SYNC_BURST)
 
     def charge_sync() -> None:
         if syncs.take(trio.current_time()):
