@@ -7,9 +7,8 @@ so a caller can tell "held" from CMD's own status 3), renews it at a third of ``
 runs, releases it after, and exits with CMD's status. CMD finds the fencing token in
 ``FORMICARY_FENCE``. If the lease is lost (a renewal refused, or not confirmed in
 time, or the connection to the relay lost), CMD is stopped (SIGTERM, then SIGKILL)
-and the exit status is 75. A SIGTERM
-or SIGINT to us stops CMD the same way first, then releases the lock; the status is
-128 + the signal.
+and the exit status is 75. A SIGTERM or SIGINT to us stops CMD the same way first,
+then releases the lock; the status is 128 + the signal.
 
 ``once KEY -- CMD...`` runs CMD only if no agent completed KEY before: under the lock
 ``once:KEY`` it reads the checkpoint ``once:KEY``; if set, it exits 0 without running

@@ -56,8 +56,7 @@ def mint(identity: Identity, ns: str, doc: str, exp_ms: int, secret: bytes | Non
     """A token for ``doc`` of ``ns`` (``"*"``: every document) until ``exp_ms``; bound
     to ``secret`` when one is given. Without one it is a bearer token: whoever reads
     the log can use it until it expires (protocol 13.8)."""
-    claims: dict[str, object] = {"agent": identity.public_key, "doc": doc, "exp": exp_ms}
-    claims["ns"] = ns
+    claims: dict[str, object] = {"agent": identity.public_key, "doc": doc, "exp": exp_ms, "ns": ns}
     if secret is not None:
         if len(secret) != SECRET_SIZE:
             raise ValueError(f"a token's secret is {SECRET_SIZE} bytes")

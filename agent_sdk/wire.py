@@ -374,6 +374,10 @@ def check_event_fields(fields: Any, *, max_deps: int | None = None) -> Event:
     )
 
 
+def _too_deep(max_depth: int) -> ProtocolError:
+    return ProtocolError(ErrorCode.BAD_EVENT, f"values nest over {max_depth} levels deep")
+
+
 def decode_event(
     raw: bytes, sig: bytes, *, max_deps: int | None = None, max_depth: int | None = None
 ) -> SignedEvent:
@@ -391,9 +395,9 @@ def decode_event(
     except NestsTooDeep:
         if max_depth is None:
             raise
-        fields = None  # deeper than any limit a relay sets: refused as too deep
-    if max_depth is not None and (fields is None or too_deep(fields, raw, max_depth)):
-        raise ProtocolError(ErrorCode.BAD_EVENT, f"values nest over {max_depth} levels deep")
+        raise _too_deep(max_depth) from None  # past any limit a relay sets
+    if max_depth is not None and too_deep(fields, raw, max_depth):
+        raise _too_deep(max_depth)
     event = check_event_fields(fields, max_deps=max_deps)
     return SignedEvent(raw=raw, sig=sig, id=digest(raw), event=event)
 

@@ -60,13 +60,6 @@ FILES = {
 """Every file the board serves: nothing else under its paths is readable."""
 SOCKET = "/board/ws"
 BOARD_AUTH_DOMAIN = b"formicary/v1/board-auth\x00"
-
-
-def board_auth_message(relay_key: bytes, challenge: bytes) -> bytes:
-    """What a person's key signs to sign in to the board of the relay ``relay_key``."""
-    return BOARD_AUTH_DOMAIN + relay_key + challenge
-
-
 WATCH_INTERVAL = 0.2
 """Seconds between two snapshots of a busy namespace: a board need not see each event."""
 RECENT = 30
@@ -89,6 +82,11 @@ def static_file(path: str) -> tuple[bytes, str] | None:
         return None
     name, content_type = found
     return (STATIC / name).read_bytes(), content_type
+
+
+def board_auth_message(relay_key: bytes, challenge: bytes) -> bytes:
+    """What a person's key signs to sign in to the board of the relay ``relay_key``."""
+    return BOARD_AUTH_DOMAIN + relay_key + challenge
 
 
 class Board:

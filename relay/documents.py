@@ -471,9 +471,8 @@ class DocHost:
     """Updates after which a live document is compacted into a snapshot."""
     updates: dict[Key, array[int]] = field(default_factory=dict)
     """Document -> seqs of its committed ``doc.update`` records since its
-    ``doc.create`` (those before the snapshot it was last loaded from are dropped),
-    in order: loading reads those, not every record of the namespace since (many
-    documents share a log)."""
+    ``doc.create``, but those a committed snapshot holds, in order: loading reads
+    those, not every record of the namespace since (many documents share a log)."""
     due: set[Key] = field(default_factory=set)
     """Documents to compact; ``due_changed`` is set when one is added."""
     due_changed: trio.Event = field(default_factory=trio.Event)
@@ -612,7 +611,7 @@ class DocHost:
         # the document through on_committed once it is registered.
         seqs = self.updates.get((ns, name), array("q"))
         del seqs[: bisect_left(seqs, cursor)]  # folded into the snapshot: never read again
-        while (wanted := seqs[bisect_left(seqs, cursor) :]) and wanted[0] <= log.head(ns):
+        while wanted := seqs[bisect_left(seqs, cursor) :]:  # (each one committed)
             for start, end in _runs(wanted):
                 while start <= end:
                     records = await log.read(ns, start, min(512, end - start + 1))
