@@ -294,17 +294,17 @@ class Ledger:
     def _lapsed(self, now_ms: int, *, reserved_too: bool = False) -> list[WorkOrder]:
         """Claimed orders whose current lease ran out by ``now_ms`` (oldest expiry
         first), reserved ones only with ``reserved_too``."""
-        heap, lapsed, seen = self._claimed, [], set()
+        # A set: a renewal to the same ms is one entry twice, and a relay back from
+        # downtime may find tens of thousands lapsed (a list's `in` was quadratic).
+        heap, lapsed = self._claimed, set()
         while heap and heap[0][0] <= now_ms:
             entry = heapq.heappop(heap)
             expires_ms, order_id = entry
             order = self.orders[order_id]
             lease = self.leases.leases.get(order_id)
             current = lease is None or lease.expires_ms == expires_ms
-            # (A set: a relay back from downtime may find tens of thousands lapsed.)
-            if order.status is Status.CLAIMED and current and entry not in seen:
-                seen.add(entry)  # (a renewal to the same ms: once)
-                lapsed.append(entry)
+            if order.status is Status.CLAIMED and current:
+                lapsed.add(entry)
         for entry in lapsed:  # still lapsed until something moves them: keep them
             heapq.heappush(heap, entry)
         return [
