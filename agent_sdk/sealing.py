@@ -121,7 +121,7 @@ class Sealed:
         )  # fmt: skip
         if any(not isinstance(b, bytes) or len(b) != size for b, size in shapes):
             raise Unsealable("a sealed message's id, keys, stream or signature has a bad size")
-        if not (isinstance(seq, int) and seq >= 1 and isinstance(ts, int)):
+        if not (type(seq) is int and seq >= 1 and type(ts) is int):  # (a bool is no int)
             raise Unsealable("a sealed message's seq and ts are integers, seq from 1")
         if not isinstance(ciphertext, bytes):
             raise Unsealable("a sealed message's ciphertext is bytes")
@@ -217,6 +217,7 @@ class Receipt:
             mid, sender, recipient, sig = msgpack.unpackb(data)
         except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError) as exc:
             raise Unsealable(f"not a receipt: {exc}") from None
-        if not all(isinstance(b, bytes) for b in (mid, sender, recipient, sig)):
-            raise Unsealable("a receipt's fields are bytes")
+        shapes = ((mid, ID_SIZE), (sender, 32), (recipient, 32), (sig, 64))
+        if any(not isinstance(b, bytes) or len(b) != size for b, size in shapes):
+            raise Unsealable("a receipt's id, keys or signature has a bad size")
         return cls(mid, sender, recipient, sig)

@@ -163,6 +163,7 @@ RECORD_OVERHEAD = 400
 MARKS_KEPT = 4096  # pruned marks made for peers, the latest (a dict in insertion order)
 """Bytes a cached record costs beyond its event and receipt bytes (objects, dicts)."""
 
+STOPPING_REASON = "the relay is stopping; publish again once it is back"
 MAX_WAITING_PER_PARKED = 8
 """Publishes of one parked event answered when it is: re-publishes beyond are refused."""
 
@@ -402,8 +403,7 @@ class RelayNode:
         ticket = Ticket(event)
         refusal = self.router.refuse(event.event.ns)
         if self.stopping:
-            reason = "the relay is stopping; publish again once it is back"
-            refusal = ProtocolError(ErrorCode.SHUTTING_DOWN, reason)
+            refusal = ProtocolError(ErrorCode.SHUTTING_DOWN, STOPPING_REASON)
         if refusal is None and event.event.kind in RESERVED:
             reason = f"{event.event.kind} is written by relays only"
             refusal = ProtocolError(ErrorCode.RESERVED_KIND, reason)

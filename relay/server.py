@@ -50,7 +50,7 @@ from relay.logs import CONNECTION, about
 from relay.messaging import Messaging
 from relay.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from relay.metrics import count_kind
-from relay.node import RelayNode, Ticket
+from relay.node import STOPPING_REASON, RelayNode, Ticket
 from relay.session import (
     AckItem,
     Action,
@@ -560,6 +560,8 @@ class Connection:
     async def _forward(self, rid: int, event: SignedEvent) -> None:
         assert self.fed is not None
         try:
+            if self.node.stopping:  # 6.1 step 9: for every namespace, ours or not
+                raise ProtocolError(ErrorCode.SHUTTING_DOWN, STOPPING_REASON)
             entry = await self.fed.forward(event, self.peer)
         except ProtocolError as exc:
             await self._send(f.Error.of(exc, rid=rid))

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+import pytest
 import trio
 
 from agent_sdk.client import RelayClient
@@ -61,6 +62,25 @@ async def test_a_home_that_is_stopping_does_not_end_a_forwarded_write(
         assert result.receipt.seq == 1 and b.node.head(NS) == 1
         await dropped.wait()  # answered: its row goes (written after the answer)
     assert outbox.store.load() == [] and outbox.delivered == 1
+
+
+async def test_a_stopping_relay_forwards_nothing(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """In its clean-stop window a relay answers 5002 for every namespace (6.1 step
+    9): a publish to another relay's namespace is refused too, not taken into the
+    outbox on the way out."""
+    relays = plan(tmp_path, "a", "b")
+    b = await start(nursery, relays["b"], (relays["a"].peer(),))
+    a = await start(nursery, relays["a"], (relays["b"].peer(),))
+    outbox = federation_of(a).outboxes["b"]
+    with trio.fail_after(TIMEOUT):
+        await federation_of(a).links["b"].wait_up()
+        async with RelayClient.connect(a.url, identity(1), reconnect=False) as agent:
+            a.node.stop_admitting()
+            for ns in ("x@a", NS):
+                with pytest.raises(ProtocolError) as refused:
+                    await agent.publish(ns, "app.note", "late")
+                assert refused.value.code is ErrorCode.SHUTTING_DOWN, ns
+    assert outbox.store.load() == [] and b.node.head(NS) == 0
 
 
 class _Unsent:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from agent_sdk import frames as f
@@ -162,6 +164,8 @@ def test_message_frames_are_checked_before_anything_is_stored() -> None:
         "garbage": b"\x93not a message",
         "another sender": theirs.encode(),  # well signed, but not by this connection
         "forged signature": good[:-1] + bytes([good[-1] ^ 1]),
+        # signed as it is, but a bool is not the int seq 15.2 says
+        "seq true": seal(AGENT, dataclasses.replace(header, seq=True), "hi").encode(),
     }
     for name, data in bad.items():
         action = receive(session, f.encode_frame(f.MsgSend(rid=3, msg=data)))
@@ -174,11 +178,13 @@ def test_message_frames_are_checked_before_anything_is_stored() -> None:
     by_other = Receipt.make(other, header).encode()
     action = receive(session, f.encode_frame(f.MsgAck(sub=5, seq=1, receipt=by_other)))
     assert error_code(action) is ErrorCode.BAD_MESSAGE and action.frame.sub == 5  # type: ignore[union-attr]
-    mine = Receipt.make(
-        AGENT, Header(b"\x03" * 16, other.public_key, AGENT.public_key, b"s" * 8, 1, 0)
-    )
+    mine_header = Header(b"\x03" * 16, other.public_key, AGENT.public_key, b"s" * 8, 1, 0)
+    mine = Receipt.make(AGENT, mine_header)
     ack = receive(session, f.encode_frame(f.MsgAck(sub=5, seq=1, receipt=mine.encode())))
     assert isinstance(ack, AckItem) and ack.receipt == mine
+    short = Receipt.make(AGENT, dataclasses.replace(mine_header, id=b"\x03" * 8))
+    action = receive(session, f.encode_frame(f.MsgAck(sub=5, seq=1, receipt=short.encode())))
+    assert error_code(action) is ErrorCode.BAD_MESSAGE  # well signed, but a short id
     passed = f.MsgReceipt(rid=6, receipt=mine.encode(), relay="b")
     assert error_code(receive(session, f.encode_frame(passed))) is ErrorCode.BAD_MESSAGE
 
