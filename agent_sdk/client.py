@@ -170,6 +170,10 @@ class Subscription:
         self.sub = request.sub
         self.next: dict[str, int] = dict(request.start)  # ns -> first seq still wanted
         self.live: set[str] = set()
+        self.placed = trio.Event()
+        """Set once every namespace has a cursor: one subscribed from now has none until
+        its ``live`` (or a delivery) says where now was."""
+        self._place()
         self.error: ProtocolError | None = None
         self.paused = False
         self.buffer = buffer
@@ -183,6 +187,17 @@ class Subscription:
             kinds=self.request.kinds,
             authors=self.request.authors,
         )
+
+    def _place(self) -> None:
+        if all(ns in self.next for ns in self.request.ns):
+            self.placed.set()
+
+    def end(self, error: ProtocolError) -> None:
+        """The subscription is over: its iterator raises ``error`` once it has what
+        came before (the buffer may be full, so the error is kept apart)."""
+        self.error = error
+        self._tx.close()
+        self.placed.set()
 
     def _offer(self, item: Delivery | Live) -> bool:
         """Hand an item to the consumer without waiting; pause when the buffer is full."""
@@ -204,6 +219,7 @@ class Subscription:
             raise RelayMismatch("relay sent an event with another event's receipt")
         if self._offer(Delivery(event, receipt, frame.seal)):
             self.next[receipt.ns] = receipt.seq + 1
+            self._place()
 
     def _mark_live(self, frame: f.Live) -> None:
         # Everything of ``ns`` up to ``seq`` was offered (a frame that does not fit
@@ -212,6 +228,7 @@ class Subscription:
         # marker does not fit: a namespace subscribed from now would be subscribed
         # from now again, and what came in between never delivered.
         self.next[frame.ns] = max(self.next.get(frame.ns, 0), frame.seq + 1)
+        self._place()
         if frame.ns not in self.live and self._offer(Live(frame.ns, frame.seq)):
             self.live.add(frame.ns)  # (else offered after the resume: live comes again)
 
@@ -540,11 +557,7 @@ class RelayClient:
             if shared._on_error(error):
                 self._queue(f.encode_frame(shared.open_request()))
         elif frame.sub is not None and frame.sub in self._subscriptions:
-            # The relay ended this subscription: its iterator raises the error. The
-            # buffer may be full, so the error goes in a slot kept for it.
-            subscription = self._subscriptions.pop(frame.sub)
-            subscription.error = error
-            subscription._tx.close()
+            self._subscriptions.pop(frame.sub).end(error)  # the relay ended it
         else:
             log.warning("relay error: %s", error)
 
@@ -559,8 +572,7 @@ class RelayClient:
         # (Ledger.wait_decision, say) would wait for ever. Its iterator raises the
         # error once it has what came before.
         for subscription in self._subscriptions.values():
-            subscription.error = error
-            subscription._tx.close()
+            subscription.end(error)
         self._subscriptions.clear()
         for shared in self._docs.values():
             shared._fail(error)
@@ -791,8 +803,10 @@ class RelayClient:
         """Subscribe to one or more namespaces.
 
         ``start`` is the first seq wanted (1 replays the whole log), per namespace when
-        a dict; ``None`` streams from now on. Iterating yields a :class:`Live` per
-        namespace once its backlog is replayed, and :class:`Delivery` items.
+        a dict; ``None`` streams from now on: entering waits until the relay has said
+        where now is (its ``live``), so that nothing published after the body starts
+        can be missed. Iterating yields a :class:`Live` per namespace once its backlog
+        is replayed, and :class:`Delivery` items.
         """
         if buffer < 1:  # a full buffer pauses it: one of 0 would never be read
             raise ValueError(f"buffer={buffer}: a subscription buffers at least 1 item")
@@ -813,12 +827,15 @@ class RelayClient:
         )
         subscription = Subscription(self, request, buffer)
         if self.stopped.is_set():  # nothing would ever come: its iterator raises
-            subscription.error = client_stopped()
-            subscription._tx.close()
+            subscription.end(client_stopped())
         else:
             self._subscriptions[request.sub] = subscription
             self._queue(f.encode_frame(request))
         try:
+            # "Now" is where the relay's live says it was. Until then a reconnect
+            # subscribes from a later now, and what came in between (a reply to a
+            # request the body is about to send, say) would never be delivered.
+            await subscription.placed.wait()
             yield subscription
         finally:
             subscription._rx.close()
@@ -861,8 +878,7 @@ class RelayClient:
         """Subscribe again from the cursor, under a new id (the old one's frames are void)."""
         subscription.paused = False
         if self.stopped.is_set():  # paused as the client stopped: it ends here instead
-            subscription.error = client_stopped()
-            subscription._tx.close()
+            subscription.end(client_stopped())
             return
         self._next_sub += 1
         subscription.sub = self._next_sub

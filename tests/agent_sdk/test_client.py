@@ -12,10 +12,12 @@ import trio.testing
 
 from agent_sdk.client import Delivery, Published, RelayClient, RelayMismatch
 from agent_sdk.errors import ErrorCode, ProtocolError
+from tests.agent_sdk.cuttable import Wire, dialer
 from tests.conftest import RunningRelay, identity
 
 NS = "t@local"
 TOTAL = 300
+TIMEOUT = 30
 
 
 async def drop_every_connection(relay: RunningRelay) -> int:
@@ -285,6 +287,46 @@ async def test_publishes_over_a_clean_relay_restart_all_succeed(
                 relay = await start_relay(nursery, data, port=port)
     assert acked[0] == 400 and relay.node.head(NS) == 400  # each once
     relay.scope.cancel()
+
+
+async def test_nothing_published_after_a_from_now_body_starts_is_missed(
+    relay: RunningRelay,
+) -> None:
+    """A subscription from now whose ``live`` was lost with its connection was
+    subscribed from a later now: an event published in between (a reply to what the
+    body had sent, say) never came. Entering it now waits for the relay's ``live``."""
+    wires: list[Wire] = []
+    entered, seen = trio.Event(), []
+    async with (
+        RelayClient.connect(relay.url, identity(1), dial=dialer(relay, wires)) as client,
+        RelayClient.connect(relay.url, identity(2)) as other,
+        trio.open_nursery() as nursery,
+    ):
+
+        async def subscriber() -> None:
+            async with client.subscribe(NS) as feed:
+                entered.set()
+                async for item in feed:
+                    if isinstance(item, Delivery):
+                        seen.append(item.event.event.body)
+                        if item.event.event.body == "after":
+                            return
+
+        wires[0].held = True  # the relay's live (and all else) never reaches the client
+        nursery.start_soon(subscriber)
+        with trio.fail_after(TIMEOUT):
+            while not any(c._subscriptions for c in relay.node.connections):
+                await trio.testing.wait_all_tasks_blocked()  # the relay has it: "now"
+            [first] = [c for c in relay.node.connections if c._subscriptions]
+            await other.publish(NS, "app.n", "gap")  # after now, sent to the subscriber
+            body_started_before_gap = entered.is_set()
+            await wires[0].cut()
+            await entered.wait()
+            while not any(c._subscriptions for c in relay.node.connections - {first}):
+                await trio.testing.wait_all_tasks_blocked()  # subscribed again
+            await other.publish(NS, "app.n", "after")
+    assert client.connections == 2 and seen[-1] == "after"
+    assert "gap" in seen or not body_started_before_gap
 
 
 async def test_a_pause_on_a_live_marker_resumes_past_it(relay: RunningRelay) -> None:
