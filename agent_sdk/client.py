@@ -858,9 +858,10 @@ class RelayClient:
         self._queue(f.encode_frame(frame(sub)))
         return sub
 
-    def untap(self, sub: int) -> None:
-        """Stop a raw subscription; frames of it still on the way are dropped."""
-        if self._taps.pop(sub, None) is not None:
+    def untap(self, sub: int, *, gone: bool = False) -> None:
+        """Stop a raw subscription; frames of it still on the way are dropped.
+        ``gone``: its connection has ended, and the relay with it: nothing to send."""
+        if self._taps.pop(sub, None) is not None and not gone:
             self._queue(f.encode_frame(f.Unsubscribe(sub=sub)))
 
     def send_frame(self, frame: f.AgentFrame) -> None:

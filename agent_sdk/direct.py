@@ -293,17 +293,23 @@ class Direct:
         self.mailbox = mailbox
         self.listener: Listener | None = None
         self.dialed: dict[bytes, Dialed] = {}
-        self._dialing = trio.Lock()
+        self._dialing: dict[bytes, trio.Lock] = {}  # per recipient: a slow dial holds up
+        # only the sends to its own recipient
 
     async def connection(self, agent: bytes, endpoint: str) -> Dialed:
-        async with self._dialing:  # one connection per recipient
-            known = self.dialed.get(agent)
-            if known is not None and not known.closed.is_set():
-                return known
-            nursery = self.mailbox.client.nursery
-            dialed: Dialed = await nursery.start(run_dialed, endpoint, self.mailbox, agent)
-            self.dialed[agent] = dialed
-            return dialed
+        lock = self._dialing.setdefault(agent, trio.Lock())
+        try:
+            async with lock:  # one connection per recipient
+                known = self.dialed.get(agent)
+                if known is not None and not known.closed.is_set():
+                    return known
+                nursery = self.mailbox.client.nursery
+                dialed: Dialed = await nursery.start(run_dialed, endpoint, self.mailbox, agent)
+                self.dialed[agent] = dialed
+                return dialed
+        finally:
+            if not lock.locked():  # (a waiter would own it by now)
+                self._dialing.pop(agent, None)
 
     def acknowledge(self, header: Header) -> None:
         if self.listener is not None:

@@ -184,6 +184,13 @@ class Inflow:
     def taken(self, mid: bytes) -> None:
         self.pending.discard(mid)
 
+    def forget(self, header: Header) -> None:
+        """Un-admit a message not taken: a copy that comes later is ``new`` again."""
+        self.pending.discard(header.id)
+        key = (header.sender, header.stream)
+        if key in self.last:
+            self.last[key] = min(self.last[key], header.seq - 1)
+
 
 @dataclass(frozen=True, slots=True)
 class _Arrived:
@@ -212,8 +219,10 @@ class Mailbox:
         self._relayed_pending: dict[bytes, int] = {}  # relayed, no receipt yet
         self._inflow = Inflow()
         self._copies: dict[bytes, list[_Arrived]] = {}  # of messages not taken yet
+        self._queued: dict[bytes, _Arrived] = {}  # handed to the queue, not taken yet
         self._sent: OrderedDict[bytes, Sent] = OrderedDict()
-        self._receipted: OrderedDict[bytes, None] = OrderedDict()  # ids whose receipt came
+        self._settled_ids: OrderedDict[bytes, None] = OrderedDict()  # ids whose receipt or
+        # expiry came: a copy of one (its ack lost with a connection) is ours, not left
         self._queue_tx, self._queue_rx = trio.open_memory_channel[_Arrived](math.inf)
         self.sub: int | None = None
         self.live = trio.Event()
@@ -377,8 +386,9 @@ class Mailbox:
         if self.error is not None:
             return  # the stream was given up to another connection: not taken back
         if self.sub is not None:
-            self.client.untap(self.sub)
+            self.client.untap(self.sub, gone=True)  # it ended with its connection
             self.sub = None
+            self.live = trio.Event()  # set again once the new stream has replayed
         self.open()
 
     @property
@@ -398,6 +408,7 @@ class Mailbox:
             if arrived.message.id not in self._inflow.pending:
                 continue  # a wake-up, or handed out already by another path
             self._inflow.taken(arrived.message.id)
+            del self._queued[arrived.message.id]
             self.acknowledge(arrived)
             acknowledged = {arrived.seq}
             for copy in self._copies.pop(arrived.message.id, ()):
@@ -426,6 +437,7 @@ class Mailbox:
         verdict = self._inflow.admit(h)
         arrived = _Arrived(Message(h.id, h.sender, body, h.ts, path, h.stream, h.seq), seq, h)
         if verdict == "new":
+            self._queued[h.id] = arrived
             self._queue_tx.send_nowait(arrived)
         elif verdict == "old":
             self.acknowledge(arrived)  # a copy: its receipt again, and off the relay
@@ -449,7 +461,20 @@ class Mailbox:
                 self.refused.set()
                 self.refused = trio.Event()
                 return
+            self._hand_over()
             self.end(error)  # the inbox was opened by another connection of ours
+
+    def _hand_over(self) -> None:
+        """The relay gave the inbox stream to another reader of this agent, and sends
+        it every item not acknowledged: what came only through the stream and was not
+        taken is that reader's now (handed out here as well, it would be twice)."""
+        for mid, arrived in list(self._queued.items()):
+            copies = (arrived, *self._copies.get(mid, ()))
+            if any(copy.seq == 0 for copy in copies):
+                continue  # it came directly too: this reader's to hand out
+            del self._queued[mid]
+            self._copies.pop(mid, None)
+            self._inflow.forget(arrived.header)
 
     def stop(self, error: ProtocolError) -> None:
         """The client's relay connection is gone for good: no receipt of a relayed
@@ -470,10 +495,19 @@ class Mailbox:
 
     async def confirm(self) -> None:
         """Return once the relay has applied every acknowledgement sent so far (the
-        client does this as it closes: a reader started next is not sent them again)."""
-        if self.unconfirmed:
+        client does this as it closes: a reader started next is not sent them again).
+
+        An ack sent on a connection that is then lost may never have reached the
+        relay, while the confirm is sent again on the next connection: so after a
+        reconnect it waits for the new stream's replay (whose copies of what was
+        taken are acknowledged again) and confirms once more."""
+        while self.unconfirmed:
+            await self.live.wait()
             self.unconfirmed = False
+            connection = self.client.connections
             await self.client.ask(lambda rid: f.MsgConfirm(rid=rid))
+            if self.client.connections != connection:
+                self.unconfirmed = True
 
     def _on_item(self, item: f.MsgItem) -> None:
         ack = f.MsgAck(sub=item.sub, seq=item.seq)
@@ -496,16 +530,18 @@ class Mailbox:
                 log.warning("dropped a receipt that does not check: %s", exc)
             else:
                 sent = self._sent.get(receipt.id)
-                if sent is None and receipt.id not in self._receipted:
+                if sent is None and receipt.id not in self._settled_ids:
                     return  # another instance's (same agent, other stream): left for it
                 if sent is not None and receipt.recipient == sent.recipient:
                     self._settle(sent, receipt)
                 # (else a copy of one that came: a relay may store a receipt twice)
         elif item.kind == "expired":
             sent = self._sent.pop(item.data, None)
-            if sent is None:
+            if sent is None and item.data not in self._settled_ids:
                 return  # another instance's notice: left for it (it expires in time)
-            sent._settle(None)
+            self._remember_settled(item.data)
+            if sent is not None:
+                sent._settle(None)
         self.client.send_frame(ack)
 
     def settle_direct(self, receipt: Receipt) -> None:
@@ -516,10 +552,13 @@ class Mailbox:
 
     def _settle(self, sent: Sent, receipt: Receipt) -> None:
         del self._sent[receipt.id]
-        self._receipted[receipt.id] = None
-        if len(self._receipted) > REMEMBERED:
-            self._receipted.popitem(last=False)
+        self._remember_settled(receipt.id)
         sent._settle(receipt)
+
+    def _remember_settled(self, mid: bytes) -> None:
+        self._settled_ids[mid] = None
+        if len(self._settled_ids) > REMEMBERED:
+            self._settled_ids.popitem(last=False)
 
 
 class Messages:

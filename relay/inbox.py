@@ -235,6 +235,7 @@ class Inboxes:
         self._kinds: dict[tuple[bytes, str], int] = {}  # see _held
         self._reserved: dict[bytes, int] = {}  # messages being written, per recipient
         self._from: dict[tuple[bytes, bytes], int] = {}  # (to, from) -> messages held
+        self._reserved_from: Counter[tuple[bytes, bytes]] = Counter()  # ... being written
         self._reserved_bytes = 0
         self._leaving: set[tuple[bytes, int]] = set()  # taken, their delete not written
         self._jobs: list[_Job] = []
@@ -283,7 +284,6 @@ class Inboxes:
         ``inbox_full``; ``internal`` if the store failed)."""
         answers: list[str | ProtocolError | None] = [None] * len(messages)
         drafts: list[_Draft] = []
-        batch_from: Counter[tuple[bytes, bytes]] = Counter()  # drafts per (to, from)
         job = _Job(drafts, ())
         mine: list[int] = []
         others: list[tuple[int, _Job]] = []
@@ -308,7 +308,7 @@ class Inboxes:
             elif (
                 self.per_sender
                 and self._from.get((m.recipient, m.sender), 0)
-                + sum(1 for d in drafts if d.recipient == m.recipient and d.sender == m.sender)
+                + self._reserved_from[(m.recipient, m.sender)]  # (any connection's batch)
                 >= self.per_sender
             ):
                 self.counts["refused"] += 1
@@ -320,7 +320,7 @@ class Inboxes:
                 answers[i] = ProtocolError(ErrorCode.INBOX_FULL, reason)
             else:
                 drafts.append(_Draft(m.recipient, "message", m.mid, m.sender, m.data, m.origin))
-                batch_from[(m.recipient, m.sender)] += 1
+                self._reserved_from[(m.recipient, m.sender)] += 1
                 self._writing[key] = job  # a copy (in this batch or another) waits for it
                 mine.append(i)
                 self._reserved[m.recipient] = self._reserved.get(m.recipient, 0) + 1
@@ -335,6 +335,10 @@ class Inboxes:
                 if not self._reserved[draft.recipient]:
                     del self._reserved[draft.recipient]
                 self._reserved_bytes -= len(draft.data)
+                pair = (draft.recipient, draft.sender)
+                self._reserved_from[pair] -= 1
+                if not self._reserved_from[pair]:
+                    del self._reserved_from[pair]
         for i in mine:
             answers[i] = _outcome(job)
         self.counts["stored"] += len(mine) if job.error is None else 0

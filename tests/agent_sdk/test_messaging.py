@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
+from agent_sdk import frames as f
 from agent_sdk.client import RelayClient
 from agent_sdk.direct import DirectUnreachable
 from agent_sdk.directory import Directory
@@ -318,6 +320,14 @@ async def test_an_undelivered_message_expires_and_its_sender_is_told(relay: Runn
         with pytest.raises(ProtocolError, match="expired"):
             await sent.delivered()  # Alice's inbox got an `expired` item for it
         assert sent.expired
+        # The notice again (its ack was lost with a connection, say): acknowledged,
+        # not left on the relay as another instance's.
+        acks: list[f.AgentFrame] = []
+        alice.send_frame = acks.append  # type: ignore[method-assign]
+        sub = alice.mailbox.sub
+        assert sub is not None
+        alice.mailbox._on_frame(f.MsgItem(sub=sub, seq=99, kind="expired", data=sent.id))
+        assert acks == [f.MsgAck(sub=sub, seq=99)]
     async with RelayClient.connect(relay.url, BOB) as bob:
         bob.mailbox.open()
         await bob.mailbox.live.wait()
@@ -515,3 +525,103 @@ async def test_a_direct_receipt_still_comes_after_the_senders_relay_connection_s
             assert (await bob.mailbox.next()).body == "hi"  # its receipt goes directly
             receipt = await sent.delivered()
         assert receipt.id == sent.id
+
+
+async def test_confirm_after_a_reconnect_waits_for_the_acks_to_be_applied(
+    relay: RunningRelay, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An ack sent on a connection that was then lost never reached the relay, while
+    the confirm was sent again on the next connection and answered at once: the
+    item stayed, and the agent's next process would get the message again."""
+    from tests.agent_sdk.cuttable import Wire, dialer
+
+    async with RelayClient.connect(relay.url, BOB):
+        pass  # the relay knows Bob
+    async with RelayClient.connect(relay.url, ALICE) as alice:
+        await alice.send(BOB.id, "once")
+    wires: list[Wire] = []
+    async with RelayClient.connect(relay.url, BOB, dial=dialer(relay, wires)) as bob:
+        bob.mailbox.open()
+        await bob.mailbox.live.wait()
+        await wires[0].cut()
+        with trio.fail_after(10):
+            assert (await bob.mailbox.next()).body == "once"  # its ack goes nowhere
+            await bob.mailbox.confirm()
+        assert relay.node.inboxes.size(BOB.public_key) == 0
+    assert "unknown_subscription" not in caplog.text  # the old stream is not unsubscribed
+
+
+async def test_a_dial_that_hangs_holds_up_only_its_own_recipient(relay: RunningRelay) -> None:
+    """Dials shared one lock: an endpoint that accepts and never answers held up every
+    direct send, to agents already connected too, until its dial timed out."""
+    silent = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    port = silent.socket.getsockname()[1]
+    async with (
+        RelayClient.connect(relay.url, BOB) as bob,
+        bob.listen() as endpoint,
+        RelayClient.connect(relay.url, ALICE) as alice,
+        trio.open_nursery() as nursery,
+    ):
+        await alice.send(BOB.id, "first", via="direct", endpoint=endpoint)  # connected
+        carol = f"ws://127.0.0.1:{port}"
+        nursery.start_soon(lambda: alice.send(CAROL.id, "x", via="direct", endpoint=carol))
+        await trio.testing.wait_all_tasks_blocked()  # dialling Carol, who says nothing
+        with trio.fail_after(5):  # (her dial gives up after 10 s)
+            sent = await alice.send(BOB.id, "second", via="direct", endpoint=endpoint)
+        assert sent.path == "direct"
+        nursery.cancel_scope.cancel()
+    await silent.aclose()
+
+
+async def test_a_displaced_reader_leaves_what_it_has_not_taken_to_the_new_one(
+    relay: RunningRelay,
+) -> None:
+    """Another process of the agent opened the inbox: the relay sends it every item
+    not acknowledged, and the old reader went on handing out what it had queued, so
+    both handed out the same message."""
+    async with RelayClient.connect(relay.url, BOB):
+        pass
+    async with RelayClient.connect(relay.url, ALICE) as alice:
+        await alice.send(BOB.id, "one")
+    async with RelayClient.connect(relay.url, BOB) as first:
+        first.mailbox.open()
+        await first.mailbox.live.wait()
+        assert first.mailbox.waiting == 1  # queued, not taken
+        async with RelayClient.connect(relay.url, BOB) as second:
+            second.mailbox.open()
+            with trio.fail_after(10):
+                assert (await second.mailbox.next()).body == "one"
+                while first.mailbox.error is None:
+                    await trio.testing.wait_all_tasks_blocked()
+            with pytest.raises(ProtocolError) as displaced:
+                await first.mailbox.next()
+            assert displaced.value.code is ErrorCode.DUPLICATE_SUBSCRIPTION
+            assert first.mailbox.waiting == 0
+            first.mailbox.open()  # taken back: the item came to the other reader
+            await first.mailbox.live.wait()
+        assert relay.node.inboxes.size(BOB.public_key) == 0
+
+
+async def test_a_reader_that_takes_its_inbox_back_gets_what_it_handed_over(
+    relay: RunningRelay,
+) -> None:
+    """What a displaced reader handed over and the other reader never took comes to
+    it again when it takes the inbox back: handed out, not dropped as a copy."""
+    async with RelayClient.connect(relay.url, BOB):
+        pass
+    async with RelayClient.connect(relay.url, ALICE) as alice:
+        await alice.send(BOB.id, "one")
+    async with RelayClient.connect(relay.url, BOB) as first:
+        first.mailbox.open()
+        await first.mailbox.live.wait()
+        async with RelayClient.connect(relay.url, BOB) as second:
+            second.mailbox.open()
+            with trio.fail_after(10):
+                await second.mailbox.live.wait()  # sent "one", which it does not take
+                while first.mailbox.error is None:
+                    await trio.testing.wait_all_tasks_blocked()
+        first.mailbox.open()
+        with trio.fail_after(10):
+            assert (await first.mailbox.next()).body == "one"
+            await first.mailbox.confirm()
+        assert relay.node.inboxes.size(BOB.public_key) == 0

@@ -216,6 +216,45 @@ async def test_one_sender_cannot_fill_an_inbox_for_everyone() -> None:
     assert await boxes.put_messages([message(b"z", sender=CAROL)]) == ["stored"]  # others can
 
 
+class Gated(MemoryInboxStore):
+    """A store whose writes wait for the test."""
+
+    blocking = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.go = threading.Event()
+
+    def apply(self, put: Sequence[Item], drop: Sequence[Item]) -> None:
+        self.entered.set()
+        self.go.wait(10)
+        super().apply(put, drop)
+
+
+async def test_a_senders_limit_counts_what_its_other_connections_are_writing() -> None:
+    """Two connections of one sender: the messages one is still writing count against
+    the limit of the other's batch."""
+    store = Gated()
+    boxes = Inboxes(store, max_items=10, ttl_ms=10_000, wall_ms=Clock(), per_sender=2)
+    for agent in (ALICE, BOB):
+        await boxes.remember(agent)
+    answers: dict[str, list[object]] = {}
+
+    async def put(name: str, *mids: bytes) -> None:
+        answers[name] = list(await boxes.put_messages([message(mid) for mid in mids]))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(put, "one", b"1", b"2")
+        await trio.to_thread.run_sync(store.entered.wait)  # on disk's way, not held yet
+        await put("other", b"3")
+        store.go.set()
+    assert answers["one"] == ["stored", "stored"]
+    [refused] = answers["other"]
+    assert isinstance(refused, ProtocolError) and refused.code is ErrorCode.INBOX_FULL
+    assert boxes.size(BOB) == 2
+
+
 async def test_acks_of_a_connection_cancelled_while_answering_are_still_applied() -> None:
     """A connection can end while its acks are being answered (its writer is stuck, it
     is closed as slow): the items it acknowledged are deleted all the same, and none
