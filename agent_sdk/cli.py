@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import signal
+import sqlite3
 import sys
 from collections.abc import Sequence
 from functools import partial
@@ -421,6 +422,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
                     }
                 )
                 failed = failed or not verdict.ok
+    except sqlite3.Error as exc:  # a file that is not a database, say
+        print(f"formicary log verify: {data}: {exc}", file=sys.stderr)
+        return 2
     finally:
         for store, _ in stores:
             store.close()

@@ -35,6 +35,7 @@ from agent_sdk.wire import to_json_safe
 
 NS_ENV = "FORMICARY_NS"
 DEFAULT_NS = "work@local"
+RELAY_TTL = "lease length: 90s, 30m, 2h (default: the relay's, its --{what}-ttl)"
 
 EXIT_OF_PROBLEM = {
     "held": 3,
@@ -106,10 +107,10 @@ def add_parser(sub: Any, agent_options: Callable[[argparse.ArgumentParser], None
         p = command(name, "claim an order" if name == "claim" else "claim the best open order")
         if name == "claim":
             p.add_argument("id")
-        p.add_argument("--ttl", default="30m", help="lease length: 90s, 30m, 2h")
+        p.add_argument("--ttl", help=RELAY_TTL.format(what="claim"))
     p = command("renew", "renew your lease")
     p.add_argument("id")
-    p.add_argument("--ttl", default="30m")
+    p.add_argument("--ttl", help=RELAY_TTL.format(what="claim"))
     p.add_argument("--token", type=int)
     p = command("release", "give the order back (open again)")
     p.add_argument("id")
@@ -144,10 +145,10 @@ def add_parser(sub: Any, agent_options: Callable[[argparse.ArgumentParser], None
     commands = lock.add_subparsers(dest="lock", required=True)
     p = command("acquire", "take a lock (a path, a branch, anything)")
     p.add_argument("name")
-    p.add_argument("--ttl", default="5m")
+    p.add_argument("--ttl", help=RELAY_TTL.format(what="lock"))
     p = command("renew", "renew your lock")
     p.add_argument("name")
-    p.add_argument("--ttl", default="5m")
+    p.add_argument("--ttl", help=RELAY_TTL.format(what="lock"))
     p.add_argument("--token", type=int)
     p = command("release", "release your lock")
     p.add_argument("name")
@@ -328,6 +329,11 @@ def ttl_ms(text: str, flag: str = "--ttl") -> int:
     raise UsageError(f"{flag} {text!r}: use a number with ms, s, m or h")
 
 
+def _asked_ttl(args: argparse.Namespace) -> int | None:
+    """``--ttl`` in ms; ``None`` when not given: the relay's default then applies."""
+    return None if args.ttl is None else ttl_ms(args.ttl)
+
+
 def _claimed(claim: Claim) -> dict[str, Any]:
     return {"id": claim.order, "fencing_token": claim.token, "expires_at": claim.expires_ms}
 
@@ -432,7 +438,7 @@ def _show(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
 
 
 def _claim_like(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
-    ttl = ttl_ms(args.ttl)
+    ttl = _asked_ttl(args)
 
     async def act(ledger: Ledger) -> Any:
         renewed = None  # a renewal's token replaces only itself (a new grant: any)
@@ -528,7 +534,7 @@ def _lock_key(name: str) -> str:
 
 
 def _lock_take(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
-    ttl = ttl_ms(args.ttl)
+    ttl = _asked_ttl(args)
 
     async def act(ledger: Ledger) -> Any:
         renewed = None  # as for orders

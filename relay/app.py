@@ -18,9 +18,11 @@ import fcntl
 import json
 import logging
 import os
+import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
+from typing import Any, TypeVar
 
 import trio
 from websockets.trio.server import Server
@@ -45,6 +47,11 @@ OUTBOX_FILE = "outbox.sqlite3"
 INBOX_FILE = "inbox.sqlite3"
 LOCK_FILE = "relay.lock"
 LOGS_FILE = "logs.json"
+RESTORING = ".restoring"  # a restore's checked copies (relay/backup.py)
+MOVING = "moving.json"
+"""In ``RESTORING`` while the checked files are moved in: the moves to finish."""
+
+T = TypeVar("T")
 
 
 log = logging.getLogger("formicary.relay")
@@ -137,7 +144,18 @@ def note_first_receipt(data: Path, record: Record) -> None:
     noted = {"ns": record.ns, "first_receipt": digest(record.receipt).hex()}
     staged = data / (LOGS_FILE + ".new")
     staged.write_text(json.dumps(noted) + "\n")
-    os.replace(staged, data / LOGS_FILE)
+    fsync_path(staged)  # durable before the rename, and the rename after it: a power
+    os.replace(staged, data / LOGS_FILE)  # cut must not leave an empty logs.json
+    fsync_path(data)
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's (or a directory's entries') writes to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _noting_first_receipt(data: Path) -> Callable[[Record], None]:
@@ -213,6 +231,15 @@ def hold_data(data: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+async def _opening(path: Path, open_: Callable[..., T], *args: Any) -> T:
+    """``open_(*args)`` in a thread; SQLite's refusal (a damaged file, a full disk)
+    is a one-line error naming ``path``, not a traceback."""
+    try:
+        return await trio.to_thread.run_sync(open_, *args)
+    except sqlite3.Error as exc:
+        raise DataDirError(f"{path}: {exc}") from None
+
+
 async def _run_relay(
     data: Path,
     config: RelayConfig,
@@ -222,19 +249,24 @@ async def _run_relay(
     federation: FederationConfig | None,
     task_status: trio.TaskStatus[tuple[RelayNode, Server]],
 ) -> None:
+    if (data / RESTORING / MOVING).exists():
+        raise DataDirError(
+            f"{data}: a restore was interrupted while it moved files in: run formicary relay"
+            " restore again to finish it"
+        )
     try:
-        store = await trio.to_thread.run_sync(open_store, data, config.store)
+        store = await _opening(data / STORE_FILE, open_store, data, config.store)
     except (StoreInUse, StoreUnavailable) as exc:
         raise DataDirError(str(exc)) from None
     mirrors: Store | None = None
     outbox: SQLiteOutboxStore | None = None
     inbox: InboxStore | None = None
     try:
-        inbox = await trio.to_thread.run_sync(open_inbox, data, config.store)
-        identity = await trio.to_thread.run_sync(load_identity, data, store)
+        inbox = await _opening(data / INBOX_FILE, open_inbox, data, config.store)
+        identity = await _opening(data / STORE_FILE, load_identity, data, store)
         if federation is not None:
-            mirrors = await trio.to_thread.run_sync(open_mirrors, data, config.store)
-            outbox = await trio.to_thread.run_sync(SQLiteOutboxStore, data / OUTBOX_FILE)
+            mirrors = await _opening(data / MIRROR_FILE, open_mirrors, data, config.store)
+            outbox = await _opening(data / OUTBOX_FILE, SQLiteOutboxStore, data / OUTBOX_FILE)
         try:
             node = RelayNode(identity, store, config, mirror_store=mirrors, inbox_store=inbox)
         except Diverged as exc:

@@ -28,11 +28,14 @@ from relay.app import (
     KEY_FILE,
     LOGS_FILE,
     MIRROR_FILE,
+    MOVING,
     OUTBOX_FILE,
+    RESTORING,
     STORE_FILE,
     DataDirError,
     DataDirInUse,
     first_receipt_missing,
+    fsync_path,
     hold_data,
 )
 from relay.store import Located
@@ -60,29 +63,51 @@ def backup(data: Path, out: Path) -> dict[str, Any]:
             f"{data} has no {STORE_FILE}: its logs are on PostgreSQL ([store] dsn); back"
             " up that database with its own tools (pg_dump), and this directory's key"
         )
-    out.mkdir(parents=True)
-    shutil.copy2(data / KEY_FILE, out / KEY_FILE)
-    copied = []
-    for name in DATABASES:
-        if (data / name).exists():
-            _copy_database(data / name, out / name)
-            copied.append(name)
-    if (data / LOGS_FILE).exists():  # (after the logs: it names their first receipt)
-        shutil.copy2(data / LOGS_FILE, out / LOGS_FILE)
-        copied.append(LOGS_FILE)
-    manifest = {
-        "key": key.id,
-        "taken_ms": time.time_ns() // 1_000_000,
-        "files": [KEY_FILE, *copied],
-        "heads": _heads(out / STORE_FILE) if STORE_FILE in copied else {},
-    }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    # Made beside, durable, then renamed: a backup that fails (a full disk) or is
+    # killed leaves no directory that looks like one, and nothing that blocks a retry.
+    partial = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)  # (one that was killed)
+    try:
+        partial.mkdir(parents=True)
+        shutil.copy2(data / KEY_FILE, partial / KEY_FILE)
+        copied = []
+        for name in DATABASES:
+            if (data / name).exists():
+                _copy_database(data / name, partial / name)
+                copied.append(name)
+        if (data / LOGS_FILE).exists():  # (after the logs: it names their first receipt)
+            shutil.copy2(data / LOGS_FILE, partial / LOGS_FILE)
+            copied.append(LOGS_FILE)
+        files = [KEY_FILE, *copied]
+        manifest = {
+            "key": key.id,
+            "taken_ms": time.time_ns() // 1_000_000,
+            "files": files,
+            "heads": _heads(partial / STORE_FILE) if STORE_FILE in copied else {},
+        }
+        (partial / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        for name in (*files, MANIFEST):
+            fsync_path(partial / name)
+        fsync_path(partial)
+        os.rename(partial, out)
+        fsync_path(out.parent)
+    except (OSError, sqlite3.Error, BackupError) as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        if isinstance(exc, BackupError):
+            raise
+        where = f"{exc.filename}: " if isinstance(exc, OSError) and exc.filename else ""
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise BackupError(f"writing the backup {out}: {where}{reason}") from None
     return manifest
 
 
 def restore(backup_dir: Path, data: Path) -> dict[str, Any]:
     """Check the backup in ``backup_dir``, then copy it into ``data`` (which must not
-    hold a relay yet); returns what was checked."""
+    hold a relay yet); returns what was checked. A restore interrupted while it moved
+    the checked files in is finished instead (whatever ``backup_dir``)."""
+    if (data / RESTORING / MOVING).exists():
+        with hold_data(data):
+            return {**_move_in(data), "finished": "an interrupted restore"}
     try:
         manifest = json.loads((backup_dir / MANIFEST).read_text())
         files = [str(name) for name in manifest["files"]]
@@ -112,13 +137,13 @@ def restore(backup_dir: Path, data: Path) -> dict[str, Any]:
         # in place if SQLite wants to write beside it), made durable, then moved in,
         # the key last: an interrupted restore leaves no key over a partial store (a
         # relay would sign a new history).
-        staging = data / ".restoring"
+        staging = data / RESTORING
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
         try:
             for name in files:
                 shutil.copy2(backup_dir / name, staging / name)
-                _fsync(staging / name)
+                fsync_path(staging / name)
             heads = _heads(staging / STORE_FILE) if STORE_FILE in files else {}
             if heads != manifest["heads"]:
                 raise BackupError(f"{backup_dir}: the logs' heads are not the manifest's")
@@ -137,11 +162,26 @@ def restore(backup_dir: Path, data: Path) -> dict[str, Any]:
         except BackupError as exc:
             shutil.rmtree(staging, ignore_errors=True)
             raise BackupError(str(exc).replace(str(staging), str(backup_dir))) from None
-        for name in sorted(files, key=lambda n: n == KEY_FILE):
+        result = {"restored": files, "namespaces": len(heads), "key": key.id}
+        (staging / MOVING).write_text(json.dumps(result))
+        fsync_path(staging / MOVING)
+        fsync_path(staging)
+        return _move_in(data)
+
+
+def _move_in(data: Path) -> dict[str, Any]:
+    """Move the checked files of ``.restoring/`` in, the key last, as its
+    ``moving.json`` lists them (again after an interruption: those moved already are
+    not there any more)."""
+    staging = data / RESTORING
+    result: dict[str, Any] = json.loads((staging / MOVING).read_text())
+    for name in sorted(result["restored"], key=lambda n: n == KEY_FILE):
+        if (staging / name).exists():
             os.replace(staging / name, data / name)
-        _fsync(data)
-        staging.rmdir()
-    return {"restored": files, "namespaces": len(heads), "key": key.id}
+    fsync_path(data)
+    (staging / MOVING).unlink()
+    staging.rmdir()
+    return result
 
 
 def _names_another_first_receipt(staging: Path) -> bool:
@@ -229,16 +269,8 @@ def _copy_database(source: Path, target: Path) -> None:
         finally:
             dst.close()
             src.close()
-    except sqlite3.Error as exc:
-        raise BackupError(f"{source}: {exc}") from None
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    except sqlite3.Error as exc:  # (either side's: a full disk is the target's)
+        raise BackupError(f"copying {source} to the backup: {exc}") from None
 
 
 def _heads(path: Path) -> dict[str, int]:

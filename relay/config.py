@@ -25,6 +25,9 @@ from relay.logs import LEVELS
 from relay.node import RelayConfig
 from relay.sequencer import Limits
 
+MAX_VALUE = (1 << 63) - 1
+"""Numbers go into signed events (a stake, a lease's end): msgpack's int64 at most."""
+
 
 class ConfigError(ValueError):
     """A setting that cannot be used; the message names the option and what would do."""
@@ -42,8 +45,8 @@ class Option:
     flag: str | None = None
     minimum: int = 0
     """The least value that makes sense (ints; durations in ms)."""
-    maximum: int | None = None
-    """The most (ints), when there is one."""
+    maximum: int = MAX_VALUE
+    """The most (ints; durations in ms)."""
 
     @property
     def name(self) -> str:
@@ -82,7 +85,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "limits", "park_timeout", "duration", "10s", "how long an event waits for deps", minimum=1
     ),
-    Option("limits", "max_clock_skew", "duration", "24h", "event ts vs relay clock"),
+    Option("limits", "max_clock_skew", "duration", "24h", "event ts vs relay clock", minimum=1000),
     Option(
         "limits",
         "max_dep_ahead",
@@ -103,9 +106,17 @@ OPTIONS: tuple[Option, ...] = (
     Option("leases", "min", "duration", "1s", "shortest lease asked for", "--lease-min"),
     Option("leases", "max", "duration", "24h", "longest lease asked for", "--lease-max"),
     Option("auctions", "initial_stake", "int", 100, "stake of a new member", "--initial-stake"),
-    Option("auctions", "half_life", "duration", "168h", "reputation half-life", "--half-life"),
-    Option("documents", "compact_every", "int", 1000, "updates between snapshots"),
-    Option("documents", "max_live", "int", 1024, "documents kept loaded"),
+    Option(
+        "auctions",
+        "half_life",
+        "duration",
+        "168h",
+        "reputation half-life",
+        "--half-life",
+        minimum=1,
+    ),
+    Option("documents", "compact_every", "int", 1000, "updates between snapshots", minimum=1),
+    Option("documents", "max_live", "int", 1024, "documents kept loaded", minimum=1),
     Option(
         "documents",
         "bearer_tokens",
@@ -113,10 +124,34 @@ OPTIONS: tuple[Option, ...] = (
         False,
         "take document tokens without a secret (any reader of the log can use them)",
     ),
-    Option("messages", "max_message", "int", 256 << 10, "largest sealed message", "--max-message"),
-    Option("messages", "inbox_size", "int", 1000, "messages an inbox holds", "--inbox-size"),
-    Option("messages", "inbox_ttl", "duration", "168h", "undelivered lifetime", "--inbox-ttl"),
-    Option("messages", "inbox_max_bytes", "int", 256 << 20, "bytes of all inboxes"),
+    Option(
+        "messages",
+        "max_message",
+        "int",
+        256 << 10,
+        "largest sealed message",
+        "--max-message",
+        minimum=1,
+    ),
+    Option(
+        "messages",
+        "inbox_size",
+        "int",
+        1000,
+        "messages an inbox holds",
+        "--inbox-size",
+        minimum=1,
+    ),
+    Option(
+        "messages",
+        "inbox_ttl",
+        "duration",
+        "168h",
+        "undelivered lifetime",
+        "--inbox-ttl",
+        minimum=1,
+    ),
+    Option("messages", "inbox_max_bytes", "int", 256 << 20, "bytes of all inboxes", minimum=1),
     Option("messages", "inbox_per_sender", "int", 250, "one sender's messages in an inbox"),
     Option("store", "dsn", "str", "", "PostgreSQL DSN; empty: embedded SQLite", "--store"),
     Option("access", "create", "creation", "open", "who creates namespaces: open, allow, invite"),
@@ -158,6 +193,12 @@ class Settings:
                 raise ConfigError(
                     f"limits.{what}_burst must be at least 1 while limits.{what}_rate is "
                     "set (0 for both turns the limit off)"
+                )
+        for ttl in ("claim_ttl", "lock_ttl"):  # (named here by option, not by field)
+            if not 0 < v["leases.min"] <= v[f"leases.{ttl}"] <= v["leases.max"]:
+                raise ConfigError(
+                    f"leases.{ttl} (--{ttl.replace('_', '-')}) must lie within leases.min "
+                    "(--lease-min) and leases.max (--lease-max)"
                 )
         claims = TtlBounds(
             min_ms=v["leases.min"], max_ms=v["leases.max"], default_ms=v["leases.claim_ttl"]
@@ -238,7 +279,9 @@ def load(path: Path | None, flags: dict[str, Any]) -> Settings:
 
 def _read(path: Path) -> dict[str, Any]:
     try:
-        document = tomllib.loads(path.read_text())
+        document = tomllib.loads(path.read_bytes().decode())
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"--config {path}: not UTF-8 text: {exc.reason}") from None
     except OSError as exc:
         raise ConfigError(f"--config {path}: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
@@ -264,7 +307,7 @@ def _typed(option: Option, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: {value!r} is not a whole number")
         if value < option.minimum:
             raise ConfigError(f"{where}: {value} is below {option.minimum}, the least that works")
-        if option.maximum is not None and value > option.maximum:
+        if value > option.maximum:
             raise ConfigError(f"{where}: {value} is over {option.maximum}, the most that works")
         return value
     if kind == "bool":
@@ -277,6 +320,8 @@ def _typed(option: Option, value: Any, where: str) -> Any:
         ms = duration_ms(value, where)
         if ms < option.minimum:
             raise ConfigError(f"{where}: {value!r} is too short: at least {option.minimum} ms")
+        if ms > option.maximum:
+            raise ConfigError(f"{where}: {value!r} is too long: at most {option.maximum} ms")
         return ms
     if kind == "str":
         if not isinstance(value, str):

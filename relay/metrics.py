@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+LIMITS = ("publish", "request", "connections")  # the labels of formicary_rate_limited
 
 
 class Metrics:
@@ -36,8 +37,9 @@ class Metrics:
         self.events_out: Counter[str] = Counter()
         """Event frames sent to subscribers, by kind."""
         self.open_connections = 0
-        self.rate_limited: Counter[str] = Counter()
-        """Requests refused by a rate limit, by limit."""
+        self.rate_limited: Counter[str] = Counter(dict.fromkeys(LIMITS, 0))
+        """Requests refused by a rate limit, by limit (each from 0: an alert on its rate
+        needs the series before the first refusal)."""
         self.publish_seconds = Histogram(
             "formicary_publish_seconds",
             "From a publish arriving to its ack going out (sequenced and committed)",

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from http import HTTPStatus
 from typing import Any, NoReturn, TypeVar
+from urllib.parse import urlsplit
 
 import trio
 from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
@@ -1117,14 +1118,15 @@ def http_handler(node: RelayNode) -> Callable[[ServerConnection, Request], Respo
         tokens = ",".join(request.headers.get_all("Connection")).lower().split(",")
         if "upgrade" in (token.strip() for token in tokens):
             return None  # a WebSocket handshake: let it through
-        if request.path == "/health":
+        path = urlsplit(request.path).path  # (a query string, a cache-buster, is no other page)
+        if path == "/health":
             return connection.respond(HTTPStatus.OK, "ok\n")
-        if request.path == "/metrics":
+        if path == "/metrics":
             response = connection.respond(HTTPStatus.OK, node.metrics.render().decode())
             del response.headers["Content-Type"]
             response.headers["Content-Type"] = METRICS_CONTENT_TYPE
             return response
-        page = static_file(request.path)
+        page = static_file(path)
         if page is not None:  # the oversight board (relay/board.py)
             body, content_type = page
             response = connection.respond(HTTPStatus.OK, "")
@@ -1135,7 +1137,7 @@ def http_handler(node: RelayNode) -> Callable[[ServerConnection, Request], Respo
             response.headers["Content-Length"] = str(len(body))
             response.headers["Cache-Control"] = "no-cache"
             return response
-        if request.path == "/info":
+        if path == "/info":
             response = connection.respond(HTTPStatus.OK, json.dumps(info_document(node)) + "\n")
             del response.headers["Content-Type"]  # respond() set text/plain; replace it
             response.headers["Content-Type"] = "application/json"

@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import json
+import time
+from dataclasses import replace
 from pathlib import Path
+
+import trio
 
 from agent_sdk.cli_wo import Tokens
 from agent_sdk.client import RelayClient
 from agent_sdk.decisions import Decisions
 from agent_sdk.identity import Identity
 from agent_sdk.ledger import Ledger
+from relay.coordination.leases import TtlBounds
+from relay.node import RelayConfig
 from tests.agent_sdk.shell import exit_codes, run_shell
-from tests.conftest import RunningRelay
+from tests.conftest import RunningRelay, start_relay
+
+MINUTE = 60_000
 
 SCRIPT = r"""
 set -u
@@ -368,3 +376,29 @@ f release {released}; echo "release=$?" >> codes.txt
     assert exit_codes(tmp_path) == {"renew": "3", "release": "3"}, done.stderr.decode()
     assert tokens.kept("work@local", renewed, None) is None
     assert tokens.kept("work@local", released, None) is None
+
+
+RELAY_TTL_SCRIPT = r"""
+set -u
+f() { "$PYTHON" -m agent_sdk.cli "$@"; }
+f wo create --title "t" > /dev/null || exit 10
+f wo claim wo-1 --json > claim.json || exit 11
+f lock acquire branch:main --json > lock.json || exit 12
+exit 0
+"""
+
+
+async def test_without_ttl_the_relays_lease_applies(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """The commands sent 30m and 5m whatever the relay said: refused by a relay whose
+    longest lease is shorter, and longer than its own default elsewhere."""
+    bounds = TtlBounds(min_ms=1000, max_ms=20 * MINUTE, default_ms=10 * MINUTE)
+    config = RelayConfig(claim_ttl=bounds, lock_ttl=replace(bounds, default_ms=2 * MINUTE))
+    relay = await start_relay(nursery, tmp_path / "relay", config)
+    before = time.time() * 1000
+    done = await run_shell(relay, tmp_path, RELAY_TTL_SCRIPT, ns="work@local")
+    after = time.time() * 1000
+    assert done.returncode == 0, done.stderr.decode()
+    claim = json.loads((tmp_path / "claim.json").read_text())
+    lock = json.loads((tmp_path / "lock.json").read_text())
+    assert before + 10 * MINUTE <= claim["expires_at"] <= after + 10 * MINUTE
+    assert before + 2 * MINUTE <= lock["expires_at"] <= after + 2 * MINUTE

@@ -11,7 +11,15 @@ import trio.testing
 
 from agent_sdk.client import RelayClient
 from agent_sdk.identity import Identity
-from relay.app import KEY_FILE, LOGS_FILE, DataDirError, load_identity, open_store
+from relay.app import (
+    INBOX_FILE,
+    KEY_FILE,
+    LOGS_FILE,
+    STORE_FILE,
+    DataDirError,
+    load_identity,
+    open_store,
+)
 from tests.backends import store_dsn
 from tests.conftest import RunningRelay, identity, start_relay
 
@@ -185,3 +193,23 @@ async def test_a_key_file_that_is_not_a_key_is_one_line(tmp_path: Path) -> None:
         )
         err = done.stderr.decode()
         assert done.returncode == 1 and "Traceback" not in err and "Ed25519" in err, err
+
+
+@pytest.mark.parametrize("damaged", [STORE_FILE, INBOX_FILE])
+async def test_a_file_that_is_not_a_database_is_one_line(tmp_path: Path, damaged: str) -> None:
+    """SQLite's refusal at start-up was a page of traceback."""
+    from tests.processes import cli
+
+    data = tmp_path / "relay"
+    data.mkdir()
+    (data / damaged).write_text("not a database\n")
+    serve = cli("relay", "serve", "--data", str(data), "--port", "0")
+    done = await trio.run_process(serve, capture_stderr=True, check=False)
+    err = done.stderr.decode()
+    assert done.returncode == 1 and "Traceback" not in err, err
+    assert f"{damaged}: file is not a database" in err
+    if damaged == STORE_FILE:
+        verify = cli("log", "verify", "all", "--data", str(data))
+        done = await trio.run_process(verify, capture_stderr=True, check=False)
+        err = done.stderr.decode()
+        assert done.returncode == 2 and "Traceback" not in err and "not a database" in err, err

@@ -5,10 +5,12 @@ backup is refused; compact will not touch a running relay's files."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sqlite3
 from pathlib import Path
 
+import pytest
 import trio
 
 from agent_sdk.client import RelayClient
@@ -181,3 +183,74 @@ async def test_a_backup_restores_from_a_read_only_place_and_an_incomplete_one_is
     fresh = tmp_path / "fresh"
     code, _, err = await formicary("relay", "restore", "--from", str(early), "--data", str(fresh))
     assert code == 0 and not (fresh / "logs.json").exists(), err
+
+
+async def test_a_backup_that_fails_leaves_nothing_that_blocks_a_retry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk half way left a directory with a key and part of the logs and no
+    manifest: the retry was refused ("exists"), and the error named the source."""
+    import errno
+
+    from relay import backup as module
+    from relay.backup import BackupError, backup
+
+    data = tmp_path / "relay"
+    async with relay_process(data) as relay, RelayClient.connect(relay.url, identity(1)) as agent:
+        await agent.publish(NAMESPACES[0], "app.note", "kept")
+    copy_database = module._copy_database
+
+    def disk_full_after_the_logs(source: Path, target: Path) -> None:
+        copy_database(source, target)
+        if source.name != STORE_FILE:
+            raise OSError(errno.ENOSPC, "No space left on device", str(target))
+
+    monkeypatch.setattr(module, "_copy_database", disk_full_after_the_logs)
+    out = tmp_path / "backup"
+    with pytest.raises(BackupError, match=r"writing the backup .*backup: .* No space left"):
+        backup(data, out)
+    assert not [name for name in os.listdir(tmp_path) if "backup" in name]  # none half made
+    monkeypatch.undo()
+    assert backup(data, out)["heads"] == {NAMESPACES[0]: 1}
+
+
+async def test_a_restore_interrupted_while_moving_in_is_finished_by_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed between its moves, a restore left the logs in and the rest (the key,
+    the inboxes) in its staging directory: run again, it refused ("holds a relay
+    already"), and the relay asked for the key, without which inboxes were lost."""
+    from relay import backup as module
+    from relay.backup import restore
+
+    data, copy = tmp_path / "data", tmp_path / "backup"
+    async with relay_process(data) as relay, RelayClient.connect(relay.url, identity(1)) as agent:
+        await agent.publish(NAMESPACES[0], "app.note", "kept")
+    code, _, err = await formicary("relay", "backup", "--data", str(data), "--out", str(copy))
+    assert code == 0, err
+    moves: list[str] = []
+    replace = os.replace
+
+    def killed_after_one_move(source: Path, target: Path) -> None:
+        if moves:
+            raise KeyboardInterrupt  # (as a kill would, between two moves)
+        moves.append(Path(source).name)
+        replace(source, target)
+
+    target = tmp_path / "target"
+    monkeypatch.setattr(module.os, "replace", killed_after_one_move)
+    with pytest.raises(KeyboardInterrupt):
+        restore(copy, target)
+    monkeypatch.undo()
+    assert moves == [STORE_FILE] and (target / STORE_FILE).exists()
+    assert not (target / "relay.key").exists()
+    serve = cli("relay", "serve", "--data", str(target), "--port", "0")
+    done = await trio.run_process(serve, capture_stderr=True, check=False)
+    assert done.returncode == 1 and "restore was interrupted" in done.stderr.decode()
+    code, result, err = await formicary(
+        "relay", "restore", "--from", str(copy), "--data", str(target)
+    )
+    assert code == 0 and result is not None and result["finished"], err
+    assert sorted(os.listdir(target)) == sorted([*result["restored"], "relay.lock"])  # type: ignore[arg-type]
+    async with relay_process(target) as relay, RelayClient.connect(relay.url, identity(1)) as a:
+        assert (await a.publish(NAMESPACES[0], "app.note", "on")).receipt.seq == 2

@@ -68,7 +68,15 @@ peers = ["south=ws://127.0.0.1:7800#" ]
         ("[documents]\nbearer_tokens = 1\n", "true or false"),
         ('name = "x"\n', "is not a [section]"),
         ("[relay\n", "not TOML"),
-        ('[leases]\nmin = "1h"\nmax = "1m"\n', "min <= default <= max"),
+        ('[leases]\nmin = "1h"\nmax = "1m"\n', "leases.claim_ttl (--claim-ttl) must lie within"),
+        ('[leases]\nmin = "10m"\n', "leases.lock_ttl (--lock-ttl) must lie within"),
+        # a stake goes into signed events, where msgpack stops at 64 bits
+        ("[auctions]\ninitial_stake = 99999999999999999999\n", "the most that works"),
+        ('[leases]\nmax = "9999999999999999h"\n', "too long"),
+        ("[messages]\ninbox_size = 0\n", "below 1"),
+        ('[auctions]\nhalf_life = "0s"\n', "too short"),
+        ("[documents]\nmax_live = 0\n", "below 1"),
+        ('[limits]\nmax_clock_skew = "0s"\n', "too short"),
         ('[federation]\npeers = ["nokey=ws://x"]\n', "peer"),
         ("[limits]\nmax_frame = 0\n", "below 1, the least that works"),
         ('[limits]\nauth_timeout = "0s"\n', "too short"),
@@ -81,6 +89,13 @@ def test_a_bad_file_is_a_clear_error(tmp_path: Path, text: str, says: str) -> No
         settings.relay_config()
         settings.federation_config()
     assert says in str(error.value)
+
+
+def test_a_file_that_is_not_utf8_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "relay.toml"
+    path.write_bytes(b"\x00\xff\xfe")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load(path, {})
 
 
 def test_a_missing_file_is_named() -> None:

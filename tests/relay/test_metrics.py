@@ -59,6 +59,8 @@ async def test_metrics_count_what_the_relay_did(relay: RunningRelay) -> None:
     assert seen[("formicary_commit_seconds_count", ())] >= 1
     assert seen[("formicary_parked_events", ())] == 0
     assert ("formicary_documents_loaded", ()) in seen
+    for limit in ("publish", "request", "connections"):  # there before the first refusal
+        assert seen[("formicary_rate_limited_total", (("limit", limit),))] == 0
 
 
 async def test_health_and_info_answer(relay: RunningRelay) -> None:

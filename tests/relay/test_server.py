@@ -131,6 +131,8 @@ async def test_health_and_info_on_the_same_port(relay: RunningRelay) -> None:
     assert info["limits"]["max_frame"] == 1 << 20
     status, _ = await get("/nope")
     assert status == "HTTP/1.1 404 Not Found"
+    status, body = await get("/info?fresh=1")  # a query string is the same page
+    assert status == "HTTP/1.1 200 OK" and json.loads(body)["name"] == "local"
 
 
 async def test_a_connection_that_never_authenticates_is_closed(
