@@ -177,7 +177,9 @@ class Subscription:
         self.error: ProtocolError | None = None
         self.paused = False
         self.buffer = buffer
-        self._tx, self._rx = trio.open_memory_channel[Delivery | Live](buffer)
+        # Bounded by hand (_offer): until the subscription is placed nobody reads it,
+        # and pausing it then would lose its live, so what comes is held meanwhile.
+        self._tx, self._rx = trio.open_memory_channel[Delivery | Live](math.inf)
 
     def resume_request(self) -> f.Subscribe:
         return f.Subscribe(
@@ -200,12 +202,14 @@ class Subscription:
         self.placed.set()
 
     def _offer(self, item: Delivery | Live) -> bool:
-        """Hand an item to the consumer without waiting; pause when the buffer is full."""
-        try:
-            self._tx.send_nowait(item)
-        except trio.WouldBlock:
+        """Hand an item to the consumer without waiting; pause when the buffer is full
+        (once placed: before, the caller is not reading yet)."""
+        used = self._rx.statistics().current_buffer_used
+        if used >= self.buffer and self.placed.is_set():
             self.client._pause(self)
             return False
+        try:
+            self._tx.send_nowait(item)
         except trio.BrokenResourceError:
             return False  # the subscriber has left; its unsubscribe is on the way
         return True

@@ -225,8 +225,11 @@ class Mailbox:
         # expiry came: a copy of one (its ack lost with a connection) is ours, not left
         self._queue_tx, self._queue_rx = trio.open_memory_channel[_Arrived](math.inf)
         self.sub: int | None = None
+        self._sub_on = 0  # the client connection the stream was opened on
         self.live = trio.Event()
         """Set once the relay has sent the inbox's backlog (``live``)."""
+        self._live_on = 0  # the client connection whose stream sent it
+        self._reopened = trio.Event()  # set (and replaced) as each reconnect reopens
         self.error: ProtocolError | None = None
         """Why the inbox stream ended (opened by another connection of this agent)."""
         self.unconfirmed = False
@@ -379,12 +382,17 @@ class Mailbox:
             self.error = None
             self.live = trio.Event()
         self.sub = self.client.tap(lambda sub: f.MsgInbox(sub=sub), self._on_frame)
+        self._sub_on = self.client.connections
         if self._reopen not in self.client.on_reconnect:
             self.client.on_reconnect.append(self._reopen)
 
     async def _reopen(self) -> None:
+        self._reopened.set()
+        self._reopened = trio.Event()
         if self.error is not None:
             return  # the stream was given up to another connection: not taken back
+        if self.sub is not None and self._sub_on == self.client.connections:
+            return  # opened on this connection already (taken back, say)
         if self.sub is not None:
             self.client.untap(self.sub, gone=True)  # it ended with its connection
             self.sub = None
@@ -407,8 +415,9 @@ class Mailbox:
             arrived = await self._queue_rx.receive()
             if arrived.message.id not in self._inflow.pending:
                 continue  # a wake-up, or handed out already by another path
+            # (the copy admitted last: one queued before a hand-over is stale)
+            arrived = self._queued.pop(arrived.message.id)
             self._inflow.taken(arrived.message.id)
-            del self._queued[arrived.message.id]
             self.acknowledge(arrived)
             acknowledged = {arrived.seq}
             for copy in self._copies.pop(arrived.message.id, ()):
@@ -451,6 +460,7 @@ class Mailbox:
         if isinstance(frame, f.MsgItem):
             self._on_item(frame)
         elif isinstance(frame, f.Live):
+            self._live_on = self.client.connections
             self.live.set()
         elif isinstance(frame, f.Error):
             error = ProtocolError(_code(frame.code), frame.reason)
@@ -470,8 +480,8 @@ class Mailbox:
         taken is that reader's now (handed out here as well, it would be twice)."""
         for mid, arrived in list(self._queued.items()):
             copies = (arrived, *self._copies.get(mid, ()))
-            if any(copy.seq == 0 for copy in copies):
-                continue  # it came directly too: this reader's to hand out
+            if all(copy.seq == 0 for copy in copies):
+                continue  # it came directly only: this reader's to hand out
             del self._queued[mid]
             self._copies.pop(mid, None)
             self._inflow.forget(arrived.header)
@@ -501,13 +511,18 @@ class Mailbox:
         relay, while the confirm is sent again on the next connection: so after a
         reconnect it waits for the new stream's replay (whose copies of what was
         taken are acknowledged again) and confirms once more."""
-        while self.unconfirmed:
+        if not self.unconfirmed:
+            return
+        while True:
             await self.live.wait()
+            if self.error is None and self._live_on != self.client.connections:
+                await self._reopened.wait()  # a reconnect whose stream is not open yet
+                continue
             self.unconfirmed = False
             connection = self.client.connections
             await self.client.ask(lambda rid: f.MsgConfirm(rid=rid))
-            if self.client.connections != connection:
-                self.unconfirmed = True
+            if self.client.connections == connection:
+                return
 
     def _on_item(self, item: f.MsgItem) -> None:
         ack = f.MsgAck(sub=item.sub, seq=item.seq)

@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import sqlite3
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -63,12 +64,13 @@ def backup(data: Path, out: Path) -> dict[str, Any]:
             f"{data} has no {STORE_FILE}: its logs are on PostgreSQL ([store] dsn); back"
             " up that database with its own tools (pg_dump), and this directory's key"
         )
-    # Made beside, durable, then renamed: a backup that fails (a full disk) or is
-    # killed leaves no directory that looks like one, and nothing that blocks a retry.
-    partial = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)  # (one that was killed)
+    # Made beside (a directory of its own: two backups at once do not mix), durable,
+    # then renamed: a backup that fails (a full disk) leaves no directory that looks
+    # like one, and nothing that blocks a retry.
+    partial: Path | None = None
     try:
-        partial.mkdir(parents=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
         shutil.copy2(data / KEY_FILE, partial / KEY_FILE)
         copied = []
         for name in DATABASES:
@@ -92,7 +94,8 @@ def backup(data: Path, out: Path) -> dict[str, Any]:
         os.rename(partial, out)
         fsync_path(out.parent)
     except (OSError, sqlite3.Error, BackupError) as exc:
-        shutil.rmtree(partial, ignore_errors=True)
+        if partial is not None:
+            shutil.rmtree(partial, ignore_errors=True)
         if isinstance(exc, BackupError):
             raise
         where = f"{exc.filename}: " if isinstance(exc, OSError) and exc.filename else ""
@@ -163,9 +166,15 @@ def restore(backup_dir: Path, data: Path) -> dict[str, Any]:
             shutil.rmtree(staging, ignore_errors=True)
             raise BackupError(str(exc).replace(str(staging), str(backup_dir))) from None
         result = {"restored": files, "namespaces": len(heads), "key": key.id}
-        (staging / MOVING).write_text(json.dumps(result))
-        fsync_path(staging / MOVING)
-        fsync_path(staging)
+        try:  # whole or absent: written beside, then renamed (nothing moves before)
+            staged = staging / (MOVING + ".new")
+            staged.write_text(json.dumps(result))
+            fsync_path(staged)
+            os.replace(staged, staging / MOVING)
+            fsync_path(staging)
+        except OSError as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise BackupError(f"{data}: {exc.strerror or exc}") from None
         return _move_in(data)
 
 
@@ -174,13 +183,17 @@ def _move_in(data: Path) -> dict[str, Any]:
     ``moving.json`` lists them (again after an interruption: those moved already are
     not there any more)."""
     staging = data / RESTORING
-    result: dict[str, Any] = json.loads((staging / MOVING).read_text())
-    for name in sorted(result["restored"], key=lambda n: n == KEY_FILE):
-        if (staging / name).exists():
-            os.replace(staging / name, data / name)
-    fsync_path(data)
-    (staging / MOVING).unlink()
-    staging.rmdir()
+    try:
+        result: dict[str, Any] = json.loads((staging / MOVING).read_text())
+        for name in sorted(result["restored"], key=lambda n: n == KEY_FILE):
+            if (staging / name).exists():
+                os.replace(staging / name, data / name)
+        fsync_path(data)
+        (staging / MOVING).unlink()
+        staging.rmdir()
+    except OSError as exc:
+        reason = f"moving the restored files in: {exc.strerror or exc}"
+        raise BackupError(f"{data}: {reason}; run the restore again to finish") from None
     return result
 
 

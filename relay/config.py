@@ -27,6 +27,8 @@ from relay.sequencer import Limits
 
 MAX_VALUE = (1 << 63) - 1
 """Numbers go into signed events (a stake, a lease's end): msgpack's int64 at most."""
+MAX_DURATION_MS = 100 * 365 * 24 * 3_600_000
+"""A century: durations are added to the time of day, which must stay an int64."""
 
 
 class ConfigError(ValueError):
@@ -320,8 +322,9 @@ def _typed(option: Option, value: Any, where: str) -> Any:
         ms = duration_ms(value, where)
         if ms < option.minimum:
             raise ConfigError(f"{where}: {value!r} is too short: at least {option.minimum} ms")
-        if ms > option.maximum:
-            raise ConfigError(f"{where}: {value!r} is too long: at most {option.maximum} ms")
+        if ms > min(option.maximum, MAX_DURATION_MS):
+            most = min(option.maximum, MAX_DURATION_MS)
+            raise ConfigError(f"{where}: {value!r} is too long: at most {most} ms")
         return ms
     if kind == "str":
         if not isinstance(value, str):

@@ -952,9 +952,9 @@ class Connection:
             except CannotPassOn:
                 raise  # ours, not the route's: the subscriber is told
             except ProtocolError as exc:
-                if exc.code is ErrorCode.FORBIDDEN:
-                    raise
-                return  # the route went away; the subscription follows nothing more
+                if exc.code is ErrorCode.FORBIDDEN or self.peer is None:
+                    raise  # an agent is told (and one from now is waiting for its live)
+                return  # the route went away; the peer's mirror follows it no more
         else:
             await self._follow_log(sub, ns, cursor, match, live)
 

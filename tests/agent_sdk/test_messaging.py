@@ -625,3 +625,53 @@ async def test_a_reader_that_takes_its_inbox_back_gets_what_it_handed_over(
             assert (await first.mailbox.next()).body == "one"
             await first.mailbox.confirm()
         assert relay.node.inboxes.size(BOB.public_key) == 0
+
+
+async def test_confirm_returns_while_messages_keep_coming(relay: RunningRelay) -> None:
+    """Every item arriving during a confirm's round trip made it confirm again."""
+    async with RelayClient.connect(relay.url, BOB):
+        pass
+    async with (
+        RelayClient.connect(relay.url, ALICE) as alice,
+        RelayClient.connect(relay.url, BOB) as bob,
+        trio.open_nursery() as nursery,
+    ):
+
+        async def keep_sending() -> None:
+            n = 0
+            while True:
+                await alice.send(BOB.id, n)
+                n += 1
+
+        async def keep_reading() -> None:
+            while True:
+                await bob.mailbox.next()
+
+        nursery.start_soon(keep_sending)
+        nursery.start_soon(keep_reading)
+        await bob.mailbox.live.wait()
+        while not bob.mailbox.unconfirmed:
+            await trio.testing.wait_all_tasks_blocked()
+        with trio.fail_after(10):
+            await bob.mailbox.confirm()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_reopen_on_the_connection_the_inbox_is_open_on_keeps_it(
+    relay: RunningRelay,
+) -> None:
+    """A reader that took its inbox back on a new connection before the reconnect's
+    hook ran had the hook open it a second time there: 3005, and the mailbox ended."""
+    async with RelayClient.connect(relay.url, BOB):
+        pass
+    async with (
+        RelayClient.connect(relay.url, ALICE) as alice,
+        RelayClient.connect(relay.url, BOB) as bob,
+    ):
+        bob.mailbox.open()
+        await bob.mailbox.live.wait()
+        await bob.mailbox._reopen()  # as the hook would, on this same connection
+        await alice.send(BOB.id, "still here")
+        with trio.fail_after(10):
+            assert (await bob.mailbox.next()).body == "still here"
+        assert bob.mailbox.error is None

@@ -314,3 +314,27 @@ async def test_a_mirror_lingering_after_its_last_reader_follows_again_at_once(
             assert again is mirror
             # Its linger wakes now; it used to sleep it out while readers waited.
             assert lingering.is_set()
+
+
+async def test_a_from_now_foreign_namespace_beside_a_local_backlog_is_entered(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """Entering a subscription waits for each from-now namespace's live; the foreign
+    one's comes after catching up, by when a local backlog has filled the buffer:
+    it paused, its live was dropped, and nothing ever resumed it."""
+    relays = plan(tmp_path, "a", "b")
+    b = await start(nursery, relays["b"], (relays["a"].peer(),))
+    a = await start(nursery, relays["a"], (relays["b"].peer(),))
+    async with RelayClient.connect(a.url, identity(1)) as agent:
+        for n in range(20):
+            await agent.publish("x@a", "app.n", n)
+        with trio.fail_after(TIMEOUT):
+            await federation_of(a).links["b"].wait_up()
+            async with agent.subscribe(["x@a", "y@b"], start={"x@a": 1}, buffer=2) as feed:
+                seen = []
+                async for item in feed:
+                    if isinstance(item, Delivery):
+                        seen.append(item.event.event.body)
+                        if len(seen) == 20:
+                            break
+    assert seen == list(range(20)) and b.node.head("y@b") == 0

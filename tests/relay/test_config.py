@@ -73,6 +73,7 @@ peers = ["south=ws://127.0.0.1:7800#" ]
         # a stake goes into signed events, where msgpack stops at 64 bits
         ("[auctions]\ninitial_stake = 99999999999999999999\n", "the most that works"),
         ('[leases]\nmax = "9999999999999999h"\n', "too long"),
+        ('[messages]\ninbox_ttl = "2562047788015h"\n', "too long"),  # (now + it: past int64)
         ("[messages]\ninbox_size = 0\n", "below 1"),
         ('[auctions]\nhalf_life = "0s"\n', "too short"),
         ("[documents]\nmax_live = 0\n", "below 1"),
