@@ -240,6 +240,8 @@ class Federation:
                 return "the outcome is not signed by the home"
             if result.outcome.receipt.id != outcome.id:
                 return "the outcome's receipt is of another event"
+            if outcome.event.deps != (entry.event.id,):  # (8.1: its deps are [request id])
+                return "the outcome of another request"
             if result.outcome.seal is None:
                 return "the outcome's receipt is not sealed"
             if not verify_seal(result.outcome.receipt, result.outcome.seal):
@@ -467,7 +469,8 @@ class Federation:
             if not isinstance(id_, bytes) or id_ not in wanted:
                 continue  # (a list would not even hash: that took the relay down)
             if isinstance(ns, str) and NS_RE.fullmatch(ns) and type(seq) is int and seq > 0:
-                self.hints[id_] = (ns, seq)
+                wanted.discard(id_)  # one place per id: a lying peer cannot open mirrors
+                self.hints[id_] = (ns, seq)  # without end by naming many for one id
                 self._fetch(ns, seq)
 
     async def locate(self, args: dict[str, Any], asker: bytes) -> list[list[Any]]:
@@ -741,6 +744,7 @@ class Mirror:
         while True:
             frame = await incoming.receive()
             checked: list[Record] = []
+            offered = 0
             while True:
                 if isinstance(frame, f.EventFrame):
                     self.refused = None
@@ -771,6 +775,11 @@ class Mirror:
                     return
                 if len(checked) >= 4096:
                     break
+                offered += 1
+                if offered % CHECKS_PER_TURN == 0:
+                    # Each is a signature check and a seal: a whole run at once held
+                    # the event loop for about 200 ms.
+                    await trio.lowlevel.checkpoint()
                 try:
                     frame = incoming.receive_nowait()
                 except trio.WouldBlock:
@@ -787,6 +796,9 @@ class Mirror:
 def _receipt_frame(receipt: bytes, relay: str, rid: int) -> f.MsgReceipt:
     return f.MsgReceipt(rid=rid, receipt=receipt, relay=relay)
 
+
+CHECKS_PER_TURN = 128
+"""Mirrored records checked between two turns of the event loop."""
 
 GOES_ON = frozenset({ErrorCode.AWARENESS_REFUSED, ErrorCode.UNKNOWN_SUBSCRIPTION})
 """Errors about one frame of a document subscription, after which it goes on."""

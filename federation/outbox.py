@@ -36,6 +36,9 @@ from agent_sdk.wire import SignedEvent, decode_event
 
 log = logging.getLogger("formicary.federation")
 
+STORE_ERRORS = (OSError, sqlite3.Error)
+"""A failing disk: logged, not the end of the relay (see Outbox._store, Outbox._drop)."""
+
 MAX_IN_FLIGHT = 1024
 """Entries sent on a link and not yet answered: the link's window."""
 FRAME_SLACK = 256
@@ -263,13 +266,27 @@ class Outbox:
         fresh = [entry for entry in entries if not entry.stored and not entry.done.is_set()]
         if fresh:
             rows = [(e.n, e.event.raw, e.event.sig, e.since_ms) for e in fresh]
-            await store_call(self.store, self.store.put, self.link, rows)
+            try:
+                await store_call(self.store, self.store.put, self.link, rows)
+            except STORE_ERRORS as exc:
+                # No promise made (no `queued`): they wait in memory, answered by
+                # the home when it is reached, or HOME_UNREACHABLE at the deadline.
+                log.error("outbox %s: cannot store %d entries: %s", self.link, len(rows), exc)
+                return
         for entry in fresh:
             entry.stored = True
             entry._queue()
         finished = [entry.n for entry in fresh if entry.done.is_set()]
         if finished:  # answered or expired while being written: no promise left to keep
-            await store_call(self.store, self.store.drop, self.link, finished)
+            await self._drop(finished)
+
+    async def _drop(self, ns: list[int]) -> None:
+        """Delete answered entries' rows. A failure leaves them: a restart sends them
+        again, and the home answers those as duplicates."""
+        try:
+            await store_call(self.store, self.store.drop, self.link, ns)
+        except STORE_ERRORS as exc:
+            log.error("outbox %s: cannot delete %d answered entries: %s", self.link, len(ns), exc)
 
     async def send(self, client: RelayClient) -> None:
         """Deliver entries over one link connection until it ends."""
@@ -338,7 +355,7 @@ class Outbox:
         self.on_answer(entry)
         self.delivered += 1
         if entry.stored:
-            await store_call(self.store, self.store.drop, self.link, [entry.n])
+            await self._drop([entry.n])
 
     async def _refuse_too_large(self, entry: Entry, limit: int) -> None:
         # The home would answer 1003 without a rid: nothing would ever answer this.
@@ -347,7 +364,7 @@ class Outbox:
         entry._resolve(None, ProtocolError(ErrorCode.FRAME_TOO_LARGE, reason))
         self.on_answer(entry)
         if entry.stored:  # nothing will answer it: no promise is left to keep
-            await store_call(self.store, self.store.drop, self.link, [entry.n])
+            await self._drop([entry.n])
 
     def next_deadline_ms(self) -> int | None:
         oldest = next(iter(self.entries.values()), None)
@@ -363,7 +380,7 @@ class Outbox:
             entry._resolve(None, ProtocolError(ErrorCode.HOME_UNREACHABLE, reason))
         stored = [entry.n for entry in late if entry.stored]
         if stored:
-            await store_call(self.store, self.store.drop, self.link, stored)
+            await self._drop(stored)
         if late:
             self.expired += len(late)
             log.warning("outbox %s: %d entries dropped past the deadline", self.link, len(late))

@@ -689,7 +689,11 @@ class Connection:
 
     async def _answer_query(self, query: f.Query) -> None:
         try:
-            if query.q == LOCATE and self.fed is not None and self.peer is not None:
+            if query.q == LOCATE:
+                # A relay's own question (14.11): not an agent's, nor one a relay
+                # passes on for an agent (it would be answered with the relay's reads).
+                if self.fed is None or self.peer is None or query.agent is not None:
+                    raise ProtocolError(ErrorCode.UNKNOWN_QUERY, f"{LOCATE} is for relays")
                 assert self.session.agent is not None  # (a peer: authenticated)
                 located = await self.fed.locate(query.args, self.session.agent)
                 await self._send(f.Result(rid=query.rid, body=located))
@@ -946,8 +950,8 @@ class Connection:
                     await mirror.caught_up()
                     if mirror.refused is not None:
                         raise mirror.refused
-                    if cursor < 0:  # "from now": the home's head, as far as we know it
-                        cursor = max(mirror.home_head, self.node.head(ns)) + 1
+                    if cursor < 0:  # "from now": past what the mirror holds, checked (the
+                        cursor = self.node.head(ns) + 1  # head a peer claims is not)
                     await self._follow_log(sub, ns, cursor, match)
             except CannotPassOn:
                 raise  # ours, not the route's: the subscriber is told

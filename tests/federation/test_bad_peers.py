@@ -444,3 +444,136 @@ async def test_a_garbled_answer_to_where_an_event_is_changes_nothing(
             assert liar.lied.is_set() and not network.hints
             after = await agent.publish("y@a", "app.note", "a carries on")
     assert after.receipt.seq == 1
+
+
+class _Locator:
+    """A link client whose peer answers fed.locate with many namespaces for one id."""
+
+    def __init__(self, answer: list[list[object]]) -> None:
+        self.answer = answer
+
+    async def query(self, ns: str, q: str, args: dict[str, object]) -> object:
+        return self.answer
+
+
+async def test_one_locate_answer_opens_one_mirror_per_id(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """A peer's fed.locate answer is 'only a pointer' (14.11): one id has one place.
+    A peer that names the same id in 200 namespaces, at a seq no home will reach,
+    makes this relay open 200 mirrors that follow for ever."""
+    relays = plan(tmp_path, "a", "b")
+    await start(nursery, relays["b"], (relays["a"].peer(),))
+    a = await start(nursery, relays["a"], (relays["b"].peer(),))
+    fed = federation_of(a)
+    event_id = bytes(32)
+    lie = [[event_id, f"n{i}@b", 2**62] for i in range(200)]
+    with trio.fail_after(TIMEOUT):
+        await fed.links["b"].wait_up()
+        await fed._ask_where(fed.links["b"], _Locator(lie), [event_id])  # type: ignore[arg-type]
+    assert len(fed.mirrors) <= 1, f"{len(fed.mirrors)} mirrors from one answer"
+
+
+class _LiveLiar(LyingRelay):
+    """Passes everything through but claims a far larger head in every ``live``."""
+
+    def _rewrite(self, message: bytes) -> bytes | None:
+        out = []
+        for frame in f.decode_message(message):
+            assert not isinstance(frame, Exception)
+            if isinstance(frame, f.Live):
+                frame = f.Live(sub=frame.sub, ns=frame.ns, seq=frame.seq + 1_000_000)
+            out.append(f.encode_frame(frame))
+        return f.bundle(out)
+
+
+async def test_a_claimed_head_does_not_blind_a_subscription_from_now(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """The head a peer claims in live is not checked (14.7): a via peer (here a man in
+    the middle) that inflates it moves the cursor of every subscription 'from now' past
+    anything the home will write, so the subscriber never sees the next event."""
+    relays = plan(tmp_path, "a", "b")
+    b = await start(nursery, relays["b"], (relays["a"].peer(),))
+    liar = _LiveLiar(b.url, lambda frame: frame)
+    await nursery.start(liar.run)
+    a = await start(nursery, relays["a"], (relays["b"].peer(url=liar.url),))
+    with trio.fail_after(TIMEOUT):
+        await federation_of(a).links["b"].wait_up()
+        async with (
+            RelayClient.connect(a.url, identity(2)) as reader,
+            RelayClient.connect(b.url, identity(1)) as writer,
+            reader.subscribe(NS) as feed,
+        ):  # from now
+            await writer.publish(NS, "app.note", {"n": 1})
+            await a.node.wait_beyond(NS, 0)  # a's mirror has it
+            with trio.move_on_after(5):
+                async for item in feed:
+                    if isinstance(item, Delivery):
+                        break
+                else:
+                    raise AssertionError("subscription ended")
+                return
+    raise AssertionError("the event a's mirror holds never reached the subscriber")
+
+
+async def test_an_outcome_of_another_request_is_not_passed_on(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """check_answer (14.4) checks that the outcome is the home's, not that it is the
+    outcome *of this request*: a relay on the way keeps one genuine sealed outcome and
+    answers a later request with it. The agent is told its second wo.create made the
+    first work order."""
+    kept: list[f.Ack] = []
+
+    def swap(ack: f.Ack) -> f.Ack:
+        if ack.outcome is None:
+            return ack
+        if not kept:
+            kept.append(ack)
+            return ack
+        if len(kept) > 1:
+            return ack  # lied once: caught, the link dropped; the resend gets the truth
+        first = kept[0]
+        kept.append(ack)
+        return f.Ack(
+            rid=ack.rid, receipt=ack.receipt, seal=ack.seal, duplicate=ack.duplicate,
+            outcome=first.outcome, outcome_sig=first.outcome_sig,
+            outcome_receipt=first.outcome_receipt, outcome_seal=first.outcome_seal,
+        )  # fmt: skip
+
+    relays = plan(tmp_path, "a", "b")
+    b = await start(nursery, relays["b"], (relays["a"].peer(),))
+    liar = LyingRelay(b.url, lambda frame: frame, tamper_ack=swap)
+    await nursery.start(liar.run)
+    a = await start(nursery, relays["a"], (relays["b"].peer(url=liar.url),))
+    with trio.fail_after(TIMEOUT):
+        await federation_of(a).links["b"].wait_up()
+        async with RelayClient.connect(a.url, identity(6)) as agent:
+            one = await agent.publish(NS, "wo.create", {"title": "one"}, nonce=b"1")
+            two = await agent.publish(NS, "wo.create", {"title": "two"}, nonce=b"2")
+    assert one.outcome is not None and two.outcome is not None
+    assert one.receipt.id in one.outcome.event.event.deps  # an outcome names its request
+    assert two.receipt.id in two.outcome.event.event.deps, (
+        "the agent was handed the outcome of another request"
+    )
+
+
+async def test_an_agent_cannot_ask_fed_locate_through_its_relay(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """14.11: only a peer connection may ask fed.locate; an agent gets 4001. An agent
+    of a asks it of fed@b through a: a forwards the query over its link, where b
+    takes it for a's own question and answers with what a (not the agent) may read."""
+    relays = plan(tmp_path, "a", "b")
+    b = await start(nursery, relays["b"], (relays["a"].peer(),))
+    a = await start(nursery, relays["a"], (relays["b"].peer(),))
+    with trio.fail_after(TIMEOUT):
+        await federation_of(a).links["b"].wait_up()
+        async with RelayClient.connect(b.url, identity(1)) as writer:
+            written = await writer.publish(NS, "app.note", {"n": 1})
+        async with RelayClient.connect(a.url, identity(2)) as agent:
+            with pytest.raises(ProtocolError) as refused:
+                found = await agent.query("fed@b", "fed.locate", {"ids": [written.receipt.id]})
+                raise AssertionError(f"answered an agent: {found!r}")
+    assert refused.value.code is ErrorCode.UNKNOWN_QUERY

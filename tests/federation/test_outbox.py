@@ -10,7 +10,7 @@ will answer leave no row behind.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import pytest
@@ -118,3 +118,27 @@ async def test_a_restored_entry_is_queued_and_one_too_large_leaves_no_row() -> N
     assert isinstance(restored.error, ProtocolError)
     assert restored.error.code is ErrorCode.FRAME_TOO_LARGE
     assert store.load() == []  # nothing will ever answer it: no promise left
+
+
+class _FullDisk(MemoryOutboxStore):
+    def put(self, link: str, entries: Sequence[tuple[int, bytes, bytes, int]]) -> None:
+        raise OSError(28, "No space left on device")
+
+    def drop(self, link: str, ns: Iterable[int]) -> None:
+        raise OSError(28, "No space left on device")
+
+
+async def test_a_store_that_fails_promises_nothing_and_stops_nothing() -> None:
+    """A failing disk under the outbox raised out of the link's tasks and took the
+    relay down. Now an entry it could not store is not ``queued`` (no promise), it
+    waits in memory, and it expires at its deadline as any other."""
+    me, now = identity(1), [0]
+    outbox = Outbox("b", _FullDisk(), deadline_ms=1000, wall_ms=lambda: now[0])
+    event = sign_event(Event(NS, "app.note", me.public_key, "x", (), 1), me.sign)
+    entry = await outbox.submit(event)  # the link is down: it would be stored
+    assert not entry.queued_now.is_set() and not entry.stored
+    now[0] = 1000
+    assert await outbox.expire(now[0]) == 1
+    assert isinstance(entry.error, ProtocolError)
+    assert entry.error.code is ErrorCode.HOME_UNREACHABLE
+    await outbox._drop([entry.n])  # a row that cannot be deleted is logged, not raised
