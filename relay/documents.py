@@ -194,7 +194,9 @@ class LiveDoc:
     doc: pycrdt.Doc[Any] = field(default_factory=pycrdt.Doc)
     seq: int = 0
     """The last log position applied."""
-    replicas: set[Replica] = field(default_factory=set)
+    replicas: dict[Replica, None] = field(default_factory=dict)
+    """A set in the order they opened: updates go out in that order, the same in every
+    run (a set of objects iterates by address: simulations did not repeat)."""
     awareness: pycrdt.Awareness = field(init=False)
     uncompacted: list[int] = field(default_factory=list)
     """Seqs of the updates applied since the last snapshot: what compaction prunes."""
@@ -283,7 +285,7 @@ class LiveDoc:
                 buckets[agent] = replica.awareness
                 if len(buckets) > MAX_AWARENESS_BUCKETS:
                     self._forget_buckets()
-        self.replicas.add(replica)
+        self.replicas[replica] = None
         return missing, self.doc.get_state(), self.seq
 
     def _forget_buckets(self) -> None:
@@ -334,7 +336,7 @@ class LiveDoc:
 
     def leave(self, replica: Replica) -> None:
         """A replica closed: forget it, and tell the others its awareness is gone."""
-        self.replicas.discard(replica)
+        self.replicas.pop(replica, None)
         for client in replica.clients:
             del self.owners[client]
         gone = [c for c in replica.clients if c in self.awareness.states]

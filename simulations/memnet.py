@@ -100,7 +100,7 @@ class Wire(trio.abc.Stream):
             return
         if self._carrier is None:
             self._carrier = trio.lowlevel.spawn_system_task(self._carry)
-        self._tx.send_nowait((trio.current_time() + self.delay, bytes(data)))
+        self._tx.send_nowait((_unique(trio.current_time() + self.delay), bytes(data)))
         await trio.lowlevel.checkpoint()
 
     async def _carry(self) -> None:
@@ -127,6 +127,22 @@ class Wire(trio.abc.Stream):
         await self.inner.aclose()
 
 
+_DUE: dict[float, int] = {}  # messages falling due at each time, while it is to come
+
+
+def _unique(due: float) -> float:
+    """``due``, nudged past the messages already due then (by a nanosecond each, in the
+    order they were sent). trio wakes sleepers whose deadlines are equal in an order
+    set by memory addresses: ties made runs with a delay differ from one another."""
+    n = _DUE.get(due, 0)
+    _DUE[due] = n + 1
+    if len(_DUE) > 4096:
+        now = trio.current_time()
+        for past in [t for t in _DUE if t < now]:
+            del _DUE[past]
+    return due + n * 1e-9
+
+
 def seed_scheduler(seed: int) -> None:
     """Make trio's run loop deterministic for this process's next runs.
 
@@ -139,3 +155,4 @@ def seed_scheduler(seed: int) -> None:
 
     generator: random.Random = _run._r
     generator.seed(seed)
+    _DUE.clear()  # (each run's clock starts again at 0)

@@ -165,7 +165,7 @@ def test_the_relay_keeps_the_clock_its_farewell_told_the_others() -> None:
     live = LiveDoc(NS, "d", epoch=1)
     first, second, other = Replica(capacity=8), Replica(capacity=8), Replica(capacity=8)
     for replica in (first, second, other):
-        live.replicas.add(replica)
+        live.replicas[replica] = None
     agent = pycrdt.Awareness(pycrdt.Doc(client_id=7))
     watcher = pycrdt.Awareness(pycrdt.Doc())
 
@@ -451,7 +451,7 @@ def test_an_old_subscriptions_close_does_not_erase_a_newer_announce() -> None:
     live = LiveDoc(NS, "d", epoch=1)
     old, new, other = Replica(capacity=8), Replica(capacity=8), Replica(capacity=8)
     for replica in (old, new, other):
-        live.replicas.add(replica)
+        live.replicas[replica] = None
     agent = pycrdt.Awareness(pycrdt.Doc(client_id=7))
     agent.set_local_state({"name": "seven"})
     live.share_awareness(agent.encode_awareness_update([7]), old)
