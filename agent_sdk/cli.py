@@ -458,10 +458,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
     except UsageError as exc:
         print(f"formicary demo: {exc}", file=sys.stderr)
         return 2
-    if settings.kills + settings.pauses > settings.agents:
-        print("formicary demo: more agents to kill or freeze than agents", file=sys.stderr)
-        return 2
-    return main(settings, Path(args.data) if args.data else None)
+    data = Path(args.data) if args.data else None
+    wrong = [
+        (settings.agents < 1, "--agents: at least 1"),
+        (settings.orders < 1, "--orders: at least 1"),
+        (settings.kills < 0 or settings.pauses < 0, "--kill and --freeze: 0 or more"),
+        (
+            settings.kills + settings.pauses > settings.agents,
+            "more agents to kill or freeze than agents",
+        ),
+        # The relay's default lease bounds (operations.md): it would refuse the claims.
+        (not 1000 <= settings.ttl_ms <= 86_400_000, "--ttl: 1s to 24h, the relay's lease bounds"),
+        (data is not None and data.exists() and not data.is_dir(), f"--data {data} is a file"),
+    ]
+    for is_wrong, reason in wrong:
+        if is_wrong:
+            print(f"formicary demo: {reason}", file=sys.stderr)
+            return 2
+    return main(settings, data)
 
 
 # --------------------------------------------------------------------------- parser
@@ -623,8 +637,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if key_errors:
             print(f"formicary: {key_errors[0]}", file=sys.stderr)
             return 1
-        if all(isinstance(error, KeyboardInterrupt) for error in errors):
-            # Ctrl-C: one line, and the status a shell gives a command killed by SIGINT.
+        if any(isinstance(error, KeyboardInterrupt) for error in errors):
+            # Ctrl-C: one line, and the status a shell gives a command killed by SIGINT
+            # (what else ended with it, a client stopped under a task, followed from it).
             print("formicary: interrupted", file=sys.stderr)
             return 128 + signal.SIGINT
         if any(isinstance(error, BrokenPipeError) for error in errors):

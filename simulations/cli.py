@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import statistics
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -173,12 +176,21 @@ def cmd_run(args: argparse.Namespace, duration: Callable[[str, str], int]) -> in
         f"{settings.scenario}: {settings.agents} agents, {settings.orders} orders, "
         f"seed {settings.seed}, {mode}"
     )
-    with progress_bar(settings.scenario) as meter:
-        if args.virtual_time:  # the log is kept in OUT/log for `formicary sim replay`
-            summary = run_virtual(settings, save=out, meter=meter)
-        else:
-            summary = run_real(settings, workers=args.workers, save=out, meter=meter)
-    print(json.dumps(report.write(out, summary, summary.series)))
+    # Written beside, moved in once whole: an interrupted run leaves nothing in OUT.
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        with progress_bar(settings.scenario) as meter:
+            if args.virtual_time:  # the log is kept in OUT/log for `formicary sim replay`
+                summary = run_virtual(settings, save=staging, meter=meter)
+            else:
+                summary = run_real(settings, workers=args.workers, save=staging, meter=meter)
+        document = report.write(staging, summary, summary.series)
+        names = sorted(os.listdir(staging), key=lambda name: name == "results.json")
+        for name in names:  # results.json last: there, the run is all there
+            os.replace(staging / name, out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(json.dumps(document))
     return 0
 
 
@@ -190,6 +202,8 @@ def cmd_sweep(args: argparse.Namespace, duration: Callable[[str, str], int]) -> 
         seeds = _seeds(args.seeds)
         grid = [settings_of(args, n, seed, duration) for n in sizes for seed in seeds]
         out = _out_dir(args.out)
+        if (out / "sweep.json").exists():
+            raise UsageError(f"--out {out} holds a sweep already: give another directory")
     except (UsageError, ValueError) as exc:
         print(f"formicary sim: {exc}", file=sys.stderr)
         return 2
@@ -204,9 +218,32 @@ def cmd_sweep(args: argparse.Namespace, duration: Callable[[str, str], int]) -> 
                 runs[-1].extra["process_peak_rss_mb"] = None
             else:
                 runs.append(run_real(settings, workers=args.workers, meter=meter))
+        points = _points(sizes, runs)
+        document = {
+            "scenario": args.scenario,
+            "complete": i == len(grid),  # (written after every run: a stop keeps them)
+            "points": points,
+            "runs": [report.results(r) for r in runs],
+        }
+        staged = out / "sweep.json.new"
+        staged.write_text(json.dumps(document, indent=2) + "\n")
+        os.replace(staged, out / "sweep.json")
+    report.scaling_plot(
+        out,
+        f"{args.scenario}: throughput by agent count (mean of {len(seeds)} seeds)",
+        [(p["agents"], p["orders_per_virtual_s"]) for p in points],
+    )
+    print(json.dumps({"scenario": args.scenario, "points": points}))
+    return 0
+
+
+def _points(sizes: list[int], runs: list[Summary]) -> list[dict[str, Any]]:
+    """Per agent count with finished runs, the mean over its seeds."""
     points = []
     for n in sizes:
         mine = [r for r in runs if r.agents == n]
+        if not mine:
+            continue
         points.append(
             {
                 "agents": n,
@@ -216,19 +253,7 @@ def cmd_sweep(args: argparse.Namespace, duration: Callable[[str, str], int]) -> 
                 "wall_seconds": statistics.mean(r.wall_seconds for r in mine),
             }
         )
-    document = {
-        "scenario": args.scenario,
-        "points": points,
-        "runs": [report.results(r) for r in runs],
-    }
-    (out / "sweep.json").write_text(json.dumps(document, indent=2) + "\n")
-    report.scaling_plot(
-        out,
-        f"{args.scenario}: throughput by agent count (mean of {len(seeds)} seeds)",
-        [(p["agents"], p["orders_per_virtual_s"]) for p in points],
-    )
-    print(json.dumps({"scenario": args.scenario, "points": points}))
-    return 0
+    return points
 
 
 def cmd_replay(args: argparse.Namespace) -> int:

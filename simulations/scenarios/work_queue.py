@@ -248,7 +248,6 @@ async def work(  # type: ignore[no-untyped-def]
         misses = 0
         mark("working")
         task_ms = policy.task_ms(rng)
-        crash_at = rng.randint(0, task_ms) if policy.crashes(rng) else None
         handoff = progress.settings.handoff
         done_part = 0.0
         if handoff:  # what a predecessor that died on this order left behind
@@ -257,6 +256,9 @@ async def work(  # type: ignore[no-untyped-def]
                 done_part = context["body"]["progress"]
                 progress.resumed += 1
         todo = [int(task_ms * (1 - done_part) / 2)] * 2  # two halves, a checkpoint between
+        # Within the work left: drawn over the whole task, a resumed one crashed less
+        # often than --crash-rate, which flattered the handoff.
+        crash_at = rng.randint(0, sum(todo)) if policy.crashes(rng) else None
         try:
             for half, ms in enumerate(todo):
                 if crash_at is not None and crash_at < ms:

@@ -50,13 +50,30 @@ async def test_the_demo_command_exits_0_and_prints_a_summary() -> None:
     assert "zombie orders   0" in out and out.rstrip().endswith("ok")
 
 
-async def test_bad_demo_settings_are_a_usage_error() -> None:
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (["--agents", "2", "--kill", "3"], "more agents to kill"),
+        # (these waited out the demo's 120 s, or ended in a traceback)
+        (["--orders", "0"], "--orders: at least 1"),
+        (["--agents", "0", "--kill", "0", "--freeze", "0"], "--agents: at least 1"),
+        (["--kill", "-2"], "0 or more"),
+        (["--ttl", "500ms"], "--ttl: 1s to 24h"),
+        (["--ttl", "25h"], "--ttl: 1s to 24h"),
+        (["--data", "FILE"], "is a file"),
+    ],
+)
+async def test_bad_demo_settings_are_a_usage_error(
+    tmp_path: Path, flags: list[str], says: str
+) -> None:
+    (tmp_path / "FILE").write_text("")
     done = await trio.run_process(
-        [sys.executable, "-m", "agent_sdk.cli", "demo", "--agents", "2", "--kill", "3"],
+        [sys.executable, "-m", "agent_sdk.cli", "demo", *flags],
         capture_stderr=True,
         check=False,
+        cwd=tmp_path,
     )
-    assert done.returncode == 2 and b"more agents to kill" in done.stderr
+    assert done.returncode == 2 and says in done.stderr.decode(), done.stderr
 
 
 async def test_the_demo_refuses_a_directory_with_an_earlier_run(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ Small sizes (seconds): CI runs every scenario that exists this way.
 from __future__ import annotations
 
 import json
+import os
 import random
 import sqlite3
 import sys
@@ -379,6 +380,31 @@ def test_replay_refolds_a_runs_log_and_names_what_is_wrong(
     assert main(["sim", "replay", str(out)]) == 1
     broken = json.loads(capsys.readouterr().out)
     assert any("seq 6" in anomaly for anomaly in broken["anomalies"])  # the gap
+
+
+def test_an_interrupted_run_leaves_nothing_and_an_empty_log_is_no_clean_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C while the results were written left a half log (replayed as "ok": no
+    gap in nothing) that refused the next run into the same directory."""
+    from simulations import report
+
+    def interrupted(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    out = tmp_path / "run"
+    args = ["sim", "run", "work_queue", "--agents", "4", "--orders", "8", "--virtual-time"]
+    monkeypatch.setattr(report, "write", interrupted)
+    assert main([*args, "--out", str(out)]) == 130
+    assert os.listdir(out) == [] and os.listdir(tmp_path) == ["run"]
+    monkeypatch.undo()
+    assert main([*args, "--out", str(out)]) == 0  # the same directory again
+    capsys.readouterr()
+    with sqlite3.connect(out / "log" / "events.sqlite3") as db:
+        db.execute("DELETE FROM events")
+        db.execute("DELETE FROM heads")
+    assert main(["sim", "replay", str(out)]) == 1
+    assert "holds no records" in json.loads(capsys.readouterr().out)["anomalies"][0]
 
 
 def test_replay_finds_a_double_holder_and_a_token_going_back() -> None:
