@@ -527,6 +527,14 @@ async def test_a_direct_receipt_still_comes_after_the_senders_relay_connection_s
         assert receipt.id == sent.id
 
 
+async def a_message_waits(relay: RunningRelay, body: object) -> None:
+    """Alice's message to Bob, in Bob's inbox on the relay."""
+    async with RelayClient.connect(relay.url, BOB):
+        pass  # the relay knows Bob
+    async with RelayClient.connect(relay.url, ALICE) as alice:
+        await alice.send(BOB.id, body)
+
+
 async def test_confirm_after_a_reconnect_waits_for_the_acks_to_be_applied(
     relay: RunningRelay, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -535,10 +543,7 @@ async def test_confirm_after_a_reconnect_waits_for_the_acks_to_be_applied(
     item stayed, and the agent's next process would get the message again."""
     from tests.agent_sdk.cuttable import Wire, dialer
 
-    async with RelayClient.connect(relay.url, BOB):
-        pass  # the relay knows Bob
-    async with RelayClient.connect(relay.url, ALICE) as alice:
-        await alice.send(BOB.id, "once")
+    await a_message_waits(relay, "once")
     wires: list[Wire] = []
     async with RelayClient.connect(relay.url, BOB, dial=dialer(relay, wires)) as bob:
         bob.mailbox.open()
@@ -579,10 +584,7 @@ async def test_a_displaced_reader_leaves_what_it_has_not_taken_to_the_new_one(
     """Another process of the agent opened the inbox: the relay sends it every item
     not acknowledged, and the old reader went on handing out what it had queued, so
     both handed out the same message."""
-    async with RelayClient.connect(relay.url, BOB):
-        pass
-    async with RelayClient.connect(relay.url, ALICE) as alice:
-        await alice.send(BOB.id, "one")
+    await a_message_waits(relay, "one")
     async with RelayClient.connect(relay.url, BOB) as first:
         first.mailbox.open()
         await first.mailbox.live.wait()
@@ -607,10 +609,7 @@ async def test_a_reader_that_takes_its_inbox_back_gets_what_it_handed_over(
 ) -> None:
     """What a displaced reader handed over and the other reader never took comes to
     it again when it takes the inbox back: handed out, not dropped as a copy."""
-    async with RelayClient.connect(relay.url, BOB):
-        pass
-    async with RelayClient.connect(relay.url, ALICE) as alice:
-        await alice.send(BOB.id, "one")
+    await a_message_waits(relay, "one")
     async with RelayClient.connect(relay.url, BOB) as first:
         first.mailbox.open()
         await first.mailbox.live.wait()

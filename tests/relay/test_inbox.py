@@ -160,8 +160,8 @@ async def test_concurrent_writers_show_items_in_seq_order_and_a_reader_misses_no
     store.close()
 
 
-class Stalling(MemoryInboxStore):
-    """A store whose next write waits for the test, then fails."""
+class Gated(MemoryInboxStore):
+    """A store whose writes wait for the test."""
 
     blocking = True
 
@@ -169,15 +169,27 @@ class Stalling(MemoryInboxStore):
         super().__init__()
         self.entered = threading.Event()
         self.go = threading.Event()
+
+    def apply(self, put: Sequence[Item], drop: Sequence[Item]) -> None:
+        self.entered.set()
+        self.go.wait(10)
+        super().apply(put, drop)
+
+
+class Stalling(Gated):
+    """A store whose next write waits for the test, then fails."""
+
+    def __init__(self) -> None:
+        super().__init__()
         self.fail = True
 
     def apply(self, put: Sequence[Item], drop: Sequence[Item]) -> None:
-        if self.fail:
-            self.fail = False
-            self.entered.set()
-            self.go.wait(10)
-            raise OSError("disk full")
-        super().apply(put, drop)
+        if not self.fail:
+            return super(Gated, self).apply(put, drop)  # (writes after it: no waiting)
+        self.fail = False
+        self.entered.set()
+        self.go.wait(10)
+        raise OSError("disk full")
 
 
 async def test_a_resend_during_a_write_waits_for_it_and_a_failed_write_is_no_promise() -> None:
@@ -214,22 +226,6 @@ async def test_one_sender_cannot_fill_an_inbox_for_everyone() -> None:
     assert isinstance(refused, ProtocolError) and refused.code is ErrorCode.INBOX_FULL
     assert "you have 2 messages waiting" in refused.reason
     assert await boxes.put_messages([message(b"z", sender=CAROL)]) == ["stored"]  # others can
-
-
-class Gated(MemoryInboxStore):
-    """A store whose writes wait for the test."""
-
-    blocking = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.entered = threading.Event()
-        self.go = threading.Event()
-
-    def apply(self, put: Sequence[Item], drop: Sequence[Item]) -> None:
-        self.entered.set()
-        self.go.wait(10)
-        super().apply(put, drop)
 
 
 async def test_a_senders_limit_counts_what_its_other_connections_are_writing() -> None:
