@@ -272,6 +272,8 @@ class Outbox:
                 # No promise made (no `queued`): they wait in memory, answered by
                 # the home when it is reached, or HOME_UNREACHABLE at the deadline.
                 log.error("outbox %s: cannot store %d entries: %s", self.link, len(rows), exc)
+                for entry in fresh:  # (the answers behind them on their connections
+                    entry.decided.set()  # need not wait for theirs)
                 return
         for entry in fresh:
             entry.stored = True

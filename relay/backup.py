@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import sqlite3
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -70,7 +70,8 @@ def backup(data: Path, out: Path) -> dict[str, Any]:
     partial: Path | None = None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+        partial = out.with_name(f".{out.name}.{secrets.token_hex(4)}.partial")
+        partial.mkdir()  # (with the umask's mode, as the backup directory had)
         shutil.copy2(data / KEY_FILE, partial / KEY_FILE)
         copied = []
         for name in DATABASES:
@@ -93,10 +94,10 @@ def backup(data: Path, out: Path) -> dict[str, Any]:
         fsync_path(partial)
         os.rename(partial, out)
         fsync_path(out.parent)
-    except (OSError, sqlite3.Error, BackupError) as exc:
+    except BaseException as exc:  # (Ctrl-C too: nothing is left behind but by a kill)
         if partial is not None:
             shutil.rmtree(partial, ignore_errors=True)
-        if isinstance(exc, BackupError):
+        if isinstance(exc, BackupError) or not isinstance(exc, (OSError, sqlite3.Error)):
             raise
         where = f"{exc.filename}: " if isinstance(exc, OSError) and exc.filename else ""
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc

@@ -161,10 +161,9 @@ def cmd_run(args: argparse.Namespace, duration: Callable[[str, str], int]) -> in
     try:
         settings = settings_of(args, args.agents, args.seed, duration)
         out = _out_dir(args.out)
-        if (out / "log" / "events.sqlite3").exists():
+        if (out / "log").exists():
             raise UsageError(
-                f"--out {out} holds a run already (log/events.sqlite3): give another "
-                "directory, or remove it"
+                f"--out {out} holds a run already (log/): give another directory, or remove it"
             )
     except (UsageError, ValueError) as exc:
         print(f"formicary sim: {exc}", file=sys.stderr)
@@ -176,8 +175,9 @@ def cmd_run(args: argparse.Namespace, duration: Callable[[str, str], int]) -> in
         f"{settings.scenario}: {settings.agents} agents, {settings.orders} orders, "
         f"seed {settings.seed}, {mode}"
     )
-    # Written beside, moved in once whole: an interrupted run leaves nothing in OUT.
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    # Written in a hidden directory of OUT (one file system), moved in once whole: an
+    # interrupted run leaves nothing there.
+    staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=out))
     try:
         with progress_bar(settings.scenario) as meter:
             if args.virtual_time:  # the log is kept in OUT/log for `formicary sim replay`
@@ -185,11 +185,17 @@ def cmd_run(args: argparse.Namespace, duration: Callable[[str, str], int]) -> in
             else:
                 summary = run_real(settings, workers=args.workers, save=staging, meter=meter)
         document = report.write(staging, summary, summary.series)
-        names = sorted(os.listdir(staging), key=lambda name: name == "results.json")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    names = sorted(os.listdir(staging), key=lambda name: name == "results.json")
+    try:
         for name in names:  # results.json last: there, the run is all there
             os.replace(staging / name, out / name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    except OSError as exc:  # the run is kept where it was written, not thrown away
+        print(f"formicary sim: the run is in {staging}: moving it in: {exc}", file=sys.stderr)
+        return 1
+    staging.rmdir()
     print(json.dumps(document))
     return 0
 

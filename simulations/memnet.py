@@ -9,9 +9,12 @@ and with the scheduler seeded (:func:`seed_scheduler`) the same run happens agai
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import math
 import random
 import socket
+from typing import Any
 
 import trio
 import trio.testing
@@ -100,7 +103,7 @@ class Wire(trio.abc.Stream):
             return
         if self._carrier is None:
             self._carrier = trio.lowlevel.spawn_system_task(self._carry)
-        self._tx.send_nowait((_unique(trio.current_time() + self.delay), bytes(data)))
+        self._tx.send_nowait((trio.current_time() + self.delay, bytes(data)))
         await trio.lowlevel.checkpoint()
 
     async def _carry(self) -> None:
@@ -127,22 +130,6 @@ class Wire(trio.abc.Stream):
         await self.inner.aclose()
 
 
-_DUE: dict[float, int] = {}  # messages falling due at each time, while it is to come
-
-
-def _unique(due: float) -> float:
-    """``due``, nudged past the messages already due then (by a nanosecond each, in the
-    order they were sent). trio wakes sleepers whose deadlines are equal in an order
-    set by memory addresses: ties made runs with a delay differ from one another."""
-    n = _DUE.get(due, 0)
-    _DUE[due] = n + 1
-    if len(_DUE) > 4096:
-        now = trio.current_time()
-        for past in [t for t in _DUE if t < now]:
-            del _DUE[past]
-    return due + n * 1e-9
-
-
 def seed_scheduler(seed: int) -> None:
     """Make trio's run loop deterministic for this process's next runs.
 
@@ -155,4 +142,14 @@ def seed_scheduler(seed: int) -> None:
 
     generator: random.Random = _run._r
     generator.seed(seed)
-    _DUE.clear()  # (each run's clock starts again at 0)
+    # Timers that fall due at one time expire in the order of their cancel scopes'
+    # memory addresses (the heap's tie-break is id()): tasks sleeping until the same
+    # virtual time (messages on two wires, agents on one cadence) woke in an order
+    # that changed from run to run. Registration order is the same in every run.
+    registered = itertools.count()
+
+    def add(self: Any, deadline: float, cancel_scope: trio.CancelScope) -> None:
+        heapq.heappush(self._heap, (deadline, next(registered), cancel_scope))
+        self._active += 1
+
+    _run.Deadlines.add = add  # type: ignore[method-assign]

@@ -137,6 +137,7 @@ async def test_a_store_that_fails_promises_nothing_and_stops_nothing() -> None:
     event = sign_event(Event(NS, "app.note", me.public_key, "x", (), 1), me.sign)
     entry = await outbox.submit(event)  # the link is down: it would be stored
     assert not entry.queued_now.is_set() and not entry.stored
+    assert entry.decided.is_set()  # what is answered after it on its connection goes on
     now[0] = 1000
     assert await outbox.expire(now[0]) == 1
     assert isinstance(entry.error, ProtocolError)
