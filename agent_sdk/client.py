@@ -170,21 +170,18 @@ class Subscription:
         self.sub = request.sub
         self.next: dict[str, int] = dict(request.start)  # ns -> first seq still wanted
         self.live: set[str] = set()
-        self.error: ProtocolError | None = None
-        self.paused = False
-        self.buffer = buffer
-        # Bounded by hand (_offer): until the subscription is placed nobody reads it,
-        # and pausing it then would lose its live: what does not fit is dropped with
-        # its cursor kept (_dropped), and read again once placed.
-        self._tx, self._rx = trio.open_memory_channel[Delivery | Live](math.inf)
-        self._dropped: set[str] = set()
         self.placed = trio.Event()
         """Set once every namespace has a cursor: one subscribed from now has none until
         its ``live`` (or a delivery) says where now was."""
         self._place()
+        self.error: ProtocolError | None = None
+        self.paused = False
+        self.buffer = buffer
+        # Bounded by hand (_offer): until the subscription is placed nobody reads it,
+        # and pausing it then would lose its live, so what comes is held meanwhile.
+        self._tx, self._rx = trio.open_memory_channel[Delivery | Live](math.inf)
 
     def resume_request(self) -> f.Subscribe:
-        self._dropped.clear()  # (read again from their cursors)
         return f.Subscribe(
             sub=self.sub,
             ns=self.request.ns,
@@ -194,11 +191,8 @@ class Subscription:
         )
 
     def _place(self) -> None:
-        if self.placed.is_set() or not all(ns in self.next for ns in self.request.ns):
-            return
-        self.placed.set()
-        if self._dropped:  # what did not fit meanwhile: read again once there is room
-            self.client._pause(self)
+        if all(ns in self.next for ns in self.request.ns):
+            self.placed.set()
 
     def end(self, error: ProtocolError) -> None:
         """The subscription is over: its iterator raises ``error`` once it has what
@@ -210,11 +204,9 @@ class Subscription:
     def _offer(self, item: Delivery | Live) -> bool:
         """Hand an item to the consumer without waiting; pause when the buffer is full
         (once placed: before, the caller is not reading yet)."""
-        if self._rx.statistics().current_buffer_used >= self.buffer:
-            if self.placed.is_set():
-                self.client._pause(self)
-            elif isinstance(item, Delivery):
-                self._dropped.add(item.receipt.ns)
+        used = self._rx.statistics().current_buffer_used
+        if used >= self.buffer and self.placed.is_set():
+            self.client._pause(self)
             return False
         try:
             self._tx.send_nowait(item)
@@ -239,8 +231,7 @@ class Subscription:
         # the last delivered seq may lag the head: resume past both. Even when this
         # marker does not fit: a namespace subscribed from now would be subscribed
         # from now again, and what came in between never delivered.
-        if frame.ns not in self._dropped:  # (else its cursor is at what was dropped)
-            self.next[frame.ns] = max(self.next.get(frame.ns, 0), frame.seq + 1)
+        self.next[frame.ns] = max(self.next.get(frame.ns, 0), frame.seq + 1)
         self._place()
         if frame.ns not in self.live and self._offer(Live(frame.ns, frame.seq)):
             self.live.add(frame.ns)  # (else offered after the resume: live comes again)

@@ -331,7 +331,6 @@ async def test_a_from_now_foreign_namespace_beside_a_local_backlog_is_entered(
         with trio.fail_after(TIMEOUT):
             await federation_of(a).links["b"].wait_up()
             async with agent.subscribe(["x@a", "y@b"], start={"x@a": 1}, buffer=2) as feed:
-                assert feed._rx.statistics().current_buffer_used <= 2  # held no more
                 seen = []
                 async for item in feed:
                     if isinstance(item, Delivery):
