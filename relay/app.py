@@ -142,11 +142,17 @@ def _first_receipt(data: Path) -> tuple[str, str] | None:
 def note_first_receipt(data: Path, record: Record) -> None:
     """Write ``logs.json`` for the first record this key signed (atomically)."""
     noted = {"ns": record.ns, "first_receipt": digest(record.receipt).hex()}
-    staged = data / (LOGS_FILE + ".new")
-    staged.write_text(json.dumps(noted) + "\n")
-    fsync_path(staged)  # durable before the rename, and the rename after it: a power
-    os.replace(staged, data / LOGS_FILE)  # cut must not leave an empty logs.json
-    fsync_path(data)
+    write_durably(data / LOGS_FILE, json.dumps(noted) + "\n")
+
+
+def write_durably(path: Path, text: str) -> None:
+    """Write ``path`` whole or not at all, for good: staged beside, fsynced, renamed,
+    and the rename fsynced (a power cut must not leave it empty)."""
+    staged = path.with_name(path.name + ".new")
+    staged.write_text(text)
+    fsync_path(staged)
+    os.replace(staged, path)
+    fsync_path(path.parent)
 
 
 def fsync_path(path: Path) -> None:

@@ -38,6 +38,7 @@ from relay.app import (
     first_receipt_missing,
     fsync_path,
     hold_data,
+    write_durably,
 )
 from relay.store import Located
 from relay.store.sqlite import SQLiteStore
@@ -67,41 +68,39 @@ def backup(data: Path, out: Path) -> dict[str, Any]:
     # Made beside (a directory of its own: two backups at once do not mix), durable,
     # then renamed: a backup that fails (a full disk) leaves no directory that looks
     # like one, and nothing that blocks a retry.
-    partial: Path | None = None
+    partial = out.with_name(f".{out.name}.{secrets.token_hex(4)}.partial")
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        partial = out.with_name(f".{out.name}.{secrets.token_hex(4)}.partial")
-        partial.mkdir()  # (with the umask's mode, as the backup directory had)
-        shutil.copy2(data / KEY_FILE, partial / KEY_FILE)
-        copied = []
-        for name in DATABASES:
-            if (data / name).exists():
-                _copy_database(data / name, partial / name)
-                copied.append(name)
-        if (data / LOGS_FILE).exists():  # (after the logs: it names their first receipt)
-            shutil.copy2(data / LOGS_FILE, partial / LOGS_FILE)
-            copied.append(LOGS_FILE)
-        files = [KEY_FILE, *copied]
-        manifest = {
-            "key": key.id,
-            "taken_ms": time.time_ns() // 1_000_000,
-            "files": files,
-            "heads": _heads(partial / STORE_FILE) if STORE_FILE in copied else {},
-        }
-        (partial / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        for name in (*files, MANIFEST):
-            fsync_path(partial / name)
-        fsync_path(partial)
-        os.rename(partial, out)
-        fsync_path(out.parent)
-    except BaseException as exc:  # (Ctrl-C too: nothing is left behind but by a kill)
-        if partial is not None:
-            shutil.rmtree(partial, ignore_errors=True)
-        if isinstance(exc, BackupError) or not isinstance(exc, (OSError, sqlite3.Error)):
-            raise
-        where = f"{exc.filename}: " if isinstance(exc, OSError) and exc.filename else ""
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-        raise BackupError(f"writing the backup {out}: {where}{reason}") from None
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            partial.mkdir()  # (with the umask's mode, as the backup directory had)
+            shutil.copy2(data / KEY_FILE, partial / KEY_FILE)
+            copied = []
+            for name in DATABASES:
+                if (data / name).exists():
+                    _copy_database(data / name, partial / name)
+                    copied.append(name)
+            if (data / LOGS_FILE).exists():  # (after the logs: it names their first receipt)
+                shutil.copy2(data / LOGS_FILE, partial / LOGS_FILE)
+                copied.append(LOGS_FILE)
+            files = [KEY_FILE, *copied]
+            manifest = {
+                "key": key.id,
+                "taken_ms": time.time_ns() // 1_000_000,
+                "files": files,
+                "heads": _heads(partial / STORE_FILE) if STORE_FILE in copied else {},
+            }
+            (partial / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            for name in (*files, MANIFEST):
+                fsync_path(partial / name)
+            fsync_path(partial)
+            os.rename(partial, out)
+            fsync_path(out.parent)
+        except (OSError, sqlite3.Error) as exc:
+            where = f"{exc.filename}: " if isinstance(exc, OSError) and exc.filename else ""
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise BackupError(f"writing the backup {out}: {where}{reason}") from None
+    finally:  # (Ctrl-C too: only a kill leaves it; once renamed there is none)
+        shutil.rmtree(partial, ignore_errors=True)
     return manifest
 
 
@@ -167,12 +166,8 @@ def restore(backup_dir: Path, data: Path) -> dict[str, Any]:
             shutil.rmtree(staging, ignore_errors=True)
             raise BackupError(str(exc).replace(str(staging), str(backup_dir))) from None
         result = {"restored": files, "namespaces": len(heads), "key": key.id}
-        try:  # whole or absent: written beside, then renamed (nothing moves before)
-            staged = staging / (MOVING + ".new")
-            staged.write_text(json.dumps(result))
-            fsync_path(staged)
-            os.replace(staged, staging / MOVING)
-            fsync_path(staging)
+        try:  # whole or absent (nothing moves before it is there)
+            write_durably(staging / MOVING, json.dumps(result))
         except OSError as exc:
             shutil.rmtree(staging, ignore_errors=True)
             raise BackupError(f"{data}: {exc.strerror or exc}") from None
