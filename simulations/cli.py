@@ -201,6 +201,7 @@ def cmd_run(args: argparse.Namespace, duration: Callable[[str, str], int]) -> in
 
 
 def cmd_sweep(args: argparse.Namespace, duration: Callable[[str, str], int]) -> int:
+    from relay.app import write_durably
     from simulations.run import run_real, run_virtual
 
     try:
@@ -231,9 +232,7 @@ def cmd_sweep(args: argparse.Namespace, duration: Callable[[str, str], int]) -> 
             "points": points,
             "runs": [report.results(r) for r in runs],
         }
-        staged = out / "sweep.json.new"
-        staged.write_text(json.dumps(document, indent=2) + "\n")
-        os.replace(staged, out / "sweep.json")
+        write_durably(out / "sweep.json", json.dumps(document, indent=2) + "\n")
     report.scaling_plot(
         out,
         f"{args.scenario}: throughput by agent count (mean of {len(seeds)} seeds)",
