@@ -444,6 +444,7 @@ def _home_key(spec: str) -> tuple[str, bytes]:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from agent_sdk.cli_wo import UsageError, ttl_ms
+    from relay.node import RelayConfig
     from simulations.demo import Settings, main
 
     try:
@@ -459,6 +460,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"formicary demo: {exc}", file=sys.stderr)
         return 2
     data = Path(args.data) if args.data else None
+    bounds = RelayConfig().claim_ttl  # the demo's relay's: it would refuse other claims
     wrong = [
         (settings.agents < 1, "--agents: at least 1"),
         (settings.orders < 1, "--orders: at least 1"),
@@ -467,8 +469,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
             settings.kills + settings.pauses > settings.agents,
             "more agents to kill or freeze than agents",
         ),
-        # The relay's default lease bounds (operations.md): it would refuse the claims.
-        (not 1000 <= settings.ttl_ms <= 86_400_000, "--ttl: 1s to 24h, the relay's lease bounds"),
+        (
+            not bounds.min_ms <= settings.ttl_ms <= bounds.max_ms,
+            "--ttl: 1s to 24h, the relay's lease bounds",
+        ),
         (data is not None and data.exists() and not data.is_dir(), f"--data {data} is a file"),
     ]
     for is_wrong, reason in wrong:
