@@ -118,6 +118,9 @@ class _Run:
     freeze: set[int] = field(default_factory=set)
     frozen: set[int] = field(default_factory=set)
     """Agents frozen and not awake yet."""
+    froze: int = 0
+    """Agents that did freeze: one picked to but never holding an order at its second
+    step does not."""
 
 
 def _identity(seed: int, n: int) -> Identity:
@@ -190,7 +193,7 @@ async def _simulate(run: _Run) -> Summary:
     summary.duplicate_work = sum(len(agents) > 1 for agents in run.bench.accepted.values())
     summary.expiries_recovered = len(run.expired & run.done)
     summary.late_writes_refused = run.late_writes_refused
-    summary.killed, summary.paused = len(run.killed), settings.pauses
+    summary.killed, summary.paused = len(run.killed), run.froze
     return summary
 
 
@@ -241,6 +244,7 @@ async def _work(run: _Run, n: int, ledger: Ledger, claim: Claim, rng: random.Ran
         if n in run.freeze and step == 1:
             run.freeze.discard(n)  # once
             run.frozen.add(n)
+            run.froze += 1
             run.say(f"  agent-{n}: frozen holding {claim.order} (past its lease)")
             await trio.sleep(settings.ttl_ms / 1000 + 1.0)
         await ledger.note(claim, f"step {step + 1}/{settings.steps}")

@@ -82,3 +82,10 @@ async def test_the_demo_refuses_a_directory_with_an_earlier_run(tmp_path: Path) 
     assert first.ok
     with pytest.raises(DemoError, match="earlier run"):
         await run_demo(settings, tmp_path, say=lambda _: None)
+
+
+async def test_the_summary_counts_the_agents_that_froze_not_those_asked_to() -> None:
+    # An agent freezes at its second step; with one step per order none gets there.
+    settings = Settings(agents=3, orders=3, kills=0, pauses=1, ttl_ms=1_000, steps=1)
+    summary = await run_demo(settings, say=lambda _line: None)
+    assert summary.ok and summary.paused == 0
