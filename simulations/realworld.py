@@ -54,9 +54,14 @@ class RealRelay:
     log: Path
     _store: SQLiteStore | None = None
     kills: int = 0
-    cpu_seconds: float | None = None
-    """User + system CPU the relay process used (Linux), read as it stops."""
+    cpu_by_process: list[float] = field(default_factory=list)
+    """User + system CPU (Linux) of each process that ran this relay, read as it stops
+    or just before it is killed: a restarted relay's figure counts them all."""
     peak_rss_mb: float | None = None
+
+    @property
+    def cpu_seconds(self) -> float | None:
+        return round(sum(self.cpu_by_process), 3) if self.cpu_by_process else None
 
     @property
     def store(self) -> Store:
@@ -69,11 +74,12 @@ class RealRelay:
             with open(f"/proc/{self.process.pid}/stat") as stat:
                 fields = stat.read().rpartition(")")[2].split()
             ticks = os.sysconf("SC_CLK_TCK")
-            self.cpu_seconds = round((int(fields[11]) + int(fields[12])) / ticks, 3)
+            self.cpu_by_process.append((int(fields[11]) + int(fields[12])) / ticks)
             with open(f"/proc/{self.process.pid}/status") as status:
                 for line in status:
                     if line.startswith("VmHWM:"):
-                        self.peak_rss_mb = round(int(line.split()[1]) / 1024, 1)
+                        peak = round(int(line.split()[1]) / 1024, 1)
+                        self.peak_rss_mb = max(self.peak_rss_mb or 0.0, peak)
         except (OSError, ValueError, IndexError):
             pass  # not Linux, or already gone: the figures stay unknown
 
@@ -168,6 +174,7 @@ class RealWorld:
         """SIGKILL the relay (no chance to flush or say goodbye), then start it again on
         the same data and port: what it acknowledged must all be there."""
         relay = self.relays[name]
+        relay._read_usage()  # what the killed process spent counts too
         relay.process.kill()
         await relay.process.wait()
         relay.kills += 1

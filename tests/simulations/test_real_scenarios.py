@@ -6,7 +6,13 @@ Small sizes and short tasks: a few seconds each.
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import trio
+
+from relay.node import RelayConfig
 from simulations.model import Settings
+from simulations.realworld import RealWorld
 from simulations.run import run_real
 
 
@@ -47,3 +53,15 @@ def test_work_sharded_over_two_relay_processes_is_done_once_across_links() -> No
     assert summary.done == 40 and summary.duplicate_work == 0 and summary.zombies == 0
     assert summary.extra["relays"] == 2
     assert all(n > 0 for n in summary.extra["forwarded"].values())  # both ways over links
+
+
+async def test_a_relay_killed_and_restarted_counts_both_processes_cpu(tmp_path: Path) -> None:
+    world = RealWorld(1, tmp_path)
+    async with trio.open_nursery() as nursery:
+        relay = await world.start_relay(nursery, RelayConfig(name="local"))
+        await world.kill_and_restart("local")
+        nursery.cancel_scope.cancel()
+    # Each process started Python and a relay: neither spent nothing.
+    first, second = relay.cpu_by_process
+    assert first > 0 and second > 0
+    assert relay.cpu_seconds == round(first + second, 3)
