@@ -35,6 +35,12 @@ class Policy:
         low, high = self.work_ms
         return rng.randint(low, high)
 
+    def order_ms(self, seed: int, order: str) -> int:
+        """How long ``order`` takes this agent: drawn from the order alone, not from
+        the agent's stream, so every agent and every scenario that does it
+        (``work_queue``, ``no_coordination``) has the same work to do."""
+        return self.task_ms(random.Random(f"{seed}/task/{order}"))
+
     def crashes(self, rng: random.Random) -> bool:
         """Whether the agent dies in the middle of its next task."""
         return rng.random() < self.crash_rate

@@ -70,7 +70,7 @@ async def agent(world: World, settings: Settings, policy: Policy, n: int, board:
                 continue
             order = snapshot.pop(rng.randrange(len(snapshot)))
             board.states.set(n, "working", world.now_ms())
-            task_ms = policy.task_ms(rng)
+            task_ms = policy.order_ms(settings.seed, order)
             if settings.crash_rate and policy.crashes(rng):  # (no draw at 0: runs as before)
                 await trio.sleep(rng.randint(0, task_ms) / 1000)  # dies mid-task: no result
                 board.crashes += 1

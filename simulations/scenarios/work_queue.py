@@ -156,7 +156,9 @@ async def agent(
 
 async def follow_up(ledger: Ledger, order: str, value: str, progress: Progress) -> None:
     """What finishing ``order`` starts: the next pipeline stage or the fan-out's
-    sub-orders, each handed this order's finding as its context."""
+    sub-orders, each handed this order's finding in its description. (Not as its
+    context, put after creating it: another agent can claim it in between, and a
+    context put without the holder's token is then refused.)"""
     stage = progress.stage.get(f"{ledger.ns}/{order}", "task")
     if stage in STAGES[:-1]:
         nexts = [STAGES[STAGES.index(stage) + 1]]
@@ -165,9 +167,8 @@ async def follow_up(ledger: Ledger, order: str, value: str, progress: Progress) 
     else:
         nexts = []
     for kind in nexts:
-        created = await ledger.create(f"{kind} after {order}")
+        created = await ledger.create(f"{kind} after {order}", description=f"finding: {value}")
         progress.stage[f"{ledger.ns}/{created}"] = kind
-        await ledger.put_context({"from": order, "finding": value}, created)
         progress.handoffs += 1
 
 
@@ -247,7 +248,7 @@ async def work(  # type: ignore[no-untyped-def]
             continue
         misses = 0
         mark("working")
-        task_ms = policy.task_ms(rng)
+        task_ms = policy.order_ms(progress.settings.seed, claim.order)
         handoff = progress.settings.handoff
         done_part = 0.0
         if handoff:  # what a predecessor that died on this order left behind
