@@ -142,6 +142,10 @@ def seed_scheduler(seed: int) -> None:
 
     generator: random.Random = _run._r
     generator.seed(seed)
+    # pytest-trio (and Hypothesis) turn on trio's other order: each batch sorted by
+    # task creation, then shuffled. Without it here, a seed gave one log under the
+    # test suite and another from `formicary sim run`.
+    _run._ALLOW_DETERMINISTIC_SCHEDULING = True  # type: ignore[misc]
     # Timers that fall due at one time expire in the order of their cancel scopes'
     # memory addresses (the heap's tie-break is id()): tasks sleeping until the same
     # virtual time (messages on two wires, agents on one cadence) woke in an order

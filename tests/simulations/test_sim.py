@@ -9,6 +9,7 @@ import json
 import os
 import random
 import sqlite3
+import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -70,6 +71,16 @@ async def test_a_run_repeats_with_message_delays_and_shared_documents(
     done = await trio.run_process(command, capture_stdout=True, capture_stderr=True)
     hashes = done.stdout.decode().split()
     assert len(hashes) == 3 and len(set(hashes)) == 1, hashes
+
+
+def test_a_seed_makes_the_same_log_under_the_tests_as_in_a_plain_process() -> None:
+    """pytest-trio switches trio to another scheduling order, so a seed gave one log
+    here and another from `formicary sim run`: a researcher could not repeat a test."""
+    scenario, orders = "work_queue", 30
+    command = [sys.executable, "-c", REPEAT, scenario, str(orders), "0"]
+    done = subprocess.run(command, capture_output=True, check=True)
+    here = run_virtual(Settings(scenario, agents=20, orders=orders, seed=1, crash_rate=0.1))
+    assert done.stdout.decode().split() == [here.log_hash] * 3
 
 
 def test_coordination_prevents_the_duplicate_work_the_baseline_shows() -> None:
