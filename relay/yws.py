@@ -235,6 +235,7 @@ async def _receive(
                 except ProtocolError:
                     pass  # a bad presence update is dropped; y-websocket has no error reply
         elif kind == 3:  # query awareness
+            charge_sync()  # one byte asks for every state: ~30,000x uncharged
             may_read()
             states = live.awareness_states()
             if states is not None:

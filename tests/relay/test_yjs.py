@@ -429,3 +429,25 @@ async def test_a_reader_is_bounded_in_sync_messages_that_write_nothing(
                     await ws.recv()
     assert info.value.rcvd is not None and info.value.rcvd.code == 1008
     assert info.value.rcvd.reason.startswith("5004 rate_limited: over 10 sync messages a second")
+
+
+async def test_a_reader_is_bounded_in_awareness_queries(relay: RunningRelay) -> None:
+    """One byte asks for every present state (up to 32 KiB each): uncharged, a
+    reader with no key got about 30,000 times what it sent, for as long as it asked."""
+    from relay.yws import SYNC_BURST
+
+    async with (
+        RelayClient.connect(relay.url, identity(1)) as client,
+        client.doc(NS, "shared") as shared,
+        connect(f"{relay.url}/yjs/{NS}/shared", max_size=None) as ws,
+    ):
+        shared.set_presence({"name": "x" * 1000})
+        with trio.fail_after(30):
+            while (await ws.recv())[:1] != bytes([YMessageType.AWARENESS]):
+                pass  # the relay's step 1, then the agent's presence
+            with pytest.raises(ConnectionClosed) as info:
+                for _ in range(int(SYNC_BURST) * 10):  # one at a time: none left unread
+                    await ws.send(b"\x03")
+                    assert (await ws.recv())[:1] == bytes([YMessageType.AWARENESS])
+    assert info.value.rcvd is not None and info.value.rcvd.code == 1008
+    assert info.value.rcvd.reason.startswith("5004 rate_limited: over 10 sync messages a second")
