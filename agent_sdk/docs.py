@@ -343,7 +343,11 @@ async def open_doc(
 ) -> AsyncIterator[SharedDoc]:
     if create:  # (on a stopped client the publish raises the stop)
         try:
-            await client.publish(ns, "doc.create", {"doc": name})
+            # Rate limited, it waits as told, as its updates do: refused, an open
+            # of a document that exists failed for nothing.
+            await as_told(
+                lambda: client.publish(ns, "doc.create", {"doc": name}), RATE_LIMITED_TRIES
+            )
         except ProtocolError as exc:
             if exc.code is not ErrorCode.DOC_EXISTS:
                 raise

@@ -283,6 +283,21 @@ async def test_a_large_change_over_the_publish_burst_waits_for_its_tokens(
     assert relay.node.metrics.rate_limited["publish"] > 0  # it was over, and waited
 
 
+async def test_opening_a_document_over_the_publish_rate_waits_as_told(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """Each open publishes `doc.create` (refused 2009 when it exists): over the rate,
+    that refusal failed the open, and `formicary doc append` in a loop exited 1."""
+    limits = RateLimits(publish_rate=20, publish_burst=2)
+    relay = await start_relay(nursery, tmp_path / "relay", RelayConfig(rate_limits=limits))
+    async with RelayClient.connect(relay.url, identity(1)) as client:
+        for n in range(6):
+            async with client.doc(NS, "again") as shared:
+                shared.array().append(n)
+        assert list(shared.array()) == [0, 1, 2, 3, 4, 5]
+    assert relay.node.metrics.rate_limited["publish"] > 0  # it was over, and waited
+
+
 async def test_a_replica_counts_its_edits_confirmed_part_by_part() -> None:
     """A change too big for one update goes in parts; when a later part fails, the ones
     taken count as confirmed (and the rest not), so a reopen after the relay lost the
