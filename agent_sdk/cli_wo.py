@@ -167,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
     ns = args.ns or os.environ.get(NS_ENV) or DEFAULT_NS
     identity = _identity(args)
     folder = Path(args.key).parent if args.key else default_key_path().parent
-    tokens = Tokens(folder, identity.id)
+    tokens = Tokens(folder, identity.id, _relay_url(args))
 
     async def main() -> Any:
         async with RelayClient.connect(_relay_url(args), identity, reconnect=False) as client:
@@ -249,33 +249,52 @@ def json_value(text: str, what: str) -> Any:
 
 
 class Tokens:
-    """The fencing tokens an agent holds, by namespace and order, in a small file next
-    to its key. Several keys may share the folder: each entry names its agent."""
+    """The fencing tokens an agent holds, by relay, namespace and order, in a small
+    file next to its key. Several keys may share the folder: each entry names its
+    agent. And its relay's address: every relay is `local` unless named, so two
+    relays' `wo-1` in `work@local` are two orders."""
 
-    def __init__(self, folder: Path, agent: str) -> None:
+    def __init__(self, folder: Path, agent: str, relay: str) -> None:
         self.path = folder / "tokens.json"
         self.agent = agent
+        self.relay = relay.rstrip("/")
 
     def _load(self) -> dict[str, int]:
         try:
-            data = json.loads(self.path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
+            text = self.path.read_text()
+        except FileNotFoundError:
             return {}
+        except OSError as exc:
+            raise UsageError(f"cannot read {self.path}: {exc.strerror}") from None
+        try:
+            data = json.loads(text) if text.strip() else {}
+        except json.JSONDecodeError:
+            data = None  # read as empty, the next write lost every token kept
         if not isinstance(data, dict):
             raise UsageError(f"{self.path} is not a token file (a JSON object): move it away")
         return {k: v for k, v in data.items() if isinstance(v, int)}
 
     def check(self) -> None:
-        """Raise :class:`UsageError` now if the file cannot be kept in."""
+        """Raise :class:`UsageError` now if the file cannot be read or written: a
+        claim granted and then not kept is held by nobody who knows its token."""
         self._load()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            open(self.path.with_suffix(".lock"), "a").close()
+            fd, probe = tempfile.mkstemp(dir=self.path.parent, prefix=".tokens.")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            where = exc.filename or self.path.parent
+            raise UsageError(f"cannot keep tokens in {where}: {exc.strerror}") from None
 
     def _key(self, ns: str, order: str) -> str:
-        return f"{self.agent}/{ns}/{order}"
+        return f"{self.agent}/{self.relay}/{ns}/{order}"
 
     def kept(self, ns: str, order: str, given: int | None) -> int | None:
         """The token to use: the one given, else the one kept, else none. (Entries of
-        versions before they named their agent are not read: whose they are is not
-        known; pass such a token with --token.)"""
+        versions before they named their agent and relay are not read: whose they
+        are is not known; pass such a token with --token.)"""
         if given is not None:
             return given
         return self._load().get(self._key(ns, order))

@@ -7,6 +7,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 import trio
 
 from agent_sdk.cli_wo import Tokens
@@ -96,7 +97,7 @@ def test_kept_tokens_survive_parallel_commands(tmp_path: Path) -> None:
     from agent_sdk.cli_wo import Tokens
 
     def agent(n: int) -> None:
-        tokens = Tokens(tmp_path, f"agent-{n % 2}")  # its own, as a separate process
+        tokens = Tokens(tmp_path, f"agent-{n % 2}", "ws://r")  # its own, as a separate process
         for i in range(25):
             tokens.put("work@local", f"wo-{n}-{i}", i + 1)
 
@@ -117,7 +118,7 @@ def test_a_token_is_forgotten_or_renewed_only_while_it_is_the_one_kept(
     meanwhile, which must stay."""
     from agent_sdk.cli_wo import Tokens
 
-    tokens = Tokens(tmp_path, "agent")
+    tokens = Tokens(tmp_path, "agent", "ws://r")
     tokens.put("work@local", "wo-1", 2)
     tokens.put("work@local", "wo-1", 3)  # the parallel claim's
     assert not tokens.forget("work@local", "wo-1", 2)  # the refused command's
@@ -138,7 +139,9 @@ lock() { "$PYTHON" -m agent_sdk.cli lock "$@"; }
 lock acquire branch:main --ttl 10m --json > mine.json || exit 10
 FORMICARY_KEY=$OTHER_KEY lock acquire branch:main; echo "other=$?" > codes.txt
 lock list --json > list.json || exit 11
-FORMICARY_RELAY=ws://127.0.0.1:9 lock release branch:main; echo "unreachable=$?" >> codes.txt
+token=$("$PYTHON" -c 'import json; print(json.load(open("mine.json"))["fencing_token"])')
+FORMICARY_RELAY=ws://127.0.0.1:9 lock release branch:main --token "$token"
+echo "unreachable=$?" >> codes.txt
 lock renew branch:main || exit 12
 lock release branch:main || exit 13
 FORMICARY_KEY=$OTHER_KEY lock acquire branch:main --json > theirs.json || exit 14
@@ -156,6 +159,7 @@ async def test_locks_from_a_shell_script(relay: RunningRelay, tmp_path: Path) ->
     assert json.loads((tmp_path / "theirs.json").read_text())["fencing_token"] == 2
     codes = exit_codes(tmp_path)
     # Not reached, the lock is still held: its token is kept for the renew after it.
+    # (Tokens are kept per relay address: another address needs its --token.)
     assert codes == {"other": "3", "unreachable": "1", "not-mine": "2"}
 
 
@@ -356,7 +360,7 @@ async def test_a_kept_token_the_relay_refuses_is_forgotten(
     key.save(tmp_path / "me" / "agent.key")
     async with RelayClient.connect(relay.url, key) as client:
         order = await Ledger(client, "work@local").create("t")
-    Tokens(tmp_path / "me", key.id).put("work@local", order, 7)  # a lease long gone
+    Tokens(tmp_path / "me", key.id, relay.url).put("work@local", order, 7)  # a lease long gone
     done = await run_shell(relay, tmp_path, STALE_SCRIPT.replace("$ID", order), ns="work@local")
     assert done.returncode == 0, done.stderr.decode()
     assert exit_codes(tmp_path) == {"stale": "3", "again": "0"}
@@ -364,7 +368,7 @@ async def test_a_kept_token_the_relay_refuses_is_forgotten(
     # A renewal or a release refused for a lapsed lease forgets it too.
     async with RelayClient.connect(relay.url, key) as client:
         renewed, released = [await Ledger(client, "work@local").create(t) for t in "rs"]
-    tokens = Tokens(tmp_path / "me", key.id)
+    tokens = Tokens(tmp_path / "me", key.id, relay.url)
     for lapsed in (renewed, released):
         tokens.put("work@local", lapsed, 7)
     script = f"""
@@ -402,3 +406,45 @@ async def test_without_ttl_the_relays_lease_applies(nursery: trio.Nursery, tmp_p
     lock = json.loads((tmp_path / "lock.json").read_text())
     assert before + 10 * MINUTE <= claim["expires_at"] <= after + 10 * MINUTE
     assert before + 2 * MINUTE <= lock["expires_at"] <= after + 2 * MINUTE
+
+
+def test_kept_tokens_are_kept_apart_per_relay(tmp_path: Path) -> None:
+    """Every relay is `local` unless named: two relays' `wo-1` of `work@local` are two
+    orders, and a token of one used on the other was refused, then forgotten."""
+    from agent_sdk.cli_wo import Tokens
+
+    Tokens(tmp_path, "agent", "ws://127.0.0.1:7700").put("work@local", "wo-1", 2)
+    Tokens(tmp_path, "agent", "ws://127.0.0.1:7701").put("work@local", "wo-1", 1)
+    assert Tokens(tmp_path, "agent", "ws://127.0.0.1:7700/").kept("work@local", "wo-1", None) == 2
+    assert Tokens(tmp_path, "agent", "ws://127.0.0.1:7701").kept("work@local", "wo-1", None) == 1
+
+
+CLAIM_SCRIPT = """
+"$PYTHON" -m agent_sdk.cli wo claim $ID --json; echo "claim=$?" > codes.txt
+"""
+
+
+@pytest.mark.parametrize("damage", ["torn", "unwritable"])
+async def test_a_token_file_that_cannot_be_kept_in_refuses_before_claiming(
+    relay: RunningRelay, tmp_path: Path, damage: str
+) -> None:
+    """A claim granted and then not kept is held by nobody who knows its token, and
+    each retry took another order; a torn file was read as empty and overwritten,
+    losing every token kept."""
+    key = Identity.generate()
+    (tmp_path / "me").mkdir()
+    key.save(tmp_path / "me" / "agent.key")
+    async with RelayClient.connect(relay.url, key) as client:
+        order = await Ledger(client, "work@local").create("t")
+    if damage == "torn":
+        (tmp_path / "me" / "tokens.json").write_text('{"x": 1,')
+    else:
+        (tmp_path / "me" / "tokens.lock").mkdir()  # (root may write anywhere: not chmod)
+    done = await run_shell(relay, tmp_path, CLAIM_SCRIPT.replace("$ID", order), ns="work@local")
+    assert exit_codes(tmp_path) == {"claim": "2"}, done.stderr.decode()
+    assert "tokens" in done.stderr.decode()
+    async with RelayClient.connect(relay.url, key) as client:
+        (shown,) = [o for o in await Ledger(client, "work@local").list() if o["id"] == order]
+    assert shown["status"] == "open"  # not claimed: nothing asked of the relay
+    if damage == "torn":
+        assert (tmp_path / "me" / "tokens.json").read_text() == '{"x": 1,'
