@@ -410,7 +410,8 @@ def _create(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
             **gate,
             **({"parent": args.parent} if args.parent else {}),
         )
-        return {"id": order}
+        # Bare, so that `id=$(formicary wo create ...)` is the id.
+        return {"id": order} if args.json else Text(order)
 
     return act
 

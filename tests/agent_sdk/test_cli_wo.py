@@ -50,7 +50,8 @@ f context pull --wo wo-99; echo "missing-context=$?" >> codes.txt
 f wo claim "$id" --ttl forever; echo "bad-ttl=$?" >> codes.txt
 parent=$(f wo create --title "release 2" --json \
      | "$PYTHON" -c 'import json,sys; print(json.load(sys.stdin)["id"])') || exit 25
-f wo create --title "changelog" --parent "$parent" > /dev/null || exit 26
+child=$(f wo create --title "changelog" --parent "$parent") || exit 26
+f wo show "$child" > /dev/null || exit 27  # printed bare: the id, as README says
 f wo update "$parent" --status done; echo "open-children=$?" >> codes.txt
 exit 0
 """
