@@ -106,6 +106,8 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     try:
         identity.save(path)
     except FileExistsError:
+        if not path.exists():  # (a file where its folder would be)
+            raise
         print(f"formicary: {path} exists; not replacing a key", file=sys.stderr)
         return 1
     _print({"key": str(path), "id": identity.id})
@@ -660,6 +662,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             isinstance(error, unreachable) or (isinstance(error, OSError) and not error.filename)
             for error in errors
         ):
+            named = [error for error in errors if isinstance(error, OSError) and error.filename]
+            if len(named) == len(errors):  # a path that cannot be made or written
+                print(f"formicary: {named[0].filename}: {named[0].strerror}", file=sys.stderr)
+                return 1
             raise
         broke = [error for error in errors if isinstance(error, RelayMismatch)]
         if broke:  # it answered, but not as a relay does (or not as the relay pinned)

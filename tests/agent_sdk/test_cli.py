@@ -50,6 +50,25 @@ async def test_keygen_writes_a_private_key_once(tmp_path: Path) -> None:
     assert Identity.load(path).id == out["id"]
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["keygen", "--out", "FILE/agent.key"],
+        ["demo", "--data", "FILE/data"],
+    ],
+)
+async def test_a_path_that_cannot_be_made_is_one_line_not_a_traceback(
+    tmp_path: Path, command: list[str]
+) -> None:
+    (tmp_path / "FILE").write_text("")
+    paths = [word.replace("FILE", str(tmp_path / "FILE")) for word in command]
+    result = await formicary(*paths)
+    said = result.stderr.decode()
+    assert result.returncode in (1, 2) and "Traceback" not in said, said
+    assert str(tmp_path / "FILE") in said and len(said.strip().splitlines()) == 1, said
+    assert "not replacing" not in said  # no key is there to replace
+
+
 async def test_shell_agent_publishes_and_tails_with_env_only(
     relay: RunningRelay, tmp_path: Path
 ) -> None:
