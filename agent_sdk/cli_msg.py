@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -20,11 +21,12 @@ from typing import Any
 
 import trio
 
+from agent_sdk.cli_wo import NS_ENV
 from agent_sdk.client import RelayClient
 from agent_sdk.direct import DirectUnreachable
 from agent_sdk.errors import ProtocolError
 from agent_sdk.identity import Identity
-from agent_sdk.messaging import Message
+from agent_sdk.messaging import AGENT_ID, Message
 from agent_sdk.wire import to_json_safe
 
 AgentOptions = Callable[[argparse.ArgumentParser], None]
@@ -42,7 +44,9 @@ def add_parser(
     p.add_argument("text", nargs="?", help="the message (or --file)")
     p.add_argument("--file", help="send this file's bytes instead")
     p.add_argument("--via", default="auto", choices=["auto", "direct", "relay"])
-    p.add_argument("--ns", help="the directory to find the recipient (and its endpoint) in")
+    p.add_argument(
+        "--ns", help=f"the directory to find the recipient (and its endpoint) in (${NS_ENV})"
+    )
     p.add_argument("--endpoint", help="the recipient's direct endpoint, ws://HOST:PORT")
     p.add_argument("--wait", action="store_true", help="wait for the recipient's receipt")
     agent_options(p)
@@ -65,12 +69,18 @@ def cmd_send(args: argparse.Namespace, url: str, identity: Identity) -> int:
             return 2
     else:
         body = args.text
+    ns = args.ns or os.environ.get(NS_ENV)  # (only to look a name up: no default)
+    if ns is None and "@" not in args.to and not AGENT_ID.fullmatch(args.to):
+        print(
+            f"formicary msg: {args.to!r} is not an agent id: give --ns (or ${NS_ENV}),"
+            " the directory to find it in",
+            file=sys.stderr,
+        )
+        return 2
 
     async def main() -> dict[str, Any]:
         async with RelayClient.connect(url, identity, reconnect=False) as client:
-            sent = await client.send(
-                args.to, body, via=args.via, ns=args.ns, endpoint=args.endpoint
-            )
+            sent = await client.send(args.to, body, via=args.via, ns=ns, endpoint=args.endpoint)
             if args.wait:
                 await sent.delivered()
             return {"id": sent.id.hex(), "path": sent.path, "status": sent.status}

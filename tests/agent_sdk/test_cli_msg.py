@@ -23,6 +23,10 @@ f msg send "$them"; echo "no-text=$?" >> codes.txt
 f msg send "$them" "x" --via direct; echo "no-endpoint=$?" >> codes.txt
 other msg inbox > inbox.jsonl || exit 13
 other msg inbox > again.jsonl || exit 14
+other dir join --name bob --ns people@local > /dev/null || exit 15
+f msg send bob "by name"; echo "no-ns=$?" >> codes.txt
+FORMICARY_NS=people@local f msg send bob "by name" > named.json || exit 16
+other msg inbox > named.jsonl || exit 17
 exit 0
 """
 
@@ -38,4 +42,9 @@ async def test_messages_from_a_shell_script(relay: RunningRelay, tmp_path: Path)
     assert inbox[0]["body"] == "hello there" and inbox[0]["path"] == "relay"
     assert inbox[1]["body"] == {"file": "note.bin", "data": b"binary\x00bytes".hex()}
     assert (tmp_path / "again.jsonl").read_text() == ""  # taken: not shown twice
-    assert exit_codes(tmp_path) == {"unknown": "1", "no-text": "2", "no-endpoint": "1"}
+    codes = {"unknown": "1", "no-text": "2", "no-endpoint": "1", "no-ns": "2"}
+    assert exit_codes(tmp_path) == codes
+    assert "give --ns (or $FORMICARY_NS)" in done.stderr.decode()
+    # A name is looked up in $FORMICARY_NS's directory, as --ns's.
+    [named] = [json.loads(line) for line in (tmp_path / "named.jsonl").read_text().splitlines()]
+    assert named["body"] == "by name"
