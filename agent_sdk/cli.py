@@ -252,7 +252,7 @@ def _hex(text: str, flag: str) -> bytes:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from agent_sdk.cli_wo import UsageError, json_value
+    from agent_sdk.cli_wo import UsageError, json_value, tell_queued
 
     try:
         body = json_value(args.body, "--body") if args.body is not None else None
@@ -267,6 +267,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
         async with RelayClient.connect(
             _relay_url(args), _identity(args), reconnect=False
         ) as client:
+            tell_queued(client)
             return await client.publish(args.ns, args.kind, body, deps=deps, nonce=nonce)
 
     try:

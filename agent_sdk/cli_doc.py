@@ -57,7 +57,7 @@ def add_parser(sub: Any, agent_options: AgentOptions) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from agent_sdk.cli import _identity, _relay_url
-    from agent_sdk.cli_wo import UsageError, json_value, ttl_ms
+    from agent_sdk.cli_wo import UsageError, json_value, tell_queued, ttl_ms
 
     where = f"formicary doc {args.doc_command}"
     identity = _identity(args)
@@ -73,12 +73,12 @@ def run(args: argparse.Namespace) -> int:
             value = json_value(args.value, "VALUE")
 
         async def main() -> dict[str, Any]:
-            async with (
-                RelayClient.connect(_relay_url(args), identity, reconnect=False) as client,
-                client.doc(args.ns, args.name, create=args.doc_command != "get") as shared,
-            ):
-                _edit(shared, args, value)
-                return shared.to_json()  # leaving the block waits for the edit's commit
+            async with RelayClient.connect(_relay_url(args), identity, reconnect=False) as client:
+                tell_queued(client)
+                creating = args.doc_command != "get"
+                async with client.doc(args.ns, args.name, create=creating) as shared:
+                    _edit(shared, args, value)
+                    return shared.to_json()  # leaving the block waits for the edit's commit
 
         content = trio.run(main)
     except UsageError as exc:

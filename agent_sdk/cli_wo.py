@@ -31,7 +31,7 @@ from agent_sdk.client import RelayClient
 from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.identity import Identity, default_key_path
 from agent_sdk.ledger import Claim, Ledger, LedgerRefusal
-from agent_sdk.wire import to_json_safe
+from agent_sdk.wire import SignedEvent, to_json_safe
 
 NS_ENV = "FORMICARY_NS"
 DEFAULT_NS = "work@local"
@@ -171,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
 
     async def main() -> Any:
         async with RelayClient.connect(_relay_url(args), identity, reconnect=False) as client:
-            return await action(Ledger(client, ns))
+            return await action(Ledger(tell_queued(client), ns))
 
     name = getattr(args, args.group)
     # The group's dest is the command's name, "_command" added where the bare name
@@ -227,6 +227,28 @@ class Text:
 
 class UsageError(Exception):
     pass
+
+
+def tell_queued(client: RelayClient) -> RelayClient:
+    """Say on stderr, once per namespace, that the relay answered a write `queued`:
+    the namespace's home is out of reach, and the command waits for its receipt
+    (the relay keeps the write and delivers it later, waited for or not)."""
+    told: set[str] = set()
+
+    def say(signed: SignedEvent) -> None:
+        ns = signed.event.ns
+        if ns not in told:
+            told.add(ns)
+            print(
+                f"formicary: queued at {client.url}: the home relay of {ns} cannot be"
+                " reached now; the relay keeps the write and delivers it when it can."
+                " Waiting for the home's receipt (stopping now does not undo it)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    client.on_queued.append(say)
+    return client
 
 
 def json_value(text: str, what: str) -> Any:

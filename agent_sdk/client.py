@@ -293,6 +293,10 @@ class RelayClient:
         self._reading = trio.CancelScope()  # the current connection's reads
         self.on_reconnect: list[Callable[[], Awaitable[None]]] = []
         """Run after each reconnect (the directory joins again: presence is per connection)."""
+        self.on_queued: list[Callable[[SignedEvent], None]] = []
+        """Called with each publish the relay answers ``queued`` (its namespace's home
+        is out of reach: the relay keeps it and delivers it later), after the
+        publish's own ``on_queued``: a shell command says so while it waits."""
         self._inflight = trio.Semaphore(max_inflight)
         self._subscriptions: dict[int, Subscription] = {}
         self._taps: dict[int, Callable[[f.Frame], None]] = {}
@@ -494,8 +498,11 @@ class RelayClient:
             return
         if isinstance(frame, f.Queued):
             queued = self._pending.get(frame.rid)
-            if queued is not None and queued.on_queued is not None:
-                queued.on_queued()
+            if queued is not None:
+                if queued.on_queued is not None:
+                    queued.on_queued()
+                for hook in self.on_queued:
+                    hook(queued.event)
         elif isinstance(frame, f.Ack):
             pending = self._pending.pop(frame.rid, None)
             if pending is not None:

@@ -143,3 +143,41 @@ async def test_a_store_that_fails_promises_nothing_and_stops_nothing() -> None:
     assert isinstance(entry.error, ProtocolError)
     assert entry.error.code is ErrorCode.HOME_UNREACHABLE
     await outbox._drop([entry.n])  # a row that cannot be deleted is logged, not raised
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["publish", NS, "app.note", "--body", '"kept"'],
+        ["wo", "create", "--title", "kept", "--ns", NS],
+        ["doc", "append", NS, "notes", "kept"],
+    ],
+)
+async def test_a_shell_command_says_its_write_is_queued(
+    nursery: trio.Nursery, tmp_path: Path, command: list[str]
+) -> None:
+    """With the home down, a write waited for its receipt in silence, and an agent
+    that gave up and retried created a second order once the home was back."""
+    import os
+    import subprocess
+    import sys
+
+    relays = plan(tmp_path, "a", "b")  # b is never started
+    a = await start(nursery, relays["a"], (relays["b"].peer(),))
+    env = {**os.environ, "FORMICARY_RELAY": a.url, "FORMICARY_KEY": str(tmp_path / "k.key")}
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "agent_sdk.cli", *command], env=env, stderr=subprocess.PIPE
+    )
+    said = b""
+    try:
+        assert process.stderr is not None
+        with trio.fail_after(TIMEOUT):
+            while b"Waiting for the home's receipt" not in said:
+                chunk = await process.stderr.receive_some()
+                assert chunk, said  # it ended without saying so
+                said += chunk
+    finally:
+        process.kill()
+        await process.wait()
+    assert f"queued at {a.url}: the home relay of {NS} cannot be reached now" in said.decode()
+    assert process.returncode != 0  # still waiting when it was stopped
