@@ -175,10 +175,16 @@ def as_claim(award: dict[str, Any]) -> Claim:
 
 
 def _current(shown: dict[str, Any]) -> dict[str, Any] | None:
+    """The current award as the award events carry it (the awardee's bid from the
+    bids shown; absent if cut to fit the answer)."""
     if shown["phase"] not in ("awarded", "confirmed") or shown["awardee"] is None:
         return None
-    return {"agent": shown["awardee"], "wo": shown["wo"], "token": shown["token"],
-            "confirm_by": shown["confirm_by"], "expires_ms": None}  # fmt: skip
+    award = {"agent": shown["awardee"], "wo": shown["wo"], "token": shown["token"],
+             "confirm_by": shown["confirm_by"], "expires_ms": shown.get("expires_ms")}  # fmt: skip
+    for bid in shown["bids"]:
+        if bid["bidder"] == shown["awardee"]:
+            award |= {"stake": bid["stake"], "price": bid["price"]}
+    return award
 
 
 class Reputation:

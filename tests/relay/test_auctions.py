@@ -848,3 +848,30 @@ async def test_a_sealed_bid_at_a_price_no_reveal_could_open_is_refused_at_once(
         check=False,
     )
     assert done.returncode == 2 and b"a price is a whole number, 0 or more" in done.stderr
+
+
+async def test_an_award_read_after_the_close_is_the_award_the_event_carried(
+    relay: RunningRelay,
+) -> None:
+    """An awardee that asks after the close (a worker that starts late) read the award
+    from auction.show, which had no lease expiry: `expires_ms` None, and no stake
+    or price, where the event has them."""
+    from agent_sdk.auctions import as_claim
+    from agent_sdk.client import Delivery
+
+    async with (
+        RelayClient.connect(relay.url, REQUESTER) as requester_client,
+        RelayClient.connect(relay.url, bidder(2)) as client,
+    ):
+        await Directory(client, NS).join("bidder")
+        opened = await Auctions(requester_client, NS).open(title="job", duration_ms=1_000)
+        await Auctions(client, NS).bid(opened["auction"], 10, price=3)
+        async with client.subscribe(NS, kinds=["auction.closed"]) as feed:
+            async for item in feed:
+                if isinstance(item, Delivery):
+                    carried = dict(item.event.event.body["award"])
+                    break
+        award = await Auctions(client, NS).wait_award(opened["auction"])
+    assert award == carried and carried["expires_ms"] > 0
+    assert (carried["stake"], carried["price"]) == (10, 3)
+    assert as_claim(award).expires_ms == carried["expires_ms"]
