@@ -138,7 +138,12 @@ def _simple(name: str) -> Make:
                 return {"auction": args.id, "unlocked": await auctions.withdraw(args.id)}
             if name == "confirm":
                 await auctions.confirm(args.id)
-                return {"auction": args.id, "confirmed": True}
+                # Kept as a claim's is: the ledger commands that follow find it.
+                award = await auctions.show(args.id)
+                if award["awardee"] == ledger.client.identity.public_key:
+                    tokens.put(ns, award["wo"], award["token"])
+                return {"auction": args.id, "confirmed": True, "id": award["wo"],
+                        "fencing_token": award["token"]}  # fmt: skip
             if name == "show":
                 return to_json_safe(await auctions.show(args.id))
             return to_json_safe(await auctions.list(args.phase))

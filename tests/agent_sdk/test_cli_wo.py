@@ -243,6 +243,17 @@ f rep vouch "$them" --weight 10 --reason "reviewed its work" --json > vouch.json
 f rep show "$them" --json > rep.json || exit 18
 f rep revoke "$them" --json > revoke.json || exit 19
 f rep vouch nothex --weight 1; echo "bad-key=$?" >> codes.txt
+f auction open --title "quick" --duration 1s --capability rust --json > quick.json || exit 20
+qid=$("$PYTHON" -c 'import json; print(json.load(open("quick.json"))["auction"])')
+other auction bid "$qid" --stake 5 --price 2 > /dev/null || exit 21
+awarded() {
+  other auction show "$qid" --json \
+    | "$PYTHON" -c 'import json,sys; sys.exit(json.load(sys.stdin)["phase"] != "awarded")'
+}
+for _ in $(seq 150); do awarded && break; sleep 0.2; done  # the relay's timer closes it
+other auction confirm "$qid" --json > confirm.json || exit 22
+wo=$("$PYTHON" -c 'import json; print(json.load(open("confirm.json"))["id"])')
+other wo update "$wo" --status done || exit 23  # with the token confirm kept
 exit 0
 """
 
