@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent_sdk.cli_wo import Text, Tokens, json_value, run, subcommand
+from agent_sdk.cli_wo import Text, Tokens, UsageError, json_value, run, subcommand
 from agent_sdk.decisions import Decisions
 from agent_sdk.ledger import Claim, Ledger, LedgerRefusal
 from agent_sdk.wire import to_json_safe
@@ -34,6 +34,7 @@ def add_parser(sub: Any, agent_options: AgentOptions) -> None:
     p.add_argument("--wo", help="the work order's context (default: the namespace's)")
     p.add_argument("--file", help="read the document from this file")
     p.add_argument("--parse-json", action="store_true", help="store it as JSON, not text")
+    p.add_argument("--allow-empty", action="store_true", help="store an empty document")
     p.add_argument("--token", type=int, help="fencing token (default: the one kept)")
     p = subcommand(commands, "pull", "print the latest context (or --version N)", agent_options)
     p.add_argument("--wo", help="the work order's context (default: the namespace's)")
@@ -91,7 +92,15 @@ Make = Callable[[argparse.Namespace, Tokens, str], Any]
 
 
 def _put(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
-    raw = Path(args.file).read_text() if args.file else sys.stdin.read()
+    try:
+        raw = Path(args.file).read_text() if args.file else sys.stdin.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--file {args.file}: {exc}") from None
+    if not raw and not args.allow_empty:
+        # Harnesses often run commands with stdin at /dev/null: an empty version
+        # would replace the handoff the next agent needs.
+        where = f"--file {args.file}" if args.file else "stdin"
+        raise UsageError(f"the document is empty ({where} gave nothing); --allow-empty stores it")
     if args.parse_json:
         document: Any = json_value(raw, "the document")
     else:

@@ -45,6 +45,8 @@ other bulletin list --json > bulletin.json || exit 21
 f decision add --title "lexer limits" --decision "cap tokens at 64 KiB" --json > adr.json || exit 22
 other decision list --json > decisions.json || exit 23
 f wo update "$id" --status done; echo "done-twice=$?" >> codes.txt
+f context put --wo "$id" < /dev/null; echo "empty-context=$?" >> codes.txt
+f context put --wo "$id" --file nowhere.txt; echo "no-file=$?" >> codes.txt
 f wo show wo-99; echo "missing=$?" >> codes.txt
 f context pull --wo wo-99; echo "missing-context=$?" >> codes.txt
 f wo claim "$id" --ttl forever; echo "bad-ttl=$?" >> codes.txt
@@ -88,8 +90,11 @@ async def test_the_workledger_workflow_in_a_shell_script(
         "missing-context": "4",
         "bad-ttl": "2",
         "open-children": "3",
+        "empty-context": "2",  # (stdin at /dev/null stored an empty handoff)
+        "no-file": "2",
     }
     assert "held by" in done.stderr.decode()
+    assert "the document is empty (stdin gave nothing)" in done.stderr.decode()
 
 
 def test_kept_tokens_survive_parallel_commands(tmp_path: Path) -> None:
