@@ -25,6 +25,7 @@ import argparse
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -122,8 +123,24 @@ def lock_run(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
     cmd, ttl = _command(args), ttl_ms(args.ttl, "--ttl")
 
     async def act(ledger: Ledger) -> Exit:
+        def waiting(holder: dict[str, Any]) -> None:
+            # Once, on stderr: a lock run that waits in silence looks hung, above all
+            # on a lock this agent holds itself (an earlier `lock acquire`).
+            who = holder.get("holder")
+            mine = who == ledger.client.identity.public_key
+            by = "you (`formicary lock release` frees it)" if mine else _short(who)
+            until = holder.get("expires_ms")
+            when = f" until {_utc(until)}" if isinstance(until, int) else ""
+            print(
+                f"formicary lock run: waiting for {args.name}, held by {by}{when}",
+                file=sys.stderr,
+                flush=True,
+            )
+
         try:
-            async with hold_lock(ledger, args.name, ttl, wait=not args.no_wait) as lock:
+            async with hold_lock(
+                ledger, args.name, ttl, wait=not args.no_wait, on_wait=waiting
+            ) as lock:
                 return Exit(await _running(args, cmd, lock.token))
         except LeaseLost as exc:
             print(f"formicary lock run: {exc}", file=sys.stderr)
@@ -160,3 +177,11 @@ def _once(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
             return Exit(LEASE_LOST)
 
     return act
+
+
+def _short(key: Any) -> str:
+    return f"{key.hex()[:16]}..." if isinstance(key, bytes) else "another agent"
+
+
+def _utc(ms: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms / 1000))

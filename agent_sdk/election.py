@@ -16,8 +16,9 @@ is the bound on failover: a shorter one fails over sooner and renews more often.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from typing import Any
 
 import trio
 
@@ -31,17 +32,24 @@ CONFIRM_TIMEOUT = 30.0
 
 @asynccontextmanager
 async def hold_lock(
-    ledger: Ledger, name: str, ttl_ms: int = 15_000, *, wait: bool = True
+    ledger: Ledger,
+    name: str,
+    ttl_ms: int = 15_000,
+    *,
+    wait: bool = True,
+    on_wait: Callable[[dict[str, Any]], None] | None = None,
 ) -> AsyncIterator[Claim]:
     """Hold lock ``name`` for the body's duration (see the module docstring).
 
     With ``wait`` false, a lock held by another agent raises the ledger's refusal
-    (``held``) at once instead of waiting for it.
+    (``held``) at once instead of waiting for it. ``on_wait`` is called with the
+    holder (``{agent, token, expires_ms}`` as the refusal names it) when waiting
+    starts, once.
     """
     ttl = ttl_ms / 1000
     following = AsyncExitStack()  # a follower's subscription to releases
     try:
-        lock, sent = await _acquire(ledger, name, ttl_ms, wait, following)
+        lock, sent = await _acquire(ledger, name, ttl_ms, wait, following, on_wait)
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(CONFIRM_TIMEOUT):
             await following.aclose()  # (shielded: a granted lock must reach the try below)
@@ -80,7 +88,12 @@ async def hold_lock(
 
 
 async def _acquire(
-    ledger: Ledger, name: str, ttl_ms: int, wait: bool, following: AsyncExitStack
+    ledger: Ledger,
+    name: str,
+    ttl_ms: int,
+    wait: bool,
+    following: AsyncExitStack,
+    on_wait: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[Claim, float]:
     """Take lock ``name``, waiting as a follower while another agent holds it: until
     its lease can have lapsed, or at once when the relay says it was released."""
@@ -110,6 +123,8 @@ async def _acquire(
                     pass  # refused, or lapsed already: nothing held
             raise LeaseLost(f"{name}: no answer to the acquire in {CONFIRM_TIMEOUT} s")
         if feed is None:  # follow releases from now on, then ask again (none is missed)
+            if on_wait is not None:
+                on_wait(holder)
             feed = await following.enter_async_context(
                 ledger.client.subscribe(ledger.ns, kinds=["lock.released"])
             )

@@ -269,3 +269,25 @@ async def test_a_relay_that_goes_away_stops_the_command_with_status_75(
         assert runner.stderr is not None
         err = await runner.stderr.receive_some()
         assert b"the connection to the relay was lost" in err, err
+
+
+async def test_lock_run_says_whom_it_waits_for(relay: RunningRelay, tmp_path: Path) -> None:
+    """It waited in silence, even on a lock its own agent held (an earlier `lock
+    acquire`): to a shell, a hang."""
+    env = env_for(relay, tmp_path, 1)
+    await trio.run_process(formicary("lock", "acquire", "L", "--ttl", "1m"), env=env)
+    process = await trio.lowlevel.open_process(
+        formicary("lock", "run", "L", "--", "true"), env=env, stderr=subprocess.PIPE
+    )
+    said = b""
+    try:
+        assert process.stderr is not None
+        with trio.fail_after(TIMEOUT):
+            while b"\n" not in said:
+                chunk = await process.stderr.receive_some()
+                assert chunk, said  # it ended without a word
+                said += chunk
+    finally:
+        process.kill()
+        await process.wait()
+    assert said.decode().startswith("formicary lock run: waiting for L, held by you"), said
