@@ -280,11 +280,14 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
+    from agent_sdk.cli_wo import tell_reconnects
+
     async def main() -> None:
         async with (
             RelayClient.connect(_relay_url(args), _identity(args)) as client,
             client.subscribe(args.ns, start=args.start, kinds=args.kind) as subscription,
         ):
+            tell_reconnects(client)
             async for item in subscription:
                 if isinstance(item, Live):
                     if not args.follow:

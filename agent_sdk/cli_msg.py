@@ -21,7 +21,7 @@ from typing import Any
 
 import trio
 
-from agent_sdk.cli_wo import NS_ENV
+from agent_sdk.cli_wo import NS_ENV, tell_reconnects
 from agent_sdk.client import RelayClient
 from agent_sdk.direct import DirectUnreachable
 from agent_sdk.errors import ProtocolError
@@ -110,6 +110,7 @@ def message_json(message: Message) -> dict[str, Any]:
 def cmd_inbox(args: argparse.Namespace, url: str, identity: Identity) -> int:
     async def main() -> None:
         async with RelayClient.connect(url, identity, reconnect=args.follow) as client:
+            tell_reconnects(client)
             mailbox = client.mailbox
             mailbox.open()
             if not args.follow:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
+import logging
 import math
 import os
 import sys
@@ -227,6 +228,25 @@ class Text:
 
 class UsageError(Exception):
     pass
+
+
+def tell_reconnects(client: RelayClient) -> RelayClient:
+    """Say on stderr when a following command's connection is lost and when it is
+    back (`tail --follow`, `msg inbox --follow`): it reconnected in silence, which
+    from a shell looks the same as a relay with nothing new to say."""
+    logger = logging.getLogger("formicary.client")  # "connection lost; reconnecting"
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("formicary: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+    async def back() -> None:
+        print(f"formicary: reconnected to {client.url}; resuming", file=sys.stderr, flush=True)
+
+    client.on_reconnect.append(back)
+    return client
 
 
 def tell_queued(client: RelayClient) -> RelayClient:

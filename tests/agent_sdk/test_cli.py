@@ -318,3 +318,35 @@ async def test_bad_input_from_a_shell_gets_one_line_and_a_status_never_a_traceba
         assert result.returncode == status and says in err, (args, result.returncode, err)
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "d").exists() and not (tmp_path / "none").exists()
+
+
+async def test_tail_follow_says_when_it_lost_the_relay_and_when_it_is_back(
+    relay: RunningRelay, tmp_path: Path
+) -> None:
+    """It reconnected in silence: from a shell, the same as a relay with nothing new."""
+    from tests.agent_sdk.test_client import drop_every_connection
+
+    env = {**os.environ, "FORMICARY_RELAY": relay.url, "FORMICARY_KEY": str(tmp_path / "k")}
+    await formicary("publish", "jobs@local", "app.note", "--body", "1", env=env)
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "agent_sdk.cli", "tail", "jobs@local", "--from", "1", "--follow"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    said = b""
+    try:
+        assert process.stdout is not None and process.stderr is not None
+        with trio.fail_after(30):
+            assert await process.stdout.receive_some()  # the event: it is following
+            assert await drop_every_connection(relay) >= 1
+            while b"resuming" not in said:
+                chunk = await process.stderr.receive_some()
+                assert chunk, said  # it ended
+                said += chunk
+    finally:
+        process.kill()
+        await process.wait()
+    lines = said.decode().splitlines()
+    assert lines[0].startswith("formicary: relay connection lost"), lines
+    assert lines[-1] == f"formicary: reconnected to {relay.url}; resuming", lines
