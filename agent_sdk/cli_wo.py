@@ -341,10 +341,13 @@ class Tokens:
             return given
         return self._load().get(self._key(ns, order))
 
-    def get(self, ns: str, order: str, given: int | None) -> int:
+    def get(self, ns: str, order: str, given: int | None, lock: str | None = None) -> int:
+        """The token to use, or :class:`UsageError`; ``lock``: ``order`` is that
+        lock's entry (named, and "acquire" said, as the user knows them)."""
         token = self.kept(ns, order, given)
         if token is None:
-            raise UsageError(f"no token kept for {order}: claim it first or pass --token")
+            what, verb = (lock, "acquire") if lock is not None else (order, "claim")
+            raise UsageError(f"no token kept for {what}: {verb} it first or pass --token")
         return token
 
     def put(self, ns: str, order: str, token: int, *, was: int | None = None) -> bool:
@@ -603,8 +606,13 @@ def _lock_take(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
         if args.lock == "acquire":
             lock = await ledger.lock(args.name, ttl)
         else:
-            renewed = tokens.get(ns, _lock_key(args.name), args.token)
-            lock = await ledger.renew_lock(Claim(args.name, renewed, 0), ttl)
+            renewed = tokens.get(ns, _lock_key(args.name), args.token, args.name)
+            try:
+                lock = await ledger.renew_lock(Claim(args.name, renewed, 0), ttl)
+            except LedgerRefusal as exc:
+                if exc.problem in STALE:  # as `wo renew`: that lock is over
+                    tokens.forget(ns, _lock_key(args.name), renewed)
+                raise
         tokens.put(ns, _lock_key(args.name), lock.token, was=renewed)
         return {"lock": lock.order, "fencing_token": lock.token, "expires_at": lock.expires_ms}
 
@@ -612,7 +620,7 @@ def _lock_take(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
 
 
 def _lock_release(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
-    token = tokens.get(ns, _lock_key(args.name), args.token)
+    token = tokens.get(ns, _lock_key(args.name), args.token, args.name)
 
     async def act(ledger: Ledger) -> Any:
         # As `wo release`: a token is forgotten once the relay says its lock is over,

@@ -18,7 +18,7 @@ from agent_sdk.ledger import Ledger
 from relay.coordination.leases import TtlBounds
 from relay.node import RelayConfig
 from tests.agent_sdk.shell import exit_codes, run_shell
-from tests.conftest import RunningRelay, start_relay
+from tests.conftest import RunningRelay, identity, start_relay
 
 MINUTE = 60_000
 
@@ -465,3 +465,26 @@ async def test_a_token_file_that_cannot_be_kept_in_refuses_before_claiming(
     assert shown["status"] == "open"  # not claimed: nothing asked of the relay
     if damage == "torn":
         assert (tmp_path / "me" / "tokens.json").read_text() == '{"x": 1,'
+
+
+async def test_lock_renew_forgets_a_token_whose_lock_is_over(
+    relay: RunningRelay, tmp_path: Path
+) -> None:
+    """As `wo renew` does; it kept the stale token, refused again on every renew. And
+    with nothing kept it names the lock and `acquire`, not an entry `lock:NAME`."""
+    key = Identity.generate()
+    (tmp_path / "me").mkdir()
+    key.save(tmp_path / "me" / "agent.key")
+    async with RelayClient.connect(relay.url, identity(5)) as client:
+        await Ledger(client, "work@local").lock("branch:main", 60_000)  # someone else's
+    tokens = Tokens(tmp_path / "me", key.id, relay.url)
+    tokens.put("work@local", "lock:branch:main", 7)  # from a lease long gone
+    script = """
+f() { "$PYTHON" -m agent_sdk.cli lock "$@"; }
+f renew branch:main; echo "stale=$?" > codes.txt
+f renew nothing-held; echo "none=$?" >> codes.txt
+"""
+    done = await run_shell(relay, tmp_path, script)
+    assert exit_codes(tmp_path) == {"stale": "3", "none": "2"}, done.stderr.decode()
+    assert tokens.kept("work@local", "lock:branch:main", None) is None
+    assert "no token kept for nothing-held: acquire it first" in done.stderr.decode()
