@@ -84,6 +84,9 @@ class TtlBounds:
     default_ms: int = 30 * 60 * 1000
 
 
+PRUNE_FLOOR = 64
+
+
 @dataclass
 class LeaseEngine:
     bounds: TtlBounds = field(default_factory=TtlBounds)
@@ -91,6 +94,8 @@ class LeaseEngine:
     """The latest lease per resource; it may have expired (see :meth:`holder`)."""
     tokens: dict[str, int] = field(default_factory=dict)
     """The last token issued per resource: fencing tokens never repeat or go back."""
+    prune_at: int = PRUNE_FLOOR
+    """:meth:`prune` scans once ``leases`` holds this many (twice what it left)."""
 
     def holder(self, resource: str, now_ms: int) -> Lease | None:
         """The valid lease on ``resource`` at ``now_ms``, if any."""
@@ -161,6 +166,16 @@ class LeaseEngine:
         for lease in expired:
             del self.leases[lease.resource]
         return expired
+
+    def prune(self, now_ms: int) -> None:
+        """Drop lapsed leases, now and then: for leases no timer retires (locks, which
+        lapse silently), so that names used once (`once:KEY`, a crashed leader's) do
+        not stay in memory. A full scan each time the count has doubled: amortised
+        O(1) per call, and a function of the fold alone (a replay prunes alike). A
+        lapsed lease answers nothing (:meth:`holder`), and ``tokens`` stays."""
+        if len(self.leases) >= self.prune_at:
+            self.expire(now_ms)
+            self.prune_at = max(PRUNE_FLOOR, 2 * len(self.leases))
 
     def next_expiry_ms(self) -> int | None:
         return min((lease.expires_ms for lease in self.leases.values()), default=None)

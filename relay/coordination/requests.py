@@ -220,6 +220,7 @@ class Coordinator:
         """Advisory locks on named resources (paths, branches, anything): leases with
         the same exclusivity and fencing as claims. They lapse silently at expiry."""
         locks = self.locks
+        locks.prune(now_ms)
         try:
             fields = as_map(body)
             name = text(fields, "name", 256)

@@ -256,3 +256,22 @@ def test_the_lock_list_comes_in_pages_by_name() -> None:
             break
         args = {"limit": 10, "after": seen[-1]}
     assert seen == names
+
+
+def test_lapsed_locks_do_not_stay_in_memory() -> None:
+    """Locks lapse silently (no timer retires them): every `once:KEY` and crashed
+    leader's lock stayed in memory, and each `lock.list` sorted them all."""
+    log = Log()
+    for n in range(1_000):
+        got = log.request("lock.acquire", {"name": f"once:{n}", "ttl_ms": MIN}, author=A, now=n)
+        assert got.kind == "lock.acquired"
+    later = 1_000 + MIN  # every one has lapsed
+    # (A scan each time the count doubles: at most twice the locks held at the last.)
+    for n in range(30):
+        log.request("lock.acquire", {"name": f"live:{n}", "ttl_ms": MIN}, author=B, now=later)
+    assert len(log.coordinator.locks.leases) < 100
+    assert len(log.coordinator.locks.tokens) == 1_030  # fencing tokens still only rise
+    again = log.request("lock.acquire", {"name": "once:7"}, author=B, now=later)
+    assert again.kind == "lock.acquired" and again.body["token"] == 2
+    replayed, outcomes = log.replay()
+    assert outcomes == log.outcomes and replayed.locks == log.coordinator.locks
