@@ -252,7 +252,7 @@ def _hex(text: str, flag: str) -> bytes:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from agent_sdk.cli_wo import UsageError, json_value, tell_queued
+    from agent_sdk.cli_wo import EXIT_OF_CODE, UsageError, json_value, tell_queued
 
     try:
         body = json_value(args.body, "--body") if args.body is not None else None
@@ -274,13 +274,13 @@ def cmd_publish(args: argparse.Namespace) -> int:
         published = trio.run(main)
     except ProtocolError as exc:
         print(f"formicary: rejected: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_OF_CODE.get(exc.code, 1)
     _print(receipt_json(published))
     return 0
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
-    from agent_sdk.cli_wo import tell_reconnects
+    from agent_sdk.cli_wo import EXIT_OF_CODE, tell_reconnects
 
     async def main() -> None:
         async with (
@@ -299,7 +299,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
         trio.run(main)
     except ProtocolError as exc:
         print(f"formicary: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_OF_CODE.get(exc.code, 1)
     except KeyboardInterrupt:
         return 0
     return 0

@@ -64,7 +64,15 @@ EXIT_OF_PROBLEM = {
     "overruled": 3,
 }
 
-EXIT_OF_CODE = {ErrorCode.NOT_FOUND: 4, ErrorCode.BAD_QUERY: 2}
+EXIT_OF_CODE = {
+    ErrorCode.NOT_FOUND: 4,
+    ErrorCode.BAD_QUERY: 2,
+    # What the caller wrote is what is wrong (a malformed namespace or kind): usage.
+    ErrorCode.MALFORMED: 2,
+    ErrorCode.BAD_EVENT: 2,
+    ErrorCode.RESERVED_KIND: 2,
+    ErrorCode.TOO_MANY_DEPS: 2,
+}
 
 Connect = Callable[[argparse.Namespace], tuple[str, Identity]]
 

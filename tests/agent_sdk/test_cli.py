@@ -104,6 +104,11 @@ async def test_cli_errors_are_clear(relay: RunningRelay, tmp_path: Path) -> None
     assert bad_json.returncode == 2 and b"not JSON" in bad_json.stderr
     cursor = await formicary("tail", "jobs@local", "--from", "9", env=env)
     assert cursor.returncode == 1 and b"bad_cursor" in cursor.stderr
+    # The caller's own words are wrong: a usage error (2), as `wo list --ns bad` is.
+    for command in (["publish", "no-relay-part", "app.note"], ["tail", "no-relay-part"],
+                    ["publish", "jobs@local", "wo.created"]):  # fmt: skip
+        malformed = await formicary(*command, env=env)
+        assert malformed.returncode == 2, (command, malformed.stderr)
 
 
 async def one_line_errors(url: str, tmp_path: Path) -> list[str]:
