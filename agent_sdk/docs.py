@@ -157,6 +157,10 @@ class SharedDoc:
         while True:
             await self._changed.wait()
             self._changed = trio.Event()
+            if self.error is not None:
+                # Failed (a reset above all: the document was created again, and
+                # edits made against the old one must not land in the new, 13.4).
+                return
             if not self._outgoing:
                 continue
             pending, self._outgoing = self._outgoing, []
@@ -284,6 +288,7 @@ class SharedDoc:
 
     def _fail(self, error: Exception) -> None:
         self.error = error
+        self._outgoing.clear()  # sent nowhere now (see _send_forever)
         self.synced.set()
         self._progress.set()
         self._advanced.set()

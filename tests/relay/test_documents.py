@@ -331,6 +331,31 @@ async def test_a_replica_counts_its_edits_confirmed_part_by_part() -> None:
     assert state_vector(sent) == state_vector(shared.doc.get_state())
 
 
+async def test_a_reset_replica_sends_none_of_its_edits_to_the_new_document() -> None:
+    """A document created again (a relay restored from an older backup) answers the
+    reopen with `reset`: edits made against the old one must not land in the new one
+    (13.4), but the replica's sender went on publishing what it had queued."""
+    from agent_sdk import frames as f
+    from agent_sdk.docs import DocReset
+
+    class Recording:
+        rng = None
+
+        def __init__(self) -> None:
+            self.sent: list[bytes] = []
+
+        async def publish(self, ns: str, kind: str, body: dict[str, Any]) -> None:
+            self.sent.append(body["update"])
+
+    client = Recording()
+    shared = SharedDoc(client, NS, "again", sub=1)  # type: ignore[arg-type]
+    shared.array().append("made against the old document")
+    shared._on_sync(f.DocSync(sub=1, update=b"\x00\x00", sv=b"\x00", seq=0, epoch=2, reset=True))
+    with trio.fail_after(5):
+        await shared._send_forever()  # returns: the replica has failed
+    assert isinstance(shared.error, DocReset) and client.sent == []
+
+
 async def test_a_replica_that_missed_updates_resyncs_by_state_vector(
     relay: RunningRelay,
 ) -> None:
