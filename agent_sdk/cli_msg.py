@@ -69,8 +69,10 @@ def cmd_send(args: argparse.Namespace, url: str, identity: Identity) -> int:
             return 2
     else:
         body = args.text
-    ns = args.ns or os.environ.get(NS_ENV)  # (only to look a name up: no default)
-    if ns is None and "@" not in args.to and not AGENT_ID.fullmatch(args.to):
+    named = "@" not in args.to and not AGENT_ID.fullmatch(args.to)
+    # $FORMICARY_NS only to look a name up (--ns also finds an id's endpoint).
+    ns = args.ns or (os.environ.get(NS_ENV) if named else None)
+    if ns is None and named:
         print(
             f"formicary msg: {args.to!r} is not an agent id: give --ns (or ${NS_ENV}),"
             " the directory to find it in",

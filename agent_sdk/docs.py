@@ -168,6 +168,8 @@ class SharedDoc:
             self._in_flight += 1
             try:
                 for part in _parts(update, pending):
+                    if self.error is not None:
+                        return  # failed (reset) between two parts: not the rest either
                     await self._publish({"doc": self.name, "update": part})
                     # The relay has taken our edits up to this part's end (what
                     # _lacking_parts compares with the relay's state vector).

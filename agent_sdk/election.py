@@ -43,7 +43,7 @@ async def hold_lock(
 
     With ``wait`` false, a lock held by another agent raises the ledger's refusal
     (``held``) at once instead of waiting for it. ``on_wait`` is called with the
-    holder (``{agent, token, expires_ms}`` as the refusal names it) when waiting
+    holder (``{holder, token, expires_ms}`` as the refusal names it) when waiting
     starts, once.
     """
     ttl = ttl_ms / 1000

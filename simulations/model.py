@@ -152,7 +152,7 @@ class Settings:
     variant: str = "flat"
     """``work_queue``: ``flat`` orders, ``fanout`` (each order spawns 3 sub-orders when
     done) or ``pipeline`` (observe -> diagnose -> fix: each stage's completion
-    creates the next stage's order, handing its finding over as context)."""
+    creates the next stage's order, handing its finding over in its description)."""
     handoff: bool = True
     """``work_queue``: agents checkpoint half-done work in the order's context, and a
     successor resumes from it; without, a crashed task restarts from scratch."""

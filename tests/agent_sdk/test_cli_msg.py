@@ -27,6 +27,7 @@ other dir join --name bob --ns people@local > /dev/null || exit 15
 f msg send bob "by name"; echo "no-ns=$?" >> codes.txt
 FORMICARY_NS=people@local f msg send bob "by name" > named.json || exit 16
 other msg inbox > named.jsonl || exit 17
+FORMICARY_NS=team@faraway f msg send "$them" "an id needs no directory" > /dev/null || exit 18
 exit 0
 """
 

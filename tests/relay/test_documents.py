@@ -355,6 +355,21 @@ async def test_a_reset_replica_sends_none_of_its_edits_to_the_new_document() -> 
         await shared._send_forever()  # returns: the replica has failed
     assert isinstance(shared.error, DocReset) and client.sent == []
 
+    # A reset between two parts of a large change: the later parts stay unsent too.
+    class Resetting(Recording):
+        async def publish(self, ns: str, kind: str, body: dict[str, Any]) -> None:
+            await super().publish(ns, kind, body)
+            big._on_sync(reset)
+
+    reset = f.DocSync(sub=1, update=b"\x00\x00", sv=b"\x00", seq=0, epoch=2, reset=True)
+    resetting = Resetting()
+    big = SharedDoc(resetting, NS, "parts", sub=1)  # type: ignore[arg-type]
+    for _ in range(3):  # three changes of 150 KB: sent in parts
+        big.array().append("x" * 150_000)
+    with trio.fail_after(5):
+        await big._send_forever()
+    assert isinstance(big.error, DocReset) and len(resetting.sent) == 1
+
 
 async def test_a_replica_that_missed_updates_resyncs_by_state_vector(
     relay: RunningRelay,
