@@ -105,10 +105,10 @@ def _put(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
         document: Any = json_value(raw, "the document")
     else:
         document = raw
-    token = tokens.kept(ns, args.wo, args.token) if args.wo else None
-    target = Claim(args.wo, token, 0) if args.wo and token is not None else args.wo
 
     async def act(ledger: Ledger) -> Any:
+        token = tokens.kept(ns, args.wo, args.token) if args.wo else None
+        target = Claim(args.wo, token, 0) if args.wo and token is not None else args.wo
         version = await ledger.put_context(document, target)
         return {"wo": args.wo, "version": version}
 

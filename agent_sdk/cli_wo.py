@@ -176,10 +176,12 @@ def run(args: argparse.Namespace) -> int:
     ns = args.ns or os.environ.get(NS_ENV) or DEFAULT_NS
     identity = _identity(args)
     folder = Path(args.key).parent if args.key else default_key_path().parent
-    tokens = Tokens(folder, identity.id, _relay_url(args))
+    tokens = Tokens(folder, identity.id)
 
     async def main() -> Any:
         async with RelayClient.connect(_relay_url(args), identity, reconnect=False) as client:
+            assert client.relay_key is not None  # (pinned by the handshake)
+            tokens.relay = client.relay_key.hex()
             return await action(Ledger(tell_queued(client), ns))
 
     name = getattr(args, args.group)
@@ -188,7 +190,8 @@ def run(args: argparse.Namespace) -> int:
     command = args.group.removesuffix("_command")
     where = f"formicary {command}" if name == command else f"formicary {command} {name}"
     try:
-        tokens.check()  # a bad file must not cost a claim whose token cannot be kept
+        # A bad file must not cost a claim whose token cannot be kept.
+        tokens.check(writing=(args.group, name) in KEEPS)
         action: Callable[[Ledger], Awaitable[Any]] = args.actions[name](args, tokens, ns)
         try:
             result = trio.run(main)
@@ -298,16 +301,22 @@ def json_value(text: str, what: str) -> Any:
         raise UsageError(f"{what} is not JSON: {exc}") from None
 
 
+KEEPS = {("wo", "claim"), ("wo", "next"), ("wo", "renew"), ("lock", "acquire"),
+         ("lock", "renew"), ("auction", "confirm")}  # fmt: skip
+"""The commands that keep a token the relay just granted."""
+
+
 class Tokens:
     """The fencing tokens an agent holds, by relay, namespace and order, in a small
     file next to its key. Several keys may share the folder: each entry names its
-    agent. And its relay's address: every relay is `local` unless named, so two
-    relays' `wo-1` in `work@local` are two orders."""
+    agent. And its relay, by key (:attr:`relay`, known once connected): every relay
+    is `local` unless named, so two relays' `wo-1` in `work@local` are two orders."""
 
-    def __init__(self, folder: Path, agent: str, relay: str) -> None:
+    def __init__(self, folder: Path, agent: str, relay: str | None = None) -> None:
         self.path = folder / "tokens.json"
         self.agent = agent
-        self.relay = relay.rstrip("/")
+        self.relay = relay
+        """The relay's key (hex): set when connected, before any token is read."""
 
     def _load(self) -> dict[str, int]:
         try:
@@ -324,10 +333,13 @@ class Tokens:
             raise UsageError(f"{self.path} is not a token file (a JSON object): move it away")
         return {k: v for k, v in data.items() if isinstance(v, int)}
 
-    def check(self) -> None:
-        """Raise :class:`UsageError` now if the file cannot be read or written: a
-        claim granted and then not kept is held by nobody who knows its token."""
+    def check(self, *, writing: bool) -> None:
+        """Raise :class:`UsageError` now if the file cannot be read, or ``writing``
+        written: a claim granted and then not kept is held by nobody who knows its
+        token. (Only read, a read-only key folder serves the other commands.)"""
         self._load()
+        if not writing:
+            return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             open(self.path.with_suffix(".lock"), "a").close()
@@ -338,16 +350,23 @@ class Tokens:
             where = exc.filename or self.path.parent
             raise UsageError(f"cannot keep tokens in {where}: {exc.strerror}") from None
 
-    def _key(self, ns: str, order: str) -> str:
-        return f"{self.agent}/{self.relay}/{ns}/{order}"
+    def _keys(self, ns: str, order: str) -> tuple[str, str]:
+        """The entry's key, and the one versions before they named the relay wrote
+        (read when the other is absent; replaced or removed on the next write)."""
+        assert self.relay is not None, "tokens are read once connected"
+        return f"{self.agent}/{self.relay}/{ns}/{order}", f"{self.agent}/{ns}/{order}"
+
+    def _kept(self, data: dict[str, int], ns: str, order: str) -> int | None:
+        key, older = self._keys(ns, order)
+        return data.get(key, data.get(older))
 
     def kept(self, ns: str, order: str, given: int | None) -> int | None:
         """The token to use: the one given, else the one kept, else none. (Entries of
-        versions before they named their agent and relay are not read: whose they
-        are is not known; pass such a token with --token.)"""
+        versions before they named their agent are not read: whose they are is not
+        known; pass such a token with --token.)"""
         if given is not None:
             return given
-        return self._load().get(self._key(ns, order))
+        return self._kept(self._load(), ns, order)
 
     def get(self, ns: str, order: str, given: int | None, lock: str | None = None) -> int:
         """The token to use, or :class:`UsageError`; ``lock``: ``order`` is that
@@ -378,13 +397,14 @@ class Tokens:
         with open(self.path.with_suffix(".lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             data = self._load()
-            key = self._key(ns, order)
-            if check and data.get(key) != was:
+            key, older = self._keys(ns, order)
+            if check and self._kept(data, ns, order) != was:
                 return False
+            data.pop(older, None)
             if token is not None:
                 data[key] = token
             else:
-                del data[key]
+                data.pop(key, None)
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".tokens.")
             with os.fdopen(fd, "w") as file:
                 file.write(json.dumps(data, indent=1))
@@ -538,9 +558,8 @@ ENDED = (*STALE, "bad_transition")  # a release's: the order is not claimed at a
 
 
 def _release(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
-    token = tokens.get(ns, args.id, args.token)
-
     async def act(ledger: Ledger) -> Any:
+        token = tokens.get(ns, args.id, args.token)
         try:
             await ledger.release(Claim(args.id, token, 0))
         except LedgerRefusal as exc:
@@ -628,9 +647,8 @@ def _lock_take(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
 
 
 def _lock_release(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
-    token = tokens.get(ns, _lock_key(args.name), args.token, args.name)
-
     async def act(ledger: Ledger) -> Any:
+        token = tokens.get(ns, _lock_key(args.name), args.token, args.name)
         # As `wo release`: a token is forgotten once the relay says its lock is over,
         # not when the relay could not be reached (the lock is still held then).
         try:
