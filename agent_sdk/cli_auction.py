@@ -137,9 +137,12 @@ def _simple(name: str) -> Make:
             if name == "withdraw":
                 return {"auction": args.id, "unlocked": await auctions.withdraw(args.id)}
             if name == "confirm":
-                await auctions.confirm(args.id)
-                # Kept as a claim's is: the ledger commands that follow find it.
+                # The award read first: once confirmed, its token must be kept (as a
+                # claim's is, for the ledger commands that follow), and a read after
+                # could fail. A confirm succeeds only for the award read (not_holder
+                # else: the next award goes to another bidder).
                 award = await auctions.show(args.id)
+                await auctions.confirm(args.id)
                 if award["awardee"] == ledger.client.identity.public_key:
                     tokens.put(ns, award["wo"], award["token"])
                 return {"auction": args.id, "confirmed": True, "id": award["wo"],

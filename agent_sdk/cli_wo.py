@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
-import logging
 import math
 import os
 import sys
@@ -243,19 +242,21 @@ class UsageError(Exception):
 
 def tell_reconnects(client: RelayClient) -> RelayClient:
     """Say on stderr when a following command's connection is lost and when it is
-    back (`tail --follow`, `msg inbox --follow`): it reconnected in silence, which
-    from a shell looks the same as a relay with nothing new to say."""
-    logger = logging.getLogger("formicary.client")  # "connection lost; reconnecting"
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("formicary: %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
+    back (`tail --follow`, `msg inbox --follow`), once each: it reconnected in
+    silence, which from a shell looks the same as a relay with nothing new to say."""
+
+    def lost(why: BaseException | None) -> None:
+        reason = "closed by the relay" if why is None else str(why) or type(why).__name__
+        print(
+            f"formicary: the connection to {client.url} was lost ({reason}); reconnecting",
+            file=sys.stderr,
+            flush=True,
+        )
 
     async def back() -> None:
         print(f"formicary: reconnected to {client.url}; resuming", file=sys.stderr, flush=True)
 
+    client.on_lost.append(lost)
     client.on_reconnect.append(back)
     return client
 

@@ -293,6 +293,9 @@ class RelayClient:
         self._reading = trio.CancelScope()  # the current connection's reads
         self.on_reconnect: list[Callable[[], Awaitable[None]]] = []
         """Run after each reconnect (the directory joins again: presence is per connection)."""
+        self.on_lost: list[Callable[[BaseException | None], None]] = []
+        """Called once per connection lost while reconnecting is on, with why (``None``
+        for a clean close), before the attempts to reconnect."""
         self.on_queued: list[Callable[[SignedEvent], None]] = []
         """Called with each publish the relay answers ``queued`` (its namespace's home
         is out of reach: the relay keeps it and delivers it later), after the
@@ -345,6 +348,7 @@ class RelayClient:
         delay = 0.05
         started = False
         while True:
+            up, lost = False, None  # this attempt's connection was served; why it ended
             try:
                 stream = None if self.dial is None else await self.dial()
                 async with connect(
@@ -363,6 +367,7 @@ class RelayClient:
                         seconds = f"{HANDSHAKE_TIMEOUT:g} s"
                         raise trio.TooSlowError(f"no handshake from the relay in {seconds}")
                     self.connections += 1
+                    up = True
                     delay = 0.05
                     if not started:
                         started = True
@@ -384,10 +389,14 @@ class RelayClient:
                     self._fail_all(ProtocolError(ErrorCode.INTERNAL, f"connection lost: {exc}"))
                     raise
                 log.info("relay connection lost (%s); reconnecting in %.2fs", exc, delay)
+                lost = exc
             finally:
                 self._outbox = None
                 self._flushed.set()  # nothing more goes out on that connection
                 self._connected = trio.Event()
+            if up:  # once per connection lost, not per attempt to get it back
+                for hook in self.on_lost:
+                    hook(lost)
             await trio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 5.0)
 
