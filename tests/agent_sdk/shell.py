@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import trio
@@ -34,3 +36,28 @@ async def run_shell(
 def exit_codes(tmp_path: Path) -> dict[str, str]:
     """The ``name=code`` lines a script wrote to ``codes.txt``."""
     return dict(line.split("=") for line in (tmp_path / "codes.txt").read_text().split())
+
+
+@asynccontextmanager
+async def running(command: list[str], env: dict[str, str]) -> AsyncIterator[trio.Process]:
+    """``command`` running with its output piped, killed on the way out (a command
+    that waits: the test reads what it says meanwhile)."""
+    process = await trio.lowlevel.open_process(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        yield process
+    finally:
+        process.kill()
+        await process.wait()
+
+
+async def read_until(stream: trio.abc.ReceiveStream | None, marker: bytes) -> bytes:
+    """What ``stream`` says up to and including ``marker`` (and what came with it)."""
+    assert stream is not None
+    said = b""
+    while marker not in said:
+        chunk = await stream.receive_some()
+        assert chunk, said  # it ended without saying it
+        said += chunk
+    return said

@@ -21,6 +21,7 @@ from websockets.trio.server import serve as serve_ws
 
 from agent_sdk import frames as f
 from agent_sdk.identity import Identity
+from tests.agent_sdk.shell import read_until, running
 from tests.conftest import RunningRelay
 
 
@@ -333,25 +334,12 @@ async def test_tail_follow_says_when_it_lost_the_relay_and_when_it_is_back(
 
     env = {**os.environ, "FORMICARY_RELAY": relay.url, "FORMICARY_KEY": str(tmp_path / "k")}
     await formicary("publish", "jobs@local", "app.note", "--body", "1", env=env)
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "agent_sdk.cli", "tail", "jobs@local", "--from", "1", "--follow"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    said = b""
-    try:
-        assert process.stdout is not None and process.stderr is not None
+    tail = [sys.executable, "-m", "agent_sdk.cli", "tail", "jobs@local", "--from", "1"]
+    async with running([*tail, "--follow"], env) as process:
         with trio.fail_after(30):
-            assert await process.stdout.receive_some()  # the event: it is following
+            await read_until(process.stdout, b"\n")  # the event: it is following
             assert await drop_every_connection(relay) >= 1
-            while b"resuming" not in said:
-                chunk = await process.stderr.receive_some()
-                assert chunk, said  # it ended
-                said += chunk
-    finally:
-        process.kill()
-        await process.wait()
+            said = await read_until(process.stderr, b"resuming")
     lines = said.decode().splitlines()
     assert len(lines) == 2, lines  # once each, not once per attempt
     assert lines[0].startswith(f"formicary: the connection to {relay.url} was lost"), lines

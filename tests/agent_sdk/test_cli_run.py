@@ -17,6 +17,7 @@ import trio
 from agent_sdk.cli_run import LEASE_LOST
 from agent_sdk.client import RelayClient
 from agent_sdk.ledger import Ledger, LedgerRefusal
+from tests.agent_sdk.shell import read_until, running
 from tests.conftest import RunningRelay, identity, start_relay
 
 NS = "shell@local"
@@ -276,18 +277,7 @@ async def test_lock_run_says_whom_it_waits_for(relay: RunningRelay, tmp_path: Pa
     acquire`): to a shell, a hang."""
     env = env_for(relay, tmp_path, 1)
     await trio.run_process(formicary("lock", "acquire", "L", "--ttl", "1m"), env=env)
-    process = await trio.lowlevel.open_process(
-        formicary("lock", "run", "L", "--", "true"), env=env, stderr=subprocess.PIPE
-    )
-    said = b""
-    try:
-        assert process.stderr is not None
+    async with running(formicary("lock", "run", "L", "--", "true"), env) as process:
         with trio.fail_after(TIMEOUT):
-            while b"\n" not in said:
-                chunk = await process.stderr.receive_some()
-                assert chunk, said  # it ended without a word
-                said += chunk
-    finally:
-        process.kill()
-        await process.wait()
+            said = await read_until(process.stderr, b"\n")
     assert said.decode().startswith("formicary lock run: waiting for L, held by you"), said

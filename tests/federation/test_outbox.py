@@ -159,25 +159,15 @@ async def test_a_shell_command_says_its_write_is_queued(
     """With the home down, a write waited for its receipt in silence, and an agent
     that gave up and retried created a second order once the home was back."""
     import os
-    import subprocess
     import sys
+
+    from tests.agent_sdk.shell import read_until, running
 
     relays = plan(tmp_path, "a", "b")  # b is never started
     a = await start(nursery, relays["a"], (relays["b"].peer(),))
     env = {**os.environ, "FORMICARY_RELAY": a.url, "FORMICARY_KEY": str(tmp_path / "k.key")}
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "agent_sdk.cli", *command], env=env, stderr=subprocess.PIPE
-    )
-    said = b""
-    try:
-        assert process.stderr is not None
+    async with running([sys.executable, "-m", "agent_sdk.cli", *command], env) as process:
         with trio.fail_after(TIMEOUT):
-            while b"Waiting for the home's receipt" not in said:
-                chunk = await process.stderr.receive_some()
-                assert chunk, said  # it ended without saying so
-                said += chunk
-    finally:
-        process.kill()
-        await process.wait()
+            said = await read_until(process.stderr, b"Waiting for the home's receipt")
     assert f"queued at {a.url}: the home relay of {NS} cannot be reached now" in said.decode()
     assert process.returncode != 0  # still waiting when it was stopped
