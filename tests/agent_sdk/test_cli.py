@@ -296,6 +296,11 @@ async def test_ns_policy_show_and_relay_invite(nursery: trio.Nursery, tmp_path: 
     assert bad_key.returncode == 2 and b"64 hex digits" in bad_key.stderr
     bad_ns = await formicary("relay", "invite", "Team", "--data", str(relay.data))
     assert bad_ns.returncode == 2 and b"not a namespace" in bad_ns.stderr
+    # (it printed an invite that had already expired, and exited 0)
+    expired = await formicary(
+        "relay", "invite", "t@local", "--ttl", "0s", "--data", str(relay.data)
+    )
+    assert expired.returncode == 2 and b"a duration above 0" in expired.stderr
     relay.scope.cancel()
 
 

@@ -25,6 +25,7 @@ FORMICARY_KEY=$OTHER_KEY doc get docs@local plan --json > plan.json || exit 14
 doc get docs@local plan > plan.txt || exit 15
 doc set docs@local plan k '{not json' --parse-json; echo "bad-json=$?" >> codes.txt
 doc token docs@local plan --ttl 10m > token.txt || exit 16
+doc token docs@local plan --ttl 0s; echo "expired-token=$?" >> codes.txt
 exit 0
 """
 
@@ -55,7 +56,7 @@ async def test_documents_from_a_shell_script(relay: RunningRelay, tmp_path: Path
     keys = {Identity.load(tmp_path / who / "agent.key").public_key for who in ("me", "other")}
     assert authors == keys
     codes = exit_codes(tmp_path)
-    assert codes == {"missing": "4", "bad-json": "2"}
+    assert codes == {"missing": "4", "bad-json": "2", "expired-token": "2"}
     from urllib.parse import parse_qs
 
     from agent_sdk import doctoken
