@@ -323,14 +323,14 @@ def cmd_relay_invite(args: argparse.Namespace) -> int:
     """An invite token for one namespace, signed with the relay's key (access.md)."""
     import time
 
-    from agent_sdk.cli_wo import UsageError, ttl_ms
+    from agent_sdk.cli_wo import UsageError, lifetime_ms
     from agent_sdk.wire import NS_RE
     from relay.access import mint_invite
     from relay.app import KEY_FILE
 
     path = Path(args.data) / KEY_FILE
     try:
-        ttl = ttl_ms(args.ttl, "--ttl")
+        ttl = lifetime_ms(args.ttl, "--ttl")
     except UsageError as exc:
         print(f"formicary relay invite: {exc}", file=sys.stderr)
         return 2

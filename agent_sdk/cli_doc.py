@@ -57,7 +57,7 @@ def add_parser(sub: Any, agent_options: AgentOptions) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from agent_sdk.cli import _identity, _relay_url
-    from agent_sdk.cli_wo import UsageError, json_value, tell_queued, ttl_ms
+    from agent_sdk.cli_wo import UsageError, json_value, lifetime_ms, tell_queued
 
     where = f"formicary doc {args.doc_command}"
     identity = _identity(args)
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         if args.doc_command == "token":
             from agent_sdk import doctoken
 
-            expires = time.time_ns() // 1_000_000 + ttl_ms(args.ttl)
+            expires = time.time_ns() // 1_000_000 + lifetime_ms(args.ttl)
             print(doctoken.query(*doctoken.mint_bound(identity, args.ns, args.name, expires)))
             return 0
         value: Any = args.value if args.doc_command == "set" else None

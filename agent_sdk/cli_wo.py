@@ -418,10 +418,17 @@ def ttl_ms(text: str, flag: str = "--ttl") -> int:
     for unit in ("ms", "s", "m", "h"):
         number = text.removesuffix(unit)
         if number != text and number.isdigit():
-            if int(number) == 0:  # (an invite or a doc token that has already expired)
-                raise UsageError(f"{flag} {text!r}: a duration above 0")
             return int(number) * units[unit]
     raise UsageError(f"{flag} {text!r}: use a number with ms, s, m or h")
+
+
+def lifetime_ms(text: str, flag: str = "--ttl") -> int:
+    """A token's lifetime (``relay invite``, ``doc token``): 0 would print one that
+    has already expired."""
+    ms = ttl_ms(text, flag)
+    if ms == 0:
+        raise UsageError(f"{flag} {text!r}: a duration above 0")
+    return ms
 
 
 def _asked_ttl(args: argparse.Namespace) -> int | None:
