@@ -26,7 +26,7 @@ from agent_sdk.client import RelayClient
 from agent_sdk.direct import DirectUnreachable
 from agent_sdk.errors import ProtocolError
 from agent_sdk.identity import Identity
-from agent_sdk.messaging import AGENT_ID, Message
+from agent_sdk.messaging import Message, is_name
 from agent_sdk.wire import to_json_safe
 
 AgentOptions = Callable[[argparse.ArgumentParser], None]
@@ -69,7 +69,7 @@ def cmd_send(args: argparse.Namespace, url: str, identity: Identity) -> int:
             return 2
     else:
         body = args.text
-    named = "@" not in args.to and not AGENT_ID.fullmatch(args.to)
+    named = is_name(args.to)
     # $FORMICARY_NS only to look a name up (--ns also finds an id's endpoint).
     ns = args.ns or (os.environ.get(NS_ENV) if named else None)
     if ns is None and named:

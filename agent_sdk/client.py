@@ -51,7 +51,7 @@ from agent_sdk.direct import listening
 from agent_sdk.docs import SharedDoc, open_doc
 from agent_sdk.errors import ErrorCode, ProtocolError, client_stopped, unwrap_single
 from agent_sdk.identity import Identity
-from agent_sdk.messaging import AGENT_ID, PATHS, Address, Mailbox, Messages, Sent
+from agent_sdk.messaging import PATHS, Address, Mailbox, Messages, Sent, is_name
 from agent_sdk.wire import (
     PROTOCOL_VERSION,
     Event,
@@ -774,7 +774,7 @@ class RelayClient:
         """The recipient's address and the endpoint it advertises in ``ns`` ("")."""
         from agent_sdk.directory import Directory  # it is built on this module
 
-        if isinstance(to, str) and "@" not in to and not AGENT_ID.fullmatch(to):
+        if isinstance(to, str) and is_name(to):
             if ns is None:
                 raise ValueError(f"{to!r} is not an agent id: name a directory (ns=...)")
             profiles = await Directory(self, ns).list(online=False)

@@ -290,7 +290,6 @@ class SharedDoc:
 
     def _fail(self, error: Exception) -> None:
         self.error = error
-        self._outgoing.clear()  # sent nowhere now (see _send_forever)
         self.synced.set()
         self._progress.set()
         self._advanced.set()

@@ -57,6 +57,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("formicary.messaging")
 
 AGENT_ID = re.compile(r"[0-9a-f]{64}")
+
+
+def is_name(to: str | bytes) -> bool:
+    """Whether a recipient is a name, to look up in a directory: neither an agent id
+    (raw, hex) nor ``AGENT_ID@relay``."""
+    return isinstance(to, str) and "@" not in to and not AGENT_ID.fullmatch(to)
+
+
 REMEMBERED = 65_536
 """Message ids a recipient remembers handing out, and sends awaiting a receipt."""
 PATHS = ("auto", "direct", "relay")

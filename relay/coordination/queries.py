@@ -399,8 +399,8 @@ def dir_count(coordinator: Coordinator, args: dict[str, Any], now_ms: int, budge
 
 def _auction_view(auction: Auction, coordinator: Coordinator, now_ms: int) -> dict[str, Any]:
     bids = sorted(auction.bids.values(), key=lambda b: b.order)
-    lease = coordinator.ledger.leases.holder(auction.wo, now_ms) if auction.token else None
-    held = lease is not None and lease.token == auction.token
+    lease = coordinator.ledger.leases.holder(auction.wo, now_ms)
+    held = lease if lease is not None and lease.token == auction.token else None  # its award's
     return {
         "auction": auction.id,
         "requester": auction.requester,
@@ -428,7 +428,7 @@ def _auction_view(auction: Auction, coordinator: Coordinator, now_ms: int) -> di
         "awardee": auction.awardee,
         "token": auction.token or None,
         "confirm_by": auction.confirm_by or None,
-        "expires_ms": lease.expires_ms if held and lease is not None else None,
+        "expires_ms": held.expires_ms if held is not None else None,
         "history": auction.history[-SHOWN:],
     }
 
