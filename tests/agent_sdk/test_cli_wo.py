@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from agent_sdk.auctions import Auctions
 from agent_sdk.cli_wo import Tokens
 from agent_sdk.client import RelayClient
 from agent_sdk.decisions import Decisions
@@ -248,20 +249,26 @@ f rep vouch nothex --weight 1; echo "bad-key=$?" >> codes.txt
 f auction open --title "quick" --duration 1s --capability rust --json > quick.json || exit 20
 qid=$("$PYTHON" -c 'import json; print(json.load(open("quick.json"))["auction"])')
 other auction bid "$qid" --stake 5 --price 2 > /dev/null || exit 21
-awarded() {
-  other auction show "$qid" --json \
-    | "$PYTHON" -c 'import json,sys; sys.exit(json.load(sys.stdin)["phase"] != "awarded")'
-}
-for _ in $(seq 150); do awarded && break; sleep 0.2; done  # the relay's timer closes it
-other auction confirm "$qid" --json > confirm.json || exit 22
+exit 0
+"""
+
+CONFIRM_SCRIPT = r"""
+set -u
+other() { FORMICARY_KEY=$OTHER_KEY "$PYTHON" -m agent_sdk.cli "$@"; }
+other auction confirm $QID --json > confirm.json || exit 22
 wo=$("$PYTHON" -c 'import json; print(json.load(open("confirm.json"))["id"])')
 other wo update "$wo" --status done || exit 23  # with the token confirm kept
-exit 0
 """
 
 
 async def test_auctions_from_a_shell_script(relay: RunningRelay, tmp_path: Path) -> None:
     done = await run_shell(relay, tmp_path, AUCTION_SCRIPT, ns="market@local")
+    assert done.returncode == 0, done.stderr.decode()
+    quick = json.loads((tmp_path / "quick.json").read_text())["auction"]
+    async with RelayClient.connect(relay.url, identity(9)) as client:
+        await Auctions(client, "market@local").wait_award(quick)  # the relay's timer
+    script = CONFIRM_SCRIPT.replace("$QID", quick)
+    done = await run_shell(relay, tmp_path, script, ns="market@local")
     assert done.returncode == 0, done.stderr.decode()
     opened = json.loads((tmp_path / "open.json").read_text())
     assert opened["auction"] == "auc-1" and opened["wo"] == "wo-1"
