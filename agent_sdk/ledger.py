@@ -1,7 +1,8 @@
 """The work ledger from an agent's side: create, claim, renew, release, update, note, next.
 
 Each call publishes a ``wo.*`` request and returns the relay's outcome, which arrives
-with the ack (the relay decides requests as it sequences them). A refusal raises
+with the ack (the relay decides requests as it sequences them), or, for a duplicate
+too old for the relay to send it with the ack, is read from the log. A refusal raises
 :class:`LedgerRefusal` carrying the relay's ``problem`` (``held``, ``not_holder``,
 ``stale_token``, ``not_found``, ``bad_transition``, ...) and, for ``held``, who holds
 the order until when.
@@ -23,7 +24,7 @@ from typing import Any
 
 import trio
 
-from agent_sdk.client import Delivery, RelayClient
+from agent_sdk.client import Delivery, Published, RelayClient
 from agent_sdk.errors import ProtocolError, as_told, unwrap_single
 from agent_sdk.wire import Event, sign_event
 
@@ -80,19 +81,37 @@ class Ledger:
         A caller that must survive losing the answer (the relay or the connection went
         away mid-request) passes the same ``nonce`` and ``ts`` when it asks again: the
         request is then the same event, and the relay answers it with the outcome it
-        decided the first time, if it got that far, instead of deciding it twice."""
+        decided the first time, if it got that far, instead of deciding it twice. (When
+        the ack comes without that outcome, it is read from the namespace log: the
+        client must be allowed to read the namespace then.)"""
         # A fresh nonce by default: the same request twice in one millisecond would
         # otherwise be the same event, and the relay would answer the second with the
         # first's outcome (idempotence).
         nonce = self.client.nonce() if nonce is None else nonce
         published = await self.client.publish(self.ns, kind, body, nonce=nonce, ts=ts)
-        if published.outcome is None:
-            raise LedgerRefusal("no_outcome", "the relay sent no outcome for this request", None)
-        event = published.outcome.event.event
+        outcome = published.outcome or await self._outcome_in_log(published)
+        event = outcome.event.event
         answer = event.body
         if event.kind.endswith(".rejected"):
             raise LedgerRefusal(answer["problem"], answer["reason"], answer.get("holder"))
         return dict(answer)
+
+    async def _outcome_in_log(self, published: Published) -> Delivery:
+        """The outcome of a request acked without one: a duplicate older than the
+        outcomes the relay keeps for acks (``sequencer.known_capacity``, protocol 6.4),
+        such as a request sent again after a lost connection or asked again with the
+        same nonce and ts. It was decided the first time, and that decision is in the
+        log: the event that the relay which sequenced the request wrote, after it, with
+        the request's id as its only dep (protocol 8.2). Read there rather than taken for
+        a refusal: a claim granted but believed refused is held by nobody until its
+        lease runs out."""
+        request = published.receipt
+        behind = self.client.subscribe(request.ns, start=request.seq + 1, authors=[request.relay])
+        async with behind as feed:
+            async for item in feed:
+                if isinstance(item, Delivery) and item.event.event.deps == (request.id,):
+                    return item
+        raise AssertionError("a subscription ends only with an error")  # (it raised that)
 
     def request_later(self, kind: str, body: dict[str, Any]) -> None:
         """Publish one request without waiting for its answer: it leaves after every

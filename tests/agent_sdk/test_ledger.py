@@ -12,15 +12,18 @@ import pytest
 import trio
 import trio.testing
 
-from agent_sdk.client import RelayClient
+from agent_sdk.client import Delivery, RelayClient
 from agent_sdk.errors import ErrorCode, ProtocolError, as_told
 from agent_sdk.ledger import Claim, LeaseLost, Ledger, LedgerRefusal
 from agent_sdk.wire import SignedEvent
 from relay.limits import RateLimits
 from relay.node import RelayConfig
+from relay.sequencer import Limits
+from tests.agent_sdk.cuttable import Wire, dialer
 from tests.conftest import RunningRelay, identity, start_relay
 
 NS = "work@local"
+TIMEOUT = 10.0  # seconds: a test that waits on something that never comes fails
 
 
 async def test_the_workledger_loop_through_the_sdk(relay: RunningRelay) -> None:
@@ -156,6 +159,79 @@ async def test_the_same_request_twice_in_one_millisecond_is_two_requests(
         with pytest.raises(LedgerRefusal) as info:
             await other.claim(order)
         assert info.value.problem == "held"
+
+
+FORGETFUL = RelayConfig(sequencer=Limits(known_capacity=2))
+"""A relay that sends with an ack only the outcomes of its last two requests."""
+
+
+async def test_a_claim_granted_before_the_connection_was_lost_is_held(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """The relay grants the claim; its ack is lost with the connection; by the time the
+    client sends the claim again, later requests have pushed its outcome out of those
+    the relay sends with acks, so the duplicate's ack comes without it. That was taken
+    for a refusal ("no_outcome"): hold raised, and the order stayed claimed by an
+    agent that had given it up, until its lease ran out."""
+    relay = await start_relay(nursery, tmp_path / "relay", FORGETFUL)
+    wires: list[Wire] = []
+    async with (
+        RelayClient.connect(relay.url, identity(1), dial=dialer(relay, wires)) as client,
+        RelayClient.connect(relay.url, identity(2)) as other_client,
+        other_client.subscribe(NS, kinds=["wo.claimed"]) as granted,
+        trio.open_nursery() as background,
+    ):
+        ledger, other = Ledger(client, NS), Ledger(other_client, NS)
+        order = await ledger.create("t")
+
+        async def lose_the_grant() -> None:
+            async for item in granted:
+                if isinstance(item, Delivery):
+                    break
+            for n in range(3):  # three outcomes since: the claim's is forgotten
+                await other.create(f"other {n}")
+            await wires[0].cut()
+
+        wires[0].held = True  # the claim's ack never reaches the client
+        background.start_soon(lose_the_grant)
+        with trio.fail_after(TIMEOUT):
+            async with ledger.hold(order, ttl_ms=600_000) as claim:
+                assert client.connections == 2  # answered after the reconnect
+                assert claim.token == 1  # the grant, as the relay decided it
+                assert (await other.show(order))["holder"] == client.identity.public_key
+            assert (await other.show(order))["status"] == "open"  # released on exit
+
+
+async def test_the_same_request_asked_again_long_after_gets_its_first_outcome(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """Asked again with the same nonce and ts (Ledger.request) after the relay stopped
+    sending its outcome with acks: the answer is the outcome decided the first time,
+    a grant or a refusal, read from the log."""
+    relay = await start_relay(nursery, tmp_path / "relay", FORGETFUL)
+    async with (
+        RelayClient.connect(relay.url, identity(1)) as client,
+        RelayClient.connect(relay.url, identity(2)) as other_client,
+    ):
+        ledger, other = Ledger(client, NS), Ledger(other_client, NS)
+        order = await ledger.create("t")
+        mine = (client.nonce(), client.clock_ms())
+        theirs = (other_client.nonce(), other_client.clock_ms())
+
+        async def ask(ledger: Ledger, nonce_ts: tuple[bytes, int]) -> dict[str, Any]:
+            nonce, ts = nonce_ts
+            return await ledger.request("wo.claim", {"wo": order}, nonce=nonce, ts=ts)
+
+        granted = await ask(ledger, mine)
+        with pytest.raises(LedgerRefusal, match="held"):
+            await ask(other, theirs)
+        for n in range(3):  # three outcomes since: the relay forgets those two
+            await other.create(f"other {n}")
+        assert await ask(ledger, mine) == granted
+        with pytest.raises(LedgerRefusal) as refused:
+            await ask(other, theirs)
+        assert refused.value.problem == "held"
+        assert relay.node.head(NS) == 2 * 6  # six requests, each once, with its outcome
 
 
 class _BundlingLink:
