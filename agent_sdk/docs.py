@@ -170,7 +170,16 @@ class SharedDoc:
                 for part in _parts(update, pending):
                     if self.error is not None:
                         return  # failed (reset) between two parts: not the rest either
-                    await self._publish({"doc": self.name, "update": part})
+                    try:
+                        await self._publish(self._update_body(part))
+                    except ProtocolError as exc:
+                        if exc.code is not ErrorCode.STALE_DOC:
+                            raise
+                        # Made against an incarnation the relay no longer has (it
+                        # was re-sent after a reconnect, before the doc.sync saying
+                        # so): a reset, whichever of the two came first.
+                        self._fail(self._reset())
+                        return
                     # The relay has taken our edits up to this part's end (what
                     # _lacking_parts compares with the relay's state vector).
                     reached = state_vector(pycrdt.get_state(part)).get(self.doc.client_id, 0)
@@ -179,6 +188,15 @@ class SharedDoc:
                 self._in_flight -= 1
                 self._progress.set()
                 self._progress = trio.Event()
+
+    def _update_body(self, update: bytes) -> dict[str, Any]:
+        """A ``doc.update`` body naming the epoch the update was made against: the
+        relay refuses it (``stale_doc``) in a document created again under this name,
+        even when it is re-sent after a reconnect, before we have learnt of it."""
+        body: dict[str, Any] = {"doc": self.name, "update": update}
+        if self.epoch is not None:  # (always, once synced: nothing is sent before)
+            body["epoch"] = self.epoch
+        return body
 
     async def _publish(self, body: dict[str, Any]) -> None:
         """Publish one update, waiting as told while the key is over its rate: a large
@@ -214,7 +232,7 @@ class SharedDoc:
 
     def _on_sync(self, frame: f.DocSync) -> None:
         if frame.reset:
-            self._fail(DocReset(f"{self.name} in {self.ns} was created again; reopen it"))
+            self._fail(self._reset())
             return
         self.epoch = frame.epoch
         self._apply(frame.update)
@@ -234,6 +252,9 @@ class SharedDoc:
             self._outgoing.extend(self._lacking_parts(lacking, frame.sv))
             self._changed.set()
         self.synced.set()
+
+    def _reset(self) -> DocReset:
+        return DocReset(f"{self.name} in {self.ns} was created again; reopen it")
 
     def _lacking_parts(self, lacking: bytes, relay_sv: bytes) -> list[bytes]:
         """What the relay lacks, as updates it takes: one if it fits (MAX_UPDATE), else

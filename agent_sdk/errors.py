@@ -67,6 +67,9 @@ class ErrorCode(enum.IntEnum):
     SCHEMA_MISMATCH = 2014
     """The body breaks the registered schema of its kind (the reason gives the paths),
     or names a schema version that is not registered."""
+    STALE_DOC = 2015
+    """A ``doc.update`` names an epoch that is not its document's: it was made against
+    an earlier incarnation of a document created again under that name."""
 
     # 3xxx: subscriptions
     BAD_CURSOR = 3001

@@ -3,13 +3,14 @@
 Theory of operation
 -------------------
 A namespace hosts named documents. ``doc.create`` (body ``{"doc": name}``) starts
-one; ``doc.update`` (body ``{"doc": name, "update": bin}``) carries one Yjs update,
-signed by the agent that made it, so the log says who changed what. Both are ordinary
-events: sequenced, committed, acknowledged after commit. The document's *epoch* is
-taken from the id of its ``doc.create`` (:func:`epoch_of`): it names the incarnation,
-so a replica built from another one — a document created again under the same name,
-say on a relay whose data was lost and started afresh — is told to start over
-instead of merging into it and duplicating content.
+one; ``doc.update`` (body ``{"doc": name, "update": bin}``, and ``"epoch"``)
+carries one Yjs update, signed by the agent that made it, so the log says who changed
+what. Both are ordinary events: sequenced, committed, acknowledged after commit. The
+document's *epoch* is taken from the id of its ``doc.create`` (:func:`epoch_of`): it
+names the incarnation, so a replica built from another one — a document created again
+under the same name, say on a relay whose data was lost and started afresh — is told
+to start over instead of merging into it and duplicating content, and an update that
+names another epoch (one re-sent after a reconnect) is refused.
 
 The relay keeps a :class:`LiveDoc` (a ``pycrdt.Doc``) for each document in use,
 loaded on demand by folding the namespace's log, and applies every committed update
@@ -100,6 +101,11 @@ def check_event(event: Event, relay_key: bytes) -> None:
     if event.deps:
         raise ProtocolError(ErrorCode.BAD_EVENT, f"{event.kind} takes no deps")
     expected = {"doc"} if event.kind == "doc.create" else {"doc", "update"}
+    if event.kind == "doc.update" and isinstance(body, dict) and "epoch" in body:
+        # Optional (clients before it send none): the incarnation the update was made
+        # against, so one re-sent after the document was created again is refused
+        # (DocHost.refuse) rather than merged into the new one (protocol 13.2).
+        expected = expected | {"epoch"}
     if event.author == relay_key and isinstance(body, dict) and "token" in body:
         expected = expected | {"token"}
     if not isinstance(body, dict) or set(body) != expected:
@@ -110,6 +116,9 @@ def check_event(event: Event, relay_key: bytes) -> None:
     if not isinstance(name, str) or not DOC_NAME_RE.fullmatch(name):
         reason = "doc name: 1 to 128 letters, digits, . _ -, starting with a letter or digit"
         raise ProtocolError(ErrorCode.BAD_EVENT, reason)
+    epoch = body.get("epoch", 0)
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 <= epoch < 1 << 63:
+        raise ProtocolError(ErrorCode.BAD_EVENT, "epoch: an int from 0 to 2**63 - 1")
     if event.kind == "doc.update":
         check_update(body["update"])
 
@@ -489,8 +498,18 @@ class DocHost:
             if key in self.created:
                 return ProtocolError(ErrorCode.DOC_EXISTS, f"document {key[1]} exists in {key[0]}")
             return None
-        if key not in self.created:
+        created = self.created.get(key)
+        if created is None:
             return ProtocolError(ErrorCode.UNKNOWN_DOC, f"no document {key[1]} in {key[0]}")
+        epoch = event.body.get("epoch")
+        if epoch is not None and epoch != created[1]:
+            # Made against another incarnation: a client re-sending it after a reconnect
+            # (the same bytes, 7.6) has not yet seen the reset its doc.open will report.
+            reason = (
+                f"document {key[1]} in {key[0]} was created again: the update is of epoch"
+                f" {epoch}, the document's is {created[1]}"
+            )
+            return ProtocolError(ErrorCode.STALE_DOC, reason)
         return None
 
     def on_sequenced(self, record: Record) -> None:

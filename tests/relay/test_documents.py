@@ -371,6 +371,62 @@ async def test_a_reset_replica_sends_none_of_its_edits_to_the_new_document() -> 
     assert isinstance(big.error, DocReset) and len(resetting.sent) == 1
 
 
+async def test_an_update_re_sent_after_a_reset_never_reaches_the_new_document(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """13.4: edits made against a document must never land in one created again under
+    its name. A's update is sent, and not yet acknowledged, when its connection drops;
+    meanwhile the relay starts over on a new log (its key kept: a restore from a backup
+    older than the document) and B creates the document again. A's client re-sends
+    the update on reconnect (7.6) before any doc.sync can tell it of the reset, so
+    only the relay can keep it out: the update names the epoch it was made against."""
+    from agent_sdk.docs import DocReset
+    from relay.app import KEY_FILE
+    from tests.agent_sdk.cuttable import Wire
+
+    first = await start_relay(nursery, tmp_path / "first")
+    again = tmp_path / "again"
+    again.mkdir()
+    (again / KEY_FILE).write_bytes((first.data / KEY_FILE).read_bytes())
+    target, restarted, wires = first, trio.Event(), list[Wire]()
+
+    async def dial() -> trio.abc.Stream:
+        if wires:  # a reconnect: only once the relay has started over
+            await restarted.wait()
+        port = int(target.url.rsplit(":", 1)[1])
+        wires.append(Wire(await trio.open_tcp_stream("127.0.0.1", port)))
+        return wires[-1]
+
+    async with RelayClient.connect(first.url, identity(1), dial=dial) as a:
+        with pytest.raises(DocReset):
+            async with a.doc(NS, "again") as shared:
+                wires[-1].held = True  # what the relay answers is not read: no ack
+                shared.array().append("made against the first document")
+                await trio.testing.wait_all_tasks_blocked()
+                [pending] = a._pending.values()  # sent, not acknowledged
+                first.scope.cancel()
+                await wires[-1].cut()
+
+                target = await start_relay(nursery, again)
+                async with (
+                    RelayClient.connect(target.url, identity(2)) as b,
+                    b.doc(NS, "again") as other,  # created again: another epoch
+                ):
+                    other.array().append("the new document")
+                restarted.set()  # A reconnects, re-sending its update
+
+                with trio.fail_after(TIMEOUT):
+                    await pending.done.wait()
+                async with (
+                    RelayClient.connect(target.url, identity(3)) as c,
+                    c.doc(NS, "again", create=False) as seen,
+                ):
+                    assert seen.array().to_py() == ["the new document"]
+                assert isinstance(pending.error, ProtocolError)
+                assert pending.error.code is ErrorCode.STALE_DOC
+    target.scope.cancel()
+
+
 async def test_a_replica_that_missed_updates_resyncs_by_state_vector(
     relay: RunningRelay,
 ) -> None:
@@ -542,6 +598,17 @@ def test_an_old_subscriptions_close_does_not_erase_a_newer_announce() -> None:
         ("doc.create", {"doc": "good"}, ErrorCode.DOC_EXISTS),
         ("doc.create", {"doc": "x", "extra": 1}, ErrorCode.BAD_EVENT),
         ("doc.create", "good", ErrorCode.BAD_EVENT),
+        ("doc.create", {"doc": "x", "epoch": 1}, ErrorCode.BAD_EVENT),
+        ("doc.update", {"doc": "good", "epoch": "1", "update": b"\x00\x00"}, ErrorCode.BAD_EVENT),
+        ("doc.update", {"doc": "good", "epoch": True, "update": b"\x00\x00"}, ErrorCode.BAD_EVENT),
+        ("doc.update", {"doc": "good", "epoch": -1, "update": b"\x00\x00"}, ErrorCode.BAD_EVENT),
+        (
+            "doc.update",
+            {"doc": "good", "epoch": 1 << 63, "update": b"\x00\x00"},
+            ErrorCode.BAD_EVENT,
+        ),
+        # (an epoch is 63 bits of a hash: 0 is another document's)
+        ("doc.update", {"doc": "good", "epoch": 0, "update": b"\x00\x00"}, ErrorCode.STALE_DOC),
     ],
 )
 async def test_bad_document_events_are_refused_and_others_carry_on(
@@ -561,6 +628,34 @@ async def test_bad_document_events_are_refused_and_others_carry_on(
         second.text().insert(0, "after ")
         await converged(relay, [first, second])
         assert str(first.text()) == "after before"
+
+
+async def test_an_update_of_another_epoch_is_refused_and_one_of_none_taken(
+    relay: RunningRelay,
+) -> None:
+    """The relay checks the epoch an update names against its document's (13.2); an
+    update naming none (a client from before the key) is taken as before."""
+
+    def change(value: str) -> bytes:
+        scratch: pycrdt.Doc[Any] = pycrdt.Doc()
+        scratch.get("log", type=pycrdt.Array).append(value)
+        return scratch.get_update()
+
+    async with (
+        RelayClient.connect(relay.url, identity(1)) as client,
+        client.doc(NS, "epochs") as shared,
+    ):
+        assert shared.epoch is not None
+        body = {"doc": "epochs", "epoch": shared.epoch, "update": change("its epoch")}
+        await client.publish(NS, "doc.update", body)
+        with pytest.raises(ProtocolError) as info:
+            stale = {"doc": "epochs", "epoch": shared.epoch ^ 1, "update": change("stale")}
+            await client.publish(NS, "doc.update", stale)
+        assert info.value.code is ErrorCode.STALE_DOC
+        body = {"doc": "epochs", "update": change("no epoch")}
+        last = await client.publish(NS, "doc.update", body)
+        await shared.wait_seq(last.receipt.seq)
+        assert sorted(shared.array().to_py() or []) == ["its epoch", "no epoch"]
 
 
 async def test_a_doc_blocks_errors_come_out_as_themselves(relay: RunningRelay) -> None:
