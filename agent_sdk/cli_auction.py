@@ -146,7 +146,7 @@ def _simple(name: str) -> Make:
                 if award["awardee"] == ledger.client.identity.public_key:
                     tokens.put(ns, award["wo"], award["token"])
                 return {"auction": args.id, "confirmed": True, "id": award["wo"],
-                        "fencing_token": award["token"]}  # fmt: skip
+                        "token": award["token"]}  # fmt: skip
             if name == "show":
                 return to_json_safe(await auctions.show(args.id))
             return to_json_safe(await auctions.list(args.phase))

@@ -437,7 +437,10 @@ def _asked_ttl(args: argparse.Namespace) -> int | None:
 
 
 def _claimed(claim: Claim) -> dict[str, Any]:
-    return {"id": claim.order, "fencing_token": claim.token, "expires_at": claim.expires_ms}
+    """A grant as scripts read it: the lease's fields under the names the relay's
+    answers, ``wo show`` and ``auction show`` give them (``expires_ms``: ms since the
+    epoch), so that one script reads them the same way from every command."""
+    return {"id": claim.order, "token": claim.token, "expires_ms": claim.expires_ms}
 
 
 def _plain(result: Any) -> str:
@@ -454,13 +457,6 @@ def _value(value: Any) -> str:
     if isinstance(value, (list, dict)):
         return json.dumps(value, separators=(",", ":"), default=str)
     return str(value)
-
-
-def _shown(item: dict[str, Any]) -> dict[str, Any]:
-    """A query's item for people and scripts: keys as hex, the CLI's names for the
-    lease fields (``fencing_token``, ``expires_at``, as ``wo claim`` prints them)."""
-    names = {"token": "fencing_token", "expires_ms": "expires_at"}
-    return {names.get(k, k): v for k, v in to_json_safe(item).items()}
 
 
 def _create(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
@@ -521,21 +517,21 @@ def _progress(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
 
 def _wait(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
     async def act(ledger: Ledger) -> Any:
-        return _shown({"id": args.id, **await ledger.wait_decision(args.id)})
+        return to_json_safe({"id": args.id, **await ledger.wait_decision(args.id)})
 
     return act
 
 
 def _list(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
     async def act(ledger: Ledger) -> Any:
-        return [_shown(order) for order in await ledger.list(args.status)]
+        return [to_json_safe(order) for order in await ledger.list(args.status)]
 
     return act
 
 
 def _show(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
     async def act(ledger: Ledger) -> Any:
-        return _shown(await ledger.show(args.id))
+        return to_json_safe(await ledger.show(args.id))
 
     return act
 
@@ -651,7 +647,8 @@ def _lock_take(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
                     tokens.forget(ns, _lock_key(args.name), renewed)
                 raise
         tokens.put(ns, _lock_key(args.name), lock.token, was=renewed)
-        return {"lock": lock.order, "fencing_token": lock.token, "expires_at": lock.expires_ms}
+        # The lease's fields under the names of _claimed (and `lock list`).
+        return {"lock": lock.order, "token": lock.token, "expires_ms": lock.expires_ms}
 
     return act
 
@@ -675,7 +672,7 @@ def _lock_release(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
 
 def _lock_list(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
     async def act(ledger: Ledger) -> Any:
-        return [_shown(lock) for lock in await ledger.locks()]
+        return [to_json_safe(lock) for lock in await ledger.locks()]
 
     return act
 

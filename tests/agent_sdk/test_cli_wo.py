@@ -69,7 +69,7 @@ async def test_the_workledger_workflow_in_a_shell_script(
     [listed] = json.loads((tmp_path / "open.json").read_text())
     assert listed["status"] == "open" and listed["title"] == "fix the parser"
     claim = json.loads((tmp_path / "claim.json").read_text())
-    assert claim["id"] == listed["id"] and claim["fencing_token"] == 1 and claim["expires_at"]
+    assert claim["id"] == listed["id"] and claim["token"] == 1 and claim["expires_ms"]
     shown = json.loads((tmp_path / "show.json").read_text())
     assert shown["status"] == "done" and shown["holder"] is None
     assert [note["text"] for note in shown["notes"]] == ["found it in lexer.py"]
@@ -160,11 +160,39 @@ async def test_locks_from_a_shell_script(relay: RunningRelay, tmp_path: Path) ->
     assert done.returncode == 0, done.stderr.decode()
     mine = json.loads((tmp_path / "mine.json").read_text())
     [listed] = json.loads((tmp_path / "list.json").read_text())
-    assert listed["lock"] == "branch:main" and listed["fencing_token"] == mine["fencing_token"]
-    assert json.loads((tmp_path / "theirs.json").read_text())["fencing_token"] == 2
+    assert listed["lock"] == "branch:main" and listed["token"] == mine["token"]
+    assert json.loads((tmp_path / "theirs.json").read_text())["token"] == 2
     codes = exit_codes(tmp_path)
     # Not reached, the lock is still held: its token is kept for the renew after it.
     assert codes == {"other": "3", "unreachable": "1", "not-mine": "2"}
+
+
+LEASE_NAMES_SCRIPT = r"""
+set -u
+f() { "$PYTHON" -m agent_sdk.cli "$@"; }
+f wo create --title "t" > /dev/null || exit 10
+f wo claim wo-1 --json > claim.json || exit 11
+f wo show wo-1 --json > show.json || exit 12
+f lock acquire branch:main --json > lock.json || exit 13
+f lock list --json > locks.json || exit 14
+exit 0
+"""
+
+
+async def test_a_lease_is_named_alike_by_every_command(relay: RunningRelay, tmp_path: Path) -> None:
+    """Grants printed ``fencing_token`` and ``expires_at`` and reads (and the protocol)
+    ``token`` and ``expires_ms``: a script that read a claim's expiry from ``wo show``
+    with the name ``wo claim`` printed got nothing."""
+    done = await run_shell(relay, tmp_path, LEASE_NAMES_SCRIPT, ns="work@local")
+    assert done.returncode == 0, done.stderr.decode()
+    claim = json.loads((tmp_path / "claim.json").read_text())
+    shown = json.loads((tmp_path / "show.json").read_text())
+    lock = json.loads((tmp_path / "lock.json").read_text())
+    [listed] = json.loads((tmp_path / "locks.json").read_text())
+    assert (claim["token"], claim["expires_ms"]) == (shown["token"], shown["expires_ms"])
+    assert (lock["token"], lock["expires_ms"]) == (listed["token"], listed["expires_ms"])
+    printed = json.dumps([claim, shown, lock, listed])
+    assert "fencing_token" not in printed and "expires_at" not in printed
 
 
 SHARED_FOLDER_SCRIPT = r"""
@@ -257,7 +285,8 @@ set -u
 other() { FORMICARY_KEY=$OTHER_KEY "$PYTHON" -m agent_sdk.cli "$@"; }
 other auction confirm $QID --json > confirm.json || exit 22
 wo=$("$PYTHON" -c 'import json; print(json.load(open("confirm.json"))["id"])')
-other wo update "$wo" --status done || exit 23  # with the token confirm kept
+other auction show $QID --json > awarded.json || exit 23
+other wo update "$wo" --status done || exit 24  # with the token confirm kept
 """
 
 
@@ -285,6 +314,10 @@ async def test_auctions_from_a_shell_script(relay: RunningRelay, tmp_path: Path)
     [vouch] = json.loads((tmp_path / "rep.json").read_text())["vouched_by"]
     assert vouch["weight"] == 10 and vouch["reason"] == "reviewed its work"
     assert json.loads((tmp_path / "revoke.json").read_text())["unlocked"] == 10
+    # The award's token by one name in confirm's answer and show's.
+    confirmed = json.loads((tmp_path / "confirm.json").read_text())
+    awarded = json.loads((tmp_path / "awarded.json").read_text())
+    assert confirmed["token"] == awarded["token"] and awarded["wo"] == confirmed["id"]
 
 
 APPROVAL = r"""
@@ -427,8 +460,8 @@ async def test_without_ttl_the_relays_lease_applies(nursery: trio.Nursery, tmp_p
     assert done.returncode == 0, done.stderr.decode()
     claim = json.loads((tmp_path / "claim.json").read_text())
     lock = json.loads((tmp_path / "lock.json").read_text())
-    assert before + 10 * MINUTE <= claim["expires_at"] <= after + 10 * MINUTE
-    assert before + 2 * MINUTE <= lock["expires_at"] <= after + 2 * MINUTE
+    assert before + 10 * MINUTE <= claim["expires_ms"] <= after + 10 * MINUTE
+    assert before + 2 * MINUTE <= lock["expires_ms"] <= after + 2 * MINUTE
 
 
 def test_kept_tokens_are_kept_apart_per_relay(tmp_path: Path) -> None:
