@@ -2,11 +2,13 @@
 
 ``msg send TO TEXT`` (or ``--file F``) seals the message for agent ``TO`` and sends
 it; it prints ``{"id", "path", "status"}``, and with ``--wait`` waits for the
-recipient's receipt (``status: delivered``). ``msg inbox`` prints the messages
-waiting for this agent as JSON lines and exits; ``--follow`` keeps printing them as
-they come. Printing a message takes it: it is acknowledged, and its sender gets a
-receipt. Exit codes: 1 when the relay refuses (unknown recipient, inbox full,
-message too large), 2 for usage errors.
+recipient's receipt (``status: delivered``); a message to ``AGENT_ID@relay`` whose
+relay cannot be reached now is sent again for up to a minute, said once on stderr.
+``msg inbox`` prints the messages waiting for this agent as JSON lines and exits;
+``--follow`` keeps printing them as they come. Printing a message takes it: it is
+acknowledged, and its sender gets a receipt. Exit codes: 1 when the relay refuses
+(unknown recipient, inbox full, message too large, a relay still out of reach after
+that minute), 2 for usage errors.
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ def cmd_send(args: argparse.Namespace, url: str, identity: Identity) -> int:
 
     async def main() -> dict[str, Any]:
         async with RelayClient.connect(url, identity, reconnect=False) as client:
+            tell_resending(client)
             sent = await client.send(args.to, body, via=args.via, ns=ns, endpoint=args.endpoint)
             if args.wait:
                 await sent.delivered()
@@ -97,6 +100,28 @@ def cmd_send(args: argparse.Namespace, url: str, identity: Identity) -> int:
         return 1
     print(json.dumps(result), flush=True)
     return 0
+
+
+def tell_resending(client: RelayClient) -> None:
+    """Say on stderr, once per relay, that a message to an agent of another relay
+    waits because the way there is down. The relay answers ``home_unreachable`` and
+    keeps nothing (protocol 15.5): this process holds the message and sends it
+    again, so unlike a queued write (``tell_queued``), stopping it may lose it."""
+    told: set[str] = set()
+
+    def say(relay: str, error: ProtocolError) -> None:
+        if relay not in told:
+            told.add(relay)
+            print(
+                f"formicary: not queued at {client.url}: relay {relay} cannot be reached"
+                f" now ({error.reason}). This command holds the message and sends it again"
+                f" for up to {client.mailbox.patience:g} s; stopping it now may leave the"
+                " message unsent",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    client.on_resending.append(say)
 
 
 def message_json(message: Message) -> dict[str, Any]:

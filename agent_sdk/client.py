@@ -300,6 +300,11 @@ class RelayClient:
         """Called with each publish the relay answers ``queued`` (its namespace's home
         is out of reach: the relay keeps it and delivers it later), after the
         publish's own ``on_queued``: a shell command says so while it waits."""
+        self.on_resending: list[Callable[[str, ProtocolError], None]] = []
+        """Called with the relay's name and the error each time a message to an agent
+        of another relay is answered ``home_unreachable`` and is to be sent again.
+        Unlike a queued publish, no relay keeps such a message: this client holds it
+        (for up to ``mailbox.patience`` seconds), so a shell command says so."""
         self._inflight = trio.Semaphore(max_inflight)
         self._subscriptions: dict[int, Subscription] = {}
         self._taps: dict[int, Callable[[f.Frame], None]] = {}

@@ -317,6 +317,8 @@ class Mailbox:
                     if exc.code not in AMBIGUOUS:
                         sent._settle(None)
                     raise
+                for hook in self.client.on_resending:
+                    hook(to.relay, exc)
             await trio.sleep(delay)
             waited += delay
             delay = min(delay * 2, 5.0)

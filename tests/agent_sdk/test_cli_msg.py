@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
-from tests.agent_sdk.shell import exit_codes, run_shell
-from tests.conftest import RunningRelay
+import trio
+
+from agent_sdk.client import RelayClient
+from tests.agent_sdk.shell import exit_codes, read_until, run_shell, running
+from tests.conftest import RunningRelay, identity
+from tests.federation.cluster import cluster
+
+BOB = identity(2)
+TIMEOUT = 60
 
 SCRIPT = r"""
 set -u
@@ -49,3 +58,36 @@ async def test_messages_from_a_shell_script(relay: RunningRelay, tmp_path: Path)
     # A name is looked up in $FORMICARY_NS's directory, as --ns's.
     [named] = [json.loads(line) for line in (tmp_path / "named.jsonl").read_text().splitlines()]
     assert named["body"] == "by name"
+
+
+async def test_a_message_to_an_unreachable_relay_says_it_is_held(tmp_path: Path) -> None:
+    """``msg send AGENT@b`` with ``b`` down waited in silence (for up to a minute of
+    tries): the relay answers ``home_unreachable`` and keeps nothing, so unlike a
+    queued publish a stopped command loses the message. It says so once on stderr,
+    and sends the message once ``b`` is back."""
+    env = {**os.environ, "FORMICARY_KEY": str(tmp_path / "alice.key")}
+    with trio.fail_after(TIMEOUT):
+        async with cluster(tmp_path, ["a", "b"]) as net:
+            async with RelayClient.connect(net["b"].url, BOB):
+                pass  # Bob is an agent of b: b knows him
+            await net.kill("b")
+            send = ["msg", "send", f"{BOB.id}@b", "held", "--relay", net["a"].url]
+            async with running([sys.executable, "-m", "agent_sdk.cli", *send], env) as process:
+                said = await read_until(process.stderr, b"may leave the message unsent")
+                assert process.returncode is None  # still trying
+                await net.start("b")  # the same data: Bob is still known
+                assert await process.wait() == 0
+                said += await read_all(process.stderr)
+                printed = json.loads(await read_all(process.stdout))
+    notice = f"not queued at {net['a'].url}: relay b cannot be reached now"
+    assert said.decode().count(notice) == 1, said.decode()
+    assert printed["status"] == "stored"
+
+
+async def read_all(stream: trio.abc.ReceiveStream | None) -> bytes:
+    """What ``stream`` says until it ends."""
+    assert stream is not None
+    said = b""
+    while chunk := await stream.receive_some():
+        said += chunk
+    return said
