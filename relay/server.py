@@ -106,6 +106,14 @@ MAX_REFUSED_IN_MESSAGE = 64
 bundle of 4096 nils must not buy 4096 error frames (protocol 1). An error with a
 ``rid`` or ``sub`` is not counted: its client waits for it, and the frames after it
 for theirs."""
+ERROR_ALLOWANCE = 64 * 1024
+"""Bytes of ``error`` frames a connection may be sent beyond the bytes it has sent:
+past it the connection is closed (5004 ``too many errors``). Answering bad input
+must not amplify it: an error frame is often larger than the frame it answers (a
+nil of one byte gets about 60), so a client sending nothing but bad frames would
+get several times its bytes back. Every byte received earns a byte of errors, so an
+agent whose mistakes are occasional is always answered, and no stream of bad input
+gets more bytes out than it put in, plus this much."""
 T = TypeVar("T")
 
 
@@ -174,6 +182,10 @@ class Connection:
         self._counted = False  # in the limiter's connections per key
         self._refusals = 0  # rate-limited frames not worked off (REFUSALS_BEFORE_CLOSE)
         self._auth_failures = 0
+        # Bytes of errors this connection may still be sent (ERROR_ALLOWANCE): what it
+        # sent earns, each error frame spends; below zero it is closed.
+        self._error_credit = ERROR_ALLOWANCE
+        self._flood_closing = False
         self._answering = False  # the acknowledger is answering a batch
         self._writing = False  # the writer is in a send
         self._send_began: float | None = None  # ... since then (trio.current_time())
@@ -226,7 +238,18 @@ class Connection:
                     self.node.detach(ns, agent)
 
     async def _send(self, frame: f.RelayFrame) -> None:
-        await self._send_encoded(f.encode_frame(frame))
+        data = f.encode_frame(frame)
+        # Whatever task answers with an error, it is counted (a link carries many
+        # agents' answers: it is not limited, as with rate limits).
+        if isinstance(frame, f.Error) and self.peer is None:
+            self._error_credit -= len(data)
+            if self._error_credit < 0:  # not sent: the connection is closed instead
+                if trio.lowlevel.current_task() is self._reading_task:
+                    await self._close_flooded()
+                elif not self._flood_closing:
+                    self._nursery.start_soon(self._close_flooded)
+                await trio.sleep_forever()  # until the close cancels every task
+        await self._send_encoded(data)
 
     async def _send_encoded(self, data: bytes) -> None:
         """Queue an encoded frame for the writer (see :meth:`_send`)."""
@@ -393,6 +416,9 @@ class Connection:
             await self._receive_one(message)
 
     async def _receive_one(self, message: str | bytes) -> None:
+        self._error_credit += len(message)  # (a text message's characters: at most its bytes)
+        if await self._flooded():
+            return
         if isinstance(message, str):
             error = ProtocolError(ErrorCode.MALFORMED, "frames are binary messages, not text")
             await self._send(f.Error.of(error))
@@ -441,6 +467,8 @@ class Connection:
     async def _act(self, action: Action) -> bool:
         """Carry out one of the session's decisions; False once the connection is being
         closed (nothing more of this message is acted on)."""
+        if await self._flooded():
+            return False
         if self._refusals > REFUSALS_BEFORE_CLOSE:
             # An agent that does not back off is flooding: stop reading it at all.
             log.warning("closing a connection that ignored rate limiting")
@@ -510,6 +538,24 @@ class Connection:
             assert isinstance(action, Close)
             await self._close(action.sub)
         return True
+
+    async def _flooded(self) -> bool:
+        """Close the connection if it has been sent more error bytes than it sent
+        bytes, and ERROR_ALLOWANCE more (True then: nothing more is read)."""
+        if self._error_credit >= 0:
+            return False
+        await self._close_flooded()
+        return True
+
+    async def _close_flooded(self) -> None:
+        """Close a connection over its ERROR_ALLOWANCE, with the reason (whichever task
+        found it over: the reader may be waiting for a message that never comes)."""
+        if not self._flood_closing:
+            self._flood_closing = True
+            log.warning("closing a connection sent more errors than it sent bytes")
+        reason = f"{int(ErrorCode.RATE_LIMITED)} rate_limited: too many errors"
+        await self.ws.aclose(FLOOD_CLOSE, reason)
+        self._nursery.cancel_scope.cancel()  # tasks parked on an error not sent, too
 
     def _wait(self, seconds: float) -> float:
         """How long a closing connection may wait for its own work: less once the relay

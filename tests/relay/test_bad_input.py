@@ -1151,3 +1151,77 @@ async def test_requests_refused_in_one_bundle_are_each_answered(
                 for n in range(200):
                     publishing.start_soon(publish, n)
     assert refused == [ErrorCode.TOO_MANY_DEPS] * 200
+
+
+# --------------------------------------------------------------------------- amplification
+
+FLOODS: dict[str, tuple[bool, bytes, int]] = {
+    # name: (authenticated first, one message of bad input, the errors it gets back)
+    "nils-before-auth": (False, b"\xc0", 1),
+    "bundles-of-nils": (True, b"\xdc\x00\x40" + b"\xc0" * 64, 64),
+    "unknown-frames": (True, f.bundle([msgpack.packb({"t": "x"})] * 16), 16),
+    "text": (True, b"", 1),  # (sent as a text message)
+    "unknown-queries": (
+        True,
+        f.bundle([f.encode_frame(f.Query(rid=1, ns=NS, q="x", args={}))] * 16),
+        16,
+    ),
+}
+
+
+@pytest.mark.parametrize("flood", list(FLOODS))
+async def test_a_flood_of_bad_input_gets_no_more_bytes_out_than_it_put_in(
+    relay: RunningRelay, flood: str
+) -> None:
+    """Every bad frame got an error frame free of charge, up to 60 bytes for a nil of
+    one: a client sending only bad input got its bytes back several times over, for as
+    long as it liked (before auth, until the auth timeout; after, without end). The
+    bytes of errors a connection is sent now stay within the bytes it sent plus
+    ERROR_ALLOWANCE, and a connection past that is closed with its reason."""
+    authenticate, message, answers = FLOODS[flood]
+    sent = received = 0
+    async with scene(relay, authenticate=authenticate, agent_survives=False) as (bad, _):
+        data: bytes | str = message or "bad " * 4
+        with pytest.raises(ConnectionClosed) as closed:
+            # Enough to get four allowances back at the old rate: it must end first.
+            while received < 4 * server.ERROR_ALLOWANCE:
+                await bad.send(data)
+                sent += len(data)
+                errors = 0
+                while errors < answers:  # one at a time, so nothing waits unread
+                    with trio.fail_after(TIMEOUT):
+                        reply = await bad.ws.recv()
+                    assert isinstance(reply, bytes)
+                    received += len(reply)
+                    for error in f.decode_message(reply):
+                        assert isinstance(error, f.Error), error
+                        errors += 1
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+        assert closed.value.rcvd.reason == "5004 rate_limited: too many errors"
+        # The property: what came back is bounded by what went in (one error frame
+        # of slack: the one that went over is still sent).
+        assert received <= sent + server.ERROR_ALLOWANCE + 256, (received, sent)
+        assert received >= server.ERROR_ALLOWANCE  # (the allowance was used, then closed)
+
+
+async def test_an_agent_that_errs_now_and_then_always_gets_its_errors(
+    relay: RunningRelay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The allowance is earned by the bytes an agent sends: over a long connection an
+    agent whose mistakes are occasional gets many times the allowance in errors,
+    each with its code, and is never closed."""
+    monkeypatch.setattr(server, "ERROR_ALLOWANCE", 1024)  # a few errors' worth
+    async with scene(relay) as (bad, calm):
+        received = 0
+        for n in range(48):
+            await bad.publish_ok()
+            await bad.send({"t": "bogus"})
+            error = await bad.expect_error(ErrorCode.UNKNOWN_FRAME)
+            received += len(f.encode_frame(error))
+            if n % 8 == 0:  # an unknown query's error lists the known ones: 313 bytes
+                rid = bad.take_rid()
+                await bad.send(f.encode_frame(f.Query(rid=rid, ns=NS, q="nothing", args={})))
+                error = await bad.expect_error(ErrorCode.UNKNOWN_QUERY, rid=rid)
+                received += len(f.encode_frame(error))
+                await calm.round_trip()
+        assert received > 4 * server.ERROR_ALLOWANCE  # well past it, never closed
