@@ -526,7 +526,14 @@ class Inboxes:
         """Return once ``recipient`` has an item after ``seq``."""
         while not self.after(recipient, seq, 1):
             event = self._changed.setdefault(recipient, trio.Event())
-            await event.wait()
+            try:
+                await event.wait()
+            finally:
+                # A stream that ends waiting (its connection closed) leaves no event
+                # behind: one per agent that ever read an empty inbox would be kept
+                # for ever, since only an item for it removes its event.
+                if self._changed.get(recipient) is event and not event.statistics().tasks_waiting:
+                    del self._changed[recipient]
 
     async def wait_change(self) -> None:
         """Return at the next change of any inbox (an item stored or deleted)."""

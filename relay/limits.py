@@ -21,8 +21,12 @@ from agent_sdk.errors import ErrorCode, ProtocolError
 
 T = TypeVar("T")
 MAX_TRACKED_KEYS = 100_000
-"""Keys whose buckets are kept; the least recently seen beyond are forgotten (a key
-forgotten starts again with a full bucket, which costs at most one burst)."""
+"""Buckets kept at most; the least recently used beyond are forgotten (a key forgotten
+starts again with a full bucket, which costs at most one burst). Buckets that have
+filled up again are forgotten anyway, as the limiter goes (:meth:`Limiter.take`): a
+full bucket is what a key without one gets, so only keys active within the last
+``(2 * burst - 1) / rate`` seconds have one. This cap is for a burst of fresh keys
+faster than that."""
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,7 @@ class Limiter:
         rate, burst = self._rate(what)
         if rate <= 0:
             return 0.0  # 0: no limit
+        self._forget_full(now)
         bucket = self._buckets.get((key, what))
         if bucket is None:
             bucket = self._buckets[(key, what)] = TokenBucket.full(rate, burst, now)
@@ -129,6 +134,20 @@ class Limiter:
         else:
             self._buckets.move_to_end((key, what))
         return bucket.take(now, min(cost, burst))
+
+    def _forget_full(self, now: float) -> None:
+        """Drop the least recently used buckets while they are full again. A key
+        that authenticated once (a throwaway one, say) must not be remembered for
+        ever; one in debt keeps its bucket until it has paid, whether or not it is
+        connected, so that reconnecting buys nothing. Kept in order of use, the
+        buckets are looked at from the oldest: the first that is not full was used
+        less than a refill ago, and so was every one after it."""
+        buckets = self._buckets
+        while buckets:
+            bucket = next(iter(buckets.values()))
+            if bucket.tokens + (now - bucket.stamp) * bucket.rate < bucket.burst:
+                return
+            buckets.popitem(last=False)
 
     def _rate(self, what: str) -> tuple[float, int]:
         limits = self.limits

@@ -62,7 +62,7 @@ def test_behind_a_trusted_proxy_the_client_is_the_last_untrusted_hop() -> None:
 
 
 @asynccontextmanager
-async def virtual_relay(limits: RateLimits) -> AsyncIterator[MemoryListener]:
+async def virtual_node(limits: RateLimits) -> AsyncIterator[tuple[RelayNode, MemoryListener]]:
     node = RelayNode(identity(9), MemoryStore(), RelayConfig(rate_limits=limits))
     listener = MemoryListener("limits")
     async with trio.open_nursery() as nursery:
@@ -70,8 +70,14 @@ async def virtual_relay(limits: RateLimits) -> AsyncIterator[MemoryListener]:
         await nursery.start(
             lambda task_status: serve_relay(node, listeners=[listener], task_status=task_status)
         )
-        yield listener
+        yield node, listener
         nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def virtual_relay(limits: RateLimits) -> AsyncIterator[MemoryListener]:
+    async with virtual_node(limits) as (_, listener):
+        yield listener
 
 
 def connect(listener: MemoryListener, who: Identity) -> RelayClient:
@@ -266,3 +272,63 @@ async def test_a_relay_that_says_it_stops_but_never_closes_is_left(
                 await done.wait()  # sent again, on a new connection
             assert published == [1] and client.connections == 2
         nursery.cancel_scope.cancel()
+
+
+# --------------------------------------------------------------------------- kept per key
+
+
+async def test_buckets_are_forgotten_once_full_again_and_a_debt_is_kept(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Every key that ever published kept its buckets until 100,000 others had come
+    after it: a stream of throwaway keys grew the relay by two buckets each. A full
+    bucket is what a new key gets anyway, so it is forgotten; one in debt is kept,
+    connected or not, and reconnecting does not reset it."""
+    limits = RateLimits(publish_rate=1.0, publish_burst=5, request_rate=1.0, request_burst=5)
+    async with virtual_node(limits) as (node, listener):
+        for n in range(20):  # throwaway keys: one publish each, then gone
+            async with connect(listener, identity(100 + n)) as throwaway:
+                await throwaway.publish("x@local", "app.note", n)
+        async with connect(listener, FLOODER) as flooder:
+            for n in range(4):
+                await flooder.publish("x@local", "app.note", n)
+            # One token left, and this costs 5 (64 KiB): taken, 4 tokens in debt.
+            await flooder.publish("x@local", "app.note", "x" * (64 << 10))
+        await trio.sleep(1.5)  # virtual: the throwaway buckets are full, the debt is not paid
+        async with connect(listener, CALM) as calm:
+            await calm.publish("x@local", "app.note", "after them")
+        kept = {key for key, _ in node.limiter._buckets}
+        assert kept == {FLOODER.public_key, CALM.public_key}
+        async with connect(listener, FLOODER) as flooder:  # back: the debt is still there
+            with pytest.raises(ProtocolError) as limited:
+                await flooder.publish("x@local", "app.note", "again")
+            assert limited.value.code is ErrorCode.RATE_LIMITED
+
+
+async def test_an_inbox_stream_that_ends_waiting_leaves_nothing_behind(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A stream waiting on an empty inbox left its wake-up event behind when its
+    connection closed, and only an item for that agent removed it: one per key that
+    ever opened its inbox, for ever."""
+    async with virtual_node(RateLimits()) as (node, listener):
+        for n in range(10):
+            async with connect(listener, identity(100 + n)) as throwaway:
+                with trio.move_on_after(1):  # its stream opens, finds nothing, waits
+                    await throwaway.mailbox.next()
+        await trio.testing.wait_all_tasks_blocked()  # every connection has ended
+        assert not node.connections
+        assert node.inboxes.streams == {} and node.inboxes._changed == {}
+        # And a stream that waits is still woken by an item (its event is in place).
+        async with connect(listener, CALM) as reader, connect(listener, FLOODER) as sender:
+            got: list[object] = []
+
+            async def read() -> None:
+                got.append((await reader.mailbox.next()).body)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read)
+                await trio.testing.wait_all_tasks_blocked()  # its stream waits, empty
+                assert reader.identity.public_key in node.inboxes._changed
+                await sender.send(reader.identity.id, "wakes it", via="relay")
+            assert got == ["wakes it"]
