@@ -76,6 +76,10 @@ MAX_HINTS = 100_000
 """Forwarded events whose namespace and seq are remembered for causal look-ups."""
 MAX_RECEIPTS_QUEUED = 100_000
 """Message receipts waiting for a link to one relay; more are dropped (and logged)."""
+MAX_SEQ = (1 << 63) - 1
+"""The largest seq any relay can give: every store keeps it as a signed 64-bit integer
+(SQLite ``INTEGER``, PostgreSQL ``bigint``). A peer that places an event beyond it, or
+below 1, is not mistaken but lying (14.11)."""
 RECEIPT_RUN = 64
 """Message receipts for one relay sent at once, and dropped from the store together."""
 RECEIPT_RETRY = RETRY_CODES | {ErrorCode.INTERNAL}
@@ -461,14 +465,26 @@ class Federation:
                 found = await client.query(f"fed@{link.peer.name}", LOCATE, {"ids": ids})
         except (ProtocolError, trio.TooSlowError):
             return
+        items = found if isinstance(found, list) else []
+        for item in items:
+            seq = item[2] if isinstance(item, list) and len(item) == 3 else None
+            if type(seq) is int and not 1 <= seq <= MAX_SEQ:
+                # No relay holds such a seq: the whole answer is a lie, so nothing of
+                # it is taken (a hint kept it for ever, a mirror followed towards it for
+                # ever, and ``locate`` passed it on to other peers as ours to vouch for).
+                lie = f"{LOCATE} placed an event at seq {seq}, not from 1 to {MAX_SEQ}"
+                log.error("link %s: refused an answer: %s", link.peer.name, lie)
+                if link.client is client:  # (not a newer connection than the liar's)
+                    await link.drop(f"forged answer: {lie}")
+                return
         wanted = set(ids)
-        for item in found if isinstance(found, list) else ():
+        for item in items:
             if not isinstance(item, list) or len(item) != 3:
                 continue  # a peer's answer is checked before use, like any input
             id_, ns, seq = item
             if not isinstance(id_, bytes) or id_ not in wanted:
                 continue  # (a list would not even hash: that took the relay down)
-            if isinstance(ns, str) and NS_RE.fullmatch(ns) and type(seq) is int and seq > 0:
+            if isinstance(ns, str) and NS_RE.fullmatch(ns) and type(seq) is int:
                 wanted.discard(id_)  # one place per id: a lying peer cannot open mirrors
                 self.hints[id_] = (ns, seq)  # without end by naming many for one id
                 self._fetch(ns, seq)

@@ -446,6 +446,59 @@ async def test_a_garbled_answer_to_where_an_event_is_changes_nothing(
     assert after.receipt.seq == 1
 
 
+class _FarLocate(LyingRelay):
+    """Answers every ``fed.locate`` by placing the ghost id at ``seq``, in a namespace
+    of the home it speaks for."""
+
+    def __init__(self, target: str, seq: int) -> None:
+        super().__init__(target, lambda frame: frame)
+        self.seq = seq
+        self.lied = trio.Event()
+
+    def _rewrite(self, message: bytes) -> bytes | None:
+        out = []
+        for frame in f.decode_message(message):
+            assert not isinstance(frame, Exception)
+            if isinstance(frame, f.Result) and isinstance(frame.body, list):
+                frame = replace(frame, body=[[bytes(32), NS, self.seq]])
+                self.lied.set()
+            out.append(f.encode_frame(frame))
+        return f.bundle(out) if out else None
+
+
+@pytest.mark.parametrize(
+    "seq", [2**63, 2**64 - 1, 0, -(2**63)], ids=["2^63", "2^64-1", "0", "-2^63"]
+)
+async def test_a_locate_answer_with_a_seq_no_relay_can_hold_is_refused(
+    nursery: trio.Nursery, tmp_path: Path, caplog: pytest.LogCaptureFixture, seq: int
+) -> None:
+    """14.11: a seq is from 1 to 2^63 - 1 (every store keeps it in 64 signed bits). A
+    peer that places an event outside that lies: nothing of its answer is kept (no
+    hint, no mirror following for ever towards it), the link to it is closed with
+    1008 and the reason, and the relay carries on."""
+    relays = plan(tmp_path, "a", "b")
+    b = await start(nursery, relays["b"], (relays["a"].peer(),))
+    liar = _FarLocate(b.url, seq)
+    await nursery.start(liar.run)
+    config = RelayConfig(name="a", sequencer=Limits(park_timeout_ms=1_000))
+    a = await start(nursery, relays["a"], (relays["b"].peer(url=liar.url),), config)
+    network = federation_of(a)
+    link = network.links["b"]
+    with trio.fail_after(TIMEOUT):
+        await link.wait_up()
+        async with RelayClient.connect(a.url, identity(1)) as agent:
+            with pytest.raises(ProtocolError) as ghost:  # a asks b where its dep is
+                await agent.publish("y@a", "app.note", "needs a ghost", deps=[bytes(32)])
+            assert ghost.value.code is ErrorCode.MISSING_DEPS and liar.lied.is_set()
+            assert not network.hints and NS not in network.mirrors
+            await link.wait_for(lambda: link.connections >= 2)  # dropped, dialled again
+            after = await agent.publish("y@a", "app.note", "a carries on")
+            forwarded = await agent.publish(NS, "app.note", "and so does the link")
+    assert after.receipt.seq == 1 and forwarded.receipt.seq == 1 and b.node.head(NS) == 1
+    assert any("refused an answer" in r.message for r in caplog.records)
+    assert any("dropping the connection: forged answer" in r.message for r in caplog.records)
+
+
 class _Locator:
     """A link client whose peer answers fed.locate with many namespaces for one id."""
 
