@@ -14,7 +14,10 @@ before anything is stored it must be true of every record that:
 * a seal by the home's key covers it: records are held back until a sealed receipt
   arrives, checked, and then released together. A home commits batches that end on
   a sealed receipt (§4.4), so an honest home never leaves a run unsealed for long;
-  ``max_unsealed`` bounds the run a peer may make us hold.
+  ``max_unsealed`` bounds the run a peer may make us hold in records, and
+  ``max_unsealed_bytes`` in bytes (a home seals a run before it reaches that, §4.4:
+  records are up to a link message each, so a bound in records alone let a peer make
+  a mirror hold thousands of megabytes).
 
 The first failure raises :class:`Forged` and nothing of the run is released: the
 caller drops the link, logs the reason, and resumes later from its stored head.
@@ -33,7 +36,7 @@ from agent_sdk.wire import (
     verify_pruned_mark,
     verify_seal,
 )
-from relay.store import Head, Record
+from relay.store import MAX_UNSEALED_BYTES, Head, Record, unsealed_bytes
 
 MAX_UNSEALED = 16_384
 """Receipts a mirror holds waiting for a seal: four of the home's default commit batches."""
@@ -61,9 +64,11 @@ class MirrorChain:
     home_key: bytes
     tail: Head | None = None
     max_unsealed: int = MAX_UNSEALED
+    max_unsealed_bytes: int = MAX_UNSEALED_BYTES
 
     def __post_init__(self) -> None:
         self._run: list[Record] = []
+        self._held = 0  # the bytes of the run, as the home counts them (unsealed_bytes)
         self._at = self.tail  # the last receipt checked, sealed or not
 
     @property
@@ -74,6 +79,7 @@ class MirrorChain:
     def reset(self) -> None:
         """Forget the unsealed run (the link dropped: it will be sent again)."""
         self._run.clear()
+        self._held = 0
         self._at = self.tail
 
     def offer(
@@ -133,13 +139,21 @@ class MirrorChain:
             seal=seal,
         )
         self._run.append(record)
+        self._held += unsealed_bytes(event, sig, receipt_bytes)
         self._at = Head(self.ns, seq, receipt.hash, receipt.hlc)
         if seal is None:
             if len(self._run) > self.max_unsealed:
                 raise Forged(self.ns, seq, f"over {self.max_unsealed} receipts without a seal")
+            if self._held >= self.max_unsealed_bytes:
+                # A home seals the record that brings a run to the bound (4.4): this
+                # is a peer making us hold what no seal may ever cover. The link is
+                # dropped and the run fetched again from the stored head, if it was
+                # the home's: nothing of it is lost, and the memory is let go now.
+                limit = self.max_unsealed_bytes
+                raise Forged(self.ns, seq, f"{limit} bytes or more without a seal")
             return []
         if not verify_seal(receipt, seal):
             raise Forged(self.ns, seq, "seal does not verify with the home's key")
-        run, self._run = self._run, []
+        run, self._run, self._held = self._run, [], 0
         self.tail = self._at
         return run

@@ -53,7 +53,7 @@ from federation.outbox import RETRY_CODES, Entry, Outbox, OutboxStore, store_cal
 from federation.peers import Peer, check_peers, home_of
 from relay.coordination.directory import joins_by_connection
 from relay.node import RelayNode
-from relay.store import Record
+from relay.store import MAX_UNSEALED_BYTES, Record, unsealed_bytes
 
 log = logging.getLogger("formicary.federation")
 
@@ -760,14 +760,17 @@ class Mirror:
         while True:
             frame = await incoming.receive()
             checked: list[Record] = []
+            held = 0  # their bytes: sealed runs wait here for one write, within a bound
             offered = 0
             while True:
                 if isinstance(frame, f.EventFrame):
                     self.refused = None
                     try:
-                        checked += self.chain.offer(
+                        run = self.chain.offer(
                             frame.event, frame.sig, frame.receipt, frame.seal, frame.mark
                         )
+                        checked += run
+                        held += sum(unsealed_bytes(r.event, r.sig, r.receipt) for r in run)
                     except Forged:
                         if checked:  # what checked out before the lie is the home's log
                             await self.node.append_mirrored(checked)
@@ -789,7 +792,7 @@ class Mirror:
                     self.changed()
                     await trio.sleep(FORBIDDEN_RETRY if forbidden else 1.0)
                     return
-                if len(checked) >= 4096:
+                if len(checked) >= 4096 or held >= MAX_UNSEALED_BYTES:
                     break
                 offered += 1
                 if offered % CHECKS_PER_TURN == 0:

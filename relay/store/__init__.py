@@ -26,6 +26,10 @@ from typing import Protocol
 
 PRUNABLE = ("doc.update", "doc.compacted")
 """The kinds whose bytes compaction may drop (protocol 13.7)."""
+MAX_UNSEALED_BYTES = 16 << 20
+"""A run of unsealed records is under this many bytes (protocol 4.4): a home seals a
+record once the records of its namespace since the last seal, it included, reach it,
+so that a mirror need hold no more than this while it waits for a seal (14.8)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +50,13 @@ class Record:
     sig: bytes
     receipt: bytes
     seal: bytes | None = None
+
+
+def unsealed_bytes(event: bytes, sig: bytes, receipt: bytes) -> int:
+    """What one record counts towards :data:`MAX_UNSEALED_BYTES`: its event, signature
+    (or pruned mark) and receipt bytes. A record compaction pruned later counts less
+    than it did when sealed, so a run served again never grows past the bound."""
+    return len(event) + len(sig) + len(receipt)
 
 
 @dataclass(frozen=True, slots=True)

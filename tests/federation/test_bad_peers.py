@@ -24,6 +24,7 @@ import pytest
 import trio
 from websockets.exceptions import ConnectionClosed
 from websockets.trio.client import connect
+from websockets.trio.server import ServerConnection
 
 from agent_sdk import frames as f
 from agent_sdk.client import Delivery, Live, RelayClient
@@ -32,6 +33,7 @@ from agent_sdk.identity import Identity
 from agent_sdk.wire import Event, decode_receipt, make_receipt, seal, sign_event
 from relay.node import RelayConfig
 from relay.sequencer import Limits
+from relay.store import MAX_UNSEALED_BYTES
 from tests.conftest import identity
 from tests.federation.fixtures import LyingRelay, Tamper, federation_of, plan, start
 
@@ -341,6 +343,51 @@ async def test_an_oversized_bundle_from_a_peer_is_refused_whole(
             error = f.decode_frame(await ws.recv())
             assert isinstance(error, f.Error) and error.code == ErrorCode.FRAME_TOO_LARGE
     assert b.node.head(NS) == 0
+
+
+class _SealStripper(LyingRelay):
+    """Passes the home's log on without its seals, on its first connection only."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__(target, self._strip)
+        self.connections = 0
+
+    async def _handle(self, inbound: ServerConnection) -> None:
+        self.connections += 1
+        await super()._handle(inbound)
+
+    def _strip(self, frame: f.EventFrame) -> f.EventFrame:
+        return replace(frame, seal=None) if self.connections == 1 else frame
+
+
+async def test_an_unsealed_run_is_bounded_in_bytes_and_fetched_again(
+    nursery: trio.Nursery, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """14.8: a mirror holds an unsealed run in memory. Bounded only in records (16384),
+    a peer sending large records without seals made it hold 16384 of them, up to a
+    link message each: gigabytes. A home seals every MAX_UNSEALED_BYTES (4.4), so a
+    run that reaches it unsealed is refused as forged, the link dropped, and the log
+    fetched again from the stored head: all of it arrives once the peer behaves."""
+    relays = plan(tmp_path, "a", "b")
+    b = await start(nursery, relays["b"], (relays["a"].peer(),))
+    liar = _SealStripper(b.url)
+    await nursery.start(liar.run)
+    a = await start(nursery, relays["a"], (relays["b"].peer(url=liar.url),))
+    body = "y" * 1_000_000  # each event under b's max_frame (1 MiB)
+    count = MAX_UNSEALED_BYTES // len(body) + 1  # together, over the bound
+    with trio.fail_after(TIMEOUT):
+        async with RelayClient.connect(b.url, identity(1)) as writer:
+            for n in range(count):  # one commit each: b seals every one
+                await writer.publish(NS, "app.note", [n, body])
+        fed = federation_of(a)
+        async with (
+            RelayClient.connect(a.url, identity(2)) as reader,
+            reader.subscribe(NS, start=1),  # makes a follow b's log
+        ):
+            await a.node.wait_beyond(NS, count - 1)
+    assert a.node.head(NS) == count and fed.forgeries == 1 and liar.connections == 2
+    refused = [r for r in caplog.records if r.levelno >= logging.ERROR and "refused" in r.message]
+    assert refused and "bytes or more without a seal" in refused[0].message
 
 
 async def test_a_peer_flooding_without_reading_does_not_stall_others(

@@ -20,19 +20,21 @@ from agent_sdk.wire import (
 )
 from federation.chain import Forged, MirrorChain
 from federation.peers import Peer, PeerSpecError, check_peers, parse_peer
-from relay.store import Record
+from relay.node import RelayConfig, RelayNode
+from relay.store import MAX_UNSEALED_BYTES, Record, unsealed_bytes
+from relay.store.memory import MemoryStore
 
 HOME = Identity.from_seed(b"H" * 32)
 AUTHOR = Identity.from_seed(b"A" * 32)
 NS = "x@b"
 
 
-def log(count: int, sealed: set[int], ns: str = NS, depth: int = 0) -> list[Record]:
+def log(count: int, sealed: set[int], ns: str = NS, depth: int = 0, pad: int = 0) -> list[Record]:
     """A home's log of ``count`` events, with seals on the seqs in ``sealed`` (their
-    bodies nested ``depth`` lists deep)."""
+    bodies nested ``depth`` lists deep, or padded with ``pad`` bytes of text)."""
     records, prev, hlc = [], ZERO_HASH, 1000
     for seq in range(1, count + 1):
-        body: Any = seq
+        body: Any = [seq, "y" * pad] if pad else seq
         for _ in range(depth):
             body = [body]
         event = Event(ns=ns, kind="app.note", author=AUTHOR.public_key, body=body, deps=(), ts=1)
@@ -141,6 +143,43 @@ def test_an_endless_unsealed_run_is_refused() -> None:
     chain = MirrorChain(NS, HOME.public_key, max_unsealed=3)
     with pytest.raises(Forged, match="without a seal"):
         offer_all(chain, log(5, sealed=set()))
+
+
+def size(record: Record) -> int:
+    return unsealed_bytes(record.event, record.sig, record.receipt)
+
+
+def test_an_unsealed_run_is_refused_once_it_reaches_the_bytes_bound() -> None:
+    """A run is bounded in bytes too: records are up to a link message each, so 16384
+    of them were gigabytes held in memory. A home seals the record that reaches the
+    bound (4.4); without that seal the run is refused, and taken when sent again."""
+    records = log(6, sealed={2, 6})
+    chain = MirrorChain(NS, HOME.public_key, max_unsealed_bytes=sum(map(size, records[2:5])))
+    assert offer_all(chain, records[:4]) == [records[:2]]  # 3 and 4 held: under the bound
+    with pytest.raises(Forged, match="bytes or more without a seal") as refused:
+        offer_all(chain, records[4:5])
+    assert refused.value.seq == 5
+    chain.reset()  # the link dropped: fetched again from the stored head (seq 2)
+    resent = log(6, sealed={2, 5, 6})  # as a home seals it: at the bound
+    assert offer_all(chain, resent[2:]) == [resent[2:5], resent[5:]]
+
+
+def test_a_home_seals_a_large_batch_in_runs_a_mirror_takes() -> None:
+    """4.4: one commit of large events is not one run a mirror must hold whole: the
+    home seals each record that brings its namespace's run to MAX_UNSEALED_BYTES."""
+    node = RelayNode(HOME, MemoryStore(), RelayConfig(name="b"))
+    other = log(2, sealed=set(), ns="z@b")
+    batch = node._seal_heads([other[0], *log(20, sealed=set(), pad=1_000_000), other[1]])
+    records = [r for r in batch if r.ns == NS]
+    run = 0
+    for record in records:  # each run, its sealed record included, just reaches the bound
+        run += size(record)
+        assert record.seal is not None or run < MAX_UNSEALED_BYTES
+        run = 0 if record.seal is not None else run
+    assert sum(r.seal is not None for r in records) == 2 and records[-1].seal is not None
+    assert [r.seal is not None for r in batch if r.ns == "z@b"] == [False, True]
+    runs = offer_all(MirrorChain(NS, HOME.public_key), records)
+    assert [r for run in runs for r in run] == records
 
 
 def test_a_compacted_update_arrives_as_its_receipt_and_the_homes_mark() -> None:
