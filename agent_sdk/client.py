@@ -162,6 +162,8 @@ class Subscription:
     and once the consumer has drained half of it, it resumes from its cursor under a
     new subscription id. So a consumer that lags costs a re-read, not the acks of
     every other request on the connection, and still sees every event once, in order.
+    Before it is placed (no consumer yet) it holds no more than its buffer either:
+    what does not fit is dropped and read again after it pauses, once placed.
     """
 
     def __init__(self, client: RelayClient, request: f.Subscribe, buffer: int) -> None:
@@ -173,13 +175,16 @@ class Subscription:
         self.placed = trio.Event()
         """Set once every namespace has a cursor: one subscribed from now has none until
         its ``live`` (or a delivery) says where now was."""
-        self._place()
+        self.overflowed = False
+        """Items were dropped before it was placed: it pauses as soon as it is placed."""
         self.error: ProtocolError | None = None
         self.paused = False
         self.buffer = buffer
-        # Bounded by hand (_offer): until the subscription is placed nobody reads it,
-        # and pausing it then would lose its live, so what comes is held meanwhile.
+        # Bounded by hand (_offer), before it is placed as after: a foreign namespace's
+        # live can come seconds after a local backlog (protocol 14.7), and whatever a
+        # relay sends meanwhile must not all be held.
         self._tx, self._rx = trio.open_memory_channel[Delivery | Live](math.inf)
+        self._place()
 
     def resume_request(self) -> f.Subscribe:
         return f.Subscribe(
@@ -191,8 +196,12 @@ class Subscription:
         )
 
     def _place(self) -> None:
-        if all(ns in self.next for ns in self.request.ns):
-            self.placed.set()
+        if self.placed.is_set() or not all(ns in self.next for ns in self.request.ns):
+            return
+        self.placed.set()
+        if self.overflowed:  # what it dropped is read again from its cursors
+            self.overflowed = False
+            self.client._pause(self)
 
     def end(self, error: ProtocolError) -> None:
         """The subscription is over: its iterator raises ``error`` once it has what
@@ -202,11 +211,16 @@ class Subscription:
         self.placed.set()
 
     def _offer(self, item: Delivery | Live) -> bool:
-        """Hand an item to the consumer without waiting; pause when the buffer is full
-        (once placed: before, the caller is not reading yet)."""
-        used = self._rx.statistics().current_buffer_used
-        if used >= self.buffer and self.placed.is_set():
-            self.client._pause(self)
+        """Hand an item to the consumer without waiting; when the buffer is full, pause,
+        or before it is placed, drop the item (its cursor stays before it)."""
+        if self._rx.statistics().current_buffer_used >= self.buffer:
+            if self.placed.is_set():
+                self.client._pause(self)
+            else:
+                # Nobody reads it yet (the caller enters once it is placed), and a pause
+                # now would lose where now is for a namespace whose live has not come:
+                # it runs on to learn that, keeping nothing more, and pauses once placed.
+                self.overflowed = True
             return False
         try:
             self._tx.send_nowait(item)
@@ -223,15 +237,20 @@ class Subscription:
             raise RelayMismatch("relay sent an event with another event's receipt")
         if self._offer(Delivery(event, receipt, frame.seal)):
             self.next[receipt.ns] = receipt.seq + 1
-            self._place()
+        elif receipt.ns not in self.next:  # (a relay sends a from-now namespace's live first)
+            self.next[receipt.ns] = receipt.seq  # dropped: the resume starts at it
+        self._place()
 
     def _mark_live(self, frame: f.Live) -> None:
         # Everything of ``ns`` up to ``seq`` was offered (a frame that does not fit
         # pauses the subscription, and nothing after it arrives), and with a filter
         # the last delivered seq may lag the head: resume past both. Even when this
         # marker does not fit: a namespace subscribed from now would be subscribed
-        # from now again, and what came in between never delivered.
-        self.next[frame.ns] = max(self.next.get(frame.ns, 0), frame.seq + 1)
+        # from now again, and what came in between never delivered. Not after items
+        # were dropped before it was placed: events of ``ns`` may be among them (the
+        # subscription ran on), and its cursor stays at the first of those.
+        if frame.ns not in self.next or not self.overflowed:
+            self.next[frame.ns] = max(self.next.get(frame.ns, 0), frame.seq + 1)
         self._place()
         if frame.ns not in self.live and self._offer(Live(frame.ns, frame.seq)):
             self.live.add(frame.ns)  # (else offered after the resume: live comes again)

@@ -9,9 +9,14 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from websockets.exceptions import ConnectionClosed
+from websockets.trio.client import connect
+from websockets.trio.server import Server, ServerConnection, serve
 
+from agent_sdk import frames as f
 from agent_sdk.client import Delivery, Published, RelayClient, RelayMismatch
 from agent_sdk.errors import ErrorCode, ProtocolError
+from simulations.ports import free_port
 from tests.agent_sdk.cuttable import Wire, dialer
 from tests.conftest import RunningRelay, identity
 
@@ -357,3 +362,90 @@ async def test_a_pause_on_a_live_marker_resumes_past_it(relay: RunningRelay) -> 
                         seen.add(item.receipt.ns)
                         if len(seen) == 2:
                             break
+
+
+class LateLive:
+    """A WebSocket man in the middle between a client and a relay that holds back the
+    ``live`` of namespace ``late`` until the ``live`` of ``after`` has gone by, as
+    a foreign namespace's comes once its mirror has caught up (protocol 14.7)."""
+
+    def __init__(self, target: str, late: str, after: str) -> None:
+        self.target, self.late, self.after = target, late, after
+        self.port = free_port()
+        self.held: list[bytes] = []
+        self.released = False
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    async def run(self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
+        await serve(
+            self._handle, self.port, host="127.0.0.1", compression=None, task_status=task_status
+        )
+
+    async def _handle(self, inbound: ServerConnection) -> None:
+        try:
+            async with (
+                connect(self.target, compression=None) as outbound,
+                trio.open_nursery() as nursery,
+            ):
+
+                async def upstream() -> None:
+                    while True:
+                        await outbound.send(await inbound.recv())
+
+                nursery.start_soon(upstream)
+                while True:
+                    message = await outbound.recv()
+                    assert isinstance(message, bytes)
+                    passed = self._pass(message)
+                    if passed:
+                        await inbound.send(f.bundle(passed))
+        except* ConnectionClosed:
+            pass
+
+    def _pass(self, message: bytes) -> list[bytes]:
+        out = []
+        for frame in f.decode_message(message):
+            assert not isinstance(frame, Exception)
+            encoded = f.encode_frame(frame)
+            if isinstance(frame, f.Live) and frame.ns == self.late and not self.released:
+                self.held.append(encoded)
+                continue
+            out.append(encoded)
+            if isinstance(frame, f.Live) and frame.ns == self.after and not self.released:
+                self.released = True
+                out += self.held
+        return out
+
+
+async def test_a_subscription_holds_no_more_than_its_buffer_before_it_is_placed(
+    relay: RunningRelay, nursery: trio.Nursery
+) -> None:
+    """Until the live of a namespace subscribed from now comes, nobody reads the
+    subscription, and it held everything else that came meanwhile: a backlog replayed
+    while a foreign namespace's mirror caught up, all of it. It holds its buffer, drops
+    the rest without moving its cursors, and once placed pauses and resumes from them."""
+    backlog, buffer = 50, 4
+    async with RelayClient.connect(relay.url, identity(2)) as writer:
+        for n in range(backlog):
+            await writer.publish("a@local", "app.n", n)
+    proxy = LateLive(relay.url, late="b@local", after="a@local")
+    await nursery.start(proxy.run)
+    seen: dict[str, list[Any]] = {"a@local": [], "b@local": []}
+    async with RelayClient.connect(proxy.url, identity(1)) as client:
+        with trio.fail_after(TIMEOUT):
+            async with client.subscribe(
+                ["a@local", "b@local"], start={"a@local": 1}, buffer=buffer
+            ) as feed:
+                assert proxy.released  # placed by b's live, after a's whole backlog
+                assert feed._rx.statistics().current_buffer_used <= buffer
+                await client.publish("b@local", "app.n", "after")
+                async for item in feed:
+                    if isinstance(item, Delivery):
+                        seen[item.receipt.ns].append(item.event.event.body)
+                        if len(seen["a@local"]) == backlog and seen["b@local"]:
+                            break
+    # Nothing dropped was lost, nothing came twice.
+    assert seen == {"a@local": list(range(backlog)), "b@local": ["after"]}
