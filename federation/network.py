@@ -37,7 +37,7 @@ import logging
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from functools import partial
 from typing import Any
 
@@ -63,6 +63,13 @@ FORBIDDEN_RETRY = 10.0
 """Seconds a mirror waits before asking again a home that refused it (forbidden)."""
 TAP_BUFFER = 8192
 """Frames a mirror or a proxied document takes before it must catch up from a cursor."""
+TAP_BYTES = 2 * MAX_UNSEALED_BYTES
+"""Bytes of frames (see :func:`_frame_bytes`) a mirror or a proxied document takes
+before it must catch up from a cursor, as for :data:`TAP_BUFFER`. A frame is up to a
+link message (4 ``max_frame``), so the count alone let a peer make us hold 8192 of
+them: 32 GiB. Twice :data:`MAX_UNSEALED_BYTES`, so that what a full tap of a mirror
+holds always reaches a seal of an honest home (4.4): each time it starts again from
+its stored head, a mirror that falls behind stores something, and it catches up."""
 LOCATE = "fed.locate"
 """The query one relay asks a peer: where are these event ids? (``args``: ``ids``, a
 list of ids; answer: a list of ``[id, ns, seq]`` for those it knows.) Only a peer
@@ -535,25 +542,17 @@ class Federation:
         drops the agent is told ``doc_resync`` and reopens with its state vector."""
         link = self.route(request.ns, from_peer)
         client = await link.wait_up()
-        frames, incoming = trio.open_memory_channel[f.Frame](TAP_BUFFER)
-        overflow = False
-
-        def on_frame(frame: f.Frame) -> None:
-            nonlocal overflow
-            try:
-                frames.send_nowait(frame)
-            except trio.WouldBlock:
-                overflow = True
-
-        sub = client.tap(lambda sub: replace(request, sub=sub), on_frame)
+        tap = _Tap()
+        sub = client.tap(lambda sub: replace(request, sub=sub), tap.put)
         proxied = ProxiedDoc(client, sub)
         opened(proxied)
         ended = False
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_cancel_when_stopped, client, nursery.cancel_scope)
-                async for frame in incoming:
-                    if overflow:
+                while True:
+                    frame = await tap.get()
+                    if tap.full:
                         break
                     passed = _resubbed(frame, request.sub)
                     if passed is None:
@@ -705,24 +704,13 @@ class Mirror:
     async def _follow(self, client: RelayClient) -> None:
         """Follow the home's log over one link connection, until it ends or the
         mirror is no longer needed."""
-        frames, incoming = trio.open_memory_channel[f.Frame](TAP_BUFFER)
-        overflow = False
-
-        def on_frame(frame: f.Frame) -> None:
-            nonlocal overflow
-            if overflow:
-                return
-            try:
-                frames.send_nowait(frame)
-            except trio.WouldBlock:
-                overflow = True  # drain, then resume from the stored head
-
+        tap = _Tap()  # once full: drain it, then resume from the stored head
         # Start from what is stored: a batch whose append was cancelled is fetched again.
         stored = self.node.mirror_heads.get(self.ns)
         self.chain = MirrorChain(self.ns, self.chain.home_key, stored, MAX_UNSEALED)
         start = self.chain.head + 1
         sub = client.tap(
-            lambda sub: f.Subscribe(sub=sub, ns=(self.ns,), start={self.ns: start}), on_frame
+            lambda sub: f.Subscribe(sub=sub, ns=(self.ns,), start={self.ns: start}), tap.put
         )
         self.following = True
         forged: Forged | None = None
@@ -730,7 +718,7 @@ class Mirror:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_cancel_when_stopped, client, nursery.cancel_scope)
                 nursery.start_soon(self._stop_when_unneeded, nursery.cancel_scope)
-                await self._consume(incoming, lambda: overflow)
+                await self._consume(tap)
                 nursery.cancel_scope.cancel()
         except* Forged as group:
             forged = group.exceptions[0]  # type: ignore[assignment]
@@ -754,11 +742,9 @@ class Mirror:
             return
         scope.cancel()
 
-    async def _consume(
-        self, incoming: trio.MemoryReceiveChannel[f.Frame], overflowed: Callable[[], bool]
-    ) -> None:
+    async def _consume(self, tap: _Tap) -> None:
         while True:
-            frame = await incoming.receive()
+            frame = await tap.get()
             checked: list[Record] = []
             held = 0  # their bytes: sealed runs wait here for one write, within a bound
             offered = 0
@@ -799,17 +785,75 @@ class Mirror:
                     # Each is a signature check and a seal: a whole run at once held
                     # the event loop for about 200 ms.
                     await trio.lowlevel.checkpoint()
-                try:
-                    frame = incoming.receive_nowait()
-                except trio.WouldBlock:
+                next_frame = tap.get_nowait()
+                if next_frame is None:
                     break
+                frame = next_frame
             if checked:
                 await self.node.append_mirrored(checked)
                 self.changed()
             if self.node.head(self.ns) >= self.home_head:
                 self.settled.set()  # caught up with what the home said its head was
-            if overflowed() and incoming.statistics().current_buffer_used == 0:
+            if tap.full and tap.empty:
                 return  # resume from the stored head on a fresh subscription
+
+
+class _Tap:
+    """The frames of one tapped subscription on their way from the link's reader to
+    whoever takes them: at most :data:`TAP_BUFFER` of them, and :data:`TAP_BYTES` of
+    their bytes (one frame past it at most: a frame larger than the bound still gets
+    through an empty tap). Past either bound the tap is *full* and takes nothing more:
+    the frames after are dropped, so its taker must start again from a cursor once it
+    has taken what is held."""
+
+    def __init__(self) -> None:
+        self._in, self._out = trio.open_memory_channel[tuple[f.Frame, int]](TAP_BUFFER)
+        self.held = 0
+        """The bytes of the frames held."""
+        self.full = False
+
+    def put(self, frame: f.Frame) -> None:
+        """Take a frame from the link's reader (a tap's ``on_frame``: never blocks)."""
+        if self.full:
+            return  # the stream has a gap now: nothing after it is of use
+        if self.held >= TAP_BYTES:
+            self.full = True
+            return
+        size = _frame_bytes(frame)
+        try:
+            self._in.send_nowait((frame, size))
+        except trio.WouldBlock:
+            self.full = True
+            return
+        self.held += size
+
+    async def get(self) -> f.Frame:
+        frame, size = await self._out.receive()
+        self.held -= size
+        return frame
+
+    def get_nowait(self) -> f.Frame | None:
+        try:
+            frame, size = self._out.receive_nowait()
+        except trio.WouldBlock:
+            return None
+        self.held -= size
+        return frame
+
+    @property
+    def empty(self) -> bool:
+        return self._out.statistics().current_buffer_used == 0
+
+
+def _frame_bytes(frame: f.Frame) -> int:
+    """What a tapped frame counts towards :data:`TAP_BYTES`: its byte and text
+    strings (an event, its signature, receipt, seal and mark; a document update and
+    state vector; an error's reason), the parts a peer can make large."""
+    return sum(
+        len(value)
+        for value in (getattr(frame, field.name) for field in fields(frame))
+        if isinstance(value, (bytes, str))
+    )
 
 
 def _receipt_frame(receipt: bytes, relay: str, rid: int) -> f.MsgReceipt:

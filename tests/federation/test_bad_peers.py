@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -31,6 +32,7 @@ from agent_sdk.client import Delivery, Live, RelayClient
 from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.identity import Identity
 from agent_sdk.wire import Event, decode_receipt, make_receipt, seal, sign_event
+from federation.network import TAP_BYTES, Mirror
 from relay.node import RelayConfig
 from relay.sequencer import Limits
 from relay.store import MAX_UNSEALED_BYTES
@@ -388,6 +390,61 @@ async def test_an_unsealed_run_is_bounded_in_bytes_and_fetched_again(
     assert a.node.head(NS) == count and fed.forgeries == 1 and liar.connections == 2
     refused = [r for r in caplog.records if r.levelno >= logging.ERROR and "refused" in r.message]
     assert refused and "bytes or more without a seal" in refused[0].message
+
+
+async def test_a_mirror_takes_no_more_bytes_from_its_link_than_its_tap_holds(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Frames wait between a link's reader and the mirror's checks in a tap bounded
+    only in frames (8192), each up to a link message (4 max_frame): a peer sending
+    faster than the mirror checks made it hold 8192 x 4 MiB. It is bounded in bytes
+    too (TAP_BYTES). A full tap is what it was: the frames past the bound are dropped,
+    those held are checked and stored, and the mirror subscribes again from its
+    stored head, so nothing is lost."""
+    relays = plan(tmp_path, "a", "b")
+    b = await start(nursery, relays["b"], (relays["a"].peer(),))
+    a = await start(nursery, relays["a"], (relays["b"].peer(),))
+    body = "y" * 1_000_000  # each event under b's max_frame (1 MiB)
+    count = TAP_BYTES // len(body) + 2  # together, over the bound
+    release = trio.Event()
+    consume = Mirror._consume
+
+    async def stalled(mirror: Mirror, *args: Any) -> None:
+        await release.wait()  # a mirror slower than its link: it checks nothing yet
+        await consume(mirror, *args)
+
+    monkeypatch.setattr(Mirror, "_consume", stalled)
+    fed = federation_of(a)
+    with trio.fail_after(TIMEOUT):
+        async with RelayClient.connect(b.url, identity(1)) as writer:
+            for n in range(count):
+                await writer.publish(NS, "app.note", [n, body])
+        link = await fed.links["b"].wait_up()
+        subscribed: list[int] = []  # the mirror's subscriptions on the link
+        tap, dispatch = link.tap, link._dispatch
+        replayed = trio.Event()
+
+        def counted(frame: Callable[[int], Any], on_frame: Callable[[f.Frame], None]) -> int:
+            sub = tap(frame, on_frame)
+            subscribed.append(sub)
+            return sub
+
+        async def watched(frame: f.Frame) -> None:
+            await dispatch(frame)
+            if isinstance(frame, f.Live) and frame.sub == subscribed[0]:
+                replayed.set()
+
+        monkeypatch.setattr(link, "tap", counted)
+        monkeypatch.setattr(link, "_dispatch", watched)
+        async with (
+            RelayClient.connect(a.url, identity(2)) as reader,
+            reader.subscribe(NS, start=1),  # makes a follow b's log
+        ):
+            await replayed.wait()  # b's whole log has come over the link, unchecked
+            release.set()
+            await a.node.wait_beyond(NS, count - 1)
+    assert a.node.head(NS) == count and fed.forgeries == 0
+    assert len(subscribed) >= 2, "the mirror took the whole log into its tap"
 
 
 async def test_a_peer_flooding_without_reading_does_not_stall_others(
