@@ -492,6 +492,12 @@ class Federation:
             if not isinstance(id_, bytes) or id_ not in wanted:
                 continue  # (a list would not even hash: that took the relay down)
             if isinstance(ns, str) and NS_RE.fullmatch(ns) and type(seq) is int:
+                if self.node.is_home(ns):
+                    # Ours: had we sequenced it, we would not have asked. Our log is the
+                    # truth, so a peer's word on it is worthless; kept, it hid the id's
+                    # real place from every later look-up (a hint is never asked again)
+                    # and was passed on to other peers. It does not use up the id's place.
+                    continue
                 wanted.discard(id_)  # one place per id: a lying peer cannot open mirrors
                 self.hints[id_] = (ns, seq)  # without end by naming many for one id
                 self._fetch(ns, seq)
@@ -499,7 +505,9 @@ class Federation:
     async def locate(self, args: dict[str, Any], asker: bytes) -> list[list[Any]]:
         """Answer a peer's :data:`LOCATE`: where this relay knows the ids to be, of the
         namespaces the peer (``asker``) may read; of others, nothing, not even that
-        they exist."""
+        they exist. Only what it sequenced or stored in a mirror is answered, never a
+        hint (14.11): a hint is a peer's word, unchecked, and one passed on made the
+        asker follow a mirror towards a seq that may never come."""
         ids = args.get("ids")
         if not isinstance(ids, list) or len(ids) > 256:
             raise ProtocolError(ErrorCode.BAD_QUERY, "ids: a list of at most 256 event ids")
@@ -507,11 +515,8 @@ class Federation:
         found = []
         for event_id in ids:
             located = self.node.sequencer.locate(event_id)
-            hint = self.hints.get(event_id)
             if located is not None:
                 found.append([event_id, located.ns, located.seq])
-            elif hint is not None:
-                found.append([event_id, *hint])
         missing = [i for i in ids if i not in {item[0] for item in found}]
         if missing:
             for event_id, located in (await self.node.find(missing)).items():
@@ -521,8 +526,7 @@ class Federation:
     def _may_locate(self, ns: str, seq: int, asker: bytes) -> bool:
         """May a peer be told where an event of ``ns`` sits? Only where this relay
         knows the namespace's policy: it homes it, or holds it in a mirror (the policy
-        is in its records) up to ``seq``. A hint alone says nothing of whether ``ns``
-        is private, so it is not passed on: the asker can ask the home."""
+        is in its records) up to ``seq``."""
         if not self.node.is_home(ns) and self.node.head(ns) < seq:
             return False
         access = self.node.access

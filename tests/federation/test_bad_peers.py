@@ -33,10 +33,11 @@ from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.identity import Identity
 from agent_sdk.wire import Event, decode_receipt, make_receipt, seal, sign_event
 from federation.network import TAP_BYTES, Mirror
+from federation.peers import Peer
 from relay.node import RelayConfig
 from relay.sequencer import Limits
 from relay.store import MAX_UNSEALED_BYTES
-from tests.conftest import identity
+from tests.conftest import RunningRelay, identity
 from tests.federation.fixtures import LyingRelay, Tamper, federation_of, plan, start
 
 NS = "x@b"
@@ -601,6 +602,94 @@ async def test_a_locate_answer_with_a_seq_no_relay_can_hold_is_refused(
     assert after.receipt.seq == 1 and forwarded.receipt.seq == 1 and b.node.head(NS) == 1
     assert any("refused an answer" in r.message for r in caplog.records)
     assert any("dropping the connection: forged answer" in r.message for r in caplog.records)
+
+
+class _OneLie(LyingRelay):
+    """Answers the first ``fed.locate`` after ``answer`` is set with it, then tells
+    the truth."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__(target, lambda frame: frame)
+        self.answer: list[list[object]] | None = None
+        self.lied = trio.Event()
+
+    def _rewrite(self, message: bytes) -> bytes | None:
+        out = []
+        for frame in f.decode_message(message):
+            assert not isinstance(frame, Exception)
+            lie = self.answer is not None and not self.lied.is_set()
+            if lie and isinstance(frame, f.Result) and isinstance(frame.body, list):
+                frame = replace(frame, body=self.answer)
+                self.lied.set()
+            out.append(f.encode_frame(frame))
+        return f.bundle(out) if out else None
+
+
+async def _lied_to(
+    nursery: trio.Nursery, tmp_path: Path
+) -> tuple[_OneLie, RunningRelay, RunningRelay, Identity]:
+    """Relays a and b, a's link to b through a liar, and the key of a peer c that
+    dials a."""
+    relays = plan(tmp_path, "a", "b", "c")
+    b = await start(nursery, relays["b"], (relays["a"].peer(),))
+    liar = _OneLie(b.url)
+    await nursery.start(liar.run)
+    config = RelayConfig(name="a", sequencer=Limits(park_timeout_ms=1_000))
+    peer_c = Peer("c", relays["c"].key)
+    a = await start(nursery, relays["a"], (relays["b"].peer(url=liar.url), peer_c), config)
+    await federation_of(a).links["b"].wait_up()
+    c = relays["c"].identity
+    assert c is not None
+    return liar, a, b, c
+
+
+async def test_a_peers_word_on_where_our_own_events_are_does_no_harm(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """14.11: of a namespace it homes, a relay's log is the truth. It kept a peer's
+    answer placing an id in one of its own namespaces (at a seq it has) as a hint:
+    passed it on to other peers as its own word (their mirrors then follow towards
+    it), and, a hinted id being never asked about again, an event depending on that
+    id parked until its timeout every time, although its real place was one question
+    away. Such an answer is not kept."""
+    with trio.fail_after(TIMEOUT):
+        liar, a, b, c = await _lied_to(nursery, tmp_path)
+        async with RelayClient.connect(b.url, identity(1)) as writer:
+            dep = (await writer.publish(NS, "app.note", "on b")).receipt.id
+        liar.answer = [[dep, "y@a", 1]]
+        async with RelayClient.connect(a.url, identity(2)) as agent:
+            mine = await agent.publish("y@a", "app.note", "seq 1 of y@a is real")
+            with pytest.raises(ProtocolError) as lied_to:  # a asks b where dep is
+                await agent.publish("y@a", "app.note", "needs dep", deps=[dep])
+            assert lied_to.value.code is ErrorCode.MISSING_DEPS and liar.lied.is_set()
+            async with RelayClient.connect(a.url, c) as asker:  # c, asking as a peer
+                told = await asker.query("fed@a", "fed.locate", {"ids": [dep, mine.receipt.id]})
+            # The liar answers truly now: asked again, a finds dep and sequences it.
+            after = await agent.publish("y@a", "app.note", "needs dep", deps=[dep])
+    assert told == [[mine.receipt.id, "y@a", 1]], "a passed on a peer's word on y@a"
+    assert after.receipt.seq == 2 and a.node.head(NS) == 1
+
+
+async def test_a_hint_is_not_passed_on_in_a_locate_answer(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """14.11: an id a relay knows only by a hint is left out of its fed.locate answers.
+    It passed one on once its mirror of the namespace was past the hinted seq, without
+    looking whether the id is there: a peer's lie became its own word."""
+    ghost = bytes(32)
+    with trio.fail_after(TIMEOUT):
+        liar, a, b, c = await _lied_to(nursery, tmp_path)
+        liar.answer = [[ghost, NS, 1]]  # believable: b writes seq 1 of it below
+        async with RelayClient.connect(b.url, identity(1)) as writer:
+            await writer.publish(NS, "app.note", "seq 1 of x@b is real")
+        async with RelayClient.connect(a.url, identity(2)) as agent:
+            with pytest.raises(ProtocolError) as lied_to:  # a asks b where ghost is
+                await agent.publish("y@a", "app.note", "needs a ghost", deps=[ghost])
+            assert lied_to.value.code is ErrorCode.MISSING_DEPS and liar.lied.is_set()
+        await a.node.wait_beyond(NS, 0)  # a mirrored x@b past the hinted seq
+        async with RelayClient.connect(a.url, c) as asker:
+            told = await asker.query("fed@a", "fed.locate", {"ids": [ghost]})
+    assert told == [], "a passed on a peer's word as its own"
 
 
 class _Locator:
