@@ -145,7 +145,7 @@ def _simple(name: str) -> Make:
                 await auctions.confirm(args.id)
                 if award["awardee"] == ledger.client.identity.public_key:
                     tokens.put(ns, award["wo"], award["token"])
-                return {"auction": args.id, "confirmed": True, "id": award["wo"],
+                return {"auction": args.id, "confirmed": True, "wo": award["wo"],
                         "token": award["token"]}  # fmt: skip
             if name == "show":
                 return to_json_safe(await auctions.show(args.id))

@@ -440,7 +440,20 @@ def _claimed(claim: Claim) -> dict[str, Any]:
     """A grant as scripts read it: the lease's fields under the names the relay's
     answers, ``wo show`` and ``auction show`` give them (``expires_ms``: ms since the
     epoch), so that one script reads them the same way from every command."""
-    return {"id": claim.order, "token": claim.token, "expires_ms": claim.expires_ms}
+    return {"wo": claim.order, "token": claim.token, "expires_ms": claim.expires_ms}
+
+
+def _order(shown: dict[str, Any]) -> dict[str, Any]:
+    """An order as the relay shows it (``wo.show``, ``wo.list``), its id and its
+    children's under ``wo``: the name every command's JSON gives a work order's id (as
+    ``--wo`` does, and ``auction show``, ``context pull`` and the claim answers).
+    The relay's views name it ``id``; a script reads one name from every command."""
+    order = {"wo": shown["id"], **{k: v for k, v in shown.items() if k != "id"}}
+    if "children" in order:
+        order["children"] = [
+            {"wo": c["id"], **{k: v for k, v in c.items() if k != "id"}} for c in order["children"]
+        ]
+    return order
 
 
 def _plain(result: Any) -> str:
@@ -490,7 +503,7 @@ def _create(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
             **({"parent": args.parent} if args.parent else {}),
         )
         # Bare, so that `id=$(formicary wo create ...)` is the id.
-        return {"id": order} if args.json else Text(order)
+        return {"wo": order} if args.json else Text(order)
 
     return act
 
@@ -501,7 +514,7 @@ def _decide(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
             await ledger.approve(args.id, args.comment)
         else:
             await ledger.reject(args.id, args.comment)
-        return {"id": args.id, "decision": args.wo}
+        return {"wo": args.id, "decision": args.wo}
 
     return act
 
@@ -510,28 +523,28 @@ def _progress(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
     async def act(ledger: Ledger) -> Any:
         token = tokens.get(ns, args.id, args.token)
         await ledger.progress(Claim(args.id, token, 0), args.percent, args.message)
-        return {"id": args.id, "percent": args.percent}
+        return {"wo": args.id, "percent": args.percent}
 
     return act
 
 
 def _wait(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
     async def act(ledger: Ledger) -> Any:
-        return to_json_safe({"id": args.id, **await ledger.wait_decision(args.id)})
+        return to_json_safe({"wo": args.id, **await ledger.wait_decision(args.id)})
 
     return act
 
 
 def _list(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
     async def act(ledger: Ledger) -> Any:
-        return [to_json_safe(order) for order in await ledger.list(args.status)]
+        return [_order(to_json_safe(order)) for order in await ledger.list(args.status)]
 
     return act
 
 
 def _show(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
     async def act(ledger: Ledger) -> Any:
-        return to_json_safe(await ledger.show(args.id))
+        return _order(to_json_safe(await ledger.show(args.id)))
 
     return act
 
@@ -573,7 +586,7 @@ def _release(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
                 tokens.forget(ns, args.id, token)  # that claim is over
             raise
         tokens.forget(ns, args.id, token)
-        return {"id": args.id, "status": "open"}
+        return {"wo": args.id, "status": "open"}
 
     return act
 
@@ -604,7 +617,7 @@ def _update(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
                 )
             raise
         tokens.forget(ns, args.id, kept)
-        return {"id": args.id, "status": args.status}
+        return {"wo": args.id, "status": args.status}
 
     return act
 

@@ -28,7 +28,7 @@ set -u
 f() { "$PYTHON" -m agent_sdk.cli "$@"; }
 other() { FORMICARY_KEY=$OTHER_KEY "$PYTHON" -m agent_sdk.cli "$@"; }
 id=$(f wo create --title "fix the parser" --acceptance "tests pass" --priority 3 --json \
-     | "$PYTHON" -c 'import json,sys; print(json.load(sys.stdin)["id"])') || exit 10
+     | "$PYTHON" -c 'import json,sys; print(json.load(sys.stdin)["wo"])') || exit 10
 f wo list --status open --json > open.json || exit 11
 f wo claim "$id" --ttl 10m --json > claim.json || exit 12
 f wo renew "$id" --ttl 20m > /dev/null || exit 13
@@ -52,9 +52,10 @@ f wo show wo-99; echo "missing=$?" >> codes.txt
 f context pull --wo wo-99; echo "missing-context=$?" >> codes.txt
 f wo claim "$id" --ttl forever; echo "bad-ttl=$?" >> codes.txt
 parent=$(f wo create --title "release 2" --json \
-     | "$PYTHON" -c 'import json,sys; print(json.load(sys.stdin)["id"])') || exit 25
+     | "$PYTHON" -c 'import json,sys; print(json.load(sys.stdin)["wo"])') || exit 25
 child=$(f wo create --title "changelog" --parent "$parent") || exit 26
 f wo show "$child" > /dev/null || exit 27  # printed bare: the id, as README says
+f wo show "$parent" --json > parent.json || exit 28
 f wo update "$parent" --status done; echo "open-children=$?" >> codes.txt
 exit 0
 """
@@ -69,16 +70,21 @@ async def test_the_workledger_workflow_in_a_shell_script(
     [listed] = json.loads((tmp_path / "open.json").read_text())
     assert listed["status"] == "open" and listed["title"] == "fix the parser"
     claim = json.loads((tmp_path / "claim.json").read_text())
-    assert claim["id"] == listed["id"] and claim["token"] == 1 and claim["expires_ms"]
+    assert claim["wo"] == listed["wo"] and claim["token"] == 1 and claim["expires_ms"]
     shown = json.loads((tmp_path / "show.json").read_text())
+    # A work order's id has one name in every command's JSON: `wo`, as in `--wo`.
+    assert shown["wo"] == listed["wo"] and "id" not in shown and "id" not in listed
+    parent = json.loads((tmp_path / "parent.json").read_text())
+    [child] = parent["children"]
+    assert child["wo"] != parent["wo"] and "id" not in child
     assert shown["status"] == "done" and shown["holder"] is None
     assert [note["text"] for note in shown["notes"]] == ["found it in lexer.py"]
     assert [h["status"] for h in shown["history"]] == ["open", "claimed", "open", "done"]
     # The other agent reads the holder's context; its own put was refused while held.
     assert (tmp_path / "pulled.txt").read_text() == "the bug is in lexer.py: tokens over 64 KiB\n\n"
-    assert f"context {listed['id']} v1 of 1" in (tmp_path / "header.txt").read_text()
+    assert f"context {listed['wo']} v1 of 1" in (tmp_path / "header.txt").read_text()
     [post] = json.loads((tmp_path / "bulletin.json").read_text())
-    assert post["text"] == f"fixed the parser ({listed['id']})" and post["n"] == 1
+    assert post["text"] == f"fixed the parser ({listed['wo']})" and post["n"] == 1
     adr = json.loads((tmp_path / "adr.json").read_text())
     [decision] = json.loads((tmp_path / "decisions.json").read_text())
     assert decision["id"] == adr["id"] and decision["status"] == "accepted"
@@ -284,7 +290,7 @@ CONFIRM_SCRIPT = r"""
 set -u
 other() { FORMICARY_KEY=$OTHER_KEY "$PYTHON" -m agent_sdk.cli "$@"; }
 other auction confirm $QID --json > confirm.json || exit 22
-wo=$("$PYTHON" -c 'import json; print(json.load(open("confirm.json"))["id"])')
+wo=$("$PYTHON" -c 'import json; print(json.load(open("confirm.json"))["wo"])')
 other auction show $QID --json > awarded.json || exit 23
 other wo update "$wo" --status done || exit 24  # with the token confirm kept
 """
@@ -314,10 +320,11 @@ async def test_auctions_from_a_shell_script(relay: RunningRelay, tmp_path: Path)
     [vouch] = json.loads((tmp_path / "rep.json").read_text())["vouched_by"]
     assert vouch["weight"] == 10 and vouch["reason"] == "reviewed its work"
     assert json.loads((tmp_path / "revoke.json").read_text())["unlocked"] == 10
-    # The award's token by one name in confirm's answer and show's.
+    # The award's order and token by one name each in confirm's answer and show's.
     confirmed = json.loads((tmp_path / "confirm.json").read_text())
     awarded = json.loads((tmp_path / "awarded.json").read_text())
-    assert confirmed["token"] == awarded["token"] and awarded["wo"] == confirmed["id"]
+    assert confirmed["token"] == awarded["token"] and awarded["wo"] == confirmed["wo"]
+    assert "id" not in confirmed
 
 
 APPROVAL = r"""
@@ -327,7 +334,7 @@ human() { FORMICARY_KEY=$OTHER_KEY "$PYTHON" -m agent_sdk.cli "$@"; }
 human keygen --out "$OTHER_KEY" > human.json || exit 10
 key=$("$PYTHON" -c 'import json; print(json.load(open("human.json"))["id"])')
 id=$(f wo create --title "rotate the prod key" --requires-approval "touches credentials" \
-     --approver "$key" --json | "$PYTHON" -c 'import json,sys; print(json.load(sys.stdin)["id"])') \
+     --approver "$key" --json | "$PYTHON" -c 'import json,sys; print(json.load(sys.stdin)["wo"])') \
      || exit 11
 f wo claim "$id" > /dev/null || exit 12
 f wo update "$id" --status done; echo "done-early=$?" > codes.txt
@@ -352,7 +359,9 @@ async def test_approvals_from_a_shell(relay: RunningRelay, tmp_path: Path) -> No
     [waiting] = json.loads((tmp_path / "waiting.json").read_text())
     assert waiting["status"] == "awaiting_approval"
     assert waiting["approval"]["reason"] == "touches credentials"
+    assert waiting["wo"] == "wo-1"
     decision = json.loads((tmp_path / "decision.json").read_text())
+    assert decision["wo"] == "wo-1"
     assert decision["approved"] is True and decision["comment"] == "rotated keys are backed up"
 
 
