@@ -5,13 +5,20 @@ Documents have three conventional roots (agent_sdk/docs.py): ``fields`` (a Map t
 extends). ``doc get`` prints them; ``doc token`` mints the token a plain Yjs client
 needs to edit through the relay's ``/yjs/<ns>/<doc>`` endpoint.
 
-Exit codes: 0 ok, 4 no such document, 2 usage, 1 anything else.
+``set`` and ``append`` wait for the relay to commit the change (``--timeout``, 30 s by
+default) and exit 1 saying so when it does not: the change may still land later (a
+write the relay queued for an unreachable home does), so the agent must not take it
+as done, nor blindly write it again.
+
+Exit codes: 0 ok, 4 no such document, 2 usage, 1 anything else (an unconfirmed change
+included).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -39,13 +46,20 @@ def add_parser(sub: Any, agent_options: AgentOptions) -> None:
 
     p = command("get", "print the document's fields, text and log")
     p.add_argument("--json", action="store_true", help="print JSON")
+
+    def waits(p: argparse.ArgumentParser) -> None:
+        help = "how long to wait for the change's commit: 90s, 5m (default 30s)"
+        p.add_argument("--timeout", default="30s", help=help)
+
     p = command("set", "set a field (creates the document if needed)")
     # Not "key": that is the key file of every agent command (--key).
     p.add_argument("field", help="the field of `fields` to set")
     p.add_argument("value")
     p.add_argument("--parse-json", action="store_true", help="store VALUE as JSON, not text")
+    waits(p)
     p = command("append", "append an entry to the log (creates the document if needed)")
     p.add_argument("text")
+    waits(p)
     p = command(
         "token",
         "mint a token for a plain Yjs client to edit this document; prints the query "
@@ -57,10 +71,11 @@ def add_parser(sub: Any, agent_options: AgentOptions) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from agent_sdk.cli import _identity, _relay_url
-    from agent_sdk.cli_wo import UsageError, json_value, lifetime_ms, tell_queued
+    from agent_sdk.cli_wo import json_value, lifetime_ms, tell_queued
 
     where = f"formicary doc {args.doc_command}"
     identity = _identity(args)
+    edited = False  # the change made and sent: from then on, an error leaves it unknown
     try:
         if args.doc_command == "token":
             from agent_sdk import doctoken
@@ -71,24 +86,45 @@ def run(args: argparse.Namespace) -> int:
         value: Any = args.value if args.doc_command == "set" else None
         if args.doc_command == "set" and args.parse_json:
             value = json_value(args.value, "VALUE")
+        writing = args.doc_command != "get"
+        # A write's deadline covers the whole of it: the document's creation waits for
+        # its commit too, as long as the home is out of reach (the relay queues it).
+        timeout = lifetime_ms(args.timeout, "--timeout") / 1000 if writing else math.inf
 
         async def main() -> dict[str, Any]:
+            nonlocal edited
             async with RelayClient.connect(_relay_url(args), identity, reconnect=False) as client:
                 tell_queued(client)
-                creating = args.doc_command != "get"
-                async with client.doc(args.ns, args.name, create=creating) as shared:
-                    _edit(shared, args, value)
-                    return shared.to_json()  # leaving the block waits for the edit's commit
+                with trio.move_on_after(timeout):
+                    docs = client.doc(args.ns, args.name, create=writing, flush_timeout=math.inf)
+                    async with docs as shared:
+                        _edit(shared, args, value)
+                        edited = True
+                        return shared.to_json()  # leaving the block waits for the edit's commit
+                raise Unconfirmed(args.timeout)
 
         content = trio.run(main)
-    except UsageError as exc:
-        print(f"{where}: {exc}", file=sys.stderr)
-        return 2
-    except ProtocolError as exc:
-        print(f"{where}: {exc.code.slug}: {exc.reason}", file=sys.stderr)
-        return 4 if exc.code is ErrorCode.UNKNOWN_DOC else 1
+    except Unconfirmed as exc:
+        # Not a failure the agent can take as "not written": the relay may hold the
+        # change (queued for an unreachable home) and commit it later.
+        print(
+            f"{where}: the change is not confirmed after {exc}; it may still be queued and"
+            f" land later: check with `formicary doc get {args.ns} {args.name}` before"
+            " writing it again (or wait longer with --timeout)",
+            file=sys.stderr,
+        )
+        return 1
     except Exception as exc:
-        print(f"{where}: {exc}", file=sys.stderr)
+        refused = isinstance(exc, ProtocolError) and exc.code is not ErrorCode.INTERNAL
+        if not edited or refused:  # never sent, or the relay said no: nothing landed
+            return _failed(where, exc)
+        # The connection ended (the relay stopped) with the change sent and not
+        # answered: the relay may have committed it, or not.
+        print(
+            f"{where}: the change is not confirmed ({exc}); it may have landed or not:"
+            f" check with `formicary doc get {args.ns} {args.name}` before writing it again",
+            file=sys.stderr,
+        )
         return 1
     if args.doc_command == "get":
         if args.json:
@@ -101,6 +137,23 @@ def run(args: argparse.Namespace) -> int:
             for entry in content["log"]:
                 print(f"- {entry}")
     return 0
+
+
+def _failed(where: str, exc: Exception) -> int:
+    from agent_sdk.cli_wo import UsageError
+
+    if isinstance(exc, UsageError):
+        print(f"{where}: {exc}", file=sys.stderr)
+        return 2
+    if isinstance(exc, ProtocolError):
+        print(f"{where}: {exc.code.slug}: {exc.reason}", file=sys.stderr)
+        return 4 if exc.code is ErrorCode.UNKNOWN_DOC else 1
+    print(f"{where}: {exc}", file=sys.stderr)
+    return 1
+
+
+class Unconfirmed(Exception):
+    """A write whose commit the relay did not confirm in time (its ``--timeout``)."""
 
 
 def _edit(shared: SharedDoc, args: argparse.Namespace, value: Any) -> None:

@@ -48,6 +48,7 @@ from websockets.trio.client import ClientConnection, connect
 
 from agent_sdk import frames as f
 from agent_sdk.direct import listening
+from agent_sdk.docs import FLUSH_TIMEOUT as FLUSH_TIMEOUT_DOC
 from agent_sdk.docs import SharedDoc, open_doc
 from agent_sdk.errors import ErrorCode, ProtocolError, client_stopped, unwrap_single
 from agent_sdk.identity import Identity
@@ -754,11 +755,13 @@ class RelayClient:
     # -- documents ----------------------------------------------------------------------
 
     def doc(
-        self, ns: str, name: str, *, create: bool = True
+        self, ns: str, name: str, *, create: bool = True, flush_timeout: float = FLUSH_TIMEOUT_DOC
     ) -> AbstractAsyncContextManager[SharedDoc]:
         """Open shared document ``name`` of ``ns`` as a live pycrdt document (see
-        agent_sdk/docs.py); it is created first when ``create`` and missing."""
-        return open_doc(self, ns, name, create=create)
+        agent_sdk/docs.py); it is created first when ``create`` and missing. Leaving
+        the block waits up to ``flush_timeout`` seconds for the edits' commit, then
+        raises :class:`TimeoutError`."""
+        return open_doc(self, ns, name, create=create, flush_timeout=flush_timeout)
 
     # -- messages -------------------------------------------------------------------------
 

@@ -366,7 +366,12 @@ def _within_limit(update: bytes) -> list[bytes]:
 
 @asynccontextmanager
 async def open_doc(
-    client: RelayClient, ns: str, name: str, *, create: bool = True
+    client: RelayClient,
+    ns: str,
+    name: str,
+    *,
+    create: bool = True,
+    flush_timeout: float = FLUSH_TIMEOUT,
 ) -> AsyncIterator[SharedDoc]:
     if create:  # (on a stopped client the publish raises the stop)
         try:
@@ -393,10 +398,10 @@ async def open_doc(
                 nursery.start_soon(shared._send_forever)
                 try:
                     yield shared
-                    with trio.move_on_after(FLUSH_TIMEOUT) as waiting:
+                    with trio.move_on_after(flush_timeout) as waiting:
                         await shared.flush()
                     if waiting.cancelled_caught:
-                        raise TimeoutError(f"{name}: edits not confirmed in {FLUSH_TIMEOUT} s")
+                        raise TimeoutError(f"{name}: edits not confirmed in {flush_timeout} s")
                 finally:
                     nursery.cancel_scope.cancel()
         if shared.error is not None:

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
+import trio
 
 from agent_sdk.client import Live, RelayClient
 from agent_sdk.errors import ProtocolError
 from agent_sdk.identity import Identity
-from tests.agent_sdk.shell import exit_codes, run_shell
+from relay.node import Ticket
+from relay.store import Record
+from tests.agent_sdk.shell import exit_codes, run_shell, running
 from tests.conftest import RunningRelay, identity
+from tests.federation.fixtures import plan, start
+
+TIMEOUT = 30
 
 SCRIPT = r"""
 set -u
@@ -73,3 +80,74 @@ async def test_documents_from_a_shell_script(relay: RunningRelay, tmp_path: Path
         client.doc("docs@local", "plan", create=False) as shared,
     ):
         assert shared.to_json() == plan
+
+
+def _cli_env(url: str, tmp_path: Path) -> dict[str, str]:
+    import os
+
+    return {**os.environ, "FORMICARY_RELAY": url, "FORMICARY_KEY": str(tmp_path / "k.key")}
+
+
+async def test_a_write_the_home_never_confirms_exits_non_zero(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """A write the relay queued (its namespace's home is down) was left after 30 s with
+    status 0, and the agent believed it had landed."""
+    relays = plan(tmp_path, "a", "b")  # b, the home of x@b, is never started
+    a = await start(nursery, relays["a"], (relays["b"].peer(),))
+    command = ["doc", "append", "x@b", "notes", "kept", "--timeout", "1s"]
+    with trio.fail_after(TIMEOUT):  # (not a timing check: only that it ends)
+        done = await trio.run_process(
+            [sys.executable, "-m", "agent_sdk.cli", *command],
+            env=_cli_env(a.url, tmp_path),
+            check=False,
+            capture_stdout=True,
+            capture_stderr=True,
+        )
+    said = done.stderr.decode()
+    assert done.returncode == 1, said
+    assert "the home relay of x@b cannot be reached now" in said  # the relay holds it
+    assert (
+        "formicary doc append: the change is not confirmed after 1s; it may still be queued"
+        " and land later: check with `formicary doc get x@b notes` before writing it again"
+    ) in said
+
+
+@pytest.mark.parametrize("relay_stops", [False, True])
+async def test_an_edit_whose_commit_never_comes_exits_non_zero(
+    relay: RunningRelay, tmp_path: Path, relay_stops: bool
+) -> None:
+    """The relay takes the edit and never answers it: the command waits out its
+    --timeout, or sees the relay stop, and says the change is not confirmed."""
+    node = relay.node
+    answer, answer_nowait = node.answer, node.answer_nowait
+    received = trio.Event()
+
+    async def stalled(ticket: Ticket) -> Record:
+        if ticket.event.event.kind == "doc.update":
+            received.set()
+            await trio.sleep_forever()
+        return await answer(ticket)
+
+    def nowait(ticket: Ticket) -> Record | None:
+        return None if ticket.event.event.kind == "doc.update" else answer_nowait(ticket)
+
+    node.answer, node.answer_nowait = stalled, nowait  # type: ignore[method-assign]
+    command = ["doc", "set", "docs@local", "plan", "owner", "agent-1"]
+    command += ["--timeout", "1h" if relay_stops else "1s"]
+    env = _cli_env(relay.url, tmp_path)
+    async with running([sys.executable, "-m", "agent_sdk.cli", *command], env) as process:
+        with trio.fail_after(TIMEOUT):  # (not a timing check: only that it ends)
+            if relay_stops:
+                await received.wait()
+                relay.scope.cancel()
+            await process.wait()
+            assert process.stderr is not None
+            told = b""
+            while chunk := await process.stderr.receive_some():
+                told += chunk
+    said = told.decode()
+    assert process.returncode == 1, said
+    told_last = said.splitlines()[-1]  # (after the line about the key the CLI made)
+    assert told_last.startswith("formicary doc set: the change is not confirmed"), said
+    assert "check with `formicary doc get docs@local plan` before writing it again" in told_last
