@@ -94,6 +94,45 @@ class TokenBucket:
         return (1.0 - self.tokens) / self.rate if self.rate > 0 else float("inf")
 
 
+@dataclass
+class ErrorBudget:
+    """Bytes of ``error`` frames one connection may still be sent (protocol 1, error
+    allowance). Every byte the connection sends earns one; time earns ``refill`` a
+    second, up to ``allowance`` (time alone never raises it past that). Time pays
+    for the errors a client does not cause with bad input, which may be larger than
+    what prompted them or come unprompted: a document's ``doc_resync``, a presence
+    update dropped over its rate (``awareness_refused``), a subscription ended by a
+    policy change. A connection that sends nothing but bad input still gets no more
+    than its own bytes back, plus ``allowance``, plus ``refill`` a second."""
+
+    allowance: float
+    refill: float
+    credit: float
+    stamp: float
+
+    @classmethod
+    def full(cls, allowance: float, refill: float, now: float) -> ErrorBudget:
+        return cls(allowance=allowance, refill=refill, credit=allowance, stamp=now)
+
+    def earn(self, size: int) -> None:
+        """The connection sent ``size`` bytes."""
+        self.credit += size
+
+    def spend(self, size: int, now: float) -> bool:
+        """Charge an error frame of ``size`` bytes: False once the budget is overdrawn
+        (the connection is then closed, and the frame not sent)."""
+        if self.credit < self.allowance:
+            earned = self.credit + (now - self.stamp) * self.refill
+            self.credit = min(self.allowance, earned)
+        self.stamp = now
+        self.credit -= size
+        return self.credit >= 0
+
+    @property
+    def overdrawn(self) -> bool:
+        return self.credit < 0
+
+
 class Limiter:
     """One relay's buckets and connection counts."""
 

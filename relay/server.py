@@ -47,6 +47,7 @@ from federation.peers import Peer
 from relay.board import static_file
 from relay.coordination.directory import joins_by_connection
 from relay.documents import MAX_AWARENESS, LiveDoc, Overflow, Replica
+from relay.limits import ErrorBudget
 from relay.logs import CONNECTION, about
 from relay.messaging import Messaging
 from relay.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -107,13 +108,17 @@ bundle of 4096 nils must not buy 4096 error frames (protocol 1). An error with a
 ``rid`` or ``sub`` is not counted: its client waits for it, and the frames after it
 for theirs."""
 ERROR_ALLOWANCE = 64 * 1024
-"""Bytes of ``error`` frames a connection may be sent beyond the bytes it has sent:
+"""Bytes of ``error`` frames a connection may be sent beyond those it has earned:
 past it the connection is closed (5004 ``too many errors``). Answering bad input
 must not amplify it: an error frame is often larger than the frame it answers (a
 nil of one byte gets about 60), so a client sending nothing but bad frames would
-get several times its bytes back. Every byte received earns a byte of errors, so an
-agent whose mistakes are occasional is always answered, and no stream of bad input
-gets more bytes out than it put in, plus this much."""
+get several times its bytes back. Every byte received earns a byte of errors, and
+time earns ERROR_REFILL a second (:class:`relay.limits.ErrorBudget`), so an agent
+whose mistakes are occasional is always answered."""
+ERROR_REFILL = 16 * 1024
+"""Bytes of ``error`` frames a second that time earns a connection, up to the
+allowance: errors it did not cause with its input (resyncs, dropped presence
+updates, ended subscriptions) are paid for by time, not held against it for good."""
 T = TypeVar("T")
 
 
@@ -182,9 +187,9 @@ class Connection:
         self._counted = False  # in the limiter's connections per key
         self._refusals = 0  # rate-limited frames not worked off (REFUSALS_BEFORE_CLOSE)
         self._auth_failures = 0
-        # Bytes of errors this connection may still be sent (ERROR_ALLOWANCE): what it
-        # sent earns, each error frame spends; below zero it is closed.
-        self._error_credit = ERROR_ALLOWANCE
+        # Bytes of errors this connection may still be sent: what it sends and time
+        # earn, each error frame spends; overdrawn, it is closed.
+        self._errors = ErrorBudget.full(ERROR_ALLOWANCE, ERROR_REFILL, trio.current_time())
         self._flood_closing = False
         self._answering = False  # the acknowledger is answering a batch
         self._writing = False  # the writer is in a send
@@ -240,15 +245,15 @@ class Connection:
     async def _send(self, frame: f.RelayFrame) -> None:
         data = f.encode_frame(frame)
         # Whatever task answers with an error, it is counted (a link carries many
-        # agents' answers: it is not limited, as with rate limits).
-        if isinstance(frame, f.Error) and self.peer is None:
-            self._error_credit -= len(data)
-            if self._error_credit < 0:  # not sent: the connection is closed instead
-                if trio.lowlevel.current_task() is self._reading_task:
-                    await self._close_flooded()
-                elif not self._flood_closing:
-                    self._nursery.start_soon(self._close_flooded)
-                await trio.sleep_forever()  # until the close cancels every task
+        # agents' answers: it is not limited, as with rate limits). Overdrawn, the
+        # error is not sent: the connection is closed instead.
+        charged = isinstance(frame, f.Error) and self.peer is None
+        if charged and not self._errors.spend(len(data), trio.current_time()):
+            if trio.lowlevel.current_task() is self._reading_task:
+                await self._close_flooded()
+            elif not self._flood_closing:
+                self._nursery.start_soon(self._close_flooded)
+            await trio.sleep_forever()  # until the close cancels every task
         await self._send_encoded(data)
 
     async def _send_encoded(self, data: bytes) -> None:
@@ -416,7 +421,7 @@ class Connection:
             await self._receive_one(message)
 
     async def _receive_one(self, message: str | bytes) -> None:
-        self._error_credit += len(message)  # (a text message's characters: at most its bytes)
+        self._errors.earn(len(message))  # (a text message's characters: at most its bytes)
         if await self._flooded():
             return
         if isinstance(message, str):
@@ -540,19 +545,19 @@ class Connection:
         return True
 
     async def _flooded(self) -> bool:
-        """Close the connection if it has been sent more error bytes than it sent
-        bytes, and ERROR_ALLOWANCE more (True then: nothing more is read)."""
-        if self._error_credit >= 0:
+        """Close the connection if its error budget is overdrawn (True then: nothing
+        more is read)."""
+        if not self._errors.overdrawn:
             return False
         await self._close_flooded()
         return True
 
     async def _close_flooded(self) -> None:
-        """Close a connection over its ERROR_ALLOWANCE, with the reason (whichever task
+        """Close a connection whose error budget is overdrawn, with the reason (whichever task
         found it over: the reader may be waiting for a message that never comes)."""
         if not self._flood_closing:
             self._flood_closing = True
-            log.warning("closing a connection sent more errors than it sent bytes")
+            log.warning("closing a connection that overdrew its error budget")
         reason = f"{int(ErrorCode.RATE_LIMITED)} rate_limited: too many errors"
         await self.ws.aclose(FLOOD_CLOSE, reason)
         self._nursery.cancel_scope.cancel()  # tasks parked on an error not sent, too

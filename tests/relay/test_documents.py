@@ -735,6 +735,44 @@ async def test_awareness_floods_and_garbage_are_refused(relay: RunningRelay) -> 
         assert first.error is None and second.error is None
 
 
+async def test_presence_over_its_rate_is_refused_without_closing_the_connection(
+    relay: RunningRelay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 3007 means one presence update was dropped and nothing more (13.5), and the
+    SDK does not hold presence back to the rate. The error (about 80 bytes) is larger
+    than the update it answers (about 50): charged only against the bytes sent, an
+    agent updating its presence over the rate ran its error allowance down and was
+    closed (after about 22 s at the default figures). Time now pays for such errors:
+    here it pays at once, and an allowance of a few errors is used many times over."""
+    from relay import server
+
+    monkeypatch.setattr(server, "ERROR_ALLOWANCE", 256)
+    monkeypatch.setattr(server, "ERROR_REFILL", 1e9, raising=False)
+    async with (
+        RelayClient.connect(relay.url, identity(1), reconnect=False) as one,
+        one.doc(NS, "aware") as first,
+    ):
+        refused = 0
+        original = one._on_error
+
+        def count(frame: Any) -> None:
+            nonlocal refused
+            refused += frame.code == ErrorCode.AWARENESS_REFUSED
+            original(frame)
+
+        one._on_error = count  # type: ignore[method-assign]
+        n = 0
+        while refused < 400:  # errors of about 80 bytes for updates of about 50
+            for _ in range(50):
+                n += 1
+                first.set_presence({"n": n})
+            # Answered after every update sent before it: their errors are in.
+            await one.query(NS, "schema.list")
+        assert first.error is None
+        first.text().insert(0, "still connected")
+        await first.flush()
+
+
 def _conflicting_updates() -> tuple[bytes, bytes]:
     """A plain edit, and an update that decodes alone but not on top of it: it treats
     the edit's first item (text) as a map (check_update tries it on an empty doc)."""

@@ -16,7 +16,7 @@ from websockets.trio.client import connect as connect_ws
 from agent_sdk.client import RelayClient
 from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.identity import Identity
-from relay.limits import Limiter, RateLimits, TokenBucket, publish_cost
+from relay.limits import ErrorBudget, Limiter, RateLimits, TokenBucket, publish_cost
 from relay.node import RelayConfig, RelayNode
 from relay.server import serve_relay
 from relay.store.memory import MemoryStore
@@ -32,6 +32,20 @@ def test_a_bucket_spends_its_burst_then_refills_at_its_rate() -> None:
     assert bucket.take(0.0) == pytest.approx(0.1)  # one token comes every 0.1 s
     assert bucket.take(0.1) == 0.0
     assert bucket.take(5.0) == 0.0 and bucket.tokens == pytest.approx(2.0)  # capped at burst
+
+
+def test_an_error_budget_is_earned_by_bytes_and_by_time_up_to_its_allowance() -> None:
+    budget = ErrorBudget.full(allowance=100, refill=10, now=0.0)
+    assert budget.spend(60, 0.0) and budget.spend(40, 0.0)  # the allowance, all of it
+    assert not budget.spend(1, 0.0) and budget.overdrawn  # one byte more: over
+    budget = ErrorBudget.full(allowance=100, refill=10, now=0.0)
+    assert budget.spend(100, 0.0)
+    assert budget.spend(50, 5.0)  # five seconds earned 50
+    assert budget.spend(100, 100.0) and not budget.spend(1, 100.0)  # time: up to 100 only
+    budget.earn(500)  # bytes the connection sent earn without a cap
+    assert budget.spend(499, 100.0) and budget.credit == 0
+    budget.earn(300)
+    assert budget.spend(0, 200.0) and budget.credit == 300  # time never takes any away
 
 
 def test_connections_are_capped_per_key_and_per_address() -> None:
