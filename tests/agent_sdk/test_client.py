@@ -9,16 +9,13 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from websockets.exceptions import ConnectionClosed
-from websockets.trio.client import connect
-from websockets.trio.server import Server, ServerConnection, serve
 
 from agent_sdk import frames as f
 from agent_sdk.client import Delivery, Published, RelayClient, RelayMismatch
 from agent_sdk.errors import ErrorCode, ProtocolError
-from simulations.ports import free_port
 from tests.agent_sdk.cuttable import Wire, dialer
 from tests.conftest import RunningRelay, identity
+from tests.federation.fixtures import LyingRelay
 
 NS = "t@local"
 TOTAL = 300
@@ -364,46 +361,20 @@ async def test_a_pause_on_a_live_marker_resumes_past_it(relay: RunningRelay) -> 
                             break
 
 
-class LateLive:
+class LateLive(LyingRelay):
     """A WebSocket man in the middle between a client and a relay that holds back the
     ``live`` of namespace ``late`` until the ``live`` of ``after`` has gone by, as
     a foreign namespace's comes once its mirror has caught up (protocol 14.7)."""
 
     def __init__(self, target: str, late: str, after: str) -> None:
-        self.target, self.late, self.after = target, late, after
-        self.port = free_port()
+        super().__init__(target, lambda frame: frame)
+        self.late, self.after = late, after
         self.held: list[bytes] = []
         self.released = False
 
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}"
-
-    async def run(self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
-        await serve(
-            self._handle, self.port, host="127.0.0.1", compression=None, task_status=task_status
-        )
-
-    async def _handle(self, inbound: ServerConnection) -> None:
-        try:
-            async with (
-                connect(self.target, compression=None) as outbound,
-                trio.open_nursery() as nursery,
-            ):
-
-                async def upstream() -> None:
-                    while True:
-                        await outbound.send(await inbound.recv())
-
-                nursery.start_soon(upstream)
-                while True:
-                    message = await outbound.recv()
-                    assert isinstance(message, bytes)
-                    passed = self._pass(message)
-                    if passed:
-                        await inbound.send(f.bundle(passed))
-        except* ConnectionClosed:
-            pass
+    def _rewrite(self, message: bytes) -> bytes | None:
+        passed = self._pass(message)
+        return f.bundle(passed) if passed else None
 
     def _pass(self, message: bytes) -> list[bytes]:
         out = []

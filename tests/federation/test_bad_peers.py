@@ -510,24 +510,30 @@ async def test_a_peer_flooding_without_reading_does_not_stall_others(
     assert sent > 20 and b.node.head(NS) >= 1
 
 
-class _GarbledLocate(LyingRelay):
-    """Answers every ``fed.locate`` with items of the wrong shapes (an id that is a
-    list does not even hash) and sets ``lied`` once it has."""
+class _LocateLiar(LyingRelay):
+    """Answers ``fed.locate`` with ``answer`` while it is set: every time, or with
+    ``once`` the first time only, then tells the truth. Sets ``lied`` once it has."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, answer: list[Any] | None = None, *, once: bool = False) -> None:
         super().__init__(target, lambda frame: frame)
+        self.answer, self.once = answer, once
         self.lied = trio.Event()
 
     def _rewrite(self, message: bytes) -> bytes | None:
         out = []
         for frame in f.decode_message(message):
             assert not isinstance(frame, Exception)
-            if isinstance(frame, f.Result) and isinstance(frame.body, list):
-                garbage = [[[1], NS, 1], [b"x" * 32, 7, 1], [bytes(32), NS, -1], "x", [1]]
-                frame = replace(frame, body=garbage)
+            lie = self.answer is not None and not (self.once and self.lied.is_set())
+            if lie and isinstance(frame, f.Result) and isinstance(frame.body, list):
+                frame = replace(frame, body=self.answer)
                 self.lied.set()
             out.append(f.encode_frame(frame))
         return f.bundle(out) if out else None
+
+
+GARBLED_LOCATE = [[[1], NS, 1], [b"x" * 32, 7, 1], [bytes(32), NS, -1], "x", [1]]
+"""An answer to ``fed.locate`` of the wrong shapes (an id that is a list does not
+even hash)."""
 
 
 async def test_a_garbled_answer_to_where_an_event_is_changes_nothing(
@@ -535,7 +541,7 @@ async def test_a_garbled_answer_to_where_an_event_is_changes_nothing(
 ) -> None:
     relays = plan(tmp_path, "a", "b")
     b = await start(nursery, relays["b"], (relays["a"].peer(),))
-    liar = _GarbledLocate(b.url)
+    liar = _LocateLiar(b.url, GARBLED_LOCATE)
     await nursery.start(liar.run)
     config = RelayConfig(name="a", sequencer=Limits(park_timeout_ms=1_000))
     a = await start(nursery, relays["a"], (relays["b"].peer(url=liar.url),), config)
@@ -551,26 +557,6 @@ async def test_a_garbled_answer_to_where_an_event_is_changes_nothing(
     assert after.receipt.seq == 1
 
 
-class _FarLocate(LyingRelay):
-    """Answers every ``fed.locate`` by placing the ghost id at ``seq``, in a namespace
-    of the home it speaks for."""
-
-    def __init__(self, target: str, seq: int) -> None:
-        super().__init__(target, lambda frame: frame)
-        self.seq = seq
-        self.lied = trio.Event()
-
-    def _rewrite(self, message: bytes) -> bytes | None:
-        out = []
-        for frame in f.decode_message(message):
-            assert not isinstance(frame, Exception)
-            if isinstance(frame, f.Result) and isinstance(frame.body, list):
-                frame = replace(frame, body=[[bytes(32), NS, self.seq]])
-                self.lied.set()
-            out.append(f.encode_frame(frame))
-        return f.bundle(out) if out else None
-
-
 @pytest.mark.parametrize(
     "seq", [2**63, 2**64 - 1, 0, -(2**63)], ids=["2^63", "2^64-1", "0", "-2^63"]
 )
@@ -583,7 +569,7 @@ async def test_a_locate_answer_with_a_seq_no_relay_can_hold_is_refused(
     1008 and the reason, and the relay carries on."""
     relays = plan(tmp_path, "a", "b")
     b = await start(nursery, relays["b"], (relays["a"].peer(),))
-    liar = _FarLocate(b.url, seq)
+    liar = _LocateLiar(b.url, [[bytes(32), NS, seq]])  # the ghost id, far out
     await nursery.start(liar.run)
     config = RelayConfig(name="a", sequencer=Limits(park_timeout_ms=1_000))
     a = await start(nursery, relays["a"], (relays["b"].peer(url=liar.url),), config)
@@ -604,35 +590,14 @@ async def test_a_locate_answer_with_a_seq_no_relay_can_hold_is_refused(
     assert any("dropping the connection: forged answer" in r.message for r in caplog.records)
 
 
-class _OneLie(LyingRelay):
-    """Answers the first ``fed.locate`` after ``answer`` is set with it, then tells
-    the truth."""
-
-    def __init__(self, target: str) -> None:
-        super().__init__(target, lambda frame: frame)
-        self.answer: list[list[object]] | None = None
-        self.lied = trio.Event()
-
-    def _rewrite(self, message: bytes) -> bytes | None:
-        out = []
-        for frame in f.decode_message(message):
-            assert not isinstance(frame, Exception)
-            lie = self.answer is not None and not self.lied.is_set()
-            if lie and isinstance(frame, f.Result) and isinstance(frame.body, list):
-                frame = replace(frame, body=self.answer)
-                self.lied.set()
-            out.append(f.encode_frame(frame))
-        return f.bundle(out) if out else None
-
-
 async def _lied_to(
     nursery: trio.Nursery, tmp_path: Path
-) -> tuple[_OneLie, RunningRelay, RunningRelay, Identity]:
+) -> tuple[_LocateLiar, RunningRelay, RunningRelay, Identity]:
     """Relays a and b, a's link to b through a liar, and the key of a peer c that
     dials a."""
     relays = plan(tmp_path, "a", "b", "c")
     b = await start(nursery, relays["b"], (relays["a"].peer(),))
-    liar = _OneLie(b.url)
+    liar = _LocateLiar(b.url, once=True)
     await nursery.start(liar.run)
     config = RelayConfig(name="a", sequencer=Limits(park_timeout_ms=1_000))
     peer_c = Peer("c", relays["c"].key)
