@@ -8,7 +8,10 @@ needs to edit through the relay's ``/yjs/<ns>/<doc>`` endpoint.
 ``set`` and ``append`` wait for the relay to commit the change (``--timeout``, 30 s by
 default) and exit 1 saying so when it does not: the change may still land later (a
 write the relay queued for an unreachable home does), so the agent must not take it
-as done, nor blindly write it again.
+as done, nor blindly write it again. When the document could not even be opened in
+that time, the change was not sent, and the message says so. ``get`` waits as long
+(``--timeout``) for the document (a proxied one waits for its home) and exits 1 when
+it does not come.
 
 Exit codes: 0 ok, 4 no such document, 2 usage, 1 anything else (an unconfirmed change
 included).
@@ -44,12 +47,13 @@ def add_parser(sub: Any, agent_options: AgentOptions) -> None:
         agent_options(p)
         return p
 
+    def waits(p: argparse.ArgumentParser, what: str = "the change's commit") -> None:
+        help = f"how long to wait for {what}: 90s, 5m (default 30s)"
+        p.add_argument("--timeout", default="30s", help=help)
+
     p = command("get", "print the document's fields, text and log")
     p.add_argument("--json", action="store_true", help="print JSON")
-
-    def waits(p: argparse.ArgumentParser) -> None:
-        help = "how long to wait for the change's commit: 90s, 5m (default 30s)"
-        p.add_argument("--timeout", default="30s", help=help)
+    waits(p, "the document (its home, when it is another relay's)")
 
     p = command("set", "set a field (creates the document if needed)")
     # Not "key": that is the key file of every agent command (--key).
@@ -88,8 +92,9 @@ def run(args: argparse.Namespace) -> int:
             value = json_value(args.value, "VALUE")
         writing = args.doc_command != "get"
         # A write's deadline covers the whole of it: the document's creation waits for
-        # its commit too, as long as the home is out of reach (the relay queues it).
-        timeout = lifetime_ms(args.timeout, "--timeout") / 1000 if writing else math.inf
+        # its commit too, as long as the home is out of reach (the relay queues it). A
+        # read waits as long for a document whose home is out of reach.
+        timeout = lifetime_ms(args.timeout, "--timeout") / 1000
 
         async def main() -> dict[str, Any]:
             nonlocal edited
@@ -105,14 +110,26 @@ def run(args: argparse.Namespace) -> int:
 
         content = trio.run(main)
     except Unconfirmed as exc:
-        # Not a failure the agent can take as "not written": the relay may hold the
-        # change (queued for an unreachable home) and commit it later.
-        print(
-            f"{where}: the change is not confirmed after {exc}; it may still be queued and"
-            f" land later: check with `formicary doc get {args.ns} {args.name}` before"
-            " writing it again (or wait longer with --timeout)",
-            file=sys.stderr,
-        )
+        if args.doc_command == "get":
+            print(
+                f"{where}: no document after {exc}: its home may be out of reach", file=sys.stderr
+            )
+        elif not edited:  # the document never opened: nothing of the change went out
+            print(
+                f"{where}: the document could not be opened in {exc} (its home may be out"
+                " of reach; its creation may still be queued): the change was not sent,"
+                " write it again later",
+                file=sys.stderr,
+            )
+        else:
+            # Not a failure the agent can take as "not written": the relay may hold
+            # the change (queued for an unreachable home) and commit it later.
+            print(
+                f"{where}: the change is not confirmed after {exc}; it may still be queued"
+                f" and land later: check with `formicary doc get {args.ns} {args.name}`"
+                " before writing it again (or wait longer with --timeout)",
+                file=sys.stderr,
+            )
         return 1
     except Exception as exc:
         refused = isinstance(exc, ProtocolError) and exc.code is not ErrorCode.INTERNAL
@@ -153,7 +170,8 @@ def _failed(where: str, exc: Exception) -> int:
 
 
 class Unconfirmed(Exception):
-    """A write whose commit the relay did not confirm in time (its ``--timeout``)."""
+    """A write whose commit the relay did not confirm in time (its ``--timeout``), or a
+    read whose document did not come."""
 
 
 def _edit(shared: SharedDoc, args: argparse.Namespace, value: Any) -> None:

@@ -92,25 +92,35 @@ async def test_a_write_the_home_never_confirms_exits_non_zero(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
     """A write the relay queued (its namespace's home is down) was left after 30 s with
-    status 0, and the agent believed it had landed."""
+    status 0, and the agent believed it had landed. Here the document never opens
+    (only its creation is queued), so the change itself was never sent: the command
+    says so, rather than that it may land later. And `doc get`, which waited for ever
+    for a document whose home is down, gives up after its --timeout too."""
     relays = plan(tmp_path, "a", "b")  # b, the home of x@b, is never started
     a = await start(nursery, relays["a"], (relays["b"].peer(),))
-    command = ["doc", "append", "x@b", "notes", "kept", "--timeout", "1s"]
-    with trio.fail_after(TIMEOUT):  # (not a timing check: only that it ends)
-        done = await trio.run_process(
-            [sys.executable, "-m", "agent_sdk.cli", *command],
-            env=_cli_env(a.url, tmp_path),
-            check=False,
-            capture_stdout=True,
-            capture_stderr=True,
-        )
-    said = done.stderr.decode()
-    assert done.returncode == 1, said
+
+    async def formicary(*command: str) -> tuple[int, str]:
+        with trio.fail_after(TIMEOUT):  # (not a timing check: only that it ends)
+            done = await trio.run_process(
+                [sys.executable, "-m", "agent_sdk.cli", *command],
+                env=_cli_env(a.url, tmp_path),
+                check=False,
+                capture_stdout=True,
+                capture_stderr=True,
+            )
+        return done.returncode, done.stderr.decode()
+
+    status, said = await formicary("doc", "append", "x@b", "notes", "kept", "--timeout", "1s")
+    assert status == 1, said
     assert "the home relay of x@b cannot be reached now" in said  # the relay holds it
     assert (
-        "formicary doc append: the change is not confirmed after 1s; it may still be queued"
-        " and land later: check with `formicary doc get x@b notes` before writing it again"
+        "formicary doc append: the document could not be opened in 1s (its home may be out"
+        " of reach; its creation may still be queued): the change was not sent, write it"
+        " again later"
     ) in said
+    status, said = await formicary("doc", "get", "x@b", "notes", "--timeout", "1s")
+    assert status == 1, said
+    assert "formicary doc get: no document after 1s: its home may be out of reach" in said
 
 
 @pytest.mark.parametrize("relay_stops", [False, True])
