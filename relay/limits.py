@@ -114,19 +114,25 @@ class ErrorBudget:
     def full(cls, allowance: float, refill: float, now: float) -> ErrorBudget:
         return cls(allowance=allowance, refill=refill, credit=allowance, stamp=now)
 
-    def earn(self, size: int) -> None:
-        """The connection sent ``size`` bytes."""
+    def earn(self, size: int, now: float) -> None:
+        """The connection sent ``size`` bytes (at ``now``)."""
+        self._refill(now)
         self.credit += size
 
     def spend(self, size: int, now: float) -> bool:
         """Charge an error frame of ``size`` bytes: False once the budget is overdrawn
         (the connection is then closed, and the frame not sent)."""
+        self._refill(now)
+        self.credit -= size
+        return self.credit >= 0
+
+    def _refill(self, now: float) -> None:
+        # What time earned since the last change, before bytes change the credit:
+        # time fills it up to the allowance, whatever bytes add on top later.
         if self.credit < self.allowance:
             earned = self.credit + (now - self.stamp) * self.refill
             self.credit = min(self.allowance, earned)
         self.stamp = now
-        self.credit -= size
-        return self.credit >= 0
 
     @property
     def overdrawn(self) -> bool:

@@ -421,7 +421,9 @@ class Connection:
             await self._receive_one(message)
 
     async def _receive_one(self, message: str | bytes) -> None:
-        self._errors.earn(len(message))  # (a text message's characters: at most its bytes)
+        self._errors.earn(
+            len(message), trio.current_time()
+        )  # (a text message's characters: at most its bytes)
         if await self._flooded():
             return
         if isinstance(message, str):

@@ -42,10 +42,15 @@ def test_an_error_budget_is_earned_by_bytes_and_by_time_up_to_its_allowance() ->
     assert budget.spend(100, 0.0)
     assert budget.spend(50, 5.0)  # five seconds earned 50
     assert budget.spend(100, 100.0) and not budget.spend(1, 100.0)  # time: up to 100 only
-    budget.earn(500)  # bytes the connection sent earn without a cap
+    budget.earn(500, 100.0)  # bytes the connection sent earn without a cap
     assert budget.spend(499, 100.0) and budget.credit == 0
-    budget.earn(300)
+    budget.earn(300, 100.0)
     assert budget.spend(0, 200.0) and budget.credit == 300  # time never takes any away
+    # What time earned while the budget was low is not lost to bytes that come after.
+    budget = ErrorBudget.full(allowance=100, refill=10, now=0.0)
+    assert budget.spend(100, 0.0)
+    budget.earn(101, 10.0)  # 100 earned by time by then, and 101 by bytes
+    assert budget.spend(201, 10.0) and not budget.spend(1, 10.0)
 
 
 def test_connections_are_capped_per_key_and_per_address() -> None:
