@@ -36,10 +36,8 @@ from agent_sdk.wire import (
     verify_pruned_mark,
     verify_seal,
 )
-from relay.store import MAX_UNSEALED_BYTES, Head, Record, unsealed_bytes
+from relay.store import MAX_UNSEALED, MAX_UNSEALED_BYTES, Head, Record, unsealed_bytes
 
-MAX_UNSEALED = 16_384
-"""Receipts a mirror holds waiting for a seal: four of the home's default commit batches."""
 MAX_MIRRORED_DEPTH = 4 * MAX_DEPTH
 """How deep an event a mirror takes may nest. A home takes none over MAX_DEPTH from
 its agents, and its own outcomes wrap theirs a few levels deeper at most; far deeper

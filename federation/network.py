@@ -47,13 +47,13 @@ from agent_sdk import frames as f
 from agent_sdk.client import Asked, RelayClient
 from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.wire import NS_RE, SignedEvent, verify_seal
-from federation.chain import MAX_UNSEALED, Forged, MirrorChain
+from federation.chain import Forged, MirrorChain
 from federation.link import Link
 from federation.outbox import RETRY_CODES, Entry, Outbox, OutboxStore, store_call
 from federation.peers import Peer, check_peers, home_of
 from relay.coordination.directory import joins_by_connection
 from relay.node import RelayNode
-from relay.store import MAX_UNSEALED_BYTES, Record, unsealed_bytes
+from relay.store import MAX_UNSEALED, MAX_UNSEALED_BYTES, Record, unsealed_bytes
 
 log = logging.getLogger("formicary.federation")
 
@@ -61,15 +61,18 @@ MIRROR_LINGER = 30.0
 """Seconds a mirror nobody holds keeps following, in case a subscriber comes back."""
 FORBIDDEN_RETRY = 10.0
 """Seconds a mirror waits before asking again a home that refused it (forbidden)."""
-TAP_BUFFER = 8192
-"""Frames a mirror or a proxied document takes before it must catch up from a cursor."""
+TAP_BUFFER = 2 * MAX_UNSEALED
+"""Frames a mirror or a proxied document takes before it must catch up from a cursor.
+Twice :data:`MAX_UNSEALED`, as :data:`TAP_BYTES` is twice the bytes: what a full tap
+of a mirror holds always reaches a seal of an honest home (4.4), so each time it
+starts again from its stored head, a mirror that falls behind stores something, and
+it catches up. (At 8192, a home whose ``commit_batch`` was set above that could make
+runs longer than a tap, which a mirror behind it dropped and fetched for ever.)"""
 TAP_BYTES = 2 * MAX_UNSEALED_BYTES
 """Bytes of frames (see :func:`_frame_bytes`) a mirror or a proxied document takes
 before it must catch up from a cursor, as for :data:`TAP_BUFFER`. A frame is up to a
-link message (4 ``max_frame``), so the count alone let a peer make us hold 8192 of
-them: 32 GiB. Twice :data:`MAX_UNSEALED_BYTES`, so that what a full tap of a mirror
-holds always reaches a seal of an honest home (4.4): each time it starts again from
-its stored head, a mirror that falls behind stores something, and it catches up."""
+link message (4 ``max_frame``), so the count alone let a peer make us hold thousands
+of them: gigabytes. Twice :data:`MAX_UNSEALED_BYTES`, for the reason above."""
 LOCATE = "fed.locate"
 """The query one relay asks a peer: where are these event ids? (``args``: ``ids``, a
 list of ids; answer: a list of ``[id, ns, seq]`` for those it knows.) Only a peer

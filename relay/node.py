@@ -60,7 +60,16 @@ from relay.logs import about
 from relay.metrics import Metrics, count_kind
 from relay.sequencer import Duplicate, Limits, Parked, Rejected, Sequenced, Sequencer
 from relay.signatures import SignatureChecker
-from relay.store import MAX_UNSEALED_BYTES, PRUNABLE, Head, Located, Record, Store, unsealed_bytes
+from relay.store import (
+    MAX_UNSEALED,
+    MAX_UNSEALED_BYTES,
+    PRUNABLE,
+    Head,
+    Located,
+    Record,
+    Store,
+    unsealed_bytes,
+)
 
 if TYPE_CHECKING:
     from federation.network import Federation
@@ -864,17 +873,19 @@ class RelayNode:
         and no further, and a mirroring relay stores nothing that no seal covers, so
         without one there it would fetch that run again and again and never get it.
         So is the record that brings a namespace's unsealed run to
-        :data:`MAX_UNSEALED_BYTES`: a mirror holds a run in memory until its seal, and
-        refuses a longer one (a batch of large events would otherwise be a run no
-        mirror could take)."""
+        :data:`MAX_UNSEALED_BYTES` or to :data:`MAX_UNSEALED` records: a mirror holds
+        a run in memory until its seal, and refuses a longer one (a batch of large
+        events, or a ``commit_batch`` set higher than the default, would otherwise
+        make runs no mirror could take)."""
         last: dict[str, int] = {record.ns: i for i, record in enumerate(batch)}
         cuts = set(last.values())
-        run: dict[str, int] = {}  # per namespace, the bytes since its last seal here
-        for i, record in enumerate(batch):
-            held = run.get(record.ns, 0) + unsealed_bytes(record.event, record.sig, record.receipt)
-            if record.kind == POLICY or held >= MAX_UNSEALED_BYTES:
+        run: dict[str, tuple[int, int]] = {}  # per namespace, since its last seal here:
+        for i, record in enumerate(batch):  # records and bytes
+            count, held = run.get(record.ns, (0, 0))
+            count, held = count + 1, held + unsealed_bytes(record.event, record.sig, record.receipt)
+            if record.kind == POLICY or held >= MAX_UNSEALED_BYTES or count >= MAX_UNSEALED:
                 cuts.add(i)
-            run[record.ns] = 0 if i in cuts else held
+            run[record.ns] = (0, 0) if i in cuts else (count, held)
         sealed = list(batch)
         for i in cuts:
             signature = seal_digest(digest(sealed[i].receipt), self.identity.sign)

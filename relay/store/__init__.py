@@ -26,6 +26,11 @@ from typing import Protocol
 
 PRUNABLE = ("doc.update", "doc.compacted")
 """The kinds whose bytes compaction may drop (protocol 13.7)."""
+MAX_UNSEALED = 16_384
+"""A run of unsealed records is at most this many records (protocol 4.4): a home
+seals the record that brings its namespace's run to it, so that a mirror need hold
+no more records than this while it waits for a seal (14.8), whatever a relay's
+``commit_batch`` (four of the default's)."""
 MAX_UNSEALED_BYTES = 16 << 20
 """A run of unsealed records is under this many bytes (protocol 4.4): a home seals a
 record once the records of its namespace since the last seal, it included, reach it,

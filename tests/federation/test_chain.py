@@ -182,6 +182,21 @@ def test_a_home_seals_a_large_batch_in_runs_a_mirror_takes() -> None:
     assert [r for run in runs for r in run] == records
 
 
+def test_a_home_seals_a_long_batch_in_runs_a_mirror_takes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """4.4: a ``commit_batch`` set above MAX_UNSEALED made one commit of small events
+    one run longer than any mirror holds (it refused it as forged, and fetched it for
+    ever): the home seals each record that brings its run to MAX_UNSEALED records.
+    (A bound of 8 here stands for 16,384: the rule is the same.)"""
+    import relay.node
+
+    monkeypatch.setattr(relay.node, "MAX_UNSEALED", 8)
+    node = RelayNode(HOME, MemoryStore(), RelayConfig(name="b", commit_batch=100))
+    batch = node._seal_heads(log(20, sealed=set()))
+    assert [i for i, r in enumerate(batch, 1) if r.seal is not None] == [8, 16, 20]
+    runs = offer_all(MirrorChain(NS, HOME.public_key, max_unsealed=8), batch)
+    assert [r for run in runs for r in run] == batch
+
+
 def test_a_compacted_update_arrives_as_its_receipt_and_the_homes_mark() -> None:
     records = log(2, sealed={2})
     chain = MirrorChain(NS, HOME.public_key)
