@@ -215,7 +215,8 @@ class LiveDoc:
     yet applied), merged into one update; its ``get_update`` leaves it out, so
     snapshots and syncs add it. Empty when nothing waits."""
     owners: dict[int, Replica] = field(default_factory=dict)
-    """The replica that announced each present client last (its ``clients`` hold it)."""
+    """The replica that owns each client id it announced (its ``clients`` hold it),
+    until it closes: no other agent's replica may name that id (:meth:`share_awareness`)."""
     awareness_buckets: OrderedDict[bytes, TokenBucket] = field(default_factory=OrderedDict)
     """The awareness allowance of each agent that opened the document, kept after it
     leaves (closing and opening again must not refill it), the latest
@@ -314,13 +315,29 @@ class LiveDoc:
     def share_awareness(self, update: bytes, source: Replica) -> None:
         """Apply an awareness update and forward it to the other replicas.
 
-        The whole update is decoded first: applied entry by entry, a bad entry late in
-        it would leave the earlier ones applied but owned by no replica, present for as
-        long as the document is loaded."""
+        The whole update is decoded and checked first: applied entry by entry, a bad
+        entry late in it would leave the earlier ones applied but owned by no replica,
+        present for as long as the document is loaded. An update naming a client id
+        that another replica owns is refused whole (``awareness_refused``)."""
         try:
             entries = _awareness_entries(update)
         except (ValueError, IndexError, RecursionError) as exc:
             raise ProtocolError(ErrorCode.BAD_UPDATE, f"not an awareness update: {exc}") from None
+        for client, _state in entries:
+            # A client id belongs to the replica that announced it, for as long as that
+            # replica is open: another may neither change nor erase (null) its state,
+            # or any reader could rewrite anyone's presence. The same agent may take it
+            # over (signed in, it is the same principal: after a reconnect its new
+            # subscription announces before the relay notices the old one is gone); a
+            # plain Yjs client (no agent) owns its ids on its own connection only.
+            owner = self.owners.get(client)
+            if (
+                owner is not None
+                and owner is not source
+                and (owner.agent is None or owner.agent != source.agent)
+            ):
+                reason = f"client id {client} is another replica's presence on this document"
+                raise ProtocolError(ErrorCode.AWARENESS_REFUSED, reason)
         announced = {client for client, state in entries if state is not None}
         if len(source.clients | announced) > MAX_AWARENESS_CLIENTS:
             reason = f"a replica may announce at most {MAX_AWARENESS_CLIENTS} client ids"
@@ -330,9 +347,9 @@ class LiveDoc:
         self.awareness.apply_awareness_update(update, source)
         for client in announced:
             if client in self.awareness.states and meta[client]["clock"] != clocks[client]:
-                # The latest replica to announce a client owns it: an agent that
-                # reconnected announces again on its new subscription, and the old
-                # one's close (maybe noticed only later) must not erase that.
+                # The agent's latest replica to announce a client owns it: an agent
+                # that reconnected announces again on its new subscription, and the
+                # old one's close (maybe noticed only later) must not erase that.
                 owner = self.owners.get(client)
                 if owner is not None and owner is not source:
                     owner.clients.discard(client)

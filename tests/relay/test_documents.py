@@ -560,7 +560,8 @@ def test_an_old_subscriptions_close_does_not_erase_a_newer_announce() -> None:
     from relay.documents import LiveDoc, Replica
 
     live = LiveDoc(NS, "d", epoch=1)
-    old, new, other = Replica(capacity=8), Replica(capacity=8), Replica(capacity=8)
+    old, new = Replica(capacity=8, agent=b"a" * 32), Replica(capacity=8, agent=b"a" * 32)
+    other = Replica(capacity=8)
     for replica in (old, new, other):
         live.replicas[replica] = None
     agent = pycrdt.Awareness(pycrdt.Doc(client_id=7))
@@ -735,6 +736,59 @@ async def test_awareness_floods_and_garbage_are_refused(relay: RunningRelay) -> 
         assert first.error is None and second.error is None
 
 
+async def test_a_reader_cannot_change_or_erase_another_replicas_presence(
+    relay: RunningRelay,
+) -> None:
+    """Awareness entries name a client id: a third agent naming another replica's id
+    (a newer clock, a new state or null) is refused whole with 3007, and the others
+    keep seeing the real presence (13.5)."""
+    from agent_sdk.frames import DocAwareness
+
+    async with (
+        RelayClient.connect(relay.url, identity(1)) as one,
+        RelayClient.connect(relay.url, identity(3)) as two,
+        RelayClient.connect(relay.url, identity(4)) as three,
+        one.doc(NS, "owned") as first,
+        two.doc(NS, "owned") as second,
+        three.doc(NS, "owned") as spoofer,
+    ):
+        me = first.doc.client_id
+        first.set_presence({"name": "agent-1"})
+        while me not in second.presence():  # the relay has it, and its owner
+            await second.presence_changed()
+        refused: list[ProtocolError] = []
+        both = trio.Event()
+        original = three._on_error
+
+        def record(frame: Any) -> None:
+            refused.append(ProtocolError(ErrorCode(frame.code), frame.reason))
+            if len(refused) == 2:
+                both.set()
+            original(frame)
+
+        three._on_error = record  # type: ignore[method-assign]
+        for state in ('{"name": "spoofed"}', "null"):
+            spoof = _awareness((me, state), clock=1000)  # far above the real clock
+            three._queue(_encode(DocAwareness(sub=spoofer.sub, update=spoof)))
+        # Its own announce goes after the spoofs on the same connection: once the
+        # second replica has it, it has whatever the relay passed on of them.
+        spoofer.set_presence({"name": "agent-4"})
+        with trio.fail_after(TIMEOUT):
+            while spoofer.doc.client_id not in second.presence():
+                await second.presence_changed()
+        assert second.presence()[me] == {"name": "agent-1"}
+        live = relay.node.docs.live[(NS, "owned")]
+        assert live.awareness.states[me] == {"name": "agent-1"}
+        with trio.fail_after(TIMEOUT):
+            await both.wait()
+        assert [error.code for error in refused] == [ErrorCode.AWARENESS_REFUSED] * 2
+        assert all(f"client id {me} is another replica's presence" in e.reason for e in refused)
+        assert spoofer.error is None  # one update refused; the document goes on
+
+    # Its replica closed, the id is free again (and the others were told it left).
+    assert me not in live.awareness.states and me not in live.owners
+
+
 async def test_presence_over_its_rate_is_refused_without_closing_the_connection(
     relay: RunningRelay, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -865,13 +919,13 @@ async def test_an_update_waiting_for_an_earlier_one_is_not_lost(
     again.scope.cancel()
 
 
-def _awareness(*entries: tuple[int, str]) -> bytes:
+def _awareness(*entries: tuple[int, str], clock: int = 1) -> bytes:
     """A y-protocols awareness update of (client id, state as JSON text) entries."""
     encoder = pycrdt.Encoder()
     encoder.write_var_uint(len(entries))
     for client, state in entries:
         encoder.write_var_uint(client)
-        encoder.write_var_uint(1)
+        encoder.write_var_uint(clock)
         encoder.write_var_string(state)
     return encoder.to_bytes()
 
@@ -1043,6 +1097,32 @@ async def test_loading_a_document_reads_its_updates_not_the_whole_log(
         relay.scope.cancel()
         await trio.testing.wait_all_tasks_blocked()
         relay = await start_relay(nursery, tmp_path / "relay", config)
+
+
+def test_a_client_id_belongs_to_its_replica_or_its_agent() -> None:
+    """Ownership is per replica, shared by one agent's replicas: what a peer relay
+    passes on opens one replica per agent at the home, each with the agent it names,
+    so two agents behind one link are told apart; plain Yjs clients (no agent) each
+    own only what they announced on their own connection."""
+    from relay.documents import LiveDoc, Replica
+
+    live = LiveDoc(NS, "d", epoch=1)
+    a1, a2 = Replica(capacity=8, agent=b"a" * 32), Replica(capacity=8, agent=b"a" * 32)
+    b, plain, other_plain = Replica(capacity=8, agent=b"b" * 32), Replica(8), Replica(8)
+    for replica in (a1, a2, b, plain, other_plain):
+        live.sync(b"", replica)
+    live.share_awareness(_awareness((7, "{}")), a1)
+    live.share_awareness(_awareness((8, "{}")), plain)
+    for thief, client in ((b, 7), (plain, 7), (other_plain, 8), (b, 8), (a1, 8)):
+        with pytest.raises(ProtocolError) as refused:
+            live.share_awareness(_awareness((client, "null"), clock=9), thief)
+        assert refused.value.code is ErrorCode.AWARENESS_REFUSED
+    assert live.awareness.states == {7: {}, 8: {}}
+    live.share_awareness(_awareness((7, '{"n": 2}'), clock=2), a2)  # same agent: moves
+    assert live.owners[7] is a2 and 7 not in a1.clients
+    live.leave(plain)  # frees 8
+    live.share_awareness(_awareness((8, "{}"), clock=5), b)
+    assert live.owners[8] is b
 
 
 def test_an_open_agents_awareness_allowance_is_never_forgotten() -> None:

@@ -15,6 +15,7 @@ import trio
 from pycrdt import (
     YMessageType,
     YSyncMessageType,
+    create_awareness_message,
     create_sync_message,
     create_update_message,
     handle_sync_message,
@@ -29,6 +30,7 @@ from agent_sdk.wire import decode
 from relay.limits import RateLimits
 from relay.node import RelayConfig
 from tests.conftest import RunningRelay, identity, start_relay
+from tests.relay.test_documents import _awareness
 
 NS = "docs@local"
 
@@ -451,3 +453,33 @@ async def test_a_reader_is_bounded_in_awareness_queries(relay: RunningRelay) -> 
                     assert (await ws.recv())[:1] == bytes([YMessageType.AWARENESS])
     assert info.value.rcvd is not None and info.value.rcvd.code == 1008
     assert info.value.rcvd.reason.startswith("5004 rate_limited: over 10 sync messages a second")
+
+
+async def test_a_plain_peer_cannot_change_another_replicas_presence(relay: RunningRelay) -> None:
+    """y-websocket has no error reply: a plain client's update naming an agent's
+    client id is dropped whole, and nobody sees it (13.5)."""
+    async with (
+        RelayClient.connect(relay.url, identity(1)) as one,
+        RelayClient.connect(relay.url, identity(3)) as two,
+        one.doc(NS, "shared") as first,
+        two.doc(NS, "shared") as second,
+        peer(relay, "shared", None) as plain,
+    ):
+        me = first.doc.client_id
+        first.set_presence({"name": "agent-1"})
+        with trio.fail_after(30):
+            while me not in second.presence():
+                await second.presence_changed()
+        for state in ('{"name": "spoofed"}', "null"):  # far above the real clock
+            await plain.ws.send(create_awareness_message(_awareness((me, state), clock=1000)))
+        # Its own presence after the spoofs, on the same connection: once the agent
+        # has it, it has whatever the relay passed on of them.
+        own = pycrdt.Awareness(pycrdt.Doc())
+        own.set_local_state({"name": "plain"})
+        await plain.ws.send(create_awareness_message(own.encode_awareness_update([own.client_id])))
+        with trio.fail_after(30):
+            while own.client_id not in second.presence():
+                await second.presence_changed()
+        assert second.presence()[me] == {"name": "agent-1"}
+        assert relay.node.docs.live[(NS, "shared")].awareness.states[me] == {"name": "agent-1"}
+        assert plain.closed is None
