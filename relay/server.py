@@ -421,10 +421,10 @@ class Connection:
             await self._receive_one(message)
 
     async def _receive_one(self, message: str | bytes) -> None:
-        self._errors.earn(
-            len(message), trio.current_time()
-        )  # (a text message's characters: at most its bytes)
-        if await self._flooded():
+        # (A text message's length is in characters: at most its bytes.)
+        self._errors.earn(len(message), trio.current_time())
+        if self._errors.overdrawn:  # (another task's error overdrew it)
+            await self._close_flooded()
             return
         if isinstance(message, str):
             error = ProtocolError(ErrorCode.MALFORMED, "frames are binary messages, not text")
@@ -474,7 +474,8 @@ class Connection:
     async def _act(self, action: Action) -> bool:
         """Carry out one of the session's decisions; False once the connection is being
         closed (nothing more of this message is acted on)."""
-        if await self._flooded():
+        if self._errors.overdrawn:  # (checked inline: this is on every frame's path)
+            await self._close_flooded()
             return False
         if self._refusals > REFUSALS_BEFORE_CLOSE:
             # An agent that does not back off is flooding: stop reading it at all.
@@ -544,14 +545,6 @@ class Connection:
         else:
             assert isinstance(action, Close)
             await self._close(action.sub)
-        return True
-
-    async def _flooded(self) -> bool:
-        """Close the connection if its error budget is overdrawn (True then: nothing
-        more is read)."""
-        if not self._errors.overdrawn:
-            return False
-        await self._close_flooded()
         return True
 
     async def _close_flooded(self) -> None:
