@@ -35,7 +35,7 @@ import re
 from array import array
 from bisect import bisect_left, bisect_right
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -224,6 +224,11 @@ class LiveDoc:
     absent: OrderedDict[int, None] = field(default_factory=OrderedDict)
     """Clients whose state is gone, oldest first: their clocks are kept (an echo of an
     old state must not bring them back) up to :data:`ABSENT_CLOCKS` of them."""
+    reserved: OrderedDict[int, bytes] = field(default_factory=OrderedDict)
+    """The client ids of agents' replicas that left, and whose they were, oldest first
+    (the latest :data:`ABSENT_CLOCKS`): kept for that agent until it announces them
+    again. The farewell tells every reader the id is free, and a replica reopening
+    after a ``doc_resync`` or a reconnect announces again only a moment later."""
 
     def __post_init__(self) -> None:
         self.awareness = pycrdt.Awareness(self.doc)
@@ -312,13 +317,18 @@ class LiveDoc:
         clients = list(self.awareness.states)
         return self.awareness.encode_awareness_update(clients) if clients else None
 
-    def share_awareness(self, update: bytes, source: Replica) -> None:
+    def share_awareness(
+        self, update: bytes, source: Replica, charge: Callable[[], bool] | None = None
+    ) -> None:
         """Apply an awareness update and forward it to the other replicas.
 
         The whole update is decoded and checked first: applied entry by entry, a bad
         entry late in it would leave the earlier ones applied but owned by no replica,
         present for as long as the document is loaded. An update naming a client id
-        that another replica owns is refused whole (``awareness_refused``)."""
+        that another replica owns is refused whole (``awareness_refused``). ``charge``,
+        when given, is asked after those checks whether the replica's allowance has
+        room (``awareness_refused`` if not): a plain Yjs client sends back every state
+        it is sent, and those echoes, refused, must not use up its allowance."""
         try:
             entries = _awareness_entries(update)
         except (ValueError, IndexError, RecursionError) as exc:
@@ -329,15 +339,18 @@ class LiveDoc:
             # or any reader could rewrite anyone's presence. The same agent may take it
             # over (signed in, it is the same principal: after a reconnect its new
             # subscription announces before the relay notices the old one is gone); a
-            # plain Yjs client (no agent) owns its ids on its own connection only.
+            # plain Yjs client (no agent) owns its ids on its own connection only. An
+            # id whose agent's replica left stays that agent's until it comes back.
             owner = self.owners.get(client)
-            if (
-                owner is not None
-                and owner is not source
-                and (owner.agent is None or owner.agent != source.agent)
-            ):
+            if owner is not None:
+                mine = owner is source or (owner.agent is not None and owner.agent == source.agent)
+            else:
+                mine = self.reserved.get(client, source.agent) == source.agent
+            if not mine:
                 reason = f"client id {client} is another replica's presence on this document"
                 raise ProtocolError(ErrorCode.AWARENESS_REFUSED, reason)
+        if charge is not None and not charge():
+            raise ProtocolError(ErrorCode.AWARENESS_REFUSED, "too many awareness updates")
         announced = {client for client, state in entries if state is not None}
         if len(source.clients | announced) > MAX_AWARENESS_CLIENTS:
             reason = f"a replica may announce at most {MAX_AWARENESS_CLIENTS} client ids"
@@ -355,6 +368,7 @@ class LiveDoc:
                     owner.clients.discard(client)
                 self.owners[client] = source
                 source.clients.add(client)
+                self.reserved.pop(client, None)
         self._forget_absent(client for client, state in entries if state is None)
         for replica in self.replicas:
             if replica is not source:
@@ -365,6 +379,11 @@ class LiveDoc:
         self.replicas.pop(replica, None)
         for client in replica.clients:
             del self.owners[client]
+            if replica.agent is not None:  # (a plain client's ids are its connection's)
+                self.reserved[client] = replica.agent
+                self.reserved.move_to_end(client)
+        while len(self.reserved) > ABSENT_CLOCKS:
+            self.reserved.popitem(last=False)
         gone = [c for c in replica.clients if c in self.awareness.states]
         if gone:
             farewell = _disconnect_update(self.awareness, gone)

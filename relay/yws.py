@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable
+from functools import partial
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import trio
@@ -229,9 +230,13 @@ async def _receive(
         elif kind == YMessageType.AWARENESS:
             update = _read(payload)
             may_read()
-            if len(update) <= MAX_AWARENESS and replica.take_awareness_token(trio.current_time()):
+            if len(update) <= MAX_AWARENESS:
+                # Charged once it is known to be this client's own presence: y-websocket
+                # sends back every state it is sent, and those echoes (refused) must not
+                # use up the allowance its own updates need.
+                charge = partial(replica.take_awareness_token, trio.current_time())
                 try:
-                    live.share_awareness(update, replica)
+                    live.share_awareness(update, replica, charge)
                 except ProtocolError:
                     pass  # a bad presence update is dropped; y-websocket has no error reply
         elif kind == 3:  # query awareness

@@ -1125,6 +1125,32 @@ def test_a_client_id_belongs_to_its_replica_or_its_agent() -> None:
     assert live.owners[8] is b
 
 
+def test_an_id_whose_replica_left_stays_its_agents_until_it_comes_back() -> None:
+    """The farewell tells every reader an id is free, and an SDK replica reopening
+    after a doc_resync or a reconnect announces again a moment later. Another agent
+    could take the id in between (its state shown as the agent's, the agent's own
+    refused), or send a null far ahead to have the agent's announce ignored as
+    stale. The id stays the agent's until it announces it again."""
+    from relay.documents import LiveDoc, Replica
+
+    live = LiveDoc(NS, "d", epoch=1)
+    a1, b = Replica(capacity=8, agent=b"a" * 32), Replica(capacity=8, agent=b"b" * 32)
+    plain = Replica(8)
+    for replica in (a1, b, plain):
+        live.sync(b"", replica)
+    live.share_awareness(_awareness((7, '{"n": "a"}')), a1)
+    live.leave(a1)
+    for thief, state in ((b, '{"n": "fake"}'), (b, "null"), (plain, '{"n": "fake"}')):
+        with pytest.raises(ProtocolError) as refused:
+            live.share_awareness(_awareness((7, state), clock=1000), thief)
+        assert refused.value.code is ErrorCode.AWARENESS_REFUSED
+    a2 = Replica(capacity=8, agent=b"a" * 32)
+    live.sync(b"", a2)
+    live.share_awareness(_awareness((7, '{"n": "a"}'), clock=3), a2)  # the SDK's next clock
+    assert live.awareness.states[7] == {"n": "a"} and live.owners[7] is a2
+    assert 7 not in live.reserved
+
+
 def test_an_open_agents_awareness_allowance_is_never_forgotten() -> None:
     """Past the cap, only allowances of agents with no replica open are dropped: one
     open again while the first is still open must share it, not get a second."""

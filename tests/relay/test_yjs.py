@@ -483,3 +483,35 @@ async def test_a_plain_peer_cannot_change_another_replicas_presence(relay: Runni
         assert second.presence()[me] == {"name": "agent-1"}
         assert relay.node.docs.live[(NS, "shared")].awareness.states[me] == {"name": "agent-1"}
         assert plain.closed is None
+
+
+async def test_a_plain_peers_echoes_do_not_use_up_its_presence_allowance(
+    relay: RunningRelay,
+) -> None:
+    """y-websocket sends back every awareness change it applies. Those echoes of
+    other replicas' states are refused (13.5), and were charged to the client's
+    allowance first (20 a second, bursts of 40): an agent moving its cursor kept a
+    plain client's own presence from ever getting through. Only its own is charged."""
+    async with (
+        RelayClient.connect(relay.url, identity(1)) as one,
+        RelayClient.connect(relay.url, identity(3)) as two,
+        one.doc(NS, "shared") as first,
+        two.doc(NS, "shared") as second,
+        peer(relay, "shared", None) as plain,
+    ):
+        me = first.doc.client_id
+        first.set_presence({"name": "agent-1"})
+        with trio.fail_after(30):
+            while me not in second.presence():
+                await second.presence_changed()
+        clock = relay.node.docs.live[(NS, "shared")].awareness.meta[me]["clock"]
+        echo = create_awareness_message(_awareness((me, '{"name": "agent-1"}'), clock=clock))
+        for _ in range(100):  # well past a burst of the allowance
+            await plain.ws.send(echo)
+        own = pycrdt.Awareness(pycrdt.Doc())
+        own.set_local_state({"name": "plain"})
+        await plain.ws.send(create_awareness_message(own.encode_awareness_update([own.client_id])))
+        with trio.fail_after(30):
+            while own.client_id not in second.presence():
+                await second.presence_changed()
+        assert second.presence()[own.client_id] == {"name": "plain"}
