@@ -112,7 +112,9 @@ def run(args: argparse.Namespace) -> int:
     except Unconfirmed as exc:
         if args.doc_command == "get":
             print(
-                f"{where}: no document after {exc}: its home may be out of reach", file=sys.stderr
+                f"{where}: the document did not come in {exc} (its home may be out of reach;"
+                " a larger --timeout waits longer)",
+                file=sys.stderr,
             )
         elif not edited:  # the document never opened: nothing of the change went out
             print(

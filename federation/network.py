@@ -68,6 +68,10 @@ of a mirror holds always reaches a seal of an honest home (4.4), so each time it
 starts again from its stored head, a mirror that falls behind stores something, and
 it catches up. (At 8192, a home whose ``commit_batch`` was set above that could make
 runs longer than a tap, which a mirror behind it dropped and fetched for ever.)"""
+DOC_TAP_BUFFER = 8192
+"""Frames a proxied document takes before it must reopen (``doc_resync``): the seal
+argument above is a mirror's, and one is open per agent's proxied document, so its
+count of small frames, whose Python objects TAP_BYTES does not count, stays lower."""
 TAP_BYTES = 2 * MAX_UNSEALED_BYTES
 """Bytes of frames (see :func:`_frame_bytes`) a mirror or a proxied document takes
 before it must catch up from a cursor, as for :data:`TAP_BUFFER`. A frame is up to a
@@ -549,7 +553,7 @@ class Federation:
         drops the agent is told ``doc_resync`` and reopens with its state vector."""
         link = self.route(request.ns, from_peer)
         client = await link.wait_up()
-        tap = _Tap()
+        tap = _Tap(DOC_TAP_BUFFER)
         sub = client.tap(lambda sub: replace(request, sub=sub), tap.put)
         proxied = ProxiedDoc(client, sub)
         opened(proxied)
@@ -807,14 +811,14 @@ class Mirror:
 
 class _Tap:
     """The frames of one tapped subscription on their way from the link's reader to
-    whoever takes them: at most :data:`TAP_BUFFER` of them, and :data:`TAP_BYTES` of
+    whoever takes them: at most ``frames`` of them, and :data:`TAP_BYTES` of
     their bytes (one frame past it at most: a frame larger than the bound still gets
     through an empty tap). Past either bound the tap is *full* and takes nothing more:
     the frames after are dropped, so its taker must start again from a cursor once it
     has taken what is held."""
 
-    def __init__(self) -> None:
-        self._in, self._out = trio.open_memory_channel[tuple[f.Frame, int]](TAP_BUFFER)
+    def __init__(self, frames: int = TAP_BUFFER) -> None:
+        self._in, self._out = trio.open_memory_channel[tuple[f.Frame, int]](frames)
         self.held = 0
         """The bytes of the frames held."""
         self.full = False

@@ -252,6 +252,9 @@ class Connection:
             if trio.lowlevel.current_task() is self._reading_task:
                 await self._close_flooded()
             elif not self._flood_closing:
+                # Marked now, not when the close task runs: the reader must act on no
+                # frame in between, though bytes or time may refill the budget meanwhile.
+                self._flood_closing = True
                 self._nursery.start_soon(self._close_flooded)
             await trio.sleep_forever()  # until the close cancels every task
         await self._send_encoded(data)
@@ -423,7 +426,7 @@ class Connection:
     async def _receive_one(self, message: str | bytes) -> None:
         # (A text message's length is in characters: at most its bytes.)
         self._errors.earn(len(message), trio.current_time())
-        if self._errors.overdrawn:  # (another task's error overdrew it)
+        if self._flood_closing or self._errors.overdrawn:  # (another task's error overdrew it)
             await self._close_flooded()
             return
         if isinstance(message, str):
@@ -474,7 +477,9 @@ class Connection:
     async def _act(self, action: Action) -> bool:
         """Carry out one of the session's decisions; False once the connection is being
         closed (nothing more of this message is acted on)."""
-        if self._errors.overdrawn:  # (checked inline: this is on every frame's path)
+        if (
+            self._flood_closing or self._errors.overdrawn
+        ):  # (checked inline: this is on every frame's path)
             await self._close_flooded()
             return False
         if self._refusals > REFUSALS_BEFORE_CLOSE:
@@ -550,9 +555,8 @@ class Connection:
     async def _close_flooded(self) -> None:
         """Close a connection whose error budget is overdrawn, with the reason (whichever task
         found it over: the reader may be waiting for a message that never comes)."""
-        if not self._flood_closing:
-            self._flood_closing = True
-            log.warning("closing a connection that overdrew its error budget")
+        self._flood_closing = True
+        log.warning("closing a connection that overdrew its error budget")
         reason = f"{int(ErrorCode.RATE_LIMITED)} rate_limited: too many errors"
         await self.ws.aclose(FLOOD_CLOSE, reason)
         self._nursery.cancel_scope.cancel()  # tasks parked on an error not sent, too

@@ -120,7 +120,7 @@ async def test_a_write_the_home_never_confirms_exits_non_zero(
     ) in said
     status, said = await formicary("doc", "get", "x@b", "notes", "--timeout", "1s")
     assert status == 1, said
-    assert "formicary doc get: no document after 1s: its home may be out of reach" in said
+    assert "formicary doc get: the document did not come in 1s (its home may be out" in said
 
 
 @pytest.mark.parametrize("relay_stops", [False, True])
