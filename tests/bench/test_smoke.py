@@ -5,7 +5,10 @@ a quiet machine, never to a test."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -39,12 +42,30 @@ def test_every_benchmark_has_a_smoke_run() -> None:
     assert scripts == set(TINY)
 
 
+def run_bench(script: str, timeout: float = 300) -> subprocess.CompletedProcess[bytes]:
+    """Run one script in a process group of its own. One that hangs fails the test
+    with what it said so far (its progress lines name the phase it hung in), and its
+    whole group is killed: relays it started must not outlive it."""
+    process = subprocess.Popen(
+        [sys.executable, str(BENCH / script), *TINY[script]],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=BENCH.parent,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        out, err = process.communicate()
+        pytest.fail(f"{script} did not finish in {timeout} s; it said:\n{err.decode()[-2000:]}")
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # (what it started, when it failed)
+            os.killpg(process.pid, signal.SIGKILL)
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
 @pytest.mark.parametrize("script", sorted(TINY))
 def test_a_benchmark_prints_one_json_object(script: str) -> None:
-    done = subprocess.run(
-        [sys.executable, str(BENCH / script), *TINY[script]],
-        capture_output=True, timeout=300, check=False, cwd=BENCH.parent,
-    )  # fmt: skip
+    done = run_bench(script)
     lines = done.stdout.decode().strip().splitlines()
     assert done.returncode == 0 and len(lines) == 1, done.stderr.decode()[-2000:]
     result = json.loads(lines[0])
