@@ -455,9 +455,12 @@ async def test_a_reader_is_bounded_in_awareness_queries(relay: RunningRelay) -> 
     assert info.value.rcvd.reason.startswith("5004 rate_limited: over 10 sync messages a second")
 
 
-async def test_a_plain_peer_cannot_change_another_replicas_presence(relay: RunningRelay) -> None:
-    """y-websocket has no error reply: a plain client's update naming an agent's
-    client id is dropped whole, and nobody sees it (13.5)."""
+@asynccontextmanager
+async def a_present_agent_and_a_plain_peer(
+    relay: RunningRelay,
+) -> AsyncIterator[tuple[int, Any, Peer]]:
+    """Agent 1 present on ``shared`` (its client id), agent 3's replica, which sees
+    it, and a plain y-websocket peer of the same document."""
     async with (
         RelayClient.connect(relay.url, identity(1)) as one,
         RelayClient.connect(relay.url, identity(3)) as two,
@@ -470,16 +473,28 @@ async def test_a_plain_peer_cannot_change_another_replicas_presence(relay: Runni
         with trio.fail_after(30):
             while me not in second.presence():
                 await second.presence_changed()
+        yield me, second, plain
+
+
+async def _announce_and_wait(plain: Peer, second: Any) -> int:
+    """The plain peer's own presence, sent after whatever it sent before on the same
+    connection: once the agent has it, it has whatever the relay passed on of those."""
+    own = pycrdt.Awareness(pycrdt.Doc())
+    own.set_local_state({"name": "plain"})
+    await plain.ws.send(create_awareness_message(own.encode_awareness_update([own.client_id])))
+    with trio.fail_after(30):
+        while own.client_id not in second.presence():
+            await second.presence_changed()
+    return own.client_id
+
+
+async def test_a_plain_peer_cannot_change_another_replicas_presence(relay: RunningRelay) -> None:
+    """y-websocket has no error reply: a plain client's update naming an agent's
+    client id is dropped whole, and nobody sees it (13.5)."""
+    async with a_present_agent_and_a_plain_peer(relay) as (me, second, plain):
         for state in ('{"name": "spoofed"}', "null"):  # far above the real clock
             await plain.ws.send(create_awareness_message(_awareness((me, state), clock=1000)))
-        # Its own presence after the spoofs, on the same connection: once the agent
-        # has it, it has whatever the relay passed on of them.
-        own = pycrdt.Awareness(pycrdt.Doc())
-        own.set_local_state({"name": "plain"})
-        await plain.ws.send(create_awareness_message(own.encode_awareness_update([own.client_id])))
-        with trio.fail_after(30):
-            while own.client_id not in second.presence():
-                await second.presence_changed()
+        await _announce_and_wait(plain, second)
         assert second.presence()[me] == {"name": "agent-1"}
         assert relay.node.docs.live[(NS, "shared")].awareness.states[me] == {"name": "agent-1"}
         assert plain.closed is None
@@ -492,26 +507,10 @@ async def test_a_plain_peers_echoes_do_not_use_up_its_presence_allowance(
     other replicas' states are refused (13.5), and were charged to the client's
     allowance first (20 a second, bursts of 40): an agent moving its cursor kept a
     plain client's own presence from ever getting through. Only its own is charged."""
-    async with (
-        RelayClient.connect(relay.url, identity(1)) as one,
-        RelayClient.connect(relay.url, identity(3)) as two,
-        one.doc(NS, "shared") as first,
-        two.doc(NS, "shared") as second,
-        peer(relay, "shared", None) as plain,
-    ):
-        me = first.doc.client_id
-        first.set_presence({"name": "agent-1"})
-        with trio.fail_after(30):
-            while me not in second.presence():
-                await second.presence_changed()
+    async with a_present_agent_and_a_plain_peer(relay) as (me, second, plain):
         clock = relay.node.docs.live[(NS, "shared")].awareness.meta[me]["clock"]
         echo = create_awareness_message(_awareness((me, '{"name": "agent-1"}'), clock=clock))
         for _ in range(100):  # well past a burst of the allowance
             await plain.ws.send(echo)
-        own = pycrdt.Awareness(pycrdt.Doc())
-        own.set_local_state({"name": "plain"})
-        await plain.ws.send(create_awareness_message(own.encode_awareness_update([own.client_id])))
-        with trio.fail_after(30):
-            while own.client_id not in second.presence():
-                await second.presence_changed()
-        assert second.presence()[own.client_id] == {"name": "plain"}
+        own = await _announce_and_wait(plain, second)
+        assert second.presence()[own] == {"name": "plain"}
