@@ -519,12 +519,13 @@ class Federation:
         if not isinstance(ids, list) or len(ids) > 256:
             raise ProtocolError(ErrorCode.BAD_QUERY, "ids: a list of at most 256 event ids")
         ids = [i for i in ids if isinstance(i, bytes) and len(i) == 32]
-        found = []
+        found, missing = [], []  # missing: not in the sequencer's memory, maybe stored
         for event_id in ids:
             located = self.node.sequencer.locate(event_id)
-            if located is not None:
+            if located is None:
+                missing.append(event_id)
+            else:
                 found.append([event_id, located.ns, located.seq])
-        missing = [i for i in ids if i not in {item[0] for item in found}]
         if missing:
             for event_id, located in (await self.node.find(missing)).items():
                 found.append([event_id, located.ns, located.seq])
