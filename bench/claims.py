@@ -15,9 +15,14 @@ Each phase runs for ``--seconds``; a cycle is one claim and, when it was granted
 release, each awaited to its outcome. Prints one JSON object with cycles per second and
 claim latency (p50/p99) per phase.
 
+With ``--members N``, N other agents first join the namespace's directory with
+heartbeat presence (an hour, so none times out during the run) and disconnect: a
+request's cost should not grow with the number of members the directory holds, so
+the phases should run as fast as with none.
+
 Usage::
 
-    .venv/bin/python bench/claims.py [--agents 200] [--seconds 5]
+    .venv/bin/python bench/claims.py [--agents 200] [--seconds 5] [--members 0]
 """
 
 from __future__ import annotations
@@ -37,10 +42,13 @@ import trio
 from ingest import BenchError, percentile, relay_process
 
 from agent_sdk.client import RelayClient
+from agent_sdk.directory import Directory
 from agent_sdk.identity import Identity
 from agent_sdk.ledger import Ledger, LedgerRefusal
 
 NS = "claims@local"
+JOINING = 50  # members joining at once (each its own connection)
+HOUR_MS = 3_600_000
 
 
 def log(message: str) -> None:
@@ -95,8 +103,32 @@ async def phase(
     }
 
 
+async def join_members(url: str, count: int, first_seed: int) -> None:
+    """``count`` agents join with heartbeat presence, ``JOINING`` at a time, and leave
+    their connections (the presence outlives them)."""
+    seeds = iter(range(first_seed, first_seed + count))
+    done = 0
+
+    async def joiner() -> None:
+        nonlocal done
+        for seed in seeds:
+            identity = Identity.from_seed(seed.to_bytes(32, "big"))
+            async with RelayClient.connect(url, identity) as client:
+                await Directory(client, NS).join(f"member {seed}", heartbeat_ms=HOUR_MS)
+            done += 1
+            if done % 1000 == 0:
+                log(f"{done} of {count} members joined")
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(min(JOINING, count)):
+            nursery.start_soon(joiner)
+
+
 async def run(args: argparse.Namespace, url: str) -> dict[str, Any]:
     identities = [Identity.from_seed(n.to_bytes(32, "big")) for n in range(1, args.agents + 1)]
+    if args.members:
+        log(f"{args.members} members join the directory")
+        await join_members(url, args.members, args.agents + 1)
     async with RelayClient.connect(url, Identity.generate()) as setup:
         ledger = Ledger(setup, NS)
         log(f"creating {args.agents + 1} work orders")
@@ -113,6 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--agents", type=int, default=200)
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--members", type=int, default=0, help="directory members first")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="formicary-claims-") as tmp:
         try:
@@ -127,6 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             {
                 "bench": "claims",
                 "agents": args.agents,
+                "members": args.members,
                 **result,
                 "python": platform.python_version(),
                 "cpus": len(os.sched_getaffinity(0)),

@@ -15,10 +15,16 @@ ephemeral and comes in two kinds, chosen at join:
 
 Every change is an event in the log, so subscribers see joins and leaves live and
 the directory is a fold (pure: time comes from the log).
+
+The relay's timer asks for the next heartbeat expiry after every outcome it appends,
+so that lookup must not cost a pass over the members: heartbeat expiries are kept in a
+heap (entries go stale as members heartbeat, leave or join again, and are dropped as
+they surface), rebuilt from the members when stale entries outnumber them.
 """
 
 from __future__ import annotations
 
+import heapq
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,6 +87,8 @@ class Member:
 @dataclass
 class Directory:
     members: dict[bytes, Member] = field(default_factory=dict)
+    _expiries: list[tuple[int, bytes]] = field(default_factory=list, repr=False, compare=False)
+    """A heap of (expires_ms, agent) of heartbeat members; may hold stale entries."""
 
     def join(self, member: Member) -> bool:
         """Add or replace a profile, online from now. True the first time ever."""
@@ -90,6 +98,7 @@ class Directory:
         if member.heartbeat_ms is not None:
             member.expires_ms = member.joined_ms + member.heartbeat_ms
         self.members[member.agent] = member
+        self._timed(member)
         return first
 
     def heartbeat(self, agent: bytes, now_ms: int) -> Member | None:
@@ -98,6 +107,7 @@ class Directory:
         if member is None or member.heartbeat_ms is None or not self.is_online(member, now_ms):
             return None
         member.expires_ms = now_ms + member.heartbeat_ms
+        self._timed(member)
         return member
 
     def leave(self, agent: bytes, now_ms: int, reason: str) -> bool:
@@ -114,17 +124,39 @@ class Directory:
         return member.expires_ms is None or now_ms < member.expires_ms
 
     def timed_out(self, now_ms: int) -> list[Member]:
-        """Heartbeat members whose presence ran out by ``now_ms`` (oldest first)."""
-        late = [
-            m
-            for m in self.members.values()
-            if m.online and m.expires_ms is not None and m.expires_ms <= now_ms
-        ]
-        return sorted(late, key=lambda m: (m.expires_ms or 0, m.agent))
+        """Heartbeat members whose presence ran out by ``now_ms`` (oldest first). They
+        are off the timer from now: the caller makes each leave."""
+        late: dict[bytes, Member] = {}  # (a member joined twice at one ms is one entry)
+        while (expires_ms := self.next_expiry_ms()) is not None and expires_ms <= now_ms:
+            agent = heapq.heappop(self._expiries)[1]
+            late[agent] = self.members[agent]
+        return list(late.values())
 
     def next_expiry_ms(self) -> int | None:
-        times = [m.expires_ms for m in self.members.values() if m.online and m.expires_ms]
-        return min(times, default=None)
+        """When the earliest heartbeat presence runs out, if any member has one."""
+        expiries = self._expiries
+        while expiries:
+            expires_ms, agent = expiries[0]
+            member = self.members.get(agent)
+            if member is not None and member.online and member.expires_ms == expires_ms:
+                return expires_ms
+            heapq.heappop(expiries)  # heartbeated, left or joined again since: stale
+        return None
+
+    def _timed(self, member: Member) -> None:
+        """Put a heartbeat member's expiry on the timer."""
+        if member.expires_ms is None:
+            return
+        heapq.heappush(self._expiries, (member.expires_ms, member.agent))
+        # Each heartbeat leaves a stale entry behind that surfaces only when its time
+        # comes: rebuild before they pile up (amortised, the heap stays O(members)).
+        if len(self._expiries) > 2 * len(self.members) + 64:
+            self._expiries = [
+                (m.expires_ms, m.agent)
+                for m in self.members.values()
+                if m.online and m.expires_ms is not None
+            ]
+            heapq.heapify(self._expiries)
 
     def on_connection(self) -> list[Member]:
         """Members online by connection (a restarted relay has no connections)."""
