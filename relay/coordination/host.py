@@ -6,10 +6,18 @@ behind it — and appends the outcome the host returns as a relay-signed event w
 request in its ``deps``. Time is the record's own HLC, so deciding is a fold: at
 start-up :meth:`Host.rebuild` feeds the stored logs through the same path and reaches
 the same state, and the outcomes it computes equal the ones in the log.
+
+The node's timer asks the host what is due, and when next, after every outcome it
+appends. A relay may home thousands of namespaces, so neither question is a pass over
+them: the host remembers which namespaces saw a record since the timer last looked
+(what is due there may come from the record itself: an auction settles when its order
+is done) and keeps every namespace's next expiry in a heap; stale entries are checked
+against the namespace as they surface.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,6 +69,14 @@ class Host:
     half_life_ms: int = 7 * 24 * 3600 * 1000
     routed: bool = False
     """Set when a record was queued for routing: the node's timer has work now."""
+    _touched: set[str] = field(default_factory=set, repr=False, compare=False)
+    """Namespaces with a record since the timer last ran there."""
+    _timers: list[tuple[int, str]] = field(default_factory=list, repr=False, compare=False)
+    """A heap of (next expiry, namespace); may hold stale entries."""
+    _scheduled: dict[str, int | None] = field(default_factory=dict, repr=False, compare=False)
+    """Each namespace's next expiry as last put on the heap."""
+    _order: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
+    """Namespaces in the order their coordinators began: the timer's order across them."""
 
     def coordinator(self, ns: str) -> Coordinator:
         coordinator = self.coordinators.get(ns)
@@ -69,6 +85,8 @@ class Host:
             coordinator.stakes.initial = self.initial_stake
             coordinator.reputation.half_life_ms = self.half_life_ms
             self.coordinators[ns] = coordinator
+            self._order[ns] = len(self._order)
+        self._touched.add(ns)  # (a new coordinator, or one about to decide)
         return coordinator
 
     def on_sequenced(self, record: Record, *, replaying: bool = False) -> Outcome | None:
@@ -79,6 +97,8 @@ class Host:
         again as they were, not decided again. Live, the timer applied them already.
         """
         coordinator = self.coordinators.get(record.ns)
+        if coordinator is not None:
+            self._touched.add(record.ns)
         if coordinator and record.event and coordinator.decisions.routes_of(record.kind):
             now_ms = record.hlc >> HLC_SHIFT
             self.routed |= coordinator.route(record.id, record.kind, _body(record), now_ms)
@@ -135,12 +155,21 @@ class Host:
         return [(ns, req, out) for req, (ns, out) in decided.items()]
 
     def due(self, now_ms: int) -> list[tuple[str, Outcome]]:
-        """The timer's outcomes: ``lease.expired`` and ``dir.left`` per namespace."""
-        return [
-            (ns, outcome)
-            for ns, coordinator in self.coordinators.items()
-            for outcome in coordinator.due(now_ms)
-        ]
+        """The timer's outcomes (``lease.expired``, ``dir.left``, auction and decision
+        steps) in the namespaces that saw a record since it last ran there, or whose
+        next expiry has come."""
+        namespaces, self._touched = self._touched, set()
+        timers = self._timers
+        while timers and timers[0][0] <= now_ms:
+            at, ns = heapq.heappop(timers)
+            namespaces.add(ns)
+            if self._scheduled.get(ns) == at:
+                del self._scheduled[ns]  # off the heap: _schedule puts it back if due still
+        out = []
+        for ns in sorted(namespaces, key=self._order.__getitem__):
+            out += [(ns, outcome) for outcome in self.coordinators[ns].due(now_ms)]
+            self._schedule(ns)
+        return out
 
     def restarted(self, now_ms: int) -> list[tuple[str, Outcome]]:
         """``dir.left`` for every member present by connection: a relay that starts
@@ -153,8 +182,31 @@ class Host:
         ]
 
     def next_expiry_ms(self) -> int | None:
-        times = [c.next_expiry_ms() for c in self.coordinators.values()]
-        return min((t for t in times if t is not None), default=None)
+        """When :meth:`due` next has work by the clock, if ever."""
+        for ns in self._touched:
+            self._schedule(ns)
+        timers = self._timers
+        while timers:
+            at, ns = timers[0]
+            if self._scheduled.get(ns) == at:
+                return at
+            heapq.heappop(timers)  # the namespace's next expiry moved since: stale
+        return None
+
+    def _schedule(self, ns: str) -> None:
+        """Put the namespace's next expiry on the heap, if it moved."""
+        at = self.coordinators[ns].next_expiry_ms()
+        if at == self._scheduled.get(ns):
+            return
+        self._scheduled[ns] = at
+        if at is None:
+            return
+        heapq.heappush(self._timers, (at, ns))
+        # An expiry that moved leaves a stale entry that surfaces only when its time
+        # comes: rebuild before they pile up (amortised, the heap stays O(namespaces)).
+        if len(self._timers) > 2 * len(self._scheduled) + 64:
+            self._timers = [(t, n) for n, t in self._scheduled.items() if t is not None]
+            heapq.heapify(self._timers)
 
 
 def _decision(kind: str, body: dict[str, Any]) -> tuple[str, bytes]:

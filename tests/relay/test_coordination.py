@@ -87,6 +87,47 @@ async def test_a_lapsed_claim_is_announced_and_reopened(
     assert claim.seq == 3
 
 
+async def test_leases_in_many_namespaces_each_lapse_at_their_own_time(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    # The timer keeps each namespace's next expiry in a heap rather than asking every
+    # namespace after each outcome (relay/coordination/host.py): every lease must still
+    # lapse when it runs out, including one shorter than all those already waiting.
+    node = RelayNode(RELAY, MemoryStore(), RelayConfig(), wall_ms=virtual_wall())
+    await nursery.start(node.run)
+    author = identity(1)
+    namespaces = [f"crew{n}@local" for n in range(30)]
+    sent = 0
+
+    async def ask(ns: str, kind: str, body: Any) -> None:
+        nonlocal sent
+        sent += 1  # distinct events even within one virtual millisecond
+        event = Event(ns, kind, author.public_key, body, ts=node.wall_ms(), nonce=sent.to_bytes(4))
+        await node.publish(sign_event(event, author.sign))
+
+    def last_kind(ns: str) -> str:
+        return list(node.store.scan(ns))[-1].kind
+
+    for n, ns in enumerate(namespaces):  # leases of 10 s, 12 s, ... 68 s
+        await ask(ns, "wo.create", {"title": "t"})
+        await ask(ns, "wo.claim", {"wo": "wo-1", "ttl_ms": 10_000 + 2_000 * n})
+    began = trio.current_time()
+    await ask(namespaces[-1], "wo.create", {"title": "soon"})
+    await ask(namespaces[-1], "wo.claim", {"wo": "wo-2", "ttl_ms": 5_000})  # first to lapse
+    await trio.sleep_until(began + 5.5)
+    await trio.testing.wait_all_tasks_blocked()
+    assert last_kind(namespaces[-1]) == "lease.expired"
+    assert all(last_kind(ns) == "wo.claimed" for ns in namespaces[:-1])
+    for n, ns in enumerate(namespaces[:-1]):
+        await trio.sleep_until(began + 10 + 2 * n - 0.5)
+        await trio.testing.wait_all_tasks_blocked()
+        assert last_kind(ns) == "wo.claimed"  # not yet
+        await trio.sleep_until(began + 10 + 2 * n + 0.5)
+        await trio.testing.wait_all_tasks_blocked()
+        assert last_kind(ns) == "lease.expired"
+        assert all(last_kind(later) == "wo.claimed" for later in namespaces[n + 1 : -1])
+
+
 async def test_a_restarted_relay_folds_the_same_ledger(tmp_path: Path) -> None:
     path = tmp_path / "events.sqlite3"
     author = identity(1)
