@@ -159,6 +159,30 @@ async def test_a_restarted_node_continues_each_log(tmp_path: Path) -> None:
         assert duplicate.seq == 1
 
 
+def test_a_batch_longer_than_one_insert_is_stored_whole(tmp_path: Path) -> None:
+    # The SQLite store writes a batch as INSERTs of up to 64 rows each.
+    store = open_test_store(tmp_path / "events.sqlite3")
+    batch = [
+        Record(
+            ns="t@local",
+            seq=seq,
+            id=seq.to_bytes(32, "big"),
+            kind="note",
+            author=bytes(32),
+            hlc=seq,
+            event=b"event %d" % seq,
+            sig=bytes(64),
+            receipt=b"receipt %d" % seq,
+            seal=b"seal" if seq == 150 else None,
+        )
+        for seq in range(1, 151)
+    ]
+    store.append(batch)
+    assert list(store.scan("t@local")) == batch
+    assert store.find([batch[99].id])[batch[99].id].seq == 100
+    store.close()
+
+
 async def test_republishing_a_parked_event_is_bounded(
     node: RelayNode, autojump_clock: trio.testing.MockClock
 ) -> None:
