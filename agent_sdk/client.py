@@ -50,7 +50,7 @@ from agent_sdk import frames as f
 from agent_sdk.direct import listening
 from agent_sdk.docs import FLUSH_TIMEOUT as FLUSH_TIMEOUT_DOC
 from agent_sdk.docs import SharedDoc, open_doc
-from agent_sdk.errors import ErrorCode, ProtocolError, client_stopped, unwrap_single
+from agent_sdk.errors import ErrorCode, ProtocolError, client_stopped, notify, unwrap_single
 from agent_sdk.identity import Identity
 from agent_sdk.messaging import PATHS, Address, Mailbox, Messages, Sent, is_name
 from agent_sdk.wire import (
@@ -313,6 +313,8 @@ class RelayClient:
         self._reading = trio.CancelScope()  # the current connection's reads
         self.on_reconnect: list[Callable[[], Awaitable[None]]] = []
         """Run after each reconnect (the directory joins again: presence is per connection)."""
+        # The notification hooks below only tell: one that raises is logged and the
+        # client goes on as if it had returned (errors.notify).
         self.on_lost: list[Callable[[BaseException | None], None]] = []
         """Called once per connection lost while reconnecting is on, with why (``None``
         for a clean close), before the attempts to reconnect."""
@@ -421,7 +423,7 @@ class RelayClient:
                 self._connected = trio.Event()
             if up:  # once per connection lost, not per attempt to get it back
                 for hook in self.on_lost:
-                    hook(lost)
+                    notify(log, "on_lost", hook, lost)
             await trio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 5.0)
 
@@ -534,9 +536,9 @@ class RelayClient:
             queued = self._pending.get(frame.rid)
             if queued is not None:
                 if queued.on_queued is not None:
-                    queued.on_queued()
+                    notify(log, "publish's on_queued", queued.on_queued)
                 for hook in self.on_queued:
-                    hook(queued.event)
+                    notify(log, "on_queued", hook, queued.event)
         elif isinstance(frame, f.Ack):
             pending = self._pending.pop(frame.rid, None)
             if pending is not None:

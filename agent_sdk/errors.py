@@ -12,10 +12,11 @@ renumber one, only add.
 from __future__ import annotations
 
 import enum
+import logging
 import re
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from typing import TypeVar
+from typing import ParamSpec, TypeVar
 
 import trio
 
@@ -139,6 +140,7 @@ class ProtocolError(Exception):
 
 
 T = TypeVar("T")
+P = ParamSpec("P")
 _TRY_AGAIN = re.compile(r"try again in (\d+) ms")
 
 
@@ -170,6 +172,20 @@ async def as_told(send: Callable[[], Awaitable[T]], tries: int | None = None) ->
             if tries is not None and sent >= tries:
                 raise
             await trio.sleep(wait)
+
+
+def notify(
+    log: logging.Logger, name: str, hook: Callable[P, object], *args: P.args, **kwargs: P.kwargs
+) -> None:
+    """Call ``hook``, the notification hook ``name``: what it raises is logged on
+    ``log``, not passed on. A hook only tells of an operation (a shell command
+    prints to a stderr that may be closed), from inside the SDK's own tasks, where
+    its error would end the publish, the resend or the connection it tells of (a
+    BrokenPipeError in the reader would even pass for a lost connection)."""
+    try:
+        hook(*args, **kwargs)
+    except Exception:
+        log.exception("the %s hook failed; carrying on as if it had returned", name)
 
 
 def client_stopped() -> ProtocolError:

@@ -39,7 +39,7 @@ import trio
 
 from agent_sdk import frames as f
 from agent_sdk.direct import Direct, DirectUnreachable
-from agent_sdk.errors import ErrorCode, ProtocolError, client_stopped
+from agent_sdk.errors import ErrorCode, ProtocolError, client_stopped, notify
 from agent_sdk.sealing import (
     ID_SIZE,
     STREAM_SIZE,
@@ -318,7 +318,7 @@ class Mailbox:
                         sent._settle(None)
                     raise
                 for hook in self.client.on_resending:
-                    hook(to.relay, exc)
+                    notify(log, "on_resending", hook, to.relay, exc)
             await trio.sleep(delay)
             waited += delay
             delay = min(delay * 2, 5.0)

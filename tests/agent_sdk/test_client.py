@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from agent_sdk.client import Delivery, Published, RelayClient, RelayMismatch
 from agent_sdk.errors import ErrorCode, ProtocolError
 from tests.agent_sdk.cuttable import Wire, dialer
 from tests.conftest import RunningRelay, identity
-from tests.federation.fixtures import LyingRelay
+from tests.federation.fixtures import LyingRelay, federation_of, plan, start
 
 NS = "t@local"
 TOTAL = 300
@@ -420,3 +421,85 @@ async def test_a_subscription_holds_no_more_than_its_buffer_before_it_is_placed(
                             break
     # Nothing dropped was lost, nothing came twice.
     assert seen == {"a@local": list(range(backlog)), "b@local": ["after"]}
+
+
+class BrokenHook:
+    """A notification hook that fails, after noting that it was called: by default
+    as a print to a closed stderr does (a shell command's hooks print there)."""
+
+    def __init__(self, error: type[Exception] = BrokenPipeError) -> None:
+        self.error = error
+        self.called = trio.Event()
+
+    def __call__(self, *args: object) -> None:
+        self.called.set()
+        raise self.error("the hook failed")
+
+
+def hook_failures(
+    caplog: pytest.LogCaptureFixture, name: str, hook: BrokenHook
+) -> list[logging.LogRecord]:
+    """The records of hook ``name`` failing, each with the error ``hook`` raised."""
+    return [
+        record
+        for record in caplog.records
+        if f"the {name} hook failed" in record.message
+        and record.exc_info is not None
+        and isinstance(record.exc_info[1], hook.error)
+    ]
+
+
+@pytest.mark.parametrize("error", [BrokenPipeError, RuntimeError])
+async def test_a_queued_hook_that_fails_ends_neither_the_publish_nor_the_client(
+    error: type[Exception],
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Both ``on_queued`` hooks run in the client's reader. A BrokenPipeError there
+    (an OSError) was taken for a lost connection: the client reconnected, the
+    publish was queued again and the hook failed again, for as long as the home was
+    away; any other error ended the client. It is logged, the client-wide hooks
+    still run, and the publish is answered by its home on the same connection."""
+    relays = plan(tmp_path, "a", "b")
+    b = await start(nursery, relays["b"], (relays["a"].peer(),))
+    a = await start(nursery, relays["a"], (relays["b"].peer(),))
+    with trio.fail_after(TIMEOUT):
+        await federation_of(a).links["b"].wait_up()
+        b.node.stop_admitting()  # b answers 5002: a keeps the write and says `queued`
+        async with RelayClient.connect(a.url, identity(1)) as agent:
+            own, every = BrokenHook(error), BrokenHook(error)
+            agent.on_queued.append(every)
+            published: list[Published] = []
+
+            async def publish() -> None:
+                published.append(await agent.publish("x@b", "app.note", "kept", on_queued=own))
+
+            async with trio.open_nursery() as waiting:
+                waiting.start_soon(publish)
+                await own.called.wait()
+                b.node.stopping = False  # b admits again
+            [result] = published
+            assert result.receipt.seq == 1
+            assert agent.connections == 1  # not taken for a lost connection
+            assert every.called.is_set()  # the client-wide hooks ran all the same
+    assert len(hook_failures(caplog, "publish's on_queued", own)) == 1
+    assert len(hook_failures(caplog, "on_queued", every)) == 1
+
+
+async def test_a_lost_hook_that_fails_does_not_end_the_client(
+    relay: RunningRelay,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``on_lost`` runs in the task that reconnects: a failure there ended the client
+    instead of reconnecting. It is logged, and the client reconnects."""
+    async with RelayClient.connect(relay.url, identity(1)) as client:
+        lost = BrokenHook()
+        client.on_lost.append(lost)
+        with trio.fail_after(TIMEOUT):
+            assert (await client.publish(NS, "app.n", 1)).receipt.seq == 1
+            await drop_every_connection(relay)
+            await lost.called.wait()
+            assert (await client.publish(NS, "app.n", 2)).receipt.seq == 2
+        assert client.connections == 2
+    assert len(hook_failures(caplog, "on_lost", lost)) == 1

@@ -15,12 +15,16 @@ from agent_sdk.direct import DirectUnreachable
 from agent_sdk.directory import Directory
 from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.identity import Identity
-from agent_sdk.messaging import Address
+from agent_sdk.messaging import Address, Sent
 from agent_sdk.sealing import Header, Receipt, Sealed, seal
 from relay.node import RelayConfig
+from tests.agent_sdk.test_client import BrokenHook, hook_failures
 from tests.conftest import RunningRelay, identity, start_relay
+from tests.federation.cluster import Cuttable
+from tests.federation.fixtures import federation_of, plan, start
 
 ALICE, BOB, CAROL = identity(1), identity(2), identity(3)
+TIMEOUT = 30
 
 
 async def test_a_message_to_an_online_agent_arrives_sealed_with_a_receipt(
@@ -674,3 +678,40 @@ async def test_a_reopen_on_the_connection_the_inbox_is_open_on_keeps_it(
         with trio.fail_after(10):
             assert (await bob.mailbox.next()).body == "still here"
         assert bob.mailbox.error is None
+
+
+async def test_a_resending_hook_that_fails_does_not_end_the_send(
+    nursery: trio.Nursery, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``on_resending`` runs in the sending task, between tries: a failure there ended
+    the send, and the message, which no relay keeps while the way to its relay is
+    down, was never sent again. It is logged, and the message reaches Bob once the
+    way is back."""
+    relays = plan(tmp_path, "a", "b")
+    await start(nursery, relays["b"], (relays["a"].peer(),))
+    way = Cuttable(relays["b"].port)  # a's link to b goes through it
+    await nursery.start(way.run)
+    a = await start(nursery, relays["a"], (relays["b"].peer(url=way.url),))
+    link = federation_of(a).links["b"]
+    with trio.fail_after(TIMEOUT):
+        async with RelayClient.connect(relays["b"].url, BOB):
+            pass  # Bob is an agent of b: b knows him
+        await link.wait_up()
+        way.cut()
+        await link.wait_for(lambda: link.client is None)
+        async with RelayClient.connect(a.url, ALICE) as alice:
+            resending = BrokenHook()
+            alice.on_resending.append(resending)
+            sent: list[Sent] = []
+
+            async def send() -> None:
+                sent.append(await alice.send(f"{BOB.id}@b", "held, then sent"))
+
+            async with trio.open_nursery() as sending:
+                sending.start_soon(send)
+                await resending.called.wait()  # answered home_unreachable, to be sent again
+                way.heal()
+            assert sent[0].status == "stored"
+        async with RelayClient.connect(relays["b"].url, BOB) as bob:
+            assert (await bob.mailbox.next()).body == "held, then sent"
+    assert hook_failures(caplog, "on_resending", resending)
