@@ -16,13 +16,14 @@ release, each awaited to its outcome. Prints one JSON object with cycles per sec
 claim latency (p50/p99) per phase.
 
 With ``--members N``, N other agents first join the namespace's directory with
-heartbeat presence (an hour, so none times out during the run) and disconnect: a
-request's cost should not grow with the number of members the directory holds, so
-the phases should run as fast as with none.
+heartbeat presence (an hour, so none times out during the run) and disconnect; with
+``--namespaces K``, K other namespaces of the relay first get a claimed work order
+each (leased for an hour). A request's cost should grow with neither, so the phases
+should run as fast as with none.
 
 Usage::
 
-    .venv/bin/python bench/claims.py [--agents 200] [--seconds 5] [--members 0]
+    .venv/bin/python bench/claims.py [--agents 200] [--seconds 5] [--members 0] [--namespaces 0]
 """
 
 from __future__ import annotations
@@ -124,11 +125,30 @@ async def join_members(url: str, count: int, first_seed: int) -> None:
             nursery.start_soon(joiner)
 
 
+async def claim_elsewhere(url: str, count: int) -> None:
+    """One claimed work order in each of ``count`` other namespaces."""
+    async with RelayClient.connect(url, Identity.generate()) as client:
+
+        async def one(n: int) -> None:
+            ledger = Ledger(client, f"elsewhere-{n}@local")
+            await ledger.claim(await ledger.create("elsewhere"), ttl_ms=HOUR_MS)
+            if (n + 1) % 1000 == 0:
+                log(f"{n + 1} of {count} namespaces hold a claim")
+
+        for first in range(0, count, JOINING):
+            async with trio.open_nursery() as nursery:
+                for n in range(first, min(first + JOINING, count)):
+                    nursery.start_soon(one, n)
+
+
 async def run(args: argparse.Namespace, url: str) -> dict[str, Any]:
     identities = [Identity.from_seed(n.to_bytes(32, "big")) for n in range(1, args.agents + 1)]
     if args.members:
         log(f"{args.members} members join the directory")
         await join_members(url, args.members, args.agents + 1)
+    if args.namespaces:
+        log(f"{args.namespaces} other namespaces get a claimed work order")
+        await claim_elsewhere(url, args.namespaces)
     async with RelayClient.connect(url, Identity.generate()) as setup:
         ledger = Ledger(setup, NS)
         log(f"creating {args.agents + 1} work orders")
@@ -146,6 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--agents", type=int, default=200)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--members", type=int, default=0, help="directory members first")
+    parser.add_argument("--namespaces", type=int, default=0, help="other namespaces first")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="formicary-claims-") as tmp:
         try:
@@ -161,6 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "bench": "claims",
                 "agents": args.agents,
                 "members": args.members,
+                "namespaces": args.namespaces,
                 **result,
                 "python": platform.python_version(),
                 "cpus": len(os.sched_getaffinity(0)),
