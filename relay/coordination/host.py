@@ -78,6 +78,11 @@ class Host:
     _order: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
     """Namespaces in the order their coordinators began: the timer's order across them."""
 
+    def __post_init__(self) -> None:
+        for ns in self.coordinators:  # given coordinators: the timer looks at each once
+            self._order[ns] = len(self._order)
+            self._touched.add(ns)
+
     def coordinator(self, ns: str) -> Coordinator:
         coordinator = self.coordinators.get(ns)
         if coordinator is None:

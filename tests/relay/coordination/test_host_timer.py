@@ -52,3 +52,12 @@ def test_a_namespace_whose_deadline_comes_is_asked_then(monkeypatch: Any) -> Non
     assert host.due(5_000) == [] and asked == [("timed", 5_000)]
     # Its deadline did not move (the stub says 5,000 still): it stays on the timer.
     assert host.next_expiry_ms() == 5_000
+
+
+def test_a_host_given_coordinators_times_them_too() -> None:
+    given = Coordinator()
+    host = Host(bytes(32), coordinators={"given@local": given})
+    assert host.next_expiry_ms() is None
+    assert host.due(1_000) == []
+    assert host.coordinator("given@local") is given
+    assert host.due(2_000) == []
