@@ -20,11 +20,19 @@ Award rules, ties broken the same way everywhere (so a replay picks the same win
   price, then earlier bid (log order);
 * ``lowest_price``: lowest price, then higher stake, then earlier bid;
 * ``first_eligible``: earliest bid.
+
+The relay's timer asks for the next deadline and for what is due after every outcome
+it appends in the namespace, so neither may cost a pass over the open auctions: their
+closing times are kept in a heap, and so are the confirmation windows of awards (entries
+go stale as auctions close, awards are confirmed or pass on, and are dropped as they
+surface; a heap is rebuilt when stale entries outnumber the active auctions). Awards in
+flight are still settled on every wake: what ends one is mostly a move of its order.
 """
 
 from __future__ import annotations
 
 import enum
+import heapq
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,6 +140,18 @@ class Auctions:
     auctions: dict[str, Auction] = field(default_factory=dict)
     active: dict[str, None] = field(default_factory=dict)
     """Auctions not ended yet, in opening order: all the timer needs to look at."""
+    # What follows is derived from the auctions (the timer's indexes), so it is left out
+    # of equality: replay compares the auctions, not how they were found.
+    _closing: list[tuple[int, str]] = field(default_factory=list, repr=False, compare=False)
+    """A heap of (closes_ms, id) of opened auctions; stale once one is no longer open."""
+    _confirming: list[tuple[int, str]] = field(default_factory=list, repr=False, compare=False)
+    """A heap of (confirm_by, id) per award; stale once confirmed, passed on or ended."""
+    _settling: dict[str, None] = field(default_factory=dict, repr=False, compare=False)
+    """The awarded and confirmed auctions: the ones :meth:`due` settles on every wake."""
+    _places: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
+    """Active auction -> its place in ``active`` (the order :meth:`due` answers in)."""
+    _opened: int = field(default=0, repr=False, compare=False)
+    """The next place to give."""
 
     # -- requests ---------------------------------------------------------------------
 
@@ -162,7 +182,11 @@ class Auctions:
             raise Conflict("held", f"{auction.wo} is under auction {ledger.reserved[auction.wo]}")
         ledger.reserved[auction.wo] = auction.id
         self.auctions[auction.id] = auction
+        if auction.id not in self.active:
+            self._places[auction.id] = self._opened
+            self._opened += 1
         self.active[auction.id] = None
+        self._timed(auction)
         return auction
 
     def bid(
@@ -252,9 +276,32 @@ class Auctions:
         reputation: Reputation,
     ) -> list[dict[str, Any]]:
         """Close what reached its deadline; settle awards that ended. Each result is
-        the body of a relay event (``kind`` inside), applied already."""
+        the body of a relay event (``kind`` inside), applied already.
+
+        It decides what the pass over every active auction in opening order did (close
+        the open ones whose time came, settle every awarded or confirmed one), without
+        looking at the open ones not due, which that pass left alone:
+
+        * the open ones due are the current entries of the closing heap up to
+          ``now_ms``: every open auction has its entry, and only a close moves an
+          auction out of open, so each one popped is closed below;
+        * the awarded and confirmed ones are :attr:`_settling`, all settled as before:
+          what ends an award is mostly not a time but a move of its order (done,
+          released, blocked, lapsed and expired by the ledger's timer), which any
+          request may bring;
+        * closing or settling one auction moves no other's phase, so what the pass acts
+          on is known before it starts; it goes in the order of ``active`` (their
+          places), as one outcome may depend on an earlier one's (a stake freed, a
+          reputation recorded).
+        """
+        visit = dict.fromkeys(self._settling)
+        closing = self._closing
+        while closing and closing[0][0] <= now_ms:
+            closes_ms, auction_id = heapq.heappop(closing)
+            if self._current(auction_id, Phase.OPEN, closes_ms):
+                visit[auction_id] = None
         out = []
-        for auction in [self.auctions[a] for a in self.active]:
+        for auction in [self.auctions[a] for a in sorted(visit, key=self._places.__getitem__)]:
             if auction.phase is Phase.OPEN and now_ms >= auction.closes_ms:
                 # Closed at the timer's time: after downtime the award's windows start
                 # now, not in the past (bids after the deadline are refused anyway).
@@ -379,13 +426,11 @@ class Auctions:
         }
 
     def next_deadline_ms(self) -> int | None:
-        times = []
-        for auction in (self.auctions[a] for a in self.active):
-            if auction.phase is Phase.OPEN:
-                times.append(auction.closes_ms)
-            elif auction.phase is Phase.AWARDED:
-                times.append(auction.confirm_by)
-        return min(times, default=None)
+        """The earliest time an open auction closes or an award's confirmation window
+        ends, if any: the least current entry of either heap."""
+        closes = self._earliest(self._closing, Phase.OPEN)
+        confirms = self._earliest(self._confirming, Phase.AWARDED)
+        return min((t for t in (closes, confirms) if t is not None), default=None)
 
     # -- internals ------------------------------------------------------------------
 
@@ -415,6 +460,7 @@ class Auctions:
             auction.token = lease.token
             auction.confirm_by = now_ms + auction.confirm_ms
             self._move(auction, Op.AWARD, now_ms, f"awarded to {agent.hex()[:16]}")
+            self._timed(auction)
             return {
                 "agent": agent,
                 "wo": auction.wo,
@@ -436,6 +482,43 @@ class Auctions:
         auction.history.append({"at_ms": at_ms, "phase": auction.phase.value, "why": why})
         if auction.phase in (Phase.COMPLETED, Phase.UNAWARDED):
             self.active.pop(auction.id, None)
+            self._settling.pop(auction.id, None)
+            self._places.pop(auction.id, None)
+        else:  # awarded or confirmed (no move leads back to open): settled on each wake
+            self._settling[auction.id] = None
+
+    def _timed(self, auction: Auction) -> None:
+        """Put the deadline of an auction just opened or awarded on the timer."""
+        open_ = auction.phase is Phase.OPEN
+        heap = self._closing if open_ else self._confirming
+        heapq.heappush(heap, (auction.closes_ms if open_ else auction.confirm_by, auction.id))
+        # Closes replayed from the log and confirmed awards leave stale entries behind
+        # that surface only when their time comes: rebuild before they pile up
+        # (amortised, each heap stays O(active auctions)).
+        if len(heap) > 2 * len(self.active) + 64:
+            live = (self.auctions[a] for a in self.active)
+            if open_:
+                heap[:] = [(a.closes_ms, a.id) for a in live if a.phase is Phase.OPEN]
+            else:
+                heap[:] = [(a.confirm_by, a.id) for a in live if a.phase is Phase.AWARDED]
+            heapq.heapify(heap)
+
+    def _current(self, auction_id: str, phase: Phase, at_ms: int) -> bool:
+        """Is a heap entry still the auction's deadline: it closes, or its current award
+        must be confirmed, at ``at_ms``?"""
+        auction = self.auctions[auction_id]
+        if auction.phase is not phase:
+            return False
+        return at_ms == (auction.closes_ms if phase is Phase.OPEN else auction.confirm_by)
+
+    def _earliest(self, heap: list[tuple[int, str]], phase: Phase) -> int | None:
+        """The least current entry of ``heap``, dropping the stale ones above it."""
+        while heap:
+            at_ms, auction_id = heap[0]
+            if self._current(auction_id, phase, at_ms):
+                return at_ms
+            heapq.heappop(heap)
+        return None
 
 
 def _rank(auction: Auction, reputation: Reputation, at_ms: int) -> list[bytes]:
