@@ -9,6 +9,7 @@ incarnation is told to start over (its epoch differs).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from agent_sdk.docs import DocReset, SharedDoc
 from agent_sdk.frames import encode_frame
 from agent_sdk.wire import decode
 from relay.node import RelayConfig
+from relay.store import Record
 from relay.store.sqlite import SQLiteStore
 from relay.verify import verify_log
 from tests.backends import forget, relay_store, sqlite_only
@@ -226,6 +228,27 @@ def test_a_new_store_gives_freed_pages_back(tmp_path: Path) -> None:
     try:
         (mode,) = store._reader.execute("PRAGMA auto_vacuum").fetchone()
         assert mode == 2  # incremental: prune's pages go back to the file system
+    finally:
+        store.close()
+
+
+@sqlite_only
+def test_a_prune_gives_back_every_page_it_frees(tmp_path: Path) -> None:
+    """All of them, not the one page a single step of ``incremental_vacuum`` frees."""
+    path = tmp_path / "events.sqlite3"
+    store = SQLiteStore(path)
+    try:
+        updates = [Record(NS, seq, seq.to_bytes(32, "big"), "doc.update", b"a", seq,
+                          os.urandom(20_000), b"s" * 64, b"r", None)
+                   for seq in range(1, 501)]  # fmt: skip
+        store.append(updates)
+        store._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        before = path.stat().st_size
+        store.prune(NS, [r.seq for r in updates])
+        (free,) = store._writer.execute("PRAGMA freelist_count").fetchone()
+        store._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        assert free == 0
+        assert path.stat().st_size < before // 10  # ~10 MB of updates, given back
     finally:
         store.close()
 
