@@ -44,7 +44,17 @@ from relay.store import Located
 from relay.store.sqlite import SQLiteStore
 from relay.verify import verify_log
 
-DATABASES = (STORE_FILE, MIRROR_FILE, OUTBOX_FILE, INBOX_FILE)
+DATABASES = (STORE_FILE, MIRROR_FILE, INBOX_FILE, OUTBOX_FILE)
+"""The databases, in the order a backup copies them. Each copy is a snapshot of its
+own moment, later than the one before; where the relay writes one file and then
+another, the file of the later write is copied first, so that a backup holding that
+write holds the earlier one too. An event that depends on a mirrored one is
+committed after it: the logs before the mirrors. A message receipt for another
+relay is stored in the outbox before its inbox item is deleted (relay/messaging.py):
+the inbox before the outbox. Copied the other way, both steps could fall between
+the two copies and the backup hold neither, the receipt lost; this way the worst is
+both, as after a crash between the steps (the item is delivered again, and its
+receipt passed on again)."""
 MANIFEST = "manifest.json"
 
 

@@ -256,3 +256,51 @@ async def test_a_restore_interrupted_while_moving_in_is_finished_by_the_next(
     assert sorted(os.listdir(target)) == sorted([*result["restored"], "relay.lock"])  # type: ignore[arg-type]
     async with relay_process(target) as relay, RelayClient.connect(relay.url, identity(1)) as a:
         assert (await a.publish(NAMESPACES[0], "app.note", "on")).receipt.seq == 2
+
+
+def test_a_backup_taken_while_a_receipt_leaves_keeps_the_message_or_its_receipt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A message from another relay is acknowledged: its receipt goes into the outbox,
+    then its inbox item is deleted. With the outbox copied before the inbox, both
+    steps between the two copies left a backup with neither."""
+    from federation.outbox import SQLiteOutboxStore
+    from relay import backup as module
+    from relay.app import INBOX_FILE, OUTBOX_FILE
+    from relay.inbox import Item, SQLiteInboxStore
+    from relay.store.sqlite import SQLiteStore
+
+    data = tmp_path / "data"
+    data.mkdir()
+    Identity.generate().save(data / "relay.key")
+    SQLiteStore(data / STORE_FILE).close()
+    inbox, outbox = SQLiteInboxStore(data / INBOX_FILE), SQLiteOutboxStore(data / OUTBOX_FILE)
+    message = Item(b"bob", 1, "message", b"mid", b"alice", b"sealed", 2**62, origin="other")
+    inbox.apply([message], [])
+    copy_database = module._copy_database
+    acknowledged: list[str] = []
+
+    def acknowledged_after_the_first_copy(source: Path, target: Path) -> None:
+        copy_database(source, target)
+        if source.name in (INBOX_FILE, OUTBOX_FILE) and not acknowledged:
+            acknowledged.append(source.name)
+            outbox.put_receipts([("other", 1, b"receipt")])  # (keep_receipts)
+            inbox.apply([], [message])  # (acknowledge)
+
+    monkeypatch.setattr(module, "_copy_database", acknowledged_after_the_first_copy)
+    try:
+        module.backup(data, tmp_path / "backup")
+    finally:
+        inbox.close()
+        outbox.close()
+    assert acknowledged
+    restored_inbox = SQLiteInboxStore(tmp_path / "backup" / INBOX_FILE)
+    restored_outbox = SQLiteOutboxStore(tmp_path / "backup" / OUTBOX_FILE)
+    try:
+        items, _ = restored_inbox.load()
+        receipts = restored_outbox.load_receipts()
+    finally:
+        restored_inbox.close()
+        restored_outbox.close()
+    assert items or receipts, "the message is neither waiting nor receipted: lost"
+    assert items == [message] and receipts == [("other", 1, b"receipt")]  # (a crash's state)
