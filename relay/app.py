@@ -246,6 +246,35 @@ async def _opening(path: Path, open_: Callable[..., T], *args: Any) -> T:
         raise DataDirError(f"{path}: {exc}") from None
 
 
+def check_database(path: Path) -> str:
+    """What SQLite's own check of every page of ``path`` finds wrong ("" if nothing):
+    an open reads little more than the header, so a damaged page shows only when
+    something reads it."""
+    try:
+        db = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)
+        try:
+            found = "\n".join(str(row[0]) for row in db.execute("PRAGMA quick_check"))
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        return str(exc)
+    if found == "ok":
+        return ""
+    problems = [line for line in found.splitlines() if not line.startswith("*** ")]
+    more = f", and {len(problems) - 1} more problems" if len(problems) > 1 else ""
+    return f"{problems[0]}{more}" if problems else found
+
+
+def _unreadable(data: Path, names: list[str], exc: sqlite3.Error) -> DataDirError:
+    """SQLite's refusal while the relay reads its databases ``names`` at start-up (the
+    logs, the inboxes, the outbox: past what their opening read), naming the damaged
+    one."""
+    for name in names:
+        if check_database(data / name):
+            return DataDirError(f"{data / name}: {exc}")
+    return DataDirError(f"{data}: {exc}")
+
+
 async def _run_relay(
     data: Path,
     config: RelayConfig,
@@ -264,6 +293,9 @@ async def _run_relay(
         store = await _opening(data / STORE_FILE, open_store, data, config.store)
     except (StoreInUse, StoreUnavailable) as exc:
         raise DataDirError(str(exc)) from None
+    databases = [] if config.store else [STORE_FILE, INBOX_FILE]  # (SQLite's, read below)
+    if federation is not None:
+        databases += [OUTBOX_FILE] if config.store else [MIRROR_FILE, OUTBOX_FILE]
     mirrors: Store | None = None
     outbox: SQLiteOutboxStore | None = None
     inbox: InboxStore | None = None
@@ -277,6 +309,8 @@ async def _run_relay(
             node = RelayNode(identity, store, config, mirror_store=mirrors, inbox_store=inbox)
         except Diverged as exc:
             raise DataDirError(str(exc)) from None
+        except sqlite3.Error as exc:
+            raise _unreadable(data, databases, exc) from None
         node.folds.append(_noting_first_receipt(data))
         async with trio.open_nursery() as nursery:
             await nursery.start(node.run)
@@ -286,6 +320,8 @@ async def _run_relay(
                     network = Federation(node, federation, outbox)
                 except PeerSpecError as exc:
                     raise DataDirError(str(exc)) from None
+                except sqlite3.Error as exc:
+                    raise _unreadable(data, databases, exc) from None
                 await nursery.start(network.run)
             server = await nursery.start(serve_relay, node, host, port)
             task_status.started((node, server))

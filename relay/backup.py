@@ -35,6 +35,7 @@ from relay.app import (
     STORE_FILE,
     DataDirError,
     DataDirInUse,
+    check_database,
     first_receipt_missing,
     fsync_path,
     hold_data,
@@ -157,6 +158,10 @@ def restore(backup_dir: Path, data: Path) -> dict[str, Any]:
             for name in files:
                 shutil.copy2(backup_dir / name, staging / name)
                 fsync_path(staging / name)
+            for name in DATABASES:  # (verifying reads only the logs; the relay reads all)
+                damage = check_database(staging / name) if name in files else ""
+                if damage:
+                    raise BackupError(f"{staging / name} is damaged ({damage}): use another backup")
             heads = _heads(staging / STORE_FILE) if STORE_FILE in files else {}
             if heads != manifest["heads"]:
                 raise BackupError(f"{backup_dir}: the logs' heads are not the manifest's")

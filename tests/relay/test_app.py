@@ -15,6 +15,8 @@ from relay.app import (
     INBOX_FILE,
     KEY_FILE,
     LOGS_FILE,
+    MIRROR_FILE,
+    OUTBOX_FILE,
     STORE_FILE,
     DataDirError,
     load_identity,
@@ -213,3 +215,52 @@ async def test_a_file_that_is_not_a_database_is_one_line(tmp_path: Path, damaged
         done = await trio.run_process(verify, capture_stderr=True, check=False)
         err = done.stderr.decode()
         assert done.returncode == 2 and "Traceback" not in err and "not a database" in err, err
+
+
+def with_every_database(data: Path) -> None:
+    """A stopped relay's data directory (a key, no logs) with a row in its inbox and
+    one in its outbox, and mirrors."""
+    from federation.outbox import SQLiteOutboxStore
+    from relay.inbox import Item, SQLiteInboxStore
+    from relay.store.sqlite import SQLiteStore
+
+    data.mkdir(parents=True)
+    Identity.generate().save(data / KEY_FILE)
+    SQLiteStore(data / STORE_FILE).close()
+    SQLiteStore(data / MIRROR_FILE).close()
+    inbox = SQLiteInboxStore(data / INBOX_FILE)
+    inbox.apply([Item(b"bob", 1, "message", b"mid", b"alice", b"sealed", 2**62)], [])
+    inbox.close()
+    outbox = SQLiteOutboxStore(data / OUTBOX_FILE)
+    outbox.put_receipts([("other", 1, b"receipt")])
+    outbox.close()
+
+
+PAGE = 4096  # (SQLite's default page size)
+PEER = "other#" + "00" * 32  # (federated: the mirrors and the outbox are read)
+
+
+def damage(path: Path) -> None:
+    """Overwrite the header of every page but the first (the schema): the file
+    opens, and the first read of one of its tables fails."""
+    db = bytearray(path.read_bytes())
+    for page in range(PAGE, len(db), PAGE):
+        db[page : page + 12] = b"\xff" * 12
+    path.write_bytes(db)
+
+
+@pytest.mark.parametrize("damaged", [INBOX_FILE, MIRROR_FILE, OUTBOX_FILE])
+async def test_a_database_damaged_past_its_header_is_one_line(tmp_path: Path, damaged: str) -> None:
+    """Opening it read no more than the header; the first read of a table (loading
+    the inboxes, the mirrors' heads, the outbox) was a 44-line traceback."""
+    from tests.processes import PHASE_TIMEOUT, cli
+
+    data = tmp_path / "relay"
+    with_every_database(data)
+    damage(data / damaged)
+    serve = cli("relay", "serve", "--data", str(data), "--port", "0", "--peer", PEER)
+    with trio.fail_after(PHASE_TIMEOUT):
+        done = await trio.run_process(serve, capture_stderr=True, check=False)
+    err = done.stderr.decode()
+    assert done.returncode == 1 and "Traceback" not in err, err
+    assert f"{damaged}: database disk image is malformed" in err, err

@@ -304,3 +304,21 @@ def test_a_backup_taken_while_a_receipt_leaves_keeps_the_message_or_its_receipt(
         restored_outbox.close()
     assert items or receipts, "the message is neither waiting nor receipted: lost"
     assert items == [message] and receipts == [("other", 1, b"receipt")]  # (a crash's state)
+
+
+@pytest.mark.parametrize("damaged", ["inbox.sqlite3", "mirrors.sqlite3", "outbox.sqlite3"])
+async def test_a_backup_with_a_damaged_database_is_not_restored(
+    tmp_path: Path, damaged: str
+) -> None:
+    """Only the logs were read (verified): a damaged inbox, outbox or mirrors file was
+    restored, and the relay then failed on it at start."""
+    from relay.backup import backup
+    from tests.relay.test_app import damage, with_every_database
+
+    data, copy, target = tmp_path / "data", tmp_path / "backup", tmp_path / "target"
+    with_every_database(data)
+    backup(data, copy)
+    damage(copy / damaged)
+    code, _, err = await formicary("relay", "restore", "--from", str(copy), "--data", str(target))
+    assert code == 1 and f"{copy / damaged} is damaged (" in err and "another backup" in err, err
+    assert sorted(os.listdir(target)) == ["relay.lock"]  # nothing moved in, no staging left
