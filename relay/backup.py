@@ -20,6 +20,8 @@ import secrets
 import shutil
 import sqlite3
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -120,13 +122,10 @@ def restore(backup_dir: Path, data: Path) -> dict[str, Any]:
     hold a relay yet); returns what was checked. A restore interrupted while it moved
     the checked files in is finished instead (whatever ``backup_dir``)."""
     if (data / RESTORING / MOVING).exists():
-        with hold_data(data):
+        with _holding(data):
             return {**_move_in(data), "finished": "an interrupted restore"}
-    try:
-        manifest = json.loads((backup_dir / MANIFEST).read_text())
-        files = [str(name) for name in manifest["files"]]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise BackupError(f"{backup_dir}: no readable {MANIFEST}: {exc}") from None
+    manifest = _manifest(backup_dir)
+    files: list[str] = manifest["files"]
     strange = [name for name in files if name not in (KEY_FILE, LOGS_FILE, *DATABASES)]
     if strange or KEY_FILE not in files:  # (names only: "../x" would land elsewhere)
         raise BackupError(f"{backup_dir}: {MANIFEST} lists {strange or 'no key'}: not a backup")
@@ -138,8 +137,7 @@ def restore(backup_dir: Path, data: Path) -> dict[str, Any]:
     key = _key(backup_dir / KEY_FILE)
     if key.id != manifest["key"]:
         raise BackupError(f"{backup_dir}/{KEY_FILE} is not the key the manifest names")
-    data.mkdir(parents=True, exist_ok=True)
-    with hold_data(data):
+    with _holding(data):
         leftovers = [
             p.name for p in data.iterdir() if p.name.endswith(("-wal", "-shm", ".sqlite3"))
         ]
@@ -180,6 +178,9 @@ def restore(backup_dir: Path, data: Path) -> dict[str, Any]:
         except BackupError as exc:
             shutil.rmtree(staging, ignore_errors=True)
             raise BackupError(str(exc).replace(str(staging), str(backup_dir))) from None
+        except BaseException:  # (Ctrl-C, a bug: the copies, the key among them, go too)
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         result = {"restored": files, "namespaces": len(heads), "key": key.id}
         try:  # whole or absent (nothing moves before it is there)
             write_durably(staging / MOVING, json.dumps(result))
@@ -187,6 +188,43 @@ def restore(backup_dir: Path, data: Path) -> dict[str, Any]:
             shutil.rmtree(staging, ignore_errors=True)
             raise BackupError(f"{data}: {exc.strerror or exc}") from None
         return _move_in(data)
+
+
+def _manifest(backup_dir: Path) -> dict[str, Any]:
+    """The backup's manifest, refused unless it has what :func:`backup` writes: the
+    files (names), the key (its id) and the heads (namespace: seq)."""
+    path = backup_dir / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise BackupError(f"{backup_dir}: no readable {MANIFEST}: {exc}") from None
+    if not isinstance(manifest, dict):
+        manifest = {}
+    files, key, heads = manifest.get("files"), manifest.get("key"), manifest.get("heads")
+    wrong = [name for name, right in (
+        ("files", isinstance(files, list) and all(isinstance(n, str) for n in files)),
+        ("key", isinstance(key, str)),
+        ("heads", isinstance(heads, dict) and all(type(s) is int for s in heads.values())),
+    ) if not right]  # fmt: skip
+    if wrong:
+        what = ", ".join(f'"{name}"' for name in wrong)
+        raise BackupError(f"{path}: {what} missing or malformed: not a backup's manifest")
+    return manifest
+
+
+@contextmanager
+def _holding(data: Path) -> Iterator[None]:
+    """:func:`hold_data`, refused as a BackupError: a running relay's files, or those
+    another restore or a compact is writing, are not touched under it."""
+    try:
+        with hold_data(data):
+            yield
+    except DataDirInUse as exc:
+        raise BackupError(
+            f"{exc} (or a restore or compact): stop it, or let it finish, first"
+        ) from None
+    except DataDirError as exc:
+        raise BackupError(str(exc)) from None
 
 
 def _move_in(data: Path) -> dict[str, Any]:
@@ -229,13 +267,8 @@ def compact(data: Path) -> dict[str, Any]:
     """VACUUM every database of ``data``; returns the bytes before and after."""
     if not data.is_dir():
         raise BackupError(f"{data} is not a data directory")
-    try:
-        with hold_data(data):
-            return _compact(data)
-    except DataDirInUse as exc:
-        raise BackupError(f"{exc}: stop it first") from None
-    except DataDirError as exc:
-        raise BackupError(str(exc)) from None
+    with _holding(data):
+        return _compact(data)
 
 
 def _compact(data: Path) -> dict[str, Any]:

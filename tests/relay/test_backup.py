@@ -9,6 +9,7 @@ import os
 import shutil
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -322,3 +323,81 @@ async def test_a_backup_with_a_damaged_database_is_not_restored(
     code, _, err = await formicary("relay", "restore", "--from", str(copy), "--data", str(target))
     assert code == 1 and f"{copy / damaged} is damaged (" in err and "another backup" in err, err
     assert sorted(os.listdir(target)) == ["relay.lock"]  # nothing moved in, no staging left
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda m: m.pop("heads"),
+        lambda m: m.pop("key"),
+        lambda m: m.update(heads={NAMESPACES[0]: "1"}),
+        lambda m: m.update(files="relay.key"),
+        lambda m: m.clear(),
+    ],
+    ids=["no heads", "no key", "a seq as text", "files as text", "empty"],
+)
+async def test_a_manifest_without_what_a_backup_writes_is_refused(
+    tmp_path: Path, change: Any
+) -> None:
+    """Without its heads the restore failed with a KeyError, leaving its staging
+    copy behind, the relay's key in it; without its key, with a KeyError too."""
+    from relay.backup import backup
+    from tests.relay.test_app import with_every_database
+
+    data, copy, target = tmp_path / "data", tmp_path / "backup", tmp_path / "target"
+    with_every_database(data)
+    backup(data, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    change(manifest)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    code, _, err = await formicary("relay", "restore", "--from", str(copy), "--data", str(target))
+    assert code == 1 and "not a backup's manifest" in err and "Traceback" not in err, err
+    assert not target.exists() or os.listdir(target) == ["relay.lock"]  # no staging, no key
+
+
+async def test_a_restore_into_a_directory_in_use_is_refused(tmp_path: Path) -> None:
+    """Its lock held (a relay starting, another restore, a compact): the restore
+    failed with a DataDirInUse traceback, and so did the finishing of one that was
+    interrupted."""
+    from relay.app import hold_data
+    from relay.backup import backup
+    from tests.relay.test_app import with_every_database
+
+    data, copy, target = tmp_path / "data", tmp_path / "backup", tmp_path / "target"
+    with_every_database(data)
+    backup(data, copy)
+    restore = ("relay", "restore", "--from", str(copy), "--data", str(target))
+    with hold_data(target):
+        code, _, err = await formicary(*restore)
+    assert code == 1 and "in use by a running relay" in err and "Traceback" not in err, err
+    assert os.listdir(target) == ["relay.lock"]
+
+    (target / ".restoring").mkdir()  # one interrupted while it moved the files in
+    (target / ".restoring" / "moving.json").write_text('{"restored": []}')
+    with hold_data(target):
+        code, _, err = await formicary(*restore)
+    assert code == 1 and "in use by a running relay" in err and "Traceback" not in err, err
+    assert (target / ".restoring" / "moving.json").exists()
+    code, result, err = await formicary(*restore)
+    assert code == 0 and result is not None and result["finished"], err
+
+
+def test_a_restore_interrupted_while_it_checks_leaves_no_copy_of_the_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its staging copy was removed on a refusal only: Ctrl-C (or a bug) left it, the
+    relay's key in it."""
+    from relay import backup as module
+    from tests.relay.test_app import with_every_database
+
+    data, copy, target = tmp_path / "data", tmp_path / "backup", tmp_path / "target"
+    with_every_database(data)
+    module.backup(data, copy)
+
+    def interrupted(path: Path) -> dict[str, int]:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "_heads", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        module.restore(copy, target)
+    assert os.listdir(target) == ["relay.lock"]
