@@ -38,7 +38,7 @@ from relay.node import RelayConfig, RelayNode
 from relay.server import serve_relay
 from relay.store import Record, Store
 from relay.store.postgres import PostgresInboxStore, PostgresStore, StoreInUse, StoreUnavailable
-from relay.store.sqlite import SQLiteStore
+from relay.store.sqlite import SQLiteStore, connect_readonly
 
 KEY_FILE = "relay.key"
 STORE_FILE = "events.sqlite3"
@@ -251,7 +251,7 @@ def check_database(path: Path) -> str:
     an open reads little more than the header, so a damaged page shows only when
     something reads it."""
     try:
-        db = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)
+        db = connect_readonly(path)
         try:
             found = "\n".join(str(row[0]) for row in db.execute("PRAGMA quick_check"))
         finally:

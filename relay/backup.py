@@ -44,7 +44,7 @@ from relay.app import (
     write_durably,
 )
 from relay.store import Located
-from relay.store.sqlite import SQLiteStore
+from relay.store.sqlite import SQLiteStore, connect_readonly
 from relay.verify import verify_log
 
 DATABASES = (STORE_FILE, MIRROR_FILE, INBOX_FILE, OUTBOX_FILE)
@@ -316,7 +316,7 @@ def _verify(where: Path, files: list[str], namespaces: list[str], key: bytes) ->
 
 def _copy_database(source: Path, target: Path) -> None:
     try:
-        src = sqlite3.connect(source.absolute().as_uri() + "?mode=ro", uri=True, timeout=10)
+        src = connect_readonly(source, timeout=10)
         dst = sqlite3.connect(target)
         try:
             src.backup(dst)  # page by page, a consistent snapshot while others write

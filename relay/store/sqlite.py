@@ -10,9 +10,11 @@ crashed process; group commit (one transaction per batch) is what makes that aff
 from __future__ import annotations
 
 import functools
+import os
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from agent_sdk.wire import decode_receipt
 from relay.store import Head, Located, Record, scan_by_reading
@@ -71,8 +73,7 @@ class SQLiteStore:
     def _connect(self, path: Path) -> sqlite3.Connection:
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, one per batch.
         if self.readonly:
-            uri = f"{path.absolute().as_uri()}?mode=ro"
-            conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+            conn = connect_readonly(path, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA busy_timeout=10000")
             return conn
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -189,6 +190,30 @@ class SQLiteStore:
             self._writer.close()
         self._reader.close()
         self._finder.close()
+
+
+def connect_readonly(path: Path, **options: Any) -> sqlite3.Connection:
+    """A read-only connection to the SQLite file ``path`` (``options`` as for
+    ``sqlite3.connect``).
+
+    A file in WAL mode is read through the -shm index beside it, which SQLite makes
+    when there is none (a stopped relay leaves none): on a read-only mount it cannot,
+    and the first read fails. There, and only when no -wal holds commits the file
+    lacks, the file is opened immutable instead: read with no index and no locks,
+    which is right for a file nothing can change.
+    """
+    uri = path.absolute().as_uri()
+    conn: sqlite3.Connection = sqlite3.connect(f"{uri}?mode=ro", uri=True, **options)
+    wal = path.with_name(path.name + "-wal")
+    if os.access(path.parent, os.W_OK) or (wal.exists() and wal.stat().st_size):
+        return conn
+    try:
+        conn.execute("PRAGMA schema_version")  # (the first read opens the -shm)
+        return conn
+    except sqlite3.Error:
+        conn.close()
+    conn = sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, **options)
+    return conn
 
 
 @functools.cache

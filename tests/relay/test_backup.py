@@ -401,3 +401,52 @@ def test_a_restore_interrupted_while_it_checks_leaves_no_copy_of_the_key(
     with pytest.raises(KeyboardInterrupt):
         module.restore(copy, target)
     assert os.listdir(target) == ["relay.lock"]
+
+
+MOUNT_READ_ONLY = 'mount --bind "$1" "$2" && mount -o remount,bind,ro "$2" && shift 2 && exec "$@"'
+"""``sh -c`` arguments: DIR MOUNTPOINT COMMAND... runs COMMAND with DIR read-only at
+MOUNTPOINT (in a mount namespace of its own: ``unshare --mount``)."""
+
+
+async def test_a_stopped_relays_data_directory_is_backed_up_from_a_read_only_mount(
+    tmp_path: Path,
+) -> None:
+    """SQLite reads a WAL-mode file through the -shm index it makes beside it, and a
+    stopped relay leaves none: where it could not make one (a read-only mount),
+    backup and log verify failed with "unable to open database file"."""
+    from tests.relay.test_app import with_every_database
+
+    data = tmp_path / "data"
+    with_every_database(data)
+    assert not [name for name in os.listdir(data) if name.endswith(("-wal", "-shm"))]
+    data.chmod(0o555)
+    try:
+        where, prefix = data, []
+        if os.access(data, os.W_OK):  # root: only a read-only mount is read-only
+            where = tmp_path / "mounted"
+            where.mkdir()
+            prefix = [
+                "unshare",
+                "--mount",
+                "sh",
+                "-c",
+                MOUNT_READ_ONLY,
+                "sh",
+                str(data),
+                str(where),
+            ]
+            probe = await trio.run_process([*prefix, "true"], check=False, capture_stderr=True)
+            if probe.returncode:
+                pytest.skip(f"no read-only directory to test with: {probe.stderr.decode()}")
+        for command in (
+            ["relay", "backup", "--data", str(where), "--out", str(tmp_path / "backup")],
+            ["log", "verify", "all", "--data", str(where)],
+        ):
+            with trio.fail_after(PHASE_TIMEOUT):
+                done = await trio.run_process(
+                    [*prefix, *cli(*command)], check=False, capture_stderr=True
+                )
+            assert done.returncode == 0, done.stderr.decode()
+        assert json.loads((tmp_path / "backup" / "manifest.json").read_text())["heads"] == {}
+    finally:
+        data.chmod(0o755)
