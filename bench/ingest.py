@@ -31,8 +31,9 @@ Besides the figures the issue asks for, the JSON says where the relay's time wen
 its CPU during the timed phase (its signature-checking process included), its
 event-loop thread's CPU per event, and ``relay_overhead_us_per_event``, the relay's
 CPU per event in all its threads and processes minus one signature check — the
-number to drive down. ``--relay-profile FILE`` runs the relay under cProfile
-(``bench/profile_relay.py --show FILE`` prints it).
+number to drive down. ``--relay-profile FILE`` runs the relay under cProfile, or
+with ``FILE.json`` counts its event loop's CPU per trio task
+(``bench/profile_relay.py --show FILE`` prints either).
 
 Progress goes to stderr; exactly one JSON object goes to stdout. The exit status is 0
 when the measurement succeeded (1 with ``--check`` when the ratio is below 0.5), 1 when
@@ -262,7 +263,8 @@ def relay_process(
         command = [sys.executable, "-m", "agent_sdk.cli", *argv]
     else:
         wrapper = Path(__file__).with_name("profile_relay.py")
-        command = [sys.executable, str(wrapper), "--out", str(profile), "--", *argv]
+        tasks = ["--tasks"] if profile.suffix == ".json" else []  # (per task, not cProfile)
+        command = [sys.executable, str(wrapper), *tasks, "--out", str(profile), "--", *argv]
     log_path = data / "relay.log"
     with log_path.open("wb") as relay_log:
         process = subprocess.Popen(

@@ -42,12 +42,12 @@ def test_every_benchmark_has_a_smoke_run() -> None:
     assert scripts == set(TINY)
 
 
-def run_bench(script: str, timeout: float = 300) -> subprocess.CompletedProcess[bytes]:
+def run_bench(script: str, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess[bytes]:
     """Run one script in a process group of its own. One that hangs fails the test
     with what it said so far (its progress lines name the phase it hung in), and its
     whole group is killed: relays it started must not outlive it."""
     process = subprocess.Popen(
-        [sys.executable, str(BENCH / script), *TINY[script]],
+        [sys.executable, str(BENCH / script), *TINY[script], *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=BENCH.parent,
         start_new_session=True,
     )  # fmt: skip
@@ -77,3 +77,19 @@ def test_a_benchmark_prints_one_json_object(script: str) -> None:
         relays = ("formicary", "nostr_sdk", "nostr_relay")
         assert [result["ingest"][name]["accepted"] for name in relays] == [40, 40, 40]
         assert [result["fanout"][name]["missed"] for name in relays] == [0, 0, 0]
+
+
+def test_a_relay_profile_per_task_counts_the_event_loop_by_task(tmp_path: Path) -> None:
+    profile = tmp_path / "relay.json"
+    done = run_bench("ingest.py", "--relay-profile", str(profile))
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    figures = json.loads(profile.read_text())
+    tasks = figures["tasks"]
+    sequencing = tasks["relay.node.RelayNode._sequencing_loop"]
+    assert sequencing["steps"] > 0 and sequencing["cpu_s"] > 0
+    assert sum(task["cpu_s"] for task in tasks.values()) <= figures["thread_cpu_s"]
+    shown = subprocess.run(
+        [sys.executable, str(BENCH / "profile_relay.py"), "--show", str(profile), "--per", "450"],
+        capture_output=True, check=True, cwd=BENCH.parent,
+    )  # fmt: skip
+    assert b"relay.node.RelayNode._sequencing_loop" in shown.stdout
