@@ -50,7 +50,14 @@ from agent_sdk import frames as f
 from agent_sdk.direct import listening
 from agent_sdk.docs import FLUSH_TIMEOUT as FLUSH_TIMEOUT_DOC
 from agent_sdk.docs import SharedDoc, open_doc
-from agent_sdk.errors import ErrorCode, ProtocolError, client_stopped, notify, unwrap_single
+from agent_sdk.errors import (
+    ErrorCode,
+    ProtocolError,
+    client_stopped,
+    failed,
+    notify,
+    unwrap_single,
+)
 from agent_sdk.identity import Identity
 from agent_sdk.messaging import PATHS, Address, Mailbox, Messages, Sent, is_name
 from agent_sdk.wire import (
@@ -152,7 +159,7 @@ async def _run_hook(hook: Callable[[], Awaitable[None]]) -> None:
     try:
         await hook()
     except Exception:
-        log.exception("a reconnect hook failed")
+        failed(log, "a reconnect hook failed")
 
 
 class Subscription:

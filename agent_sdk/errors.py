@@ -185,7 +185,16 @@ def notify(
     try:
         hook(*args, **kwargs)
     except Exception:
-        log.exception("the %s hook failed; carrying on as if it had returned", name)
+        failed(log, f"the {name} hook failed; carrying on as if it had returned")
+
+
+def failed(log: logging.Logger, what: str) -> None:
+    """Log the exception being handled, if logging can: its last-resort handler writes
+    to the stderr that may be what failed (closed), and logging passes that on."""
+    try:
+        log.exception(what)
+    except Exception:  # (nowhere left to say it)
+        pass
 
 
 def client_stopped() -> ProtocolError:

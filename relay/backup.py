@@ -187,6 +187,9 @@ def restore(backup_dir: Path, data: Path) -> dict[str, Any]:
         except OSError as exc:
             shutil.rmtree(staging, ignore_errors=True)
             raise BackupError(f"{data}: {exc.strerror or exc}") from None
+        except BaseException:  # (Ctrl-C: nothing moved yet, the copies go)
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         return _move_in(data)
 
 
@@ -328,6 +331,15 @@ def _copy_database(source: Path, target: Path) -> None:
             src.close()
     except sqlite3.Error as exc:  # (either side's: a full disk is the target's)
         raise BackupError(f"copying {source} to the backup: {exc}") from None
+    # A copy read without locks (immutable, on a read-only mount) is torn if a relay
+    # started on the directory meanwhile, and a damaged source gives a damaged copy:
+    # either shows here, not at a restore.
+    damage = check_database(target)
+    if damage:
+        raise BackupError(
+            f"the copy of {source} is damaged ({damage}): check the source "
+            "(PRAGMA quick_check), or back up again with no relay starting on it meanwhile"
+        )
 
 
 def _heads(path: Path) -> dict[str, int]:

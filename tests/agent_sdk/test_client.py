@@ -13,7 +13,7 @@ import trio.testing
 
 from agent_sdk import frames as f
 from agent_sdk.client import Delivery, Published, RelayClient, RelayMismatch
-from agent_sdk.errors import ErrorCode, ProtocolError
+from agent_sdk.errors import ErrorCode, ProtocolError, notify
 from tests.agent_sdk.cuttable import Wire, dialer
 from tests.conftest import RunningRelay, identity
 from tests.federation.fixtures import LyingRelay, federation_of, plan, start
@@ -503,3 +503,21 @@ async def test_a_lost_hook_that_fails_does_not_end_the_client(
             assert (await client.publish(NS, "app.n", 2)).receipt.seq == 2
         assert client.connections == 2
     assert len(hook_failures(caplog, "on_lost", lost)) == 1
+
+
+def test_a_hook_whose_failure_cannot_be_logged_is_still_contained() -> None:
+    """Logging's last resort writes to stderr: when that is what the hook found closed,
+    logging the failure raised too, out of notify and into the SDK's task."""
+
+    class Closed(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            raise ValueError("I/O operation on closed file")
+
+    log = logging.getLogger("tests.closed_stderr")
+    log.addHandler(Closed())
+    log.propagate = False
+
+    def hook() -> None:
+        raise ValueError("I/O operation on closed file")
+
+    notify(log, "on_lost", hook)  # returns, as if the hook had

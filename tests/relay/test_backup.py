@@ -325,6 +325,21 @@ async def test_a_backup_with_a_damaged_database_is_not_restored(
     assert sorted(os.listdir(target)) == ["relay.lock"]  # nothing moved in, no staging left
 
 
+@pytest.mark.parametrize("damaged", ["inbox.sqlite3", "mirrors.sqlite3", "outbox.sqlite3"])
+def test_a_damaged_copy_fails_the_backup(tmp_path: Path, damaged: str) -> None:
+    """A copy was not checked: a damaged source (or one a relay started on tore, read
+    without locks on a read-only mount) made a backup that only a restore refused."""
+    from relay.backup import BackupError, backup
+    from tests.relay.test_app import damage, with_every_database
+
+    data, copy = tmp_path / "data", tmp_path / "backup"
+    with_every_database(data)
+    damage(data / damaged)
+    with pytest.raises(BackupError, match=rf"the copy of .*{damaged} is damaged \("):
+        backup(data, copy)
+    assert not copy.exists() and os.listdir(tmp_path) == ["data"]  # nothing left
+
+
 @pytest.mark.parametrize(
     "change",
     [
