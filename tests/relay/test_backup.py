@@ -416,6 +416,16 @@ def test_a_restore_interrupted_while_it_checks_leaves_no_copy_of_the_key(
     with pytest.raises(KeyboardInterrupt):
         module.restore(copy, target)
     assert os.listdir(target) == ["relay.lock"]
+    # ... and while it writes down what it is about to move in (nothing moved yet).
+    monkeypatch.undo()
+
+    def interrupted_write(path: Path, text: str) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "write_durably", interrupted_write)
+    with pytest.raises(KeyboardInterrupt):
+        module.restore(copy, target)
+    assert os.listdir(target) == ["relay.lock"]
 
 
 MOUNT_READ_ONLY = 'mount --bind "$1" "$2" && mount -o remount,bind,ro "$2" && shift 2 && exec "$@"'
