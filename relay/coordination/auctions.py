@@ -180,7 +180,7 @@ class Auctions:
                 raise Conflict("bad_request", f"{auction.wo} needs approval: not auctioned")
         if auction.wo in ledger.reserved:
             raise Conflict("held", f"{auction.wo} is under auction {ledger.reserved[auction.wo]}")
-        ledger.reserved[auction.wo] = auction.id
+        ledger.reserve(auction.wo, auction.id)
         self.auctions[auction.id] = auction
         if auction.id not in self.active:
             self._places[auction.id] = self._opened
@@ -359,7 +359,7 @@ class Auctions:
             stakes.unlock(agent, auction_id)
             reputation.record(agent, now_ms, 1.0)
             self._move(auction, Op.COMPLETE, now_ms, "completed")
-            del ledger.reserved[auction.wo]
+            ledger.unreserve(auction.wo)
             return {"kind": "auction.completed", **base}
         lease = ledger.leases.holder(auction.wo, now_ms)
         held = order.status is Status.CLAIMED and lease is not None and lease.token == auction.token
@@ -443,7 +443,7 @@ class Auctions:
             agent = auction.awardee
             if agent is None:
                 self._move(auction, Op.EXHAUST, now_ms, "nobody left")
-                ledger.reserved.pop(auction.wo, None)
+                ledger.unreserve(auction.wo)
                 return None
             bid = auction.bids[agent]
             if not first and not stakes.lock(agent, auction.id, bid.stake):
@@ -455,7 +455,7 @@ class Auctions:
             if lease is None:  # the order cannot be given out (done meanwhile, say)
                 stakes.unlock(agent, auction.id)
                 self._move(auction, Op.EXHAUST, now_ms, f"cannot award: {granted}")
-                ledger.reserved.pop(auction.wo, None)
+                ledger.unreserve(auction.wo)
                 return None
             auction.token = lease.token
             auction.confirm_by = now_ms + auction.confirm_ms

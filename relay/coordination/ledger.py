@@ -187,7 +187,8 @@ class Ledger:
     _open: list[tuple[int, int, str]] = field(default_factory=list, compare=False, repr=False)
     """A heap of (-priority, number, id) of orders that were open when pushed: the
     index :meth:`next` reads instead of scanning every order. Entries of orders that
-    moved on are dropped when met (an order reopened is pushed again)."""
+    moved on are dropped when met (an order reopened is pushed again), and so are
+    those of reserved orders: :meth:`unreserve` pushes an order that is open again."""
     _claimed: list[tuple[int, str]] = field(default_factory=list, compare=False, repr=False)
     """A heap of (lease expiry, id) per claim and renewal: where :meth:`next` finds
     claims that lapsed before the timer reopened them."""
@@ -277,19 +278,28 @@ class Ledger:
 
     def _best_open(self) -> WorkOrder | None:
         """The first order of the open index that is open and not reserved."""
-        heap, reserved, best = self._open, [], None
+        heap = self._open
         while heap:
             order = self.orders[heap[0][2]]
-            if order.status is not Status.OPEN:
-                heapq.heappop(heap)  # moved on: its entry is stale
-            elif order.id in self.reserved:
-                reserved.append(heapq.heappop(heap))  # open, but not ours to give
-            else:
-                best = order
-                break
-        for entry in reserved:
-            heapq.heappush(heap, entry)
-        return best
+            if order.status is Status.OPEN and order.id not in self.reserved:
+                return order
+            # Moved on (pushed again if reopened), or open but not ours to give while
+            # its auction runs (pushed again by unreserve): an auction's order must not
+            # be popped and pushed back by every wo.next while it lasts.
+            heapq.heappop(heap)
+        return None
+
+    def reserve(self, order_id: str, auction_id: str) -> None:
+        """Only the auction ``auction_id`` gives ``order_id`` out from now on."""
+        self.reserved[order_id] = auction_id
+
+    def unreserve(self, order_id: str) -> None:
+        """The order's auction ended: :meth:`next` may give it out again."""
+        if self.reserved.pop(order_id, None) is None:
+            return
+        order = self.orders.get(order_id)
+        if order is not None and order.status is Status.OPEN:
+            heapq.heappush(self._open, _rank(order))  # its entry may have been dropped
 
     def _lapsed(self, now_ms: int, *, reserved_too: bool = False) -> list[WorkOrder]:
         """Claimed orders whose current lease ran out by ``now_ms`` (oldest expiry

@@ -10,7 +10,7 @@ reserved orders).
 
 from __future__ import annotations
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from relay.coordination.ledger import Contract, Done, Ledger, Rejection, Status, WorkOrder
@@ -25,8 +25,8 @@ step = st.one_of(
     st.tuples(st.just("done"), st.integers(0, 2)),
     st.tuples(st.just("block"), st.integers(0, 2)),
     st.tuples(st.just("reopen"), st.integers(0, 30)),
-    st.tuples(st.just("reserve"), st.integers(0, 30)),
-    st.tuples(st.just("unreserve"), st.integers(0, 30)),
+    st.tuples(st.just("reserve"), st.integers(0, 6)),
+    st.tuples(st.just("unreserve"), st.integers(0, 6)),
     st.tuples(st.just("timer"), st.just(0)),
     st.tuples(st.just("wait"), st.integers(0, 40_000)),
 )
@@ -46,6 +46,8 @@ def scan(ledger: Ledger, now: int) -> str | None:
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(step, max_size=60))
+# An order met under auction leaves the index; once its auction ends it is back.
+@example([("create", 1), ("reserve", 1), ("create", 0), ("next", 0), ("unreserve", 1), ("next", 1)])
 def test_next_picks_what_a_scan_of_every_order_would(steps: list[tuple[str, int]]) -> None:
     ledger = Ledger()
     now = 0
@@ -74,11 +76,45 @@ def test_next_picks_what_a_scan_of_every_order_would(steps: list[tuple[str, int]
         elif op == "reopen" and f"wo-{arg}" in ledger.orders:
             ledger.update(f"wo-{arg}", AGENTS[0], None, Status.OPEN, now)  # blocked: anyone
         elif op == "reserve" and f"wo-{arg}" in ledger.orders:
-            ledger.reserved[f"wo-{arg}"] = "auction-1"
+            ledger.reserve(f"wo-{arg}", "auction-1")
         elif op == "unreserve":
-            ledger.reserved.pop(f"wo-{arg}", None)
+            ledger.unreserve(f"wo-{arg}")
         elif op == "timer":
             ledger.expire(now)
         elif op == "wait":
             now += arg
     assert (scan(ledger, now) is None) == isinstance(ledger.next(AGENTS[0], now), Rejection)
+
+
+class _Reads(dict[str, WorkOrder]):
+    """The ledger's orders, counting the lookups ``next`` makes."""
+
+    reads = 0
+
+    def __getitem__(self, key: str) -> WorkOrder:
+        self.reads += 1
+        return super().__getitem__(key)
+
+
+def test_orders_under_auction_are_not_read_again_by_every_next() -> None:
+    """1,000 open orders under auction rank first: the first ``next`` steps over them,
+    later ones do not read them again (the old index popped and pushed back every one
+    on every call: about 7 ms a claim with 10,000 auctions open). An order whose
+    auction ends unawarded is given out again, in its place."""
+    ledger = Ledger()
+    for n in range(1, 1001):
+        ledger.create(Contract(title="auctioned", priority=5), AGENTS[0], 0)
+        ledger.reserve(f"wo-{n}", f"auc-{n}")
+    for _ in range(3):
+        ledger.create(Contract(title="plain"), AGENTS[0], 0)
+    orders = ledger.orders = _Reads(ledger.orders)
+    first = ledger.next(AGENTS[1], 0)
+    assert isinstance(first, Done) and first.order == "wo-1001"
+    orders.reads = 0
+    second = ledger.next(AGENTS[1], 0)
+    assert isinstance(second, Done) and second.order == "wo-1002"
+    assert orders.reads < 10, orders.reads
+    ledger.unreserve("wo-500")  # its auction ended with nobody to award
+    again = ledger.next(AGENTS[2], 0)
+    assert isinstance(again, Done) and again.order == "wo-500"
+    assert scan(ledger, 0) == "wo-1003"
