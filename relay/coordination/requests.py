@@ -519,7 +519,7 @@ class Coordinator:
         key = vouch_key(vouchee)
         if kind == "rep.revoke":
             only(body, "for")
-            if reputation.vouches.pop((author, vouchee), None) is None:
+            if reputation.revoke(author, vouchee) is None:
                 raise Conflict("not_found", "you do not vouch for that agent")
             return {"for": vouchee, "unlocked": stakes.unlock(author, key)}
         only(body, "for", "weight", "reason")

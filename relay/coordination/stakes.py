@@ -102,7 +102,15 @@ class Reputation:
     half_life_ms: int = 7 * 24 * 3600 * 1000
     outcomes: dict[bytes, list[tuple[int, float]]] = field(default_factory=dict)
     vouches: dict[tuple[bytes, bytes], Vouch] = field(default_factory=dict)
-    """(voucher, vouchee) -> the vouch in force."""
+    """(voucher, vouchee) -> the vouch in force. Changed by :meth:`vouch` and
+    :meth:`revoke` only, which keep the index by vouchee."""
+    _for: dict[bytes, dict[bytes, Vouch]] = field(default_factory=dict, compare=False, repr=False)
+    """vouchee -> voucher -> the vouch in force: what :meth:`score` reads (on every bid,
+    vouch and award ranking) instead of every vouch of the namespace."""
+
+    def __post_init__(self) -> None:
+        for (voucher, vouchee), made in self.vouches.items():
+            self._for.setdefault(vouchee, {})[voucher] = made
 
     def record(self, agent: bytes, at_ms: int, value: float) -> None:
         self.outcomes.setdefault(agent, []).append((at_ms, value))
@@ -111,12 +119,22 @@ class Reputation:
         bound = max(0.0, self.score(voucher, at_ms))
         made = Vouch(voucher, vouchee, weight, reason, at_ms, min(weight / VOUCH_UNIT, bound))
         self.vouches[(voucher, vouchee)] = made
+        self._for.setdefault(vouchee, {})[voucher] = made
         return made
 
+    def revoke(self, voucher: bytes, vouchee: bytes) -> Vouch | None:
+        """End the vouch of ``voucher`` for ``vouchee``; the vouch, if there was one."""
+        gone = self.vouches.pop((voucher, vouchee), None)
+        if gone is not None:
+            mine = self._for[vouchee]
+            del mine[voucher]
+            if not mine:
+                del self._for[vouchee]
+        return gone
+
     def vouchers_of(self, vouchee: bytes) -> list[Vouch]:
-        return sorted(
-            (v for (_, to), v in self.vouches.items() if to == vouchee), key=lambda v: v.voucher
-        )
+        """The vouches in force for ``vouchee``, by voucher (the order scores add them)."""
+        return sorted(self._for.get(vouchee, {}).values(), key=lambda v: v.voucher)
 
     def score(self, agent: bytes, now_ms: int) -> float:
         total = 0.0
