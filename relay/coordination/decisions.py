@@ -39,6 +39,7 @@ applied where they are written and again, as written, on replay, like an auction
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -324,18 +325,9 @@ class Decisions:
             return case.id
         if ladder is None:
             return None
-        rivals = [
-            other
-            for other in (records.decisions[d] for d in records.on_entity.get(entity, ()))
-            if other.id != decision.id
-            and other.status is DecisionStatus.ACCEPTED
-            and other.author != decision.author
-            and other.decision != decision.decision
-            and other.at_ms >= now_ms - ladder.window_ms
-        ]
-        if not rivals:
+        rival = self._rival(decision, records.on_entity.get(entity, ()), records, ladder, now_ms)
+        if rival is None:
             return None
-        rival = rivals[-1]
         case = ConflictCase(
             id=f"cf-{len(self.conflicts) + 1}",
             entity=entity,
@@ -349,6 +341,34 @@ class Decisions:
         self.fresh.append(case.id)
         self._dirty = True
         return case.id
+
+    @staticmethod
+    def _rival(
+        decision: Decision,
+        on_entity: Sequence[str],
+        records: Records,
+        ladder: Ladder,
+        now_ms: int,
+    ) -> Decision | None:
+        """The latest accepted decision on the entity, by another author, saying
+        otherwise, within the ladder's window: what ``decision`` conflicts with.
+
+        An entity's decisions are listed in log order, so their times never go back
+        (the log's clock): read from the newest, the first one before the window ends
+        the search. An entity decided on for months is not read whole at every
+        decision on it, only its window."""
+        since = now_ms - ladder.window_ms
+        for other in (records.decisions[d] for d in reversed(on_entity)):
+            if other.at_ms < since:
+                return None  # and every earlier one: older still
+            if (
+                other.id != decision.id
+                and other.status is DecisionStatus.ACCEPTED
+                and other.author != decision.author
+                and other.decision != decision.decision
+            ):
+                return other
+        return None
 
     def resolve(
         self,
