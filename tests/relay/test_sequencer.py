@@ -196,7 +196,7 @@ def dags(draw: st.DrawFn) -> tuple[list[SignedEvent], list[int]]:
     return events, list(order)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150, deadline=None, derandomize=True)
 @given(dags())
 def test_namespace_order_extends_causal_order(case: tuple[list[SignedEvent], list[int]]) -> None:
     events, order = case

@@ -44,7 +44,7 @@ step = st.one_of(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, derandomize=True)
 @given(st.lists(step, max_size=300))
 def test_the_timer_agrees_with_a_scan_of_the_members(
     steps: list[tuple[str, bytes | None, int | None]],

@@ -43,7 +43,7 @@ def score_by_scan(reputation: Reputation, agent: bytes, now_ms: int) -> float:
     return total
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, derandomize=True)
 @given(st.lists(step, max_size=40))
 def test_scores_add_what_a_scan_of_every_vouch_would(
     steps: list[tuple[str, int, int, int]],
