@@ -17,6 +17,7 @@ same budgets anywhere.
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, field
 
 from relay.coordination.fields import Conflict
@@ -41,15 +42,79 @@ class Constraint:
     limit: int
     used: int = 0
     reservations: dict[str, Reservation] = field(default_factory=dict)
+    """Open reservations by id (some may have lapsed since the last :meth:`lapse`).
+    Changed by :meth:`hold`, :meth:`extend`, :meth:`drop` and :meth:`lapse` only,
+    which keep the two derived fields below right."""
+    _expiries: list[tuple[int, str]] = field(default_factory=list, compare=False, repr=False)
+    """A heap of (expires_ms, id): one current entry for every reservation held; may hold
+    stale entries (of reservations renewed, committed or released since)."""
+    _amounts: int = field(default=0, compare=False, repr=False)
+    """The sum of the amounts of every reservation in :attr:`reservations`."""
+
+    def __post_init__(self) -> None:
+        self._rebuild()
 
     def reserved(self, now_ms: int) -> int:
-        return sum(r.amount for r in self.reservations.values() if r.expires_ms > now_ms)
+        """What the reservations open at ``now_ms`` hold (those with ``expires_ms >
+        now_ms``, lapsed or not). The running sum, less what the heap's entries up to
+        ``now_ms`` still hold: none right after a :meth:`lapse` at this ``now_ms``."""
+        heap, held = self._expiries, self._amounts
+        if not heap or heap[0][0] > now_ms:
+            return held
+        # Visit the heap's entries up to now_ms (children never come before their
+        # parent) without changing it: a reader at any now_ms, not only the latest.
+        seen: set[str] = set()
+        todo = [0]
+        while todo:
+            i = todo.pop()
+            expires_ms, rid = heap[i]
+            r = self.reservations.get(rid)
+            if r is not None and r.expires_ms == expires_ms and rid not in seen:
+                seen.add(rid)  # (renewed back to an earlier expiry: two equal entries)
+                held -= r.amount
+            todo.extend(c for c in (2 * i + 1, 2 * i + 2) if c < len(heap) and heap[c][0] <= now_ms)
+        return held
 
     def lapse(self, now_ms: int) -> None:
         """Drop the reservations whose lease ran out by ``now_ms``."""
-        gone = [rid for rid, r in self.reservations.items() if r.expires_ms <= now_ms]
-        for rid in gone:
-            del self.reservations[rid]
+        heap, reservations = self._expiries, self.reservations
+        while heap and heap[0][0] <= now_ms:
+            expires_ms, rid = heapq.heappop(heap)
+            r = reservations.get(rid)
+            if r is not None and r.expires_ms == expires_ms:
+                del reservations[rid]
+                self._amounts -= r.amount
+            # else: stale (renewed, committed, released or dropped already)
+
+    def hold(self, reservation: Reservation) -> None:
+        """Add a new reservation."""
+        self.reservations[reservation.id] = reservation
+        self._amounts += reservation.amount
+        self._timed(reservation)
+
+    def extend(self, reservation: Reservation, expires_ms: int) -> None:
+        """Move a held reservation's expiry (a renewal)."""
+        if expires_ms != reservation.expires_ms:
+            reservation.expires_ms = expires_ms
+            self._timed(reservation)
+
+    def drop(self, rid: str) -> Reservation:
+        """Remove a held reservation (committed or released); its heap entry goes stale."""
+        reservation = self.reservations.pop(rid)
+        self._amounts -= reservation.amount
+        return reservation
+
+    def _timed(self, reservation: Reservation) -> None:
+        heapq.heappush(self._expiries, (reservation.expires_ms, reservation.id))
+        # Commits, releases and renewals leave stale entries that surface only when
+        # their time comes: rebuild before they pile up (amortised, O(reservations)).
+        if len(self._expiries) > 2 * len(self.reservations) + 64:
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        self._expiries = [(r.expires_ms, rid) for rid, r in self.reservations.items()]
+        heapq.heapify(self._expiries)
+        self._amounts = sum(r.amount for r in self.reservations.values())
 
 
 @dataclass
@@ -90,7 +155,7 @@ class Constraints:
             raise Conflict("exceeded", f"{name}: {available} available, {amount} asked")
         self.issued += 1
         reservation = Reservation(f"res-{self.issued}", author, amount, now_ms + ttl_ms)
-        constraint.reservations[reservation.id] = reservation
+        constraint.hold(reservation)
         return reservation
 
     def commit(
@@ -99,11 +164,12 @@ class Constraints:
         """Count ``amount`` (default: all of it) of a reservation as used; the rest
         goes back. Only its holder, before its expiry."""
         constraint = self._get(name)
+        constraint.lapse(now_ms)  # (so the answer's reserved(now) is the running sum)
         reservation = self._held(constraint, rid, author, now_ms)
         used = reservation.amount if amount is None else _amount(amount, "amount")
         if used > reservation.amount:
             raise Conflict("exceeded", f"{rid} reserved {reservation.amount}, not {used}")
-        del constraint.reservations[rid]
+        constraint.drop(rid)
         constraint.used += used
         return constraint
 
@@ -111,14 +177,17 @@ class Constraints:
         """Extend an open reservation to ``now + ttl_ms``: an action that takes longer
         than it thought keeps its share, as a lease holder renews. Only its holder,
         before its expiry: a lapsed one must be reserved again."""
-        reservation = self._held(self._get(name), rid, author, now_ms)
-        reservation.expires_ms = now_ms + ttl_ms
+        constraint = self._get(name)
+        constraint.lapse(now_ms)
+        reservation = self._held(constraint, rid, author, now_ms)
+        constraint.extend(reservation, now_ms + ttl_ms)
         return reservation
 
     def release(self, name: str, rid: str, author: bytes, now_ms: int) -> Constraint:
         constraint = self._get(name)
+        constraint.lapse(now_ms)
         self._held(constraint, rid, author, now_ms)
-        del constraint.reservations[rid]
+        constraint.drop(rid)
         return constraint
 
     def _get(self, name: str) -> Constraint:

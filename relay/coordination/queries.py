@@ -521,8 +521,12 @@ def constraint_show(
     constraint = coordinator.constraints.by_name.get(name)
     if constraint is None:
         raise _not_found(f"no constraint {name}")
-    open_ = [r for r in constraint.reservations.values() if r.expires_ms > now_ms]
-    reserved = sum(r.amount for r in open_)
+    open_ = list(
+        itertools.islice(
+            (r for r in constraint.reservations.values() if r.expires_ms > now_ms), 100
+        )
+    )
+    reserved = constraint.reserved(now_ms)
     return {
         "name": name,
         "owner": constraint.owner,
@@ -537,7 +541,7 @@ def constraint_show(
                 "amount": r.amount,
                 "expires_ms": r.expires_ms,
             }
-            for r in open_[:100]
+            for r in open_
         ],
     }
 
