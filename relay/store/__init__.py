@@ -57,6 +57,15 @@ class Record:
     seal: bytes | None = None
 
 
+COLUMNS = "ns, seq, id, kind, author, hlc, event, sig, receipt, seal"
+"""A record's fields in their order: the stores' columns (``Record(*row)`` reads one)."""
+
+
+def row(r: Record) -> tuple[object, ...]:
+    """A record's values in the order of :data:`COLUMNS`, as a store writes them."""
+    return (r.ns, r.seq, r.id, r.kind, r.author, r.hlc, r.event, r.sig, r.receipt, r.seal)
+
+
 def unsealed_bytes(event: bytes, sig: bytes, receipt: bytes) -> int:
     """What one record counts towards :data:`MAX_UNSEALED_BYTES`: its event, signature
     (or pruned mark) and receipt bytes. A record compaction pruned later counts less

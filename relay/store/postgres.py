@@ -28,9 +28,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from agent_sdk.wire import decode_receipt
 from relay.inbox import Item
-from relay.store import Head, Located, Record, scan_by_reading
-
-_COLUMNS = "ns, seq, id, kind, author, hlc, event, sig, receipt, seal"
+from relay.store import COLUMNS, Head, Located, Record, row, scan_by_reading
 
 
 class StoreInUse(Exception):
@@ -145,12 +143,9 @@ class PostgresStore:
         conn = self._writer
         with conn.transaction(), conn.cursor() as cur:
             cur.executemany(
-                f"INSERT INTO {self.events} ({_COLUMNS}) VALUES "
+                f"INSERT INTO {self.events} ({COLUMNS}) VALUES "
                 "(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                [
-                    (r.ns, r.seq, r.id, r.kind, r.author, r.hlc, r.event, r.sig, r.receipt, r.seal)
-                    for r in records
-                ],
+                [row(r) for r in records],
             )
             # One row per namespace keeps start-up O(namespaces), not O(events).
             last = {r.ns: r.receipt for r in records}
@@ -185,7 +180,7 @@ class PostgresStore:
 
     def read(self, ns: str, start: int, limit: int) -> list[Record]:
         rows = self._reader.execute(
-            f"SELECT {_COLUMNS} FROM {self.events} WHERE ns = %s AND seq >= %s "
+            f"SELECT {COLUMNS} FROM {self.events} WHERE ns = %s AND seq >= %s "
             "ORDER BY seq LIMIT %s",
             (ns, start, limit),
         ).fetchall()
@@ -202,7 +197,7 @@ class PostgresStore:
 
     def record(self, event_id: bytes) -> Record | None:
         row = self._reader.execute(
-            f"SELECT {_COLUMNS} FROM {self.events} WHERE id = %s", (event_id,)
+            f"SELECT {COLUMNS} FROM {self.events} WHERE id = %s", (event_id,)
         ).fetchone()
         return None if row is None else _record(row)
 

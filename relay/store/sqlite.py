@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from agent_sdk.wire import decode_receipt
-from relay.store import Head, Located, Record, scan_by_reading
+from relay.store import COLUMNS, Head, Located, Record, row, scan_by_reading
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -39,7 +39,6 @@ CREATE TABLE IF NOT EXISTS heads (
 ) WITHOUT ROWID;
 """
 
-_COLUMNS = "ns, seq, id, kind, author, hlc, event, sig, receipt, seal"
 _FIND_CHUNK = 500  # stay under SQLite's bound-parameter limit
 _INSERT_ROWS = 64  # rows per INSERT: 640 parameters, under the oldest limit (999)
 
@@ -94,7 +93,7 @@ class SQLiteStore:
             # thread that way, 1.6 ms this way.
             for i in range(0, len(records), _INSERT_ROWS):
                 rows = records[i : i + _INSERT_ROWS]
-                conn.execute(_insert(len(rows)), [value for r in rows for value in _row(r)])
+                conn.execute(_insert(len(rows)), [value for r in rows for value in row(r)])
             # One row per namespace keeps start-up O(namespaces), not O(events).
             last = {r.ns: r.receipt for r in records}
             conn.executemany(
@@ -147,7 +146,7 @@ class SQLiteStore:
 
     def read(self, ns: str, start: int, limit: int) -> list[Record]:
         rows = self._reader.execute(
-            f"SELECT {_COLUMNS} FROM events WHERE ns = ? AND seq >= ? ORDER BY seq LIMIT ?",
+            f"SELECT {COLUMNS} FROM events WHERE ns = ? AND seq >= ? ORDER BY seq LIMIT ?",
             (ns, start, limit),
         ).fetchall()
         return [Record(*row) for row in rows]
@@ -167,7 +166,7 @@ class SQLiteStore:
 
     def record(self, event_id: bytes) -> Record | None:
         row = self._reader.execute(
-            f"SELECT {_COLUMNS} FROM events WHERE id = ?", (event_id,)
+            f"SELECT {COLUMNS} FROM events WHERE id = ?", (event_id,)
         ).fetchone()
         return None if row is None else Record(*row)
 
@@ -219,9 +218,4 @@ def connect_readonly(path: Path, **options: Any) -> sqlite3.Connection:
 @functools.cache
 def _insert(rows: int) -> str:
     """An INSERT of ``rows`` events (at most _INSERT_ROWS: a few statements to cache)."""
-    return f"INSERT INTO events ({_COLUMNS}) VALUES " + ",".join(["(?,?,?,?,?,?,?,?,?,?)"] * rows)
-
-
-def _row(r: Record) -> tuple[object, ...]:
-    """A record's values in the order of ``_COLUMNS``."""
-    return (r.ns, r.seq, r.id, r.kind, r.author, r.hlc, r.event, r.sig, r.receipt, r.seal)
+    return f"INSERT INTO events ({COLUMNS}) VALUES " + ",".join(["(?,?,?,?,?,?,?,?,?,?)"] * rows)
