@@ -35,7 +35,7 @@ import platform
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -104,25 +104,31 @@ async def phase(
     }
 
 
-async def join_members(url: str, count: int, first_seed: int) -> None:
-    """``count`` agents join with heartbeat presence, ``JOINING`` at a time, and leave
-    their connections (the presence outlives them)."""
-    seeds = iter(range(first_seed, first_seed + count))
-    done = 0
+async def at_once(count: int, one: Callable[[int], Awaitable[None]]) -> None:
+    """``one(n)`` for each n below ``count``, ``JOINING`` at a time."""
+    numbers = iter(range(count))
 
-    async def joiner() -> None:
-        nonlocal done
-        for seed in seeds:
-            identity = Identity.from_seed(seed.to_bytes(32, "big"))
-            async with RelayClient.connect(url, identity) as client:
-                await Directory(client, NS).join(f"member {seed}", heartbeat_ms=HOUR_MS)
-            done += 1
-            if done % 1000 == 0:
-                log(f"{done} of {count} members joined")
+    async def worker() -> None:
+        for n in numbers:
+            await one(n)
 
     async with trio.open_nursery() as nursery:
         for _ in range(min(JOINING, count)):
-            nursery.start_soon(joiner)
+            nursery.start_soon(worker)
+
+
+async def join_members(url: str, count: int, first_seed: int) -> None:
+    """``count`` agents join with heartbeat presence and leave their connections (the
+    presence outlives them)."""
+
+    async def one(n: int) -> None:
+        identity = Identity.from_seed((first_seed + n).to_bytes(32, "big"))
+        async with RelayClient.connect(url, identity) as client:
+            await Directory(client, NS).join(f"member {first_seed + n}", heartbeat_ms=HOUR_MS)
+        if (n + 1) % 1000 == 0:
+            log(f"{n + 1} of {count} members joined")
+
+    await at_once(count, one)
 
 
 async def claim_elsewhere(url: str, count: int) -> None:
@@ -135,10 +141,7 @@ async def claim_elsewhere(url: str, count: int) -> None:
             if (n + 1) % 1000 == 0:
                 log(f"{n + 1} of {count} namespaces hold a claim")
 
-        for first in range(0, count, JOINING):
-            async with trio.open_nursery() as nursery:
-                for n in range(first, min(first + JOINING, count)):
-                    nursery.start_soon(one, n)
+        await at_once(count, one)
 
 
 async def run(args: argparse.Namespace, url: str) -> dict[str, Any]:
