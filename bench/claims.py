@@ -24,6 +24,7 @@ should run as fast as with none.
 Usage::
 
     .venv/bin/python bench/claims.py [--agents 200] [--seconds 5] [--members 0] [--namespaces 0]
+        [--relay-profile FILE]   # cProfile; FILE.json counts per trio task instead
 """
 
 from __future__ import annotations
@@ -170,10 +171,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--members", type=int, default=0, help="directory members first")
     parser.add_argument("--namespaces", type=int, default=0, help="other namespaces first")
+    parser.add_argument(
+        "--relay-profile", help="run the relay under cProfile (bench/profile_relay.py) to here"
+    )
     args = parser.parse_args(argv)
+    profile = Path(args.relay_profile).resolve() if args.relay_profile else None
     with tempfile.TemporaryDirectory(prefix="formicary-claims-") as tmp:
         try:
-            with relay_process(Path(tmp), None) as relay:
+            with relay_process(Path(tmp), profile) as relay:
                 relay.wait_ready(30)
                 result = trio.run(run, args, relay.url)
         except (BenchError, OSError) as exc:
