@@ -30,7 +30,7 @@ import logging
 import sqlite3
 import threading
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -232,12 +232,19 @@ class Inboxes:
         self._stored: set[tuple[bytes, bytes, bytes]] = set()  # (to, from, id), durable
         self._writing: dict[tuple[bytes, bytes, bytes], _Job] = {}  # ... being written
         self._delivered: OrderedDict[tuple[bytes, bytes, bytes], None] = OrderedDict()
-        self._kinds: dict[tuple[bytes, str], int] = {}  # see _held
+        # Each box's receipts and expiry notices, in seq order (items are indexed in
+        # that order), so that finding the oldest to evict skips the box's messages.
+        self._notice_boxes: dict[bytes, dict[int, Item]] = {}
         self._reserved: dict[bytes, int] = {}  # messages being written, per recipient
         self._from: dict[tuple[bytes, bytes], int] = {}  # (to, from) -> messages held
         self._reserved_from: Counter[tuple[bytes, bytes]] = Counter()  # ... being written
         self._reserved_bytes = 0
-        self._leaving: set[tuple[bytes, int]] = set()  # taken, their delete not written
+        # Per recipient, the seqs of its items taken (or evicted, or expiring) whose
+        # delete is not written yet, and how many of them are notices: a notice batch
+        # asks about its own recipients, not about every item leaving now. Only held
+        # items are in them (deleting an item releases it: see _unindex).
+        self._leaving: dict[bytes, set[int]] = {}
+        self._leaving_notices: Counter[bytes] = Counter()
         self._jobs: list[_Job] = []
         self._writer_busy = False
         self._unsaved: list[bytes] = []  # agents known, not written yet (remember)
@@ -354,17 +361,17 @@ class Inboxes:
         taken: list[Item | None] = []
         for seq in seqs:
             item = box.get(seq)
-            if item is None or (recipient, seq) in self._leaving:
+            if item is None or self._is_leaving(item):
                 taken.append(None)
                 continue
-            self._leaving.add((recipient, seq))
+            self._claim(item)
             taken.append(item)
         return taken
 
     def untake(self, items: Sequence[Item]) -> None:
         """Give back items from :meth:`take` that are not acknowledged after all."""
         for item in items:
-            self._leaving.discard((item.recipient, item.seq))
+            self._release(item)
 
     async def acknowledge(self, items: Sequence[Item], receipts: Sequence[Arriving]) -> None:
         """Delete ``items`` (from :meth:`take`) and store ``receipts`` for the messages'
@@ -378,7 +385,7 @@ class Inboxes:
             await self._write(job)
         finally:
             for item in [*items, *evicted]:
-                self._leaving.discard((item.recipient, item.seq))
+                self._release(item)
         if job.error is not None:
             raise ProtocolError(ErrorCode.INTERNAL, "the inbox could not be written")
         for item in items:
@@ -396,12 +403,12 @@ class Inboxes:
             item
             for box in self.boxes.values()
             for item in box.values()
-            if item.expires_ms <= now and (item.recipient, item.seq) not in self._leaving
+            if item.expires_ms <= now and not self._is_leaving(item)
         ]
         if not gone:
             return []
         for item in gone:
-            self._leaving.add((item.recipient, item.seq))
+            self._claim(item)
         told = [Arriving(i.sender, i.recipient, i.mid, i.mid) for i in gone if i.kind == "message"]
         drafts, evicted = self._notices(told, "expired")
         job = _Job(drafts, [*gone, *evicted])
@@ -409,7 +416,7 @@ class Inboxes:
             await self._write(job)
         finally:
             for item in [*gone, *evicted]:
-                self._leaving.discard((item.recipient, item.seq))
+                self._release(item)
         self.counts["expired"] += sum(1 for i in gone if i.kind == "message")
         return gone
 
@@ -419,38 +426,61 @@ class Inboxes:
         room = {
             recipient: self.max_items
             - self._held(recipient, kind)
-            + self._notices_leaving(recipient)  # deleted anyway: they make room
+            + self._leaving_notices[recipient]  # deleted anyway: they make room
             for recipient in {n.recipient for n in notices}
         }
+        # One walk of a full box's notices for the whole batch: the loop does not wait
+        # and claims only what it evicts, so the next oldest not leaving comes after the
+        # one it evicted last. (Asking from the box's start for each eviction read every
+        # message, and the batch's earlier evictions, again each time.)
+        oldest: dict[bytes, Iterator[Item]] = {}
         drafts: list[_Draft] = []
         evicted: list[Item] = []
         for n in notices:
             if n.recipient not in self.known:
                 continue
             if room[n.recipient] <= 0:
-                oldest = self._oldest_notice(n.recipient)
-                if oldest is None:
+                if n.recipient not in oldest:
+                    oldest[n.recipient] = self._evictable(n.recipient)
+                item = next(oldest[n.recipient], None)
+                if item is None:
                     continue  # every one is being written or deleted now
-                self._leaving.add((oldest.recipient, oldest.seq))
-                evicted.append(oldest)
+                self._claim(item)
+                evicted.append(item)
             else:
                 room[n.recipient] -= 1
             drafts.append(_Draft(n.recipient, kind, n.mid, n.sender, n.data))
         return drafts, evicted
 
-    def _notices_leaving(self, recipient: bytes) -> int:
-        box: Mapping[int, Item] = self.boxes.get(recipient, {})
-        return sum(
-            1
-            for who, seq in self._leaving
-            if who == recipient and seq in box and box[seq].kind != "message"
-        )
+    def _evictable(self, recipient: bytes) -> Iterator[Item]:
+        """The notices of ``recipient`` that are not leaving, oldest first, read as the
+        caller goes: it must not index or unindex items before it is done."""
+        for item in self._notice_boxes.get(recipient, {}).values():  # in seq order
+            if not self._is_leaving(item):
+                yield item
 
-    def _oldest_notice(self, recipient: bytes) -> Item | None:
-        for item in self.boxes.get(recipient, {}).values():  # in seq order
-            if item.kind != "message" and (recipient, item.seq) not in self._leaving:
-                return item
-        return None
+    def _is_leaving(self, item: Item) -> bool:
+        return item.seq in self._leaving.get(item.recipient, ())
+
+    def _claim(self, item: Item) -> None:
+        """Mark ``item`` (held, not leaving) as leaving: its delete is on the way."""
+        self._leaving.setdefault(item.recipient, set()).add(item.seq)
+        if item.kind != "message":
+            self._leaving_notices[item.recipient] += 1
+
+    def _release(self, item: Item) -> None:
+        """``item`` is no longer leaving: given back, its write failed, or it is gone
+        (:meth:`_unindex` releases it; the claimant's own release then does nothing)."""
+        seqs = self._leaving.get(item.recipient)
+        if seqs is None or item.seq not in seqs:
+            return
+        seqs.remove(item.seq)
+        if not seqs:
+            del self._leaving[item.recipient]
+        if item.kind != "message":
+            self._leaving_notices[item.recipient] -= 1
+            if not self._leaving_notices[item.recipient]:
+                del self._leaving_notices[item.recipient]
 
     # -- the writer -------------------------------------------------------------------
 
@@ -548,14 +578,15 @@ class Inboxes:
         """Items of ``kind`` (``notice``: receipts and expiries) waiting for
         ``recipient``: messages and notices are bounded apart, so that receipts
         piling up for an agent that never reads them do not close it to messages."""
-        return self._kinds.get((recipient, "notice" if kind != "message" else kind), 0)
+        notices = len(self._notice_boxes.get(recipient, ()))
+        return notices if kind != "message" else self.size(recipient) - notices
 
     def _index(self, item: Item) -> None:
         self.boxes.setdefault(item.recipient, OrderedDict())[item.seq] = item
-        key = (item.recipient, "message" if item.kind == "message" else "notice")
-        self._kinds[key] = self._kinds.get(key, 0) + 1
         self.bytes += len(item.data)
-        if item.kind == "message":
+        if item.kind != "message":
+            self._notice_boxes.setdefault(item.recipient, {})[item.seq] = item
+        else:
             self._stored.add((item.recipient, item.sender, item.mid))
             pair = (item.recipient, item.sender)
             self._from[pair] = self._from.get(pair, 0) + 1
@@ -564,12 +595,17 @@ class Inboxes:
         box = self.boxes.get(item.recipient)
         if box is None or box.pop(item.seq, None) is None:
             return
-        key = (item.recipient, "message" if item.kind == "message" else "notice")
-        self._kinds[key] -= 1
-        if not self._kinds[key]:
-            del self._kinds[key]
+        # Its claim ends with it: a deleted notice must make no room for others (it is
+        # no longer held). Its claimant's release, once that task runs again, finds
+        # nothing, and no later item has its seq.
+        self._release(item)
         self.bytes -= len(item.data)
-        if item.kind == "message":
+        if item.kind != "message":
+            notices = self._notice_boxes[item.recipient]
+            del notices[item.seq]
+            if not notices:
+                del self._notice_boxes[item.recipient]
+        else:
             pair = (item.recipient, item.sender)
             self._from[pair] -= 1
             if not self._from[pair]:
