@@ -22,11 +22,15 @@ Award rules, ties broken the same way everywhere (so a replay picks the same win
 * ``first_eligible``: earliest bid.
 
 The relay's timer asks for the next deadline and for what is due after every outcome
-it appends in the namespace, so neither may cost a pass over the open auctions: their
-closing times are kept in a heap, and so are the confirmation windows of awards (entries
-go stale as auctions close, awards are confirmed or pass on, and are dropped as they
-surface; a heap is rebuilt when stale entries outnumber the active auctions). Awards in
-flight are still settled on every wake: what ends one is mostly a move of its order.
+it appends in the namespace, so neither may cost a pass over the open auctions or the
+awards in flight: closing times are kept in a heap, and so are the confirmation windows
+of awards (entries go stale as auctions close, awards are confirmed or pass on, and are
+dropped as they surface; a heap is rebuilt when stale entries outnumber the active
+auctions). What ends an award is mostly a move of its order (done, released, blocked,
+expired), which any request may bring: the ledger notes the orders under auction that
+moved or were renewed, and a wake settles only those awards, the ones whose window came,
+and the ones whose lease ran out before the ledger's timer reopened the order (a third
+heap, of the leases of awards found held).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from typing import Any
 from agent_sdk.auctions import commitment
 from relay.coordination.directory import Capability, Directory
 from relay.coordination.fields import Conflict
+from relay.coordination.leases import Lease
 from relay.coordination.ledger import Contract, Done, Ledger, Status, WorkOrder
 from relay.coordination.stakes import Reputation, Stakes
 
@@ -147,7 +152,10 @@ class Auctions:
     _confirming: list[tuple[int, str]] = field(default_factory=list, repr=False, compare=False)
     """A heap of (confirm_by, id) per award; stale once confirmed, passed on or ended."""
     _settling: dict[str, None] = field(default_factory=dict, repr=False, compare=False)
-    """The awarded and confirmed auctions: the ones :meth:`due` settles on every wake."""
+    """The awarded and confirmed auctions: the awards in flight."""
+    _lapsing: list[tuple[int, str]] = field(default_factory=list, repr=False, compare=False)
+    """A heap of (lease expiry, id) of awards :meth:`due` found held: a lease may run out
+    before the ledger's timer reopens its order. Stale once renewed or ended."""
     _places: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
     """Active auction -> its place in ``active`` (the order :meth:`due` answers in)."""
     _opened: int = field(default=0, repr=False, compare=False)
@@ -280,26 +288,29 @@ class Auctions:
 
         It decides what the pass over every active auction in opening order did (close
         the open ones whose time came, settle every awarded or confirmed one), without
-        looking at the open ones not due, which that pass left alone:
+        looking at the auctions that pass left alone:
 
         * the open ones due are the current entries of the closing heap up to
           ``now_ms``: every open auction has its entry, and only a close moves an
           auction out of open, so each one popped is closed below;
-        * the awarded and confirmed ones are :attr:`_settling`, all settled as before:
-          what ends an award is mostly not a time but a move of its order (done,
-          released, blocked, lapsed and expired by the ledger's timer), which any
-          request may bring;
-        * closing or settling one auction moves no other's phase, so what the pass acts
-          on is known before it starts; it goes in the order of ``active`` (their
-          places), as one outcome may depend on an earlier one's (a stake freed, a
-          reputation recorded).
+        * an award in flight settles (:meth:`settle` returns an event and changes
+          state) exactly when its order is done or not held by the award's lease, or
+          when it is unconfirmed at ``confirm_by``; otherwise it reads and changes
+          nothing. So the awards visited are those whose order moved or was renewed
+          since the last wake (the ledger's :meth:`~Ledger.take_moved`), those whose
+          confirmation window came (the confirming heap: each one visited settles),
+          and those whose lease, found held at a wake before, ran out by ``now_ms``
+          (the lapsing heap: the ledger's timer may not have reopened the order yet).
+          Stakes and reputation decide only what a settlement does, not whether;
+        * closing or settling one auction moves no other's phase or order, so what the
+          pass acts on is known before it starts; it goes in the order of ``active``
+          (their places), as one outcome may depend on an earlier one's (a stake
+          freed, a reputation recorded).
         """
-        visit = dict.fromkeys(self._settling)
-        closing = self._closing
-        while closing and closing[0][0] <= now_ms:
-            closes_ms, auction_id = heapq.heappop(closing)
-            if self._current(auction_id, Phase.OPEN, closes_ms):
-                visit[auction_id] = None
+        moved = self._moved(ledger)
+        closing = self._popped(self._closing, now_ms, Phase.OPEN)
+        unconfirmed = self._popped(self._confirming, now_ms, Phase.AWARDED)
+        visit = set(moved).union(closing, unconfirmed, self._lapsed(now_ms, ledger))
         out = []
         for auction in [self.auctions[a] for a in sorted(visit, key=self._places.__getitem__)]:
             if auction.phase is Phase.OPEN and now_ms >= auction.closes_ms:
@@ -310,6 +321,10 @@ class Auctions:
                 settled = self.settle(auction.id, now_ms, ledger, stakes, reputation)
                 if settled is not None:
                     out.append(settled)
+        # A lease changes only with a move the ledger reports, so the awards whose order
+        # moved are the ones whose lease may not be on the heap yet. One awarded just now
+        # (closed, passed on) claimed its order: it is among those at the next wake.
+        self._watch(moved, now_ms, ledger)
         return out
 
     def close(
@@ -484,7 +499,7 @@ class Auctions:
             self.active.pop(auction.id, None)
             self._settling.pop(auction.id, None)
             self._places.pop(auction.id, None)
-        else:  # awarded or confirmed (no move leads back to open): settled on each wake
+        else:  # awarded or confirmed (no move leads back to open): an award in flight
             self._settling[auction.id] = None
 
     def _timed(self, auction: Auction) -> None:
@@ -510,6 +525,56 @@ class Auctions:
         if auction.phase is not phase:
             return False
         return at_ms == (auction.closes_ms if phase is Phase.OPEN else auction.confirm_by)
+
+    def _moved(self, ledger: Ledger) -> list[str]:
+        """The awards in flight whose order moved or was renewed since the last wake."""
+        reserved = (ledger.reserved.get(order_id) for order_id in ledger.take_moved())
+        return [a for a in reserved if a is not None and a in self._settling]
+
+    def _popped(self, heap: list[tuple[int, str]], now_ms: int, phase: Phase) -> list[str]:
+        """Take from ``heap`` every entry up to ``now_ms``: the auctions of the current
+        ones, in the order they came due (stale ones are dropped)."""
+        due = []
+        while heap and heap[0][0] <= now_ms:
+            at_ms, auction_id = heapq.heappop(heap)
+            if self._current(auction_id, phase, at_ms):
+                due.append(auction_id)
+        return due
+
+    def _lapsed(self, now_ms: int, ledger: Ledger) -> list[str]:
+        """Awards whose lease, held when :meth:`due` last looked, ran out by ``now_ms``.
+
+        An entry is current while the award's lease is the one it was taken from; one
+        renewed, released or replaced meanwhile was a move that the ledger reported."""
+        heap, lapsed = self._lapsing, []
+        while heap and heap[0][0] <= now_ms:
+            expires_ms, auction_id = heapq.heappop(heap)
+            lease = self._lease(self.auctions[auction_id], ledger)
+            if lease is not None and lease.expires_ms == expires_ms:
+                lapsed.append(auction_id)
+        return lapsed
+
+    def _watch(self, auction_ids: list[str], now_ms: int, ledger: Ledger) -> None:
+        """Put on the lapsing heap the lease of each award still held (the others have
+        just settled): the time it ends unless a renewal or a move comes first."""
+        heap = self._lapsing
+        for auction_id in auction_ids:
+            lease = self._lease(self.auctions[auction_id], ledger)
+            if lease is not None and lease.valid_at(now_ms):
+                heapq.heappush(heap, (lease.expires_ms, auction_id))
+        # Renewals and awards that ended leave stale entries behind: rebuild before
+        # they pile up (amortised, as for the other heaps).
+        if len(heap) > 2 * len(self._settling) + 64:
+            leases = ((self._lease(self.auctions[a], ledger), a) for a in self._settling)
+            heap[:] = [(lease.expires_ms, a) for lease, a in leases if lease is not None]
+            heapq.heapify(heap)
+
+    def _lease(self, auction: Auction, ledger: Ledger) -> Lease | None:
+        """The lease of the award in flight, if its order still has it (lapsed or not)."""
+        if auction.phase not in (Phase.AWARDED, Phase.CONFIRMED):
+            return None
+        lease = ledger.leases.leases.get(auction.wo)
+        return lease if lease is not None and lease.token == auction.token else None
 
     def _earliest(self, heap: list[tuple[int, str]], phase: Phase) -> int | None:
         """The least current entry of ``heap``, dropping the stale ones above it."""

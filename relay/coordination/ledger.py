@@ -192,6 +192,10 @@ class Ledger:
     _claimed: list[tuple[int, str]] = field(default_factory=list, compare=False, repr=False)
     """A heap of (lease expiry, id) per claim and renewal: where :meth:`next` finds
     claims that lapsed before the timer reopened them."""
+    _moved: set[str] = field(default_factory=set, compare=False, repr=False)
+    """Reserved orders that moved or whose lease was renewed since the auctions' timer
+    last took them (:meth:`take_moved`): what may end an award in flight, so the timer
+    looks at those awards only, not at every one."""
 
     def create(
         self, contract: Contract, creator: bytes, now_ms: int, parent: str | None = None
@@ -289,6 +293,13 @@ class Ledger:
             heapq.heappop(heap)
         return None
 
+    def take_moved(self) -> set[str]:
+        """The reserved orders that moved (any status change) or had their lease renewed
+        since the last call, and forget them: every change to an order that can end its
+        award, apart from its lease running out (a time the auctions keep)."""
+        moved, self._moved = self._moved, set()
+        return moved
+
     def reserve(self, order_id: str, auction_id: str) -> None:
         """Only the auction ``auction_id`` gives ``order_id`` out from now on."""
         self.reserved[order_id] = auction_id
@@ -334,6 +345,8 @@ class Ledger:
             return _from_lease(outcome)
         assert isinstance(outcome, Granted)
         heapq.heappush(self._claimed, (outcome.lease.expires_ms, order_id))
+        if order_id in self.reserved:  # an award's lease may now lapse sooner, or later
+            self._moved.add(order_id)
         return Done(order_id, order.status, outcome.lease)
 
     def release(self, order_id: str, agent: bytes, token: int, now_ms: int) -> Outcome:
@@ -582,6 +595,8 @@ class Ledger:
         order.last_op = op.value
         order.updated_ms = now_ms
         order.history.append((now_ms, order.status, why))
+        if order.id in self.reserved:  # its auction's award may have ended: say so
+            self._moved.add(order.id)
         if order.status is Status.BLOCKED and order.parent is not None:
             # Escalated: the parent's holder sees it in the parent's notes.
             parent = self.orders[order.parent]

@@ -1,13 +1,15 @@
 """The auctions' timer against the plain definition: a pass over every active auction.
 
 The relay asks for the next deadline and for what is due after every outcome it appends
-in a namespace, so the auctions keep closing times and confirmation windows in heaps
-and settle only the awards in flight (relay/coordination/auctions.py); these tests check
-that they decide what the pass decided, in the same order, live and after a replay.
+in a namespace, so the auctions keep closing times, confirmation windows and the leases
+of awards in heaps, and settle only the awards whose order moved (the ledger tells
+them) or whose time came (relay/coordination/auctions.py); these tests check that they
+decide what the pass decided, in the same order, live and after a replay.
 """
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 from hypothesis import given, settings
@@ -17,7 +19,7 @@ from agent_sdk.auctions import commitment
 from relay.coordination import auctions as auctions_module
 from relay.coordination.auctions import Auction, Auctions, Phase
 from relay.coordination.ledger import Ledger
-from relay.coordination.requests import Coordinator, Outcome
+from relay.coordination.requests import EXPIRED, Coordinator, Outcome
 from relay.coordination.stakes import Reputation, Stakes
 
 REQUESTER = b"R" * 32
@@ -103,6 +105,29 @@ class Market:
         self.check()
         return outcomes
 
+    def tick_ledger(self) -> None:
+        """The ledger's timer alone: the expiries it writes reach the auctions at their
+        next wake, as moves of the orders."""
+        expected = self.reference.ledger.expire(self.now)
+        assert self.live.ledger.expire(self.now) == expected
+        if expected:
+            self.log.append(("timer", EXPIRED, {"leases": [list(e) for e in expected]}))
+        self.check()
+
+    def tick_auctions(self) -> None:
+        """The auctions' timer alone, the ledger's not run: an award's lease may have
+        run out with its order still claimed (settle expires it itself)."""
+        live, reference = self.live, self.reference
+        expected = reference.auctions.due(
+            self.now, reference.ledger, reference.stakes, reference.reputation
+        )
+        outcomes = live.auctions.due(self.now, live.ledger, live.stakes, live.reputation)
+        assert outcomes == expected
+        self.log += [
+            ("timer", o["kind"], {k: v for k, v in o.items() if k != "kind"}) for o in outcomes
+        ]
+        self.check()
+
     def check(self) -> None:
         same_state(self.live, self.reference)
         assert self.live.auctions.next_deadline_ms() == next_by_scan(self.live.auctions)
@@ -134,14 +159,20 @@ def replayed(log: list[tuple[Any, ...]]) -> Coordinator:
 
 ACTIONS = (
     "open", "bid", "bid", "bid", "reveal", "reveal", "withdraw", "confirm", "confirm",
-    "confirm", "done", "done", "release", "block", "renew", "reject", "wait", "wait", "wait",
+    "confirm", "done", "done", "release", "block", "renew", "renew", "reject", "wait",
+    "wait", "wait",
 )  # fmt: skip
+WAKES = (None, None, "timer", "timer", "auctions", "ledger")
+"""After a step: no wake (the timer runs late, at a later one), the relay's timer, or
+the auctions' timer or the ledger's alone (either may come first: an award's lease may
+run out before the ledger reopens its order, and the auctions learn of an expiry the
+ledger wrote only at their next wake)."""
 step = st.tuples(
     st.sampled_from(ACTIONS),
     st.integers(0, len(BIDDERS) - 1),  # who bids (or reveals, withdraws)
     st.integers(0, 3),  # on which auction (of the last three opened)
     st.integers(0, 60),  # sizes the step: a deadline, a stake, a wait
-    st.booleans(),  # the timer wakes after this step (else it runs late, at a later one)
+    st.sampled_from(WAKES),
 )
 
 
@@ -199,18 +230,26 @@ def play(market: Market, what: str, bidder: bytes, which: int, n: int) -> None:
         market.ask("wo.update", body, auction.awardee)
 
 
+def wake(market: Market, which: str | None) -> None:
+    if which == "timer":
+        market.tick()
+    elif which == "auctions":
+        market.tick_auctions()
+    elif which == "ledger":
+        market.tick_ledger()
+    else:
+        market.check()
+
+
 @settings(max_examples=300, deadline=None, derandomize=True)
 @given(st.lists(step, min_size=20, max_size=80))
 def test_the_timer_decides_what_a_pass_over_every_auction_decides(
-    steps: list[tuple[str, int, int, int, bool]],
+    steps: list[tuple[str, int, int, int, str | None]],
 ) -> None:
     market = Market()
     for what, bidder, which, n, wakes in steps:
         play(market, what, BIDDERS[bidder], which, n)
-        if wakes:
-            market.tick()
-        else:
-            market.check()
+        wake(market, wakes)
     market.now += 60_000  # every deadline, window and lease runs out
     market.tick()
     market.tick()
@@ -221,6 +260,22 @@ def test_the_timer_decides_what_a_pass_over_every_auction_decides(
     market.now += 60_000
     assert again.due(market.now) == market.tick()
     assert again.auctions.next_deadline_ms() == next_by_scan(again.auctions)
+
+
+def test_the_timer_decides_what_the_pass_decides_in_long_random_runs() -> None:
+    """The same, over longer runs drawn evenly (a seeded loop): hypothesis draws few
+    confirmed awards whose lease then runs out with the auctions' timer first, where
+    only the heap of the awards' leases finds them."""
+    for seed in range(150):
+        rng = random.Random(seed)
+        market = Market()
+        for _ in range(100):
+            what, bidder, n = rng.choice(ACTIONS), rng.choice(BIDDERS), rng.randrange(61)
+            play(market, what, bidder, rng.randrange(4), n)
+            wake(market, rng.choice(WAKES))
+        market.now += 60_000
+        market.tick()
+        same_state(replayed(market.log), market.live)
 
 
 def test_what_is_due_comes_in_opening_order_whatever_came_due_first() -> None:
@@ -264,6 +319,44 @@ def test_the_timer_reads_no_open_auction_that_is_not_due(monkeypatch: Any) -> No
     assert coordinator.due(5_000) == []
     assert reads <= 4
     assert [o.body["auction"] for o in coordinator.due(11_001)] == ["auc-1", "auc-2"]
+
+
+def test_the_timer_settles_only_the_awards_whose_order_moved(monkeypatch: Any) -> None:
+    """With 1,000 awards in flight, a wake settles the one whose order was done, not
+    every award (each wake did, after every outcome in the namespace); a wake after a
+    renewal looks at that award alone, and one after nothing moved at none."""
+    coordinator = Coordinator(stakes=Stakes(initial=10_000))
+    joined(coordinator)
+    for n in range(1, 1_001):
+        body = {"title": "t", "duration_ms": 1_000, "confirm_ms": 600_000}
+        coordinator.decide("auction.open", body, REQUESTER, b"o%d" % n, 0)
+        bid = {"auction": f"auc-{n}", "stake": 1, "price": 1}
+        coordinator.decide("auction.bid", bid, BIDDERS[n % 4], b"b%d" % n, 10)
+    assert len(coordinator.due(1_000)) == 1_000  # all closed, each awarded
+    settled: list[str] = []
+    settle = Auctions.settle
+
+    def counted(self: Auctions, auction_id: str, *args: Any) -> dict[str, Any] | None:
+        settled.append(auction_id)
+        return settle(self, auction_id, *args)
+
+    monkeypatch.setattr(Auctions, "settle", counted)
+    # Each award's claim is a move of its order: looked at once, its lease goes on the
+    # heap of leases.
+    assert coordinator.due(1_001) == [] and len(settled) == 1_000
+    settled.clear()
+    assert coordinator.due(1_002) == [] and settled == []
+    awarded = coordinator.auctions.auctions["auc-500"]
+    renew = {"wo": awarded.wo, "token": awarded.token, "ttl_ms": 60_000}
+    renewed = coordinator.decide("wo.renew", renew, BIDDERS[0], b"renew", 1_003)
+    assert renewed is not None and renewed.kind == "wo.renewed"
+    assert coordinator.due(1_003) == [] and settled == ["auc-500"]
+    settled.clear()
+    done = {"wo": awarded.wo, "token": awarded.token, "status": "done"}
+    updated = coordinator.decide("wo.update", done, BIDDERS[0], b"done", 1_004)
+    assert updated is not None and updated.kind == "wo.updated"
+    [completed] = coordinator.due(1_004)
+    assert completed.kind == "auction.completed" and settled == ["auc-500"]
 
 
 def test_awards_and_replays_do_not_grow_the_timer() -> None:

@@ -196,3 +196,24 @@ def test_a_lapse_noticed_by_a_request_leaves_no_timer_behind() -> None:
     ledger.note(order, B, "poke", now_ms=MIN + 1)  # the request sees the lapse first
     assert ledger.orders[order].status is Status.OPEN
     assert ledger.leases.next_expiry_ms() is None  # else the relay's timer would spin
+
+
+def test_orders_under_auction_report_each_move_and_renewal_once() -> None:
+    """What the auctions' timer reads instead of every award in flight: the reserved
+    orders that moved (a lapse a request noticed included) or were renewed, once."""
+    ledger = Ledger()
+    auctioned, free = created(ledger), created(ledger)
+    ledger.reserve(auctioned, "auc-1")
+    token = claimed(ledger.claim(auctioned, A, now_ms=0, ttl_ms=MIN, auction="auc-1"))
+    claimed(ledger.claim(free, B, now_ms=0, ttl_ms=MIN))
+    assert ledger.take_moved() == {auctioned} and ledger.take_moved() == set()
+    assert isinstance(ledger.note(auctioned, A, "halfway", now_ms=1, token=token), Done)
+    assert ledger.take_moved() == set()  # a note ends no award
+    assert isinstance(ledger.renew(auctioned, A, token, now_ms=2, ttl_ms=MIN), Done)
+    assert ledger.take_moved() == {auctioned}
+    ledger.note(auctioned, B, "poke", now_ms=2 + MIN)  # the lease ran out: open again
+    ledger.update(free, B, None, Status.BLOCKED, now_ms=2 + MIN)
+    assert ledger.take_moved() == {auctioned}
+    ledger.unreserve(auctioned)
+    claimed(ledger.claim(auctioned, B, now_ms=3 + MIN, ttl_ms=MIN))
+    assert ledger.take_moved() == set()
