@@ -18,12 +18,15 @@ claim latency (p50/p99) per phase.
 With ``--members N``, N other agents first join the namespace's directory with
 heartbeat presence (an hour, so none times out during the run) and disconnect; with
 ``--namespaces K``, K other namespaces of the relay first get a claimed work order
-each (leased for an hour). A request's cost should grow with neither, so the phases
-should run as fast as with none.
+each (leased for an hour); with ``--routes R``, the namespace's owner first routes
+every ``wo.claim`` to R roles in digests (a day's ``digest_ms``: each role's waits for
+its 256th claim) and the members hold the roles in turn. A request's cost should grow
+with none of these, so the phases should run as fast as with none.
 
 Usage::
 
-    .venv/bin/python bench/claims.py [--agents 200] [--seconds 5] [--members 0] [--namespaces 0]
+    .venv/bin/python bench/claims.py [--agents 200] [--seconds 5] [--members 0] \
+        [--namespaces 0] [--routes 0]
         [--relay-profile FILE]   # cProfile; FILE.json counts per trio task instead
 """
 
@@ -44,6 +47,7 @@ import trio
 from ingest import BenchError, percentile, relay_process
 
 from agent_sdk.client import RelayClient
+from agent_sdk.decisions import Decisions, route
 from agent_sdk.directory import Directory
 from agent_sdk.identity import Identity
 from agent_sdk.ledger import Ledger, LedgerRefusal
@@ -51,6 +55,7 @@ from agent_sdk.ledger import Ledger, LedgerRefusal
 NS = "claims@local"
 JOINING = 50  # members joining at once (each its own connection)
 HOUR_MS = 3_600_000
+DAY_MS = 24 * HOUR_MS
 
 
 def log(message: str) -> None:
@@ -118,14 +123,16 @@ async def at_once(count: int, one: Callable[[int], Awaitable[None]]) -> None:
             nursery.start_soon(worker)
 
 
-async def join_members(url: str, count: int, first_seed: int) -> None:
+async def join_members(url: str, count: int, first_seed: int, roles: int) -> None:
     """``count`` agents join with heartbeat presence and leave their connections (the
-    presence outlives them)."""
+    presence outlives them); with ``roles``, each holds one of them in turn."""
 
     async def one(n: int) -> None:
         identity = Identity.from_seed((first_seed + n).to_bytes(32, "big"))
+        role = f"role-{n % roles}" if roles else ""
         async with RelayClient.connect(url, identity) as client:
-            await Directory(client, NS).join(f"member {first_seed + n}", heartbeat_ms=HOUR_MS)
+            name = f"member {first_seed + n}"
+            await Directory(client, NS).join(name, role=role, heartbeat_ms=HOUR_MS)
         if (n + 1) % 1000 == 0:
             log(f"{n + 1} of {count} members joined")
 
@@ -147,9 +154,14 @@ async def claim_elsewhere(url: str, count: int) -> None:
 
 async def run(args: argparse.Namespace, url: str) -> dict[str, Any]:
     identities = [Identity.from_seed(n.to_bytes(32, "big")) for n in range(1, args.agents + 1)]
+    if args.routes:  # first: the namespace's first event makes its author the owner
+        log(f"every claim routed to {args.routes} roles in digests")
+        async with RelayClient.connect(url, Identity.generate()) as owner:
+            routes = [route(["wo.claim"], f"role-{n}", "digest") for n in range(args.routes)]
+            await Decisions(owner, NS).set_policy(routes, digest_ms=DAY_MS)
     if args.members:
         log(f"{args.members} members join the directory")
-        await join_members(url, args.members, args.agents + 1)
+        await join_members(url, args.members, args.agents + 1, args.routes)
     if args.namespaces:
         log(f"{args.namespaces} other namespaces get a claimed work order")
         await claim_elsewhere(url, args.namespaces)
@@ -171,6 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--members", type=int, default=0, help="directory members first")
     parser.add_argument("--namespaces", type=int, default=0, help="other namespaces first")
+    parser.add_argument("--routes", type=int, default=0, help="roles every claim goes to")
     parser.add_argument(
         "--relay-profile", help="run the relay under cProfile (bench/profile_relay.py) to here"
     )
@@ -191,6 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "agents": args.agents,
                 "members": args.members,
                 "namespaces": args.namespaces,
+                "routes": args.routes,
                 **result,
                 "python": platform.python_version(),
                 "cpus": len(os.sched_getaffinity(0)),

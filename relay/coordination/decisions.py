@@ -34,11 +34,18 @@ two things about decisions and other chosen event kinds:
 
 The timer's events (notices, digests, raised, escalated, a rule's resolution) are
 applied where they are written and again, as written, on replay, like an auction's.
+
+The timer asks when it next has work after every coordination outcome of the
+namespace, and every routed event changes the answer, so neither that nor a routed
+event reads all the namespace holds: what waits to be told is kept per role in
+arrival order (waiting.py), the conflicts at a timed step in a heap of when their
+step runs out, and a role's holders come from the directory's index of roles.
 """
 
 from __future__ import annotations
 
 import enum
+import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,12 +63,11 @@ from relay.coordination.fields import (
     texts,
 )
 from relay.coordination.records import Decision, DecisionStatus, Records
+from relay.coordination.waiting import Latency, Routed, Waiting
 
 MAX_ROUTES = 32
 MAX_TO = 256
 """Keys named in one notice: a role of more members is told by its subscription."""
-MAX_DIGEST = 256
-"""Events in one digest: a role that gathered this many gets its digest at once."""
 MAX_JOINED = 64
 """Decisions in one conflict: a further one on its entity is refused (``crowded``)."""
 DAY_MS = 24 * 3600 * 1000
@@ -77,11 +83,6 @@ UNROUTED = frozenset({"route", "doc"})
 """Families no route may list: the notices themselves, and CRDT document traffic."""
 TIMER_KINDS = frozenset({NOTICE, DIGEST, RAISED, ESCALATED, RESOLVED})
 """Written by the relay's timer (without ``req``) and re-applied on replay."""
-
-
-class Latency(enum.StrEnum):
-    NOW = "now"
-    DIGEST = "digest"
 
 
 class Rule(enum.StrEnum):
@@ -119,20 +120,6 @@ class Policy:
     routes: tuple[Route, ...] = ()
     digest_ms: int = 60_000
     ladder: Ladder | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Routed:
-    """An event waiting for its notice or digest (one per role it is routed to)."""
-
-    event: bytes
-    kind: str
-    entity: str | None
-    role: str
-    to: tuple[bytes, ...]
-    at_ms: int
-    latency: Latency
-    """Fixed when queued: ``now`` if any route of the kind to the role says so."""
 
 
 @dataclass
@@ -234,7 +221,7 @@ class Decisions:
     """A namespace's routing policy, what waits to be routed, and its conflicts."""
 
     policy: Policy = field(default_factory=Policy)
-    waiting: list[Routed] = field(default_factory=list)
+    waiting: Waiting = field(default_factory=Waiting)
     conflicts: dict[str, ConflictCase] = field(default_factory=dict)
     open_on: dict[str, str] = field(default_factory=dict)
     """entity -> the id of its open conflict."""
@@ -244,9 +231,22 @@ class Decisions:
     """Conflicts announced whose rule step is not written yet (a restart between the
     two events: the rule runs again on the next tick)."""
     timed: dict[str, int] = field(default_factory=dict)
-    """Open conflicts at the agents' or the arbiter's step -> when it runs out."""
+    """Open conflicts at the agents' or the arbiter's step -> when it runs out. Changed
+    by :meth:`_stepped` and :meth:`_settle` only, which keep the two fields below right."""
+    _timers: list[tuple[int, str]] = field(default_factory=list, compare=False, repr=False)
+    """A heap of (until_ms, conflict) with the current entry of each conflict in
+    :attr:`timed`; may hold stale entries (stepped or settled since)."""
+    _timed_at: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
+    """Each conflict in :attr:`timed` -> its place in it: the timer steps the conflicts
+    due in that order (a dict keeps a key's place when its value changes)."""
+    _timed_next: int = field(default=0, compare=False, repr=False)
     _next_due: int | None = field(default=None, compare=False, repr=False)
     _dirty: bool = field(default=True, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._timed_at = {cid: n for n, cid in enumerate(self.timed)}
+        self._timed_next = len(self.timed)
+        self._rebuild_timers()
 
     def set_policy(self, policy: Policy) -> None:
         self.policy = policy
@@ -266,8 +266,8 @@ class Decisions:
         entity = body.get("entity") if isinstance(body, dict) else None
         entity = entity if isinstance(entity, str) and len(entity) <= 256 else None
         for role, latency in latencies.items():
-            to = tuple(_holding(directory, role)[:MAX_TO])
-            self.waiting.append(Routed(event, kind, entity, role, to, now_ms, latency))
+            to = tuple(directory.holding(role, MAX_TO))
+            self.waiting.add(Routed(event, kind, entity, role, to, now_ms, latency))
         self._dirty |= bool(latencies)
         return bool(latencies)
 
@@ -275,24 +275,17 @@ class Decisions:
         """Notices for every ``now`` item; a digest per role whose oldest item waited
         ``digest_ms``, or that gathered ``MAX_DIGEST`` (a full digest goes at once)."""
         out: list[tuple[str, dict[str, Any]]] = []
-        digests: dict[str, list[Routed]] = {}
-        for item in self.waiting:
-            if item.latency is Latency.NOW:
-                out.append((NOTICE, {**_routed(item), "role": item.role, "to": list(item.to)}))
-            else:
-                digests.setdefault(item.role, []).append(item)
-        for role, items in digests.items():
-            while len(items) >= MAX_DIGEST or (
-                items and items[0].at_ms + self.policy.digest_ms <= now_ms
-            ):
-                told, items = items[:MAX_DIGEST], items[MAX_DIGEST:]
-                to = sorted({key for item in told for key in item.to})[:MAX_TO]
-                out.append((DIGEST, {"role": role, "to": to, "events": [_routed(i) for i in told]}))
+        for _, item in self.waiting.now:
+            out.append((NOTICE, {**_routed(item), "role": item.role, "to": list(item.to)}))
+        for role, told in self.waiting.due(now_ms, self.policy.digest_ms):
+            to = sorted({key for item in told for key in item.to})[:MAX_TO]
+            out.append((DIGEST, {"role": role, "to": to, "events": [_routed(i) for i in told]}))
         self._told(out)
         return out
 
     def _told(self, told: list[tuple[str, dict[str, Any]]]) -> None:
-        """Drop what notices and digests told from the waiting list (one pass)."""
+        """Drop what notices and digests told from what waits (from the fronts of its
+        queues: a pass over what was told, not over all that waits)."""
         gone = {
             (event, body["role"])
             for kind, body in told
@@ -301,7 +294,7 @@ class Decisions:
             )
         }
         if gone:
-            self.waiting = [w for w in self.waiting if (w.event, w.role) not in gone]
+            self.waiting.drop(gone)
             self._dirty = True
 
     # -- conflicts --------------------------------------------------------------------
@@ -416,7 +409,7 @@ class Decisions:
         case.kept, case.by = keep, str(by)
         case.until_ms = None
         self.open_on.pop(case.entity, None)
-        self.timed.pop(case.id, None)
+        self._untimed(case.id)
         self._dirty = True
         for other in case.decisions:
             record = records.decisions[other]
@@ -437,12 +430,23 @@ class Decisions:
         ruling, self.ruling = self.ruling, []
         for case in (self.conflicts[c] for c in ruling):
             out += self._rule(case, records, now_ms)
-        for cid, until in list(self.timed.items()):
-            case = self.conflicts[cid]
+        for cid in self._timed_due(now_ms):
+            case, until = self.conflicts[cid], self.timed[cid]
             while case.open and until <= now_ms:
                 out.append(self._next_step(case, directory, now_ms))
                 until = self.timed.get(cid, now_ms + 1)
         return out
+
+    def _timed_due(self, now_ms: int) -> list[str]:
+        """The conflicts whose step ran out by ``now_ms``, in :attr:`timed`'s order.
+        Their entries leave the heap: stepping them puts their next one on it."""
+        timers, due = self._timers, set()
+        while timers and timers[0][0] <= now_ms:
+            until, cid = heapq.heappop(timers)
+            if self.timed.get(cid) == until:
+                due.add(cid)
+            # else: stale (stepped or settled since)
+        return sorted(due, key=self._timed_at.__getitem__)
 
     def _rule(
         self, case: ConflictCase, records: Records, now_ms: int
@@ -474,11 +478,14 @@ class Decisions:
         can take, saying why)."""
         ladder, why = case.ladder, ""
         if case.step is Step.AGENTS:
-            arbiters = _holding(directory, ladder.arbiter)
+            arbiters = directory.holding(ladder.arbiter, MAX_TO)
             if arbiters:
                 return self._escalate(case, Step.ARBITER, arbiters, "", now_ms)
             why = f"no member holds {ladder.arbiter}" if ladder.arbiter else "no arbiter role"
-        humans = sorted({*ladder.approvers, *_holding(directory, ladder.approver_role)})
+        # Only the first MAX_TO of them are named (_escalate), and those are among the
+        # approvers and the first MAX_TO holders: a holder past these has MAX_TO before it.
+        holders = directory.holding(ladder.approver_role, MAX_TO)
+        humans = sorted({*ladder.approvers, *holders})
         return self._escalate(case, Step.HUMAN, humans, why, now_ms)
 
     def _escalate(
@@ -493,10 +500,30 @@ class Decisions:
     def _stepped(self, case: ConflictCase, step: Step, until: int | None) -> None:
         case.step, case.until_ms = step, until
         if until is None:
-            self.timed.pop(case.id, None)
+            self._untimed(case.id)
         else:
-            self.timed[case.id] = until
+            self._timed(case.id, until)
         self._dirty = True
+
+    def _timed(self, cid: str, until: int) -> None:
+        """Put a conflict's step on the timer (or move it)."""
+        if cid not in self.timed:
+            self._timed_at[cid], self._timed_next = self._timed_next, self._timed_next + 1
+        self.timed[cid] = until
+        heapq.heappush(self._timers, (until, cid))
+        # A conflict stepped or settled leaves a stale entry that surfaces only when its
+        # time comes: rebuild before they pile up (amortised, the heap stays O(timed)).
+        if len(self._timers) > 2 * len(self.timed) + 64:
+            self._rebuild_timers()
+
+    def _untimed(self, cid: str) -> None:
+        """Take a conflict off the timer (its heap entry goes stale)."""
+        self.timed.pop(cid, None)
+        self._timed_at.pop(cid, None)
+
+    def _rebuild_timers(self) -> None:
+        self._timers = [(until, cid) for cid, until in self.timed.items()]
+        heapq.heapify(self._timers)
 
     # -- the timer --------------------------------------------------------------------
 
@@ -537,26 +564,18 @@ class Decisions:
         return self._next_due
 
     def _compute_next_due(self) -> int | None:
+        """The earliest of: a conflict to announce or rule (``fresh``, ``ruling``: a
+        batch's worth, the timer takes them all at its next wake), a timed step, and
+        what waits to be told. Fronts of queues and heaps, not everything they hold."""
         times = [self.conflicts[c].raised_ms for c in (*self.fresh, *self.ruling)]
-        times += self.timed.values()
-        gathered: dict[str, list[int]] = {}
-        for item in self.waiting:
-            if item.latency is Latency.NOW:
-                times.append(item.at_ms)
-            else:
-                gathered.setdefault(item.role, []).append(item.at_ms)
-        for at in gathered.values():
-            times.append(
-                at[MAX_DIGEST - 1] if len(at) >= MAX_DIGEST else at[0] + self.policy.digest_ms
-            )
+        timers = self._timers
+        while timers and self.timed.get(timers[0][1]) != timers[0][0]:
+            heapq.heappop(timers)  # stepped or settled since: stale
+        if timers:
+            times.append(timers[0][0])
+        if (routing := self.waiting.next_due_ms(self.policy.digest_ms)) is not None:
+            times.append(routing)
         return min(times, default=None)
-
-
-def _holding(directory: Directory, role: str) -> list[bytes]:
-    """The keys of the members that hold ``role`` (sorted; kept after they leave)."""
-    if not role:
-        return []
-    return sorted(m.agent for m in directory.members.values() if m.role == role)
 
 
 def _routed(item: Routed) -> dict[str, Any]:

@@ -20,10 +20,16 @@ The relay's timer asks for the next heartbeat expiry after every outcome it appe
 so that lookup must not cost a pass over the members: heartbeat expiries are kept in a
 heap (entries go stale as members heartbeat, leave or join again, and are dropped as
 they surface), rebuilt from the members when stale entries outnumber them.
+
+A routed event names the members of a role (decisions.py), so the directory keeps
+each role's keys sorted too, changed as a join changes a member's role: no pass over
+the members for each event. Members are never removed; one who left still holds its
+role (a role is what a member said at its latest ``dir.join``).
 """
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import re
 from dataclasses import dataclass, field
@@ -89,6 +95,12 @@ class Directory:
     members: dict[bytes, Member] = field(default_factory=dict)
     _expiries: list[tuple[int, bytes]] = field(default_factory=list, repr=False, compare=False)
     """A heap of (expires_ms, agent) of heartbeat members; may hold stale entries."""
+    _holders: dict[str, list[bytes]] = field(default_factory=dict, repr=False, compare=False)
+    """role -> the keys of the members that hold it, sorted; no entry for no role."""
+
+    def __post_init__(self) -> None:
+        for member in self.members.values():  # (given members: index their roles)
+            self._hold(member.agent, member.role)
 
     def join(self, member: Member) -> bool:
         """Add or replace a profile, online from now. True the first time ever."""
@@ -98,8 +110,17 @@ class Directory:
         if member.heartbeat_ms is not None:
             member.expires_ms = member.joined_ms + member.heartbeat_ms
         self.members[member.agent] = member
+        if previous is None or previous.role != member.role:
+            if previous is not None:
+                self._unhold(member.agent, previous.role)
+            self._hold(member.agent, member.role)
         self._timed(member)
         return first
+
+    def holding(self, role: str, limit: int | None = None) -> list[bytes]:
+        """The keys of the members that hold ``role``, sorted, the first ``limit`` of
+        them: those that left too. Nobody holds the empty role (a member that named none)."""
+        return self._holders.get(role, [])[:limit] if role else []
 
     def heartbeat(self, agent: bytes, now_ms: int) -> Member | None:
         """Extend a heartbeat member's presence; ``None`` if that is not what it is."""
@@ -142,6 +163,18 @@ class Directory:
                 return expires_ms
             heapq.heappop(expiries)  # heartbeated, left or joined again since: stale
         return None
+
+    def _hold(self, agent: bytes, role: str) -> None:
+        if role:
+            bisect.insort(self._holders.setdefault(role, []), agent)
+
+    def _unhold(self, agent: bytes, role: str) -> None:
+        if not role:
+            return
+        keys = self._holders[role]
+        del keys[bisect.bisect_left(keys, agent)]
+        if not keys:
+            del self._holders[role]
 
     def _timed(self, member: Member) -> None:
         """Put a heartbeat member's expiry on the timer."""

@@ -18,7 +18,8 @@ import pytest
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 TINY = {
     "auctions.py": ["--auctions", "3", "--bidders", "3", "--window", "1000"],
-    "claims.py": ["--agents", "4", "--seconds", "0.5", "--members", "3", "--namespaces", "3"],
+    "claims.py": ["--agents", "4", "--seconds", "0.5", "--members", "3", "--namespaces", "3",
+                  "--routes", "2"],
     "compare_claims.py": ["--agents", "4", "--items", "40", "--rounds", "1",
                           "--pause-agents", "4", "--pause-items", "20", "--pausers", "1"],
     "compare_nostr.py": ["--publishers", "2", "--events", "40", "--subscribers", "2",
