@@ -26,8 +26,10 @@ with none of these, so the phases should run as fast as with none.
 Usage::
 
     .venv/bin/python bench/claims.py [--agents 200] [--seconds 5] [--members 0] \
-        [--namespaces 0] [--routes 0]
-        [--relay-profile FILE]   # cProfile; FILE.json counts per trio task instead
+        [--namespaces 0] [--routes 0] [--relay-profile FILE]
+
+``--relay-profile FILE`` runs the relay under cProfile (``FILE.json``: counts per trio
+task instead), as ``bench/ingest.py`` does.
 """
 
 from __future__ import annotations
