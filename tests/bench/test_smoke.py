@@ -17,7 +17,7 @@ import pytest
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 TINY = {
-    "auctions.py": ["--auctions", "3", "--bidders", "3", "--window", "1000"],
+    "auctions.py": ["--auctions", "3", "--bidders", "3", "--window", "1000", "--in-flight", "4"],
     "claims.py": ["--agents", "4", "--seconds", "0.5", "--members", "3", "--namespaces", "3",
                   "--routes", "2"],
     "compare_claims.py": ["--agents", "4", "--items", "40", "--rounds", "1",
