@@ -245,6 +245,9 @@ class Inboxes:
         # items are in them (deleting an item releases it: see _unindex).
         self._leaving: dict[bytes, set[int]] = {}
         self._leaving_notices: Counter[bytes] = Counter()
+        # Per recipient, notices drafted and not yet written (or failed): they count
+        # against its bound as held ones do, or two batches in one write both found room.
+        self._writing_notices: Counter[bytes] = Counter()
         self._jobs: list[_Job] = []
         self._writer_busy = False
         self._unsaved: list[bytes] = []  # agents known, not written yet (remember)
@@ -426,6 +429,7 @@ class Inboxes:
         room = {
             recipient: self.max_items
             - self._held(recipient, kind)
+            - self._writing_notices[recipient]
             + self._leaving_notices[recipient]  # deleted anyway: they make room
             for recipient in {n.recipient for n in notices}
         }
@@ -450,6 +454,7 @@ class Inboxes:
             else:
                 room[n.recipient] -= 1
             drafts.append(_Draft(n.recipient, kind, n.mid, n.sender, n.data))
+            self._writing_notices[n.recipient] += 1  # (the caller writes them at once)
         return drafts, evicted
 
     def _evictable(self, recipient: bytes) -> Iterator[Item]:
@@ -498,7 +503,11 @@ class Inboxes:
                         await self._commit(jobs)
             finally:
                 self._writer_busy = False
-        await job.done.wait()
+        # Shielded too when another task writes it: the job is queued and is written
+        # anyway, and its caller must not give up what it claimed for it (items
+        # leaving, messages being written) before that write lands.
+        with trio.CancelScope(shield=True):
+            await job.done.wait()
 
     async def _commit(self, jobs: list[_Job]) -> None:
         expires_ms = self.wall_ms() + self.ttl_ms
@@ -507,6 +516,7 @@ class Inboxes:
         try:
             await self._call(self.store.apply, put, drop)
         except Exception as exc:  # a disk failure: every job in it hears, none is applied
+            self._notices_written(put)
             log.exception("inbox write failed")
             for job in jobs:
                 job.error = exc
@@ -516,6 +526,7 @@ class Inboxes:
             self._unindex(item)
             if item.kind == "message":
                 self._stored.discard((item.recipient, item.sender, item.mid))
+        self._notices_written(put)
         for item in put:
             self._index(item)
             event = self._changed.pop(item.recipient, None)
@@ -525,6 +536,15 @@ class Inboxes:
         self._change = trio.Event()
         for job in jobs:
             job.done.set()
+
+    def _notices_written(self, put: Sequence[Item]) -> None:
+        """The notices of a write that ended are no longer being written: held now, or
+        not at all (it failed)."""
+        for item in put:
+            if item.kind != "message":
+                self._writing_notices[item.recipient] -= 1
+                if not self._writing_notices[item.recipient]:
+                    del self._writing_notices[item.recipient]
 
     def _number(self, draft: _Draft, expires_ms: int) -> Item:
         seq = self._next.get(draft.recipient, 1)

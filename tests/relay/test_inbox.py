@@ -6,6 +6,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
 import trio
 import trio.testing
 
@@ -296,3 +297,45 @@ async def test_acks_of_a_connection_cancelled_while_answering_are_still_applied(
     assert all(isinstance(frame, f.Error) for frame in sent) and len(sent) == 2
     [again] = boxes.take(BOB, [2])
     assert again is not None  # the other item is still there to be acknowledged
+
+
+@pytest.mark.parametrize("cancel", [False, True])
+async def test_notice_batches_queued_for_one_write_keep_the_bound(cancel: bool) -> None:
+    """Two notice batches queued behind another task's write: the second counts the
+    first's notices as held (it found room beside them, and the box ended over its
+    bound), and the one it evicts is not the first's. With the first's caller cancelled
+    meanwhile (a peer relay's connection closing while its receipt is stored), what
+    the first evicts stays claimed until its write lands (released at the cancel, the
+    second batch evicted it again)."""
+    store = Gated()
+    store.go.set()  # the set-up writes at once
+    boxes = inboxes(store)
+    for agent in (ALICE, BOB):
+        await boxes.remember(agent)
+    await boxes.put_receipts([receipt(b"1"), receipt(b"2")])  # Alice's bound: 2
+    store.go.clear()
+    store.entered.clear()
+    cancelled = trio.CancelScope()
+
+    async def queued_then_cancelled() -> None:
+        with cancelled:
+            await boxes.put_receipts([receipt(b"3")])  # evicts 1, waits for the writer
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(boxes.put_receipts, [receipt(b"w", to=BOB)])  # the writer
+        await trio.to_thread.run_sync(store.entered.wait)
+        nursery.start_soon(queued_then_cancelled)
+        await trio.testing.wait_all_tasks_blocked()
+        if cancel:
+            cancelled.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(boxes.put_receipts, [receipt(b"4")])  # must evict 2, not 1 again
+        await trio.testing.wait_all_tasks_blocked()
+        store.go.set()
+    held = [item.mid for item in boxes.after(ALICE, 0, 10)]
+    assert held == [b"3" * 16, b"4" * 16]
+
+
+def receipt(mid: bytes, to: bytes = ALICE) -> Arriving:
+    """A receipt for ``to`` (the sender of message ``mid``), from Bob or Alice."""
+    return Arriving(to, BOB if to == ALICE else ALICE, mid * 16, b"receipt " + mid)
