@@ -172,7 +172,9 @@ class Directory:
         if not role:
             return
         keys = self._holders[role]
-        del keys[bisect.bisect_left(keys, agent)]
+        i = bisect.bisect_left(keys, agent)
+        assert keys[i : i + 1] == [agent], "the role index is out of step: our bug"
+        del keys[i]
         if not keys:
             del self._holders[role]
 
