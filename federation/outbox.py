@@ -259,7 +259,13 @@ class Outbox:
             self._unsent.append(entry)
             self._more.set()
         else:
-            await self._store([entry])
+            # Shielded: the entry is in ``entries`` already, and a re-publish joins it.
+            # A caller cancelled before its write began (its connection closing) left
+            # it neither stored nor decided: the re-publish was never told ``queued``,
+            # and every answer behind it on its connection waited for the link or the
+            # deadline. The write is one store call, as the link's own are.
+            with trio.CancelScope(shield=True):
+                await self._store([entry])
         return entry
 
     async def _store(self, entries: list[Entry]) -> None:

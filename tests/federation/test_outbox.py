@@ -171,3 +171,25 @@ async def test_a_shell_command_says_its_write_is_queued(
             said = await read_until(process.stderr, b"Waiting for the home's receipt")
     assert f"queued at {a.url}: the home relay of {NS} cannot be reached now" in said.decode()
     assert process.returncode != 0  # still waiting when it was stopped
+
+
+class _Disk(MemoryOutboxStore):
+    blocking = True  # written in a worker thread, as SQLiteOutboxStore is
+
+
+async def test_a_publish_cancelled_as_it_reaches_the_outbox_is_still_stored() -> None:
+    """With the link down, a connection closing as its publish reached the outbox
+    (the cancel delivered at the store call) left the entry registered but neither
+    stored nor decided: the agent publishing it again joined that entry, was never told
+    ``queued``, and every answer after it on the new connection waited for the link to
+    come back or the deadline. The entry is written all the same now."""
+    me = identity(1)
+    store = _Disk()
+    outbox = Outbox("b", store, deadline_ms=600_000, wall_ms=lambda: 0)
+    event = sign_event(Event(NS, "app.note", me.public_key, "x", (), 1), me.sign)
+    with trio.CancelScope() as closing:
+        closing.cancel()
+        await outbox.submit(event)
+    again = await outbox.submit(event)  # the agent reconnects and publishes it again
+    assert again.stored and again.decided.is_set() and again.queued_now.is_set()
+    assert [row[1] for row in store.load()] == [again.n]
