@@ -165,6 +165,18 @@ class Sent:
         self._settled.set()
 
 
+def _settle_refused(sent: Sent, asked: Asked) -> None:
+    """Settle ``sent`` when the relay refused it for good: no receipt will come."""
+    if asked.error is not None and asked.error.code not in AMBIGUOUS:
+        sent._settle(None)
+
+
+async def _settle_when_answered(sent: Sent, asked: Asked) -> None:
+    """For a send whose caller stopped waiting: settle it once it is answered."""
+    await asked.done.wait()
+    _settle_refused(sent, asked)
+
+
 class Inflow:
     """What a recipient has handed out, per sender stream (pure: see the module
     docstring for the rule)."""
@@ -360,7 +372,18 @@ class Mailbox:
 
     @staticmethod
     async def _answered(sent: Sent, asked: Asked, settle: bool = True) -> Sent:
-        await asked.done.wait()
+        try:
+            await asked.done.wait()
+        except trio.Cancelled:
+            # The message is on its way all the same. Its answer must still settle it
+            # when it is a refusal: unsettled, it counted as relayed and undelivered for
+            # good, so no later message to that agent went direct (and via="direct"
+            # was refused) for as long as the client ran.
+            if asked.done.is_set():
+                _settle_refused(sent, asked)
+            else:  # (not answered: the client's tasks still run, _fail_all is to come)
+                sent.mailbox.client.nursery.start_soon(_settle_when_answered, sent, asked)
+            raise
         if asked.error is not None:
             if settle and asked.error.code not in AMBIGUOUS:
                 sent._settle(None)  # refused: no receipt will come

@@ -715,3 +715,32 @@ async def test_a_resending_hook_that_fails_does_not_end_the_send(
         async with RelayClient.connect(relays["b"].url, BOB) as bob:
             assert (await bob.mailbox.next()).body == "held, then sent"
     assert hook_failures(caplog, "on_resending", resending)
+
+
+async def test_a_send_given_up_on_and_then_refused_does_not_keep_later_ones_off_direct(
+    relay: RunningRelay,
+) -> None:
+    """A send through the relay counts as relayed and undelivered until it settles (a
+    later one sent directly could overtake it). A caller that stopped waiting for its
+    answer (cancelled) left a refusal unread: it never settled, and every later message
+    to that agent stayed off the direct path (via="direct" refused) for good."""
+    async with RelayClient.connect(relay.url, ALICE) as alice:
+        gave_up = trio.CancelScope()
+
+        async def sending() -> None:
+            with gave_up:
+                await alice.send(CAROL.id, "nobody home yet", via="relay")
+
+        with trio.fail_after(TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(sending)
+                while not alice.mailbox._relayed_pending:  # queued, its answer to come
+                    await trio.lowlevel.checkpoint()
+                [asked] = alice._asked.values()
+                gave_up.cancel()
+            await asked.done.wait()  # the relay's answer: unknown_recipient
+            await trio.testing.wait_all_tasks_blocked()
+            assert not alice.mailbox._relayed_pending
+            async with RelayClient.connect(relay.url, CAROL) as carol, carol.listen() as endpoint:
+                sent = await alice.send(CAROL.id, "psst", via="direct", endpoint=endpoint)
+                assert sent.path == "direct" and (await carol.mailbox.next()).body == "psst"
