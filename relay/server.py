@@ -235,8 +235,15 @@ class Connection:
             if self._present:
                 assert agent is not None
                 # Let joins still on their way be decided first: a join decided after
-                # the leave would leave a member online with no connection.
-                with trio.CancelScope(shield=True), trio.move_on_after(self._wait(JOIN_WAIT)):
+                # the leave would leave a member online with no connection. A parked
+                # join (its deps not here yet) is decided up to park_timeout_ms after it
+                # was sent: waited for too, or one released after JOIN_WAIT alone made
+                # such a member once park_timeout was set above it.
+                parked = self.node.config.sequencer.park_timeout_ms / 1000
+                with (
+                    trio.CancelScope(shield=True),
+                    trio.move_on_after(self._wait(parked + JOIN_WAIT)),
+                ):
                     for ticket in self._joins:
                         await ticket.done.wait()
                 for ns in self._present:  # presence by connection ends with it

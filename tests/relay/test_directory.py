@@ -16,6 +16,7 @@ from agent_sdk.ledger import LedgerRefusal
 from agent_sdk.wire import Event, decode, sign_event
 from relay.coordination.host import Host
 from relay.node import RelayConfig, RelayNode
+from relay.sequencer import Limits
 from relay.store.memory import MemoryStore
 from tests.conftest import RunningRelay, identity, start_relay
 from tests.relay.test_node import virtual_wall
@@ -339,3 +340,51 @@ async def test_a_refused_rejoin_does_not_stop_the_client(
         raise ValueError("a hook's own bug")
 
     await _run_hook(failing)  # the connection it runs in goes on
+
+
+async def test_a_connection_closed_while_its_join_is_parked_leaves_no_ghost(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A join parked for a dependency, its connection closed meanwhile: the connection
+    waited JOIN_WAIT for it, then said its agent had left (nothing to end: not joined
+    yet). The dependency came within park_timeout, the join was released and the agent
+    was online for good with no connection. The close waits for the park too now."""
+    import time
+
+    import relay.server
+    from agent_sdk.client import _publish_frame
+
+    monkeypatch.setattr(relay.server, "JOIN_WAIT", 0.3)  # (10 s: shorter, as park_timeout)
+    config = RelayConfig(name="local", sequencer=Limits(park_timeout_ms=5_000))
+    running = await start_relay(nursery, tmp_path / "relay", config)
+    ghost, writer = identity(5), identity(1)
+    ts = time.time_ns() // 10**6
+    dep = sign_event(Event(NS, "app.note", writer.public_key, "first", ts=ts), writer.sign)
+    join = Event(NS, "dir.join", ghost.public_key, {"name": "ghost"}, deps=(dep.id,), ts=ts)
+    async with (
+        RelayClient.connect(running.url, writer) as watcher,
+        watcher.subscribe(NS, kinds=["dir.joined", "dir.left"]) as feed,
+    ):
+        from websockets.exceptions import ConnectionClosed
+
+        with pytest.raises(ConnectionClosed):
+            async with RelayClient.connect(running.url, ghost, reconnect=False) as client:
+                assert client.ws is not None
+                await client.ws.send(_publish_frame(1, sign_event(join, ghost.sign)))
+                await client.ws.stream.aclose()  # gone before its join could be decided
+                await trio.sleep_forever()
+        await trio.sleep(1.0)  # past JOIN_WAIT: the join is parked
+        assert running.node.sequencer.parked_count == 1
+        await watcher.publish_signed(dep)  # the join's dependency: it is released
+        kinds: list[str] = []
+        with trio.fail_after(5):
+            async for item in feed:
+                if (
+                    isinstance(item, Delivery)
+                    and item.event.event.body["agent"] == ghost.public_key
+                ):
+                    kinds.append(item.event.event.kind)
+                    if kinds == ["dir.joined", "dir.left"]:
+                        break
+        assert await Directory(watcher, NS).count() == 0
+    running.scope.cancel()
