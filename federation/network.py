@@ -160,6 +160,10 @@ class Federation:
         self._receipts: dict[str, list[tuple[int, bytes]]] = {}
         self.receipts_dropped: Counter[str] = Counter()
         """Per relay, the receipts dropped since start-up: no way to it (keep_receipts)."""
+        # Per relay, the receipts of keep_receipts calls being written: they count
+        # against MAX_RECEIPTS_QUEUED as queued ones do, or calls overlapping one
+        # write each found room (as inbox notices did: relay/inbox.py).
+        self._writing_receipts: Counter[str] = Counter()
         self._last_receipt = 0
         for relay, n, receipt in store.load_receipts():
             self._receipts.setdefault(relay, []).append((n, receipt))
@@ -341,7 +345,11 @@ class Federation:
                     log.warning("message receipts for relay %s are dropped: %s", relay, exc.reason)
                 self.receipts_dropped[relay] += 1
                 continue
-            waiting = len(self._receipts.get(relay, ())) + sum(r[0] == relay for r in rows)
+            waiting = (
+                len(self._receipts.get(relay, ()))
+                + self._writing_receipts[relay]
+                + sum(r[0] == relay for r in rows)
+            )
             if waiting >= MAX_RECEIPTS_QUEUED:
                 reason = f"{waiting} message receipts already wait for relay {relay}"
                 raise ProtocolError(ErrorCode.INTERNAL, reason)
@@ -349,12 +357,19 @@ class Federation:
             rows.append((relay, self._last_receipt, receipt))
         if not rows:
             return
+        writing = Counter(relay for relay, _, _ in rows)
+        self._writing_receipts.update(writing)
         try:
             await store_call(self.store, self.store.put_receipts, rows)
         except Exception as exc:
             log.exception("could not store %d message receipts", len(rows))
             reason = "message receipts could not be stored"
             raise ProtocolError(ErrorCode.INTERNAL, reason) from exc
+        finally:  # queued below, or not kept at all
+            self._writing_receipts.subtract(writing)
+            for relay in writing:
+                if not self._writing_receipts[relay]:
+                    del self._writing_receipts[relay]
         for relay, n, receipt in rows:
             queue = self._receipts.setdefault(relay, [])
             queue.append((n, receipt))

@@ -3,11 +3,15 @@ message passed across their link, the receipt back the same way."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
+import federation.network
 from agent_sdk.client import RelayClient
 from agent_sdk.errors import ErrorCode, ProtocolError
 from federation.peers import Peer
@@ -274,3 +278,43 @@ async def test_a_receipt_for_a_relay_that_only_dials_us_is_dropped_not_kept(
     [peer] = fed.info()["peers"]
     assert (peer["receipts"], peer["receipts_dropped"]) == (0, 3)
     assert b.node.inboxes.size(BOB.public_key) == 0
+
+
+async def test_receipts_kept_by_calls_overlapping_one_write_keep_the_bound(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Receipts for a relay that is down wait in the outbox store, at most
+    MAX_RECEIPTS_QUEUED of them. Calls that came while another's write ran each found
+    room: the bound counted the receipts queued, not those being written, so the store
+    ended over it (by up to a batch of acknowledgements per connection)."""
+    monkeypatch.setattr(federation.network, "MAX_RECEIPTS_QUEUED", 2)
+    relays = plan(tmp_path, "a", "b")
+    b = await start(nursery, relays["b"], (relays["a"].peer(),))  # a is never up
+    fed = federation_of(b)
+    go, entered = threading.Event(), threading.Event()
+    put = fed.store.put_receipts
+
+    def gated(rows: Sequence[tuple[str, int, bytes]]) -> None:
+        entered.set()
+        go.wait()
+        put(rows)
+
+    monkeypatch.setattr(fed.store, "put_receipts", gated)
+    answers: list[str] = []
+
+    async def keep(receipt: bytes) -> None:
+        try:
+            await fed.keep_receipts([("a", receipt)])
+            answers.append("kept")
+        except ProtocolError as exc:
+            answers.append(exc.code.slug)
+
+    async with trio.open_nursery() as keeping:
+        keeping.start_soon(keep, b"1")
+        await trio.to_thread.run_sync(entered.wait)  # its write runs
+        keeping.start_soon(keep, b"2")
+        keeping.start_soon(keep, b"3")  # one too many
+        await trio.testing.wait_all_tasks_blocked()
+        go.set()
+    assert sorted(answers) == ["internal", "kept", "kept"]
+    assert len(fed.store.load_receipts()) == 2
