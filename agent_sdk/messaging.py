@@ -27,6 +27,7 @@ keeps what it has seen.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
@@ -382,7 +383,8 @@ class Mailbox:
             if asked.done.is_set():
                 _settle_refused(sent, asked)
             else:  # (not answered: the client's tasks still run, _fail_all is to come)
-                sent.mailbox.client.nursery.start_soon(_settle_when_answered, sent, asked)
+                with contextlib.suppress(RuntimeError):  # (its nursery closed: it stopped)
+                    sent.mailbox.client.nursery.start_soon(_settle_when_answered, sent, asked)
             raise
         if asked.error is not None:
             if settle and asked.error.code not in AMBIGUOUS:
