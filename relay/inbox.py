@@ -252,7 +252,7 @@ class Inboxes:
         self._writer_busy = False
         self._unsaved: list[bytes] = []  # agents known, not written yet (remember)
         self._saving = False
-        self._saved = trio.Event()  # set once the batch being gathered is written
+        self._saved = _Job((), ())  # done once the batch being gathered is written
         self._changed: dict[bytes, trio.Event] = {}
         self._change = trio.Event()
         items, agents = store.load()
@@ -266,7 +266,11 @@ class Inboxes:
     async def remember(self, agent: bytes) -> None:
         """``agent`` authenticated here: from now on it can be sent messages. Returns
         once that is on disk. Agents new here are written in batches: the first caller
-        writes, and goes on writing what others added meanwhile, while they wait."""
+        writes, and goes on writing what others added meanwhile, while they wait.
+
+        Raises ``internal`` when its batch could not be written: then no agent of the
+        batch is known here (each is written when it authenticates again), and the
+        batches gathered meanwhile are still written."""
         if agent in self.known:
             return
         self.known.add(agent)
@@ -278,14 +282,20 @@ class Inboxes:
                 with trio.CancelScope(shield=True):  # the batch holds others' agents too
                     while self._unsaved:
                         batch, self._unsaved = self._unsaved, []
-                        done, self._saved = self._saved, trio.Event()
+                        job, self._saved = self._saved, _Job((), ())
                         try:
                             await self._call(self.store.know, batch)
+                        except Exception as exc:  # a disk failure: the batch is not known
+                            log.exception("could not write %d agents", len(batch))
+                            self.known.difference_update(batch)
+                            job.error = exc
                         finally:
-                            done.set()
+                            job.done.set()
             finally:
                 self._saving = False
-        await saved.wait()
+        await saved.done.wait()
+        if saved.error is not None:
+            raise ProtocolError(ErrorCode.INTERNAL, "the relay could not record this agent")
 
     async def put_messages(self, messages: Sequence[Arriving]) -> list[str | ProtocolError]:
         """Store sealed messages: each answer is ``stored`` (durable: a resend waits

@@ -89,6 +89,7 @@ JOIN_WAIT = 10.0  # seconds a closing connection waits for its joins to be decid
 STOPPING_WAIT = 1.0  # ... either of those, once the relay is stopping
 AUTH_TIMEOUT_CLOSE = 1008
 TOO_MANY_CLOSE = 1008  # a connection over the per-key or per-address cap
+INTERNAL_CLOSE = 1011  # the relay failed at something (a write that must precede welcome)
 FLOOD_CLOSE = 1008
 MAX_AUTH_FAILURES = 3
 """Failed ``auth`` attempts after which a connection is closed (each costs a check)."""
@@ -515,8 +516,13 @@ class Connection:
                 self._counted = True
                 # An agent: from now on it can be sent messages. Written before it
                 # hears welcome, so that a relay crash cannot forget an agent that
-                # saw itself connected.
-                await self.node.inboxes.remember(action.frame.agent)
+                # saw itself connected; not written (a disk failure), it hears none.
+                try:
+                    await self.node.inboxes.remember(action.frame.agent)
+                except ProtocolError as exc:
+                    reason = f"{int(exc.code)} {exc.code.slug}: {exc.reason}"
+                    await self.ws.aclose(INTERNAL_CLOSE, reason[:120])
+                    return False
             if isinstance(action.frame, f.Welcome):  # the frames after it may be msg.*
                 agent = action.frame.agent
                 self._messaging = Messaging(self.node, agent, self._send, self._nursery, self.peer)

@@ -339,3 +339,50 @@ async def test_notice_batches_queued_for_one_write_keep_the_bound(cancel: bool) 
 def receipt(mid: bytes, to: bytes = ALICE) -> Arriving:
     """A receipt for ``to`` (the sender of message ``mid``), from Bob or Alice."""
     return Arriving(to, BOB if to == ALICE else ALICE, mid * 16, b"receipt " + mid)
+
+
+class FailingKnow(MemoryInboxStore):
+    """A store whose first write of agents waits for the test, then fails."""
+
+    blocking = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.go = threading.Event()
+
+    def know(self, agents: Sequence[bytes]) -> None:
+        if not self.entered.is_set():
+            self.entered.set()
+            self.go.wait(10)
+            raise OSError("disk full")
+        super().know(agents)
+
+
+async def test_agents_whose_write_failed_are_not_known_and_those_after_them_are_written() -> None:
+    """The first agent's write fails (a full disk) while a second waits for the next
+    batch: the first is told so and is not taken for known (its next authentication
+    writes it), and the second's batch is still written, not left waiting for a third
+    agent to come."""
+    store = FailingKnow()
+    boxes = inboxes(store)
+    outcomes: dict[bytes, object] = {}
+
+    async def remember(agent: bytes) -> None:
+        try:
+            await boxes.remember(agent)
+            outcomes[agent] = "known"
+        except ProtocolError as exc:
+            outcomes[agent] = exc.code
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(remember, ALICE)
+            await trio.to_thread.run_sync(store.entered.wait)  # Alice's write has begun
+            nursery.start_soon(remember, BOB)
+            await trio.testing.wait_all_tasks_blocked()
+            store.go.set()
+    assert outcomes == {ALICE: ErrorCode.INTERNAL, BOB: "known"}
+    assert ALICE not in boxes.known and store.agents == {BOB}
+    await boxes.remember(ALICE)  # authenticating again writes it
+    assert store.agents == {ALICE, BOB}

@@ -213,3 +213,33 @@ async def test_a_replay_that_matches_nothing_gives_the_loop_up_after_each_batch(
     # other task runs about once per batch, and never if the replay holds the loop.
     between = timeline[reads[0] : reads[-1]].count("other")
     assert between >= len(reads) // 2, " ".join(timeline[reads[0] : reads[-1] + 1])
+
+
+async def test_an_agent_the_relay_cannot_record_hears_no_welcome_and_may_connect_again(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """An agent is written to the inbox store before it hears ``welcome`` (a crash must
+    not forget an agent that saw itself connected). When that write fails (a full
+    disk), the connection is closed with 1011 and the reason, the relay goes on, and
+    the agent's next connection writes it."""
+    running = await start_relay(nursery, tmp_path / "relay")
+    store = running.node.inboxes.store
+    know, failed = store.know, []
+
+    def full_once(agents: list[bytes]) -> None:
+        if not failed:
+            failed.append(agents)
+            raise OSError("No space left on device")
+        know(agents)
+
+    store.know = full_once  # type: ignore[method-assign]
+    agent = identity(7)
+    with pytest.raises(ConnectionClosed) as closed:
+        async with RelayClient.connect(running.url, agent, reconnect=False):
+            pass
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1011
+    assert closed.value.rcvd.reason.startswith("5001 internal")
+    assert agent.public_key not in running.node.inboxes.known
+    async with RelayClient.connect(running.url, agent) as client:
+        await client.publish("x@local", "app.note", "connected")
+    assert failed and agent.public_key in running.node.inboxes.known
