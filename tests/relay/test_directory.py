@@ -343,48 +343,60 @@ async def test_a_refused_rejoin_does_not_stop_the_client(
 
 
 async def test_a_connection_closed_while_its_join_is_parked_leaves_no_ghost(
-    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    autojump_clock: trio.testing.MockClock,
 ) -> None:
     """A join parked for a dependency, its connection closed meanwhile: the connection
-    waited JOIN_WAIT for it, then said its agent had left (nothing to end: not joined
-    yet). The dependency came within park_timeout, the join was released and the agent
-    was online for good with no connection. The close waits for the park too now."""
-    import time
-
-    import relay.server
+    waited JOIN_WAIT (10 s) for it, then said its agent had left (nothing to end: not
+    joined yet). The dependency came within park_timeout, the join was released and the
+    agent was online for good with no connection. The close waits for the park too now.
+    (Virtual time, over the in-memory network.)"""
     from agent_sdk.client import _publish_frame
+    from relay.server import JOIN_WAIT, serve_relay
+    from simulations.memnet import MemoryListener
 
-    monkeypatch.setattr(relay.server, "JOIN_WAIT", 0.3)  # (10 s: shorter, as park_timeout)
-    config = RelayConfig(name="local", sequencer=Limits(park_timeout_ms=5_000))
-    running = await start_relay(nursery, tmp_path / "relay", config)
+    parked_ms = 30_000  # set above JOIN_WAIT
+    config = RelayConfig(sequencer=Limits(park_timeout_ms=parked_ms))
+    node = RelayNode(RELAY, MemoryStore(), config, wall_ms=virtual_wall())
+    listener = MemoryListener("directory")
     ghost, writer = identity(5), identity(1)
-    ts = time.time_ns() // 10**6
-    dep = sign_event(Event(NS, "app.note", writer.public_key, "first", ts=ts), writer.sign)
-    join = Event(NS, "dir.join", ghost.public_key, {"name": "ghost"}, deps=(dep.id,), ts=ts)
-    async with (
-        RelayClient.connect(running.url, writer) as watcher,
-        watcher.subscribe(NS, kinds=["dir.joined", "dir.left"]) as feed,
-    ):
-        from websockets.exceptions import ConnectionClosed
 
-        with pytest.raises(ConnectionClosed):
-            async with RelayClient.connect(running.url, ghost, reconnect=False) as client:
-                assert client.ws is not None
-                await client.ws.send(_publish_frame(1, sign_event(join, ghost.sign)))
-                await client.ws.stream.aclose()  # gone before its join could be decided
-                await trio.sleep_forever()
-        await trio.sleep(1.0)  # past JOIN_WAIT: the join is parked
-        assert running.node.sequencer.parked_count == 1
-        await watcher.publish_signed(dep)  # the join's dependency: it is released
-        kinds: list[str] = []
-        with trio.fail_after(5):
-            async for item in feed:
-                if (
-                    isinstance(item, Delivery)
-                    and item.event.event.body["agent"] == ghost.public_key
-                ):
-                    kinds.append(item.event.event.kind)
-                    if kinds == ["dir.joined", "dir.left"]:
-                        break
-        assert await Directory(watcher, NS).count() == 0
-    running.scope.cancel()
+    def connect(who: Identity) -> RelayClient:
+        return RelayClient.connect(  # type: ignore[return-value]
+            "ws://directory.sim/", who, dial=listener.dial, reconnect=False
+        )
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(node.run)
+        await nursery.start(
+            lambda task_status: serve_relay(node, listeners=[listener], task_status=task_status)
+        )
+        ts = node.wall_ms()
+        dep = sign_event(Event(NS, "app.note", writer.public_key, "first", ts=ts), writer.sign)
+        join = Event(NS, "dir.join", ghost.public_key, {"name": "ghost"}, deps=(dep.id,), ts=ts)
+        async with (
+            connect(writer) as watcher,
+            watcher.subscribe(NS, kinds=["dir.joined", "dir.left"]) as feed,
+        ):
+            from websockets.exceptions import ConnectionClosed
+
+            with pytest.raises(ConnectionClosed):
+                async with connect(ghost) as client:
+                    assert client.ws is not None
+                    await client.ws.send(_publish_frame(1, sign_event(join, ghost.sign)))
+                    await client.ws.stream.aclose()  # gone before its join could be decided
+                    await trio.sleep_forever()
+            await trio.sleep(JOIN_WAIT + 5)  # past JOIN_WAIT, within the park
+            assert node.sequencer.parked_count == 1
+            await watcher.publish_signed(dep)  # the join's dependency: it is released
+            kinds: list[str] = []
+            with trio.fail_after(parked_ms / 1000):
+                async for item in feed:
+                    if (
+                        isinstance(item, Delivery)
+                        and item.event.event.body["agent"] == ghost.public_key
+                    ):
+                        kinds.append(item.event.event.kind)
+                        if kinds == ["dir.joined", "dir.left"]:
+                            break
+            assert await Directory(watcher, NS).count() == 0
+        nursery.cancel_scope.cancel()
