@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -278,16 +279,8 @@ async def test_a_connection_closed_before_its_join_is_answered_leaves_no_ghost(
                 await client.ws.send(_publish_frame(1, sign_event(event, ghost.sign)))
                 await client.ws.stream.aclose()  # gone before the answer could come back
                 await trio.sleep_forever()
-        kinds: list[str] = []
         with trio.fail_after(10):
-            async for item in feed:
-                if (
-                    isinstance(item, Delivery)
-                    and item.event.event.body["agent"] == ghost.public_key
-                ):
-                    kinds.append(item.event.event.kind)
-                    if kinds == ["dir.joined", "dir.left"]:
-                        break
+            await joined_then_left(feed, ghost)
         assert await Directory(watcher, NS).count() == 0
 
 
@@ -388,15 +381,18 @@ async def test_a_connection_closed_while_its_join_is_parked_leaves_no_ghost(
             await trio.sleep(JOIN_WAIT + 5)  # past JOIN_WAIT, within the park
             assert node.sequencer.parked_count == 1
             await watcher.publish_signed(dep)  # the join's dependency: it is released
-            kinds: list[str] = []
             with trio.fail_after(parked_ms / 1000):
-                async for item in feed:
-                    if (
-                        isinstance(item, Delivery)
-                        and item.event.event.body["agent"] == ghost.public_key
-                    ):
-                        kinds.append(item.event.event.kind)
-                        if kinds == ["dir.joined", "dir.left"]:
-                            break
+                await joined_then_left(feed, ghost)
             assert await Directory(watcher, NS).count() == 0
         nursery.cancel_scope.cancel()
+
+
+async def joined_then_left(feed: AsyncIterator[Any], agent: Identity) -> None:
+    """Read ``feed`` until ``agent``'s ``dir.joined`` and then its ``dir.left``."""
+    kinds: list[str] = []
+    async for item in feed:
+        if isinstance(item, Delivery) and item.event.event.body["agent"] == agent.public_key:
+            kinds.append(item.event.event.kind)
+            if kinds == ["dir.joined", "dir.left"]:
+                return
+    raise AssertionError(f"the feed ended after {kinds}")
