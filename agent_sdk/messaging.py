@@ -387,8 +387,8 @@ class Mailbox:
                     sent.mailbox.client.nursery.start_soon(_settle_when_answered, sent, asked)
             raise
         if asked.error is not None:
-            if settle and asked.error.code not in AMBIGUOUS:
-                sent._settle(None)  # refused: no receipt will come
+            if settle:
+                _settle_refused(sent, asked)
             raise asked.error
         sent.status = str(asked.result["status"])
         return sent

@@ -366,10 +366,7 @@ class Federation:
             reason = "message receipts could not be stored"
             raise ProtocolError(ErrorCode.INTERNAL, reason) from exc
         finally:  # queued below, or not kept at all
-            self._writing_receipts.subtract(writing)
-            for relay in writing:
-                if not self._writing_receipts[relay]:
-                    del self._writing_receipts[relay]
+            self._writing_receipts -= writing  # (drops the relays down to none)
         for relay, n, receipt in rows:
             queue = self._receipts.setdefault(relay, [])
             queue.append((n, receipt))

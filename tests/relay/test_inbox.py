@@ -341,15 +341,8 @@ def receipt(mid: bytes, to: bytes = ALICE) -> Arriving:
     return Arriving(to, BOB if to == ALICE else ALICE, mid * 16, b"receipt " + mid)
 
 
-class FailingKnow(MemoryInboxStore):
+class FailingKnow(Gated):
     """A store whose first write of agents waits for the test, then fails."""
-
-    blocking = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.entered = threading.Event()
-        self.go = threading.Event()
 
     def know(self, agents: Sequence[bytes]) -> None:
         if not self.entered.is_set():
