@@ -125,7 +125,9 @@ class Sealed:
             raise Unsealable("a sealed message's seq and ts are integers, seq from 1")
         if not isinstance(ciphertext, bytes):
             raise Unsealable("a sealed message's ciphertext is bytes")
-        return cls(Header(mid, sender, recipient, stream, seq, ts), ephemeral, ciphertext, sig)
+        sealed = cls(Header(mid, sender, recipient, stream, seq, ts), ephemeral, ciphertext, sig)
+        _check_canonical(sealed.encode(), data, "a sealed message")
+        return sealed
 
     def verify(self) -> None:
         """Check the sender's signature; raises :class:`Unsealable`."""
@@ -181,6 +183,14 @@ def _pack(value: Any) -> bytes:
     return data
 
 
+def _check_canonical(encoded: bytes, data: bytes, what: str) -> None:
+    """Refuse bytes that are not the canonical encoding of what they decode to: the
+    signature covers a re-encoded header, so without this the same message could travel
+    as several byte strings, and a strict implementation would refuse what we pass on."""
+    if encoded != data:
+        raise Unsealable(f"{what} is not canonical msgpack (protocol section 2)")
+
+
 def new_id() -> bytes:
     return os.urandom(ID_SIZE)
 
@@ -220,4 +230,6 @@ class Receipt:
         shapes = ((mid, ID_SIZE), (sender, 32), (recipient, 32), (sig, 64))
         if any(not isinstance(b, bytes) or len(b) != size for b, size in shapes):
             raise Unsealable("a receipt's id, keys or signature has a bad size")
-        return cls(mid, sender, recipient, sig)
+        receipt = cls(mid, sender, recipient, sig)
+        _check_canonical(receipt.encode(), data, "a receipt")
+        return receipt

@@ -166,6 +166,9 @@ def test_message_frames_are_checked_before_anything_is_stored() -> None:
         "forged signature": good[:-1] + bytes([good[-1] ^ 1]),
         # signed as it is, but a bool is not the int seq 15.2 says
         "seq true": seal(AGENT, dataclasses.replace(header, seq=True), "hi").encode(),
+        # well signed (the signature covers a header encoded again), but not the
+        # canonical bytes: its array's length in 3 bytes instead of 1 (15.2)
+        "not canonical": b"\xdc\x00\x09" + good[1:],
     }
     for name, data in bad.items():
         action = receive(session, f.encode_frame(f.MsgSend(rid=3, msg=data)))
@@ -185,6 +188,9 @@ def test_message_frames_are_checked_before_anything_is_stored() -> None:
     short = Receipt.make(AGENT, dataclasses.replace(mine_header, id=b"\x03" * 8))
     action = receive(session, f.encode_frame(f.MsgAck(sub=5, seq=1, receipt=short.encode())))
     assert error_code(action) is ErrorCode.BAD_MESSAGE  # well signed, but a short id
+    wide = b"\xdc\x00\x04" + mine.encode()[1:]  # the same receipt, not canonical
+    action = receive(session, f.encode_frame(f.MsgAck(sub=5, seq=1, receipt=wide)))
+    assert error_code(action) is ErrorCode.BAD_MESSAGE
     passed = f.MsgReceipt(rid=6, receipt=mine.encode(), relay="b")
     assert error_code(receive(session, f.encode_frame(passed))) is ErrorCode.BAD_MESSAGE
 
