@@ -11,7 +11,8 @@ formats: a schema is a tree checked in one pass). Keywords:
   ``additionalProperties`` (bool, default true);
 * arrays: ``items`` (one schema for every item), ``minItems``, ``maxItems``;
 * strings and bytes: ``minLength``, ``maxLength``; numbers: ``minimum``, ``maximum``;
-* any: ``enum`` (a list of allowed values), ``description`` (ignored).
+* any: ``enum`` (a list of allowed values, compared by their canonical bytes: ``true``
+  is not ``1``, nor ``1.0``), ``description`` (ignored).
 
 :func:`check_schema` refuses anything else, naming the path; :func:`errors` lists
 where a value breaks a schema, as ``$.items[2].price: ...`` paths.
@@ -20,6 +21,8 @@ where a value breaks a schema, as ``$.items[2].price: ...`` paths.
 from __future__ import annotations
 
 from typing import Any
+
+from agent_sdk.wire import canonical
 
 TYPES = ("object", "array", "string", "integer", "number", "boolean", "null", "bytes")
 KEYWORDS = frozenset(
@@ -111,7 +114,7 @@ def _walk(schema: dict[str, Any], value: Any, path: str, found: list[str]) -> No
         if not fits:
             found.append(f"{path}: expected {' or '.join(kinds)}, got {actual}")
             return
-    if "enum" in schema and value not in schema["enum"]:
+    if "enum" in schema and not _allowed(value, schema["enum"]):
         found.append(f"{path}: not one of the allowed values")
     if actual == "object":
         for name in schema.get("required", []):
@@ -141,3 +144,11 @@ def _walk(schema: dict[str, Any], value: Any, path: str, found: list[str]) -> No
             found.append(f"{path}: below {schema['minimum']}")
         if "maximum" in schema and value > schema["maximum"]:
             found.append(f"{path}: above {schema['maximum']}")
+
+
+def _allowed(value: Any, allowed: list[Any]) -> bool:
+    """Whether ``value`` is one of ``allowed`` by its canonical bytes, as another
+    implementation compares: Python's ``==`` would take ``true`` for ``1`` and ``1.0``
+    for ``1`` (protocol 8.15)."""
+    encoded = canonical(value)
+    return any(canonical(option) == encoded for option in allowed)

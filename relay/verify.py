@@ -24,7 +24,6 @@ from agent_sdk.errors import ProtocolError
 from agent_sdk.wire import (
     Receipt,
     check_chain,
-    decode,
     decode_event,
     decode_receipt,
     verify_pruned_mark,
@@ -123,7 +122,7 @@ def verify_log(
             if located.hlc >= receipt.hlc or (located.ns == ns and located.seq >= seq):
                 return bad(seq, f"dependency {dep.hex()} is sequenced after the event")
         if event.kind == "doc.compacted" and event.author == receipt.relay:
-            upto = decode(record.event)["body"].get("upto", 0)
+            upto = _upto(event.body)
             compacted = [pruned for pruned in compacted if pruned > upto]
         previous, last_seal = receipt, record.seal
         count += 1
@@ -136,3 +135,10 @@ def verify_log(
         # means records were added outside a commit, or the seal was stripped.
         return bad(previous.seq, "the log does not end on a sealed receipt")
     return Verdict(ns, count, sealed)
+
+
+def _upto(body: object) -> int:
+    """The last seq a relay's ``doc.compacted`` covers; 0 (nothing) for a body of
+    another shape: a log is input, and checking it must report, never crash."""
+    upto = body.get("upto", 0) if isinstance(body, dict) else 0
+    return upto if type(upto) is int else 0  # (a bool is no seq)

@@ -125,3 +125,14 @@ def test_the_schema_language_on_its_own() -> None:
     ]  # fmt: skip
     assert errors({"type": "number"}, 3) == []  # an integer is a number
     assert errors({"enum": ["a"]}, "b") == ["$: not one of the allowed values"]
+
+
+@pytest.mark.parametrize(
+    ("allowed", "value"),
+    [([1], True), ([1], 1.0), ([False], 0), ([0.0], 0), ([[1, True]], [True, 1])],
+)
+def test_enum_values_are_compared_by_their_canonical_bytes(allowed: list, value: object) -> None:
+    """Not by Python's ``==`` (``True == 1 == 1.0``): another implementation would
+    refuse these, and a body must be sequenced by one relay only if by every one."""
+    assert errors({"enum": allowed}, value) == ["$: not one of the allowed values"]
+    assert errors({"enum": [*allowed, value]}, value) == []

@@ -8,13 +8,21 @@ from pathlib import Path
 
 import pytest
 
-from agent_sdk.wire import decode_receipt, make_receipt, pruned_mark, seal
+from agent_sdk.wire import (
+    Event,
+    SignedEvent,
+    decode_receipt,
+    make_receipt,
+    pruned_mark,
+    seal,
+    sign_event,
+)
 from relay.sequencer import Sequenced, Sequencer
 from relay.store import Located, Record, Store
 from relay.verify import verify_log
 from tests.backends import open_test_store
 from tests.conftest import identity
-from tests.relay.test_sequencer import NOW, event
+from tests.relay.test_sequencer import NOW, event, sequenced
 
 RELAY = identity(2)
 
@@ -200,3 +208,34 @@ def test_a_pruned_record_of_another_relay_is_found() -> None:
     records[0] = pruned(records[0])
     verdict = verify_log("t@local", records, locator(records), relay_key=identity(7).public_key)
     assert (verdict.bad_seq, verdict.reason) == (1, "receipt is signed by another relay key")
+
+
+def compacted_by_relay(body: object, deps: tuple[bytes, ...]) -> SignedEvent:
+    kind = "doc.compacted"
+    made = Event(ns="t@local", kind=kind, author=RELAY.public_key, body=body, ts=NOW, deps=deps)
+    return sign_event(made, RELAY.sign)
+
+
+@pytest.mark.parametrize(
+    ("body", "covers"),
+    [
+        ({"doc": "d", "upto": 2}, True),
+        ("not a map", False),
+        ({"doc": "d", "upto": "2"}, False),
+        ({"doc": "d", "upto": True}, False),
+        ({"doc": "d"}, False),
+    ],
+)
+def test_a_relays_doc_compacted_of_any_shape_is_checked_without_crashing(
+    body: object, covers: bool
+) -> None:
+    """A log is input: a relay-signed ``doc.compacted`` whose body is not the map 13
+    describes covers nothing, and the pruned record it would have covered is reported."""
+    sequencer = Sequencer(RELAY.public_key)
+    first = sequenced(sequencer.offer(event(0), NOW))[0]
+    second = sequenced(sequencer.offer(event(1, deps=(first.id,)), NOW))[0]
+    snapshot = compacted_by_relay(body, (second.id,))
+    third = sequenced(sequencer.offer(snapshot, NOW))[0]
+    records = [first, pruned(second), with_seal(third)]
+    expected = (None, None) if covers else (2, "a pruned record is covered by no doc.compacted")
+    assert check(records) == expected
