@@ -280,7 +280,9 @@ f rep vouch "$them" --weight 10 --reason "reviewed its work" --json > vouch.json
 f rep show "$them" --json > rep.json || exit 18
 f rep revoke "$them" --json > revoke.json || exit 19
 f rep vouch nothex --weight 1; echo "bad-key=$?" >> codes.txt
-f auction open --title "quick" --duration 1s --capability rust --json > quick.json || exit 20
+# Real time, real processes: the bid's process must start and land before the close,
+# which on a loaded machine took over 1 s (a flake seen with --duration 1s).
+f auction open --title "quick" --duration 5s --capability rust --json > quick.json || exit 20
 qid=$("$PYTHON" -c 'import json; print(json.load(open("quick.json"))["auction"])')
 other auction bid "$qid" --stake 5 --price 2 > /dev/null || exit 21
 exit 0
