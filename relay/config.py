@@ -255,8 +255,8 @@ class Settings:
         try:
             peers = tuple(parse_peer(spec) for spec in self.values["federation.peers"])
             check_peers(list(peers), self.values["relay.name"])
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+        except ValueError as exc:  # (named as the other options are)
+            raise ConfigError(f"federation.peers (--peer): {exc}") from None
         if not peers:
             return None
         return FederationConfig(peers, outbox_deadline_ms=self.values["federation.outbox_deadline"])

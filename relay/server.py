@@ -509,6 +509,7 @@ class Connection:
             if isinstance(action.frame, f.Welcome) and self.peer is None:
                 refusal = self.node.limiter.connect(action.frame.agent)
                 if refusal is not None:
+                    self.node.metrics.rate_limited["connections"] += 1
                     reason = f"{int(refusal.code)} {refusal.code.slug}: {refusal.reason}"
                     log.info("connection refused: %s", refusal.reason)
                     await self.ws.aclose(TOO_MANY_CLOSE, reason[:120])

@@ -77,6 +77,7 @@ async def serve_yjs(node: RelayNode, ws: ServerConnection) -> None:
             counted = YJS_KEY + token.agent
             refusal = node.limiter.connect(counted)
             if refusal is not None:
+                node.metrics.rate_limited["connections"] += 1
                 counted = None
                 raise refusal
         live = await node.open_doc(ns, name)

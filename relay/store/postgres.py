@@ -41,9 +41,16 @@ class StoreUnavailable(Exception):
 
 KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10,
               "keepalives_count": 3}  # fmt: skip
-"""TCP keepalives on every connection: a dead server (or a relay host that died,
-from the server's side) is noticed in about a minute, not the OS's two hours, so a
-crashed relay's schema lock is freed soon. (A DSN that sets them wins.)"""
+"""TCP keepalives on every connection, from the relay's side: a dead server is noticed
+in about a minute, not the OS's two hours. (A DSN that sets them wins.)"""
+
+SERVER_KEEPALIVES = {"tcp_keepalives_idle": 30, "tcp_keepalives_interval": 10,
+                     "tcp_keepalives_count": 3}  # fmt: skip
+"""The same from the server's side, on the sessions that hold a schema lock: the
+server frees a lock only when it ends the session, and it notices a relay host that
+died (or was cut off) only by its own keepalives, whose default is the OS's (about
+two hours on Linux). Set per session where neither the server's configuration nor
+the DSN's ``options`` set them; over a Unix socket they do not apply."""
 
 
 def connect(dsn: str, *, autocommit: bool) -> psycopg.Connection[Any]:
@@ -68,6 +75,11 @@ LOCK_WAIT = 5.0
 
 def hold_schema(conn: psycopg.Connection[Any], what: str) -> None:
     """Take the session advisory lock for ``what`` in this schema, or raise."""
+    for name, seconds in SERVER_KEEPALIVES.items():
+        found = conn.execute("SELECT source FROM pg_settings WHERE name = %s", (name,))
+        source = found.fetchone()
+        if source is not None and source[0] == "default":  # (else the server's or DSN's)
+            conn.execute(f"SET {name} = {seconds}")
     deadline = time.monotonic() + LOCK_WAIT
     while True:
         row = conn.execute(

@@ -78,7 +78,7 @@ peers = ["south=ws://127.0.0.1:7800#" ]
         ('[auctions]\nhalf_life = "0s"\n', "too short"),
         ("[documents]\nmax_live = 0\n", "below 1"),
         ('[limits]\nmax_clock_skew = "0s"\n', "too short"),
-        ('[federation]\npeers = ["nokey=ws://x"]\n', "peer"),
+        ('[federation]\npeers = ["nokey=ws://x"]\n', "federation.peers (--peer): 'nokey="),
         ("[limits]\nmax_frame = 0\n", "below 1, the least that works"),
         ('[limits]\nauth_timeout = "0s"\n', "too short"),
         ("[limits]\npublish_burst = 0\n", "publish_burst must be at least 1"),

@@ -202,13 +202,14 @@ async def test_opening_the_inbox_waits_for_a_request_token(
 async def test_a_connection_over_the_per_key_cap_is_closed_with_its_reason(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    async with virtual_relay(RateLimits(connections_per_key=2)) as listener:
+    async with virtual_node(RateLimits(connections_per_key=2)) as (node, listener):
         async with connect(listener, FLOODER), connect(listener, FLOODER):
             with pytest.raises(ConnectionClosed) as closed:
                 async with connect(listener, FLOODER):
                     pass
             assert closed.value.rcvd is not None
             assert closed.value.rcvd.reason.startswith("5005 too_many_connections")
+            assert node.metrics.rate_limited["connections"] == 1  # GET /metrics counts it
         async with connect(listener, FLOODER) as third:  # the first two are gone: room
             await third.publish("x@local", "app.note", "fits now")
 

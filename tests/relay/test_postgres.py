@@ -37,3 +37,27 @@ async def test_an_unreachable_server_stops_the_start_with_its_reason(tmp_path: P
     dsn = "postgresql://formicary@127.0.0.1:1/postgres?connect_timeout=2"
     with pytest.raises(DataDirError, match=r"PostgreSQL store: .*127\.0\.0\.1"):
         await run_relay(tmp_path / "relay", RelayConfig(store=dsn), port=0)
+
+
+def test_the_sessions_holding_a_schema_lock_ask_the_server_for_keepalives(
+    tmp_path: Path,
+) -> None:
+    """The server frees a relay's schema lock only when it ends that session, and it
+    notices a dead relay host only by its own keepalives (the OS's two hours unless
+    set): the lock holders set them, over TCP, as the test server is reached."""
+    from relay.store.postgres import PostgresInboxStore, PostgresStore
+
+    dsn = backends.store_dsn(tmp_path)
+    store = PostgresStore(dsn)
+    inbox = PostgresInboxStore(dsn)
+    try:
+        for conn in (store._writer, inbox._db):
+            assert conn is not None
+            shown = [
+                conn.execute(f"SHOW tcp_keepalives_{name}").fetchone()
+                for name in ("idle", "interval", "count")
+            ]
+            assert shown == [("30",), ("10",), ("3",)]
+    finally:
+        store.close()
+        inbox.close()

@@ -401,6 +401,26 @@ async def test_a_plain_peer_writing_too_fast_is_closed_with_rate_limited(
     relay.scope.cancel()
 
 
+async def test_a_writer_over_its_keys_cap_is_closed_and_counted(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """Writers with one agent's tokens are capped per key, apart from its own
+    connections; a refused one is closed with 5005 and counted in GET /metrics."""
+    limits = RateLimits(connections_per_key=1)
+    relay = await start_relay(nursery, tmp_path / "relay", RelayConfig(rate_limits=limits))
+    async with RelayClient.connect(relay.url, identity(1)) as client:  # its own: apart
+        await client.publish(NS, "doc.create", {"doc": "shared"})
+        async with connect(f"{relay.url}/yjs/{NS}/shared?{token_for(1)}") as first:
+            assert isinstance(await first.recv(), bytes)  # served: sync step 1
+            async with connect(f"{relay.url}/yjs/{NS}/shared?{token_for(1)}") as second:
+                with pytest.raises(ConnectionClosed) as info, trio.fail_after(10):
+                    await second.recv()
+    assert info.value.rcvd is not None and info.value.rcvd.code == 1008
+    assert info.value.rcvd.reason.startswith("5005 too_many_connections")
+    assert relay.node.metrics.rate_limited["connections"] == 1
+    relay.scope.cancel()
+
+
 async def test_a_reader_is_bounded_in_sync_messages_that_write_nothing(
     relay: RunningRelay,
 ) -> None:
