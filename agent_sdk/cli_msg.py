@@ -2,7 +2,10 @@
 
 ``msg send TO TEXT`` (or ``--file F``) seals the message for agent ``TO`` and sends
 it; it prints ``{"id", "path", "status"}``, and with ``--wait`` waits for the
-recipient's receipt (``status: delivered``); a message to ``AGENT_ID@relay`` whose
+recipient's receipt (``status: delivered``). With ``--id TEXT`` the message's id is
+derived from TEXT (and the sender and recipient), so running the command again with
+the same ``--id`` (after a lost connection, say) sends the same message, which the
+recipient gets once (protocol 15.4 says for how long). A message to ``AGENT_ID@relay`` whose
 relay cannot be reached now is sent again for up to a minute, said once on stderr.
 ``msg inbox`` prints the messages waiting for this agent as JSON lines and exits;
 ``--follow`` keeps printing them as they come. Printing a message takes it: it is
@@ -51,6 +54,14 @@ def add_parser(
     )
     p.add_argument("--endpoint", help="the recipient's direct endpoint, ws://HOST:PORT")
     p.add_argument("--wait", action="store_true", help="wait for the recipient's receipt")
+    p.add_argument(
+        "--id",
+        metavar="TEXT",
+        help="name the message: run again with the same --id (after a lost connection,"
+        " a crash), this sends the same message, and the recipient gets it once; a copy"
+        " is known for as long as the relay remembers the delivery (the last 65,536,"
+        " not across its restart) or the recipient's process that took it runs",
+    )
     agent_options(p)
     p.set_defaults(func=lambda args: cmd_send(args, *connect(args)))
     p = commands.add_parser("inbox", help="print (and take) the messages waiting for you")
@@ -71,6 +82,9 @@ def cmd_send(args: argparse.Namespace, url: str, identity: Identity) -> int:
             return 2
     else:
         body = args.text
+    if args.id == "":
+        print("formicary msg: --id: give the message's id as text, not empty", file=sys.stderr)
+        return 2
     named = is_name(args.to)
     # $FORMICARY_NS only to look a name up (--ns also finds an id's endpoint).
     ns = args.ns or (os.environ.get(NS_ENV) if named else None)
@@ -85,8 +99,12 @@ def cmd_send(args: argparse.Namespace, url: str, identity: Identity) -> int:
     async def main() -> dict[str, Any]:
         async with RelayClient.connect(url, identity, reconnect=False) as client:
             tell_resending(client)
-            sent = await client.send(args.to, body, via=args.via, ns=ns, endpoint=args.endpoint)
-            if args.wait:
+            sent = await client.send(
+                args.to, body, via=args.via, ns=ns, endpoint=args.endpoint, id=args.id
+            )
+            # `delivered` from the relay: a run before this one (same --id) got it there,
+            # and its receipt went to that run, not to be sent again.
+            if args.wait and sent.status != "delivered":
                 await sent.delivered()
             return {"id": sent.id.hex(), "path": sent.path, "status": sent.status}
 

@@ -789,6 +789,7 @@ class RelayClient:
         via: str = "auto",
         ns: str | None = None,
         endpoint: str | None = None,
+        id: str | None = None,
     ) -> Sent:
         """Send ``payload`` (any msgpack value: text, bytes, maps) to agent ``to``,
         sealed end to end. ``to`` is an agent id, ``AGENT_ID@relay`` for an agent of
@@ -799,12 +800,20 @@ class RelayClient:
         ``via``: ``relay`` sends through the relay; ``direct`` to the recipient's
         endpoint (``endpoint``, or the one its profile in directory ``ns``
         advertises); ``auto`` tries direct when there is an endpoint and falls back
-        to the relay (docs/protocol.md §15)."""
+        to the relay (docs/protocol.md §15).
+
+        ``id``: text naming the message, for a sender that may send it again from
+        another process (a command run again after a lost connection): the same
+        ``id`` to the same recipient is the same message, stored and handed out once
+        (docs/protocol.md §15.4 says how long that holds). It is a stream of its
+        own: the recipient does not order it with this client's other messages."""
         if via not in PATHS:
             raise ValueError(f"via={via!r}: one of {', '.join(PATHS)}")
+        if id == "":
+            raise ValueError("id: a message's chosen id is text, not empty")
         address, advertised = await self._resolve(to, ns)
         where = endpoint if endpoint is not None else advertised
-        return await self.mailbox.send(address, payload, via, where)
+        return await self.mailbox.send(address, payload, via, where, id)
 
     async def _resolve(self, to: str | bytes, ns: str | None) -> tuple[Address, str]:
         """The recipient's address and the endpoint it advertises in ``ns`` ("")."""

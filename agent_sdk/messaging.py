@@ -15,7 +15,9 @@ A recipient hands a message to the application only if its number is above the l
 one handed out from that stream; anything else is a copy (a resend after a lost
 answer, or the same message over another path) and is only acknowledged again.
 Messages that arrive are therefore handed out in order and at most once; a message
-the relay refused (``inbox_full``) leaves a gap the stream moves past.
+the relay refused (``inbox_full``) leaves a gap the stream moves past. A message whose
+sender chose its id (:func:`chosen`) is a stream of its own, the same in every process
+that sends it: sent again from another process, it is still a copy.
 
 The recipient acknowledges a message when the application takes it from
 ``messages()``, with a signed receipt that reaches the sender (``Sent.delivered``).
@@ -28,6 +30,7 @@ keeps what it has seen.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
 import re
@@ -66,6 +69,21 @@ def is_name(to: str | bytes) -> bool:
     return isinstance(to, str) and "@" not in to and not AGENT_ID.fullmatch(to)
 
 
+def chosen(sender: bytes, recipient: bytes, id: str) -> tuple[bytes, bytes]:
+    """The message id and stream of a message whose sender chose its id as text
+    (``send(..., id=...)``, ``formicary msg send --id``): the same text from the same
+    sender to the same recipient is the same message, whichever process sends it, so a
+    run again after a lost answer is deduplicated as a resend is (protocol 15.4). It is
+    a stream of its own, numbered 1: a recipient that handed it out once takes any
+    later copy for one."""
+    if not id:
+        raise ValueError("a message's chosen id is text, not empty")
+    text = id.encode("utf-8", "surrogateescape")  # (argv's undecodable bytes, as given)
+    digest = hashlib.sha256(CHOSEN_DOMAIN + sender + recipient + text).digest()
+    return digest[:ID_SIZE], digest[ID_SIZE : ID_SIZE + STREAM_SIZE]
+
+
+CHOSEN_DOMAIN = b"formicary/v1/msg-id\x00"
 REMEMBERED = 65_536
 """Message ids a recipient remembers handing out, and sends awaiting a receipt."""
 PATHS = ("auto", "direct", "relay")
@@ -263,44 +281,45 @@ class Mailbox:
 
     # -- sending ------------------------------------------------------------------------
 
-    def seal_next(self, to: Address, body: Any) -> Sealed:
+    def seal_next(self, to: Address, body: Any, id: str | None = None) -> Sealed:
         """Seal ``body`` for ``to`` as this stream's next message to it (call right
-        before it is queued: the numbering is the order of sending)."""
-        seq = self._next_seq.get(to.agent, 0) + 1
-        self._next_seq[to.agent] = seq
+        before it is queued: the numbering is the order of sending), or, with ``id``,
+        as the message of that chosen id (:func:`chosen`)."""
         client = self.client
-        header = Header(
-            client.nonce(ID_SIZE),
-            client.identity.public_key,
-            to.agent,
-            self.stream,
-            seq,
-            client.clock_ms(),
-        )
+        if id is None:
+            mid, stream = client.nonce(ID_SIZE), self.stream
+            seq = self._next_seq.get(to.agent, 0) + 1
+            self._next_seq[to.agent] = seq
+        else:
+            (mid, stream), seq = chosen(client.identity.public_key, to.agent, id), 1
+        header = Header(mid, client.identity.public_key, to.agent, stream, seq, client.clock_ms())
         return seal(client.identity, header, body)
 
-    async def send(self, to: Address, body: Any, via: str, endpoint: str = "") -> Sent:
+    async def send(
+        self, to: Address, body: Any, via: str, endpoint: str = "", id: str | None = None
+    ) -> Sent:
         """Send ``body`` to ``to`` by path ``via`` (``auto`` tries ``endpoint``
-        directly, then the relay). Messages to one agent leave in call order: each
-        takes the recipient's turn to be numbered and queued, and a direct send holds
-        it until the recipient has the message. A message that went through the relay
-        and has no receipt yet keeps later ones on the relay too: were one to go direct
-        it could overtake it, and the recipient would take the earlier one for a copy."""
+        directly, then the relay), as the message of chosen id ``id`` if given.
+        Messages to one agent leave in call order: each takes the recipient's turn to
+        be numbered and queued, and a direct send holds it until the recipient has the
+        message. A message that went through the relay and has no receipt yet keeps
+        later ones on the relay too: were one to go direct it could overtake it, and
+        the recipient would take the earlier one for a copy."""
         turn = self._turns.setdefault(to.agent, trio.Lock())
         async with turn:
             if via == "relay" or not endpoint or to.relay:
                 if via == "direct":
                     raise DirectUnreachable("the recipient advertises no direct endpoint")
-                sealed = self.seal_next(to, body)
+                sealed = self.seal_next(to, body, id)
             elif self._relayed_pending.get(to.agent):
                 if via == "direct":
                     raise ValueError(
                         "messages to this agent through the relay are not delivered yet: "
                         "send via 'auto' or 'relay' to keep them in order"
                     )
-                sealed = self.seal_next(to, body)
+                sealed = self.seal_next(to, body, id)
             else:
-                sealed = self.seal_next(to, body)
+                sealed = self.seal_next(to, body, id)
                 try:
                     return await self._direct(to, sealed, endpoint)
                 except DirectUnreachable as exc:
@@ -352,7 +371,8 @@ class Mailbox:
             if sent.path == "direct" and self._sent.get(sent.id) is sent:
                 del self._sent[sent.id]  # what goes through the relay is tracked anew
             raise
-        sent.status = "received"
+        if sent.receipt is None:  # (a copy's receipt can come before the `got`)
+            sent.status = "received"
         return sent
 
     def direct_path(self) -> Direct:

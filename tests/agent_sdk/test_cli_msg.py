@@ -60,6 +60,96 @@ async def test_messages_from_a_shell_script(relay: RunningRelay, tmp_path: Path)
     assert named["body"] == "by name"
 
 
+RESENT = r"""
+set -u
+f() { "$PYTHON" -m agent_sdk.cli "$@"; }
+other() { FORMICARY_KEY=$OTHER_KEY "$PYTHON" -m agent_sdk.cli "$@"; }
+id_of() { "$PYTHON" -c 'import json,sys; print(json.load(sys.stdin)["id"])'; }
+them=$(f keygen --out "$OTHER_KEY" | id_of)
+other msg inbox > /dev/null || exit 10
+f msg send "$them" "the report" --id report-7 > first.json || exit 11
+f msg send "$them" "the report" --id report-7 > again.json || exit 12
+other msg inbox > inbox.jsonl || exit 13
+f msg send "$them" "the report" --id report-7 --wait > late.json || exit 14
+f msg send "$them" "the report" --id report-7 --wait > later.json || exit 18
+other msg inbox > after.jsonl || exit 15
+f msg send "$them" "another" --id report-8 > other.json || exit 16
+other msg inbox > other.jsonl || exit 17
+f msg send "$them" "x" --id ""; echo "empty-id=$?" > codes.txt
+exit 0
+"""
+
+
+async def test_a_send_run_again_with_the_same_id_is_delivered_once(
+    relay: RunningRelay, tmp_path: Path
+) -> None:
+    """Each run of ``msg send`` made a new message: a shell agent that ran it again
+    after a lost connection (not knowing whether the first run's message was stored)
+    could deliver it twice. Runs with the same ``--id`` send the same message: the
+    relay stores it once and answers a later run ``delivered``. ``--wait`` then does not
+    wait: the receipt is sent once, and a run before may have taken it (as the one
+    before the last does here), so waiting for it would be for ever."""
+    with trio.fail_after(TIMEOUT):  # (not a timing check: only that it ends)
+        done = await run_shell(relay, tmp_path, RESENT)
+    assert done.returncode == 0, done.stderr.decode()
+
+    def lines(name: str) -> list[dict[str, str]]:
+        return [json.loads(line) for line in (tmp_path / name).read_text().splitlines()]
+
+    [first], [again], [late] = lines("first.json"), lines("again.json"), lines("late.json")
+    [later] = lines("later.json")
+    assert first["id"] == again["id"] == late["id"] == later["id"]
+    statuses = [run["status"] for run in (first, again, late, later)]
+    assert statuses == ["stored", "stored", "delivered", "delivered"]
+    [inbox] = lines("inbox.jsonl")
+    assert inbox["id"] == first["id"] and inbox["body"] == "the report"
+    assert lines("after.jsonl") == []  # the third run's copy was not stored again
+    [other] = lines("other.jsonl")
+    assert other["body"] == "another" and other["id"] != first["id"]
+    assert exit_codes(tmp_path) == {"empty-id": "2"}
+
+
+async def test_a_direct_send_run_again_with_the_same_id_is_handed_out_once(
+    relay: RunningRelay, tmp_path: Path
+) -> None:
+    """Directly, no relay sees the message: the recipient's process takes the second
+    run's copy for the first's (it has the same id and stream), and sends its receipt
+    again, so the second run's ``--wait`` ends too."""
+    env = {**os.environ, "FORMICARY_RELAY": relay.url, "FORMICARY_KEY": str(tmp_path / "a.key")}
+    took: list[tuple[object, str]] = []
+
+    async def take(bob: RelayClient) -> None:
+        async for message in bob.messages():
+            took.append((message.body, message.path))
+
+    async def send(endpoint: str) -> dict[str, str]:
+        command = ["msg", "send", BOB.id, "psst", "--id", "psst-1", "--wait"]
+        command += ["--via", "direct", "--endpoint", endpoint]
+        with trio.fail_after(TIMEOUT):  # (not a timing check: only that it ends)
+            done = await trio.run_process(
+                [sys.executable, "-m", "agent_sdk.cli", *command],
+                env=env,
+                check=False,
+                capture_stdout=True,
+                capture_stderr=True,
+            )
+        assert done.returncode == 0, done.stderr.decode()
+        printed: dict[str, str] = json.loads(done.stdout)
+        return printed
+
+    async with (
+        RelayClient.connect(relay.url, BOB) as bob,
+        bob.listen() as endpoint,
+        trio.open_nursery() as nursery,
+    ):
+        nursery.start_soon(take, bob)
+        first, again = await send(endpoint), await send(endpoint)
+        nursery.cancel_scope.cancel()
+    assert first == again == {**first, "path": "direct", "status": "delivered"}
+    assert took == [("psst", "direct")]  # once
+    assert relay.node.inboxes.counts["stored"] == 0  # the relay never had it
+
+
 async def test_a_message_to_an_unreachable_relay_says_it_is_held(tmp_path: Path) -> None:
     """``msg send AGENT@b`` with ``b`` down waited in silence (for up to a minute of
     tries): the relay answers ``home_unreachable`` and keeps nothing, so unlike a

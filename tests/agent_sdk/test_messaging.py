@@ -299,6 +299,33 @@ async def test_a_message_that_went_direct_and_then_through_the_relay_is_handed_o
         await drained(relay, BOB)  # the copy was acknowledged too
 
 
+async def test_a_message_sent_again_by_another_client_with_its_chosen_id_is_a_copy(
+    relay: RunningRelay,
+) -> None:
+    """A process that sends a message and dies before its answer cannot make the next
+    process send the same message: each sealed a new id on a new stream. With a chosen
+    id the next one does, and here the copy goes by a path (the relay) that never saw
+    the first (sent directly): only the recipient can tell, by its id and stream."""
+    async with (
+        RelayClient.connect(relay.url, BOB) as bob,
+        bob.listen() as endpoint,
+    ):
+        async with RelayClient.connect(relay.url, ALICE) as first_run:
+            sent = await first_run.send(BOB.id, "report", via="direct", endpoint=endpoint, id="r7")
+            assert (await bob.mailbox.next()).body == "report"
+        async with RelayClient.connect(relay.url, ALICE) as next_run:
+            copy = await next_run.send(BOB.id, "report", via="relay", id="r7")
+            assert copy.id == sent.id and copy.status == "stored"
+            after = await next_run.send(BOB.id, "after", via="relay")
+            assert (await bob.mailbox.next()).body == "after"  # not "report" again
+            await copy.delivered()  # the copy was acknowledged, its receipt sent again
+            await after.delivered()
+        await drained(relay, BOB)
+    with pytest.raises(ValueError, match="not empty"):
+        async with RelayClient.connect(relay.url, ALICE) as alice:
+            await alice.send(BOB.id, "x", id="")
+
+
 async def test_a_direct_endpoint_must_prove_it_is_the_recipient(relay: RunningRelay) -> None:
     async with (
         RelayClient.connect(relay.url, ALICE) as alice,
