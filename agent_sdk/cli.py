@@ -26,7 +26,16 @@ from typing import Any
 import trio
 from websockets.exceptions import InvalidHandshake, InvalidURI
 
-from agent_sdk import cli_auction, cli_dir, cli_doc, cli_msg, cli_ns, cli_records, cli_wo
+from agent_sdk import (
+    cli_auction,
+    cli_dir,
+    cli_doc,
+    cli_msg,
+    cli_ns,
+    cli_records,
+    cli_timeout,
+    cli_wo,
+)
 from agent_sdk.client import (
     DEFAULT_RELAY,
     Delivery,
@@ -259,6 +268,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
         _encodable(body, "--body")
         deps = [_hex(dep, "--dep") for dep in args.dep]
         nonce = _hex(args.nonce, "--nonce") if args.nonce else None
+        timeout = cli_timeout.seconds(args.timeout)
     except UsageError as exc:
         print(f"formicary: {exc}", file=sys.stderr)
         return 2
@@ -268,10 +278,16 @@ def cmd_publish(args: argparse.Namespace) -> int:
             _relay_url(args), _identity(args), reconnect=False
         ) as client:
             tell_queued(client)
-            return await client.publish(args.ns, args.kind, body, deps=deps, nonce=nonce)
+            with trio.move_on_after(timeout):
+                return await client.publish(args.ns, args.kind, body, deps=deps, nonce=nonce)
+            raise cli_timeout.Unconfirmed(args.timeout)
 
     try:
         published = trio.run(main)
+    except cli_timeout.Unconfirmed as exc:
+        check = f"formicary tail {args.ns}"
+        cli_timeout.say_unconfirmed("formicary publish", str(exc), check, "the event")
+        return 1
     except ProtocolError as exc:
         print(f"formicary: rejected: {exc}", file=sys.stderr)
         return EXIT_OF_CODE.get(exc.code, 1)
@@ -574,6 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--body", help="event body as JSON")
     p.add_argument("--dep", action="append", default=[], help="id (hex) this event depends on")
     p.add_argument("--nonce", help="hex nonce, to publish the same body again on purpose")
+    cli_timeout.add_option(p, "the home relay's receipt")
     agent_options(p)
     p.set_defaults(func=cmd_publish)
 

@@ -29,6 +29,8 @@ from typing import Any
 
 import trio
 
+from agent_sdk import cli_timeout
+from agent_sdk.cli_timeout import Unconfirmed
 from agent_sdk.client import RelayClient
 from agent_sdk.docs import SharedDoc
 from agent_sdk.errors import ErrorCode, ProtocolError
@@ -47,23 +49,19 @@ def add_parser(sub: Any, agent_options: AgentOptions) -> None:
         agent_options(p)
         return p
 
-    def waits(p: argparse.ArgumentParser, what: str = "the change's commit") -> None:
-        help = f"how long to wait for {what}: 90s, 5m (default 30s)"
-        p.add_argument("--timeout", default="30s", help=help)
-
     p = command("get", "print the document's fields, text and log")
     p.add_argument("--json", action="store_true", help="print JSON")
-    waits(p, "the document (its home, when it is another relay's)")
+    cli_timeout.add_option(p, "the document (its home, when it is another relay's)")
 
     p = command("set", "set a field (creates the document if needed)")
     # Not "key": that is the key file of every agent command (--key).
     p.add_argument("field", help="the field of `fields` to set")
     p.add_argument("value")
     p.add_argument("--parse-json", action="store_true", help="store VALUE as JSON, not text")
-    waits(p)
+    cli_timeout.add_option(p, "the change's commit")
     p = command("append", "append an entry to the log (creates the document if needed)")
     p.add_argument("text")
-    waits(p)
+    cli_timeout.add_option(p, "the change's commit")
     p = command(
         "token",
         "mint a token for a plain Yjs client to edit this document; prints the query "
@@ -94,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         # A write's deadline covers the whole of it: the document's creation waits for
         # its commit too, as long as the home is out of reach (the relay queues it). A
         # read waits as long for a document whose home is out of reach.
-        timeout = lifetime_ms(args.timeout, "--timeout") / 1000
+        timeout = cli_timeout.seconds(args.timeout)
 
         async def main() -> dict[str, Any]:
             nonlocal edited
@@ -124,14 +122,8 @@ def run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
         else:
-            # Not a failure the agent can take as "not written": the relay may hold
-            # the change (queued for an unreachable home) and commit it later.
-            print(
-                f"{where}: the change is not confirmed after {exc}; it may still be queued"
-                f" and land later: check with `formicary doc get {args.ns} {args.name}`"
-                " before writing it again (or wait longer with --timeout)",
-                file=sys.stderr,
-            )
+            check = f"formicary doc get {args.ns} {args.name}"
+            cli_timeout.say_unconfirmed(where, str(exc), check, "the change")
         return 1
     except Exception as exc:
         refused = isinstance(exc, ProtocolError) and exc.code is not ErrorCode.INTERNAL
@@ -169,11 +161,6 @@ def _failed(where: str, exc: Exception) -> int:
         return 4 if exc.code is ErrorCode.UNKNOWN_DOC else 1
     print(f"{where}: {exc}", file=sys.stderr)
     return 1
-
-
-class Unconfirmed(Exception):
-    """A write whose commit the relay did not confirm in time (its ``--timeout``), or a
-    read whose document did not come."""
 
 
 def _edit(shared: SharedDoc, args: argparse.Namespace, value: Any) -> None:

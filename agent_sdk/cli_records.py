@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent_sdk.cli_wo import Text, Tokens, UsageError, json_value, run, subcommand
+from agent_sdk.cli_wo import Text, Tokens, UsageError, json_value, run, subcommand, writes
 from agent_sdk.decisions import Decisions
 from agent_sdk.ledger import Claim, Ledger, LedgerRefusal
 from agent_sdk.wire import to_json_safe
@@ -31,6 +31,7 @@ def add_parser(sub: Any, agent_options: AgentOptions) -> None:
     group = sub.add_parser("context", help="context handoff: put and pull documents")
     commands = group.add_subparsers(dest="context", required=True)
     p = subcommand(commands, "put", "store a new context version (stdin or --file)", agent_options)
+    writes(p, "formicary context pull", "--wo {wo}", "--ns {ns}")
     p.add_argument("--wo", help="the work order's context (default: the namespace's)")
     p.add_argument("--file", help="read the document from this file")
     p.add_argument("--parse-json", action="store_true", help="store it as JSON, not text")
@@ -44,6 +45,7 @@ def add_parser(sub: Any, agent_options: AgentOptions) -> None:
     group = sub.add_parser("bulletin", help="the bulletin: what agents did")
     commands = group.add_subparsers(dest="bulletin", required=True)
     p = subcommand(commands, "post", "post what you did", agent_options)
+    writes(p, "formicary bulletin list", "--ns {ns}")
     p.add_argument("text")
     p = subcommand(commands, "list", "the latest posts", agent_options)
     p.add_argument("--after", type=int, help="posts after number N, oldest first")
@@ -53,6 +55,7 @@ def add_parser(sub: Any, agent_options: AgentOptions) -> None:
     group = sub.add_parser("decision", help="decisions (ADR records)")
     commands = group.add_subparsers(dest="decision", required=True)
     p = subcommand(commands, "add", "record a decision; prints its id", agent_options)
+    writes(p, "formicary decision list", "--ns {ns}")
     p.add_argument("--title", required=True)
     p.add_argument("--decision", required=True, dest="decided")  # "decision" names the command
     p.add_argument("--context", default="", help="what forced the decision")
@@ -72,6 +75,7 @@ def add_parser(sub: Any, agent_options: AgentOptions) -> None:
     p = subcommand(commands, "show", "one conflict with its decisions", agent_options)
     p.add_argument("id")
     p = subcommand(commands, "resolve", "keep one decision (or propose it)", agent_options)
+    writes(p, "formicary conflict show {id}", "--ns {ns}")
     p.add_argument("id")
     p.add_argument("keep", help="the id of the decision to keep")
     p.add_argument("--note", default="")
@@ -80,6 +84,7 @@ def add_parser(sub: Any, agent_options: AgentOptions) -> None:
     group = sub.add_parser("ckpt", help="named consumer cursors kept at the relay")
     commands = group.add_subparsers(dest="ckpt", required=True)
     p = subcommand(commands, "set", "store a cursor", agent_options)
+    writes(p, "formicary ckpt get {name}", "--ns {ns}")
     p.add_argument("name")
     p.add_argument("seq", type=int)
     p.add_argument("--expect", type=int, help="only if the cursor is still at this seq")

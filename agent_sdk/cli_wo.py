@@ -7,8 +7,14 @@ share a folder), so ``renew``, ``release``, ``note`` and ``update`` need no
 ``--token`` (all accept one). A kept token the relay says is over (its lease lapsed
 or moved on: a refused ``renew``, ``release`` or ``update``) is forgotten.
 
+Writes wait for the relay's outcome up to ``--timeout`` (30 s by default;
+agent_sdk/cli_timeout.py): a write queued for an unreachable home, or never answered,
+exits 1 saying it is not confirmed and may still land, and which command shows
+whether it did.
+
 Exit codes: 0 ok, 3 conflict (held by another, not the holder, stale token, a status
-move that makes no sense), 4 not found (or nothing open), 2 usage, 1 anything else.
+move that makes no sense), 4 not found (or nothing open), 2 usage, 1 anything else (a
+write not confirmed in time included).
 """
 
 from __future__ import annotations
@@ -20,13 +26,16 @@ import math
 import os
 import sys
 import tempfile
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from string import Formatter
 from typing import Any
 
 import trio
 
+from agent_sdk import cli_timeout
+from agent_sdk.cli_timeout import Unconfirmed
 from agent_sdk.client import RelayClient
 from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.identity import Identity, default_key_path
@@ -87,6 +96,29 @@ def subcommand(
     return p
 
 
+def writes(p: argparse.ArgumentParser, *check: str) -> None:
+    """Make ``p`` a write command: it waits up to ``--timeout`` for the outcome, and
+    past it names ``check`` as the command that shows whether the write landed: words
+    formatted with the arguments (``{ns}`` resolved), a word naming an option not
+    given left out."""
+    cli_timeout.add_option(p, "the relay's outcome")
+    p.set_defaults(check=check)
+
+
+def _check(words: Sequence[str], fields: dict[str, Any]) -> str:
+    def given(word: str) -> bool:
+        return all(
+            fields.get(name) is not None for _, name, _, _ in Formatter().parse(word) if name
+        )
+
+    return " ".join(word.format(**fields) for word in words if given(word))
+
+
+SHOW = ("formicary wo show {id}", "--ns {ns}")
+LIST = ("formicary wo list", "--ns {ns}")
+LOCKS = ("formicary lock list", "--ns {ns}")
+
+
 def add_parser(sub: Any, agent_options: Callable[[argparse.ArgumentParser], None]) -> None:
     wo = sub.add_parser("wo", help="work orders: create, claim, renew, release, ...")
     commands = wo.add_subparsers(dest="wo", required=True)
@@ -95,6 +127,7 @@ def add_parser(sub: Any, agent_options: Callable[[argparse.ArgumentParser], None
         return subcommand(commands, name, help, agent_options)
 
     p = command("create", "create a work order; prints its id")
+    writes(p, *LIST)
     p.add_argument("--title", required=True)
     p.add_argument("--description", default="")
     p.add_argument("--acceptance", action="append", default=[])
@@ -115,19 +148,24 @@ def add_parser(sub: Any, agent_options: Callable[[argparse.ArgumentParser], None
         p = command(name, "claim an order" if name == "claim" else "claim the best open order")
         if name == "claim":
             p.add_argument("id")
+        writes(p, *(SHOW if name == "claim" else LIST))
         p.add_argument("--ttl", help=RELAY_TTL.format(what="claim"))
     p = command("renew", "renew your lease")
+    writes(p, *SHOW)
     p.add_argument("id")
     p.add_argument("--ttl", help=RELAY_TTL.format(what="claim"))
     p.add_argument("--token", type=int)
     p = command("release", "give the order back (open again)")
+    writes(p, *SHOW)
     p.add_argument("id")
     p.add_argument("--token", type=int)
     p = command("note", "add a note everyone sees")
+    writes(p, *SHOW)
     p.add_argument("id")
     p.add_argument("text")
     p.add_argument("--token", type=int)
     p = command("update", "set the status: done, blocked, open, dropped or awaiting_approval")
+    writes(p, *SHOW)
     p.add_argument("id")
     p.add_argument(
         "--status",
@@ -138,11 +176,13 @@ def add_parser(sub: Any, agent_options: Callable[[argparse.ArgumentParser], None
     p.add_argument("--token", type=int)
     for name in ("approve", "reject"):
         p = command(name, f"as an approver: {name} an order awaiting approval")
+        writes(p, *SHOW)
         p.add_argument("id")
         p.add_argument("--comment", default="", required=name == "reject")
     p = command("wait", "wait until an order awaiting approval is decided; prints it")
     p.add_argument("id")
     p = command("progress", "report progress on an order you hold")
+    writes(p, *SHOW)
     p.add_argument("id")
     p.add_argument("percent", type=int)
     p.add_argument("message", nargs="?", default="")
@@ -152,13 +192,16 @@ def add_parser(sub: Any, agent_options: Callable[[argparse.ArgumentParser], None
     lock = sub.add_parser("lock", help="advisory locks on named resources")
     commands = lock.add_subparsers(dest="lock", required=True)
     p = command("acquire", "take a lock (a path, a branch, anything)")
+    writes(p, *LOCKS)
     p.add_argument("name")
     p.add_argument("--ttl", help=RELAY_TTL.format(what="lock"))
     p = command("renew", "renew your lock")
+    writes(p, *LOCKS)
     p.add_argument("name")
     p.add_argument("--ttl", help=RELAY_TTL.format(what="lock"))
     p.add_argument("--token", type=int)
     p = command("release", "release your lock")
+    writes(p, *LOCKS)
     p.add_argument("name")
     p.add_argument("--token", type=int)
     command("list", "list the locks held now")
@@ -181,7 +224,9 @@ def run(args: argparse.Namespace) -> int:
         async with RelayClient.connect(_relay_url(args), identity, reconnect=False) as client:
             assert client.relay_key is not None  # (pinned by the handshake)
             tokens.relay = client.relay_key.hex()
-            return await action(Ledger(tell_queued(client), ns))
+            with trio.move_on_after(timeout):
+                return await action(Ledger(tell_queued(client), ns))
+            raise Unconfirmed(args.timeout)
 
     name = getattr(args, args.group)
     # The group's dest is the command's name, "_command" added where the bare name
@@ -191,6 +236,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         # A bad file must not cost a claim whose token cannot be kept.
         tokens.check(writing=(args.group, name) in KEEPS)
+        # Only write commands have one; the others wait as long as they wait (`wo wait`).
+        timeout = cli_timeout.seconds(args.timeout) if hasattr(args, "timeout") else math.inf
         action: Callable[[Ledger], Awaitable[Any]] = args.actions[name](args, tokens, ns)
         try:
             result = trio.run(main)
@@ -203,6 +250,10 @@ def run(args: argparse.Namespace) -> int:
             reason = f"the connection to the relay was lost ({exc}); the command was stopped"
             print(f"{where}: {reason}", file=sys.stderr)
             return LEASE_LOST
+    except Unconfirmed as exc:
+        check = _check(args.check, {**vars(args), "ns": ns})
+        cli_timeout.say_unconfirmed(where, str(exc), check)
+        return 1
     except LedgerRefusal as exc:
         print(f"{where}: {exc.problem}: {exc.reason}", file=sys.stderr)
         return EXIT_OF_PROBLEM.get(exc.problem, 1)

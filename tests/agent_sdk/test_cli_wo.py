@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -20,6 +22,7 @@ from relay.coordination.leases import TtlBounds
 from relay.node import RelayConfig
 from tests.agent_sdk.shell import exit_codes, run_shell
 from tests.conftest import RunningRelay, identity, start_relay
+from tests.federation.fixtures import plan, start
 
 MINUTE = 60_000
 
@@ -547,3 +550,84 @@ f renew nothing-held; echo "none=$?" >> codes.txt
     assert exit_codes(tmp_path) == {"stale": "3", "none": "2"}, done.stderr.decode()
     assert tokens.kept("work@local", "lock:branch:main", None) is None
     assert "no token kept for nothing-held: acquire it first" in done.stderr.decode()
+
+
+NS = "x@b"
+
+
+@pytest.mark.parametrize(
+    ("command", "told"),
+    [
+        (
+            ["publish", NS, "app.note", "--body", '"kept"'],
+            "formicary publish: the event is not confirmed after 1s; it may still be queued"
+            " and land later: check with `formicary tail x@b` before writing it again",
+        ),
+        (
+            ["wo", "create", "--title", "kept", "--ns", NS],
+            "formicary wo create: the write is not confirmed after 1s; it may still be queued"
+            " and land later: check with `formicary wo list --ns x@b` before writing it again",
+        ),
+        (
+            ["wo", "claim", "wo-1", "--ns", NS],
+            "check with `formicary wo show wo-1 --ns x@b` before writing it again",
+        ),
+        (
+            ["lock", "acquire", "branch:main", "--ns", NS],
+            "check with `formicary lock list --ns x@b` before writing it again",
+        ),
+        (
+            ["context", "put", "--wo", "wo-1", "--ns", NS, "--file", "handoff.md"],
+            "check with `formicary context pull --wo wo-1 --ns x@b` before writing it again",
+        ),
+        (
+            ["ckpt", "set", "reader", "7", "--ns", NS],
+            "check with `formicary ckpt get reader --ns x@b` before writing it again",
+        ),
+    ],
+)
+async def test_a_write_the_home_never_confirms_gives_up_after_its_timeout(
+    nursery: trio.Nursery, tmp_path: Path, command: list[str], told: str
+) -> None:
+    """A write the relay queued (its namespace's home is down) waited for the home's
+    answer without a limit: a shell agent's command never ended. It gives up after
+    --timeout (30 s by default, as `doc set`'s) with status 1, saying that the write
+    may still land and which command shows whether it did."""
+    relays = plan(tmp_path, "a", "b")  # b, the home of x@b, is never started
+    a = await start(nursery, relays["a"], (relays["b"].peer(),))
+    env = {**os.environ, "FORMICARY_RELAY": a.url, "FORMICARY_KEY": str(tmp_path / "k.key")}
+    (tmp_path / "handoff.md").write_text("the bug is in lexer.py")
+    with trio.fail_after(60):  # (not a timing check: only that it ends)
+        done = await trio.run_process(
+            [sys.executable, "-m", "agent_sdk.cli", *command, "--timeout", "1s"],
+            cwd=tmp_path,
+            env=env,
+            check=False,
+            capture_stdout=True,
+            capture_stderr=True,
+        )
+    said = done.stderr.decode()
+    assert done.returncode == 1, said
+    assert "the home relay of x@b cannot be reached now" in said  # the relay holds it
+    assert told + " (or wait longer with --timeout)" in said.replace("\n", " "), said
+    assert done.stdout == b""
+
+
+@pytest.mark.parametrize("command", [["publish", NS, "app.note"], ["wo", "create", "--title", "t"]])
+async def test_a_timeout_that_is_no_duration_is_a_usage_error(
+    tmp_path: Path, command: list[str]
+) -> None:
+    env = {
+        **os.environ,
+        "FORMICARY_RELAY": "ws://127.0.0.1:9",
+        "FORMICARY_KEY": str(tmp_path / "k"),
+    }
+    for timeout in ("soon", "0s"):
+        done = await trio.run_process(
+            [sys.executable, "-m", "agent_sdk.cli", *command, "--timeout", timeout],
+            env=env,
+            check=False,
+            capture_stderr=True,
+        )
+        assert done.returncode == 2, done.stderr.decode()
+        assert f"--timeout {timeout!r}" in done.stderr.decode()
