@@ -89,6 +89,8 @@ FANOUT = 3
 """Sub-orders each order of the ``fanout`` variant spawns."""
 STAGES = ("observe", "diagnose", "fix")
 """The ``pipeline`` variant's stages, in order."""
+ORDERS_PER_ROOT = {"flat": 1, "fanout": 1 + FANOUT, "pipeline": len(STAGES)}
+"""Orders a root order makes in all, itself included (its sub-orders or stages)."""
 
 
 def parse_faults(spec: str, duration: Callable[[str, str], int]) -> Faults:
@@ -206,6 +208,28 @@ class Settings:
             raise UsageError("logistics: --agents at least 3 (fulfilment, pricing, inventory)")
         if self.duration_s <= 0:
             raise UsageError("--duration must be positive")
+        if self.policy != "uniform" and self.scenario in ("work_queue", "federated"):
+            self._check_stragglers()
+
+    def _check_stragglers(self) -> None:
+        """A policy that draws past ``--work`` (``heavy_tail``) may give an order more
+        work than a lease covers. Its time is the order's, whoever claims it, and
+        nobody renews: it would lapse and be claimed again until ``--duration`` ends
+        the run. Without handoff the whole task must fit in one lease; with it, each
+        half of what is left (the checkpoint is at the half), so less than two."""
+        policy = self.policy_of(0)  # (agent 0 is a slow one if any is)
+        roots = self.orders * ORDERS_PER_ROOT[self.variant]  # (each namespace numbers from 1)
+        longest, order = max(
+            (policy.order_ms(self.seed, f"wo-{n}"), f"wo-{n}") for n in range(1, roots + 1)
+        )
+        covered = self.ttl_ms * (2 if self.handoff else 1)
+        if longest >= covered:
+            what = "twice --ttl" if self.handoff else "--ttl (and there is no handoff)"
+            raise UsageError(
+                f"--policy {self.policy}: {order} takes {longest} ms with seed {self.seed},"
+                f" not less than {what}, {covered} ms: it could never be finished;"
+                " raise --ttl, or use another seed"
+            )
 
     def make_policy(self) -> Policy:
         return POLICIES[self.policy](self.work_ms, self.crash_rate)
@@ -294,7 +318,8 @@ class Summary:
     """Orders not finished when the run ended."""
     crashes: int = 0
     expiries: int = 0
-    """Leases the relay ended because their holder stopped renewing (crashes)."""
+    """Leases the relay's timer ended: their holder crashed, or (``heavy_tail``) its
+    task outlasted the lease."""
     wasted_work: int = 0
     """Tasks finished whose result was refused (the lease had moved on)."""
     events: int = 0

@@ -171,7 +171,7 @@ def _plots(out: Path, summary: Summary, series: list[dict[str, int]]) -> list[tu
     import matplotlib.pyplot as plt
 
     made = []
-    if series:
+    if any(r["results"] or r["claims"] for r in series):  # (not the auctions' or edits')
         figure, axis = plt.subplots(figsize=(7, 3.5))
         axis.plot([r["second"] for r in series], [r["results"] for r in series], label="results/s")
         axis.plot([r["second"] for r in series], [r["claims"] for r in series], label="claims/s")

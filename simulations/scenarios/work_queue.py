@@ -18,7 +18,16 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from agent_sdk.errors import ProtocolError
 from agent_sdk.ledger import Claim, Ledger, LedgerRefusal
-from simulations.model import FANOUT, STAGES, AgentStates, Meter, Policy, Settings, Summary
+from simulations.model import (
+    FANOUT,
+    ORDERS_PER_ROOT,
+    STAGES,
+    AgentStates,
+    Meter,
+    Policy,
+    Settings,
+    Summary,
+)
 from simulations.scenarios.common import NS, RELAY, plan, relay_config, tally
 from simulations.world import World, identity_of
 
@@ -36,8 +45,7 @@ class Progress:
     agents coordinate through: that is the relay's)."""
 
     def __init__(self, settings: Settings, meter: Meter | None = None) -> None:
-        per_root = {"flat": 1, "fanout": 1 + FANOUT, "pipeline": len(STAGES)}
-        self.left = self.total = settings.orders * per_root[settings.variant]
+        self.left = self.total = settings.orders * ORDERS_PER_ROOT[settings.variant]
         self.meter = meter or Meter()
         self.meter.start(self.total, "orders")
         self.states = AgentStates()
@@ -137,14 +145,18 @@ async def agent(
     while not progress.finished.is_set():
         life += 1
         mark("idle")
+        connected = False
         try:
             async with world.client(relay, identity, f"agent/{n}/{life}", lossy=True) as client:
+                connected = True
                 ledger = Ledger(client, ns)
                 if reporting:
                     await report(ledger, reporting, progress)
                 crashed = await work(ledger, rng, policy, progress, reporting, mark)
         except* LOST:  # (the client's own task may fail alongside: a group)
-            progress.disconnected += 1  # the relay went away (killed, or a lost message)
+            # The relay went away (killed, or a lost message); a dial that failed (the
+            # relay not back yet) lost no connection: it is not counted again.
+            progress.disconnected += connected
         else:
             if not crashed:
                 mark("idle")

@@ -351,7 +351,10 @@ def test_a_relay_killed_mid_run_comes_back_and_no_work_is_lost_or_repeated() -> 
         faults=Faults(relay_kill=300),  # the backlog takes about a second: mid-run
     )
     summary = run_real(settings)
-    assert summary.extra["relay_kills"] == 1 and summary.extra["disconnected"] > 0
+    assert summary.extra["relay_kills"] == 1
+    # One kill: each agent lost at most its one connection (the dials that failed
+    # while the relay was down lost none).
+    assert 0 < summary.extra["disconnected"] <= settings.agents  # type: ignore[operator]
     assert summary.done == 400 and summary.duplicate_work == 0 and summary.zombies == 0
 
 
@@ -506,3 +509,25 @@ def test_logistics_breaks_limits_and_plans_without_the_primitives_and_never_with
     for bad in (replace(settings, crash_rate=0.1), replace(settings, agents=2)):
         with pytest.raises(UsageError, match="logistics"):
             bad.check(["logistics"])
+
+
+def test_heavy_tail_stragglers_lapse_and_are_finished_through_handoff() -> None:
+    """``heavy_tail`` draws past ``--work``: with seed 35, 9 of the 60 orders take
+    longer than the 6 s lease (the longest 11.8 s). Their leases lapse, and the
+    checkpoint at each half lets the next holder finish them: every order is done."""
+    heavy = {"policy": "heavy_tail", "ttl_ms": 6_000, "agents": 10, "orders": 60}
+    summary = run_virtual(Settings(scenario="work_queue", seed=35, **heavy))  # type: ignore[arg-type]
+    assert summary.done == 60 and summary.zombies == 0 and summary.duplicate_work == 0
+    assert summary.expiries > 0 and summary.extra["resumed"] > 0
+
+
+def test_heavy_tail_orders_no_lease_can_cover_are_refused_before_the_run() -> None:
+    """An order's time is the same whoever claims it and nobody renews: one longer than
+    a lease covers would be claimed, lapse and be claimed again until --duration."""
+    heavy = {"policy": "heavy_tail", "ttl_ms": 6_000, "agents": 10, "orders": 60}
+    with pytest.raises(UsageError, match="wo-36 takes 15810 ms with seed 1, not less than twice"):
+        Settings(scenario="work_queue", seed=1, **heavy).check(["work_queue"])  # type: ignore[arg-type]
+    no_handoff = Settings(scenario="work_queue", seed=35, handoff=False, **heavy)  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match=r"not less than --ttl \(and there is no handoff\)"):
+        no_handoff.check(["work_queue"])
+    Settings(scenario="work_queue", seed=35, **heavy).check(["work_queue"])  # type: ignore[arg-type]
