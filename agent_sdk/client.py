@@ -645,11 +645,13 @@ class RelayClient:
         nonce: bytes | None = None,
         ts: int | None = None,
         on_queued: Callable[[], None] | None = None,
+        on_sent: Callable[[PendingPublish], None] | None = None,
     ) -> Published:
         """Sign and publish an event; returns once the relay has durably sequenced it.
 
         Raises :class:`ProtocolError` when the relay rejects the event. Survives
         reconnects: an unacknowledged event is re-sent, and idempotence makes that exact.
+        ``on_sent``: see :meth:`publish_signed`.
         """
         event = Event(
             ns=ns,
@@ -661,19 +663,31 @@ class RelayClient:
             nonce=nonce,
         )
         signed = sign_event(event, self.identity.sign)
-        return await self.publish_signed(signed, on_queued=on_queued)
+        return await self.publish_signed(signed, on_queued=on_queued, on_sent=on_sent)
 
     async def publish_signed(
-        self, event: SignedEvent, *, on_queued: Callable[[], None] | None = None
+        self,
+        event: SignedEvent,
+        *,
+        on_queued: Callable[[], None] | None = None,
+        on_sent: Callable[[PendingPublish], None] | None = None,
     ) -> Published:
         """Publish an already signed event (re-publishing the same bytes is safe).
 
         ``on_queued`` is called if the relay answers ``queued``: the namespace's home
         relay is unreachable and the event waits in the relay's outbox (the call
         still returns only with the home relay's receipt).
+
+        ``on_sent`` is called with the publish's handle once it is on its way (it may
+        first wait for room among the publishes in flight). From then on it is sent
+        until it is answered, also if this call is cancelled: a caller cancelled
+        after ``on_sent`` learns the answer from the handle's ``.wait()``, one
+        cancelled before it sent nothing.
         """
         async with self._inflight:
             pending = self.publish_later(event, on_queued=on_queued)
+            if on_sent is not None:
+                on_sent(pending)
             await pending.done.wait()
         return await pending.wait()
 

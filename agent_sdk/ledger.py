@@ -24,7 +24,7 @@ from typing import Any
 
 import trio
 
-from agent_sdk.client import Delivery, Published, RelayClient
+from agent_sdk.client import Delivery, PendingPublish, Published, RelayClient
 from agent_sdk.errors import ProtocolError, as_told, unwrap_single
 from agent_sdk.wire import Event, sign_event
 
@@ -72,9 +72,18 @@ class Ledger:
         self._held: set[tuple[str, int]] = set()
         self._ended: set[tuple[str, int]] = set()
         self._ending: dict[tuple[str, int], trio.Event] = {}  # asked to end, not answered
+        # Ends sent whose caller left before their answer (cancelled, say): the relay
+        # still decides them, and a hold learns from the handle whether they ended it.
+        self._unread: dict[tuple[str, int], PendingPublish] = {}
 
     async def request(
-        self, kind: str, body: dict[str, Any], *, nonce: bytes | None = None, ts: int | None = None
+        self,
+        kind: str,
+        body: dict[str, Any],
+        *,
+        nonce: bytes | None = None,
+        ts: int | None = None,
+        on_sent: Callable[[PendingPublish], None] | None = None,
     ) -> dict[str, Any]:
         """Publish one request; return the outcome body or raise :class:`LedgerRefusal`.
 
@@ -83,12 +92,19 @@ class Ledger:
         request is then the same event, and the relay answers it with the outcome it
         decided the first time, if it got that far, instead of deciding it twice. (When
         the ack comes without that outcome, it is read from the namespace log: the
-        client must be allowed to read the namespace then.)"""
+        client must be allowed to read the namespace then.) ``on_sent`` is told the
+        publish's handle once it is on its way (:meth:`RelayClient.publish_signed`)."""
         # A fresh nonce by default: the same request twice in one millisecond would
         # otherwise be the same event, and the relay would answer the second with the
         # first's outcome (idempotence).
         nonce = self.client.nonce() if nonce is None else nonce
-        published = await self.client.publish(self.ns, kind, body, nonce=nonce, ts=ts)
+        published = await self.client.publish(
+            self.ns, kind, body, nonce=nonce, ts=ts, on_sent=on_sent
+        )
+        return await self._answer(published)
+
+    async def _answer(self, published: Published) -> dict[str, Any]:
+        """The outcome body of an acked request, or :class:`LedgerRefusal`."""
         outcome = published.outcome or await self._outcome_in_log(published)
         event = outcome.event.event
         answer = event.body
@@ -167,8 +183,9 @@ class Ledger:
         return _claim(await self.request("wo.renew", body))
 
     async def release(self, claim: Claim) -> None:
-        async with self._ending_claim(claim):
-            await self.request("wo.release", {"wo": claim.order, "token": claim.token})
+        async with self._ending_claim(claim) as on_sent:
+            body = {"wo": claim.order, "token": claim.token}
+            await self.request("wo.release", body, on_sent=on_sent)
 
     async def update(self, claim: Claim | str, status: str, reason: str = "") -> None:
         """Set ``done``, ``blocked``, ``open`` or ``dropped`` (or ``awaiting_approval``,
@@ -180,20 +197,33 @@ class Ledger:
             await self.request("wo.update", body)
             return
         body.update(wo=claim.order, token=claim.token)
-        async with self._ending_claim(claim):
-            await self.request("wo.update", body)
+        async with self._ending_claim(claim) as on_sent:
+            await self.request("wo.update", body, on_sent=on_sent)
 
     @asynccontextmanager
-    async def _ending_claim(self, claim: Claim) -> AsyncIterator[None]:
+    async def _ending_claim(self, claim: Claim) -> AsyncIterator[Callable[[PendingPublish], None]]:
         """Mark ``claim`` ended once the block's request is answered. Meanwhile a
         renewal of :meth:`hold` refused (the end came first) waits for that answer
-        before it calls the lease lost; a refused end leaves the claim as it was."""
+        before it calls the lease lost; a refused end leaves the claim as it was.
+
+        The block passes what it yields as its request's ``on_sent``. When the block
+        is left without the answer (cancelled while it was on its way, say), the
+        relay may still apply the end: a renewal of the hold refused then reads the
+        answer from the publish's handle (:meth:`_read_unread_end`). One never sent
+        ended nothing."""
         key = (claim.order, claim.token)
         self._ending[key] = answered = trio.Event()
+        sent: list[PendingPublish] = []
         try:
-            yield
+            yield sent.append
             if key in self._held:
                 self._ended.add(key)
+        except LedgerRefusal:
+            raise  # answered: not ended
+        except BaseException:
+            if sent and key in self._held:
+                self._unread[key] = sent[-1]
+            raise
         finally:
             if self._ending.get(key) is answered:  # (two ends at once: the last one's)
                 del self._ending[key]
@@ -206,6 +236,25 @@ class Ledger:
         if answered is not None:
             await answered.wait()
         return key in self._ended
+
+    async def _read_unread_end(self, claim: Claim) -> None:
+        """Learn the answer to an end of ``claim`` whose caller left before it came:
+        mark the claim ended if the relay applied it. This waits as long as the relay
+        takes to answer: the caller bounds it."""
+        key = (claim.order, claim.token)
+        unread = self._unread.pop(key, None)
+        if unread is not None and await self._applied(unread):
+            self._ended.add(key)
+
+    async def _applied(self, sent: PendingPublish) -> bool:
+        """Whether the relay applied a request sent earlier; False when it refused it,
+        or when its answer cannot be had (the client stopped: it may be applied, but
+        then calling the lease lost errs on the safe side)."""
+        try:
+            await self._answer(await sent.wait())
+        except (LedgerRefusal, ProtocolError):
+            return False
+        return True
 
     async def progress(self, claim: Claim, percent: int, message: str = "") -> None:
         """Report progress on a held order (0 to 100); its parent's holder sees it."""
@@ -390,7 +439,8 @@ class Ledger:
         The body is cancelled and :class:`LeaseLost` raised when a renewal is refused
         or is not confirmed in time to keep the lease (a partition, a stalled relay):
         past that point another agent may hold the order. Ending the claim from the
-        body (``update(claim, "done")``, ``release``) simply ends the renewals.
+        body (``update(claim, "done")``, ``release``) simply ends the renewals, also
+        when the call is cancelled after its request went out and the relay applies it.
         """
         ttl = ttl_ms / 1000
         # One request, however often asked: the same nonce and ts make the same event,
@@ -420,7 +470,14 @@ class Ledger:
 
                     async def renew() -> None:
                         nonlocal claim
-                        claim = await self.renew(claim, ttl_ms)
+                        try:
+                            claim = await self.renew(claim, ttl_ms)
+                        except LedgerRefusal:
+                            # Perhaps for an end whose caller left before its answer
+                            # (cancelled): sent before this renewal, it was decided
+                            # first. Granted, the renewal says that end ended nothing.
+                            await self._read_unread_end(claim)
+                            raise
 
                     async def ended() -> bool:  # the body ended the claim: nothing to keep
                         return await self._has_ended(claim)
@@ -436,6 +493,7 @@ class Ledger:
                     nursery.cancel_scope.cancel()
         finally:
             self._held.discard(key)  # (asked about no more)
+            self._unread.pop(key, None)
             ended_here = key in self._ended
             self._ended.discard(key)
             if lost:

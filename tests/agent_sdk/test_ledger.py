@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import SimpleNamespace
@@ -251,6 +251,8 @@ class _BundlingLink:
         self.decided: dict[tuple[str, bytes | None, int | None], Any] = {}
         self.waiting: list[trio.Event] = []
         self.stopped = trio.Event()
+        self.room = trio.Event()
+        self.room.set()
 
     def nonce(self) -> bytes:
         self.asked += 1
@@ -260,22 +262,29 @@ class _BundlingLink:
         return 1_000_000 + int(trio.current_time() * 1000)
 
     async def publish(
-        self, ns: str, kind: str, body: Any, *, nonce: bytes | None = None, ts: int | None = None
+        self,
+        ns: str,
+        kind: str,
+        body: Any,
+        *,
+        nonce: bytes | None = None,
+        ts: int | None = None,
+        on_sent: Callable[[Any], None] | None = None,
     ) -> Any:
+        await self.room.wait()  # (as a client waits for room among publishes in flight)
         key = (kind, nonce, ts)
         if key not in self.decided:
             request = len(self.decided).to_bytes(32, "big")
             author = self.identity.public_key
             self.decided[key] = self.core.decide(kind, body, author, request, self.clock_ms())
-        outcome = self.decided[key]
-        answered = trio.Event()
-        self.waiting.append(answered)
+        answer = _Answer(self.decided[key], trio.current_time())
+        self.waiting.append(answer.answered)
         if self.late > 0:
             self.late -= 1
-            await trio.sleep(self.delay)
-        await answered.wait()
-        event = SimpleNamespace(kind=outcome.kind, body=outcome.body)
-        return SimpleNamespace(outcome=SimpleNamespace(event=SimpleNamespace(event=event)))
+            answer.not_before += self.delay
+        if on_sent is not None:
+            on_sent(answer)
+        return await answer.wait()
 
     def publish_later(self, signed: SignedEvent) -> None:
         """Sent, its answer not waited for: decided now, in the order of the calls."""
@@ -288,6 +297,22 @@ class _BundlingLink:
             bundle, self.waiting = self.waiting, []
             for answered in bundle:
                 answered.set()  # one message: no checkpoint between its acks
+
+
+class _Answer:
+    """A publish's handle on a :class:`_BundlingLink`: its answer comes with the next
+    bundle, and not before ``not_before``, whether anyone waits for it or not."""
+
+    def __init__(self, outcome: Any, not_before: float) -> None:
+        self.outcome = outcome
+        self.not_before = not_before
+        self.answered = trio.Event()
+
+    async def wait(self) -> Any:
+        await trio.sleep_until(self.not_before)
+        await self.answered.wait()
+        event = SimpleNamespace(kind=self.outcome.kind, body=self.outcome.body)
+        return SimpleNamespace(outcome=SimpleNamespace(event=SimpleNamespace(event=event)))
 
 
 @asynccontextmanager
@@ -315,6 +340,56 @@ async def test_a_renewal_refused_because_the_body_finished_is_no_lost_lease(
             await ledger.update(claim, "done")
             await trio.sleep(0.01)
     assert link.core.ledger.orders[order].status.value == "done"
+
+
+async def test_a_done_whose_caller_was_cancelled_is_no_lost_lease(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The body's `done` is sent, then its caller is cancelled before the answer; the
+    relay applies it, and the next renewal is refused (the order is done). The body
+    finished the order: hold must not cancel it and raise LeaseLost."""
+    async with bundled() as (link, ledger):
+        order = await ledger.create("t")
+        async with ledger.hold(order, ttl_ms=3_000) as claim:
+            with trio.move_on_after(0.1):  # sent and decided; answered with the next bundle
+                await ledger.update(claim, "done")
+            await trio.sleep(2)  # the renewal, due at 1 s, is refused: the order is done
+        assert not ledger._unread  # nothing kept past the hold
+    assert link.core.ledger.orders[order].status.value == "done"
+
+
+async def test_a_done_cancelled_before_it_was_sent_ended_nothing(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Cancelled while it waited to be sent, the `done` never reached the relay: the
+    claim is still held, renewed, and released on exit."""
+    async with bundled() as (link, ledger):
+        order = await ledger.create("t")
+        async with ledger.hold(order, ttl_ms=3_000) as claim:
+            link.room = trio.Event()  # no room to send it
+            with trio.move_on_after(0.1):
+                await ledger.update(claim, "done")
+            link.room.set()
+            await trio.sleep(10)  # several renewals, each granted
+            assert link.core.ledger.orders[order].status.value == "claimed"
+    assert link.core.ledger.orders[order].status.value == "open"  # released on exit
+
+
+async def test_a_refused_end_whose_caller_was_cancelled_leaves_the_claim_held(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The body's end is refused, and answered long after its caller was cancelled.
+    The renewals sent meanwhile are granted (the end ended nothing): the claim stays
+    held and renewed, not given up while that answer is awaited."""
+    async with bundled() as (link, ledger):
+        order = await ledger.create("t")
+        async with ledger.hold(order, ttl_ms=3_000) as claim:
+            link.late, link.delay = 1, 30.0  # refused (no such status), answered at 30 s
+            with trio.move_on_after(0.1):
+                await ledger.update(claim, "finished")
+            await trio.sleep(10)  # several renewals, each granted
+            assert link.core.ledger.orders[order].status.value == "claimed"
+    assert link.core.ledger.orders[order].status.value == "open"  # released on exit
 
 
 async def test_a_claim_answered_too_late_is_given_back(
