@@ -5,7 +5,8 @@ with the ack (the relay decides requests as it sequences them), or, for a duplic
 too old for the relay to send it with the ack, is read from the log. A refusal raises
 :class:`LedgerRefusal` carrying the relay's ``problem`` (``held``, ``not_holder``,
 ``stale_token``, ``not_found``, ``bad_transition``, ...) and, for ``held``, who holds
-the order until when.
+the order until when. An outcome that cannot be had (not with the ack, and not read
+from the log in time) raises :class:`OutcomeUnknown`, which is no refusal.
 
 ``async with ledger.hold(order) as claim:`` claims, renews in the background at a
 third of the TTL, exposes ``claim.token`` for fencing the agent's own external writes,
@@ -31,7 +32,9 @@ from agent_sdk.wire import Event, sign_event
 Items = list[dict[str, Any]]
 """A list query's items (``list`` is also a method name in :class:`Ledger`)."""
 
-CLAIM_TIMEOUT = 30.0  # seconds to wait for the relay's answer to a claim or a release
+CLAIM_TIMEOUT = 30.0
+"""Seconds to wait for the relay's answer to a claim or a release (hold), and for an
+outcome the ack did not carry to be read from the log (every request)."""
 
 
 log = logging.getLogger("formicary.sdk")
@@ -45,6 +48,21 @@ class LedgerRefusal(Exception):
         self.problem = problem
         self.reason = reason
         self.holder = holder
+
+
+class OutcomeUnknown(Exception):
+    """The relay sequenced a request, but its outcome could not be had: the ack did not
+    carry it (an old duplicate, protocol 6.4) and it could not be read from the log
+    within :data:`CLAIM_TIMEOUT` (the relay that sequenced it is out of reach, say).
+
+    Not a refusal: the request may have been granted (a claim so granted is held until
+    its lease runs out). Asked again with the same ``nonce`` and ``ts``
+    (:meth:`Ledger.request`), it is the same request and gets that outcome."""
+
+    def __init__(self, reason: str, nonce: bytes | None, ts: int) -> None:
+        super().__init__(reason)
+        self.nonce = nonce
+        self.ts = ts
 
 
 class LeaseLost(Exception):
@@ -91,21 +109,32 @@ class Ledger:
         away mid-request) passes the same ``nonce`` and ``ts`` when it asks again: the
         request is then the same event, and the relay answers it with the outcome it
         decided the first time, if it got that far, instead of deciding it twice. (When
-        the ack comes without that outcome, it is read from the namespace log: the
-        client must be allowed to read the namespace then.) ``on_sent`` is told the
+        the ack comes without that outcome, it is read from the namespace log, for up
+        to :data:`CLAIM_TIMEOUT`; then :class:`OutcomeUnknown` is raised, never a
+        refusal. The client must be allowed to read the namespace.) ``on_sent`` is told the
         publish's handle once it is on its way (:meth:`RelayClient.publish_signed`)."""
         # A fresh nonce by default: the same request twice in one millisecond would
         # otherwise be the same event, and the relay would answer the second with the
         # first's outcome (idempotence).
         nonce = self.client.nonce() if nonce is None else nonce
+        ts = self.client.clock_ms() if ts is None else ts  # (named by OutcomeUnknown)
         published = await self.client.publish(
             self.ns, kind, body, nonce=nonce, ts=ts, on_sent=on_sent
         )
-        return await self._answer(published)
+        return await self._answer(published, nonce, ts)
 
-    async def _answer(self, published: Published) -> dict[str, Any]:
-        """The outcome body of an acked request, or :class:`LedgerRefusal`."""
-        outcome = published.outcome or await self._outcome_in_log(published)
+    async def _answer(self, published: Published, nonce: bytes | None, ts: int) -> dict[str, Any]:
+        """The outcome body of the acked request (``nonce``, ``ts``), or
+        :class:`LedgerRefusal`, or :class:`OutcomeUnknown`."""
+        outcome = published.outcome
+        if outcome is None:
+            with trio.move_on_after(CLAIM_TIMEOUT):
+                outcome = await self._outcome_in_log(published)
+            if outcome is None:
+                reason = f"no outcome read from the log in {CLAIM_TIMEOUT:g} s"
+                raise OutcomeUnknown(
+                    f"{published.receipt.ns} seq {published.receipt.seq}: {reason}", nonce, ts
+                )
         event = outcome.event.event
         answer = event.body
         if event.kind.endswith(".rejected"):
@@ -250,9 +279,10 @@ class Ledger:
         """Whether the relay applied a request sent earlier; False when it refused it,
         or when its answer cannot be had (the client stopped: it may be applied, but
         then calling the lease lost errs on the safe side)."""
+        asked = sent.event.event
         try:
-            await self._answer(await sent.wait())
-        except (LedgerRefusal, ProtocolError):
+            await self._answer(await sent.wait(), asked.nonce, asked.ts)
+        except (LedgerRefusal, OutcomeUnknown, ProtocolError):
             return False
         return True
 
@@ -450,6 +480,7 @@ class Ledger:
             # Shielded: a claim the relay granted must reach us, so that it is released.
             asking.deadline = trio.current_time() + CLAIM_TIMEOUT
             sent = trio.current_time()
+            # (This deadline comes first: a log read for the outcome begins after the ack.)
             claim = _claim(await self.request("wo.claim", body, nonce=nonce, ts=ts))
         if asking.cancelled_caught:
             with trio.CancelScope(shield=True), trio.move_on_after(CLAIM_TIMEOUT):

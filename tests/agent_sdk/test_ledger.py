@@ -253,6 +253,21 @@ class _BundlingLink:
         self.stopped = trio.Event()
         self.room = trio.Event()
         self.room.set()
+        self.forgetful = False
+        """Ack without the outcome, as a relay acks an old duplicate (a request sent
+        again after the connection was lost), and never deliver it from the log, as
+        when the relay that sequenced it is out of reach."""
+
+    @asynccontextmanager
+    async def subscribe(self, ns: str, **filters: Any) -> AsyncIterator[Any]:
+        class Nothing:
+            def __aiter__(self) -> Nothing:
+                return self
+
+            async def __anext__(self) -> Any:
+                await trio.sleep_forever()
+
+        yield Nothing()
 
     def nonce(self) -> bytes:
         self.asked += 1
@@ -277,7 +292,8 @@ class _BundlingLink:
             request = len(self.decided).to_bytes(32, "big")
             author = self.identity.public_key
             self.decided[key] = self.core.decide(kind, body, author, request, self.clock_ms())
-        answer = _Answer(self.decided[key], trio.current_time())
+        outcome = None if self.forgetful else self.decided[key]
+        answer = _Answer(outcome, trio.current_time(), nonce, ts)
         self.waiting.append(answer.answered)
         if self.late > 0:
             self.late -= 1
@@ -303,16 +319,21 @@ class _Answer:
     """A publish's handle on a :class:`_BundlingLink`: its answer comes with the next
     bundle, and not before ``not_before``, whether anyone waits for it or not."""
 
-    def __init__(self, outcome: Any, not_before: float) -> None:
-        self.outcome = outcome
+    def __init__(self, outcome: Any, not_before: float, nonce: bytes | None, ts: int) -> None:
+        self.outcome = outcome  # None: acked without it
         self.not_before = not_before
         self.answered = trio.Event()
+        self.event = SimpleNamespace(event=SimpleNamespace(nonce=nonce, ts=ts))
 
     async def wait(self) -> Any:
         await trio.sleep_until(self.not_before)
         await self.answered.wait()
+        receipt = SimpleNamespace(ns=NS, seq=1, relay=b"relay", id=b"request")
+        if self.outcome is None:
+            return SimpleNamespace(outcome=None, receipt=receipt, duplicate=True)
         event = SimpleNamespace(kind=self.outcome.kind, body=self.outcome.body)
-        return SimpleNamespace(outcome=SimpleNamespace(event=SimpleNamespace(event=event)))
+        outcome = SimpleNamespace(event=SimpleNamespace(event=event))
+        return SimpleNamespace(outcome=outcome, receipt=receipt, duplicate=False)
 
 
 @asynccontextmanager
@@ -390,6 +411,38 @@ async def test_a_refused_end_whose_caller_was_cancelled_leaves_the_claim_held(
             await trio.sleep(10)  # several renewals, each granted
             assert link.core.ledger.orders[order].status.value == "claimed"
     assert link.core.ledger.orders[order].status.value == "open"  # released on exit
+
+
+async def test_a_claim_whose_outcome_cannot_be_read_is_unknown_not_refused(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The relay grants the claim, but acks it without its outcome (an old duplicate)
+    and the log never delivers it: claim() waited for ever. It gives up after
+    CLAIM_TIMEOUT with OutcomeUnknown (not a refusal: the claim is granted), naming the
+    nonce and ts that ask for the same request again."""
+    from agent_sdk.ledger import CLAIM_TIMEOUT, OutcomeUnknown
+
+    async with bundled() as (link, ledger):
+        order = await ledger.create("t")
+        link.forgetful = True
+        with trio.fail_after(CLAIM_TIMEOUT + 5), pytest.raises(OutcomeUnknown) as unknown:
+            await ledger.claim(order)
+        assert link.core.ledger.orders[order].status.value == "claimed"
+        link.forgetful = False
+        nonce, ts = unknown.value.nonce, unknown.value.ts
+        again = await ledger.request("wo.claim", {"wo": order}, nonce=nonce, ts=ts)
+        assert again["token"] == 1  # the same request: its grant
+
+
+async def test_a_hold_whose_claim_outcome_cannot_be_read_does_not_run_its_body(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with bundled() as (link, ledger):
+        order = await ledger.create("t")
+        link.forgetful = True
+        with pytest.raises(LeaseLost, match="no answer to the claim"):
+            async with ledger.hold(order, ttl_ms=60_000):
+                raise AssertionError("the body ran without a known claim")
 
 
 async def test_a_claim_answered_too_late_is_given_back(
