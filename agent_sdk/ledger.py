@@ -1,12 +1,13 @@
 """The work ledger from an agent's side: create, claim, renew, release, update, note, next.
 
 Each call publishes a ``wo.*`` request and returns the relay's outcome, which arrives
-with the ack (the relay decides requests as it sequences them), or, for a duplicate
-too old for the relay to send it with the ack, is read from the log. A refusal raises
-:class:`LedgerRefusal` carrying the relay's ``problem`` (``held``, ``not_holder``,
-``stale_token``, ``not_found``, ``bad_transition``, ...) and, for ``held``, who holds
-the order until when. An outcome that cannot be had (not with the ack, and not read
-from the log in time) raises :class:`OutcomeUnknown`, which is no refusal.
+with the ack (the relay decides requests as it sequences them; for an old duplicate
+it finds the outcome in its log), or, when the ack comes without it all the same, is
+read from the log. A refusal raises :class:`LedgerRefusal` carrying the relay's
+``problem`` (``held``, ``not_holder``, ``stale_token``, ``not_found``,
+``bad_transition``, ...) and, for ``held``, who holds the order until when. An
+outcome that cannot be had (not with the ack, and not read from the log in time)
+raises :class:`OutcomeUnknown`, which is no refusal.
 
 ``async with ledger.hold(order) as claim:`` claims, renews in the background at a
 third of the TTL, exposes ``claim.token`` for fencing the agent's own external writes,
@@ -26,7 +27,7 @@ from typing import Any
 import trio
 
 from agent_sdk.client import Delivery, PendingPublish, Published, RelayClient
-from agent_sdk.errors import ProtocolError, as_told, unwrap_single
+from agent_sdk.errors import ErrorCode, ProtocolError, as_told, unwrap_single
 from agent_sdk.wire import Event, sign_event
 
 Items = list[dict[str, Any]]
@@ -52,8 +53,10 @@ class LedgerRefusal(Exception):
 
 class OutcomeUnknown(Exception):
     """The relay sequenced a request, but its outcome could not be had: the ack did not
-    carry it (an old duplicate, protocol 6.4) and it could not be read from the log
-    within :data:`CLAIM_TIMEOUT` (the relay that sequenced it is out of reach, say).
+    carry it (rare: an old duplicate whose outcome the relay did not find right behind
+    it, protocol 6.4) and it could not be read from the log within
+    :data:`CLAIM_TIMEOUT` (the relay that sequenced it is out of reach, say), or this
+    key may not read the namespace.
 
     Not a refusal: the request may have been granted (a claim so granted is held until
     its lease runs out). Asked again with the same ``nonce`` and ``ts``
@@ -110,8 +113,8 @@ class Ledger:
         request is then the same event, and the relay answers it with the outcome it
         decided the first time, if it got that far, instead of deciding it twice. (When
         the ack comes without that outcome, it is read from the namespace log, for up
-        to :data:`CLAIM_TIMEOUT`; then :class:`OutcomeUnknown` is raised, never a
-        refusal. The client must be allowed to read the namespace.) ``on_sent`` is told the
+        to :data:`CLAIM_TIMEOUT`; if that fails, or this key may not read the namespace,
+        :class:`OutcomeUnknown` is raised, never a refusal.) ``on_sent`` is told the
         publish's handle once it is on its way (:meth:`RelayClient.publish_signed`)."""
         # A fresh nonce by default: the same request twice in one millisecond would
         # otherwise be the same event, and the relay would answer the second with the
@@ -128,10 +131,15 @@ class Ledger:
         :class:`LedgerRefusal`, or :class:`OutcomeUnknown`."""
         outcome = published.outcome
         if outcome is None:
-            with trio.move_on_after(CLAIM_TIMEOUT):
-                outcome = await self._outcome_in_log(published)
+            reason = f"no outcome read from the log in {CLAIM_TIMEOUT:g} s"
+            try:
+                with trio.move_on_after(CLAIM_TIMEOUT):
+                    outcome = await self._outcome_in_log(published)
+            except ProtocolError as exc:
+                if exc.code is not ErrorCode.FORBIDDEN:
+                    raise
+                reason = f"no outcome with the ack, and the log may not be read: {exc.reason}"
             if outcome is None:
-                reason = f"no outcome read from the log in {CLAIM_TIMEOUT:g} s"
                 raise OutcomeUnknown(
                     f"{published.receipt.ns} seq {published.receipt.seq}: {reason}", nonce, ts
                 )
@@ -143,9 +151,10 @@ class Ledger:
 
     async def _outcome_in_log(self, published: Published) -> Delivery:
         """The outcome of a request acked without one: a duplicate older than the
-        outcomes the relay keeps for acks (``sequencer.known_capacity``, protocol 6.4),
-        such as a request sent again after a lost connection or asked again with the
-        same nonce and ts. It was decided the first time, and that decision is in the
+        outcomes the relay remembers (``sequencer.known_capacity``) whose outcome the
+        relay did not find right behind it either (protocol 6.4), such as a request
+        sent again after a lost connection or asked again with the same nonce and ts.
+        It was decided the first time, and that decision is in the
         log: the event that the relay which sequenced the request wrote, after it, with
         the request's id as its only dep (protocol 8.2). Read there rather than taken for
         a refusal: a claim granted but believed refused is held by nobody until its

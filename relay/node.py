@@ -49,9 +49,16 @@ from agent_sdk.wire import (
 from relay.access import POLICY, Access, Creation
 from relay.contracts import Contracts
 from relay.coordination import queries
-from relay.coordination.host import Host
+from relay.coordination.host import Host, answers
 from relay.coordination.leases import TtlBounds
-from relay.coordination.requests import CLAIM_TTL, LOCK_TTL, RELAY_KINDS, Coordinator, Outcome
+from relay.coordination.requests import (
+    CLAIM_TTL,
+    LOCK_TTL,
+    RELAY_KINDS,
+    REQUEST_KINDS,
+    Coordinator,
+    Outcome,
+)
 from relay.documents import COMPACTED, DOC_KINDS, DocHost, LiveDoc, check_event
 from relay.entities import Entities
 from relay.inbox import Inboxes, InboxStore, MemoryInboxStore
@@ -178,6 +185,10 @@ MAX_WAITING_PER_PARKED = 8
 
 QUICK_FIND = 16
 """Ids a quick store looks up on the event loop rather than on a thread."""
+
+OUTCOME_LOOKAHEAD = 16
+"""How many records past a request :meth:`RelayNode.outcome_behind` looks at for its
+outcome: it is the very next record unless events left parking with the request."""
 
 log = logging.getLogger("formicary.relay")
 
@@ -690,6 +701,24 @@ class RelayNode:
     def outcome_of(self, request_id: bytes) -> Located | None:
         """Where the relay's outcome of a coordination request sits, if remembered."""
         return self._outcomes.get(request_id)
+
+    async def outcome_behind(self, request: Record) -> Record | None:
+        """The outcome of ``request`` found in the log right behind it: for a request
+        whose outcome is no longer remembered (an old duplicate, protocol 6.4), so
+        that its ack carries it to an agent that may not read the log. ``None`` for
+        a record that is not a request, and past :data:`OUTCOME_LOOKAHEAD` records:
+        an outcome a restart wrote (8.7), or one behind many events that left
+        parking with the request (8.2). One record read at a time, so the usual
+        outcome, the very next record, costs one read."""
+        if request.kind not in REQUEST_KINDS:
+            return None
+        for seq in range(request.seq + 1, request.seq + 1 + OUTCOME_LOOKAHEAD):
+            found = await self.read(request.ns, seq, 1)
+            if not found:
+                return None  # (past the head)
+            if answers(found[0], request.id, self.identity.public_key):
+                return found[0]
+        return None
 
     async def _expiry_loop(self) -> None:
         while True:

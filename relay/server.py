@@ -731,7 +731,10 @@ class Connection:
         ack = f.Ack(rid=rid, receipt=record.receipt, seal=seal, duplicate=ticket.duplicate)
         decided = self.node.outcome_of(ticket.event.id)
         if decided is not None:
-            outcome = await self.node.committed_record(decided.ns, decided.seq)
+            outcome: Record | None = await self.node.committed_record(decided.ns, decided.seq)
+        else:  # (forgotten: an old duplicate's, 6.4)
+            outcome = await self.node.outcome_behind(record)
+        if outcome is not None:
             ack = replace(
                 ack,
                 outcome=outcome.event,

@@ -239,6 +239,14 @@ def _difference(record: Record, logged: dict[str, Any], decided: Outcome) -> tup
     )
 
 
+def answers(record: Record, request: bytes, relay_key: bytes) -> bool:
+    """Whether ``record`` is the answer of the relay ``relay_key`` to ``request`` (8.2)."""
+    if record.kind not in ANSWER_KINDS or record.author != relay_key:
+        return False
+    body = _body(record)
+    return isinstance(body, dict) and body.get("req") == request
+
+
 def _body(record: Record) -> Any:
     fields = decode(record.event)
     return fields.get("body") if isinstance(fields, dict) else None

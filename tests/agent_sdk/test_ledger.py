@@ -170,9 +170,9 @@ async def test_a_claim_granted_before_the_connection_was_lost_is_held(
 ) -> None:
     """The relay grants the claim; its ack is lost with the connection; by the time the
     client sends the claim again, later requests have pushed its outcome out of those
-    the relay sends with acks, so the duplicate's ack comes without it. That was taken
-    for a refusal ("no_outcome"): hold raised, and the order stayed claimed by an
-    agent that had given it up, until its lease ran out."""
+    the relay remembers. The duplicate's ack came without it, and that was taken for a
+    refusal ("no_outcome"): hold raised, and the order stayed claimed by an agent that
+    had given it up, until its lease ran out."""
     relay = await start_relay(nursery, tmp_path / "relay", FORGETFUL)
     wires: list[Wire] = []
     async with (
@@ -205,9 +205,9 @@ async def test_a_claim_granted_before_the_connection_was_lost_is_held(
 async def test_the_same_request_asked_again_long_after_gets_its_first_outcome(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
-    """Asked again with the same nonce and ts (Ledger.request) after the relay stopped
-    sending its outcome with acks: the answer is the outcome decided the first time,
-    a grant or a refusal, read from the log."""
+    """Asked again with the same nonce and ts (Ledger.request) after the relay forgot
+    where its outcome is: the answer is the outcome decided the first time, a grant or
+    a refusal, found in the log."""
     relay = await start_relay(nursery, tmp_path / "relay", FORGETFUL)
     async with (
         RelayClient.connect(relay.url, identity(1)) as client,
@@ -257,6 +257,8 @@ class _BundlingLink:
         """Ack without the outcome, as a relay acks an old duplicate (a request sent
         again after the connection was lost), and never deliver it from the log, as
         when the relay that sequenced it is out of reach."""
+        self.unreadable = False
+        """Refuse to read the log (``forbidden``), as to a key that may not read it."""
 
     @asynccontextmanager
     async def subscribe(self, ns: str, **filters: Any) -> AsyncIterator[Any]:
@@ -267,6 +269,8 @@ class _BundlingLink:
             async def __anext__(self) -> Any:
                 await trio.sleep_forever()
 
+        if self.unreadable:
+            raise ProtocolError(ErrorCode.FORBIDDEN, f"this key may not read {ns}")
         yield Nothing()
 
     def nonce(self) -> bytes:
@@ -432,6 +436,20 @@ async def test_a_claim_whose_outcome_cannot_be_read_is_unknown_not_refused(
         nonce, ts = unknown.value.nonce, unknown.value.ts
         again = await ledger.request("wo.claim", {"wo": order}, nonce=nonce, ts=ts)
         assert again["token"] == 1  # the same request: its grant
+
+
+async def test_a_claim_whose_outcome_this_key_may_not_read_is_unknown_not_refused(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Acked without its outcome, and the log may not be read: not the ``forbidden``
+    of the log read (a ProtocolError, as for a publish refused), but OutcomeUnknown."""
+    from agent_sdk.ledger import OutcomeUnknown
+
+    async with bundled() as (link, ledger):
+        order = await ledger.create("t")
+        link.forgetful = link.unreadable = True
+        with pytest.raises(OutcomeUnknown, match="may not read"):
+            await ledger.claim(order)
 
 
 async def test_a_hold_whose_claim_outcome_cannot_be_read_does_not_run_its_body(

@@ -363,6 +363,41 @@ async def test_a_request_resent_after_a_restart_gets_its_outcome(
     second.scope.cancel()
 
 
+async def test_an_old_duplicate_request_is_acked_with_its_outcome_from_the_log(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """The relay no longer remembers where the outcome of a request sent again is (it
+    keeps the last ``known_capacity``): it finds it in the log, right behind the
+    request, and the ack carries it. (It came without one: the agent had to read the
+    log, which an agent that may write the namespace but not read it, through its own
+    relay, cannot.)"""
+    from relay.sequencer import Limits
+    from tests.conftest import start_relay
+
+    forgetful = RelayConfig(sequencer=Limits(known_capacity=2))
+    relay = await start_relay(nursery, tmp_path / "relay", forgetful)
+    author = identity(1)
+    async with RelayClient.connect(relay.url, author) as client:
+        await client.publish(NS, "wo.create", {"title": "t"})
+        claim = sign_event(
+            Event(NS, "wo.claim", author.public_key, {"wo": "wo-1"}, ts=client_now()),
+            author.sign,
+        )
+        granted = await client.publish_signed(claim)
+        for n in range(3):  # three outcomes since: the claim's is forgotten
+            await client.publish(NS, "wo.create", {"title": f"other {n}"})
+        assert relay.node.outcome_of(claim.id) is None
+        again = await client.publish_signed(claim)
+        note = sign_event(
+            Event(NS, "app.note", author.public_key, "hi", ts=client_now()), author.sign
+        )
+        await client.publish_signed(note)
+        assert (await client.publish_signed(note)).outcome is None  # not a request
+    assert again.duplicate and again.outcome is not None and granted.outcome is not None
+    assert again.outcome.event.id == granted.outcome.event.id
+    assert outcome(again) == outcome(granted)
+
+
 def client_now() -> int:
     import time
 
