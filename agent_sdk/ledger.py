@@ -563,14 +563,17 @@ async def keep_renewed(
 ) -> bool:
     """Renew a lease of ``ttl`` seconds (last asked for at ``sent``) at a third of its
     TTL until ``ended()``; True when it is lost: a renewal failed with one of
-    ``failures``, or was not confirmed while the lease was still surely ours."""
+    ``failures``, or neither it nor ``ended()`` was answered while the lease was
+    still surely ours."""
     margin = ttl / 10  # give up this long before the relay would let the lease lapse
     while True:
         await trio.sleep_until(sent + ttl / 3)
-        if ended is not None and await ended():
-            return False
-        asked = trio.current_time()
+        # The wait for an end's answer too: while the body waits for it (a partition,
+        # a stalled relay), its other tasks may run on, and must not past the lease.
         with trio.move_on_at(sent + ttl - margin):
+            if ended is not None and await ended():
+                return False
+            asked = trio.current_time()
             try:
                 await renew()
                 sent = asked

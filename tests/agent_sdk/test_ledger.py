@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -415,6 +415,34 @@ async def test_a_refused_end_whose_caller_was_cancelled_leaves_the_claim_held(
             await trio.sleep(10)  # several renewals, each granted
             assert link.core.ledger.orders[order].status.value == "claimed"
     assert link.core.ledger.orders[order].status.value == "open"  # released on exit
+
+
+async def test_an_end_answered_too_late_does_not_keep_the_body_past_its_lease(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """One task of the body ends the claim, and the answer is slow to come (it is
+    refused in the end); another task works on. The renewal waited for that answer
+    before it renewed, with no deadline: the lease lapsed with the body still running.
+    It is stopped before the lease can lapse."""
+    async with bundled() as (link, ledger):
+        order = await ledger.create("t")
+        stopped_at = None
+        with pytest.raises(LeaseLost, match="lease was lost"):
+            async with ledger.hold(order, ttl_ms=3_000) as claim:
+                claimed_at = trio.current_time()
+                link.late, link.delay = 1, 30.0  # refused (no such status), answered at 30 s
+
+                async def finish() -> None:
+                    with suppress(LedgerRefusal):
+                        await ledger.update(claim, "finished")
+
+                async with trio.open_nursery() as body:
+                    body.start_soon(finish)
+                    try:
+                        await trio.sleep_forever()  # working on
+                    finally:
+                        stopped_at = trio.current_time()
+        assert stopped_at is not None and stopped_at < claimed_at + 3  # within the lease
 
 
 async def test_a_claim_whose_outcome_cannot_be_read_is_unknown_not_refused(
