@@ -476,7 +476,9 @@ def _awareness_entries(update: bytes) -> list[tuple[int, Any]]:
             raise ValueError("state runs past the end")
         text = update[at : at + size].decode()  # UnicodeDecodeError is a ValueError
         at += size
-        state = json.loads(text) if text else None
+        if not text:  # (pycrdt takes it for null; y-protocols' JSON.parse throws on it)
+            raise ValueError("a state is JSON text: null for a client that left, not empty")
+        state = json.loads(text)
         if state is not None and not isinstance(state, dict):
             raise ValueError("a state is a JSON object or null")
         entries.append((client, state))

@@ -930,6 +930,19 @@ def _awareness(*entries: tuple[int, str], clock: int = 1) -> bytes:
     return encoder.to_bytes()
 
 
+def test_an_awareness_state_is_json_text_never_empty() -> None:
+    """pycrdt reads an empty state as null, but y-protocols' decoder (JSON.parse)
+    throws on it: forwarded, it would break every y-websocket replica's awareness."""
+    from relay.documents import _awareness_entries
+
+    assert _awareness_entries(_awareness((1, "null"), (2, '{"a": 1}'))) == [
+        (1, None),
+        (2, {"a": 1}),
+    ]
+    with pytest.raises(ValueError, match="not empty"):
+        _awareness_entries(_awareness((1, "")))
+
+
 async def test_a_bad_awareness_update_changes_nothing(relay: RunningRelay) -> None:
     from agent_sdk.frames import DocAwareness
 
