@@ -732,8 +732,10 @@ class Connection:
         decided = self.node.outcome_of(ticket.event.id)
         if decided is not None:
             outcome: Record | None = await self.node.committed_record(decided.ns, decided.seq)
-        else:  # (forgotten: an old duplicate's, 6.4)
+        elif ticket.duplicate:  # (forgotten: an old duplicate's, 6.4)
             outcome = await self.node.outcome_behind(record)
+        else:
+            outcome = None
         if outcome is not None:
             ack = replace(
                 ack,

@@ -218,7 +218,9 @@ class Settings:
         the run. Without handoff the whole task must fit in one lease; with it, each
         half of what is left (the checkpoint is at the half), so less than two."""
         policy = self.policy_of(0)  # (agent 0 is a slow one if any is)
-        roots = self.orders * ORDERS_PER_ROOT[self.variant]  # (each namespace numbers from 1)
+        # Each namespace numbers its orders from 1; federated's first homes the most.
+        largest = self.orders // self.relays + self.orders % self.relays
+        roots = largest * ORDERS_PER_ROOT[self.variant]
         longest, order = max(
             (policy.order_ms(self.seed, f"wo-{n}"), f"wo-{n}") for n in range(1, roots + 1)
         )

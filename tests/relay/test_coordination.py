@@ -439,3 +439,47 @@ async def test_clock_jumps_never_make_two_valid_holders(nursery: trio.Nursery) -
     leases = node.coordination.coordinators[NS].ledger.leases
     holder = leases.holder("wo-1", wall[0])
     assert holder is not None and holder.holder == b.public_key
+
+
+async def test_an_old_duplicates_outcome_is_found_a_few_records_behind_it() -> None:
+    """Usually the very next record; behind other events (released from parking with
+    the request, 8.2) it is found too, within OUTCOME_LOOKAHEAD records, and a record
+    that answers another request is never taken for it."""
+    from types import SimpleNamespace
+
+    from relay.node import OUTCOME_LOOKAHEAD
+    from relay.sequencer import Sequenced, Sequencer
+
+    relay, agent = identity(2), identity(1)
+
+    def log_with(notes: int) -> list[Any]:
+        """Two requests; the second's answer, ``notes`` other events, the first's."""
+        sequencer = Sequencer(relay.public_key)
+
+        def logged(author: Any, kind: str, body: Any) -> Any:
+            made = Event(ns="t@local", kind=kind, author=author.public_key, body=body, ts=NOW)
+            outcome = sequencer.offer(sign_event(made, author.sign), NOW)
+            assert isinstance(outcome, Sequenced)
+            return outcome.records[0]
+
+        def answer(request: Any) -> Any:
+            return logged(relay, "wo.claimed", {"req": request.id, "wo": "wo-1", "token": 1})
+
+        mine, other = logged(agent, "wo.claim", {"wo": "wo-1"}), logged(agent, "wo.claim", {})
+        records = [mine, other, answer(other)]
+        records += [logged(agent, "app.note", n) for n in range(notes)]
+        return [*records, answer(mine)]
+
+    async def behind(records: list[Any], request: Any) -> Any:
+        async def read(ns: str, seq: int, count: int) -> list[Any]:
+            return [r for r in records if seq <= r.seq < seq + count]
+
+        node = SimpleNamespace(read=read, identity=relay)
+        return await RelayNode.outcome_behind(node, request)  # type: ignore[arg-type]
+
+    records = log_with(OUTCOME_LOOKAHEAD - 3)  # the first's answer: 16 records behind it
+    assert await behind(records, records[0]) is records[-1]
+    assert await behind(records, records[1]) is records[2]  # the very next one
+    assert await behind(records, records[3]) is None  # not a request
+    records = log_with(OUTCOME_LOOKAHEAD - 2)  # 17 behind: not looked for so far
+    assert await behind(records, records[0]) is None

@@ -531,3 +531,7 @@ def test_heavy_tail_orders_no_lease_can_cover_are_refused_before_the_run() -> No
     with pytest.raises(UsageError, match=r"not less than --ttl \(and there is no handoff\)"):
         no_handoff.check(["work_queue"])
     Settings(scenario="work_queue", seed=35, **heavy).check(["work_queue"])  # type: ignore[arg-type]
+    # Federated, each namespace numbers its own share: 4 relays of 15 orders each have
+    # no wo-36 (seed 1's one order over twice the lease), so the run is allowed.
+    spread = {**heavy, "agents": 12, "relays": 4}
+    Settings(scenario="federated", seed=1, **spread).check(["federated"])  # type: ignore[arg-type]
