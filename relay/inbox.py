@@ -225,6 +225,9 @@ class Inboxes:
         self.known: set[bytes] = set()
         self.bytes = 0
         """Bytes of every item held (all inboxes): bounded by ``max_bytes``."""
+        self.waiting = 0
+        """Items held in all inboxes (GET /metrics, the status answer): counted as boxes
+        change, since adding up every box at each read grew with the agents."""
         self.streams: dict[bytes, trio.CancelScope] = {}
         """The open inbox stream of each agent (one at a time: relay/messaging.py)."""
         self.counts = {"stored": 0, "delivered": 0, "expired": 0, "refused": 0}
@@ -614,6 +617,7 @@ class Inboxes:
     def _index(self, item: Item) -> None:
         self.boxes.setdefault(item.recipient, OrderedDict())[item.seq] = item
         self.bytes += len(item.data)
+        self.waiting += 1
         if item.kind != "message":
             self._notice_boxes.setdefault(item.recipient, {})[item.seq] = item
         else:
@@ -630,6 +634,7 @@ class Inboxes:
         # nothing, and no later item has its seq.
         self._release(item)
         self.bytes -= len(item.data)
+        self.waiting -= 1
         if item.kind != "message":
             notices = self._notice_boxes[item.recipient]
             del notices[item.seq]

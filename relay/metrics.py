@@ -98,7 +98,7 @@ class _State(Collector):
         yield _gauge(
             "formicary_messages_waiting",
             "Inbox items (messages, receipts, notices) not yet acknowledged",
-            sum(len(box) for box in inboxes.boxes.values()),
+            inboxes.waiting,
         )
         messages = CounterMetricFamily(
             "formicary_messages", "Sealed messages, by what became of them", labels=["outcome"]

@@ -1172,7 +1172,7 @@ def info_document(node: RelayNode) -> dict[str, Any]:
         },
         "messages": {
             **node.inboxes.counts,
-            "waiting": sum(len(box) for box in node.inboxes.boxes.values()),
+            "waiting": node.inboxes.waiting,
             "inboxes": len(node.inboxes.boxes),
             "streams": len(node.inboxes.streams),
         },

@@ -132,10 +132,11 @@ STEPS = {
     "wait": st.tuples(st.integers(0, 6_000)),  # (items live 10,000 ms)
     "expire": st.tuples(st.booleans()),  # (its write, if any, fails)
     "fail": st.tuples(),  # the next write
+    "restart": st.tuples(),  # from the store (what the test took is given up)
 }
 # Mostly what fills boxes and claims their notices; a failed write now and then.
 WEIGHTS = {"send": 3, "notify": 4, "take": 4, "untake": 2, "ack": 2, "wait": 2, "expire": 1,
-           "fail": 1}  # fmt: skip
+           "fail": 1, "restart": 1}  # fmt: skip
 step = st.sampled_from([op for op, n in WEIGHTS.items() for _ in range(n)]).flatmap(
     lambda op: STEPS[op].map(lambda args: (op, *args))
 )
@@ -145,10 +146,15 @@ class Run:
     """One relay's inboxes and what the test holds taken from them."""
 
     def __init__(self, kind: type[Inboxes], clock: Clock) -> None:
+        self.kind, self.clock = kind, clock
         self.store = Recording()
-        self.inboxes = kind(self.store, max_items=MAX_ITEMS, ttl_ms=10_000, wall_ms=clock)
-        self.taken: dict[bytes, list[Item]] = {agent: [] for agent in AGENTS}
+        self.restart()
         self.notes = 0
+
+    def restart(self) -> None:
+        """The relay starts (again) from its store."""
+        self.inboxes = self.kind(self.store, max_items=MAX_ITEMS, ttl_ms=10_000, wall_ms=self.clock)
+        self.taken: dict[bytes, list[Item]] = {agent: [] for agent in AGENTS}
 
     async def step(self, op: str, *args: Any) -> object:
         """Apply one step; what it answered (refusals as their codes)."""
@@ -189,6 +195,9 @@ class Run:
                 case "fail", ():
                     self.store.fail = True
                     return None
+                case "restart", ():
+                    self.restart()
+                    return None
         except ProtocolError as refused:  # a failed write
             return refused.code
         raise AssertionError(f"no step {op} {args}")
@@ -212,6 +221,8 @@ def check_indexes(run: Run) -> None:
                               if i.kind != "message")  # fmt: skip
     assert inboxes._leaving_notices == leaving_notices
     assert all(inboxes._leaving_notices.values())  # no zeros kept
+    # The running total is what adding up the boxes said (GET /metrics, status).
+    assert inboxes.waiting == sum(len(box) for box in inboxes.boxes.values())
 
 
 @settings(max_examples=300, deadline=None, derandomize=True)

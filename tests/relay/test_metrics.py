@@ -63,6 +63,19 @@ async def test_metrics_count_what_the_relay_did(relay: RunningRelay) -> None:
         assert seen[("formicary_rate_limited_total", (("limit", limit),))] == 0
 
 
+async def test_the_items_waiting_are_counted_in_both_answers(relay: RunningRelay) -> None:
+    """GET /metrics and the status answer read the inboxes' running total."""
+    async with RelayClient.connect(relay.url, identity(2)):
+        pass  # known here from now on: it can be sent messages
+    async with RelayClient.connect(relay.url, identity(1)) as alice:
+        for n in range(3):
+            await alice.send(identity(2).id, f"note {n}")
+    seen = samples((await http_get(relay, "/metrics"))[1].decode())
+    info = json.loads((await http_get(relay, "/info"))[1])
+    assert seen[("formicary_messages_waiting", ())] == 3
+    assert info["messages"]["waiting"] == 3 and info["messages"]["inboxes"] == 1
+
+
 async def test_health_and_info_answer(relay: RunningRelay) -> None:
     assert (await http_get(relay, "/health"))[1] == b"ok\n"
     content_type, body = await http_get(relay, "/info")
