@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
+from bisect import bisect_right
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -238,6 +239,10 @@ class Inboxes:
         # Each box's receipts and expiry notices, in seq order (items are indexed in
         # that order), so that finding the oldest to evict skips the box's messages.
         self._notice_boxes: dict[bytes, dict[int, Item]] = {}
+        # Each box's seqs in order, so that after() finds where to start by bisection
+        # rather than by walking the items sent and not acknowledged. A deleted item's
+        # seq stays until a read passes it or the deleted outnumber the held (_unindex).
+        self._seqs: dict[bytes, list[int]] = {}
         self._reserved: dict[bytes, int] = {}  # messages being written, per recipient
         self._from: dict[tuple[bytes, bytes], int] = {}  # (to, from) -> messages held
         self._reserved_from: Counter[tuple[bytes, bytes]] = Counter()  # ... being written
@@ -576,13 +581,19 @@ class Inboxes:
     # -- what reads them --------------------------------------------------------------
 
     def after(self, recipient: bytes, seq: int, limit: int) -> list[Item]:
-        """Up to ``limit`` items of ``recipient`` after ``seq``, in order."""
-        items = []
-        for item in self.boxes.get(recipient, {}).values():
-            if item.seq > seq:
-                items.append(item)
-                if len(items) == limit:
-                    break
+        """Up to ``limit`` (at least 1) items of ``recipient`` after ``seq``, in order."""
+        box = self.boxes.get(recipient)
+        if box is None:
+            return []
+        seqs = self._seqs[recipient]
+        start = end = bisect_right(seqs, seq)
+        items: list[Item] = []
+        while len(items) < limit and end < len(seqs):  # as many seqs as items missing
+            read = seqs[end : end + limit - len(items)]
+            end += len(read)
+            items.extend(filter(None, map(box.get, read)))  # (deleted ones: None)
+        if end - start > len(items):  # deleted ones read: the next read skips them
+            seqs[start:end] = [item.seq for item in items]
         return items
 
     async def wait_after(self, recipient: bytes, seq: int) -> None:
@@ -616,6 +627,7 @@ class Inboxes:
 
     def _index(self, item: Item) -> None:
         self.boxes.setdefault(item.recipient, OrderedDict())[item.seq] = item
+        self._seqs.setdefault(item.recipient, []).append(item.seq)  # (in seq order)
         self.bytes += len(item.data)
         self.waiting += 1
         if item.kind != "message":
@@ -645,8 +657,12 @@ class Inboxes:
             self._from[pair] -= 1
             if not self._from[pair]:
                 del self._from[pair]
+        seqs = self._seqs[item.recipient]
         if not box:
             del self.boxes[item.recipient]
+            del self._seqs[item.recipient]
+        elif len(seqs) > 2 * len(box):  # more deleted than held: each pays one copy
+            seqs[:] = box
 
     async def _call(self, fn: Callable[..., None], *args: object) -> None:
         if self.store.blocking:

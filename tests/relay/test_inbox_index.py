@@ -14,6 +14,7 @@ answers, the rows written, and the boxes; and checks the indexes against the box
 
 from __future__ import annotations
 
+import random
 import threading
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -121,6 +122,15 @@ class ScanInboxes(Inboxes):
                 return item
         return None
 
+    def after(self, recipient: bytes, seq: int, limit: int) -> list[Item]:
+        items = []
+        for item in self.boxes.get(recipient, {}).values():
+            if item.seq > seq:
+                items.append(item)
+                if len(items) == limit:
+                    break
+        return items
+
 
 WHO = st.integers(0, len(AGENTS) - 1)
 STEPS = {
@@ -133,10 +143,12 @@ STEPS = {
     "expire": st.tuples(st.booleans()),  # (its write, if any, fails)
     "fail": st.tuples(),  # the next write
     "restart": st.tuples(),  # from the store (what the test took is given up)
+    # From the nth item held (past them, from seq n), moved by -1, 0 or 1.
+    "read": st.tuples(WHO, st.integers(0, 8), st.integers(-1, 1), st.integers(1, 4)),
 }
 # Mostly what fills boxes and claims their notices; a failed write now and then.
 WEIGHTS = {"send": 3, "notify": 4, "take": 4, "untake": 2, "ack": 2, "wait": 2, "expire": 1,
-           "fail": 1, "restart": 1}  # fmt: skip
+           "fail": 1, "restart": 1, "read": 3}  # fmt: skip
 step = st.sampled_from([op for op, n in WEIGHTS.items() for _ in range(n)]).flatmap(
     lambda op: STEPS[op].map(lambda args: (op, *args))
 )
@@ -198,6 +210,10 @@ class Run:
                 case "restart", ():
                     self.restart()
                     return None
+                case "read", (who, n, step, limit):
+                    held = list(inboxes.boxes.get(AGENTS[who], {}))
+                    cursor = (held[n] if n < len(held) else n) + step
+                    return inboxes.after(AGENTS[who], cursor, limit)
         except ProtocolError as refused:  # a failed write
             return refused.code
         raise AssertionError(f"no step {op} {args}")
@@ -223,6 +239,15 @@ def check_indexes(run: Run) -> None:
     assert all(inboxes._leaving_notices.values())  # no zeros kept
     # The running total is what adding up the boxes said (GET /metrics, status).
     assert inboxes.waiting == sum(len(box) for box in inboxes.boxes.values())
+    check_seqs(inboxes)
+
+
+def check_seqs(inboxes: Inboxes) -> None:
+    """Each box's seqs: in order, every held one among them, deleted ones at most as many."""
+    assert inboxes._seqs.keys() == inboxes.boxes.keys()
+    for recipient, seqs in inboxes._seqs.items():
+        box = inboxes.boxes[recipient]
+        assert seqs == sorted(set(seqs)) and set(box) <= set(seqs) and len(seqs) <= 2 * len(box)
 
 
 @settings(max_examples=300, deadline=None, derandomize=True)
@@ -249,6 +274,40 @@ def test_notices_evict_what_the_scan_evicted(steps: list[tuple]) -> None:  # typ
             check_indexes(indexed)
 
     trio.run(main)
+
+
+async def test_reads_answer_what_the_walk_of_the_box_answered() -> None:
+    """Reads from random cursors between random sends, acknowledgements and expiries, in
+    a box of up to 40 items (seeded): each answers what the walk over the box did, on
+    the same inboxes, and some pass deleted seqs and sweep them."""
+    rng = random.Random(20_000)
+    clock = Clock()
+    inboxes = Inboxes(MemoryInboxStore(), max_items=40, ttl_ms=10_000, wall_ms=clock)
+    alice, bob = AGENTS[:2]
+    for agent in (alice, bob):
+        await inboxes.remember(agent)
+    sent = swept = 0
+    for _ in range(3_000):
+        held = list(inboxes.boxes.get(alice, {}))
+        op = rng.random()
+        if op < 0.3:
+            mids = [(sent + k).to_bytes(16, "big") for k in range(rng.randint(1, 5))]
+            sent += len(mids)
+            await inboxes.put_messages([Arriving(alice, bob, mid, b"m") for mid in mids])
+        elif op < 0.55 and held:
+            taken = inboxes.take(alice, rng.sample(held, rng.randint(1, min(5, len(held)))))
+            await inboxes.acknowledge([item for item in taken if item is not None], [])
+        elif op < 0.6:
+            clock.ms += rng.randint(0, 3_000)
+            await inboxes.expire()
+        else:
+            cursor, limit = rng.randint(0, (held[-1] if held else 0) + 1), rng.randint(1, 8)
+            before = len(inboxes._seqs.get(alice, ()))
+            got = inboxes.after(alice, cursor, limit)
+            assert got == ScanInboxes.after(inboxes, alice, cursor, limit)
+            swept += len(inboxes._seqs.get(alice, ())) < before
+        check_seqs(inboxes)
+    assert swept > 50
 
 
 class Gated(Recording):
@@ -313,14 +372,13 @@ async def test_items_already_deleted_make_no_room_for_notices() -> None:
 
 
 class Counted(Item):
-    """An item that counts the reads of its kind."""
+    """An item that counts the reads of its fields."""
 
     __slots__ = ()
-    reads = 0
+    reads: Counter[str] = Counter()
 
     def __getattribute__(self, attr: str) -> object:
-        if attr == "kind":
-            Counted.reads += 1
+        Counted.reads[attr] += 1
         return object.__getattribute__(self, attr)
 
 
@@ -337,9 +395,31 @@ async def test_a_notice_evicts_without_reading_the_messages_before_it() -> None:
                                             b"x", 10**12)  # fmt: skip
     store.agents.update((alice, bob))
     inboxes = Inboxes(store, max_items=n, ttl_ms=10_000, wall_ms=Clock())
-    Counted.reads = 0
+    Counted.reads.clear()
     await inboxes.put_receipts([Arriving(alice, bob, bytes([k]) * 16, b"r") for k in range(100)])
-    assert Counted.reads < 1_000
+    assert Counted.reads["kind"] < 1_000
     held = inboxes.after(alice, 0, 2 * n)
     assert [i.seq for i in held[n - 1 : n + 1]] == [n, n + 101]  # the 100 oldest notices left
     assert len(held) == 2 * n and inboxes._held(alice, "receipt") == n
+
+
+async def test_a_read_starts_at_its_cursor_and_passes_deleted_items_once() -> None:
+    """A box of 20,000 messages, the first 10,000 sent and not acknowledged: a read from
+    there reads its batch, not the items before it (the walk read each of them). Then
+    the next 5,000 are acknowledged: the next read passes their seqs, and the one after
+    it does not meet them again."""
+    alice, bob = AGENTS[:2]
+    store = MemoryInboxStore()
+    n = 20_000
+    for seq in range(1, n + 1):
+        store.items[(alice, seq)] = Counted(alice, seq, "message", seq.to_bytes(16, "big"), bob,
+                                            b"x", 10**12)  # fmt: skip
+    store.agents.update((alice, bob))
+    inboxes = Inboxes(store, max_items=n, ttl_ms=10_000, wall_ms=Clock())
+    Counted.reads.clear()
+    assert [item.seq for item in inboxes.after(alice, 10_000, 100)] == [*range(10_001, 10_101)]
+    assert Counted.reads["seq"] < 1_000
+    taken = inboxes.take(alice, range(10_001, 15_001))
+    await inboxes.acknowledge([item for item in taken if item is not None], [])
+    assert [item.seq for item in inboxes.after(alice, 10_000, 2)] == [15_001, 15_002]
+    assert len(inboxes._seqs[alice]) == 15_000  # those passed are gone from the seqs
