@@ -33,6 +33,8 @@ from bisect import bisect_right
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from heapq import heapify, heappop, heappush
+from itertools import count
 from pathlib import Path
 from typing import Protocol
 
@@ -243,6 +245,14 @@ class Inboxes:
         # rather than by walking the items sent and not acknowledged. A deleted item's
         # seq stays until a read passes it or the deleted outnumber the held (_unindex).
         self._seqs: dict[bytes, list[int]] = {}
+        # Every held item's (expires_ms, recipient, seq) in a heap, so that an expiry
+        # reads what is due rather than every item. A deleted item's entry stays until
+        # it comes due or the entries outnumber twice the items held (_unindex rebuilds
+        # the heap). And the order the boxes were opened in (that of ``boxes``): the
+        # expiry takes its items in it, as its read of every box did.
+        self._expiring: list[tuple[int, bytes, int]] = []
+        self._opened: dict[bytes, int] = {}
+        self._openings = count()
         self._reserved: dict[bytes, int] = {}  # messages being written, per recipient
         self._from: dict[tuple[bytes, bytes], int] = {}  # (to, from) -> messages held
         self._reserved_from: Counter[tuple[bytes, bytes]] = Counter()  # ... being written
@@ -419,13 +429,7 @@ class Inboxes:
 
     async def expire(self) -> list[Item]:
         """Drop items past their time; a sender is told of its expired messages."""
-        now = self.wall_ms()
-        gone = [
-            item
-            for box in self.boxes.values()
-            for item in box.values()
-            if item.expires_ms <= now and not self._is_leaving(item)
-        ]
+        gone = self._due(self.wall_ms())
         if not gone:
             return []
         for item in gone:
@@ -438,8 +442,32 @@ class Inboxes:
         finally:
             for item in [*gone, *evicted]:
                 self._release(item)
+            for item in gone:  # still held (the write failed): due at the next expiry
+                if self._holding(item.recipient, item.seq) is item:
+                    heappush(self._expiring, (item.expires_ms, item.recipient, item.seq))
         self.counts["expired"] += sum(1 for i in gone if i.kind == "message")
         return gone
+
+    def _due(self, now: int) -> list[Item]:
+        """The items held past their time and not leaving, taken off the heap (the
+        caller puts back those it does not delete), in the order of their boxes in
+        ``boxes`` and then of seq: the order a read of every box found them in."""
+        due: dict[tuple[bytes, int], Item] = {}
+        others: list[tuple[int, bytes, int]] = []
+        while self._expiring and self._expiring[0][0] <= now:
+            entry = heappop(self._expiring)
+            item = self._holding(entry[1], entry[2])
+            if item is None:
+                continue  # deleted: its entry goes now
+            if self._is_leaving(item):
+                others.append(entry)  # claimed by another task, which may give it back
+            else:
+                # Once, though the heap may hold it twice: put back after a failed
+                # write, when a rebuild meanwhile had put it in again.
+                due[entry[1], entry[2]] = item
+        for entry in others:
+            heappush(self._expiring, entry)
+        return sorted(due.values(), key=lambda item: (self._opened[item.recipient], item.seq))
 
     def _notices(self, notices: Sequence[Arriving], kind: str) -> tuple[list[_Draft], list[Item]]:
         """The notices to store, and the oldest ones to delete to make room for them
@@ -474,6 +502,10 @@ class Inboxes:
             drafts.append(_Draft(n.recipient, kind, n.mid, n.sender, n.data))
             self._writing_notices[n.recipient] += 1  # (the caller writes them at once)
         return drafts, evicted
+
+    def _holding(self, recipient: bytes, seq: int) -> Item | None:
+        box = self.boxes.get(recipient)
+        return None if box is None else box.get(seq)
 
     def _evictable(self, recipient: bytes) -> Iterator[Item]:
         """The notices of ``recipient`` that are not leaving, oldest first, read as the
@@ -626,8 +658,14 @@ class Inboxes:
         return notices if kind != "message" else self.size(recipient) - notices
 
     def _index(self, item: Item) -> None:
-        self.boxes.setdefault(item.recipient, OrderedDict())[item.seq] = item
-        self._seqs.setdefault(item.recipient, []).append(item.seq)  # (in seq order)
+        box = self.boxes.get(item.recipient)
+        if box is None:
+            box = self.boxes[item.recipient] = OrderedDict()
+            self._seqs[item.recipient] = []
+            self._opened[item.recipient] = next(self._openings)
+        box[item.seq] = item
+        self._seqs[item.recipient].append(item.seq)  # (in seq order)
+        heappush(self._expiring, (item.expires_ms, item.recipient, item.seq))
         self.bytes += len(item.data)
         self.waiting += 1
         if item.kind != "message":
@@ -661,8 +699,13 @@ class Inboxes:
         if not box:
             del self.boxes[item.recipient]
             del self._seqs[item.recipient]
+            del self._opened[item.recipient]
         elif len(seqs) > 2 * len(box):  # more deleted than held: each pays one copy
             seqs[:] = box
+        if len(self._expiring) > 2 * self.waiting:  # (as for the seqs)
+            self._expiring = [(i.expires_ms, i.recipient, i.seq)
+                              for box in self.boxes.values() for i in box.values()]  # fmt: skip
+            heapify(self._expiring)
 
     async def _call(self, fn: Callable[..., None], *args: object) -> None:
         if self.store.blocking:

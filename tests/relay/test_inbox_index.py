@@ -26,7 +26,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent_sdk.errors import ProtocolError
-from relay.inbox import Arriving, Inboxes, Item, MemoryInboxStore, _Draft
+from relay.inbox import Arriving, Inboxes, Item, MemoryInboxStore, _Draft, _Job
 
 AGENTS = [bytes([n]) * 32 for n in range(1, 4)]
 STRANGER = b"\xee" * 32  # never connected: its notices are dropped
@@ -122,6 +122,29 @@ class ScanInboxes(Inboxes):
                 return item
         return None
 
+    async def expire(self) -> list[Item]:
+        now = self.wall_ms()
+        gone = [
+            item
+            for box in self.boxes.values()
+            for item in box.values()
+            if item.expires_ms <= now and not self._is_leaving(item)
+        ]
+        if not gone:
+            return []
+        for item in gone:
+            self._claim(item)
+        told = [Arriving(i.sender, i.recipient, i.mid, i.mid) for i in gone if i.kind == "message"]
+        drafts, evicted = self._notices(told, "expired")
+        job = _Job(drafts, [*gone, *evicted])
+        try:
+            await self._write(job)
+        finally:
+            for item in [*gone, *evicted]:
+                self._release(item)
+        self.counts["expired"] += sum(1 for i in gone if i.kind == "message")
+        return gone
+
     def after(self, recipient: bytes, seq: int, limit: int) -> list[Item]:
         items = []
         for item in self.boxes.get(recipient, {}).values():
@@ -139,7 +162,7 @@ STEPS = {
     "take": st.tuples(WHO, st.lists(st.integers(0, 8), min_size=1, max_size=4)),
     "untake": st.tuples(WHO, st.integers(1, 3)),
     "ack": st.tuples(WHO, st.integers(1, 3), st.booleans()),
-    "wait": st.tuples(st.integers(0, 6_000)),  # (items live 10,000 ms)
+    "wait": st.tuples(st.integers(0, 9_000)),  # (items live 10,000 ms)
     "expire": st.tuples(st.booleans()),  # (its write, if any, fails)
     "fail": st.tuples(),  # the next write
     "restart": st.tuples(),  # from the store (what the test took is given up)
@@ -147,7 +170,7 @@ STEPS = {
     "read": st.tuples(WHO, st.integers(0, 8), st.integers(-1, 1), st.integers(1, 4)),
 }
 # Mostly what fills boxes and claims their notices; a failed write now and then.
-WEIGHTS = {"send": 3, "notify": 4, "take": 4, "untake": 2, "ack": 2, "wait": 2, "expire": 1,
+WEIGHTS = {"send": 3, "notify": 4, "take": 4, "untake": 2, "ack": 2, "wait": 3, "expire": 3,
            "fail": 1, "restart": 1, "read": 3}  # fmt: skip
 step = st.sampled_from([op for op, n in WEIGHTS.items() for _ in range(n)]).flatmap(
     lambda op: STEPS[op].map(lambda args: (op, *args))
@@ -240,6 +263,12 @@ def check_indexes(run: Run) -> None:
     # The running total is what adding up the boxes said (GET /metrics, status).
     assert inboxes.waiting == sum(len(box) for box in inboxes.boxes.values())
     check_seqs(inboxes)
+    # Every held item has its entry in the expiry heap; the boxes are in their opening order.
+    entries = {(recipient, seq): expires for expires, recipient, seq in inboxes._expiring}
+    for recipient, box in inboxes.boxes.items():
+        assert all(entries.get((recipient, seq)) == item.expires_ms for seq, item in box.items())
+    assert sorted(inboxes.boxes, key=inboxes._opened.__getitem__) == list(inboxes.boxes)
+    assert inboxes._opened.keys() == inboxes.boxes.keys()
 
 
 def check_seqs(inboxes: Inboxes) -> None:
@@ -369,6 +398,48 @@ async def test_items_already_deleted_make_no_room_for_notices() -> None:
     indexed = await notices_after_a_delete_before_its_release(Inboxes)
     scan = await notices_after_a_delete_before_its_release(ScanInboxes)
     assert indexed.writes == scan.writes
+
+
+async def an_expiry_fails_while_the_heap_is_rebuilt(
+    kind: type[Inboxes],
+) -> tuple[Gated, list[Item]]:
+    """Bob's message is due; its expiry's write fails, and the acknowledgement queued
+    behind it (written next, by the same writer) deletes Alice's receipt, leaving more
+    entries in the heap than twice the items held: it is rebuilt, with the message
+    being expired in it, and the failed expiry puts the message back too. What the next
+    expiry does."""
+    store, clock = Gated(), Clock()
+    inboxes = kind(store, max_items=5, ttl_ms=10_000, wall_ms=clock)
+    alice, bob, carol = AGENTS
+    for agent in AGENTS:
+        await inboxes.remember(agent)
+    await inboxes.put_messages([Arriving(bob, alice, b"m" * 16, b"x")])
+    clock.ms += 5_000
+    await inboxes.put_receipts([Arriving(who, bob, bytes([n]) * 16, b"r")
+                                for n, who in enumerate((alice, carol, carol))])  # fmt: skip
+    for seq in (1, 2):  # Carol's: two entries of deleted items, not due
+        await inboxes.acknowledge([item for item in inboxes.take(carol, [seq]) if item], [])
+    clock.ms += 5_000
+    store.gated = store.fail = True
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(inboxes.expire)
+        await store.entering()
+        taken = [item for item in inboxes.take(alice, [1]) if item]
+        nursery.start_soon(inboxes.acknowledge, taken, [])
+        await trio.testing.wait_all_tasks_blocked()
+        store.go.release()  # the expiry's write: it fails
+        await store.entering()  # the acknowledgement's
+        store.go.release()
+    store.gated = False
+    return store, await inboxes.expire()
+
+
+async def test_an_item_put_back_into_a_rebuilt_heap_expires_once() -> None:
+    """The heap holds the message twice; the expiry takes it once, as the scan did."""
+    indexed, gone = await an_expiry_fails_while_the_heap_is_rebuilt(Inboxes)
+    scan, scan_gone = await an_expiry_fails_while_the_heap_is_rebuilt(ScanInboxes)
+    assert [write[0] for write in indexed.writes].count("failed") == 1
+    assert gone == scan_gone and len(gone) == 1 and indexed.writes == scan.writes
 
 
 class Counted(Item):
