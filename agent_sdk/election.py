@@ -7,7 +7,10 @@ and releases it after. ``lead.token`` is the fencing token: it rises with every 
 leader, so whatever the leader writes elsewhere can carry it, and a store that keeps
 the largest token seen refuses a deposed leader's late write. If a renewal is
 refused or not confirmed in time, the body is cancelled and :class:`LeaseLost`
-raised: past that point another agent may lead.
+raised: past that point another agent may lead. An acquire not answered in time, or
+whose outcome is unknown (:class:`OutcomeUnknown`), raises :class:`LeaseLost` without
+running the body, once the lock it may have been granted is asked for again and
+released (a grant still unknown then is held by nobody until its lease runs out).
 
 A leader that dies (kill -9, a lost host) stops renewing; its lease lapses after at
 most its TTL and the next follower's retry takes over with a larger token. The TTL
@@ -16,6 +19,7 @@ is the bound on failover: a shorter one fails over sooner and renews more often.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import Any
@@ -24,7 +28,16 @@ import trio
 
 from agent_sdk.client import Delivery
 from agent_sdk.errors import as_told, unwrap_single
-from agent_sdk.ledger import Claim, LeaseLost, Ledger, LedgerRefusal, keep_renewed
+from agent_sdk.ledger import (
+    Claim,
+    LeaseLost,
+    Ledger,
+    LedgerRefusal,
+    OutcomeUnknown,
+    keep_renewed,
+)
+
+log = logging.getLogger("formicary.sdk")
 
 CONFIRM_TIMEOUT = 30.0
 """Seconds to wait for the relay's answer to an acquire or a release."""
@@ -102,6 +115,7 @@ async def _acquire(
     while True:
         # One request, however often asked (the same nonce and ts): see Ledger.hold.
         nonce, ts = ledger.client.nonce(), ledger.client.clock_ms()
+        unknown: OutcomeUnknown | None = None
         with trio.CancelScope(shield=True) as asking:
             # Shielded: a lock the relay granted must reach us, so that it is released.
             asking.deadline = trio.current_time() + CONFIRM_TIMEOUT
@@ -112,7 +126,9 @@ async def _acquire(
                 if refusal.problem != "held" or not wait:
                     raise
                 holder = refusal.holder or {}
-        if asking.cancelled_caught:
+            except OutcomeUnknown as exc:  # (the log may not be read: at once)
+                unknown = exc  # perhaps granted, as a lock answered too late
+        if asking.cancelled_caught or unknown is not None:
             with trio.CancelScope(shield=True), trio.move_on_after(CONFIRM_TIMEOUT):
                 # Granted late (the client sends the request again after a reconnect),
                 # it would be held by nobody for a TTL: ask for the answer once more,
@@ -121,7 +137,10 @@ async def _acquire(
                     await ledger.unlock(await ledger.lock(name, ttl_ms, nonce=nonce, ts=ts))
                 except LedgerRefusal:
                     pass  # refused, or lapsed already: nothing held
-            raise LeaseLost(f"{name}: no answer to the acquire in {CONFIRM_TIMEOUT} s")
+                except OutcomeUnknown as exc:  # nothing to unlock it with (no token)
+                    log.warning("%s may stay locked until its lease runs out: %s", name, exc)
+            why = f"in {CONFIRM_TIMEOUT} s" if unknown is None else f"({unknown})"
+            raise LeaseLost(f"{name}: no answer to the acquire {why}") from unknown
         if feed is None:  # follow releases from now on, then ask again (none is missed)
             if on_wait is not None:
                 on_wait(holder)

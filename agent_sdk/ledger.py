@@ -476,22 +476,34 @@ class Ledger:
         """Claim ``order`` for the body's duration, renewing in the background.
 
         The body is cancelled and :class:`LeaseLost` raised when a renewal is refused
-        or is not confirmed in time to keep the lease (a partition, a stalled relay):
-        past that point another agent may hold the order. Ending the claim from the
-        body (``update(claim, "done")``, ``release``) simply ends the renewals, also
-        when the call is cancelled after its request went out and the relay applies it.
+        or is not confirmed in time to keep the lease (a partition, a stalled relay, an
+        :class:`OutcomeUnknown`): past that point another agent may hold the order.
+        Ending the claim from the body (``update(claim, "done")``, ``release``) simply
+        ends the renewals, also when the call is cancelled after its request went out
+        and the relay applies it.
+
+        When the claim's own outcome cannot be had (no answer within
+        :data:`CLAIM_TIMEOUT`, or :class:`OutcomeUnknown`), the body does not run:
+        the claim is asked for once more, what that answer shows granted is released,
+        and :class:`LeaseLost` is raised. A grant still unknown then (logged) is held
+        by nobody until its lease runs out. A release on exit that fails is logged,
+        not raised: the body's own result or error stands.
         """
         ttl = ttl_ms / 1000
         # One request, however often asked: the same nonce and ts make the same event,
         # which the relay answers with the outcome it decided the first time.
         body, nonce, ts = _ttl({"wo": order}, ttl_ms), self.client.nonce(), self.client.clock_ms()
+        unknown: OutcomeUnknown | None = None
         with trio.CancelScope(shield=True) as asking:
             # Shielded: a claim the relay granted must reach us, so that it is released.
             asking.deadline = trio.current_time() + CLAIM_TIMEOUT
             sent = trio.current_time()
             # (This deadline comes first: a log read for the outcome begins after the ack.)
-            claim = _claim(await self.request("wo.claim", body, nonce=nonce, ts=ts))
-        if asking.cancelled_caught:
+            try:
+                claim = _claim(await self.request("wo.claim", body, nonce=nonce, ts=ts))
+            except OutcomeUnknown as exc:  # (the log may not be read: at once)
+                unknown = exc  # perhaps granted, as a claim answered too late
+        if asking.cancelled_caught or unknown is not None:
             with trio.CancelScope(shield=True), trio.move_on_after(CLAIM_TIMEOUT):
                 # Granted late, it would be held by nobody until its TTL: ask once more
                 # for the answer, and give back what was granted.
@@ -500,7 +512,10 @@ class Ledger:
                     await self.release(late)
                 except LedgerRefusal:
                     pass  # refused, or already lapsed: nothing held
-            raise LeaseLost(f"{order}: no answer to the claim in {CLAIM_TIMEOUT} s")
+                except OutcomeUnknown as exc:  # nothing to release it with (no token)
+                    log.warning("%s may stay claimed until its lease runs out: %s", order, exc)
+            why = f"in {CLAIM_TIMEOUT} s" if unknown is None else f"({unknown})"
+            raise LeaseLost(f"{order}: no answer to the claim {why}") from unknown
         key = (claim.order, claim.token)  # (a renewal keeps the token)
         self._held.add(key)
         lost = False
@@ -512,10 +527,11 @@ class Ledger:
                         nonlocal claim
                         try:
                             claim = await self.renew(claim, ttl_ms)
-                        except LedgerRefusal:
+                        except (LedgerRefusal, OutcomeUnknown):
                             # Perhaps for an end whose caller left before its answer
                             # (cancelled): sent before this renewal, it was decided
                             # first. Granted, the renewal says that end ended nothing.
+                            # (Unknown: not confirmed, so lost unless that end ended it.)
                             await self._read_unread_end(claim)
                             raise
 
@@ -524,7 +540,9 @@ class Ledger:
 
                     async def renew_forever() -> None:
                         nonlocal lost
-                        if await keep_renewed(renew, ttl, sent, (LedgerRefusal,), ended):
+                        if await keep_renewed(
+                            renew, ttl, sent, (LedgerRefusal, OutcomeUnknown), ended
+                        ):
                             lost = True  # refused, or not confirmed while still ours
                             nursery.cancel_scope.cancel()
 
@@ -548,7 +566,9 @@ class Ledger:
                         await as_told(lambda: self.release(claim))
                     except LedgerRefusal:
                         pass  # already lapsed or ended: nothing held
-                    except ProtocolError as exc:  # stopped: held until its TTL
+                    except (ProtocolError, OutcomeUnknown) as exc:  # held until its TTL
+                        # (stopped, say; or released, but its answer cannot be had).
+                        # Not raised: it would replace the body's own result or error.
                         log.warning("could not release %s: %s", claim.order, exc)
         if lost:
             raise LeaseLost(f"{order}: the lease was lost; stopped")

@@ -259,6 +259,9 @@ class _BundlingLink:
         when the relay that sequenced it is out of reach."""
         self.unreadable = False
         """Refuse to read the log (``forbidden``), as to a key that may not read it."""
+        self.forgets = 0
+        """Acks still to come without the outcome, as ``forgetful``; after them, the
+        same request asked again is acked with it (as by a relay that found it)."""
 
     @asynccontextmanager
     async def subscribe(self, ns: str, **filters: Any) -> AsyncIterator[Any]:
@@ -296,7 +299,8 @@ class _BundlingLink:
             request = len(self.decided).to_bytes(32, "big")
             author = self.identity.public_key
             self.decided[key] = self.core.decide(kind, body, author, request, self.clock_ms())
-        outcome = None if self.forgetful else self.decided[key]
+        outcome = None if self.forgetful or self.forgets > 0 else self.decided[key]
+        self.forgets = max(self.forgets - 1, 0)
         answer = _Answer(outcome, trio.current_time(), nonce, ts)
         self.waiting.append(answer.answered)
         if self.late > 0:
@@ -580,3 +584,81 @@ async def test_a_lock_granted_too_late_is_given_back(
             async with hold_lock(ledger, "leader:sched", 60_000, wait=False):
                 raise AssertionError("the body ran without the lock")
         assert "leader:sched" not in link.core.locks.leases  # released, not held
+
+
+async def test_a_hold_whose_claim_outcome_may_not_be_read_gives_back_the_grant(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The claim is granted, acked without its outcome, and the log may not be read:
+    OutcomeUnknown came out of hold as it was, and the order stayed claimed by an
+    agent that had given it up. As for a claim answered too late: the body does not
+    run, the claim is asked for once more, its grant given back, and LeaseLost
+    raised."""
+    async with bundled() as (link, ledger):
+        order = await ledger.create("t")
+        link.forgets, link.unreadable = 1, True  # the claim's ack only
+        with pytest.raises(LeaseLost, match=r"no answer to the claim.*may not be read"):
+            async with ledger.hold(order, ttl_ms=3_600_000):
+                raise AssertionError("the body ran without a known claim")
+    assert link.core.ledger.orders[order].status.value == "open"  # released, not held
+
+
+async def test_a_hold_whose_claim_outcome_stays_unknown_raises_lease_lost(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Asked again, the claim's outcome is still unknown: no token to release it
+    with. LeaseLost all the same (the OutcomeUnknown of the second ask came out of
+    hold before), and the order held until its lease runs out is logged."""
+    async with bundled() as (link, ledger):
+        order = await ledger.create("t")
+        link.forgetful = link.unreadable = True
+        with pytest.raises(LeaseLost, match="no answer to the claim"):
+            async with ledger.hold(order, ttl_ms=60_000):
+                raise AssertionError("the body ran without a known claim")
+        assert link.core.ledger.orders[order].status.value == "claimed"  # until its TTL
+        assert f"{order} may stay claimed until its lease runs out" in caplog.text
+
+
+async def test_a_lock_whose_outcome_may_not_be_read_is_given_back(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    from agent_sdk.election import hold_lock
+
+    async with bundled() as (link, ledger):
+        link.forgets, link.unreadable = 1, True  # the acquire's ack only
+        with pytest.raises(LeaseLost, match=r"no answer to the acquire.*may not be read"):
+            async with hold_lock(ledger, "leader:sched", 60_000, wait=False):
+                raise AssertionError("the body ran without the lock")
+        assert "leader:sched" not in link.core.locks.leases  # released, not held
+
+
+async def test_a_renewal_whose_outcome_may_not_be_read_is_a_lost_lease(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A renewal acked without its outcome, the log unreadable, is not confirmed: the
+    body is stopped with LeaseLost (not OutcomeUnknown), and the order given back."""
+    async with bundled() as (link, ledger):
+        order = await ledger.create("t")
+        with pytest.raises(LeaseLost, match="lease was lost"):
+            async with ledger.hold(order, ttl_ms=3_000):
+                link.forgets, link.unreadable = 1, True  # the renewal's ack
+                await trio.sleep_forever()
+        assert link.core.ledger.orders[order].status.value == "open"  # given back
+
+
+async def test_a_release_on_exit_whose_outcome_may_not_be_read_keeps_the_body_result(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The release on exit is acked without its outcome and the log may not be read:
+    its OutcomeUnknown came out of hold in place of the body's own result or error."""
+    async with bundled() as (link, ledger):
+        order = await ledger.create("t")
+        async with ledger.hold(order, ttl_ms=60_000):
+            link.forgetful = link.unreadable = True
+        assert link.core.ledger.orders[order].status.value == "open"  # released all the same
+        link.forgetful = link.unreadable = False
+        order = await ledger.create("t")
+        with pytest.raises(ValueError, match="the body's own"):
+            async with ledger.hold(order, ttl_ms=60_000):
+                link.forgetful = link.unreadable = True
+                raise ValueError("the body's own error")
