@@ -5,7 +5,8 @@ it; it prints ``{"id", "path", "status"}``, and with ``--wait`` waits for the
 recipient's receipt (``status: delivered``). With ``--id TEXT`` the message's id is
 derived from TEXT (and the sender and recipient), so running the command again with
 the same ``--id`` (after a lost connection, say) sends the same message, which the
-recipient gets once (protocol 15.4 says for how long). A message to ``AGENT_ID@relay`` whose
+recipient gets once (protocol 15.4 says for how long); the same ``--id`` is for the
+same message only. A message to ``AGENT_ID@relay`` whose
 relay cannot be reached now is sent again for up to a minute, said once on stderr.
 ``msg inbox`` prints the messages waiting for this agent as JSON lines and exits;
 ``--follow`` keeps printing them as they come. Printing a message takes it: it is
@@ -58,9 +59,12 @@ def add_parser(
         "--id",
         metavar="TEXT",
         help="name the message: run again with the same --id (after a lost connection,"
-        " a crash), this sends the same message, and the recipient gets it once; a copy"
-        " is known for as long as the relay remembers the delivery (the last 65,536,"
-        " not across its restart) or the recipient's process that took it runs",
+        " a crash), this sends the same message, and the recipient gets it once while a"
+        " copy is recognised: while the relay remembers the delivery (its last 65,536,"
+        " over all its inboxes, not across its restart) or the recipient's process"
+        " remembers the stream (its last 65,536 sender streams, each --id one of them);"
+        " use the same --id only for the same message (with other text, which one is"
+        " handed out depends on the path)",
     )
     agent_options(p)
     p.set_defaults(func=lambda args: cmd_send(args, *connect(args)))
@@ -102,9 +106,7 @@ def cmd_send(args: argparse.Namespace, url: str, identity: Identity) -> int:
             sent = await client.send(
                 args.to, body, via=args.via, ns=ns, endpoint=args.endpoint, id=args.id
             )
-            # `delivered` from the relay: a run before this one (same --id) got it there,
-            # and its receipt went to that run, not to be sent again.
-            if args.wait and sent.status != "delivered":
+            if args.wait:  # (returns at once when a run before this one had it delivered)
                 await sent.delivered()
             return {"id": sent.id.hex(), "path": sent.path, "status": sent.status}
 

@@ -819,7 +819,14 @@ class RelayClient:
         ``id``: text naming the message, for a sender that may send it again from
         another process (a command run again after a lost connection): the same
         ``id`` to the same recipient is the same message, stored and handed out once
-        (docs/protocol.md §15.4 says how long that holds). It is a stream of its
+        while a copy is recognised: while the relay remembers the delivery (its last
+        65,536, over all its inboxes, not across its restart) or the recipient's
+        process remembers the stream (its last 65,536 sender streams, each chosen id
+        being one); past both, a copy is handed out again (docs/protocol.md §15.4).
+        Use an ``id`` again only for the same payload: with another, which one the
+        recipient gets depends on the path. A send the relay answers ``delivered``
+        (a copy it delivered before) is settled: ``delivered()`` returns None, the
+        receipt having gone to the earlier send. It is a stream of its
         own: the recipient does not order it with this client's other messages."""
         if via not in PATHS:
             raise ValueError(f"via={via!r}: one of {', '.join(PATHS)}")

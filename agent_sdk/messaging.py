@@ -141,6 +141,9 @@ class Sent:
         self.expired = False
         self.on_settle: Callable[[], None] | None = None
         self.error: ProtocolError | None = None  # why no receipt can come any more
+        self.delivered_before = False
+        """The relay answered that it had delivered this message before (a chosen id
+        sent again, protocol 15.4): its receipt went to that earlier send, not here."""
         self._settled = trio.Event()
 
     def __repr__(self) -> str:
@@ -149,13 +152,19 @@ class Sent:
             f" status={self.status!r}{', expired' if self.expired else ''})"
         )
 
-    async def delivered(self) -> Receipt:
+    async def delivered(self) -> Receipt | None:
         """Wait for the recipient's signed receipt; raises ``ProtocolError`` when the
         message expired in the recipient's inbox instead. Receipts of relayed
         messages come through this agent's own inbox: waiting opens its stream (and
-        ends a stream the same agent has open elsewhere, 15.3)."""
+        ends a stream the same agent has open elsewhere, 15.3).
+
+        Returns None when the message had been delivered before this send (only a
+        chosen id sent again, ``send(..., id=...)``, can be): the relay says so
+        (``delivered_before``), and the receipt went to the earlier send."""
         self.mailbox.open()
         await self._settled.wait()
+        if self.receipt is None and self.delivered_before:
+            return None
         if self.receipt is None and self.error is not None:
             raise self.error
         if self.receipt is None and not self.expired:
@@ -172,13 +181,17 @@ class Sent:
         it for a copy."""
         self._settled.set()
 
-    def _settle(self, receipt: Receipt | None) -> None:
+    def _settle(self, receipt: Receipt | None, before: bool = False) -> None:
+        """Settle with the receipt; with none, the message expired, or, ``before``,
+        it had been delivered before this send (no receipt comes to it)."""
         if self._settled.is_set():
             return
         if self.on_settle is not None:
             self.on_settle()
         if receipt is not None:
             self.receipt, self.status = receipt, "delivered"
+        elif before:
+            self.delivered_before, self.status = True, "delivered"
         else:
             self.expired = True
         self._settled.set()
@@ -190,10 +203,23 @@ def _settle_refused(sent: Sent, asked: Asked) -> None:
         sent._settle(None)
 
 
-async def _settle_when_answered(sent: Sent, asked: Asked) -> None:
+def _settle_if_delivered_before(sent: Sent, asked: Asked, fresh: bool) -> None:
+    """Settle a ``fresh`` handle (no earlier send of this id in this process waits
+    for its receipt) that the relay answered ``delivered``: the receipt went to an
+    earlier send (another process's run with the same chosen id, or one of this
+    process settled already) and will not come again. Unsettled, it never returned
+    from ``delivered()``, and counted as relayed and undelivered for good (no later
+    message to that agent went direct). A handle shared with an earlier send still
+    waiting here is left to that send's receipt, which is on its way."""
+    if fresh and asked.error is None and asked.result.get("status") == "delivered":
+        sent.mailbox._delivered_before(sent)
+
+
+async def _settle_when_answered(sent: Sent, asked: Asked, fresh: bool) -> None:
     """For a send whose caller stopped waiting: settle it once it is answered."""
     await asked.done.wait()
     _settle_refused(sent, asked)
+    _settle_if_delivered_before(sent, asked, fresh)
 
 
 class Inflow:
@@ -327,23 +353,29 @@ class Mailbox:
                         raise
                     log.info("direct path failed (%s): through the relay instead", exc)
                 # The same id and number: if it did arrive directly, this is a copy.
-            sent, asked = self._queue_relayed(to, sealed)
-            self._relayed_pending[to.agent] = self._relayed_pending.get(to.agent, 0) + 1
-            sent.on_settle = lambda: self._relayed_done(to.agent)
+            sent, asked, fresh = self._queue_relayed(to, sealed)
+            if fresh:
+                # A handle shared with an earlier send of the same chosen id counts
+                # once: it settles once, and counting it again kept the count above
+                # zero (and later messages off the direct path) for good.
+                self._relayed_pending[to.agent] = self._relayed_pending.get(to.agent, 0) + 1
+                sent.on_settle = lambda: self._relayed_done(to.agent)
             if to.relay:
                 # Across relays a link may be down (home_unreachable): the message is
                 # sent again until its relay has it, and the turn is held meanwhile —
                 # a later message must not get there first.
-                return await self._until_taken(to, sealed, sent, asked)
+                return await self._until_taken(to, sealed, sent, asked, fresh)
         # Queued under the turn; answered outside it, so that the next message to
         # this agent is numbered and queued meanwhile: relayed ones pipeline.
-        return await self._answered(sent, asked)
+        return await self._answered(sent, asked, fresh=fresh)
 
-    async def _until_taken(self, to: Address, sealed: Sealed, sent: Sent, asked: Asked) -> Sent:
+    async def _until_taken(
+        self, to: Address, sealed: Sealed, sent: Sent, asked: Asked, fresh: bool
+    ) -> Sent:
         delay, waited = 0.1, 0.0
         while True:
             try:
-                return await self._answered(sent, asked, settle=False)
+                return await self._answered(sent, asked, settle=False, fresh=fresh)
             except ProtocolError as exc:
                 if exc.code is not ErrorCode.HOME_UNREACHABLE or waited >= self.patience:
                     if exc.code not in AMBIGUOUS:
@@ -383,34 +415,52 @@ class Mailbox:
 
     async def send_sealed(self, to: Address, sealed: Sealed) -> Sent:
         """Send sealed bytes through the relay (again, for a resend: same handle)."""
-        return await self._answered(*self._queue_relayed(to, sealed))
+        sent, asked, fresh = self._queue_relayed(to, sealed)
+        return await self._answered(sent, asked, fresh=fresh)
 
-    def _queue_relayed(self, to: Address, sealed: Sealed) -> tuple[Sent, Asked]:
+    def _queue_relayed(self, to: Address, sealed: Sealed) -> tuple[Sent, Asked, bool]:
+        """Queue ``sealed`` for the relay: its handle, the request, and whether the
+        handle is fresh (no earlier send of this id here still waits for a receipt)."""
         data = sealed.encode()
+        fresh = sealed.header.id not in self._sent
         sent = self._track(Sent(sealed.header.id, to.agent, "relay", self))
         asked = self.client.ask_later(lambda rid: f.MsgSend(rid=rid, msg=data, relay=to.relay))
-        return sent, asked
+        return sent, asked, fresh
+
+    def _delivered_before(self, sent: Sent) -> None:
+        """The relay says ``sent`` was delivered before: no receipt comes to it."""
+        if self._sent.get(sent.id) is sent:
+            del self._sent[sent.id]
+        # Remembered as settled: a receipt for it that still comes (the earlier send's,
+        # left in this agent's inbox by a process that ended) is acknowledged as ours,
+        # not left there as another running instance's.
+        self._remember_settled(sent.id)
+        sent._settle(None, before=True)
 
     @staticmethod
-    async def _answered(sent: Sent, asked: Asked, settle: bool = True) -> Sent:
+    async def _answered(sent: Sent, asked: Asked, settle: bool = True, fresh: bool = True) -> Sent:
         try:
             await asked.done.wait()
         except trio.Cancelled:
             # The message is on its way all the same. Its answer must still settle it
-            # when it is a refusal: unsettled, it counted as relayed and undelivered for
-            # good, so no later message to that agent went direct (and via="direct"
-            # was refused) for as long as the client ran.
+            # when it is a refusal (or `delivered` before): unsettled, it counted as
+            # relayed and undelivered for good, so no later message to that agent went
+            # direct (and via="direct" was refused) for as long as the client ran.
             if asked.done.is_set():
                 _settle_refused(sent, asked)
+                _settle_if_delivered_before(sent, asked, fresh)
             else:  # (not answered: the client's tasks still run, _fail_all is to come)
                 with contextlib.suppress(RuntimeError):  # (its nursery closed: it stopped)
-                    sent.mailbox.client.nursery.start_soon(_settle_when_answered, sent, asked)
+                    sent.mailbox.client.nursery.start_soon(
+                        _settle_when_answered, sent, asked, fresh
+                    )
             raise
         if asked.error is not None:
             if settle:
                 _settle_refused(sent, asked)
             raise asked.error
         sent.status = str(asked.result["status"])
+        _settle_if_delivered_before(sent, asked, fresh)
         return sent
 
     def _track(self, sent: Sent) -> Sent:

@@ -86,9 +86,10 @@ async def test_a_send_run_again_with_the_same_id_is_delivered_once(
     """Each run of ``msg send`` made a new message: a shell agent that ran it again
     after a lost connection (not knowing whether the first run's message was stored)
     could deliver it twice. Runs with the same ``--id`` send the same message: the
-    relay stores it once and answers a later run ``delivered``. ``--wait`` then does not
-    wait: the receipt is sent once, and a run before may have taken it (as the one
-    before the last does here), so waiting for it would be for ever."""
+    relay stores it once and answers a later run ``delivered``. ``--wait`` then returns
+    at once: the receipt is sent once, and a run before may have taken it (as the one
+    before the last does here), so the SDK settles a send the relay answers
+    ``delivered`` instead of waiting for a receipt for ever."""
     with trio.fail_after(TIMEOUT):  # (not a timing check: only that it ends)
         done = await run_shell(relay, tmp_path, RESENT)
     assert done.returncode == 0, done.stderr.decode()

@@ -326,6 +326,50 @@ async def test_a_message_sent_again_by_another_client_with_its_chosen_id_is_a_co
             await alice.send(BOB.id, "x", id="")
 
 
+async def test_a_chosen_id_sent_again_after_its_receipt_is_delivered_and_keeps_direct_open(
+    relay: RunningRelay,
+) -> None:
+    """The relay answers a chosen id sent again after its receipt `delivered`: that
+    receipt went to the first send and none comes to this one. Its handle never
+    settled: ``delivered()`` never returned, and it counted as relayed and undelivered
+    for good, so no later message to Bob went direct (via="direct" refused)."""
+    async with (
+        RelayClient.connect(relay.url, ALICE) as alice,
+        RelayClient.connect(relay.url, BOB) as bob,
+        bob.listen() as endpoint,
+    ):
+        with trio.fail_after(TIMEOUT):  # (not a timing check: only that it ends)
+            first = await alice.send(BOB.id, "report", via="relay", id="r7")
+            assert (await bob.mailbox.next()).body == "report"
+            (await first.delivered()).verify()
+            again = await alice.send(BOB.id, "report", via="relay", id="r7")
+            assert again is not first and again.status == "delivered"
+            assert await again.delivered() is None and again.delivered_before
+            sent = await alice.send(BOB.id, "psst", via="direct", endpoint=endpoint)
+            assert sent.path == "direct" and (await bob.mailbox.next()).body == "psst"
+
+
+async def test_a_chosen_id_sent_again_while_stored_counts_once_against_the_direct_path(
+    relay: RunningRelay,
+) -> None:
+    """Sent again while the first copy waits in the relay, a chosen id shares the first
+    send's handle, which settles once, with the receipt: it was counted as relayed and
+    undelivered twice and uncounted once, so later messages to Bob stayed off the direct
+    path (via="direct" refused) for as long as Alice's client ran."""
+    async with RelayClient.connect(relay.url, BOB):
+        pass  # Bob has been here once: he can be sent messages
+    async with RelayClient.connect(relay.url, ALICE) as alice:
+        with trio.fail_after(TIMEOUT):  # (not a timing check: only that it ends)
+            first = await alice.send(BOB.id, "report", via="relay", id="r7")
+            again = await alice.send(BOB.id, "report", via="relay", id="r7")
+            assert again is first and again.status == "stored"
+            async with RelayClient.connect(relay.url, BOB) as bob, bob.listen() as endpoint:
+                assert (await bob.mailbox.next()).body == "report"
+                (await first.delivered()).verify()
+                sent = await alice.send(BOB.id, "psst", via="direct", endpoint=endpoint)
+                assert sent.path == "direct" and (await bob.mailbox.next()).body == "psst"
+
+
 async def test_a_direct_endpoint_must_prove_it_is_the_recipient(relay: RunningRelay) -> None:
     async with (
         RelayClient.connect(relay.url, ALICE) as alice,
