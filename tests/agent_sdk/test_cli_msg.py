@@ -17,12 +17,16 @@ from tests.federation.cluster import cluster
 BOB = identity(2)
 TIMEOUT = 60
 
-SCRIPT = r"""
+PRELUDE = r"""
 set -u
 f() { "$PYTHON" -m agent_sdk.cli "$@"; }
 other() { FORMICARY_KEY=$OTHER_KEY "$PYTHON" -m agent_sdk.cli "$@"; }
 id_of() { "$PYTHON" -c 'import json,sys; print(json.load(sys.stdin)["id"])'; }
 them=$(f keygen --out "$OTHER_KEY" | id_of)
+"""
+"""What each script starts with: this agent (f), the other (other) and its id (them)."""
+
+SCRIPT = r"""
 other msg inbox > empty.jsonl || exit 10
 f msg send "$them" "hello there" > sent.json || exit 11
 printf 'binary\000bytes' > note.bin
@@ -42,7 +46,7 @@ exit 0
 
 
 async def test_messages_from_a_shell_script(relay: RunningRelay, tmp_path: Path) -> None:
-    done = await run_shell(relay, tmp_path, SCRIPT)
+    done = await run_shell(relay, tmp_path, PRELUDE + SCRIPT)
     assert done.returncode == 0, done.stderr.decode()
     assert (tmp_path / "empty.jsonl").read_text() == ""
     sent = json.loads((tmp_path / "sent.json").read_text())
@@ -61,11 +65,6 @@ async def test_messages_from_a_shell_script(relay: RunningRelay, tmp_path: Path)
 
 
 RESENT = r"""
-set -u
-f() { "$PYTHON" -m agent_sdk.cli "$@"; }
-other() { FORMICARY_KEY=$OTHER_KEY "$PYTHON" -m agent_sdk.cli "$@"; }
-id_of() { "$PYTHON" -c 'import json,sys; print(json.load(sys.stdin)["id"])'; }
-them=$(f keygen --out "$OTHER_KEY" | id_of)
 other msg inbox > /dev/null || exit 10
 f msg send "$them" "the report" --id report-7 > first.json || exit 11
 f msg send "$them" "the report" --id report-7 > again.json || exit 12
@@ -91,7 +90,7 @@ async def test_a_send_run_again_with_the_same_id_is_delivered_once(
     before the last does here), so the SDK settles a send the relay answers
     ``delivered`` instead of waiting for a receipt for ever."""
     with trio.fail_after(TIMEOUT):  # (not a timing check: only that it ends)
-        done = await run_shell(relay, tmp_path, RESENT)
+        done = await run_shell(relay, tmp_path, PRELUDE + RESENT)
     assert done.returncode == 0, done.stderr.decode()
 
     def lines(name: str) -> list[dict[str, str]]:
