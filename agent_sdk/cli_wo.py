@@ -256,6 +256,17 @@ def run(args: argparse.Namespace) -> int:
         return 1
     except LedgerRefusal as exc:
         print(f"{where}: {exc.problem}: {exc.reason}", file=sys.stderr)
+        if exc.problem == "held" and exc.holder and exc.holder.get("holder") == identity.public_key:
+            # The agent's own lease, so a bare "held" would send it looking for
+            # another holder: a claim granted after its command gave up (--timeout)
+            # is held without its token in tokens.json, and a rerun is a new request.
+            token = exc.holder.get("token")
+            print(
+                f"{where}: it is this key's own lease (token {token}): one an earlier"
+                " command was granted after it gave up, or another process's with this"
+                f" key; --token {token} renews, releases or updates it",
+                file=sys.stderr,
+            )
         return EXIT_OF_PROBLEM.get(exc.problem, 1)
     except ProtocolError as exc:
         print(f"{where}: {exc.code.slug}: {exc.reason}", file=sys.stderr)

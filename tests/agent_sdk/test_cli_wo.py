@@ -36,7 +36,8 @@ f wo list --status open --json > open.json || exit 11
 f wo claim "$id" --ttl 10m --json > claim.json || exit 12
 f wo renew "$id" --ttl 20m > /dev/null || exit 13
 f wo note "$id" "found it in lexer.py" || exit 14
-other wo claim "$id"; echo "other-claim=$?" > codes.txt
+other wo claim "$id" 2> other-claim.err; echo "other-claim=$?" > codes.txt
+f wo claim "$id" 2> own-claim.err; echo "own-claim=$?" >> codes.txt
 echo "the bug is in lexer.py: tokens over 64 KiB" | other context put --wo "$id"
 echo "other-put=$?" >> codes.txt
 echo "the bug is in lexer.py: tokens over 64 KiB" | f context put --wo "$id" || exit 15
@@ -91,9 +92,15 @@ async def test_the_workledger_workflow_in_a_shell_script(
     adr = json.loads((tmp_path / "adr.json").read_text())
     [decision] = json.loads((tmp_path / "decisions.json").read_text())
     assert decision["id"] == adr["id"] and decision["status"] == "accepted"
+    # Its own claim asked again is held too, and said to be its own, with the token.
+    claim_token = json.loads((tmp_path / "claim.json").read_text())["token"]
+    own = (tmp_path / "own-claim.err").read_text()
+    assert f"it is this key's own lease (token {claim_token})" in own, own
+    assert "own lease" not in (tmp_path / "other-claim.err").read_text()
     codes = exit_codes(tmp_path)
     assert codes == {
         "other-claim": "3",
+        "own-claim": "3",
         "other-put": "3",
         "done-twice": "3",
         "missing": "4",
@@ -103,7 +110,7 @@ async def test_the_workledger_workflow_in_a_shell_script(
         "empty-context": "2",  # (stdin at /dev/null stored an empty handoff)
         "no-file": "2",
     }
-    assert "held by" in done.stderr.decode()
+    assert "held by" in (tmp_path / "other-claim.err").read_text()
     assert "the document is empty (stdin gave nothing)" in done.stderr.decode()
 
 
