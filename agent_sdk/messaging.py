@@ -197,29 +197,28 @@ class Sent:
         self._settled.set()
 
 
-def _settle_refused(sent: Sent, asked: Asked) -> None:
-    """Settle ``sent`` when the relay refused it for good: no receipt will come."""
-    if asked.error is not None and asked.error.code not in AMBIGUOUS:
-        sent._settle(None)
+def _settle_without_receipt(sent: Sent, asked: Asked, fresh: bool) -> None:
+    """Settle ``sent`` when its answer says no receipt will come to it:
 
-
-def _settle_if_delivered_before(sent: Sent, asked: Asked, fresh: bool) -> None:
-    """Settle a ``fresh`` handle (no earlier send of this id in this process waits
-    for its receipt) that the relay answered ``delivered``: the receipt went to an
-    earlier send (another process's run with the same chosen id, or one of this
-    process settled already) and will not come again. Unsettled, it never returned
-    from ``delivered()``, and counted as relayed and undelivered for good (no later
-    message to that agent went direct). A handle shared with an earlier send still
-    waiting here is left to that send's receipt, which is on its way."""
-    if fresh and asked.error is None and asked.result.get("status") == "delivered":
+    - the relay refused it for good;
+    - or, a ``fresh`` handle (no earlier send of this id in this process waits for
+      its receipt), the relay answered ``delivered``: the receipt went to an earlier
+      send (another process's run with the same chosen id, or one of this process
+      settled already) and will not come again. Unsettled, it never returned from
+      ``delivered()``, and counted as relayed and undelivered for good (no later
+      message to that agent went direct). A handle shared with an earlier send still
+      waiting here is left to that send's receipt, which is on its way."""
+    if asked.error is not None:
+        if asked.error.code not in AMBIGUOUS:
+            sent._settle(None)
+    elif fresh and asked.result.get("status") == "delivered":
         sent.mailbox._delivered_before(sent)
 
 
 async def _settle_when_answered(sent: Sent, asked: Asked, fresh: bool) -> None:
     """For a send whose caller stopped waiting: settle it once it is answered."""
     await asked.done.wait()
-    _settle_refused(sent, asked)
-    _settle_if_delivered_before(sent, asked, fresh)
+    _settle_without_receipt(sent, asked, fresh)
 
 
 class Inflow:
@@ -447,8 +446,7 @@ class Mailbox:
             # relayed and undelivered for good, so no later message to that agent went
             # direct (and via="direct" was refused) for as long as the client ran.
             if asked.done.is_set():
-                _settle_refused(sent, asked)
-                _settle_if_delivered_before(sent, asked, fresh)
+                _settle_without_receipt(sent, asked, fresh)
             else:  # (not answered: the client's tasks still run, _fail_all is to come)
                 with contextlib.suppress(RuntimeError):  # (its nursery closed: it stopped)
                     sent.mailbox.client.nursery.start_soon(
@@ -457,10 +455,10 @@ class Mailbox:
             raise
         if asked.error is not None:
             if settle:
-                _settle_refused(sent, asked)
+                _settle_without_receipt(sent, asked, fresh)
             raise asked.error
         sent.status = str(asked.result["status"])
-        _settle_if_delivered_before(sent, asked, fresh)
+        _settle_without_receipt(sent, asked, fresh)
         return sent
 
     def _track(self, sent: Sent) -> Sent:
