@@ -21,6 +21,14 @@ from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.ledger import Claim, Ledger, LedgerRefusal, number_of
 from agent_sdk.wire import canonical, digest
 
+SALT_BYTES = 32
+"""The size of a salt :func:`new_salt` draws (the relay takes 16 to 64 bytes)."""
+
+
+def new_salt() -> bytes:
+    """A fresh random salt for a sealed bid (:meth:`Auctions.commit`)."""
+    return secrets.token_bytes(SALT_BYTES)
+
 
 def commitment(auction: str, bidder: bytes, price: int, salt: bytes) -> bytes:
     """What a sealed bid commits to (docs/protocol.md): BLAKE2b-256 of the canonical
@@ -75,16 +83,30 @@ class Auctions:
         body = {"auction": auction, "stake": stake, "price": price, "note": note}
         return await self._requests.request("auction.bid", body)
 
-    async def commit(self, auction: str, stake: int, price: int, note: str = "") -> bytes:
+    async def commit(
+        self, auction: str, stake: int, price: int, note: str = "", *, salt: bytes | None = None
+    ) -> bytes:
         """Bid on a sealed auction: lock ``stake`` and commit to ``price`` without
         showing it. Returns the salt; :meth:`reveal` it after the deadline.
 
-        A negative price is refused here (``bad_request``): its reveal would be, and
-        a bid never revealed loses part of its stake at the close."""
+        ``salt`` (16 to 64 bytes; :func:`new_salt` draws one, as this does without
+        it) lets the caller hold the salt before the commitment is sent: a commit
+        whose answer never comes (cancelled, a lost connection, a home relay out of
+        reach) may still land, and only its salt reveals it. Committing again with
+        the same salt and price makes the same commitment, so whichever of the two
+        lands last (a new commitment replaces the bidder's old one) that salt
+        reveals it.
+
+        A negative price, or a salt the relay would not take at the reveal, is
+        refused here (``bad_request``): a bid never revealed loses part of its stake
+        at the close."""
         if not isinstance(price, int) or price < 0:
             reason = f"price {price!r}: a price is a whole number, 0 or more"
             raise LedgerRefusal("bad_request", reason, None)
-        salt = secrets.token_bytes(32)
+        if salt is None:
+            salt = new_salt()
+        elif not isinstance(salt, bytes) or not 16 <= len(salt) <= 64:
+            raise LedgerRefusal("bad_request", "a salt is 16 to 64 bytes", None)
         sealed = commitment(auction, self.client.identity.public_key, price, salt)
         body = {"auction": auction, "stake": stake, "commitment": sealed, "note": note}
         await self._requests.request("auction.commit", body)

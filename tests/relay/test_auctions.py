@@ -850,6 +850,21 @@ async def test_a_sealed_bid_at_a_price_no_reveal_could_open_is_refused_at_once(
     assert done.returncode == 2 and b"a price is a whole number, 0 or more" in done.stderr
 
 
+async def test_a_sealed_bid_with_a_salt_no_reveal_could_take_is_refused_at_once(
+    relay: RunningRelay,
+) -> None:
+    """A salt the caller gives (to hold it before the commit is sent) must be one the
+    reveal takes, 16 to 64 bytes: the commitment would go through, and its stake be
+    forfeited in part at the close."""
+    from agent_sdk.ledger import LedgerRefusal
+
+    async with RelayClient.connect(relay.url, bidder(0)) as client:
+        for salt in (b"s" * 15, b"s" * 65):
+            with pytest.raises(LedgerRefusal) as refused:
+                await Auctions(client, NS).commit("auc-1", stake=5, price=1, salt=salt)
+            assert refused.value.problem == "bad_request"
+
+
 async def test_an_award_read_after_the_close_is_the_award_the_event_carried(
     relay: RunningRelay,
 ) -> None:
