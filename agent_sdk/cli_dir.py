@@ -3,7 +3,9 @@
 A shell command's connection lasts one command, so ``dir join`` uses heartbeat
 presence: the agent is online for ``--heartbeat`` (default 5m) after each join, and
 joining again (same profile or a new one) keeps it online. Exit codes as for
-``formicary wo``.
+``formicary wo``. ``join`` and ``leave`` wait for the relay's outcome up to
+``--timeout``, as the ledger's writes do (agent_sdk/cli_timeout.py), and past it name
+``dir list --all`` as the command that shows whether the write landed.
 """
 
 from __future__ import annotations
@@ -12,13 +14,15 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
-from agent_sdk.cli_wo import Tokens, run, subcommand, ttl_ms
+from agent_sdk.cli_wo import Tokens, run, subcommand, ttl_ms, writes
 from agent_sdk.directory import Directory
 from agent_sdk.ledger import Ledger
 from agent_sdk.wire import to_json_safe
 
 AgentOptions = Callable[[argparse.ArgumentParser], None]
 Make = Callable[[argparse.Namespace, Tokens, str], Any]
+
+LIST = ("formicary dir list --all", "--ns {ns}")  # shows a join, and a leave, landed
 
 
 def add_parser(sub: Any, agent_options: AgentOptions) -> None:
@@ -27,13 +31,15 @@ def add_parser(sub: Any, agent_options: AgentOptions) -> None:
     p = subcommand(
         commands, "join", "join (again) with a profile; online for --heartbeat", agent_options
     )
+    writes(p, *LIST)
     p.add_argument("--name", required=True)
     p.add_argument("--capability", action="append", default=[], dest="capabilities",
                    help="a tag, optionally @version: python@3.11 (repeat)")  # fmt: skip
     p.add_argument("--role", default="")
     p.add_argument("--endpoint", default="", help="where to reach this agent directly")
     p.add_argument("--heartbeat", default="5m", help="online this long after each join")
-    subcommand(commands, "leave", "leave the namespace's directory", agent_options)
+    p = subcommand(commands, "leave", "leave the namespace's directory", agent_options)
+    writes(p, *LIST)
     p = subcommand(commands, "list", "participants online (or --all)", agent_options)
     p.add_argument("--all", action="store_true", help="include those who left")
     p = subcommand(commands, "find", "participants with a capability", agent_options)

@@ -1,4 +1,9 @@
-"""``formicary ns``: a namespace's owner and policy, for shell-driven agents."""
+"""``formicary ns``: a namespace's owner and policy, for shell-driven agents.
+
+``ns policy`` waits for the relay's receipt up to ``--timeout``, as the ledger's
+writes do (agent_sdk/cli_timeout.py), and past it names ``ns show`` as the command
+that shows whether the policy landed.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from agent_sdk.access import MODES, get_policy, set_policy
-from agent_sdk.cli_wo import Tokens, UsageError, run, subcommand
+from agent_sdk.cli_wo import Tokens, UsageError, run, subcommand, writes
 from agent_sdk.ledger import Ledger
 
 AgentOptions = Callable[[argparse.ArgumentParser], None]
@@ -17,6 +22,7 @@ def add_parser(sub: Any, agent_options: AgentOptions) -> None:
     group = sub.add_parser("ns", help="a namespace's owner and access policy")
     commands = group.add_subparsers(dest="ns_command", required=True)
     p = subcommand(commands, "policy", "set the policy (owner only); lists replace", agent_options)
+    writes(p, "formicary ns show", "--ns {ns}")
     p.add_argument("mode", choices=MODES)
     p.add_argument("--writer", action="append", default=[], help="a key (hex) that may write")
     p.add_argument("--reader", action="append", default=[], help="a key (hex) that may read")

@@ -6,8 +6,11 @@ and the answer the command prints (the home's receipt, the ledger's outcome, a
 document's commit) waits for that. A shell agent must neither wait for ever nor take
 a write it stopped waiting for as one that failed: past ``--timeout`` the command
 exits 1 saying that the write is not confirmed, that it may still land, and how to
-check before writing it again. ``doc set`` and ``doc append``, ``publish`` and the
-ledger's write commands share this; ``doc get`` waits as long for a document.
+check before writing it again. ``doc set`` and ``doc append``, ``publish``, the
+ledger's write commands, ``dir join`` and ``leave``, the auctions' and reputation's
+(``auction open``, ``bid``, ``commit``, ``reveal``, ``withdraw``, ``confirm``, ``rep
+vouch``, ``revoke``) and ``ns policy`` share this; ``doc get`` waits as long for a
+document.
 """
 
 from __future__ import annotations

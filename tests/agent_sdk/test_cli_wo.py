@@ -591,6 +591,26 @@ NS = "x@b"
             ["ckpt", "set", "reader", "7", "--ns", NS],
             "check with `formicary ckpt get reader --ns x@b` before writing it again",
         ),
+        *(
+            (
+                [*command.split(), "--ns", NS],
+                f"formicary {' '.join(command.split()[:2])}: the write is not confirmed after"
+                " 1s; it may still be queued and land later: check with"
+                f" `formicary {check} --ns x@b` before writing it again",
+            )
+            for command, check in [
+                ("auction open --title kept", "auction list"),
+                ("auction bid auc-1 --stake 5 --price 7", "auction show auc-1"),
+                ("auction commit auc-1 --stake 5 --price 7", "auction show auc-1"),
+                (f"auction reveal auc-1 --price 7 --salt {'ab' * 32}", "auction show auc-1"),
+                ("auction withdraw auc-1", "auction show auc-1"),
+                (f"rep vouch {'cd' * 32} --weight 3", f"rep show {'cd' * 32}"),
+                (f"rep revoke {'cd' * 32}", f"rep show {'cd' * 32}"),
+                ("dir join --name kept", "dir list --all"),
+                ("dir leave", "dir list --all"),
+                ("ns policy listed", "ns show"),
+            ]
+        ),
     ],
 )
 async def test_a_write_the_home_never_confirms_gives_up_after_its_timeout(
@@ -599,7 +619,9 @@ async def test_a_write_the_home_never_confirms_gives_up_after_its_timeout(
     """A write the relay queued (its namespace's home is down) waited for the home's
     answer without a limit: a shell agent's command never ended. It gives up after
     --timeout (30 s by default, as `doc set`'s) with status 1, saying that the write
-    may still land and which command shows whether it did."""
+    may still land and which command shows whether it did. (`auction confirm` reads
+    the award first, and a query for a home out of reach fails at once: its case is
+    in test_cli_auction.py, with the salt `auction commit` tells as it gives up.)"""
     relays = plan(tmp_path, "a", "b")  # b, the home of x@b, is never started
     a = await start(nursery, relays["a"], (relays["b"].peer(),))
     env = {**os.environ, "FORMICARY_RELAY": a.url, "FORMICARY_KEY": str(tmp_path / "k.key")}
@@ -620,7 +642,29 @@ async def test_a_write_the_home_never_confirms_gives_up_after_its_timeout(
     assert done.stdout == b""
 
 
-@pytest.mark.parametrize("command", [["publish", NS, "app.note"], ["wo", "create", "--title", "t"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["publish", NS, "app.note"],
+        ["wo", "create", "--title", "t"],
+        *(
+            command.split()
+            for command in [
+                "auction open --title t",
+                "auction bid auc-1 --stake 5 --price 7",
+                "auction commit auc-1 --stake 5 --price 7",
+                f"auction reveal auc-1 --price 7 --salt {'ab' * 32}",
+                "auction withdraw auc-1",
+                "auction confirm auc-1",
+                f"rep vouch {'cd' * 32} --weight 3",
+                f"rep revoke {'cd' * 32}",
+                "dir join --name t",
+                "dir leave",
+                "ns policy listed",
+            ]
+        ),
+    ],
+)
 async def test_a_timeout_that_is_no_duration_is_a_usage_error(
     tmp_path: Path, command: list[str]
 ) -> None:

@@ -80,6 +80,8 @@ def federation_of(relay: RunningRelay) -> Federation:
 
 Tamper = Callable[[f.EventFrame], f.EventFrame | None]
 """What a lying relay does to each event frame it passes on (``None``: drop it)."""
+TamperAck = Callable[[f.Ack], f.Ack | None]
+"""What it does to each ack (``None``: drop it, as if the answer were lost)."""
 
 
 class LyingRelay:
@@ -87,9 +89,7 @@ class LyingRelay:
     through untouched (so the target's key proves itself), then event frames from
     the target are rewritten by ``tamper`` on their way to whoever dialled."""
 
-    def __init__(
-        self, target: str, tamper: Tamper, tamper_ack: Callable[[f.Ack], f.Ack] | None = None
-    ) -> None:
+    def __init__(self, target: str, tamper: Tamper, tamper_ack: TamperAck | None = None) -> None:
         self.target = target
         self.tamper = tamper
         self.tamper_ack = tamper_ack
@@ -130,7 +130,10 @@ class LyingRelay:
         for frame in f.decode_message(message):
             assert not isinstance(frame, Exception)
             if isinstance(frame, f.Ack) and self.tamper_ack is not None:
-                frame = self.tamper_ack(frame)
+                acked = self.tamper_ack(frame)
+                if acked is None:
+                    continue
+                frame = acked
             if isinstance(frame, f.EventFrame):
                 tampered = self.tamper(frame)
                 if tampered is None:
