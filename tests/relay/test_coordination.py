@@ -398,6 +398,43 @@ async def test_an_old_duplicate_request_is_acked_with_its_outcome_from_the_log(
     assert outcome(again) == outcome(granted)
 
 
+async def test_a_request_asked_again_days_later_is_a_duplicate_one_never_sequenced_is_refused(
+    nursery: trio.Nursery,
+) -> None:
+    """What a CLI rerun asking again for a lease request relies on (agent_sdk/
+    cli_pending.py): an id sequenced is found in the store before the ts is checked,
+    so a request asked again past ``max_clock_skew`` (and past ``known_capacity``:
+    the id and its outcome forgotten) is a duplicate, its outcome right behind it;
+    one never sequenced is refused ``bad_timestamp``, and nothing is decided."""
+    from relay.sequencer import Limits
+
+    wall = [NOW]
+    forgetful = RelayConfig(sequencer=Limits(known_capacity=2))
+    node = RelayNode(RELAY, MemoryStore(), forgetful, wall_ms=lambda: wall[0])
+    await nursery.start(node.run)
+    author = identity(1)
+
+    def request(kind: str, body: Any, nonce: int) -> Any:
+        made = Event(NS, kind, author.public_key, body, ts=NOW, nonce=bytes([nonce]))
+        return sign_event(made, author.sign)
+
+    await node.publish(request("wo.create", {"title": "t"}, 1))
+    claim, never = request("wo.claim", {"wo": "wo-1"}, 2), request("wo.claim", {"wo": "wo-1"}, 3)
+    first = await node.publish(claim)
+    for n in range(3):  # three outcomes since: the claim's is forgotten, and its id
+        await node.publish(request("wo.create", {"title": f"other {n}"}, 10 + n))
+    assert node.outcome_of(claim.id) is None and node.sequencer.locate(claim.id) is None
+    wall[0] = NOW + 2 * 24 * 3600 * 1000  # two days on: past the 24 h skew limit
+    head = node.head(NS)
+    again = await node.publish(claim)
+    assert again.seq == first.seq and node.head(NS) == head  # the same record, nothing new
+    answer = await node.outcome_behind(again)
+    assert answer is not None and decode(answer.event)["kind"] == "wo.claimed"
+    with pytest.raises(ProtocolError) as refused:
+        await node.publish(never)
+    assert refused.value.code is ErrorCode.BAD_TIMESTAMP and node.head(NS) == head
+
+
 def client_now() -> int:
     import time
 
