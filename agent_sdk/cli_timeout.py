@@ -10,7 +10,9 @@ check before writing it again. ``doc set`` and ``doc append``, ``publish``, the
 ledger's write commands, ``dir join`` and ``leave``, the auctions' and reputation's
 (``auction open``, ``bid``, ``commit``, ``reveal``, ``withdraw``, ``confirm``, ``rep
 vouch``, ``revoke``) and ``ns policy`` share this; ``doc get`` waits as long for a
-document.
+document. A command that takes a lease (``wo claim``, ``wo next``, ``lock acquire``)
+kept its request, and a rerun asks for that request's answer
+(agent_sdk/cli_pending.py).
 """
 
 from __future__ import annotations
@@ -40,13 +42,23 @@ class Unconfirmed(Exception):
     read whose document did not come. Its text is the ``--timeout`` waited."""
 
 
-def say_unconfirmed(where: str, waited: str, check: str, what: str = "the write") -> None:
+def say_unconfirmed(
+    where: str, waited: str, check: str, what: str = "the write", *, asks_again: bool = False
+) -> None:
     """Say on stderr that ``what`` was not confirmed in ``waited``: not a failure the
     agent may take as "not written", since the relay may hold it (queued for an
-    unreachable home) and commit it later; ``check`` is the command that shows."""
+    unreachable home) and commit it later; ``check`` is the command that shows.
+    ``asks_again``: a lease request the command recorded (agent_sdk/cli_pending.py),
+    so that running it again is the safe way to learn the answer, not a second write."""
+    if asks_again:
+        then = (
+            "running the same command again asks for this same request's answer (not a"
+            f" new lease: a grant's token is then kept), or check with `{check}`"
+        )
+    else:
+        then = f"check with `{check}` before writing it again"
     print(
         f"{where}: {what} is not confirmed after {waited}; it may still be queued and land"
-        f" later: check with `{check}` before writing it again (or wait longer with"
-        " --timeout)",
+        f" later: {then} (or wait longer with --timeout)",
         file=sys.stderr,
     )

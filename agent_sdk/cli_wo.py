@@ -10,7 +10,10 @@ or moved on: a refused ``renew``, ``release`` or ``update``) is forgotten.
 Writes wait for the relay's outcome up to ``--timeout`` (30 s by default;
 agent_sdk/cli_timeout.py): a write queued for an unreachable home, or never answered,
 exits 1 saying it is not confirmed and may still land, and which command shows
-whether it did.
+whether it did. The commands that take a lease (``wo claim``, ``wo next``, ``lock
+acquire``) record their request first, in ``pending.json`` beside ``tokens.json``:
+a rerun of one that gave up asks for the same request's answer, not a new lease
+(agent_sdk/cli_pending.py).
 
 Exit codes: 0 ok, 3 conflict (held by another, not the holder, stale token, a status
 move that makes no sense), 4 not found (or nothing open), 2 usage, 1 anything else (a
@@ -233,9 +236,14 @@ def run(args: argparse.Namespace) -> int:
     # would clash with an option (ns, once); `once` is a command of its own.
     command = args.group.removesuffix("_command")
     where = f"formicary {command}" if name == command else f"formicary {command} {name}"
+    from agent_sdk import cli_pending
+
+    takes = (args.group, name) in cli_pending.KINDS  # a lease: its request is recorded
     try:
         # A bad file must not cost a claim whose token cannot be kept.
         tokens.check(writing=(args.group, name) in KEEPS)
+        if takes:  # ...nor one whose request cannot be asked again
+            cli_pending.PendingRequests(folder, identity.id).check()
         # Only write commands have one; the others wait as long as they wait (`wo wait`).
         timeout = cli_timeout.seconds(args.timeout) if hasattr(args, "timeout") else math.inf
         action: Callable[[Ledger], Awaitable[Any]] = args.actions[name](args, tokens, ns)
@@ -252,14 +260,16 @@ def run(args: argparse.Namespace) -> int:
             return LEASE_LOST
     except Unconfirmed as exc:
         check = _check(args.check, {**vars(args), "ns": ns})
-        cli_timeout.say_unconfirmed(where, str(exc), check)
+        cli_timeout.say_unconfirmed(where, str(exc), check, asks_again=takes)
         return 1
     except LedgerRefusal as exc:
         print(f"{where}: {exc.problem}: {exc.reason}", file=sys.stderr)
         if exc.problem == "held" and exc.holder and exc.holder.get("holder") == identity.public_key:
             # The agent's own lease, so a bare "held" would send it looking for
-            # another holder: a claim granted after its command gave up (--timeout)
-            # is held without its token in tokens.json, and a rerun is a new request.
+            # another holder: taken by another process with this key, or granted to
+            # a request that is no longer asked again (a pending `wo next`'s while
+            # this is `wo claim`, or one forgotten: cli_pending), so that its token
+            # is not in tokens.json.
             token = exc.holder.get("token")
             print(
                 f"{where}: it is this key's own lease (token {token}): one an earlier"
@@ -498,6 +508,11 @@ def _asked_ttl(args: argparse.Namespace) -> int | None:
     return None if args.ttl is None else ttl_ms(args.ttl)
 
 
+def _with_ttl(body: dict[str, Any], ttl: int | None) -> dict[str, Any]:
+    """A lease request's body, as the SDK sends it (agent_sdk/ledger.py: ``_ttl``)."""
+    return body if ttl is None else {**body, "ttl_ms": ttl}
+
+
 def _claimed(claim: Claim) -> dict[str, Any]:
     """A grant as scripts read it: the lease's fields under the names the relay's
     answers, ``wo show`` and ``auction show`` give them (``expires_ms``: ms since the
@@ -615,19 +630,27 @@ def _claim_like(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
     ttl = _asked_ttl(args)
 
     async def act(ledger: Ledger) -> Any:
-        renewed = None  # a renewal's token replaces only itself (a new grant: any)
-        if args.wo == "claim":
-            claim = await ledger.claim(args.id, ttl)
-        elif args.wo == "next":
-            claim = await ledger.next(ttl)
-        else:
-            renewed = tokens.get(ns, args.id, args.token)
-            try:
-                claim = await ledger.renew(Claim(args.id, renewed, 0), ttl)
-            except LedgerRefusal as exc:
-                if exc.problem in STALE:
-                    tokens.forget(ns, args.id, renewed)  # the lease lapsed or moved on
-                raise
+        if args.wo != "renew":
+            from agent_sdk.cli_pending import take
+
+            body = {"wo": args.id} if args.wo == "claim" else {}
+            claim = await take(
+                ledger,
+                tokens,
+                f"formicary wo {args.wo}",
+                f"wo.{args.wo}",
+                _with_ttl(body, ttl),
+                lambda lease: tokens.put(ns, lease.order, lease.token),
+            )
+            return _claimed(claim)
+        renewed = tokens.get(ns, args.id, args.token)
+        try:
+            claim = await ledger.renew(Claim(args.id, renewed, 0), ttl)
+        except LedgerRefusal as exc:
+            if exc.problem in STALE:
+                tokens.forget(ns, args.id, renewed)  # the lease lapsed or moved on
+            raise
+        # A renewal's token replaces only itself (a claim in parallel may keep a newer).
         tokens.put(ns, claim.order, claim.token, was=renewed)
         return _claimed(claim)
 
@@ -710,9 +733,17 @@ def _lock_take(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
     ttl = _asked_ttl(args)
 
     async def act(ledger: Ledger) -> Any:
-        renewed = None  # as for orders
         if args.lock == "acquire":
-            lock = await ledger.lock(args.name, ttl)
+            from agent_sdk.cli_pending import take
+
+            lock = await take(
+                ledger,
+                tokens,
+                "formicary lock acquire",
+                "lock.acquire",
+                _with_ttl({"name": args.name}, ttl),
+                lambda lease: tokens.put(ns, _lock_key(lease.order), lease.token),
+            )
         else:
             renewed = tokens.get(ns, _lock_key(args.name), args.token, args.name)
             try:
@@ -721,7 +752,7 @@ def _lock_take(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
                 if exc.problem in STALE:  # as `wo renew`: that lock is over
                     tokens.forget(ns, _lock_key(args.name), renewed)
                 raise
-        tokens.put(ns, _lock_key(args.name), lock.token, was=renewed)
+            tokens.put(ns, _lock_key(args.name), lock.token, was=renewed)  # (as for orders)
         # The lease's fields under the names of _claimed (and `lock list`).
         return {"lock": lock.order, "token": lock.token, "expires_ms": lock.expires_ms}
 

@@ -619,6 +619,14 @@ def _ttl(body: dict[str, Any], ttl_ms: int | None) -> dict[str, Any]:
     return body
 
 
+def granted(kind: str, answer: dict[str, Any]) -> Claim:
+    """The lease a granted ``wo.claim`` or ``wo.next`` (an order) or ``lock.acquire``
+    (a lock) answers with, as :meth:`Ledger.claim`, :meth:`Ledger.next` and
+    :meth:`Ledger.lock` return it: for a caller that sends the request itself with
+    :meth:`Ledger.request` (to ask again with its nonce and ts)."""
+    return _lock(answer) if kind == "lock.acquire" else _claim(answer)
+
+
 def _lock(answer: dict[str, Any]) -> Claim:
     return Claim(order=answer["lock"], token=answer["token"], expires_ms=answer["expires_ms"])
 

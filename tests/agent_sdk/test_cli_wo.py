@@ -577,11 +577,15 @@ NS = "x@b"
         ),
         (
             ["wo", "claim", "wo-1", "--ns", NS],
-            "check with `formicary wo show wo-1 --ns x@b` before writing it again",
+            # (A lease request is kept: its rerun asks again, tests/agent_sdk/test_cli_pending.py)
+            "running the same command again asks for this same request's answer (not a new"
+            " lease: a grant's token is then kept), or check with"
+            " `formicary wo show wo-1 --ns x@b`",
         ),
         (
             ["lock", "acquire", "branch:main", "--ns", NS],
-            "check with `formicary lock list --ns x@b` before writing it again",
+            "asks for this same request's answer (not a new lease: a grant's token is then"
+            " kept), or check with `formicary lock list --ns x@b`",
         ),
         (
             ["context", "put", "--wo", "wo-1", "--ns", NS, "--file", "handoff.md"],
