@@ -42,7 +42,7 @@ from agent_sdk.cli_timeout import Unconfirmed
 from agent_sdk.client import RelayClient
 from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.identity import Identity, default_key_path
-from agent_sdk.ledger import Claim, Ledger, LedgerRefusal
+from agent_sdk.ledger import Claim, Ledger, LedgerRefusal, with_ttl
 from agent_sdk.wire import SignedEvent, to_json_safe
 
 NS_ENV = "FORMICARY_NS"
@@ -508,11 +508,6 @@ def _asked_ttl(args: argparse.Namespace) -> int | None:
     return None if args.ttl is None else ttl_ms(args.ttl)
 
 
-def _with_ttl(body: dict[str, Any], ttl: int | None) -> dict[str, Any]:
-    """A lease request's body, as the SDK sends it (agent_sdk/ledger.py: ``_ttl``)."""
-    return body if ttl is None else {**body, "ttl_ms": ttl}
-
-
 def _claimed(claim: Claim) -> dict[str, Any]:
     """A grant as scripts read it: the lease's fields under the names the relay's
     answers, ``wo show`` and ``auction show`` give them (``expires_ms``: ms since the
@@ -639,7 +634,7 @@ def _claim_like(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
                 tokens,
                 f"formicary wo {args.wo}",
                 f"wo.{args.wo}",
-                _with_ttl(body, ttl),
+                with_ttl(body, ttl),
                 lambda lease: tokens.put(ns, lease.order, lease.token),
             )
             return _claimed(claim)
@@ -741,7 +736,7 @@ def _lock_take(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
                 tokens,
                 "formicary lock acquire",
                 "lock.acquire",
-                _with_ttl({"name": args.name}, ttl),
+                with_ttl({"name": args.name}, ttl),
                 lambda lease: tokens.put(ns, _lock_key(lease.order), lease.token),
             )
         else:

@@ -207,17 +207,17 @@ class Ledger:
         return str((await self.request("wo.create", body))["wo"])
 
     async def claim(self, order: str, ttl_ms: int | None = None) -> Claim:
-        return _claim(await self.request("wo.claim", _ttl({"wo": order}, ttl_ms)))
+        return _claim(await self.request("wo.claim", with_ttl({"wo": order}, ttl_ms)))
 
     async def next(self, ttl_ms: int | None = None) -> Claim:
         """Find the open order of highest priority and claim it, in one step.
 
         Raises :class:`LedgerRefusal` ``nothing_open`` when no order is open: a worker
         waits (or subscribes to the namespace) and asks again."""
-        return _claim(await self.request("wo.next", _ttl({}, ttl_ms)))
+        return _claim(await self.request("wo.next", with_ttl({}, ttl_ms)))
 
     async def renew(self, claim: Claim, ttl_ms: int | None = None) -> Claim:
-        body = _ttl({"wo": claim.order, "token": claim.token}, ttl_ms)
+        body = with_ttl({"wo": claim.order, "token": claim.token}, ttl_ms)
         return _claim(await self.request("wo.renew", body))
 
     async def release(self, claim: Claim) -> None:
@@ -453,11 +453,11 @@ class Ledger:
         """Take the advisory lock ``name`` (a path, a branch, ...); ``Claim.order`` is it.
         ``nonce`` and ``ts`` ask again for the answer to an earlier request (see
         :meth:`request`)."""
-        body = _ttl({"name": name}, ttl_ms)
+        body = with_ttl({"name": name}, ttl_ms)
         return _lock(await self.request("lock.acquire", body, nonce=nonce, ts=ts))
 
     async def renew_lock(self, lock: Claim, ttl_ms: int | None = None) -> Claim:
-        body = _ttl({"name": lock.order, "token": lock.token}, ttl_ms)
+        body = with_ttl({"name": lock.order, "token": lock.token}, ttl_ms)
         return _lock(await self.request("lock.renew", body))
 
     async def unlock(self, lock: Claim) -> None:
@@ -492,7 +492,11 @@ class Ledger:
         ttl = ttl_ms / 1000
         # One request, however often asked: the same nonce and ts make the same event,
         # which the relay answers with the outcome it decided the first time.
-        body, nonce, ts = _ttl({"wo": order}, ttl_ms), self.client.nonce(), self.client.clock_ms()
+        body, nonce, ts = (
+            with_ttl({"wo": order}, ttl_ms),
+            self.client.nonce(),
+            self.client.clock_ms(),
+        )
         unknown: OutcomeUnknown | None = None
         with trio.CancelScope(shield=True) as asking:
             # Shielded: a claim the relay granted must reach us, so that it is released.
@@ -613,7 +617,9 @@ def number_of(item: dict[str, Any]) -> int:
     return int(str(item.get("id") or item["auction"]).rpartition("-")[2])
 
 
-def _ttl(body: dict[str, Any], ttl_ms: int | None) -> dict[str, Any]:
+def with_ttl(body: dict[str, Any], ttl_ms: int | None) -> dict[str, Any]:
+    """A lease request's body: ``body`` with ``ttl_ms`` when one is asked for (the
+    relay's default otherwise)."""
     if ttl_ms is not None:
         body["ttl_ms"] = ttl_ms
     return body
