@@ -110,8 +110,36 @@ def test_a_bad_seal_and_an_unsealed_tail_are_found() -> None:
 
 
 def test_a_dependency_that_is_missing_is_found() -> None:
+    """The chain is whole; only the locator does not know the first event, on which
+    the second depends: the second is reported for its missing dependency."""
     records = build_log()
-    assert check(records[:1] + records[2:3])[0] is not None
+    known = locator(records)
+    first = records[0].id
+
+    def without_first(dep: bytes) -> Located | None:
+        return None if dep == first else known(dep)
+
+    verdict = verify_log("t@local", records, without_first)
+    assert (verdict.bad_seq, verdict.reason) == (2, f"dependency {first.hex()} is not in the log")
+
+
+def test_a_dependency_sequenced_after_its_event_is_found() -> None:
+    """A dependency located at a later hlc (anywhere), or at a later seq of the same
+    namespace, breaks causal order: the event that depends on it is reported."""
+    records = build_log()
+    known = locator(records)
+    first, second = records[0], records[1]
+    later_hlc = Located("other@local", 1, second.hlc + 1)
+    later_seq = Located("t@local", second.seq, first.hlc)
+    for where in (later_hlc, later_seq):
+
+        def moved(dep: bytes, where: Located = where) -> Located | None:
+            return where if dep == first.id else known(dep)
+
+        verdict = verify_log("t@local", records, moved)
+        expected = (2, f"dependency {first.id.hex()} is sequenced after the event")
+        assert (verdict.bad_seq, verdict.reason) == expected
+    assert verify_log("t@local", records, known).ok  # the same log, located truly
 
 
 # --------------------------------------------------------------------------- store
