@@ -107,6 +107,13 @@ def test_publish_checks_author_then_signature() -> None:
     action = receive(session, publish(foreign, rid=4))
     assert error_code(action) is ErrorCode.WRONG_AUTHOR
     assert isinstance(action, Reply) and action.frame.rid == 4  # type: ignore[union-attr]
+    # Both checks fail here: the author (step 7 of 6.1) is checked before the signature
+    # (step 8), so a foreign event with a signature that verifies for nobody is
+    # refused as wrong_author, not bad_signature.
+    unsigned = f.encode_frame(f.Publish(rid=6, event=foreign.raw, sig=bytes(64)))
+    action = receive(session, unsigned)
+    assert error_code(action) is ErrorCode.WRONG_AUTHOR
+    assert isinstance(action, Reply) and action.frame.rid == 6  # type: ignore[union-attr]
     signed = event(1)
     forged = f.encode_frame(f.Publish(rid=5, event=signed.raw, sig=bytes(64)))
     assert error_code(receive(session, forged)) is ErrorCode.BAD_SIGNATURE
