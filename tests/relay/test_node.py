@@ -220,12 +220,25 @@ async def test_a_parked_event_is_bounded_by_its_waiting_publishers_only(
 async def test_wait_stat_wakes_for_every_increment(
     node: RelayNode, autojump_clock: trio.testing.MockClock
 ) -> None:
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(node.wait_stat, "published", 3)
-        nursery.start_soon(node.wait_stat, "published", 1)
-        await trio.testing.wait_all_tasks_blocked()
-        for n in range(3):
-            await node.publish(event(n))
+    """Each waiter returns at the increment that reaches its count, not before and not
+    later: one waiting for 3 is woken (and waits again) at 1 and 2."""
+    returned: dict[int, int] = {}  # at_least -> the counter when its waiter returned
+
+    async def wait_for(at_least: int) -> None:
+        await node.wait_stat("published", at_least)
+        returned[at_least] = node.stats["published"]
+
+    with trio.fail_after(60):  # virtual time: a waiter never woken fails here, not hangs
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wait_for, 3)
+            nursery.start_soon(wait_for, 1)
+            await trio.testing.wait_all_tasks_blocked()
+            assert returned == {}
+            expected = [{1: 1}, {1: 1}, {1: 1, 3: 3}]
+            for n in range(3):
+                await node.publish(event(n))
+                await trio.testing.wait_all_tasks_blocked()
+                assert returned == expected[n]
 
 
 async def test_idle_namespace_waits_leave_nothing_behind(
