@@ -39,6 +39,7 @@ class RelayProcess:
         self.process: trio.Process | None = None
         self._stderr = b""
         self._grew = trio.Event()
+        self._ended = False
 
     async def start(self) -> None:
         command = cli(
@@ -54,6 +55,7 @@ class RelayProcess:
         if dsn and "--store" not in self.args:
             command += ["--store", dsn]
         self._stderr = b""
+        self._ended = False
         self.process = await trio.lowlevel.open_process(
             command,
             stdin=subprocess.DEVNULL,
@@ -73,6 +75,7 @@ class RelayProcess:
                 self._grew = trio.Event()
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass
+        self._ended = True
         self._grew.set()  # end of output: the process is gone
 
     async def _wait_ready(self) -> None:
@@ -89,6 +92,13 @@ class RelayProcess:
 
     def output(self) -> str:
         return self._stderr.decode(errors="replace")
+
+    async def wait_output(self, text: str) -> None:
+        """Wait until the relay's stderr holds ``text``; fail if it ends without."""
+        while text.encode() not in self._stderr:
+            if self._ended:
+                raise AssertionError(f"the relay's output ended without {text!r}")
+            await self._grew.wait()
 
     def kill(self) -> None:
         """SIGKILL: the process gets no chance to flush, close or clean up."""
