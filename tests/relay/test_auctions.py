@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ from agent_sdk.directory import Directory
 from agent_sdk.identity import Identity
 from agent_sdk.ledger import Ledger
 from agent_sdk.wire import decode
+from relay.coordination.auctions import Phase
 from relay.coordination.host import Host
 from relay.node import RelayConfig, RelayNode
 from relay.store.memory import MemoryStore
@@ -282,26 +284,40 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 Step = tuple[str, int, int, int]
+ACTIONS = [
+    "open", "open", "bid", "bid", "bid", "commit", "commit", "reveal", "reveal", "withdraw",
+    "confirm", "confirm", "done", "done", "reject", "vouch", "revoke", "wait", "wait",
+]  # fmt: skip
 steps = st.lists(
     st.tuples(
-        st.sampled_from(
-            ["open", "bid", "bid", "bid", "withdraw", "confirm", "done", "reject", "wait"]
-        ),
+        st.sampled_from(ACTIONS),
         st.integers(0, 5),  # who
         st.integers(0, 3),  # which auction
-        st.integers(0, 120),  # amount (stake, price or seconds)
+        st.integers(0, 120),  # amount (stake, price or tenths of a second)
     ),
-    min_size=5,
+    min_size=10,
     max_size=40,
 )
 
 
-@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
-@given(steps)
-def test_folding_the_log_reproduces_auctions_stakes_and_reputation(plan: list[Step]) -> None:
-    """Random bids, withdrawals, confirmations, completions, rejections and waits: the
-    stakes stay conserved throughout, and a fold of the log from nothing gives the
-    same auctions, balances and reputations as the relay that decided them live."""
+def folded_against_live(plan: list[Step]) -> Counter[str]:
+    """Run ``plan`` against a relay (in virtual time), checking that stakes stay
+    conserved after every step, and that a fold of the log from nothing gives the
+    relay's auctions, stakes, reputation and orders. Returns the kinds of the
+    relay's own events: the outcomes, refusals and timer events the plan caused.
+
+    An open and a sealed auction are there from the start. Each step acts on the
+    ``which``-th auction that can take it, when there is one (else on any, and is
+    refused): ``bid`` on an open one taking plain bids, ``commit`` on an open sealed
+    one; ``confirm`` and ``done`` are its awardee's (time moves to the close of an
+    open auction with bids first; without an awardee, ``confirm`` is ``who``'s and
+    refused, and ``done`` does nothing); ``reveal`` opens a commitment not yet
+    opened, by its bidder, in the reveal window (time moves to it); ``withdraw`` takes back a bid on
+    an open auction, by its bidder; ``reject`` is the auction's requester's;
+    ``revoke`` undoes a vouch made, by its voucher."""
+    from agent_sdk.auctions import commitment
+
+    written: Counter[str] = Counter()
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
@@ -309,12 +325,72 @@ def test_folding_the_log_reproduces_auctions_stakes_and_reputation(plan: list[St
             await nursery.start(node.run)
             scene = Scene(node)
             agents = [REQUESTER, *(bidder(n) for n in range(5))]
+            by_key = {a.public_key: a for a in agents}
             for agent in agents:
                 await join(scene, agent, "python")
             opened: list[str] = []
+            # An open auction and a sealed one (closing later) from the start.
+            for hidden, duration_ms in ((False, 2_000), (True, 8_000)):
+                terms = {"title": "first", "duration_ms": duration_ms, "lease_ms": 5_000}
+                terms |= {"confirm_ms": 3_000, "sealed": hidden, "reveal_ms": 4_000}
+                kind, body = await scene.ask(REQUESTER, "auction.open", terms)
+                assert kind == "auction.opened"
+                opened.append(body["auction"])
+            sealed: dict[tuple[str, int], tuple[int, bytes]] = {}  # (auction, who): price, salt
+            vouches: list[tuple[Identity, bytes]] = []  # (voucher, vouchee)
+            auctions = node.coordination.coordinators[NS].auctions.auctions
+
+            async def past(at_ms: int) -> None:
+                """Move (virtual) time just past ``at_ms``; the timer acts on it."""
+                ahead = at_ms + 1 - node.wall_ms()
+                if ahead > 0:
+                    await trio.sleep(ahead / 1000)
+                await trio.testing.wait_all_tasks_blocked()
+
             for action, who, which, amount in plan:
                 agent = agents[who]
-                auction = opened[which % len(opened)] if opened else "auc-1"
+                auction = opened[which % len(opened)]
+
+                def pick(among: list[Any], otherwise: Any, which: int = which) -> Any:
+                    return among[which % len(among)] if among else otherwise
+
+                if action == "bid":
+                    plain = [a for a in opened if not auctions[a].sealed]
+                    auction = pick([a for a in plain if auctions[a].phase is Phase.OPEN], auction)
+                elif action == "commit":
+                    hidden = [a for a in opened if auctions[a].sealed]
+                    auction = pick([a for a in hidden if auctions[a].phase is Phase.OPEN], auction)
+                elif action in ("confirm", "done"):
+                    bid_on = [
+                        a for a in opened if auctions[a].phase is Phase.OPEN and auctions[a].bids
+                    ]
+                    auction = pick([a for a in opened if auctions[a].awardee] + bid_on, auction)
+                    if auction in bid_on:
+                        await past(auctions[auction].closes_ms)  # awarded by now
+                elif action == "reveal":
+                    hidden_bids = [
+                        (a, w)
+                        for a, w in sealed
+                        if auctions[a].phase is Phase.OPEN
+                        and agents[w].public_key in auctions[a].bids
+                        and not auctions[a].bids[agents[w].public_key].revealed
+                    ]
+                    if hidden_bids:
+                        auction, who = pick(hidden_bids, None)
+                        agent = agents[who]
+                        await past(auctions[auction].deadline_ms)  # the reveal window
+                elif action == "withdraw":
+                    open_bids = [
+                        (a, bidder)
+                        for a in opened
+                        if auctions[a].phase is Phase.OPEN
+                        for bidder in auctions[a].bids
+                    ]
+                    if open_bids:
+                        auction, key = pick(open_bids, None)
+                        agent = by_key[key]
+                state = auctions[auction]
+                awardee = by_key.get(state.awardee) if state.awardee else None
                 if action == "open":
                     kind, body = await scene.ask(
                         agent,
@@ -337,37 +413,42 @@ def test_folding_the_log_reproduces_auctions_stakes_and_reputation(plan: list[St
                     await scene.ask(
                         agent,
                         "auction.bid",
-                        {"auction": auction, "stake": amount + 1, "price": amount % 7},
+                        {"auction": auction, "stake": amount % 40 + 1, "price": amount % 7},
                     )
-                elif action in ("withdraw", "confirm"):
-                    await scene.ask(agent, f"auction.{action}", {"auction": auction})
+                elif action == "commit":
+                    price, salt = amount % 7, bytes([who + 1, amount]) * 8
+                    body = {
+                        "auction": auction,
+                        "stake": amount % 40 + 1,
+                        "commitment": commitment(auction, agent.public_key, price, salt),
+                    }
+                    if (await scene.ask(agent, "auction.commit", body))[0] == "auction.committed":
+                        sealed[(auction, who)] = (price, salt)
+                elif action == "reveal":
+                    price, salt = sealed.get((auction, who), (amount % 7, bytes(16)))
+                    body = {"auction": auction, "price": price, "salt": salt}
+                    await scene.ask(agent, "auction.reveal", body)
+                elif action == "withdraw":
+                    await scene.ask(agent, "auction.withdraw", {"auction": auction})
+                elif action == "confirm":
+                    await scene.ask(awardee or agent, "auction.confirm", {"auction": auction})
                 elif action == "reject":
-                    await scene.ask(agent, "auction.reject", {"auction": auction, "reason": "no"})
-                elif action in ("commit", "reveal"):
-                    from agent_sdk.auctions import commitment
-
-                    salt, price = bytes([who + 1]) * 16, amount % 7
-                    if action == "commit":
-                        sealed = commitment(auction, agent.public_key, price, salt)
-                        body = {"auction": auction, "stake": amount + 1, "commitment": sealed}
-                    else:
-                        body = {"auction": auction, "price": price, "salt": salt}
-                    await scene.ask(agent, f"auction.{action}", body)
-                elif action in ("vouch", "revoke"):
+                    body = {"auction": auction, "reason": "no"}
+                    await scene.ask(by_key[state.requester], "auction.reject", body)
+                elif action == "vouch":
                     other = agents[(who + 1 + which) % len(agents)].public_key
-                    body = (
-                        {"for": other, "weight": amount + 1}
-                        if action == "vouch"
-                        else {"for": other}
-                    )
-                    await scene.ask(agent, f"rep.{action}", body)
-                elif action == "done":
-                    # The current awardee (if any) finishes the work.
-                    state = node.coordination.coordinators[NS].auctions.auctions.get(auction)
-                    by_key = {a.public_key: a for a in agents}
-                    if state is not None and state.awardee in by_key:
+                    body = {"for": other, "weight": amount % 30 + 1}
+                    if (await scene.ask(agent, "rep.vouch", body))[0] == "rep.vouched":
+                        vouches.append((agent, other))
+                elif action == "revoke":  # the which-th vouch made, by its voucher
+                    other = agents[(who + 1 + which) % len(agents)].public_key
+                    if vouches:
+                        agent, other = vouches.pop(which % len(vouches))
+                    await scene.ask(agent, "rep.revoke", {"for": other})
+                elif action == "done":  # the current awardee (if any) finishes the work
+                    if awardee is not None:
                         body = {"wo": state.wo, "token": state.token, "status": "done"}
-                        await scene.ask(by_key[state.awardee], "wo.update", body)
+                        await scene.ask(awardee, "wo.update", body)
                 else:
                     await trio.sleep(amount / 10)
                 await trio.testing.wait_all_tasks_blocked()
@@ -382,9 +463,66 @@ def test_folding_the_log_reproduces_auctions_stakes_and_reputation(plan: list[St
             assert again.stakes == live.stakes and again.stakes.conserved()
             assert again.reputation == live.reputation
             assert again.ledger.orders == live.ledger.orders
+            for record in node.store.scan(NS):
+                if record.author == RELAY.public_key:
+                    written[record.kind] += 1
             nursery.cancel_scope.cancel()
 
     trio.run(run, clock=trio.testing.MockClock(autojump_threshold=0))
+    return written
+
+
+def test_folding_the_log_reproduces_auctions_stakes_and_reputation() -> None:
+    """Random bids (open and sealed), withdrawals, confirmations, completions,
+    rejections, vouches and waits: the stakes stay conserved throughout, and a fold of
+    the log from nothing gives the same auctions, balances and reputations as the
+    relay that decided them live. The run (derandomized: the same examples each
+    time) must have taken every path it claims to check."""
+    seen: Counter[str] = Counter()
+
+    @settings(
+        max_examples=150, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck)
+    )
+    @given(steps)
+    def check(plan: list[Step]) -> None:
+        seen.update(folded_against_live(plan))
+
+    check()
+    for kind in (
+        "auction.opened",
+        "auction.bid_placed",
+        "auction.committed",
+        "auction.revealed",
+        "auction.withdrawn",
+        "auction.closed",
+        "auction.confirmed",
+        "auction.completed",
+        "auction.failed",
+        "rep.vouched",
+        "rep.revoked",
+    ):
+        assert seen[kind] > 0, (kind, seen)
+
+
+def test_folding_reproduces_a_confirmed_and_completed_auction() -> None:
+    """One fixed plan: two bids on the first auction, its close, the awardee's
+    confirmation and completion, a vouch and its revocation."""
+    plan: list[Step] = [
+        ("bid", 1, 0, 9),  # stake 10, price 2
+        ("bid", 2, 0, 4),  # stake 5, price 4
+        ("wait", 0, 0, 25),  # past the deadline: bidder 0 (who 1) is awarded
+        ("confirm", 0, 0, 0),  # by the awardee
+        ("done", 0, 0, 0),
+        ("wait", 0, 0, 1),  # the timer completes it
+        ("vouch", 1, 0, 9),  # bidder 0 vouches for bidder 1 (who 2)
+        ("revoke", 1, 0, 0),
+    ]
+    seen = folded_against_live(plan)
+    assert seen["auction.closed"] == 2  # (the sealed one without a bid)
+    assert seen["auction.confirmed"] == 1
+    assert seen["auction.completed"] == 1
+    assert seen["rep.vouched"] == 1 and seen["rep.revoked"] == 1
+    assert seen["auction.failed"] == 0 and seen["auction.rejected"] == 0
 
 
 async def test_vouches_are_bounded_staked_and_slashed_with_the_vouchee(
