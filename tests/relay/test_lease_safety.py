@@ -8,7 +8,10 @@ one, crash (a crashed agent just stops: it never renews or releases again), let 
 time pass, and the relay restarts on the same store with some downtime. Like real
 clients, agents learn only what the relay's outcome events tell them and keep the token
 they were granted for their renewals and releases, stale or not; an old process of an
-agent may also wake and renew with a token the agent held before.
+agent may also wake and renew with a token the agent held before. The relay's timer
+may also lag (a ``Late`` step holds it back): requests then land between an expiry and
+the ``lease.expired`` record that announces it, and the relay's own check of the
+lease's validity at the request's instant decides them, not the timer's record.
 
 The driver keeps a reference built from those outcomes alone, in log order: per order,
 token ``t`` is valid on ``[granted_ms, end_ms)``, where ``end_ms`` is the expiry of its
@@ -23,8 +26,9 @@ unbroken span. After every step the driver checks:
   order, a renewal or release exactly when its author validly holds it with that
   token), and the relay's ledger holds what the reference says;
 * liveness: a claimed order whose lease ran out is open again at most
-  :data:`TIMER_TICK_MS` after its expiry, or after the relay came back if it was down
-  then; the ``lease.expired`` record that says so never comes before the expiry;
+  :data:`TIMER_TICK_MS` after its expiry, or after the relay (or its held-back timer)
+  came back if it was down then; the ``lease.expired`` record that says so never
+  comes before the expiry;
 * restart: folding the stored log gives exactly the coordination state the relay had
   before the restart (statuses, leases, tokens, notes and history).
 """
@@ -33,6 +37,8 @@ from __future__ import annotations
 
 import copy
 import itertools
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,7 +159,20 @@ class Restart:
     downtime_ms: int
 
 
-Step = Claim | Race | Renew | Release | Zombie | Note | Crash | Advance | Restart
+Request = Claim | Race | Renew | Release | Zombie | Note
+
+
+@dataclass(frozen=True)
+class Late:
+    """The relay's timer lags: time passes by ``ms`` and ``request`` lands before the
+    timer has written what lapsed meanwhile (``lease.expired``), so the relay's own
+    check of a lease's validity at the request's instant decides it."""
+
+    ms: int
+    request: Request
+
+
+Step = Request | Crash | Advance | Restart | Late
 
 
 # -- the reference -----------------------------------------------------------------------
@@ -299,7 +318,8 @@ class Harness:
         """Every (order, token) each agent was ever granted."""
         self.crashed: list[Hold] = []
         self.up_since: list[int] = []
-        """The wall ms at which each node incarnation began serving."""
+        """The wall ms from which the relay's timer runs: each node incarnation's start,
+        and the end of each :class:`Late` step's lag."""
         self.seen_seq = 0
         self.nonce = 0
         self.node = self._build()
@@ -451,7 +471,30 @@ class Harness:
             if self.tokens[agent].get(order) != token
         ]
 
+    @contextmanager
+    def timer_held(self) -> Iterator[None]:
+        """Keep the relay's timer from writing anything until the block ends (it finds
+        nothing due and waits to be woken); then wake it: it runs from now on."""
+        host = self.node.coordination
+        host.due = lambda now_ms: []  # type: ignore[method-assign]
+        host.next_expiry_ms = lambda: None  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            del host.due, host.next_expiry_ms
+            self.up_since.append(self.wall())
+            self.node._timers_changed.set()
+
     async def play(self, step: Step) -> None:
+        if isinstance(step, Late):
+            with self.timer_held():
+                await trio.sleep(step.ms / 1000)
+                await self._act(step.request)
+        else:
+            await self._act(step)
+        await self.check()
+
+    async def _act(self, step: Step) -> None:
         held = self.held()
         match step:
             case Claim(agent, order, ttl_ms) if self.alive[agent]:
@@ -475,7 +518,6 @@ class Harness:
                 await trio.sleep(ms / 1000)
             case Restart(downtime_ms):
                 await self.restart(downtime_ms)
-        await self.check()
 
     async def wind_down(self) -> None:
         """Let every lease lapse, then check each order can be claimed again."""
@@ -588,6 +630,14 @@ picks = st.integers(0, 7)
 # Whole TTLs and one ms short of them land requests on, or just before, an expiry.
 edges = st.sampled_from([1, 999, 1_000, 1_999, 2_000, 2_999, 3_000])
 durations = st.one_of(edges, st.integers(0, 4_000))
+requests = st.one_of(
+    st.builds(Claim, agents, orders, ttls),
+    st.builds(Renew, picks, ttls),
+    st.builds(Release, picks),
+    st.builds(Zombie, picks),
+    st.builds(Note, agents, orders),
+    st.builds(Race, orders, ttls),
+)
 steps = st.one_of(
     # Repeated branches weigh the draw: mostly claims, renewals and time passing.
     st.builds(Claim, agents, orders, ttls),
@@ -598,6 +648,9 @@ steps = st.one_of(
     st.builds(Zombie, picks),
     st.builds(Note, agents, orders),
     st.builds(Race, orders, ttls),
+    # A request between an expiry and its lease.expired: the relay's check decides.
+    st.builds(Late, durations, requests),
+    st.builds(Late, durations, requests),
     st.builds(Advance, durations),
     st.builds(Advance, durations),
     st.builds(Advance, durations),
@@ -658,6 +711,44 @@ def test_a_dead_holders_claim_survives_a_restart_and_then_lapses() -> None:
             assert late is not None and late.kind == "wo.rejected"
             await h.check()
             await h.play(Restart(0))
+            await h.wind_down()
+            h.stop()
+
+    trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_requests_between_an_expiry_and_its_record_are_decided_at_their_instant() -> None:
+    """The relay's timer lags behind an expiry (held back here): until it writes
+    ``lease.expired``, the ledger still has the lapsed lease, and the relay must
+    judge each request by the lease's validity at the request's own instant."""
+
+    async def scenario() -> None:
+        async with trio.open_nursery() as nursery:
+            h = Harness(nursery)
+            await h.start()
+            await h.claim(0, "wo-1", 1_000)  # valid on [+0, +1000)
+            await h.claim(1, "wo-2", 2_000)  # valid on [+0, +2000)
+            seen = h.store.heads()[NS].seq
+            with h.timer_held():
+                await trio.sleep(1)  # +1000: wo-1's lease has just lapsed
+                assert h.ledger().leases.leases["wo-1"].token == 1  # not yet announced
+                lapsed = await h.renew(0, "wo-1", 1_000)
+                assert lapsed is not None and lapsed.kind == "wo.rejected"
+                taken = await h.claim(2, "wo-1", 1_000)
+                assert taken.kind == "wo.claimed" and taken.body["token"] == 2
+                await trio.sleep(0.999)  # +1999: wo-2's lease is still valid
+                kept = await h.renew(1, "wo-2", 1_000)
+                assert kept is not None and kept.kind == "wo.renewed"
+                held = await h.claim(3, "wo-2", 1_000)
+                assert held.kind == "wo.rejected" and held.body["problem"] == "held"
+                await trio.sleep(0.001)  # +2000: agent 2 keeps wo-1 until +2000
+                gone = await h.claim(3, "wo-1", 1_000)
+                assert gone.kind == "wo.claimed" and gone.body["token"] == 3
+                late = await h.renew(2, "wo-1", 1_000)
+                assert late is not None and late.kind == "wo.rejected"
+                timed = h.store.read(NS, seen + 1, 1 << 20)
+                assert not [r for r in timed if r.kind == EXPIRED]  # the timer was held
+            await h.check()
             await h.wind_down()
             h.stop()
 
