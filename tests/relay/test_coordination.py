@@ -160,7 +160,17 @@ async def test_a_restarted_relay_folds_the_same_ledger(tmp_path: Path) -> None:
     reopened = open_test_store(path, readonly=True)
     verdict = next(r for r in reopened.scan(NS) if r.seq > again.seq)
     reopened.close()
-    assert verdict.kind == "wo.rejected"  # still held by the first claim, across the restart
+    # Still held by the first claim (token 1; the relay decided it at its clock, NOW),
+    # across the restart.
+    refusal = decode(verdict.event)["body"]
+    assert (verdict.kind, refusal["req"], refusal["problem"]) == ("wo.rejected", again.id, "held")
+    holder = refusal.get("holder")
+    assert holder is not None, refusal  # the lease that holds it, as the refusal names it
+    assert (holder["token"], holder["holder"], holder["expires_ms"]) == (
+        1,
+        author.public_key,
+        NOW + 600_000,
+    )
 
 
 def _request(kind: str, body: Any, ts: int, deps: tuple[bytes, ...] = ()) -> Any:
