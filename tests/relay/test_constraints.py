@@ -3,6 +3,7 @@ agents drawing on one budget over real sockets, then every bad request."""
 
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
@@ -33,10 +34,14 @@ OPS = st.lists(
 @settings(max_examples=300, derandomize=True, deadline=None)
 @given(OPS)
 def test_used_and_reserved_never_exceed_the_limit(ops: list[tuple[str, int, int]]) -> None:
+    """Whatever is asked, used plus reserved stays within the limit; and a refused
+    request changes nothing (beyond dropping reservations that had lapsed by then,
+    which hold nothing any more)."""
     fold, now, taken = Fold(), 0, []
     fold.define("budget", 100, AGENTS[0], now)
     for op, who, n in ops:
         agent = AGENTS[who]
+        before = copy.deepcopy(fold)
         try:
             if op == "reserve":
                 taken.append(fold.reserve("budget", n, agent, now, ttl_ms=50).id)
@@ -52,8 +57,12 @@ def test_used_and_reserved_never_exceed_the_limit(ops: list[tuple[str, int, int]
                 now += n  # reservations lapse as the log's time passes
             elif op == "define":
                 fold.define("budget", 50 + n, agent, now)
-        except Conflict:
-            pass  # refused: nothing changed
+        except Conflict:  # refused: nothing changed, lapsed reservations aside
+            after = copy.deepcopy(fold)
+            for state in (before, after):
+                for constraint in state.by_name.values():
+                    constraint.lapse(now)
+            assert after == before, (op, who, n)
         budget = fold.by_name["budget"]
         assert budget.used + budget.reserved(now) <= budget.limit
 
