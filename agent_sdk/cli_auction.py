@@ -30,6 +30,7 @@ from typing import Any
 
 from agent_sdk.auctions import Auctions, Reputation, new_salt
 from agent_sdk.cli_wo import Tokens, UsageError, run, subcommand, ttl_ms, writes
+from agent_sdk.errors import ProtocolError
 from agent_sdk.ledger import Ledger, LedgerRefusal
 from agent_sdk.wire import to_json_safe
 
@@ -146,10 +147,15 @@ def _commit(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
         # without an answer (cancelled by --timeout, a lost connection, ^C): the
         # commitment may land all the same, and without its salt it can never be
         # revealed (its stake is then partly forfeited at the close). A refusal is
-        # the relay's answer: this commitment does not stand.
+        # the relay's answer: this commitment does not stand; so is an error that
+        # refuses the frame or the event itself (1xxx, 2xxx: not home, forbidden...).
         try:
             await Auctions(ledger.client, ns).commit(args.id, args.stake, args.price, salt=salt)
         except LedgerRefusal:
+            raise
+        except ProtocolError as exc:
+            if exc.code >= 3000:  # "not now", or a lost connection: it may have gone
+                _tell_salt(args, ns, salt)
             raise
         except BaseException:
             _tell_salt(args, ns, salt)

@@ -37,10 +37,17 @@ Old requests: the relay recognises a request it sequenced however old it is (a
 duplicate is found by its id in the log, before its ts is looked at) and answers
 with its outcome. One it never sequenced is refused ``bad_timestamp`` once its ts is
 further from the relay's clock than the relay's ``max_clock_skew`` (24 h by
-default): nothing was granted by it, and the rerun says so and drops the entry. A
-grant whose lease has run out by the time it is asked again is said, and dropped,
-too, its token not kept; so is a request whose outcome the relay cannot give
-(:class:`~agent_sdk.ledger.OutcomeUnknown`: asked again it would give no more).
+default): nothing was granted by it, and the rerun says so and drops the entry.
+
+A grant asked again is the grant decided then, whatever became of its lease since:
+the rerun asks the relay for the lease as it stands (``wo show``, ``lock list``) and
+keeps and prints it only if this key still holds it with that token (its expiry as
+renewed since). A lease that is over (released or finished with ``--token``, run
+out, taken by another) is said, and dropped, its token not kept; so is a request
+whose outcome this key cannot have (:class:`~agent_sdk.ledger.OutcomeUnknown` with
+``final``: it may not read the log). An answer not seen for another reason (an
+error that says "not now", a lost connection, no outcome read in time) keeps the
+entry, and the command says a rerun asks again.
 """
 
 from __future__ import annotations
@@ -290,6 +297,9 @@ async def take(
             pending.settle(request)
             raise
         except OutcomeUnknown as exc:
+            if not exc.final:  # (no outcome read in time: asked again, it may come)
+                _tell_kept(where)
+                raise
             pending.settle(request)
             raise Forgotten(
                 f"{exc}; asked again it would give no more, so it is no longer asked: the"
@@ -299,28 +309,65 @@ async def take(
             # A refusal of the frame or the event itself (1xxx, 2xxx) ends the request:
             # sent again, the same bytes are refused again. One that says "not now"
             # (5xxx) leaves it to be asked again.
-            if exc.code < 3000:
-                pending.settle(request)
-                if again and exc.code is ErrorCode.BAD_TIMESTAMP:
-                    # Duplicates are found before a ts is checked: this one was never
-                    # sequenced, and now never will be.
-                    raise Forgotten(
-                        f"the request sent at {sent} was never decided, and is now too old"
-                        f" for the relay to take ({exc.reason}): nothing was granted by it."
-                        " It is forgotten: running the command again asks anew"
-                    ) from None
+            if exc.code >= 3000:
+                _tell_kept(where)
+                raise
+            pending.settle(request)
+            if again and exc.code is ErrorCode.BAD_TIMESTAMP:
+                # Duplicates are found before a ts is checked: this one was never
+                # sequenced, and now never will be.
+                raise Forgotten(
+                    f"the request sent at {sent} was never decided, and is now too old"
+                    f" for the relay to take ({exc.reason}): nothing was granted by it."
+                    " It is forgotten: running the command again asks anew"
+                ) from None
+            raise
+        except Exception:  # a lost connection: the request may have gone through
+            _tell_kept(where)
             raise
         lease = granted(kind, answer)
-        if again and lease.expires_ms <= client.clock_ms():
-            pending.settle(request)
-            raise Forgotten(
-                f"the request sent at {sent} was granted (token {lease.token}), but that"
-                f" lease ran out at {_utc(lease.expires_ms)}: {lease.order} is not held"
-                " by this key. It is forgotten: running the command again asks anew"
-            )
+        if again:
+            # The relay answers a request asked again with the grant it decided then,
+            # whatever became of that lease since: released, finished or lapsed (and
+            # maybe taken by another), or renewed. Only the lease as it stands now is
+            # kept and told.
+            current = await _current(ledger, kind, lease)
+            if current is None:
+                pending.settle(request)
+                raise Forgotten(
+                    f"the request sent at {sent} was granted (token {lease.token}), but"
+                    f" that lease is over: {lease.order} is not held with it now. It is"
+                    " forgotten: running the command again asks anew"
+                )
+            lease = current
         keep(lease)  # before the entry goes: killed in between, a rerun keeps it again
         pending.settle(request)
         return lease
+
+
+async def _current(ledger: Ledger, kind: str, lease: Claim) -> Claim | None:
+    """``lease`` as it stands now (its expiry as renewed), if this key still holds it
+    with that token; ``None`` when it is over."""
+    me = ledger.client.identity.public_key
+    if kind == "lock.acquire":
+        held = [lock for lock in await ledger.locks() if lock["lock"] == lease.order]
+    else:
+        held = [await ledger.show(lease.order)]
+        held = [order for order in held if order["status"] == "claimed"]
+    for now in held:
+        if now["holder"] == me and now["token"] == lease.token:
+            return Claim(lease.order, lease.token, now["expires_ms"])
+    return None
+
+
+def _tell_kept(where: str) -> None:
+    """Say that a request the command could not see answered is kept to be asked
+    again (an error that says "not now", a lost connection)."""
+    print(
+        f"{where}: the request is kept: running the same command again asks for its"
+        " answer (not a new lease: a grant's token is then kept)",
+        file=sys.stderr,
+    )
 
 
 def _utc(ms: int) -> str:

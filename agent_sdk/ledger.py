@@ -60,12 +60,14 @@ class OutcomeUnknown(Exception):
 
     Not a refusal: the request may have been granted (a claim so granted is held until
     its lease runs out). Asked again with the same ``nonce`` and ``ts``
-    (:meth:`Ledger.request`), it is the same request and gets that outcome."""
+    (:meth:`Ledger.request`), it is the same request and gets that outcome, unless
+    ``final``: this key may not read the log, so asking again gives no more."""
 
-    def __init__(self, reason: str, nonce: bytes | None, ts: int) -> None:
+    def __init__(self, reason: str, nonce: bytes | None, ts: int, *, final: bool = False) -> None:
         super().__init__(reason)
         self.nonce = nonce
         self.ts = ts
+        self.final = final
 
 
 class LeaseLost(Exception):
@@ -131,7 +133,7 @@ class Ledger:
         :class:`LedgerRefusal`, or :class:`OutcomeUnknown`."""
         outcome = published.outcome
         if outcome is None:
-            reason = f"no outcome read from the log in {CLAIM_TIMEOUT:g} s"
+            reason, final = f"no outcome read from the log in {CLAIM_TIMEOUT:g} s", False
             try:
                 with trio.move_on_after(CLAIM_TIMEOUT):
                     outcome = await self._outcome_in_log(published)
@@ -139,10 +141,10 @@ class Ledger:
                 if exc.code is not ErrorCode.FORBIDDEN:
                     raise
                 reason = f"no outcome with the ack, and the log may not be read: {exc.reason}"
+                final = True
             if outcome is None:
-                raise OutcomeUnknown(
-                    f"{published.receipt.ns} seq {published.receipt.seq}: {reason}", nonce, ts
-                )
+                where = f"{published.receipt.ns} seq {published.receipt.seq}"
+                raise OutcomeUnknown(f"{where}: {reason}", nonce, ts, final=final)
         event = outcome.event.event
         answer = event.body
         if event.kind.endswith(".rejected"):

@@ -170,3 +170,17 @@ async def test_an_award_confirmed_after_its_command_gave_up_shows_in_auction_sho
     assert (shown["phase"], shown["token"]) == ("confirmed", award["token"])
     tokens = Tokens(tmp_path, me.id, relay.node.identity.public_key.hex())
     assert tokens.kept(NS, award["wo"], None) is None  # (--token then)
+
+
+async def test_a_commit_the_relay_refused_outright_tells_no_salt(
+    relay: RunningRelay, tmp_path: Path
+) -> None:
+    """An error that refuses the event itself (here `not_home`: no relay is home of
+    the namespace) is the relay's answer: nothing of that commit can land, so the
+    salt is not told as one to keep."""
+    _, key = bidder(tmp_path)
+    commit = ["auction", "commit", "auc-1", "--stake", "5", "--price", "7"]
+    done = await formicary(relay.url, key, *commit, "--ns", "x@elsewhere")
+    said = done.stderr.decode()
+    assert done.returncode != 0 and "not_home" in said, said
+    assert "may still land" not in said and "salt" not in said, said

@@ -17,7 +17,7 @@ from agent_sdk.cli_pending import PendingRequests
 from agent_sdk.cli_wo import Tokens
 from agent_sdk.client import Delivery, RelayClient
 from agent_sdk.identity import Identity
-from agent_sdk.ledger import Ledger
+from agent_sdk.ledger import Claim, Ledger
 from relay.coordination.leases import TtlBounds
 from relay.node import RelayConfig
 from tests.conftest import RunningRelay, identity, start_relay
@@ -127,6 +127,22 @@ async def test_a_lease_granted_after_its_command_gave_up_is_had_by_a_rerun(
     assert ended.returncode == 0, ended.stderr.decode()
 
 
+async def test_a_request_answered_not_now_is_kept_and_the_command_says_so(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """`home_unreachable` (the home out of reach past the outbox's deadline) says "not
+    now", not "no": the request stays to be asked again, and the command says so."""
+    relays = plan(tmp_path, "a", "b")
+    a = await start(nursery, relays["a"], (relays["b"].peer(),), deadline_ms=1)
+    env = agent_env(tmp_path, a.url, NS)
+    first = await formicary(env, "wo", "claim", "wo-1")
+    said = first.stderr.decode()
+    assert first.returncode != 0 and "home_unreachable" in said, said
+    assert "the request is kept: running the same command again asks for its answer" in said
+    [left] = pending_entries(tmp_path)
+    assert (left["kind"], left["body"]) == ("wo.claim", {"wo": "wo-1"})
+
+
 async def test_a_request_answered_is_not_asked_again(relay: RunningRelay, tmp_path: Path) -> None:
     """Its answer, a grant or a refusal, removes the pending request: the next run of
     the same command is a new request (refused `held` here, as the agent's own lease)."""
@@ -234,11 +250,111 @@ async def test_a_grant_whose_lease_ran_out_is_said_and_not_kept(
     rerun = await formicary(env, "wo", "claim", order)
     said = rerun.stderr.decode()
     assert rerun.returncode == 1, said
-    assert "was granted (token 1), but that lease ran out at" in said, said
-    assert f"{order} is not held by this key" in said
+    assert "was granted (token 1), but that lease is over" in said, said
+    assert f"{order} is not held with it now" in said
     tokens = Tokens(tmp_path / "me", agent.id, relay.node.identity.public_key.hex())
     assert tokens.kept("work@local", order, None) is None
     assert pending_entries(tmp_path) == [] and in_use(tmp_path) == []
+
+
+async def granted_while_away(
+    client: RelayClient, pending: PendingRequests, kind: str, body: dict[str, Any]
+) -> int:
+    """Record a lease request and have it granted, its answer lost (as by a command
+    that gave up): the entry stays for a rerun. The grant's token."""
+    fresh = (client.nonce(), client.clock_ms())
+    with pending.asking(kind, "work@local", body, lambda: fresh) as (request, _):
+        answer = await Ledger(client, "work@local").request(
+            kind, body, nonce=request.nonce, ts=request.ts
+        )
+    return int(answer["token"])
+
+
+ENDED = {
+    # command, the ledger entry in tokens.json, what the lease takes: kind and body
+    "claim": (["wo", "claim", "wo-1"], "wo-1", "wo.claim", {"wo": "wo-1"}),
+    "acquire": (["lock", "acquire", "main"], "lock:main", "lock.acquire", {"name": "main"}),
+}
+
+
+@pytest.mark.parametrize("case", ENDED)
+async def test_a_grant_whose_lease_is_over_and_taken_by_another_is_not_kept(
+    relay: RunningRelay, tmp_path: Path, case: str
+) -> None:
+    """Granted while the agent was away, the lease was then given back with its token
+    (`--token`, as the held refusal says) and taken by another key. The relay answers
+    the rerun with the first grant all the same: printed and kept, the agent would
+    take itself for the holder of what another holds (a lock's exclusion broken)."""
+    command, entry, kind, body = ENDED[case]
+    env = agent_env(tmp_path, relay.url, "work@local")
+    agent, key = me(tmp_path), relay.node.identity.public_key.hex()
+    pending = PendingRequests(tmp_path / "me", agent.id, key)
+    async with (
+        RelayClient.connect(relay.url, agent) as client,
+        RelayClient.connect(relay.url, identity(7)) as other,
+    ):
+        mine, theirs = Ledger(client, "work@local"), Ledger(other, "work@local")
+        if kind == "wo.claim":
+            assert await theirs.create("t") == "wo-1"
+        token = await granted_while_away(client, pending, kind, body)
+        if kind == "wo.claim":
+            await mine.release(Claim("wo-1", token, 0))
+            taken = await theirs.claim("wo-1")
+        else:
+            await mine.unlock(Claim("main", token, 0))
+            taken = await theirs.lock("main")
+        assert taken.token == token + 1
+    rerun = await formicary(env, *command)
+    said = rerun.stderr.decode()
+    assert rerun.returncode == 1, said
+    assert f"was granted (token {token}), but that lease is over" in said, said
+    assert Tokens(tmp_path / "me", agent.id, key).kept("work@local", entry, None) is None
+    assert pending_entries(tmp_path) == [] and in_use(tmp_path) == []
+
+
+async def test_a_grant_finished_meanwhile_is_not_kept(relay: RunningRelay, tmp_path: Path) -> None:
+    """A `wo next` granted while the agent was away, the order then finished with its
+    token: the rerun would print it as the next order, a done one, with a token that
+    every later command of it is refused with."""
+    env = agent_env(tmp_path, relay.url, "work@local")
+    agent, key = me(tmp_path), relay.node.identity.public_key.hex()
+    pending = PendingRequests(tmp_path / "me", agent.id, key)
+    async with RelayClient.connect(relay.url, agent) as client:
+        ledger = Ledger(client, "work@local")
+        first = await ledger.create("first")
+        second = await ledger.create("second")
+        token = await granted_while_away(client, pending, "wo.next", {})
+        await ledger.update(Claim(first, token, 0), "done")
+    rerun = await formicary(env, "wo", "next")
+    said = rerun.stderr.decode()
+    assert rerun.returncode == 1, said
+    assert f"{first} is not held with it now" in said, said
+    assert Tokens(tmp_path / "me", agent.id, key).kept("work@local", first, None) is None
+    anew = await formicary(env, "wo", "next", "--json")  # and the next run asks anew
+    assert anew.returncode == 0, anew.stderr.decode()
+    assert json.loads(anew.stdout)["wo"] == second
+
+
+async def test_a_grant_renewed_meanwhile_is_kept_with_its_renewed_expiry(
+    relay: RunningRelay, tmp_path: Path
+) -> None:
+    """Renewed with its token while the rerun was not yet run: still this key's, so
+    kept, and told with the expiry it has now, not the first grant's."""
+    env = agent_env(tmp_path, relay.url, "work@local")
+    agent, key = me(tmp_path), relay.node.identity.public_key.hex()
+    pending = PendingRequests(tmp_path / "me", agent.id, key)
+    async with RelayClient.connect(relay.url, agent) as client:
+        ledger = Ledger(client, "work@local")
+        order = await ledger.create("t")
+        body = {"wo": order, "ttl_ms": 60_000}
+        token = await granted_while_away(client, pending, "wo.claim", body)
+        renewed = await ledger.renew(Claim(order, token, 0), 600_000)
+    rerun = await formicary(env, "wo", "claim", order, "--ttl", "1m", "--json")
+    assert rerun.returncode == 0, rerun.stderr.decode()
+    lease = json.loads(rerun.stdout)
+    assert (lease["token"], lease["expires_ms"]) == (token, renewed.expires_ms)
+    assert Tokens(tmp_path / "me", agent.id, key).kept("work@local", order, None) == token
+    assert pending_entries(tmp_path) == []
 
 
 async def test_a_request_whose_command_still_runs_is_not_taken_over(
