@@ -2,7 +2,8 @@
 
 ``msg send TO TEXT`` (or ``--file F``) seals the message for agent ``TO`` and sends
 it; it prints ``{"id", "path", "status"}``, and with ``--wait`` waits for the
-recipient's receipt (``status: delivered``). With ``--id TEXT`` the message's id is
+recipient's receipt (``status: delivered``), up to ``--timeout`` if given (past it
+the command prints the message's status and exits 1). With ``--id TEXT`` the message's id is
 derived from TEXT (and the sender and recipient), so running the command again with
 the same ``--id`` (after a lost connection, say) sends the same message, which the
 recipient gets once (protocol 15.4 says for how long); the same ``--id`` is for the
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -27,7 +29,8 @@ from typing import Any
 
 import trio
 
-from agent_sdk.cli_wo import NS_ENV, tell_reconnects
+from agent_sdk import cli_timeout
+from agent_sdk.cli_wo import NS_ENV, UsageError, tell_reconnects
 from agent_sdk.client import RelayClient
 from agent_sdk.direct import DirectUnreachable
 from agent_sdk.errors import ProtocolError
@@ -55,6 +58,10 @@ def add_parser(
     )
     p.add_argument("--endpoint", help="the recipient's direct endpoint, ws://HOST:PORT")
     p.add_argument("--wait", action="store_true", help="wait for the recipient's receipt")
+    p.add_argument(
+        "--timeout",
+        help="with --wait: how long to wait for the receipt: 90s, 5m (default: until it comes)",
+    )
     p.add_argument(
         "--id",
         metavar="TEXT",
@@ -89,6 +96,16 @@ def cmd_send(args: argparse.Namespace, url: str, identity: Identity) -> int:
     if args.id == "":
         print("formicary msg: --id: give the message's id as text, not empty", file=sys.stderr)
         return 2
+    limit = math.inf
+    if args.timeout is not None:
+        if not args.wait:
+            print("formicary msg: --timeout is how long --wait waits: give both", file=sys.stderr)
+            return 2
+        try:
+            limit = cli_timeout.seconds(args.timeout)
+        except UsageError as exc:
+            print(f"formicary msg: {exc}", file=sys.stderr)
+            return 2
     named = is_name(args.to)
     # $FORMICARY_NS only to look a name up (--ns also finds an id's endpoint).
     ns = args.ns or (os.environ.get(NS_ENV) if named else None)
@@ -100,18 +117,21 @@ def cmd_send(args: argparse.Namespace, url: str, identity: Identity) -> int:
         )
         return 2
 
-    async def main() -> dict[str, Any]:
+    async def main() -> tuple[dict[str, Any], bool]:
         async with RelayClient.connect(url, identity, reconnect=False) as client:
             tell_resending(client)
             sent = await client.send(
                 args.to, body, via=args.via, ns=ns, endpoint=args.endpoint, id=args.id
             )
+            late = False
             if args.wait:  # (returns at once when a run before this one had it delivered)
-                await sent.delivered()
-            return {"id": sent.id.hex(), "path": sent.path, "status": sent.status}
+                with trio.move_on_after(limit) as waiting:
+                    await sent.delivered()
+                late = waiting.cancelled_caught
+            return {"id": sent.id.hex(), "path": sent.path, "status": sent.status}, late
 
     try:
-        result = trio.run(main)
+        result, late = trio.run(main)
     except ValueError as exc:
         print(f"formicary msg: {exc}", file=sys.stderr)
         return 2
@@ -119,6 +139,20 @@ def cmd_send(args: argparse.Namespace, url: str, identity: Identity) -> int:
         print(f"formicary msg: not sent: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(result), flush=True)
+    if late:
+        # Sent, and kept for the recipient: only its taking is not known yet.
+        again = (
+            "running the same command again waits on for this same message"
+            if args.id is not None
+            else "it is not lost, and running the command again would send it again"
+            " (with --id, a rerun waits on for the same message)"
+        )
+        print(
+            f"formicary msg send: no receipt after {args.timeout}: the message is"
+            f" {result['status']}, not yet taken by its recipient; {again}",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

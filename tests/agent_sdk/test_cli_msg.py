@@ -181,3 +181,37 @@ async def read_all(stream: trio.abc.ReceiveStream | None) -> bytes:
     while chunk := await stream.receive_some():
         said += chunk
     return said
+
+
+UNTAKEN = r"""
+other msg inbox > /dev/null || exit 10
+f msg send "$them" "the plan" --id plan-1 --wait --timeout 1s > late.json; echo "late=$?" > codes.txt
+other msg inbox > taken.jsonl || exit 11
+f msg send "$them" "the plan" --id plan-1 --wait --timeout 30s > taken.json || exit 12
+f msg send "$them" "x" --timeout 1s; echo "no-wait=$?" >> codes.txt
+f msg send "$them" "x" --wait --timeout soon; echo "bad=$?" >> codes.txt
+exit 0
+"""
+
+
+async def test_a_wait_for_a_receipt_ends_at_its_timeout_and_a_rerun_waits_on(
+    relay: RunningRelay, tmp_path: Path
+) -> None:
+    """``--wait`` waited for the receipt for as long as the recipient did not read:
+    a shell agent could not bound it. Past ``--timeout`` the command prints where the
+    message is (stored: sent, not yet taken) and exits 1; with ``--id``, running it
+    again once the recipient took it is the same message, and ends ``delivered``."""
+    with trio.fail_after(TIMEOUT):  # (not a timing check: only that it ends)
+        done = await run_shell(relay, tmp_path, PRELUDE + UNTAKEN)
+    said = done.stderr.decode()
+    assert done.returncode == 0, said
+    assert exit_codes(tmp_path) == {"late": "1", "no-wait": "2", "bad": "2"}
+    late = json.loads((tmp_path / "late.json").read_text())
+    assert (late["path"], late["status"]) == ("relay", "stored")
+    assert "no receipt after 1s: the message is stored, not yet taken by its recipient" in said
+    assert "running the same command again waits on for this same message" in said
+    [taken] = [json.loads(line) for line in (tmp_path / "taken.jsonl").read_text().splitlines()]
+    assert taken["id"] == late["id"] and taken["body"] == "the plan"
+    again = json.loads((tmp_path / "taken.json").read_text())
+    assert (again["id"], again["status"]) == (late["id"], "delivered")
+    assert "--timeout is how long --wait waits" in said
