@@ -259,7 +259,7 @@ class PendingRequests:
 
 class Forgotten(Exception):
     """A pending request asked again whose answer ends it without a lease to keep:
-    too old for the relay, a grant that ran out, or an outcome not to be had. Its
+    too old for the relay, a grant whose lease is over, or an outcome not to be had. Its
     entry is dropped; the text says why and what to do."""
 
 
