@@ -110,15 +110,13 @@ async def test_hold_stops_the_body_when_the_lease_is_lost(relay: RunningRelay) -
     async with RelayClient.connect(relay.url, identity(1)) as client:
         ledger = Ledger(client, NS)
         order = await ledger.create("fragile")
-        reached_end = False
-        with pytest.raises(LeaseLost):
+        # (A bound: a body not stopped would sleep for ever, and fail the test here.)
+        with trio.fail_after(TIMEOUT), pytest.raises(LeaseLost):
             async with ledger.hold(order, ttl_ms=1_000) as claim:
                 # Someone else ends our lease behind hold()'s back (here: with our key
                 # and token through another ledger object), as a takeover would.
                 await Ledger(client, NS).release(claim)
                 await trio.sleep_forever()  # the next renewal fails and stops us here
-                reached_end = True
-        assert not reached_end
 
 
 async def test_hold_lets_the_body_finish_the_order_and_raises_its_errors(
@@ -262,6 +260,13 @@ class _BundlingLink:
         self.forgets = 0
         """Acks still to come without the outcome, as ``forgetful``; after them, the
         same request asked again is acked with it (as by a relay that found it)."""
+        self.overtaken: str | None = None
+        """The kind of the next request to be overtaken on its way out: it is decided
+        only after the request sent next is (both waited for room among the publishes
+        in flight, and the later one was let out first)."""
+        self._overtaking: trio.Event | None = None
+        self.refused: list[str] = []
+        """The kinds of the requests refused, in the order decided."""
 
     @asynccontextmanager
     async def subscribe(self, ns: str, **filters: Any) -> AsyncIterator[Any]:
@@ -294,11 +299,20 @@ class _BundlingLink:
         on_sent: Callable[[Any], None] | None = None,
     ) -> Any:
         await self.room.wait()  # (as a client waits for room among publishes in flight)
+        if kind == self.overtaken:
+            self.overtaken, self._overtaking = None, trio.Event()
+            await self._overtaking.wait()
         key = (kind, nonce, ts)
         if key not in self.decided:
             request = len(self.decided).to_bytes(32, "big")
             author = self.identity.public_key
-            self.decided[key] = self.core.decide(kind, body, author, request, self.clock_ms())
+            outcome = self.core.decide(kind, body, author, request, self.clock_ms())
+            self.decided[key] = outcome
+            if outcome is not None and outcome.kind.endswith(".rejected"):
+                self.refused.append(kind)
+        if self._overtaking is not None:  # the request it waited for is decided
+            self._overtaking.set()
+            self._overtaking = None
         outcome = None if self.forgetful or self.forgets > 0 else self.decided[key]
         self.forgets = max(self.forgets - 1, 0)
         answer = _Answer(outcome, trio.current_time(), nonce, ts)
@@ -358,16 +372,19 @@ async def bundled() -> AsyncIterator[tuple[_BundlingLink, Ledger]]:
 async def test_a_renewal_refused_because_the_body_finished_is_no_lost_lease(
     seed: int, autojump_clock: trio.testing.MockClock
 ) -> None:
-    """The body's `done` and a renewal sent meanwhile are answered in one bundle; the
-    renewal is refused (the order is done). Whichever task trio wakes first, the body
-    finished the order: hold must not cancel it and raise LeaseLost."""
+    """A renewal on its way is overtaken by the body's `done`: the relay decides the
+    done first, and refuses the renewal (the order is done); both are answered in one
+    bundle. Whichever task trio wakes first, the body finished the order: hold must
+    not cancel it and raise LeaseLost."""
     trio._core._run._r.seed(seed)  # trio shuffles wake-ups: each seed is one order
     async with bundled() as (link, ledger):
         order = await ledger.create("t")
         async with ledger.hold(order, ttl_ms=3_000) as claim:
-            await trio.sleep(1.65)  # the renewal is due at 1 s after the claim was asked
+            link.overtaken = "wo.renew"  # due 1 s after the claim was asked; it waits
+            await trio.sleep(1.65)  # (until the done below is decided)
             await ledger.update(claim, "done")
-            await trio.sleep(0.01)
+            await trio.sleep(0.01)  # (the renewal's refusal is read by now)
+    assert link.refused == ["wo.renew"]  # the refusal the hold had to take for no loss
     assert link.core.ledger.orders[order].status.value == "done"
 
 
@@ -427,13 +444,14 @@ async def test_an_end_answered_too_late_does_not_keep_the_body_past_its_lease(
     """One task of the body ends the claim, and the answer is slow to come (it is
     refused in the end); another task works on. The renewal waited for that answer
     before it renewed, with no deadline: the lease lapsed with the body still running.
-    It is stopped before the lease can lapse."""
+    It is stopped before the lease can lapse, with the margin hold keeps (a tenth of
+    the TTL, keep_renewed), by the relay's own clock."""
+    ttl_ms = 3_000
     async with bundled() as (link, ledger):
         order = await ledger.create("t")
-        stopped_at = None
+        stopped_ms = None
         with pytest.raises(LeaseLost, match="lease was lost"):
-            async with ledger.hold(order, ttl_ms=3_000) as claim:
-                claimed_at = trio.current_time()
+            async with ledger.hold(order, ttl_ms=ttl_ms) as claim:
                 link.late, link.delay = 1, 30.0  # refused (no such status), answered at 30 s
 
                 async def finish() -> None:
@@ -445,8 +463,13 @@ async def test_an_end_answered_too_late_does_not_keep_the_body_past_its_lease(
                     try:
                         await trio.sleep_forever()  # working on
                     finally:
-                        stopped_at = trio.current_time()
-        assert stopped_at is not None and stopped_at < claimed_at + 3  # within the lease
+                        stopped_ms = link.clock_ms()  # the relay's time
+        # The lease the relay granted (never renewed: the renewal waited for the end's
+        # answer) lapses at claim.expires_ms; the body was stopped a margin before it
+        # (1 ms: the relay's clock counts whole milliseconds).
+        assert stopped_ms is not None
+        assert stopped_ms <= claim.expires_ms - ttl_ms // 10 + 1
+        assert "wo.renew" not in {kind for kind, _, _ in link.decided}
 
 
 async def test_a_claim_whose_outcome_cannot_be_read_is_unknown_not_refused(
