@@ -9,7 +9,8 @@ mirrors hold the homes' logs byte for byte, and ``formicary log verify`` passes 
 both data directories with the peers' keys pinned.
 
 A second test kills the relay that holds the outbox with SIGKILL while the home is
-down: the promise of ``queued`` survives the restart.
+down, after the agent that wrote has gone: the promise of ``queued`` survives the
+restart, and the writes reach their home with nobody sending them again.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from agent_sdk.client import Delivery, Live, PendingPublish, Published, RelayCli
 from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.identity import Identity
 from agent_sdk.wire import Event, sign_event
+from federation.outbox import SQLiteOutboxStore
+from relay.app import OUTBOX_FILE
 from tests.conftest import identity
 from tests.federation.cluster import Cluster, cluster
 from tests.processes import PHASE_TIMEOUT, cli
@@ -165,15 +168,36 @@ async def test_a_queued_write_survives_sigkill_of_the_relay_holding_it(tmp_path:
                 writer = Writer(agent)
                 writer.send("x@b", ROUND)
                 await writer.wait_queued(ROUND)  # promised: in a's outbox on disk
-                await net.kill("a")  # SIGKILL, b still down
-                await net.start("a")
-                await net.start("b")
-                # The agent reconnects to a and re-sends; a already holds the entries.
-                results = await writer.results("x@b")
-            assert [p.receipt.seq for p in results] == list(range(1, ROUND + 1))
+            # The agent is gone, its publishes unanswered: it sends nothing again, and
+            # the promise is a's alone to keep.
+            assert agent.stopped.is_set()
+            sent = [pending.event.id for pending in writer.sent["x@b"]]
+            await net.kill("a")  # SIGKILL, b still down
+            outbox = SQLiteOutboxStore(net["a"].data / OUTBOX_FILE)
+            try:
+                rows = outbox.load()
+            finally:
+                outbox.close()
+            assert len(rows) == ROUND  # on disk, as promised
+            await net.start("a")
+            await net.start("b")
             async with RelayClient.connect(net["b"].url, identity(4)) as reader:
-                at_home = await read_log(reader, "x@b")
-            assert [item.receipt.id for item in at_home] == [p.receipt.id for p in results]
+                at_home = await read_events(reader, "x@b", ROUND)
+            # Each once, in the order sent.
+            assert [item.receipt.id for item in at_home] == sent
+            assert [item.receipt.seq for item in at_home] == list(range(1, ROUND + 1))
+
+
+async def read_events(client: RelayClient, ns: str, count: int) -> list[Delivery]:
+    """The first ``count`` events of ``ns``, waiting for those not there yet."""
+    items = []
+    async with client.subscribe(ns, start=1) as feed:
+        async for item in feed:
+            if isinstance(item, Delivery):
+                items.append(item)
+                if len(items) == count:
+                    return items
+    raise AssertionError("subscription ended")
 
 
 async def test_a_write_stuck_past_the_outbox_deadline_fails_clearly(tmp_path: Path) -> None:
