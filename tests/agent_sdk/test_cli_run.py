@@ -16,7 +16,8 @@ import trio
 
 from agent_sdk.cli_run import LEASE_LOST
 from agent_sdk.client import RelayClient
-from agent_sdk.ledger import Ledger, LedgerRefusal
+from agent_sdk.election import hold_lock
+from agent_sdk.ledger import Claim, Ledger, LedgerRefusal
 from tests.agent_sdk.shell import read_until, running
 from tests.conftest import RunningRelay, identity, start_relay
 
@@ -183,26 +184,34 @@ async def test_a_killed_leader_is_followed_by_one_with_a_larger_token(
 
 
 async def test_a_leader_that_stops_hands_over_at_once(relay: RunningRelay) -> None:
+    """A leader whose body ends releases its lease: the follower, refused while it
+    led, takes over at once, long before that lease would have lapsed."""
+    ttl = 30_000
     async with (
         RelayClient.connect(relay.url, identity(1)) as a,
         RelayClient.connect(relay.url, identity(2)) as b,
     ):
-        tokens: list[int] = []
-        first_done = trio.Event()
+        leases: list[Claim] = []
+        waiting = trio.Event()
 
         async def follower() -> None:
-            async with Ledger(b, NS).elect("loop", 30_000) as lead:
-                tokens.append(lead.token)
+            # (elect, with word of the refusal that makes it a follower)
+            async with hold_lock(
+                Ledger(b, NS), "leader:loop", ttl, on_wait=lambda _: waiting.set()
+            ) as lead:
+                leases.append(lead)
 
         with trio.fail_after(TIMEOUT):
-            async with trio.open_nursery() as nursery:
-                async with Ledger(a, NS).elect("loop", 30_000) as lead:
-                    tokens.append(lead.token)
-                    nursery.start_soon(follower)
-                    await trio.testing.wait_all_tasks_blocked()
-                    assert len(tokens) == 1  # the follower waits meanwhile
-                first_done.set()  # released: the follower leads on its next try
-        assert tokens[1] > tokens[0]
+            async with trio.open_nursery() as nursery, Ledger(a, NS).elect("loop", ttl) as lead:
+                leases.append(lead)
+                nursery.start_soon(follower)
+                await waiting.wait()  # refused: the follower waits meanwhile
+                assert len(leases) == 1
+    first, second = leases
+    assert second.token > first.token
+    # By the relay's clock (a lease is granted for the TTL asked): the follower's was
+    # granted before the first could lapse, so the leader released it on its way out.
+    assert second.expires_ms - ttl < first.expires_ms
 
 
 @pytest.mark.parametrize("ttl", ["0s", "forever"])
