@@ -84,6 +84,12 @@ def test_a_seed_makes_the_same_log_under_the_tests_as_in_a_plain_process() -> No
 
 
 def test_coordination_prevents_the_duplicate_work_the_baseline_shows() -> None:
+    """Agents that take work with ``wo.next`` and finish it fenced by their token
+    report one result per order, through crashes; the baseline's agents (no claims)
+    report some twice. What this shows is the ledger handing out each open order (or
+    one whose lease lapsed) once: the agents never ask for an order another agent
+    holds, so the relay's refusal of such a claim (``held``) is not exercised here
+    (test_ledger's workledger loop and test_leases' state machine check it)."""
     coordinated = run_virtual(Settings(scenario="work_queue", seed=3, **SMALL))  # type: ignore[arg-type]
     baseline = run_virtual(Settings(scenario="no_coordination", seed=3, **SMALL))  # type: ignore[arg-type]
     assert coordinated.done == baseline.done == SMALL["orders"]
@@ -260,6 +266,10 @@ def test_an_auction_market_slashes_every_failure_and_conserves_stake() -> None:
 
 
 def test_work_sharded_over_three_relays_is_done_once_across_links() -> None:
+    """Agents on every relay take work from a namespace homed on another (their
+    requests forwarded) and each order gets one result, through crashes. As in the
+    single-relay run, agents only take open or lapsed orders with ``wo.next``: no
+    claim aimed at a held order is made, so exclusive leases are not tested here."""
     settings = Settings(
         scenario="federated", relays=3, agents=15, orders=60, seed=5, crash_rate=0.1
     )
