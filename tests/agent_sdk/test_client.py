@@ -82,7 +82,6 @@ async def test_unacknowledged_publishes_are_resent_after_a_drop(relay: RunningRe
                 for n in range(100):
                     nursery.start_soon(lambda n=n: _append(results, client.publish(NS, "app.n", n)))
                 await trio.testing.wait_all_tasks_blocked()
-                assert len(results) < 100  # some are unanswered as the connection drops
                 await drop_every_connection(relay)
         assert sorted(r.receipt.seq for r in results) == list(range(1, 101))
         assert relay.node.head(NS) == 100
