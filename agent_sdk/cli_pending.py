@@ -53,10 +53,7 @@ entry, and the command says a rerun asks again.
 from __future__ import annotations
 
 import fcntl
-import json
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -64,7 +61,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import IO, Any
 
-from agent_sdk.cli_wo import Tokens, UsageError
+from agent_sdk.cli_wo import Tokens, UsageError, read_json, write_json
 from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.ledger import Claim, Ledger, LedgerRefusal, OutcomeUnknown, granted
 
@@ -156,16 +153,7 @@ class PendingRequests:
         """The relay's key (hex): set when connected, before a request is recorded."""
 
     def _load(self) -> dict[str, Any]:
-        try:
-            text = self.path.read_text()
-        except FileNotFoundError:
-            return {}
-        except OSError as exc:
-            raise UsageError(f"cannot read {self.path}: {exc.strerror}") from None
-        try:
-            data = json.loads(text) if text.strip() else {}
-        except json.JSONDecodeError:
-            data = None
+        data = read_json(self.path)
         # Strict: an entry misread is a request never asked again, and its grant a
         # lease held without its token; the file is left as it is for a person.
         if not isinstance(data, dict) or any(_read(saved) is None for saved in data.values()):
@@ -197,10 +185,7 @@ class PendingRequests:
             before = dict(data)
             yield data
             if data != before:
-                fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".pending.")
-                with os.fdopen(fd, "w") as file:
-                    file.write(json.dumps(data, indent=1))
-                os.replace(tmp, self.path)
+                write_json(self.path, data)
 
     def _in_use(self, nonce: bytes) -> Path:
         """The file whose lock says that a running command waits on that request."""

@@ -392,16 +392,7 @@ class Tokens:
         """The relay's key (hex): set when connected, before any token is read."""
 
     def _load(self) -> dict[str, int]:
-        try:
-            text = self.path.read_text()
-        except FileNotFoundError:
-            return {}
-        except OSError as exc:
-            raise UsageError(f"cannot read {self.path}: {exc.strerror}") from None
-        try:
-            data = json.loads(text) if text.strip() else {}
-        except json.JSONDecodeError:
-            data = None  # read as empty, the next write lost every token kept
+        data = read_json(self.path)  # (not JSON read as empty: the next write loses all)
         if not isinstance(data, dict):
             raise UsageError(f"{self.path} is not a token file (a JSON object): move it away")
         return {k: v for k, v in data.items() if isinstance(v, int)}
@@ -478,11 +469,35 @@ class Tokens:
                 data[key] = token
             else:
                 data.pop(key, None)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".tokens.")
-            with os.fdopen(fd, "w") as file:
-                file.write(json.dumps(data, indent=1))
-            os.replace(tmp, self.path)
+            write_json(self.path, data)
         return True
+
+
+def read_json(path: Path) -> Any:
+    """A small state file's JSON value: ``{}`` when there is no file (or only
+    whitespace), ``None`` when it is not JSON; :class:`UsageError` when it cannot be
+    read. The caller checks the shape, and refuses rather than overwrite what it
+    cannot read."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        return json.loads(text) if text.strip() else {}
+    except json.JSONDecodeError:
+        return None
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Replace a small state file atomically (the caller holds its lock): a private
+    temporary file beside it, renamed over it, so a reader sees the old file or the
+    new one, never half of one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.")
+    with os.fdopen(fd, "w") as file:
+        file.write(json.dumps(data, indent=1))
+    os.replace(tmp, path)
 
 
 def ttl_ms(text: str, flag: str = "--ttl") -> int:

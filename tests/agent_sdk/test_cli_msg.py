@@ -185,7 +185,8 @@ async def read_all(stream: trio.abc.ReceiveStream | None) -> bytes:
 
 UNTAKEN = r"""
 other msg inbox > /dev/null || exit 10
-f msg send "$them" "the plan" --id plan-1 --wait --timeout 1s > late.json; echo "late=$?" > codes.txt
+f msg send "$them" "the plan" --id plan-1 --wait --timeout 1s > late.json
+echo "late=$?" > codes.txt
 other msg inbox > taken.jsonl || exit 11
 f msg send "$them" "the plan" --id plan-1 --wait --timeout 30s > taken.json || exit 12
 f msg send "$them" "x" --timeout 1s; echo "no-wait=$?" >> codes.txt
