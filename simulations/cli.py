@@ -81,10 +81,18 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--work", default="1s-5s", help="task duration range, e.g. 1s-5s")
     p.add_argument("--ttl", default="30s", help="claim lease")
     p.add_argument("--restart", default="5s", help="how long a crashed agent stays down")
-    p.add_argument("--snapshot", default="10s", help="staleness of no_coordination's view")
+    p.add_argument(
+        "--snapshot", default="10s", help="staleness of no_coordination's and --take claim's view"
+    )
     p.add_argument("--duration", default="24h", help="stop after this much virtual time")
     p.add_argument("--relays", type=int, default=1, help="relays of a `federated` run")
     p.add_argument("--variant", default="flat", help="work_queue: flat, fanout or pipeline")
+    p.add_argument(
+        "--take",
+        default="next",
+        help="work_queue: next (the relay hands out the best open order) or claim"
+        " (each agent claims one it picked from its own --snapshot-old list)",
+    )
     p.add_argument("--workers", type=int, default=1, help="real mode, work_queue: agent processes")
     p.add_argument(
         "--no-handoff",
@@ -147,6 +155,7 @@ def _settings_of(
         snapshot_ms=duration(args.snapshot, "--snapshot"),
         relays=args.relays,
         variant=args.variant,
+        take=args.take,
         handoff=not args.no_handoff,
         faults=faults,
         duration_s=duration(args.duration, "--duration") / 1000,

@@ -85,6 +85,10 @@ SLOWER = 5
 
 FAULTS = ("slow=SHARE", "delay=DURATION", "loss=CHANCE", "partition=FROM-TO", "relay_kill=AT")
 VARIANTS = ("flat", "fanout", "pipeline")
+TAKES = ("next", "claim")
+"""How ``work_queue`` agents take work (``--take``): ``next`` asks the relay for the
+best open order (``wo.next``); ``claim`` picks one from the agent's own stale list and
+claims it (``wo.claim``), so agents contend for the same orders."""
 FANOUT = 3
 """Sub-orders each order of the ``fanout`` variant spawns."""
 STAGES = ("observe", "diagnose", "fix")
@@ -148,13 +152,15 @@ class Settings:
     restart_ms: int = 5_000
     """How long a crashed agent stays down before it comes back."""
     snapshot_ms: int = 10_000
-    """How stale the backlog an uncoordinated agent picks from is (no_coordination)."""
+    """How stale the backlog an agent picks from is (no_coordination, ``take="claim"``)."""
     relays: int = 1
     """Relays of a ``federated`` run (1 for every other scenario)."""
     variant: str = "flat"
     """``work_queue``: ``flat`` orders, ``fanout`` (each order spawns 3 sub-orders when
     done) or ``pipeline`` (observe -> diagnose -> fix: each stage's completion
     creates the next stage's order, handing its finding over in its description)."""
+    take: str = "next"
+    """``work_queue``: how agents take work, one of :data:`TAKES`."""
     handoff: bool = True
     """``work_queue``: agents checkpoint half-done work in the order's context, and a
     successor resumes from it; without, a crashed task restarts from scratch."""
@@ -202,6 +208,10 @@ class Settings:
             raise UsageError(f"unknown variant {self.variant!r}; choose from {', '.join(VARIANTS)}")
         if self.variant != "flat" and self.scenario not in ("work_queue", "federated"):
             raise UsageError("--variant is for work_queue (and federated)")
+        if self.take not in TAKES:
+            raise UsageError(f"unknown --take {self.take!r}; choose from {', '.join(TAKES)}")
+        if self.take != "next" and self.scenario not in ("work_queue", "federated"):
+            raise UsageError("--take is for work_queue (and federated)")
         if self.scenario == "logistics" and self.crash_rate:
             raise UsageError("logistics: no crashes (--crash-rate) so far; it measures limits")
         if self.scenario == "logistics" and self.agents < 3:
@@ -324,6 +334,10 @@ class Summary:
     task outlasted the lease."""
     wasted_work: int = 0
     """Tasks finished whose result was refused (the lease had moved on)."""
+    refused_held: int = 0
+    """Claims the relay refused because another agent validly held the order
+    (``held``): contention the leases settled. Only ``--take claim`` makes them;
+    ``wo.next`` never offers a held order."""
     events: int = 0
     virtual_seconds: float = 0.0
     wall_seconds: float = 0.0

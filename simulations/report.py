@@ -142,7 +142,7 @@ def write(out: Path, summary: Summary, series: list[dict[str, int]]) -> dict[str
         f"- orders done: {summary.done}; duplicate work: {summary.duplicate_work}; "
         f"zombie orders: {summary.zombies}",
         f"- crashes: {summary.crashes}; lease expiries: {summary.expiries}; "
-        f"wasted work: {summary.wasted_work}",
+        f"wasted work: {summary.wasted_work}; claims refused as held: {summary.refused_held}",
         f"- run time: {summary.virtual_seconds} s ({document['mode']}); "
         f"wall: {summary.wall_seconds} s; events: {summary.events}",
         f"- claim to result, ms: {_spread(summary.extra.get('latency_ms'))}",

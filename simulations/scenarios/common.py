@@ -72,7 +72,7 @@ def tally_logs(logs: Sequence[tuple[HostsLogs, str]], summary: Summary) -> None:
     """:func:`tally` over namespaces homed on several relays."""
     results: dict[tuple[str, str], list[str]] = defaultdict(list)
     kinds: Counter[str] = Counter()
-    expiries = 0
+    expiries = held = 0
     for relay, ns in logs:
         for record in relay.store.scan(ns):
             kinds[record.kind] += 1
@@ -81,8 +81,11 @@ def tally_logs(logs: Sequence[tuple[HostsLogs, str]], summary: Summary) -> None:
                 results[(ns, body["wo"])].append(body["value"])
             elif record.kind == "lease.expired":
                 expiries += expired_leases(record)
+            elif record.kind == "wo.rejected":  # (only a claim is refused as held)
+                held += decode(record.event)["body"]["problem"] == "held"
     summary.events = sum(kinds.values())
     summary.expiries = expiries
+    summary.refused_held = held
     summary.done = len(results)
     summary.duplicate_work = sum(1 for values in results.values() if len(values) > 1)
     summary.conflicting_results = sum(1 for values in results.values() if len(set(values)) > 1)

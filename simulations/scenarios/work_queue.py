@@ -2,7 +2,11 @@
 
 Each agent loops: claim the best open order (``wo.next``, leased), do the work,
 mark it done (fenced by the claim's token) and, once the relay accepted that,
-report the result (an ``app.result`` event). An agent may crash in the middle of a
+report the result (an ``app.result`` event). With ``take="claim"`` an agent picks
+the order itself, at random from the open orders it last listed (a :class:`View`,
+up to ``snapshot_ms`` old), and claims that one (``wo.claim``): agents then aim at
+orders others hold, and only the relay's refusal (``held``) keeps them apart, where
+``wo.next`` never offers a held order at all. An agent may crash in the middle of a
 task (the policy's crash rate): it drops its connection without a word and comes
 back ``restart_ms`` later; its lease runs out and another agent takes the order.
 The run ends when every order has a result, or at ``duration_s``.
@@ -10,6 +14,7 @@ The run ends when every order has a result, or at ``duration_s``.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -115,6 +120,7 @@ async def kill_relay(world: World, at_ms: int) -> None:
 def extra_of(progress: Progress) -> dict[str, object]:
     return {
         "variant": progress.settings.variant,
+        "take": progress.settings.take,
         "handoff": progress.settings.handoff,
         "orders_total": progress.total,
         "resumed": progress.resumed,
@@ -237,9 +243,53 @@ async def publish_result(ledger: Ledger, result: Report, progress: Progress) -> 
     progress.finish_one()
 
 
-async def work(  # type: ignore[no-untyped-def]
+class View:
+    """The open orders an agent last listed (``wo.list``), as it believes them to be:
+    listed again once ``snapshot_ms`` old, or used up. Others claim and finish orders
+    meanwhile, so many of its picks are held or done by the time it claims them."""
+
+    def __init__(self, snapshot_ms: int) -> None:
+        self.snapshot_ms = snapshot_ms
+        self.orders: list[str] = []
+        self.listed_ms: int | None = None
+
+    async def pick(self, ledger: Ledger, rng: random.Random) -> str | None:
+        """An order drawn from the view (listed again first if stale or empty), taken
+        out of it; None when the relay lists none open."""
+        now = ledger.client.clock_ms()
+        if not self.orders or self.listed_ms is None or now - self.listed_ms >= self.snapshot_ms:
+            self.orders = [order["id"] for order in await ledger.list("open")]
+            self.listed_ms = now
+        return self.orders.pop(rng.randrange(len(self.orders))) if self.orders else None
+
+
+async def take(ledger: Ledger, rng: random.Random, view: View | None) -> Claim | None:
+    """The agent's next claim, or None when it finds nothing open (it waits). Without a
+    view, ``wo.next``: the relay hands it the best open order. With one, the agent
+    claims orders drawn from its view until one is granted; an order held by another
+    agent (``held``) or no longer open (``bad_transition``: done since it was listed)
+    is refused, and the agent draws again."""
+    if view is None:
+        try:
+            return await ledger.next()
+        except LedgerRefusal as refusal:
+            if refusal.problem != "nothing_open":
+                raise
+            return None
+    while (order := await view.pick(ledger, rng)) is not None:
+        try:
+            return await ledger.claim(order)
+        except LedgerRefusal as refusal:
+            if refusal.problem not in ("held", "bad_transition"):
+                raise
+        if not view.orders:
+            return None  # every order it listed is taken: wait before listing again
+    return None
+
+
+async def work(
     ledger: Ledger,
-    rng,
+    rng: random.Random,
     policy: Policy,
     progress: Progress,
     reporting: list[Report],
@@ -248,12 +298,11 @@ async def work(  # type: ignore[no-untyped-def]
     """Work until the backlog is done (False) or until this life crashes (True);
     ``mark`` records the agent's state (idle or working) as it changes."""
     misses = 0
+    settings = progress.settings
+    view = View(settings.snapshot_ms) if settings.take == "claim" else None  # (per life)
     while not progress.finished.is_set():
-        try:
-            claim = await ledger.next()
-        except LedgerRefusal as refusal:
-            if refusal.problem != "nothing_open":
-                raise
+        claim = await take(ledger, rng, view)
+        if claim is None:
             wait_ms = min(IDLE_MAX_MS, rng.randint(*IDLE_MS) << min(misses, 8))
             misses += 1
             await trio.sleep(wait_ms / 1000)
