@@ -23,7 +23,7 @@ from agent_sdk.wire import Event, sign_event
 from relay.store import Record
 from simulations.memnet import MemoryListener, Wire
 from simulations.model import Faults, Meter, Settings, Summary, UsageError, merge_states
-from simulations.replay import lease_anomalies
+from simulations.replay import lease_anomalies, replay
 from simulations.run import run_virtual
 from tests.conftest import identity
 
@@ -89,7 +89,7 @@ def test_coordination_prevents_the_duplicate_work_the_baseline_shows() -> None:
     report some twice. What this shows is the ledger handing out each open order (or
     one whose lease lapsed) once: the agents never ask for an order another agent
     holds, so the relay's refusal of such a claim (``held``) is not exercised here
-    (test_ledger's workledger loop and test_leases' state machine check it)."""
+    (test_agents_claiming_the_same_orders_are_kept_apart_by_the_relay does)."""
     coordinated = run_virtual(Settings(scenario="work_queue", seed=3, **SMALL))  # type: ignore[arg-type]
     baseline = run_virtual(Settings(scenario="no_coordination", seed=3, **SMALL))  # type: ignore[arg-type]
     assert coordinated.done == baseline.done == SMALL["orders"]
@@ -98,6 +98,43 @@ def test_coordination_prevents_the_duplicate_work_the_baseline_shows() -> None:
     assert coordinated.crashes > 0  # crashed holders' orders were recovered, not lost
     assert baseline.duplicate_work > 0 and baseline.conflicting_results > 0
     assert baseline.crashes > 0  # the baseline's agents crash alike (--crash-rate)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        Settings(scenario="work_queue", seed=3, take="claim", **SMALL),  # type: ignore[arg-type]
+        Settings(
+            scenario="federated",
+            relays=3,
+            agents=15,
+            orders=60,
+            seed=5,
+            crash_rate=0.1,
+            take="claim",
+        ),
+    ],
+    ids=["one_relay", "three_relays"],
+)
+def test_agents_claiming_the_same_orders_are_kept_apart_by_the_relay(
+    tmp_path: Path, settings: Settings
+) -> None:
+    """With ``--take claim`` each agent claims (``wo.claim``) an order drawn from its
+    own stale list, so many claims land on orders another agent holds: only the
+    relay's refusal (``held``) keeps one holder per order. A relay that granted those
+    claims (the ledger's claim taking a held order for an open one, ``Leases.acquire``
+    not refusing a current holder) still had every order done once (the fencing token
+    refused the overtaken holder's completion), but fails here: double holders in the
+    replay, wasted work, no ``held`` refusal."""
+    summary = run_virtual(settings, save=tmp_path / "run")
+    checked = replay(tmp_path / "run")
+    assert checked["anomalies"] == [] and checked["ok"]  # one valid holder at a time
+    assert summary.wasted_work == 0  # nobody worked on an order it did not hold
+    assert summary.done == settings.orders and summary.zombies == 0
+    assert summary.duplicate_work == summary.conflicting_results == 0
+    assert summary.refused_held >= settings.orders // 4  # contention, and plenty of it
+    assert summary.crashes > 0  # and crashed holders' orders were claimed again
+    assert run_virtual(settings).log_hash == summary.log_hash  # seeded like every run
 
 
 def test_replicas_editing_through_crashes_converge_and_repeat() -> None:
@@ -220,6 +257,8 @@ def test_sim_sweep_writes_json_and_a_plot(tmp_path: Path) -> None:
         (["run", "work_queue", "--virtual-time", "--workers", "2"], "real mode, work_queue"),
         (["run", "work_queue", "--workers", "0"], "at least 1"),
         (["run", "shared_doc", "--virtual-time", "--variant", "pipeline"], "for work_queue"),
+        (["run", "work_queue", "--virtual-time", "--take", "grab"], "choose from next, claim"),
+        (["run", "no_coordination", "--virtual-time", "--take", "claim"], "for work_queue"),
         (["sweep", "work_queue", "--virtual-time", "--seeds", "x"], "--seeds 'x': seeds as"),
         (["sweep", "work_queue", "--virtual-time", "--seeds=-1-2"], "FIRST-LAST"),
         (["sweep", "work_queue", "--virtual-time", "--agents", "2,x"], "whole numbers"),
@@ -269,7 +308,8 @@ def test_work_sharded_over_three_relays_is_done_once_across_links() -> None:
     """Agents on every relay take work from a namespace homed on another (their
     requests forwarded) and each order gets one result, through crashes. As in the
     single-relay run, agents only take open or lapsed orders with ``wo.next``: no
-    claim aimed at a held order is made, so exclusive leases are not tested here."""
+    claim aimed at a held order is made, so exclusive leases are not tested here
+    (test_agents_claiming_the_same_orders_are_kept_apart_by_the_relay does)."""
     settings = Settings(
         scenario="federated", relays=3, agents=15, orders=60, seed=5, crash_rate=0.1
     )
