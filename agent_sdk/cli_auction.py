@@ -154,7 +154,7 @@ def _commit(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
         except LedgerRefusal:
             raise
         except ProtocolError as exc:
-            if exc.code >= 3000:  # "not now", or a lost connection: it may have gone
+            if not exc.code.refuses_the_event:  # "not now", a lost connection: it may land
                 _tell_salt(args, ns, salt)
             raise
         except BaseException:

@@ -294,7 +294,7 @@ async def take(
             # A refusal of the frame or the event itself (1xxx, 2xxx) ends the request:
             # sent again, the same bytes are refused again. One that says "not now"
             # (5xxx) leaves it to be asked again.
-            if exc.code >= 3000:
+            if not exc.code.refuses_the_event:
                 _tell_kept(where)
                 raise
             pending.settle(request)

@@ -129,6 +129,14 @@ class ErrorCode(enum.IntEnum):
         """The lowercase name used in docs, logs and the ``name`` field of error frames."""
         return self.name.lower()
 
+    @property
+    def refuses_the_event(self) -> bool:
+        """The frame's or the event's own fault (1xxx, 2xxx): the same bytes sent again
+        are refused again, so a write answered so did not land and never will. The
+        other codes say "not now" or concern something else: such a write may be
+        asked again."""
+        return self < 3000
+
 
 class ProtocolError(Exception):
     """A peer's input broke the protocol. ``code`` goes back to the sender."""
