@@ -33,6 +33,18 @@ async def run_shell(
     )
 
 
+async def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[bytes]:
+    """Run ``formicary ARGS`` in a process of its own with ``env``, its output kept."""
+    with trio.fail_after(60):  # (not a timing check: only that it ends)
+        return await trio.run_process(
+            [sys.executable, "-m", "agent_sdk.cli", *args],
+            env=env,
+            check=False,
+            capture_stdout=True,
+            capture_stderr=True,
+        )
+
+
 def exit_codes(tmp_path: Path) -> dict[str, str]:
     """The ``name=code`` lines a script wrote to ``codes.txt``."""
     return dict(line.split("=") for line in (tmp_path / "codes.txt").read_text().split())

@@ -8,7 +8,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import trio
@@ -18,6 +17,7 @@ from agent_sdk.cli_wo import Tokens
 from agent_sdk.client import Delivery, RelayClient
 from agent_sdk.directory import Directory
 from agent_sdk.identity import Identity
+from tests.agent_sdk.shell import run_cli
 from tests.conftest import RunningRelay, identity
 from tests.federation.fixtures import LyingRelay, plan, start
 
@@ -29,15 +29,7 @@ deadline; the test moves the relay's clock past it (:func:`later`)."""
 
 
 async def formicary(url: str, key: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
-    env = {**os.environ, "FORMICARY_RELAY": url, "FORMICARY_KEY": str(key)}
-    with trio.fail_after(60):  # (not a timing check: only that it ends)
-        return await trio.run_process(
-            [sys.executable, "-m", "agent_sdk.cli", *args],
-            env=env,
-            check=False,
-            capture_stdout=True,
-            capture_stderr=True,
-        )
+    return await run_cli({**os.environ, "FORMICARY_RELAY": url, "FORMICARY_KEY": str(key)}, *args)
 
 
 def later(relay: RunningRelay, ms: int) -> None:

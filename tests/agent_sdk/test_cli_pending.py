@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from agent_sdk.identity import Identity
 from agent_sdk.ledger import Claim, Ledger
 from relay.coordination.leases import TtlBounds
 from relay.node import RelayConfig
+from tests.agent_sdk.shell import run_cli as formicary
 from tests.conftest import RunningRelay, identity, start_relay
 from tests.federation.fixtures import plan, start
 
@@ -36,17 +36,6 @@ def agent_env(tmp_path: Path, relay: str, ns: str) -> dict[str, str]:
     }
 
 
-async def formicary(env: dict[str, str], *args: str) -> trio.CompletedProcess[bytes]:
-    with trio.fail_after(60):  # (not a timing check: only that it ends)
-        return await trio.run_process(
-            [sys.executable, "-m", "agent_sdk.cli", *args],
-            env=env,
-            check=False,
-            capture_stdout=True,
-            capture_stderr=True,
-        )
-
-
 def me(tmp_path: Path) -> Identity:
     """The agent's key (made by its first command, or here)."""
     path = tmp_path / "me" / "agent.key"
@@ -58,6 +47,16 @@ def me(tmp_path: Path) -> Identity:
 
 def pending_entries(tmp_path: Path) -> list[dict[str, Any]]:
     return list(json.loads((tmp_path / "me" / "pending.json").read_text()).values())
+
+
+def pending_of(relay: RunningRelay, tmp_path: Path) -> PendingRequests:
+    """The CLI agent's pending requests at ``relay`` (its key made here if not yet)."""
+    return PendingRequests(tmp_path / "me", me(tmp_path).id, relay.node.identity.public_key.hex())
+
+
+def kept(pending: PendingRequests, entry: str) -> int | None:
+    """The token the agent keeps for ``entry`` of work@local at that relay."""
+    return Tokens(pending.path.parent, pending.agent, pending.relay).kept("work@local", entry, None)
 
 
 def in_use(tmp_path: Path) -> list[Path]:
@@ -118,8 +117,8 @@ async def test_a_lease_granted_after_its_command_gave_up_is_had_by_a_rerun(
     assert "asking the relay again for the request an earlier run sent" in rerun.stderr.decode()
     lease = json.loads(rerun.stdout)
     assert lease["token"] == 1 and lease.get("wo", lease.get("lock")) == entry.removeprefix("lock:")
-    kept = Tokens(tmp_path / "me", me(tmp_path).id, a.node.identity.public_key.hex())
-    assert kept.kept(NS, entry, None) == 1
+    tokens = Tokens(tmp_path / "me", me(tmp_path).id, a.node.identity.public_key.hex())
+    assert tokens.kept(NS, entry, None) == 1
     assert pending_entries(tmp_path) == [] and in_use(tmp_path) == []
     requests = [r.kind for r in b.node.store.scan(NS) if r.author == me(tmp_path).public_key]
     assert requests == [left["kind"]]  # one request, asked twice
@@ -207,9 +206,7 @@ async def test_a_request_too_old_for_the_relay_is_said_and_forgotten(
     async with RelayClient.connect(relay.url, identity(7)) as other:
         order = await Ledger(other, "work@local").create("t")
         now = other.clock_ms()
-    pending = PendingRequests(
-        tmp_path / "me", me(tmp_path).id, relay.node.identity.public_key.hex()
-    )
+    pending = pending_of(relay, tmp_path)
     with pending.asking(
         "wo.claim", "work@local", {"wo": order}, lambda: (b"\1" * 16, now - 2 * DAY_MS)
     ):
@@ -234,8 +231,7 @@ async def test_a_grant_whose_lease_ran_out_is_said_and_not_kept(
     bounds = TtlBounds(min_ms=1, max_ms=DAY_MS, default_ms=60_000)
     relay = await start_relay(nursery, tmp_path / "relay", RelayConfig(claim_ttl=bounds))
     env = agent_env(tmp_path, relay.url, "work@local")
-    agent = me(tmp_path)
-    pending = PendingRequests(tmp_path / "me", agent.id, relay.node.identity.public_key.hex())
+    agent, pending = me(tmp_path), pending_of(relay, tmp_path)
     async with RelayClient.connect(relay.url, agent) as client:
         ledger = Ledger(client, "work@local")
         order = await ledger.create("t")
@@ -252,8 +248,7 @@ async def test_a_grant_whose_lease_ran_out_is_said_and_not_kept(
     assert rerun.returncode == 1, said
     assert "was granted (token 1), but that lease is over" in said, said
     assert f"{order} is not held with it now" in said
-    tokens = Tokens(tmp_path / "me", agent.id, relay.node.identity.public_key.hex())
-    assert tokens.kept("work@local", order, None) is None
+    assert kept(pending, order) is None
     assert pending_entries(tmp_path) == [] and in_use(tmp_path) == []
 
 
@@ -287,8 +282,7 @@ async def test_a_grant_whose_lease_is_over_and_taken_by_another_is_not_kept(
     take itself for the holder of what another holds (a lock's exclusion broken)."""
     command, entry, kind, body = ENDED[case]
     env = agent_env(tmp_path, relay.url, "work@local")
-    agent, key = me(tmp_path), relay.node.identity.public_key.hex()
-    pending = PendingRequests(tmp_path / "me", agent.id, key)
+    agent, pending = me(tmp_path), pending_of(relay, tmp_path)
     async with (
         RelayClient.connect(relay.url, agent) as client,
         RelayClient.connect(relay.url, identity(7)) as other,
@@ -308,7 +302,7 @@ async def test_a_grant_whose_lease_is_over_and_taken_by_another_is_not_kept(
     said = rerun.stderr.decode()
     assert rerun.returncode == 1, said
     assert f"was granted (token {token}), but that lease is over" in said, said
-    assert Tokens(tmp_path / "me", agent.id, key).kept("work@local", entry, None) is None
+    assert kept(pending, entry) is None
     assert pending_entries(tmp_path) == [] and in_use(tmp_path) == []
 
 
@@ -317,8 +311,7 @@ async def test_a_grant_finished_meanwhile_is_not_kept(relay: RunningRelay, tmp_p
     token: the rerun would print it as the next order, a done one, with a token that
     every later command of it is refused with."""
     env = agent_env(tmp_path, relay.url, "work@local")
-    agent, key = me(tmp_path), relay.node.identity.public_key.hex()
-    pending = PendingRequests(tmp_path / "me", agent.id, key)
+    agent, pending = me(tmp_path), pending_of(relay, tmp_path)
     async with RelayClient.connect(relay.url, agent) as client:
         ledger = Ledger(client, "work@local")
         first = await ledger.create("first")
@@ -329,7 +322,7 @@ async def test_a_grant_finished_meanwhile_is_not_kept(relay: RunningRelay, tmp_p
     said = rerun.stderr.decode()
     assert rerun.returncode == 1, said
     assert f"{first} is not held with it now" in said, said
-    assert Tokens(tmp_path / "me", agent.id, key).kept("work@local", first, None) is None
+    assert kept(pending, first) is None
     anew = await formicary(env, "wo", "next", "--json")  # and the next run asks anew
     assert anew.returncode == 0, anew.stderr.decode()
     assert json.loads(anew.stdout)["wo"] == second
@@ -341,8 +334,7 @@ async def test_a_grant_renewed_meanwhile_is_kept_with_its_renewed_expiry(
     """Renewed with its token while the rerun was not yet run: still this key's, so
     kept, and told with the expiry it has now, not the first grant's."""
     env = agent_env(tmp_path, relay.url, "work@local")
-    agent, key = me(tmp_path), relay.node.identity.public_key.hex()
-    pending = PendingRequests(tmp_path / "me", agent.id, key)
+    agent, pending = me(tmp_path), pending_of(relay, tmp_path)
     async with RelayClient.connect(relay.url, agent) as client:
         ledger = Ledger(client, "work@local")
         order = await ledger.create("t")
@@ -353,7 +345,7 @@ async def test_a_grant_renewed_meanwhile_is_kept_with_its_renewed_expiry(
     assert rerun.returncode == 0, rerun.stderr.decode()
     lease = json.loads(rerun.stdout)
     assert (lease["token"], lease["expires_ms"]) == (token, renewed.expires_ms)
-    assert Tokens(tmp_path / "me", agent.id, key).kept("work@local", order, None) == token
+    assert kept(pending, order) == token
     assert pending_entries(tmp_path) == []
 
 
@@ -366,9 +358,7 @@ async def test_a_request_whose_command_still_runs_is_not_taken_over(
     env = agent_env(tmp_path, relay.url, "work@local")
     async with RelayClient.connect(relay.url, identity(7)) as other:
         first = await Ledger(other, "work@local").create("t")
-    pending = PendingRequests(
-        tmp_path / "me", me(tmp_path).id, relay.node.identity.public_key.hex()
-    )
+    pending = pending_of(relay, tmp_path)
     running = (b"\2" * 16, 0)  # (never sent: only held, as a command waiting holds it)
     with pending.asking("wo.next", "work@local", {}, lambda: running) as (waiting, again):
         assert not again
