@@ -2,8 +2,9 @@
 leases, for agents that work through commands.
 
 ``lock run NAME -- CMD...`` runs CMD while holding lock NAME: it waits for the lock
-(``--no-wait``: exit 3 at once if held, or ``--conflict-exit N``, as ``flock -E``:
-so a caller can tell "held" from CMD's own status 3), renews it at a third of ``--ttl`` while CMD
+(``--no-wait``: exit 3 at once if held; ``--timeout 90s``: exit 3 if still held after
+that long; or ``--conflict-exit N``, as ``flock -E``: so a caller can tell "held" from
+CMD's own status 3), renews it at a third of ``--ttl`` while CMD
 runs, releases it after, and exits with CMD's status. CMD finds the fencing token in
 ``FORMICARY_FENCE``. If the lease is lost (a renewal refused, or not confirmed in
 time, or the connection to the relay lost), CMD is stopped (SIGTERM, then SIGKILL)
@@ -14,7 +15,9 @@ then releases the lock; the status is 128 + the signal.
 ``once:KEY`` it reads the checkpoint ``once:KEY``; if set, it exits 0 without running
 CMD; else it runs CMD and, on status 0, sets the checkpoint (compare-and-set, so a
 second completion is refused) and posts the outcome to the bulletin. A failed CMD
-leaves KEY open for the next try. Exactly once holds for agents that run CMD through
+leaves KEY open for the next try. While another agent runs KEY, ``once`` waits for
+it (then exits 0 if that run succeeded); ``--timeout`` bounds that wait as for ``lock
+run``, exiting ``--conflict-exit`` (3). Exactly once holds for agents that run CMD through
 ``once``; a CMD whose side effect must also survive a paused holder should check
 ``FORMICARY_FENCE`` where it writes.
 """
@@ -32,6 +35,7 @@ from typing import Any
 
 import trio
 
+from agent_sdk.cli_timeout import seconds
 from agent_sdk.cli_wo import Tokens, UsageError, run, subcommand, ttl_ms
 from agent_sdk.election import hold_lock
 from agent_sdk.ledger import LeaseLost, Ledger, LedgerRefusal
@@ -55,8 +59,7 @@ def add_parsers(sub: Any, lock_commands: Any, agent_options: AgentOptions) -> No
     p.add_argument("name")
     p.add_argument("--ttl", default="5m", help="lease length, renewed at a third of it")
     p.add_argument("--no-wait", action="store_true", help="exit 3 at once if the lock is held")
-    p.add_argument("--conflict-exit", type=int, default=3, metavar="N",
-                   help="with --no-wait, the status when the lock is held (default 3)")  # fmt: skip
+    _add_wait_bound(p)
     p.usage = "%(prog)s NAME [options] -- CMD [ARGS...]"
     p.set_defaults(cmd=[])
     p = subcommand(sub, "once", "run a command unless an agent completed KEY before",
@@ -64,10 +67,38 @@ def add_parsers(sub: Any, lock_commands: Any, agent_options: AgentOptions) -> No
     # (not "key": --key is the agent's key file, which every command takes)
     p.add_argument("once_key", metavar="KEY", help="what, once done, is never run again")
     p.add_argument("--ttl", default="5m", help="lease of the once:KEY lock while it runs")
+    _add_wait_bound(p)
     p.usage = "%(prog)s KEY [options] -- CMD [ARGS...]"
     p.set_defaults(
         cmd=[], func=run, group="once_command", once_command="once", actions={"once": _once}
     )
+
+
+def _add_wait_bound(p: argparse.ArgumentParser) -> None:
+    """``--timeout`` and ``--conflict-exit``: how long to wait for a held lock (as
+    ``flock -w``; the default is for as long as it takes), and the status then."""
+    # (its own dest: cli_wo.run bounds a whole command by a `timeout`, and this bounds
+    # only the wait for the lock, never CMD)
+    p.add_argument("--timeout", metavar="DURATION", dest="lock_timeout",
+                   help="give up when the lock is still held after this long: 90s, 5m")  # fmt: skip
+    p.add_argument("--conflict-exit", type=int, default=3, metavar="N",
+                   help="the status when the lock is held past --timeout or --no-wait"
+                        " (default 3)")  # fmt: skip
+
+
+def _wait_bound(args: argparse.Namespace) -> float | None:
+    """``--timeout`` in seconds, or None: wait for as long as it takes."""
+    if args.lock_timeout is None:
+        return None
+    if getattr(args, "no_wait", False):
+        raise UsageError("--no-wait does not wait: give --no-wait or --timeout, not both")
+    return seconds(args.lock_timeout)
+
+
+def _held(where: str, what: str, args: argparse.Namespace, refusal: LedgerRefusal) -> Exit:
+    waited = f" after {args.lock_timeout}" if args.lock_timeout is not None else ""
+    print(f"formicary {where}: {what} is held{waited}: {refusal.reason}", file=sys.stderr)
+    return Exit(args.conflict_exit)
 
 
 def _command(args: argparse.Namespace) -> list[str]:
@@ -120,7 +151,7 @@ async def _running(args: argparse.Namespace, cmd: list[str], token: int) -> int:
 
 
 def lock_run(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
-    cmd, ttl = _command(args), ttl_ms(args.ttl, "--ttl")
+    cmd, ttl, bound = _command(args), ttl_ms(args.ttl, "--ttl"), _wait_bound(args)
 
     async def act(ledger: Ledger) -> Exit:
         def waiting(holder: dict[str, Any]) -> None:
@@ -139,7 +170,7 @@ def lock_run(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
 
         try:
             async with hold_lock(
-                ledger, args.name, ttl, wait=not args.no_wait, on_wait=waiting
+                ledger, args.name, ttl, wait=not args.no_wait, on_wait=waiting, wait_at_most=bound
             ) as lock:
                 return Exit(await _running(args, cmd, lock.token))
         except LeaseLost as exc:
@@ -148,14 +179,13 @@ def lock_run(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
         except LedgerRefusal as refusal:
             if refusal.problem != "held":
                 raise
-            print(f"formicary lock run: {args.name} is held: {refusal.reason}", file=sys.stderr)
-            return Exit(args.conflict_exit)
+            return _held("lock run", args.name, args, refusal)
 
     return act
 
 
 def _once(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
-    cmd, ttl = _command(args), ttl_ms(args.ttl, "--ttl")
+    cmd, ttl, bound = _command(args), ttl_ms(args.ttl, "--ttl"), _wait_bound(args)
     key = args.once_key
     if not key or len(key) > MAX_ONCE_KEY:
         raise UsageError(f"a once key is 1 to {MAX_ONCE_KEY} characters")
@@ -163,7 +193,7 @@ def _once(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
 
     async def act(ledger: Ledger) -> Exit:
         try:
-            async with hold_lock(ledger, name, ttl) as lock:
+            async with hold_lock(ledger, name, ttl, wait_at_most=bound) as lock:
                 if await ledger.get_checkpoint(name):
                     print(f"formicary once: {key} was done before; not run", file=sys.stderr)
                     return Exit(0)
@@ -175,6 +205,10 @@ def _once(args: argparse.Namespace, tokens: Tokens, ns: str) -> Any:
         except LeaseLost as exc:
             print(f"formicary once: {exc}", file=sys.stderr)
             return Exit(LEASE_LOST)
+        except LedgerRefusal as refusal:
+            if refusal.problem != "held":
+                raise
+            return _held("once", f"{key} (the lock {name})", args, refusal)
 
     return act
 

@@ -51,18 +51,21 @@ async def hold_lock(
     *,
     wait: bool = True,
     on_wait: Callable[[dict[str, Any]], None] | None = None,
+    wait_at_most: float | None = None,
 ) -> AsyncIterator[Claim]:
     """Hold lock ``name`` for the body's duration (see the module docstring).
 
     With ``wait`` false, a lock held by another agent raises the ledger's refusal
-    (``held``) at once instead of waiting for it. ``on_wait`` is called with the
-    holder (``{holder, token, expires_ms}`` as the refusal names it) when waiting
+    (``held``) at once instead of waiting for it; ``wait_at_most`` (seconds) waits that
+    long at most, then raises the refusal of the last ask. ``on_wait`` is called with
+    the holder (``{holder, token, expires_ms}`` as the refusal names it) when waiting
     starts, once.
     """
     ttl = ttl_ms / 1000
     following = AsyncExitStack()  # a follower's subscription to releases
+    give_up = None if wait_at_most is None else trio.current_time() + wait_at_most
     try:
-        lock, sent = await _acquire(ledger, name, ttl_ms, wait, following, on_wait)
+        lock, sent = await _acquire(ledger, name, ttl_ms, wait, following, on_wait, give_up)
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(CONFIRM_TIMEOUT):
             await following.aclose()  # (shielded: a granted lock must reach the try below)
@@ -107,9 +110,13 @@ async def _acquire(
     wait: bool,
     following: AsyncExitStack,
     on_wait: Callable[[dict[str, Any]], None] | None = None,
+    give_up: float | None = None,
 ) -> tuple[Claim, float]:
     """Take lock ``name``, waiting as a follower while another agent holds it: until
-    its lease can have lapsed, or at once when the relay says it was released."""
+    its lease can have lapsed, or at once when the relay says it was released. Past
+    ``give_up`` (trio's clock) a ``held`` refusal is raised. The wait is bounded
+    between asks, never by cancelling one: an ask cut short could be granted a lock
+    nobody then holds or releases."""
     ttl = ttl_ms / 1000
     feed = None
     while True:
@@ -124,6 +131,8 @@ async def _acquire(
                 return await ledger.lock(name, ttl_ms, nonce=nonce, ts=ts), sent
             except LedgerRefusal as refusal:
                 if refusal.problem != "held" or not wait:
+                    raise
+                if give_up is not None and trio.current_time() >= give_up:
                     raise
                 holder = refusal.holder or {}
             except OutcomeUnknown as exc:  # (the log may not be read: at once)
@@ -153,8 +162,12 @@ async def _acquire(
         expires = holder.get("expires_ms")
         left = (expires - ledger.client.clock_ms()) / 1000 if isinstance(expires, int) else ttl
         # (at least a twentieth of the TTL: a clock ahead of the relay's must not
-        # turn the wait into a busy loop of refused acquires)
-        with trio.move_on_after(min(max(left + 0.01, ttl / 20), ttl / 3)):
+        # turn the wait into a busy loop of refused acquires; then one last ask at
+        # give_up)
+        pause = min(max(left + 0.01, ttl / 20), ttl / 3)
+        if give_up is not None:
+            pause = min(pause, give_up - trio.current_time())
+        with trio.move_on_after(pause):
             async for item in feed:
                 if isinstance(item, Delivery) and item.event.event.body.get("lock") == name:
                     break

@@ -290,3 +290,55 @@ async def test_lock_run_says_whom_it_waits_for(relay: RunningRelay, tmp_path: Pa
         with trio.fail_after(TIMEOUT):
             said = await read_until(process.stderr, b"\n")
     assert said.decode().startswith("formicary lock run: waiting for L, held by you"), said
+
+
+async def test_lock_run_and_once_give_up_on_a_held_lock_after_timeout(
+    relay: RunningRelay, tmp_path: Path
+) -> None:
+    """``--timeout`` (as ``flock -w``): a lock held past it is ``--conflict-exit``
+    (3), CMD never runs, and the holder's lease is untouched; a lock freed within it
+    is taken. `--no-wait` with `--timeout`, or a bad duration, is a usage error."""
+    env = env_for(relay, tmp_path, 1)
+    ran = tmp_path / "ran"
+    async with RelayClient.connect(relay.url, identity(9)) as client:
+        ledger = Ledger(client, NS)
+        held = await ledger.lock("x", 600_000)
+        once_held = await ledger.lock("once:job", 600_000)
+        with trio.fail_after(TIMEOUT):
+            gave_up = await trio.run_process(
+                formicary("lock", "run", "x", "--timeout", "1s", "--", "touch", str(ran)),
+                env=env, check=False, capture_stderr=True,
+            )  # fmt: skip
+            told = await trio.run_process(
+                formicary("once", "job", "--timeout", "1s", "--conflict-exit", "99", "--",
+                          "touch", str(ran)),
+                env=env, check=False, capture_stderr=True,
+            )  # fmt: skip
+        assert gave_up.returncode == 3, gave_up.stderr
+        assert b"x is held after 1s" in gave_up.stderr
+        assert told.returncode == 99, told.stderr
+        assert b"job (the lock once:job) is held after 1s" in told.stderr
+        assert not ran.exists()
+        await ledger.renew_lock(held, 600_000)  # still the holder's: not taken, not released
+        await ledger.unlock(once_held)
+
+        async with trio.open_nursery() as nursery:
+
+            async def release_when_waited_on() -> None:
+                await trio.sleep(0.5)  # (either way the run takes it: now or at its ask)
+                await ledger.unlock(held)
+
+            nursery.start_soon(release_when_waited_on)
+            with trio.fail_after(TIMEOUT):
+                taken = await trio.run_process(
+                    formicary("lock", "run", "x", "--timeout", "2m", "--", "touch", str(ran)),
+                    env=env, check=False, capture_stderr=True,
+                )  # fmt: skip
+        assert taken.returncode == 0, taken.stderr
+        assert ran.exists()
+    for bad in (["--no-wait", "--timeout", "1s"], ["--timeout", "0s"], ["--timeout", "soon"]):
+        usage = await trio.run_process(
+            formicary("lock", "run", "x", *bad, "--", "true"), env=env, check=False,
+            capture_stderr=True,
+        )  # fmt: skip
+        assert usage.returncode == 2, (bad, usage.stderr)

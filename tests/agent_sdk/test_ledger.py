@@ -685,3 +685,34 @@ async def test_a_release_on_exit_whose_outcome_may_not_be_read_keeps_the_body_re
             async with ledger.hold(order, ttl_ms=60_000):
                 link.forgetful = link.unreadable = True
                 raise ValueError("the body's own error")
+
+
+async def test_a_lock_wait_with_a_bound_gives_up_with_the_last_refusal(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """``wait_at_most``: the lock is held past it, so hold_lock raises the `held`
+    refusal of an ask made at the bound (not earlier, nor a TTL later), and the body
+    never runs; released before the bound, the lock is taken."""
+    from agent_sdk.election import hold_lock
+
+    async with bundled() as (link, ledger):
+        held = await ledger.lock("L", 600_000)  # held (by this agent: refused all the same)
+        began = trio.current_time()
+        with trio.fail_after(100), pytest.raises(LedgerRefusal) as refused:
+            async with hold_lock(ledger, "L", 30_000, wait_at_most=25):
+                raise AssertionError("the body ran without the lock")
+        assert refused.value.problem == "held"
+        assert trio.current_time() - began == pytest.approx(25, abs=0.5)  # virtual time
+        assert link.core.locks.leases["L"].token == held.token  # untouched
+
+        async def release_later() -> None:
+            await trio.sleep(12)
+            await ledger.unlock(held)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(release_later)
+            began = trio.current_time()
+            async with hold_lock(ledger, "L", 30_000, wait_at_most=25) as lock:
+                assert lock.token > held.token
+                taken = trio.current_time() - began
+        assert 12 <= taken < 25
