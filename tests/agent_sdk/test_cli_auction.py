@@ -133,7 +133,8 @@ async def test_an_award_confirmed_after_its_command_gave_up_shows_in_auction_sho
     """`auction confirm` reads the award before it confirms it, so a home out of reach
     fails it at once (a query is not queued); its confirm can still go unanswered (the
     answer lost on the way back, here). It gives up after --timeout, and the command it
-    names shows the award confirmed, with the token it could not keep."""
+    names shows the award confirmed, with the token it could not keep; the same
+    command run again keeps it."""
     me, key = bidder(tmp_path)
     async with RelayClient.connect(relay.url, identity(1)) as requester:
         opened = await Auctions(requester, NS).open(title="t", duration_ms=DURATION)
@@ -161,7 +162,13 @@ async def test_an_award_confirmed_after_its_command_gave_up_shows_in_auction_sho
     shown = json.loads(done.stdout)
     assert (shown["phase"], shown["token"]) == ("confirmed", award["token"])
     tokens = Tokens(tmp_path, me.id, relay.node.identity.public_key.hex())
-    assert tokens.kept(NS, award["wo"], None) is None  # (--token then)
+    assert tokens.kept(NS, award["wo"], None) is None
+    # Run again, it sends no second confirm (the relay would refuse it: not_holder),
+    # and keeps the token of the one that landed.
+    done = await formicary(relay.url, key, *confirm, "--json")
+    assert done.returncode == 0, done.stderr.decode()
+    assert json.loads(done.stdout)["token"] == award["token"]
+    assert tokens.kept(NS, award["wo"], None) == award["token"]
 
 
 async def test_a_commit_the_relay_refused_outright_tells_no_salt(
