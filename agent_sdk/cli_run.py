@@ -82,8 +82,7 @@ def _add_wait_bound(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", metavar="DURATION", dest="lock_timeout",
                    help="give up when the lock is still held after this long: 90s, 5m")  # fmt: skip
     p.add_argument("--conflict-exit", type=int, default=3, metavar="N",
-                   help="the status when the lock is held past --timeout or --no-wait"
-                        " (default 3)")  # fmt: skip
+                   help="the status when it gives up on a held lock (default 3)")  # fmt: skip
 
 
 def _wait_bound(args: argparse.Namespace) -> float | None:
