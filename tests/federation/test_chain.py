@@ -12,6 +12,7 @@ from agent_sdk.identity import Identity
 from agent_sdk.wire import (
     ZERO_HASH,
     Event,
+    Receipt,
     decode_receipt,
     make_receipt,
     pruned_mark,
@@ -124,6 +125,40 @@ def test_every_kind_of_forgery_is_refused_and_nothing_released(
     assert chain.tail is None  # nothing was released
 
 
+def rechained(record: Record, **changes: Any) -> Record:
+    """``record`` with its receipt made again with ``changes`` (and sealed by the home,
+    when it was): a home's key vouching for a chain that does not hold together."""
+    receipt = decode_receipt(record.receipt)
+    fields = {k: getattr(receipt, k) for k in ("id", "ns", "seq", "hlc", "prev", "relay")}
+    remade = make_receipt(**(fields | changes))
+    sealed = None if record.seal is None else seal(remade, HOME.sign)
+    return replace(record, receipt=remade.raw, hlc=remade.hlc, seal=sealed)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        lambda first: {"prev": ZERO_HASH},  # seq 2 chained on nothing: a fork of the log
+        lambda first: {"prev": b"\x01" * 32},  # on a receipt that is not seq 1
+        lambda first: {"hlc": first.hlc},  # not strictly larger than seq 1's
+        lambda first: {"hlc": first.hlc - 1},  # before seq 1's
+    ],
+    ids=["prev-zero", "prev-other", "hlc-same", "hlc-earlier"],
+)
+def test_a_receipt_that_breaks_the_hash_chain_is_refused(
+    changes: Callable[[Receipt], dict[str, Any]],
+) -> None:
+    """4.2 and 14.8: each receipt names the hash of the one before it and has a larger
+    hlc. A home's own key on a receipt that does not chain (a forked log, or an hlc
+    that goes back) is refused, with the unsealed run before it."""
+    records = log(3, sealed={3})
+    bad = rechained(records[1], **changes(decode_receipt(records[0].receipt)))
+    chain = MirrorChain(NS, HOME.public_key)
+    with pytest.raises(Forged, match="breaks the hash chain") as forged:
+        offer_all(chain, [records[0], bad, records[2]])
+    assert forged.value.seq == 2 and chain.tail is None  # seq 1 held, not released
+
+
 def test_an_event_nested_far_deeper_than_any_home_takes_is_a_forgery() -> None:
     """A home takes events nested at most 64 deep from its agents, and wraps them a
     few levels more at most; 300 deep would walk Python's stack near its limit."""
@@ -140,9 +175,14 @@ def test_a_consistent_log_signed_by_another_relay_is_refused() -> None:
 
 
 def test_an_endless_unsealed_run_is_refused() -> None:
+    """At most ``max_unsealed`` receipts are held without a seal (14.8): the next one
+    is refused, not one after it."""
+    records = log(5, sealed=set())
     chain = MirrorChain(NS, HOME.public_key, max_unsealed=3)
-    with pytest.raises(Forged, match="without a seal"):
-        offer_all(chain, log(5, sealed=set()))
+    assert offer_all(chain, records[:3]) == []  # at the bound: held
+    with pytest.raises(Forged, match="over 3 receipts without a seal") as refused:
+        offer_all(chain, records[3:4])
+    assert refused.value.seq == 4
 
 
 def size(record: Record) -> int:
@@ -259,3 +299,11 @@ def test_peer_lists_refuse_ourselves_twice_and_chained_vias() -> None:
         check_peers([Peer("b", key, url="ws://x"), Peer("b", key)], "a")
     with pytest.raises(PeerSpecError, match="dialled peer"):
         check_peers([Peer("b", key, via="c"), Peer("c", key, via="d")], "a")
+    # Routes are one hop through a dialled peer (14.3): not through a via peer (a
+    # chain), nor through one that only dials us (no link to go over).
+    direct = Peer("b", key, url="ws://x")
+    check_peers([direct, Peer("c", key, via="b")], "a")
+    with pytest.raises(PeerSpecError, match="dialled peer"):
+        check_peers([direct, Peer("c", key, via="b"), Peer("d", key, via="c")], "a")
+    with pytest.raises(PeerSpecError, match="dialled peer"):
+        check_peers([Peer("b", key), Peer("c", key, via="b")], "a")
