@@ -6,23 +6,30 @@ will answer leave no row behind.
   delivered once the home admits again;
 * an entry restored at start-up is ``queued`` for whoever publishes it again;
 * a stored entry too large for the home's frames is refused, and its row dropped;
-* so is a stored entry expired past the outbox deadline.
+* so is a stored entry expired past the outbox deadline, or while its row was written;
+* an entry in flight when the link drops is stored, not answered, and sent again first;
+* entries taken after a restart are numbered after the restored ones;
+* an answer that comes after the deadline is dropped;
+* a forwarded write the home has not answered holds up no later answer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
-from agent_sdk.client import RelayClient
+from agent_sdk import frames as f
+from agent_sdk.client import PendingPublish, Published, RelayClient
 from agent_sdk.errors import ErrorCode, ProtocolError
-from agent_sdk.wire import Event, sign_event
-from federation.outbox import MemoryOutboxStore, Outbox
+from agent_sdk.wire import ZERO_HASH, Event, SignedEvent, decode_event, make_receipt, sign_event
+from federation.outbox import Entry, MemoryOutboxStore, Outbox
 from tests.conftest import identity
-from tests.federation.fixtures import federation_of, plan, start
+from tests.federation.fixtures import LyingRelay, federation_of, plan, start
 
 NS = "x@b"
 TIMEOUT = 30
@@ -212,3 +219,209 @@ async def test_a_publish_cancelled_as_it_reaches_the_outbox_is_still_stored() ->
     again = await outbox.submit(event)  # the agent reconnects and publishes it again
     assert again.stored and again.decided.is_set() and again.queued_now.is_set()
     assert [row[1] for row in store.load()] == [again.n]
+
+
+class _Link:
+    """A link connection whose home the test answers by hand: publishes are recorded
+    in the order sent; :meth:`drop` ends the connection as the real client does (every
+    unanswered publish fails, and ``stopped`` is set in the same step)."""
+
+    relay_max_frame = 1 << 20
+
+    def __init__(self) -> None:
+        self.stopped = trio.Event()
+        self.sent: list[PendingPublish] = []
+        self.ws = self  # (the outbox closes the connection with ``client.ws.aclose``)
+        self._changed = trio.Event()
+
+    def publish_later(
+        self, event: SignedEvent, *, on_queued: Callable[[], None] | None = None
+    ) -> PendingPublish:
+        pending = PendingPublish(event, on_queued)
+        self.sent.append(pending)
+        self._changed.set()
+        self._changed = trio.Event()
+        return pending
+
+    async def wait_sent(self, count: int) -> list[PendingPublish]:
+        while len(self.sent) < count:
+            await self._changed.wait()
+        return self.sent
+
+    def answer(self, pending: PendingPublish, seq: int) -> None:
+        receipt = make_receipt(
+            id=pending.event.id, ns=NS, seq=seq, hlc=seq, prev=ZERO_HASH, relay=bytes(32)
+        )
+        pending.result = Published(receipt, None, False)
+        pending.done.set()
+
+    def drop(self) -> None:
+        for pending in self.sent:
+            if not pending.done.is_set():
+                pending.error = ProtocolError(ErrorCode.INTERNAL, "the connection closed")
+                pending.done.set()
+        self.stopped.set()
+
+    async def aclose(self, code: int, reason: str) -> None:
+        self.drop()
+
+
+def notes(count: int) -> list[SignedEvent]:
+    me = identity(1)
+    return [
+        sign_event(Event(NS, "app.note", me.public_key, n, (), 1), me.sign) for n in range(count)
+    ]
+
+
+async def test_an_entry_in_flight_when_the_link_drops_is_stored_and_sent_again_first() -> None:
+    """14.5: an entry the home has not answered when the connection ends is not
+    answered by the drop: it is stored (the promise of ``queued``) and sent again on
+    the next connection, before any entry that arrived after it."""
+    store = MemoryOutboxStore()
+    outbox = Outbox("b", store, deadline_ms=600_000, wall_ms=lambda: 0)
+    first, second, third = notes(3)
+    link = _Link()
+    async with trio.open_nursery() as running:
+        running.start_soon(outbox.send, link)  # type: ignore[arg-type]
+        await trio.testing.wait_all_tasks_blocked()  # (the outbox is up)
+        answered = await outbox.submit(first)
+        in_flight = await outbox.submit(second)
+        sent = await link.wait_sent(2)
+        assert store.load() == []  # sent at once: in memory only
+        link.answer(sent[0], 1)
+        await answered.done.wait()
+        link.drop()
+    assert not in_flight.done.is_set()  # the drop is not the home's answer
+    assert in_flight.stored and in_flight.queued_now.is_set()
+    assert [row[1] for row in store.load()] == [in_flight.n]
+    later = await outbox.submit(third)  # the link is down: stored behind it
+
+    again = _Link()
+    async with trio.open_nursery() as running:
+        running.start_soon(outbox.send, again)  # type: ignore[arg-type]
+        sent = await again.wait_sent(2)
+        assert [pending.event.id for pending in sent] == [second.id, third.id]
+        for seq, pending in enumerate(sent, 2):
+            again.answer(pending, seq)
+        await later.done.wait()
+        again.drop()
+    assert in_flight.result is not None and in_flight.result.receipt.seq == 2
+    assert store.load() == [] and outbox.delivered == 3
+
+
+async def test_an_entry_taken_after_a_restart_does_not_overwrite_a_restored_one() -> None:
+    """Entries restored at start keep their numbers: a new entry is numbered after
+    them. Numbered from 1 again, it would replace the restored entry's row (the store
+    keys rows by link and number), and its answer would delete that row: the restored
+    promise would be gone from disk before it was kept."""
+    store = MemoryOutboxStore()
+    before = Outbox("b", store, deadline_ms=600_000, wall_ms=lambda: 0)
+    kept, new = notes(2)
+    await before.submit(kept)  # the link is down: stored
+    after = Outbox("b", store, deadline_ms=600_000, wall_ms=lambda: 0)  # a restart
+    for _, n, raw, sig, since in store.load():
+        after.restore(n, raw, sig, since)
+    await after.submit(new)
+    assert [decode_event(raw, sig).id for _, _, raw, sig, _ in store.load()] == [kept.id, new.id]
+    link = _Link()
+    async with trio.open_nursery() as running:
+        running.start_soon(after.send, link)  # type: ignore[arg-type]
+        sent = await link.wait_sent(2)
+        assert [pending.event.id for pending in sent] == [kept.id, new.id]  # oldest first
+        link.drop()
+
+
+async def test_an_answer_after_the_deadline_is_dropped() -> None:
+    """14.5: an entry in flight past its deadline is answered ``home_unreachable``;
+    the home's answer that comes after it is dropped, not passed on a second time."""
+    now = [0]
+    remembered: list[Entry] = []
+    outbox = Outbox(
+        "b",
+        MemoryOutboxStore(),
+        deadline_ms=1000,
+        wall_ms=lambda: now[0],
+        on_answer=remembered.append,
+    )
+    [event] = notes(1)
+    link = _Link()
+    async with trio.open_nursery() as running:
+        running.start_soon(outbox.send, link)  # type: ignore[arg-type]
+        await trio.testing.wait_all_tasks_blocked()
+        entry = await outbox.submit(event)
+        [pending] = await link.wait_sent(1)
+        assert outbox.next_deadline_ms() == 1000  # counted from its arrival
+        now[0] = 1000
+        assert await outbox.expire(now[0]) == 1
+        link.answer(pending, 1)  # the home's answer, late
+        await trio.testing.wait_all_tasks_blocked()
+        link.drop()
+    assert isinstance(entry.error, ProtocolError)
+    assert entry.error.code is ErrorCode.HOME_UNREACHABLE and entry.result is None
+    assert outbox.delivered == 0 and remembered == []
+
+
+class _SlowDisk(MemoryOutboxStore):
+    """A store whose writes, in a worker thread, wait until the test lets them finish."""
+
+    blocking = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writing = trio.Event()
+        self.finish = threading.Event()
+
+    def put(self, link: str, entries: Sequence[tuple[int, bytes, bytes, int]]) -> None:
+        trio.from_thread.run_sync(self.writing.set)
+        self.finish.wait()
+        super().put(link, entries)
+
+
+async def test_an_entry_expired_while_its_row_is_written_leaves_no_row() -> None:
+    """An entry that expires while its row is being written (the disk is slow) was
+    answered ``home_unreachable`` already: its row is deleted once written, or a
+    restart would send a write its agent was told had failed."""
+    now = [0]
+    store = _SlowDisk()
+    outbox = Outbox("b", store, deadline_ms=1000, wall_ms=lambda: now[0])
+    [event] = notes(1)
+    async with trio.open_nursery() as running:
+        running.start_soon(outbox.submit, event)  # the link is down: written
+        await store.writing.wait()
+        now[0] = 1000
+        assert await outbox.expire(now[0]) == 1
+        store.finish.set()
+    assert store.load() == [] and outbox.entries == {}
+
+
+async def test_a_forwarded_write_not_answered_yet_holds_up_no_later_answer(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """14.4: a forwarded publish is answered when its home answers, without holding up
+    the answers to later publishes on the connection: they wait only until it has
+    been sent on toward the home. Here the home's ack is lost on the way, so it never
+    comes; the agent's next publish, to its own relay, is answered all the same."""
+    import time
+
+    relays = plan(tmp_path, "a", "b")
+    b = await start(nursery, relays["b"], (relays["a"].peer(),))
+    lost = trio.Event()
+
+    def lose(ack: f.Ack) -> None:
+        lost.set()
+
+    silent = LyingRelay(b.url, lambda frame: frame, tamper_ack=lose)
+    await nursery.start(silent.run)
+    a = await start(nursery, relays["a"], (relays["b"].peer(url=silent.url),))
+    me = identity(1)
+    far = sign_event(
+        Event(NS, "app.note", me.public_key, "far", (), time.time_ns() // 10**6), me.sign
+    )
+    with trio.fail_after(TIMEOUT):
+        await federation_of(a).links["b"].wait_up()
+        async with RelayClient.connect(a.url, me) as agent:
+            forwarded = agent.publish_later(far)  # sent first
+            near = await agent.publish("y@a", "app.note", "near")
+            assert near.receipt.seq == 1
+            await lost.wait()  # the home answered it; the answer never reached a
+            assert not forwarded.done.is_set() and b.node.head(NS) == 1
