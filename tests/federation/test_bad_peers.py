@@ -38,7 +38,14 @@ from relay.node import RelayConfig
 from relay.sequencer import Limits
 from relay.store import MAX_UNSEALED_BYTES
 from tests.conftest import RunningRelay, identity
-from tests.federation.fixtures import LyingRelay, Tamper, federation_of, plan, start
+from tests.federation.fixtures import (
+    LyingRelay,
+    Tamper,
+    TamperAck,
+    federation_of,
+    plan,
+    start,
+)
 
 NS = "x@b"
 TIMEOUT = 30
@@ -82,17 +89,19 @@ async def test_an_unlisted_relay_cannot_forward_others_events(
 async def test_a_peer_cannot_route_a_write_back_or_nowhere(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
-    relays = plan(tmp_path, "a", "b")
-    b = await start(nursery, relays["b"], (relays["a"].peer(),))
+    relays = plan(tmp_path, "a", "b", "d")  # (d is never started)
+    via_d = Peer("c", Identity.generate().public_key, via="d")  # b reaches c through d
+    b = await start(nursery, relays["b"], (relays["a"].peer(), relays["d"].peer(), via_d))
     peer_a = relays["a"].identity
     assert peer_a is not None
     author = identity(7)
     with trio.fail_after(TIMEOUT):
         # Relay a's own key, dialling b as its link would, sends writes b must not
         # forward: one for a's own namespace (back where it came from), one for a
-        # relay b has no route to.
+        # relay b reaches only through a third (a peer's write is forwarded once, to
+        # its home: 14.3 rule 2), one for a relay b has no route to.
         async with RelayClient.connect(b.url, peer_a) as link:
-            for ns, why in (("y@a", "back"), ("z@c", "no route")):
+            for ns, why in (("y@a", "back"), ("z@c", "twice"), ("z@e", "no route")):
                 event = Event(
                     ns=ns, kind="app.note", author=author.public_key, body=1, deps=(), ts=now_ms()
                 )
@@ -257,9 +266,28 @@ def resealed_outcome(ack: f.Ack) -> f.Ack:
     return replace(moved, outcome_seal=seal(decode_receipt(moved.outcome_receipt), LIAR.sign))
 
 
-@pytest.mark.parametrize(
-    "lie", [resign_ack, unsealed_ack, moved_outcome, resealed_outcome], ids=lambda f: f.__name__
-)
+def resigned_outcome(ack: f.Ack) -> f.Ack:
+    """The outcome's receipt made again by the liar's key, and sealed by it: the seal
+    verifies, with the key the receipt names, which is not the home's."""
+    assert ack.outcome_receipt is not None, "the write is a request: it has an outcome"
+    receipt = decode_receipt(ack.outcome_receipt)
+    forged = make_receipt(
+        id=receipt.id, ns=receipt.ns, seq=receipt.seq, hlc=receipt.hlc, prev=receipt.prev,
+        relay=LIAR.public_key,
+    )  # fmt: skip
+    return replace(ack, outcome_receipt=forged.raw, outcome_seal=seal(forged, LIAR.sign))
+
+
+def request_receipt_as_outcomes(ack: f.Ack) -> f.Ack:
+    """The outcome given the request's own receipt and seal, both the home's: of the
+    namespace, by the home's key, sealed, but not the outcome's."""
+    return replace(ack, outcome_receipt=ack.receipt, outcome_seal=ack.seal)
+
+
+OUTCOME_LIES = (moved_outcome, resealed_outcome, resigned_outcome, request_receipt_as_outcomes)
+
+
+@pytest.mark.parametrize("lie", [resign_ack, unsealed_ack, *OUTCOME_LIES], ids=lambda f: f.__name__)
 async def test_an_answer_to_a_forwarded_write_that_is_not_the_homes_is_refused(
     nursery: trio.Nursery,
     tmp_path: Path,
@@ -278,7 +306,7 @@ async def test_an_answer_to_a_forwarded_write_that_is_not_the_homes_is_refused(
         async with RelayClient.connect(a.url, identity(6)) as agent, trio.open_nursery() as waiting:
 
             async def publish() -> None:
-                if lie in (moved_outcome, resealed_outcome):  # a request: it has an outcome
+                if lie in OUTCOME_LIES:  # a request: it has an outcome
                     body = {"title": "to b"}
                     answered.append(await agent.publish(NS, "wo.create", body, nonce=b"1"))
                 else:
@@ -728,6 +756,50 @@ async def test_a_claimed_head_does_not_blind_a_subscription_from_now(
     raise AssertionError("the event a's mirror holds never reached the subscriber")
 
 
+def second_from_first(lie: Callable[[f.Ack, f.Ack], f.Ack]) -> TamperAck:
+    """A relay on the way that keeps the first ack it passes and answers the second
+    with parts of it, ``lie(second, first)``: genuine, sealed by the home, but another
+    write's. It lies once: caught, the link is dropped, and the resend gets the truth."""
+    kept: list[f.Ack] = []
+
+    def tamper(ack: f.Ack) -> f.Ack:
+        kept.append(ack)
+        return lie(ack, kept[0]) if len(kept) == 2 else ack
+
+    return tamper
+
+
+async def test_a_receipt_of_another_event_is_not_passed_on(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """14.4: the receipt of an answer must be of the forwarded event. A relay on the
+    way that answers a write with the home's genuine sealed receipt of an earlier one
+    is refused, and the link dropped: the agent gets its own event's receipt, from the
+    resend. (The link's client refuses such an ack before the outbox's check_answer
+    sees it; the agent's SDK would too, so this agent does not reconnect: what it is
+    handed is what its relay passed on.)"""
+    relays = plan(tmp_path, "a", "b")
+    b = await start(nursery, relays["b"], (relays["a"].peer(),))
+    earlier = second_from_first(
+        lambda ack, first: replace(ack, receipt=first.receipt, seal=first.seal)
+    )
+    liar = LyingRelay(b.url, lambda frame: frame, tamper_ack=earlier)
+    await nursery.start(liar.run)
+    a = await start(nursery, relays["a"], (relays["b"].peer(url=liar.url),))
+    author = identity(6)
+    one, two = (
+        sign_event(Event(NS, "app.note", author.public_key, n, (), now_ms()), author.sign)
+        for n in (1, 2)
+    )
+    with trio.fail_after(TIMEOUT):
+        await federation_of(a).links["b"].wait_up()
+        async with RelayClient.connect(a.url, author, reconnect=False) as agent:
+            assert (await agent.publish_signed(one)).receipt.id == one.id
+            answer = await agent.publish_signed(two)
+    assert answer.receipt.id == two.id and b.node.head(NS) == 2
+    assert federation_of(a).links["b"].connections >= 2  # the liar's connection dropped
+
+
 async def test_an_outcome_of_another_request_is_not_passed_on(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
@@ -735,18 +807,8 @@ async def test_an_outcome_of_another_request_is_not_passed_on(
     outcome *of this request*: a relay on the way keeps one genuine sealed outcome and
     answers a later request with it. The agent is told its second wo.create made the
     first work order."""
-    kept: list[f.Ack] = []
 
-    def swap(ack: f.Ack) -> f.Ack:
-        if ack.outcome is None:
-            return ack
-        if not kept:
-            kept.append(ack)
-            return ack
-        if len(kept) > 1:
-            return ack  # lied once: caught, the link dropped; the resend gets the truth
-        first = kept[0]
-        kept.append(ack)
+    def swap(ack: f.Ack, first: f.Ack) -> f.Ack:
         return f.Ack(
             rid=ack.rid, receipt=ack.receipt, seal=ack.seal, duplicate=ack.duplicate,
             outcome=first.outcome, outcome_sig=first.outcome_sig,
@@ -755,7 +817,7 @@ async def test_an_outcome_of_another_request_is_not_passed_on(
 
     relays = plan(tmp_path, "a", "b")
     b = await start(nursery, relays["b"], (relays["a"].peer(),))
-    liar = LyingRelay(b.url, lambda frame: frame, tamper_ack=swap)
+    liar = LyingRelay(b.url, lambda frame: frame, tamper_ack=second_from_first(swap))
     await nursery.start(liar.run)
     a = await start(nursery, relays["a"], (relays["b"].peer(url=liar.url),))
     with trio.fail_after(TIMEOUT):
