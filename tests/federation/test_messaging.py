@@ -4,7 +4,7 @@ message passed across their link, the receipt back the same way."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -12,9 +12,14 @@ import trio
 import trio.testing
 
 import federation.network
-from agent_sdk.client import RelayClient
-from agent_sdk.errors import ErrorCode, ProtocolError
+from agent_sdk import frames as f
+from agent_sdk.client import Asked, RelayClient
+from agent_sdk.errors import ErrorCode, ProtocolError, client_stopped
+from federation.network import RECEIPT_TRIES, Federation, FederationConfig
+from federation.outbox import MemoryOutboxStore
 from federation.peers import Peer
+from relay.node import RelayConfig, RelayNode
+from relay.store.memory import MemoryStore
 from tests.conftest import RunningRelay, identity
 from tests.federation.cluster import cluster
 from tests.federation.fixtures import Planned, federation_of, plan, start
@@ -318,3 +323,55 @@ async def test_receipts_kept_by_calls_overlapping_one_write_keep_the_bound(
         go.set()
     assert sorted(answers) == ["internal", "kept", "kept"]
     assert len(fed.store.load_receipts()) == 2
+
+
+class _Receiver:
+    """A link client to the relay receipts are for, answered by the test: each
+    receipt asked is answered with ``answer`` once it is asked."""
+
+    def __init__(self, answer: Callable[[_Receiver, Asked], None]) -> None:
+        self.answer = answer
+        self.stopped = trio.Event()
+
+    def ask_later(self, frame: Callable[[int], f.AgentFrame]) -> Asked:
+        asked = Asked(f.encode_frame(frame(1)))
+        self.answer(self, asked)
+        return asked
+
+
+def taken(client: _Receiver, asked: Asked) -> None:
+    asked.done.set()
+
+
+def not_now(client: _Receiver, asked: Asked) -> None:
+    asked.error = ProtocolError(ErrorCode.RATE_LIMITED, "slower")
+    asked.done.set()
+
+
+def dropped(client: _Receiver, asked: Asked) -> None:
+    """The link went down under it: as the client does, failed and stopped at once."""
+    asked.error = client_stopped()
+    asked.done.set()
+    client.stopped.set()
+
+
+async def test_a_receipt_is_given_up_after_its_tries_of_not_now_never_for_drops() -> None:
+    """A receipt the relay answers "not now" is sent again, RECEIPT_TRIES times at most
+    (a code the client files under 5001 must not be asked for ever); one whose link
+    dropped under it was not answered at all, and goes again however often it drops."""
+    node = RelayNode(identity(9), MemoryStore(), RelayConfig(name="b"))
+    fed = Federation(
+        node, FederationConfig((Peer("a", ALICE.public_key, url="ws://a"),)), MemoryOutboxStore()
+    )
+    tries: dict[int, int] = {}
+
+    async def send(answer: Callable[[_Receiver, Asked], None]) -> list[int]:
+        client = _Receiver(answer)
+        return await fed._pass_receipts(client, "a", [(1, b"receipt")], tries)  # type: ignore[arg-type]
+
+    for _ in range(2 * RECEIPT_TRIES):
+        assert await send(dropped) == []
+    for _ in range(RECEIPT_TRIES - 1):
+        assert await send(not_now) == []
+    assert await send(not_now) == [1] and tries == {}  # given up (logged)
+    assert await send(taken) == [1]
