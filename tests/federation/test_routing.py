@@ -13,14 +13,19 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
-from agent_sdk.client import Delivery, Live, RelayClient
+from agent_sdk.client import Delivery, Live, Published, RelayClient
 from agent_sdk.directory import Directory
 from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.ledger import Ledger
+from agent_sdk.wire import ZERO_HASH, Event, make_receipt, sign_event
+from federation.network import Federation, FederationConfig, Mirror
+from federation.outbox import Entry, MemoryOutboxStore
 from federation.peers import Peer
-from relay.node import RelayConfig
+from relay.node import RelayConfig, RelayNode
 from relay.sequencer import Limits
+from relay.store.memory import MemoryStore
 from tests.conftest import RunningRelay, identity
 from tests.federation.fixtures import federation_of, plan, start
 
@@ -338,3 +343,38 @@ async def test_a_from_now_foreign_namespace_beside_a_local_backlog_is_entered(
                         if len(seen) == 20:
                             break
     assert seen == list(range(20)) and b.node.head("y@b") == 0
+
+
+async def test_a_new_reader_waits_for_the_writes_its_relay_passed_on() -> None:
+    """14.7, catching up: a subscription to a foreign namespace is served once the
+    mirror holds every receipt this relay passed on for the writes it forwarded, not
+    only the home's head as last heard. The home's ack and the event frame of the
+    mirror's own subscription race on the link: when the ack wins, an agent that got
+    it here and then subscribed would otherwise be served ``live`` before its event."""
+    home, author = identity(9), identity(1)
+    node = RelayNode(identity(8), MemoryStore(), RelayConfig(name="a"), mirror_store=MemoryStore())
+    peers = (Peer("b", home.public_key, url="ws://b"),)
+    fed = Federation(node, FederationConfig(peers), MemoryOutboxStore())
+    event = sign_event(Event("x@b", "app.note", author.public_key, 1, (), 1), author.sign)
+    entry = Entry(1, event, 0)
+    receipt = make_receipt(
+        id=event.id, ns="x@b", seq=3, hlc=3, prev=ZERO_HASH, relay=home.public_key
+    )
+    entry.result = Published(receipt, None, False)
+    fed.remember(entry)  # the home's answer, passed on to the agent
+    link = fed.links["b"]
+    link.client = object()  # type: ignore[assignment]  # (up: nothing is sent here)
+    mirror = Mirror(fed, "x@b", link, home.public_key)
+    mirror.settled.set()  # it has what the home's head was as last heard: nothing
+    served = trio.Event()
+
+    async def subscribe() -> None:
+        await mirror.caught_up()
+        served.set()
+
+    async with trio.open_nursery() as waiting:
+        waiting.start_soon(subscribe)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not served.is_set()  # it waits for seq 3 ...
+        assert mirror.wanted == 3  # ... and the mirror follows until it has it
+        waiting.cancel_scope.cancel()
