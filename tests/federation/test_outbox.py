@@ -10,7 +10,8 @@ will answer leave no row behind.
 * an entry in flight when the link drops is stored, not answered, and sent again first;
 * entries taken after a restart are numbered after the restored ones;
 * an answer that comes after the deadline is dropped;
-* a forwarded write the home has not answered holds up no later answer.
+* a forwarded write the home has not answered holds up no later answer;
+* the disk store keeps each link's rows apart.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from agent_sdk import frames as f
 from agent_sdk.client import PendingPublish, Published, RelayClient
 from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.wire import ZERO_HASH, Event, SignedEvent, decode_event, make_receipt, sign_event
-from federation.outbox import Entry, MemoryOutboxStore, Outbox
+from federation.outbox import Entry, MemoryOutboxStore, Outbox, SQLiteOutboxStore
 from tests.conftest import identity
 from tests.federation.fixtures import LyingRelay, federation_of, plan, start
 
@@ -425,3 +426,19 @@ async def test_a_forwarded_write_not_answered_yet_holds_up_no_later_answer(
             assert near.receipt.seq == 1
             await lost.wait()  # the home answered it; the answer never reached a
             assert not forwarded.done.is_set() and b.node.head(NS) == 1
+
+
+def test_the_disk_store_keeps_each_links_rows_apart(tmp_path: Path) -> None:
+    """Rows are keyed by link and number: each link numbers its entries from 1, so a
+    delete of one link's answered entry must not take another link's promise."""
+    store = SQLiteOutboxStore(tmp_path / "outbox.sqlite")
+    try:
+        store.put("b", [(1, b"to b", b"s", 5), (2, b"to b, 2", b"s", 6)])
+        store.put("c", [(1, b"to c", b"s", 7)])
+        store.drop("b", [1])
+        assert store.load() == [("c", 1, b"to c", b"s", 7), ("b", 2, b"to b, 2", b"s", 6)]
+        store.put_receipts([("b", 1, b"receipt for b"), ("c", 2, b"receipt for c")])
+        store.drop_receipts("c", [1, 2])
+        assert store.load_receipts() == [("b", 1, b"receipt for b")]
+    finally:
+        store.close()

@@ -232,6 +232,32 @@ async def test_a_relay_does_not_pass_on_a_hint_of_a_namespace_whose_policy_it_la
         assert await link.query("fed@a", LOCATE, {"ids": ids}) == []  # a mirrors neither
 
 
+async def test_a_peer_is_told_where_events_a_mirror_holds_are_up_to_its_head(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """14.11: a relay answers ``fed.locate`` for events in a mirror "up to that seq":
+    the record at the mirror's head included."""
+    from federation.network import LOCATE
+
+    relays = plan(tmp_path, "a", "b", "c")
+    peers = {name: tuple(r.peer() for n, r in relays.items() if n != name) for name in relays}
+    running = {name: await start(nursery, relays[name], peers[name]) for name in relays}
+    a, c = running["a"], running["c"]
+    with trio.fail_after(TIMEOUT):
+        await federation_of(a).links["b"].wait_up()
+        async with RelayClient.connect(a.url, identity(2)) as on_a:
+            written = [await on_a.publish("open@b", "app.note", n) for n in range(2)]
+            async with on_a.subscribe("open@b", start=1) as feed:  # a's mirror: seq 1, 2
+                async for item in feed:
+                    if isinstance(item, Live):
+                        break
+        assert a.node.head("open@b") == 2
+        link = await federation_of(c).links["a"].wait_up()
+        ids = [published.receipt.id for published in written]
+        found = await link.query("fed@a", LOCATE, {"ids": ids})
+    assert sorted(found, key=lambda item: item[2]) == [[ids[0], "open@b", 1], [ids[1], "open@b", 2]]
+
+
 async def test_a_reader_shut_out_cannot_announce_presence_through_a_peer(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
