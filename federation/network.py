@@ -34,6 +34,7 @@ forwarded nor mirrored — is not looked for: it parks until ``park_timeout``.
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -664,6 +665,9 @@ class Mirror:
         self.chain = MirrorChain(ns, home_key, self.node.mirror_heads.get(ns), MAX_UNSEALED)
         self.holders = 0
         self.wanted = 0
+        self.wanted_until = -math.inf
+        """When the last :meth:`want` lapses (trio time): a parked event waits at most
+        ``park_timeout_ms``, and a want does not outlive what it was for."""
         self.home_head = self.node.head(ns)
         self.following = False
         self.settled = trio.Event()
@@ -676,7 +680,8 @@ class Mirror:
 
     @property
     def needed(self) -> bool:
-        return self.holders > 0 or self.node.head(self.ns) < self.wanted
+        wants = self.node.head(self.ns) < self.wanted and trio.current_time() < self.wanted_until
+        return self.holders > 0 or wants
 
     async def caught_up(self) -> None:
         """Wait until the mirror holds everything this relay has told anyone about —
@@ -696,8 +701,14 @@ class Mirror:
                 await self._changed.wait()
 
     def want(self, seq: int) -> None:
-        """Follow at least until ``seq`` is stored (a parked event depends on it)."""
-        self.wanted = max(self.wanted, seq)
+        """Follow until ``seq`` is stored (a parked event depends on it), for at most
+        as long as an event parks (``park_timeout_ms``). A want that lasted until its
+        seq came kept the mirror following for ever when it never came: a seq that a
+        peer's ``fed.locate`` answer placed past the home's head (14.8: a mirror
+        follows while a parked event waits). A lapsed want is forgotten."""
+        now = trio.current_time()
+        self.wanted = seq if now >= self.wanted_until else max(self.wanted, seq)
+        self.wanted_until = now + self.node.config.sequencer.park_timeout_ms / 1000
         self.changed()
 
     def changed(self) -> None:
@@ -759,7 +770,9 @@ class Mirror:
 
     async def _stop_when_unneeded(self, scope: trio.CancelScope) -> None:
         while self.needed:
-            await self._changed.wait()
+            lapses = self.wanted_until if self.wanted_until > trio.current_time() else math.inf
+            with trio.move_on_at(lapses):  # (needed no more once the want lapses)
+                await self._changed.wait()
         with trio.move_on_after(MIRROR_LINGER):
             while not self.needed:
                 await self._changed.wait()

@@ -1,6 +1,6 @@
-"""A link's dialling, in virtual time: relays on the in-memory network of the
-simulations (:mod:`simulations.memnet`) under trio's autojump ``MockClock``, so that
-the waits between dials are measured on the clock they were asked of, exactly."""
+"""A link's dialling, and how long a mirror follows over it, in virtual time: relays
+on the in-memory network of the simulations (:mod:`simulations.memnet`) under trio's
+autojump ``MockClock``, so that waits are measured on the clock they were asked of."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ import trio.testing
 
 import federation.link
 from federation.link import BACKOFF_FIRST, BACKOFF_MAX, Link
-from federation.network import Federation
+from federation.network import MIRROR_LINGER, Federation, Mirror
 from federation.peers import Peer
 from relay.node import RelayConfig
+from relay.sequencer import Limits
 from simulations.world import VirtualWorld
 from tests.federation.fixtures import federation_of, plan, start
 
@@ -82,3 +83,27 @@ async def test_a_peer_under_another_name_is_refused(nursery: trio.Nursery, tmp_p
         await link.wait_for(lambda: link.refusals > 0 or link.up)
     assert link.refusals > 0 and link.connections == 0
     assert link.last_error is not None and "named 'b', not 'c'" in link.last_error
+
+
+async def test_a_mirror_stops_following_once_no_parked_event_waits_for_it(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """14.8: a mirror follows its home while a subscription holds it, or while a
+    parked event waits for a seq it lacks; then it lingers MIRROR_LINGER and stops.
+    A want outlived the parked event: a peer's ``fed.locate`` answer placing an event
+    past the home's head (any seq from 1 to 2^63 - 1 is taken as a pointer) kept the
+    mirror following its home for ever, one subscription per namespace named."""
+    world = VirtualWorld(seed=7)
+    park_timeout_s = 10.0
+    limits = Limits(park_timeout_ms=int(park_timeout_s * 1000))
+    await world.start_relay(nursery, RelayConfig(name="a", sequencer=limits), peers=("b",))
+    await world.start_relay(nursery, RelayConfig(name="b"), peers=("a",))
+    await world.federation_up(["a", "b"])
+    network = world.relays["a"].node.federation
+    assert isinstance(network, Federation)
+    mirror = Mirror(network, "x@b", network.links["b"], world.relay_identity("b").public_key)
+    network.mirrors["x@b"] = mirror
+    mirror.want(10**12)  # as a parked event's dependency does (Federation._fetch)
+    with trio.fail_after(park_timeout_s + 2 * MIRROR_LINGER + 10):
+        await mirror.run()  # returns once it has stopped
+    assert "x@b" not in network.mirrors and not mirror.needed
