@@ -18,6 +18,7 @@ import os
 import signal
 import sqlite3
 import sys
+import threading
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -185,6 +186,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         if grace.cancelled_caught:
                             log.warning("stopping took over %.0f s: exiting now", SHUTDOWN_GRACE)
                     log.info("stopped")
+                    # What is left (a store call in a worker thread, during the start or
+                    # after the grace) must not keep the process from ending.
+                    _exit_unless_done(STUCK_EXIT)
                     nursery.cancel_scope.cancel()
                     break
 
@@ -206,6 +210,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"formicary relay: {failure}", file=sys.stderr)
         return 1
     return 0
+
+
+STUCK_EXIT = 2.0
+"""Seconds a stop, once it has logged ``stopped``, waits for the relay's tasks to end
+before the process exits without them."""
+
+
+def _exit_unless_done(seconds: float) -> None:
+    """Exit the process (status 0) in ``seconds`` unless it has ended by then. A store
+    call runs in a worker thread that no cancellation reaches (a commit waiting for a
+    lock held on the PostgreSQL server waits without end), and trio waits for it: the
+    stop would never end. Exiting under it is a SIGKILL's end: what was committed
+    stays committed, and what was not was not acknowledged."""
+
+    def leave() -> None:
+        sys.stderr.flush()
+        os._exit(0)
+
+    timer = threading.Timer(seconds, leave)
+    timer.daemon = True  # (a process that ends by itself does not wait for it)
+    timer.start()
 
 
 class _Parser(argparse.ArgumentParser):

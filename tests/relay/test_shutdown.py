@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 import trio
 from websockets.exceptions import ConnectionClosed
 
@@ -232,3 +233,92 @@ async def test_sigterm_while_the_relay_starts_is_a_clean_stop(tmp_path: Path) ->
                 said += more
             assert await process.wait() == 0, said.decode()
     assert b'"stopped"' in said and b"Traceback" not in said, said.decode()
+
+
+@pytest.mark.postgresql_only
+async def test_a_stop_past_the_grace_exits_while_a_store_call_still_waits(
+    tmp_path: Path,
+) -> None:
+    """operations.md: past 10 s a stop "logs a warning and exits all the same". A
+    commit waiting on the server (a lock held there: PostgreSQL waits for it without
+    end) runs in a worker thread that no cancellation reaches, and trio waited for it:
+    the relay logged ``stopped`` and went on running until the lock was let go."""
+    data = tmp_path / "relay"
+    async with relay_process(data) as relay:
+        assert relay.process is not None
+        async with RelayClient.connect(relay.url, identity(1), reconnect=False) as client:
+            await client.publish(NS, "app.note", "before")
+
+        async def held(client: RelayClient) -> None:
+            try:
+                await client.publish(NS, "app.note", "held")
+            except ProtocolError:
+                pass  # the relay went away under it
+
+        with writes_held(data):
+            try:
+                async with (
+                    RelayClient.connect(relay.url, identity(1), reconnect=False) as client,
+                    trio.open_nursery() as nursery,
+                ):
+                    nursery.start_soon(held, client)
+                    while True:  # until it is sequenced and its commit waits
+                        figures = await metrics(relay.url)
+                        if figures["formicary_published_total"] > figures.get(
+                            "formicary_events_in_total", 0
+                        ):
+                            break
+                    relay.process.send_signal(signal.SIGTERM)
+                    await until_the_relay_closes(client)  # (past the grace)
+            except* (ConnectionClosed, OSError):
+                pass  # the relay went away under the client
+            with trio.fail_after(PHASE_TIMEOUT):  # the lock still held
+                status = await relay.process.wait()
+        assert status == 0, relay.output()[-2000:]
+        assert "stopping took over" in relay.output(), relay.output()[-2000:]
+        assert '"stopped"' in relay.output() and "Traceback" not in relay.output()
+
+
+@pytest.mark.postgresql_only
+async def test_a_stop_while_a_store_call_of_the_start_waits_exits(tmp_path: Path) -> None:
+    """A stop asked for while the relay starts is a clean one, logging ``stopped`` and
+    exiting 0 (operations.md). A start-up read of the store waiting for a lock held on
+    the server (here, on the heads table) runs in a worker thread that the stop's
+    cancellation does not reach: the relay logged ``stopped`` and ran on."""
+    import psycopg
+
+    from tests.processes import cli
+
+    data = tmp_path / "relay"
+    async with relay_process(data) as relay:  # the tables exist, with a log
+        async with RelayClient.connect(relay.url, identity(1), reconnect=False) as client:
+            await client.publish(NS, "app.note", "before")
+        assert await relay.stop() == 0
+    dsn = backends.store_dsn(data)
+    with psycopg.connect(dsn) as holder, psycopg.connect(dsn, autocommit=True) as watcher:
+        holder.execute("LOCK TABLE heads IN ACCESS EXCLUSIVE MODE")  # reads wait too
+        process = await trio.lowlevel.open_process(
+            cli("relay", "serve", "--data", str(data), "--port", "0", "--store", dsn),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            with trio.fail_after(PHASE_TIMEOUT):
+                while True:  # until a read of the start waits for the lock
+                    waiting = watcher.execute(
+                        "SELECT count(*) FROM pg_locks WHERE NOT granted"
+                        " AND relation = 'heads'::regclass"
+                    ).fetchone()
+                    if waiting and waiting[0]:
+                        break
+                    await trio.sleep(0.05)  # (polling is how one watches pg_locks)
+                process.send_signal(signal.SIGTERM)
+                assert process.stderr is not None
+                said = b""
+                async for more in process.stderr:
+                    said += more
+                status = await process.wait()  # the lock still held
+        finally:
+            process.kill()
+            holder.rollback()
+    assert status == 0 and b'"stopped"' in said and b"Traceback" not in said, said.decode()
