@@ -260,6 +260,9 @@ class PostgresInboxStore:
         self._db = connect(dsn, autocommit=True)
         self._lock = threading.Lock()
         try:
+            # A sender hears "stored" once the transaction returns: it must be flushed,
+            # whatever the server's default says (as for the logs' writer).
+            self._db.execute("SET synchronous_commit = on")
             hold_schema(self._db, "inbox")
             with self._db.transaction():
                 self._db.execute(

@@ -5,6 +5,7 @@ postgresql``.)"""
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 import trio
@@ -60,4 +61,26 @@ def test_the_sessions_holding_a_schema_lock_ask_the_server_for_keepalives(
             assert shown == [("30",), ("10",), ("3",)]
     finally:
         store.close()
+        inbox.close()
+
+
+def test_every_session_that_writes_commits_synchronously(tmp_path: Path) -> None:
+    """operations.md: the relay's writer sets ``synchronous_commit = on`` whatever the
+    server's default, and a message is on stable storage before its sender hears
+    ``stored``. The inbox's connection wrote with the server's (or the DSN's) setting:
+    with ``off``, a server crash could lose messages their senders were told were
+    stored."""
+    from relay.store.postgres import PostgresInboxStore, PostgresStore
+
+    dsn = backends.store_dsn(tmp_path) + quote(" -csynchronous_commit=off")
+    store = PostgresStore(dsn)
+    mirrors = PostgresStore(dsn, prefix="mirror_")
+    inbox = PostgresInboxStore(dsn)
+    try:
+        for conn in (store._writer, mirrors._writer, inbox._db):
+            assert conn is not None
+            assert conn.execute("SHOW synchronous_commit").fetchone() == ("on",)
+    finally:
+        store.close()
+        mirrors.close()
         inbox.close()
