@@ -193,6 +193,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     break
 
     failure: str | None = None
+    crashed = False
     try:
         trio.run(main)
     except* KeyboardInterrupt:  # a signal before trio listened for it (see the top)
@@ -206,10 +207,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             failure += " --port (0 picks a free one)"
         else:
             failure = f"cannot serve: {error}"
+    except* Exception as group:  # a store call that failed (fail-stop), or a bug
+        error = _leaves(group)[0]
+        # One JSON line with the traceback as ``exc``, as every line of its log.
+        log.error("stopped by a failure: %s: %s", type(error).__name__, error, exc_info=error)
+        crashed = True
     if failure is not None:
         print(f"formicary relay: {failure}", file=sys.stderr)
-        return 1
-    return 0
+    return 1 if crashed or failure is not None else 0
 
 
 STUCK_EXIT = 2.0

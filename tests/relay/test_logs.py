@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 import trio
+from websockets.exceptions import ConnectionClosed
 
 from agent_sdk.client import RelayClient
 from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.wire import Event, sign_event
 from tests.conftest import identity
-from tests.processes import relay_process
+from tests.processes import PHASE_TIMEOUT, relay_process
 
 
 async def test_log_lines_are_json_with_connection_and_event_ids(tmp_path: Path) -> None:
@@ -47,3 +48,32 @@ async def test_the_log_level_is_checked(tmp_path: Path) -> None:
         check=False, capture_stderr=True,
     )  # fmt: skip
     assert done.returncode == 2 and b"--log-level" in done.stderr
+
+
+@pytest.mark.sqlite_only
+async def test_a_store_failure_stops_the_relay_with_a_json_line(tmp_path: Path) -> None:
+    """Store failures are fatal (operations.md, "Crashes and durability"), and the
+    relay's stderr is one JSON object per line, a line logged with an exception
+    carrying it as ``exc``. A commit that failed (here: the store's write lock held
+    past SQLite's busy timeout) ended the process with Python's own traceback, some
+    sixty lines that are not JSON, exactly when a log pipeline needs the reason."""
+    from tests.relay.test_shutdown import writes_held
+
+    data = tmp_path / "relay"
+    async with relay_process(data) as relay:
+        assert relay.process is not None
+        async with RelayClient.connect(relay.url, identity(1), reconnect=False) as client:
+            await client.publish("t@local", "app.note", "kept")
+        with writes_held(data):  # until the relay's commit gives up waiting for it
+            try:
+                async with RelayClient.connect(relay.url, identity(1), reconnect=False) as client:
+                    with pytest.raises(ProtocolError):
+                        await client.publish("t@local", "app.note", "never acknowledged")
+            except* (ConnectionClosed, OSError):
+                pass  # the relay went away under the client
+            with trio.fail_after(PHASE_TIMEOUT):
+                status = await relay.process.wait()
+    assert status == 1, relay.output()[-2000:]
+    lines = [json.loads(line) for line in relay.output().splitlines()]  # every line is JSON
+    [failure] = [line for line in lines if line["level"] == "error"]
+    assert "database is locked" in failure["msg"] and "exc" in failure, failure
