@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from websockets.exceptions import InvalidHandshake, InvalidURI
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from agent_sdk import (
     cli_auction,
@@ -685,6 +685,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         KeyboardInterrupt,
         InvalidURI,
         InvalidHandshake,
+        ConnectionClosed,
         RelayMismatch,
         trio.TooSlowError,
         KeyFileError,
@@ -708,7 +709,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         # about a file, such as the key file, names it, and is not this.)
         # (Nor is a URL that is no WebSocket URL, or a server there that is no relay,
         # or one that does not finish the handshake in time.)
-        unreachable = (InvalidURI, InvalidHandshake, RelayMismatch, trio.TooSlowError)
+        # (Nor is a relay that went away while the command waited for its answer.)
+        unreachable = (
+            InvalidURI,
+            InvalidHandshake,
+            RelayMismatch,
+            trio.TooSlowError,
+            ConnectionClosed,
+        )
         if not hasattr(args, "key") or not all(
             isinstance(error, unreachable) or (isinstance(error, OSError) and not error.filename)
             for error in errors
@@ -718,6 +726,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"formicary: {named[0].filename}: {named[0].strerror}", file=sys.stderr)
                 return 1
             raise
+        lost = [error for error in errors if isinstance(error, ConnectionClosed)]
+        if lost:  # it was there, and went away before it answered
+            print(
+                f"formicary: lost the relay at {_relay_url(args)} before it answered: {lost[0]}"
+                " (did it stop? what was asked may or may not have been done)",
+                file=sys.stderr,
+            )
+            return 1
         broke = [error for error in errors if isinstance(error, RelayMismatch)]
         if broke:  # it answered, but not as a relay does (or not as the relay pinned)
             print(

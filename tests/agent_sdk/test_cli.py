@@ -349,3 +349,35 @@ async def test_tail_follow_says_when_it_lost_the_relay_and_when_it_is_back(
     assert len(lines) == 2, lines  # once each, not once per attempt
     assert lines[0].startswith(f"formicary: the connection to {relay.url} was lost"), lines
     assert lines[1] == f"formicary: reconnected to {relay.url}; resuming", lines
+
+
+async def test_a_relay_killed_under_a_command_is_one_line(tmp_path: Path) -> None:
+    """An agent command whose relay dies while it waits for an answer (SIGKILL: no
+    close frame) said so with Python's traceback of ``ConnectionClosedError``,
+    where a relay it cannot reach is one line and exit status 1."""
+    from tests.processes import PHASE_TIMEOUT, relay_process
+    from tests.relay.test_shutdown import metrics, writes_held
+
+    data = tmp_path / "relay"
+    async with relay_process(data) as relay:
+        env = {"FORMICARY_RELAY": relay.url, "FORMICARY_KEY": str(tmp_path / "agent.key")}
+        assert (await formicary("publish", "t@local", "app.note", env=env)).returncode == 0
+        with writes_held(data):  # the next publish is sequenced, its commit waits
+            async with running(
+                [sys.executable, "-m", "agent_sdk.cli", "publish", "t@local", "app.note"],
+                {**os.environ, **env},
+            ) as publish:
+                while True:
+                    figures = await metrics(relay.url)
+                    if figures["formicary_published_total"] > figures["formicary_events_in_total"]:
+                        break
+                await relay.kill_and_wait()
+                assert publish.stderr is not None
+                said = b""
+                with trio.fail_after(PHASE_TIMEOUT):
+                    async for chunk in publish.stderr:
+                        said += chunk
+                    status = await publish.wait()
+    err = said.decode()
+    assert status == 1 and "Traceback" not in err, err
+    assert f"lost the relay at {relay.url}" in err and len(err.strip().splitlines()) == 1, err
