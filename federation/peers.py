@@ -16,6 +16,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from websockets.exceptions import InvalidURI
+from websockets.uri import parse_uri
+
 from agent_sdk.wire import NS_RE
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
@@ -59,6 +62,10 @@ def parse_peer(spec: str) -> Peer:
         return Peer(name, key, via=via)
     if not target.startswith(("ws://", "wss://")):
         raise PeerSpecError(f"{spec!r}: the URL must start with ws:// or wss://")
+    try:  # as the link will dial it: a URL it cannot dial is refused now, not then
+        parse_uri(target)
+    except (InvalidURI, ValueError) as exc:  # (a port out of range is a ValueError)
+        raise PeerSpecError(f"{spec!r}: not a URL to dial: {exc}") from None
     return Peer(name, key, url=target)
 
 

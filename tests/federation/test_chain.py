@@ -284,7 +284,19 @@ def test_peer_specs_parse(spec: str, peer: Peer) -> None:
 
 @pytest.mark.parametrize(
     "spec",
-    ["b=ws://h:1", f"b=ws://h:1#{KEY[:-2]}", f"B#{KEY}", f"b=http://h#{KEY}", f"b=via:b#{KEY}"],
+    [
+        "b=ws://h:1",
+        f"b=ws://h:1#{KEY[:-2]}",
+        f"B#{KEY}",
+        f"b=http://h#{KEY}",
+        f"b=via:b#{KEY}",
+        # URLs the link could never dial (it crashed the relay as it tried)
+        f"b=ws://h:99999#{KEY}",
+        f"b=ws://h:port#{KEY}",
+        f"b=ws://[::1#{KEY}",
+        f"b=ws://#{KEY}",
+        f"b=wss://:7700#{KEY}",
+    ],
 )
 def test_bad_peer_specs_say_what_is_wrong(spec: str) -> None:
     with pytest.raises(PeerSpecError):

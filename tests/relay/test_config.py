@@ -125,3 +125,19 @@ async def test_a_relay_process_serves_with_its_config_file(tmp_path: Path) -> No
         check=False, capture_stderr=True,
     )  # fmt: skip
     assert done.returncode == 2 and b"limits.max_frame" in done.stderr
+
+
+async def test_a_peer_url_that_cannot_be_dialled_is_a_usage_error(tmp_path: Path) -> None:
+    """operations.md: a ``--peer`` that does not parse is a usage error, exit status 2,
+    before anything starts. A URL with a port out of range (or not a number, or an
+    unclosed IPv6 bracket) passed the check: the relay made its data directory,
+    started, and died as its link first dialled, exit status 1 with a traceback."""
+    data = tmp_path / "data"
+    done = await trio.run_process(
+        [sys.executable, "-m", "agent_sdk.cli", "relay", "serve", "--port", "0",
+         "--data", str(data), "--peer", f"b=ws://127.0.0.1:99999#{'ab' * 32}"],
+        check=False, capture_stderr=True,
+    )  # fmt: skip
+    err = done.stderr.decode()
+    assert done.returncode == 2 and "federation.peers (--peer)" in err, err
+    assert "Traceback" not in err and not data.exists()
