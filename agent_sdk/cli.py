@@ -160,7 +160,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "formicary relay %s (%s) listening on ws://%s:%d, data in %s",
             config.name,
             node.identity.id,
-            host,
+            f"[{host}]" if ":" in host else host,  # (an IPv6 address, bracketed in a URL)
             bound,
             data,
         )

@@ -264,3 +264,24 @@ async def test_a_database_damaged_past_its_header_is_one_line(tmp_path: Path, da
     err = done.stderr.decode()
     assert done.returncode == 1 and "Traceback" not in err, err
     assert f"{damaged}: database disk image is malformed" in err, err
+
+
+async def test_the_url_a_relay_on_an_ipv6_address_logs_is_one_to_connect_to(
+    tmp_path: Path,
+) -> None:
+    """operations.md: once listening, the relay logs its real URL. For an IPv6
+    address (``--host ::1``) it logged ``ws://::1:PORT``, which is no URL: a client
+    given it could not connect (``hostname isn't provided``)."""
+    import socket
+
+    from tests.processes import relay_process
+
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    async with relay_process(tmp_path / "relay", "--host", "::1") as relay:
+        assert relay.url.startswith("ws://[::1]:"), relay.url
+        async with RelayClient.connect(relay.url, identity(1), reconnect=False) as client:
+            assert (await client.publish("t@local", "app.note", "over IPv6")).receipt.seq == 1
