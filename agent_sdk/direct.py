@@ -335,7 +335,8 @@ async def listening(mailbox: Mailbox, host: str, port: int) -> AsyncIterator[str
             )
             bound = server.listeners[0].socket.getsockname()
             try:
-                yield f"ws://{bound[0]}:{bound[1]}"
+                address = f"[{bound[0]}]" if ":" in bound[0] else bound[0]  # (IPv6)
+                yield f"ws://{address}:{bound[1]}"
             finally:
                 direct.listener = None
                 await server.aclose()

@@ -236,6 +236,30 @@ async def test_a_direct_message_skips_the_relay_and_its_receipt_comes_back_direc
         assert relay.node.inboxes.counts["stored"] == 0  # the relay never had it
 
 
+async def test_an_endpoint_on_an_ipv6_address_has_a_url_senders_can_use(
+    relay: RunningRelay,
+) -> None:
+    """``listen("::1")`` gave ``ws://::1:PORT``, which is no URL (an IPv6 literal goes
+    in brackets): a sender given it, or finding it in the directory, could not
+    connect (``hostname isn't provided``)."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    async with (
+        RelayClient.connect(relay.url, ALICE) as alice,
+        RelayClient.connect(relay.url, BOB) as bob,
+        bob.listen("::1") as endpoint,
+    ):
+        assert endpoint.startswith("ws://[::1]:"), endpoint
+        sent = await alice.send(BOB.id, "over IPv6", via="direct", endpoint=endpoint)
+        assert sent.path == "direct" and sent.status == "received"
+        assert (await bob.mailbox.next()).body == "over IPv6"
+
+
 async def test_auto_finds_the_endpoint_in_the_directory_and_falls_back_when_it_is_dead(
     relay: RunningRelay,
 ) -> None:
