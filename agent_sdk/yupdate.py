@@ -35,7 +35,10 @@ GC, SKIP = 0, 10
 DELETED, JSON, BINARY, STRING, EMBED, FORMAT, TYPE, ANY, DOC = range(1, 10)
 NAMED_TYPES = {3, 5}
 """Type refs whose content carries a name: YXmlElement, YXmlHook."""
-MAX_ANY_DEPTH = 64
+MAX_ANY_DEPTH = 256
+"""Containers (arrays, objects) a value may nest: pycrdt decodes values recursively,
+and one nested some 30,000 deep (60 KB of update) overflows its stack (see
+:func:`check_depth`)."""
 PART_SLACK = 32
 """Bytes a part adds to its structs: its header, and the empty delete set."""
 
@@ -75,6 +78,21 @@ def delete_set(data: bytes, at: int) -> list[tuple[int, int, int]]:
             length, at = varuint(data, at)
             found.append((client, clock, length))
     return found
+
+
+def check_depth(update: bytes) -> None:
+    """Raise ValueError unless ``update`` reads as v1 structs whose values nest at
+    most :data:`MAX_ANY_DEPTH` deep. pycrdt (yrs) decodes a value recursively: one
+    nested deep enough overflows the stack and kills the process (SIGSEGV, no
+    exception to catch), so bytes from elsewhere are checked here before pycrdt
+    reads them. Each level of nesting takes one byte 117 (array) or 118 (object):
+    an update with no more of them than the bound is not read at all."""
+    if update.count(117) + update.count(118) <= MAX_ANY_DEPTH:
+        return
+    try:
+        _read(update)
+    except (IndexError, RecursionError):
+        raise ValueError("the update ends early") from None
 
 
 def split(update: bytes, limit: int) -> list[bytes]:

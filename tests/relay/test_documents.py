@@ -13,9 +13,11 @@ import trio.lowlevel
 import trio.testing
 
 from agent_sdk.client import RelayClient
-from agent_sdk.docs import SharedDoc, state_vector, yjs
+from agent_sdk.docs import MAX_UPDATE, SharedDoc, state_vector, yjs
 from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.wire import decode
+from agent_sdk.yupdate import MAX_ANY_DEPTH, encode_varuint
+from relay.documents import check_update
 from relay.limits import RateLimits
 from relay.node import RelayConfig
 from tests.agent_sdk.test_client import drop_every_connection
@@ -1052,6 +1054,58 @@ async def test_a_count_past_the_message_is_refused_before_pycrdt_sees_it(
             with pytest.raises(ProtocolError) as refused:
                 await client.publish(NS, "doc.update", {"doc": "d", "update": huge})
             assert refused.value.code is ErrorCode.BAD_UPDATE
+
+
+def _nested(depth: int) -> bytes:
+    """An update of one item in root "t" whose value is ``depth`` arrays one in
+    another, ``null`` at the bottom: two bytes a level, as lib0 writes them."""
+    value = bytes([117, 1]) * depth + bytes([126])  # array of 1, ..., null
+    item = bytes([8, 1, 1]) + b"t" + bytes([1]) + value  # content any, parent "t", 1 value
+    return bytes([1, 1]) + encode_varuint(12345) + bytes([0]) + item + bytes([0])
+
+
+def test_a_value_nested_too_deep_is_refused_before_pycrdt_decodes_it() -> None:
+    """pycrdt decodes a value recursively: nested deep enough, it overflows the stack."""
+    check_update(_nested(MAX_ANY_DEPTH))
+    doc: pycrdt.Doc[Any] = pycrdt.Doc()
+    doc.apply_update(_nested(MAX_ANY_DEPTH))
+    assert doc.get("t", type=pycrdt.Array).to_py() is not None
+    with pytest.raises(ProtocolError) as refused:
+        check_update(_nested(MAX_ANY_DEPTH + 1))
+    assert refused.value.code is ErrorCode.BAD_UPDATE
+
+
+async def test_a_value_nested_too_deep_stops_neither_the_relay_nor_its_readers(
+    tmp_path: Path,
+) -> None:
+    """One update of 240 KB (values nested 120,000 deep), from an anonymous y-websocket
+    reader or in an agent's doc.update, killed the relay process (SIGSEGV in pycrdt's
+    decoder): a relay process, as a test process would die with it."""
+    from websockets.exceptions import ConnectionClosed
+    from websockets.trio.client import connect
+
+    from tests.processes import relay_process
+
+    bomb = _nested(120_000)
+    assert len(bomb) <= MAX_UPDATE
+    with trio.fail_after(TIMEOUT):
+        async with relay_process(tmp_path / "relay") as relay:
+            async with RelayClient.connect(relay.url, identity(1), reconnect=False) as client:
+                await client.publish(NS, "doc.create", {"doc": "d"})
+                async with connect(f"{relay.url}/yjs/{NS}/d", max_size=None) as reader:
+                    await reader.recv()  # the relay's sync step 1
+                    await reader.send(pycrdt.create_update_message(bomb))
+                    with pytest.raises(ConnectionClosed) as closed:
+                        while True:
+                            await reader.recv()
+                assert closed.value.rcvd is not None, "the relay died"
+                assert closed.value.rcvd.reason.startswith("2004 wrong_author")
+                with pytest.raises(ProtocolError) as refused:
+                    await client.publish(NS, "doc.update", {"doc": "d", "update": bomb})
+                assert refused.value.code is ErrorCode.BAD_UPDATE
+                async with client.doc(NS, "d", create=False) as shared:
+                    shared.text().insert(0, "still here")
+            assert relay.process is not None and relay.process.poll() is None
 
 
 def test_an_agents_replicas_of_a_document_share_one_awareness_allowance() -> None:
