@@ -25,7 +25,6 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import trio
 from pycrdt import (
-    Decoder,
     YMessageType,
     YSyncMessageType,
     create_awareness_message,
@@ -42,7 +41,7 @@ from agent_sdk import doctoken
 from agent_sdk.docs import EMPTY_UPDATE, MAX_UPDATE, state_vector, yjs
 from agent_sdk.errors import ErrorCode, ProtocolError, unwrap_single
 from agent_sdk.wire import Event, sign_event
-from agent_sdk.yupdate import check_depth
+from agent_sdk.yupdate import check_depth, varuint
 from relay.documents import MAX_AWARENESS, LiveDoc, Overflow, Replica, changes_nothing
 from relay.limits import TokenBucket, publish_cost
 from relay.node import RelayNode, Ticket
@@ -294,14 +293,17 @@ def _adds_nothing(update: bytes, live: LiveDoc) -> bool:
 
 
 def _read(data: bytes) -> bytes:
-    """The length-prefixed payload of a message; refused when it is cut short."""
-    decoder = Decoder(data)
+    """The length-prefixed payload of a message; refused when it is cut short.
+
+    Its length is read as a lib0 varuint of at most 64 bits: pycrdt's ``Decoder``
+    reads any number of continuation bytes into one growing int, so a message of
+    2 MiB of ``ff`` bytes held the relay's loop for minutes (quadratic)."""
     try:
-        length = decoder.read_var_uint()
-    except (RuntimeError, IndexError):
-        length = -1
-    message = data[decoder.i0 : decoder.i0 + length] if length >= 0 else b""
-    if length < 0 or len(message) != length:
+        length, at = varuint(data, 0)
+    except (IndexError, ValueError):
+        raise ProtocolError(ErrorCode.MALFORMED, "a y-websocket message ends early") from None
+    message = data[at : at + length]
+    if len(message) != length:
         raise ProtocolError(ErrorCode.MALFORMED, "a y-websocket message ends early")
     return message
 

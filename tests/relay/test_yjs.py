@@ -354,6 +354,35 @@ async def test_a_message_cut_short_closes_the_peer(relay: RunningRelay) -> None:
     assert info.value.rcvd is not None and info.value.rcvd.reason.startswith("1001 malformed")
 
 
+async def test_a_length_of_a_million_bytes_is_refused_at_once(relay: RunningRelay) -> None:
+    """A message's length is a lib0 varuint of at most 64 bits. pycrdt's Decoder read
+    any number of continuation bytes into one growing int: 1 MB of ``ff`` held the
+    relay's loop (every connection, and this test with it) for over a minute, and the
+    2 MiB a message may be for several (quadratic)."""
+    async with RelayClient.connect(relay.url, identity(1)) as client:
+        await client.publish(NS, "doc.create", {"doc": "shared"})
+    with trio.fail_after(10):
+        async with connect(f"{relay.url}/yjs/{NS}/shared", max_size=None) as ws:
+            await ws.recv()  # the relay's sync step 1
+            await ws.send(bytes([YMessageType.AWARENESS]) + b"\xff" * 1_000_000 + b"\x01")
+            with pytest.raises(ConnectionClosed) as info:
+                while True:
+                    await ws.recv()
+        assert info.value.rcvd is not None
+        assert info.value.rcvd.reason == "1001 malformed: a y-websocket message ends early"
+        async with peer(relay, "shared", None) as plain:  # the others are served
+            await plain.answered.wait()
+
+
+def test_a_length_over_64_bits_is_malformed_even_when_it_is_zero() -> None:
+    from agent_sdk.errors import ProtocolError
+    from relay.yws import _read
+
+    assert _read(b"\x85\x00abcde") == b"abcde"  # 5, in two bytes: lib0 reads it
+    with pytest.raises(ProtocolError, match="ends early"):
+        _read(b"\x80" * 10 + b"\x00")  # 0, in 71 bits
+
+
 def test_document_tokens_are_strict() -> None:
     from agent_sdk.errors import ProtocolError
 
