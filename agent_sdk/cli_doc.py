@@ -34,6 +34,7 @@ from agent_sdk.cli_timeout import Unconfirmed
 from agent_sdk.client import RelayClient
 from agent_sdk.docs import SharedDoc
 from agent_sdk.errors import ErrorCode, ProtocolError
+from agent_sdk.wire import to_json_safe
 
 AgentOptions = Callable[[argparse.ArgumentParser], None]
 
@@ -103,7 +104,9 @@ def run(args: argparse.Namespace) -> int:
                     async with docs as shared:
                         _edit(shared, args, value)
                         edited = True
-                        return shared.to_json()  # leaving the block waits for the edit's commit
+                        # (binary values, which Yjs clients may store, as hex: as JSON)
+                        content: dict[str, Any] = to_json_safe(shared.to_json())
+                        return content  # leaving the block waits for the edit's commit
                 raise Unconfirmed(args.timeout)
 
         content = trio.run(main)

@@ -507,8 +507,9 @@ def check_chain(receipts: Sequence[Receipt], previous: Receipt | None = None) ->
 
 
 def to_json_safe(value: Any) -> Any:
-    """Render a decoded msgpack value as JSON-compatible data (bytes become hex)."""
-    if isinstance(value, bytes):
+    """Render a decoded msgpack value as JSON-compatible data (bytes become hex; so
+    does a bytearray, as pycrdt gives a document's binary values)."""
+    if isinstance(value, (bytes, bytearray)):
         return value.hex()
     if isinstance(value, Mapping):
         return {str(k): to_json_safe(v) for k, v in value.items()}

@@ -14,7 +14,7 @@ from agent_sdk.errors import ProtocolError
 from agent_sdk.identity import Identity
 from relay.node import Ticket
 from relay.store import Record
-from tests.agent_sdk.shell import exit_codes, run_shell, running
+from tests.agent_sdk.shell import exit_codes, run_cli, run_shell, running
 from tests.conftest import RunningRelay, identity
 from tests.federation.fixtures import plan, start
 
@@ -80,6 +80,26 @@ async def test_documents_from_a_shell_script(relay: RunningRelay, tmp_path: Path
         client.doc("docs@local", "plan", create=False) as shared,
     ):
         assert shared.to_json() == plan
+
+
+async def test_get_prints_a_document_holding_binary_values(
+    relay: RunningRelay, tmp_path: Path
+) -> None:
+    """A Yjs client may store a Uint8Array (pycrdt: bytes) in a map or an array:
+    `doc get` failed on it with a traceback (bytearray is not JSON serializable)."""
+    async with (
+        RelayClient.connect(relay.url, identity(1)) as client,
+        client.doc("docs@local", "blobs") as shared,
+    ):
+        shared.map()["blob"] = b"\x00\x01"
+        shared.array().append(b"\xff")
+    env = _cli_env(relay.url, tmp_path)
+    done = await run_cli(env, "doc", "get", "docs@local", "blobs", "--json")
+    assert done.returncode == 0, done.stderr.decode()
+    assert json.loads(done.stdout) == {"fields": {"blob": "0001"}, "text": "", "log": ["ff"]}
+    done = await run_cli(env, "doc", "get", "docs@local", "blobs")
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout.decode().splitlines() == ["blob=0001", "- ff"]
 
 
 def _cli_env(url: str, tmp_path: Path) -> dict[str, str]:
