@@ -299,6 +299,57 @@ async def test_acks_of_a_connection_cancelled_while_answering_are_still_applied(
     assert again is not None  # the other item is still there to be acknowledged
 
 
+async def test_a_confirm_is_answered_once_the_acks_before_it_are_written() -> None:
+    """``msg.confirm`` promises every ack sent before it is applied: a client closing
+    after its answer may start another reader, which must not be sent them again.
+    Here the ack and the confirm come in one batch, whose delete waits on the disk."""
+    from types import SimpleNamespace
+    from typing import cast
+
+    from agent_sdk import frames as f
+    from relay.messaging import Messaging
+    from relay.node import RelayNode
+    from relay.session import AckItem, Confirm
+
+    store = Gated()
+    store.go.set()  # the set-up writes at once
+    boxes = inboxes(store)
+    for agent in (ALICE, BOB):
+        await boxes.remember(agent)
+    assert await boxes.put_messages([message(b"1")]) == ["stored"]
+    node = cast(RelayNode, SimpleNamespace(inboxes=boxes, federation=None))
+    sent: list[f.RelayFrame] = []
+    release, confirmed = trio.Event(), trio.Event()
+
+    async def writer(frame: f.RelayFrame) -> None:
+        sent.append(frame)
+        if isinstance(frame, f.Result):
+            confirmed.set()
+        elif len(sent) == 1:
+            await release.wait()  # holds the ack loop while the next batch queues up
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            messaging = Messaging(node, BOB, writer, nursery, None)
+            messaging.sub = 7
+            await messaging.acknowledge(AckItem(sub=7, seq=9, receipt=None))  # not there
+            while not sent:
+                await trio.testing.wait_all_tasks_blocked()
+            store.go.clear()
+            store.entered.clear()
+            await messaging.acknowledge(AckItem(sub=7, seq=1, receipt=None))
+            await messaging.acknowledge(Confirm(rid=5))
+            release.set()
+            await trio.to_thread.run_sync(store.entered.wait)  # the delete is on its way
+            await trio.testing.wait_all_tasks_blocked()
+            assert not confirmed.is_set() and boxes.size(BOB) == 1
+            store.go.set()
+            await confirmed.wait()
+            assert boxes.size(BOB) == 0  # written before the answer
+            nursery.cancel_scope.cancel()
+    assert sent[1:] == [f.Result(rid=5, body={})]
+
+
 @pytest.mark.parametrize("cancel", [False, True])
 async def test_notice_batches_queued_for_one_write_keep_the_bound(cancel: bool) -> None:
     """Two notice batches queued behind another task's write: the second counts the
@@ -379,3 +430,45 @@ async def test_agents_whose_write_failed_are_not_known_and_those_after_them_are_
     assert ALICE not in boxes.known and store.agents == {BOB}
     await boxes.remember(ALICE)  # authenticating again writes it
     assert store.agents == {ALICE, BOB}
+
+
+async def test_all_inboxes_together_are_bounded_in_bytes() -> None:
+    """``max_bytes`` bounds what every inbox holds together, the message being stored
+    and those of the same batch included (each fits alone, not with the others)."""
+    boxes = Inboxes(MemoryInboxStore(), max_items=10, ttl_ms=10_000, wall_ms=Clock(), max_bytes=20)
+    for agent in (ALICE, BOB, CAROL):
+        await boxes.remember(agent)
+    # 8 bytes each ("sealed N"): two fit in 20, a third in the same batch does not.
+    answers = await boxes.put_messages([message(b"1"), message(b"2"), message(b"3", to=CAROL)])
+    assert answers[:2] == ["stored", "stored"]
+    refused = answers[2]
+    assert isinstance(refused, ProtocolError) and refused.code is ErrorCode.INBOX_FULL
+    assert "20 bytes" in refused.reason  # another recipient: the bound is the relay's
+    [alone] = await boxes.put_messages([message(b"4", to=CAROL)])  # 16 held + 8 > 20
+    assert isinstance(alone, ProtocolError) and alone.code is ErrorCode.INBOX_FULL
+    [taken, _] = boxes.take(BOB, [1, 2])
+    assert taken is not None
+    await boxes.acknowledge([taken], [])  # a delivery frees its bytes
+    assert await boxes.put_messages([message(b"4", to=CAROL)]) == ["stored"]
+    assert boxes.bytes == 16
+
+
+async def test_a_resend_is_answered_delivered_for_the_latest_deliveries(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The relay remembers its last deliveries (a bounded memory): the oldest is
+    forgotten first, and the latest ones are still answered ``delivered``."""
+    import relay.inbox
+
+    monkeypatch.setattr(relay.inbox, "REMEMBERED_DELIVERIES", 2)
+    boxes = Inboxes(MemoryInboxStore(), max_items=10, ttl_ms=10_000, wall_ms=Clock())
+    for agent in (ALICE, BOB):
+        await boxes.remember(agent)
+    for n, mid in enumerate((b"1", b"2", b"3"), start=1):
+        assert await boxes.put_messages([message(mid)]) == ["stored"]
+        [item] = boxes.take(BOB, [n])
+        assert item is not None
+        await boxes.acknowledge([item], [])
+    assert await boxes.put_messages([message(b"3"), message(b"2")]) == ["delivered"] * 2
+    # The oldest delivery is forgotten: a copy of it is a new message (15.4).
+    assert await boxes.put_messages([message(b"1")]) == ["stored"]
