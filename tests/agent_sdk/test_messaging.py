@@ -3,6 +3,7 @@ in order and exactly once, sealed end to end."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from tests.agent_sdk.test_client import BrokenHook, hook_failures
 from tests.conftest import RunningRelay, identity, start_relay
 from tests.federation.cluster import Cuttable
 from tests.federation.fixtures import federation_of, plan, start
+from tests.relay.test_bad_input import RawAgent, raw_agent
 
 ALICE, BOB, CAROL = identity(1), identity(2), identity(3)
 TIMEOUT = 30
@@ -205,6 +207,57 @@ async def test_a_receipt_that_comes_twice_is_taken_off_the_relay_both_times(
         await drained(relay, ALICE)
 
 
+async def test_a_receipt_signed_by_another_than_the_recipient_does_not_settle_a_send(
+    relay: RunningRelay,
+) -> None:
+    """A receipt in Alice's inbox that checks but is Carol's (a peer relay may pass
+    on any receipt that checks) does not say Bob has the message: Alice's send
+    waits on for Bob's own."""
+    from relay.inbox import Arriving
+
+    async with (
+        RelayClient.connect(relay.url, ALICE) as alice,
+        RelayClient.connect(relay.url, BOB) as bob,
+    ):
+        with trio.fail_after(TIMEOUT):
+            sent = await alice.send(BOB.id, "for Bob")
+            alice.mailbox.open()
+            await alice.mailbox.live.wait()
+            header = Header(sent.id, ALICE.public_key, CAROL.public_key, b"s" * 8, 1, 0)
+            carols = Receipt.make(CAROL, header)
+            carols.verify()  # it checks: only its signer is not the recipient
+            alice_inbox = [Arriving(ALICE.public_key, CAROL.public_key, sent.id, carols.encode())]
+            await relay.node.inboxes.put_receipts(alice_inbox)
+            await drained(relay, ALICE)  # Alice read it (and took it off the relay)
+            assert sent.receipt is None and sent.status == "stored"
+            assert (await bob.mailbox.next()).body == "for Bob"
+            assert (await sent.delivered()).recipient == BOB.public_key
+
+
+async def test_a_receipt_for_another_instance_of_the_agent_is_left_for_it(
+    relay: RunningRelay,
+) -> None:
+    """Two processes of Alice: the one reading her inbox gets a receipt for a message
+    the other sent. It leaves it on the relay (no ack), and the sender, opening the
+    inbox to wait for its receipt, finds it there."""
+    async with (
+        RelayClient.connect(relay.url, ALICE) as sender,
+        RelayClient.connect(relay.url, ALICE) as reader,
+        RelayClient.connect(relay.url, BOB) as bob,
+    ):
+        with trio.fail_after(TIMEOUT):
+            reader.mailbox.open()
+            await reader.mailbox.live.wait()
+            sent = await sender.send(BOB.id, "from the sender")
+            assert (await bob.mailbox.next()).body == "from the sender"
+            await bob.mailbox.confirm()  # the receipt is in Alice's inbox
+            while not reader.mailbox.unconfirmed:  # the reader was sent it
+                await trio.testing.wait_all_tasks_blocked()
+            await reader.mailbox.confirm()  # whatever it acknowledged is applied
+            assert relay.node.inboxes.size(ALICE.public_key) == 1  # left for the sender
+            (await sent.delivered()).verify()
+
+
 async def drained(relay: RunningRelay, agent: Identity) -> None:
     """Wait until ``agent``'s inbox on ``relay`` is empty (acks are applied in batches)."""
     inboxes = relay.node.inboxes
@@ -350,6 +403,92 @@ async def test_a_message_sent_again_by_another_client_with_its_chosen_id_is_a_co
             await alice.send(BOB.id, "x", id="")
 
 
+def test_a_recipient_remembers_the_streams_it_handed_out_from_last() -> None:
+    """The streams a recipient remembers are the latest it handed a message out from
+    (15.4): a stream in use stays, and a copy of its last message is still old."""
+    from agent_sdk.messaging import Inflow
+
+    def header(stream: bytes, seq: int) -> Header:
+        return Header(stream * 2 + bytes([seq]) * 8, ALICE.public_key, BOB.public_key,
+                      stream, seq, 0)  # fmt: skip
+
+    inflow = Inflow(memory=2)
+    a, b, c = b"a" * 4, b"b" * 4, b"c" * 4
+    for stream, seq in ((a, 1), (b, 1), (a, 2), (c, 1)):  # c's makes one stream go: b's
+        assert inflow.admit(header(stream, seq)) == "new"
+        inflow.taken(header(stream, seq).id)
+    assert inflow.admit(header(a, 2)) == "old"  # a copy of a's last
+    assert inflow.admit(header(b, 1)) == "new"  # b was forgotten (15.4: a new message)
+
+
+async def test_a_message_whose_direct_answer_was_lost_goes_by_the_relay_as_a_copy(
+    nursery: trio.Nursery, relay: RunningRelay
+) -> None:
+    """Bob's endpoint queued the message but its `got` was lost with the connection:
+    the sender falls back to the relay with the same id and number, and Bob, who has
+    it already, takes the relayed one for a copy and hands the message out once
+    (acknowledging the copy as it does)."""
+    from functools import partial
+
+    from websockets.exceptions import ConnectionClosed
+    from websockets.trio.client import connect
+    from websockets.trio.server import ServerConnection, serve
+
+    from agent_sdk.direct import _unpack
+
+    async with (
+        RelayClient.connect(relay.url, ALICE) as alice,
+        RelayClient.connect(relay.url, BOB) as bob,
+        bob.listen() as endpoint,
+    ):
+
+        async def losing_got(ws: ServerConnection) -> None:  # Alice <-> Bob, no `got`
+            async with connect(endpoint, compression=None) as to_bob:
+
+                async def up() -> None:
+                    with contextlib.suppress(ConnectionClosed):
+                        while True:
+                            await to_bob.send(await ws.recv())
+
+                async with trio.open_nursery() as pumps:
+                    pumps.start_soon(up)
+                    while _unpack(answer := await to_bob.recv())["t"] != "got":
+                        await ws.send(answer)
+                    pumps.cancel_scope.cancel()
+
+        server = await nursery.start(partial(serve, losing_got, 0, host="127.0.0.1"))
+        lossy = f"ws://127.0.0.1:{server.listeners[0].socket.getsockname()[1]}"
+        with trio.fail_after(TIMEOUT):
+            bob.mailbox.open()
+            await bob.mailbox.live.wait()
+            sent = await alice.send(BOB.id, "once", endpoint=lossy)
+            assert sent.path == "relay" and sent.status == "stored"
+            while not bob.mailbox._copies:  # the relayed one came: a copy of one queued
+                await trio.testing.wait_all_tasks_blocked()
+            assert (await bob.mailbox.next()).body == "once"
+            await drained(relay, BOB)  # the copy was acknowledged with it, off the relay
+            after = await alice.send(BOB.id, "after", via="relay")
+            assert (await bob.mailbox.next()).body == "after"  # not "once" again
+            await after.delivered()
+            await sent.delivered()  # the copy was acknowledged with a receipt
+
+
+async def test_a_chosen_id_is_derived_as_the_protocol_says(relay: RunningRelay) -> None:
+    """Another implementation sending the same chosen id must seal the same message
+    (15.4): id and stream are SHA-256 of the domain, sender, recipient and text,
+    and seq is 1. The derivation is checked here from the protocol's text."""
+    import hashlib
+
+    d = hashlib.sha256(b"formicary/v1/msg-id\x00" + ALICE.public_key + BOB.public_key
+                       + "r\u00e9port-7".encode()).digest()  # fmt: skip
+    async with RelayClient.connect(relay.url, ALICE) as alice:
+        sealed = alice.mailbox.seal_next(Address(BOB.public_key), "x", id="r\u00e9port-7")
+        other = alice.mailbox.seal_next(Address(CAROL.public_key), "x", id="r\u00e9port-7")
+    header = sealed.header
+    assert (header.id, header.stream, header.seq) == (d[:16], d[16:24], 1)
+    assert other.header.id != header.id  # the recipient is part of it
+
+
 async def test_a_chosen_id_sent_again_after_its_receipt_is_delivered_and_keeps_direct_open(
     relay: RunningRelay,
 ) -> None:
@@ -404,6 +543,130 @@ async def test_a_direct_endpoint_must_prove_it_is_the_recipient(relay: RunningRe
             await alice.send(BOB.id, "for Bob", via="direct", endpoint=carols)
         with pytest.raises(DirectUnreachable):
             await alice.send(BOB.id, "nobody there", via="direct", endpoint="ws://127.0.0.1:9")
+
+
+async def test_a_direct_endpoint_showing_the_recipients_key_must_sign_with_it(
+    nursery: trio.Nursery, relay: RunningRelay
+) -> None:
+    """An endpoint that shows Bob's key in its hello but cannot sign with it is not
+    Bob: the dialler gives up before sending anything (auto: through the relay)."""
+    import secrets
+    from functools import partial
+
+    from websockets.trio.server import ServerConnection, serve
+
+    from agent_sdk.direct import _pack, _proof, _unpack
+
+    got: list[dict[str, object]] = []
+
+    async def impostor(ws: ServerConnection) -> None:  # Bob's key, Carol's signature
+        hello = _unpack(await ws.recv())
+        sig = CAROL.sign(_proof(b"listener", hello["challenge"], hello["key"]))
+        mine = secrets.token_bytes(32)
+        await ws.send(_pack({"t": "hello", "key": BOB.public_key, "challenge": mine, "sig": sig}))
+        got.extend([_unpack(await ws.recv()), _unpack(await ws.recv())])  # auth, msg
+        await ws.aclose()
+
+    server = await nursery.start(partial(serve, impostor, 0, host="127.0.0.1"))
+    endpoint = f"ws://127.0.0.1:{server.listeners[0].socket.getsockname()[1]}"
+    async with RelayClient.connect(relay.url, BOB):
+        pass  # the relay knows Bob: it keeps his messages
+    async with RelayClient.connect(relay.url, ALICE) as alice:
+        with trio.fail_after(TIMEOUT):
+            with pytest.raises(DirectUnreachable, match="did not prove"):
+                await alice.send(BOB.id, "for Bob", via="direct", endpoint=endpoint)
+            sent = await alice.send(BOB.id, "for Bob", endpoint=endpoint)
+        assert sent.path == "relay" and got == []  # the impostor was sent nothing
+
+
+async def test_a_direct_listener_takes_messages_only_from_the_key_its_dialler_proved(
+    relay: RunningRelay,
+) -> None:
+    """The dialler proves its key by signing the listener's challenge, and sends only
+    its own messages: a dialler that cannot sign for the key it claims is closed
+    (1008), and one that sends another agent's sealed message (a copy it got hold
+    of) is refused. Neither reaches Bob's application."""
+    from websockets.exceptions import ConnectionClosed
+    from websockets.trio.client import connect
+
+    from agent_sdk.direct import _pack, _proof, _prove, _unpack
+
+    from_alice = seal(ALICE, Header(b"\x07" * 16, ALICE.public_key, BOB.public_key,
+                                    b"s" * 8, 1, 0), "replayed")  # fmt: skip
+    async with RelayClient.connect(relay.url, BOB) as bob, bob.listen() as endpoint:
+        with trio.fail_after(TIMEOUT):
+            async with connect(endpoint, compression=None) as ws:  # Carol, as herself
+                await _prove(ws, CAROL, BOB.public_key)
+                await ws.send(_pack({"t": "msg", "msg": from_alice.encode()}))
+                answer = _unpack(await ws.recv())
+                assert answer["t"] == "refused" and "sender" in answer["reason"]
+            async with connect(endpoint, compression=None) as ws:  # Carol, as Alice
+                challenge = b"\x01" * 32
+                await ws.send(
+                    _pack({"t": "hello", "key": ALICE.public_key, "challenge": challenge})
+                )
+                hello = _unpack(await ws.recv())
+                sig = CAROL.sign(_proof(b"dialer", hello["challenge"], BOB.public_key))
+                await ws.send(_pack({"t": "auth", "sig": sig}))
+                with pytest.raises(ConnectionClosed) as closed:
+                    await ws.send(_pack({"t": "msg", "msg": from_alice.encode()}))
+                    await ws.recv()
+                assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+        assert bob.mailbox.waiting == 0
+
+
+async def test_a_direct_got_not_signed_by_the_recipient_does_not_count(
+    nursery: trio.Nursery, relay: RunningRelay
+) -> None:
+    """On a plain ws:// path anyone on the way can answer `got`: the dialler counts
+    only one the recipient signed. Here the endpoint (standing for whoever forwarded
+    Bob's handshake) answers an unsigned `got` and drops the connection, and the
+    message goes on through the relay rather than being taken for delivered."""
+    import secrets
+    from functools import partial
+
+    from websockets.trio.server import ServerConnection, serve
+
+    from agent_sdk.direct import _pack, _proof, _unpack
+
+    async def forger(ws: ServerConnection) -> None:
+        hello = _unpack(await ws.recv())
+        sig = BOB.sign(_proof(b"listener", hello["challenge"], hello["key"]))
+        mine = secrets.token_bytes(32)
+        await ws.send(_pack({"t": "hello", "key": BOB.public_key, "challenge": mine, "sig": sig}))
+        await ws.recv()  # auth
+        mid = Sealed.decode(_unpack(await ws.recv())["msg"]).header.id
+        await ws.send(_pack({"t": "got", "id": mid, "sig": b"\x00" * 64}))
+        await ws.aclose()
+
+    server = await nursery.start(partial(serve, forger, 0, host="127.0.0.1"))
+    endpoint = f"ws://127.0.0.1:{server.listeners[0].socket.getsockname()[1]}"
+    async with RelayClient.connect(relay.url, BOB):
+        pass  # the relay knows Bob: it keeps his messages
+    async with RelayClient.connect(relay.url, ALICE) as alice:
+        with trio.fail_after(TIMEOUT):
+            sent = await alice.send(BOB.id, "hi", endpoint=endpoint)
+        assert sent.path == "relay" and sent.status == "stored"
+    async with RelayClient.connect(relay.url, BOB) as bob:
+        assert (await bob.mailbox.next()).body == "hi"
+
+
+async def test_a_direct_message_that_does_not_unseal_is_refused(relay: RunningRelay) -> None:
+    """The listener answers `got` only for a message its application can have: one
+    it cannot open is refused, so the sender does not take it for delivered."""
+    sealed = seal(ALICE, Header(b"\x05" * 16, ALICE.public_key, BOB.public_key,
+                                b"s" * 8, 1, 0), "real")  # fmt: skip
+    flipped = bytearray(sealed.ciphertext)
+    flipped[0] ^= 1
+    tampered = Sealed(sealed.header, sealed.ephemeral, bytes(flipped), sealed.sig)
+    async with (
+        RelayClient.connect(relay.url, ALICE) as alice,
+        RelayClient.connect(relay.url, BOB) as bob,
+        bob.listen() as endpoint,
+    ):
+        with trio.fail_after(TIMEOUT), pytest.raises(DirectUnreachable, match="does not unseal"):
+            await alice.mailbox._direct(Address(BOB.public_key), tampered, endpoint)
+        assert bob.mailbox.waiting == 0
 
 
 async def test_an_undelivered_message_expires_and_its_sender_is_told(relay: RunningRelay) -> None:
@@ -543,6 +806,72 @@ async def test_a_receipt_for_another_message_is_not_passed_on_and_the_item_stays
             assert sent.status == "stored" and sent.receipt is None
             assert (await bob.mailbox.next()).body == "real"  # ...and is delivered
             await sent.delivered()
+
+
+async def test_a_receipt_for_the_message_that_does_not_check_is_dropped_and_the_item_goes(
+    relay: RunningRelay,
+) -> None:
+    """An ack whose receipt is for the item's message but whose signature does not
+    check: the agent has the message, so the item is deleted, but the receipt is not
+    passed on (the sender gets none), the answer is 6004, and acking again is 4003."""
+    async with (
+        RelayClient.connect(relay.url, ALICE) as alice,
+        RelayClient.connect(relay.url, BOB) as bob,
+    ):
+        with trio.fail_after(10):
+            bob.mailbox.open()
+            await bob.mailbox.live.wait()
+            sent = await alice.send(BOB.id, "real")
+            [item] = relay.node.inboxes.after(BOB.public_key, 0, 1)  # stored: answered
+            unsigned = Receipt(sent.id, ALICE.public_key, BOB.public_key, b"\x00" * 64)
+            for code in (ErrorCode.BAD_MESSAGE, ErrorCode.NOT_FOUND):
+                refused = bob.mailbox.refused
+                ack = f.MsgAck(sub=bob.mailbox.sub or 0, seq=item.seq, receipt=unsigned.encode())
+                bob.send_frame(ack)
+                await refused.wait()
+                assert bob.mailbox.refusal is not None and bob.mailbox.refusal.code is code
+                assert relay.node.inboxes.size(BOB.public_key) == 0  # delivered all the same
+                assert relay.node.inboxes.size(ALICE.public_key) == 0  # no receipt for Alice
+            assert sent.receipt is None and bob.mailbox.error is None  # the stream goes on
+
+
+async def frames(agent: RawAgent, n: int) -> list[f.Frame]:
+    """The next ``n`` frames the relay sends ``agent`` (singly or bundled)."""
+    got: list[f.Frame] = []
+    while len(got) < n:
+        with trio.fail_after(TIMEOUT):
+            message = await agent.ws.recv()
+        assert isinstance(message, bytes)
+        got += f.decode_message(message)
+    assert len(got) == n, got
+    return got
+
+
+async def test_an_inbox_stream_says_where_its_backlog_ends_and_takes_acks_on_it_only(
+    relay: RunningRelay,
+) -> None:
+    """``live`` carries the seq of the last item waiting when the stream opened; a
+    second ``msg.inbox`` on the connection is 3005; an ack on a sub that is not this
+    connection's open stream is 3004 and deletes nothing. The stream goes on."""
+    for body in ("one", "two"):
+        await a_message_waits(relay, body)
+    async with raw_agent(relay.url, BOB) as bob:
+        await bob.send(f.encode_frame(f.MsgInbox(sub=5)))
+        *items, live = await frames(bob, 3)
+        assert [(i.sub, i.kind) for i in items if isinstance(i, f.MsgItem)] == [(5, "message")] * 2
+        last = items[-1]
+        assert isinstance(last, f.MsgItem) and live == f.Live(sub=5, ns="", seq=last.seq)
+        await bob.send(f.encode_frame(f.MsgInbox(sub=6)))  # one stream per connection
+        await bob.expect_error(ErrorCode.DUPLICATE_SUBSCRIPTION, sub=6)
+        await bob.send(f.encode_frame(f.MsgAck(sub=6, seq=last.seq)))
+        await bob.expect_error(ErrorCode.UNKNOWN_SUBSCRIPTION, sub=6)
+        await bob.send(f.encode_frame(f.MsgConfirm(rid=7)))
+        assert await frames(bob, 1) == [f.Result(rid=7, body={})]
+        assert relay.node.inboxes.size(BOB.public_key) == 2  # nothing was deleted
+        await bob.send(f.encode_frame(f.MsgAck(sub=5, seq=last.seq)))
+        await bob.send(f.encode_frame(f.MsgConfirm(rid=8)))
+        assert await frames(bob, 1) == [f.Result(rid=8, body={})]
+        assert relay.node.inboxes.size(BOB.public_key) == 1  # the stream took it
 
 
 async def test_a_send_forgotten_for_too_many_later_ones_says_so(
@@ -810,6 +1139,79 @@ async def test_a_resending_hook_that_fails_does_not_end_the_send(
         async with RelayClient.connect(relays["b"].url, BOB) as bob:
             assert (await bob.mailbox.next()).body == "held, then sent"
     assert hook_failures(caplog, "on_resending", resending)
+
+
+async def test_a_send_to_another_relay_gives_up_after_its_patience(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """While the way to the recipient's relay is down a message is sent again, for
+    ``patience`` seconds: then ``send`` gives up with ``home_unreachable`` (no relay
+    keeps the message: it is the sender's to send again, 15.5). With no patience
+    it gives up at the first answer, and the message was stored nowhere."""
+    relays = plan(tmp_path, "a", "b")
+    b = await start(nursery, relays["b"], (relays["a"].peer(),))
+    way = Cuttable(relays["b"].port)  # a's link to b goes through it
+    await nursery.start(way.run)
+    a = await start(nursery, relays["a"], (relays["b"].peer(url=way.url),))
+    link = federation_of(a).links["b"]
+    with trio.fail_after(TIMEOUT):
+        async with RelayClient.connect(relays["b"].url, BOB):
+            pass  # Bob is an agent of b: b knows him
+        await link.wait_up()
+        way.cut()
+        await link.wait_for(lambda: link.client is None)
+        async with RelayClient.connect(a.url, ALICE) as alice:
+            alice.mailbox.patience = 0
+            with pytest.raises(ProtocolError) as unreachable:
+                await alice.send(f"{BOB.id}@b", "not kept")
+            assert unreachable.value.code is ErrorCode.HOME_UNREACHABLE
+    assert b.node.inboxes.size(BOB.public_key) == 0
+
+
+async def test_a_link_that_drops_before_the_answer_is_home_unreachable(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """The message is on its way to b (b is writing it) when the link drops: the
+    sender hears 5003 ``home_unreachable``, which says sending again is safe, not
+    5001 ``internal``."""
+    import threading
+
+    relays = plan(tmp_path, "a", "b")
+    b = await start(nursery, relays["b"], (relays["a"].peer(),))
+    way = Cuttable(relays["b"].port)  # a's link to b goes through it
+    await nursery.start(way.run)
+    a = await start(nursery, relays["a"], (relays["b"].peer(url=way.url),))
+    link = federation_of(a).links["b"]
+    store = b.node.inboxes.store
+    apply, entered, go = store.apply, threading.Event(), threading.Event()
+
+    def gated(put: object, drop: object) -> None:
+        entered.set()
+        go.wait(TIMEOUT)
+        apply(put, drop)  # type: ignore[arg-type]
+
+    try:
+        with trio.fail_after(TIMEOUT):
+            async with RelayClient.connect(relays["b"].url, BOB):
+                pass  # Bob is an agent of b: b knows him
+            await link.wait_up()
+            async with RelayClient.connect(a.url, ALICE) as alice:
+                alice.mailbox.patience = 0
+                store.apply = gated  # type: ignore[method-assign]
+                errors: list[ProtocolError] = []
+
+                async def send() -> None:
+                    with pytest.raises(ProtocolError) as raised:
+                        await alice.send(f"{BOB.id}@b", "on its way")
+                    errors.append(raised.value)
+
+                async with trio.open_nursery() as sending:
+                    sending.start_soon(send)
+                    await trio.to_thread.run_sync(entered.wait, TIMEOUT)  # b is writing it
+                    way.cut()
+                assert [e.code for e in errors] == [ErrorCode.HOME_UNREACHABLE]
+    finally:
+        go.set()
 
 
 async def test_a_send_given_up_on_and_then_refused_does_not_keep_later_ones_off_direct(
