@@ -239,7 +239,7 @@ class Messaging:
             while len(batch) < MAIL_QUEUE:
                 try:
                     batch.append(acks.receive_nowait())
-                except trio.WouldBlock:
+                except (trio.WouldBlock, trio.EndOfChannel):  # (closed: finish() drains it)
                     break
             ours = [a for a in batch if isinstance(a, AckItem)]
             # Nothing may wait between taking the items and writing their delete: a

@@ -847,6 +847,41 @@ async def frames(agent: RawAgent, n: int) -> list[f.Frame]:
     return got
 
 
+async def test_acks_queued_when_the_connection_closes_are_still_applied(
+    relay: RunningRelay,
+) -> None:
+    """The relay applies the acks a closing connection sent before it lets it go
+    (15.3): here the second waits behind the first's write when the agent hangs up,
+    without a confirm. Dropped, its item would be sent to the next reader again."""
+    import threading
+
+    for body in ("one", "two"):
+        await a_message_waits(relay, body)
+    store = relay.node.inboxes.store
+    apply, entered, go = store.apply, threading.Event(), threading.Event()
+
+    def gated(put: object, drop: object) -> None:
+        entered.set()
+        go.wait(TIMEOUT)
+        apply(put, drop)  # type: ignore[arg-type]
+
+    try:
+        async with raw_agent(relay.url, BOB) as bob:
+            await bob.send(f.encode_frame(f.MsgInbox(sub=5)))
+            first, second, _ = await frames(bob, 3)
+            assert isinstance(first, f.MsgItem) and isinstance(second, f.MsgItem)
+            store.apply = gated  # type: ignore[method-assign]
+            await bob.send(f.encode_frame(f.MsgAck(sub=5, seq=first.seq)))
+            await trio.to_thread.run_sync(entered.wait, TIMEOUT)  # its delete is on its way
+            await bob.send(f.encode_frame(f.MsgAck(sub=5, seq=second.seq)))
+            await bob.ws.aclose()
+        await trio.testing.wait_all_tasks_blocked()  # the relay saw the close
+        go.set()
+        await drained(relay, BOB)
+    finally:
+        go.set()
+
+
 async def test_an_inbox_stream_says_where_its_backlog_ends_and_takes_acks_on_it_only(
     relay: RunningRelay,
 ) -> None:
