@@ -10,6 +10,7 @@ from relay.coordination.ledger import (
     TRANSITIONS,
     Contract,
     Done,
+    Gate,
     Ledger,
     Problem,
     Rejection,
@@ -217,3 +218,124 @@ def test_orders_under_auction_report_each_move_and_renewal_once() -> None:
     ledger.unreserve(auctioned)
     claimed(ledger.claim(auctioned, B, now_ms=3 + MIN, ttl_ms=MIN))
     assert ledger.take_moved() == set()
+
+
+# The status table of protocol 8.4, written out here rather than read from TRANSITIONS:
+# a row missing from (or added to) the code's table fails against it. Each cell is what
+# one move does to an order in one status: the new status, or the problem refusing it.
+MOVES = ("claim", "release", "done", "blocked", "open", "dropped", "ask", "approve", "reject")
+BT, HELD = Problem.BAD_TRANSITION, Problem.HELD
+TABLE: dict[Status, tuple[Status | Problem, ...]] = {
+    Status.OPEN: (Status.CLAIMED, BT, Status.DONE, Status.BLOCKED, BT, Status.DROPPED, BT, BT, BT),
+    Status.CLAIMED: (
+        HELD, Status.OPEN, Status.DONE, Status.BLOCKED, Status.OPEN, Status.DROPPED,
+        Status.AWAITING_APPROVAL, BT, BT,
+    ),
+    Status.BLOCKED: (BT, BT, BT, BT, Status.OPEN, Status.DROPPED, BT, BT, BT),
+    Status.DONE: (BT,) * 9,
+    Status.DROPPED: (BT,) * 9,
+    Status.AWAITING_APPROVAL: (BT,) * 7 + (Status.OPEN, Status.BLOCKED),
+}  # fmt: skip
+C = b"c" * 32
+
+
+def listed(gate: Gate, key: bytes) -> bool:
+    """The approver check of a gate that names keys only."""
+    return key in gate.approvers
+
+
+def gated_order_in(status: Status) -> tuple[Ledger, str, int | None]:
+    """An approved gated order (so that done is a matter of the table alone) in
+    ``status``, B holding it with the returned token when claimed."""
+    ledger = Ledger()
+    gate = Gate("a person signs it off", approvers=(A,))
+    order = ledger.create(Contract(title="deploy", approval=gate), A, 0).order
+    ask = claimed(ledger.claim(order, B, now_ms=1, ttl_ms=MIN))
+    assert isinstance(ledger.ask_approval(order, B, ask, 2, "ready"), Done)
+    if status is not Status.AWAITING_APPROVAL:
+        assert isinstance(ledger.decide(order, A, True, "", 3, listed), Done)
+    token = None
+    if status is Status.CLAIMED:
+        token = claimed(ledger.claim(order, B, now_ms=4, ttl_ms=MIN))
+    elif status in (Status.BLOCKED, Status.DONE, Status.DROPPED):
+        assert isinstance(ledger.update(order, A, None, status, now_ms=4), Done)
+    assert ledger.orders[order].status is status
+    return ledger, order, token
+
+
+@pytest.mark.parametrize("status", list(TABLE))
+@pytest.mark.parametrize("move", MOVES)
+def test_each_move_from_each_status_is_the_protocols_table(status: Status, move: str) -> None:
+    """8.4's table, cell by cell: the holder ends a claim with its token (open too, not
+    only by a release), anyone moves an unclaimed order, A approves; every move the
+    table lacks is refused with bad_transition (held for a claim of a held order),
+    and a refused move leaves the order as it was."""
+    ledger, order, token = gated_order_in(status)
+    now = 5
+    # The holder with its token; unclaimed, a stranger (anyone closes, blocks and
+    # reopens), but the creator for a drop.
+    mover = B if token is not None else A if move == "dropped" else C
+    outcome = {
+        "claim": lambda: ledger.claim(order, C, now_ms=now, ttl_ms=MIN),
+        "release": lambda: ledger.release(order, B, token or 1, now_ms=now),
+        "ask": lambda: ledger.ask_approval(order, B, token, now, "ready"),
+        "approve": lambda: ledger.decide(order, A, True, "ok", now, listed),
+        "reject": lambda: ledger.decide(order, A, False, "no", now, listed),
+    }.get(move, lambda: ledger.update(order, mover, token, Status(move), now_ms=now))()
+    expected = TABLE[status][MOVES.index(move)]
+    if isinstance(expected, Problem):
+        rejected(outcome, expected)
+        assert ledger.orders[order].status is status
+    else:
+        assert isinstance(outcome, Done), outcome
+        assert outcome.status is expected and ledger.orders[order].status is expected
+
+
+def test_a_dropped_order_takes_no_sub_orders() -> None:
+    """Dropped is final like done (8.4.2): its creator cannot split it any more."""
+    ledger = Ledger()
+    parent = created(ledger)
+    assert isinstance(ledger.update(parent, A, None, Status.DROPPED, now_ms=1), Done)
+    refusal = rejected(
+        ledger.create(Contract(title="late part"), A, 2, parent=parent), Problem.BAD_TRANSITION
+    )
+    assert "dropped" in refusal.reason
+    assert list(ledger.orders) == [parent] and ledger.orders[parent].children == []
+
+
+def test_the_last_decision_counts_for_an_order_to_be_done() -> None:
+    """A rejected gated order, reopened, still needs approval; approved, it may be done;
+    approved then asked again and rejected, it needs approval again (8.4.1)."""
+    ledger = Ledger()
+    order = ledger.create(Contract(title="deploy", approval=Gate("prod", (A,))), A, 0).order
+
+    def decided(approved: bool, now: int) -> None:
+        token = claimed(ledger.claim(order, B, now_ms=now, ttl_ms=MIN))
+        assert isinstance(ledger.ask_approval(order, B, token, now + 1, "ready"), Done)
+        assert isinstance(ledger.decide(order, A, approved, "", now + 2, listed), Done)
+        if not approved:
+            assert isinstance(ledger.update(order, C, None, Status.OPEN, now_ms=now + 3), Done)
+
+    decided(False, 10)
+    rejected(ledger.update(order, C, None, Status.DONE, now_ms=20), Problem.NEEDS_APPROVAL)
+    decided(True, 30)
+    decided(False, 40)
+    rejected(ledger.update(order, C, None, Status.DONE, now_ms=50), Problem.NEEDS_APPROVAL)
+    decided(True, 60)
+    assert isinstance(ledger.update(order, C, None, Status.DONE, now_ms=70), Done)
+
+
+def test_a_logged_expiry_reopens_only_the_claims_it_names() -> None:
+    """8.6: a pair applies only while the order's current lease has its token; a pair
+    of an earlier claim (the order claimed again since) or of no order changes nothing."""
+    ledger = Ledger()
+    first, second = created(ledger), created(ledger)
+    claimed(ledger.claim(first, A, now_ms=0, ttl_ms=MIN))
+    assert claimed(ledger.claim(first, B, now_ms=MIN, ttl_ms=MIN)) == 2  # the lapse, noticed
+    claimed(ledger.claim(second, A, now_ms=0, ttl_ms=MIN))
+    ledger.expire_leases([(first, 1), ("wo-9", 1), (second, 1)])
+    assert ledger.orders[first].status is Status.CLAIMED
+    lease = ledger.leases.holder(first, MIN + 1)
+    assert lease is not None and (lease.holder, lease.token) == (B, 2)
+    assert ledger.orders[second].status is Status.OPEN
+    assert ledger.orders[second].history[-1][:2] == (MIN, Status.OPEN)  # dated at its expiry
