@@ -48,6 +48,9 @@ def scan(ledger: Ledger, now: int) -> str | None:
 @given(st.lists(step, max_size=60))
 # An order met under auction leaves the index; once its auction ends it is back.
 @example([("create", 1), ("reserve", 1), ("create", 0), ("next", 0), ("unreserve", 1), ("next", 1)])
+# A claim that lapsed is open before the timer says so: next gives it out again, ahead
+# of an open order of lower priority.
+@example([("create", 0), ("create", 1), ("next", 0), ("wait", 10_000), ("next", 1)])
 def test_next_picks_what_a_scan_of_every_order_would(steps: list[tuple[str, int]]) -> None:
     ledger = Ledger()
     now = 0
