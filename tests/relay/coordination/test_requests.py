@@ -195,6 +195,29 @@ def test_a_sub_orders_lapsed_claim_reads_open_in_its_parent_too() -> None:
     assert [c["status"] for c in parent["children"]] == ["open"]
 
 
+def test_the_order_list_filters_by_the_status_at_the_querys_now() -> None:
+    """``wo.list {status}`` lists the orders in that status at the query's ``now``: a
+    lapsed claim is open there before any timer wrote it (8.4, 8.10)."""
+    from relay.coordination import queries
+
+    log = Log()
+    for title in ("claimed", "blocked", "open"):
+        log.request("wo.create", {"title": title})
+    log.request("wo.claim", {"wo": "wo-1", "ttl_ms": MIN}, author=B, now=10)
+    log.request("wo.update", {"wo": "wo-2", "status": "blocked"}, now=10)
+
+    def listed(status: str, now: int) -> list[str]:
+        answer = queries.answer(log.coordinator, "wo.list", {"status": status}, now, 1 << 20)
+        return [order["id"] for order in answer["orders"]]
+
+    before, after = 9 + MIN, 10 + MIN  # the claim lapses at 10 + MIN
+    assert [listed(s, before) for s in ("open", "claimed", "blocked")] == [
+        ["wo-3"], ["wo-1"], ["wo-2"],
+    ]  # fmt: skip
+    assert (listed("open", after), listed("claimed", after)) == (["wo-1", "wo-3"], [])
+    assert listed("done", after) == []
+
+
 def test_what_the_protocol_says_of_nil_tokens_checks_order_and_defaults() -> None:
     from relay.coordination import queries
 
