@@ -38,7 +38,9 @@ async def test_a_gated_order_is_done_only_after_a_person_approves(relay: Running
         assert shown["status"] == "awaiting_approval" and shown.get("holder") is None
         assert shown["approval"]["role"] == "human" and not shown["approval"]["approved"]
         await declined("bad_transition", agent.claim(order))  # nobody holds it meanwhile
-        await declined("not_approver", agent.approve(order))  # not in the role
+        await declined("not_approver", agent.approve(order))  # not a member
+        await Directory(agent_client, NS).join("bot", role="worker")
+        await declined("not_approver", agent.approve(order))  # a member, not in the role
 
         with trio.fail_after(TIMEOUT):
             async with trio.open_nursery() as nursery:
@@ -73,6 +75,9 @@ async def test_a_rejection_blocks_the_order_with_its_comment(relay: RunningRelay
             approvers=[HUMAN.public_key],
         )  # fmt: skip
         await agent.ask_approval(await agent.claim(order))
+        await declined("not_approver", Ledger(agent_client, NS).reject(order, "no"))
+        # A member that named no role is no approver of a gate that names none either.
+        await Directory(agent_client, NS).join("bot")
         await declined("not_approver", Ledger(agent_client, NS).reject(order, "no"))
         await human.reject(order, "wrong amount")
         decision = await agent.wait_decision(order)  # decided already: at once
