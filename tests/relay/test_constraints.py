@@ -123,12 +123,14 @@ async def test_bad_constraint_requests_are_refused_and_change_nothing(
             (owner.reserve("slots", 0), "bad_request"),
             (owner.reserve("nothing", 1), "not_found"),
             (owner.reserve("slots", 1, ttl_ms=1), "bad_ttl"),
+            (owner.reserve("slots", 1, ttl_ms=86_400_001), "bad_ttl"),  # past a day: the bound
             (other.commit("slots", held["reservation"]), "not_holder"),
             (owner.commit("slots", held["reservation"], 7), "exceeded"),
             (owner.commit("slots", "res-99"), "expired"),
             (other.renew("slots", held["reservation"]), "not_holder"),
             (owner.renew("slots", "res-99"), "expired"),
             (owner.renew("slots", held["reservation"], ttl_ms=1), "bad_ttl"),
+            (owner.renew("slots", held["reservation"], ttl_ms=86_400_001), "bad_ttl"),
             (owner._requests.request("constraint.define", {"name": ""}), "bad_request"),
         ):
             with pytest.raises(LedgerRefusal) as info:
@@ -136,7 +138,7 @@ async def test_bad_constraint_requests_are_refused_and_change_nothing(
             assert info.value.problem == problem, info.value
         shown = await owner.show("slots")
         assert (shown["limit"], shown["used"], shown["reserved"]) == (10, 0, 6)
-        renewed = await owner.renew("slots", held["reservation"], ttl_ms=3_600_000)
+        renewed = await owner.renew("slots", held["reservation"], ttl_ms=86_400_000)  # included
         assert renewed["expires_ms"] > held["expires_ms"] and renewed["amount"] == 6
         await owner.commit("slots", held["reservation"], 4)
         await owner.define("slots", 4)  # down to what is used: allowed
@@ -157,3 +159,22 @@ def test_a_renewed_reservation_outlives_its_first_expiry_and_a_lapsed_one_cannot
     with pytest.raises(Conflict) as info:
         fold.renew("budget", late.id, holder, 300, ttl_ms=100)  # lapsed at 300
     assert info.value.problem == "expired"
+
+
+def test_the_show_query_lists_only_open_reservations() -> None:
+    """``constraint.show`` at a ``now`` past a reservation's expiry, before any request
+    lapsed it: no longer listed, nor counted (8.13: a lapsed reservation stops counting
+    at any ``now >= expires_ms``)."""
+    from relay.coordination.queries import answer
+    from relay.coordination.requests import Coordinator
+
+    coordinator, holder = Coordinator(), AGENTS[0]
+    coordinator.constraints.define("budget", 10, holder, 0)
+    short = coordinator.constraints.reserve("budget", 3, holder, 0, ttl_ms=1_000)
+    long = coordinator.constraints.reserve("budget", 4, AGENTS[1], 0, ttl_ms=5_000)
+    shown = answer(coordinator, "constraint.show", {"name": "budget"}, 999, 1 << 20)
+    assert [r["reservation"] for r in shown["reservations"]] == [short.id, long.id]
+    assert (shown["reserved"], shown["available"]) == (7, 3)
+    shown = answer(coordinator, "constraint.show", {"name": "budget"}, 1_000, 1 << 20)
+    assert [r["reservation"] for r in shown["reservations"]] == [long.id]
+    assert (shown["used"], shown["reserved"], shown["available"]) == (0, 4, 6)
