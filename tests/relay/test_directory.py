@@ -129,6 +129,7 @@ async def test_profiles_queries_and_a_leave(relay: RunningRelay) -> None:
         ({"name": "x", "capabilities": ["Has Spaces"]}, "bad_request"),
         ({"name": "x", "capabilities": "python"}, "bad_request"),
         ({"name": "x", "heartbeat_ms": 10}, "bad_request"),
+        ({"name": "x", "heartbeat_ms": 86_400_001}, "bad_request"),  # past 24 h
         ({"name": "x", "meta": b"bytes"}, "bad_request"),
         ({"name": "x", "unknown": 1}, "bad_request"),
     ],
@@ -297,6 +298,52 @@ def test_a_member_past_its_heartbeat_may_leave_until_it_is_timed_out() -> None:
     assert coordinator.due(3_000) == []
     again = coordinator.decide("dir.leave", {}, agent, b"m", 3_000)
     assert (again.kind, again.body["problem"]) == ("dir.rejected", "not_joined")
+
+
+def test_heartbeat_presence_ends_at_its_expires_ms_itself() -> None:
+    """protocol 8.11: online until ``expires_ms``, offline from it on: a heartbeat at
+    that very ms is refused, the queries no longer count the member, and the timer's
+    ``dir.left`` at that ms is stamped with it."""
+    from relay.coordination.queries import answer
+    from relay.coordination.requests import Coordinator
+
+    agent = b"A" * 32
+    coordinator = Coordinator()
+    coordinator.decide("dir.join", {"name": "a", "heartbeat_ms": 1_000}, agent, b"j", 1_000)
+    alive = coordinator.decide("dir.heartbeat", {}, agent, b"h", 1_999)
+    assert alive is not None and alive.body["expires_ms"] == 2_999
+    count = lambda now: answer(coordinator, "dir.count", {}, now, 1 << 20)["count"]  # noqa: E731
+    assert (count(2_998), count(2_999)) == (1, 0)
+    late = coordinator.decide("dir.heartbeat", {}, agent, b"l", 2_999)
+    assert late is not None and (late.kind, late.body["problem"]) == ("dir.rejected", "not_joined")
+    [left] = coordinator.due(2_999)
+    assert (left.kind, left.body) == (
+        "dir.left",
+        {"agent": agent, "reason": "timeout", "at_ms": 2_999},
+    )
+
+
+def test_only_the_first_join_is_first_and_grants_the_initial_stake() -> None:
+    """protocol 8.11: ``first`` and ``granted`` (the relay's initial stake, 100 by
+    default) on a member's first join only; joining again, after a leave too, grants
+    nothing more."""
+    from relay.coordination.queries import answer
+    from relay.coordination.requests import Coordinator
+
+    agent, other = b"A" * 32, b"B" * 32
+    coordinator = Coordinator()
+    said = []
+    for n, (who, kind) in enumerate(
+        [(agent, "dir.join"), (agent, "dir.join"), (agent, "dir.leave"), (agent, "dir.join"),
+         (other, "dir.join")]
+    ):  # fmt: skip
+        body = {"name": "a"} if kind == "dir.join" else {}
+        outcome = coordinator.decide(kind, body, who, bytes([n]), 1_000 + n)
+        assert outcome is not None
+        said.append((outcome.body.get("first"), outcome.body.get("granted")))
+    assert said == [(True, 100), (False, 0), (None, None), (False, 0), (True, 100)]
+    shown = answer(coordinator, "stake.show", {"agent": agent}, 2_000, 1 << 20)
+    assert (shown["balance"], shown["granted_total"]) == (100, 200)
 
 
 async def test_joining_again_after_a_reconnect_is_once_per_namespace(
