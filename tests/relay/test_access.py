@@ -24,7 +24,7 @@ from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.ledger import Ledger
 from agent_sdk.wire import Event, sign_event
 from federation import network
-from relay.access import Creation, mint_invite
+from relay.access import Creation, check_invite, mint_invite
 from relay.node import RelayConfig
 from relay.verify import verify_log
 from tests.conftest import RunningRelay, identity, start_relay
@@ -123,6 +123,24 @@ async def test_a_private_namespace_is_closed_to_non_readers(relay: RunningRelay)
         async with reader.doc(NS, "plan", create=False) as shared:
             assert shared.to_json()["text"] == ""
         await refused(ErrorCode.FORBIDDEN, reader.publish(NS, "app.note", "in"))
+
+
+async def test_a_listed_writer_reads_a_private_namespace_it_is_not_a_reader_of(
+    relay: RunningRelay,
+) -> None:
+    """Private: the owner, ``readers`` and ``writers`` read (16.2); a writer need not
+    be listed twice."""
+    async with (
+        RelayClient.connect(relay.url, OWNER) as owner,
+        RelayClient.connect(relay.url, WRITER) as writer,
+    ):
+        await owner.publish(NS, "app.note", "created")
+        await set_policy(owner, NS, "private", writers=[WRITER.public_key])
+        await writer.publish(NS, "app.note", "written")
+        assert (await get_policy(writer, NS)).writers == (WRITER.public_key,)  # a query
+        async with writer.subscribe(NS, start=1) as feed:
+            first = await feed.__anext__()
+            assert isinstance(first, Delivery) and first.event.event.body == "created"
 
 
 async def test_a_plain_yjs_client_needs_a_readers_token_for_a_private_document(
@@ -272,6 +290,11 @@ async def test_an_invite_relay_takes_a_token_for_that_namespace_only(
             )
             assert why in error.reason
         assert relay.node.head(NS) == 0
+        # Expired at exp itself: the relay's clock is at or past it (16.4).
+        assert check_invite(mint_invite(key, NS, now), NS, key.public_key, now) == (
+            "the invite has expired"
+        )
+        assert check_invite(mint_invite(key, NS, now + 1), NS, key.public_key, now) is None
         good = mint_invite(key, NS, now + 60_000)
         await set_policy(agent, NS, "private", invite=good)
         assert (await get_policy(agent, NS)).owner == STRANGER.public_key
