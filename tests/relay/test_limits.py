@@ -30,6 +30,7 @@ def test_a_bucket_spends_its_burst_then_refills_at_its_rate() -> None:
     bucket = TokenBucket(rate=10.0, burst=3.0, tokens=3.0, stamp=0.0)
     assert [bucket.take(0.0) for _ in range(3)] == [0.0, 0.0, 0.0]
     assert bucket.take(0.0) == pytest.approx(0.1)  # one token comes every 0.1 s
+    assert bucket.take(0.05) == pytest.approx(0.05)  # half of one came: not yet
     assert bucket.take(0.1) == 0.0
     assert bucket.take(5.0) == 0.0 and bucket.tokens == pytest.approx(2.0)  # capped at burst
 
@@ -143,6 +144,12 @@ async def test_a_flood_is_refused_while_another_key_goes_on_and_it_recovers(
                 for n in range(20):  # all at one instant: the burst, then refusals
                     nursery.start_soon(one, n)
             assert outcomes.count("ok") == 5 and outcomes.count("limited") == 15
+            # Told to try again in N ms, the flooder gets through once it has waited N.
+            with pytest.raises(ProtocolError) as told:
+                await flooder.publish("x@local", "app.note", "not yet")
+            wait_ms = int(told.value.reason.rpartition("try again in ")[2].removesuffix(" ms"))
+            await trio.sleep(wait_ms / 1000)  # virtual
+            await flooder.publish("x@local", "app.note", "as told")
             for n in range(5):  # another key has its own bucket
                 await calm.publish("x@local", "app.note", f"calm {n}")
             await trio.sleep(0.5)  # virtual: five tokens come back
