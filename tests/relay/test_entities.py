@@ -127,3 +127,36 @@ async def test_a_role_or_a_kind_of_entities_has_one_writer(relay: RunningRelay) 
         await carol_.publish(NS, "entity.release", {"entity": "price:*"})  # a role member
         await alice.publish(NS, "app.price", {"entity": "price:a"})  # anyone writes again
         await alice.publish(NS, "entity.declare", {"entity": "price:a"})  # or declares
+
+
+async def test_a_kind_covers_its_prefix_only_and_never_takes_a_declared_entity(
+    relay: RunningRelay,
+) -> None:
+    carol = identity(3)
+    async with (
+        RelayClient.connect(relay.url, ALICE) as alice,
+        RelayClient.connect(relay.url, BOB) as bob,
+        RelayClient.connect(relay.url, carol) as carol_,
+    ):
+        await alice.publish(NS, "entity.declare", {"entity": "customer-42"})
+        # A kind that covers a declared name is refused, whoever declares it (8.14).
+        error = await refused(
+            ErrorCode.FORBIDDEN, bob.publish(NS, "entity.declare", {"entity": "customer*"})
+        )
+        assert "overlaps customer-42" in error.reason
+        # customer:* governs the names that start with "customer:", and no others.
+        await bob.publish(NS, "entity.declare", {"entity": "customer:*"})
+        await refused(
+            ErrorCode.FORBIDDEN, alice.publish(NS, "crm.update", {"entity": "customer:7"})
+        )
+        await alice.publish(NS, "crm.update", {"entity": "customer7"})
+        await alice.publish(NS, "crm.update", {"entity": "customer"})
+        await bob.publish(NS, "crm.update", {"entity": "customer:7"})
+
+        # A role's writers are the members of that role, not of any role.
+        await carol_.publish(NS, "dir.join", {"name": "carol", "role": "sales"})
+        await alice.publish(NS, "entity.declare", {"entity": "price", "role": "pricing"})
+        error = await refused(
+            ErrorCode.FORBIDDEN, carol_.publish(NS, "app.price", {"entity": "price"})
+        )
+        assert "role pricing" in error.reason
