@@ -73,6 +73,17 @@ async def test_bodies_of_a_registered_kind_are_checked_with_paths(relay: Running
         assert "app.order v1: $.note: not allowed here" in error.reason
         missing = {"$schema": 9, "sku": "a", "qty": 1}
         await refused(ErrorCode.SCHEMA_MISMATCH, other.publish(NS, "app.order", missing))
+        for named in (0, -1, True, 1.0, "2"):  # "$schema" is the integer of a version
+            wrong = {"$schema": named, "sku": "a", "qty": 1}
+            error = await refused(ErrorCode.SCHEMA_MISMATCH, other.publish(NS, "app.order", wrong))
+            assert "has versions 1 to 2" in error.reason
+        # The version named is checked without the "$schema" field itself (v2 takes
+        # no other field).
+        await other.publish(NS, "app.order", {"$schema": 2, "sku": "a", "qty": 1})
+        # A version other than the next is bad_event, the owner's own again too.
+        await refused(ErrorCode.BAD_EVENT, Contracts(owner, NS).register("app.order", 1, ORDER_V1))
+        again = Contracts(owner, NS).register("app.order", 2, v2, compatible=True)
+        await refused(ErrorCode.BAD_EVENT, again)
 
         # The registry, and the same check before sending.
         sdk = Contracts(other, NS)
@@ -83,6 +94,9 @@ async def test_bodies_of_a_registered_kind_are_checked_with_paths(relay: Running
             "$.qty: expected integer, got string"
         ]
         assert sdk.check("app.order", {"sku": "a", "qty": 1}) == []
+        gift = {"sku": "a", "qty": 1, "note": "gift"}
+        assert sdk.check("app.order", gift) == []  # the latest version, 2
+        assert sdk.check("app.order", gift, version=1) == ["$.note: not allowed here"]
 
 
 async def test_schemas_that_do_not_parse_are_refused(relay: RunningRelay) -> None:
@@ -101,6 +115,23 @@ async def test_schemas_that_do_not_parse_are_refused(relay: RunningRelay) -> Non
             assert why in error.reason, error.reason
         assert relay.node.head(NS) == 0
         await refused(ErrorCode.NOT_FOUND, contracts.fetch("app.x"))
+
+
+RESERVED_FAMILIES = (
+    "wo", "lease", "lock", "context", "bulletin", "decision", "ckpt", "ctx", "auction", "dir",
+    "rep", "doc", "dm", "ns", "constraint", "entity", "schema", "conflict", "route",
+)  # fmt: skip
+"""The reserved families, as protocol.md section 3.1 lists them."""
+
+
+async def test_no_kind_of_a_reserved_family_is_registered(relay: RunningRelay) -> None:
+    async with RelayClient.connect(relay.url, identity(1)) as client:
+        contracts = Contracts(client, NS)
+        for family in RESERVED_FAMILIES:
+            error = await refused(ErrorCode.BAD_EVENT, contracts.register(f"{family}.x", 1, {}))
+            assert f"the {family} family is the relay's own" in error.reason
+        assert relay.node.head(NS) == 0
+        await contracts.register("wox.x", 1, {})  # a family that only starts like one
 
 
 async def test_contracts_survive_a_restart(nursery: trio.Nursery, tmp_path: Path) -> None:
