@@ -760,6 +760,46 @@ async def test_subscribe_past_the_head_is_refused(relay: RunningRelay, start: in
         assert await bad.recv() == f.Unsubscribed(sub=4)
 
 
+def _subscribe(**changes: Any) -> f.Subscribe:
+    return f.Subscribe(**{"sub": 5, "ns": (CALM_NS,), **changes})
+
+
+@pytest.mark.parametrize(
+    "subscribe",
+    [
+        pytest.param(_subscribe(ns=()), id="no-namespace"),
+        pytest.param(_subscribe(ns=("not a namespace",)), id="bad-namespace"),
+        pytest.param(_subscribe(start={NS: 1}), id="from-of-a-namespace-not-subscribed"),
+        pytest.param(_subscribe(kinds=("app.",)), id="kind-ending-in-a-dot"),
+        pytest.param(_subscribe(kinds=("*",)), id="bare-star"),
+        pytest.param(_subscribe(kinds=("app.**",)), id="double-star"),
+        pytest.param(_subscribe(kinds=("app*",)), id="star-without-dot"),
+        pytest.param(_subscribe(kinds=("App.note",)), id="not-a-kind"),
+        pytest.param(_subscribe(authors=(b"k" * 31,)), id="short-author"),
+        pytest.param(_subscribe(kinds=("app.note",) * 257), id="257-kinds"),
+        pytest.param(_subscribe(authors=(b"k" * 32,) * 257), id="257-authors"),
+    ],
+)
+async def test_an_invalid_subscribe_is_malformed(
+    relay: RunningRelay, subscribe: f.Subscribe
+) -> None:
+    """Each rule of 7.1's malformed row, answered with 1001 and the sub; the id is
+    free again (nothing opened), and 256 items of each are allowed. (257 namespaces
+    would follow more than max_follows: 3003, checked first.)"""
+    async with scene(relay) as (bad, _):
+        await bad.send(f.encode_frame(subscribe))
+        await bad.expect_error(ErrorCode.MALFORMED, sub=5)
+        at_limit = _subscribe(
+            kinds=("app.note",) * 256, authors=(b"k" * 32,) * 256, ns=(CALM_NS,) * 256
+        )
+        await bad.send(f.encode_frame(at_limit))
+        live = await bad.recv()
+        assert isinstance(live, f.Live) and live.sub == 5, live
+        await bad.send(f.encode_frame(f.Unsubscribe(sub=5)))
+        while not isinstance(frame := await bad.recv(), f.Unsubscribed):
+            assert isinstance(frame, f.Live) and frame.sub == 5, frame
+
+
 async def test_unsubscribe_of_an_unknown_subscription_is_refused(relay: RunningRelay) -> None:
     async with scene(relay) as (bad, _):
         await bad.send(f.encode_frame(f.Unsubscribe(sub=77)))

@@ -66,6 +66,9 @@ async def test_filters_by_kind_family_and_author(relay: RunningRelay) -> None:
         await alice.publish(NS, "app.note", 2)
         await bob.publish(NS, "job.done", 3)
         await bob.publish(NS, "app.note", 4)
+        await alice.publish(NS, "job", 5)  # not of the family job.*
+        await alice.publish(NS, "jobs.start", 6)  # nor this: the family is "job."
+        await alice.publish(NS, "job.start.retry", 7)  # this is
 
         async def bodies(**filters: object) -> list[object]:
             async with alice.subscribe(NS, start=1, **filters) as feed:  # type: ignore[arg-type]
@@ -76,10 +79,12 @@ async def test_filters_by_kind_family_and_author(relay: RunningRelay) -> None:
                     out.append(item.event.event.body)
             raise AssertionError("no live marker")
 
-        assert await bodies(kinds=["job.*"]) == [1, 3]
+        assert await bodies(kinds=["job.*"]) == [1, 3, 7]
         assert await bodies(kinds=["app.note"]) == [2, 4]
+        assert await bodies(kinds=["job"]) == [5]  # an exact kind is only itself
+        assert await bodies(kinds=["job", "app.note"]) == [2, 4, 5]
         assert await bodies(authors=[bob.identity.public_key]) == [3, 4]
-        assert await bodies(kinds=["job.*"], authors=[alice.identity.public_key]) == [1]
+        assert await bodies(kinds=["job.*"], authors=[alice.identity.public_key]) == [1, 7]
 
 
 async def test_one_subscription_over_several_namespaces(relay: RunningRelay) -> None:
