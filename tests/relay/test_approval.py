@@ -92,6 +92,30 @@ async def test_a_rejection_blocks_the_order_with_its_comment(relay: RunningRelay
         await agent.update(await agent.claim(order), "done")
 
 
+async def test_the_last_decision_counts(relay: RunningRelay) -> None:
+    """Approved, asked again and rejected: reopened, the order is not approved (the
+    last decision counts, 8.4.1), and is done only once approved again."""
+    async with (
+        RelayClient.connect(relay.url, AGENT) as agent_client,
+        RelayClient.connect(relay.url, HUMAN) as human_client,
+    ):
+        agent, human = Ledger(agent_client, NS), Ledger(human_client, NS)
+        order = await agent.create(
+            "rotate the keys", requires_approval=True, approvers=[HUMAN.public_key]
+        )
+        await agent.ask_approval(await agent.claim(order))
+        await human.approve(order, "yes")
+        await agent.ask_approval(await agent.claim(order), "one more change")
+        await human.reject(order, "not this one")
+        await agent.update(order, "open")
+        claim = await agent.claim(order)
+        await declined("needs_approval", agent.update(claim, "done"))
+        assert not (await agent.show(order))["approval"]["approved"]
+        await agent.ask_approval(claim, "reverted")
+        await human.approve(order)
+        await agent.update(await agent.claim(order), "done")
+
+
 async def test_bad_approval_requests_are_refused_and_change_nothing(relay: RunningRelay) -> None:
     async with RelayClient.connect(relay.url, AGENT) as client:
         ledger = Ledger(client, NS)
