@@ -23,8 +23,10 @@ from agent_sdk.identity import Identity
 from agent_sdk.ledger import Ledger
 from agent_sdk.wire import Event, sign_event
 from relay.board import BOARD_AUTH_DOMAIN, board_auth_message
+from relay.limits import RateLimits
+from relay.node import RelayConfig
 from tests.board.browser import board_page, screenshot
-from tests.conftest import RunningRelay, identity
+from tests.conftest import RunningRelay, identity, start_relay
 
 NS = "ops@local"
 AGENT, HUMAN = identity(1), identity(2)
@@ -339,3 +341,51 @@ async def test_a_large_event_is_shown_without_its_bytes(relay: RunningRelay) -> 
     small, large = state["events"]
     assert small["event"] and small["sig"] and small["size"] < 1_000
     assert (large["event"], large["sig"]) == ("", "") and large["size"] > 20_000
+
+
+async def test_a_board_is_limited_like_an_agent_and_its_watch_follows_the_policy(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """A board's publish is charged to its key's bucket and refused for a namespace
+    homed elsewhere; a watch of a namespace that turns private ends with 2013."""
+    limits = RateLimits(publish_rate=0.001, publish_burst=3)  # no refill within the test
+    relay = await start_relay(nursery, tmp_path / "relay", RelayConfig(rate_limits=limits))
+    now = relay.node.wall_ms()
+
+    def signed(ns: str, n: int) -> dict[str, Any]:
+        event = Event(ns, "app.note", HUMAN.public_key, n, ts=now)
+        return publish_of(sign_event(event, HUMAN.sign), n)
+
+    async def answer(ws: Any) -> dict[str, Any]:
+        message: dict[str, Any] = json.loads(await ws.recv())
+        return message
+
+    with trio.fail_after(TIMEOUT):
+        async with RelayClient.connect(relay.url, AGENT) as client:
+            await client.publish(NS, "app.note", "open for now")
+            async with connect(relay.url + "/board/ws") as anonymous:
+                assert (await answer(anonymous))["t"] == "hello"
+                await anonymous.send(json.dumps({"t": "watch", "ns": NS}))
+                assert (await answer(anonymous))["head"] == 1
+                await set_policy(client, NS, "private")
+                ended = await answer(anonymous)
+                assert ended["t"] == "error" and ended["name"] == "forbidden", ended
+        async with connect(relay.url + "/board/ws") as ws:
+            hello = await answer(ws)
+            proof = HUMAN.sign(board_auth_message(relay.node.identity.public_key,
+                                                  bytes.fromhex(hello["challenge"])))  # fmt: skip
+            await ws.send(
+                json.dumps({"t": "auth", "key": HUMAN.public_key.hex(), "sig": proof.hex()})
+            )
+            assert (await answer(ws))["t"] == "authed"
+            await ws.send(json.dumps(signed("elsewhere@other", 1)))
+            assert (await answer(ws))["name"] == "not_home"  # a token spent
+            for n in (2, 3):
+                await ws.send(json.dumps(signed("open@local", n)))
+                assert (await answer(ws))["t"] == "ack"
+            await ws.send(json.dumps(signed("open@local", 4)))
+            limited = await answer(ws)
+            assert limited["name"] == "rate_limited" and limited["rid"] == 4, limited
+            assert "try again in" in limited["reason"]
+    assert relay.node.head("open@local") == 2
+    relay.scope.cancel()
