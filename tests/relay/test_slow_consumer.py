@@ -137,6 +137,27 @@ async def test_a_send_blocked_too_long_closes_the_connection_with_no_queue_full(
             await cut.ws.wait_closed()
 
 
+async def test_a_send_under_way_is_closed_only_once_blocked_the_whole_timeout(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """The writers' watch closes a connection whose one send stayed blocked for
+    ``slow_consumer_timeout``, not one whose send is only under way. (The watch's
+    times are passed here: at 600 s, the relay's own watch never looks meanwhile.)"""
+    config = RelayConfig(name="local", send_queue=4 * EVENTS, slow_consumer_timeout=600)
+    relay = await start_relay(nursery, tmp_path / "relay", config)
+    async with connect(relay.url, compression=None, max_size=None) as lazy:
+        cut = await stuck_subscriber(relay, lazy)
+        await trio.testing.wait_all_tasks_blocked(cushion=0.2)  # the writer is stuck
+        began = cut._send_began
+        assert began is not None
+        cut.check_writer(began + 599.5)
+        assert relay.node.stats["slow_consumers"] == 0 and not cut._closing
+        cut.check_writer(began + 600)
+        assert relay.node.stats["slow_consumers"] == 1
+        with trio.fail_after(60):  # a bound: the close must come
+            assert (await read_to_the_close(lazy)).reason == "3002 slow_consumer"
+
+
 async def test_a_peer_that_never_reads_its_close_is_cut(
     nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
