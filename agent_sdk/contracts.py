@@ -9,6 +9,8 @@ from agent_sdk.client import Published, RelayClient
 from agent_sdk.schemas import errors
 
 REGISTER = "schema.register"
+VERSION_FIELD = "$schema"
+"""The body field naming the version a body fits (protocol.md 8.15)."""
 
 
 class Contracts:
@@ -38,10 +40,19 @@ class Contracts:
         return list((await self.client.query(self.ns, "schema.list"))["kinds"])
 
     def check(self, kind: str, body: Any, version: int | None = None) -> list[str]:
-        """Where ``body`` breaks the fetched schema of ``kind`` (the latest version,
-        or ``version``): the same paths the relay would refuse it with."""
+        """Where ``body`` breaks the fetched schema of ``kind`` (``version``, else the
+        one the body names in ``"$schema"``, else the latest): the same paths the
+        relay would refuse it with. The ``"$schema"`` field is not checked itself; a
+        version that is not registered is refused as the relay refuses it."""
         versions = self._known.get(kind)
         if not versions:
             return []
-        chosen = versions[-1] if version is None else versions[version - 1]
-        return errors(chosen["schema"], body)
+        if isinstance(body, dict) and VERSION_FIELD in body:
+            if version is None:
+                version = body[VERSION_FIELD]
+            body = {k: v for k, v in body.items() if k != VERSION_FIELD}
+        if version is None:
+            version = len(versions)
+        if type(version) is not int or not 1 <= version <= len(versions):
+            return [f"{kind} has versions 1 to {len(versions)}, not {version!r}"]
+        return errors(versions[version - 1]["schema"], body)

@@ -97,6 +97,16 @@ async def test_bodies_of_a_registered_kind_are_checked_with_paths(relay: Running
         gift = {"sku": "a", "qty": 1, "note": "gift"}
         assert sdk.check("app.order", gift) == []  # the latest version, 2
         assert sdk.check("app.order", gift, version=1) == ["$.note: not allowed here"]
+        # A body naming its version in "$schema" is checked as the relay checks it:
+        # against that version, without the field itself, and refused when it names
+        # a version that is not registered.
+        assert sdk.check("app.order", {"$schema": 2, "sku": "a", "qty": 1}) == []
+        assert sdk.check("app.order", old) == ["$.note: not allowed here"]
+        assert sdk.check("app.order", missing) == ["app.order has versions 1 to 2, not 9"]
+        for version in (0, 3):
+            assert sdk.check("app.order", gift, version=version) == [
+                f"app.order has versions 1 to 2, not {version}"
+            ]
 
 
 async def test_schemas_that_do_not_parse_are_refused(relay: RunningRelay) -> None:
