@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -185,6 +186,45 @@ async def test_a_flood_that_slips_in_a_frame_now_and_then_is_still_closed(
         assert closed.value.rcvd is not None
         assert closed.value.rcvd.reason.startswith("5004 rate_limited: too many refusals")
         assert cycles == 2  # 199 refused, one off, then 58 more: over 256
+
+
+async def test_every_request_takes_a_token_from_the_request_bucket(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """query, subscribe, doc.open and msg.send share one bucket per key (protocol 9,
+    5004): once the burst is spent each is refused with 5004 and the wait, and
+    publishing, with its own bucket, goes on."""
+    limits = RateLimits(request_rate=1.0, request_burst=1)
+    async with (
+        virtual_relay(limits) as listener,
+        connect(listener, FLOODER) as asker,
+        connect(listener, CALM) as calm,
+    ):
+        await calm.publish("x@local", "doc.create", {"doc": "d"})
+        await asker.query("x@local", "dir.count", {})  # the one request of the burst
+
+        async def subscribe() -> None:
+            async with asker.subscribe("x@local") as feed:
+                await feed.__anext__()
+
+        async def open_doc() -> None:
+            async with asker.doc("x@local", "d", create=False):
+                pass
+
+        requests = {
+            "subscribe": subscribe,
+            "doc.open": open_doc,
+            "msg.send": partial(asker.send, calm.identity.id, "hi", via="relay"),
+            "query": partial(asker.query, "x@local", "dir.count", {}),
+        }
+        for name, request in requests.items():
+            with pytest.raises(ProtocolError) as limited, trio.fail_after(0.5):  # virtual
+                await request()
+            assert limited.value.code is ErrorCode.RATE_LIMITED, (name, limited.value)
+            assert "try again in" in limited.value.reason
+        await asker.publish("x@local", "app.note", "publishes have their own bucket")
+        await trio.sleep(1)  # virtual: one request token back
+        await subscribe()
 
 
 async def test_opening_the_inbox_waits_for_a_request_token(
