@@ -394,6 +394,28 @@ async def test_a_parked_write_is_checked_again_when_it_is_released(relay: Runnin
         assert [r.kind for r in await relay.node.read(NS, 1, 10)] == ["app.note", "ns.policy"]
 
 
+async def test_a_duplicate_is_answered_with_its_receipt_whatever_the_policy_is_now(
+    relay: RunningRelay,
+) -> None:
+    """16.3: the same bytes published again after the namespace closed to their
+    author are answered as a duplicate, with the receipt they got (safe retries)."""
+    async with (
+        RelayClient.connect(relay.url, OWNER) as owner,
+        RelayClient.connect(relay.url, STRANGER) as stranger,
+    ):
+        await owner.publish(NS, "app.note", "created")
+        note = sign_event(
+            Event(NS, "app.note", STRANGER.public_key, "in time", ts=stranger.clock_ms()),
+            STRANGER.sign,
+        )
+        first = await stranger.publish_signed(note)
+        await set_policy(owner, NS, "listed")
+        with trio.fail_after(TIMEOUT):
+            again = await stranger.publish_signed(note)
+        assert again.duplicate and again.receipt == first.receipt
+        await refused(ErrorCode.FORBIDDEN, stranger.publish(NS, "app.note", "too late"))
+
+
 async def test_a_subscription_losing_two_namespaces_at_once_ends_once(
     relay: RunningRelay,
 ) -> None:
