@@ -227,6 +227,45 @@ async def test_every_request_takes_a_token_from_the_request_bucket(
         await subscribe()
 
 
+async def test_256_refusals_are_answered_and_the_next_one_closes(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """More than 256 refusals close the connection (protocol 9): 256 do not."""
+    limits = RateLimits(publish_rate=10.0, publish_burst=1)
+    served = False
+    async with virtual_relay(limits) as listener:
+        with pytest.raises(ConnectionClosed) as closed:
+            async with connect(listener, FLOODER) as flooder:
+                refusals = 0
+
+                async def refused_one(n: int) -> None:
+                    nonlocal refusals
+                    with pytest.raises(ProtocolError) as limited:
+                        await flooder.publish("x@local", "app.note", n)
+                    assert limited.value.code is ErrorCode.RATE_LIMITED
+                    refusals += 1
+
+                await flooder.publish("x@local", "app.note", "the burst")
+                async with trio.open_nursery() as nursery:
+                    for n in range(256):
+                        nursery.start_soon(refused_one, n)
+                assert refusals == 256
+                await trio.sleep(0.1)  # virtual: a token is back, and the connection open
+                await flooder.publish("x@local", "app.note", "still served")  # one off: 255
+                served = True
+
+                async def over(n: int) -> None:
+                    with contextlib.suppress(ProtocolError):  # 5004, then the close
+                        await flooder.publish("x@local", "app.note", f"over {n}")
+
+                async with trio.open_nursery() as nursery:
+                    for n in range(2):  # 256, then 257: over
+                        nursery.start_soon(over, n)
+        assert closed.value.rcvd is not None
+        assert closed.value.rcvd.reason.startswith("5004 rate_limited: too many refusals")
+        assert served  # (closed after the 257th refusal, not before)
+
+
 async def test_opening_the_inbox_waits_for_a_request_token(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
