@@ -7,7 +7,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,7 +30,7 @@ from tests.board.browser import board_page, screenshot
 from tests.conftest import RunningRelay, identity, start_relay
 
 NS = "ops@local"
-AGENT, HUMAN = identity(1), identity(2)
+AGENT, HUMAN, OTHER = identity(1), identity(2), identity(3)
 TIMEOUT = 60
 T = TypeVar("T")
 
@@ -343,6 +344,26 @@ async def test_a_large_event_is_shown_without_its_bytes(relay: RunningRelay) -> 
     assert (large["event"], large["sig"]) == ("", "") and large["size"] > 20_000
 
 
+async def answer(ws: Any) -> dict[str, Any]:
+    """The board's next message."""
+    message: dict[str, Any] = json.loads(await ws.recv())
+    return message
+
+
+@asynccontextmanager
+async def signed_in_board(relay: RunningRelay, who: Identity) -> AsyncIterator[Any]:
+    """A board socket signed in as ``who``, as a page signs in."""
+    async with connect(relay.url + "/board/ws") as ws:
+        hello = await answer(ws)
+        message = board_auth_message(
+            relay.node.identity.public_key, bytes.fromhex(hello["challenge"])
+        )
+        signed_in = {"t": "auth", "key": who.public_key.hex(), "sig": who.sign(message).hex()}
+        await ws.send(json.dumps(signed_in))
+        assert (await answer(ws))["t"] == "authed"
+        yield ws
+
+
 async def test_a_board_is_limited_like_an_agent_and_its_watch_follows_the_policy(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
@@ -356,10 +377,6 @@ async def test_a_board_is_limited_like_an_agent_and_its_watch_follows_the_policy
         event = Event(ns, "app.note", HUMAN.public_key, n, ts=now)
         return publish_of(sign_event(event, HUMAN.sign), n)
 
-    async def answer(ws: Any) -> dict[str, Any]:
-        message: dict[str, Any] = json.loads(await ws.recv())
-        return message
-
     with trio.fail_after(TIMEOUT):
         async with RelayClient.connect(relay.url, AGENT) as client:
             await client.publish(NS, "app.note", "open for now")
@@ -370,14 +387,7 @@ async def test_a_board_is_limited_like_an_agent_and_its_watch_follows_the_policy
                 await set_policy(client, NS, "private")
                 ended = await answer(anonymous)
                 assert ended["t"] == "error" and ended["name"] == "forbidden", ended
-        async with connect(relay.url + "/board/ws") as ws:
-            hello = await answer(ws)
-            proof = HUMAN.sign(board_auth_message(relay.node.identity.public_key,
-                                                  bytes.fromhex(hello["challenge"])))  # fmt: skip
-            await ws.send(
-                json.dumps({"t": "auth", "key": HUMAN.public_key.hex(), "sig": proof.hex()})
-            )
-            assert (await answer(ws))["t"] == "authed"
+        async with signed_in_board(relay, HUMAN) as ws:
             await ws.send(json.dumps(signed("elsewhere@other", 1)))
             assert (await answer(ws))["name"] == "not_home"  # a token spent
             for n in (2, 3):
@@ -389,3 +399,29 @@ async def test_a_board_is_limited_like_an_agent_and_its_watch_follows_the_policy
             assert "try again in" in limited["reason"]
     assert relay.node.head("open@local") == 2
     relay.scope.cancel()
+
+
+async def test_an_approval_from_the_board_is_answered_with_its_outcome(
+    relay: RunningRelay,
+) -> None:
+    """The board's ack carries the coordination outcome, and a refusal's problem and
+    reason: what the page shows a person who is not an approver."""
+    async with RelayClient.connect(relay.url, AGENT) as client:
+        ledger = Ledger(client, NS)
+        order = await ledger.create("pay", requires_approval=True, approvers=[HUMAN.public_key])
+        await ledger.ask_approval(await ledger.claim(order))
+        now = relay.node.wall_ms()
+        with trio.fail_after(TIMEOUT):
+            for who, rid, outcome in ((OTHER, 1, "wo.rejected"), (HUMAN, 2, "wo.approved")):
+                approve = Event(NS, "wo.approve", who.public_key, {"wo": order}, ts=now)
+                async with signed_in_board(relay, who) as ws:
+                    await ws.send(json.dumps(publish_of(sign_event(approve, who.sign), rid)))
+                    ack = await answer(ws)
+                assert ack["t"] == "ack" and ack["rid"] == rid, ack
+                assert ack["outcome"] == outcome, ack
+                if who is OTHER:
+                    assert ack["problem"] == "not_approver" and "decide" in ack["reason"]
+                else:
+                    assert "problem" not in ack
+        shown = await ledger.show(order)
+    assert shown["status"] == "open" and shown["approval"]["approved"]
