@@ -90,7 +90,7 @@ def check_depth(update: bytes) -> None:
     if update.count(117) + update.count(118) <= MAX_ANY_DEPTH:
         return
     try:
-        _read(update)
+        _read(update, json_extra=1)  # (read as pycrdt reads it: see _content)
     except (IndexError, RecursionError):
         raise ValueError("the update ends early") from None
 
@@ -176,8 +176,9 @@ class _Struct:
         return pieces
 
 
-def _read(update: bytes) -> tuple[list[tuple[int, list[_Struct]]], bytes]:
-    """Each client's structs, and the delete set's bytes."""
+def _read(update: bytes, json_extra: int = 0) -> tuple[list[tuple[int, list[_Struct]]], bytes]:
+    """Each client's structs, and the delete set's bytes (``json_extra``: see
+    :func:`_content`)."""
     count, at = varuint(update, 0)
     clients = []
     for _ in range(count):
@@ -186,7 +187,7 @@ def _read(update: bytes) -> tuple[list[tuple[int, list[_Struct]]], bytes]:
         clock, at = varuint(update, at)
         structs = []
         for _ in range(structs_count):
-            struct = _struct(update, at, client, clock)
+            struct = _struct(update, at, client, clock, json_extra)
             structs.append(struct)
             clock += struct.length
             at = struct.end
@@ -194,7 +195,7 @@ def _read(update: bytes) -> tuple[list[tuple[int, list[_Struct]]], bytes]:
     return clients, update[at:]
 
 
-def _struct(data: bytes, at: int, client: int, clock: int) -> _Struct:
+def _struct(data: bytes, at: int, client: int, clock: int, json_extra: int = 0) -> _Struct:
     start, info = at, data[at]
     at += 1
     kind, right = info & 0x1F, b""
@@ -211,12 +212,18 @@ def _struct(data: bytes, at: int, client: int, clock: int) -> _Struct:
         at = _skip_string(data, at) if named == 1 else _skip_id(data, at)
         if info & 0x20:  # and its key within the parent
             at = _skip_string(data, at)
-    length, end = _content(data, at, kind)
+    length, end = _content(data, at, kind, json_extra)
     return _Struct(client, clock, start, info, right, at, length, end)
 
 
-def _content(data: bytes, at: int, kind: int) -> tuple[int, int]:
-    """Skip an item's content: (its length in clock units, where it ends)."""
+def _content(data: bytes, at: int, kind: int, json_extra: int = 0) -> tuple[int, int]:
+    """Skip an item's content: (its length in clock units, where it ends).
+
+    ``json_extra`` 1 reads a JSON content as pycrdt (yrs) does: one string more than
+    its count says (Yjs writes and reads ``count`` strings; yrs writes ``count - 1``
+    and reads ``count + 1``). A guard that reads bytes before pycrdt does must read
+    them as pycrdt will: parsed apart, the two take different bytes for structs, and
+    a value hidden where the guard sees a delete set reaches pycrdt unread."""
     if kind == DELETED:
         return varuint(data, at)
     if kind == STRING:  # its length is JavaScript's: UTF-16 code units
@@ -225,7 +232,7 @@ def _content(data: bytes, at: int, kind: int) -> tuple[int, int]:
         return len(text.encode("utf-16-le")) // 2, end
     if kind in (JSON, ANY):
         count, at = varuint(data, at)
-        for _ in range(count):
+        for _ in range(count + json_extra if kind == JSON else count):
             at = _skip_string(data, at) if kind == JSON else _skip_any(data, at, 0)
         return count, at
     if kind in (BINARY, EMBED):

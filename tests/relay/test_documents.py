@@ -1075,6 +1075,25 @@ def test_a_value_nested_too_deep_is_refused_before_pycrdt_decodes_it() -> None:
     assert refused.value.code is ErrorCode.BAD_UPDATE
 
 
+def test_a_value_nested_too_deep_behind_a_json_item_is_refused_too() -> None:
+    """pycrdt reads a JSON content's strings as one more than its count says (Yjs
+    reads the count): an item of JSON content with count 0, then one empty string,
+    then the deep value's item. Read as Yjs, the guard took the empty string for a
+    GC struct and the deep value for the delete set, and let it through to pycrdt
+    (a value nested 100,000 deep that way killed the relay: SIGSEGV)."""
+    json_item = bytes([2, 1, 1]) + b"t" + bytes([0]) + bytes([0])  # count 0, then ""
+    value = bytes([117, 1]) * (MAX_ANY_DEPTH + 1) + bytes([126])
+    any_item = bytes([8, 1, 1]) + b"t" + bytes([1]) + value
+    update = bytes([1, 2]) + encode_varuint(12345) + bytes([0]) + json_item + any_item
+    update += bytes([0])  # the delete set
+    with pytest.raises(ProtocolError) as refused:
+        check_update(update)
+    assert refused.value.code is ErrorCode.BAD_UPDATE
+    fine = bytes([1, 2]) + encode_varuint(12345) + bytes([0]) + json_item
+    fine += bytes([8, 1, 1]) + b"t" + bytes([1]) + bytes([117, 1]) * MAX_ANY_DEPTH + bytes([126, 0])
+    check_update(fine)  # as deep as allowed behind the same item: taken
+
+
 async def test_a_value_nested_too_deep_stops_neither_the_relay_nor_its_readers(
     tmp_path: Path,
 ) -> None:
