@@ -769,15 +769,19 @@ class Mirror:
             await self.link.drop(f"forged log: {forged}")
 
     async def _stop_when_unneeded(self, scope: trio.CancelScope) -> None:
-        while self.needed:
-            lapses = self.wanted_until if self.wanted_until > trio.current_time() else math.inf
-            with trio.move_on_at(lapses):  # (needed no more once the want lapses)
-                await self._changed.wait()
-        with trio.move_on_after(MIRROR_LINGER):
-            while not self.needed:
-                await self._changed.wait()
-            return
-        scope.cancel()
+        # Round after round: needed again while it lingers, the mirror must still stop
+        # once that need ends too (a watch that returned then left it following).
+        while True:
+            while self.needed:
+                lapses = self.wanted_until if self.wanted_until > trio.current_time() else math.inf
+                with trio.move_on_at(lapses):  # (needed no more once the want lapses)
+                    await self._changed.wait()
+            with trio.move_on_after(MIRROR_LINGER) as lingered:
+                while not self.needed:
+                    await self._changed.wait()
+            if lingered.cancelled_caught:
+                scope.cancel()
+                return
 
     async def _consume(self, tap: _Tap) -> None:
         while True:

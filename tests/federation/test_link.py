@@ -107,3 +107,35 @@ async def test_a_mirror_stops_following_once_no_parked_event_waits_for_it(
     with trio.fail_after(park_timeout_s + 2 * MIRROR_LINGER + 10):
         await mirror.run()  # returns once it has stopped
     assert "x@b" not in network.mirrors and not mirror.needed
+
+
+async def test_a_mirror_needed_again_while_it_lingers_still_stops_after(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A want that lapses, then another while the mirror lingers, following still:
+    once the second lapses too, the mirror stops (its watch returned after the first
+    linger, and it followed for ever)."""
+    world = VirtualWorld(seed=7)
+    park_timeout_s = 10.0
+    limits = Limits(park_timeout_ms=int(park_timeout_s * 1000))
+    await world.start_relay(nursery, RelayConfig(name="a", sequencer=limits), peers=("b",))
+    await world.start_relay(nursery, RelayConfig(name="b"), peers=("a",))
+    await world.federation_up(["a", "b"])
+    network = world.relays["a"].node.federation
+    assert isinstance(network, Federation)
+    mirror = Mirror(network, "x@b", network.links["b"], world.relay_identity("b").public_key)
+    network.mirrors["x@b"] = mirror
+    mirror.want(10**12)
+    stopped = trio.Event()
+
+    async def run() -> None:
+        await mirror.run()
+        stopped.set()
+
+    nursery.start_soon(run)
+    await trio.sleep(park_timeout_s + MIRROR_LINGER / 2)  # lapsed; lingering, following
+    assert mirror.following and not mirror.needed and not stopped.is_set()
+    mirror.want(10**12)  # needed again before the linger ends
+    with trio.fail_after(park_timeout_s + 2 * MIRROR_LINGER + 10):
+        await stopped.wait()
+    assert "x@b" not in network.mirrors and not mirror.following
