@@ -164,10 +164,13 @@ async def _acquire(
         # (at least a twentieth of the TTL: a clock ahead of the relay's must not
         # turn the wait into a busy loop of refused acquires; then one last ask at
         # give_up)
-        pause = min(max(left + 0.01, ttl / 20), ttl / 3)
+        wake = trio.current_time() + min(max(left + 0.01, ttl / 20), ttl / 3)
         if give_up is not None:
-            pause = min(pause, give_up - trio.current_time())
-        with trio.move_on_after(pause):
+            # (a deadline, not a duration: the clock moves on between the check above
+            # and here, and a duration computed past give_up is negative, which
+            # move_on_after refuses with ValueError)
+            wake = min(wake, give_up)
+        with trio.move_on_at(wake):
             async for item in feed:
                 if isinstance(item, Delivery) and item.event.event.body.get("lock") == name:
                     break

@@ -118,6 +118,7 @@ class Link:
                 ConnectionClosed,
                 InvalidHandshake,
                 InvalidURI,
+                UnicodeError,  # (a host name the resolver cannot encode: down, not fatal)
                 TimeoutError,
                 trio.TooSlowError,
                 ProtocolError,

@@ -63,8 +63,10 @@ def parse_peer(spec: str) -> Peer:
     if not target.startswith(("ws://", "wss://")):
         raise PeerSpecError(f"{spec!r}: the URL must start with ws:// or wss://")
     try:  # as the link will dial it: a URL it cannot dial is refused now, not then
-        parse_uri(target)
-    except (InvalidURI, ValueError) as exc:  # (a port out of range is a ValueError)
+        # (and its host as the resolver will encode it: websockets takes `a..b`, and
+        # a label over 63 characters, that getaddrinfo's IDNA step refuses)
+        parse_uri(target).host.encode("idna")
+    except (InvalidURI, ValueError) as exc:  # (a port out of range, a UnicodeError)
         raise PeerSpecError(f"{spec!r}: not a URL to dial: {exc}") from None
     return Peer(name, key, url=target)
 

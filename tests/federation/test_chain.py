@@ -275,6 +275,8 @@ KEY = "ab" * 32
         (f"b=ws://h:1#{KEY}", Peer("b", bytes.fromhex(KEY), url="ws://h:1")),
         (f"b#{KEY}", Peer("b", bytes.fromhex(KEY))),
         (f"c=via:b#{KEY}", Peer("c", bytes.fromhex(KEY), via="b")),
+        (f"b=ws://[::1]:7700#{KEY}", Peer("b", bytes.fromhex(KEY), url="ws://[::1]:7700")),
+        (f"b=wss://éx.com#{KEY}", Peer("b", bytes.fromhex(KEY), url="wss://éx.com")),
     ],
 )
 def test_peer_specs_parse(spec: str, peer: Peer) -> None:
@@ -296,6 +298,8 @@ def test_peer_specs_parse(spec: str, peer: Peer) -> None:
         f"b=ws://[::1#{KEY}",
         f"b=ws://#{KEY}",
         f"b=wss://:7700#{KEY}",
+        f"b=ws://a..b:7700#{KEY}",  # (names websockets takes and the resolver cannot)
+        f"b=ws://{'x' * 64}.example:7700#{KEY}",
     ],
 )
 def test_bad_peer_specs_say_what_is_wrong(spec: str) -> None:
