@@ -28,6 +28,7 @@ cut whole, for the relay to refuse whole.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -38,7 +39,10 @@ NAMED_TYPES = {3, 5}
 MAX_ANY_DEPTH = 256
 """Containers (arrays, objects) a value may nest: pycrdt decodes values recursively,
 and one nested some 30,000 deep (60 KB of update) overflows its stack (see
-:func:`check_depth`)."""
+:func:`check_shape`)."""
+MAX_RUN = 256
+"""Structs in a row that their client could have merged into one (see
+:func:`check_shape`)."""
 PART_SLACK = 32
 """Bytes a part adds to its structs: its header, and the empty delete set."""
 
@@ -80,19 +84,64 @@ def delete_set(data: bytes, at: int) -> list[tuple[int, int, int]]:
     return found
 
 
-def check_depth(update: bytes) -> None:
-    """Raise ValueError unless ``update`` reads as v1 structs whose values nest at
-    most :data:`MAX_ANY_DEPTH` deep. pycrdt (yrs) decodes a value recursively: one
-    nested deep enough overflows the stack and kills the process (SIGSEGV, no
-    exception to catch), so bytes from elsewhere are checked here before pycrdt
-    reads them. Each level of nesting takes one byte 117 (array) or 118 (object):
-    an update with no more of them than the bound is not read at all."""
-    if update.count(117) + update.count(118) <= MAX_ANY_DEPTH:
+def check_shape(update: bytes) -> None:
+    """Raise ValueError for an update pycrdt must not be given, from elsewhere:
+
+    - a value nested more than :data:`MAX_ANY_DEPTH` deep. pycrdt (yrs) decodes a
+      value recursively: one nested deep enough overflows the stack and kills the
+      process (SIGSEGV, no exception to catch). Each level of nesting takes one
+      byte 117 (array) or 118 (object): an update with no more of them than the
+      bound is not read for it;
+    - a run of more than :data:`MAX_RUN` structs that their client could have
+      merged into one (:func:`_mergeable_runs`). pycrdt merges them as it integrates them,
+      at a cost that grows with the square of the run: 4,000 values of one byte
+      in a row (32 KB of update) took 390 MB, and an update of 256 KiB more than
+      the machine had. Yjs and pycrdt merge such items before they encode them,
+      so an update they write has runs of one;
+    - bytes that do not read as v1 structs (when they had to be read).
+    """
+    deep = update.count(117) + update.count(118) > MAX_ANY_DEPTH
+    if not deep and len(update) <= MAX_RUN * 4:  # (a struct takes 4 bytes at least)
         return
     try:
-        _read(update, json_extra=1)  # (read as pycrdt reads it: see _content)
+        clients = _read(update, json_extra=1)[0]  # (read as pycrdt reads it: _content)
     except (IndexError, RecursionError):
         raise ValueError("the update ends early") from None
+    for client, structs in clients:
+        longest = max(_mergeable_runs(client, structs), default=0)
+        if longest > MAX_RUN:
+            raise ValueError(
+                f"{longest} structs of client {client} in a row that it could have merged"
+                f" into one (at most {MAX_RUN})"
+            )
+
+
+def _mergeable_runs(client: int, structs: list[_Struct]) -> Iterator[int]:
+    """The lengths of the runs of mergeable structs: each of the same kind as the one
+    before it, that one's right neighbour when made (its origin is that one's last
+    clock), and with the same right origin; as Yjs merges items. Ids are compared as
+    numbers: a varuint may be written in more bytes than it needs, and reads the same."""
+    run = 1
+    for before, struct in itertools.pairwise(structs):
+        if (
+            struct.kind == before.kind
+            and struct.kind not in (GC, SKIP)
+            and _id(struct.origin) == (client, struct.clock - 1)
+            and _id(struct.right) == _id(before.right)
+        ):
+            run += 1
+        else:
+            yield run
+            run = 1
+    yield run
+
+
+def _id(data: bytes) -> tuple[int, int] | None:
+    """An id's (client, clock), from its bytes (``b""``: none)."""
+    if not data:
+        return None
+    client, at = varuint(data, 0)
+    return client, varuint(data, at)[0]
 
 
 def split(update: bytes, limit: int) -> list[bytes]:
@@ -146,6 +195,7 @@ class _Struct:
     start: int  # its info byte
     info: int
     right: bytes  # its right origin's bytes, when it has one
+    origin: bytes  # its (left) origin's bytes, when it has one
     content: int  # where its content starts
     length: int  # in clock units
     end: int
@@ -201,9 +251,11 @@ def _struct(data: bytes, at: int, client: int, clock: int, json_extra: int = 0) 
     kind, right = info & 0x1F, b""
     if kind in (GC, SKIP):
         length, end = varuint(data, at)
-        return _Struct(client, clock, start, info, right, at, length, end)
+        return _Struct(client, clock, start, info, right, b"", at, length, end)
+    origin = b""
     if info & 0x80:  # origin: an id
-        at = _skip_id(data, at)
+        begin, at = at, _skip_id(data, at)
+        origin = data[begin:at]
     if info & 0x40:  # right origin: an id
         begin, at = at, _skip_id(data, at)
         right = data[begin:at]
@@ -213,7 +265,7 @@ def _struct(data: bytes, at: int, client: int, clock: int, json_extra: int = 0) 
         if info & 0x20:  # and its key within the parent
             at = _skip_string(data, at)
     length, end = _content(data, at, kind, json_extra)
-    return _Struct(client, clock, start, info, right, at, length, end)
+    return _Struct(client, clock, start, info, right, origin, at, length, end)
 
 
 def _content(data: bytes, at: int, kind: int, json_extra: int = 0) -> tuple[int, int]:

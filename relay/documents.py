@@ -45,7 +45,7 @@ import trio
 from agent_sdk.docs import MAX_UPDATE, yjs
 from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.wire import Event, decode
-from agent_sdk.yupdate import check_depth, delete_set, varuint
+from agent_sdk.yupdate import check_shape, delete_set, varuint
 from relay.limits import TokenBucket
 from relay.store import Record
 
@@ -130,7 +130,7 @@ def check_update(update: Any) -> None:
         reason = f"update of {len(update)} bytes; the limit is {MAX_UPDATE}"
         raise ProtocolError(ErrorCode.BAD_UPDATE, reason)
     try:
-        check_depth(update)  # (a value nested too deep would crash pycrdt's decoder)
+        check_shape(update)  # (a value nested too deep would crash pycrdt's decoder)
         yjs(pycrdt.Doc().apply_update, update)  # decodes it fully; a scratch doc
     except Exception as exc:  # pycrdt raises ValueError, or worse, on garbage
         raise ProtocolError(ErrorCode.BAD_UPDATE, f"not a Yjs update: {exc}") from None
@@ -440,7 +440,7 @@ def changes_nothing(update: bytes, live: LiveDoc) -> bool:
     carries its whole delete set, so a client that reconnects with no edit sends one.)"""
     state = live.doc.get_state()
     try:
-        check_depth(update)
+        check_shape(update)
         part = yjs(pycrdt.get_update, update, state)
         clients, at = varuint(part, 0)
         if clients:

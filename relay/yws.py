@@ -41,7 +41,7 @@ from agent_sdk import doctoken
 from agent_sdk.docs import EMPTY_UPDATE, MAX_UPDATE, state_vector, yjs
 from agent_sdk.errors import ErrorCode, ProtocolError, unwrap_single
 from agent_sdk.wire import Event, sign_event
-from agent_sdk.yupdate import check_depth, varuint
+from agent_sdk.yupdate import check_shape, varuint
 from relay.documents import MAX_AWARENESS, LiveDoc, Overflow, Replica, changes_nothing
 from relay.limits import TokenBucket, publish_cost
 from relay.node import RelayNode, Ticket
@@ -284,7 +284,7 @@ def _adds_nothing(update: bytes, live: LiveDoc) -> bool:
     """Whether ``update`` holds no item the document lacks (a Yjs step 2 always carries
     the sender's whole delete set, so a reader's reply is rarely empty)."""
     try:
-        check_depth(update)  # before pycrdt decodes it
+        check_shape(update)  # before pycrdt decodes it
         theirs = state_vector(yjs(get_state, update))
     except Exception:
         return False

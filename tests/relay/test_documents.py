@@ -16,7 +16,7 @@ from agent_sdk.client import RelayClient
 from agent_sdk.docs import MAX_UPDATE, SharedDoc, state_vector, yjs
 from agent_sdk.errors import ErrorCode, ProtocolError
 from agent_sdk.wire import decode
-from agent_sdk.yupdate import MAX_ANY_DEPTH, encode_varuint
+from agent_sdk.yupdate import MAX_ANY_DEPTH, MAX_RUN, encode_varuint
 from relay.documents import check_update
 from relay.limits import RateLimits
 from relay.node import RelayConfig
@@ -1092,6 +1092,65 @@ def test_a_value_nested_too_deep_behind_a_json_item_is_refused_too() -> None:
     fine = bytes([1, 2]) + encode_varuint(12345) + bytes([0]) + json_item
     fine += bytes([8, 1, 1]) + b"t" + bytes([1]) + bytes([117, 1]) * MAX_ANY_DEPTH + bytes([126, 0])
     check_update(fine)  # as deep as allowed behind the same item: taken
+
+
+def _chain(length: int, kind: str = "any", wide: bool = False) -> bytes:
+    """One client's ``length`` items in a row, each the right neighbour of the one
+    before (its origin), unmerged: values of one byte, or one-character strings.
+    ``wide`` writes each origin's clock in two more bytes than it needs."""
+    client = encode_varuint(12345)
+    content = bytes([8, 1, 125, 0]) if kind == "any" else bytes([4, 1]) + b"x"
+    structs = bytes([content[0], 1, 1]) + b"t" + content[1:]  # the first: parent "t"
+    for clock in range(length - 1):
+        origin = client + (_wide(clock) if wide else encode_varuint(clock))
+        structs += bytes([content[0] | 0x80]) + origin + content[1:]
+    return bytes([1]) + encode_varuint(length) + client + bytes([0]) + structs + bytes([0])
+
+
+def _wide(value: int) -> bytes:
+    """``value`` as a varuint of two bytes more than it needs (lib0 reads it the same)."""
+    short = bytearray(encode_varuint(value))
+    short[-1] |= 0x80
+    return bytes(short) + bytes([0x80, 0])
+
+
+def test_an_update_of_unmerged_runs_is_refused_before_pycrdt_merges_them() -> None:
+    """pycrdt merges the items of such a run as it integrates them, at a cost that
+    grows with the square of the run: 4,000 values of one byte in a row (32 KB of
+    update) took 390 MB, and one update under the size limit more than the machine
+    had. Yjs and pycrdt merge such items before they encode them: runs that long
+    come from no editor, and a run up to MAX_RUN is taken."""
+    for kind in ("any", "string"):
+        check_update(_chain(MAX_RUN, kind))
+        for bomb in (_chain(MAX_RUN + 1, kind), _chain(MAX_RUN + 1, kind, wide=True)):
+            with pytest.raises(ProtocolError) as refused:
+                check_update(bomb)
+            assert refused.value.code is ErrorCode.BAD_UPDATE
+            assert f"{MAX_RUN + 1} structs of client 12345 in a row" in refused.value.reason
+
+
+def test_updates_editors_write_have_no_long_runs() -> None:
+    """What pycrdt writes passes: one client's 2,000 appends in 2,000 transactions
+    (merged into one struct), two clients appending in turn (4,000 structs, none
+    mergeable), and text whose formatting changes 1,000 times."""
+    alone: pycrdt.Doc[Any] = pycrdt.Doc(client_id=1)
+    items = alone.get("t", type=pycrdt.Array)
+    for n in range(2_000):
+        items.append(n)
+    check_update(alone.get_update())
+    a: pycrdt.Doc[Any] = pycrdt.Doc(client_id=1)
+    b: pycrdt.Doc[Any] = pycrdt.Doc(client_id=2)
+    for n in range(2_000):
+        a.get("t", type=pycrdt.Array).append(n)
+        b.apply_update(a.get_update(b.get_state()))
+        b.get("t", type=pycrdt.Array).append(-n)
+        a.apply_update(b.get_update(a.get_state()))
+    check_update(a.get_update())
+    rich: pycrdt.Doc[Any] = pycrdt.Doc(client_id=3)
+    text = rich.get("x", type=pycrdt.Text)
+    for n in range(1_000):
+        text.insert(len(text), "ab", {"bold": True} if n % 2 else {"italic": True})
+    check_update(rich.get_update())
 
 
 async def test_a_value_nested_too_deep_stops_neither_the_relay_nor_its_readers(
