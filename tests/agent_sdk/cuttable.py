@@ -40,11 +40,16 @@ class Wire(trio.abc.Stream):
         await self.inner.aclose()
 
 
-def dialer(relay: RunningRelay, wires: list[Wire]) -> Callable[[], Awaitable[trio.abc.Stream]]:
-    """A ``dial`` for RelayClient.connect that appends each connection's wire."""
-    port = int(relay.url.rsplit(":", 1)[1])
+def dialer(
+    relay: RunningRelay, wires: list[Wire], later: RunningRelay | None = None
+) -> Callable[[], Awaitable[trio.abc.Stream]]:
+    """A ``dial`` for RelayClient.connect that appends each connection's wire.
+    ``later``: where every connection after the first goes instead (another relay
+    answering at the address, as after a relay was replaced)."""
 
     async def dial() -> trio.abc.Stream:
+        to = relay if later is None or not wires else later
+        port = int(to.url.rsplit(":", 1)[1])
         wires.append(Wire(await trio.open_tcp_stream("127.0.0.1", port)))
         return wires[-1]
 

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 import trio
 import trio.testing
 
 from agent_sdk import frames as f
-from agent_sdk.client import Delivery, Published, RelayClient, RelayMismatch
+from agent_sdk.client import Delivery, PendingPublish, Published, RelayClient, RelayMismatch
 from agent_sdk.errors import ErrorCode, ProtocolError, notify
+from agent_sdk.wire import Event, decode_receipt, make_receipt, sign_event, verify_seal
 from tests.agent_sdk.cuttable import Wire, dialer
 from tests.conftest import RunningRelay, identity
 from tests.federation.fixtures import LyingRelay, federation_of, plan, start
@@ -37,35 +42,37 @@ async def test_subscriber_resumes_exactly_once_in_order_across_drops(relay: Runn
     progress = trio.Event()
     drop_at = {60, 150, 240}
 
-    async with (
-        RelayClient.connect(relay.url, identity(1)) as subscriber,
-        RelayClient.connect(relay.url, identity(2)) as publisher,
-        subscriber.subscribe(NS, start=1) as feed,
-        trio.open_nursery() as nursery,
-    ):
+    # (A bound: events not delivered after a drop fail the test instead of hanging it.)
+    with trio.fail_after(TIMEOUT):
+        async with (
+            RelayClient.connect(relay.url, identity(1)) as subscriber,
+            RelayClient.connect(relay.url, identity(2)) as publisher,
+            subscriber.subscribe(NS, start=1) as feed,
+            trio.open_nursery() as nursery,
+        ):
 
-        async def publish_all() -> None:
-            for n in range(TOTAL):
-                published.append(await publisher.publish(NS, "app.n", n))
+            async def publish_all() -> None:
+                for n in range(TOTAL):
+                    published.append(await publisher.publish(NS, "app.n", n))
 
-        async def dropper() -> None:
-            nonlocal progress
-            for _ in drop_at:
-                await progress.wait()
-                progress = trio.Event()
-                await drop_every_connection(relay)
+            async def dropper() -> None:
+                nonlocal progress
+                for _ in drop_at:
+                    await progress.wait()
+                    progress = trio.Event()
+                    await drop_every_connection(relay)
 
-        nursery.start_soon(publish_all)
-        nursery.start_soon(dropper)
-        async for item in feed:
-            if isinstance(item, Delivery):
-                received.append(item)
-                if len(received) in drop_at:
-                    progress.set()
-                if len(received) == TOTAL:
-                    break
-        assert subscriber.connections >= 2
-        assert publisher.connections >= 2
+            nursery.start_soon(publish_all)
+            nursery.start_soon(dropper)
+            async for item in feed:
+                if isinstance(item, Delivery):
+                    received.append(item)
+                    if len(received) in drop_at:
+                        progress.set()
+                    if len(received) == TOTAL:
+                        break
+            assert subscriber.connections >= 2
+            assert publisher.connections >= 2
 
     assert [d.receipt.seq for d in received] == list(range(1, TOTAL + 1))
     assert [d.event.event.body for d in received] == list(range(TOTAL))
@@ -140,15 +147,22 @@ async def test_a_lagging_subscription_pauses_instead_of_blocking_acks(
         RelayClient.connect(relay.url, identity(1)) as client,
         client.subscribe(NS, start=1, buffer=4) as feed,
     ):
-        # Nobody reads the feed while publishing: acks must still arrive.
-        for n in range(50):
-            await client.publish(NS, "app.n", n)
-        seqs = []
-        async for item in feed:
-            if isinstance(item, Delivery):
-                seqs.append(item.receipt.seq)
-                if len(seqs) == 50:
-                    break
+        with trio.fail_after(TIMEOUT):
+            # Nobody reads the feed while publishing: acks must still arrive.
+            for n in range(50):
+                await client.publish(NS, "app.n", n)
+            assert feed.paused
+            seqs = []
+            for _ in range(2):  # half of the buffer drained: it resumes
+                item = await feed.__anext__()
+                if isinstance(item, Delivery):  # (the first is the empty log's live)
+                    seqs.append(item.receipt.seq)
+            assert not feed.paused
+            async for item in feed:
+                if isinstance(item, Delivery):
+                    seqs.append(item.receipt.seq)
+                    if len(seqs) == 50:
+                        break
         assert seqs == list(range(1, 51))  # every event once, in order, across pauses
         assert feed.sub > 1  # it paused and resumed under new ids
 
@@ -523,3 +537,269 @@ def test_a_hook_whose_failure_cannot_be_logged_is_still_contained() -> None:
         raise ValueError("I/O operation on closed file")
 
     notify(log, "on_lost", hook)  # returns, as if the hook had
+
+
+class Rewriter(LyingRelay):
+    """A WebSocket man in the middle that passes every frame the relay sends, the
+    handshake's included, through ``rewrite``: it returns the encoded frames to send
+    in its place (bytes that do not decode as a frame too)."""
+
+    def __init__(self, target: str, rewrite: Callable[[f.Frame], list[bytes]]) -> None:
+        super().__init__(target, lambda frame: frame)
+        self.rewrite = rewrite
+
+    def _rewrite(self, message: bytes) -> bytes | None:
+        out = []
+        for frame in f.decode_message(message):
+            assert not isinstance(frame, Exception)
+            out += self.rewrite(frame)
+        return f.bundle(out) if out else None
+
+
+def rewriting(
+    kind: type[Any], change: Callable[[Any], list[bytes]]
+) -> Callable[[f.Frame], list[bytes]]:
+    """A ``rewrite`` that applies ``change`` to frames of type ``kind`` only."""
+
+    def rewrite(frame: f.Frame) -> list[bytes]:
+        return change(frame) if isinstance(frame, kind) else [f.encode_frame(frame)]
+
+    return rewrite
+
+
+def another_events_receipt(raw: bytes) -> bytes:
+    """Receipt bytes at the same place as ``raw``'s, for another event id."""
+    receipt = decode_receipt(raw)
+    fields = {k: getattr(receipt, k) for k in ("ns", "seq", "hlc", "prev", "relay")}
+    return make_receipt(id=bytes([7]) * 32, **fields).raw
+
+
+@pytest.mark.parametrize(
+    "lie",
+    [
+        rewriting(f.Hello, lambda hello: [f.encode_frame(replace(hello, v=2))]),
+        rewriting(f.Welcome, lambda welcome: [f.encode_frame(replace(welcome, sig=bytes(64)))]),
+    ],
+    ids=["another_version", "no_proof_of_key"],
+)
+async def test_a_relay_of_another_version_or_without_proof_of_its_key_is_refused(
+    relay: RunningRelay, nursery: trio.Nursery, lie: Callable[[f.Frame], list[bytes]]
+) -> None:
+    """Protocol 5.1: the client refuses a ``hello.v`` that is not 1, and verifies the
+    relay's ``welcome`` signature over its own challenge with the key of ``hello``."""
+    proxy = Rewriter(relay.url, lie)
+    await nursery.start(proxy.run)
+    with trio.fail_after(TIMEOUT), pytest.raises(RelayMismatch):
+        async with RelayClient.connect(proxy.url, identity(1)):
+            pass  # pragma: no cover
+
+
+async def test_a_reconnect_to_a_relay_with_another_key_is_refused(
+    relay: RunningRelay, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """The key seen on the first connection is pinned: a relay of another key at the
+    same address after a reconnect ends the client instead of being trusted."""
+    from tests.conftest import start_relay
+
+    other = await start_relay(nursery, tmp_path / "other")
+    assert other.node.identity.public_key != relay.node.identity.public_key
+    wires: list[Wire] = []
+    reconnected = trio.Event()
+
+    async def on_reconnect() -> None:
+        reconnected.set()
+
+    with trio.fail_after(TIMEOUT), pytest.raises(RelayMismatch, match="pinned"):
+        dial = dialer(relay, wires, later=other)
+        async with RelayClient.connect(relay.url, identity(1), dial=dial) as client:
+            client.on_reconnect.append(on_reconnect)
+            await client.publish(NS, "app.n", 1)
+            await wires[0].cut()
+            await reconnected.wait()
+            pytest.fail("the client reconnected to a relay of another key")
+    other.scope.cancel()
+
+
+async def test_an_ack_naming_another_event_ends_the_client(
+    relay: RunningRelay, nursery: trio.Nursery
+) -> None:
+    def lie(ack: f.Ack) -> list[bytes]:
+        return [f.encode_frame(replace(ack, receipt=another_events_receipt(ack.receipt)))]
+
+    proxy = Rewriter(relay.url, rewriting(f.Ack, lie))
+    await nursery.start(proxy.run)
+    with trio.fail_after(TIMEOUT), pytest.raises(RelayMismatch, match="another event"):
+        async with RelayClient.connect(proxy.url, identity(1)) as client:
+            await client.publish(NS, "app.n", 1)
+            pytest.fail("the publish returned another event's receipt")
+
+
+async def test_an_event_frame_with_another_events_receipt_ends_the_client(
+    relay: RunningRelay, nursery: trio.Nursery
+) -> None:
+    async with RelayClient.connect(relay.url, identity(2)) as writer:
+        await writer.publish(NS, "app.n", 1)
+
+    def lie(event: f.EventFrame) -> list[bytes]:
+        return [f.encode_frame(replace(event, receipt=another_events_receipt(event.receipt)))]
+
+    proxy = Rewriter(relay.url, rewriting(f.EventFrame, lie))
+    await nursery.start(proxy.run)
+    with trio.fail_after(TIMEOUT), pytest.raises(RelayMismatch, match="another event"):
+        async with (
+            RelayClient.connect(proxy.url, identity(1)) as client,
+            client.subscribe(NS, start=1) as feed,
+        ):
+            with suppress(ProtocolError):  # (the client stopped: the cause comes next)
+                async for item in feed:
+                    assert not isinstance(item, Delivery), "delivered under another's receipt"
+            await trio.sleep_forever()
+
+
+async def test_a_frame_that_does_not_decode_ends_the_client(
+    relay: RunningRelay, nursery: trio.Nursery
+) -> None:
+    """Protocol 5.1: after the handshake a relay frame that does not decode (here an
+    ``ack`` whose ``rid`` is text) ends the client with RelayMismatch, rather than
+    being skipped (and its publish left waiting)."""
+    bad = msgpack.packb({"t": "ack", "rid": "1", "receipt": b""})
+    proxy = Rewriter(relay.url, rewriting(f.Ack, lambda ack: [bad]))
+    await nursery.start(proxy.run)
+    with trio.fail_after(TIMEOUT), pytest.raises(RelayMismatch, match="bad frame"):
+        async with RelayClient.connect(proxy.url, identity(1)) as client:
+            await client.publish(NS, "app.n", 1)
+
+
+async def test_a_frame_of_an_unknown_type_is_ignored(
+    relay: RunningRelay, nursery: trio.Nursery
+) -> None:
+    """Protocol 1: an agent ignores a frame whose ``t`` it does not know (a newer
+    relay's), whole, and carries on on the same connection."""
+    unknown = msgpack.packb({"t": "teleport", "rid": 1, "sub": 1})
+    proxy = Rewriter(relay.url, rewriting(f.Ack, lambda ack: [unknown, f.encode_frame(ack)]))
+    await nursery.start(proxy.run)
+    with trio.fail_after(TIMEOUT):
+        async with RelayClient.connect(proxy.url, identity(1)) as client:
+            for n in range(3):
+                assert (await client.publish(NS, "app.n", n)).receipt.seq == n + 1
+            assert client.connections == 1
+
+
+async def test_an_event_frame_below_the_cursor_is_dropped(
+    relay: RunningRelay, nursery: trio.Nursery
+) -> None:
+    """Protocol 7.6: the client drops any event frame with a seq below its cursor, so
+    a relay that sends one twice does not deliver it twice."""
+    async with RelayClient.connect(relay.url, identity(2)) as writer:
+        for n in range(3):
+            await writer.publish(NS, "app.n", n)
+    proxy = Rewriter(relay.url, rewriting(f.EventFrame, lambda e: [f.encode_frame(e)] * 2))
+    await nursery.start(proxy.run)
+    seqs = []
+    with trio.fail_after(TIMEOUT):
+        async with (
+            RelayClient.connect(proxy.url, identity(1)) as client,
+            client.subscribe(NS, start=1) as feed,
+        ):
+            await client.publish(NS, "app.n", "live")
+            async for item in feed:
+                if isinstance(item, Delivery):
+                    seqs.append(item.receipt.seq)
+                    if item.receipt.seq == 4:
+                        break
+    assert seqs == [1, 2, 3, 4]
+
+
+async def test_acks_and_deliveries_carry_the_relays_seals(relay: RunningRelay) -> None:
+    """A sealed receipt comes with its seal (protocol 4.4), in the ack as in the
+    event frame, and the head of a log is always sealed."""
+    async with RelayClient.connect(relay.url, identity(1)) as client:
+        published = [await client.publish(NS, "app.n", n) for n in range(3)]
+        async with client.subscribe(NS, start=1) as feed:
+            with trio.fail_after(TIMEOUT):
+                delivered = [item async for item in _until_live(feed)][:-1]
+    assert [d.receipt for d in delivered] == [p.receipt for p in published]
+    assert [d.seal for d in delivered] == [p.seal for p in published]
+    assert delivered[-1].seal is not None
+    for item in delivered:
+        assert item.seal is None or verify_seal(item.receipt, item.seal)
+
+
+async def test_queued_frames_are_bundled_within_the_relays_limits(relay: RunningRelay) -> None:
+    """Protocol 1: the client starts a new bundle before a frame would take one over
+    the relay's ``max_frame`` (1 MiB here), and puts at most 4096 frames in one. The
+    relay drops a larger message unanswered (its error names no request): the
+    publishes in it would wait for ever. Every publish here is queued before the
+    writer runs."""
+    async with RelayClient.connect(relay.url, identity(1)) as client:
+
+        def later(n: int, body: Any) -> PendingPublish:
+            event = Event(NS, "app.n", client.identity.public_key, body, ts=client.clock_ms())
+            return client.publish_later(sign_event(event, client.identity.sign))
+
+        with trio.fail_after(TIMEOUT):
+            large = [later(n, [n, "x" * 200_000]) for n in range(8)]  # 1.6 MB in all
+            for pending in large:
+                await pending.wait()
+            small = [later(n, n) for n in range(f.MAX_BUNDLE + 10)]  # ~190 bytes each
+            for pending in small:
+                await pending.wait()
+    assert relay.node.head(NS) == len(large) + len(small)
+
+
+async def test_a_publish_of_exactly_the_relays_max_frame_is_sent(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """The relay refuses a message *longer* than ``max_frame``: a publish frame of
+    exactly ``max_frame`` bytes is sent, and one byte more fails at once."""
+    from relay.node import RelayConfig
+    from tests.conftest import start_relay
+
+    limit = 64 * 1024
+    relay = await start_relay(nursery, tmp_path / "relay", RelayConfig(max_frame=limit))
+    async with RelayClient.connect(relay.url, identity(1)) as client:
+        ts = client.clock_ms()
+
+        def frame_size(body: str) -> int:
+            event = Event(NS, "app.n", client.identity.public_key, body, ts=ts)
+            signed = sign_event(event, client.identity.sign)
+            rid = client._next_rid + 1  # (one byte, as the next rids here)
+            return len(f.encode_frame(f.Publish(rid=rid, event=signed.raw, sig=signed.sig)))
+
+        length = limit - (frame_size("") - 0)
+        while frame_size("x" * length) > limit:
+            length -= 1
+        assert frame_size("x" * length) == limit
+        with trio.fail_after(TIMEOUT):
+            with pytest.raises(ProtocolError) as over:
+                await client.publish(NS, "app.n", "x" * (length + 1), ts=ts)
+            assert over.value.code is ErrorCode.FRAME_TOO_LARGE
+            assert (await client.publish(NS, "app.n", "x" * length, ts=ts)).receipt.seq == 1
+
+
+async def test_publishes_queued_while_disconnected_go_out_in_call_order(
+    relay: RunningRelay,
+) -> None:
+    """Publishes leave in the order of the calls (``publish_later``), also when they
+    are replayed on a new connection: they are sequenced in that order. And what was
+    answered is not kept to be sent again."""
+    wires: list[Wire] = []
+    handles: list[PendingPublish] = []
+    lost = trio.Event()
+    async with RelayClient.connect(relay.url, identity(1), dial=dialer(relay, wires)) as client:
+
+        def publish_while_lost(_: BaseException | None) -> None:
+            for n in range(10):  # no connection: each waits for the next one
+                event = Event(NS, "app.n", client.identity.public_key, n, ts=client.clock_ms())
+                handles.append(client.publish_later(sign_event(event, client.identity.sign)))
+            lost.set()
+
+        with trio.fail_after(TIMEOUT):
+            await client.publish(NS, "app.n", "first")
+            client.on_lost.append(publish_while_lost)
+            await wires[0].cut()
+            await lost.wait()
+            results = [await handle.wait() for handle in handles]
+        assert client.connections == 2
+        assert [r.receipt.seq for r in results] == list(range(2, 12))
+        assert not client._pending  # nothing answered is sent again on a reconnect
