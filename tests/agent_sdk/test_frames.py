@@ -52,6 +52,8 @@ def test_optional_fields_are_left_out_and_unknown_fields_ignored() -> None:
         ({"t": "publish", "rid": "1", "event": b"", "sig": b""}, ErrorCode.MALFORMED),
         ({"t": "publish", "rid": True, "event": b"", "sig": b""}, ErrorCode.MALFORMED),
         ({"t": "publish", "rid": 1, "sig": b""}, ErrorCode.MALFORMED),
+        ({"t": "publish", "rid": 1, "event": "text, not bin", "sig": b""}, ErrorCode.MALFORMED),
+        ({"t": "ack", "rid": 1, "receipt": b"", "duplicate": 1}, ErrorCode.MALFORMED),
         ({"t": "subscribe", "sub": 1, "ns": "a@r"}, ErrorCode.MALFORMED),
         ({"t": "subscribe", "sub": 1, "ns": ["a@r"], "from": {"a@r": "1"}}, ErrorCode.MALFORMED),
         ({"t": "subscribe", "sub": 1, "ns": ["a@r"], "authors": ["x"]}, ErrorCode.MALFORMED),
@@ -86,3 +88,39 @@ def test_large_events_are_not_kept_in_the_fan_out_cache() -> None:
     assert f._event_frame_rest.cache_info().currsize == before
     f.encode_event_frame(3, large[: f.CACHED_EVENT_MAX], sig, receipt, None)
     assert f._event_frame_rest.cache_info().currsize == before + 1
+
+
+@pytest.mark.parametrize("n", [1, 2, 15, 16, 17, 65_535, 65_536])
+def test_a_bundle_of_any_size_decodes_to_its_frames(n: int) -> None:
+    """The bundle header changes form at 16 and 65536 frames (protocol 1)."""
+    frames = [f.Unsubscribe(sub=i) for i in range(n)]
+    assert f.decode_message(f.bundle([f.encode_frame(frame) for frame in frames])) == frames
+
+
+def test_a_bundle_of_max_bundle_frames_is_read_and_a_longer_one_refused_whole() -> None:
+    encoded = [f.encode_frame(f.Unsubscribe(sub=i)) for i in range(f.MAX_BUNDLE + 1)]
+    frames = f.decode_message(f.bundle(encoded[:-1]), max_frames=f.MAX_BUNDLE)
+    assert frames == [f.Unsubscribe(sub=i) for i in range(f.MAX_BUNDLE)]
+    [refused] = f.decode_message(f.bundle(encoded), max_frames=f.MAX_BUNDLE)
+    assert isinstance(refused, ProtocolError) and refused.code is ErrorCode.MALFORMED
+
+
+def test_a_bad_frame_of_a_bundle_fails_alone() -> None:
+    """Each frame of a bundle stands alone: a bad one yields its error in its place,
+    and the frames after it are still decoded (protocol 1)."""
+    message = f.bundle(
+        [
+            f.encode_frame(f.Unsubscribe(sub=1)),
+            msgpack.packb({"t": "unsubscribe"}),  # sub missing
+            msgpack.packb(None),  # not a frame map
+            msgpack.packb({"t": "teleport"}),
+            f.encode_frame(f.Unsubscribed(sub=2)),
+        ]
+    )
+    first, missing, nil, unknown, last = f.decode_message(message)
+    assert first == f.Unsubscribe(sub=1) and last == f.Unsubscribed(sub=2)
+    assert isinstance(missing, ProtocolError) and missing.code is ErrorCode.MALFORMED
+    assert isinstance(nil, ProtocolError) and nil.code is ErrorCode.MALFORMED
+    assert isinstance(unknown, ProtocolError) and unknown.code is ErrorCode.UNKNOWN_FRAME
+    [empty] = f.decode_message(msgpack.packb([]))
+    assert isinstance(empty, ProtocolError) and empty.code is ErrorCode.MALFORMED

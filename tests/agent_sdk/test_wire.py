@@ -264,6 +264,15 @@ def test_near_misses_are_bad_events(fields: dict[str, Any]) -> None:
     assert info.value.code is ErrorCode.BAD_EVENT
 
 
+def test_a_kind_is_at_most_64_characters() -> None:
+    """KIND_RE alone allows 263 (eight segments); KIND_MAX bounds the whole kind."""
+    longest = "a" * 32 + "." + "b" * 31
+    assert decode_event(canonical(make_event(kind=longest).to_map()), bytes(64))
+    with pytest.raises(ProtocolError) as info:
+        decode_event(canonical(make_event(kind=longest + "b").to_map()), bytes(64))
+    assert info.value.code is ErrorCode.BAD_EVENT
+
+
 def test_receipts_with_ill_typed_fields_are_refused() -> None:
     fields = {
         "id": bytes(32),
