@@ -16,7 +16,14 @@ import trio
 import trio.testing
 
 from agent_sdk import frames as f
-from agent_sdk.client import Delivery, PendingPublish, Published, RelayClient, RelayMismatch
+from agent_sdk.client import (
+    Delivery,
+    Live,
+    PendingPublish,
+    Published,
+    RelayClient,
+    RelayMismatch,
+)
 from agent_sdk.errors import ErrorCode, ProtocolError, notify
 from agent_sdk.wire import Event, decode_receipt, make_receipt, sign_event, verify_seal
 from tests.agent_sdk.cuttable import Wire, dialer
@@ -111,6 +118,12 @@ async def test_republishing_the_same_event_returns_its_receipt(relay: RunningRel
 
 
 async def test_rejections_raise_with_their_code(relay: RunningRelay) -> None:
+    # (A bound: a refusal that does not reach its publish or subscription hung it.)
+    with trio.fail_after(TIMEOUT):
+        await _rejections_raise_with_their_code(relay)
+
+
+async def _rejections_raise_with_their_code(relay: RunningRelay) -> None:
     async with RelayClient.connect(relay.url, identity(1)) as client:
         with pytest.raises(ProtocolError) as info:
             await client.publish("t@elsewhere", "app.n", 1)
@@ -429,12 +442,18 @@ async def test_a_subscription_holds_no_more_than_its_buffer_before_it_is_placed(
             ) as feed:
                 assert proxy.released  # placed by b's live, after a's whole backlog
                 assert feed._rx.statistics().current_buffer_used <= buffer
+                # What was dropped comes again with nothing else sent meanwhile: the
+                # pause is taken once placed, not at the next frame that does not fit.
+                async for item in feed:
+                    if isinstance(item, Delivery):
+                        seen[item.receipt.ns].append(item.event.event.body)
+                        if len(seen["a@local"]) == backlog:
+                            break
                 await client.publish("b@local", "app.n", "after")
                 async for item in feed:
                     if isinstance(item, Delivery):
                         seen[item.receipt.ns].append(item.event.event.body)
-                        if len(seen["a@local"]) == backlog and seen["b@local"]:
-                            break
+                        break
     # Nothing dropped was lost, nothing came twice.
     assert seen == {"a@local": list(range(backlog)), "b@local": ["after"]}
 
@@ -803,3 +822,163 @@ async def test_publishes_queued_while_disconnected_go_out_in_call_order(
         assert client.connections == 2
         assert [r.receipt.seq for r in results] == list(range(2, 12))
         assert not client._pending  # nothing answered is sent again on a reconnect
+
+
+async def test_a_subscription_resumes_with_its_filters_and_one_live(relay: RunningRelay) -> None:
+    """After a reconnect a subscription is the same one: its ``kinds`` and ``authors``
+    filters still apply, and the relay's second ``live`` is not handed out again."""
+    keeper, other = identity(2), identity(3)
+    items: list[Any] = []
+    async with (
+        RelayClient.connect(relay.url, identity(1)) as client,
+        RelayClient.connect(relay.url, keeper) as mine,
+        RelayClient.connect(relay.url, other) as theirs,
+    ):
+
+        async def publish_round(n: int) -> None:
+            await theirs.publish(NS, "app.keep", ["theirs", n])
+            await mine.publish(NS, "app.skip", ["skip", n])
+            await mine.publish(NS, "app.keep", ["keep", n])
+
+        with trio.fail_after(TIMEOUT):
+            await publish_round(0)
+            async with client.subscribe(
+                NS, start=1, kinds=["app.keep"], authors=[keeper.public_key]
+            ) as feed:
+                async for item in feed:
+                    items.append(item)
+                    if isinstance(item, Live):
+                        break
+                await drop_every_connection(relay)
+                await publish_round(1)
+                async for item in feed:
+                    items.append(item)
+                    if isinstance(item, Delivery) and item.event.event.body == ["keep", 1]:
+                        break
+            assert client.connections >= 2
+    delivered = [item.event.event.body for item in items if isinstance(item, Delivery)]
+    assert delivered == [["keep", 0], ["keep", 1]]
+    assert [item for item in items if isinstance(item, Live)] == [Live(NS, 3)]
+
+
+async def test_a_start_seq_applies_to_every_namespace(relay: RunningRelay) -> None:
+    async with RelayClient.connect(relay.url, identity(1)) as client:
+        for ns in ("a@local", "b@local"):
+            await client.publish(ns, "app.n", ns)
+        seen = set()
+        with trio.fail_after(TIMEOUT):
+            async with client.subscribe(["a@local", "b@local"], start=1) as feed:
+                async for item in feed:
+                    if isinstance(item, Delivery):
+                        seen.add(item.event.event.body)
+                    elif isinstance(item, Live) and item.seq == 0:
+                        pytest.fail(f"{item.ns} was subscribed from now")
+                    if len(seen) == 2:
+                        break
+
+
+async def test_leaving_a_subscription_unsubscribes_it_at_the_relay(relay: RunningRelay) -> None:
+    async with RelayClient.connect(relay.url, identity(1)) as client:
+        with trio.fail_after(TIMEOUT):
+            async with client.subscribe(NS, start=1) as feed:
+                await feed.__anext__()  # the empty log's live
+                assert any(c._subscriptions for c in relay.node.connections)
+            while any(c._subscriptions for c in relay.node.connections):
+                await trio.testing.wait_all_tasks_blocked()
+
+
+async def test_an_unanswered_query_is_asked_again_after_a_reconnect(relay: RunningRelay) -> None:
+    wires: list[Wire] = []
+    async with RelayClient.connect(relay.url, identity(1), dial=dialer(relay, wires)) as client:
+        await client.publish(NS, "app.n", 1)
+        asked = client.ask_later(lambda rid: f.Query(rid=rid, ns=NS, q="wo.list", args={}))
+        wires[0].held = True  # its answer never reaches the client
+        with trio.fail_after(TIMEOUT):
+            await trio.testing.wait_all_tasks_blocked()
+            await wires[0].cut()
+            await asked.done.wait()
+        assert asked.error is None and asked.result["orders"] == []
+        assert client.connections == 2
+
+
+async def test_the_publish_window_holds_max_inflight_publishes(relay: RunningRelay) -> None:
+    """At most ``max_inflight`` publishes are on their way unanswered; the others wait
+    for room (``on_sent`` tells when one leaves), and go as answers come."""
+    wires: list[Wire] = []
+    sent: list[PendingPublish] = []
+    results: list[Published] = []
+    async with (
+        RelayClient.connect(
+            relay.url, identity(1), max_inflight=3, dial=dialer(relay, wires)
+        ) as client,
+        trio.open_nursery() as nursery,
+    ):
+        wires[0].held = True  # no answer comes on this connection
+        for n in range(5):
+            publish = client.publish(NS, "app.n", n, on_sent=sent.append)
+            nursery.start_soon(_append, results, publish)
+        with trio.fail_after(TIMEOUT):
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(sent) == 3
+            await wires[0].cut()  # answered on the next connection: room for the rest
+            while len(results) < 5:
+                await trio.testing.wait_all_tasks_blocked()
+    assert len(sent) == 5
+    assert sorted(r.receipt.seq for r in results) == [1, 2, 3, 4, 5]
+
+
+async def test_an_error_code_the_client_does_not_know_is_internal(
+    relay: RunningRelay, nursery: trio.Nursery
+) -> None:
+    """Protocol 9: a newer relay's error code reaches the caller as ``internal``, with
+    the code and name in the reason; the client goes on."""
+
+    def refuse(ack: f.Ack) -> list[bytes]:
+        return [f.encode_frame(f.Error(code=9999, name="future", reason="why", rid=ack.rid))]
+
+    proxy = Rewriter(relay.url, rewriting(f.Ack, refuse))
+    await nursery.start(proxy.run)
+    with trio.fail_after(TIMEOUT):
+        async with RelayClient.connect(proxy.url, identity(1)) as client:
+            for n in range(2):
+                with pytest.raises(ProtocolError) as info:
+                    await client.publish(NS, "app.n", n)
+                assert info.value.code is ErrorCode.INTERNAL
+                assert "9999 future" in info.value.reason
+            assert client.connections == 1
+
+
+async def test_a_subscription_placed_by_an_event_it_dropped_reads_it_again(
+    relay: RunningRelay, nursery: trio.Nursery
+) -> None:
+    """A from-now namespace whose ``live`` has not come (a foreign one's can be late,
+    protocol 14.7) gets its cursor from its first event. When that event does not fit
+    (the buffer is full of another namespace's backlog, unread as it is not placed)
+    the cursor stays at it, and the subscription pauses at once to read it again:
+    no later frame would make it pause."""
+    backlog, buffer = 20, 4
+    async with RelayClient.connect(relay.url, identity(2)) as writer:
+        for n in range(backlog):
+            await writer.publish("a@local", "app.n", n)
+        proxy = LateLive(relay.url, late="b@local", after="never@local")  # b's never comes
+        await nursery.start(proxy.run)
+        seen: dict[str, list[Any]] = {"a@local": [], "b@local": []}
+        async with RelayClient.connect(proxy.url, identity(1)) as client:
+
+            async def subscriber() -> None:
+                async with client.subscribe(
+                    ["a@local", "b@local"], start={"a@local": 1}, buffer=buffer
+                ) as feed:
+                    async for item in feed:
+                        if isinstance(item, Delivery):
+                            seen[item.receipt.ns].append(item.event.event.body)
+                            if len(seen["a@local"]) == backlog and seen["b@local"]:
+                                return
+
+            with trio.fail_after(TIMEOUT):
+                async with trio.open_nursery() as waiting:
+                    waiting.start_soon(subscriber)
+                    while not any(s.overflowed for s in client._subscriptions.values()):
+                        await trio.testing.wait_all_tasks_blocked()
+                    await writer.publish("b@local", "app.n", "first")
+    assert seen == {"a@local": list(range(backlog)), "b@local": ["first"]}
