@@ -282,7 +282,19 @@ def test_receipts_with_ill_typed_fields_are_refused() -> None:
         "prev": bytes(32),
         "relay": bytes(32),
     }
-    for change in ({"seq": True}, {"hlc": False}, {"ns": "no-home"}, {"seq": 0}):
+    changes: list[dict[str, Any]] = [
+        {"seq": True},
+        {"hlc": False},
+        {"ns": "no-home"},
+        {"seq": 0},
+        {"hlc": -1},
+        {"id": bytes(31)},
+        {"prev": bytes(33)},
+        {"relay": bytes(31)},
+        {"relay": "k" * 32},
+    ]
+    assert decode_receipt(canonical(fields)).seq == 1
+    for change in changes:
         with pytest.raises(ProtocolError):
             decode_receipt(canonical({**fields, **change}))
 
