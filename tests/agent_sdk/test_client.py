@@ -982,3 +982,34 @@ async def test_a_subscription_placed_by_an_event_it_dropped_reads_it_again(
                         await trio.testing.wait_all_tasks_blocked()
                     await writer.publish("b@local", "app.n", "first")
     assert seen == {"a@local": list(range(backlog)), "b@local": ["first"]}
+
+
+async def test_on_lost_is_called_once_per_connection_lost_not_per_attempt(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """While the relay is down each attempt to reconnect fails; ``on_lost`` tells of
+    the connection lost once (a shell command would say so at every attempt)."""
+    from tests.conftest import start_relay
+
+    relay = await start_relay(nursery, tmp_path / "relay")
+    port = int(relay.url.rsplit(":", 1)[1])
+    wires: list[Wire] = []
+    reach, attempts, retried = dialer(relay, wires), [0], trio.Event()
+
+    async def dial() -> trio.abc.Stream:
+        attempts[0] += 1
+        if attempts[0] == 3:  # the first connection, then two attempts at least
+            retried.set()
+        return await reach()
+
+    lost: list[BaseException | None] = []
+    async with RelayClient.connect(relay.url, identity(1), dial=dial) as client:
+        client.on_lost.append(lost.append)
+        with trio.fail_after(TIMEOUT):
+            relay.scope.cancel()
+            await retried.wait()
+            relay = await start_relay(nursery, tmp_path / "relay", port=port)
+            assert (await client.publish(NS, "app.n", 1)).receipt.seq == 1
+        assert client.connections == 2
+    assert len(lost) == 1
+    relay.scope.cancel()
