@@ -474,15 +474,21 @@ def test_an_interrupted_run_leaves_nothing_and_an_empty_log_is_no_clean_one(
 def test_replay_finds_a_double_holder_and_a_token_going_back() -> None:
     relay, first, second = identity(1), identity(2), identity(3)
 
-    def outcome(seq: int, ts: int, holder: Identity, token: int) -> Record:
-        body = {"wo": "wo-1", "status": "claimed", "holder": holder.public_key,
-                "token": token, "expires_ms": ts + 10_000, "req": bytes(32)}  # fmt: skip
-        event = Event(
-            ns="w@x", kind="wo.claimed", author=relay.public_key, body=body, deps=(), ts=ts
-        )
+    def logged(seq: int, ts: int, kind: str, body: dict[str, object]) -> Record:
+        event = Event(ns="w@x", kind=kind, author=relay.public_key, body=body, deps=(), ts=ts)
         signed = sign_event(event, relay.sign)
-        return Record("w@x", seq, signed.id, "wo.claimed", relay.public_key, seq, signed.raw,
+        return Record("w@x", seq, signed.id, kind, relay.public_key, seq, signed.raw,
                       signed.sig, b"")  # fmt: skip
+
+    def outcome(
+        seq: int, ts: int, holder: Identity, token: int, kind: str = "wo.claimed", ttl: int = 10_000
+    ) -> Record:
+        body = {"wo": "wo-1", "status": "claimed", "holder": holder.public_key,
+                "token": token, "expires_ms": ts + ttl, "req": bytes(32)}  # fmt: skip
+        return logged(seq, ts, kind, body)
+
+    def expired(seq: int, ts: int, token: int) -> Record:
+        return logged(seq, ts, "lease.expired", {"leases": [["wo-1", token]]})
 
     ok = [outcome(1, 0, first, 1), outcome(2, 20_000, second, 2)]  # the first lease lapsed
     assert lease_anomalies("w@x", ok) == []
@@ -492,6 +498,35 @@ def test_replay_finds_a_double_holder_and_a_token_going_back() -> None:
     backwards = [outcome(1, 0, first, 3), outcome(2, 20_000, second, 2)]
     [token] = lease_anomalies("w@x", backwards)
     assert "does not rise" in token
+    # A token that repeats does not rise either (a checker comparing with `<` let it by).
+    repeated = [outcome(1, 0, first, 2), outcome(2, 20_000, second, 2)]
+    [again] = lease_anomalies("w@x", repeated)
+    assert "token 2 does not rise" in again
+    # A lease is valid up to, not at, its expiry: a claim 1 ms before it is a double
+    # holder (a checker off by one let it by), one at it is not.
+    [edge] = lease_anomalies("w@x", [outcome(1, 0, first, 1), outcome(2, 9_999, second, 2)])
+    assert "until 10000" in edge
+    assert lease_anomalies("w@x", [outcome(1, 0, first, 1), outcome(2, 10_000, second, 2)]) == []
+    # A renewal moves the expiry: a claim after the first expiry but within the
+    # renewed one is a double holder (a checker ignoring wo.renewed let it by).
+    renewed = [
+        outcome(1, 0, first, 1),
+        outcome(2, 8_000, first, 1, kind="wo.renewed"),  # valid until 18 000
+        outcome(3, 12_000, second, 2),
+    ]
+    [late] = lease_anomalies("w@x", renewed)
+    assert "seq 3" in late and "until 18000" in late
+    # A lease.expired ends the lease it names, not a later one on the same order.
+    stale_expiry = [
+        outcome(1, 0, first, 1),
+        outcome(2, 10_000, second, 2),
+        expired(3, 10_000, 1),  # the first lease's expiry, logged after the new claim
+        outcome(4, 12_000, first, 3),
+    ]
+    [overtaken] = lease_anomalies("w@x", stale_expiry)
+    assert "seq 4" in overtaken and "held it (token 2)" in overtaken
+    ended = [outcome(1, 0, first, 1), expired(2, 10_000, 1), outcome(3, 10_000, second, 2)]
+    assert lease_anomalies("w@x", ended) == []
 
 
 def test_lost_messages_break_connections_yet_no_work_is_lost_or_repeated() -> None:
