@@ -11,6 +11,7 @@ import random
 import sqlite3
 import subprocess
 import sys
+from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,8 +20,9 @@ import trio
 
 from agent_sdk.cli import main
 from agent_sdk.identity import Identity
-from agent_sdk.wire import Event, sign_event
+from agent_sdk.wire import Event, decode, sign_event
 from relay.store import Record
+from relay.store.sqlite import SQLiteStore
 from simulations.memnet import MemoryListener, Wire
 from simulations.model import Faults, Meter, Settings, Summary, UsageError, merge_states
 from simulations.replay import lease_anomalies, replay
@@ -35,6 +37,48 @@ def measured(summary: Summary) -> dict[str, object]:
     document = summary.to_json()
     document["extra"] = {k: v for k, v in document["extra"].items() if not k.startswith("process_")}
     return document | {"wall_seconds": 0}
+
+
+COUNTED = ("done", "duplicate_work", "conflicting_results", "expiries", "refused_held", "events")
+
+
+def saved_log(run: Path) -> list[Record]:
+    """Every record of a run saved with ``save=run`` (its ``log/events.sqlite3``), in
+    namespace then seq order."""
+    store = SQLiteStore(run / "log" / "events.sqlite3", readonly=True)
+    try:
+        return [record for ns in store.namespaces() for record in store.scan(ns)]
+    finally:
+        store.close()
+
+
+def counted_in(run: Path) -> dict[str, int]:
+    """The summary's log counts (:data:`COUNTED`), counted again here off the saved
+    log, straight from what docs/simulations.md says each one is."""
+    results: dict[tuple[str, str], list[str]] = defaultdict(list)
+    expired = held = events = 0
+    for record in saved_log(run):
+        events += 1
+        if record.kind in ("app.result", "lease.expired", "wo.rejected"):
+            body = decode(record.event)["body"]
+            if record.kind == "app.result":
+                results[(record.ns, body["wo"])].append(body["value"])
+            elif record.kind == "lease.expired":
+                expired += len(body["leases"])  # per lease, not per event
+            else:
+                held += body["problem"] == "held"
+    return {
+        "done": len(results),
+        "duplicate_work": sum(len(values) > 1 for values in results.values()),
+        "conflicting_results": sum(len(set(values)) > 1 for values in results.values()),
+        "expiries": expired,
+        "refused_held": held,
+        "events": events,
+    }
+
+
+def counts(summary: Summary) -> dict[str, int]:
+    return {name: getattr(summary, name) for name in COUNTED}
 
 
 def test_the_same_seed_makes_the_same_log_and_another_seed_another() -> None:
@@ -83,19 +127,33 @@ def test_a_seed_makes_the_same_log_under_the_tests_as_in_a_plain_process() -> No
     assert done.stdout.decode().split() == [here.log_hash] * 3
 
 
-def test_coordination_prevents_the_duplicate_work_the_baseline_shows() -> None:
+def test_coordination_prevents_the_duplicate_work_the_baseline_shows(tmp_path: Path) -> None:
     """Agents that take work with ``wo.next`` and finish it fenced by their token
     report one result per order, through crashes; the baseline's agents (no claims)
     report some twice. What this shows is the ledger handing out each open order (or
     one whose lease lapsed) once: the agents never ask for an order another agent
     holds, so the relay's refusal of such a claim (``held``) is not exercised here
-    (test_agents_claiming_the_same_orders_are_kept_apart_by_the_relay does)."""
-    coordinated = run_virtual(Settings(scenario="work_queue", seed=3, **SMALL))  # type: ignore[arg-type]
-    baseline = run_virtual(Settings(scenario="no_coordination", seed=3, **SMALL))  # type: ignore[arg-type]
+    (test_agents_claiming_the_same_orders_are_kept_apart_by_the_relay does).
+
+    Each count is checked against the saved log, counted again here: counting
+    three results as the only duplicates, or two equal results as a conflict, passed
+    the comparison alone. And the crashed holders sent no release: their leases
+    expired (a "crash" that released its order first passed as well)."""
+    coordinated_run, baseline_run = tmp_path / "coordinated", tmp_path / "baseline"
+    coordinated = run_virtual(
+        Settings(scenario="work_queue", seed=3, **SMALL), save=coordinated_run
+    )  # type: ignore[arg-type]
+    baseline = run_virtual(Settings(scenario="no_coordination", seed=3, **SMALL), save=baseline_run)  # type: ignore[arg-type]
+    assert counts(coordinated) == counted_in(coordinated_run)
+    assert counts(baseline) == counted_in(baseline_run)
     assert coordinated.done == baseline.done == SMALL["orders"]
     assert coordinated.duplicate_work == 0 and coordinated.zombies == 0
     assert coordinated.conflicting_results == 0
     assert coordinated.crashes > 0  # crashed holders' orders were recovered, not lost
+    assert (
+        0 < coordinated.expiries <= coordinated.crashes
+    )  # by the relay, once their leases ran out
+    assert coordinated.refused_held == baseline.refused_held == 0  # no claim aimed at a held order
     assert baseline.duplicate_work > 0 and baseline.conflicting_results > 0
     assert baseline.crashes > 0  # the baseline's agents crash alike (--crash-rate)
 
@@ -127,6 +185,7 @@ def test_agents_claiming_the_same_orders_are_kept_apart_by_the_relay(
     refused the overtaken holder's completion), but fails here: double holders in the
     replay, wasted work, no ``held`` refusal."""
     summary = run_virtual(settings, save=tmp_path / "run")
+    assert counts(summary) == counted_in(tmp_path / "run")  # refused_held: held, not any refusal
     checked = replay(tmp_path / "run")
     assert checked["anomalies"] == [] and checked["ok"]  # one valid holder at a time
     assert summary.wasted_work == 0  # nobody worked on an order it did not hold
@@ -198,6 +257,24 @@ def test_lost_connections_are_not_crashes_and_expiries_count_leases() -> None:
     assert summary.expiries == leases  # the series counts leases too
 
 
+@pytest.mark.parametrize("scenario", ["work_queue", "federated", "no_coordination"])
+def test_a_run_cut_short_counts_the_orders_it_left_as_zombies(
+    tmp_path: Path, scenario: str
+) -> None:
+    """Every other run ends with every order done, so a zombie count stuck at 0 passed
+    them all, as did ``done`` counting results rather than orders (capped at the
+    backlog): here ``--duration`` ends the run with part of the backlog done."""
+    relays = 2 if scenario == "federated" else 1
+    settings = Settings(scenario, agents=8, orders=30, seed=1, relays=relays, duration_s=5.0)
+    summary = run_virtual(settings, save=tmp_path)
+    assert counts(summary) == counted_in(tmp_path)
+    assert 0 < summary.done < 30 and summary.zombies == 30 - summary.done
+    if scenario == "no_coordination":
+        assert summary.duplicate_work > 0  # (some orders have two results: not two done)
+    else:
+        assert summary.duplicate_work == 0
+
+
 def test_a_lease_shorter_than_the_relays_default_floor_runs(tmp_path: Path) -> None:
     """The relay's shortest lease is 1 s; a run with short tasks may lease for less."""
     code = main(
@@ -210,16 +287,25 @@ def test_a_lease_shorter_than_the_relays_default_floor_runs(tmp_path: Path) -> N
 
 
 def test_sim_sweep_writes_json_and_a_plot(tmp_path: Path) -> None:
+    """The baseline's runs have duplicates, so a point that is not the mean of its
+    own runs (or of all runs, or a count left at 0) shows."""
     code = main(
-        ["sim", "sweep", "work_queue", "--agents", "4,8", "--seeds", "1-2", "--orders", "24",
-         "--virtual-time", "--out", str(tmp_path)]
+        ["sim", "sweep", "no_coordination", "--agents", "4,8", "--seeds", "1-2", "--orders", "24",
+         "--crash-rate", "0.1", "--virtual-time", "--out", str(tmp_path)]
     )  # fmt: skip
     assert code == 0
     sweep = json.loads((tmp_path / "sweep.json").read_text())
     assert [p["agents"] for p in sweep["points"]] == [4, 8] and len(sweep["runs"]) == 4
+    assert sweep["complete"] is True
     # Each run is its results.json, and the points use the same names.
     assert {"orders_done", "zombie_orders", "mode", "latency_ms"} <= sweep["runs"][0].keys()
-    assert {"duplicate_work", "zombie_orders"} <= sweep["points"][0].keys()
+    for point in sweep["points"]:
+        mine = [run for run in sweep["runs"] if run["agents"] == point["agents"]]
+        assert [run["seed"] for run in mine] == [1, 2]
+        for field in ("orders_per_virtual_s", "duplicate_work", "zombie_orders"):
+            assert point[field] == pytest.approx(sum(run[field] for run in mine) / 2), field
+    assert sweep["points"][0]["duplicate_work"] > 0
+    assert sweep["points"][0]["orders_per_virtual_s"] != sweep["points"][1]["orders_per_virtual_s"]
     assert (tmp_path / "scaling.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -596,14 +682,35 @@ def test_logistics_breaks_limits_and_plans_without_the_primitives_and_never_with
             bad.check(["logistics"])
 
 
-def test_heavy_tail_stragglers_lapse_and_are_finished_through_handoff() -> None:
+def test_heavy_tail_stragglers_lapse_and_are_finished_through_handoff(tmp_path: Path) -> None:
     """``heavy_tail`` draws past ``--work``: with seed 35, 9 of the 60 orders take
     longer than the 6 s lease (the longest 11.8 s). Their leases lapse, and the
-    checkpoint at each half lets the next holder finish them: every order is done."""
+    checkpoint at each half lets the next holder finish them: every order is done.
+
+    The stragglers' late completions are the run's stale tokens: each is refused and
+    counted as wasted work, and every result comes from the order's latest holder. A
+    relay that let a completion through without a valid lease (the ledger ending a
+    claimed order whatever its token) still had one result per order, 9 of them
+    wasted (the successors' this time) and no double holder, and fails here only."""
     heavy = {"policy": "heavy_tail", "ttl_ms": 6_000, "agents": 10, "orders": 60}
-    summary = run_virtual(Settings(scenario="work_queue", seed=35, **heavy))  # type: ignore[arg-type]
+    summary = run_virtual(Settings(scenario="work_queue", seed=35, **heavy), save=tmp_path)  # type: ignore[arg-type]
     assert summary.done == 60 and summary.zombies == 0 and summary.duplicate_work == 0
     assert summary.expiries > 0 and summary.extra["resumed"] > 0
+    assert summary.wasted_work == 9  # (a wasted-work counter stuck at 0 passed before)
+    holder: dict[str, tuple[bytes, int]] = {}  # order -> its latest claim: by, at
+    latencies: dict[str, int] = {}  # order -> its latest claim to its first result
+    for record in saved_log(tmp_path):
+        event = decode(record.event)
+        if record.kind == "wo.claimed":
+            holder[event["body"]["wo"]] = (event["body"]["holder"], event["ts"])
+        elif record.kind == "app.result":
+            by, at = holder[event["body"]["wo"]]
+            assert record.author == by, record.seq
+            latencies.setdefault(event["body"]["wo"], event["ts"] - at)
+    assert len(latencies) == 60
+    # The stragglers were claimed twice: latency runs from the latest claim (timed
+    # from the first one instead, theirs came out longer, and that passed).
+    assert summary.latencies == sorted(latencies.values())
 
 
 def test_heavy_tail_orders_no_lease_can_cover_are_refused_before_the_run() -> None:
