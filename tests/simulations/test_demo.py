@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import sqlite3
 import sys
 from pathlib import Path
 
 import pytest
 import trio
 
-from simulations.demo import DemoError, Settings, Workbench, run_demo
+from relay.app import STORE_FILE
+from simulations.demo import DemoError, Settings, Workbench, _verify, run_demo
 
 
 async def test_the_demo_finishes_every_order_once_despite_kills() -> None:
@@ -33,7 +35,8 @@ def test_the_workbench_refuses_a_lower_token() -> None:
     assert bench.write("wo-1", "a", 1)
     assert bench.write("wo-1", "b", 2)
     assert not bench.write("wo-1", "a", 1)  # the stale holder, after the new one
-    assert bench.accepted["wo-1"] == ["a", "b"]
+    assert bench.write("wo-1", "b", 2)  # a token at least the highest seen is accepted
+    assert bench.accepted["wo-1"] == ["a", "b", "b"]
 
 
 async def test_the_demo_command_exits_0_and_prints_a_summary() -> None:
@@ -82,6 +85,12 @@ async def test_the_demo_refuses_a_directory_with_an_earlier_run(tmp_path: Path) 
     assert first.ok
     with pytest.raises(DemoError, match="earlier run"):
         await run_demo(settings, tmp_path, say=lambda _: None)
+    # The summary's offline verification can fail: a record cut out of the log is
+    # a gap (a verification that always said ok passed every other test).
+    assert _verify(tmp_path) == (True, first.events)
+    with sqlite3.connect(tmp_path / STORE_FILE) as db:
+        db.execute("DELETE FROM events WHERE seq = 3")
+    assert _verify(tmp_path)[0] is False
 
 
 async def test_the_summary_counts_the_agents_that_froze_not_those_asked_to() -> None:
