@@ -61,10 +61,17 @@ class Progress:
         self.resumed = 0
         self.disconnected = 0
         self.handoffs = 0
+        self.reported: set[str] = set()
+        """Orders (``ns/order``) with a result: a second result for one (a duplicate,
+        which only a broken relay lets through) finishes nothing more."""
         self.stage: dict[str, str] = {}
         """Order id -> its stage (``pipeline``) or ``parent``/``child`` (``fanout``)."""
 
-    def finish_one(self) -> None:
+    def finish_one(self, order: str) -> None:
+        """``order`` (``ns/order``) has a result."""
+        if order in self.reported:
+            return
+        self.reported.add(order)
         self.left -= 1
         self.meter.advance()
         if self.left == 0:
@@ -240,7 +247,7 @@ async def publish_result(ledger: Ledger, result: Report, progress: Progress) -> 
         nonce=result.nonce,
         ts=result.ts,
     )
-    progress.finish_one()
+    progress.finish_one(f"{ledger.ns}/{result.order}")
 
 
 class View:

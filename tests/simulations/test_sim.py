@@ -739,6 +739,43 @@ def test_heavy_tail_stragglers_lapse_and_are_finished_through_handoff(tmp_path: 
     assert summary.latencies == sorted(latencies.values())
 
 
+def test_a_second_result_does_not_finish_another_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run ends when every order has a result, and the orders left without one are
+    zombies. Both were counted from the results the agents published, one finished
+    order per result: under a relay that took every completion, fenced or not (the
+    heavy-tail stragglers' came late), each duplicate finished an order nobody had
+    done, so the run stopped early and reported no zombie with 2 of 60 orders undone
+    (done 58, zombies 0, duplicate work 2)."""
+    from relay.coordination import ledger
+
+    end = ledger.Ledger._end
+
+    def unfenced(
+        self: ledger.Ledger,
+        order_id: str,
+        agent: bytes,
+        token: int | None,
+        op: ledger.Op,
+        now_ms: int,
+        why: str,
+    ) -> ledger.Outcome:
+        order = self.orders.get(order_id)
+        if op is ledger.Op.DONE and order is not None:
+            if order.status is ledger.Status.DONE:
+                return ledger.Done(order_id, order.status)  # done again
+            lease = self.leases.holder(order_id, now_ms)
+            if lease is not None:  # done by whoever asks, with the holder's token
+                agent, token = lease.holder, lease.token
+        return end(self, order_id, agent, token, op, now_ms, why)
+
+    monkeypatch.setattr(ledger.Ledger, "_end", unfenced)
+    heavy = {"policy": "heavy_tail", "ttl_ms": 6_000, "agents": 10, "orders": 60}
+    summary = run_virtual(Settings(scenario="work_queue", seed=35, **heavy))  # type: ignore[arg-type]
+    assert summary.duplicate_work > 0  # what the broken relay let through: seen
+    assert summary.done + summary.zombies == 60
+    assert summary.done == 60  # the run went on until every order had a result
+
+
 def test_heavy_tail_orders_no_lease_can_cover_are_refused_before_the_run() -> None:
     """An order's time is the same whoever claims it and nobody renews: one longer than
     a lease covers would be claimed, lapse and be claimed again until --duration."""
