@@ -15,6 +15,7 @@ import sys
 from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import trio
@@ -583,14 +584,20 @@ def test_an_interrupted_run_leaves_nothing_and_an_empty_log_is_no_clean_one(
     assert "holds no records" in json.loads(capsys.readouterr().out)["anomalies"][0]
 
 
-def test_replay_finds_a_double_holder_and_a_token_going_back() -> None:
-    relay, first, second = identity(1), identity(2), identity(3)
+def logged(
+    seq: int, ts: int, kind: str, body: dict[str, object], author: Identity | None = None
+) -> Record:
+    """Record ``seq`` of a namespace ``w@x``: ``body`` signed by ``author`` (by default
+    the relay's key, ``identity(1)``) at ``ts`` ms, received then (its hlc)."""
+    author = author or identity(1)
+    event = Event(ns="w@x", kind=kind, author=author.public_key, body=body, deps=(), ts=ts)
+    signed = sign_event(event, author.sign)
+    return Record("w@x", seq, signed.id, kind, author.public_key, ts << 16, signed.raw,
+                  signed.sig, b"")  # fmt: skip
 
-    def logged(seq: int, ts: int, kind: str, body: dict[str, object]) -> Record:
-        event = Event(ns="w@x", kind=kind, author=relay.public_key, body=body, deps=(), ts=ts)
-        signed = sign_event(event, relay.sign)
-        return Record("w@x", seq, signed.id, kind, relay.public_key, seq, signed.raw,
-                      signed.sig, b"")  # fmt: skip
+
+def test_replay_finds_a_double_holder_and_a_token_going_back() -> None:
+    first, second = identity(2), identity(3)
 
     def outcome(
         seq: int, ts: int, holder: Identity, token: int, kind: str = "wo.claimed", ttl: int = 10_000
@@ -706,6 +713,35 @@ def test_logistics_breaks_limits_and_plans_without_the_primitives_and_never_with
     for bad in (replace(settings, crash_rate=0.1), replace(settings, agents=2)):
         with pytest.raises(UsageError, match="logistics"):
             bad.check(["logistics"])
+
+
+def test_logistics_counts_each_violation_and_incoherent_pair_at_its_limit() -> None:
+    """The seeded logistics run only shows counts above 0 without the primitives and 0
+    with them: a checker that let one unit over the stock by (`over > 1`), counted a
+    whole grant as overdrawn, or halved the 60 s window passed it. Here the log of one
+    arm is made up, each case at its limit."""
+    from simulations.scenarios.logistics import WINDOW_MS, Tally, Workload, read
+
+    inventory, pricing = identity(4), identity(5)
+    work = Workload(stock={"sku-0": 5}, budget=10, orders=[], plans=[])
+    log = [
+        logged(1, 0, "app.shipped", {"sku": "sku-0", "qty": 5}),
+        logged(2, 0, "app.shipped", {"sku": "sku-0", "qty": 1}),  # 1 unit over the stock
+        logged(3, 0, "app.shipped", {"sku": "sku-0", "qty": 2}),  # 2 more
+        logged(4, 0, "app.discount", {"amount": 8}),
+        logged(5, 0, "app.discount", {"amount": 6}),  # 4 of it over the budget
+        logged(6, 0, "app.act", {"entity": "sku-0", "plan": "promote"}, inventory),
+        logged(7, WINDOW_MS - 1, "app.act", {"entity": "sku-0", "plan": "discontinue"}, pricing),
+        # A window after the last: incoherent with neither.
+        logged(8, 2 * WINDOW_MS - 1, "app.act", {"entity": "sku-0", "plan": "promote"}, inventory),
+        # An agent changing its own plan contradicts nobody.
+        logged(9, 2 * WINDOW_MS, "app.act", {"entity": "sku-0", "plan": "discontinue"}, inventory),
+    ]
+    relay = SimpleNamespace(store=SimpleNamespace(scan=lambda ns: iter(log)))
+    found = read(relay, "w@x", work, Tally(), guarded=False)  # type: ignore[arg-type]
+    assert (found["violations"], found["oversold_units"], found["overdrawn"]) == (3, 3, 4)
+    assert found["incoherent_decisions"] == found["contradictions"] == 1
+    assert (found["shipments"], found["discounts"]) == (3, 2)
 
 
 def test_heavy_tail_stragglers_lapse_and_are_finished_through_handoff(tmp_path: Path) -> None:
