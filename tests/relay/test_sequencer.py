@@ -235,3 +235,30 @@ def test_released_events_leave_the_expiry_schedule() -> None:
     [(expired, _)] = sequencer.expire(NOW + 5000)
     assert expired == second
     assert sequencer.next_deadline_ms() is None
+
+
+def test_a_duplicate_is_answered_whatever_its_timestamp() -> None:
+    """The duplicate check comes before the clock-skew check (protocol 6.2): an event
+    re-published long after, its ts now far from the clock, still gets its receipt."""
+    sequencer = Sequencer(RELAY_KEY, limits=Limits(max_clock_skew_ms=60_000))
+    first = sequenced(sequencer.offer(event(1), NOW))[0]
+    later = NOW + 3_600_000
+    again = sequencer.offer(event(1), later)
+    assert again == Duplicate(Located("t@local", first.seq, first.hlc))
+    fresh = sequencer.offer(event(2), later)  # a new event of that ts is still refused
+    assert isinstance(fresh, Rejected) and fresh.code is ErrorCode.BAD_TIMESTAMP
+
+
+def test_released_events_are_sequenced_in_the_order_they_became_ready() -> None:
+    """`first` and `second` wait for `cause`; `third` waits for `second`. `cause` makes
+    the first two ready at once (in parking order), `third` only once `second` is
+    sequenced: so it comes after both (protocol 6.3)."""
+    sequencer = Sequencer(RELAY_KEY)
+    cause = event(1)
+    first, second = event(2, deps=(cause.id,)), event(3, deps=(cause.id,))
+    third = event(4, deps=(second.id,))
+    for parked in (first, second, third):
+        assert isinstance(sequencer.offer(parked, NOW), Parked)
+    records = sequenced(sequencer.offer(cause, NOW))
+    assert [r.id for r in records] == [cause.id, first.id, second.id, third.id]
+    assert [r.seq for r in records] == [1, 2, 3, 4]
