@@ -6,7 +6,7 @@ clock from the test's own arguments, and the node reads its wall clock from trio
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,11 +15,19 @@ import trio
 import trio.testing
 
 from agent_sdk.errors import ErrorCode, ProtocolError
-from agent_sdk.wire import decode_receipt, pruned_mark, verify_seal
-from relay.node import MAX_WAITING_PER_PARKED, RelayConfig, RelayNode
+from agent_sdk.wire import (
+    Event,
+    SignedEvent,
+    decode_receipt,
+    pruned_mark,
+    sign_event,
+    verify_seal,
+)
+from relay.node import MAX_WAITING_PER_PARKED, RelayConfig, RelayNode, Ticket
 from relay.sequencer import Limits
-from relay.store import Record
+from relay.store import Located, Record
 from relay.store.memory import MemoryStore
+from relay.verify import verify_log
 from tests.backends import open_test_store
 from tests.conftest import identity
 from tests.relay.test_sequencer import NOW, event
@@ -67,6 +75,9 @@ async def test_concurrent_publishes_share_batches_and_seals(
     stored = list(node.store.scan("t@local"))
     assert stored[-1].seal is not None
     assert sum(r.seal is not None for r in stored) == node.stats["batches"]
+    # Each seal is the relay's signature over its own receipt: the log verifies.
+    where = {r.id: Located(r.ns, r.seq, r.hlc) for r in stored}
+    assert verify_log("t@local", stored, where.get, RELAY.public_key).ok
 
 
 async def test_parked_event_is_answered_when_its_cause_arrives(
@@ -93,7 +104,7 @@ async def test_parked_event_times_out_with_missing_deps(
 ) -> None:
     effect = event(2, deps=(event(1).id,))
     start = trio.current_time()
-    with pytest.raises(ProtocolError) as info:
+    with pytest.raises(ProtocolError) as info, trio.fail_after(60):  # virtual time
         await node.publish(effect)
     assert info.value.code is ErrorCode.MISSING_DEPS
     assert trio.current_time() - start == pytest.approx(5.0, abs=0.01)
@@ -261,3 +272,82 @@ def test_only_a_record_compaction_pruned_is_vouched_for() -> None:
     foreign = replace(pruned, ns="t@other")
     assert node.pruned_mark_of(foreign) is None  # taken before marks existed
     assert node.pruned_mark_of(replace(foreign, sig=b"m" * 64)) == b"m" * 64
+
+
+class WatchedStore(MemoryStore):
+    """A memory store that calls ``appending`` with each batch before it stores it."""
+
+    def __init__(self, appending: Callable[[Sequence[Record]], None]) -> None:
+        super().__init__()
+        self.appending = appending
+
+    def append(self, records: Sequence[Record]) -> None:
+        self.appending(records)
+        super().append(records)
+
+
+async def test_nothing_is_answered_or_visible_before_its_batch_is_committed(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """An ack only after the commit of the batch that holds the event, and for a
+    duplicate only after the original's (protocol 6.4): as each batch reaches the
+    store, no publish of it is answered, no ticket of it is done and the committed
+    head has not moved past it. Several batches (commit_batch=3), and a duplicate
+    decided in the same batch as its original, while that is not committed."""
+    answered: dict[bytes, Record] = {}  # by event id, as each answer returns
+    tickets: list[Ticket] = []
+    batches: list[list[int]] = []
+
+    def appending(records: Sequence[Record]) -> None:
+        batches.append([r.seq for r in records])
+        for record in records:
+            assert record.id not in answered, f"seq {record.seq} answered before its commit"
+            assert node.head(record.ns) < record.seq, f"seq {record.seq} visible before it"
+            mine = [t for t in tickets if t.event.id == record.id and not t.duplicate]
+            assert not any(t.done.is_set() for t in mine), f"seq {record.seq} done early"
+
+    config = RelayConfig(commit_batch=3)
+    node = RelayNode(RELAY, WatchedStore(appending), config, wall_ms=virtual_wall())
+    await nursery.start(node.run)
+    signed = [event(n) for n in range(10)]
+    for one in [signed[0], signed[0], *signed[1:]]:  # no checkpoint: one run of the loop
+        tickets.append(await node.admit(one))
+
+    records: list[Record | None] = [None] * len(tickets)
+
+    async def answer(index: int) -> None:
+        records[index] = answered[tickets[index].event.id] = await node.answer(tickets[index])
+
+    with trio.fail_after(60):  # virtual time: a relay that never answers fails here
+        async with trio.open_nursery() as waiting:
+            for index in range(len(tickets)):
+                waiting.start_soon(answer, index)
+    assert [t.duplicate for t in tickets[:3]] == [False, True, False]
+    assert records[1] == records[0]  # the original receipt (and seal)
+    assert sorted(r.seq for r in answered.values()) == list(range(1, 11))
+    assert len(batches) > 1 and sum(map(len, batches)) == 10
+
+
+async def test_a_duplicate_is_answered_even_once_its_author_may_no_longer_write(
+    node: RelayNode, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The duplicate check comes before the write rules (protocol 6.1, steps 11 and
+    11a): after the owner shuts a writer out, the writer re-publishing an event it
+    wrote before gets its original receipt, while a new event is refused."""
+    owner = identity(5)
+
+    def by_owner(kind: str, body: object) -> SignedEvent:
+        return sign_event(
+            Event(ns="p@local", kind=kind, author=owner.public_key, body=body, ts=NOW), owner.sign
+        )
+
+    with trio.fail_after(60):
+        await node.publish(by_owner("app.x", "created"))
+        first = await node.publish(event(1, ns="p@local"))
+        await node.publish(by_owner("ns.policy", {"mode": "listed"}))
+        ticket = await node.admit(event(1, ns="p@local"))
+        again = await node.answer(ticket)
+        with pytest.raises(ProtocolError) as info:
+            await node.publish(event(2, ns="p@local"))
+    assert ticket.duplicate and again.receipt == first.receipt
+    assert info.value.code is ErrorCode.FORBIDDEN
