@@ -19,6 +19,7 @@ from agent_sdk.wire import (
 )
 from relay.sequencer import Sequenced, Sequencer
 from relay.store import Located, Record, Store
+from relay.store.memory import MemoryStore
 from relay.verify import verify_log
 from tests.backends import open_test_store
 from tests.conftest import identity
@@ -130,8 +131,9 @@ def test_a_dependency_sequenced_after_its_event_is_found() -> None:
     known = locator(records)
     first, second = records[0], records[1]
     later_hlc = Located("other@local", 1, second.hlc + 1)
+    same_hlc = Located("other@local", 1, second.hlc)  # not smaller: not before it
     later_seq = Located("t@local", second.seq, first.hlc)
-    for where in (later_hlc, later_seq):
+    for where in (later_hlc, same_hlc, later_seq):
 
         def moved(dep: bytes, where: Located = where) -> Located | None:
             return where if dep == first.id else known(dep)
@@ -152,6 +154,16 @@ def store(tmp_path: Path) -> Iterator[Store]:
     opened.close()
 
 
+@pytest.fixture(params=["backend", "memory"])
+def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """The test run's backend (SQLite or PostgreSQL), then the memory store: the
+    contract of relay.store.Store is the same for each."""
+    opened = open_test_store(tmp_path / "events.sqlite3") if request.param == "backend" else None
+    yield opened or MemoryStore()
+    if opened is not None:
+        opened.close()
+
+
 def test_store_appends_reads_and_survives_reopening(store: Store, tmp_path: Path) -> None:
     records = build_log(10)
     store.append(records[:4])
@@ -166,17 +178,59 @@ def test_store_appends_reads_and_survives_reopening(store: Store, tmp_path: Path
     reopened = open_test_store(tmp_path / "events.sqlite3")
     head = reopened.heads()["t@local"]
     assert (head.seq, head.hash) == (10, decode_receipt(records[-1].receipt).hash)
+    assert head.hlc == records[-1].hlc  # a restarted relay's hlc goes on from it (4.3)
     assert reopened.namespaces() == ["t@local"]
     reopened.close()
 
 
-def test_store_batches_are_atomic(store: Store) -> None:
+def test_store_batches_are_atomic(any_store: Store) -> None:
+    store = any_store
     records = build_log(4)
     store.append(records[:2])
-    with pytest.raises(Exception, match=r"(?i)unique"):  # SQLite and PostgreSQL alike
+    with pytest.raises(Exception, match=r"(?i)unique"):  # every store alike
         store.append([records[2], records[1]])  # the second row collides
+    # ... and within the batch: the next seq, but an id the batch holds already
+    with pytest.raises(Exception, match=r"(?i)unique"):
+        store.append([records[2], replace(records[3], id=records[2].id)])
     assert list(store.scan("t@local")) == records[:2]
     assert store.heads()["t@local"].seq == 2
+    store.append(records[2:])  # a failed batch leaves the store able to commit
+    assert list(store.scan("t@local")) == records
+    head = store.heads()["t@local"]
+    assert (head.seq, head.hlc) == (4, records[-1].hlc)
+
+
+def test_the_memory_store_refuses_a_gap() -> None:
+    store = MemoryStore()
+    records = build_log(3)
+    store.append(records[:1])
+    with pytest.raises(ValueError, match="does not follow"):
+        store.append(records[2:])
+    assert list(store.scan("t@local")) == records[:1]
+
+
+def test_store_finds_more_ids_than_one_query_takes(any_store: Store) -> None:
+    """A batch of publishes can ask about thousands of ids at once (each event and its
+    deps; the SQLite store asks in chunks of 500): every committed one is found."""
+    count = 1_200
+    batch = [
+        Record(
+            ns="t@local",
+            seq=seq,
+            id=seq.to_bytes(32, "big"),
+            kind="note",
+            author=bytes(32),
+            hlc=seq,
+            event=b"event",
+            sig=bytes(64),
+            receipt=b"receipt %d" % seq,
+        )
+        for seq in range(1, count + 1)
+    ]
+    any_store.append(batch)
+    unknown = [bytes([0xFF]) * 32]
+    found = any_store.find([*(r.id for r in reversed(batch)), *unknown])
+    assert found == {r.id: Located("t@local", r.seq, r.hlc) for r in batch}
 
 
 def test_receipts_of_another_relay_are_found() -> None:
@@ -223,6 +277,48 @@ def test_a_pruned_mark_that_does_not_verify_is_found(sig: bytes) -> None:
     assert check(records) == (2, "the pruned mark does not verify")
     records[1] = pruned(records[1], pruned_mark(records[1].id, identity(7).sign))
     assert check(records) == (2, "the pruned mark does not verify")  # another key's
+
+
+def test_a_pruned_record_is_checked_like_any_other() -> None:
+    """A pruned record keeps its receipt, and with it everything a receipt is checked
+    for: filed under its own id, its place in the chain, and its seal."""
+    records = build_log()  # records[1] is sealed
+    mark = pruned_mark(records[1].id, RELAY.sign)
+    records[1] = replace(pruned(records[1], mark), seal=bytes(64))
+    assert check(records) == (2, "seal does not verify")
+    records = build_log()
+    records[1] = replace(pruned(records[1], mark), id=records[0].id)
+    assert check(records) == (2, "record is filed under the wrong id, namespace or seq")
+    records = build_log()
+    original = decode_receipt(records[1].receipt)
+    forged = make_receipt(
+        id=original.id,
+        ns=original.ns,
+        seq=original.seq,
+        hlc=original.hlc,
+        prev=bytes(32),
+        relay=original.relay,
+    )
+    records[1] = replace(pruned(records[1], mark), receipt=forged.raw, seal=None)
+    bad = (2, "receipt breaks the hash chain (seq, prev, hlc or relay)")
+    assert check(records) == bad
+
+
+def test_a_receipt_for_another_event_is_found() -> None:
+    """The last record's receipt, made and sealed for another id in the same place of
+    the chain: the chain and the seal hold, the receipt is not the event's."""
+    records = build_log()
+    original = decode_receipt(records[-1].receipt)
+    other = make_receipt(
+        id=bytes(32),
+        ns=original.ns,
+        seq=original.seq,
+        hlc=original.hlc,
+        prev=original.prev,
+        relay=original.relay,
+    )
+    records[-1] = with_seal(replace(records[-1], receipt=other.raw))
+    assert check(records) == (6, "event id does not match its bytes or its receipt")
 
 
 def test_a_pruned_record_without_a_mark_needs_a_snapshot() -> None:
