@@ -117,11 +117,13 @@ async def test_a_killed_process_loses_no_verdict_and_is_replaced() -> None:
         async def check() -> None:
             verdicts.extend(await checker.check(batch))
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(check)
-            await trio.testing.wait_all_tasks_blocked()  # its run sent, waiting
-            assert len(worker.owed) == 1
-            os.kill(worker.process.pid, signal.SIGKILL)
+        # A run the dead process owed must be given back, not waited on for ever.
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(check)
+                await trio.testing.wait_all_tasks_blocked()  # its run sent, waiting
+                assert len(worker.owed) == 1
+                os.kill(worker.process.pid, signal.SIGKILL)
         assert verdicts == [n not in {7, 29} for n in range(30)]
         assert checker.rechecked == 30
         assert checker.offloaded == 0
@@ -135,13 +137,15 @@ async def test_a_killed_process_loses_no_verdict_and_is_replaced() -> None:
 
 def test_the_checking_process_answers_each_request_in_order() -> None:
     """relay/verifier.py's wire format: a count, 128-byte items, one byte per verdict;
-    a key that is not a point, or all zeros, never verifies."""
+    a key that is not a point, or all zeros, never verifies, and neither does the
+    author's signature over the bare id (without the event domain, protocol 3.3)."""
     good, bad = events(2, bad={1})
     items = [
         (good.event.author, good.sig, good.id),
         (bad.event.author, bad.sig, bad.id),
         (bytes(32), good.sig, good.id),
         (b"\xff" * 32, good.sig, good.id),
+        (good.event.author, AUTHOR.sign(good.id), good.id),
     ]
     request = b"".join(
         len(chunk).to_bytes(4, "big") + b"".join(k + s + i for k, s, i in chunk)
@@ -149,7 +153,7 @@ def test_the_checking_process_answers_each_request_in_order() -> None:
     )
     answers = io.BytesIO()
     serve(io.BytesIO(request + b"\x00\x00"), answers)  # a cut-off header ends it
-    assert answers.getvalue() == bytes([1, 0, 0, 0])
+    assert answers.getvalue() == bytes([1, 0, 0, 0, 0])
 
 
 def test_a_negative_worker_count_is_refused() -> None:
