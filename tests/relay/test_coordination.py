@@ -212,7 +212,8 @@ async def test_a_request_stored_without_its_outcome_is_answered_at_start(
     node = RelayNode(RELAY, store, RelayConfig(), wall_ms=lambda: NOW + 5)
     async with trio.open_nursery() as nursery:
         await nursery.start(node.run)
-        await node.wait_beyond(NS, 1)
+        with trio.fail_after(30):  # a start that answers nothing fails here, not hangs
+            await node.wait_beyond(NS, 1)
         nursery.cancel_scope.cancel()
     answer = list(store.scan(NS))[1]
     assert answer.kind == "wo.created" and answer.author == RELAY.public_key
