@@ -179,6 +179,36 @@ def _request(kind: str, body: Any, ts: int, deps: tuple[bytes, ...] = ()) -> Any
     return sign_event(event, author.sign)
 
 
+async def test_a_query_is_answered_only_once_what_it_reflects_is_committed(
+    nursery: trio.Nursery,
+) -> None:
+    """A query reads the state as sequenced, so an agent reads its own writes, and is
+    answered only once that state is committed: a crash must not take back what an
+    agent was told (RelayNode.query). The commit is held back by taking the node's
+    writer lock, which every append takes first."""
+    node = RelayNode(RELAY, MemoryStore(), RelayConfig(), wall_ms=lambda: NOW)
+    await nursery.start(node.run)
+    answers: list[tuple[int, Any]] = []  # (committed head when answered, the answer)
+
+    async def ask() -> None:
+        listed = await node.query(NS, "wo.list", {})
+        answers.append((node.head(NS), listed))
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as asking, node._write_lock:
+            ticket = await node.admit(_request("wo.create", {"title": "t"}, NOW))
+            await trio.testing.wait_all_tasks_blocked()
+            assert node.sequencer.heads[NS].seq == 2  # the request and its outcome
+            assert node.head(NS) == 0  # ... neither committed
+            asking.start_soon(ask)
+            await trio.testing.wait_all_tasks_blocked()
+            assert answers == []  # it sees the order, and waits for its commit
+        await node.answer(ticket)
+    [(head, listed)] = answers
+    assert head == 2
+    assert [order["title"] for order in listed["orders"]] == ["t"]
+
+
 async def test_an_outcome_follows_events_its_request_released(nursery: trio.Nursery) -> None:
     node = RelayNode(RELAY, MemoryStore(), RelayConfig(), wall_ms=lambda: NOW)
     await nursery.start(node.run)
