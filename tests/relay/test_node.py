@@ -89,12 +89,13 @@ async def test_parked_event_is_answered_when_its_cause_arrives(
     async def publish(name: str, signed: object) -> None:
         answers[name] = await node.publish(signed)  # type: ignore[arg-type]
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(publish, "effect", effect)
-        await trio.testing.wait_all_tasks_blocked()
-        assert node.sequencer.parked_count == 1
-        await trio.sleep(4)  # virtual time, inside the 5 s parking timeout
-        nursery.start_soon(publish, "cause", cause)
+    with trio.fail_after(60):  # virtual time: a parked publish never answered fails here
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(publish, "effect", effect)
+            await trio.testing.wait_all_tasks_blocked()
+            assert node.sequencer.parked_count == 1
+            await trio.sleep(4)  # virtual time, inside the 5 s parking timeout
+            nursery.start_soon(publish, "cause", cause)
     assert answers["cause"].seq == 1
     assert answers["effect"].seq == 2
 
@@ -203,9 +204,10 @@ async def test_republishing_a_parked_event_is_bounded(
     refused = [t for t in tickets if t.done.is_set()]
     assert len(refused) == 20 - MAX_WAITING_PER_PARKED
     assert all(t.error is not None and t.error.code is ErrorCode.MISSING_DEPS for t in refused)
-    await node.publish(event(1))
-    for ticket in tickets[:MAX_WAITING_PER_PARKED]:
-        assert (await node.answer(ticket)).seq == 2
+    with trio.fail_after(60):  # virtual time
+        await node.publish(event(1))
+        for ticket in tickets[:MAX_WAITING_PER_PARKED]:
+            assert (await node.answer(ticket)).seq == 2
     assert [t.duplicate for t in tickets[:3]] == [False, True, True]
 
 
