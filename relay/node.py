@@ -512,20 +512,29 @@ class RelayNode:
                     batch.append(self._admit_rx.receive_nowait())
                 except trio.WouldBlock:
                     break
-            unknown = self.sequencer.unknown(t.event for t in batch)
+            events = [t.event for t in batch]
+            unknown = self.sequencer.unknown(events)
             if unknown:
+                found: dict[bytes, Located] = {}
+                asked: set[bytes] = set()
                 async with self._find_lock:  # not behind replays: publishing must not wait
-                    if self.store.quick_finds and len(unknown) <= QUICK_FIND:
-                        # At low load every batch is an event or two: the thread hop
-                        # would cost several times the lookup (bench/scale.py).
-                        found = self.store.find(unknown)
-                    else:
-                        found = await self._call(self.store.find, unknown)
-                    if self.mirror_store is not None and len(found) < len(unknown):
+                    # A commit while this waits (for the lock, for the store) can push
+                    # ids the sequencer knew, so did not name, out of its bounded
+                    # cache: ask about those too, until none is left unasked.
+                    while unknown:
+                        asked |= unknown
+                        if self.store.quick_finds and len(unknown) <= QUICK_FIND:
+                            # At low load every batch is an event or two: the thread hop
+                            # would cost several times the lookup (bench/scale.py).
+                            found.update(self.store.find(unknown))
+                        else:
+                            found.update(await self._call(self.store.find, unknown))
                         rest = unknown - found.keys()
-                        mirror = self.mirror_store
-                        found.update(await self._call(mirror.find, rest, store=mirror))
-                self.sequencer.learn(found)
+                        if self.mirror_store is not None and rest:
+                            mirror = self.mirror_store
+                            found.update(await self._call(mirror.find, rest, store=mirror))
+                        unknown = self.sequencer.unknown(events) - asked
+                self.sequencer.learn(found)  # and no await from here to the offers
             now = self.wall_ms()
             for ticket in batch:
                 self._decide(ticket, now)

@@ -353,3 +353,43 @@ async def test_a_duplicate_is_answered_even_once_its_author_may_no_longer_write(
             await node.publish(event(2, ns="p@local"))
     assert ticket.duplicate and again.receipt == first.receipt
     assert info.value.code is ErrorCode.FORBIDDEN
+
+
+async def test_ids_the_cache_drops_while_the_store_is_asked_are_still_known(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The sequencer forgets the oldest committed ids past known_capacity, and the
+    store answers for them: the sequencing loop asks it about every id the sequencer
+    does not know. A commit that lands while the loop waits for that answer pushes
+    more ids out: ids the loop did not ask about, as it knew them. An event
+    depending on one must still follow it, and one published again must still be a
+    duplicate (protocol 6.2), not be sequenced a second time.
+
+    The node's locks pin the interleaving: the writer lock holds a commit back, the
+    finder lock holds the sequencing loop between its question and its answer."""
+    config = RelayConfig(sequencer=Limits(known_capacity=2, park_timeout_ms=5_000))
+    node = RelayNode(RELAY, MemoryStore(), config, wall_ms=virtual_wall())
+    await nursery.start(node.run)
+    with trio.fail_after(60):  # virtual time
+        cause = await node.publish(event(1))  # the oldest id the sequencer knows
+        await node.publish(event(2))
+        await node._write_lock.acquire()
+        later = [await node.admit(event(n)) for n in (3, 4)]
+        await trio.testing.wait_all_tasks_blocked()  # sequenced; their commit waits
+        async with node._find_lock:
+            again = await node.admit(event(1))
+            effect = await node.admit(event(5, deps=(cause.id,)))
+            new = await node.admit(event(6))  # one the loop must ask the store about
+            await trio.testing.wait_all_tasks_blocked()  # the loop waits to ask
+            assert node.sequencer.locate(cause.id) is not None
+            node._write_lock.release()  # the commit of 3 and 4 pushes event 1 out
+            await trio.testing.wait_all_tasks_blocked()
+            assert node.sequencer.locate(cause.id) is None
+        for ticket in later:
+            await node.answer(ticket)
+        duplicate = await node.answer(again)
+        followed = await node.answer(effect)
+        await node.answer(new)
+    assert again.duplicate and duplicate.receipt == cause.receipt
+    assert followed.seq > cause.seq and followed.hlc > cause.hlc
+    assert [r.seq for r in node.store.scan("t@local")] == list(range(1, 7))  # 1 once
