@@ -52,7 +52,8 @@ async def node(nursery: trio.Nursery) -> AsyncIterator[RelayNode]:
 async def test_publish_is_acked_after_commit_with_a_seal(
     node: RelayNode, autojump_clock: trio.testing.MockClock
 ) -> None:
-    record = await node.publish(event(1))
+    with trio.fail_after(60):  # virtual time: a publish never answered fails here
+        record = await node.publish(event(1))
     assert node.store.record(record.id) == record
     assert record.seal is not None  # alone in its batch, so it is the sealed head
     assert verify_seal(decode_receipt(record.receipt), record.seal)
