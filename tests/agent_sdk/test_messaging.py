@@ -4,7 +4,9 @@ in order and exactly once, sealed end to end."""
 from __future__ import annotations
 
 import contextlib
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -849,23 +851,29 @@ async def frames(agent: RawAgent, n: int) -> list[f.Frame]:
     return got
 
 
+def gate(apply: Any) -> tuple[Any, threading.Event, threading.Event]:
+    """An inbox store's ``apply`` (run in a worker thread) held at its start: (the
+    gated ``apply``, set once a write has started, set to let the writes go on)."""
+    entered, go = threading.Event(), threading.Event()
+
+    def gated(put: object, drop: object) -> None:
+        entered.set()
+        go.wait(TIMEOUT)
+        apply(put, drop)
+
+    return gated, entered, go
+
+
 async def test_acks_queued_when_the_connection_closes_are_still_applied(
     relay: RunningRelay,
 ) -> None:
     """The relay applies the acks a closing connection sent before it lets it go
     (15.3): here the second waits behind the first's write when the agent hangs up,
     without a confirm. Dropped, its item would be sent to the next reader again."""
-    import threading
-
     for body in ("one", "two"):
         await a_message_waits(relay, body)
     store = relay.node.inboxes.store
-    apply, entered, go = store.apply, threading.Event(), threading.Event()
-
-    def gated(put: object, drop: object) -> None:
-        entered.set()
-        go.wait(TIMEOUT)
-        apply(put, drop)  # type: ignore[arg-type]
+    gated, entered, go = gate(store.apply)
 
     try:
         async with raw_agent(relay.url, BOB) as bob:
@@ -1141,6 +1149,23 @@ async def test_a_reopen_on_the_connection_the_inbox_is_open_on_keeps_it(
         assert bob.mailbox.error is None
 
 
+async def bob_on_b_behind_a_way(
+    nursery: trio.Nursery, tmp_path: Path
+) -> tuple[RunningRelay, RunningRelay, Cuttable]:
+    """Relays a and b, a's link to b through a way that can be cut, and Bob known to
+    b (an agent of b): (a, b, the way), the link up."""
+    relays = plan(tmp_path, "a", "b")
+    b = await start(nursery, relays["b"], (relays["a"].peer(),))
+    way = Cuttable(relays["b"].port)
+    await nursery.start(way.run)
+    a = await start(nursery, relays["a"], (relays["b"].peer(url=way.url),))
+    with trio.fail_after(TIMEOUT):
+        async with RelayClient.connect(b.url, BOB):
+            pass
+        await federation_of(a).links["b"].wait_up()
+    return a, b, way
+
+
 async def test_a_resending_hook_that_fails_does_not_end_the_send(
     nursery: trio.Nursery, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -1148,16 +1173,9 @@ async def test_a_resending_hook_that_fails_does_not_end_the_send(
     the send, and the message, which no relay keeps while the way to its relay is
     down, was never sent again. It is logged, and the message reaches Bob once the
     way is back."""
-    relays = plan(tmp_path, "a", "b")
-    await start(nursery, relays["b"], (relays["a"].peer(),))
-    way = Cuttable(relays["b"].port)  # a's link to b goes through it
-    await nursery.start(way.run)
-    a = await start(nursery, relays["a"], (relays["b"].peer(url=way.url),))
+    a, b, way = await bob_on_b_behind_a_way(nursery, tmp_path)
     link = federation_of(a).links["b"]
     with trio.fail_after(TIMEOUT):
-        async with RelayClient.connect(relays["b"].url, BOB):
-            pass  # Bob is an agent of b: b knows him
-        await link.wait_up()
         way.cut()
         await link.wait_for(lambda: link.client is None)
         async with RelayClient.connect(a.url, ALICE) as alice:
@@ -1173,7 +1191,7 @@ async def test_a_resending_hook_that_fails_does_not_end_the_send(
                 await resending.called.wait()  # answered home_unreachable, to be sent again
                 way.heal()
             assert sent[0].status == "stored"
-        async with RelayClient.connect(relays["b"].url, BOB) as bob:
+        async with RelayClient.connect(b.url, BOB) as bob:
             assert (await bob.mailbox.next()).body == "held, then sent"
     assert hook_failures(caplog, "on_resending", resending)
 
@@ -1185,16 +1203,9 @@ async def test_a_send_to_another_relay_gives_up_after_its_patience(
     ``patience`` seconds: then ``send`` gives up with ``home_unreachable`` (no relay
     keeps the message: it is the sender's to send again, 15.5). With no patience
     it gives up at the first answer, and the message was stored nowhere."""
-    relays = plan(tmp_path, "a", "b")
-    b = await start(nursery, relays["b"], (relays["a"].peer(),))
-    way = Cuttable(relays["b"].port)  # a's link to b goes through it
-    await nursery.start(way.run)
-    a = await start(nursery, relays["a"], (relays["b"].peer(url=way.url),))
+    a, b, way = await bob_on_b_behind_a_way(nursery, tmp_path)
     link = federation_of(a).links["b"]
     with trio.fail_after(TIMEOUT):
-        async with RelayClient.connect(relays["b"].url, BOB):
-            pass  # Bob is an agent of b: b knows him
-        await link.wait_up()
         way.cut()
         await link.wait_for(lambda: link.client is None)
         async with RelayClient.connect(a.url, ALICE) as alice:
@@ -1211,27 +1222,12 @@ async def test_a_link_that_drops_before_the_answer_is_home_unreachable(
     """The message is on its way to b (b is writing it) when the link drops: the
     sender hears 5003 ``home_unreachable``, which says sending again is safe, not
     5001 ``internal``."""
-    import threading
-
-    relays = plan(tmp_path, "a", "b")
-    b = await start(nursery, relays["b"], (relays["a"].peer(),))
-    way = Cuttable(relays["b"].port)  # a's link to b goes through it
-    await nursery.start(way.run)
-    a = await start(nursery, relays["a"], (relays["b"].peer(url=way.url),))
-    link = federation_of(a).links["b"]
+    a, b, way = await bob_on_b_behind_a_way(nursery, tmp_path)
     store = b.node.inboxes.store
-    apply, entered, go = store.apply, threading.Event(), threading.Event()
-
-    def gated(put: object, drop: object) -> None:
-        entered.set()
-        go.wait(TIMEOUT)
-        apply(put, drop)  # type: ignore[arg-type]
+    gated, entered, go = gate(store.apply)
 
     try:
         with trio.fail_after(TIMEOUT):
-            async with RelayClient.connect(relays["b"].url, BOB):
-                pass  # Bob is an agent of b: b knows him
-            await link.wait_up()
             async with RelayClient.connect(a.url, ALICE) as alice:
                 alice.mailbox.patience = 0
                 store.apply = gated  # type: ignore[method-assign]

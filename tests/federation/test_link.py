@@ -85,6 +85,24 @@ async def test_a_peer_under_another_name_is_refused(nursery: trio.Nursery, tmp_p
     assert link.last_error is not None and "named 'b', not 'c'" in link.last_error
 
 
+PARK_TIMEOUT_S = 10.0
+
+
+async def mirror_of_nothing(nursery: trio.Nursery) -> tuple[Federation, Mirror]:
+    """Relays a and b in virtual time (a's events park PARK_TIMEOUT_S at most), and a's
+    mirror of x@b, a namespace of b that holds nothing: (a's federation, the mirror)."""
+    world = VirtualWorld(seed=7)
+    limits = Limits(park_timeout_ms=int(PARK_TIMEOUT_S * 1000))
+    await world.start_relay(nursery, RelayConfig(name="a", sequencer=limits), peers=("b",))
+    await world.start_relay(nursery, RelayConfig(name="b"), peers=("a",))
+    await world.federation_up(["a", "b"])
+    network = world.relays["a"].node.federation
+    assert isinstance(network, Federation)
+    mirror = Mirror(network, "x@b", network.links["b"], world.relay_identity("b").public_key)
+    network.mirrors["x@b"] = mirror
+    return network, mirror
+
+
 async def test_a_mirror_stops_following_once_no_parked_event_waits_for_it(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -93,18 +111,9 @@ async def test_a_mirror_stops_following_once_no_parked_event_waits_for_it(
     A want outlived the parked event: a peer's ``fed.locate`` answer placing an event
     past the home's head (any seq from 1 to 2^63 - 1 is taken as a pointer) kept the
     mirror following its home for ever, one subscription per namespace named."""
-    world = VirtualWorld(seed=7)
-    park_timeout_s = 10.0
-    limits = Limits(park_timeout_ms=int(park_timeout_s * 1000))
-    await world.start_relay(nursery, RelayConfig(name="a", sequencer=limits), peers=("b",))
-    await world.start_relay(nursery, RelayConfig(name="b"), peers=("a",))
-    await world.federation_up(["a", "b"])
-    network = world.relays["a"].node.federation
-    assert isinstance(network, Federation)
-    mirror = Mirror(network, "x@b", network.links["b"], world.relay_identity("b").public_key)
-    network.mirrors["x@b"] = mirror
+    network, mirror = await mirror_of_nothing(nursery)
     mirror.want(10**12)  # as a parked event's dependency does (Federation._fetch)
-    with trio.fail_after(park_timeout_s + 2 * MIRROR_LINGER + 10):
+    with trio.fail_after(PARK_TIMEOUT_S + 2 * MIRROR_LINGER + 10):
         await mirror.run()  # returns once it has stopped
     assert "x@b" not in network.mirrors and not mirror.needed
 
@@ -115,16 +124,7 @@ async def test_a_mirror_needed_again_while_it_lingers_still_stops_after(
     """A want that lapses, then another while the mirror lingers, following still:
     once the second lapses too, the mirror stops (its watch returned after the first
     linger, and it followed for ever)."""
-    world = VirtualWorld(seed=7)
-    park_timeout_s = 10.0
-    limits = Limits(park_timeout_ms=int(park_timeout_s * 1000))
-    await world.start_relay(nursery, RelayConfig(name="a", sequencer=limits), peers=("b",))
-    await world.start_relay(nursery, RelayConfig(name="b"), peers=("a",))
-    await world.federation_up(["a", "b"])
-    network = world.relays["a"].node.federation
-    assert isinstance(network, Federation)
-    mirror = Mirror(network, "x@b", network.links["b"], world.relay_identity("b").public_key)
-    network.mirrors["x@b"] = mirror
+    network, mirror = await mirror_of_nothing(nursery)
     mirror.want(10**12)
     stopped = trio.Event()
 
@@ -133,9 +133,9 @@ async def test_a_mirror_needed_again_while_it_lingers_still_stops_after(
         stopped.set()
 
     nursery.start_soon(run)
-    await trio.sleep(park_timeout_s + MIRROR_LINGER / 2)  # lapsed; lingering, following
+    await trio.sleep(PARK_TIMEOUT_S + MIRROR_LINGER / 2)  # lapsed; lingering, following
     assert mirror.following and not mirror.needed and not stopped.is_set()
     mirror.want(10**12)  # needed again before the linger ends
-    with trio.fail_after(park_timeout_s + 2 * MIRROR_LINGER + 10):
+    with trio.fail_after(PARK_TIMEOUT_S + 2 * MIRROR_LINGER + 10):
         await stopped.wait()
     assert "x@b" not in network.mirrors and not mirror.following
