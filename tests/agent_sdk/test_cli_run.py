@@ -322,19 +322,12 @@ async def test_lock_run_and_once_give_up_on_a_held_lock_after_timeout(
         await ledger.renew_lock(held, 600_000)  # still the holder's: not taken, not released
         await ledger.unlock(once_held)
 
-        async with trio.open_nursery() as nursery:
-
-            async def release_when_waited_on() -> None:
-                await trio.sleep(0.5)  # (either way the run takes it: now or at its ask)
-                await ledger.unlock(held)
-
-            nursery.start_soon(release_when_waited_on)
+        command = formicary("lock", "run", "x", "--timeout", "2m", "--", "touch", str(ran))
+        async with running(command, env) as taking:
             with trio.fail_after(TIMEOUT):
-                taken = await trio.run_process(
-                    formicary("lock", "run", "x", "--timeout", "2m", "--", "touch", str(ran)),
-                    env=env, check=False, capture_stderr=True,
-                )  # fmt: skip
-        assert taken.returncode == 0, taken.stderr
+                await read_until(taking.stderr, b"waiting for x")  # then freed, within it
+                await ledger.unlock(held)
+                assert await taking.wait() == 0
         assert ran.exists()
     for bad in (["--no-wait", "--timeout", "1s"], ["--timeout", "0s"], ["--timeout", "soon"]):
         usage = await trio.run_process(
