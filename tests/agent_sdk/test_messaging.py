@@ -4,13 +4,17 @@ in order and exactly once, sealed end to end."""
 from __future__ import annotations
 
 import contextlib
+import secrets
 import threading
+from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 import trio.testing
+from websockets.trio.server import ServerConnection, serve
 
 from agent_sdk import frames as f
 from agent_sdk.client import RelayClient
@@ -431,11 +435,9 @@ async def test_a_message_whose_direct_answer_was_lost_goes_by_the_relay_as_a_cop
     the sender falls back to the relay with the same id and number, and Bob, who has
     it already, takes the relayed one for a copy and hands the message out once
     (acknowledging the copy as it does)."""
-    from functools import partial
-
     from websockets.exceptions import ConnectionClosed
     from websockets.trio.client import connect
-    from websockets.trio.server import ServerConnection, serve
+    from websockets.trio.server import serve
 
     from agent_sdk.direct import _unpack
 
@@ -548,30 +550,38 @@ async def test_a_direct_endpoint_must_prove_it_is_the_recipient(relay: RunningRe
             await alice.send(BOB.id, "nobody there", via="direct", endpoint="ws://127.0.0.1:9")
 
 
+async def listening_as_bob(
+    nursery: trio.Nursery, signer: Identity, then: Callable[[ServerConnection], Awaitable[None]]
+) -> str:
+    """A direct endpoint that answers a dialler's hello with Bob's key, signed by
+    ``signer`` (Bob, or an impostor), then hands the connection to ``then``: its URL."""
+    from agent_sdk.direct import _pack, _proof, _unpack
+
+    async def handler(ws: ServerConnection) -> None:
+        hello = _unpack(await ws.recv())
+        sig = signer.sign(_proof(b"listener", hello["challenge"], hello["key"]))
+        mine = secrets.token_bytes(32)
+        await ws.send(_pack({"t": "hello", "key": BOB.public_key, "challenge": mine, "sig": sig}))
+        await then(ws)
+
+    server = await nursery.start(partial(serve, handler, 0, host="127.0.0.1"))
+    return f"ws://127.0.0.1:{server.listeners[0].socket.getsockname()[1]}"
+
+
 async def test_a_direct_endpoint_showing_the_recipients_key_must_sign_with_it(
     nursery: trio.Nursery, relay: RunningRelay
 ) -> None:
     """An endpoint that shows Bob's key in its hello but cannot sign with it is not
     Bob: the dialler gives up before sending anything (auto: through the relay)."""
-    import secrets
-    from functools import partial
-
-    from websockets.trio.server import ServerConnection, serve
-
-    from agent_sdk.direct import _pack, _proof, _unpack
+    from agent_sdk.direct import _unpack
 
     got: list[dict[str, object]] = []
 
     async def impostor(ws: ServerConnection) -> None:  # Bob's key, Carol's signature
-        hello = _unpack(await ws.recv())
-        sig = CAROL.sign(_proof(b"listener", hello["challenge"], hello["key"]))
-        mine = secrets.token_bytes(32)
-        await ws.send(_pack({"t": "hello", "key": BOB.public_key, "challenge": mine, "sig": sig}))
         got.extend([_unpack(await ws.recv()), _unpack(await ws.recv())])  # auth, msg
         await ws.aclose()
 
-    server = await nursery.start(partial(serve, impostor, 0, host="127.0.0.1"))
-    endpoint = f"ws://127.0.0.1:{server.listeners[0].socket.getsockname()[1]}"
+    endpoint = await listening_as_bob(nursery, CAROL, impostor)
     async with RelayClient.connect(relay.url, BOB):
         pass  # the relay knows Bob: it keeps his messages
     async with RelayClient.connect(relay.url, ALICE) as alice:
@@ -625,25 +635,15 @@ async def test_a_direct_got_not_signed_by_the_recipient_does_not_count(
     only one the recipient signed. Here the endpoint (standing for whoever forwarded
     Bob's handshake) answers an unsigned `got` and drops the connection, and the
     message goes on through the relay rather than being taken for delivered."""
-    import secrets
-    from functools import partial
-
-    from websockets.trio.server import ServerConnection, serve
-
-    from agent_sdk.direct import _pack, _proof, _unpack
+    from agent_sdk.direct import _pack, _unpack
 
     async def forger(ws: ServerConnection) -> None:
-        hello = _unpack(await ws.recv())
-        sig = BOB.sign(_proof(b"listener", hello["challenge"], hello["key"]))
-        mine = secrets.token_bytes(32)
-        await ws.send(_pack({"t": "hello", "key": BOB.public_key, "challenge": mine, "sig": sig}))
         await ws.recv()  # auth
         mid = Sealed.decode(_unpack(await ws.recv())["msg"]).header.id
         await ws.send(_pack({"t": "got", "id": mid, "sig": b"\x00" * 64}))
         await ws.aclose()
 
-    server = await nursery.start(partial(serve, forger, 0, host="127.0.0.1"))
-    endpoint = f"ws://127.0.0.1:{server.listeners[0].socket.getsockname()[1]}"
+    endpoint = await listening_as_bob(nursery, BOB, forger)
     async with RelayClient.connect(relay.url, BOB):
         pass  # the relay knows Bob: it keeps his messages
     async with RelayClient.connect(relay.url, ALICE) as alice:
@@ -944,11 +944,7 @@ async def test_a_direct_peer_sending_garbage_ends_its_connection_not_the_client(
     """A refusal whose reason nests 1,000 deep decoded fine, and str() of it raised a
     RecursionError that killed the sender's whole client; an endpoint a peer chose,
     such as ws://peer:99999, raised a ValueError instead of falling back."""
-    import secrets
-    from functools import partial
-
     import msgpack
-    from websockets.trio.server import ServerConnection, serve
 
     from agent_sdk.direct import _pack, _proof, _unpack
 
