@@ -10,6 +10,7 @@ import pytest
 
 from agent_sdk.wire import (
     Event,
+    Receipt,
     SignedEvent,
     decode_receipt,
     make_receipt,
@@ -86,10 +87,10 @@ def test_a_gap_is_found() -> None:
     assert bad_seq == 4
 
 
-def test_a_rewritten_receipt_breaks_the_chain() -> None:
-    records = build_log()
-    original = decode_receipt(records[1].receipt)
-    forged = make_receipt(
+def unchained(receipt: bytes) -> Receipt:
+    """``receipt`` with its ``prev`` zeroed: off the hash chain, all else as it was."""
+    original = decode_receipt(receipt)
+    return make_receipt(
         id=original.id,
         ns=original.ns,
         seq=original.seq,
@@ -97,6 +98,11 @@ def test_a_rewritten_receipt_breaks_the_chain() -> None:
         prev=bytes(32),
         relay=original.relay,
     )
+
+
+def test_a_rewritten_receipt_breaks_the_chain() -> None:
+    records = build_log()
+    forged = unchained(records[1].receipt)
     records[1] = replace(records[1], receipt=forged.raw)
     assert check(records)[0] == 2
 
@@ -290,15 +296,7 @@ def test_a_pruned_record_is_checked_like_any_other() -> None:
     records[1] = replace(pruned(records[1], mark), id=records[0].id)
     assert check(records) == (2, "record is filed under the wrong id, namespace or seq")
     records = build_log()
-    original = decode_receipt(records[1].receipt)
-    forged = make_receipt(
-        id=original.id,
-        ns=original.ns,
-        seq=original.seq,
-        hlc=original.hlc,
-        prev=bytes(32),
-        relay=original.relay,
-    )
+    forged = unchained(records[1].receipt)
     records[1] = replace(pruned(records[1], mark), receipt=forged.raw, seal=None)
     bad = (2, "receipt breaks the hash chain (seq, prev, hlc or relay)")
     assert check(records) == bad
